@@ -1,0 +1,178 @@
+"""Capture activations for a list of prompts: batched, left-padded, early-stopped, checked.
+
+Hooks keep only the selected positions of each activation as it is produced, the forward pass ends
+right after the deepest requested hook (no later layers, no unembedding), prompts are processed in
+length order to minimise padding, and every batch is checked for NaN/inf before it is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from featsteer.activations.positions import Positions
+from featsteer.activations.stats import RunningMoments
+from featsteer.activations.store import ActivationReader, ActivationSet, ShardWriter
+from featsteer.errors import FeatsteerError
+from featsteer.models import ModelAdapter, load_model
+
+logger = logging.getLogger(__name__)
+
+
+def capture(
+    model,
+    prompts: Sequence[str],
+    hooks: Sequence[str] | str,
+    *,
+    positions: Positions | str = "last",
+    batch_size: int = 16,
+    system: str | None = None,
+    chat: bool = True,
+    stream_to: str | Path | None = None,
+    shard_rows: int = 65536,
+    dtype: torch.dtype = torch.float32,
+    covariance: bool = False,
+    label: str | None = None,
+    progress: bool = True,
+) -> ActivationSet:
+    """Capture activations at `hooks` for `prompts`.
+
+    Args:
+        model: a `ModelAdapter` or anything `load_model` accepts.
+        prompts: instructions (a `PromptSet` or list of strings).
+        hooks: TransformerLens hook names, e.g. `["blocks.6.hook_resid_pre"]`.
+        positions: a `Positions` selector or its string form (`last`, `mean_last:K`, `post_instruction`, `all`).
+        batch_size: prompts per forward pass.
+        system: optional system prompt for the chat template.
+        chat: format prompts with the chat template (False: raw text, e.g. for SAE training corpora).
+        stream_to: if given, write shards to this directory as they fill (for sets larger than RAM) and
+            return the set read back lazily only if it fits; use `ActivationReader(stream_to)` to iterate.
+        shard_rows: rows per shard when streaming.
+        dtype: dtype of the stored activations (statistics are always float64).
+        covariance: also accumulate float64 covariances per hook (d_model^2 memory each).
+        label: tag stored with the set (e.g. `harmful`).
+        progress: show a progress bar.
+
+    Returns:
+        The `ActivationSet` (rows ordered by prompt, then position). When streaming, the set loaded back
+        from disk; pass `stream_to` and read with `ActivationReader` to avoid loading.
+
+    Raises:
+        FeatsteerError: empty prompt list, unknown hook, or NaN/inf activations (naming hook and prompt).
+    """
+    adapter: ModelAdapter = load_model(model)
+    prompts = [str(p) for p in prompts]
+    if not prompts:
+        raise FeatsteerError("no prompts to capture: the prompt list is empty")
+    hook_list = [hooks] if isinstance(hooks, str) else list(hooks)
+    if not hook_list:
+        raise FeatsteerError("no hook points given: pass e.g. blocks.0.hook_resid_pre")
+    sites = sorted({adapter.hook_site(h) for h in hook_list}, key=lambda s: s.order)
+    selector = positions if isinstance(positions, Positions) else Positions.parse(positions)
+    hook_names = tuple(site.name for site in sites)
+    stats: dict[str, RunningMoments] = {}
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    writer = ShardWriter(stream_to, hook_names, adapter.d_model, _meta(selector, adapter, label), shard_rows) if stream_to else None
+    collector = _Collector(len(prompts), len(hook_names), adapter.d_model, dtype, one_row_per_prompt=selector.mode in ("last", "mean_last"))
+    try:
+        batches = range(0, len(order), batch_size)
+        for start in tqdm(batches, desc="capture", unit="batch", disable=not progress or len(batches) < 4, leave=False):
+            batch_ids = order[start : start + batch_size]
+            acts, row_prompt, row_pos = _capture_batch(adapter, [prompts[i] for i in batch_ids], sites, selector, system, chat)
+            row_prompt = torch.tensor(batch_ids, dtype=torch.long)[row_prompt]
+            _check_finite(acts, hook_names, row_prompt, prompts)
+            _update_stats(stats, acts, hook_names, row_pos, selector, covariance)
+            acts = acts.to(dtype)
+            if writer:
+                writer.add(acts, row_prompt, row_pos)
+            else:
+                collector.add(acts, row_prompt, row_pos)
+    except BaseException:
+        if writer:
+            writer.abort()
+        raise
+    if writer:
+        writer.close(prompts, stats)
+        return ActivationReader(stream_to).load()
+    acts, row_prompt, row_pos = collector.finish()
+    return ActivationSet(
+        activations=acts,
+        hook_names=hook_names,
+        prompt_index=row_prompt,
+        position=row_pos,
+        prompts=tuple(prompts),
+        positions=str(selector),
+        model=adapter.name,
+        label=label,
+        stats=stats,
+    )
+
+
+def _capture_batch(adapter: ModelAdapter, texts: list[str], sites, selector: Positions, system, chat) -> tuple[Tensor, Tensor, Tensor]:
+    batch = adapter.tokenize(texts, system=system, chat=chat)
+    row_batch, row_token, row_pos = selector.plan(batch.attention_mask.cpu(), batch.n_post_instruction)
+    kept: dict[str, Tensor] = {}
+
+    def keep(activation: Tensor, site) -> None:
+        kept[site.name] = selector.select(activation, row_batch, row_token).detach().to("cpu")
+
+    with adapter.hooks([(site.name, keep) for site in sites]):
+        adapter.run(batch, stop_at=sites[-1].name)
+    return torch.stack([kept[site.name] for site in sites], 1), row_batch, row_pos
+
+
+def _check_finite(acts: Tensor, hook_names: tuple[str, ...], row_prompt: Tensor, prompts: list[str]) -> None:
+    finite = torch.isfinite(acts).all(-1)
+    if bool(finite.all()):
+        return
+    row, slot = (~finite).nonzero()[0].tolist()
+    index = int(row_prompt[row])
+    raise FeatsteerError(
+        f"non-finite activations (NaN/inf) at {hook_names[slot]} for prompt #{index} "
+        f"({prompts[index][:60]!r}): check the model's dtype (try float32) and weights"
+    )
+
+
+def _update_stats(stats, acts: Tensor, hook_names, row_pos: Tensor, selector: Positions, covariance: bool) -> None:
+    per_position = selector.mode == "post_instruction"
+    for slot, name in enumerate(hook_names):
+        groups = [(f"{name}@{p}", row_pos == p) for p in row_pos.unique().tolist()] if per_position else [(name, None)]
+        for key, mask in groups:
+            vectors = acts[:, slot, :] if mask is None else acts[mask, slot, :]
+            if key not in stats:
+                stats[key] = RunningMoments(d=acts.shape[-1], track_covariance=covariance)
+            stats[key].update(vectors)
+
+
+class _Collector:
+    """Gathers rows in prompt order. One-row-per-prompt selectors write into a preallocated tensor, so
+    peak memory stays near the size of the result; multi-row selectors concatenate and sort once."""
+
+    def __init__(self, n_prompts: int, n_hooks: int, d_model: int, dtype: torch.dtype, one_row_per_prompt: bool):
+        self.fixed = torch.empty(n_prompts, n_hooks, d_model, dtype=dtype) if one_row_per_prompt else None
+        self.position = torch.full((n_prompts,), -1, dtype=torch.long)
+        self.chunks: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def add(self, acts: Tensor, row_prompt: Tensor, row_pos: Tensor) -> None:
+        if self.fixed is not None:
+            self.fixed[row_prompt] = acts
+        else:
+            self.chunks.append((acts, row_prompt, row_pos))
+
+    def finish(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self.fixed is not None:
+            return self.fixed, torch.arange(self.fixed.shape[0]), self.position
+        acts, row_prompt, row_pos = (torch.cat(parts) for parts in zip(*self.chunks, strict=True))
+        self.chunks.clear()
+        span = int(row_pos.abs().max()) + 1
+        order = torch.argsort(row_prompt * (2 * span + 1) + row_pos + span)
+        return acts[order], row_prompt[order], row_pos[order]
+
+
+def _meta(selector: Positions, adapter: ModelAdapter, label: str | None) -> dict:
+    return {"positions": str(selector), "model": adapter.name, "label": label}

@@ -1,0 +1,97 @@
+"""Which token positions of a prompt to keep.
+
+Refusal is usually read at the last prompt token or at the chat template's tail after the instruction;
+SAE training wants every token. A `Positions` object turns one hook's `(batch, pos, d_model)` activation
+into the rows to keep, so the full sequence is never stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from featsteer.errors import FeatsteerError
+
+
+@dataclass(frozen=True)
+class Positions:
+    """A position selector.
+
+    Use the constructors: `Positions.last()`, `Positions.mean_last(k)`, `Positions.post_instruction()`,
+    `Positions.all_tokens()`, or parse a CLI string with `Positions.parse("last" | "mean_last:4" |
+    "post_instruction" | "all")`.
+    """
+
+    mode: str
+    """`last`, `mean_last`, `post_instruction` or `all`."""
+    k: int = 1
+    """Window for `mean_last`."""
+
+    @classmethod
+    def last(cls) -> Positions:
+        """The final prompt token."""
+        return cls("last")
+
+    @classmethod
+    def mean_last(cls, k: int) -> Positions:
+        """The mean over the last `k` prompt tokens (one row per prompt)."""
+        if k < 1:
+            raise FeatsteerError(f"mean_last needs k >= 1, got {k}")
+        return cls("mean_last", k)
+
+    @classmethod
+    def post_instruction(cls) -> Positions:
+        """Every token after the instruction (the template's end-of-turn and assistant header)."""
+        return cls("post_instruction")
+
+    @classmethod
+    def all_tokens(cls) -> Positions:
+        """Every real (non-padding) token, one row each."""
+        return cls("all")
+
+    @classmethod
+    def parse(cls, text: str) -> Positions:
+        """Parse `last`, `mean_last:K`, `post_instruction` or `all`."""
+        name, _, arg = text.partition(":")
+        if name == "mean_last":
+            return cls.mean_last(int(arg or 1))
+        if name in ("last", "post_instruction", "all"):
+            return cls(name)
+        raise FeatsteerError(f"unknown position '{text}': use last, mean_last:K, post_instruction or all")
+
+    def __str__(self) -> str:
+        return f"mean_last:{self.k}" if self.mode == "mean_last" else self.mode
+
+    def plan(self, attention_mask: Tensor, n_post_instruction: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Decide the rows to keep for one left-padded batch.
+
+        Returns:
+            `(row_batch, row_token, row_position)`: for each kept row, its batch index, its column in the
+            padded sequence, and its position label (offset from the end of the prompt, -1 = last token,
+            or the absolute token index for `all`). For `mean_last` the column is the last token and the
+            hook averages the window itself.
+        """
+        width = attention_mask.shape[1]
+        lengths = attention_mask.sum(1).long().cpu()
+        batch = torch.arange(attention_mask.shape[0])
+        if self.mode in ("last", "mean_last"):
+            return batch, torch.full_like(batch, width - 1), torch.full_like(batch, -1)
+        if self.mode == "post_instruction":
+            n_post = int(n_post_instruction.min()) if n_post_instruction.numel() else 0
+            if n_post < 1:
+                raise FeatsteerError("post_instruction positions need a chat template with tokens after the instruction")
+            offsets = torch.arange(-n_post, 0)
+            return batch.repeat_interleave(n_post), (width + offsets).repeat(len(batch)), offsets.repeat(len(batch))
+        rows = [(b, width - int(length) + t, t) for b, length in enumerate(lengths.tolist()) for t in range(length)]
+        as_tensor = torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
+        return as_tensor[:, 0], as_tensor[:, 1], as_tensor[:, 2]
+
+    def select(self, activation: Tensor, row_batch: Tensor, row_token: Tensor) -> Tensor:
+        """Pick the planned rows out of a `(batch, pos, d_model)` activation, giving `(rows, d_model)`."""
+        if self.mode == "mean_last":
+            if self.k > activation.shape[1]:
+                raise FeatsteerError(f"mean_last:{self.k} is longer than the prompts ({activation.shape[1]} tokens)")
+            return activation[:, -self.k :, :].mean(1)
+        return activation[row_batch.to(activation.device), row_token.to(activation.device)]

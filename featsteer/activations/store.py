@@ -1,0 +1,219 @@
+"""`ActivationSet`, the one type every later stage takes, and its on-disk form.
+
+An activation set is a `(row, hook, d_model)` tensor plus, per row, the prompt it came from and its token
+position, so one type serves last-token capture (one row per prompt), template-tail capture (a few rows
+per prompt) and all-token capture for SAE training. On disk it is safetensors shards plus a JSON metadata
+file written last, so a half-written directory is never mistaken for a complete one; sets larger than RAM
+are streamed shard by shard and read back in batches with `ActivationReader`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from featsteer.activations.stats import RunningMoments
+from featsteer.errors import FeatsteerError
+
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+
+
+@dataclass(frozen=True)
+class ActivationSet:
+    """Activations of some prompts at some hook points and positions (see module docstring)."""
+
+    activations: Tensor
+    """`(row, hook, d_model)`."""
+    hook_names: tuple[str, ...]
+    """Hook point of each slot along dimension 1."""
+    prompt_index: Tensor
+    """`(row,)` index into `prompts`."""
+    position: Tensor
+    """`(row,)` position label: offset from the prompt's end (-1 = last token), or the absolute token
+    index for all-token capture."""
+    prompts: tuple[str, ...]
+    """The instructions, in input order."""
+    positions: str = "last"
+    """The position selector used (`last`, `mean_last:K`, `post_instruction`, `all`)."""
+    model: str = ""
+    """Name of the model the activations came from."""
+    label: str | None = None
+    """Optional tag such as `harmful` or `harmless`."""
+    stats: dict[str, RunningMoments] = field(default_factory=dict, compare=False, repr=False)
+    """float64 running moments per hook (and per position for multi-row selectors)."""
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def d_model(self) -> int:
+        """Residual width."""
+        return int(self.activations.shape[-1])
+
+    def _slot(self, hook: str) -> int:
+        try:
+            return self.hook_names.index(hook)
+        except ValueError:
+            raise FeatsteerError(f"hook '{hook}' was not captured; this set has {', '.join(self.hook_names)}") from None
+
+    def hook(self, hook: str) -> Tensor:
+        """All rows at one hook: `(row, d_model)`."""
+        return self.activations[:, self._slot(hook), :]
+
+    def at_position(self, hook: str, position: int = -1) -> Tensor:
+        """One vector per prompt at a position label: `(prompt, d_model)` in prompt order."""
+        rows = (self.position == position).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            raise FeatsteerError(f"position {position} was not captured; available: {sorted(set(self.position.tolist()))}")
+        order = self.prompt_index[rows].argsort()
+        return self.activations[rows[order], self._slot(hook), :]
+
+    def per_prompt(self, hook: str) -> Tensor:
+        """`(prompt, n_positions, d_model)` for selectors that keep the same positions for every prompt."""
+        labels = sorted(set(self.position.tolist()))
+        return torch.stack([self.at_position(hook, p) for p in labels], 1)
+
+    def mean(self, hook: str, position: int | None = -1) -> Tensor:
+        """float64 mean vector at one hook (and position label; None = over all rows)."""
+        vectors = self.hook(hook) if position is None else self.at_position(hook, position)
+        return vectors.double().mean(0)
+
+    @property
+    def position_labels(self) -> list[int]:
+        """Distinct position labels present."""
+        return sorted(set(self.position.tolist()))
+
+    def save(self, path: str | Path) -> Path:
+        """Write to a directory (one shard); the directory appears only once complete."""
+        writer = ShardWriter(path, self.hook_names, self.d_model, self._metadata())
+        writer.add(self.activations, self.prompt_index, self.position)
+        return writer.close(self.prompts, self.stats)
+
+    def _metadata(self) -> dict:
+        return {"positions": self.positions, "model": self.model, "label": self.label}
+
+    @classmethod
+    def load(cls, path: str | Path) -> ActivationSet:
+        """Read a directory written by `save` or by streaming capture."""
+        return ActivationReader(path).load()
+
+
+class ShardWriter:
+    """Write activation rows to safetensors shards in a staging directory, renamed into place on close."""
+
+    def __init__(self, path: str | Path, hook_names: Sequence[str], d_model: int, metadata: dict, shard_rows: int = 65536):
+        self.path = Path(path)
+        if (self.path / METADATA_FILE).exists():
+            raise FeatsteerError(f"activation directory {self.path} already exists: choose another path or delete it")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.partial-"))
+        self.hook_names, self.d_model, self.metadata, self.shard_rows = tuple(hook_names), d_model, metadata, shard_rows
+        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._pending_rows = 0
+        self.shards: list[dict] = []
+
+    def add(self, activations: Tensor, prompt_index: Tensor, position: Tensor) -> None:
+        """Queue rows; full shards are flushed to disk."""
+        self._pending.append((activations.contiguous(), prompt_index.long(), position.long()))
+        self._pending_rows += activations.shape[0]
+        if self._pending_rows >= self.shard_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        acts, index, pos = (torch.cat(parts) for parts in zip(*self._pending, strict=True))
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        save_file({"activations": acts, "prompt_index": index, "position": pos}, str(self.staging / name))
+        self.shards.append({"file": name, "rows": int(acts.shape[0])})
+        self._pending, self._pending_rows = [], 0
+
+    def close(self, prompts: Sequence[str], stats: dict[str, RunningMoments] | None = None) -> Path:
+        """Flush, write metadata last, and move the directory into place."""
+        self._flush()
+        if stats:
+            save_file({f"{key}/mean": m.mean for key, m in stats.items()}, str(self.staging / "stats.safetensors"))
+        meta = {
+            **self.metadata,
+            "format_version": FORMAT_VERSION,
+            "hook_names": list(self.hook_names),
+            "d_model": self.d_model,
+            "n_rows": sum(s["rows"] for s in self.shards),
+            "shards": self.shards,
+            "prompts": list(prompts),
+            "stats_counts": {key: m.count for key, m in (stats or {}).items()},
+        }
+        (self.staging / METADATA_FILE).write_text(json.dumps(meta, indent=1))
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.staging.rename(self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the staging directory (after an error)."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class ActivationReader:
+    """Read an activation directory lazily, shard by shard."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_file = self.path / METADATA_FILE
+        if not meta_file.is_file():
+            raise FeatsteerError(f"{self.path} is not a complete activation directory (no {METADATA_FILE})")
+        self.metadata = json.loads(meta_file.read_text())
+        self.hook_names: tuple[str, ...] = tuple(self.metadata["hook_names"])
+        self.d_model: int = int(self.metadata["d_model"])
+
+    def __len__(self) -> int:
+        return int(self.metadata["n_rows"])
+
+    def _shards(self) -> Iterator[dict[str, Tensor]]:
+        for shard in self.metadata["shards"]:
+            yield load_file(str(self.path / shard["file"]))
+
+    def iter_batches(self, batch_size: int, hook: str | None = None) -> Iterator[Tensor]:
+        """Yield `(batch, hook, d_model)` tensors (or `(batch, d_model)` for one `hook`) in stored order."""
+        slot = None if hook is None else self.hook_names.index(hook)
+        carry: Tensor | None = None
+        for shard in self._shards():
+            acts = shard["activations"] if slot is None else shard["activations"][:, slot, :]
+            if carry is not None:
+                acts = torch.cat([carry, acts])
+            whole = (acts.shape[0] // batch_size) * batch_size
+            yield from acts[:whole].split(batch_size)
+            carry = acts[whole:] if whole < acts.shape[0] else None
+        if carry is not None and carry.shape[0]:
+            yield carry
+
+    def load(self) -> ActivationSet:
+        """Load everything into one `ActivationSet`."""
+        parts = list(self._shards())
+        stats: dict[str, RunningMoments] = {}
+        stats_file = self.path / "stats.safetensors"
+        if stats_file.exists():
+            for key, mean in load_file(str(stats_file)).items():
+                moments = RunningMoments(d=mean.shape[0])
+                moments.mean, moments.count = mean, int(self.metadata["stats_counts"][key.removesuffix("/mean")])
+                stats[key.removesuffix("/mean")] = moments
+        return ActivationSet(
+            activations=torch.cat([p["activations"] for p in parts]),
+            hook_names=self.hook_names,
+            prompt_index=torch.cat([p["prompt_index"] for p in parts]),
+            position=torch.cat([p["position"] for p in parts]),
+            prompts=tuple(self.metadata["prompts"]),
+            positions=self.metadata.get("positions", "last"),
+            model=self.metadata.get("model", ""),
+            label=self.metadata.get("label"),
+            stats=stats,
+        )

@@ -1,0 +1,28 @@
+"""Models behind one adapter: load any supported model and address its activations by TransformerLens name."""
+
+from featsteer.models.adapter import HookFn, ModelAdapter, ResidualWriter, StopForward, TokenBatch
+from featsteer.models.chat import FALLBACK_TEMPLATE, FormattedPrompt, format_instruction
+from featsteer.models.families import FAMILIES, FamilySpec, family_for, supported_model_types
+from featsteer.models.hookpoints import LAYER_KINDS, HookSite, hook_name, parse_hook_name
+from featsteer.models.loading import default_cache_dir, load_model
+
+__all__ = [
+    "FALLBACK_TEMPLATE",
+    "FAMILIES",
+    "LAYER_KINDS",
+    "FamilySpec",
+    "FormattedPrompt",
+    "HookFn",
+    "HookSite",
+    "ModelAdapter",
+    "ResidualWriter",
+    "StopForward",
+    "TokenBatch",
+    "default_cache_dir",
+    "family_for",
+    "format_instruction",
+    "hook_name",
+    "load_model",
+    "parse_hook_name",
+    "supported_model_types",
+]

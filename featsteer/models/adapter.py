@@ -1,0 +1,295 @@
+"""The one model interface every featsteer stage talks to.
+
+A `ModelAdapter` hides whether the weights live in a Hugging Face causal LM or a TransformerLens model.
+It exposes: the tokenizer and chat formatting, `n_layers`/`d_model`, hook points by TransformerLens name,
+a forward pass that can stop early, batched greedy generation with left padding, and the weights that
+write into the residual stream. Backends implement a handful of abstract methods; everything that only
+needs those (tokenising, generation loop, hook context managers) lives here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from featsteer.errors import FeatsteerError
+from featsteer.models.chat import FormattedPrompt, format_instruction
+from featsteer.models.hookpoints import HookSite, parse_hook_name
+
+logger = logging.getLogger(__name__)
+
+HookFn = Callable[[Tensor, HookSite], "Tensor | None"]
+"""A hook function: gets the activation `(batch, pos, d_model)` and its site; returns a replacement or
+None to leave it unchanged (the TransformerLens convention)."""
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end the forward pass once the deepest needed activation is seen."""
+
+
+@dataclass
+class TokenBatch:
+    """A left-padded batch of prompts."""
+
+    input_ids: Tensor
+    """(batch, pos) token ids, left-padded."""
+    attention_mask: Tensor
+    """(batch, pos) 1 for real tokens, 0 for padding."""
+    n_post_instruction: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    """(batch,) number of tokens after the end of the instruction (the template's tail)."""
+
+    @property
+    def position_ids(self) -> Tensor:
+        """Positions counted from each row's first real token, as an unpadded forward would see them."""
+        return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass(frozen=True)
+class ResidualWriter:
+    """A weight that writes into the residual stream, in one known orientation.
+
+    `read()` returns `(weight, bias)` with `weight` shaped `(d_model, d_in)` (rows index the residual
+    dimension, as in `nn.Linear`) for projections, or `(d_model, vocab)` for the token embedding; `bias`
+    is `(d_model,)` or None. `write(weight, bias)` stores tensors in the same orientation back into the
+    model (in place, under `torch.no_grad`).
+    """
+
+    name: str
+    """Hook-style name of what it writes: `hook_embed`, `blocks.{l}.hook_attn_out`, `blocks.{l}.hook_mlp_out`."""
+    layer: int | None
+    kind: str
+    """`embed`, `pos_embed`, `attn_out` or `mlp_out`."""
+    read: Callable[[], tuple[Tensor, Tensor | None]]
+    write: Callable[[Tensor, Tensor | None], None]
+
+
+class ModelAdapter(ABC):
+    """Backend-independent model interface (see module docstring)."""
+
+    tokenizer: object
+    name: str
+
+    # ---- backend contract -------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def n_layers(self) -> int:
+        """Number of decoder layers."""
+
+    @property
+    @abstractmethod
+    def d_model(self) -> int:
+        """Width of the residual stream."""
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Device of the weights."""
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the weights."""
+
+    @property
+    @abstractmethod
+    def family(self) -> str:
+        """Architecture family name (provenance)."""
+
+    @abstractmethod
+    def _install_hooks(self, hooks: Sequence[tuple[HookSite, HookFn]]) -> Callable[[], None]:
+        """Attach hooks; return a function that removes every one of them."""
+
+    @abstractmethod
+    def _forward(self, batch: TokenBatch, cache: object | None, want_cache: bool) -> tuple[Tensor, object | None]:
+        """Run the model on `batch` (the new tokens only when `cache` is given); return `(logits, cache)`.
+
+        Backends without a KV cache return `None` as the cache and are then fed the whole sequence."""
+
+    @abstractmethod
+    def residual_writers(self) -> list[ResidualWriter]:
+        """Every weight that writes into the residual stream (embedding, attention and MLP outputs)."""
+
+    @abstractmethod
+    def unembed(self) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """Return `(W_U (vocab, d_model), final_norm)` for reading residual vectors as logits."""
+
+    # ---- shared behaviour --------------------------------------------------------------------------
+    @property
+    def stop_token_ids(self) -> set[int]:
+        """Token ids that end a generated response."""
+        ids: set[int] = set()
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is not None:
+            ids.add(int(eos))
+        for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>"):
+            token_id = self.tokenizer.convert_tokens_to_ids(token) if token in self.tokenizer.get_vocab() else None
+            if token_id is not None:
+                ids.add(int(token_id))
+        return ids
+
+    def hook_site(self, name: str) -> HookSite:
+        """Validate a hook name for this model."""
+        return parse_hook_name(name, self.n_layers)
+
+    def hook_names(self, kinds: Sequence[str] = ("resid_pre",), layers: Sequence[int] | None = None) -> list[str]:
+        """List hook names for the given kinds and layers (all layers by default)."""
+        layer_ids = range(self.n_layers) if layers is None else layers
+        return [f"blocks.{layer}.hook_{kind}" for layer in layer_ids for kind in kinds]
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[ModelAdapter]:
+        """Attach hooks for the duration of a `with` block; they are removed on exit, also after an error.
+
+        Args:
+            fwd_hooks: `(hook_name, fn)` pairs; `fn(activation, site)` returns a replacement or None.
+        """
+        sites = [(self.hook_site(name), fn) for name, fn in fwd_hooks]
+        remove = self._install_hooks(sites)
+        try:
+            yield self
+        finally:
+            remove()
+
+    def format_prompts(self, instructions: Sequence[str], system: str | None = None) -> list[FormattedPrompt]:
+        """Render instructions through the chat template (see `featsteer.models.chat`)."""
+        return [format_instruction(self.tokenizer, text, system) for text in instructions]
+
+    def tokenize(self, instructions: Sequence[str], *, system: str | None = None, chat: bool = True) -> TokenBatch:
+        """Format (optionally) and tokenize a batch of instructions with left padding.
+
+        Args:
+            instructions: raw user instructions (or raw text when `chat=False`).
+            system: optional system prompt.
+            chat: apply the chat template; False tokenizes the texts as they are.
+        """
+        if not instructions:
+            raise FeatsteerError("no prompts to tokenize: pass at least one instruction")
+        if chat:
+            formatted = self.format_prompts(instructions, system)
+            texts = [f.text for f in formatted]
+            ends = [f.instruction_end for f in formatted]
+            add_special = not formatted[0].uses_chat_template
+        else:
+            texts, ends, add_special = list(instructions), [len(t) for t in instructions], True
+        rows, n_post = [], []
+        for text, end in zip(texts, ends, strict=True):
+            encoding = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+            rows.append(encoding["input_ids"])
+            n_post.append(sum(1 for start, _ in encoding["offset_mapping"] if start >= end))
+        return self._pad_left(rows, n_post)
+
+    def _pad_left(self, rows: list[list[int]], n_post: list[int]) -> TokenBatch:
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id or 0
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row:
+                input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+                mask[i, width - len(row) :] = 1
+        return TokenBatch(input_ids.to(self.device), mask.to(self.device), torch.tensor(n_post, dtype=torch.long))
+
+    def run(self, batch: TokenBatch, *, stop_at: str | None = None) -> Tensor | None:
+        """One forward pass under `inference_mode`.
+
+        Args:
+            batch: left-padded tokens.
+            stop_at: a hook name; the pass ends right after that hook fires (no logits are returned).
+
+        Returns:
+            Logits `(batch, pos, vocab)`, or None when `stop_at` ended the pass.
+        """
+        stop_site = self.hook_site(stop_at) if stop_at else None
+        remove = self._install_hooks([(stop_site, _raise_stop)]) if stop_site else (lambda: None)
+        try:
+            with torch.inference_mode():
+                logits, _ = self._forward(batch, None, False)
+            return logits
+        except StopForward:
+            return None
+        finally:
+            remove()
+
+    def logits(self, instructions: Sequence[str], *, system: str | None = None, batch_size: int = 16) -> Tensor:
+        """Next-token logits `(n, vocab)` at the end of each chat-formatted instruction (float32)."""
+        out = []
+        for start in range(0, len(instructions), batch_size):
+            batch = self.tokenize(instructions[start : start + batch_size], system=system)
+            out.append(self.run(batch)[:, -1, :].float())
+        return torch.cat(out)
+
+    def generate(
+        self,
+        instructions: Sequence[str],
+        *,
+        max_new_tokens: int = 32,
+        batch_size: int = 16,
+        system: str | None = None,
+        chat: bool = True,
+    ) -> list[str]:
+        """Batched greedy generation with left padding; returns the decoded responses.
+
+        Rows stop at an end-of-turn token; the batch stops when every row has finished.
+        """
+        responses: list[str] = []
+        for start in range(0, len(instructions), batch_size):
+            batch = self.tokenize(instructions[start : start + batch_size], system=system, chat=chat)
+            tokens = self._greedy(batch, max_new_tokens)
+            responses.extend(self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens)
+        return responses
+
+    def _greedy(self, batch: TokenBatch, max_new_tokens: int) -> list[list[int]]:
+        stop_ids = torch.tensor(sorted(self.stop_token_ids), device=self.device)
+        finished = torch.zeros(batch.input_ids.shape[0], dtype=torch.bool, device=self.device)
+        input_ids, mask = batch.input_ids, batch.attention_mask
+        generated: list[Tensor] = []
+        step, cache = batch, None
+        with torch.inference_mode():
+            for _ in range(max_new_tokens):
+                logits, cache = self._forward(step, cache, True)
+                next_token = logits[:, -1, :].argmax(-1).masked_fill(finished, -1)
+                generated.append(next_token)
+                finished |= torch.isin(next_token, stop_ids)
+                if bool(finished.all()):
+                    break
+                fed = next_token.clamp(min=0)[:, None]
+                input_ids = torch.cat([input_ids, fed], 1)
+                mask = torch.cat([mask, torch.ones_like(fed)], 1)
+                # backends with a KV cache take only the new token; the others re-read the sequence
+                step = _CachedStep(fed, mask) if cache is not None else TokenBatch(input_ids, mask)
+        if not generated:
+            return [[] for _ in range(batch.input_ids.shape[0])]
+        stop_set = set(stop_ids.tolist())
+        return [_cut_at_stop(row, stop_set) for row in torch.stack(generated, 1).tolist()]
+
+
+class _CachedStep(TokenBatch):
+    """One new token per row, with the attention mask of the whole sequence so far."""
+
+    def __init__(self, input_ids: Tensor, attention_mask: Tensor):
+        super().__init__(input_ids, attention_mask)
+
+    @property
+    def position_ids(self) -> Tensor:
+        return (self.attention_mask.long().sum(-1, keepdim=True) - 1).clamp(min=0)
+
+
+def _cut_at_stop(row: list[int], stop_ids: set[int]) -> list[int]:
+    out = []
+    for token in row:
+        if token < 0 or token in stop_ids:
+            break
+        out.append(token)
+    return out
+
+
+def _raise_stop(activation: Tensor, site: HookSite) -> None:
+    raise StopForward(site.name)

@@ -1,0 +1,62 @@
+"""Chat formatting of instructions, and where the instruction ends inside the formatted prompt.
+
+Refusal directions are read at the tokens *after* the instruction (the chat template's end-of-turn and
+assistant header), so we need both the formatted text and the character span of the instruction in it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FALLBACK_TEMPLATE = "{system}### Instruction:\n{instruction}\n\n### Response:\n"
+"""Used when the tokenizer has no chat template (base models). `{system}` is the system prompt followed
+by a blank line, or empty."""
+
+_SENTINEL = "FEATSTEERINSTRUCTIONSENTINEL"
+
+
+@dataclass(frozen=True)
+class FormattedPrompt:
+    """An instruction rendered through the chat template."""
+
+    text: str
+    """The full prompt text, ending with the assistant header (generation prompt)."""
+    instruction_end: int
+    """Character offset in `text` just after the instruction."""
+    uses_chat_template: bool
+    """False when the documented fallback template was used."""
+
+
+def _render(tokenizer, instruction: str, system: str | None) -> tuple[str, bool]:
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": instruction}]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+        except Exception:  # templates such as Gemma's reject a system role: fold it into the user turn
+            if not system:
+                raise
+            folded = [{"role": "user", "content": f"{system}\n\n{instruction}"}]
+            return tokenizer.apply_chat_template(folded, tokenize=False, add_generation_prompt=True), True
+    prefix = f"{system}\n\n" if system else ""
+    return FALLBACK_TEMPLATE.format(system=prefix, instruction=instruction), False
+
+
+def format_instruction(tokenizer, instruction: str, system: str | None = None) -> FormattedPrompt:
+    """Render one instruction as a chat prompt ready for generation.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer; its `chat_template` is used when present, otherwise
+            `FALLBACK_TEMPLATE`.
+        instruction: the user turn.
+        system: optional system prompt (folded into the user turn for templates without a system role).
+
+    Returns:
+        The formatted prompt and the character offset where the instruction ends.
+    """
+    probe, _ = _render(tokenizer, _SENTINEL, system)
+    text, used_template = _render(tokenizer, instruction, system)
+    suffix = probe[probe.index(_SENTINEL) + len(_SENTINEL) :]
+    instruction_end = len(text) - len(suffix) if suffix and text.endswith(suffix) else text.rfind(instruction) + len(instruction)
+    return FormattedPrompt(text=text, instruction_end=instruction_end, uses_chat_template=used_template)

@@ -1,0 +1,124 @@
+"""Model families described as data.
+
+Each supported Hugging Face architecture is one `FamilySpec` row: where its decoder layers, embeddings,
+final norm, and the two modules whose outputs are added to the residual stream live. Everything else in
+featsteer (hook points, weight edits, capture) reads these rows instead of branching on model names, so a
+new family is one table entry plus a tiny-config test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from featsteer.errors import FeatsteerError
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Where the residual-stream pieces of one architecture family live.
+
+    All paths are dotted attribute paths; layer-relative paths start at one decoder layer.
+    """
+
+    name: str
+    """Human-readable family name used in messages and provenance."""
+    model_types: tuple[str, ...]
+    """`config.model_type` values this row covers."""
+    layers: str
+    """Path from the causal-LM object to the `ModuleList` of decoder layers."""
+    embed_tokens: str
+    """Path to the token embedding module (its output is what enters the residual stream)."""
+    final_norm: str
+    """Path to the norm applied before the unembedding."""
+    attn: str
+    """Layer-relative path to the attention module."""
+    attn_out_proj: str
+    """Layer-relative path to the attention output projection (writes into the residual stream)."""
+    mlp: str
+    """Layer-relative path to the MLP module."""
+    mlp_out_proj: str
+    """Layer-relative path to the MLP output projection (writes into the residual stream)."""
+    attn_out_site: str | None = None
+    """Layer-relative module whose output is added to the residual after attention, when it is not the
+    attention module itself (Gemma 2/3 apply `post_attention_layernorm` there)."""
+    mlp_out_site: str | None = None
+    """As `attn_out_site`, for the MLP branch (Gemma 2/3: `post_feedforward_layernorm`)."""
+    pos_embed: str | None = None
+    """Path to a learned absolute position embedding that is added to the residual (GPT-2)."""
+    conv1d_projections: bool = False
+    """True when projections are GPT-2 `Conv1D` modules, whose weight is stored as (d_in, d_out)."""
+    embedding_scaled: bool = False
+    """True when the embedding module multiplies its output by sqrt(d_model) (Gemma)."""
+    post_norms: bool = False
+    """True when attention/MLP outputs pass through an extra norm before the residual add (Gemma 2/3).
+    Weight orthogonalisation cannot then be exactly equivalent to ablating the residual write."""
+
+    @property
+    def attn_site(self) -> str:
+        """Module whose output is the attention contribution to the residual stream."""
+        return self.attn_out_site or self.attn
+
+    @property
+    def mlp_site(self) -> str:
+        """Module whose output is the MLP contribution to the residual stream."""
+        return self.mlp_out_site or self.mlp
+
+
+_LLAMA_LIKE = dict(
+    layers="model.layers",
+    embed_tokens="model.embed_tokens",
+    final_norm="model.norm",
+    attn="self_attn",
+    attn_out_proj="self_attn.o_proj",
+    mlp="mlp",
+    mlp_out_proj="mlp.down_proj",
+)
+
+FAMILIES: tuple[FamilySpec, ...] = (
+    FamilySpec(name="llama", model_types=("llama", "mistral", "mixtral_dense"), **_LLAMA_LIKE),
+    FamilySpec(name="qwen", model_types=("qwen2", "qwen3"), **_LLAMA_LIKE),
+    FamilySpec(name="phi3", model_types=("phi3",), **_LLAMA_LIKE),
+    FamilySpec(name="gemma", model_types=("gemma",), embedding_scaled=True, **_LLAMA_LIKE),
+    FamilySpec(
+        name="gemma2",
+        model_types=("gemma2", "gemma3_text"),
+        attn_out_site="post_attention_layernorm",
+        mlp_out_site="post_feedforward_layernorm",
+        embedding_scaled=True,
+        post_norms=True,
+        **_LLAMA_LIKE,
+    ),
+    FamilySpec(
+        name="gpt2",
+        model_types=("gpt2",),
+        layers="transformer.h",
+        embed_tokens="transformer.wte",
+        final_norm="transformer.ln_f",
+        attn="attn",
+        attn_out_proj="attn.c_proj",
+        mlp="mlp",
+        mlp_out_proj="mlp.c_proj",
+        pos_embed="transformer.wpe",
+        conv1d_projections=True,
+    ),
+)
+
+
+def supported_model_types() -> list[str]:
+    """All `config.model_type` values featsteer knows how to hook."""
+    return sorted(t for family in FAMILIES for t in family.model_types)
+
+
+def family_for(model_type: str) -> FamilySpec:
+    """Look up the family row for a `config.model_type`.
+
+    Raises:
+        FeatsteerError: if the architecture is not supported; the message lists the supported ones.
+    """
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    raise FeatsteerError(
+        f"unsupported architecture '{model_type}': featsteer supports {', '.join(supported_model_types())}; "
+        "wrap the model in TransformerLens (HookedTransformer/TransformerBridge) or add a FamilySpec row"
+    )

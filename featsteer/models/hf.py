@@ -1,0 +1,216 @@
+"""Hugging Face backend: TransformerLens hook names on a plain `transformers` causal LM.
+
+Hook points are PyTorch forward hooks placed on the modules a `FamilySpec` row names:
+`resid_pre` is a pre-hook on the decoder layer, `attn_out`/`mlp_out` hook the module whose output is added
+to the residual stream, `resid_post` hooks the layer output, and `resid_mid` is derived exactly as
+`resid_pre + attn_out` (reading it, or writing it back as a change of the attention contribution), so
+it works for every sequential-residual family without touching model code.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from featsteer.models.adapter import HookFn, ModelAdapter, ResidualWriter, TokenBatch
+from featsteer.models.families import FamilySpec, family_for
+from featsteer.models.hookpoints import HookSite
+
+_Hooks = list[tuple[HookSite, HookFn]]
+
+
+def _apply(fns: _Hooks, activation: Tensor) -> Tensor:
+    for site, fn in fns:
+        replaced = fn(activation, site)
+        if replaced is not None:
+            activation = replaced
+    return activation
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output, value: Tensor):
+    return (value, *output[1:]) if isinstance(output, tuple) else value
+
+
+class HFModelAdapter(ModelAdapter):
+    """`ModelAdapter` over a `transformers` `PreTrainedModel` (see module docstring)."""
+
+    def __init__(self, model: nn.Module, tokenizer, name: str | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model, "name_or_path", None) or type(model).__name__
+        self.spec: FamilySpec = family_for(model.config.model_type)
+        self._get = {path: operator.attrgetter(path) for path in (self.spec.layers, self.spec.embed_tokens)}
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+
+    # ---- properties ---------------------------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers."""
+        return self._get[self.spec.layers](self.model)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def family(self) -> str:
+        return self.spec.name
+
+    def _module(self, path: str, layer: int | None = None) -> nn.Module:
+        root = self.model if layer is None else self.layers[layer]
+        return operator.attrgetter(path)(root)
+
+    # ---- hooks --------------------------------------------------------------------------------------
+    def _install_hooks(self, hooks: Sequence[tuple[HookSite, HookFn]]) -> Callable[[], None]:
+        by_site: dict[tuple[int | None, str], _Hooks] = defaultdict(list)
+        for site, fn in hooks:
+            by_site[(site.layer, site.kind)].append((site, fn))
+        handles = []
+        try:
+            for kind, path in (("embed", self.spec.embed_tokens), ("pos_embed", self.spec.pos_embed)):
+                if by_site.get((None, kind)):
+                    handles.append(self._module(path).register_forward_hook(_output_hook(by_site[(None, kind)])))
+            for layer in sorted({layer for layer, _ in by_site if layer is not None}):
+                handles.extend(self._install_layer(layer, by_site))
+        except Exception:
+            for handle in handles:
+                handle.remove()
+            raise
+
+        def remove() -> None:
+            for handle in handles:
+                handle.remove()
+
+        return remove
+
+    def _install_layer(self, layer: int, by_site: dict[tuple[int | None, str], _Hooks]) -> list:
+        pre, attn, mid = by_site.get((layer, "resid_pre"), []), by_site.get((layer, "attn_out"), []), by_site.get((layer, "resid_mid"), [])
+        mlp, post = by_site.get((layer, "mlp_out"), []), by_site.get((layer, "resid_post"), [])
+        state: dict[str, Tensor] = {}
+        handles = []
+        block = self.layers[layer]
+        if pre or mid:
+            handles.append(block.register_forward_pre_hook(_pre_hook(pre, state, keep=bool(mid)), with_kwargs=True))
+        if attn or mid:
+            handles.append(self._module(self.spec.attn_site, layer).register_forward_hook(_attn_hook(attn, mid, state)))
+        if mlp:
+            handles.append(self._module(self.spec.mlp_site, layer).register_forward_hook(_output_hook(mlp)))
+        if post:
+            handles.append(block.register_forward_hook(_output_hook(post)))
+        return handles
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def _forward(self, batch: TokenBatch, cache: object | None, want_cache: bool) -> tuple[Tensor, object | None]:
+        if cache is None and want_cache:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+        output = self.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            past_key_values=cache,
+            use_cache=want_cache,
+        )
+        return output.logits, (output.past_key_values if want_cache else None)
+
+    # ---- weights ------------------------------------------------------------------------------------
+    def residual_writers(self) -> list[ResidualWriter]:
+        writers = [_embedding_writer("hook_embed", None, "embed", self._module(self.spec.embed_tokens))]
+        if self.spec.pos_embed:
+            writers.append(_embedding_writer("hook_pos_embed", None, "pos_embed", self._module(self.spec.pos_embed)))
+        for layer in range(self.n_layers):
+            for kind, path in (("attn_out", self.spec.attn_out_proj), ("mlp_out", self.spec.mlp_out_proj)):
+                module = self._module(path, layer)
+                writers.append(_projection_writer(f"blocks.{layer}.hook_{kind}", layer, kind, module, self.spec.conv1d_projections))
+        return writers
+
+    def unembed(self) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        return self.model.get_output_embeddings().weight, self._module(self.spec.final_norm)
+
+
+def _output_hook(fns: _Hooks):
+    def hook(module, args, output):
+        value = _first(output)
+        new = _apply(fns, value)
+        return None if new is value else _replace_first(output, new)
+
+    return hook
+
+
+def _pre_hook(fns: _Hooks, state: dict[str, Tensor], keep: bool):
+    def hook(module, args, kwargs):
+        positional = len(args) > 0
+        hidden = args[0] if positional else kwargs["hidden_states"]
+        new = _apply(fns, hidden)
+        if keep:
+            state["resid_pre"] = new
+        if new is hidden:
+            return None
+        if positional:
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
+
+    return hook
+
+
+def _attn_hook(attn_fns: _Hooks, mid_fns: _Hooks, state: dict[str, Tensor]):
+    def hook(module, args, output):
+        value = _first(output)
+        new = _apply(attn_fns, value)
+        if mid_fns:
+            resid_mid = state.pop("resid_pre") + new
+            new_mid = _apply(mid_fns, resid_mid)
+            if new_mid is not resid_mid:
+                new = new + (new_mid - resid_mid)
+        return None if new is value else _replace_first(output, new)
+
+    return hook
+
+
+def _embedding_writer(name: str, layer: int | None, kind: str, module: nn.Embedding) -> ResidualWriter:
+    def read() -> tuple[Tensor, Tensor | None]:
+        return module.weight.detach().T, None
+
+    def write(weight: Tensor, bias: Tensor | None) -> None:
+        with torch.no_grad():
+            module.weight.copy_(weight.T)
+
+    return ResidualWriter(name=name, layer=layer, kind=kind, read=read, write=write)
+
+
+def _projection_writer(name: str, layer: int, kind: str, module: nn.Module, conv1d: bool) -> ResidualWriter:
+    def read() -> tuple[Tensor, Tensor | None]:
+        weight = module.weight.detach()
+        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+        return (weight.T if conv1d else weight), bias
+
+    def write(weight: Tensor, bias: Tensor | None) -> None:
+        with torch.no_grad():
+            module.weight.copy_(weight.T if conv1d else weight)
+            if bias is not None and getattr(module, "bias", None) is not None:
+                module.bias.copy_(bias)
+
+    return ResidualWriter(name=name, layer=layer, kind=kind, read=read, write=write)

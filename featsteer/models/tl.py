@@ -1,0 +1,122 @@
+"""TransformerLens backend: `HookedTransformer` and `TransformerBridge` behind the same adapter.
+
+TransformerLens already names its hook points the way featsteer does, so hooks attach directly to its
+`HookPoint` modules (as plain PyTorch hooks, removed individually so a user's own TL hooks survive).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from featsteer.errors import FeatsteerError
+from featsteer.models.adapter import HookFn, ModelAdapter, ResidualWriter, TokenBatch
+from featsteer.models.hookpoints import HookSite
+
+
+class TLModelAdapter(ModelAdapter):
+    """`ModelAdapter` over a TransformerLens `HookedTransformer` or `TransformerBridge`."""
+
+    def __init__(self, model, name: str | None = None):
+        if getattr(model, "tokenizer", None) is None:
+            raise FeatsteerError("the TransformerLens model has no tokenizer: pass tokenizer=... when building it")
+        self.model = model.eval()
+        self.tokenizer = model.tokenizer
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.name = name or getattr(model.cfg, "model_name", None) or type(model).__name__
+        self.is_bridge = not hasattr(model, "blocks") or type(model).__name__ == "TransformerBridge"
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.cfg.d_model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def family(self) -> str:
+        arch = getattr(self.model.cfg, "original_architecture", None) or "unknown"
+        return f"transformer_lens:{arch}"
+
+    def _install_hooks(self, hooks: Sequence[tuple[HookSite, HookFn]]) -> Callable[[], None]:
+        handles = []
+        try:
+            for site, fn in hooks:
+                point = self.model.hook_dict.get(site.name)
+                if point is None:
+                    raise FeatsteerError(f"hook '{site.name}' does not exist on this TransformerLens model")
+                handles.append(point.register_forward_hook(_tl_hook(site, fn)))
+        except Exception:
+            for handle in handles:
+                handle.remove()
+            raise
+
+        def remove() -> None:
+            for handle in handles:
+                handle.remove()
+
+        return remove
+
+    def _forward(self, batch: TokenBatch, cache: object | None, want_cache: bool) -> tuple[Tensor, object | None]:
+        kwargs = {"attention_mask": batch.attention_mask, "return_type": "logits"}
+        if self.is_bridge:
+            kwargs["position_ids"] = batch.position_ids
+        return self.model(batch.input_ids, **kwargs), None
+
+    def residual_writers(self) -> list[ResidualWriter]:
+        if self.is_bridge:
+            from featsteer.models.hf import HFModelAdapter
+
+            return HFModelAdapter(self.model.original_model, self.tokenizer).residual_writers()
+        writers = [_param_writer("hook_embed", None, "embed", self.model.embed, "W_E", None)]
+        if hasattr(self.model, "pos_embed") and hasattr(self.model.pos_embed, "W_pos"):
+            writers.append(_param_writer("hook_pos_embed", None, "pos_embed", self.model.pos_embed, "W_pos", None))
+        for layer, block in enumerate(self.model.blocks):
+            writers.append(_param_writer(f"blocks.{layer}.hook_attn_out", layer, "attn_out", block.attn, "W_O", "b_O"))
+            writers.append(_param_writer(f"blocks.{layer}.hook_mlp_out", layer, "mlp_out", block.mlp, "W_out", "b_out"))
+        return writers
+
+    def unembed(self) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        if self.is_bridge:
+            from featsteer.models.hf import HFModelAdapter
+
+            return HFModelAdapter(self.model.original_model, self.tokenizer).unembed()
+        return self.model.W_U.T, self.model.ln_final
+
+
+def _tl_hook(site: HookSite, fn: HookFn):
+    def hook(module, args, output):
+        return fn(output, site)
+
+    return hook
+
+
+def _param_writer(name: str, layer: int | None, kind: str, module, weight_attr: str, bias_attr: str | None) -> ResidualWriter:
+    """TL stores writers as (..., d_model); we expose (d_model, d_in) and reshape back on write."""
+
+    def read() -> tuple[Tensor, Tensor | None]:
+        weight = getattr(module, weight_attr).detach()
+        bias = getattr(module, bias_attr).detach() if bias_attr and hasattr(module, bias_attr) else None
+        return weight.reshape(-1, weight.shape[-1]).T, bias
+
+    def write(weight: Tensor, bias: Tensor | None) -> None:
+        param = getattr(module, weight_attr)
+        with torch.no_grad():
+            param.copy_(weight.T.reshape(param.shape))
+            if bias is not None and bias_attr and hasattr(module, bias_attr):
+                getattr(module, bias_attr).copy_(bias)
+
+    return ResidualWriter(name=name, layer=layer, kind=kind, read=read, write=write)
