@@ -122,24 +122,31 @@ class ShardWriter:
         self.shards: list[dict] = []
 
     def add(self, activations: Tensor, prompt_index: Tensor, position: Tensor) -> None:
-        """Queue rows; full shards are flushed to disk."""
+        """Queue rows; every full shard of `shard_rows` rows is written to disk."""
         self._pending.append((activations.contiguous(), prompt_index.long(), position.long()))
         self._pending_rows += activations.shape[0]
         if self._pending_rows >= self.shard_rows:
-            self._flush()
+            self._flush(final=False)
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool) -> None:
         if not self._pending:
             return
         acts, index, pos = (torch.cat(parts) for parts in zip(*self._pending, strict=True))
-        name = f"shard-{len(self.shards):05d}.safetensors"
-        save_file({"activations": acts, "prompt_index": index, "position": pos}, str(self.staging / name))
-        self.shards.append({"file": name, "rows": int(acts.shape[0])})
         self._pending, self._pending_rows = [], 0
+        start = 0
+        while acts.shape[0] - start >= self.shard_rows or (final and start < acts.shape[0]):
+            stop = min(start + self.shard_rows, acts.shape[0])
+            name = f"shard-{len(self.shards):05d}.safetensors"
+            shard = {"activations": acts[start:stop].clone(), "prompt_index": index[start:stop].clone(), "position": pos[start:stop].clone()}
+            save_file(shard, str(self.staging / name))
+            self.shards.append({"file": name, "rows": stop - start})
+            start = stop
+        if start < acts.shape[0]:
+            self._pending, self._pending_rows = [(acts[start:], index[start:], pos[start:])], acts.shape[0] - start
 
     def close(self, prompts: Sequence[str], stats: dict[str, RunningMoments] | None = None) -> Path:
         """Flush, write metadata last, and move the directory into place."""
-        self._flush()
+        self._flush(final=True)
         if stats:
             save_file({f"{key}/mean": m.mean for key, m in stats.items()}, str(self.staging / "stats.safetensors"))
         meta = {

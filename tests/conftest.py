@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny models of every family (built from configs) and an offline hub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from featsteer.testing import FAMILY_NAMES, tiny_model  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(params=FAMILY_NAMES)
+def family_model(request):
+    """`(family, hf_model, tokenizer)` for every supported family."""
+    model, tokenizer = tiny_model(request.param)
+    return request.param, model, tokenizer
+
+
+@pytest.fixture
+def llama_adapter():
+    """A tiny Llama behind the featsteer adapter."""
+    from featsteer.models import load_model
+
+    model, tokenizer = tiny_model("llama")
+    return load_model(model, tokenizer=tokenizer)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real prompt sets next to the project; skips when they are not there (a user's fresh clone)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real prompt sets not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def count_hooks(module) -> int:
+    """Total PyTorch hooks registered anywhere in a module tree."""
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(getattr(m, "_forward_hooks_with_kwargs", {}))
+        for m in module.modules()
+    )

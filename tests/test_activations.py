@@ -1,0 +1,120 @@
+"""Activation capture: positions, ordering, float64 statistics, NaN errors, early stop, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from featsteer.activations import ActivationReader, ActivationSet, Positions, capture
+from featsteer.errors import FeatsteerError
+
+PROMPTS = [f"instruction {i} " + "word " * (i % 5) for i in range(23)]
+
+
+def test_last_token_capture_matches_single_prompt_runs(llama_adapter):
+    hooks = llama_adapter.hook_names(("resid_pre", "resid_post"))
+    acts = capture(llama_adapter, PROMPTS, hooks, batch_size=4, progress=False)
+    assert acts.activations.shape == (len(PROMPTS), len(hooks), llama_adapter.d_model)
+    assert acts.prompt_index.tolist() == list(range(len(PROMPTS)))
+    for i in (0, 7, 22):
+        single = capture(llama_adapter, [PROMPTS[i]], hooks, progress=False)
+        torch.testing.assert_close(single.activations[0], acts.activations[i], atol=1e-5, rtol=0)
+    seen = {}
+
+    def record(x, site):
+        seen["x"] = x[:, -1].clone()
+
+    with llama_adapter.hooks([("blocks.2.hook_resid_pre", record)]):
+        llama_adapter.run(llama_adapter.tokenize(PROMPTS[:1]))
+    torch.testing.assert_close(acts.hook("blocks.2.hook_resid_pre")[0], seen["x"][0])
+
+
+def test_position_selectors(llama_adapter):
+    hook = "blocks.1.hook_resid_pre"
+    full = capture(llama_adapter, PROMPTS[:5], hook, positions="all", progress=False)
+    lengths = [int(m.sum()) for m in llama_adapter.tokenize(PROMPTS[:5]).attention_mask]
+    assert full.activations.shape[0] == sum(lengths)
+    first = full.hook(hook)[full.prompt_index == 2]
+    mean3 = capture(llama_adapter, PROMPTS[:5], hook, positions=Positions.mean_last(3), progress=False)
+    torch.testing.assert_close(mean3.hook(hook)[2], first[-3:].mean(0), atol=1e-6, rtol=0)
+    tail = capture(llama_adapter, PROMPTS[:5], hook, positions="post_instruction", progress=False)
+    assert tail.position_labels == [-2, -1]
+    assert tail.per_prompt(hook).shape == (5, 2, llama_adapter.d_model)
+    torch.testing.assert_close(tail.at_position(hook, -2)[2], first[-2])
+    with pytest.raises(FeatsteerError, match="unknown position"):
+        Positions.parse("middle")
+
+
+def test_float64_statistics(llama_adapter):
+    hook = "blocks.2.hook_resid_post"
+    acts = capture(llama_adapter, PROMPTS, hook, batch_size=5, covariance=True, progress=False)
+    values = acts.hook(hook).double()
+    torch.testing.assert_close(acts.stats[hook].mean, values.mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(acts.stats[hook].covariance, torch.cov(values.T), atol=1e-5, rtol=1e-5)
+    assert acts.stats[hook].mean.dtype == torch.float64 and acts.stats[hook].count == len(PROMPTS)
+
+
+def test_nan_activations_name_hook_and_prompt(llama_adapter):
+    with torch.no_grad():
+        llama_adapter.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FeatsteerError, match=r"NaN/inf\) at blocks\.1\.hook_resid_post for prompt #\d+ \('instruction"):
+        capture(llama_adapter, PROMPTS, ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"], progress=False)
+
+
+def test_capture_stops_after_the_deepest_hook(llama_adapter):
+    calls = []
+    handle = llama_adapter.layers[2].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        capture(llama_adapter, PROMPTS, ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"], progress=False)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_bad_inputs(llama_adapter):
+    with pytest.raises(FeatsteerError, match="prompt list is empty"):
+        capture(llama_adapter, [], "blocks.0.hook_resid_pre")
+    with pytest.raises(FeatsteerError, match="unknown hook name"):
+        capture(llama_adapter, PROMPTS, "blocks.0.resid")
+    acts = capture(llama_adapter, PROMPTS[:2], "blocks.0.hook_resid_pre", progress=False)
+    with pytest.raises(FeatsteerError, match="was not captured"):
+        acts.hook("blocks.1.hook_resid_pre")
+
+
+def test_save_load_round_trip_is_bit_identical(llama_adapter, tmp_path):
+    acts = capture(llama_adapter, PROMPTS, llama_adapter.hook_names(), label="harmful", progress=False)
+    acts.save(tmp_path / "acts")
+    loaded = ActivationSet.load(tmp_path / "acts")
+    assert torch.equal(loaded.activations, acts.activations)
+    assert loaded.prompts == acts.prompts and loaded.hook_names == acts.hook_names and loaded.label == "harmful"
+    assert torch.equal(loaded.stats["blocks.1.hook_resid_pre"].mean, acts.stats["blocks.1.hook_resid_pre"].mean)
+    with pytest.raises(FeatsteerError, match="already exists"):
+        acts.save(tmp_path / "acts")
+
+
+def test_streaming_shards_and_batched_reader(llama_adapter, tmp_path):
+    hooks = ["blocks.0.hook_resid_pre", "blocks.2.hook_resid_pre"]
+    in_memory = capture(llama_adapter, PROMPTS, hooks, positions="all", progress=False)
+    streamed = capture(llama_adapter, PROMPTS, hooks, positions="all", stream_to=tmp_path / "s", shard_rows=64, progress=False)
+    reader = ActivationReader(tmp_path / "s")
+    assert len(reader.metadata["shards"]) > 2 and len(reader) == in_memory.activations.shape[0]
+    batches = list(reader.iter_batches(50, hook=hooks[1]))
+    assert all(b.shape == (50, llama_adapter.d_model) for b in batches[:-1])
+    rows = torch.cat(batches)
+    assert rows.shape[0] == len(reader)
+    key = lambda s: sorted(zip(s.prompt_index.tolist(), s.position.tolist(), strict=True))  # noqa: E731
+    assert key(streamed) == key(in_memory)
+    torch.testing.assert_close(rows.double().mean(0), in_memory.hook(hooks[1]).double().mean(0))
+
+
+def test_failed_streaming_capture_leaves_no_directory(llama_adapter, tmp_path):
+    calls = []
+
+    def fail_on_third_batch(x, site):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"), llama_adapter.hooks([("blocks.0.hook_resid_pre", fail_on_third_batch)]):
+        capture(llama_adapter, PROMPTS, "blocks.1.hook_resid_pre", batch_size=4, stream_to=tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,223 @@
+"""Model adapter: hook points, hook hygiene, padding, generation, loading errors, TL equivalence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from featsteer.errors import FeatsteerError
+from featsteer.models import FALLBACK_TEMPLATE, load_model, supported_model_types
+from featsteer.testing import byte_tokenizer, hooked_gpt2, saved_tokenizer, tiny_model
+from tests.conftest import count_hooks
+
+PROMPTS = ["hello there", "a much longer instruction that needs padding", "third"]
+KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+
+
+def _record(adapter, names, prompts=PROMPTS):
+    seen = {}
+    with adapter.hooks([(n, lambda x, s: seen.__setitem__(s.name, x.clone())) for n in names]):
+        logits = adapter.run(adapter.tokenize(prompts))
+    return seen, logits
+
+
+def test_hook_points_match_residual_identities(family_model):
+    family, model, tokenizer = family_model
+    adapter = load_model(model, tokenizer=tokenizer)
+    names = ["hook_embed"] + adapter.hook_names(KINDS)
+    seen, _ = _record(adapter, names)
+    batch = adapter.tokenize(PROMPTS)
+    hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                   output_hidden_states=True).hidden_states
+    for layer in range(adapter.n_layers):
+        pre, attn, mid, mlp, post = (seen[f"blocks.{layer}.hook_{k}"] for k in KINDS)
+        torch.testing.assert_close(pre, hidden[layer], atol=1e-5, rtol=0)
+        torch.testing.assert_close(mid, pre + attn, atol=1e-5, rtol=0)
+        torch.testing.assert_close(post, mid + mlp, atol=1e-5, rtol=0)
+        if layer + 1 < adapter.n_layers:
+            torch.testing.assert_close(post, seen[f"blocks.{layer + 1}.hook_resid_pre"], atol=0, rtol=0)
+    if family != "gpt2":  # GPT-2 adds a position embedding after hook_embed
+        torch.testing.assert_close(seen["hook_embed"], seen["blocks.0.hook_resid_pre"], atol=0, rtol=0)
+
+
+def test_writes_at_equivalent_points_give_equal_logits(family_model):
+    _, model, tokenizer = family_model
+    adapter = load_model(model, tokenizer=tokenizer)
+    vector = torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(3))
+    batch = adapter.tokenize(PROMPTS)
+
+    def add(x, site):
+        return x + vector
+
+    def logits_with(name):
+        with adapter.hooks([(name, add)]):
+            return adapter.run(batch)
+
+    base = adapter.run(batch)
+    via_mid = logits_with("blocks.1.hook_resid_mid")
+    assert (via_mid - base).abs().max() > 1e-3  # the write changes something
+    torch.testing.assert_close(logits_with("blocks.0.hook_resid_post"), logits_with("blocks.1.hook_resid_pre"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits_with("blocks.1.hook_resid_mid"), logits_with("blocks.1.hook_attn_out"), atol=1e-4, rtol=0)
+
+
+def test_hooks_are_removed_after_exit_and_after_exception(llama_adapter):
+    before = count_hooks(llama_adapter.model)
+    with llama_adapter.hooks([(n, lambda x, s: None) for n in llama_adapter.hook_names(KINDS)]):
+        assert count_hooks(llama_adapter.model) > before
+        llama_adapter.run(llama_adapter.tokenize(PROMPTS))
+    assert count_hooks(llama_adapter.model) == before
+
+    def boom(x, site):
+        raise RuntimeError("inside hook")
+
+    with pytest.raises(RuntimeError, match="inside hook"), llama_adapter.hooks([("blocks.1.hook_resid_mid", boom)]):
+        llama_adapter.run(llama_adapter.tokenize(PROMPTS))
+    assert count_hooks(llama_adapter.model) == before
+    with pytest.raises(KeyError), llama_adapter.hooks([("blocks.0.hook_resid_pre", lambda x, s: None)]):
+        raise KeyError("user code failed")
+    assert count_hooks(llama_adapter.model) == before
+    llama_adapter.run(llama_adapter.tokenize(PROMPTS), stop_at="blocks.1.hook_resid_pre")
+    assert count_hooks(llama_adapter.model) == before
+
+
+def test_stop_at_skips_later_layers(llama_adapter):
+    calls = []
+    handle = llama_adapter.layers[2].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        assert llama_adapter.run(llama_adapter.tokenize(PROMPTS), stop_at="blocks.1.hook_resid_post") is None
+        assert calls == []
+        assert llama_adapter.run(llama_adapter.tokenize(PROMPTS)) is not None
+        assert calls == [1]
+    finally:
+        handle.remove()
+
+
+def test_left_padding_does_not_change_results(family_model):
+    _, model, tokenizer = family_model
+    adapter = load_model(model, tokenizer=tokenizer)
+    batched = adapter.logits(PROMPTS, batch_size=3)
+    alone = torch.cat([adapter.logits([p]) for p in PROMPTS])
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_greedy_generation_matches_transformers_generate(family):
+    model, tokenizer = tiny_model(family)
+    adapter = load_model(model, tokenizer=tokenizer)
+    ours = adapter.generate(PROMPTS, max_new_tokens=8)
+    batch = adapter.tokenize(PROMPTS)
+    reference = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=8,
+                               do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=list(adapter.stop_token_ids))
+    expected = []
+    for row in reference[:, batch.input_ids.shape[1]:].tolist():
+        cut = [t for t in row[: next((i for i, t in enumerate(row) if t in adapter.stop_token_ids), len(row))]]
+        expected.append(tokenizer.decode(cut, skip_special_tokens=True).strip())
+    assert ours == expected
+
+
+def test_generation_is_batch_invariant(llama_adapter):
+    assert llama_adapter.generate(PROMPTS, max_new_tokens=6, batch_size=3) == [
+        llama_adapter.generate([p], max_new_tokens=6)[0] for p in PROMPTS
+    ]
+
+
+def test_chat_formatting_and_post_instruction_tokens():
+    model, tokenizer = tiny_model("llama")
+    adapter = load_model(model, tokenizer=tokenizer)
+    formatted = adapter.format_prompts(["Do X"], system="Be brief")[0]
+    assert formatted.text == "<|system|>Be brief<|end|><|user|>Do X<|end|><|assistant|>"
+    assert formatted.text[: formatted.instruction_end].endswith("Do X")
+    assert adapter.tokenize(["Do X"]).n_post_instruction.tolist() == [2]  # <|end|><|assistant|>
+    plain = load_model(model, tokenizer=byte_tokenizer(chat=False))
+    fallback = plain.format_prompts(["Do X"])[0]
+    assert fallback.text == FALLBACK_TEMPLATE.format(system="", instruction="Do X") and not fallback.uses_chat_template
+
+
+def test_weights_writing_into_the_residual_have_documented_orientation(family_model):
+    _, model, tokenizer = family_model
+    adapter = load_model(model, tokenizer=tokenizer)
+    writers = adapter.residual_writers()
+    assert [w.kind for w in writers].count("attn_out") == adapter.n_layers
+    for writer in writers:
+        weight, bias = writer.read()
+        assert weight.shape[0] == adapter.d_model, writer.name
+        if bias is not None:
+            assert bias.shape == (adapter.d_model,)
+    # writing back what was read is a no-op; writing a change lands in the model
+    writer = next(w for w in writers if w.kind == "mlp_out")
+    weight, bias = writer.read()
+    original = weight.clone()
+    writer.write(weight * 0, bias)
+    assert float(writer.read()[0].abs().sum()) == 0.0
+    writer.write(original, bias)
+    torch.testing.assert_close(writer.read()[0], original, atol=0, rtol=0)
+
+
+def test_tl_hooked_transformer_gpt2_matches_native(tmp_path):
+    model, tokenizer = tiny_model("gpt2")
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    native, lens = load_model(model, tokenizer=tokenizer), load_model(hooked_gpt2(model, tokenizer))
+    _assert_same_activations(native, lens)
+    assert native.generate(PROMPTS, max_new_tokens=5) == lens.generate(PROMPTS, max_new_tokens=5)
+
+
+def test_tl_bridge_llama_matches_native(tmp_path):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model, tokenizer = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model)
+    native, lens = load_model(model, tokenizer=tokenizer), load_model(bridge)
+    _assert_same_activations(native, lens)
+    before = count_hooks(bridge)
+    with lens.hooks([("blocks.1.hook_resid_pre", lambda x, s: x * 0)]):
+        lens.run(lens.tokenize(PROMPTS))
+    assert count_hooks(bridge) == before
+
+
+def _assert_same_activations(native, lens):
+    from featsteer.activations import capture
+
+    hooks = ["hook_embed", *native.hook_names(KINDS)]
+    a = capture(native, PROMPTS, hooks, positions="all", progress=False)
+    b = capture(lens, PROMPTS, hooks, positions="all", progress=False)
+    torch.testing.assert_close(a.activations, b.activations, atol=1e-4, rtol=0)
+    assert a.activations.abs().max() > 0.1
+
+
+def test_unsupported_architecture_lists_supported_ones():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    model = OPTForCausalLM(OPTConfig(vocab_size=300, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                     num_attention_heads=2, word_embed_proj_dim=16))
+    with pytest.raises(FeatsteerError, match="unsupported architecture 'opt'.*llama"):
+        load_model(model, tokenizer=byte_tokenizer())
+    assert "gemma2" in supported_model_types() and "phi3" in supported_model_types()
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("blocks.9.hook_resid_pre", "has 3 layers"), ("blocks.0.hook_resid", "unknown hook name"), ("resid_pre", "unknown hook")],
+)
+def test_bad_hook_names(llama_adapter, name, message):
+    with pytest.raises(FeatsteerError, match=message), llama_adapter.hooks([(name, lambda x, s: None)]):
+        pass
+
+
+def test_load_model_from_directory_and_errors(tmp_path):
+    model, tokenizer = tiny_model("qwen2")
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    adapter = load_model(str(tmp_path / "m"))
+    assert adapter.family == "qwen" and adapter.n_layers == 3
+    torch.testing.assert_close(adapter.logits(PROMPTS), load_model(model, tokenizer=tokenizer).logits(PROMPTS))
+    with pytest.raises(FeatsteerError, match="not found"):
+        load_model(str(tmp_path / "missing.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FeatsteerError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))
+    with pytest.raises(FeatsteerError, match="could not load model 'nobody/no-such-model'.*local path"):
+        load_model("nobody/no-such-model")
+    with pytest.raises(FeatsteerError, match="cannot load a model from a int"):
+        load_model(3)
