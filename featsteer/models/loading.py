@@ -32,7 +32,8 @@ def load_model(spec, *, tokenizer=None, dtype: torch.dtype = torch.float32, devi
     """Load a model behind featsteer's adapter.
 
     Args:
-        spec: `"organism"`, a local HF directory, a `.gguf` path, a hub id, or a model object.
+        spec: `"organism"`, `"tiny:<family>"` (random, built from a config), a local HF directory, a
+            `.gguf` path, a hub id, or a model object.
         tokenizer: tokenizer for a `transformers` model object (else loaded from its `name_or_path`).
         dtype: weight dtype for models loaded from disk or the hub.
         device: torch device for models loaded from disk or the hub.
@@ -49,6 +50,8 @@ def load_model(spec, *, tokenizer=None, dtype: torch.dtype = torch.float32, devi
         from featsteer.organism import organism_path
 
         return _from_directory(organism_path(), dtype, device, name="organism")
+    if text.startswith("tiny:"):
+        return _tiny(text.removeprefix("tiny:"))
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -77,6 +80,17 @@ def _from_object(model, tokenizer) -> ModelAdapter:
         f"cannot load a model from a {kind}: pass 'organism', a path, a hub id, a transformers causal LM, "
         "or a TransformerLens HookedTransformer/TransformerBridge"
     )
+
+
+def _tiny(family: str) -> ModelAdapter:
+    """A random tiny model built from a config (`tiny:llama`, `tiny:gpt2`, ...), for trying things offline."""
+    from featsteer.models.hf import HFModelAdapter
+    from featsteer.testing import FAMILY_NAMES, tiny_model
+
+    if family not in FAMILY_NAMES:
+        raise FeatsteerError(f"unknown tiny model 'tiny:{family}': use one of {', '.join('tiny:' + f for f in FAMILY_NAMES)}")
+    model, tokenizer = tiny_model(family)
+    return HFModelAdapter(model, tokenizer, name=f"tiny:{family}")
 
 
 def _tokenizer_for(source) -> object:
@@ -141,6 +155,11 @@ def _converted_gguf(path: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as error:  # noqa: BLE001
         raise FeatsteerError(f"could not read GGUF file {path} ({type(error).__name__}: {str(error)[:160]})") from None
+    # transformers dequantizes GGUF tensors on load but still marks the model as quantized, which blocks
+    # save_pretrained; the weights are plain tensors by now, so drop the marker before saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
     try:

@@ -1,0 +1,166 @@
+"""The `featsteer` command line. Each subcommand parses its arguments, calls the library, and prints.
+
+Every user-facing failure is a `FeatsteerError`: it is printed as one line (`featsteer: error: ...`) and
+the command exits with status 2, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from featsteer.errors import FeatsteerError
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from featsteer.models import LAYER_KINDS, load_model
+
+    model = load_model(args.model)
+    print(f"model     {model.name}")
+    print(f"family    {model.family}")
+    print(f"layers    {model.n_layers}")
+    print(f"d_model   {model.d_model}")
+    print(f"dtype     {model.dtype}")
+    print(f"hooks     hook_embed, blocks.{{0..{model.n_layers - 1}}}.hook_{{{','.join(LAYER_KINDS)}}}")
+    if args.prompt:
+        print(f"prompt    {model.format_prompts([args.prompt])[0].text!r}")
+    return 0
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from featsteer.activations import capture
+    from featsteer.datasets import load_prompts
+    from featsteer.models import load_model
+
+    model = load_model(args.model)
+    prompts = load_prompts(args.prompts, column=args.column, limit=args.n)
+    hooks = _expand_hooks(args.hooks, model)
+    acts = capture(model, prompts, hooks, positions=args.positions, batch_size=args.batch_size, stream_to=args.out,
+                   chat=not args.raw, shard_rows=args.shard_rows)
+    print(f"captured {acts.activations.shape[0]} rows x {len(hooks)} hooks x d_model {acts.d_model} -> {args.out}")
+    return 0
+
+
+def _expand_hooks(spec: str, model) -> list[str]:
+    """`all` / `resid_pre` / `resid_pre:2,4` / explicit comma-separated hook names."""
+    from featsteer.models import LAYER_KINDS
+
+    if spec == "all":
+        return model.hook_names(("resid_pre",))
+    kind, _, layers = spec.partition(":")
+    if kind in LAYER_KINDS:
+        layer_ids = [int(x) for x in layers.split(",")] if layers else None
+        return model.hook_names((kind,), layer_ids)
+    return [h.strip() for h in spec.split(",") if h.strip()]
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from featsteer.datasets import load_prompts
+    from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
+    from featsteer.models import load_model
+
+    harmful = load_prompts(args.harmful, column=args.column, limit=args.n)
+    harmless = load_prompts(args.harmless, column=args.column, limit=args.n)
+    model = load_model(args.model)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system)
+    report = evaluate_refusal(model, harmful, harmless, config)
+    print(f"model {model.name}: greedy, max {args.max_new_tokens} new tokens, {report.seconds:.1f}s")
+    print(report.table())
+    for example in report.to_json(2)["examples"]["harmful"][:2]:
+        print(f"  e.g. {example['prompt'][:50]!r} -> {example['response'][:70]!r}")
+    if args.json:
+        _write_json(args.json, report.to_json())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from featsteer.demo import run_demo
+
+    result = run_demo(args.model, args.out, n_eval=args.n, max_new_tokens=args.max_new_tokens)
+    print(f"== refusal behaviour of {result.report.model} (built-in test split)")
+    print(result.report.table())
+    print("\n== difference-in-means direction per layer (resid_pre, last token; train -> held-out test)")
+    print(f"{'hook':28} {'|mean diff|':>11} {'accuracy':>9} {'AUROC':>7} {'gap (sd)':>9}")
+    for row in result.layers:
+        s = row.separability
+        print(f"{row.hook:28} {row.mean_diff_norm:11.3f} {s.accuracy:9.3f} {s.auroc:7.3f} {s.gap:9.2f}")
+    best = result.best
+    print(f"\nbest layer: {best.hook} (held-out accuracy {best.separability.accuracy:.3f})")
+    print(f"outputs in {result.run_dir}/ ({result.seconds:.1f}s)")
+    return 0
+
+
+def _write_json(path: str, payload: dict) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=1))
+    partial.rename(target)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="featsteer", description="Find and steer the features behind refusal.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="describe a model: family, layers, hook points, chat format")
+    info.add_argument("--model", default="organism")
+    info.add_argument("--prompt", help="show how this instruction is formatted")
+    info.set_defaults(run=_cmd_info)
+
+    cap = sub.add_parser("capture", help="capture activations for a prompt set to a directory")
+    cap.add_argument("--model", default="organism")
+    cap.add_argument("--prompts", required=True, help="file, builtin:harmful[:split], or hf:NAME")
+    cap.add_argument("--hooks", default="all", help="all | KIND[:L1,L2] | comma-separated hook names")
+    cap.add_argument("--positions", default="last", help="last | mean_last:K | post_instruction | all")
+    cap.add_argument("--out", required=True)
+    cap.add_argument("--column")
+    cap.add_argument("--n", type=int)
+    cap.add_argument("--batch-size", type=int, default=16)
+    cap.add_argument("--shard-rows", type=int, default=65536)
+    cap.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    cap.set_defaults(run=_cmd_capture)
+
+    ev = sub.add_parser("eval", help="refusal rates on harmful and harmless prompts")
+    ev.add_argument("--model", default="organism")
+    ev.add_argument("--harmful", required=True, help="file, builtin:harmful[:split], or hf:NAME")
+    ev.add_argument("--harmless", required=True, help="file, builtin:harmless[:split], or hf:NAME")
+    ev.add_argument("--n", type=int, help="use the first N prompts of each set")
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--system", help="system prompt")
+    ev.add_argument("--column", help="column for csv/json/parquet prompt files")
+    ev.add_argument("--json", help="write the full result here")
+    ev.set_defaults(run=_cmd_eval)
+
+    demo = sub.add_parser("demo", help="the full pipeline on the embedded organism")
+    demo.add_argument("--model", default="organism")
+    demo.add_argument("--out", help="run folder (default runs/<timestamp>)")
+    demo.add_argument("--n", type=int, default=64, help="prompts per set for the behaviour check")
+    demo.add_argument("--max-new-tokens", type=int, default=32)
+    demo.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `featsteer` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except FeatsteerError as error:
+        print(f"featsteer: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("featsteer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Difference-in-means directions and how well they separate the two prompt sets.
+
+DIM is the baseline every other direction source is compared against: the float64 difference between the
+mean harmful and mean harmless activation at one hook and position (Arditi et al. 2024).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from featsteer.activations import ActivationSet
+from featsteer.directions.directions import DirectionSet, unit
+from featsteer.errors import FeatsteerError
+
+
+def difference_in_means(harmful: ActivationSet, harmless: ActivationSet, hooks: list[str] | None = None) -> DirectionSet:
+    """Unit DIM direction for every captured hook and position.
+
+    Args:
+        harmful: activations of harmful prompts.
+        harmless: activations of harmless prompts at the same hooks and positions.
+        hooks: restrict to these hooks (default: every hook in `harmful`).
+
+    Returns:
+        A rank-1 `DirectionSet` with scores `mean_diff_norm` (length of the raw difference). Where the two
+        means coincide the stored vector is zero and `mean_diff_norm` is 0.
+    """
+    hook_list = list(hooks or harmful.hook_names)
+    missing = [h for h in hook_list if h not in harmless.hook_names]
+    if missing:
+        raise FeatsteerError(f"harmless activations lack {', '.join(missing)}: capture both sets at the same hooks")
+    vectors, names, positions, norms = [], [], [], []
+    for hook in hook_list:
+        for position in harmful.position_labels:
+            difference = harmful.mean(hook, position) - harmless.mean(hook, position)
+            # identical means (e.g. layer 0 at a template token every prompt shares) give no direction:
+            # keep a zero vector so it scores as chance instead of failing the whole set
+            zero = float(difference.norm()) <= 1e-12 * max(1.0, float(harmful.mean(hook, position).norm()))
+            vectors.append(torch.zeros_like(difference).float() if zero else unit(difference).float())
+            names.append(hook)
+            positions.append(position)
+            norms.append(float(difference.norm()))
+    return DirectionSet(
+        bases=torch.stack(vectors)[:, None, :],
+        hook_names=tuple(names),
+        positions=tuple(positions),
+        method="dim",
+        scores={"mean_diff_norm": norms},
+        provenance={"model": harmful.model, "positions": harmful.positions,
+                    "n_harmful": len(harmful), "n_harmless": len(harmless)},
+    )
+
+
+@dataclass(frozen=True)
+class Separability:
+    """How well projecting on a direction separates held-out harmful from harmless prompts."""
+
+    accuracy: float
+    """Accuracy of thresholding the projection at the midpoint of the training class means."""
+    auroc: float
+    """Area under the ROC curve of the projection."""
+    gap: float
+    """Difference of held-out mean projections, in units of their pooled standard deviation."""
+
+
+def separability(direction: Tensor, train_harmful: Tensor, train_harmless: Tensor, test_harmful: Tensor, test_harmless: Tensor) -> Separability:
+    """Score a direction on held-out vectors (all `(n, d_model)`), threshold fixed on the training vectors."""
+    from sklearn.metrics import roc_auc_score
+
+    d = direction.double()
+    threshold = 0.5 * float(train_harmful.double().mean(0) @ d + train_harmless.double().mean(0) @ d)
+    pos, neg = test_harmful.double() @ d, test_harmless.double() @ d
+    correct = int((pos > threshold).sum()) + int((neg <= threshold).sum())
+    labels = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)])
+    auroc = float(roc_auc_score(labels.numpy(), torch.cat([pos, neg]).numpy()))
+    pooled = float(torch.cat([pos - pos.mean(), neg - neg.mean()]).std()) or 1e-12
+    return Separability(accuracy=correct / (len(pos) + len(neg)), auroc=auroc, gap=float(pos.mean() - neg.mean()) / pooled)

@@ -1,0 +1,108 @@
+"""Refusal behaviour of a model on two prompt sets: generations, rates with intervals, examples.
+
+This is what `featsteer eval` runs and what every intervention is compared with: the same prompts, the
+same greedy decoding, the same detector.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from featsteer.datasets import PromptSet
+from featsteer.evaluation.refusal import RateEstimate, RefusalDetector, refusal_rate
+from featsteer.models import ModelAdapter
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How responses are generated for evaluation."""
+
+    max_new_tokens: int = 32
+    """Cap on generated tokens per response."""
+    batch_size: int = 16
+    """Prompts per generation batch."""
+    system: str | None = None
+    """Optional system prompt."""
+
+
+@dataclass(frozen=True)
+class SetResult:
+    """Refusal on one prompt set."""
+
+    name: str
+    prompts: tuple[str, ...]
+    responses: tuple[str, ...]
+    refused: tuple[bool, ...]
+    rate: RateEstimate
+
+    def examples(self, n: int = 3) -> list[dict]:
+        """A few responses, refused and complied ones first-come."""
+        picked = [i for i, r in enumerate(self.refused) if r][: (n + 1) // 2]
+        picked += [i for i, r in enumerate(self.refused) if not r][: n - len(picked)]
+        return [{"prompt": self.prompts[i], "response": self.responses[i], "refused": self.refused[i]} for i in sorted(picked)]
+
+
+@dataclass(frozen=True)
+class RefusalReport:
+    """`featsteer eval` output: refusal rates on a harmful and a harmless set."""
+
+    model: str
+    harmful: SetResult
+    harmless: SetResult
+    seconds: float
+    config: GenerationConfig = field(default_factory=GenerationConfig)
+    sources: dict = field(default_factory=dict)
+
+    def to_json(self, n_examples: int = 3) -> dict:
+        """The JSON form with the documented keys."""
+        return {
+            "model": self.model,
+            "refusal_rate_harmful": self.harmful.rate.rate,
+            "refusal_rate_harmless": self.harmless.rate.rate,
+            "n_harmful": self.harmful.rate.n,
+            "n_harmless": self.harmless.rate.n,
+            "ci_harmful": [self.harmful.rate.low, self.harmful.rate.high],
+            "ci_harmless": [self.harmless.rate.low, self.harmless.rate.high],
+            "examples": {"harmful": self.harmful.examples(n_examples), "harmless": self.harmless.examples(n_examples)},
+            "generation": asdict(self.config),
+            "sources": self.sources,
+            "seconds": round(self.seconds, 2),
+        }
+
+    def table(self) -> str:
+        """A small text table for the terminal."""
+        rows = [("set", "n", "refused", "rate", "95% CI")]
+        for result in (self.harmful, self.harmless):
+            r = result.rate
+            rows.append((result.name, str(r.n), str(r.k), f"{r.rate:.3f}", f"[{r.low:.3f}, {r.high:.3f}]"))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+
+
+def evaluate_set(model: ModelAdapter, prompts, name: str, config: GenerationConfig, detector: RefusalDetector) -> SetResult:
+    """Generate greedily for every prompt and classify each response."""
+    prompt_list = list(prompts)
+    responses = model.generate(prompt_list, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, system=config.system)
+    refused = detector.classify(responses)
+    return SetResult(name, tuple(prompt_list), tuple(responses), tuple(refused), refusal_rate(refused))
+
+
+def evaluate_refusal(
+    model: ModelAdapter,
+    harmful: PromptSet,
+    harmless: PromptSet,
+    config: GenerationConfig | None = None,
+    detector: RefusalDetector | None = None,
+) -> RefusalReport:
+    """Refusal rates on harmful and harmless prompts, with Wilson intervals and examples."""
+    config = config or GenerationConfig()
+    detector = detector or RefusalDetector()
+    start = time.perf_counter()
+    harmful_result = evaluate_set(model, harmful, "harmful", config, detector)
+    harmless_result = evaluate_set(model, harmless, "harmless", config, detector)
+    sources = {
+        "harmful": {"source": harmful.source, "sha256": harmful.sha256},
+        "harmless": {"source": harmless.source, "sha256": harmless.sha256},
+    }
+    return RefusalReport(model.name, harmful_result, harmless_result, time.perf_counter() - start, config, sources)
