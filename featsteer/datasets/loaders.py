@@ -1,0 +1,454 @@
+"""Turn whatever prompts a user has into one :class:`PromptSet`.
+
+Every later stage (activations, directions, evaluation) starts from a list of prompts, and users keep
+those in many shapes: a text file, a CSV export of a benchmark, a JSON dump, a parquet file, a
+Hugging Face dataset, or the sets shipped with featsteer. This module is the single place that knows
+those shapes, so the rest of the code sees one immutable, deduplicated, hashable set with its
+provenance (``source`` and ``sha256``) attached, and users see one-line errors that say how to fix
+their input instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import overload
+
+from featsteer.datasets.builtin import (
+    BUILTIN_PREFIX,
+    builtin_rows,
+    builtin_source,
+    parse_builtin_source,
+)
+from featsteer.errors import FeatsteerError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COLUMNS: tuple[str, ...] = ("prompt", "instruction", "goal", "text", "question", "behavior", "query")
+"""Columns searched, in order, when a tabular source is loaded without ``column=``."""
+
+HF_PREFIX = "hf:"
+_HUB_PROBE_TIMEOUT_S = 10.0
+_SOURCE_FORMS = "a .txt/.csv/.json/.jsonl/.parquet file, builtin:KIND[:SPLIT] or hf:NAME[:SPLIT[:COLUMN]]"
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """An immutable, non-empty list of prompts with the source it came from.
+
+    Loaded sets are whitespace-stripped and (by default) deduplicated with the first occurrence kept.
+    Indexing with an int gives a prompt; slicing gives a new :class:`PromptSet` with the same source.
+    """
+
+    prompts: tuple[str, ...]
+    """The prompt texts, in source order."""
+    source: str
+    """The source string the set was loaded from, e.g. ``prompts.csv`` or ``builtin:harmful:test``."""
+    categories: tuple[str, ...] | None = None
+    """Per-prompt category labels when the source has them (the built-in sets), else ``None``."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        if self.categories is not None:
+            object.__setattr__(self, "categories", tuple(self.categories))
+        if not self.prompts:
+            raise FeatsteerError(f"prompt set from {self.source} is empty; give at least one prompt")
+        for index, prompt in enumerate(self.prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise FeatsteerError(
+                    f"prompt {index} from {self.source} is {prompt!r}; every prompt must be non-blank text"
+                )
+        if self.categories is not None and len(self.categories) != len(self.prompts):
+            raise FeatsteerError(
+                f"prompt set from {self.source} has {len(self.prompts)} prompts but "
+                f"{len(self.categories)} categories; give one category per prompt or none"
+            )
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.prompts)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> PromptSet: ...
+
+    def __getitem__(self, index: int | slice) -> str | PromptSet:
+        if not isinstance(index, slice):
+            return self.prompts[index]
+        prompts = self.prompts[index]
+        if not prompts:
+            raise FeatsteerError(f"slice {index} of {self.source} selects no prompts (it has {len(self)})")
+        categories = None if self.categories is None else self.categories[index]
+        return PromptSet(prompts, self.source, categories)
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the prompts joined by newlines: a stable provenance hash for reports."""
+        return prompt_set_hash(self.prompts)
+
+    def head(self, n: int) -> PromptSet:
+        """The first ``n`` prompts (all of them when the set is shorter).
+
+        Args:
+            n: How many prompts to keep; must be at least 1.
+
+        Returns:
+            A new set with the same source.
+
+        Raises:
+            FeatsteerError: If ``n`` is not a positive integer.
+        """
+        _check_positive_int(n, "head(n)")
+        return self[:n]
+
+    def to_list(self) -> list[str]:
+        """The prompts as a new, mutable list."""
+        return list(self.prompts)
+
+
+def prompt_set_hash(prompts: Sequence[str]) -> str:
+    """Hex SHA-256 of ``"\\n".join(prompts)``, the provenance hash recorded with every result.
+
+    Args:
+        prompts: The prompts, in order.
+
+    Returns:
+        64 lowercase hex characters.
+    """
+    return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
+
+
+def builtin_prompts(kind: str, split: str = "all") -> PromptSet:
+    """One of the prompt sets shipped with featsteer, with per-prompt categories.
+
+    Args:
+        kind: ``harmful`` (requests a model should refuse), ``harmless`` (everyday requests in the
+            same phrasings) or ``alarming`` (harmless requests using alarming words, for over-refusal).
+        split: ``train``, ``val``, ``test`` or ``all``. The splits are fixed in the shipped files.
+
+    Returns:
+        The set, with ``source`` ``builtin:<kind>`` or ``builtin:<kind>:<split>``.
+
+    Raises:
+        FeatsteerError: If ``kind`` or ``split`` is unknown.
+    """
+    rows = builtin_rows(kind, split)
+    return PromptSet(
+        prompts=tuple(row.prompt for row in rows),
+        source=builtin_source(kind, split),
+        categories=tuple(row.category for row in rows),
+    )
+
+
+def load_prompts(
+    source: str | os.PathLike[str],
+    *,
+    column: str | None = None,
+    limit: int | None = None,
+    dedupe: bool = True,
+) -> PromptSet:
+    """Load prompts from a file, a built-in set or a Hugging Face dataset.
+
+    Args:
+        source: A path ending ``.txt`` (one prompt per line), ``.csv``, ``.json``, ``.jsonl`` or
+            ``.parquet``; ``builtin:KIND[:SPLIT]`` (see :func:`builtin_prompts`); or
+            ``hf:NAME[:SPLIT[:COLUMN]]`` (needs the ``datasets`` library and network or a cached copy).
+        column: Column (or JSON key) holding the prompt text. Default: the first of
+            :data:`DEFAULT_COLUMNS` present (case-insensitive).
+        limit: Keep at most this many prompts (after deduplication); ``None`` keeps all.
+        dedupe: Drop repeated prompts, keeping the first occurrence and source order.
+
+    Returns:
+        The loaded set. Built-in sources get their canonical source string, so
+        ``load_prompts("builtin:harmful:test") == builtin_prompts("harmful", "test")``.
+
+    Raises:
+        FeatsteerError: On a missing file, unsupported extension, missing column, malformed row,
+            unknown built-in set, unreachable dataset, a bad ``limit``, or when no prompts remain.
+    """
+    if limit is not None:
+        _check_positive_int(limit, "limit")
+    source_text = os.fspath(source)
+    if source_text.startswith(BUILTIN_PREFIX):
+        if column is not None:
+            raise FeatsteerError(
+                f"column= does not apply to {source_text}; built-in sets have one text field"
+            )
+        kind, split = parse_builtin_source(source_text)
+        loaded = builtin_prompts(kind, split)
+        return _finish(loaded.prompts, loaded.categories, loaded.source, limit=limit, dedupe=dedupe)
+    if source_text.startswith(HF_PREFIX):
+        values = _load_hf(source_text, column)
+    else:
+        values = _load_file(Path(source_text), source_text, column)
+    return _finish(values, None, source_text, limit=limit, dedupe=dedupe)
+
+
+def _check_positive_int(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FeatsteerError(f"{name} must be a positive integer (or None for all), got {value!r}")
+
+
+def _finish(
+    values: Sequence[object],
+    categories: Sequence[str] | None,
+    source: str,
+    *,
+    limit: int | None,
+    dedupe: bool,
+) -> PromptSet:
+    """Strip, drop blanks, optionally dedupe and truncate, then build the set (or explain why empty)."""
+    prompts: list[str] = []
+    kept_categories: list[str] = []
+    seen: set[str] = set()
+    for index, value in enumerate(values):
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise FeatsteerError(
+                f"item {index} in {source} is {type(value).__name__} {value!r:.60}, not text; "
+                f"point column= at a text column"
+            )
+        prompt = value.strip()
+        if not prompt or (dedupe and prompt in seen):
+            continue
+        seen.add(prompt)
+        prompts.append(prompt)
+        if categories is not None:
+            kept_categories.append(categories[index])
+        if limit is not None and len(prompts) == limit:
+            break
+    if not prompts:
+        raise FeatsteerError(
+            f"no prompts in {source}: the file is empty or every entry is blank; "
+            f"give at least one prompt (one per line or row)"
+        )
+    dropped = len(values) - len(prompts)
+    if dropped and limit is None:
+        logger.debug("dropped %d blank or duplicate entries from %s", dropped, source)
+    return PromptSet(tuple(prompts), source, None if categories is None else tuple(kept_categories))
+
+
+def _load_file(path: Path, source: str, column: str | None) -> list[object]:
+    """Read the raw prompt values of one local file, dispatching on its extension."""
+    suffix = path.suffix.lower()
+    reader = _READERS.get(suffix)
+    if not path.exists():
+        hint = "" if reader else f"; sources are {_SOURCE_FORMS}"
+        raise FeatsteerError(f"prompt file not found: {source}; check the path{hint}")
+    if path.is_dir():
+        raise FeatsteerError(f"{source} is a directory; pass a prompt file inside it ({_SOURCE_FORMS})")
+    if reader is None:
+        raise FeatsteerError(
+            f"unsupported prompt file extension {suffix or '(none)'!r} for {source}; "
+            f"use one of {', '.join(_READERS)}"
+        )
+    try:
+        return reader(path, source, column)
+    except UnicodeDecodeError as exc:
+        raise FeatsteerError(f"{source} is not UTF-8 text ({exc.reason}); re-save it as UTF-8") from exc
+    except csv.Error as exc:
+        raise FeatsteerError(f"{source} is not a readable CSV file ({exc}); check its quoting") from exc
+    except OSError as exc:
+        raise FeatsteerError(f"could not read {source}: {_short_reason(exc)}; check its permissions") from exc
+
+
+def _read_txt(path: Path, source: str, column: str | None) -> list[object]:
+    if column is not None:
+        raise FeatsteerError(f"column= does not apply to {source}: a .txt file has one prompt per line")
+    return list(path.read_text(encoding="utf-8-sig").splitlines())
+
+
+def _read_csv(path: Path, source: str, column: str | None) -> list[object]:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames:
+            raise FeatsteerError(f"no prompts in {source}: the file is empty; add a header row and prompts")
+        chosen = _pick_column(list(reader.fieldnames), column, source)
+        return [row.get(chosen) for row in reader]
+
+
+def _read_json(path: Path, source: str, column: str | None) -> list[object]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig") or "[]")
+    except json.JSONDecodeError as exc:
+        raise FeatsteerError(
+            f"{source} is not valid JSON ({exc.msg} at line {exc.lineno}); fix the file"
+        ) from exc
+    if not isinstance(data, list):
+        raise FeatsteerError(
+            f"{source} holds a JSON {type(data).__name__}; expected a list of strings or of objects"
+        )
+    return _values_from_records(data, source, column, where="item")
+
+
+def _read_jsonl(path: Path, source: str, column: str | None) -> list[object]:
+    records: list[object] = []
+    with path.open(encoding="utf-8-sig") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise FeatsteerError(
+                    f"line {line_number} of {source} is not valid JSON ({exc.msg}); "
+                    f"each line must be a JSON object or string"
+                ) from exc
+    return _values_from_records(records, source, column, where="record")
+
+
+def _values_from_records(
+    records: list[object], source: str, column: str | None, *, where: str
+) -> list[object]:
+    """Prompt values from JSON records that are either bare strings or objects holding a text column."""
+    objects = [record for record in records if isinstance(record, dict)]
+    chosen = None
+    if objects:
+        available = list(dict.fromkeys(key for record in objects for key in record))
+        chosen = _pick_column(available, column, source)
+    elif column is not None and records:
+        raise FeatsteerError(
+            f"column={column!r} given but {source} holds bare strings, not objects; drop column="
+        )
+    values: list[object] = []
+    for index, record in enumerate(records):
+        if isinstance(record, str):
+            values.append(record)
+        elif isinstance(record, dict):
+            if chosen not in record:
+                raise FeatsteerError(
+                    f"{where} {index} in {source} has no {chosen!r} key; add it or drop the {where}"
+                )
+            values.append(record[chosen])
+        else:
+            raise FeatsteerError(
+                f"{where} {index} in {source} is a JSON {type(record).__name__}; expected a string or an object"
+            )
+    return values
+
+
+def _read_parquet(path: Path, source: str, column: str | None) -> list[object]:
+    import pyarrow.parquet as pq  # deferred: pyarrow is slow to import and only parquet sources need it
+
+    try:
+        names = list(pq.read_schema(path).names)
+        chosen = _pick_column(names, column, source)
+        return pq.read_table(path, columns=[chosen]).column(chosen).to_pylist()
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, FeatsteerError):
+            raise
+        raise FeatsteerError(f"could not read parquet file {source}: {_short_reason(exc)}") from exc
+
+
+_READERS: dict[str, Callable[[Path, str, str | None], list[object]]] = {
+    ".txt": _read_txt,
+    ".csv": _read_csv,
+    ".json": _read_json,
+    ".jsonl": _read_jsonl,
+    ".parquet": _read_parquet,
+}
+
+
+def _pick_column(available: Sequence[str], column: str | None, source: str) -> str:
+    """The column holding prompts: ``column`` if given (exact), else the first default present."""
+    listed = ", ".join(repr(name) for name in available) or "(none)"
+    if column is not None:
+        if column in available:
+            return column
+        raise FeatsteerError(f"column {column!r} not found in {source}; available columns: {listed}")
+    by_lower = {name.lower(): name for name in reversed(available)}
+    for candidate in DEFAULT_COLUMNS:
+        if candidate in by_lower:
+            return by_lower[candidate]
+    raise FeatsteerError(
+        f"no prompt column in {source}: none of {', '.join(DEFAULT_COLUMNS)} found "
+        f"(available columns: {listed}); pass column=NAME"
+    )
+
+
+def _short_reason(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    first_line = lines[0] if lines else ""
+    if len(first_line) > 160:
+        first_line = first_line[:157] + "..."
+    return f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
+
+
+def _parse_hf_source(source: str, column: str | None) -> tuple[str, str, str | None]:
+    parts = source[len(HF_PREFIX) :].split(":")
+    if len(parts) > 3 or not parts[0].strip():
+        raise FeatsteerError(
+            f"malformed source {source!r}: expected hf:NAME[:SPLIT[:COLUMN]], e.g. hf:org/name:train"
+        )
+    name = parts[0].strip()
+    split = parts[1].strip() if len(parts) > 1 and parts[1].strip() else "train"
+    source_column = parts[2].strip() if len(parts) > 2 and parts[2].strip() else None
+    if source_column and column and source_column != column:
+        raise FeatsteerError(
+            f"{source} names column {source_column!r} but column={column!r} was also given; give only one"
+        )
+    return name, split, source_column or column
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _load_hf(source: str, column: str | None) -> list[object]:
+    """Prompt values from a Hugging Face dataset, failing fast (never hanging) when the Hub is unreachable."""
+    name, split, column = _parse_hf_source(source, column)
+
+    def fail(
+        reason: str, fix: str = "check the name or your network, or pass a local file"
+    ) -> FeatsteerError:
+        return FeatsteerError(f"could not load {HF_PREFIX}{name} (split {split!r}): {reason}; {fix}")
+
+    try:
+        import datasets  # deferred: heavy, and only needed for hf: sources
+    except ImportError as exc:
+        raise fail(
+            "the 'datasets' library is not installed", "pip install datasets, or pass a local file"
+        ) from exc
+    offline_requested = any(_env_flag(var) for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if offline_requested and not datasets.config.HF_HUB_OFFLINE:
+        raise fail(
+            "HF_HUB_OFFLINE was set after the Hugging Face libraries were imported, so they would still go online",
+            "set it before starting Python, or pass a local file",
+        )
+    if not datasets.config.HF_HUB_OFFLINE and not Path(name).exists():
+        _probe_hub(name, fail)
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # the datasets library raises many unrelated types; all mean "could not load"
+        raise fail(_short_reason(exc)) from exc
+    chosen = _pick_column(list(dataset.column_names), column, source)
+    return list(dataset[chosen])
+
+
+def _probe_hub(name: str, fail: Callable[..., FeatsteerError]) -> None:
+    """One quick, retry-free request, so an unreachable Hub fails in seconds, not after minutes of retries."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        HfApi().dataset_info(name, timeout=_HUB_PROBE_TIMEOUT_S)
+    except RepositoryNotFoundError as exc:
+        raise fail(
+            "no such dataset on the Hugging Face Hub (or it is private)", "check the name or log in"
+        ) from exc
+    except Exception as exc:  # network stack errors (httpx, OSError, timeouts) have no common base
+        raise fail(
+            f"the Hub is unreachable ({_short_reason(exc)})",
+            "check the name or your network, set HF_HUB_OFFLINE=1 to use a cached copy, or pass a local file",
+        ) from exc
