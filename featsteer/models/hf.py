@@ -138,9 +138,9 @@ class HFModelAdapter(ModelAdapter):
 
     # ---- weights ------------------------------------------------------------------------------------
     def residual_writers(self) -> list[ResidualWriter]:
-        writers = [_embedding_writer("hook_embed", None, "embed", self._module(self.spec.embed_tokens))]
+        writers = [_embedding_writer("hook_embed", None, "embed", self._module(self.spec.embed_tokens), self.untie_embeddings)]
         if self.spec.pos_embed:
-            writers.append(_embedding_writer("hook_pos_embed", None, "pos_embed", self._module(self.spec.pos_embed)))
+            writers.append(_embedding_writer("hook_pos_embed", None, "pos_embed", self._module(self.spec.pos_embed), None))
         for layer in range(self.n_layers):
             for kind, path in (("attn_out", self.spec.attn_out_proj), ("mlp_out", self.spec.mlp_out_proj)):
                 module = self._module(path, layer)
@@ -149,6 +149,20 @@ class HFModelAdapter(ModelAdapter):
 
     def unembed(self) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         return self.model.get_output_embeddings().weight, self._module(self.spec.final_norm)
+
+    def untie_embeddings(self) -> None:
+        """Give the output head its own copy of a tied embedding matrix.
+
+        Editing the token embedding must not also edit the unembedding (Gemma, Qwen2.5-0.5B and others
+        tie them); the copy keeps today's values, and the config is marked untied so exports keep both.
+        """
+        head, embed = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if head is None or head.weight.data_ptr() != embed.weight.data_ptr():
+            return
+        head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+        for config in (self.model.config, getattr(self.model.config, "text_config", None)):
+            if config is not None and hasattr(config, "tie_word_embeddings"):
+                config.tie_word_embeddings = False
 
 
 def _output_hook(fns: _Hooks):
@@ -190,11 +204,13 @@ def _attn_hook(attn_fns: _Hooks, mid_fns: _Hooks, state: dict[str, Tensor]):
     return hook
 
 
-def _embedding_writer(name: str, layer: int | None, kind: str, module: nn.Embedding) -> ResidualWriter:
+def _embedding_writer(name: str, layer: int | None, kind: str, module: nn.Embedding, before_write) -> ResidualWriter:
     def read() -> tuple[Tensor, Tensor | None]:
         return module.weight.detach().T, None
 
     def write(weight: Tensor, bias: Tensor | None) -> None:
+        if before_write is not None:
+            before_write()
         with torch.no_grad():
             module.weight.copy_(weight.T)
 

@@ -1,0 +1,173 @@
+"""Applying weight edits to a model: all-or-nothing, exactly revertible, exportable.
+
+`apply_edit` computes every new tensor first and only then writes them, restoring what was already
+written if anything fails, so a model is never left half-edited. The returned `EditHandle` keeps the
+original tensors of each touched writer: `revert()` restores them bit for bit, and `export()` writes a
+Hugging Face model directory with a `featsteer.json` that records how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from featsteer.edits.kernel import LayerKernel
+from featsteer.edits.weights import amplify_weight, norm_preserving_orthogonalize, orthogonalize_bias, orthogonalize_weight
+from featsteer.errors import FeatsteerError
+from featsteer.interventions.operations import as_basis
+from featsteer.models import ModelAdapter, ResidualWriter
+
+EDIT_MODES = ("orthogonalize", "norm_preserving", "amplify", "induce")
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """How to edit the residual writers."""
+
+    mode: str = "orthogonalize"
+    """`orthogonalize` (abliteration), `norm_preserving` (abliteration keeping column norms), `amplify`
+    (reverse abliteration, W + a r r^T W) or `induce` (amplify plus a constant shift along r on every
+    token embedding, which makes harmless prompts look harmful)."""
+    attn_kernel: LayerKernel | None = None
+    """Per-layer strength for attention writers (None: strength 1 at every layer)."""
+    mlp_kernel: LayerKernel | None = None
+    """Per-layer strength for MLP writers (None: strength 1 at every layer)."""
+    embedding_strength: float = 1.0
+    """Strength for the token (and position) embedding; 0 leaves embeddings untouched."""
+    alpha: float = 1.0
+    """Amplification for `amplify`/`induce` (multiplies the kernel strength)."""
+    shift: float = 0.0
+    """For `induce`: amount of the direction added to every token embedding."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in EDIT_MODES:
+            raise FeatsteerError(f"unknown edit mode '{self.mode}': use one of {', '.join(EDIT_MODES)}")
+
+    def strength(self, writer: ResidualWriter) -> float:
+        """Strength for one writer."""
+        if writer.layer is None:
+            return self.embedding_strength
+        kernel = self.attn_kernel if writer.kind == "attn_out" else self.mlp_kernel
+        return 1.0 if kernel is None else kernel.strength(writer.layer)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"mode": self.mode, "attn_kernel": self.attn_kernel.to_dict() if self.attn_kernel else None,
+                "mlp_kernel": self.mlp_kernel.to_dict() if self.mlp_kernel else None,
+                "embedding_strength": self.embedding_strength, "alpha": self.alpha, "shift": self.shift}
+
+
+def edited_tensors(writer: ResidualWriter, basis: Tensor, config: EditConfig, strength: float) -> tuple[Tensor, Tensor | None]:
+    """New `(weight, bias)` for one writer under `config` (pure; nothing is written)."""
+    weight, bias = writer.read()
+    if config.mode == "orthogonalize":
+        new_weight = orthogonalize_weight(weight, basis, strength)
+        return new_weight, None if bias is None else orthogonalize_bias(bias, basis, strength)
+    if config.mode == "norm_preserving":
+        new_weight = norm_preserving_orthogonalize(weight, basis, strength)
+        return new_weight, None if bias is None else orthogonalize_bias(bias, basis, strength)
+    new_weight = amplify_weight(weight, basis, config.alpha * strength)
+    new_bias = None if bias is None else orthogonalize_bias(bias, basis, -config.alpha * strength)
+    if config.mode == "induce" and writer.kind == "embed":
+        new_weight = new_weight + config.shift * basis[0].to(new_weight.dtype)[:, None]
+    return new_weight, new_bias
+
+
+@dataclass
+class EditHandle:
+    """An applied edit: revert it exactly, or export the edited model."""
+
+    model: ModelAdapter
+    originals: dict[str, tuple[Tensor, Tensor | None]]
+    record: dict = field(default_factory=dict)
+    reverted: bool = False
+
+    def revert(self) -> None:
+        """Restore every touched writer to its original tensors (bit-identical)."""
+        writers = {w.name: w for w in self.model.residual_writers()}
+        for name, (weight, bias) in self.originals.items():
+            writers[name].write(weight, bias)
+        self.reverted = True
+
+    def __enter__(self) -> EditHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.reverted:
+            self.revert()
+
+    def export(self, path: str | Path, extra: dict | None = None) -> Path:
+        """Write the edited model as a Hugging Face directory plus `featsteer.json`.
+
+        The directory appears only when complete; it loads with `load_model(path)` and with plain
+        `transformers.AutoModelForCausalLM.from_pretrained(path)`.
+        """
+        hf_model = getattr(self.model, "model", None)
+        if self.reverted or not hasattr(hf_model, "save_pretrained") or not hasattr(hf_model, "config"):
+            raise FeatsteerError("only an applied (not reverted) edit of a Hugging Face model can be exported")
+        target = Path(path)
+        if target.exists() and any(target.iterdir()):
+            raise FeatsteerError(f"export folder {target} is not empty: choose a new path")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+        try:
+            hf_model.save_pretrained(staging)
+            self.model.tokenizer.save_pretrained(staging)
+            (staging / "featsteer.json").write_text(json.dumps({**self.record, **(extra or {}), "versions": _versions()}, indent=1))
+            if target.exists():
+                target.rmdir()
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+
+def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None = None, record: dict | None = None) -> EditHandle:
+    """Edit every residual writer of `model` against `direction` (a unit vector or orthonormal basis).
+
+    Args:
+        model: the model to edit in place.
+        direction: `(d_model,)` or `(k, d_model)`.
+        config: mode and per-layer strengths.
+        record: provenance to keep with the handle (exported into `featsteer.json`).
+
+    Returns:
+        A handle that reverts the edit exactly.
+    """
+    config = config or EditConfig()
+    basis = as_basis(direction).detach().to("cpu", torch.float64)
+    if basis.shape[-1] != model.d_model:
+        raise FeatsteerError(f"direction has width {basis.shape[-1]} but the model's d_model is {model.d_model}")
+    if not torch.isfinite(basis).all():
+        raise FeatsteerError("direction contains NaN/inf: recompute it")
+    planned = []
+    for writer in model.residual_writers():
+        strength = config.strength(writer)
+        if strength == 0 and not (config.mode == "induce" and writer.kind == "embed"):
+            continue
+        weight, bias = writer.read()
+        planned.append((writer, weight.clone(), None if bias is None else bias.clone(), *edited_tensors(writer, basis, config, strength)))
+    handle = EditHandle(model, {}, {"edit": config.to_dict(), "rank": int(basis.shape[0]), **(record or {})})
+    try:
+        for writer, old_weight, old_bias, new_weight, new_bias in planned:
+            handle.originals[writer.name] = (old_weight, old_bias)
+            writer.write(new_weight, new_bias)
+    except Exception:
+        handle.revert()
+        raise
+    handle.record["writers"] = [writer.name for writer, *_ in planned]
+    return handle
+
+
+def _versions() -> dict:
+    import transformers
+
+    import featsteer
+
+    return {"featsteer": getattr(featsteer, "__version__", "0.1.0"), "torch": torch.__version__, "transformers": transformers.__version__}

@@ -1,0 +1,31 @@
+"""Runtime interventions: pure operations on activations, attached as hooks that always clean up."""
+
+from featsteer.interventions.operations import ablate, add, as_basis, cosine_to, project_set
+from featsteer.interventions.steering import (
+    RESIDUAL,
+    WRITES,
+    Ablate,
+    AddDirection,
+    ConditionalSteer,
+    Intervention,
+    ProjectionSet,
+    resolve_sites,
+    steer,
+)
+
+__all__ = [
+    "RESIDUAL",
+    "WRITES",
+    "Ablate",
+    "AddDirection",
+    "ConditionalSteer",
+    "Intervention",
+    "ProjectionSet",
+    "ablate",
+    "add",
+    "as_basis",
+    "cosine_to",
+    "project_set",
+    "resolve_sites",
+    "steer",
+]

@@ -1,0 +1,169 @@
+"""Interventions and weight edits: ablation hook == orthogonalised weights, exact revert, export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from featsteer.edits import EditConfig, LayerKernel, apply_edit, norm_preserving_orthogonalize, orthogonalize_weight
+from featsteer.errors import FeatsteerError
+from featsteer.interventions import RESIDUAL, Ablate, AddDirection, ConditionalSteer, ProjectionSet, ablate, steer
+from featsteer.models import load_model
+from featsteer.testing import tiny_model
+from tests.conftest import count_hooks
+
+PROMPTS = ["hello there", "a longer instruction with more words", "x"]
+EXACT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
+
+
+def _direction(d_model: int, seed: int = 5) -> torch.Tensor:
+    v = torch.randn(d_model, generator=torch.Generator().manual_seed(seed))
+    return v / v.norm()
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", EXACT_FAMILIES)
+def test_ablation_hook_equals_orthogonalised_weights(family):
+    model, tokenizer = tiny_model(family)
+    adapter = load_model(model, tokenizer=tokenizer)
+    r = _direction(adapter.d_model)
+    base = adapter.logits(PROMPTS)
+    with steer(adapter, Ablate(r)):
+        hooked = adapter.logits(PROMPTS)
+    with steer(adapter, Ablate(r, where=RESIDUAL)):
+        hooked_residual = adapter.logits(PROMPTS)
+    before = _snapshot(model)
+    handle = apply_edit(adapter, r)
+    edited = adapter.logits(PROMPTS)
+    assert (hooked - base).abs().max() > 1e-3
+    torch.testing.assert_close(edited, hooked, atol=1e-4, rtol=0)
+    torch.testing.assert_close(hooked_residual, hooked, atol=1e-4, rtol=0)
+    handle.revert()
+    after = _snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_post_norm_families_edit_but_are_not_exactly_equivalent(family):
+    """Gemma 2/3 renormalise attention/MLP outputs before the residual add, so orthogonalising o_proj/down_proj
+    cannot remove r exactly; the edit must still apply, change behaviour and revert exactly."""
+    model, tokenizer = tiny_model(family)
+    adapter = load_model(model, tokenizer=tokenizer)
+    r = _direction(adapter.d_model)
+    before, base = _snapshot(model), adapter.logits(PROMPTS)
+    with apply_edit(adapter, r):
+        assert (adapter.logits(PROMPTS) - base).abs().max() > 1e-4
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_rank_k_subspace_edit_matches_hook():
+    model, tokenizer = tiny_model("llama")
+    adapter = load_model(model, tokenizer=tokenizer)
+    basis = torch.linalg.qr(torch.randn(adapter.d_model, 3, generator=torch.Generator().manual_seed(1)))[0].T
+    with steer(adapter, Ablate(basis)):
+        hooked = adapter.logits(PROMPTS)
+    with apply_edit(adapter, basis):
+        torch.testing.assert_close(adapter.logits(PROMPTS), hooked, atol=1e-4, rtol=0)
+
+
+def test_pure_weight_functions():
+    g = torch.Generator().manual_seed(0)
+    weight, r = torch.randn(16, 8, generator=g), _direction(16)
+    assert (r @ orthogonalize_weight(weight, r)).abs().max() < 1e-5
+    half = orthogonalize_weight(weight, r, 0.5)
+    torch.testing.assert_close(r @ half, 0.5 * (r @ weight), atol=1e-5, rtol=0)
+    kept = norm_preserving_orthogonalize(weight, r)
+    torch.testing.assert_close(kept.norm(dim=0), weight.norm(dim=0), atol=1e-5, rtol=0)
+    assert (r @ kept).abs().max() < 1e-5
+    x = torch.randn(2, 3, 16, generator=g)
+    assert (ablate(x, r) @ r).abs().max() < 1e-5
+
+
+def test_kernel_strengths():
+    kernel = LayerKernel(peak=4, width=2, max_weight=1.0, min_weight=0.5)
+    assert [kernel.strength(layer) for layer in range(8)] == [0, 0, 0.5, 0.75, 1.0, 0.75, 0.5, 0]
+    assert LayerKernel.from_dict(kernel.to_dict()) == kernel
+
+
+def test_kernel_edit_only_touches_layers_in_range():
+    model, tokenizer = tiny_model("llama")
+    adapter = load_model(model, tokenizer=tokenizer)
+    config = EditConfig(attn_kernel=LayerKernel(1, 0.5), mlp_kernel=LayerKernel(2, 0.5), embedding_strength=0)
+    with apply_edit(adapter, _direction(adapter.d_model), config) as handle:
+        assert handle.record["writers"] == ["blocks.1.hook_attn_out", "blocks.2.hook_mlp_out"]
+
+
+def test_amplify_strengthens_component():
+    model, tokenizer = tiny_model("llama")
+    adapter = load_model(model, tokenizer=tokenizer)
+    r = _direction(adapter.d_model)
+    writer = adapter.residual_writers()[3]
+    weight = writer.read()[0].clone()
+    with apply_edit(adapter, r, EditConfig(mode="amplify", alpha=1.0)):
+        torch.testing.assert_close(r @ writer.read()[0], 2 * (r @ weight), atol=1e-5, rtol=0)
+
+
+def test_edit_errors_leave_model_untouched():
+    model, tokenizer = tiny_model("llama")
+    adapter = load_model(model, tokenizer=tokenizer)
+    before = _snapshot(model)
+    with pytest.raises(FeatsteerError, match="width 7 but the model's d_model is 64"):
+        apply_edit(adapter, torch.ones(7))
+    with pytest.raises(FeatsteerError, match="NaN"):
+        apply_edit(adapter, torch.full((64,), float("nan")))
+    with pytest.raises(FeatsteerError, match="unknown edit mode"):
+        EditConfig(mode="melt")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_export_loads_with_featsteer_and_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = tiny_model("qwen2")
+    adapter = load_model(model, tokenizer=tokenizer)
+    handle = apply_edit(adapter, _direction(adapter.d_model), record={"method": "dim", "layer": 1})
+    expected = adapter.logits(PROMPTS)
+    handle.export(tmp_path / "edited")
+    meta = json.loads((tmp_path / "edited" / "featsteer.json").read_text())
+    assert meta["method"] == "dim" and meta["edit"]["mode"] == "orthogonalize" and "torch" in meta["versions"]
+    torch.testing.assert_close(load_model(str(tmp_path / "edited")).logits(PROMPTS), expected, atol=1e-5, rtol=0)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
+    assert isinstance(plain, type(model))
+    with pytest.raises(FeatsteerError, match="not empty"):
+        handle.export(tmp_path / "edited")
+
+
+def test_add_projection_set_and_conditional_steering(llama_adapter):
+    r = _direction(llama_adapter.d_model)
+    site = "blocks.1.hook_resid_pre"
+    seen = {}
+
+    def record(x, s):
+        seen[s.name] = x.clone()
+
+    with steer(llama_adapter, ProjectionSet(r, 3.0, where=site)), llama_adapter.hooks([(site, record)]):
+        llama_adapter.run(llama_adapter.tokenize(PROMPTS))
+    torch.testing.assert_close(seen[site] @ r, torch.full_like(seen[site] @ r, 3.0), atol=1e-4, rtol=0)
+    base = llama_adapter.logits(PROMPTS)
+    behaviour = AddDirection(r, 8.0, where="blocks.2.hook_resid_pre")
+    always = ConditionalSteer(r, "blocks.1.hook_resid_pre", threshold=-2.0, behaviour=behaviour)
+    never = ConditionalSteer(r, "blocks.1.hook_resid_pre", threshold=2.0, behaviour=behaviour)
+    with steer(llama_adapter, never):
+        torch.testing.assert_close(llama_adapter.logits(PROMPTS), base)
+    with steer(llama_adapter, always):
+        assert (llama_adapter.logits(PROMPTS) - base).abs().amax(-1).min() > 1e-3
+    with pytest.raises(FeatsteerError, match="must come before"):
+        ConditionalSteer(r, "blocks.2.hook_resid_post", 0.0, behaviour).hooks_for(llama_adapter)
+
+
+def test_steer_removes_all_hooks_after_exception(llama_adapter):
+    before = count_hooks(llama_adapter.model)
+    r = _direction(llama_adapter.d_model)
+    with pytest.raises(RuntimeError), steer(llama_adapter, Ablate(r), AddDirection(r, 1.0, where="blocks.0.hook_resid_post")):
+        raise RuntimeError("user code")
+    assert count_hooks(llama_adapter.model) == before
