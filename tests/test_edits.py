@@ -7,9 +7,23 @@ import json
 import pytest
 import torch
 
-from featsteer.edits import EditConfig, LayerKernel, apply_edit, norm_preserving_orthogonalize, orthogonalize_weight
+from featsteer.edits import (
+    EditConfig,
+    LayerKernel,
+    apply_edit,
+    norm_preserving_orthogonalize,
+    orthogonalize_weight,
+)
 from featsteer.errors import FeatsteerError
-from featsteer.interventions import RESIDUAL, Ablate, AddDirection, ConditionalSteer, ProjectionSet, ablate, steer
+from featsteer.interventions import (
+    RESIDUAL,
+    Ablate,
+    AddDirection,
+    ConditionalSteer,
+    ProjectionSet,
+    ablate,
+    steer,
+)
 from featsteer.models import load_model
 from featsteer.testing import tiny_model
 from tests.conftest import count_hooks

@@ -18,7 +18,12 @@ import torch
 from torch import Tensor
 
 from featsteer.edits.kernel import LayerKernel
-from featsteer.edits.weights import amplify_weight, norm_preserving_orthogonalize, orthogonalize_bias, orthogonalize_weight
+from featsteer.edits.weights import (
+    amplify_weight,
+    norm_preserving_orthogonalize,
+    orthogonalize_bias,
+    orthogonalize_weight,
+)
 from featsteer.errors import FeatsteerError
 from featsteer.interventions.operations import as_basis
 from featsteer.models import ModelAdapter, ResidualWriter
