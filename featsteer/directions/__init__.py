@@ -1,6 +1,30 @@
-"""Directions in activation space: the `DirectionSet` type and the methods that find them."""
+"""Directions in activation space: the `DirectionSet` type, the methods that find them, and selection.
+
+`select_direction` (Arditi et al. selection) lives in `featsteer.directions.selection`; it is imported
+lazily by callers because it needs the evaluation metrics.
+"""
 
 from featsteer.directions.dim import Separability, difference_in_means, separability
 from featsteer.directions.directions import DirectionSet, unit
+from featsteer.directions.methods import (
+    METHODS,
+    find_directions,
+    paired_pca,
+    projected_dim,
+    svd_subspace,
+    weighted_basis,
+)
 
-__all__ = ["DirectionSet", "Separability", "difference_in_means", "separability", "unit"]
+__all__ = [
+    "METHODS",
+    "DirectionSet",
+    "Separability",
+    "difference_in_means",
+    "find_directions",
+    "paired_pca",
+    "projected_dim",
+    "separability",
+    "svd_subspace",
+    "unit",
+    "weighted_basis",
+]

@@ -1,0 +1,106 @@
+"""Direction-finding methods beyond plain DIM, all producing a `DirectionSet`.
+
+- projected DIM: DIM with its component along the harmless mean removed, so ablating it does not also
+  shrink the activation's overall "typical" component (the "biprojected" refinement).
+- paired PCA (representation engineering): first principal component of harmful-minus-harmless
+  differences of randomly paired prompts, signed to agree with DIM.
+- rank-k SVD: top-k right singular vectors of harmful activations minus the harmless mean, with ridge
+  weights `s^2 / (s^2 + lambda)` that soften weak directions in the projector `B^T diag(w) B`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from featsteer.activations import ActivationSet
+from featsteer.directions.dim import difference_in_means
+from featsteer.directions.directions import DirectionSet, unit
+from featsteer.errors import FeatsteerError
+
+METHODS = ("dim", "projected", "pca", "svd")
+
+
+def _pairs(harmful: ActivationSet, harmless: ActivationSet) -> list[tuple[str, int]]:
+    return [(hook, pos) for hook in harmful.hook_names for pos in harmful.position_labels]
+
+
+def projected_dim(harmful: ActivationSet, harmless: ActivationSet) -> DirectionSet:
+    """DIM with the component along the (unit) harmless mean removed, renormalised."""
+    dim = difference_in_means(harmful, harmless)
+    vectors = []
+    for i, (hook, pos) in enumerate(zip(dim.hook_names, dim.positions, strict=True)):
+        harmless_mean = harmless.mean(hook, pos)
+        r = dim.bases[i, 0].double()
+        if harmless_mean.norm() > 0 and r.norm() > 0:
+            m = harmless_mean / harmless_mean.norm()
+            r = unit(r - (r @ m) * m)
+        vectors.append(r.float())
+    return DirectionSet(torch.stack(vectors)[:, None, :], dim.hook_names, dim.positions, "projected",
+                        dict(dim.scores), dict(dim.provenance))
+
+
+def paired_pca(harmful: ActivationSet, harmless: ActivationSet, seed: int = 0) -> DirectionSet:
+    """First PC of paired differences (random pairing, fixed seed), signed like DIM."""
+    dim = difference_in_means(harmful, harmless)
+    generator = torch.Generator().manual_seed(seed)
+    vectors = []
+    for hook, pos in zip(dim.hook_names, dim.positions, strict=True):
+        a, b = harmful.at_position(hook, pos).double(), harmless.at_position(hook, pos).double()
+        n = min(len(a), len(b))
+        diffs = a[torch.randperm(len(a), generator=generator)[:n]] - b[torch.randperm(len(b), generator=generator)[:n]]
+        pc = torch.linalg.svd(diffs, full_matrices=False).Vh[0]  # uncentred: the shared shift is the signal
+        pc = pc if pc @ dim.direction(hook, pos).double() >= 0 else -pc
+        vectors.append(pc.float())
+    return DirectionSet(torch.stack(vectors)[:, None, :], dim.hook_names, dim.positions, "pca", dict(dim.scores), dict(dim.provenance))
+
+
+def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2, ridge: float | None = None) -> DirectionSet:
+    """Top-`rank` right singular vectors of (harmful - harmless mean), with ridge weights in the scores.
+
+    Args:
+        rank: subspace size k.
+        ridge: lambda for the weights `s^2/(s^2+lambda)`; None uses the mean squared singular value of the
+            remaining (rank+1..) components, so strong directions keep weight ~1 and noise-level ones ~0.5.
+    """
+    if rank < 1:
+        raise FeatsteerError(f"rank must be >= 1, got {rank}")
+    bases, names, positions, weights = [], [], [], []
+    for hook, pos in _pairs(harmful, harmless):
+        centred = harmful.at_position(hook, pos).double() - harmless.mean(hook, pos)
+        _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+        if rank > vh.shape[0]:
+            raise FeatsteerError(f"rank {rank} exceeds the {vh.shape[0]} available harmful prompts")
+        basis = vh[:rank]
+        dim_sign = torch.sign(basis[0] @ (harmful.mean(hook, pos) - harmless.mean(hook, pos))) or 1.0
+        basis[0] = basis[0] * dim_sign
+        power = singular**2
+        lam = ridge if ridge is not None else float(power[rank:].mean()) if len(power) > rank else 0.0
+        weights.append((power[:rank] / (power[:rank] + lam)).tolist())
+        bases.append(basis.float())
+        names.append(hook)
+        positions.append(pos)
+    return DirectionSet(torch.stack(bases), tuple(names), tuple(positions), "svd", {"ridge_weights": weights},
+                        {"model": harmful.model, "rank": rank, "ridge": ridge})
+
+
+def find_directions(harmful: ActivationSet, harmless: ActivationSet, method: str = "dim", rank: int = 2) -> DirectionSet:
+    """Dispatch on a method name (`dim`, `projected`, `pca`, `svd`)."""
+    if method == "dim":
+        return difference_in_means(harmful, harmless)
+    if method == "projected":
+        return projected_dim(harmful, harmless)
+    if method == "pca":
+        return paired_pca(harmful, harmless)
+    if method == "svd":
+        return svd_subspace(harmful, harmless, rank)
+    raise FeatsteerError(f"unknown direction method '{method}': use one of {', '.join(METHODS)}")
+
+
+def weighted_basis(directions: DirectionSet, index: int) -> Tensor:
+    """Basis rows scaled by sqrt(ridge weight) so `B^T B` is the ridge projector (plain basis otherwise)."""
+    basis = directions.bases[index]
+    weights = directions.scores.get("ridge_weights")
+    if weights is None:
+        return basis
+    return basis * torch.tensor(weights[index], dtype=basis.dtype).clamp(0, 1).sqrt()[:, None]

@@ -1,0 +1,89 @@
+"""Direction methods on synthetic activation sets with a planted refusal direction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from featsteer.activations import ActivationSet
+from featsteer.directions import (
+    DirectionSet,
+    difference_in_means,
+    find_directions,
+    separability,
+    weighted_basis,
+)
+from featsteer.errors import FeatsteerError
+
+D = 32
+
+
+def _set(vectors: torch.Tensor, label: str, hooks=("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre")) -> ActivationSet:
+    n = vectors.shape[0]
+    acts = torch.stack([vectors, vectors * 0.5], 1)
+    return ActivationSet(acts, tuple(hooks), torch.arange(n), torch.full((n,), -1), tuple(f"p{i}" for i in range(n)), label=label)
+
+
+@pytest.fixture
+def planted():
+    g = torch.Generator().manual_seed(0)
+    direction = torch.zeros(D)
+    direction[3] = 1.0
+    shared = torch.randn(D, generator=g) * 4  # a common offset both classes carry
+    harmless = shared + torch.randn(200, D, generator=g)
+    harmful = shared + torch.randn(200, D, generator=g) + 3.0 * direction
+    return _set(harmful, "harmful"), _set(harmless, "harmless"), direction
+
+
+@pytest.mark.parametrize("method", ["dim", "projected", "pca", "svd"])
+def test_methods_recover_planted_direction(planted, method):
+    harmful, harmless, direction = planted
+    found = find_directions(harmful, harmless, method=method, rank=2)
+    assert len(found) == 2 and found.method == method
+    cosine = float(found.bases[0, 0] @ direction)
+    assert cosine > 0.9, cosine
+    norms = found.bases.norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
+
+
+def test_svd_basis_orthonormal_with_ridge_weights(planted):
+    harmful, harmless, _ = planted
+    found = find_directions(harmful, harmless, method="svd", rank=3)
+    basis = found.bases[0]
+    torch.testing.assert_close(basis @ basis.T, torch.eye(3), atol=1e-5, rtol=0)
+    weights = found.scores["ridge_weights"][0]
+    assert weights[0] > 0.9 and all(0 < w <= 1 for w in weights) and weights[0] >= weights[-1]
+    scaled = weighted_basis(found, 0)
+    torch.testing.assert_close(scaled.norm(dim=-1) ** 2, torch.tensor(weights, dtype=torch.float32), atol=1e-5, rtol=0)
+
+
+def test_projected_dim_is_orthogonal_to_harmless_mean(planted):
+    harmful, harmless, _ = planted
+    found = find_directions(harmful, harmless, method="projected")
+    mean = harmless.mean("blocks.0.hook_resid_pre").float()
+    assert abs(float(found.direction("blocks.0.hook_resid_pre") @ mean)) < 1e-4
+
+
+def test_separability_and_zero_difference(planted):
+    harmful, harmless, direction = planted
+    score = separability(direction, harmful.hook("blocks.0.hook_resid_pre"), harmless.hook("blocks.0.hook_resid_pre"),
+                         harmful.hook("blocks.0.hook_resid_pre"), harmless.hook("blocks.0.hook_resid_pre"))
+    assert score.accuracy > 0.9 and score.auroc > 0.95 and score.gap > 2
+    same = difference_in_means(harmless, harmless)
+    assert float(same.bases.abs().max()) == 0 and same.scores["mean_diff_norm"][0] == 0
+
+
+def test_direction_set_round_trip(planted, tmp_path):
+    harmful, harmless, _ = planted
+    found = find_directions(harmful, harmless, method="svd", rank=2)
+    found.save(tmp_path / "d")
+    loaded = DirectionSet.load(tmp_path / "d")
+    assert torch.equal(loaded.bases, found.bases) and loaded.scores == found.scores and loaded.hook_names == found.hook_names
+    with pytest.raises(FeatsteerError, match="rank-2"):
+        loaded.direction("blocks.0.hook_resid_pre")
+    with pytest.raises(FeatsteerError, match="no direction"):
+        loaded.basis("blocks.7.hook_resid_pre")
+    with pytest.raises(FeatsteerError, match="directions.json missing"):
+        DirectionSet.load(tmp_path)
+    with pytest.raises(FeatsteerError, match="unknown direction method"):
+        find_directions(harmful, harmless, method="magic")
