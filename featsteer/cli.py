@@ -95,6 +95,94 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _direction_config(args: argparse.Namespace):
+    from featsteer.pipeline import DirectionConfig
+
+    return DirectionConfig(method=args.method, rank=args.rank, positions=args.positions, n_select=args.n_select,
+                           kl_threshold=args.kl_threshold, batch_size=args.batch_size)
+
+
+def _load_pair(args: argparse.Namespace):
+    from featsteer.datasets import load_prompts
+
+    return (load_prompts(args.harmful, column=args.column, limit=args.n),
+            load_prompts(args.harmless, column=args.column, limit=args.n))
+
+
+def _cmd_directions(args: argparse.Namespace) -> int:
+    from featsteer.models import load_model
+    from featsteer.pipeline import find_refusal_direction
+
+    harmful, harmless = _load_pair(args)
+    model = load_model(args.model)
+    result = find_refusal_direction(model, harmful, harmless, _direction_config(args))
+    out = Path(args.out)
+    result.candidates.save(out / "candidates")
+    result.chosen.save(out / "chosen")
+    (out / "selection.md").write_text(result.selection.table() + "\n")
+    _write_json(str(out / "selection.json"), {**result.selection.to_dict(), "timings": result.timings})
+    print(result.selection.table())
+    chosen = result.selection.chosen
+    print(f"\nchosen: {chosen.hook} position {chosen.position} (refusal score {result.selection.base_refusal_harmful:.2f} -> "
+          f"{chosen.refusal_ablated:.2f} when ablated, KL {chosen.kl_harmless:.4f}); wrote {out}/")
+    return 0
+
+
+def _cmd_abliterate(args: argparse.Namespace) -> int:
+    from featsteer.edits import EditConfig
+    from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
+    from featsteer.models import load_model
+    from featsteer.pipeline import abliterate, find_refusal_direction
+
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise FeatsteerError(f"output folder {args.out} is not empty: choose a new path")
+    harmful, harmless = _load_pair(args)
+    model = load_model(args.model)
+    result = find_refusal_direction(model, harmful, harmless, _direction_config(args))
+    chosen = result.selection.chosen
+    print(f"direction: {args.method} at {chosen.hook} position {chosen.position} (KL on harmless {chosen.kl_harmless:.4f})")
+    mode = "induce" if args.induce else "amplify" if args.reverse else "norm_preserving" if args.norm_preserving else "orthogonalize"
+    edit = EditConfig(mode=mode, alpha=args.alpha, shift=args.shift)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    held_harmful, held_harmless = (s.head(min(args.eval_n, len(s))) for s in result.val)
+    before = evaluate_refusal(model, held_harmful, held_harmless, config)
+    handle = abliterate(model, result, edit)
+    after = evaluate_refusal(model, held_harmful, held_harmless, config)
+    print(f"refusal on held-out prompts, before -> after ({mode}):")
+    print(f"  harmful   {before.harmful.rate} -> {after.harmful.rate}")
+    print(f"  harmless  {before.harmless.rate} -> {after.harmless.rate}")
+    handle.export(args.out, extra={"evaluation": {"before": before.to_json(0), "after": after.to_json(2)}})
+    print(f"wrote {args.out} (loads with `featsteer eval --model {args.out}` or transformers)")
+    return 0
+
+
+def _cmd_steer(args: argparse.Namespace) -> int:
+    from featsteer.directions import DirectionSet
+    from featsteer.interventions import Ablate, AddDirection, ConditionalSteer, ProjectionSet, steer
+    from featsteer.models import load_model
+
+    model = load_model(args.model)
+    directions = DirectionSet.load(args.directions)
+    index = directions.hook_names.index(args.hook) if args.hook in directions.hook_names else 0
+    hook = args.hook or directions.hook_names[index]
+    basis = directions.bases[index]
+    vector = basis[0] * float(directions.scores.get("mean_diff_norm", [1.0] * len(directions))[index])
+    harmful_projection = directions.scores.get("harmful_projection", [vector.norm().item()] * len(directions))[index]
+    interventions = {
+        "ablate": lambda: Ablate(basis),
+        "add": lambda: AddDirection(vector, args.scale, where=hook),
+        "set": lambda: ProjectionSet(basis[0], args.value if args.value is not None else harmful_projection, where=hook),
+        "conditional": lambda: ConditionalSteer(basis[0], hook, args.threshold, AddDirection(vector, args.scale, where=hook)),
+    }
+    prompts = args.prompt
+    plain = model.generate(prompts, max_new_tokens=args.max_new_tokens)
+    with steer(model, interventions[args.mode]()):
+        steered = model.generate(prompts, max_new_tokens=args.max_new_tokens)
+    for prompt, a, b in zip(prompts, plain, steered, strict=True):
+        print(f"prompt:  {prompt}\n  plain:   {a}\n  {args.mode + ':':8} {b}")
+    return 0
+
+
 def _write_json(path: str, payload: dict) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +226,47 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--column", help="column for csv/json/parquet prompt files")
     ev.add_argument("--json", help="write the full result here")
     ev.set_defaults(run=_cmd_eval)
+
+    def add_direction_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="organism")
+        p.add_argument("--harmful", required=True, help="file, builtin:harmful[:split], or hf:NAME")
+        p.add_argument("--harmless", required=True, help="file, builtin:harmless[:split], or hf:NAME")
+        p.add_argument("--method", default="dim", choices=["dim", "projected", "pca", "svd"])
+        p.add_argument("--rank", type=int, default=2, help="subspace size for --method svd")
+        p.add_argument("--positions", default="post_instruction", help="last | post_instruction | mean_last:K")
+        p.add_argument("--n", type=int, help="use the first N prompts of each set")
+        p.add_argument("--n-select", type=int, default=32, help="validation prompts per set for selection")
+        p.add_argument("--kl-threshold", type=float, default=0.1)
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--column")
+        p.add_argument("--out", required=True)
+
+    dirs = sub.add_parser("directions", help="find candidate refusal directions and select one (Arditi et al.)")
+    add_direction_args(dirs)
+    dirs.set_defaults(run=_cmd_directions)
+
+    abl = sub.add_parser("abliterate", help="edit the weights against the selected direction and export the model")
+    add_direction_args(abl)
+    abl.add_argument("--reverse", action="store_true", help="reverse abliteration: amplify the direction")
+    abl.add_argument("--induce", action="store_true", help="amplify and shift embeddings along the direction")
+    abl.add_argument("--norm-preserving", action="store_true", help="keep each write column's norm")
+    abl.add_argument("--alpha", type=float, default=1.0, help="amplification for --reverse/--induce")
+    abl.add_argument("--shift", type=float, default=0.0, help="embedding shift for --induce")
+    abl.add_argument("--eval-n", type=int, default=32, help="held-out prompts per set for the before/after check")
+    abl.add_argument("--max-new-tokens", type=int, default=32)
+    abl.set_defaults(run=_cmd_abliterate)
+
+    st = sub.add_parser("steer", help="generate with and without a runtime intervention")
+    st.add_argument("--model", default="organism")
+    st.add_argument("--directions", required=True, help="a folder written by `featsteer directions` (e.g. OUT/chosen)")
+    st.add_argument("--mode", required=True, choices=["ablate", "add", "set", "conditional"])
+    st.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    st.add_argument("--hook", help="hook to steer at (default: where the direction was read)")
+    st.add_argument("--scale", type=float, default=1.0, help="multiple of the mean difference to add")
+    st.add_argument("--value", type=float, help="projection value for --mode set (default: mean harmful projection)")
+    st.add_argument("--threshold", type=float, default=0.0, help="cosine threshold for --mode conditional")
+    st.add_argument("--max-new-tokens", type=int, default=32)
+    st.set_defaults(run=_cmd_steer)
 
     demo = sub.add_parser("demo", help="the full pipeline on the embedded organism")
     demo.add_argument("--model", default="organism")

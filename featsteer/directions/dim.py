@@ -25,14 +25,15 @@ def difference_in_means(harmful: ActivationSet, harmless: ActivationSet, hooks: 
         hooks: restrict to these hooks (default: every hook in `harmful`).
 
     Returns:
-        A rank-1 `DirectionSet` with scores `mean_diff_norm` (length of the raw difference). Where the two
+        A rank-1 `DirectionSet` with scores `mean_diff_norm` (length of the raw difference) and
+        `harmful_projection`/`harmless_projection` (class means projected on the unit direction). Where the two
         means coincide the stored vector is zero and `mean_diff_norm` is 0.
     """
     hook_list = list(hooks or harmful.hook_names)
     missing = [h for h in hook_list if h not in harmless.hook_names]
     if missing:
         raise FeatsteerError(f"harmless activations lack {', '.join(missing)}: capture both sets at the same hooks")
-    vectors, names, positions, norms = [], [], [], []
+    vectors, names, positions, norms, projections = [], [], [], [], {"harmful_projection": [], "harmless_projection": []}
     for hook in hook_list:
         for position in harmful.position_labels:
             difference = harmful.mean(hook, position) - harmless.mean(hook, position)
@@ -43,12 +44,14 @@ def difference_in_means(harmful: ActivationSet, harmless: ActivationSet, hooks: 
             names.append(hook)
             positions.append(position)
             norms.append(float(difference.norm()))
+            projections["harmful_projection"].append(float(harmful.mean(hook, position) @ vectors[-1].double()))
+            projections["harmless_projection"].append(float(harmless.mean(hook, position) @ vectors[-1].double()))
     return DirectionSet(
         bases=torch.stack(vectors)[:, None, :],
         hook_names=tuple(names),
         positions=tuple(positions),
         method="dim",
-        scores={"mean_diff_norm": norms},
+        scores={"mean_diff_norm": norms, **projections},
         provenance={"model": harmful.model, "positions": harmful.positions,
                     "n_harmful": len(harmful), "n_harmless": len(harmless)},
     )

@@ -1,0 +1,126 @@
+"""Choosing the refusal direction among candidates (layer x position), as in Arditi et al. 2024.
+
+Every candidate is scored on validation prompts from first-token logits only (no generation, so it is
+fast): (a) the refusal score of harmful prompts when the direction is ablated everywhere, (b) the KL
+divergence of harmless prompts' first-token distribution under that ablation, and (c) the refusal score of
+harmless prompts when the raw mean difference is added at the candidate's own layer. Candidates in the
+last `skip_last_fraction` of layers, above the KL threshold, or whose addition does not induce refusal are
+discarded; the lowest refusal score under ablation wins.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+from tqdm.auto import tqdm
+
+from featsteer.directions.directions import DirectionSet
+from featsteer.directions.methods import weighted_basis
+from featsteer.errors import FeatsteerError
+from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
+from featsteer.interventions import Ablate, AddDirection, steer
+from featsteer.models import ModelAdapter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Filters of the Arditi selection."""
+
+    kl_threshold: float = 0.1
+    """Discard candidates whose ablation moves harmless first-token distributions more than this (nats)."""
+    skip_last_fraction: float = 0.2
+    """Do not consider the last fraction of layers (directions there mostly encode the next token)."""
+    require_induce: bool = True
+    """Discard candidates whose addition to harmless prompts does not raise the refusal score above 0."""
+    batch_size: int = 16
+    """Prompts per forward pass."""
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    """Scores of one candidate direction."""
+
+    index: int
+    hook: str
+    layer: int
+    position: int
+    refusal_ablated: float
+    """Mean refusal log-odds of harmful prompts with the direction ablated (lower = less refusal)."""
+    kl_harmless: float
+    """Mean first-token KL(base || ablated) on harmless prompts."""
+    refusal_induced: float
+    """Mean refusal log-odds of harmless prompts with the mean difference added at this layer."""
+    kept: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Selection:
+    """All candidate scores and the chosen one."""
+
+    candidates: list[CandidateScore]
+    chosen: CandidateScore
+    base_refusal_harmful: float
+    base_refusal_harmless: float
+
+    def table(self) -> str:
+        """Markdown table of every candidate."""
+        lines = ["| hook | pos | refusal (ablated) | KL harmless | refusal (induced) | kept |", "|---|---|---|---|---|---|"]
+        for c in self.candidates:
+            mark = "**chosen**" if c is self.chosen else ("yes" if c.kept else c.reason)
+            lines.append(f"| {c.hook} | {c.position} | {c.refusal_ablated:.3f} | {c.kl_harmless:.4f} | {c.refusal_induced:.3f} | {mark} |")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"candidates": [asdict(c) for c in self.candidates], "chosen": asdict(self.chosen),
+                "base_refusal_harmful": self.base_refusal_harmful, "base_refusal_harmless": self.base_refusal_harmless}
+
+
+def select_direction(
+    model: ModelAdapter,
+    candidates: DirectionSet,
+    harmful_val,
+    harmless_val,
+    config: SelectionConfig | None = None,
+    progress: bool = True,
+) -> Selection:
+    """Score every candidate and pick one (see module docstring).
+
+    Raises:
+        FeatsteerError: when no candidate survives the filters (the message says which filter to relax).
+    """
+    config = config or SelectionConfig()
+    tokens = RefusalTokens.for_tokenizer(model.tokenizer)
+    harmful, harmless = list(harmful_val), list(harmless_val)
+    base_harmful = refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size), tokens)
+    base_harmless_logprobs = first_token_logprobs(model, harmless, batch_size=config.batch_size)
+    max_layer = int((1 - config.skip_last_fraction) * model.n_layers)
+    scores = []
+    for i in tqdm(range(len(candidates)), desc="select", disable=not progress, leave=False):
+        hook, position = candidates.hook_names[i], candidates.positions[i]
+        layer = model.hook_site(hook).layer or 0
+        basis = weighted_basis(candidates, i)
+        if layer >= max_layer or float(basis.norm()) == 0:
+            scores.append(CandidateScore(i, hook, layer, position, float("nan"), float("nan"), float("nan"), False,
+                                         "late layer" if layer >= max_layer else "zero direction"))
+            continue
+        with steer(model, Ablate(basis)):
+            ablated = refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size), tokens).mean()
+            kl = kl_first_token(base_harmless_logprobs, first_token_logprobs(model, harmless, batch_size=config.batch_size))
+        norm = candidates.scores.get("mean_diff_norm", [1.0] * len(candidates))[i]
+        with steer(model, AddDirection(candidates.bases[i, 0] * norm, 1.0, where=hook)):
+            induced = refusal_score(first_token_logprobs(model, harmless, batch_size=config.batch_size), tokens).mean()
+        reason = "kl too high" if kl > config.kl_threshold else ("no induced refusal" if config.require_induce and induced <= 0 else "")
+        scores.append(CandidateScore(i, hook, layer, position, float(ablated), float(kl), float(induced), not reason, reason or "kept"))
+    kept = [c for c in scores if c.kept]
+    if not kept:
+        raise FeatsteerError(
+            f"no candidate direction passed the filters (KL <= {config.kl_threshold}, induces refusal, layer < {max_layer}); "
+            "raise --kl-threshold or use more prompts"
+        )
+    chosen = min(kept, key=lambda c: c.refusal_ablated)
+    return Selection(scores, chosen, float(base_harmful.mean()), float(refusal_score(base_harmless_logprobs, tokens).mean()))

@@ -1,0 +1,112 @@
+"""End-to-end recipes the CLI and benchmarks share: find directions, select one, abliterate.
+
+Each recipe is a plain function over library types, so `featsteer directions`, `featsteer abliterate`,
+the comparison harness and the benchmarks all run the same code on the same splits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from featsteer.activations import capture
+from featsteer.datasets import PromptSet
+from featsteer.directions import DirectionSet, find_directions, weighted_basis
+from featsteer.edits import EditConfig, EditHandle, apply_edit
+from featsteer.errors import FeatsteerError
+from featsteer.models import ModelAdapter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DirectionConfig:
+    """How candidate directions are found and selected."""
+
+    method: str = "dim"
+    """`dim`, `projected`, `pca` or `svd`."""
+    rank: int = 2
+    """Subspace size for `svd`."""
+    positions: str = "post_instruction"
+    """Token positions candidates are read at (`last`, `post_instruction`, `mean_last:K`)."""
+    kind: str = "resid_pre"
+    """Hook kind candidates are read at."""
+    val_fraction: float = 0.25
+    """Share of each prompt set held out for selection."""
+    n_select: int = 32
+    """Validation prompts per set used to score candidates."""
+    kl_threshold: float = 0.1
+    """KL filter of the selection (nats)."""
+    batch_size: int = 16
+    """Prompts per forward pass."""
+
+
+@dataclass
+class DirectionResult:
+    """Candidates, the selection over them, and the chosen basis."""
+
+    candidates: DirectionSet
+    selection: object
+    train: tuple[PromptSet, PromptSet]
+    val: tuple[PromptSet, PromptSet]
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def chosen_basis(self):
+        """The selected `(k, d_model)` basis (ridge-weighted for `svd`)."""
+        return weighted_basis(self.candidates, self.selection.chosen.index)
+
+    @property
+    def chosen(self) -> DirectionSet:
+        """The selected direction as a one-entry `DirectionSet`."""
+        i = self.selection.chosen.index
+        c = self.candidates
+        return DirectionSet(c.bases[i : i + 1], (c.hook_names[i],), (c.positions[i],), c.method,
+                            {k: [v[i]] for k, v in c.scores.items()}, {**c.provenance, "selection": self.selection.to_dict()["chosen"]})
+
+
+def split(prompts: PromptSet, val_fraction: float) -> tuple[PromptSet, PromptSet]:
+    """Deterministic train/val split: the last `val_fraction` of the set is validation."""
+    n_val = max(1, int(round(len(prompts) * val_fraction)))
+    if len(prompts) - n_val < 2:
+        raise FeatsteerError(f"{prompts.source} has only {len(prompts)} prompts: need at least {n_val + 2} to split")
+    return prompts[: len(prompts) - n_val], prompts[len(prompts) - n_val :]
+
+
+def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: PromptSet, config: DirectionConfig | None = None) -> DirectionResult:
+    """Capture train activations at every layer, compute candidates, select one on validation prompts."""
+    from featsteer.directions.selection import SelectionConfig, select_direction
+
+    config = config or DirectionConfig()
+    harmful_train, harmful_val = split(harmful, config.val_fraction)
+    harmless_train, harmless_val = split(harmless, config.val_fraction)
+    hooks = model.hook_names((config.kind,))
+    start = time.perf_counter()
+    harmful_acts = capture(model, harmful_train, hooks, positions=config.positions, batch_size=config.batch_size, label="harmful")
+    harmless_acts = capture(model, harmless_train, hooks, positions=config.positions, batch_size=config.batch_size, label="harmless")
+    captured = time.perf_counter()
+    candidates = find_directions(harmful_acts, harmless_acts, config.method, config.rank)
+    candidates.provenance.update({"harmful": harmful.source, "harmful_sha256": harmful_train.sha256,
+                                  "harmless": harmless.source, "harmless_sha256": harmless_train.sha256,
+                                  "n_harmful_train": len(harmful_train), "n_harmless_train": len(harmless_train)})
+    found = time.perf_counter()
+    selection = select_direction(
+        model, candidates, harmful_val.head(min(config.n_select, len(harmful_val))), harmless_val.head(min(config.n_select, len(harmless_val))),
+        SelectionConfig(kl_threshold=config.kl_threshold, batch_size=config.batch_size),
+    )
+    timings = {"capture_s": captured - start, "directions_s": found - captured, "selection_s": time.perf_counter() - found}
+    return DirectionResult(candidates, selection, (harmful_train, harmless_train), (harmful_val, harmless_val), timings)
+
+
+def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | None = None) -> EditHandle:
+    """Apply the selected direction as a weight edit; the handle reverts or exports it."""
+    chosen = result.selection.chosen
+    record = {
+        "method": result.candidates.method,
+        "direction_hook": chosen.hook,
+        "direction_position": chosen.position,
+        "provenance": result.candidates.provenance,
+        "selection": result.selection.to_dict()["chosen"],
+    }
+    return apply_edit(model, result.chosen_basis, edit or EditConfig(), record=record)
