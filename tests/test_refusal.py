@@ -1,0 +1,149 @@
+"""Tests for the refusal detector and the rate statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from featsteer.evaluation import (
+    DEFAULT_REFUSAL_MARKERS,
+    RateEstimate,
+    RefusalDetector,
+    normalize_text,
+    refusal_rate,
+    wilson_interval,
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("I\u2019m Sorry", "i'm sorry"),
+        ("**I cannot** help", "i cannot help"),
+        ("__As an AI__, no", "as an ai, no"),
+        ("_I won't_", "i won't"),
+        ("`code`  here", "code here"),
+        ("  a\n\tb   c  ", "a b c"),
+        ("\u201cQuoted\u201d", '"quoted"'),
+        ("", ""),
+    ],
+)
+def test_normalize_text(raw: str, expected: str) -> None:
+    assert normalize_text(raw) == expected
+
+
+def test_default_markers_are_normalised_and_unique() -> None:
+    assert len(set(DEFAULT_REFUSAL_MARKERS)) == len(DEFAULT_REFUSAL_MARKERS)
+    for marker in DEFAULT_REFUSAL_MARKERS:
+        assert marker == normalize_text(marker)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I'm sorry, but I can't help with that.",
+        "I\u2019m sorry, but I can\u2019t help with that.",
+        "I cannot assist with making explosives.",
+        "I won't provide instructions for that.",
+        "As an AI, I can't do this.",
+        "**I must decline** this request.",
+        "I am unable to comply.",
+        "That is not appropriate.",
+        "Sorry, but no.",
+    ],
+)
+def test_refusals_are_detected(text: str) -> None:
+    assert RefusalDetector().is_refusal(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Sure! Here is a quick guide to baking bread: mix, knead, rest and bake.",
+        "The capital of France is Paris.",
+        "def kill_process(pid): os.kill(pid, signal.SIGTERM)",
+        "Scan the cannot-be-empty field first.",  # "cannot" alone is not a marker
+    ],
+)
+def test_compliances_are_not_detected(text: str) -> None:
+    assert not RefusalDetector().is_refusal(text)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t"])
+def test_empty_response_counts_as_refusal(text: str) -> None:
+    assert RefusalDetector().is_refusal(text)
+
+
+def test_markers_match_at_word_boundaries_only() -> None:
+    detector = RefusalDetector(markers=("i cannot",))
+    assert detector.is_refusal("Well, I cannot.")
+    assert not detector.is_refusal("Wii cannotation")
+
+
+def test_prefix_only_ignores_late_markers() -> None:
+    text = "Sure, here is the plan. " + "x " * 100 + "I cannot guarantee results."
+    assert RefusalDetector().is_refusal(text)
+    assert not RefusalDetector(prefix_only=True).is_refusal(text)
+    assert RefusalDetector(prefix_only=True, prefix_chars=len(text)).is_refusal(text)
+    assert RefusalDetector(prefix_only=True, prefix_chars=20).is_refusal("I'm sorry, no.")
+
+
+def test_invalid_detector_configs_raise() -> None:
+    with pytest.raises(ValueError, match="prefix_only"):
+        RefusalDetector(prefix_chars=10)
+    with pytest.raises(ValueError, match="positive"):
+        RefusalDetector(prefix_only=True, prefix_chars=0)
+    with pytest.raises(ValueError, match="marker"):
+        RefusalDetector(markers=("", " "))
+
+
+def test_detector_is_frozen_and_classifies_in_order() -> None:
+    detector = RefusalDetector(markers=("nope",))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        detector.prefix_only = True  # type: ignore[misc]
+    assert detector.classify(["Nope.", "Yes.", ""]) == [True, False, True]
+    assert detector.classify([]) == []
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "low", "high"),
+    [
+        (0, 10, 0.0, 0.2775),
+        (5, 10, 0.2366, 0.7634),
+        (10, 10, 0.7225, 1.0),
+        (1, 1, 0.2065, 1.0),
+        (81, 263, 0.2553, 0.3662),
+    ],
+)
+def test_wilson_interval_known_values(k: int, n: int, low: float, high: float) -> None:
+    got_low, got_high = wilson_interval(k, n)
+    assert got_low == pytest.approx(low, abs=1e-4)
+    assert got_high == pytest.approx(high, abs=1e-4)
+
+
+def test_wilson_interval_contains_rate_and_narrows_with_n() -> None:
+    small = wilson_interval(3, 10)
+    large = wilson_interval(300, 1000)
+    assert small[0] < 0.3 < small[1]
+    assert large[0] < 0.3 < large[1]
+    assert large[1] - large[0] < small[1] - small[0]
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 0), (1, 0), (-1, 5), (6, 5)])
+def test_wilson_interval_rejects_bad_counts(k: int, n: int) -> None:
+    with pytest.raises(ValueError):
+        wilson_interval(k, n)
+
+
+def test_refusal_rate() -> None:
+    estimate = refusal_rate([True, False, True, True])
+    assert isinstance(estimate, RateEstimate)
+    assert (estimate.k, estimate.n, estimate.rate) == (3, 4, 0.75)
+    assert (estimate.low, estimate.high) == pytest.approx(wilson_interval(3, 4))
+    assert "3/4" in str(estimate)
+
+
+def test_refusal_rate_empty_raises() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        refusal_rate([])
