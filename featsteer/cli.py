@@ -183,6 +183,33 @@ def _cmd_steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from featsteer.compare import available_methods, compare, write_report
+    from featsteer.datasets import load_prompts
+    from featsteer.evaluation.behaviour import GenerationConfig
+    from featsteer.models import load_model
+
+    if args.list:
+        for name, description in available_methods().items():
+            print(f"{name:24} {description}")
+        return 0
+    if not (args.harmful and args.harmless and args.out):
+        raise FeatsteerError("compare needs --harmful, --harmless and --out (or --list)")
+    harmful, harmless = _load_pair(args)
+    evals = [load_prompts(s, column=args.column, limit=args.eval_n) if s else None for s in (args.eval_harmful, args.eval_harmless)]
+    alarming = load_prompts(args.alarming, limit=args.eval_n) if args.alarming else None
+    model = load_model(args.model)
+    comparison = compare(
+        model, harmful, harmless, methods=args.methods.split(",") if args.methods else None,
+        eval_harmful=evals[0], eval_harmless=evals[1], alarming=alarming, direction_config=_direction_config(args),
+        generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
+    )
+    folder = write_report(comparison, args.out)
+    print(comparison.table())
+    print(f"\nwrote {folder}/results.json, report.html, pareto.png")
+    return 0
+
+
 def _write_json(path: str, payload: dict) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -267,6 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--threshold", type=float, default=0.0, help="cosine threshold for --mode conditional")
     st.add_argument("--max-new-tokens", type=int, default=32)
     st.set_defaults(run=_cmd_steer)
+
+    cmp_ = sub.add_parser("compare", help="every method on the same prompts: results.json, report.html, Pareto plot")
+    add_direction_args(cmp_)
+    for action in cmp_._actions:
+        if action.dest in ("harmful", "harmless", "out"):
+            action.required = False
+    cmp_.add_argument("--methods", help="comma-separated subset (see --list)")
+    cmp_.add_argument("--list", action="store_true", help="list the available methods")
+    cmp_.add_argument("--eval-harmful", help="held-out harmful prompts (default: last quarter of --harmful)")
+    cmp_.add_argument("--eval-harmless", help="held-out harmless prompts (default: last quarter of --harmless)")
+    cmp_.add_argument("--alarming", help="harmless-but-alarming prompts for the over-refusal rate")
+    cmp_.add_argument("--eval-n", type=int, help="first N prompts of each evaluation set")
+    cmp_.add_argument("--max-new-tokens", type=int, default=32)
+    cmp_.set_defaults(run=_cmd_compare)
 
     demo = sub.add_parser("demo", help="the full pipeline on the embedded organism")
     demo.add_argument("--model", default="organism")

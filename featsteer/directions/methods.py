@@ -76,7 +76,9 @@ def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2,
         basis[0] = basis[0] * dim_sign
         power = singular**2
         lam = ridge if ridge is not None else float(power[rank:].mean()) if len(power) > rank else 0.0
-        weights.append((power[:rank] / (power[:rank] + lam)).tolist())
+        denominator = power[:rank] + lam
+        ratio = torch.where(denominator > 0, power[:rank] / denominator.clamp_min(1e-300), torch.zeros_like(denominator))
+        weights.append(ratio.tolist())  # an all-zero difference (e.g. a shared template token) gets weight 0
         bases.append(basis.float())
         names.append(hook)
         positions.append(pos)

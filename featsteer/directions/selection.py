@@ -37,6 +37,9 @@ class SelectionConfig:
     """Discard candidates whose addition to harmless prompts does not raise the refusal score above 0."""
     batch_size: int = 16
     """Prompts per forward pass."""
+    fallback: bool = True
+    """When no candidate passes the filters, pick the lowest ablated refusal score among candidates in
+    the allowed layers anyway (logged as a warning and marked in the table) instead of failing."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class Selection:
         """Markdown table of every candidate."""
         lines = ["| hook | pos | refusal (ablated) | KL harmless | refusal (induced) | kept |", "|---|---|---|---|---|---|"]
         for c in self.candidates:
-            mark = "**chosen**" if c is self.chosen else ("yes" if c.kept else c.reason)
+            mark = ("**chosen**" if c.kept else f"**chosen (fallback: {c.reason})**") if c is self.chosen else ("yes" if c.kept else c.reason)
             lines.append(f"| {c.hook} | {c.position} | {c.refusal_ablated:.3f} | {c.kl_harmless:.4f} | {c.refusal_induced:.3f} | {mark} |")
         return "\n".join(lines)
 
@@ -117,6 +120,11 @@ def select_direction(
         reason = "kl too high" if kl > config.kl_threshold else ("no induced refusal" if config.require_induce and induced <= 0 else "")
         scores.append(CandidateScore(i, hook, layer, position, float(ablated), float(kl), float(induced), not reason, reason or "kept"))
     kept = [c for c in scores if c.kept]
+    scored = [c for c in scores if c.reason in ("kl too high", "no induced refusal")]
+    if not kept and config.fallback and scored:
+        best = min(scored, key=lambda c: c.refusal_ablated)
+        logger.warning("no candidate passed the filters; falling back to %s position %d (%s)", best.hook, best.position, best.reason)
+        kept = [best]
     if not kept:
         raise FeatsteerError(
             f"no candidate direction passed the filters (KL <= {config.kl_threshold}, induces refusal, layer < {max_layer}); "
