@@ -1,0 +1,74 @@
+"""The featsteer CLI as a user runs it: real runs on tiny models, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from featsteer.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_info(capsys):
+    code, out, _ = _run(capsys, "info", "--model", "tiny:gpt2", "--prompt", "Hi")
+    assert code == 0 and "family    gpt2" in out and "layers    3" in out and "'<|user|>Hi<|end|><|assistant|>'" in out
+
+
+def test_capture_writes_a_readable_directory(capsys, tmp_path):
+    from featsteer.activations import ActivationReader
+
+    code, out, _ = _run(capsys, "capture", "--model", "tiny:llama", "--prompts", "builtin:harmful:test", "--n", "10",
+                        "--hooks", "resid_post:0,2", "--out", str(tmp_path / "acts"))
+    assert code == 0 and "captured 10 rows x 2 hooks" in out
+    reader = ActivationReader(tmp_path / "acts")
+    assert reader.hook_names == ("blocks.0.hook_resid_post", "blocks.2.hook_resid_post") and len(reader) == 10
+
+
+def test_eval_json_has_documented_keys(capsys, tmp_path):
+    code, out, _ = _run(capsys, "eval", "--model", "tiny:llama", "--harmful", "builtin:harmful:test", "--harmless",
+                        "builtin:harmless:test", "--n", "6", "--max-new-tokens", "3", "--json", str(tmp_path / "e.json"))
+    assert code == 0 and "harmful   6" in out
+    result = json.loads((tmp_path / "e.json").read_text())
+    for key in ("refusal_rate_harmful", "refusal_rate_harmless", "n_harmful", "n_harmless", "ci_harmful", "ci_harmless", "examples"):
+        assert key in result
+    assert result["n_harmful"] == 6 and len(result["ci_harmful"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--model", "tiny:llama", "--harmful", "/no/such.txt", "--harmless", "builtin:harmless"], "prompt file not found"),
+        (["eval", "--model", "tiny:bert", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless"], "unknown tiny model"),
+        (["eval", "--model", "./missing-dir", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless"], "is not a model directory"),
+        (["capture", "--model", "tiny:llama", "--prompts", "builtin:harmful", "--hooks", "blocks.9.hook_resid_pre", "--out", "/tmp/x"], "has 3 layers"),
+        (["steer", "--model", "tiny:llama", "--directions", "/no/dir", "--mode", "ablate", "--prompt", "hi"], "holds no directions"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(capsys, argv, message, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("featsteer: error: ") and message in err and err.count("\n") == 1
+
+
+def test_empty_prompt_file(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    code, _, err = _run(capsys, "eval", "--model", "tiny:llama", "--harmful", str(empty), "--harmless", "builtin:harmless")
+    assert code == 2 and "no prompts" in err
+
+
+def test_console_script_help_runs():
+    done = subprocess.run([sys.executable, "-m", "featsteer.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for command in ("info", "capture", "eval", "directions", "abliterate", "steer", "compare", "demo"):
+        assert command in done.stdout
