@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default="organism")
         p.add_argument("--harmful", required=True, help="file, builtin:harmful[:split], or hf:NAME")
         p.add_argument("--harmless", required=True, help="file, builtin:harmless[:split], or hf:NAME")
-        p.add_argument("--method", default="dim", choices=["dim", "projected", "pca", "svd"])
+        p.add_argument("--method", default="dim", choices=["dim", "projected", "pca", "svd", "linear", "whitened"])
         p.add_argument("--rank", type=int, default=2, help="subspace size for --method svd")
         p.add_argument("--positions", default="post_instruction", help="last | post_instruction | mean_last:K")
         p.add_argument("--n", type=int, help="use the first N prompts of each set")

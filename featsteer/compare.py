@@ -114,6 +114,16 @@ def _svd(ctx: CompareContext):
     return _edit(ctx, "svd", EditConfig(), rank=2)
 
 
+@register_method("linear_probe_abliteration", "logistic-regression probe direction abliteration")
+def _linear(ctx: CompareContext):
+    return _edit(ctx, "linear", EditConfig())
+
+
+@register_method("whitened_probe_abliteration", "whitened (Ledoit-Wolf) probe direction abliteration")
+def _whitened(ctx: CompareContext):
+    return _edit(ctx, "whitened", EditConfig())
+
+
 @register_method("dim_actadd_induce", "DIM mean difference added at its layer (induces refusal)")
 def _induce(ctx: CompareContext):
     result = ctx.directions("dim")

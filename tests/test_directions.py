@@ -87,3 +87,12 @@ def test_direction_set_round_trip(planted, tmp_path):
         DirectionSet.load(tmp_path)
     with pytest.raises(FeatsteerError, match="unknown direction method"):
         find_directions(harmful, harmless, method="magic")
+
+
+@pytest.mark.parametrize("method", ["linear", "whitened"])
+def test_probe_directions_are_direction_sets(planted, method):
+    harmful, harmless, direction = planted
+    found = find_directions(harmful, harmless, method=method)
+    assert found.method == f"probe:{method}" and len(found) == 2
+    assert float(found.bases[0, 0] @ direction) > 0.8
+    assert all(a > 0.9 for a in found.scores["train_accuracy"])

@@ -18,7 +18,7 @@ from featsteer.directions.dim import difference_in_means
 from featsteer.directions.directions import DirectionSet, unit
 from featsteer.errors import FeatsteerError
 
-METHODS = ("dim", "projected", "pca", "svd")
+METHODS = ("dim", "projected", "pca", "svd", "linear", "whitened")
 
 
 def _pairs(harmful: ActivationSet, harmless: ActivationSet) -> list[tuple[str, int]]:
@@ -87,7 +87,7 @@ def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2,
 
 
 def find_directions(harmful: ActivationSet, harmless: ActivationSet, method: str = "dim", rank: int = 2) -> DirectionSet:
-    """Dispatch on a method name (`dim`, `projected`, `pca`, `svd`)."""
+    """Dispatch on a method name (`dim`, `projected`, `pca`, `svd`, or a probe: `linear`, `whitened`)."""
     if method == "dim":
         return difference_in_means(harmful, harmless)
     if method == "projected":
@@ -96,6 +96,10 @@ def find_directions(harmful: ActivationSet, harmless: ActivationSet, method: str
         return paired_pca(harmful, harmless)
     if method == "svd":
         return svd_subspace(harmful, harmless, rank)
+    if method in ("linear", "whitened"):
+        from featsteer.directions.probe_directions import probe_directions
+
+        return probe_directions(harmful, harmless, method)
     raise FeatsteerError(f"unknown direction method '{method}': use one of {', '.join(METHODS)}")
 
 

@@ -1,0 +1,60 @@
+"""Probe directions as `DirectionSet`s, so every intervention works with them unchanged.
+
+A probe fitted per hook and position on harmful (1) vs harmless (0) activations gives a unit
+`direction_` in activation space; collecting them gives the same candidate set DIM gives, which the
+Arditi selection, the weight edits and the comparison harness then treat identically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from featsteer.activations import ActivationSet
+from featsteer.directions.directions import DirectionSet
+
+PROBE_METHODS = ("linear", "whitened")
+
+
+def _factory(method: str) -> Callable[[], object]:
+    from probes import LinearProbe, WhitenedProbe
+
+    if method == "linear":
+        return lambda: LinearProbe(Cs=5, cv=3)
+    return lambda: WhitenedProbe(method="dim")
+
+
+def probe_directions(harmful: ActivationSet, harmless: ActivationSet, method: str = "linear") -> DirectionSet:
+    """Fit one probe per hook and position; return their directions with training accuracy in the scores.
+
+    Args:
+        harmful: activations of harmful prompts.
+        harmless: activations of harmless prompts at the same hooks and positions.
+        method: `linear` (cross-validated logistic regression) or `whitened` (Ledoit-Wolf whitened DIM; the
+            returned vector is the probe's filter, Sigma^-1 times the mean difference, normalised).
+    """
+    make = _factory(method)
+    vectors, names, positions, accuracy, projection = [], [], [], [], []
+    for hook in harmful.hook_names:
+        for position in harmful.position_labels:
+            a, b = harmful.at_position(hook, position).double(), harmless.at_position(hook, position).double()
+            x = torch.cat([a, b]).numpy()
+            y = [1] * len(a) + [0] * len(b)
+            if float((a.mean(0) - b.mean(0)).norm()) <= 1e-12:  # identical inputs: no direction to find
+                vectors.append(torch.zeros(a.shape[1]))
+                accuracy.append(0.5)
+                projection.append(0.0)
+            else:
+                probe = make().fit(x, y)
+                direction = torch.as_tensor(probe.direction_, dtype=torch.float64)
+                vectors.append(direction.float())
+                accuracy.append(float(probe.score(x, y)))
+                projection.append(float((a.mean(0) - b.mean(0)) @ direction))
+            names.append(hook)
+            positions.append(position)
+    return DirectionSet(
+        bases=torch.stack(vectors)[:, None, :], hook_names=tuple(names), positions=tuple(positions), method=f"probe:{method}",
+        scores={"train_accuracy": accuracy, "mean_diff_norm": projection},
+        provenance={"model": harmful.model, "positions": harmful.positions, "n_harmful": len(harmful), "n_harmless": len(harmless)},
+    )
