@@ -4,6 +4,18 @@ Every benchmark and behavioural test needs the same answer to "did the model ref
 uncertainty on a refusal rate, so both live here rather than in each caller.
 """
 
+from featsteer.evaluation.metrics import (
+    CrossEntropyResult,
+    RefusalTokens,
+    first_token_logprobs,
+    kl_first_token,
+    kl_per_prompt,
+    over_refusal_rate,
+    refusal_logit_gap,
+    refusal_score,
+    response_cross_entropy,
+    target_token_probability,
+)
 from featsteer.evaluation.refusal import (
     DEFAULT_REFUSAL_MARKERS,
     RateEstimate,
@@ -14,6 +26,16 @@ from featsteer.evaluation.refusal import (
 )
 
 __all__ = [
+    "CrossEntropyResult",
+    "RefusalTokens",
+    "first_token_logprobs",
+    "kl_first_token",
+    "kl_per_prompt",
+    "over_refusal_rate",
+    "refusal_logit_gap",
+    "refusal_score",
+    "response_cross_entropy",
+    "target_token_probability",
     "DEFAULT_REFUSAL_MARKERS",
     "RateEstimate",
     "RefusalDetector",
