@@ -68,14 +68,50 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system)
     report = evaluate_refusal(model, harmful, harmless, config)
+    payload = report.to_json()
+    payload.update(_logit_metrics(model, harmful, harmless, args))
     print(f"model {model.name}: greedy, max {args.max_new_tokens} new tokens, {report.seconds:.1f}s")
     print(report.table())
+    for key in ("kl_harmless", "refusal_score_harmful", "refusal_score_harmless", "over_refusal_rate"):
+        if key in payload:
+            print(f"{key:24} {payload[key]:.4f}")
     for example in report.to_json(2)["examples"]["harmful"][:2]:
         print(f"  e.g. {example['prompt'][:50]!r} -> {example['response'][:70]!r}")
     if args.json:
-        _write_json(args.json, report.to_json())
+        _write_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0
+
+
+def _logit_metrics(model, harmful, harmless, args: argparse.Namespace) -> dict:
+    """Refusal scores from first-token logits; KL against --reference; over-refusal on --alarming."""
+    from featsteer.datasets import load_prompts
+    from featsteer.evaluation import (
+        RefusalTokens,
+        first_token_logprobs,
+        kl_first_token,
+        over_refusal_rate,
+        refusal_score,
+    )
+    from featsteer.models import load_model
+
+    tokens = RefusalTokens.for_tokenizer(model.tokenizer)
+    harmless_logprobs = first_token_logprobs(model, list(harmless), batch_size=args.batch_size)
+    metrics = {
+        "refusal_score_harmful": float(refusal_score(first_token_logprobs(model, list(harmful), batch_size=args.batch_size), tokens).mean()),
+        "refusal_score_harmless": float(refusal_score(harmless_logprobs, tokens).mean()),
+    }
+    if args.reference:
+        reference = load_model(args.reference)
+        if reference.tokenizer.get_vocab() != model.tokenizer.get_vocab():
+            raise FeatsteerError("--reference has a different tokenizer: KL needs the same vocabulary")
+        metrics["kl_harmless"] = kl_first_token(first_token_logprobs(reference, list(harmless), batch_size=args.batch_size), harmless_logprobs)
+        metrics["reference"] = reference.name
+    if args.alarming:
+        rate = over_refusal_rate(model, list(load_prompts(args.alarming, limit=args.n)), max_new_tokens=args.max_new_tokens)
+        metrics["over_refusal_rate"] = rate.rate
+        metrics["ci_over_refusal"] = [rate.low, rate.high]
+    return metrics
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -252,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--system", help="system prompt")
     ev.add_argument("--column", help="column for csv/json/parquet prompt files")
     ev.add_argument("--json", help="write the full result here")
+    ev.add_argument("--reference", help="model SPEC to measure first-token KL on harmless prompts against")
+    ev.add_argument("--alarming", help="harmless-but-alarming prompts: adds over_refusal_rate")
     ev.set_defaults(run=_cmd_eval)
 
     def add_direction_args(p: argparse.ArgumentParser) -> None:
