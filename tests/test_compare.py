@@ -1,0 +1,57 @@
+"""Direction pipeline and comparison harness on a tiny model: structure, equivalences, clean-up."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from featsteer.compare import available_methods, compare, write_report
+from featsteer.datasets import builtin_prompts
+from featsteer.evaluation.behaviour import GenerationConfig
+from featsteer.models import load_model
+from featsteer.pipeline import DirectionConfig, abliterate, find_refusal_direction
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return builtin_prompts("harmful", "train").head(16), builtin_prompts("harmless", "train").head(16)
+
+
+def test_pipeline_selects_and_abliterates_reversibly(prompts):
+    model = load_model("tiny:llama")
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    result = find_refusal_direction(model, *prompts, DirectionConfig(n_select=4))
+    chosen = result.selection.chosen
+    assert chosen.layer < 0.8 * model.n_layers and chosen.position in (-2, -1)
+    assert len(result.selection.candidates) == model.n_layers * 2
+    assert "| **chosen" in result.selection.table()
+    assert len(result.train[0]) == 12 and len(result.val[0]) == 4
+    with abliterate(model, result) as handle:
+        assert handle.record["direction_hook"] == chosen.hook
+        basis = result.chosen_basis
+        weight = model.residual_writers()[2].read()[0]
+        assert float((basis @ weight).abs().max()) < 1e-4
+    assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
+
+
+def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
+    model = load_model("tiny:llama")
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    comparison = compare(model, *prompts, alarming=builtin_prompts("alarming", "test").head(4),
+                         direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=3))
+    names = [r.method for r in comparison.results]
+    assert names == list(available_methods())
+    by_name = {r.method: r for r in comparison.results}
+    assert by_name["none"].kl_harmless == pytest.approx(0.0, abs=1e-9)
+    # a runtime ablation hook at every write and the orthogonalised weights are the same model
+    assert by_name["dim_ablation_hook"].kl_harmless == pytest.approx(by_name["dim_abliteration"].kl_harmless, abs=1e-4)
+    assert by_name["dim_abliteration"].kl_harmless > 0
+    assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
+    folder = write_report(comparison, tmp_path / "cmp")
+    saved = json.loads((folder / "results.json").read_text())
+    assert len(saved["results"]) == len(names) and saved["setup"]["n_eval_harmful"] == 4
+    page = (folder / "report.html").read_text()
+    assert "data:image/png;base64," in page and "dim_abliteration" in page
+    assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
