@@ -111,6 +111,12 @@ class PromptSet:
         _check_positive_int(n, "head(n)")
         return self[:n]
 
+    def __add__(self, other: PromptSet) -> PromptSet:
+        """Concatenate two sets (deduplicated, order kept); the source names both."""
+        seen: dict[str, None] = dict.fromkeys(self.prompts)
+        seen.update(dict.fromkeys(other.prompts))
+        return PromptSet(tuple(seen), f"{self.source}+{other.source}")
+
     def to_list(self) -> list[str]:
         """The prompts as a new, mutable list."""
         return list(self.prompts)

@@ -1,0 +1,154 @@
+"""DIM abliteration benchmark: refusal before/after, KL, induced refusal, wall time per stage.
+
+    python benchmarks/abliteration.py --target organism     # built-in splits, the embedded organism
+    python benchmarks/abliteration.py --target qwen         # Qwen2.5-Coder-0.5B-Instruct (GGUF, see below)
+
+`qwen` needs `../shared/models/fetch_real_models.sh qwen` (the GGUF path is read from its cache) and the
+real prompt sets in `../shared/data`: directions from the first 256 AdvBench prompts vs 256 of
+MT-Bench+IFBench, evaluation on 100 held-out AdvBench and 100 held-out harmless prompts.
+Results go to `benchmarks/results/abliteration_<target>.json` and `.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+from featsteer.datasets import PromptSet, builtin_prompts, load_prompts  # noqa: E402
+from featsteer.edits import EditConfig  # noqa: E402
+from featsteer.evaluation import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score  # noqa: E402
+from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set  # noqa: E402
+from featsteer.evaluation.refusal import RefusalDetector  # noqa: E402
+from featsteer.interventions import AddDirection, steer  # noqa: E402
+from featsteer.models import load_model  # noqa: E402
+from featsteer.pipeline import DirectionConfig, abliterate, find_refusal_direction  # noqa: E402
+
+
+def qwen_gguf() -> Path:
+    cache = Path(os.environ.get("FEATSTEER_MODEL_CACHE", Path.home() / ".cache" / "featsteer-models"))
+    path = cache / "qwen2.5-coder-0.5b-instruct" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    if not path.is_file():
+        sys.exit(f"missing {path}: run ../shared/models/fetch_real_models.sh qwen")
+    return path
+
+
+def prompt_sets(target: str) -> dict[str, PromptSet]:
+    if target == "organism":
+        return {
+            "train_harmful": builtin_prompts("harmful", "train") + builtin_prompts("harmful", "val"),
+            "train_harmless": builtin_prompts("harmless", "train") + builtin_prompts("harmless", "val"),
+            "eval_harmful": builtin_prompts("harmful", "test"),
+            "eval_harmless": builtin_prompts("harmless", "test"),
+        }
+    data = SHARED / "data"
+    advbench = load_prompts(data / "advbench_harmful.txt")
+    harmless = list(load_prompts(data / "mtbench_harmless.txt")) + list(load_prompts(data / "ifbench_harmless.txt"))
+    random.Random(0).shuffle(harmless)
+    mixed = PromptSet(tuple(harmless), "mtbench+ifbench (shuffled, seed 0)")
+    return {
+        "train_harmful": advbench[:256], "train_harmless": mixed[:256],
+        "eval_harmful": advbench[256:356], "eval_harmless": mixed[256:356],
+    }
+
+
+def measure(model, sets, gen, tokens, base_logprobs) -> dict:
+    detector = RefusalDetector()
+    harmful = evaluate_set(model, sets["eval_harmful"], "harmful", gen, detector)
+    harmless = evaluate_set(model, sets["eval_harmless"], "harmless", gen, detector)
+    harmless_logprobs = first_token_logprobs(model, list(sets["eval_harmless"]), batch_size=gen.batch_size)
+    return {
+        "refusal_harmful": harmful.rate.rate, "refused_harmful": harmful.rate.k, "n_harmful": harmful.rate.n,
+        "ci_harmful": [harmful.rate.low, harmful.rate.high],
+        "refusal_harmless": harmless.rate.rate, "refused_harmless": harmless.rate.k, "n_harmless": harmless.rate.n,
+        "ci_harmless": [harmless.rate.low, harmless.rate.high],
+        "kl_harmless": kl_first_token(base_logprobs, harmless_logprobs),
+        "refusal_score_harmless": float(refusal_score(harmless_logprobs, tokens).mean()),
+        "examples": harmful.examples(2) + harmless.examples(2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target", choices=["organism", "qwen"], default="organism")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--kl-threshold", type=float, default=0.1)
+    parser.add_argument("--positions", default="post_instruction")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    timings, started = {}, time.perf_counter()
+    spec = "organism" if args.target == "organism" else str(qwen_gguf())
+    model = load_model(spec)
+    timings["load_s"] = time.perf_counter() - started
+    sets = prompt_sets(args.target)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    tokens = RefusalTokens.for_tokenizer(model.tokenizer)
+    t = time.perf_counter()
+    base_logprobs = first_token_logprobs(model, list(sets["eval_harmless"]), batch_size=args.batch_size)
+    before = measure(model, sets, gen, tokens, base_logprobs)
+    timings["eval_before_s"] = time.perf_counter() - t
+    config = DirectionConfig(positions=args.positions, kl_threshold=args.kl_threshold, batch_size=args.batch_size)
+    t = time.perf_counter()
+    result = find_refusal_direction(model, sets["train_harmful"], sets["train_harmless"], config)
+    timings["directions_total_s"] = time.perf_counter() - t
+    timings.update({f"directions_{k}": v for k, v in result.timings.items()})
+    runs = {}
+    for name, edit in (("dim_abliteration", EditConfig()), ("dim_norm_preserving", EditConfig(mode="norm_preserving"))):
+        t = time.perf_counter()
+        with abliterate(model, result, edit):
+            timings[f"{name}_edit_s"] = time.perf_counter() - t
+            runs[name] = measure(model, sets, gen, tokens, base_logprobs)
+        timings[f"{name}_total_s"] = time.perf_counter() - t
+    chosen = result.selection.chosen
+    vector = result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index]
+    t = time.perf_counter()
+    with steer(model, AddDirection(vector, 1.0, where=chosen.hook)):
+        runs["dim_actadd_induce"] = measure(model, sets, gen, tokens, base_logprobs)
+    timings["induce_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - started
+    write(args.target, model, sets, result, before, runs, timings)
+
+
+def write(target, model, sets, result, before, runs, timings) -> None:
+    import transformers
+
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = result.selection.chosen
+    payload = {
+        "target": target, "model": model.name, "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+        "sets": {k: {"n": len(v), "source": v.source, "sha256": v.sha256} for k, v in sets.items()},
+        "selection": result.selection.to_dict(), "chosen": {"hook": chosen.hook, "position": chosen.position, "kept": chosen.kept, "reason": chosen.reason},
+        "before": before, "runs": runs, "timings_s": {k: round(v, 2) for k, v in timings.items()},
+    }
+    (out / f"abliteration_{target}.json").write_text(json.dumps(payload, indent=1))
+    lines = [f"# DIM abliteration on {target} ({model.name})", "",
+             f"Measured {payload['date']}, CPU, {payload['threads']} threads, greedy decoding. Directions from "
+             f"{len(sets['train_harmful'])} harmful / {len(sets['train_harmless'])} harmless prompts; evaluation on "
+             f"{len(sets['eval_harmful'])} held-out harmful and {len(sets['eval_harmless'])} held-out harmless prompts.", "",
+             f"Chosen direction: `{chosen.hook}` position {chosen.position} ({'passed all filters' if chosen.kept else 'fallback: ' + chosen.reason}).", "",
+             "| run | refusal harmful | refusal harmless | KL harmless (first token) |", "|---|---|---|---|",
+             f"| base model | {before['refused_harmful']}/{before['n_harmful']} | {before['refused_harmless']}/{before['n_harmless']} | 0 |"]
+    for name, r in runs.items():
+        lines.append(f"| {name} | {r['refused_harmful']}/{r['n_harmful']} | {r['refused_harmless']}/{r['n_harmless']} | {r['kl_harmless']:.4f} |")
+    lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), "",
+              "Selection candidates:", "", result.selection.table(), ""]
+    (out / f"abliteration_{target}.md").write_text("\n".join(lines))
+    print("\n".join(lines[:14 + len(runs)]))
+
+
+if __name__ == "__main__":
+    main()
