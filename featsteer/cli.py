@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -246,6 +247,27 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from featsteer.models import load_model
+    from featsteer.pipeline import split
+    from featsteer.probe_report import probe_report, write_probe_report
+
+    harmful, harmless = _load_pair(args)
+    model = load_model(args.model)
+    (harmful_train, harmful_test), (harmless_train, harmless_test) = split(harmful, 0.3), split(harmless, 0.3)
+    report = probe_report(model, (harmful_train, harmless_train), (harmful_test, harmless_test), positions=args.positions,
+                          n_effect=args.n_effect, batch_size=args.batch_size)
+    folder = write_probe_report(report, args.out, f"featsteer probe report: {model.name}")
+    print(f"{'hook':26} " + " ".join(f"{k + ' acc/sel':>22}" for k in report.sweep))
+    for i, hook in enumerate(report.hooks):
+        cells = " ".join(f"{rows[i].accuracy:>13.3f}/{rows[i].selectivity:<8.3f}" for rows in report.sweep.values())
+        print(f"{hook:26} {cells}")
+    best = report.best("linear")
+    print(f"\nbest linear-probe layer: {best.key} (accuracy {best.accuracy:.3f}, selectivity {best.selectivity:.3f})")
+    print(f"wrote {folder}/report.html, results.json, sweep.png, sweep.md")
+    return 0
+
+
 def _write_json(path: str, payload: dict) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -347,6 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--max-new-tokens", type=int, default=32)
     cmp_.set_defaults(run=_cmd_compare)
 
+    pr = sub.add_parser("probe", help="probe sweep per layer and the predict-control report")
+    pr.add_argument("--model", default="organism")
+    pr.add_argument("--harmful", required=True)
+    pr.add_argument("--harmless", required=True)
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--positions", default="last")
+    pr.add_argument("--n", type=int, help="use the first N prompts of each set")
+    pr.add_argument("--n-effect", type=int, default=32, help="test prompts per set for steering effects")
+    pr.add_argument("--batch-size", type=int, default=16)
+    pr.add_argument("--column")
+    pr.set_defaults(run=_cmd_probe)
+
     demo = sub.add_parser("demo", help="the full pipeline on the embedded organism")
     demo.add_argument("--model", default="organism")
     demo.add_argument("--out", help="run folder (default runs/<timestamp>)")
@@ -360,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `featsteer` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # scikit-learn's solver notices drown the tables; -v shows them
+        warnings.filterwarnings("ignore", module="sklearn")
     try:
         return args.run(args)
     except FeatsteerError as error:

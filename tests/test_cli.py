@@ -72,3 +72,13 @@ def test_console_script_help_runs():
     assert done.returncode == 0
     for command in ("info", "capture", "eval", "directions", "abliterate", "steer", "compare", "demo"):
         assert command in done.stdout
+
+
+def test_probe_command_writes_report(capsys, tmp_path):
+    code, out, _ = _run(capsys, "probe", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",
+                        "--n", "30", "--n-effect", "4", "--out", str(tmp_path / "p"))
+    assert code == 0 and "best linear-probe layer" in out
+    saved = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert set(saved["sweep"]) == {"diffmean", "linear", "whitened", "mahalanobis"}
+    assert {e["source"] for e in saved["effects"]} == {"dim", "linear", "whitened"}
+    assert "data:image/png;base64," in (tmp_path / "p" / "report.html").read_text()

@@ -1,0 +1,187 @@
+"""Where refusal is readable vs where it is used: probe sweeps next to steering effects.
+
+For every layer, probes (difference in means, logistic regression, whitened, Mahalanobis) are trained on
+harmful vs harmless activations and scored on held-out prompts with a shuffled-label control
+(selectivity). The same layer's directions (DIM, linear probe, whitened probe) are then ablated from every
+residual write and their steering effect is measured from first-token logits (drop of the refusal score on
+harmful prompts, KL on harmless prompts). Disagreements - a layer that classifies well but does not steer,
+or the reverse - are what the report is for.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from featsteer.activations import capture
+from featsteer.datasets import PromptSet
+from featsteer.directions import find_directions, separability
+from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
+from featsteer.interventions import Ablate, steer
+from featsteer.models import ModelAdapter
+
+PROBE_KINDS = ("diffmean", "linear", "whitened", "mahalanobis")
+SOURCES = ("dim", "linear", "whitened")
+
+
+def _probe(kind: str):
+    from probes import DiffMeanProbe, LinearProbe, MahalanobisProbe, WhitenedProbe
+
+    return {"diffmean": DiffMeanProbe, "linear": lambda: LinearProbe(Cs=5, cv=3), "whitened": WhitenedProbe,
+            "mahalanobis": MahalanobisProbe}[kind]()
+
+
+@dataclass(frozen=True)
+class SourceEffect:
+    """Classification and steering numbers for one direction source at one layer."""
+
+    layer: int
+    source: str
+    auroc: float
+    """Held-out AUROC of projecting on the direction."""
+    refusal_drop: float
+    """Mean refusal log-odds on harmful prompts, base minus ablated (higher = removes more refusal)."""
+    kl_harmless: float
+    """First-token KL(base || ablated) on harmless prompts."""
+
+
+@dataclass
+class ProbeReport:
+    """Sweep rows per probe kind, per-layer direction cosines, and per-source effects."""
+
+    sweep: dict[str, list]
+    cosines: list[dict]
+    effects: list[SourceEffect]
+    hooks: list[str]
+
+    def best(self, kind: str = "linear"):
+        """Sweep row with the highest selectivity for a probe kind."""
+        return max(self.sweep[kind], key=lambda r: r.selectivity)
+
+    def to_json(self) -> dict:
+        """JSON-ready form."""
+        return {"hooks": self.hooks, "sweep": {k: [asdict(r) for r in rows] for k, rows in self.sweep.items()},
+                "cosines": self.cosines, "effects": [asdict(e) for e in self.effects]}
+
+
+def probe_report(
+    model: ModelAdapter,
+    train: tuple[PromptSet, PromptSet],
+    test: tuple[PromptSet, PromptSet],
+    *,
+    positions: str = "last",
+    kind: str = "resid_pre",
+    n_effect: int = 32,
+    n_shuffles: int = 5,
+    batch_size: int = 16,
+) -> ProbeReport:
+    """Run the probe sweep and the predict-control comparison (see module docstring)."""
+    from probes import layer_sweep
+
+    hooks = model.hook_names((kind,))
+    acts = {(split, label): capture(model, prompts, hooks, positions=positions, batch_size=batch_size, label=label)
+            for split, pair in (("train", train), ("test", test)) for label, prompts in zip(("harmful", "harmless"), pair, strict=True)}
+
+    def xy(split: str, hook: str):
+        a, b = acts[(split, "harmful")].at_position(hook), acts[(split, "harmless")].at_position(hook)
+        return torch.cat([a, b]).double().numpy(), [1] * len(a) + [0] * len(b)
+
+    # a hook where every prompt has the same activation (layer 0 at a shared template token) carries nothing
+    hooks = [h for h in hooks if float((acts[("train", "harmful")].mean(h) - acts[("train", "harmless")].mean(h)).norm()) > 1e-9]
+    splits = {hook: (*xy("train", hook), *xy("test", hook)) for hook in hooks}
+    sweep = {probe_kind: layer_sweep(splits, lambda k=probe_kind: _probe(k), n_shuffles=n_shuffles) for probe_kind in PROBE_KINDS}
+    directions = {source: find_directions(acts[("train", "harmful")], acts[("train", "harmless")], source) for source in SOURCES}
+    cosines = []
+    for hook in hooks:
+        row = {"hook": hook}
+        for i, a in enumerate(SOURCES):
+            for b in SOURCES[i + 1 :]:
+                row[f"{a}~{b}"] = float(directions[a].direction(hook) @ directions[b].direction(hook))
+        cosines.append(row)
+    effects = _effects(model, directions, acts, hooks, test, n_effect, batch_size)
+    return ProbeReport(sweep, cosines, effects, hooks)
+
+
+def _effects(model, directions, acts, hooks, test, n_effect, batch_size) -> list[SourceEffect]:
+    tokens = RefusalTokens.for_tokenizer(model.tokenizer)
+    harmful, harmless = list(test[0])[:n_effect], list(test[1])[:n_effect]
+    base_refusal = refusal_score(first_token_logprobs(model, harmful, batch_size=batch_size), tokens).mean()
+    base_harmless = first_token_logprobs(model, harmless, batch_size=batch_size)
+    effects = []
+    for hook in hooks:
+        layer = model.hook_site(hook).layer
+        for source in SOURCES:
+            direction = directions[source].direction(hook)
+            score = separability(direction, acts[("train", "harmful")].at_position(hook), acts[("train", "harmless")].at_position(hook),
+                                 acts[("test", "harmful")].at_position(hook), acts[("test", "harmless")].at_position(hook))
+            if float(direction.norm()) == 0:
+                effects.append(SourceEffect(layer, source, score.auroc, 0.0, 0.0))
+                continue
+            with steer(model, Ablate(direction)):
+                ablated = refusal_score(first_token_logprobs(model, harmful, batch_size=batch_size), tokens).mean()
+                kl = kl_first_token(base_harmless, first_token_logprobs(model, harmless, batch_size=batch_size))
+            effects.append(SourceEffect(layer, source, score.auroc, float(base_refusal - ablated), kl))
+    return effects
+
+
+def _plot(report: ProbeReport) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for color, (kind, rows) in zip(("C0", "C1", "C2", "C3"), report.sweep.items(), strict=False):
+        layers = [int(r.key.split(".")[1]) for r in rows]
+        left.plot(layers, [r.accuracy for r in rows], marker="o", color=color, label=f"{kind} accuracy")
+        left.plot(layers, [r.selectivity for r in rows], linestyle="--", color=color, label=f"{kind} selectivity (dashed)")
+    left.xaxis.get_major_locator().set_params(integer=True)
+    right.xaxis.get_major_locator().set_params(integer=True)
+    left.set_xlabel("layer")
+    left.set_title("readable: held-out probe accuracy / selectivity")
+    left.legend(fontsize=7)
+    for source in SOURCES:
+        rows = [e for e in report.effects if e.source == source]
+        right.plot([e.layer for e in rows], [e.refusal_drop for e in rows], marker="o", label=f"{source}: refusal drop")
+    right.set_xlabel("layer")
+    right.set_title("used: refusal-score drop when ablated")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_probe_report(report: ProbeReport, out: str | Path, title: str = "featsteer probe report") -> Path:
+    """Write `results.json`, `sweep.png`, `sweep.md` and a self-contained `report.html`."""
+    from probes import sweep_table
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    png = _plot(report)
+    (folder / "sweep.png").write_bytes(png)
+    (folder / "results.json").write_text(json.dumps(report.to_json(), indent=1))
+    tables = "\n\n".join(f"### {kind}\n\n{sweep_table(rows)}" for kind, rows in report.sweep.items())
+    (folder / "sweep.md").write_text(tables + "\n")
+    effect_rows = "".join(
+        f"<tr><td>{e.layer}</td><td>{e.source}</td><td>{e.auroc:.3f}</td><td>{e.refusal_drop:.3f}</td><td>{e.kl_harmless:.4f}</td></tr>"
+        for e in report.effects
+    )
+    cos_rows = "".join("<tr>" + "".join(f"<td>{v if isinstance(v, str) else f'{v:.3f}'}</td>" for v in row.values()) + "</tr>" for row in report.cosines)
+    cos_head = "".join(f"<th>{html.escape(k)}</th>" for k in report.cosines[0]) if report.cosines else ""
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 7px;font-size:13px}}</style></head>
+<body><h1>{html.escape(title)}</h1><img alt="sweep" src="data:image/png;base64,{base64.b64encode(png).decode()}">
+<h2>Predict vs control: classification AUROC next to steering effect (ablation at every residual write)</h2>
+<table><tr><th>layer</th><th>source</th><th>held-out AUROC</th><th>refusal-score drop</th><th>KL harmless</th></tr>{effect_rows}</table>
+<h2>Cosine between direction sources per layer</h2><table><tr>{cos_head}</tr>{cos_rows}</table>
+<h2>Probe sweeps</h2><pre>{html.escape(tables)}</pre></body></html>"""
+    (folder / "report.html").write_text(page)
+    return folder
