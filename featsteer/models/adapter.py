@@ -239,8 +239,11 @@ class ModelAdapter(ABC):
 
         Rows stop at an end-of-turn token; the batch stops when every row has finished.
         """
+        from tqdm.auto import tqdm
+
         responses: list[str] = []
-        for start in range(0, len(instructions), batch_size):
+        starts = range(0, len(instructions), batch_size)
+        for start in tqdm(starts, desc="generate", unit="batch", disable=len(starts) < 3, leave=False):
             batch = self.tokenize(instructions[start : start + batch_size], system=system, chat=chat)
             tokens = self._greedy(batch, max_new_tokens)
             responses.extend(self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens)
