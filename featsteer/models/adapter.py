@@ -106,10 +106,12 @@ class ModelAdapter(ABC):
         """Attach hooks; return a function that removes every one of them."""
 
     @abstractmethod
-    def _forward(self, batch: TokenBatch, cache: object | None, want_cache: bool) -> tuple[Tensor, object | None]:
+    def _forward(self, batch: TokenBatch, cache: object | None, want_cache: bool, last_only: bool = False) -> tuple[Tensor, object | None]:
         """Run the model on `batch` (the new tokens only when `cache` is given); return `(logits, cache)`.
 
-        Backends without a KV cache return `None` as the cache and are then fed the whole sequence."""
+        Backends without a KV cache return `None` as the cache and are then fed the whole sequence.
+        With `last_only`, backends may return logits for the final position only (`(batch, 1, vocab)`),
+        which saves the unembedding of every prompt token (gigabytes for large vocabularies)."""
 
     @abstractmethod
     def residual_writers(self) -> list[ResidualWriter]:
@@ -197,12 +199,13 @@ class ModelAdapter(ABC):
                 mask[i, width - len(row) :] = 1
         return TokenBatch(input_ids.to(self.device), mask.to(self.device), torch.tensor(n_post, dtype=torch.long))
 
-    def run(self, batch: TokenBatch, *, stop_at: str | None = None) -> Tensor | None:
+    def run(self, batch: TokenBatch, *, stop_at: str | None = None, last_only: bool = False) -> Tensor | None:
         """One forward pass under `inference_mode`.
 
         Args:
             batch: left-padded tokens.
             stop_at: a hook name; the pass ends right after that hook fires (no logits are returned).
+            last_only: return logits of the last position only, `(batch, 1, vocab)`.
 
         Returns:
             Logits `(batch, pos, vocab)`, or None when `stop_at` ended the pass.
@@ -211,7 +214,7 @@ class ModelAdapter(ABC):
         remove = self._install_hooks([(stop_site, _raise_stop)]) if stop_site else (lambda: None)
         try:
             with torch.inference_mode():
-                logits, _ = self._forward(batch, None, False)
+                logits, _ = self._forward(batch, None, False, last_only)
             return logits
         except StopForward:
             return None
@@ -223,7 +226,7 @@ class ModelAdapter(ABC):
         out = []
         for start in range(0, len(instructions), batch_size):
             batch = self.tokenize(instructions[start : start + batch_size], system=system)
-            out.append(self.run(batch)[:, -1, :].float())
+            out.append(self.run(batch, last_only=True)[:, -1, :].float())
         return torch.cat(out)
 
     def generate(
@@ -257,7 +260,7 @@ class ModelAdapter(ABC):
         step, cache = batch, None
         with torch.inference_mode():
             for _ in range(max_new_tokens):
-                logits, cache = self._forward(step, cache, True)
+                logits, cache = self._forward(step, cache, True, last_only=True)
                 next_token = logits[:, -1, :].argmax(-1).masked_fill(finished, -1)
                 generated.append(next_token)
                 finished |= torch.isin(next_token, stop_ids)

@@ -122,7 +122,7 @@ class HFModelAdapter(ModelAdapter):
         return handles
 
     # ---- forward ------------------------------------------------------------------------------------
-    def _forward(self, batch: TokenBatch, cache: object | None, want_cache: bool) -> tuple[Tensor, object | None]:
+    def _forward(self, batch: TokenBatch, cache: object | None, want_cache: bool, last_only: bool = False) -> tuple[Tensor, object | None]:
         if cache is None and want_cache:
             from transformers import DynamicCache
 
@@ -133,6 +133,7 @@ class HFModelAdapter(ModelAdapter):
             position_ids=batch.position_ids,
             past_key_values=cache,
             use_cache=want_cache,
+            logits_to_keep=1 if last_only else 0,
         )
         return output.logits, (output.past_key_values if want_cache else None)
 
