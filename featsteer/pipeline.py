@@ -38,6 +38,8 @@ class DirectionConfig:
     """Validation prompts per set used to score candidates."""
     kl_threshold: float = 0.1
     """KL filter of the selection (nats)."""
+    top_k: int | None = 8
+    """Candidates that get the KL/induce checks after the ablation screen (None: all)."""
     batch_size: int = 16
     """Prompts per forward pass."""
 
@@ -93,7 +95,7 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
     found = time.perf_counter()
     selection = select_direction(
         model, candidates, harmful_val.head(min(config.n_select, len(harmful_val))), harmless_val.head(min(config.n_select, len(harmless_val))),
-        SelectionConfig(kl_threshold=config.kl_threshold, batch_size=config.batch_size),
+        SelectionConfig(kl_threshold=config.kl_threshold, batch_size=config.batch_size, top_k=config.top_k),
     )
     timings = {"capture_s": captured - start, "directions_s": found - captured, "selection_s": time.perf_counter() - found}
     return DirectionResult(candidates, selection, (harmful_train, harmless_train), (harmful_val, harmless_val), timings)

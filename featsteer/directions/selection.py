@@ -1,7 +1,7 @@
 """Choosing the refusal direction among candidates (layer x position), as in Arditi et al. 2024.
 
 Every candidate is scored on validation prompts from first-token logits only (no generation, so it is
-fast): (a) the refusal score of harmful prompts when the direction is ablated everywhere, (b) the KL
+fast), in two stages - the ablation refusal score for all, the two other checks for the best `top_k`: (a) the refusal score of harmful prompts when the direction is ablated everywhere, (b) the KL
 divergence of harmless prompts' first-token distribution under that ablation, and (c) the refusal score of
 harmless prompts when the raw mean difference is added at the candidate's own layer. Candidates in the
 last `skip_last_fraction` of layers, above the KL threshold, or whose addition does not induce refusal are
@@ -37,6 +37,9 @@ class SelectionConfig:
     """Discard candidates whose addition to harmless prompts does not raise the refusal score above 0."""
     batch_size: int = 16
     """Prompts per forward pass."""
+    top_k: int | None = 8
+    """Two-stage scoring: every candidate gets the ablation refusal score (one pass over harmful prompts);
+    only the `top_k` lowest then get the KL and induce checks (two more passes). None checks every one."""
     fallback: bool = True
     """When no candidate passes the filters, pick the lowest ablated refusal score among candidates in
     the allowed layers anyway (logged as a warning and marked in the table) instead of failing."""
@@ -83,6 +86,15 @@ class Selection:
                 "base_refusal_harmful": self.base_refusal_harmful, "base_refusal_harmless": self.base_refusal_harmless}
 
 
+def _kl_and_induce(model, candidates: DirectionSet, i: int, harmless, base_harmless_logprobs, tokens, batch_size: int) -> tuple[float, float]:
+    with steer(model, Ablate(weighted_basis(candidates, i))):
+        kl = kl_first_token(base_harmless_logprobs, first_token_logprobs(model, harmless, batch_size=batch_size))
+    norm = candidates.scores.get("mean_diff_norm", [1.0] * len(candidates))[i]
+    with steer(model, AddDirection(candidates.bases[i, 0] * norm, 1.0, where=candidates.hook_names[i])):
+        induced = refusal_score(first_token_logprobs(model, harmless, batch_size=batch_size), tokens).mean()
+    return float(kl), float(induced)
+
+
 def select_direction(
     model: ModelAdapter,
     candidates: DirectionSet,
@@ -102,23 +114,29 @@ def select_direction(
     base_harmful = refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size), tokens)
     base_harmless_logprobs = first_token_logprobs(model, harmless, batch_size=config.batch_size)
     max_layer = int((1 - config.skip_last_fraction) * model.n_layers)
-    scores = []
-    for i in tqdm(range(len(candidates)), desc="select", disable=not progress, leave=False):
+    scores: list[CandidateScore] = []
+    ablated: dict[int, float] = {}
+    for i in tqdm(range(len(candidates)), desc="select: ablate", disable=not progress, leave=False):
         hook, position = candidates.hook_names[i], candidates.positions[i]
         layer = model.hook_site(hook).layer or 0
-        basis = weighted_basis(candidates, i)
-        if layer >= max_layer or float(basis.norm()) == 0:
-            scores.append(CandidateScore(i, hook, layer, position, float("nan"), float("nan"), float("nan"), False,
-                                         "late layer" if layer >= max_layer else "zero direction"))
+        if layer >= max_layer or float(weighted_basis(candidates, i).norm()) == 0:
+            reason = "late layer" if layer >= max_layer else "zero direction"
+            scores.append(CandidateScore(i, hook, layer, position, float("nan"), float("nan"), float("nan"), False, reason))
             continue
-        with steer(model, Ablate(basis)):
-            ablated = refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size), tokens).mean()
-            kl = kl_first_token(base_harmless_logprobs, first_token_logprobs(model, harmless, batch_size=config.batch_size))
-        norm = candidates.scores.get("mean_diff_norm", [1.0] * len(candidates))[i]
-        with steer(model, AddDirection(candidates.bases[i, 0] * norm, 1.0, where=hook)):
-            induced = refusal_score(first_token_logprobs(model, harmless, batch_size=config.batch_size), tokens).mean()
+        with steer(model, Ablate(weighted_basis(candidates, i))):
+            ablated[i] = float(refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size), tokens).mean())
+    ranked = sorted(ablated, key=ablated.get)
+    finalists = set(ranked if config.top_k is None else ranked[: config.top_k])
+    for i in tqdm(ranked, desc="select: KL/induce", disable=not progress, leave=False):
+        hook, position = candidates.hook_names[i], candidates.positions[i]
+        layer = model.hook_site(hook).layer or 0
+        if i not in finalists:
+            scores.append(CandidateScore(i, hook, layer, position, ablated[i], float("nan"), float("nan"), False, "not in top-k"))
+            continue
+        kl, induced = _kl_and_induce(model, candidates, i, harmless, base_harmless_logprobs, tokens, config.batch_size)
         reason = "kl too high" if kl > config.kl_threshold else ("no induced refusal" if config.require_induce and induced <= 0 else "")
-        scores.append(CandidateScore(i, hook, layer, position, float(ablated), float(kl), float(induced), not reason, reason or "kept"))
+        scores.append(CandidateScore(i, hook, layer, position, ablated[i], kl, induced, not reason, reason or "kept"))
+    scores.sort(key=lambda c: c.index)
     kept = [c for c in scores if c.kept]
     scored = [c for c in scores if c.reason in ("kl too high", "no induced refusal")]
     if not kept and config.fallback and scored:
