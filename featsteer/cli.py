@@ -118,7 +118,7 @@ def _logit_metrics(model, harmful, harmless, args: argparse.Namespace) -> dict:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from featsteer.demo import run_demo
 
-    result = run_demo(args.model, args.out, n_eval=args.n, max_new_tokens=args.max_new_tokens)
+    result = run_demo(args.model, args.out, n_eval=args.n, max_new_tokens=args.max_new_tokens, full=not args.quick)
     print(f"== refusal behaviour of {result.report.model} (built-in test split)")
     print(result.report.table())
     print("\n== difference-in-means direction per layer (resid_pre, last token; train -> held-out test)")
@@ -128,7 +128,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"{row.hook:28} {row.mean_diff_norm:11.3f} {s.accuracy:9.3f} {s.auroc:7.3f} {s.gap:9.2f}")
     best = result.best
     print(f"\nbest layer: {best.hook} (held-out accuracy {best.separability.accuracy:.3f})")
-    print(f"outputs in {result.run_dir}/ ({result.seconds:.1f}s)")
+    if result.comparison is not None:
+        chosen = result.comparison.setup["chosen"].get("dim", {})
+        print(f"\n== every method on the same held-out prompts (DIM direction: {chosen.get('hook')} position {chosen.get('position')})")
+        print(result.comparison.table())
+    if result.probes is not None:
+        row = result.probes.best("linear")
+        print(f"\n== probes: best linear-probe layer {row.key} (accuracy {row.accuracy:.3f}, selectivity {row.selectivity:.3f})")
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in (result.stage_seconds or {}).items())
+    print(f"\noutputs in {result.run_dir}/ (open index.html); {result.seconds:.0f}s in all ({stages})")
     return 0
 
 
@@ -386,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="run folder (default runs/<timestamp>)")
     demo.add_argument("--n", type=int, default=64, help="prompts per set for the behaviour check")
     demo.add_argument("--max-new-tokens", type=int, default=32)
+    demo.add_argument("--quick", action="store_true", help="behaviour and DIM only (skip compare and probes)")
     demo.set_defaults(run=_cmd_demo)
     return parser
 

@@ -39,6 +39,9 @@ class DemoResult:
     report: RefusalReport
     layers: list[LayerRow]
     seconds: float
+    comparison: object | None = None
+    probes: object | None = None
+    stage_seconds: dict | None = None
 
     @property
     def best(self) -> LayerRow:
@@ -72,24 +75,70 @@ def layer_separability(model: ModelAdapter, n_train: int | None = None, position
     return rows, directions
 
 
-def run_demo(model_spec: str = "organism", run_dir: str | Path | None = None, n_eval: int = 64, max_new_tokens: int = 32) -> DemoResult:
-    """Evaluate refusal, capture activations, and score DIM directions layer by layer.
+def run_demo(model_spec: str = "organism", run_dir: str | Path | None = None, n_eval: int = 64, max_new_tokens: int = 32,
+             full: bool = True) -> DemoResult:
+    """The whole pipeline on one model, every output under `run_dir`.
+
+    Stages: refusal behaviour on the built-in test split; DIM separability per layer; Arditi selection and
+    every registered intervention method on the same held-out prompts (`compare/`); the probe sweep and
+    predict-control report (`probe/`); an `index.html` linking it all.
 
     Args:
         model_spec: anything `load_model` accepts.
         run_dir: output folder (default `runs/<timestamp>/`).
         n_eval: prompts per set for the behaviour check (built-in test split).
-        max_new_tokens: generation cap for the behaviour check.
+        max_new_tokens: generation cap for every generation.
+        full: also run the comparison and the probe report (False: behaviour and DIM only).
     """
+    from featsteer.compare import compare, write_report
+    from featsteer.probe_report import probe_report, write_probe_report
+
     start = time.perf_counter()
+    stages: dict[str, float] = {}
     out = Path(run_dir) if run_dir else default_run_dir()
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(model_spec)
-    harmful, harmless = builtin_prompts("harmful", "test"), builtin_prompts("harmless", "test")
-    report = evaluate_refusal(model, harmful.head(min(n_eval, len(harmful))), harmless.head(min(n_eval, len(harmless))),
-                              GenerationConfig(max_new_tokens=max_new_tokens))
+    test = {label: builtin_prompts(label, "test") for label in ("harmful", "harmless", "alarming")}
+    gen = GenerationConfig(max_new_tokens=max_new_tokens)
+    report = evaluate_refusal(model, test["harmful"].head(min(n_eval, len(test["harmful"]))),
+                              test["harmless"].head(min(n_eval, len(test["harmless"]))), gen)
     (out / "eval.json").write_text(json.dumps(report.to_json(), indent=1))
+    stages["behaviour"] = time.perf_counter() - start
     rows, directions = layer_separability(model)
     directions.save(out / "directions")
     (out / "dim_layers.json").write_text(json.dumps([{**asdict(r), "separability": asdict(r.separability)} for r in rows], indent=1))
-    return DemoResult(out, report, rows, time.perf_counter() - start)
+    stages["dim_layers"] = time.perf_counter() - start - sum(stages.values())
+    comparison = probes = None
+    if full:
+        train = {label: builtin_prompts(label, "train") + builtin_prompts(label, "val") for label in ("harmful", "harmless")}
+        comparison = compare(model, train["harmful"], train["harmless"], eval_harmful=test["harmful"], eval_harmless=test["harmless"],
+                             alarming=test["alarming"], generation=gen)
+        write_report(comparison, out / "compare")
+        stages["compare"] = time.perf_counter() - start - sum(stages.values())
+        probes = probe_report(model, (builtin_prompts("harmful", "train"), builtin_prompts("harmless", "train")),
+                              (test["harmful"], test["harmless"]))
+        write_probe_report(probes, out / "probe", f"featsteer probe report: {model.name}")
+        stages["probes"] = time.perf_counter() - start - sum(stages.values())
+    result = DemoResult(out, report, rows, time.perf_counter() - start, comparison, probes, stages)
+    (out / "index.html").write_text(_index_html(result))
+    return result
+
+
+def _index_html(result: DemoResult) -> str:
+    import html
+
+    best = result.best
+    links = ""
+    if result.comparison is not None:
+        links += '<li><a href="compare/report.html">method comparison</a> (refusal and KL for every method, Pareto plot)</li>'
+    if result.probes is not None:
+        links += '<li><a href="probe/report.html">probe sweep and predict-control report</a></li>'
+    table = result.comparison.table() if result.comparison is not None else ""
+    layer_rows = "".join(f"<tr><td>{r.hook}</td><td>{r.separability.accuracy:.3f}</td><td>{r.separability.auroc:.3f}</td></tr>" for r in result.layers)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>featsteer demo</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:3px 8px}}table{{border-collapse:collapse}}</style></head>
+<body><h1>featsteer demo: {html.escape(result.report.model)}</h1><ul>{links}<li><a href="eval.json">eval.json</a>, <a href="dim_layers.json">dim_layers.json</a></li></ul>
+<h2>Refusal behaviour (built-in test split)</h2><pre>{html.escape(result.report.table())}</pre>
+<h2>DIM direction per layer (held-out accuracy, AUROC)</h2><table><tr><th>hook</th><th>accuracy</th><th>AUROC</th></tr>{layer_rows}</table>
+<p>Best layer: {best.hook}</p><h2>Methods</h2><pre>{html.escape(table)}</pre>
+<p>Run time {result.seconds:.0f}s.</p></body></html>"""

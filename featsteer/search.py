@@ -1,0 +1,593 @@
+"""Multi-objective search over abliteration settings: less refusal for as little collateral change as possible.
+
+Classic abliteration removes one direction from every writer at full strength. That is rarely the best
+trade-off: a direction interpolated between two layers, a kernel that concentrates the edit around some
+layers (separately for attention and MLP writers) and a weaker embedding edit can remove as much refusal
+while moving harmless outputs less. This module searches that space with optuna's multi-objective TPE
+(heretic's recipe), minimising two objectives at once rather than a weighted sum, so the output is a
+Pareto front the user chooses from instead of one arbitrary compromise:
+
+- refusal: a cheap logit proxy on harmful validation prompts (mean first-token refusal log-odds, or the
+  share of prompts whose log-odds are positive), read with the edit applied;
+- KL: first-token KL(base || edited) on harmless validation prompts.
+
+Every trial edits the weights inside an `EditHandle` context, so the model is restored bit for bit after
+each trial, even when a trial fails. The proxy only screens: the most promising Pareto points are then
+verified by greedy generation with the refusal detector (refusal rate on held-out harmful prompts and
+over-refusal on harmless ones), and the recommended point is chosen from the verified ones.
+
+The study lives in `<out>/search.db` (SQLite) under a fixed name, so running again with the same folder
+resumes it; `n_trials` is the total trial count, not the count of this run. Results are written as
+`pareto.json` and `pareto.png`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import optuna
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from featsteer.datasets import prompt_set_hash
+from featsteer.directions import DirectionSet, unit
+from featsteer.edits import EditConfig, LayerKernel, apply_edit
+from featsteer.errors import FeatsteerError
+from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set
+from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
+from featsteer.evaluation.refusal import RefusalDetector
+from featsteer.models import ModelAdapter
+from featsteer.pipeline import DirectionResult
+
+logger = logging.getLogger(__name__)
+
+STUDY_NAME = "featsteer-abliteration-search"
+"""Name of the optuna study inside `search.db`; fixed so that a second run finds and resumes it."""
+
+SEARCH_MODES = ("orthogonalize", "norm_preserving")
+"""Edit modes the search may use: the two abliteration modes of `EditConfig`."""
+
+REFUSAL_OBJECTIVES = ("score", "rate")
+"""`score`: mean refusal log-odds of harmful prompts; `rate`: share of harmful prompts with log-odds > 0."""
+
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(\w+)$")
+_KERNEL_PARTS = ("peak", "width", "max_weight", "min_fraction")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Ranges searched, relative to the model's depth."""
+
+    max_layer_fraction: float = 0.8
+    """The direction layer ranges over `[0, max_layer_fraction * n_layers - 1]` (late layers mostly encode
+    the next token, as in the Arditi selection)."""
+    max_weight: tuple[float, float] = (0.5, 1.5)
+    """Range of each kernel's peak strength (1 removes the direction entirely at the peak)."""
+    min_width: float = 1.0
+    """Smallest kernel width in layers; the largest is `n_layers`. Kernel peaks range over `[0, n_layers - 1]`."""
+    embedding_strength: tuple[float, float] = (0.0, 1.0)
+    """Range of the embedding edit's strength (0 leaves the embeddings untouched)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_weight", tuple(float(v) for v in self.max_weight))
+        object.__setattr__(self, "embedding_strength", tuple(float(v) for v in self.embedding_strength))
+        for name in ("max_weight", "embedding_strength"):
+            low, high = getattr(self, name)
+            if not 0 <= low <= high:
+                raise FeatsteerError(f"search space {name} must be (low, high) with 0 <= low <= high, got ({low}, {high})")
+        if not 0 < self.max_layer_fraction <= 1:
+            raise FeatsteerError(f"max_layer_fraction must be in (0, 1], got {self.max_layer_fraction}")
+        if self.min_width <= 0:
+            raise FeatsteerError(f"min_width must be positive, got {self.min_width}")
+
+    def bounds(self, n_layers: int, n_directions: int, first_layer: int = 0) -> dict[str, tuple[float, float]]:
+        """`{parameter: (low, high)}` for a model with `n_layers` layers.
+
+        Args:
+            n_layers: decoder layers of the model.
+            n_directions: layers with a candidate direction (0 .. n_directions - 1).
+            first_layer: first layer whose direction is usable (not zero).
+
+        Kernels are parametrised by `min_fraction = min_weight / max_weight` rather than `min_weight` so that
+        every range is fixed, which (multivariate) TPE needs.
+        """
+        top_layer = float(n_layers - 1)
+        top_direction = min(self.max_layer_fraction * n_layers - 1, n_directions - 1)
+        out = {"direction_layer": (float(first_layer), max(float(first_layer), top_direction))}
+        for writer in ("attn", "mlp"):
+            out[f"{writer}.peak"] = (0.0, top_layer)
+            out[f"{writer}.width"] = (min(self.min_width, float(n_layers)), float(n_layers))
+            out[f"{writer}.max_weight"] = self.max_weight
+            out[f"{writer}.min_fraction"] = (0.0, 1.0)
+        out["embedding_strength"] = self.embedding_strength
+        return out
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SearchSpace:
+        """Inverse of `to_dict`."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How the abliteration search runs."""
+
+    n_trials: int = 50
+    """Total finished trials (complete or failed) in the study, counting those of earlier runs into the same folder."""
+    seed: int = 0
+    """Sampler seed. A resumed run seeds with `seed + trials already finished`, so it does not replay the
+    random start-up trials of the first run; the same history and seed give the same trials."""
+    position: int | None = None
+    """Token position whose candidate directions are interpolated; None: the selected direction's position."""
+    mode: str = "orthogonalize"
+    """Edit mode: `orthogonalize` or `norm_preserving`."""
+    refusal_objective: str = "score"
+    """Proxy refusal objective: `score` (mean refusal log-odds, continuous) or `rate` (share > 0)."""
+    max_kl_for_choice: float = 0.05
+    """The recommended point is the verified one with the lowest refusal rate among those with proxy KL at
+    most this (nats); when none qualifies, the verified one with the lowest KL."""
+    verify_top: int = 8
+    """How many Pareto points to verify by generation."""
+    max_new_tokens: int = 32
+    """Generated tokens per response during verification."""
+    batch_size: int = 16
+    """Prompts per forward pass or generation batch."""
+    n_proxy_prompts: int = 32
+    """Validation prompts per set used by the logit proxy (the first ones of `DirectionResult.val`)."""
+    n_startup_trials: int = 10
+    """Random trials before TPE starts modelling the objectives."""
+    enqueue_classic: bool = True
+    """Start a new study with classic abliteration (the selected layer, strength 1 everywhere) as trial 0,
+    so the front always contains the baseline edit."""
+    space: SearchSpace = field(default_factory=SearchSpace)
+    """Ranges searched."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in SEARCH_MODES:
+            raise FeatsteerError(f"search mode '{self.mode}' is not an abliteration mode: use one of {', '.join(SEARCH_MODES)}")
+        if self.refusal_objective not in REFUSAL_OBJECTIVES:
+            raise FeatsteerError(f"unknown refusal objective '{self.refusal_objective}': use one of {', '.join(REFUSAL_OBJECTIVES)}")
+        for name in ("n_trials", "verify_top", "max_new_tokens", "batch_size", "n_proxy_prompts"):
+            if getattr(self, name) < 1:
+                raise FeatsteerError(f"search {name} must be at least 1, got {getattr(self, name)}")
+        if self.n_startup_trials < 0 or self.max_kl_for_choice < 0:
+            raise FeatsteerError("n_startup_trials and max_kl_for_choice must not be negative")
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "space"}, "space": self.space.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SearchConfig:
+        """Inverse of `to_dict`."""
+        space = data.get("space")
+        return cls(**{**data, "space": SearchSpace() if space is None else SearchSpace.from_dict(space)})
+
+
+# ---- directions ------------------------------------------------------------------------------------
+def layer_directions(candidates: DirectionSet, position: int, kind: str = "resid_pre") -> Float[Tensor, "layer d_model"]:
+    """The rank-1 candidate direction of every layer at one position and hook kind, stacked by layer.
+
+    Raises:
+        FeatsteerError: for rank-k candidates, or when some layer has no candidate at `position`.
+    """
+    if candidates.rank != 1:
+        raise FeatsteerError(f"the search interpolates single directions but the candidates are rank-{candidates.rank}: use --method dim")
+    by_layer: dict[int, Tensor] = {}
+    for i, (hook, pos) in enumerate(zip(candidates.hook_names, candidates.positions, strict=True)):
+        match = _HOOK_RE.match(hook)
+        if match is not None and match.group(2) == kind and pos == position:
+            by_layer[int(match.group(1))] = candidates.bases[i, 0]
+    if not by_layer or sorted(by_layer) != list(range(len(by_layer))):
+        raise FeatsteerError(f"no candidate {kind} directions for consecutive layers from 0 at position {position} "
+                             f"(positions available: {sorted(set(candidates.positions))})")
+    return torch.stack([by_layer[layer] for layer in range(len(by_layer))])
+
+
+def first_usable_layer(table: Float[Tensor, "layer d_model"]) -> int:
+    """The first layer whose direction is not zero.
+
+    At layer 0's `resid_pre` the stream is the token embedding, so at template positions (the same tokens in
+    every prompt) the difference in means is exactly zero; the search starts above such layers.
+
+    Raises:
+        FeatsteerError: when every direction is zero.
+    """
+    nonzero = table.abs().amax(dim=-1) > 0
+    if not bool(nonzero.any()):
+        raise FeatsteerError("every candidate direction at this position is zero: choose another position")
+    return int(nonzero.nonzero()[0, 0])
+
+
+def interpolate_direction(table: Float[Tensor, "layer d_model"], layer: float) -> Float[Tensor, " d_model"]:
+    """Unit direction at a fractional layer: the renormalised linear interpolation of its two neighbours.
+
+    At an integer layer this is exactly that layer's direction (no renormalisation round-off).
+
+    Raises:
+        FeatsteerError: for a layer outside `[0, n_layers - 1]`, a zero direction or neighbours that cancel.
+    """
+    if not 0 <= layer <= table.shape[0] - 1:
+        raise FeatsteerError(f"direction layer {layer} is outside [0, {table.shape[0] - 1}]")
+    low = math.floor(layer)
+    weight = layer - low
+    if weight == 0:
+        if not bool(table[low].any()):
+            raise FeatsteerError(f"the direction at layer {low} is zero (identical activations): search other layers")
+        return table[low].clone()
+    mixed = (1 - weight) * table[low].double() + weight * table[low + 1].double()
+    return unit(mixed).to(table.dtype)
+
+
+def edit_from_params(params: dict[str, float], mode: str = "orthogonalize") -> EditConfig:
+    """The `EditConfig` a trial's parameters describe (kernels from peak, width, max weight, min fraction)."""
+    kernels = {}
+    for writer in ("attn", "mlp"):
+        peak, width, max_weight, min_fraction = (float(params[f"{writer}.{part}"]) for part in _KERNEL_PARTS)
+        kernels[f"{writer}_kernel"] = LayerKernel(peak, width, max_weight, max_weight * min_fraction)
+    return EditConfig(mode=mode, embedding_strength=float(params["embedding_strength"]), **kernels)
+
+
+def edit_config_from_dict(data: dict) -> EditConfig:
+    """Inverse of `EditConfig.to_dict`."""
+    known = {f.name for f in fields(EditConfig)}
+    if set(data) - known:
+        raise FeatsteerError(f"unknown edit config keys {sorted(set(data) - known)}: expected {sorted(known)}")
+    kernels = {k: None if data.get(k) is None else LayerKernel.from_dict(data[k]) for k in ("attn_kernel", "mlp_kernel")}
+    return EditConfig(**{**data, **kernels})
+
+
+# ---- results ---------------------------------------------------------------------------------------
+@dataclass
+class SearchResult:
+    """Every finished trial, the Pareto front (verified where generation was run), and the recommended point."""
+
+    trials: list[dict]
+    """One record per completed trial: number, params, edit, proxy objectives, seconds, pareto flag."""
+    pareto: list[dict]
+    """The Pareto-optimal trials by KL, each with `verified` (generation results) or None."""
+    best: dict | None
+    """The recommended verified Pareto point (see `SearchConfig.max_kl_for_choice`); None if nothing ran."""
+    baseline: dict
+    """The unedited model's proxy and verified refusal."""
+    setup: dict
+    """What the study was run on (model, direction provenance, position, prompt hashes, ranges)."""
+    config: SearchConfig
+    """The configuration of the run that wrote this result."""
+    timings: dict = field(default_factory=dict)
+    """Wall time: `screen_s`, `verify_s`, `mean_trial_s` (all trials in the study)."""
+
+    def edit_config(self) -> EditConfig:
+        """The recommended edit."""
+        if self.best is None:
+            raise FeatsteerError("the search has no verified trial to recommend: run more trials")
+        return edit_config_from_dict(self.best["edit"])
+
+    def direction(self, result: DirectionResult) -> Float[Tensor, " d_model"]:
+        """The recommended (interpolated) direction, rebuilt from the candidates the search ran on."""
+        if self.best is None:
+            raise FeatsteerError("the search has no verified trial to recommend: run more trials")
+        table = layer_directions(result.candidates, self.setup["position"], self.setup["kind"])
+        return interpolate_direction(table, self.best["params"]["direction_layer"])
+
+    def to_json(self) -> dict:
+        """The `pareto.json` form."""
+        return {"best": self.best, "pareto": self.pareto, "baseline": self.baseline, "setup": self.setup,
+                "config": self.config.to_dict(), "timings": self.timings, "n_trials": len(self.trials), "trials": self.trials}
+
+    @classmethod
+    def from_json(cls, data: dict) -> SearchResult:
+        """Inverse of `to_json`."""
+        return cls(data["trials"], data["pareto"], data["best"], data["baseline"], data["setup"],
+                   SearchConfig.from_dict(data["config"]), data.get("timings", {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> SearchResult:
+        """Read `pareto.json` from a search folder."""
+        file = Path(path) / "pareto.json"
+        if not file.is_file():
+            raise FeatsteerError(f"{path} holds no search result (pareto.json missing): run the search first")
+        return cls.from_json(json.loads(file.read_text()))
+
+
+# ---- the proxy objective ---------------------------------------------------------------------------
+@dataclass
+class _Screen:
+    """The optuna objective: apply a trial's edit, read first-token logits, revert."""
+
+    model: ModelAdapter
+    table: Tensor
+    bounds: dict[str, tuple[float, float]]
+    config: SearchConfig
+    harmful: list[str]
+    harmless: list[str]
+    base_harmless: Tensor
+    tokens: RefusalTokens
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        params = {name: trial.suggest_float(name, low, high) for name, (low, high) in self.bounds.items()}
+        start = time.perf_counter()
+        direction = interpolate_direction(self.table, params["direction_layer"])
+        with apply_edit(self.model, direction, edit_from_params(params, self.config.mode)):
+            harmful = first_token_logprobs(self.model, self.harmful, batch_size=self.config.batch_size)
+            harmless = first_token_logprobs(self.model, self.harmless, batch_size=self.config.batch_size)
+        scores = refusal_score(harmful, self.tokens)
+        proxy = {"refusal_score": float(scores.mean()), "refusal_rate": float((scores > 0).double().mean()),
+                 "kl": kl_first_token(self.base_harmless, harmless)}
+        seconds = time.perf_counter() - start
+        for key, value in {**proxy, "seconds": seconds}.items():
+            trial.set_user_attr(key, value)
+        logger.info("trial %d: layer %.2f refusal score %.3f (rate %.2f) KL %.4f in %.2fs", trial.number,
+                    params["direction_layer"], proxy["refusal_score"], proxy["refusal_rate"], proxy["kl"], seconds)
+        return proxy[f"refusal_{self.config.refusal_objective}"], proxy["kl"]
+
+
+def _trial_record(trial: optuna.trial.FrozenTrial, mode: str, pareto_numbers: set[int]) -> dict:
+    attrs = trial.user_attrs
+    return {"number": trial.number, "params": dict(trial.params), "edit": edit_from_params(trial.params, mode).to_dict(),
+            "refusal_score": attrs["refusal_score"], "refusal_rate_proxy": attrs["refusal_rate"], "kl": attrs["kl"],
+            "seconds": attrs["seconds"], "pareto": trial.number in pareto_numbers}
+
+
+def _classic_params(bounds: dict[str, tuple[float, float]], layer: int, n_layers: int) -> dict[str, float]:
+    """Classic abliteration in the search's parameters: strength 1 at every layer and on the embedding."""
+    wanted = {"direction_layer": float(layer), "embedding_strength": 1.0}
+    for writer in ("attn", "mlp"):
+        wanted |= {f"{writer}.peak": (n_layers - 1) / 2, f"{writer}.width": float(n_layers),
+                   f"{writer}.max_weight": 1.0, f"{writer}.min_fraction": 1.0}
+    return {name: min(max(value, bounds[name][0]), bounds[name][1]) for name, value in wanted.items()}
+
+
+# ---- the search ------------------------------------------------------------------------------------
+def _setup(model: ModelAdapter, result: DirectionResult, config: SearchConfig, position: int, kind: str,
+           bounds: dict, proxy: tuple[list[str], list[str]]) -> dict:
+    provenance = result.candidates.provenance
+    return {"model": model.name, "n_layers": model.n_layers, "method": result.candidates.method, "position": position,
+            "kind": kind, "harmful_sha256": provenance.get("harmful_sha256"), "harmless_sha256": provenance.get("harmless_sha256"),
+            "mode": config.mode, "refusal_objective": config.refusal_objective,
+            "proxy_harmful_sha256": prompt_set_hash(proxy[0]), "proxy_harmless_sha256": prompt_set_hash(proxy[1]),
+            "bounds": {k: list(v) for k, v in bounds.items()}}
+
+
+def _open_study(out: Path, setup: dict) -> optuna.Study:
+    """Create or resume the study in `out/search.db`, refusing to mix trials of a different set-up."""
+    out.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{(out / 'search.db').resolve()}"
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, directions=["minimize", "minimize"], load_if_exists=True)
+    stored = study.user_attrs.get("setup")
+    if stored is None:
+        study.set_user_attr("setup", setup)
+    elif stored != setup:
+        changed = sorted(k for k in setup.keys() | stored.keys() if setup.get(k) != stored.get(k))
+        raise FeatsteerError(f"{out} holds a search with a different set-up ({', '.join(changed)} changed): choose a new output folder")
+    return study
+
+
+def _run_trials(study: optuna.Study, screen: _Screen, config: SearchConfig, classic: dict[str, float]) -> None:
+    """Run trials until the study holds `config.n_trials` finished ones."""
+    finished = [t for t in study.trials if t.state.is_finished()]
+    remaining = config.n_trials - len(finished)
+    if remaining <= 0:
+        logger.info("study already holds %d finished trials (asked for %d): no new trials", len(finished), config.n_trials)
+        return
+    if not study.trials and config.enqueue_classic:
+        study.enqueue_trial(classic)
+    study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(finished), n_startup_trials=config.n_startup_trials)
+    logger.info("running %d trials (%d already finished)", remaining, len(finished))
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study.optimize(screen, n_trials=remaining, catch=(FeatsteerError,))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _verify_key(harmful: Sequence[str], harmless: Sequence[str], config: SearchConfig, detector: RefusalDetector) -> str:
+    """Hash of everything a verification depends on, so cached verifications are reused only when valid."""
+    spec = {"harmful": prompt_set_hash(list(harmful)), "harmless": prompt_set_hash(list(harmless)),
+            "max_new_tokens": config.max_new_tokens, "markers": list(detector.markers),
+            "prefix_only": detector.prefix_only, "prefix_chars": detector.prefix_chars}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _generate(model: ModelAdapter, eval_sets: tuple[Sequence[str], Sequence[str]], config: SearchConfig,
+              detector: RefusalDetector) -> dict:
+    """Greedy refusal rates of the model as it currently is on the harmful and harmless evaluation sets."""
+    generation = GenerationConfig(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+    start = time.perf_counter()
+    harmful = evaluate_set(model, eval_sets[0], "harmful", generation, detector)
+    harmless = evaluate_set(model, eval_sets[1], "harmless", generation, detector)
+    return {"refusal_rate": harmful.rate.rate, "ci_harmful": [harmful.rate.low, harmful.rate.high], "n_harmful": harmful.rate.n,
+            "harmless_refusal_rate": harmless.rate.rate, "ci_harmless": [harmless.rate.low, harmless.rate.high],
+            "n_harmless": harmless.rate.n, "examples": harmful.examples(2), "seconds": time.perf_counter() - start}
+
+
+def _verification_order(pareto: list[dict], config: SearchConfig) -> list[dict]:
+    """Pareto points most relevant to the choice first: within the KL budget by proxy refusal, then the rest by KL."""
+    max_kl = config.max_kl_for_choice
+    objective = "refusal_score" if config.refusal_objective == "score" else "refusal_rate_proxy"
+    within = sorted((p for p in pareto if p["kl"] <= max_kl), key=lambda p: (p[objective], p["refusal_score"], p["kl"]))
+    beyond = sorted((p for p in pareto if p["kl"] > max_kl), key=lambda p: p["kl"])
+    return within + beyond
+
+
+def _verify(study: optuna.Study, model: ModelAdapter, table: Tensor, pareto: list[dict], eval_sets: tuple, config: SearchConfig,
+            detector: RefusalDetector) -> None:
+    """Attach generation results to the top Pareto points (cached in the study across runs)."""
+    key = _verify_key(*eval_sets, config, detector)
+    for point in pareto:
+        point["verified"] = None
+    for point in _verification_order(pareto, config)[: config.verify_top]:
+        cached = study.user_attrs.get(f"verified:{point['number']}")
+        if cached is not None and cached.get("key") == key:
+            point["verified"] = cached["result"]
+            continue
+        direction = interpolate_direction(table, point["params"]["direction_layer"])
+        with apply_edit(model, direction, edit_config_from_dict(point["edit"])):
+            point["verified"] = _generate(model, eval_sets, config, detector)
+        study.set_user_attr(f"verified:{point['number']}", {"key": key, "result": point["verified"]})
+        logger.info("verified trial %d: refusal %.3f, harmless refusal %.3f, KL %.4f", point["number"],
+                    point["verified"]["refusal_rate"], point["verified"]["harmless_refusal_rate"], point["kl"])
+
+
+def choose_best(pareto: list[dict], max_kl: float) -> dict | None:
+    """The verified point with the lowest refusal rate among those with KL <= `max_kl`, else the lowest KL."""
+    verified = [p for p in pareto if p.get("verified")]
+    within = [p for p in verified if p["kl"] <= max_kl]
+    if within:
+        return min(within, key=lambda p: (p["verified"]["refusal_rate"], p["verified"]["harmless_refusal_rate"], p["kl"]))
+    return min(verified, key=lambda p: p["kl"], default=None)
+
+
+def _baseline(study: optuna.Study, model: ModelAdapter, screen: _Screen, eval_sets: tuple, config: SearchConfig,
+              detector: RefusalDetector) -> dict:
+    """Proxy and verified refusal of the unedited model (the generation is cached in the study)."""
+    scores = refusal_score(first_token_logprobs(model, screen.harmful, batch_size=config.batch_size), screen.tokens)
+    key = _verify_key(*eval_sets, config, detector)
+    cached = study.user_attrs.get("verified:baseline")
+    if cached is None or cached.get("key") != key:
+        cached = {"key": key, "result": _generate(model, eval_sets, config, detector)}
+        study.set_user_attr("verified:baseline", cached)
+    return {"refusal_score": float(scores.mean()), "refusal_rate_proxy": float((scores > 0).double().mean()),
+            "verified": cached["result"]}
+
+
+def search_abliteration(
+    model: ModelAdapter,
+    result: DirectionResult,
+    out_dir: str | Path,
+    config: SearchConfig | None = None,
+    eval_harmful: Sequence[str] | None = None,
+    eval_harmless: Sequence[str] | None = None,
+    detector: RefusalDetector | None = None,
+) -> SearchResult:
+    """Search abliteration settings for the refusal/KL Pareto front, verify it, write `pareto.json`/`pareto.png`.
+
+    Args:
+        model: the model; edited during each trial and restored exactly afterwards.
+        result: candidates, selection and validation prompts from `find_refusal_direction` (rank-1 method).
+        out_dir: folder for `search.db`, `pareto.json` and `pareto.png`; an existing study there is resumed.
+        config: search settings; `SearchConfig()` when None.
+        eval_harmful: held-out harmful prompts for verification; default the validation prompts (which
+            overlap the proxy prompts, so pass a separate set for an unbiased estimate).
+        eval_harmless: held-out harmless prompts for verification; default as for `eval_harmful`.
+        detector: refusal detector for verification; `RefusalDetector()` when None.
+
+    Returns:
+        All trials, the verified Pareto front and the recommended point.
+
+    Raises:
+        FeatsteerError: for rank-k candidates, a missing position, empty verification sets, or a folder
+            holding a search with a different set-up.
+    """
+    config = config or SearchConfig()
+    detector = detector or RefusalDetector()
+    out = Path(out_dir)
+    chosen = result.selection.chosen
+    kind_match = _HOOK_RE.match(chosen.hook)
+    kind = kind_match.group(2) if kind_match else "resid_pre"
+    position = chosen.position if config.position is None else config.position
+    table = layer_directions(result.candidates, position, kind)
+    bounds = config.space.bounds(model.n_layers, table.shape[0], first_usable_layer(table))
+    proxy = tuple(list(s)[: config.n_proxy_prompts] for s in result.val)
+    eval_sets = (list(result.val[0] if eval_harmful is None else eval_harmful),
+                 list(result.val[1] if eval_harmless is None else eval_harmless))
+    if not eval_sets[0] or not eval_sets[1]:
+        raise FeatsteerError("the verification prompt sets are empty: pass at least one harmful and one harmless prompt")
+    study = _open_study(out, _setup(model, result, config, position, kind, bounds, proxy))
+    tokens = RefusalTokens.for_tokenizer(model.tokenizer)
+    base_harmless = first_token_logprobs(model, proxy[1], batch_size=config.batch_size)
+    screen = _Screen(model, table, bounds, config, proxy[0], proxy[1], base_harmless, tokens)
+    start = time.perf_counter()
+    _run_trials(study, screen, config, _classic_params(bounds, chosen.layer, model.n_layers))
+    screened = time.perf_counter()
+    pareto_numbers = {t.number for t in study.best_trials}
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    trials = [_trial_record(t, config.mode, pareto_numbers) for t in complete]
+    pareto = sorted((dict(t) for t in trials if t["pareto"]), key=lambda p: (p["kl"], p["refusal_score"]))
+    baseline = _baseline(study, model, screen, eval_sets, config, detector)
+    _verify(study, model, table, pareto, eval_sets, config, detector)
+    timings = {"screen_s": screened - start, "verify_s": time.perf_counter() - screened,
+               "mean_trial_s": sum(t["seconds"] for t in trials) / max(len(trials), 1)}
+    search = SearchResult(trials, pareto, choose_best(pareto, config.max_kl_for_choice), baseline,
+                          study.user_attrs["setup"], config, timings)
+    write_search(search, out)
+    logger.info("search: %d trials (%.2fs each), %d on the Pareto front, best: %s", len(trials), timings["mean_trial_s"],
+                len(pareto), "none" if search.best is None else f"trial {search.best['number']}")
+    return search
+
+
+# ---- output ----------------------------------------------------------------------------------------
+def pareto_png(search: SearchResult) -> bytes:
+    """Proxy refusal vs KL: every trial grey, the Pareto front highlighted, verified points and the best marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    objective = "refusal_score" if search.config.refusal_objective == "score" else "refusal_rate_proxy"
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    ax.scatter([t["kl"] for t in search.trials], [t[objective] for t in search.trials], s=14, color="0.7", label="trials")
+    ax.plot([p["kl"] for p in search.pareto], [p[objective] for p in search.pareto], "o-", color="tab:blue", ms=5, label="Pareto front")
+    verified = [p for p in search.pareto if p.get("verified")]
+    ax.scatter([p["kl"] for p in verified], [p[objective] for p in verified], s=90, facecolors="none", edgecolors="tab:red",
+               label="verified (label: refusal rate)")
+    for p in verified:
+        ax.annotate(f"{p['verified']['refusal_rate']:.2f}", (p["kl"], p[objective]), fontsize=7, xytext=(5, 4), textcoords="offset points")
+    if search.best is not None:
+        ax.scatter([search.best["kl"]], [search.best[objective]], marker="*", s=220, color="tab:orange", zorder=5, label="chosen")
+    positive = [t["kl"] for t in search.trials if t["kl"] > 0]
+    ax.set_xscale("symlog", linthresh=10 ** math.floor(math.log10(min(positive))) if positive else 1e-6)
+    ax.set_xlabel("KL(base || edited), first token, harmless prompts (nats)")
+    ax.set_ylabel("refusal log-odds (harmful, mean)" if objective == "refusal_score" else "proxy refusal rate (harmful)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_search(search: SearchResult, out: str | Path) -> Path:
+    """Write `pareto.json` and `pareto.png` into `out` (each appears only when complete)."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, payload in (("pareto.json", json.dumps(search.to_json(), indent=1).encode()), ("pareto.png", pareto_png(search))):
+        partial = folder / f"{name}.partial"
+        partial.write_bytes(payload)
+        partial.rename(folder / name)
+    return folder
+
+
+__all__ = [
+    "REFUSAL_OBJECTIVES",
+    "SEARCH_MODES",
+    "STUDY_NAME",
+    "SearchConfig",
+    "SearchResult",
+    "SearchSpace",
+    "choose_best",
+    "edit_config_from_dict",
+    "edit_from_params",
+    "first_usable_layer",
+    "interpolate_direction",
+    "layer_directions",
+    "pareto_png",
+    "search_abliteration",
+    "write_search",
+]

@@ -1,0 +1,234 @@
+"""Abliteration search: trials revert the model exactly, results are written, studies resume, layers interpolate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import featsteer.search as search_module
+from featsteer.datasets import builtin_prompts
+from featsteer.directions import DirectionSet
+from featsteer.edits import EditConfig, LayerKernel
+from featsteer.errors import FeatsteerError
+from featsteer.models import load_model
+from featsteer.pipeline import DirectionConfig, find_refusal_direction
+from featsteer.search import (
+    SearchConfig,
+    SearchResult,
+    SearchSpace,
+    choose_best,
+    edit_config_from_dict,
+    edit_from_params,
+    first_usable_layer,
+    interpolate_direction,
+    layer_directions,
+    search_abliteration,
+)
+
+FAST = dict(verify_top=2, max_new_tokens=3, n_proxy_prompts=3, n_startup_trials=3, batch_size=8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine they slow it down many times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(one_thread):
+    """A tiny Llama and a direction result from the real pipeline (selection falls back on a random model)."""
+    model = load_model("tiny:llama")
+    harmful, harmless = builtin_prompts("harmful").head(12), builtin_prompts("harmless").head(12)
+    result = find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=3, batch_size=8))
+    return model, result
+
+
+@pytest.fixture(scope="module")
+def searched(setup, tmp_path_factory):
+    """One finished search of 6 trials, with the model's weights before it."""
+    model, result = setup
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    out = tmp_path_factory.mktemp("search")
+    found = search_abliteration(model, result, out, SearchConfig(n_trials=6, **FAST))
+    return found, out, before
+
+
+def _same_weights(model, before) -> bool:
+    after = model.model.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_search_runs_all_trials_and_leaves_model_unmodified(setup, searched):
+    model, result = setup
+    found, _, before = searched
+    assert [t["number"] for t in found.trials] == list(range(6))
+    assert _same_weights(model, before)
+    classic = found.trials[0]["edit"]
+    assert classic["embedding_strength"] == 1.0
+    assert all(LayerKernel.from_dict(classic[k]).strength(layer) == 1.0 for k in ("attn_kernel", "mlp_kernel") for layer in range(3))
+    low, high = found.setup["bounds"]["direction_layer"]
+    assert low == 1.0, "layer 0 resid_pre at template positions has a zero direction and is skipped"
+    assert found.trials[0]["params"]["direction_layer"] == min(max(result.selection.chosen.layer, low), high)
+    assert all(low <= t["params"]["direction_layer"] <= high for t in found.trials)
+    assert all(t["seconds"] > 0 and t["kl"] >= 0 for t in found.trials)
+
+
+def test_search_writes_pareto_json_and_png(searched):
+    found, out, _ = searched
+    data = json.loads((out / "pareto.json").read_text())
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["n_trials"] == 6 and len(data["pareto"]) == len(found.pareto) >= 1
+    kls = [p["kl"] for p in data["pareto"]]
+    assert kls == sorted(kls)
+    verified = [p for p in data["pareto"] if p["verified"]]
+    assert len(verified) == min(2, len(data["pareto"]))
+    for point in verified:
+        assert set(point["params"]) >= {"direction_layer", "attn.peak", "mlp.width", "embedding_strength"}
+        assert 0 <= point["verified"]["refusal_rate"] <= 1 and 0 <= point["verified"]["harmless_refusal_rate"] <= 1
+    assert data["best"]["number"] in {p["number"] for p in verified}
+    assert data["baseline"]["verified"]["n_harmful"] == 3
+    # nothing on the front is dominated by any trial
+    for p in data["pareto"]:
+        assert not any(t["refusal_score"] <= p["refusal_score"] and t["kl"] <= p["kl"]
+                       and (t["refusal_score"], t["kl"]) != (p["refusal_score"], p["kl"]) for t in data["trials"])
+
+
+def test_chosen_edit_config_and_direction_round_trip(setup, searched):
+    model, result = setup
+    found, out, _ = searched
+    loaded = SearchResult.load(out)
+    edit = found.edit_config()
+    assert isinstance(edit, EditConfig) and edit.mode == "orthogonalize"
+    assert loaded.edit_config() == edit
+    assert edit_config_from_dict(edit.to_dict()) == edit
+    assert edit == edit_from_params(found.best["params"])
+    assert loaded.config == found.config and SearchConfig.from_dict(found.config.to_dict()) == found.config
+    direction = loaded.direction(result)
+    assert torch.equal(direction, found.direction(result))
+    assert abs(float(direction.norm()) - 1) < 1e-5
+
+
+def test_resume_continues_the_study(setup, tmp_path, monkeypatch):
+    model, result = setup
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    first = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=4, **FAST))
+    second = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=7, **FAST))
+    assert len(first.trials) == 4 and len(second.trials) == 7
+    assert [t["params"] for t in second.trials[:4]] == [t["params"] for t in first.trials]
+    assert [t["kl"] for t in second.trials[:4]] == [t["kl"] for t in first.trials]
+    new_params = [t["params"] for t in second.trials[4:]]
+    assert all(p not in [t["params"] for t in first.trials] for p in new_params), "resumed run replayed old trials"
+    assert json.loads((tmp_path / "pareto.json").read_text())["n_trials"] == 7
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("verifications should come from the study's cache")
+
+    monkeypatch.setattr(search_module, "evaluate_set", no_generation)
+    again = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=5, **FAST))
+    assert len(again.trials) == 7 and again.pareto == second.pareto and again.best == second.best
+    with pytest.raises(FeatsteerError, match="mode"):
+        search_abliteration(model, result, tmp_path, SearchConfig(n_trials=9, mode="norm_preserving", **FAST))
+    assert _same_weights(model, before)
+
+
+def test_failing_trial_is_reverted_and_recorded(setup, tmp_path, monkeypatch):
+    model, result = setup
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    real = search_module.first_token_logprobs
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # call 1 is the base harmless pass, 2-3 the first trial's harmful/harmless passes
+            assert not _same_weights(model, before), "the trial's edit should be applied here"
+            raise FeatsteerError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search_module, "first_token_logprobs", flaky)
+    found = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=3, enqueue_classic=False, **FAST))
+    assert [t["number"] for t in found.trials] == [1, 2]
+    assert _same_weights(model, before)
+
+
+def test_fractional_layer_interpolates_between_neighbours(setup):
+    model, result = setup
+    position = result.selection.chosen.position
+    table = layer_directions(result.candidates, position)
+    assert table.shape == (model.n_layers, model.d_model)
+    assert first_usable_layer(table) == 1 and not table[0].any()
+    for layer in range(1, model.n_layers):
+        exact = result.candidates.direction(f"blocks.{layer}.hook_resid_pre", position)
+        assert torch.equal(interpolate_direction(table, float(layer)), exact)
+        assert torch.equal(interpolate_direction(table, layer), exact)
+    mixed = interpolate_direction(table, 1.25)
+    expected = 0.75 * table[1].double() + 0.25 * table[2].double()
+    torch.testing.assert_close(mixed.double(), expected / expected.norm(), atol=1e-6, rtol=0)
+    assert abs(float(mixed.norm()) - 1) < 1e-6
+    with pytest.raises(FeatsteerError, match="zero"):
+        interpolate_direction(table, 0)
+    with pytest.raises(FeatsteerError, match="outside"):
+        interpolate_direction(table, model.n_layers - 0.5)
+
+
+def test_interpolation_moves_from_one_neighbour_to_the_other():
+    table = torch.eye(3)[:2]  # two orthogonal unit directions
+    cosines = [(float(interpolate_direction(table, x) @ table[0]), float(interpolate_direction(table, x) @ table[1]))
+               for x in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert cosines[0] == (1.0, 0.0) and cosines[-1] == (0.0, 1.0)
+    assert abs(cosines[2][0] - cosines[2][1]) < 1e-6
+    assert [c[0] for c in cosines] == sorted((c[0] for c in cosines), reverse=True)
+    assert all(abs(a * a + b * b - 1) < 1e-6 for a, b in cosines)
+
+
+def test_layer_directions_needs_rank_one_and_a_known_position(setup):
+    _, result = setup
+    c = result.candidates
+    with pytest.raises(FeatsteerError, match="position 7"):
+        layer_directions(c, 7)
+    rank2 = DirectionSet(torch.cat([c.bases, c.bases.flip(-1)], dim=1), c.hook_names, c.positions, "svd")
+    with pytest.raises(FeatsteerError, match="rank-2"):
+        layer_directions(rank2, c.positions[0])
+
+
+def test_bounds_follow_the_model_depth():
+    bounds = SearchSpace().bounds(n_layers=10, n_directions=10)
+    assert bounds["direction_layer"] == (0.0, 7.0)
+    assert bounds["attn.peak"] == (0.0, 9.0) and bounds["mlp.width"] == (1.0, 10.0)
+    assert bounds["attn.max_weight"] == (0.5, 1.5) and bounds["mlp.min_fraction"] == (0.0, 1.0)
+    assert SearchSpace().bounds(n_layers=10, n_directions=10, first_layer=2)["direction_layer"] == (2.0, 7.0)
+    assert SearchSpace().bounds(n_layers=1, n_directions=1)["direction_layer"] == (0.0, 0.0)
+    assert SearchSpace.from_dict(SearchSpace().to_dict()) == SearchSpace()
+
+
+def test_edit_from_params_scales_min_weight_by_max_weight():
+    params = {"attn.peak": 2.0, "attn.width": 3.0, "attn.max_weight": 1.2, "attn.min_fraction": 0.5,
+              "mlp.peak": 1.0, "mlp.width": 1.0, "mlp.max_weight": 0.8, "mlp.min_fraction": 0.0, "embedding_strength": 0.3}
+    edit = edit_from_params(params, "norm_preserving")
+    assert edit.attn_kernel == LayerKernel(2.0, 3.0, 1.2, 0.6) and edit.mlp_kernel == LayerKernel(1.0, 1.0, 0.8, 0.0)
+    assert edit.embedding_strength == 0.3 and edit.mode == "norm_preserving"
+
+
+def test_choose_best_prefers_low_refusal_within_kl_budget():
+    def point(number, kl, rate, harmless=0.0):
+        return {"number": number, "kl": kl, "verified": {"refusal_rate": rate, "harmless_refusal_rate": harmless}}
+
+    pareto = [point(0, 0.01, 0.5), point(1, 0.04, 0.2), point(2, 0.2, 0.0), {"number": 3, "kl": 0.001, "verified": None}]
+    assert choose_best(pareto, max_kl=0.05)["number"] == 1
+    assert choose_best(pareto, max_kl=0.001) is not None and choose_best(pareto, max_kl=0.001)["number"] == 0
+    assert choose_best([pareto[3]], max_kl=1.0) is None
+
+
+def test_config_validation():
+    with pytest.raises(FeatsteerError, match="abliteration mode"):
+        SearchConfig(mode="amplify")
+    with pytest.raises(FeatsteerError, match="objective"):
+        SearchConfig(refusal_objective="loss")
+    with pytest.raises(FeatsteerError, match="n_trials"):
+        SearchConfig(n_trials=0)
+    with pytest.raises(FeatsteerError, match="max_weight"):
+        SearchSpace(max_weight=(1.5, 0.5))
