@@ -191,12 +191,27 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     held_harmful, held_harmless = (s.head(min(args.eval_n, len(s))) for s in result.val)
     before = evaluate_refusal(model, held_harmful, held_harmless, config)
-    handle = abliterate(model, result, edit)
+    direction, extra = result.chosen_basis, {}
+    if args.search:
+        from featsteer.search import SearchConfig, search_abliteration
+
+        if mode not in ("orthogonalize", "norm_preserving"):
+            raise FeatsteerError("--search tunes abliteration only: drop --reverse/--induce")
+        search_dir = Path(args.search_dir or f"{args.out.rstrip('/')}-search")
+        found = search_abliteration(model, result, search_dir, SearchConfig(n_trials=args.search, mode=mode, max_new_tokens=args.max_new_tokens))
+        direction, edit = found.direction(result), found.edit_config()
+        extra = {"search": {"dir": str(search_dir), "best": found.best}}
+        print(f"search: {args.search} trials, Pareto front and plot in {search_dir}/ ; chosen params {found.best.get('params')}")
+        from featsteer.edits import apply_edit
+
+        handle = apply_edit(model, direction, edit, record={"method": args.method, "search": found.best})
+    else:
+        handle = abliterate(model, result, edit)
     after = evaluate_refusal(model, held_harmful, held_harmless, config)
     print(f"refusal on held-out prompts, before -> after ({mode}):")
     print(f"  harmful   {before.harmful.rate} -> {after.harmful.rate}")
     print(f"  harmless  {before.harmless.rate} -> {after.harmless.rate}")
-    handle.export(args.out, extra={"evaluation": {"before": before.to_json(0), "after": after.to_json(2)}})
+    handle.export(args.out, extra={"evaluation": {"before": before.to_json(0), "after": after.to_json(2)}, **extra})
     print(f"wrote {args.out} (loads with `featsteer eval --model {args.out}` or transformers)")
     return 0
 
@@ -347,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--norm-preserving", action="store_true", help="keep each write column's norm")
     abl.add_argument("--alpha", type=float, default=1.0, help="amplification for --reverse/--induce")
     abl.add_argument("--shift", type=float, default=0.0, help="embedding shift for --induce")
+    abl.add_argument("--search", type=int, default=0, metavar="N", help="run an N-trial multi-objective search (optuna TPE)")
+    abl.add_argument("--search-dir", help="where the resumable study, pareto.json and pareto.png go (default OUT-search)")
     abl.add_argument("--eval-n", type=int, default=32, help="held-out prompts per set for the before/after check")
     abl.add_argument("--max-new-tokens", type=int, default=32)
     abl.set_defaults(run=_cmd_abliterate)
