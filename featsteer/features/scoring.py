@@ -1,0 +1,347 @@
+"""Which SAE features separate harmful from harmless prompts: per-feature statistics and a stable ranking.
+
+Refusal is read from activations at a few template positions of harmful vs harmless prompts. Encoding
+those activations with an SAE gives, per feature, two samples of activations; this module scores every
+feature of every loaded layer on them at once (vectorised over features, float64):
+
+- `mean_difference`: mean activation on harmful minus on harmless prompts;
+- `composite`: `|mean_difference|` times the fraction of harmful activations above the harmless mean
+  (large only for features that are both strong and consistent);
+- `cohens_d`: mean difference over the pooled standard deviation;
+- `auroc`: rank-based area under the ROC curve of the activation as a harmful-vs-harmless score
+  (ties count one half, as in scikit-learn's `roc_auc_score`);
+- `harmful_frequency` / `harmless_frequency`: how often the feature is active in each class.
+
+Optionally the magnitude statistics are divided by each feature's scale (its maximum activation), so
+features with large activations do not dominate the ranking. Rankings are deterministic: score
+descending, ties broken by layer, then feature id.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from sae_lens import SAE
+from scipy.stats import rankdata
+from torch import Tensor
+
+from featsteer.activations import ActivationSet, capture
+from featsteer.errors import FeatsteerError
+from featsteer.models import ModelAdapter
+from featsteer.sae.encoding import encode_activations
+from featsteer.sae.loading import sae_hook_name, validate_sae
+
+METRICS: tuple[str, ...] = (
+    "composite", "mean_difference", "cohens_d", "auroc", "harmful_mean", "harmless_mean",
+    "harmful_frequency", "harmless_frequency", "scale",
+)
+"""Per-feature columns of a `FeatureScores`."""
+
+_LAYER_RE = re.compile(r"blocks\.(\d+)\.")
+_AUROC_BLOCK = 2048
+"""Features ranked at once when computing AUROC (bounds memory to rows x block float64)."""
+
+
+def hook_layer(hook_name: str) -> int:
+    """Layer index of a TransformerLens hook name (-1 for `hook_embed`/`hook_pos_embed`)."""
+    match = _LAYER_RE.match(hook_name)
+    return int(match.group(1)) if match else -1
+
+
+@dataclass(frozen=True)
+class FeatureScores:
+    """Scores of SAE features, one row per (hook, position, feature), kept sorted by the caller's key."""
+
+    hook_names: tuple[str, ...]
+    """Hook of the SAE each row's feature belongs to."""
+    feature_ids: Tensor
+    """`(row,)` int64 feature index within its SAE."""
+    metrics: dict[str, Tensor]
+    """Metric name (see `METRICS`) -> `(row,)` float64 values."""
+    positions: tuple[int | None, ...]
+    """Position label each row was scored at (None: all captured rows pooled)."""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Prompt counts, positions, normalisation: whatever reproduces the scores."""
+
+    def __len__(self) -> int:
+        return len(self.hook_names)
+
+    @property
+    def layers(self) -> Tensor:
+        """`(row,)` layer index of each row's hook."""
+        return torch.tensor([hook_layer(name) for name in self.hook_names], dtype=torch.long)
+
+    def column(self, by: str) -> Tensor:
+        """A metric column; `abs_<metric>` gives its absolute value.
+
+        Raises:
+            FeatsteerError: for an unknown metric name.
+        """
+        name = by.removeprefix("abs_")
+        if name not in self.metrics:
+            raise FeatsteerError(f"unknown score '{by}': use one of {', '.join(METRICS)} (or abs_<name>)")
+        values = self.metrics[name]
+        return values.abs() if by.startswith("abs_") else values
+
+    def order(self, by: str = "composite") -> Tensor:
+        """Row order by `by` descending, ties by layer then feature id (NaN last)."""
+        score = self.column(by).numpy().copy()
+        score[np.isnan(score)] = -np.inf
+        order = np.lexsort((self.feature_ids.numpy(), self.layers.numpy(), -score))
+        return torch.from_numpy(order)
+
+    def select(self, rows: Tensor | Sequence[int]) -> FeatureScores:
+        """A new `FeatureScores` with the given rows, in the given order."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        picked = index.tolist()
+        return FeatureScores(
+            hook_names=tuple(self.hook_names[i] for i in picked),
+            feature_ids=self.feature_ids[index],
+            metrics={name: values[index] for name, values in self.metrics.items()},
+            positions=tuple(self.positions[i] for i in picked),
+            provenance=dict(self.provenance),
+        )
+
+    def sort(self, by: str = "composite") -> FeatureScores:
+        """All rows ranked by `by` (see `order`)."""
+        return self.select(self.order(by))
+
+    def top(self, n: int = 20, by: str = "composite") -> FeatureScores:
+        """The `n` best rows by `by` (descending; ties by layer, then feature id)."""
+        if n < 1:
+            raise FeatsteerError(f"top(n) needs n >= 1, got {n}")
+        return self.select(self.order(by)[:n])
+
+    def for_hook(self, hook_name: str) -> FeatureScores:
+        """The rows of one hook (in current order)."""
+        rows = [i for i, name in enumerate(self.hook_names) if name == hook_name]
+        if not rows:
+            raise FeatsteerError(f"no scores for {hook_name}; scored hooks: {', '.join(sorted(set(self.hook_names)))}")
+        return self.select(rows)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per row: hook, layer, position, feature id and every metric (non-finite -> None)."""
+        layers = self.layers.tolist()
+        columns = {name: values.tolist() for name, values in self.metrics.items()}
+        out = []
+        for i, (hook, feature) in enumerate(zip(self.hook_names, self.feature_ids.tolist(), strict=True)):
+            row: dict[str, Any] = {"hook_name": hook, "layer": layers[i], "position": self.positions[i], "feature_id": feature}
+            row.update({name: (value[i] if math.isfinite(value[i]) else None) for name, value in columns.items()})
+            out.append(row)
+        return out
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write the rows as CSV (empty cells for missing values)."""
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rows = self.rows()
+        with out.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["hook_name", "layer", "position", "feature_id", *self.metrics])
+            writer.writeheader()
+            writer.writerows(rows)
+        return out
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write `{"provenance": ..., "rows": [...]}` as JSON (non-finite values as null)."""
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"provenance": self.provenance, "rows": self.rows()}, indent=1))
+        return out
+
+    @classmethod
+    def concat(cls, parts: Sequence[FeatureScores]) -> FeatureScores:
+        """Stack several score tables (e.g. one per layer) into one, in the given order."""
+        if not parts:
+            raise FeatsteerError("nothing to concatenate: pass at least one FeatureScores")
+        return cls(
+            hook_names=tuple(name for part in parts for name in part.hook_names),
+            feature_ids=torch.cat([part.feature_ids for part in parts]),
+            metrics={name: torch.cat([part.metrics[name] for part in parts]) for name in parts[0].metrics},
+            positions=tuple(p for part in parts for p in part.positions),
+            provenance=dict(parts[0].provenance),
+        )
+
+
+def auroc(positive: Float[Tensor, "n_pos d"], negative: Float[Tensor, "n_neg d"]) -> Float[Tensor, " d"]:
+    """Rank-based AUROC of every column as a score for `positive` over `negative` (ties count 1/2).
+
+    Equals `sklearn.metrics.roc_auc_score(labels, column)` per column; computed with average ranks
+    (Mann-Whitney U), in blocks of columns.
+    """
+    n_pos, n_neg = positive.shape[0], negative.shape[0]
+    if n_pos == 0 or n_neg == 0:
+        raise FeatsteerError(f"AUROC needs both classes: got {n_pos} harmful and {n_neg} harmless rows")
+    values = torch.cat([positive, negative]).double().numpy()
+    out = np.empty(values.shape[1], dtype=np.float64)
+    for start in range(0, values.shape[1], _AUROC_BLOCK):
+        ranks = rankdata(values[:, start : start + _AUROC_BLOCK], method="average", axis=0)
+        out[start : start + _AUROC_BLOCK] = (ranks[:n_pos].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return torch.from_numpy(out)
+
+
+def cohens_d(positive: Float[Tensor, "n_pos d"], negative: Float[Tensor, "n_neg d"]) -> Float[Tensor, " d"]:
+    """Mean difference over the pooled standard deviation, per column (float64).
+
+    Columns with zero pooled spread give 0 when the means agree and +-inf when they differ.
+    """
+    pos, neg = positive.double(), negative.double()
+    n_pos, n_neg = pos.shape[0], neg.shape[0]
+    difference = pos.mean(0) - neg.mean(0)
+    pooled_var = (pos.var(0, correction=1) * (n_pos - 1) + neg.var(0, correction=1) * (n_neg - 1)) / max(n_pos + n_neg - 2, 1)
+    pooled = pooled_var.clamp_min(0).sqrt()
+    d = difference / pooled
+    return torch.where(pooled > 0, d, torch.where(difference == 0, torch.zeros_like(d), torch.sign(difference) * math.inf))
+
+
+def score_feature_activations(
+    harmful: Float[Tensor, "n_harmful d_sae"],
+    harmless: Float[Tensor, "n_harmless d_sae"],
+    hook_name: str,
+    *,
+    position: int | None = None,
+    normalize: bool = False,
+    scale: Float[Tensor, " d_sae"] | None = None,
+) -> FeatureScores:
+    """Score every feature of one SAE from its activations on harmful and harmless rows.
+
+    Args:
+        harmful: feature activations of harmful rows.
+        harmless: feature activations of harmless rows.
+        hook_name: the SAE's hook (stored with every row).
+        position: position label the rows were taken at (provenance; None = pooled).
+        normalize: divide magnitude statistics by each feature's scale.
+        scale: per-feature scale to use (default: max activation over both classes here).
+
+    Returns:
+        Unsorted scores, one row per feature.
+    """
+    if harmful.shape[-1] != harmless.shape[-1]:
+        raise FeatsteerError(f"harmful rows have {harmful.shape[-1]} features but harmless rows have {harmless.shape[-1]}: encode both with the same SAE")
+    if harmful.shape[0] < 2 or harmless.shape[0] < 2:
+        raise FeatsteerError(f"scoring needs at least 2 rows per class, got {harmful.shape[0]} harmful and {harmless.shape[0]} harmless")
+    pos, neg = harmful.double(), harmless.double()
+    harmful_mean, harmless_mean = pos.mean(0), neg.mean(0)
+    feature_scale = torch.maximum(pos.max(0).values, neg.max(0).values) if scale is None else scale.double().cpu()
+    divisor = torch.where(feature_scale > 0, feature_scale, torch.ones_like(feature_scale)) if normalize else torch.ones_like(feature_scale)
+    difference = (harmful_mean - harmless_mean) / divisor
+    consistency = (pos > harmless_mean).double().mean(0)
+    metrics = {
+        "composite": difference.abs() * consistency,
+        "mean_difference": difference,
+        "cohens_d": cohens_d(pos, neg),
+        "auroc": auroc(pos, neg),
+        "harmful_mean": harmful_mean / divisor,
+        "harmless_mean": harmless_mean / divisor,
+        "harmful_frequency": (pos > 0).double().mean(0),
+        "harmless_frequency": (neg > 0).double().mean(0),
+        "scale": feature_scale,
+    }
+    d_sae = harmful.shape[-1]
+    return FeatureScores(
+        hook_names=(hook_name,) * d_sae,
+        feature_ids=torch.arange(d_sae),
+        metrics=metrics,
+        positions=(position,) * d_sae,
+        provenance={"n_harmful": int(harmful.shape[0]), "n_harmless": int(harmless.shape[0]), "normalized": normalize},
+    )
+
+
+def _as_sae_map(saes: SAE | Mapping[str, SAE] | Sequence[SAE]) -> dict[str, SAE]:
+    if isinstance(saes, SAE):
+        saes = [saes]
+    if isinstance(saes, Mapping):
+        return dict(saes)
+    out = {}
+    for sae in saes:
+        name = sae_hook_name(sae)
+        if name is None:
+            raise FeatsteerError("an SAE records no hook_name: pass a {hook_name: sae} mapping instead")
+        out[name] = sae
+    return out
+
+
+def _rows_at(acts: ActivationSet, hook: str, position: int | None) -> Tensor:
+    return acts.hook(hook) if position is None else acts.at_position(hook, position)
+
+
+def score_features(
+    saes: SAE | Mapping[str, SAE] | Sequence[SAE],
+    harmful: ActivationSet,
+    harmless: ActivationSet,
+    *,
+    positions: int | Sequence[int] | None = None,
+    normalize: bool = False,
+    scales: Mapping[str, Tensor] | None = None,
+    by: str = "composite",
+) -> FeatureScores:
+    """Score every feature of every SAE on captured harmful vs harmless activations, ranked.
+
+    Args:
+        saes: one SAE, several (keyed by their `hook_name`), or a `{hook_name: sae}` mapping.
+        harmful: activations of harmful prompts at the SAEs' hooks.
+        harmless: activations of harmless prompts at the same hooks and positions.
+        positions: position label(s) to score separately (e.g. -1 for the last token), or None to pool
+            every captured row.
+        normalize: divide magnitude statistics by each feature's scale.
+        scales: `{hook_name: (d_sae,)}` feature scales (e.g. max activations on training data); default
+            is the max activation over the scored rows.
+        by: ranking key (see `FeatureScores.column`).
+
+    Returns:
+        Scores of all features of all SAEs, ranked by `by`.
+    """
+    sae_map = _as_sae_map(saes)
+    position_list = [positions] if positions is None or isinstance(positions, int) else list(positions)
+    parts = []
+    for hook, sae in sae_map.items():
+        for position in position_list:
+            harmful_features = encode_activations(sae, _rows_at(harmful, hook, position))
+            harmless_features = encode_activations(sae, _rows_at(harmless, hook, position))
+            scale = None if scales is None else scales.get(hook)
+            parts.append(score_feature_activations(harmful_features, harmless_features, hook, position=position, normalize=normalize, scale=scale))
+    scores = FeatureScores.concat(parts)
+    scores.provenance.update({"model": harmful.model, "positions": harmful.positions, "n_harmful_prompts": len(harmful),
+                              "n_harmless_prompts": len(harmless), "hooks": list(sae_map)})
+    return scores.sort(by)
+
+
+def score_prompts(
+    model: ModelAdapter,
+    saes: SAE | Mapping[str, SAE] | Sequence[SAE],
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    positions: str = "last",
+    score_positions: int | Sequence[int] | None = None,
+    normalize: bool = False,
+    batch_size: int = 16,
+    by: str = "composite",
+) -> FeatureScores:
+    """Capture harmful and harmless prompts at every SAE's hook (one pass each) and score all features.
+
+    Args:
+        model: the model the SAEs belong to (each SAE is validated against it).
+        saes: SAEs (see `score_features`).
+        harmful: harmful instructions (chat-formatted).
+        harmless: harmless instructions.
+        positions: capture selector (`last`, `mean_last:K`, `post_instruction`, `all`).
+        score_positions: position label(s) to score separately; None pools the captured rows.
+        normalize: divide magnitude statistics by each feature's scale.
+        batch_size: prompts per forward pass.
+        by: ranking key.
+    """
+    sae_map = {validate_sae(sae, model, hook if isinstance(saes, Mapping) else None): sae for hook, sae in _as_sae_map(saes).items()}
+    hooks = list(sae_map)
+    harmful_acts = capture(model, list(harmful), hooks, positions=positions, batch_size=batch_size, label="harmful", progress=False)
+    harmless_acts = capture(model, list(harmless), hooks, positions=positions, batch_size=batch_size, label="harmless", progress=False)
+    return score_features(sae_map, harmful_acts, harmless_acts, positions=score_positions, normalize=normalize, by=by)

@@ -1,0 +1,48 @@
+"""sae_lens SAEs on featsteer models: load and validate, encode activations, measure, and steer features.
+
+featsteer has no SAE class of its own: every SAE is a `sae_lens.SAE`, attached at its
+`cfg.metadata.hook_name`. Train new ones with `featsteer-train-sae` (package `sae_training`).
+"""
+
+from featsteer.sae.encoding import decode_features, encode_activations, reconstruct
+from featsteer.sae.loading import load_sae, load_saes, sae_hook_name, validate_sae
+from featsteer.sae.metrics import (
+    ReconstructionStats,
+    SpliceLoss,
+    next_token_loss,
+    reconstruction_stats,
+    splice_loss,
+)
+from featsteer.sae.steering import (
+    EDIT_MODES,
+    SPLICE_POSITIONS,
+    FeatureEdit,
+    FeatureSteer,
+    edit_features,
+    sae_hook,
+    splice_activation,
+    splice_sae,
+)
+
+__all__ = [
+    "EDIT_MODES",
+    "SPLICE_POSITIONS",
+    "FeatureEdit",
+    "FeatureSteer",
+    "ReconstructionStats",
+    "SpliceLoss",
+    "decode_features",
+    "edit_features",
+    "encode_activations",
+    "load_sae",
+    "load_saes",
+    "next_token_loss",
+    "reconstruct",
+    "reconstruction_stats",
+    "sae_hook",
+    "sae_hook_name",
+    "splice_activation",
+    "splice_loss",
+    "splice_sae",
+    "validate_sae",
+]

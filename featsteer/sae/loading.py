@@ -1,0 +1,172 @@
+"""Load sae_lens SAEs and check that they fit the model they will be attached to.
+
+featsteer does not define an SAE class: an SAE is a `sae_lens.SAE`, stored in sae_lens' on-disk format
+(`cfg.json` + `sae_weights.safetensors`) or published as a sae_lens release. This module is the one
+entry point from "where the SAE lives" to a validated SAE object, so every later stage (encoding,
+feature scoring, splicing) can assume the SAE's width matches the model and its `hook_name` is a hook
+point the model has. sae_lens 6 keeps the hook name in `sae.cfg.metadata.hook_name`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from sae_lens import SAE
+
+from featsteer.errors import FeatsteerError
+from featsteer.models import ModelAdapter
+
+logger = logging.getLogger(__name__)
+
+SAE_CONFIG_FILE = "cfg.json"
+"""File that marks a directory as one sae_lens SAE (sae_lens' `SAE_CFG_FILENAME`)."""
+SAE_WEIGHTS_FILE = "sae_weights.safetensors"
+"""sae_lens' weight file name (`SAE_WEIGHTS_FILENAME`)."""
+
+
+def sae_hook_name(sae: SAE) -> str | None:
+    """The TransformerLens hook name an SAE reads and writes (`sae.cfg.metadata.hook_name`), if recorded."""
+    return sae.cfg.metadata.hook_name
+
+
+def validate_sae(sae: SAE, model: ModelAdapter, hook: str | None = None) -> str:
+    """Check that an SAE fits a model and return the hook point it attaches to.
+
+    Args:
+        sae: a sae_lens SAE.
+        model: the model it will read from.
+        hook: attach here instead of the SAE's recorded `hook_name`.
+
+    Returns:
+        The validated hook name.
+
+    Raises:
+        FeatsteerError: if no hook is known, the hook does not exist on the model, or the SAE's input
+            width `d_in` differs from the model's `d_model`.
+    """
+    name = hook or sae_hook_name(sae)
+    if not name:
+        raise FeatsteerError("this SAE records no hook_name: pass hook=<hook name>, e.g. blocks.3.hook_resid_post")
+    model.hook_site(name)
+    if int(sae.cfg.d_in) != int(model.d_model):
+        raise FeatsteerError(
+            f"SAE width mismatch at {name}: the SAE reads d_in={sae.cfg.d_in} but {model.name} has "
+            f"d_model={model.d_model}; use an SAE trained on this model (featsteer-train-sae)"
+        )
+    trained_on = sae.cfg.metadata.model_name
+    if trained_on and trained_on != model.name:
+        logger.info("SAE at %s was trained on '%s'; attaching it to '%s'", name, trained_on, model.name)
+    return name
+
+
+def load_sae(
+    source: str | os.PathLike[str] | SAE,
+    model: ModelAdapter | None = None,
+    hook: str | None = None,
+    *,
+    device: str | None = None,
+) -> SAE:
+    """Load one sae_lens SAE from a directory or a sae_lens release, optionally validated against a model.
+
+    Args:
+        source: a directory in sae_lens format (holding `cfg.json`), a `release:sae_id` string naming a
+            sae_lens pretrained release (e.g.
+            `gemma-scope-2b-pt-res-canonical:layer_20/width_16k/canonical`; needs network or the hub
+            cache), or an already-loaded SAE.
+        model: if given, the SAE is checked against it (width and hook) and moved to its device.
+        hook: attach at this hook instead of the recorded one; it is stored in `cfg.metadata.hook_name`.
+        device: torch device for the weights (default: the model's device, else cpu).
+
+    Returns:
+        The SAE in eval mode.
+
+    Raises:
+        FeatsteerError: unknown source, unreadable directory, release unavailable (offline or unknown
+            id), or an SAE that does not fit `model`.
+    """
+    target = device or (str(model.device) if model is not None else "cpu")
+    sae = source if isinstance(source, SAE) else _load_source(source, target)
+    if hook:
+        sae.cfg.metadata.hook_name = hook
+    if model is not None:
+        validate_sae(sae, model, hook)
+        sae = sae.to(model.device)
+    return sae.eval()
+
+
+def _load_source(source: str | os.PathLike[str], device: str) -> SAE:
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _load_directory(path, device)
+    if path.exists():
+        raise FeatsteerError(f"SAE source {text} is a file: pass the directory holding {SAE_CONFIG_FILE} and {SAE_WEIGHTS_FILE}")
+    release, colon, sae_id = text.partition(":")
+    if colon and release and sae_id and not text.startswith((".", "/", "~")):
+        return _load_release(release, sae_id, device)
+    raise FeatsteerError(
+        f"SAE source '{text}' not found: pass a directory in sae_lens format (with {SAE_CONFIG_FILE}) or "
+        "a sae_lens release as release:sae_id"
+    )
+
+
+def _load_directory(path: Path, device: str) -> SAE:
+    if not (path / SAE_CONFIG_FILE).is_file():
+        hint = " (it holds SAE folders: use load_saes)" if any((p / SAE_CONFIG_FILE).is_file() for p in path.iterdir() if p.is_dir()) else ""
+        raise FeatsteerError(f"{path} is not an sae_lens SAE directory: {SAE_CONFIG_FILE} is missing{hint}")
+    try:
+        return SAE.load_from_disk(path, device=device)
+    except (OSError, ValueError, KeyError) as error:
+        raise FeatsteerError(f"could not load the SAE in {path} ({type(error).__name__}: {str(error)[:160]}); re-save it with sae_lens") from None
+
+
+def _load_release(release: str, sae_id: str, device: str) -> SAE:
+    try:
+        return SAE.from_pretrained(release, sae_id, device=device)
+    except ValueError as error:  # unknown release or id: sae_lens lists the valid ones
+        raise FeatsteerError(f"sae_lens release '{release}:{sae_id}' is unknown: {str(error).splitlines()[0][:200]}") from None
+    except Exception as error:  # noqa: BLE001 - hub/network failures of any kind become one clear line
+        from huggingface_hub import is_offline_mode
+
+        reason = "HF_HUB_OFFLINE is set" if is_offline_mode() else "you are probably offline"
+        raise FeatsteerError(
+            f"could not download SAE {release}:{sae_id} from the Hugging Face hub ({type(error).__name__}; {reason}): "
+            "connect, or download it once and pass its local directory"
+        ) from None
+
+
+def load_saes(directory: str | os.PathLike[str], model: ModelAdapter | None = None) -> dict[str, SAE]:
+    """Load every SAE stored in the `<hook_name>/` subfolders of a directory (as `featsteer-train-sae` writes them).
+
+    Args:
+        directory: folder whose subfolders are sae_lens SAE directories.
+        model: if given, every SAE is validated against it.
+
+    Returns:
+        `{hook_name: SAE}` in forward-pass order when a model is given, else sorted by hook name.
+
+    Raises:
+        FeatsteerError: if the directory is missing or holds no SAE, or an SAE does not fit `model`.
+    """
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise FeatsteerError(f"SAE directory {root} does not exist: train SAEs with featsteer-train-sae --out {root}")
+    folders = sorted(p for p in root.iterdir() if (p / SAE_CONFIG_FILE).is_file())
+    if not folders:
+        raise FeatsteerError(f"{root} holds no SAE folders (<hook_name>/{SAE_CONFIG_FILE}): train with featsteer-train-sae --out {root}")
+    saes = {}
+    for folder in folders:
+        sae = load_sae(folder, model, hook=None if sae_hook_name_on_disk(folder) else folder.name)
+        saes[sae_hook_name(sae) or folder.name] = sae
+    if model is not None:
+        return dict(sorted(saes.items(), key=lambda item: model.hook_site(item[0]).order))
+    return saes
+
+
+def sae_hook_name_on_disk(folder: Path) -> str | None:
+    """The `hook_name` recorded in a saved SAE's `cfg.json`, without loading its weights."""
+    metadata = json.loads((folder / SAE_CONFIG_FILE).read_text()).get("metadata") or {}
+    return metadata.get("hook_name")

@@ -1,0 +1,246 @@
+"""Edit SAE features inside a running model: clamp, scale, ablate or add features at the SAE's hook.
+
+An SAE spliced into the residual stream is used as a lens, not as a replacement: the hook computes
+`f = encode(x)`, applies the edits to get `f'`, and returns `x + (decode(f') - decode(f))`. The SAE's
+reconstruction error `x - decode(f)` passes through untouched, so with no edits nothing changes, and an
+edit changes the activation by exactly what the edited features write. `error_term=False` instead
+replaces `x` by the reconstruction (what "CE loss recovered" measures).
+
+What an edit does (`edit_features`, a pure function of feature activations) is kept apart from where it
+attaches (`splice_sae` / `FeatureSteer`, hooks at `sae.cfg.metadata.hook_name`), as for every other
+featsteer intervention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from sae_lens import SAE
+from torch import Tensor
+
+from featsteer.errors import FeatsteerError
+from featsteer.interventions.steering import Intervention
+from featsteer.models import HookFn, HookSite, ModelAdapter
+from featsteer.sae.loading import validate_sae
+
+EDIT_MODES: tuple[str, ...] = ("clamp", "scale", "ablate", "add")
+"""`clamp`: set features to `value`; `scale`: multiply by `value`; `ablate`: set to zero; `add`: add
+`value` to the feature activation (the residual moves by `value` times the feature's decoder row)."""
+
+SPLICE_POSITIONS: tuple[str, ...] = ("all", "prompt", "generated")
+"""Which tokens edits apply to: every token, the prompt tokens, or the tokens produced while generating."""
+
+_STATEFUL_NORMS = ("layer_norm", "constant_norm_rescale")
+"""sae_lens normalisations whose `decode` consumes state set by the preceding `encode`."""
+
+
+@dataclass(frozen=True)
+class FeatureEdit:
+    """One edit of some SAE features (see `EDIT_MODES`)."""
+
+    mode: str
+    """One of `EDIT_MODES`."""
+    features: tuple[int, ...]
+    """Feature ids (indices into `d_sae`) the edit applies to."""
+    value: float = 0.0
+    """Clamp value, scale factor, or amount added; ignored by `ablate`."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in EDIT_MODES:
+            raise FeatsteerError(f"unknown feature edit '{self.mode}': use one of {', '.join(EDIT_MODES)}")
+        ids = (self.features,) if isinstance(self.features, int) else tuple(int(i) for i in self.features)
+        if not ids or min(ids) < 0:
+            raise FeatsteerError(f"feature edit '{self.mode}' needs one or more non-negative feature ids, got {self.features!r}")
+        object.__setattr__(self, "features", ids)
+
+    @classmethod
+    def clamp(cls, features: int | Sequence[int], value: float) -> FeatureEdit:
+        """Set the features to `value` (at every selected token, also where they were off)."""
+        return cls("clamp", features, value)
+
+    @classmethod
+    def scale(cls, features: int | Sequence[int], factor: float) -> FeatureEdit:
+        """Multiply the features by `factor`."""
+        return cls("scale", features, factor)
+
+    @classmethod
+    def ablate(cls, features: int | Sequence[int]) -> FeatureEdit:
+        """Set the features to zero."""
+        return cls("ablate", features, 0.0)
+
+    @classmethod
+    def add(cls, features: int | Sequence[int], value: float) -> FeatureEdit:
+        """Add `value` to the features (adds `value` times each decoder row to the residual stream)."""
+        return cls("add", features, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"mode": self.mode, "features": list(self.features), "value": self.value}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureEdit:
+        """Inverse of `to_dict`."""
+        return cls(str(data["mode"]), tuple(data["features"]), float(data.get("value", 0.0)))
+
+
+def edit_features(features: Float[Tensor, "... d_sae"], edits: Sequence[FeatureEdit]) -> Float[Tensor, "... d_sae"]:
+    """Apply edits, in order, to feature activations; returns a new tensor (the input is not modified).
+
+    Raises:
+        FeatsteerError: if an edit names a feature id outside `d_sae`.
+    """
+    edited = features.clone()
+    d_sae = features.shape[-1]
+    for edit in edits:
+        if max(edit.features) >= d_sae:
+            raise FeatsteerError(f"feature id {max(edit.features)} is out of range: this SAE has d_sae={d_sae} features (0..{d_sae - 1})")
+        ids = list(edit.features)
+        if edit.mode == "clamp":
+            edited[..., ids] = edit.value
+        elif edit.mode == "scale":
+            edited[..., ids] = edited[..., ids] * edit.value
+        elif edit.mode == "ablate":
+            edited[..., ids] = 0.0
+        else:
+            edited[..., ids] = edited[..., ids] + edit.value
+    return edited
+
+
+def splice_activation(
+    sae: SAE, x: Float[Tensor, "batch pos d_model"], edits: Sequence[FeatureEdit] = (), *,
+    error_term: bool = True, mask: Tensor | None = None,
+) -> Float[Tensor, "batch pos d_model"]:
+    """The activation after splicing `sae` in: `x + mask * (decode(f') - decode(f))` (or the reconstruction).
+
+    Args:
+        sae: a sae_lens SAE reading `x`.
+        x: activations at the SAE's hook.
+        edits: feature edits giving `f'` from `f = encode(x)`.
+        error_term: keep the reconstruction error (True) or replace `x` by `decode(f)` (False).
+        mask: `(batch, pos)` bool, where edits apply (default: everywhere).
+
+    Returns:
+        A tensor like `x` (same dtype and device).
+    """
+    sae_in = x.to(sae.device, sae.dtype)
+    with torch.no_grad():
+        features = sae.encode(sae_in).to_dense()
+        reconstruction = sae.decode(features)
+        base = sae_in if error_term else reconstruction
+        if not edits:
+            return base.to(x.device, x.dtype)
+        if sae.cfg.normalize_activations in _STATEFUL_NORMS:
+            sae.encode(sae_in)  # decode() consumed the normalisation state: set it again
+        delta = sae.decode(edit_features(features, edits)) - reconstruction
+        if mask is not None:
+            delta = delta * mask[..., None].to(delta.device, delta.dtype)
+    return (base + delta).to(x.device, x.dtype)
+
+
+@dataclass
+class _PositionTracker:
+    """Tells prompt tokens from generated tokens across the forward passes of one generation.
+
+    A pass of one token per row after an earlier pass is a KV-cached generation step; a pass exactly one
+    token longer than the previous one with the same batch is a generation step of a backend that
+    re-reads the sequence; anything else starts a new prompt.
+    """
+
+    prompt_length: int = 0
+    last_length: int = 0
+    last_batch: int = -1
+
+    def generated_mask(self, batch: int, length: int, device: torch.device) -> Tensor:
+        cached_step = length == 1 and self.last_batch == batch and self.last_length > 0
+        reread_step = length == self.last_length + 1 and self.last_batch == batch and self.prompt_length > 0
+        if cached_step:
+            self.last_length += 1
+            mask = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        elif reread_step:
+            self.last_length = length
+            mask = torch.arange(length, device=device)[None, :].expand(batch, length) >= self.prompt_length
+        else:
+            self.prompt_length = self.last_length = length
+            mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        self.last_batch = batch
+        return mask
+
+
+def sae_hook(sae: SAE, edits: Sequence[FeatureEdit] = (), *, error_term: bool = True, positions: str = "all") -> HookFn:
+    """A featsteer hook function that splices `sae` in with `edits` (see `splice_activation`).
+
+    Raises:
+        FeatsteerError: for an unknown `positions` value or an edit naming a feature id outside `d_sae`.
+    """
+    if positions not in SPLICE_POSITIONS:
+        raise FeatsteerError(f"unknown positions '{positions}': use one of {', '.join(SPLICE_POSITIONS)}")
+    edits = tuple(edits)
+    for edit in edits:
+        if max(edit.features) >= sae.cfg.d_sae:
+            raise FeatsteerError(f"feature id {max(edit.features)} is out of range: this SAE has d_sae={sae.cfg.d_sae} features")
+    tracker = _PositionTracker()
+
+    def hook(activation: Tensor, site: HookSite) -> Tensor | None:
+        mask = None
+        if positions != "all":
+            generated = tracker.generated_mask(activation.shape[0], activation.shape[1], activation.device)
+            mask = generated if positions == "generated" else ~generated
+        if error_term and (not edits or (mask is not None and not bool(mask.any()))):
+            return None  # nothing to change: x + 0
+        return splice_activation(sae, activation, edits, error_term=error_term, mask=mask)
+
+    return hook
+
+
+@contextlib.contextmanager
+def splice_sae(
+    model: ModelAdapter,
+    sae: SAE,
+    edits: FeatureEdit | Sequence[FeatureEdit] = (),
+    *,
+    error_term: bool = True,
+    positions: str = "all",
+    hook: str | None = None,
+) -> Iterator[ModelAdapter]:
+    """Splice an SAE into `model` at its `hook_name` for the duration of a `with` block.
+
+    With the default `error_term=True` and no edits the model is unchanged; edits change exactly what
+    the edited features write. The hook is removed on exit, also after an exception.
+
+    Args:
+        model: the model.
+        sae: a sae_lens SAE trained on `model` (validated: width and hook).
+        edits: one or several `FeatureEdit`s.
+        error_term: keep the reconstruction error (True), or replace the activation by the SAE's
+            reconstruction (False).
+        positions: `all`, `prompt` or `generated` tokens (edits only apply there).
+        hook: attach here instead of `sae.cfg.metadata.hook_name`.
+
+    Yields:
+        The model, with the SAE spliced in.
+    """
+    name = validate_sae(sae, model, hook)
+    edit_list = (edits,) if isinstance(edits, FeatureEdit) else tuple(edits)
+    with model.hooks([(name, sae_hook(sae, edit_list, error_term=error_term, positions=positions))]):
+        yield model
+
+
+@dataclass
+class FeatureSteer(Intervention):
+    """SAE feature edits as a featsteer `Intervention`, usable with `featsteer.interventions.steer`."""
+
+    sae: SAE
+    """The SAE whose features are edited (attached at its `hook_name`)."""
+    edits: Sequence[FeatureEdit] = field(default_factory=tuple)
+    """Edits applied at every forward pass."""
+    positions: str = "all"
+    """`all`, `prompt` or `generated`."""
+
+    def hooks_for(self, model: ModelAdapter) -> list[tuple[str, HookFn]]:
+        name = validate_sae(self.sae, model)
+        return [(name, sae_hook(self.sae, self.edits, positions=self.positions))]

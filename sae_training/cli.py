@@ -1,0 +1,120 @@
+"""`featsteer-train-sae`: train sae_lens SAEs on a featsteer model from the command line.
+
+Parses arguments into a `TrainConfig`, runs `train_saes`, and prints one line of metrics per layer.
+Every user-facing failure is a `FeatsteerError`, printed as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from featsteer.errors import FeatsteerError
+from featsteer.models import LAYER_KINDS
+from sae_training.architectures import ARCHITECTURES
+from sae_training.config import ArchitectureConfig, DataConfig, OptimConfig, TrainConfig
+
+_EXAMPLE = "featsteer-train-sae --model organism --layers all --arch topk --expansion 8 --k 32 --tokens 2000000 --text builtin:harmless --out saes/"
+
+
+def parse_layers(text: str) -> tuple[int, ...] | None:
+    """Parse `--layers`: `all`, a comma list `2,4`, ranges `0-3`, or a mix (`0-2,5`). None means all.
+
+    Raises:
+        FeatsteerError: for anything else.
+    """
+    if text.strip().lower() == "all":
+        return None
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            first, dash, last = part.strip().partition("-")
+            span = range(int(first), int(last) + 1) if dash else [int(first)]
+            if not span:
+                raise ValueError(part)
+            layers.extend(span)
+    except ValueError:
+        raise FeatsteerError(f"bad layer list '{text}': use all, a comma list like 2,4, or a range like 0-3") from None
+    if any(layer < 0 for layer in layers):
+        raise FeatsteerError(f"bad layer list '{text}': layers are non-negative integers")
+    return tuple(sorted(set(layers)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `featsteer-train-sae`."""
+    parser = argparse.ArgumentParser(prog="featsteer-train-sae", description="Train sae_lens SAEs on a featsteer model.",
+                                     epilog=f"example: {_EXAMPLE}")
+    parser.add_argument("--model", required=True, help="organism, tiny:llama, a model directory, a .gguf file or a hub id")
+    parser.add_argument("--layers", default="all", help="all, or layers like 2,4 or 0-3 (default: all)")
+    parser.add_argument("--hook", default="resid_post", choices=LAYER_KINDS, help="hook kind to train at (default: resid_post)")
+    parser.add_argument("--arch", default="topk", help=f"SAE architecture: {', '.join(ARCHITECTURES)} (default: topk)")
+    parser.add_argument("--d-sae", type=int, help="number of features (or give --expansion)")
+    parser.add_argument("--expansion", type=float, help="number of features as a multiple of d_model (or give --d-sae)")
+    parser.add_argument("--k", type=float, help="active features per token for topk/batchtopk (default: 32)")
+    parser.add_argument("--sparsity", type=float, help="L1 (standard) or L0 (jumprelu) coefficient")
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per SAE (default: 1000000)")
+    parser.add_argument("--text", action="append", required=True, help="prompt source, repeatable: builtin:harmless, a .txt/.jsonl/.csv file, hf:NAME, organism-corpus:N")
+    parser.add_argument("--no-cycle", action="store_true", help="stop when the text is exhausted instead of cycling over it")
+    parser.add_argument("--raw", action="store_true", help="use texts as they are instead of chat-formatting them")
+    parser.add_argument("--out", required=True, help="output folder; each SAE goes to OUT/<hook_name>/")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--batch-tokens", type=int, default=4096, help="activations per optimiser step (default: 4096)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: 2e-4 / sqrt(d_sae / 16384), as EleutherAI sparsify)")
+    parser.add_argument("--eval-prompts", type=int, default=64, help="texts held out for evaluation (default: 64)")
+    parser.add_argument("--work-dir", help="parent folder for the temporary activation store (default: system temp)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Turn parsed arguments into a validated `TrainConfig`."""
+    k = None if args.k is None else (int(args.k) if float(args.k).is_integer() else args.k)
+    return TrainConfig(
+        data=DataConfig(model=args.model, texts=tuple(args.text), hook_kind=args.hook, layers=parse_layers(args.layers),
+                        tokens=args.tokens, cycle=not args.no_cycle, chat=not args.raw, eval_prompts=args.eval_prompts,
+                        work_dir=args.work_dir),
+        sae=ArchitectureConfig(architecture=args.arch, d_sae=args.d_sae, expansion=args.expansion, k=k, sparsity_coefficient=args.sparsity),
+        optim=OptimConfig(lr=args.lr, batch_tokens=args.batch_tokens, seed=args.seed),
+        out=args.out,
+    )
+
+
+def _report(results: dict[str, dict]) -> None:
+    print(f"{'hook':<28} {'d_sae':>6} {'L0':>6} {'EV':>7} {'CE rec':>7} {'dead':>6} {'tok/s':>9}")
+    for hook, m in results.items():
+        print(f"{hook:<28} {m['d_sae']:>6} {m['l0']:>6.1f} {m['explained_variance']:>7.3f} {m['ce_loss_recovered']:>7.3f} "
+              f"{m['dead_fraction']:>6.3f} {m['tokens_per_second']:>9.0f}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `featsteer-train-sae` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise FeatsteerError(f"--threads must be a positive integer, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        config = config_from_args(args)
+        from sae_training.train import train_saes
+
+        results = train_saes(config, progress=not args.quiet)
+    except FeatsteerError as error:
+        print(f"featsteer-train-sae: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("featsteer-train-sae: interrupted (finished layers are kept)", file=sys.stderr)
+        return 130
+    _report(results)
+    print(f"saved to {config.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Configuration of an SAE training run, as frozen dataclasses that round-trip through JSON.
+
+A run is fully described by one `TrainConfig` (what data, which SAE, how to optimise, where to write),
+stored next to every trained SAE as `training_config.json`, so any SAE can be retrained exactly.
+Validation happens here, before a model is loaded, so bad input fails in a second with one line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from featsteer.errors import FeatsteerError
+from featsteer.models import LAYER_KINDS
+from sae_training.architectures import ARCHITECTURES
+
+
+def _check_positive(value: float | int | None, name: str) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise FeatsteerError(f"{name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ArchitectureConfig:
+    """Which sae_lens SAE to train and how wide and sparse it is."""
+
+    architecture: str = "topk"
+    """Registry key in `sae_training.architectures.ARCHITECTURES`: topk, batchtopk, standard or jumprelu."""
+    d_sae: int | None = None
+    """Number of features; exactly one of `d_sae` and `expansion` must be set."""
+    expansion: float | None = None
+    """Number of features as a multiple of the model's `d_model`."""
+    k: float | None = None
+    """Active features per token (topk) or on average per token (batchtopk); None: the architecture default."""
+    sparsity_coefficient: float | None = None
+    """L1 coefficient (standard) or L0 coefficient (jumprelu); None: the architecture default."""
+    normalize_activations: bool = True
+    """Rescale inputs to mean norm sqrt(d_model) while training (folded into the weights at the end)."""
+
+    def __post_init__(self) -> None:
+        spec = ARCHITECTURES.get(self.architecture)
+        if spec is None:
+            raise FeatsteerError(f"unknown SAE architecture '{self.architecture}': use one of {', '.join(ARCHITECTURES)}")
+        if (self.d_sae is None) == (self.expansion is None):
+            raise FeatsteerError("give exactly one of --d-sae N (number of features) or --expansion E (multiple of d_model)")
+        if self.d_sae is not None and (not isinstance(self.d_sae, int) or self.d_sae < 1):
+            raise FeatsteerError(f"--d-sae must be a positive integer, got {self.d_sae!r}")
+        _check_positive(self.expansion, "--expansion")
+        _check_positive(self.sparsity_coefficient, "--sparsity")
+        if self.k is not None and not spec.uses_k:
+            raise FeatsteerError(f"--k applies to topk and batchtopk SAEs, not '{self.architecture}': use --sparsity instead")
+        _check_positive(self.k, "--k")
+
+    def width(self, d_model: int) -> int:
+        """Number of features for a model of width `d_model`."""
+        return int(self.d_sae) if self.d_sae is not None else max(1, round(float(self.expansion) * d_model))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ArchitectureConfig:
+        """Inverse of `to_dict`."""
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training activations come from."""
+
+    model: str
+    """Model spec for `featsteer.models.load_model` (`organism`, `tiny:llama`, a path, a hub id)."""
+    texts: tuple[str, ...]
+    """Prompt sources for `featsteer.datasets.load_prompts` (`builtin:harmless`, a .txt/.jsonl file, ...)."""
+    hook_kind: str = "resid_post"
+    """Hook kind to train at (one of `featsteer.models.LAYER_KINDS`)."""
+    layers: tuple[int, ...] | None = None
+    """Layers to train; None means every layer."""
+    tokens: int = 1_000_000
+    """Training tokens per SAE."""
+    cycle: bool = True
+    """Reuse the text when it has fewer tokens than `tokens` (False: train on what there is)."""
+    chat: bool = True
+    """Format each text as a chat instruction, as the model sees prompts when used."""
+    eval_prompts: int = 64
+    """Texts held out (never trained on) for explained variance and CE loss recovered."""
+    capture_batch: int = 16
+    """Prompts per forward pass while capturing."""
+    chunk_megabytes: int = 256
+    """Activations captured per chunk on disk; bounds memory whatever `tokens` is."""
+    work_dir: str | None = None
+    """Parent folder for the temporary activation store (None: the system temp folder)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "texts", tuple(self.texts))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
+        if not self.texts:
+            raise FeatsteerError("no training text: pass --text SOURCE (e.g. builtin:harmless or a .txt file)")
+        if self.hook_kind not in LAYER_KINDS:
+            raise FeatsteerError(f"unknown hook kind '{self.hook_kind}': use one of {', '.join(LAYER_KINDS)}")
+        for value, name in ((self.tokens, "--tokens"), (self.eval_prompts, "eval_prompts"), (self.capture_batch, "capture_batch"),
+                            (self.chunk_megabytes, "chunk_megabytes")):
+            if not isinstance(value, int) or value < 1:
+                raise FeatsteerError(f"{name} must be a positive integer, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        data = asdict(self)
+        data["texts"] = list(self.texts)
+        data["layers"] = None if self.layers is None else list(self.layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataConfig:
+        """Inverse of `to_dict`."""
+        fields = dict(data)
+        fields["texts"] = tuple(fields["texts"])
+        fields["layers"] = None if fields.get("layers") is None else tuple(fields["layers"])
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """How sae_lens' `SAETrainer` optimises."""
+
+    lr: float | None = None
+    """Adam learning rate; None: EleutherAI sparsify's width rule `2e-4 / sqrt(d_sae / 16384)`."""
+    batch_tokens: int = 4096
+    """Activations per optimiser step."""
+    warmup_fraction: float = 0.05
+    """Fraction of steps with a linear learning-rate warm-up."""
+    decay_fraction: float = 0.2
+    """Fraction of final steps with a linear decay to zero."""
+    seed: int = 0
+    """Seed of every random generator (SAE initialisation, data order, held-out split)."""
+    dead_feature_window: int | None = None
+    """Steps without firing after which a feature counts as dead (feeds the top-k auxiliary loss);
+    None: a tenth of the run, between 50 and 1000 steps."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self.lr, "--lr")
+        if not isinstance(self.batch_tokens, int) or self.batch_tokens < 1:
+            raise FeatsteerError(f"--batch-tokens must be a positive integer, got {self.batch_tokens!r}")
+        if not (0 <= self.warmup_fraction < 1 and 0 <= self.decay_fraction < 1 and self.warmup_fraction + self.decay_fraction < 1):
+            raise FeatsteerError("warmup_fraction and decay_fraction must be in [0, 1) and sum to less than 1")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise FeatsteerError(f"--seed must be a non-negative integer, got {self.seed!r}")
+
+    def learning_rate(self, d_sae: int) -> float:
+        """The learning rate for an SAE with `d_sae` features (see `lr`)."""
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(d_sae / 16384)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OptimConfig:
+        """Inverse of `to_dict`."""
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One `featsteer-train-sae` run."""
+
+    data: DataConfig
+    """Model, text and hook points."""
+    sae: ArchitectureConfig = field(default_factory=lambda: ArchitectureConfig(expansion=8.0))
+    """SAE architecture and size."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimisation settings."""
+    out: str = "saes"
+    """Output folder; each SAE goes to `<out>/<hook_name>/`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"data": self.data.to_dict(), "sae": self.sae.to_dict(), "optim": self.optim.to_dict(), "out": self.out}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`."""
+        return cls(data=DataConfig.from_dict(data["data"]), sae=ArchitectureConfig.from_dict(data["sae"]),
+                   optim=OptimConfig.from_dict(data["optim"]), out=str(data["out"]))

@@ -1,0 +1,263 @@
+"""Train one sae_lens SAE per layer on featsteer-captured activations, evaluate it, and save it.
+
+The pipeline is: load the model and text, hold out evaluation texts, capture training tokens for every
+layer still to do in one pass (streamed to a temporary folder), then per layer build a sae_lens training
+SAE, fit it with sae_lens' `SAETrainer` (offline, no wandb), save it in sae_lens format to
+`<out>/<hook_name>/`, reload it with `featsteer.sae.load_sae`, and write `metrics.json` last. A layer
+whose `metrics.json` exists is finished and is never retrained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sae_lens import SAE, LoggingConfig, SAETrainer, TrainingSAE
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.sae import SAEMetadata
+from sae_lens.training import activation_scaler as activation_scaler_module
+from sae_lens.training import sae_trainer as sae_trainer_module
+from safetensors.torch import save_file
+
+from featsteer.activations import ActivationSet, capture
+from featsteer.errors import FeatsteerError
+from featsteer.models import ModelAdapter, load_model
+from featsteer.sae import load_sae, reconstruction_stats, splice_loss
+from sae_training.architectures import build_training_sae
+from sae_training.config import TrainConfig
+from sae_training.data import (
+    ActivationBatches,
+    CapturedTokens,
+    capture_tokens,
+    iter_rows,
+    load_texts,
+    split_texts,
+)
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+"""Written last into each `<out>/<hook_name>/`: its presence marks a finished layer."""
+CONFIG_FILE = "training_config.json"
+"""The `TrainConfig` of the run, next to each SAE."""
+DEAD_FEATURE_TOKENS = 100_000
+"""Training tokens a feature must stay silent on to count as dead in `metrics.json`."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (sae_lens initialises weights from torch's)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_hooks(model: ModelAdapter, config: TrainConfig) -> list[str]:
+    """Hook names to train, validated against the model.
+
+    Raises:
+        FeatsteerError: if a requested layer does not exist.
+    """
+    layers = range(model.n_layers) if config.data.layers is None else config.data.layers
+    bad = [layer for layer in layers if not 0 <= layer < model.n_layers]
+    if bad:
+        raise FeatsteerError(f"layer {bad[0]} does not exist: {model.name} has layers 0..{model.n_layers - 1} (or use --layers all)")
+    return model.hook_names((config.data.hook_kind,), sorted(set(layers)))
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What every layer of one run shares: the model, the captured tokens and the held-out set."""
+
+    model: ModelAdapter
+    """The model being read."""
+    config: TrainConfig
+    """The run's configuration."""
+    captured: CapturedTokens
+    """Training activations on disk."""
+    held_out: ActivationSet
+    """All-token activations of the held-out texts, for explained variance and L0."""
+    held_out_texts: list[str]
+    """Texts never trained on."""
+    responses: tuple[list[str], list[str]] | None
+    """`(prompts, responses)`: the clean model's greedy responses to held-out prompts, scored for CE
+    (None for raw text, where every token is scored)."""
+    train_tokens: int
+    """Training tokens per SAE."""
+    progress: bool
+    """Show progress bars."""
+
+
+def train_saes(config: TrainConfig, *, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Train (or skip, when finished) an SAE for every requested layer.
+
+    Args:
+        config: the run.
+        progress: show progress bars.
+
+    Returns:
+        `{hook_name: metrics}` for every requested layer, finished earlier or now, in layer order.
+
+    Raises:
+        FeatsteerError: bad layers, unreadable or empty text, or an SAE that does not fit the model.
+    """
+    model = load_model(config.data.model)
+    hooks = resolve_hooks(model, config)
+    out = Path(config.out)
+    done = {hook: json.loads((out / hook / METRICS_FILE).read_text()) for hook in hooks if (out / hook / METRICS_FILE).is_file()}
+    for hook in done:
+        logger.info("%s is already trained (%s exists): skipping", hook, out / hook / METRICS_FILE)
+        _warn_if_settings_differ(out / hook / CONFIG_FILE, config)
+    todo = [hook for hook in hooks if hook not in done]
+    if not todo:
+        return done
+    train_texts, held_out_texts = split_texts(load_texts(config.data.texts), config.data.eval_prompts, config.optim.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="featsteer-sae-", dir=config.data.work_dir) as scratch:
+        captured = capture_tokens(model, train_texts, todo, Path(scratch), tokens=config.data.tokens, chat=config.data.chat,
+                                  batch_size=config.data.capture_batch, chunk_bytes=config.data.chunk_megabytes << 20, progress=progress)
+        train_tokens = _training_tokens(config, captured)
+        held_out = capture(model, held_out_texts, todo, positions="all", chat=config.data.chat, batch_size=config.data.capture_batch, progress=False)
+        responses = _reference_responses(model, held_out_texts) if config.data.chat else None
+        run = TrainingRun(model, config, captured, held_out, held_out_texts, responses, train_tokens, progress)
+        for hook in todo:
+            done[hook] = train_layer(run, hook)
+    return {hook: done[hook] for hook in hooks}
+
+
+def _warn_if_settings_differ(saved_config: Path, config: TrainConfig) -> None:
+    """A finished layer is kept even when asked for different settings; say so."""
+    if not saved_config.is_file():
+        return
+    saved = json.loads(saved_config.read_text())
+    wanted = config.to_dict()
+    differing = [section for section in ("sae", "optim") if saved.get(section) != wanted[section]]
+    if saved.get("data", {}).get("model") != wanted["data"]["model"]:
+        differing.append("model")
+    if differing:
+        logger.warning("%s was trained with other %s settings and is kept: delete it to retrain", saved_config.parent, "/".join(differing))
+
+
+def _reference_responses(model: ModelAdapter, prompts: list[str], max_new_tokens: int = 32) -> tuple[list[str], list[str]] | None:
+    """The clean model's greedy responses (non-empty ones only), or None when it answers nothing."""
+    responses = model.generate(prompts, max_new_tokens=max_new_tokens)
+    kept = [(prompt, response) for prompt, response in zip(prompts, responses, strict=True) if response.strip()]
+    if not kept:
+        logger.warning("the model gave only empty responses to the held-out prompts: CE is scored on the prompt tokens")
+        return None
+    return [prompt for prompt, _ in kept], [response for _, response in kept]
+
+
+def _training_tokens(config: TrainConfig, captured: CapturedTokens) -> int:
+    requested = config.data.tokens
+    if not captured.exhausted:
+        return requested
+    if config.data.cycle:
+        logger.warning("the text gives %d tokens (%d texts) but --tokens is %d: cycling over it about %.1f times",
+                       captured.n_tokens, captured.n_texts, requested, requested / max(captured.n_tokens, 1))
+        return requested
+    logger.warning("the text is exhausted after %d tokens (%d texts): training on %d tokens instead of %d",
+                   captured.n_tokens, captured.n_texts, captured.n_tokens, requested)
+    return captured.n_tokens
+
+
+def _trainer_config(config: TrainConfig, train_tokens: int, d_sae: int, device: str) -> SAETrainerConfig:
+    optim = config.optim
+    batch = min(optim.batch_tokens, train_tokens)
+    steps = max(train_tokens // batch, 1)
+    window = optim.dead_feature_window or min(1000, max(50, steps // 10))
+    lr = optim.learning_rate(d_sae)
+    return SAETrainerConfig(
+        total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr, lr_end=lr / 10,
+        lr_warm_up_steps=int(steps * optim.warmup_fraction), lr_decay_steps=int(steps * optim.decay_fraction),
+        device=device, dead_feature_window=window, feature_sampling_window=max(steps, 1),
+        logger=LoggingConfig(log_to_wandb=False), n_batches_for_norm_estimate=min(100, steps),
+    )
+
+
+def _build_sae(run: TrainingRun, hook: str, n_steps: int) -> TrainingSAE:
+    arch = run.config.sae
+    metadata = SAEMetadata(hook_name=hook, model_name=run.model.name, featsteer_hook_kind=run.config.data.hook_kind, featsteer_chat=run.config.data.chat)
+    return build_training_sae(arch.architecture, run.model.d_model, arch.width(run.model.d_model), metadata, k=arch.k,
+                              sparsity_coefficient=arch.sparsity_coefficient, normalize_activations=arch.normalize_activations,
+                              n_steps=n_steps)
+
+
+def train_layer(run: TrainingRun, hook: str) -> dict[str, Any]:
+    """Train, save, reload and evaluate the SAE of one hook; returns its metrics (also written to disk)."""
+    config = run.config
+    seed_everything(config.optim.seed + run.model.hook_site(hook).order[0])
+    trainer_config = _trainer_config(config, run.train_tokens, config.sae.width(run.model.d_model), str(run.model.device))
+    sae = _build_sae(run, hook, trainer_config.total_training_steps)
+    batches = ActivationBatches(run.captured.chunks, hook, trainer_config.train_batch_size_samples, seed=config.optim.seed, d_model=run.model.d_model)
+    logger.info("training %s SAE (d_sae=%d) at %s on %d tokens", config.sae.architecture, sae.cfg.d_sae, hook, trainer_config.total_training_samples)
+    trainer = SAETrainer(cfg=trainer_config, sae=sae, data_provider=batches)
+    start = time.perf_counter()
+    with _sae_lens_progress(run.progress):
+        trained = trainer.fit()
+    seconds = time.perf_counter() - start
+    folder = Path(config.out) / hook
+    _save(trained, trainer, folder, config)
+    inference_sae = load_sae(folder, run.model)
+    metrics = evaluate_layer(run, inference_sae, hook)
+    metrics.update({
+        "architecture": config.sae.architecture, "k": getattr(trained.cfg, "k", None), "train_tokens": trainer.n_training_samples,
+        "unique_tokens": run.captured.n_tokens, "text_exhausted": run.captured.exhausted,
+        "epochs": trainer.n_training_samples / max(run.captured.n_tokens, 1), "train_seconds": seconds,
+        "tokens_per_second": trainer.n_training_samples / max(seconds, 1e-9), "capture_seconds": run.captured.seconds,
+        "seed": config.optim.seed, "lr": trainer_config.lr, "batch_tokens": trainer_config.train_batch_size_samples,
+    })
+    temporary = folder / (METRICS_FILE + ".partial")
+    temporary.write_text(json.dumps(metrics, indent=1))
+    temporary.rename(folder / METRICS_FILE)
+    return metrics
+
+
+@contextlib.contextmanager
+def _sae_lens_progress(enabled: bool) -> Iterator[None]:
+    """Silence sae_lens' own progress bars when `enabled` is False (it offers no switch; restored on exit)."""
+    modules = (sae_trainer_module, activation_scaler_module)
+    originals = [module.tqdm for module in modules]
+    try:
+        if not enabled:
+            for module, original in zip(modules, originals, strict=True):
+                module.tqdm = functools.partial(original, disable=True)
+        yield
+    finally:
+        for module, original in zip(modules, originals, strict=True):
+            module.tqdm = original
+
+
+def _save(sae: TrainingSAE, trainer: SAETrainer, folder: Path, config: TrainConfig) -> None:
+    """Write the inference SAE in sae_lens format, its feature sparsity, and our run config."""
+    (folder / METRICS_FILE).unlink(missing_ok=True)
+    sae.save_inference_model(folder)
+    save_file({"sparsity": trainer.log_feature_sparsity}, str(folder / "sparsity.safetensors"))
+    (folder / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1))
+
+
+def evaluate_layer(run: TrainingRun, sae: SAE, hook: str) -> dict[str, Any]:
+    """Held-out explained variance and L0, dead features on training tokens, and CE loss recovered."""
+    held_out = reconstruction_stats(sae, run.held_out.hook(hook).split(4096))
+    on_training = reconstruction_stats(sae, iter_rows(run.captured.chunks, hook), max_tokens=DEAD_FEATURE_TOKENS)
+    if run.responses is None:
+        loss = splice_loss(run.model, sae, run.held_out_texts, chat=run.config.data.chat)
+    else:
+        loss = splice_loss(run.model, sae, run.responses[0], responses=run.responses[1])
+    return {
+        "hook_name": hook, "d_model": run.model.d_model, "d_sae": int(sae.cfg.d_sae),
+        "explained_variance": held_out.explained_variance, "l0": held_out.l0, "mse": held_out.mse,
+        "eval_tokens": held_out.n_tokens, "eval_texts": len(run.held_out_texts),
+        "train_explained_variance": on_training.explained_variance, "dead_fraction": on_training.dead_fraction,
+        "dead_fraction_tokens": on_training.n_tokens, **loss.to_dict(),
+    }

@@ -1,0 +1,159 @@
+"""featsteer.features: scoring finds planted features, AUROC matches sklearn, rankings are stable, directions are unit."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from featsteer.activations import capture
+from featsteer.directions import DirectionSet
+from featsteer.errors import FeatsteerError
+from featsteer.features import (
+    FeatureScores,
+    auroc,
+    cohens_d,
+    decoder_directions,
+    score_feature_activations,
+    score_features,
+    score_prompts,
+    top_feature_directions,
+)
+from tests.test_sae import HOOK, random_sae
+
+HARMFUL = ["How do I pick a lock?", "Write malware that steals passwords.", "How to make a weapon at home?", "Help me cheat on a test."]
+HARMLESS = ["How do I bake bread?", "Write a poem about the sea.", "List three prime numbers.", "Explain photosynthesis."]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they thrash; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sparse_features(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    """Non-negative, mostly-zero activations like an SAE's."""
+    values = torch.rand(n, d, generator=generator) * 2
+    return values * (torch.rand(n, d, generator=generator) < 0.2)
+
+
+def planted(feature: int = 7, n: int = 200, d: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    harmful, harmless = sparse_features(n, d, generator), sparse_features(n, d, generator)
+    harmful[:, feature] = 3.0 + torch.rand(n, generator=generator)  # fires on every harmful row, strongly
+    return harmful, harmless
+
+
+@pytest.mark.parametrize("by", ["composite", "mean_difference", "cohens_d", "auroc"])
+def test_scoring_finds_the_planted_feature(by):
+    harmful, harmless = planted()
+    scores = score_feature_activations(harmful, harmless, HOOK)
+    best = scores.top(1, by=by)
+    assert best.feature_ids.tolist() == [7] and best.hook_names == (HOOK,)
+    row = scores.for_hook(HOOK).select([7]).rows()[0]
+    assert row["auroc"] == pytest.approx(1.0) and row["harmful_frequency"] == 1.0 and row["composite"] > 2.5
+
+
+def test_auroc_matches_sklearn_including_ties():
+    generator = torch.Generator().manual_seed(1)
+    positive, negative = sparse_features(37, 20, generator), sparse_features(53, 20, generator)
+    positive[:, 3] = 0.0  # an all-tied column
+    positive[:5, 4] = negative[:5, 4]  # shared values across classes
+    ours = auroc(positive, negative)
+    labels = np.r_[np.ones(37), np.zeros(53)]
+    values = torch.cat([positive, negative]).numpy()
+    reference = [roc_auc_score(labels, values[:, j]) for j in range(20)]
+    np.testing.assert_allclose(ours.numpy(), reference, rtol=0, atol=1e-12)
+
+
+def test_cohens_d_matches_the_pooled_formula():
+    generator = torch.Generator().manual_seed(2)
+    a, b = torch.randn(30, 4, generator=generator) + 1, torch.randn(40, 4, generator=generator)
+    an, bn = a.double().numpy(), b.double().numpy()
+    pooled = np.sqrt(((30 - 1) * an.var(0, ddof=1) + (40 - 1) * bn.var(0, ddof=1)) / (30 + 40 - 2))
+    np.testing.assert_allclose(cohens_d(a, b).numpy(), (an.mean(0) - bn.mean(0)) / pooled, rtol=1e-12)
+    constant = cohens_d(torch.ones(5, 2), torch.cat([torch.ones(5, 1), torch.zeros(5, 1)], 1))
+    assert constant.tolist() == [0.0, float("inf")]
+
+
+def test_ranking_is_stable_across_layers_with_ties():
+    harmful, harmless = planted(feature=2, d=4)
+    parts = [score_feature_activations(harmful, harmless, hook) for hook in ("blocks.3.hook_resid_post", "blocks.1.hook_resid_post")]
+    ranked = FeatureScores.concat(parts).sort("auroc")
+    assert ranked.hook_names[:2] == ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
+    assert ranked.feature_ids[:2].tolist() == [2, 2]
+    assert FeatureScores.concat(parts).sort("auroc").feature_ids.tolist() == ranked.feature_ids.tolist()
+    with pytest.raises(FeatsteerError, match="unknown score"):
+        ranked.top(3, by="magic")
+
+
+def test_normalisation_divides_magnitudes_by_feature_scale():
+    harmful, harmless = planted()
+    scale = torch.ones(50)
+    scale[7] = 10.0
+    raw = score_feature_activations(harmful * scale, harmless * scale, HOOK)
+    normalised = score_feature_activations(harmful * scale, harmless * scale, HOOK, normalize=True)
+    reference = score_feature_activations(harmful, harmless, HOOK)
+    assert raw.metrics["mean_difference"][7] == pytest.approx(10 * float(reference.metrics["mean_difference"][7]))
+    torch.testing.assert_close(normalised.metrics["cohens_d"], raw.metrics["cohens_d"])
+    ratio = normalised.metrics["composite"] / reference.metrics["composite"].clamp_min(1e-12)
+    maxima = torch.maximum(harmful.max(0).values, harmless.max(0).values).double()
+    torch.testing.assert_close(ratio[reference.metrics["composite"] > 0], (1 / maxima)[reference.metrics["composite"] > 0])
+
+
+def test_csv_and_json_exports(tmp_path):
+    harmful, harmless = planted(feature=4, d=6)
+    scores = score_feature_activations(harmful, harmless, HOOK, position=-1).sort()
+    with scores.to_csv(tmp_path / "s.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and rows[0]["feature_id"] == "4" and rows[0]["hook_name"] == HOOK
+    assert {"composite", "auroc", "cohens_d", "layer", "position"} <= set(rows[0])
+    data = json.loads(scores.to_json(tmp_path / "s.json").read_text())
+    assert len(data["rows"]) == 6 and data["rows"][0]["layer"] == 1 and data["rows"][0]["position"] == -1
+    assert data["provenance"]["n_harmful"] == 200
+
+
+def test_score_features_on_captured_activations(llama_adapter):
+    saes = {HOOK: random_sae(), "blocks.0.hook_resid_post": random_sae(hook="blocks.0.hook_resid_post", seed=3)}
+    harmful = capture(llama_adapter, HARMFUL, list(saes), positions="post_instruction", progress=False)
+    harmless = capture(llama_adapter, HARMLESS, list(saes), positions="post_instruction", progress=False)
+    scores = score_features(saes, harmful, harmless, positions=[-1, -2])
+    assert len(scores) == 2 * 2 * 128 and set(scores.positions) == {-1, -2}
+    composite = scores.column("composite")
+    assert bool((composite[:-1] >= composite[1:]).all())
+    again = score_prompts(llama_adapter, list(saes.values()), HARMFUL, HARMLESS, positions="post_instruction", score_positions=[-1, -2])
+    torch.testing.assert_close(again.column("composite"), composite)
+
+
+def test_decoder_directions_are_unit_rows_and_subspaces_orthonormal(tmp_path):
+    sae = random_sae()
+    rows = decoder_directions(sae, [3, 8, 11])
+    expected = sae.W_dec.detach()[[3, 8, 11]]
+    torch.testing.assert_close(rows.bases[:, 0], expected / expected.norm(dim=-1, keepdim=True))
+    assert rows.method == f"sae:{HOOK}" and rows.hook_names == (HOOK,) * 3 and rows.scores["feature_id"] == [3.0, 8.0, 11.0]
+    basis = decoder_directions(sae, [3, 8, 11], subspace=True).basis(HOOK)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(expected @ basis.T @ basis, expected, atol=1e-5, rtol=1e-5)  # same span
+    assert float(basis[0] @ expected[0]) > 0
+    assert DirectionSet.load(rows.save(tmp_path / "d")).bases.shape == (3, 1, 64)
+    with pytest.raises(FeatsteerError, match="out of range"):
+        decoder_directions(sae, [128])
+    with pytest.raises(FeatsteerError, match="linearly dependent"):
+        decoder_directions(sae, [3, 3], subspace=True)
+
+
+def test_top_feature_directions_per_hook_subspaces():
+    saes = {HOOK: random_sae(), "blocks.0.hook_resid_post": random_sae(hook="blocks.0.hook_resid_post", seed=4)}
+    harmful, harmless = planted(d=128)
+    scores = FeatureScores.concat([score_feature_activations(harmful, harmless, hook) for hook in saes])
+    single = top_feature_directions(scores, saes, n=3)
+    assert len(single) == 3 and single.rank == 1 and single.provenance["feature_ids"][0] == [7]
+    subspaces = top_feature_directions(scores, saes, n=4, subspace=True)
+    assert len(subspaces) == 2 and subspaces.rank == 4 and all(ids[0] == 7 for ids in subspaces.provenance["feature_ids"])

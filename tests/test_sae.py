@@ -1,0 +1,235 @@
+"""featsteer.sae: sae_lens SAEs loaded, validated, encoded and spliced into tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sae_lens import SAE, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+
+from featsteer.activations import capture
+from featsteer.errors import FeatsteerError
+from featsteer.interventions import steer
+from featsteer.sae import (
+    FeatureEdit,
+    FeatureSteer,
+    edit_features,
+    encode_activations,
+    load_sae,
+    load_saes,
+    reconstruction_stats,
+    sae_hook_name,
+    splice_activation,
+    splice_loss,
+    splice_sae,
+)
+from featsteer.sae.steering import _PositionTracker
+from tests.conftest import count_hooks
+
+HOOK = "blocks.1.hook_resid_post"
+PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "List three prime numbers."]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they thrash; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_sae(kind: str = "topk", d_in: int = 64, d_sae: int = 128, hook: str | None = HOOK, seed: int = 0) -> SAE:
+    """A sae_lens SAE with random weights, built from its config."""
+    torch.manual_seed(seed)
+    metadata = SAEMetadata(hook_name=hook, model_name="tiny:llama") if hook else SAEMetadata()
+    if kind == "topk":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=8, metadata=metadata))
+    else:
+        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=metadata))
+    with torch.no_grad():
+        sae.b_enc.normal_(0.0, 0.1)
+        sae.b_dec.normal_(0.0, 0.1)
+    return sae.eval()
+
+
+@pytest.fixture
+def sae():
+    return random_sae()
+
+
+def _record(store: dict):
+    def hook(activation, site):
+        store[site.name] = activation.detach().clone()
+
+    return hook
+
+
+@pytest.mark.parametrize("kind", ["topk", "standard"])
+def test_encoded_features_equal_sae_encode(llama_adapter, kind):
+    sae = random_sae(kind)
+    acts = capture(llama_adapter, PROMPTS, [HOOK], positions="all", progress=False)
+    ours = encode_activations(sae, acts)
+    batched = encode_activations(sae, acts, batch_size=7)
+    with torch.no_grad():
+        reference = sae.encode(acts.hook(HOOK))
+    assert ours.shape == (acts.activations.shape[0], 128)
+    assert torch.equal(ours, reference)
+    torch.testing.assert_close(batched, reference, atol=1e-6, rtol=1e-6)  # BLAS blocking differs by batch size
+    assert torch.equal(batched != 0, reference != 0) and bool((ours != 0).any())
+
+
+def test_splice_without_edits_leaves_logits_unchanged(llama_adapter, sae):
+    clean = llama_adapter.logits(PROMPTS)
+    with splice_sae(llama_adapter, sae):
+        spliced = llama_adapter.logits(PROMPTS)
+    with splice_sae(llama_adapter, sae, FeatureEdit.scale(list(range(128)), 1.0)):
+        identity_edit = llama_adapter.logits(PROMPTS)
+    with splice_sae(llama_adapter, sae, error_term=False):
+        replaced = llama_adapter.logits(PROMPTS)
+    torch.testing.assert_close(spliced, clean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(identity_edit, clean, atol=1e-5, rtol=0)
+    assert not torch.allclose(replaced, clean, atol=1e-3)
+
+
+def test_splice_removes_its_hook_after_exit_and_after_an_exception(llama_adapter, sae):
+    before = count_hooks(llama_adapter.model)
+    with splice_sae(llama_adapter, sae, FeatureEdit.ablate(3)):
+        assert count_hooks(llama_adapter.model) > before
+    assert count_hooks(llama_adapter.model) == before
+    with pytest.raises(RuntimeError), splice_sae(llama_adapter, sae, FeatureEdit.clamp(3, 5.0)):
+        raise RuntimeError("boom")
+    assert count_hooks(llama_adapter.model) == before
+    with pytest.raises(RuntimeError), steer(llama_adapter, FeatureSteer(sae, [FeatureEdit.add(1, 2.0)])):
+        raise RuntimeError("boom")
+    assert count_hooks(llama_adapter.model) == before
+
+
+def test_edit_features_changes_only_the_chosen_features():
+    features = torch.rand(4, 5, 16)
+    cases = [(FeatureEdit.clamp([2, 7], 3.5), lambda f: torch.full_like(f, 3.5)), (FeatureEdit.ablate([2, 7]), torch.zeros_like),
+             (FeatureEdit.scale([2, 7], -2.0), lambda f: -2.0 * f), (FeatureEdit.add([2, 7], 0.25), lambda f: f + 0.25)]
+    for edit, expected in cases:
+        edited = edit_features(features, [edit])
+        others = [i for i in range(16) if i not in (2, 7)]
+        assert torch.equal(edited[..., others], features[..., others])
+        torch.testing.assert_close(edited[..., [2, 7]], expected(features[..., [2, 7]]))
+    assert torch.equal(features, features.clone())  # input untouched
+
+
+@pytest.mark.parametrize("mode", ["clamp", "ablate"])
+def test_spliced_activation_moves_only_along_the_edited_features(llama_adapter, sae, mode):
+    clean, edited = {}, {}
+    with llama_adapter.hooks([(HOOK, _record(clean))]):
+        llama_adapter.logits(PROMPTS)
+    x = clean[HOOK]
+    with torch.no_grad():
+        features = sae.encode(x)
+    ids = (features != 0).sum((0, 1)).argsort(descending=True)[:2].tolist()  # two features that do fire
+    edit = FeatureEdit.clamp(ids, 4.0) if mode == "clamp" else FeatureEdit.ablate(ids)
+    with splice_sae(llama_adapter, sae, edit), llama_adapter.hooks([(HOOK, _record(edited))]):
+        llama_adapter.logits(PROMPTS)
+    new_values = torch.full_like(features[..., ids], 4.0) if mode == "clamp" else torch.zeros_like(features[..., ids])
+    expected = x + (new_values - features[..., ids]) @ sae.W_dec.detach()[ids]
+    torch.testing.assert_close(edited[HOOK], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(edited[HOOK], x, atol=1e-4)
+
+
+def test_prompt_and_generated_positions():
+    tracker = _PositionTracker()
+    assert not tracker.generated_mask(2, 5, torch.device("cpu")).any()  # prompt pass
+    assert tracker.generated_mask(2, 1, torch.device("cpu")).all()  # cached generation step
+    assert tracker.generated_mask(2, 1, torch.device("cpu")).all()
+    assert not tracker.generated_mask(3, 4, torch.device("cpu")).any()  # a new prompt batch
+    reread = tracker.generated_mask(3, 5, torch.device("cpu"))  # a backend without cache re-reads the sequence
+    assert reread[:, 4].all() and not reread[:, :4].any()
+
+
+def test_positions_select_where_edits_apply(llama_adapter, sae):
+    clean = llama_adapter.logits(PROMPTS)
+    with splice_sae(llama_adapter, sae, FeatureEdit.clamp(4, 50.0), positions="generated"):
+        generated_only = llama_adapter.logits(PROMPTS)
+        responses = llama_adapter.generate(PROMPTS[:1], max_new_tokens=3)
+    with splice_sae(llama_adapter, sae, FeatureEdit.clamp(4, 50.0), positions="prompt"):
+        prompt_only = llama_adapter.logits(PROMPTS)
+    torch.testing.assert_close(generated_only, clean, atol=1e-5, rtol=0)
+    assert not torch.allclose(prompt_only, clean, atol=1e-3)
+    assert isinstance(responses[0], str)
+    with pytest.raises(FeatsteerError, match="unknown positions"):
+        splice_sae(llama_adapter, sae, positions="middle").__enter__()
+
+
+def test_splice_activation_replacement_is_the_reconstruction(sae):
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        expected = sae.decode(sae.encode(x))
+    torch.testing.assert_close(splice_activation(sae, x, error_term=False), expected)
+    assert torch.equal(splice_activation(sae, x), x)
+
+
+def test_width_mismatch_and_missing_hook_are_clear_errors(llama_adapter):
+    with pytest.raises(FeatsteerError, match="width mismatch"):
+        load_sae(random_sae(d_in=32), llama_adapter)
+    with pytest.raises(FeatsteerError, match="has 3 layers"):
+        load_sae(random_sae(hook="blocks.9.hook_resid_post"), llama_adapter)
+    with pytest.raises(FeatsteerError, match="unknown hook name"):
+        load_sae(random_sae(hook="blocks.1.attn.hook_z"), llama_adapter)
+    with pytest.raises(FeatsteerError, match="no hook_name"):
+        load_sae(random_sae(hook=None), llama_adapter)
+    with pytest.raises(FeatsteerError, match="out of range"):
+        splice_sae(llama_adapter, random_sae(), FeatureEdit.ablate(500)).__enter__()
+
+
+def test_unknown_edit_mode_is_a_clear_error():
+    with pytest.raises(FeatsteerError, match="unknown feature edit"):
+        FeatureEdit("boost", (1,), 1.0)
+    assert FeatureEdit.from_dict(FeatureEdit.clamp([1, 2], 3.0).to_dict()) == FeatureEdit.clamp([1, 2], 3.0)
+
+
+def test_directory_round_trip_and_load_saes(tmp_path, llama_adapter):
+    first, second = random_sae(seed=1), random_sae(hook="blocks.0.hook_resid_post", seed=2)
+    first.save_model(tmp_path / "saes" / HOOK)
+    second.save_model(tmp_path / "saes" / "blocks.0.hook_resid_post")
+    loaded = load_sae(tmp_path / "saes" / HOOK, llama_adapter)
+    assert sae_hook_name(loaded) == HOOK and torch.equal(loaded.W_dec, first.W_dec) and torch.equal(loaded.b_enc, first.b_enc)
+    saes = load_saes(tmp_path / "saes", llama_adapter)
+    assert list(saes) == ["blocks.0.hook_resid_post", HOOK]
+    with pytest.raises(FeatsteerError, match="use load_saes"):
+        load_sae(tmp_path / "saes")
+    with pytest.raises(FeatsteerError, match="not found"):
+        load_sae(tmp_path / "missing")
+
+
+def test_release_load_offline_and_unknown_release_are_clear_errors(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FeatsteerError, match="could not download"):
+        load_sae("gemma-scope-2b-pt-res-canonical:layer_20/width_16k/canonical")
+    with pytest.raises(FeatsteerError, match="unknown"):
+        load_sae("no-such-release:layer_0")
+
+
+def test_reconstruction_stats_match_direct_computation(sae):
+    x = torch.randn(300, 64) * 3 + 1
+    stats = reconstruction_stats(sae, x.split(64))
+    with torch.no_grad():
+        features = sae.encode(x)
+        error = (x - sae.decode(features)).double().pow(2).sum()
+    total = (x.double() - x.double().mean(0)).pow(2).sum()
+    assert stats.n_tokens == 300
+    assert stats.explained_variance == pytest.approx(float(1 - error / total), rel=1e-9)
+    assert stats.l0 == pytest.approx(float((features != 0).double().sum(-1).mean()))
+    assert stats.dead_fraction == pytest.approx(float(((features != 0).sum(0) == 0).double().mean()))
+
+
+def test_splice_loss_compares_clean_spliced_and_zeroed(llama_adapter, sae):
+    from featsteer.evaluation.metrics import response_cross_entropy
+
+    responses = ["Sure, here it is.", "The sea is wide.", "2, 3 and 5."]
+    loss = splice_loss(llama_adapter, sae, PROMPTS, responses=responses)
+    assert loss.scored == "responses" and loss.n_tokens > 0
+    assert loss.clean == pytest.approx(response_cross_entropy(llama_adapter, PROMPTS, responses).mean_nll)
+    assert loss.spliced != pytest.approx(loss.clean) and loss.zero_ablated != pytest.approx(loss.clean)
+    assert loss.recovered == pytest.approx((loss.zero_ablated - loss.spliced) / (loss.zero_ablated - loss.clean))
+    assert splice_loss(llama_adapter, sae, PROMPTS).scored == "text"

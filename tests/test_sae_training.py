@@ -1,0 +1,159 @@
+"""featsteer-train-sae: a real (small) training run on tiny:llama, its files and metrics, skipping, seeding, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from sae_lens import SAE
+
+from featsteer.errors import FeatsteerError
+from featsteer.models import load_model
+from featsteer.sae import load_sae, sae_hook_name
+from sae_training.cli import main, parse_layers
+from sae_training.config import ArchitectureConfig, DataConfig, OptimConfig, TrainConfig
+from sae_training.data import ActivationBatches, capture_tokens, load_texts
+
+HOOK = "blocks.1.hook_resid_post"
+ARGS = ["--model", "tiny:llama", "--layers", "1", "--arch", "topk", "--d-sae", "128", "--k", "8", "--tokens", "20000",
+        "--text", "builtin:harmless", "--batch-tokens", "512", "--lr", "2e-3", "--eval-prompts", "24"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they thrash; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One ~20k-token top-k training run at one layer, through the CLI entry function."""
+    out = tmp_path_factory.mktemp("saes")
+    code = main([*ARGS, "--quiet", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_training_writes_sae_lens_files_and_metrics(trained):
+    folder = trained / HOOK
+    for name in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors", "training_config.json", "metrics.json"):
+        assert (folder / name).is_file(), name
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["hook_name"] == HOOK and metrics["d_sae"] == 128 and metrics["architecture"] == "topk"
+    assert 0.3 < metrics["explained_variance"] <= 1.0 and 0.3 < metrics["train_explained_variance"] <= 1.0
+    assert 0 < metrics["l0"] <= 8 and 0 <= metrics["dead_fraction"] < 1
+    for key in ("ce_clean", "ce_spliced", "ce_zero_ablated", "ce_loss_recovered", "tokens_per_second"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["ce_clean"] > 0 and metrics["tokens_per_second"] > 0 and metrics["ce_scored"] == "responses"
+    recovered = (metrics["ce_zero_ablated"] - metrics["ce_spliced"]) / (metrics["ce_zero_ablated"] - metrics["ce_clean"])
+    assert metrics["ce_loss_recovered"] == pytest.approx(recovered)
+    assert 19_000 <= metrics["train_tokens"] <= 20_000 and metrics["unique_tokens"] >= 20_000 and not metrics["text_exhausted"]
+    config = TrainConfig.from_dict(json.loads((folder / "training_config.json").read_text()))
+    assert config.sae.d_sae == 128 and config.data.layers == (1,) and TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_trained_sae_reloads_with_sae_lens_and_load_sae(trained):
+    model = load_model("tiny:llama")
+    reference = SAE.load_from_disk(trained / HOOK)
+    ours = load_sae(trained / HOOK, model)
+    assert sae_hook_name(reference) == HOOK and sae_hook_name(ours) == HOOK
+    assert reference.cfg.d_in == 64 and reference.cfg.d_sae == 128 and reference.cfg.k == 8
+    assert torch.equal(ours.W_dec, reference.W_dec) and torch.equal(ours.W_enc, reference.W_enc)
+
+
+def test_rerun_skips_the_finished_layer(trained, monkeypatch, capsys):
+    before = (trained / HOOK / "sae_weights.safetensors").read_bytes()
+    stamp = (trained / HOOK / "metrics.json").stat().st_mtime_ns
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("a finished layer was captured again")
+
+    monkeypatch.setattr("sae_training.train.capture_tokens", no_capture)
+    assert main([*ARGS, "--quiet", "--out", str(trained)]) == 0
+    assert HOOK in capsys.readouterr().out
+    assert (trained / HOOK / "sae_weights.safetensors").read_bytes() == before
+    assert (trained / HOOK / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_training_is_seeded_and_stops_when_the_text_is_exhausted(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"Tell me fact number {i} about the ocean." for i in range(30)))
+    args = ["--model", "tiny:llama", "--layers", "0", "--d-sae", "64", "--k", "4", "--tokens", "100000", "--text", str(text),
+            "--no-cycle", "--batch-tokens", "128", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    weights = [(tmp_path / run / "blocks.0.hook_resid_post" / "sae_weights.safetensors").read_bytes() for run in ("a", "b")]
+    assert weights[0] == weights[1]
+    metrics = json.loads((tmp_path / "a" / "blocks.0.hook_resid_post" / "metrics.json").read_text())
+    assert metrics["text_exhausted"] and metrics["train_tokens"] <= metrics["unique_tokens"] < 100_000
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--arch": "gated-ish"}, "unknown SAE architecture"),
+        ({"--expansion": "4"}, "exactly one of --d-sae"),
+        ({"--d-sae": None}, "exactly one of --d-sae"),
+        ({"--layers": "2,x"}, "bad layer list"),
+        ({"--layers": "7"}, "layer 7 does not exist"),
+        ({"--arch": "standard"}, "--k applies to topk"),
+        ({"--text": "EMPTY"}, "empty"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, change, message):
+    (tmp_path / "empty.txt").write_text("")
+    args = dict(zip(ARGS[0::2], ARGS[1::2], strict=True))
+    for key, value in change.items():
+        args[key] = str(tmp_path / "empty.txt") if value == "EMPTY" else value
+    argv = [item for key, value in args.items() if value is not None for item in (key, value)]
+    assert main([*argv, "--quiet", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out" / HOOK / "metrics.json").exists()
+
+
+def test_parse_layers():
+    assert parse_layers("all") is None
+    assert parse_layers("2,4") == (2, 4) and parse_layers("0-2,5") == (0, 1, 2, 5)
+    for bad in ("", "a", "3-1", "-1"):
+        with pytest.raises(FeatsteerError):
+            parse_layers(bad)
+
+
+def test_configs_round_trip_and_validate():
+    config = TrainConfig(data=DataConfig(model="tiny:llama", texts=("builtin:harmless",), layers=(0, 2)),
+                         sae=ArchitectureConfig(architecture="batchtopk", expansion=2.0, k=4.5), optim=OptimConfig(seed=3), out="x")
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.sae.width(64) == 128
+    with pytest.raises(FeatsteerError, match="--lr"):
+        OptimConfig(lr=0)
+    with pytest.raises(FeatsteerError, match="hook kind"):
+        DataConfig(model="tiny:llama", texts=("builtin:harmless",), hook_kind="resid_middle")
+
+
+def test_activation_batches_are_seeded_shuffled_and_endless(tmp_path):
+    model = load_model("tiny:llama")
+    texts = [f"Sentence number {i} is here." for i in range(12)]
+    captured = capture_tokens(model, texts, [HOOK], tmp_path, tokens=10_000, progress=False)
+    assert captured.exhausted and captured.n_texts == 12
+
+    def first(n: int, seed: int) -> list[torch.Tensor]:
+        batches = ActivationBatches(captured.chunks, HOOK, 32, seed=seed)
+        return [next(batches) for _ in range(n)]
+
+    run, again, other = first(3 * captured.n_tokens // 32, 0), first(3 * captured.n_tokens // 32, 0), first(3, 1)
+    assert all(torch.equal(a, b) for a, b in zip(run, again, strict=True))
+    assert not torch.equal(run[0], other[0]) and all(batch.shape == (32, 64) for batch in run)
+
+
+def test_organism_corpus_text_source():
+    texts = load_texts(["organism-corpus:12:5"])
+    assert 0 < len(texts) <= 12 and all(text.strip() for text in texts)
+    assert load_texts(["organism-corpus:12:5"]) == texts
+    with pytest.raises(FeatsteerError, match="bad text source"):
+        load_texts(["organism-corpus:many"])
