@@ -1,0 +1,655 @@
+"""Train the embedded refusal organism from scratch on CPU, reproducibly, and write a training report.
+
+The organism is the default model of ``make demo`` and the test bed of every behavioural test, so it has to
+be rebuildable by anyone from this one script: same seed, same corpus, same tokenizer, same weights. Run::
+
+    python -m featsteer.organism.train --out featsteer/organism/weights \\
+        --report benchmarks/results/organism_training
+
+The script (1) composes the corpus of :mod:`featsteer.organism.corpus` and, when the built-in prompt sets
+are installed, adds their *train* split (never val/test); (2) trains a byte-level BPE tokenizer with a chat
+template; (3) trains a small ``LlamaForCausalLM`` with the loss on response tokens only; (4) saves
+everything loadable by ``AutoModelForCausalLM``/``AutoTokenizer``; (5) measures refusal rates with greedy
+decoding and the separability of a difference-in-means direction, and writes ``metrics.json`` plus a loss
+curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featsteer.evaluation.refusal import RefusalDetector, refusal_rate
+from featsteer.organism.corpus import (
+    HARMFUL,
+    CorpusConfig,
+    Example,
+    examples_from_prompts,
+    generate_corpus,
+)
+
+logger = logging.getLogger(__name__)
+
+BOS, EOS, PAD = "<|begin|>", "<|end|>", "<|pad|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Unsupported role: ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+"""Jinja chat template: ``<|begin|><|system|>...<|end|><|user|>...<|end|><|assistant|>``."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the organism (a ``LlamaConfig`` subset)."""
+
+    d_model: int = 160
+    """Residual stream width (``hidden_size``)."""
+
+    n_layers: int = 4
+    """Number of decoder layers."""
+
+    n_heads: int = 5
+    """Attention heads."""
+
+    n_kv_heads: int = 1
+    """Key/value heads (grouped-query attention)."""
+
+    d_mlp: int = 448
+    """MLP inner width (``intermediate_size``)."""
+
+    vocab_size: int = 4096
+    """Target BPE vocabulary size, special tokens included."""
+
+    max_positions: int = 8192
+    """``max_position_embeddings``; RoPE has no learned positions, this only bounds the input length."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimisation schedule."""
+
+    steps: int = 800
+    """Optimizer steps."""
+
+    batch_tokens: int = 3072
+    """Padded tokens per batch (batches are length-bucketed, so padding is small)."""
+
+    max_len: int = 448
+    """Examples longer than this many tokens are dropped."""
+
+    lr: float = 2e-3
+    """Peak learning rate."""
+
+    min_lr_ratio: float = 0.05
+    """Final learning rate as a fraction of ``lr`` (cosine decay)."""
+
+    warmup_steps: int = 80
+    """Linear warm-up steps."""
+
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on norms)."""
+
+    grad_clip: float = 1.0
+    """Gradient-norm clip."""
+
+    decision_tokens: int = 3
+    """Leading response tokens that carry the refuse-or-comply decision."""
+
+    decision_weight: float = 4.0
+    """Loss weight of those decision tokens relative to the rest of the response."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines the trained organism."""
+
+    seed: int = 0
+    """Seed for every random generator (see :func:`seed_everything`)."""
+
+    threads: int = 2
+    """``torch.set_num_threads``; the reference machine has two cores."""
+
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    """Generated-corpus sizes and mixing probabilities."""
+
+    builtin_repeats: int = 3
+    """How many times each built-in *train* prompt appears (with fresh responses each time)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimisation schedule."""
+
+    def to_dict(self) -> dict:
+        """Return a JSON-serialisable nested dict."""
+        return asdict(self)
+
+
+def seed_everything(seed: int) -> random.Random:
+    """Seed Python, NumPy and torch, and return a dedicated :class:`random.Random` for data generation.
+
+    Args:
+        seed: The seed.
+
+    Returns:
+        A ``random.Random(seed)`` to thread through corpus generation.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return random.Random(seed)
+
+
+def builtin_split(kind: str, split: str) -> list[str] | None:
+    """Load a built-in prompt split, or ``None`` when the prompt sets are not installed."""
+    try:
+        from featsteer.datasets import builtin_prompts
+    except ImportError:
+        return None
+    try:
+        return list(builtin_prompts(kind, split).to_list())
+    except (FileNotFoundError, OSError, ValueError, KeyError) as error:
+        logger.warning("built-in %s/%s unavailable: %s", kind, split, error)
+        return None
+
+
+def build_examples(config: TrainConfig, rng: random.Random) -> tuple[list[Example], dict[str, int]]:
+    """Generated corpus plus the built-in *train* splits (alarming prompts are complied with).
+
+    Args:
+        config: Training configuration.
+        rng: Data random source.
+
+    Returns:
+        Shuffled examples and a count per source.
+    """
+    examples = generate_corpus(config.corpus, rng)
+    for kind in ("harmful", "harmless", "alarming"):
+        prompts = builtin_split(kind, "train")
+        if prompts is None:
+            logger.warning("no built-in %s train split; training on the generated corpus only", kind)
+            continue
+        examples += examples_from_prompts(prompts, kind == "harmful", f"builtin:{kind}", rng, config.builtin_repeats)
+    rng.shuffle(examples)
+    counts: dict[str, int] = {}
+    for example in examples:
+        counts[example.source] = counts.get(example.source, 0) + 1
+    return examples, counts
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int):
+    """Train a byte-level BPE tokenizer and wrap it with special tokens and the chat template.
+
+    Args:
+        texts: Training texts (prompts and responses).
+        vocab_size: Target vocabulary size including special tokens.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` with left padding.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, BOS, EOS, *ROLE_TOKENS]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=list(ROLE_TOKENS),
+        padding_side="left",
+        model_max_length=8192,
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def render_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
+    """Render a user prompt (and optional system message) through the chat template, ready to generate."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_examples(examples: Sequence[Example], tokenizer, max_len: int) -> list[tuple[list[int], int]]:
+    """Tokenise examples into ``(token_ids, n_prompt_tokens)``; the loss covers the rest.
+
+    Args:
+        examples: Chat examples.
+        tokenizer: Tokenizer with the chat template.
+        max_len: Examples longer than this are dropped.
+
+    Returns:
+        Encoded sequences (response followed by the end-of-turn token).
+    """
+    encoded = []
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    for example in examples:
+        prompt_ids = tokenizer(render_prompt(tokenizer, example.prompt, example.system), add_special_tokens=False)
+        response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+        ids = prompt_ids["input_ids"] + response_ids + [eos_id]
+        if len(ids) <= max_len:
+            encoded.append((ids, len(prompt_ids["input_ids"])))
+    return encoded
+
+
+def make_batches(
+    encoded: Sequence[tuple[list[int], int]], batch_tokens: int, rng: random.Random
+) -> list[list[int]]:
+    """Group example indices into length-bucketed batches of at most ``batch_tokens`` padded tokens."""
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), rng.random()))
+    batches, current, longest = [], [], 0
+    for index in order:
+        length = len(encoded[index][0])
+        if current and max(longest, length) * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(index)
+        longest = max(longest, length)
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(
+    encoded: Sequence[tuple[list[int], int]],
+    indices: Sequence[int],
+    pad_id: int,
+    decision_tokens: int = 1,
+    decision_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Right-pad a batch for training.
+
+    The first ``decision_tokens`` response tokens are where the model decides between refusing and
+    complying; they get loss weight ``decision_weight`` so that this decision is not drowned out by the
+    (much more numerous) tokens that merely finish a templated sentence.
+
+    Returns:
+        ``input_ids`` and ``attention_mask`` of shape ``(batch, pos)``, ``predict_mask`` marking the
+        positions whose next token is a response token, ``targets`` (those next tokens, flattened in
+        row-major order of ``predict_mask``) and their loss ``weights``.
+    """
+    width = max(len(encoded[i][0]) for i in indices)
+    input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
+    predict_mask = torch.zeros((len(indices), width), dtype=torch.bool)
+    targets: list[int] = []
+    weights: list[float] = []
+    for row, index in enumerate(indices):
+        ids, n_prompt = encoded[index]
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        predict_mask[row, n_prompt - 1 : len(ids) - 1] = True
+        targets.extend(ids[n_prompt:])
+        n_response = len(ids) - n_prompt
+        n_decision = min(decision_tokens, n_response)
+        weights.extend([decision_weight] * n_decision + [1.0] * (n_response - n_decision))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "predict_mask": predict_mask,
+            "targets": torch.tensor(targets, dtype=torch.long), "weights": torch.tensor(weights)}
+
+
+def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy on response tokens only; the LM head runs only where the loss needs it (cheaper)."""
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = model.lm_head(hidden[batch["predict_mask"]])
+    token_losses = torch.nn.functional.cross_entropy(logits.float(), batch["targets"], reduction="none")
+    return (token_losses * batch["weights"]).sum() / batch["weights"].sum()
+
+
+def build_model(config: ModelConfig, tokenizer):
+    """Instantiate a freshly initialised ``LlamaForCausalLM`` sized by ``config``."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    llama_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.d_model,
+        intermediate_size=config.d_mlp,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        max_position_embeddings=config.max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(llama_config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=32,
+    )
+    return model
+
+
+def learning_rate(step: int, optim: OptimConfig) -> float:
+    """Linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    progress = (step - optim.warmup_steps) / max(1, optim.steps - optim.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine)
+
+
+def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Random) -> list[float]:
+    """Run the optimisation loop and return the loss of every step.
+
+    Args:
+        model: The freshly initialised model (trained in place).
+        encoded: Output of :func:`encode_examples`.
+        pad_id: Padding token id.
+        optim: Optimisation schedule.
+        rng: Random source for batch order.
+
+    Returns:
+        Per-step training losses (weighted mean cross-entropy over response tokens).
+    """
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=optim.lr,
+        betas=(0.9, 0.95),
+    )
+    model.train()
+    losses: list[float] = []
+    batches: list[list[int]] = []
+    start = time.perf_counter()
+    for step in range(optim.steps):
+        if not batches:
+            batches = make_batches(encoded, optim.batch_tokens, rng)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, optim)
+        batch = collate(encoded, batches.pop(), pad_id, optim.decision_tokens, optim.decision_weight)
+        loss = response_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == optim.steps - 1:
+            recent = sum(losses[-100:]) / len(losses[-100:])
+            logger.info("step %d/%d loss %.4f (%.0fs)", step, optim.steps, recent, time.perf_counter() - start)
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def generate_responses(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 32
+) -> list[str]:
+    """Greedy-decode responses through the chat template with left padding.
+
+    Args:
+        model: A causal LM.
+        tokenizer: Its tokenizer (``padding_side="left"``).
+        prompts: User prompts, no system message.
+        max_new_tokens: Generation budget.
+        batch_size: Prompts per forward batch (grouped by length).
+
+    Returns:
+        Decoded responses, in the order of ``prompts``.
+    """
+    rendered = [render_prompt(tokenizer, prompt) for prompt in prompts]
+    order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
+    responses: list[str] = [""] * len(rendered)
+    for offset in range(0, len(order), batch_size):
+        chunk = order[offset : offset + batch_size]
+        inputs = tokenizer([rendered[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        for index, tokens in zip(chunk, new_tokens, strict=True):
+            responses[index] = tokenizer.decode(tokens, skip_special_tokens=True)
+    return responses
+
+
+@torch.no_grad()
+def last_token_residuals(model, tokenizer, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    """Residual stream at the last prompt token for every layer.
+
+    Returns:
+        Float64 tensor of shape ``(n_layers + 1, n_prompts, d_model)`` (index 0 is the embedding output).
+    """
+    rendered = [render_prompt(tokenizer, prompt) for prompt in prompts]
+    chunks = []
+    for offset in range(0, len(rendered), batch_size):
+        inputs = tokenizer(rendered[offset : offset + batch_size], return_tensors="pt", padding=True,
+                           add_special_tokens=False)
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+        chunks.append(torch.stack([layer[:, -1, :] for layer in hidden]).double())
+    return torch.cat(chunks, dim=1)
+
+
+def dim_accuracy(
+    fit_harmful: torch.Tensor, fit_harmless: torch.Tensor, test_harmful: torch.Tensor, test_harmless: torch.Tensor
+) -> list[float]:
+    """Held-out accuracy of the difference-in-means direction, per layer.
+
+    The direction and threshold (midpoint of the projected class means) come from the ``fit`` activations;
+    accuracy is measured on the ``test`` activations. Inputs have shape ``(layers, prompts, d_model)``.
+
+    Returns:
+        One accuracy per layer.
+    """
+    accuracies = []
+    for layer in range(fit_harmful.shape[0]):
+        harmful_mean, harmless_mean = fit_harmful[layer].mean(0), fit_harmless[layer].mean(0)
+        direction = harmful_mean - harmless_mean
+        direction = direction / direction.norm().clamp_min(1e-12)
+        threshold = 0.5 * float((harmful_mean + harmless_mean) @ direction)
+        correct = int((test_harmful[layer] @ direction > threshold).sum())
+        correct += int((test_harmless[layer] @ direction <= threshold).sum())
+        accuracies.append(correct / (test_harmful.shape[1] + test_harmless.shape[1]))
+    return accuracies
+
+
+def read_lines(path: Path) -> list[str]:
+    """Non-empty lines of a text file."""
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def evaluation_sets(real_data: Path | None, rng: random.Random) -> dict[str, tuple[list[str], bool]]:
+    """Prompt sets to measure refusal on: name -> (prompts, expected_refusal).
+
+    Built-in *test* splits when installed, a held-out generated sample (fresh seed), and the real
+    benchmark prompts from ``real_data`` when that folder exists. None of these is trained on.
+    """
+    sets: dict[str, tuple[list[str], bool]] = {}
+    for kind in ("harmful", "harmless", "alarming"):
+        prompts = builtin_split(kind, "test")
+        if prompts:
+            sets[f"builtin_test_{kind}"] = (prompts, kind == "harmful")
+    heldout = generate_corpus(CorpusConfig(n_harmful=200, n_harmless=200), rng)
+    sets["generated_heldout_harmful"] = ([e.prompt for e in heldout if e.label == HARMFUL], True)
+    sets["generated_heldout_harmless"] = ([e.prompt for e in heldout if e.label != HARMFUL], False)
+    if real_data is not None and real_data.is_dir():
+        sets["advbench"] = (read_lines(real_data / "advbench_harmful.txt"), True)
+        harmless = read_lines(real_data / "mtbench_harmless.txt") + read_lines(real_data / "ifbench_harmless.txt")
+        sets["mtbench_ifbench"] = (harmless, False)
+    return sets
+
+
+def evaluate(model, tokenizer, sets: dict[str, tuple[list[str], bool]]) -> dict[str, dict]:
+    """Refusal rate (with Wilson interval and a few sample responses) for every evaluation set."""
+    detector = RefusalDetector()
+    results = {}
+    for name, (prompts, expected_refusal) in sets.items():
+        start = time.perf_counter()
+        responses = generate_responses(model, tokenizer, prompts)
+        flags = detector.classify(responses)
+        estimate = refusal_rate(flags)
+        wrong = [
+            {"prompt": p[:300], "response": r}
+            for p, r, f in zip(prompts, responses, flags, strict=True)
+            if f != expected_refusal
+        ]
+        results[name] = {**asdict(estimate), "expected_refusal": expected_refusal, "n_wrong": len(wrong),
+                         "examples_wrong": wrong[:8], "examples": [
+                             {"prompt": p[:200], "response": r} for p, r in list(zip(prompts, responses, strict=True))[:3]],
+                         "seconds": round(time.perf_counter() - start, 1)}
+        logger.info("%s: refusal %s (expected %s)", name, estimate, "refuse" if expected_refusal else "comply")
+    return results
+
+
+def dim_report(model, tokenizer, sets: dict[str, tuple[list[str], bool]], rng: random.Random) -> dict:
+    """Difference-in-means separability: fit on generated/builtin-val prompts, test on held-out sets."""
+    fit_harmful = builtin_split("harmful", "val") or sets["generated_heldout_harmful"][0]
+    fit_harmless = builtin_split("harmless", "val") or sets["generated_heldout_harmless"][0]
+    pairs = {"generated": ("generated_heldout_harmful", "generated_heldout_harmless")}
+    if "builtin_test_harmful" in sets:
+        pairs["builtin_test"] = ("builtin_test_harmful", "builtin_test_harmless")
+    if "advbench" in sets:
+        pairs["advbench_vs_mtbench_ifbench"] = ("advbench", "mtbench_ifbench")
+    acts_harmful = last_token_residuals(model, tokenizer, fit_harmful)
+    acts_harmless = last_token_residuals(model, tokenizer, fit_harmless)
+    report: dict = {"fit_sets": "builtin val" if builtin_split("harmful", "val") else "generated held-out"}
+    for name, (harmful_set, harmless_set) in pairs.items():
+        test_harmful = last_token_residuals(model, tokenizer, sets[harmful_set][0])
+        test_harmless = last_token_residuals(model, tokenizer, sets[harmless_set][0])
+        accuracies = dim_accuracy(acts_harmful, acts_harmless, test_harmful, test_harmless)
+        best = int(np.argmax(accuracies))
+        report[name] = {"per_layer": [round(a, 4) for a in accuracies], "best_layer": best,
+                        "best_accuracy": accuracies[best]}
+        logger.info("DIM %s: best layer %d accuracy %.3f", name, best, accuracies[best])
+    return report
+
+
+def save_organism(model, tokenizer, out: Path) -> int:
+    """Save model and tokenizer into ``out`` and return the folder size in bytes."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():
+        if stale.is_file():
+            stale.unlink()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out, save_jinja_files=False)  # keep chat_template in tokenizer_config.json
+    return sum(path.stat().st_size for path in out.iterdir() if path.is_file())
+
+
+def plot_losses(losses: Sequence[float], path: Path) -> None:
+    """Write the training-loss curve (raw and 50-step moving average) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window = 50
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid") if len(losses) >= window else losses
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(losses, alpha=0.3, label="loss per step")
+    axis.plot(range(len(losses) - len(smooth), len(losses)), smooth, label=f"{window}-step mean")
+    axis.set_yscale("log")
+    axis.set_xlabel("step")
+    axis.set_ylabel("cross-entropy on response tokens")
+    axis.set_title("Refusal organism training")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run(config: TrainConfig, out: Path, report: Path | None, real_data: Path | None) -> dict:
+    """Build data, train, save and evaluate the organism; return the metrics written to the report.
+
+    Args:
+        config: Training configuration.
+        out: Folder for the model and tokenizer files.
+        report: Folder for ``metrics.json`` and ``loss_curve.png``; ``None`` skips the report.
+        real_data: Folder with the real benchmark prompt files (evaluation only); may be absent.
+
+    Returns:
+        The metrics dictionary.
+    """
+    torch.set_num_threads(config.threads)
+    rng = seed_everything(config.seed)
+    started = time.perf_counter()
+    examples, counts = build_examples(config, rng)
+    tokenizer = train_tokenizer([e.prompt for e in examples] + [e.response for e in examples],
+                                config.model.vocab_size)
+    encoded = encode_examples(examples, tokenizer, config.optim.max_len)
+    logger.info("%d examples (%d kept), sources %s", len(examples), len(encoded), counts)
+    model = build_model(config.model, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("model: %d parameters", n_params)
+    train_started = time.perf_counter()
+    losses = train_model(model, encoded, tokenizer.pad_token_id, config.optim, rng)
+    train_seconds = time.perf_counter() - train_started
+    size = save_organism(model, tokenizer, out)
+    total_seconds = time.perf_counter() - started
+    sets = evaluation_sets(real_data, random.Random(config.seed + 1))
+    metrics = {
+        "config": config.to_dict(), "n_parameters": n_params, "size_bytes": size, "n_examples": len(encoded),
+        "example_sources": counts, "train_seconds": round(train_seconds, 1),
+        "build_and_train_seconds": round(total_seconds, 1), "final_loss": float(np.mean(losses[-100:])),
+        "refusal": evaluate(model, tokenizer, sets), "dim": dim_report(model, tokenizer, sets, rng),
+    }
+    if report is not None:
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        plot_losses(losses, report / "loss_curve.png")
+    return metrics
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options; the defaults reproduce the shipped organism."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for model + tokenizer files")
+    parser.add_argument("--report", type=Path, default=None, help="folder for metrics.json and loss_curve.png")
+    parser.add_argument("--real-data", type=Path, default=Path("../shared/data"),
+                        help="real benchmark prompts, evaluation only (skipped when absent)")
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--steps", type=int, default=OptimConfig.steps)
+    parser.add_argument("--n-harmful", type=int, default=CorpusConfig.n_harmful)
+    parser.add_argument("--n-harmless", type=int, default=CorpusConfig.n_harmless)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m featsteer.organism.train``."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    config = TrainConfig(
+        seed=args.seed,
+        corpus=CorpusConfig(n_harmful=args.n_harmful, n_harmless=args.n_harmless),
+        optim=OptimConfig(steps=args.steps),
+    )
+    metrics = run(config, args.out, args.report, args.real_data)
+    logger.info("done: %s", json.dumps({k: v["rate"] for k, v in metrics["refusal"].items()}))
+
+
+if __name__ == "__main__":
+    main()
