@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--kl-threshold", type=float, default=0.1)
     parser.add_argument("--positions", default="post_instruction")
+    parser.add_argument("--search", type=int, default=0, help="also run the optuna search with this many trials")
     args = parser.parse_args()
     torch.set_num_threads(2)
     timings, started = {}, time.perf_counter()
@@ -111,6 +112,8 @@ def main() -> None:
             timings[f"{name}_edit_s"] = time.perf_counter() - t
             runs[name] = measure(model, sets, gen, tokens, base_logprobs)
         timings[f"{name}_total_s"] = time.perf_counter() - t
+    if args.search:
+        runs["dim_search"], timings["search_s"] = run_search(model, result, sets, gen, tokens, base_logprobs, args.search)
     chosen = result.selection.chosen
     vector = result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index]
     t = time.perf_counter()
@@ -119,6 +122,25 @@ def main() -> None:
     timings["induce_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
     write(args.target, model, sets, result, before, runs, timings)
+
+
+def run_search(model, result, sets, gen, tokens, base_logprobs, n_trials: int) -> tuple[dict, float]:
+    """Search on the validation prompts (proxy + verification), then measure the chosen edit on the held-out sets."""
+    import tempfile
+
+    from featsteer.edits import apply_edit
+    from featsteer.search import SearchConfig, search_abliteration
+
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="featsteer-search-") as folder:
+        found = search_abliteration(model, result, folder, SearchConfig(n_trials=n_trials, max_new_tokens=gen.max_new_tokens,
+                                                                         batch_size=gen.batch_size))
+    seconds = time.perf_counter() - t
+    with apply_edit(model, found.direction(result), found.edit_config()):
+        measured = measure(model, sets, gen, tokens, base_logprobs)
+    measured["search"] = {"n_trials": n_trials, "best_params": found.best["params"] if found.best else None,
+                          "pareto_size": len(found.pareto), "timings": found.timings}
+    return measured, seconds
 
 
 def write(target, model, sets, result, before, runs, timings) -> None:
