@@ -15,6 +15,9 @@ from featsteer.errors import FeatsteerError
 ORGANISM_DIR: Path = Path(__file__).resolve().parent / "weights"
 """Folder holding the shipped organism (config, safetensors weights, tokenizer files)."""
 
+ORGANISM_SAE_DIR: Path = Path(__file__).resolve().parent / "saes"
+"""Folder holding the SAEs shipped with the organism, one sae_lens folder per hook (``saes/<hook_name>/``)."""
+
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -37,4 +40,18 @@ def organism_path() -> Path:
     return ORGANISM_DIR
 
 
-__all__ = ["ORGANISM_DIR", "organism_path"]
+def organism_sae_path() -> Path:
+    """Return the folder of the SAEs shipped with the organism.
+
+    Raises:
+        FeatsteerError: If no SAE folder is present.
+    """
+    if not ORGANISM_SAE_DIR.is_dir() or not any((p / "cfg.json").is_file() for p in ORGANISM_SAE_DIR.iterdir()):
+        raise FeatsteerError(
+            f"the organism's SAEs are missing from {ORGANISM_SAE_DIR}; reinstall featsteer or train them with "
+            "`featsteer-train-sae --model organism --out featsteer/organism/saes ...` (see sae_training/README)"
+        )
+    return ORGANISM_SAE_DIR
+
+
+__all__ = ["ORGANISM_DIR", "ORGANISM_SAE_DIR", "organism_path", "organism_sae_path"]

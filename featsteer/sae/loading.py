@@ -142,7 +142,8 @@ def load_saes(directory: str | os.PathLike[str], model: ModelAdapter | None = No
     """Load every SAE stored in the `<hook_name>/` subfolders of a directory (as `featsteer-train-sae` writes them).
 
     Args:
-        directory: folder whose subfolders are sae_lens SAE directories.
+        directory: folder whose subfolders are sae_lens SAE directories, or `"organism"` for the SAEs
+            shipped with the embedded organism.
         model: if given, every SAE is validated against it.
 
     Returns:
@@ -151,6 +152,10 @@ def load_saes(directory: str | os.PathLike[str], model: ModelAdapter | None = No
     Raises:
         FeatsteerError: if the directory is missing or holds no SAE, or an SAE does not fit `model`.
     """
+    if os.fspath(directory) == "organism":
+        from featsteer.organism import organism_sae_path
+
+        directory = organism_sae_path()
     root = Path(directory).expanduser()
     if not root.is_dir():
         raise FeatsteerError(f"SAE directory {root} does not exist: train SAEs with featsteer-train-sae --out {root}")
