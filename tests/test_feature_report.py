@@ -1,0 +1,277 @@
+"""featsteer.feature_report: a planted refusal feature ranks first, every number in the report equals a direct
+computation, the files are complete and written atomically, and `featsteer rank-features` fails in one line."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+
+import pytest
+import torch
+
+from featsteer.activations import capture
+from featsteer.datasets import builtin_prompts
+from featsteer.errors import FeatsteerError
+from featsteer.feature_report import (
+    REPORT_FILES,
+    final_norm_gain,
+    rank_features,
+    ranking_key,
+    write_feature_report,
+)
+from featsteer.features import score_features
+from featsteer.models import load_model
+from featsteer.sae import load_sae_source
+from featsteer.testing import tiny_model
+from tests.test_sae import random_sae
+
+PLANTED_HOOK = "blocks.1.hook_resid_post"
+OTHER_HOOK = "blocks.0.hook_resid_post"
+PLANTED = 37
+HARMFUL = builtin_prompts("harmful", "train")[:10]
+HARMLESS = builtin_prompts("harmless", "train")[:10]
+TOP_N = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they thrash; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    hf_model, tokenizer = tiny_model("llama")
+    return load_model(hf_model, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def acts(model):
+    """Last-token activations of both prompt sets at both SAE hooks, captured directly."""
+    return {label: capture(model, list(prompts), [OTHER_HOOK, PLANTED_HOOK], label=label, progress=False)
+            for label, prompts in (("harmful", HARMFUL), ("harmless", HARMLESS))}
+
+
+def direct_dim(acts, hook: str) -> torch.Tensor:
+    difference = acts["harmful"].hook(hook).double().mean(0) - acts["harmless"].hook(hook).double().mean(0)
+    return difference / difference.norm()
+
+
+@pytest.fixture(scope="module")
+def saes(acts):
+    """A random SAE at layer 0 and, at layer 1, one whose feature PLANTED reads and writes the DIM direction,
+    firing (strongly) on prompts whose projection lies above the midpoint of the two class means."""
+    planted = random_sae("standard", hook=PLANTED_HOOK, seed=3)
+    direction = direct_dim(acts, PLANTED_HOOK).float()
+    with torch.no_grad():
+        projections = {label: planted.process_sae_in(a.hook(PLANTED_HOOK)) @ direction for label, a in acts.items()}
+        gap = float(projections["harmful"].mean() - projections["harmless"].mean())
+        midpoint = 0.5 * float(projections["harmful"].mean() + projections["harmless"].mean())
+        scale = 100.0 / gap
+        planted.W_enc[:, PLANTED] = direction * scale
+        planted.b_enc[PLANTED] = -midpoint * scale
+        planted.W_dec[PLANTED] = direction
+    return {OTHER_HOOK: random_sae("topk", hook=OTHER_HOOK, seed=1), PLANTED_HOOK: planted}
+
+
+@pytest.fixture(scope="module")
+def ranking(model, saes):
+    return rank_features(model, saes, HARMFUL, HARMLESS, top_n=TOP_N)
+
+
+@pytest.fixture(scope="module")
+def report_dir(ranking, tmp_path_factory):
+    return write_feature_report(ranking, tmp_path_factory.mktemp("report"))
+
+
+def test_planted_feature_ranks_first_along_the_dim_direction(ranking):
+    best = ranking.features[0]
+    assert (best.hook_name, best.feature_id, best.rank) == (PLANTED_HOOK, PLANTED, 1)
+    assert best.dim_cosine == pytest.approx(1.0, abs=1e-5)
+    assert best.scores["mean_difference"] > 10 * abs(ranking.features[1].scores["mean_difference"])
+    assert best.examples and best.examples[0].label == "harmful"
+    assert float(best.harmful_activations.mean()) > float(best.harmless_activations.mean())
+
+
+def test_ranking_equals_score_features(ranking, saes, acts):
+    direct = score_features(saes, acts["harmful"], acts["harmless"], by="composite")
+    assert ranking.scores.hook_names == direct.hook_names
+    assert torch.equal(ranking.scores.feature_ids, direct.feature_ids)
+    for name, values in direct.metrics.items():
+        torch.testing.assert_close(ranking.scores.metrics[name], values, equal_nan=True)
+    top = direct.top(TOP_N)
+    assert [(d.hook_name, d.feature_id) for d in ranking.features] == list(zip(top.hook_names, top.feature_ids.tolist(), strict=True))
+
+
+def test_other_keys_rank_like_score_features(model, saes, acts):
+    by_auroc = rank_features(model, saes, HARMFUL, HARMLESS, top_n=2, by="auroc", n_examples=0)
+    direct = score_features(saes, acts["harmful"], acts["harmless"], by="auroc").top(2, "auroc")
+    assert [(d.hook_name, d.feature_id) for d in by_auroc.features] == list(zip(direct.hook_names, direct.feature_ids.tolist(), strict=True))
+    assert all(d.examples == () for d in by_auroc.features) and by_auroc.by == "auroc"
+
+
+def test_histogram_values_are_the_feature_activations(ranking, saes, acts):
+    best = ranking.features[0]
+    with torch.no_grad():
+        expected = saes[PLANTED_HOOK].encode(acts["harmful"].hook(PLANTED_HOOK))[:, PLANTED]
+    torch.testing.assert_close(best.harmful_activations, expected)
+    assert best.harmless_activations.shape == (len(HARMLESS),)
+
+
+def test_promoted_tokens_equal_the_direct_unembedding(ranking, model, saes):
+    norm_weight = model.model.model.norm.weight.detach()
+    assert not torch.allclose(norm_weight, torch.ones_like(norm_weight))  # the gain must matter for this check
+    unembedding = model.model.lm_head.weight.detach()
+    for detail in ranking.features:
+        logits = (saes[detail.hook_name].W_dec.detach()[detail.feature_id] * norm_weight) @ unembedding.T
+        top, bottom = torch.topk(logits, 10), torch.topk(-logits, 10)
+        assert [t.token_id for t in detail.promoted] == top.indices.tolist()
+        assert [t.token_id for t in detail.suppressed] == bottom.indices.tolist()
+        torch.testing.assert_close(torch.tensor([t.logit for t in detail.promoted]), top.values, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor([t.logit for t in detail.suppressed]), -bottom.values, atol=1e-5, rtol=1e-4)
+        assert all(isinstance(t.token, str) and t.token for t in detail.promoted + detail.suppressed)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt2"])
+def test_final_norm_gain_is_the_norm_weight(family):
+    hf_model, tokenizer = tiny_model(family)
+    adapter = load_model(hf_model, tokenizer=tokenizer)
+    _, norm = adapter.unembed()
+    expected = norm.weight.detach() + (1.0 if family == "gemma" else 0.0)  # Gemma's RMSNorm scales by 1 + weight
+    torch.testing.assert_close(final_norm_gain(adapter), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_dim_cosines_equal_a_direct_computation(ranking, saes, acts):
+    for hook, sae in saes.items():
+        direction = direct_dim(acts, hook)
+        rows = sae.W_dec.detach().double()
+        expected = rows @ direction / rows.norm(dim=-1)
+        torch.testing.assert_close(ranking.dim_cosines[hook], expected, atol=1e-6, rtol=1e-6)
+    for detail in ranking.features:
+        assert detail.dim_cosine == pytest.approx(float(ranking.dim_cosines[detail.hook_name][detail.feature_id]))
+
+
+def test_token_highlights_match_the_scored_activation(ranking):
+    shown = [e for d in ranking.features for e in d.examples]
+    assert shown
+    for example in shown:
+        assert len(example.tokens) == len(example.activations) == len(example.scored)
+        assert example.scored == (False,) * (len(example.tokens) - 1) + (True,)  # positions="last"
+        assert example.activations[-1] == pytest.approx(example.score, abs=1e-3, rel=1e-3)
+        assert example.prompt in (HARMFUL if example.label == "harmful" else HARMLESS)
+    scores = [e.score for e in ranking.features[0].examples]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_csv_and_json_list_every_feature_in_rank_order(report_dir, ranking, saes):
+    with (report_dir / "features.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == sum(int(sae.cfg.d_sae) for sae in saes.values())
+    assert {(r["hook_name"], int(r["feature_id"])) for r in rows} == {(h, f) for h, sae in saes.items() for f in range(sae.cfg.d_sae)}
+    assert [(r["hook_name"], int(r["feature_id"])) for r in rows] == list(zip(ranking.scores.hook_names, ranking.scores.feature_ids.tolist(), strict=True))
+    assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    assert float(rows[0]["dim_cosine"]) == pytest.approx(1.0, abs=1e-5) and int(rows[0]["feature_id"]) == PLANTED
+    payload = json.loads((report_dir / "features.json").read_text())
+    assert len(payload["rows"]) == len(rows) and len(payload["top"]) == TOP_N
+    first = payload["top"][0]
+    assert (first["hook_name"], first["feature_id"], len(first["promoted"])) == (PLANTED_HOOK, PLANTED, 10)
+    assert sum(first["histogram"]["harmful"]) == len(HARMFUL)
+    assert sorted(p.name for p in report_dir.iterdir()) == sorted(REPORT_FILES)  # no partial files left
+
+
+def test_html_shows_the_top_features_with_embedded_plots(report_dir, ranking):
+    page = (report_dir / "report.html").read_text()
+    for detail in ranking.features:
+        assert f"{detail.hook_name} · feature {detail.feature_id}</h2>" in page
+        assert f'href="#f{detail.rank}"' in page
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == TOP_N + 1  # overview + one histogram per feature
+    assert all(base64.b64decode(image).startswith(b"\x89PNG") for image in images)
+    assert 'class="scored"' in page and "promoted tokens" in page and "<script" not in page
+
+
+def test_failed_rewrite_keeps_the_previous_report(ranking, tmp_path, monkeypatch):
+    import featsteer.feature_report as feature_report
+
+    write_feature_report(ranking, tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in REPORT_FILES}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(feature_report.os, "replace", broken)
+    with pytest.raises(RuntimeError):
+        write_feature_report(ranking, tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in REPORT_FILES} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(REPORT_FILES)
+
+
+def test_ranking_keys():
+    assert ranking_key("differential") == "mean_difference"
+    assert ranking_key("abs_differential") == "abs_mean_difference"
+    assert ranking_key("cohens_d") == "cohens_d"
+    with pytest.raises(FeatsteerError, match="unknown ranking metric 'bogus'"):
+        ranking_key("bogus")
+
+
+@pytest.fixture(scope="module")
+def sae_dir(saes, tmp_path_factory):
+    root = tmp_path_factory.mktemp("saes")
+    for hook, sae in saes.items():
+        sae.save_model(root / hook)
+    random_sae("topk", d_in=32, hook=PLANTED_HOOK).save_model(root.parent / "narrow_sae")
+    return root
+
+
+def test_sae_sources(sae_dir, saes, model):
+    assert list(load_sae_source(sae_dir, model)) == [OTHER_HOOK, PLANTED_HOOK]
+    single = load_sae_source(sae_dir / PLANTED_HOOK, model)
+    assert list(single) == [PLANTED_HOOK] and torch.equal(single[PLANTED_HOOK].W_dec, saes[PLANTED_HOOK].W_dec)
+
+
+def _run(capsys, *argv):
+    from featsteer.cli import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_rank_features_prints_the_top_features(capsys, sae_dir, tmp_path):
+    code, out, _ = _run(capsys, "rank-features", "--model", "tiny:llama", "--sae", str(sae_dir), "--harmful", "builtin:harmful:train",
+                        "--harmless", "builtin:harmless:train", "--n", "10", "--top", "2", "--by", "differential", "--out", str(tmp_path / "r"))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["rank", "hook", "feature", "composite", "differential", "AUROC", "DIM", "cos"]
+    assert lines[1].split()[:3] == ["1", PLANTED_HOOK, str(PLANTED)] and len(lines[2].split()) == 7
+    assert "ranked 256 features of 2 SAE(s)" in out and f"wrote {tmp_path / 'r'}/report.html" in out
+    assert all((tmp_path / "r" / name).is_file() for name in REPORT_FILES)
+
+
+@pytest.mark.parametrize(
+    ("sae", "extra", "message"),
+    [
+        ("{tmp}/no-such-saes", [], "not found"),
+        ("{narrow}", [], "SAE width mismatch"),
+        ("{saes}", ["--harmful", "{tmp}/empty.txt"], "no prompts in"),
+        ("{saes}", ["--by", "bogus"], "unknown ranking metric"),
+        ("{saes}", ["--top", "0"], "--top must be at least 1"),
+        ("{saes}", ["--positions", "middle"], "unknown position"),
+        ("{empty_dir}", [], "holds no SAE folders"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(capsys, sae_dir, tmp_path, sae, extra, message):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "empty_dir").mkdir()
+    names = {"tmp": tmp_path, "saes": sae_dir, "narrow": sae_dir.parent / "narrow_sae", "empty_dir": tmp_path / "empty_dir"}
+    argv = ["rank-features", "--model", "tiny:llama", "--sae", sae.format(**names), "--harmful", "builtin:harmful",
+            "--harmless", "builtin:harmless", "--n", "4", "--out", str(tmp_path / "out")]
+    code, _, err = _run(capsys, *argv, *[e.format(**names) for e in extra])
+    assert code == 2
+    assert err.startswith("featsteer: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
