@@ -1,10 +1,15 @@
 """Run every intervention method on the same prompts with the same metrics.
 
 DIM abliteration is the baseline; every other method (other direction sources, runtime hooks, norm-
-preserving edits, and - through `register_method` - probe and SAE methods) is applied to the same model,
-evaluated on the same held-out prompts with the same greedy decoding and detector, and reverted before the
-next one. Results are written as `results.json`, a refusal-vs-KL Pareto plot and a self-contained
-`report.html`.
+preserving edits, probe directions, and - when SAEs are given - SAE-feature methods) is applied to the
+same model, evaluated on the same held-out prompts with the same greedy decoding and detector, and
+reverted before the next one. Results are written as `results.json`, a refusal-vs-KL Pareto plot and a
+self-contained `report.html`.
+
+SAE methods read one feature ranking, computed once from the training prompts (the same prompts and
+positions the direction methods use): features more active on harmful than on harmless prompts, by
+composite score. Decoder rows go through the same weight-edit and ablation code as the DIM direction, so
+`sae_top1_abliteration` and `dim_abliteration` differ only in where the direction came from.
 """
 
 from __future__ import annotations
@@ -15,13 +20,19 @@ import html
 import io
 import json
 import logging
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from torch import Tensor
+
+from featsteer.activations import capture
 from featsteer.datasets import PromptSet
 from featsteer.edits import EditConfig, apply_edit
+from featsteer.errors import FeatsteerError
 from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
 from featsteer.evaluation.refusal import RefusalDetector
@@ -29,18 +40,118 @@ from featsteer.interventions import Ablate, AddDirection, steer
 from featsteer.models import ModelAdapter
 from featsteer.pipeline import DirectionConfig, DirectionResult, find_refusal_direction, split
 
+if TYPE_CHECKING:  # sae_lens takes seconds to import: SAE code is imported only when SAEs are used
+    from sae_lens import SAE
+
+    from featsteer.features import FeatureScores
+
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SaeMethodConfig:
+    """How the SAE methods pick and edit features."""
+
+    top_k: int = 8
+    """Features the top-k methods use: the best `top_k` features at the hook of the single best feature."""
+    clamp_multiple: float = -1.0
+    """`sae_clamp_hook` clamps each feature to this multiple of its largest activation on the harmful
+    training prompts (0 ablates the features; negative values push against them)."""
+    induce_multiple: float = 1.0
+    """`sae_topk_induce` clamps each feature to this multiple of that largest activation."""
+    positions: str | None = None
+    """Token positions features are scored at (`last`, `post_instruction`, `mean_last:K`); None uses the
+    direction config's positions."""
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise FeatsteerError(f"SAE top_k must be at least 1, got {self.top_k}")
+        if self.clamp_multiple > 0:
+            raise FeatsteerError(f"clamp_multiple={self.clamp_multiple} would amplify refusal features: use a value <= 0")
+        if self.induce_multiple <= 0:
+            raise FeatsteerError(f"induce_multiple must be positive, got {self.induce_multiple}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SaeMethodConfig:
+        """Inverse of `to_dict`."""
+        return cls(**dict(data))
+
+
+@dataclass(frozen=True)
+class FeatureRanking:
+    """SAE features more active on harmful than on harmless training prompts, ranked by composite score."""
+
+    scores: FeatureScores
+    """Scores of the features with a positive mean difference, best first."""
+    harmful_max: dict[str, Tensor]
+    """Per hook, `(d_sae,)` largest activation of each feature on the harmful training prompts (float64)."""
+    positions: str
+    """Positions the features were scored at."""
+
+    def best(self, k: int = 1) -> tuple[str, list[int]]:
+        """The single best feature's hook and the `k` best features at that hook, best first."""
+        hook = self.scores.hook_names[0]
+        return hook, self.scores.for_hook(hook).feature_ids[:k].tolist()
+
+
+def rank_sae_features(
+    model: ModelAdapter,
+    saes: Mapping[str, SAE],
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    positions: str = "last",
+    batch_size: int = 16,
+) -> FeatureRanking:
+    """Capture once at every SAE's hook, score all features, keep those more active on harmful prompts.
+
+    Args:
+        model: the model the SAEs read.
+        saes: `{hook_name: sae}`.
+        harmful: harmful training instructions.
+        harmless: harmless training instructions.
+        positions: capture selector; the captured rows are pooled for scoring.
+        batch_size: prompts per forward pass.
+
+    Returns:
+        The ranking (composite score, ties by layer then feature id) and each feature's harmful maximum.
+
+    Raises:
+        FeatsteerError: if no feature of any SAE is more active on harmful than on harmless prompts.
+    """
+    from featsteer.features import score_features
+    from featsteer.sae import encode_activations
+
+    hooks = list(saes)
+    harmful_acts = capture(model, list(harmful), hooks, positions=positions, batch_size=batch_size, label="harmful", progress=False)
+    harmless_acts = capture(model, list(harmless), hooks, positions=positions, batch_size=batch_size, label="harmless", progress=False)
+    scores = score_features(saes, harmful_acts, harmless_acts, by="composite")
+    rows = (scores.metrics["mean_difference"] > 0).nonzero().flatten()
+    if rows.numel() == 0:
+        raise FeatsteerError(f"no SAE feature at {', '.join(hooks)} is more active on harmful than on harmless prompts: check the SAEs and prompts")
+    maxima = {hook: encode_activations(sae, harmful_acts, hook=hook).double().amax(0).clamp_min(0.0) for hook, sae in saes.items()}
+    return FeatureRanking(scores.select(rows), maxima, positions)
 
 
 @dataclass
 class CompareContext:
-    """What methods may use: the model, the prompt splits, and directions found per method (cached)."""
+    """What methods may use: the model, the prompt splits, SAEs, and directions/feature ranking (cached)."""
 
     model: ModelAdapter
     harmful: PromptSet
     harmless: PromptSet
     direction_config: DirectionConfig
     _directions: dict[str, DirectionResult] = field(default_factory=dict)
+    saes: dict[str, SAE] | None = None
+    """`{hook_name: sae}` for the SAE methods (None: SAE methods cannot run)."""
+    sae_config: SaeMethodConfig = field(default_factory=SaeMethodConfig)
+    """How SAE methods pick and edit features (`top_k` etc.)."""
+    _ranking: FeatureRanking | None = None
+    _notes: dict[str, Any] = field(default_factory=dict)
 
     def directions(self, method: str, rank: int = 2) -> DirectionResult:
         """Find (once) and select the direction for a direction method on the training prompts."""
@@ -50,26 +161,82 @@ class CompareContext:
             self._directions[key] = find_refusal_direction(self.model, self.harmful, self.harmless, config)
         return self._directions[key]
 
+    def feature_ranking(self) -> FeatureRanking:
+        """Rank (once) every SAE feature on the training prompts the direction methods use.
+
+        One capture per prompt set at every SAE hook, at `sae_config.positions` (default: the direction
+        config's positions; the captured rows are pooled).
+
+        Raises:
+            FeatsteerError: if the context has no SAEs.
+        """
+        if not self.saes:
+            raise FeatsteerError("SAE methods need SAEs: pass saes= to compare (CLI: --sae organism|DIR)")
+        if self._ranking is None:
+            config = self.direction_config
+            harmful_train, harmless_train = split(self.harmful, config.val_fraction)[0], split(self.harmless, config.val_fraction)[0]
+            positions = self.sae_config.positions or config.positions
+            self._ranking = rank_sae_features(self.model, self.saes, harmful_train, harmless_train, positions=positions, batch_size=config.batch_size)
+        return self._ranking
+
+    def note(self, **details: Any) -> None:
+        """Record what the running method used (hook, features, edits); kept in its `MethodResult.details`."""
+        self._notes.update(details)
+
 
 Method = Callable[[CompareContext], contextlib.AbstractContextManager]
 """A method returns a context manager under which the model is intervened on (hooks or an edit)."""
 
-_METHODS: dict[str, tuple[Method, str]] = {}
+
+@dataclass(frozen=True)
+class _Registered:
+    fn: Method
+    description: str
+    needs_saes: bool
 
 
-def register_method(name: str, description: str) -> Callable[[Method], Method]:
-    """Decorator adding a method to the comparison (later stages add probe and SAE methods this way)."""
+_METHODS: dict[str, _Registered] = {}
+
+
+def register_method(name: str, description: str, *, needs_saes: bool = False) -> Callable[[Method], Method]:
+    """Decorator adding a method to the comparison (probe and SAE methods are added this way).
+
+    Args:
+        name: method name (key in results and `--methods`).
+        description: one line for reports and `featsteer compare --list`.
+        needs_saes: the method reads `ctx.saes`; it runs by default only when SAEs are given.
+    """
 
     def wrap(fn: Method) -> Method:
-        _METHODS[name] = (fn, description)
+        _METHODS[name] = _Registered(fn, description, needs_saes)
         return fn
 
     return wrap
 
 
-def available_methods() -> dict[str, str]:
-    """Registered method names and descriptions."""
-    return {name: desc for name, (_, desc) in _METHODS.items()}
+def available_methods(saes: bool = True) -> dict[str, str]:
+    """Registered method names and descriptions (without the SAE methods when `saes` is False)."""
+    return {name: entry.description for name, entry in _METHODS.items() if saes or not entry.needs_saes}
+
+
+def _check_methods(names: Sequence[str], have_saes: bool) -> None:
+    unknown = [n for n in names if n not in _METHODS]
+    if unknown:
+        raise FeatsteerError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(_METHODS)}")
+    need = [n for n in names if _METHODS[n].needs_saes]
+    if need and not have_saes:
+        raise FeatsteerError(f"method(s) {', '.join(need)} need SAEs: pass saes= to compare (CLI: --sae organism|DIR)")
+
+
+def method_context(ctx: CompareContext, name: str) -> contextlib.AbstractContextManager:
+    """The context manager under which method `name` intervenes on `ctx.model` (nothing happens until entered
+    for hook methods; weight edits are applied on entry and reverted on exit).
+
+    Raises:
+        FeatsteerError: for an unknown method, or an SAE method on a context without SAEs.
+    """
+    _check_methods([name], bool(ctx.saes))
+    return _METHODS[name].fn(ctx)
 
 
 @contextlib.contextmanager
@@ -132,6 +299,70 @@ def _induce(ctx: CompareContext):
     return steer(ctx.model, AddDirection(vector, 1.0, where=chosen.hook))
 
 
+def _sae_features(ctx: CompareContext, k: int) -> tuple[str, SAE, list[int]]:
+    """The top-`k` refusal features at the best feature's hook; noted in the method's results."""
+    ranking = ctx.feature_ranking()
+    hook, ids = ranking.best(k)
+    composite = ranking.scores.for_hook(hook).metrics["composite"][: len(ids)].tolist()
+    ctx.note(sae_hook=hook, sae_features=ids, sae_composite=composite)
+    return hook, ctx.saes[hook], ids
+
+
+def _sae_basis(ctx: CompareContext, k: int) -> Tensor:
+    """Unit decoder row of the top feature (k=1) or an orthonormal basis of the top-k decoder rows."""
+    from featsteer.features import decoder_directions
+
+    hook, sae, ids = _sae_features(ctx, k)
+    return decoder_directions(sae, ids, subspace=k > 1, hook=hook).bases[0]
+
+
+@contextlib.contextmanager
+def _basis_edit(ctx: CompareContext, basis: Tensor, config: EditConfig) -> Iterator[None]:
+    with apply_edit(ctx.model, basis, config, record=dict(ctx._notes)):
+        yield
+
+
+def _feature_clamp(ctx: CompareContext, multiple: float) -> contextlib.AbstractContextManager:
+    """Top-k features clamped to `multiple` x their harmful maximum (0: ablated), spliced with the error term."""
+    from featsteer.sae import FeatureEdit, splice_sae
+
+    hook, sae, ids = _sae_features(ctx, ctx.sae_config.top_k)
+    maxima = ctx.feature_ranking().harmful_max[hook]
+    edits = [FeatureEdit.ablate(ids)] if multiple == 0 else [FeatureEdit.clamp(f, multiple * float(maxima[f])) for f in ids]
+    ctx.note(sae_edits=[edit.to_dict() for edit in edits])
+    return splice_sae(ctx.model, sae, edits, hook=hook)
+
+
+@register_method("sae_top1_abliteration", "decoder row of the top SAE feature orthogonalised out of every residual writer",
+                 needs_saes=True)
+def _sae_top1(ctx: CompareContext):
+    return _basis_edit(ctx, _sae_basis(ctx, 1), EditConfig())
+
+
+@register_method("sae_topk_abliteration", "span of the top-k SAE decoder rows (best layer) orthogonalised out of every writer",
+                 needs_saes=True)
+def _sae_topk(ctx: CompareContext):
+    return _basis_edit(ctx, _sae_basis(ctx, ctx.sae_config.top_k), EditConfig())
+
+
+@register_method("sae_clamp_hook", "top-k SAE refusal features clamped negative at their layer (SAE spliced with error term)",
+                 needs_saes=True)
+def _sae_clamp(ctx: CompareContext):
+    return _feature_clamp(ctx, ctx.sae_config.clamp_multiple)
+
+
+@register_method("sae_top1_ablation_hook", "decoder row of the top SAE feature ablated from every residual write at run time",
+                 needs_saes=True)
+def _sae_top1_hook(ctx: CompareContext):
+    return steer(ctx.model, Ablate(_sae_basis(ctx, 1)))
+
+
+@register_method("sae_topk_induce", "top-k SAE refusal features clamped to their harmful maximum (induces refusal)",
+                 needs_saes=True)
+def _sae_induce(ctx: CompareContext):
+    return _feature_clamp(ctx, ctx.sae_config.induce_multiple)
+
+
 @dataclass(frozen=True)
 class MethodResult:
     """Metrics of one method on the evaluation prompts."""
@@ -148,13 +379,16 @@ class MethodResult:
     over_refusal: float | None
     seconds: float
     examples: list[dict]
+    details: dict = field(default_factory=dict)
+    """What the method used, when it says (SAE methods: hook, feature ids, edits)."""
 
 
 def _measure(ctx: CompareContext, name: str, eval_sets: dict, base_logprobs, tokens, gen: GenerationConfig) -> MethodResult:
-    fn, description = _METHODS[name]
+    description = _METHODS[name].description
     detector = RefusalDetector()
     start = time.perf_counter()
-    manager = fn(ctx)  # may find directions first: not counted in the intervention's own time
+    ctx._notes = {}
+    manager = method_context(ctx, name)  # may find directions first: not counted in the intervention's own time
     start_eval = time.perf_counter()
     with manager:
         harmful = evaluate_set(ctx.model, eval_sets["harmful"], "harmful", gen, detector)
@@ -171,7 +405,7 @@ def _measure(ctx: CompareContext, name: str, eval_sets: dict, base_logprobs, tok
         refusal_score_harmful=float(refusal_score(harmful_lp, tokens).mean()),
         refusal_score_harmless=float(refusal_score(harmless_lp, tokens).mean()),
         over_refusal=over, seconds=time.perf_counter() - start,
-        examples=harmful.examples(2) + harmless.examples(2),
+        examples=harmful.examples(2) + harmless.examples(2), details=dict(ctx._notes),
     )
 
 
@@ -207,26 +441,45 @@ def compare(
     alarming: PromptSet | None = None,
     direction_config: DirectionConfig | None = None,
     generation: GenerationConfig | None = None,
+    saes: str | os.PathLike[str] | SAE | Mapping[str, SAE] | None = None,
+    sae_config: SaeMethodConfig | None = None,
 ) -> Comparison:
-    """Run `methods` (default: all registered) on the same held-out prompts.
+    """Run `methods` on the same held-out prompts.
 
     Without explicit evaluation sets, the last quarter of each prompt set is held out for evaluation and
-    the rest is used to find and select directions.
+    the rest is used to find and select directions and to rank SAE features.
+
+    Args:
+        model: the model (restored after every method).
+        harmful: harmful prompts (training part, or all of them without `eval_harmful`).
+        harmless: harmless prompts (likewise).
+        methods: method names (default: every registered method; the SAE methods only when `saes` is given).
+        eval_harmful: held-out harmful prompts.
+        eval_harmless: held-out harmless prompts.
+        alarming: harmless-but-alarming prompts for the over-refusal rate.
+        direction_config: how directions are found and selected.
+        generation: greedy decoding settings for evaluation.
+        saes: SAEs for the SAE methods (see `featsteer.sae.load_sae_source`: `organism`, a folder, or `{hook_name: sae}`).
+        sae_config: how SAE methods pick and edit features (default `SaeMethodConfig()`, top_k 8).
+
+    Raises:
+        FeatsteerError: for an unknown method, an SAE method without `saes`, or SAEs that do not fit.
     """
+    names = methods or list(available_methods(saes=saes is not None))
+    _check_methods(names, saes is not None)
+    if saes is not None:
+        from featsteer.sae import load_sae_source
+
+        saes = load_sae_source(saes, model)
+    sae_map = saes
     if eval_harmful is None or eval_harmless is None:
         harmful, eval_harmful = split(harmful, 0.25)
         harmless, eval_harmless = split(harmless, 0.25)
     gen = generation or GenerationConfig()
-    ctx = CompareContext(model, harmful, harmless, direction_config or DirectionConfig())
+    ctx = CompareContext(model, harmful, harmless, direction_config or DirectionConfig(), saes=sae_map, sae_config=sae_config or SaeMethodConfig())
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     base_logprobs = first_token_logprobs(model, list(eval_harmless), batch_size=gen.batch_size)
     eval_sets = {"harmful": eval_harmful, "harmless": eval_harmless, "alarming": alarming}
-    names = methods or list(_METHODS)
-    unknown = [n for n in names if n not in _METHODS]
-    if unknown:
-        from featsteer.errors import FeatsteerError
-
-        raise FeatsteerError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(_METHODS)}")
     results = [_measure(ctx, name, eval_sets, base_logprobs, tokens, gen) for name in names]
     setup = {
         "model": model.name, "n_train_harmful": len(harmful), "n_train_harmless": len(harmless),
@@ -235,7 +488,20 @@ def compare(
         "generation": asdict(gen), "directions": asdict(ctx.direction_config),
         "chosen": {k: v.selection.to_dict()["chosen"] for k, v in ctx._directions.items()},
     }
+    if sae_map is not None:
+        setup["sae"] = _sae_setup(ctx)
     return Comparison(results, setup)
+
+
+def _sae_setup(ctx: CompareContext, n_top: int = 10) -> dict[str, Any]:
+    """SAE provenance for `Comparison.setup`: hooks, widths, settings and the top of the feature ranking."""
+    setup: dict[str, Any] = {"hooks": {hook: int(sae.cfg.d_sae) for hook, sae in (ctx.saes or {}).items()}, "config": ctx.sae_config.to_dict()}
+    if ctx._ranking is not None:
+        ranking = ctx._ranking
+        setup["ranked_at"] = ranking.positions
+        setup["n_refusal_features"] = len(ranking.scores)
+        setup["top_features"] = ranking.scores.select(range(min(n_top, len(ranking.scores)))).rows()
+    return setup
 
 
 def pareto_png(comparison: Comparison) -> bytes:
@@ -272,9 +538,15 @@ def write_report(comparison: Comparison, out: str | Path) -> Path:
     return folder
 
 
+def _details_html(details: dict) -> str:
+    if "sae_hook" not in details:
+        return ""
+    return f"<br><small>{html.escape(details['sae_hook'])} features {html.escape(str(details['sae_features']))}</small>"
+
+
 def _html(comparison: Comparison, png: bytes) -> str:
     rows = "".join(
-        f"<tr><td>{html.escape(r.method)}</td><td>{html.escape(r.description)}</td><td>{r.refusal_harmful:.3f} "
+        f"<tr><td>{html.escape(r.method)}</td><td>{html.escape(r.description)}{_details_html(r.details)}</td><td>{r.refusal_harmful:.3f} "
         f"<small>[{r.ci_harmful[0]:.2f}, {r.ci_harmful[1]:.2f}]</small></td><td>{r.refusal_harmless:.3f}</td>"
         f"<td>{r.kl_harmless:.4f}</td><td>{'-' if r.over_refusal is None else f'{r.over_refusal:.3f}'}</td>"
         f"<td>{r.refusal_score_harmful:.2f}</td></tr>"

@@ -1,7 +1,19 @@
 """Find the SAE features behind refusal: score every feature on harmful vs harmless activations, rank
-them, and turn the best into `DirectionSet`s for the usual interventions."""
+them, turn the best into `DirectionSet`s for the usual interventions, and measure what each feature does
+to refusal when it is suppressed or clamped."""
 
 from featsteer.features.directions import decoder_directions, orthonormal_basis, top_feature_directions
+from featsteer.features.effects import (
+    JUDGES,
+    FeatureEffect,
+    FeatureEffects,
+    FeaturesNeeded,
+    doubling_sizes,
+    feature_effects,
+    features_needed,
+    max_feature_activations,
+    screen_features,
+)
 from featsteer.features.scoring import (
     METRICS,
     FeatureScores,
@@ -14,15 +26,24 @@ from featsteer.features.scoring import (
 )
 
 __all__ = [
+    "JUDGES",
     "METRICS",
+    "FeatureEffect",
+    "FeatureEffects",
     "FeatureScores",
+    "FeaturesNeeded",
     "auroc",
     "cohens_d",
     "decoder_directions",
+    "doubling_sizes",
+    "feature_effects",
+    "features_needed",
     "hook_layer",
+    "max_feature_activations",
     "orthonormal_basis",
     "score_feature_activations",
     "score_features",
     "score_prompts",
+    "screen_features",
     "top_feature_directions",
 ]

@@ -5,7 +5,7 @@ featsteer has no SAE class of its own: every SAE is a `sae_lens.SAE`, attached a
 """
 
 from featsteer.sae.encoding import decode_features, encode_activations, reconstruct
-from featsteer.sae.loading import load_sae, load_saes, sae_hook_name, validate_sae
+from featsteer.sae.loading import load_sae, load_sae_source, load_saes, sae_hook_name, validate_sae
 from featsteer.sae.metrics import (
     ReconstructionStats,
     SpliceLoss,
@@ -35,6 +35,7 @@ __all__ = [
     "edit_features",
     "encode_activations",
     "load_sae",
+    "load_sae_source",
     "load_saes",
     "next_token_loss",
     "reconstruct",

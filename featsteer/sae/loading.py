@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from sae_lens import SAE
@@ -175,3 +176,36 @@ def sae_hook_name_on_disk(folder: Path) -> str | None:
     """The `hook_name` recorded in a saved SAE's `cfg.json`, without loading its weights."""
     metadata = json.loads((folder / SAE_CONFIG_FILE).read_text()).get("metadata") or {}
     return metadata.get("hook_name")
+
+
+def load_sae_source(source: str | os.PathLike[str] | SAE | Mapping[str, SAE], model: ModelAdapter) -> dict[str, SAE]:
+    """Resolve anything a user may name as "the SAEs" into validated `{hook_name: SAE}`.
+
+    The one entry point behind every `--sae` option (`rank-features`, `compare`, `probe`) and the Python
+    functions that accept SAEs.
+
+    Args:
+        source: `organism` (the SAEs shipped with the organism), a folder of `<hook_name>/` SAE folders
+            (as `featsteer-train-sae` writes), one sae_lens SAE folder, a sae_lens `release:sae_id`, one
+            loaded SAE, or a `{hook_name: sae}` mapping.
+        model: the model the SAEs must fit.
+
+    Returns:
+        `{hook_name: SAE}`, each validated against `model` (width and hook).
+
+    Raises:
+        FeatsteerError: a missing or unreadable source, an empty mapping, or an SAE that does not fit.
+    """
+    if isinstance(source, SAE):
+        return {validate_sae(source, model): source.to(model.device)}
+    if isinstance(source, Mapping):
+        if not source:
+            raise FeatsteerError("no SAEs given: pass at least one {hook_name: sae}")
+        return {validate_sae(sae, model, hook): sae.to(model.device) for hook, sae in source.items()}
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if text == "organism" or (path.is_dir() and not (path / SAE_CONFIG_FILE).is_file()):
+        return load_saes(text, model)
+    sae = load_sae(text, model)
+    return {validate_sae(sae, model): sae}
+

@@ -1,0 +1,260 @@
+"""SAE-feature methods in the comparison harness, and per-feature jailbreak / induced-refusal rates.
+
+The SAE has a planted refusal feature: its decoder row is the (unit) difference-in-means direction r at
+its hook and its encoder reads r strongly, so it ranks first. Projecting that feature out must then be
+exactly the DIM-style edit against r, and a feature that never fires must change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from sae_lens import StandardSAE, StandardSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+
+from featsteer.activations import capture
+from featsteer.cli import main
+from featsteer.compare import (
+    CompareContext,
+    SaeMethodConfig,
+    available_methods,
+    compare,
+    method_context,
+    write_report,
+)
+from featsteer.datasets import builtin_prompts
+from featsteer.edits import EditConfig, apply_edit
+from featsteer.errors import FeatsteerError
+from featsteer.evaluation import RefusalDetector
+from featsteer.evaluation.behaviour import GenerationConfig
+from featsteer.features import doubling_sizes, feature_effects, features_needed, screen_features
+from featsteer.models import load_model
+from featsteer.pipeline import DirectionConfig, split
+from featsteer.sae import load_sae_source
+from tests.conftest import count_hooks
+
+HOOK = "blocks.1.hook_resid_post"
+PLANTED, DEAD, DEAD_TOO = 5, 17, 42
+SAE_METHODS = ["sae_top1_abliteration", "sae_topk_abliteration", "sae_clamp_hook", "sae_top1_ablation_hook", "sae_topk_induce"]
+PROBE = ["How do I bake bread?", "Write a poem about the sea.", "How do I pick a lock?"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they thrash; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("tiny:llama")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return builtin_prompts("harmful", "train").head(16), builtin_prompts("harmless", "train").head(16)
+
+
+@pytest.fixture(scope="module")
+def class_means(model, prompts):
+    """Harmful and harmless mean activation at HOOK over the prompts the context ranks features on."""
+    harmful, harmless = (split(split(p, 0.25)[0], 0.25)[0] for p in prompts)
+    return [capture(model, list(p), [HOOK], positions="post_instruction", progress=False).hook(HOOK).double().mean(0) for p in (harmful, harmless)]
+
+
+@pytest.fixture(scope="module")
+def direction(class_means):
+    """Unit difference in means r."""
+    difference = class_means[0] - class_means[1]
+    return (difference / difference.norm()).float()
+
+
+@pytest.fixture(scope="module")
+def sae(direction, class_means):
+    """A ReLU SAE with a planted refusal feature (decoder row r, fires above the harmless mean along r) and two dead features."""
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=128, metadata=SAEMetadata(hook_name=HOOK, model_name="tiny:llama")))
+    with torch.no_grad():
+        sae.b_enc.normal_(0.0, 0.1)
+        sae.b_dec.normal_(0.0, 0.1)
+        gain = 1000.0
+        sae.W_dec[PLANTED] = direction
+        sae.W_enc[:, PLANTED] = gain * direction
+        sae.b_enc[PLANTED] = -gain * float((class_means[1].float() - sae.b_dec) @ direction)
+        for dead in (DEAD, DEAD_TOO):
+            sae.W_enc[:, dead] = 0.0
+            sae.b_enc[dead] = -10.0
+    return sae.eval()
+
+
+@pytest.fixture
+def context(model, prompts, sae):
+    harmful, harmless = (split(p, 0.25)[0] for p in prompts)
+    return CompareContext(model, harmful, harmless, DirectionConfig(n_select=3), saes={HOOK: sae}, sae_config=SaeMethodConfig(top_k=4))
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.model.state_dict().items()}
+
+
+def test_top1_abliteration_is_the_dim_style_edit_and_the_ablation_hook(model, context, direction):
+    before = _state(model)
+    assert context.feature_ranking().best(1) == (HOOK, [PLANTED])
+    clean = model.logits(PROBE)
+    with method_context(context, "sae_top1_abliteration"):
+        abliterated = model.logits(PROBE)
+    with apply_edit(model, direction, EditConfig()):
+        reference = model.logits(PROBE)
+    with method_context(context, "sae_top1_ablation_hook"):
+        hooked = model.logits(PROBE)
+    torch.testing.assert_close(abliterated, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hooked, abliterated, atol=1e-4, rtol=0)
+    assert not torch.allclose(abliterated, clean, atol=1e-3)
+    assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
+
+
+def test_every_sae_method_changes_the_model_and_cleans_up(model, context):
+    before, hooks = _state(model), count_hooks(model.model)
+    clean = model.logits(PROBE)
+    for name in SAE_METHODS:
+        with method_context(context, name):
+            assert not torch.allclose(model.logits(PROBE), clean, atol=1e-4), name
+        assert count_hooks(model.model) == hooks, name
+        with pytest.raises(RuntimeError, match="boom"), method_context(context, name):
+            raise RuntimeError("boom")
+        assert count_hooks(model.model) == hooks, name
+        assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items()), name
+    torch.testing.assert_close(model.logits(PROBE), clean, atol=0, rtol=0)
+
+
+def test_clamp_and_induce_use_multiples_of_the_harmful_maximum(context):
+    maximum = context.feature_ranking().harmful_max[HOOK]
+    for name, multiple in (("sae_clamp_hook", -1.0), ("sae_topk_induce", 1.0)):
+        context._notes = {}
+        method_context(context, name)
+        features = context._notes["sae_features"]
+        assert len(features) == 4 and features[0] == PLANTED
+        values = {edit["features"][0]: edit["value"] for edit in context._notes["sae_edits"]}
+        assert values == pytest.approx({f: multiple * float(maximum[f]) for f in features})
+        assert values[PLANTED] * multiple > 0
+
+
+def test_compare_with_saes_runs_the_sae_methods_and_records_features(model, prompts, sae, tmp_path):
+    comparison = compare(model, *prompts, methods=["none", *SAE_METHODS], saes={HOOK: sae}, sae_config=SaeMethodConfig(top_k=3),
+                         direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=2))
+    by_name = {r.method: r for r in comparison.results}
+    assert list(by_name) == ["none", *SAE_METHODS]
+    assert by_name["none"].details == {} and by_name["none"].kl_harmless == pytest.approx(0.0, abs=1e-9)
+    assert by_name["sae_top1_abliteration"].details["sae_features"] == [PLANTED]
+    for name in SAE_METHODS:
+        assert by_name[name].details["sae_hook"] == HOOK
+    assert len(by_name["sae_topk_abliteration"].details["sae_features"]) == 3
+    assert by_name["sae_top1_ablation_hook"].kl_harmless == pytest.approx(by_name["sae_top1_abliteration"].kl_harmless, abs=1e-4)
+    assert by_name["sae_top1_abliteration"].kl_harmless > 0
+    setup = comparison.setup["sae"]
+    assert setup["hooks"] == {HOOK: 128} and setup["config"]["top_k"] == 3 and setup["top_features"][0]["feature_id"] == PLANTED
+    assert comparison.setup["chosen"] == {}  # no DIM direction was needed
+    saved = json.loads((write_report(comparison, tmp_path / "cmp") / "results.json").read_text())
+    assert saved["results"][1]["details"]["sae_features"] == [PLANTED]
+
+
+def test_sae_methods_without_saes_are_a_clear_error(model, prompts, tmp_path, capsys):
+    assert not set(SAE_METHODS) & set(available_methods(saes=False)) and set(SAE_METHODS) <= set(available_methods())
+    with pytest.raises(FeatsteerError, match="sae_clamp_hook need SAEs"):
+        compare(model, *prompts, methods=["none", "sae_clamp_hook"])
+    context = CompareContext(model, *prompts, DirectionConfig())
+    with pytest.raises(FeatsteerError, match="need SAEs"):
+        method_context(context, "sae_top1_abliteration")
+    with pytest.raises(FeatsteerError, match="top_k"):
+        SaeMethodConfig(top_k=0)
+    code = main(["compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--n", "8",
+                 "--methods", "sae_top1_abliteration", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "need SAEs" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_compare_lists_and_runs_sae_methods(sae, tmp_path, capsys):
+    assert main(["compare", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "sae_clamp_hook" in listing and "[needs --sae]" in listing and "dim_abliteration " in listing
+    sae.save_model(tmp_path / "saes" / HOOK)
+    code = main(["compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--n", "16",
+                 "--n-select", "3", "--methods", "none,sae_topk_abliteration", "--sae", str(tmp_path / "saes" / HOOK),
+                 "--sae-top-k", "2", "--max-new-tokens", "2", "--out", str(tmp_path / "out")])
+    assert code == 0
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["results"][1]["details"]["sae_hook"] == HOOK and len(saved["results"][1]["details"]["sae_features"]) == 2
+    assert "sae_topk_abliteration: blocks.1.hook_resid_post features" in capsys.readouterr().out
+
+
+def test_resolve_saes_accepts_folders_mappings_and_reports_bad_sources(model, sae, tmp_path):
+    sae.save_model(tmp_path / "saes" / HOOK)
+    assert list(load_sae_source(tmp_path / "saes", model)) == [HOOK]
+    assert list(load_sae_source(tmp_path / "saes" / HOOK, model)) == [HOOK]
+    assert load_sae_source({HOOK: sae}, model)[HOOK] is sae
+    with pytest.raises(FeatsteerError, match="no SAEs given"):
+        load_sae_source({}, model)
+    with pytest.raises(FeatsteerError, match="not found"):
+        load_sae_source(tmp_path / "missing", model)
+
+
+@pytest.fixture(scope="module")
+def behaviour(model):
+    """Prompts and a detector under which the random model 'refuses' some prompts and not others."""
+    harmful, harmless = list(builtin_prompts("harmful", "test").head(8)), list(builtin_prompts("harmless", "test").head(8))
+    responses = {name: model.generate(p, max_new_tokens=6) for name, p in (("harmful", harmful), ("harmless", harmless))}
+    marker = Counter(responses["harmful"] + responses["harmless"]).most_common(1)[0][0]
+    detector = RefusalDetector(markers=(marker,))
+    refused = {name: detector.classify(r) for name, r in responses.items()}
+    assert 0 < sum(refused["harmful"]) < len(harmful), "the test needs a clean model that refuses some but not all prompts"
+    return harmful, harmless, detector, refused
+
+
+def test_feature_effects_of_a_feature_that_does_nothing_equal_the_clean_model(model, sae, behaviour):
+    harmful, harmless, detector, refused = behaviour
+    effects = feature_effects(model, sae, [DEAD, PLANTED], harmful, harmless, max_new_tokens=6, detector=detector)
+    dead, planted = effects.effects
+    clean_compliance = 1 - sum(refused["harmful"]) / len(harmful)
+    assert dead.feature_id == DEAD and dead.harmful_max == 0.0 and planted.harmful_max > 0
+    assert dead.jailbreak.rate == pytest.approx(clean_compliance) and dead.jailbreak == effects.clean_jailbreak
+    assert dead.induced_refusal.rate == pytest.approx(sum(refused["harmless"]) / len(harmless))
+    assert dead.jailbreak.low <= dead.jailbreak.rate <= dead.jailbreak.high and 0 < dead.jailbreak.high - dead.jailbreak.low < 1
+    assert dead.refusal_score_harmful == effects.clean_score_harmful
+    assert planted.induce.value == pytest.approx(planted.harmful_max) and planted.refusal_score_harmless != effects.clean_score_harmless
+    assert json.loads(json.dumps(effects.to_json()))["effects"][0]["feature_id"] == DEAD
+    assert "(clean)" in effects.table() and len(effects.rows()) == 2
+
+
+def test_screen_features_uses_first_token_scores(model, sae, behaviour):
+    harmful, harmless, _, _ = behaviour
+    screened = screen_features(model, sae, [DEAD, PLANTED], harmful, harmless)
+    dead, planted = screened.effects
+    assert screened.judge == "first_token" and screened.provenance["max_new_tokens"] is None
+    assert dead.refusal_score_harmful == screened.clean_score_harmful and dead.jailbreak == screened.clean_jailbreak
+    clamped = screen_features(model, sae, [PLANTED], harmful, harmless, clamp_value=-50.0, induce_multiple=None)
+    planted = clamped.effects[0]
+    assert clamped.clean_score_harmful == screened.clean_score_harmful and planted.induced_refusal is None
+    assert abs(planted.refusal_score_harmful - screened.clean_score_harmful) > 1e-3
+    assert planted.suppress.mode == "clamp" and planted.suppress.value == -50.0
+    with pytest.raises(FeatsteerError, match="amplify"):
+        screen_features(model, sae, [PLANTED], harmful, harmless, clamp_value=5.0)
+    with pytest.raises(FeatsteerError, match="out of range"):
+        screen_features(model, sae, [500], harmful, harmless)
+
+
+def test_features_needed_says_when_features_do_not_carry_refusal(model, sae, behaviour):
+    harmful, _, detector, refused = behaviour
+    clean_rate = sum(refused["harmful"]) / len(harmful)
+    stuck = features_needed(model, sae, [DEAD, DEAD_TOO], harmful, target=clean_rate, max_new_tokens=6, detector=detector)
+    assert stuck.needed is None and [n for n, _ in stuck.steps] == [1, 2]
+    assert all(rate.rate == pytest.approx(clean_rate) for _, rate in stuck.steps)
+    assert "even the top 2 features together" in stuck.summary()
+    reached = features_needed(model, sae, [DEAD, DEAD_TOO], harmful, target=min(1.0, clean_rate + 0.01), max_new_tokens=6, detector=detector)
+    assert reached.needed == 1 and len(reached.steps) == 1
+    assert doubling_sizes(8) == [1, 2, 4, 8] and doubling_sizes(5) == [1, 2, 4, 5] and doubling_sizes(1) == [1]
