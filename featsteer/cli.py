@@ -132,6 +132,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         chosen = result.comparison.setup["chosen"].get("dim", {})
         print(f"\n== every method on the same held-out prompts (DIM direction: {chosen.get('hook')} position {chosen.get('position')})")
         print(result.comparison.table())
+    if result.features is not None:
+        print("\n== top SAE features (composite score; DIM cosine = decoder row vs the layer's DIM direction)")
+        for detail in result.features.features[:5]:
+            sc = detail.scores
+            print(f"  {detail.hook_name:26} feature {detail.feature_id:5d}  composite {sc['composite']:.3f}  AUROC {sc['auroc']:.3f}  "
+                  f"DIM cosine {detail.dim_cosine:+.3f}")
     if result.probes is not None:
         row = result.probes.best("linear")
         print(f"\n== probes: best linear-probe layer {row.key} (accuracy {row.accuracy:.3f}, selectivity {row.selectivity:.3f})")
@@ -244,17 +250,20 @@ def _cmd_steer(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from featsteer.compare import available_methods, compare, write_report
+    from featsteer.compare import SaeMethodConfig, available_methods, compare, write_report
     from featsteer.datasets import load_prompts
     from featsteer.evaluation.behaviour import GenerationConfig
     from featsteer.models import load_model
+    from featsteer.sae import load_sae_source
 
     if args.list:
+        plain = available_methods(saes=False)
         for name, description in available_methods().items():
-            print(f"{name:24} {description}")
+            print(f"{name:24} {description}{'' if name in plain else ' [needs --sae]'}")
         return 0
     if not (args.harmful and args.harmless and args.out):
         raise FeatsteerError("compare needs --harmful, --harmless and --out (or --list)")
+    sae_config = SaeMethodConfig(top_k=args.sae_top_k)
     harmful, harmless = _load_pair(args)
     evals = [load_prompts(s, column=args.column, limit=args.eval_n) if s else None for s in (args.eval_harmful, args.eval_harmless)]
     alarming = load_prompts(args.alarming, limit=args.eval_n) if args.alarming else None
@@ -263,9 +272,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         model, harmful, harmless, methods=args.methods.split(",") if args.methods else None,
         eval_harmful=evals[0], eval_harmless=evals[1], alarming=alarming, direction_config=_direction_config(args),
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
+        saes=load_sae_source(args.sae, model) if args.sae else None, sae_config=sae_config,
     )
     folder = write_report(comparison, args.out)
     print(comparison.table())
+    for result in comparison.results:
+        if "sae_hook" in result.details:
+            print(f"  {result.method}: {result.details['sae_hook']} features {result.details['sae_features']}")
     print(f"\nwrote {folder}/results.json, report.html, pareto.png")
     return 0
 
@@ -278,8 +291,13 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     harmful, harmless = _load_pair(args)
     model = load_model(args.model)
     (harmful_train, harmful_test), (harmless_train, harmless_test) = split(harmful, 0.3), split(harmless, 0.3)
+    saes = None
+    if args.sae:
+        from featsteer.sae import load_sae_source
+
+        saes = load_sae_source(args.sae, model)
     report = probe_report(model, (harmful_train, harmless_train), (harmful_test, harmless_test), positions=args.positions,
-                          n_effect=args.n_effect, batch_size=args.batch_size)
+                          n_effect=args.n_effect, batch_size=args.batch_size, saes=saes)
     folder = write_probe_report(report, args.out, f"featsteer probe report: {model.name}")
     print(f"{'hook':26} " + " ".join(f"{k + ' acc/sel':>22}" for k in report.sweep))
     for i, hook in enumerate(report.hooks):
@@ -288,6 +306,38 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     best = report.best("linear")
     print(f"\nbest linear-probe layer: {best.key} (accuracy {best.accuracy:.3f}, selectivity {best.selectivity:.3f})")
     print(f"wrote {folder}/report.html, results.json, sweep.png, sweep.md")
+    return 0
+
+
+def _cmd_rank_features(args: argparse.Namespace) -> int:
+    import math
+
+    from featsteer.activations import Positions
+    from featsteer.feature_report import rank_features, ranking_key, write_feature_report
+    from featsteer.models import load_model
+    from featsteer.sae import load_sae_source
+
+    by = ranking_key(args.by)
+    Positions.parse(args.positions)
+    if args.top < 1:
+        raise FeatsteerError(f"--top must be at least 1, got {args.top}")
+    harmful, harmless = _load_pair(args)
+    model = load_model(args.model)
+    saes = load_sae_source(args.sae, model)
+    ranking = rank_features(model, saes, harmful, harmless, positions=args.positions, top_n=args.top, by=by,
+                            normalize=args.normalise, batch_size=args.batch_size)
+    folder = write_feature_report(ranking, args.out)
+
+    def cell(value: float | None, width: int) -> str:
+        return f"{value:{width}.3f}" if value is not None and math.isfinite(value) else f"{'n/a':>{width}}"
+
+    print(f"{'rank':>4}  {'hook':28} {'feature':>7} {'composite':>10} {'differential':>12} {'AUROC':>6} {'DIM cos':>8}")
+    for detail in ranking.features:
+        row = detail.scores
+        print(f"{detail.rank:>4}  {detail.hook_name:28} {detail.feature_id:>7} {cell(row['composite'], 10)} "
+              f"{cell(row['mean_difference'], 12)} {cell(row['auroc'], 6)} {cell(detail.dim_cosine, 8)}")
+    print(f"\nranked {len(ranking.scores)} features of {len(saes)} SAE(s) on {len(harmful)} harmful / {len(harmless)} harmless "
+          f"prompts by {by}; wrote {folder}/report.html, features.csv, features.json")
     return 0
 
 
@@ -392,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--alarming", help="harmless-but-alarming prompts for the over-refusal rate")
     cmp_.add_argument("--eval-n", type=int, help="first N prompts of each evaluation set")
     cmp_.add_argument("--max-new-tokens", type=int, default=32)
+    cmp_.add_argument("--sae", metavar="SRC", help="SAEs for the sae_* methods: organism | folder of <hook_name>/ SAE folders | one SAE folder")
+    cmp_.add_argument("--sae-top-k", type=int, default=8, metavar="K", help="features the top-k SAE methods use (default 8)")
     cmp_.set_defaults(run=_cmd_compare)
 
     pr = sub.add_parser("probe", help="probe sweep per layer and the predict-control report")
@@ -404,7 +456,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--n-effect", type=int, default=32, help="test prompts per set for steering effects")
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--column")
+    pr.add_argument("--sae", help="also compare each layer's top SAE feature: organism or a folder of <hook_name>/ SAEs")
     pr.set_defaults(run=_cmd_probe)
+
+    rf = sub.add_parser("rank-features", help="rank SAE features on harmful vs harmless prompts: report.html, features.csv/json")
+    rf.add_argument("--model", default="organism")
+    rf.add_argument("--sae", required=True, help="organism | folder of <hook_name>/ SAE folders | one sae_lens SAE folder | release:sae_id")
+    rf.add_argument("--harmful", required=True, help="file, builtin:harmful[:split], or hf:NAME")
+    rf.add_argument("--harmless", required=True, help="file, builtin:harmless[:split], or hf:NAME")
+    rf.add_argument("--out", required=True, help="folder for report.html, features.csv and features.json")
+    rf.add_argument("--top", type=int, default=20, help="features described in the report and printed")
+    rf.add_argument("--by", default="composite", help="ranking metric: composite | differential | cohens_d | auroc | ... (abs_<name>)")
+    rf.add_argument("--positions", default="last", help="last | mean_last:K | post_instruction | all (rows pooled)")
+    rf.add_argument("--n", type=int, help="use the first N prompts of each set")
+    rf.add_argument("--normalise", "--normalize", dest="normalise", action="store_true",
+                    help="divide magnitude scores by each feature's max activation")
+    rf.add_argument("--batch-size", type=int, default=16)
+    rf.add_argument("--column", help="column for csv/json/parquet prompt files")
+    rf.set_defaults(run=_cmd_rank_features)
 
     demo = sub.add_parser("demo", help="the full pipeline on the embedded organism")
     demo.add_argument("--model", default="organism")

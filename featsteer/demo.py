@@ -1,7 +1,7 @@
-"""The main job on the embedded organism: behaviour, activations, per-layer DIM separability.
+"""The main job on the embedded organism: behaviour, DIM separability, SAE features, every method, probes.
 
-`featsteer demo` (and `make demo`) runs this end to end on a CPU in a couple of minutes and writes every
-output under a run folder outside the package. Later stages (abliteration, SAE features, probes) extend it.
+`featsteer demo` (and `make demo`) runs this end to end on a CPU in a few minutes and writes every output
+under a run folder outside the package, with one `index.html` linking the reports.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class DemoResult:
     comparison: object | None = None
     probes: object | None = None
     stage_seconds: dict | None = None
+    features: object | None = None
 
     @property
     def best(self) -> LayerRow:
@@ -91,6 +92,7 @@ def run_demo(model_spec: str = "organism", run_dir: str | Path | None = None, n_
         full: also run the comparison and the probe report (False: behaviour and DIM only).
     """
     from featsteer.compare import compare, write_report
+    from featsteer.feature_report import rank_features, write_feature_report
     from featsteer.probe_report import probe_report, write_probe_report
 
     start = time.perf_counter()
@@ -108,20 +110,37 @@ def run_demo(model_spec: str = "organism", run_dir: str | Path | None = None, n_
     directions.save(out / "directions")
     (out / "dim_layers.json").write_text(json.dumps([{**asdict(r), "separability": asdict(r.separability)} for r in rows], indent=1))
     stages["dim_layers"] = time.perf_counter() - start - sum(stages.values())
-    comparison = probes = None
+    comparison = probes = ranking = saes = None
     if full:
+        saes = _organism_saes(model) if model_spec == "organism" else None
+        if saes:
+            ranking = rank_features(model, saes, builtin_prompts("harmful", "train"), builtin_prompts("harmless", "train"), top_n=12)
+            write_feature_report(ranking, out / "features", title=f"SAE features behind refusal: {model.name}")
+            stages["sae_features"] = time.perf_counter() - start - sum(stages.values())
         train = {label: builtin_prompts(label, "train") + builtin_prompts(label, "val") for label in ("harmful", "harmless")}
         comparison = compare(model, train["harmful"], train["harmless"], eval_harmful=test["harmful"], eval_harmless=test["harmless"],
-                             alarming=test["alarming"], generation=gen)
+                             alarming=test["alarming"], generation=gen, saes=saes)
         write_report(comparison, out / "compare")
         stages["compare"] = time.perf_counter() - start - sum(stages.values())
         probes = probe_report(model, (builtin_prompts("harmful", "train"), builtin_prompts("harmless", "train")),
-                              (test["harmful"], test["harmless"]))
+                              (test["harmful"], test["harmless"]), saes=saes)
         write_probe_report(probes, out / "probe", f"featsteer probe report: {model.name}")
         stages["probes"] = time.perf_counter() - start - sum(stages.values())
-    result = DemoResult(out, report, rows, time.perf_counter() - start, comparison, probes, stages)
+    result = DemoResult(out, report, rows, time.perf_counter() - start, comparison, probes, stages, ranking)
     (out / "index.html").write_text(_index_html(result))
     return result
+
+
+def _organism_saes(model: ModelAdapter) -> dict | None:
+    """The organism's shipped SAEs, or None (with a warning) when they are not installed."""
+    from featsteer.errors import FeatsteerError
+    from featsteer.sae import load_saes
+
+    try:
+        return load_saes("organism", model)
+    except FeatsteerError as error:
+        logger.warning("SAE stages skipped: %s", error)
+        return None
 
 
 def _index_html(result: DemoResult) -> str:
@@ -129,6 +148,8 @@ def _index_html(result: DemoResult) -> str:
 
     best = result.best
     links = ""
+    if result.features is not None:
+        links += '<li><a href="features/report.html">SAE feature ranking</a> (top refusal features, histograms, prompts, logit effects)</li>'
     if result.comparison is not None:
         links += '<li><a href="compare/report.html">method comparison</a> (refusal and KL for every method, Pareto plot)</li>'
     if result.probes is not None:

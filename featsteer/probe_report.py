@@ -14,8 +14,10 @@ import base64
 import html
 import io
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,8 +28,12 @@ from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl
 from featsteer.interventions import Ablate, steer
 from featsteer.models import ModelAdapter
 
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
 PROBE_KINDS = ("diffmean", "linear", "whitened", "mahalanobis")
 SOURCES = ("dim", "linear", "whitened")
+"""Direction sources always compared; `sae` (the top composite feature's decoder row) joins when SAEs are given."""
 
 
 def _probe(kind: str):
@@ -80,8 +86,22 @@ def probe_report(
     n_effect: int = 32,
     n_shuffles: int = 5,
     batch_size: int = 16,
+    saes: Mapping[str, SAE] | None = None,
 ) -> ProbeReport:
-    """Run the probe sweep and the predict-control comparison (see module docstring)."""
+    """Run the probe sweep and the predict-control comparison (see module docstring).
+
+    Args:
+        model: the model.
+        train: `(harmful, harmless)` prompts the probes and directions are fitted on.
+        test: `(harmful, harmless)` held-out prompts for accuracy, AUROC and steering effects.
+        positions: capture selector (`last`, `mean_last:K`, ...).
+        kind: hook kind swept at every layer.
+        n_effect: held-out prompts per class for the steering effect.
+        n_shuffles: shuffled-label controls per probe and layer.
+        batch_size: prompts per forward pass.
+        saes: `{hook_name: SAE}`; at every swept hook that has one, the decoder row of its top composite
+            feature (scored on the training prompts, oriented towards harmful) is compared as source `sae`.
+    """
     from probes import layer_sweep
 
     hooks = model.hook_names((kind,))
@@ -97,15 +117,36 @@ def probe_report(
     splits = {hook: (*xy("train", hook), *xy("test", hook)) for hook in hooks}
     sweep = {probe_kind: layer_sweep(splits, lambda k=probe_kind: _probe(k), n_shuffles=n_shuffles) for probe_kind in PROBE_KINDS}
     directions = {source: find_directions(acts[("train", "harmful")], acts[("train", "harmless")], source) for source in SOURCES}
+    sae_hooks = [hook for hook in hooks if saes and hook in saes]
+    if sae_hooks:
+        directions["sae"] = _sae_directions({hook: saes[hook] for hook in sae_hooks}, acts[("train", "harmful")], acts[("train", "harmless")])
     cosines = []
     for hook in hooks:
         row = {"hook": hook}
-        for i, a in enumerate(SOURCES):
-            for b in SOURCES[i + 1 :]:
+        sources = [source for source in directions if _has(directions[source], hook)]
+        for i, a in enumerate(sources):
+            for b in sources[i + 1 :]:
                 row[f"{a}~{b}"] = float(directions[a].direction(hook) @ directions[b].direction(hook))
         cosines.append(row)
     effects = _effects(model, directions, acts, hooks, test, n_effect, batch_size)
     return ProbeReport(sweep, cosines, effects, hooks)
+
+
+def _has(directions, hook: str) -> bool:
+    return hook in directions.hook_names
+
+
+def _sae_directions(saes: Mapping[str, SAE], harmful, harmless):
+    """Top composite feature's decoder row per hook, signed so harmful prompts project higher than harmless."""
+    from featsteer.directions import DirectionSet
+    from featsteer.features import score_features, top_feature_directions
+
+    scores = score_features(saes, harmful, harmless)
+    best = top_feature_directions(scores, saes, 1, subspace=True)
+    signs = torch.stack([torch.sign((harmful.mean(h) - harmless.mean(h)).float() @ best.bases[i, 0])
+                         for i, h in enumerate(best.hook_names)])
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return DirectionSet(best.bases * signs[:, None, None], best.hook_names, best.positions, best.method, best.scores, best.provenance)
 
 
 def _effects(model, directions, acts, hooks, test, n_effect, batch_size) -> list[SourceEffect]:
@@ -116,7 +157,7 @@ def _effects(model, directions, acts, hooks, test, n_effect, batch_size) -> list
     effects = []
     for hook in hooks:
         layer = model.hook_site(hook).layer
-        for source in SOURCES:
+        for source in [source for source in directions if _has(directions[source], hook)]:
             direction = directions[source].direction(hook)
             score = separability(direction, acts[("train", "harmful")].at_position(hook), acts[("train", "harmless")].at_position(hook),
                                  acts[("test", "harmful")].at_position(hook), acts[("test", "harmless")].at_position(hook))
@@ -146,7 +187,7 @@ def _plot(report: ProbeReport) -> bytes:
     left.set_xlabel("layer")
     left.set_title("readable: held-out probe accuracy / selectivity")
     left.legend(fontsize=7)
-    for source in SOURCES:
+    for source in dict.fromkeys(e.source for e in report.effects):
         rows = [e for e in report.effects if e.source == source]
         right.plot([e.layer for e in rows], [e.refusal_drop for e in rows], marker="o", label=f"{source}: refusal drop")
     right.set_xlabel("layer")
