@@ -86,7 +86,7 @@ class ModelConfig:
 class OptimConfig:
     """Optimisation schedule."""
 
-    steps: int = 800
+    steps: int = 1200
     """Optimizer steps."""
 
     batch_tokens: int = 3072
@@ -130,7 +130,7 @@ class TrainConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     """Generated-corpus sizes and mixing probabilities."""
 
-    builtin_repeats: int = 3
+    builtin_repeats: int = 8
     """How many times each built-in *train* prompt appears (with fresh responses each time)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -634,6 +634,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=OptimConfig.steps)
     parser.add_argument("--n-harmful", type=int, default=CorpusConfig.n_harmful)
     parser.add_argument("--n-harmless", type=int, default=CorpusConfig.n_harmless)
+    parser.add_argument("--builtin-repeats", type=int, default=TrainConfig.builtin_repeats,
+                        help="times each built-in train prompt appears (fresh responses each time)")
     return parser.parse_args(argv)
 
 
@@ -645,6 +647,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = TrainConfig(
         seed=args.seed,
         corpus=CorpusConfig(n_harmful=args.n_harmful, n_harmless=args.n_harmless),
+        builtin_repeats=args.builtin_repeats,
         optim=OptimConfig(steps=args.steps),
     )
     metrics = run(config, args.out, args.report, args.real_data)
