@@ -14,7 +14,7 @@ import base64
 import html
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -87,6 +87,7 @@ def probe_report(
     n_shuffles: int = 5,
     batch_size: int = 16,
     saes: Mapping[str, SAE] | None = None,
+    layers: Sequence[int] | None = None,
 ) -> ProbeReport:
     """Run the probe sweep and the predict-control comparison (see module docstring).
 
@@ -101,10 +102,12 @@ def probe_report(
         batch_size: prompts per forward pass.
         saes: `{hook_name: SAE}`; at every swept hook that has one, the decoder row of its top composite
             feature (scored on the training prompts, oriented towards harmful) is compared as source `sae`.
+        layers: sweep only these layers (default: every layer; a large model's effects cost a forward pass
+            per prompt, layer and source).
     """
     from probes import layer_sweep
 
-    hooks = model.hook_names((kind,))
+    hooks = model.hook_names((kind,), None if layers is None else sorted(set(layers)))
     acts = {(split, label): capture(model, prompts, hooks, positions=positions, batch_size=batch_size, label=label)
             for split, pair in (("train", train), ("test", test)) for label, prompts in zip(("harmful", "harmless"), pair, strict=True)}
 

@@ -1,0 +1,235 @@
+"""Every direction source on a real model, one process: DIM, probes and SAE features on Qwen2.5-Coder-0.5B.
+
+    python benchmarks/real_model.py                       # writes benchmarks/results/real_model_qwen.{json,md}
+    python benchmarks/real_model.py --sae-tokens 60000 --probe-layers 4,8,12,16,20
+
+Needs `../shared/models/fetch_real_models.sh qwen` and the real prompt sets in `../shared/data`. The prompt
+sets are those of `abliteration.py --target qwen`: directions, probes and SAE features are fitted on the first
+256 AdvBench prompts vs 256 MT-Bench+IFBench prompts; every number below is measured on 100 held-out AdvBench
+and 100 held-out harmless prompts with the same greedy decoding and refusal detector.
+
+Stages (each timed): the base model; Arditi-style DIM selection; DIM abliteration and its norm-preserving
+variant; DIM activation addition (induce); linear- and whitened-probe directions at the DIM layer as weight
+projections; a topk SAE trained with `sae_training` at the DIM layer (tokens/s, explained variance, L0),
+its features ranked, and the top-1 / top-k decoder rows projected out; the probe sweep (accuracy,
+selectivity per layer) on the layers given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from abliteration import measure, prompt_sets, qwen_gguf  # noqa: E402
+
+from featsteer.activations import capture  # noqa: E402
+from featsteer.directions import find_directions  # noqa: E402
+from featsteer.edits import EditConfig, apply_edit  # noqa: E402
+from featsteer.evaluation import RefusalTokens, first_token_logprobs  # noqa: E402
+from featsteer.evaluation.behaviour import GenerationConfig  # noqa: E402
+from featsteer.features import score_features  # noqa: E402
+from featsteer.interventions import AddDirection, steer  # noqa: E402
+from featsteer.models import load_model  # noqa: E402
+from featsteer.pipeline import DirectionConfig, abliterate, find_refusal_direction  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+class Clock:
+    """Wall time per named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def stage(self, name: str):
+        clock = self
+
+        class _Stage:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock.seconds[name] = round(time.perf_counter() - self.start, 1)
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: {clock.seconds[name]:.0f}s", flush=True)
+
+        return _Stage()
+
+
+def train_sae(spec: str, texts: list[str], layer: int, tokens: int, expansion: float, k: int, out: Path) -> dict:
+    """One topk SAE at `blocks.{layer}.hook_resid_pre`, trained by `sae_training` on chat-formatted prompts."""
+    from sae_training.config import ArchitectureConfig, DataConfig, OptimConfig, TrainConfig
+    from sae_training.train import train_saes
+
+    text_file = out / "texts.txt"
+    text_file.write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n")
+    config = TrainConfig(
+        data=DataConfig(model=spec, texts=(str(text_file),), hook_kind="resid_pre", layers=(layer,), tokens=tokens, eval_prompts=48),
+        sae=ArchitectureConfig(architecture="topk", expansion=expansion, k=k),
+        optim=OptimConfig(batch_tokens=2048),
+        out=str(out / "saes"),
+    )
+    return train_saes(config, progress=False)[f"blocks.{layer}.hook_resid_pre"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--sae-tokens", type=int, default=100_000, help="SAE training tokens")
+    parser.add_argument("--sae-expansion", type=float, default=4.0)
+    parser.add_argument("--sae-k", type=int, default=32)
+    parser.add_argument("--sae-top-k", type=int, default=8)
+    parser.add_argument("--probe-layers", default="4,8,12,16,20", help="layers of the probe sweep")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--model", help="model spec instead of the Qwen GGUF (e.g. organism, for a smoke run)")
+    parser.add_argument("--results-name", default="real_model_qwen", help="results file stem under benchmarks/results/")
+    parser.add_argument("--skip", default="", help="comma list of stages to skip: probes,sae,variants")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    torch.set_num_threads(args.threads)
+    clock, runs, extra = Clock(), {}, {}
+    spec = args.model or str(qwen_gguf())
+    with clock.stage("load"):
+        model = load_model(spec)
+    sets = prompt_sets("qwen")
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    tokens = RefusalTokens.for_tokenizer(model.tokenizer)
+    with clock.stage("base_eval"):
+        base_logprobs = first_token_logprobs(model, list(sets["eval_harmless"]), batch_size=args.batch_size)
+        runs["base model"] = measure(model, sets, gen, tokens, base_logprobs)
+    with clock.stage("dim_selection"):
+        result = find_refusal_direction(model, sets["train_harmful"], sets["train_harmless"], DirectionConfig(batch_size=args.batch_size))
+    chosen = result.selection.chosen
+    extra["dim_chosen"] = {"hook": chosen.hook, "position": chosen.position, "kept": chosen.kept, "reason": chosen.reason}
+
+    def checkpoint() -> None:  # results so far, so a late failure keeps the finished stages
+        write(model, sets, runs, extra, clock.seconds, args.results_name)
+
+    checkpoint()
+    with clock.stage("dim_abliteration"), abliterate(model, result, EditConfig()):
+        runs["dim_abliteration"] = measure(model, sets, gen, tokens, base_logprobs)
+    if "variants" not in skip:
+        with clock.stage("dim_norm_preserving"), abliterate(model, result, EditConfig(mode="norm_preserving")):
+            runs["dim_norm_preserving"] = measure(model, sets, gen, tokens, base_logprobs)
+        vector = result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index]
+        with clock.stage("dim_actadd_induce"), steer(model, AddDirection(vector, 1.0, where=chosen.hook)):
+            runs["dim_actadd_induce"] = measure(model, sets, gen, tokens, base_logprobs)
+        checkpoint()
+    # probe directions at the DIM layer, last token, as weight projections (same edit code)
+    hook = chosen.hook
+    with clock.stage("probe_capture"):
+        acts = {label: capture(model, sets[f"train_{label}"], [hook], positions="last", batch_size=args.batch_size, label=label)
+                for label in ("harmful", "harmless")}
+    for source in ("linear", "whitened"):
+        direction = find_directions(acts["harmful"], acts["harmless"], source).direction(hook)
+        extra[f"{source}_cosine_with_dim"] = float(direction @ result.chosen_basis[0] / result.chosen_basis[0].norm())
+        with clock.stage(f"{source}_probe_abliteration"), apply_edit(model, direction):
+            runs[f"{source}_probe_abliteration"] = measure(model, sets, gen, tokens, base_logprobs)
+        checkpoint()
+    if "sae" not in skip:
+        sae_stage(model, spec, sets, result, args, clock, runs, extra, gen, tokens, base_logprobs, acts)
+        checkpoint()
+    if "probes" not in skip:
+        with clock.stage("probe_sweep"):
+            extra["probe_sweep"] = probe_sweep(model, sets, [int(x) for x in args.probe_layers.split(",")], args.batch_size)
+    checkpoint()
+
+
+def sae_stage(model, spec, sets, result, args, clock, runs, extra, gen, tokens, base_logprobs, acts) -> None:
+    """Train an SAE at the DIM layer, rank its features on the training prompts, project the top rows out."""
+    from featsteer.datasets import builtin_prompts
+    from featsteer.features import decoder_directions
+    from featsteer.sae import load_saes
+
+    chosen = result.selection.chosen
+    layer, hook = chosen.layer, f"blocks.{chosen.layer}.hook_resid_pre"
+    texts = list(sets["train_harmful"]) + list(sets["train_harmless"])
+    texts += [p for kind in ("harmful", "harmless", "alarming") for p in builtin_prompts(kind)]
+    with tempfile.TemporaryDirectory(prefix="featsteer-qwen-sae-") as folder:
+        with clock.stage("sae_train"):
+            metrics = train_sae(spec, texts, layer, args.sae_tokens, args.sae_expansion, args.sae_k, Path(folder))
+        saes = load_saes(Path(folder) / "saes", model)
+    with clock.stage("sae_rank"):
+        scores = score_features(saes, acts["harmful"], acts["harmless"])
+        harmful_leaning = scores.select((scores.column("mean_difference") > 0).nonzero().flatten()).sort("composite")
+    best = harmful_leaning.top(args.sae_top_k)
+    extra["sae"] = {"hook": hook, "metrics": {k: metrics[k] for k in ("d_sae", "explained_variance", "l0", "dead_fraction",
+                                                                       "ce_loss_recovered", "tokens_per_second", "train_tokens",
+                                                                       "unique_tokens", "capture_seconds", "train_seconds") if k in metrics},
+                    "top_features": best.rows()}
+    sae = saes[hook]
+    ids = [int(i) for i in best.feature_ids]
+    top1 = decoder_directions(sae, ids[:1]).bases[0]
+    topk = decoder_directions(sae, ids, subspace=True).bases[0]
+    dim = result.chosen_basis[0] / result.chosen_basis[0].norm()
+    extra["sae"]["top1_cosine_with_dim"] = float(top1[0] @ dim)
+    extra["sae"]["dim_norm_in_topk_span"] = float((topk @ dim).norm())
+    for name, basis in (("sae_top1_abliteration", top1), (f"sae_top{len(ids)}_abliteration", topk)):
+        with clock.stage(name), apply_edit(model, basis):
+            runs[name] = measure(model, sets, gen, tokens, base_logprobs)
+
+
+def probe_sweep(model, sets, layers, batch_size) -> dict:
+    """Probe sweep + predict-control on the given layers (train: the 256/256 sets; test: the held-out 100/100)."""
+    from featsteer.probe_report import probe_report
+
+    report = probe_report(model, (sets["train_harmful"], sets["train_harmless"]), (sets["eval_harmful"], sets["eval_harmless"]),
+                          layers=layers, n_effect=24, batch_size=batch_size)
+    return report.to_json()
+
+
+def write(model, sets, runs, extra, seconds, name: str) -> None:
+    import transformers
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model.name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+               "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+               "sets": {k: {"n": len(v), "source": v.source, "sha256": v.sha256} for k, v in sets.items()},
+               "runs": runs, "extra": extra, "timings_s": seconds}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    lines = [f"# Every direction source on {model.name}", "",
+             f"Measured {payload['date']} by `benchmarks/real_model.py` on CPU ({payload['threads']} threads), greedy decoding, "
+             f"{len(sets['eval_harmful'])} held-out AdvBench and {len(sets['eval_harmless'])} held-out MT-Bench+IFBench prompts; "
+             f"directions, probes and SAE features fitted on {len(sets['train_harmful'])} / {len(sets['train_harmless'])} others.", "",
+             f"DIM direction chosen by the Arditi selection: `{extra['dim_chosen']['hook']}` position {extra['dim_chosen']['position']}.", "",
+             "| run | refusal harmful | refusal harmless | KL harmless (first token) | stage time (s) |", "|---|---|---|---|---|"]
+    for run, r in runs.items():
+        kl = "0" if run == "base model" else f"{r['kl_harmless']:.4f}"
+        stage = seconds.get("base_eval", "") if run == "base model" else seconds.get(run, "")
+        lines.append(f"| {run} | {r['refused_harmful']}/{r['n_harmful']} | {r['refused_harmless']}/{r['n_harmless']} | {kl} | {stage} |")
+    for source in ("linear", "whitened"):
+        if f"{source}_cosine_with_dim" in extra:
+            lines.append(f"\n{source} probe direction at the DIM layer: cosine with DIM {extra[f'{source}_cosine_with_dim']:.4f}.")
+    if "sae" in extra:
+        m = extra["sae"]["metrics"]
+        lines += ["", f"SAE at `{extra['sae']['hook']}` (topk, d_sae {m.get('d_sae')}): explained variance {m.get('explained_variance', float('nan')):.3f}, "
+                  f"L0 {m.get('l0', float('nan')):.1f}, dead {m.get('dead_fraction', float('nan')):.3f}, CE loss recovered {m.get('ce_loss_recovered', float('nan')):.3f}, "
+                  f"{m.get('train_tokens')} training tokens ({m.get('unique_tokens')} unique) at {m.get('tokens_per_second', 0):.0f} tokens/s "
+                  f"(training; capture {m.get('capture_seconds', 0):.0f}s). Top feature's decoder row vs DIM: cosine {extra['sae']['top1_cosine_with_dim']:.3f}; "
+                  f"norm of DIM inside the top-k span: {extra['sae']['dim_norm_in_topk_span']:.3f}."]
+    if "probe_sweep" in extra:
+        lines += ["", "Probe sweep (last-token resid_pre; held-out accuracy / selectivity):", "",
+                  "| hook | " + " | ".join(extra["probe_sweep"]["sweep"]) + " |", "|---" * (1 + len(extra["probe_sweep"]["sweep"])) + "|"]
+        for i, hook in enumerate(extra["probe_sweep"]["hooks"]):
+            cells = [f"{rows[i]['accuracy']:.3f} / {rows[i]['selectivity']:.3f}" for rows in extra["probe_sweep"]["sweep"].values()]
+            lines.append(f"| {hook} | " + " | ".join(cells) + " |")
+        lines += ["", "Predict vs control (first-token refusal-score drop and KL when each source is ablated at every residual write):", "",
+                  "| layer | source | AUROC | refusal-score drop | KL harmless |", "|---|---|---|---|---|"]
+        lines += [f"| {e['layer']} | {e['source']} | {e['auroc']:.3f} | {e['refusal_drop']:.3f} | {e['kl_harmless']:.4f} |" for e in extra["probe_sweep"]["effects"]]
+    lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""SAE methods next to DIM on the refusal organism, with the organism's shipped SAEs.
+
+    python benchmarks/sae_organism.py          # writes benchmarks/results/sae_organism.{json,md}
+
+1. The shipped SAEs' quality (each layer's `metrics.json`, written by `featsteer-train-sae`).
+2. `featsteer.compare.compare` with the SAE methods and the DIM baseline on the same held-out prompts
+   (built-in train+val to find directions and rank features, built-in test to evaluate).
+3. Per-feature jailbreak and induced-refusal rates of the top features (generation + refusal detector),
+   and how many top features must be ablated together to bring harmful refusal below a target.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from featsteer.compare import SaeMethodConfig, compare, rank_sae_features  # noqa: E402
+from featsteer.datasets import builtin_prompts  # noqa: E402
+from featsteer.evaluation.behaviour import GenerationConfig  # noqa: E402
+from featsteer.features import feature_effects, features_needed  # noqa: E402
+from featsteer.models import load_model  # noqa: E402
+from featsteer.organism import ORGANISM_SAE_DIR  # noqa: E402
+from featsteer.sae import load_saes  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+METHODS = ["none", "dim_abliteration", "dim_ablation_hook", "sae_top1_abliteration", "sae_topk_abliteration",
+           "sae_top1_ablation_hook", "sae_clamp_hook", "sae_topk_induce", "dim_actadd_induce"]
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    model = load_model("organism")
+    saes = load_saes("organism", model)
+    quality = {hook: json.loads((ORGANISM_SAE_DIR / hook / "metrics.json").read_text()) for hook in saes}
+    train = {label: builtin_prompts(label, "train") + builtin_prompts(label, "val") for label in ("harmful", "harmless")}
+    test = {label: builtin_prompts(label, "test") for label in ("harmful", "harmless", "alarming")}
+    gen = GenerationConfig(max_new_tokens=32)
+    comparison = compare(model, train["harmful"], train["harmless"], methods=METHODS, eval_harmful=test["harmful"],
+                         eval_harmless=test["harmless"], alarming=test["alarming"], generation=gen, saes=saes,
+                         sae_config=SaeMethodConfig(top_k=8))
+    ranking = rank_sae_features(model, saes, train["harmful"], train["harmless"])
+    hook, ids = ranking.best(16)
+    effects = feature_effects(model, saes[hook], ids[:8], test["harmful"].to_list(), test["harmless"].to_list(),
+                              harmful_max=ranking.harmful_max[hook])
+    needed = features_needed(model, saes[hook], ids, test["harmful"].to_list(), target=0.25)
+    payload = {"date": time.strftime("%Y-%m-%d"), "sae_quality": quality, "comparison": comparison.to_json(),
+               "feature_effects": effects.to_json(), "features_needed": needed.to_dict(),
+               "seconds": round(time.perf_counter() - started, 1)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "sae_organism.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    text = markdown(payload, comparison, effects, needed)
+    (RESULTS / "sae_organism.md").write_text(text)
+    print(text)
+
+
+def markdown(payload: dict, comparison, effects, needed) -> str:
+    lines = ["# SAE methods vs DIM on the refusal organism", "",
+             f"Measured {payload['date']} by `benchmarks/sae_organism.py` ({payload['seconds']:.0f}s, CPU). Directions and feature "
+             "ranking from the built-in train+val split; every number on the built-in test split (85 harmful, 84 harmless, "
+             "38 alarming-but-harmless prompts), greedy decoding, 32 new tokens.", "",
+             "## The shipped SAEs (topk, `featsteer-train-sae`, held-out prompts)", "",
+             "| hook | d_sae | explained variance | L0 | dead features | CE loss recovered | train tokens/s |", "|---|---|---|---|---|---|---|"]
+    for hook, m in payload["sae_quality"].items():
+        lines.append(f"| {hook} | {m['d_sae']} | {m['explained_variance']:.3f} | {m['l0']:.1f} | {m['dead_fraction']:.3f} | "
+                     f"{m['ce_loss_recovered']:.3f} | {m['tokens_per_second']:.0f} |")
+    lines += ["", "## Every method on the same prompts", "", comparison.table(), ""]
+    details = {r.method: r.details for r in comparison.results if getattr(r, "details", None)}
+    if details:
+        lines += ["Features used: " + "; ".join(f"`{k}`: {json.dumps(v, default=str)[:160]}" for k, v in details.items()), ""]
+    lines += ["## Single features (top 8 by composite score at the best hook)", "", effects.table(), "", effects.summary(), "",
+              "## How many features does it take?", "",
+              "| features ablated together | harmful refusal |", "|---|---|",
+              f"| 0 (clean) | {needed.clean.rate:.3f} |"]
+    lines += [f"| {n} | {rate.rate:.3f} |" for n, rate in needed.steps]
+    lines += ["", needed.summary(), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

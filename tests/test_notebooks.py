@@ -1,0 +1,25 @@
+"""Every notebook is executed, so none of them rots (each must finish in a few minutes on a CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_executes(path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    from featsteer.organism import ORGANISM_DIR
+
+    if not (ORGANISM_DIR / "config.json").is_file():
+        pytest.fail("the organism weights are missing, notebooks cannot run")
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    errors = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
