@@ -170,13 +170,10 @@ def first_token_logprobs(
         FeatsteerError: If `prompts` is empty or the model produces NaN logits.
     """
     items = _prompt_list(prompts)
-    out = []
     with torch.inference_mode():
-        for start, stop in _chunks(len(items), batch_size):
-            logits = model.logits(items[start:stop], system=system, batch_size=stop - start)
-            _check_logits(logits, "first_token_logprobs", start)
-            out.append(torch.log_softmax(logits.double(), dim=-1).float().cpu())
-    return torch.cat(out)
+        logits = model.logits(items, system=system, batch_size=batch_size)  # length-sorted batches, input order
+    _check_logits(logits, "first_token_logprobs", 0)
+    return torch.log_softmax(logits.double(), dim=-1).float().cpu()
 
 
 def kl_per_prompt(

@@ -222,12 +222,21 @@ class ModelAdapter(ABC):
             remove()
 
     def logits(self, instructions: Sequence[str], *, system: str | None = None, batch_size: int = 16) -> Tensor:
-        """Next-token logits `(n, vocab)` at the end of each chat-formatted instruction (float32)."""
-        out = []
-        for start in range(0, len(instructions), batch_size):
-            batch = self.tokenize(instructions[start : start + batch_size], system=system)
-            out.append(self.run(batch, last_only=True)[:, -1, :].float())
-        return torch.cat(out)
+        """Next-token logits `(n, vocab)` at the end of each chat-formatted instruction (float32).
+
+        Instructions are batched in length order (so a long prompt pads only its neighbours), and the rows
+        come back in input order.
+        """
+        out: Tensor | None = None
+        for rows in _length_batches(instructions, batch_size):
+            batch = self.tokenize([instructions[i] for i in rows], system=system)
+            logits = self.run(batch, last_only=True)[:, -1, :].float()
+            if out is None:
+                out = logits.new_empty((len(instructions), logits.shape[-1]))
+            out[rows] = logits
+        if out is None:
+            raise FeatsteerError("no instructions given: pass at least one prompt")
+        return out
 
     def generate(
         self,
@@ -244,12 +253,12 @@ class ModelAdapter(ABC):
         """
         from tqdm.auto import tqdm
 
-        responses: list[str] = []
-        starts = range(0, len(instructions), batch_size)
-        for start in tqdm(starts, desc="generate", unit="batch", disable=len(starts) < 3, leave=False):
-            batch = self.tokenize(instructions[start : start + batch_size], system=system, chat=chat)
-            tokens = self._greedy(batch, max_new_tokens)
-            responses.extend(self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens)
+        responses: list[str] = [""] * len(instructions)
+        batches = _length_batches(instructions, batch_size)
+        for rows in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 3, leave=False):
+            batch = self.tokenize([instructions[i] for i in rows], system=system, chat=chat)
+            for i, tokens in zip(rows, self._greedy(batch, max_new_tokens), strict=True):
+                responses[i] = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         return responses
 
     def _greedy(self, batch: TokenBatch, max_new_tokens: int) -> list[list[int]]:
@@ -286,6 +295,12 @@ class _CachedStep(TokenBatch):
     @property
     def position_ids(self) -> Tensor:
         return (self.attention_mask.long().sum(-1, keepdim=True) - 1).clamp(min=0)
+
+
+def _length_batches(instructions: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Indices of `instructions` in batches of similar length (longest first), to keep left padding small."""
+    order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]), reverse=True)
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def _cut_at_stop(row: list[int], stop_ids: set[int]) -> list[int]:
