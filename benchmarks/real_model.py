@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--model", help="model spec instead of the Qwen GGUF (e.g. organism, for a smoke run)")
     parser.add_argument("--results-name", default="real_model_qwen", help="results file stem under benchmarks/results/")
-    parser.add_argument("--skip", default="", help="comma list of stages to skip: probes,sae,variants")
+    parser.add_argument("--skip", default="", help="comma list of stages to skip: norm_preserving,induce,probe_dirs,sae,probes")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     torch.set_num_threads(args.threads)
@@ -118,9 +118,10 @@ def main() -> None:
     checkpoint()
     with clock.stage("dim_abliteration"), abliterate(model, result, EditConfig()):
         runs["dim_abliteration"] = measure(model, sets, gen, tokens, base_logprobs)
-    if "variants" not in skip:
+    if "norm_preserving" not in skip:
         with clock.stage("dim_norm_preserving"), abliterate(model, result, EditConfig(mode="norm_preserving")):
             runs["dim_norm_preserving"] = measure(model, sets, gen, tokens, base_logprobs)
+    if "induce" not in skip:
         vector = result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index]
         with clock.stage("dim_actadd_induce"), steer(model, AddDirection(vector, 1.0, where=chosen.hook)):
             runs["dim_actadd_induce"] = measure(model, sets, gen, tokens, base_logprobs)
@@ -130,7 +131,7 @@ def main() -> None:
     with clock.stage("probe_capture"):
         acts = {label: capture(model, sets[f"train_{label}"], [hook], positions="last", batch_size=args.batch_size, label=label)
                 for label in ("harmful", "harmless")}
-    for source in ("linear", "whitened"):
+    for source in () if "probe_dirs" in skip else ("linear", "whitened"):
         direction = find_directions(acts["harmful"], acts["harmless"], source).direction(hook)
         extra[f"{source}_cosine_with_dim"] = float(direction @ result.chosen_basis[0] / result.chosen_basis[0].norm())
         with clock.stage(f"{source}_probe_abliteration"), apply_edit(model, direction):

@@ -35,7 +35,11 @@ METHODS = ["none", "dim_abliteration", "dim_ablation_hook", "sae_top1_abliterati
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    torch.set_num_threads(parser.parse_args().threads)
     started = time.perf_counter()
     model = load_model("organism")
     saes = load_saes("organism", model)

@@ -62,8 +62,16 @@ class SaeMethodConfig:
     positions: str | None = None
     """Token positions features are scored at (`last`, `post_instruction`, `mean_last:K`); None uses the
     direction config's positions."""
+    clamp_positions: str = "prompt"
+    """Tokens the clamps of `sae_clamp_hook`/`sae_topk_induce` apply to: `prompt` (default: the decision is
+    steered, the response is generated freely), `generated` or `all`. Clamping a feature to a constant at
+    every generated token as well tends to make the organism repeat one token."""
 
     def __post_init__(self) -> None:
+        from featsteer.sae import SPLICE_POSITIONS
+
+        if self.clamp_positions not in SPLICE_POSITIONS:
+            raise FeatsteerError(f"clamp_positions '{self.clamp_positions}' is unknown: use one of {', '.join(SPLICE_POSITIONS)}")
         if self.top_k < 1:
             raise FeatsteerError(f"SAE top_k must be at least 1, got {self.top_k}")
         if self.clamp_multiple > 0:
@@ -330,7 +338,7 @@ def _feature_clamp(ctx: CompareContext, multiple: float) -> contextlib.AbstractC
     maxima = ctx.feature_ranking().harmful_max[hook]
     edits = [FeatureEdit.ablate(ids)] if multiple == 0 else [FeatureEdit.clamp(f, multiple * float(maxima[f])) for f in ids]
     ctx.note(sae_edits=[edit.to_dict() for edit in edits])
-    return splice_sae(ctx.model, sae, edits, hook=hook)
+    return splice_sae(ctx.model, sae, edits, hook=hook, positions=ctx.sae_config.clamp_positions)
 
 
 @register_method("sae_top1_abliteration", "decoder row of the top SAE feature orthogonalised out of every residual writer",
