@@ -37,12 +37,12 @@ def run_eval(harmful: str, harmless: str, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "eval.json"
         command = [sys.executable, "-m", "featsteer.cli", "eval", "--model", "organism", "--harmful", harmful,
-                   "--harmless", harmless, "--json", str(out), *extra]
+                   "--harmless", harmless, *extra, "--json", str(out)]
         started = time.perf_counter()
         printed = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
         payload = json.loads(out.read_text())
     payload["seconds"] = time.perf_counter() - started
-    payload["command"] = "featsteer " + " ".join(command[3:-2])
+    payload["command"] = "featsteer " + " ".join(command[3:-2]) + " --json eval.json"
     payload["printed"] = printed
     return payload
 
