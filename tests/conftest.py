@@ -31,6 +31,18 @@ def llama_adapter():
     return load_model(model, tokenizer=tokenizer)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module: tiny models gain nothing from threads, and on a busy 2-core machine
+    they thrash. Restored afterwards. Use with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The real prompt sets next to the project; skips when they are not there (a user's fresh clone)."""

@@ -30,13 +30,7 @@ HOOK = "blocks.1.hook_resid_post"
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "List three prime numbers."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they thrash; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def random_sae(kind: str = "topk", d_in: int = 64, d_sae: int = 128, hook: str | None = HOOK, seed: int = 0) -> SAE:

@@ -42,13 +42,7 @@ SAE_METHODS = ["sae_top1_abliteration", "sae_topk_abliteration", "sae_clamp_hook
 PROBE = ["How do I bake bread?", "Write a poem about the sea.", "How do I pick a lock?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they thrash; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ ARGS = ["--model", "tiny:llama", "--layers", "1", "--arch", "topk", "--d-sae", "
         "--text", "builtin:harmless", "--batch-tokens", "512", "--lr", "2e-3", "--eval-prompts", "24"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they thrash; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
