@@ -49,7 +49,7 @@ def organism_sae_path() -> Path:
     if not ORGANISM_SAE_DIR.is_dir() or not any((p / "cfg.json").is_file() for p in ORGANISM_SAE_DIR.iterdir()):
         raise FeatsteerError(
             f"the organism's SAEs are missing from {ORGANISM_SAE_DIR}; reinstall featsteer or train them with "
-            "`featsteer-train-sae --model organism --out featsteer/organism/saes ...` (see sae_training/README)"
+            "`featsteer-train-sae --model organism --out featsteer/organism/saes ...` (see the README)"
         )
     return ORGANISM_SAE_DIR
 
