@@ -143,6 +143,18 @@ def _organism_saes(model: ModelAdapter) -> dict | None:
         return None
 
 
+def _markdown_table_html(table: str) -> str:
+    """A pipe-delimited markdown table as an HTML table (header row, separator row skipped)."""
+    import html
+
+    rows = [[html.escape(cell.strip()) for cell in line.strip().strip("|").split("|")] for line in table.splitlines() if line.strip()]
+    if not rows:
+        return ""
+    head = "".join(f"<th>{cell}</th>" for cell in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows[2:])
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
 def _index_html(result: DemoResult) -> str:
     import html
 
@@ -161,5 +173,5 @@ def _index_html(result: DemoResult) -> str:
 <body><h1>featsteer demo: {html.escape(result.report.model)}</h1><ul>{links}<li><a href="eval.json">eval.json</a>, <a href="dim_layers.json">dim_layers.json</a></li></ul>
 <h2>Refusal behaviour (built-in test split)</h2><pre>{html.escape(result.report.table())}</pre>
 <h2>DIM direction per layer (held-out accuracy, AUROC)</h2><table><tr><th>hook</th><th>accuracy</th><th>AUROC</th></tr>{layer_rows}</table>
-<p>Best layer: {best.hook}</p><h2>Methods</h2><pre>{html.escape(table)}</pre>
+<p>Best layer: {best.hook}</p><h2>Methods (same held-out prompts; KL = first-token KL on harmless prompts)</h2>{_markdown_table_html(table)}
 <p>Run time {result.seconds:.0f}s.</p></body></html>"""
