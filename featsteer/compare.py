@@ -475,11 +475,11 @@ def compare(
     """
     names = methods or list(available_methods(saes=saes is not None))
     _check_methods(names, saes is not None)
+    sae_map = None
     if saes is not None:
         from featsteer.sae import load_sae_source
 
-        saes = load_sae_source(saes, model)
-    sae_map = saes
+        sae_map = load_sae_source(saes, model)
     if eval_harmful is None or eval_harmless is None:
         harmful, eval_harmful = split(harmful, 0.25)
         harmless, eval_harmless = split(harmless, 0.25)
