@@ -9,6 +9,8 @@ it works for every sequential-residual family without touching model code.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -127,15 +129,16 @@ class HFModelAdapter(ModelAdapter):
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.model.config)
+        cache_kwarg = _cache_keyword(type(self.model))
         output = self.model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
-            past_key_values=cache,
             use_cache=want_cache,
             logits_to_keep=1 if last_only else 0,
+            **{cache_kwarg: cache},
         )
-        return output.logits, (output.past_key_values if want_cache else None)
+        return output.logits, (getattr(output, cache_kwarg) if want_cache else None)
 
     # ---- weights ------------------------------------------------------------------------------------
     def residual_writers(self) -> list[ResidualWriter]:
@@ -231,3 +234,9 @@ def _projection_writer(name: str, layer: int, kind: str, module: nn.Module, conv
                 module.bias.copy_(bias)
 
     return ResidualWriter(name=name, layer=layer, kind=kind, read=read, write=write)
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    """`cache` in newer transformers 5.x releases, `past_key_values` (now deprecated) before them."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
