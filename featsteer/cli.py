@@ -67,10 +67,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     harmful = load_prompts(args.harmful, column=args.column, limit=args.n)
     harmless = load_prompts(args.harmless, column=args.column, limit=args.n)
     model = load_model(args.model)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system)
-    report = evaluate_refusal(model, harmful, harmless, config)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                              max_batch_tokens=args.max_batch_tokens, system=args.system)
+    report = evaluate_refusal(model, harmful, harmless, config, keep_logprobs=True)
     payload = report.to_json()
-    payload.update(_logit_metrics(model, harmful, harmless, args))
+    payload.update(_logit_metrics(model, report, args))
     print(f"model {model.name}: greedy, max {args.max_new_tokens} new tokens, {report.seconds:.1f}s")
     print(report.table())
     for key in ("kl_harmless", "refusal_score_harmful", "refusal_score_harmless", "over_refusal_rate"):
@@ -84,8 +85,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _logit_metrics(model, harmful, harmless, args: argparse.Namespace) -> dict:
-    """Refusal scores from first-token logits; KL against --reference; over-refusal on --alarming."""
+def _logit_metrics(model, report, args: argparse.Namespace) -> dict:
+    """Refusal scores from first-token logits (kept from the generation's prefill); KL against --reference;
+    over-refusal on --alarming."""
     from featsteer.datasets import load_prompts
     from featsteer.evaluation import (
         RefusalTokens,
@@ -97,16 +99,19 @@ def _logit_metrics(model, harmful, harmless, args: argparse.Namespace) -> dict:
     from featsteer.models import load_model
 
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
-    harmless_logprobs = first_token_logprobs(model, list(harmless), batch_size=args.batch_size)
+    harmless = report.harmless.prompts
+    harmless_logprobs = report.harmless.first_logprobs
     metrics = {
-        "refusal_score_harmful": float(refusal_score(first_token_logprobs(model, list(harmful), batch_size=args.batch_size), tokens).mean()),
+        "refusal_score_harmful": float(refusal_score(report.harmful.first_logprobs, tokens).mean()),
         "refusal_score_harmless": float(refusal_score(harmless_logprobs, tokens).mean()),
     }
     if args.reference:
         reference = load_model(args.reference)
         if reference.tokenizer.get_vocab() != model.tokenizer.get_vocab():
             raise FeatsteerError("--reference has a different tokenizer: KL needs the same vocabulary")
-        metrics["kl_harmless"] = kl_first_token(first_token_logprobs(reference, list(harmless), batch_size=args.batch_size), harmless_logprobs)
+        reference_logprobs = first_token_logprobs(reference, list(harmless), batch_size=args.batch_size, system=args.system,
+                                                  max_batch_tokens=args.max_batch_tokens)
+        metrics["kl_harmless"] = kl_first_token(reference_logprobs, harmless_logprobs)
         metrics["reference"] = reference.name
     if args.alarming:
         rate = over_refusal_rate(model, list(load_prompts(args.alarming, limit=args.n)), max_new_tokens=args.max_new_tokens)
@@ -379,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--harmless", required=True, help="file, builtin:harmless[:split], or hf:NAME")
     ev.add_argument("--n", type=int, help="use the first N prompts of each set")
     ev.add_argument("--max-new-tokens", type=int, default=32)
-    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--batch-size", type=int, default=16, help="prompts per batch (decoding on CPU is faster with more)")
+    ev.add_argument("--max-batch-tokens", type=int, help="cap on a batch's padded prompt tokens (rows x longest prompt)")
     ev.add_argument("--system", help="system prompt")
     ev.add_argument("--column", help="column for csv/json/parquet prompt files")
     ev.add_argument("--json", help="write the full result here")

@@ -88,6 +88,17 @@ def test_first_token_logprobs_match_model_logits(llama_adapter) -> None:
     torch.testing.assert_close(logprobs.double().exp().sum(-1), torch.ones(len(PROMPTS), dtype=torch.float64))
 
 
+def test_evaluate_set_keeps_the_first_token_logprobs_of_its_own_prefill(llama_adapter) -> None:
+    from featsteer.evaluation import RefusalDetector
+    from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set
+
+    config = GenerationConfig(max_new_tokens=4, batch_size=8, max_batch_tokens=64)
+    kept = evaluate_set(llama_adapter, PROMPTS, "x", config, RefusalDetector(), keep_logprobs=True)
+    torch.testing.assert_close(kept.first_logprobs, first_token_logprobs(llama_adapter, PROMPTS), atol=1e-4, rtol=0)
+    plain = evaluate_set(llama_adapter, PROMPTS, "x", GenerationConfig(max_new_tokens=4), RefusalDetector())
+    assert plain.first_logprobs is None and plain.responses == kept.responses
+
+
 def test_kl_under_residual_hook_grows_with_shift(llama_adapter) -> None:
     model = llama_adapter
     base = first_token_logprobs(model, PROMPTS)
@@ -207,7 +218,7 @@ def test_target_probability_batching_and_greedy_tokens(llama_adapter) -> None:
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
     batch = model.tokenize(PROMPTS)
     _, active, tokens = _greedy_target_probs(model, batch, targets, 6)
-    expected = model._greedy(batch, 6)
+    expected, _ = model._greedy(batch, 6)
     stops = model.stop_token_ids
     got = [[t for t in row if t >= 0 and t not in stops] for row in tokens.tolist()]
     assert got == expected

@@ -121,6 +121,30 @@ def test_generation_is_batch_invariant(llama_adapter):
     ]
 
 
+def test_token_budget_batches_cap_rows_and_padded_tokens():
+    from featsteer.models.adapter import _token_budget_batches
+
+    lengths = [10, 300, 40, 41, 5, 39, 1000]
+    batches = _token_budget_batches(lengths, batch_size=3, max_batch_tokens=120)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert batches[0] == [6] and batches[1] == [1]  # longer than the budget: a batch of its own
+    for rows in batches:
+        assert len(rows) <= 3
+        assert len(rows) == 1 or len(rows) * max(lengths[i] for i in rows) <= 120
+    assert [len(b) for b in batches] == [1, 1, 2, 3]  # 41+40 (3 x 41 > 120), then 39, 10, 5
+
+
+def test_budgeted_generation_and_first_logits_match_plain_passes(llama_adapter):
+    plain = llama_adapter.generate(PROMPTS, max_new_tokens=6)
+    responses, first = llama_adapter.generate_with_first_logits(PROMPTS, max_new_tokens=6, batch_size=8, max_batch_tokens=40)
+    assert responses == plain
+    torch.testing.assert_close(first, llama_adapter.logits(PROMPTS), atol=1e-4, rtol=0)
+    budgeted = llama_adapter.logits(PROMPTS, batch_size=8, max_batch_tokens=40)
+    torch.testing.assert_close(budgeted, llama_adapter.logits(PROMPTS), atol=1e-4, rtol=0)
+    with pytest.raises(FeatsteerError, match="max_new_tokens"):
+        llama_adapter.generate(PROMPTS, max_new_tokens=0)
+
+
 def test_chat_formatting_and_post_instruction_tokens():
     model, tokenizer = tiny_model("llama")
     adapter = load_model(model, tokenizer=tokenizer)

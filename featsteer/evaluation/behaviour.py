@@ -9,9 +9,14 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+import torch
+from torch import Tensor
+
 from featsteer.datasets import PromptSet
+from featsteer.errors import FeatsteerError
 from featsteer.evaluation.refusal import RateEstimate, RefusalDetector, refusal_rate
 from featsteer.models import ModelAdapter
+from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,9 @@ class GenerationConfig:
     """Cap on generated tokens per response."""
     batch_size: int = 16
     """Prompts per generation batch."""
+    max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS
+    """Cap on a batch's padded prompt tokens (None: no cap), so a large `batch_size` speeds up decoding
+    on CPU without long prompts padding a whole batch."""
     system: str | None = None
     """Optional system prompt."""
 
@@ -35,6 +43,8 @@ class SetResult:
     responses: tuple[str, ...]
     refused: tuple[bool, ...]
     rate: RateEstimate
+    first_logprobs: Tensor | None = field(default=None, repr=False, compare=False)
+    """`(prompt, vocab)` log-probs of the first response token, when asked for (`keep_logprobs=True`)."""
 
     def examples(self, n: int = 3) -> list[dict]:
         """A few responses, refused and complied ones first-come."""
@@ -80,12 +90,26 @@ class RefusalReport:
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
 
 
-def evaluate_set(model: ModelAdapter, prompts, name: str, config: GenerationConfig, detector: RefusalDetector) -> SetResult:
-    """Generate greedily for every prompt and classify each response."""
+def evaluate_set(
+    model: ModelAdapter, prompts, name: str, config: GenerationConfig, detector: RefusalDetector, keep_logprobs: bool = False
+) -> SetResult:
+    """Generate greedily for every prompt and classify each response.
+
+    With `keep_logprobs`, the result also holds the first-token log-probs (as `first_token_logprobs`
+    computes them), read from the generation's own prefill at no extra cost.
+    """
     prompt_list = list(prompts)
-    responses = model.generate(prompt_list, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, system=config.system)
+    responses, logits = model.generate_with_first_logits(
+        prompt_list, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+        max_batch_tokens=config.max_batch_tokens, system=config.system, keep_logits=keep_logprobs,
+    )
+    logprobs = None
+    if keep_logprobs:
+        logprobs = torch.log_softmax(logits.double(), dim=-1).float()
+        if not bool(torch.isfinite(logprobs).all()):
+            raise FeatsteerError(f"non-finite first-token logits while evaluating {name!r}: check the model's dtype (try float32) and weights")
     refused = detector.classify(responses)
-    return SetResult(name, tuple(prompt_list), tuple(responses), tuple(refused), refusal_rate(refused))
+    return SetResult(name, tuple(prompt_list), tuple(responses), tuple(refused), refusal_rate(refused), logprobs)
 
 
 def evaluate_refusal(
@@ -94,13 +118,18 @@ def evaluate_refusal(
     harmless: PromptSet,
     config: GenerationConfig | None = None,
     detector: RefusalDetector | None = None,
+    keep_logprobs: bool = False,
 ) -> RefusalReport:
-    """Refusal rates on harmful and harmless prompts, with Wilson intervals and examples."""
+    """Refusal rates on harmful and harmless prompts, with Wilson intervals and examples.
+
+    `keep_logprobs` also keeps each set's first-token log-probs (`SetResult.first_logprobs`), read from
+    the generation's prefill, for logit metrics without a second pass.
+    """
     config = config or GenerationConfig()
     detector = detector or RefusalDetector()
     start = time.perf_counter()
-    harmful_result = evaluate_set(model, harmful, "harmful", config, detector)
-    harmless_result = evaluate_set(model, harmless, "harmless", config, detector)
+    harmful_result = evaluate_set(model, harmful, "harmful", config, detector, keep_logprobs)
+    harmless_result = evaluate_set(model, harmless, "harmless", config, detector, keep_logprobs)
     sources = {
         "harmful": {"source": harmful.source, "sha256": harmful.sha256},
         "harmless": {"source": harmless.source, "sha256": harmless.sha256},

@@ -41,6 +41,7 @@ from torch import Tensor
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.refusal import RateEstimate, RefusalDetector, refusal_rate
 from featsteer.models import ModelAdapter, TokenBatch
+from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def first_token_logprobs(
     *,
     batch_size: int = 16,
     system: str | None = None,
+    max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
 ) -> Float[Tensor, "prompt vocab"]:
     """Log-probabilities of the first response token after each chat-formatted prompt.
 
@@ -162,6 +164,7 @@ def first_token_logprobs(
         prompts: User instructions; chat-formatted with the model's template.
         batch_size: Prompts per forward pass.
         system: Optional system prompt.
+        max_batch_tokens: Optional cap on a batch's padded tokens.
 
     Returns:
         `(prompt, vocab)` float32 log-probabilities (log-softmax taken in float64), on the CPU.
@@ -171,7 +174,7 @@ def first_token_logprobs(
     """
     items = _prompt_list(prompts)
     with torch.inference_mode():
-        logits = model.logits(items, system=system, batch_size=batch_size)  # length-sorted batches, input order
+        logits = model.logits(items, system=system, batch_size=batch_size, max_batch_tokens=max_batch_tokens)  # length-sorted batches, input order
     _check_logits(logits, "first_token_logprobs", 0)
     return torch.log_softmax(logits.double(), dim=-1).float().cpu()
 

@@ -24,6 +24,10 @@ from featsteer.models.hookpoints import HookSite, parse_hook_name
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_BATCH_TOKENS = 8192
+"""Default cap on a batch's padded prompt tokens (rows x longest prompt) for capture, logits and generation:
+short prompts still fill `batch_size` rows, a long one shares its batch with few others."""
+
 HookFn = Callable[[Tensor, HookSite], "Tensor | None"]
 """A hook function: gets the activation `(batch, pos, d_model)` and its site; returns a replacement or
 None to leave it unchanged (the TransformerLens convention)."""
@@ -221,14 +225,17 @@ class ModelAdapter(ABC):
         finally:
             remove()
 
-    def logits(self, instructions: Sequence[str], *, system: str | None = None, batch_size: int = 16) -> Tensor:
+    def logits(
+        self, instructions: Sequence[str], *, system: str | None = None, batch_size: int = 16,
+        max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
+    ) -> Tensor:
         """Next-token logits `(n, vocab)` at the end of each chat-formatted instruction (float32).
 
         Instructions are batched in length order (so a long prompt pads only its neighbours), and the rows
-        come back in input order.
+        come back in input order. `max_batch_tokens` caps a batch's padded tokens (see `generate`).
         """
         out: Tensor | None = None
-        for rows in _length_batches(instructions, batch_size):
+        for rows in self._batches(instructions, batch_size, max_batch_tokens, system, True):
             batch = self.tokenize([instructions[i] for i in rows], system=system)
             logits = self.run(batch, last_only=True)[:, -1, :].float()
             if out is None:
@@ -244,32 +251,77 @@ class ModelAdapter(ABC):
         *,
         max_new_tokens: int = 32,
         batch_size: int = 16,
+        max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
         system: str | None = None,
         chat: bool = True,
     ) -> list[str]:
         """Batched greedy generation with left padding; returns the decoded responses.
 
-        Rows stop at an end-of-turn token; the batch stops when every row has finished.
+        Prompts are batched in length order and rows come back in input order. Rows stop at an end-of-turn
+        token; the batch stops when every row has finished. `max_batch_tokens` caps a batch's padded prompt
+        tokens (rows x longest prompt), so a large `batch_size` speeds up decoding, where a CPU's matrix
+        products are bound by reading the weights, without making the prefill of long prompts pad badly.
+        """
+        return self.generate_with_first_logits(
+            instructions, max_new_tokens=max_new_tokens, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+            system=system, chat=chat, keep_logits=False,
+        )[0]
+
+    def generate_with_first_logits(
+        self,
+        instructions: Sequence[str],
+        *,
+        max_new_tokens: int = 32,
+        batch_size: int = 16,
+        max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
+        system: str | None = None,
+        chat: bool = True,
+        keep_logits: bool = True,
+    ) -> tuple[list[str], Tensor | None]:
+        """`generate`, also returning the `(n, vocab)` float32 logits of the first response token.
+
+        Those logits are what `logits` computes, read from the generation's own prefill, so evaluating
+        refusal and first-token KL on the same prompts costs one prefill instead of two.
         """
         from tqdm.auto import tqdm
 
+        if max_new_tokens < 1:
+            raise FeatsteerError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         responses: list[str] = [""] * len(instructions)
-        batches = _length_batches(instructions, batch_size)
+        first: Tensor | None = None
+        batches = self._batches(instructions, batch_size, max_batch_tokens, system, chat)
         for rows in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 3, leave=False):
             batch = self.tokenize([instructions[i] for i in rows], system=system, chat=chat)
-            for i, tokens in zip(rows, self._greedy(batch, max_new_tokens), strict=True):
-                responses[i] = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        return responses
+            tokens, logits = self._greedy(batch, max_new_tokens)
+            for i, row in zip(rows, tokens, strict=True):
+                responses[i] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+            if keep_logits:
+                if first is None:
+                    first = logits.new_empty((len(instructions), logits.shape[-1]))
+                first[rows] = logits
+        return responses, first
 
-    def _greedy(self, batch: TokenBatch, max_new_tokens: int) -> list[list[int]]:
+    def _batches(self, instructions, batch_size: int, max_batch_tokens: int | None, system, chat: bool) -> list[list[int]]:
+        if batch_size < 1:
+            raise FeatsteerError(f"batch_size must be at least 1, got {batch_size}")
+        if max_batch_tokens is None:
+            return _length_batches(instructions, batch_size)
+        lengths = [len(self.tokenize([text], system=system, chat=chat).input_ids[0]) for text in instructions]
+        return _token_budget_batches(lengths, batch_size, max_batch_tokens)
+
+    def _greedy(self, batch: TokenBatch, max_new_tokens: int) -> tuple[list[list[int]], Tensor]:
+        """Greedy tokens per row (cut at the stop token) and the float32 logits of the first step."""
         stop_ids = torch.tensor(sorted(self.stop_token_ids), device=self.device)
         finished = torch.zeros(batch.input_ids.shape[0], dtype=torch.bool, device=self.device)
         input_ids, mask = batch.input_ids, batch.attention_mask
         generated: list[Tensor] = []
+        first_logits: Tensor | None = None
         step, cache = batch, None
         with torch.inference_mode():
             for _ in range(max_new_tokens):
                 logits, cache = self._forward(step, cache, True, last_only=True)
+                if first_logits is None:
+                    first_logits = logits[:, -1, :].float().cpu()
                 next_token = logits[:, -1, :].argmax(-1).masked_fill(finished, -1)
                 generated.append(next_token)
                 finished |= torch.isin(next_token, stop_ids)
@@ -280,10 +332,8 @@ class ModelAdapter(ABC):
                 mask = torch.cat([mask, torch.ones_like(fed)], 1)
                 # backends with a KV cache take only the new token; the others re-read the sequence
                 step = _CachedStep(fed, mask) if cache is not None else TokenBatch(input_ids, mask)
-        if not generated:
-            return [[] for _ in range(batch.input_ids.shape[0])]
         stop_set = set(stop_ids.tolist())
-        return [_cut_at_stop(row, stop_set) for row in torch.stack(generated, 1).tolist()]
+        return [_cut_at_stop(row, stop_set) for row in torch.stack(generated, 1).tolist()], first_logits
 
 
 class _CachedStep(TokenBatch):
@@ -301,6 +351,21 @@ def _length_batches(instructions: Sequence[str], batch_size: int) -> list[list[i
     """Indices of `instructions` in batches of similar length (longest first), to keep left padding small."""
     order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]), reverse=True)
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _token_budget_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """Length-ordered batches (longest first) of at most `batch_size` rows and `max_batch_tokens` padded
+    tokens (rows x longest row); a prompt longer than the budget gets a batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches: list[list[int]] = []
+    for i in order:
+        current = batches[-1] if batches else None
+        # longest first: the batch's first row sets its padded length
+        if current is not None and len(current) < batch_size and (len(current) + 1) * lengths[current[0]] <= max_batch_tokens:
+            current.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def _cut_at_stop(row: list[int], stop_ids: set[int]) -> list[int]:
