@@ -15,11 +15,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from featsteer.activations.heap import limit_fragmentation, trim
 from featsteer.activations.positions import Positions
 from featsteer.activations.stats import RunningMoments
 from featsteer.activations.store import ActivationReader, ActivationSet, ShardWriter
 from featsteer.errors import FeatsteerError
 from featsteer.models import ModelAdapter, load_model
+from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ def capture(
     *,
     positions: Positions | str = "last",
     batch_size: int = 16,
+    max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
     system: str | None = None,
     chat: bool = True,
     stream_to: str | Path | None = None,
@@ -48,6 +51,8 @@ def capture(
         hooks: TransformerLens hook names, e.g. `["blocks.6.hook_resid_pre"]`.
         positions: a `Positions` selector or its string form (`last`, `mean_last:K`, `post_instruction`, `all`).
         batch_size: prompts per forward pass.
+        max_batch_tokens: cap on a batch's padded tokens (rows x longest prompt; None: no cap). Prompts are
+            batched in length order, so one 2,000-token prompt pads only the few rows beside it.
         system: optional system prompt for the chat template.
         chat: format prompts with the chat template (False: raw text, e.g. for SAE training corpora).
         stream_to: if given, write shards to this directory as they fill (for sets larger than RAM) and
@@ -76,13 +81,12 @@ def capture(
     selector = positions if isinstance(positions, Positions) else Positions.parse(positions)
     hook_names = tuple(site.name for site in sites)
     stats: dict[str, RunningMoments] = {}
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    limit_fragmentation()  # see featsteer.activations.heap: large temporaries are unmapped when freed
+    batches = adapter._batches(prompts, batch_size, max_batch_tokens, system, chat)
     writer = ShardWriter(stream_to, hook_names, adapter.d_model, _meta(selector, adapter, label), shard_rows) if stream_to else None
     collector = _Collector(len(prompts), len(hook_names), adapter.d_model, dtype, one_row_per_prompt=selector.mode in ("last", "mean_last"))
     try:
-        batches = range(0, len(order), batch_size)
-        for start in tqdm(batches, desc="capture", unit="batch", disable=not progress or len(batches) < 4, leave=False):
-            batch_ids = order[start : start + batch_size]
+        for batch_ids in tqdm(batches, desc="capture", unit="batch", disable=not progress or len(batches) < 4, leave=False):
             acts, row_prompt, row_pos = _capture_batch(adapter, [prompts[i] for i in batch_ids], sites, selector, system, chat)
             row_prompt = torch.tensor(batch_ids, dtype=torch.long)[row_prompt]
             _check_finite(acts, hook_names, row_prompt, prompts)
@@ -92,6 +96,8 @@ def capture(
                 writer.add(acts, row_prompt, row_pos)
             else:
                 collector.add(acts, row_prompt, row_pos)
+            del acts
+            trim()  # the batch's freed forward-pass memory goes back to the OS, not into the next peak
     except BaseException:
         if writer:
             writer.abort()
