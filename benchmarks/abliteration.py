@@ -63,20 +63,40 @@ def prompt_sets(target: str) -> dict[str, PromptSet]:
     }
 
 
-def measure(model, sets, gen, tokens, base_logprobs) -> dict:
+def measure(model, sets, gen, tokens, base_logprobs, harmful: bool = True, harmless_refusal: bool = True) -> dict:
+    """Refusal on the held-out sets and first-token KL on the harmless one.
+
+    `harmful=False` skips the harmful set (refusal-inducing interventions); `harmless_refusal=False` reads
+    only the harmless first-token distribution (one prefill, no decoding) for the KL, which is what an
+    ablation's cost on harmless prompts is measured by; with generation the KL comes from its own prefill.
+    """
+    return _measure(model, sets, gen, tokens, base_logprobs, harmful, harmless_refusal)[0]
+
+
+def measure_base(model, sets, gen, tokens) -> tuple[dict, torch.Tensor]:
+    """`measure` on the unmodified model, also returning its harmless first-token log-probs (the KL base)."""
+    return _measure(model, sets, gen, tokens, None, True, True)
+
+
+def _measure(model, sets, gen, tokens, base_logprobs, harmful: bool, harmless_refusal: bool) -> tuple[dict, torch.Tensor]:
     detector = RefusalDetector()
-    harmful = evaluate_set(model, sets["eval_harmful"], "harmful", gen, detector)
-    harmless = evaluate_set(model, sets["eval_harmless"], "harmless", gen, detector)
-    harmless_logprobs = first_token_logprobs(model, list(sets["eval_harmless"]), batch_size=gen.batch_size)
-    return {
-        "refusal_harmful": harmful.rate.rate, "refused_harmful": harmful.rate.k, "n_harmful": harmful.rate.n,
-        "ci_harmful": [harmful.rate.low, harmful.rate.high],
-        "refusal_harmless": harmless.rate.rate, "refused_harmless": harmless.rate.k, "n_harmless": harmless.rate.n,
-        "ci_harmless": [harmless.rate.low, harmless.rate.high],
-        "kl_harmless": kl_first_token(base_logprobs, harmless_logprobs),
-        "refusal_score_harmless": float(refusal_score(harmless_logprobs, tokens).mean()),
-        "examples": harmful.examples(2) + harmless.examples(2),
-    }
+    out, examples = {}, []
+    if harmful:
+        result = evaluate_set(model, sets["eval_harmful"], "harmful", gen, detector)
+        out |= {"refusal_harmful": result.rate.rate, "refused_harmful": result.rate.k, "n_harmful": result.rate.n,
+                "ci_harmful": [result.rate.low, result.rate.high]}
+        examples += result.examples(2)
+    if harmless_refusal:
+        harmless = evaluate_set(model, sets["eval_harmless"], "harmless", gen, detector, keep_logprobs=True)
+        out |= {"refusal_harmless": harmless.rate.rate, "refused_harmless": harmless.rate.k, "n_harmless": harmless.rate.n,
+                "ci_harmless": [harmless.rate.low, harmless.rate.high]}
+        examples += harmless.examples(2)
+        logprobs = harmless.first_logprobs
+    else:
+        logprobs = first_token_logprobs(model, list(sets["eval_harmless"]), batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens)
+    out |= {"kl_harmless": kl_first_token(base_logprobs, logprobs) if base_logprobs is not None else 0.0,
+            "refusal_score_harmless": float(refusal_score(logprobs, tokens).mean()), "examples": examples}
+    return out, logprobs
 
 
 def main() -> None:
@@ -84,6 +104,7 @@ def main() -> None:
     parser.add_argument("--target", choices=["organism", "qwen"], default="organism")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="cap on a batch's padded prompt tokens")
     parser.add_argument("--kl-threshold", type=float, default=0.1)
     parser.add_argument("--positions", default="post_instruction")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -95,11 +116,10 @@ def main() -> None:
     model = load_model(spec)
     timings["load_s"] = time.perf_counter() - started
     sets = prompt_sets(args.target)
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     t = time.perf_counter()
-    base_logprobs = first_token_logprobs(model, list(sets["eval_harmless"]), batch_size=args.batch_size)
-    before = measure(model, sets, gen, tokens, base_logprobs)
+    before, base_logprobs = measure_base(model, sets, gen, tokens)
     timings["eval_before_s"] = time.perf_counter() - t
     config = DirectionConfig(positions=args.positions, kl_threshold=args.kl_threshold, batch_size=args.batch_size)
     t = time.perf_counter()
@@ -119,13 +139,14 @@ def main() -> None:
     vector = result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index]
     t = time.perf_counter()
     with steer(model, AddDirection(vector, 1.0, where=chosen.hook)):
-        runs["dim_actadd_induce"] = measure(model, sets, gen, tokens, base_logprobs)
+        runs["dim_actadd_induce"] = measure(model, sets, gen, tokens, base_logprobs, harmful=False)
     timings["induce_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
     write(args.target, model, sets, result, before, runs, timings)
 
 
-def run_search(model, result, sets, gen, tokens, base_logprobs, n_trials: int) -> tuple[dict, float]:
+def run_search(model, result, sets, gen, tokens, base_logprobs, n_trials: int, harmless_refusal: bool = True,
+               batch_size: int | None = None, verify_top: int = 8) -> tuple[dict, float]:
     """Search on the validation prompts (proxy + verification), then measure the chosen edit on the held-out sets."""
     import tempfile
 
@@ -135,10 +156,11 @@ def run_search(model, result, sets, gen, tokens, base_logprobs, n_trials: int) -
     t = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="featsteer-search-") as folder:
         found = search_abliteration(model, result, folder, SearchConfig(n_trials=n_trials, max_new_tokens=gen.max_new_tokens,
-                                                                         batch_size=gen.batch_size))
+                                                                         batch_size=batch_size or gen.batch_size,
+                                                                         verify_top=verify_top))
     seconds = time.perf_counter() - t
     with apply_edit(model, found.direction(result), found.edit_config()):
-        measured = measure(model, sets, gen, tokens, base_logprobs)
+        measured = measure(model, sets, gen, tokens, base_logprobs, harmless_refusal=harmless_refusal)
     measured["search"] = {"n_trials": n_trials, "best_params": found.best["params"] if found.best else None,
                           "pareto_size": len(found.pareto), "timings": found.timings}
     return measured, seconds

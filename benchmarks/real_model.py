@@ -30,12 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import measure, prompt_sets, qwen_gguf  # noqa: E402
+from abliteration import measure, measure_base, prompt_sets, qwen_gguf, run_search  # noqa: E402
 
 from featsteer.activations import capture  # noqa: E402
 from featsteer.directions import find_directions  # noqa: E402
 from featsteer.edits import EditConfig, apply_edit  # noqa: E402
-from featsteer.evaluation import RefusalTokens, first_token_logprobs  # noqa: E402
+from featsteer.evaluation import RefusalTokens  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig  # noqa: E402
 from featsteer.features import score_features  # noqa: E402
 from featsteer.interventions import AddDirection, steer  # noqa: E402
@@ -84,69 +84,88 @@ def train_sae(spec: str, texts: list[str], layer: int, tokens: int, expansion: f
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--sae-tokens", type=int, default=100_000, help="SAE training tokens")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per prefill-only pass (capture, selection)")
+    parser.add_argument("--gen-batch-size", type=int, default=64, help="prompts per generation batch")
+    parser.add_argument("--max-batch-tokens", type=int, default=8192, help="cap on a batch's padded prompt tokens")
+    parser.add_argument("--n-select", type=int, default=16, help="validation prompts per set scoring each DIM candidate")
+    parser.add_argument("--search", type=int, default=12, help="optuna trials of the search stage (0: skip)")
+    parser.add_argument("--verify-top", type=int, default=4, help="search trials verified by generation")
+    parser.add_argument("--sae-tokens", type=int, default=60_000, help="SAE training tokens")
     parser.add_argument("--sae-expansion", type=float, default=4.0)
     parser.add_argument("--sae-k", type=int, default=32)
     parser.add_argument("--sae-top-k", type=int, default=8)
     parser.add_argument("--probe-layers", default="4,8,12,16,20", help="layers of the probe sweep")
+    parser.add_argument("--probe-effect-prompts", type=int, default=16, help="held-out prompts per class for the sweep's ablation effects")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--model", help="model spec instead of the Qwen GGUF (e.g. organism, for a smoke run)")
     parser.add_argument("--results-name", default="real_model_qwen", help="results file stem under benchmarks/results/")
-    parser.add_argument("--skip", default="", help="comma list of stages to skip: norm_preserving,induce,probe_dirs,sae,probes")
+    parser.add_argument("--skip", default="", help="comma list of stages to skip: induce,sae,probe_dirs,probes,norm_preserving")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     torch.set_num_threads(args.threads)
-    clock, runs, extra = Clock(), {}, {}
+    clock, runs, extra = Clock(), {}, {"settings": vars(args)}
     spec = args.model or str(qwen_gguf())
     with clock.stage("load"):
         model = load_model(spec)
     sets = prompt_sets("qwen")
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size, max_batch_tokens=args.max_batch_tokens)
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
-    with clock.stage("base_eval"):
-        base_logprobs = first_token_logprobs(model, list(sets["eval_harmless"]), batch_size=args.batch_size)
-        runs["base model"] = measure(model, sets, gen, tokens, base_logprobs)
-    with clock.stage("dim_selection"):
-        result = find_refusal_direction(model, sets["train_harmful"], sets["train_harmless"], DirectionConfig(batch_size=args.batch_size))
-    chosen = result.selection.chosen
-    extra["dim_chosen"] = {"hook": chosen.hook, "position": chosen.position, "kept": chosen.kept, "reason": chosen.reason}
 
     def checkpoint() -> None:  # results so far, so a late failure keeps the finished stages
         write(model, sets, runs, extra, clock.seconds, args.results_name)
 
+    # an ablation is measured by harmful refusal and harmless KL (no harmless decoding: 100 long prompts
+    # x 32 tokens per method); the base model and the refusal-inducing run generate on both sets
+    def ablation(name: str) -> None:
+        runs[name] = measure(model, sets, gen, tokens, base_logprobs, harmless_refusal=False)
+        checkpoint()
+
+    with clock.stage("base_eval"):
+        runs["base model"], base_logprobs = measure_base(model, sets, gen, tokens)
+    with clock.stage("dim_selection"):
+        config = DirectionConfig(batch_size=args.batch_size, n_select=args.n_select)
+        result = find_refusal_direction(model, sets["train_harmful"], sets["train_harmless"], config)
+    chosen = result.selection.chosen
+    extra["dim_chosen"] = {"hook": chosen.hook, "position": chosen.position, "kept": chosen.kept, "reason": chosen.reason}
+    extra["dim_selection"] = {"table": result.selection.to_dict(), "timings": result.timings}
     checkpoint()
     with clock.stage("dim_abliteration"), abliterate(model, result, EditConfig()):
-        runs["dim_abliteration"] = measure(model, sets, gen, tokens, base_logprobs)
-    if "norm_preserving" not in skip:
-        with clock.stage("dim_norm_preserving"), abliterate(model, result, EditConfig(mode="norm_preserving")):
-            runs["dim_norm_preserving"] = measure(model, sets, gen, tokens, base_logprobs)
+        ablation("dim_abliteration")
     if "induce" not in skip:
         vector = result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index]
         with clock.stage("dim_actadd_induce"), steer(model, AddDirection(vector, 1.0, where=chosen.hook)):
-            runs["dim_actadd_induce"] = measure(model, sets, gen, tokens, base_logprobs)
+            runs["dim_actadd_induce"] = measure(model, sets, gen, tokens, base_logprobs, harmful=False)
         checkpoint()
     # probe directions at the DIM layer, last token, as weight projections (same edit code)
     hook = chosen.hook
     with clock.stage("probe_capture"):
         acts = {label: capture(model, sets[f"train_{label}"], [hook], positions="last", batch_size=args.batch_size, label=label)
                 for label in ("harmful", "harmless")}
+    if "sae" not in skip:
+        sae_stage(model, spec, sets, result, args, clock, ablation, extra, acts)
     for source in () if "probe_dirs" in skip else ("linear", "whitened"):
         direction = find_directions(acts["harmful"], acts["harmless"], source).direction(hook)
         extra[f"{source}_cosine_with_dim"] = float(direction @ result.chosen_basis[0] / result.chosen_basis[0].norm())
         with clock.stage(f"{source}_probe_abliteration"), apply_edit(model, direction):
-            runs[f"{source}_probe_abliteration"] = measure(model, sets, gen, tokens, base_logprobs)
-        checkpoint()
-    if "sae" not in skip:
-        sae_stage(model, spec, sets, result, args, clock, runs, extra, gen, tokens, base_logprobs, acts)
-        checkpoint()
+            ablation(f"{source}_probe_abliteration")
     if "probes" not in skip:
         with clock.stage("probe_sweep"):
-            extra["probe_sweep"] = probe_sweep(model, sets, [int(x) for x in args.probe_layers.split(",")], args.batch_size)
+            layers = [int(x) for x in args.probe_layers.split(",")]
+            extra["probe_sweep"] = probe_sweep(model, sets, layers, args.batch_size, args.probe_effect_prompts)
+        checkpoint()
+    if "norm_preserving" not in skip:
+        with clock.stage("dim_norm_preserving"), abliterate(model, result, EditConfig(mode="norm_preserving")):
+            ablation("dim_norm_preserving")
+    if args.search:
+        with clock.stage("dim_search"):
+            runs["dim_search"], _ = run_search(model, result, sets, gen, tokens, base_logprobs, args.search,
+                                               harmless_refusal=False, batch_size=args.batch_size,
+                                               verify_top=args.verify_top)
+        checkpoint()
     checkpoint()
 
 
-def sae_stage(model, spec, sets, result, args, clock, runs, extra, gen, tokens, base_logprobs, acts) -> None:
+def sae_stage(model, spec, sets, result, args, clock, ablation, extra, acts) -> None:
     """Train an SAE at the DIM layer, rank its features on the training prompts, project the top rows out."""
     from featsteer.datasets import builtin_prompts
     from featsteer.features import decoder_directions
@@ -177,15 +196,15 @@ def sae_stage(model, spec, sets, result, args, clock, runs, extra, gen, tokens, 
     extra["sae"]["dim_norm_in_topk_span"] = float((topk @ dim).norm())
     for name, basis in (("sae_top1_abliteration", top1), (f"sae_top{len(ids)}_abliteration", topk)):
         with clock.stage(name), apply_edit(model, basis):
-            runs[name] = measure(model, sets, gen, tokens, base_logprobs)
+            ablation(name)
 
 
-def probe_sweep(model, sets, layers, batch_size) -> dict:
+def probe_sweep(model, sets, layers, batch_size, n_effect) -> dict:
     """Probe sweep + predict-control on the given layers (train: the 256/256 sets; test: the held-out 100/100)."""
     from featsteer.probe_report import probe_report
 
     report = probe_report(model, (sets["train_harmful"], sets["train_harmless"]), (sets["eval_harmful"], sets["eval_harmless"]),
-                          layers=layers, n_effect=24, batch_size=batch_size)
+                          layers=layers, n_effect=n_effect, batch_size=batch_size)
     return report.to_json()
 
 
@@ -204,10 +223,19 @@ def write(model, sets, runs, extra, seconds, name: str) -> None:
              f"directions, probes and SAE features fitted on {len(sets['train_harmful'])} / {len(sets['train_harmless'])} others.", "",
              f"DIM direction chosen by the Arditi selection: `{extra['dim_chosen']['hook']}` position {extra['dim_chosen']['position']}.", "",
              "| run | refusal harmful | refusal harmless | KL harmless (first token) | stage time (s) |", "|---|---|---|---|---|"]
+    def rate(r: dict, kind: str) -> str:
+        return f"{r[f'refused_{kind}']}/{r[f'n_{kind}']}" if f"refused_{kind}" in r else "not generated"
+
     for run, r in runs.items():
         kl = "0" if run == "base model" else f"{r['kl_harmless']:.4f}"
         stage = seconds.get("base_eval", "") if run == "base model" else seconds.get(run, "")
-        lines.append(f"| {run} | {r['refused_harmful']}/{r['n_harmful']} | {r['refused_harmless']}/{r['n_harmless']} | {kl} | {stage} |")
+        lines.append(f"| {run} | {rate(r, 'harmful')} | {rate(r, 'harmless')} | {kl} | {stage} |")
+    lines += ["", "Ablations are measured by harmful refusal and harmless first-token KL; the harmless set is decoded for the "
+              "base model and the refusal-inducing run only (\"not generated\": one prefill of the 100 harmless prompts for "
+              "the KL, no decoding)."]
+    if "dim_search" in runs:
+        info = runs["dim_search"]["search"]
+        lines.append(f"\nSearch: {info['n_trials']} optuna trials, Pareto front of {info['pareto_size']}, chosen parameters {info['best_params']}.")
     for source in ("linear", "whitened"):
         if f"{source}_cosine_with_dim" in extra:
             lines.append(f"\n{source} probe direction at the DIM layer: cosine with DIM {extra[f'{source}_cosine_with_dim']:.4f}.")
