@@ -96,3 +96,14 @@ def test_probe_directions_are_direction_sets(planted, method):
     assert found.method == f"probe:{method}" and len(found) == 2
     assert float(found.bases[0, 0] @ direction) > 0.8
     assert all(a > 0.9 for a in found.scores["train_accuracy"])
+
+
+def test_selection_fallback_prefers_the_cheapest_candidate_that_removes_refusal():
+    from featsteer.directions.selection import CandidateScore, _fallback
+
+    def score(i, refusal, kl):
+        return CandidateScore(i, f"blocks.{i}.hook_resid_pre", i, -1, refusal, kl, -0.1, False, "kl too high")
+
+    strongest, cheapest, weak = score(18, -7.0, 0.43), score(16, -4.9, 0.11), score(3, 0.5, 0.01)
+    assert _fallback([strongest, cheapest, weak]) is cheapest  # both remove refusal; 16 costs a quarter of the KL
+    assert _fallback([weak, score(4, 0.2, 0.3)]).index == 4  # none removes refusal: the lowest refusal score

@@ -41,8 +41,9 @@ class SelectionConfig:
     """Two-stage scoring: every candidate gets the ablation refusal score (one pass over harmful prompts);
     only the `top_k` lowest then get the KL and induce checks (two more passes). None checks every one."""
     fallback: bool = True
-    """When no candidate passes the filters, pick the lowest ablated refusal score among candidates in
-    the allowed layers anyway (logged as a warning and marked in the table) instead of failing."""
+    """When no candidate passes the filters, pick one of the scored candidates anyway (logged as a warning
+    and marked in the table) instead of failing: the lowest KL among those whose ablation brings the mean
+    refusal log-odds below 0 (harmful prompts predicted to comply), else the lowest refusal score."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,15 @@ def _kl_and_induce(model, candidates: DirectionSet, i: int, harmless, base_harml
     return float(kl), float(induced)
 
 
+def _fallback(scored: list[CandidateScore]) -> CandidateScore:
+    # past the KL filter every candidate costs something on harmless prompts: among those that remove
+    # refusal, the cheapest; the strongest-ablating one tends to sit in a later layer with a larger KL
+    removing = [c for c in scored if c.refusal_ablated < 0]
+    if removing:
+        return min(removing, key=lambda c: c.kl_harmless)
+    return min(scored, key=lambda c: c.refusal_ablated)
+
+
 def select_direction(
     model: ModelAdapter,
     candidates: DirectionSet,
@@ -140,7 +150,7 @@ def select_direction(
     kept = [c for c in scores if c.kept]
     scored = [c for c in scores if c.reason in ("kl too high", "no induced refusal")]
     if not kept and config.fallback and scored:
-        best = min(scored, key=lambda c: c.refusal_ablated)
+        best = _fallback(scored)
         logger.warning("no candidate passed the filters; falling back to %s position %d (%s)", best.hook, best.position, best.reason)
         kept = [best]
     if not kept:
