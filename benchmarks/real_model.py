@@ -99,8 +99,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--model", help="model spec instead of the Qwen GGUF (e.g. organism, for a smoke run)")
     parser.add_argument("--results-name", default="real_model_qwen", help="results file stem under benchmarks/results/")
+    parser.add_argument("--render-only", action="store_true", help="re-render the markdown from the results JSON")
     parser.add_argument("--skip", default="", help="comma list of stages to skip: induce,sae,probe_dirs,probes,norm_preserving")
     args = parser.parse_args()
+    if args.render_only:
+        render(json.loads((RESULTS / f"{args.results_name}.json").read_text()), args.results_name)
+        return
     skip = set(filter(None, args.skip.split(",")))
     torch.set_num_threads(args.threads)
     clock, runs, extra = Clock(), {}, {"settings": vars(args)}
@@ -217,12 +221,21 @@ def write(model, sets, runs, extra, seconds, name: str) -> None:
                "sets": {k: {"n": len(v), "source": v.source, "sha256": v.sha256} for k, v in sets.items()},
                "runs": runs, "extra": extra, "timings_s": seconds}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    lines = [f"# Every direction source on {model.name}", "",
+    render(payload, name)
+
+
+def render(payload: dict, name: str) -> None:
+    """`{name}.md` from the JSON payload (`--render-only` re-renders a finished run)."""
+    runs, extra, seconds, sets = payload["runs"], payload["extra"], payload["timings_s"], payload["sets"]
+    chosen = extra["dim_chosen"]
+    how = "passed every filter" if chosen["kept"] else f"fallback, no candidate passed the filters; this one: {chosen['reason']}"
+    lines = [f"# Every direction source on {payload['model']}", "",
              f"Measured {payload['date']} by `benchmarks/real_model.py` on CPU ({payload['threads']} threads), greedy decoding, "
-             f"{len(sets['eval_harmful'])} held-out AdvBench and {len(sets['eval_harmless'])} held-out MT-Bench+IFBench prompts; "
-             f"directions, probes and SAE features fitted on {len(sets['train_harmful'])} / {len(sets['train_harmless'])} others.", "",
-             f"DIM direction chosen by the Arditi selection: `{extra['dim_chosen']['hook']}` position {extra['dim_chosen']['position']}.", "",
+             f"{sets['eval_harmful']['n']} held-out AdvBench and {sets['eval_harmless']['n']} held-out MT-Bench+IFBench prompts; "
+             f"directions, probes and SAE features fitted on {sets['train_harmful']['n']} / {sets['train_harmless']['n']} others.", "",
+             f"DIM direction chosen by the Arditi selection: `{chosen['hook']}` position {chosen['position']} ({how}).", "",
              "| run | refusal harmful | refusal harmless | KL harmless (first token) | stage time (s) |", "|---|---|---|---|---|"]
+
     def rate(r: dict, kind: str) -> str:
         return f"{r[f'refused_{kind}']}/{r[f'n_{kind}']}" if f"refused_{kind}" in r else "not generated"
 
@@ -233,6 +246,14 @@ def write(model, sets, runs, extra, seconds, name: str) -> None:
     lines += ["", "Ablations are measured by harmful refusal and harmless first-token KL; the harmless set is decoded for the "
               "base model and the refusal-inducing run only (\"not generated\": one prefill of the 100 harmless prompts for "
               "the KL, no decoding)."]
+    table = extra.get("dim_selection", {}).get("table", {})
+    finalists = [c for c in table.get("candidates", []) if c["reason"] in ("kept", "kl too high", "no induced refusal")]
+    if finalists:
+        lines += ["", f"Selection finalists ({payload['extra']['settings']['n_select']} validation prompts per set; refusal log-odds "
+                  f"of harmful prompts {table['base_refusal_harmful']:.2f} unablated):", "",
+                  "| candidate | refusal score ablated | KL harmless | refusal score induced | verdict |", "|---|---|---|---|---|"]
+        lines += [f"| `{c['hook']}` pos {c['position']} | {c['refusal_ablated']:.2f} | {c['kl_harmless']:.3f} | {c['refusal_induced']:.2f} | {c['reason']} |"
+                  for c in finalists]
     if "dim_search" in runs:
         info = runs["dim_search"]["search"]
         lines.append(f"\nSearch: {info['n_trials']} optuna trials, Pareto front of {info['pareto_size']}, chosen parameters {info['best_params']}.")
