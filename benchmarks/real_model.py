@@ -18,6 +18,7 @@ selectivity per layer) on the layers given.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
@@ -101,6 +102,12 @@ def main() -> None:
     parser.add_argument("--results-name", default="real_model_qwen", help="results file stem under benchmarks/results/")
     parser.add_argument("--render-only", action="store_true", help="re-render the markdown from the results JSON")
     parser.add_argument("--skip", default="", help="comma list of stages to skip: induce,sae,probe_dirs,probes,norm_preserving")
+    parser.add_argument("--induce-scales", default="1", help="comma list of activation-addition scales for the induce stage")
+    parser.add_argument("--cache", type=Path, default=Path("~/.cache/featsteer/bench"),
+                        help="folder where the base evaluation and the DIM selection are kept between runs")
+    parser.add_argument("--fresh", action="store_true", help="recompute the base evaluation and DIM selection even when cached")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the stages of the existing results file that this run skips (same DIM choice only)")
     args = parser.parse_args()
     if args.render_only:
         render(json.loads((RESULTS / f"{args.results_name}.json").read_text()), args.results_name)
@@ -118,28 +125,51 @@ def main() -> None:
     def checkpoint() -> None:  # results so far, so a late failure keeps the finished stages
         write(model, sets, runs, extra, clock.seconds, args.results_name)
 
+    # the two most expensive stages that every later stage needs (the base model's outputs and the DIM
+    # selection, ~28 min on Qwen) are kept on disk, keyed by everything they depend on
+    key = hashlib.sha256(json.dumps([spec, args.max_new_tokens, args.n_select, args.batch_size,
+                                     {k: v.sha256 for k, v in sets.items()}]).encode()).hexdigest()[:16]
+    extra["cached_stages"] = []
+
+    def cached(stage: str, compute):
+        path = args.cache.expanduser() / f"{args.results_name}-{stage}-{key}.pt"
+        if path.exists() and not args.fresh:
+            stored = torch.load(path, weights_only=False)
+            clock.seconds[stage] = stored["seconds"]
+            extra["cached_stages"].append(stage)
+            print(f"[{time.strftime('%H:%M:%S')}] {stage}: loaded from {path} (measured {stored['seconds']:.0f}s)", flush=True)
+            return stored["value"]
+        with clock.stage(stage):
+            value = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"value": value, "seconds": clock.seconds[stage]}, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        return value
+
     # an ablation is measured by harmful refusal and harmless KL (no harmless decoding: 100 long prompts
     # x 32 tokens per method); the base model and the refusal-inducing run generate on both sets
     def ablation(name: str) -> None:
         runs[name] = measure(model, sets, gen, tokens, base_logprobs, harmless_refusal=False)
         checkpoint()
 
-    with clock.stage("base_eval"):
-        runs["base model"], base_logprobs = measure_base(model, sets, gen, tokens)
-    with clock.stage("dim_selection"):
-        config = DirectionConfig(batch_size=args.batch_size, n_select=args.n_select)
-        result = find_refusal_direction(model, sets["train_harmful"], sets["train_harmless"], config)
+    runs["base model"], base_logprobs = cached("base_eval", lambda: measure_base(model, sets, gen, tokens))
+    config = DirectionConfig(batch_size=args.batch_size, n_select=args.n_select)
+    result = cached("dim_selection", lambda: find_refusal_direction(model, sets["train_harmful"], sets["train_harmless"], config))
     chosen = result.selection.chosen
     extra["dim_chosen"] = {"hook": chosen.hook, "position": chosen.position, "kept": chosen.kept, "reason": chosen.reason}
     extra["dim_selection"] = {"table": result.selection.to_dict(), "timings": result.timings}
+    if args.merge:
+        merge_previous(args.results_name, runs, extra, clock.seconds)
     checkpoint()
     with clock.stage("dim_abliteration"), abliterate(model, result, EditConfig()):
         ablation("dim_abliteration")
     if "induce" not in skip:
         vector = result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index]
-        with clock.stage("dim_actadd_induce"), steer(model, AddDirection(vector, 1.0, where=chosen.hook)):
-            runs["dim_actadd_induce"] = measure(model, sets, gen, tokens, base_logprobs, harmful=False)
-        checkpoint()
+        for scale in (float(x) for x in args.induce_scales.split(",")):
+            name = "dim_actadd_induce" if scale == 1 else f"dim_actadd_induce x{scale:g}"
+            with clock.stage(name), steer(model, AddDirection(vector, scale, where=chosen.hook)):
+                runs[name] = measure(model, sets, gen, tokens, base_logprobs, harmful=False)
+            checkpoint()
     # probe directions at the DIM layer, last token, as weight projections (same edit code)
     hook = chosen.hook
     with clock.stage("probe_capture"):
@@ -167,6 +197,21 @@ def main() -> None:
                                                verify_top=args.verify_top)
         checkpoint()
     checkpoint()
+
+
+def merge_previous(name: str, runs: dict, extra: dict, seconds: dict) -> None:
+    """Fill in the stages of an earlier run of the same DIM choice; this run's stages overwrite them."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return
+    previous = json.loads(path.read_text())
+    if previous["extra"].get("dim_chosen") != extra["dim_chosen"]:
+        raise SystemExit(f"--merge: {path} was measured with DIM direction {previous['extra'].get('dim_chosen')}, "
+                         f"this run chose {extra['dim_chosen']}; run without --merge")
+    for target, stored in ((runs, previous["runs"]), (extra, previous["extra"]), (seconds, previous["timings_s"])):
+        for key, value in stored.items():
+            target.setdefault(key, value)
+    extra["settings"]["merged_from"] = previous["date"]
 
 
 def sae_stage(model, spec, sets, result, args, clock, ablation, extra, acts) -> None:

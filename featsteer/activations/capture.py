@@ -82,7 +82,7 @@ def capture(
     hook_names = tuple(site.name for site in sites)
     stats: dict[str, RunningMoments] = {}
     limit_fragmentation()  # see featsteer.activations.heap: large temporaries are unmapped when freed
-    batches = adapter._batches(prompts, batch_size, max_batch_tokens, system, chat)
+    batches = adapter.plan_batches(prompts, batch_size, max_batch_tokens, system, chat)
     writer = ShardWriter(stream_to, hook_names, adapter.d_model, _meta(selector, adapter, label), shard_rows) if stream_to else None
     collector = _Collector(len(prompts), len(hook_names), adapter.d_model, dtype, one_row_per_prompt=selector.mode in ("last", "mean_last"))
     try:

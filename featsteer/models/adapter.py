@@ -235,7 +235,7 @@ class ModelAdapter(ABC):
         come back in input order. `max_batch_tokens` caps a batch's padded tokens (see `generate`).
         """
         out: Tensor | None = None
-        for rows in self._batches(instructions, batch_size, max_batch_tokens, system, True):
+        for rows in self.plan_batches(instructions, batch_size, max_batch_tokens, system, True):
             batch = self.tokenize([instructions[i] for i in rows], system=system)
             logits = self.run(batch, last_only=True)[:, -1, :].float()
             if out is None:
@@ -289,7 +289,7 @@ class ModelAdapter(ABC):
             raise FeatsteerError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         responses: list[str] = [""] * len(instructions)
         first: Tensor | None = None
-        batches = self._batches(instructions, batch_size, max_batch_tokens, system, chat)
+        batches = self.plan_batches(instructions, batch_size, max_batch_tokens, system, chat)
         for rows in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 3, leave=False):
             batch = self.tokenize([instructions[i] for i in rows], system=system, chat=chat)
             tokens, logits = self._greedy(batch, max_new_tokens)
@@ -301,7 +301,19 @@ class ModelAdapter(ABC):
                 first[rows] = logits
         return responses, first
 
-    def _batches(self, instructions, batch_size: int, max_batch_tokens: int | None, system, chat: bool) -> list[list[int]]:
+    def plan_batches(
+        self, instructions: Sequence[str], batch_size: int, max_batch_tokens: int | None = None,
+        system: str | None = None, chat: bool = True,
+    ) -> list[list[int]]:
+        """Group prompt indices into forward batches, shortest prompts first.
+
+        Every batch has at most `batch_size` rows; with `max_batch_tokens` it also holds at most that many
+        padded tokens (a prompt longer than the budget gets a batch of its own). `capture`, `logits` and
+        `generate` batch this way, so a few very long prompts do not pad a whole batch to their length.
+
+        Returns:
+            Lists of indices into `instructions`, in the order the batches are run.
+        """
         if batch_size < 1:
             raise FeatsteerError(f"batch_size must be at least 1, got {batch_size}")
         if max_batch_tokens is None:
