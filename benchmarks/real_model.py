@@ -39,7 +39,7 @@ from featsteer.edits import EditConfig, apply_edit  # noqa: E402
 from featsteer.evaluation import RefusalTokens  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig  # noqa: E402
 from featsteer.features import score_features  # noqa: E402
-from featsteer.interventions import AddDirection, steer  # noqa: E402
+from featsteer.interventions import AddDirection, ProjectionSet, steer  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
 from featsteer.pipeline import DirectionConfig, abliterate, find_refusal_direction  # noqa: E402
 
@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--render-only", action="store_true", help="re-render the markdown from the results JSON")
     parser.add_argument("--skip", default="", help="comma list of stages to skip: induce,sae,probe_dirs,probes,norm_preserving")
     parser.add_argument("--induce-scales", default="1", help="comma list of activation-addition scales for the induce stage")
+    parser.add_argument("--induce-set", action="store_true",
+                        help="also induce by setting the projection on the DIM direction to the mean harmful projection")
     parser.add_argument("--cache", type=Path, default=Path("~/.cache/featsteer/bench"),
                         help="folder where the base evaluation and the DIM selection are kept between runs")
     parser.add_argument("--fresh", action="store_true", help="recompute the base evaluation and DIM selection even when cached")
@@ -169,6 +171,12 @@ def main() -> None:
             name = "dim_actadd_induce" if scale == 1 else f"dim_actadd_induce x{scale:g}"
             with clock.stage(name), steer(model, AddDirection(vector, scale, where=chosen.hook)):
                 runs[name] = measure(model, sets, gen, tokens, base_logprobs, harmful=False)
+            checkpoint()
+        if args.induce_set:
+            unit = result.candidates.bases[chosen.index, 0]
+            value = result.candidates.scores["harmful_projection"][chosen.index]
+            with clock.stage("dim_projection_set_induce"), steer(model, ProjectionSet(unit, value, where=chosen.hook)):
+                runs["dim_projection_set_induce"] = measure(model, sets, gen, tokens, base_logprobs, harmful=False)
             checkpoint()
     # probe directions at the DIM layer, last token, as weight projections (same edit code)
     hook = chosen.hook
