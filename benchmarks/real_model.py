@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--model", help="model spec instead of the Qwen GGUF (e.g. organism, for a smoke run)")
     parser.add_argument("--results-name", default="real_model_qwen", help="results file stem under benchmarks/results/")
     parser.add_argument("--render-only", action="store_true", help="re-render the markdown from the results JSON")
-    parser.add_argument("--skip", default="", help="comma list of stages to skip: induce,sae,probe_dirs,probes,norm_preserving")
+    parser.add_argument("--skip", default="", help="comma list of stages to skip: dim,induce,sae,probe_dirs,probes,norm_preserving")
     parser.add_argument("--induce-scales", default="1", help="comma list of activation-addition scales for the induce stage")
     parser.add_argument("--induce-set", action="store_true",
                         help="also induce by setting the projection on the DIM direction to the mean harmful projection")
@@ -163,8 +163,9 @@ def main() -> None:
     if args.merge:
         merge_previous(args.results_name, runs, extra, clock.seconds)
     checkpoint()
-    with clock.stage("dim_abliteration"), abliterate(model, result, EditConfig()):
-        ablation("dim_abliteration")
+    if "dim" not in skip:
+        with clock.stage("dim_abliteration"), abliterate(model, result, EditConfig()):
+            ablation("dim_abliteration")
     if "induce" not in skip:
         vector = result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index]
         for scale in (float(x) for x in args.induce_scales.split(",")):
@@ -180,9 +181,11 @@ def main() -> None:
             checkpoint()
     # probe directions at the DIM layer, last token, as weight projections (same edit code)
     hook = chosen.hook
-    with clock.stage("probe_capture"):
-        acts = {label: capture(model, sets[f"train_{label}"], [hook], positions="last", batch_size=args.batch_size, label=label)
-                for label in ("harmful", "harmless")}
+    acts = {}
+    if not {"sae", "probe_dirs"} <= skip:  # only these stages read the DIM-layer activations
+        with clock.stage("probe_capture"):
+            acts = {label: capture(model, sets[f"train_{label}"], [hook], positions="last", batch_size=args.batch_size, label=label)
+                    for label in ("harmful", "harmless")}
     if "sae" not in skip:
         sae_stage(model, spec, sets, result, args, clock, ablation, extra, acts)
     for source in () if "probe_dirs" in skip else ("linear", "whitened"):
