@@ -245,3 +245,12 @@ def test_load_model_from_directory_and_errors(tmp_path):
         load_model("nobody/no-such-model")
     with pytest.raises(FeatsteerError, match="cannot load a model from a int"):
         load_model(3)
+
+
+def test_plan_batches_rejects_a_token_budget_below_one() -> None:
+    from featsteer.errors import FeatsteerError
+    from featsteer.models import load_model
+
+    model = load_model("organism")
+    with pytest.raises(FeatsteerError, match="max_batch_tokens must be at least 1"):
+        model.plan_batches(["a", "b"], batch_size=2, max_batch_tokens=0)

@@ -318,6 +318,8 @@ class ModelAdapter(ABC):
             raise FeatsteerError(f"batch_size must be at least 1, got {batch_size}")
         if max_batch_tokens is None:
             return _length_batches(instructions, batch_size)
+        if max_batch_tokens < 1:
+            raise FeatsteerError(f"max_batch_tokens must be at least 1 (or None for no cap), got {max_batch_tokens}")
         lengths = [len(self.tokenize([text], system=system, chat=chat).input_ids[0]) for text in instructions]
         return _token_budget_batches(lengths, batch_size, max_batch_tokens)
 
