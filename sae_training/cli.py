@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-tokens", type=int, default=4096, help="activations per optimiser step (default: 4096)")
     parser.add_argument("--lr", type=float, help="learning rate (default: 2e-4 / sqrt(d_sae / 16384), as EleutherAI sparsify)")
     parser.add_argument("--eval-prompts", type=int, default=64, help="texts held out for evaluation (default: 64)")
+    parser.add_argument("--keep-shared-prefix", action="store_true",
+                        help="also train on the tokens every text starts with (chat-template head, BOS); skipped by default")
+    parser.add_argument("--max-norm-ratio", type=float, default=10.0,
+                        help="leave out tokens whose norm exceeds this multiple of the median (attention sinks; default: 10)")
+    parser.add_argument("--keep-outliers", action="store_true", help="train on every token, massive activations included")
     parser.add_argument("--work-dir", help="parent folder for the temporary activation store (default: system temp)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -78,7 +83,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data=DataConfig(model=args.model, texts=tuple(args.text), hook_kind=args.hook, layers=parse_layers(args.layers),
                         tokens=args.tokens, cycle=not args.no_cycle, chat=not args.raw, eval_prompts=args.eval_prompts,
-                        work_dir=args.work_dir),
+                        work_dir=args.work_dir, skip_shared_prefix=not args.keep_shared_prefix,
+                        max_norm_ratio=None if args.keep_outliers else args.max_norm_ratio),
         sae=ArchitectureConfig(architecture=args.arch, d_sae=args.d_sae, expansion=args.expansion, k=k, sparsity_coefficient=args.sparsity),
         optim=OptimConfig(lr=args.lr, batch_tokens=args.batch_tokens, seed=args.seed),
         out=args.out,

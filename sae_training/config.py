@@ -92,6 +92,13 @@ class DataConfig:
     """Activations captured per chunk on disk; bounds memory whatever `tokens` is."""
     work_dir: str | None = None
     """Parent folder for the temporary activation store (None: the system temp folder)."""
+    skip_shared_prefix: bool = True
+    """Leave out the tokens every formatted text starts with (chat-template head, BOS): their activations
+    are one repeated vector, and a first token is usually an attention sink."""
+    max_norm_ratio: float | None = 10.0
+    """Leave out tokens whose activation norm exceeds this many times the median (attention sinks and other
+    massive activations) from training and evaluation; the saved SAE passes them through untouched when
+    spliced. None keeps every token."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "texts", tuple(self.texts))
@@ -105,6 +112,8 @@ class DataConfig:
                             (self.chunk_megabytes, "chunk_megabytes")):
             if not isinstance(value, int) or value < 1:
                 raise FeatsteerError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_norm_ratio is not None and not (math.isfinite(self.max_norm_ratio) and self.max_norm_ratio > 1):
+            raise FeatsteerError(f"--max-norm-ratio must be a number above 1 (a multiple of the median token norm), got {self.max_norm_ratio!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from featsteer.activations import ActivationReader, capture
+from featsteer.activations import ActivationReader, Positions, capture
 from featsteer.datasets import load_prompts
 from featsteer.errors import FeatsteerError
 from featsteer.models import ModelAdapter
@@ -90,6 +90,49 @@ def split_texts(texts: Sequence[str], n_eval: int, seed: int) -> tuple[list[str]
     return order[held:], order[:held]
 
 
+def shared_prefix_length(model: ModelAdapter, *, chat: bool = True) -> int:
+    """Tokens at the start of every formatted text that do not depend on the text.
+
+    With a chat template these are its head (e.g. `<|im_start|>system ... <|im_end|>` of a default system
+    prompt): their activations are the same for every prompt, so capturing them again and again only
+    repeats one vector. Found as the common token prefix of texts that differ in their first character,
+    which can only under-count (never swallow text).
+    """
+    batch = model.tokenize(["0", "1", "A", "z"], chat=chat)
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids.cpu(), batch.attention_mask.cpu(), strict=True)]
+    length = 0
+    while all(len(row) > length for row in rows) and len({row[length] for row in rows}) == 1:
+        length += 1
+    return length
+
+
+def norm_limit(chunks: Sequence[Path], hook: str, ratio: float | None, *, sample_rows: int = 65536) -> float | None:
+    """`ratio` times the median activation norm at `hook` (from the first captured rows); None for no limit.
+
+    Tokens far above the median (attention sinks and other "massive activations", often 100x the norm of an
+    ordinary token in mid layers of Qwen or Llama) would dominate an SAE's reconstruction loss and its
+    explained variance; SAEs are trained and evaluated without them and leave them untouched when spliced.
+    """
+    if ratio is None or not chunks:
+        return None
+    norms = [rows.norm(dim=-1) for rows in _take(iter_rows(chunks, hook), sample_rows)]
+    return float(ratio * torch.cat(norms).median()) if norms else None
+
+
+def _take(batches: Iterator[Tensor], n_rows: int) -> Iterator[Tensor]:
+    taken = 0
+    for rows in batches:
+        if taken >= n_rows:
+            return
+        yield rows[: n_rows - taken]
+        taken += rows.shape[0]
+
+
+def within_norm(rows: Tensor, max_norm: float | None) -> Tensor:
+    """The rows whose norm is at most `max_norm` (all rows when it is None)."""
+    return rows if max_norm is None else rows[rows.norm(dim=-1) <= max_norm]
+
+
 @dataclass(frozen=True)
 class CapturedTokens:
     """Activations captured for training, as chunk folders of `ActivationReader` shards."""
@@ -118,22 +161,25 @@ def capture_tokens(
     chat: bool = True,
     batch_size: int = 16,
     chunk_bytes: int = 256 << 20,
+    start: int = 0,
     progress: bool = True,
 ) -> CapturedTokens:
-    """Capture every token of `texts` at `hooks` until `tokens` rows are stored or the texts run out.
+    """Capture every token of `texts` from index `start` on at `hooks` until `tokens` rows are stored or the
+    texts run out.
 
     Chunks are sized so that one chunk of all hooks takes about `chunk_bytes` (estimated from the tokens
-    per text seen so far), which bounds memory for any token budget.
+    per text seen so far), which bounds memory for any token budget. `start` skips a prefix shared by every
+    text (see `shared_prefix_length`).
     """
     bytes_per_token = len(hooks) * model.d_model * 4
-    chunks, n_tokens, n_texts, start = [], 0, 0, time.perf_counter()
+    chunks, n_tokens, n_texts, began = [], 0, 0, time.perf_counter()
     chunk_size = _FIRST_CHUNK_PROMPTS
     with tqdm(total=tokens, desc="capture", unit="tok", disable=not progress, leave=False) as bar:
         while n_tokens < tokens and n_texts < len(texts):
             batch_texts = list(texts[n_texts : n_texts + chunk_size])
             folder = directory / f"chunk-{len(chunks):05d}"
-            rows = capture(model, batch_texts, list(hooks), positions="all", batch_size=batch_size, chat=chat,
-                           stream_to=folder, progress=False).activations.shape[0]
+            rows = capture(model, batch_texts, list(hooks), positions=Positions.all_tokens(start), batch_size=batch_size,
+                           chat=chat, stream_to=folder, progress=False).activations.shape[0]
             chunks.append(folder)
             n_tokens, n_texts = n_tokens + rows, n_texts + len(batch_texts)
             bar.update(min(rows, tokens - bar.n))
@@ -141,7 +187,7 @@ def capture_tokens(
             by_memory = max(batch_size, int(chunk_bytes / (tokens_per_text * bytes_per_token)))
             chunk_size = min(by_memory, math.ceil(1.05 * (tokens - n_tokens) / tokens_per_text) + 1)
     exhausted = n_tokens < tokens
-    return CapturedTokens(tuple(chunks), tuple(hooks), n_tokens, n_texts, exhausted, time.perf_counter() - start)
+    return CapturedTokens(tuple(chunks), tuple(hooks), n_tokens, n_texts, exhausted, time.perf_counter() - began)
 
 
 class ActivationBatches(Iterator[Tensor]):
@@ -151,10 +197,11 @@ class ActivationBatches(Iterator[Tensor]):
     that is shuffled before half of it is handed out, so consecutive batches mix many prompts.
     """
 
-    def __init__(self, chunks: Sequence[Path], hook: str, batch_size: int, *, seed: int = 0, d_model: int | None = None):
+    def __init__(self, chunks: Sequence[Path], hook: str, batch_size: int, *, seed: int = 0, d_model: int | None = None,
+                 max_norm: float | None = None):
         if not chunks:
             raise FeatsteerError("no captured activations to train on: the training text produced no tokens")
-        self.chunks, self.hook, self.batch_size = list(chunks), hook, batch_size
+        self.chunks, self.hook, self.batch_size, self.max_norm = list(chunks), hook, batch_size, max_norm
         width = d_model or ActivationReader(self.chunks[0]).d_model
         self.buffer_rows = max(4 * batch_size, _MIXING_BUFFER_BYTES // (4 * width))
         self.generator = torch.Generator().manual_seed(seed)
@@ -169,7 +216,8 @@ class ActivationBatches(Iterator[Tensor]):
     def _rows(self) -> Iterator[Tensor]:
         while True:
             for index in torch.randperm(len(self.chunks), generator=self.generator).tolist():
-                yield from ActivationReader(self.chunks[index]).iter_batches(self.buffer_rows, hook=self.hook)
+                for rows in ActivationReader(self.chunks[index]).iter_batches(self.buffer_rows, hook=self.hook):
+                    yield within_norm(rows, self.max_norm)
 
     def _batches(self) -> Iterator[Tensor]:
         pending: list[Tensor] = []
@@ -186,7 +234,8 @@ class ActivationBatches(Iterator[Tensor]):
             pending, n_pending = [mixed[n_out:]], mixed.shape[0] - n_out
 
 
-def iter_rows(chunks: Sequence[Path], hook: str, batch_size: int = 4096) -> Iterator[Tensor]:
-    """The captured rows of one hook, once, in stored order."""
+def iter_rows(chunks: Sequence[Path], hook: str, batch_size: int = 4096, *, max_norm: float | None = None) -> Iterator[Tensor]:
+    """The captured rows of one hook (those with norm at most `max_norm`, if given), once, in stored order."""
     for chunk in chunks:
-        yield from ActivationReader(chunk).iter_batches(batch_size, hook=hook)
+        for rows in ActivationReader(chunk).iter_batches(batch_size, hook=hook):
+            yield within_norm(rows, max_norm)

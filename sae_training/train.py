@@ -30,7 +30,7 @@ from sae_lens.training import activation_scaler as activation_scaler_module
 from sae_lens.training import sae_trainer as sae_trainer_module
 from safetensors.torch import save_file
 
-from featsteer.activations import ActivationSet, capture
+from featsteer.activations import ActivationSet, Positions, capture
 from featsteer.errors import FeatsteerError
 from featsteer.models import ModelAdapter, load_model
 from featsteer.sae import load_sae, reconstruction_stats, splice_loss
@@ -42,7 +42,10 @@ from sae_training.data import (
     capture_tokens,
     iter_rows,
     load_texts,
+    norm_limit,
+    shared_prefix_length,
     split_texts,
+    within_norm,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,6 +99,10 @@ class TrainingRun:
     """Training tokens per SAE."""
     progress: bool
     """Show progress bars."""
+    first_position: int
+    """Index of the first token captured in every text (past the shared prefix)."""
+    max_norms: dict[str, float | None]
+    """Per hook: tokens above this activation norm are left out of training and evaluation."""
 
 
 def train_saes(config: TrainConfig, *, progress: bool = True) -> dict[str, dict[str, Any]]:
@@ -123,13 +130,17 @@ def train_saes(config: TrainConfig, *, progress: bool = True) -> dict[str, dict[
         return done
     train_texts, held_out_texts = split_texts(load_texts(config.data.texts), config.data.eval_prompts, config.optim.seed)
     out.mkdir(parents=True, exist_ok=True)
+    start = shared_prefix_length(model, chat=config.data.chat) if config.data.skip_shared_prefix else 0
+    positions = Positions.all_tokens(start)
     with tempfile.TemporaryDirectory(prefix="featsteer-sae-", dir=config.data.work_dir) as scratch:
         captured = capture_tokens(model, train_texts, todo, Path(scratch), tokens=config.data.tokens, chat=config.data.chat,
-                                  batch_size=config.data.capture_batch, chunk_bytes=config.data.chunk_megabytes << 20, progress=progress)
+                                  batch_size=config.data.capture_batch, chunk_bytes=config.data.chunk_megabytes << 20,
+                                  start=start, progress=progress)
         train_tokens = _training_tokens(config, captured)
-        held_out = capture(model, held_out_texts, todo, positions="all", chat=config.data.chat, batch_size=config.data.capture_batch, progress=False)
+        held_out = capture(model, held_out_texts, todo, positions=positions, chat=config.data.chat, batch_size=config.data.capture_batch, progress=False)
         responses = _reference_responses(model, held_out_texts) if config.data.chat else None
-        run = TrainingRun(model, config, captured, held_out, held_out_texts, responses, train_tokens, progress)
+        max_norms = {hook: norm_limit(captured.chunks, hook, config.data.max_norm_ratio) for hook in todo}
+        run = TrainingRun(model, config, captured, held_out, held_out_texts, responses, train_tokens, progress, start, max_norms)
         for hook in todo:
             done[hook] = train_layer(run, hook)
     return {hook: done[hook] for hook in hooks}
@@ -187,7 +198,9 @@ def _trainer_config(config: TrainConfig, train_tokens: int, d_sae: int, device: 
 
 def _build_sae(run: TrainingRun, hook: str, n_steps: int) -> TrainingSAE:
     arch = run.config.sae
-    metadata = SAEMetadata(hook_name=hook, model_name=run.model.name, featsteer_hook_kind=run.config.data.hook_kind, featsteer_chat=run.config.data.chat)
+    metadata = SAEMetadata(hook_name=hook, model_name=run.model.name, featsteer_hook_kind=run.config.data.hook_kind,
+                           featsteer_chat=run.config.data.chat, featsteer_first_position=run.first_position,
+                           featsteer_max_norm=run.max_norms[hook])
     return build_training_sae(arch.architecture, run.model.d_model, arch.width(run.model.d_model), metadata, k=arch.k,
                               sparsity_coefficient=arch.sparsity_coefficient, normalize_activations=arch.normalize_activations,
                               n_steps=n_steps)
@@ -199,7 +212,8 @@ def train_layer(run: TrainingRun, hook: str) -> dict[str, Any]:
     seed_everything(config.optim.seed + run.model.hook_site(hook).order[0])
     trainer_config = _trainer_config(config, run.train_tokens, config.sae.width(run.model.d_model), str(run.model.device))
     sae = _build_sae(run, hook, trainer_config.total_training_steps)
-    batches = ActivationBatches(run.captured.chunks, hook, trainer_config.train_batch_size_samples, seed=config.optim.seed, d_model=run.model.d_model)
+    batches = ActivationBatches(run.captured.chunks, hook, trainer_config.train_batch_size_samples, seed=config.optim.seed,
+                                d_model=run.model.d_model, max_norm=run.max_norms[hook])
     logger.info("training %s SAE (d_sae=%d) at %s on %d tokens", config.sae.architecture, sae.cfg.d_sae, hook, trainer_config.total_training_samples)
     trainer = SAETrainer(cfg=trainer_config, sae=sae, data_provider=batches)
     start = time.perf_counter()
@@ -248,8 +262,11 @@ def _save(sae: TrainingSAE, trainer: SAETrainer, folder: Path, config: TrainConf
 
 def evaluate_layer(run: TrainingRun, sae: SAE, hook: str) -> dict[str, Any]:
     """Held-out explained variance and L0, dead features on training tokens, and CE loss recovered."""
-    held_out = reconstruction_stats(sae, run.held_out.hook(hook).split(4096))
-    on_training = reconstruction_stats(sae, iter_rows(run.captured.chunks, hook), max_tokens=DEAD_FEATURE_TOKENS)
+    max_norm = run.max_norms[hook]
+    held_out_rows = run.held_out.hook(hook)
+    kept = within_norm(held_out_rows, max_norm)
+    held_out = reconstruction_stats(sae, kept.split(4096))
+    on_training = reconstruction_stats(sae, iter_rows(run.captured.chunks, hook, max_norm=max_norm), max_tokens=DEAD_FEATURE_TOKENS)
     if run.responses is None:
         loss = splice_loss(run.model, sae, run.held_out_texts, chat=run.config.data.chat)
     else:
@@ -259,5 +276,6 @@ def evaluate_layer(run: TrainingRun, sae: SAE, hook: str) -> dict[str, Any]:
         "explained_variance": held_out.explained_variance, "l0": held_out.l0, "mse": held_out.mse,
         "eval_tokens": held_out.n_tokens, "eval_texts": len(run.held_out_texts),
         "train_explained_variance": on_training.explained_variance, "dead_fraction": on_training.dead_fraction,
-        "dead_fraction_tokens": on_training.n_tokens, **loss.to_dict(),
+        "dead_fraction_tokens": on_training.n_tokens, "first_position": run.first_position, "max_norm": max_norm,
+        "excluded_fraction": 1 - kept.shape[0] / max(held_out_rows.shape[0], 1), **loss.to_dict(),
     }

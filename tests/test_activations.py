@@ -139,3 +139,18 @@ def test_heap_trim_returns_freed_memory_to_the_os():
     assert trim() is True
     assert rss() < before - 24 * 1024 * 1024
     del blocks
+
+
+def test_all_tokens_from_an_index_skip_each_prompts_first_tokens(llama_adapter):
+    hook = "blocks.1.hook_resid_pre"
+    full = capture(llama_adapter, PROMPTS[:4], hook, positions="all", progress=False)
+    tail = capture(llama_adapter, PROMPTS[:4], hook, positions="all:3", progress=False)
+    assert str(Positions.parse("all:3")) == "all:3" and Positions.parse("all:0") == Positions.all_tokens()
+    assert tail.position.min() == 3
+    for prompt in range(4):
+        expected = full.hook(hook)[(full.prompt_index == prompt) & (full.position >= 3)]
+        torch.testing.assert_close(tail.hook(hook)[tail.prompt_index == prompt], expected)
+    with pytest.raises(FeatsteerError, match="integer"):
+        Positions.parse("all:x")
+    with pytest.raises(FeatsteerError, match="N >= 0"):
+        Positions.parse("all:-1")

@@ -17,6 +17,7 @@ from featsteer.sae import (
     encode_activations,
     load_sae,
     load_saes,
+    outside_domain,
     reconstruction_stats,
     sae_hook_name,
     splice_activation,
@@ -227,3 +228,19 @@ def test_splice_loss_compares_clean_spliced_and_zeroed(llama_adapter, sae):
     assert loss.spliced != pytest.approx(loss.clean) and loss.zero_ablated != pytest.approx(loss.clean)
     assert loss.recovered == pytest.approx((loss.zero_ablated - loss.spliced) / (loss.zero_ablated - loss.clean))
     assert splice_loss(llama_adapter, sae, PROMPTS).scored == "text"
+
+
+def test_tokens_above_the_recorded_norm_bound_pass_through_a_splice(sae):
+    x = torch.randn(2, 3, 64)
+    x[0, 0] *= 100.0  # an attention-sink-like token
+    limit = float(x[1].norm(dim=-1).max()) * 2
+    sae.cfg.metadata.featsteer_max_norm = limit
+    assert outside_domain(sae, x).tolist() == [[True, False, False], [False, False, False]]
+    replaced = splice_activation(sae, x, error_term=False)
+    edited = splice_activation(sae, x, [FeatureEdit.clamp([0, 1, 2], 5.0)])
+    assert torch.equal(replaced[0, 0], x[0, 0]) and torch.equal(edited[0, 0], x[0, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(replaced[1], sae.decode(sae.encode(x[1])))
+    assert not torch.allclose(edited[1], x[1])
+    sae.cfg.metadata.featsteer_max_norm = None
+    assert outside_domain(sae, x) is None

@@ -14,7 +14,7 @@ from featsteer.models import load_model
 from featsteer.sae import load_sae, sae_hook_name
 from sae_training.cli import main, parse_layers
 from sae_training.config import ArchitectureConfig, DataConfig, OptimConfig, TrainConfig
-from sae_training.data import ActivationBatches, capture_tokens, load_texts
+from sae_training.data import ActivationBatches, capture_tokens, load_texts, norm_limit, shared_prefix_length
 
 HOOK = "blocks.1.hook_resid_post"
 ARGS = ["--model", "tiny:llama", "--layers", "1", "--arch", "topk", "--d-sae", "128", "--k", "8", "--tokens", "20000",
@@ -151,3 +151,31 @@ def test_organism_corpus_text_source():
     assert load_texts(["organism-corpus:12:5"]) == texts
     with pytest.raises(FeatsteerError, match="bad text source"):
         load_texts(["organism-corpus:many"])
+
+
+@pytest.mark.parametrize("spec", ["organism", "tiny:llama"])
+def test_shared_prefix_is_the_template_head_and_nothing_of_the_text(spec):
+    model = load_model(spec)
+    length = shared_prefix_length(model)
+    batch = model.tokenize(["How do I bake bread?", "Why is the sky blue?"])
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+    assert length >= 1 and rows[0][:length] == rows[1][:length] and rows[0][length] != rows[1][length]
+    assert shared_prefix_length(model, chat=False) <= 1  # raw text: at most a BOS token
+
+
+def test_training_skips_the_shared_prefix_and_records_the_norm_bound(trained):
+    metrics = json.loads((trained / HOOK / "metrics.json").read_text())
+    model = load_model("tiny:llama")
+    assert metrics["first_position"] == shared_prefix_length(model) and metrics["first_position"] >= 1
+    assert math.isfinite(metrics["max_norm"]) and 0 <= metrics["excluded_fraction"] < 0.05
+    assert load_sae(trained / HOOK, model).cfg.metadata.featsteer_max_norm == metrics["max_norm"]
+
+
+def test_activation_batches_leave_out_rows_above_the_norm_bound(tmp_path):
+    model = load_model("tiny:llama")
+    captured = capture_tokens(model, [f"Sentence number {i} is here." for i in range(12)], [HOOK], tmp_path, tokens=10_000, progress=False)
+    limit = norm_limit(captured.chunks, HOOK, 1.05)  # just above the median: about half the rows go
+    batches = ActivationBatches(captured.chunks, HOOK, 16, max_norm=limit)
+    served = torch.cat([next(batches) for _ in range(20)])
+    assert float(served.norm(dim=-1).max()) <= limit
+    assert norm_limit(captured.chunks, HOOK, None) is None

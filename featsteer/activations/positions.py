@@ -20,14 +20,16 @@ class Positions:
     """A position selector.
 
     Use the constructors: `Positions.last()`, `Positions.mean_last(k)`, `Positions.post_instruction()`,
-    `Positions.all_tokens()`, or parse a CLI string with `Positions.parse("last" | "mean_last:4" |
-    "post_instruction" | "all")`.
+    `Positions.all_tokens(start)`, or parse a CLI string with `Positions.parse("last" | "mean_last:4" |
+    "post_instruction" | "all" | "all:N")`.
     """
 
     mode: str
     """`last`, `mean_last`, `post_instruction` or `all`."""
     k: int = 1
     """Window for `mean_last`."""
+    start: int = 0
+    """For `all`: the first token index kept (e.g. past a chat-template prefix that every prompt shares)."""
 
     @classmethod
     def last(cls) -> Positions:
@@ -47,22 +49,32 @@ class Positions:
         return cls("post_instruction")
 
     @classmethod
-    def all_tokens(cls) -> Positions:
-        """Every real (non-padding) token, one row each."""
-        return cls("all")
+    def all_tokens(cls, start: int = 0) -> Positions:
+        """Every real (non-padding) token from index `start` on, one row each."""
+        if start < 0:
+            raise FeatsteerError(f"all:N needs N >= 0, got {start}")
+        return cls("all", start=start)
 
     @classmethod
     def parse(cls, text: str) -> Positions:
-        """Parse `last`, `mean_last:K`, `post_instruction` or `all`."""
+        """Parse `last`, `mean_last:K`, `post_instruction`, `all` or `all:N` (tokens from index N on)."""
         name, _, arg = text.partition(":")
+        if name in ("mean_last", "all") and arg:
+            try:
+                number = int(arg)
+            except ValueError:
+                raise FeatsteerError(f"bad position '{text}': the number after ':' must be an integer") from None
+            return cls.mean_last(number) if name == "mean_last" else cls.all_tokens(number)
         if name == "mean_last":
-            return cls.mean_last(int(arg or 1))
+            return cls.mean_last(1)
         if name in ("last", "post_instruction", "all"):
             return cls(name)
-        raise FeatsteerError(f"unknown position '{text}': use last, mean_last:K, post_instruction or all")
+        raise FeatsteerError(f"unknown position '{text}': use last, mean_last:K, post_instruction, all or all:N")
 
     def __str__(self) -> str:
-        return f"mean_last:{self.k}" if self.mode == "mean_last" else self.mode
+        if self.mode == "mean_last":
+            return f"mean_last:{self.k}"
+        return f"all:{self.start}" if self.mode == "all" and self.start else self.mode
 
     def plan(self, attention_mask: Tensor, n_post_instruction: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Decide the rows to keep for one left-padded batch.
@@ -84,7 +96,7 @@ class Positions:
                 raise FeatsteerError("post_instruction positions need a chat template with tokens after the instruction")
             offsets = torch.arange(-n_post, 0)
             return batch.repeat_interleave(n_post), (width + offsets).repeat(len(batch)), offsets.repeat(len(batch))
-        rows = [(b, width - int(length) + t, t) for b, length in enumerate(lengths.tolist()) for t in range(length)]
+        rows = [(b, width - int(length) + t, t) for b, length in enumerate(lengths.tolist()) for t in range(self.start, length)]
         as_tensor = torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
         return as_tensor[:, 0], as_tensor[:, 1], as_tensor[:, 2]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from sae_lens import SAE
 from torch import Tensor
 
@@ -131,15 +131,32 @@ def splice_activation(
     with torch.no_grad():
         features = sae.encode(sae_in).to_dense()
         reconstruction = sae.decode(features)
-        base = sae_in if error_term else reconstruction
-        if not edits:
-            return base.to(x.device, x.dtype)
-        if sae.cfg.normalize_activations in _STATEFUL_NORMS:
-            sae.encode(sae_in)  # decode() consumed the normalisation state: set it again
-        delta = sae.decode(edit_features(features, edits)) - reconstruction
-        if mask is not None:
-            delta = delta * mask[..., None].to(delta.device, delta.dtype)
-    return (base + delta).to(x.device, x.dtype)
+        spliced = sae_in if error_term else reconstruction
+        if edits:
+            if sae.cfg.normalize_activations in _STATEFUL_NORMS:
+                sae.encode(sae_in)  # decode() consumed the normalisation state: set it again
+            delta = sae.decode(edit_features(features, edits)) - reconstruction
+            if mask is not None:
+                delta = delta * mask[..., None].to(delta.device, delta.dtype)
+            spliced = spliced + delta
+        outside = outside_domain(sae, sae_in)
+        if outside is not None:
+            spliced = torch.where(outside[..., None], sae_in, spliced)
+    return spliced.to(x.device, x.dtype)
+
+
+def outside_domain(sae: SAE, x: Float[Tensor, "... d_model"]) -> Bool[Tensor, "..."] | None:
+    """Where `x` is too large for the SAE: norm above the `featsteer_max_norm` it was trained under.
+
+    featsteer trains SAEs without attention-sink and other massive-activation tokens (see
+    `sae_training.config.DataConfig.max_norm_ratio`) and records the bound in the SAE's metadata; such
+    tokens pass through a splice unchanged. None when the SAE records no bound (e.g. a pretrained SAE).
+    """
+    limit = sae.cfg.metadata.get("featsteer_max_norm") if sae.cfg.metadata is not None else None
+    if limit is None:
+        return None
+    outside = x.norm(dim=-1) > float(limit)
+    return outside if bool(outside.any()) else None
 
 
 @dataclass
