@@ -13,13 +13,14 @@ TransformerLens runs, so the comparison measures the frameworks and not the atte
 
 Method: 2 warm-up rounds, then N timed rounds (median and IQR of `time.perf_counter`), configurations
 interleaved round-robin (with the starting configuration rotated each round) so that load from other
-processes hits them all alike; `torch.set_num_threads(2)`. featsteer is timed from text (its
+processes hits them all alike; `torch.set_num_threads(2)` (`--threads`). featsteer is timed from text (its
 tokenisation is included); the plain forward and TransformerLens are timed on the already-tokenised
 batch. Peak memory is measured in a fresh subprocess from /proc/self/status (VmHWM after resetting it),
 after one 16-prompt warm-up capture whose own (cold, one-time) peak is reported separately.
 
 Usage:
-    python benchmarks/capture_throughput.py [--iterations N] [--quick] [--output-dir DIR]
+    python benchmarks/capture_throughput.py [--iterations N] [--quick] [--output-dir DIR] [--threads N]
+    python benchmarks/capture_throughput.py --memory-only [--threads N]
 """
 
 from __future__ import annotations
@@ -313,7 +314,7 @@ def _peak_additional(run: Callable[[], object]) -> int:
     return _status_bytes("VmHWM") - baseline
 
 
-def memory_worker(n_prompts: int) -> dict:
+def memory_worker(n_prompts: int, threads: int = N_THREADS) -> dict:
     """Peak additional RSS of capturing last-token `resid_pre` at every layer for `n_prompts` prompts.
 
     In a fresh process with the model loaded: first one 16-prompt capture of other prompts, measured on
@@ -324,7 +325,7 @@ def memory_worker(n_prompts: int) -> dict:
     """
     from featsteer.activations import capture
 
-    torch.set_num_threads(N_THREADS)
+    torch.set_num_threads(threads)
     rng = seed_everything(SEED)
     prompts = make_prompts(n_prompts + BATCH_SIZE, rng)
     warmup_prompts, prompts = prompts[:BATCH_SIZE], prompts[BATCH_SIZE:]
@@ -351,6 +352,7 @@ def memory_worker(n_prompts: int) -> dict:
     additional = peak - baseline
     return {
         "n_prompts": n_prompts,
+        "torch_threads": threads,
         "hooks": f"blocks.0-{N_LAYERS - 1}.hook_resid_pre, last token",
         "baseline_rss_bytes": baseline,
         "peak_rss_bytes": peak,
@@ -365,19 +367,21 @@ def memory_worker(n_prompts: int) -> dict:
     }
 
 
-def measure_memory(n_prompts: int) -> dict:
+def measure_memory(n_prompts: int, threads: int = N_THREADS) -> dict:
     """Run `memory_worker` in a fresh interpreter and return its record."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", str(n_prompts)]
+    command = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", str(n_prompts), "--threads", str(threads)]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         raise RuntimeError(f"memory subprocess failed:\n{completed.stderr[-4000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    record = json.loads(completed.stdout.strip().splitlines()[-1])
+    record["measured_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return record
 
 
 # ---- reporting --------------------------------------------------------------------------------------
 
 
-def environment() -> dict:
+def environment(threads: int = N_THREADS) -> dict:
     """Versions, CPU, thread count and date."""
     cpu = "unknown"
     with open("/proc/cpuinfo") as cpuinfo:
@@ -393,7 +397,7 @@ def environment() -> dict:
         "versions": {**versions, "python": platform.python_version()},
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
-        "torch_threads": N_THREADS,
+        "torch_threads": threads,
     }
 
 
@@ -417,7 +421,7 @@ def render_markdown(report: dict) -> str:
         "",
         f"Load average (1/5/15 min): {_fmt_load(load['at_start'])} at start, {_fmt_load(load['before_timing'])} "
         f"when timing began (after waiting {load['waited_s']:.0f} s), {_fmt_load(load['after'])} at the end "
-        f"(includes this benchmark's own {N_THREADS} threads).",
+        f"(includes this benchmark's own {env['torch_threads']} threads).",
     ]
     if load["busy"]:
         lines += [
@@ -444,8 +448,10 @@ def render_markdown(report: dict) -> str:
         "",
         "## Memory",
         "",
+        f"Measured {memory.get('measured_at', env['date'])}. "
         f"Last-token `resid_pre` at all {N_LAYERS} layers for {memory['n_prompts']} prompts x {SEQ_LEN} tokens, "
-        "fresh subprocess, model loaded, after one 16-prompt capture of other prompts (the cold first call, "
+        f"fresh subprocess, torch.set_num_threads({memory.get('torch_threads', env['torch_threads'])}), model loaded, "
+        "after one 16-prompt capture of other prompts (the cold first call, "
         f"{_fmt_mb(memory.get('cold_first_batch_bytes', 0))} of one-time torch set-up that any forward pass pays): "
         "peak RSS (VmHWM) minus RSS before capture.",
         "",
@@ -481,11 +487,11 @@ def _fmt_load(load: list[float]) -> str:
 # ---- main -------------------------------------------------------------------------------------------
 
 
-def run_benchmark(iterations: int, memory_prompts: int, mode: str) -> dict:
+def run_benchmark(iterations: int, memory_prompts: int, mode: str, threads: int = N_THREADS) -> dict:
     """Build the models, time every configuration, measure memory; return the full report."""
     from featsteer.testing import hooked_gpt2
 
-    torch.set_num_threads(N_THREADS)
+    torch.set_num_threads(threads)
     load = wait_for_quiet_machine()
     rng = seed_everything(SEED)
     prompts = make_prompts(BATCH_SIZE, rng)
@@ -505,10 +511,10 @@ def run_benchmark(iterations: int, memory_prompts: int, mode: str) -> dict:
         del model, adapter, hooked
     records = summarise(configs, times)
     print(f"measuring memory for {memory_prompts} prompts in a subprocess")
-    memory = measure_memory(memory_prompts)
+    memory = measure_memory(memory_prompts, threads)
     load["after"] = list(os.getloadavg())
     return {
-        "environment": environment(),
+        "environment": environment(threads),
         "setup": {
             "mode": mode,
             "model": f"GPT-2 small shape ({N_LAYERS} layers, d_model {D_MODEL}, vocab {VOCAB_SIZE}), random init, "
@@ -541,6 +547,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=Path(__file__).resolve().parent / "results",
         help="where capture.json and capture.md go (default benchmarks/results)",
     )
+    parser.add_argument("--threads", type=int, default=N_THREADS,
+                        help=f"torch intra-op threads for timing and memory (default {N_THREADS})")
     parser.add_argument("--memory-worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true",
                         help="re-measure memory only and update an existing capture.json/md (timings kept)")
@@ -551,11 +559,11 @@ def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and write `capture.json` and `capture.md`."""
     args = parse_args(argv)
     if args.memory_worker is not None:
-        print(json.dumps(memory_worker(args.memory_worker)))
+        print(json.dumps(memory_worker(args.memory_worker, args.threads)))
         return
     if args.memory_only:
         report = json.loads((args.output_dir / "capture.json").read_text())
-        report["memory"] = measure_memory(report["memory"]["n_prompts"])
+        report["memory"] = measure_memory(report["memory"]["n_prompts"], args.threads)
         report["targets"] = evaluate_targets(report["results"], report["memory"])
         (args.output_dir / "capture.json").write_text(json.dumps(report, indent=2) + "\n")
         (args.output_dir / "capture.md").write_text(render_markdown(report))
@@ -565,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
     if iterations < 2:
         raise SystemExit("--iterations must be at least 2 (the IQR needs two samples)")
     started = time.perf_counter()
-    report = run_benchmark(iterations, 200 if args.quick else 2000, "quick" if args.quick else "full")
+    report = run_benchmark(iterations, 200 if args.quick else 2000, "quick" if args.quick else "full", args.threads)
     report["wall_time_s"] = time.perf_counter() - started
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "capture.json").write_text(json.dumps(report, indent=2) + "\n")
