@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -254,3 +256,39 @@ def test_plan_batches_rejects_a_token_budget_below_one() -> None:
     model = load_model("organism")
     with pytest.raises(FeatsteerError, match="max_batch_tokens must be at least 1"):
         model.plan_batches(["a", "b"], batch_size=2, max_batch_tokens=0)
+
+
+def _attention_weights_alive_in_mlp(adapter, forward) -> list[bool]:
+    """Whether layer 0's attention probabilities are still alive when its MLP starts, per forward."""
+    refs, alive = [], []
+    attention, mlp = adapter._module(adapter.spec.attn, 0), adapter._module(adapter.spec.mlp, 0)
+    handles = [
+        attention.register_forward_hook(lambda module, args, output: refs.append(weakref.ref(output[1]))),
+        mlp.register_forward_pre_hook(lambda module, args: alive.append(refs[-1]() is not None)),
+    ]
+    try:
+        forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return alive
+
+
+def test_forward_does_not_keep_attention_weights_through_the_mlp(family_model):
+    _, model, tokenizer = family_model
+    adapter = load_model(model, tokenizer=tokenizer)
+    batch = adapter.tokenize(PROMPTS)
+    # a plain transformers forward keeps the eager attention probabilities until the layer ends
+    with torch.inference_mode():
+        assert _attention_weights_alive_in_mlp(adapter, lambda: model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)) == [True]
+    before = count_hooks(model)
+    assert _attention_weights_alive_in_mlp(adapter, lambda: adapter.run(batch)) == [False]
+    assert _attention_weights_alive_in_mlp(adapter, lambda: adapter.run(batch, stop_at="blocks.1.hook_resid_pre")) == [False]
+    generation = _attention_weights_alive_in_mlp(adapter, lambda: adapter.generate(PROMPTS[:1], max_new_tokens=2))
+    assert generation and not any(generation)
+    assert count_hooks(model) == before
+    model.config.output_attentions = True  # asked for: left alone
+    try:
+        assert _attention_weights_alive_in_mlp(adapter, lambda: adapter.run(batch)) == [True]
+    finally:
+        model.config.output_attentions = False
