@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-norm-ratio", type=float, default=10.0,
                         help="leave out tokens whose norm exceeds this multiple of the median (attention sinks; default: 10)")
     parser.add_argument("--keep-outliers", action="store_true", help="train on every token, massive activations included")
+    parser.add_argument("--activation-cache", help="keep the captured activations here and reuse them on a re-run with the same "
+                        "model, text, layers and --tokens (e.g. to sweep SAE settings); default: a temporary folder")
     parser.add_argument("--work-dir", help="parent folder for the temporary activation store (default: system temp)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -83,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data=DataConfig(model=args.model, texts=tuple(args.text), hook_kind=args.hook, layers=parse_layers(args.layers),
                         tokens=args.tokens, cycle=not args.no_cycle, chat=not args.raw, eval_prompts=args.eval_prompts,
-                        work_dir=args.work_dir, skip_shared_prefix=not args.keep_shared_prefix,
+                        work_dir=args.work_dir, activation_cache=args.activation_cache, skip_shared_prefix=not args.keep_shared_prefix,
                         max_norm_ratio=None if args.keep_outliers else args.max_norm_ratio),
         sae=ArchitectureConfig(architecture=args.arch, d_sae=args.d_sae, expansion=args.expansion, k=k, sparsity_coefficient=args.sparsity),
         optim=OptimConfig(lr=args.lr, batch_tokens=args.batch_tokens, seed=args.seed),

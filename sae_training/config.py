@@ -92,6 +92,9 @@ class DataConfig:
     """Activations captured per chunk on disk; bounds memory whatever `tokens` is."""
     work_dir: str | None = None
     """Parent folder for the temporary activation store (None: the system temp folder)."""
+    activation_cache: str | None = None
+    """Keep the captured training activations in a subfolder of this folder and reuse them on a later run
+    with the same model, text, layers and token budget (None: a temporary folder, deleted at the end)."""
     skip_shared_prefix: bool = True
     """Leave out the tokens every formatted text starts with (chat-template head, BOS): their activations
     are one repeated vector, and a first token is usually an attention sink."""

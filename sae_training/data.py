@@ -9,9 +9,12 @@ a mixing buffer, and cycling over the captured chunks when training asks for mor
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import random
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +34,8 @@ logger = logging.getLogger(__name__)
 ORGANISM_CORPUS_PREFIX = "organism-corpus:"
 """Text source generating prompts like the embedded organism's training corpus."""
 _FIRST_CHUNK_PROMPTS = 64
+CAPTURE_MANIFEST = "captured.json"
+"""Written last into a kept capture folder: its presence marks a finished capture."""
 _MIXING_BUFFER_BYTES = 64 << 20
 
 
@@ -150,6 +155,21 @@ class CapturedTokens:
     seconds: float
     """Wall time of the capture."""
 
+    def save(self, folder: Path) -> None:
+        """Write the manifest (chunk names relative to `folder`) atomically; call after the last chunk."""
+        record = {"chunks": [str(Path(chunk).relative_to(folder)) for chunk in self.chunks], "hook_names": list(self.hook_names),
+                  "n_tokens": self.n_tokens, "n_texts": self.n_texts, "exhausted": self.exhausted, "seconds": self.seconds}
+        partial = folder / (CAPTURE_MANIFEST + ".partial")
+        partial.write_text(json.dumps(record, indent=1))
+        partial.replace(folder / CAPTURE_MANIFEST)
+
+    @classmethod
+    def load(cls, folder: Path) -> CapturedTokens:
+        """Read a capture saved by `save`."""
+        record = json.loads((folder / CAPTURE_MANIFEST).read_text())
+        return cls(tuple(folder / name for name in record["chunks"]), tuple(record["hook_names"]), record["n_tokens"],
+                   record["n_texts"], record["exhausted"], record["seconds"])
+
 
 def capture_tokens(
     model: ModelAdapter,
@@ -188,6 +208,32 @@ def capture_tokens(
             chunk_size = min(by_memory, math.ceil(1.05 * (tokens - n_tokens) / tokens_per_text) + 1)
     exhausted = n_tokens < tokens
     return CapturedTokens(tuple(chunks), tuple(hooks), n_tokens, n_texts, exhausted, time.perf_counter() - began)
+
+
+def capture_key(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[str], *, tokens: int, chat: bool, start: int) -> str:
+    """Short hash of everything a capture's content depends on."""
+    text_hash = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+    payload = {"model": model.name, "texts": text_hash, "hooks": list(hooks), "tokens": tokens, "chat": chat, "start": start}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_capture(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[str], cache: Path, *, tokens: int, chat: bool = True,
+                   start: int = 0, **capture_options) -> CapturedTokens:
+    """`capture_tokens` kept in `cache/<key>/` and reused by any later run with the same model, texts, hooks,
+    token budget and first position, so a sweep over SAE settings captures once.
+
+    A folder without its manifest is an interrupted capture: it is removed and captured again.
+    """
+    folder = Path(cache) / capture_key(model, texts, hooks, tokens=tokens, chat=chat, start=start)
+    if (folder / CAPTURE_MANIFEST).is_file():
+        logger.info("reusing the activations captured in %s", folder)
+        return CapturedTokens.load(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    captured = capture_tokens(model, texts, hooks, folder, tokens=tokens, chat=chat, start=start, **capture_options)
+    captured.save(folder)
+    return captured
 
 
 class ActivationBatches(Iterator[Tensor]):

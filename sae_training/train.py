@@ -39,6 +39,7 @@ from sae_training.config import TrainConfig
 from sae_training.data import (
     ActivationBatches,
     CapturedTokens,
+    cached_capture,
     capture_tokens,
     iter_rows,
     load_texts,
@@ -133,9 +134,12 @@ def train_saes(config: TrainConfig, *, progress: bool = True) -> dict[str, dict[
     start = shared_prefix_length(model, chat=config.data.chat) if config.data.skip_shared_prefix else 0
     positions = Positions.all_tokens(start)
     with tempfile.TemporaryDirectory(prefix="featsteer-sae-", dir=config.data.work_dir) as scratch:
-        captured = capture_tokens(model, train_texts, todo, Path(scratch), tokens=config.data.tokens, chat=config.data.chat,
-                                  batch_size=config.data.capture_batch, chunk_bytes=config.data.chunk_megabytes << 20,
-                                  start=start, progress=progress)
+        options = {"tokens": config.data.tokens, "chat": config.data.chat, "batch_size": config.data.capture_batch,
+                   "chunk_bytes": config.data.chunk_megabytes << 20, "start": start, "progress": progress}
+        if config.data.activation_cache:
+            captured = cached_capture(model, train_texts, todo, Path(config.data.activation_cache).expanduser(), **options)
+        else:
+            captured = capture_tokens(model, train_texts, todo, Path(scratch), **options)
         train_tokens = _training_tokens(config, captured)
         held_out = capture(model, held_out_texts, todo, positions=positions, chat=config.data.chat, batch_size=config.data.capture_batch, progress=False)
         responses = _reference_responses(model, held_out_texts) if config.data.chat else None

@@ -14,7 +14,14 @@ from featsteer.models import load_model
 from featsteer.sae import load_sae, sae_hook_name
 from sae_training.cli import main, parse_layers
 from sae_training.config import ArchitectureConfig, DataConfig, OptimConfig, TrainConfig
-from sae_training.data import ActivationBatches, capture_tokens, load_texts, norm_limit, shared_prefix_length
+from sae_training.data import (
+    ActivationBatches,
+    cached_capture,
+    capture_tokens,
+    load_texts,
+    norm_limit,
+    shared_prefix_length,
+)
 
 HOOK = "blocks.1.hook_resid_post"
 ARGS = ["--model", "tiny:llama", "--layers", "1", "--arch", "topk", "--d-sae", "128", "--k", "8", "--tokens", "20000",
@@ -179,3 +186,23 @@ def test_activation_batches_leave_out_rows_above_the_norm_bound(tmp_path):
     served = torch.cat([next(batches) for _ in range(20)])
     assert float(served.norm(dim=-1).max()) <= limit
     assert norm_limit(captured.chunks, HOOK, None) is None
+
+
+def test_activation_cache_captures_once_and_a_broken_capture_is_redone(tmp_path, monkeypatch):
+    model = load_model("tiny:llama")
+    texts = [f"Sentence number {i} is here." for i in range(12)]
+    first = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=10_000, progress=False)
+    assert (first.chunks[0].parent / "captured.json").is_file()
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("captured again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("sae_training.data.capture_tokens", no_capture)
+        again = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=10_000, progress=False)
+    assert again == first
+    (first.chunks[0].parent / "captured.json").unlink()  # as if the first run had died mid-capture
+    redone = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=10_000, progress=False)
+    assert redone.n_tokens == first.n_tokens and (first.chunks[0].parent / "captured.json").is_file()
+    other = cached_capture(model, texts[:6], [HOOK], tmp_path / "cache", tokens=10_000, progress=False)
+    assert other.chunks[0].parent != first.chunks[0].parent and other.n_tokens < first.n_tokens
