@@ -487,8 +487,9 @@ def _fmt_load(load: list[float]) -> str:
 # ---- main -------------------------------------------------------------------------------------------
 
 
-def run_benchmark(iterations: int, memory_prompts: int, mode: str, threads: int = N_THREADS) -> dict:
-    """Build the models, time every configuration, measure memory; return the full report."""
+def run_benchmark(iterations: int, memory_prompts: int, mode: str, threads: int = N_THREADS, memory: dict | None = None) -> dict:
+    """Build the models, time every configuration, measure memory (unless an earlier `memory` record is
+    given); return the full report."""
     from featsteer.testing import hooked_gpt2
 
     torch.set_num_threads(threads)
@@ -510,8 +511,9 @@ def run_benchmark(iterations: int, memory_prompts: int, mode: str, threads: int 
         load["after_timing"] = list(os.getloadavg())
         del model, adapter, hooked
     records = summarise(configs, times)
-    print(f"measuring memory for {memory_prompts} prompts in a subprocess")
-    memory = measure_memory(memory_prompts, threads)
+    if memory is None:
+        print(f"measuring memory for {memory_prompts} prompts in a subprocess")
+        memory = measure_memory(memory_prompts, threads)
     load["after"] = list(os.getloadavg())
     return {
         "environment": environment(threads),
@@ -552,6 +554,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true",
                         help="re-measure memory only and update an existing capture.json/md (timings kept)")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="re-time only and update an existing capture.json/md (memory record kept)")
     return parser.parse_args(argv)
 
 
@@ -573,7 +577,8 @@ def main(argv: list[str] | None = None) -> None:
     if iterations < 2:
         raise SystemExit("--iterations must be at least 2 (the IQR needs two samples)")
     started = time.perf_counter()
-    report = run_benchmark(iterations, 200 if args.quick else 2000, "quick" if args.quick else "full", args.threads)
+    kept_memory = json.loads((args.output_dir / "capture.json").read_text())["memory"] if args.timing_only else None
+    report = run_benchmark(iterations, 200 if args.quick else 2000, "quick" if args.quick else "full", args.threads, kept_memory)
     report["wall_time_s"] = time.perf_counter() - started
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "capture.json").write_text(json.dumps(report, indent=2) + "\n")
