@@ -228,6 +228,9 @@ def test_splice_loss_compares_clean_spliced_and_zeroed(llama_adapter, sae):
     assert loss.spliced != pytest.approx(loss.clean) and loss.zero_ablated != pytest.approx(loss.clean)
     assert loss.recovered == pytest.approx((loss.zero_ablated - loss.spliced) / (loss.zero_ablated - loss.clean))
     assert splice_loss(llama_adapter, sae, PROMPTS).scored == "text"
+    sae.cfg.metadata.featsteer_max_norm = 0.0  # every token outside the SAE's domain: nothing is replaced or zeroed
+    untouched = splice_loss(llama_adapter, sae, PROMPTS, responses=responses)
+    assert untouched.spliced == pytest.approx(loss.clean) and untouched.zero_ablated == pytest.approx(loss.clean)
 
 
 def test_tokens_above_the_recorded_norm_bound_pass_through_a_splice(sae):

@@ -20,7 +20,7 @@ from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import response_cross_entropy
 from featsteer.models import ModelAdapter
 from featsteer.sae.loading import validate_sae
-from featsteer.sae.steering import splice_sae
+from featsteer.sae.steering import outside_domain, splice_sae
 
 
 @dataclass
@@ -172,7 +172,9 @@ def splice_loss(
     chat: bool = True,
     batch_size: int = 8,
 ) -> SpliceLoss:
-    """Cross-entropy loss recovered when `sae` replaces the activation at its hook (at every position).
+    """Cross-entropy loss recovered when `sae` replaces the activation at its hook (at every position inside its
+    domain: tokens above its recorded norm bound, see `outside_domain`, are left as they are by the splice and by
+    the zero-ablation baseline alike).
 
     Chat models are not trained to predict their prompts, so with `responses` the loss is the
     teacher-forced NLL of those responses after the chat-formatted `texts` (e.g. the clean model's own
@@ -195,7 +197,11 @@ def splice_loss(
     clean, n_tokens = measure()
     with splice_sae(model, sae, error_term=False):
         spliced, _ = measure()
-    with model.hooks([(validate_sae(sae, model), lambda activation, site: torch.zeros_like(activation))]):
+    def zero_ablate(activation: Tensor, site) -> Tensor:  # tokens outside the SAE's domain stay, as in the splice
+        outside = outside_domain(sae, activation)
+        return torch.zeros_like(activation) if outside is None else activation * outside[..., None].to(activation.dtype)
+
+    with model.hooks([(validate_sae(sae, model), zero_ablate)]):
         zero, _ = measure()
     return SpliceLoss(clean=clean, spliced=spliced, zero_ablated=zero, n_tokens=n_tokens,
                       scored="text" if responses is None else "responses")
