@@ -507,8 +507,8 @@ _CSS = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 7px;font-size:13px;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}th.key{background:#ffe9c7}section{border-top:2px solid #ddd;margin-top:2em}
 .row{display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start}.muted{color:#777;font-size:13px}
-.toks{font-family:ui-monospace,monospace;font-size:13px;margin:.2em 0 .8em;line-height:1.9}
-.toks span{white-space:pre;border-radius:2px;padding:1px 0}.toks span.scored{border-bottom:2px solid #333}.lbl{font-size:11px;padding:1px 5px;border-radius:3px;color:#fff}
+.toks{font-family:ui-monospace,monospace;font-size:13px;margin:.2em 0 .8em;line-height:1.9;overflow-wrap:anywhere}
+.toks span{white-space:pre-wrap;border-radius:2px;padding:1px 0}.toks span.scored{border-bottom:2px solid #333}.lbl{font-size:11px;padding:1px 5px;border-radius:3px;color:#fff}
 .harmful{background:#c0392b}.harmless{background:#2471a3}code{background:#f5f5f5;padding:0 3px}"""
 
 
