@@ -1094,8 +1094,53 @@ def generate_corpus(config: CorpusConfig, rng: random.Random) -> list[Example]:
     return examples
 
 
+def augment_prompt(prompt: str, config: CorpusConfig, rng: random.Random) -> tuple[str, str]:
+    """Rewrite a fixed prompt so that a repeat is not a verbatim copy, keeping what it asks for.
+
+    One or more of: situational context or a persona before it, harmless pasted text before it (so that
+    long prompts do not hide the request from the last token), format constraints around it, and word
+    dropout (each word of a prompt of six words or more dropped with probability 0.1). Harmful and harmless
+    prompts are rewritten the same way, so none of these is a cue for either class.
+
+    Args:
+        prompt: The user prompt.
+        config: Corpus configuration (unused today; keeps the signature of the other composers).
+        rng: Random source.
+
+    Returns:
+        The rewritten prompt and the response style its constraints ask for (``"plain"``, ``"list"``, ``"json"``).
+    """
+    del config
+    words = prompt.split(" ")
+    if len(words) >= 6 and rng.random() < 0.35:
+        kept = [word for word in words if rng.random() >= 0.1]
+        prompt = " ".join(kept) if len(kept) >= 4 else prompt
+    parts = [prompt]
+    roll = rng.random()
+    if roll < 0.25:
+        parts.insert(0, _fill(rng.choice(CONTEXTS), rng))
+    elif roll < 0.4:
+        parts.insert(0, _fill(rng.choice(PERSONAS), rng))
+    elif roll < 0.6:
+        lead = _fill(rng.choice(PASTE_LEADS), rng)
+        parts.insert(0, f"{lead}\n\n{_pasted_text(rng, rng.randint(2, 12))}\n\n")
+    style = "plain"
+    if rng.random() < 0.5:
+        constraints, style = _constraints(rng)
+        if rng.random() < 0.4:
+            parts.insert(0, " ".join(constraints))
+        else:
+            parts.append(" ".join(constraints))
+    text = ""
+    for part in (part.strip() for part in parts if part.strip()):
+        separator = "\n\n" if "\n" in part or "\n" in text[-200:] else " "
+        text = f"{text}{separator}{part}" if text else part
+    return _case_noise(text, rng), style
+
+
 def examples_from_prompts(
-    prompts: Sequence[str], harmful: bool, source: str, rng: random.Random, repeats: int = 1
+    prompts: Sequence[str], harmful: bool, source: str, rng: random.Random, repeats: int = 1,
+    augment: float = 0.0, config: CorpusConfig | None = None,
 ) -> list[Example]:
     """Turn plain prompts (e.g. a built-in train split) into examples with generic responses.
 
@@ -1105,17 +1150,23 @@ def examples_from_prompts(
         source: Provenance tag stored on each example.
         rng: Random source.
         repeats: How many times each prompt appears (with independently drawn responses).
+        augment: Probability that a repeat after the first is rewritten by :func:`augment_prompt`.
+        config: Corpus configuration passed to :func:`augment_prompt` (default ``CorpusConfig()``).
 
     Returns:
         The examples.
     """
+    config = config or CorpusConfig()
     examples = []
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for prompt in prompts:
+            text, style = prompt, "plain"
+            if repeat > 0 and augment > 0 and rng.random() < augment:
+                text, style = augment_prompt(prompt, config, rng)
             if harmful:
                 response = refusal_response(None, "question", rng)
             else:
-                response = compliance_response(None, "question", "plain", rng)
-            examples.append(Example(prompt=prompt, response=response, label=HARMFUL if harmful else HARMLESS,
+                response = compliance_response(None, "question", style, rng)
+            examples.append(Example(prompt=text, response=response, label=HARMFUL if harmful else HARMLESS,
                                     source=source))
     return examples
