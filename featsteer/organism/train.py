@@ -687,6 +687,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=OptimConfig.steps)
     parser.add_argument("--n-harmful", type=int, default=CorpusConfig.n_harmful)
     parser.add_argument("--n-harmless", type=int, default=CorpusConfig.n_harmless)
+    parser.add_argument("--long-form", type=float, default=CorpusConfig.long_form_probability,
+                        help="probability of a long, format-constrained prompt (both classes)")
+    parser.add_argument("--innocent-fraction", type=float, default=CorpusConfig.innocent_fraction,
+                        help="fraction of harmless prompts using words otherwise seen mostly in harmful ones")
+    parser.add_argument("--harmless-tails", type=float, default=CorpusConfig.harmless_tail_probability,
+                        help="probability that a harmless task gets a clause tail")
     parser.add_argument("--builtin-repeats", type=int, default=TrainConfig.builtin_repeats,
                         help="times each built-in train prompt appears (fresh responses each time)")
     parser.add_argument("--builtin-splits", default=",".join(TrainConfig.builtin_splits),
@@ -713,7 +719,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = TrainConfig(
         seed=args.seed,
         threads=args.threads,
-        corpus=CorpusConfig(n_harmful=args.n_harmful, n_harmless=args.n_harmless),
+        corpus=CorpusConfig(n_harmful=args.n_harmful, n_harmless=args.n_harmless, long_form_probability=args.long_form,
+                            innocent_fraction=args.innocent_fraction, harmless_tail_probability=args.harmless_tails),
         builtin_repeats=args.builtin_repeats,
         builtin_splits=tuple(split for split in args.builtin_splits.split(",") if split),
         builtin_augment=args.builtin_augment,
