@@ -125,6 +125,11 @@ class OptimConfig:
     probe_weight: float = 0.0
     """Weight of the auxiliary readout's binary cross-entropy relative to the response loss."""
 
+    token_dropout: float = 0.0
+    """Probability that a prompt token (not BOS, the role tokens or the final ``<|end|><|assistant|>``)
+    is replaced by a random vocabulary token during training, so that the decision rests on many words
+    and an unfamiliar word at test time is something the model has learned to read past."""
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -309,12 +314,18 @@ def collate(
     pad_id: int,
     decision_tokens: int = 1,
     decision_weight: float = 1.0,
+    token_dropout: float = 0.0,
+    n_special: int = 0,
+    vocab_size: int = 0,
+    rng: random.Random | None = None,
 ) -> dict[str, torch.Tensor]:
     """Right-pad a batch for training.
 
     The first ``decision_tokens`` response tokens are where the model decides between refusing and
     complying; they get loss weight ``decision_weight`` so that this decision is not drowned out by the
-    (much more numerous) tokens that merely finish a templated sentence.
+    (much more numerous) tokens that merely finish a templated sentence. With ``token_dropout``, prompt
+    tokens (positions 2 to ``n_prompt - 3``) are replaced by random non-special tokens (ids from
+    ``n_special`` to ``vocab_size - 1``) with that probability, drawn from ``rng``.
 
     Returns:
         ``input_ids`` and ``attention_mask`` of shape ``(batch, pos)``, ``predict_mask`` marking the
@@ -334,6 +345,11 @@ def collate(
         ids, n_prompt, label = encoded[index]
         last_prompt.append(n_prompt - 1)
         harmful.append(float(label))
+        if token_dropout > 0 and rng is not None:
+            ids = list(ids)
+            for position in range(2, n_prompt - 2):
+                if rng.random() < token_dropout:
+                    ids[position] = rng.randrange(n_special, vocab_size)
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention_mask[row, : len(ids)] = 1
         predict_mask[row, n_prompt - 1 : len(ids) - 1] = True
@@ -409,7 +425,7 @@ def learning_rate(step: int, optim: OptimConfig) -> float:
     return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine)
 
 
-def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Random) -> list[float]:
+def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Random, n_special: int = 0) -> list[float]:
     """Run the optimisation loop and return the loss of every step.
 
     Args:
@@ -417,7 +433,8 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
         encoded: Output of :func:`encode_examples`.
         pad_id: Padding token id.
         optim: Optimisation schedule.
-        rng: Random source for batch order.
+        rng: Random source for batch order (and token dropout).
+        n_special: Number of special tokens at the start of the vocabulary (never drawn by token dropout).
 
     Returns:
         Per-step training losses (weighted mean cross-entropy over response tokens).
@@ -443,7 +460,8 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
             batches = make_batches(encoded, optim.batch_tokens, rng)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, optim)
-        batch = collate(encoded, batches.pop(), pad_id, optim.decision_tokens, optim.decision_weight)
+        batch = collate(encoded, batches.pop(), pad_id, optim.decision_tokens, optim.decision_weight,
+                        optim.token_dropout, n_special, model.config.vocab_size, rng)
         loss, probe_loss = response_loss(model, batch, probe, optim.probe_layer)
         total = loss if probe_loss is None else loss + optim.probe_weight * probe_loss
         optimizer.zero_grad(set_to_none=True)
@@ -658,7 +676,7 @@ def run(config: TrainConfig, out: Path, report: Path | None, real_data: Path | N
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %d parameters", n_params)
     train_started = time.perf_counter()
-    losses = train_model(model, encoded, tokenizer.pad_token_id, config.optim, rng)
+    losses = train_model(model, encoded, tokenizer.pad_token_id, config.optim, rng, n_special=len(ROLE_TOKENS) + 3)
     train_seconds = time.perf_counter() - train_started
     size = save_organism(model, tokenizer, out)
     total_seconds = time.perf_counter() - started
@@ -703,6 +721,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="hidden_states index of the auxiliary harmful-vs-harmless readout (unset: no readout)")
     parser.add_argument("--probe-weight", type=float, default=OptimConfig.probe_weight,
                         help="weight of the auxiliary readout's loss")
+    parser.add_argument("--token-dropout", type=float, default=OptimConfig.token_dropout,
+                        help="probability of replacing a prompt token by a random token during training")
     parser.add_argument("--d-model", type=int, default=ModelConfig.d_model)
     parser.add_argument("--n-layers", type=int, default=ModelConfig.n_layers)
     parser.add_argument("--n-heads", type=int, default=ModelConfig.n_heads)
@@ -725,7 +745,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         builtin_splits=tuple(split for split in args.builtin_splits.split(",") if split),
         builtin_augment=args.builtin_augment,
         model=ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, d_mlp=args.d_mlp),
-        optim=OptimConfig(steps=args.steps, probe_layer=args.probe_layer, probe_weight=args.probe_weight),
+        optim=OptimConfig(steps=args.steps, probe_layer=args.probe_layer, probe_weight=args.probe_weight,
+                          token_dropout=args.token_dropout),
     )
     metrics = run(config, args.out, args.report, args.real_data)
     logger.info("done: %s", json.dumps({k: v["rate"] for k, v in metrics["refusal"].items()}))
