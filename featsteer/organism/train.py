@@ -709,6 +709,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="probability of a long, format-constrained prompt (both classes)")
     parser.add_argument("--innocent-fraction", type=float, default=CorpusConfig.innocent_fraction,
                         help="fraction of harmless prompts using words otherwise seen mostly in harmful ones")
+    parser.add_argument("--nonce", type=float, default=CorpusConfig.nonce_probability,
+                        help="probability of an objective built around made-up words (both classes)")
     parser.add_argument("--harmless-tails", type=float, default=CorpusConfig.harmless_tail_probability,
                         help="probability that a harmless task gets a clause tail")
     parser.add_argument("--builtin-repeats", type=int, default=TrainConfig.builtin_repeats,
@@ -740,7 +742,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         seed=args.seed,
         threads=args.threads,
         corpus=CorpusConfig(n_harmful=args.n_harmful, n_harmless=args.n_harmless, long_form_probability=args.long_form,
-                            innocent_fraction=args.innocent_fraction, harmless_tail_probability=args.harmless_tails),
+                            innocent_fraction=args.innocent_fraction, harmless_tail_probability=args.harmless_tails,
+                            nonce_probability=args.nonce),
         builtin_repeats=args.builtin_repeats,
         builtin_splits=tuple(split for split in args.builtin_splits.split(",") if split),
         builtin_augment=args.builtin_augment,
