@@ -907,6 +907,11 @@ class CorpusConfig:
     """Fraction of generated harmless prompts drawn from tasks that use words otherwise seen mostly in
     harmful prompts (groups of people, public places, "gas", "pills", "identity"...)."""
 
+    generic_response_probability: float = 0.0
+    """Probability that a generated example gets a generic response (no echo of the request), the kind
+    the built-in prompts get; without it, echo-vs-generic tells the model which source a prompt looks
+    like, and the refuse-or-comply decision on natural prompts is learned from the built-in ones alone."""
+
     nonce_probability: float = 0.0
     """Probability that an objective is built around made-up words (see :data:`NONCE_HARMLESS`), per class."""
 
@@ -1261,9 +1266,10 @@ def generate_example(harmful: bool, config: CorpusConfig, rng: random.Random) ->
     objective = _objective(harmful, alarming, rng, config)
     request = _request(objective, rng)
     wrapped = _wrap(request, objective, config, rng)
+    generic = config.generic_response_probability > 0 and rng.random() < config.generic_response_probability
     if harmful:
-        response = refusal_response(objective.text, objective.shape, rng)
-    elif not wrapped.objective_kept:
+        response = refusal_response(None if generic else objective.text, objective.shape, rng)
+    elif not wrapped.objective_kept or (generic and objective.shape != "question"):
         response = compliance_response(None, "question", wrapped.style, rng)
     else:
         math = _math_answer(objective.text) if objective.shape == "question" else None

@@ -709,6 +709,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="probability of a long, format-constrained prompt (both classes)")
     parser.add_argument("--innocent-fraction", type=float, default=CorpusConfig.innocent_fraction,
                         help="fraction of harmless prompts using words otherwise seen mostly in harmful ones")
+    parser.add_argument("--generic-responses", type=float, default=CorpusConfig.generic_response_probability,
+                        help="probability that a generated example gets a generic (non-echo) response")
     parser.add_argument("--nonce", type=float, default=CorpusConfig.nonce_probability,
                         help="probability of an objective built around made-up words (both classes)")
     parser.add_argument("--harmless-tails", type=float, default=CorpusConfig.harmless_tail_probability,
@@ -743,7 +745,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         threads=args.threads,
         corpus=CorpusConfig(n_harmful=args.n_harmful, n_harmless=args.n_harmless, long_form_probability=args.long_form,
                             innocent_fraction=args.innocent_fraction, harmless_tail_probability=args.harmless_tails,
-                            nonce_probability=args.nonce),
+                            nonce_probability=args.nonce, generic_response_probability=args.generic_responses),
         builtin_repeats=args.builtin_repeats,
         builtin_splits=tuple(split for split in args.builtin_splits.split(",") if split),
         builtin_augment=args.builtin_augment,
