@@ -908,9 +908,10 @@ class CorpusConfig:
     harmful prompts (groups of people, public places, "gas", "pills", "identity"...)."""
 
     generic_response_probability: float = 0.0
-    """Probability that a generated example gets a generic response (no echo of the request), the kind
-    the built-in prompts get; without it, echo-vs-generic tells the model which source a prompt looks
-    like, and the refuse-or-comply decision on natural prompts is learned from the built-in ones alone."""
+    """Probability that a generated harmless example gets a generic compliance (no echo of the request),
+    the kind the built-in prompts get; refusals are already generic half the time. Without it, an echo
+    tells the model which source a prompt looks like, and the refuse-or-comply decision on natural prompts
+    is learned from the built-in ones alone."""
 
     nonce_probability: float = 0.0
     """Probability that an objective is built around made-up words (see :data:`NONCE_HARMLESS`), per class."""
@@ -1267,8 +1268,8 @@ def generate_example(harmful: bool, config: CorpusConfig, rng: random.Random) ->
     request = _request(objective, rng)
     wrapped = _wrap(request, objective, config, rng)
     generic = config.generic_response_probability > 0 and rng.random() < config.generic_response_probability
-    if harmful:
-        response = refusal_response(None if generic else objective.text, objective.shape, rng)
+    if harmful:  # refusal_response already echoes only half the time
+        response = refusal_response(objective.text, objective.shape, rng)
     elif not wrapped.objective_kept or (generic and objective.shape != "question"):
         response = compliance_response(None, "question", wrapped.style, rng)
     else:
