@@ -116,6 +116,20 @@ class OptimConfig:
     decision_weight: float = 4.0
     """Loss weight of those decision tokens relative to the rest of the response."""
 
+    probe_layer: int | None = None
+    """Residual stream (``hidden_states`` index: 0 is the embedding output, ``i`` the output of block
+    ``i - 1``, i.e. ``blocks.i.hook_resid_pre``) at which an auxiliary linear readout of the last prompt
+    token predicts harmful vs harmless; ``None`` trains without it. The readout is discarded after
+    training: it only pushes the model to form one linear harm feature mid-network."""
+
+    probe_weight: float = 0.0
+    """Weight of the auxiliary readout's binary cross-entropy relative to the response loss."""
+
+    token_dropout: float = 0.0
+    """Probability that a prompt token (not BOS, the role tokens or the final ``<|end|><|assistant|>``)
+    is replaced by a random vocabulary token during training, so that the decision rests on many words
+    and an unfamiliar word at test time is something the model has learned to read past."""
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -132,6 +146,13 @@ class TrainConfig:
 
     builtin_repeats: int = 8
     """How many times each built-in *train* prompt appears (with fresh responses each time)."""
+
+    builtin_splits: tuple[str, ...] = ("train",)
+    """Built-in splits trained on (``"train"`` and optionally ``"val"``; never ``"test"``)."""
+
+    builtin_augment: float = 0.0
+    """Probability that a repeat of a built-in prompt is rewritten (wrapped in context or format
+    constraints, or with words dropped; see :func:`featsteer.organism.corpus.augment_prompt`)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model shape."""
@@ -173,7 +194,7 @@ def builtin_split(kind: str, split: str) -> list[str] | None:
 
 
 def build_examples(config: TrainConfig, rng: random.Random) -> tuple[list[Example], dict[str, int]]:
-    """Generated corpus plus the built-in *train* splits (alarming prompts are complied with).
+    """Generated corpus plus the built-in splits named by the config (alarming prompts are complied with).
 
     Args:
         config: Training configuration.
@@ -182,13 +203,17 @@ def build_examples(config: TrainConfig, rng: random.Random) -> tuple[list[Exampl
     Returns:
         Shuffled examples and a count per source.
     """
+    if "test" in config.builtin_splits:
+        raise ValueError("the built-in test split is held out: never train on it")
     examples = generate_corpus(config.corpus, rng)
     for kind in ("harmful", "harmless", "alarming"):
-        prompts = builtin_split(kind, "train")
-        if prompts is None:
-            logger.warning("no built-in %s train split; training on the generated corpus only", kind)
-            continue
-        examples += examples_from_prompts(prompts, kind == "harmful", f"builtin:{kind}", rng, config.builtin_repeats)
+        for split in config.builtin_splits:
+            prompts = builtin_split(kind, split)
+            if prompts is None:
+                logger.warning("no built-in %s %s split; training on the generated corpus only", kind, split)
+                continue
+            examples += examples_from_prompts(prompts, kind == "harmful", f"builtin:{kind}", rng, config.builtin_repeats,
+                                              augment=config.builtin_augment, config=config.corpus)
     rng.shuffle(examples)
     counts: dict[str, int] = {}
     for example in examples:
@@ -242,8 +267,8 @@ def render_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def encode_examples(examples: Sequence[Example], tokenizer, max_len: int) -> list[tuple[list[int], int]]:
-    """Tokenise examples into ``(token_ids, n_prompt_tokens)``; the loss covers the rest.
+def encode_examples(examples: Sequence[Example], tokenizer, max_len: int) -> list[tuple[list[int], int, int]]:
+    """Tokenise examples into ``(token_ids, n_prompt_tokens, harmful)``; the loss covers the response.
 
     Args:
         examples: Chat examples.
@@ -260,12 +285,12 @@ def encode_examples(examples: Sequence[Example], tokenizer, max_len: int) -> lis
         response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
         ids = prompt_ids["input_ids"] + response_ids + [eos_id]
         if len(ids) <= max_len:
-            encoded.append((ids, len(prompt_ids["input_ids"])))
+            encoded.append((ids, len(prompt_ids["input_ids"]), int(example.label == HARMFUL)))
     return encoded
 
 
 def make_batches(
-    encoded: Sequence[tuple[list[int], int]], batch_tokens: int, rng: random.Random
+    encoded: Sequence[tuple[list[int], int, int]], batch_tokens: int, rng: random.Random
 ) -> list[list[int]]:
     """Group example indices into length-bucketed batches of at most ``batch_tokens`` padded tokens."""
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), rng.random()))
@@ -284,22 +309,29 @@ def make_batches(
 
 
 def collate(
-    encoded: Sequence[tuple[list[int], int]],
+    encoded: Sequence[tuple[list[int], int, int]],
     indices: Sequence[int],
     pad_id: int,
     decision_tokens: int = 1,
     decision_weight: float = 1.0,
+    token_dropout: float = 0.0,
+    n_special: int = 0,
+    vocab_size: int = 0,
+    rng: random.Random | None = None,
 ) -> dict[str, torch.Tensor]:
     """Right-pad a batch for training.
 
     The first ``decision_tokens`` response tokens are where the model decides between refusing and
     complying; they get loss weight ``decision_weight`` so that this decision is not drowned out by the
-    (much more numerous) tokens that merely finish a templated sentence.
+    (much more numerous) tokens that merely finish a templated sentence. With ``token_dropout``, prompt
+    tokens (positions 2 to ``n_prompt - 3``) are replaced by random non-special tokens (ids from
+    ``n_special`` to ``vocab_size - 1``) with that probability, drawn from ``rng``.
 
     Returns:
         ``input_ids`` and ``attention_mask`` of shape ``(batch, pos)``, ``predict_mask`` marking the
         positions whose next token is a response token, ``targets`` (those next tokens, flattened in
-        row-major order of ``predict_mask``) and their loss ``weights``.
+        row-major order of ``predict_mask``) and their loss ``weights``, ``last_prompt`` (position of
+        each row's last prompt token) and ``harmful`` (each row's label, float).
     """
     width = max(len(encoded[i][0]) for i in indices)
     input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
@@ -307,8 +339,17 @@ def collate(
     predict_mask = torch.zeros((len(indices), width), dtype=torch.bool)
     targets: list[int] = []
     weights: list[float] = []
+    last_prompt: list[int] = []
+    harmful: list[float] = []
     for row, index in enumerate(indices):
-        ids, n_prompt = encoded[index]
+        ids, n_prompt, label = encoded[index]
+        last_prompt.append(n_prompt - 1)
+        harmful.append(float(label))
+        if token_dropout > 0 and rng is not None:
+            ids = list(ids)
+            for position in range(2, n_prompt - 2):
+                if rng.random() < token_dropout:
+                    ids[position] = rng.randrange(n_special, vocab_size)
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention_mask[row, : len(ids)] = 1
         predict_mask[row, n_prompt - 1 : len(ids) - 1] = True
@@ -317,15 +358,34 @@ def collate(
         n_decision = min(decision_tokens, n_response)
         weights.extend([decision_weight] * n_decision + [1.0] * (n_response - n_decision))
     return {"input_ids": input_ids, "attention_mask": attention_mask, "predict_mask": predict_mask,
-            "targets": torch.tensor(targets, dtype=torch.long), "weights": torch.tensor(weights)}
+            "targets": torch.tensor(targets, dtype=torch.long), "weights": torch.tensor(weights),
+            "last_prompt": torch.tensor(last_prompt, dtype=torch.long), "harmful": torch.tensor(harmful)}
 
 
-def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy on response tokens only; the LM head runs only where the loss needs it (cheaper)."""
-    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    logits = model.lm_head(hidden[batch["predict_mask"]])
+def response_loss(model, batch: dict[str, torch.Tensor], probe: torch.nn.Linear | None = None,
+                  probe_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cross-entropy on response tokens only; the LM head runs only where the loss needs it (cheaper).
+
+    Args:
+        model: The causal LM being trained.
+        batch: Output of :func:`collate`.
+        probe: Optional auxiliary linear readout ``d_model -> 1`` (harmful logit).
+        probe_layer: ``hidden_states`` index the readout reads at the last prompt token.
+
+    Returns:
+        The weighted response cross-entropy and, with a probe, its binary cross-entropy (else ``None``).
+    """
+    outputs = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          output_hidden_states=probe is not None)
+    logits = model.lm_head(outputs.last_hidden_state[batch["predict_mask"]])
     token_losses = torch.nn.functional.cross_entropy(logits.float(), batch["targets"], reduction="none")
-    return (token_losses * batch["weights"]).sum() / batch["weights"].sum()
+    loss = (token_losses * batch["weights"]).sum() / batch["weights"].sum()
+    if probe is None:
+        return loss, None
+    rows = torch.arange(batch["input_ids"].shape[0])
+    residual = outputs.hidden_states[probe_layer][rows, batch["last_prompt"]]
+    probe_loss = torch.nn.functional.binary_cross_entropy_with_logits(probe(residual).squeeze(-1).float(), batch["harmful"])
+    return loss, probe_loss
 
 
 def build_model(config: ModelConfig, tokenizer):
@@ -365,7 +425,7 @@ def learning_rate(step: int, optim: OptimConfig) -> float:
     return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine)
 
 
-def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Random) -> list[float]:
+def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Random, n_special: int = 0) -> list[float]:
     """Run the optimisation loop and return the loss of every step.
 
     Args:
@@ -373,20 +433,26 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
         encoded: Output of :func:`encode_examples`.
         pad_id: Padding token id.
         optim: Optimisation schedule.
-        rng: Random source for batch order.
+        rng: Random source for batch order (and token dropout).
+        n_special: Number of special tokens at the start of the vocabulary (never drawn by token dropout).
 
     Returns:
         Per-step training losses (weighted mean cross-entropy over response tokens).
     """
+    probe = None
+    if optim.probe_layer is not None and optim.probe_weight > 0:
+        probe = torch.nn.Linear(model.config.hidden_size, 1)
+    probe_params = list(probe.parameters()) if probe is not None else []
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay + probe_params, "weight_decay": 0.0}],
         lr=optim.lr,
         betas=(0.9, 0.95),
     )
     model.train()
     losses: list[float] = []
+    probe_losses: list[float] = []
     batches: list[list[int]] = []
     start = time.perf_counter()
     for step in range(optim.steps):
@@ -394,16 +460,21 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
             batches = make_batches(encoded, optim.batch_tokens, rng)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, optim)
-        batch = collate(encoded, batches.pop(), pad_id, optim.decision_tokens, optim.decision_weight)
-        loss = response_loss(model, batch)
+        batch = collate(encoded, batches.pop(), pad_id, optim.decision_tokens, optim.decision_weight,
+                        optim.token_dropout, n_special, model.config.vocab_size, rng)
+        loss, probe_loss = response_loss(model, batch, probe, optim.probe_layer)
+        total = loss if probe_loss is None else loss + optim.probe_weight * probe_loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_([*model.parameters(), *probe_params], optim.grad_clip)
         optimizer.step()
         losses.append(loss.item())
+        probe_losses.append(probe_loss.item() if probe_loss is not None else 0.0)
         if step % 100 == 0 or step == optim.steps - 1:
             recent = sum(losses[-100:]) / len(losses[-100:])
-            logger.info("step %d/%d loss %.4f (%.0fs)", step, optim.steps, recent, time.perf_counter() - start)
+            recent_probe = sum(probe_losses[-100:]) / len(probe_losses[-100:])
+            logger.info("step %d/%d loss %.4f probe %.4f (%.0fs)", step, optim.steps, recent, recent_probe,
+                        time.perf_counter() - start)
     model.eval()
     return losses
 
@@ -605,7 +676,7 @@ def run(config: TrainConfig, out: Path, report: Path | None, real_data: Path | N
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %d parameters", n_params)
     train_started = time.perf_counter()
-    losses = train_model(model, encoded, tokenizer.pad_token_id, config.optim, rng)
+    losses = train_model(model, encoded, tokenizer.pad_token_id, config.optim, rng, n_special=len(ROLE_TOKENS) + 3)
     train_seconds = time.perf_counter() - train_started
     size = save_organism(model, tokenizer, out)
     total_seconds = time.perf_counter() - started
@@ -634,8 +705,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=OptimConfig.steps)
     parser.add_argument("--n-harmful", type=int, default=CorpusConfig.n_harmful)
     parser.add_argument("--n-harmless", type=int, default=CorpusConfig.n_harmless)
+    parser.add_argument("--long-form", type=float, default=CorpusConfig.long_form_probability,
+                        help="probability of a long, format-constrained prompt (both classes)")
+    parser.add_argument("--innocent-fraction", type=float, default=CorpusConfig.innocent_fraction,
+                        help="fraction of harmless prompts using words otherwise seen mostly in harmful ones")
+    parser.add_argument("--generic-responses", type=float, default=CorpusConfig.generic_response_probability,
+                        help="probability that a generated example gets a generic (non-echo) response")
+    parser.add_argument("--nonce", type=float, default=CorpusConfig.nonce_probability,
+                        help="probability of an objective built around made-up words (both classes)")
+    parser.add_argument("--harmless-tails", type=float, default=CorpusConfig.harmless_tail_probability,
+                        help="probability that a harmless task gets a clause tail")
     parser.add_argument("--builtin-repeats", type=int, default=TrainConfig.builtin_repeats,
                         help="times each built-in train prompt appears (fresh responses each time)")
+    parser.add_argument("--builtin-splits", default=",".join(TrainConfig.builtin_splits),
+                        help="comma-separated built-in splits to train on (train, val; never test)")
+    parser.add_argument("--builtin-augment", type=float, default=TrainConfig.builtin_augment,
+                        help="probability that a repeat of a built-in prompt is rewritten (context, constraints, word drop)")
+    parser.add_argument("--probe-layer", type=int, default=OptimConfig.probe_layer,
+                        help="hidden_states index of the auxiliary harmful-vs-harmless readout (unset: no readout)")
+    parser.add_argument("--probe-weight", type=float, default=OptimConfig.probe_weight,
+                        help="weight of the auxiliary readout's loss")
+    parser.add_argument("--token-dropout", type=float, default=OptimConfig.token_dropout,
+                        help="probability of replacing a prompt token by a random token during training")
+    parser.add_argument("--d-model", type=int, default=ModelConfig.d_model)
+    parser.add_argument("--n-layers", type=int, default=ModelConfig.n_layers)
+    parser.add_argument("--n-heads", type=int, default=ModelConfig.n_heads)
+    parser.add_argument("--d-mlp", type=int, default=ModelConfig.d_mlp)
+    parser.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch threads")
     return parser.parse_args(argv)
 
 
@@ -646,9 +742,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     config = TrainConfig(
         seed=args.seed,
-        corpus=CorpusConfig(n_harmful=args.n_harmful, n_harmless=args.n_harmless),
+        threads=args.threads,
+        corpus=CorpusConfig(n_harmful=args.n_harmful, n_harmless=args.n_harmless, long_form_probability=args.long_form,
+                            innocent_fraction=args.innocent_fraction, harmless_tail_probability=args.harmless_tails,
+                            nonce_probability=args.nonce, generic_response_probability=args.generic_responses),
         builtin_repeats=args.builtin_repeats,
-        optim=OptimConfig(steps=args.steps),
+        builtin_splits=tuple(split for split in args.builtin_splits.split(",") if split),
+        builtin_augment=args.builtin_augment,
+        model=ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, d_mlp=args.d_mlp),
+        optim=OptimConfig(steps=args.steps, probe_layer=args.probe_layer, probe_weight=args.probe_weight,
+                          token_dropout=args.token_dropout),
     )
     metrics = run(config, args.out, args.report, args.real_data)
     logger.info("done: %s", json.dumps({k: v["rate"] for k, v in metrics["refusal"].items()}))
