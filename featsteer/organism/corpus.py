@@ -1168,11 +1168,7 @@ def _wrap(request: str, objective: _Objective, config: CorpusConfig, rng: random
             parts.insert(0, " ".join(constraints))
         else:
             parts.append(" ".join(constraints))
-    prompt = ""
-    for part in (part.strip() for part in parts if part.strip()):
-        separator = "\n\n" if "\n" in part or "\n" in prompt[-200:] else " "
-        prompt = f"{prompt}{separator}{part}" if prompt else part
-    return _Wrapped(prompt=_case_noise(prompt, rng), style=style, objective_kept=kept)
+    return _Wrapped(prompt=_case_noise(_join_parts(parts), rng), style=style, objective_kept=kept)
 
 
 def _case_noise(prompt: str, rng: random.Random) -> str:
@@ -1335,11 +1331,7 @@ def augment_prompt(prompt: str, config: CorpusConfig, rng: random.Random) -> tup
             parts.insert(0, " ".join(constraints))
         else:
             parts.append(" ".join(constraints))
-    text = ""
-    for part in (part.strip() for part in parts if part.strip()):
-        separator = "\n\n" if "\n" in part or "\n" in text[-200:] else " "
-        text = f"{text}{separator}{part}" if text else part
-    return _case_noise(text, rng), style
+    return _case_noise(_join_parts(parts), rng), style
 
 
 def examples_from_prompts(
@@ -1374,3 +1366,12 @@ def examples_from_prompts(
             examples.append(Example(prompt=text, response=response, label=HARMFUL if harmful else HARMLESS,
                                     source=source))
     return examples
+
+
+def _join_parts(parts: list[str]) -> str:
+    """Join prompt parts with a space, or a blank line around any part that spans several lines."""
+    text = ""
+    for part in (part.strip() for part in parts if part.strip()):
+        separator = "\n\n" if "\n" in part or "\n" in text[-200:] else " "
+        text = f"{text}{separator}{part}" if text else part
+    return text
