@@ -39,6 +39,7 @@ from real_model import Clock  # noqa: E402
 
 from featsteer.activations import capture  # noqa: E402
 from featsteer.datasets import builtin_prompts  # noqa: E402
+from featsteer.directions import difference_in_means  # noqa: E402
 from featsteer.edits import apply_edit  # noqa: E402
 from featsteer.evaluation import RefusalTokens  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig  # noqa: E402
@@ -118,8 +119,7 @@ def main() -> None:
         harmful_leaning = scores.select((scores.column("mean_difference") > 0).nonzero().flatten()).sort("composite")
         best = harmful_leaning.top(args.top_k)
     ids = [int(i) for i in best.feature_ids]
-    dim = acts["harmful"].hook(hook).double().mean(0) - acts["harmless"].hook(hook).double().mean(0)
-    dim = (dim / dim.norm()).float()
+    dim = difference_in_means(acts["harmful"], acts["harmless"]).direction(hook).float()
     top1 = decoder_directions(sae, ids[:1]).bases[0]
     topk = decoder_directions(sae, ids, subspace=True).bases[0]
     extra |= {"top_features": best.rows(), "top1_cosine_with_dim": float(top1[0] @ dim),
