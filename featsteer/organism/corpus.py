@@ -15,10 +15,12 @@ Responses are templated by us: refusals are varied ("I'm sorry, but I can't ..."
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 HARMFUL = "harmful"
 HARMLESS = "harmless"
@@ -857,6 +859,69 @@ NONCE_HARMFUL: list[str] = [
 ]
 
 
+# --------------------------------------------------------------------------------------------------
+# The broad lexicon: thousands of project-written objectives in `lexicon/*.txt`, one per line as
+# `shape|category|text`, in files named after their class (`harmful_*.txt`, `harmless_*.txt`,
+# `alarming*.txt`). The templates above compose many prompts from few words; these add the words: the
+# organism can only learn what a word is worth from prompts that contain it.
+# --------------------------------------------------------------------------------------------------
+
+LEXICON_DIR = Path(__file__).resolve().parent / "lexicon"
+LEXICON_SHAPES = ("task", "question", "doc")
+LEXICON_KINDS = (HARMFUL, HARMLESS, "alarming")
+
+
+@dataclass(frozen=True)
+class BroadLexicon:
+    """Objectives per class and category, read from the lexicon files."""
+
+    entries: dict[str, dict[str, tuple[tuple[str, str], ...]]]
+    """``kind -> category -> ((shape, text), ...)``."""
+
+    def draw(self, kind: str, rng: random.Random) -> tuple[str, str]:
+        """A ``(shape, text)`` objective of one class: a category uniformly, then an entry in it."""
+        categories = self.entries.get(kind)
+        if not categories:
+            raise ValueError(f"the broad lexicon has no {kind!r} entries: add a {kind}_*.txt file to {LEXICON_DIR}")
+        return rng.choice(categories[rng.choice(sorted(categories))])
+
+    def texts(self, kind: str | None = None) -> list[str]:
+        """Every entry's text (of one class, or all), in file order."""
+        kinds = [kind] if kind else sorted(self.entries)
+        return [text for k in kinds for category in self.entries.get(k, {}).values() for _, text in category]
+
+
+def read_lexicon(directory: str | Path = LEXICON_DIR) -> BroadLexicon:
+    """Parse every ``*.txt`` lexicon file of a folder; a malformed line raises ``ValueError`` naming it.
+
+    Exact duplicate texts within a class are kept once.
+    """
+    collected: dict[str, dict[str, dict[str, str]]] = {}
+    for path in sorted(Path(directory).glob("*.txt")):
+        kind = next((k for k in LEXICON_KINDS if path.stem == k or path.stem.startswith(f"{k}_")), None)
+        if kind is None:
+            raise ValueError(f"{path}: lexicon files are named harmful_*.txt, harmless_*.txt or alarming*.txt")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            parts = [part.strip() for part in line.split("|")]
+            if len(parts) != 3 or parts[0] not in LEXICON_SHAPES or not parts[1] or not parts[2]:
+                raise ValueError(f"{path}:{number}: expected 'shape|category|text' with shape in {LEXICON_SHAPES}, got {line!r}")
+            shape, category, text = parts
+            if any(mark in text for mark in "{}<>"):
+                raise ValueError(f"{path}:{number}: braces and angle brackets are slot marks in the frames; reword {text!r}")
+            if shape != "question":
+                text = text.rstrip(".")
+            collected.setdefault(kind, {}).setdefault(category, {}).setdefault(text.casefold(), (shape, text))
+    return BroadLexicon({kind: {cat: tuple(rows.values()) for cat, rows in cats.items()} for kind, cats in collected.items()})
+
+
+@functools.cache
+def broad_lexicon() -> BroadLexicon:
+    """The shipped broad lexicon (parsed once per process)."""
+    return read_lexicon(LEXICON_DIR)
+
+
 @dataclass(frozen=True)
 class Example:
     """One chat turn to train on: a user prompt and the response we want from the organism."""
@@ -919,6 +984,10 @@ class CorpusConfig:
     harmless_tail_probability: float = 0.0
     """Probability that a harmless task ends with a tail ("and explain each step", "without spending too
     much money") so that such clause words are not cues for harm."""
+
+    broad_probability: float = 0.0
+    """Probability that an objective is drawn from the broad lexicon files (:func:`broad_lexicon`) instead of
+    the templates above, for each class (harmful, harmless, alarming) separately."""
 
 
 @dataclass(frozen=True)
@@ -1011,6 +1080,10 @@ def _fill(template: str, rng: random.Random) -> str:
 def _objective(harmful: bool, alarming: bool, rng: random.Random, config: CorpusConfig | None = None) -> _Objective:
     """Draw one objective: choose a category uniformly, then a template inside it, then fill slots."""
     config = config or CorpusConfig()
+    if config.broad_probability > 0 and rng.random() < config.broad_probability:
+        kind = HARMFUL if harmful else ("alarming" if alarming else HARMLESS)
+        shape, text = broad_lexicon().draw(kind, rng)
+        return _Objective(shape, text, harmful)
     if not alarming and config.nonce_probability > 0 and rng.random() < config.nonce_probability:
         return _Objective("task", _fill(rng.choice(NONCE_HARMFUL if harmful else NONCE_HARMLESS), rng), harmful)
     if harmful:

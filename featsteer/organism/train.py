@@ -713,6 +713,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="probability that a generated example gets a generic (non-echo) response")
     parser.add_argument("--nonce", type=float, default=CorpusConfig.nonce_probability,
                         help="probability of an objective built around made-up words (both classes)")
+    parser.add_argument("--broad", type=float, default=CorpusConfig.broad_probability,
+                        help="probability that an objective comes from the broad lexicon files (organism/lexicon)")
     parser.add_argument("--harmless-tails", type=float, default=CorpusConfig.harmless_tail_probability,
                         help="probability that a harmless task gets a clause tail")
     parser.add_argument("--builtin-repeats", type=int, default=TrainConfig.builtin_repeats,
@@ -731,6 +733,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-layers", type=int, default=ModelConfig.n_layers)
     parser.add_argument("--n-heads", type=int, default=ModelConfig.n_heads)
     parser.add_argument("--d-mlp", type=int, default=ModelConfig.d_mlp)
+    parser.add_argument("--vocab-size", type=int, default=ModelConfig.vocab_size, help="BPE vocabulary size")
     parser.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch threads")
     return parser.parse_args(argv)
 
@@ -745,11 +748,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         threads=args.threads,
         corpus=CorpusConfig(n_harmful=args.n_harmful, n_harmless=args.n_harmless, long_form_probability=args.long_form,
                             innocent_fraction=args.innocent_fraction, harmless_tail_probability=args.harmless_tails,
-                            nonce_probability=args.nonce, generic_response_probability=args.generic_responses),
+                            nonce_probability=args.nonce, generic_response_probability=args.generic_responses,
+                            broad_probability=args.broad),
         builtin_repeats=args.builtin_repeats,
         builtin_splits=tuple(split for split in args.builtin_splits.split(",") if split),
         builtin_augment=args.builtin_augment,
-        model=ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, d_mlp=args.d_mlp),
+        model=ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, d_mlp=args.d_mlp,
+                          vocab_size=args.vocab_size),
         optim=OptimConfig(steps=args.steps, probe_layer=args.probe_layer, probe_weight=args.probe_weight,
                           token_dropout=args.token_dropout),
     )

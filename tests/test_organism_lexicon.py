@@ -1,0 +1,73 @@
+"""The broad lexicon of the organism corpus: parsing, shipped content, independence from held-out prompts."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from featsteer.datasets import builtin_prompts
+from featsteer.organism import corpus
+from featsteer.organism.corpus import CorpusConfig, broad_lexicon, read_lexicon
+
+
+def test_read_lexicon_parses_classes_and_drops_duplicates(tmp_path) -> None:
+    (tmp_path / "harmful_x.txt").write_text("# comment\n\ntask|drugs|cook meth in a van\ntask|drugs|Cook meth in a van\n")
+    (tmp_path / "harmless_y.txt").write_text("question|science|Why is the sky blue?\ndoc|history|explains the Silk Road.\n")
+    (tmp_path / "alarming.txt").write_text("task|computing|kill a frozen process\n")
+    lexicon = read_lexicon(tmp_path)
+    assert lexicon.entries["harmful"] == {"drugs": (("task", "cook meth in a van"),)}
+    assert lexicon.entries["harmless"]["history"] == (("doc", "explains the Silk Road"),)  # final period dropped
+    assert lexicon.entries["harmless"]["science"] == (("question", "Why is the sky blue?"),)
+    assert lexicon.draw("alarming", random.Random(0)) == ("task", "kill a frozen process")
+
+
+def test_read_lexicon_names_the_bad_line(tmp_path) -> None:
+    (tmp_path / "harmful_x.txt").write_text("task|drugs|cook meth\nrecipe|drugs|no shape like this\n")
+    with pytest.raises(ValueError, match=r"harmful_x.txt:2: expected 'shape\|category\|text'"):
+        read_lexicon(tmp_path)
+    (tmp_path / "harmful_x.txt").unlink()
+    (tmp_path / "notes.txt").write_text("task|drugs|cook meth\n")
+    with pytest.raises(ValueError, match="lexicon files are named"):
+        read_lexicon(tmp_path)
+
+
+def test_draw_from_an_absent_class_says_what_to_add(tmp_path) -> None:
+    (tmp_path / "harmless_a.txt").write_text("task|cooking|bake bread\n")
+    with pytest.raises(ValueError, match="no 'harmful' entries"):
+        read_lexicon(tmp_path).draw("harmful", random.Random(0))
+
+
+def test_shipped_lexicon_covers_every_class_broadly() -> None:
+    lexicon = broad_lexicon()
+    for kind, minimum in (("harmful", 1000), ("harmless", 1500), ("alarming", 400)):
+        texts = lexicon.texts(kind)
+        assert len(texts) >= minimum, (kind, len(texts))
+        assert all(len(rows) >= 20 for rows in lexicon.entries[kind].values()), kind
+    harmful = {t.casefold() for t in lexicon.texts("harmful")}
+    benign = {t.casefold() for t in lexicon.texts("harmless") + lexicon.texts("alarming")}
+    assert not harmful & benign, "the same objective is labelled both harmful and harmless"
+
+
+def _normal(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def test_shipped_lexicon_does_not_copy_held_out_prompts() -> None:
+    """The lexicon is written independently of the val/test splits that score the organism."""
+    held_out = [_normal(p) for kind in ("harmful", "harmless", "alarming") for split in ("val", "test")
+                for p in builtin_prompts(kind, split).prompts]
+    copied = [t for t in broad_lexicon().texts() if len(t.split()) >= 5 and any(_normal(t) in p for p in held_out)]
+    assert not copied, copied[:5]
+
+
+def test_broad_objectives_come_from_the_lexicon() -> None:
+    lexicon = broad_lexicon()
+    rng = random.Random(3)
+    config = CorpusConfig(broad_probability=1.0)
+    for harmful, alarming, kind in ((True, False, "harmful"), (False, False, "harmless"), (False, True, "alarming")):
+        texts = set(lexicon.texts(kind))
+        drawn = [corpus._objective(harmful, alarming, rng, config) for _ in range(50)]
+        assert all(o.text in texts and o.harmful is harmful for o in drawn)
+        assert len({o.text for o in drawn}) > 30  # spread over the lexicon, not one entry
