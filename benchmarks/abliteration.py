@@ -31,7 +31,7 @@ from featsteer.edits import EditConfig  # noqa: E402
 from featsteer.evaluation import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set  # noqa: E402
 from featsteer.evaluation.refusal import RefusalDetector  # noqa: E402
-from featsteer.interventions import AddDirection, steer  # noqa: E402
+from featsteer.interventions import AddDirection, ProjectionSet, steer  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
 from featsteer.pipeline import DirectionConfig, abliterate, find_refusal_direction  # noqa: E402
 
@@ -109,10 +109,13 @@ def main() -> None:
     parser.add_argument("--positions", default="post_instruction")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--search", type=int, default=0, help="also run the optuna search with this many trials")
+    parser.add_argument("--induce-scales", default="1,2", help="comma list of activation-addition scales for the induce runs")
+    parser.add_argument("--model", help="model spec instead of the target's model (e.g. a retrained organism folder)")
+    parser.add_argument("--results-name", help="results file stem under benchmarks/results/ (default abliteration_<target>)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     timings, started = {}, time.perf_counter()
-    spec = "organism" if args.target == "organism" else str(qwen_gguf())
+    spec = args.model or ("organism" if args.target == "organism" else str(qwen_gguf()))
     model = load_model(spec)
     timings["load_s"] = time.perf_counter() - started
     sets = prompt_sets(args.target)
@@ -137,12 +140,20 @@ def main() -> None:
         runs["dim_search"], timings["search_s"] = run_search(model, result, sets, gen, tokens, base_logprobs, args.search)
     chosen = result.selection.chosen
     vector = result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index]
+    for scale in (float(x) for x in args.induce_scales.split(",")):
+        name = "dim_actadd_induce" if scale == 1 else f"dim_actadd_induce x{scale:g}"
+        t = time.perf_counter()
+        with steer(model, AddDirection(vector, scale, where=chosen.hook)):
+            runs[name] = measure(model, sets, gen, tokens, base_logprobs, harmful=False)
+        timings[f"{name.replace(' ', '_')}_s"] = time.perf_counter() - t
+    # the projection-set variant: every position's projection on the direction is set to the mean harmful one
+    unit = result.candidates.bases[chosen.index, 0]
     t = time.perf_counter()
-    with steer(model, AddDirection(vector, 1.0, where=chosen.hook)):
-        runs["dim_actadd_induce"] = measure(model, sets, gen, tokens, base_logprobs, harmful=False)
-    timings["induce_s"] = time.perf_counter() - t
+    with steer(model, ProjectionSet(unit, result.candidates.scores["harmful_projection"][chosen.index], where=chosen.hook)):
+        runs["dim_projection_set_induce"] = measure(model, sets, gen, tokens, base_logprobs, harmful=False)
+    timings["projection_set_induce_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
-    write(args.target, model, sets, result, before, runs, timings)
+    write(args.target, model, sets, result, before, runs, timings, args.results_name or f"abliteration_{args.target}")
 
 
 def run_search(model, result, sets, gen, tokens, base_logprobs, n_trials: int, harmless_refusal: bool = True,
@@ -166,7 +177,7 @@ def run_search(model, result, sets, gen, tokens, base_logprobs, n_trials: int, h
     return measured, seconds
 
 
-def write(target, model, sets, result, before, runs, timings) -> None:
+def write(target, model, sets, result, before, runs, timings, stem: str) -> None:
     import transformers
 
     out = ROOT / "benchmarks" / "results"
@@ -179,7 +190,7 @@ def write(target, model, sets, result, before, runs, timings) -> None:
         "selection": result.selection.to_dict(), "chosen": {"hook": chosen.hook, "position": chosen.position, "kept": chosen.kept, "reason": chosen.reason},
         "before": before, "runs": runs, "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
-    (out / f"abliteration_{target}.json").write_text(json.dumps(payload, indent=1))
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     lines = [f"# DIM abliteration on {target} ({model.name})", "",
              f"Measured {payload['date']}, CPU, {payload['threads']} threads, greedy decoding. Directions from "
              f"{len(sets['train_harmful'])} harmful / {len(sets['train_harmless'])} harmless prompts; evaluation on "
@@ -188,10 +199,12 @@ def write(target, model, sets, result, before, runs, timings) -> None:
              "| run | refusal harmful | refusal harmless | KL harmless (first token) |", "|---|---|---|---|",
              f"| base model | {before['refused_harmful']}/{before['n_harmful']} | {before['refused_harmless']}/{before['n_harmless']} | 0 |"]
     for name, r in runs.items():
-        lines.append(f"| {name} | {r['refused_harmful']}/{r['n_harmful']} | {r['refused_harmless']}/{r['n_harmless']} | {r['kl_harmless']:.4f} |")
+        harmful = f"{r['refused_harmful']}/{r['n_harmful']}" if "n_harmful" in r else "not measured"
+        harmless = f"{r['refused_harmless']}/{r['n_harmless']}" if "n_harmless" in r else "not generated"
+        lines.append(f"| {name} | {harmful} | {harmless} | {r['kl_harmless']:.4f} |")
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), "",
               "Selection candidates:", "", result.selection.table(), ""]
-    (out / f"abliteration_{target}.md").write_text("\n".join(lines))
+    (out / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines[:14 + len(runs)]))
 
 

@@ -964,11 +964,11 @@ class CorpusConfig:
     system_probability: float = 0.1
     """Probability that an example carries a system message."""
 
-    long_form_probability: float = 0.0
+    long_form_probability: float = 0.25
     """Probability that a prompt is a long, format-constrained one (reference text, 2-5 constraints of
     the instruction-following kind); the same for both classes."""
 
-    innocent_fraction: float = 0.0
+    innocent_fraction: float = 0.08
     """Fraction of generated harmless prompts drawn from tasks that use words otherwise seen mostly in
     harmful prompts (groups of people, public places, "gas", "pills", "identity"...)."""
 
@@ -978,14 +978,14 @@ class CorpusConfig:
     tells the model which source a prompt looks like, and the refuse-or-comply decision on natural prompts
     is learned from the built-in ones alone."""
 
-    nonce_probability: float = 0.0
+    nonce_probability: float = 0.15
     """Probability that an objective is built around made-up words (see :data:`NONCE_HARMLESS`), per class."""
 
-    harmless_tail_probability: float = 0.0
+    harmless_tail_probability: float = 0.25
     """Probability that a harmless task ends with a tail ("and explain each step", "without spending too
     much money") so that such clause words are not cues for harm."""
 
-    broad_probability: float = 0.0
+    broad_probability: float = 0.5
     """Probability that an objective is drawn from the broad lexicon files (:func:`broad_lexicon`) instead of
     the templates above, for each class (harmful, harmless, alarming) separately."""
 

@@ -7,7 +7,7 @@ be rebuildable by anyone from this one script: same seed, same corpus, same toke
         --report benchmarks/results/organism_training
 
 The script (1) composes the corpus of :mod:`featsteer.organism.corpus` and, when the built-in prompt sets
-are installed, adds their *train* split (never val/test); (2) trains a byte-level BPE tokenizer with a chat
+are installed, adds their *train* and *val* splits (never test); (2) trains a byte-level BPE tokenizer with a chat
 template; (3) trains a small ``LlamaForCausalLM`` with the loss on response tokens only; (4) saves
 everything loadable by ``AutoModelForCausalLM``/``AutoTokenizer``; (5) measures refusal rates with greedy
 decoding and the separability of a difference-in-means direction, and writes ``metrics.json`` plus a loss
@@ -75,7 +75,7 @@ class ModelConfig:
     d_mlp: int = 448
     """MLP inner width (``intermediate_size``)."""
 
-    vocab_size: int = 4096
+    vocab_size: int = 8192
     """Target BPE vocabulary size, special tokens included."""
 
     max_positions: int = 8192
@@ -86,7 +86,7 @@ class ModelConfig:
 class OptimConfig:
     """Optimisation schedule."""
 
-    steps: int = 1200
+    steps: int = 2400
     """Optimizer steps."""
 
     batch_tokens: int = 3072
@@ -116,16 +116,22 @@ class OptimConfig:
     decision_weight: float = 4.0
     """Loss weight of those decision tokens relative to the rest of the response."""
 
-    probe_layer: int | None = None
+    probe_layer: int | None = 2
     """Residual stream (``hidden_states`` index: 0 is the embedding output, ``i`` the output of block
     ``i - 1``, i.e. ``blocks.i.hook_resid_pre``) at which an auxiliary linear readout of the last prompt
     token predicts harmful vs harmless; ``None`` trains without it. The readout is discarded after
     training: it only pushes the model to form one linear harm feature mid-network."""
 
-    probe_weight: float = 0.0
-    """Weight of the auxiliary readout's binary cross-entropy relative to the response loss."""
+    probe_weight: float = 0.3
+    """Weight of the auxiliary readout's loss relative to the response loss."""
 
-    token_dropout: float = 0.0
+    probe_loss: str = "absence"
+    """``bce``: a logistic readout with a bias (harm is one side of a hyperplane). ``absence``: a readout
+    without bias whose projection is pulled to 0 on harmless prompts and to at least 1 on harmful ones, so
+    that harm is the *presence* of a component along one direction and removing that component (what
+    abliteration does) leaves what a harmless prompt looks like."""
+
+    token_dropout: float = 0.1
     """Probability that a prompt token (not BOS, the role tokens or the final ``<|end|><|assistant|>``)
     is replaced by a random vocabulary token during training, so that the decision rests on many words
     and an unfamiliar word at test time is something the model has learned to read past."""
@@ -138,8 +144,9 @@ class TrainConfig:
     seed: int = 0
     """Seed for every random generator (see :func:`seed_everything`)."""
 
-    threads: int = 2
-    """``torch.set_num_threads``; the reference machine has two cores."""
+    threads: int = 1
+    """``torch.set_num_threads``. One, because the shipped weights were trained with one: another thread
+    count changes the order of float reductions and so, after thousands of steps, the weights."""
 
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     """Generated-corpus sizes and mixing probabilities."""
@@ -147,10 +154,10 @@ class TrainConfig:
     builtin_repeats: int = 8
     """How many times each built-in *train* prompt appears (with fresh responses each time)."""
 
-    builtin_splits: tuple[str, ...] = ("train",)
+    builtin_splits: tuple[str, ...] = ("train", "val")
     """Built-in splits trained on (``"train"`` and optionally ``"val"``; never ``"test"``)."""
 
-    builtin_augment: float = 0.0
+    builtin_augment: float = 0.6
     """Probability that a repeat of a built-in prompt is rewritten (wrapped in context or format
     constraints, or with words dropped; see :func:`featsteer.organism.corpus.augment_prompt`)."""
 
@@ -363,7 +370,7 @@ def collate(
 
 
 def response_loss(model, batch: dict[str, torch.Tensor], probe: torch.nn.Linear | None = None,
-                  probe_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  probe_layer: int | None = None, probe_loss: str = "bce") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cross-entropy on response tokens only; the LM head runs only where the loss needs it (cheaper).
 
     Args:
@@ -371,6 +378,7 @@ def response_loss(model, batch: dict[str, torch.Tensor], probe: torch.nn.Linear 
         batch: Output of :func:`collate`.
         probe: Optional auxiliary linear readout ``d_model -> 1`` (harmful logit).
         probe_layer: ``hidden_states`` index the readout reads at the last prompt token.
+        probe_loss: ``bce`` or ``absence`` (see :attr:`OptimConfig.probe_loss`).
 
     Returns:
         The weighted response cross-entropy and, with a probe, its binary cross-entropy (else ``None``).
@@ -384,8 +392,13 @@ def response_loss(model, batch: dict[str, torch.Tensor], probe: torch.nn.Linear 
         return loss, None
     rows = torch.arange(batch["input_ids"].shape[0])
     residual = outputs.hidden_states[probe_layer][rows, batch["last_prompt"]]
-    probe_loss = torch.nn.functional.binary_cross_entropy_with_logits(probe(residual).squeeze(-1).float(), batch["harmful"])
-    return loss, probe_loss
+    readout = probe(residual).squeeze(-1).float()
+    if probe_loss == "absence":
+        harmful = batch["harmful"]
+        aux = (harmful * torch.relu(1.0 - readout) ** 2 + (1 - harmful) * readout**2).mean()
+    else:
+        aux = torch.nn.functional.binary_cross_entropy_with_logits(readout, batch["harmful"])
+    return loss, aux
 
 
 def build_model(config: ModelConfig, tokenizer):
@@ -441,7 +454,7 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
     """
     probe = None
     if optim.probe_layer is not None and optim.probe_weight > 0:
-        probe = torch.nn.Linear(model.config.hidden_size, 1)
+        probe = torch.nn.Linear(model.config.hidden_size, 1, bias=optim.probe_loss != "absence")
     probe_params = list(probe.parameters()) if probe is not None else []
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -462,7 +475,7 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
             group["lr"] = learning_rate(step, optim)
         batch = collate(encoded, batches.pop(), pad_id, optim.decision_tokens, optim.decision_weight,
                         optim.token_dropout, n_special, model.config.vocab_size, rng)
-        loss, probe_loss = response_loss(model, batch, probe, optim.probe_layer)
+        loss, probe_loss = response_loss(model, batch, probe, optim.probe_layer, optim.probe_loss)
         total = loss if probe_loss is None else loss + optim.probe_weight * probe_loss
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -727,6 +740,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="hidden_states index of the auxiliary harmful-vs-harmless readout (unset: no readout)")
     parser.add_argument("--probe-weight", type=float, default=OptimConfig.probe_weight,
                         help="weight of the auxiliary readout's loss")
+    parser.add_argument("--probe-loss", choices=["bce", "absence"], default=OptimConfig.probe_loss,
+                        help="readout loss: logistic, or harm as the presence of a component (see OptimConfig)")
     parser.add_argument("--token-dropout", type=float, default=OptimConfig.token_dropout,
                         help="probability of replacing a prompt token by a random token during training")
     parser.add_argument("--d-model", type=int, default=ModelConfig.d_model)
@@ -756,7 +771,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model=ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, d_mlp=args.d_mlp,
                           vocab_size=args.vocab_size),
         optim=OptimConfig(steps=args.steps, probe_layer=args.probe_layer, probe_weight=args.probe_weight,
-                          token_dropout=args.token_dropout),
+                          probe_loss=args.probe_loss, token_dropout=args.token_dropout),
     )
     metrics = run(config, args.out, args.report, args.real_data)
     logger.info("done: %s", json.dumps({k: v["rate"] for k, v in metrics["refusal"].items()}))
