@@ -333,6 +333,7 @@ def render(payload: dict, name: str) -> None:
                   "| layer | source | AUROC | refusal-score drop | KL harmless |", "|---|---|---|---|---|"]
         lines += [f"| {e['layer']} | {e['source']} | {e['auroc']:.3f} | {e['refusal_drop']:.3f} | {e['kl_harmless']:.4f} |" for e in extra["probe_sweep"]["effects"]]
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
+    lines += [f"Note: {note}\n" for note in extra.get("notes", [])]  # written by hand into the JSON, e.g. about pauses
     (RESULTS / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
