@@ -71,3 +71,20 @@ def test_broad_objectives_come_from_the_lexicon() -> None:
         drawn = [corpus._objective(harmful, alarming, rng, config) for _ in range(50)]
         assert all(o.text in texts and o.harmful is harmful for o in drawn)
         assert len({o.text for o in drawn}) > 30  # spread over the lexicon, not one entry
+
+
+def test_absence_readout_loss_is_zero_only_when_harm_is_present_and_harmless_is_zero() -> None:
+    import torch
+
+    from featsteer.organism.train import readout_loss
+
+    harmful = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    assert readout_loss(torch.tensor([1.0, 3.0, 0.0, 0.0]), harmful, "absence") == 0
+    # a harmless prompt on the negative side costs as much as on the positive side: harm must be absent, not negative
+    low, high = (readout_loss(torch.tensor([1.0, 1.0, v, 0.0]), harmful, "absence") for v in (-2.0, 2.0))
+    assert low == high == 1.0
+    assert readout_loss(torch.tensor([0.5, 1.0, 0.0, 0.0]), harmful, "absence") == pytest.approx(0.0625)
+    # the logistic readout instead rewards a harmless prompt for being far on the negative side
+    assert readout_loss(torch.tensor([5.0, 5.0, -8.0, -8.0]), harmful, "bce") < 0.01
+    with pytest.raises(ValueError, match="unknown readout loss"):
+        readout_loss(torch.zeros(2), torch.zeros(2), "hinge")

@@ -381,7 +381,7 @@ def response_loss(model, batch: dict[str, torch.Tensor], probe: torch.nn.Linear 
         probe_loss: ``bce`` or ``absence`` (see :attr:`OptimConfig.probe_loss`).
 
     Returns:
-        The weighted response cross-entropy and, with a probe, its binary cross-entropy (else ``None``).
+        The weighted response cross-entropy and, with a probe, the readout's loss (else ``None``).
     """
     outputs = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           output_hidden_states=probe is not None)
@@ -392,13 +392,25 @@ def response_loss(model, batch: dict[str, torch.Tensor], probe: torch.nn.Linear 
         return loss, None
     rows = torch.arange(batch["input_ids"].shape[0])
     residual = outputs.hidden_states[probe_layer][rows, batch["last_prompt"]]
-    readout = probe(residual).squeeze(-1).float()
-    if probe_loss == "absence":
-        harmful = batch["harmful"]
-        aux = (harmful * torch.relu(1.0 - readout) ** 2 + (1 - harmful) * readout**2).mean()
-    else:
-        aux = torch.nn.functional.binary_cross_entropy_with_logits(readout, batch["harmful"])
-    return loss, aux
+    return loss, readout_loss(probe(residual).squeeze(-1).float(), batch["harmful"], probe_loss)
+
+
+def readout_loss(readout: torch.Tensor, harmful: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+    """Loss of the auxiliary readout (see :attr:`OptimConfig.probe_loss`).
+
+    Args:
+        readout: ``(batch,)`` readout values at the last prompt token.
+        harmful: ``(batch,)`` 1.0 for harmful examples, 0.0 for harmless ones.
+        kind: ``bce`` (logistic) or ``absence`` (0 on harmless, at least 1 on harmful, squared hinge).
+
+    Returns:
+        The batch-mean loss.
+    """
+    if kind == "absence":
+        return (harmful * torch.relu(1.0 - readout) ** 2 + (1 - harmful) * readout**2).mean()
+    if kind == "bce":
+        return torch.nn.functional.binary_cross_entropy_with_logits(readout, harmful)
+    raise ValueError(f"unknown readout loss {kind!r}: use 'bce' or 'absence'")
 
 
 def build_model(config: ModelConfig, tokenizer):
