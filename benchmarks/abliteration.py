@@ -139,23 +139,21 @@ def main() -> None:
     if args.search:
         runs["dim_search"], timings["search_s"] = run_search(model, result, sets, gen, tokens, base_logprobs, args.search)
     chosen = result.selection.chosen
-    vector = result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index]
-    for scale in (float(x) for x in args.induce_scales.split(",")):
-        name = "dim_actadd_induce" if scale == 1 else f"dim_actadd_induce x{scale:g}"
-        t = time.perf_counter()
-        with steer(model, AddDirection(vector, scale, where=chosen.hook)):
-            runs[name] = measure(model, sets, gen, tokens, base_logprobs, harmful=False)
-        timings[f"{name.replace(' ', '_')}_s"] = time.perf_counter() - t
     # refusal is induced best by the candidate whose addition raised the validation refusal score most, which is
     # not always the one chosen for ablation (the selection's own induce check, no test prompts involved)
     scored = [c for c in result.selection.candidates if c.refusal_induced == c.refusal_induced]  # not NaN
     inducer = max(scored, key=lambda c: c.refusal_induced)
+    inducers = [(chosen, "dim_actadd_induce")]
     if inducer.index != chosen.index:
-        best = result.candidates.bases[inducer.index, 0] * result.candidates.scores["mean_diff_norm"][inducer.index]
+        inducers.append((inducer, f"dim_actadd_induce {inducer.hook} pos {inducer.position}"))
+    for candidate, label in inducers:
+        vector = result.candidates.bases[candidate.index, 0] * result.candidates.scores["mean_diff_norm"][candidate.index]
         for scale in (float(x) for x in args.induce_scales.split(",")):
-            name = f"dim_actadd_induce {inducer.hook} pos {inducer.position}" + ("" if scale == 1 else f" x{scale:g}")
-            with steer(model, AddDirection(best, scale, where=inducer.hook)):
+            name = label if scale == 1 else f"{label} x{scale:g}"
+            t = time.perf_counter()
+            with steer(model, AddDirection(vector, scale, where=candidate.hook)):
                 runs[name] = measure(model, sets, gen, tokens, base_logprobs, harmful=False)
+            timings[f"{name.replace(' ', '_')}_s"] = time.perf_counter() - t
     # the projection-set variant: every position's projection on the direction is set to the mean harmful one
     unit = result.candidates.bases[chosen.index, 0]
     t = time.perf_counter()
