@@ -165,23 +165,34 @@ def main() -> None:
 
 
 def run_search(model, result, sets, gen, tokens, base_logprobs, n_trials: int, harmless_refusal: bool = True,
-               batch_size: int | None = None, verify_top: int = 8) -> tuple[dict, float]:
-    """Search on the validation prompts (proxy + verification), then measure the chosen edit on the held-out sets."""
+               batch_size: int | None = None, verify_top: int = 8, folder: Path | None = None) -> tuple[dict, float]:
+    """Search on the validation prompts (proxy + verification), then measure the chosen edit on the held-out sets.
+
+    With `folder`, the optuna study is kept there, so a later run with more trials resumes it instead of
+    starting over (the search's own resume); without it the study lives in a temporary folder.
+    """
+    import contextlib
     import tempfile
 
-    from featsteer.edits import apply_edit
     from featsteer.search import SearchConfig, search_abliteration
 
     t = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="featsteer-search-") as folder:
-        found = search_abliteration(model, result, folder, SearchConfig(n_trials=n_trials, max_new_tokens=gen.max_new_tokens,
-                                                                         batch_size=batch_size or gen.batch_size,
-                                                                         verify_top=verify_top))
+    config = SearchConfig(n_trials=n_trials, max_new_tokens=gen.max_new_tokens, batch_size=batch_size or gen.batch_size,
+                          verify_top=verify_top)
+    place = contextlib.nullcontext(str(folder)) if folder else tempfile.TemporaryDirectory(prefix="featsteer-search-")
+    with place as where:
+        found = search_abliteration(model, result, where, config)
     seconds = time.perf_counter() - t
-    with apply_edit(model, found.direction(result), found.edit_config()):
+    with found.apply(model, result):
         measured = measure(model, sets, gen, tokens, base_logprobs, harmless_refusal=harmless_refusal)
     measured["search"] = {"n_trials": n_trials, "best_params": found.best["params"] if found.best else None,
-                          "pareto_size": len(found.pareto), "timings": found.timings}
+                          "pareto_size": len(found.pareto), "timings": found.timings,
+                          "pareto": [{"number": p["number"], "direction_layer": p["params"]["direction_layer"],
+                                      "direction_scope": p["params"].get("direction_scope", "global"),
+                                      "refusal_score": p["refusal_score"], "refusal_rate_proxy": p["refusal_rate_proxy"],
+                                      "kl": p["kl"], "verified_refusal": (p.get("verified") or {}).get("refusal_rate")}
+                                     for p in found.pareto],
+                          "best_number": found.best["number"] if found.best else None}
     return measured, seconds
 
 

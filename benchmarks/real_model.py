@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--n-select", type=int, default=16, help="validation prompts per set scoring each DIM candidate")
     parser.add_argument("--search", type=int, default=12, help="optuna trials of the search stage (0: skip)")
     parser.add_argument("--verify-top", type=int, default=4, help="search trials verified by generation")
+    parser.add_argument("--search-dir", type=Path,
+                        help="keep the search study here; a later run with a larger --search resumes it (default: temporary)")
     parser.add_argument("--sae-tokens", type=int, default=60_000, help="SAE training tokens")
     parser.add_argument("--sae-expansion", type=float, default=4.0)
     parser.add_argument("--sae-k", type=int, default=32)
@@ -205,7 +207,7 @@ def main() -> None:
         with clock.stage("dim_search"):
             runs["dim_search"], _ = run_search(model, result, sets, gen, tokens, base_logprobs, args.search,
                                                harmless_refusal=False, batch_size=args.batch_size,
-                                               verify_top=args.verify_top)
+                                               verify_top=args.verify_top, folder=args.search_dir)
         checkpoint()
     checkpoint()
 
@@ -313,6 +315,15 @@ def render(payload: dict, name: str) -> None:
     if "dim_search" in runs:
         info = runs["dim_search"]["search"]
         lines.append(f"\nSearch: {info['n_trials']} optuna trials, Pareto front of {info['pareto_size']}, chosen parameters {info['best_params']}.")
+        if info.get("pareto"):  # proxy objectives on the validation prompts; verified = greedy refusal rate on them
+            lines += ["", "Search Pareto front (proxy on the validation prompts; verified: generated refusal rate on them):", "",
+                      "| trial | direction | refusal log-odds | proxy refusal rate | KL harmless | verified refusal |", "|---|---|---|---|---|---|"]
+            for q in info["pareto"]:
+                verified = "-" if q["verified_refusal"] is None else f"{q['verified_refusal']:.3f}"
+                mark = " (chosen)" if q["number"] == info.get("best_number") else ""
+                where = "per layer" if q.get("direction_scope") == "per_layer" else f"layer {q['direction_layer']:.2f}"
+                lines.append(f"| {q['number']}{mark} | {where} | {q['refusal_score']:.2f} | {q['refusal_rate_proxy']:.3f} | "
+                             f"{q['kl']:.4f} | {verified} |")
     for source in ("linear", "whitened"):
         if f"{source}_cosine_with_dim" in extra:
             lines.append(f"\n{source} probe direction at the DIM layer: cosine with DIM {extra[f'{source}_cosine_with_dim']:.4f}.")

@@ -210,12 +210,9 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
             raise FeatsteerError("--search tunes abliteration only: drop --reverse/--induce")
         search_dir = Path(args.search_dir or f"{args.out.rstrip('/')}-search")
         found = search_abliteration(model, result, search_dir, SearchConfig(n_trials=args.search, mode=mode, max_new_tokens=args.max_new_tokens))
-        direction, edit = found.direction(result), found.edit_config()
         extra = {"search": {"dir": str(search_dir), "best": found.best}}
         print(f"search: {args.search} trials, Pareto front and plot in {search_dir}/ ; chosen params {found.best.get('params')}")
-        from featsteer.edits import apply_edit
-
-        handle = apply_edit(model, direction, edit, record={"method": args.method, "search": found.best})
+        handle = found.apply(model, result, record={"method": args.method, "search": found.best})
     else:
         handle = abliterate(model, result, edit)
     after = evaluate_refusal(model, held_harmful, held_harmless, config)

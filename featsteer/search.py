@@ -11,6 +11,10 @@ Pareto front the user chooses from instead of one arbitrary compromise:
   share of prompts whose log-odds are positive), read with the edit applied;
 - KL: first-token KL(base || edited) on harmless validation prompts.
 
+Besides the kernels and the (fractional) direction layer, the search picks the direction's scope: one
+direction removed by every writer (`global`), or each block removing the candidate direction of the stream
+it writes into (`per_layer`, heretic's other mode).
+
 Every trial edits the weights inside an `EditHandle` context, so the model is restored bit for bit after
 each trial, even when a trial fails. The proxy only screens: the most promising Pareto points are then
 verified by greedy generation with the refusal detector (refusal rate on held-out harmful prompts and
@@ -41,7 +45,7 @@ from torch import Tensor
 
 from featsteer.datasets import prompt_set_hash
 from featsteer.directions import DirectionSet, unit
-from featsteer.edits import EditConfig, LayerKernel, apply_edit
+from featsteer.edits import EditConfig, EditHandle, LayerKernel, apply_edit
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
@@ -56,6 +60,10 @@ STUDY_NAME = "featsteer-abliteration-search"
 
 SEARCH_MODES = ("orthogonalize", "norm_preserving")
 """Edit modes the search may use: the two abliteration modes of `EditConfig`."""
+
+DIRECTION_SCOPES = ("global", "per_layer")
+"""`global`: every writer removes one (interpolated) direction. `per_layer`: the writers of block `l` remove the
+candidate direction of the stream they write into (`resid_pre` of `l + 1`), the embedding the interpolated one."""
 
 REFUSAL_OBJECTIVES = ("score", "rate")
 """`score`: mean refusal log-odds of harmful prompts; `rate`: share of harmful prompts with log-odds > 0."""
@@ -77,10 +85,15 @@ class SearchSpace:
     """Smallest kernel width in layers; the largest is `n_layers`. Kernel peaks range over `[0, n_layers - 1]`."""
     embedding_strength: tuple[float, float] = (0.0, 1.0)
     """Range of the embedding edit's strength (0 leaves the embeddings untouched)."""
+    scopes: tuple[str, ...] = DIRECTION_SCOPES
+    """Direction scopes tried (see `DIRECTION_SCOPES`); with two, `direction_scope` is a searched parameter."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_weight", tuple(float(v) for v in self.max_weight))
         object.__setattr__(self, "embedding_strength", tuple(float(v) for v in self.embedding_strength))
+        object.__setattr__(self, "scopes", tuple(self.scopes))
+        if not self.scopes or any(scope not in DIRECTION_SCOPES for scope in self.scopes) or len(set(self.scopes)) < len(self.scopes):
+            raise FeatsteerError(f"search scopes must be distinct values of {', '.join(DIRECTION_SCOPES)}, got {list(self.scopes)}")
         for name in ("max_weight", "embedding_strength"):
             low, high = getattr(self, name)
             if not 0 <= low <= high:
@@ -233,6 +246,21 @@ def interpolate_direction(table: Float[Tensor, "layer d_model"], layer: float) -
     return unit(mixed).to(table.dtype)
 
 
+def trial_directions(table: Float[Tensor, "layer d_model"], params: dict, n_layers: int) -> tuple[Tensor, dict[int, Tensor] | None]:
+    """The direction and per-layer directions (`apply_edit`'s `direction`, `by_layer`) of a trial's parameters.
+
+    `global` scope (also when `direction_scope` is absent, as in studies made before scopes existed): the
+    interpolated direction everywhere. `per_layer`: block `l` removes the candidate of `resid_pre` `l + 1`
+    (the last block the last candidate), skipping zero candidates; the embedding the interpolated direction.
+    """
+    direction = interpolate_direction(table, params["direction_layer"])
+    if params.get("direction_scope", "global") == "global":
+        return direction, None
+    top = table.shape[0] - 1
+    by_layer = {layer: table[min(layer + 1, top)] for layer in range(n_layers) if bool(table[min(layer + 1, top)].any())}
+    return direction, by_layer
+
+
 def edit_from_params(params: dict[str, float], mode: str = "orthogonalize") -> EditConfig:
     """The `EditConfig` a trial's parameters describe (kernels from peak, width, max weight, min fraction)."""
     kernels = {}
@@ -278,11 +306,23 @@ class SearchResult:
         return edit_config_from_dict(self.best["edit"])
 
     def direction(self, result: DirectionResult) -> Float[Tensor, " d_model"]:
-        """The recommended (interpolated) direction, rebuilt from the candidates the search ran on."""
+        """The recommended (interpolated) direction, rebuilt from the candidates the search ran on.
+
+        For a `per_layer` point this is the embedding's direction only: use `directions` or `apply`.
+        """
+        return self.directions(result)[0]
+
+    def directions(self, result: DirectionResult) -> tuple[Tensor, dict[int, Tensor] | None]:
+        """`(direction, by_layer)` of the recommended point, as `apply_edit` takes them."""
         if self.best is None:
             raise FeatsteerError("the search has no verified trial to recommend: run more trials")
         table = layer_directions(result.candidates, self.setup["position"], self.setup["kind"])
-        return interpolate_direction(table, self.best["params"]["direction_layer"])
+        return trial_directions(table, self.best["params"], self.setup["n_layers"])
+
+    def apply(self, model: ModelAdapter, result: DirectionResult, record: dict | None = None) -> EditHandle:
+        """Apply the recommended edit to `model` (revert or export it through the returned handle)."""
+        direction, by_layer = self.directions(result)
+        return apply_edit(model, direction, self.edit_config(), record=record, by_layer=by_layer)
 
     def to_json(self) -> dict:
         """The `pareto.json` form."""
@@ -320,9 +360,11 @@ class _Screen:
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         params = {name: trial.suggest_float(name, low, high) for name, (low, high) in self.bounds.items()}
+        scopes = self.config.space.scopes
+        params["direction_scope"] = trial.suggest_categorical("direction_scope", list(scopes)) if len(scopes) > 1 else scopes[0]
         start = time.perf_counter()
-        direction = interpolate_direction(self.table, params["direction_layer"])
-        with apply_edit(self.model, direction, edit_from_params(params, self.config.mode)):
+        direction, by_layer = trial_directions(self.table, params, self.model.n_layers)
+        with apply_edit(self.model, direction, edit_from_params(params, self.config.mode), by_layer=by_layer):
             harmful = first_token_logprobs(self.model, self.harmful, batch_size=self.config.batch_size)
             harmless = first_token_logprobs(self.model, self.harmless, batch_size=self.config.batch_size)
         scores = refusal_score(harmful, self.tokens)
@@ -331,25 +373,28 @@ class _Screen:
         seconds = time.perf_counter() - start
         for key, value in {**proxy, "seconds": seconds}.items():
             trial.set_user_attr(key, value)
-        logger.info("trial %d: layer %.2f refusal score %.3f (rate %.2f) KL %.4f in %.2fs", trial.number,
+        logger.info("trial %d: %s, layer %.2f: refusal score %.3f (rate %.2f) KL %.4f in %.2fs", trial.number, params["direction_scope"],
                     params["direction_layer"], proxy["refusal_score"], proxy["refusal_rate"], proxy["kl"], seconds)
         return proxy[f"refusal_{self.config.refusal_objective}"], proxy["kl"]
 
 
-def _trial_record(trial: optuna.trial.FrozenTrial, mode: str, pareto_numbers: set[int]) -> dict:
+def _trial_record(trial: optuna.trial.FrozenTrial, mode: str, pareto_numbers: set[int], scopes: tuple[str, ...]) -> dict:
     attrs = trial.user_attrs
-    return {"number": trial.number, "params": dict(trial.params), "edit": edit_from_params(trial.params, mode).to_dict(),
+    return {"number": trial.number, "params": {"direction_scope": scopes[0], **trial.params}, "edit": edit_from_params(trial.params, mode).to_dict(),
             "refusal_score": attrs["refusal_score"], "refusal_rate_proxy": attrs["refusal_rate"], "kl": attrs["kl"],
             "seconds": attrs["seconds"], "pareto": trial.number in pareto_numbers}
 
 
-def _classic_params(bounds: dict[str, tuple[float, float]], layer: int, n_layers: int) -> dict[str, float]:
-    """Classic abliteration in the search's parameters: strength 1 at every layer and on the embedding."""
+def _classic_params(bounds: dict[str, tuple[float, float]], layer: int, n_layers: int, scopes: tuple[str, ...]) -> dict:
+    """Classic abliteration in the search's parameters: one direction, strength 1 at every layer and on the embedding."""
     wanted = {"direction_layer": float(layer), "embedding_strength": 1.0}
     for writer in ("attn", "mlp"):
         wanted |= {f"{writer}.peak": (n_layers - 1) / 2, f"{writer}.width": float(n_layers),
                    f"{writer}.max_weight": 1.0, f"{writer}.min_fraction": 1.0}
-    return {name: min(max(value, bounds[name][0]), bounds[name][1]) for name, value in wanted.items()}
+    classic: dict = {name: min(max(value, bounds[name][0]), bounds[name][1]) for name, value in wanted.items()}
+    if len(scopes) > 1:
+        classic["direction_scope"] = "global" if "global" in scopes else scopes[0]
+    return classic
 
 
 # ---- the search ------------------------------------------------------------------------------------
@@ -360,7 +405,7 @@ def _setup(model: ModelAdapter, result: DirectionResult, config: SearchConfig, p
             "kind": kind, "harmful_sha256": provenance.get("harmful_sha256"), "harmless_sha256": provenance.get("harmless_sha256"),
             "mode": config.mode, "refusal_objective": config.refusal_objective,
             "proxy_harmful_sha256": prompt_set_hash(proxy[0]), "proxy_harmless_sha256": prompt_set_hash(proxy[1]),
-            "bounds": {k: list(v) for k, v in bounds.items()}}
+            "bounds": {k: list(v) for k, v in bounds.items()}, "scopes": list(config.space.scopes)}
 
 
 def _open_study(out: Path, setup: dict) -> optuna.Study:
@@ -436,8 +481,8 @@ def _verify(study: optuna.Study, model: ModelAdapter, table: Tensor, pareto: lis
         if cached is not None and cached.get("key") == key:
             point["verified"] = cached["result"]
             continue
-        direction = interpolate_direction(table, point["params"]["direction_layer"])
-        with apply_edit(model, direction, edit_config_from_dict(point["edit"])):
+        direction, by_layer = trial_directions(table, point["params"], model.n_layers)
+        with apply_edit(model, direction, edit_config_from_dict(point["edit"]), by_layer=by_layer):
             point["verified"] = _generate(model, eval_sets, config, detector)
         study.set_user_attr(f"verified:{point['number']}", {"key": key, "result": point["verified"]})
         logger.info("verified trial %d: refusal %.3f, harmless refusal %.3f, KL %.4f", point["number"],
@@ -513,11 +558,11 @@ def search_abliteration(
     base_harmless = first_token_logprobs(model, proxy[1], batch_size=config.batch_size)
     screen = _Screen(model, table, bounds, config, proxy[0], proxy[1], base_harmless, tokens)
     start = time.perf_counter()
-    _run_trials(study, screen, config, _classic_params(bounds, chosen.layer, model.n_layers))
+    _run_trials(study, screen, config, _classic_params(bounds, chosen.layer, model.n_layers, config.space.scopes))
     screened = time.perf_counter()
     pareto_numbers = {t.number for t in study.best_trials}
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    trials = [_trial_record(t, config.mode, pareto_numbers) for t in complete]
+    trials = [_trial_record(t, config.mode, pareto_numbers, config.space.scopes) for t in complete]
     pareto = sorted((dict(t) for t in trials if t["pareto"]), key=lambda p: (p["kl"], p["refusal_score"]))
     baseline = _baseline(study, model, screen, eval_sets, config, detector)
     _verify(study, model, table, pareto, eval_sets, config, detector)
@@ -575,6 +620,7 @@ def write_search(search: SearchResult, out: str | Path) -> Path:
 
 
 __all__ = [
+    "DIRECTION_SCOPES",
     "REFUSAL_OBJECTIVES",
     "SEARCH_MODES",
     "STUDY_NAME",
@@ -588,6 +634,7 @@ __all__ = [
     "interpolate_direction",
     "layer_directions",
     "pareto_png",
+    "trial_directions",
     "search_abliteration",
     "write_search",
 ]

@@ -62,6 +62,36 @@ def test_ablation_hook_equals_orthogonalised_weights(family):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_per_layer_edit_equals_per_layer_ablation_hooks():
+    model, tokenizer = tiny_model("llama")
+    adapter = load_model(model, tokenizer=tokenizer)
+    embed = _direction(adapter.d_model, seed=1)
+    own = {layer: _direction(adapter.d_model, seed=10 + layer) for layer in range(adapter.n_layers - 1)}  # last block: `embed`
+    hooks = [Ablate(embed, where=["hook_embed", f"blocks.{adapter.n_layers - 1}.hook_attn_out", f"blocks.{adapter.n_layers - 1}.hook_mlp_out"])]
+    hooks += [Ablate(r, where=[f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]) for layer, r in own.items()]
+    with steer(adapter, *hooks):
+        hooked = adapter.logits(PROMPTS)
+    with steer(adapter, Ablate(embed)):
+        single = adapter.logits(PROMPTS)
+    before = _snapshot(model)
+    with apply_edit(adapter, embed, by_layer=own) as handle:
+        edited = adapter.logits(PROMPTS)
+        assert handle.record["per_layer_directions"] == sorted(own)
+    torch.testing.assert_close(edited, hooked, atol=1e-4, rtol=0)
+    assert (single - hooked).abs().max() > 1e-3  # the per-layer directions really were used
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the same direction for every layer is the plain edit, bit for bit
+    with apply_edit(adapter, embed):
+        plain = _snapshot(model)
+    with apply_edit(adapter, embed, by_layer=dict.fromkeys(range(adapter.n_layers), embed)):
+        assert all(torch.equal(plain[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(FeatsteerError, match="by_layer names layers"):
+        apply_edit(adapter, embed, by_layer={adapter.n_layers: embed})
+    with pytest.raises(FeatsteerError, match=r"by_layer\[0\] has width 3"):
+        apply_edit(adapter, embed, by_layer={0: torch.ones(3)})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
 def test_post_norm_families_edit_but_are_not_exactly_equivalent(family):
     """Gemma 2/3 renormalise attention/MLP outputs before the residual add, so orthogonalising o_proj/down_proj

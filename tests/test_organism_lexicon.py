@@ -88,3 +88,50 @@ def test_absence_readout_loss_is_zero_only_when_harm_is_present_and_harmless_is_
     assert readout_loss(torch.tensor([5.0, 5.0, -8.0, -8.0]), harmful, "bce") < 0.01
     with pytest.raises(ValueError, match="unknown readout loss"):
         readout_loss(torch.zeros(2), torch.zeros(2), "hinge")
+
+
+def _coding_batch(hidden, harmful, last):
+    import torch
+
+    return {"harmful": torch.tensor(harmful), "last_prompt": torch.tensor(last)}
+
+
+def test_dim_coding_loss_is_zero_for_absence_coded_means_and_scale_free() -> None:
+    import torch
+
+    from featsteer.organism.train import dim_coding_loss
+
+    hidden = torch.zeros(4, 3, 5)
+    hidden[:, :, 1] = 7.0  # a shared component: not part of the mean difference, so free
+    hidden[0, 2, 0] = hidden[1, 2, 0] = 2.0  # harm present along e0 at the last token; harmless has none
+    batch = _coding_batch(hidden, [1.0, 1.0, 0.0, 0.0], [2, 2, 2, 2])
+    assert dim_coding_loss(hidden, batch) == pytest.approx(0.0, abs=1e-6)
+    # harmless prompts on the far side of the direction (what the logistic readout produced) are penalised
+    shifted = hidden.clone()
+    shifted[2:, 2, 0] = -3.0
+    worse = dim_coding_loss(shifted, batch)
+    assert float(worse) > 1.0
+    # scale-free: shrinking every activation does not lower it
+    assert dim_coding_loss(shifted * 0.01, batch) == pytest.approx(float(worse), rel=1e-4)
+    # a batch of one class has no mean difference to shape
+    assert dim_coding_loss(hidden, _coding_batch(hidden, [0.0] * 4, [2] * 4)) == 0
+
+
+def test_dim_coding_loss_prompt_positions_cover_earlier_harmless_tokens() -> None:
+    import torch
+
+    from featsteer.organism.train import dim_coding_loss
+
+    hidden = torch.zeros(4, 3, 5)
+    hidden[0, 2, 0] = hidden[1, 2, 0] = 2.0
+    hidden[2, 1, 0] = 1.0  # a harmless prompt with the harm component at an earlier token
+    hidden[3, 0, 0] = 50.0  # BOS is not a prompt token: ignored
+    batch = _coding_batch(hidden, [1.0, 1.0, 0.0, 0.0], [2, 2, 2, 2])
+    assert dim_coding_loss(hidden, batch, "last") == pytest.approx(0.0, abs=1e-6)
+    # harmless projections at positions 1-2 of two prompts: one of four is 1.0 -> mean square 0.25, / 2.0**2
+    assert dim_coding_loss(hidden, batch, "prompt") == pytest.approx(0.25 / 4.0)
+    hidden.requires_grad_(True)
+    dim_coding_loss(hidden, batch, "prompt").backward()
+    assert hidden.grad is not None and bool(hidden.grad.abs().sum() > 0)
+    with pytest.raises(ValueError, match="unknown DIM-coding positions"):
+        dim_coding_loss(hidden, batch, "all")

@@ -25,6 +25,7 @@ from featsteer.search import (
     interpolate_direction,
     layer_directions,
     search_abliteration,
+    trial_directions,
 )
 
 FAST = dict(verify_top=2, max_new_tokens=3, n_proxy_prompts=3, n_startup_trials=3, batch_size=8)
@@ -111,6 +112,28 @@ def test_chosen_edit_config_and_direction_round_trip(setup, searched):
     direction = loaded.direction(result)
     assert torch.equal(direction, found.direction(result))
     assert abs(float(direction.norm()) - 1) < 1e-5
+
+
+def test_per_layer_scope_is_searched_and_applied(setup, searched, tmp_path):
+    model, result = setup
+    found, _, before = searched
+    assert {t["params"]["direction_scope"] for t in found.trials} <= {"global", "per_layer"}
+    assert found.trials[0]["params"]["direction_scope"] == "global"  # the enqueued classic edit
+    table = layer_directions(result.candidates, result.selection.chosen.position)
+    params = {**found.trials[0]["params"], "direction_scope": "per_layer"}
+    direction, by_layer = trial_directions(table, params, model.n_layers)
+    top = table.shape[0] - 1
+    assert torch.equal(direction, interpolate_direction(table, params["direction_layer"]))
+    assert all(torch.equal(by_layer[layer], table[min(layer + 1, top)]) for layer in by_layer)
+    assert trial_directions(table, found.trials[0]["params"], model.n_layers)[1] is None
+    per_layer = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=3, space=SearchSpace(scopes=("per_layer",)), **FAST))
+    assert {t["params"]["direction_scope"] for t in per_layer.trials} == {"per_layer"}
+    with per_layer.apply(model, result) as handle:
+        assert handle.record["per_layer_directions"] == sorted(trial_directions(table, per_layer.best["params"], model.n_layers)[1])
+        assert not _same_weights(model, before)
+    assert _same_weights(model, before)
+    with pytest.raises(FeatsteerError, match="search scopes"):
+        SearchSpace(scopes=("everywhere",))
 
 
 def test_resume_continues_the_study(setup, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,7 +134,17 @@ class EditHandle:
         return target
 
 
-def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None = None, record: dict | None = None) -> EditHandle:
+def _checked_basis(direction: Tensor, model: ModelAdapter, what: str = "direction") -> Tensor:
+    basis = as_basis(direction).detach().to("cpu", torch.float64)
+    if basis.shape[-1] != model.d_model:
+        raise FeatsteerError(f"{what} has width {basis.shape[-1]} but the model's d_model is {model.d_model}")
+    if not torch.isfinite(basis).all():
+        raise FeatsteerError(f"{what} contains NaN/inf: recompute it")
+    return basis
+
+
+def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None = None, record: dict | None = None,
+               by_layer: Mapping[int, Tensor] | None = None) -> EditHandle:
     """Edit every residual writer of `model` against `direction` (a unit vector or orthonormal basis).
 
     Args:
@@ -141,24 +152,31 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
         direction: `(d_model,)` or `(k, d_model)`.
         config: mode and per-layer strengths.
         record: provenance to keep with the handle (exported into `featsteer.json`).
+        by_layer: per-layer directions: the attention and MLP writers of block `l` are edited against
+            `by_layer[l]` instead of `direction` (heretic's "per layer" scope, where each block removes the
+            refusal direction of the residual stream it writes into). Blocks missing from it, and the
+            embedding, use `direction`.
 
     Returns:
         A handle that reverts the edit exactly.
     """
     config = config or EditConfig()
-    basis = as_basis(direction).detach().to("cpu", torch.float64)
-    if basis.shape[-1] != model.d_model:
-        raise FeatsteerError(f"direction has width {basis.shape[-1]} but the model's d_model is {model.d_model}")
-    if not torch.isfinite(basis).all():
-        raise FeatsteerError("direction contains NaN/inf: recompute it")
+    basis = _checked_basis(direction, model)
+    layer_bases = {int(layer): _checked_basis(d, model, f"by_layer[{layer}]") for layer, d in (by_layer or {}).items()}
+    outside = sorted(layer for layer in layer_bases if not 0 <= layer < model.n_layers)
+    if outside:
+        raise FeatsteerError(f"by_layer names layers {outside} but the model has layers 0-{model.n_layers - 1}")
     planned = []
     for writer in model.residual_writers():
         strength = config.strength(writer)
         if strength == 0 and not (config.mode == "induce" and writer.kind == "embed"):
             continue
         weight, bias = writer.read()
-        planned.append((writer, weight.clone(), None if bias is None else bias.clone(), *edited_tensors(writer, basis, config, strength)))
+        own = layer_bases.get(writer.layer, basis) if writer.layer is not None else basis
+        planned.append((writer, weight.clone(), None if bias is None else bias.clone(), *edited_tensors(writer, own, config, strength)))
     handle = EditHandle(model, {}, {"edit": config.to_dict(), "rank": int(basis.shape[0]), **(record or {})})
+    if layer_bases:
+        handle.record["per_layer_directions"] = sorted(layer_bases)
     try:
         for writer, old_weight, old_bias, new_weight, new_bias in planned:
             handle.originals[writer.name] = (old_weight, old_bias)

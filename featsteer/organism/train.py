@@ -131,6 +131,18 @@ class OptimConfig:
     that harm is the *presence* of a component along one direction and removing that component (what
     abliteration does) leaves what a harmless prompt looks like."""
 
+    dim_weight: float = 0.0
+    """Weight of the DIM-coding loss (see :func:`dim_coding_loss`), read at ``probe_layer``; 0 turns it off.
+    Ramped in linearly over the first third of the steps.
+    It asks that the batch's own harmful-minus-harmless mean direction be absence-coded: harmless prompts
+    project near 0 on it and harmful ones at a consistent positive value, as in real chat models (on
+    Qwen2.5-Coder-0.5B-Instruct at layer 16 the harmless mean projects at 0.7 against 11.1 for harmful). The
+    learned readout above shapes *some* direction; this shapes the difference-in-means direction itself."""
+
+    dim_positions: str = "last"
+    """Harmless positions the DIM-coding loss pulls to 0: ``last`` (the last prompt token, where the DIM
+    direction is read) or ``prompt`` (every prompt token after BOS, since ablation acts at all of them)."""
+
     token_dropout: float = 0.1
     """Probability that a prompt token (not BOS, the role tokens or the final ``<|end|><|assistant|>``)
     is replaced by a random vocabulary token during training, so that the decision rests on many words
@@ -370,7 +382,8 @@ def collate(
 
 
 def response_loss(model, batch: dict[str, torch.Tensor], probe: torch.nn.Linear | None = None,
-                  probe_layer: int | None = None, probe_loss: str = "bce") -> tuple[torch.Tensor, torch.Tensor | None]:
+                  probe_layer: int | None = None, probe_loss: str = "bce",
+                  dim_positions: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Cross-entropy on response tokens only; the LM head runs only where the loss needs it (cheaper).
 
     Args:
@@ -379,20 +392,61 @@ def response_loss(model, batch: dict[str, torch.Tensor], probe: torch.nn.Linear 
         probe: Optional auxiliary linear readout ``d_model -> 1`` (harmful logit).
         probe_layer: ``hidden_states`` index the readout reads at the last prompt token.
         probe_loss: ``bce`` or ``absence`` (see :attr:`OptimConfig.probe_loss`).
+        dim_positions: with a value (``last`` or ``prompt``), also the DIM-coding loss at ``probe_layer``.
 
     Returns:
-        The weighted response cross-entropy and, with a probe, the readout's loss (else ``None``).
+        The weighted response cross-entropy, the readout's loss (``None`` without a probe) and the
+        DIM-coding loss (``None`` without ``dim_positions``).
     """
-    outputs = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          output_hidden_states=probe is not None)
+    aux = probe is not None or dim_positions is not None
+    outputs = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=aux)
     logits = model.lm_head(outputs.last_hidden_state[batch["predict_mask"]])
     token_losses = torch.nn.functional.cross_entropy(logits.float(), batch["targets"], reduction="none")
     loss = (token_losses * batch["weights"]).sum() / batch["weights"].sum()
-    if probe is None:
-        return loss, None
-    rows = torch.arange(batch["input_ids"].shape[0])
-    residual = outputs.hidden_states[probe_layer][rows, batch["last_prompt"]]
-    return loss, readout_loss(probe(residual).squeeze(-1).float(), batch["harmful"], probe_loss)
+    if not aux:
+        return loss, None, None
+    hidden = outputs.hidden_states[probe_layer]
+    residual = hidden[torch.arange(hidden.shape[0]), batch["last_prompt"]]
+    readout = None if probe is None else readout_loss(probe(residual).squeeze(-1).float(), batch["harmful"], probe_loss)
+    coding = None if dim_positions is None else dim_coding_loss(hidden.float(), batch, dim_positions)
+    return loss, readout, coding
+
+
+def dim_coding_loss(hidden: torch.Tensor, batch: dict[str, torch.Tensor], positions: str = "last") -> torch.Tensor:
+    """How far the batch's difference-in-means direction is from being absence-coded (scale-free).
+
+    With ``r`` the unit difference of the harmful and harmless means of the last-prompt-token residuals,
+    the loss is ``(mean harmless (x.r)^2 + var harmful (x.r)) / (mean harmful (x.r))^2``: 0 when every
+    harmless residual has no component along ``r`` and every harmful one the same positive component.
+    Dividing by the harmful projection makes it independent of the residual's scale, so it cannot be
+    met by shrinking activations.
+
+    Args:
+        hidden: ``(batch, pos, d_model)`` residual stream at the probe layer.
+        batch: Output of :func:`collate` (``harmful``, ``last_prompt``, ``attention_mask``).
+        positions: ``last`` (harmless last prompt token only) or ``prompt`` (every harmless prompt token
+            after BOS).
+
+    Returns:
+        The loss; 0 for a batch without both classes.
+    """
+    harmful = batch["harmful"] > 0.5
+    if bool(harmful.all()) or not bool(harmful.any()):
+        return hidden.new_zeros(())
+    last = hidden[torch.arange(hidden.shape[0]), batch["last_prompt"]]
+    difference = last[harmful].mean(0) - last[~harmful].mean(0)
+    direction = difference / difference.norm().clamp_min(1e-6)
+    harmful_projection = last[harmful] @ direction
+    if positions == "last":
+        harmless_projection = last[~harmful] @ direction
+    elif positions == "prompt":
+        index = torch.arange(hidden.shape[1])
+        in_prompt = (index[None, :] >= 1) & (index[None, :] <= batch["last_prompt"][:, None])
+        harmless_projection = hidden[~harmful][in_prompt[~harmful]] @ direction
+    else:
+        raise ValueError(f"unknown DIM-coding positions {positions!r}: use 'last' or 'prompt'")
+    spread = harmful_projection.var() if harmful_projection.numel() > 1 else hidden.new_zeros(())
+    return (harmless_projection.pow(2).mean() + spread) / harmful_projection.mean().pow(2).clamp_min(1e-6)
 
 
 def readout_loss(readout: torch.Tensor, harmful: torch.Tensor, kind: str = "bce") -> torch.Tensor:
@@ -478,6 +532,7 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
     model.train()
     losses: list[float] = []
     probe_losses: list[float] = []
+    coding_losses: list[float] = []
     batches: list[list[int]] = []
     start = time.perf_counter()
     for step in range(optim.steps):
@@ -487,8 +542,14 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
             group["lr"] = learning_rate(step, optim)
         batch = collate(encoded, batches.pop(), pad_id, optim.decision_tokens, optim.decision_weight,
                         optim.token_dropout, n_special, model.config.vocab_size, rng)
-        loss, probe_loss = response_loss(model, batch, probe, optim.probe_layer, optim.probe_loss)
+        coding_positions = optim.dim_positions if optim.dim_weight > 0 and optim.probe_layer is not None else None
+        loss, probe_loss, coding_loss = response_loss(model, batch, probe, optim.probe_layer, optim.probe_loss, coding_positions)
         total = loss if probe_loss is None else loss + optim.probe_weight * probe_loss
+        if coding_loss is not None:
+            # ramped in over the first third: before the model separates the classes the mean difference is
+            # tiny and the scale-free ratio huge, which would swamp the response loss
+            total = total + optim.dim_weight * min(1.0, 3 * step / optim.steps) * coding_loss
+            coding_losses.append(coding_loss.item())
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *probe_params], optim.grad_clip)
@@ -498,8 +559,9 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
         if step % 100 == 0 or step == optim.steps - 1:
             recent = sum(losses[-100:]) / len(losses[-100:])
             recent_probe = sum(probe_losses[-100:]) / len(probe_losses[-100:])
-            logger.info("step %d/%d loss %.4f probe %.4f (%.0fs)", step, optim.steps, recent, recent_probe,
-                        time.perf_counter() - start)
+            recent_coding = sum(coding_losses[-100:]) / max(1, len(coding_losses[-100:]))
+            logger.info("step %d/%d loss %.4f probe %.4f dim-coding %.4f (%.0fs)", step, optim.steps, recent, recent_probe,
+                        recent_coding, time.perf_counter() - start)
     model.eval()
     return losses
 
@@ -754,6 +816,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="weight of the auxiliary readout's loss")
     parser.add_argument("--probe-loss", choices=["bce", "absence"], default=OptimConfig.probe_loss,
                         help="readout loss: logistic, or harm as the presence of a component (see OptimConfig)")
+    parser.add_argument("--dim-weight", type=float, default=OptimConfig.dim_weight,
+                        help="weight of the DIM-coding loss at the probe layer (0: off; see OptimConfig.dim_weight)")
+    parser.add_argument("--dim-positions", choices=["last", "prompt"], default=OptimConfig.dim_positions,
+                        help="harmless positions the DIM-coding loss pulls to 0")
     parser.add_argument("--token-dropout", type=float, default=OptimConfig.token_dropout,
                         help="probability of replacing a prompt token by a random token during training")
     parser.add_argument("--d-model", type=int, default=ModelConfig.d_model)
@@ -783,7 +849,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         model=ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, d_mlp=args.d_mlp,
                           vocab_size=args.vocab_size),
         optim=OptimConfig(steps=args.steps, probe_layer=args.probe_layer, probe_weight=args.probe_weight,
-                          probe_loss=args.probe_loss, token_dropout=args.token_dropout),
+                          probe_loss=args.probe_loss, token_dropout=args.token_dropout,
+                          dim_weight=args.dim_weight, dim_positions=args.dim_positions),
     )
     metrics = run(config, args.out, args.report, args.real_data)
     logger.info("done: %s", json.dumps({k: v["rate"] for k, v in metrics["refusal"].items()}))
