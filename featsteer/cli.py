@@ -202,7 +202,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     held_harmful, held_harmless = (s.head(min(args.eval_n, len(s))) for s in result.val)
     before = evaluate_refusal(model, held_harmful, held_harmless, config)
-    direction, extra = result.chosen_basis, {}
+    extra = {}
     if args.search:
         from featsteer.search import SearchConfig, search_abliteration
 
