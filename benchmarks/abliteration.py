@@ -44,6 +44,31 @@ def qwen_gguf() -> Path:
     return path
 
 
+VAL_SOURCES = ("split", "generated", "real")
+"""Where the organism's selection/search prompts come from: `split` (the last quarter of the built-in train+val
+prompts, which the organism was trained on), `generated` (96 + 96 fresh prompts of the organism's corpus
+generator, seed 987: unseen, but made from the same templates and lexicon) or `real` (96 AdvBench and 96
+MT-Bench+IFBench prompts from ../shared/data, never trained on)."""
+
+
+def organism_val(source: str, n: int = 96) -> tuple[PromptSet, PromptSet] | None:
+    """Validation prompts for the organism target (see `VAL_SOURCES`); None for `split`."""
+    if source == "split":
+        return None
+    if source == "generated":
+        from featsteer.organism.corpus import HARMFUL, CorpusConfig, generate_corpus
+
+        corpus = generate_corpus(CorpusConfig(n_harmful=n, n_harmless=n), random.Random(987))
+        return (PromptSet(tuple(e.prompt for e in corpus if e.label == HARMFUL)[:n], "organism corpus, seed 987, harmful"),
+                PromptSet(tuple(e.prompt for e in corpus if e.label != HARMFUL)[:n], "organism corpus, seed 987, harmless"))
+    data = SHARED / "data"
+    if not data.is_dir():
+        raise SystemExit(f"--val real needs {data} (AdvBench, MT-Bench, IFBench): fetch it or use --val generated")
+    harmless = list(load_prompts(data / "mtbench_harmless.txt")) + list(load_prompts(data / "ifbench_harmless.txt"))
+    random.Random(0).shuffle(harmless)
+    return load_prompts(data / "advbench_harmful.txt")[:n], PromptSet(tuple(harmless[:n]), "mtbench+ifbench (shuffled, seed 0)")
+
+
 def prompt_sets(target: str) -> dict[str, PromptSet]:
     if target == "organism":
         return {
@@ -112,6 +137,8 @@ def main() -> None:
     parser.add_argument("--induce-scales", default="1,2", help="comma list of activation-addition scales for the induce runs")
     parser.add_argument("--model", help="model spec instead of the target's model (e.g. a retrained organism folder)")
     parser.add_argument("--results-name", help="results file stem under benchmarks/results/ (default abliteration_<target>)")
+    parser.add_argument("--val", choices=VAL_SOURCES, default="generated",
+                        help="organism only: where the selection and search prompts come from (see VAL_SOURCES)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     timings, started = {}, time.perf_counter()
@@ -126,7 +153,8 @@ def main() -> None:
     timings["eval_before_s"] = time.perf_counter() - t
     config = DirectionConfig(positions=args.positions, kl_threshold=args.kl_threshold, batch_size=args.batch_size)
     t = time.perf_counter()
-    result = find_refusal_direction(model, sets["train_harmful"], sets["train_harmless"], config)
+    val = organism_val(args.val) if args.target == "organism" else None
+    result = find_refusal_direction(model, sets["train_harmful"], sets["train_harmless"], config, val=val)
     timings["directions_total_s"] = time.perf_counter() - t
     timings.update({f"directions_{k}": v for k, v in result.timings.items()})
     runs = {}
@@ -212,8 +240,9 @@ def write(target, model, sets, result, before, runs, timings, stem: str) -> None
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     lines = [f"# DIM abliteration on {target} ({model.name})", "",
              f"Measured {payload['date']}, CPU, {payload['threads']} threads, greedy decoding. Directions from "
-             f"{len(sets['train_harmful'])} harmful / {len(sets['train_harmless'])} harmless prompts; evaluation on "
-             f"{len(sets['eval_harmful'])} held-out harmful and {len(sets['eval_harmless'])} held-out harmless prompts.", "",
+             f"{len(result.train[0])} harmful / {len(result.train[1])} harmless prompts; selection and search on "
+             f"{len(result.val[0])} / {len(result.val[1])} validation prompts ({result.val[0].source}; {result.val[1].source}); "
+             f"evaluation on {len(sets['eval_harmful'])} held-out harmful and {len(sets['eval_harmless'])} held-out harmless prompts.", "",
              f"Chosen direction: `{chosen.hook}` position {chosen.position} ({'passed all filters' if chosen.kept else 'fallback: ' + chosen.reason}).", "",
              "| run | refusal harmful | refusal harmless | KL harmless (first token) |", "|---|---|---|---|",
              f"| base model | {before['refused_harmful']}/{before['n_harmful']} | {before['refused_harmless']}/{before['n_harmless']} | 0 |"]
@@ -221,6 +250,16 @@ def write(target, model, sets, result, before, runs, timings, stem: str) -> None
         harmful = f"{r['refused_harmful']}/{r['n_harmful']}" if "n_harmful" in r else "not measured"
         harmless = f"{r['refused_harmless']}/{r['n_harmless']}" if "n_harmless" in r else "not generated"
         lines.append(f"| {name} | {harmful} | {harmless} | {r['kl_harmless']:.4f} |")
+    search = runs.get("dim_search", {}).get("search")
+    if search and search.get("pareto"):
+        lines += ["", f"Search Pareto front ({search['n_trials']} trials; proxy refusal and KL on the validation prompts, "
+                  "verified = generated refusal rate on them):", "",
+                  "| trial | direction | proxy refusal rate | proxy KL | verified refusal |", "|---|---|---|---|---|"]
+        for q in search["pareto"]:
+            where = "per layer" if q["direction_scope"] == "per_layer" else f"layer {q['direction_layer']:.2f}"
+            verified = "-" if q["verified_refusal"] is None else f"{q['verified_refusal']:.3f}"
+            mark = " (chosen)" if q["number"] == search["best_number"] else ""
+            lines.append(f"| {q['number']}{mark} | {where} | {q['refusal_rate_proxy']:.3f} | {q['kl']:.4f} | {verified} |")
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), "",
               "Selection candidates:", "", result.selection.table(), ""]
     (out / f"{stem}.md").write_text("\n".join(lines))

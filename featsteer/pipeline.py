@@ -76,13 +76,32 @@ def split(prompts: PromptSet, val_fraction: float) -> tuple[PromptSet, PromptSet
     return prompts[: len(prompts) - n_val], prompts[len(prompts) - n_val :]
 
 
-def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: PromptSet, config: DirectionConfig | None = None) -> DirectionResult:
-    """Capture train activations at every layer, compute candidates, select one on validation prompts."""
+def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: PromptSet, config: DirectionConfig | None = None,
+                           val: tuple[PromptSet, PromptSet] | None = None) -> DirectionResult:
+    """Capture train activations at every layer, compute candidates, select one on validation prompts.
+
+    Args:
+        model: the model.
+        harmful: harmful prompts; without `val`, the last `config.val_fraction` of them is held out for selection.
+        harmless: harmless prompts, split the same way.
+        config: how candidates are found and selected.
+        val: explicit `(harmful, harmless)` validation prompts for the selection (and for a later search's
+            proxy); then `harmful`/`harmless` are used whole for the directions. Use it when the split would
+            hand the selection prompts the model was trained on: their KL is too optimistic (on the
+            organism, first-token KL of one ablation is 0.04 on its training prompts and 0.12 on unseen ones).
+    """
     from featsteer.directions.selection import SelectionConfig, select_direction
 
     config = config or DirectionConfig()
-    harmful_train, harmful_val = split(harmful, config.val_fraction)
-    harmless_train, harmless_val = split(harmless, config.val_fraction)
+    if val is None:
+        harmful_train, harmful_val = split(harmful, config.val_fraction)
+        harmless_train, harmless_val = split(harmless, config.val_fraction)
+    else:
+        (harmful_train, harmless_train), (harmful_val, harmless_val) = (harmful, harmless), val
+        for name, prompts in (("harmful", harmful_train), ("harmless", harmless_train), ("harmful validation", harmful_val),
+                              ("harmless validation", harmless_val)):
+            if len(prompts) < 2:
+                raise FeatsteerError(f"the {name} prompt set has {len(prompts)} prompts: need at least 2")
     hooks = model.hook_names((config.kind,))
     start = time.perf_counter()
     harmful_acts = capture(model, harmful_train, hooks, positions=config.positions, batch_size=config.batch_size, label="harmful")

@@ -36,6 +36,19 @@ def test_pipeline_selects_and_abliterates_reversibly(prompts):
     assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
 
 
+def test_explicit_validation_prompts_keep_the_train_sets_whole(prompts):
+    from featsteer.errors import FeatsteerError
+
+    model = load_model("tiny:llama")
+    val = builtin_prompts("harmful", "val").head(5), builtin_prompts("harmless", "val").head(6)
+    result = find_refusal_direction(model, *prompts, DirectionConfig(n_select=4), val=val)
+    assert [len(s) for s in result.train] == [16, 16]
+    assert result.val[0].prompts == val[0].prompts and result.val[1].prompts == val[1].prompts
+    assert result.candidates.provenance["harmful_sha256"] == prompts[0].sha256
+    with pytest.raises(FeatsteerError, match="harmless validation prompt set has 1 prompts"):
+        find_refusal_direction(model, *prompts, DirectionConfig(n_select=4), val=(val[0], val[1].head(1)))
+
+
 def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     model = load_model("tiny:llama")
     before = {k: v.clone() for k, v in model.model.state_dict().items()}

@@ -131,6 +131,11 @@ class OptimConfig:
     that harm is the *presence* of a component along one direction and removing that component (what
     abliteration does) leaves what a harmless prompt looks like."""
 
+    ema_decay: float = 0.0
+    """Decay of an exponential moving average of the weights, kept from the end of warm-up and copied into
+    the model when training ends (0: off, the last step's weights are kept). Averaging the weights of the
+    last few hundred steps evens out the noise of the final mini-batches."""
+
     dim_weight: float = 0.0
     """Weight of the DIM-coding loss (see :func:`dim_coding_loss`), read at ``probe_layer``; 0 turns it off.
     Ramped in linearly over the first third of the steps.
@@ -533,6 +538,7 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
     losses: list[float] = []
     probe_losses: list[float] = []
     coding_losses: list[float] = []
+    average: list[torch.Tensor] | None = None
     batches: list[list[int]] = []
     start = time.perf_counter()
     for step in range(optim.steps):
@@ -554,6 +560,13 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
         total.backward()
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *probe_params], optim.grad_clip)
         optimizer.step()
+        if optim.ema_decay > 0 and step >= optim.warmup_steps:
+            with torch.no_grad():
+                if average is None:
+                    average = [p.detach().clone() for p in model.parameters()]
+                else:
+                    for mean, p in zip(average, model.parameters(), strict=True):
+                        mean.lerp_(p.detach(), 1 - optim.ema_decay)
         losses.append(loss.item())
         probe_losses.append(probe_loss.item() if probe_loss is not None else 0.0)
         if step % 100 == 0 or step == optim.steps - 1:
@@ -562,6 +575,11 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
             recent_coding = sum(coding_losses[-100:]) / max(1, len(coding_losses[-100:]))
             logger.info("step %d/%d loss %.4f probe %.4f dim-coding %.4f (%.0fs)", step, optim.steps, recent, recent_probe,
                         recent_coding, time.perf_counter() - start)
+    if average is not None:
+        with torch.no_grad():
+            for mean, p in zip(average, model.parameters(), strict=True):
+                p.copy_(mean)
+        logger.info("weights replaced by their moving average (decay %.4f)", optim.ema_decay)
     model.eval()
     return losses
 
@@ -816,6 +834,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="weight of the auxiliary readout's loss")
     parser.add_argument("--probe-loss", choices=["bce", "absence"], default=OptimConfig.probe_loss,
                         help="readout loss: logistic, or harm as the presence of a component (see OptimConfig)")
+    parser.add_argument("--ema-decay", type=float, default=OptimConfig.ema_decay,
+                        help="keep a moving average of the weights with this decay and ship it (0: off)")
     parser.add_argument("--dim-weight", type=float, default=OptimConfig.dim_weight,
                         help="weight of the DIM-coding loss at the probe layer (0: off; see OptimConfig.dim_weight)")
     parser.add_argument("--dim-positions", choices=["last", "prompt"], default=OptimConfig.dim_positions,
@@ -850,7 +870,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                           vocab_size=args.vocab_size),
         optim=OptimConfig(steps=args.steps, probe_layer=args.probe_layer, probe_weight=args.probe_weight,
                           probe_loss=args.probe_loss, token_dropout=args.token_dropout,
-                          dim_weight=args.dim_weight, dim_positions=args.dim_positions),
+                          dim_weight=args.dim_weight, dim_positions=args.dim_positions, ema_decay=args.ema_decay),
     )
     metrics = run(config, args.out, args.report, args.real_data)
     logger.info("done: %s", json.dumps({k: v["rate"] for k, v in metrics["refusal"].items()}))
