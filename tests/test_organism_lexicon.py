@@ -135,3 +135,49 @@ def test_dim_coding_loss_prompt_positions_cover_earlier_harmless_tokens() -> Non
     assert hidden.grad is not None and bool(hidden.grad.abs().sum() > 0)
     with pytest.raises(ValueError, match="unknown DIM-coding positions"):
         dim_coding_loss(hidden, batch, "all")
+
+
+def _train_tiny(steps: int, **optim):
+    """A few optimiser steps of a 2-layer organism on 40 generated examples (the real training loop)."""
+    import random
+
+    import torch
+
+    from featsteer.organism.corpus import CorpusConfig, generate_corpus
+    from featsteer.organism.train import (
+        ROLE_TOKENS,
+        ModelConfig,
+        OptimConfig,
+        build_model,
+        encode_examples,
+        train_model,
+        train_tokenizer,
+    )
+
+    examples = generate_corpus(CorpusConfig(n_harmful=20, n_harmless=20), random.Random(3))
+    tokenizer = train_tokenizer([e.prompt for e in examples] + [e.response for e in examples], 400)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, d_mlp=64, vocab_size=400), tokenizer)
+    encoded = encode_examples(examples, tokenizer, 200)
+    config = OptimConfig(steps=steps, warmup_steps=1, batch_tokens=1024, probe_layer=1, **optim)
+    losses = train_model(model, encoded, tokenizer.pad_token_id, config, random.Random(0), n_special=len(ROLE_TOKENS) + 3)
+    return model, losses
+
+
+def test_weight_average_replaces_the_final_weights() -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain, losses = _train_tiny(5)
+        averaged, averaged_losses = _train_tiny(5, ema_decay=0.5)
+        nearly_plain, _ = _train_tiny(5, ema_decay=1e-12)  # an average that forgets at once is the last step
+        coded, coded_losses = _train_tiny(5, dim_weight=1.0, dim_positions="prompt")
+    finally:
+        torch.set_num_threads(threads)
+    assert losses == averaged_losses  # the average is not what is trained, only what is shipped
+    pairs = list(zip(plain.parameters(), averaged.parameters(), strict=True))
+    assert any(not torch.equal(p, q) for p, q in pairs)
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(plain.parameters(), nearly_plain.parameters(), strict=True))
+    assert len(coded_losses) == 5 and coded_losses[0] == losses[0] and coded_losses != losses
