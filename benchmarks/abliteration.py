@@ -158,9 +158,10 @@ def main() -> None:
     timings["directions_total_s"] = time.perf_counter() - t
     timings.update({f"directions_{k}": v for k, v in result.timings.items()})
     runs = {}
-    for name, edit in (("dim_abliteration", EditConfig()), ("dim_norm_preserving", EditConfig(mode="norm_preserving"))):
+    for name, edit, scope in (("dim_abliteration", EditConfig(), "global"), ("dim_norm_preserving", EditConfig(mode="norm_preserving"), "global"),
+                              ("dim_per_layer_abliteration", EditConfig(), "per_layer")):
         t = time.perf_counter()
-        with abliterate(model, result, edit):
+        with abliterate(model, result, edit, scope=scope):
             timings[f"{name}_edit_s"] = time.perf_counter() - t
             runs[name] = measure(model, sets, gen, tokens, base_logprobs)
         timings[f"{name}_total_s"] = time.perf_counter() - t

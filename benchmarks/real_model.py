@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--model", help="model spec instead of the Qwen GGUF (e.g. organism, for a smoke run)")
     parser.add_argument("--results-name", default="real_model_qwen", help="results file stem under benchmarks/results/")
     parser.add_argument("--render-only", action="store_true", help="re-render the markdown from the results JSON")
-    parser.add_argument("--skip", default="", help="comma list of stages to skip: dim,induce,sae,probe_dirs,probes,norm_preserving")
+    parser.add_argument("--skip", default="", help="comma list of stages to skip: dim,induce,sae,probe_dirs,probes,per_layer,norm_preserving")
     parser.add_argument("--induce-scales", default="1", help="comma list of activation-addition scales for the induce stage")
     parser.add_argument("--induce-set", action="store_true",
                         help="also induce by setting the projection on the DIM direction to the mean harmful projection")
@@ -200,6 +200,9 @@ def main() -> None:
             layers = [int(x) for x in args.probe_layers.split(",")]
             extra["probe_sweep"] = probe_sweep(model, sets, layers, args.batch_size, args.probe_effect_prompts)
         checkpoint()
+    if "per_layer" not in skip:  # each block removes the DIM candidate of the stream it writes into
+        with clock.stage("dim_per_layer_abliteration"), abliterate(model, result, EditConfig(), scope="per_layer"):
+            ablation("dim_per_layer_abliteration")
     if "norm_preserving" not in skip:
         with clock.stage("dim_norm_preserving"), abliterate(model, result, EditConfig(mode="norm_preserving")):
             ablation("dim_norm_preserving")

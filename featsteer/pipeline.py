@@ -120,8 +120,17 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
     return DirectionResult(candidates, selection, (harmful_train, harmless_train), (harmful_val, harmless_val), timings)
 
 
-def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | None = None) -> EditHandle:
-    """Apply the selected direction as a weight edit; the handle reverts or exports it."""
+def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | None = None, scope: str = "global") -> EditHandle:
+    """Apply the selected direction as a weight edit; the handle reverts or exports it.
+
+    Args:
+        model: the model to edit.
+        result: candidates and selection from `find_refusal_direction`.
+        edit: mode and per-layer strengths.
+        scope: `global` (every writer removes the selected direction) or `per_layer` (the writers of block `l`
+            remove the candidate of `resid_pre` `l + 1` at the selected position, the embedding the selected
+            direction; rank-1 methods only).
+    """
     chosen = result.selection.chosen
     record = {
         "method": result.candidates.method,
@@ -129,5 +138,16 @@ def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | 
         "direction_position": chosen.position,
         "provenance": result.candidates.provenance,
         "selection": result.selection.to_dict()["chosen"],
+        "scope": scope,
     }
-    return apply_edit(model, result.chosen_basis, edit or EditConfig(), record=record)
+    by_layer = None
+    if scope == "per_layer":
+        # imported here because featsteer.search imports this module
+        from featsteer.search import layer_directions, trial_directions
+
+        kind = chosen.hook.rsplit("hook_", 1)[-1]
+        table = layer_directions(result.candidates, chosen.position, kind)
+        by_layer = trial_directions(table, {"direction_layer": float(chosen.layer), "direction_scope": "per_layer"}, model.n_layers)[1]
+    elif scope != "global":
+        raise FeatsteerError(f"unknown abliteration scope '{scope}': use global or per_layer")
+    return apply_edit(model, result.chosen_basis, edit or EditConfig(), record=record, by_layer=by_layer)

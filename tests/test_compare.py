@@ -36,6 +36,25 @@ def test_pipeline_selects_and_abliterates_reversibly(prompts):
     assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
 
 
+def test_per_layer_abliteration_uses_each_layers_candidate(prompts):
+    from featsteer.errors import FeatsteerError
+
+    model = load_model("tiny:llama")
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    result = find_refusal_direction(model, *prompts, DirectionConfig(n_select=4))
+    chosen = result.selection.chosen
+    with abliterate(model, result, scope="per_layer") as handle:
+        assert handle.record["scope"] == "per_layer" and handle.record["per_layer_directions"]
+        for layer in handle.record["per_layer_directions"][:-1]:
+            own = next(result.candidates.bases[i, 0] for i, (h, p) in enumerate(zip(result.candidates.hook_names, result.candidates.positions, strict=True))
+                       if h == f"blocks.{layer + 1}.hook_resid_pre" and p == chosen.position)
+            weight = next(w for w in model.residual_writers() if w.name == f"blocks.{layer}.hook_mlp_out").read()[0]
+            assert float((own @ weight).abs().max()) < 1e-4
+    assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
+    with pytest.raises(FeatsteerError, match="unknown abliteration scope"):
+        abliterate(model, result, scope="sideways")
+
+
 def test_explicit_validation_prompts_keep_the_train_sets_whole(prompts):
     from featsteer.errors import FeatsteerError
 
