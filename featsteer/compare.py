@@ -38,7 +38,7 @@ from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.interventions import Ablate, AddDirection, steer
 from featsteer.models import ModelAdapter
-from featsteer.pipeline import DirectionConfig, DirectionResult, find_refusal_direction, split
+from featsteer.pipeline import DirectionConfig, DirectionResult, abliterate, find_refusal_direction, split
 
 if TYPE_CHECKING:  # sae_lens takes seconds to import: SAE code is imported only when SAEs are used
     from sae_lens import SAE
@@ -272,6 +272,11 @@ def _dim_hook(ctx: CompareContext):
 @register_method("dim_norm_preserving", "DIM abliteration keeping each write column's norm")
 def _dim_np(ctx: CompareContext):
     return _edit(ctx, "dim", EditConfig(mode="norm_preserving"))
+
+
+@register_method("dim_per_layer_abliteration", "each block's writers orthogonalised against the DIM of the stream they write into")
+def _dim_per_layer(ctx: CompareContext):
+    return abliterate(ctx.model, ctx.directions("dim"), EditConfig(), scope="per_layer")
 
 
 @register_method("projected_abliteration", "projected DIM (harmless-mean component removed) abliteration")
