@@ -208,13 +208,15 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
 
         if mode not in ("orthogonalize", "norm_preserving"):
             raise FeatsteerError("--search tunes abliteration only: drop --reverse/--induce")
+        if args.scope != "global":
+            raise FeatsteerError("--search chooses the direction scope itself: drop --scope")
         search_dir = Path(args.search_dir or f"{args.out.rstrip('/')}-search")
         found = search_abliteration(model, result, search_dir, SearchConfig(n_trials=args.search, mode=mode, max_new_tokens=args.max_new_tokens))
         extra = {"search": {"dir": str(search_dir), "best": found.best}}
         print(f"search: {args.search} trials, Pareto front and plot in {search_dir}/ ; chosen params {found.best.get('params')}")
         handle = found.apply(model, result, record={"method": args.method, "search": found.best})
     else:
-        handle = abliterate(model, result, edit)
+        handle = abliterate(model, result, edit, scope=args.scope)
     after = evaluate_refusal(model, held_harmful, held_harmless, config)
     print(f"refusal on held-out prompts, before -> after ({mode}):")
     print(f"  harmful   {before.harmful.rate} -> {after.harmful.rate}")
@@ -413,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--reverse", action="store_true", help="reverse abliteration: amplify the direction")
     abl.add_argument("--induce", action="store_true", help="amplify and shift embeddings along the direction")
     abl.add_argument("--norm-preserving", action="store_true", help="keep each write column's norm")
+    abl.add_argument("--scope", choices=["global", "per_layer"], default="global",
+                     help="per_layer: each block removes the DIM candidate of the stream it writes into (rank-1 methods)")
     abl.add_argument("--alpha", type=float, default=1.0, help="amplification for --reverse/--induce")
     abl.add_argument("--shift", type=float, default=0.0, help="embedding shift for --induce")
     abl.add_argument("--search", type=int, default=0, metavar="N", help="run an N-trial multi-objective search (optuna TPE)")

@@ -82,3 +82,18 @@ def test_probe_command_writes_report(capsys, tmp_path):
     assert set(saved["sweep"]) == {"diffmean", "linear", "whitened", "mahalanobis"}
     assert {e["source"] for e in saved["effects"]} == {"dim", "linear", "whitened"}
     assert "data:image/png;base64," in (tmp_path / "p" / "report.html").read_text()
+
+
+def test_abliterate_per_layer_scope_exports_and_reloads(capsys, tmp_path):
+    from featsteer.models import load_model
+
+    out = tmp_path / "edited"
+    common = ["--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
+              "--n-select", "3", "--eval-n", "3", "--max-new-tokens", "2"]
+    code, stdout, _ = _run(capsys, "abliterate", *common, "--scope", "per_layer", "--out", str(out))
+    assert code == 0 and "wrote" in stdout
+    record = json.loads((out / "featsteer.json").read_text())
+    assert record["scope"] == "per_layer" and record["per_layer_directions"]
+    assert load_model(str(out)).n_layers == 3
+    code, _, err = _run(capsys, "abliterate", *common, "--scope", "per_layer", "--search", "2", "--out", str(tmp_path / "x"))
+    assert code == 2 and "--search chooses the direction scope itself" in err
