@@ -199,7 +199,7 @@ def layer_directions(candidates: DirectionSet, position: int, kind: str = "resid
         FeatsteerError: for rank-k candidates, or when some layer has no candidate at `position`.
     """
     if candidates.rank != 1:
-        raise FeatsteerError(f"the search interpolates single directions but the candidates are rank-{candidates.rank}: use --method dim")
+        raise FeatsteerError(f"per-layer and interpolated directions need single directions but the candidates are rank-{candidates.rank}: use a rank-1 method (--method dim)")
     by_layer: dict[int, Tensor] = {}
     for i, (hook, pos) in enumerate(zip(candidates.hook_names, candidates.positions, strict=True)):
         match = _HOOK_RE.match(hook)
