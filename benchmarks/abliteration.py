@@ -225,6 +225,21 @@ def run_search(model, result, sets, gen, tokens, base_logprobs, n_trials: int, h
     return measured, seconds
 
 
+def pareto_table(search: dict | None) -> list[str]:
+    """Markdown lines for the Pareto front `run_search` records (none when there is no front)."""
+    if not search or not search.get("pareto"):
+        return []
+    lines = ["", f"Search Pareto front ({search['n_trials']} trials; proxy refusal and KL on the validation prompts, "
+             "verified = generated refusal rate on them):", "",
+             "| trial | direction | refusal log-odds | proxy refusal rate | proxy KL | verified refusal |", "|---|---|---|---|---|---|"]
+    for q in search["pareto"]:
+        where = "per layer" if q.get("direction_scope") == "per_layer" else f"layer {q['direction_layer']:.2f}"
+        verified = "-" if q["verified_refusal"] is None else f"{q['verified_refusal']:.3f}"
+        mark = " (chosen)" if q["number"] == search.get("best_number") else ""
+        lines.append(f"| {q['number']}{mark} | {where} | {q['refusal_score']:.2f} | {q['refusal_rate_proxy']:.3f} | {q['kl']:.4f} | {verified} |")
+    return lines
+
+
 def write(target, model, sets, result, before, runs, timings, stem: str) -> None:
     import transformers
 
@@ -251,16 +266,7 @@ def write(target, model, sets, result, before, runs, timings, stem: str) -> None
         harmful = f"{r['refused_harmful']}/{r['n_harmful']}" if "n_harmful" in r else "not measured"
         harmless = f"{r['refused_harmless']}/{r['n_harmless']}" if "n_harmless" in r else "not generated"
         lines.append(f"| {name} | {harmful} | {harmless} | {r['kl_harmless']:.4f} |")
-    search = runs.get("dim_search", {}).get("search")
-    if search and search.get("pareto"):
-        lines += ["", f"Search Pareto front ({search['n_trials']} trials; proxy refusal and KL on the validation prompts, "
-                  "verified = generated refusal rate on them):", "",
-                  "| trial | direction | proxy refusal rate | proxy KL | verified refusal |", "|---|---|---|---|---|"]
-        for q in search["pareto"]:
-            where = "per layer" if q["direction_scope"] == "per_layer" else f"layer {q['direction_layer']:.2f}"
-            verified = "-" if q["verified_refusal"] is None else f"{q['verified_refusal']:.3f}"
-            mark = " (chosen)" if q["number"] == search["best_number"] else ""
-            lines.append(f"| {q['number']}{mark} | {where} | {q['refusal_rate_proxy']:.3f} | {q['kl']:.4f} | {verified} |")
+    lines += pareto_table(runs.get("dim_search", {}).get("search"))
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), "",
               "Selection candidates:", "", result.selection.table(), ""]
     (out / f"{stem}.md").write_text("\n".join(lines))

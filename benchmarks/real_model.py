@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import measure, measure_base, prompt_sets, qwen_gguf, run_search  # noqa: E402
+from abliteration import measure, measure_base, pareto_table, prompt_sets, qwen_gguf, run_search  # noqa: E402
 
 from featsteer.activations import capture  # noqa: E402
 from featsteer.directions import find_directions  # noqa: E402
@@ -318,15 +318,7 @@ def render(payload: dict, name: str) -> None:
     if "dim_search" in runs:
         info = runs["dim_search"]["search"]
         lines.append(f"\nSearch: {info['n_trials']} optuna trials, Pareto front of {info['pareto_size']}, chosen parameters {info['best_params']}.")
-        if info.get("pareto"):  # proxy objectives on the validation prompts; verified = greedy refusal rate on them
-            lines += ["", "Search Pareto front (proxy on the validation prompts; verified: generated refusal rate on them):", "",
-                      "| trial | direction | refusal log-odds | proxy refusal rate | KL harmless | verified refusal |", "|---|---|---|---|---|---|"]
-            for q in info["pareto"]:
-                verified = "-" if q["verified_refusal"] is None else f"{q['verified_refusal']:.3f}"
-                mark = " (chosen)" if q["number"] == info.get("best_number") else ""
-                where = "per layer" if q.get("direction_scope") == "per_layer" else f"layer {q['direction_layer']:.2f}"
-                lines.append(f"| {q['number']}{mark} | {where} | {q['refusal_score']:.2f} | {q['refusal_rate_proxy']:.3f} | "
-                             f"{q['kl']:.4f} | {verified} |")
+        lines += pareto_table(info)
     for source in ("linear", "whitened"):
         if f"{source}_cosine_with_dim" in extra:
             lines.append(f"\n{source} probe direction at the DIM layer: cosine with DIM {extra[f'{source}_cosine_with_dim']:.4f}.")

@@ -143,11 +143,10 @@ def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | 
     by_layer = None
     if scope == "per_layer":
         # imported here because featsteer.search imports this module
-        from featsteer.search import layer_directions, trial_directions
+        from featsteer.search import layer_directions, per_layer_directions
 
-        kind = chosen.hook.rsplit("hook_", 1)[-1]
-        table = layer_directions(result.candidates, chosen.position, kind)
-        by_layer = trial_directions(table, {"direction_layer": float(chosen.layer), "direction_scope": "per_layer"}, model.n_layers)[1]
+        table = layer_directions(result.candidates, chosen.position, chosen.hook.rsplit("hook_", 1)[-1])
+        by_layer = per_layer_directions(table, model.n_layers)
     elif scope != "global":
         raise FeatsteerError(f"unknown abliteration scope '{scope}': use global or per_layer")
     return apply_edit(model, result.chosen_basis, edit or EditConfig(), record=record, by_layer=by_layer)

@@ -246,6 +246,13 @@ def interpolate_direction(table: Float[Tensor, "layer d_model"], layer: float) -
     return unit(mixed).to(table.dtype)
 
 
+def per_layer_directions(table: Float[Tensor, "layer d_model"], n_layers: int) -> dict[int, Tensor]:
+    """`apply_edit`'s `by_layer` for the per-layer scope: block `l` removes the candidate of `resid_pre` `l + 1`
+    (the last block the last candidate); blocks whose candidate is zero are left out."""
+    top = table.shape[0] - 1
+    return {layer: table[min(layer + 1, top)] for layer in range(n_layers) if bool(table[min(layer + 1, top)].any())}
+
+
 def trial_directions(table: Float[Tensor, "layer d_model"], params: dict, n_layers: int) -> tuple[Tensor, dict[int, Tensor] | None]:
     """The direction and per-layer directions (`apply_edit`'s `direction`, `by_layer`) of a trial's parameters.
 
@@ -256,9 +263,7 @@ def trial_directions(table: Float[Tensor, "layer d_model"], params: dict, n_laye
     direction = interpolate_direction(table, params["direction_layer"])
     if params.get("direction_scope", "global") == "global":
         return direction, None
-    top = table.shape[0] - 1
-    by_layer = {layer: table[min(layer + 1, top)] for layer in range(n_layers) if bool(table[min(layer + 1, top)].any())}
-    return direction, by_layer
+    return direction, per_layer_directions(table, n_layers)
 
 
 def edit_from_params(params: dict[str, float], mode: str = "orthogonalize") -> EditConfig:
@@ -634,6 +639,7 @@ __all__ = [
     "interpolate_direction",
     "layer_directions",
     "pareto_png",
+    "per_layer_directions",
     "trial_directions",
     "search_abliteration",
     "write_search",

@@ -539,6 +539,7 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
     probe_losses: list[float] = []
     coding_losses: list[float] = []
     average: list[torch.Tensor] | None = None
+    coding_positions = optim.dim_positions if optim.dim_weight > 0 and optim.probe_layer is not None else None
     batches: list[list[int]] = []
     start = time.perf_counter()
     for step in range(optim.steps):
@@ -548,7 +549,6 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
             group["lr"] = learning_rate(step, optim)
         batch = collate(encoded, batches.pop(), pad_id, optim.decision_tokens, optim.decision_weight,
                         optim.token_dropout, n_special, model.config.vocab_size, rng)
-        coding_positions = optim.dim_positions if optim.dim_weight > 0 and optim.probe_layer is not None else None
         loss, probe_loss, coding_loss = response_loss(model, batch, probe, optim.probe_layer, optim.probe_loss, coding_positions)
         total = loss if probe_loss is None else loss + optim.probe_weight * probe_loss
         if coding_loss is not None:
