@@ -18,6 +18,7 @@ import platform
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +29,13 @@ sys.path.insert(0, str(ROOT))
 
 from featsteer.datasets import PromptSet, builtin_prompts, load_prompts  # noqa: E402
 from featsteer.edits import EditConfig  # noqa: E402
-from featsteer.evaluation import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score  # noqa: E402
+from featsteer.evaluation import (  # noqa: E402
+    RefusalTokens,
+    first_token_logprobs,
+    kl_answered,
+    kl_first_token,
+    refusal_score,
+)
 from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set  # noqa: E402
 from featsteer.evaluation.refusal import RefusalDetector  # noqa: E402
 from featsteer.interventions import AddDirection, ProjectionSet, steer  # noqa: E402
@@ -88,22 +95,34 @@ def prompt_sets(target: str) -> dict[str, PromptSet]:
     }
 
 
-def measure(model, sets, gen, tokens, base_logprobs, harmful: bool = True, harmless_refusal: bool = True) -> dict:
+@dataclass(frozen=True)
+class KLBase:
+    """What an edit's harmless KL is measured against: the unedited model's first-token log-probs on the
+    held-out harmless prompts, and which of those prompts it refuses (for the answered-only KL)."""
+
+    logprobs: torch.Tensor
+    refused: tuple[bool, ...] | None = None
+    """None when the base model was not decoded on the harmless prompts: no answered-only KL then."""
+
+
+def measure(model, sets, gen, tokens, base: KLBase, harmful: bool = True, harmless_refusal: bool = True) -> dict:
     """Refusal on the held-out sets and first-token KL on the harmless one.
 
     `harmful=False` skips the harmful set (refusal-inducing interventions); `harmless_refusal=False` reads
     only the harmless first-token distribution (one prefill, no decoding) for the KL, which is what an
     ablation's cost on harmless prompts is measured by; with generation the KL comes from its own prefill.
+    `kl_harmless` averages over every harmless prompt, `kl_harmless_answered` over those the base model answers.
     """
-    return _measure(model, sets, gen, tokens, base_logprobs, harmful, harmless_refusal)[0]
+    return _measure(model, sets, gen, tokens, base, harmful, harmless_refusal)[0]
 
 
-def measure_base(model, sets, gen, tokens) -> tuple[dict, torch.Tensor]:
-    """`measure` on the unmodified model, also returning its harmless first-token log-probs (the KL base)."""
-    return _measure(model, sets, gen, tokens, None, True, True)
+def measure_base(model, sets, gen, tokens) -> tuple[dict, KLBase]:
+    """`measure` on the unmodified model, also returning the KL base."""
+    out, logprobs = _measure(model, sets, gen, tokens, None, True, True)
+    return out, KLBase(logprobs, tuple(out.pop("refused_flags_harmless")))
 
 
-def _measure(model, sets, gen, tokens, base_logprobs, harmful: bool, harmless_refusal: bool) -> tuple[dict, torch.Tensor]:
+def _measure(model, sets, gen, tokens, base: KLBase | None, harmful: bool, harmless_refusal: bool) -> tuple[dict, torch.Tensor]:
     detector = RefusalDetector()
     out, examples = {}, []
     if harmful:
@@ -117,10 +136,15 @@ def _measure(model, sets, gen, tokens, base_logprobs, harmful: bool, harmless_re
                 "ci_harmless": [harmless.rate.low, harmless.rate.high]}
         examples += harmless.examples(2)
         logprobs = harmless.first_logprobs
+        if base is None:
+            out["refused_flags_harmless"] = list(harmless.refused)
     else:
         logprobs = first_token_logprobs(model, list(sets["eval_harmless"]), batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens)
-    out |= {"kl_harmless": kl_first_token(base_logprobs, logprobs) if base_logprobs is not None else 0.0,
-            "refusal_score_harmless": float(refusal_score(logprobs, tokens).mean()), "examples": examples}
+    if base is None:
+        out |= {"kl_harmless": 0.0, "kl_harmless_answered": 0.0}
+    else:
+        out |= {"kl_harmless": kl_first_token(base.logprobs, logprobs), "kl_harmless_answered": None if base.refused is None else kl_answered(base.logprobs, logprobs, base.refused)}
+    out |= {"refusal_score_harmless": float(refusal_score(logprobs, tokens).mean()), "examples": examples}
     return out, logprobs
 
 
@@ -134,6 +158,8 @@ def main() -> None:
     parser.add_argument("--positions", default="post_instruction")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--search", type=int, default=0, help="also run the optuna search with this many trials")
+    parser.add_argument("--search-kl", choices=["all", "answered"], default="all",
+                        help="the search's KL objective over all proxy harmless prompts, or those the base model answers")
     parser.add_argument("--induce-scales", default="1,2", help="comma list of activation-addition scales for the induce runs")
     parser.add_argument("--model", help="model spec instead of the target's model (e.g. a retrained organism folder)")
     parser.add_argument("--results-name", help="results file stem under benchmarks/results/ (default abliteration_<target>)")
@@ -149,7 +175,7 @@ def main() -> None:
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     t = time.perf_counter()
-    before, base_logprobs = measure_base(model, sets, gen, tokens)
+    before, kl_base = measure_base(model, sets, gen, tokens)
     timings["eval_before_s"] = time.perf_counter() - t
     config = DirectionConfig(positions=args.positions, kl_threshold=args.kl_threshold, batch_size=args.batch_size)
     t = time.perf_counter()
@@ -163,10 +189,11 @@ def main() -> None:
         t = time.perf_counter()
         with abliterate(model, result, edit, scope=scope):
             timings[f"{name}_edit_s"] = time.perf_counter() - t
-            runs[name] = measure(model, sets, gen, tokens, base_logprobs)
+            runs[name] = measure(model, sets, gen, tokens, kl_base)
         timings[f"{name}_total_s"] = time.perf_counter() - t
     if args.search:
-        runs["dim_search"], timings["search_s"] = run_search(model, result, sets, gen, tokens, base_logprobs, args.search)
+        runs["dim_search"], timings["search_s"] = run_search(model, result, sets, gen, tokens, kl_base, args.search,
+                                                             kl_prompts=args.search_kl)
     chosen = result.selection.chosen
     # refusal is induced best by the candidate whose addition raised the validation refusal score most, which is
     # not always the one chosen for ablation (the selection's own induce check, no test prompts involved)
@@ -181,45 +208,49 @@ def main() -> None:
             name = label if scale == 1 else f"{label} x{scale:g}"
             t = time.perf_counter()
             with steer(model, AddDirection(vector, scale, where=candidate.hook)):
-                runs[name] = measure(model, sets, gen, tokens, base_logprobs, harmful=False)
+                runs[name] = measure(model, sets, gen, tokens, kl_base, harmful=False)
             timings[f"{name.replace(' ', '_')}_s"] = time.perf_counter() - t
     # the projection-set variant: every position's projection on the direction is set to the mean harmful one
     unit = result.candidates.bases[chosen.index, 0]
     t = time.perf_counter()
     with steer(model, ProjectionSet(unit, result.candidates.scores["harmful_projection"][chosen.index], where=chosen.hook)):
-        runs["dim_projection_set_induce"] = measure(model, sets, gen, tokens, base_logprobs, harmful=False)
+        runs["dim_projection_set_induce"] = measure(model, sets, gen, tokens, kl_base, harmful=False)
     timings["projection_set_induce_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
     write(args.target, model, sets, result, before, runs, timings, args.results_name or f"abliteration_{args.target}")
 
 
-def run_search(model, result, sets, gen, tokens, base_logprobs, n_trials: int, harmless_refusal: bool = True,
-               batch_size: int | None = None, verify_top: int = 8, folder: Path | None = None) -> tuple[dict, float]:
+def run_search(model, result, sets, gen, tokens, kl_base, n_trials: int, harmless_refusal: bool = True,
+               batch_size: int | None = None, verify_top: int = 8, folder: Path | None = None,
+               warm_start: Path | None = None, kl_prompts: str = "all") -> tuple[dict, float]:
     """Search on the validation prompts (proxy + verification), then measure the chosen edit on the held-out sets.
 
     With `folder`, the optuna study is kept there, so a later run with more trials resumes it instead of
-    starting over (the search's own resume); without it the study lives in a temporary folder.
+    starting over (the search's own resume); without it the study lives in a temporary folder. `warm_start`
+    is an earlier search's `pareto.json` whose points a new study runs first.
     """
     import contextlib
     import tempfile
 
-    from featsteer.search import SearchConfig, search_abliteration
+    from featsteer.search import SearchConfig, load_warm_start, search_abliteration
 
     t = time.perf_counter()
+    warm = load_warm_start(warm_start) if warm_start else []
     config = SearchConfig(n_trials=n_trials, max_new_tokens=gen.max_new_tokens, batch_size=batch_size or gen.batch_size,
-                          verify_top=verify_top)
+                          verify_top=verify_top, kl_prompts=kl_prompts)
     place = contextlib.nullcontext(str(folder)) if folder else tempfile.TemporaryDirectory(prefix="featsteer-search-")
     with place as where:
-        found = search_abliteration(model, result, where, config)
+        found = search_abliteration(model, result, where, config, warm_start=warm)
     seconds = time.perf_counter() - t
     with found.apply(model, result):
-        measured = measure(model, sets, gen, tokens, base_logprobs, harmless_refusal=harmless_refusal)
-    measured["search"] = {"n_trials": n_trials, "best_params": found.best["params"] if found.best else None,
+        measured = measure(model, sets, gen, tokens, kl_base, harmless_refusal=harmless_refusal)
+    measured["search"] = {"n_trials": n_trials, "kl_prompts": kl_prompts, "warm_start": str(warm_start) if warm_start else None,
+                          "best_params": found.best["params"] if found.best else None,
                           "pareto_size": len(found.pareto), "timings": found.timings,
                           "pareto": [{"number": p["number"], "direction_layer": p["params"]["direction_layer"],
                                       "direction_scope": p["params"].get("direction_scope", "global"),
                                       "refusal_score": p["refusal_score"], "refusal_rate_proxy": p["refusal_rate_proxy"],
-                                      "kl": p["kl"], "verified_refusal": (p.get("verified") or {}).get("refusal_rate")}
+                                      "kl": p["kl"], "kl_all": p.get("kl_all", p["kl"]), "verified_refusal": (p.get("verified") or {}).get("refusal_rate")}
                                      for p in found.pareto],
                           "best_number": found.best["number"] if found.best else None}
     return measured, seconds
@@ -229,14 +260,19 @@ def pareto_table(search: dict | None) -> list[str]:
     """Markdown lines for the Pareto front `run_search` records (none when there is no front)."""
     if not search or not search.get("pareto"):
         return []
+    answered = search.get("kl_prompts") == "answered"
+    kl_head = "proxy KL answered | proxy KL all" if answered else "proxy KL"
     lines = ["", f"Search Pareto front ({search['n_trials']} trials; proxy refusal and KL on the validation prompts, "
-             "verified = generated refusal rate on them):", "",
-             "| trial | direction | refusal log-odds | proxy refusal rate | proxy KL | verified refusal |", "|---|---|---|---|---|---|"]
+             "verified = generated refusal rate on them" + ("; the KL objective averaged over the harmless prompts the base model "
+                                                             "answers" if answered else "") + "):", "",
+             f"| trial | direction | refusal log-odds | proxy refusal rate | {kl_head} | verified refusal |",
+             "|---|---|---|---|---|---|" + ("---|" if answered else "")]
     for q in search["pareto"]:
         where = "per layer" if q.get("direction_scope") == "per_layer" else f"layer {q['direction_layer']:.2f}"
         verified = "-" if q["verified_refusal"] is None else f"{q['verified_refusal']:.3f}"
         mark = " (chosen)" if q["number"] == search.get("best_number") else ""
-        lines.append(f"| {q['number']}{mark} | {where} | {q['refusal_score']:.2f} | {q['refusal_rate_proxy']:.3f} | {q['kl']:.4f} | {verified} |")
+        kl = f"{q['kl']:.4f} | {q.get('kl_all', q['kl']):.4f}" if answered else f"{q['kl']:.4f}"
+        lines.append(f"| {q['number']}{mark} | {where} | {q['refusal_score']:.2f} | {q['refusal_rate_proxy']:.3f} | {kl} | {verified} |")
     return lines
 
 
@@ -260,17 +296,20 @@ def write(target, model, sets, result, before, runs, timings, stem: str) -> None
              f"{len(result.val[0])} / {len(result.val[1])} validation prompts ({result.val[0].source}; {result.val[1].source}); "
              f"evaluation on {len(sets['eval_harmful'])} held-out harmful and {len(sets['eval_harmless'])} held-out harmless prompts.", "",
              f"Chosen direction: `{chosen.hook}` position {chosen.position} ({'passed all filters' if chosen.kept else 'fallback: ' + chosen.reason}).", "",
-             "| run | refusal harmful | refusal harmless | KL harmless (first token) |", "|---|---|---|---|",
-             f"| base model | {before['refused_harmful']}/{before['n_harmful']} | {before['refused_harmless']}/{before['n_harmless']} | 0 |"]
+             "| run | refusal harmful | refusal harmless | KL harmless (first token) | KL answered |", "|---|---|---|---|---|",
+             f"| base model | {before['refused_harmful']}/{before['n_harmful']} | {before['refused_harmless']}/{before['n_harmless']} | 0 | 0 |"]
     for name, r in runs.items():
         harmful = f"{r['refused_harmful']}/{r['n_harmful']}" if "n_harmful" in r else "not measured"
         harmless = f"{r['refused_harmless']}/{r['n_harmless']}" if "n_harmless" in r else "not generated"
-        lines.append(f"| {name} | {harmful} | {harmless} | {r['kl_harmless']:.4f} |")
+        answered = "-" if r.get("kl_harmless_answered") is None else f"{r['kl_harmless_answered']:.4f}"
+        lines.append(f"| {name} | {harmful} | {harmless} | {r['kl_harmless']:.4f} | {answered} |")
+    lines += ["", f"KL answered: the mean over the {before['n_harmless'] - before['refused_harmless']} held-out harmless prompts the base "
+              f"model answers; the {before['refused_harmless']} it refuses change, rightly, when refusal is removed, at 1-2 nats each."]
     lines += pareto_table(runs.get("dim_search", {}).get("search"))
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), "",
               "Selection candidates:", "", result.selection.table(), ""]
     (out / f"{stem}.md").write_text("\n".join(lines))
-    print("\n".join(lines[:14 + len(runs)]))
+    print("\n".join(lines[:16 + len(runs)]))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def main() -> None:
     sets = prompt_sets("organism")
     gen = GenerationConfig(max_new_tokens=32, batch_size=32)
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
-    base, base_logprobs = measure_base(model, sets, gen, tokens)
+    base, kl_base = measure_base(model, sets, gen, tokens)
     hooks = model.hook_names(("resid_pre",))
     results = {method: find_refusal_direction(model, sets["train_harmful"], sets["train_harmless"], DirectionConfig(method=method))
                for method in ("dim", "projected")}
@@ -69,13 +69,13 @@ def main() -> None:
             values = {label: acts[label].at_position(h, position) @ r for label in acts}
             projections[h] = {label: [round(float(v.mean()), 2), round(float(v.std()), 2)] for label, v in values.items()}
         with steer(model, Ablate(r)):
-            zero = measure(model, sets, gen, tokens, base_logprobs, harmless_refusal=False)
+            zero = measure(model, sets, gen, tokens, kl_base, harmless_refusal=False)
         with steer(model, *[ProjectionSet(r, projections[h]["harmless"][0], where=h) for h in hooks]):
-            mean = measure(model, sets, gen, tokens, base_logprobs, harmless_refusal=False)
+            mean = measure(model, sets, gen, tokens, kl_base, harmless_refusal=False)
         projected = results["projected"].candidates
         p = projected.bases[i, 0] / projected.bases[i, 0].norm()
         with steer(model, Ablate(p)):
-            zero_projected = measure(model, sets, gen, tokens, base_logprobs, harmless_refusal=False)
+            zero_projected = measure(model, sets, gen, tokens, kl_base, harmless_refusal=False)
         row = {"hook": hook, "position": position, "projections": projections,
                **{name: {"refused_harmful": m["refused_harmful"], "n_harmful": m["n_harmful"], "kl_harmless": m["kl_harmless"]}
                   for name, m in (("zero_ablation", zero), ("mean_ablation", mean), ("projected_zero_ablation", zero_projected))}}

@@ -31,13 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import measure, measure_base, pareto_table, prompt_sets, qwen_gguf, run_search  # noqa: E402
+from abliteration import KLBase, measure, measure_base, pareto_table, prompt_sets, qwen_gguf, run_search  # noqa: E402
 
 from featsteer.activations import capture  # noqa: E402
 from featsteer.directions import find_directions  # noqa: E402
 from featsteer.edits import EditConfig, apply_edit  # noqa: E402
 from featsteer.evaluation import RefusalTokens  # noqa: E402
-from featsteer.evaluation.behaviour import GenerationConfig  # noqa: E402
+from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set  # noqa: E402
+from featsteer.evaluation.refusal import RefusalDetector  # noqa: E402
 from featsteer.features import score_features  # noqa: E402
 from featsteer.interventions import AddDirection, ProjectionSet, steer  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
@@ -110,6 +111,12 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("~/.cache/featsteer/bench"),
                         help="folder where the base evaluation and the DIM selection are kept between runs")
     parser.add_argument("--fresh", action="store_true", help="recompute the base evaluation and DIM selection even when cached")
+    parser.add_argument("--filter-train", action="store_true",
+                        help="compute the DIM candidates from the train prompts the base model treats as labelled (Arditi filter)")
+    parser.add_argument("--search-kl", choices=["all", "answered"], default="all",
+                        help="the search's KL objective over all proxy harmless prompts, or those the base model answers")
+    parser.add_argument("--warm-start", type=Path,
+                        help="a pareto.json of an earlier search: its Pareto points are the new study's first trials")
     parser.add_argument("--merge", action="store_true",
                         help="keep the stages of the existing results file that this run skips (same DIM choice only)")
     args = parser.parse_args()
@@ -131,12 +138,14 @@ def main() -> None:
 
     # the two most expensive stages that every later stage needs (the base model's outputs and the DIM
     # selection, ~28 min on Qwen) are kept on disk, keyed by everything they depend on
-    key = hashlib.sha256(json.dumps([spec, args.max_new_tokens, args.n_select, args.batch_size,
-                                     {k: v.sha256 for k, v in sets.items()}]).encode()).hexdigest()[:16]
+    key_parts = [spec, args.max_new_tokens, args.n_select, args.batch_size, {k: v.sha256 for k, v in sets.items()}]
+    keys = {"base_eval": hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]}
+    # the selection also depends on the train filter (older caches keep their key when it is off)
+    keys["dim_selection"] = hashlib.sha256(json.dumps(key_parts + (["filter_train"] if args.filter_train else [])).encode()).hexdigest()[:16]
     extra["cached_stages"] = []
 
     def cached(stage: str, compute):
-        path = args.cache.expanduser() / f"{args.results_name}-{stage}-{key}.pt"
+        path = args.cache.expanduser() / f"{args.results_name}-{stage}-{keys[stage]}.pt"
         if path.exists() and not args.fresh:
             stored = torch.load(path, weights_only=False)
             clock.seconds[stage] = stored["seconds"]
@@ -153,11 +162,17 @@ def main() -> None:
     # an ablation is measured by harmful refusal and harmless KL (no harmless decoding: 100 long prompts
     # x 32 tokens per method); the base model and the refusal-inducing run generate on both sets
     def ablation(name: str) -> None:
-        runs[name] = measure(model, sets, gen, tokens, base_logprobs, harmless_refusal=False)
+        runs[name] = measure(model, sets, gen, tokens, kl_base, harmless_refusal=False)
         checkpoint()
 
-    runs["base model"], base_logprobs = cached("base_eval", lambda: measure_base(model, sets, gen, tokens))
-    config = DirectionConfig(batch_size=args.batch_size, n_select=args.n_select)
+    runs["base model"], kl_base = cached("base_eval", lambda: measure_base(model, sets, gen, tokens))
+    if not isinstance(kl_base, KLBase):  # a cache from before the answered-only KL: decode the harmless set once more
+        flags = evaluate_set(model, sets["eval_harmless"], "harmless", gen, RefusalDetector()).refused
+        kl_base = KLBase(kl_base, tuple(flags))
+        path = args.cache.expanduser() / f"{args.results_name}-base_eval-{keys['base_eval']}.pt"
+        torch.save({"value": (runs["base model"], kl_base), "seconds": clock.seconds["base_eval"]}, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    config = DirectionConfig(batch_size=args.batch_size, n_select=args.n_select, filter_train=args.filter_train)
     result = cached("dim_selection", lambda: find_refusal_direction(model, sets["train_harmful"], sets["train_harmless"], config))
     chosen = result.selection.chosen
     extra["dim_chosen"] = {"hook": chosen.hook, "position": chosen.position, "kept": chosen.kept, "reason": chosen.reason}
@@ -173,13 +188,13 @@ def main() -> None:
         for scale in (float(x) for x in args.induce_scales.split(",")):
             name = "dim_actadd_induce" if scale == 1 else f"dim_actadd_induce x{scale:g}"
             with clock.stage(name), steer(model, AddDirection(vector, scale, where=chosen.hook)):
-                runs[name] = measure(model, sets, gen, tokens, base_logprobs, harmful=False)
+                runs[name] = measure(model, sets, gen, tokens, kl_base, harmful=False)
             checkpoint()
         if args.induce_set:
             unit = result.candidates.bases[chosen.index, 0]
             value = result.candidates.scores["harmful_projection"][chosen.index]
             with clock.stage("dim_projection_set_induce"), steer(model, ProjectionSet(unit, value, where=chosen.hook)):
-                runs["dim_projection_set_induce"] = measure(model, sets, gen, tokens, base_logprobs, harmful=False)
+                runs["dim_projection_set_induce"] = measure(model, sets, gen, tokens, kl_base, harmful=False)
             checkpoint()
     # probe directions at the DIM layer, last token, as weight projections (same edit code)
     hook = chosen.hook
@@ -208,9 +223,10 @@ def main() -> None:
             ablation("dim_norm_preserving")
     if args.search:
         with clock.stage("dim_search"):
-            runs["dim_search"], _ = run_search(model, result, sets, gen, tokens, base_logprobs, args.search,
+            runs["dim_search"], _ = run_search(model, result, sets, gen, tokens, kl_base, args.search,
                                                harmless_refusal=False, batch_size=args.batch_size,
-                                               verify_top=args.verify_top, folder=args.search_dir)
+                                               verify_top=args.verify_top, folder=args.search_dir, warm_start=args.warm_start,
+                                               kl_prompts=args.search_kl)
         checkpoint()
     checkpoint()
 
@@ -295,18 +311,20 @@ def render(payload: dict, name: str) -> None:
              f"{sets['eval_harmful']['n']} held-out AdvBench and {sets['eval_harmless']['n']} held-out MT-Bench+IFBench prompts; "
              f"directions, probes and SAE features fitted on {sets['train_harmful']['n']} / {sets['train_harmless']['n']} others.", "",
              f"DIM direction chosen by the Arditi selection: `{chosen['hook']}` position {chosen['position']} ({how}).", "",
-             "| run | refusal harmful | refusal harmless | KL harmless (first token) | stage time (s) |", "|---|---|---|---|---|"]
+             "| run | refusal harmful | refusal harmless | KL harmless (first token) | KL answered | stage time (s) |", "|---|---|---|---|---|---|"]
 
     def rate(r: dict, kind: str) -> str:
         return f"{r[f'refused_{kind}']}/{r[f'n_{kind}']}" if f"refused_{kind}" in r else "not generated"
 
     for run, r in runs.items():
         kl = "0" if run == "base model" else f"{r['kl_harmless']:.4f}"
+        answered = "0" if run == "base model" else "-" if r.get("kl_harmless_answered") is None else f"{r['kl_harmless_answered']:.4f}"
         stage = seconds.get("base_eval", "") if run == "base model" else seconds.get(run, "")
-        lines.append(f"| {run} | {rate(r, 'harmful')} | {rate(r, 'harmless')} | {kl} | {stage} |")
+        lines.append(f"| {run} | {rate(r, 'harmful')} | {rate(r, 'harmless')} | {kl} | {answered} | {stage} |")
     lines += ["", "Ablations are measured by harmful refusal and harmless first-token KL; the harmless set is decoded for the "
               "base model and the refusal-inducing run only (\"not generated\": one prefill of the 100 harmless prompts for "
-              "the KL, no decoding)."]
+              "the KL, no decoding). KL answered: the mean over the harmless prompts the base model answers (the ones it "
+              "refuses change, rightly, when refusal is removed); \"-\": measured before this column existed."]
     table = extra.get("dim_selection", {}).get("table", {})
     finalists = [c for c in table.get("candidates", []) if c["reason"] in ("kept", "kl too high", "no induced refusal")]
     if finalists:

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import measure, prompt_sets, qwen_gguf  # noqa: E402
+from abliteration import KLBase, measure, prompt_sets, qwen_gguf  # noqa: E402
 from real_model import Clock  # noqa: E402
 
 from featsteer.activations import capture  # noqa: E402
@@ -127,10 +127,10 @@ def main() -> None:
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size, max_batch_tokens=args.max_batch_tokens)
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     with clock.stage("base_harmless_prefill"):
-        base_logprobs = first_token_logprobs(model, list(sets["eval_harmless"]), batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens)
+        kl_base = KLBase(first_token_logprobs(model, list(sets["eval_harmless"]), batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens))
     for name, direction in (("dim_abliteration", dim), ("sae_top1_abliteration", top1), (f"sae_top{len(ids)}_abliteration", topk)):
         with clock.stage(name), apply_edit(model, direction):
-            runs[name] = measure(model, sets, gen, tokens, base_logprobs, harmless_refusal=False)
+            runs[name] = measure(model, sets, gen, tokens, kl_base, harmless_refusal=False)
         write(model, sets, runs, extra, clock.seconds, args.results_name)
 
 

@@ -155,7 +155,7 @@ def _direction_config(args: argparse.Namespace):
     from featsteer.pipeline import DirectionConfig
 
     return DirectionConfig(method=args.method, rank=args.rank, positions=args.positions, n_select=args.n_select,
-                           kl_threshold=args.kl_threshold, batch_size=args.batch_size)
+                           kl_threshold=args.kl_threshold, batch_size=args.batch_size, filter_train=args.filter_train)
 
 
 def _load_pair(args: argparse.Namespace):
@@ -192,26 +192,33 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
 
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise FeatsteerError(f"output folder {args.out} is not empty: choose a new path")
+    mode = "induce" if args.induce else "amplify" if args.reverse else "norm_preserving" if args.norm_preserving else "orthogonalize"
+    warm_start: list[dict] = []
+    if args.search:  # option clashes are reported before anything slow runs
+        from featsteer.search import SearchConfig, load_warm_start, search_abliteration
+
+        if mode not in ("orthogonalize", "norm_preserving"):
+            raise FeatsteerError("--search tunes abliteration only: drop --reverse/--induce")
+        if args.scope != "global":
+            raise FeatsteerError("--search chooses the direction scope itself: drop --scope")
+        if args.search_warm_start:
+            warm_start = load_warm_start(args.search_warm_start)
+    elif args.search_warm_start:
+        raise FeatsteerError("--search-warm-start seeds a search: add --search N")
     harmful, harmless = _load_pair(args)
     model = load_model(args.model)
     result = find_refusal_direction(model, harmful, harmless, _direction_config(args))
     chosen = result.selection.chosen
     print(f"direction: {args.method} at {chosen.hook} position {chosen.position} (KL on harmless {chosen.kl_harmless:.4f})")
-    mode = "induce" if args.induce else "amplify" if args.reverse else "norm_preserving" if args.norm_preserving else "orthogonalize"
     edit = EditConfig(mode=mode, alpha=args.alpha, shift=args.shift)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     held_harmful, held_harmless = (s.head(min(args.eval_n, len(s))) for s in result.val)
     before = evaluate_refusal(model, held_harmful, held_harmless, config)
     extra = {}
     if args.search:
-        from featsteer.search import SearchConfig, search_abliteration
-
-        if mode not in ("orthogonalize", "norm_preserving"):
-            raise FeatsteerError("--search tunes abliteration only: drop --reverse/--induce")
-        if args.scope != "global":
-            raise FeatsteerError("--search chooses the direction scope itself: drop --scope")
         search_dir = Path(args.search_dir or f"{args.out.rstrip('/')}-search")
-        found = search_abliteration(model, result, search_dir, SearchConfig(n_trials=args.search, mode=mode, max_new_tokens=args.max_new_tokens))
+        found = search_abliteration(model, result, search_dir, SearchConfig(n_trials=args.search, mode=mode, max_new_tokens=args.max_new_tokens,
+                                                                               kl_prompts=args.search_kl), warm_start=warm_start)
         extra = {"search": {"dir": str(search_dir), "best": found.best}}
         print(f"search: {args.search} trials, Pareto front and plot in {search_dir}/ ; chosen params {found.best.get('params')}")
         handle = found.apply(model, result, record={"method": args.method, "search": found.best})
@@ -402,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--n", type=int, help="use the first N prompts of each set")
         p.add_argument("--n-select", type=int, default=32, help="validation prompts per set for selection")
         p.add_argument("--kl-threshold", type=float, default=0.1)
+        p.add_argument("--filter-train", action="store_true",
+                       help="keep the train prompts the model treats as labelled (harmful refused, harmless answered; Arditi et al.)")
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--column")
         p.add_argument("--out", required=True)
@@ -421,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--shift", type=float, default=0.0, help="embedding shift for --induce")
     abl.add_argument("--search", type=int, default=0, metavar="N", help="run an N-trial multi-objective search (optuna TPE)")
     abl.add_argument("--search-dir", help="where the resumable study, pareto.json and pareto.png go (default OUT-search)")
+    abl.add_argument("--search-kl", choices=["all", "answered"], default="all",
+                     help="the search's KL objective: over all proxy harmless prompts, or only those the unedited model answers")
+    abl.add_argument("--search-warm-start", metavar="PARETO_JSON",
+                     help="an earlier search's pareto.json (or folder): its Pareto points are the new study's first trials")
     abl.add_argument("--eval-n", type=int, default=32, help="held-out prompts per set for the before/after check")
     abl.add_argument("--max-new-tokens", type=int, default=32)
     abl.set_defaults(run=_cmd_abliterate)

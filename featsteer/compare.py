@@ -33,8 +33,14 @@ from featsteer.activations import capture
 from featsteer.datasets import PromptSet
 from featsteer.edits import EditConfig, apply_edit
 from featsteer.errors import FeatsteerError
-from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set
-from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
+from featsteer.evaluation.behaviour import GenerationConfig, SetResult, evaluate_set
+from featsteer.evaluation.metrics import (
+    RefusalTokens,
+    first_token_logprobs,
+    kl_answered,
+    kl_first_token,
+    refusal_score,
+)
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.interventions import Ablate, AddDirection, steer
 from featsteer.models import ModelAdapter
@@ -387,6 +393,9 @@ class MethodResult:
     ci_harmful: tuple[float, float]
     ci_harmless: tuple[float, float]
     kl_harmless: float
+    kl_harmless_answered: float | None
+    """Mean first-token KL over the harmless prompts the unedited model answers (see `kl_answered`); None when
+    it refuses all of them."""
     refusal_score_harmful: float
     refusal_score_harmless: float
     over_refusal: float | None
@@ -396,7 +405,7 @@ class MethodResult:
     """What the method used, when it says (SAE methods: hook, feature ids, edits)."""
 
 
-def _measure(ctx: CompareContext, name: str, eval_sets: dict, base_logprobs, tokens, gen: GenerationConfig) -> MethodResult:
+def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: SetResult, tokens, gen: GenerationConfig) -> MethodResult:
     description = _METHODS[name].description
     detector = RefusalDetector()
     start = time.perf_counter()
@@ -405,16 +414,18 @@ def _measure(ctx: CompareContext, name: str, eval_sets: dict, base_logprobs, tok
     start_eval = time.perf_counter()
     with manager:
         harmful = evaluate_set(ctx.model, eval_sets["harmful"], "harmful", gen, detector)
-        harmless = evaluate_set(ctx.model, eval_sets["harmless"], "harmless", gen, detector)
+        # the harmless first-token log-probs come from the generation's prefill, as the base's do
+        harmless = evaluate_set(ctx.model, eval_sets["harmless"], "harmless", gen, detector, keep_logprobs=True)
         over = evaluate_set(ctx.model, eval_sets["alarming"], "alarming", gen, detector).rate.rate if eval_sets.get("alarming") else None
-        harmless_lp = first_token_logprobs(ctx.model, list(eval_sets["harmless"]), batch_size=gen.batch_size)
+        harmless_lp = harmless.first_logprobs
         harmful_lp = first_token_logprobs(ctx.model, list(eval_sets["harmful"]), batch_size=gen.batch_size)
     logger.info("%s: directions %.1fs, evaluation %.1fs", name, start_eval - start, time.perf_counter() - start_eval)
     return MethodResult(
         method=name, description=description,
         refusal_harmful=harmful.rate.rate, refusal_harmless=harmless.rate.rate,
         ci_harmful=(harmful.rate.low, harmful.rate.high), ci_harmless=(harmless.rate.low, harmless.rate.high),
-        kl_harmless=kl_first_token(base_logprobs, harmless_lp),
+        kl_harmless=kl_first_token(base.first_logprobs, harmless_lp),
+        kl_harmless_answered=kl_answered(base.first_logprobs, harmless_lp, base.refused),
         refusal_score_harmful=float(refusal_score(harmful_lp, tokens).mean()),
         refusal_score_harmless=float(refusal_score(harmless_lp, tokens).mean()),
         over_refusal=over, seconds=time.perf_counter() - start,
@@ -431,11 +442,13 @@ class Comparison:
 
     def table(self) -> str:
         """Markdown table of the headline metrics."""
-        lines = ["| method | refusal harmful | refusal harmless | KL harmless | over-refusal | refusal score (harmful) |",
-                 "|---|---|---|---|---|---|"]
+        lines = ["| method | refusal harmful | refusal harmless | KL harmless | KL answered | over-refusal | refusal score (harmful) |",
+                 "|---|---|---|---|---|---|---|"]
         for r in self.results:
             over = "-" if r.over_refusal is None else f"{r.over_refusal:.3f}"
-            lines.append(f"| {r.method} | {r.refusal_harmful:.3f} | {r.refusal_harmless:.3f} | {r.kl_harmless:.4f} | {over} | {r.refusal_score_harmful:.2f} |")
+            answered = "-" if r.kl_harmless_answered is None else f"{r.kl_harmless_answered:.4f}"
+            lines.append(f"| {r.method} | {r.refusal_harmful:.3f} | {r.refusal_harmless:.3f} | {r.kl_harmless:.4f} | {answered} | {over} "
+                         f"| {r.refusal_score_harmful:.2f} |")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -491,9 +504,10 @@ def compare(
     gen = generation or GenerationConfig()
     ctx = CompareContext(model, harmful, harmless, direction_config or DirectionConfig(), saes=sae_map, sae_config=sae_config or SaeMethodConfig())
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
-    base_logprobs = first_token_logprobs(model, list(eval_harmless), batch_size=gen.batch_size)
+    # the unedited model's harmless first-token distribution (the KL base) and which of those prompts it refuses
+    base = evaluate_set(model, eval_harmless, "harmless", gen, RefusalDetector(), keep_logprobs=True)
     eval_sets = {"harmful": eval_harmful, "harmless": eval_harmless, "alarming": alarming}
-    results = [_measure(ctx, name, eval_sets, base_logprobs, tokens, gen) for name in names]
+    results = [_measure(ctx, name, eval_sets, base, tokens, gen) for name in names]
     setup = {
         "model": model.name, "n_train_harmful": len(harmful), "n_train_harmless": len(harmless),
         "n_eval_harmful": len(eval_harmful), "n_eval_harmless": len(eval_harmless),
@@ -561,7 +575,8 @@ def _html(comparison: Comparison, png: bytes) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(r.method)}</td><td>{html.escape(r.description)}{_details_html(r.details)}</td><td>{r.refusal_harmful:.3f} "
         f"<small>[{r.ci_harmful[0]:.2f}, {r.ci_harmful[1]:.2f}]</small></td><td>{r.refusal_harmless:.3f}</td>"
-        f"<td>{r.kl_harmless:.4f}</td><td>{'-' if r.over_refusal is None else f'{r.over_refusal:.3f}'}</td>"
+        f"<td>{r.kl_harmless:.4f}</td><td>{'-' if r.kl_harmless_answered is None else f'{r.kl_harmless_answered:.4f}'}</td>"
+        f"<td>{'-' if r.over_refusal is None else f'{r.over_refusal:.3f}'}</td>"
         f"<td>{r.refusal_score_harmful:.2f}</td></tr>"
         for r in comparison.results
     )
@@ -577,7 +592,7 @@ def _html(comparison: Comparison, png: bytes) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}th{{background:#f3f3f3}}pre{{background:#f7f7f7;padding:8px;font-size:12px}}</style>
 </head><body><h1>featsteer: method comparison on {html.escape(str(comparison.setup.get('model')))}</h1>
-<p>Same held-out prompts, greedy decoding, same refusal detector for every method. KL is first-token KL(base || method) on harmless prompts.</p>
-<table><tr><th>method</th><th>what</th><th>refusal (harmful) [95% CI]</th><th>refusal (harmless)</th><th>KL harmless</th><th>over-refusal</th><th>refusal score</th></tr>{rows}</table>
+<p>Same held-out prompts, greedy decoding, same refusal detector for every method. KL is first-token KL(base || method) on harmless prompts; KL answered leaves out the harmless prompts the unedited model refuses (removing refusal rightly changes those).</p>
+<table><tr><th>method</th><th>what</th><th>refusal (harmful) [95% CI]</th><th>refusal (harmless)</th><th>KL harmless</th><th>KL answered</th><th>over-refusal</th><th>refusal score</th></tr>{rows}</table>
 <h2>Refusal vs KL</h2><img alt="pareto plot" src="data:image/png;base64,{image}">
 <h2>Examples</h2>{examples}<h2>Set-up</h2><pre>{setup}</pre></body></html>"""

@@ -42,6 +42,12 @@ class DirectionConfig:
     """Candidates that get the KL/induce checks after the ablation screen (None: all)."""
     batch_size: int = 16
     """Prompts per forward pass."""
+    filter_train: bool = False
+    """Before computing candidates, keep only the train prompts the unedited model treats as their label says,
+    by the first-token refusal score (harmful: log-odds > 0, harmless: <= 0), as Arditi et al. 2024 do, so the
+    direction contrasts refusal with compliance rather than harmful topics with harmless ones. Costs one prefill
+    of the train sets. On Qwen2.5-Coder-0.5B it keeps 75 of 192 harmful prompts and lowers the proxy refusal
+    of one search point from -3.39 to -4.00 log-odds at the same KL (`benchmarks/results/real_model_qwen_filtered.md`)."""
 
 
 @dataclass
@@ -51,6 +57,7 @@ class DirectionResult:
     candidates: DirectionSet
     selection: object
     train: tuple[PromptSet, PromptSet]
+    """The prompts the candidates were computed from (after `DirectionConfig.filter_train`, when on)."""
     val: tuple[PromptSet, PromptSet]
     timings: dict = field(default_factory=dict)
 
@@ -104,20 +111,55 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
                 raise FeatsteerError(f"the {name} prompt set has {len(prompts)} prompts: need at least 2")
     hooks = model.hook_names((config.kind,))
     start = time.perf_counter()
+    kept: dict = {}
+    if config.filter_train:
+        harmful_train, harmless_train, kept = filter_by_refusal(model, harmful_train, harmless_train, config.batch_size)
+    filtered = time.perf_counter()
     harmful_acts = capture(model, harmful_train, hooks, positions=config.positions, batch_size=config.batch_size, label="harmful")
     harmless_acts = capture(model, harmless_train, hooks, positions=config.positions, batch_size=config.batch_size, label="harmless")
     captured = time.perf_counter()
     candidates = find_directions(harmful_acts, harmless_acts, config.method, config.rank)
     candidates.provenance.update({"harmful": harmful.source, "harmful_sha256": harmful_train.sha256,
                                   "harmless": harmless.source, "harmless_sha256": harmless_train.sha256,
-                                  "n_harmful_train": len(harmful_train), "n_harmless_train": len(harmless_train)})
+                                  "n_harmful_train": len(harmful_train), "n_harmless_train": len(harmless_train),
+                                  **({"train_filter": kept} if kept else {})})
     found = time.perf_counter()
     selection = select_direction(
         model, candidates, harmful_val.head(min(config.n_select, len(harmful_val))), harmless_val.head(min(config.n_select, len(harmless_val))),
         SelectionConfig(kl_threshold=config.kl_threshold, batch_size=config.batch_size, top_k=config.top_k),
     )
-    timings = {"capture_s": captured - start, "directions_s": found - captured, "selection_s": time.perf_counter() - found}
+    timings = {**({"filter_s": filtered - start} if kept else {}), "capture_s": captured - filtered, "directions_s": found - captured, "selection_s": time.perf_counter() - found}
     return DirectionResult(candidates, selection, (harmful_train, harmless_train), (harmful_val, harmless_val), timings)
+
+
+def filter_by_refusal(model: ModelAdapter, harmful: PromptSet, harmless: PromptSet,
+                      batch_size: int = 16) -> tuple[PromptSet, PromptSet, dict]:
+    """The harmful prompts the model refuses and the harmless ones it does not, by the first-token refusal score.
+
+    Returns:
+        `(harmful_kept, harmless_kept, counts)`; `counts` records kept and total per set for provenance.
+
+    Raises:
+        FeatsteerError: when fewer than 2 prompts of a set survive (the model refuses too few harmful, or too
+            many harmless, prompts for a direction that contrasts the two behaviours).
+    """
+    from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, refusal_score
+
+    tokens = RefusalTokens.for_tokenizer(model.tokenizer)
+    out, counts = [], {}
+    for name, prompts, refused in (("harmful", harmful, True), ("harmless", harmless, False)):
+        scores = refusal_score(first_token_logprobs(model, prompts.to_list(), batch_size=batch_size), tokens)
+        keep = (scores > 0) if refused else (scores <= 0)
+        index = [i for i, k in enumerate(keep.tolist()) if k]
+        if len(index) < 2:
+            behaviour = "refuses" if refused else "answers"
+            raise FeatsteerError(f"the unedited model {behaviour} only {len(index)} of {len(prompts)} {name} train prompts "
+                                 f"(first-token refusal score): the train filter needs at least 2; add prompts or turn filter_train off")
+        categories = None if prompts.categories is None else tuple(prompts.categories[i] for i in index)
+        out.append(PromptSet(tuple(prompts.prompts[i] for i in index), f"{prompts.source} (refusal-filtered)", categories))
+        counts[name] = {"kept": len(index), "total": len(prompts)}
+        logger.info("train filter: kept %d of %d %s prompts", len(index), len(prompts), name)
+    return out[0], out[1], counts
 
 
 def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | None = None, scope: str = "global") -> EditHandle:

@@ -48,7 +48,13 @@ from featsteer.directions import DirectionSet, unit
 from featsteer.edits import EditConfig, EditHandle, LayerKernel, apply_edit
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set
-from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
+from featsteer.evaluation.metrics import (
+    RefusalTokens,
+    first_token_logprobs,
+    kl_answered,
+    kl_first_token,
+    refusal_score,
+)
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.models import ModelAdapter
 from featsteer.pipeline import DirectionResult
@@ -64,6 +70,10 @@ SEARCH_MODES = ("orthogonalize", "norm_preserving")
 DIRECTION_SCOPES = ("global", "per_layer")
 """`global`: every writer removes one (interpolated) direction. `per_layer`: the writers of block `l` remove the
 candidate direction of the stream they write into (`resid_pre` of `l + 1`), the embedding the interpolated one."""
+
+KL_PROMPTS = ("all", "answered")
+"""`all`: the KL objective averages over every proxy harmless prompt; `answered`: over those the unedited model
+answers (first-token refusal score <= 0), so removing its refusal of a harmless prompt is not counted as damage."""
 
 REFUSAL_OBJECTIVES = ("score", "rate")
 """`score`: mean refusal log-odds of harmful prompts; `rate`: share of harmful prompts with log-odds > 0."""
@@ -160,6 +170,10 @@ class SearchConfig:
     batch_size: int = 16
     """Prompts per forward pass or generation batch."""
     n_proxy_prompts: int = 32
+    kl_prompts: str = "all"
+    """Which proxy harmless prompts the KL objective averages over (see `KL_PROMPTS`). On a model that refuses some
+    harmless prompts, `all` charges every trial that removes those refusals 1-2 nats per prompt (on the organism, 2 of
+    32 proxy prompts: about 0.08 nats), which steers the search to weak edits; the recorded `kl_all` keeps the other."""
     """Validation prompts per set used by the logit proxy (the first ones of `DirectionResult.val`)."""
     n_startup_trials: int = 10
     """Random trials before TPE starts modelling the objectives."""
@@ -172,6 +186,8 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.mode not in SEARCH_MODES:
             raise FeatsteerError(f"search mode '{self.mode}' is not an abliteration mode: use one of {', '.join(SEARCH_MODES)}")
+        if self.kl_prompts not in KL_PROMPTS:
+            raise FeatsteerError(f"unknown kl_prompts '{self.kl_prompts}': use one of {', '.join(KL_PROMPTS)}")
         if self.refusal_objective not in REFUSAL_OBJECTIVES:
             raise FeatsteerError(f"unknown refusal objective '{self.refusal_objective}': use one of {', '.join(REFUSAL_OBJECTIVES)}")
         for name in ("n_trials", "verify_top", "max_new_tokens", "batch_size", "n_proxy_prompts"):
@@ -362,6 +378,8 @@ class _Screen:
     harmless: list[str]
     base_harmless: Tensor
     tokens: RefusalTokens
+    base_refused: tuple[bool, ...] = ()
+    """Per proxy harmless prompt, whether the unedited model refuses it (first-token score > 0)."""
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         params = {name: trial.suggest_float(name, low, high) for name, (low, high) in self.bounds.items()}
@@ -373,8 +391,9 @@ class _Screen:
             harmful = first_token_logprobs(self.model, self.harmful, batch_size=self.config.batch_size)
             harmless = first_token_logprobs(self.model, self.harmless, batch_size=self.config.batch_size)
         scores = refusal_score(harmful, self.tokens)
-        proxy = {"refusal_score": float(scores.mean()), "refusal_rate": float((scores > 0).double().mean()),
-                 "kl": kl_first_token(self.base_harmless, harmless)}
+        kl_all = kl_first_token(self.base_harmless, harmless)
+        kl = kl_answered(self.base_harmless, harmless, self.base_refused) if self.config.kl_prompts == "answered" else kl_all
+        proxy = {"refusal_score": float(scores.mean()), "refusal_rate": float((scores > 0).double().mean()), "kl": kl, "kl_all": kl_all}
         seconds = time.perf_counter() - start
         for key, value in {**proxy, "seconds": seconds}.items():
             trial.set_user_attr(key, value)
@@ -387,6 +406,7 @@ def _trial_record(trial: optuna.trial.FrozenTrial, mode: str, pareto_numbers: se
     attrs = trial.user_attrs
     return {"number": trial.number, "params": {"direction_scope": scopes[0], **trial.params}, "edit": edit_from_params(trial.params, mode).to_dict(),
             "refusal_score": attrs["refusal_score"], "refusal_rate_proxy": attrs["refusal_rate"], "kl": attrs["kl"],
+            "kl_all": attrs.get("kl_all", attrs["kl"]),
             "seconds": attrs["seconds"], "pareto": trial.number in pareto_numbers}
 
 
@@ -410,7 +430,9 @@ def _setup(model: ModelAdapter, result: DirectionResult, config: SearchConfig, p
             "kind": kind, "harmful_sha256": provenance.get("harmful_sha256"), "harmless_sha256": provenance.get("harmless_sha256"),
             "mode": config.mode, "refusal_objective": config.refusal_objective,
             "proxy_harmful_sha256": prompt_set_hash(proxy[0]), "proxy_harmless_sha256": prompt_set_hash(proxy[1]),
-            "bounds": {k: list(v) for k, v in bounds.items()}, "scopes": list(config.space.scopes)}
+            "bounds": {k: list(v) for k, v in bounds.items()}, "scopes": list(config.space.scopes),
+            # recorded only when not the default, so studies from before the option still resume
+            **({"kl_prompts": config.kl_prompts} if config.kl_prompts != "all" else {})}
 
 
 def _open_study(out: Path, setup: dict) -> optuna.Study:
@@ -427,15 +449,56 @@ def _open_study(out: Path, setup: dict) -> optuna.Study:
     return study
 
 
-def _run_trials(study: optuna.Study, screen: _Screen, config: SearchConfig, classic: dict[str, float]) -> None:
+def warm_start_params(params: dict, bounds: dict[str, tuple[float, float]], scopes: tuple[str, ...]) -> dict | None:
+    """An earlier trial's parameters as a trial of this search: each value clamped to this search's range,
+    parameters this search does not have dropped (optuna samples any that are missing). None when its
+    direction scope is not searched here."""
+    scope = params.get("direction_scope", "global")
+    if scope not in scopes:
+        return None
+    out: dict = {name: min(max(float(params[name]), low), high) for name, (low, high) in bounds.items() if name in params}
+    if len(scopes) > 1:
+        out["direction_scope"] = scope
+    return out
+
+
+def load_warm_start(path: str | Path) -> list[dict]:
+    """The parameters of the Pareto points in an earlier search's `pareto.json` (or its folder).
+
+    Raises:
+        FeatsteerError: when the file is missing or holds no Pareto points.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "pareto.json"
+    if not path.is_file():
+        raise FeatsteerError(f"warm start {path} not found: pass the pareto.json of an earlier search (or its folder)")
+    try:
+        points = json.loads(path.read_text()).get("pareto") or []
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise FeatsteerError(f"warm start {path} is not a search's pareto.json ({error})") from None
+    params = [p["params"] for p in points if isinstance(p, dict) and isinstance(p.get("params"), dict)]
+    if not params:
+        raise FeatsteerError(f"warm start {path} holds no Pareto points: pass the pareto.json of a finished search")
+    return params
+
+
+def _run_trials(study: optuna.Study, screen: _Screen, config: SearchConfig, classic: dict[str, float],
+                warm_start: Sequence[dict] = ()) -> None:
     """Run trials until the study holds `config.n_trials` finished ones."""
     finished = [t for t in study.trials if t.state.is_finished()]
     remaining = config.n_trials - len(finished)
     if remaining <= 0:
         logger.info("study already holds %d finished trials (asked for %d): no new trials", len(finished), config.n_trials)
         return
-    if not study.trials and config.enqueue_classic:
-        study.enqueue_trial(classic)
+    if not study.trials:
+        queued = [classic] if config.enqueue_classic else []
+        queued += [q for q in (warm_start_params(p, screen.bounds, config.space.scopes) for p in warm_start) if q is not None]
+        for params in queued:
+            study.enqueue_trial(params, skip_if_exists=True)
+        if warm_start:
+            study.set_user_attr("warm_start", len(queued) - int(config.enqueue_classic))
+            logger.info("warm start: %d of %d earlier points queued", len(queued) - int(config.enqueue_classic), len(warm_start))
     study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(finished), n_startup_trials=config.n_startup_trials)
     logger.info("running %d trials (%d already finished)", remaining, len(finished))
     verbosity = optuna.logging.get_verbosity()
@@ -524,6 +587,7 @@ def search_abliteration(
     eval_harmful: Sequence[str] | None = None,
     eval_harmless: Sequence[str] | None = None,
     detector: RefusalDetector | None = None,
+    warm_start: Sequence[dict] = (),
 ) -> SearchResult:
     """Search abliteration settings for the refusal/KL Pareto front, verify it, write `pareto.json`/`pareto.png`.
 
@@ -536,6 +600,9 @@ def search_abliteration(
             overlap the proxy prompts, so pass a separate set for an unbiased estimate).
         eval_harmless: held-out harmless prompts for verification; default as for `eval_harmful`.
         detector: refusal detector for verification; `RefusalDetector()` when None.
+        warm_start: parameter sets (e.g. `load_warm_start(earlier_folder)`) that a new study runs first, after
+            the classic edit, clamped to this search's ranges; ignored when resuming. Useful when the
+            directions changed but good kernels are likely similar.
 
     Returns:
         All trials, the verified Pareto front and the recommended point.
@@ -558,12 +625,15 @@ def search_abliteration(
                  list(result.val[1] if eval_harmless is None else eval_harmless))
     if not eval_sets[0] or not eval_sets[1]:
         raise FeatsteerError("the verification prompt sets are empty: pass at least one harmful and one harmless prompt")
-    study = _open_study(out, _setup(model, result, config, position, kind, bounds, proxy))
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     base_harmless = first_token_logprobs(model, proxy[1], batch_size=config.batch_size)
-    screen = _Screen(model, table, bounds, config, proxy[0], proxy[1], base_harmless, tokens)
+    base_refused = tuple(bool(r) for r in (refusal_score(base_harmless, tokens) > 0).tolist())
+    if config.kl_prompts == "answered" and all(base_refused):
+        raise FeatsteerError(f"the model refuses all {len(base_refused)} proxy harmless prompts: no answered prompts for kl_prompts='answered'")
+    study = _open_study(out, _setup(model, result, config, position, kind, bounds, proxy))
+    screen = _Screen(model, table, bounds, config, proxy[0], proxy[1], base_harmless, tokens, base_refused)
     start = time.perf_counter()
-    _run_trials(study, screen, config, _classic_params(bounds, chosen.layer, model.n_layers, config.space.scopes))
+    _run_trials(study, screen, config, _classic_params(bounds, chosen.layer, model.n_layers, config.space.scopes), warm_start)
     screened = time.perf_counter()
     pareto_numbers = {t.number for t in study.best_trials}
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -626,6 +696,7 @@ def write_search(search: SearchResult, out: str | Path) -> Path:
 
 __all__ = [
     "DIRECTION_SCOPES",
+    "KL_PROMPTS",
     "REFUSAL_OBJECTIVES",
     "SEARCH_MODES",
     "STUDY_NAME",
@@ -638,9 +709,11 @@ __all__ = [
     "first_usable_layer",
     "interpolate_direction",
     "layer_directions",
+    "load_warm_start",
     "pareto_png",
     "per_layer_directions",
     "trial_directions",
     "search_abliteration",
+    "warm_start_params",
     "write_search",
 ]

@@ -97,3 +97,31 @@ def test_abliterate_per_layer_scope_exports_and_reloads(capsys, tmp_path):
     assert load_model(str(out)).n_layers == 3
     code, _, err = _run(capsys, "abliterate", *common, "--scope", "per_layer", "--search", "2", "--out", str(tmp_path / "x"))
     assert code == 2 and "--search chooses the direction scope itself" in err
+
+
+def test_abliterate_search_warm_start_and_its_errors(capsys, tmp_path):
+    common = ["--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
+              "--n-select", "3", "--eval-n", "3", "--max-new-tokens", "2"]
+    code, _, err = _run(capsys, "abliterate", *common, "--search", "2", "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    earlier = json.loads((tmp_path / "a-search" / "pareto.json").read_text())["pareto"]
+    code, _, err = _run(capsys, "abliterate", *common, "--search", "4", "--search-warm-start", str(tmp_path / "a-search"),
+                        "--search-kl", "answered", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "b-search" / "pareto.json").read_text())["config"]["kl_prompts"] == "answered"
+    trials = json.loads((tmp_path / "b-search" / "pareto.json").read_text())["trials"]
+    replayed = [p["params"] for p in earlier if p["params"] != trials[0]["params"]]
+    assert [t["params"] for t in trials[1 : 1 + len(replayed)]] == replayed
+    code, _, err = _run(capsys, "abliterate", *common, "--search-warm-start", str(tmp_path / "a-search"), "--out", str(tmp_path / "c"))
+    assert code == 2 and "--search-warm-start seeds a search: add --search N" in err
+    code, _, err = _run(capsys, "abliterate", *common, "--search", "2", "--search-warm-start", str(tmp_path / "nope"), "--out", str(tmp_path / "d"))
+    assert code == 2 and "not found" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists() and not (tmp_path / "d-search").exists()
+
+
+def test_directions_train_filter_records_what_it_kept(capsys, tmp_path):
+    code, out, err = _run(capsys, "directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless",
+                          "builtin:harmless:train", "--n", "16", "--n-select", "3", "--filter-train", "--out", str(tmp_path / "dirs"))
+    assert code == 0, err
+    provenance = json.loads(next((tmp_path / "dirs" / "candidates").glob("*.json")).read_text())["provenance"]
+    assert provenance["train_filter"]["harmful"]["total"] == 12 and provenance["n_harmful_train"] == provenance["train_filter"]["harmful"]["kept"]

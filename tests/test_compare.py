@@ -78,6 +78,7 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     assert not any(name.startswith("sae_") for name in names) and all(r.details == {} for r in comparison.results)
     by_name = {r.method: r for r in comparison.results}
     assert by_name["none"].kl_harmless == pytest.approx(0.0, abs=1e-9)
+    assert by_name["none"].kl_harmless_answered in (None, pytest.approx(0.0, abs=1e-9))
     # a runtime ablation hook at every write and the orthogonalised weights are the same model
     assert by_name["dim_ablation_hook"].kl_harmless == pytest.approx(by_name["dim_abliteration"].kl_harmless, abs=1e-4)
     assert by_name["dim_abliteration"].kl_harmless > 0
@@ -88,3 +89,34 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     page = (folder / "report.html").read_text()
     assert "data:image/png;base64," in page and "dim_abliteration" in page
     assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_filter_keeps_the_prompts_the_model_treats_as_labelled():
+    """The organism answers harmless prompts, so harmless prompts slipped into the harmful train set are dropped
+    (and only they), the candidates are computed from what is kept, and the provenance says so."""
+    from featsteer.datasets import PromptSet
+    from featsteer.errors import FeatsteerError
+    from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, refusal_score
+    from featsteer.pipeline import filter_by_refusal
+
+    model = load_model("organism")
+    harmful, harmless = builtin_prompts("harmful", "train").head(10), builtin_prompts("harmless", "train").head(12)
+    slipped = builtin_prompts("harmless", "train")[40:46]
+    mixed = PromptSet(harmful.prompts + slipped.prompts, "mixed")
+    tokens = RefusalTokens.for_tokenizer(model.tokenizer)
+    scores = refusal_score(first_token_logprobs(model, mixed.to_list()), tokens)
+    assert (scores[:10] > 0).all() and (scores[10:] <= 0).all(), "premise: the organism refuses these and answers those"
+    kept, kept_harmless, counts = filter_by_refusal(model, mixed, harmless)
+    assert kept.prompts == harmful.prompts and counts["harmful"] == {"kept": 10, "total": 16}
+    assert counts["harmless"]["kept"] == len(kept_harmless) >= 10
+
+    val = builtin_prompts("harmful", "val").head(4), builtin_prompts("harmless", "val").head(4)
+    config = DirectionConfig(n_select=4, filter_train=True)
+    filtered = find_refusal_direction(model, mixed, harmless, config, val=val)
+    clean = find_refusal_direction(model, harmful, kept_harmless, DirectionConfig(n_select=4), val=val)
+    assert filtered.train[0].prompts == harmful.prompts
+    assert filtered.candidates.provenance["train_filter"]["harmful"] == {"kept": 10, "total": 16}
+    assert filtered.candidates.provenance["harmful_sha256"] == harmful.sha256
+    torch.testing.assert_close(filtered.candidates.bases, clean.candidates.bases)
+    with pytest.raises(FeatsteerError, match="refuses only 0 of 6 harmful train prompts"):
+        filter_by_refusal(model, slipped, harmless)

@@ -16,6 +16,7 @@ from featsteer.evaluation.metrics import (
     RefusalTokens,
     _greedy_target_probs,
     first_token_logprobs,
+    kl_answered,
     kl_first_token,
     kl_per_prompt,
     over_refusal_rate,
@@ -59,6 +60,17 @@ def test_kl_matches_torch_kl_div() -> None:
     assert kl_first_token(base, edited) == pytest.approx(float(expected.mean()), rel=1e-12)
     # KL is not symmetric: swapping the arguments gives a different number
     assert kl_first_token(edited, base) != pytest.approx(kl_first_token(base, edited), rel=1e-3)
+
+
+def test_kl_answered_leaves_out_the_prompts_the_base_refuses() -> None:
+    base, edited = _random_logprobs(1), _random_logprobs(2)
+    per_prompt = kl_per_prompt(base, edited)
+    refused = [True, False, False, True, False]
+    assert kl_answered(base, edited, refused) == pytest.approx(float(per_prompt[[1, 2, 4]].mean()), rel=1e-12)
+    assert kl_answered(base, edited, [False] * 5) == pytest.approx(kl_first_token(base, edited), rel=1e-12)
+    assert kl_answered(base, edited, [True] * 5) is None
+    with pytest.raises(FeatsteerError, match="4 flags for 5 prompts"):
+        kl_answered(base, edited, refused[:4])
 
 
 def test_kl_handles_zero_probabilities() -> None:

@@ -24,8 +24,10 @@ from featsteer.search import (
     first_usable_layer,
     interpolate_direction,
     layer_directions,
+    load_warm_start,
     search_abliteration,
     trial_directions,
+    warm_start_params,
 )
 
 FAST = dict(verify_top=2, max_new_tokens=3, n_proxy_prompts=3, n_startup_trials=3, batch_size=8)
@@ -159,6 +161,45 @@ def test_resume_continues_the_study(setup, tmp_path, monkeypatch):
     assert _same_weights(model, before)
 
 
+def test_warm_start_runs_earlier_pareto_points_first(setup, searched, tmp_path):
+    model, result = setup
+    found, out, _ = searched
+    earlier = load_warm_start(out)  # the folder or its pareto.json
+    assert earlier == [p["params"] for p in found.pareto] == load_warm_start(out / "pareto.json")
+    warm = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=len(earlier) + 3, **FAST), warm_start=earlier)
+    # trial 0 is the classic edit, then the earlier front in order (without a repeat of the classic edit),
+    # then new TPE trials; the same parameters on the same model give the same proxy figures
+    classic = warm.trials[0]["params"]
+    replayed = [p for p in found.pareto if p["params"] != classic]
+    assert [t["params"] for t in warm.trials[1 : 1 + len(replayed)]] == [p["params"] for p in replayed]
+    assert [t["kl"] for t in warm.trials[1 : 1 + len(replayed)]] == pytest.approx([p["kl"] for p in replayed], abs=1e-9)
+    assert all(t["params"] not in earlier for t in warm.trials[1 + len(replayed) :])
+    # resuming ignores the warm start: the queued points are not run again
+    again = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=len(earlier) + 4, **FAST), warm_start=earlier)
+    assert [t["params"] for t in again.trials[: len(warm.trials)]] == [t["params"] for t in warm.trials]
+    assert again.trials[-1]["params"] not in earlier
+
+
+def test_warm_start_params_clamps_and_filters_by_scope():
+    bounds = {"direction_layer": (1.0, 5.0), "attn.peak": (0.0, 7.0)}
+    assert warm_start_params({"direction_layer": 9.0, "attn.peak": -1.0, "gone": 3.0}, bounds, ("global",)) == {
+        "direction_layer": 5.0, "attn.peak": 0.0}
+    assert warm_start_params({"direction_scope": "per_layer", "direction_layer": 2.0}, bounds, ("global",)) is None
+    both = warm_start_params({"direction_scope": "per_layer", "direction_layer": 2.0}, bounds, ("global", "per_layer"))
+    assert both == {"direction_layer": 2.0, "direction_scope": "per_layer"}
+
+
+def test_load_warm_start_errors_are_one_line(tmp_path):
+    with pytest.raises(FeatsteerError, match="not found"):
+        load_warm_start(tmp_path / "missing.json")
+    (tmp_path / "pareto.json").write_text("{not json")
+    with pytest.raises(FeatsteerError, match="is not a search's pareto.json"):
+        load_warm_start(tmp_path)
+    (tmp_path / "pareto.json").write_text(json.dumps({"pareto": []}))
+    with pytest.raises(FeatsteerError, match="no Pareto points"):
+        load_warm_start(tmp_path / "pareto.json")
+
+
 def test_failing_trial_is_reverted_and_recorded(setup, tmp_path, monkeypatch):
     model, result = setup
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
@@ -255,3 +296,34 @@ def test_config_validation():
         SearchConfig(n_trials=0)
     with pytest.raises(FeatsteerError, match="max_weight"):
         SearchSpace(max_weight=(1.5, 0.5))
+
+
+def test_kl_on_answered_prompts_leaves_out_the_ones_the_model_refuses(tmp_path):
+    """The organism refuses a few harmless prompts; with kl_prompts='answered' the KL objective is the mean over
+    the others, recomputed here for every trial, and kl_all keeps the mean over all of them."""
+    from featsteer.datasets import PromptSet
+    from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_per_prompt, refusal_score
+
+    model = load_model("organism")
+    test = builtin_prompts("harmless", "test")
+    tokens = RefusalTokens.for_tokenizer(model.tokenizer)
+    scores = refusal_score(first_token_logprobs(model, test.to_list()), tokens)
+    refused = [p for p, s in zip(test, scores.tolist(), strict=True) if s > 0][:2]
+    answered = [p for p, s in zip(test, scores.tolist(), strict=True) if s <= 0][:4]
+    assert len(refused) == 2, "premise: the organism refuses some built-in harmless test prompts"
+    val = (builtin_prompts("harmful", "val").head(4), PromptSet(tuple(refused + answered), "mixed"))
+    result = find_refusal_direction(model, builtin_prompts("harmful", "train").head(16), builtin_prompts("harmless", "train").head(16),
+                                    DirectionConfig(n_select=4, batch_size=8), val=val)
+    found = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=3, kl_prompts="answered", **{**FAST, "n_proxy_prompts": 6}))
+    assert found.setup["kl_prompts"] == "answered"
+    base = first_token_logprobs(model, list(val[1]))
+    for trial in found.trials:
+        direction, by_layer = trial_directions(layer_directions(result.candidates, result.selection.chosen.position),
+                                               trial["params"], model.n_layers)
+        with search_module.apply_edit(model, direction, edit_config_from_dict(trial["edit"]), by_layer=by_layer):
+            per_prompt = kl_per_prompt(base, first_token_logprobs(model, list(val[1])))
+        assert trial["kl"] == pytest.approx(float(per_prompt[2:].mean()), rel=1e-4, abs=1e-7)
+        assert trial["kl_all"] == pytest.approx(float(per_prompt.mean()), rel=1e-4, abs=1e-7)
+    assert max(t["kl_all"] - t["kl"] for t in found.trials) > 0.01, "removing refusal should flip the refused harmless prompts"
+    with pytest.raises(FeatsteerError, match="kl_prompts"):
+        SearchConfig(kl_prompts="some")

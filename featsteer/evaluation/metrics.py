@@ -51,6 +51,7 @@ __all__ = [
     "CrossEntropyResult",
     "RefusalTokens",
     "first_token_logprobs",
+    "kl_answered",
     "kl_first_token",
     "kl_per_prompt",
     "over_refusal_rate",
@@ -223,6 +224,37 @@ def kl_first_token(
         FeatsteerError: As `kl_per_prompt`.
     """
     return float(kl_per_prompt(base_logprobs, edited_logprobs).mean())
+
+
+def kl_answered(
+    base_logprobs: Float[Tensor, "prompt vocab"],
+    edited_logprobs: Float[Tensor, "prompt vocab"],
+    base_refused: Sequence[bool],
+) -> float | None:
+    """Mean first-token KL over the prompts the unedited model answers (`base_refused[i]` False).
+
+    On harmless prompts the mean KL also counts the prompts the base model wrongly refuses, and an edit that
+    removes refusal rightly turns those into answers: each such flip costs 1-2 nats, so on a model that
+    over-refuses a few of them can make most of the mean (the organism: 5 of 84 held-out harmless prompts
+    carry 0.078 of a 0.121 mean). This mean leaves them out, so it is the cost on the behaviour an edit should
+    keep; report it beside `kl_first_token`, not instead of it.
+
+    Args:
+        base_logprobs: Log-probs of the unmodified model, from `first_token_logprobs`.
+        edited_logprobs: Log-probs of the same prompts under the intervention.
+        base_refused: per prompt, whether the unmodified model refuses it (e.g. `SetResult.refused`).
+
+    Returns:
+        The mean KL in nats, or None when the base model refuses every prompt.
+
+    Raises:
+        FeatsteerError: As `kl_per_prompt`, or when `base_refused` does not have one flag per prompt.
+    """
+    per_prompt = kl_per_prompt(base_logprobs, edited_logprobs)
+    if len(base_refused) != len(per_prompt):
+        raise FeatsteerError(f"base_refused has {len(base_refused)} flags for {len(per_prompt)} prompts: give one per prompt")
+    answered = ~torch.tensor([bool(r) for r in base_refused], dtype=torch.bool)
+    return float(per_prompt[answered].mean()) if answered.any() else None
 
 
 # ---- refusal vs compliance tokens ------------------------------------------------------------------
