@@ -128,7 +128,8 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
         model, candidates, harmful_val.head(min(config.n_select, len(harmful_val))), harmless_val.head(min(config.n_select, len(harmless_val))),
         SelectionConfig(kl_threshold=config.kl_threshold, batch_size=config.batch_size, top_k=config.top_k),
     )
-    timings = {**({"filter_s": filtered - start} if kept else {}), "capture_s": captured - filtered, "directions_s": found - captured, "selection_s": time.perf_counter() - found}
+    timings = {**({"filter_s": filtered - start} if kept else {}), "capture_s": captured - filtered, "directions_s": found - captured,
+               "selection_s": time.perf_counter() - found}
     return DirectionResult(candidates, selection, (harmful_train, harmless_train), (harmful_val, harmless_val), timings)
 
 

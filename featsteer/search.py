@@ -170,11 +170,11 @@ class SearchConfig:
     batch_size: int = 16
     """Prompts per forward pass or generation batch."""
     n_proxy_prompts: int = 32
+    """Validation prompts per set used by the logit proxy (the first ones of `DirectionResult.val`)."""
     kl_prompts: str = "all"
     """Which proxy harmless prompts the KL objective averages over (see `KL_PROMPTS`). On a model that refuses some
     harmless prompts, `all` charges every trial that removes those refusals 1-2 nats per prompt (on the organism, 2 of
     32 proxy prompts: about 0.08 nats), which steers the search to weak edits; the recorded `kl_all` keeps the other."""
-    """Validation prompts per set used by the logit proxy (the first ones of `DirectionResult.val`)."""
     n_startup_trials: int = 10
     """Random trials before TPE starts modelling the objectives."""
     enqueue_classic: bool = True
