@@ -222,7 +222,7 @@ def main() -> None:
 
 def run_search(model, result, sets, gen, tokens, kl_base, n_trials: int, harmless_refusal: bool = True,
                batch_size: int | None = None, verify_top: int = 8, folder: Path | None = None,
-               warm_start: Path | None = None, kl_prompts: str = "all") -> tuple[dict, float]:
+               warm_start: Path | None = None, kl_prompts: str = "all", position: int | None = None) -> tuple[dict, float]:
     """Search on the validation prompts (proxy + verification), then measure the chosen edit on the held-out sets.
 
     With `folder`, the optuna study is kept there, so a later run with more trials resumes it instead of
@@ -237,20 +237,21 @@ def run_search(model, result, sets, gen, tokens, kl_base, n_trials: int, harmles
     t = time.perf_counter()
     warm = load_warm_start(warm_start) if warm_start else []
     config = SearchConfig(n_trials=n_trials, max_new_tokens=gen.max_new_tokens, batch_size=batch_size or gen.batch_size,
-                          verify_top=verify_top, kl_prompts=kl_prompts)
+                          verify_top=verify_top, kl_prompts=kl_prompts, position=position)
     place = contextlib.nullcontext(str(folder)) if folder else tempfile.TemporaryDirectory(prefix="featsteer-search-")
     with place as where:
         found = search_abliteration(model, result, where, config, warm_start=warm)
     seconds = time.perf_counter() - t
     with found.apply(model, result):
         measured = measure(model, sets, gen, tokens, kl_base, harmless_refusal=harmless_refusal)
-    measured["search"] = {"n_trials": n_trials, "kl_prompts": kl_prompts, "warm_start": str(warm_start) if warm_start else None,
+    measured["search"] = {"n_trials": n_trials, "kl_prompts": kl_prompts, "position": position, "warm_start": str(warm_start) if warm_start else None,
                           "best_params": found.best["params"] if found.best else None,
                           "pareto_size": len(found.pareto), "timings": found.timings,
                           "pareto": [{"number": p["number"], "direction_layer": p["params"]["direction_layer"],
                                       "direction_scope": p["params"].get("direction_scope", "global"),
                                       "refusal_score": p["refusal_score"], "refusal_rate_proxy": p["refusal_rate_proxy"],
-                                      "kl": p["kl"], "kl_all": p.get("kl_all", p["kl"]), "verified_refusal": (p.get("verified") or {}).get("refusal_rate")}
+                                      "kl": p["kl"], "kl_all": p.get("kl_all", p["kl"]), "verified_refusal": (p.get("verified") or {}).get("refusal_rate"),
+                                      "verified_kl": (p.get("verified") or {}).get("kl"), "verified_kl_answered": (p.get("verified") or {}).get("kl_answered")}
                                      for p in found.pareto],
                           "best_number": found.best["number"] if found.best else None}
     return measured, seconds
@@ -263,16 +264,20 @@ def pareto_table(search: dict | None) -> list[str]:
     answered = search.get("kl_prompts") == "answered"
     kl_head = "proxy KL answered | proxy KL all" if answered else "proxy KL"
     lines = ["", f"Search Pareto front ({search['n_trials']} trials; proxy refusal and KL on the validation prompts, "
-             "verified = generated refusal rate on them" + ("; the KL objective averaged over the harmless prompts the base model "
-                                                             "answers" if answered else "") + "):", "",
-             f"| trial | direction | refusal log-odds | proxy refusal rate | {kl_head} | verified refusal |",
-             "|---|---|---|---|---|---|" + ("---|" if answered else "")]
+             "verified = generated refusal rate and KL (all / answered) on the verification prompts" + ("; the KL objective averaged over the "
+                                                                                         "harmless prompts the base model answers" if answered else "") + "):", "",
+             f"| trial | direction | refusal log-odds | proxy refusal rate | {kl_head} | verified refusal | verified KL |",
+             "|---|---|---|---|---|---|---|" + ("---|" if answered else "")]
     for q in search["pareto"]:
         where = "per layer" if q.get("direction_scope") == "per_layer" else f"layer {q['direction_layer']:.2f}"
         verified = "-" if q["verified_refusal"] is None else f"{q['verified_refusal']:.3f}"
+        if q.get("verified_kl") is None:
+            verified_kl = "-"
+        else:
+            verified_kl = f"{q['verified_kl']:.4f}" + ("" if q.get("verified_kl_answered") is None else f" / {q['verified_kl_answered']:.4f}")
         mark = " (chosen)" if q["number"] == search.get("best_number") else ""
         kl = f"{q['kl']:.4f} | {q.get('kl_all', q['kl']):.4f}" if answered else f"{q['kl']:.4f}"
-        lines.append(f"| {q['number']}{mark} | {where} | {q['refusal_score']:.2f} | {q['refusal_rate_proxy']:.3f} | {kl} | {verified} |")
+        lines.append(f"| {q['number']}{mark} | {where} | {q['refusal_score']:.2f} | {q['refusal_rate_proxy']:.3f} | {kl} | {verified} | {verified_kl} |")
     return lines
 
 

@@ -115,6 +115,8 @@ def main() -> None:
                         help="compute the DIM candidates from the train prompts the base model treats as labelled (Arditi filter)")
     parser.add_argument("--search-kl", choices=["all", "answered"], default="all",
                         help="the search's KL objective over all proxy harmless prompts, or those the base model answers")
+    parser.add_argument("--search-position", type=int,
+                        help="token position of the searched directions (default: the selected candidate's)")
     parser.add_argument("--warm-start", type=Path,
                         help="a pareto.json of an earlier search: its Pareto points are the new study's first trials")
     parser.add_argument("--merge", action="store_true",
@@ -226,7 +228,7 @@ def main() -> None:
             runs["dim_search"], _ = run_search(model, result, sets, gen, tokens, kl_base, args.search,
                                                harmless_refusal=False, batch_size=args.batch_size,
                                                verify_top=args.verify_top, folder=args.search_dir, warm_start=args.warm_start,
-                                               kl_prompts=args.search_kl)
+                                               kl_prompts=args.search_kl, position=args.search_position)
         checkpoint()
     checkpoint()
 

@@ -46,8 +46,9 @@ class DirectionConfig:
     """Before computing candidates, keep only the train prompts the unedited model treats as their label says,
     by the first-token refusal score (harmful: log-odds > 0, harmless: <= 0), as Arditi et al. 2024 do, so the
     direction contrasts refusal with compliance rather than harmful topics with harmless ones. Costs one prefill
-    of the train sets. On Qwen2.5-Coder-0.5B it keeps 75 of 192 harmful prompts and lowers the proxy refusal
-    of one search point from -3.39 to -4.00 log-odds at the same KL (`benchmarks/results/real_model_qwen_filtered.md`)."""
+    of the train sets. On Qwen2.5-Coder-0.5B it keeps 75 of 192 harmful prompts; the same search parameters then
+    lower the harmful refusal log-odds by about 0.6 at equal KL, and the search reaches 3/100 held-out refusals at
+    KL 0.046 instead of 14/100 at 0.055 (`benchmarks/results/real_model_qwen_filtered.md`)."""
 
 
 @dataclass

@@ -161,8 +161,9 @@ class SearchConfig:
     refusal_objective: str = "score"
     """Proxy refusal objective: `score` (mean refusal log-odds, continuous) or `rate` (share > 0)."""
     max_kl_for_choice: float = 0.05
-    """The recommended point is the verified one with the lowest refusal rate among those with proxy KL at
-    most this (nats); when none qualifies, the verified one with the lowest KL."""
+    """The recommended point is the verified one with the lowest refusal rate among those with KL at most this
+    (nats), measured on the verification prompts (see `verified_kl`); when none qualifies, the verified one with the
+    lowest KL. Which points are verified is decided by their proxy KL."""
     verify_top: int = 8
     """How many Pareto points to verify by generation."""
     max_new_tokens: int = 32
@@ -513,20 +514,34 @@ def _verify_key(harmful: Sequence[str], harmless: Sequence[str], config: SearchC
     """Hash of everything a verification depends on, so cached verifications are reused only when valid."""
     spec = {"harmful": prompt_set_hash(list(harmful)), "harmless": prompt_set_hash(list(harmless)),
             "max_new_tokens": config.max_new_tokens, "markers": list(detector.markers),
-            "prefix_only": detector.prefix_only, "prefix_chars": detector.prefix_chars}
+            "prefix_only": detector.prefix_only, "prefix_chars": detector.prefix_chars,
+            "version": 2}  # 2: verifications also measure the KL on the verification prompts
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class _KLBase:
+    """The unedited model's first-token log-probs on the verification harmless prompts, and which it refuses."""
+
+    logprobs: Tensor
+    refused: tuple[bool, ...]
+
+
 def _generate(model: ModelAdapter, eval_sets: tuple[Sequence[str], Sequence[str]], config: SearchConfig,
-              detector: RefusalDetector) -> dict:
-    """Greedy refusal rates of the model as it currently is on the harmful and harmless evaluation sets."""
+              detector: RefusalDetector, base: _KLBase | None = None) -> dict:
+    """Greedy refusal rates of the model as it currently is on the harmful and harmless evaluation sets, and with
+    `base` the first-token KL on the harmless set (all prompts and the ones the unedited model answers)."""
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
     start = time.perf_counter()
     harmful = evaluate_set(model, eval_sets[0], "harmful", generation, detector)
     harmless = evaluate_set(model, eval_sets[1], "harmless", generation, detector)
-    return {"refusal_rate": harmful.rate.rate, "ci_harmful": [harmful.rate.low, harmful.rate.high], "n_harmful": harmful.rate.n,
-            "harmless_refusal_rate": harmless.rate.rate, "ci_harmless": [harmless.rate.low, harmless.rate.high],
-            "n_harmless": harmless.rate.n, "examples": harmful.examples(2), "seconds": time.perf_counter() - start}
+    out = {"refusal_rate": harmful.rate.rate, "ci_harmful": [harmful.rate.low, harmful.rate.high], "n_harmful": harmful.rate.n,
+           "harmless_refusal_rate": harmless.rate.rate, "ci_harmless": [harmless.rate.low, harmless.rate.high],
+           "n_harmless": harmless.rate.n, "harmless_refused": list(harmless.refused), "examples": harmful.examples(2)}
+    if base is not None:
+        logprobs = first_token_logprobs(model, list(eval_sets[1]), batch_size=config.batch_size)
+        out |= {"kl": kl_first_token(base.logprobs, logprobs), "kl_answered": kl_answered(base.logprobs, logprobs, base.refused)}
+    return out | {"seconds": time.perf_counter() - start}
 
 
 def _verification_order(pareto: list[dict], config: SearchConfig) -> list[dict]:
@@ -539,8 +554,9 @@ def _verification_order(pareto: list[dict], config: SearchConfig) -> list[dict]:
 
 
 def _verify(study: optuna.Study, model: ModelAdapter, table: Tensor, pareto: list[dict], eval_sets: tuple, config: SearchConfig,
-            detector: RefusalDetector) -> None:
-    """Attach generation results to the top Pareto points (cached in the study across runs)."""
+            detector: RefusalDetector, base: _KLBase) -> None:
+    """Attach generation results and the KL on the verification prompts to the top Pareto points (cached in the
+    study across runs)."""
     key = _verify_key(*eval_sets, config, detector)
     for point in pareto:
         point["verified"] = None
@@ -551,32 +567,43 @@ def _verify(study: optuna.Study, model: ModelAdapter, table: Tensor, pareto: lis
             continue
         direction, by_layer = trial_directions(table, point["params"], model.n_layers)
         with apply_edit(model, direction, edit_config_from_dict(point["edit"]), by_layer=by_layer):
-            point["verified"] = _generate(model, eval_sets, config, detector)
+            point["verified"] = _generate(model, eval_sets, config, detector, base)
         study.set_user_attr(f"verified:{point['number']}", {"key": key, "result": point["verified"]})
-        logger.info("verified trial %d: refusal %.3f, harmless refusal %.3f, KL %.4f", point["number"],
-                    point["verified"]["refusal_rate"], point["verified"]["harmless_refusal_rate"], point["kl"])
+        logger.info("verified trial %d: refusal %.3f, harmless refusal %.3f, KL %.4f (proxy %.4f)", point["number"],
+                    point["verified"]["refusal_rate"], point["verified"]["harmless_refusal_rate"], point["verified"]["kl"], point["kl"])
 
 
-def choose_best(pareto: list[dict], max_kl: float) -> dict | None:
-    """The verified point with the lowest refusal rate among those with KL <= `max_kl`, else the lowest KL."""
+def verified_kl(point: dict, kl_prompts: str = "all") -> float:
+    """A Pareto point's KL for the choice: measured on the verification prompts when it was verified there (more
+    prompts than the proxy's), else its proxy KL; over the answered prompts when `kl_prompts` is `answered`."""
+    verified = point.get("verified") or {}
+    value = verified.get("kl_answered" if kl_prompts == "answered" else "kl")
+    return point["kl"] if value is None else value
+
+
+def choose_best(pareto: list[dict], max_kl: float, kl_prompts: str = "all") -> dict | None:
+    """The verified point with the lowest refusal rate among those with KL <= `max_kl` (see `verified_kl`), else
+    the verified point with the lowest KL."""
     verified = [p for p in pareto if p.get("verified")]
-    within = [p for p in verified if p["kl"] <= max_kl]
+    within = [p for p in verified if verified_kl(p, kl_prompts) <= max_kl]
     if within:
-        return min(within, key=lambda p: (p["verified"]["refusal_rate"], p["verified"]["harmless_refusal_rate"], p["kl"]))
-    return min(verified, key=lambda p: p["kl"], default=None)
+        return min(within, key=lambda p: (p["verified"]["refusal_rate"], p["verified"]["harmless_refusal_rate"], verified_kl(p, kl_prompts)))
+    return min(verified, key=lambda p: verified_kl(p, kl_prompts), default=None)
 
 
 def _baseline(study: optuna.Study, model: ModelAdapter, screen: _Screen, eval_sets: tuple, config: SearchConfig,
-              detector: RefusalDetector) -> dict:
-    """Proxy and verified refusal of the unedited model (the generation is cached in the study)."""
+              detector: RefusalDetector) -> tuple[dict, _KLBase]:
+    """Proxy and verified refusal of the unedited model (the generation is cached in the study), and the KL base
+    of the verifications."""
     scores = refusal_score(first_token_logprobs(model, screen.harmful, batch_size=config.batch_size), screen.tokens)
     key = _verify_key(*eval_sets, config, detector)
     cached = study.user_attrs.get("verified:baseline")
     if cached is None or cached.get("key") != key:
         cached = {"key": key, "result": _generate(model, eval_sets, config, detector)}
         study.set_user_attr("verified:baseline", cached)
+    base = _KLBase(first_token_logprobs(model, list(eval_sets[1]), batch_size=config.batch_size), tuple(cached["result"]["harmless_refused"]))
     return {"refusal_score": float(scores.mean()), "refusal_rate_proxy": float((scores > 0).double().mean()),
-            "verified": cached["result"]}
+            "verified": cached["result"]}, base
 
 
 def search_abliteration(
@@ -639,11 +666,11 @@ def search_abliteration(
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     trials = [_trial_record(t, config.mode, pareto_numbers, config.space.scopes) for t in complete]
     pareto = sorted((dict(t) for t in trials if t["pareto"]), key=lambda p: (p["kl"], p["refusal_score"]))
-    baseline = _baseline(study, model, screen, eval_sets, config, detector)
-    _verify(study, model, table, pareto, eval_sets, config, detector)
+    baseline, base = _baseline(study, model, screen, eval_sets, config, detector)
+    _verify(study, model, table, pareto, eval_sets, config, detector, base)
     timings = {"screen_s": screened - start, "verify_s": time.perf_counter() - screened,
                "mean_trial_s": sum(t["seconds"] for t in trials) / max(len(trials), 1)}
-    search = SearchResult(trials, pareto, choose_best(pareto, config.max_kl_for_choice), baseline,
+    search = SearchResult(trials, pareto, choose_best(pareto, config.max_kl_for_choice, config.kl_prompts), baseline,
                           study.user_attrs["setup"], config, timings)
     write_search(search, out)
     logger.info("search: %d trials (%.2fs each), %d on the Pareto front, best: %s", len(trials), timings["mean_trial_s"],
@@ -704,6 +731,7 @@ __all__ = [
     "SearchResult",
     "SearchSpace",
     "choose_best",
+    "verified_kl",
     "edit_config_from_dict",
     "edit_from_params",
     "first_usable_layer",

@@ -285,6 +285,28 @@ def test_choose_best_prefers_low_refusal_within_kl_budget():
     assert choose_best(pareto, max_kl=0.05)["number"] == 1
     assert choose_best(pareto, max_kl=0.001) is not None and choose_best(pareto, max_kl=0.001)["number"] == 0
     assert choose_best([pareto[3]], max_kl=1.0) is None
+    # the KL measured on the verification prompts overrides the proxy's: point 1 is over the budget there
+    pareto[1]["verified"] |= {"kl": 0.06, "kl_answered": 0.045}
+    assert choose_best(pareto, max_kl=0.05)["number"] == 0
+    assert choose_best(pareto, max_kl=0.05, kl_prompts="answered")["number"] == 1
+
+
+def test_verifications_measure_the_kl_on_the_verification_prompts(setup, searched):
+    from featsteer.evaluation.metrics import first_token_logprobs, kl_first_token
+
+    model, result = setup
+    found, _, _ = searched
+    harmless = list(result.val[1])
+    base = first_token_logprobs(model, harmless, batch_size=8)
+    table = layer_directions(result.candidates, result.selection.chosen.position)
+    verified = [p for p in found.pareto if p["verified"]]
+    assert verified and len(found.baseline["verified"]["harmless_refused"]) == len(harmless)
+    for point in verified:
+        direction, by_layer = trial_directions(table, point["params"], model.n_layers)
+        with search_module.apply_edit(model, direction, edit_config_from_dict(point["edit"]), by_layer=by_layer):
+            expected = kl_first_token(base, first_token_logprobs(model, harmless, batch_size=8))
+        assert point["verified"]["kl"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+        assert point["verified"]["kl_answered"] is None or point["verified"]["kl_answered"] >= 0
 
 
 def test_config_validation():
