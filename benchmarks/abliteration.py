@@ -18,7 +18,6 @@ import platform
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,13 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from featsteer.datasets import PromptSet, builtin_prompts, load_prompts  # noqa: E402
 from featsteer.edits import EditConfig  # noqa: E402
-from featsteer.evaluation import (  # noqa: E402
-    RefusalTokens,
-    first_token_logprobs,
-    kl_answered,
-    kl_first_token,
-    refusal_score,
-)
+from featsteer.evaluation import KLBase, RefusalTokens, first_token_logprobs, refusal_score  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set  # noqa: E402
 from featsteer.evaluation.refusal import RefusalDetector  # noqa: E402
 from featsteer.interventions import AddDirection, ProjectionSet, steer  # noqa: E402
@@ -95,16 +88,6 @@ def prompt_sets(target: str) -> dict[str, PromptSet]:
     }
 
 
-@dataclass(frozen=True)
-class KLBase:
-    """What an edit's harmless KL is measured against: the unedited model's first-token log-probs on the
-    held-out harmless prompts, and which of those prompts it refuses (for the answered-only KL)."""
-
-    logprobs: torch.Tensor
-    refused: tuple[bool, ...] | None = None
-    """None when the base model was not decoded on the harmless prompts: no answered-only KL then."""
-
-
 def measure(model, sets, gen, tokens, base: KLBase, harmful: bool = True, harmless_refusal: bool = True) -> dict:
     """Refusal on the held-out sets and first-token KL on the harmless one.
 
@@ -143,7 +126,7 @@ def _measure(model, sets, gen, tokens, base: KLBase | None, harmful: bool, harml
     if base is None:
         out |= {"kl_harmless": 0.0, "kl_harmless_answered": 0.0}
     else:
-        out |= {"kl_harmless": kl_first_token(base.logprobs, logprobs), "kl_harmless_answered": None if base.refused is None else kl_answered(base.logprobs, logprobs, base.refused)}
+        out |= dict(zip(("kl_harmless", "kl_harmless_answered"), base.kls(logprobs), strict=True))
     out |= {"refusal_score_harmless": float(refusal_score(logprobs, tokens).mean()), "examples": examples}
     return out, logprobs
 

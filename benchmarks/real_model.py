@@ -31,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import KLBase, measure, measure_base, pareto_table, prompt_sets, qwen_gguf, run_search  # noqa: E402
+from abliteration import measure, measure_base, pareto_table, prompt_sets, qwen_gguf, run_search  # noqa: E402
 
 from featsteer.activations import capture  # noqa: E402
 from featsteer.directions import find_directions  # noqa: E402
 from featsteer.edits import EditConfig, apply_edit  # noqa: E402
-from featsteer.evaluation import RefusalTokens  # noqa: E402
+from featsteer.evaluation import KLBase, RefusalTokens  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set  # noqa: E402
 from featsteer.evaluation.refusal import RefusalDetector  # noqa: E402
 from featsteer.features import score_features  # noqa: E402

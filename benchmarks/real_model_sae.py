@@ -34,14 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import KLBase, measure, prompt_sets, qwen_gguf  # noqa: E402
+from abliteration import measure, prompt_sets, qwen_gguf  # noqa: E402
 from real_model import Clock  # noqa: E402
 
 from featsteer.activations import capture  # noqa: E402
 from featsteer.datasets import builtin_prompts  # noqa: E402
 from featsteer.directions import difference_in_means  # noqa: E402
 from featsteer.edits import apply_edit  # noqa: E402
-from featsteer.evaluation import RefusalTokens  # noqa: E402
+from featsteer.evaluation import KLBase, RefusalTokens  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig  # noqa: E402
 from featsteer.evaluation.metrics import first_token_logprobs  # noqa: E402
 from featsteer.features import decoder_directions, score_features  # noqa: E402

@@ -33,14 +33,8 @@ from featsteer.activations import capture
 from featsteer.datasets import PromptSet
 from featsteer.edits import EditConfig, apply_edit
 from featsteer.errors import FeatsteerError
-from featsteer.evaluation.behaviour import GenerationConfig, SetResult, evaluate_set
-from featsteer.evaluation.metrics import (
-    RefusalTokens,
-    first_token_logprobs,
-    kl_answered,
-    kl_first_token,
-    refusal_score,
-)
+from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set
+from featsteer.evaluation.metrics import KLBase, RefusalTokens, refusal_score
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.interventions import Ablate, AddDirection, steer
 from featsteer.models import ModelAdapter
@@ -405,7 +399,7 @@ class MethodResult:
     """What the method used, when it says (SAE methods: hook, feature ids, edits)."""
 
 
-def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: SetResult, tokens, gen: GenerationConfig) -> MethodResult:
+def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, tokens, gen: GenerationConfig) -> MethodResult:
     description = _METHODS[name].description
     detector = RefusalDetector()
     start = time.perf_counter()
@@ -413,19 +407,18 @@ def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: SetResult, t
     manager = method_context(ctx, name)  # may find directions first: not counted in the intervention's own time
     start_eval = time.perf_counter()
     with manager:
-        harmful = evaluate_set(ctx.model, eval_sets["harmful"], "harmful", gen, detector)
-        # the harmless first-token log-probs come from the generation's prefill, as the base's do
+        # first-token log-probs come from each generation's own prefill, as the base's do
+        harmful = evaluate_set(ctx.model, eval_sets["harmful"], "harmful", gen, detector, keep_logprobs=True)
         harmless = evaluate_set(ctx.model, eval_sets["harmless"], "harmless", gen, detector, keep_logprobs=True)
         over = evaluate_set(ctx.model, eval_sets["alarming"], "alarming", gen, detector).rate.rate if eval_sets.get("alarming") else None
-        harmless_lp = harmless.first_logprobs
-        harmful_lp = first_token_logprobs(ctx.model, list(eval_sets["harmful"]), batch_size=gen.batch_size)
+    harmful_lp, harmless_lp = harmful.first_logprobs, harmless.first_logprobs
+    kl, kl_answered = base.kls(harmless_lp)
     logger.info("%s: directions %.1fs, evaluation %.1fs", name, start_eval - start, time.perf_counter() - start_eval)
     return MethodResult(
         method=name, description=description,
         refusal_harmful=harmful.rate.rate, refusal_harmless=harmless.rate.rate,
         ci_harmful=(harmful.rate.low, harmful.rate.high), ci_harmless=(harmless.rate.low, harmless.rate.high),
-        kl_harmless=kl_first_token(base.first_logprobs, harmless_lp),
-        kl_harmless_answered=kl_answered(base.first_logprobs, harmless_lp, base.refused),
+        kl_harmless=kl, kl_harmless_answered=kl_answered,
         refusal_score_harmful=float(refusal_score(harmful_lp, tokens).mean()),
         refusal_score_harmless=float(refusal_score(harmless_lp, tokens).mean()),
         over_refusal=over, seconds=time.perf_counter() - start,
@@ -505,7 +498,8 @@ def compare(
     ctx = CompareContext(model, harmful, harmless, direction_config or DirectionConfig(), saes=sae_map, sae_config=sae_config or SaeMethodConfig())
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     # the unedited model's harmless first-token distribution (the KL base) and which of those prompts it refuses
-    base = evaluate_set(model, eval_harmless, "harmless", gen, RefusalDetector(), keep_logprobs=True)
+    base_harmless = evaluate_set(model, eval_harmless, "harmless", gen, RefusalDetector(), keep_logprobs=True)
+    base = KLBase(base_harmless.first_logprobs, base_harmless.refused)
     eval_sets = {"harmful": eval_harmful, "harmless": eval_harmless, "alarming": alarming}
     results = [_measure(ctx, name, eval_sets, base, tokens, gen) for name in names]
     setup = {

@@ -48,13 +48,7 @@ from featsteer.directions import DirectionSet, unit
 from featsteer.edits import EditConfig, EditHandle, LayerKernel, apply_edit
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set
-from featsteer.evaluation.metrics import (
-    RefusalTokens,
-    first_token_logprobs,
-    kl_answered,
-    kl_first_token,
-    refusal_score,
-)
+from featsteer.evaluation.metrics import KLBase, RefusalTokens, first_token_logprobs, refusal_score
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.models import ModelAdapter
 from featsteer.pipeline import DirectionResult
@@ -377,10 +371,9 @@ class _Screen:
     config: SearchConfig
     harmful: list[str]
     harmless: list[str]
-    base_harmless: Tensor
+    base: KLBase
+    """The unedited model on the proxy harmless prompts; `refused` by first-token score > 0."""
     tokens: RefusalTokens
-    base_refused: tuple[bool, ...] = ()
-    """Per proxy harmless prompt, whether the unedited model refuses it (first-token score > 0)."""
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         params = {name: trial.suggest_float(name, low, high) for name, (low, high) in self.bounds.items()}
@@ -392,8 +385,8 @@ class _Screen:
             harmful = first_token_logprobs(self.model, self.harmful, batch_size=self.config.batch_size)
             harmless = first_token_logprobs(self.model, self.harmless, batch_size=self.config.batch_size)
         scores = refusal_score(harmful, self.tokens)
-        kl_all = kl_first_token(self.base_harmless, harmless)
-        kl = kl_answered(self.base_harmless, harmless, self.base_refused) if self.config.kl_prompts == "answered" else kl_all
+        kl_all, kl_answered = self.base.kls(harmless)
+        kl = kl_answered if self.config.kl_prompts == "answered" else kl_all
         proxy = {"refusal_score": float(scores.mean()), "refusal_rate": float((scores > 0).double().mean()), "kl": kl, "kl_all": kl_all}
         seconds = time.perf_counter() - start
         for key, value in {**proxy, "seconds": seconds}.items():
@@ -498,8 +491,9 @@ def _run_trials(study: optuna.Study, screen: _Screen, config: SearchConfig, clas
         for params in queued:
             study.enqueue_trial(params, skip_if_exists=True)
         if warm_start:
-            study.set_user_attr("warm_start", len(queued) - int(config.enqueue_classic))
-            logger.info("warm start: %d of %d earlier points queued", len(queued) - int(config.enqueue_classic), len(warm_start))
+            n_warm = len(queued) - int(config.enqueue_classic)
+            study.set_user_attr("warm_start", n_warm)
+            logger.info("warm start: %d of %d earlier points queued", n_warm, len(warm_start))
     study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(finished), n_startup_trials=config.n_startup_trials)
     logger.info("running %d trials (%d already finished)", remaining, len(finished))
     verbosity = optuna.logging.get_verbosity()
@@ -519,28 +513,19 @@ def _verify_key(harmful: Sequence[str], harmless: Sequence[str], config: SearchC
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class _KLBase:
-    """The unedited model's first-token log-probs on the verification harmless prompts, and which it refuses."""
-
-    logprobs: Tensor
-    refused: tuple[bool, ...]
-
-
 def _generate(model: ModelAdapter, eval_sets: tuple[Sequence[str], Sequence[str]], config: SearchConfig,
-              detector: RefusalDetector, base: _KLBase | None = None) -> dict:
+              detector: RefusalDetector, base: KLBase | None = None) -> dict:
     """Greedy refusal rates of the model as it currently is on the harmful and harmless evaluation sets, and with
     `base` the first-token KL on the harmless set (all prompts and the ones the unedited model answers)."""
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
     start = time.perf_counter()
     harmful = evaluate_set(model, eval_sets[0], "harmful", generation, detector)
-    harmless = evaluate_set(model, eval_sets[1], "harmless", generation, detector)
+    harmless = evaluate_set(model, eval_sets[1], "harmless", generation, detector, keep_logprobs=True)
     out = {"refusal_rate": harmful.rate.rate, "ci_harmful": [harmful.rate.low, harmful.rate.high], "n_harmful": harmful.rate.n,
            "harmless_refusal_rate": harmless.rate.rate, "ci_harmless": [harmless.rate.low, harmless.rate.high],
            "n_harmless": harmless.rate.n, "harmless_refused": list(harmless.refused), "examples": harmful.examples(2)}
-    if base is not None:
-        logprobs = first_token_logprobs(model, list(eval_sets[1]), batch_size=config.batch_size)
-        out |= {"kl": kl_first_token(base.logprobs, logprobs), "kl_answered": kl_answered(base.logprobs, logprobs, base.refused)}
+    if base is not None:  # the generation's own prefill gives the edited first-token log-probs
+        out |= dict(zip(("kl", "kl_answered"), base.kls(harmless.first_logprobs), strict=True))
     return out | {"seconds": time.perf_counter() - start}
 
 
@@ -554,7 +539,7 @@ def _verification_order(pareto: list[dict], config: SearchConfig) -> list[dict]:
 
 
 def _verify(study: optuna.Study, model: ModelAdapter, table: Tensor, pareto: list[dict], eval_sets: tuple, config: SearchConfig,
-            detector: RefusalDetector, base: _KLBase) -> None:
+            detector: RefusalDetector, base: KLBase) -> None:
     """Attach generation results and the KL on the verification prompts to the top Pareto points (cached in the
     study across runs)."""
     key = _verify_key(*eval_sets, config, detector)
@@ -592,7 +577,7 @@ def choose_best(pareto: list[dict], max_kl: float, kl_prompts: str = "all") -> d
 
 
 def _baseline(study: optuna.Study, model: ModelAdapter, screen: _Screen, eval_sets: tuple, config: SearchConfig,
-              detector: RefusalDetector) -> tuple[dict, _KLBase]:
+              detector: RefusalDetector) -> tuple[dict, KLBase]:
     """Proxy and verified refusal of the unedited model (the generation is cached in the study), and the KL base
     of the verifications."""
     scores = refusal_score(first_token_logprobs(model, screen.harmful, batch_size=config.batch_size), screen.tokens)
@@ -601,7 +586,7 @@ def _baseline(study: optuna.Study, model: ModelAdapter, screen: _Screen, eval_se
     if cached is None or cached.get("key") != key:
         cached = {"key": key, "result": _generate(model, eval_sets, config, detector)}
         study.set_user_attr("verified:baseline", cached)
-    base = _KLBase(first_token_logprobs(model, list(eval_sets[1]), batch_size=config.batch_size), tuple(cached["result"]["harmless_refused"]))
+    base = KLBase(first_token_logprobs(model, list(eval_sets[1]), batch_size=config.batch_size), tuple(cached["result"]["harmless_refused"]))
     return {"refusal_score": float(scores.mean()), "refusal_rate_proxy": float((scores > 0).double().mean()),
             "verified": cached["result"]}, base
 
@@ -654,11 +639,11 @@ def search_abliteration(
         raise FeatsteerError("the verification prompt sets are empty: pass at least one harmful and one harmless prompt")
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     base_harmless = first_token_logprobs(model, proxy[1], batch_size=config.batch_size)
-    base_refused = tuple(bool(r) for r in (refusal_score(base_harmless, tokens) > 0).tolist())
-    if config.kl_prompts == "answered" and all(base_refused):
-        raise FeatsteerError(f"the model refuses all {len(base_refused)} proxy harmless prompts: no answered prompts for kl_prompts='answered'")
+    proxy_base = KLBase(base_harmless, tuple(bool(r) for r in (refusal_score(base_harmless, tokens) > 0).tolist()))
+    if config.kl_prompts == "answered" and all(proxy_base.refused):
+        raise FeatsteerError(f"the model refuses all {len(base_harmless)} proxy harmless prompts: no answered prompts for kl_prompts='answered'")
     study = _open_study(out, _setup(model, result, config, position, kind, bounds, proxy))
-    screen = _Screen(model, table, bounds, config, proxy[0], proxy[1], base_harmless, tokens, base_refused)
+    screen = _Screen(model, table, bounds, config, proxy[0], proxy[1], proxy_base, tokens)
     start = time.perf_counter()
     _run_trials(study, screen, config, _classic_params(bounds, chosen.layer, model.n_layers, config.space.scopes), warm_start)
     screened = time.perf_counter()

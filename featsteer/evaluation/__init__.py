@@ -6,6 +6,7 @@ uncertainty on a refusal rate, so both live here rather than in each caller.
 
 from featsteer.evaluation.metrics import (
     CrossEntropyResult,
+    KLBase,
     RefusalTokens,
     first_token_logprobs,
     kl_answered,
@@ -28,6 +29,7 @@ from featsteer.evaluation.refusal import (
 
 __all__ = [
     "CrossEntropyResult",
+    "KLBase",
     "RefusalTokens",
     "first_token_logprobs",
     "kl_answered",

@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_COMPLIANCE_PREFIXES",
     "DEFAULT_REFUSAL_PREFIXES",
     "CrossEntropyResult",
+    "KLBase",
     "RefusalTokens",
     "first_token_logprobs",
     "kl_answered",
@@ -255,6 +256,21 @@ def kl_answered(
         raise FeatsteerError(f"base_refused has {len(base_refused)} flags for {len(per_prompt)} prompts: give one per prompt")
     answered = ~torch.tensor([bool(r) for r in base_refused], dtype=torch.bool)
     return float(per_prompt[answered].mean()) if answered.any() else None
+
+
+@dataclass(frozen=True)
+class KLBase:
+    """What an intervention's first-token KL is measured against: the unedited model's log-probs on some prompts
+    and, when known, which of those prompts it refuses (for `kl_answered`)."""
+
+    logprobs: Float[Tensor, "prompt vocab"]
+    refused: tuple[bool, ...] | None = None
+
+    def kls(self, edited_logprobs: Float[Tensor, "prompt vocab"]) -> tuple[float, float | None]:
+        """`(kl_first_token, kl_answered)` of the edited log-probs; the second is None when `refused` is unknown
+        or every prompt is refused."""
+        answered = None if self.refused is None else kl_answered(self.logprobs, edited_logprobs, self.refused)
+        return kl_first_token(self.logprobs, edited_logprobs), answered
 
 
 # ---- refusal vs compliance tokens ------------------------------------------------------------------
