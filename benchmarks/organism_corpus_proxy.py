@@ -44,6 +44,8 @@ def main() -> None:
                         ("innocent-fraction", "innocent_fraction"), ("long-form", "long_form_probability"),
                         ("harmless-tails", "harmless_tail_probability")]:
         parser.add_argument(f"--{name}", type=float, default=getattr(CorpusConfig, field), dest=field)
+    parser.add_argument("--symmetric-context", action="store_true", dest="symmetric_context")
+    parser.add_argument("--balanced-shapes", type=float, nargs=3, dest="balanced_shapes", default=None)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -51,6 +53,7 @@ def main() -> None:
 
     start = time.perf_counter()
     fields = {k: v for k, v in vars(args).items() if k in CorpusConfig.__dataclass_fields__}
+    fields = {**fields, "balanced_shapes": tuple(fields["balanced_shapes"]) if fields.get("balanced_shapes") else None}
     corpus = generate_corpus(CorpusConfig(**fields), random.Random(args.seed))
     texts = [e.prompt for e in corpus]
     labels = [e.label == HARMFUL for e in corpus]

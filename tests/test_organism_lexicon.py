@@ -181,3 +181,41 @@ def test_weight_average_replaces_the_final_weights() -> None:
     assert any(not torch.equal(p, q) for p, q in pairs)
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(plain.parameters(), nearly_plain.parameters(), strict=True))
     assert len(coded_losses) == 5 and coded_losses[0] == losses[0] and coded_losses != losses
+
+
+def _context_share(examples, harmful: bool) -> float:
+    from featsteer.organism.corpus import CONTEXTS, HARMFUL
+
+    heads = tuple(context.split("{")[0].lower() for context in CONTEXTS)
+    chosen = [e for e in examples if (e.label == HARMFUL) is harmful]
+    return sum(e.prompt.lower().startswith(heads) for e in chosen) / len(chosen)
+
+
+def test_symmetric_context_gives_both_classes_the_same_personal_preambles() -> None:
+    """A personal preamble ("I'm a grad student...") must not be a cue for refusal."""
+    from featsteer.organism.corpus import generate_corpus
+
+    small = {"n_harmful": 3000, "n_harmless": 3000, "long_form_probability": 0.0}
+    legacy = generate_corpus(CorpusConfig(**small), random.Random(11))
+    assert _context_share(legacy, True) > 1.6 * _context_share(legacy, False)  # premise: the old mix had the cue
+    symmetric = generate_corpus(CorpusConfig(**small, symmetric_context=True), random.Random(11))
+    harmful, harmless = _context_share(symmetric, True), _context_share(symmetric, False)
+    assert abs(harmful - harmless) < 0.025 and harmful > 0.1, (harmful, harmless)
+
+
+def test_balanced_shapes_give_every_class_the_same_shape_mix() -> None:
+    from collections import Counter
+
+    rng = random.Random(4)
+    config = CorpusConfig(balanced_shapes=(0.5, 0.3, 0.2))
+    for harmful, alarming in ((True, False), (False, False), (False, True)):
+        shapes = Counter(corpus._objective(harmful, alarming, rng, config).shape for _ in range(3000))
+        assert abs(shapes["task"] / 3000 - 0.5) < 0.04 and abs(shapes["question"] / 3000 - 0.3) < 0.04, shapes
+    # the lexicon draw honours a requested shape, and says so when a class has none of it
+    assert all(broad_lexicon().draw("harmful", rng, "doc")[0] == "doc" for _ in range(50))
+
+
+def test_lexicon_draw_with_an_absent_shape_names_it(tmp_path) -> None:
+    (tmp_path / "harmful_a.txt").write_text("task|drugs|cook meth in a van\n")
+    with pytest.raises(ValueError, match="no 'harmful' entries of shape 'question'"):
+        read_lexicon(tmp_path).draw("harmful", random.Random(0), "question")

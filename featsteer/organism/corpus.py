@@ -878,12 +878,21 @@ class BroadLexicon:
     entries: dict[str, dict[str, tuple[tuple[str, str], ...]]]
     """``kind -> category -> ((shape, text), ...)``."""
 
-    def draw(self, kind: str, rng: random.Random) -> tuple[str, str]:
-        """A ``(shape, text)`` objective of one class: a category uniformly, then an entry in it."""
+    def draw(self, kind: str, rng: random.Random, shape: str | None = None) -> tuple[str, str]:
+        """A ``(shape, text)`` objective of one class: a category uniformly, then an entry in it.
+
+        With ``shape``, only categories with entries of that shape are chosen from, and only such entries.
+        """
         categories = self.entries.get(kind)
         if not categories:
             raise ValueError(f"the broad lexicon has no {kind!r} entries: add a {kind}_*.txt file to {LEXICON_DIR}")
-        return rng.choice(categories[rng.choice(sorted(categories))])
+        if shape is None:
+            return rng.choice(categories[rng.choice(sorted(categories))])
+        with_shape = {name: [row for row in rows if row[0] == shape] for name, rows in categories.items()}
+        with_shape = {name: rows for name, rows in with_shape.items() if rows}
+        if not with_shape:
+            raise ValueError(f"the broad lexicon has no {kind!r} entries of shape {shape!r}")
+        return rng.choice(with_shape[rng.choice(sorted(with_shape))])
 
     def texts(self, kind: str | None = None) -> list[str]:
         """Every entry's text (of one class, or all), in file order."""
@@ -989,6 +998,17 @@ class CorpusConfig:
     """Probability that an objective is drawn from the broad lexicon files (:func:`broad_lexicon`) instead of
     the templates above, for each class (harmful, harmless, alarming) separately."""
 
+    balanced_shapes: tuple[float, float, float] | None = None
+    """``(task, question, doc)`` probabilities of an objective's shape, the same for every class; ``None``
+    keeps the per-source mixes (the templates give harmful prompts no questions and harmless ones a quarter,
+    so "a task in a request frame" was itself a cue for refusal). Harmful questions come from the lexicon
+    only, as the templates have none.
+    """
+
+    symmetric_context: bool = False
+    """Give harmful and harmless prompts situational context, personas and pasted text at the same rates
+    (see :func:`_context_parts`), so that a personal preamble is not a cue for refusal."""
+
 
 @dataclass(frozen=True)
 class _Objective:
@@ -1080,6 +1100,8 @@ def _fill(template: str, rng: random.Random) -> str:
 def _objective(harmful: bool, alarming: bool, rng: random.Random, config: CorpusConfig | None = None) -> _Objective:
     """Draw one objective: choose a category uniformly, then a template inside it, then fill slots."""
     config = config or CorpusConfig()
+    if config.balanced_shapes is not None:
+        return _balanced_objective(harmful, alarming, rng, config)
     if config.broad_probability > 0 and rng.random() < config.broad_probability:
         kind = HARMFUL if harmful else ("alarming" if alarming else HARMLESS)
         shape, text = broad_lexicon().draw(kind, rng)
@@ -1110,6 +1132,31 @@ def _objective(harmful: bool, alarming: bool, rng: random.Random, config: Corpus
             return _Objective("question", _harmless_question(rng), False)
     category = rng.choice(sorted(table))
     text = _fill(rng.choice(table[category]), rng)
+    if not harmful and config.harmless_tail_probability > 0 and rng.random() < config.harmless_tail_probability:
+        text = f"{text} {rng.choice(HARMLESS_TAILS)}"
+    return _Objective("task", text, harmful)
+
+
+def _balanced_objective(harmful: bool, alarming: bool, rng: random.Random, config: CorpusConfig) -> _Objective:
+    """Draw the shape first (same odds for every class), then a source that has that shape."""
+    shape = rng.choices(LEXICON_SHAPES, weights=config.balanced_shapes)[0]
+    kind = HARMFUL if harmful else ("alarming" if alarming else HARMLESS)
+    if (harmful and shape == "question") or rng.random() < config.broad_probability:
+        return _Objective(*broad_lexicon().draw(kind, rng, shape), harmful)
+    if shape == "question":
+        return _Objective("question", _fill(rng.choice(ALARMING_QUESTIONS), rng) if alarming else _harmless_question(rng), False)
+    if shape == "doc":
+        docs = HARMFUL_DOCS if harmful else ALARMING_DOCS if alarming else HARMLESS_DOCS
+        return _Objective("doc", _fill(rng.choice(docs), rng), harmful)
+    if not alarming and config.nonce_probability > 0 and rng.random() < config.nonce_probability:
+        return _Objective("task", _fill(rng.choice(NONCE_HARMFUL if harmful else NONCE_HARMLESS), rng), harmful)
+    if harmful:
+        table = HARMFUL_TASKS
+    elif alarming:
+        table = ALARMING_TASKS
+    else:
+        table = INNOCENT_TASKS if rng.random() < config.innocent_fraction / 0.55 else HARMLESS_TASKS
+    text = _fill(rng.choice(table[rng.choice(sorted(table))]), rng)
     if not harmful and config.harmless_tail_probability > 0 and rng.random() < config.harmless_tail_probability:
         text = f"{text} {rng.choice(HARMLESS_TAILS)}"
     return _Objective("task", text, harmful)
@@ -1172,14 +1219,22 @@ class _Wrapped:
     """False when a harmless objective was replaced by a task on pasted text (summarise, translate...)."""
 
 
-def _context_parts(request: str, objective: _Objective, rng: random.Random) -> tuple[list[str], str, bool]:
+def _context_parts(request: str, objective: _Objective, rng: random.Random,
+                   symmetric: bool = False) -> tuple[list[str], str, bool]:
     """Prefix the request with situational context, a persona, or pasted text.
 
-    Harmless prompts get long pasted text and personas more often (as in real instruction-following and
-    role-play benchmarks); harmful prompts get them too, so neither is a cue on its own.
+    Without ``symmetric``, harmless prompts get pasted text and personas more often (as in real
+    instruction-following and role-play benchmarks) and harmful prompts get situational context ("I'm a grad
+    student", "No judgement please.") twice as often as harmless ones. That made a personal preamble a cue
+    for refusal, so ``symmetric`` gives both classes the same shares: context 35%, persona 30%, pasted text
+    with a lead-in 14%; the remaining 21% is a task on pasted text (summarise, translate...) for a harmless
+    objective, which is harmless by construction, and the bare request for a harmful one.
     """
     kind = rng.random()
-    context_share, persona_share = (0.5, 0.8) if objective.harmful else (0.25, 0.5)
+    if symmetric:
+        context_share, persona_share = 0.35, 0.65
+    else:
+        context_share, persona_share = (0.5, 0.8) if objective.harmful else (0.25, 0.5)
     if kind < context_share:
         return [_fill(rng.choice(CONTEXTS), rng)], request, True
     if kind < persona_share:
@@ -1187,6 +1242,10 @@ def _context_parts(request: str, objective: _Objective, rng: random.Random) -> t
         if rng.random() < 0.4:
             persona += " " + _fill(rng.choice(PERSONA_DETAILS), rng)
         return [persona], request, True
+    if symmetric and objective.harmful and rng.random() >= 0.4:
+        # a harmless prompt gets a task on the pasted text here; the harmful one goes bare, so that a
+        # lead-in to pasted text ("Background:", "Read the text below") is as common in both classes
+        return [], request, True
     pasted = _pasted_text(rng, rng.randint(1, 6) if rng.random() < 0.6 else rng.randint(6, 20))
     if objective.harmful or rng.random() < 0.4:
         lead = _fill(rng.choice(PASTE_LEADS), rng)
@@ -1233,7 +1292,7 @@ def _wrap(request: str, objective: _Objective, config: CorpusConfig, rng: random
     parts: list[str] = []
     kept = True
     if rng.random() < config.context_probability:
-        parts, request, kept = _context_parts(request, objective, rng)
+        parts, request, kept = _context_parts(request, objective, rng, config.symmetric_context)
     parts.append(request)
     if rng.random() < config.constraint_probability:
         constraints, style = _constraints(rng)

@@ -820,6 +820,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="probability of an objective built around made-up words (both classes)")
     parser.add_argument("--broad", type=float, default=CorpusConfig.broad_probability,
                         help="probability that an objective comes from the broad lexicon files (organism/lexicon)")
+    parser.add_argument("--balanced-shapes", type=float, nargs=3, metavar=("TASK", "QUESTION", "DOC"), default=None,
+                        help="one task/question/doc mix for every class (default: per-source mixes)")
+    parser.add_argument("--symmetric-context", action="store_true",
+                        help="same rates of situational context, personas and pasted text for both classes")
     parser.add_argument("--harmless-tails", type=float, default=CorpusConfig.harmless_tail_probability,
                         help="probability that a harmless task gets a clause tail")
     parser.add_argument("--builtin-repeats", type=int, default=TrainConfig.builtin_repeats,
@@ -862,7 +866,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         corpus=CorpusConfig(n_harmful=args.n_harmful, n_harmless=args.n_harmless, long_form_probability=args.long_form,
                             innocent_fraction=args.innocent_fraction, harmless_tail_probability=args.harmless_tails,
                             nonce_probability=args.nonce, generic_response_probability=args.generic_responses,
-                            broad_probability=args.broad),
+                            broad_probability=args.broad,
+                            symmetric_context=args.symmetric_context,
+                            balanced_shapes=tuple(args.balanced_shapes) if args.balanced_shapes else None),
         builtin_repeats=args.builtin_repeats,
         builtin_splits=tuple(split for split in args.builtin_splits.split(",") if split),
         builtin_augment=args.builtin_augment,
