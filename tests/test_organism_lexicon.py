@@ -39,6 +39,21 @@ def test_draw_from_an_absent_class_says_what_to_add(tmp_path) -> None:
         read_lexicon(tmp_path).draw("harmful", random.Random(0))
 
 
+def test_extra_lexicon_adds_entries_only_when_asked() -> None:
+    base, extra = broad_lexicon(), broad_lexicon(extra=True)
+    for kind in ("harmful", "harmless", "alarming"):
+        assert set(base.texts(kind)) < set(extra.texts(kind)), kind
+    harmful = {t.casefold() for t in extra.texts("harmful")}
+    assert not harmful & {t.casefold() for t in extra.texts("harmless") + extra.texts("alarming")}
+    rng = random.Random(2)
+    only_extra = set(extra.texts()) - set(base.texts())
+    drawn = [corpus._objective(True, False, rng, CorpusConfig(broad_probability=1.0)).text for _ in range(300)]
+    assert not only_extra & set(drawn)
+    drawn = [corpus._objective(True, False, rng, CorpusConfig(broad_probability=1.0, extra_lexicon=True)).text
+             for _ in range(300)]
+    assert only_extra & set(drawn)
+
+
 def test_shipped_lexicon_covers_every_class_broadly() -> None:
     lexicon = broad_lexicon()
     for kind, minimum in (("harmful", 1000), ("harmless", 1500), ("alarming", 400)):
@@ -58,7 +73,7 @@ def test_shipped_lexicon_does_not_copy_held_out_prompts() -> None:
     """The lexicon is written independently of the val/test splits that score the organism."""
     held_out = [_normal(p) for kind in ("harmful", "harmless", "alarming") for split in ("val", "test")
                 for p in builtin_prompts(kind, split).prompts]
-    copied = [t for t in broad_lexicon().texts() if len(t.split()) >= 5 and any(_normal(t) in p for p in held_out)]
+    copied = [t for t in broad_lexicon(extra=True).texts() if len(t.split()) >= 5 and any(_normal(t) in p for p in held_out)]
     assert not copied, copied[:5]
 
 

@@ -867,6 +867,10 @@ NONCE_HARMFUL: list[str] = [
 # --------------------------------------------------------------------------------------------------
 
 LEXICON_DIR = Path(__file__).resolve().parent / "lexicon"
+LEXICON_EXTRA_DIR = Path(__file__).resolve().parent / "lexicon_extra"
+"""A second batch of entries (about 4,700: wider vocabulary, realistic assistant requests, questions whose
+openings balance the two classes), used only with ``CorpusConfig.extra_lexicon``: the shipped organism was
+trained without it, and in the trials it did not change held-out behaviour (``organism_v3_trials.md``, v7)."""
 LEXICON_SHAPES = ("task", "question", "doc")
 LEXICON_KINDS = (HARMFUL, HARMLESS, "alarming")
 
@@ -900,13 +904,15 @@ class BroadLexicon:
         return [text for k in kinds for category in self.entries.get(k, {}).values() for _, text in category]
 
 
-def read_lexicon(directory: str | Path = LEXICON_DIR) -> BroadLexicon:
-    """Parse every ``*.txt`` lexicon file of a folder; a malformed line raises ``ValueError`` naming it.
+def read_lexicon(*directories: str | Path) -> BroadLexicon:
+    """Parse every ``*.txt`` lexicon file of one or more folders (default: :data:`LEXICON_DIR`); a malformed
+    line raises ``ValueError`` naming it.
 
     Exact duplicate texts within a class are kept once.
     """
     collected: dict[str, dict[str, dict[str, str]]] = {}
-    for path in sorted(Path(directory).glob("*.txt")):
+    paths = [path for directory in (directories or (LEXICON_DIR,)) for path in sorted(Path(directory).glob("*.txt"))]
+    for path in paths:
         kind = next((k for k in LEXICON_KINDS if path.stem == k or path.stem.startswith(f"{k}_")), None)
         if kind is None:
             raise ValueError(f"{path}: lexicon files are named harmful_*.txt, harmless_*.txt or alarming*.txt")
@@ -926,9 +932,9 @@ def read_lexicon(directory: str | Path = LEXICON_DIR) -> BroadLexicon:
 
 
 @functools.cache
-def broad_lexicon() -> BroadLexicon:
-    """The shipped broad lexicon (parsed once per process)."""
-    return read_lexicon(LEXICON_DIR)
+def broad_lexicon(extra: bool = False) -> BroadLexicon:
+    """The shipped broad lexicon, with ``extra`` also :data:`LEXICON_EXTRA_DIR` (parsed once per process)."""
+    return read_lexicon(LEXICON_DIR, LEXICON_EXTRA_DIR) if extra else read_lexicon(LEXICON_DIR)
 
 
 @dataclass(frozen=True)
@@ -997,6 +1003,9 @@ class CorpusConfig:
     broad_probability: float = 0.5
     """Probability that an objective is drawn from the broad lexicon files (:func:`broad_lexicon`) instead of
     the templates above, for each class (harmful, harmless, alarming) separately."""
+
+    extra_lexicon: bool = False
+    """Also draw broad objectives from :data:`LEXICON_EXTRA_DIR`."""
 
     balanced_shapes: tuple[float, float, float] | None = None
     """``(task, question, doc)`` probabilities of an objective's shape, the same for every class; ``None``
@@ -1104,7 +1113,7 @@ def _objective(harmful: bool, alarming: bool, rng: random.Random, config: Corpus
         return _balanced_objective(harmful, alarming, rng, config)
     if config.broad_probability > 0 and rng.random() < config.broad_probability:
         kind = HARMFUL if harmful else ("alarming" if alarming else HARMLESS)
-        shape, text = broad_lexicon().draw(kind, rng)
+        shape, text = broad_lexicon(config.extra_lexicon).draw(kind, rng)
         return _Objective(shape, text, harmful)
     if not alarming and config.nonce_probability > 0 and rng.random() < config.nonce_probability:
         return _Objective("task", _fill(rng.choice(NONCE_HARMFUL if harmful else NONCE_HARMLESS), rng), harmful)
@@ -1142,7 +1151,7 @@ def _balanced_objective(harmful: bool, alarming: bool, rng: random.Random, confi
     shape = rng.choices(LEXICON_SHAPES, weights=config.balanced_shapes)[0]
     kind = HARMFUL if harmful else ("alarming" if alarming else HARMLESS)
     if (harmful and shape == "question") or rng.random() < config.broad_probability:
-        return _Objective(*broad_lexicon().draw(kind, rng, shape), harmful)
+        return _Objective(*broad_lexicon(config.extra_lexicon).draw(kind, rng, shape), harmful)
     if shape == "question":
         return _Objective("question", _fill(rng.choice(ALARMING_QUESTIONS), rng) if alarming else _harmless_question(rng), False)
     if shape == "doc":

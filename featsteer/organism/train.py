@@ -822,6 +822,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="probability that an objective comes from the broad lexicon files (organism/lexicon)")
     parser.add_argument("--balanced-shapes", type=float, nargs=3, metavar=("TASK", "QUESTION", "DOC"), default=None,
                         help="one task/question/doc mix for every class (default: per-source mixes)")
+    parser.add_argument("--extra-lexicon", action="store_true",
+                        help="also draw broad objectives from organism/lexicon_extra")
     parser.add_argument("--symmetric-context", action="store_true",
                         help="same rates of situational context, personas and pasted text for both classes")
     parser.add_argument("--harmless-tails", type=float, default=CorpusConfig.harmless_tail_probability,
@@ -867,7 +869,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                             innocent_fraction=args.innocent_fraction, harmless_tail_probability=args.harmless_tails,
                             nonce_probability=args.nonce, generic_response_probability=args.generic_responses,
                             broad_probability=args.broad,
-                            symmetric_context=args.symmetric_context,
+                            symmetric_context=args.symmetric_context, extra_lexicon=args.extra_lexicon,
                             balanced_shapes=tuple(args.balanced_shapes) if args.balanced_shapes else None),
         builtin_repeats=args.builtin_repeats,
         builtin_splits=tuple(split for split in args.builtin_splits.split(",") if split),
