@@ -234,3 +234,14 @@ def test_lexicon_draw_with_an_absent_shape_names_it(tmp_path) -> None:
     (tmp_path / "harmful_a.txt").write_text("task|drugs|cook meth in a van\n")
     with pytest.raises(ValueError, match="no 'harmful' entries of shape 'question'"):
         read_lexicon(tmp_path).draw("harmful", random.Random(0), "question")
+
+
+def test_bad_shape_mix_is_a_one_line_error(capsys) -> None:
+    from featsteer.organism.train import main
+
+    with pytest.raises(ValueError, match="three non-negative"):
+        CorpusConfig(balanced_shapes=(0.5, -0.1, 0.6))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", "unused", "--balanced-shapes", "0", "0", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("error: balanced_shapes must be")

@@ -1018,6 +1018,12 @@ class CorpusConfig:
     """Give harmful and harmless prompts situational context, personas and pasted text at the same rates
     (see :func:`_context_parts`), so that a personal preamble is not a cue for refusal."""
 
+    def __post_init__(self) -> None:
+        shapes = self.balanced_shapes
+        if shapes is not None and (len(shapes) != 3 or min(shapes) < 0 or sum(shapes) <= 0):
+            raise ValueError(f"balanced_shapes must be three non-negative (task, question, doc) weights with a positive "
+                             f"sum, e.g. (0.55, 0.3, 0.15); got {shapes!r}")
+
 
 @dataclass(frozen=True)
 class _Objective:

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -862,7 +863,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    config = TrainConfig(
+    try:
+        config = _config_from_args(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    metrics = run(config, args.out, args.report, args.real_data)
+    logger.info("done: %s", json.dumps({k: v["rate"] for k, v in metrics["refusal"].items()}))
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` the command-line options describe."""
+    return TrainConfig(
         seed=args.seed,
         threads=args.threads,
         corpus=CorpusConfig(n_harmful=args.n_harmful, n_harmless=args.n_harmless, long_form_probability=args.long_form,
@@ -880,8 +892,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                           probe_loss=args.probe_loss, token_dropout=args.token_dropout,
                           dim_weight=args.dim_weight, dim_positions=args.dim_positions, ema_decay=args.ema_decay),
     )
-    metrics = run(config, args.out, args.report, args.real_data)
-    logger.info("done: %s", json.dumps({k: v["rate"] for k, v in metrics["refusal"].items()}))
 
 
 if __name__ == "__main__":
