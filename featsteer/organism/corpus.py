@@ -1145,6 +1145,11 @@ def _objective(harmful: bool, alarming: bool, rng: random.Random, config: Corpus
             return _Objective("doc", _fill(rng.choice(HARMLESS_DOCS), rng), False)
         else:
             return _Objective("question", _harmless_question(rng), False)
+    return _template_task(table, harmful, rng, config)
+
+
+def _template_task(table: dict[str, list[str]], harmful: bool, rng: random.Random, config: CorpusConfig) -> _Objective:
+    """A task from a template table: a category uniformly, a template in it, slots filled, maybe a harmless tail."""
     category = rng.choice(sorted(table))
     text = _fill(rng.choice(table[category]), rng)
     if not harmful and config.harmless_tail_probability > 0 and rng.random() < config.harmless_tail_probability:
@@ -1171,10 +1176,7 @@ def _balanced_objective(harmful: bool, alarming: bool, rng: random.Random, confi
         table = ALARMING_TASKS
     else:
         table = INNOCENT_TASKS if rng.random() < config.innocent_fraction / 0.55 else HARMLESS_TASKS
-    text = _fill(rng.choice(table[rng.choice(sorted(table))]), rng)
-    if not harmful and config.harmless_tail_probability > 0 and rng.random() < config.harmless_tail_probability:
-        text = f"{text} {rng.choice(HARMLESS_TAILS)}"
-    return _Objective("task", text, harmful)
+    return _template_task(table, harmful, rng, config)
 
 
 def _harmless_question(rng: random.Random) -> str:
