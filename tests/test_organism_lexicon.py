@@ -245,3 +245,25 @@ def test_bad_shape_mix_is_a_one_line_error(capsys) -> None:
         main(["--out", "unused", "--balanced-shapes", "0", "0", "0"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().startswith("error: balanced_shapes must be")
+
+
+def test_match_lengths_gives_harmful_prompts_the_harmless_length_mix() -> None:
+    from collections import Counter
+
+    from featsteer.organism.corpus import HARMFUL, LENGTH_BINS, _length_bucket, generate_corpus
+
+    def mixes(config):
+        examples = generate_corpus(config, random.Random(0))
+        result = {}
+        for harmful in (True, False):
+            chosen = [e for e in examples if (e.label == HARMFUL) is harmful]
+            counts = Counter(_length_bucket(e.prompt) for e in chosen)
+            result[harmful] = [counts[b] / len(chosen) for b in range(len(LENGTH_BINS) + 1)]
+        return result, len(examples)
+
+    small = {"n_harmful": 1500, "n_harmless": 2000}
+    legacy, _ = mixes(CorpusConfig(**small))
+    assert legacy[True][0] + legacy[True][1] < 0.75 * (legacy[False][0] + legacy[False][1])  # premise: short harmful rare
+    matched, size = mixes(CorpusConfig(**small, match_lengths=True))
+    assert size == 3500
+    assert max(abs(h - b) for h, b in zip(matched[True], matched[False], strict=True)) < 0.01

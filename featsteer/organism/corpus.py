@@ -1018,6 +1018,10 @@ class CorpusConfig:
     """Give harmful and harmless prompts situational context, personas and pasted text at the same rates
     (see :func:`_context_parts`), so that a personal preamble is not a cue for refusal."""
 
+    match_lengths: bool = False
+    """Pick generated harmful examples so that their prompt lengths follow the harmless ones' distribution
+    (see :func:`_length_matched`)."""
+
     def __post_init__(self) -> None:
         shapes = self.balanced_shapes
         if shapes is not None and (len(shapes) != 3 or min(shapes) < 0 or sum(shapes) <= 0):
@@ -1437,10 +1441,45 @@ def generate_corpus(config: CorpusConfig, rng: random.Random) -> list[Example]:
     Returns:
         ``config.n_harmful + config.n_harmless`` examples in random order.
     """
-    examples = [generate_example(True, config, rng) for _ in range(config.n_harmful)]
-    examples += [generate_example(False, config, rng) for _ in range(config.n_harmless)]
+    if config.match_lengths:
+        examples = _length_matched(config, rng)
+    else:
+        examples = [generate_example(True, config, rng) for _ in range(config.n_harmful)]
+        examples += [generate_example(False, config, rng) for _ in range(config.n_harmless)]
     rng.shuffle(examples)
     return examples
+
+
+LENGTH_BINS = (8, 12, 18, 28, 45, 80)
+"""Upper word-count edges of the length buckets :func:`_length_matched` equalises (the last bucket is open)."""
+
+
+def _length_bucket(prompt: str) -> int:
+    words = len(prompt.split())
+    return next((i for i, edge in enumerate(LENGTH_BINS) if words <= edge), len(LENGTH_BINS))
+
+
+def _length_matched(config: CorpusConfig, rng: random.Random) -> list[Example]:
+    """Harmless examples as usual, then harmful ones picked from three times as many candidates so that their
+    prompt lengths follow the harmless length distribution (short harmful requests were half as common as
+    short harmless ones, so "short" was a cue for compliance). Buckets short of candidates are topped up from
+    the remaining candidates in order."""
+    harmless = [generate_example(False, config, rng) for _ in range(config.n_harmless)]
+    candidates = [generate_example(True, config, rng) for _ in range(3 * config.n_harmful)]
+    shares = [0] * (len(LENGTH_BINS) + 1)
+    for example in harmless:
+        shares[_length_bucket(example.prompt)] += 1
+    wanted = [round(config.n_harmful * count / max(1, len(harmless))) for count in shares]
+    chosen, rest = [], []
+    for example in candidates:
+        bucket = _length_bucket(example.prompt)
+        if wanted[bucket] > 0:
+            wanted[bucket] -= 1
+            chosen.append(example)
+        else:
+            rest.append(example)
+    chosen += rest[: max(0, config.n_harmful - len(chosen))]
+    return chosen[: config.n_harmful] + harmless
 
 
 def augment_prompt(prompt: str, config: CorpusConfig, rng: random.Random) -> tuple[str, str]:

@@ -825,6 +825,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="one task/question/doc mix for every class (default: per-source mixes)")
     parser.add_argument("--extra-lexicon", action="store_true",
                         help="also draw broad objectives from organism/lexicon_extra")
+    parser.add_argument("--match-lengths", action="store_true",
+                        help="pick generated harmful prompts to follow the harmless prompt-length distribution")
     parser.add_argument("--symmetric-context", action="store_true",
                         help="same rates of situational context, personas and pasted text for both classes")
     parser.add_argument("--harmless-tails", type=float, default=CorpusConfig.harmless_tail_probability,
@@ -882,6 +884,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
                             nonce_probability=args.nonce, generic_response_probability=args.generic_responses,
                             broad_probability=args.broad,
                             symmetric_context=args.symmetric_context, extra_lexicon=args.extra_lexicon,
+                            match_lengths=args.match_lengths,
                             balanced_shapes=tuple(args.balanced_shapes) if args.balanced_shapes else None),
         builtin_repeats=args.builtin_repeats,
         builtin_splits=tuple(split for split in args.builtin_splits.split(",") if split),
