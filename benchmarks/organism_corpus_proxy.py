@@ -54,7 +54,6 @@ def main() -> None:
 
     start = time.perf_counter()
     fields = {k: v for k, v in vars(args).items() if k in CorpusConfig.__dataclass_fields__}
-    fields = {**fields, "balanced_shapes": tuple(fields["balanced_shapes"]) if fields.get("balanced_shapes") else None}
     corpus = generate_corpus(CorpusConfig(**fields), random.Random(args.seed))
     texts = [e.prompt for e in corpus]
     labels = [e.label == HARMFUL for e in corpus]

@@ -1024,6 +1024,9 @@ class CorpusConfig:
 
     def __post_init__(self) -> None:
         shapes = self.balanced_shapes
+        if shapes is not None:  # a list from argparse or JSON becomes the declared tuple
+            shapes = tuple(shapes)
+            object.__setattr__(self, "balanced_shapes", shapes)
         if shapes is not None and (len(shapes) != 3 or min(shapes) < 0 or sum(shapes) <= 0):
             raise ValueError(f"balanced_shapes must be three non-negative (task, question, doc) weights with a positive "
                              f"sum, e.g. (0.55, 0.3, 0.15); got {shapes!r}")

@@ -885,7 +885,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
                             broad_probability=args.broad,
                             symmetric_context=args.symmetric_context, extra_lexicon=args.extra_lexicon,
                             match_lengths=args.match_lengths,
-                            balanced_shapes=tuple(args.balanced_shapes) if args.balanced_shapes else None),
+                            balanced_shapes=args.balanced_shapes),
         builtin_repeats=args.builtin_repeats,
         builtin_splits=tuple(split for split in args.builtin_splits.split(",") if split),
         builtin_augment=args.builtin_augment,
