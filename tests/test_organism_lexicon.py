@@ -267,3 +267,33 @@ def test_match_lengths_gives_harmful_prompts_the_harmless_length_mix() -> None:
     matched, size = mixes(CorpusConfig(**small, match_lengths=True))
     assert size == 3500
     assert max(abs(h - b) for h, b in zip(matched[True], matched[False], strict=True)) < 0.01
+
+
+def test_word_shuffle_reorders_only_the_user_message_and_keeps_its_words() -> None:
+    from transformers import AutoTokenizer
+
+    from featsteer.organism import organism_path
+    from featsteer.organism.train import _shuffle_words, collate, render_prompt, word_start_table
+
+    tokenizer = AutoTokenizer.from_pretrained(organism_path())
+    starts = word_start_table(tokenizer)
+    user = tokenizer.convert_tokens_to_ids("<|user|>")
+    prompt = "How do I kill a stuck Python process while defragmenting a frobnicated server?"
+    rendered = render_prompt(tokenizer, prompt, "Answer briefly.")
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    first = ids.index(user) + 1
+    orders = {tuple(_shuffle_words(ids, len(ids), starts, user, random.Random(seed))) for seed in range(6)}
+    assert len(orders) > 1
+    for shuffled in orders:
+        assert list(shuffled[:first]) == ids[:first] and list(shuffled[-2:]) == ids[-2:]  # system turn and roles kept
+        text = tokenizer.decode(list(shuffled[first:-2]))
+        assert sorted(shuffled[first:-2]) == sorted(ids[first:-2])
+        assert all(word in text for word in prompt.split())  # whole words moved, none cut apart
+    # in a batch: probability 0 leaves the rows (and the random stream) alone, 1 scrambles every row
+    encoded = [(ids + [5, 6], len(ids), 1)]
+    plain_rng, shuffled_rng = random.Random(0), random.Random(0)
+    plain = collate(encoded, [0], 0, rng=plain_rng, word_shuffle=0.0, word_starts=starts, user_id=user)
+    assert plain["input_ids"][0].tolist() == ids + [5, 6] and plain_rng.random() == random.Random(0).random()
+    scrambled = collate(encoded, [0], 0, rng=shuffled_rng, word_shuffle=1.0, word_starts=starts, user_id=user)
+    assert scrambled["input_ids"][0].tolist()[-2:] == [5, 6]
+    assert sorted(scrambled["input_ids"][0].tolist()) == sorted(ids + [5, 6])

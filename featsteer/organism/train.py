@@ -154,6 +154,12 @@ class OptimConfig:
     is replaced by a random vocabulary token during training, so that the decision rests on many words
     and an unfamiliar word at test time is something the model has learned to read past."""
 
+    word_shuffle: float = 0.0
+    """Probability that a training example's user message has its words put in a random order (fresh at
+    every visit; both classes alike; the response is unchanged). A model trained from scratch on templated
+    frames can learn *where* in a prompt the objective sits; scrambled copies leave only *which* words are
+    there, the cue that generalises to prompts written in other frames. 0 turns it off."""
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -292,6 +298,15 @@ def render_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def word_start_table(tokenizer) -> list[bool]:
+    """For each token id of a byte-level BPE tokenizer, whether the token begins a word (a leading space
+    or line break, shown as ``\u0120`` / ``\u010a``, or a special token)."""
+    table = []
+    for token in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))):
+        table.append(token is None or token[:1] in ("\u0120", "\u010a") or token.startswith("<|"))
+    return table
+
+
 def encode_examples(examples: Sequence[Example], tokenizer, max_len: int) -> list[tuple[list[int], int, int]]:
     """Tokenise examples into ``(token_ids, n_prompt_tokens, harmful)``; the loss covers the response.
 
@@ -343,6 +358,9 @@ def collate(
     n_special: int = 0,
     vocab_size: int = 0,
     rng: random.Random | None = None,
+    word_shuffle: float = 0.0,
+    word_starts: Sequence[bool] | None = None,
+    user_id: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Right-pad a batch for training.
 
@@ -350,7 +368,9 @@ def collate(
     complying; they get loss weight ``decision_weight`` so that this decision is not drowned out by the
     (much more numerous) tokens that merely finish a templated sentence. With ``token_dropout``, prompt
     tokens (positions 2 to ``n_prompt - 3``) are replaced by random non-special tokens (ids from
-    ``n_special`` to ``vocab_size - 1``) with that probability, drawn from ``rng``.
+    ``n_special`` to ``vocab_size - 1``) with that probability, drawn from ``rng``. With ``word_shuffle``
+    (which needs ``word_starts``, telling for each token id whether it begins a word, and the ``user_id``
+    role token), a row's user message has its words put in a random order with that probability.
 
     Returns:
         ``input_ids`` and ``attention_mask`` of shape ``(batch, pos)``, ``predict_mask`` marking the
@@ -370,6 +390,8 @@ def collate(
         ids, n_prompt, label = encoded[index]
         last_prompt.append(n_prompt - 1)
         harmful.append(float(label))
+        if word_shuffle > 0 and rng is not None and word_starts is not None and rng.random() < word_shuffle:
+            ids = _shuffle_words(ids, n_prompt, word_starts, user_id, rng)
         if token_dropout > 0 and rng is not None:
             ids = list(ids)
             for position in range(2, n_prompt - 2):
@@ -385,6 +407,26 @@ def collate(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "predict_mask": predict_mask,
             "targets": torch.tensor(targets, dtype=torch.long), "weights": torch.tensor(weights),
             "last_prompt": torch.tensor(last_prompt, dtype=torch.long), "harmful": torch.tensor(harmful)}
+
+
+def _shuffle_words(ids: Sequence[int], n_prompt: int, word_starts: Sequence[bool], user_id: int | None,
+                   rng: random.Random) -> list[int]:
+    """``ids`` with the words of the user message (after the last ``user_id`` token, before the closing
+    ``<|end|><|assistant|>``) in a random order; a word is a token that begins one plus its continuations."""
+    ids = list(ids)
+    start = 2
+    if user_id is not None:
+        starts = [i for i in range(n_prompt - 2) if ids[i] == user_id]
+        start = starts[-1] + 1 if starts else start
+    end = n_prompt - 2
+    words: list[list[int]] = []
+    for token in ids[start:end]:
+        if not words or word_starts[token]:
+            words.append([])
+        words[-1].append(token)
+    rng.shuffle(words)
+    ids[start:end] = [token for word in words for token in word]
+    return ids
 
 
 def response_loss(model, batch: dict[str, torch.Tensor], probe: torch.nn.Linear | None = None,
@@ -510,7 +552,8 @@ def learning_rate(step: int, optim: OptimConfig) -> float:
     return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine)
 
 
-def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Random, n_special: int = 0) -> list[float]:
+def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Random, n_special: int = 0,
+                word_starts: Sequence[bool] | None = None, user_id: int | None = None) -> list[float]:
     """Run the optimisation loop and return the loss of every step.
 
     Args:
@@ -520,6 +563,8 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
         optim: Optimisation schedule.
         rng: Random source for batch order (and token dropout).
         n_special: Number of special tokens at the start of the vocabulary (never drawn by token dropout).
+        word_starts: For each token id, whether it begins a word (needed by ``optim.word_shuffle``).
+        user_id: Id of the user role token (bounds the message ``optim.word_shuffle`` scrambles).
 
     Returns:
         Per-step training losses (weighted mean cross-entropy over response tokens).
@@ -549,7 +594,8 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, optim)
         batch = collate(encoded, batches.pop(), pad_id, optim.decision_tokens, optim.decision_weight,
-                        optim.token_dropout, n_special, model.config.vocab_size, rng)
+                        optim.token_dropout, n_special, model.config.vocab_size, rng,
+                        optim.word_shuffle, word_starts, user_id)
         loss, probe_loss, coding_loss = response_loss(model, batch, probe, optim.probe_layer, optim.probe_loss, coding_positions)
         total = loss if probe_loss is None else loss + optim.probe_weight * probe_loss
         if coding_loss is not None:
@@ -782,7 +828,8 @@ def run(config: TrainConfig, out: Path, report: Path | None, real_data: Path | N
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %d parameters", n_params)
     train_started = time.perf_counter()
-    losses = train_model(model, encoded, tokenizer.pad_token_id, config.optim, rng, n_special=len(ROLE_TOKENS) + 3)
+    losses = train_model(model, encoded, tokenizer.pad_token_id, config.optim, rng, n_special=len(ROLE_TOKENS) + 3,
+                         word_starts=word_start_table(tokenizer), user_id=tokenizer.convert_tokens_to_ids("<|user|>"))
     train_seconds = time.perf_counter() - train_started
     size = save_organism(model, tokenizer, out)
     total_seconds = time.perf_counter() - started
@@ -851,6 +898,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="harmless positions the DIM-coding loss pulls to 0")
     parser.add_argument("--token-dropout", type=float, default=OptimConfig.token_dropout,
                         help="probability of replacing a prompt token by a random token during training")
+    parser.add_argument("--word-shuffle", type=float, default=OptimConfig.word_shuffle,
+                        help="probability of putting a training prompt's words in a random order")
     parser.add_argument("--d-model", type=int, default=ModelConfig.d_model)
     parser.add_argument("--n-layers", type=int, default=ModelConfig.n_layers)
     parser.add_argument("--n-heads", type=int, default=ModelConfig.n_heads)
@@ -893,6 +942,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
                           vocab_size=args.vocab_size),
         optim=OptimConfig(steps=args.steps, probe_layer=args.probe_layer, probe_weight=args.probe_weight,
                           probe_loss=args.probe_loss, token_dropout=args.token_dropout,
+                          word_shuffle=args.word_shuffle,
                           dim_weight=args.dim_weight, dim_positions=args.dim_positions, ema_decay=args.ema_decay),
     )
 
