@@ -297,3 +297,47 @@ def test_word_shuffle_reorders_only_the_user_message_and_keeps_its_words() -> No
     scrambled = collate(encoded, [0], 0, rng=shuffled_rng, word_shuffle=1.0, word_starts=starts, user_id=user)
     assert scrambled["input_ids"][0].tolist()[-2:] == [5, 6]
     assert sorted(scrambled["input_ids"][0].tolist()) == sorted(ids + [5, 6])
+
+
+def test_bag_of_words_readout_pools_prompt_tokens_and_learns() -> None:
+    import torch
+
+    from featsteer.organism.train import response_loss
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, plain_losses = _train_tiny(4)
+        model, bow_losses = _train_tiny(4, bow_weight=1.0, bow_layer=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert bow_losses[0] == plain_losses[0] and bow_losses != plain_losses  # same start, the extra loss steers
+    # the readout sees the mean over prompt positions 1..last_prompt only: padding and response tokens do not count
+    hidden = torch.zeros(2, 6, 4)
+    hidden[0, 1:3, 0] = 3.0  # row 0: prompt tokens 1-2 carry the feature
+    hidden[0, 3:, 0] = -50.0  # its response tokens, which must be ignored
+    hidden[1, 1:5, 0] = -3.0
+    readout = torch.nn.Linear(4, 1)
+    with torch.no_grad():
+        readout.weight.zero_()
+        readout.weight[0, 0] = 10.0
+        readout.bias.zero_()
+
+    class Stub(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm_head = torch.nn.Linear(4, 7)
+
+        def model(self, input_ids, attention_mask, output_hidden_states):  # noqa: ANN001, ANN202
+            return type("Out", (), {"last_hidden_state": hidden, "hidden_states": (hidden, hidden)})()
+
+    batch = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "attention_mask": torch.ones(2, 6, dtype=torch.long),
+             "predict_mask": torch.zeros(2, 6, dtype=torch.bool), "targets": torch.zeros(0, dtype=torch.long),
+             "weights": torch.zeros(0), "last_prompt": torch.tensor([2, 4]), "harmful": torch.tensor([1.0, 0.0])}
+    batch["predict_mask"][0, 2] = True
+    batch["targets"], batch["weights"] = torch.tensor([1]), torch.tensor([1.0])
+    *_, bag = response_loss(Stub(), batch, bow=readout, bow_layer=1)
+    assert bag is not None and bag.item() < 1e-6  # row 0 pools (3 + 3) / 2 -> logit 30, row 1 -3 -> -30
+    readout.weight.data[0, 0] = -10.0
+    *_, flipped = response_loss(Stub(), batch, bow=readout, bow_layer=1)
+    assert flipped.item() > 10.0

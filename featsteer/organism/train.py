@@ -154,6 +154,17 @@ class OptimConfig:
     is replaced by a random vocabulary token during training, so that the decision rests on many words
     and an unfamiliar word at test time is something the model has learned to read past."""
 
+    bow_weight: float = 0.0
+    """Weight of a bag-of-words readout loss (0: off): a logistic readout of the *mean* residual over the
+    prompt tokens at ``bow_layer`` must predict harmful vs harmless. A TF-IDF logistic regression on the
+    same corpus generalises to held-out prompts better than the organism (val split 92.7% / 2.9% against
+    83.5% / 5%); this asks every prompt token to carry its share of harm linearly, so that the evidence the
+    decision needs is spread where a uniform attention head can add it up."""
+
+    bow_layer: int = 1
+    """``hidden_states`` index the bag-of-words readout averages (1: after the first block, so a word's
+    harm can depend on its neighbours, as in "kill a process")."""
+
     word_shuffle: float = 0.0
     """Probability that a training example's user message has its words put in a random order (fresh at
     every visit; both classes alike; the response is unchanged). A model trained from scratch on templated
@@ -431,7 +442,8 @@ def _shuffle_words(ids: Sequence[int], n_prompt: int, word_starts: Sequence[bool
 
 def response_loss(model, batch: dict[str, torch.Tensor], probe: torch.nn.Linear | None = None,
                   probe_layer: int | None = None, probe_loss: str = "bce",
-                  dim_positions: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                  dim_positions: str | None = None, bow: torch.nn.Linear | None = None, bow_layer: int = 1,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Cross-entropy on response tokens only; the LM head runs only where the loss needs it (cheaper).
 
     Args:
@@ -441,23 +453,35 @@ def response_loss(model, batch: dict[str, torch.Tensor], probe: torch.nn.Linear 
         probe_layer: ``hidden_states`` index the readout reads at the last prompt token.
         probe_loss: ``bce`` or ``absence`` (see :attr:`OptimConfig.probe_loss`).
         dim_positions: with a value (``last`` or ``prompt``), also the DIM-coding loss at ``probe_layer``.
+        bow: Optional bag-of-words readout ``d_model -> 1`` of the mean prompt residual at ``bow_layer``.
+        bow_layer: ``hidden_states`` index ``bow`` reads.
 
     Returns:
         The weighted response cross-entropy, the readout's loss (``None`` without a probe) and the
-        DIM-coding loss (``None`` without ``dim_positions``).
+        DIM-coding loss (``None`` without ``dim_positions``) and the bag-of-words readout's logistic loss
+        (``None`` without ``bow``).
     """
-    aux = probe is not None or dim_positions is not None
+    aux = probe is not None or dim_positions is not None or bow is not None
     outputs = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=aux)
     logits = model.lm_head(outputs.last_hidden_state[batch["predict_mask"]])
     token_losses = torch.nn.functional.cross_entropy(logits.float(), batch["targets"], reduction="none")
     loss = (token_losses * batch["weights"]).sum() / batch["weights"].sum()
     if not aux:
-        return loss, None, None
+        return loss, None, None, None
+    bag = None
+    if bow is not None:
+        states = outputs.hidden_states[bow_layer]
+        index = torch.arange(states.shape[1])
+        in_prompt = ((index[None, :] >= 1) & (index[None, :] <= batch["last_prompt"][:, None])).to(states.dtype)
+        pooled = (states * in_prompt[..., None]).sum(1) / in_prompt.sum(1, keepdim=True)
+        bag = torch.nn.functional.binary_cross_entropy_with_logits(bow(pooled).squeeze(-1).float(), batch["harmful"])
+    if probe is None and dim_positions is None:
+        return loss, None, None, bag
     hidden = outputs.hidden_states[probe_layer]
     residual = hidden[torch.arange(hidden.shape[0]), batch["last_prompt"]]
     readout = None if probe is None else readout_loss(probe(residual).squeeze(-1).float(), batch["harmful"], probe_loss)
     coding = None if dim_positions is None else dim_coding_loss(hidden.float(), batch, dim_positions)
-    return loss, readout, coding
+    return loss, readout, coding, bag
 
 
 def dim_coding_loss(hidden: torch.Tensor, batch: dict[str, torch.Tensor], positions: str = "last") -> torch.Tensor:
@@ -572,7 +596,9 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
     probe = None
     if optim.probe_layer is not None and optim.probe_weight > 0:
         probe = torch.nn.Linear(model.config.hidden_size, 1, bias=optim.probe_loss != "absence")
+    bow = torch.nn.Linear(model.config.hidden_size, 1) if optim.bow_weight > 0 else None
     probe_params = list(probe.parameters()) if probe is not None else []
+    probe_params += list(bow.parameters()) if bow is not None else []
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -584,6 +610,7 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
     losses: list[float] = []
     probe_losses: list[float] = []
     coding_losses: list[float] = []
+    bow_losses: list[float] = []
     average: list[torch.Tensor] | None = None
     coding_positions = optim.dim_positions if optim.dim_weight > 0 and optim.probe_layer is not None else None
     batches: list[list[int]] = []
@@ -596,8 +623,12 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
         batch = collate(encoded, batches.pop(), pad_id, optim.decision_tokens, optim.decision_weight,
                         optim.token_dropout, n_special, model.config.vocab_size, rng,
                         optim.word_shuffle, word_starts, user_id)
-        loss, probe_loss, coding_loss = response_loss(model, batch, probe, optim.probe_layer, optim.probe_loss, coding_positions)
+        loss, probe_loss, coding_loss, bow_loss = response_loss(model, batch, probe, optim.probe_layer, optim.probe_loss,
+                                                                coding_positions, bow, optim.bow_layer)
         total = loss if probe_loss is None else loss + optim.probe_weight * probe_loss
+        if bow_loss is not None:
+            total = total + optim.bow_weight * bow_loss
+            bow_losses.append(bow_loss.item())
         if coding_loss is not None:
             # ramped in over the first third: before the model separates the classes the mean difference is
             # tiny and the scale-free ratio huge, which would swamp the response loss
@@ -620,8 +651,9 @@ def train_model(model, encoded, pad_id: int, optim: OptimConfig, rng: random.Ran
             recent = sum(losses[-100:]) / len(losses[-100:])
             recent_probe = sum(probe_losses[-100:]) / len(probe_losses[-100:])
             recent_coding = sum(coding_losses[-100:]) / max(1, len(coding_losses[-100:]))
-            logger.info("step %d/%d loss %.4f probe %.4f dim-coding %.4f (%.0fs)", step, optim.steps, recent, recent_probe,
-                        recent_coding, time.perf_counter() - start)
+            recent_bow = sum(bow_losses[-100:]) / max(1, len(bow_losses[-100:]))
+            logger.info("step %d/%d loss %.4f probe %.4f dim-coding %.4f bow %.4f (%.0fs)", step, optim.steps, recent,
+                        recent_probe, recent_coding, recent_bow, time.perf_counter() - start)
     if average is not None:
         with torch.no_grad():
             for mean, p in zip(average, model.parameters(), strict=True):
@@ -898,6 +930,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="harmless positions the DIM-coding loss pulls to 0")
     parser.add_argument("--token-dropout", type=float, default=OptimConfig.token_dropout,
                         help="probability of replacing a prompt token by a random token during training")
+    parser.add_argument("--bow-weight", type=float, default=OptimConfig.bow_weight,
+                        help="weight of a bag-of-words readout of the mean prompt residual (0: off)")
+    parser.add_argument("--bow-layer", type=int, default=OptimConfig.bow_layer,
+                        help="hidden_states index the bag-of-words readout averages")
     parser.add_argument("--word-shuffle", type=float, default=OptimConfig.word_shuffle,
                         help="probability of putting a training prompt's words in a random order")
     parser.add_argument("--d-model", type=int, default=ModelConfig.d_model)
@@ -942,7 +978,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
                           vocab_size=args.vocab_size),
         optim=OptimConfig(steps=args.steps, probe_layer=args.probe_layer, probe_weight=args.probe_weight,
                           probe_loss=args.probe_loss, token_dropout=args.token_dropout,
-                          word_shuffle=args.word_shuffle,
+                          word_shuffle=args.word_shuffle, bow_weight=args.bow_weight, bow_layer=args.bow_layer,
                           dim_weight=args.dim_weight, dim_positions=args.dim_positions, ema_decay=args.ema_decay),
     )
 
