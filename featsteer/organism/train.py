@@ -930,6 +930,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="harmless positions the DIM-coding loss pulls to 0")
     parser.add_argument("--token-dropout", type=float, default=OptimConfig.token_dropout,
                         help="probability of replacing a prompt token by a random token during training")
+    parser.add_argument("--lr", type=float, default=OptimConfig.lr, help="peak learning rate")
+    parser.add_argument("--weight-decay", type=float, default=OptimConfig.weight_decay,
+                        help="AdamW weight decay on matrices")
     parser.add_argument("--bow-weight", type=float, default=OptimConfig.bow_weight,
                         help="weight of a bag-of-words readout of the mean prompt residual (0: off)")
     parser.add_argument("--bow-layer", type=int, default=OptimConfig.bow_layer,
@@ -976,7 +979,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         builtin_augment=args.builtin_augment,
         model=ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, d_mlp=args.d_mlp,
                           vocab_size=args.vocab_size),
-        optim=OptimConfig(steps=args.steps, probe_layer=args.probe_layer, probe_weight=args.probe_weight,
+        optim=OptimConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, probe_layer=args.probe_layer, probe_weight=args.probe_weight,
                           probe_loss=args.probe_loss, token_dropout=args.token_dropout,
                           word_shuffle=args.word_shuffle, bow_weight=args.bow_weight, bow_layer=args.bow_layer,
                           dim_weight=args.dim_weight, dim_positions=args.dim_positions, ema_decay=args.ema_decay),
