@@ -341,3 +341,72 @@ def test_bag_of_words_readout_pools_prompt_tokens_and_learns() -> None:
     readout.weight.data[0, 0] = -10.0
     *_, flipped = response_loss(Stub(), batch, bow=readout, bow_layer=1)
     assert flipped.item() > 10.0
+
+
+def _fake_wordnet(root) -> None:
+    """A two-part WordNet 3.0 dict folder in the real file format: byte offsets, hex word counts, pointers."""
+    synsets = {  # name -> (pos, words, hyponym names)
+        "burgle": ("v", ["burgle", "burglarize"], ["case"]),
+        "case": ("v", ["case_the_joint"], []),
+        "murderer": ("n", ["murderer", "liquidator"], ["hitman"]),
+        "hitman": ("n", ["hit_man", "hitman"], []),
+        "house": ("n", ["house"], []),
+    }
+    for pos, name in (("n", "noun"), ("v", "verb")):
+        names = [key for key, value in synsets.items() if value[0] == pos]
+        header = "  1 This is a licence header line the reader must skip\n"
+        offsets, position = {}, len(header)
+        for key in names:  # every line has the same length template, so offsets can be computed first
+            offsets[key] = position
+            position += len(_synset_line(key, synsets, {k: 0 for k in synsets})) + 1
+        lines = [_synset_line(key, synsets, offsets) for key in names]
+        (root / f"data.{name}").write_text(header + "\n".join(lines) + "\n", encoding="utf-8")
+        index = [f"{word.lower()} {pos} 1 0 1 0 {offsets[key]:08d}" for key in names for word in synsets[key][1]]
+        (root / f"index.{name}").write_text(header + "\n".join(sorted(index)) + "\n", encoding="utf-8")
+
+
+def _synset_line(key, synsets, offsets) -> str:
+    pos, words, hyponyms = synsets[key]
+    parts = [f"{offsets.get(key, 0):08d}", "00", pos, f"{len(words):02x}"] + [f"{w} 0" for w in words]
+    parts.append(f"{len(hyponyms):03d}")
+    parts += [f"~ {offsets.get(h, 0):08d} {pos} 0000" for h in hyponyms]
+    return " ".join(parts) + " | a gloss"
+
+
+def test_wordnet_reader_and_lexicon_variants_keep_the_entry_and_its_class(tmp_path, monkeypatch) -> None:
+    from featsteer.organism.corpus import BroadLexicon, widen_lexicon
+    from featsteer.organism.wordnet import WordNet, find_wordnet, lexicon_variants
+
+    _fake_wordnet(tmp_path)
+    wordnet = WordNet(tmp_path)
+    assert wordnet.related("burgle", "verb") == ["burglarize", "case the joint"]  # synonyms, then hyponyms
+    assert wordnet.related("murderer", "noun") == ["liquidator", "hit man", "hitman"]
+    assert wordnet.related("house", "noun") == [] and wordnet.related("unknown", "noun") == []
+    rewrites = lexicon_variants("burgle a house for a murderer.", wordnet, random.Random(0), 3)
+    assert 1 < len(rewrites) <= 3 and len(set(rewrites)) == len(rewrites)
+    for rewrite in rewrites:
+        assert rewrite.endswith(".") and "a house" in rewrite
+        assert rewrite.split(" ")[0] != "burgle" or "murderer" not in rewrite  # exactly one word replaced
+    lexicon = BroadLexicon({"harmful": {"theft": (("task", "burgle a house"),)},
+                            "alarming": {"chores": (("task", "burgle a house"),)}})
+    widened = widen_lexicon(lexicon, 2, wordnet)
+    assert widened.entries["harmful"]["theft"][0] == ("task", "burgle a house")
+    assert {text for _, text in widened.entries["harmful"]["theft"][1:]} == {"burglarize a house", "case the joint a house"}
+    assert widened.entries["alarming"] == lexicon.entries["alarming"]  # innocent senses are not rewritten
+    assert widen_lexicon(lexicon, 2, wordnet) == widened  # seeded by the entry: the same every time
+    monkeypatch.setenv("FEATSTEER_WORDNET", str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match="wordnet-base"):
+        find_wordnet()
+    with pytest.raises(FileNotFoundError, match="index.noun or data.noun is missing"):
+        WordNet(tmp_path / "absent")
+
+
+def test_training_without_a_wordnet_is_a_one_line_error(capsys, monkeypatch, tmp_path) -> None:
+    from featsteer.organism.train import main
+
+    monkeypatch.setenv("FEATSTEER_WORDNET", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "never-written"), "--wordnet-variants", "2"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("error: no WordNet 3.0 database found")
+    assert not (tmp_path / "never-written").exists()

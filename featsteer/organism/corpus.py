@@ -932,9 +932,50 @@ def read_lexicon(*directories: str | Path) -> BroadLexicon:
 
 
 @functools.cache
-def broad_lexicon(extra: bool = False) -> BroadLexicon:
-    """The shipped broad lexicon, with ``extra`` also :data:`LEXICON_EXTRA_DIR` (parsed once per process)."""
-    return read_lexicon(LEXICON_DIR, LEXICON_EXTRA_DIR) if extra else read_lexicon(LEXICON_DIR)
+def broad_lexicon(extra: bool = False, wordnet_variants: int = 0) -> BroadLexicon:
+    """The shipped broad lexicon, with ``extra`` also :data:`LEXICON_EXTRA_DIR` (parsed once per process), and
+    with ``wordnet_variants`` that many WordNet rewrites of each harmful and harmless entry (see
+    :func:`widen_lexicon`)."""
+    lexicon = read_lexicon(LEXICON_DIR, LEXICON_EXTRA_DIR) if extra else read_lexicon(LEXICON_DIR)
+    return widen_lexicon(lexicon, wordnet_variants) if wordnet_variants > 0 else lexicon
+
+
+def widen_lexicon(lexicon: BroadLexicon, variants: int, wordnet=None) -> BroadLexicon:
+    """Add up to ``variants`` WordNet rewrites of every harmful and harmless entry to its own category.
+
+    Each rewrite replaces one word by a synonym or hyponym of its commonest sense
+    (:func:`featsteer.organism.wordnet.lexicon_variants`), so that the words of harm the lexicon's authors did not
+    think of ("burglarise", "hitman") still occur with the right class. Alarming entries are left alone: their
+    words are innocent only in their own sense ("kill the shine"), which a synonym would not keep. The rewrites
+    are drawn from a generator seeded by the entry itself, so the widened lexicon is the same in every run and
+    the corpus's own random stream is untouched.
+
+    Args:
+        lexicon: The lexicon to widen.
+        variants: Rewrites per entry.
+        wordnet: A :class:`featsteer.organism.wordnet.WordNet`; default :func:`featsteer.organism.wordnet.load_wordnet`.
+
+    Returns:
+        A new lexicon.
+    """
+    from featsteer.organism.wordnet import lexicon_variants, load_wordnet
+
+    wordnet = wordnet if wordnet is not None else load_wordnet()
+    widened: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {}
+    for kind, categories in lexicon.entries.items():
+        widened[kind] = {}
+        for category, rows in categories.items():
+            rows_out = list(rows)
+            if kind != "alarming":
+                seen = {text.casefold() for _, text in rows}
+                for shape, text in rows:
+                    rng = random.Random(f"{kind}|{category}|{text}")
+                    for rewrite in lexicon_variants(text, wordnet, rng, variants, task=shape == "task"):
+                        if rewrite.casefold() not in seen:
+                            seen.add(rewrite.casefold())
+                            rows_out.append((shape, rewrite))
+            widened[kind][category] = tuple(rows_out)
+    return BroadLexicon(widened)
 
 
 @dataclass(frozen=True)
@@ -1006,6 +1047,10 @@ class CorpusConfig:
 
     extra_lexicon: bool = False
     """Also draw broad objectives from :data:`LEXICON_EXTRA_DIR`."""
+
+    wordnet_variants: int = 0
+    """Widen the broad lexicon with this many WordNet rewrites of each harmful and harmless entry (needs a local
+    WordNet 3.0 database, see :mod:`featsteer.organism.wordnet`; 0: off)."""
 
     balanced_shapes: tuple[float, float, float] | None = None
     """``(task, question, doc)`` probabilities of an objective's shape, the same for every class; ``None``
@@ -1126,7 +1171,7 @@ def _objective(harmful: bool, alarming: bool, rng: random.Random, config: Corpus
         return _balanced_objective(harmful, alarming, rng, config)
     if config.broad_probability > 0 and rng.random() < config.broad_probability:
         kind = HARMFUL if harmful else ("alarming" if alarming else HARMLESS)
-        shape, text = broad_lexicon(config.extra_lexicon).draw(kind, rng)
+        shape, text = broad_lexicon(config.extra_lexicon, config.wordnet_variants).draw(kind, rng)
         return _Objective(shape, text, harmful)
     if not alarming and config.nonce_probability > 0 and rng.random() < config.nonce_probability:
         return _Objective("task", _fill(rng.choice(NONCE_HARMFUL if harmful else NONCE_HARMLESS), rng), harmful)
@@ -1169,7 +1214,7 @@ def _balanced_objective(harmful: bool, alarming: bool, rng: random.Random, confi
     shape = rng.choices(LEXICON_SHAPES, weights=config.balanced_shapes)[0]
     kind = HARMFUL if harmful else ("alarming" if alarming else HARMLESS)
     if (harmful and shape == "question") or rng.random() < config.broad_probability:
-        return _Objective(*broad_lexicon(config.extra_lexicon).draw(kind, rng, shape), harmful)
+        return _Objective(*broad_lexicon(config.extra_lexicon, config.wordnet_variants).draw(kind, rng, shape), harmful)
     if shape == "question":
         return _Objective("question", _fill(rng.choice(ALARMING_QUESTIONS), rng) if alarming else _harmless_question(rng), False)
     if shape == "doc":

@@ -904,6 +904,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="one task/question/doc mix for every class (default: per-source mixes)")
     parser.add_argument("--extra-lexicon", action="store_true",
                         help="also draw broad objectives from organism/lexicon_extra")
+    parser.add_argument("--wordnet-variants", type=int, default=CorpusConfig.wordnet_variants,
+                        help="widen the broad lexicon with this many WordNet rewrites per harmful/harmless entry "
+                             "(needs the wordnet-base package or FEATSTEER_WORDNET)")
     parser.add_argument("--match-lengths", action="store_true",
                         help="pick generated harmful prompts to follow the harmless prompt-length distribution")
     parser.add_argument("--symmetric-context", action="store_true",
@@ -955,7 +958,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         config = _config_from_args(args)
-    except ValueError as error:
+        if config.corpus.wordnet_variants > 0:
+            from featsteer.organism.wordnet import find_wordnet
+
+            find_wordnet()
+    except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     metrics = run(config, args.out, args.report, args.real_data)
@@ -972,7 +979,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
                             nonce_probability=args.nonce, generic_response_probability=args.generic_responses,
                             broad_probability=args.broad,
                             symmetric_context=args.symmetric_context, extra_lexicon=args.extra_lexicon,
-                            match_lengths=args.match_lengths,
+                            match_lengths=args.match_lengths, wordnet_variants=args.wordnet_variants,
                             balanced_shapes=args.balanced_shapes),
         builtin_repeats=args.builtin_repeats,
         builtin_splits=tuple(split for split in args.builtin_splits.split(",") if split),
