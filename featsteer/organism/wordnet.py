@@ -21,11 +21,7 @@ WORDNET_DIRS = ("/usr/share/wordnet", "/usr/local/share/wordnet", "/opt/homebrew
 
 _POS = ("noun", "verb")
 _SKIP = frozenset(
-    "the a an my our your their his her its this that these those some any each every other another of to in on at "
-    "for with from into onto by and or but not how what why when where which who whom whose is are was were be been "
-    "can could would should will shall may might must do does did make get give use take write tell explain show "
-    "help need want know like just also very more most than then there here about over under after before while "
-    "without using someone something people thing things way ways step steps guide list".split()
+    ["the", "a", "an", "my", "our", "your", "their", "his", "her", "its", "this", "that", "these", "those", "some", "any", "each", "every", "other", "another", "of", "to", "in", "on", "at", "for", "with", "from", "into", "onto", "by", "and", "or", "but", "not", "how", "what", "why", "when", "where", "which", "who", "whom", "whose", "is", "are", "was", "were", "be", "been", "can", "could", "would", "should", "will", "shall", "may", "might", "must", "do", "does", "did", "make", "get", "give", "use", "take", "write", "tell", "explain", "show", "help", "need", "want", "know", "like", "just", "also", "very", "more", "most", "than", "then", "there", "here", "about", "over", "under", "after", "before", "while", "without", "using", "someone", "something", "people", "thing", "things", "way", "ways", "step", "steps", "guide", "list"]
 )
 
 
