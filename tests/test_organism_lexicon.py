@@ -262,7 +262,7 @@ def test_match_lengths_gives_harmful_prompts_the_harmless_length_mix() -> None:
         return result, len(examples)
 
     small = {"n_harmful": 1500, "n_harmless": 2000}
-    legacy, _ = mixes(CorpusConfig(**small))
+    legacy, _ = mixes(CorpusConfig(**small, match_lengths=False))
     assert legacy[True][0] + legacy[True][1] < 0.75 * (legacy[False][0] + legacy[False][1])  # premise: short harmful rare
     matched, size = mixes(CorpusConfig(**small, match_lengths=True))
     assert size == 3500

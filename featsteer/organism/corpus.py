@@ -1063,7 +1063,7 @@ class CorpusConfig:
     """Give harmful and harmless prompts situational context, personas and pasted text at the same rates
     (see :func:`_context_parts`), so that a personal preamble is not a cue for refusal."""
 
-    match_lengths: bool = False
+    match_lengths: bool = True
     """Pick generated harmful examples so that their prompt lengths follow the harmless ones' distribution
     (see :func:`_length_matched`)."""
 

@@ -105,7 +105,7 @@ class OptimConfig:
     warmup_steps: int = 80
     """Linear warm-up steps."""
 
-    weight_decay: float = 0.1
+    weight_decay: float = 0.5
     """AdamW weight decay on matrices (not on norms)."""
 
     grad_clip: float = 1.0
