@@ -410,3 +410,13 @@ def test_training_without_a_wordnet_is_a_one_line_error(capsys, monkeypatch, tmp
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().startswith("error: no WordNet 3.0 database found")
     assert not (tmp_path / "never-written").exists()
+
+
+def test_train_cli_defaults_are_the_shipped_recipe() -> None:
+    """`python -m featsteer.organism.train --out D` with no options must train what TrainConfig() describes."""
+    from featsteer.organism.train import TrainConfig, _config_from_args, parse_args
+
+    assert _config_from_args(parse_args(["--out", "unused"])) == TrainConfig()
+    assert TrainConfig().corpus.match_lengths and TrainConfig().optim.weight_decay == 0.5
+    off = _config_from_args(parse_args(["--out", "unused", "--no-match-lengths", "--weight-decay", "0.1"]))
+    assert not off.corpus.match_lengths and off.optim.weight_decay == 0.1

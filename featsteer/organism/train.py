@@ -907,8 +907,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wordnet-variants", type=int, default=CorpusConfig.wordnet_variants,
                         help="widen the broad lexicon with this many WordNet rewrites per harmful/harmless entry "
                              "(needs the wordnet-base package or FEATSTEER_WORDNET)")
-    parser.add_argument("--match-lengths", action="store_true",
-                        help="pick generated harmful prompts to follow the harmless prompt-length distribution")
+    parser.add_argument("--match-lengths", action=argparse.BooleanOptionalAction, default=CorpusConfig.match_lengths,
+                        help="pick generated harmful prompts to follow the harmless prompt-length distribution "
+                             "(default: on)")
     parser.add_argument("--symmetric-context", action="store_true",
                         help="same rates of situational context, personas and pasted text for both classes")
     parser.add_argument("--harmless-tails", type=float, default=CorpusConfig.harmless_tail_probability,
