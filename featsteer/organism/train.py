@@ -471,8 +471,7 @@ def response_loss(model, batch: dict[str, torch.Tensor], probe: torch.nn.Linear 
     bag = None
     if bow is not None:
         states = outputs.hidden_states[bow_layer]
-        index = torch.arange(states.shape[1])
-        in_prompt = ((index[None, :] >= 1) & (index[None, :] <= batch["last_prompt"][:, None])).to(states.dtype)
+        in_prompt = prompt_positions(batch, states.shape[1]).to(states.dtype)
         pooled = (states * in_prompt[..., None]).sum(1) / in_prompt.sum(1, keepdim=True)
         bag = torch.nn.functional.binary_cross_entropy_with_logits(bow(pooled).squeeze(-1).float(), batch["harmful"])
     if probe is None and dim_positions is None:
@@ -482,6 +481,12 @@ def response_loss(model, batch: dict[str, torch.Tensor], probe: torch.nn.Linear 
     readout = None if probe is None else readout_loss(probe(residual).squeeze(-1).float(), batch["harmful"], probe_loss)
     coding = None if dim_positions is None else dim_coding_loss(hidden.float(), batch, dim_positions)
     return loss, readout, coding, bag
+
+
+def prompt_positions(batch: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+    """``(batch, width)`` bool mask of each row's prompt tokens after BOS (positions 1 to ``last_prompt``)."""
+    index = torch.arange(width)
+    return (index[None, :] >= 1) & (index[None, :] <= batch["last_prompt"][:, None])
 
 
 def dim_coding_loss(hidden: torch.Tensor, batch: dict[str, torch.Tensor], positions: str = "last") -> torch.Tensor:
@@ -512,8 +517,7 @@ def dim_coding_loss(hidden: torch.Tensor, batch: dict[str, torch.Tensor], positi
     if positions == "last":
         harmless_projection = last[~harmful] @ direction
     elif positions == "prompt":
-        index = torch.arange(hidden.shape[1])
-        in_prompt = (index[None, :] >= 1) & (index[None, :] <= batch["last_prompt"][:, None])
+        in_prompt = prompt_positions(batch, hidden.shape[1])
         harmless_projection = hidden[~harmful][in_prompt[~harmful]] @ direction
     else:
         raise ValueError(f"unknown DIM-coding positions {positions!r}: use 'last' or 'prompt'")
