@@ -304,12 +304,49 @@ def _whitened(ctx: CompareContext):
     return _edit(ctx, "whitened", EditConfig())
 
 
-@register_method("dim_actadd_induce", "DIM mean difference added at its layer (induces refusal)")
+INDUCE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+"""Multiples of the DIM mean difference `dim_actadd_induce` tries on the validation harmless prompts."""
+
+
+def pick_induce_scale(model: ModelAdapter, add: Callable[[float], contextlib.AbstractContextManager], prompts: Sequence[str],
+                      scales: Sequence[float] = INDUCE_SCALES, tolerance: float = 0.05,
+                      max_new_tokens: int = 16) -> tuple[float, dict[float, float]]:
+    """The smallest activation-addition scale whose generated refusal rate on `prompts` is within `tolerance` of
+    the best scale's.
+
+    Refusal is read from generations, not first-token logits: past some scale the organism's first token is
+    still "I" but the response degenerates into "I'mI'mI'm...", which the logit proxy would score as refusal
+    and the detector does not.
+
+    Args:
+        model: the model.
+        add: `scale -> context manager` adding the vector at that scale.
+        prompts: validation harmless prompts (never the evaluation prompts).
+        scales: candidate scales.
+        tolerance: how far below the best rate a smaller scale may be and still win (smaller scale, lower KL).
+        max_new_tokens: generation cap for the check.
+
+    Returns:
+        The chosen scale and the refusal rate of every scale tried.
+    """
+    gen, detector = GenerationConfig(max_new_tokens=max_new_tokens), RefusalDetector()
+    rates: dict[float, float] = {}
+    for scale in scales:
+        with add(scale):
+            rates[scale] = evaluate_set(model, prompts, "induce-scale", gen, detector).rate.rate
+    best = max(rates.values())
+    return min(scale for scale, rate in rates.items() if rate >= best - tolerance), rates
+
+
+@register_method("dim_actadd_induce", "DIM mean difference added at its layer, scale picked on validation prompts (induces refusal)")
 def _induce(ctx: CompareContext):
     result = ctx.directions("dim")
     chosen = result.selection.chosen
     vector = result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index]
-    return steer(ctx.model, AddDirection(vector, 1.0, where=chosen.hook))
+    val = split(ctx.harmless, ctx.direction_config.val_fraction)[1]
+    scale, rates = pick_induce_scale(ctx.model, lambda s: steer(ctx.model, AddDirection(vector, s, where=chosen.hook)), list(val))
+    ctx.note(induce_hook=chosen.hook, induce_scale=scale, induce_val_refusal={str(k): v for k, v in rates.items()})
+    return steer(ctx.model, AddDirection(vector, scale, where=chosen.hook))
 
 
 def _sae_features(ctx: CompareContext, k: int) -> tuple[str, SAE, list[int]]:
@@ -440,7 +477,8 @@ class Comparison:
         for r in self.results:
             over = "-" if r.over_refusal is None else f"{r.over_refusal:.3f}"
             answered = "-" if r.kl_harmless_answered is None else f"{r.kl_harmless_answered:.4f}"
-            lines.append(f"| {r.method} | {r.refusal_harmful:.3f} | {r.refusal_harmless:.3f} | {r.kl_harmless:.4f} | {answered} | {over} "
+            name = f"{r.method} (x{r.details['induce_scale']:g})" if "induce_scale" in r.details else r.method
+            lines.append(f"| {name} | {r.refusal_harmful:.3f} | {r.refusal_harmless:.3f} | {r.kl_harmless:.4f} | {answered} | {over} "
                          f"| {r.refusal_score_harmful:.2f} |")
         return "\n".join(lines)
 
@@ -560,6 +598,9 @@ def write_report(comparison: Comparison, out: str | Path) -> Path:
 
 
 def _details_html(details: dict) -> str:
+    if "induce_scale" in details:
+        rates = ", ".join(f"{scale}x {rate:.2f}" for scale, rate in details["induce_val_refusal"].items())
+        return f"<br><small>scale {details['induce_scale']}x (validation refusal: {html.escape(rates)})</small>"
     if "sae_hook" not in details:
         return ""
     return f"<br><small>{html.escape(details['sae_hook'])} features {html.escape(str(details['sae_features']))}</small>"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from featsteer.compare import available_methods, compare, write_report
+from featsteer.compare import INDUCE_SCALES, available_methods, compare, pick_induce_scale, write_report
 from featsteer.datasets import builtin_prompts
 from featsteer.evaluation.behaviour import GenerationConfig
 from featsteer.models import load_model
@@ -75,8 +75,12 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
                          direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=3))
     names = [r.method for r in comparison.results]
     assert names == list(available_methods(saes=False))  # without SAEs the default skips the SAE methods
-    assert not any(name.startswith("sae_") for name in names) and all(r.details == {} for r in comparison.results)
+    assert not any(name.startswith("sae_") for name in names)
     by_name = {r.method: r for r in comparison.results}
+    induce = by_name["dim_actadd_induce"].details  # the only method that says what it picked
+    assert induce["induce_scale"] in INDUCE_SCALES and set(induce["induce_val_refusal"]) == {str(s) for s in INDUCE_SCALES}
+    assert all(r.details == {} for r in comparison.results if r.method != "dim_actadd_induce")
+    assert f"dim_actadd_induce (x{induce['induce_scale']:g})" in comparison.table()
     assert by_name["none"].kl_harmless == pytest.approx(0.0, abs=1e-9)
     assert by_name["none"].kl_harmless_answered in (None, pytest.approx(0.0, abs=1e-9))
     # a runtime ablation hook at every write and the orthogonalised weights are the same model
@@ -120,3 +124,29 @@ def test_train_filter_keeps_the_prompts_the_model_treats_as_labelled():
     torch.testing.assert_close(filtered.candidates.bases, clean.candidates.bases)
     with pytest.raises(FeatsteerError, match="refuses only 0 of 6 harmful train prompts"):
         filter_by_refusal(model, slipped, harmless)
+
+
+def test_induce_scale_is_the_smallest_within_tolerance_of_the_best(monkeypatch):
+    """Degenerate overshoot (high scale, no refusal marker) loses; a smaller scale close to the best wins."""
+    import contextlib
+    import types
+
+    import featsteer.compare as cmp
+
+    rates = {0.25: 0.1, 0.5: 0.9, 0.75: 0.93, 1.0: 0.0, 1.5: 0.0}
+    current = {}
+
+    @contextlib.contextmanager
+    def add(scale):
+        current["scale"] = scale
+        yield
+        current.clear()
+
+    def fake_eval(model, prompts, name, gen, detector):
+        assert gen.max_new_tokens == 16 and current  # generated under the addition
+        return types.SimpleNamespace(rate=types.SimpleNamespace(rate=rates[current["scale"]]))
+
+    monkeypatch.setattr(cmp, "evaluate_set", fake_eval)
+    scale, seen = pick_induce_scale(None, add, ["p"], scales=list(rates))
+    assert scale == 0.5 and seen == rates
+    assert pick_induce_scale(None, add, ["p"], scales=list(rates), tolerance=0.0)[0] == 0.75
