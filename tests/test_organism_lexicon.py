@@ -54,6 +54,35 @@ def test_extra_lexicon_adds_entries_only_when_asked() -> None:
     assert only_extra & set(drawn)
 
 
+def test_context_entries_are_drawn_only_when_asked() -> None:
+    base, context = broad_lexicon(), broad_lexicon(context=True)
+    for kind in ("harmful", "harmless"):
+        assert len(context.texts(kind)) >= 500, kind
+        assert set(context.entries[kind]) == set(base.entries[kind]), "context entries use the existing categories"
+    assert "alarming" not in context.entries
+    every = broad_lexicon(extra=True)
+    harmful = {t.casefold() for t in context.texts("harmful") + every.texts("harmful")}
+    assert not harmful & {t.casefold() for t in context.texts("harmless") + every.texts("harmless") + every.texts("alarming")}
+    only_context = set(context.texts())
+    for harmful_kind in (True, False):
+        rng = random.Random(3)
+        drawn = {corpus._objective(harmful_kind, False, rng, CorpusConfig()).text for _ in range(400)}
+        assert not only_context & drawn
+        drawn = [corpus._objective(harmful_kind, False, rng, CorpusConfig(context_word_probability=0.5)).text for _ in range(400)]
+        assert 0.4 < sum(text in only_context for text in drawn) / len(drawn) < 0.6
+    rng = random.Random(4)
+    assert not only_context & {corpus._objective(False, True, rng, CorpusConfig(context_word_probability=1.0)).text for _ in range(100)}
+
+
+def test_word_class_skew_is_half_for_a_word_both_classes_use_alike() -> None:
+    prompts = [("how do I hurt my son", True), ("help my son read", False), ("hurt him badly", True),
+               ("bake bread with my son", False), ("read a book", False), ("rob my son", True)] * 5
+    skew = corpus.word_class_skew(prompts, min_count=5)
+    assert skew["hurt"][0] > 0.9 and skew["read"][0] < 0.1
+    assert skew["son"] == (pytest.approx(0.5, abs=0.05), 10, 10)
+    assert "bread" in skew and "badly" in skew and corpus.word_class_skew(prompts, min_count=11) == {"son": skew["son"], "my": skew["my"]}
+
+
 def test_shipped_lexicon_covers_every_class_broadly() -> None:
     lexicon = broad_lexicon()
     for kind, minimum in (("harmful", 1000), ("harmless", 1500), ("alarming", 400)):
@@ -73,7 +102,7 @@ def test_shipped_lexicon_does_not_copy_held_out_prompts() -> None:
     """The lexicon is written independently of the val/test splits that score the organism."""
     held_out = [_normal(p) for kind in ("harmful", "harmless", "alarming") for split in ("val", "test")
                 for p in builtin_prompts(kind, split).prompts]
-    copied = [t for t in broad_lexicon(extra=True).texts() if len(t.split()) >= 5 and any(_normal(t) in p for p in held_out)]
+    copied = [t for t in broad_lexicon(extra=True).texts() + broad_lexicon(context=True).texts() if len(t.split()) >= 5 and any(_normal(t) in p for p in held_out)]
     assert not copied, copied[:5]
 
 

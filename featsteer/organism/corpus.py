@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import random
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -871,6 +872,12 @@ LEXICON_EXTRA_DIR = Path(__file__).resolve().parent / "lexicon_extra"
 """A second batch of entries (about 4,700: wider vocabulary, realistic assistant requests, questions whose
 openings balance the two classes), used only with ``CorpusConfig.extra_lexicon``: the shipped organism was
 trained without it, and in the trials it did not change held-out behaviour (``organism_v3_trials.md``, v7)."""
+LEXICON_CONTEXT_DIR = Path(__file__).resolve().parent / "lexicon_context"
+"""Entries that put everyday words on the side where the training prompts rarely had them (used with
+``CorpusConfig.context_word_probability``). The words were picked by their class skew in the training prompts of the v8
+recipe (corpus plus built-in train/val; :func:`word_class_skew`): harmless requests with words that leaned harmful
+("son", "wife", "neighbor", "accident", "politician", "secretly"), and harmful requests with words that leaned
+harmless ("summarize", "fix", "class", "recipe"), so that intent, not a bystander word, decides."""
 LEXICON_SHAPES = ("task", "question", "doc")
 LEXICON_KINDS = (HARMFUL, HARMLESS, "alarming")
 
@@ -932,10 +939,13 @@ def read_lexicon(*directories: str | Path) -> BroadLexicon:
 
 
 @functools.cache
-def broad_lexicon(extra: bool = False, wordnet_variants: int = 0) -> BroadLexicon:
-    """The shipped broad lexicon, with ``extra`` also :data:`LEXICON_EXTRA_DIR` (parsed once per process), and
+def broad_lexicon(extra: bool = False, wordnet_variants: int = 0, context: bool = False) -> BroadLexicon:
+    """The shipped broad lexicon, with ``extra`` also :data:`LEXICON_EXTRA_DIR`, with ``context`` only
+    :data:`LEXICON_CONTEXT_DIR` (parsed once per process), and
     with ``wordnet_variants`` that many WordNet rewrites of each harmful and harmless entry (see
     :func:`widen_lexicon`)."""
+    if context:
+        return read_lexicon(LEXICON_CONTEXT_DIR)
     lexicon = read_lexicon(LEXICON_DIR, LEXICON_EXTRA_DIR) if extra else read_lexicon(LEXICON_DIR)
     return widen_lexicon(lexicon, wordnet_variants) if wordnet_variants > 0 else lexicon
 
@@ -976,6 +986,35 @@ def widen_lexicon(lexicon: BroadLexicon, variants: int, wordnet=None) -> BroadLe
                             rows_out.append((shape, rewrite))
             widened[kind][category] = tuple(rows_out)
     return BroadLexicon(widened)
+
+
+_WORD = re.compile(r"[a-z][a-z']*")
+
+
+def word_class_skew(prompts: Sequence[tuple[str, bool]], min_count: int = 15) -> dict[str, tuple[float, int, int]]:
+    """How much each word leans to one class in a set of training prompts.
+
+    Args:
+        prompts: ``(prompt, harmful)`` pairs.
+        min_count: words in fewer prompts than this are left out.
+
+    Returns:
+        ``word -> (skew, harmful prompts, harmless prompts)``; ``skew`` is the word's harmful document frequency
+        over the sum of both (add-one smoothed), so 0.5 means the word says nothing about the class and 1.0 that it
+        occurs only in harmful prompts, whatever the class sizes.
+    """
+    counts = {True: Counter(), False: Counter()}
+    sizes = Counter()
+    for prompt, harmful in prompts:
+        sizes[harmful] += 1
+        counts[harmful].update(set(_WORD.findall(prompt.lower())))
+    skew = {}
+    for word in counts[True].keys() | counts[False].keys():
+        k_harmful, k_harmless = counts[True][word], counts[False][word]
+        if k_harmful + k_harmless >= min_count:
+            p_harmful, p_harmless = (k_harmful + 1) / (sizes[True] + 1), (k_harmless + 1) / (sizes[False] + 1)
+            skew[word] = (p_harmful / (p_harmful + p_harmless), k_harmful, k_harmless)
+    return skew
 
 
 @dataclass(frozen=True)
@@ -1047,6 +1086,10 @@ class CorpusConfig:
 
     extra_lexicon: bool = False
     """Also draw broad objectives from :data:`LEXICON_EXTRA_DIR`."""
+
+    context_word_probability: float = 0.0
+    """Probability that a harmful or harmless (not alarming) objective is drawn from the context entries
+    (:data:`LEXICON_CONTEXT_DIR`: everyday words on the side where the other sources rarely put them)."""
 
     wordnet_variants: int = 0
     """Widen the broad lexicon with this many WordNet rewrites of each harmful and harmless entry (needs a local
@@ -1169,6 +1212,8 @@ def _objective(harmful: bool, alarming: bool, rng: random.Random, config: Corpus
     config = config or CorpusConfig()
     if config.balanced_shapes is not None:
         return _balanced_objective(harmful, alarming, rng, config)
+    if not alarming and config.context_word_probability > 0 and rng.random() < config.context_word_probability:
+        return _Objective(*broad_lexicon(context=True).draw(HARMFUL if harmful else HARMLESS, rng), harmful)
     if config.broad_probability > 0 and rng.random() < config.broad_probability:
         kind = HARMFUL if harmful else ("alarming" if alarming else HARMLESS)
         shape, text = broad_lexicon(config.extra_lexicon, config.wordnet_variants).draw(kind, rng)

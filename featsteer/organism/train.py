@@ -908,6 +908,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="one task/question/doc mix for every class (default: per-source mixes)")
     parser.add_argument("--extra-lexicon", action="store_true",
                         help="also draw broad objectives from organism/lexicon_extra")
+    parser.add_argument("--context-words", type=float, default=CorpusConfig.context_word_probability, dest="context_word_probability",
+                        help="probability that a harmful/harmless objective comes from organism/lexicon_context "
+                             "(everyday words on the side where the other sources rarely put them)")
     parser.add_argument("--wordnet-variants", type=int, default=CorpusConfig.wordnet_variants,
                         help="widen the broad lexicon with this many WordNet rewrites per harmful/harmless entry "
                              "(needs the wordnet-base package or FEATSTEER_WORDNET)")
@@ -983,7 +986,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
                             innocent_fraction=args.innocent_fraction, harmless_tail_probability=args.harmless_tails,
                             nonce_probability=args.nonce, generic_response_probability=args.generic_responses,
                             broad_probability=args.broad,
-                            symmetric_context=args.symmetric_context, extra_lexicon=args.extra_lexicon,
+                            symmetric_context=args.symmetric_context, extra_lexicon=args.extra_lexicon, context_word_probability=args.context_word_probability,
                             match_lengths=args.match_lengths, wordnet_variants=args.wordnet_variants,
                             balanced_shapes=args.balanced_shapes),
         builtin_repeats=args.builtin_repeats,
