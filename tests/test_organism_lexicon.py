@@ -72,6 +72,8 @@ def test_context_entries_are_drawn_only_when_asked() -> None:
         assert 0.4 < sum(text in only_context for text in drawn) / len(drawn) < 0.6
     rng = random.Random(4)
     assert not only_context & {corpus._objective(False, True, rng, CorpusConfig(context_word_probability=1.0)).text for _ in range(100)}
+    with pytest.raises(ValueError, match="context_word_probability must be between 0 and 1"):
+        CorpusConfig(context_word_probability=1.5)
 
 
 def test_word_class_skew_is_half_for_a_word_both_classes_use_alike() -> None:

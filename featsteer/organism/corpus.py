@@ -877,7 +877,7 @@ LEXICON_CONTEXT_DIR = Path(__file__).resolve().parent / "lexicon_context"
 ``CorpusConfig.context_word_probability``). The words were picked by their class skew in the training prompts of the v8
 recipe (corpus plus built-in train/val; :func:`word_class_skew`): harmless requests with words that leaned harmful
 ("son", "wife", "neighbor", "accident", "politician", "secretly"), and harmful requests with words that leaned
-harmless ("summarize", "fix", "class", "recipe"), so that intent, not a bystander word, decides."""
+harmless ("summarize", "fix", "translate", "classroom"), so that intent, not a bystander word, decides."""
 LEXICON_SHAPES = ("task", "question", "doc")
 LEXICON_KINDS = (HARMFUL, HARMLESS, "alarming")
 
@@ -1111,6 +1111,8 @@ class CorpusConfig:
     (see :func:`_length_matched`)."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.context_word_probability <= 1.0:
+            raise ValueError(f"context_word_probability must be between 0 and 1, got {self.context_word_probability}")
         shapes = self.balanced_shapes
         if shapes is not None:  # a list from argparse or JSON becomes the declared tuple
             shapes = tuple(shapes)
