@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--symmetric-context", action="store_true", dest="symmetric_context")
     parser.add_argument("--extra-lexicon", action="store_true", dest="extra_lexicon")
     parser.add_argument("--context-words", type=float, default=0.0, dest="context_word_probability")
+    parser.add_argument("--context-classes", choices=("both", "harmless", "harmful"), default="both",
+                        dest="context_word_classes")
     parser.add_argument("--wordnet-variants", type=int, default=0, dest="wordnet_variants",
                         help="WordNet rewrites per harmful/harmless lexicon entry (needs wordnet-base)")
     parser.add_argument("--balanced-shapes", type=float, nargs=3, dest="balanced_shapes", default=None)

@@ -74,6 +74,21 @@ def test_context_entries_are_drawn_only_when_asked() -> None:
     assert not only_context & {corpus._objective(False, True, rng, CorpusConfig(context_word_probability=1.0)).text for _ in range(100)}
     with pytest.raises(ValueError, match="context_word_probability must be between 0 and 1"):
         CorpusConfig(context_word_probability=1.5)
+    with pytest.raises(ValueError, match="context_word_classes must be one of both, harmless, harmful"):
+        CorpusConfig(context_word_classes="alarming")
+
+
+def test_context_classes_limit_which_class_draws_context_entries() -> None:
+    only_context = set(broad_lexicon(context=True).texts())
+    config = CorpusConfig(context_word_probability=1.0, context_word_classes="harmless")
+    rng = random.Random(5)
+    harmless = [corpus._objective(False, False, rng, config).text for _ in range(50)]
+    harmful = [corpus._objective(True, False, rng, config).text for _ in range(200)]
+    assert all(text in only_context for text in harmless)
+    assert not only_context & set(harmful)
+    config = CorpusConfig(context_word_probability=1.0, context_word_classes="harmful")
+    assert all(corpus._objective(True, False, rng, config).text in only_context for _ in range(50))
+    assert not only_context & {corpus._objective(False, False, rng, config).text for _ in range(200)}
 
 
 def test_word_class_skew_is_half_for_a_word_both_classes_use_alike() -> None:

@@ -879,6 +879,8 @@ recipe (corpus plus built-in train/val; :func:`word_class_skew`): harmless reque
 ("son", "wife", "neighbor", "accident", "politician", "secretly"), and harmful requests with words that leaned
 harmless ("summarize", "fix", "translate", "classroom"), so that intent, not a bystander word, decides."""
 LEXICON_SHAPES = ("task", "question", "doc")
+CONTEXT_WORD_CLASSES = ("both", HARMLESS, HARMFUL)
+"""Values of ``CorpusConfig.context_word_classes``."""
 LEXICON_KINDS = (HARMFUL, HARMLESS, "alarming")
 
 
@@ -1091,6 +1093,10 @@ class CorpusConfig:
     """Probability that a harmful or harmless (not alarming) objective is drawn from the context entries
     (:data:`LEXICON_CONTEXT_DIR`: everyday words on the side where the other sources rarely put them)."""
 
+    context_word_classes: str = "both"
+    """Which classes draw context entries: ``"both"``, ``"harmless"`` (harmless requests that use harmful-leaning
+    words) or ``"harmful"`` (harmful requests that use harmless-leaning words)."""
+
     wordnet_variants: int = 0
     """Widen the broad lexicon with this many WordNet rewrites of each harmful and harmless entry (needs a local
     WordNet 3.0 database, see :mod:`featsteer.organism.wordnet`; 0: off)."""
@@ -1113,6 +1119,8 @@ class CorpusConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.context_word_probability <= 1.0:
             raise ValueError(f"context_word_probability must be between 0 and 1, got {self.context_word_probability}")
+        if self.context_word_classes not in CONTEXT_WORD_CLASSES:
+            raise ValueError(f"context_word_classes must be one of {', '.join(CONTEXT_WORD_CLASSES)}, got {self.context_word_classes!r}")
         shapes = self.balanced_shapes
         if shapes is not None:  # a list from argparse or JSON becomes the declared tuple
             shapes = tuple(shapes)
@@ -1214,7 +1222,9 @@ def _objective(harmful: bool, alarming: bool, rng: random.Random, config: Corpus
     config = config or CorpusConfig()
     if config.balanced_shapes is not None:
         return _balanced_objective(harmful, alarming, rng, config)
-    if not alarming and config.context_word_probability > 0 and rng.random() < config.context_word_probability:
+    if (not alarming and config.context_word_probability > 0
+            and config.context_word_classes in ("both", HARMFUL if harmful else HARMLESS)
+            and rng.random() < config.context_word_probability):
         return _Objective(*broad_lexicon(context=True).draw(HARMFUL if harmful else HARMLESS, rng), harmful)
     if config.broad_probability > 0 and rng.random() < config.broad_probability:
         kind = HARMFUL if harmful else ("alarming" if alarming else HARMLESS)

@@ -33,6 +33,7 @@ import torch
 
 from featsteer.evaluation.refusal import RefusalDetector, refusal_rate
 from featsteer.organism.corpus import (
+    CONTEXT_WORD_CLASSES,
     HARMFUL,
     CorpusConfig,
     Example,
@@ -911,6 +912,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--context-words", type=float, default=CorpusConfig.context_word_probability, dest="context_word_probability",
                         help="probability that a harmful/harmless objective comes from organism/lexicon_context "
                              "(everyday words on the side where the other sources rarely put them)")
+    parser.add_argument("--context-classes", choices=CONTEXT_WORD_CLASSES, default=CorpusConfig.context_word_classes,
+                        dest="context_word_classes",
+                        help="which classes draw context entries (harmless: harmless requests with harmful-leaning words)")
     parser.add_argument("--wordnet-variants", type=int, default=CorpusConfig.wordnet_variants,
                         help="widen the broad lexicon with this many WordNet rewrites per harmful/harmless entry "
                              "(needs the wordnet-base package or FEATSTEER_WORDNET)")
@@ -987,6 +991,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
                             nonce_probability=args.nonce, generic_response_probability=args.generic_responses,
                             broad_probability=args.broad,
                             symmetric_context=args.symmetric_context, extra_lexicon=args.extra_lexicon, context_word_probability=args.context_word_probability,
+                            context_word_classes=args.context_word_classes,
                             match_lengths=args.match_lengths, wordnet_variants=args.wordnet_variants,
                             balanced_shapes=args.balanced_shapes),
         builtin_repeats=args.builtin_repeats,
