@@ -466,3 +466,89 @@ def test_train_cli_defaults_are_the_shipped_recipe() -> None:
     assert TrainConfig().corpus.match_lengths and TrainConfig().optim.weight_decay == 0.5
     off = _config_from_args(parse_args(["--out", "unused", "--no-match-lengths", "--weight-decay", "0.1"]))
     assert not off.corpus.match_lengths and off.optim.weight_decay == 0.1
+
+
+def _gloss_folder(root, synsets: dict[str, list[tuple[str, list[str], str]]]) -> None:
+    """A WordNet dict folder whose synsets carry glosses: ``{pos: [(key, forms, gloss), ...]}``; a lemma's senses
+    are listed in the index in the order given."""
+    for pos, entries in synsets.items():
+        header = "  1 licence header\n"
+        lines, offsets, position = [], {}, len(header)
+        for key, forms, gloss in entries:
+            line = " ".join([f"{position:08d}", "00", pos[0], f"{len(forms):02x}"] + [f"{f} 0" for f in forms] + ["000"])
+            line += f" | {gloss}"
+            offsets[key] = position
+            position += len(line) + 1
+            lines.append(line)
+        senses: dict[str, list[str]] = {}
+        for key, forms, _ in entries:
+            for form in forms:
+                senses.setdefault(form.lower(), []).append(f"{offsets[key]:08d}")
+        index = [f"{lemma} {pos[0]} {len(keys)} 0 {len(keys)} 0 " + " ".join(keys) for lemma, keys in sorted(senses.items())]
+        (root / f"data.{pos}").write_text(header + "\n".join(lines) + "\n", encoding="utf-8")
+        (root / f"index.{pos}").write_text(header + "\n".join(index) + "\n", encoding="utf-8")
+
+
+def test_first_glosses_take_the_commonest_sense_that_is_not_a_proper_noun(tmp_path) -> None:
+    from featsteer.organism.wordnet import first_glosses
+
+    _gloss_folder(tmp_path, {
+        "noun": [("hitman", ["hitman", "hit_man"], 'a professional killer who uses a gun; "a hired hitman"'),
+                 ("born", ["Born"], "British nuclear physicist"),
+                 ("paris", ["Paris"], "the capital of France"),
+                 ("fence", ["fence"], "a barrier that serves to enclose an area")],
+        "verb": [("fence", ["fence"], "deal in stolen property"),
+                 ("burglarize", ["burglarize", "burgle"], "commit a burglary")],
+        "adj": [("born", ["born"], "brought into existence")],
+    })
+    glosses = first_glosses(tmp_path)
+    assert glosses["hitman"] == ("n", "a professional killer who uses a gun")  # the usage example is cut off
+    assert glosses["burglarize"] == ("v", "commit a burglary") and glosses["burgle"] == ("v", "commit a burglary")
+    assert glosses["fence"] == ("n", "a barrier that serves to enclose an area")  # nouns come first
+    assert glosses["born"] == ("adj", "brought into existence")  # the physicist is skipped
+    assert "paris" not in glosses and "hit_man" not in glosses  # proper nouns only; multi-word lemmas
+    with pytest.raises(FileNotFoundError, match="index.noun or data.noun is missing"):
+        first_glosses(tmp_path / "absent")
+
+
+def test_dictionary_examples_define_the_most_frequent_unknown_words() -> None:
+    from featsteer.organism.corpus import HARMLESS, dictionary_examples, prompt_words
+
+    glosses = {"hitman": ("n", "a professional killer who uses a gun"), "burglarize": ("v", "commit a burglary"),
+               "kettle": ("n", "a metal pot for boiling water"), "zymurgy": ("n", "the chemistry of fermentation"),
+               "ox": ("n", "a bovine")}
+    zipf = {"hitman": 3.2, "burglarize": 2.1, "kettle": 3.5, "zymurgy": 1.2, "ox": 4.0}
+    known = prompt_words(["Where can I buy a kettle?", "Put the KETTLE on"])
+    assert known == {"where", "can", "i", "buy", "a", "kettle", "put", "the", "on"}
+    examples = dictionary_examples(10, known, random.Random(0), glosses=glosses, frequency=zipf.get)
+    # "kettle" is known, "zymurgy" is below the frequency floor, "ox" is too short: most frequent first
+    assert len(examples) == 2
+    assert [e.prompt.lower().count(w) for e, w in zip(examples, ["hitman", "burglarize"], strict=True)] == [1, 1]
+    assert all(e.label == HARMLESS and e.source == "generated:gloss" for e in examples)
+    assert "professional killer who uses a gun" in examples[0].response
+    verb = examples[1].response
+    assert verb in ('Burglarize (v.): commit a burglary.', '"burglarize" means to commit a burglary.')
+    assert len(dictionary_examples(1, known, random.Random(0), glosses=glosses, frequency=zipf.get)) == 1
+    assert dictionary_examples(0, known, random.Random(0), glosses=glosses, frequency=zipf.get) == []
+    again = dictionary_examples(10, known, random.Random(0), glosses=glosses, frequency=zipf.get)
+    assert again == examples  # seeded
+
+
+def test_glosses_option_reaches_the_corpus_config_and_is_checked(capsys, monkeypatch, tmp_path) -> None:
+    import sys
+
+    from featsteer.organism.corpus import CorpusConfig
+    from featsteer.organism.train import TrainConfig, _config_from_args, main, parse_args
+
+    assert _config_from_args(parse_args(["--out", "unused", "--glosses", "7"])).corpus.glosses == 7
+    assert TrainConfig().corpus.glosses == 0  # off in the shipped recipe
+    with pytest.raises(ValueError, match="glosses must be a count of 0 or more"):
+        CorpusConfig(glosses=-1)
+    _gloss_folder(tmp_path, {"noun": [("ox", ["ox"], "a bovine")], "verb": [], "adj": []})
+    monkeypatch.setenv("FEATSTEER_WORDNET", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "wordfreq", None)  # as if the package were not installed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "never-written"), "--glosses", "5"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --glosses ranks words with the wordfreq package: pip install wordfreq"
+    assert not (tmp_path / "never-written").exists()

@@ -19,7 +19,7 @@ import functools
 import random
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1116,9 +1116,16 @@ class CorpusConfig:
     """Pick generated harmful examples so that their prompt lengths follow the harmless ones' distribution
     (see :func:`_length_matched`)."""
 
+    glosses: int = 0
+    """Dictionary examples to add ("What does 'hitman' mean?" answered with the WordNet definition of its most
+    common sense), for English words no other training prompt uses; see :func:`dictionary_examples` (needs a local
+    WordNet 3.0 database and the ``wordfreq`` package; 0: off)."""
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.context_word_probability <= 1.0:
             raise ValueError(f"context_word_probability must be between 0 and 1, got {self.context_word_probability}")
+        if self.glosses < 0:
+            raise ValueError(f"glosses must be a count of 0 or more, got {self.glosses}")
         if self.context_word_classes not in CONTEXT_WORD_CLASSES:
             raise ValueError(f"context_word_classes must be one of {', '.join(CONTEXT_WORD_CLASSES)}, got {self.context_word_classes!r}")
         shapes = self.balanced_shapes
@@ -1668,3 +1675,79 @@ def _join_parts(parts: list[str]) -> str:
         separator = "\n\n" if "\n" in part or "\n" in text[-200:] else " "
         text = f"{text}{separator}{part}" if text else part
     return text
+
+
+GLOSS_FRAMES = (
+    "What does the word '{w}' mean?",
+    "What does {w} mean?",
+    "Define {w}.",
+    "Give me a one-line definition of \"{w}\".",
+    "What is the meaning of {w}?",
+    "I keep seeing the word {w}. What does it mean?",
+    "Explain the word '{w}' in one sentence.",
+    "{W}: what does that mean?",
+)
+"""Request frames of the dictionary examples (:func:`dictionary_examples`)."""
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def dictionary_examples(n: int, known: set[str], rng: random.Random, min_zipf: float = 2.0,
+                        glosses: dict[str, tuple[str, str]] | None = None,
+                        frequency: Callable[[str], float] | None = None) -> list[Example]:
+    """Harmless examples that teach what English words the corpus never uses mean.
+
+    A model trained from scratch on the corpus knows only its words, so a held-out prompt that names its harm (or
+    its innocence) in another word leaves it guessing. These examples ask for the meaning of such a word and answer
+    with the WordNet definition of its most common sense ("What does hitman mean?" -> "Hitman (n.): a
+    professional killer who uses a gun."), so that the word's representation comes to carry its definition's
+    words, which the corpus does label. Asking what a word means is harmless, so every example complies. The words
+    are the ``n`` most frequent (by ``wordfreq``'s Zipf scale, at least ``min_zipf``) one-word WordNet lemmas not in
+    ``known``; no held-out prompt is read to choose them.
+
+    Args:
+        n: Number of examples (fewer if fewer words qualify).
+        known: Lower-case words the other training prompts already use.
+        rng: Random source of frames and answer styles.
+        min_zipf: Lowest word frequency on the Zipf scale (3 is about once per million words).
+        glosses: ``{lemma: (pos label, definition)}`` (default: :func:`featsteer.organism.wordnet.first_glosses`).
+        frequency: Zipf frequency of an English word (default: ``wordfreq.zipf_frequency``).
+
+    Returns:
+        The examples, source ``"generated:gloss"``, in frequency order.
+    """
+    if n <= 0:
+        return []
+    if frequency is None:
+        try:
+            from wordfreq import zipf_frequency
+        except ImportError as error:
+            raise ImportError("dictionary examples (--glosses) rank words with the wordfreq package: pip install wordfreq") from error
+
+        def frequency(word: str) -> float:
+            return zipf_frequency(word, "en")
+    if glosses is None:
+        from featsteer.organism.wordnet import first_glosses
+        glosses = first_glosses()
+    ranked = sorted(((frequency(word), word) for word in glosses if len(word) > 2 and word not in known),
+                    key=lambda item: (-item[0], item[1]))
+    examples = []
+    for zipf, word in ranked[:n]:
+        if zipf < min_zipf:
+            break
+        label, definition = glosses[word]
+        prompt = rng.choice(GLOSS_FRAMES).format(w=word, W=word.capitalize())
+        if rng.random() < 0.5:
+            response = f"{word.capitalize()} ({label}.): {definition}."
+        else:
+            response = f"\"{word}\" means {'to ' if label == 'v' else ''}{definition}."
+        examples.append(Example(prompt=prompt, response=response, label=HARMLESS, source="generated:gloss"))
+    return examples
+
+
+def prompt_words(prompts: Sequence[str]) -> set[str]:
+    """Lower-case alphabetic words of ``prompts`` (what :func:`dictionary_examples` treats as known)."""
+    words: set[str] = set()
+    for prompt in prompts:
+        words.update(_WORD.findall(prompt.lower()))
+    return words

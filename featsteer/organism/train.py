@@ -37,8 +37,10 @@ from featsteer.organism.corpus import (
     HARMFUL,
     CorpusConfig,
     Example,
+    dictionary_examples,
     examples_from_prompts,
     generate_corpus,
+    prompt_words,
 )
 
 logger = logging.getLogger(__name__)
@@ -257,6 +259,8 @@ def build_examples(config: TrainConfig, rng: random.Random) -> tuple[list[Exampl
                 continue
             examples += examples_from_prompts(prompts, kind == "harmful", f"builtin:{kind}", rng, config.builtin_repeats,
                                               augment=config.builtin_augment, config=config.corpus)
+    if config.corpus.glosses:
+        examples += dictionary_examples(config.corpus.glosses, prompt_words([e.prompt for e in examples]), rng)
     rng.shuffle(examples)
     counts: dict[str, int] = {}
     for example in examples:
@@ -918,6 +922,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wordnet-variants", type=int, default=CorpusConfig.wordnet_variants,
                         help="widen the broad lexicon with this many WordNet rewrites per harmful/harmless entry "
                              "(needs the wordnet-base package or FEATSTEER_WORDNET)")
+    parser.add_argument("--glosses", type=int, default=CorpusConfig.glosses, metavar="N",
+                        help="add N dictionary examples defining English words no training prompt uses "
+                             "(needs wordnet-base and the wordfreq package; default 0: off)")
     parser.add_argument("--match-lengths", action=argparse.BooleanOptionalAction, default=CorpusConfig.match_lengths,
                         help="pick generated harmful prompts to follow the harmless prompt-length distribution "
                              "(default: on)")
@@ -970,10 +977,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         config = _config_from_args(args)
-        if config.corpus.wordnet_variants > 0:
+        if config.corpus.wordnet_variants > 0 or config.corpus.glosses > 0:
             from featsteer.organism.wordnet import find_wordnet
 
             find_wordnet()
+        if config.corpus.glosses > 0:
+            import wordfreq  # noqa: F401  (fail here, not after the corpus is built)
+    except ImportError:
+        print("error: --glosses ranks words with the wordfreq package: pip install wordfreq", file=sys.stderr)
+        raise SystemExit(2) from None
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -992,7 +1004,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
                             broad_probability=args.broad,
                             symmetric_context=args.symmetric_context, extra_lexicon=args.extra_lexicon, context_word_probability=args.context_word_probability,
                             context_word_classes=args.context_word_classes,
-                            match_lengths=args.match_lengths, wordnet_variants=args.wordnet_variants,
+                            match_lengths=args.match_lengths, wordnet_variants=args.wordnet_variants, glosses=args.glosses,
                             balanced_shapes=args.balanced_shapes),
         builtin_repeats=args.builtin_repeats,
         builtin_splits=tuple(split for split in args.builtin_splits.split(",") if split),

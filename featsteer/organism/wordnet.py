@@ -129,3 +129,48 @@ def lexicon_variants(text: str, wordnet: WordNet, rng: random.Random, k: int, ta
         if rewrite not in rewrites:
             rewrites.append(rewrite)
     return rewrites
+
+
+GLOSS_POS = {"noun": "n", "verb": "v", "adj": "adj"}
+"""Parts of speech :func:`first_glosses` reads, with the label a dictionary entry shows."""
+
+
+def first_glosses(root: str | Path | None = None) -> dict[str, tuple[str, str]]:
+    """Definition of the most common sense of every one-word lemma, from a WordNet 3.0 ``dict`` folder.
+
+    A lemma that is both a noun and a verb (or an adjective) keeps the part of speech listed first in
+    :data:`GLOSS_POS`. Proper-noun senses ("Born", the physicist) are skipped for the lemma's next sense. The
+    definition is the gloss up to its first ``;`` (WordNet puts the usage examples after it).
+
+    Args:
+        root: The ``dict`` folder (default: :func:`find_wordnet`).
+
+    Returns:
+        ``{lemma: (pos label, definition)}``, lemmas lower-case.
+    """
+    folder = Path(root) if root is not None else find_wordnet()
+    glosses: dict[str, tuple[str, str]] = {}
+    for pos, label in GLOSS_POS.items():
+        index, data = folder / f"index.{pos}", folder / f"data.{pos}"
+        if not index.is_file() or not data.is_file():
+            raise FileNotFoundError(f"{folder} is not a WordNet 3.0 dict folder: {index.name} or {data.name} is missing")
+        raw = data.read_bytes()
+        for line in index.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line or line.startswith(" "):
+                continue
+            fields = line.split()
+            lemma = fields[0]
+            if lemma in glosses or not lemma.isalpha():
+                continue
+            for offset in fields[-int(fields[2]):]:
+                start = int(offset)
+                record = raw[start : raw.index(b"\n", start)].decode("utf-8", errors="replace")
+                head, _, gloss = record.partition("|")
+                forms = head.split()[4 : 4 + 2 * int(head.split()[3], 16) : 2]
+                if any(form != form.lower() and form.lower() == lemma for form in forms):
+                    continue  # a proper-noun sense ("Born", the physicist): take the next sense
+                gloss = gloss.split(";")[0].strip()
+                if gloss and not gloss.startswith('"'):
+                    glosses[lemma] = (label, gloss)
+                break
+    return glosses
