@@ -544,6 +544,9 @@ def test_glosses_option_reaches_the_corpus_config_and_is_checked(capsys, monkeyp
     assert TrainConfig().corpus.glosses == 0  # off in the shipped recipe
     with pytest.raises(ValueError, match="glosses must be a count of 0 or more"):
         CorpusConfig(glosses=-1)
+    with pytest.raises(ValueError, match="alarming_fraction must be between 0 and 1"):
+        CorpusConfig(alarming_fraction=1.5)
+    assert _config_from_args(parse_args(["--out", "unused", "--alarming-fraction", "0.2"])).corpus.alarming_fraction == 0.2
     _gloss_folder(tmp_path, {"noun": [("ox", ["ox"], "a bovine")], "verb": [], "adj": []})
     monkeypatch.setenv("FEATSTEER_WORDNET", str(tmp_path))
     monkeypatch.setitem(sys.modules, "wordfreq", None)  # as if the package were not installed

@@ -1124,6 +1124,8 @@ class CorpusConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.context_word_probability <= 1.0:
             raise ValueError(f"context_word_probability must be between 0 and 1, got {self.context_word_probability}")
+        if not 0.0 <= self.alarming_fraction <= 1.0:
+            raise ValueError(f"alarming_fraction must be between 0 and 1, got {self.alarming_fraction}")
         if self.glosses < 0:
             raise ValueError(f"glosses must be a count of 0 or more, got {self.glosses}")
         if self.context_word_classes not in CONTEXT_WORD_CLASSES:

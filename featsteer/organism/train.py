@@ -899,6 +899,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=OptimConfig.steps)
     parser.add_argument("--n-harmful", type=int, default=CorpusConfig.n_harmful)
     parser.add_argument("--n-harmless", type=int, default=CorpusConfig.n_harmless)
+    parser.add_argument("--alarming-fraction", type=float, default=CorpusConfig.alarming_fraction,
+                        help="fraction of generated harmless prompts that use alarming words innocently")
     parser.add_argument("--long-form", type=float, default=CorpusConfig.long_form_probability,
                         help="probability of a long, format-constrained prompt (both classes)")
     parser.add_argument("--innocent-fraction", type=float, default=CorpusConfig.innocent_fraction,
@@ -998,7 +1000,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         seed=args.seed,
         threads=args.threads,
-        corpus=CorpusConfig(n_harmful=args.n_harmful, n_harmless=args.n_harmless, long_form_probability=args.long_form,
+        corpus=CorpusConfig(n_harmful=args.n_harmful, n_harmless=args.n_harmless, alarming_fraction=args.alarming_fraction,
+                            long_form_probability=args.long_form,
                             innocent_fraction=args.innocent_fraction, harmless_tail_probability=args.harmless_tails,
                             nonce_probability=args.nonce, generic_response_probability=args.generic_responses,
                             broad_probability=args.broad,
