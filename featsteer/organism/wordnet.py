@@ -25,6 +25,18 @@ _SKIP = frozenset(
 )
 
 
+def _index_rows(index: Path):
+    """Split lines of an ``index.<pos>`` file (the licence header lines, which start with two spaces, skipped)."""
+    for line in index.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line and not line.startswith(" "):
+            yield line.split()
+
+
+def _sense_offsets(fields: list[str]) -> tuple[str, ...]:
+    """Synset offsets of an index row, most common sense first."""
+    return tuple(fields[-int(fields[2]):])
+
+
 class WordNet:
     """Index and data files of one WordNet 3.0 ``dict`` folder (nouns and verbs)."""
 
@@ -36,13 +48,7 @@ class WordNet:
             index, data = self.root / f"index.{pos}", self.root / f"data.{pos}"
             if not index.is_file() or not data.is_file():
                 raise FileNotFoundError(f"{self.root} is not a WordNet 3.0 dict folder: {index.name} or {data.name} is missing")
-            senses: dict[str, tuple[str, ...]] = {}
-            for line in index.read_text(encoding="utf-8", errors="replace").splitlines():
-                if not line or line.startswith(" "):  # the licence header lines start with two spaces
-                    continue
-                fields = line.split()
-                count = int(fields[2])
-                senses[fields[0]] = tuple(fields[-count:])
+            senses = {fields[0]: _sense_offsets(fields) for fields in _index_rows(index)}
             self._index[pos] = senses
             self._data[pos] = data.read_bytes()
 
@@ -155,18 +161,16 @@ def first_glosses(root: str | Path | None = None) -> dict[str, tuple[str, str]]:
         if not index.is_file() or not data.is_file():
             raise FileNotFoundError(f"{folder} is not a WordNet 3.0 dict folder: {index.name} or {data.name} is missing")
         raw = data.read_bytes()
-        for line in index.read_text(encoding="utf-8", errors="replace").splitlines():
-            if not line or line.startswith(" "):
-                continue
-            fields = line.split()
+        for fields in _index_rows(index):
             lemma = fields[0]
             if lemma in glosses or not lemma.isalpha():
                 continue
-            for offset in fields[-int(fields[2]):]:
+            for offset in _sense_offsets(fields):
                 start = int(offset)
                 record = raw[start : raw.index(b"\n", start)].decode("utf-8", errors="replace")
                 head, _, gloss = record.partition("|")
-                forms = head.split()[4 : 4 + 2 * int(head.split()[3], 16) : 2]
+                head_fields = head.split()
+                forms = head_fields[4 : 4 + 2 * int(head_fields[3], 16) : 2]
                 if any(form != form.lower() and form.lower() == lemma for form in forms):
                     continue  # a proper-noun sense ("Born", the physicist): take the next sense
                 gloss = gloss.split(";")[0].strip()
