@@ -49,7 +49,7 @@ def main() -> None:
     gen = GenerationConfig(max_new_tokens=32)
     comparison = compare(model, train["harmful"], train["harmless"], methods=METHODS, eval_harmful=test["harmful"],
                          eval_harmless=test["harmless"], alarming=test["alarming"], generation=gen, saes=saes,
-                         sae_config=SaeMethodConfig(top_k=8))
+                         sae_config=SaeMethodConfig())
     ranking = rank_sae_features(model, saes, train["harmful"], train["harmless"])
     hook, ids = ranking.best(16)
     effects = feature_effects(model, saes[hook], ids[:8], test["harmful"].to_list(), test["harmless"].to_list(),
@@ -76,9 +76,19 @@ def markdown(payload: dict, comparison, effects, needed) -> str:
         lines.append(f"| {hook} | {m['d_sae']} | {m['explained_variance']:.3f} | {m['l0']:.1f} | {m['dead_fraction']:.3f} | "
                      f"{m['ce_loss_recovered']:.3f} | {m['tokens_per_second']:.0f} |")
     lines += ["", "## Every method on the same prompts", "", comparison.table(), ""]
-    details = {r.method: r.details for r in comparison.results if getattr(r, "details", None)}
-    if details:
-        lines += ["Features used: " + "; ".join(f"`{k}`: {json.dumps(v, default=str)[:160]}" for k, v in details.items()), ""]
+    details = {r.method: r.details for r in comparison.results if "sae_hook" in r.details}
+    lines += ["## Settings picked on the validation prompts", "",
+              "The top-k, clamp and induce methods pick their feature count and clamp value on the validation quarter of the "
+              "train+val prompts (which the feature ranking does not read), never on the test split: the jailbreak methods "
+              "take the lowest validation KL among the settings whose validation harmful refusal is within 0.05 of the "
+              "lowest, the induce method the weakest setting within 0.05 of the highest induced refusal. Validation "
+              "refusal from greedy generations of 16 new tokens. The organism was trained on these validation prompts, "
+              "so their KL runs lower than the test split's.", "",
+              "| method | hook | features | picked | validation (setting: refusal, KL) |", "|---|---|---|---|---|"]
+    for method, d in details.items():
+        rows = "; ".join(f"{label}: " + ", ".join(f"{v:.3f}" for v in row.values()) for label, row in d.get("sae_validation", {}).items())
+        lines.append(f"| {method} | {d['sae_hook']} | {d['sae_features']} | {d.get('setting', '-')} | {rows or 'fixed'} |")
+    lines.append("")
     lines += ["## Single features (top 8 by composite score at the best hook)", "", effects.table(), "", effects.summary(), "",
               "## How many features does it take?", "",
               "| features ablated together | harmful refusal |", "|---|---|",

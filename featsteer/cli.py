@@ -274,7 +274,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return 0
     if not (args.harmful and args.harmless and args.out):
         raise FeatsteerError("compare needs --harmful, --harmless and --out (or --list)")
-    sae_config = SaeMethodConfig(top_k=args.sae_top_k)
+    sae_config = SaeMethodConfig(top_k=args.sae_top_k, clamp_multiple=args.sae_clamp_multiple, induce_multiple=args.sae_induce_multiple)
     harmful, harmless = _load_pair(args)
     evals = [load_prompts(s, column=args.column, limit=args.eval_n) if s else None for s in (args.eval_harmful, args.eval_harmless)]
     alarming = load_prompts(args.alarming, limit=args.eval_n) if args.alarming else None
@@ -289,7 +289,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(comparison.table())
     for result in comparison.results:
         if "sae_hook" in result.details:
-            print(f"  {result.method}: {result.details['sae_hook']} features {result.details['sae_features']}")
+            picked = f" (picked {result.details['setting']} on validation)" if "sae_validation" in result.details else ""
+            print(f"  {result.method}: {result.details['sae_hook']} features {result.details['sae_features']}{picked}")
     print(f"\nwrote {folder}/results.json, report.html, pareto.png")
     return 0
 
@@ -463,7 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--eval-n", type=int, help="first N prompts of each evaluation set")
     cmp_.add_argument("--max-new-tokens", type=int, default=32)
     cmp_.add_argument("--sae", metavar="SRC", help="SAEs for the sae_* methods: organism | folder of <hook_name>/ SAE folders | one SAE folder")
-    cmp_.add_argument("--sae-top-k", type=int, default=8, metavar="K", help="features the top-k SAE methods use (default 8)")
+    cmp_.add_argument("--sae-top-k", type=int, metavar="K",
+                      help="features the top-k SAE methods use (default: picked on the validation prompts from 1, 2, 4, 8, 16)")
+    cmp_.add_argument("--sae-clamp-multiple", type=float, metavar="M",
+                      help="sae_clamp_hook's clamp value, a multiple (<= 0) of each feature's harmful maximum (default: picked from 0, -0.5, -1, -2)")
+    cmp_.add_argument("--sae-induce-multiple", type=float, metavar="M",
+                      help="sae_topk_induce's clamp value, a multiple (> 0) of each feature's harmful maximum (default: picked from 0.5, 1, 2)")
     cmp_.set_defaults(run=_cmd_compare)
 
     pr = sub.add_parser("probe", help="probe sweep per layer and the predict-control report")

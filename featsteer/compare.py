@@ -34,7 +34,13 @@ from featsteer.datasets import PromptSet
 from featsteer.edits import EditConfig, apply_edit
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set
-from featsteer.evaluation.metrics import KLBase, RefusalTokens, refusal_score
+from featsteer.evaluation.metrics import (
+    KLBase,
+    RefusalTokens,
+    first_token_logprobs,
+    kl_first_token,
+    refusal_score,
+)
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.interventions import Ablate, AddDirection, steer
 from featsteer.models import ModelAdapter
@@ -48,17 +54,41 @@ if TYPE_CHECKING:  # sae_lens takes seconds to import: SAE code is imported only
 logger = logging.getLogger(__name__)
 
 
+SAE_TOP_KS = (1, 2, 4, 8, 16)
+"""Feature counts the top-k SAE methods try on the validation prompts when `SaeMethodConfig.top_k` is None."""
+SAE_CLAMP_MULTIPLES = (0.0, -0.5, -1.0, -2.0)
+"""Clamp values (multiples of each feature's harmful maximum) `sae_clamp_hook` tries when none is fixed."""
+SAE_INDUCE_MULTIPLES = (0.5, 1.0, 2.0)
+"""Clamp values `sae_topk_induce` tries when none is fixed."""
+
+
 @dataclass(frozen=True)
 class SaeMethodConfig:
-    """How the SAE methods pick and edit features."""
+    """How the SAE methods pick and edit features.
 
-    top_k: int = 8
-    """Features the top-k methods use: the best `top_k` features at the hook of the single best feature."""
-    clamp_multiple: float = -1.0
+    A setting left at None is picked on the validation prompts (the part of the training prompts that the
+    feature ranking does not read), the way Arditi-style selection picks the DIM direction and
+    `dim_actadd_induce` picks its scale: the jailbreak methods take the lowest validation harmless KL among
+    the settings whose validation harmful refusal is within `tolerance` of the lowest; `sae_topk_induce`
+    takes the weakest setting whose validation harmless refusal is within `tolerance` of the highest.
+    Fixing a value skips the search over it.
+    """
+
+    top_k: int | None = None
+    """Features the top-k methods use: the best `top_k` features at the hook of the single best feature
+    (None: picked from `top_ks`)."""
+    clamp_multiple: float | None = None
     """`sae_clamp_hook` clamps each feature to this multiple of its largest activation on the harmful
-    training prompts (0 ablates the features; negative values push against them)."""
-    induce_multiple: float = 1.0
-    """`sae_topk_induce` clamps each feature to this multiple of that largest activation."""
+    training prompts (0 ablates the features; negative values push against them; None: picked from
+    `clamp_multiples`)."""
+    induce_multiple: float | None = None
+    """`sae_topk_induce` clamps each feature to this multiple of that largest activation (None: picked from
+    `induce_multiples`)."""
+    top_ks: tuple[int, ...] = SAE_TOP_KS
+    clamp_multiples: tuple[float, ...] = SAE_CLAMP_MULTIPLES
+    induce_multiples: tuple[float, ...] = SAE_INDUCE_MULTIPLES
+    tolerance: float = 0.05
+    """How far from the best validation refusal rate a setting may be and still be picked."""
     positions: str | None = None
     """Token positions features are scored at (`last`, `post_instruction`, `mean_last:K`); None uses the
     direction config's positions."""
@@ -72,12 +102,27 @@ class SaeMethodConfig:
 
         if self.clamp_positions not in SPLICE_POSITIONS:
             raise FeatsteerError(f"clamp_positions '{self.clamp_positions}' is unknown: use one of {', '.join(SPLICE_POSITIONS)}")
-        if self.top_k < 1:
-            raise FeatsteerError(f"SAE top_k must be at least 1, got {self.top_k}")
-        if self.clamp_multiple > 0:
-            raise FeatsteerError(f"clamp_multiple={self.clamp_multiple} would amplify refusal features: use a value <= 0")
-        if self.induce_multiple <= 0:
-            raise FeatsteerError(f"induce_multiple must be positive, got {self.induce_multiple}")
+        for name in ("top_ks", "clamp_multiples", "induce_multiples"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+            if not getattr(self, name):
+                raise FeatsteerError(f"SAE {name} is empty: give at least one value to pick from")
+        if any(k < 1 for k in (*self.top_ks, *self._fixed(self.top_k))):
+            raise FeatsteerError(f"SAE top_k must be at least 1, got {self.top_k if self.top_k is not None else self.top_ks}")
+        if any(m > 0 for m in (*self.clamp_multiples, *self._fixed(self.clamp_multiple))):
+            raise FeatsteerError(f"clamp_multiple={self.clamp_multiple if self.clamp_multiple is not None else self.clamp_multiples} "
+                                 "would amplify refusal features: use values <= 0")
+        if any(m <= 0 for m in (*self.induce_multiples, *self._fixed(self.induce_multiple))):
+            raise FeatsteerError(f"induce_multiple must be positive, got {self.induce_multiple if self.induce_multiple is not None else self.induce_multiples}")
+        if not 0 <= self.tolerance < 1:
+            raise FeatsteerError(f"SAE tolerance must be in [0, 1), got {self.tolerance}")
+
+    @staticmethod
+    def _fixed(value: float | None) -> tuple[float, ...]:
+        return () if value is None else (value,)
+
+    def ks(self) -> tuple[int, ...]:
+        """The feature counts to try (the fixed one alone when `top_k` is set)."""
+        return (self.top_k,) if self.top_k is not None else self.top_ks
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -160,6 +205,7 @@ class CompareContext:
     """How SAE methods pick and edit features (`top_k` etc.)."""
     _ranking: FeatureRanking | None = None
     _notes: dict[str, Any] = field(default_factory=dict)
+    _val_base: Tensor | None = None
 
     def directions(self, method: str, rank: int = 2) -> DirectionResult:
         """Find (once) and select the direction for a direction method on the training prompts."""
@@ -186,6 +232,17 @@ class CompareContext:
             positions = self.sae_config.positions or config.positions
             self._ranking = rank_sae_features(self.model, self.saes, harmful_train, harmless_train, positions=positions, batch_size=config.batch_size)
         return self._ranking
+
+    def validation(self) -> tuple[list[str], list[str]]:
+        """The validation parts of the harmful and harmless prompts: never ranked on, never evaluated on."""
+        fraction = self.direction_config.val_fraction
+        return list(split(self.harmful, fraction)[1]), list(split(self.harmless, fraction)[1])
+
+    def validation_base(self) -> Tensor:
+        """The unedited model's first-token log-probs on the validation harmless prompts (computed once)."""
+        if self._val_base is None:
+            self._val_base = first_token_logprobs(self.model, self.validation()[1], batch_size=self.direction_config.batch_size)
+        return self._val_base
 
     def note(self, **details: Any) -> None:
         """Record what the running method used (hook, features, edits); kept in its `MethodResult.details`."""
@@ -307,10 +364,32 @@ def _whitened(ctx: CompareContext):
 INDUCE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 """Multiples of the DIM mean difference `dim_actadd_induce` tries on the validation harmless prompts."""
 
+VALIDATION_NEW_TOKENS = 16
+"""Generation cap for the validation checks that pick a method's setting (enough for a refusal opening)."""
+
+
+def weakest_within(rates: Mapping[Any, float], tolerance: float) -> Any:
+    """The first key (weakest setting, by the caller's order) whose rate is within `tolerance` of the highest."""
+    best = max(rates.values())
+    return next(key for key, rate in rates.items() if rate >= best - tolerance)
+
+
+def gentlest_within(rows: Mapping[Any, tuple[float, float]], tolerance: float) -> Any:
+    """The key with the lowest KL among those whose refusal is within `tolerance` of the lowest.
+
+    Args:
+        rows: `setting -> (validation harmful refusal rate, validation harmless KL)`, in the caller's order
+            (ties in KL go to the first).
+        tolerance: how far above the lowest refusal rate a setting may be and still be picked.
+    """
+    floor = min(refusal for refusal, _ in rows.values())
+    eligible = [key for key, (refusal, _) in rows.items() if refusal <= floor + tolerance]
+    return min(eligible, key=lambda key: rows[key][1])
+
 
 def pick_induce_scale(model: ModelAdapter, add: Callable[[float], contextlib.AbstractContextManager], prompts: Sequence[str],
                       scales: Sequence[float] = INDUCE_SCALES, tolerance: float = 0.05,
-                      max_new_tokens: int = 16) -> tuple[float, dict[float, float]]:
+                      max_new_tokens: int = VALIDATION_NEW_TOKENS) -> tuple[float, dict[float, float]]:
     """The smallest activation-addition scale whose generated refusal rate on `prompts` is within `tolerance` of
     the best scale's.
 
@@ -331,11 +410,10 @@ def pick_induce_scale(model: ModelAdapter, add: Callable[[float], contextlib.Abs
     """
     gen, detector = GenerationConfig(max_new_tokens=max_new_tokens), RefusalDetector()
     rates: dict[float, float] = {}
-    for scale in scales:
+    for scale in sorted(scales):
         with add(scale):
             rates[scale] = evaluate_set(model, prompts, "induce-scale", gen, detector).rate.rate
-    best = max(rates.values())
-    return min(scale for scale, rate in rates.items() if rate >= best - tolerance), rates
+    return weakest_within(rates, tolerance), rates
 
 
 @register_method("dim_actadd_induce", "DIM mean difference added at its layer, scale picked on validation prompts (induces refusal)")
@@ -345,7 +423,7 @@ def _induce(ctx: CompareContext):
     vector = result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index]
     val = split(ctx.harmless, ctx.direction_config.val_fraction)[1]
     scale, rates = pick_induce_scale(ctx.model, lambda s: steer(ctx.model, AddDirection(vector, s, where=chosen.hook)), list(val))
-    ctx.note(induce_hook=chosen.hook, induce_scale=scale, induce_val_refusal={str(k): v for k, v in rates.items()})
+    ctx.note(induce_hook=chosen.hook, induce_scale=scale, induce_val_refusal={str(k): v for k, v in rates.items()}, setting=f"x{scale:g}")
     return steer(ctx.model, AddDirection(vector, scale, where=chosen.hook))
 
 
@@ -372,15 +450,57 @@ def _basis_edit(ctx: CompareContext, basis: Tensor, config: EditConfig) -> Itera
         yield
 
 
-def _feature_clamp(ctx: CompareContext, multiple: float) -> contextlib.AbstractContextManager:
+def _feature_clamp(ctx: CompareContext, multiple: float, k: int) -> contextlib.AbstractContextManager:
     """Top-k features clamped to `multiple` x their harmful maximum (0: ablated), spliced with the error term."""
     from featsteer.sae import FeatureEdit, splice_sae
 
-    hook, sae, ids = _sae_features(ctx, ctx.sae_config.top_k)
+    hook, sae, ids = _sae_features(ctx, k)
     maxima = ctx.feature_ranking().harmful_max[hook]
     edits = [FeatureEdit.ablate(ids)] if multiple == 0 else [FeatureEdit.clamp(f, multiple * float(maxima[f])) for f in ids]
     ctx.note(sae_edits=[edit.to_dict() for edit in edits])
     return splice_sae(ctx.model, sae, edits, hook=hook, positions=ctx.sae_config.clamp_positions)
+
+
+def _setting_label(k: int, multiple: float | None) -> str:
+    return f"k={k}" if multiple is None else f"k={k}, x{multiple:g}"
+
+
+def _pick_jailbreak(ctx: CompareContext, settings: Sequence[tuple[int, float | None]],
+                    make: Callable[[int, float | None], contextlib.AbstractContextManager]) -> tuple[int, float | None]:
+    """The setting `gentlest_within` picks on the validation prompts (the only one when there is one); noted."""
+    if len(settings) == 1:
+        return settings[0]
+    val_harmful, val_harmless = ctx.validation()
+    gen, detector = GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS), RefusalDetector()
+    rows: dict[tuple[int, float | None], tuple[float, float]] = {}
+    for k, multiple in settings:
+        with make(k, multiple):
+            refusal = evaluate_set(ctx.model, val_harmful, "sae-validation", gen, detector).rate.rate
+            kl = kl_first_token(ctx.validation_base(), first_token_logprobs(ctx.model, val_harmless, batch_size=ctx.direction_config.batch_size))
+        rows[(k, multiple)] = (refusal, kl)
+    chosen = gentlest_within(rows, ctx.sae_config.tolerance)
+    ctx.note(sae_validation={_setting_label(*key): {"refusal_harmful": r, "kl_harmless": kl} for key, (r, kl) in rows.items()})
+    return chosen
+
+
+def _pick_induce(ctx: CompareContext, settings: Sequence[tuple[int, float]]) -> tuple[int, float]:
+    """The weakest (k, multiple) whose validation harmless refusal is within tolerance of the best; noted."""
+    if len(settings) == 1:
+        return settings[0]
+    val_harmless = ctx.validation()[1]
+    gen, detector = GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS), RefusalDetector()
+    rates: dict[tuple[int, float], float] = {}
+    for k, multiple in sorted(settings):
+        with _feature_clamp(ctx, multiple, k):
+            rates[(k, multiple)] = evaluate_set(ctx.model, val_harmless, "sae-validation", gen, detector).rate.rate
+    chosen = weakest_within(rates, ctx.sae_config.tolerance)
+    ctx.note(sae_validation={_setting_label(*key): {"refusal_harmless": rate} for key, rate in rates.items()})
+    return chosen
+
+
+def _picked(ctx: CompareContext, k: int, multiple: float | None) -> None:
+    """Record the chosen setting (after the search, whose notes name other feature sets)."""
+    ctx.note(setting=_setting_label(k, multiple), sae_top_k=k, **({} if multiple is None else {"sae_multiple": multiple}))
 
 
 @register_method("sae_top1_abliteration", "decoder row of the top SAE feature orthogonalised out of every residual writer",
@@ -389,16 +509,23 @@ def _sae_top1(ctx: CompareContext):
     return _basis_edit(ctx, _sae_basis(ctx, 1), EditConfig())
 
 
-@register_method("sae_topk_abliteration", "span of the top-k SAE decoder rows (best layer) orthogonalised out of every writer",
-                 needs_saes=True)
+@register_method("sae_topk_abliteration", "span of the top-k SAE decoder rows (best layer) orthogonalised out of every writer; "
+                 "k picked on validation prompts", needs_saes=True)
 def _sae_topk(ctx: CompareContext):
-    return _basis_edit(ctx, _sae_basis(ctx, ctx.sae_config.top_k), EditConfig())
+    k, _ = _pick_jailbreak(ctx, [(k, None) for k in ctx.sae_config.ks()],
+                           lambda k, _: _basis_edit(ctx, _sae_basis(ctx, k), EditConfig()))
+    _picked(ctx, k, None)
+    return _basis_edit(ctx, _sae_basis(ctx, k), EditConfig())
 
 
-@register_method("sae_clamp_hook", "top-k SAE refusal features clamped negative at their layer (SAE spliced with error term)",
-                 needs_saes=True)
+@register_method("sae_clamp_hook", "top-k SAE refusal features clamped at their layer (SAE spliced with error term); "
+                 "k and clamp value picked on validation prompts", needs_saes=True)
 def _sae_clamp(ctx: CompareContext):
-    return _feature_clamp(ctx, ctx.sae_config.clamp_multiple)
+    config = ctx.sae_config
+    multiples = (config.clamp_multiple,) if config.clamp_multiple is not None else config.clamp_multiples
+    k, multiple = _pick_jailbreak(ctx, [(k, m) for k in config.ks() for m in multiples], lambda k, m: _feature_clamp(ctx, m, k))
+    _picked(ctx, k, multiple)
+    return _feature_clamp(ctx, multiple, k)
 
 
 @register_method("sae_top1_ablation_hook", "decoder row of the top SAE feature ablated from every residual write at run time",
@@ -407,10 +534,14 @@ def _sae_top1_hook(ctx: CompareContext):
     return steer(ctx.model, Ablate(_sae_basis(ctx, 1)))
 
 
-@register_method("sae_topk_induce", "top-k SAE refusal features clamped to their harmful maximum (induces refusal)",
-                 needs_saes=True)
+@register_method("sae_topk_induce", "top-k SAE refusal features clamped to a multiple of their harmful maximum (induces refusal); "
+                 "k and multiple picked on validation prompts", needs_saes=True)
 def _sae_induce(ctx: CompareContext):
-    return _feature_clamp(ctx, ctx.sae_config.induce_multiple)
+    config = ctx.sae_config
+    multiples = (config.induce_multiple,) if config.induce_multiple is not None else config.induce_multiples
+    k, multiple = _pick_induce(ctx, [(k, m) for k in config.ks() for m in multiples])
+    _picked(ctx, k, multiple)
+    return _feature_clamp(ctx, multiple, k)
 
 
 @dataclass(frozen=True)
@@ -477,7 +608,7 @@ class Comparison:
         for r in self.results:
             over = "-" if r.over_refusal is None else f"{r.over_refusal:.3f}"
             answered = "-" if r.kl_harmless_answered is None else f"{r.kl_harmless_answered:.4f}"
-            name = f"{r.method} (x{r.details['induce_scale']:g})" if "induce_scale" in r.details else r.method
+            name = f"{r.method} ({r.details['setting']})" if "setting" in r.details else r.method
             lines.append(f"| {name} | {r.refusal_harmful:.3f} | {r.refusal_harmless:.3f} | {r.kl_harmless:.4f} | {answered} | {over} "
                          f"| {r.refusal_score_harmful:.2f} |")
         return "\n".join(lines)
@@ -603,7 +734,12 @@ def _details_html(details: dict) -> str:
         return f"<br><small>scale {details['induce_scale']}x (validation refusal: {html.escape(rates)})</small>"
     if "sae_hook" not in details:
         return ""
-    return f"<br><small>{html.escape(details['sae_hook'])} features {html.escape(str(details['sae_features']))}</small>"
+    text = f"<br><small>{html.escape(details['sae_hook'])} features {html.escape(str(details['sae_features']))}"
+    if "sae_validation" in details:
+        rows = "; ".join(f"{label}: " + ", ".join(f"{key.replace('_', ' ')} {value:.3f}" for key, value in row.items())
+                         for label, row in details["sae_validation"].items())
+        text += f"<br>picked {html.escape(details['setting'])} on validation prompts ({html.escape(rows)})"
+    return text + "</small>"
 
 
 def _html(comparison: Comparison, png: bytes) -> str:

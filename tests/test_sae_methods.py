@@ -22,7 +22,9 @@ from featsteer.compare import (
     SaeMethodConfig,
     available_methods,
     compare,
+    gentlest_within,
     method_context,
+    weakest_within,
     write_report,
 )
 from featsteer.datasets import builtin_prompts
@@ -90,7 +92,8 @@ def sae(direction, class_means):
 @pytest.fixture
 def context(model, prompts, sae):
     harmful, harmless = (split(p, 0.25)[0] for p in prompts)
-    return CompareContext(model, harmful, harmless, DirectionConfig(n_select=3), saes={HOOK: sae}, sae_config=SaeMethodConfig(top_k=4))
+    config = SaeMethodConfig(top_k=4, clamp_multiple=-1.0, induce_multiple=1.0)  # fixed: no validation search
+    return CompareContext(model, harmful, harmless, DirectionConfig(n_select=3), saes={HOOK: sae}, sae_config=config)
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -137,6 +140,55 @@ def test_clamp_and_induce_use_multiples_of_the_harmful_maximum(context):
         values = {edit["features"][0]: edit["value"] for edit in context._notes["sae_edits"]}
         assert values == pytest.approx({f: multiple * float(maximum[f]) for f in features})
         assert values[PLANTED] * multiple > 0
+
+
+def test_pick_rules_trade_refusal_against_kl():
+    rows = {"a": (0.30, 0.01), "b": (0.08, 0.90), "c": (0.10, 0.20), "d": (0.05, 0.50), "e": (0.12, 0.05)}
+    assert gentlest_within(rows, 0.05) == "c"  # within 0.05 of the lowest refusal (0.05): b, c, d; c has the lowest KL
+    assert gentlest_within(rows, 0.0) == "d"
+    assert gentlest_within(rows, 0.1) == "e"
+    assert gentlest_within({"only": (1.0, 9.0)}, 0.05) == "only"
+    rates = {0.5: 0.40, 1.0: 0.81, 2.0: 0.85, 3.0: 0.84}
+    assert weakest_within(rates, 0.05) == 1.0 and weakest_within(rates, 0.0) == 2.0 and weakest_within(rates, 0.5) == 0.5
+
+
+def test_sae_settings_are_picked_on_validation_prompts_the_ranking_never_read(model, prompts, sae):
+    harmful, harmless = (split(p, 0.25)[0] for p in prompts)
+    config = SaeMethodConfig(top_ks=(1, 4), clamp_multiples=(0.0, -1.0), induce_multiples=(0.5, 2.0))
+    context = CompareContext(model, harmful, harmless, DirectionConfig(n_select=3), saes={HOOK: sae}, sae_config=config)
+    val_harmful, val_harmless = context.validation()
+    ranked_on = set(split(harmful, 0.25)[0]) | set(split(harmless, 0.25)[0])
+    assert val_harmful and val_harmless and not ranked_on & (set(val_harmful) | set(val_harmless))
+    expected = {"sae_topk_abliteration": ["k=1", "k=4"], "sae_clamp_hook": ["k=1, x0", "k=1, x-1", "k=4, x0", "k=4, x-1"],
+                "sae_topk_induce": ["k=1, x0.5", "k=1, x2", "k=4, x0.5", "k=4, x2"]}
+    for name, labels in expected.items():
+        context._notes = {}
+        method_context(context, name)
+        notes = context._notes
+        validation = notes["sae_validation"]
+        assert list(validation) == labels, name
+        assert notes["setting"] in labels and len(notes["sae_features"]) == notes["sae_top_k"], name
+        if name == "sae_topk_induce":
+            rates = {label: row["refusal_harmless"] for label, row in validation.items()}
+            assert notes["setting"] == weakest_within(rates, config.tolerance)
+        else:
+            rows = {label: (row["refusal_harmful"], row["kl_harmless"]) for label, row in validation.items()}
+            assert all(kl >= 0 for _, kl in rows.values()) and notes["setting"] == gentlest_within(rows, config.tolerance)
+        if name == "sae_clamp_hook":
+            value = notes["sae_edits"][0].get("value", 0.0)
+            assert (value == 0.0) == notes["setting"].endswith("x0")
+    fixed = CompareContext(model, harmful, harmless, DirectionConfig(n_select=3), saes={HOOK: sae}, sae_config=SaeMethodConfig(top_k=2))
+    method_context(fixed, "sae_topk_abliteration")
+    assert "sae_validation" not in fixed._notes and fixed._notes["setting"] == "k=2"
+
+
+def test_sae_method_config_rejects_bad_grids_and_round_trips():
+    for bad, match in (({"top_ks": ()}, "empty"), ({"top_ks": (1, 0)}, "at least 1"), ({"clamp_multiples": (0.0, 0.5)}, "amplify"),
+                       ({"clamp_multiple": 1.0}, "amplify"), ({"induce_multiples": (1.0, -1.0)}, "positive"), ({"tolerance": 1.5}, "tolerance")):
+        with pytest.raises(FeatsteerError, match=match):
+            SaeMethodConfig(**bad)
+    config = SaeMethodConfig(top_k=3, clamp_multiples=[0.0, -2.0])
+    assert SaeMethodConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 def test_compare_with_saes_runs_the_sae_methods_and_records_features(model, prompts, sae, tmp_path):
