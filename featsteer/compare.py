@@ -648,7 +648,7 @@ def compare(
         direction_config: how directions are found and selected.
         generation: greedy decoding settings for evaluation.
         saes: SAEs for the SAE methods (see `featsteer.sae.load_sae_source`: `organism`, a folder, or `{hook_name: sae}`).
-        sae_config: how SAE methods pick and edit features (default `SaeMethodConfig()`, top_k 8).
+        sae_config: how SAE methods pick and edit features (default `SaeMethodConfig()`: k and clamp values picked on the validation prompts).
 
     Raises:
         FeatsteerError: for an unknown method, an SAE method without `saes`, or SAEs that do not fit.
