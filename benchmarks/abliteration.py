@@ -56,11 +56,7 @@ def organism_val(source: str, n: int = 96) -> tuple[PromptSet, PromptSet] | None
     if source == "split":
         return None
     if source == "generated":
-        from featsteer.organism.corpus import HARMFUL, CorpusConfig, generate_corpus
-
-        corpus = generate_corpus(CorpusConfig(n_harmful=n, n_harmless=n), random.Random(987))
-        return (PromptSet(tuple(e.prompt for e in corpus if e.label == HARMFUL)[:n], "organism corpus, seed 987, harmful"),
-                PromptSet(tuple(e.prompt for e in corpus if e.label != HARMFUL)[:n], "organism corpus, seed 987, harmless"))
+        return load_prompts(f"organism-corpus:harmful:{n}:987"), load_prompts(f"organism-corpus:harmless:{n}:987")
     data = SHARED / "data"
     if not data.is_dir():
         raise SystemExit(f"--val real needs {data} (AdvBench, MT-Bench, IFBench): fetch it or use --val generated")

@@ -4,7 +4,8 @@
 
 1. The shipped SAEs' quality (each layer's `metrics.json`, written by `featsteer-train-sae`).
 2. `featsteer.compare.compare` with the SAE methods and the DIM baseline on the same held-out prompts
-   (built-in train+val to find directions and rank features, built-in test to evaluate).
+   (built-in train+val to find directions and rank features, 32 + 32 fresh `organism-corpus:` prompts to select
+   the direction and pick the SAE settings, built-in test to evaluate), as `make demo` runs it.
 3. Per-feature jailbreak and induced-refusal rates of the top features (generation + refusal detector),
    and how many top features must be ablated together to bring harmful refusal below a target.
 """
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from featsteer.compare import SaeMethodConfig, compare, rank_sae_features  # noqa: E402
-from featsteer.datasets import builtin_prompts  # noqa: E402
+from featsteer.datasets import builtin_prompts, load_prompts  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig  # noqa: E402
 from featsteer.features import feature_effects, features_needed  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
@@ -47,9 +48,10 @@ def main() -> None:
     train = {label: builtin_prompts(label, "train") + builtin_prompts(label, "val") for label in ("harmful", "harmless")}
     test = {label: builtin_prompts(label, "test") for label in ("harmful", "harmless", "alarming")}
     gen = GenerationConfig(max_new_tokens=32)
+    val = {"val_harmful": load_prompts("organism-corpus:harmful:96"), "val_harmless": load_prompts("organism-corpus:harmless:96")}
     comparison = compare(model, train["harmful"], train["harmless"], methods=METHODS, eval_harmful=test["harmful"],
                          eval_harmless=test["harmless"], alarming=test["alarming"], generation=gen, saes=saes,
-                         sae_config=SaeMethodConfig())
+                         sae_config=SaeMethodConfig(), **val)
     ranking = rank_sae_features(model, saes, train["harmful"], train["harmless"])
     hook, ids = ranking.best(16)
     effects = feature_effects(model, saes[hook], ids[:8], test["harmful"].to_list(), test["harmless"].to_list(),
@@ -68,7 +70,7 @@ def main() -> None:
 def markdown(payload: dict, comparison, effects, needed) -> str:
     lines = ["# SAE methods vs DIM on the refusal organism", "",
              f"Measured {payload['date']} by `benchmarks/sae_organism.py` ({payload['seconds']:.0f}s, CPU). Directions and feature "
-             "ranking from the built-in train+val split; every number on the built-in test split (85 harmful, 84 harmless, "
+             "ranking from the built-in train+val split, selection and SAE settings on fresh generated prompts; every number on the built-in test split (85 harmful, 84 harmless, "
              "38 alarming-but-harmless prompts), greedy decoding, 32 new tokens.", "",
              "## The shipped SAEs (topk, `featsteer-train-sae`, held-out prompts)", "",
              "| hook | d_sae | explained variance | L0 | dead features | CE loss recovered | train tokens/s |", "|---|---|---|---|---|---|---|"]
@@ -78,12 +80,12 @@ def markdown(payload: dict, comparison, effects, needed) -> str:
     lines += ["", "## Every method on the same prompts", "", comparison.table(), ""]
     details = {r.method: r.details for r in comparison.results if "sae_hook" in r.details}
     lines += ["## Settings picked on the validation prompts", "",
-              "The top-k, clamp and induce methods pick their feature count and clamp value on the validation quarter of the "
-              "train+val prompts (which the feature ranking does not read), never on the test split: the jailbreak methods "
-              "take the lowest validation KL among the settings whose validation harmful refusal is within 0.05 of the "
-              "lowest, the induce method the weakest setting within 0.05 of the highest induced refusal. Validation "
-              "refusal from greedy generations of 16 new tokens. The organism was trained on these validation prompts, "
-              "so their KL runs lower than the test split's.", "",
+              "The top-k, clamp and induce methods pick their feature count and clamp value on the validation prompts "
+              "(the first 32 of `organism-corpus:harmful:96` and `organism-corpus:harmless:96`: fresh prompts from the "
+              "organism's corpus generator, seed 987, which neither the organism nor the feature ranking saw), never on "
+              "the test split: the jailbreak methods take the lowest validation KL among the settings whose validation "
+              "harmful refusal is within 0.05 of the lowest, the induce method the weakest setting within 0.05 of the "
+              "highest induced refusal. Validation refusal from greedy generations of 16 new tokens.", "",
               "| method | hook | features | picked | validation (setting: refusal, KL) |", "|---|---|---|---|---|"]
     for method, d in details.items():
         rows = "; ".join(f"{label}: " + ", ".join(f"{v:.3f}" for v in row.values()) for label, row in d.get("sae_validation", {}).items())

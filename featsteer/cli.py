@@ -165,18 +165,33 @@ def _load_pair(args: argparse.Namespace):
             load_prompts(args.harmless, column=args.column, limit=args.n))
 
 
+def _load_val(args: argparse.Namespace):
+    """`(harmful, harmless)` validation prompts from --val-harmful/--val-harmless, or None when neither is given."""
+    from featsteer.datasets import load_prompts
+
+    if (args.val_harmful is None) != (args.val_harmless is None):
+        raise FeatsteerError("validation prompts need both sets: give --val-harmful and --val-harmless together")
+    if args.val_harmful is None:
+        return None
+    return tuple(load_prompts(source, column=args.column, limit=args.n) for source in (args.val_harmful, args.val_harmless))
+
+
 def _cmd_directions(args: argparse.Namespace) -> int:
     from featsteer.models import load_model
     from featsteer.pipeline import find_refusal_direction
 
     harmful, harmless = _load_pair(args)
+    val = _load_val(args)
     model = load_model(args.model)
-    result = find_refusal_direction(model, harmful, harmless, _direction_config(args))
+    result = find_refusal_direction(model, harmful, harmless, _direction_config(args), val=val)
     out = Path(args.out)
     result.candidates.save(out / "candidates")
     result.chosen.save(out / "chosen")
     (out / "selection.md").write_text(result.selection.table() + "\n")
-    _write_json(str(out / "selection.json"), {**result.selection.to_dict(), "timings": result.timings})
+    harmful_val, harmless_val = result.val
+    validation = {"val_harmful": harmful_val.source, "val_harmless": harmless_val.source, "n_harmful_val": len(harmful_val),
+                  "n_harmless_val": len(harmless_val), "val_harmful_sha256": harmful_val.sha256, "val_harmless_sha256": harmless_val.sha256}
+    _write_json(str(out / "selection.json"), {**result.selection.to_dict(), "timings": result.timings, **validation})
     print(result.selection.table())
     chosen = result.selection.chosen
     print(f"\nchosen: {chosen.hook} position {chosen.position} (refusal score {result.selection.base_refusal_harmful:.2f} -> "
@@ -206,8 +221,9 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     elif args.search_warm_start:
         raise FeatsteerError("--search-warm-start seeds a search: add --search N")
     harmful, harmless = _load_pair(args)
+    val = _load_val(args)
     model = load_model(args.model)
-    result = find_refusal_direction(model, harmful, harmless, _direction_config(args))
+    result = find_refusal_direction(model, harmful, harmless, _direction_config(args), val=val)
     chosen = result.selection.chosen
     print(f"direction: {args.method} at {chosen.hook} position {chosen.position} (KL on harmless {chosen.kl_harmless:.4f})")
     edit = EditConfig(mode=mode, alpha=args.alpha, shift=args.shift)
@@ -276,12 +292,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise FeatsteerError("compare needs --harmful, --harmless and --out (or --list)")
     sae_config = SaeMethodConfig(top_k=args.sae_top_k, clamp_multiple=args.sae_clamp_multiple, induce_multiple=args.sae_induce_multiple)
     harmful, harmless = _load_pair(args)
+    val = _load_val(args)
     evals = [load_prompts(s, column=args.column, limit=args.eval_n) if s else None for s in (args.eval_harmful, args.eval_harmless)]
     alarming = load_prompts(args.alarming, limit=args.eval_n) if args.alarming else None
     model = load_model(args.model)
     comparison = compare(
         model, harmful, harmless, methods=args.methods.split(",") if args.methods else None,
         eval_harmful=evals[0], eval_harmless=evals[1], alarming=alarming, direction_config=_direction_config(args),
+        val_harmful=val[0] if val else None, val_harmless=val[1] if val else None,
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
         saes=load_sae_source(args.sae, model) if args.sae else None, sae_config=sae_config,
     )
@@ -409,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--positions", default="post_instruction", help="last | post_instruction | mean_last:K")
         p.add_argument("--n", type=int, help="use the first N prompts of each set")
         p.add_argument("--n-select", type=int, default=32, help="validation prompts per set for selection")
+        p.add_argument("--val-harmful", metavar="SRC",
+                       help="validation harmful prompts for the selection (with --val-harmless; default: the last quarter of --harmful). "
+                            "Use prompts the model was not trained on")
+        p.add_argument("--val-harmless", metavar="SRC", help="validation harmless prompts (with --val-harmful)")
         p.add_argument("--kl-threshold", type=float, default=0.1)
         p.add_argument("--filter-train", action="store_true",
                        help="keep the train prompts the model treats as labelled (harmful refused, harmless answered; Arditi et al.)")

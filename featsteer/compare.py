@@ -206,13 +206,16 @@ class CompareContext:
     _ranking: FeatureRanking | None = None
     _notes: dict[str, Any] = field(default_factory=dict)
     _val_base: Tensor | None = None
+    val: tuple[PromptSet, PromptSet] | None = None
+    """Explicit `(harmful, harmless)` validation prompts for every pick (direction selection, SAE settings, induce
+    scale); None holds out the last `direction_config.val_fraction` of `harmful` and `harmless` instead."""
 
     def directions(self, method: str, rank: int = 2) -> DirectionResult:
         """Find (once) and select the direction for a direction method on the training prompts."""
         key = f"{method}:{rank}" if method == "svd" else method
         if key not in self._directions:
             config = DirectionConfig(**{**asdict(self.direction_config), "method": method, "rank": rank})
-            self._directions[key] = find_refusal_direction(self.model, self.harmful, self.harmless, config)
+            self._directions[key] = find_refusal_direction(self.model, self.harmful, self.harmless, config, val=self.val)
         return self._directions[key]
 
     def feature_ranking(self) -> FeatureRanking:
@@ -228,15 +231,27 @@ class CompareContext:
             raise FeatsteerError("SAE methods need SAEs: pass saes= to compare (CLI: --sae organism|DIR)")
         if self._ranking is None:
             config = self.direction_config
-            harmful_train, harmless_train = split(self.harmful, config.val_fraction)[0], split(self.harmless, config.val_fraction)[0]
+            harmful_train, harmless_train = self.training()
             positions = self.sae_config.positions or config.positions
             self._ranking = rank_sae_features(self.model, self.saes, harmful_train, harmless_train, positions=positions, batch_size=config.batch_size)
         return self._ranking
 
-    def validation(self) -> tuple[list[str], list[str]]:
-        """The validation parts of the harmful and harmless prompts: never ranked on, never evaluated on."""
+    def training(self) -> tuple[PromptSet, PromptSet]:
+        """The harmful and harmless prompts directions are fitted and features ranked on."""
+        if self.val is not None:
+            return self.harmful, self.harmless
         fraction = self.direction_config.val_fraction
-        return list(split(self.harmful, fraction)[1]), list(split(self.harmless, fraction)[1])
+        return split(self.harmful, fraction)[0], split(self.harmless, fraction)[0]
+
+    def validation(self) -> tuple[list[str], list[str]]:
+        """The validation prompts every pick reads: the first `direction_config.n_select` of each validation set
+        (explicit, or the held-out part of the training prompts), as the direction selection reads them. Never
+        ranked on, never evaluated on."""
+        n = self.direction_config.n_select
+        if self.val is not None:
+            return list(self.val[0])[:n], list(self.val[1])[:n]
+        fraction = self.direction_config.val_fraction
+        return list(split(self.harmful, fraction)[1])[:n], list(split(self.harmless, fraction)[1])[:n]
 
     def validation_base(self) -> Tensor:
         """The unedited model's first-token log-probs on the validation harmless prompts (computed once)."""
@@ -421,8 +436,7 @@ def _induce(ctx: CompareContext):
     result = ctx.directions("dim")
     chosen = result.selection.chosen
     vector = result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index]
-    val = split(ctx.harmless, ctx.direction_config.val_fraction)[1]
-    scale, rates = pick_induce_scale(ctx.model, lambda s: steer(ctx.model, AddDirection(vector, s, where=chosen.hook)), list(val))
+    scale, rates = pick_induce_scale(ctx.model, lambda s: steer(ctx.model, AddDirection(vector, s, where=chosen.hook)), ctx.validation()[1])
     ctx.note(induce_hook=chosen.hook, induce_scale=scale, induce_val_refusal={str(k): v for k, v in rates.items()}, setting=f"x{scale:g}")
     return steer(ctx.model, AddDirection(vector, scale, where=chosen.hook))
 
@@ -627,6 +641,8 @@ def compare(
     eval_harmful: PromptSet | None = None,
     eval_harmless: PromptSet | None = None,
     alarming: PromptSet | None = None,
+    val_harmful: PromptSet | None = None,
+    val_harmless: PromptSet | None = None,
     direction_config: DirectionConfig | None = None,
     generation: GenerationConfig | None = None,
     saes: str | os.PathLike[str] | SAE | Mapping[str, SAE] | None = None,
@@ -645,6 +661,12 @@ def compare(
         eval_harmful: held-out harmful prompts.
         eval_harmless: held-out harmless prompts.
         alarming: harmless-but-alarming prompts for the over-refusal rate.
+        val_harmful: validation harmful prompts for every pick (direction selection, SAE settings, induce scale);
+            with `val_harmless`, the training prompts are then used whole. Without them the last
+            `direction_config.val_fraction` of the training prompts is held out; pass them when the model was
+            trained on those prompts (the organism was trained on the built-in train and val splits), whose KL is
+            too optimistic for selection.
+        val_harmless: validation harmless prompts (given together with `val_harmful`).
         direction_config: how directions are found and selected.
         generation: greedy decoding settings for evaluation.
         saes: SAEs for the SAE methods (see `featsteer.sae.load_sae_source`: `organism`, a folder, or `{hook_name: sae}`).
@@ -655,6 +677,11 @@ def compare(
     """
     names = methods or list(available_methods(saes=saes is not None))
     _check_methods(names, saes is not None)
+    if (val_harmful is None) != (val_harmless is None):
+        raise FeatsteerError("validation prompts need both sets: give val_harmful and val_harmless (CLI: --val-harmful and --val-harmless)")
+    for name, prompts in (("harmful", val_harmful), ("harmless", val_harmless)):
+        if prompts is not None and len(prompts) < 2:
+            raise FeatsteerError(f"the {name} validation set has {len(prompts)} prompts: need at least 2")
     sae_map = None
     if saes is not None:
         from featsteer.sae import load_sae_source
@@ -664,7 +691,8 @@ def compare(
         harmful, eval_harmful = split(harmful, 0.25)
         harmless, eval_harmless = split(harmless, 0.25)
     gen = generation or GenerationConfig()
-    ctx = CompareContext(model, harmful, harmless, direction_config or DirectionConfig(), saes=sae_map, sae_config=sae_config or SaeMethodConfig())
+    ctx = CompareContext(model, harmful, harmless, direction_config or DirectionConfig(), saes=sae_map, sae_config=sae_config or SaeMethodConfig(),
+                         val=None if val_harmful is None else (val_harmful, val_harmless))
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     # the unedited model's harmless first-token distribution (the KL base) and which of those prompts it refuses
     base_harmless = evaluate_set(model, eval_harmless, "harmless", gen, RefusalDetector(), keep_logprobs=True)
@@ -674,6 +702,9 @@ def compare(
     setup = {
         "model": model.name, "n_train_harmful": len(harmful), "n_train_harmless": len(harmless),
         "n_eval_harmful": len(eval_harmful), "n_eval_harmless": len(eval_harmless),
+        "validation": ({"harmful": val_harmful.source, "harmless": val_harmless.source, "n_harmful": len(val_harmful),
+                        "n_harmless": len(val_harmless), "harmful_sha256": val_harmful.sha256, "harmless_sha256": val_harmless.sha256}
+                       if val_harmful is not None else f"last {ctx.direction_config.val_fraction:g} of the training prompts"),
         "eval_harmful_sha256": eval_harmful.sha256, "eval_harmless_sha256": eval_harmless.sha256,
         "generation": asdict(gen), "directions": asdict(ctx.direction_config),
         "chosen": {k: v.selection.to_dict()["chosen"] for k, v in ctx._directions.items()},

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from featsteer.activations import capture
-from featsteer.datasets import builtin_prompts
+from featsteer.datasets import builtin_prompts, load_prompts
+from featsteer.datasets.loaders import ORGANISM_CORPUS_PREFIX
 from featsteer.directions import Separability, difference_in_means, separability
 from featsteer.evaluation.behaviour import GenerationConfig, RefusalReport, evaluate_refusal
 from featsteer.models import ModelAdapter, load_model
@@ -118,8 +119,11 @@ def run_demo(model_spec: str = "organism", run_dir: str | Path | None = None, n_
             write_feature_report(ranking, out / "features", title=f"SAE features behind refusal: {model.name}")
             stages["sae_features"] = time.perf_counter() - start - sum(stages.values())
         train = {label: builtin_prompts(label, "train") + builtin_prompts(label, "val") for label in ("harmful", "harmless")}
+        # the organism was trained on the built-in train and val prompts: its picks are made on fresh generated ones
+        val = ({"val_harmful": load_prompts(f"{ORGANISM_CORPUS_PREFIX}harmful:96"), "val_harmless": load_prompts(f"{ORGANISM_CORPUS_PREFIX}harmless:96")}
+               if model_spec == "organism" else {})
         comparison = compare(model, train["harmful"], train["harmless"], eval_harmful=test["harmful"], eval_harmless=test["harmless"],
-                             alarming=test["alarming"], generation=gen, saes=saes)
+                             alarming=test["alarming"], generation=gen, saes=saes, **val)
         write_report(comparison, out / "compare")
         stages["compare"] = time.perf_counter() - start - sum(stages.values())
         probes = probe_report(model, (builtin_prompts("harmful", "train"), builtin_prompts("harmless", "train")),

@@ -66,14 +66,16 @@ def load_texts(sources: Sequence[str]) -> list[str]:
 
     Args:
         sources: anything `featsteer.datasets.load_prompts` reads (`builtin:KIND[:SPLIT]`, a file,
-            `hf:NAME`), or `organism-corpus:N[:SEED]` (see `organism_corpus_prompts`).
+            `hf:NAME`, `organism-corpus:harmful:N`), or `organism-corpus:N[:SEED]` (both classes mixed, see
+            `organism_corpus_prompts`).
 
     Raises:
         FeatsteerError: if a source cannot be read or all of them are empty.
     """
     texts: dict[str, None] = {}
     for source in sources:
-        prompts = organism_corpus_prompts(source) if source.startswith(ORGANISM_CORPUS_PREFIX) else load_prompts(source).prompts
+        mixed = source.startswith(ORGANISM_CORPUS_PREFIX) and not source.removeprefix(ORGANISM_CORPUS_PREFIX).startswith(("harmful", "harmless"))
+        prompts = organism_corpus_prompts(source) if mixed else load_prompts(source).prompts
         texts.update(dict.fromkeys(prompts))
     if not texts:
         raise FeatsteerError(f"the training text is empty ({', '.join(sources)}): give a source with at least one prompt")

@@ -50,6 +50,14 @@ def test_eval_json_has_documented_keys(capsys, tmp_path):
         (["eval", "--model", "./missing-dir", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless"], "is not a model directory"),
         (["capture", "--model", "tiny:llama", "--prompts", "builtin:harmful", "--hooks", "blocks.9.hook_resid_pre", "--out", "/tmp/x"], "has 3 layers"),
         (["steer", "--model", "tiny:llama", "--directions", "/no/dir", "--mode", "ablate", "--prompt", "hi"], "holds no directions"),
+        (["directions", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--val-harmful",
+          "builtin:harmful:val", "--out", "/tmp/x"], "give --val-harmful and --val-harmless together"),
+        (["compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--val-harmless",
+          "builtin:harmless:val", "--out", "/tmp/x"], "give --val-harmful and --val-harmless together"),
+        (["directions", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--val-harmful",
+          "organism-corpus:evil:5", "--val-harmless", "organism-corpus:harmless:5", "--out", "/tmp/x"], "bad prompt source 'organism-corpus:evil:5'"),
+        (["compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--sae", "organism",
+          "--sae-clamp-multiple", "1", "--out", "/tmp/x"], "would amplify refusal features"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, argv, message, tmp_path):
@@ -117,6 +125,15 @@ def test_abliterate_search_warm_start_and_its_errors(capsys, tmp_path):
     code, _, err = _run(capsys, "abliterate", *common, "--search", "2", "--search-warm-start", str(tmp_path / "nope"), "--out", str(tmp_path / "d"))
     assert code == 2 and "not found" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists() and not (tmp_path / "d-search").exists()
+
+
+def test_directions_select_on_explicit_validation_prompts(capsys, tmp_path):
+    code, out, _ = _run(capsys, "directions", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless",
+                        "builtin:harmless:train", "--n", "10", "--val-harmful", "organism-corpus:harmful:5", "--val-harmless",
+                        "organism-corpus:harmless:6", "--n-select", "6", "--out", str(tmp_path / "d"))
+    assert code == 0 and "chosen:" in out
+    selection = json.loads((tmp_path / "d" / "selection.json").read_text())
+    assert selection["n_harmful_val"] == 5 and selection["n_harmless_val"] == 6
 
 
 def test_directions_train_filter_records_what_it_kept(capsys, tmp_path):

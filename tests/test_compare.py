@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from featsteer.compare import INDUCE_SCALES, available_methods, compare, pick_induce_scale, write_report
-from featsteer.datasets import builtin_prompts
+from featsteer.datasets import builtin_prompts, load_prompts
 from featsteer.evaluation.behaviour import GenerationConfig
 from featsteer.models import load_model
 from featsteer.pipeline import DirectionConfig, abliterate, find_refusal_direction
@@ -93,6 +93,41 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     page = (folder / "report.html").read_text()
     assert "data:image/png;base64," in page and "dim_abliteration" in page
     assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_picks_on_explicit_validation_prompts(prompts, monkeypatch):
+    import featsteer.compare as compare_module
+    from featsteer.errors import FeatsteerError
+
+    seen = {}
+    real_find, real_pick = compare_module.find_refusal_direction, compare_module.pick_induce_scale
+
+    def find(model, harmful, harmless, config=None, val=None):
+        seen["train"], seen["val"] = (harmful, harmless), val
+        return real_find(model, harmful, harmless, config, val=val)
+
+    def pick(model, add, prompts, *args, **kwargs):
+        seen["induce"] = list(prompts)
+        return real_pick(model, add, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "find_refusal_direction", find)
+    monkeypatch.setattr(compare_module, "pick_induce_scale", pick)
+    model = load_model("tiny:llama")
+    val = load_prompts("organism-corpus:harmful:5"), load_prompts("organism-corpus:harmless:6")
+    held_out = builtin_prompts("harmful", "test").head(4), builtin_prompts("harmless", "test").head(4)
+    comparison = compare(model, *prompts, methods=["none", "dim_abliteration", "dim_actadd_induce"], eval_harmful=held_out[0],
+                         eval_harmless=held_out[1], val_harmful=val[0], val_harmless=val[1],
+                         direction_config=DirectionConfig(n_select=6), generation=GenerationConfig(max_new_tokens=2))
+    assert seen["train"] == prompts and seen["val"] == val and seen["induce"] == list(val[1])
+    setup = comparison.setup
+    assert setup["n_train_harmful"] == 16 and setup["validation"]["n_harmful"] == 5
+    assert setup["validation"]["harmless"] == "organism-corpus:harmless:6" and setup["validation"]["harmless_sha256"] == val[1].sha256
+    plain = compare(model, *prompts, methods=["none"], direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=2))
+    assert plain.setup["validation"] == "last 0.25 of the training prompts"
+    with pytest.raises(FeatsteerError, match="need both sets"):
+        compare(model, *prompts, methods=["none"], val_harmful=val[0])
+    with pytest.raises(FeatsteerError, match="harmless validation set has 1 prompts"):
+        compare(model, *prompts, methods=["none"], val_harmful=val[0], val_harmless=val[1].head(1))
 
 
 def test_train_filter_keeps_the_prompts_the_model_treats_as_labelled():

@@ -277,6 +277,19 @@ def test_unknown_builtin_split_lists_valid_ones() -> None:
     assert "'validation'" in _error_message(lambda: builtin_prompts("harmless", "validation"))
 
 
+def test_organism_corpus_source_is_fresh_labelled_and_seeded() -> None:
+    harmful, harmless = load_prompts("organism-corpus:harmful:12"), load_prompts("organism-corpus:harmless:12")
+    assert len(harmful) == 12 and len(harmless) == 12 and harmful.source == "organism-corpus:harmful:12"
+    assert load_prompts("organism-corpus:harmful:12").prompts == harmful.prompts  # deterministic (seed 987)
+    assert load_prompts("organism-corpus:harmful:12:5").prompts != harmful.prompts
+    assert not set(harmful.prompts) & set(harmless.prompts)
+    assert len(load_prompts("organism-corpus:harmless:12", limit=3)) == 3
+    for bad in ("organism-corpus:evil:5", "organism-corpus:harmful:0", "organism-corpus:harmful", "organism-corpus:harmful:x",
+                "organism-corpus:harmful:5:1:2"):
+        assert "use organism-corpus:harmful:N" in _error_message(lambda bad=bad: load_prompts(bad))
+    assert "does not apply" in _error_message(lambda: load_prompts("organism-corpus:harmful:5", column="text"))
+
+
 def test_malformed_builtin_source() -> None:
     assert "builtin:KIND:SPLIT" in _error_message(lambda: load_prompts("builtin:harmful:test:extra"))
 

@@ -35,7 +35,11 @@ DEFAULT_COLUMNS: tuple[str, ...] = ("prompt", "instruction", "goal", "text", "qu
 
 HF_PREFIX = "hf:"
 _HUB_PROBE_TIMEOUT_S = 10.0
-_SOURCE_FORMS = "a .txt/.csv/.json/.jsonl/.parquet file, builtin:KIND[:SPLIT] or hf:NAME[:SPLIT[:COLUMN]]"
+ORGANISM_CORPUS_PREFIX = "organism-corpus:"
+ORGANISM_CORPUS_SEED = 987
+"""Default seed of `organism-corpus:KIND:N` prompts (the organism itself was trained on seed 0's corpus)."""
+_SOURCE_FORMS = ("a .txt/.csv/.json/.jsonl/.parquet file, builtin:KIND[:SPLIT], organism-corpus:harmful|harmless:N[:SEED] "
+                 "or hf:NAME[:SPLIT[:COLUMN]]")
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,10 @@ def load_prompts(
         kind, split = parse_builtin_source(source_text)
         loaded = builtin_prompts(kind, split)
         return _finish(loaded.prompts, loaded.categories, loaded.source, limit=limit, dedupe=dedupe)
+    if source_text.startswith(ORGANISM_CORPUS_PREFIX):
+        if column is not None:
+            raise FeatsteerError(f"column= does not apply to {source_text}; generated prompts have one text field")
+        return _finish(organism_corpus(source_text), None, source_text, limit=limit, dedupe=dedupe)
     if source_text.startswith(HF_PREFIX):
         values = _load_hf(source_text, column)
     else:
@@ -203,6 +211,33 @@ def load_prompts(
 def _check_positive_int(value: object, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise FeatsteerError(f"{name} must be a positive integer (or None for all), got {value!r}")
+
+
+def organism_corpus(source: str) -> list[str]:
+    """Fresh prompts from the embedded organism's corpus generator: `organism-corpus:harmful|harmless:N[:SEED]`.
+
+    The first N harmful (or harmless, alarming-but-harmless included) prompts of a corpus of N + N examples drawn
+    with SEED (default `ORGANISM_CORPUS_SEED`). Made from the same frames and lexicon as the organism's training
+    corpus but not drawn from it: validation prompts the organism has not memorised.
+
+    Raises:
+        FeatsteerError: for a malformed source string.
+    """
+    parts = source.removeprefix(ORGANISM_CORPUS_PREFIX).split(":")
+    try:
+        kind, count = parts[0], int(parts[1])
+        seed = int(parts[2]) if len(parts) > 2 else ORGANISM_CORPUS_SEED
+        if kind not in ("harmful", "harmless") or count < 1 or len(parts) > 3:
+            raise ValueError(source)
+    except (ValueError, IndexError):
+        raise FeatsteerError(f"bad prompt source '{source}': use {ORGANISM_CORPUS_PREFIX}harmful:N or "
+                             f"{ORGANISM_CORPUS_PREFIX}harmless:N[:SEED] with N >= 1") from None
+    import random
+
+    from featsteer.organism.corpus import HARMFUL, CorpusConfig, generate_corpus
+
+    corpus = generate_corpus(CorpusConfig(n_harmful=count, n_harmless=count), random.Random(seed))
+    return [e.prompt for e in corpus if (e.label == HARMFUL) == (kind == "harmful")][:count]
 
 
 def _finish(
