@@ -65,6 +65,15 @@ def organism_val(source: str, n: int = 96) -> tuple[PromptSet, PromptSet] | None
     return load_prompts(data / "advbench_harmful.txt")[:n], PromptSet(tuple(harmless[:n]), "mtbench+ifbench (shuffled, seed 0)")
 
 
+def real_pools() -> tuple[PromptSet, PromptSet]:
+    """AdvBench, and MT-Bench+IFBench shuffled with seed 0: the real-model prompt pools, in the order the sets slice them
+    (training [:256], evaluation [256:356], spare from 356 on)."""
+    data = SHARED / "data"
+    harmless = list(load_prompts(data / "mtbench_harmless.txt")) + list(load_prompts(data / "ifbench_harmless.txt"))
+    random.Random(0).shuffle(harmless)
+    return load_prompts(data / "advbench_harmful.txt"), PromptSet(tuple(harmless), "mtbench+ifbench (shuffled, seed 0)")
+
+
 def prompt_sets(target: str) -> dict[str, PromptSet]:
     if target == "organism":
         return {
@@ -73,11 +82,7 @@ def prompt_sets(target: str) -> dict[str, PromptSet]:
             "eval_harmful": builtin_prompts("harmful", "test"),
             "eval_harmless": builtin_prompts("harmless", "test"),
         }
-    data = SHARED / "data"
-    advbench = load_prompts(data / "advbench_harmful.txt")
-    harmless = list(load_prompts(data / "mtbench_harmless.txt")) + list(load_prompts(data / "ifbench_harmless.txt"))
-    random.Random(0).shuffle(harmless)
-    mixed = PromptSet(tuple(harmless), "mtbench+ifbench (shuffled, seed 0)")
+    advbench, mixed = real_pools()
     return {
         "train_harmful": advbench[:256], "train_harmless": mixed[:256],
         "eval_harmful": advbench[256:356], "eval_harmless": mixed[256:356],

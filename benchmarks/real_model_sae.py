@@ -15,14 +15,20 @@ see `real_model_qwen.md`). Stages, each timed:
    normalised difference of the class means there (the candidate `real_model.py` selection scores at this
    layer and position -1); rank the SAE's features (composite score, harmful-leaning only);
 3. on the same 100 held-out AdvBench prompts: harmful refusal and harmless first-token KL after projecting
-   out of every residual writer (one edit code): the DIM direction, the top feature's decoder row, and the
-   span of the top-k rows.
+   out of every residual writer (one edit code): the DIM direction, the top feature's decoder row, the span
+   of the top-8 rows, and the span of the top-k rows with k picked as `featsteer compare` picks it
+   (`gentlest_within` over 1, 2, 4, 8, 16 on 32 + 32 validation prompts that are neither training nor
+   evaluation prompts: AdvBench and MT-Bench+IFBench from index 356 on).
+
+The trained SAE is kept in `--sae-dir` (default under ~/.cache/featsteer/real-model-sae/) and reused by later
+runs with the same settings, so only the first run pays for the capture and training.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -34,16 +40,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import measure, prompt_sets, qwen_gguf  # noqa: E402
+from abliteration import measure, prompt_sets, qwen_gguf, real_pools  # noqa: E402
 from real_model import Clock  # noqa: E402
 
 from featsteer.activations import capture  # noqa: E402
-from featsteer.datasets import builtin_prompts  # noqa: E402
+from featsteer.compare import VALIDATION_NEW_TOKENS, gentlest_within  # noqa: E402
+from featsteer.datasets import builtin_prompts, load_prompts  # noqa: E402
 from featsteer.directions import difference_in_means  # noqa: E402
 from featsteer.edits import apply_edit  # noqa: E402
-from featsteer.evaluation import KLBase, RefusalTokens  # noqa: E402
-from featsteer.evaluation.behaviour import GenerationConfig  # noqa: E402
-from featsteer.evaluation.metrics import first_token_logprobs  # noqa: E402
+from featsteer.evaluation import KLBase, RefusalDetector, RefusalTokens  # noqa: E402
+from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set  # noqa: E402
+from featsteer.evaluation.metrics import first_token_logprobs, kl_first_token  # noqa: E402
 from featsteer.features import decoder_directions, score_features  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
 from featsteer.sae import load_saes  # noqa: E402
@@ -68,7 +75,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, help="SAE learning rate (default: sae_training's width rule)")
     parser.add_argument("--activation-cache", default="~/.cache/featsteer/sae-activations",
                         help="keep the captured SAE training activations here and reuse them (the capture is the slow part)")
-    parser.add_argument("--top-k", type=int, default=8, help="decoder rows in the subspace method")
+    parser.add_argument("--top-k", type=int, default=8, help="decoder rows in the fixed-k subspace method")
+    parser.add_argument("--pick-ks", default="1,2,4,8,16", help="feature counts the validation pick tries (empty: no pick)")
+    parser.add_argument("--n-val", type=int, default=32, help="validation prompts per set for the pick")
+    parser.add_argument("--sae-dir", help="keep the trained SAE here and reuse it when it is already there "
+                                          "(default: ~/.cache/featsteer/real-model-sae/<model>-L<layer>-x<expansion>-k<k>-<tokens>)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--gen-batch-size", type=int, default=64)
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
@@ -100,23 +111,33 @@ def main() -> None:
     sets = prompt_sets("organism" if args.model == "organism" else "qwen")
     hook = f"blocks.{args.layer}.hook_resid_pre"
     extra: dict = {"settings": vars(args), "hook": hook}
-    with tempfile.TemporaryDirectory(prefix="featsteer-real-sae-") as folder:
-        sources = (str(sae_text(sets, Path(folder))), f"organism-corpus:{args.corpus}")
-        config = TrainConfig(
-            data=DataConfig(model=spec, texts=sources, hook_kind="resid_pre", layers=(args.layer,), tokens=args.tokens,
-                            activation_cache=args.activation_cache),
-            sae=ArchitectureConfig(architecture="topk", expansion=args.expansion, k=args.k),
-            optim=OptimConfig(seed=0, batch_tokens=args.batch_tokens, lr=args.lr), out=str(Path(folder) / "saes"))
-        with clock.stage("sae_train"):
-            metrics = train_saes(config, progress=False)[hook]
-        extra["sae"] = {key: metrics.get(key) for key in METRIC_KEYS}
-        sae = load_saes(Path(folder) / "saes", model)[hook]
+    sae_dir = Path(args.sae_dir or f"~/.cache/featsteer/real-model-sae/{Path(spec).stem}-L{args.layer}-x{args.expansion:g}-k{args.k}-{args.tokens}").expanduser()
+    if (sae_dir / hook / "cfg.json").is_file() and (sae_dir / hook / "metrics.json").is_file():
+        metrics = json.loads((sae_dir / hook / "metrics.json").read_text())
+        extra["sae_reused_from"] = str(sae_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="featsteer-real-sae-") as folder:
+            sources = (str(sae_text(sets, Path(folder))), f"organism-corpus:{args.corpus}")
+            config = TrainConfig(
+                data=DataConfig(model=spec, texts=sources, hook_kind="resid_pre", layers=(args.layer,), tokens=args.tokens,
+                                activation_cache=args.activation_cache),
+                sae=ArchitectureConfig(architecture="topk", expansion=args.expansion, k=args.k),
+                optim=OptimConfig(seed=0, batch_tokens=args.batch_tokens, lr=args.lr), out=str(Path(folder) / "saes"))
+            with clock.stage("sae_train"):
+                metrics = train_saes(config, progress=False)[hook]
+            sae_dir.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(sae_dir, ignore_errors=True)
+            shutil.copytree(Path(folder) / "saes", sae_dir)
+    extra["sae"] = {key: metrics.get(key) for key in METRIC_KEYS}
+    sae = load_saes(sae_dir, model)[hook]
     with clock.stage("capture_last_token"):
         acts = {label: capture(model, sets[f"train_{label}"], [hook], positions="last", label=label, progress=False)
                 for label in ("harmful", "harmless")}
     with clock.stage("rank_features"):
         scores = score_features({hook: sae}, acts["harmful"], acts["harmless"])
         harmful_leaning = scores.select((scores.column("mean_difference") > 0).nonzero().flatten()).sort("composite")
+        ks = [int(k) for k in args.pick_ks.split(",") if k.strip()]
+        ranked = [int(i) for i in harmful_leaning.top(max([args.top_k, *ks])).feature_ids]
         best = harmful_leaning.top(args.top_k)
     ids = [int(i) for i in best.feature_ids]
     dim = difference_in_means(acts["harmful"], acts["harmless"]).direction(hook).float()
@@ -128,10 +149,40 @@ def main() -> None:
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     with clock.stage("base_harmless_prefill"):
         kl_base = KLBase(first_token_logprobs(model, list(sets["eval_harmless"]), batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens))
-    for name, direction in (("dim_abliteration", dim), ("sae_top1_abliteration", top1), (f"sae_top{len(ids)}_abliteration", topk)):
+    methods = [("dim_abliteration", dim), ("sae_top1_abliteration", top1), (f"sae_top{len(ids)}_abliteration", topk)]
+    if ks:
+        with clock.stage("pick_k"):
+            k, extra["pick"] = pick_k(model, sae, ranked, ks, validation_sets(sets, args), gen)
+        methods.append((f"sae_topk_abliteration (k={k}, picked)", decoder_directions(sae, ranked[:k], subspace=k > 1).bases[0]))
+    for name, direction in methods:
         with clock.stage(name), apply_edit(model, direction):
             runs[name] = measure(model, sets, gen, tokens, kl_base, harmless_refusal=False)
         write(model, sets, runs, extra, clock.seconds, args.results_name)
+
+
+def validation_sets(sets: dict, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Prompts for the k pick that are neither training nor evaluation prompts."""
+    if args.model == "organism":
+        return list(load_prompts(f"organism-corpus:harmful:{args.n_val}")), list(load_prompts(f"organism-corpus:harmless:{args.n_val}"))
+    advbench, mixed = real_pools()
+    return list(advbench[356 : 356 + args.n_val]), list(mixed[356 : 356 + args.n_val])
+
+
+def pick_k(model, sae, ranked: list[int], ks: list[int], val: tuple[list[str], list[str]], gen: GenerationConfig) -> tuple[int, dict]:
+    """The feature count `featsteer compare` would pick: lowest validation KL among those within 0.05 of the lowest
+    validation harmful refusal (greedy, 16 new tokens)."""
+    val_gen = GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS, batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens)
+    base = first_token_logprobs(model, val[1], batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens)
+    rows = {}
+    for k in ks:
+        with apply_edit(model, decoder_directions(sae, ranked[:k], subspace=k > 1).bases[0]):
+            refusal = evaluate_set(model, val[0], "validation", val_gen, RefusalDetector()).rate.rate
+            kl = kl_first_token(base, first_token_logprobs(model, val[1], batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens))
+        rows[k] = (refusal, kl)
+        print(f"pick: k={k} validation refusal {refusal:.3f} KL {kl:.4f}", flush=True)
+    chosen = gentlest_within(rows, 0.05)
+    return chosen, {"chosen": chosen, "n_val": [len(val[0]), len(val[1])],
+                    "validation": {str(k): {"refusal_harmful": r, "kl_harmless": kl} for k, (r, kl) in rows.items()}}
 
 
 def write(model, sets, runs, extra, seconds, name: str) -> None:
@@ -166,6 +217,11 @@ def render(payload: dict, name: str) -> None:
              "| method | harmful refused | KL harmless | time |", "|---|---:|---:|---:|"]
     for run, r in payload["runs"].items():
         lines.append(f"| {run} | {r['refused_harmful']}/{r['n_harmful']} | {r['kl_harmless']:.4f} | {payload['timings_s'].get(run, 0):.0f} s |")
+    if "pick" in extra:
+        pick = extra["pick"]
+        rows = "; ".join(f"k={k}: refusal {v['refusal_harmful']:.3f}, KL {v['kl_harmless']:.4f}" for k, v in pick["validation"].items())
+        lines += ["", f"k picked on {pick['n_val'][0]} + {pick['n_val'][1]} validation prompts (neither training nor evaluation prompts) "
+                  f"as `featsteer compare` picks it, the lowest KL within 0.05 of the lowest refusal: **k={pick['chosen']}** ({rows})."]
     lines += ["", f"Top feature's decoder row vs DIM: cosine {extra['top1_cosine_with_dim']:.3f}; norm of DIM inside the span of the "
               f"top {len(extra['top_features'])} rows: {extra['dim_norm_in_topk_span']:.3f}.", "",
               "| rank | feature | composite | AUROC | harmful mean | harmless mean |", "|---:|---:|---:|---:|---:|---:|"]
