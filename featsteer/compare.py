@@ -767,7 +767,7 @@ def _details_html(details: dict) -> str:
         return ""
     text = f"<br><small>{html.escape(details['sae_hook'])} features {html.escape(str(details['sae_features']))}"
     if "sae_validation" in details:
-        rows = "; ".join(f"{label}: " + ", ".join(f"{key.replace('_', ' ')} {value:.3f}" for key, value in row.items())
+        rows = "; ".join(f"{label}: " + ", ".join(f"{key.replace('_', ' ').replace('kl ', 'KL ')} {value:.3f}" for key, value in row.items())
                          for label, row in details["sae_validation"].items())
         text += f"<br>picked {html.escape(details['setting'])} on validation prompts ({html.escape(rows)})"
     return text + "</small>"
