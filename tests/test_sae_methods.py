@@ -206,8 +206,13 @@ def test_compare_with_saes_runs_the_sae_methods_and_records_features(model, prom
     setup = comparison.setup["sae"]
     assert setup["hooks"] == {HOOK: 128} and setup["config"]["top_k"] == 3 and setup["top_features"][0]["feature_id"] == PLANTED
     assert comparison.setup["chosen"] == {}  # no DIM direction was needed
-    saved = json.loads((write_report(comparison, tmp_path / "cmp") / "results.json").read_text())
+    folder = write_report(comparison, tmp_path / "cmp")
+    saved = json.loads((folder / "results.json").read_text())
     assert saved["results"][1]["details"]["sae_features"] == [PLANTED]
+    clamp = by_name["sae_clamp_hook"].details  # k fixed at 3, the clamp value picked from the default grid
+    assert [label.split(",")[0] for label in clamp["sae_validation"]] == ["k=3"] * 4 and clamp["sae_top_k"] == 3
+    assert f"sae_clamp_hook ({clamp['setting']})" in comparison.table()
+    assert f"picked {clamp['setting']} on validation prompts" in (folder / "report.html").read_text()
 
 
 def test_sae_methods_without_saes_are_a_clear_error(model, prompts, tmp_path, capsys):
