@@ -44,13 +44,13 @@ from abliteration import measure, prompt_sets, qwen_gguf, real_pools  # noqa: E4
 from real_model import Clock  # noqa: E402
 
 from featsteer.activations import capture  # noqa: E402
-from featsteer.compare import VALIDATION_NEW_TOKENS, gentlest_within  # noqa: E402
+from featsteer.compare import VALIDATION_NEW_TOKENS, gentlest_within, jailbreak_rows  # noqa: E402
 from featsteer.datasets import builtin_prompts, load_prompts  # noqa: E402
 from featsteer.directions import difference_in_means  # noqa: E402
 from featsteer.edits import apply_edit  # noqa: E402
-from featsteer.evaluation import KLBase, RefusalDetector, RefusalTokens  # noqa: E402
-from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set  # noqa: E402
-from featsteer.evaluation.metrics import first_token_logprobs, kl_first_token  # noqa: E402
+from featsteer.evaluation import KLBase, RefusalTokens  # noqa: E402
+from featsteer.evaluation.behaviour import GenerationConfig  # noqa: E402
+from featsteer.evaluation.metrics import first_token_logprobs  # noqa: E402
 from featsteer.features import decoder_directions, score_features  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
 from featsteer.sae import load_saes  # noqa: E402
@@ -173,12 +173,9 @@ def pick_k(model, sae, ranked: list[int], ks: list[int], val: tuple[list[str], l
     validation harmful refusal (greedy, 16 new tokens)."""
     val_gen = GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS, batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens)
     base = first_token_logprobs(model, val[1], batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens)
-    rows = {}
-    for k in ks:
-        with apply_edit(model, decoder_directions(sae, ranked[:k], subspace=k > 1).bases[0]):
-            refusal = evaluate_set(model, val[0], "validation", val_gen, RefusalDetector()).rate.rate
-            kl = kl_first_token(base, first_token_logprobs(model, val[1], batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens))
-        rows[k] = (refusal, kl)
+    edits = {k: (lambda k=k: apply_edit(model, decoder_directions(sae, ranked[:k], subspace=k > 1).bases[0])) for k in ks}
+    rows = jailbreak_rows(model, edits, val[0], val[1], base, val_gen)
+    for k, (refusal, kl) in rows.items():
         print(f"pick: k={k} validation refusal {refusal:.3f} KL {kl:.4f}", flush=True)
     chosen = gentlest_within(rows, 0.05)
     return chosen, {"chosen": chosen, "n_val": [len(val[0]), len(val[1])],

@@ -122,7 +122,15 @@ class SaeMethodConfig:
 
     def ks(self) -> tuple[int, ...]:
         """The feature counts to try (the fixed one alone when `top_k` is set)."""
-        return (self.top_k,) if self.top_k is not None else self.top_ks
+        return self._fixed(self.top_k) or self.top_ks
+
+    def clamps(self) -> tuple[float, ...]:
+        """The clamp multiples `sae_clamp_hook` tries (the fixed one alone when `clamp_multiple` is set)."""
+        return self._fixed(self.clamp_multiple) or self.clamp_multiples
+
+    def induces(self) -> tuple[float, ...]:
+        """The multiples `sae_topk_induce` tries (the fixed one alone when `induce_multiple` is set)."""
+        return self._fixed(self.induce_multiple) or self.induce_multiples
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -402,6 +410,28 @@ def gentlest_within(rows: Mapping[Any, tuple[float, float]], tolerance: float) -
     return min(eligible, key=lambda key: rows[key][1])
 
 
+def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], contextlib.AbstractContextManager]],
+                   harmful: Sequence[str], harmless: Sequence[str], base: Tensor, gen: GenerationConfig) -> dict[Any, tuple[float, float]]:
+    """`setting -> (generated refusal rate on harmful, first-token KL(base || edited) on harmless)`, each setting's
+    intervention entered in turn: the rows `gentlest_within` picks from.
+
+    Args:
+        model: the model.
+        settings: `setting -> zero-argument context-manager factory` applying it, in the order to try.
+        harmful: validation harmful prompts.
+        harmless: validation harmless prompts.
+        base: the unedited model's first-token log-probs on `harmless`.
+        gen: decoding for the refusal check (its `batch_size` and `max_batch_tokens` also batch the KL prefill).
+    """
+    detector, rows = RefusalDetector(), {}
+    for setting, make in settings.items():
+        with make():
+            refusal = evaluate_set(model, harmful, "validation", gen, detector).rate.rate
+            edited = first_token_logprobs(model, harmless, batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens)
+        rows[setting] = (refusal, kl_first_token(base, edited))
+    return rows
+
+
 def pick_induce_scale(model: ModelAdapter, add: Callable[[float], contextlib.AbstractContextManager], prompts: Sequence[str],
                       scales: Sequence[float] = INDUCE_SCALES, tolerance: float = 0.05,
                       max_new_tokens: int = VALIDATION_NEW_TOKENS) -> tuple[float, dict[float, float]]:
@@ -485,13 +515,9 @@ def _pick_jailbreak(ctx: CompareContext, settings: Sequence[tuple[int, float | N
     if len(settings) == 1:
         return settings[0]
     val_harmful, val_harmless = ctx.validation()
-    gen, detector = GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS), RefusalDetector()
-    rows: dict[tuple[int, float | None], tuple[float, float]] = {}
-    for k, multiple in settings:
-        with make(k, multiple):
-            refusal = evaluate_set(ctx.model, val_harmful, "sae-validation", gen, detector).rate.rate
-            kl = kl_first_token(ctx.validation_base(), first_token_logprobs(ctx.model, val_harmless, batch_size=ctx.direction_config.batch_size))
-        rows[(k, multiple)] = (refusal, kl)
+    rows = jailbreak_rows(ctx.model, {setting: (lambda setting=setting: make(*setting)) for setting in settings}, val_harmful,
+                          val_harmless, ctx.validation_base(), GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS,
+                                                                                batch_size=ctx.direction_config.batch_size))
     chosen = gentlest_within(rows, ctx.sae_config.tolerance)
     ctx.note(sae_validation={_setting_label(*key): {"refusal_harmful": r, "kl_harmless": kl} for key, (r, kl) in rows.items()})
     return chosen
@@ -536,8 +562,7 @@ def _sae_topk(ctx: CompareContext):
                  "k and clamp value picked on validation prompts", needs_saes=True)
 def _sae_clamp(ctx: CompareContext):
     config = ctx.sae_config
-    multiples = (config.clamp_multiple,) if config.clamp_multiple is not None else config.clamp_multiples
-    k, multiple = _pick_jailbreak(ctx, [(k, m) for k in config.ks() for m in multiples], lambda k, m: _feature_clamp(ctx, m, k))
+    k, multiple = _pick_jailbreak(ctx, [(k, m) for k in config.ks() for m in config.clamps()], lambda k, m: _feature_clamp(ctx, m, k))
     _picked(ctx, k, multiple)
     return _feature_clamp(ctx, multiple, k)
 
@@ -552,8 +577,7 @@ def _sae_top1_hook(ctx: CompareContext):
                  "k and multiple picked on validation prompts", needs_saes=True)
 def _sae_induce(ctx: CompareContext):
     config = ctx.sae_config
-    multiples = (config.induce_multiple,) if config.induce_multiple is not None else config.induce_multiples
-    k, multiple = _pick_induce(ctx, [(k, m) for k in config.ks() for m in multiples])
+    k, multiple = _pick_induce(ctx, [(k, m) for k in config.ks() for m in config.induces()])
     _picked(ctx, k, multiple)
     return _feature_clamp(ctx, multiple, k)
 

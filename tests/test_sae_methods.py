@@ -32,6 +32,7 @@ from featsteer.edits import EditConfig, apply_edit
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation import RefusalDetector
 from featsteer.evaluation.behaviour import GenerationConfig
+from featsteer.evaluation.metrics import first_token_logprobs
 from featsteer.features import doubling_sizes, feature_effects, features_needed, screen_features
 from featsteer.models import load_model
 from featsteer.pipeline import DirectionConfig, split
@@ -177,6 +178,8 @@ def test_sae_settings_are_picked_on_validation_prompts_the_ranking_never_read(mo
         if name == "sae_clamp_hook":
             value = notes["sae_edits"][0].get("value", 0.0)
             assert (value == 0.0) == notes["setting"].endswith("x0")
+    # KL is measured against the unedited model, not against the first setting tried
+    torch.testing.assert_close(context.validation_base(), first_token_logprobs(model, val_harmless, batch_size=16), atol=1e-5, rtol=0)
     fixed = CompareContext(model, harmful, harmless, DirectionConfig(n_select=3), saes={HOOK: sae}, sae_config=SaeMethodConfig(top_k=2))
     method_context(fixed, "sae_topk_abliteration")
     assert "sae_validation" not in fixed._notes and fixed._notes["setting"] == "k=2"
