@@ -157,10 +157,13 @@ class CapturedTokens:
     seconds: float
     """Wall time of the capture."""
 
-    def save(self, folder: Path) -> None:
-        """Write the manifest (chunk names relative to `folder`) atomically; call after the last chunk."""
+    def save(self, folder: Path, *, source: str | None = None) -> None:
+        """Write the manifest (chunk names relative to `folder`) atomically; call after the last chunk. `source`
+        (`capture_key` without the budget) lets a larger budget find this capture when it ran out of text."""
         record = {"chunks": [str(Path(chunk).relative_to(folder)) for chunk in self.chunks], "hook_names": list(self.hook_names),
                   "n_tokens": self.n_tokens, "n_texts": self.n_texts, "exhausted": self.exhausted, "seconds": self.seconds}
+        if source is not None:
+            record["source"] = source
         partial = folder / (CAPTURE_MANIFEST + ".partial")
         partial.write_text(json.dumps(record, indent=1))
         partial.replace(folder / CAPTURE_MANIFEST)
@@ -212,21 +215,42 @@ def capture_tokens(
     return CapturedTokens(tuple(chunks), tuple(hooks), n_tokens, n_texts, exhausted, time.perf_counter() - began)
 
 
-def capture_key(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[str], *, tokens: int, chat: bool, start: int) -> str:
-    """Short hash of everything a capture's content depends on."""
+def capture_key(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[str], *, tokens: int | None, chat: bool, start: int) -> str:
+    """Short hash of everything a capture's content depends on; `tokens=None` leaves the token budget out (the
+    key of the source, shared by captures of the same text at any budget)."""
     text_hash = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
-    payload = {"model": model.name, "texts": text_hash, "hooks": list(hooks), "tokens": tokens, "chat": chat, "start": start}
+    payload = {"model": model.name, "texts": text_hash, "hooks": list(hooks), "chat": chat, "start": start}
+    if tokens is not None:
+        payload["tokens"] = tokens
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _exhausted_capture(cache: Path, source: str, tokens: int) -> Path | None:
+    """A finished capture in `cache` of the same source that ran out of text at or below `tokens` rows: any budget
+    from its row count up captures exactly the same rows, so it can stand in for this one."""
+    for manifest in sorted(Path(cache).glob(f"*/{CAPTURE_MANIFEST}")):
+        try:
+            record = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("source") == source and record.get("exhausted") and record.get("n_tokens", tokens + 1) <= tokens:
+            return manifest.parent
+    return None
 
 
 def cached_capture(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[str], cache: Path, *, tokens: int, chat: bool = True,
                    start: int = 0, **capture_options) -> CapturedTokens:
     """`capture_tokens` kept in `cache/<key>/` and reused by any later run with the same model, texts, hooks,
-    token budget and first position, so a sweep over SAE settings captures once.
+    token budget and first position, so a sweep over SAE settings captures once. A capture that ran out of text
+    also serves every larger budget (the same rows would be captured), so a longer training run on the same text
+    does not capture again.
 
     A folder without its manifest is an interrupted capture: it is removed and captured again.
     """
     folder = Path(cache) / capture_key(model, texts, hooks, tokens=tokens, chat=chat, start=start)
+    source = capture_key(model, texts, hooks, tokens=None, chat=chat, start=start)
+    if not (folder / CAPTURE_MANIFEST).is_file() and (earlier := _exhausted_capture(Path(cache), source, tokens)) is not None:
+        folder = earlier
     if (folder / CAPTURE_MANIFEST).is_file():
         logger.info("reusing the activations captured in %s", folder)
         return CapturedTokens.load(folder)
@@ -234,7 +258,7 @@ def cached_capture(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[st
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     captured = capture_tokens(model, texts, hooks, folder, tokens=tokens, chat=chat, start=start, **capture_options)
-    captured.save(folder)
+    captured.save(folder, source=source)
     return captured
 
 

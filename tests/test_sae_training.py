@@ -206,3 +206,24 @@ def test_activation_cache_captures_once_and_a_broken_capture_is_redone(tmp_path,
     assert redone.n_tokens == first.n_tokens and (first.chunks[0].parent / "captured.json").is_file()
     other = cached_capture(model, texts[:6], [HOOK], tmp_path / "cache", tokens=10_000, progress=False)
     assert other.chunks[0].parent != first.chunks[0].parent and other.n_tokens < first.n_tokens
+
+
+def test_activation_cache_serves_a_larger_budget_from_a_capture_that_ran_out_of_text(tmp_path, monkeypatch):
+    model = load_model("tiny:llama")
+    texts = [f"Sentence number {i} is here." for i in range(12)]
+    first = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=10_000, progress=False)
+    assert first.exhausted and first.n_tokens < 10_000
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("captured again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("sae_training.data.capture_tokens", no_capture)
+        larger = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=50_000, progress=False)
+    assert larger == first
+    smaller = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=first.n_tokens // 2, progress=False)
+    assert not smaller.exhausted and smaller.chunks[0].parent != first.chunks[0].parent
+    with monkeypatch.context() as patch:  # the budget-limited capture is no stand-in for a larger budget
+        patch.setattr("sae_training.data.capture_tokens", no_capture)
+        again = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=60_000, progress=False)
+    assert again == first
