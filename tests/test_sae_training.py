@@ -188,14 +188,16 @@ def test_activation_batches_leave_out_rows_above_the_norm_bound(tmp_path):
     assert norm_limit(captured.chunks, HOOK, None) is None
 
 
+def no_capture(*args, **kwargs):
+    """Stands in for `capture_tokens` where the cache must answer."""
+    raise AssertionError("captured again")
+
+
 def test_activation_cache_captures_once_and_a_broken_capture_is_redone(tmp_path, monkeypatch):
     model = load_model("tiny:llama")
     texts = [f"Sentence number {i} is here." for i in range(12)]
     first = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=10_000, progress=False)
     assert (first.chunks[0].parent / "captured.json").is_file()
-
-    def no_capture(*args, **kwargs):
-        raise AssertionError("captured again")
 
     with monkeypatch.context() as patch:
         patch.setattr("sae_training.data.capture_tokens", no_capture)
@@ -213,9 +215,6 @@ def test_activation_cache_serves_a_larger_budget_from_a_capture_that_ran_out_of_
     texts = [f"Sentence number {i} is here." for i in range(12)]
     first = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=10_000, progress=False)
     assert first.exhausted and first.n_tokens < 10_000
-
-    def no_capture(*args, **kwargs):
-        raise AssertionError("captured again")
 
     with monkeypatch.context() as patch:
         patch.setattr("sae_training.data.capture_tokens", no_capture)
