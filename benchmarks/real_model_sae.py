@@ -68,10 +68,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", help="model spec instead of the Qwen GGUF (e.g. organism, for a smoke run)")
     parser.add_argument("--layer", type=int, default=16)
     parser.add_argument("--corpus", type=int, default=8000, help="generated prompts added to the SAE text")
-    parser.add_argument("--tokens", type=int, default=1_200_000, help="SAE training tokens (the captured text is cycled)")
+    parser.add_argument("--tokens", type=int, default=4_000_000, help="SAE training tokens (the captured text is cycled)")
     parser.add_argument("--expansion", type=float, default=4.0)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--batch-tokens", type=int, default=4096, help="SAE activations per optimiser step")
+    parser.add_argument("--batch-tokens", type=int, default=2048, help="SAE activations per optimiser step")
     parser.add_argument("--lr", type=float, help="SAE learning rate (default: sae_training's width rule)")
     parser.add_argument("--activation-cache", default="~/.cache/featsteer/sae-activations",
                         help="keep the captured SAE training activations here and reuse them (the capture is the slow part)")
@@ -209,7 +209,9 @@ def render(payload: dict, name: str) -> None:
              f"Tokens from position {m['first_position']} on (the chat-template head before it is the same in every prompt). "
              f"CE: clean {m['ce_clean']:.3f}, spliced {m['ce_spliced']:.3f}, zero-ablated {m['ce_zero_ablated']:.3f} (nats per response token). "
              f"Optimiser: {m['train_tokens'] // (m.get('batch_tokens') or 4096)} steps of {m.get('batch_tokens') or 4096} tokens, "
-             f"lr {m.get('lr') or float('nan'):.2g}, {m['epochs']:.1f} passes over the captured tokens.", "",
+             f"lr {m.get('lr') or float('nan'):.2g}, {m['epochs']:.1f} passes over the captured tokens."
+             + (" The capture was made by an earlier run and read back from the activation cache (this run's SAE stage "
+                f"took {payload['timings_s']['sae_train']:.0f} s)." if payload["timings_s"].get("sae_train", 1e12) < m["capture_seconds"] + m["train_seconds"] else ""), "",
              "## Projected out of every residual writer", "",
              "| method | harmful refused | KL harmless | time |", "|---|---:|---:|---:|"]
     for run, r in payload["runs"].items():
