@@ -1,7 +1,7 @@
 """Every direction source on a real model, one process: DIM, probes and SAE features on Qwen2.5-Coder-0.5B.
 
     python benchmarks/real_model.py                       # writes benchmarks/results/real_model_qwen.{json,md}
-    python benchmarks/real_model.py --sae-tokens 60000 --probe-layers 4,8,12,16,20
+    python benchmarks/real_model.py --sae-dir ~/.cache/featsteer/real-model-sae/qwen2.5-coder-0.5b-instruct-q4_k_m-L16-x4-k32-4000000
 
 Needs `../shared/models/fetch_real_models.sh qwen` and the real prompt sets in `../shared/data`. The prompt
 sets are those of `abliteration.py --target qwen`: directions, probes and SAE features are fitted on the first
@@ -10,9 +10,11 @@ and 100 held-out harmless prompts with the same greedy decoding and refusal dete
 
 Stages (each timed): the base model; Arditi-style DIM selection; DIM abliteration and its norm-preserving
 variant; DIM activation addition (induce); linear- and whitened-probe directions at the DIM layer as weight
-projections; a topk SAE trained with `sae_training` at the DIM layer (tokens/s, explained variance, L0),
-its features ranked, and the top-1 / top-k decoder rows projected out; the probe sweep (accuracy,
-selectivity per layer) on the layers given.
+projections; with `--sae-dir`, an SAE at the DIM layer (trained and kept by `real_model_sae.py`), its
+features ranked, and the top-1 / top-k decoder rows projected out; the probe sweep (accuracy, selectivity per
+layer) on the layers given. This script no longer trains an SAE itself: its old default (60,000 tokens) gave an
+SAE with explained variance near zero, and a useful one needs about an hour of capture and training on this
+machine, which `real_model_sae.py` does once and caches.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import argparse
 import hashlib
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -67,22 +68,6 @@ class Clock:
         return _Stage()
 
 
-def train_sae(spec: str, texts: list[str], layer: int, tokens: int, expansion: float, k: int, out: Path) -> dict:
-    """One topk SAE at `blocks.{layer}.hook_resid_pre`, trained by `sae_training` on chat-formatted prompts."""
-    from sae_training.config import ArchitectureConfig, DataConfig, OptimConfig, TrainConfig
-    from sae_training.train import train_saes
-
-    text_file = out / "texts.txt"
-    text_file.write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n")
-    config = TrainConfig(
-        data=DataConfig(model=spec, texts=(str(text_file),), hook_kind="resid_pre", layers=(layer,), tokens=tokens, eval_prompts=48),
-        sae=ArchitectureConfig(architecture="topk", expansion=expansion, k=k),
-        optim=OptimConfig(batch_tokens=2048),
-        out=str(out / "saes"),
-    )
-    return train_saes(config, progress=False)[f"blocks.{layer}.hook_resid_pre"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -94,9 +79,8 @@ def main() -> None:
     parser.add_argument("--verify-top", type=int, default=4, help="search trials verified by generation")
     parser.add_argument("--search-dir", type=Path,
                         help="keep the search study here; a later run with a larger --search resumes it (default: temporary)")
-    parser.add_argument("--sae-tokens", type=int, default=60_000, help="SAE training tokens")
-    parser.add_argument("--sae-expansion", type=float, default=4.0)
-    parser.add_argument("--sae-k", type=int, default=32)
+    parser.add_argument("--sae-dir", type=Path, help="trained SAEs (sae_lens layout, e.g. the folder real_model_sae.py keeps) "
+                        "with one at the DIM layer's resid_pre; without it the SAE stage is skipped")
     parser.add_argument("--sae-top-k", type=int, default=8)
     parser.add_argument("--probe-layers", default="4,8,12,16,20", help="layers of the probe sweep")
     parser.add_argument("--probe-effect-prompts", type=int, default=16, help="held-out prompts per class for the sweep's ablation effects")
@@ -126,6 +110,9 @@ def main() -> None:
         render(json.loads((RESULTS / f"{args.results_name}.json").read_text()), args.results_name)
         return
     skip = set(filter(None, args.skip.split(",")))
+    if args.sae_dir is not None and "sae" not in skip and not args.sae_dir.expanduser().is_dir():
+        raise SystemExit(f"--sae-dir {args.sae_dir} is not a folder: train an SAE with python benchmarks/real_model_sae.py "
+                         "(it keeps it under ~/.cache/featsteer/real-model-sae/) or pass --skip sae")
     torch.set_num_threads(args.threads)
     clock, runs, extra = Clock(), {}, {"settings": vars(args)}
     spec = args.model or str(qwen_gguf())
@@ -201,6 +188,10 @@ def main() -> None:
     # probe directions at the DIM layer, last token, as weight projections (same edit code)
     hook = chosen.hook
     acts = {}
+    if args.sae_dir is None and "sae" not in skip:
+        print("SAE stage skipped: pass --sae-dir with an SAE trained at the DIM layer (python benchmarks/real_model_sae.py "
+              "trains one and keeps it under ~/.cache/featsteer/real-model-sae/)", flush=True)
+        skip.add("sae")
     if not {"sae", "probe_dirs"} <= skip:  # only these stages read the DIM-layer activations
         with clock.stage("probe_capture"):
             acts = {label: capture(model, sets[f"train_{label}"], [hook], positions="last", batch_size=args.batch_size, label=label)
@@ -249,19 +240,19 @@ def merge_previous(name: str, runs: dict, extra: dict, seconds: dict) -> None:
 
 
 def sae_stage(model, spec, sets, result, args, clock, ablation, extra, acts) -> None:
-    """Train an SAE at the DIM layer, rank its features on the training prompts, project the top rows out."""
-    from featsteer.datasets import builtin_prompts
+    """Load the SAE at the DIM layer from `--sae-dir`, rank its features on the training prompts, project the top
+    rows out."""
     from featsteer.features import decoder_directions
     from featsteer.sae import load_saes
 
-    chosen = result.selection.chosen
-    layer, hook = chosen.layer, f"blocks.{chosen.layer}.hook_resid_pre"
-    texts = list(sets["train_harmful"]) + list(sets["train_harmless"])
-    texts += [p for kind in ("harmful", "harmless", "alarming") for p in builtin_prompts(kind)]
-    with tempfile.TemporaryDirectory(prefix="featsteer-qwen-sae-") as folder:
-        with clock.stage("sae_train"):
-            metrics = train_sae(spec, texts, layer, args.sae_tokens, args.sae_expansion, args.sae_k, Path(folder))
-        saes = load_saes(Path(folder) / "saes", model)
+    hook = f"blocks.{result.selection.chosen.layer}.hook_resid_pre"
+    folder = args.sae_dir.expanduser()
+    if not (folder / hook / "cfg.json").is_file():
+        raise SystemExit(f"--sae-dir {folder} has no SAE at {hook} (the DIM layer this run chose): train one there with "
+                         f"python benchmarks/real_model_sae.py --layer {result.selection.chosen.layer}, or pass --skip sae")
+    saes = {hook: load_saes(folder, model)[hook]}
+    metrics_file = folder / hook / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     with clock.stage("sae_rank"):
         scores = score_features(saes, acts["harmful"], acts["harmless"])
         harmful_leaning = scores.select((scores.column("mean_difference") > 0).nonzero().flatten()).sort("composite")
