@@ -57,6 +57,8 @@ CONFIG_FILE = "training_config.json"
 """The `TrainConfig` of the run, next to each SAE."""
 DEAD_FEATURE_TOKENS = 100_000
 """Training tokens a feature must stay silent on to count as dead in `metrics.json`."""
+DEAD_WARNING = 0.2
+"""Dead-feature fraction above which training ends with a warning that the SAE is likely undertrained."""
 
 
 def seed_everything(seed: int) -> None:
@@ -238,6 +240,10 @@ def train_layer(run: TrainingRun, hook: str) -> dict[str, Any]:
     temporary = folder / (METRICS_FILE + ".partial")
     temporary.write_text(json.dumps(metrics, indent=1))
     temporary.rename(folder / METRICS_FILE)
+    if metrics["dead_fraction"] > DEAD_WARNING:
+        logger.warning("%s: %.0f%% of the SAE's features are dead after %d optimiser steps of %d tokens; it is likely undertrained "
+                       "(on Qwen2.5-0.5B, 292 steps left 48%% dead and 1,953 steps 1%%): raise --tokens or lower --batch-tokens",
+                       hook, 100 * metrics["dead_fraction"], trainer_config.total_training_steps, trainer_config.train_batch_size_samples)
     return metrics
 
 

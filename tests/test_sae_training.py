@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -226,3 +227,17 @@ def test_activation_cache_serves_a_larger_budget_from_a_capture_that_ran_out_of_
         patch.setattr("sae_training.data.capture_tokens", no_capture)
         again = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=60_000, progress=False)
     assert again == first
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 1.0])
+def test_training_warns_when_too_many_features_are_dead(tmp_path, monkeypatch, caplog, threshold):
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"Tell me fact number {i} about the ocean." for i in range(30)))
+    monkeypatch.setattr("sae_training.train.DEAD_WARNING", threshold)
+    caplog.set_level(logging.WARNING, logger="sae_training.train")
+    assert main(["--model", "tiny:llama", "--layers", "0", "--d-sae", "64", "--k", "4", "--tokens", "3000", "--text", str(text),
+                 "--batch-tokens", "128", "--quiet", "--out", str(tmp_path / "out")]) == 0
+    warned = [r.getMessage() for r in caplog.records if "likely undertrained" in r.getMessage()]
+    assert len(warned) == (1 if threshold < 0 else 0)
+    if warned:
+        assert "blocks.0.hook_resid_post" in warned[0] and "optimiser steps of 128 tokens" in warned[0]
