@@ -220,6 +220,10 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
             warm_start = load_warm_start(args.search_warm_start)
     elif args.search_warm_start:
         raise FeatsteerError("--search-warm-start seeds a search: add --search N")
+    if args.method == "sae":
+        return _abliterate_sae(args, mode)
+    if args.sae or args.sae_top_k is not None:
+        raise FeatsteerError("--sae and --sae-top-k go with --method sae")
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
     model = load_model(args.model)
@@ -245,6 +249,45 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     print(f"  harmful   {before.harmful.rate} -> {after.harmful.rate}")
     print(f"  harmless  {before.harmless.rate} -> {after.harmless.rate}")
     handle.export(args.out, extra={"evaluation": {"before": before.to_json(0), "after": after.to_json(2)}, **extra})
+    print(f"wrote {args.out} (loads with `featsteer eval --model {args.out}` or transformers)")
+    return 0
+
+
+def _abliterate_sae(args: argparse.Namespace, mode: str) -> int:
+    """`abliterate --method sae`: project the top SAE features' decoder rows (k as `featsteer compare` picks it)
+    out of every residual writer, check it on the validation prompts and export the model."""
+    from featsteer.compare import CompareContext, SaeMethodConfig, sae_topk_basis
+    from featsteer.edits import EditConfig, apply_edit
+    from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
+    from featsteer.models import load_model
+    from featsteer.sae import load_sae_source
+
+    if not args.sae:
+        raise FeatsteerError("--method sae needs SAEs: add --sae organism|DIR")
+    if mode not in ("orthogonalize", "norm_preserving") or args.search or args.scope != "global" or args.filter_train:
+        raise FeatsteerError("--method sae projects decoder rows out (optionally --norm-preserving): drop --reverse/--induce/--search/--scope/--filter-train")
+    sae_config = SaeMethodConfig(top_k=args.sae_top_k)  # checks the value before anything slow runs
+    harmful, harmless = _load_pair(args)
+    val = _load_val(args)
+    model = load_model(args.model)
+    config = _direction_config(argparse.Namespace(**{**vars(args), "method": "dim"}))
+    ctx = CompareContext(model, harmful, harmless, config, saes=load_sae_source(args.sae, model), sae_config=sae_config, val=val)
+    basis = sae_topk_basis(ctx)
+    details = ctx.details()
+    picked = " (picked on validation)" if "sae_validation" in details else ""
+    print(f"direction: SAE decoder rows of features {details['sae_features']} at {details['sae_hook']}{picked}")
+    for setting, row in details.get("sae_validation", {}).items():
+        print(f"  {setting:>6}: validation refusal {row['refusal_harmful']:.3f}, KL {row['kl_harmless']:.4f}")
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    held_harmful, held_harmless = (s.head(min(args.eval_n, len(s))) for s in ctx.validation_sets())
+    before = evaluate_refusal(model, held_harmful, held_harmless, generation)
+    record = {"method": "sae", "sae_source": args.sae, **details, "prompt_sha256": {"harmful": harmful.sha256, "harmless": harmless.sha256}}
+    handle = apply_edit(model, basis, EditConfig(mode=mode), record=record)
+    after = evaluate_refusal(model, held_harmful, held_harmless, generation)
+    print(f"refusal on validation prompts, before -> after ({mode}):")
+    print(f"  harmful   {before.harmful.rate} -> {after.harmful.rate}")
+    print(f"  harmless  {before.harmless.rate} -> {after.harmless.rate}")
+    handle.export(args.out, extra={"evaluation": {"before": before.to_json(0), "after": after.to_json(2)}})
     print(f"wrote {args.out} (loads with `featsteer eval --model {args.out}` or transformers)")
     return 0
 
@@ -418,11 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--alarming", help="harmless-but-alarming prompts: adds over_refusal_rate")
     ev.set_defaults(run=_cmd_eval)
 
-    def add_direction_args(p: argparse.ArgumentParser) -> None:
+    def add_direction_args(p: argparse.ArgumentParser, extra_methods: tuple[str, ...] = ()) -> None:
         p.add_argument("--model", default="organism")
         p.add_argument("--harmful", required=True, help="file, builtin:harmful[:split], or hf:NAME")
         p.add_argument("--harmless", required=True, help="file, builtin:harmless[:split], or hf:NAME")
-        p.add_argument("--method", default="dim", choices=["dim", "projected", "pca", "svd", "linear", "whitened"])
+        p.add_argument("--method", default="dim", choices=["dim", "projected", "pca", "svd", "linear", "whitened", *extra_methods])
         p.add_argument("--rank", type=int, default=2, help="subspace size for --method svd")
         p.add_argument("--positions", default="post_instruction", help="last | post_instruction | mean_last:K")
         p.add_argument("--n", type=int, help="use the first N prompts of each set")
@@ -443,7 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     dirs.set_defaults(run=_cmd_directions)
 
     abl = sub.add_parser("abliterate", help="edit the weights against the selected direction and export the model")
-    add_direction_args(abl)
+    add_direction_args(abl, extra_methods=("sae",))
+    abl.add_argument("--sae", metavar="SRC", help="SAEs for --method sae: organism | folder of <hook_name>/ SAE folders | one SAE folder")
+    abl.add_argument("--sae-top-k", type=int, help="--method sae: decoder rows projected out (default: picked on the validation prompts "
+                                                   "from 1, 2, 4, 8, 16, as featsteer compare picks it)")
     abl.add_argument("--reverse", action="store_true", help="reverse abliteration: amplify the direction")
     abl.add_argument("--induce", action="store_true", help="amplify and shift embeddings along the direction")
     abl.add_argument("--norm-preserving", action="store_true", help="keep each write column's norm")

@@ -256,10 +256,15 @@ class CompareContext:
         (explicit, or the held-out part of the training prompts), as the direction selection reads them. Never
         ranked on, never evaluated on."""
         n = self.direction_config.n_select
+        harmful, harmless = self.validation_sets()
+        return list(harmful)[:n], list(harmless)[:n]
+
+    def validation_sets(self) -> tuple[PromptSet, PromptSet]:
+        """The whole validation sets (explicit, or the held-out part of the training prompts)."""
         if self.val is not None:
-            return list(self.val[0])[:n], list(self.val[1])[:n]
+            return self.val
         fraction = self.direction_config.val_fraction
-        return list(split(self.harmful, fraction)[1])[:n], list(split(self.harmless, fraction)[1])[:n]
+        return split(self.harmful, fraction)[1], split(self.harmless, fraction)[1]
 
     def validation_base(self) -> Tensor:
         """The unedited model's first-token log-probs on the validation harmless prompts (computed once)."""
@@ -270,6 +275,10 @@ class CompareContext:
     def note(self, **details: Any) -> None:
         """Record what the running method used (hook, features, edits); kept in its `MethodResult.details`."""
         self._notes.update(details)
+
+    def details(self) -> dict[str, Any]:
+        """A copy of what has been noted so far (`note`), e.g. for an exported edit's provenance."""
+        return dict(self._notes)
 
 
 Method = Callable[[CompareContext], contextlib.AbstractContextManager]
@@ -552,10 +561,21 @@ def _sae_top1(ctx: CompareContext):
 @register_method("sae_topk_abliteration", "span of the top-k SAE decoder rows (best layer) orthogonalised out of every writer; "
                  "k picked on validation prompts", needs_saes=True)
 def _sae_topk(ctx: CompareContext):
+    return _basis_edit(ctx, sae_topk_basis(ctx), EditConfig())
+
+
+def sae_topk_basis(ctx: CompareContext) -> Tensor:
+    """The basis `sae_topk_abliteration` projects out: the top-k decoder rows at the best feature's hook (an
+    orthonormal basis; the unit row for k = 1), with k fixed by `ctx.sae_config.top_k` or picked on the validation
+    prompts (`gentlest_within`). The hook, features, validation rows and the pick are noted (`ctx.details()`).
+
+    Raises:
+        FeatsteerError: if the context has no SAEs, or no feature leans harmful.
+    """
     k, _ = _pick_jailbreak(ctx, [(k, None) for k in ctx.sae_config.ks()],
                            lambda k, _: _basis_edit(ctx, _sae_basis(ctx, k), EditConfig()))
     _picked(ctx, k, None)
-    return _basis_edit(ctx, _sae_basis(ctx, k), EditConfig())
+    return _sae_basis(ctx, k)
 
 
 @register_method("sae_clamp_hook", "top-k SAE refusal features clamped at their layer (SAE spliced with error term); "

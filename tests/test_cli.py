@@ -142,3 +142,41 @@ def test_directions_train_filter_records_what_it_kept(capsys, tmp_path):
     assert code == 0, err
     provenance = json.loads(next((tmp_path / "dirs" / "candidates").glob("*.json")).read_text())["provenance"]
     assert provenance["train_filter"]["harmful"]["total"] == 12 and provenance["n_harmful_train"] == provenance["train_filter"]["harmful"]["kept"]
+
+
+def test_abliterate_sae_projects_the_picked_decoder_rows_out_and_exports(capsys, tmp_path):
+    import torch
+
+    from featsteer.compare import gentlest_within
+    from featsteer.features import decoder_directions
+    from featsteer.models import load_model
+    from featsteer.sae import load_sae_source
+
+    common = ["--model", "organism", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "48",
+              "--val-harmful", "organism-corpus:harmful:12", "--val-harmless", "organism-corpus:harmless:12", "--n-select", "12",
+              "--eval-n", "6", "--max-new-tokens", "8", "--method", "sae", "--sae", "organism"]
+    out = tmp_path / "picked"
+    code, stdout, err = _run(capsys, "abliterate", *common, "--out", str(out))
+    assert code == 0, err
+    record = json.loads((out / "featsteer.json").read_text())
+    assert record["method"] == "sae" and record["sae_source"] == "organism"
+    rows = {int(label.split("=")[1]): (r["refusal_harmful"], r["kl_harmless"]) for label, r in record["sae_validation"].items()}
+    assert sorted(rows) == [1, 2, 4, 8, 16] and gentlest_within(rows, 0.05) == record["sae_top_k"] == len(record["sae_features"])
+    assert f"features {record['sae_features']} at {record['sae_hook']} (picked on validation)" in stdout
+
+    base, edited = load_model("organism"), load_model(str(out))
+    sae = load_sae_source("organism", base)[record["sae_hook"]]
+    basis = decoder_directions(sae, record["sae_features"], subspace=len(record["sae_features"]) > 1).bases[0].double()
+    embed = lambda m: m.model.get_input_embeddings().weight.detach().double()  # noqa: E731
+    assert float((embed(base) @ basis.T).abs().max()) > 1e-2  # the rows were there ...
+    assert float((embed(edited) @ basis.T).abs().max()) < 1e-4  # ... and are projected out of the exported model
+    assert torch.equal(embed(base), embed(load_model("organism")))  # the shipped model is untouched
+
+    code, _, err = _run(capsys, "abliterate", *common, "--sae-top-k", "1", "--out", str(tmp_path / "fixed"))
+    record = json.loads((tmp_path / "fixed" / "featsteer.json").read_text())
+    assert code == 0 and len(record["sae_features"]) == 1 and "sae_validation" not in record
+    for extra, message in ((["--reverse"], "--method sae projects decoder rows out"), (["--sae-top-k", "0"], "top_k must be at least 1")):
+        code, _, err = _run(capsys, "abliterate", *common, *extra, "--out", str(tmp_path / "bad"))
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    code, _, err = _run(capsys, "abliterate", *common[:-2], "--out", str(tmp_path / "bad"))
+    assert code == 2 and "--method sae needs SAEs" in err
