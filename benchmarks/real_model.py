@@ -197,7 +197,7 @@ def main() -> None:
             acts = {label: capture(model, sets[f"train_{label}"], [hook], positions="last", batch_size=args.batch_size, label=label)
                     for label in ("harmful", "harmless")}
     if "sae" not in skip:
-        sae_stage(model, spec, sets, result, args, clock, ablation, extra, acts)
+        sae_stage(model, result, args, clock, ablation, extra, acts)
     for source in () if "probe_dirs" in skip else ("linear", "whitened"):
         direction = find_directions(acts["harmful"], acts["harmless"], source).direction(hook)
         extra[f"{source}_cosine_with_dim"] = float(direction @ result.chosen_basis[0] / result.chosen_basis[0].norm())
@@ -239,18 +239,18 @@ def merge_previous(name: str, runs: dict, extra: dict, seconds: dict) -> None:
     extra["settings"]["merged_from"] = previous["date"]
 
 
-def sae_stage(model, spec, sets, result, args, clock, ablation, extra, acts) -> None:
+def sae_stage(model, result, args, clock, ablation, extra, acts) -> None:
     """Load the SAE at the DIM layer from `--sae-dir`, rank its features on the training prompts, project the top
     rows out."""
     from featsteer.features import decoder_directions
-    from featsteer.sae import load_saes
+    from featsteer.sae import load_sae
 
     hook = f"blocks.{result.selection.chosen.layer}.hook_resid_pre"
     folder = args.sae_dir.expanduser()
     if not (folder / hook / "cfg.json").is_file():
         raise SystemExit(f"--sae-dir {folder} has no SAE at {hook} (the DIM layer this run chose): train one there with "
                          f"python benchmarks/real_model_sae.py --layer {result.selection.chosen.layer}, or pass --skip sae")
-    saes = {hook: load_saes(folder, model)[hook]}
+    saes = {hook: load_sae(folder / hook, model, hook)}
     metrics_file = folder / hook / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     with clock.stage("sae_rank"):

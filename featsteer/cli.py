@@ -151,10 +151,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _direction_config(args: argparse.Namespace):
+def _direction_config(args: argparse.Namespace, method: str | None = None):
     from featsteer.pipeline import DirectionConfig
 
-    return DirectionConfig(method=args.method, rank=args.rank, positions=args.positions, n_select=args.n_select,
+    return DirectionConfig(method=method or args.method, rank=args.rank, positions=args.positions, n_select=args.n_select,
                            kl_threshold=args.kl_threshold, batch_size=args.batch_size, filter_train=args.filter_train)
 
 
@@ -244,12 +244,20 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
         handle = found.apply(model, result, record={"method": args.method, "search": found.best})
     else:
         handle = abliterate(model, result, edit, scope=args.scope)
-    after = evaluate_refusal(model, held_harmful, held_harmless, config)
-    print(f"refusal on held-out prompts, before -> after ({mode}):")
+    return _check_and_export(model, handle, (held_harmful, held_harmless), before, config, mode, args.out, "held-out", extra)
+
+
+def _check_and_export(model, handle, held: tuple, before, config, mode: str, out: str, prompts: str, extra: dict) -> int:
+    """Refusal on the `held` (harmful, harmless) prompts with the edit applied, printed against `before` (the same
+    prompts unedited); then export the edited model."""
+    from featsteer.evaluation.behaviour import evaluate_refusal
+
+    after = evaluate_refusal(model, *held, config)
+    print(f"refusal on {prompts} prompts, before -> after ({mode}):")
     print(f"  harmful   {before.harmful.rate} -> {after.harmful.rate}")
     print(f"  harmless  {before.harmless.rate} -> {after.harmless.rate}")
-    handle.export(args.out, extra={"evaluation": {"before": before.to_json(0), "after": after.to_json(2)}, **extra})
-    print(f"wrote {args.out} (loads with `featsteer eval --model {args.out}` or transformers)")
+    handle.export(out, extra={"evaluation": {"before": before.to_json(0), "after": after.to_json(2)}, **extra})
+    print(f"wrote {out} (loads with `featsteer eval --model {out}` or transformers)")
     return 0
 
 
@@ -270,7 +278,7 @@ def _abliterate_sae(args: argparse.Namespace, mode: str) -> int:
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
     model = load_model(args.model)
-    config = _direction_config(argparse.Namespace(**{**vars(args), "method": "dim"}))
+    config = _direction_config(args, method="dim")  # how prompts are split, read and batched; no direction is fitted
     ctx = CompareContext(model, harmful, harmless, config, saes=load_sae_source(args.sae, model), sae_config=sae_config, val=val)
     basis = sae_topk_basis(ctx)
     details = ctx.details()
@@ -283,13 +291,7 @@ def _abliterate_sae(args: argparse.Namespace, mode: str) -> int:
     before = evaluate_refusal(model, held_harmful, held_harmless, generation)
     record = {"method": "sae", "sae_source": args.sae, **details, "prompt_sha256": {"harmful": harmful.sha256, "harmless": harmless.sha256}}
     handle = apply_edit(model, basis, EditConfig(mode=mode), record=record)
-    after = evaluate_refusal(model, held_harmful, held_harmless, generation)
-    print(f"refusal on validation prompts, before -> after ({mode}):")
-    print(f"  harmful   {before.harmful.rate} -> {after.harmful.rate}")
-    print(f"  harmless  {before.harmless.rate} -> {after.harmless.rate}")
-    handle.export(args.out, extra={"evaluation": {"before": before.to_json(0), "after": after.to_json(2)}})
-    print(f"wrote {args.out} (loads with `featsteer eval --model {args.out}` or transformers)")
-    return 0
+    return _check_and_export(model, handle, (held_harmful, held_harmless), before, generation, mode, args.out, "validation", {})
 
 
 def _cmd_steer(args: argparse.Namespace) -> int:

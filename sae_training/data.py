@@ -26,13 +26,12 @@ from tqdm.auto import tqdm
 
 from featsteer.activations import ActivationReader, Positions, capture
 from featsteer.datasets import load_prompts
+from featsteer.datasets.loaders import ORGANISM_CORPUS_PREFIX
 from featsteer.errors import FeatsteerError
 from featsteer.models import ModelAdapter
 
 logger = logging.getLogger(__name__)
 
-ORGANISM_CORPUS_PREFIX = "organism-corpus:"
-"""Text source generating prompts like the embedded organism's training corpus."""
 _FIRST_CHUNK_PROMPTS = 64
 CAPTURE_MANIFEST = "captured.json"
 """Written last into a kept capture folder: its presence marks a finished capture."""
