@@ -213,32 +213,59 @@ def run_search(model, result, sets, gen, tokens, kl_base, n_trials: int, harmles
     starting over (the search's own resume); without it the study lives in a temporary folder. `warm_start`
     is an earlier search's `pareto.json` whose points a new study runs first.
     """
-    import contextlib
-    import tempfile
-
     from featsteer.search import SearchConfig, load_warm_start, search_abliteration
 
     t = time.perf_counter()
     warm = load_warm_start(warm_start) if warm_start else []
     config = SearchConfig(n_trials=n_trials, max_new_tokens=gen.max_new_tokens, batch_size=batch_size or gen.batch_size,
                           verify_top=verify_top, kl_prompts=kl_prompts, position=position)
-    place = contextlib.nullcontext(str(folder)) if folder else tempfile.TemporaryDirectory(prefix="featsteer-search-")
-    with place as where:
+    with _search_folder(folder) as where:
         found = search_abliteration(model, result, where, config, warm_start=warm)
     seconds = time.perf_counter() - t
     with found.apply(model, result):
         measured = measure(model, sets, gen, tokens, kl_base, harmless_refusal=harmless_refusal)
-    measured["search"] = {"n_trials": n_trials, "kl_prompts": kl_prompts, "position": position, "warm_start": str(warm_start) if warm_start else None,
-                          "best_params": found.best["params"] if found.best else None,
-                          "pareto_size": len(found.pareto), "timings": found.timings,
-                          "pareto": [{"number": p["number"], "direction_layer": p["params"]["direction_layer"],
-                                      "direction_scope": p["params"].get("direction_scope", "global"),
-                                      "refusal_score": p["refusal_score"], "refusal_rate_proxy": p["refusal_rate_proxy"],
-                                      "kl": p["kl"], "kl_all": p.get("kl_all", p["kl"]), "verified_refusal": (p.get("verified") or {}).get("refusal_rate"),
-                                      "verified_kl": (p.get("verified") or {}).get("kl"), "verified_kl_answered": (p.get("verified") or {}).get("kl_answered")}
-                                     for p in found.pareto],
-                          "best_number": found.best["number"] if found.best else None}
+    measured["search"] = search_record(found, n_trials, kl_prompts, warm_start) | {"position": position}
     return measured, seconds
+
+
+def run_fixed_search(model, basis, val, sets, gen, tokens, kl_base, n_trials: int, verify_top: int = 8, folder: Path | None = None,
+                     warm: list[dict] | None = None, warm_source: str | None = None, kl_prompts: str = "all",
+                     provenance: dict | None = None, harmless_refusal: bool = False) -> tuple[dict, float]:
+    """`run_search` for one fixed direction or basis (`featsteer.search.search_fixed_abliteration`): only the kernels
+    and strengths are searched, on the `val` (harmful, harmless) prompts; the chosen edit is measured held out."""
+    from featsteer.search import SearchConfig, search_fixed_abliteration
+
+    t = time.perf_counter()
+    config = SearchConfig(n_trials=n_trials, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+                          verify_top=verify_top, kl_prompts=kl_prompts)
+    with _search_folder(folder) as where:
+        found = search_fixed_abliteration(model, basis, val, where, config, warm_start=warm or [], provenance=provenance)
+    seconds = time.perf_counter() - t
+    with found.apply(model):
+        measured = measure(model, sets, gen, tokens, kl_base, harmless_refusal=harmless_refusal)
+    measured["search"] = search_record(found, n_trials, kl_prompts, warm_source)
+    return measured, seconds
+
+
+def _search_folder(folder: Path | None):
+    import contextlib
+    import tempfile
+
+    return contextlib.nullcontext(str(folder)) if folder else tempfile.TemporaryDirectory(prefix="featsteer-search-")
+
+
+def search_record(found, n_trials: int, kl_prompts: str, warm_start) -> dict:
+    """What a benchmark keeps of a search: settings, timings, the chosen point and the Pareto front."""
+    return {"n_trials": n_trials, "kl_prompts": kl_prompts, "warm_start": str(warm_start) if warm_start else None,
+            "best_params": found.best["params"] if found.best else None,
+            "pareto_size": len(found.pareto), "timings": found.timings,
+            "pareto": [{"number": p["number"], "direction_layer": p["params"].get("direction_layer"),
+                        "direction_scope": p["params"].get("direction_scope", "global"),
+                        "refusal_score": p["refusal_score"], "refusal_rate_proxy": p["refusal_rate_proxy"],
+                        "kl": p["kl"], "kl_all": p.get("kl_all", p["kl"]), "verified_refusal": (p.get("verified") or {}).get("refusal_rate"),
+                        "verified_kl": (p.get("verified") or {}).get("kl"), "verified_kl_answered": (p.get("verified") or {}).get("kl_answered")}
+                       for p in found.pareto],
+            "best_number": found.best["number"] if found.best else None}
 
 
 def pareto_table(search: dict | None) -> list[str]:
@@ -253,7 +280,10 @@ def pareto_table(search: dict | None) -> list[str]:
              f"| trial | direction | refusal log-odds | proxy refusal rate | {kl_head} | verified refusal | verified KL |",
              "|---|---|---|---|---|---|---|" + ("---|" if answered else "")]
     for q in search["pareto"]:
-        where = "per layer" if q.get("direction_scope") == "per_layer" else f"layer {q['direction_layer']:.2f}"
+        if q.get("direction_layer") is None:
+            where = "fixed"
+        else:
+            where = "per layer" if q.get("direction_scope") == "per_layer" else f"layer {q['direction_layer']:.2f}"
         verified = "-" if q["verified_refusal"] is None else f"{q['verified_refusal']:.3f}"
         if q.get("verified_kl") is None:
             verified_kl = "-"

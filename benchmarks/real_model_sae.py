@@ -20,6 +20,11 @@ see `real_model_qwen.md`). Stages, each timed:
    (`gentlest_within` over 1, 2, 4, 8, 16 on 32 + 32 validation prompts that are neither training nor
    evaluation prompts: AdvBench and MT-Bench+IFBench from index 356 on).
 
+4. with `--search N`: the kernels and strengths of removing the picked span (the top row when there is no pick)
+   searched for the refusal/KL Pareto front (`featsteer.search.search_fixed_abliteration`; proxy and verification
+   on the validation prompts, classic abliteration as trial 0, optionally warm-started with the chosen kernels of
+   an earlier search), and the chosen edit measured on the same held-out prompts.
+
 The trained SAE is kept in `--sae-dir` (default under ~/.cache/featsteer/real-model-sae/) and reused by later
 runs with the same settings, so only the first run pays for the capture and training.
 """
@@ -40,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import measure, prompt_sets, qwen_gguf, real_pools  # noqa: E402
+from abliteration import measure, pareto_table, prompt_sets, qwen_gguf, real_pools, run_fixed_search  # noqa: E402
 from real_model import Clock  # noqa: E402
 
 from featsteer.activations import capture  # noqa: E402
@@ -80,6 +85,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n-val", type=int, default=32, help="validation prompts per set for the pick")
     parser.add_argument("--sae-dir", help="keep the trained SAE here and reuse it when it is already there "
                                           "(default: ~/.cache/featsteer/real-model-sae/<model>-L<layer>-x<expansion>-k<k>-<tokens>)")
+    parser.add_argument("--search", type=int, default=0, help="optuna trials of the kernel search for the picked span (0: skip)")
+    parser.add_argument("--verify-top", type=int, default=4, help="search trials verified by generation")
+    parser.add_argument("--search-dir", type=Path, help="keep the search study here (a later run with more trials resumes it)")
+    parser.add_argument("--search-kl", choices=["all", "answered"], default="all")
+    parser.add_argument("--warm-start", type=Path, help="a search's pareto.json, or a benchmark results JSON whose searches' chosen "
+                                                         "kernels the new study runs first")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--gen-batch-size", type=int, default=64)
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
@@ -150,6 +161,7 @@ def main() -> None:
     with clock.stage("base_harmless_prefill"):
         kl_base = KLBase(first_token_logprobs(model, list(sets["eval_harmless"]), batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens))
     methods = [("dim_abliteration", dim), ("sae_top1_abliteration", top1), (f"sae_top{len(ids)}_abliteration", topk)]
+    k = 1
     if ks:
         with clock.stage("pick_k"):
             k, extra["pick"] = pick_k(model, sae, ranked, ks, validation_sets(sets, args), gen)
@@ -158,6 +170,31 @@ def main() -> None:
         with clock.stage(name), apply_edit(model, direction):
             runs[name] = measure(model, sets, gen, tokens, kl_base, harmless_refusal=False)
         write(model, sets, runs, extra, clock.seconds, args.results_name)
+    if args.search:
+        basis = decoder_directions(sae, ranked[:k], subspace=k > 1).bases[0]
+        name = f"sae_top{k}_search"
+        with clock.stage(name):
+            runs[name], _ = run_fixed_search(model, basis, validation_sets(sets, args), sets, gen, tokens, kl_base, args.search,
+                                             verify_top=args.verify_top, folder=args.search_dir, warm=warm_start_points(args.warm_start),
+                                             warm_source=args.warm_start, kl_prompts=args.search_kl,
+                                             provenance={"method": "sae", "sae_hook": hook, "sae_features": ranked[:k]})
+        write(model, sets, runs, extra, clock.seconds, args.results_name)
+
+
+def warm_start_points(path: Path | None) -> list[dict]:
+    """Warm-start parameters: a search's `pareto.json` (or folder), or the chosen parameters of every search in a
+    benchmark results JSON (`runs.*.search.best_params`)."""
+    from featsteer.search import load_warm_start
+
+    if path is None:
+        return []
+    if path.is_file() and path.name != "pareto.json":
+        runs = json.loads(path.read_text()).get("runs", {})
+        points = [r["search"]["best_params"] for r in runs.values() if (r.get("search") or {}).get("best_params")]
+        if not points:
+            raise SystemExit(f"{path} has no search with chosen parameters: pass a pareto.json or a results JSON with a search run")
+        return points
+    return load_warm_start(path)
 
 
 def validation_sets(sets: dict, args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -216,6 +253,12 @@ def render(payload: dict, name: str) -> None:
              "| method | harmful refused | KL harmless | time |", "|---|---:|---:|---:|"]
     for run, r in payload["runs"].items():
         lines.append(f"| {run} | {r['refused_harmful']}/{r['n_harmful']} | {r['kl_harmless']:.4f} | {payload['timings_s'].get(run, 0):.0f} s |")
+    for run, r in payload["runs"].items():
+        if r.get("search"):
+            info = r["search"]
+            lines += ["", f"`{run}`: {info['n_trials']} optuna trials over the kernels and strengths of removing the picked span "
+                      f"(warm start: {info['warm_start'] or 'none'}), Pareto front of {info['pareto_size']}, chosen parameters {info['best_params']}."]
+            lines += pareto_table(info)
     if "pick" in extra:
         pick = extra["pick"]
         rows = "; ".join(f"k={k}: refusal {v['refusal_harmful']:.3f}, KL {v['kl_harmless']:.4f}" for k, v in pick["validation"].items())

@@ -210,7 +210,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     mode = "induce" if args.induce else "amplify" if args.reverse else "norm_preserving" if args.norm_preserving else "orthogonalize"
     warm_start: list[dict] = []
     if args.search:  # option clashes are reported before anything slow runs
-        from featsteer.search import SearchConfig, load_warm_start, search_abliteration
+        from featsteer.search import load_warm_start, search_abliteration
 
         if mode not in ("orthogonalize", "norm_preserving"):
             raise FeatsteerError("--search tunes abliteration only: drop --reverse/--induce")
@@ -220,8 +220,12 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
             warm_start = load_warm_start(args.search_warm_start)
     elif args.search_warm_start:
         raise FeatsteerError("--search-warm-start seeds a search: add --search N")
+    if args.directions:
+        return _abliterate_saved(args, mode, warm_start)
+    if args.direction_hook is not None or args.direction_position is not None:
+        raise FeatsteerError("--direction-hook and --direction-position pick a direction from --directions DIR: add it")
     if args.method == "sae":
-        return _abliterate_sae(args, mode)
+        return _abliterate_sae(args, mode, warm_start)
     if args.sae or args.sae_top_k is not None:
         raise FeatsteerError("--sae and --sae-top-k go with --method sae")
     harmful, harmless = _load_pair(args)
@@ -237,14 +241,28 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     extra = {}
     if args.search:
         search_dir = Path(args.search_dir or f"{args.out.rstrip('/')}-search")
-        found = search_abliteration(model, result, search_dir, SearchConfig(n_trials=args.search, mode=mode, max_new_tokens=args.max_new_tokens,
-                                                                               kl_prompts=args.search_kl), warm_start=warm_start)
+        found = search_abliteration(model, result, search_dir, _search_config(args, mode), warm_start=warm_start)
         extra = {"search": {"dir": str(search_dir), "best": found.best}}
-        print(f"search: {args.search} trials, Pareto front and plot in {search_dir}/ ; chosen params {found.best.get('params')}")
+        _print_search(args, found, search_dir)
         handle = found.apply(model, result, record={"method": args.method, "search": found.best})
     else:
         handle = abliterate(model, result, edit, scope=args.scope)
     return _check_and_export(model, handle, (held_harmful, held_harmless), before, config, mode, args.out, "held-out", extra)
+
+
+def _search_config(args: argparse.Namespace, mode: str):
+    from featsteer.search import SearchConfig
+
+    return SearchConfig(n_trials=args.search, mode=mode, max_new_tokens=args.max_new_tokens, kl_prompts=args.search_kl)
+
+
+def _print_search(args: argparse.Namespace, found, search_dir: Path) -> None:
+    best = found.best or {}
+    verified = best.get("verified") or {}
+    print(f"search: {len(found.trials)} trials, {len(found.pareto)} on the Pareto front; Pareto front and plot in {search_dir}/")
+    if verified:
+        print(f"  chosen: trial {best['number']}, validation refusal {verified['refusal_rate']:.3f}, KL {verified.get('kl', best['kl']):.4f}; "
+              f"params {best.get('params')}")
 
 
 def _check_and_export(model, handle, held: tuple, before, config, mode: str, out: str, prompts: str, extra: dict) -> int:
@@ -261,19 +279,21 @@ def _check_and_export(model, handle, held: tuple, before, config, mode: str, out
     return 0
 
 
-def _abliterate_sae(args: argparse.Namespace, mode: str) -> int:
+def _abliterate_sae(args: argparse.Namespace, mode: str, warm_start: list[dict]) -> int:
     """`abliterate --method sae`: project the top SAE features' decoder rows (k as `featsteer compare` picks it)
-    out of every residual writer, check it on the validation prompts and export the model."""
+    out of every residual writer, or with `--search N` out of each writer at the searched strengths; check it on the
+    validation prompts and export the model."""
     from featsteer.compare import CompareContext, SaeMethodConfig, sae_topk_basis
     from featsteer.edits import EditConfig, apply_edit
     from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
     from featsteer.models import load_model
     from featsteer.sae import load_sae_source
+    from featsteer.search import search_fixed_abliteration
 
     if not args.sae:
         raise FeatsteerError("--method sae needs SAEs: add --sae organism|DIR")
-    if mode not in ("orthogonalize", "norm_preserving") or args.search or args.scope != "global" or args.filter_train:
-        raise FeatsteerError("--method sae projects decoder rows out (optionally --norm-preserving): drop --reverse/--induce/--search/--scope/--filter-train")
+    if mode not in ("orthogonalize", "norm_preserving") or args.scope != "global" or args.filter_train:
+        raise FeatsteerError("--method sae projects decoder rows out (optionally --norm-preserving): drop --reverse/--induce/--scope/--filter-train")
     sae_config = SaeMethodConfig(top_k=args.sae_top_k)  # checks the value before anything slow runs
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
@@ -290,8 +310,81 @@ def _abliterate_sae(args: argparse.Namespace, mode: str) -> int:
     held_harmful, held_harmless = (s.head(min(args.eval_n, len(s))) for s in ctx.validation_sets())
     before = evaluate_refusal(model, held_harmful, held_harmless, generation)
     record = {"method": "sae", "sae_source": args.sae, **details, "prompt_sha256": {"harmful": harmful.sha256, "harmless": harmless.sha256}}
-    handle = apply_edit(model, basis, EditConfig(mode=mode), record=record)
-    return _check_and_export(model, handle, (held_harmful, held_harmless), before, generation, mode, args.out, "validation", {})
+    extra = {}
+    if args.search:
+        search_dir = Path(args.search_dir or f"{args.out.rstrip('/')}-search")
+        provenance = {"method": "sae", "sae_source": args.sae, "sae_hook": details["sae_hook"], "sae_features": details["sae_features"]}
+        found = search_fixed_abliteration(model, basis, ctx.validation_sets(), search_dir, _search_config(args, mode),
+                                          warm_start=warm_start, provenance=provenance)
+        _print_search(args, found, search_dir)
+        extra = {"search": {"dir": str(search_dir), "best": found.best}}
+        handle = found.apply(model, record={**record, "search": found.best})
+    else:
+        handle = apply_edit(model, basis, EditConfig(mode=mode), record=record)
+    return _check_and_export(model, handle, (held_harmful, held_harmless), before, generation, mode, args.out, "validation", extra)
+
+
+def _saved_direction(args: argparse.Namespace):
+    """`(basis, record)` of the direction `--directions DIR [--direction-hook H] [--direction-position P]` names."""
+    from featsteer.directions import DirectionSet
+
+    if not Path(args.directions).is_dir():
+        raise FeatsteerError(f"--directions {args.directions} is not a folder: pass a DirectionSet folder such as DIRS/chosen from `featsteer directions`")
+    directions = DirectionSet.load(args.directions)
+    matches = [i for i, (hook, pos) in enumerate(zip(directions.hook_names, directions.positions, strict=True))
+               if (args.direction_hook is None or hook == args.direction_hook) and (args.direction_position is None or pos == args.direction_position)]
+    if not matches:
+        raise FeatsteerError(f"{args.directions} has no direction at {args.direction_hook or 'any hook'} position "
+                             f"{'any' if args.direction_position is None else args.direction_position}: "
+                             f"it has hooks {sorted(set(directions.hook_names))} at positions {sorted(set(directions.positions))}")
+    if len(matches) > 1:
+        raise FeatsteerError(f"{args.directions} holds {len(matches)} matching directions: choose one with --direction-hook "
+                             f"(of {sorted(set(directions.hook_names))}) and --direction-position (of {sorted(set(directions.positions))})")
+    index = matches[0]
+    record = {"method": "saved", "directions": str(args.directions), "direction_method": directions.method,
+              "direction_hook": directions.hook_names[index], "direction_position": directions.positions[index],
+              "direction_provenance": dict(directions.provenance)}
+    return directions.bases[index], record
+
+
+def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict]) -> int:
+    """`abliterate --directions DIR`: edit against a saved direction (nothing is fitted), or with `--search N` search the
+    kernels and strengths of removing it; check on the validation prompts and export."""
+    from featsteer.edits import EditConfig
+    from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, split
+    from featsteer.search import fixed_basis, search_fixed_abliteration
+
+    if args.method != "dim" or args.sae or args.sae_top_k is not None or args.scope != "global" or args.filter_train:
+        raise FeatsteerError("--directions brings its own direction: drop --method/--sae/--sae-top-k/--scope/--filter-train")
+    direction, record = _saved_direction(args)
+    val = _load_val(args)
+    if val is None:
+        harmful, harmless = _load_pair(args)
+        fraction = DirectionConfig().val_fraction
+        val = (split(harmful, fraction)[1], split(harmless, fraction)[1])
+    model = load_model(args.model)
+    basis = fixed_basis(direction, model.d_model)  # a width that does not fit the model is reported before anything runs
+    print(f"direction: {record['direction_method']} from {args.directions} at {record['direction_hook']} position "
+          f"{record['direction_position']} (rank {basis.shape[0]})")
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    held = tuple(s.head(min(args.eval_n, len(s))) for s in val)
+    before = evaluate_refusal(model, *held, generation)
+    extra = {}
+    if args.search:
+        search_dir = Path(args.search_dir or f"{args.out.rstrip('/')}-search")
+        provenance = {k: record[k] for k in ("directions", "direction_method", "direction_hook", "direction_position")}
+        found = search_fixed_abliteration(model, basis, val, search_dir, _search_config(args, mode), warm_start=warm_start,
+                                          provenance={"method": "saved", **provenance})
+        _print_search(args, found, search_dir)
+        extra = {"search": {"dir": str(search_dir), "best": found.best}}
+        handle = found.apply(model, record={**record, "search": found.best})
+    else:
+        from featsteer.edits import apply_edit
+
+        handle = apply_edit(model, basis, EditConfig(mode=mode, alpha=args.alpha, shift=args.shift), record=record)
+    return _check_and_export(model, handle, held, before, generation, mode, args.out, "validation", extra)
 
 
 def _cmd_steer(args: argparse.Namespace) -> int:
@@ -492,6 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--sae", metavar="SRC", help="SAEs for --method sae: organism | folder of <hook_name>/ SAE folders | one SAE folder")
     abl.add_argument("--sae-top-k", type=int, help="--method sae: decoder rows projected out (default: picked on the validation prompts "
                                                    "from 1, 2, 4, 8, 16, as featsteer compare picks it)")
+    abl.add_argument("--directions", metavar="DIR", help="edit against a saved DirectionSet (e.g. DIRS/chosen from `featsteer directions`, "
+                                                         "or one saved from Python) instead of fitting a direction")
+    abl.add_argument("--direction-hook", metavar="HOOK", help="with --directions: which hook's direction, when the set holds several")
+    abl.add_argument("--direction-position", type=int, metavar="P", help="with --directions: which position's direction")
     abl.add_argument("--reverse", action="store_true", help="reverse abliteration: amplify the direction")
     abl.add_argument("--induce", action="store_true", help="amplify and shift embeddings along the direction")
     abl.add_argument("--norm-preserving", action="store_true", help="keep each write column's norm")

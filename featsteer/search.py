@@ -295,6 +295,49 @@ def edit_config_from_dict(data: dict) -> EditConfig:
     return EditConfig(**{**data, **kernels})
 
 
+def fixed_basis(direction: Tensor, d_model: int) -> Float[Tensor, "k d_model"]:
+    """A direction or set of directions as the orthonormal basis a fixed-direction search removes.
+
+    Rows are orthonormalised in order (Gram-Schmidt by QR, signs kept), so a single row comes back as its unit
+    vector and an already orthonormal basis unchanged up to round-off.
+
+    Raises:
+        FeatsteerError: for a width other than `d_model`, NaN/inf, or rows that are zero or linearly dependent.
+    """
+    rows = (direction[None, :] if direction.dim() == 1 else direction).detach().to("cpu", torch.float64)
+    if rows.dim() != 2 or rows.shape[0] < 1:
+        raise FeatsteerError(f"a fixed search direction must be (d_model,) or (k, d_model), got shape {tuple(direction.shape)}")
+    if rows.shape[1] != d_model:
+        raise FeatsteerError(f"the fixed search direction has width {rows.shape[1]} but the model's d_model is {d_model}")
+    if not bool(torch.isfinite(rows).all()):
+        raise FeatsteerError("the fixed search direction contains NaN/inf: recompute it")
+    q, r = torch.linalg.qr(rows.T)
+    diagonal = torch.diagonal(r)
+    if bool((diagonal.abs() <= 1e-9 * rows.norm(dim=1).max().clamp_min(1e-300)).any()):
+        raise FeatsteerError(f"the {rows.shape[0]} fixed search directions are zero or linearly dependent: drop the redundant ones")
+    return (q * torch.sign(diagonal)).T.to(torch.float32).contiguous()
+
+
+def basis_sha256(basis: Tensor) -> str:
+    """Hash of a basis's float32 values, recorded so a resumed fixed-direction study is known to use the same one."""
+    return hashlib.sha256(basis.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _DirectionSource:
+    """What a trial's parameters remove: the interpolated candidate directions of `table` (the DIM search), or one
+    fixed `basis` everywhere (the fixed-direction search, which has no direction parameters)."""
+
+    table: Tensor | None = None
+    basis: Tensor | None = None
+    scopes: tuple[str, ...] = ("global",)
+
+    def directions(self, params: dict, n_layers: int) -> tuple[Tensor, dict[int, Tensor] | None]:
+        if self.basis is not None:
+            return self.basis, None
+        return trial_directions(self.table, params, n_layers)
+
+
 # ---- results ---------------------------------------------------------------------------------------
 @dataclass
 class SearchResult:
@@ -314,6 +357,14 @@ class SearchResult:
     """The configuration of the run that wrote this result."""
     timings: dict = field(default_factory=dict)
     """Wall time: `screen_s`, `verify_s`, `mean_trial_s` (all trials in the study)."""
+    basis: Tensor | None = None
+    """The removed basis of a fixed-direction search (`search_fixed_abliteration`; kept as `basis.safetensors` in its
+    folder); None for a search over candidate directions."""
+
+    @property
+    def fixed(self) -> bool:
+        """Whether the search kept one direction (or basis) fixed and tuned only the kernels and strengths."""
+        return self.setup.get("direction") == "fixed"
 
     def edit_config(self) -> EditConfig:
         """The recommended edit."""
@@ -321,22 +372,35 @@ class SearchResult:
             raise FeatsteerError("the search has no verified trial to recommend: run more trials")
         return edit_config_from_dict(self.best["edit"])
 
-    def direction(self, result: DirectionResult) -> Float[Tensor, " d_model"]:
-        """The recommended (interpolated) direction, rebuilt from the candidates the search ran on.
+    def direction(self, result: DirectionResult | None = None) -> Tensor:
+        """The recommended (interpolated) direction, rebuilt from the candidates the search ran on; for a fixed search
+        the fixed basis (`result` is then not needed).
 
         For a `per_layer` point this is the embedding's direction only: use `directions` or `apply`.
         """
         return self.directions(result)[0]
 
-    def directions(self, result: DirectionResult) -> tuple[Tensor, dict[int, Tensor] | None]:
-        """`(direction, by_layer)` of the recommended point, as `apply_edit` takes them."""
+    def directions(self, result: DirectionResult | None = None) -> tuple[Tensor, dict[int, Tensor] | None]:
+        """`(direction, by_layer)` of the recommended point, as `apply_edit` takes them.
+
+        Raises:
+            FeatsteerError: with no recommended point, or without the candidates (`result`) a search over
+                candidate directions needs.
+        """
         if self.best is None:
             raise FeatsteerError("the search has no verified trial to recommend: run more trials")
+        if self.fixed:
+            if self.basis is None:
+                raise FeatsteerError("this fixed-direction search result has no basis: load it with SearchResult.load(folder)")
+            return self.basis, None
+        if result is None:
+            raise FeatsteerError("this search ran over candidate directions: pass the DirectionResult it ran on")
         table = layer_directions(result.candidates, self.setup["position"], self.setup["kind"])
         return trial_directions(table, self.best["params"], self.setup["n_layers"])
 
-    def apply(self, model: ModelAdapter, result: DirectionResult, record: dict | None = None) -> EditHandle:
-        """Apply the recommended edit to `model` (revert or export it through the returned handle)."""
+    def apply(self, model: ModelAdapter, result: DirectionResult | None = None, record: dict | None = None) -> EditHandle:
+        """Apply the recommended edit to `model` (revert or export it through the returned handle). A fixed search
+        needs no `result`."""
         direction, by_layer = self.directions(result)
         return apply_edit(model, direction, self.edit_config(), record=record, by_layer=by_layer)
 
@@ -353,11 +417,14 @@ class SearchResult:
 
     @classmethod
     def load(cls, path: str | Path) -> SearchResult:
-        """Read `pareto.json` from a search folder."""
+        """Read `pareto.json` (and a fixed search's `basis.safetensors`) from a search folder."""
         file = Path(path) / "pareto.json"
         if not file.is_file():
             raise FeatsteerError(f"{path} holds no search result (pareto.json missing): run the search first")
-        return cls.from_json(json.loads(file.read_text()))
+        loaded = cls.from_json(json.loads(file.read_text()))
+        if loaded.fixed:
+            loaded.basis = _read_basis(Path(path), loaded.setup.get("basis_sha256"))
+        return loaded
 
 
 # ---- the proxy objective ---------------------------------------------------------------------------
@@ -366,7 +433,7 @@ class _Screen:
     """The optuna objective: apply a trial's edit, read first-token logits, revert."""
 
     model: ModelAdapter
-    table: Tensor
+    source: _DirectionSource
     bounds: dict[str, tuple[float, float]]
     config: SearchConfig
     harmful: list[str]
@@ -377,10 +444,10 @@ class _Screen:
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         params = {name: trial.suggest_float(name, low, high) for name, (low, high) in self.bounds.items()}
-        scopes = self.config.space.scopes
+        scopes = self.source.scopes
         params["direction_scope"] = trial.suggest_categorical("direction_scope", list(scopes)) if len(scopes) > 1 else scopes[0]
         start = time.perf_counter()
-        direction, by_layer = trial_directions(self.table, params, self.model.n_layers)
+        direction, by_layer = self.source.directions(params, self.model.n_layers)
         with apply_edit(self.model, direction, edit_from_params(params, self.config.mode), by_layer=by_layer):
             harmful = first_token_logprobs(self.model, self.harmful, batch_size=self.config.batch_size)
             harmless = first_token_logprobs(self.model, self.harmless, batch_size=self.config.batch_size)
@@ -391,8 +458,9 @@ class _Screen:
         seconds = time.perf_counter() - start
         for key, value in {**proxy, "seconds": seconds}.items():
             trial.set_user_attr(key, value)
-        logger.info("trial %d: %s, layer %.2f: refusal score %.3f (rate %.2f) KL %.4f in %.2fs", trial.number, params["direction_scope"],
-                    params["direction_layer"], proxy["refusal_score"], proxy["refusal_rate"], proxy["kl"], seconds)
+        logger.info("trial %d: %s, layer %s: refusal score %.3f (rate %.2f) KL %.4f in %.2fs", trial.number, params["direction_scope"],
+                    f"{params['direction_layer']:.2f}" if "direction_layer" in params else "fixed", proxy["refusal_score"],
+                    proxy["refusal_rate"], proxy["kl"], seconds)
         return proxy[f"refusal_{self.config.refusal_objective}"], proxy["kl"]
 
 
@@ -410,25 +478,13 @@ def _classic_params(bounds: dict[str, tuple[float, float]], layer: int, n_layers
     for writer in ("attn", "mlp"):
         wanted |= {f"{writer}.peak": (n_layers - 1) / 2, f"{writer}.width": float(n_layers),
                    f"{writer}.max_weight": 1.0, f"{writer}.min_fraction": 1.0}
-    classic: dict = {name: min(max(value, bounds[name][0]), bounds[name][1]) for name, value in wanted.items()}
+    classic: dict = {name: min(max(value, bounds[name][0]), bounds[name][1]) for name, value in wanted.items() if name in bounds}
     if len(scopes) > 1:
         classic["direction_scope"] = "global" if "global" in scopes else scopes[0]
     return classic
 
 
 # ---- the search ------------------------------------------------------------------------------------
-def _setup(model: ModelAdapter, result: DirectionResult, config: SearchConfig, position: int, kind: str,
-           bounds: dict, proxy: tuple[list[str], list[str]]) -> dict:
-    provenance = result.candidates.provenance
-    return {"model": model.name, "n_layers": model.n_layers, "method": result.candidates.method, "position": position,
-            "kind": kind, "harmful_sha256": provenance.get("harmful_sha256"), "harmless_sha256": provenance.get("harmless_sha256"),
-            "mode": config.mode, "refusal_objective": config.refusal_objective,
-            "proxy_harmful_sha256": prompt_set_hash(proxy[0]), "proxy_harmless_sha256": prompt_set_hash(proxy[1]),
-            "bounds": {k: list(v) for k, v in bounds.items()}, "scopes": list(config.space.scopes),
-            # recorded only when not the default, so studies from before the option still resume
-            **({"kl_prompts": config.kl_prompts} if config.kl_prompts != "all" else {})}
-
-
 def _open_study(out: Path, setup: dict) -> optuna.Study:
     """Create or resume the study in `out/search.db`, refusing to mix trials of a different set-up."""
     out.mkdir(parents=True, exist_ok=True)
@@ -538,7 +594,7 @@ def _verification_order(pareto: list[dict], config: SearchConfig) -> list[dict]:
     return within + beyond
 
 
-def _verify(study: optuna.Study, model: ModelAdapter, table: Tensor, pareto: list[dict], eval_sets: tuple, config: SearchConfig,
+def _verify(study: optuna.Study, model: ModelAdapter, source: _DirectionSource, pareto: list[dict], eval_sets: tuple, config: SearchConfig,
             detector: RefusalDetector, base: KLBase) -> None:
     """Attach generation results and the KL on the verification prompts to the top Pareto points (cached in the
     study across runs)."""
@@ -550,7 +606,7 @@ def _verify(study: optuna.Study, model: ModelAdapter, table: Tensor, pareto: lis
         if cached is not None and cached.get("key") == key:
             point["verified"] = cached["result"]
             continue
-        direction, by_layer = trial_directions(table, point["params"], model.n_layers)
+        direction, by_layer = source.directions(point["params"], model.n_layers)
         with apply_edit(model, direction, edit_config_from_dict(point["edit"]), by_layer=by_layer):
             point["verified"] = _generate(model, eval_sets, config, detector, base)
         study.set_user_attr(f"verified:{point['number']}", {"key": key, "result": point["verified"]})
@@ -624,8 +680,6 @@ def search_abliteration(
             holding a search with a different set-up.
     """
     config = config or SearchConfig()
-    detector = detector or RefusalDetector()
-    out = Path(out_dir)
     chosen = result.selection.chosen
     kind_match = _HOOK_RE.match(chosen.hook)
     kind = kind_match.group(2) if kind_match else "resid_pre"
@@ -635,6 +689,101 @@ def search_abliteration(
     proxy = tuple(list(s)[: config.n_proxy_prompts] for s in result.val)
     eval_sets = (list(result.val[0] if eval_harmful is None else eval_harmful),
                  list(result.val[1] if eval_harmless is None else eval_harmless))
+    provenance = result.candidates.provenance
+    setup = {"model": model.name, "n_layers": model.n_layers, "method": result.candidates.method, "position": position, "kind": kind,
+             "harmful_sha256": provenance.get("harmful_sha256"), "harmless_sha256": provenance.get("harmless_sha256")}
+    source = _DirectionSource(table=table, scopes=config.space.scopes)
+    return _search(model, source, bounds, chosen.layer, proxy, eval_sets, setup, Path(out_dir), config, detector, warm_start)
+
+
+def search_fixed_abliteration(
+    model: ModelAdapter,
+    direction: Tensor,
+    val: tuple[Sequence[str], Sequence[str]],
+    out_dir: str | Path,
+    config: SearchConfig | None = None,
+    eval_harmful: Sequence[str] | None = None,
+    eval_harmless: Sequence[str] | None = None,
+    detector: RefusalDetector | None = None,
+    warm_start: Sequence[dict] = (),
+    provenance: dict | None = None,
+) -> SearchResult:
+    """Search the kernels and strengths of removing one given direction (or basis) for the refusal/KL Pareto front.
+
+    The same search as `search_abliteration` without its direction parameters: the direction is fixed (an SAE
+    feature's decoder row, the span of several, a probe's weight vector, a saved `DirectionSet` basis), and the
+    trials choose only how strongly each layer's attention and MLP writers and the embedding remove it. Trial 0
+    is classic abliteration of that direction (strength 1 everywhere), so the front always contains it.
+
+    Args:
+        model: the model; edited during each trial and restored exactly afterwards.
+        direction: `(d_model,)` or `(k, d_model)`; orthonormalised (`fixed_basis`) before use.
+        val: `(harmful, harmless)` validation prompts; the first `config.n_proxy_prompts` of each are the proxy's.
+        out_dir: folder for `search.db`, `basis.safetensors`, `pareto.json` and `pareto.png`; an existing study there
+            is resumed if it ran on the same basis and set-up.
+        config: search settings; `SearchConfig()` when None (its direction scopes and `position` do not apply).
+        eval_harmful: held-out harmful prompts for verification; default `val[0]`.
+        eval_harmless: held-out harmless prompts for verification; default `val[1]`.
+        detector: refusal detector for verification; `RefusalDetector()` when None.
+        warm_start: kernel parameters that a new study runs first, after the classic edit (direction parameters of
+            an earlier DIM search are dropped; its per-layer points are skipped).
+        provenance: what the direction is (e.g. `{"method": "sae", "sae_hook": ..., "sae_features": [...]}`),
+            recorded in the result's `setup`; a resumed study must have the same.
+
+    Returns:
+        All trials, the verified Pareto front and the recommended point; `apply(model)` needs no other input.
+
+    Raises:
+        FeatsteerError: for a direction of the wrong width, NaN or linearly dependent rows, empty prompt sets, or a
+            folder holding a search with a different set-up or basis.
+    """
+    config = config or SearchConfig()
+    basis = fixed_basis(direction, model.d_model)
+    if not list(val[0]) or not list(val[1]):
+        raise FeatsteerError("the validation prompt sets are empty: pass at least one harmful and one harmless prompt")
+    bounds = {name: span for name, span in config.space.bounds(model.n_layers, 1).items() if name != "direction_layer"}
+    proxy = tuple(list(s)[: config.n_proxy_prompts] for s in val)
+    eval_sets = (list(val[0] if eval_harmful is None else eval_harmful), list(val[1] if eval_harmless is None else eval_harmless))
+    provenance = dict(provenance or {})
+    setup = {"model": model.name, "n_layers": model.n_layers, "method": provenance.pop("method", "fixed"), "direction": "fixed",
+             "rank": int(basis.shape[0]), "basis_sha256": basis_sha256(basis),
+             **({"provenance": provenance} if provenance else {})}
+    out = Path(out_dir)
+    found = _search(model, _DirectionSource(basis=basis), bounds, 0, proxy, eval_sets, setup, out, config, detector or RefusalDetector(),
+                    warm_start, before_trials=lambda: _write_basis(out, basis))
+    found.basis = basis
+    return found
+
+
+def _write_basis(folder: Path, basis: Tensor) -> None:
+    """Keep a fixed search's basis beside its study (written once, atomically)."""
+    from safetensors.torch import save_file
+
+    file = folder / "basis.safetensors"
+    if file.is_file():
+        return
+    partial = folder / "basis.safetensors.partial"
+    save_file({"basis": basis.contiguous()}, str(partial))
+    partial.rename(file)
+
+
+def _read_basis(folder: Path, expected_sha256: str | None) -> Tensor:
+    from safetensors.torch import load_file
+
+    file = folder / "basis.safetensors"
+    if not file.is_file():
+        raise FeatsteerError(f"{folder} holds a fixed-direction search but no basis.safetensors: copy the whole search folder")
+    basis = load_file(str(file))["basis"]
+    if expected_sha256 is not None and basis_sha256(basis) != expected_sha256:
+        raise FeatsteerError(f"{file} does not match the basis the search ran on (hash differs): restore the search folder")
+    return basis
+
+
+def _search(model: ModelAdapter, source: _DirectionSource, bounds: dict[str, tuple[float, float]], classic_layer: int,
+            proxy: tuple[list[str], list[str]], eval_sets: tuple[list[str], list[str]], setup: dict, out: Path, config: SearchConfig,
+            detector: RefusalDetector | None, warm_start: Sequence[dict], before_trials=None) -> SearchResult:
+    """The search both entry points share: open or resume the study, screen, verify the front, choose, write."""
+    detector = detector or RefusalDetector()
     if not eval_sets[0] or not eval_sets[1]:
         raise FeatsteerError("the verification prompt sets are empty: pass at least one harmful and one harmless prompt")
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
@@ -642,17 +791,24 @@ def search_abliteration(
     proxy_base = KLBase(base_harmless, tuple(bool(r) for r in (refusal_score(base_harmless, tokens) > 0).tolist()))
     if config.kl_prompts == "answered" and all(proxy_base.refused):
         raise FeatsteerError(f"the model refuses all {len(base_harmless)} proxy harmless prompts: no answered prompts for kl_prompts='answered'")
-    study = _open_study(out, _setup(model, result, config, position, kind, bounds, proxy))
-    screen = _Screen(model, table, bounds, config, proxy[0], proxy[1], proxy_base, tokens)
+    setup = {**setup, "mode": config.mode, "refusal_objective": config.refusal_objective,
+             "proxy_harmful_sha256": prompt_set_hash(proxy[0]), "proxy_harmless_sha256": prompt_set_hash(proxy[1]),
+             "bounds": {k: list(v) for k, v in bounds.items()}, "scopes": list(source.scopes),
+             # recorded only when not the default, so studies from before the option still resume
+             **({"kl_prompts": config.kl_prompts} if config.kl_prompts != "all" else {})}
+    study = _open_study(out, setup)
+    if before_trials is not None:
+        before_trials()
+    screen = _Screen(model, source, bounds, config, proxy[0], proxy[1], proxy_base, tokens)
     start = time.perf_counter()
-    _run_trials(study, screen, config, _classic_params(bounds, chosen.layer, model.n_layers, config.space.scopes), warm_start)
+    _run_trials(study, screen, config, _classic_params(bounds, classic_layer, model.n_layers, source.scopes), warm_start)
     screened = time.perf_counter()
     pareto_numbers = {t.number for t in study.best_trials}
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    trials = [_trial_record(t, config.mode, pareto_numbers, config.space.scopes) for t in complete]
+    trials = [_trial_record(t, config.mode, pareto_numbers, source.scopes) for t in complete]
     pareto = sorted((dict(t) for t in trials if t["pareto"]), key=lambda p: (p["kl"], p["refusal_score"]))
     baseline, base = _baseline(study, model, screen, eval_sets, config, detector)
-    _verify(study, model, table, pareto, eval_sets, config, detector, base)
+    _verify(study, model, source, pareto, eval_sets, config, detector, base)
     timings = {"screen_s": screened - start, "verify_s": time.perf_counter() - screened,
                "mean_trial_s": sum(t["seconds"] for t in trials) / max(len(trials), 1)}
     search = SearchResult(trials, pareto, choose_best(pareto, config.max_kl_for_choice, config.kl_prompts), baseline,
@@ -727,6 +883,9 @@ __all__ = [
     "per_layer_directions",
     "trial_directions",
     "search_abliteration",
+    "search_fixed_abliteration",
+    "fixed_basis",
+    "basis_sha256",
     "warm_start_params",
     "write_search",
 ]

@@ -180,3 +180,78 @@ def test_abliterate_sae_projects_the_picked_decoder_rows_out_and_exports(capsys,
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
     code, _, err = _run(capsys, "abliterate", *common[:-2], "--out", str(tmp_path / "bad"))
     assert code == 2 and "--method sae needs SAEs" in err
+
+
+def test_abliterate_sae_search_tunes_the_strengths_of_the_picked_rows_and_exports(capsys, tmp_path):
+    import torch
+
+    from featsteer.features import decoder_directions
+    from featsteer.models import load_model
+    from featsteer.sae import load_sae_source
+    from featsteer.search import SearchResult
+
+    out, search_dir = tmp_path / "searched", tmp_path / "study"
+    code, stdout, err = _run(capsys, "abliterate", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless",
+                             "builtin:harmless:train", "--n", "48", "--val-harmful", "organism-corpus:harmful:8", "--val-harmless",
+                             "organism-corpus:harmless:8", "--eval-n", "4", "--max-new-tokens", "6", "--method", "sae", "--sae", "organism",
+                             "--sae-top-k", "1", "--search", "4", "--search-dir", str(search_dir), "--out", str(out))
+    assert code == 0, err
+    record = json.loads((out / "featsteer.json").read_text())
+    found = SearchResult.load(search_dir)
+    assert found.fixed and found.setup["method"] == "sae" and len(found.trials) == 4
+    assert found.setup["provenance"]["sae_features"] == record["sae_features"] and record["search"]["best"]["number"] == found.best["number"]
+    assert f"search: 4 trials, {len(found.pareto)} on the Pareto front" in stdout
+    # the searched basis is the picked feature's decoder row, and the exported model is that search's edit
+    base = load_model("organism")
+    sae = load_sae_source("organism", base)[record["sae_hook"]]
+    row = decoder_directions(sae, record["sae_features"]).bases[0]
+    torch.testing.assert_close(found.basis, row.reshape(1, -1).float(), atol=1e-6, rtol=0)
+    with found.apply(base):
+        expected = {k: v.clone() for k, v in base.model.state_dict().items()}
+    exported = load_model(str(out)).model.state_dict()
+    assert all(torch.allclose(exported[k].float(), v.float(), atol=1e-6) for k, v in expected.items())
+
+
+def test_abliterate_a_saved_direction_with_and_without_a_search(capsys, tmp_path):
+    import torch
+
+    from featsteer.directions import DirectionSet
+    from featsteer.models import load_model
+    from featsteer.search import SearchResult
+
+    code, _, err = _run(capsys, "directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless",
+                        "builtin:harmless:train", "--n", "32", "--n-select", "6", "--out", str(tmp_path / "dirs"))
+    assert code == 0, err
+    chosen = DirectionSet.load(tmp_path / "dirs" / "chosen")
+    common = ["--model", "organism", "--harmful", "builtin:harmful:val", "--harmless", "builtin:harmless:val", "--n", "16",
+              "--eval-n", "4", "--max-new-tokens", "6"]
+    code, stdout, err = _run(capsys, "abliterate", *common, "--directions", str(tmp_path / "dirs" / "chosen"), "--out", str(tmp_path / "plain"))
+    assert code == 0, err
+    record = json.loads((tmp_path / "plain" / "featsteer.json").read_text())
+    assert record["method"] == "saved" and record["direction_hook"] == chosen.hook_names[0] and record["direction_method"] == "dim"
+    assert f"direction: dim from {tmp_path / 'dirs' / 'chosen'} at {chosen.hook_names[0]}" in stdout
+    direction = chosen.bases[0].double()
+    embed = lambda m: m.model.get_input_embeddings().weight.detach().double()  # noqa: E731
+    assert float((embed(load_model("organism")) @ direction.T).abs().max()) > 1e-2
+    assert float((embed(load_model(str(tmp_path / "plain"))) @ direction.T).abs().max()) < 1e-4
+
+    # one of the candidates, picked by hook and position, with a search over its kernels
+    candidates = DirectionSet.load(tmp_path / "dirs" / "candidates")
+    hook, position = candidates.hook_names[-1], candidates.positions[-1]
+    code, stdout, err = _run(capsys, "abliterate", *common, "--directions", str(tmp_path / "dirs" / "candidates"), "--direction-hook", hook,
+                             "--direction-position", str(position), "--search", "3", "--out", str(tmp_path / "searched"))
+    assert code == 0, err
+    found = SearchResult.load(tmp_path / "searched-search")
+    assert found.fixed and found.setup["method"] == "saved" and found.setup["provenance"]["direction_hook"] == hook
+    torch.testing.assert_close(found.basis, candidates.bases[-1].float(), atol=1e-6, rtol=0)
+    assert json.loads((tmp_path / "searched" / "featsteer.json").read_text())["search"]["best"]["number"] == found.best["number"]
+
+    for extra, message in (
+        (["--directions", str(tmp_path / "dirs" / "candidates")], "matching directions: choose one with --direction-hook"),
+        (["--directions", str(tmp_path / "dirs" / "chosen"), "--direction-hook", "blocks.9.hook_resid_pre"], "has no direction at blocks.9"),
+        (["--directions", str(tmp_path / "missing")], "is not a folder"),
+        (["--directions", str(tmp_path / "dirs" / "chosen"), "--method", "pca"], "--directions brings its own direction"),
+        (["--direction-hook", hook], "pick a direction from --directions DIR"),
+    ):
+        code, _, err = _run(capsys, "abliterate", *common, *extra, "--out", str(tmp_path / "bad"))
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists(), err

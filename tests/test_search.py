@@ -22,10 +22,12 @@ from featsteer.search import (
     edit_config_from_dict,
     edit_from_params,
     first_usable_layer,
+    fixed_basis,
     interpolate_direction,
     layer_directions,
     load_warm_start,
     search_abliteration,
+    search_fixed_abliteration,
     trial_directions,
     warm_start_params,
 )
@@ -349,3 +351,110 @@ def test_kl_on_answered_prompts_leaves_out_the_ones_the_model_refuses(tmp_path):
     assert max(t["kl_all"] - t["kl"] for t in found.trials) > 0.01, "removing refusal should flip the refused harmless prompts"
     with pytest.raises(FeatsteerError, match="kl_prompts"):
         SearchConfig(kl_prompts="some")
+
+
+@pytest.fixture(scope="module")
+def fixed_searched(setup, tmp_path_factory):
+    """A fixed-direction search of 5 trials on two non-orthonormal rows, with the model's weights before it."""
+    model, result = setup
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randn(2, model.d_model, generator=generator)
+    rows[1] += 0.5 * rows[0]
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    out = tmp_path_factory.mktemp("fixed")
+    found = search_fixed_abliteration(model, rows, result.val, out, SearchConfig(n_trials=5, **FAST),
+                                      provenance={"method": "sae", "sae_features": [4, 9]})
+    return found, out, rows, before
+
+
+def test_fixed_search_tunes_only_the_kernels_of_the_given_basis(setup, fixed_searched):
+    from featsteer.evaluation.metrics import KLBase, first_token_logprobs
+
+    model, result = setup
+    found, out, rows, before = fixed_searched
+    assert _same_weights(model, before)
+    assert found.fixed and found.setup["direction"] == "fixed" and found.setup["rank"] == 2
+    assert found.setup["method"] == "sae" and found.setup["provenance"] == {"sae_features": [4, 9]}
+    assert "direction_layer" not in found.setup["bounds"] and found.setup["scopes"] == ["global"]
+    assert all("direction_layer" not in t["params"] and t["params"]["direction_scope"] == "global" for t in found.trials)
+    assert len({json.dumps(t["params"], sort_keys=True) for t in found.trials}) == 5
+    # the basis is orthonormal and spans the given rows
+    basis = found.basis
+    torch.testing.assert_close(basis @ basis.T, torch.eye(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close((rows @ basis.T) @ basis, rows, atol=1e-4, rtol=1e-4)
+    # trial 0 is classic abliteration of that basis: its proxy KL is what a plain edit against the basis gives
+    classic = found.trials[0]
+    assert classic["edit"]["embedding_strength"] == 1.0
+    assert all(LayerKernel.from_dict(classic["edit"][k]).strength(layer) == 1.0 for k in ("attn_kernel", "mlp_kernel") for layer in range(3))
+    proxy = list(result.val[1])[: FAST["n_proxy_prompts"]]
+    base = KLBase(first_token_logprobs(model, proxy, batch_size=8))
+    with search_module.apply_edit(model, rows):  # apply_edit needs an orthonormal basis, so this is not the same edit
+        wrong = base.kls(first_token_logprobs(model, proxy, batch_size=8))[0]
+    with search_module.apply_edit(model, basis):
+        right = base.kls(first_token_logprobs(model, proxy, batch_size=8))[0]
+    assert classic["kl_all"] == pytest.approx(right, rel=1e-5, abs=1e-8)
+    assert abs(wrong - right) > 1e-6, "premise: the un-orthonormalised rows give a different edit"
+    assert _same_weights(model, before)
+
+
+def test_fixed_search_result_loads_and_applies_without_the_direction(setup, fixed_searched):
+    model, _ = setup
+    found, out, _, before = fixed_searched
+    assert (out / "basis.safetensors").is_file() and (out / "pareto.json").is_file()
+    loaded = SearchResult.load(out)
+    assert loaded.fixed and torch.equal(loaded.basis, found.basis) and loaded.best == found.best
+    with loaded.apply(model, record={"method": "sae"}) as handle:
+        edited = {k: v.clone() for k, v in model.model.state_dict().items()}
+        assert handle.record["rank"] == 2
+    assert _same_weights(model, before)
+    with search_module.apply_edit(model, found.basis, found.edit_config()):
+        assert _same_weights(model, edited)
+    with pytest.raises(FeatsteerError, match="no basis"):
+        SearchResult.from_json(json.loads((out / "pareto.json").read_text())).apply(model)
+
+
+def test_fixed_search_resumes_only_with_the_same_basis(setup, fixed_searched, tmp_path):
+    model, result = setup
+    found, out, rows, _ = fixed_searched
+    again = search_fixed_abliteration(model, rows, result.val, out, SearchConfig(n_trials=5, **FAST),
+                                      provenance={"method": "sae", "sae_features": [4, 9]})
+    assert [t["params"] for t in again.trials] == [t["params"] for t in found.trials]
+    with pytest.raises(FeatsteerError, match="basis_sha256"):
+        search_fixed_abliteration(model, rows.flip(0), result.val, out, SearchConfig(n_trials=6, **FAST),
+                                  provenance={"method": "sae", "sae_features": [4, 9]})
+    # a tampered basis file is caught on load
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    from safetensors.torch import save_file
+
+    save_file({"basis": found.basis.flip(0).contiguous()}, str(copy / "basis.safetensors"))
+    with pytest.raises(FeatsteerError, match="does not match"):
+        SearchResult.load(copy)
+    (copy / "basis.safetensors").unlink()
+    with pytest.raises(FeatsteerError, match="no basis.safetensors"):
+        SearchResult.load(copy)
+
+
+def test_a_direction_search_needs_its_candidates_to_apply(setup, searched):
+    model, _ = setup
+    found, _, _ = searched
+    assert not found.fixed
+    with pytest.raises(FeatsteerError, match="pass the DirectionResult"):
+        found.apply(model)
+
+
+def test_fixed_basis_orthonormalises_and_rejects_bad_input():
+    row = torch.tensor([3.0, 4.0, 0.0])
+    assert torch.equal(fixed_basis(row, 3), torch.tensor([[0.6, 0.8, 0.0]]))
+    assert torch.equal(fixed_basis(-row, 3), torch.tensor([[-0.6, -0.8, 0.0]])), "signs are kept"
+    torch.testing.assert_close(fixed_basis(torch.eye(3)[:2] * 2, 3), torch.eye(3)[:2])
+    with pytest.raises(FeatsteerError, match="width 3 but the model's d_model is 4"):
+        fixed_basis(row, 4)
+    with pytest.raises(FeatsteerError, match="NaN"):
+        fixed_basis(torch.tensor([float("nan"), 1.0, 0.0]), 3)
+    with pytest.raises(FeatsteerError, match="linearly dependent"):
+        fixed_basis(torch.stack([row, 2 * row]), 3)
+    with pytest.raises(FeatsteerError, match="linearly dependent"):
+        fixed_basis(torch.zeros(3), 3)
