@@ -15,6 +15,10 @@ Besides the kernels and the (fractional) direction layer, the search picks the d
 direction removed by every writer (`global`), or each block removing the candidate direction of the stream
 it writes into (`per_layer`, heretic's other mode).
 
+`search_fixed_abliteration` runs the same search for one given direction or basis (an SAE feature's decoder row,
+the span of several, a probe's weight vector, a saved `DirectionSet`): it has no direction parameters, only the
+kernels and the embedding strength, and keeps the basis beside its study so the result applies on its own.
+
 Every trial edits the weights inside an `EditHandle` context, so the model is restored bit for bit after
 each trial, even when a trial fails. The proxy only screens: the most promising Pareto points are then
 verified by greedy generation with the refusal detector (refusal rate on held-out harmful prompts and
