@@ -753,7 +753,7 @@ def search_fixed_abliteration(
              "rank": int(basis.shape[0]), "basis_sha256": basis_sha256(basis),
              **({"provenance": provenance} if provenance else {})}
     out = Path(out_dir)
-    found = _search(model, _DirectionSource(basis=basis), bounds, 0, proxy, eval_sets, setup, out, config, detector or RefusalDetector(),
+    found = _search(model, _DirectionSource(basis=basis), bounds, 0, proxy, eval_sets, setup, out, config, detector,
                     warm_start, before_trials=lambda: _write_basis(out, basis))
     found.basis = basis
     return found
