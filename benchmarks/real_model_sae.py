@@ -91,6 +91,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--search-kl", choices=["all", "answered"], default="all")
     parser.add_argument("--warm-start", type=Path, help="a search's pareto.json, or a benchmark results JSON whose searches' chosen "
                                                          "kernels the new study runs first")
+    parser.add_argument("--skip-measure", action="store_true", help="measure only the search's edit, not the four fixed edits")
+    parser.add_argument("--save-direction", type=Path, help="save the picked span (the top row without a pick) here as a DirectionSet, "
+                                                            "for `featsteer abliterate --directions` without the SAE")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--gen-batch-size", type=int, default=64)
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
@@ -166,12 +169,15 @@ def main() -> None:
         with clock.stage("pick_k"):
             k, extra["pick"] = pick_k(model, sae, ranked, ks, validation_sets(sets, args), gen)
         methods.append((f"sae_topk_abliteration (k={k}, picked)", decoder_directions(sae, ranked[:k], subspace=k > 1).bases[0]))
-    for name, direction in methods:
+    picked = decoder_directions(sae, ranked[:k], subspace=k > 1)
+    if args.save_direction:
+        picked.save(args.save_direction)
+    for name, direction in [] if args.skip_measure else methods:
         with clock.stage(name), apply_edit(model, direction):
             runs[name] = measure(model, sets, gen, tokens, kl_base, harmless_refusal=False)
         write(model, sets, runs, extra, clock.seconds, args.results_name)
     if args.search:
-        basis = decoder_directions(sae, ranked[:k], subspace=k > 1).bases[0]
+        basis = picked.bases[0]
         name = f"sae_top{k}_search"
         with clock.stage(name):
             runs[name], _ = run_fixed_search(model, basis, validation_sets(sets, args), sets, gen, tokens, kl_base, args.search,
