@@ -265,6 +265,17 @@ def _print_search(args: argparse.Namespace, found, search_dir: Path) -> None:
               f"params {best.get('params')}")
 
 
+def _fixed_search_edit(args: argparse.Namespace, model, basis, val, mode: str, warm_start: list[dict], provenance: dict, record: dict):
+    """`--search N` for a fixed basis (SAE rows or a saved direction): search its kernels, apply the chosen point.
+    Returns the edit handle and the `search` entry for `featsteer.json`."""
+    from featsteer.search import search_fixed_abliteration
+
+    search_dir = Path(args.search_dir or f"{args.out.rstrip('/')}-search")
+    found = search_fixed_abliteration(model, basis, val, search_dir, _search_config(args, mode), warm_start=warm_start, provenance=provenance)
+    _print_search(args, found, search_dir)
+    return found.apply(model, record={**record, "search": found.best}), {"search": {"dir": str(search_dir), "best": found.best}}
+
+
 def _check_and_export(model, handle, held: tuple, before, config, mode: str, out: str, prompts: str, extra: dict) -> int:
     """Refusal on the `held` (harmful, harmless) prompts with the edit applied, printed against `before` (the same
     prompts unedited); then export the edited model."""
@@ -288,7 +299,6 @@ def _abliterate_sae(args: argparse.Namespace, mode: str, warm_start: list[dict])
     from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
     from featsteer.models import load_model
     from featsteer.sae import load_sae_source
-    from featsteer.search import search_fixed_abliteration
 
     if not args.sae:
         raise FeatsteerError("--method sae needs SAEs: add --sae organism|DIR")
@@ -310,17 +320,11 @@ def _abliterate_sae(args: argparse.Namespace, mode: str, warm_start: list[dict])
     held_harmful, held_harmless = (s.head(min(args.eval_n, len(s))) for s in ctx.validation_sets())
     before = evaluate_refusal(model, held_harmful, held_harmless, generation)
     record = {"method": "sae", "sae_source": args.sae, **details, "prompt_sha256": {"harmful": harmful.sha256, "harmless": harmless.sha256}}
-    extra = {}
     if args.search:
-        search_dir = Path(args.search_dir or f"{args.out.rstrip('/')}-search")
         provenance = {"method": "sae", "sae_source": args.sae, "sae_hook": details["sae_hook"], "sae_features": details["sae_features"]}
-        found = search_fixed_abliteration(model, basis, ctx.validation_sets(), search_dir, _search_config(args, mode),
-                                          warm_start=warm_start, provenance=provenance)
-        _print_search(args, found, search_dir)
-        extra = {"search": {"dir": str(search_dir), "best": found.best}}
-        handle = found.apply(model, record={**record, "search": found.best})
+        handle, extra = _fixed_search_edit(args, model, basis, ctx.validation_sets(), mode, warm_start, provenance, record)
     else:
-        handle = apply_edit(model, basis, EditConfig(mode=mode), record=record)
+        handle, extra = apply_edit(model, basis, EditConfig(mode=mode), record=record), {}
     return _check_and_export(model, handle, (held_harmful, held_harmless), before, generation, mode, args.out, "validation", extra)
 
 
@@ -350,11 +354,11 @@ def _saved_direction(args: argparse.Namespace):
 def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict]) -> int:
     """`abliterate --directions DIR`: edit against a saved direction (nothing is fitted), or with `--search N` search the
     kernels and strengths of removing it; check on the validation prompts and export."""
-    from featsteer.edits import EditConfig
+    from featsteer.edits import EditConfig, apply_edit
     from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
     from featsteer.models import load_model
     from featsteer.pipeline import DirectionConfig, split
-    from featsteer.search import fixed_basis, search_fixed_abliteration
+    from featsteer.search import fixed_basis
 
     if args.method != "dim" or args.sae or args.sae_top_k is not None or args.scope != "global" or args.filter_train:
         raise FeatsteerError("--directions brings its own direction: drop --method/--sae/--sae-top-k/--scope/--filter-train")
@@ -371,19 +375,11 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     held = tuple(s.head(min(args.eval_n, len(s))) for s in val)
     before = evaluate_refusal(model, *held, generation)
-    extra = {}
     if args.search:
-        search_dir = Path(args.search_dir or f"{args.out.rstrip('/')}-search")
-        provenance = {k: record[k] for k in ("directions", "direction_method", "direction_hook", "direction_position")}
-        found = search_fixed_abliteration(model, basis, val, search_dir, _search_config(args, mode), warm_start=warm_start,
-                                          provenance={"method": "saved", **provenance})
-        _print_search(args, found, search_dir)
-        extra = {"search": {"dir": str(search_dir), "best": found.best}}
-        handle = found.apply(model, record={**record, "search": found.best})
+        provenance = {k: record[k] for k in ("method", "directions", "direction_method", "direction_hook", "direction_position")}
+        handle, extra = _fixed_search_edit(args, model, basis, val, mode, warm_start, provenance, record)
     else:
-        from featsteer.edits import apply_edit
-
-        handle = apply_edit(model, basis, EditConfig(mode=mode, alpha=args.alpha, shift=args.shift), record=record)
+        handle, extra = apply_edit(model, basis, EditConfig(mode=mode, alpha=args.alpha, shift=args.shift), record=record), {}
     return _check_and_export(model, handle, held, before, generation, mode, args.out, "validation", extra)
 
 
