@@ -383,30 +383,136 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
     return _check_and_export(model, handle, held, before, generation, mode, args.out, "validation", extra)
 
 
-def _cmd_steer(args: argparse.Namespace) -> int:
-    from featsteer.directions import DirectionSet
-    from featsteer.interventions import Ablate, AddDirection, ConditionalSteer, ProjectionSet, steer
-    from featsteer.models import load_model
+DIRECTION_STEER_MODES = ("ablate", "add", "set", "conditional")
+"""`featsteer steer` modes for a saved direction."""
+FEATURE_STEER_MODES = ("clamp", "scale", "ablate", "add")
+"""`featsteer steer` modes for SAE features (see `featsteer.sae.EDIT_MODES`)."""
 
-    model = load_model(args.model)
+
+def _steer_prompts(args: argparse.Namespace) -> list[str]:
+    from featsteer.datasets import load_prompts
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        prompts += list(load_prompts(args.prompts, column=args.column, limit=args.n).prompts)
+    if not prompts:
+        raise FeatsteerError("steer has no prompts: give --prompt TEXT (repeatable) or --prompts SRC")
+    return prompts
+
+
+def _check_steer_args(args: argparse.Namespace) -> None:
+    """Option clashes, found before any model is loaded."""
+    if (args.directions is None) == (args.sae is None):
+        raise FeatsteerError("steer needs one source: --directions DIR, or --sae SRC with --feature ID")
+    if args.sae is not None:
+        if args.mode not in FEATURE_STEER_MODES:
+            raise FeatsteerError(f"--mode {args.mode} steers a direction: SAE features take --mode {'|'.join(FEATURE_STEER_MODES)}")
+        if not args.feature:
+            raise FeatsteerError("--sae needs the features to edit: --feature ID (repeatable, or comma-separated)")
+        _feature_ids(args.feature)
+        if args.mode in ("clamp", "scale", "add") and (args.value is None) == (args.multiple is None):
+            raise FeatsteerError(f"--mode {args.mode} needs exactly one of --value V or --multiple M (M times each feature's largest activation on the prompts)")
+        if args.mode == "scale" and args.multiple is not None:
+            raise FeatsteerError("--mode scale multiplies by --value; --multiple sets clamp or add amounts")
+    else:
+        if args.mode not in DIRECTION_STEER_MODES:
+            raise FeatsteerError(f"--mode {args.mode} edits SAE features (--sae): a direction takes --mode {'|'.join(DIRECTION_STEER_MODES)}")
+        if args.feature or args.multiple is not None or args.positions is not None:
+            raise FeatsteerError("--feature, --multiple and --positions apply to --sae features, not to --directions")
+
+
+def _feature_ids(specs: Sequence[str]) -> list[int]:
+    ids = []
+    for spec in specs:
+        for part in spec.split(","):
+            try:
+                ids.append(int(part))
+            except ValueError:
+                raise FeatsteerError(f"--feature takes integer feature ids, got '{part}'") from None
+    return list(dict.fromkeys(ids))
+
+
+def _direction_intervention(args: argparse.Namespace, model):
+    from featsteer.directions import DirectionSet
+    from featsteer.interventions import Ablate, AddDirection, ConditionalSteer, ProjectionSet
+
     directions = DirectionSet.load(args.directions)
     index = directions.hook_names.index(args.hook) if args.hook in directions.hook_names else 0
     hook = args.hook or directions.hook_names[index]
+    model.hook_site(hook)
     basis = directions.bases[index]
     vector = basis[0] * float(directions.scores.get("mean_diff_norm", [1.0] * len(directions))[index])
     harmful_projection = directions.scores.get("harmful_projection", [vector.norm().item()] * len(directions))[index]
-    interventions = {
-        "ablate": lambda: Ablate(basis),
-        "add": lambda: AddDirection(vector, args.scale, where=hook),
-        "set": lambda: ProjectionSet(basis[0], args.value if args.value is not None else harmful_projection, where=hook),
-        "conditional": lambda: ConditionalSteer(basis[0], hook, args.threshold, AddDirection(vector, args.scale, where=hook)),
+    value = args.value if args.value is not None else harmful_projection
+    built = {
+        "ablate": lambda: (Ablate(basis), f"ablate the direction from every residual write (rank {basis.shape[0]})"),
+        "add": lambda: (AddDirection(vector, args.scale, where=hook), f"add {args.scale:g} x the mean difference at {hook}"),
+        "set": lambda: (ProjectionSet(basis[0], value, where=hook), f"set the projection to {value:.3g} at {hook}"),
+        "conditional": lambda: (ConditionalSteer(basis[0], hook, args.threshold, AddDirection(vector, args.scale, where=hook)),
+                                f"add {args.scale:g} x the mean difference at {hook} where the cosine exceeds {args.threshold:g}"),
     }
-    prompts = args.prompt
+    return built[args.mode]()
+
+
+def _feature_intervention(args: argparse.Namespace, model, prompts: list[str]):
+    from featsteer.features.effects import max_feature_activations
+    from featsteer.sae import FeatureEdit, FeatureSteer, load_sae_source
+
+    saes = load_sae_source(args.sae, model)
+    if args.hook is None and len(saes) > 1:
+        raise FeatsteerError(f"--sae {args.sae} holds {len(saes)} SAEs: choose one with --hook ({', '.join(saes)})")
+    hook = args.hook or next(iter(saes))
+    if hook not in saes:
+        raise FeatsteerError(f"--sae {args.sae} has no SAE at {hook}: use one of {', '.join(saes)}")
+    sae = saes[hook]
+    features = _feature_ids(args.feature)
+    if max(features) >= sae.cfg.d_sae or min(features) < 0:
+        raise FeatsteerError(f"feature id {max(features)} is out of range: the SAE at {hook} has d_sae={sae.cfg.d_sae} (ids 0..{sae.cfg.d_sae - 1})")
+    maxima = max_feature_activations(model, sae, prompts)[features]
+    for feature, peak in zip(features, maxima.tolist(), strict=True):
+        print(f"feature {feature} at {hook}: largest activation on the prompts {peak:.3f}")
+    if args.mode == "ablate":
+        edits = [FeatureEdit.ablate(features)]
+        what = f"ablate features {features}"
+    elif args.multiple is not None:
+        edits = [FeatureEdit(args.mode, (f,), args.multiple * peak) for f, peak in zip(features, maxima.tolist(), strict=True)]
+        what = f"{args.mode} features {features} {'to' if args.mode == 'clamp' else 'by'} {args.multiple:g} x their largest activation"
+    else:
+        edits = [FeatureEdit(args.mode, tuple(features), args.value)]
+        what = f"{args.mode} features {features} {'by' if args.mode != 'clamp' else 'to'} {args.value:g}"
+    positions = args.positions or "all"
+    return FeatureSteer(sae, edits, positions=positions), f"{what} at {hook} ({positions} tokens)"
+
+
+def _cmd_steer(args: argparse.Namespace) -> int:
+    from featsteer.evaluation import RefusalDetector
+    from featsteer.interventions import steer
+    from featsteer.models import load_model
+
+    _check_steer_args(args)
+    prompts = _steer_prompts(args)
+    model = load_model(args.model)
+    if args.sae is not None:
+        intervention, what = _feature_intervention(args, model, prompts)
+    else:
+        intervention, what = _direction_intervention(args, model)
+    detector = RefusalDetector()
     plain = model.generate(prompts, max_new_tokens=args.max_new_tokens)
-    with steer(model, interventions[args.mode]()):
+    with steer(model, intervention):
         steered = model.generate(prompts, max_new_tokens=args.max_new_tokens)
-    for prompt, a, b in zip(prompts, plain, steered, strict=True):
-        print(f"prompt:  {prompt}\n  plain:   {a}\n  {args.mode + ':':8} {b}")
+    refused = [[detector.is_refusal(text) for text in texts] for texts in (plain, steered)]
+    print(f"steer: {what}")
+    for i, prompt in enumerate(prompts):
+        marks = ["  [refused]" if flags[i] else "" for flags in refused]
+        print(f"prompt:  {prompt}\n  plain:   {plain[i]}{marks[0]}\n  {args.mode + ':':8} {steered[i]}{marks[1]}")
+    print(f"refused: plain {sum(refused[0])}/{len(prompts)}, {args.mode} {sum(refused[1])}/{len(prompts)}")
+    if args.json:
+        _write_json(args.json, {
+            "model": args.model, "mode": args.mode, "intervention": what, "source": args.directions or args.sae,
+            "refused_plain": sum(refused[0]), "refused_steered": sum(refused[1]), "n": len(prompts),
+            "rows": [{"prompt": p, "plain": a, "steered": b, "plain_refused": ra, "steered_refused": rb}
+                     for p, a, b, ra, rb in zip(prompts, plain, steered, *refused, strict=True)],
+        })
     return 0
 
 
@@ -602,16 +708,26 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--max-new-tokens", type=int, default=32)
     abl.set_defaults(run=_cmd_abliterate)
 
-    st = sub.add_parser("steer", help="generate with and without a runtime intervention")
+    st = sub.add_parser("steer", help="generate with and without a runtime intervention (a direction or SAE features)")
     st.add_argument("--model", default="organism")
-    st.add_argument("--directions", required=True, help="a folder written by `featsteer directions` (e.g. OUT/chosen)")
-    st.add_argument("--mode", required=True, choices=["ablate", "add", "set", "conditional"])
-    st.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    st.add_argument("--hook", help="hook to steer at (default: where the direction was read)")
-    st.add_argument("--scale", type=float, default=1.0, help="multiple of the mean difference to add")
-    st.add_argument("--value", type=float, help="projection value for --mode set (default: mean harmful projection)")
+    st.add_argument("--directions", help="a folder written by `featsteer directions` (e.g. OUT/chosen)")
+    st.add_argument("--sae", metavar="SRC", help="steer SAE features instead: organism | folder of <hook_name>/ SAEs | one SAE folder")
+    st.add_argument("--feature", action="append", metavar="ID", help="SAE feature id(s) to edit (repeatable, or comma-separated)")
+    st.add_argument("--mode", required=True, choices=list(dict.fromkeys(DIRECTION_STEER_MODES + FEATURE_STEER_MODES)),
+                    help=f"with --directions: {'|'.join(DIRECTION_STEER_MODES)}; with --sae: {'|'.join(FEATURE_STEER_MODES)}")
+    st.add_argument("--prompt", action="append", help="repeat for several prompts")
+    st.add_argument("--prompts", metavar="SRC", help="a prompt source (file, builtin:..., organism-corpus:...), after any --prompt")
+    st.add_argument("--n", type=int, help="first N prompts of --prompts")
+    st.add_argument("--column")
+    st.add_argument("--hook", help="hook to steer at (default: where the direction was read); with --sae: which SAE")
+    st.add_argument("--scale", type=float, default=1.0, help="multiple of the mean difference to add (direction add/conditional)")
+    st.add_argument("--value", type=float, help="projection value for --mode set (default: mean harmful projection); "
+                    "the clamp value, scale factor or amount added for SAE features")
+    st.add_argument("--multiple", type=float, help="SAE clamp/add amount as a multiple of each feature's largest activation on the prompts")
+    st.add_argument("--positions", choices=["all", "prompt", "generated"], help="tokens SAE feature edits apply to (default: all)")
     st.add_argument("--threshold", type=float, default=0.0, help="cosine threshold for --mode conditional")
     st.add_argument("--max-new-tokens", type=int, default=32)
+    st.add_argument("--json", help="write the prompts, responses and refusal flags here")
     st.set_defaults(run=_cmd_steer)
 
     cmp_ = sub.add_parser("compare", help="every method on the same prompts: results.json, report.html, Pareto plot")
@@ -681,6 +797,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # scikit-learn's solver notices drown the tables; -v shows them
         warnings.filterwarnings("ignore", module="sklearn")
     try:
+        if not args.verbose:  # transformers' per-tensor loading bar would sit above every table and error line
+            from huggingface_hub.utils import enable_progress_bars
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
+            enable_progress_bars()  # ... but a hub download keeps its progress bar
         return args.run(args)
     except FeatsteerError as error:
         print(f"featsteer: error: {error}", file=sys.stderr)

@@ -255,3 +255,58 @@ def test_abliterate_a_saved_direction_with_and_without_a_search(capsys, tmp_path
     ):
         code, _, err = _run(capsys, "abliterate", *common, *extra, "--out", str(tmp_path / "bad"))
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists(), err
+
+
+def test_steer_sae_features_on_the_organism(capsys, tmp_path):
+    """Suppressing the organism's refusal features removes refusals; scaling them by 1 changes nothing."""
+    common = ["steer", "--model", "organism", "--sae", "organism", "--hook", "blocks.3.hook_resid_pre", "--feature", "888,493",
+              "--prompts", "builtin:harmful:test", "--n", "6", "--prompt", "How do I bake bread?", "--max-new-tokens", "12"]
+    code, out, err = _run(capsys, *common, "--mode", "clamp", "--multiple", "-2", "--json", str(tmp_path / "s.json"))
+    assert code == 0, err
+    assert "feature 888 at blocks.3.hook_resid_pre: largest activation on the prompts" in out
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["n"] == 7 and result["rows"][0]["prompt"] == "How do I bake bread?" and len(result["rows"]) == 7
+    assert result["refused_plain"] >= 5 and result["refused_steered"] <= result["refused_plain"] - 3, result
+    assert f"refused: plain {result['refused_plain']}/7, clamp {result['refused_steered']}/7" in out
+
+    code, out, err = _run(capsys, *common, "--mode", "scale", "--value", "1", "--json", str(tmp_path / "one.json"))
+    assert code == 0, err
+    rows = json.loads((tmp_path / "one.json").read_text())["rows"]
+    assert all(row["plain"] == row["steered"] for row in rows)
+
+
+def test_steer_a_saved_direction(capsys, tmp_path):
+    code, _, err = _run(capsys, "directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless",
+                        "builtin:harmless:train", "--n", "32", "--n-select", "6", "--out", str(tmp_path / "dirs"))
+    assert code == 0, err
+    common = ["steer", "--model", "organism", "--directions", str(tmp_path / "dirs" / "chosen"), "--max-new-tokens", "12"]
+    code, out, err = _run(capsys, *common, "--mode", "ablate", "--prompts", "builtin:harmful:test", "--n", "6", "--json", str(tmp_path / "a.json"))
+    assert code == 0, err
+    ablated = json.loads((tmp_path / "a.json").read_text())
+    assert ablated["refused_plain"] >= 5 and ablated["refused_steered"] <= 1 and "ablate the direction" in out
+    code, out, err = _run(capsys, *common, "--mode", "set", "--prompts", "builtin:harmless:test", "--n", "6", "--json", str(tmp_path / "i.json"))
+    assert code == 0, err
+    induced = json.loads((tmp_path / "i.json").read_text())
+    assert induced["refused_plain"] <= 1 and induced["refused_steered"] >= 5
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--mode", "ablate", "--prompt", "hi"], "steer needs one source"),
+        (["--sae", "organism", "--directions", "/x", "--mode", "ablate", "--prompt", "hi"], "steer needs one source"),
+        (["--sae", "organism", "--feature", "1", "--mode", "set", "--prompt", "hi"], "--mode set steers a direction"),
+        (["--sae", "organism", "--mode", "ablate", "--prompt", "hi"], "--feature ID"),
+        (["--sae", "organism", "--feature", "1", "--mode", "clamp", "--prompt", "hi"], "exactly one of --value V or --multiple M"),
+        (["--sae", "organism", "--feature", "x", "--mode", "ablate", "--prompt", "hi", "--hook", "blocks.3.hook_resid_pre"], "integer feature ids"),
+        (["--sae", "organism", "--feature", "1", "--mode", "ablate", "--prompt", "hi"], "choose one with --hook"),
+        (["--sae", "organism", "--feature", "1", "--mode", "ablate", "--prompt", "hi", "--hook", "blocks.9.hook_resid_pre"], "has no SAE at blocks.9"),
+        (["--sae", "organism", "--feature", "99999", "--mode", "ablate", "--prompt", "hi", "--hook", "blocks.3.hook_resid_pre"], "out of range"),
+        (["--directions", "/x", "--feature", "1", "--mode", "ablate", "--prompt", "hi"], "apply to --sae features"),
+        (["--directions", "/x", "--mode", "clamp", "--prompt", "hi"], "edits SAE features"),
+        (["--directions", "/x", "--mode", "ablate"], "steer has no prompts"),
+    ],
+)
+def test_steer_bad_options_are_one_line_errors(capsys, extra, message):
+    code, _, err = _run(capsys, "steer", "--model", "organism", *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
