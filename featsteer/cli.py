@@ -218,8 +218,8 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
             raise FeatsteerError("--search chooses the direction scope itself: drop --scope")
         if args.search_warm_start:
             warm_start = load_warm_start(args.search_warm_start)
-    elif args.search_warm_start:
-        raise FeatsteerError("--search-warm-start seeds a search: add --search N")
+    elif args.search_warm_start or args.search_trial is not None:
+        raise FeatsteerError("--search-warm-start and --search-trial go with a search: add --search N")
     if args.directions:
         return _abliterate_saved(args, mode, warm_start)
     if args.direction_hook is not None or args.direction_position is not None:
@@ -241,7 +241,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     extra = {}
     if args.search:
         search_dir = Path(args.search_dir or f"{args.out.rstrip('/')}-search")
-        found = search_abliteration(model, result, search_dir, _search_config(args, mode), warm_start=warm_start)
+        found = _chosen_trial(args, search_abliteration(model, result, search_dir, _search_config(args, mode), warm_start=warm_start))
         extra = {"search": {"dir": str(search_dir), "best": found.best}}
         _print_search(args, found, search_dir)
         handle = found.apply(model, result, record={"method": args.method, "search": found.best})
@@ -256,13 +256,22 @@ def _search_config(args: argparse.Namespace, mode: str):
     return SearchConfig(n_trials=args.search, mode=mode, max_new_tokens=args.max_new_tokens, kl_prompts=args.search_kl)
 
 
+def _chosen_trial(args: argparse.Namespace, found):
+    """The search result with `--search-trial N` as its chosen point, when given."""
+    return found if args.search_trial is None else found.choose(args.search_trial)
+
+
 def _print_search(args: argparse.Namespace, found, search_dir: Path) -> None:
     best = found.best or {}
     verified = best.get("verified") or {}
     print(f"search: {len(found.trials)} trials, {len(found.pareto)} on the Pareto front; Pareto front and plot in {search_dir}/")
+    how = " (--search-trial)" if args.search_trial is not None else ""
     if verified:
-        print(f"  chosen: trial {best['number']}, validation refusal {verified['refusal_rate']:.3f}, KL {verified.get('kl', best['kl']):.4f}; "
+        print(f"  chosen{how}: trial {best['number']}, validation refusal {verified['refusal_rate']:.3f}, KL {verified.get('kl', best['kl']):.4f}; "
               f"params {best.get('params')}")
+    elif best:
+        print(f"  chosen{how}: trial {best['number']} (not verified by generation), proxy refusal {best['refusal_rate_proxy']:.3f}, "
+              f"proxy KL {best['kl']:.4f}; params {best.get('params')}")
 
 
 def _fixed_search_edit(args: argparse.Namespace, model, basis, val, mode: str, warm_start: list[dict], provenance: dict, record: dict):
@@ -272,6 +281,7 @@ def _fixed_search_edit(args: argparse.Namespace, model, basis, val, mode: str, w
 
     search_dir = Path(args.search_dir or f"{args.out.rstrip('/')}-search")
     found = search_fixed_abliteration(model, basis, val, search_dir, _search_config(args, mode), warm_start=warm_start, provenance=provenance)
+    found = _chosen_trial(args, found)
     _print_search(args, found, search_dir)
     return found.apply(model, record={**record, "search": found.best}), {"search": {"dir": str(search_dir), "best": found.best}}
 
@@ -700,6 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--shift", type=float, default=0.0, help="embedding shift for --induce")
     abl.add_argument("--search", type=int, default=0, metavar="N", help="run an N-trial multi-objective search (optuna TPE)")
     abl.add_argument("--search-dir", help="where the resumable study, pareto.json and pareto.png go (default OUT-search)")
+    abl.add_argument("--search-trial", type=int, metavar="N",
+                     help="export this trial of the search (e.g. another point of its Pareto front) instead of the automatic choice; "
+                     "with --search no larger than the trials already in --search-dir nothing new runs")
     abl.add_argument("--search-kl", choices=["all", "answered"], default="all",
                      help="the search's KL objective: over all proxy harmless prompts, or only those the unedited model answers")
     abl.add_argument("--search-warm-start", metavar="PARETO_JSON",

@@ -39,7 +39,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import optuna
@@ -369,6 +369,25 @@ class SearchResult:
     def fixed(self) -> bool:
         """Whether the search kept one direction (or basis) fixed and tuned only the kernels and strengths."""
         return self.setup.get("direction") == "fixed"
+
+    def choose(self, number: int) -> SearchResult:
+        """This result with trial `number` as the recommended point instead of the automatic choice, e.g. a lower-KL
+        point of the front. `apply`, `directions` and `edit_config` then use it. A trial off the Pareto front is
+        allowed (it is logged); one that was not verified by generation has `verified` None.
+
+        Raises:
+            FeatsteerError: if the study has no finished trial with that number.
+        """
+        on_front = {p["number"]: p for p in self.pareto}
+        if number in on_front:
+            return replace(self, best=on_front[number])
+        trial = next((t for t in self.trials if t["number"] == number), None)
+        if trial is None:
+            numbers = sorted(t["number"] for t in self.trials)
+            span = f"{numbers[0]}..{numbers[-1]}" if numbers else "none"
+            raise FeatsteerError(f"the search has no finished trial {number} (trials {span}; Pareto front {sorted(on_front)})")
+        logger.warning("trial %d is not on the Pareto front: a front trial has lower refusal at no more KL", number)
+        return replace(self, best={**trial, "verified": None})
 
     def edit_config(self) -> EditConfig:
         """The recommended edit."""

@@ -246,12 +246,25 @@ def test_abliterate_a_saved_direction_with_and_without_a_search(capsys, tmp_path
     torch.testing.assert_close(found.basis, candidates.bases[-1].float(), atol=1e-6, rtol=0)
     assert json.loads((tmp_path / "searched" / "featsteer.json").read_text())["search"]["best"]["number"] == found.best["number"]
 
+    # export trial 0 of the finished study instead (the plain edit: strength 1 on the embedding); nothing new runs
+    resumed = [*common, "--directions", str(tmp_path / "dirs" / "candidates"), "--direction-hook", hook, "--direction-position", str(position),
+               "--search", "3", "--search-dir", str(tmp_path / "searched-search")]
+    code, stdout, err = _run(capsys, "abliterate", *resumed, "--search-trial", "0", "--out", str(tmp_path / "trial0"))
+    assert code == 0, err
+    assert "chosen (--search-trial): trial 0" in stdout and len(SearchResult.load(tmp_path / "searched-search").trials) == 3
+    assert json.loads((tmp_path / "trial0" / "featsteer.json").read_text())["search"]["best"]["number"] == 0
+    basis = candidates.bases[-1].double()
+    assert float((embed(load_model(str(tmp_path / "trial0"))) @ basis.T).abs().max()) < 1e-4
+    code, _, err = _run(capsys, "abliterate", *resumed, "--search-trial", "7", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "no finished trial 7 (trials 0..2" in err and not (tmp_path / "bad").exists(), err
+
     for extra, message in (
         (["--directions", str(tmp_path / "dirs" / "candidates")], "matching directions: choose one with --direction-hook"),
         (["--directions", str(tmp_path / "dirs" / "chosen"), "--direction-hook", "blocks.9.hook_resid_pre"], "has no direction at blocks.9"),
         (["--directions", str(tmp_path / "missing")], "is not a folder"),
         (["--directions", str(tmp_path / "dirs" / "chosen"), "--method", "pca"], "--directions brings its own direction"),
         (["--direction-hook", hook], "pick a direction from --directions DIR"),
+        (["--directions", str(tmp_path / "dirs" / "chosen"), "--search-trial", "0"], "go with a search: add --search N"),
     ):
         code, _, err = _run(capsys, "abliterate", *common, *extra, "--out", str(tmp_path / "bad"))
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists(), err

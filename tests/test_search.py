@@ -413,6 +413,24 @@ def test_fixed_search_result_loads_and_applies_without_the_direction(setup, fixe
         SearchResult.from_json(json.loads((out / "pareto.json").read_text())).apply(model)
 
 
+def test_choose_another_trial_applies_that_trials_edit(setup, fixed_searched):
+    model, _ = setup
+    found, _, _, before = fixed_searched
+    other = next(t for t in found.trials if t["number"] != found.best["number"])
+    chosen = found.choose(other["number"])
+    assert chosen.best["number"] == other["number"] and found.best["number"] != other["number"]  # the original is untouched
+    assert chosen.edit_config() == search_module.edit_config_from_dict(other["edit"]) != found.edit_config()
+    with chosen.apply(model):
+        edited = {k: v.clone() for k, v in model.model.state_dict().items()}
+    assert _same_weights(model, before)
+    with search_module.apply_edit(model, found.basis, search_module.edit_config_from_dict(other["edit"])):
+        assert _same_weights(model, edited)
+    if other["number"] not in {p["number"] for p in found.pareto}:
+        assert chosen.best["verified"] is None
+    with pytest.raises(FeatsteerError, match="no finished trial 99 .trials 0..4"):
+        found.choose(99)
+
+
 def test_fixed_search_resumes_only_with_the_same_basis(setup, fixed_searched, tmp_path):
     model, result = setup
     found, out, rows, _ = fixed_searched
