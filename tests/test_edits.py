@@ -205,6 +205,23 @@ def test_add_projection_set_and_conditional_steering(llama_adapter):
         ConditionalSteer(r, "blocks.2.hook_resid_post", 0.0, behaviour).hooks_for(llama_adapter)
 
 
+def test_conditional_steering_decides_on_the_prompt_not_its_padding(llama_adapter):
+    """A prompt's CAST cosine is the same alone and in a left-padded batch with a longer prompt."""
+    r = _direction(llama_adapter.d_model)
+    prompts = ["Hi", "Please write a long and detailed essay about the history of bread making in Europe."]
+    cast = ConditionalSteer(r, "blocks.1.hook_resid_pre", threshold=0.0, behaviour=AddDirection(r, 1.0, where="blocks.2.hook_resid_pre"))
+    alone = []
+    with steer(llama_adapter, cast):
+        for prompt in prompts:
+            llama_adapter.logits([prompt])
+            alone.append(float(cast.similarity[0]))
+        llama_adapter.run(llama_adapter.tokenize(prompts))  # one left-padded batch, rows in input order
+        batched = cast.similarity.tolist()
+        llama_adapter.generate(prompts, max_new_tokens=3)
+    assert batched == pytest.approx(alone, abs=1e-5)
+    assert llama_adapter.pass_attention_mask is None  # only set during a pass
+
+
 def test_steer_removes_all_hooks_after_exception(llama_adapter):
     before = count_hooks(llama_adapter.model)
     r = _direction(llama_adapter.d_model)

@@ -140,6 +140,27 @@ def test_prompt_and_generated_positions():
     assert reread[:, 4].all() and not reread[:, :4].any()
 
 
+def test_the_models_own_account_of_generation_beats_the_shape_guess(llama_adapter):
+    from types import SimpleNamespace
+
+    cpu = torch.device("cpu")
+    # a new batch of prompts one token longer than the last pass: the shape guess takes it for a decoding step
+    guess, told = _PositionTracker(), _PositionTracker(model=SimpleNamespace(generation_step=None, generation_prompt_length=0))
+    for tracker in (guess, told):
+        tracker.generated_mask(3, 4, cpu)
+    assert guess.generated_mask(3, 5, cpu)[:, 4].all()
+    assert not told.generated_mask(3, 5, cpu).any() and told.prompt_length == 5
+    # generate() says which pass is which, and stops saying it afterwards
+    seen = []
+    with llama_adapter.hooks([(HOOK, lambda x, site: seen.append((llama_adapter.generation_step, x.shape[1])))]):
+        llama_adapter.generate(PROMPTS[:2], max_new_tokens=3)
+    prompt_length = seen[0][1]
+    assert seen[0][0] == 0 and prompt_length > 1 and [step for step, _ in seen[1:]] == list(range(1, len(seen)))
+    assert llama_adapter.generation_step is None and llama_adapter.generation_prompt_length == prompt_length
+    tracker = _PositionTracker(model=llama_adapter)
+    assert not tracker.generated_mask(2, 7, cpu).any()  # outside generation every pass is a prompt
+
+
 def test_positions_select_where_edits_apply(llama_adapter, sae):
     clean = llama_adapter.logits(PROMPTS)
     with splice_sae(llama_adapter, sae, FeatureEdit.clamp(4, 50.0), positions="generated"):

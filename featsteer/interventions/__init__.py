@@ -1,6 +1,7 @@
 """Runtime interventions: pure operations on activations, attached as hooks that always clean up."""
 
 from featsteer.interventions.operations import ablate, add, as_basis, cosine_to, project_set
+from featsteer.interventions.positions import PositionTracker
 from featsteer.interventions.steering import (
     RESIDUAL,
     WRITES,
@@ -20,6 +21,7 @@ __all__ = [
     "AddDirection",
     "ConditionalSteer",
     "Intervention",
+    "PositionTracker",
     "ProjectionSet",
     "ablate",
     "add",

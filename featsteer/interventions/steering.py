@@ -109,14 +109,16 @@ class ConditionalSteer(Intervention):
     invert: bool = False
     active: Tensor | None = field(default=None, init=False)
     """Per-sequence decision from the last prompt pass (bool `(batch,)`)."""
+    similarity: Tensor | None = field(default=None, init=False)
+    """Per-sequence cosine with `condition` from the last prompt pass (`(batch,)`), what `active` thresholds."""
 
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
         condition = self.condition.to(model.device)
 
         def decide(x, site):
             if x.shape[1] > 1 or self.active is None or self.active.shape[0] != x.shape[0]:
-                similarity = cosine_to(x.mean(1), condition)
-                self.active = similarity < self.threshold if self.invert else similarity > self.threshold
+                self.similarity = cosine_to(_mean_over_tokens(x, model.pass_attention_mask), condition)
+                self.active = self.similarity < self.threshold if self.invert else self.similarity > self.threshold
 
         def gated(fn):
             def hook(x, site):
@@ -132,6 +134,14 @@ class ConditionalSteer(Intervention):
         if any(model.hook_site(name).order < cond_site.order for name, _ in inner):
             raise FeatsteerError("ConditionalSteer: the condition hook must come before every steered hook")
         return [(self.condition_hook, decide), *inner]
+
+
+def _mean_over_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of `(batch, pos, d)` over each row's real tokens (left padding left out when the mask fits)."""
+    if mask is None or mask.shape != x.shape[:2]:
+        return x.mean(1)
+    weights = mask.to(x.device, x.dtype)[..., None]
+    return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 @contextlib.contextmanager

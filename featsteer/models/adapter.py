@@ -78,6 +78,15 @@ class ModelAdapter(ABC):
 
     tokenizer: object
     name: str
+    generation_step: int | None = None
+    """While `generate` runs: 0 during the prompt pass, k during the k-th decoding pass after it; None outside
+    generation (every `run`/`logits` pass is a prompt pass). Hooks that act only on the prompt or only on generated
+    tokens read it (see `featsteer.interventions.positions`)."""
+    generation_prompt_length: int = 0
+    """Padded prompt length of the batch being generated (valid while `generation_step` is not None)."""
+    pass_attention_mask: Tensor | None = None
+    """During a forward pass of `run` or `generate`: the `(batch, pos)` attention mask of the sequence so far (1 at
+    real tokens, 0 at left padding); None outside one. Hooks that pool over positions read it to skip padding."""
 
     # ---- backend contract -------------------------------------------------------------------------
     @property
@@ -216,6 +225,7 @@ class ModelAdapter(ABC):
         """
         stop_site = self.hook_site(stop_at) if stop_at else None
         remove = self._install_hooks([(stop_site, _raise_stop)]) if stop_site else (lambda: None)
+        self.pass_attention_mask = batch.attention_mask
         try:
             with torch.inference_mode():
                 logits, _ = self._forward(batch, None, False, last_only)
@@ -224,6 +234,7 @@ class ModelAdapter(ABC):
             return None
         finally:
             remove()
+            self.pass_attention_mask = None
 
     def logits(
         self, instructions: Sequence[str], *, system: str | None = None, batch_size: int = 16,
@@ -331,21 +342,26 @@ class ModelAdapter(ABC):
         generated: list[Tensor] = []
         first_logits: Tensor | None = None
         step, cache = batch, None
-        with torch.inference_mode():
-            for _ in range(max_new_tokens):
-                logits, cache = self._forward(step, cache, True, last_only=True)
-                if first_logits is None:
-                    first_logits = logits[:, -1, :].float().cpu()
-                next_token = logits[:, -1, :].argmax(-1).masked_fill(finished, -1)
-                generated.append(next_token)
-                finished |= torch.isin(next_token, stop_ids)
-                if bool(finished.all()):
-                    break
-                fed = next_token.clamp(min=0)[:, None]
-                input_ids = torch.cat([input_ids, fed], 1)
-                mask = torch.cat([mask, torch.ones_like(fed)], 1)
-                # backends with a KV cache take only the new token; the others re-read the sequence
-                step = _CachedStep(fed, mask) if cache is not None else TokenBatch(input_ids, mask)
+        self.generation_prompt_length = batch.input_ids.shape[1]
+        try:
+            with torch.inference_mode():
+                for index in range(max_new_tokens):
+                    self.generation_step, self.pass_attention_mask = index, step.attention_mask
+                    logits, cache = self._forward(step, cache, True, last_only=True)
+                    if first_logits is None:
+                        first_logits = logits[:, -1, :].float().cpu()
+                    next_token = logits[:, -1, :].argmax(-1).masked_fill(finished, -1)
+                    generated.append(next_token)
+                    finished |= torch.isin(next_token, stop_ids)
+                    if bool(finished.all()):
+                        break
+                    fed = next_token.clamp(min=0)[:, None]
+                    input_ids = torch.cat([input_ids, fed], 1)
+                    mask = torch.cat([mask, torch.ones_like(fed)], 1)
+                    # backends with a KV cache take only the new token; the others re-read the sequence
+                    step = _CachedStep(fed, mask) if cache is not None else TokenBatch(input_ids, mask)
+        finally:
+            self.generation_step = self.pass_attention_mask = None
         stop_set = set(stop_ids.tolist())
         return [_cut_at_stop(row, stop_set) for row in torch.stack(generated, 1).tolist()], first_logits
 

@@ -24,6 +24,7 @@ from sae_lens import SAE
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
+from featsteer.interventions.positions import PositionTracker as _PositionTracker
 from featsteer.interventions.steering import Intervention
 from featsteer.models import HookFn, HookSite, ModelAdapter
 from featsteer.sae.loading import validate_sae
@@ -159,37 +160,12 @@ def outside_domain(sae: SAE, x: Float[Tensor, "... d_model"]) -> Bool[Tensor, ".
     return outside if bool(outside.any()) else None
 
 
-@dataclass
-class _PositionTracker:
-    """Tells prompt tokens from generated tokens across the forward passes of one generation.
-
-    A pass of one token per row after an earlier pass is a KV-cached generation step; a pass exactly one
-    token longer than the previous one with the same batch is a generation step of a backend that
-    re-reads the sequence; anything else starts a new prompt.
-    """
-
-    prompt_length: int = 0
-    last_length: int = 0
-    last_batch: int = -1
-
-    def generated_mask(self, batch: int, length: int, device: torch.device) -> Tensor:
-        cached_step = length == 1 and self.last_batch == batch and self.last_length > 0
-        reread_step = length == self.last_length + 1 and self.last_batch == batch and self.prompt_length > 0
-        if cached_step:
-            self.last_length += 1
-            mask = torch.ones(batch, 1, dtype=torch.bool, device=device)
-        elif reread_step:
-            self.last_length = length
-            mask = torch.arange(length, device=device)[None, :].expand(batch, length) >= self.prompt_length
-        else:
-            self.prompt_length = self.last_length = length
-            mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
-        self.last_batch = batch
-        return mask
-
-
-def sae_hook(sae: SAE, edits: Sequence[FeatureEdit] = (), *, error_term: bool = True, positions: str = "all") -> HookFn:
+def sae_hook(sae: SAE, edits: Sequence[FeatureEdit] = (), *, error_term: bool = True, positions: str = "all",
+             model: ModelAdapter | None = None) -> HookFn:
     """A featsteer hook function that splices `sae` in with `edits` (see `splice_activation`).
+
+    With `positions` other than `all`, pass the `model` the hook goes on: it says which pass is the prompt's (see
+    `featsteer.interventions.positions.PositionTracker`); without it the tracker infers that from shapes.
 
     Raises:
         FeatsteerError: for an unknown `positions` value or an edit naming a feature id outside `d_sae`.
@@ -200,7 +176,7 @@ def sae_hook(sae: SAE, edits: Sequence[FeatureEdit] = (), *, error_term: bool = 
     for edit in edits:
         if max(edit.features) >= sae.cfg.d_sae:
             raise FeatsteerError(f"feature id {max(edit.features)} is out of range: this SAE has d_sae={sae.cfg.d_sae} features")
-    tracker = _PositionTracker()
+    tracker = _PositionTracker(model=model)
 
     def hook(activation: Tensor, site: HookSite) -> Tensor | None:
         mask = None
@@ -243,7 +219,7 @@ def splice_sae(
     """
     name = validate_sae(sae, model, hook)
     edit_list = (edits,) if isinstance(edits, FeatureEdit) else tuple(edits)
-    with model.hooks([(name, sae_hook(sae, edit_list, error_term=error_term, positions=positions))]):
+    with model.hooks([(name, sae_hook(sae, edit_list, error_term=error_term, positions=positions, model=model))]):
         yield model
 
 
@@ -260,4 +236,4 @@ class FeatureSteer(Intervention):
 
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, HookFn]]:
         name = validate_sae(self.sae, model)
-        return [(name, sae_hook(self.sae, self.edits, positions=self.positions))]
+        return [(name, sae_hook(self.sae, self.edits, positions=self.positions, model=model))]
