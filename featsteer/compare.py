@@ -212,6 +212,7 @@ class CompareContext:
     sae_config: SaeMethodConfig = field(default_factory=SaeMethodConfig)
     """How SAE methods pick and edit features (`top_k` etc.)."""
     _ranking: FeatureRanking | None = None
+    _erasers: dict | None = None
     _notes: dict[str, Any] = field(default_factory=dict)
     _val_base: Tensor | None = None
     val: tuple[PromptSet, PromptSet] | None = None
@@ -243,6 +244,19 @@ class CompareContext:
             positions = self.sae_config.positions or config.positions
             self._ranking = rank_sae_features(self.model, self.saes, harmful_train, harmless_train, positions=positions, batch_size=config.batch_size)
         return self._ranking
+
+    def leace_erasers(self) -> dict:
+        """Fit (once) a LEACE eraser per layer's `direction_config.kind` hook and post-instruction position on the
+        training prompts (the activations the direction methods read)."""
+        if self._erasers is None:
+            from featsteer.interventions import fit_leace_erasers
+
+            config = self.direction_config
+            hooks = self.model.hook_names((config.kind,))
+            acts = [capture(self.model, list(prompts), hooks, positions=config.positions, batch_size=config.batch_size, label=label,
+                            progress=False) for prompts, label in zip(self.training(), ("harmful", "harmless"), strict=True)]
+            self._erasers = fit_leace_erasers(*acts)
+        return self._erasers
 
     def training(self) -> tuple[PromptSet, PromptSet]:
         """The harmful and harmless prompts directions are fitted and features ranked on."""
@@ -391,6 +405,15 @@ def _linear(ctx: CompareContext):
 @register_method("whitened_probe_abliteration", "whitened (Ledoit-Wolf) probe direction abliteration")
 def _whitened(ctx: CompareContext):
     return _edit(ctx, "whitened", EditConfig())
+
+
+@register_method("leace_hook", "LEACE erasure of harmful vs harmless (Belrose et al. 2023) at every layer and template position of the prompt")
+def _leace(ctx: CompareContext):
+    from featsteer.interventions import Erase
+
+    erasers = ctx.leace_erasers()
+    ctx.note(leace_sites=len(erasers), leace_hooks=len({hook for hook, _ in erasers}), leace_positions=sorted({p for _, p in erasers}))
+    return steer(ctx.model, Erase(erasers))
 
 
 INDUCE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)

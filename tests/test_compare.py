@@ -79,7 +79,10 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     by_name = {r.method: r for r in comparison.results}
     induce = by_name["dim_actadd_induce"].details  # the only method that says what it picked
     assert induce["induce_scale"] in INDUCE_SCALES and set(induce["induce_val_refusal"]) == {str(s) for s in INDUCE_SCALES}
-    assert all(r.details == {} for r in comparison.results if r.method != "dim_actadd_induce")
+    assert all(r.details == {} for r in comparison.results if r.method not in ("dim_actadd_induce", "leace_hook"))
+    leace = by_name["leace_hook"].details  # one eraser per layer and template position, but none where all prompts agree
+    assert 0 < leace["leace_sites"] <= model.n_layers * len(leace["leace_positions"]) and max(leace["leace_positions"]) < 0
+    assert by_name["leace_hook"].kl_harmless > 0
     assert f"dim_actadd_induce (x{induce['induce_scale']:g})" in comparison.table()
     assert by_name["none"].kl_harmless == pytest.approx(0.0, abs=1e-9)
     assert by_name["none"].kl_harmless_answered in (None, pytest.approx(0.0, abs=1e-9))

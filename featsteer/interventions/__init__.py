@@ -1,5 +1,6 @@
 """Runtime interventions: pure operations on activations, attached as hooks that always clean up."""
 
+from featsteer.interventions.erasure import Erase, LeaceEraser, fit_leace, fit_leace_erasers
 from featsteer.interventions.operations import ablate, add, as_basis, cosine_to, project_set
 from featsteer.interventions.positions import PositionTracker
 from featsteer.interventions.steering import (
@@ -20,13 +21,17 @@ __all__ = [
     "Ablate",
     "AddDirection",
     "ConditionalSteer",
+    "Erase",
     "Intervention",
+    "LeaceEraser",
     "PositionTracker",
     "ProjectionSet",
     "ablate",
     "add",
     "as_basis",
     "cosine_to",
+    "fit_leace",
+    "fit_leace_erasers",
     "project_set",
     "resolve_sites",
     "steer",

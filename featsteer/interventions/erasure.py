@@ -1,0 +1,147 @@
+"""LEACE concept erasure (Belrose et al. 2023) of harmful vs harmless, fitted per hook and position.
+
+For a binary concept the least-squares linear eraser has a closed form. With `delta` the difference of the class
+means (harmful minus harmless), `mu` the pooled mean and `Sigma` the pooled covariance of the activations,
+
+    x' = x - delta * v . (x - mu),    v = Sigma^-1 delta / (delta . Sigma^-1 delta).
+
+`v` is the whitened (LDA) probe direction scaled so that `v . delta = 1`, so the eraser removes, along the
+mean difference, exactly the amount the whitened probe reads. It is an oblique projection (idempotent; it reads
+`v` and writes `delta`): after it the two class means coincide, so no linear classifier beats a constant one on the
+fitted activations, and among all affine erasers with that property it moves the activations least. DIM
+ablation (`x - r r.x` with `r` the unit mean difference) also equalises the class means, but moves `x` along `r` by
+whatever `x` has there, class-related or not; LEACE moves it only by what predicts the class.
+
+`Erase` applies one eraser per (hook, position) to the prompt pass, at the positions it was fitted at (counted
+from the end of the prompt, as `capture` labels them), and leaves generated tokens alone: the eraser was fitted on
+the prompt's template tokens and its centring means nothing elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from featsteer.activations import ActivationSet
+from featsteer.errors import FeatsteerError
+from featsteer.interventions.positions import PositionTracker
+from featsteer.interventions.steering import Intervention
+from featsteer.models import HookFn, ModelAdapter
+
+MIN_ROWS = 4
+"""Fewest activation rows per class a fit accepts."""
+
+
+@dataclass(frozen=True)
+class LeaceEraser:
+    """`x -> x - direction * reader . (x - mean)` (see the module docstring)."""
+
+    mean: Float[Tensor, " d_model"]
+    """Pooled mean of the fitted activations."""
+    direction: Float[Tensor, " d_model"]
+    """Class-mean difference, harmful minus harmless: what the eraser writes."""
+    reader: Float[Tensor, " d_model"]
+    """Whitened probe direction with `reader . direction = 1`: what the eraser reads."""
+
+    def __call__(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        mean, direction, reader = (t.to(x.device, x.dtype) for t in (self.mean, self.direction, self.reader))
+        return x - ((x - mean) @ reader)[..., None] * direction
+
+    def to_dict(self) -> dict[str, float]:
+        """Summary for reports: the size of the mean difference and of the reader."""
+        return {"delta_norm": float(self.direction.norm()), "reader_norm": float(self.reader.norm())}
+
+
+def fit_leace(harmful: Float[Tensor, "n d_model"], harmless: Float[Tensor, "m d_model"], *, shrinkage: bool = True) -> LeaceEraser | None:
+    """Fit the LEACE eraser of the harmful/harmless label from activation rows (float64 internally).
+
+    Args:
+        harmful: activations of harmful prompts, one row each.
+        harmless: activations of harmless prompts at the same hook and position.
+        shrinkage: estimate the covariance with Ledoit-Wolf shrinkage (needed when rows are few against the
+            width); False uses the sample covariance (plus a tiny ridge).
+
+    Returns:
+        The eraser (float32), or None when the class means coincide (nothing to erase, e.g. a position every prompt
+        shares at the embedding).
+
+    Raises:
+        FeatsteerError: for mismatched widths, too few rows, or NaN/inf activations.
+    """
+    if harmful.dim() != 2 or harmless.dim() != 2 or harmful.shape[1] != harmless.shape[1]:
+        raise FeatsteerError(f"LEACE needs two (rows, d_model) sets of one width, got {tuple(harmful.shape)} and {tuple(harmless.shape)}")
+    if min(len(harmful), len(harmless)) < MIN_ROWS:
+        raise FeatsteerError(f"LEACE needs at least {MIN_ROWS} rows per class, got {len(harmful)} harmful and {len(harmless)} harmless")
+    a, b = harmful.double().cpu(), harmless.double().cpu()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise FeatsteerError("LEACE got NaN or inf activations: check the model and the capture")
+    x = torch.cat([a, b])
+    mean, delta = x.mean(0), a.mean(0) - b.mean(0)
+    if float(delta.norm()) <= 1e-8 * max(float(x.norm(dim=1).mean()), 1e-30):
+        return None
+    if shrinkage:
+        from sklearn.covariance import LedoitWolf
+
+        covariance = torch.as_tensor(LedoitWolf().fit(x.numpy()).covariance_, dtype=torch.float64)
+    else:
+        covariance = torch.cov(x.T)
+    ridge = 1e-8 * float(covariance.diagonal().mean()) + 1e-30
+    reader = torch.linalg.solve(covariance + ridge * torch.eye(len(covariance), dtype=torch.float64), delta)
+    reader = reader / (reader @ delta)
+    return LeaceEraser(mean.float(), delta.float(), reader.float())
+
+
+def fit_leace_erasers(harmful: ActivationSet, harmless: ActivationSet, *, shrinkage: bool = True) -> dict[tuple[str, int], LeaceEraser]:
+    """One eraser per (hook, position) the two captures share; pairs whose class means coincide are left out.
+
+    Raises:
+        FeatsteerError: if the captures differ in hooks or positions, or no pair has a class difference.
+    """
+    if harmful.hook_names != harmless.hook_names or harmful.position_labels != harmless.position_labels:
+        raise FeatsteerError("LEACE needs harmful and harmless activations captured at the same hooks and positions")
+    erasers = {}
+    for hook in harmful.hook_names:
+        for position in harmful.position_labels:
+            eraser = fit_leace(harmful.at_position(hook, position), harmless.at_position(hook, position), shrinkage=shrinkage)
+            if eraser is not None:
+                erasers[(hook, position)] = eraser
+    if not erasers:
+        raise FeatsteerError("harmful and harmless activations are identical at every hook and position: nothing to erase")
+    return erasers
+
+
+@dataclass
+class Erase(Intervention):
+    """LEACE erasers applied on the prompt pass at their hooks and positions (see the module docstring)."""
+
+    erasers: Mapping[tuple[str, int], LeaceEraser]
+    """`(hook_name, position) -> eraser`; positions count from the end of the prompt (-1: its last token)."""
+
+    def hooks_for(self, model: ModelAdapter) -> list[tuple[str, HookFn]]:
+        by_hook: dict[str, dict[int, LeaceEraser]] = {}
+        for (hook, position), eraser in self.erasers.items():
+            if position >= 0:
+                raise FeatsteerError(f"Erase positions count from the end of the prompt (negative), got {position} at {hook}")
+            by_hook.setdefault(hook, {})[position] = eraser
+        return [(hook, _erase_hook(model, at)) for hook, at in by_hook.items()]
+
+
+def _erase_hook(model: ModelAdapter, erasers: Mapping[int, LeaceEraser]) -> HookFn:
+    tracker = PositionTracker(model=model)
+
+    def hook(x: Tensor, site) -> Tensor | None:
+        generated = tracker.generated_mask(x.shape[0], x.shape[1], x.device)
+        if bool(generated[:, 0].all()):  # a decoding step of a cached backend: no prompt token here
+            return None
+        out = x.clone()
+        for position, eraser in erasers.items():
+            index = tracker.prompt_length + position
+            if 0 <= index < x.shape[1]:
+                out[:, index] = eraser(x[:, index])
+        return out
+
+    return hook

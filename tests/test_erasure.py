@@ -1,0 +1,100 @@
+"""LEACE erasure: the closed form against the paper's whitened construction, its guarantees, and the prompt-only hook."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from featsteer.errors import FeatsteerError
+from featsteer.interventions import Erase, LeaceEraser, fit_leace, steer
+from featsteer.interventions.erasure import _erase_hook
+
+
+def _classes(n: int = 800, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two Gaussian classes with a mean shift and shared, strongly anisotropic noise."""
+    generator = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=generator) * torch.linspace(0.2, 3.0, d)
+    shift = torch.randn(d, generator=generator)
+    noise = lambda: torch.randn(n, d, generator=generator, dtype=torch.float64) @ mix.double().T  # noqa: E731
+    return noise() + shift.double(), noise()
+
+
+def test_closed_form_is_the_papers_whitened_eraser():
+    harmful, harmless = _classes()
+    eraser = fit_leace(harmful, harmless, shrinkage=False)
+    # Belrose et al.: r(x) = x - W+ P W (x - mu), W = Sigma^-1/2, P the projection onto W Sigma_xz
+    x = torch.cat([harmful, harmless])
+    z = torch.cat([torch.ones(len(harmful)), torch.zeros(len(harmless))]).double()
+    sigma = torch.cov(x.T)
+    values, vectors = torch.linalg.eigh(sigma)
+    whiten, unwhiten = vectors @ torch.diag(values.rsqrt()) @ vectors.T, vectors @ torch.diag(values.sqrt()) @ vectors.T
+    cross = ((x - x.mean(0)) * (z - z.mean())[:, None]).sum(0) / (len(x) - 1)
+    u = whiten @ cross
+    projector = torch.outer(u, u) / (u @ u)
+    expected = x - (x - x.mean(0)) @ (unwhiten @ projector @ whiten).T
+    torch.testing.assert_close(eraser(x.float()).double(), expected, atol=2e-4, rtol=1e-4)
+
+
+def test_erasure_equalises_the_class_means_with_the_least_movement():
+    from sklearn.linear_model import LogisticRegression
+
+    harmful, harmless = _classes()
+    eraser = fit_leace(harmful, harmless)
+    assert float(eraser.reader @ eraser.direction) == pytest.approx(1.0, abs=1e-5)
+    a, b = eraser(harmful.float()), eraser(harmless.float())
+    assert float((a.mean(0) - b.mean(0)).norm()) < 1e-4 * float((harmful.mean(0) - harmless.mean(0)).norm()) + 1e-5
+    torch.testing.assert_close(eraser(a), a, atol=1e-4, rtol=1e-4)  # an oblique projection: idempotent
+    x = torch.cat([harmful, harmless]).float()
+    torch.testing.assert_close(eraser(x).mean(0), x.mean(0), atol=1e-4, rtol=1e-4)  # the pooled mean stays
+    labels = np.r_[np.ones(len(harmful)), np.zeros(len(harmless))]
+    accuracy = lambda rows: LogisticRegression(max_iter=2000).fit(rows.numpy(), labels).score(rows.numpy(), labels)  # noqa: E731
+    assert accuracy(x) > 0.85 and accuracy(torch.cat([a, b])) < 0.56
+    # DIM ablation (centred) also equalises the means but moves the activations more when the noise is anisotropic
+    r = eraser.direction / eraser.direction.norm()
+    centred = x - x.mean(0)
+    dim_moved = float(((centred @ r) ** 2).mean())
+    leace_moved = float(((eraser(x) - x) ** 2).sum(1).mean())
+    assert leace_moved < 0.8 * dim_moved
+
+
+def test_fit_errors_and_the_nothing_to_erase_case():
+    harmful, harmless = _classes(n=40)
+    assert fit_leace(harmful, harmful.clone()) is None
+    with pytest.raises(FeatsteerError, match="one width"):
+        fit_leace(harmful, harmless[:, :4])
+    with pytest.raises(FeatsteerError, match="at least 4 rows"):
+        fit_leace(harmful[:3], harmless)
+    broken = harmful.clone()
+    broken[0, 0] = float("nan")
+    with pytest.raises(FeatsteerError, match="NaN or inf"):
+        fit_leace(broken, harmless)
+
+
+def test_erase_hook_touches_only_its_prompt_positions(llama_adapter):
+    d = llama_adapter.d_model
+    generator = torch.Generator().manual_seed(1)
+    eraser = LeaceEraser(torch.randn(d, generator=generator), torch.randn(d, generator=generator), torch.randn(d, generator=generator) / d)
+    prompts = ["How do I bake bread?", "Name a colour."]
+    batch = llama_adapter.tokenize(prompts)
+    clean = llama_adapter.run(batch)
+    with steer(llama_adapter, Erase({("blocks.1.hook_resid_pre", -1): eraser})):
+        erased = llama_adapter.run(batch)
+        responses = llama_adapter.generate(prompts, max_new_tokens=3)
+    real = batch.attention_mask[:, :-1].bool()  # padding rows' logits are not defined
+    torch.testing.assert_close(erased[:, :-1][real], clean[:, :-1][real])  # causal: only the last position can change
+    assert not torch.allclose(erased[:, -1], clean[:, -1], atol=1e-4)
+    assert len(responses) == 2
+    hook = _erase_hook(llama_adapter, {-2: eraser})
+    x = torch.randn(2, 5, d)
+    out = hook(x, None)
+    assert torch.equal(out[:, [0, 1, 2, 4]], x[:, [0, 1, 2, 4]]) and torch.allclose(out[:, 3], eraser(x[:, 3]))
+    llama_adapter.generation_step, llama_adapter.generation_prompt_length = 2, 5
+    try:
+        assert hook(torch.randn(2, 1, d), None) is None  # a cached decoding step carries no prompt token
+        reread = torch.randn(2, 7, d)  # a backend that re-reads: the prompt's positions are still found
+        assert torch.allclose(hook(reread, None)[:, 3], eraser(reread[:, 3])) and torch.equal(hook(reread, None)[:, 5:], reread[:, 5:])
+    finally:
+        llama_adapter.generation_step = None
+    with pytest.raises(FeatsteerError, match="count from the end"):
+        Erase({("blocks.1.hook_resid_pre", 0): eraser}).hooks_for(llama_adapter)
