@@ -230,20 +230,25 @@ def run_search(model, result, sets, gen, tokens, kl_base, n_trials: int, harmles
 
 def run_fixed_search(model, basis, val, sets, gen, tokens, kl_base, n_trials: int, verify_top: int = 8, folder: Path | None = None,
                      warm: list[dict] | None = None, warm_source: str | None = None, kl_prompts: str = "all",
-                     provenance: dict | None = None, harmless_refusal: bool = False) -> tuple[dict, float]:
+                     provenance: dict | None = None, harmless_refusal: bool = False,
+                     verify: tuple[list[str], list[str]] | None = None) -> tuple[dict, float]:
     """`run_search` for one fixed direction or basis (`featsteer.search.search_fixed_abliteration`): only the kernels
-    and strengths are searched, on the `val` (harmful, harmless) prompts; the chosen edit is measured held out."""
+    and strengths are searched, on the `val` (harmful, harmless) prompts, and the front is verified on `verify`
+    (default: `val`); the chosen edit is measured held out."""
     from featsteer.search import SearchConfig, search_fixed_abliteration
 
     t = time.perf_counter()
     config = SearchConfig(n_trials=n_trials, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
                           verify_top=verify_top, kl_prompts=kl_prompts)
     with _search_folder(folder) as where:
-        found = search_fixed_abliteration(model, basis, val, where, config, warm_start=warm or [], provenance=provenance)
+        found = search_fixed_abliteration(model, basis, val, where, config, *(verify or (None, None)), warm_start=warm or [],
+                                          provenance=provenance)
     seconds = time.perf_counter() - t
     with found.apply(model):
         measured = measure(model, sets, gen, tokens, kl_base, harmless_refusal=harmless_refusal)
     measured["search"] = search_record(found, n_trials, kl_prompts, warm_source)
+    if verify is not None:
+        measured["search"]["n_verify"] = [len(verify[0]), len(verify[1])]
     return measured, seconds
 
 

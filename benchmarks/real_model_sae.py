@@ -87,6 +87,9 @@ def parse_args() -> argparse.Namespace:
                                           "(default: ~/.cache/featsteer/real-model-sae/<model>-L<layer>-x<expansion>-k<k>-<tokens>)")
     parser.add_argument("--search", type=int, default=0, help="optuna trials of the kernel search for the picked span (0: skip)")
     parser.add_argument("--verify-top", type=int, default=4, help="search trials verified by generation")
+    parser.add_argument("--verify-n", type=int, help="spare prompts per set the search verifies on (default --n-val; the real "
+                        "pools have 164 spare harmful and 18 spare harmless prompts): more than the proxy's, so the choice can "
+                        "tell edits apart whose refusal differs by less than one prompt in --n-val")
     parser.add_argument("--search-dir", type=Path, help="keep the search study here (a later run with more trials resumes it)")
     parser.add_argument("--search-kl", choices=["all", "answered"], default="all")
     parser.add_argument("--warm-start", type=Path, help="a search's pareto.json, or a benchmark results JSON whose searches' chosen "
@@ -183,7 +186,8 @@ def main() -> None:
             runs[name], _ = run_fixed_search(model, basis, validation_sets(sets, args), sets, gen, tokens, kl_base, args.search,
                                              verify_top=args.verify_top, folder=args.search_dir, warm=warm_start_points(args.warm_start),
                                              warm_source=args.warm_start, kl_prompts=args.search_kl,
-                                             provenance={"method": "sae", "sae_hook": hook, "sae_features": ranked[:k]})
+                                             provenance={"method": "sae", "sae_hook": hook, "sae_features": ranked[:k]},
+                                             verify=verification_sets(args))
         write(model, sets, runs, extra, clock.seconds, args.results_name)
 
 
@@ -209,6 +213,16 @@ def validation_sets(sets: dict, args: argparse.Namespace) -> tuple[list[str], li
         return list(load_prompts(f"organism-corpus:harmful:{args.n_val}")), list(load_prompts(f"organism-corpus:harmless:{args.n_val}"))
     advbench, mixed = real_pools()
     return list(advbench[356 : 356 + args.n_val]), list(mixed[356 : 356 + args.n_val])
+
+
+def verification_sets(args: argparse.Namespace) -> tuple[list[str], list[str]] | None:
+    """Spare prompts the search verifies on when `--verify-n` asks for more than the validation prompts (None: those)."""
+    if args.verify_n is None:
+        return None
+    if args.model == "organism":
+        return list(load_prompts(f"organism-corpus:harmful:{args.verify_n}")), list(load_prompts(f"organism-corpus:harmless:{args.verify_n}"))
+    advbench, mixed = real_pools()
+    return list(advbench[356 : 356 + args.verify_n]), list(mixed[356 : 356 + args.verify_n])
 
 
 def pick_k(model, sae, ranked: list[int], ks: list[int], val: tuple[list[str], list[str]], gen: GenerationConfig) -> tuple[int, dict]:
