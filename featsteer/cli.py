@@ -218,8 +218,10 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
             raise FeatsteerError("--search chooses the direction scope itself: drop --scope")
         if args.search_warm_start:
             warm_start = load_warm_start(args.search_warm_start)
-    elif args.search_warm_start or args.search_trial is not None:
-        raise FeatsteerError("--search-warm-start and --search-trial go with a search: add --search N")
+    elif args.search_warm_start:
+        raise FeatsteerError("--search-warm-start seeds a search: add --search N")
+    elif args.search_trial is not None:
+        raise FeatsteerError("--search-trial picks a trial of a search: add --search N (with --search-dir of the finished search)")
     if args.directions:
         return _abliterate_saved(args, mode, warm_start)
     if args.direction_hook is not None or args.direction_position is not None:

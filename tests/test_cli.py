@@ -264,7 +264,7 @@ def test_abliterate_a_saved_direction_with_and_without_a_search(capsys, tmp_path
         (["--directions", str(tmp_path / "missing")], "is not a folder"),
         (["--directions", str(tmp_path / "dirs" / "chosen"), "--method", "pca"], "--directions brings its own direction"),
         (["--direction-hook", hook], "pick a direction from --directions DIR"),
-        (["--directions", str(tmp_path / "dirs" / "chosen"), "--search-trial", "0"], "go with a search: add --search N"),
+        (["--directions", str(tmp_path / "dirs" / "chosen"), "--search-trial", "0"], "--search-trial picks a trial of a search: add --search N"),
     ):
         code, _, err = _run(capsys, "abliterate", *common, *extra, "--out", str(tmp_path / "bad"))
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists(), err
