@@ -209,20 +209,20 @@ def warm_start_points(path: Path | None) -> list[dict]:
 
 def validation_sets(sets: dict, args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """Prompts for the k pick that are neither training nor evaluation prompts."""
-    if args.model == "organism":
-        return list(load_prompts(f"organism-corpus:harmful:{args.n_val}")), list(load_prompts(f"organism-corpus:harmless:{args.n_val}"))
-    advbench, mixed = real_pools()
-    return list(advbench[356 : 356 + args.n_val]), list(mixed[356 : 356 + args.n_val])
+    return spare_sets(args, args.n_val)
 
 
 def verification_sets(args: argparse.Namespace) -> tuple[list[str], list[str]] | None:
     """Spare prompts the search verifies on when `--verify-n` asks for more than the validation prompts (None: those)."""
-    if args.verify_n is None:
-        return None
+    return None if args.verify_n is None else spare_sets(args, args.verify_n)
+
+
+def spare_sets(args: argparse.Namespace, n: int) -> tuple[list[str], list[str]]:
+    """The first `n` spare prompts per set: fresh corpus prompts for the organism, else the real pools from index 356."""
     if args.model == "organism":
-        return list(load_prompts(f"organism-corpus:harmful:{args.verify_n}")), list(load_prompts(f"organism-corpus:harmless:{args.verify_n}"))
+        return list(load_prompts(f"organism-corpus:harmful:{n}")), list(load_prompts(f"organism-corpus:harmless:{n}"))
     advbench, mixed = real_pools()
-    return list(advbench[356 : 356 + args.verify_n]), list(mixed[356 : 356 + args.verify_n])
+    return list(advbench[356 : 356 + n]), list(mixed[356 : 356 + n])
 
 
 def pick_k(model, sae, ranked: list[int], ks: list[int], val: tuple[list[str], list[str]], gen: GenerationConfig) -> tuple[int, dict]:

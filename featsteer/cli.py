@@ -421,7 +421,7 @@ def _check_steer_args(args: argparse.Namespace) -> None:
             raise FeatsteerError(f"--mode {args.mode} steers a direction: SAE features take --mode {'|'.join(FEATURE_STEER_MODES)}")
         if not args.feature:
             raise FeatsteerError("--sae needs the features to edit: --feature ID (repeatable, or comma-separated)")
-        _feature_ids(args.feature)
+        args.feature_ids = _feature_ids(args.feature)
         if args.mode in ("clamp", "scale", "add") and (args.value is None) == (args.multiple is None):
             raise FeatsteerError(f"--mode {args.mode} needs exactly one of --value V or --multiple M (M times each feature's largest activation on the prompts)")
         if args.mode == "scale" and args.multiple is not None:
@@ -477,7 +477,7 @@ def _feature_intervention(args: argparse.Namespace, model, prompts: list[str]):
     if hook not in saes:
         raise FeatsteerError(f"--sae {args.sae} has no SAE at {hook}: use one of {', '.join(saes)}")
     sae = saes[hook]
-    features = _feature_ids(args.feature)
+    features = args.feature_ids  # parsed by _check_steer_args
     if max(features) >= sae.cfg.d_sae or min(features) < 0:
         raise FeatsteerError(f"feature id {max(features)} is out of range: the SAE at {hook} has d_sae={sae.cfg.d_sae} (ids 0..{sae.cfg.d_sae - 1})")
     maxima = max_feature_activations(model, sae, prompts)[features]
