@@ -17,10 +17,17 @@ from pathlib import Path
 from featsteer.errors import FeatsteerError
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
-    from featsteer.models import LAYER_KINDS, load_model
+def _load_model(args: argparse.Namespace, spec: str | None = None):
+    """The model a command names (`--model`, or `spec`), with the command's `--dtype` and `--device`."""
+    from featsteer.models import load_model
 
-    model = load_model(args.model)
+    return load_model(args.model if spec is None else spec, dtype=args.dtype, device=args.device)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from featsteer.models import LAYER_KINDS
+
+    model = _load_model(args)
     print(f"model     {model.name}")
     print(f"family    {model.family}")
     print(f"layers    {model.n_layers}")
@@ -35,9 +42,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_capture(args: argparse.Namespace) -> int:
     from featsteer.activations import capture
     from featsteer.datasets import load_prompts
-    from featsteer.models import load_model
 
-    model = load_model(args.model)
+    model = _load_model(args)
     prompts = load_prompts(args.prompts, column=args.column, limit=args.n)
     hooks = _expand_hooks(args.hooks, model)
     acts = capture(model, prompts, hooks, positions=args.positions, batch_size=args.batch_size, stream_to=args.out,
@@ -62,11 +68,10 @@ def _expand_hooks(spec: str, model) -> list[str]:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from featsteer.datasets import load_prompts
     from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
-    from featsteer.models import load_model
 
     harmful = load_prompts(args.harmful, column=args.column, limit=args.n)
     harmless = load_prompts(args.harmless, column=args.column, limit=args.n)
-    model = load_model(args.model)
+    model = _load_model(args)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               max_batch_tokens=args.max_batch_tokens, system=args.system)
     report = evaluate_refusal(model, harmful, harmless, config, keep_logprobs=True)
@@ -96,7 +101,6 @@ def _logit_metrics(model, report, args: argparse.Namespace) -> dict:
         over_refusal_rate,
         refusal_score,
     )
-    from featsteer.models import load_model
 
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     harmless = report.harmless.prompts
@@ -106,7 +110,7 @@ def _logit_metrics(model, report, args: argparse.Namespace) -> dict:
         "refusal_score_harmless": float(refusal_score(harmless_logprobs, tokens).mean()),
     }
     if args.reference:
-        reference = load_model(args.reference)
+        reference = _load_model(args, args.reference)
         if reference.tokenizer.get_vocab() != model.tokenizer.get_vocab():
             raise FeatsteerError("--reference has a different tokenizer: KL needs the same vocabulary")
         reference_logprobs = first_token_logprobs(reference, list(harmless), batch_size=args.batch_size, system=args.system,
@@ -123,7 +127,7 @@ def _logit_metrics(model, report, args: argparse.Namespace) -> dict:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from featsteer.demo import run_demo
 
-    result = run_demo(args.model, args.out, n_eval=args.n, max_new_tokens=args.max_new_tokens, full=not args.quick)
+    result = run_demo(_load_model(args), args.out, n_eval=args.n, max_new_tokens=args.max_new_tokens, full=not args.quick)
     print(f"== refusal behaviour of {result.report.model} (built-in test split)")
     print(result.report.table())
     print("\n== difference-in-means direction per layer (resid_pre, last token; train -> held-out test)")
@@ -177,12 +181,11 @@ def _load_val(args: argparse.Namespace):
 
 
 def _cmd_directions(args: argparse.Namespace) -> int:
-    from featsteer.models import load_model
     from featsteer.pipeline import find_refusal_direction
 
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
-    model = load_model(args.model)
+    model = _load_model(args)
     result = find_refusal_direction(model, harmful, harmless, _direction_config(args), val=val)
     out = Path(args.out)
     result.candidates.save(out / "candidates")
@@ -202,7 +205,6 @@ def _cmd_directions(args: argparse.Namespace) -> int:
 def _cmd_abliterate(args: argparse.Namespace) -> int:
     from featsteer.edits import EditConfig
     from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
-    from featsteer.models import load_model
     from featsteer.pipeline import abliterate, find_refusal_direction
 
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
@@ -232,7 +234,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
         raise FeatsteerError("--sae and --sae-top-k go with --method sae")
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
-    model = load_model(args.model)
+    model = _load_model(args)
     result = find_refusal_direction(model, harmful, harmless, _direction_config(args), val=val)
     chosen = result.selection.chosen
     print(f"direction: {args.method} at {chosen.hook} position {chosen.position} (KL on harmless {chosen.kl_harmless:.4f})")
@@ -309,7 +311,6 @@ def _abliterate_sae(args: argparse.Namespace, mode: str, warm_start: list[dict])
     from featsteer.compare import CompareContext, SaeMethodConfig, sae_topk_basis
     from featsteer.edits import EditConfig, apply_edit
     from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
-    from featsteer.models import load_model
     from featsteer.sae import load_sae_source
 
     if not args.sae:
@@ -319,7 +320,7 @@ def _abliterate_sae(args: argparse.Namespace, mode: str, warm_start: list[dict])
     sae_config = SaeMethodConfig(top_k=args.sae_top_k)  # checks the value before anything slow runs
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
-    model = load_model(args.model)
+    model = _load_model(args)
     config = _direction_config(args, method="dim")  # how prompts are split, read and batched; no direction is fitted
     ctx = CompareContext(model, harmful, harmless, config, saes=load_sae_source(args.sae, model), sae_config=sae_config, val=val)
     basis = sae_topk_basis(ctx)
@@ -368,7 +369,6 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
     kernels and strengths of removing it; check on the validation prompts and export."""
     from featsteer.edits import EditConfig, apply_edit
     from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
-    from featsteer.models import load_model
     from featsteer.pipeline import DirectionConfig, split
     from featsteer.search import fixed_basis
 
@@ -380,7 +380,7 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
         harmful, harmless = _load_pair(args)
         fraction = DirectionConfig().val_fraction
         val = (split(harmful, fraction)[1], split(harmless, fraction)[1])
-    model = load_model(args.model)
+    model = _load_model(args)
     basis = fixed_basis(direction, model.d_model)  # a width that does not fit the model is reported before anything runs
     print(f"direction: {record['direction_method']} from {args.directions} at {record['direction_hook']} position "
           f"{record['direction_position']} (rank {basis.shape[0]})")
@@ -499,11 +499,10 @@ def _feature_intervention(args: argparse.Namespace, model, prompts: list[str]):
 def _cmd_steer(args: argparse.Namespace) -> int:
     from featsteer.evaluation import RefusalDetector
     from featsteer.interventions import steer
-    from featsteer.models import load_model
 
     _check_steer_args(args)
     prompts = _steer_prompts(args)
-    model = load_model(args.model)
+    model = _load_model(args)
     if args.sae is not None:
         intervention, what = _feature_intervention(args, model, prompts)
     else:
@@ -532,7 +531,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from featsteer.compare import SaeMethodConfig, available_methods, compare, write_report
     from featsteer.datasets import load_prompts
     from featsteer.evaluation.behaviour import GenerationConfig
-    from featsteer.models import load_model
     from featsteer.sae import load_sae_source
 
     if args.list:
@@ -547,7 +545,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     val = _load_val(args)
     evals = [load_prompts(s, column=args.column, limit=args.eval_n) if s else None for s in (args.eval_harmful, args.eval_harmless)]
     alarming = load_prompts(args.alarming, limit=args.eval_n) if args.alarming else None
-    model = load_model(args.model)
+    model = _load_model(args)
     comparison = compare(
         model, harmful, harmless, methods=args.methods.split(",") if args.methods else None,
         eval_harmful=evals[0], eval_harmless=evals[1], alarming=alarming, direction_config=_direction_config(args),
@@ -566,12 +564,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from featsteer.models import load_model
     from featsteer.pipeline import split
     from featsteer.probe_report import probe_report, write_probe_report
 
     harmful, harmless = _load_pair(args)
-    model = load_model(args.model)
+    model = _load_model(args)
     (harmful_train, harmful_test), (harmless_train, harmless_test) = split(harmful, 0.3), split(harmless, 0.3)
     saes = None
     if args.sae:
@@ -596,7 +593,6 @@ def _cmd_rank_features(args: argparse.Namespace) -> int:
 
     from featsteer.activations import Positions
     from featsteer.feature_report import rank_features, ranking_key, write_feature_report
-    from featsteer.models import load_model
     from featsteer.sae import load_sae_source
 
     by = ranking_key(args.by)
@@ -604,7 +600,7 @@ def _cmd_rank_features(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise FeatsteerError(f"--top must be at least 1, got {args.top}")
     harmful, harmless = _load_pair(args)
-    model = load_model(args.model)
+    model = _load_model(args)
     saes = load_sae_source(args.sae, model)
     ranking = rank_features(model, saes, harmful, harmless, positions=args.positions, top_n=args.top, by=by,
                             normalize=args.normalise, batch_size=args.batch_size)
@@ -637,13 +633,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def add_model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="organism",
+                       help="organism | tiny:FAMILY | a Hugging Face model folder | a .gguf file | a hub id (default: organism)")
+        p.add_argument("--dtype", default="float32", metavar="DTYPE",
+                       help="weights' dtype: float32 (default) | bfloat16 | float16 | auto (the checkpoint's own); "
+                            "directions and edits are computed in float32/float64 either way")
+        p.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N | mps")
+
     info = sub.add_parser("info", help="describe a model: family, layers, hook points, chat format")
-    info.add_argument("--model", default="organism")
+    add_model_args(info)
     info.add_argument("--prompt", help="show how this instruction is formatted")
     info.set_defaults(run=_cmd_info)
 
     cap = sub.add_parser("capture", help="capture activations for a prompt set to a directory")
-    cap.add_argument("--model", default="organism")
+    add_model_args(cap)
     cap.add_argument("--prompts", required=True, help="file, builtin:harmful[:split], or hf:NAME")
     cap.add_argument("--hooks", default="all", help="all | KIND[:L1,L2] | comma-separated hook names")
     cap.add_argument("--positions", default="last", help="last | mean_last:K | post_instruction | all")
@@ -656,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap.set_defaults(run=_cmd_capture)
 
     ev = sub.add_parser("eval", help="refusal rates on harmful and harmless prompts")
-    ev.add_argument("--model", default="organism")
+    add_model_args(ev)
     ev.add_argument("--harmful", required=True, help="file, builtin:harmful[:split], or hf:NAME")
     ev.add_argument("--harmless", required=True, help="file, builtin:harmless[:split], or hf:NAME")
     ev.add_argument("--n", type=int, help="use the first N prompts of each set")
@@ -671,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=_cmd_eval)
 
     def add_direction_args(p: argparse.ArgumentParser, extra_methods: tuple[str, ...] = ()) -> None:
-        p.add_argument("--model", default="organism")
+        add_model_args(p)
         p.add_argument("--harmful", required=True, help="file, builtin:harmful[:split], or hf:NAME")
         p.add_argument("--harmless", required=True, help="file, builtin:harmless[:split], or hf:NAME")
         p.add_argument("--method", default="dim", choices=["dim", "projected", "pca", "svd", "linear", "whitened", *extra_methods])
@@ -724,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     abl.set_defaults(run=_cmd_abliterate)
 
     st = sub.add_parser("steer", help="generate with and without a runtime intervention (a direction or SAE features)")
-    st.add_argument("--model", default="organism")
+    add_model_args(st)
     st.add_argument("--directions", help="a folder written by `featsteer directions` (e.g. OUT/chosen)")
     st.add_argument("--sae", metavar="SRC", help="steer SAE features instead: organism | folder of <hook_name>/ SAEs | one SAE folder")
     st.add_argument("--feature", action="append", metavar="ID", help="SAE feature id(s) to edit (repeatable, or comma-separated)")
@@ -767,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.set_defaults(run=_cmd_compare)
 
     pr = sub.add_parser("probe", help="probe sweep per layer and the predict-control report")
-    pr.add_argument("--model", default="organism")
+    add_model_args(pr)
     pr.add_argument("--harmful", required=True)
     pr.add_argument("--harmless", required=True)
     pr.add_argument("--out", required=True)
@@ -780,7 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(run=_cmd_probe)
 
     rf = sub.add_parser("rank-features", help="rank SAE features on harmful vs harmless prompts: report.html, features.csv/json")
-    rf.add_argument("--model", default="organism")
+    add_model_args(rf)
     rf.add_argument("--sae", required=True, help="organism | folder of <hook_name>/ SAE folders | one sae_lens SAE folder | release:sae_id")
     rf.add_argument("--harmful", required=True, help="file, builtin:harmful[:split], or hf:NAME")
     rf.add_argument("--harmless", required=True, help="file, builtin:harmless[:split], or hf:NAME")
@@ -796,7 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf.set_defaults(run=_cmd_rank_features)
 
     demo = sub.add_parser("demo", help="the full pipeline on the embedded organism")
-    demo.add_argument("--model", default="organism")
+    add_model_args(demo)
     demo.add_argument("--out", help="run folder (default runs/<timestamp>)")
     demo.add_argument("--n", type=int, default=64, help="prompts per set for the behaviour check")
     demo.add_argument("--max-new-tokens", type=int, default=32)
@@ -812,12 +816,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # scikit-learn's solver notices drown the tables; -v shows them
         warnings.filterwarnings("ignore", module="sklearn")
     try:
-        if not args.verbose:  # transformers' per-tensor loading bar would sit above every table and error line
-            from huggingface_hub.utils import enable_progress_bars
-            from transformers.utils import logging as transformers_logging
+        if not args.verbose:
+            from featsteer.models.loading import hide_weight_loading_bar
 
-            transformers_logging.disable_progress_bar()
-            enable_progress_bars()  # ... but a hub download keeps its progress bar
+            hide_weight_loading_bar()
         return args.run(args)
     except FeatsteerError as error:
         print(f"featsteer: error: {error}", file=sys.stderr)

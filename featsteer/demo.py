@@ -86,7 +86,7 @@ def run_demo(model_spec: str = "organism", run_dir: str | Path | None = None, n_
     predict-control report (`probe/`); an `index.html` linking it all.
 
     Args:
-        model_spec: anything `load_model` accepts.
+        model_spec: anything `load_model` accepts (a loaded adapter keeps its dtype and device).
         run_dir: output folder (default `runs/<timestamp>/`).
         n_eval: prompts per set for the behaviour check (built-in test split).
         max_new_tokens: generation cap for every generation.

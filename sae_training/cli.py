@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featsteer-train-sae", description="Train sae_lens SAEs on a featsteer model.",
                                      epilog=f"example: {_EXAMPLE}")
     parser.add_argument("--model", required=True, help="organism, tiny:llama, a model directory, a .gguf file or a hub id")
+    parser.add_argument("--dtype", default="float32", help="the model's dtype while capturing: float32 (default) | bfloat16 | float16 | auto; "
+                        "activations are stored and SAEs trained in float32")
+    parser.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N | mps, for the model and the SAE training")
     parser.add_argument("--layers", default="all", help="all, or layers like 2,4 or 0-3 (default: all)")
     parser.add_argument("--hook", default="resid_post", choices=LAYER_KINDS, help="hook kind to train at (default: resid_post)")
     parser.add_argument("--arch", default="topk", help=f"SAE architecture: {', '.join(ARCHITECTURES)} (default: topk)")
@@ -83,7 +86,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Turn parsed arguments into a validated `TrainConfig`."""
     k = None if args.k is None else (int(args.k) if float(args.k).is_integer() else args.k)
     return TrainConfig(
-        data=DataConfig(model=args.model, texts=tuple(args.text), hook_kind=args.hook, layers=parse_layers(args.layers),
+        data=DataConfig(model=args.model, texts=tuple(args.text), dtype=args.dtype, device=args.device, hook_kind=args.hook, layers=parse_layers(args.layers),
                         tokens=args.tokens, cycle=not args.no_cycle, chat=not args.raw, eval_prompts=args.eval_prompts,
                         work_dir=args.work_dir, activation_cache=args.activation_cache, skip_shared_prefix=not args.keep_shared_prefix,
                         max_norm_ratio=None if args.keep_outliers else args.max_norm_ratio),
@@ -110,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise FeatsteerError(f"--threads must be a positive integer, got {args.threads}")
             torch.set_num_threads(args.threads)
         config = config_from_args(args)
+        if not args.verbose:
+            from featsteer.models.loading import hide_weight_loading_bar
+
+            hide_weight_loading_bar()
         from sae_training.train import train_saes
 
         results = train_saes(config, progress=not args.quiet)

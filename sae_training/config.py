@@ -13,6 +13,7 @@ from typing import Any
 
 from featsteer.errors import FeatsteerError
 from featsteer.models import LAYER_KINDS
+from featsteer.models.loading import resolve_dtype
 from sae_training.architectures import ARCHITECTURES
 
 
@@ -74,6 +75,11 @@ class DataConfig:
     """Model spec for `featsteer.models.load_model` (`organism`, `tiny:llama`, a path, a hub id)."""
     texts: tuple[str, ...]
     """Prompt sources for `featsteer.datasets.load_prompts` (`builtin:harmless`, a .txt/.jsonl file, ...)."""
+    dtype: str = "float32"
+    """Dtype the model runs in while capturing (`float32`, `bfloat16`, `float16`, `auto`); activations are stored
+    and SAEs trained in float32 either way."""
+    device: str = "cpu"
+    """Device for the model and the SAE training (`cpu`, `cuda`, `cuda:N`, `mps`)."""
     hook_kind: str = "resid_post"
     """Hook kind to train at (one of `featsteer.models.LAYER_KINDS`)."""
     layers: tuple[int, ...] | None = None
@@ -109,6 +115,7 @@ class DataConfig:
             object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
         if not self.texts:
             raise FeatsteerError("no training text: pass --text SOURCE (e.g. builtin:harmless or a .txt file)")
+        resolve_dtype(self.dtype)  # an unknown dtype fails here, before any model is loaded
         if self.hook_kind not in LAYER_KINDS:
             raise FeatsteerError(f"unknown hook kind '{self.hook_kind}': use one of {', '.join(LAYER_KINDS)}")
         for value, name in ((self.tokens, "--tokens"), (self.eval_prompts, "eval_prompts"), (self.capture_batch, "capture_batch"),

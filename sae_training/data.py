@@ -219,6 +219,8 @@ def capture_key(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[str],
     key of the source, shared by captures of the same text at any budget)."""
     text_hash = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
     payload = {"model": model.name, "texts": text_hash, "hooks": list(hooks), "chat": chat, "start": start}
+    if model.dtype != torch.float32:  # float32 captures keep the keys they had before dtypes were selectable
+        payload["dtype"] = str(model.dtype)
     if tokens is not None:
         payload["tokens"] = tokens
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

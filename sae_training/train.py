@@ -121,7 +121,8 @@ def train_saes(config: TrainConfig, *, progress: bool = True) -> dict[str, dict[
     Raises:
         FeatsteerError: bad layers, unreadable or empty text, or an SAE that does not fit the model.
     """
-    model = load_model(config.data.model)
+    model = load_model(config.data.model, dtype=config.data.dtype, device=config.data.device)
+    model.show_progress = progress
     hooks = resolve_hooks(model, config)
     out = Path(config.out)
     done = {hook: json.loads((out / hook / METRICS_FILE).read_text()) for hook in hooks if (out / hook / METRICS_FILE).is_file()}

@@ -241,3 +241,19 @@ def test_training_warns_when_too_many_features_are_dead(tmp_path, monkeypatch, c
     assert len(warned) == (1 if threshold < 0 else 0)
     if warned:
         assert "blocks.0.hook_resid_post" in warned[0] and "optimiser steps of 128 tokens" in warned[0]
+
+
+def test_dtype_and_device_options_reach_the_model_and_the_capture_key(capsys):
+    from sae_training.cli import build_parser, config_from_args
+    from sae_training.data import capture_key
+
+    config = config_from_args(build_parser().parse_args([*ARGS, "--out", "x", "--dtype", "bf16", "--device", "cpu"]))
+    assert (config.data.dtype, config.data.device) == ("bf16", "cpu")
+    with pytest.raises(FeatsteerError, match="unknown dtype 'int8'"):
+        DataConfig(model="tiny:llama", texts=("builtin:harmless",), dtype="int8")
+    texts, hooks = ["a b c", "d e"], [HOOK]
+    keys = {dtype: capture_key(load_model("tiny:llama", dtype=dtype), texts, hooks, tokens=100, chat=True, start=0)
+            for dtype in ("float32", "bfloat16")}
+    assert keys["float32"] != keys["bfloat16"]  # a bfloat16 capture never stands in for a float32 one
+    assert main([*ARGS, "--out", "x", "--dtype", "fp8"]) == 2
+    assert capsys.readouterr().err.strip() == "featsteer-train-sae: error: unknown dtype 'fp8': use auto, float32, bfloat16 or float16"

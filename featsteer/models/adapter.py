@@ -84,6 +84,8 @@ class ModelAdapter(ABC):
     tokens read it (see `featsteer.interventions.positions`)."""
     generation_prompt_length: int = 0
     """Padded prompt length of the batch being generated (valid while `generation_step` is not None)."""
+    show_progress: bool = True
+    """Whether `generate` shows a progress bar for runs of three batches or more (set False for quiet scripts)."""
     pass_attention_mask: Tensor | None = None
     """During a forward pass of `run` or `generate`: the `(batch, pos)` attention mask of the sequence so far (1 at
     real tokens, 0 at left padding); None outside one. Hooks that pool over positions read it to skip padding."""
@@ -301,7 +303,7 @@ class ModelAdapter(ABC):
         responses: list[str] = [""] * len(instructions)
         first: Tensor | None = None
         batches = self.plan_batches(instructions, batch_size, max_batch_tokens, system, chat)
-        for rows in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 3, leave=False):
+        for rows in tqdm(batches, desc="generate", unit="batch", disable=not self.show_progress or len(batches) < 3, leave=False):
             batch = self.tokenize([instructions[i] for i in rows], system=system, chat=chat)
             tokens, logits = self._greedy(batch, max_new_tokens)
             for i, row in zip(rows, tokens, strict=True):

@@ -23,35 +23,99 @@ from featsteer.models.families import family_for
 logger = logging.getLogger(__name__)
 
 
+def hide_weight_loading_bar() -> None:
+    """Hide transformers' per-tensor "Loading weights" bar (it would sit above every table and error line of a
+    command), keeping the hub's download bars, which say something a user waits for."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    enable_progress_bars()
+
+
 def default_cache_dir() -> Path:
     """Where converted models are cached: `$FEATSTEER_CACHE` or `~/.cache/featsteer`."""
     return Path(os.environ.get("FEATSTEER_CACHE", Path.home() / ".cache" / "featsteer"))
 
 
-def load_model(spec, *, tokenizer=None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> ModelAdapter:
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+"""Names `--dtype` accepts (plus `auto`: the dtype the checkpoint's config records)."""
+
+
+def resolve_dtype(dtype) -> torch.dtype | str:
+    """A `torch.dtype` from a dtype or its name (`float32`, `bf16`, ...); `"auto"` passes through.
+
+    Raises:
+        FeatsteerError: a name that is not a floating dtype featsteer can run in.
+    """
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise FeatsteerError(f"dtype {dtype} is not a floating-point dtype: use float32, bfloat16 or float16")
+        return dtype
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    if name == "auto":
+        return "auto"
+    if name not in DTYPE_NAMES:
+        raise FeatsteerError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    return DTYPE_NAMES[name]
+
+
+def resolve_device(device) -> torch.device:
+    """A `torch.device` that exists on this machine, from a device or its name (`cpu`, `cuda`, `cuda:1`, `mps`).
+
+    Raises:
+        FeatsteerError: an unknown device name, or an accelerator this machine or torch build does not have.
+    """
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise FeatsteerError(f"unknown device '{device}': use cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise FeatsteerError(f"device '{device}' is not available: this torch build sees no CUDA GPU; use --device cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise FeatsteerError(f"device '{device}' is not available: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    elif resolved.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise FeatsteerError(f"device '{device}' is not available: no Apple MPS backend here; use --device cpu")
+    elif resolved.type != "cpu":
+        raise FeatsteerError(f"unsupported device '{device}': use cpu, cuda, cuda:N or mps")
+    return resolved
+
+
+def load_model(spec, *, tokenizer=None, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> ModelAdapter:
     """Load a model behind featsteer's adapter.
 
     Args:
         spec: `"organism"`, `"tiny:<family>"` (random, built from a config), a local HF directory, a
             `.gguf` path, a hub id, or a model object.
         tokenizer: tokenizer for a `transformers` model object (else loaded from its `name_or_path`).
-        dtype: weight dtype for models loaded from disk or the hub.
-        device: torch device for models loaded from disk or the hub.
+        dtype: weight dtype (or its name: `float32`, `bfloat16`, `float16`, `auto` for the checkpoint's own) for
+            models featsteer builds or loads; a model object keeps its own. Directions, statistics and edits are
+            computed in float32/float64 whatever the model's dtype.
+        device: torch device (`cpu`, `cuda`, `cuda:N`, `mps`) for models featsteer builds or loads.
 
     Raises:
-        FeatsteerError: unknown spec, missing file, unsupported architecture, or hub unreachable.
+        FeatsteerError: unknown spec, missing file, unsupported architecture, hub unreachable, unknown dtype,
+            or a device this machine does not have.
     """
     if isinstance(spec, ModelAdapter):
         return spec
     if not isinstance(spec, (str, os.PathLike)):
         return _from_object(spec, tokenizer)
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     text = str(spec)
     if text == "organism":
         from featsteer.organism import organism_path
 
         return _from_directory(organism_path(), dtype, device, name="organism")
     if text.startswith("tiny:"):
-        return _tiny(text.removeprefix("tiny:"))
+        return _tiny(text.removeprefix("tiny:"), dtype, device)
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -82,7 +146,7 @@ def _from_object(model, tokenizer) -> ModelAdapter:
     )
 
 
-def _tiny(family: str) -> ModelAdapter:
+def _tiny(family: str, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu") -> ModelAdapter:
     """A random tiny model built from a config (`tiny:llama`, `tiny:gpt2`, ...), for trying things offline."""
     from featsteer.models.hf import HFModelAdapter
     from featsteer.testing import FAMILY_NAMES, tiny_model
@@ -90,6 +154,7 @@ def _tiny(family: str) -> ModelAdapter:
     if family not in FAMILY_NAMES:
         raise FeatsteerError(f"unknown tiny model 'tiny:{family}': use one of {', '.join('tiny:' + f for f in FAMILY_NAMES)}")
     model, tokenizer = tiny_model(family)
+    model = model.to(device=device, dtype=None if dtype == "auto" else dtype)
     return HFModelAdapter(model, tokenizer, name=f"tiny:{family}")
 
 
@@ -110,7 +175,7 @@ def _check_architecture(config) -> None:
         raise FeatsteerError(f"'{config.model_type}' is an encoder-decoder model: featsteer needs a decoder-only causal LM")
 
 
-def _from_directory(path: Path, dtype: torch.dtype, device: str, name: str) -> ModelAdapter:
+def _from_directory(path: Path, dtype: torch.dtype | str, device: torch.device, name: str) -> ModelAdapter:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from featsteer.models.hf import HFModelAdapter
@@ -122,7 +187,7 @@ def _from_directory(path: Path, dtype: torch.dtype, device: str, name: str) -> M
     return HFModelAdapter(model, AutoTokenizer.from_pretrained(path), name=name)
 
 
-def _from_hub(model_id: str, dtype: torch.dtype, device: str) -> ModelAdapter:
+def _from_hub(model_id: str, dtype: torch.dtype | str, device: torch.device) -> ModelAdapter:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from featsteer.models.hf import HFModelAdapter
