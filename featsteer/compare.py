@@ -224,8 +224,13 @@ class CompareContext:
         key = f"{method}:{rank}" if method == "svd" else method
         if key not in self._directions:
             config = DirectionConfig(**{**asdict(self.direction_config), "method": method, "rank": rank})
-            self._directions[key] = find_refusal_direction(self.model, self.harmful, self.harmless, config, val=self.val)
+            self._directions[key] = find_refusal_direction(self.model, self.harmful, self.harmless, config, val=self.val,
+                                                           keep_activations=True, reuse=self._captured())
         return self._directions[key]
+
+    def _captured(self) -> DirectionResult | None:
+        """A direction result whose training activations every direction method and LEACE share (one capture)."""
+        return next((result for result in self._directions.values() if result.activations is not None), None)
 
     def feature_ranking(self) -> FeatureRanking:
         """Rank (once) every SAE feature on the training prompts the direction methods use.
@@ -246,16 +251,12 @@ class CompareContext:
         return self._ranking
 
     def leace_erasers(self) -> dict:
-        """Fit (once) a LEACE eraser per layer's `direction_config.kind` hook and post-instruction position on the
-        training prompts (the activations the direction methods read)."""
+        """Fit (once) a LEACE eraser per layer's `direction_config.kind` hook and position on the training prompts,
+        from the activations the direction methods captured (after the train filter, when it is on)."""
         if self._erasers is None:
             from featsteer.interventions import fit_leace_erasers
 
-            config = self.direction_config
-            hooks = self.model.hook_names((config.kind,))
-            acts = [capture(self.model, list(prompts), hooks, positions=config.positions, batch_size=config.batch_size, label=label,
-                            progress=False) for prompts, label in zip(self.training(), ("harmful", "harmless"), strict=True)]
-            self._erasers = fit_leace_erasers(*acts)
+            self._erasers = fit_leace_erasers(*self.directions("dim").activations)
         return self._erasers
 
     def training(self) -> tuple[PromptSet, PromptSet]:

@@ -61,6 +61,12 @@ class DirectionResult:
     """The prompts the candidates were computed from (after `DirectionConfig.filter_train`, when on)."""
     val: tuple[PromptSet, PromptSet]
     timings: dict = field(default_factory=dict)
+    activations: tuple | None = field(default=None, repr=False)
+    """With `find_refusal_direction(..., keep_activations=True)`: the `(harmful, harmless)` `ActivationSet`s of the
+    training prompts at every `config.kind` hook, which another method's `find_refusal_direction(..., reuse=...)` or
+    a LEACE fit can use instead of capturing them again."""
+    capture_key: tuple | None = None
+    """What `activations` depend on (hook kind, positions, train filter, split and the input prompts' hashes)."""
 
     @property
     def chosen_basis(self):
@@ -85,7 +91,8 @@ def split(prompts: PromptSet, val_fraction: float) -> tuple[PromptSet, PromptSet
 
 
 def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: PromptSet, config: DirectionConfig | None = None,
-                           val: tuple[PromptSet, PromptSet] | None = None) -> DirectionResult:
+                           val: tuple[PromptSet, PromptSet] | None = None, *, keep_activations: bool = False,
+                           reuse: DirectionResult | None = None) -> DirectionResult:
     """Capture train activations at every layer, compute candidates, select one on validation prompts.
 
     Args:
@@ -97,6 +104,14 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
             proxy); then `harmful`/`harmless` are used whole for the directions. Use it when the split would
             hand the selection prompts the model was trained on: their KL is too optimistic (on the
             organism, first-token KL of one ablation is 0.04 on its training prompts and 0.12 on unseen ones).
+        keep_activations: keep the captured training activations on the result (`result.activations`).
+        reuse: an earlier result on the same prompts, hook kind, positions, split and train filter, found with
+            `keep_activations=True`: its training prompts and activations are used instead of filtering and
+            capturing again (what `compare` does for its several direction methods). Only the method, rank and
+            selection settings may differ.
+
+    Raises:
+        FeatsteerError: too few prompts, or a `reuse` result that was found on other prompts or settings.
     """
     from featsteer.directions.selection import SelectionConfig, select_direction
 
@@ -111,13 +126,25 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
             if len(prompts) < 2:
                 raise FeatsteerError(f"the {name} prompt set has {len(prompts)} prompts: need at least 2")
     hooks = model.hook_names((config.kind,))
+    key = (model.name, config.kind, config.positions, config.filter_train, None if val is not None else config.val_fraction,
+           harmful.sha256, harmless.sha256)
     start = time.perf_counter()
     kept: dict = {}
-    if config.filter_train:
-        harmful_train, harmless_train, kept = filter_by_refusal(model, harmful_train, harmless_train, config.batch_size)
-    filtered = time.perf_counter()
-    harmful_acts = capture(model, harmful_train, hooks, positions=config.positions, batch_size=config.batch_size, label="harmful")
-    harmless_acts = capture(model, harmless_train, hooks, positions=config.positions, batch_size=config.batch_size, label="harmless")
+    if reuse is not None:
+        if reuse.activations is None:
+            raise FeatsteerError("reuse= needs a result found with keep_activations=True (it holds no activations)")
+        if reuse.capture_key != key:
+            raise FeatsteerError("reuse= was found on other prompts or settings (hook kind, positions, split or train filter); "
+                                 "only the method, rank and selection settings may differ")
+        (harmful_train, harmless_train), (harmful_acts, harmless_acts) = reuse.train, reuse.activations
+        kept = reuse.candidates.provenance.get("train_filter", {})
+        filtered = time.perf_counter()
+    else:
+        if config.filter_train:
+            harmful_train, harmless_train, kept = filter_by_refusal(model, harmful_train, harmless_train, config.batch_size)
+        filtered = time.perf_counter()
+        harmful_acts = capture(model, harmful_train, hooks, positions=config.positions, batch_size=config.batch_size, label="harmful")
+        harmless_acts = capture(model, harmless_train, hooks, positions=config.positions, batch_size=config.batch_size, label="harmless")
     captured = time.perf_counter()
     candidates = find_directions(harmful_acts, harmless_acts, config.method, config.rank)
     candidates.provenance.update({"harmful": harmful.source, "harmful_sha256": harmful_train.sha256,
@@ -129,9 +156,10 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
         model, candidates, harmful_val.head(min(config.n_select, len(harmful_val))), harmless_val.head(min(config.n_select, len(harmless_val))),
         SelectionConfig(kl_threshold=config.kl_threshold, batch_size=config.batch_size, top_k=config.top_k),
     )
-    timings = {**({"filter_s": filtered - start} if kept else {}), "capture_s": captured - filtered, "directions_s": found - captured,
-               "selection_s": time.perf_counter() - found}
-    return DirectionResult(candidates, selection, (harmful_train, harmless_train), (harmful_val, harmless_val), timings)
+    timings = {**({"filter_s": filtered - start} if kept and reuse is None else {}), "capture_s": captured - filtered,
+               "directions_s": found - captured, "selection_s": time.perf_counter() - found, **({"reused_capture": True} if reuse else {})}
+    return DirectionResult(candidates, selection, (harmful_train, harmless_train), (harmful_val, harmless_val), timings,
+                           (harmful_acts, harmless_acts) if keep_activations else None, key)
 
 
 def filter_by_refusal(model: ModelAdapter, harmful: PromptSet, harmless: PromptSet,

@@ -98,6 +98,42 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_direction_methods_can_share_one_capture(prompts, monkeypatch):
+    import featsteer.pipeline as pipeline
+    from featsteer.errors import FeatsteerError
+
+    model = load_model("tiny:llama")
+    first = find_refusal_direction(model, *prompts, DirectionConfig(n_select=4), keep_activations=True)
+    plain = find_refusal_direction(model, *prompts, DirectionConfig(method="projected", n_select=4))
+    assert first.activations is not None and plain.activations is None
+    monkeypatch.setattr(pipeline, "capture", lambda *a, **k: pytest.fail("captured again"))
+    reused = find_refusal_direction(model, *prompts, DirectionConfig(method="projected", n_select=4), reuse=first)
+    torch.testing.assert_close(reused.candidates.bases, plain.candidates.bases)
+    assert reused.timings["reused_capture"] and reused.selection.chosen.hook == plain.selection.chosen.hook
+    assert reused.train[0].prompts == plain.train[0].prompts
+    with pytest.raises(FeatsteerError, match="other prompts or settings"):
+        find_refusal_direction(model, *prompts, DirectionConfig(positions="last", n_select=4), reuse=first)
+    with pytest.raises(FeatsteerError, match="other prompts or settings"):
+        find_refusal_direction(model, prompts[0], prompts[1].head(15), DirectionConfig(n_select=4), reuse=first)
+    with pytest.raises(FeatsteerError, match="keep_activations=True"):
+        find_refusal_direction(model, *prompts, DirectionConfig(n_select=4), reuse=plain)
+
+
+def test_compare_captures_the_training_prompts_once_for_every_direction_method_and_leace(prompts, monkeypatch):
+    import featsteer.pipeline as pipeline
+
+    calls = []
+    real_capture = pipeline.capture
+    monkeypatch.setattr(pipeline, "capture", lambda *a, **k: calls.append(k.get("label")) or real_capture(*a, **k))
+    model = load_model("tiny:llama")
+    held_out = builtin_prompts("harmful", "test").head(3), builtin_prompts("harmless", "test").head(3)
+    comparison = compare(model, *prompts, methods=["dim_abliteration", "projected_abliteration", "pca_abliteration", "leace_hook"],
+                         eval_harmful=held_out[0], eval_harmless=held_out[1], direction_config=DirectionConfig(n_select=3),
+                         generation=GenerationConfig(max_new_tokens=2))
+    assert calls == ["harmful", "harmless"]
+    assert [r.method for r in comparison.results] == ["dim_abliteration", "projected_abliteration", "pca_abliteration", "leace_hook"]
+
+
 def test_compare_picks_on_explicit_validation_prompts(prompts, monkeypatch):
     import featsteer.compare as compare_module
     from featsteer.errors import FeatsteerError
@@ -105,9 +141,9 @@ def test_compare_picks_on_explicit_validation_prompts(prompts, monkeypatch):
     seen = {}
     real_find, real_pick = compare_module.find_refusal_direction, compare_module.pick_induce_scale
 
-    def find(model, harmful, harmless, config=None, val=None):
+    def find(model, harmful, harmless, config=None, val=None, **kwargs):
         seen["train"], seen["val"] = (harmful, harmless), val
-        return real_find(model, harmful, harmless, config, val=val)
+        return real_find(model, harmful, harmless, config, val=val, **kwargs)
 
     def pick(model, add, prompts, *args, **kwargs):
         seen["induce"] = list(prompts)
