@@ -101,6 +101,7 @@ def run_demo(model_spec: str = "organism", run_dir: str | Path | None = None, n_
     out = Path(run_dir) if run_dir else default_run_dir()
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(model_spec)
+    organism = model.name == "organism"  # the spec may be a loaded adapter (the CLI loads it with --dtype/--device)
     test = {label: builtin_prompts(label, "test") for label in ("harmful", "harmless", "alarming")}
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
     report = evaluate_refusal(model, test["harmful"].head(min(n_eval, len(test["harmful"]))),
@@ -113,7 +114,7 @@ def run_demo(model_spec: str = "organism", run_dir: str | Path | None = None, n_
     stages["dim_layers"] = time.perf_counter() - start - sum(stages.values())
     comparison = probes = ranking = saes = None
     if full:
-        saes = _organism_saes(model) if model_spec == "organism" else None
+        saes = _organism_saes(model) if organism else None
         if saes:
             ranking = rank_features(model, saes, builtin_prompts("harmful", "train"), builtin_prompts("harmless", "train"), top_n=12)
             write_feature_report(ranking, out / "features", title=f"SAE features behind refusal: {model.name}")
@@ -121,7 +122,7 @@ def run_demo(model_spec: str = "organism", run_dir: str | Path | None = None, n_
         train = {label: builtin_prompts(label, "train") + builtin_prompts(label, "val") for label in ("harmful", "harmless")}
         # the organism was trained on the built-in train and val prompts: its picks are made on fresh generated ones
         val = ({"val_harmful": load_prompts(f"{ORGANISM_CORPUS_PREFIX}harmful:96"), "val_harmless": load_prompts(f"{ORGANISM_CORPUS_PREFIX}harmless:96")}
-               if model_spec == "organism" else {})
+               if organism else {})
         comparison = compare(model, train["harmful"], train["harmless"], eval_harmful=test["harmful"], eval_harmless=test["harmless"],
                              alarming=test["alarming"], generation=gen, saes=saes, **val)
         write_report(comparison, out / "compare")

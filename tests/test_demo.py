@@ -13,3 +13,28 @@ def test_markdown_table_becomes_html_rows():
     assert "<td>dim&lt;x&gt;</td><td>0.624</td>" in page
     assert "---" not in page
     assert _markdown_table_html("") == ""
+
+
+def test_the_cli_demo_runs_the_organism_with_its_saes_and_fresh_validation_prompts(monkeypatch, tmp_path):
+    """`featsteer demo` loads the model itself (for --dtype/--device) and hands run_demo an adapter, which must still
+    count as the organism: its SAE methods and the generated validation prompts are part of the comparison."""
+    import pytest
+
+    import featsteer.compare as compare_module
+    from featsteer.cli import main
+
+    class Reached(Exception):
+        pass
+
+    seen = {}
+
+    def fake_compare(model, harmful, harmless, **kwargs):
+        seen.update(kwargs, dtype=model.dtype)
+        raise Reached
+
+    monkeypatch.setattr(compare_module, "compare", fake_compare)
+    with pytest.raises(Reached):
+        main(["demo", "--out", str(tmp_path / "run"), "--n", "4", "--max-new-tokens", "2", "--dtype", "bfloat16"])
+    assert seen["saes"] and "blocks.3.hook_resid_pre" in seen["saes"]
+    assert seen["val_harmful"].source.startswith("organism-corpus:harmful") and len(seen["val_harmless"]) == 96
+    assert str(seen["dtype"]) == "torch.bfloat16"
