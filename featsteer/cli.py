@@ -33,6 +33,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"layers    {model.n_layers}")
     print(f"d_model   {model.d_model}")
     print(f"dtype     {model.dtype}")
+    print(f"device    {model.device}")
     print(f"hooks     hook_embed, blocks.{{0..{model.n_layers - 1}}}.hook_{{{','.join(LAYER_KINDS)}}}")
     if args.prompt:
         print(f"prompt    {model.format_prompts([args.prompt])[0].text!r}")

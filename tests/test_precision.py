@@ -123,7 +123,7 @@ def _cli(capsys, *argv):
 
 def test_cli_dtype_and_device_options(capsys, tmp_path):
     code, out, _ = _cli(capsys, "info", "--model", "organism", "--dtype", "bf16")
-    assert code == 0 and "dtype     torch.bfloat16" in out
+    assert code == 0 and "dtype     torch.bfloat16" in out and "device    cpu" in out
     code, _, err = _cli(capsys, "eval", "--model", "organism", "--harmful", "builtin:harmful:test", "--harmless",
                         "builtin:harmless:test", "--dtype", "int8")
     assert code == 2 and err.strip() == "featsteer: error: unknown dtype 'int8': use auto, float32, bfloat16 or float16"
