@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-full", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from featsteer.evaluation.metrics import kl_first_token
+
     args.work.mkdir(parents=True, exist_ok=True)
     if args.worker:
         worker(args.worker, args.work, args.worker_full, args.n_eval, args.n_train)
@@ -128,7 +130,7 @@ def main() -> None:
             continue
         logprobs = torch.load(args.work / f"{dtype}_logprobs.pt")
         direction = torch.load(args.work / f"{dtype}_direction.pt").double()
-        run["kl_vs_float32"] = float((ref_logprobs.double().exp() * (ref_logprobs.double() - logprobs.double())).sum(-1).mean())
+        run["kl_vs_float32"] = kl_first_token(ref_logprobs, logprobs)
         run["direction_cosine_vs_float32"] = float(direction @ ref_direction / (direction.norm() * ref_direction.norm()))
         run["flips_vs_float32"] = sum(a != b for key in ("refused_harmful", "refused_harmless")
                                       for a, b in zip(run[key], reference[key], strict=True))

@@ -44,7 +44,14 @@ from featsteer.evaluation.metrics import (
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.interventions import Ablate, AddDirection, steer
 from featsteer.models import ModelAdapter
-from featsteer.pipeline import DirectionConfig, DirectionResult, abliterate, find_refusal_direction, split
+from featsteer.pipeline import (
+    DirectionConfig,
+    DirectionResult,
+    abliterate,
+    capture_training,
+    find_refusal_direction,
+    split,
+)
 
 if TYPE_CHECKING:  # sae_lens takes seconds to import: SAE code is imported only when SAEs are used
     from sae_lens import SAE
@@ -256,7 +263,9 @@ class CompareContext:
         if self._erasers is None:
             from featsteer.interventions import fit_leace_erasers
 
-            self._erasers = fit_leace_erasers(*self.directions("dim").activations)
+            captured = self._captured()  # a direction method's capture when one ran; else the same capture, without a selection
+            acts = captured.activations if captured else capture_training(self.model, *self.training(), self.direction_config)[1]
+            self._erasers = fit_leace_erasers(*acts)
         return self._erasers
 
     def training(self) -> tuple[PromptSet, PromptSet]:

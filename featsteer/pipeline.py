@@ -125,11 +125,9 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
                               ("harmless validation", harmless_val)):
             if len(prompts) < 2:
                 raise FeatsteerError(f"the {name} prompt set has {len(prompts)} prompts: need at least 2")
-    hooks = model.hook_names((config.kind,))
     key = (model.name, config.kind, config.positions, config.filter_train, None if val is not None else config.val_fraction,
            harmful.sha256, harmless.sha256)
     start = time.perf_counter()
-    kept: dict = {}
     if reuse is not None:
         if reuse.activations is None:
             raise FeatsteerError("reuse= needs a result found with keep_activations=True (it holds no activations)")
@@ -140,11 +138,8 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
         kept = reuse.candidates.provenance.get("train_filter", {})
         filtered = time.perf_counter()
     else:
-        if config.filter_train:
-            harmful_train, harmless_train, kept = filter_by_refusal(model, harmful_train, harmless_train, config.batch_size)
-        filtered = time.perf_counter()
-        harmful_acts = capture(model, harmful_train, hooks, positions=config.positions, batch_size=config.batch_size, label="harmful")
-        harmless_acts = capture(model, harmless_train, hooks, positions=config.positions, batch_size=config.batch_size, label="harmless")
+        (harmful_train, harmless_train), (harmful_acts, harmless_acts), kept, filtered = capture_training(
+            model, harmful_train, harmless_train, config)
     captured = time.perf_counter()
     candidates = find_directions(harmful_acts, harmless_acts, config.method, config.rank)
     candidates.provenance.update({"harmful": harmful.source, "harmful_sha256": harmful_train.sha256,
@@ -160,6 +155,23 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
                "directions_s": found - captured, "selection_s": time.perf_counter() - found, **({"reused_capture": True} if reuse else {})}
     return DirectionResult(candidates, selection, (harmful_train, harmless_train), (harmful_val, harmless_val), timings,
                            (harmful_acts, harmless_acts) if keep_activations else None, key)
+
+
+def capture_training(model: ModelAdapter, harmful_train: PromptSet, harmless_train: PromptSet, config: DirectionConfig) -> tuple:
+    """The training half of `find_refusal_direction`: the train filter (when `config.filter_train`), then one capture
+    of each set at every `config.kind` hook and `config.positions`.
+
+    Returns:
+        `((harmful_train, harmless_train), (harmful_acts, harmless_acts), filter_counts, time_after_filter)`.
+    """
+    kept: dict = {}
+    if config.filter_train:
+        harmful_train, harmless_train, kept = filter_by_refusal(model, harmful_train, harmless_train, config.batch_size)
+    filtered = time.perf_counter()
+    hooks = model.hook_names((config.kind,))
+    acts = tuple(capture(model, prompts, hooks, positions=config.positions, batch_size=config.batch_size, label=label)
+                 for prompts, label in ((harmful_train, "harmful"), (harmless_train, "harmless")))
+    return (harmful_train, harmless_train), acts, kept, filtered
 
 
 def filter_by_refusal(model: ModelAdapter, harmful: PromptSet, harmless: PromptSet,

@@ -224,3 +224,14 @@ def test_induce_scale_is_the_smallest_within_tolerance_of_the_best(monkeypatch):
     scale, seen = pick_induce_scale(None, add, ["p"], scales=list(rates))
     assert scale == 0.5 and seen == rates
     assert pick_induce_scale(None, add, ["p"], scales=list(rates), tolerance=0.0)[0] == 0.75
+
+
+def test_leace_alone_captures_without_running_a_direction_selection(prompts, monkeypatch):
+    import featsteer.compare as compare_module
+
+    monkeypatch.setattr(compare_module, "find_refusal_direction", lambda *a, **k: pytest.fail("a DIM selection ran for LEACE alone"))
+    model = load_model("tiny:llama")
+    held_out = builtin_prompts("harmful", "test").head(3), builtin_prompts("harmless", "test").head(3)
+    comparison = compare(model, *prompts, methods=["leace_hook"], eval_harmful=held_out[0], eval_harmless=held_out[1],
+                         direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=2))
+    assert comparison.results[0].details["leace_sites"] > 0
