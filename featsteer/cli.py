@@ -160,7 +160,8 @@ def _direction_config(args: argparse.Namespace, method: str | None = None):
     from featsteer.pipeline import DirectionConfig
 
     return DirectionConfig(method=method or args.method, rank=args.rank, positions=args.positions, n_select=args.n_select,
-                           kl_threshold=args.kl_threshold, batch_size=args.batch_size, filter_train=args.filter_train)
+                           kl_threshold=args.kl_threshold, batch_size=args.batch_size, filter_train=args.filter_train,
+                           screen=args.screen)
 
 
 def _load_pair(args: argparse.Namespace):
@@ -186,8 +187,9 @@ def _cmd_directions(args: argparse.Namespace) -> int:
 
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
+    config = _direction_config(args)  # checks the values before the model loads
     model = _load_model(args)
-    result = find_refusal_direction(model, harmful, harmless, _direction_config(args), val=val)
+    result = find_refusal_direction(model, harmful, harmless, config, val=val)
     out = Path(args.out)
     result.candidates.save(out / "candidates")
     result.chosen.save(out / "chosen")
@@ -235,8 +237,9 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
         raise FeatsteerError("--sae and --sae-top-k go with --method sae")
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
+    config = _direction_config(args)  # checks the values before the model loads
     model = _load_model(args)
-    result = find_refusal_direction(model, harmful, harmless, _direction_config(args), val=val)
+    result = find_refusal_direction(model, harmful, harmless, config, val=val)
     chosen = result.selection.chosen
     print(f"direction: {args.method} at {chosen.hook} position {chosen.position} (KL on harmless {chosen.kl_harmless:.4f})")
     edit = EditConfig(mode=mode, alpha=args.alpha, shift=args.shift)
@@ -546,10 +549,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     val = _load_val(args)
     evals = [load_prompts(s, column=args.column, limit=args.eval_n) if s else None for s in (args.eval_harmful, args.eval_harmless)]
     alarming = load_prompts(args.alarming, limit=args.eval_n) if args.alarming else None
+    direction_config = _direction_config(args)
     model = _load_model(args)
     comparison = compare(
         model, harmful, harmless, methods=args.methods.split(",") if args.methods else None,
-        eval_harmful=evals[0], eval_harmless=evals[1], alarming=alarming, direction_config=_direction_config(args),
+        eval_harmful=evals[0], eval_harmless=evals[1], alarming=alarming, direction_config=direction_config,
         val_harmful=val[0] if val else None, val_harmless=val[1] if val else None,
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
         saes=load_sae_source(args.sae, model) if args.sae else None, sae_config=sae_config,
@@ -689,6 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "Use prompts the model was not trained on")
         p.add_argument("--val-harmless", metavar="SRC", help="validation harmless prompts (with --val-harmful)")
         p.add_argument("--kl-threshold", type=float, default=0.1)
+        p.add_argument("--screen", type=int, metavar="N",
+                       help="ablate only the N candidates a first-order (gradient) estimate ranks best, instead of every "
+                            "candidate: one backward pass instead of most ablated passes (default: ablate all)")
         p.add_argument("--filter-train", action="store_true",
                        help="keep the train prompts the model treats as labelled (harmful refused, harmless answered; Arditi et al.)")
         p.add_argument("--batch-size", type=int, default=16)

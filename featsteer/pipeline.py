@@ -39,7 +39,10 @@ class DirectionConfig:
     kl_threshold: float = 0.1
     """KL filter of the selection (nats)."""
     top_k: int | None = 8
-    """Candidates that get the KL/induce checks after the ablation screen (None: all)."""
+    """Candidates that get the KL/induce checks after the ablation scores (None: all)."""
+    screen: int | None = None
+    """Ablate only this many candidates exactly, those a first-order estimate ranks best (None: all; see
+    `SelectionConfig.screen`)."""
     batch_size: int = 16
     """Prompts per forward pass."""
     filter_train: bool = False
@@ -49,6 +52,12 @@ class DirectionConfig:
     of the train sets. On Qwen2.5-Coder-0.5B it keeps 75 of 192 harmful prompts; the same search parameters then
     lower the harmful refusal log-odds by about 0.6 at equal KL, and the search reaches 3/100 held-out refusals at
     KL 0.046 instead of 14/100 at 0.055 (`benchmarks/results/real_model_qwen_filtered.md`)."""
+
+    def __post_init__(self) -> None:
+        if self.screen is not None and self.screen < 1:
+            raise FeatsteerError(f"--screen must be at least 1 (candidates ablated exactly), got {self.screen}")
+        if self.n_select < 1:
+            raise FeatsteerError(f"--n-select must be at least 1 (validation prompts per set), got {self.n_select}")
 
 
 @dataclass
@@ -149,7 +158,8 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
     found = time.perf_counter()
     selection = select_direction(
         model, candidates, harmful_val.head(min(config.n_select, len(harmful_val))), harmless_val.head(min(config.n_select, len(harmless_val))),
-        SelectionConfig(kl_threshold=config.kl_threshold, batch_size=config.batch_size, top_k=config.top_k),
+        SelectionConfig(kl_threshold=config.kl_threshold, batch_size=config.batch_size, top_k=config.top_k,
+                        screen=config.screen),
     )
     timings = {**({"filter_s": filtered - start} if kept and reuse is None else {}), "capture_s": captured - filtered,
                "directions_s": found - captured, "selection_s": time.perf_counter() - found, **({"reused_capture": True} if reuse else {})}

@@ -136,6 +136,19 @@ def test_directions_select_on_explicit_validation_prompts(capsys, tmp_path):
     assert selection["n_harmful_val"] == 5 and selection["n_harmless_val"] == 6
 
 
+def test_directions_screen_scores_the_estimated_best_and_rejects_zero(capsys, tmp_path):
+    common = ("directions", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
+              "--n", "12", "--n-select", "3")
+    code, out, err = _run(capsys, *common, "--screen", "1", "--out", str(tmp_path / "d"))
+    assert code == 0, err
+    rows = json.loads((tmp_path / "d" / "selection.json").read_text())["candidates"]
+    assert sum(r["refusal_ablated"] == r["refusal_ablated"] for r in rows) == 1
+    assert sum(r["reason"] == "screened out" for r in rows) > 0 and "refusal (estimate)" in out
+    code, _, err = _run(capsys, *common, "--screen", "0", "--out", str(tmp_path / "e"))
+    assert code == 2 and "--screen must be at least 1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "e").exists()
+
+
 def test_directions_train_filter_records_what_it_kept(capsys, tmp_path):
     code, out, err = _run(capsys, "directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless",
                           "builtin:harmless:train", "--n", "16", "--n-select", "3", "--filter-train", "--out", str(tmp_path / "dirs"))

@@ -6,6 +6,11 @@ divergence of harmless prompts' first-token distribution under that ablation, an
 harmless prompts when the raw mean difference is added at the candidate's own layer. Candidates in the
 last `skip_last_fraction` of layers, above the KL threshold, or whose addition does not induce refusal are
 discarded; the lowest refusal score under ablation wins.
+
+With `screen=N`, stage (a) is itself screened: one forward and backward pass over the harmful prompts gives a
+first-order estimate of every candidate's ablation effect (`featsteer.directions.attribution`), and only the N
+candidates with the lowest estimate are ablated exactly. The others are marked `screened out` in the table, with
+their estimate.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
+from featsteer.directions.attribution import ablation_attribution
 from featsteer.directions.directions import DirectionSet
 from featsteer.directions.methods import weighted_basis
 from featsteer.errors import FeatsteerError
@@ -40,6 +46,10 @@ class SelectionConfig:
     top_k: int | None = 8
     """Two-stage scoring: every candidate gets the ablation refusal score (one pass over harmful prompts);
     only the `top_k` lowest then get the KL and induce checks (two more passes). None checks every one."""
+    screen: int | None = None
+    """Score only this many candidates exactly under ablation, those with the lowest first-order estimate
+    (`featsteer.directions.attribution`); None scores every one. The estimate costs one forward and backward
+    pass over the harmful prompts, about four ablated passes."""
     fallback: bool = True
     """When no candidate passes the filters, pick one of the scored candidates anyway (logged as a warning
     and marked in the table) instead of failing: the lowest KL among those whose ablation brings the mean
@@ -62,6 +72,8 @@ class CandidateScore:
     """Mean refusal log-odds of harmless prompts with the mean difference added at this layer."""
     kept: bool
     reason: str
+    refusal_estimate: float = float("nan")
+    """First-order estimate of `refusal_ablated` (with `SelectionConfig.screen`; NaN otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -74,11 +86,14 @@ class Selection:
     base_refusal_harmless: float
 
     def table(self) -> str:
-        """Markdown table of every candidate."""
-        lines = ["| hook | pos | refusal (ablated) | KL harmless | refusal (induced) | kept |", "|---|---|---|---|---|---|"]
+        """Markdown table of every candidate (with an estimate column when the selection was screened)."""
+        screened = any(c.refusal_estimate == c.refusal_estimate for c in self.candidates)
+        head = "| hook | pos |" + (" refusal (estimate) |" if screened else "") + " refusal (ablated) | KL harmless | refusal (induced) | kept |"
+        lines = [head, "|---" * head.count(" |") + "|"]
         for c in self.candidates:
             mark = ("**chosen**" if c.kept else f"**chosen (fallback: {c.reason})**") if c is self.chosen else ("yes" if c.kept else c.reason)
-            lines.append(f"| {c.hook} | {c.position} | {c.refusal_ablated:.3f} | {c.kl_harmless:.4f} | {c.refusal_induced:.3f} | {mark} |")
+            estimate = f" {c.refusal_estimate:.3f} |" if screened else ""
+            lines.append(f"| {c.hook} | {c.position} |{estimate} {c.refusal_ablated:.3f} | {c.kl_harmless:.4f} | {c.refusal_induced:.3f} | {mark} |")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -119,20 +134,37 @@ def select_direction(
         FeatsteerError: when no candidate survives the filters (the message says which filter to relax).
     """
     config = config or SelectionConfig()
+    if config.screen is not None and config.screen < 1:
+        raise FeatsteerError(f"screen must be at least 1 (candidates scored exactly), got {config.screen}")
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     harmful, harmless = list(harmful_val), list(harmless_val)
     base_harmful = refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size), tokens)
     base_harmless_logprobs = first_token_logprobs(model, harmless, batch_size=config.batch_size)
     max_layer = int((1 - config.skip_last_fraction) * model.n_layers)
+    nan = float("nan")
     scores: list[CandidateScore] = []
-    ablated: dict[int, float] = {}
-    for i in tqdm(range(len(candidates)), desc="select: ablate", disable=not progress, leave=False):
-        hook, position = candidates.hook_names[i], candidates.positions[i]
-        layer = model.hook_site(hook).layer or 0
+    eligible: list[int] = []
+    for i in range(len(candidates)):
+        layer = model.hook_site(candidates.hook_names[i]).layer or 0
         if layer >= max_layer or float(weighted_basis(candidates, i).norm()) == 0:
             reason = "late layer" if layer >= max_layer else "zero direction"
-            scores.append(CandidateScore(i, hook, layer, position, float("nan"), float("nan"), float("nan"), False, reason))
-            continue
+            scores.append(CandidateScore(i, candidates.hook_names[i], layer, candidates.positions[i], nan, nan, nan, False, reason))
+        else:
+            eligible.append(i)
+    estimates: dict[int, float] = {}
+    if config.screen is not None and len(eligible) > config.screen:
+        attribution = ablation_attribution(model, harmful, tokens, batch_size=config.batch_size)
+        base_mean = float(base_harmful.mean())
+        estimates = {i: base_mean + attribution.estimate(weighted_basis(candidates, i)) for i in eligible}
+        screened_in = set(sorted(eligible, key=estimates.get)[: config.screen])
+        for i in eligible:
+            if i not in screened_in:
+                layer = model.hook_site(candidates.hook_names[i]).layer or 0
+                scores.append(CandidateScore(i, candidates.hook_names[i], layer, candidates.positions[i], nan, nan, nan, False,
+                                             "screened out", estimates[i]))
+        eligible = [i for i in eligible if i in screened_in]
+    ablated: dict[int, float] = {}
+    for i in tqdm(eligible, desc="select: ablate", disable=not progress, leave=False):
         with steer(model, Ablate(weighted_basis(candidates, i))):
             ablated[i] = float(refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size), tokens).mean())
     ranked = sorted(ablated, key=ablated.get)
@@ -140,12 +172,13 @@ def select_direction(
     for i in tqdm(ranked, desc="select: KL/induce", disable=not progress, leave=False):
         hook, position = candidates.hook_names[i], candidates.positions[i]
         layer = model.hook_site(hook).layer or 0
+        estimate = estimates.get(i, nan)
         if i not in finalists:
-            scores.append(CandidateScore(i, hook, layer, position, ablated[i], float("nan"), float("nan"), False, "not in top-k"))
+            scores.append(CandidateScore(i, hook, layer, position, ablated[i], nan, nan, False, "not in top-k", estimate))
             continue
         kl, induced = _kl_and_induce(model, candidates, i, harmless, base_harmless_logprobs, tokens, config.batch_size)
         reason = "kl too high" if kl > config.kl_threshold else ("no induced refusal" if config.require_induce and induced <= 0 else "")
-        scores.append(CandidateScore(i, hook, layer, position, ablated[i], kl, induced, not reason, reason or "kept"))
+        scores.append(CandidateScore(i, hook, layer, position, ablated[i], kl, induced, not reason, reason or "kept", estimate))
     scores.sort(key=lambda c: c.index)
     kept = [c for c in scores if c.kept]
     scored = [c for c in scores if c.reason in ("kl too high", "no induced refusal")]

@@ -214,13 +214,15 @@ class ModelAdapter(ABC):
                 mask[i, width - len(row) :] = 1
         return TokenBatch(input_ids.to(self.device), mask.to(self.device), torch.tensor(n_post, dtype=torch.long))
 
-    def run(self, batch: TokenBatch, *, stop_at: str | None = None, last_only: bool = False) -> Tensor | None:
-        """One forward pass under `inference_mode`.
+    def run(self, batch: TokenBatch, *, stop_at: str | None = None, last_only: bool = False, grad: bool = False) -> Tensor | None:
+        """One forward pass under `inference_mode` (or with autograd on, for gradients through hooks).
 
         Args:
             batch: left-padded tokens.
             stop_at: a hook name; the pass ends right after that hook fires (no logits are returned).
             last_only: return logits of the last position only, `(batch, 1, vocab)`.
+            grad: record the autograd graph, so gradients of the logits with respect to hooked activations
+                can be taken (`torch.autograd.grad`); costs the memory of the graph.
 
         Returns:
             Logits `(batch, pos, vocab)`, or None when `stop_at` ended the pass.
@@ -229,7 +231,7 @@ class ModelAdapter(ABC):
         remove = self._install_hooks([(stop_site, _raise_stop)]) if stop_site else (lambda: None)
         self.pass_attention_mask = batch.attention_mask
         try:
-            with torch.inference_mode():
+            with torch.enable_grad() if grad else torch.inference_mode():
                 logits, _ = self._forward(batch, None, False, last_only)
             return logits
         except StopForward:

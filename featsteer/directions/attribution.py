@@ -1,0 +1,117 @@
+"""First-order estimates of what ablating a direction does to the refusal score, for any number of directions
+from one forward and backward pass (attribution patching applied to directional ablation).
+
+Ablating a unit direction `r` at a hook replaces each activation `x` with `x - (x.r) r`. To first order the
+mean refusal log-odds `s` then changes by
+
+    sum over hooks and positions of  grad_x(s) . (-(x.r) r)  =  -r^T M r,   M = sum g x^T
+
+where `g` is the gradient of `s` at the unedited activation. `M` is a `(d_model, d_model)` matrix summed over
+every residual write (the sites `Ablate` edits by default), every position and every prompt, so one pass gives
+the estimate for every candidate direction, and for a rank-k basis `B` it is `-trace(B^T M B)`. The selection
+uses it to screen candidates before scoring the most promising ones exactly (`SelectionConfig.screen`).
+
+It is only a linear estimate: directional ablation at every layer is not a small change, and effects compound
+across layers. On Qwen2.5-Coder-0.5B it ranks the 90 Arditi candidates with Spearman 0.94 against the exact
+ablated scores, but underestimates their size about twofold (`benchmarks/results/selection_screen.md`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from featsteer.errors import FeatsteerError
+from featsteer.evaluation.metrics import RefusalTokens
+from featsteer.interventions.operations import as_basis
+from featsteer.interventions.steering import WRITES, resolve_sites
+from featsteer.models import ModelAdapter
+from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
+
+
+@dataclass(frozen=True)
+class AblationAttribution:
+    """The matrix `M` of one attribution pass, and what it was computed on."""
+
+    matrix: Tensor
+    """`(d_model, d_model)` float64: the sum of `g x^T` over sites and positions, divided by the prompt count."""
+    n_prompts: int
+    sites: tuple[str, ...]
+
+    def estimate(self, direction: Tensor) -> float:
+        """First-order change of the mean refusal log-odds when `direction` is ablated at every site, taken as
+        `Ablate` takes it: a `(d_model,)` unit vector or a `(k, d_model)` orthonormal basis."""
+        basis = as_basis(direction).to(device=self.matrix.device, dtype=torch.float64)
+        if basis.shape[-1] != self.matrix.shape[0]:
+            raise FeatsteerError(f"direction has width {basis.shape[-1]} but the model's d_model is {self.matrix.shape[0]}")
+        return -float(torch.einsum("kd,de,ke->", basis, self.matrix, basis))
+
+
+def _refusal_log_odds(logits: Tensor, is_refusal: Tensor) -> Tensor:
+    """Differentiable refusal log-odds of the last position's logits (as `metrics.refusal_score`)."""
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    return torch.logsumexp(logprobs[:, is_refusal], dim=-1) - torch.logsumexp(logprobs[:, ~is_refusal], dim=-1)
+
+
+def ablation_attribution(
+    model: ModelAdapter,
+    prompts: Sequence[str],
+    tokens: RefusalTokens | None = None,
+    *,
+    where: str | Sequence[str] = WRITES,
+    batch_size: int = 16,
+    max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
+) -> AblationAttribution:
+    """One forward and backward pass over `prompts` (chat-formatted) for first-order ablation estimates.
+
+    Args:
+        model: The model, as it is (hooks or edits already in place are part of the baseline).
+        prompts: Harmful prompts whose refusal log-odds the estimates are about.
+        tokens: Refusal tokens (default: the tokenizer's).
+        where: Sites the ablation would edit: `writes` (default, as `Ablate`), `residual`, or hook names.
+        batch_size: Prompts per pass; the autograd graph of one batch is held in memory.
+        max_batch_tokens: Cap on a batch's padded tokens.
+
+    Raises:
+        FeatsteerError: No prompts, or NaN gradients.
+    """
+    items = list(prompts)
+    if not items:
+        raise FeatsteerError("ablation attribution needs at least one prompt")
+    tokens = tokens or RefusalTokens.for_tokenizer(model.tokenizer)
+    sites = tuple(resolve_sites(model, where))
+    d = model.d_model
+    matrix = torch.zeros(d, d, dtype=torch.float64)
+    for rows in model.plan_batches(items, batch_size, max_batch_tokens, None, True):
+        batch = model.tokenize([items[i] for i in rows])
+        seen: list[Tensor] = []
+
+        def record(x: Tensor, site, seen: list[Tensor] = seen) -> Tensor | None:
+            # the first site is the embedding; with frozen weights nothing upstream needs a gradient, so make
+            # its output a leaf that does, and every later site follows from it
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+                seen.append(x)
+                return x
+            seen.append(x)
+            return None
+
+        with model.hooks([(name, record) for name in sites]):
+            logits = model.run(batch, last_only=True, grad=True)
+            is_refusal = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            is_refusal[torch.as_tensor(sorted(set(tokens.refusal)), device=logits.device)] = True
+            score = _refusal_log_odds(logits[:, -1], is_refusal).sum() / len(items)
+            grads = torch.autograd.grad(score, seen, allow_unused=True)
+        real = batch.attention_mask.bool()[..., None]  # padding never reaches a real position: leave it out
+        for x, g in zip(seen, grads, strict=True):
+            if g is None:
+                continue
+            g, x = torch.where(real, g, 0.0), torch.where(real, x.detach(), 0.0)
+            if not bool(torch.isfinite(g).all()):
+                raise FeatsteerError("the refusal score's gradient has NaN or infinite values: check the model's dtype "
+                                     "(float16 on CPU overflows; use --dtype float32 or bfloat16)")
+            matrix += g.reshape(-1, d).double().T.cpu() @ x.reshape(-1, d).double().cpu()
+    return AblationAttribution(matrix, len(items), sites)
