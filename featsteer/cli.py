@@ -319,8 +319,9 @@ def _abliterate_sae(args: argparse.Namespace, mode: str, warm_start: list[dict])
 
     if not args.sae:
         raise FeatsteerError("--method sae needs SAEs: add --sae organism|DIR")
-    if mode not in ("orthogonalize", "norm_preserving") or args.scope != "global" or args.filter_train:
-        raise FeatsteerError("--method sae projects decoder rows out (optionally --norm-preserving): drop --reverse/--induce/--scope/--filter-train")
+    if mode not in ("orthogonalize", "norm_preserving") or args.scope != "global" or args.filter_train or args.screen is not None:
+        raise FeatsteerError("--method sae projects decoder rows out (optionally --norm-preserving): "
+                             "drop --reverse/--induce/--scope/--filter-train/--screen")
     sae_config = SaeMethodConfig(top_k=args.sae_top_k)  # checks the value before anything slow runs
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
@@ -376,8 +377,9 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
     from featsteer.pipeline import DirectionConfig, split
     from featsteer.search import fixed_basis
 
-    if args.method != "dim" or args.sae or args.sae_top_k is not None or args.scope != "global" or args.filter_train:
-        raise FeatsteerError("--directions brings its own direction: drop --method/--sae/--sae-top-k/--scope/--filter-train")
+    if (args.method != "dim" or args.sae or args.sae_top_k is not None or args.scope != "global" or args.filter_train
+            or args.screen is not None):
+        raise FeatsteerError("--directions brings its own direction: drop --method/--sae/--sae-top-k/--scope/--filter-train/--screen")
     direction, record = _saved_direction(args)
     val = _load_val(args)
     if val is None:

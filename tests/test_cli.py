@@ -147,6 +147,10 @@ def test_directions_screen_scores_the_estimated_best_and_rejects_zero(capsys, tm
     code, _, err = _run(capsys, *common, "--screen", "0", "--out", str(tmp_path / "e"))
     assert code == 2 and "--screen must be at least 1" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "e").exists()
+    # a saved direction has no selection to screen
+    code, _, err = _run(capsys, "abliterate", *common[1:], "--directions", str(tmp_path / "d" / "chosen"), "--screen", "2",
+                        "--out", str(tmp_path / "f"))
+    assert code == 2 and "--screen" in err and not (tmp_path / "f").exists()
 
 
 def test_directions_train_filter_records_what_it_kept(capsys, tmp_path):

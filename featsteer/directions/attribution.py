@@ -13,7 +13,8 @@ uses it to screen candidates before scoring the most promising ones exactly (`Se
 
 It is only a linear estimate: directional ablation at every layer is not a small change, and effects compound
 across layers. On Qwen2.5-Coder-0.5B it ranks the 90 Arditi candidates with Spearman 0.94 against the exact
-ablated scores, but underestimates their size about twofold (`benchmarks/results/selection_screen.md`).
+ablated scores, but underestimates their size about twofold
+(`benchmarks/results/selection_screen_qwen_bfloat16.md`).
 """
 
 from __future__ import annotations
