@@ -57,11 +57,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--screens", default="16,24,32", help="comma list of N for --screen")
     parser.add_argument("--n-select", type=int, default=16)
+    parser.add_argument("--method", default="dim", help="candidate method (dim, projected, pca, svd)")
+    parser.add_argument("--rank", type=int, default=2, help="subspace size for --method svd")
+    parser.add_argument("--filter-train", action="store_true", help="the Arditi train filter (as real_model.py --filter-train)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results-name", help="results file stem (default: selection_screen_qwen_<dtype>)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    name = args.results_name or f"selection_screen_{'qwen' if args.model is None else args.model}_{args.dtype}"
+    variant = ("" if args.method == "dim" else f"_{args.method}{args.rank if args.method == 'svd' else ''}") + ("_filtered" if args.filter_train else "")
+    name = args.results_name or f"selection_screen_{'qwen' if args.model is None else args.model}_{args.dtype}{variant}"
     start = time.perf_counter()
     model = load_model(args.model or str(qwen_gguf()), dtype=args.dtype)
     if args.model == "organism":
@@ -72,7 +76,9 @@ def main() -> None:
         sets = prompt_sets("qwen")
     out: dict = {"model": args.model or "qwen2.5-coder-0.5b-instruct (Q4_K_M GGUF, dequantised)", "dtype": args.dtype,
                  "threads": args.threads, "n_select": args.n_select, "load_s": round(time.perf_counter() - start, 1)}
-    config = DirectionConfig(n_select=args.n_select)
+    settings = {"method": args.method, "rank": args.rank, "filter_train": args.filter_train}
+    out.update(settings)
+    config = DirectionConfig(n_select=args.n_select, **settings)
     full = find_refusal_direction(model, sets["train_harmful"], sets["train_harmless"], config, keep_activations=True)
     print(f"plain selection: {full.timings}", flush=True)
     exact = {c.index: c for c in full.selection.candidates if c.refusal_ablated == c.refusal_ablated}
@@ -88,7 +94,7 @@ def main() -> None:
     out["screened"] = []
     for n in (int(x) for x in args.screens.split(",")):
         result = find_refusal_direction(model, sets["train_harmful"], sets["train_harmless"],
-                                        DirectionConfig(n_select=args.n_select, screen=n), reuse=full)
+                                        DirectionConfig(n_select=args.n_select, screen=n, **settings), reuse=full)
         rows = {c.index: c for c in result.selection.candidates}
         kept = {i for i, c in rows.items() if c.refusal_ablated == c.refusal_ablated}
         estimates = {i: c.refusal_estimate for i, c in rows.items() if c.refusal_estimate == c.refusal_estimate}
@@ -113,7 +119,9 @@ def main() -> None:
 
 def render(out: dict) -> str:
     plain = out["plain"]
-    lines = [f"# Screened Arditi selection ({out['model']}, {out['dtype']}, {out['threads']} threads)", "",
+    method = out.get("method", "dim") + (f" rank {out.get('rank')}" if out.get("method") == "svd" else "") + \
+        (", Arditi train filter" if out.get("filter_train") else "")
+    lines = [f"# Screened Arditi selection ({out['model']}, {out['dtype']}, {out['threads']} threads; candidates: {method})", "",
              f"Written by `benchmarks/selection_screen.py`. Capture of the training prompts: {out['capture_s']} s (shared by "
              f"every row). One attribution pass over the {out['n_select']} harmful validation prompts: "
              f"{out['attribution_pass_s']} s. {plain['n_ablated']} of {plain['n_candidates']} candidates are eligible "
