@@ -54,8 +54,9 @@ class DirectionConfig:
     KL 0.046 instead of 14/100 at 0.055 (`benchmarks/results/real_model_qwen_filtered.md`)."""
 
     def __post_init__(self) -> None:
-        if self.screen is not None and self.screen < 1:
-            raise FeatsteerError(f"--screen must be at least 1 (candidates ablated exactly), got {self.screen}")
+        from featsteer.directions.selection import SelectionConfig
+
+        SelectionConfig(screen=self.screen)  # checks the screen size before anything slow runs
         if self.n_select < 1:
             raise FeatsteerError(f"--n-select must be at least 1 (validation prompts per set), got {self.n_select}")
 

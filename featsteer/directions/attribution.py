@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
-from featsteer.evaluation.metrics import RefusalTokens
+from featsteer.evaluation.metrics import RefusalTokens, refusal_log_odds
 from featsteer.interventions.operations import as_basis
 from featsteer.interventions.steering import WRITES, resolve_sites
 from featsteer.models import ModelAdapter
@@ -49,12 +49,6 @@ class AblationAttribution:
         if basis.shape[-1] != self.matrix.shape[0]:
             raise FeatsteerError(f"direction has width {basis.shape[-1]} but the model's d_model is {self.matrix.shape[0]}")
         return -float(torch.einsum("kd,de,ke->", basis, self.matrix, basis))
-
-
-def _refusal_log_odds(logits: Tensor, is_refusal: Tensor) -> Tensor:
-    """Differentiable refusal log-odds of the last position's logits (as `metrics.refusal_score`)."""
-    logprobs = torch.log_softmax(logits.double(), dim=-1)
-    return torch.logsumexp(logprobs[:, is_refusal], dim=-1) - torch.logsumexp(logprobs[:, ~is_refusal], dim=-1)
 
 
 def ablation_attribution(
@@ -102,9 +96,7 @@ def ablation_attribution(
 
         with model.hooks([(name, record) for name in sites]):
             logits = model.run(batch, last_only=True, grad=True)
-            is_refusal = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-            is_refusal[torch.as_tensor(sorted(set(tokens.refusal)), device=logits.device)] = True
-            score = _refusal_log_odds(logits[:, -1], is_refusal).sum() / len(items)
+            score = refusal_log_odds(logits[:, -1].double(), tokens).sum() / len(items)
             grads = torch.autograd.grad(score, seen, allow_unused=True)
         real = batch.attention_mask.bool()[..., None]  # padding never reaches a real position: leave it out
         for x, g in zip(seen, grads, strict=True):

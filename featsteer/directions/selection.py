@@ -55,6 +55,10 @@ class SelectionConfig:
     and marked in the table) instead of failing: the lowest KL among those whose ablation brings the mean
     refusal log-odds below 0 (harmful prompts predicted to comply), else the lowest refusal score."""
 
+    def __post_init__(self) -> None:
+        if self.screen is not None and self.screen < 1:
+            raise FeatsteerError(f"--screen must be at least 1 (candidates ablated exactly), got {self.screen}")
+
 
 @dataclass(frozen=True)
 class CandidateScore:
@@ -134,34 +138,32 @@ def select_direction(
         FeatsteerError: when no candidate survives the filters (the message says which filter to relax).
     """
     config = config or SelectionConfig()
-    if config.screen is not None and config.screen < 1:
-        raise FeatsteerError(f"screen must be at least 1 (candidates scored exactly), got {config.screen}")
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     harmful, harmless = list(harmful_val), list(harmless_val)
     base_harmful = refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size), tokens)
     base_harmless_logprobs = first_token_logprobs(model, harmless, batch_size=config.batch_size)
     max_layer = int((1 - config.skip_last_fraction) * model.n_layers)
     nan = float("nan")
+    layers = [model.hook_site(hook).layer or 0 for hook in candidates.hook_names]
+    estimates: dict[int, float] = {}
+
+    def row(i: int, *values, reason: str, kept: bool = False) -> CandidateScore:
+        return CandidateScore(i, candidates.hook_names[i], layers[i], candidates.positions[i], *values, kept, reason,
+                              estimates.get(i, nan))
+
     scores: list[CandidateScore] = []
     eligible: list[int] = []
     for i in range(len(candidates)):
-        layer = model.hook_site(candidates.hook_names[i]).layer or 0
-        if layer >= max_layer or float(weighted_basis(candidates, i).norm()) == 0:
-            reason = "late layer" if layer >= max_layer else "zero direction"
-            scores.append(CandidateScore(i, candidates.hook_names[i], layer, candidates.positions[i], nan, nan, nan, False, reason))
+        if layers[i] >= max_layer or float(weighted_basis(candidates, i).norm()) == 0:
+            scores.append(row(i, nan, nan, nan, reason="late layer" if layers[i] >= max_layer else "zero direction"))
         else:
             eligible.append(i)
-    estimates: dict[int, float] = {}
     if config.screen is not None and len(eligible) > config.screen:
         attribution = ablation_attribution(model, harmful, tokens, batch_size=config.batch_size)
         base_mean = float(base_harmful.mean())
-        estimates = {i: base_mean + attribution.estimate(weighted_basis(candidates, i)) for i in eligible}
+        estimates.update({i: base_mean + attribution.estimate(weighted_basis(candidates, i)) for i in eligible})
         screened_in = set(sorted(eligible, key=estimates.get)[: config.screen])
-        for i in eligible:
-            if i not in screened_in:
-                layer = model.hook_site(candidates.hook_names[i]).layer or 0
-                scores.append(CandidateScore(i, candidates.hook_names[i], layer, candidates.positions[i], nan, nan, nan, False,
-                                             "screened out", estimates[i]))
+        scores += [row(i, nan, nan, nan, reason="screened out") for i in eligible if i not in screened_in]
         eligible = [i for i in eligible if i in screened_in]
     ablated: dict[int, float] = {}
     for i in tqdm(eligible, desc="select: ablate", disable=not progress, leave=False):
@@ -170,15 +172,12 @@ def select_direction(
     ranked = sorted(ablated, key=ablated.get)
     finalists = set(ranked if config.top_k is None else ranked[: config.top_k])
     for i in tqdm(ranked, desc="select: KL/induce", disable=not progress, leave=False):
-        hook, position = candidates.hook_names[i], candidates.positions[i]
-        layer = model.hook_site(hook).layer or 0
-        estimate = estimates.get(i, nan)
         if i not in finalists:
-            scores.append(CandidateScore(i, hook, layer, position, ablated[i], nan, nan, False, "not in top-k", estimate))
+            scores.append(row(i, ablated[i], nan, nan, reason="not in top-k"))
             continue
         kl, induced = _kl_and_induce(model, candidates, i, harmless, base_harmless_logprobs, tokens, config.batch_size)
         reason = "kl too high" if kl > config.kl_threshold else ("no induced refusal" if config.require_induce and induced <= 0 else "")
-        scores.append(CandidateScore(i, hook, layer, position, ablated[i], kl, induced, not reason, reason or "kept", estimate))
+        scores.append(row(i, ablated[i], kl, induced, reason=reason or "kept", kept=not reason))
     scores.sort(key=lambda c: c.index)
     kept = [c for c in scores if c.kept]
     scored = [c for c in scores if c.reason in ("kl too high", "no induced refusal")]

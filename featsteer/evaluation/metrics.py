@@ -392,9 +392,14 @@ def refusal_score(
         FeatsteerError: On an empty or malformed tensor, NaN values or out-of-range token ids.
     """
     _check_scores(logprobs, "refusal_score")
-    scores = logprobs.detach().double().cpu()
+    return refusal_log_odds(logprobs.detach().double().cpu(), tokens)
+
+
+def refusal_log_odds(scores: Float[Tensor, "prompt vocab"], tokens: RefusalTokens) -> Float[Tensor, " prompt"]:
+    """The arithmetic of `refusal_score` without its checks and without detaching, so gradients flow through it
+    (`featsteer.directions.attribution`). Computes in the dtype and on the device of `scores`."""
     index = _token_index(tokens.refusal, scores.shape[-1], "tokens.refusal", scores.device)
-    is_refusal = torch.zeros(scores.shape[-1], dtype=torch.bool)
+    is_refusal = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
     is_refusal[index] = True
     total = torch.logsumexp(scores, dim=-1)
     refusal_mass = torch.logsumexp(scores[:, is_refusal], dim=-1) - total
