@@ -189,7 +189,7 @@ def _cmd_directions(args: argparse.Namespace) -> int:
     val = _load_val(args)
     config = _direction_config(args)  # checks the values before the model loads
     model = _load_model(args)
-    result = find_refusal_direction(model, harmful, harmless, config, val=val)
+    result = find_refusal_direction(model, harmful, harmless, config, val=val, keep_activations=True)
     out = Path(args.out)
     result.candidates.save(out / "candidates")
     result.chosen.save(out / "chosen")
@@ -401,7 +401,7 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
     return _check_and_export(model, handle, held, before, generation, mode, args.out, "validation", extra)
 
 
-DIRECTION_STEER_MODES = ("ablate", "add", "set", "conditional")
+DIRECTION_STEER_MODES = ("ablate", "add", "set", "conditional", "ace", "angular")
 """`featsteer steer` modes for a saved direction."""
 FEATURE_STEER_MODES = ("clamp", "scale", "ablate", "add")
 """`featsteer steer` modes for SAE features (see `featsteer.sae.EDIT_MODES`)."""
@@ -437,6 +437,12 @@ def _check_steer_args(args: argparse.Namespace) -> None:
             raise FeatsteerError(f"--mode {args.mode} edits SAE features (--sae): a direction takes --mode {'|'.join(DIRECTION_STEER_MODES)}")
         if args.feature or args.multiple is not None or args.positions is not None:
             raise FeatsteerError("--feature, --multiple and --positions apply to --sae features, not to --directions")
+        if args.mode == "angular" and args.angle is None:
+            raise FeatsteerError("--mode angular needs --angle DEG (degrees from the refusal direction: 0 full refusal, 180 against it)")
+    if args.mode != "angular" and (args.angle is not None or args.angle_everywhere):
+        raise FeatsteerError("--angle and --angle-everywhere apply to --mode angular")
+    if args.mode != "ace" and args.alpha is not None:
+        raise FeatsteerError("--alpha applies to --mode ace")
 
 
 def _feature_ids(specs: Sequence[str]) -> list[int]:
@@ -452,9 +458,11 @@ def _feature_ids(specs: Sequence[str]) -> list[int]:
 
 def _direction_intervention(args: argparse.Namespace, model):
     from featsteer.directions import DirectionSet
-    from featsteer.interventions import Ablate, AddDirection, ConditionalSteer, ProjectionSet
+    from featsteer.interventions import Ablate, AddDirection, AffineEdit, AngularSteer, ConditionalSteer, ProjectionSet
 
     directions = DirectionSet.load(args.directions)
+    if args.mode in ("ace", "angular"):
+        return _geometric_intervention(args, model, directions, AffineEdit, AngularSteer)
     index = directions.hook_names.index(args.hook) if args.hook in directions.hook_names else 0
     hook = args.hook or directions.hook_names[index]
     model.hook_site(hook)
@@ -470,6 +478,33 @@ def _direction_intervention(args: argparse.Namespace, model):
                                 f"add {args.scale:g} x the mean difference at {hook} where the cosine exceeds {args.threshold:g}"),
     }
     return built[args.mode]()
+
+
+def _geometric_intervention(args: argparse.Namespace, model, directions, affine_type, angular_type):
+    """`--mode ace|angular` from what `featsteer directions` recorded with the chosen direction."""
+    import torch
+
+    provenance, where = directions.provenance, args.directions
+    if len(directions) != 1 or directions.rank != 1:
+        raise FeatsteerError(f"--mode {args.mode} needs one rank-1 direction: pass the chosen/ folder written by `featsteer directions`, not {where}")
+    direction = directions.bases[0, 0]
+    if args.mode == "ace":
+        if "ace" not in provenance:
+            raise FeatsteerError(f"{where} has no per-layer class means: re-run `featsteer directions` (it records them with the chosen direction)")
+        harmless, harmful = provenance["ace"]["harmless"], provenance["ace"]["harmful"]
+        for hook in harmless:
+            model.hook_site(hook)
+        alpha = 0.0 if args.alpha is None else args.alpha
+        return (affine_type(direction, harmless, harmful, alpha),
+                f"set the projection at {len(harmless)} hooks to alpha={alpha:g} on the harmless-to-harmful mean line (ACE)")
+    if "rotation_axis" not in provenance:
+        raise FeatsteerError(f"{where} has no rotation axis: re-run `featsteer directions` with a model whose layers' directions differ")
+    axis = torch.tensor(provenance["rotation_axis"], dtype=direction.dtype)
+    if axis.shape != direction.shape:
+        raise FeatsteerError(f"{where}: the rotation axis has {axis.numel()} entries, the direction {direction.numel()}")
+    intervention = angular_type(torch.stack([direction, axis]), args.angle, adaptive=not args.angle_everywhere)
+    scope = "every activation" if args.angle_everywhere else "activations leaning towards refusal"
+    return intervention, f"turn {scope} to {args.angle:g} degrees from the direction at every layer (angular steering)"
 
 
 def _feature_intervention(args: argparse.Namespace, model, prompts: list[str]):
@@ -534,7 +569,7 @@ def _cmd_steer(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from featsteer.compare import SaeMethodConfig, available_methods, compare, write_report
+    from featsteer.compare import SaeMethodConfig, SteeringMethodConfig, available_methods, compare, write_report
     from featsteer.datasets import load_prompts
     from featsteer.evaluation.behaviour import GenerationConfig
     from featsteer.sae import load_sae_source
@@ -547,6 +582,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if not (args.harmful and args.harmless and args.out):
         raise FeatsteerError("compare needs --harmful, --harmless and --out (or --list)")
     sae_config = SaeMethodConfig(top_k=args.sae_top_k, clamp_multiple=args.sae_clamp_multiple, induce_multiple=args.sae_induce_multiple)
+    steering_config = SteeringMethodConfig(ace_alpha=args.ace_alpha, ace_induce_alpha=args.ace_induce_alpha, angle=args.angle,
+                                           adaptive=not args.angle_everywhere)
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
     evals = [load_prompts(s, column=args.column, limit=args.eval_n) if s else None for s in (args.eval_harmful, args.eval_harmless)]
@@ -558,7 +595,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         eval_harmful=evals[0], eval_harmless=evals[1], alarming=alarming, direction_config=direction_config,
         val_harmful=val[0] if val else None, val_harmless=val[1] if val else None,
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
-        saes=load_sae_source(args.sae, model) if args.sae else None, sae_config=sae_config,
+        saes=load_sae_source(args.sae, model) if args.sae else None, sae_config=sae_config, steering_config=steering_config,
     )
     folder = write_report(comparison, args.out)
     print(comparison.table())
@@ -755,6 +792,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--multiple", type=float, help="SAE clamp/add amount as a multiple of each feature's largest activation on the prompts")
     st.add_argument("--positions", choices=["all", "prompt", "generated"], help="tokens SAE feature edits apply to (default: all)")
     st.add_argument("--threshold", type=float, default=0.0, help="cosine threshold for --mode conditional")
+    st.add_argument("--alpha", type=float, help="--mode ace: 0 sets every layer's projection to the harmless mean's, 1 to the harmful mean's (default 0)")
+    st.add_argument("--angle", type=float, help="--mode angular: degrees from the refusal direction (0 full refusal, 180 against it)")
+    st.add_argument("--angle-everywhere", action="store_true",
+                    help="--mode angular: turn every activation, not only those with a positive projection on the direction")
     st.add_argument("--max-new-tokens", type=int, default=32)
     st.add_argument("--json", help="write the prompts, responses and refusal flags here")
     st.set_defaults(run=_cmd_steer)
@@ -778,6 +819,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sae_clamp_hook's clamp value, a multiple (<= 0) of each feature's harmful maximum (default: picked from 0, -0.5, -1, -2)")
     cmp_.add_argument("--sae-induce-multiple", type=float, metavar="M",
                       help="sae_topk_induce's clamp value, a multiple (> 0) of each feature's harmful maximum (default: picked from 0.5, 1, 2)")
+    cmp_.add_argument("--ace-alpha", type=float, metavar="A",
+                      help="dim_ace_hook's point on the harmless (0) to harmful (1) mean line, below 1 (default: picked from 0, -0.25, -0.5)")
+    cmp_.add_argument("--ace-induce-alpha", type=float, metavar="A",
+                      help="dim_ace_induce's point on that line, above 0 (default: picked from 0.5, 0.75, 1, 1.5)")
+    cmp_.add_argument("--angle", type=float, metavar="DEG",
+                      help="dim_angular_hook's angle from the refusal direction (default: picked from 90, 135, 180)")
+    cmp_.add_argument("--angle-everywhere", action="store_true",
+                      help="dim_angular_hook turns every activation, not only those leaning towards refusal")
     cmp_.set_defaults(run=_cmd_compare)
 
     pr = sub.add_parser("probe", help="probe sweep per layer and the predict-control report")

@@ -42,7 +42,7 @@ from featsteer.evaluation.metrics import (
     refusal_score,
 )
 from featsteer.evaluation.refusal import RefusalDetector
-from featsteer.interventions import Ablate, AddDirection, steer
+from featsteer.interventions import Ablate, AddDirection, AffineEdit, AngularSteer, steer
 from featsteer.models import ModelAdapter
 from featsteer.pipeline import (
     DirectionConfig,
@@ -205,6 +205,60 @@ def rank_sae_features(
     return FeatureRanking(scores.select(rows), maxima, positions)
 
 
+ACE_ALPHAS = (0.0, -0.25, -0.5)
+"""`dim_ace_hook` settings tried on the validation prompts: 0 puts every projection at the harmless mean's."""
+ACE_INDUCE_ALPHAS = (0.5, 0.75, 1.0, 1.5)
+"""`dim_ace_induce` settings: 1 puts every projection at the harmful mean's."""
+ANGLES = (90.0, 135.0, 180.0)
+"""`dim_angular_hook` target angles (degrees from the refusal direction) tried on the validation prompts."""
+
+
+@dataclass(frozen=True)
+class SteeringMethodConfig:
+    """How the affine (ACE) and angular steering methods pick their setting.
+
+    As for the SAE methods, a value left at None is picked on the validation prompts: the jailbreak methods take
+    the lowest validation KL among the settings within `tolerance` of the lowest validation harmful refusal, the
+    induce method the weakest setting within `tolerance` of the highest validation harmless refusal.
+    """
+
+    ace_alpha: float | None = None
+    """`dim_ace_hook`: where on the harmless (0) to harmful (1) line each projection is set (None: from `ace_alphas`)."""
+    ace_induce_alpha: float | None = None
+    """`dim_ace_induce`: the same for the induce method (None: from `ace_induce_alphas`)."""
+    angle: float | None = None
+    """`dim_angular_hook`: degrees from the refusal direction (None: from `angles`)."""
+    ace_alphas: tuple[float, ...] = ACE_ALPHAS
+    ace_induce_alphas: tuple[float, ...] = ACE_INDUCE_ALPHAS
+    angles: tuple[float, ...] = ANGLES
+    adaptive: bool = True
+    """`dim_angular_hook` turns only activations that lean towards refusal (positive projection)."""
+    tolerance: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("ace_alphas", "ace_induce_alphas", "angles"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+            if not getattr(self, name):
+                raise FeatsteerError(f"{name} is empty: give at least one value to pick from")
+        if any(a >= 1 for a in (*self.ace_alphas, *((self.ace_alpha,) if self.ace_alpha is not None else ()))):
+            raise FeatsteerError(f"an ACE jailbreak alpha must be below 1 (1 is the harmful mean), got "
+                                 f"{self.ace_alpha if self.ace_alpha is not None else self.ace_alphas}")
+        if any(a <= 0 for a in (*self.ace_induce_alphas, *((self.ace_induce_alpha,) if self.ace_induce_alpha is not None else ()))):
+            raise FeatsteerError(f"an ACE induce alpha must be positive, got "
+                                 f"{self.ace_induce_alpha if self.ace_induce_alpha is not None else self.ace_induce_alphas}")
+        if not 0 <= self.tolerance < 1:
+            raise FeatsteerError(f"tolerance must be in [0, 1), got {self.tolerance}")
+
+    def choices(self, name: str) -> tuple[float, ...]:
+        """The values to pick from for `ace_alpha`, `ace_induce_alpha` or `angle` (one when it is fixed)."""
+        fixed = getattr(self, name)
+        plural = {"ace_alpha": "ace_alphas", "ace_induce_alpha": "ace_induce_alphas", "angle": "angles"}[name]
+        return (fixed,) if fixed is not None else getattr(self, plural)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class CompareContext:
     """What methods may use: the model, the prompt splits, SAEs, and directions/feature ranking (cached)."""
@@ -218,6 +272,8 @@ class CompareContext:
     """`{hook_name: sae}` for the SAE methods (None: SAE methods cannot run)."""
     sae_config: SaeMethodConfig = field(default_factory=SaeMethodConfig)
     """How SAE methods pick and edit features (`top_k` etc.)."""
+    steering_config: SteeringMethodConfig = field(default_factory=SteeringMethodConfig)
+    """How the ACE and angular methods pick their setting."""
     _ranking: FeatureRanking | None = None
     _erasers: dict | None = None
     _notes: dict[str, Any] = field(default_factory=dict)
@@ -513,6 +569,69 @@ def _induce(ctx: CompareContext):
     return steer(ctx.model, AddDirection(vector, scale, where=chosen.hook))
 
 
+def _affine(ctx: CompareContext, alpha: float) -> AffineEdit:
+    """ACE along the chosen DIM direction at every captured hook, each with its own layer's class means (the
+    training activations at the chosen position)."""
+    result = ctx.directions("dim")
+    harmless, harmful = result.affine_references()
+    return AffineEdit(result.candidates.bases[result.selection.chosen.index, 0], harmless, harmful, alpha)
+
+
+def _angular(ctx: CompareContext, degrees: float) -> AngularSteer:
+    """Angular steering in the plane of the chosen DIM direction and its main change across layers, at every
+    captured hook."""
+    from featsteer.directions import rotation_plane
+
+    result = ctx.directions("dim")
+    plane = rotation_plane(result.candidates, result.selection.chosen.index)
+    return AngularSteer(plane, degrees, where=list(result.activations[1].hook_names), adaptive=ctx.steering_config.adaptive)
+
+
+def _pick_gentlest(ctx: CompareContext, label: str, values: Sequence[float], make: Callable[[float], contextlib.AbstractContextManager]) -> float:
+    """The value `gentlest_within` picks on the validation prompts (the only one when there is one); noted."""
+    if len(values) > 1:
+        val_harmful, val_harmless = ctx.validation()
+        gen = GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS, batch_size=ctx.direction_config.batch_size)
+        rows = jailbreak_rows(ctx.model, {v: (lambda v=v: make(v)) for v in values}, val_harmful, val_harmless, ctx.validation_base(), gen)
+        chosen = gentlest_within(rows, ctx.steering_config.tolerance)
+        ctx.note(validation={f"{label}={v:g}": {"refusal_harmful": r, "kl_harmless": kl} for v, (r, kl) in rows.items()})
+    else:
+        chosen = values[0]
+    ctx.note(setting=f"{label}={chosen:g}")
+    return chosen
+
+
+@register_method("dim_ace_hook", "affine concept editing (Marshall et al. 2024): the DIM projection set to the harmless mean's at every "
+                 "layer, alpha picked on validation prompts")
+def _ace(ctx: CompareContext):
+    alpha = _pick_gentlest(ctx, "alpha", ctx.steering_config.choices("ace_alpha"), lambda a: steer(ctx.model, _affine(ctx, a)))
+    edit = _affine(ctx, alpha)
+    ctx.note(ace_alpha=alpha, ace_values=edit.values())
+    return steer(ctx.model, edit)
+
+
+@register_method("dim_angular_hook", "angular steering (Vu & Nguyen 2025): activations turned away from the DIM direction at every layer, "
+                 "norm kept, angle picked on validation prompts")
+def _angular_hook(ctx: CompareContext):
+    degrees = _pick_gentlest(ctx, "angle", ctx.steering_config.choices("angle"), lambda d: steer(ctx.model, _angular(ctx, d)))
+    ctx.note(angle=degrees, adaptive=ctx.steering_config.adaptive)
+    return steer(ctx.model, _angular(ctx, degrees))
+
+
+@register_method("dim_ace_induce", "affine concept editing towards the harmful mean at every layer (induces refusal), alpha picked on "
+                 "validation prompts")
+def _ace_induce(ctx: CompareContext):
+    alphas = ctx.steering_config.choices("ace_induce_alpha")
+    if len(alphas) > 1:
+        alpha, rates = pick_induce_scale(ctx.model, lambda a: steer(ctx.model, _affine(ctx, a)), ctx.validation()[1], alphas,
+                                         ctx.steering_config.tolerance)
+        ctx.note(validation={f"alpha={a:g}": {"refusal_harmless": rate} for a, rate in rates.items()})
+    else:
+        alpha = alphas[0]
+    ctx.note(setting=f"alpha={alpha:g}", ace_alpha=alpha)
+    return steer(ctx.model, _affine(ctx, alpha))
+
+
 def _sae_features(ctx: CompareContext, k: int) -> tuple[str, SAE, list[int]]:
     """The top-`k` refusal features at the best feature's hook; noted in the method's results."""
     ranking = ctx.feature_ranking()
@@ -724,6 +843,7 @@ def compare(
     generation: GenerationConfig | None = None,
     saes: str | os.PathLike[str] | SAE | Mapping[str, SAE] | None = None,
     sae_config: SaeMethodConfig | None = None,
+    steering_config: SteeringMethodConfig | None = None,
 ) -> Comparison:
     """Run `methods` on the same held-out prompts.
 
@@ -748,6 +868,7 @@ def compare(
         generation: greedy decoding settings for evaluation.
         saes: SAEs for the SAE methods (see `featsteer.sae.load_sae_source`: `organism`, a folder, or `{hook_name: sae}`).
         sae_config: how SAE methods pick and edit features (default `SaeMethodConfig()`: k and clamp values picked on the validation prompts).
+        steering_config: how the ACE and angular methods pick their setting (default: picked on the validation prompts).
 
     Raises:
         FeatsteerError: for an unknown method, an SAE method without `saes`, or SAEs that do not fit.
@@ -769,6 +890,7 @@ def compare(
         harmless, eval_harmless = split(harmless, 0.25)
     gen = generation or GenerationConfig()
     ctx = CompareContext(model, harmful, harmless, direction_config or DirectionConfig(), saes=sae_map, sae_config=sae_config or SaeMethodConfig(),
+                         steering_config=steering_config or SteeringMethodConfig(),
                          val=None if val_harmful is None else (val_harmful, val_harmless))
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     # the unedited model's harmless first-token distribution (the KL base) and which of those prompts it refuses
@@ -785,6 +907,7 @@ def compare(
         "eval_harmful_sha256": eval_harmful.sha256, "eval_harmless_sha256": eval_harmless.sha256,
         "generation": asdict(gen), "directions": asdict(ctx.direction_config),
         "chosen": {k: v.selection.to_dict()["chosen"] for k, v in ctx._directions.items()},
+        "steering": ctx.steering_config.to_dict(),
     }
     if sae_map is not None:
         setup["sae"] = _sae_setup(ctx)
@@ -837,6 +960,10 @@ def write_report(comparison: Comparison, out: str | Path) -> Path:
 
 
 def _details_html(details: dict) -> str:
+    if "validation" in details:
+        rows = "; ".join(f"{label}: " + ", ".join(f"{key.replace('_', ' ').replace('kl ', 'KL ')} {value:.3f}" for key, value in row.items())
+                         for label, row in details["validation"].items())
+        return f"<br><small>picked {html.escape(details['setting'])} on validation prompts ({html.escape(rows)})</small>"
     if "induce_scale" in details:
         rates = ", ".join(f"{scale}x {rate:.2f}" for scale, rate in details["induce_val_refusal"].items())
         return f"<br><small>scale {details['induce_scale']}x (validation refusal: {html.escape(rates)})</small>"

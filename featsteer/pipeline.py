@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from featsteer.activations import capture
 from featsteer.datasets import PromptSet
-from featsteer.directions import DirectionSet, find_directions, weighted_basis
+from featsteer.directions import DirectionSet, find_directions, rotation_plane, weighted_basis
 from featsteer.edits import EditConfig, EditHandle, apply_edit
 from featsteer.errors import FeatsteerError
 from featsteer.models import ModelAdapter
@@ -85,11 +85,41 @@ class DirectionResult:
 
     @property
     def chosen(self) -> DirectionSet:
-        """The selected direction as a one-entry `DirectionSet`."""
+        """The selected direction as a one-entry `DirectionSet`.
+
+        With the training activations kept (`keep_activations=True`) and a rank-1 direction, its provenance also
+        holds what the affine and angular interventions need: `ace` (each captured hook's harmful and harmless mean
+        projected on the direction, see `affine_references`) and `rotation_axis` (the second axis of
+        `directions.rotation_plane`, when the layers' directions differ)."""
         i = self.selection.chosen.index
         c = self.candidates
+        provenance = {**c.provenance, "selection": self.selection.to_dict()["chosen"]}
+        if self.activations is not None and c.rank == 1:
+            harmless, harmful = self.affine_references()
+            provenance["ace"] = {"harmless": harmless, "harmful": harmful}
+            try:
+                provenance["rotation_axis"] = rotation_plane(c, i)[1].tolist()
+            except FeatsteerError:
+                pass  # every layer's direction parallel: no plane to turn in
         return DirectionSet(c.bases[i : i + 1], (c.hook_names[i],), (c.positions[i],), c.method,
-                            {k: [v[i]] for k, v in c.scores.items()}, {**c.provenance, "selection": self.selection.to_dict()["chosen"]})
+                            {k: [v[i]] for k, v in c.scores.items()}, provenance)
+
+    def affine_references(self) -> tuple[dict[str, float], dict[str, float]]:
+        """`(harmless, harmful)`: hook name -> that class's mean training activation, at the chosen position,
+        projected on the chosen unit direction, for every captured hook (what `interventions.AffineEdit` reads).
+
+        Raises:
+            FeatsteerError: without kept activations or for a rank-k direction.
+        """
+        if self.activations is None or self.candidates.rank != 1:
+            raise FeatsteerError("affine references need a rank-1 direction found with keep_activations=True")
+        harmful_acts, harmless_acts = self.activations
+        index = self.selection.chosen.index
+        r = self.candidates.bases[index, 0].double()
+        position = self.candidates.positions[index]
+        hooks = harmless_acts.hook_names
+        return ({hook: float(harmless_acts.mean(hook, position) @ r) for hook in hooks},
+                {hook: float(harmful_acts.mean(hook, position) @ r) for hook in hooks})
 
 
 def split(prompts: PromptSet, val_fraction: float) -> tuple[PromptSet, PromptSet]:

@@ -58,6 +58,10 @@ def test_eval_json_has_documented_keys(capsys, tmp_path):
           "organism-corpus:evil:5", "--val-harmless", "organism-corpus:harmless:5", "--out", "/tmp/x"], "bad prompt source 'organism-corpus:evil:5'"),
         (["compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--sae", "organism",
           "--sae-clamp-multiple", "1", "--out", "/tmp/x"], "would amplify refusal features"),
+        (["compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--ace-alpha", "1",
+          "--out", "/tmp/x"], "must be below 1"),
+        (["compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--ace-induce-alpha", "-1",
+          "--out", "/tmp/x"], "must be positive"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, argv, message, tmp_path):
@@ -318,6 +322,24 @@ def test_steer_a_saved_direction(capsys, tmp_path):
     assert code == 0, err
     induced = json.loads((tmp_path / "i.json").read_text())
     assert induced["refused_plain"] <= 1 and induced["refused_steered"] >= 5
+    # the chosen set records each layer's class means and the rotation axis, which ace and angular read
+    code, out, err = _run(capsys, *common, "--mode", "ace", "--prompts", "builtin:harmful:test", "--n", "6", "--json", str(tmp_path / "c.json"))
+    assert code == 0, err
+    ace = json.loads((tmp_path / "c.json").read_text())
+    assert ace["refused_plain"] >= 5 and ace["refused_steered"] <= 1 and "alpha=0 on the harmless-to-harmful mean line" in out
+    code, out, err = _run(capsys, *common, "--mode", "angular", "--angle", "135", "--prompts", "builtin:harmful:test", "--n", "6",
+                          "--json", str(tmp_path / "r.json"))
+    assert code == 0, err
+    turned = json.loads((tmp_path / "r.json").read_text())
+    assert turned["refused_plain"] >= 5 and turned["refused_steered"] <= 1 and "135 degrees" in out
+    # a direction set without them (one saved by hand, or by an older featsteer) is a one-line error
+    from featsteer.directions import DirectionSet
+
+    bare = DirectionSet.load(tmp_path / "dirs" / "chosen")
+    DirectionSet(bare.bases, bare.hook_names, bare.positions, bare.method, bare.scores, {}).save(tmp_path / "bare")
+    for mode, extra in (("ace", []), ("angular", ["--angle", "90"])):
+        code, _, err = _run(capsys, "steer", "--model", "organism", "--directions", str(tmp_path / "bare"), "--mode", mode, *extra, "--prompt", "hi")
+        assert code == 2 and "re-run `featsteer directions`" in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize(
@@ -335,8 +357,22 @@ def test_steer_a_saved_direction(capsys, tmp_path):
         (["--directions", "/x", "--feature", "1", "--mode", "ablate", "--prompt", "hi"], "apply to --sae features"),
         (["--directions", "/x", "--mode", "clamp", "--prompt", "hi"], "edits SAE features"),
         (["--directions", "/x", "--mode", "ablate"], "steer has no prompts"),
+        (["--directions", "/x", "--mode", "angular", "--prompt", "hi"], "--mode angular needs --angle"),
+        (["--directions", "/x", "--mode", "ablate", "--angle", "90", "--prompt", "hi"], "apply to --mode angular"),
+        (["--directions", "/x", "--mode", "set", "--alpha", "0.5", "--prompt", "hi"], "--alpha applies to --mode ace"),
     ],
 )
 def test_steer_bad_options_are_one_line_errors(capsys, extra, message):
     code, _, err = _run(capsys, "steer", "--model", "organism", *extra)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_compare_fixes_the_angle_and_alpha_from_the_command_line(capsys, tmp_path):
+    code, out, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",
+                          "--n", "16", "--n-select", "3", "--methods", "dim_ace_hook,dim_angular_hook", "--ace-alpha", "-0.1",
+                          "--angle", "160", "--angle-everywhere", "--max-new-tokens", "2", "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    ace, angular = (r["details"] for r in saved["results"])
+    assert ace["ace_alpha"] == -0.1 and "validation" not in ace and angular["angle"] == 160.0 and angular["adaptive"] is False
+    assert "dim_ace_hook (alpha=-0.1)" in out and "dim_angular_hook (angle=160)" in out

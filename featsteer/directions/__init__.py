@@ -11,6 +11,7 @@ from featsteer.directions.methods import (
     find_directions,
     paired_pca,
     projected_dim,
+    rotation_plane,
     svd_subspace,
     weighted_basis,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "find_directions",
     "paired_pca",
     "projected_dim",
+    "rotation_plane",
     "separability",
     "svd_subspace",
     "unit",

@@ -110,3 +110,36 @@ def weighted_basis(directions: DirectionSet, index: int) -> Tensor:
     if weights is None:
         return basis
     return basis * torch.tensor(weights[index], dtype=basis.dtype).clamp(0, 1).sqrt()[:, None]
+
+
+def rotation_plane(directions: DirectionSet, index: int) -> Tensor:
+    """The `(2, d_model)` plane angular steering turns activations in: the chosen direction and a second axis.
+
+    The second axis is the leading right-singular vector of the other layers' directions at the same position
+    after their component along the chosen one is removed, i.e. the main way the refusal direction changes
+    across layers (Vu & Nguyen 2025 build the plane from the refusal direction and the principal direction of the
+    per-layer candidates). Rows are orthonormal.
+
+    Args:
+        directions: rank-1 candidates at several hooks (e.g. DIM at every layer).
+        index: the chosen candidate (the first axis).
+
+    Raises:
+        FeatsteerError: for a rank-k set, or when no other layer's direction differs from the chosen one.
+    """
+    if directions.rank != 1:
+        raise FeatsteerError(f"a rotation plane needs rank-1 directions, got rank {directions.rank}")
+    first = directions.bases[index, 0].double()
+    first = first / first.norm()
+    position = directions.positions[index]
+    others = [directions.bases[i, 0].double() for i in range(len(directions))
+              if i != index and directions.positions[i] == position and float(directions.bases[i, 0].norm()) > 0]
+    if others:
+        stacked = torch.stack(others)
+        residual = stacked - (stacked @ first)[:, None] * first
+        _, singular, vh = torch.linalg.svd(residual, full_matrices=False)
+        if float(singular[0]) > 1e-6:
+            second = vh[0] - (vh[0] @ first) * first
+            return torch.stack([first, second / second.norm()]).float()
+    raise FeatsteerError("no second axis for the rotation plane: the other layers' directions at this position are all parallel to "
+                         "the chosen one (or there are none); capture more layers")

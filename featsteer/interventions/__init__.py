@@ -1,13 +1,16 @@
 """Runtime interventions: pure operations on activations, attached as hooks that always clean up."""
 
 from featsteer.interventions.erasure import Erase, LeaceEraser, fit_leace, fit_leace_erasers
-from featsteer.interventions.operations import ablate, add, as_basis, cosine_to, project_set
+from featsteer.interventions.operations import ablate, add, as_basis, cosine_to, project_set, rotate_in_plane
 from featsteer.interventions.positions import PositionTracker
 from featsteer.interventions.steering import (
+    LAYERS,
     RESIDUAL,
     WRITES,
     Ablate,
     AddDirection,
+    AffineEdit,
+    AngularSteer,
     ConditionalSteer,
     Intervention,
     ProjectionSet,
@@ -16,10 +19,13 @@ from featsteer.interventions.steering import (
 )
 
 __all__ = [
+    "LAYERS",
     "RESIDUAL",
     "WRITES",
     "Ablate",
     "AddDirection",
+    "AffineEdit",
+    "AngularSteer",
     "ConditionalSteer",
     "Erase",
     "Intervention",
@@ -33,6 +39,7 @@ __all__ = [
     "fit_leace",
     "fit_leace_erasers",
     "project_set",
+    "rotate_in_plane",
     "resolve_sites",
     "steer",
 ]

@@ -7,6 +7,8 @@ All take `x: (batch, pos, d_model)` and a direction `(d_model,)` or orthonormal 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -31,6 +33,29 @@ def project_set(x: Tensor, direction: Tensor, value: float) -> Tensor:
     """Set the projection of `x` on the unit `direction` to `value` (e.g. the mean harmful projection)."""
     d = direction.to(x.dtype)
     return x + (value - x @ d)[..., None] * d
+
+
+def rotate_in_plane(x: Tensor, plane: Tensor, degrees: float, only_positive: bool = False) -> Tensor:
+    """Turn the component of `x` in a 2-D plane to `degrees` from the plane's first axis, keeping its length.
+
+    With `plane = (b1, b2)` orthonormal rows, the in-plane part `c1 b1 + c2 b2` becomes
+    `|c| (cos t b1 + sin t b2)`; the rest of `x` is untouched, so `|x|` is preserved exactly (the angular
+    steering of Vu & Nguyen 2025). 0 degrees points the part along `b1` (for a refusal direction: full
+    refusal), 180 degrees against it.
+
+    Args:
+        x: `(..., d_model)` activations.
+        plane: `(2, d_model)` orthonormal basis; the first row is the behaviour direction.
+        degrees: target angle from `b1` towards `b2`.
+        only_positive: leave rows whose projection on `b1` is <= 0 as they are (the adaptive variant: only
+            activations that lean towards the behaviour are turned).
+    """
+    p = plane.to(x.dtype)
+    coords = x @ p.T
+    angle = math.radians(degrees)
+    target = torch.tensor([math.cos(angle), math.sin(angle)], dtype=x.dtype, device=x.device) @ p
+    turned = x - coords @ p + coords.norm(dim=-1, keepdim=True) * target
+    return turned.where(coords[..., :1] > 0, x) if only_positive else turned
 
 
 def cosine_to(x: Tensor, vector: Tensor) -> Tensor:

@@ -9,13 +9,14 @@ exception. Directions may come from any source (DIM, probes, SAE decoder rows) a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
-from featsteer.interventions.operations import ablate, add, as_basis, cosine_to, project_set
+from featsteer.interventions.operations import ablate, add, as_basis, cosine_to, project_set, rotate_in_plane
 from featsteer.models import ModelAdapter
 
 WRITES = "writes"
@@ -23,6 +24,8 @@ WRITES = "writes"
 Ablating there is exactly equivalent to orthogonalising the weights that write those outputs."""
 RESIDUAL = "residual"
 """Every `resid_pre`, `resid_mid` and `resid_post` point (Arditi et al.'s placement)."""
+LAYERS = "layers"
+"""Every layer's input, `blocks.{l}.hook_resid_pre`: where the stream is read by each block."""
 
 
 def resolve_sites(model: ModelAdapter, where: str | Sequence[str]) -> list[str]:
@@ -34,6 +37,8 @@ def resolve_sites(model: ModelAdapter, where: str | Sequence[str]) -> list[str]:
         return names
     if where == RESIDUAL:
         return model.hook_names(("resid_pre", "resid_mid", "resid_post"))
+    if where == LAYERS:
+        return model.hook_names(("resid_pre",))
     if isinstance(where, str):
         return [where]
     return list(where)
@@ -89,6 +94,63 @@ class ProjectionSet(Intervention):
             raise FeatsteerError("ProjectionSet needs where=<hook name(s)>")
         vector = self.direction.to(model.device)
         return [(name, lambda x, site: project_set(x, vector, self.value)) for name in resolve_sites(model, self.where)]
+
+
+@dataclass
+class AffineEdit(Intervention):
+    """Affine concept editing (ACE, Marshall et al. 2024): the projection on a unit direction is set, at each hook,
+    to a point on the line from the harmless mean's projection (`alpha` 0) to the harmful mean's (`alpha` 1).
+
+    Directional ablation sets the projection to 0, an origin that means nothing to the model; ACE measures it from
+    where harmless activations sit at that layer. `alpha < 0` pushes past the harmless side, `alpha > 0` towards
+    refusal (1 reproduces the harmful mean's projection, as `ProjectionSet` with that value does at one hook).
+    """
+
+    direction: Tensor
+    """`(d_model,)` unit vector."""
+    harmless: Mapping[str, float]
+    """Hook name -> the harmless mean activation's projection on `direction` there (the reference point)."""
+    harmful: Mapping[str, float]
+    """Hook name -> the harmful mean's projection (what `alpha` 1 sets)."""
+    alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        if set(self.harmless) != set(self.harmful) or not self.harmless:
+            raise FeatsteerError("AffineEdit needs the harmless and harmful mean projections at the same, non-empty set of hooks")
+
+    def values(self) -> dict[str, float]:
+        """Hook name -> the projection each hook is set to."""
+        return {hook: self.harmless[hook] + self.alpha * (self.harmful[hook] - self.harmless[hook]) for hook in self.harmless}
+
+    def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
+        vector = self.direction.to(model.device)
+        return [(name, lambda x, site, v=value: project_set(x, vector, v)) for name, value in self.values().items()]
+
+
+@dataclass
+class AngularSteer(Intervention):
+    """Angular steering (Vu & Nguyen 2025): in the plane of a behaviour direction and a second axis, turn each
+    activation's in-plane component to a fixed angle from the direction, keeping its length (and so the
+    activation's norm). See `operations.rotate_in_plane`."""
+
+    plane: Tensor
+    """`(2, d_model)` orthonormal rows: the behaviour direction first (e.g. `directions.rotation_plane`)."""
+    degrees: float
+    """Target angle from the direction: 0 full behaviour, 180 against it."""
+    where: str | Sequence[str] = LAYERS
+    adaptive: bool = True
+    """Turn only activations whose projection on the direction is positive (those leaning towards the behaviour)."""
+
+    def __post_init__(self) -> None:
+        if self.plane.dim() != 2 or self.plane.shape[0] != 2:
+            raise FeatsteerError(f"AngularSteer needs a (2, d_model) plane, got shape {tuple(self.plane.shape)}")
+        gram = self.plane.double() @ self.plane.double().T
+        if not torch.allclose(gram, torch.eye(2, dtype=torch.float64), atol=1e-4):
+            raise FeatsteerError("AngularSteer needs orthonormal plane rows: build the plane with featsteer.directions.rotation_plane")
+
+    def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
+        plane = self.plane.to(model.device)
+        return [(name, lambda x, site: rotate_in_plane(x, plane, self.degrees, self.adaptive)) for name in resolve_sites(model, self.where)]
 
 
 @dataclass

@@ -1,0 +1,115 @@
+"""Affine concept editing (ACE) and angular steering against DIM abliteration, on the same prompts and metrics.
+
+    python benchmarks/steering_methods.py                   # Qwen2.5-Coder-0.5B-Instruct: benchmarks/results/steering_methods_qwen.{json,md}
+    python benchmarks/steering_methods.py --target organism # the embedded organism: steering_methods_organism.{json,md}
+
+Needs `../shared/models/fetch_real_models.sh qwen` and `../shared/data` for Qwen. One `featsteer.compare` call runs
+the unedited model, DIM abliteration (the baseline), the DIM ablation hook, `dim_ace_hook`, `dim_angular_hook`,
+and the two induce methods (`dim_actadd_induce`, `dim_ace_induce`); a second call on the same prompts runs angular
+steering on every activation (`adaptive=False`) for the ablation of the adaptive gate. Every method's setting (the DIM
+candidate, alpha, the angle, the induce scale) is picked on validation prompts, never on the evaluation prompts.
+
+Qwen: `real_model.py`'s prompts (directions from the first 256 AdvBench vs 256 MT-Bench+IFBench prompts, the last
+quarter held out for validation, 16 validation prompts per set; evaluation on 100 held-out prompts of each), in
+bfloat16 (2.3x faster on this CPU with the same selection, `precision_qwen.md`) with the selection screened
+(`--screen 16`, same choice as the plain selection on this model, `selection_screen_qwen_bfloat16.md`).
+Organism: `abliteration.py --target organism`'s sets (train on the built-in train+val splits, fresh generated
+validation prompts the organism never saw, evaluation on the built-in test split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from abliteration import prompt_sets, qwen_gguf  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+METHODS = ["none", "dim_abliteration", "dim_ablation_hook", "dim_ace_hook", "dim_angular_hook", "dim_actadd_induce", "dim_ace_induce"]
+
+
+def main() -> None:
+    from featsteer.compare import SteeringMethodConfig, compare
+    from featsteer.datasets import load_prompts
+    from featsteer.evaluation.behaviour import GenerationConfig
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target", choices=["qwen", "organism"], default="qwen")
+    parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 for Qwen, float32 for the organism)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--screen", type=int, default=None, help="--screen of the selection (default: 16 for Qwen, off for the organism)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    qwen = args.target == "qwen"
+    dtype = args.dtype or ("bfloat16" if qwen else "float32")
+    sets = prompt_sets(args.target)
+    start = time.perf_counter()
+    model = load_model(str(qwen_gguf()) if qwen else "organism", dtype=dtype)
+    if qwen:
+        config = DirectionConfig(n_select=16, screen=args.screen or 16)
+        gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=64, max_batch_tokens=8192)
+        val = {}
+    else:
+        config = DirectionConfig(n_select=32, screen=args.screen)
+        gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
+        val = {"val_harmful": load_prompts("organism-corpus:harmful:96"), "val_harmless": load_prompts("organism-corpus:harmless:96")}
+    common = {"eval_harmful": sets["eval_harmful"], "eval_harmless": sets["eval_harmless"], "direction_config": config, "generation": gen, **val}
+    main_run = compare(model, sets["train_harmful"], sets["train_harmless"], methods=METHODS, **common)
+    everywhere = compare(model, sets["train_harmful"], sets["train_harmless"], methods=["dim_angular_hook"],
+                         steering_config=SteeringMethodConfig(adaptive=False), **common)
+    rows = main_run.results + [everywhere.results[0]]
+    out = {
+        "target": args.target, "model": model.name, "dtype": dtype, "threads": args.threads, "seconds_total": round(time.perf_counter() - start, 1),
+        "setup": main_run.setup, "chosen_everywhere_run": everywhere.setup["chosen"],
+        "results": [{**asdict(r), "variant": "every activation" if i == len(rows) - 1 else ""} for i, r in enumerate(rows)],
+    }
+    name = f"steering_methods_{args.target}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1, default=str))
+    (RESULTS / f"{name}.md").write_text(render(out))
+    print(render(out))
+
+
+def render(out: dict) -> str:
+    setup = out["setup"]
+    chosen = setup["chosen"]["dim"]
+    validation = setup["validation"]
+    if isinstance(validation, dict):
+        validation = f"{validation['n_harmful']} of {validation['harmful']} and {validation['n_harmless']} of {validation['harmless']}"
+    lines = [f"# ACE and angular steering vs DIM abliteration: {out['target']} ({out['dtype']}, {out['threads']} threads)", "",
+             f"Measured by `benchmarks/steering_methods.py --target {out['target']}` on {time.strftime('%Y-%m-%d')}. "
+             f"{setup['n_eval_harmful']} held-out harmful and {setup['n_eval_harmless']} held-out harmless prompts, greedy decoding, "
+             f"{setup['generation']['max_new_tokens']} new tokens, the `featsteer eval` detector. DIM direction: {chosen['hook']} position "
+             f"{chosen['position']}. Every setting was picked on validation prompts ({validation}). Total {out['seconds_total']:.0f} s.", "",
+             "| method | setting | refused harmful | refused harmless | KL harmless (all) | KL answered | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for r in out["results"]:
+        name = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
+        answered = "-" if r["kl_harmless_answered"] is None else f"{r['kl_harmless_answered']:.4f}"
+        nh, nl = setup["n_eval_harmful"], setup["n_eval_harmless"]
+        lines.append(f"| {name} | {r['details'].get('setting', '-')} | {round(r['refusal_harmful'] * nh)}/{nh} | "
+                     f"{round(r['refusal_harmless'] * nl)}/{nl} | {r['kl_harmless']:.4f} | {answered} | {r['seconds']:.0f} |")
+    lines += ["", "Validation rows each pick read (refusal on validation harmful prompts, KL on validation harmless prompts; "
+              "for the induce methods, refusal on validation harmless prompts):", ""]
+    for r in out["results"]:
+        picked = r["details"].get("validation") or r["details"].get("induce_val_refusal")
+        if picked:
+            name = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
+            lines.append(f"- {name}: {json.dumps(picked)}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
