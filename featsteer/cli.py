@@ -458,11 +458,11 @@ def _feature_ids(specs: Sequence[str]) -> list[int]:
 
 def _direction_intervention(args: argparse.Namespace, model):
     from featsteer.directions import DirectionSet
-    from featsteer.interventions import Ablate, AddDirection, AffineEdit, AngularSteer, ConditionalSteer, ProjectionSet
+    from featsteer.interventions import Ablate, AddDirection, ConditionalSteer, ProjectionSet
 
     directions = DirectionSet.load(args.directions)
     if args.mode in ("ace", "angular"):
-        return _geometric_intervention(args, model, directions, AffineEdit, AngularSteer)
+        return _geometric_intervention(args, model, directions)
     index = directions.hook_names.index(args.hook) if args.hook in directions.hook_names else 0
     hook = args.hook or directions.hook_names[index]
     model.hook_site(hook)
@@ -480,9 +480,11 @@ def _direction_intervention(args: argparse.Namespace, model):
     return built[args.mode]()
 
 
-def _geometric_intervention(args: argparse.Namespace, model, directions, affine_type, angular_type):
+def _geometric_intervention(args: argparse.Namespace, model, directions):
     """`--mode ace|angular` from what `featsteer directions` recorded with the chosen direction."""
     import torch
+
+    from featsteer.interventions import AffineEdit, AngularSteer
 
     provenance, where = directions.provenance, args.directions
     if len(directions) != 1 or directions.rank != 1:
@@ -495,14 +497,14 @@ def _geometric_intervention(args: argparse.Namespace, model, directions, affine_
         for hook in harmless:
             model.hook_site(hook)
         alpha = 0.0 if args.alpha is None else args.alpha
-        return (affine_type(direction, harmless, harmful, alpha),
+        return (AffineEdit(direction, harmless, harmful, alpha),
                 f"set the projection at {len(harmless)} hooks to alpha={alpha:g} on the harmless-to-harmful mean line (ACE)")
     if "rotation_axis" not in provenance:
         raise FeatsteerError(f"{where} has no rotation axis: re-run `featsteer directions` with a model whose layers' directions differ")
     axis = torch.tensor(provenance["rotation_axis"], dtype=direction.dtype)
     if axis.shape != direction.shape:
         raise FeatsteerError(f"{where}: the rotation axis has {axis.numel()} entries, the direction {direction.numel()}")
-    intervention = angular_type(torch.stack([direction, axis]), args.angle, adaptive=not args.angle_everywhere)
+    intervention = AngularSteer(torch.stack([direction, axis]), args.angle, adaptive=not args.angle_everywhere)
     scope = "every activation" if args.angle_everywhere else "activations leaning towards refusal"
     return intervention, f"turn {scope} to {args.angle:g} degrees from the direction at every layer (angular steering)"
 
@@ -569,7 +571,13 @@ def _cmd_steer(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from featsteer.compare import SaeMethodConfig, SteeringMethodConfig, available_methods, compare, write_report
+    from featsteer.compare import (
+        SaeMethodConfig,
+        SteeringMethodConfig,
+        available_methods,
+        compare,
+        write_report,
+    )
     from featsteer.datasets import load_prompts
     from featsteer.evaluation.behaviour import GenerationConfig
     from featsteer.sae import load_sae_source

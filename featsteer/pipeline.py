@@ -6,6 +6,7 @@ the comparison harness and the benchmarks all run the same code on the same spli
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -97,10 +98,8 @@ class DirectionResult:
         if self.activations is not None and c.rank == 1:
             harmless, harmful = self.affine_references()
             provenance["ace"] = {"harmless": harmless, "harmful": harmful}
-            try:
+            with contextlib.suppress(FeatsteerError):  # every layer's direction parallel: no plane to turn in
                 provenance["rotation_axis"] = rotation_plane(c, i)[1].tolist()
-            except FeatsteerError:
-                pass  # every layer's direction parallel: no plane to turn in
         return DirectionSet(c.bases[i : i + 1], (c.hook_names[i],), (c.positions[i],), c.method,
                             {k: [v[i]] for k, v in c.scores.items()}, provenance)
 
