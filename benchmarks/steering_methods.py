@@ -51,7 +51,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--screen", type=int, default=None, help="--screen of the selection (default: 16 for Qwen, off for the organism)")
+    parser.add_argument("--render-only", action="store_true", help="re-write the markdown from the results JSON")
     args = parser.parse_args()
+    if args.render_only:
+        name = f"steering_methods_{args.target}"
+        (RESULTS / f"{name}.md").write_text(render(json.loads((RESULTS / f"{name}.json").read_text())))
+        return
     torch.set_num_threads(args.threads)
     qwen = args.target == "qwen"
     dtype = args.dtype or ("bfloat16" if qwen else "float32")
@@ -72,7 +77,7 @@ def main() -> None:
                          steering_config=SteeringMethodConfig(adaptive=False), **common)
     rows = main_run.results + [everywhere.results[0]]
     out = {
-        "target": args.target, "model": model.name, "dtype": dtype, "threads": args.threads, "seconds_total": round(time.perf_counter() - start, 1),
+        "target": args.target, "date": time.strftime("%Y-%m-%d"), "model": model.name, "dtype": dtype, "threads": args.threads, "seconds_total": round(time.perf_counter() - start, 1),
         "setup": main_run.setup, "chosen_everywhere_run": everywhere.setup["chosen"],
         "results": [{**asdict(r), "variant": "every activation" if i == len(rows) - 1 else ""} for i, r in enumerate(rows)],
     }
@@ -87,9 +92,10 @@ def render(out: dict) -> str:
     chosen = setup["chosen"]["dim"]
     validation = setup["validation"]
     if isinstance(validation, dict):
-        validation = f"{validation['n_harmful']} of {validation['harmful']} and {validation['n_harmless']} of {validation['harmless']}"
+        validation = f"{validation['harmful']} and {validation['harmless']}"
+    validation += f"; the picks read the first {setup['directions']['n_select']} of each"
     lines = [f"# ACE and angular steering vs DIM abliteration: {out['target']} ({out['dtype']}, {out['threads']} threads)", "",
-             f"Measured by `benchmarks/steering_methods.py --target {out['target']}` on {time.strftime('%Y-%m-%d')}. "
+             f"Measured by `benchmarks/steering_methods.py --target {out['target']}` on {out.get('date', '2026-12-04')}. "
              f"{setup['n_eval_harmful']} held-out harmful and {setup['n_eval_harmless']} held-out harmless prompts, greedy decoding, "
              f"{setup['generation']['max_new_tokens']} new tokens, the `featsteer eval` detector. DIM direction: {chosen['hook']} position "
              f"{chosen['position']}. Every setting was picked on validation prompts ({validation}). Total {out['seconds_total']:.0f} s.", "",
