@@ -240,12 +240,10 @@ class SteeringMethodConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
             if not getattr(self, name):
                 raise FeatsteerError(f"{name} is empty: give at least one value to pick from")
-        if any(a >= 1 for a in (*self.ace_alphas, *((self.ace_alpha,) if self.ace_alpha is not None else ()))):
-            raise FeatsteerError(f"an ACE jailbreak alpha must be below 1 (1 is the harmful mean), got "
-                                 f"{self.ace_alpha if self.ace_alpha is not None else self.ace_alphas}")
-        if any(a <= 0 for a in (*self.ace_induce_alphas, *((self.ace_induce_alpha,) if self.ace_induce_alpha is not None else ()))):
-            raise FeatsteerError(f"an ACE induce alpha must be positive, got "
-                                 f"{self.ace_induce_alpha if self.ace_induce_alpha is not None else self.ace_induce_alphas}")
+        if any(a >= 1 for a in self.choices("ace_alpha")):
+            raise FeatsteerError(f"an ACE jailbreak alpha must be below 1 (1 is the harmful mean), got {self.choices('ace_alpha')}")
+        if any(a <= 0 for a in self.choices("ace_induce_alpha")):
+            raise FeatsteerError(f"an ACE induce alpha must be positive, got {self.choices('ace_induce_alpha')}")
         if not 0 <= self.tolerance < 1:
             raise FeatsteerError(f"tolerance must be in [0, 1), got {self.tolerance}")
 
@@ -587,12 +585,17 @@ def _angular(ctx: CompareContext, degrees: float) -> AngularSteer:
     return AngularSteer(plane, degrees, where=list(result.activations[1].hook_names), adaptive=ctx.steering_config.adaptive)
 
 
+def _validation_rows(ctx: CompareContext, settings: Mapping[Any, Callable[[], contextlib.AbstractContextManager]]) -> dict[Any, tuple[float, float]]:
+    """`jailbreak_rows` on the context's validation prompts, with the validation decoding every pick uses."""
+    val_harmful, val_harmless = ctx.validation()
+    gen = GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS, batch_size=ctx.direction_config.batch_size)
+    return jailbreak_rows(ctx.model, settings, val_harmful, val_harmless, ctx.validation_base(), gen)
+
+
 def _pick_gentlest(ctx: CompareContext, label: str, values: Sequence[float], make: Callable[[float], contextlib.AbstractContextManager]) -> float:
     """The value `gentlest_within` picks on the validation prompts (the only one when there is one); noted."""
     if len(values) > 1:
-        val_harmful, val_harmless = ctx.validation()
-        gen = GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS, batch_size=ctx.direction_config.batch_size)
-        rows = jailbreak_rows(ctx.model, {v: (lambda v=v: make(v)) for v in values}, val_harmful, val_harmless, ctx.validation_base(), gen)
+        rows = _validation_rows(ctx, {v: (lambda v=v: make(v)) for v in values})
         chosen = gentlest_within(rows, ctx.steering_config.tolerance)
         ctx.note(validation={f"{label}={v:g}": {"refusal_harmful": r, "kl_harmless": kl} for v, (r, kl) in rows.items()})
     else:
@@ -675,10 +678,7 @@ def _pick_jailbreak(ctx: CompareContext, settings: Sequence[tuple[int, float | N
     """The setting `gentlest_within` picks on the validation prompts (the only one when there is one); noted."""
     if len(settings) == 1:
         return settings[0]
-    val_harmful, val_harmless = ctx.validation()
-    rows = jailbreak_rows(ctx.model, {setting: (lambda setting=setting: make(*setting)) for setting in settings}, val_harmful,
-                          val_harmless, ctx.validation_base(), GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS,
-                                                                                batch_size=ctx.direction_config.batch_size))
+    rows = _validation_rows(ctx, {setting: (lambda setting=setting: make(*setting)) for setting in settings})
     chosen = gentlest_within(rows, ctx.sae_config.tolerance)
     ctx.note(sae_validation={_setting_label(*key): {"refusal_harmful": r, "kl_harmless": kl} for key, (r, kl) in rows.items()})
     return chosen
@@ -959,11 +959,16 @@ def write_report(comparison: Comparison, out: str | Path) -> Path:
     return folder
 
 
+def _picked_html(details: dict, rows: Mapping[str, Mapping[str, float]]) -> str:
+    """"picked <setting> on validation prompts (<every setting's figures>)", escaped."""
+    text = "; ".join(f"{label}: " + ", ".join(f"{key.replace('_', ' ').replace('kl ', 'KL ')} {value:.3f}" for key, value in row.items())
+                     for label, row in rows.items())
+    return f"picked {html.escape(details['setting'])} on validation prompts ({html.escape(text)})"
+
+
 def _details_html(details: dict) -> str:
     if "validation" in details:
-        rows = "; ".join(f"{label}: " + ", ".join(f"{key.replace('_', ' ').replace('kl ', 'KL ')} {value:.3f}" for key, value in row.items())
-                         for label, row in details["validation"].items())
-        return f"<br><small>picked {html.escape(details['setting'])} on validation prompts ({html.escape(rows)})</small>"
+        return f"<br><small>{_picked_html(details, details['validation'])}</small>"
     if "induce_scale" in details:
         rates = ", ".join(f"{scale}x {rate:.2f}" for scale, rate in details["induce_val_refusal"].items())
         return f"<br><small>scale {details['induce_scale']}x (validation refusal: {html.escape(rates)})</small>"
@@ -971,9 +976,7 @@ def _details_html(details: dict) -> str:
         return ""
     text = f"<br><small>{html.escape(details['sae_hook'])} features {html.escape(str(details['sae_features']))}"
     if "sae_validation" in details:
-        rows = "; ".join(f"{label}: " + ", ".join(f"{key.replace('_', ' ').replace('kl ', 'KL ')} {value:.3f}" for key, value in row.items())
-                         for label, row in details["sae_validation"].items())
-        text += f"<br>picked {html.escape(details['setting'])} on validation prompts ({html.escape(rows)})"
+        text += f"<br>{_picked_html(details, details['sae_validation'])}"
     return text + "</small>"
 
 
