@@ -6,7 +6,8 @@
 Needs `../shared/models/fetch_real_models.sh qwen` and `../shared/data` for Qwen. One `featsteer.compare` call runs
 the unedited model, DIM abliteration (the baseline), the DIM ablation hook, `dim_ace_hook`, `dim_angular_hook`,
 and the two induce methods (`dim_actadd_induce`, `dim_ace_induce`); a second call on the same prompts runs angular
-steering on every activation (`adaptive=False`) for the ablation of the adaptive gate. Every method's setting (the DIM
+steering on every activation (`adaptive=False`) for the ablation of the adaptive gate, reusing the first call's
+direction selection (`compare(..., reuse=)`; the committed Qwen run predates that option and selected twice). Every method's setting (the DIM
 candidate, alpha, the angle, the induce scale) is picked on validation prompts, never on the evaluation prompts.
 
 Qwen: `real_model.py`'s prompts (directions from the first 256 AdvBench vs 256 MT-Bench+IFBench prompts, the last
@@ -74,7 +75,7 @@ def main() -> None:
     common = {"eval_harmful": sets["eval_harmful"], "eval_harmless": sets["eval_harmless"], "direction_config": config, "generation": gen, **val}
     main_run = compare(model, sets["train_harmful"], sets["train_harmless"], methods=METHODS, **common)
     everywhere = compare(model, sets["train_harmful"], sets["train_harmless"], methods=["dim_angular_hook"],
-                         steering_config=SteeringMethodConfig(adaptive=False), **common)
+                         steering_config=SteeringMethodConfig(adaptive=False), reuse=main_run, **common)
     rows = main_run.results + [everywhere.results[0]]
     out = {
         "target": args.target, "date": time.strftime("%Y-%m-%d"), "model": model.name, "dtype": dtype, "threads": args.threads, "seconds_total": round(time.perf_counter() - start, 1),

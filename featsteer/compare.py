@@ -810,6 +810,8 @@ class Comparison:
 
     results: list[MethodResult]
     setup: dict
+    context: CompareContext | None = field(default=None, repr=False, compare=False)
+    """The run's directions, LEACE erasers and validation base, for `compare(..., reuse=this)`."""
 
     def table(self) -> str:
         """Markdown table of the headline metrics."""
@@ -844,6 +846,7 @@ def compare(
     saes: str | os.PathLike[str] | SAE | Mapping[str, SAE] | None = None,
     sae_config: SaeMethodConfig | None = None,
     steering_config: SteeringMethodConfig | None = None,
+    reuse: Comparison | None = None,
 ) -> Comparison:
     """Run `methods` on the same held-out prompts.
 
@@ -869,9 +872,14 @@ def compare(
         saes: SAEs for the SAE methods (see `featsteer.sae.load_sae_source`: `organism`, a folder, or `{hook_name: sae}`).
         sae_config: how SAE methods pick and edit features (default `SaeMethodConfig()`: k and clamp values picked on the validation prompts).
         steering_config: how the ACE and angular methods pick their setting (default: picked on the validation prompts).
+        reuse: an earlier comparison of the same model, prompts and direction config: its selected directions, LEACE
+            erasers and validation base are used instead of being computed again (on Qwen2.5-Coder-0.5B the DIM
+            capture and selection are most of a comparison's first method), e.g. to run a method again with other
+            `steering_config` or `sae_config` settings.
 
     Raises:
-        FeatsteerError: for an unknown method, an SAE method without `saes`, or SAEs that do not fit.
+        FeatsteerError: for an unknown method, an SAE method without `saes`, SAEs that do not fit, or a `reuse` of
+            another model, other prompts or another direction config.
     """
     names = methods or list(available_methods(saes=saes is not None))
     _check_methods(names, saes is not None)
@@ -892,6 +900,8 @@ def compare(
     ctx = CompareContext(model, harmful, harmless, direction_config or DirectionConfig(), saes=sae_map, sae_config=sae_config or SaeMethodConfig(),
                          steering_config=steering_config or SteeringMethodConfig(),
                          val=None if val_harmful is None else (val_harmful, val_harmless))
+    if reuse is not None:
+        _take_over(ctx, reuse)
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     # the unedited model's harmless first-token distribution (the KL base) and which of those prompts it refuses
     base_harmless = evaluate_set(model, eval_harmless, "harmless", gen, RefusalDetector(), keep_logprobs=True)
@@ -911,7 +921,24 @@ def compare(
     }
     if sae_map is not None:
         setup["sae"] = _sae_setup(ctx)
-    return Comparison(results, setup)
+    return Comparison(results, setup, ctx)
+
+
+def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
+    """Give `ctx` the directions, LEACE erasers and validation base of an earlier comparison with the same inputs."""
+    old = earlier.context
+    if old is None:
+        raise FeatsteerError("reuse= needs a Comparison returned by compare() in this process (a loaded results.json has no directions)")
+
+    def key(c: CompareContext) -> tuple:
+        val = None if c.val is None else (c.val[0].sha256, c.val[1].sha256)
+        return (c.harmful.sha256, c.harmless.sha256, val, asdict(c.direction_config))
+
+    if old.model is not ctx.model:
+        raise FeatsteerError("reuse= needs a comparison of the same model object")
+    if key(old) != key(ctx):
+        raise FeatsteerError("reuse= needs a comparison of the same training and validation prompts and direction config")
+    ctx._directions, ctx._erasers, ctx._val_base = dict(old._directions), old._erasers, old._val_base
 
 
 def _sae_setup(ctx: CompareContext, n_top: int = 10) -> dict[str, Any]:

@@ -237,3 +237,27 @@ def test_leace_alone_captures_without_running_a_direction_selection(prompts, mon
     comparison = compare(model, *prompts, methods=["leace_hook"], eval_harmful=held_out[0], eval_harmless=held_out[1],
                          direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=2))
     assert comparison.results[0].details["leace_sites"] > 0
+
+
+def test_compare_reuses_an_earlier_comparisons_directions(prompts, monkeypatch):
+    import featsteer.compare as compare_module
+    from featsteer.compare import SteeringMethodConfig
+    from featsteer.errors import FeatsteerError
+
+    model = load_model("tiny:llama")
+    config, gen = DirectionConfig(n_select=3), GenerationConfig(max_new_tokens=2)
+    methods = ["dim_abliteration", "leace_hook", "dim_angular_hook"]
+    first = compare(model, *prompts, methods=methods, direction_config=config, generation=gen)
+    monkeypatch.setattr(compare_module, "find_refusal_direction", lambda *a, **k: pytest.fail("selected again"))
+    monkeypatch.setattr(compare_module, "capture_training", lambda *a, **k: pytest.fail("captured again"))
+    again = compare(model, *prompts, methods=methods, direction_config=config, generation=gen, reuse=first,
+                    steering_config=SteeringMethodConfig(angle=90.0, adaptive=False))
+    assert again.setup["chosen"] == first.setup["chosen"]
+    assert [r.kl_harmless for r in again.results[:2]] == pytest.approx([r.kl_harmless for r in first.results[:2]], abs=1e-9)
+    assert again.results[2].details["angle"] == 90.0 and not again.results[2].details["adaptive"]
+    with pytest.raises(FeatsteerError, match="same training and validation prompts"):
+        compare(model, prompts[0], prompts[1].head(15), methods=methods, direction_config=config, generation=gen, reuse=first)
+    with pytest.raises(FeatsteerError, match="same training and validation prompts"):
+        compare(model, *prompts, methods=methods, direction_config=DirectionConfig(n_select=4), generation=gen, reuse=first)
+    with pytest.raises(FeatsteerError, match="same model"):
+        compare(load_model("tiny:llama"), *prompts, methods=methods, direction_config=config, generation=gen, reuse=first)
