@@ -131,7 +131,11 @@ class AffineEdit(Intervention):
 class AngularSteer(Intervention):
     """Angular steering (Vu & Nguyen 2025): in the plane of a behaviour direction and a second axis, turn each
     activation's in-plane component to a fixed angle from the direction, keeping its length (and so the
-    activation's norm). See `operations.rotate_in_plane`."""
+    activation's norm). See `operations.rotate_in_plane`.
+
+    It turns whatever the hooks at `where` carry; the default, every layer's `resid_pre`, is the residual stream
+    itself, where featsteer's DIM directions are read (the paper turns the normalised activations each block reads).
+    """
 
     plane: Tensor
     """`(2, d_model)` orthonormal rows: the behaviour direction first (e.g. `directions.rotation_plane`)."""
