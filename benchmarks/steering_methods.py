@@ -52,10 +52,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--screen", type=int, default=None, help="--screen of the selection (default: 16 for Qwen, off for the organism)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of compare methods for the first call")
+    parser.add_argument("--angles", help="comma list of angles dim_angular_hook picks from (default: compare's 90,135,180)")
+    parser.add_argument("--no-everywhere", action="store_true", help="skip the second call (angular steering on every activation)")
+    parser.add_argument("--results-name", help="results file stem (default: steering_methods_<target>)")
     parser.add_argument("--render-only", action="store_true", help="re-write the markdown from the results JSON")
     args = parser.parse_args()
+    name = args.results_name or f"steering_methods_{args.target}"
     if args.render_only:
-        name = f"steering_methods_{args.target}"
         (RESULTS / f"{name}.md").write_text(render(json.loads((RESULTS / f"{name}.json").read_text())))
         return
     torch.set_num_threads(args.threads)
@@ -73,16 +77,19 @@ def main() -> None:
         gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
         val = {"val_harmful": load_prompts("organism-corpus:harmful:96"), "val_harmless": load_prompts("organism-corpus:harmless:96")}
     common = {"eval_harmful": sets["eval_harmful"], "eval_harmless": sets["eval_harmless"], "direction_config": config, "generation": gen, **val}
-    main_run = compare(model, sets["train_harmful"], sets["train_harmless"], methods=METHODS, **common)
-    everywhere = compare(model, sets["train_harmful"], sets["train_harmless"], methods=["dim_angular_hook"],
-                         steering_config=SteeringMethodConfig(adaptive=False), reuse=main_run, **common)
-    rows = main_run.results + [everywhere.results[0]]
+    angles = {"angles": tuple(float(a) for a in args.angles.split(","))} if args.angles else {}
+    main_run = compare(model, sets["train_harmful"], sets["train_harmless"], methods=args.methods.split(","),
+                       steering_config=SteeringMethodConfig(**angles), **common)
+    rows = list(main_run.results)
+    if not args.no_everywhere:
+        everywhere = compare(model, sets["train_harmful"], sets["train_harmless"], methods=["dim_angular_hook"],
+                             steering_config=SteeringMethodConfig(adaptive=False, **angles), reuse=main_run, **common)
+        rows.append(everywhere.results[0])
     out = {
         "target": args.target, "date": time.strftime("%Y-%m-%d"), "model": model.name, "dtype": dtype, "threads": args.threads, "seconds_total": round(time.perf_counter() - start, 1),
-        "setup": main_run.setup, "chosen_everywhere_run": everywhere.setup["chosen"],
-        "results": [{**asdict(r), "variant": "every activation" if i == len(rows) - 1 else ""} for i, r in enumerate(rows)],
+        "setup": main_run.setup,
+        "results": [{**asdict(r), "variant": "every activation" if i >= len(main_run.results) else ""} for i, r in enumerate(rows)],
     }
-    name = f"steering_methods_{args.target}"
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1, default=str))
     (RESULTS / f"{name}.md").write_text(render(out))
     print(render(out))

@@ -832,7 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--ace-induce-alpha", type=float, metavar="A",
                       help="dim_ace_induce's point on that line, above 0 (default: picked from 0.5, 0.75, 1, 1.5)")
     cmp_.add_argument("--angle", type=float, metavar="DEG",
-                      help="dim_angular_hook's angle from the refusal direction (default: picked from 90, 135, 180)")
+                      help="dim_angular_hook's angle from the refusal direction (default: picked from 60, 75, 90, 120, 150, 180)")
     cmp_.add_argument("--angle-everywhere", action="store_true",
                       help="dim_angular_hook turns every activation, not only those leaning towards refusal")
     cmp_.set_defaults(run=_cmd_compare)

@@ -209,7 +209,7 @@ ACE_ALPHAS = (0.0, -0.25, -0.5)
 """`dim_ace_hook` settings tried on the validation prompts: 0 puts every projection at the harmless mean's."""
 ACE_INDUCE_ALPHAS = (0.5, 0.75, 1.0, 1.5)
 """`dim_ace_induce` settings: 1 puts every projection at the harmful mean's."""
-ANGLES = (90.0, 135.0, 180.0)
+ANGLES = (60.0, 75.0, 90.0, 120.0, 150.0, 180.0)
 """`dim_angular_hook` target angles (degrees from the refusal direction) tried on the validation prompts."""
 
 

@@ -151,10 +151,10 @@ def test_compare_picks_the_ace_and_angular_settings_on_validation_prompts(prompt
     assert set(rows) == {0.0, -0.25, -0.5} and ace["ace_alpha"] == gentlest_within(rows, 0.05)
     assert ace["setting"] == f"alpha={ace['ace_alpha']:g}" and len(ace["ace_values"]) == model.n_layers
     angles = {float(k.split("=")[1]): (v["refusal_harmful"], v["kl_harmless"]) for k, v in angular["validation"].items()}
-    assert set(angles) == {90.0, 135.0, 180.0} and angular["angle"] == gentlest_within(angles, 0.05) and angular["adaptive"]
+    assert set(angles) == {60.0, 75.0, 90.0, 120.0, 150.0, 180.0} and angular["angle"] == gentlest_within(angles, 0.05) and angular["adaptive"]
     rates = {float(k.split("=")[1]): v["refusal_harmless"] for k, v in induce["validation"].items()}
     assert induce["ace_alpha"] == weakest_within(rates, 0.05)
-    assert "dim_ace_hook (alpha=" in comparison.table() and list(comparison.setup["steering"]["angles"]) == [90.0, 135.0, 180.0]
+    assert "dim_ace_hook (alpha=" in comparison.table() and list(comparison.setup["steering"]["angles"]) == [60.0, 75.0, 90.0, 120.0, 150.0, 180.0]
     assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
     fixed = compare(model, *prompts, methods=["dim_angular_hook"], direction_config=DirectionConfig(n_select=3),
                     generation=GenerationConfig(max_new_tokens=3), steering_config=SteeringMethodConfig(angle=170.0, adaptive=False))
