@@ -213,6 +213,10 @@ ANGLES = (60.0, 75.0, 90.0, 120.0, 150.0, 180.0)
 """`dim_angular_hook` target angles (degrees from the refusal direction) tried on the validation prompts."""
 
 
+def _listed(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
 @dataclass(frozen=True)
 class SteeringMethodConfig:
     """How the affine (ACE) and angular steering methods pick their setting.
@@ -241,9 +245,9 @@ class SteeringMethodConfig:
             if not getattr(self, name):
                 raise FeatsteerError(f"{name} is empty: give at least one value to pick from")
         if any(a >= 1 for a in self.choices("ace_alpha")):
-            raise FeatsteerError(f"an ACE jailbreak alpha must be below 1 (1 is the harmful mean), got {self.choices('ace_alpha')}")
+            raise FeatsteerError(f"an ACE jailbreak alpha must be below 1 (1 is the harmful mean), got {_listed(self.choices('ace_alpha'))}")
         if any(a <= 0 for a in self.choices("ace_induce_alpha")):
-            raise FeatsteerError(f"an ACE induce alpha must be positive, got {self.choices('ace_induce_alpha')}")
+            raise FeatsteerError(f"an ACE induce alpha must be positive, got {_listed(self.choices('ace_induce_alpha'))}")
         if not 0 <= self.tolerance < 1:
             raise FeatsteerError(f"tolerance must be in [0, 1), got {self.tolerance}")
 
@@ -567,22 +571,24 @@ def _induce(ctx: CompareContext):
     return steer(ctx.model, AddDirection(vector, scale, where=chosen.hook))
 
 
-def _affine(ctx: CompareContext, alpha: float) -> AffineEdit:
-    """ACE along the chosen DIM direction at every captured hook, each with its own layer's class means (the
-    training activations at the chosen position)."""
+def _affine_edits(ctx: CompareContext) -> Callable[[float], AffineEdit]:
+    """`alpha -> AffineEdit` along the chosen DIM direction at every captured hook, each with its own layer's class
+    means (the training activations at the chosen position), which are computed once here."""
     result = ctx.directions("dim")
     harmless, harmful = result.affine_references()
-    return AffineEdit(result.candidates.bases[result.selection.chosen.index, 0], harmless, harmful, alpha)
+    direction = result.candidates.bases[result.selection.chosen.index, 0]
+    return lambda alpha: AffineEdit(direction, harmless, harmful, alpha)
 
 
-def _angular(ctx: CompareContext, degrees: float) -> AngularSteer:
-    """Angular steering in the plane of the chosen DIM direction and its main change across layers, at every
-    captured hook."""
+def _angular_steers(ctx: CompareContext) -> Callable[[float], AngularSteer]:
+    """`degrees -> AngularSteer` in the plane of the chosen DIM direction and its main change across layers, at every
+    captured hook (the plane is computed once here)."""
     from featsteer.directions import rotation_plane
 
     result = ctx.directions("dim")
     plane = rotation_plane(result.candidates, result.selection.chosen.index)
-    return AngularSteer(plane, degrees, where=list(result.activations[1].hook_names), adaptive=ctx.steering_config.adaptive)
+    hooks, adaptive = list(result.activations[1].hook_names), ctx.steering_config.adaptive
+    return lambda degrees: AngularSteer(plane, degrees, where=hooks, adaptive=adaptive)
 
 
 def _validation_rows(ctx: CompareContext, settings: Mapping[Any, Callable[[], contextlib.AbstractContextManager]]) -> dict[Any, tuple[float, float]]:
@@ -607,8 +613,9 @@ def _pick_gentlest(ctx: CompareContext, label: str, values: Sequence[float], mak
 @register_method("dim_ace_hook", "affine concept editing (Marshall et al. 2024): the DIM projection set to the harmless mean's at every "
                  "layer, alpha picked on validation prompts")
 def _ace(ctx: CompareContext):
-    alpha = _pick_gentlest(ctx, "alpha", ctx.steering_config.choices("ace_alpha"), lambda a: steer(ctx.model, _affine(ctx, a)))
-    edit = _affine(ctx, alpha)
+    make = _affine_edits(ctx)
+    alpha = _pick_gentlest(ctx, "alpha", ctx.steering_config.choices("ace_alpha"), lambda a: steer(ctx.model, make(a)))
+    edit = make(alpha)
     ctx.note(ace_alpha=alpha, ace_values=edit.values())
     return steer(ctx.model, edit)
 
@@ -616,23 +623,24 @@ def _ace(ctx: CompareContext):
 @register_method("dim_angular_hook", "angular steering (Vu & Nguyen 2025): activations turned away from the DIM direction at every layer, "
                  "norm kept, angle picked on validation prompts")
 def _angular_hook(ctx: CompareContext):
-    degrees = _pick_gentlest(ctx, "angle", ctx.steering_config.choices("angle"), lambda d: steer(ctx.model, _angular(ctx, d)))
+    make = _angular_steers(ctx)
+    degrees = _pick_gentlest(ctx, "angle", ctx.steering_config.choices("angle"), lambda d: steer(ctx.model, make(d)))
     ctx.note(angle=degrees, adaptive=ctx.steering_config.adaptive)
-    return steer(ctx.model, _angular(ctx, degrees))
+    return steer(ctx.model, make(degrees))
 
 
 @register_method("dim_ace_induce", "affine concept editing towards the harmful mean at every layer (induces refusal), alpha picked on "
                  "validation prompts")
 def _ace_induce(ctx: CompareContext):
-    alphas = ctx.steering_config.choices("ace_induce_alpha")
+    alphas, make = ctx.steering_config.choices("ace_induce_alpha"), _affine_edits(ctx)
     if len(alphas) > 1:
-        alpha, rates = pick_induce_scale(ctx.model, lambda a: steer(ctx.model, _affine(ctx, a)), ctx.validation()[1], alphas,
+        alpha, rates = pick_induce_scale(ctx.model, lambda a: steer(ctx.model, make(a)), ctx.validation()[1], alphas,
                                          ctx.steering_config.tolerance)
         ctx.note(validation={f"alpha={a:g}": {"refusal_harmless": rate} for a, rate in rates.items()})
     else:
         alpha = alphas[0]
     ctx.note(setting=f"alpha={alpha:g}", ace_alpha=alpha)
-    return steer(ctx.model, _affine(ctx, alpha))
+    return steer(ctx.model, make(alpha))
 
 
 def _sae_features(ctx: CompareContext, k: int) -> tuple[str, SAE, list[int]]:
