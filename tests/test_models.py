@@ -14,6 +14,7 @@ from tests.conftest import count_hooks
 
 PROMPTS = ["hello there", "a much longer instruction that needs padding", "third"]
 KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+NORMS = ("ln1_normalized", "ln2_normalized")
 
 
 def _record(adapter, names, prompts=PROMPTS):
@@ -40,6 +41,67 @@ def test_hook_points_match_residual_identities(family_model):
             torch.testing.assert_close(post, seen[f"blocks.{layer + 1}.hook_resid_pre"], atol=0, rtol=0)
     if family != "gpt2":  # GPT-2 adds a position embedding after hook_embed
         torch.testing.assert_close(seen["hook_embed"], seen["blocks.0.hook_resid_pre"], atol=0, rtol=0)
+
+
+def _normalised(x, layer_norm, eps):
+    """RMSNorm / LayerNorm without the weight, written out: what TransformerLens calls `hook_normalized`."""
+    if layer_norm:
+        x = x - x.mean(-1, keepdim=True)
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def _scaled(norm, z):
+    """The norm's weight (and bias) applied to a normalised vector, as the module does after normalising."""
+    offset = 1.0 if "Gemma" in type(norm).__name__ else 0.0
+    return z * (norm.weight + offset) + (norm.bias if getattr(norm, "bias", None) is not None else 0)
+
+
+def test_norm_hooks_carry_what_attention_mlp_and_unembedding_read(family_model):
+    """ln1/ln2/ln_final.hook_normalized are the normalised vectors the next module reads (before the norm's weight,
+    as TransformerLens defines them), checked against the stream they normalise, the MLP re-run on ln2, and the
+    logits recomputed from ln_final."""
+    family, model, tokenizer = family_model
+    adapter = load_model(model, tokenizer=tokenizer)
+    names = adapter.hook_names(("resid_pre", "ln1_normalized", "resid_mid", "ln2_normalized", "mlp_out", "resid_post"))
+    seen, logits = _record(adapter, [*names, "ln_final.hook_normalized"])
+    layer_norm = family == "gpt2"
+    eps = model.config.layer_norm_epsilon if layer_norm else model.config.rms_norm_eps
+    with torch.inference_mode():  # the recorded tensors are inference tensors
+        for layer in range(adapter.n_layers):
+            block = adapter.layers[layer]
+            ln1, ln2 = seen[f"blocks.{layer}.ln1.hook_normalized"], seen[f"blocks.{layer}.ln2.hook_normalized"]
+            torch.testing.assert_close(ln1, _normalised(seen[f"blocks.{layer}.hook_resid_pre"], layer_norm, eps), atol=1e-5, rtol=0)
+            torch.testing.assert_close(ln2, _normalised(seen[f"blocks.{layer}.hook_resid_mid"], layer_norm, eps), atol=1e-5, rtol=0)
+            mlp_norm = {"gpt2": "ln_2", "gemma2": "pre_feedforward_layernorm", "gemma3_text": "pre_feedforward_layernorm"}
+            mlp_out = block.mlp(_scaled(getattr(block, mlp_norm.get(family, "post_attention_layernorm")), ln2))
+            if family in ("gemma2", "gemma3_text"):
+                mlp_out = block.post_feedforward_layernorm(mlp_out)
+            torch.testing.assert_close(mlp_out, seen[f"blocks.{layer}.hook_mlp_out"], atol=1e-4, rtol=0)
+        last = seen[f"blocks.{adapter.n_layers - 1}.hook_resid_post"]
+        torch.testing.assert_close(seen["ln_final.hook_normalized"], _normalised(last, layer_norm, eps), atol=1e-5, rtol=0)
+        final_norm = model.transformer.ln_f if layer_norm else model.model.norm
+        via_head = model.get_output_embeddings()(_scaled(final_norm, seen["ln_final.hook_normalized"]))
+        if getattr(model.config, "final_logit_softcapping", None):
+            cap = model.config.final_logit_softcapping
+            via_head = torch.tanh(via_head / cap) * cap
+        torch.testing.assert_close(via_head, logits, atol=1e-4, rtol=0)
+
+
+def test_norm_hook_edits_reach_only_their_branch(llama_adapter):
+    batch = llama_adapter.tokenize(PROMPTS)
+    seen, _ = _record(llama_adapter, llama_adapter.hook_names(("resid_mid", "attn_out", "mlp_out")))
+    zero = [("blocks.1.ln2.hook_normalized", lambda x, s: torch.zeros_like(x))]
+    names = llama_adapter.hook_names(("attn_out", "mlp_out"), [1])
+    with llama_adapter.hooks(zero):
+        edited, _ = _record(llama_adapter, names)
+        changed = llama_adapter.run(batch)
+    torch.testing.assert_close(edited["blocks.1.hook_attn_out"], seen["blocks.1.hook_attn_out"], atol=0, rtol=0)
+    assert float(edited["blocks.1.hook_mlp_out"].abs().max()) == 0.0  # a bias-free MLP of zeros writes zeros
+    assert (changed - llama_adapter.run(batch)).abs().max() > 1e-4
+    site = llama_adapter.hook_site("blocks.2.ln1.hook_normalized")
+    assert site.kind == "ln1_normalized" and site.layer == 2
+    assert llama_adapter.hook_site("blocks.1.hook_mlp_out").order < site.order < llama_adapter.hook_site("blocks.2.hook_attn_out").order
+    assert llama_adapter.hook_site("ln_final.hook_normalized").order > llama_adapter.hook_site("blocks.2.hook_resid_post").order
 
 
 def test_writes_at_equivalent_points_give_equal_logits(family_model):
@@ -205,7 +267,7 @@ def test_tl_bridge_llama_matches_native(tmp_path):
 def _assert_same_activations(native, lens):
     from featsteer.activations import capture
 
-    hooks = ["hook_embed", *native.hook_names(KINDS)]
+    hooks = ["hook_embed", *native.hook_names(KINDS + NORMS), "ln_final.hook_normalized"]
     a = capture(native, PROMPTS, hooks, positions="all", progress=False)
     b = capture(lens, PROMPTS, hooks, positions="all", progress=False)
     torch.testing.assert_close(a.activations, b.activations, atol=1e-4, rtol=0)
@@ -224,7 +286,8 @@ def test_unsupported_architecture_lists_supported_ones():
 
 @pytest.mark.parametrize(
     ("name", "message"),
-    [("blocks.9.hook_resid_pre", "has 3 layers"), ("blocks.0.hook_resid", "unknown hook name"), ("resid_pre", "unknown hook")],
+    [("blocks.9.hook_resid_pre", "has 3 layers"), ("blocks.0.hook_resid", "unknown hook name"), ("resid_pre", "unknown hook"),
+     ("blocks.0.ln3.hook_normalized", "ln1.hook_normalized"), ("blocks.5.ln1.hook_normalized", "has 3 layers")],
 )
 def test_bad_hook_names(llama_adapter, name, message):
     with pytest.raises(FeatsteerError, match=message), llama_adapter.hooks([(name, lambda x, s: None)]):

@@ -3,13 +3,22 @@
 from featsteer.models.adapter import HookFn, ModelAdapter, ResidualWriter, StopForward, TokenBatch
 from featsteer.models.chat import FALLBACK_TEMPLATE, FormattedPrompt, format_instruction
 from featsteer.models.families import FAMILIES, FamilySpec, family_for, supported_model_types
-from featsteer.models.hookpoints import LAYER_KINDS, HookSite, hook_name, parse_hook_name
+from featsteer.models.hookpoints import (
+    LAYER_KINDS,
+    NORM_KINDS,
+    RESIDUAL_KINDS,
+    HookSite,
+    hook_name,
+    parse_hook_name,
+)
 from featsteer.models.loading import default_cache_dir, load_model
 
 __all__ = [
     "FALLBACK_TEMPLATE",
     "FAMILIES",
     "LAYER_KINDS",
+    "NORM_KINDS",
+    "RESIDUAL_KINDS",
     "FamilySpec",
     "FormattedPrompt",
     "HookFn",

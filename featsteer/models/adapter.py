@@ -20,7 +20,7 @@ from torch import Tensor
 
 from featsteer.errors import FeatsteerError
 from featsteer.models.chat import FormattedPrompt, format_instruction
-from featsteer.models.hookpoints import HookSite, parse_hook_name
+from featsteer.models.hookpoints import HookSite, hook_name, parse_hook_name
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class ModelAdapter(ABC):
     def hook_names(self, kinds: Sequence[str] = ("resid_pre",), layers: Sequence[int] | None = None) -> list[str]:
         """List hook names for the given kinds and layers (all layers by default)."""
         layer_ids = range(self.n_layers) if layers is None else layers
-        return [f"blocks.{layer}.hook_{kind}" for layer in layer_ids for kind in kinds]
+        return [hook_name(layer, kind) for layer in layer_ids for kind in kinds]
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[ModelAdapter]:

@@ -38,6 +38,10 @@ class FamilySpec:
     """Layer-relative path to the MLP module."""
     mlp_out_proj: str
     """Layer-relative path to the MLP output projection (writes into the residual stream)."""
+    attn_norm: str
+    """Layer-relative path to the norm whose output the attention reads (`blocks.{l}.ln1.hook_normalized`)."""
+    mlp_norm: str
+    """Layer-relative path to the norm whose output the MLP reads (`blocks.{l}.ln2.hook_normalized`)."""
     attn_out_site: str | None = None
     """Layer-relative module whose output is added to the residual after attention, when it is not the
     attention module itself (Gemma 2/3 apply `post_attention_layernorm` there)."""
@@ -49,6 +53,10 @@ class FamilySpec:
     """True when projections are GPT-2 `Conv1D` modules, whose weight is stored as (d_in, d_out)."""
     embedding_scaled: bool = False
     """True when the embedding module multiplies its output by sqrt(d_model) (Gemma)."""
+    norm_weight_offset: float = 0.0
+    """Added to a norm's weight before it scales (Gemma's RMSNorm multiplies by `1 + weight`)."""
+    layer_norm: bool = False
+    """True when the norms are LayerNorms (centre, scale, shift) rather than RMSNorms (scale only)."""
     post_norms: bool = False
     """True when attention/MLP outputs pass through an extra norm before the residual add (Gemma 2/3).
     Weight orthogonalisation cannot then be exactly equivalent to ablating the residual write."""
@@ -72,19 +80,25 @@ _LLAMA_LIKE = dict(
     attn_out_proj="self_attn.o_proj",
     mlp="mlp",
     mlp_out_proj="mlp.down_proj",
+    attn_norm="input_layernorm",
 )
 
 FAMILIES: tuple[FamilySpec, ...] = (
-    FamilySpec(name="llama", model_types=("llama", "mistral", "mixtral_dense"), **_LLAMA_LIKE),
-    FamilySpec(name="qwen", model_types=("qwen2", "qwen3"), **_LLAMA_LIKE),
-    FamilySpec(name="phi3", model_types=("phi3",), **_LLAMA_LIKE),
-    FamilySpec(name="gemma", model_types=("gemma",), embedding_scaled=True, **_LLAMA_LIKE),
+    FamilySpec(name="llama", model_types=("llama", "mistral", "mixtral_dense"), mlp_norm="post_attention_layernorm", **_LLAMA_LIKE),
+    FamilySpec(name="qwen", model_types=("qwen2", "qwen3"), mlp_norm="post_attention_layernorm", **_LLAMA_LIKE),
+    FamilySpec(name="phi3", model_types=("phi3",), mlp_norm="post_attention_layernorm", **_LLAMA_LIKE),
+    FamilySpec(
+        name="gemma", model_types=("gemma",), embedding_scaled=True, norm_weight_offset=1.0, mlp_norm="post_attention_layernorm",
+        **_LLAMA_LIKE,
+    ),
     FamilySpec(
         name="gemma2",
         model_types=("gemma2", "gemma3_text"),
         attn_out_site="post_attention_layernorm",
         mlp_out_site="post_feedforward_layernorm",
+        mlp_norm="pre_feedforward_layernorm",
         embedding_scaled=True,
+        norm_weight_offset=1.0,
         post_norms=True,
         **_LLAMA_LIKE,
     ),
@@ -98,6 +112,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
         attn_out_proj="attn.c_proj",
         mlp="mlp",
         mlp_out_proj="mlp.c_proj",
+        attn_norm="ln_1",
+        mlp_norm="ln_2",
+        layer_norm=True,
         pos_embed="transformer.wpe",
         conv1d_projections=True,
     ),

@@ -4,7 +4,12 @@ Hook points are PyTorch forward hooks placed on the modules a `FamilySpec` row n
 `resid_pre` is a pre-hook on the decoder layer, `attn_out`/`mlp_out` hook the module whose output is added
 to the residual stream, `resid_post` hooks the layer output, and `resid_mid` is derived exactly as
 `resid_pre + attn_out` (reading it, or writing it back as a change of the attention contribution), so
-it works for every sequential-residual family without touching model code.
+it works for every sequential-residual family without touching model code. `ln1.hook_normalized` /
+`ln2.hook_normalized` / `ln_final.hook_normalized` carry what TransformerLens puts there: the normalised vector
+the attention, the MLP or the unembedding reads, before the norm's own weight (and bias) scale it (RMSNorm:
+`x / rms(x)`; LayerNorm: `(x - mean) / std`). With the usual folded norms TransformerLens moves that weight into
+the next matrices, so the same name carries the same values on both backends. A hook's change `dz` reaches the
+module's output as `dz * weight`, so edits there act on exactly what the next module reads.
 """
 
 from __future__ import annotations
@@ -91,9 +96,12 @@ class HFModelAdapter(ModelAdapter):
             by_site[(site.layer, site.kind)].append((site, fn))
         handles = []
         try:
-            for kind, path in (("embed", self.spec.embed_tokens), ("pos_embed", self.spec.pos_embed)):
-                if by_site.get((None, kind)):
-                    handles.append(self._module(path).register_forward_hook(_output_hook(by_site[(None, kind)])))
+            for kind, path in (
+                ("embed", self.spec.embed_tokens), ("pos_embed", self.spec.pos_embed), ("ln_final_normalized", self.spec.final_norm),
+            ):
+                if fns := by_site.get((None, kind)):
+                    hook = _norm_hook(fns, self.spec) if kind == "ln_final_normalized" else _output_hook(fns)
+                    handles.append(self._module(path).register_forward_hook(hook, with_kwargs=kind == "ln_final_normalized"))
             for layer in sorted({layer for layer, _ in by_site if layer is not None}):
                 handles.extend(self._install_layer(layer, by_site))
         except Exception:
@@ -115,8 +123,12 @@ class HFModelAdapter(ModelAdapter):
         block = self.layers[layer]
         if pre or mid:
             handles.append(block.register_forward_pre_hook(_pre_hook(pre, state, keep=bool(mid)), with_kwargs=True))
+        if ln1 := by_site.get((layer, "ln1_normalized")):
+            handles.append(self._module(self.spec.attn_norm, layer).register_forward_hook(_norm_hook(ln1, self.spec), with_kwargs=True))
         if attn or mid:
             handles.append(self._module(self.spec.attn_site, layer).register_forward_hook(_attn_hook(attn, mid, state)))
+        if ln2 := by_site.get((layer, "ln2_normalized")):
+            handles.append(self._module(self.spec.mlp_norm, layer).register_forward_hook(_norm_hook(ln2, self.spec), with_kwargs=True))
         if mlp:
             handles.append(self._module(self.spec.mlp_site, layer).register_forward_hook(_output_hook(mlp)))
         if post:
@@ -201,6 +213,31 @@ def _output_hook(fns: _Hooks):
         return None if new is value else _replace_first(output, new)
 
     return hook
+
+
+def _norm_hook(fns: _Hooks, spec: FamilySpec):
+    """Forward hook on a norm: hands the hooks the normalised input before the norm's weight (TransformerLens's
+    `hook_normalized`) and passes a change `dz` on to the output as `dz * weight`."""
+
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else next(iter(kwargs.values()))
+        normalized = _normalize(module, x, spec)
+        new = _apply(fns, normalized)
+        if new is normalized:
+            return None
+        scale = module.weight.float() + spec.norm_weight_offset
+        return (output.float() + (new.float() - normalized.float()) * scale).to(output.dtype)
+
+    return hook
+
+
+def _normalize(module: nn.Module, x: Tensor, spec: FamilySpec) -> Tensor:
+    """The norm's input centred (LayerNorm) and divided by its root mean square, in float32, as the norm computes it."""
+    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+    hidden = x.float()
+    if spec.layer_norm:
+        hidden = hidden - hidden.mean(-1, keepdim=True)
+    return (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def _pre_hook(fns: _Hooks, state: dict[str, Tensor], keep: bool):

@@ -11,11 +11,27 @@ from dataclasses import dataclass
 
 from featsteer.errors import FeatsteerError
 
-LAYER_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+LAYER_KINDS: tuple[str, ...] = (
+    "resid_pre", "ln1_normalized", "attn_out", "resid_mid", "ln2_normalized", "mlp_out", "resid_post",
+)
 """Per-layer hook kinds, in the order they fire inside one decoder layer."""
-GLOBAL_KINDS: tuple[str, ...] = ("embed", "pos_embed")
+RESIDUAL_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+"""The kinds that are the residual stream or a write into it (named `blocks.{l}.hook_{kind}`)."""
+NORM_KINDS: tuple[str, ...] = ("ln1_normalized", "ln2_normalized")
+"""The outputs of a block's two input norms, what its attention (`ln1`) and its MLP (`ln2`) read. They are named
+as TransformerLens names them, `blocks.{l}.ln1.hook_normalized` and `blocks.{l}.ln2.hook_normalized`."""
+GLOBAL_KINDS: tuple[str, ...] = ("embed", "pos_embed", "ln_final_normalized")
+"""Hook kinds outside the layers: the embeddings (before layer 0) and the final norm (after the last layer)."""
 
-_LAYER_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|attn_out|resid_mid|mlp_out|resid_post)$")
+_SUFFIX = {kind: f"hook_{kind}" for kind in RESIDUAL_KINDS} | {
+    "ln1_normalized": "ln1.hook_normalized",
+    "ln2_normalized": "ln2.hook_normalized",
+}
+_KIND_OF_SUFFIX = {suffix: kind for kind, suffix in _SUFFIX.items()}
+_GLOBAL_NAMES = {"hook_embed": "embed", "hook_pos_embed": "pos_embed", "ln_final.hook_normalized": "ln_final_normalized"}
+_LAYER_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(s) for s in _SUFFIX.values()) + r")$")
+_LAST = 1 << 30
+"""Layer slot of `ln_final` in `HookSite.order`: after every layer of any model."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,8 @@ class HookSite:
     @property
     def order(self) -> tuple[int, int]:
         """Sort key following the forward pass: embeddings first, then layers in firing order."""
+        if self.kind == "ln_final_normalized":
+            return (_LAST, 0)
         if self.layer is None:
             return (-1, GLOBAL_KINDS.index(self.kind))
         return (self.layer, LAYER_KINDS.index(self.kind))
@@ -41,7 +59,7 @@ def hook_name(layer: int, kind: str = "resid_pre") -> str:
     """Build the TransformerLens name for a per-layer hook point."""
     if kind not in LAYER_KINDS:
         raise FeatsteerError(f"unknown hook kind '{kind}': use one of {', '.join(LAYER_KINDS)}")
-    return f"blocks.{layer}.hook_{kind}"
+    return f"blocks.{layer}.{_SUFFIX[kind]}"
 
 
 def parse_hook_name(name: str, n_layers: int) -> HookSite:
@@ -50,15 +68,15 @@ def parse_hook_name(name: str, n_layers: int) -> HookSite:
     Raises:
         FeatsteerError: for a malformed name or a layer out of range, with the valid forms in the message.
     """
-    if name in ("hook_embed", "hook_pos_embed"):
-        return HookSite(name=name, kind=name.removeprefix("hook_"), layer=None)
+    if name in _GLOBAL_NAMES:
+        return HookSite(name=name, kind=_GLOBAL_NAMES[name], layer=None)
     match = _LAYER_RE.match(name)
     if match is None:
         raise FeatsteerError(
-            f"unknown hook name '{name}': use hook_embed or blocks.<layer>.hook_<kind> with kind in "
-            f"{', '.join(LAYER_KINDS)}"
+            f"unknown hook name '{name}': use hook_embed, ln_final.hook_normalized, blocks.<layer>.hook_<kind> with kind "
+            f"in {', '.join(RESIDUAL_KINDS)}, or blocks.<layer>.ln1.hook_normalized / ln2.hook_normalized"
         )
     layer = int(match.group(1))
     if layer >= n_layers:
         raise FeatsteerError(f"hook '{name}' names layer {layer} but the model has {n_layers} layers (0..{n_layers - 1})")
-    return HookSite(name=name, kind=match.group(2), layer=layer)
+    return HookSite(name=name, kind=_KIND_OF_SUFFIX[match.group(2)], layer=layer)
