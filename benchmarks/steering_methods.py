@@ -4,8 +4,9 @@
     python benchmarks/steering_methods.py --target organism # the embedded organism: steering_methods_organism.{json,md}
 
 Needs `../shared/models/fetch_real_models.sh qwen` and `../shared/data` for Qwen. One `featsteer.compare` call runs
-the unedited model, DIM abliteration (the baseline), the DIM ablation hook, `dim_ace_hook`, `dim_angular_hook`,
-and the two induce methods (`dim_actadd_induce`, `dim_ace_induce`); a second call on the same prompts runs angular
+the unedited model, DIM abliteration (the baseline), the DIM ablation hook, `dim_ace_hook`, `dim_angular_hook` (the
+residual stream turned at each layer's input), `dim_angular_norms_hook` (each block's normalised attention and MLP
+inputs turned, the paper's placement), and the two induce methods (`dim_actadd_induce`, `dim_ace_induce`); a second call on the same prompts runs angular
 steering on every activation (`adaptive=False`) for the ablation of the adaptive gate, reusing the first call's
 direction selection (`compare(..., reuse=)`; the committed Qwen run predates that option and selected twice). Every method's setting (the DIM
 candidate, alpha, the angle, the induce scale) is picked on validation prompts, never on the evaluation prompts.
@@ -36,7 +37,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from abliteration import prompt_sets, qwen_gguf  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ["none", "dim_abliteration", "dim_ablation_hook", "dim_ace_hook", "dim_angular_hook", "dim_actadd_induce", "dim_ace_induce"]
+METHODS = ["none", "dim_abliteration", "dim_ablation_hook", "dim_ace_hook", "dim_angular_hook", "dim_angular_norms_hook", "dim_actadd_induce",
+           "dim_ace_induce"]
 
 
 def main() -> None:
@@ -53,7 +55,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--screen", type=int, default=None, help="--screen of the selection (default: 16 for Qwen, off for the organism)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list of compare methods for the first call")
-    parser.add_argument("--angles", help="comma list of angles dim_angular_hook picks from (default: compare's 90,135,180)")
+    parser.add_argument("--angles", help="comma list of angles the angular methods pick from (default: compare's 60,75,90,120,150,180)")
     parser.add_argument("--no-everywhere", action="store_true", help="skip the second call (angular steering on every activation)")
     parser.add_argument("--results-name", help="results file stem (default: steering_methods_<target>)")
     parser.add_argument("--render-only", action="store_true", help="re-write the markdown from the results JSON")

@@ -25,7 +25,7 @@ def _load_model(args: argparse.Namespace, spec: str | None = None):
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from featsteer.models import LAYER_KINDS
+    from featsteer.models import RESIDUAL_KINDS
 
     model = _load_model(args)
     print(f"model     {model.name}")
@@ -34,7 +34,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"d_model   {model.d_model}")
     print(f"dtype     {model.dtype}")
     print(f"device    {model.device}")
-    print(f"hooks     hook_embed, blocks.{{0..{model.n_layers - 1}}}.hook_{{{','.join(LAYER_KINDS)}}}")
+    layers = f"blocks.{{0..{model.n_layers - 1}}}"
+    print(f"hooks     hook_embed, {layers}.hook_{{{','.join(RESIDUAL_KINDS)}}},")
+    print(f"          {layers}.ln1.hook_normalized, {layers}.ln2.hook_normalized, ln_final.hook_normalized")
     if args.prompt:
         print(f"prompt    {model.format_prompts([args.prompt])[0].text!r}")
     return 0
@@ -439,8 +441,8 @@ def _check_steer_args(args: argparse.Namespace) -> None:
             raise FeatsteerError("--feature, --multiple and --positions apply to --sae features, not to --directions")
         if args.mode == "angular" and args.angle is None:
             raise FeatsteerError("--mode angular needs --angle DEG (degrees from the refusal direction: 0 full refusal, 180 against it)")
-    if args.mode != "angular" and (args.angle is not None or args.angle_everywhere):
-        raise FeatsteerError("--angle and --angle-everywhere apply to --mode angular")
+    if args.mode != "angular" and (args.angle is not None or args.angle_everywhere or args.angle_at != "layers"):
+        raise FeatsteerError("--angle, --angle-everywhere and --angle-at apply to --mode angular")
     if args.mode != "ace" and args.alpha is not None:
         raise FeatsteerError("--alpha applies to --mode ace")
 
@@ -504,9 +506,13 @@ def _geometric_intervention(args: argparse.Namespace, model, directions):
     axis = torch.tensor(provenance["rotation_axis"], dtype=direction.dtype)
     if axis.shape != direction.shape:
         raise FeatsteerError(f"{where}: the rotation axis has {axis.numel()} entries, the direction {direction.numel()}")
-    intervention = AngularSteer(torch.stack([direction, axis]), args.angle, adaptive=not args.angle_everywhere)
+    from featsteer.interventions import LAYERS, NORMS
+
+    where = NORMS if args.angle_at == "norms" else LAYERS
+    intervention = AngularSteer(torch.stack([direction, axis]), args.angle, where=where, adaptive=not args.angle_everywhere)
     scope = "every activation" if args.angle_everywhere else "activations leaning towards refusal"
-    return intervention, f"turn {scope} to {args.angle:g} degrees from the direction at every layer (angular steering)"
+    site = "every block's normalised attention and MLP inputs" if where == NORMS else "every layer's residual input"
+    return intervention, f"turn {scope} to {args.angle:g} degrees from the direction at {site} (angular steering)"
 
 
 def _feature_intervention(args: argparse.Namespace, model, prompts: list[str]):
@@ -804,6 +810,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--angle", type=float, help="--mode angular: degrees from the refusal direction (0 full refusal, 180 against it)")
     st.add_argument("--angle-everywhere", action="store_true",
                     help="--mode angular: turn every activation, not only those with a positive projection on the direction")
+    st.add_argument("--angle-at", choices=["layers", "norms"], default="layers",
+                    help="--mode angular: turn each layer's residual input (layers, default) or each block's normalised "
+                    "attention and MLP inputs, leaving the stream itself alone (norms, the paper's placement)")
     st.add_argument("--max-new-tokens", type=int, default=32)
     st.add_argument("--json", help="write the prompts, responses and refusal flags here")
     st.set_defaults(run=_cmd_steer)
@@ -832,9 +841,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--ace-induce-alpha", type=float, metavar="A",
                       help="dim_ace_induce's point on that line, above 0 (default: picked from 0.5, 0.75, 1, 1.5)")
     cmp_.add_argument("--angle", type=float, metavar="DEG",
-                      help="dim_angular_hook's angle from the refusal direction (default: picked from 60, 75, 90, 120, 150, 180)")
+                      help="dim_angular_hook's and dim_angular_norms_hook's angle from the refusal direction "
+                      "(default: picked from 60, 75, 90, 120, 150, 180)")
     cmp_.add_argument("--angle-everywhere", action="store_true",
-                      help="dim_angular_hook turns every activation, not only those leaning towards refusal")
+                      help="dim_angular_hook and dim_angular_norms_hook turn every activation, not only those leaning towards refusal")
     cmp_.set_defaults(run=_cmd_compare)
 
     pr = sub.add_parser("probe", help="probe sweep per layer and the predict-control report")

@@ -210,7 +210,7 @@ ACE_ALPHAS = (0.0, -0.25, -0.5)
 ACE_INDUCE_ALPHAS = (0.5, 0.75, 1.0, 1.5)
 """`dim_ace_induce` settings: 1 puts every projection at the harmful mean's."""
 ANGLES = (60.0, 75.0, 90.0, 120.0, 150.0, 180.0)
-"""`dim_angular_hook` target angles (degrees from the refusal direction) tried on the validation prompts."""
+"""The angular methods' target angles (degrees from the refusal direction) tried on the validation prompts."""
 
 
 def _listed(values: Sequence[float]) -> str:
@@ -231,12 +231,12 @@ class SteeringMethodConfig:
     ace_induce_alpha: float | None = None
     """`dim_ace_induce`: the same for the induce method (None: from `ace_induce_alphas`)."""
     angle: float | None = None
-    """`dim_angular_hook`: degrees from the refusal direction (None: from `angles`)."""
+    """`dim_angular_hook` and `dim_angular_norms_hook`: degrees from the refusal direction (None: from `angles`)."""
     ace_alphas: tuple[float, ...] = ACE_ALPHAS
     ace_induce_alphas: tuple[float, ...] = ACE_INDUCE_ALPHAS
     angles: tuple[float, ...] = ANGLES
     adaptive: bool = True
-    """`dim_angular_hook` turns only activations that lean towards refusal (positive projection)."""
+    """The angular methods turn only activations that lean towards refusal (positive projection)."""
     tolerance: float = 0.05
 
     def __post_init__(self) -> None:
@@ -580,14 +580,18 @@ def _affine_edits(ctx: CompareContext) -> Callable[[float], AffineEdit]:
     return lambda alpha: AffineEdit(direction, harmless, harmful, alpha)
 
 
-def _angular_steers(ctx: CompareContext) -> Callable[[float], AngularSteer]:
+def _angular_steers(ctx: CompareContext, norms: bool = False) -> Callable[[float], AngularSteer]:
     """`degrees -> AngularSteer` in the plane of the chosen DIM direction and its main change across layers, at every
-    captured hook (the plane is computed once here)."""
+    captured hook, or with `norms` at the normalised attention and MLP inputs of the same layers (the plane is computed
+    once here)."""
     from featsteer.directions import rotation_plane
 
     result = ctx.directions("dim")
     plane = rotation_plane(result.candidates, result.selection.chosen.index)
     hooks, adaptive = list(result.activations[1].hook_names), ctx.steering_config.adaptive
+    if norms:
+        layers = sorted({ctx.model.hook_site(name).layer for name in hooks})
+        hooks = ctx.model.hook_names(("ln1_normalized", "ln2_normalized"), layers)
     return lambda degrees: AngularSteer(plane, degrees, where=hooks, adaptive=adaptive)
 
 
@@ -622,11 +626,17 @@ def _ace(ctx: CompareContext):
 
 @register_method("dim_angular_hook", "angular steering (Vu & Nguyen 2025): activations turned away from the DIM direction at every layer, "
                  "norm kept, angle picked on validation prompts")
-def _angular_hook(ctx: CompareContext):
-    make = _angular_steers(ctx)
+def _angular_hook(ctx: CompareContext, norms: bool = False):
+    make = _angular_steers(ctx, norms)
     degrees = _pick_gentlest(ctx, "angle", ctx.steering_config.choices("angle"), lambda d: steer(ctx.model, make(d)))
     ctx.note(angle=degrees, adaptive=ctx.steering_config.adaptive)
     return steer(ctx.model, make(degrees))
+
+
+@register_method("dim_angular_norms_hook", "angular steering of each block's normalised attention and MLP inputs (after the "
+                 "norm, as the paper does; the residual stream itself untouched), angle picked on validation prompts")
+def _angular_norms_hook(ctx: CompareContext):
+    return _angular_hook(ctx, norms=True)
 
 
 @register_method("dim_ace_induce", "affine concept editing towards the harmful mean at every layer (induces refusal), alpha picked on "

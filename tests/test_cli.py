@@ -20,6 +20,7 @@ def _run(capsys, *argv):
 def test_info(capsys):
     code, out, _ = _run(capsys, "info", "--model", "tiny:gpt2", "--prompt", "Hi")
     assert code == 0 and "family    gpt2" in out and "layers    3" in out and "'<|user|>Hi<|end|><|assistant|>'" in out
+    assert "blocks.{0..2}.ln1.hook_normalized" in out and "ln_final.hook_normalized" in out
 
 
 def test_capture_writes_a_readable_directory(capsys, tmp_path):
@@ -30,6 +31,9 @@ def test_capture_writes_a_readable_directory(capsys, tmp_path):
     assert code == 0 and "captured 10 rows x 2 hooks" in out
     reader = ActivationReader(tmp_path / "acts")
     assert reader.hook_names == ("blocks.0.hook_resid_post", "blocks.2.hook_resid_post") and len(reader) == 10
+    code, out, _ = _run(capsys, "capture", "--model", "tiny:llama", "--prompts", "builtin:harmful:test", "--n", "4",
+                        "--hooks", "ln2_normalized:1", "--out", str(tmp_path / "norms"))
+    assert code == 0 and ActivationReader(tmp_path / "norms").hook_names == ("blocks.1.ln2.hook_normalized",)
 
 
 def test_eval_json_has_documented_keys(capsys, tmp_path):
@@ -332,6 +336,12 @@ def test_steer_a_saved_direction(capsys, tmp_path):
     assert code == 0, err
     turned = json.loads((tmp_path / "r.json").read_text())
     assert turned["refused_plain"] >= 5 and turned["refused_steered"] <= 1 and "135 degrees" in out
+    code, out, err = _run(capsys, *common, "--mode", "angular", "--angle", "135", "--angle-at", "norms", "--prompts", "builtin:harmful:test",
+                          "--n", "6", "--json", str(tmp_path / "n.json"))
+    assert code == 0, err
+    at_norms = json.loads((tmp_path / "n.json").read_text())
+    assert at_norms["refused_steered"] <= 1 and "normalised attention and MLP inputs" in out
+    assert [r["steered"] for r in at_norms["rows"]] != [r["steered"] for r in turned["rows"]]  # another placement, other outputs
     # a direction set without them (one saved by hand, or by an older featsteer) is a one-line error
     from featsteer.directions import DirectionSet
 
@@ -359,6 +369,7 @@ def test_steer_a_saved_direction(capsys, tmp_path):
         (["--directions", "/x", "--mode", "ablate"], "steer has no prompts"),
         (["--directions", "/x", "--mode", "angular", "--prompt", "hi"], "--mode angular needs --angle"),
         (["--directions", "/x", "--mode", "ablate", "--angle", "90", "--prompt", "hi"], "apply to --mode angular"),
+        (["--directions", "/x", "--mode", "add", "--angle-at", "norms", "--prompt", "hi"], "apply to --mode angular"),
         (["--directions", "/x", "--mode", "set", "--alpha", "0.5", "--prompt", "hi"], "--alpha applies to --mode ace"),
     ],
 )

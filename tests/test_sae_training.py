@@ -95,6 +95,19 @@ def test_training_is_seeded_and_stops_when_the_text_is_exhausted(tmp_path):
     assert metrics["text_exhausted"] and metrics["train_tokens"] <= metrics["unique_tokens"] < 100_000
 
 
+def test_training_at_a_normalised_input(tmp_path):
+    """An SAE on what the MLP reads (`ln2.hook_normalized`): trained, saved under its TransformerLens name, reloaded,
+    and spliced back in for the loss-recovered figure."""
+    args = ["--model", "tiny:llama", "--layers", "0", "--hook", "ln2_normalized", "--d-sae", "64", "--k", "4", "--tokens", "6000",
+            "--text", "builtin:harmless", "--batch-tokens", "256", "--eval-prompts", "8", "--quiet", "--out", str(tmp_path)]
+    assert main(args) == 0
+    hook = "blocks.0.ln2.hook_normalized"
+    metrics = json.loads((tmp_path / hook / "metrics.json").read_text())
+    assert metrics["hook_name"] == hook and 0 < metrics["explained_variance"] <= 1 and math.isfinite(metrics["ce_loss_recovered"])
+    assert metrics["ce_spliced"] != metrics["ce_clean"]  # the splice reached the model
+    assert sae_hook_name(load_sae(tmp_path / hook, load_model("tiny:llama"))) == hook
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

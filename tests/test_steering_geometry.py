@@ -13,7 +13,7 @@ from featsteer.datasets import builtin_prompts
 from featsteer.directions import DirectionSet, rotation_plane
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.behaviour import GenerationConfig
-from featsteer.interventions import Ablate, AffineEdit, AngularSteer, rotate_in_plane, steer
+from featsteer.interventions import NORMS, Ablate, AffineEdit, AngularSteer, rotate_in_plane, steer
 from featsteer.models import load_model
 from featsteer.pipeline import DirectionConfig, find_refusal_direction
 
@@ -160,6 +160,49 @@ def test_compare_picks_the_ace_and_angular_settings_on_validation_prompts(prompt
                     generation=GenerationConfig(max_new_tokens=3), steering_config=SteeringMethodConfig(angle=170.0, adaptive=False))
     details = fixed.results[0].details
     assert details["angle"] == 170.0 and "validation" not in details and not details["adaptive"]
+
+
+def test_angular_steering_at_the_norms_turns_what_blocks_read_and_leaves_the_stream(prompts):
+    """At `NORMS` the rotation acts on each block's normalised inputs: it reaches the output, leaves layer 0's residual
+    input alone, and its change reaches each norm's output as `dz * weight`, which a plain PyTorch hook on the norm
+    module reproduces."""
+    model = load_model("tiny:llama")
+    plane = _plane(model.d_model, seed=5).float()
+    batch = model.tokenize(prompts[0].prompts[:4])
+    turn = AngularSteer(plane, 120.0, where=NORMS, adaptive=False)
+    names = [name for name, _ in turn.hooks_for(model)]
+    assert names == model.hook_names(("ln1_normalized", "ln2_normalized"))
+    seen, base_seen = {}, {}
+    record = [("blocks.0.hook_resid_pre", lambda x, s: seen.__setitem__("pre", x.clone()))]
+    with steer(model, turn), model.hooks(record):
+        steered = model.run(batch)
+    with model.hooks([("blocks.0.hook_resid_pre", lambda x, s: base_seen.__setitem__("pre", x.clone()))]):
+        base = model.run(batch)
+    assert torch.equal(seen["pre"], base_seen["pre"]) and (steered - base).abs().max() > 1e-3
+
+    def rotated_output(module, args, output):  # the same edit, written on the norm module's output by hand
+        x = args[0].float()
+        z = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+        return output + (rotate_in_plane(z, plane, 120.0) - z) * module.weight
+
+    handles = [layer.input_layernorm.register_forward_hook(rotated_output) for layer in model.layers]
+    handles += [layer.post_attention_layernorm.register_forward_hook(rotated_output) for layer in model.layers]
+    try:
+        with torch.inference_mode():
+            by_hand = model.run(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(steered, by_hand, atol=1e-4, rtol=0)
+
+
+def test_compare_angular_at_the_norms(prompts):
+    model = load_model("tiny:llama")
+    comparison = compare(model, *prompts, methods=["dim_angular_norms_hook"], direction_config=DirectionConfig(n_select=3),
+                         generation=GenerationConfig(max_new_tokens=3), steering_config=SteeringMethodConfig(angles=(90.0, 180.0)))
+    details = comparison.results[0].details
+    assert set(details["validation"]) == {"angle=90", "angle=180"} and details["angle"] in (90.0, 180.0)
+    assert "dim_angular_norms_hook (angle=" in comparison.table()
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -5,6 +5,7 @@ from featsteer.interventions.operations import ablate, add, as_basis, cosine_to,
 from featsteer.interventions.positions import PositionTracker
 from featsteer.interventions.steering import (
     LAYERS,
+    NORMS,
     RESIDUAL,
     WRITES,
     Ablate,
@@ -20,6 +21,7 @@ from featsteer.interventions.steering import (
 
 __all__ = [
     "LAYERS",
+    "NORMS",
     "RESIDUAL",
     "WRITES",
     "Ablate",

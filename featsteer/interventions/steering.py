@@ -26,10 +26,14 @@ RESIDUAL = "residual"
 """Every `resid_pre`, `resid_mid` and `resid_post` point (Arditi et al.'s placement)."""
 LAYERS = "layers"
 """Every layer's input, `blocks.{l}.hook_resid_pre`: where the stream is read by each block."""
+NORMS = "norms"
+"""Every block's normalised inputs, `blocks.{l}.ln1.hook_normalized` and `blocks.{l}.ln2.hook_normalized`: what its
+attention and its MLP read. A change there reaches the block's computation but leaves the residual stream itself
+alone (the placement of angular steering in Vu & Nguyen 2025)."""
 
 
 def resolve_sites(model: ModelAdapter, where: str | Sequence[str]) -> list[str]:
-    """Expand `writes`, `residual`, or a list of hook names into hook names for this model."""
+    """Expand `writes`, `residual`, `layers`, `norms`, or a list of hook names into hook names for this model."""
     if where == WRITES:
         names = ["hook_embed"] + model.hook_names(("attn_out", "mlp_out"))
         if any(w.kind == "pos_embed" for w in model.residual_writers()):
@@ -39,6 +43,8 @@ def resolve_sites(model: ModelAdapter, where: str | Sequence[str]) -> list[str]:
         return model.hook_names(("resid_pre", "resid_mid", "resid_post"))
     if where == LAYERS:
         return model.hook_names(("resid_pre",))
+    if where == NORMS:
+        return model.hook_names(("ln1_normalized", "ln2_normalized"))
     if isinstance(where, str):
         return [where]
     return list(where)
@@ -133,8 +139,10 @@ class AngularSteer(Intervention):
     activation's in-plane component to a fixed angle from the direction, keeping its length (and so the
     activation's norm). See `operations.rotate_in_plane`.
 
-    It turns whatever the hooks at `where` carry; the default, every layer's `resid_pre`, is the residual stream
-    itself, where featsteer's DIM directions are read (the paper turns the normalised activations each block reads).
+    It turns whatever the hooks at `where` carry. The default, every layer's `resid_pre`, is the residual stream
+    itself, where featsteer's DIM directions are read; `NORMS` turns the normalised activations each block's attention
+    and MLP read, as the paper does, and leaves the stream alone. A normalised activation (RMSNorm) is the stream
+    divided by its root mean square, so the same plane applies to both.
     """
 
     plane: Tensor
