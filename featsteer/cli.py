@@ -140,6 +140,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"{row.hook:28} {row.mean_diff_norm:11.3f} {s.accuracy:9.3f} {s.auroc:7.3f} {s.gap:9.2f}")
     best = result.best
     print(f"\nbest layer: {best.hook} (held-out accuracy {best.separability.accuracy:.3f})")
+    if result.lens is not None:
+        print(f"logit lens of its direction: {result.lens.line()}")
     if result.comparison is not None:
         chosen = result.comparison.setup["chosen"].get("dim", {})
         print(f"\n== every method on the same held-out prompts (DIM direction: {chosen.get('hook')} position {chosen.get('position')})")
@@ -200,10 +202,17 @@ def _cmd_directions(args: argparse.Namespace) -> int:
     validation = {"val_harmful": harmful_val.source, "val_harmless": harmless_val.source, "n_harmful_val": len(harmful_val),
                   "n_harmless_val": len(harmless_val), "val_harmful_sha256": harmful_val.sha256, "val_harmless_sha256": harmless_val.sha256}
     _write_json(str(out / "selection.json"), {**result.selection.to_dict(), "timings": result.timings, **validation})
+    geometry = result.geometry(model) if result.candidates.rank == 1 else None
+    if geometry is not None:
+        (out / "geometry.md").write_text(geometry.markdown())
+        _write_json(str(out / "geometry.json"), geometry.to_dict())
+        geometry.plot(out / "layer_cosines.png")
     print(result.selection.table())
     chosen = result.selection.chosen
     print(f"\nchosen: {chosen.hook} position {chosen.position} (refusal score {result.selection.base_refusal_harmful:.2f} -> "
           f"{chosen.refusal_ablated:.2f} when ablated, KL {chosen.kl_harmless:.4f}); wrote {out}/")
+    if geometry is not None:
+        print(f"logit lens: {geometry.lens.line()}")
     return 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from featsteer.activations import capture
 from featsteer.datasets import builtin_prompts, load_prompts
 from featsteer.datasets.loaders import ORGANISM_CORPUS_PREFIX
-from featsteer.directions import Separability, difference_in_means, separability
+from featsteer.directions import Separability, difference_in_means, logit_lens, separability
 from featsteer.evaluation.behaviour import GenerationConfig, RefusalReport, evaluate_refusal
 from featsteer.models import ModelAdapter, load_model
 
@@ -44,6 +44,8 @@ class DemoResult:
     probes: object | None = None
     stage_seconds: dict | None = None
     features: object | None = None
+    lens: object | None = None
+    """`directions.LogitLens` of the best layer's DIM direction: the tokens it promotes and suppresses."""
 
     @property
     def best(self) -> LayerRow:
@@ -111,6 +113,9 @@ def run_demo(model_spec: str = "organism", run_dir: str | Path | None = None, n_
     rows, directions = layer_separability(model)
     directions.save(out / "directions")
     (out / "dim_layers.json").write_text(json.dumps([{**asdict(r), "separability": asdict(r.separability)} for r in rows], indent=1))
+    best = max(rows, key=lambda row: (row.separability.accuracy, row.separability.auroc))
+    lens = logit_lens(model, directions.direction(best.hook))
+    (out / "logit_lens.json").write_text(json.dumps({"hook": best.hook, **lens.to_dict()}, indent=1))
     stages["dim_layers"] = time.perf_counter() - start - sum(stages.values())
     comparison = probes = ranking = saes = None
     if full:
@@ -131,7 +136,7 @@ def run_demo(model_spec: str = "organism", run_dir: str | Path | None = None, n_
                               (test["harmful"], test["harmless"]), saes=saes)
         write_probe_report(probes, out / "probe", f"featsteer probe report: {model.name}")
         stages["probes"] = time.perf_counter() - start - sum(stages.values())
-    result = DemoResult(out, report, rows, time.perf_counter() - start, comparison, probes, stages, ranking)
+    result = DemoResult(out, report, rows, time.perf_counter() - start, comparison, probes, stages, ranking, lens)
     (out / "index.html").write_text(_index_html(result))
     return result
 
@@ -175,7 +180,7 @@ def _index_html(result: DemoResult) -> str:
     layer_rows = "".join(f"<tr><td>{r.hook}</td><td>{r.separability.accuracy:.3f}</td><td>{r.separability.auroc:.3f}</td></tr>" for r in result.layers)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>featsteer demo</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:3px 8px}}table{{border-collapse:collapse}}</style></head>
-<body><h1>featsteer demo: {html.escape(result.report.model)}</h1><ul>{links}<li><a href="eval.json">eval.json</a>, <a href="dim_layers.json">dim_layers.json</a></li></ul>
+<body><h1>featsteer demo: {html.escape(result.report.model)}</h1><ul>{links}<li><a href="eval.json">eval.json</a>, <a href="dim_layers.json">dim_layers.json</a>, <a href="logit_lens.json">logit_lens.json</a></li></ul>
 <h2>Refusal behaviour (built-in test split)</h2><pre>{html.escape(result.report.table())}</pre>
 <h2>DIM direction per layer (held-out accuracy, AUROC)</h2><table><tr><th>hook</th><th>accuracy</th><th>AUROC</th></tr>{layer_rows}</table>
 <p>Best layer: {best.hook}</p><h2>Methods (same held-out prompts; KL = first-token KL on harmless prompts)</h2>{_markdown_table_html(table)}

@@ -121,6 +121,34 @@ class DirectionResult:
                 {hook: float(harmful_acts.mean(hook, position) @ r) for hook in hooks})
 
 
+    def geometry(self, model: ModelAdapter, k: int = 10):
+        """The chosen direction's `directions.DirectionGeometry`: the cosines between every layer's candidate at the
+        chosen position, each captured hook's class means on the direction, its logit lens (top `k` tokens), and
+        the top three tokens of every layer's own direction.
+
+        Raises:
+            FeatsteerError: without kept activations or for a rank-k direction.
+        """
+        from featsteer.directions.geometry import (
+            DirectionGeometry,
+            class_projections,
+            layer_cosines,
+            logit_lens,
+        )
+
+        if self.activations is None or self.candidates.rank != 1:
+            raise FeatsteerError("direction geometry needs a rank-1 direction found with keep_activations=True")
+        index = self.selection.chosen.index
+        r, position = self.candidates.bases[index, 0], self.candidates.positions[index]
+        hooks, cosines = layer_cosines(self.candidates, position)
+        lenses = {}
+        for hook in hooks:
+            own = self.candidates.direction(hook, position)
+            lenses[hook] = logit_lens(model, own, 3) if float(own.norm()) > 0 else None
+        return DirectionGeometry(self.candidates.hook_names[index], position, hooks, cosines,
+                                 class_projections(*self.activations, r, position), logit_lens(model, r, k), lenses)
+
+
 def split(prompts: PromptSet, val_fraction: float) -> tuple[PromptSet, PromptSet]:
     """Deterministic train/val split: the last `val_fraction` of the set is validation."""
     n_val = max(1, int(round(len(prompts) * val_fraction)))

@@ -6,6 +6,14 @@ lazily by callers because it needs the evaluation metrics.
 
 from featsteer.directions.dim import Separability, difference_in_means, separability
 from featsteer.directions.directions import DirectionSet, unit
+from featsteer.directions.geometry import (
+    ClassProjection,
+    DirectionGeometry,
+    LogitLens,
+    class_projections,
+    layer_cosines,
+    logit_lens,
+)
 from featsteer.directions.methods import (
     METHODS,
     find_directions,
@@ -18,10 +26,16 @@ from featsteer.directions.methods import (
 
 __all__ = [
     "METHODS",
+    "ClassProjection",
+    "DirectionGeometry",
     "DirectionSet",
+    "LogitLens",
     "Separability",
+    "class_projections",
     "difference_in_means",
     "find_directions",
+    "layer_cosines",
+    "logit_lens",
     "paired_pca",
     "projected_dim",
     "rotation_plane",

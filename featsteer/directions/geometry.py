@@ -1,0 +1,209 @@
+"""What a refusal direction looks like, three ways a researcher reads it.
+
+- `layer_cosines`: how the direction turns across layers (cosine between the rank-1 candidates of every layer at
+  one position). A block of high cosines is one direction carried through those layers; a drop is where the model
+  rewrites it.
+- `class_projections`: where each class sits on the direction at every captured hook: the harmful and harmless mean
+  projections and their gap in pooled standard deviations. Ablation moves every activation to 0 on the direction,
+  ACE to the harmless mean, so these numbers say how far each edit moves each class.
+- `logit_lens`: the tokens whose logits a step along the direction raises and lowers most when the unembedding reads
+  it directly (through the final norm's scale), as Arditi et al. (2024) read the refusal direction. On a model whose
+  direction really is "refusal", the promoted tokens open refusals ("I", "Sorry", "cannot").
+
+`DirectionResult.geometry()` bundles the three for the chosen direction; `featsteer directions` writes them to
+`geometry.{md,json}` and `layer_cosines.png`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from featsteer.directions.directions import DirectionSet, unit
+from featsteer.errors import FeatsteerError
+
+if TYPE_CHECKING:
+    from featsteer.activations import ActivationSet
+    from featsteer.models import ModelAdapter
+
+_UNEMBED_CHUNK = 16384
+"""Vocabulary rows per matrix product in `logit_lens` (a float32 copy of a 150k x 896 unembedding is 540 MB)."""
+
+
+def layer_cosines(directions: DirectionSet, position: int = -1) -> tuple[list[str], Tensor]:
+    """Cosine similarity between the rank-1 directions of every hook at `position`.
+
+    Returns:
+        `(hooks, matrix)`: the hooks in the set's order and their `(n, n)` float64 cosine matrix (1 on the diagonal;
+        0 in the row and column of a zero direction, such as layer 0's when every prompt starts the same way).
+
+    Raises:
+        FeatsteerError: for a rank-k set or a position the set has no direction at.
+    """
+    if directions.rank != 1:
+        raise FeatsteerError(f"layer cosines need rank-1 directions, got rank {directions.rank}")
+    rows = [i for i, p in enumerate(directions.positions) if p == position]
+    if not rows:
+        raise FeatsteerError(f"no direction at position {position}: the set has positions {sorted(set(directions.positions))}")
+    vectors = directions.bases[rows, 0].double()
+    norms = vectors.norm(dim=-1, keepdim=True)
+    units = torch.where(norms > 0, vectors / norms.clamp_min(1e-300), torch.zeros_like(vectors))
+    matrix = units @ units.T
+    matrix.fill_diagonal_(1.0)
+    return [directions.hook_names[i] for i in rows], matrix
+
+
+@dataclass(frozen=True)
+class ClassProjection:
+    """One hook's classes on a direction."""
+
+    hook: str
+    harmful_mean: float
+    """Mean projection of the harmful activations on the unit direction."""
+    harmless_mean: float
+    gap_sd: float
+    """`(harmful_mean - harmless_mean) / pooled sd` of the projections (0 when both are constant, as at a layer where
+    every prompt's token is the same)."""
+
+
+def class_projections(harmful: ActivationSet, harmless: ActivationSet, direction: Tensor, position: int = -1,
+                      hooks: Sequence[str] | None = None) -> list[ClassProjection]:
+    """Each hook's harmful and harmless mean projection on `direction` (made unit), at one position.
+
+    Raises:
+        FeatsteerError: when the direction's width does not match the activations'.
+    """
+    r = unit(direction.double())
+    if r.shape[-1] != harmful.d_model:
+        raise FeatsteerError(f"the direction has {r.shape[-1]} entries but the activations have d_model {harmful.d_model}")
+    rows = []
+    for hook in hooks or harmful.hook_names:
+        a = harmful.at_position(hook, position).double() @ r
+        b = harmless.at_position(hook, position).double() @ r
+        pooled = ((a.var(unbiased=False) * len(a) + b.var(unbiased=False) * len(b)) / (len(a) + len(b))).sqrt()
+        scale = 1.0 + float(a.abs().mean() + b.abs().mean())
+        gap = float((a.mean() - b.mean()) / pooled) if pooled > 1e-9 * scale else 0.0  # constant: rounding, not a gap
+        rows.append(ClassProjection(hook, float(a.mean()), float(b.mean()), gap))
+    return rows
+
+
+@dataclass(frozen=True)
+class LogitLens:
+    """The tokens a direction raises and lowers most when read by the unembedding."""
+
+    promoted: list[tuple[str, float]]
+    """`(token text, logit change)` for the `k` largest changes, largest first."""
+    suppressed: list[tuple[str, float]]
+    """The `k` most negative changes, most negative first."""
+
+    def to_dict(self) -> dict:
+        return {"promoted": [list(t) for t in self.promoted], "suppressed": [list(t) for t in self.suppressed]}
+
+    def line(self, n: int = 6) -> str:
+        """`promotes 'I', ' sorry', ...; suppresses 'Sure', ...` for the first `n` of each."""
+        promoted = ", ".join(repr(t) for t, _ in self.promoted[:n])
+        suppressed = ", ".join(repr(t) for t, _ in self.suppressed[:n])
+        return f"promotes {promoted}; suppresses {suppressed}"
+
+
+def logit_lens(model: ModelAdapter, direction: Tensor, k: int = 10) -> LogitLens:
+    """Read `direction` through the final norm's scale and the unembedding: `W_U (norm(r) - norm(0))`.
+
+    For an RMSNorm that is `W_U (w * r)` up to a positive factor, for a LayerNorm `W_U (w * (r - mean r))` (the
+    norm's bias, which every vector gets, is taken out by `norm(0)`). The values are the logit changes per unit step
+    along `r` at an activation of unit RMS, so only their order and sign are meaningful across models.
+
+    Raises:
+        FeatsteerError: when the direction's width is not the model's `d_model`, or `k` is not positive.
+    """
+    if k < 1:
+        raise FeatsteerError(f"k must be at least 1, got {k}")
+    if direction.shape[-1] != model.d_model or direction.dim() != 1:
+        raise FeatsteerError(f"the direction has shape {tuple(direction.shape)} but the model's d_model is {model.d_model}")
+    w_u, final_norm = model.unembed()
+    with torch.inference_mode():
+        probe = torch.stack([unit(direction.float()), torch.zeros(model.d_model)]).to(device=w_u.device, dtype=w_u.dtype)
+        normed = final_norm(probe[None])[0].float()
+        read = normed[0] - normed[1]
+        changes = torch.cat([(w_u[i : i + _UNEMBED_CHUNK].float() @ read) for i in range(0, w_u.shape[0], _UNEMBED_CHUNK)])
+    k = min(k, changes.numel())
+    top, bottom = torch.topk(changes, k), torch.topk(-changes, k)
+    decode = model.tokenizer.decode
+    return LogitLens(
+        promoted=[(decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices, strict=True)],
+        suppressed=[(decode([int(i)]), -float(v)) for v, i in zip(bottom.values, bottom.indices, strict=True)],
+    )
+
+
+@dataclass
+class DirectionGeometry:
+    """`layer_cosines`, `class_projections` and `logit_lens` of one chosen direction."""
+
+    hook: str
+    position: int
+    hooks: list[str]
+    cosines: Tensor
+    """`(n, n)` cosines between every hook's direction at the chosen position (see `layer_cosines`)."""
+    projections: list[ClassProjection]
+    lens: LogitLens
+    layer_lenses: dict[str, LogitLens | None] | None = None
+    """The logit lens of every hook's own direction at the chosen position (None for a zero direction): where along
+    the layers the direction starts to read as the tokens it ends up writing."""
+
+    def to_dict(self) -> dict:
+        lenses = {hook: None if lens is None else lens.to_dict() for hook, lens in (self.layer_lenses or {}).items()}
+        return {"hook": self.hook, "position": self.position, "hooks": self.hooks, "cosines": self.cosines.tolist(),
+                "class_projections": [asdict(p) for p in self.projections], "logit_lens": self.lens.to_dict(),
+                "layer_logit_lens": lenses}
+
+    def markdown(self) -> str:
+        """The three views as markdown tables."""
+        chosen = self.hooks.index(self.hook) if self.hook in self.hooks else None
+        lines = [f"# Geometry of the chosen direction ({self.hook}, position {self.position})", "",
+                 "## Logit lens", "", f"Read through the final norm and the unembedding, the direction {self.lens.line(10)}.", "",
+                 "## Where each class sits on it", "",
+                 "On the chosen direction; the last two columns are about each layer's own direction.", "",
+                 "| hook | harmful mean | harmless mean | gap (pooled sd) | cosine with the chosen direction | its logit lens promotes |",
+                 "|---|---:|---:|---:|---:|---|"]
+        lenses = self.layer_lenses or {}
+        for p in self.projections:
+            cosine = "-" if chosen is None or p.hook not in self.hooks else f"{float(self.cosines[chosen, self.hooks.index(p.hook)]):+.3f}"
+            lens = lenses.get(p.hook)
+            promoted = "-" if lens is None else ", ".join(repr(t) for t, _ in lens.promoted[:3]).replace("|", "\\|")
+            lines.append(f"| {p.hook} | {p.harmful_mean:+.3f} | {p.harmless_mean:+.3f} | {p.gap_sd:.2f} | {cosine} | {promoted} |")
+        lines += ["", "## Cosines between the layers' directions", "", "| | " + " | ".join(str(_layer(h)) for h in self.hooks) + " |",
+                  "|---|" + "---:|" * len(self.hooks)]
+        for hook, row in zip(self.hooks, self.cosines.tolist(), strict=True):
+            lines.append(f"| {_layer(hook)} | " + " | ".join(f"{v:+.2f}" for v in row) + " |")
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path) -> None:
+        """The cosine matrix as a heatmap PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        n = len(self.hooks)
+        fig, ax = plt.subplots(figsize=(min(2 + 0.35 * n, 12), min(1.6 + 0.35 * n, 11)))
+        image = ax.imshow(self.cosines.numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
+        labels = [str(_layer(h)) for h in self.hooks]
+        step = max(1, n // 16)
+        ax.set_xticks(range(0, n, step), labels[::step])
+        ax.set_yticks(range(0, n, step), labels[::step])
+        ax.set_xlabel("layer")
+        ax.set_ylabel("layer")
+        ax.set_title(f"cosine between layers' directions (position {self.position})")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def _layer(hook: str) -> int | str:
+    parts = hook.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else hook

@@ -1,0 +1,97 @@
+"""Reading a direction: cosines across layers, class means on it, and its logit lens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from featsteer.activations import capture
+from featsteer.datasets import builtin_prompts
+from featsteer.directions import (
+    DirectionSet,
+    class_projections,
+    difference_in_means,
+    layer_cosines,
+    logit_lens,
+)
+from featsteer.errors import FeatsteerError
+from featsteer.models import load_model
+from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_logit_lens_reads_the_direction_through_the_final_norm_scale(family):
+    model = load_model(f"tiny:{family}")
+    r = torch.randn(model.d_model, generator=torch.Generator().manual_seed(4))
+    lens = logit_lens(model, r, k=5)
+    hf = model.model
+    head = hf.get_output_embeddings().weight.detach().double()
+    unit = (r / r.norm()).double()
+    if family == "gpt2":  # LayerNorm: centre, then the weight (its bias reaches every vector alike)
+        expected = head @ (hf.transformer.ln_f.weight.detach().double() * (unit - unit.mean()))
+    else:
+        expected = head @ (hf.model.norm.weight.detach().double() * unit)
+    top, bottom = torch.topk(expected, 5).indices.tolist(), torch.topk(-expected, 5).indices.tolist()
+    decode = model.tokenizer.decode
+    assert [t for t, _ in lens.promoted] == [decode([i]) for i in top]
+    assert [t for t, _ in lens.suppressed] == [decode([i]) for i in bottom]
+    values = [v for _, v in lens.promoted]
+    assert values == sorted(values, reverse=True) and lens.suppressed[0][1] < 0 < values[-1]
+    with pytest.raises(FeatsteerError, match="d_model is"):
+        logit_lens(model, torch.ones(model.d_model + 1))
+
+
+def test_the_organisms_refusal_direction_promotes_refusal_openers():
+    model = load_model("organism")
+    acts = [capture(model, builtin_prompts(kind, "train"), model.hook_names(("resid_pre",)), positions="last", progress=False)
+            for kind in ("harmful", "harmless")]
+    dim = difference_in_means(*acts)
+    lens = logit_lens(model, dim.direction("blocks.3.hook_resid_pre"), k=3)
+    assert {"I", "Sorry"} & {t for t, _ in lens.promoted}, lens  # it answers "I'm sorry, but ..." / "Sorry, ..."
+    flipped = logit_lens(model, -dim.direction("blocks.3.hook_resid_pre"), k=3)
+    assert [t for t, _ in flipped.promoted] == [t for t, _ in lens.suppressed]
+    # class means on the direction: DIM is the unit mean difference, so the gap of the means is its norm
+    rows = class_projections(*acts, dim.direction("blocks.2.hook_resid_pre"))
+    by_hook = {row.hook: row for row in rows}
+    gap = by_hook["blocks.2.hook_resid_pre"].harmful_mean - by_hook["blocks.2.hook_resid_pre"].harmless_mean
+    assert gap == pytest.approx(dim.scores["mean_diff_norm"][2], rel=1e-5)
+    assert by_hook["blocks.2.hook_resid_pre"].gap_sd > 2 and by_hook["blocks.0.hook_resid_pre"].gap_sd == 0.0
+
+
+def test_layer_cosines_match_pairwise_cosines_and_reject_what_they_cannot_read():
+    g = torch.Generator().manual_seed(1)
+    bases = torch.randn(4, 1, 8, generator=g)
+    bases[0] = 0  # layer 0: every prompt ends the same way
+    hooks = tuple(f"blocks.{i}.hook_resid_pre" for i in range(3)) + ("blocks.0.hook_resid_pre",)
+    directions = DirectionSet(bases, hooks, (-1, -1, -1, -2), "dim", {}, {})
+    names, matrix = layer_cosines(directions, -1)
+    assert names == list(hooks[:3]) and torch.equal(matrix, matrix.T) and torch.equal(matrix.diagonal(), torch.ones(3, dtype=torch.float64))
+    assert float(matrix[1, 2]) == pytest.approx(float(torch.nn.functional.cosine_similarity(bases[1, 0], bases[2, 0], dim=0)), abs=1e-6)
+    assert float(matrix[0, 1:].abs().sum()) == 0.0
+    with pytest.raises(FeatsteerError, match="no direction at position -5"):
+        layer_cosines(directions, -5)
+    with pytest.raises(FeatsteerError, match="rank-1"):
+        layer_cosines(DirectionSet(torch.randn(2, 2, 8), hooks[:2], (-1, -1), "svd", {}, {}), -1)
+
+
+def test_direction_result_geometry_and_the_directions_command(tmp_path):
+    from featsteer.cli import main
+
+    model = load_model("organism")
+    harmful, harmless = builtin_prompts("harmful", "train").head(24), builtin_prompts("harmless", "train").head(24)
+    result = find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=4), keep_activations=True)
+    geometry = result.geometry(model, k=4)
+    assert geometry.hook == result.selection.chosen.hook and len(geometry.projections) == model.n_layers
+    assert len(geometry.lens.promoted) == 4 and "## Logit lens" in geometry.markdown()
+    plain = find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=4))
+    with pytest.raises(FeatsteerError, match="keep_activations=True"):
+        plain.geometry(model)
+    out = tmp_path / "dirs"
+    assert main(["directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
+                 "--n", "24", "--n-select", "4", "--out", str(out)]) == 0
+    saved = json.loads((out / "geometry.json").read_text())
+    assert saved["hook"] == json.loads((out / "selection.json").read_text())["chosen"]["hook"]
+    assert len(saved["cosines"]) == model.n_layers and (out / "layer_cosines.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| hook | harmful mean |" in (out / "geometry.md").read_text()
