@@ -36,7 +36,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"device    {model.device}")
     layers = f"blocks.{{0..{model.n_layers - 1}}}"
     print(f"hooks     hook_embed, {layers}.hook_{{{','.join(RESIDUAL_KINDS)}}},")
-    print(f"          {layers}.ln1.hook_normalized, {layers}.ln2.hook_normalized, ln_final.hook_normalized")
+    print(f"          {layers}.ln1.hook_normalized, {layers}.ln2.hook_normalized, ln_final.hook_normalized,")
+    print(f"          {layers}.attn.hook_z (per head: {model.n_heads} heads)")
     if args.prompt:
         print(f"prompt    {model.format_prompts([args.prompt])[0].text!r}")
     return 0

@@ -121,10 +121,12 @@ class DirectionResult:
                 {hook: float(harmful_acts.mean(hook, position) @ r) for hook in hooks})
 
 
-    def geometry(self, model: ModelAdapter, k: int = 10):
+    def geometry(self, model: ModelAdapter, k: int = 10, head_prompts: int | None = 128):
         """The chosen direction's `directions.DirectionGeometry`: the cosines between every layer's candidate at the
         chosen position, each captured hook's class means on the direction, its logit lens (top `k` tokens), and
-        the top three tokens of every layer's own direction.
+        the top three tokens of every layer's own direction. With `head_prompts` (the first N training prompts of
+        each class; None skips it), also which attention heads write the direction (`head_attribution`), except on
+        models whose attention output is normalised before the stream.
 
         Raises:
             FeatsteerError: without kept activations or for a rank-k direction.
@@ -132,6 +134,7 @@ class DirectionResult:
         from featsteer.directions.geometry import (
             DirectionGeometry,
             class_projections,
+            head_attribution,
             layer_cosines,
             logit_lens,
         )
@@ -145,8 +148,12 @@ class DirectionResult:
         for hook in hooks:
             own = self.candidates.direction(hook, position)
             lenses[hook] = logit_lens(model, own, 3) if float(own.norm()) > 0 else None
+        heads = None
+        if head_prompts and not model.post_norms:
+            harmful, harmless = (list(prompts.head(min(head_prompts, len(prompts)))) for prompts in self.train)
+            heads = head_attribution(model, harmful, harmless, r, position)
         return DirectionGeometry(self.candidates.hook_names[index], position, hooks, cosines,
-                                 class_projections(*self.activations, r, position), logit_lens(model, r, k), lenses)
+                                 class_projections(*self.activations, r, position), logit_lens(model, r, k), lenses, heads)
 
 
 def split(prompts: PromptSet, val_fraction: float) -> tuple[PromptSet, PromptSet]:

@@ -20,7 +20,7 @@ def _run(capsys, *argv):
 def test_info(capsys):
     code, out, _ = _run(capsys, "info", "--model", "tiny:gpt2", "--prompt", "Hi")
     assert code == 0 and "family    gpt2" in out and "layers    3" in out and "'<|user|>Hi<|end|><|assistant|>'" in out
-    assert "blocks.{0..2}.ln1.hook_normalized" in out and "ln_final.hook_normalized" in out
+    assert "blocks.{0..2}.ln1.hook_normalized" in out and "ln_final.hook_normalized" in out and "attn.hook_z (per head: 4 heads)" in out
 
 
 def test_capture_writes_a_readable_directory(capsys, tmp_path):

@@ -13,6 +13,7 @@ from featsteer.directions import (
     DirectionSet,
     class_projections,
     difference_in_means,
+    head_attribution,
     layer_cosines,
     logit_lens,
 )
@@ -84,7 +85,9 @@ def test_direction_result_geometry_and_the_directions_command(tmp_path):
     result = find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=4), keep_activations=True)
     geometry = result.geometry(model, k=4)
     assert geometry.hook == result.selection.chosen.hook and len(geometry.projections) == model.n_layers
-    assert len(geometry.lens.promoted) == 4 and "## Logit lens" in geometry.markdown()
+    assert len(geometry.lens.promoted) == 4 and "## Logit lens" in geometry.markdown() and "## Heads that write it" in geometry.markdown()
+    assert geometry.heads.n_prompts == (len(result.train[0]), len(result.train[1])) == (18, 18) and geometry.heads.harmful.shape == (model.n_layers, model.n_heads)
+    assert float(geometry.heads.difference.sum()) > 0  # taken together the heads write the direction more on harmful prompts
     plain = find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=4))
     with pytest.raises(FeatsteerError, match="keep_activations=True"):
         plain.geometry(model)
@@ -95,3 +98,63 @@ def test_direction_result_geometry_and_the_directions_command(tmp_path):
     assert saved["hook"] == json.loads((out / "selection.json").read_text())["chosen"]["hook"]
     assert len(saved["cosines"]) == model.n_layers and (out / "layer_cosines.png").read_bytes()[:4] == b"\x89PNG"
     assert "| hook | harmful mean |" in (out / "geometry.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "phi3", "tl-gpt2"])
+def test_head_writes_add_up_to_the_attention_output(family, tmp_path):
+    """The heads' projections on a direction, plus the output projection's bias, are the attention output's projection."""
+    from featsteer.testing import hooked_gpt2, saved_tokenizer, tiny_model
+
+    if family == "tl-gpt2":
+        hf, tokenizer = tiny_model("gpt2")
+        model = load_model(hooked_gpt2(hf, saved_tokenizer(tokenizer, tmp_path)))
+    else:
+        model = load_model(f"tiny:{family}")
+    r = torch.randn(model.d_model, generator=torch.Generator().manual_seed(2))
+    harmful, harmless = builtin_prompts("harmful", "test").head(5).to_list(), builtin_prompts("harmless", "test").head(3).to_list()
+    heads = head_attribution(model, harmful, harmless, r, batch_size=2)
+    assert heads.harmful.shape == (model.n_layers, model.n_heads) and heads.n_prompts == (5, 3)
+    unit_r = (r / r.norm()).double()
+    acts = capture(model, harmful, model.hook_names(("attn_out",)), positions="last", progress=False)
+    for writer in (w for w in model.residual_writers() if w.kind == "attn_out"):
+        bias = writer.read()[1]
+        bias_part = 0.0 if bias is None else float(bias.double() @ unit_r)
+        expected = float(acts.at_position(writer.name).double().mean(0) @ unit_r) - bias_part
+        assert float(heads.harmful[writer.layer].sum()) == pytest.approx(expected, abs=1e-4)
+    assert heads.top(3)[0][2] - heads.top(3)[0][3] == pytest.approx(float(heads.difference.max()))
+
+
+def test_a_head_hook_acts_like_removing_that_heads_output_weights():
+    model = load_model("tiny:llama")
+    batch = model.tokenize(builtin_prompts("harmful", "test").head(4).to_list())
+
+    def silence_head_1(z, site):
+        z = z.clone()
+        z[:, :, 1] = 0
+        return z
+
+    with model.hooks([("blocks.1.attn.hook_z", silence_head_1)]):
+        hooked = model.run(batch)
+    writer = next(w for w in model.residual_writers() if w.name == "blocks.1.hook_attn_out")
+    weight, bias = writer.read()
+    original = weight.clone()
+    d_head = weight.shape[1] // model.n_heads
+    edited = weight.clone()
+    edited[:, d_head : 2 * d_head] = 0
+    writer.write(edited, bias)
+    try:
+        by_weights = model.run(batch)
+    finally:
+        writer.write(original, bias)
+    torch.testing.assert_close(hooked, by_weights, atol=1e-5, rtol=0)
+    assert (hooked - model.run(batch)).abs().max() > 1e-4
+    with pytest.raises(FeatsteerError, match="per head"):
+        capture(model, ["hi"], ["blocks.0.attn.hook_z"], progress=False)
+    from featsteer.interventions import Ablate, steer
+
+    with pytest.raises(FeatsteerError, match="d_model-wide hook points"), steer(model, Ablate(torch.ones(model.d_model), where=["blocks.0.attn.hook_z"])):
+        pass
+    with pytest.raises(FeatsteerError, match="post-attention norms"):
+        head_attribution(load_model("tiny:gemma2"), ["a"], ["b"], torch.ones(64))
+    with pytest.raises(FeatsteerError, match="counts from the end"):
+        head_attribution(model, ["a"], ["b"], torch.ones(model.d_model), position=0)

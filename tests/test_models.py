@@ -272,6 +272,12 @@ def _assert_same_activations(native, lens):
     b = capture(lens, PROMPTS, hooks, positions="all", progress=False)
     torch.testing.assert_close(a.activations, b.activations, atol=1e-4, rtol=0)
     assert a.activations.abs().max() > 0.1
+    heads = native.hook_names(("attn_z",))  # per head, so read with hooks rather than captured
+    (z_native, _), (z_lens, _) = _record(native, heads), _record(lens, heads)
+    real = native.tokenize(PROMPTS).attention_mask.bool()  # the backends treat left padding differently
+    for name in heads:
+        assert z_native[name].shape[-2:] == (native.n_heads, native.d_model // native.n_heads) and native.n_heads == lens.n_heads
+        torch.testing.assert_close(z_native[name][real], z_lens[name][real], atol=1e-4, rtol=0)
 
 
 def test_unsupported_architecture_lists_supported_ones():

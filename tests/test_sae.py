@@ -189,6 +189,8 @@ def test_width_mismatch_and_missing_hook_are_clear_errors(llama_adapter):
     with pytest.raises(FeatsteerError, match="has 3 layers"):
         load_sae(random_sae(hook="blocks.9.hook_resid_post"), llama_adapter)
     with pytest.raises(FeatsteerError, match="unknown hook name"):
+        load_sae(random_sae(hook="blocks.1.attn.hook_q"), llama_adapter)
+    with pytest.raises(FeatsteerError, match="d_model-wide hook points only"):
         load_sae(random_sae(hook="blocks.1.attn.hook_z"), llama_adapter)
     with pytest.raises(FeatsteerError, match="no hook_name"):
         load_sae(random_sae(hook=None), llama_adapter)

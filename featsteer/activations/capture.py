@@ -78,6 +78,9 @@ def capture(
     if not hook_list:
         raise FeatsteerError("no hook points given: pass e.g. blocks.0.hook_resid_pre")
     sites = sorted({adapter.hook_site(h) for h in hook_list}, key=lambda s: s.order)
+    if heads := [site.name for site in sites if site.kind == "attn_z"]:
+        raise FeatsteerError(f"{heads[0]} is per head (n_heads x d_head) and capture stores d_model-wide vectors: read it with "
+                             "model.hooks, or each head's write on a direction with featsteer.directions.head_attribution")
     selector = positions if isinstance(positions, Positions) else Positions.parse(positions)
     hook_names = tuple(site.name for site in sites)
     stats: dict[str, RunningMoments] = {}

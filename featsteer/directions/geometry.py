@@ -153,12 +153,14 @@ class DirectionGeometry:
     layer_lenses: dict[str, LogitLens | None] | None = None
     """The logit lens of every hook's own direction at the chosen position (None for a zero direction): where along
     the layers the direction starts to read as the tokens it ends up writing."""
+    heads: HeadAttribution | None = None
+    """What each attention head writes along the direction, per class (None for models whose heads do not add up)."""
 
     def to_dict(self) -> dict:
         lenses = {hook: None if lens is None else lens.to_dict() for hook, lens in (self.layer_lenses or {}).items()}
         return {"hook": self.hook, "position": self.position, "hooks": self.hooks, "cosines": self.cosines.tolist(),
                 "class_projections": [asdict(p) for p in self.projections], "logit_lens": self.lens.to_dict(),
-                "layer_logit_lens": lenses}
+                "layer_logit_lens": lenses, "heads": None if self.heads is None else self.heads.to_dict()}
 
     def markdown(self) -> str:
         """The three views as markdown tables."""
@@ -175,6 +177,11 @@ class DirectionGeometry:
             lens = lenses.get(p.hook)
             promoted = "-" if lens is None else ", ".join(repr(t) for t, _ in lens.promoted[:3]).replace("|", "\\|")
             lines.append(f"| {p.hook} | {p.harmful_mean:+.3f} | {p.harmless_mean:+.3f} | {p.gap_sd:.2f} | {cosine} | {promoted} |")
+        if self.heads is not None:
+            lines += ["", "## Heads that write it", "",
+                      f"Each head's write at position {self.position} projected on the direction, averaged over "
+                      f"{self.heads.n_prompts[0]} harmful and {self.heads.n_prompts[1]} harmless training prompts; the 10 "
+                      "heads that write it most more on harmful prompts.", "", self.heads.markdown(10).rstrip("\n")]
         lines += ["", "## Cosines between the layers' directions", "", "| | " + " | ".join(str(_layer(h)) for h in self.hooks) + " |",
                   "|---|" + "---:|" * len(self.hooks)]
         for hook, row in zip(self.hooks, self.cosines.tolist(), strict=True):
@@ -207,3 +214,85 @@ class DirectionGeometry:
 def _layer(hook: str) -> int | str:
     parts = hook.split(".")
     return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else hook
+
+
+@dataclass
+class HeadAttribution:
+    """What every attention head writes along a direction, per class: `proj[l, h]` is the mean, over a class's prompts,
+    of head `h` of layer `l`'s write at one position projected on the unit direction (the output projection's bias,
+    which no head owns, left out)."""
+
+    harmful: Tensor
+    """`(n_layers, n_heads)` float64 mean projections on the harmful prompts."""
+    harmless: Tensor
+    position: int
+    n_prompts: tuple[int, int]
+
+    @property
+    def difference(self) -> Tensor:
+        """`harmful - harmless`: how much more each head writes the direction on harmful prompts."""
+        return self.harmful - self.harmless
+
+    def top(self, k: int = 10) -> list[tuple[int, int, float, float]]:
+        """`(layer, head, harmful mean, harmless mean)` of the `k` heads with the largest difference, largest first."""
+        flat = self.difference.flatten()
+        order = torch.argsort(flat, descending=True)[:k].tolist()
+        n = self.difference.shape[1]
+        return [(i // n, i % n, float(self.harmful.flatten()[i]), float(self.harmless.flatten()[i])) for i in order]
+
+    def to_dict(self) -> dict:
+        return {"position": self.position, "n_harmful": self.n_prompts[0], "n_harmless": self.n_prompts[1],
+                "harmful": self.harmful.tolist(), "harmless": self.harmless.tolist()}
+
+    def markdown(self, k: int = 10) -> str:
+        lines = ["| layer | head | harmful mean | harmless mean | difference |", "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {layer} | {head} | {a:+.3f} | {b:+.3f} | {a - b:+.3f} |" for layer, head, a, b in self.top(k)]
+        return "\n".join(lines) + "\n"
+
+
+def head_attribution(model: ModelAdapter, harmful: Sequence[str], harmless: Sequence[str], direction: Tensor,
+                     position: int = -1, batch_size: int = 16) -> HeadAttribution:
+    """Each attention head's write along `direction` at `position` (counted from the end of the chat-formatted
+    prompt), averaged over each class: which heads write the refusal direction, and on which prompts.
+
+    A head's write is its `blocks.{l}.attn.hook_z` slice times its columns of the output projection, so its projection
+    on `r` is `z_h . (W_O^T r)_h`; the heads' projections plus the projection's bias add up to `hook_attn_out . r`.
+
+    Raises:
+        FeatsteerError: for a direction of the wrong width, a non-negative position, an empty prompt list, or a model
+            whose attention output passes through a norm before the stream (Gemma 2/3), where heads do not add up.
+    """
+    if model.post_norms:
+        raise FeatsteerError(f"{model.family} normalises the attention output before adding it to the stream, so its heads' "
+                             "writes do not add up linearly: head attribution needs a model without post-attention norms")
+    if position >= 0:
+        raise FeatsteerError(f"position counts from the end of the prompt (-1 is the last token), got {position}")
+    if direction.dim() != 1 or direction.shape[0] != model.d_model:
+        raise FeatsteerError(f"the direction has shape {tuple(direction.shape)} but the model's d_model is {model.d_model}")
+    if not harmful or not harmless:
+        raise FeatsteerError("head attribution needs harmful and harmless prompts: one of the lists is empty")
+    r = unit(direction.double())
+    readers = {}  # layer -> W_O^T r, the (n_heads * d_head,) vector each head's z is read against
+    for writer in model.residual_writers():
+        if writer.kind == "attn_out":
+            weight = writer.read()[0].double()
+            readers[writer.layer] = weight.T @ r.to(weight.device)
+    n_layers, n_heads = model.n_layers, model.n_heads
+    means = []
+    for prompts in ([str(p) for p in harmful], [str(p) for p in harmless]):
+        total = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        seen: dict[int, Tensor] = {}
+
+        def record(z: Tensor, site, seen: dict[int, Tensor] = seen) -> None:
+            seen[site.layer] = z[:, position].double()  # (batch, n_heads, d_head)
+
+        hooks = [(f"blocks.{layer}.attn.hook_z", record) for layer in range(n_layers)]
+        for start in range(0, len(prompts), batch_size):
+            batch = model.tokenize(prompts[start : start + batch_size])
+            with model.hooks(hooks):
+                model.run(batch, last_only=True)
+            for layer, z in seen.items():
+                u = readers[layer].to(z.device).view(n_heads, -1)
+                total[layer] += (z * u).sum(-1).sum(0).cpu()
+        means.append(total / len(prompts))
+    return HeadAttribution(means[0], means[1], position, (len(harmful), len(harmless)))

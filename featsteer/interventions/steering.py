@@ -45,9 +45,12 @@ def resolve_sites(model: ModelAdapter, where: str | Sequence[str]) -> list[str]:
         return model.hook_names(("resid_pre",))
     if where == NORMS:
         return model.hook_names(("ln1_normalized", "ln2_normalized"))
-    if isinstance(where, str):
-        return [where]
-    return list(where)
+    names = [where] if isinstance(where, str) else list(where)
+    for name in names:
+        if model.hook_site(name).kind == "attn_z":
+            raise FeatsteerError(f"{name} holds the attention heads side by side (n_heads x d_head): direction interventions act "
+                                 "on d_model-wide hook points; steer the heads' sum at blocks.L.hook_attn_out, or edit heads with model.hooks")
+    return names
 
 
 class Intervention:

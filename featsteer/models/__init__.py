@@ -16,6 +16,7 @@ from featsteer.models.loading import default_cache_dir, load_model
 __all__ = [
     "FALLBACK_TEMPLATE",
     "FAMILIES",
+    "HEAD_KINDS",
     "LAYER_KINDS",
     "NORM_KINDS",
     "RESIDUAL_KINDS",

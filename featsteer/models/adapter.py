@@ -116,6 +116,17 @@ class ModelAdapter(ABC):
     def family(self) -> str:
         """Architecture family name (provenance)."""
 
+    @property
+    @abstractmethod
+    def n_heads(self) -> int:
+        """Attention heads per layer (the second axis of `blocks.{l}.attn.hook_z`)."""
+
+    @property
+    def post_norms(self) -> bool:
+        """True when attention and MLP outputs pass through a norm before they are added to the stream (Gemma 2/3),
+        so a head's write is not a linear function of its `hook_z`."""
+        return False
+
     @abstractmethod
     def _install_hooks(self, hooks: Sequence[tuple[HookSite, HookFn]]) -> Callable[[], None]:
         """Attach hooks; return a function that removes every one of them."""

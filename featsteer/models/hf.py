@@ -85,6 +85,15 @@ class HFModelAdapter(ModelAdapter):
     def family(self) -> str:
         return self.spec.name
 
+    @property
+    def n_heads(self) -> int:
+        config = getattr(self.model.config, "text_config", None) or self.model.config
+        return int(getattr(config, "num_attention_heads", None) or config.n_head)
+
+    @property
+    def post_norms(self) -> bool:
+        return self.spec.post_norms
+
     def _module(self, path: str, layer: int | None = None) -> nn.Module:
         root = self.model if layer is None else self.layers[layer]
         return operator.attrgetter(path)(root)
@@ -125,6 +134,8 @@ class HFModelAdapter(ModelAdapter):
             handles.append(block.register_forward_pre_hook(_pre_hook(pre, state, keep=bool(mid)), with_kwargs=True))
         if ln1 := by_site.get((layer, "ln1_normalized")):
             handles.append(self._module(self.spec.attn_norm, layer).register_forward_hook(_norm_hook(ln1, self.spec), with_kwargs=True))
+        if z := by_site.get((layer, "attn_z")):
+            handles.append(self._module(self.spec.attn_out_proj, layer).register_forward_pre_hook(_heads_hook(z, self.n_heads)))
         if attn or mid:
             handles.append(self._module(self.spec.attn_site, layer).register_forward_hook(_attn_hook(attn, mid, state)))
         if ln2 := by_site.get((layer, "ln2_normalized")):
@@ -211,6 +222,19 @@ def _output_hook(fns: _Hooks):
         value = _first(output)
         new = _apply(fns, value)
         return None if new is value else _replace_first(output, new)
+
+    return hook
+
+
+def _heads_hook(fns: _Hooks, n_heads: int):
+    """Forward pre-hook on the attention output projection: its input, the heads' outputs side by side, is handed to
+    the hooks as `(batch, pos, n_heads, d_head)` (TransformerLens's `hook_z`) and put back side by side."""
+
+    def hook(module, args):
+        flat = args[0]
+        heads = flat.unflatten(-1, (n_heads, flat.shape[-1] // n_heads))
+        new = _apply(fns, heads)
+        return None if new is heads else (new.flatten(-2), *args[1:])
 
     return hook
 

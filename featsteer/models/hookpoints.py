@@ -20,13 +20,20 @@ RESIDUAL_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_ou
 NORM_KINDS: tuple[str, ...] = ("ln1_normalized", "ln2_normalized")
 """The outputs of a block's two input norms, what its attention (`ln1`) and its MLP (`ln2`) read. They are named
 as TransformerLens names them, `blocks.{l}.ln1.hook_normalized` and `blocks.{l}.ln2.hook_normalized`."""
+HEAD_KINDS: tuple[str, ...] = ("attn_z",)
+"""Per-head kinds, shaped `(batch, pos, n_heads, d_head)` as in TransformerLens: `blocks.{l}.attn.hook_z`, each head's
+attention-weighted values, which the output projection turns into the head's write. Hooks read and may replace them;
+`capture` (which stores `d_model`-wide vectors) does not take them."""
 GLOBAL_KINDS: tuple[str, ...] = ("embed", "pos_embed", "ln_final_normalized")
 """Hook kinds outside the layers: the embeddings (before layer 0) and the final norm (after the last layer)."""
 
 _SUFFIX = {kind: f"hook_{kind}" for kind in RESIDUAL_KINDS} | {
     "ln1_normalized": "ln1.hook_normalized",
     "ln2_normalized": "ln2.hook_normalized",
+    "attn_z": "attn.hook_z",
 }
+_FIRING = ("resid_pre", "ln1_normalized", "attn_z", "attn_out", "resid_mid", "ln2_normalized", "mlp_out", "resid_post")
+"""Every per-layer kind in the order it fires inside one decoder layer."""
 _KIND_OF_SUFFIX = {suffix: kind for kind, suffix in _SUFFIX.items()}
 _GLOBAL_NAMES = {"hook_embed": "embed", "hook_pos_embed": "pos_embed", "ln_final.hook_normalized": "ln_final_normalized"}
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(s) for s in _SUFFIX.values()) + r")$")
@@ -52,13 +59,13 @@ class HookSite:
             return (_LAST, 0)
         if self.layer is None:
             return (-1, GLOBAL_KINDS.index(self.kind))
-        return (self.layer, LAYER_KINDS.index(self.kind))
+        return (self.layer, _FIRING.index(self.kind))
 
 
 def hook_name(layer: int, kind: str = "resid_pre") -> str:
     """Build the TransformerLens name for a per-layer hook point."""
-    if kind not in LAYER_KINDS:
-        raise FeatsteerError(f"unknown hook kind '{kind}': use one of {', '.join(LAYER_KINDS)}")
+    if kind not in _SUFFIX:
+        raise FeatsteerError(f"unknown hook kind '{kind}': use one of {', '.join(LAYER_KINDS + HEAD_KINDS)}")
     return f"blocks.{layer}.{_SUFFIX[kind]}"
 
 
@@ -74,7 +81,7 @@ def parse_hook_name(name: str, n_layers: int) -> HookSite:
     if match is None:
         raise FeatsteerError(
             f"unknown hook name '{name}': use hook_embed, ln_final.hook_normalized, blocks.<layer>.hook_<kind> with kind "
-            f"in {', '.join(RESIDUAL_KINDS)}, or blocks.<layer>.ln1.hook_normalized / ln2.hook_normalized"
+            f"in {', '.join(RESIDUAL_KINDS)}, blocks.<layer>.ln1.hook_normalized / ln2.hook_normalized, or blocks.<layer>.attn.hook_z"
         )
     layer = int(match.group(1))
     if layer >= n_layers:

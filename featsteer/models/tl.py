@@ -47,6 +47,14 @@ class TLModelAdapter(ModelAdapter):
         return next(self.model.parameters()).dtype
 
     @property
+    def n_heads(self) -> int:
+        return int(self.model.cfg.n_heads)
+
+    @property
+    def post_norms(self) -> bool:
+        return bool(getattr(self.model.cfg, "use_normalization_before_and_after", False))
+
+    @property
     def family(self) -> str:
         arch = getattr(self.model.cfg, "original_architecture", None) or "unknown"
         return f"transformer_lens:{arch}"
@@ -58,7 +66,7 @@ class TLModelAdapter(ModelAdapter):
                 point = self.model.hook_dict.get(site.name)
                 if point is None:
                     raise FeatsteerError(f"hook '{site.name}' does not exist on this TransformerLens model")
-                handles.append(point.register_forward_hook(_tl_hook(site, fn)))
+                handles.append(point.register_forward_hook(_tl_hook(site, fn, self.n_heads)))
         except Exception:
             for handle in handles:
                 handle.remove()
@@ -97,11 +105,18 @@ class TLModelAdapter(ModelAdapter):
         return self.model.W_U.T, self.model.ln_final
 
 
-def _tl_hook(site: HookSite, fn: HookFn):
-    def hook(module, args, output):
-        return fn(output, site)
+def _tl_hook(site: HookSite, fn: HookFn, n_heads: int):
+    if site.kind != "attn_z":
+        return lambda module, args, output: fn(output, site)
 
-    return hook
+    def heads_hook(module, args, output):  # a TransformerBridge carries hook_z with the heads side by side
+        if output.dim() == 4:
+            return fn(output, site)
+        heads = output.unflatten(-1, (n_heads, output.shape[-1] // n_heads))
+        new = fn(heads, site)
+        return None if new is None else new.flatten(-2)
+
+    return heads_hook
 
 
 def _param_writer(name: str, layer: int | None, kind: str, module, weight_attr: str, bias_attr: str | None) -> ResidualWriter:

@@ -51,7 +51,9 @@ def validate_sae(sae: SAE, model: ModelAdapter, hook: str | None = None) -> str:
     name = hook or sae_hook_name(sae)
     if not name:
         raise FeatsteerError("this SAE records no hook_name: pass hook=<hook name>, e.g. blocks.3.hook_resid_post")
-    model.hook_site(name)
+    if model.hook_site(name).kind == "attn_z":
+        raise FeatsteerError(f"the SAE reads {name}, the attention heads side by side (hook_z): featsteer splices SAEs "
+                             "into d_model-wide hook points only; use an SAE trained on hook_attn_out or the residual stream")
     if int(sae.cfg.d_in) != int(model.d_model):
         raise FeatsteerError(
             f"SAE width mismatch at {name}: the SAE reads d_in={sae.cfg.d_in} but {model.name} has "
