@@ -34,6 +34,7 @@ from torch import Tensor
 
 from featsteer.activations import ActivationSet, Positions, capture
 from featsteer.directions import DirectionSet, difference_in_means
+from featsteer.directions.geometry import direct_logits, token_text
 from featsteer.errors import FeatsteerError
 from featsteer.features import METRICS, FeatureScores, hook_layer, score_features
 from featsteer.models import ModelAdapter
@@ -245,33 +246,13 @@ def decoder_dim_cosines(sae: SAE, direction: Float[Tensor, " d_model"]) -> Float
     return torch.where(norms > 0, cosines, torch.full_like(cosines, math.nan))
 
 
-def final_norm_gain(model: ModelAdapter) -> Float[Tensor, " d_model"]:
-    """Per-dimension gain of the model's final norm (its weight; `1 + weight` for Gemma; ones without one).
-
-    The norm is treated as a black box: for a zero-mean vector `v` of +-1 entries, RMSNorm and LayerNorm
-    both give `gain * v (+ bias)`, so `(norm(v) - norm(-v)) / 2v` is the gain whatever the family.
-    """
-    _, norm = model.unembed()
-    pattern = torch.tensor([1.0, -1.0]).repeat(model.d_model // 2 + 1)[: model.d_model]
-    if model.d_model % 2:
-        pattern[-3:] = torch.tensor([1.0, 1.0, -2.0])  # keep the mean at zero for an odd width
-    rms = float(pattern.pow(2).mean().sqrt())
-    probe = pattern.to(model.device, model.dtype)[None, None, :]
-    with torch.inference_mode():
-        difference = (norm(probe) - norm(-probe)).float().cpu()[0, 0]
-    return difference * rms / (2 * pattern)
-
-
 def feature_logits(model: ModelAdapter, sae: SAE, feature_ids: int | Sequence[int]) -> Float[Tensor, "n vocab"]:
-    """Direct logit effect of features' decoder rows: `(W_dec[f] * final-norm gain) @ W_U.T` (float32, cpu)."""
+    """Direct logit effect of features' decoder rows (`directions.direct_logits`: `W_U (gain * W_dec[f])`, float32, cpu)."""
     ids = [feature_ids] if isinstance(feature_ids, int) else [int(i) for i in feature_ids]
     bad = [i for i in ids if not 0 <= i < sae.cfg.d_sae]
     if bad:
         raise FeatsteerError(f"feature id {bad[0]} is out of range: this SAE has d_sae={sae.cfg.d_sae} features")
-    unembedding, _ = model.unembed()
-    rows = sae.W_dec.detach()[ids].float().cpu() * final_norm_gain(model)
-    with torch.inference_mode():
-        return (rows.to(unembedding.device, unembedding.dtype) @ unembedding.detach().T).float().cpu()
+    return direct_logits(model, sae.W_dec.detach()[ids])
 
 
 def promoted_tokens(model: ModelAdapter, sae: SAE, feature_id: int, n: int = 10) -> tuple[tuple[TokenScore, ...], tuple[TokenScore, ...]]:
@@ -347,15 +328,6 @@ def _token_strings(model: ModelAdapter, text: str, system: str | None) -> tuple[
     batch = model.tokenize([text], system=system)
     ids = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
     return tuple(token_text(model.tokenizer, token) for token in ids)
-
-
-def token_text(tokenizer: Any, token_id: int) -> str:
-    """A token decoded on its own; its raw vocabulary entry when decoding gives only replacement characters
-    (a fragment of a multi-byte character)."""
-    text = tokenizer.decode([token_id])
-    if text and set(text) == {"\ufffd"}:
-        return str(tokenizer.convert_ids_to_tokens(token_id))
-    return text
 
 
 def _scored_tokens(acts: ActivationSet, prompt: int, n_tokens: int) -> tuple[bool, ...]:

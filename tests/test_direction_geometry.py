@@ -17,6 +17,7 @@ from featsteer.directions import (
     layer_cosines,
     logit_lens,
 )
+from featsteer.directions.geometry import token_text
 from featsteer.errors import FeatsteerError
 from featsteer.models import load_model
 from featsteer.pipeline import DirectionConfig, find_refusal_direction
@@ -35,9 +36,8 @@ def test_logit_lens_reads_the_direction_through_the_final_norm_scale(family):
     else:
         expected = head @ (hf.model.norm.weight.detach().double() * unit)
     top, bottom = torch.topk(expected, 5).indices.tolist(), torch.topk(-expected, 5).indices.tolist()
-    decode = model.tokenizer.decode
-    assert [t for t, _ in lens.promoted] == [decode([i]) for i in top]
-    assert [t for t, _ in lens.suppressed] == [decode([i]) for i in bottom]
+    assert [t for t, _ in lens.promoted] == [token_text(model.tokenizer, i) for i in top]
+    assert [t for t, _ in lens.suppressed] == [token_text(model.tokenizer, i) for i in bottom]
     values = [v for _, v in lens.promoted]
     assert values == sorted(values, reverse=True) and lens.suppressed[0][1] < 0 < values[-1]
     with pytest.raises(FeatsteerError, match="d_model is"):

@@ -13,10 +13,10 @@ import torch
 
 from featsteer.activations import capture
 from featsteer.datasets import builtin_prompts
+from featsteer.directions.geometry import final_norm_gain
 from featsteer.errors import FeatsteerError
 from featsteer.feature_report import (
     REPORT_FILES,
-    final_norm_gain,
     rank_features,
     ranking_key,
     write_feature_report,

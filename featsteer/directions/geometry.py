@@ -1,4 +1,4 @@
-"""What a refusal direction looks like, three ways a researcher reads it.
+"""What a refusal direction looks like, four ways a researcher reads it.
 
 - `layer_cosines`: how the direction turns across layers (cosine between the rank-1 candidates of every layer at
   one position). A block of high cosines is one direction carried through those layers; a drop is where the model
@@ -7,10 +7,12 @@
   projections and their gap in pooled standard deviations. Ablation moves every activation to 0 on the direction,
   ACE to the harmless mean, so these numbers say how far each edit moves each class.
 - `logit_lens`: the tokens whose logits a step along the direction raises and lowers most when the unembedding reads
-  it directly (through the final norm's scale), as Arditi et al. (2024) read the refusal direction. On a model whose
+  it directly (`direct_logits`: through the final norm's gain, as the SAE feature report reads decoder rows), as
+  Arditi et al. (2024) read the refusal direction. On a model whose
   direction really is "refusal", the promoted tokens open refusals ("I", "Sorry", "cannot").
+- `head_attribution`: which attention heads write the direction, and how much more on harmful prompts.
 
-`DirectionResult.geometry()` bundles the three for the chosen direction; `featsteer directions` writes them to
+`DirectionResult.geometry()` bundles them for the chosen direction; `featsteer directions` writes them to
 `geometry.{md,json}` and `layer_cosines.png`.
 """
 
@@ -31,7 +33,61 @@ if TYPE_CHECKING:
     from featsteer.models import ModelAdapter
 
 _UNEMBED_CHUNK = 16384
-"""Vocabulary rows per matrix product in `logit_lens` (a float32 copy of a 150k x 896 unembedding is 540 MB)."""
+"""Vocabulary rows per matrix product in `direct_logits` (a float32 copy of a 150k x 896 unembedding is 540 MB)."""
+
+
+def final_norm_gain(model: ModelAdapter) -> Tensor:
+    """Per-dimension gain `(d_model,)` of the model's final norm (its weight; `1 + weight` for Gemma; ones without one).
+
+    The norm is treated as a black box: for a zero-mean vector `v` of +-1 entries, RMSNorm and LayerNorm
+    both give `gain * v (+ bias)`, so `(norm(v) - norm(-v)) / 2v` is the gain whatever the family.
+    """
+    _, norm = model.unembed()
+    pattern = torch.tensor([1.0, -1.0]).repeat(model.d_model // 2 + 1)[: model.d_model]
+    if model.d_model % 2:
+        pattern[-3:] = torch.tensor([1.0, 1.0, -2.0])  # keep the mean at zero for an odd width
+    rms = float(pattern.pow(2).mean().sqrt())
+    probe = pattern.to(model.device, model.dtype)[None, None, :]
+    with torch.inference_mode():
+        difference = (norm(probe) - norm(-probe)).float().cpu()[0, 0]
+    return difference * rms / (2 * pattern)
+
+
+def final_norm_centres(model: ModelAdapter) -> bool:
+    """True when the final norm removes its input's mean (a LayerNorm): it then maps a constant vector to what it
+    maps zero to, where an RMSNorm maps it to its gain."""
+    _, norm = model.unembed()
+    probe = torch.stack([torch.ones(model.d_model), torch.zeros(model.d_model)]).to(model.device, model.dtype)[None]
+    with torch.inference_mode():
+        out = norm(probe).float()[0]
+    return bool(torch.allclose(out[0], out[1], atol=1e-3))
+
+
+def direct_logits(model: ModelAdapter, vectors: Tensor) -> Tensor:
+    """What the unembedding reads from `(n, d_model)` vectors added to the last residual stream: `W_U (gain * v)`,
+    with `v` centred first when the final norm is a LayerNorm. Float32 `(n, vocab)` on the CPU.
+
+    This is the first-order effect at an activation of unit RMS; only the order and sign of the values carry over
+    between models.
+    """
+    unembedding, _ = model.unembed()
+    rows = vectors.detach().float().cpu()
+    if final_norm_centres(model):
+        rows = rows - rows.mean(-1, keepdim=True)
+    rows = (rows * final_norm_gain(model)).to(unembedding.device, unembedding.dtype)
+    with torch.inference_mode():
+        chunks = [(rows @ unembedding[i : i + _UNEMBED_CHUNK].detach().T).float().cpu()
+                  for i in range(0, unembedding.shape[0], _UNEMBED_CHUNK)]
+    return torch.cat(chunks, dim=-1)
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """A token decoded on its own; its raw vocabulary entry when decoding gives only replacement characters
+    (a fragment of a multi-byte character)."""
+    text = tokenizer.decode([token_id])
+    if text and set(text) == {"\ufffd"}:
+        return str(tokenizer.convert_ids_to_tokens(token_id))
+    return text
 
 
 def layer_cosines(directions: DirectionSet, position: int = -1) -> tuple[list[str], Tensor]:
@@ -111,31 +167,22 @@ class LogitLens:
 
 
 def logit_lens(model: ModelAdapter, direction: Tensor, k: int = 10) -> LogitLens:
-    """Read `direction` through the final norm's scale and the unembedding: `W_U (norm(r) - norm(0))`.
-
-    For an RMSNorm that is `W_U (w * r)` up to a positive factor, for a LayerNorm `W_U (w * (r - mean r))` (the
-    norm's bias, which every vector gets, is taken out by `norm(0)`). The values are the logit changes per unit step
-    along `r` at an activation of unit RMS, so only their order and sign are meaningful across models.
+    """Read `direction` (made unit) through the final norm's gain and the unembedding (`direct_logits`): the `k`
+    tokens whose logits a step along it raises most and the `k` it lowers most.
 
     Raises:
         FeatsteerError: when the direction's width is not the model's `d_model`, or `k` is not positive.
     """
     if k < 1:
         raise FeatsteerError(f"k must be at least 1, got {k}")
-    if direction.shape[-1] != model.d_model or direction.dim() != 1:
+    if direction.dim() != 1 or direction.shape[0] != model.d_model:
         raise FeatsteerError(f"the direction has shape {tuple(direction.shape)} but the model's d_model is {model.d_model}")
-    w_u, final_norm = model.unembed()
-    with torch.inference_mode():
-        probe = torch.stack([unit(direction.float()), torch.zeros(model.d_model)]).to(device=w_u.device, dtype=w_u.dtype)
-        normed = final_norm(probe[None])[0].float()
-        read = normed[0] - normed[1]
-        changes = torch.cat([(w_u[i : i + _UNEMBED_CHUNK].float() @ read) for i in range(0, w_u.shape[0], _UNEMBED_CHUNK)])
+    changes = direct_logits(model, unit(direction.float())[None])[0]
     k = min(k, changes.numel())
     top, bottom = torch.topk(changes, k), torch.topk(-changes, k)
-    decode = model.tokenizer.decode
     return LogitLens(
-        promoted=[(decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices, strict=True)],
-        suppressed=[(decode([int(i)]), -float(v)) for v, i in zip(bottom.values, bottom.indices, strict=True)],
+        promoted=[(token_text(model.tokenizer, int(i)), float(v)) for v, i in zip(top.values, top.indices, strict=True)],
+        suppressed=[(token_text(model.tokenizer, int(i)), -float(v)) for v, i in zip(bottom.values, bottom.indices, strict=True)],
     )
 
 
