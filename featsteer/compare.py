@@ -934,12 +934,22 @@ def compare(
                        if val_harmful is not None else f"last {ctx.direction_config.val_fraction:g} of the training prompts"),
         "eval_harmful_sha256": eval_harmful.sha256, "eval_harmless_sha256": eval_harmless.sha256,
         "generation": asdict(gen), "directions": asdict(ctx.direction_config),
-        "chosen": {k: v.selection.to_dict()["chosen"] for k, v in ctx._directions.items()},
+        "chosen": {k: _chosen_setup(model, v) for k, v in ctx._directions.items()},
         "steering": ctx.steering_config.to_dict(),
     }
     if sae_map is not None:
         setup["sae"] = _sae_setup(ctx)
     return Comparison(results, setup, ctx)
+
+
+def _chosen_setup(model: ModelAdapter, result: DirectionResult) -> dict[str, Any]:
+    """A chosen direction's selection row, with the tokens its first basis vector promotes and suppresses when the
+    unembedding reads it (`directions.logit_lens`)."""
+    from featsteer.directions import logit_lens
+
+    lens = logit_lens(model, result.chosen_basis[0], k=10)
+    return {**result.selection.to_dict()["chosen"],
+            "logit_lens": {"promoted": [t for t, _ in lens.promoted], "suppressed": [t for t, _ in lens.suppressed]}}
 
 
 def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
@@ -1042,11 +1052,18 @@ def _html(comparison: Comparison, png: bytes) -> str:
     )
     setup = html.escape(json.dumps(comparison.setup, indent=1))
     image = base64.b64encode(png).decode()
+    directions = "".join(
+        f"<li><b>{html.escape(method)}</b>: {html.escape(str(chosen.get('hook')))} position {chosen.get('position')}; "
+        f"the unembedding reads it as promoting {html.escape(', '.join(map(repr, chosen['logit_lens']['promoted'][:6])))} and "
+        f"suppressing {html.escape(', '.join(map(repr, chosen['logit_lens']['suppressed'][:6])))}</li>"
+        for method, chosen in comparison.setup.get("chosen", {}).items() if "logit_lens" in chosen
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>featsteer compare</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}th{{background:#f3f3f3}}pre{{background:#f7f7f7;padding:8px;font-size:12px}}</style>
 </head><body><h1>featsteer: method comparison on {html.escape(str(comparison.setup.get('model')))}</h1>
 <p>Same held-out prompts, greedy decoding, same refusal detector for every method. KL is first-token KL(base || method) on harmless prompts; KL answered leaves out the harmless prompts the unedited model refuses (removing refusal rightly changes those).</p>
 <table><tr><th>method</th><th>what</th><th>refusal (harmful) [95% CI]</th><th>refusal (harmless)</th><th>KL harmless</th><th>KL answered</th><th>over-refusal</th><th>refusal score</th></tr>{rows}</table>
+<h2>Directions</h2><ul>{directions}</ul>
 <h2>Refusal vs KL</h2><img alt="pareto plot" src="data:image/png;base64,{image}">
 <h2>Examples</h2>{examples}<h2>Set-up</h2><pre>{setup}</pre></body></html>"""

@@ -97,6 +97,8 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     assert len(saved["results"]) == len(names) and saved["setup"]["n_eval_harmful"] == 4
     page = (folder / "report.html").read_text()
     assert "data:image/png;base64," in page and "dim_abliteration" in page
+    lens = saved["setup"]["chosen"]["dim"]["logit_lens"]  # the chosen direction as the unembedding reads it
+    assert len(lens["promoted"]) == len(lens["suppressed"]) == 10 and "<h2>Directions</h2>" in page and "promoting" in page
     assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 
