@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--screen", type=int, default=None, help="--screen of the selection (default: 16 for Qwen, off for the organism)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list of compare methods for the first call")
     parser.add_argument("--angles", help="comma list of angles the angular methods pick from (default: compare's 60,75,90,120,150,180)")
+    parser.add_argument("--tolerance", type=float, default=0.05, help="the picks' tolerance (compare --pick-tolerance)")
     parser.add_argument("--no-everywhere", action="store_true", help="skip the second call (angular steering on every activation)")
     parser.add_argument("--results-name", help="results file stem (default: steering_methods_<target>)")
     parser.add_argument("--render-only", action="store_true", help="re-write the markdown from the results JSON")
@@ -81,11 +82,11 @@ def main() -> None:
     common = {"eval_harmful": sets["eval_harmful"], "eval_harmless": sets["eval_harmless"], "direction_config": config, "generation": gen, **val}
     angles = {"angles": tuple(float(a) for a in args.angles.split(","))} if args.angles else {}
     main_run = compare(model, sets["train_harmful"], sets["train_harmless"], methods=args.methods.split(","),
-                       steering_config=SteeringMethodConfig(**angles), **common)
+                       steering_config=SteeringMethodConfig(tolerance=args.tolerance, **angles), **common)
     rows = list(main_run.results)
     if not args.no_everywhere:
         everywhere = compare(model, sets["train_harmful"], sets["train_harmless"], methods=["dim_angular_hook"],
-                             steering_config=SteeringMethodConfig(adaptive=False, **angles), reuse=main_run, **common)
+                             steering_config=SteeringMethodConfig(adaptive=False, tolerance=args.tolerance, **angles), reuse=main_run, **common)
         rows.append(everywhere.results[0])
     out = {
         "target": args.target, "date": time.strftime("%Y-%m-%d"), "model": model.name, "dtype": dtype, "threads": args.threads, "seconds_total": round(time.perf_counter() - start, 1),

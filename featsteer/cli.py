@@ -605,8 +605,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return 0
     if not (args.harmful and args.harmless and args.out):
         raise FeatsteerError("compare needs --harmful, --harmless and --out (or --list)")
-    sae_config = SaeMethodConfig(top_k=args.sae_top_k, clamp_multiple=args.sae_clamp_multiple, induce_multiple=args.sae_induce_multiple)
+    sae_config = SaeMethodConfig(top_k=args.sae_top_k, clamp_multiple=args.sae_clamp_multiple, induce_multiple=args.sae_induce_multiple,
+                                 tolerance=args.pick_tolerance)
     steering_config = SteeringMethodConfig(ace_alpha=args.ace_alpha, ace_induce_alpha=args.ace_induce_alpha, angle=args.angle,
+                                           tolerance=args.pick_tolerance,
                                            adaptive=not args.angle_everywhere)
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
@@ -855,6 +857,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: picked from 60, 75, 90, 120, 150, 180)")
     cmp_.add_argument("--angle-everywhere", action="store_true",
                       help="dim_angular_hook and dim_angular_norms_hook turn every activation, not only those leaning towards refusal")
+    cmp_.add_argument("--pick-tolerance", type=float, default=0.05, metavar="T",
+                      help="a setting picked on the validation prompts may refuse up to T more (jailbreaks) or less (induce) "
+                      "than the best one if it is gentler (default 0.05; 0 takes only settings level with the best)")
     cmp_.set_defaults(run=_cmd_compare)
 
     pr = sub.add_parser("probe", help="probe sweep per layer and the predict-control report")

@@ -238,6 +238,8 @@ class SteeringMethodConfig:
     adaptive: bool = True
     """The angular methods turn only activations that lean towards refusal (positive projection)."""
     tolerance: float = 0.05
+    """How far from the best validation refusal a gentler setting may be and still be picked (also the DIM
+    activation-addition scale's rule). 0 takes only settings level with the best."""
 
     def __post_init__(self) -> None:
         for name in ("ace_alphas", "ace_induce_alphas", "angles"):
@@ -566,7 +568,8 @@ def _induce(ctx: CompareContext):
     result = ctx.directions("dim")
     chosen = result.selection.chosen
     vector = result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index]
-    scale, rates = pick_induce_scale(ctx.model, lambda s: steer(ctx.model, AddDirection(vector, s, where=chosen.hook)), ctx.validation()[1])
+    scale, rates = pick_induce_scale(ctx.model, lambda s: steer(ctx.model, AddDirection(vector, s, where=chosen.hook)), ctx.validation()[1],
+                                     tolerance=ctx.steering_config.tolerance)
     ctx.note(induce_hook=chosen.hook, induce_scale=scale, induce_val_refusal={str(k): v for k, v in rates.items()}, setting=f"x{scale:g}")
     return steer(ctx.model, AddDirection(vector, scale, where=chosen.hook))
 

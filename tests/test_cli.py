@@ -387,3 +387,14 @@ def test_compare_fixes_the_angle_and_alpha_from_the_command_line(capsys, tmp_pat
     ace, angular = (r["details"] for r in saved["results"])
     assert ace["ace_alpha"] == -0.1 and "validation" not in ace and angular["angle"] == 160.0 and angular["adaptive"] is False
     assert "dim_ace_hook (alpha=-0.1)" in out and "dim_angular_hook (angle=160)" in out
+    code, out, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",
+                          "--n", "16", "--n-select", "3", "--methods", "dim_angular_norms_hook", "--pick-tolerance", "0",
+                          "--max-new-tokens", "2", "--out", str(tmp_path / "strict"))
+    assert code == 0, err
+    saved = json.loads((tmp_path / "strict" / "results.json").read_text())
+    rows = {k: (v["refusal_harmful"], v["kl_harmless"]) for k, v in saved["results"][0]["details"]["validation"].items()}
+    assert saved["setup"]["steering"]["tolerance"] == 0.0
+    assert rows[f"angle={saved['results'][0]['details']['angle']:g}"][0] == min(r for r, _ in rows.values())  # level with the best
+    code, _, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",
+                        "--pick-tolerance", "1.5", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "tolerance" in err and len(err.strip().splitlines()) == 1
