@@ -43,7 +43,7 @@ from featsteer.evaluation.metrics import (
 )
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.interventions import Ablate, AddDirection, AffineEdit, AngularSteer, steer
-from featsteer.models import ModelAdapter
+from featsteer.models import NORM_KINDS, ModelAdapter
 from featsteer.pipeline import (
     DirectionConfig,
     DirectionResult,
@@ -594,7 +594,7 @@ def _angular_steers(ctx: CompareContext, norms: bool = False) -> Callable[[float
     hooks, adaptive = list(result.activations[1].hook_names), ctx.steering_config.adaptive
     if norms:
         layers = sorted({ctx.model.hook_site(name).layer for name in hooks})
-        hooks = ctx.model.hook_names(("ln1_normalized", "ln2_normalized"), layers)
+        hooks = ctx.model.hook_names(NORM_KINDS, layers)
     return lambda degrees: AngularSteer(plane, degrees, where=hooks, adaptive=adaptive)
 
 

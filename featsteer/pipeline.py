@@ -11,6 +11,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from featsteer.activations import capture
 from featsteer.datasets import PromptSet
 from featsteer.directions import DirectionSet, find_directions, rotation_plane, weighted_basis
@@ -120,7 +122,6 @@ class DirectionResult:
         return ({hook: float(harmless_acts.mean(hook, position) @ r) for hook in hooks},
                 {hook: float(harmful_acts.mean(hook, position) @ r) for hook in hooks})
 
-
     def geometry(self, model: ModelAdapter, k: int = 10, head_prompts: int | None = 128):
         """The chosen direction's `directions.DirectionGeometry`: the cosines between every layer's candidate at the
         chosen position, each captured hook's class means on the direction, its logit lens (top `k` tokens), and
@@ -133,10 +134,11 @@ class DirectionResult:
         """
         from featsteer.directions.geometry import (
             DirectionGeometry,
+            LogitLens,
             class_projections,
             head_attribution,
             layer_cosines,
-            logit_lens,
+            logit_lenses,
         )
 
         if self.activations is None or self.candidates.rank != 1:
@@ -144,16 +146,18 @@ class DirectionResult:
         index = self.selection.chosen.index
         r, position = self.candidates.bases[index, 0], self.candidates.positions[index]
         hooks, cosines = layer_cosines(self.candidates, position)
-        lenses = {}
-        for hook in hooks:
-            own = self.candidates.direction(hook, position)
-            lenses[hook] = logit_lens(model, own, 3) if float(own.norm()) > 0 else None
+        own = {hook: self.candidates.direction(hook, position) for hook in hooks}
+        read = [hook for hook in hooks if float(own[hook].norm()) > 0]  # a zero direction has no tokens
+        *per_layer, chosen_lens = logit_lenses(model, torch.stack([own[hook] for hook in read] + [r]), max(k, 3))
+        lenses = dict.fromkeys(hooks)
+        lenses.update({hook: LogitLens(lens.promoted[:3], lens.suppressed[:3]) for hook, lens in zip(read, per_layer, strict=True)})
+        chosen_lens = LogitLens(chosen_lens.promoted[:k], chosen_lens.suppressed[:k])
         heads = None
         if head_prompts and not model.post_norms:
             harmful, harmless = (list(prompts.head(min(head_prompts, len(prompts)))) for prompts in self.train)
             heads = head_attribution(model, harmful, harmless, r, position)
         return DirectionGeometry(self.candidates.hook_names[index], position, hooks, cosines,
-                                 class_projections(*self.activations, r, position), logit_lens(model, r, k), lenses, heads)
+                                 class_projections(*self.activations, r, position), chosen_lens, lenses, heads)
 
 
 def split(prompts: PromptSet, val_fraction: float) -> tuple[PromptSet, PromptSet]:

@@ -15,6 +15,7 @@ from featsteer.directions.geometry import (
     head_attribution,
     layer_cosines,
     logit_lens,
+    logit_lenses,
 )
 from featsteer.directions.methods import (
     METHODS,
@@ -40,6 +41,7 @@ __all__ = [
     "head_attribution",
     "layer_cosines",
     "logit_lens",
+    "logit_lenses",
     "paired_pca",
     "projected_dim",
     "rotation_plane",

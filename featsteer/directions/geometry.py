@@ -173,17 +173,24 @@ def logit_lens(model: ModelAdapter, direction: Tensor, k: int = 10) -> LogitLens
     Raises:
         FeatsteerError: when the direction's width is not the model's `d_model`, or `k` is not positive.
     """
-    if k < 1:
-        raise FeatsteerError(f"k must be at least 1, got {k}")
     if direction.dim() != 1 or direction.shape[0] != model.d_model:
         raise FeatsteerError(f"the direction has shape {tuple(direction.shape)} but the model's d_model is {model.d_model}")
-    changes = direct_logits(model, unit(direction.float())[None])[0]
-    k = min(k, changes.numel())
+    return logit_lenses(model, direction[None], k)[0]
+
+
+def logit_lenses(model: ModelAdapter, directions: Tensor, k: int = 10) -> list[LogitLens]:
+    """`logit_lens` of every row of `(n, d_model)` `directions`, with one pass over the unembedding for all of them."""
+    if k < 1:
+        raise FeatsteerError(f"k must be at least 1, got {k}")
+    changes = direct_logits(model, torch.stack([unit(row.float()) for row in directions]))
+    k = min(k, changes.shape[-1])
     top, bottom = torch.topk(changes, k), torch.topk(-changes, k)
-    return LogitLens(
-        promoted=[(token_text(model.tokenizer, int(i)), float(v)) for v, i in zip(top.values, top.indices, strict=True)],
-        suppressed=[(token_text(model.tokenizer, int(i)), -float(v)) for v, i in zip(bottom.values, bottom.indices, strict=True)],
-    )
+
+    def scored(values: Tensor, ids: Tensor, sign: float) -> list[tuple[str, float]]:
+        return [(token_text(model.tokenizer, int(i)), sign * float(v)) for v, i in zip(values, ids, strict=True)]
+
+    return [LogitLens(scored(top.values[n], top.indices[n], 1.0), scored(bottom.values[n], bottom.indices[n], -1.0))
+            for n in range(len(directions))]
 
 
 @dataclass

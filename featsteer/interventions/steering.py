@@ -17,7 +17,7 @@ from torch import Tensor
 
 from featsteer.errors import FeatsteerError
 from featsteer.interventions.operations import ablate, add, as_basis, cosine_to, project_set, rotate_in_plane
-from featsteer.models import ModelAdapter
+from featsteer.models import NORM_KINDS, ModelAdapter
 
 WRITES = "writes"
 """Every residual write: `hook_embed` (and `hook_pos_embed`), each layer's `attn_out` and `mlp_out`.
@@ -44,7 +44,7 @@ def resolve_sites(model: ModelAdapter, where: str | Sequence[str]) -> list[str]:
     if where == LAYERS:
         return model.hook_names(("resid_pre",))
     if where == NORMS:
-        return model.hook_names(("ln1_normalized", "ln2_normalized"))
+        return model.hook_names(NORM_KINDS)
     names = [where] if isinstance(where, str) else list(where)
     for name in names:
         if model.hook_site(name).kind == "attn_z":

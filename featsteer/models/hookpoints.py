@@ -11,10 +11,6 @@ from dataclasses import dataclass
 
 from featsteer.errors import FeatsteerError
 
-LAYER_KINDS: tuple[str, ...] = (
-    "resid_pre", "ln1_normalized", "attn_out", "resid_mid", "ln2_normalized", "mlp_out", "resid_post",
-)
-"""Per-layer hook kinds, in the order they fire inside one decoder layer."""
 RESIDUAL_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
 """The kinds that are the residual stream or a write into it (named `blocks.{l}.hook_{kind}`)."""
 NORM_KINDS: tuple[str, ...] = ("ln1_normalized", "ln2_normalized")
@@ -34,6 +30,8 @@ _SUFFIX = {kind: f"hook_{kind}" for kind in RESIDUAL_KINDS} | {
 }
 _FIRING = ("resid_pre", "ln1_normalized", "attn_z", "attn_out", "resid_mid", "ln2_normalized", "mlp_out", "resid_post")
 """Every per-layer kind in the order it fires inside one decoder layer."""
+LAYER_KINDS: tuple[str, ...] = tuple(kind for kind in _FIRING if kind not in HEAD_KINDS)
+"""Per-layer `d_model`-wide hook kinds, in the order they fire inside one decoder layer."""
 _KIND_OF_SUFFIX = {suffix: kind for kind, suffix in _SUFFIX.items()}
 _GLOBAL_NAMES = {"hook_embed": "embed", "hook_pos_embed": "pos_embed", "ln_final.hook_normalized": "ln_final_normalized"}
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(s) for s in _SUFFIX.values()) + r")$")
