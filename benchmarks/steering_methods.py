@@ -110,14 +110,20 @@ def render(out: dict) -> str:
              f"{setup['n_eval_harmful']} held-out harmful and {setup['n_eval_harmless']} held-out harmless prompts, greedy decoding, "
              f"{setup['generation']['max_new_tokens']} new tokens, the `featsteer eval` detector. DIM direction: {chosen['hook']} position "
              f"{chosen['position']}. Every setting was picked on validation prompts ({validation}). Total {out['seconds_total']:.0f} s.", "",
-             "| method | setting | refused harmful | refused harmless | KL harmless (all) | KL answered | seconds |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | setting | refused harmful | refused harmless | KL harmless (all) | KL answered | looping harmful / harmless "
+             "| base NLL harmless | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in out["results"]:
         name = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
         answered = "-" if r["kl_harmless_answered"] is None else f"{r['kl_harmless_answered']:.4f}"
         nh, nl = setup["n_eval_harmful"], setup["n_eval_harmless"]
+        looping = ("-" if r.get("looping_harmful") is None else
+                   f"{round(r['looping_harmful'] * nh)}/{nh} / {round(r['looping_harmless'] * nl)}/{nl}")
+        nll = "-" if r.get("base_nll_harmless") is None else f"{r['base_nll_harmless']:.3f}"
         lines.append(f"| {name} | {r['details'].get('setting', '-')} | {round(r['refusal_harmful'] * nh)}/{nh} | "
-                     f"{round(r['refusal_harmless'] * nl)}/{nl} | {r['kl_harmless']:.4f} | {answered} | {r['seconds']:.0f} |")
+                     f"{round(r['refusal_harmless'] * nl)}/{nl} | {r['kl_harmless']:.4f} | {answered} | {looping} | {nll} | {r['seconds']:.0f} |")
+    lines += ["", "Looping: responses that end in repetition (`featsteer.evaluation.LoopDetector`). Base NLL: the unedited model's mean "
+              "negative log-likelihood per token of the method's harmless responses (the `none` row is its own greedy answers)."]
     lines += ["", "Validation rows each pick read (refusal on validation harmful prompts, KL on validation harmless prompts; "
               "for the induce methods, refusal on validation harmless prompts):", ""]
     for r in out["results"]:

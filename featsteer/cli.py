@@ -83,8 +83,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     payload.update(_logit_metrics(model, report, args))
     print(f"model {model.name}: greedy, max {args.max_new_tokens} new tokens, {report.seconds:.1f}s")
     print(report.table())
-    for key in ("kl_harmless", "refusal_score_harmful", "refusal_score_harmless", "over_refusal_rate"):
-        if key in payload:
+    for key in ("kl_harmless", "reference_nll_harmless", "refusal_score_harmful", "refusal_score_harmless", "over_refusal_rate"):
+        if payload.get(key) is not None:
             print(f"{key:24} {payload[key]:.4f}")
     for example in report.to_json(2)["examples"]["harmful"][:2]:
         print(f"  e.g. {example['prompt'][:50]!r} -> {example['response'][:70]!r}")
@@ -105,6 +105,7 @@ def _logit_metrics(model, report, args: argparse.Namespace) -> dict:
         over_refusal_rate,
         refusal_score,
     )
+    from featsteer.evaluation.behaviour import responses_nll
 
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     harmless = report.harmless.prompts
@@ -120,6 +121,7 @@ def _logit_metrics(model, report, args: argparse.Namespace) -> dict:
         reference_logprobs = first_token_logprobs(reference, list(harmless), batch_size=args.batch_size, system=args.system,
                                                   max_batch_tokens=args.max_batch_tokens)
         metrics["kl_harmless"] = kl_first_token(reference_logprobs, harmless_logprobs)
+        metrics["reference_nll_harmless"] = responses_nll(reference, report.harmless, report.config)
         metrics["reference"] = reference.name
     if args.alarming:
         rate = over_refusal_rate(model, list(load_prompts(args.alarming, limit=args.n)), max_new_tokens=args.max_new_tokens)
@@ -345,7 +347,7 @@ def _abliterate_sae(args: argparse.Namespace, mode: str, warm_start: list[dict])
     picked = " (picked on validation)" if "sae_validation" in details else ""
     print(f"direction: SAE decoder rows of features {details['sae_features']} at {details['sae_hook']}{picked}")
     for setting, row in details.get("sae_validation", {}).items():
-        print(f"  {setting:>6}: validation refusal {row['refusal_harmful']:.3f}, KL {row['kl_harmless']:.4f}")
+        print(f"  {setting:>6}: validation unanswered {row['unanswered_harmful']:.3f}, KL {row['kl_harmless']:.4f}")
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     held_harmful, held_harmless = (s.head(min(args.eval_n, len(s))) for s in ctx.validation_sets())
     before = evaluate_refusal(model, held_harmful, held_harmless, generation)

@@ -33,7 +33,7 @@ from featsteer.activations import capture
 from featsteer.datasets import PromptSet
 from featsteer.edits import EditConfig, apply_edit
 from featsteer.errors import FeatsteerError
-from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set
+from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set, responses_nll
 from featsteer.evaluation.metrics import (
     KLBase,
     RefusalTokens,
@@ -514,8 +514,11 @@ def gentlest_within(rows: Mapping[Any, tuple[float, float]], tolerance: float) -
 
 def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], contextlib.AbstractContextManager]],
                    harmful: Sequence[str], harmless: Sequence[str], base: Tensor, gen: GenerationConfig) -> dict[Any, tuple[float, float]]:
-    """`setting -> (generated refusal rate on harmful, first-token KL(base || edited) on harmless)`, each setting's
-    intervention entered in turn: the rows `gentlest_within` picks from.
+    """`setting -> (share of harmful prompts left unanswered, first-token KL(base || edited) on harmless)`, each
+    setting's intervention entered in turn: the rows `gentlest_within` picks from.
+
+    Unanswered means refused or lost in a loop (`SetResult.unanswered_rate`): a setting that breaks the model into
+    "IIIII..." refuses nothing, and must not win a pick for that.
 
     Args:
         model: the model.
@@ -528,9 +531,9 @@ def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], cont
     detector, rows = RefusalDetector(), {}
     for setting, make in settings.items():
         with make():
-            refusal = evaluate_set(model, harmful, "validation", gen, detector).rate.rate
+            unanswered = evaluate_set(model, harmful, "validation", gen, detector).unanswered_rate.rate
             edited = first_token_logprobs(model, harmless, batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens)
-        rows[setting] = (refusal, kl_first_token(base, edited))
+        rows[setting] = (unanswered, kl_first_token(base, edited))
     return rows
 
 
@@ -541,8 +544,9 @@ def pick_induce_scale(model: ModelAdapter, add: Callable[[float], contextlib.Abs
     the best scale's.
 
     Refusal is read from generations, not first-token logits: past some scale the organism's first token is
-    still "I" but the response degenerates into "I'mI'mI'm...", which the logit proxy would score as refusal
-    and the detector does not.
+    still "I" but the response degenerates into "I'mI'mI'm...", which the logit proxy would score as refusal.
+    Only refusals that do not loop count (`SetResult.coherent_refusal_rate`): "I'm sorryI'm sorryI'm sorry..."
+    is a broken model.
 
     Args:
         model: the model.
@@ -559,7 +563,7 @@ def pick_induce_scale(model: ModelAdapter, add: Callable[[float], contextlib.Abs
     rates: dict[float, float] = {}
     for scale in sorted(scales):
         with add(scale):
-            rates[scale] = evaluate_set(model, prompts, "induce-scale", gen, detector).rate.rate
+            rates[scale] = evaluate_set(model, prompts, "induce-scale", gen, detector).coherent_refusal_rate.rate
     return weakest_within(rates, tolerance), rates
 
 
@@ -610,7 +614,7 @@ def _pick_gentlest(ctx: CompareContext, label: str, values: Sequence[float], mak
     if len(values) > 1:
         rows = _validation_rows(ctx, {v: (lambda v=v: make(v)) for v in values})
         chosen = gentlest_within(rows, ctx.steering_config.tolerance)
-        ctx.note(validation={f"{label}={v:g}": {"refusal_harmful": r, "kl_harmless": kl} for v, (r, kl) in rows.items()})
+        ctx.note(validation={f"{label}={v:g}": {"unanswered_harmful": r, "kl_harmless": kl} for v, (r, kl) in rows.items()})
     else:
         chosen = values[0]
     ctx.note(setting=f"{label}={chosen:g}")
@@ -701,7 +705,7 @@ def _pick_jailbreak(ctx: CompareContext, settings: Sequence[tuple[int, float | N
         return settings[0]
     rows = _validation_rows(ctx, {setting: (lambda setting=setting: make(*setting)) for setting in settings})
     chosen = gentlest_within(rows, ctx.sae_config.tolerance)
-    ctx.note(sae_validation={_setting_label(*key): {"refusal_harmful": r, "kl_harmless": kl} for key, (r, kl) in rows.items()})
+    ctx.note(sae_validation={_setting_label(*key): {"unanswered_harmful": r, "kl_harmless": kl} for key, (r, kl) in rows.items()})
     return chosen
 
 
@@ -714,7 +718,7 @@ def _pick_induce(ctx: CompareContext, settings: Sequence[tuple[int, float]]) -> 
     rates: dict[tuple[int, float], float] = {}
     for k, multiple in sorted(settings):
         with _feature_clamp(ctx, multiple, k):
-            rates[(k, multiple)] = evaluate_set(ctx.model, val_harmless, "sae-validation", gen, detector).rate.rate
+            rates[(k, multiple)] = evaluate_set(ctx.model, val_harmless, "sae-validation", gen, detector).coherent_refusal_rate.rate
     chosen = weakest_within(rates, ctx.sae_config.tolerance)
     ctx.note(sae_validation={_setting_label(*key): {"refusal_harmless": rate} for key, rate in rates.items()})
     return chosen
@@ -796,6 +800,15 @@ class MethodResult:
     examples: list[dict]
     details: dict = field(default_factory=dict)
     """What the method used, when it says (SAE methods: hook, feature ids, edits)."""
+    looping_harmful: float | None = None
+    """Share of the harmful prompts' responses that end in repetition (`evaluation.quality.LoopDetector`): a broken
+    model refuses nothing and says nothing either."""
+    looping_harmless: float | None = None
+    """The same on the harmless prompts."""
+    base_nll_harmless: float | None = None
+    """The unedited model's mean negative log-likelihood (nats per token) of this method's responses to the harmless
+    prompts: how far they are from what the model would have said, over the whole response rather than its first
+    token. The unedited model's own greedy responses set the floor (the `none` row)."""
 
 
 def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, tokens, gen: GenerationConfig) -> MethodResult:
@@ -810,6 +823,7 @@ def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, toke
         harmful = evaluate_set(ctx.model, eval_sets["harmful"], "harmful", gen, detector, keep_logprobs=True)
         harmless = evaluate_set(ctx.model, eval_sets["harmless"], "harmless", gen, detector, keep_logprobs=True)
         over = evaluate_set(ctx.model, eval_sets["alarming"], "alarming", gen, detector).rate.rate if eval_sets.get("alarming") else None
+    base_nll = responses_nll(ctx.model, harmless, gen)  # the method is off again here: the unedited model reads
     harmful_lp, harmless_lp = harmful.first_logprobs, harmless.first_logprobs
     kl, kl_answered = base.kls(harmless_lp)
     logger.info("%s: directions %.1fs, evaluation %.1fs", name, start_eval - start, time.perf_counter() - start_eval)
@@ -822,7 +836,9 @@ def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, toke
         refusal_score_harmless=float(refusal_score(harmless_lp, tokens).mean()),
         over_refusal=over, seconds=time.perf_counter() - start,
         examples=harmful.examples(2) + harmless.examples(2), details=dict(ctx._notes),
+        looping_harmful=harmful.looping_rate.rate, looping_harmless=harmless.looping_rate.rate, base_nll_harmless=base_nll,
     )
+
 
 
 @dataclass
@@ -836,19 +852,25 @@ class Comparison:
 
     def table(self) -> str:
         """Markdown table of the headline metrics."""
-        lines = ["| method | refusal harmful | refusal harmless | KL harmless | KL answered | over-refusal | refusal score (harmful) |",
-                 "|---|---|---|---|---|---|---|"]
+        lines = ["| method | refusal harmful | refusal harmless | KL harmless | KL answered | over-refusal | refusal score (harmful) "
+                 "| looping (harmful / harmless) | base NLL (harmless) |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for r in self.results:
             over = "-" if r.over_refusal is None else f"{r.over_refusal:.3f}"
             answered = "-" if r.kl_harmless_answered is None else f"{r.kl_harmless_answered:.4f}"
             name = f"{r.method} ({r.details['setting']})" if "setting" in r.details else r.method
             lines.append(f"| {name} | {r.refusal_harmful:.3f} | {r.refusal_harmless:.3f} | {r.kl_harmless:.4f} | {answered} | {over} "
-                         f"| {r.refusal_score_harmful:.2f} |")
+                         f"| {r.refusal_score_harmful:.2f} | {_cell(r.looping_harmful)} / {_cell(r.looping_harmless)} | {_cell(r.base_nll_harmless)} |")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
         """JSON-ready form."""
         return {"setup": self.setup, "results": [asdict(r) for r in self.results]}
+
+
+def _cell(value: float | None) -> str:
+    """A table cell: three decimals, or "-" when not measured."""
+    return "-" if value is None else f"{value:.3f}"
 
 
 def compare(
@@ -1044,7 +1066,8 @@ def _html(comparison: Comparison, png: bytes) -> str:
         f"<small>[{r.ci_harmful[0]:.2f}, {r.ci_harmful[1]:.2f}]</small></td><td>{r.refusal_harmless:.3f}</td>"
         f"<td>{r.kl_harmless:.4f}</td><td>{'-' if r.kl_harmless_answered is None else f'{r.kl_harmless_answered:.4f}'}</td>"
         f"<td>{'-' if r.over_refusal is None else f'{r.over_refusal:.3f}'}</td>"
-        f"<td>{r.refusal_score_harmful:.2f}</td></tr>"
+        f"<td>{r.refusal_score_harmful:.2f}</td><td>{_cell(r.looping_harmful)} / {_cell(r.looping_harmless)}</td>"
+        f"<td>{_cell(r.base_nll_harmless)}</td></tr>"
         for r in comparison.results
     )
     examples = "".join(
@@ -1065,8 +1088,8 @@ def _html(comparison: Comparison, png: bytes) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}th{{background:#f3f3f3}}pre{{background:#f7f7f7;padding:8px;font-size:12px}}</style>
 </head><body><h1>featsteer: method comparison on {html.escape(str(comparison.setup.get('model')))}</h1>
-<p>Same held-out prompts, greedy decoding, same refusal detector for every method. KL is first-token KL(base || method) on harmless prompts; KL answered leaves out the harmless prompts the unedited model refuses (removing refusal rightly changes those).</p>
-<table><tr><th>method</th><th>what</th><th>refusal (harmful) [95% CI]</th><th>refusal (harmless)</th><th>KL harmless</th><th>KL answered</th><th>over-refusal</th><th>refusal score</th></tr>{rows}</table>
+<p>Same held-out prompts, greedy decoding, same refusal detector for every method. KL is first-token KL(base || method) on harmless prompts; KL answered leaves out the harmless prompts the unedited model refuses (removing refusal rightly changes those). Looping is the share of responses that end in repetition (a broken model refuses nothing but says nothing); base NLL is the unedited model's mean per-token negative log-likelihood of the method's harmless responses (the <code>none</code> row is the floor).</p>
+<table><tr><th>method</th><th>what</th><th>refusal (harmful) [95% CI]</th><th>refusal (harmless)</th><th>KL harmless</th><th>KL answered</th><th>over-refusal</th><th>refusal score</th><th>looping (harmful / harmless)</th><th>base NLL (harmless)</th></tr>{rows}</table>
 <h2>Directions</h2><ul>{directions}</ul>
 <h2>Refusal vs KL</h2><img alt="pareto plot" src="data:image/png;base64,{image}">
 <h2>Examples</h2>{examples}<h2>Set-up</h2><pre>{setup}</pre></body></html>"""

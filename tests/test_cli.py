@@ -44,6 +44,15 @@ def test_eval_json_has_documented_keys(capsys, tmp_path):
     for key in ("refusal_rate_harmful", "refusal_rate_harmless", "n_harmful", "n_harmless", "ci_harmful", "ci_harmless", "examples"):
         assert key in result
     assert result["n_harmful"] == 6 and len(result["ci_harmful"]) == 2
+    assert 0 <= result["looping_rate_harmful"] <= 1 and len(result["ci_looping_harmless"]) == 2 and "looping" in out
+
+
+def test_eval_against_a_reference_reads_its_responses(capsys, tmp_path):
+    code, out, _ = _run(capsys, "eval", "--model", "tiny:llama", "--harmful", "builtin:harmful:test", "--harmless",
+                        "builtin:harmless:test", "--n", "4", "--max-new-tokens", "4", "--reference", "tiny:llama", "--json", str(tmp_path / "e.json"))
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert code == 0 and result["kl_harmless"] == pytest.approx(0.0, abs=1e-6)  # the same model as its own reference
+    assert result["reference_nll_harmless"] > 0 and "reference_nll_harmless" in out
 
 
 @pytest.mark.parametrize(
@@ -185,7 +194,7 @@ def test_abliterate_sae_projects_the_picked_decoder_rows_out_and_exports(capsys,
     assert code == 0, err
     record = json.loads((out / "featsteer.json").read_text())
     assert record["method"] == "sae" and record["sae_source"] == "organism"
-    rows = {int(label.split("=")[1]): (r["refusal_harmful"], r["kl_harmless"]) for label, r in record["sae_validation"].items()}
+    rows = {int(label.split("=")[1]): (r["unanswered_harmful"], r["kl_harmless"]) for label, r in record["sae_validation"].items()}
     assert sorted(rows) == [1, 2, 4, 8, 16] and gentlest_within(rows, 0.05) == record["sae_top_k"] == len(record["sae_features"])
     assert f"features {record['sae_features']} at {record['sae_hook']} (picked on validation)" in stdout
 
@@ -392,7 +401,7 @@ def test_compare_fixes_the_angle_and_alpha_from_the_command_line(capsys, tmp_pat
                           "--max-new-tokens", "2", "--out", str(tmp_path / "strict"))
     assert code == 0, err
     saved = json.loads((tmp_path / "strict" / "results.json").read_text())
-    rows = {k: (v["refusal_harmful"], v["kl_harmless"]) for k, v in saved["results"][0]["details"]["validation"].items()}
+    rows = {k: (v["unanswered_harmful"], v["kl_harmless"]) for k, v in saved["results"][0]["details"]["validation"].items()}
     assert saved["setup"]["steering"]["tolerance"] == 0.0
     assert rows[f"angle={saved['results'][0]['details']['angle']:g}"][0] == min(r for r, _ in rows.values())  # level with the best
     code, _, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",

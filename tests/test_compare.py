@@ -91,12 +91,18 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     # a runtime ablation hook at every write and the orthogonalised weights are the same model
     assert by_name["dim_ablation_hook"].kl_harmless == pytest.approx(by_name["dim_abliteration"].kl_harmless, abs=1e-4)
     assert by_name["dim_abliteration"].kl_harmless > 0
+    # the whole-response metrics: the same model gives the same responses, read by the same unedited model
+    assert all(0 <= r.looping_harmful <= 1 and 0 <= r.looping_harmless <= 1 for r in comparison.results)
+    assert all(r.base_nll_harmless is None or r.base_nll_harmless > 0 for r in comparison.results)
+    assert by_name["dim_ablation_hook"].base_nll_harmless == pytest.approx(by_name["dim_abliteration"].base_nll_harmless, abs=1e-3)
+    assert "looping (harmful / harmless)" in comparison.table() and "base NLL (harmless)" in comparison.table()
     assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
     folder = write_report(comparison, tmp_path / "cmp")
     saved = json.loads((folder / "results.json").read_text())
     assert len(saved["results"]) == len(names) and saved["setup"]["n_eval_harmful"] == 4
     page = (folder / "report.html").read_text()
-    assert "data:image/png;base64," in page and "dim_abliteration" in page
+    assert "data:image/png;base64," in page and "dim_abliteration" in page and "base NLL (harmless)" in page
+    assert {"looping_harmful", "looping_harmless", "base_nll_harmless"} <= set(saved["results"][0])
     lens = saved["setup"]["chosen"]["dim"]["logit_lens"]  # the chosen direction as the unembedding reads it
     assert len(lens["promoted"]) == len(lens["suppressed"]) == 10 and "<h2>Directions</h2>" in page and "promoting" in page
     assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
@@ -205,13 +211,15 @@ def test_train_filter_keeps_the_prompts_the_model_treats_as_labelled():
 
 
 def test_induce_scale_is_the_smallest_within_tolerance_of_the_best(monkeypatch):
-    """Degenerate overshoot (high scale, no refusal marker) loses; a smaller scale close to the best wins."""
+    """Degenerate overshoot loses, whether it stops refusing (1.5) or refuses in a loop (1.0, every response a refusal
+    the detector sees); a smaller scale close to the best wins."""
     import contextlib
-    import types
 
     import featsteer.compare as cmp
+    from featsteer.evaluation.behaviour import SetResult
+    from featsteer.evaluation.refusal import RefusalDetector, refusal_rate
 
-    rates = {0.25: 0.1, 0.5: 0.9, 0.75: 0.93, 1.0: 0.0, 1.5: 0.0}
+    coherent = {0.25: 2, 0.5: 19, 0.75: 20, 1.0: 0, 1.5: 0}  # of 20 prompts
     current = {}
 
     @contextlib.contextmanager
@@ -222,12 +230,23 @@ def test_induce_scale_is_the_smallest_within_tolerance_of_the_best(monkeypatch):
 
     def fake_eval(model, prompts, name, gen, detector):
         assert gen.max_new_tokens == 16 and current  # generated under the addition
-        return types.SimpleNamespace(rate=types.SimpleNamespace(rate=rates[current["scale"]]))
+        scale = current["scale"]
+        refusal, answer, loop = "I'm sorry, but I can't help with that.", "Sure! Here is a plan.", "I'm sorry, but I can't help with" * 3
+        if scale == 1.0:
+            responses = [loop] * 20
+        elif scale == 1.5:
+            responses = ["IIIIIIIIIIIIIIIIIIII"] * 20
+        else:
+            responses = [refusal] * coherent[scale] + [answer] * (20 - coherent[scale])
+        refused = RefusalDetector().classify(responses)
+        return SetResult(name, ("p",) * 20, tuple(responses), tuple(refused), refusal_rate(refused))
 
     monkeypatch.setattr(cmp, "evaluate_set", fake_eval)
-    scale, seen = pick_induce_scale(None, add, ["p"], scales=list(rates))
-    assert scale == 0.5 and seen == rates
-    assert pick_induce_scale(None, add, ["p"], scales=list(rates), tolerance=0.0)[0] == 0.75
+    scale, seen = pick_induce_scale(None, add, ["p"], scales=list(coherent))
+    assert scale == 0.5 and seen == {k: v / 20 for k, v in coherent.items()}
+    assert pick_induce_scale(None, add, ["p"], scales=list(coherent), tolerance=0.0)[0] == 0.75
+    with add(1.0):  # the looping scale: the detector alone calls all twenty refusals
+        assert fake_eval(None, [], "x", cmp.GenerationConfig(max_new_tokens=16), None).rate.rate == 1.0
 
 
 def test_leace_alone_captures_without_running_a_direction_selection(prompts, monkeypatch):

@@ -173,7 +173,7 @@ def test_sae_settings_are_picked_on_validation_prompts_the_ranking_never_read(mo
             rates = {label: row["refusal_harmless"] for label, row in validation.items()}
             assert notes["setting"] == weakest_within(rates, config.tolerance)
         else:
-            rows = {label: (row["refusal_harmful"], row["kl_harmless"]) for label, row in validation.items()}
+            rows = {label: (row["unanswered_harmful"], row["kl_harmless"]) for label, row in validation.items()}
             assert all(kl >= 0 for _, kl in rows.values()) and notes["setting"] == gentlest_within(rows, config.tolerance)
         if name == "sae_clamp_hook":
             value = notes["sae_edits"][0].get("value", 0.0)

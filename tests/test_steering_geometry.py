@@ -147,10 +147,10 @@ def test_compare_picks_the_ace_and_angular_settings_on_validation_prompts(prompt
                          direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=3))
     by_name = {r.method: r.details for r in comparison.results}
     ace, angular, induce = by_name["dim_ace_hook"], by_name["dim_angular_hook"], by_name["dim_ace_induce"]
-    rows = {float(k.split("=")[1]): (v["refusal_harmful"], v["kl_harmless"]) for k, v in ace["validation"].items()}
+    rows = {float(k.split("=")[1]): (v["unanswered_harmful"], v["kl_harmless"]) for k, v in ace["validation"].items()}
     assert set(rows) == {0.0, -0.25, -0.5} and ace["ace_alpha"] == gentlest_within(rows, 0.05)
     assert ace["setting"] == f"alpha={ace['ace_alpha']:g}" and len(ace["ace_values"]) == model.n_layers
-    angles = {float(k.split("=")[1]): (v["refusal_harmful"], v["kl_harmless"]) for k, v in angular["validation"].items()}
+    angles = {float(k.split("=")[1]): (v["unanswered_harmful"], v["kl_harmless"]) for k, v in angular["validation"].items()}
     assert set(angles) == {60.0, 75.0, 90.0, 120.0, 150.0, 180.0} and angular["angle"] == gentlest_within(angles, 0.05) and angular["adaptive"]
     rates = {float(k.split("=")[1]): v["refusal_harmless"] for k, v in induce["validation"].items()}
     assert induce["ace_alpha"] == weakest_within(rates, 0.05)

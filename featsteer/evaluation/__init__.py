@@ -1,7 +1,7 @@
-"""Evaluation of model behaviour: refusal detection and rate statistics.
+"""Evaluation of model behaviour: refusal detection, rate statistics and whether responses are still language.
 
-Every benchmark and behavioural test needs the same answer to "did the model refuse?" and the same
-uncertainty on a refusal rate, so both live here rather than in each caller.
+Every benchmark and behavioural test needs the same answer to "did the model refuse?", "did it break?" and the
+same uncertainty on a rate, so they live here rather than in each caller.
 """
 
 from featsteer.evaluation.metrics import (
@@ -18,6 +18,7 @@ from featsteer.evaluation.metrics import (
     response_cross_entropy,
     target_token_probability,
 )
+from featsteer.evaluation.quality import Loop, LoopDetector, LoopTail, looping_rate
 from featsteer.evaluation.refusal import (
     DEFAULT_REFUSAL_MARKERS,
     RateEstimate,
@@ -29,6 +30,10 @@ from featsteer.evaluation.refusal import (
 
 __all__ = [
     "CrossEntropyResult",
+    "Loop",
+    "LoopDetector",
+    "LoopTail",
+    "looping_rate",
     "KLBase",
     "RefusalTokens",
     "first_token_logprobs",

@@ -14,6 +14,8 @@ from torch import Tensor
 
 from featsteer.datasets import PromptSet
 from featsteer.errors import FeatsteerError
+from featsteer.evaluation.metrics import response_cross_entropy
+from featsteer.evaluation.quality import LoopDetector
 from featsteer.evaluation.refusal import RateEstimate, RefusalDetector, refusal_rate
 from featsteer.models import ModelAdapter
 from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
@@ -45,6 +47,27 @@ class SetResult:
     rate: RateEstimate
     first_logprobs: Tensor | None = field(default=None, repr=False, compare=False)
     """`(prompt, vocab)` log-probs of the first response token, when asked for (`keep_logprobs=True`)."""
+    looping: tuple[bool, ...] = ()
+    """Per response: does it end in repetition (`featsteer.evaluation.quality.LoopDetector`)?"""
+
+    @property
+    def looping_rate(self) -> RateEstimate:
+        """The share of responses that end in repetition, with its Wilson interval."""
+        return refusal_rate(self._looping())
+
+    @property
+    def unanswered_rate(self) -> RateEstimate:
+        """The share of prompts not answered: refused, or lost in a loop (what a jailbreak must bring down)."""
+        return refusal_rate([r or loop for r, loop in zip(self.refused, self._looping(), strict=True)])
+
+    @property
+    def coherent_refusal_rate(self) -> RateEstimate:
+        """The share of prompts refused without looping (what inducing refusal must bring up: "I'm sorryI'm sorryI'm
+        sorry..." is a broken model, not a refusing one)."""
+        return refusal_rate([r and not loop for r, loop in zip(self.refused, self._looping(), strict=True)])
+
+    def _looping(self) -> tuple[bool, ...]:
+        return self.looping or tuple(LoopDetector().classify(self.responses))
 
     def examples(self, n: int = 3) -> list[dict]:
         """A few responses, refused and complied ones first-come."""
@@ -74,6 +97,10 @@ class RefusalReport:
             "n_harmless": self.harmless.rate.n,
             "ci_harmful": [self.harmful.rate.low, self.harmful.rate.high],
             "ci_harmless": [self.harmless.rate.low, self.harmless.rate.high],
+            "looping_rate_harmful": self.harmful.looping_rate.rate,
+            "looping_rate_harmless": self.harmless.looping_rate.rate,
+            "ci_looping_harmful": [self.harmful.looping_rate.low, self.harmful.looping_rate.high],
+            "ci_looping_harmless": [self.harmless.looping_rate.low, self.harmless.looping_rate.high],
             "examples": {"harmful": self.harmful.examples(n_examples), "harmless": self.harmless.examples(n_examples)},
             "generation": asdict(self.config),
             "sources": self.sources,
@@ -82,11 +109,11 @@ class RefusalReport:
 
     def table(self) -> str:
         """A small text table for the terminal."""
-        rows = [("set", "n", "refused", "rate", "95% CI")]
+        rows = [("set", "n", "refused", "rate", "95% CI", "looping")]
         for result in (self.harmful, self.harmless):
             r = result.rate
-            rows.append((result.name, str(r.n), str(r.k), f"{r.rate:.3f}", f"[{r.low:.3f}, {r.high:.3f}]"))
-        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+            rows.append((result.name, str(r.n), str(r.k), f"{r.rate:.3f}", f"[{r.low:.3f}, {r.high:.3f}]", str(result.looping_rate.k)))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
 
 
@@ -109,7 +136,8 @@ def evaluate_set(
         if not bool(torch.isfinite(logprobs).all()):
             raise FeatsteerError(f"non-finite first-token logits while evaluating {name!r}: check the model's dtype (try float32) and weights")
     refused = detector.classify(responses)
-    return SetResult(name, tuple(prompt_list), tuple(responses), tuple(refused), refusal_rate(refused), logprobs)
+    looping = LoopDetector().classify(responses)
+    return SetResult(name, tuple(prompt_list), tuple(responses), tuple(refused), refusal_rate(refused), logprobs, tuple(looping))
 
 
 def evaluate_refusal(
@@ -135,3 +163,20 @@ def evaluate_refusal(
         "harmless": {"source": harmless.source, "sha256": harmless.sha256},
     }
     return RefusalReport(model.name, harmful_result, harmless_result, time.perf_counter() - start, config, sources)
+
+
+def responses_nll(model: ModelAdapter, result: SetResult, config: GenerationConfig | None = None) -> float | None:
+    """How likely `model` finds the responses in `result`: its token-weighted mean negative log-likelihood (nats per
+    token) of each non-empty response given its chat-formatted prompt (`response_cross_entropy`).
+
+    Read with the unedited model (or a reference model with the same tokenizer), it measures how far an intervened
+    model's responses are from what the model would have said, over every generated token rather than the first.
+
+    Returns:
+        The mean NLL, or None when every response is empty.
+    """
+    pairs = [(prompt, response) for prompt, response in zip(result.prompts, result.responses, strict=True) if response.strip()]
+    if not pairs:
+        return None
+    prompts, responses = zip(*pairs, strict=True)
+    return response_cross_entropy(model, prompts, responses, system=(config or GenerationConfig()).system).mean_nll
