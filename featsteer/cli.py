@@ -57,13 +57,13 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 
 
 def _expand_hooks(spec: str, model) -> list[str]:
-    """`all` / `resid_pre` / `resid_pre:2,4` / explicit comma-separated hook names."""
-    from featsteer.models import LAYER_KINDS
+    """`all` / `resid_pre` / `resid_pre:2,4` / `attn_z:1` / explicit comma-separated hook names."""
+    from featsteer.models import HEAD_KINDS, LAYER_KINDS
 
     if spec == "all":
         return model.hook_names(("resid_pre",))
     kind, _, layers = spec.partition(":")
-    if kind in LAYER_KINDS:
+    if kind in LAYER_KINDS + HEAD_KINDS:
         layer_ids = [int(x) for x in layers.split(",")] if layers else None
         return model.hook_names((kind,), layer_ids)
     return [h.strip() for h in spec.split(",") if h.strip()]

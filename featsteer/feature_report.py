@@ -36,9 +36,9 @@ from featsteer.activations import ActivationSet, Positions, capture
 from featsteer.directions import DirectionSet, difference_in_means
 from featsteer.directions.geometry import direct_logits, token_text
 from featsteer.errors import FeatsteerError
-from featsteer.features import METRICS, FeatureScores, hook_layer, score_features
+from featsteer.features import METRICS, FeatureScores, hook_layer, residual_writes, score_features
 from featsteer.models import ModelAdapter
-from featsteer.sae import encode_activations, validate_sae
+from featsteer.sae import encode_activations, reads_heads, validate_sae
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -247,16 +247,20 @@ def decoder_dim_cosines(sae: SAE, direction: Float[Tensor, " d_model"]) -> Float
 
 
 def feature_logits(model: ModelAdapter, sae: SAE, feature_ids: int | Sequence[int]) -> Float[Tensor, "n vocab"]:
-    """Direct logit effect of features' decoder rows (`directions.direct_logits`: `W_U (gain * W_dec[f])`, float32, cpu)."""
+    """Direct logit effect of features' decoder rows (`directions.direct_logits`: `W_U (gain * W_dec[f])`, float32, cpu);
+    a hook_z SAE's head-space rows are first pushed through the attention output projection (`residual_writes`)."""
     ids = [feature_ids] if isinstance(feature_ids, int) else [int(i) for i in feature_ids]
     bad = [i for i in ids if not 0 <= i < sae.cfg.d_sae]
     if bad:
         raise FeatsteerError(f"feature id {bad[0]} is out of range: this SAE has d_sae={sae.cfg.d_sae} features")
-    return direct_logits(model, sae.W_dec.detach()[ids])
+    return direct_logits(model, residual_writes(model, sae, ids))
 
 
 def promoted_tokens(model: ModelAdapter, sae: SAE, feature_id: int, n: int = 10) -> tuple[tuple[TokenScore, ...], tuple[TokenScore, ...]]:
-    """The `n` tokens a feature's decoder row promotes most and the `n` it suppresses most (strongest first)."""
+    """The `n` tokens a feature's decoder row promotes most and the `n` it suppresses most (strongest first); none for a
+    hook_z SAE on a model whose attention output is normalised before the stream (Gemma 2/3: no fixed residual write)."""
+    if model.post_norms and reads_heads(sae):
+        return (), ()
     logits = feature_logits(model, sae, feature_id)[0]
     k = min(n, logits.shape[0])
     top, bottom = torch.topk(logits, k), torch.topk(-logits, k)

@@ -67,18 +67,22 @@ def build_training_sae(
     sparsity_coefficient: float | None = None,
     normalize_activations: bool = True,
     n_steps: int = 1000,
+    reshape_activations: str = "none",
 ) -> TrainingSAE:
     """A freshly initialised sae_lens training SAE (seed torch first for reproducibility).
 
     Args:
         architecture: key of `ARCHITECTURES`.
-        d_in: input width (the model's `d_model`).
+        d_in: input width (the model's `d_model`; `n_heads * d_head` for an SAE on the attention heads, hook_z).
         d_sae: number of features.
         metadata: sae_lens metadata (hook_name, model_name, ...), saved with the SAE.
         k: active features (topk/batchtopk); default `DEFAULT_K`.
         sparsity_coefficient: L1/L0 penalty (standard/jumprelu); default from the registry.
         normalize_activations: train on inputs rescaled to mean norm sqrt(d_in).
         n_steps: planned optimiser steps (penalty warm-ups are a fraction of it).
+        reshape_activations: sae_lens' `reshape_activations`: `"hook_z"` for an SAE on `blocks.{l}.attn.hook_z`, so the
+            saved inference SAE flattens `(..., n_heads, d_head)` inputs itself as sae_lens' hook_z SAEs do (training reads
+            flat rows either way), else `"none"`.
 
     Raises:
         FeatsteerError: unknown architecture, or `k` not below `d_sae`.
@@ -87,7 +91,8 @@ def build_training_sae(
     if spec is None:
         raise FeatsteerError(f"unknown SAE architecture '{architecture}': use one of {', '.join(ARCHITECTURES)}")
     fields: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae, "metadata": metadata, **spec.extra(n_steps),
-                              "normalize_activations": "expected_average_only_in" if normalize_activations else "none"}
+                              "normalize_activations": "expected_average_only_in" if normalize_activations else "none",
+                              "reshape_activations": reshape_activations}
     if spec.uses_k:
         active = DEFAULT_K if k is None else k
         if active >= d_sae:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from featsteer.errors import FeatsteerError
-from featsteer.models import LAYER_KINDS
+from featsteer.models.hookpoints import HEAD_KINDS, LAYER_KINDS
 from sae_training.architectures import ARCHITECTURES
 from sae_training.config import ArchitectureConfig, DataConfig, OptimConfig, TrainConfig
 
@@ -53,10 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "activations are stored and SAEs trained in float32")
     parser.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N | mps, for the model and the SAE training")
     parser.add_argument("--layers", default="all", help="all, or layers like 2,4 or 0-3 (default: all)")
-    parser.add_argument("--hook", default="resid_post", choices=LAYER_KINDS, help="hook kind to train at (default: resid_post)")
+    parser.add_argument("--hook", default="resid_post", choices=LAYER_KINDS + HEAD_KINDS,
+                        help="hook kind to train at (default: resid_post); attn_z trains on blocks.L.attn.hook_z, the attention heads "
+                        "side by side (n_heads x d_head per token), as attention-output SAEs do")
     parser.add_argument("--arch", default="topk", help=f"SAE architecture: {', '.join(ARCHITECTURES)} (default: topk)")
     parser.add_argument("--d-sae", type=int, help="number of features (or give --expansion)")
-    parser.add_argument("--expansion", type=float, help="number of features as a multiple of d_model (or give --d-sae)")
+    parser.add_argument("--expansion", type=float, help="number of features as a multiple of the input width, d_model "
+                        "(n_heads x d_head for --hook attn_z) (or give --d-sae)")
     parser.add_argument("--k", type=float, help="active features per token for topk/batchtopk (default: 32)")
     parser.add_argument("--sparsity", type=float, help="L1 (standard) or L0 (jumprelu) coefficient")
     parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per SAE (default: 1000000)")

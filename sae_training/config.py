@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from featsteer.errors import FeatsteerError
-from featsteer.models import LAYER_KINDS
+from featsteer.models.hookpoints import HEAD_KINDS, LAYER_KINDS
 from featsteer.models.loading import resolve_dtype
 from sae_training.architectures import ARCHITECTURES
 
@@ -31,13 +31,13 @@ class ArchitectureConfig:
     d_sae: int | None = None
     """Number of features; exactly one of `d_sae` and `expansion` must be set."""
     expansion: float | None = None
-    """Number of features as a multiple of the model's `d_model`."""
+    """Number of features as a multiple of the SAE's input width (`d_model`; `n_heads * d_head` at `attn_z`)."""
     k: float | None = None
     """Active features per token (topk) or on average per token (batchtopk); None: the architecture default."""
     sparsity_coefficient: float | None = None
     """L1 coefficient (standard) or L0 coefficient (jumprelu); None: the architecture default."""
     normalize_activations: bool = True
-    """Rescale inputs to mean norm sqrt(d_model) while training (folded into the weights at the end)."""
+    """Rescale inputs to mean norm sqrt(d_in) while training (folded into the weights at the end)."""
 
     def __post_init__(self) -> None:
         spec = ARCHITECTURES.get(self.architecture)
@@ -53,9 +53,9 @@ class ArchitectureConfig:
             raise FeatsteerError(f"--k applies to topk and batchtopk SAEs, not '{self.architecture}': use --sparsity instead")
         _check_positive(self.k, "--k")
 
-    def width(self, d_model: int) -> int:
-        """Number of features for a model of width `d_model`."""
-        return int(self.d_sae) if self.d_sae is not None else max(1, round(float(self.expansion) * d_model))
+    def width(self, d_in: int) -> int:
+        """Number of features for an SAE reading `d_in`-wide rows."""
+        return int(self.d_sae) if self.d_sae is not None else max(1, round(float(self.expansion) * d_in))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -81,7 +81,8 @@ class DataConfig:
     device: str = "cpu"
     """Device for the model and the SAE training (`cpu`, `cuda`, `cuda:N`, `mps`)."""
     hook_kind: str = "resid_post"
-    """Hook kind to train at (one of `featsteer.models.LAYER_KINDS`)."""
+    """Hook kind to train at: one of `featsteer.models.LAYER_KINDS`, or `attn_z` (`blocks.{l}.attn.hook_z`, the attention
+    heads side by side: the SAE reads flat `n_heads * d_head` rows and is saved with `reshape_activations="hook_z"`)."""
     layers: tuple[int, ...] | None = None
     """Layers to train; None means every layer."""
     tokens: int = 1_000_000
@@ -116,8 +117,8 @@ class DataConfig:
         if not self.texts:
             raise FeatsteerError("no training text: pass --text SOURCE (e.g. builtin:harmless or a .txt file)")
         resolve_dtype(self.dtype)  # an unknown dtype fails here, before any model is loaded
-        if self.hook_kind not in LAYER_KINDS:
-            raise FeatsteerError(f"unknown hook kind '{self.hook_kind}': use one of {', '.join(LAYER_KINDS)}")
+        if self.hook_kind not in LAYER_KINDS + HEAD_KINDS:
+            raise FeatsteerError(f"unknown hook kind '{self.hook_kind}': use one of {', '.join(LAYER_KINDS + HEAD_KINDS)}")
         for value, name in ((self.tokens, "--tokens"), (self.eval_prompts, "eval_prompts"), (self.capture_batch, "capture_batch"),
                             (self.chunk_megabytes, "chunk_megabytes")):
             if not isinstance(value, int) or value < 1:

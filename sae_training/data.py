@@ -3,7 +3,8 @@
 No TransformerLens model is involved: `featsteer.activations.capture` records every token of chat-formatted
 texts at the requested hooks into safetensors shards, chunk by chunk (so the token budget can exceed RAM),
 and `ActivationBatches` is the `DataProvider` sae_lens' `SAETrainer` pulls from: an endless, seeded,
-shuffled stream of `(batch_tokens, d_model)` activations of one hook, reading one chunk at a time through
+shuffled stream of `(batch_tokens, d_in)` activations of one hook (`d_model`, or `n_heads * d_head` flat rows at
+`blocks.{l}.attn.hook_z`), reading one chunk at a time through
 a mixing buffer, and cycling over the captured chunks when training asks for more tokens than exist.
 """
 
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from featsteer.activations import ActivationReader, Positions, capture
+from featsteer.activations import ActivationReader, Positions, capture, hook_width
 from featsteer.datasets import load_prompts
 from featsteer.datasets.loaders import ORGANISM_CORPUS_PREFIX
 from featsteer.errors import FeatsteerError
@@ -195,7 +196,7 @@ def capture_tokens(
     per text seen so far), which bounds memory for any token budget. `start` skips a prefix shared by every
     text (see `shared_prefix_length`).
     """
-    bytes_per_token = len(hooks) * model.d_model * 4
+    bytes_per_token = sum(hook_width(model, hook) for hook in hooks) * 4
     chunks, n_tokens, n_texts, began = [], 0, 0, time.perf_counter()
     chunk_size = _FIRST_CHUNK_PROMPTS
     with tqdm(total=tokens, desc="capture", unit="tok", disable=not progress, leave=False) as bar:
@@ -264,7 +265,7 @@ def cached_capture(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[st
 
 
 class ActivationBatches(Iterator[Tensor]):
-    """Endless shuffled `(batch_size, d_model)` batches of one hook's captured activations (a sae_lens `DataProvider`).
+    """Endless shuffled `(batch_size, d_in)` batches of one hook's captured activations (a sae_lens `DataProvider`).
 
     Each pass visits the chunks in a fresh seeded order; rows go through a mixing buffer of about 64 MB
     that is shuffled before half of it is handed out, so consecutive batches mix many prompts.

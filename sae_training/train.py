@@ -30,7 +30,7 @@ from sae_lens.training import activation_scaler as activation_scaler_module
 from sae_lens.training import sae_trainer as sae_trainer_module
 from safetensors.torch import save_file
 
-from featsteer.activations import ActivationSet, Positions, capture
+from featsteer.activations import ActivationSet, Positions, capture, hook_width
 from featsteer.errors import FeatsteerError
 from featsteer.models import ModelAdapter, load_model
 from featsteer.sae import load_sae, reconstruction_stats, splice_loss
@@ -204,23 +204,27 @@ def _trainer_config(config: TrainConfig, train_tokens: int, d_sae: int, device: 
 
 
 def _build_sae(run: TrainingRun, hook: str, n_steps: int) -> TrainingSAE:
+    """A fresh training SAE for `hook`; at hook_z it reads the heads side by side and is saved as sae_lens' hook_z SAEs are."""
     arch = run.config.sae
     metadata = SAEMetadata(hook_name=hook, model_name=run.model.name, featsteer_hook_kind=run.config.data.hook_kind,
                            featsteer_chat=run.config.data.chat, featsteer_first_position=run.first_position,
                            featsteer_max_norm=run.max_norms[hook])
-    return build_training_sae(arch.architecture, run.model.d_model, arch.width(run.model.d_model), metadata, k=arch.k,
+    d_in = hook_width(run.model, hook)
+    reshape = "hook_z" if run.model.hook_site(hook).kind == "attn_z" else "none"
+    return build_training_sae(arch.architecture, d_in, arch.width(d_in), metadata, k=arch.k,
                               sparsity_coefficient=arch.sparsity_coefficient, normalize_activations=arch.normalize_activations,
-                              n_steps=n_steps)
+                              n_steps=n_steps, reshape_activations=reshape)
 
 
 def train_layer(run: TrainingRun, hook: str) -> dict[str, Any]:
     """Train, save, reload and evaluate the SAE of one hook; returns its metrics (also written to disk)."""
     config = run.config
     seed_everything(config.optim.seed + run.model.hook_site(hook).order[0])
-    trainer_config = _trainer_config(config, run.train_tokens, config.sae.width(run.model.d_model), str(run.model.device))
+    d_in = hook_width(run.model, hook)
+    trainer_config = _trainer_config(config, run.train_tokens, config.sae.width(d_in), str(run.model.device))
     sae = _build_sae(run, hook, trainer_config.total_training_steps)
     batches = ActivationBatches(run.captured.chunks, hook, trainer_config.train_batch_size_samples, seed=config.optim.seed,
-                                d_model=run.model.d_model, max_norm=run.max_norms[hook])
+                                d_model=d_in, max_norm=run.max_norms[hook])
     logger.info("training %s SAE (d_sae=%d) at %s on %d tokens", config.sae.architecture, sae.cfg.d_sae, hook, trainer_config.total_training_samples)
     trainer = SAETrainer(cfg=trainer_config, sae=sae, data_provider=batches)
     start = time.perf_counter()
@@ -283,7 +287,7 @@ def evaluate_layer(run: TrainingRun, sae: SAE, hook: str) -> dict[str, Any]:
     else:
         loss = splice_loss(run.model, sae, run.responses[0], responses=run.responses[1])
     return {
-        "hook_name": hook, "d_model": run.model.d_model, "d_sae": int(sae.cfg.d_sae),
+        "hook_name": hook, "d_model": run.model.d_model, "d_in": int(sae.cfg.d_in), "d_sae": int(sae.cfg.d_sae),
         "explained_variance": held_out.explained_variance, "l0": held_out.l0, "mse": held_out.mse,
         "eval_tokens": held_out.n_tokens, "eval_texts": len(run.held_out_texts),
         "train_explained_variance": on_training.explained_variance, "dead_fraction": on_training.dead_fraction,

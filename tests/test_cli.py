@@ -34,6 +34,9 @@ def test_capture_writes_a_readable_directory(capsys, tmp_path):
     code, out, _ = _run(capsys, "capture", "--model", "tiny:llama", "--prompts", "builtin:harmful:test", "--n", "4",
                         "--hooks", "ln2_normalized:1", "--out", str(tmp_path / "norms"))
     assert code == 0 and ActivationReader(tmp_path / "norms").hook_names == ("blocks.1.ln2.hook_normalized",)
+    code, out, _ = _run(capsys, "capture", "--model", "tiny:llama", "--prompts", "builtin:harmful:test", "--n", "4",
+                        "--hooks", "attn_z:2", "--out", str(tmp_path / "heads"))
+    assert code == 0 and ActivationReader(tmp_path / "heads").hook_names == ("blocks.2.attn.hook_z",)
 
 
 def test_eval_json_has_documented_keys(capsys, tmp_path):

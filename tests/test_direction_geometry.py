@@ -148,8 +148,7 @@ def test_a_head_hook_acts_like_removing_that_heads_output_weights():
         writer.write(original, bias)
     torch.testing.assert_close(hooked, by_weights, atol=1e-5, rtol=0)
     assert (hooked - model.run(batch)).abs().max() > 1e-4
-    with pytest.raises(FeatsteerError, match="per head"):
-        capture(model, ["hi"], ["blocks.0.attn.hook_z"], progress=False)
+    assert capture(model, ["hi"], ["blocks.0.attn.hook_z"], progress=False).d_model == model.n_heads * d_head  # heads side by side
     from featsteer.interventions import Ablate, steer
 
     with pytest.raises(FeatsteerError, match="d_model-wide hook points"), steer(model, Ablate(torch.ones(model.d_model), where=["blocks.0.attn.hook_z"])):

@@ -190,8 +190,9 @@ def test_width_mismatch_and_missing_hook_are_clear_errors(llama_adapter):
         load_sae(random_sae(hook="blocks.9.hook_resid_post"), llama_adapter)
     with pytest.raises(FeatsteerError, match="unknown hook name"):
         load_sae(random_sae(hook="blocks.1.attn.hook_q"), llama_adapter)
-    with pytest.raises(FeatsteerError, match="d_model-wide hook points only"):
-        load_sae(random_sae(hook="blocks.1.attn.hook_z"), llama_adapter)
+    with pytest.raises(FeatsteerError, match="width mismatch at blocks.1.attn.hook_z.*n_heads x d_head = 4 x 16 = 64"):
+        load_sae(random_sae(d_in=32, hook="blocks.1.attn.hook_z"), llama_adapter)
+    assert sae_hook_name(load_sae(random_sae(hook="blocks.1.attn.hook_z"), llama_adapter)) == "blocks.1.attn.hook_z"  # heads side by side
     with pytest.raises(FeatsteerError, match="no hook_name"):
         load_sae(random_sae(hook=None), llama_adapter)
     with pytest.raises(FeatsteerError, match="out of range"):

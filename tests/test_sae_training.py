@@ -108,6 +108,37 @@ def test_training_at_a_normalised_input(tmp_path):
     assert sae_hook_name(load_sae(tmp_path / hook, load_model("tiny:llama"))) == hook
 
 
+def test_training_on_the_attention_heads(tmp_path):
+    """`--hook attn_z`: an SAE on the heads side by side, saved as sae_lens saves hook_z SAEs, loaded and spliced back in."""
+    from featsteer.activations import capture
+    from featsteer.sae import FeatureEdit, encode_activations, splice_sae
+
+    args = ["--model", "tiny:llama", "--layers", "1", "--hook", "attn_z", "--d-sae", "96", "--k", "4", "--tokens", "6000", "--lr", "3e-3",
+            "--text", "builtin:harmless", "--batch-tokens", "128", "--eval-prompts", "8", "--quiet", "--out", str(tmp_path)]
+    assert main(args) == 0
+    hook = "blocks.1.attn.hook_z"
+    metrics = json.loads((tmp_path / hook / "metrics.json").read_text())
+    assert metrics["hook_name"] == hook and metrics["d_in"] == 64 and 0.2 < metrics["explained_variance"] <= 1
+    assert math.isfinite(metrics["ce_loss_recovered"]) and metrics["ce_spliced"] != metrics["ce_clean"]  # the splice reached the model
+    config = json.loads((tmp_path / hook / "cfg.json").read_text())
+    assert config["reshape_activations"] == "hook_z" and config["metadata"]["hook_name"] == hook and config["d_in"] == 64
+    model = load_model("tiny:llama")
+    sae = load_sae(tmp_path / hook, model)
+    reference = SAE.load_from_disk(tmp_path / hook)  # sae_lens' own reading: (..., n_heads, d_head) in, flattened inside
+    rows = capture(model, ["How do I bake bread?", "Name a colour."], [hook], positions="all", progress=False).hook(hook)
+    with torch.no_grad():
+        theirs = reference.encode(rows.unflatten(-1, (model.n_heads, 64 // model.n_heads)))
+    assert torch.equal(encode_activations(sae, rows), theirs) and bool((theirs != 0).any())
+    feature = int((theirs != 0).sum(0).argmax())
+    clean = model.logits(["How do I bake bread?"])
+    with splice_sae(model, sae):
+        unchanged = model.logits(["How do I bake bread?"])
+    with splice_sae(model, sae, FeatureEdit.clamp(feature, 4 * float(theirs[:, feature].max()))):
+        clamped = model.logits(["How do I bake bread?"])
+    torch.testing.assert_close(unchanged, clean, atol=1e-5, rtol=0)
+    assert not torch.allclose(clamped, clean, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -3,6 +3,11 @@
 Hooks keep only the selected positions of each activation as it is produced, the forward pass ends
 right after the deepest requested hook (no later layers, no unembedding), prompts are processed in
 length order to minimise padding, and every batch is checked for NaN/inf before it is kept.
+
+Every captured row is one flat vector per token. For the residual stream and its writes that is `d_model` wide;
+the per-head hook `blocks.{l}.attn.hook_z` `(batch, pos, n_heads, d_head)` is stored with its heads side by side,
+`n_heads * d_head` wide in head-major order, which is what sae_lens' hook_z SAEs read (`reshape_activations="hook_z"`
+flattens the same way). `hook_width` says how wide a hook's rows are.
 """
 
 from __future__ import annotations
@@ -24,6 +29,28 @@ from featsteer.models import ModelAdapter, load_model
 from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
 
 logger = logging.getLogger(__name__)
+
+
+def attention_width(model: ModelAdapter, layer: int) -> int:
+    """`n_heads * d_head` of one layer: the input width of its attention output projection (what `hook_z` flattens to).
+
+    Raises:
+        FeatsteerError: when the model exposes no attention output projection for `layer`.
+    """
+    for writer in model.residual_writers():
+        if writer.kind == "attn_out" and writer.layer == layer:
+            return int(writer.read()[0].shape[1])
+    raise FeatsteerError(f"{model.name} exposes no attention output projection at layer {layer}, so its hook_z width is unknown")
+
+
+def hook_width(model: ModelAdapter, hook: str) -> int:
+    """Width of one captured row at `hook`: `d_model`, or `n_heads * d_head` at `blocks.{l}.attn.hook_z` (heads side by side).
+
+    Raises:
+        FeatsteerError: for a hook name the model does not have.
+    """
+    site = model.hook_site(hook)
+    return attention_width(model, site.layer) if site.kind == "attn_z" else int(model.d_model)
 
 
 def capture(
@@ -48,7 +75,9 @@ def capture(
     Args:
         model: a `ModelAdapter` or anything `load_model` accepts.
         prompts: instructions (a `PromptSet` or list of strings).
-        hooks: TransformerLens hook names, e.g. `["blocks.6.hook_resid_pre"]`.
+        hooks: TransformerLens hook names, e.g. `["blocks.6.hook_resid_pre"]`. `blocks.{l}.attn.hook_z` is stored
+            flattened, `n_heads * d_head` wide (see module docstring); hooks of different widths (hook_z next to
+            `d_model`-wide hooks on a model whose `n_heads * d_head != d_model`) need separate calls.
         positions: a `Positions` selector or its string form (`last`, `mean_last:K`, `post_instruction`, `all`).
         batch_size: prompts per forward pass.
         max_batch_tokens: cap on a batch's padded tokens (rows x longest prompt; None: no cap). Prompts are
@@ -68,7 +97,8 @@ def capture(
         from disk; pass `stream_to` and read with `ActivationReader` to avoid loading.
 
     Raises:
-        FeatsteerError: empty prompt list, unknown hook, or NaN/inf activations (naming hook and prompt).
+        FeatsteerError: empty prompt list, unknown hook, hooks of different widths, or NaN/inf activations (naming
+            hook and prompt).
     """
     adapter: ModelAdapter = load_model(model)
     prompts = [str(p) for p in prompts]
@@ -78,16 +108,14 @@ def capture(
     if not hook_list:
         raise FeatsteerError("no hook points given: pass e.g. blocks.0.hook_resid_pre")
     sites = sorted({adapter.hook_site(h) for h in hook_list}, key=lambda s: s.order)
-    if heads := [site.name for site in sites if site.kind == "attn_z"]:
-        raise FeatsteerError(f"{heads[0]} is per head (n_heads x d_head) and capture stores d_model-wide vectors: read it with "
-                             "model.hooks, or each head's write on a direction with featsteer.directions.head_attribution")
+    width = _common_width(adapter, sites)
     selector = positions if isinstance(positions, Positions) else Positions.parse(positions)
     hook_names = tuple(site.name for site in sites)
     stats: dict[str, RunningMoments] = {}
     limit_fragmentation()  # see featsteer.activations.heap: large temporaries are unmapped when freed
     batches = adapter.plan_batches(prompts, batch_size, max_batch_tokens, system, chat)
-    writer = ShardWriter(stream_to, hook_names, adapter.d_model, _meta(selector, adapter, label), shard_rows) if stream_to else None
-    collector = _Collector(len(prompts), len(hook_names), adapter.d_model, dtype, one_row_per_prompt=selector.mode in ("last", "mean_last"))
+    writer = ShardWriter(stream_to, hook_names, width, _meta(selector, adapter, label), shard_rows) if stream_to else None
+    collector = _Collector(len(prompts), len(hook_names), width, dtype, one_row_per_prompt=selector.mode in ("last", "mean_last"))
     try:
         for batch_ids in tqdm(batches, desc="capture", unit="batch", disable=not progress or len(batches) < 4, leave=False):
             acts, row_prompt, row_pos = _capture_batch(adapter, [prompts[i] for i in batch_ids], sites, selector, system, chat)
@@ -122,13 +150,25 @@ def capture(
     )
 
 
+def _common_width(adapter: ModelAdapter, sites) -> int:
+    """The one row width of every requested hook; a clear error when they differ."""
+    widths = {site.name: hook_width(adapter, site.name) for site in sites}
+    first, width = next(iter(widths.items()))
+    other = next((name for name, value in widths.items() if value != width), None)
+    if other is not None:
+        raise FeatsteerError(f"{first} rows are {width} wide but {other} rows are {widths[other]}: one capture stores rows of "
+                             "one width (hook_z holds n_heads x d_head values per token, the stream d_model); capture them in separate calls")
+    return width
+
+
 def _capture_batch(adapter: ModelAdapter, texts: list[str], sites, selector: Positions, system, chat) -> tuple[Tensor, Tensor, Tensor]:
     batch = adapter.tokenize(texts, system=system, chat=chat)
     row_batch, row_token, row_pos = selector.plan(batch.attention_mask.cpu(), batch.n_post_instruction)
     kept: dict[str, Tensor] = {}
 
     def keep(activation: Tensor, site) -> None:
-        kept[site.name] = selector.select(activation, row_batch, row_token).detach().to("cpu")
+        rows = activation.flatten(-2) if site.kind == "attn_z" else activation  # heads side by side
+        kept[site.name] = selector.select(rows, row_batch, row_token).detach().to("cpu")
 
     with adapter.hooks([(site.name, keep) for site in sites]):
         adapter.run(batch, stop_at=sites[-1].name)

@@ -32,7 +32,8 @@ class ActivationSet:
     """Activations of some prompts at some hook points and positions (see module docstring)."""
 
     activations: Tensor
-    """`(row, hook, d_model)`."""
+    """`(row, hook, d_model)`; for a set captured at `blocks.{l}.attn.hook_z` the last axis is the heads side by side,
+    `n_heads * d_head` wide (see `featsteer.activations.capture`)."""
     hook_names: tuple[str, ...]
     """Hook point of each slot along dimension 1."""
     prompt_index: Tensor
@@ -56,7 +57,7 @@ class ActivationSet:
 
     @property
     def d_model(self) -> int:
-        """Residual width."""
+        """Row width: the residual width `d_model`, or `n_heads * d_head` for a set captured at hook_z."""
         return int(self.activations.shape[-1])
 
     def _slot(self, hook: str) -> int:

@@ -1,8 +1,16 @@
 """Find the SAE features behind refusal: score every feature on harmful vs harmless activations, rank
-them, turn the best into `DirectionSet`s for the usual interventions, and measure what each feature does
+them, turn the best into `DirectionSet`s for the usual interventions (attention-output SAEs on hook_z included: their
+head-space decoder rows are mapped through the output projection into the stream), and measure what each feature does
 to refusal when it is suppressed or clamped."""
 
-from featsteer.features.directions import decoder_directions, orthonormal_basis, top_feature_directions
+from featsteer.features.directions import (
+    MAPPED_THROUGH,
+    decoder_directions,
+    orthonormal_basis,
+    output_projection,
+    residual_writes,
+    top_feature_directions,
+)
 from featsteer.features.effects import (
     JUDGES,
     FeatureEffect,
@@ -27,6 +35,7 @@ from featsteer.features.scoring import (
 
 __all__ = [
     "JUDGES",
+    "MAPPED_THROUGH",
     "METRICS",
     "FeatureEffect",
     "FeatureEffects",
@@ -41,6 +50,8 @@ __all__ = [
     "hook_layer",
     "max_feature_activations",
     "orthonormal_basis",
+    "output_projection",
+    "residual_writes",
     "score_feature_activations",
     "score_features",
     "score_prompts",

@@ -35,7 +35,7 @@ from sae_lens import SAE
 from scipy.stats import rankdata
 from torch import Tensor
 
-from featsteer.activations import ActivationSet, capture
+from featsteer.activations import ActivationSet, capture, hook_width
 from featsteer.errors import FeatsteerError
 from featsteer.models import ModelAdapter
 from featsteer.sae.encoding import encode_activations
@@ -329,6 +329,9 @@ def score_prompts(
 ) -> FeatureScores:
     """Capture harmful and harmless prompts at every SAE's hook (one pass each) and score all features.
 
+    SAEs on `blocks.{l}.attn.hook_z` read the heads side by side (flat `n_heads * d_head` rows); when that width differs
+    from `d_model`, their hooks are captured in a pass of their own.
+
     Args:
         model: the model the SAEs belong to (each SAE is validated against it).
         saes: SAEs (see `score_features`).
@@ -341,7 +344,17 @@ def score_prompts(
         by: ranking key.
     """
     sae_map = {validate_sae(sae, model, hook if isinstance(saes, Mapping) else None): sae for hook, sae in _as_sae_map(saes).items()}
-    hooks = list(sae_map)
-    harmful_acts = capture(model, list(harmful), hooks, positions=positions, batch_size=batch_size, label="harmful", progress=False)
-    harmless_acts = capture(model, list(harmless), hooks, positions=positions, batch_size=batch_size, label="harmless", progress=False)
-    return score_features(sae_map, harmful_acts, harmless_acts, positions=score_positions, normalize=normalize, by=by)
+    by_width: dict[int, list[str]] = {}
+    for hook in sae_map:
+        by_width.setdefault(hook_width(model, hook), []).append(hook)
+    parts = []
+    for hooks in by_width.values():
+        harmful_acts = capture(model, list(harmful), hooks, positions=positions, batch_size=batch_size, label="harmful", progress=False)
+        harmless_acts = capture(model, list(harmless), hooks, positions=positions, batch_size=batch_size, label="harmless", progress=False)
+        parts.append(score_features({hook: sae_map[hook] for hook in hooks}, harmful_acts, harmless_acts, positions=score_positions,
+                                    normalize=normalize, by=by))
+    if len(parts) == 1:
+        return parts[0]
+    scores = FeatureScores.concat(parts)
+    scores.provenance["hooks"] = list(sae_map)
+    return scores.sort(by)

@@ -49,7 +49,8 @@ def resolve_sites(model: ModelAdapter, where: str | Sequence[str]) -> list[str]:
     for name in names:
         if model.hook_site(name).kind == "attn_z":
             raise FeatsteerError(f"{name} holds the attention heads side by side (n_heads x d_head): direction interventions act "
-                                 "on d_model-wide hook points; steer the heads' sum at blocks.L.hook_attn_out, or edit heads with model.hooks")
+                                 "on d_model-wide hook points; steer the heads' sum at blocks.L.hook_attn_out (decoder_directions maps an "
+                                 "attention SAE's features there), edit its features with FeatureSteer, or edit heads with model.hooks")
     return names
 
 

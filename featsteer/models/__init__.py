@@ -4,6 +4,7 @@ from featsteer.models.adapter import HookFn, ModelAdapter, ResidualWriter, StopF
 from featsteer.models.chat import FALLBACK_TEMPLATE, FormattedPrompt, format_instruction
 from featsteer.models.families import FAMILIES, FamilySpec, family_for, supported_model_types
 from featsteer.models.hookpoints import (
+    HEAD_KINDS,
     LAYER_KINDS,
     NORM_KINDS,
     RESIDUAL_KINDS,

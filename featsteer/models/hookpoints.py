@@ -19,7 +19,7 @@ as TransformerLens names them, `blocks.{l}.ln1.hook_normalized` and `blocks.{l}.
 HEAD_KINDS: tuple[str, ...] = ("attn_z",)
 """Per-head kinds, shaped `(batch, pos, n_heads, d_head)` as in TransformerLens: `blocks.{l}.attn.hook_z`, each head's
 attention-weighted values, which the output projection turns into the head's write. Hooks read and may replace them;
-`capture` (which stores `d_model`-wide vectors) does not take them."""
+`capture` stores them flattened, the heads side by side (`n_heads * d_head` wide), as attention-output SAEs read them."""
 GLOBAL_KINDS: tuple[str, ...] = ("embed", "pos_embed", "ln_final_normalized")
 """Hook kinds outside the layers: the embeddings (before layer 0) and the final norm (after the last layer)."""
 

@@ -1,10 +1,13 @@
 """sae_lens SAEs on featsteer models: load and validate, encode activations, measure, and steer features.
 
 featsteer has no SAE class of its own: every SAE is a `sae_lens.SAE`, attached at its
-`cfg.metadata.hook_name`. Train new ones with `featsteer-train-sae` (package `sae_training`).
+`cfg.metadata.hook_name`: a `d_model`-wide hook point, or `blocks.{l}.attn.hook_z` for attention-output SAEs that
+read the heads side by side (see `featsteer.sae.heads`). Train new ones with `featsteer-train-sae` (package
+`sae_training`).
 """
 
 from featsteer.sae.encoding import decode_features, encode_activations, reconstruct
+from featsteer.sae.heads import flat_rows, reads_heads, reshapes_heads
 from featsteer.sae.loading import load_sae, load_sae_source, load_saes, sae_hook_name, validate_sae
 from featsteer.sae.metrics import (
     ReconstructionStats,
@@ -35,15 +38,18 @@ __all__ = [
     "decode_features",
     "edit_features",
     "encode_activations",
+    "flat_rows",
     "load_sae",
     "load_sae_source",
     "load_saes",
     "next_token_loss",
     "reconstruct",
     "reconstruction_stats",
+    "reshapes_heads",
     "sae_hook",
     "sae_hook_name",
     "outside_domain",
+    "reads_heads",
     "splice_activation",
     "splice_loss",
     "splice_sae",

@@ -1,8 +1,12 @@
 """SAE features of captured activations, batched and gradient-free.
 
 Feature scoring and direction finding read SAE features of many thousand activation rows; this module
-turns an `ActivationSet` (or any `(..., d_model)` tensor) into `(row, d_sae)` feature activations with
+turns an `ActivationSet` (or any `(..., d_in)` tensor) into `(row, d_sae)` feature activations with
 sae_lens' own `encode`, in batches, so the numbers are exactly what `sae.encode` gives.
+
+Rows are flat: `d_in` is `d_model`, or `n_heads * d_head` for an SAE on `blocks.{l}.attn.hook_z` (captured hook_z
+rows are flat already; `(..., n_heads, d_head)` head activations are flattened here). Decoding returns flat rows
+too, whatever the SAE's `reshape_activations` (see `featsteer.sae.heads`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from torch import Tensor
 
 from featsteer.activations import ActivationSet
 from featsteer.errors import FeatsteerError
+from featsteer.sae.heads import flat_rows, reads_heads
 from featsteer.sae.loading import sae_hook_name
 
 
@@ -23,45 +28,52 @@ def _rows(sae: SAE, acts: Tensor | ActivationSet, hook: str | None) -> Tensor:
         if name is None:
             raise FeatsteerError("this SAE records no hook_name: pass hook=<hook name> to pick the captured activations")
         acts = acts.hook(name)
-    if acts.shape[-1] != sae.cfg.d_in:
-        raise FeatsteerError(f"activations have width {acts.shape[-1]} but the SAE reads d_in={sae.cfg.d_in}: capture at the SAE's hook on its model")
+    d_in = int(sae.cfg.d_in)
+    if acts.shape[-1] != d_in and acts.dim() >= 3 and acts.shape[-2] * acts.shape[-1] == d_in and reads_heads(sae):
+        acts = acts.flatten(-2)  # (..., n_heads, d_head) as hook_z hands them: heads side by side
+    if acts.shape[-1] != d_in:
+        raise FeatsteerError(f"activations have width {acts.shape[-1]} but the SAE reads d_in={d_in}: capture at the SAE's hook on its model")
     return acts
 
 
 def encode_activations(
-    sae: SAE, acts: Float[Tensor, "... d_model"] | ActivationSet, *, hook: str | None = None, batch_size: int = 4096
+    sae: SAE, acts: Float[Tensor, "... d_in"] | ActivationSet, *, hook: str | None = None, batch_size: int = 4096
 ) -> Float[Tensor, "... d_sae"]:
     """Feature activations of `acts` (`sae.encode`, batched, no gradients).
 
     Args:
         sae: a sae_lens SAE.
-        acts: activations `(..., d_model)`, or an `ActivationSet` (rows at the SAE's hook are used).
+        acts: activations `(..., d_in)` (for an SAE at hook_z also `(..., n_heads, d_head)`), or an `ActivationSet`
+            (rows at the SAE's hook are used).
         hook: which hook of an `ActivationSet` to read (default: the SAE's `hook_name`).
         batch_size: rows per `encode` call.
 
     Returns:
         `(..., d_sae)` feature activations on the CPU, in the SAE's dtype.
+
+    Raises:
+        FeatsteerError: when the activations' width is not the SAE's `d_in`.
     """
     rows = _rows(sae, acts, hook)
     flat = rows.reshape(-1, rows.shape[-1])
     out = torch.empty(flat.shape[0], sae.cfg.d_sae, dtype=sae.dtype)
-    with torch.no_grad():
+    with torch.no_grad(), flat_rows(sae):
         for start in range(0, flat.shape[0], batch_size):
             chunk = flat[start : start + batch_size].to(sae.device, sae.dtype)
             out[start : start + batch_size] = sae.encode(chunk).to_dense().cpu()
     return out.reshape(*rows.shape[:-1], sae.cfg.d_sae)
 
 
-def decode_features(sae: SAE, features: Float[Tensor, "... d_sae"], *, batch_size: int = 4096) -> Float[Tensor, "... d_model"]:
-    """Reconstructions `sae.decode(features)` (batched, no gradients), on the CPU."""
+def decode_features(sae: SAE, features: Float[Tensor, "... d_sae"], *, batch_size: int = 4096) -> Float[Tensor, "... d_in"]:
+    """Reconstructions `sae.decode(features)` (batched, no gradients), on the CPU, as flat `(..., d_in)` rows."""
     flat = features.reshape(-1, features.shape[-1])
     out = torch.empty(flat.shape[0], sae.cfg.d_in, dtype=sae.dtype)
-    with torch.no_grad():
+    with torch.no_grad(), flat_rows(sae):
         for start in range(0, flat.shape[0], batch_size):
             out[start : start + batch_size] = sae.decode(flat[start : start + batch_size].to(sae.device, sae.dtype)).cpu()
     return out.reshape(*features.shape[:-1], sae.cfg.d_in)
 
 
-def reconstruct(sae: SAE, acts: Float[Tensor, "... d_model"] | ActivationSet, *, hook: str | None = None) -> Float[Tensor, "... d_model"]:
+def reconstruct(sae: SAE, acts: Float[Tensor, "... d_in"] | ActivationSet, *, hook: str | None = None) -> Float[Tensor, "... d_in"]:
     """`decode(encode(acts))`: the SAE's reconstruction of activations (no error term)."""
     return decode_features(sae, encode_activations(sae, acts, hook=hook))

@@ -5,6 +5,9 @@ featsteer does not define an SAE class: an SAE is a `sae_lens.SAE`, stored in sa
 entry point from "where the SAE lives" to a validated SAE object, so every later stage (encoding,
 feature scoring, splicing) can assume the SAE's width matches the model and its `hook_name` is a hook
 point the model has. sae_lens 6 keeps the hook name in `sae.cfg.metadata.hook_name`.
+
+An SAE's input width `d_in` is the model's `d_model` at every hook point except `blocks.{l}.attn.hook_z`, where an
+attention-output SAE reads the heads side by side: `d_in == n_heads * d_head` (see `featsteer.sae.heads`).
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from pathlib import Path
 
 from sae_lens import SAE
 
+from featsteer.activations import hook_width
 from featsteer.errors import FeatsteerError
 from featsteer.models import ModelAdapter
+from featsteer.sae.heads import reshapes_heads
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +50,29 @@ def validate_sae(sae: SAE, model: ModelAdapter, hook: str | None = None) -> str:
         The validated hook name.
 
     Raises:
-        FeatsteerError: if no hook is known, the hook does not exist on the model, or the SAE's input
-            width `d_in` differs from the model's `d_model`.
+        FeatsteerError: if no hook is known, the hook does not exist on the model, the SAE's input width `d_in`
+            differs from the hook's width (`d_model`; `n_heads * d_head` at `blocks.{l}.attn.hook_z`), or an SAE
+            that reshapes attention heads (`reshape_activations="hook_z"`) is attached anywhere but at hook_z.
     """
     name = hook or sae_hook_name(sae)
     if not name:
         raise FeatsteerError("this SAE records no hook_name: pass hook=<hook name>, e.g. blocks.3.hook_resid_post")
-    if model.hook_site(name).kind == "attn_z":
-        raise FeatsteerError(f"the SAE reads {name}, the attention heads side by side (hook_z): featsteer splices SAEs "
-                             "into d_model-wide hook points only; use an SAE trained on hook_attn_out or the residual stream")
-    if int(sae.cfg.d_in) != int(model.d_model):
+    site = model.hook_site(name)
+    d_in = int(sae.cfg.d_in)
+    if site.kind == "attn_z":
+        width = hook_width(model, name)
+        if d_in != width:
+            raise FeatsteerError(
+                f"SAE width mismatch at {name}: the SAE reads d_in={d_in} but {model.name}'s attention heads side by side are "
+                f"n_heads x d_head = {model.n_heads} x {width // model.n_heads} = {width} wide; use an SAE trained on this "
+                "model's hook_z (featsteer-train-sae --hook attn_z)"
+            )
+    elif reshapes_heads(sae):
+        raise FeatsteerError(f"the SAE reads attention heads side by side (reshape_activations='hook_z') but would attach at {name}: "
+                             f"attach it at blocks.{site.layer if site.layer is not None else 'L'}.attn.hook_z")
+    elif d_in != int(model.d_model):
         raise FeatsteerError(
-            f"SAE width mismatch at {name}: the SAE reads d_in={sae.cfg.d_in} but {model.name} has "
+            f"SAE width mismatch at {name}: the SAE reads d_in={d_in} but {model.name} has "
             f"d_model={model.d_model}; use an SAE trained on this model (featsteer-train-sae)"
         )
     trained_on = sae.cfg.metadata.model_name

@@ -19,6 +19,7 @@ from torch import Tensor
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import response_cross_entropy
 from featsteer.models import ModelAdapter
+from featsteer.sae.heads import flat_rows
 from featsteer.sae.loading import validate_sae
 from featsteer.sae.steering import outside_domain, splice_sae
 
@@ -38,7 +39,7 @@ class ReconstructionStats:
     active_sum: float = 0.0
     """Sum over rows of the number of active features (L0)."""
     input_sum: Tensor | None = None
-    """`(d_model,)` float64 sum of the inputs."""
+    """`(d_in,)` float64 sum of the inputs."""
     fire_count: Tensor = field(init=False)
     """`(d_sae,)` int64: rows on which each feature was active."""
     max_activation: Tensor = field(init=False)
@@ -48,7 +49,7 @@ class ReconstructionStats:
         self.fire_count = torch.zeros(self.d_sae, dtype=torch.long)
         self.max_activation = torch.zeros(self.d_sae, dtype=torch.float64)
 
-    def update(self, x: Float[Tensor, "rows d_model"], features: Float[Tensor, "rows d_sae"], reconstruction: Float[Tensor, "rows d_model"]) -> None:
+    def update(self, x: Float[Tensor, "rows d_in"], features: Float[Tensor, "rows d_sae"], reconstruction: Float[Tensor, "rows d_in"]) -> None:
         """Fold one batch in."""
         if x.shape[0] == 0:
             return
@@ -73,7 +74,7 @@ class ReconstructionStats:
 
     @property
     def mse(self) -> float:
-        """Mean squared reconstruction error per row (summed over `d_model`)."""
+        """Mean squared reconstruction error per row (summed over `d_in`)."""
         return self.squared_error / max(self.n_tokens, 1)
 
     @property
@@ -92,16 +93,16 @@ class ReconstructionStats:
                 "dead_fraction": self.dead_fraction, "n_tokens": self.n_tokens}
 
 
-def reconstruction_stats(sae: SAE, batches: Iterable[Float[Tensor, "rows d_model"]], *, max_tokens: int | None = None) -> ReconstructionStats:
+def reconstruction_stats(sae: SAE, batches: Iterable[Float[Tensor, "rows d_in"]], *, max_tokens: int | None = None) -> ReconstructionStats:
     """Explained variance, L0, dead features and feature maxima of an SAE over streamed activation batches.
 
     Args:
         sae: a sae_lens SAE.
-        batches: `(rows, d_model)` activation batches at the SAE's hook.
+        batches: `(rows, d_in)` activation batches at the SAE's hook (flat: hook_z rows hold the heads side by side).
         max_tokens: stop after this many rows (None: all).
     """
     stats = ReconstructionStats(d_sae=int(sae.cfg.d_sae))
-    with torch.no_grad():
+    with torch.no_grad(), flat_rows(sae):
         for batch in batches:
             if max_tokens is not None and stats.n_tokens >= max_tokens:
                 break
@@ -198,8 +199,10 @@ def splice_loss(
     with splice_sae(model, sae, error_term=False):
         spliced, _ = measure()
     def zero_ablate(activation: Tensor, site) -> Tensor:  # tokens outside the SAE's domain stay, as in the splice
-        outside = outside_domain(sae, activation)
-        return torch.zeros_like(activation) if outside is None else activation * outside[..., None].to(activation.dtype)
+        outside = outside_domain(sae, activation.flatten(-2) if site.kind == "attn_z" else activation)
+        if outside is None:
+            return torch.zeros_like(activation)
+        return activation * outside.reshape(*outside.shape, *[1] * (activation.dim() - outside.dim())).to(activation.dtype)
 
     with model.hooks([(validate_sae(sae, model), zero_ablate)]):
         zero, _ = measure()

@@ -9,6 +9,10 @@ replaces `x` by the reconstruction (what "CE loss recovered" measures).
 What an edit does (`edit_features`, a pure function of feature activations) is kept apart from where it
 attaches (`splice_sae` / `FeatureSteer`, hooks at `sae.cfg.metadata.hook_name`), as for every other
 featsteer intervention.
+
+At `blocks.{l}.attn.hook_z` the hook hands over `(batch, pos, n_heads, d_head)`: the heads are flattened to the
+SAE's `n_heads * d_head` rows, edited, and put back in their `(n_heads, d_head)` shape, so a feature edit there
+changes the attention output by the decoder row's change pushed through the output projection.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from featsteer.errors import FeatsteerError
 from featsteer.interventions.positions import PositionTracker as _PositionTracker
 from featsteer.interventions.steering import Intervention
 from featsteer.models import HookFn, HookSite, ModelAdapter
+from featsteer.sae.heads import flat_rows
 from featsteer.sae.loading import validate_sae
 
 EDIT_MODES: tuple[str, ...] = ("clamp", "scale", "ablate", "add")
@@ -113,23 +118,30 @@ def edit_features(features: Float[Tensor, "... d_sae"], edits: Sequence[FeatureE
 
 
 def splice_activation(
-    sae: SAE, x: Float[Tensor, "batch pos d_model"], edits: Sequence[FeatureEdit] = (), *,
+    sae: SAE, x: Float[Tensor, "batch pos d_in"] | Float[Tensor, "batch pos n_heads d_head"], edits: Sequence[FeatureEdit] = (), *,
     error_term: bool = True, mask: Tensor | None = None,
-) -> Float[Tensor, "batch pos d_model"]:
+) -> Float[Tensor, "batch pos d_in"] | Float[Tensor, "batch pos n_heads d_head"]:
     """The activation after splicing `sae` in: `x + mask * (decode(f') - decode(f))` (or the reconstruction).
 
     Args:
         sae: a sae_lens SAE reading `x`.
-        x: activations at the SAE's hook.
+        x: activations at the SAE's hook: `(batch, pos, d_in)` rows, or `(batch, pos, n_heads, d_head)` heads at
+            hook_z, which the SAE reads side by side (`d_in = n_heads * d_head`).
         edits: feature edits giving `f'` from `f = encode(x)`.
         error_term: keep the reconstruction error (True) or replace `x` by `decode(f)` (False).
         mask: `(batch, pos)` bool, where edits apply (default: everywhere).
 
     Returns:
-        A tensor like `x` (same dtype and device).
+        A tensor like `x` (same shape, dtype and device).
+
+    Raises:
+        FeatsteerError: when `x` is not as wide as the SAE's `d_in`.
     """
-    sae_in = x.to(sae.device, sae.dtype)
-    with torch.no_grad():
+    rows = x.flatten(-2) if x.dim() == 4 else x
+    if rows.shape[-1] != int(sae.cfg.d_in):
+        raise FeatsteerError(f"the activation has shape {tuple(x.shape)} but the SAE reads d_in={sae.cfg.d_in}: splice it at its own hook")
+    sae_in = rows.to(sae.device, sae.dtype)
+    with torch.no_grad(), flat_rows(sae):
         features = sae.encode(sae_in).to_dense()
         reconstruction = sae.decode(features)
         spliced = sae_in if error_term else reconstruction
@@ -143,11 +155,11 @@ def splice_activation(
         outside = outside_domain(sae, sae_in)
         if outside is not None:
             spliced = torch.where(outside[..., None], sae_in, spliced)
-    return spliced.to(x.device, x.dtype)
+    return spliced.reshape(x.shape).to(x.device, x.dtype)
 
 
-def outside_domain(sae: SAE, x: Float[Tensor, "... d_model"]) -> Bool[Tensor, "..."] | None:
-    """Where `x` is too large for the SAE: norm above the `featsteer_max_norm` it was trained under.
+def outside_domain(sae: SAE, x: Float[Tensor, "... d_in"]) -> Bool[Tensor, "..."] | None:
+    """Where the flat rows `x` are too large for the SAE: norm above the `featsteer_max_norm` it was trained under.
 
     featsteer trains SAEs without attention-sink and other massive-activation tokens (see
     `sae_training.config.DataConfig.max_norm_ratio`) and records the bound in the SAE's metadata; such
@@ -162,7 +174,8 @@ def outside_domain(sae: SAE, x: Float[Tensor, "... d_model"]) -> Bool[Tensor, ".
 
 def sae_hook(sae: SAE, edits: Sequence[FeatureEdit] = (), *, error_term: bool = True, positions: str = "all",
              model: ModelAdapter | None = None) -> HookFn:
-    """A featsteer hook function that splices `sae` in with `edits` (see `splice_activation`).
+    """A featsteer hook function that splices `sae` in with `edits` (see `splice_activation`; at hook_z the heads are
+    read side by side and put back in their `(n_heads, d_head)` shape).
 
     With `positions` other than `all`, pass the `model` the hook goes on: it says which pass is the prompt's (see
     `featsteer.interventions.positions.PositionTracker`); without it the tracker infers that from shapes.
