@@ -490,7 +490,14 @@ INDUCE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 """Multiples of the DIM mean difference `dim_actadd_induce` tries on the validation harmless prompts."""
 
 VALIDATION_NEW_TOKENS = 16
-"""Generation cap for the validation checks that pick a method's setting (enough for a refusal opening)."""
+"""Generation cap for the validation checks that pick a jailbreak method's setting (enough for a refusal opening,
+and for the short-unit loops "IIII..." of a broken model)."""
+
+INDUCE_VALIDATION_NEW_TOKENS = 32
+"""Generation cap for the validation checks that pick an induce method's setting. Longer, because an overdriven
+refusal loops on a whole sentence ("I'm sorry, but I can't help withI'm sorry, but I can't help with...") and a
+loop shows only once its unit has come round twice: at 16 tokens the organism's x0.5 activation addition looked
+like 31 coherent refusals in 32 validation prompts, at 32 tokens 3 in 32 (the rest loop)."""
 
 
 def weakest_within(rates: Mapping[Any, float], tolerance: float) -> Any:
@@ -539,7 +546,7 @@ def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], cont
 
 def pick_induce_scale(model: ModelAdapter, add: Callable[[float], contextlib.AbstractContextManager], prompts: Sequence[str],
                       scales: Sequence[float] = INDUCE_SCALES, tolerance: float = 0.05,
-                      max_new_tokens: int = VALIDATION_NEW_TOKENS) -> tuple[float, dict[float, float]]:
+                      max_new_tokens: int = INDUCE_VALIDATION_NEW_TOKENS) -> tuple[float, dict[float, float]]:
     """The smallest activation-addition scale whose generated refusal rate on `prompts` is within `tolerance` of
     the best scale's.
 
@@ -670,11 +677,12 @@ def _sae_features(ctx: CompareContext, k: int) -> tuple[str, SAE, list[int]]:
 
 
 def _sae_basis(ctx: CompareContext, k: int) -> Tensor:
-    """Unit decoder row of the top feature (k=1) or an orthonormal basis of the top-k decoder rows."""
+    """Unit decoder row of the top feature (k=1) or an orthonormal basis of the top-k decoder rows (an attention SAE's
+    rows as they reach the stream through the output projection)."""
     from featsteer.features import decoder_directions
 
     hook, sae, ids = _sae_features(ctx, k)
-    return decoder_directions(sae, ids, subspace=k > 1, hook=hook).bases[0]
+    return decoder_directions(sae, ids, subspace=k > 1, hook=hook, model=ctx.model).bases[0]
 
 
 @contextlib.contextmanager
@@ -714,7 +722,7 @@ def _pick_induce(ctx: CompareContext, settings: Sequence[tuple[int, float]]) -> 
     if len(settings) == 1:
         return settings[0]
     val_harmless = ctx.validation()[1]
-    gen, detector = GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS), RefusalDetector()
+    gen, detector = GenerationConfig(max_new_tokens=INDUCE_VALIDATION_NEW_TOKENS), RefusalDetector()
     rates: dict[tuple[int, float], float] = {}
     for k, multiple in sorted(settings):
         with _feature_clamp(ctx, multiple, k):

@@ -229,7 +229,7 @@ def test_induce_scale_is_the_smallest_within_tolerance_of_the_best(monkeypatch):
         current.clear()
 
     def fake_eval(model, prompts, name, gen, detector):
-        assert gen.max_new_tokens == 16 and current  # generated under the addition
+        assert gen.max_new_tokens == 32 and current  # generated under the addition, long enough for a sentence to loop
         scale = current["scale"]
         refusal, answer, loop = "I'm sorry, but I can't help with that.", "Sure! Here is a plan.", "I'm sorry, but I can't help with" * 3
         if scale == 1.0:
@@ -246,7 +246,7 @@ def test_induce_scale_is_the_smallest_within_tolerance_of_the_best(monkeypatch):
     assert scale == 0.5 and seen == {k: v / 20 for k, v in coherent.items()}
     assert pick_induce_scale(None, add, ["p"], scales=list(coherent), tolerance=0.0)[0] == 0.75
     with add(1.0):  # the looping scale: the detector alone calls all twenty refusals
-        assert fake_eval(None, [], "x", cmp.GenerationConfig(max_new_tokens=16), None).rate.rate == 1.0
+        assert fake_eval(None, [], "x", cmp.GenerationConfig(max_new_tokens=32), None).rate.rate == 1.0
 
 
 def test_leace_alone_captures_without_running_a_direction_selection(prompts, monkeypatch):
