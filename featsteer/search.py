@@ -588,7 +588,7 @@ def _verify_key(harmful: Sequence[str], harmless: Sequence[str], config: SearchC
     spec = {"harmful": prompt_set_hash(list(harmful)), "harmless": prompt_set_hash(list(harmless)),
             "max_new_tokens": config.max_new_tokens, "markers": list(detector.markers),
             "prefix_only": detector.prefix_only, "prefix_chars": detector.prefix_chars,
-            "version": 2}  # 2: verifications also measure the KL on the verification prompts
+            "version": 3}  # 2: verifications also measure the KL on the verification prompts; 3: and looping
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -602,7 +602,9 @@ def _generate(model: ModelAdapter, eval_sets: tuple[Sequence[str], Sequence[str]
     harmless = evaluate_set(model, eval_sets[1], "harmless", generation, detector, keep_logprobs=True)
     out = {"refusal_rate": harmful.rate.rate, "ci_harmful": [harmful.rate.low, harmful.rate.high], "n_harmful": harmful.rate.n,
            "harmless_refusal_rate": harmless.rate.rate, "ci_harmless": [harmless.rate.low, harmless.rate.high],
-           "n_harmless": harmless.rate.n, "harmless_refused": list(harmless.refused), "examples": harmful.examples(2)}
+           "n_harmless": harmless.rate.n, "harmless_refused": list(harmless.refused), "examples": harmful.examples(2),
+           "looping_rate": harmful.looping_rate.rate, "harmless_looping_rate": harmless.looping_rate.rate,
+           "unanswered_rate": harmful.unanswered_rate.rate}
     if base is not None:  # the generation's own prefill gives the edited first-token log-probs
         out |= dict(zip(("kl", "kl_answered"), base.kls(harmless.first_logprobs), strict=True))
     return out | {"seconds": time.perf_counter() - start}
@@ -646,12 +648,14 @@ def verified_kl(point: dict, kl_prompts: str = "all") -> float:
 
 
 def choose_best(pareto: list[dict], max_kl: float, kl_prompts: str = "all") -> dict | None:
-    """The verified point with the lowest refusal rate among those with KL <= `max_kl` (see `verified_kl`), else
+    """The verified point with the lowest share of harmful prompts unanswered (refused or looping; the refusal rate
+    for verifications made before looping was measured) among those with KL <= `max_kl` (see `verified_kl`), else
     the verified point with the lowest KL."""
     verified = [p for p in pareto if p.get("verified")]
     within = [p for p in verified if verified_kl(p, kl_prompts) <= max_kl]
     if within:
-        return min(within, key=lambda p: (p["verified"]["refusal_rate"], p["verified"]["harmless_refusal_rate"], verified_kl(p, kl_prompts)))
+        return min(within, key=lambda p: (p["verified"].get("unanswered_rate", p["verified"]["refusal_rate"]),
+                                          p["verified"]["harmless_refusal_rate"], verified_kl(p, kl_prompts)))
     return min(verified, key=lambda p: verified_kl(p, kl_prompts), default=None)
 
 

@@ -476,3 +476,11 @@ def test_fixed_basis_orthonormalises_and_rejects_bad_input():
         fixed_basis(torch.stack([row, 2 * row]), 3)
     with pytest.raises(FeatsteerError, match="linearly dependent"):
         fixed_basis(torch.zeros(3), 3)
+
+
+def test_choose_best_counts_looping_responses_as_unanswered():
+    quiet = {"number": 0, "kl": 0.03, "verified": {"refusal_rate": 0.0, "unanswered_rate": 0.4, "harmless_refusal_rate": 0.0}}  # loops
+    fluent = {"number": 1, "kl": 0.04, "verified": {"refusal_rate": 0.1, "unanswered_rate": 0.1, "harmless_refusal_rate": 0.0}}
+    assert choose_best([quiet, fluent], max_kl=0.05)["number"] == 1
+    old = {"number": 2, "kl": 0.02, "verified": {"refusal_rate": 0.05, "harmless_refusal_rate": 0.0}}  # verified before looping was read
+    assert choose_best([quiet, fluent, old], max_kl=0.05)["number"] == 2

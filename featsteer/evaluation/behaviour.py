@@ -114,7 +114,7 @@ class RefusalReport:
             r = result.rate
             rows.append((result.name, str(r.n), str(r.k), f"{r.rate:.3f}", f"[{r.low:.3f}, {r.high:.3f}]", str(result.looping_rate.k)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def evaluate_set(
