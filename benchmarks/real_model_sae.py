@@ -227,16 +227,16 @@ def spare_sets(args: argparse.Namespace, n: int) -> tuple[list[str], list[str]]:
 
 def pick_k(model, sae, ranked: list[int], ks: list[int], val: tuple[list[str], list[str]], gen: GenerationConfig) -> tuple[int, dict]:
     """The feature count `featsteer compare` would pick: lowest validation KL among those within 0.05 of the lowest
-    validation harmful refusal (greedy, 16 new tokens)."""
+    share of validation harmful prompts left unanswered, refused or looping (greedy, 16 new tokens)."""
     val_gen = GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS, batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens)
     base = first_token_logprobs(model, val[1], batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens)
     edits = {k: (lambda k=k: apply_edit(model, decoder_directions(sae, ranked[:k], subspace=k > 1).bases[0])) for k in ks}
     rows = jailbreak_rows(model, edits, val[0], val[1], base, val_gen)
-    for k, (refusal, kl) in rows.items():
-        print(f"pick: k={k} validation refusal {refusal:.3f} KL {kl:.4f}", flush=True)
+    for k, (unanswered, kl) in rows.items():
+        print(f"pick: k={k} validation unanswered {unanswered:.3f} KL {kl:.4f}", flush=True)
     chosen = gentlest_within(rows, 0.05)
     return chosen, {"chosen": chosen, "n_val": [len(val[0]), len(val[1])],
-                    "validation": {str(k): {"refusal_harmful": r, "kl_harmless": kl} for k, (r, kl) in rows.items()}}
+                    "validation": {str(k): {"unanswered_harmful": r, "kl_harmless": kl} for k, (r, kl) in rows.items()}}
 
 
 def write(model, sets, runs, extra, seconds, name: str) -> None:
@@ -281,7 +281,9 @@ def render(payload: dict, name: str) -> None:
             lines += pareto_table(info)
     if "pick" in extra:
         pick = extra["pick"]
-        rows = "; ".join(f"k={k}: refusal {v['refusal_harmful']:.3f}, KL {v['kl_harmless']:.4f}" for k, v in pick["validation"].items())
+        # results written before looping was counted have the refusal rate under "refusal_harmful"
+        rows = "; ".join(f"k={k}: {'unanswered' if 'unanswered_harmful' in v else 'refusal'} "
+                         f"{v.get('unanswered_harmful', v.get('refusal_harmful')):.3f}, KL {v['kl_harmless']:.4f}" for k, v in pick["validation"].items())
         lines += ["", f"k picked on {pick['n_val'][0]} + {pick['n_val'][1]} validation prompts (neither training nor evaluation prompts) "
                   f"as `featsteer compare` picks it, the lowest KL within 0.05 of the lowest refusal: **k={pick['chosen']}** ({rows})."]
     lines += ["", f"Top feature's decoder row vs DIM: cosine {extra['top1_cosine_with_dim']:.3f}; norm of DIM inside the span of the "
