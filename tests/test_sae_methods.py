@@ -312,3 +312,13 @@ def test_features_needed_says_when_features_do_not_carry_refusal(model, sae, beh
     reached = features_needed(model, sae, [DEAD, DEAD_TOO], harmful, target=min(1.0, clean_rate + 0.01), max_new_tokens=6, detector=detector)
     assert reached.needed == 1 and len(reached.steps) == 1
     assert doubling_sizes(8) == [1, 2, 4, 8] and doubling_sizes(5) == [1, 2, 4, 5] and doubling_sizes(1) == [1]
+
+
+def test_feature_effects_count_looping_responses_as_neither_answered_nor_refused():
+    from featsteer.features.effects import _complied, _Verdicts
+
+    verdicts = _Verdicts(refused=(True, True, False, False), looping=(False, True, True, False))
+    assert verdicts.answered() == [False, False, False, True]  # the jailbreak side: only the fluent answer counts
+    assert verdicts.coherent_refusals() == [True, False, False, False]  # the induce side: only the refusal that does not loop
+    assert verdicts.unanswered() == [True, True, True, False]
+    assert _complied(verdicts).k == 1

@@ -4,16 +4,16 @@ A feature that separates harmful from harmless prompts (see `featsteer.features.
 the cause of refusal. This module measures the cause directly, one feature at a time, with the SAE
 spliced in with its error term (so everything the SAE does not reconstruct passes through):
 
-- jailbreak rate: share of harmful prompts the model complies with when the feature is ablated (or
-  clamped to a negative value);
-- induced-refusal rate: share of harmless prompts the model refuses when the feature is clamped to a
-  multiple of its largest activation on harmful prompts.
+- jailbreak rate: share of harmful prompts the model answers when the feature is ablated (or clamped to a
+  negative value): neither refused nor lost in a loop;
+- induced-refusal rate: share of harmless prompts the model refuses, without looping, when the feature is clamped
+  to a multiple of its largest activation on harmful prompts.
 
 Both are binomial rates with 95% Wilson intervals, next to the same rates of the unmodified model.
 Responses are judged either by greedy generation and the shared refusal detector (`judge="generation"`)
 or, to screen many features fast, by the first-token refusal log-odds alone (`judge="first_token"`: a
-prompt counts as refused when the log-odds are positive). `features_needed` answers the follow-up
-question when no single feature moves refusal much: how many top features must go together.
+prompt counts as refused when the log-odds are positive, and nothing counts as looping). `features_needed` answers
+the follow-up question when no single feature moves refusal much: how many top features must go together.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch import Tensor
 from featsteer.activations import capture
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, refusal_score
+from featsteer.evaluation.quality import LoopDetector
 from featsteer.evaluation.refusal import RateEstimate, RefusalDetector, refusal_rate
 from featsteer.models import ModelAdapter
 from featsteer.sae.encoding import encode_activations
@@ -44,8 +45,28 @@ when the first-token refusal log-odds are positive (one forward pass, no generat
 
 
 @dataclass(frozen=True)
+class _Verdicts:
+    """Per prompt: refused? looping? (see `featsteer.evaluation.quality`)."""
+
+    refused: tuple[bool, ...]
+    looping: tuple[bool, ...]
+
+    def answered(self) -> list[bool]:
+        """Neither refused nor looping: what a jailbreak wants."""
+        return [not r and not loop for r, loop in zip(self.refused, self.looping, strict=True)]
+
+    def coherent_refusals(self) -> list[bool]:
+        """Refused without looping: what inducing refusal wants."""
+        return [r and not loop for r, loop in zip(self.refused, self.looping, strict=True)]
+
+    def unanswered(self) -> list[bool]:
+        """Refused or looping."""
+        return [r or loop for r, loop in zip(self.refused, self.looping, strict=True)]
+
+
+@dataclass(frozen=True)
 class _Judge:
-    """Decides, for the model as it currently is, which prompts are refused."""
+    """Decides, for the model as it currently is, which prompts are refused and which responses loop."""
 
     kind: str
     tokens: RefusalTokens
@@ -54,13 +75,13 @@ class _Judge:
     batch_size: int
     system: str | None
 
-    def __call__(self, model: ModelAdapter, prompts: list[str]) -> tuple[list[bool], float]:
-        """Refusal flags per prompt and the mean first-token refusal log-odds."""
+    def __call__(self, model: ModelAdapter, prompts: list[str]) -> tuple[_Verdicts, float]:
+        """Verdicts per prompt and the mean first-token refusal log-odds."""
         scores = refusal_score(first_token_logprobs(model, prompts, batch_size=self.batch_size, system=self.system), self.tokens)
         if self.kind == "first_token":
-            return [bool(s > 0) for s in scores.tolist()], float(scores.mean())
+            return _Verdicts(tuple(bool(s > 0) for s in scores.tolist()), (False,) * len(prompts)), float(scores.mean())
         responses = model.generate(prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, system=self.system)
-        return self.detector.classify(responses), float(scores.mean())
+        return _Verdicts(tuple(self.detector.classify(responses)), tuple(LoopDetector().classify(responses))), float(scores.mean())
 
 
 def _make_judge(model: ModelAdapter, judge: str, detector: RefusalDetector | None, max_new_tokens: int,
@@ -91,9 +112,9 @@ def _prompts(prompts: Sequence[str], what: str) -> list[str]:
     return items
 
 
-def _complied(refused: Sequence[bool]) -> RateEstimate:
-    """Share of prompts *not* refused, with its Wilson interval."""
-    return refusal_rate([not flag for flag in refused])
+def _complied(verdicts: _Verdicts) -> RateEstimate:
+    """Share of prompts answered (not refused, not looping), with its Wilson interval."""
+    return refusal_rate(verdicts.answered())
 
 
 def max_feature_activations(
@@ -232,7 +253,7 @@ def _cell(rate: RateEstimate | None) -> str:
     return "-" if rate is None else f"{rate.rate:.3f} [{rate.low:.2f}, {rate.high:.2f}]"
 
 
-def _under(model: ModelAdapter, sae: SAE, edits: list[FeatureEdit], positions: str, judge: _Judge, prompts: list[str]) -> tuple[list[bool], float]:
+def _under(model: ModelAdapter, sae: SAE, edits: list[FeatureEdit], positions: str, judge: _Judge, prompts: list[str]) -> tuple[_Verdicts, float]:
     with splice_sae(model, sae, edits, positions=positions):
         return judge(model, prompts)
 
@@ -305,13 +326,13 @@ def feature_effects(
         induce, induced, induced_score = None, None, None
         if induce_multiple is not None:
             induce = FeatureEdit.clamp(feature, induce_multiple * float(maxima[feature]))
-            refused_harmless, induced_score = _under(model, sae, [induce], positions, decide, harmless)
-            induced = refusal_rate(refused_harmless)
+            verdicts, induced_score = _under(model, sae, [induce], positions, decide, harmless)
+            induced = refusal_rate(verdicts.coherent_refusals())
         effects.append(FeatureEffect(hook, feature, suppress, induce, float(maxima[feature]), _complied(refused), induced, score, induced_score))
         logger.info("feature %d (%d/%d): jailbreak %.3f", feature, number, len(ids), effects[-1].jailbreak.rate)
     provenance = {"n_harmful": len(harmful), "n_harmless": len(harmless), "clamp_value": clamp_value, "induce_multiple": induce_multiple,
                   "positions": positions, "max_new_tokens": max_new_tokens if judge == "generation" else None}
-    return FeatureEffects(tuple(effects), _complied(clean_harmful), refusal_rate(clean_harmless), clean_harmful_score,
+    return FeatureEffects(tuple(effects), _complied(clean_harmful), refusal_rate(clean_harmless.coherent_refusals()), clean_harmful_score,
                           clean_harmless_score, judge, provenance)
 
 
@@ -341,7 +362,7 @@ def screen_features(
 
 @dataclass(frozen=True)
 class FeaturesNeeded:
-    """Harmful refusal rate with the top 1, 2, 4, ... features suppressed together."""
+    """Harmful prompts left unanswered (refused or looping) with the top 1, 2, 4, ... features suppressed together."""
 
     hook_name: str
     """Hook of the SAE."""
@@ -350,9 +371,9 @@ class FeaturesNeeded:
     target: float
     """Refusal rate to get below."""
     clean: RateEstimate
-    """Harmful refusal rate of the unmodified model."""
+    """Harmful prompts the unmodified model leaves unanswered (refused or looping)."""
     steps: tuple[tuple[int, RateEstimate], ...]
-    """`(n features suppressed together, harmful refusal rate)`, in increasing `n`."""
+    """`(n features suppressed together, harmful unanswered rate)`, in increasing `n`."""
     needed: int | None
     """Smallest `n` whose refusal rate is below `target` (None: none of the tried sizes)."""
     judge: str
@@ -443,10 +464,10 @@ def features_needed(
         raise FeatsteerError(f"sizes must lie in 1..{len(ids)} (the number of features given), got {list(sizes or [])}")
     _suppression(ids[0], clamp_value)
     decide = _make_judge(model, judge, detector, max_new_tokens, batch_size, system)
-    clean = refusal_rate(decide(model, harmful)[0])
+    clean = refusal_rate(decide(model, harmful)[0].unanswered())
     steps, needed = [], None
     for size in tried:
-        rate = refusal_rate(_under(model, sae, [_suppression(ids[:size], clamp_value)], positions, decide, harmful)[0])
+        rate = refusal_rate(_under(model, sae, [_suppression(ids[:size], clamp_value)], positions, decide, harmful)[0].unanswered())
         steps.append((size, rate))
         logger.info("top %d features suppressed: harmful refusal %.3f", size, rate.rate)
         if rate.rate < target and needed is None:
