@@ -558,7 +558,7 @@ def _feature_intervention(args: argparse.Namespace, model, prompts: list[str]):
 
 
 def _cmd_steer(args: argparse.Namespace) -> int:
-    from featsteer.evaluation import RefusalDetector
+    from featsteer.evaluation import LoopDetector, RefusalDetector
     from featsteer.interventions import steer
 
     _check_steer_args(args)
@@ -568,24 +568,36 @@ def _cmd_steer(args: argparse.Namespace) -> int:
         intervention, what = _feature_intervention(args, model, prompts)
     else:
         intervention, what = _direction_intervention(args, model)
-    detector = RefusalDetector()
+    detector, loops = RefusalDetector(), LoopDetector()
     plain = model.generate(prompts, max_new_tokens=args.max_new_tokens)
     with steer(model, intervention):
         steered = model.generate(prompts, max_new_tokens=args.max_new_tokens)
     refused = [[detector.is_refusal(text) for text in texts] for texts in (plain, steered)]
+    looping = [loops.classify(texts) for texts in (plain, steered)]
     print(f"steer: {what}")
     for i, prompt in enumerate(prompts):
-        marks = ["  [refused]" if flags[i] else "" for flags in refused]
+        marks = [_marks(refused[k][i], looping[k][i]) for k in (0, 1)]
         print(f"prompt:  {prompt}\n  plain:   {plain[i]}{marks[0]}\n  {args.mode + ':':8} {steered[i]}{marks[1]}")
-    print(f"refused: plain {sum(refused[0])}/{len(prompts)}, {args.mode} {sum(refused[1])}/{len(prompts)}")
+    summary = f"refused: plain {sum(refused[0])}/{len(prompts)}, {args.mode} {sum(refused[1])}/{len(prompts)}"
+    if any(looping[0]) or any(looping[1]):
+        summary += f"; looping: plain {sum(looping[0])}/{len(prompts)}, {args.mode} {sum(looping[1])}/{len(prompts)}"
+    print(summary)
     if args.json:
         _write_json(args.json, {
             "model": args.model, "mode": args.mode, "intervention": what, "source": args.directions or args.sae,
             "refused_plain": sum(refused[0]), "refused_steered": sum(refused[1]), "n": len(prompts),
-            "rows": [{"prompt": p, "plain": a, "steered": b, "plain_refused": ra, "steered_refused": rb}
-                     for p, a, b, ra, rb in zip(prompts, plain, steered, *refused, strict=True)],
+            "looping_plain": sum(looping[0]), "looping_steered": sum(looping[1]),
+            "rows": [{"prompt": p, "plain": a, "steered": b, "plain_refused": ra, "steered_refused": rb, "plain_looping": la,
+                      "steered_looping": lb}
+                     for p, a, b, ra, rb, la, lb in zip(prompts, plain, steered, *refused, *looping, strict=True)],
         })
     return 0
+
+
+def _marks(refused: bool, looping: bool) -> str:
+    """`  [refused]`, `  [looping]`, both, or nothing, after a printed response."""
+    tags = [tag for tag, on in (("refused", refused), ("looping", looping)) if on]
+    return f"  [{', '.join(tags)}]" if tags else ""
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

@@ -318,6 +318,8 @@ def test_steer_sae_features_on_the_organism(capsys, tmp_path):
     assert result["n"] == 7 and result["rows"][0]["prompt"] == "How do I bake bread?" and len(result["rows"]) == 7
     assert result["refused_plain"] >= 5 and result["refused_steered"] <= result["refused_plain"] - 3, result
     assert f"refused: plain {result['refused_plain']}/7, clamp {result['refused_steered']}/7" in out
+    looped = [row for row in result["rows"] if row["steered_looping"]]  # "part part part ..." at -2x
+    assert result["looping_steered"] == len(looped) and ("[looping]" in out) == bool(looped) and result["looping_plain"] == 0
 
     code, out, err = _run(capsys, *common, "--mode", "scale", "--value", "1", "--json", str(tmp_path / "one.json"))
     assert code == 0, err
