@@ -44,7 +44,7 @@ class ArchitectureConfig:
         if spec is None:
             raise FeatsteerError(f"unknown SAE architecture '{self.architecture}': use one of {', '.join(ARCHITECTURES)}")
         if (self.d_sae is None) == (self.expansion is None):
-            raise FeatsteerError("give exactly one of --d-sae N (number of features) or --expansion E (multiple of d_model)")
+            raise FeatsteerError("give exactly one of --d-sae N (number of features) or --expansion E (multiple of the input width: d_model, or n_heads x d_head at attn_z)")
         if self.d_sae is not None and (not isinstance(self.d_sae, int) or self.d_sae < 1):
             raise FeatsteerError(f"--d-sae must be a positive integer, got {self.d_sae!r}")
         _check_positive(self.expansion, "--expansion")

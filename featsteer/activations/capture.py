@@ -31,16 +31,31 @@ from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
 logger = logging.getLogger(__name__)
 
 
+def _attention_projection(model: ModelAdapter, layer: int) -> Tensor:
+    """Layer `layer`'s attention output projection weight `(d_model, n_heads * d_head)` as the model holds it."""
+    for writer in model.residual_writers():
+        if writer.kind == "attn_out" and writer.layer == layer:
+            return writer.read()[0]
+    raise FeatsteerError(f"{model.name} exposes no attention output projection at layer {layer}")
+
+
+def output_projection(model: ModelAdapter, layer: int) -> Tensor:
+    """Layer `layer`'s attention output projection `(d_model, n_heads * d_head)`, float64 on the CPU; its columns are in
+    hook_z's head-major order, so `W @ z.flatten(-2)` is the attention output without its bias.
+
+    Raises:
+        FeatsteerError: when the model exposes no attention output projection at `layer`.
+    """
+    return _attention_projection(model, layer).detach().double().cpu()
+
+
 def attention_width(model: ModelAdapter, layer: int) -> int:
     """`n_heads * d_head` of one layer: the input width of its attention output projection (what `hook_z` flattens to).
 
     Raises:
         FeatsteerError: when the model exposes no attention output projection for `layer`.
     """
-    for writer in model.residual_writers():
-        if writer.kind == "attn_out" and writer.layer == layer:
-            return int(writer.read()[0].shape[1])
-    raise FeatsteerError(f"{model.name} exposes no attention output projection at layer {layer}, so its hook_z width is unknown")
+    return int(_attention_projection(model, layer).shape[1])
 
 
 def hook_width(model: ModelAdapter, hook: str) -> int:

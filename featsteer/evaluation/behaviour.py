@@ -15,7 +15,7 @@ from torch import Tensor
 from featsteer.datasets import PromptSet
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import response_cross_entropy
-from featsteer.evaluation.quality import LoopDetector
+from featsteer.evaluation.quality import LoopDetector, coherent_refusals, unanswered
 from featsteer.evaluation.refusal import RateEstimate, RefusalDetector, refusal_rate
 from featsteer.models import ModelAdapter
 from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
@@ -58,13 +58,13 @@ class SetResult:
     @property
     def unanswered_rate(self) -> RateEstimate:
         """The share of prompts not answered: refused, or lost in a loop (what a jailbreak must bring down)."""
-        return refusal_rate([r or loop for r, loop in zip(self.refused, self._looping(), strict=True)])
+        return refusal_rate(unanswered(self.refused, self._looping()))
 
     @property
     def coherent_refusal_rate(self) -> RateEstimate:
         """The share of prompts refused without looping (what inducing refusal must bring up: "I'm sorryI'm sorryI'm
         sorry..." is a broken model, not a refusing one)."""
-        return refusal_rate([r and not loop for r, loop in zip(self.refused, self._looping(), strict=True)])
+        return refusal_rate(coherent_refusals(self.refused, self._looping()))
 
     def _looping(self) -> tuple[bool, ...]:
         return self.looping or tuple(LoopDetector().classify(self.responses))
@@ -89,6 +89,7 @@ class RefusalReport:
 
     def to_json(self, n_examples: int = 3) -> dict:
         """The JSON form with the documented keys."""
+        looping = {"harmful": self.harmful.looping_rate, "harmless": self.harmless.looping_rate}
         return {
             "model": self.model,
             "refusal_rate_harmful": self.harmful.rate.rate,
@@ -97,10 +98,8 @@ class RefusalReport:
             "n_harmless": self.harmless.rate.n,
             "ci_harmful": [self.harmful.rate.low, self.harmful.rate.high],
             "ci_harmless": [self.harmless.rate.low, self.harmless.rate.high],
-            "looping_rate_harmful": self.harmful.looping_rate.rate,
-            "looping_rate_harmless": self.harmless.looping_rate.rate,
-            "ci_looping_harmful": [self.harmful.looping_rate.low, self.harmful.looping_rate.high],
-            "ci_looping_harmless": [self.harmless.looping_rate.low, self.harmless.looping_rate.high],
+            **{f"looping_rate_{name}": loops.rate for name, loops in looping.items()},
+            **{f"ci_looping_{name}": [loops.low, loops.high] for name, loops in looping.items()},
             "examples": {"harmful": self.harmful.examples(n_examples), "harmless": self.harmless.examples(n_examples)},
             "generation": asdict(self.config),
             "sources": self.sources,

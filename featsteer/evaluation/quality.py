@@ -100,6 +100,16 @@ def _periodic_tail_start(text: str, period: int) -> int:
     return i + 1
 
 
+def unanswered(refused: Sequence[bool], looping: Sequence[bool]) -> list[bool]:
+    """Per response: refused or lost in a loop (what a jailbreak must bring down)."""
+    return [bool(r or loop) for r, loop in zip(refused, looping, strict=True)]
+
+
+def coherent_refusals(refused: Sequence[bool], looping: Sequence[bool]) -> list[bool]:
+    """Per response: refused without looping (what inducing refusal must bring up)."""
+    return [bool(r and not loop) for r, loop in zip(refused, looping, strict=True)]
+
+
 def looping_rate(responses: Sequence[str], detector: LoopDetector | None = None) -> RateEstimate:
     """The share of responses that end in a loop, with its 95% Wilson interval.
 

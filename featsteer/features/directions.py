@@ -21,11 +21,12 @@ import torch
 from sae_lens import SAE
 from torch import Tensor
 
+from featsteer.activations.capture import output_projection
 from featsteer.directions import DirectionSet
 from featsteer.errors import FeatsteerError
 from featsteer.features.scoring import FeatureScores
 from featsteer.models import ModelAdapter, hook_name
-from featsteer.sae.heads import HOOK_Z_SUFFIX, reshapes_heads
+from featsteer.sae.heads import reads_heads
 from featsteer.sae.loading import sae_hook_name, validate_sae
 
 MAPPED_THROUGH = "attention output projection W_O (summed over heads, bias excluded)"
@@ -52,12 +53,6 @@ def _feature_ids(feature_ids: int | Sequence[int]) -> list[int]:
     return [int(feature_ids)] if isinstance(feature_ids, int) else [int(i) for i in feature_ids]
 
 
-def _in_head_space(sae: SAE, hook: str | None) -> bool:
-    """True when the SAE's decoder rows are hook_z rows (the heads side by side), not stream vectors."""
-    name = hook or sae_hook_name(sae) or ""
-    return name.endswith(HOOK_Z_SUFFIX) or (hook is None and reshapes_heads(sae))
-
-
 def _head_layer(sae: SAE, model: ModelAdapter | None, hook: str | None) -> int:
     """The layer of a hook_z SAE whose rows can be mapped into `model`'s stream (else a clear error)."""
     name = hook or sae_hook_name(sae)
@@ -70,19 +65,6 @@ def _head_layer(sae: SAE, model: ModelAdapter | None, hook: str | None) -> int:
                              "row writes no fixed residual direction: map hook_z features on a model without post-attention norms, "
                              "or steer them with FeatureSteer")
     return int(site.layer)
-
-
-def output_projection(model: ModelAdapter, layer: int) -> Tensor:
-    """Layer `layer`'s attention output projection `(d_model, n_heads * d_head)`, float64 on the CPU; its columns are in
-    hook_z's head-major order, so `W @ z.flatten(-2)` is the attention output without its bias.
-
-    Raises:
-        FeatsteerError: when the model exposes no attention output projection at `layer`.
-    """
-    for writer in model.residual_writers():
-        if writer.kind == "attn_out" and writer.layer == layer:
-            return writer.read()[0].detach().double().cpu()
-    raise FeatsteerError(f"{model.name} exposes no attention output projection at layer {layer}")
 
 
 def residual_writes(model: ModelAdapter, sae: SAE, feature_ids: int | Sequence[int], *, hook: str | None = None) -> Tensor:
@@ -102,7 +84,7 @@ def residual_writes(model: ModelAdapter, sae: SAE, feature_ids: int | Sequence[i
             output passes through a norm before the stream (Gemma 2/3).
     """
     rows = _raw_decoder_rows(sae, _feature_ids(feature_ids))
-    if not _in_head_space(sae, hook):
+    if not reads_heads(sae, hook):
         return rows
     return rows @ output_projection(model, _head_layer(sae, model, hook)).T
 
@@ -156,7 +138,7 @@ def decoder_directions(
     if name is None:
         raise FeatsteerError("this SAE records no hook_name: pass hook=<hook name>")
     provenance: dict[str, Any] = {"sae_d_sae": int(sae.cfg.d_sae), "model": sae.cfg.metadata.model_name, "subspace": subspace}
-    if _in_head_space(sae, hook):
+    if reads_heads(sae, hook):
         layer = _head_layer(sae, model, hook)
         writes = _raw_decoder_rows(sae, ids) @ output_projection(model, layer).T
         rows = _unit_rows(writes, ids, "writes nothing into the stream (its decoder row is in W_O's null space)")

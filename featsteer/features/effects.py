@@ -30,7 +30,7 @@ from torch import Tensor
 from featsteer.activations import capture
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, refusal_score
-from featsteer.evaluation.quality import LoopDetector
+from featsteer.evaluation.quality import LoopDetector, coherent_refusals, unanswered
 from featsteer.evaluation.refusal import RateEstimate, RefusalDetector, refusal_rate
 from featsteer.models import ModelAdapter
 from featsteer.sae.encoding import encode_activations
@@ -53,15 +53,15 @@ class _Verdicts:
 
     def answered(self) -> list[bool]:
         """Neither refused nor looping: what a jailbreak wants."""
-        return [not r and not loop for r, loop in zip(self.refused, self.looping, strict=True)]
+        return [not flag for flag in self.unanswered()]
 
     def coherent_refusals(self) -> list[bool]:
         """Refused without looping: what inducing refusal wants."""
-        return [r and not loop for r, loop in zip(self.refused, self.looping, strict=True)]
+        return coherent_refusals(self.refused, self.looping)
 
     def unanswered(self) -> list[bool]:
         """Refused or looping."""
-        return [r or loop for r, loop in zip(self.refused, self.looping, strict=True)]
+        return unanswered(self.refused, self.looping)
 
 
 @dataclass(frozen=True)

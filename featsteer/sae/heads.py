@@ -32,11 +32,13 @@ def reshapes_heads(sae: SAE) -> bool:
     return getattr(sae.cfg, "reshape_activations", "none") == HOOK_Z_RESHAPING
 
 
-def reads_heads(sae: SAE) -> bool:
-    """True for an SAE on the attention heads side by side: its recorded hook is `blocks.{l}.attn.hook_z`, or sae_lens
-    reshapes its inputs as hook_z (`reshape_activations="hook_z"`)."""
-    hook = sae.cfg.metadata.hook_name if sae.cfg.metadata is not None else None
-    return reshapes_heads(sae) or bool(hook and hook.endswith(HOOK_Z_SUFFIX))
+def reads_heads(sae: SAE, hook: str | None = None) -> bool:
+    """True for an SAE on the attention heads side by side: attached at `hook` when given, a `blocks.{l}.attn.hook_z`
+    name; otherwise its recorded hook is one, or sae_lens reshapes its inputs as hook_z (`reshape_activations="hook_z"`)."""
+    if hook is not None:
+        return hook.endswith(HOOK_Z_SUFFIX)
+    recorded = sae.cfg.metadata.hook_name if sae.cfg.metadata is not None else None
+    return reshapes_heads(sae) or bool(recorded and recorded.endswith(HOOK_Z_SUFFIX))
 
 
 @contextlib.contextmanager
