@@ -668,6 +668,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         print(f"{hook:26} {cells}")
     best = report.best("linear")
     print(f"\nbest linear-probe layer: {best.key} (accuracy {best.accuracy:.3f}, selectivity {best.selectivity:.3f})")
+    for source, pairs in report.sae_sources.items():
+        print(f"{source}: " + ", ".join(f"{sae_hook} at {swept}" for swept, sae_hook in pairs.items()))
+    for effect in (e for e in report.effects if e.source.startswith("sae")):
+        print(f"  {effect.source} layer {effect.layer}: AUROC {effect.auroc:.3f}, refusal drop {effect.refusal_drop:.3f}, KL {effect.kl_harmless:.4f}")
     print(f"wrote {folder}/report.html, results.json, sweep.png, sweep.md")
     return 0
 
@@ -886,7 +890,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--n-effect", type=int, default=32, help="test prompts per set for steering effects")
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--column")
-    pr.add_argument("--sae", help="also compare each layer's top SAE feature: organism or a folder of <hook_name>/ SAEs")
+    pr.add_argument("--sae", help="also compare each SAE's top feature: organism or a folder of <hook_name>/ SAEs (any residual "
+                    "hook or attn.hook_z; each joins at the first resid_pre after it)")
     pr.set_defaults(run=_cmd_probe)
 
     rf = sub.add_parser("rank-features", help="rank SAE features on harmful vs harmless prompts: report.html, features.csv/json")

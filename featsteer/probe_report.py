@@ -14,12 +14,14 @@ import base64
 import html
 import io
 import json
+import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from featsteer.activations import capture
 from featsteer.datasets import PromptSet
@@ -28,12 +30,19 @@ from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl
 from featsteer.interventions import Ablate, steer
 from featsteer.models import ModelAdapter
 
+logger = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from sae_lens import SAE
 
 PROBE_KINDS = ("diffmean", "linear", "whitened", "mahalanobis")
 SOURCES = ("dim", "linear", "whitened")
 """Direction sources always compared; `sae` (the top composite feature's decoder row) joins when SAEs are given."""
+_STREAM_POINT = {"resid_pre": 0.0, "ln1_normalized": 0.0, "attn_z": 0.5, "attn_out": 0.5, "resid_mid": 0.5, "ln2_normalized": 0.5,
+                 "mlp_out": 1.0, "resid_post": 1.0}
+"""Where in a layer's residual stream a hook's vectors live, as layer + offset: a block's input (`resid_pre`, and
+what its attention norm reads), after its attention writes (`resid_mid`, and what the MLP norm reads), after its MLP
+writes (`resid_post`, which is the next block's `resid_pre`)."""
 
 
 def _probe(kind: str):
@@ -65,6 +74,8 @@ class ProbeReport:
     cosines: list[dict]
     effects: list[SourceEffect]
     hooks: list[str]
+    sae_sources: dict[str, dict[str, str]] = field(default_factory=dict)
+    """`{source: {swept hook: SAE hook}}`: which SAE's top feature each `sae...` source is at each swept hook."""
 
     def best(self, kind: str = "linear"):
         """Sweep row with the highest selectivity for a probe kind."""
@@ -73,7 +84,7 @@ class ProbeReport:
     def to_json(self) -> dict:
         """JSON-ready form."""
         return {"hooks": self.hooks, "sweep": {k: [asdict(r) for r in rows] for k, rows in self.sweep.items()},
-                "cosines": self.cosines, "effects": [asdict(e) for e in self.effects]}
+                "cosines": self.cosines, "effects": [asdict(e) for e in self.effects], "sae_sources": self.sae_sources}
 
 
 def probe_report(
@@ -100,8 +111,13 @@ def probe_report(
         n_effect: held-out prompts per class for the steering effect.
         n_shuffles: shuffled-label controls per probe and layer.
         batch_size: prompts per forward pass.
-        saes: `{hook_name: SAE}`; at every swept hook that has one, the decoder row of its top composite
-            feature (scored on the training prompts, oriented towards harmful) is compared as source `sae`.
+        saes: `{hook_name: SAE}`; each SAE's top composite feature (scored on the training prompts, its direction
+            oriented towards harmful) is compared at the first swept hook whose stream holds it: source `sae` when
+            the SAE reads the swept hook itself, `sae@<kind>` otherwise (an SAE on `blocks.{l}.hook_resid_post`,
+            `hook_mlp_out`, `hook_attn_out` or `attn.hook_z` joins a `resid_pre` sweep at layer l+1; a hook_z
+            feature is its decoder row written through the attention output projection). An SAE no swept hook
+            follows within its layer (past the last swept layer, or in a layer `layers` leaves out) is skipped with
+            a warning.
         layers: sweep only these layers (default: every layer; a large model's effects cost a forward pass
             per prompt, layer and source).
     """
@@ -120,9 +136,10 @@ def probe_report(
     splits = {hook: (*xy("train", hook), *xy("test", hook)) for hook in hooks}
     sweep = {probe_kind: layer_sweep(splits, lambda k=probe_kind: _probe(k), n_shuffles=n_shuffles) for probe_kind in PROBE_KINDS}
     directions = {source: find_directions(acts[("train", "harmful")], acts[("train", "harmless")], source) for source in SOURCES}
-    sae_hooks = [hook for hook in hooks if saes and hook in saes]
-    if sae_hooks:
-        directions["sae"] = _sae_directions({hook: saes[hook] for hook in sae_hooks}, acts[("train", "harmful")], acts[("train", "harmless")])
+    sae_sources: dict[str, dict[str, str]] = {}
+    if saes:
+        found, sae_sources = _sae_directions(model, saes, hooks, acts, train, positions, batch_size)
+        directions.update(found)
     cosines = []
     for hook in hooks:
         row = {"hook": hook}
@@ -132,24 +149,70 @@ def probe_report(
                 row[f"{a}~{b}"] = float(directions[a].direction(hook) @ directions[b].direction(hook))
         cosines.append(row)
     effects = _effects(model, directions, acts, hooks, test, n_effect, batch_size)
-    return ProbeReport(sweep, cosines, effects, hooks)
+    return ProbeReport(sweep, cosines, effects, hooks, sae_sources)
 
 
 def _has(directions, hook: str) -> bool:
     return hook in directions.hook_names
 
 
-def _sae_directions(saes: Mapping[str, SAE], harmful, harmless):
-    """Top composite feature's decoder row per hook, signed so harmful prompts project higher than harmless."""
-    from featsteer.directions import DirectionSet
-    from featsteer.features import score_features, top_feature_directions
+def _carrier(model: ModelAdapter, sae_hook: str, swept: Sequence[str]) -> str | None:
+    """The swept hook whose activations first hold what an SAE at `sae_hook` reads or writes, within one layer's span."""
+    if sae_hook in swept:
+        return sae_hook
+    site = model.hook_site(sae_hook)
+    if site.layer is None or site.kind not in _STREAM_POINT:
+        return None
+    point = site.layer + _STREAM_POINT[site.kind]
+    after = [(model.hook_site(h).layer + _STREAM_POINT[model.hook_site(h).kind], h) for h in swept
+             if model.hook_site(h).kind in _STREAM_POINT and model.hook_site(h).kind not in ("ln1_normalized", "ln2_normalized")]
+    after = sorted((p, h) for p, h in after if point <= p < point + 1)
+    return after[0][1] if after else None
 
-    scores = score_features(saes, harmful, harmless)
-    best = top_feature_directions(scores, saes, 1, subspace=True)
-    signs = torch.stack([torch.sign((harmful.mean(h) - harmless.mean(h)).float() @ best.bases[i, 0])
-                         for i, h in enumerate(best.hook_names)])
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return DirectionSet(best.bases * signs[:, None, None], best.hook_names, best.positions, best.method, best.scores, best.provenance)
+
+def _sae_directions(model: ModelAdapter, saes: Mapping[str, SAE], swept: Sequence[str], acts, train, positions: str, batch_size: int):
+    """Each SAE's top composite feature as a direction at its carrier hook, grouped into sources.
+
+    Returns:
+        `({source: DirectionSet}, {source: {swept hook: SAE hook}})`.
+    """
+    from featsteer.directions import DirectionSet
+    from featsteer.errors import FeatsteerError
+    from featsteer.features import FeatureScores, score_features, score_prompts, top_feature_directions
+
+    carriers = {hook: _carrier(model, hook, swept) for hook in saes}
+    skipped = sorted(hook for hook, carrier in carriers.items() if carrier is None)
+    if skipped:
+        logger.warning("probe report: no swept hook follows the SAE(s) at %s within their layer; they are left out", ", ".join(skipped))
+    placed = {hook: saes[hook] for hook, carrier in carriers.items() if carrier is not None}
+    if not placed:
+        raise FeatsteerError(f"none of the SAEs ({', '.join(saes)}) is read at or just before a swept hook ({swept[0]} ... {swept[-1]}): "
+                             "sweep the layers the SAEs sit in")
+    inside = {hook: sae for hook, sae in placed.items() if hook in acts[("train", "harmful")].hook_names}
+    outside = {hook: sae for hook, sae in placed.items() if hook not in inside}
+    parts = []
+    if inside:
+        parts.append(score_features(inside, acts[("train", "harmful")], acts[("train", "harmless")]))
+    if outside:
+        parts.append(score_prompts(model, outside, list(train[0]), list(train[1]), positions=positions, batch_size=batch_size))
+    scores = parts[0] if len(parts) == 1 else FeatureScores.concat(parts)
+    best = top_feature_directions(scores, placed, 1, subspace=True, model=model)
+    sae_hooks = best.provenance.get("sae_hooks") or list(best.hook_names)
+    harmful, harmless = acts[("train", "harmful")], acts[("train", "harmless")]
+    grouped: dict[str, list[tuple[str, Tensor]]] = {}
+    sources: dict[str, dict[str, str]] = {}
+    for i, sae_hook in enumerate(sae_hooks):
+        carrier = carriers[sae_hook]
+        basis = best.bases[i, 0]
+        sign = torch.sign((harmful.mean(carrier) - harmless.mean(carrier)).float() @ basis)
+        source = "sae" if carrier == sae_hook else f"sae@{model.hook_site(sae_hook).kind}"
+        grouped.setdefault(source, []).append((carrier, basis * (sign if sign != 0 else 1.0)))
+        sources.setdefault(source, {})[carrier] = sae_hook
+    out = {}
+    for source, entries in grouped.items():
+        out[source] = DirectionSet(torch.stack([b for _, b in entries])[:, None, :], tuple(h for h, _ in entries), (-1,) * len(entries),
+                                   f"{best.method}", {}, {"sae_hooks": sources[source]})
+    return out, sources
 
 
 def _effects(model, directions, acts, hooks, test, n_effect, batch_size) -> list[SourceEffect]:
@@ -220,12 +283,17 @@ def write_probe_report(report: ProbeReport, out: str | Path, title: str = "feats
     )
     cos_rows = "".join("<tr>" + "".join(f"<td>{v if isinstance(v, str) else f'{v:.3f}'}</td>" for v in row.values()) + "</tr>" for row in report.cosines)
     cos_head = "".join(f"<th>{html.escape(k)}</th>" for k in report.cosines[0]) if report.cosines else ""
+    sae_note = "".join(
+        f"<p>{html.escape(source)}: the top composite feature of the SAE at {html.escape(sae_hook)}, compared at {html.escape(swept)}"
+        + (" (its decoder row written through the attention output projection)" if sae_hook.endswith("attn.hook_z") else "") + "</p>"
+        for source, pairs in report.sae_sources.items() for swept, sae_hook in pairs.items()
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 7px;font-size:13px}}</style></head>
 <body><h1>{html.escape(title)}</h1><img alt="sweep" src="data:image/png;base64,{base64.b64encode(png).decode()}">
 <h2>Predict vs control: classification AUROC next to steering effect (ablation at every residual write)</h2>
 <table><tr><th>layer</th><th>source</th><th>held-out AUROC</th><th>refusal-score drop</th><th>KL harmless</th></tr>{effect_rows}</table>
-<h2>Cosine between direction sources per layer</h2><table><tr>{cos_head}</tr>{cos_rows}</table>
+{sae_note}<h2>Cosine between direction sources per layer</h2><table><tr>{cos_head}</tr>{cos_rows}</table>
 <h2>Probe sweeps</h2><pre>{html.escape(tables)}</pre></body></html>"""
     (folder / "report.html").write_text(page)
     return folder

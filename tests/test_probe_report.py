@@ -1,0 +1,67 @@
+"""The probe report's SAE sources: an SAE on any residual hook or on hook_z joins the sweep where its vectors live."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from featsteer.datasets import builtin_prompts
+from featsteer.errors import FeatsteerError
+from featsteer.features import decoder_directions, score_prompts
+from featsteer.probe_report import probe_report, write_probe_report
+from tests.test_sae_hook_z import heads_sae, narrow_heads_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _pairs(n: int = 16):
+    harmful, harmless = builtin_prompts("harmful", "train")[: 2 * n], builtin_prompts("harmless", "train")[: 2 * n]
+    return (harmful[:n], harmless[:n]), (harmful[n:], harmless[n:])
+
+
+def test_saes_off_the_swept_kind_join_at_the_next_resid_pre(tmp_path, caplog):
+    model = narrow_heads_model()  # 3 layers, heads 4 x 8 = 32 wide, stream 64 wide
+    saes = {
+        "blocks.1.hook_resid_pre": heads_sae(64, reshape="none", hook="blocks.1.hook_resid_pre", seed=1),
+        "blocks.0.attn.hook_z": heads_sae(32, hook="blocks.0.attn.hook_z", seed=2),
+        "blocks.1.hook_mlp_out": heads_sae(64, reshape="none", hook="blocks.1.hook_mlp_out", seed=3),
+        "blocks.2.hook_resid_post": heads_sae(64, reshape="none", hook="blocks.2.hook_resid_post", seed=4),
+    }
+    train, test = _pairs()
+    with caplog.at_level(logging.WARNING, logger="featsteer.probe_report"):
+        report = probe_report(model, train, test, n_effect=3, n_shuffles=1, saes=saes)
+    assert "blocks.2.hook_resid_post" in caplog.text  # no resid_pre follows the last layer's output
+    assert report.sae_sources == {
+        "sae": {"blocks.1.hook_resid_pre": "blocks.1.hook_resid_pre"},
+        "sae@attn_z": {"blocks.1.hook_resid_pre": "blocks.0.attn.hook_z"},
+        "sae@mlp_out": {"blocks.2.hook_resid_pre": "blocks.1.hook_mlp_out"},
+    }
+    effects = {(e.source, e.layer) for e in report.effects}
+    assert {("sae", 1), ("sae@attn_z", 1), ("sae@mlp_out", 2)} <= effects
+    # the hook_z source is the top feature's decoder row written through W_O, signed towards harmful
+    scores = score_prompts(model, {"blocks.0.attn.hook_z": saes["blocks.0.attn.hook_z"]}, list(train[0]), list(train[1]))
+    top = int(scores.top(1).feature_ids[0])
+    written = decoder_directions(saes["blocks.0.attn.hook_z"], top, model=model).bases[0, 0]
+    row = next(r for r in report.cosines if r["hook"] == "blocks.1.hook_resid_pre")
+    assert abs(row["sae~sae@attn_z"]) <= 1.0
+    cosine_dim = row["dim~sae@attn_z"]
+    from featsteer.activations import capture
+    from featsteer.directions import find_directions
+
+    acts = [capture(model, list(p), ["blocks.1.hook_resid_pre"], progress=False) for p in train]
+    dim = find_directions(*acts, "dim").direction("blocks.1.hook_resid_pre")
+    sign = torch.sign((acts[0].mean("blocks.1.hook_resid_pre") - acts[1].mean("blocks.1.hook_resid_pre")).float() @ written)
+    assert cosine_dim == pytest.approx(float(dim @ (written * sign)), abs=1e-5)
+    folder = write_probe_report(report, tmp_path / "p")
+    page = (folder / "report.html").read_text()
+    assert "blocks.0.attn.hook_z" in page and "sae@attn_z" in page
+
+
+def test_saes_no_swept_layer_follows_are_a_clear_error():
+    model = narrow_heads_model()
+    saes = {"blocks.2.hook_resid_post": heads_sae(64, reshape="none", hook="blocks.2.hook_resid_post", seed=4)}
+    train, test = _pairs(8)
+    with pytest.raises(FeatsteerError, match="none of the SAEs .* is read at or just before a swept hook"):
+        probe_report(model, train, test, n_effect=2, n_shuffles=1, saes=saes, layers=[0, 1])
