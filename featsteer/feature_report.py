@@ -32,8 +32,8 @@ from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
 
-from featsteer.activations import ActivationSet, Positions, capture
-from featsteer.directions import DirectionSet, difference_in_means
+from featsteer.activations import ActivationSet, Positions, capture, hook_width
+from featsteer.directions import difference_in_means
 from featsteer.directions.geometry import direct_logits, token_text
 from featsteer.errors import FeatsteerError
 from featsteer.features import METRICS, FeatureScores, hook_layer, residual_writes, score_features
@@ -117,8 +117,9 @@ class FeatureRanking:
     """Every feature of every SAE, ranked by `by`."""
     dim_cosines: dict[str, Tensor]
     """`{hook_name: (d_sae,)}` float64 cosine of each decoder row with the hook's DIM direction."""
-    dim: DirectionSet
-    """The DIM direction of each hook (captured rows pooled, stored at position -1)."""
+    dim: dict[str, Tensor]
+    """`{hook_name: unit vector}`: the DIM direction of each hook (captured rows pooled), as wide as the hook's rows
+    (`n_heads * d_head` at `attn.hook_z`)."""
     features: tuple[FeatureDetail, ...]
     """The top features, in ranking order."""
     by: str
@@ -198,13 +199,24 @@ def rank_features(
     if top_n < 1 or n_examples < 0 or n_tokens < 1:
         raise FeatsteerError(f"need top_n >= 1, n_examples >= 0 and n_tokens >= 1; got {top_n}, {n_examples}, {n_tokens}")
     sae_map = _validated_saes(model, saes)
-    hooks = list(sae_map)
-    acts = {label: capture(model, [str(p) for p in prompts], hooks, positions=positions, batch_size=batch_size, system=system,
-                           label=label, progress=False)
-            for label, prompts in (("harmful", harmful), ("harmless", harmless))}
-    scores = score_features(sae_map, acts["harmful"], acts["harmless"], normalize=normalize, by=key)
-    dim = difference_in_means(_pooled(acts["harmful"]), _pooled(acts["harmless"]), hooks)
-    dim_cosines = {hook: decoder_dim_cosines(sae, dim.direction(hook, -1)) for hook, sae in sae_map.items()}
+    groups = _width_groups(model, sae_map)
+    acts: dict[str, dict[str, ActivationSet]] = {}
+    for label, prompts in (("harmful", harmful), ("harmless", harmless)):
+        acts[label] = {}
+        for hooks in groups:
+            captured = capture(model, [str(p) for p in prompts], hooks, positions=positions, batch_size=batch_size, system=system,
+                               label=label, progress=False)
+            acts[label].update(dict.fromkeys(hooks, captured))
+    parts = [score_features({h: sae_map[h] for h in hooks}, acts["harmful"][hooks[0]], acts["harmless"][hooks[0]], normalize=normalize, by=key)
+             for hooks in groups]
+    scores = parts[0] if len(parts) == 1 else FeatureScores.concat(parts).sort(key)
+    if len(parts) > 1:
+        scores.provenance.update({**parts[0].provenance, "hooks": list(sae_map)})
+    dim: dict[str, Tensor] = {}
+    for hooks in groups:
+        found = difference_in_means(_pooled(acts["harmful"][hooks[0]]), _pooled(acts["harmless"][hooks[0]]), hooks)
+        dim.update({hook: found.direction(hook, -1) for hook in hooks})
+    dim_cosines = {hook: decoder_dim_cosines(sae, dim[hook]) for hook, sae in sae_map.items()}
     top = scores.top(min(top_n, len(scores)), key)
     values = _top_activations(sae_map, acts, top)
     examples = _examples(model, sae_map, acts, top, values, n_examples, batch_size, system)
@@ -221,6 +233,14 @@ def rank_features(
                   "harmful_source": getattr(harmful, "source", None), "harmless_source": getattr(harmless, "source", None),
                   "harmful_sha256": getattr(harmful, "sha256", None), "harmless_sha256": getattr(harmless, "sha256", None)}
     return FeatureRanking(scores=scores, dim_cosines=dim_cosines, dim=dim, features=tuple(details), by=key, provenance=provenance)
+
+
+def _width_groups(model: ModelAdapter, sae_map: Mapping[str, SAE]) -> list[list[str]]:
+    """The SAE hooks grouped by row width (a capture holds one width: hook_z next to the stream on Gemma 2)."""
+    groups: dict[int, list[str]] = {}
+    for hook in sae_map:
+        groups.setdefault(hook_width(model, hook), []).append(hook)
+    return list(groups.values())
 
 
 def _validated_saes(model: ModelAdapter, saes: SAE | Mapping[str, SAE] | Sequence[SAE]) -> dict[str, SAE]:
@@ -271,14 +291,14 @@ def promoted_tokens(model: ModelAdapter, sae: SAE, feature_id: int, n: int = 10)
     return scored(top.indices), scored(bottom.indices)
 
 
-def _top_activations(sae_map: Mapping[str, SAE], acts: Mapping[str, ActivationSet], top: FeatureScores) -> _TopValues:
+def _top_activations(sae_map: Mapping[str, SAE], acts: Mapping[str, Mapping[str, ActivationSet]], top: FeatureScores) -> _TopValues:
     """Activations of the top features on both prompt sets (one SAE encode per hook and set)."""
     out: _TopValues = {}
     for hook in dict.fromkeys(top.hook_names):
         ids = [int(f) for h, f in zip(top.hook_names, top.feature_ids.tolist(), strict=True) if h == hook]
         per_label = []
         for label in ("harmful", "harmless"):
-            captured = acts[label]
+            captured = acts[label][hook]
             columns = encode_activations(sae_map[hook], captured.hook(hook)).float()[:, ids]
             index = captured.prompt_index[:, None].expand_as(columns)
             prompt_max = torch.full((len(captured), len(ids)), -math.inf).scatter_reduce(0, index, columns, "amax")
@@ -291,7 +311,7 @@ def _top_activations(sae_map: Mapping[str, SAE], acts: Mapping[str, ActivationSe
 def _examples(
     model: ModelAdapter,
     sae_map: Mapping[str, SAE],
-    acts: Mapping[str, ActivationSet],
+    acts: Mapping[str, Mapping[str, ActivationSet]],
     top: FeatureScores,
     values: _TopValues,
     n_examples: int,
@@ -308,10 +328,13 @@ def _examples(
     needed = sorted({(label, index) for picks in chosen.values() for _, label, index in picks})
     if not needed:
         return {key: () for key in chosen}
-    texts = [acts[label].prompts[index] for label, index in needed]
+    texts = [next(iter(acts[label].values())).prompts[index] for label, index in needed]
     hooks = sorted({hook for hook, _ in chosen}, key=lambda h: model.hook_site(h).order)
-    tokens_acts = capture(model, texts, hooks, positions="all", batch_size=batch_size, system=system, progress=False)
-    encoded = {hook: encode_activations(sae_map[hook], tokens_acts.hook(hook)).float() for hook in hooks}
+    encoded, tokens_index = {}, None
+    for group in _width_groups(model, {hook: sae_map[hook] for hook in hooks}):
+        tokens_acts = capture(model, texts, group, positions="all", batch_size=batch_size, system=system, progress=False)
+        encoded.update({hook: encode_activations(sae_map[hook], tokens_acts.hook(hook)).float() for hook in group})
+        tokens_index = tokens_acts.prompt_index
     slot = {pair: i for i, pair in enumerate(needed)}
     token_text = [_token_strings(model, text, system) for text in texts]
     out = {}
@@ -319,10 +342,10 @@ def _examples(
         examples = []
         for score, label, index in picks:
             i = slot[(label, index)]
-            per_token = encoded[hook][tokens_acts.prompt_index == i, feature]
+            per_token = encoded[hook][tokens_index == i, feature]
             if per_token.shape[0] != len(token_text[i]):
                 raise FeatsteerError(f"token count mismatch for prompt {texts[i][:40]!r}: capture and tokenizer disagree")
-            scored = _scored_tokens(acts[label], index, len(token_text[i]))
+            scored = _scored_tokens(acts[label][hook], index, len(token_text[i]))
             examples.append(PromptExample(texts[i], label, score, token_text[i], tuple(per_token.tolist()), scored))
         out[(hook, feature)] = tuple(examples)
     return out

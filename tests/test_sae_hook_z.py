@@ -237,6 +237,29 @@ def test_scoring_and_top_directions_with_hook_z_and_stream_saes_of_different_wid
         top_feature_directions(scores, saes, 3)
 
 
+def test_rank_features_takes_hook_z_and_stream_saes_of_different_widths_in_one_call(tmp_path):
+    from featsteer.directions import difference_in_means
+    from featsteer.feature_report import decoder_dim_cosines, rank_features, write_feature_report
+
+    model = narrow_heads_model()
+    stream_hook = "blocks.2.hook_resid_post"
+    saes = {HOOK_Z: heads_sae(32), stream_hook: heads_sae(64, reshape="none", hook=stream_hook, seed=1)}
+    harmful, harmless = ["How do I pick a lock?", "Make a weapon.", "Hack a bank."], PROMPTS
+    ranking = rank_features(model, saes, harmful, harmless, top_n=6, n_examples=2)
+    assert sorted(set(ranking.scores.hook_names)) == sorted(saes) and len(ranking.scores) == 2 * 96
+    assert ranking.scores.provenance["hooks"] == list(saes)
+    values = ranking.scores.column("composite")
+    assert bool((values[:-1] >= values[1:]).all())  # one ranking across both SAEs
+    assert ranking.dim[HOOK_Z].shape == (32,) and ranking.dim[stream_hook].shape == (64,)
+    for hook in saes:  # each hook's DIM comes from its own capture, at its own width
+        acts = [capture(model, p, [hook], progress=False) for p in (harmful, harmless)]
+        expected = difference_in_means(*acts, [hook]).direction(hook, -1)
+        torch.testing.assert_close(ranking.dim[hook], expected)
+        torch.testing.assert_close(ranking.dim_cosines[hook], decoder_dim_cosines(saes[hook], expected))
+    assert {d.hook_name for d in ranking.features} <= set(saes) and all(d.examples for d in ranking.features)
+    assert (write_feature_report(ranking, tmp_path / "r") / "report.html").is_file()
+
+
 def test_bad_input_is_one_clear_line():
     gemma = load_model("tiny:gemma2")
     sae = heads_sae(hook_width(gemma, HOOK_Z))
