@@ -149,6 +149,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         chosen = result.comparison.setup["chosen"].get("dim", {})
         print(f"\n== every method on the same held-out prompts (DIM direction: {chosen.get('hook')} position {chosen.get('position')})")
         print(result.comparison.table())
+        _print_paired(result.comparison)
     if result.features is not None:
         print("\n== top SAE features (composite score; DIM cosine = decoder row vs the layer's DIM direction)")
         for detail in result.features.features[:5]:
@@ -636,15 +637,26 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         val_harmful=val[0] if val else None, val_harmless=val[1] if val else None,
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
         saes=load_sae_source(args.sae, model) if args.sae else None, sae_config=sae_config, steering_config=steering_config,
+        baseline=args.baseline,
     )
     folder = write_report(comparison, args.out)
     print(comparison.table())
+    _print_paired(comparison)
     for result in comparison.results:
         if "sae_hook" in result.details:
             picked = f" (picked {result.details['setting']} on validation)" if "sae_validation" in result.details else ""
             print(f"  {result.method}: {result.details['sae_hook']} features {result.details['sae_features']}{picked}")
     print(f"\nwrote {folder}/results.json, report.html, pareto.png")
     return 0
+
+
+def _print_paired(comparison) -> None:
+    """The paired table under a comparison's table, when it has a baseline."""
+    table = comparison.paired_table()
+    if table is not None:
+        print("\npaired with the baseline on the same prompts: difference (prompts only the baseline / only the method "
+              "counts, McNemar exact p); KL: mean per-prompt difference [95% bootstrap interval]")
+        print(table)
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
@@ -875,6 +887,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: picked from 60, 75, 90, 120, 150, 180)")
     cmp_.add_argument("--angle-everywhere", action="store_true",
                       help="dim_angular_hook and dim_angular_norms_hook turn every activation, not only those leaning towards refusal")
+    cmp_.add_argument("--baseline", help="the method every other is paired against on the same prompts (McNemar's exact test of "
+                      "the refusal verdicts, a bootstrap interval of the KL difference; default dim_abliteration, else none)")
     cmp_.add_argument("--pick-tolerance", type=float, default=0.05, metavar="T",
                       help="a setting picked on the validation prompts may refuse up to T more (jailbreaks) or less (induce) "
                       "than the best one if it is gentler (default 0.05; 0 takes only settings level with the best)")

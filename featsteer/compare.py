@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import html
 import io
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,6 +41,7 @@ from featsteer.evaluation.metrics import (
     RefusalTokens,
     first_token_logprobs,
     kl_first_token,
+    kl_per_prompt,
     refusal_score,
 )
 from featsteer.evaluation.refusal import RefusalDetector
@@ -817,6 +820,17 @@ class MethodResult:
     """The unedited model's mean negative log-likelihood (nats per token) of this method's responses to the harmless
     prompts: how far they are from what the model would have said, over the whole response rather than its first
     token. The unedited model's own greedy responses set the floor (the `none` row)."""
+    per_prompt: dict = field(default_factory=dict)
+    """The verdicts and values behind the rates, in the evaluation sets' order: `refused_harmful`, `refused_harmless`,
+    `unanswered_harmful` (refused or looping) and `kl_harmless` (first-token KL per prompt)."""
+    paired: dict | None = None
+    """This method against the comparison's baseline on the same prompts (`Comparison.paired_table`): McNemar's exact
+    test of `refused_harmful`, `unanswered_harmful` and `refused_harmless`, and a bootstrap interval of the mean KL
+    difference; None for the baseline itself."""
+
+
+PAIRED_BASELINES = ("dim_abliteration", "none")
+"""The first of these a comparison runs is the baseline every other method is paired against."""
 
 
 def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, tokens, gen: GenerationConfig) -> MethodResult:
@@ -845,7 +859,33 @@ def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, toke
         over_refusal=over, seconds=time.perf_counter() - start,
         examples=harmful.examples(2) + harmless.examples(2), details=dict(ctx._notes),
         looping_harmful=harmful.looping_rate.rate, looping_harmless=harmless.looping_rate.rate, base_nll_harmless=base_nll,
+        per_prompt={"refused_harmful": list(harmful.refused), "refused_harmless": list(harmless.refused),
+                    "unanswered_harmful": list(harmful.unanswered),
+                    "kl_harmless": kl_per_prompt(base.logprobs, harmless_lp).tolist()},
     )
+
+
+def _paired(results: list[MethodResult], baseline_name: str | None = None) -> list[MethodResult]:
+    """Every result with its `paired` comparison against the baseline (`baseline_name`, else the first of
+    `PAIRED_BASELINES` that ran), when there is one."""
+    from featsteer.evaluation.paired import paired_mean_difference, paired_rates
+
+    names = [baseline_name] if baseline_name else PAIRED_BASELINES
+    baseline = next((r for name in names for r in results if r.method == name), None)
+    if baseline is None:
+        return results
+    out = []
+    for r in results:
+        if r is baseline:
+            out.append(r)
+            continue
+        a, b = baseline.per_prompt, r.per_prompt
+        paired = {"baseline": baseline.method,
+                  **{key: paired_rates(a[key], b[key]).to_dict() for key in ("refused_harmful", "unanswered_harmful", "refused_harmless")}}
+        kls = (a["kl_harmless"], b["kl_harmless"])
+        paired["kl_harmless"] = (paired_mean_difference(*kls).to_dict() if all(math.isfinite(v) for vs in kls for v in vs) else None)
+        out.append(dataclasses.replace(r, paired=paired))
+    return out
 
 
 
@@ -871,9 +911,45 @@ class Comparison:
                          f"| {r.refusal_score_harmful:.2f} | {_cell(r.looping_harmful)} / {_cell(r.looping_harmless)} | {_cell(r.base_nll_harmless)} |")
         return "\n".join(lines)
 
+    def paired_table(self) -> str | None:
+        """Markdown table of every method against the baseline on the same prompts (None without a baseline).
+
+        A rate cell is the difference method minus baseline, then in brackets the prompts only the baseline counts,
+        the prompts only the method counts, and McNemar's exact p; the KL cell is the mean per-prompt difference
+        with its 95% paired bootstrap interval.
+        """
+        paired = [r for r in self.results if r.paired]
+        if not paired:
+            return None
+        baseline = paired[0].paired["baseline"]
+        lines = [f"| method | refused harmful vs {baseline} | unanswered harmful | refused harmless | KL harmless difference [95% CI] |",
+                 "|---|---|---|---|---|"]
+        for r in paired:
+            cells = [_paired_rate_cell(r.paired[key]) for key in ("refused_harmful", "unanswered_harmful", "refused_harmless")]
+            kl = r.paired["kl_harmless"]
+            kl_cell = "-" if kl is None else f"{kl['difference']:+.4f} [{kl['low']:+.4f}, {kl['high']:+.4f}]"
+            name = f"{r.method} ({r.details['setting']})" if "setting" in r.details else r.method
+            lines.append(f"| {name} | {' | '.join(cells)} | {kl_cell} |")
+        return "\n".join(lines)
+
     def to_json(self) -> dict:
         """JSON-ready form."""
         return {"setup": self.setup, "results": [asdict(r) for r in self.results]}
+
+
+def markdown_table_html(table: str) -> str:
+    """A pipe-delimited markdown table as an HTML table (header row, separator row skipped)."""
+    rows = [[html.escape(cell.strip()) for cell in line.strip().strip("|").split("|")] for line in table.splitlines() if line.strip()]
+    if not rows:
+        return ""
+    head = "".join(f"<th>{cell}</th>" for cell in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows[2:])
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _paired_rate_cell(row: dict) -> str:
+    """"+0.040 (1 / 5, p 0.22)": rate difference, prompts only the baseline / only the method counts, McNemar p."""
+    return f"{row['difference']:+.3f} ({row['only_a']} / {row['only_b']}, p {row['p_value']:.2g})"
 
 
 def _cell(value: float | None) -> str:
@@ -898,6 +974,7 @@ def compare(
     sae_config: SaeMethodConfig | None = None,
     steering_config: SteeringMethodConfig | None = None,
     reuse: Comparison | None = None,
+    baseline: str | None = None,
 ) -> Comparison:
     """Run `methods` on the same held-out prompts.
 
@@ -927,6 +1004,8 @@ def compare(
             erasers and validation base are used instead of being computed again (on Qwen2.5-Coder-0.5B the DIM
             capture and selection are most of a comparison's first method), e.g. to run a method again with other
             `steering_config` or `sae_config` settings.
+        baseline: the method every other one is paired against on the same prompts (`MethodResult.paired`,
+            `Comparison.paired_table`); default `dim_abliteration`, else `none`, whichever runs.
 
     Raises:
         FeatsteerError: for an unknown method, an SAE method without `saes`, SAEs that do not fit, or a `reuse` of
@@ -934,6 +1013,8 @@ def compare(
     """
     names = methods or list(available_methods(saes=saes is not None))
     _check_methods(names, saes is not None)
+    if baseline is not None and baseline not in names:
+        raise FeatsteerError(f"baseline '{baseline}' is not among the methods run ({', '.join(names)}): add it to the methods or pick one of them")
     if (val_harmful is None) != (val_harmless is None):
         raise FeatsteerError("validation prompts need both sets: give val_harmful and val_harmless (CLI: --val-harmful and --val-harmless)")
     for name, prompts in (("harmful", val_harmful), ("harmless", val_harmless)):
@@ -958,7 +1039,7 @@ def compare(
     base_harmless = evaluate_set(model, eval_harmless, "harmless", gen, RefusalDetector(), keep_logprobs=True)
     base = KLBase(base_harmless.first_logprobs, base_harmless.refused)
     eval_sets = {"harmful": eval_harmful, "harmless": eval_harmless, "alarming": alarming}
-    results = [_measure(ctx, name, eval_sets, base, tokens, gen) for name in names]
+    results = _paired([_measure(ctx, name, eval_sets, base, tokens, gen) for name in names], baseline)
     setup = {
         "model": model.name, "n_train_harmful": len(harmful), "n_train_harmless": len(harmless),
         "n_eval_harmful": len(eval_harmful), "n_eval_harmless": len(eval_harmless),
@@ -1086,6 +1167,12 @@ def _html(comparison: Comparison, png: bytes) -> str:
     )
     setup = html.escape(json.dumps(comparison.setup, indent=1))
     image = base64.b64encode(png).decode()
+    paired = comparison.paired_table()
+    paired_html = "" if paired is None else (
+        "<h2>Paired with the baseline</h2><p>Every method ran on the same prompts as the baseline, so a difference is read "
+        "from the prompts whose verdicts differ: each rate cell gives the difference (method minus baseline), the prompts "
+        "only the baseline counts and only the method counts, and McNemar's exact two-sided p; the KL cell is the mean "
+        "per-prompt difference with its 95% paired bootstrap interval.</p>" + markdown_table_html(paired))
     directions = "".join(
         f"<li><b>{html.escape(method)}</b>: {html.escape(str(chosen.get('hook')))} position {chosen.get('position')}; "
         f"the unembedding reads it as promoting {html.escape(', '.join(map(repr, chosen['logit_lens']['promoted'][:6])))} and "
@@ -1098,6 +1185,6 @@ td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}th{{background:#f3f
 </head><body><h1>featsteer: method comparison on {html.escape(str(comparison.setup.get('model')))}</h1>
 <p>Same held-out prompts, greedy decoding, same refusal detector for every method. KL is first-token KL(base || method) on harmless prompts; KL answered leaves out the harmless prompts the unedited model refuses (removing refusal rightly changes those). Looping is the share of responses that end in repetition (a broken model refuses nothing but says nothing); base NLL is the unedited model's mean per-token negative log-likelihood of the method's harmless responses (the <code>none</code> row is the floor).</p>
 <table><tr><th>method</th><th>what</th><th>refusal (harmful) [95% CI]</th><th>refusal (harmless)</th><th>KL harmless</th><th>KL answered</th><th>over-refusal</th><th>refusal score</th><th>looping (harmful / harmless)</th><th>base NLL (harmless)</th></tr>{rows}</table>
-<h2>Directions</h2><ul>{directions}</ul>
+{paired_html}<h2>Directions</h2><ul>{directions}</ul>
 <h2>Refusal vs KL</h2><img alt="pareto plot" src="data:image/png;base64,{image}">
 <h2>Examples</h2>{examples}<h2>Set-up</h2><pre>{setup}</pre></body></html>"""

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from featsteer.activations import capture
+from featsteer.compare import markdown_table_html
 from featsteer.datasets import builtin_prompts, load_prompts
 from featsteer.datasets.loaders import ORGANISM_CORPUS_PREFIX
 from featsteer.directions import Separability, difference_in_means, logit_lens, separability
@@ -153,18 +154,6 @@ def _organism_saes(model: ModelAdapter) -> dict | None:
         return None
 
 
-def _markdown_table_html(table: str) -> str:
-    """A pipe-delimited markdown table as an HTML table (header row, separator row skipped)."""
-    import html
-
-    rows = [[html.escape(cell.strip()) for cell in line.strip().strip("|").split("|")] for line in table.splitlines() if line.strip()]
-    if not rows:
-        return ""
-    head = "".join(f"<th>{cell}</th>" for cell in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows[2:])
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def _index_html(result: DemoResult) -> str:
     import html
 
@@ -183,5 +172,5 @@ def _index_html(result: DemoResult) -> str:
 <body><h1>featsteer demo: {html.escape(result.report.model)}</h1><ul>{links}<li><a href="eval.json">eval.json</a>, <a href="dim_layers.json">dim_layers.json</a>, <a href="logit_lens.json">logit_lens.json</a></li></ul>
 <h2>Refusal behaviour (built-in test split)</h2><pre>{html.escape(result.report.table())}</pre>
 <h2>DIM direction per layer (held-out accuracy, AUROC)</h2><table><tr><th>hook</th><th>accuracy</th><th>AUROC</th></tr>{layer_rows}</table>
-<p>Best layer: {best.hook}</p><h2>Methods (same held-out prompts; KL = first-token KL on harmless prompts)</h2>{_markdown_table_html(table)}
+<p>Best layer: {best.hook}</p><h2>Methods (same held-out prompts; KL = first-token KL on harmless prompts)</h2>{markdown_table_html(table)}
 <p>Run time {result.seconds:.0f}s.</p></body></html>"""

@@ -401,6 +401,15 @@ def test_compare_fixes_the_angle_and_alpha_from_the_command_line(capsys, tmp_pat
     ace, angular = (r["details"] for r in saved["results"])
     assert ace["ace_alpha"] == -0.1 and "validation" not in ace and angular["angle"] == 160.0 and angular["adaptive"] is False
     assert "dim_ace_hook (alpha=-0.1)" in out and "dim_angular_hook (angle=160)" in out
+    assert "paired with the baseline" not in out  # neither dim_abliteration nor none ran
+    code, out, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",
+                          "--n", "16", "--n-select", "3", "--methods", "none,dim_ace_hook", "--ace-alpha", "-0.1", "--baseline",
+                          "dim_ace_hook", "--max-new-tokens", "2", "--out", str(tmp_path / "paired"))
+    assert code == 0, err
+    assert "paired with the baseline" in out and "| refused harmful vs dim_ace_hook |" in out and "\n| none | " in out
+    code, _, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",
+                        "--methods", "none", "--baseline", "dim_abliteration", "--out", str(tmp_path / "nobase"))
+    assert code == 2 and "baseline 'dim_abliteration' is not among the methods run" in err and len(err.strip().splitlines()) == 1
     code, out, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",
                           "--n", "16", "--n-select", "3", "--methods", "dim_angular_norms_hook", "--pick-tolerance", "0",
                           "--max-new-tokens", "2", "--out", str(tmp_path / "strict"))

@@ -96,12 +96,26 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     assert all(r.base_nll_harmless is None or r.base_nll_harmless > 0 for r in comparison.results)
     assert by_name["dim_ablation_hook"].base_nll_harmless == pytest.approx(by_name["dim_abliteration"].base_nll_harmless, abs=1e-3)
     assert "looping (harmful / harmless)" in comparison.table() and "base NLL (harmless)" in comparison.table()
+    # paired with the DIM abliteration baseline on the same prompts
+    dim = by_name["dim_abliteration"]
+    assert dim.paired is None and all(r.paired["baseline"] == "dim_abliteration" for r in comparison.results if r is not dim)
+    for r in comparison.results:
+        assert len(r.per_prompt["refused_harmful"]) == len(r.per_prompt["unanswered_harmful"]) == 4
+        assert sum(r.per_prompt["refused_harmful"]) == round(r.refusal_harmful * 4)
+        assert sum(r.per_prompt["kl_harmless"]) / len(r.per_prompt["kl_harmless"]) == pytest.approx(r.kl_harmless, abs=1e-9)
+    versus = by_name["none"].paired["refused_harmful"]
+    assert (versus["k_a"], versus["k_b"]) == (sum(dim.per_prompt["refused_harmful"]), sum(by_name["none"].per_prompt["refused_harmful"]))
+    same = by_name["dim_ablation_hook"].paired  # the same model: no prompt differs, the KL difference is float noise
+    assert same["refused_harmful"]["only_a"] == same["refused_harmful"]["only_b"] == 0 and same["refused_harmful"]["p_value"] == 1.0
+    assert abs(same["kl_harmless"]["difference"]) < 1e-4 and same["kl_harmless"]["low"] <= same["kl_harmless"]["high"]
+    assert "refused harmful vs dim_abliteration" in comparison.paired_table()
     assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
     folder = write_report(comparison, tmp_path / "cmp")
     saved = json.loads((folder / "results.json").read_text())
     assert len(saved["results"]) == len(names) and saved["setup"]["n_eval_harmful"] == 4
     page = (folder / "report.html").read_text()
     assert "data:image/png;base64," in page and "dim_abliteration" in page and "base NLL (harmless)" in page
+    assert "<h2>Paired with the baseline</h2>" in page and saved["results"][0]["paired"]["baseline"] == "dim_abliteration"
     assert {"looping_harmful", "looping_harmless", "base_nll_harmless"} <= set(saved["results"][0])
     lens = saved["setup"]["chosen"]["dim"]["logit_lens"]  # the chosen direction as the unembedding reads it
     assert len(lens["promoted"]) == len(lens["suppressed"]) == 10 and "<h2>Directions</h2>" in page and "promoting" in page

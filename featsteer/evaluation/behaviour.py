@@ -56,9 +56,14 @@ class SetResult:
         return refusal_rate(self._looping())
 
     @property
+    def unanswered(self) -> tuple[bool, ...]:
+        """Per prompt: not answered, i.e. refused or lost in a loop."""
+        return tuple(unanswered(self.refused, self._looping()))
+
+    @property
     def unanswered_rate(self) -> RateEstimate:
         """The share of prompts not answered: refused, or lost in a loop (what a jailbreak must bring down)."""
-        return refusal_rate(unanswered(self.refused, self._looping()))
+        return refusal_rate(self.unanswered)
 
     @property
     def coherent_refusal_rate(self) -> RateEstimate:
