@@ -79,8 +79,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               max_batch_tokens=args.max_batch_tokens, system=args.system)
     report = evaluate_refusal(model, harmful, harmless, config, keep_logprobs=True)
+    earlier = _read_earlier_eval(args.paired_with, {"harmful": harmful, "harmless": harmless}) if args.paired_with else None
     payload = report.to_json()
     payload.update(_logit_metrics(model, report, args))
+    if earlier is not None:
+        from featsteer.evaluation.behaviour import paired_with_earlier
+
+        payload["paired_with"] = {"file": str(args.paired_with), **paired_with_earlier(report, earlier)}
     print(f"model {model.name}: greedy, max {args.max_new_tokens} new tokens, {report.seconds:.1f}s")
     print(report.table())
     for key in ("kl_harmless", "reference_nll_harmless", "refusal_score_harmful", "refusal_score_harmless", "over_refusal_rate"):
@@ -88,10 +93,36 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             print(f"{key:24} {payload[key]:.4f}")
     for example in report.to_json(2)["examples"]["harmful"][:2]:
         print(f"  e.g. {example['prompt'][:50]!r} -> {example['response'][:70]!r}")
+    if earlier is not None:
+        paired = payload["paired_with"]
+        print(f"paired with {args.paired_with} ({paired['model']}), same prompts: earlier -> now (prompts only earlier / only now, McNemar exact p)")
+        for key in ("refused_harmful", "unanswered_harmful", "refused_harmless"):
+            row = paired[key]
+            print(f"  {key:19} {row['k_a']:4d} -> {row['k_b']:<4d} ({row['only_a']} / {row['only_b']}, p {row['p_value']:.2g})")
     if args.json:
         _write_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0
+
+
+def _read_earlier_eval(path: str, prompts: dict) -> dict:
+    """An earlier `featsteer eval --json` result for --paired-with, read and checked against this run's prompts before
+    any generation runs."""
+    from featsteer.evaluation.behaviour import prompts_sha256
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FeatsteerError(f"--paired-with {path}: no such file; pass the --json output of an earlier featsteer eval")
+    try:
+        earlier = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FeatsteerError(f"--paired-with {path} is not JSON ({error}); pass the --json output of an earlier featsteer eval") from None
+    if not isinstance(earlier, dict) or "per_prompt" not in earlier:
+        raise FeatsteerError(f"--paired-with {path} has no per-prompt verdicts: write it with featsteer eval --json (this version)")
+    for name, prompt_set in prompts.items():
+        if earlier["per_prompt"].get(name, {}).get("prompts_sha256") != prompts_sha256(list(prompt_set)):
+            raise FeatsteerError(f"--paired-with {path} read other {name} prompts (or another order or --n): pair evaluations of the same prompts")
+    return earlier
 
 
 def _logit_metrics(model, report, args: argparse.Namespace) -> dict:
@@ -772,6 +803,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="write the full result here")
     ev.add_argument("--reference", help="model SPEC to measure first-token KL on harmless prompts against")
     ev.add_argument("--alarming", help="harmless-but-alarming prompts: adds over_refusal_rate")
+    ev.add_argument("--paired-with", metavar="EVAL_JSON", help="an earlier eval's --json on the same prompts (e.g. before an edit): "
+                    "McNemar's exact test of the refusal verdicts, prompt by prompt")
     ev.set_defaults(run=_cmd_eval)
 
     def add_direction_args(p: argparse.ArgumentParser, extra_methods: tuple[str, ...] = ()) -> None:

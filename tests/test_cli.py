@@ -50,6 +50,30 @@ def test_eval_json_has_documented_keys(capsys, tmp_path):
     assert 0 <= result["looping_rate_harmful"] <= 1 and len(result["ci_looping_harmless"]) == 2 and "looping" in out
 
 
+def test_eval_paired_with_an_earlier_eval_on_the_same_prompts(capsys, tmp_path):
+    common = ["eval", "--model", "organism", "--harmful", "builtin:harmful:test", "--harmless", "builtin:harmless:test", "--n", "8"]
+    code, _, err = _run(capsys, *common, "--json", str(tmp_path / "before.json"))
+    assert code == 0, err
+    before = json.loads((tmp_path / "before.json").read_text())
+    assert len(before["per_prompt"]["harmful"]["refused"]) == 8 and len(before["per_prompt"]["harmless"]["looping"]) == 8
+    # one token is too short for the detector's phrases: the organism's "I" opens a refusal but is not one yet
+    code, out, err = _run(capsys, *common, "--max-new-tokens", "1", "--paired-with", str(tmp_path / "before.json"), "--json", str(tmp_path / "after.json"))
+    assert code == 0, err
+    after = json.loads((tmp_path / "after.json").read_text())
+    paired = after["paired_with"]["refused_harmful"]
+    k_before, k_after = sum(before["per_prompt"]["harmful"]["refused"]), sum(after["per_prompt"]["harmful"]["refused"])
+    assert (paired["k_a"], paired["k_b"]) == (k_before, k_after) and k_after < k_before
+    assert paired["only_a"] - paired["only_b"] == k_before - k_after and 0 < paired["p_value"] < 1
+    assert f"refused_harmful     {k_before:4d} -> {k_after:<4d}" in out
+    code, _, err = _run(capsys, *common[:-1], "6", "--paired-with", str(tmp_path / "before.json"))
+    assert code == 2 and "read other harmful prompts" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "old.json").write_text(json.dumps({"refusal_rate_harmful": 0.5}))
+    code, _, err = _run(capsys, *common, "--paired-with", str(tmp_path / "old.json"))
+    assert code == 2 and "no per-prompt verdicts" in err
+    code, _, err = _run(capsys, *common, "--paired-with", str(tmp_path / "missing.json"))
+    assert code == 2 and "no such file" in err
+
+
 def test_eval_against_a_reference_reads_its_responses(capsys, tmp_path):
     code, out, _ = _run(capsys, "eval", "--model", "tiny:llama", "--harmful", "builtin:harmful:test", "--harmless",
                         "builtin:harmless:test", "--n", "4", "--max-new-tokens", "4", "--reference", "tiny:llama", "--json", str(tmp_path / "e.json"))

@@ -6,7 +6,10 @@ same greedy decoding, the same detector.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -106,6 +109,8 @@ class RefusalReport:
             **{f"looping_rate_{name}": loops.rate for name, loops in looping.items()},
             **{f"ci_looping_{name}": [loops.low, loops.high] for name, loops in looping.items()},
             "examples": {"harmful": self.harmful.examples(n_examples), "harmless": self.harmless.examples(n_examples)},
+            "per_prompt": {result.name: {"prompts_sha256": prompts_sha256(result.prompts), "refused": list(result.refused),
+                                         "looping": list(result._looping())} for result in (self.harmful, self.harmless)},
             "generation": asdict(self.config),
             "sources": self.sources,
             "seconds": round(self.seconds, 2),
@@ -119,6 +124,37 @@ class RefusalReport:
             rows.append((result.name, str(r.n), str(r.k), f"{r.rate:.3f}", f"[{r.low:.3f}, {r.high:.3f}]", str(result.looping_rate.k)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def prompts_sha256(prompts: Sequence[str]) -> str:
+    """A digest of an ordered prompt list, to check that two evaluations read the same prompts in the same order."""
+    return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
+
+
+def paired_with_earlier(report: RefusalReport, earlier: Mapping) -> dict:
+    """McNemar's exact test of this evaluation's verdicts against an earlier one's (`featsteer eval --json` output) on
+    the same prompts: refused and unanswered (refused or looping) harmful prompts, refused harmless prompts.
+
+    Raises:
+        FeatsteerError: the earlier result has no per-prompt verdicts (written before they were kept) or read other
+            prompts, or other prompts in another order.
+    """
+    from featsteer.evaluation.paired import paired_rates
+
+    per_prompt = earlier.get("per_prompt")
+    if not isinstance(per_prompt, Mapping) or not {"harmful", "harmless"} <= set(per_prompt):
+        raise FeatsteerError("the earlier eval JSON has no per-prompt verdicts: evaluate the earlier model again with this "
+                             "featsteer version (featsteer eval ... --json)")
+    out: dict = {"model": earlier.get("model")}
+    for result in (report.harmful, report.harmless):
+        before = per_prompt[result.name]
+        if before.get("prompts_sha256") != prompts_sha256(result.prompts):
+            raise FeatsteerError(f"the earlier eval read other {result.name} prompts (or another order or --n): pair evaluations "
+                                 "of the same prompt sets")
+        out[f"refused_{result.name}"] = paired_rates(before["refused"], result.refused).to_dict()
+        if result.name == "harmful":
+            out["unanswered_harmful"] = paired_rates(unanswered(before["refused"], before["looping"]), result.unanswered).to_dict()
+    return out
 
 
 def evaluate_set(
