@@ -124,6 +124,7 @@ def render(out: dict) -> str:
                      f"{round(r['refusal_harmless'] * nl)}/{nl} | {r['kl_harmless']:.4f} | {answered} | {looping} | {nll} | {r['seconds']:.0f} |")
     lines += ["", "Looping: responses that end in repetition (`featsteer.evaluation.LoopDetector`). Base NLL: the unedited model's mean "
               "negative log-likelihood per token of the method's harmless responses (the `none` row is its own greedy answers)."]
+    lines += paired_lines(out["results"])
     lines += ["", "Validation rows each pick read (refusal on validation harmful prompts, KL on validation harmless prompts; "
               "for the induce methods, refusal on validation harmless prompts):", ""]
     for r in out["results"]:
@@ -132,6 +133,36 @@ def render(out: dict) -> str:
             name = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
             lines.append(f"- {name}: {json.dumps(picked)}")
     return "\n".join(lines) + "\n"
+
+
+def paired_lines(results: list[dict], baseline: str = "dim_abliteration") -> list[str]:
+    """Every row against DIM abliteration on the same prompts (McNemar's exact test, paired bootstrap of the KL);
+    computed here so the second call's rows are paired too. Empty for results saved before per-prompt verdicts."""
+    from featsteer.errors import FeatsteerError
+    from featsteer.evaluation.paired import paired_mean_difference, paired_rates
+
+    base = next((r for r in results if r["method"] == baseline and not r["variant"]), None)
+    if base is None or not base.get("per_prompt"):
+        return []
+    lines = ["", f"Paired with {baseline} on the same prompts: each cell is the difference (method minus {baseline}), the prompts "
+             f"only {baseline} counts / only the method counts, and McNemar's exact p; KL: the mean per-prompt difference with its "
+             "95% paired bootstrap interval.", "",
+             "| method | refused harmful | unanswered harmful | refused harmless | KL harmless difference [95% CI] |", "|---|---|---|---|---|"]
+    for r in results:
+        if r is base:
+            continue
+        cells = []
+        for key in ("refused_harmful", "unanswered_harmful", "refused_harmless"):
+            t = paired_rates(base["per_prompt"][key], r["per_prompt"][key])
+            cells.append(f"{t.difference:+.2f} ({t.only_a} / {t.only_b}, p {t.p_value:.2g})")
+        try:
+            kl = paired_mean_difference(base["per_prompt"]["kl_harmless"], r["per_prompt"]["kl_harmless"])
+            kl_cell = f"{kl.difference:+.4f} [{kl.low:+.4f}, {kl.high:+.4f}]"
+        except FeatsteerError:  # an infinite KL on some prompt
+            kl_cell = "-"
+        name = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
+        lines.append(f"| {name} | {' | '.join(cells)} | {kl_cell} |")
+    return lines
 
 
 if __name__ == "__main__":
