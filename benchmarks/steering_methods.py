@@ -104,7 +104,9 @@ def render(out: dict) -> str:
     validation = setup["validation"]
     if isinstance(validation, dict):
         validation = f"{validation['harmful']} and {validation['harmless']}"
-    validation += f"; the picks read the first {setup['directions']['n_select']} of each"
+    n_pick = setup.get("n_pick") or [setup["directions"]["n_select"]] * 2
+    validation += (f"; the picks read the first {n_pick[0]} of each" if n_pick[0] == n_pick[1]
+                   else f"; the picks read the first {n_pick[0]} harmful and {n_pick[1]} harmless")
     lines = [f"# ACE and angular steering vs DIM abliteration: {out['target']} ({out['dtype']}, {out['threads']} threads)", "",
              f"Measured by `benchmarks/steering_methods.py --target {out['target']}` on {out.get('date', '2026-12-04')}. "
              f"{setup['n_eval_harmful']} held-out harmful and {setup['n_eval_harmless']} held-out harmless prompts, greedy decoding, "

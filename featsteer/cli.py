@@ -668,7 +668,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         val_harmful=val[0] if val else None, val_harmless=val[1] if val else None,
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
         saes=load_sae_source(args.sae, model) if args.sae else None, sae_config=sae_config, steering_config=steering_config,
-        baseline=args.baseline,
+        baseline=args.baseline, n_pick=args.n_pick,
     )
     folder = write_report(comparison, args.out)
     print(comparison.table())
@@ -920,6 +920,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: picked from 60, 75, 90, 120, 150, 180)")
     cmp_.add_argument("--angle-everywhere", action="store_true",
                       help="dim_angular_hook and dim_angular_norms_hook turn every activation, not only those leaning towards refusal")
+    cmp_.add_argument("--n-pick", type=int, metavar="N", help="validation prompts per set the setting picks read (SAE k and clamp, "
+                      "ACE alpha, angle, induce scale; default --n-select, as many as the direction selection)")
     cmp_.add_argument("--baseline", help="the method every other is paired against on the same prompts (McNemar's exact test of "
                       "the refusal verdicts, a bootstrap interval of the KL difference; default dim_abliteration, else none)")
     cmp_.add_argument("--pick-tolerance", type=float, default=0.05, metavar="T",

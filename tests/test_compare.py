@@ -191,6 +191,15 @@ def test_compare_picks_on_explicit_validation_prompts(prompts, monkeypatch):
         compare(model, *prompts, methods=["none"], val_harmful=val[0])
     with pytest.raises(FeatsteerError, match="harmless validation set has 1 prompts"):
         compare(model, *prompts, methods=["none"], val_harmful=val[0], val_harmless=val[1].head(1))
+    # the picks may read fewer (or more) validation prompts than the direction selection
+    seen.clear()
+    fewer = compare(model, *prompts, methods=["dim_actadd_induce"], eval_harmful=held_out[0], eval_harmless=held_out[1],
+                    val_harmful=val[0], val_harmless=val[1], direction_config=DirectionConfig(n_select=6), n_pick=3,
+                    generation=GenerationConfig(max_new_tokens=2))
+    assert seen["induce"] == list(val[1])[:3] and seen["val"] == val and fewer.setup["n_pick"] == [3, 3]
+    assert comparison.setup["n_pick"] == [5, 6]  # n_select 6, the harmful validation set holds 5
+    with pytest.raises(FeatsteerError, match="n_pick must be at least 2"):
+        compare(model, *prompts, methods=["none"], n_pick=1)
 
 
 def test_train_filter_keeps_the_prompts_the_model_treats_as_labelled():
