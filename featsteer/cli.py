@@ -248,6 +248,11 @@ def _cmd_directions(args: argparse.Namespace) -> int:
           f"{chosen.refusal_ablated:.2f} when ablated, KL {chosen.kl_harmless:.4f}); wrote {out}/")
     if geometry is not None:
         print(f"logit lens: {geometry.lens.line()}")
+    if geometry is not None and geometry.repair is not None:
+        repair, last = geometry.repair, geometry.repair.rows[-1]
+        print(f"ablated at {repair.at} only: refusal log-odds {repair.refusal['unedited']:+.2f} -> {repair.refusal['at_hook']:+.2f} "
+              f"(every write {repair.refusal['every_write']:+.2f}); after the last layer, {last.repaired:+.2f} of the removed gap "
+              "is written back (geometry.md)")
     return 0
 
 

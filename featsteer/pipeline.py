@@ -122,12 +122,14 @@ class DirectionResult:
         return ({hook: float(harmless_acts.mean(hook, position) @ r) for hook in hooks},
                 {hook: float(harmful_acts.mean(hook, position) @ r) for hook in hooks})
 
-    def geometry(self, model: ModelAdapter, k: int = 10, head_prompts: int | None = 128):
+    def geometry(self, model: ModelAdapter, k: int = 10, head_prompts: int | None = 128, repair_prompts: int | None = 64):
         """The chosen direction's `directions.DirectionGeometry`: the cosines between every layer's candidate at the
         chosen position, each captured hook's class means on the direction, its logit lens (top `k` tokens), and
         the top three tokens of every layer's own direction. With `head_prompts` (the first N training prompts of
         each class; None skips it), also which attention heads write the direction (`head_attribution`), except on
-        models whose attention output is normalised before the stream.
+        models whose attention output is normalised before the stream. With `repair_prompts` (the first N validation
+        prompts of each class; None skips it), also what the later layers write back when the direction is ablated at
+        its own hook only (`directions.repair.self_repair`).
 
         Raises:
             FeatsteerError: without kept activations or for a rank-k direction.
@@ -156,8 +158,16 @@ class DirectionResult:
         if head_prompts and not model.post_norms:
             harmful, harmless = (list(prompts.head(min(head_prompts, len(prompts)))) for prompts in self.train)
             heads = head_attribution(model, harmful, harmless, r, position)
-        return DirectionGeometry(self.candidates.hook_names[index], position, hooks, cosines,
-                                 class_projections(*self.activations, r, position), chosen_lens, lenses, heads)
+        repair = None
+        hook = self.candidates.hook_names[index]
+        if repair_prompts and model.hook_site(hook).kind in ("resid_pre", "resid_mid") and self.val is not None:
+            from featsteer.directions.repair import self_repair
+
+            harmful, harmless = (list(prompts.head(min(repair_prompts, len(prompts)))) for prompts in self.val)
+            if min(len(harmful), len(harmless)) >= 2:
+                repair = self_repair(model, r, harmful, harmless, at=hook)
+        return DirectionGeometry(hook, position, hooks, cosines, class_projections(*self.activations, r, position), chosen_lens,
+                                 lenses, heads, repair)
 
 
 def split(prompts: PromptSet, val_fraction: float) -> tuple[PromptSet, PromptSet]:

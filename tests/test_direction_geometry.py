@@ -88,6 +88,10 @@ def test_direction_result_geometry_and_the_directions_command(tmp_path):
     assert len(geometry.lens.promoted) == 4 and "## Logit lens" in geometry.markdown() and "## Heads that write it" in geometry.markdown()
     assert geometry.heads.n_prompts == (len(result.train[0]), len(result.train[1])) == (18, 18) and geometry.heads.harmful.shape == (model.n_layers, model.n_heads)
     assert float(geometry.heads.difference.sum()) > 0  # taken together the heads write the direction more on harmful prompts
+    repair = geometry.repair  # the direction ablated at its own hook only, read on the 6 + 6 validation prompts
+    assert repair.at == geometry.hook and (repair.n_harmful, repair.n_harmless) == (6, 6) and "## Does the model write it back?" in geometry.markdown()
+    assert repair.refusal["every_write"] < repair.refusal["unedited"] and all(abs(row.gap_on_r["every_write"]) < 1e-3 for row in repair.rows)
+    assert result.geometry(model, repair_prompts=None).repair is None
     plain = find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=4))
     with pytest.raises(FeatsteerError, match="keep_activations=True"):
         plain.geometry(model)
@@ -98,6 +102,7 @@ def test_direction_result_geometry_and_the_directions_command(tmp_path):
     assert saved["hook"] == json.loads((out / "selection.json").read_text())["chosen"]["hook"]
     assert len(saved["cosines"]) == model.n_layers and (out / "layer_cosines.png").read_bytes()[:4] == b"\x89PNG"
     assert "| hook | harmful mean |" in (out / "geometry.md").read_text()
+    assert saved["self_repair"]["at"] == saved["hook"] and saved["self_repair"]["rows"]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "phi3", "tl-gpt2"])

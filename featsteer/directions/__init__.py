@@ -26,6 +26,7 @@ from featsteer.directions.methods import (
     svd_subspace,
     weighted_basis,
 )
+from featsteer.directions.repair import RepairRow, SelfRepair, self_repair
 
 __all__ = [
     "METHODS",
@@ -34,6 +35,8 @@ __all__ = [
     "DirectionSet",
     "HeadAttribution",
     "LogitLens",
+    "RepairRow",
+    "SelfRepair",
     "Separability",
     "class_projections",
     "difference_in_means",
@@ -45,6 +48,7 @@ __all__ = [
     "paired_pca",
     "projected_dim",
     "rotation_plane",
+    "self_repair",
     "separability",
     "svd_subspace",
     "unit",

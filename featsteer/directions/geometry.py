@@ -30,6 +30,7 @@ from featsteer.errors import FeatsteerError
 
 if TYPE_CHECKING:
     from featsteer.activations import ActivationSet
+    from featsteer.directions.repair import SelfRepair
     from featsteer.models import ModelAdapter
 
 _UNEMBED_CHUNK = 16384
@@ -209,12 +210,15 @@ class DirectionGeometry:
     the layers the direction starts to read as the tokens it ends up writing."""
     heads: HeadAttribution | None = None
     """What each attention head writes along the direction, per class (None for models whose heads do not add up)."""
+    repair: SelfRepair | None = None
+    """What the later layers write back when the direction is ablated at its own hook only (`directions.repair`)."""
 
     def to_dict(self) -> dict:
         lenses = {hook: None if lens is None else lens.to_dict() for hook, lens in (self.layer_lenses or {}).items()}
         return {"hook": self.hook, "position": self.position, "hooks": self.hooks, "cosines": self.cosines.tolist(),
                 "class_projections": [asdict(p) for p in self.projections], "logit_lens": self.lens.to_dict(),
-                "layer_logit_lens": lenses, "heads": None if self.heads is None else self.heads.to_dict()}
+                "layer_logit_lens": lenses, "heads": None if self.heads is None else self.heads.to_dict(),
+                "self_repair": None if self.repair is None else self.repair.to_dict()}
 
     def markdown(self) -> str:
         """The three views as markdown tables."""
@@ -236,6 +240,12 @@ class DirectionGeometry:
                       f"Each head's write at position {self.position} projected on the direction, averaged over "
                       f"{self.heads.n_prompts[0]} harmful and {self.heads.n_prompts[1]} harmless training prompts; the 10 "
                       "heads that write it most more on harmful prompts.", "", self.heads.markdown(10).rstrip("\n")]
+        if self.repair is not None:
+            lines += ["", "## Does the model write it back?", "",
+                      "`repaired`: what the layers after the hook write on the direction beyond what they wrote unedited, as a "
+                      "share of the gap the ablation removed (0: nothing written back; negative: they write less once it is "
+                      "gone). `kept`: each later layer's own DIM gap left by the one-hook ablation, as a share of its unedited "
+                      "gap.", "", self.repair.markdown()]
         lines += ["", "## Cosines between the layers' directions", "", "| | " + " | ".join(str(_layer(h)) for h in self.hooks) + " |",
                   "|---|" + "---:|" * len(self.hooks)]
         for hook, row in zip(self.hooks, self.cosines.tolist(), strict=True):
