@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list of compare methods for the first call")
     parser.add_argument("--angles", help="comma list of angles the angular methods pick from (default: compare's 60,75,90,120,150,180)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="the picks' tolerance (compare --pick-tolerance)")
+    parser.add_argument("--n-pick", type=int, help="validation prompts per set the setting picks read (compare --n-pick; default: n_select)")
     parser.add_argument("--no-everywhere", action="store_true", help="skip the second call (angular steering on every activation)")
     parser.add_argument("--results-name", help="results file stem (default: steering_methods_<target>)")
     parser.add_argument("--render-only", action="store_true", help="re-write the markdown from the results JSON")
@@ -79,7 +80,8 @@ def main() -> None:
         config = DirectionConfig(n_select=32, screen=args.screen)
         gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
         val = {"val_harmful": load_prompts("organism-corpus:harmful:96"), "val_harmless": load_prompts("organism-corpus:harmless:96")}
-    common = {"eval_harmful": sets["eval_harmful"], "eval_harmless": sets["eval_harmless"], "direction_config": config, "generation": gen, **val}
+    common = {"eval_harmful": sets["eval_harmful"], "eval_harmless": sets["eval_harmless"], "direction_config": config, "generation": gen,
+              "n_pick": args.n_pick, **val}
     angles = {"angles": tuple(float(a) for a in args.angles.split(","))} if args.angles else {}
     main_run = compare(model, sets["train_harmful"], sets["train_harmless"], methods=args.methods.split(","),
                        steering_config=SteeringMethodConfig(tolerance=args.tolerance, **angles), **common)
