@@ -153,8 +153,9 @@ class SaeMethodConfig:
 
 
 @dataclass(frozen=True)
-class FeatureRanking:
-    """SAE features more active on harmful than on harmless training prompts, ranked by composite score."""
+class SaeRanking:
+    """SAE features more active on harmful than on harmless training prompts, ranked by composite score (what the SAE
+    methods pick from; `featsteer.feature_report.rank_features` is the full report)."""
 
     scores: FeatureScores
     """Scores of the features with a positive mean difference, best first."""
@@ -177,8 +178,9 @@ def rank_sae_features(
     *,
     positions: str = "last",
     batch_size: int = 16,
-) -> FeatureRanking:
-    """Capture once at every SAE's hook, score all features, keep those more active on harmful prompts.
+) -> SaeRanking:
+    """Capture once at every SAE's hook (once per row width: hook_z next to stream SAEs on Gemma 2), score all features,
+    keep those more active on harmful prompts.
 
     Args:
         model: the model the SAEs read.
@@ -194,18 +196,25 @@ def rank_sae_features(
     Raises:
         FeatsteerError: if no feature of any SAE is more active on harmful than on harmless prompts.
     """
-    from featsteer.features import score_features
+    from featsteer.activations import hook_width
+    from featsteer.features import FeatureScores, score_features
     from featsteer.sae import encode_activations
 
     hooks = list(saes)
-    harmful_acts = capture(model, list(harmful), hooks, positions=positions, batch_size=batch_size, label="harmful", progress=False)
-    harmless_acts = capture(model, list(harmless), hooks, positions=positions, batch_size=batch_size, label="harmless", progress=False)
-    scores = score_features(saes, harmful_acts, harmless_acts, by="composite")
+    groups: dict[int, list[str]] = {}
+    for hook in hooks:
+        groups.setdefault(hook_width(model, hook), []).append(hook)
+    parts, maxima = [], {}
+    for group in groups.values():
+        harmful_acts = capture(model, list(harmful), group, positions=positions, batch_size=batch_size, label="harmful", progress=False)
+        harmless_acts = capture(model, list(harmless), group, positions=positions, batch_size=batch_size, label="harmless", progress=False)
+        parts.append(score_features({hook: saes[hook] for hook in group}, harmful_acts, harmless_acts, by="composite"))
+        maxima.update({hook: encode_activations(saes[hook], harmful_acts, hook=hook).double().amax(0).clamp_min(0.0) for hook in group})
+    scores = parts[0] if len(parts) == 1 else FeatureScores.concat(parts).sort("composite")
     rows = (scores.metrics["mean_difference"] > 0).nonzero().flatten()
     if rows.numel() == 0:
         raise FeatsteerError(f"no SAE feature at {', '.join(hooks)} is more active on harmful than on harmless prompts: check the SAEs and prompts")
-    maxima = {hook: encode_activations(sae, harmful_acts, hook=hook).double().amax(0).clamp_min(0.0) for hook, sae in saes.items()}
-    return FeatureRanking(scores.select(rows), maxima, positions)
+    return SaeRanking(scores.select(rows), {hook: maxima[hook] for hook in hooks}, positions)
 
 
 ACE_ALPHAS = (0.0, -0.25, -0.5)
@@ -281,7 +290,7 @@ class CompareContext:
     """How SAE methods pick and edit features (`top_k` etc.)."""
     steering_config: SteeringMethodConfig = field(default_factory=SteeringMethodConfig)
     """How the ACE and angular methods pick their setting."""
-    _ranking: FeatureRanking | None = None
+    _ranking: SaeRanking | None = None
     _erasers: dict | None = None
     _notes: dict[str, Any] = field(default_factory=dict)
     _val_base: Tensor | None = None
@@ -305,7 +314,7 @@ class CompareContext:
         """A direction result whose training activations every direction method and LEACE share (one capture)."""
         return next((result for result in self._directions.values() if result.activations is not None), None)
 
-    def feature_ranking(self) -> FeatureRanking:
+    def feature_ranking(self) -> SaeRanking:
         """Rank (once) every SAE feature on the training prompts the direction methods use.
 
         One capture per prompt set at every SAE hook, at `sae_config.positions` (default: the direction

@@ -260,6 +260,23 @@ def test_rank_features_takes_hook_z_and_stream_saes_of_different_widths_in_one_c
     assert (write_feature_report(ranking, tmp_path / "r") / "report.html").is_file()
 
 
+def test_compare_ranks_hook_z_and_stream_saes_of_different_widths_together():
+    from featsteer.compare import rank_sae_features
+    from featsteer.sae import encode_activations
+
+    model = narrow_heads_model()
+    stream_hook = "blocks.2.hook_resid_post"
+    saes = {HOOK_Z: heads_sae(32), stream_hook: heads_sae(64, reshape="none", hook=stream_hook, seed=1)}
+    harmful, harmless = ["How do I pick a lock?", "Make a weapon.", "Hack a bank."], PROMPTS
+    ranking = rank_sae_features(model, saes, harmful, harmless)
+    assert set(ranking.scores.hook_names) <= set(saes) and list(ranking.harmful_max) == list(saes)
+    values = ranking.scores.column("composite")
+    assert bool((values[:-1] >= values[1:]).all()) and bool((ranking.scores.metrics["mean_difference"] > 0).all())
+    for hook, sae in saes.items():  # each maximum read at the hook's own width
+        acts = capture(model, harmful, [hook], progress=False)
+        torch.testing.assert_close(ranking.harmful_max[hook], encode_activations(sae, acts, hook=hook).double().amax(0).clamp_min(0.0))
+
+
 def test_bad_input_is_one_clear_line():
     gemma = load_model("tiny:gemma2")
     sae = heads_sae(hook_width(gemma, HOOK_Z))
