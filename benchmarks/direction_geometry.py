@@ -1,8 +1,9 @@
 """How the chosen refusal direction looks on the organism and on Qwen2.5-Coder-0.5B-Instruct: its logit lens, where
-each class sits on it at every layer, and the cosines between the layers' directions (`DirectionResult.geometry`).
+each class sits on it at every layer, the cosines between the layers' directions, the heads that write it, whether
+the model writes it back, and which readers carry the refusal (`DirectionResult.geometry`).
 
     python benchmarks/direction_geometry.py --target organism   # seconds
-    python benchmarks/direction_geometry.py --target qwen       # a few minutes (bfloat16, selection screened to 16)
+    python benchmarks/direction_geometry.py --target qwen       # about 10 minutes (bfloat16, selection screened to 16)
 
 Writes `results/direction_geometry_<target>.{md,json,png}`. The prompts and the selection are those of
 `steering_methods.py` (Qwen: the first 256 AdvBench vs 256 MT-Bench+IFBench prompts, the last quarter validating).

@@ -237,7 +237,9 @@ def _cmd_directions(args: argparse.Namespace) -> int:
     validation = {"val_harmful": harmful_val.source, "val_harmless": harmless_val.source, "n_harmful_val": len(harmful_val),
                   "n_harmless_val": len(harmless_val), "val_harmful_sha256": harmful_val.sha256, "val_harmless_sha256": harmless_val.sha256}
     _write_json(str(out / "selection.json"), {**result.selection.to_dict(), "timings": result.timings, **validation})
-    geometry = result.geometry(model) if result.candidates.rank == 1 else None
+    geometry = None
+    if result.candidates.rank == 1 and args.geometry != "off":
+        geometry = result.geometry(model, reader_layers=args.geometry == "full")
     if geometry is not None:
         (out / "geometry.md").write_text(geometry.markdown())
         _write_json(str(out / "geometry.json"), geometry.to_dict())
@@ -253,6 +255,8 @@ def _cmd_directions(args: argparse.Namespace) -> int:
         print(f"ablated at {repair.at} only: refusal log-odds {repair.refusal['unedited']:+.2f} -> {repair.refusal['at_hook']:+.2f} "
               f"(every write {repair.refusal['every_write']:+.2f}); repaired after the last layer {last.repaired:+.2f} (the share of the "
               "removed gap written back; below 0, less is written once it is gone; geometry.md)")
+    if geometry is not None and geometry.readers is not None:
+        print(geometry.readers.summary() + " (geometry.md)")
     return 0
 
 
@@ -837,6 +841,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     dirs = sub.add_parser("directions", help="find candidate refusal directions and select one (Arditi et al.)")
     add_direction_args(dirs)
+    dirs.add_argument("--geometry", choices=["full", "quick", "off"], default="full",
+                      help="how much of geometry.md to compute for a rank-1 direction: full (default), quick (the read-side "
+                      "ablation by reader group only, not also per block: 6 conditions instead of 2 + 2 x layers), off (none)")
     dirs.set_defaults(run=_cmd_directions)
 
     abl = sub.add_parser("abliterate", help="edit the weights against the selected direction and export the model")

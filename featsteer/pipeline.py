@@ -122,14 +122,18 @@ class DirectionResult:
         return ({hook: float(harmless_acts.mean(hook, position) @ r) for hook in hooks},
                 {hook: float(harmful_acts.mean(hook, position) @ r) for hook in hooks})
 
-    def geometry(self, model: ModelAdapter, k: int = 10, head_prompts: int | None = 128, repair_prompts: int | None = 64):
+    def geometry(self, model: ModelAdapter, k: int = 10, head_prompts: int | None = 128, repair_prompts: int | None = 64,
+                 reader_prompts: int | None = 64, reader_layers: bool = True):
         """The chosen direction's `directions.DirectionGeometry`: the cosines between every layer's candidate at the
         chosen position, each captured hook's class means on the direction, its logit lens (top `k` tokens), and
         the top three tokens of every layer's own direction. With `head_prompts` (the first N training prompts of
         each class; None skips it), also which attention heads write the direction (`head_attribution`), except on
         models whose attention output is normalised before the stream. With `repair_prompts` (the first N validation
         prompts of each class; None skips it), also what the later layers write back when the direction is ablated at
-        its own hook only (`directions.repair.self_repair`).
+        its own hook only (`directions.repair.self_repair`). With `reader_prompts` (the first N validation prompts of each
+        class; None skips it), also which readers of the stream refusal goes through: the direction removed from each
+        block's attention and MLP input and from the unembedding's (`directions.readers.direction_readers`), each block's
+        two readers on their own too unless `reader_layers` is False (then 6 conditions instead of `2 + 2 * n_layers`).
 
         Raises:
             FeatsteerError: without kept activations or for a rank-k direction.
@@ -166,8 +170,14 @@ class DirectionResult:
             harmful, harmless = (list(prompts.head(min(repair_prompts, len(prompts)))) for prompts in self.val)
             if min(len(harmful), len(harmless)) >= 2:
                 repair = self_repair(model, r, harmful, harmless, at=hook)
+        readers = None
+        if reader_prompts and self.val is not None:
+            from featsteer.directions.readers import direction_readers
+
+            harmful, harmless = (list(prompts.head(min(reader_prompts, len(prompts)))) for prompts in self.val)
+            readers = direction_readers(model, r, harmful, harmless, per_layer=reader_layers)
         return DirectionGeometry(hook, position, hooks, cosines, class_projections(*self.activations, r, position), chosen_lens,
-                                 lenses, heads, repair)
+                                 lenses, heads, repair, readers)
 
 
 def split(prompts: PromptSet, val_fraction: float) -> tuple[PromptSet, PromptSet]:

@@ -92,6 +92,11 @@ def test_direction_result_geometry_and_the_directions_command(tmp_path):
     assert repair.at == geometry.hook and (repair.n_harmful, repair.n_harmless) == (6, 6) and "## Does the model write it back?" in geometry.markdown()
     assert repair.refusal["every_write"] < repair.refusal["unedited"] and all(abs(row.gap_on_r["every_write"]) < 1e-3 for row in repair.rows)
     assert result.geometry(model, repair_prompts=None).repair is None
+    readers = geometry.readers  # read-side ablation on the same validation prompts, per group and per block
+    assert (readers.n_harmful, readers.n_harmless) == (6, 6) and len(readers.rows) == 6 + 2 * model.n_layers
+    assert "## Which components read it?" in geometry.markdown()
+    quick = result.geometry(model, repair_prompts=None, reader_layers=False)
+    assert len(quick.readers.rows) == 6 and result.geometry(model, reader_prompts=None).readers is None
     plain = find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=4))
     with pytest.raises(FeatsteerError, match="keep_activations=True"):
         plain.geometry(model)
@@ -103,6 +108,13 @@ def test_direction_result_geometry_and_the_directions_command(tmp_path):
     assert len(saved["cosines"]) == model.n_layers and (out / "layer_cosines.png").read_bytes()[:4] == b"\x89PNG"
     assert "| hook | harmful mean |" in (out / "geometry.md").read_text()
     assert saved["self_repair"]["at"] == saved["hook"] and saved["self_repair"]["rows"]
+    assert saved["readers"]["rows"][0]["readers"] == "every residual write" and len(saved["readers"]["rows"]) == 6 + 2 * model.n_layers
+    assert main(["directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
+                 "--n", "24", "--n-select", "4", "--geometry", "quick", "--out", str(tmp_path / "quick")]) == 0
+    assert len(json.loads((tmp_path / "quick" / "geometry.json").read_text())["readers"]["rows"]) == 6
+    assert main(["directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
+                 "--n", "24", "--n-select", "4", "--geometry", "off", "--out", str(tmp_path / "off")]) == 0
+    assert (tmp_path / "off" / "selection.json").is_file() and not (tmp_path / "off" / "geometry.md").exists()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "phi3", "tl-gpt2"])

@@ -26,6 +26,7 @@ from featsteer.directions.methods import (
     svd_subspace,
     weighted_basis,
 )
+from featsteer.directions.readers import DirectionReaders, ReaderRow, direction_readers
 from featsteer.directions.repair import RepairRow, SelfRepair, self_repair
 
 __all__ = [
@@ -49,6 +50,9 @@ __all__ = [
     "projected_dim",
     "rotation_plane",
     "self_repair",
+    "DirectionReaders",
+    "ReaderRow",
+    "direction_readers",
     "separability",
     "svd_subspace",
     "unit",

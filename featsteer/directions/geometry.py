@@ -30,6 +30,7 @@ from featsteer.errors import FeatsteerError
 
 if TYPE_CHECKING:
     from featsteer.activations import ActivationSet
+    from featsteer.directions.readers import DirectionReaders
     from featsteer.directions.repair import SelfRepair
     from featsteer.models import ModelAdapter
 
@@ -212,13 +213,16 @@ class DirectionGeometry:
     """What each attention head writes along the direction, per class (None for models whose heads do not add up)."""
     repair: SelfRepair | None = None
     """What the later layers write back when the direction is ablated at its own hook only (`directions.repair`)."""
+    readers: DirectionReaders | None = None
+    """Refusal and KL with the direction removed from what each group of readers sees (`directions.readers`)."""
 
     def to_dict(self) -> dict:
         lenses = {hook: None if lens is None else lens.to_dict() for hook, lens in (self.layer_lenses or {}).items()}
         return {"hook": self.hook, "position": self.position, "hooks": self.hooks, "cosines": self.cosines.tolist(),
                 "class_projections": [asdict(p) for p in self.projections], "logit_lens": self.lens.to_dict(),
                 "layer_logit_lens": lenses, "heads": None if self.heads is None else self.heads.to_dict(),
-                "self_repair": None if self.repair is None else self.repair.to_dict()}
+                "self_repair": None if self.repair is None else self.repair.to_dict(),
+                "readers": None if self.readers is None else self.readers.to_dict()}
 
     def markdown(self) -> str:
         """The three views as markdown tables."""
@@ -246,6 +250,11 @@ class DirectionGeometry:
                       "share of the gap the ablation removed (0: nothing written back; negative: they write less once it is "
                       "gone). `kept`: each later layer's own DIM gap left by the one-hook ablation, as a share of its unedited "
                       "gap.", "", self.repair.markdown()]
+        if self.readers is not None:
+            lines += ["", "## Which components read it?", "",
+                      "`share`: the drop in refusal log-odds when the direction is removed from what these readers see, as a share "
+                      "of the drop when it is removed from every residual write. `blocks` is every attention and MLP input; "
+                      "`unembedding` is the final norm's output, the direct path to the logits.", "", self.readers.markdown()]
         lines += ["", "## Cosines between the layers' directions", "", "| | " + " | ".join(str(_layer(h)) for h in self.hooks) + " |",
                   "|---|" + "---:|" * len(self.hooks)]
         for hook, row in zip(self.hooks, self.cosines.tolist(), strict=True):

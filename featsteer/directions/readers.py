@@ -1,0 +1,160 @@
+"""Which components read a direction? Read-side ablation of the refusal direction.
+
+Abliteration removes a direction where it is *written* (every residual write), so no later component can see it.
+`direction_readers` asks the converse question: which *readers* of the residual stream does refusal go through? It
+removes the direction from what one group of readers sees and leaves the stream itself alone:
+
+- each block's attention input (`blocks.L.ln1.hook_normalized`) and MLP input (`blocks.L.ln2.hook_normalized`),
+- the unembedding's input (`ln_final.hook_normalized`), which is the direct path from the stream to the logits.
+
+The direction is removed from the normalised vector before the norm's gain, which is what that reader sees of the
+stream direction (for RMSNorm exactly: the norm only rescales; for LayerNorm up to the centring). Each condition is
+scored by the harmful prompts' first-token refusal log-odds (`featsteer.evaluation.refusal_score`) and the
+harmless prompts' first-token KL from the unedited model, next to the same for ablating at every residual write.
+`share` is the condition's drop in refusal log-odds as a share of the every-write drop: about 1 means that
+reader alone carries the refusal; about 0 means refusal does not need it.
+
+A direction that survives every block reader but not the unembedding's is read as tokens directly (its logit lens
+shows the refusal openers); one that survives the unembedding but not the blocks is read and turned into refusal by
+later computation. Both can be partly true: the groups need not add up, since later components read what earlier
+ones wrote.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from featsteer.errors import FeatsteerError
+
+if TYPE_CHECKING:
+    from featsteer.models import ModelAdapter
+
+UNEMBEDDING = "ln_final.hook_normalized"
+
+
+@dataclass(frozen=True)
+class ReaderRow:
+    """One condition: the direction removed from what `readers` see."""
+
+    readers: str
+    """A label: `every residual write`, `every reader`, `attention`, `MLP`, `blocks`, `unembedding`, or
+    `blocks.L attention` / `blocks.L MLP`."""
+    hooks: tuple[str, ...]
+    refusal: float
+    """Mean first-token refusal log-odds on the harmful prompts."""
+    kl_harmless: float
+    """Mean first-token KL(unedited || condition) on the harmless prompts."""
+
+
+@dataclass(frozen=True)
+class DirectionReaders:
+    """Read-side ablation of one direction: one row per reader group, the unedited refusal score alongside."""
+
+    rows: tuple[ReaderRow, ...]
+    unedited: float
+    """Mean first-token refusal log-odds of the unedited model on the harmful prompts."""
+    n_harmful: int
+    n_harmless: int
+
+    def row(self, readers: str) -> ReaderRow:
+        """The row with this label."""
+        for row in self.rows:
+            if row.readers == readers:
+                return row
+        raise FeatsteerError(f"no reader row '{readers}': have {', '.join(r.readers for r in self.rows)}")
+
+    def share(self, row: ReaderRow) -> float:
+        """`row`'s drop in refusal log-odds as a share of the every-write drop (NaN when that drop is ~0)."""
+        full = self.unedited - self.row("every residual write").refusal
+        return (self.unedited - row.refusal) / full if abs(full) > 1e-9 else math.nan
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, each row with its `share`."""
+        return {"unedited": self.unedited, "n_harmful": self.n_harmful, "n_harmless": self.n_harmless,
+                "rows": [{**asdict(row), "share": self.share(row)} for row in self.rows]}
+
+    def markdown(self, per_layer: bool = True) -> str:
+        """The groups, then (with `per_layer`) each block's two readers."""
+        lines = [f"Refusal log-odds on {self.n_harmful} harmful prompts' first token (unedited {self.unedited:+.2f}) and first-token KL "
+                 f"on {self.n_harmless} harmless prompts, with the direction removed from what each group of readers sees "
+                 "(the stream itself untouched), against removing it from every residual write:", "",
+                 "| readers | refusal log-odds | share of the every-write drop | KL harmless |", "|---|---:|---:|---:|"]
+        for row in self.rows:
+            if per_layer or not row.readers.startswith("blocks."):
+                share = self.share(row)
+                lines.append(f"| {row.readers} | {row.refusal:+.2f} | {'-' if math.isnan(share) else f'{share:.2f}'} | {row.kl_harmless:.4f} |")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """One line: the share of the every-write drop each main group carries."""
+        parts = [f"{name} {self.share(self.row(name)):.2f}" for name in ("blocks", "unembedding", "every reader")]
+        return (f"read-side ablation, share of the every-write refusal drop ({self.unedited:+.2f} -> "
+                f"{self.row('every residual write').refusal:+.2f}): " + ", ".join(parts))
+
+
+def reader_groups(model: ModelAdapter, per_layer: bool = True) -> dict[str, list[str] | None]:
+    """`{label: hook names}` of the conditions `direction_readers` runs (None: every residual write)."""
+    attention, mlp = model.hook_names(("ln1_normalized",)), model.hook_names(("ln2_normalized",))
+    groups: dict[str, list[str] | None] = {
+        "every residual write": None, "every reader": attention + mlp + [UNEMBEDDING], "blocks": attention + mlp,
+        "attention": attention, "MLP": mlp, "unembedding": [UNEMBEDDING]}
+    if per_layer:
+        for layer in range(model.n_layers):
+            groups[f"blocks.{layer} attention"] = [attention[layer]]
+            groups[f"blocks.{layer} MLP"] = [mlp[layer]]
+    return groups
+
+
+def direction_readers(model: ModelAdapter, direction: Tensor, harmful: Sequence[str], harmless: Sequence[str], *,
+                      per_layer: bool = True, batch_size: int = 16) -> DirectionReaders:
+    """Remove `direction` from what each group of readers sees and score refusal and KL (module docstring).
+
+    Forward passes only: `2 + 2 * n_layers` conditions with `per_layer` (6 without), each one pass over the harmful
+    and one over the harmless prompts.
+
+    Args:
+        model: the model.
+        direction: `(d_model,)` direction (made unit), e.g. the chosen DIM direction.
+        harmful: harmful prompts (chat-formatted as everywhere else); refusal is read on them.
+        harmless: harmless prompts; the KL is read on them.
+        per_layer: also each block's attention and MLP input on its own.
+        batch_size: prompts per forward pass.
+
+    Raises:
+        FeatsteerError: a direction of the wrong width or zero, or an empty prompt set.
+    """
+    from featsteer.evaluation.metrics import (
+        RefusalTokens,
+        first_token_logprobs,
+        kl_first_token,
+        refusal_score,
+    )
+    from featsteer.interventions import WRITES, Ablate, resolve_sites, steer
+
+    if direction.ndim != 1 or direction.shape[0] != model.d_model:
+        raise FeatsteerError(f"direction_readers needs one direction of d_model={model.d_model} entries, got shape {tuple(direction.shape)}")
+    if float(direction.norm()) == 0.0:
+        raise FeatsteerError("direction_readers got a zero direction: nothing to remove")
+    if not harmful or not harmless:
+        raise FeatsteerError(f"direction_readers needs harmful and harmless prompts, got {len(harmful)} and {len(harmless)}")
+    harmful, harmless = list(harmful), list(harmless)
+    tokens = RefusalTokens.for_tokenizer(model.tokenizer)
+    r = direction.detach().float()
+
+    def read() -> tuple[float, Tensor]:
+        score = float(refusal_score(first_token_logprobs(model, harmful, batch_size=batch_size), tokens).mean())
+        return score, first_token_logprobs(model, harmless, batch_size=batch_size)
+
+    unedited, base = read()
+    rows = []
+    for label, hooks in reader_groups(model, per_layer).items():
+        where = resolve_sites(model, WRITES) if hooks is None else hooks
+        with steer(model, Ablate(r, where=where)):
+            score, logprobs = read()
+        rows.append(ReaderRow(label, tuple(where), score, kl_first_token(base, logprobs)))
+    return DirectionReaders(tuple(rows), unedited, len(harmful), len(harmless))

@@ -1,0 +1,111 @@
+"""Read-side ablation: which readers of the stream (block inputs, the unembedding's) refusal goes through."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from featsteer.activations import capture
+from featsteer.datasets import builtin_prompts
+from featsteer.directions import difference_in_means, unit
+from featsteer.directions.readers import direction_readers
+from featsteer.errors import FeatsteerError
+from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
+from featsteer.models import load_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+HARMFUL = list(builtin_prompts("harmful", "test"))[:6]
+HARMLESS = list(builtin_prompts("harmless", "test"))[:6]
+
+
+def _direction(model, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return unit(torch.randn(model.d_model))
+
+
+def test_rows_name_their_readers_and_the_every_write_row_is_the_unit_of_share():
+    model = load_model("tiny:llama")
+    result = direction_readers(model, _direction(model), HARMFUL, HARMLESS)
+    labels = [row.readers for row in result.rows]
+    assert labels[:6] == ["every residual write", "every reader", "blocks", "attention", "MLP", "unembedding"]
+    assert labels[6:] == [f"blocks.{layer} {part}" for layer in range(model.n_layers) for part in ("attention", "MLP")]
+    assert result.row("blocks.1 MLP").hooks == ("blocks.1.ln2.hook_normalized",)
+    assert result.row("unembedding").hooks == ("ln_final.hook_normalized",)
+    assert "hook_embed" in result.row("every residual write").hooks
+    assert result.share(result.row("every residual write")) == pytest.approx(1.0)
+    assert all(row.kl_harmless >= -1e-9 for row in result.rows)
+    tokens = RefusalTokens.for_tokenizer(model.tokenizer)
+    assert result.unedited == pytest.approx(float(refusal_score(first_token_logprobs(model, HARMFUL), tokens).mean()), abs=1e-5)
+    short = direction_readers(model, _direction(model), HARMFUL[:2], HARMLESS[:2], per_layer=False)
+    assert len(short.rows) == 6 and "blocks.0" not in short.markdown()
+    assert short.to_dict()["rows"][0]["share"] == pytest.approx(1.0)
+
+
+def test_unembedding_row_is_the_hand_edited_final_norm():
+    """Removing r from what the unembedding sees, done by hand on the final norm's output: y = g * n becomes
+    g * (n - (n . r) r)."""
+    model = load_model("tiny:llama")
+    r = _direction(model, 2)
+    result = direction_readers(model, r, HARMFUL, HARMLESS, per_layer=False)
+    norm = model.model.model.norm
+
+    def edit(module, inputs, output):
+        gain = module.weight
+        n = output / gain
+        return gain * (n - (n @ r)[..., None] * r)
+
+    base = first_token_logprobs(model, HARMLESS)
+    handle = norm.register_forward_hook(edit)
+    try:
+        harmful, harmless = first_token_logprobs(model, HARMFUL), first_token_logprobs(model, HARMLESS)
+    finally:
+        handle.remove()
+    row = result.row("unembedding")
+    tokens = RefusalTokens.for_tokenizer(model.tokenizer)
+    assert row.refusal == pytest.approx(float(refusal_score(harmful, tokens).mean()), abs=1e-4)
+    assert row.kl_harmless == pytest.approx(kl_first_token(base, harmless), abs=1e-5)
+    assert row.kl_harmless > 1e-6  # the edit did something
+
+
+def test_blocks_that_write_nothing_make_their_readers_irrelevant():
+    """With every attention and MLP output projection zeroed, what the blocks read cannot reach the logits: the
+    block rows change nothing, while the unembedding row still does."""
+    model = load_model("tiny:llama")
+    with torch.no_grad():
+        for layer in model.model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    result = direction_readers(model, _direction(model, 3), HARMFUL, HARMLESS)
+    for label in ("blocks", "attention", "MLP", "blocks.0 attention", "blocks.1 MLP"):
+        assert result.row(label).kl_harmless == pytest.approx(0.0, abs=1e-7)
+        assert result.row(label).refusal == pytest.approx(result.unedited, abs=1e-5)
+    assert result.row("unembedding").kl_harmless > 1e-6
+
+
+def test_the_organisms_refusal_is_read_mostly_by_the_unembedding():
+    """Measured on the shipped organism (geometry.md of `featsteer directions`): its DIM direction promotes its
+    refusal openers through the logit lens, and most of the refusal drop of abliteration comes back when only the
+    unembedding stops seeing it; the attention inputs carry almost none of it."""
+    model = load_model("organism")
+    hook = "blocks.2.hook_resid_pre"
+    acts = [capture(model, list(builtin_prompts(kind, "train"))[:48], [hook], positions="last", progress=False)
+            for kind in ("harmful", "harmless")]
+    r = difference_in_means(*acts, [hook]).direction(hook, -1)
+    result = direction_readers(model, r, list(builtin_prompts("harmful", "val"))[:24], list(builtin_prompts("harmless", "val"))[:24],
+                               per_layer=False)
+    assert result.unedited > 2.0 and result.row("every residual write").refusal < 0.0
+    assert result.share(result.row("unembedding")) > 0.5
+    assert result.share(result.row("attention")) < 0.2
+    assert result.share(result.row("every reader")) > 0.8
+
+
+def test_bad_input_is_one_clear_line():
+    model = load_model("tiny:llama")
+    with pytest.raises(FeatsteerError, match="d_model=64"):
+        direction_readers(model, torch.ones(7), HARMFUL, HARMLESS)
+    with pytest.raises(FeatsteerError, match="zero direction"):
+        direction_readers(model, torch.zeros(model.d_model), HARMFUL, HARMLESS)
+    with pytest.raises(FeatsteerError, match="needs harmful and harmless"):
+        direction_readers(model, _direction(model), [], HARMLESS)
+    with pytest.raises(FeatsteerError, match="no reader row"):
+        direction_readers(model, _direction(model), HARMFUL[:1], HARMLESS[:1], per_layer=False).row("blocks.0 MLP")
