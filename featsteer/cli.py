@@ -511,6 +511,24 @@ def _feature_ids(specs: Sequence[str]) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+ABLATE_AT = {
+    "writes": "every residual write",
+    "residual": "every resid_pre, resid_mid and resid_post",
+    "blocks": "every block's normalised attention and MLP inputs (the stream untouched)",
+    "unembedding": "the unembedding's input, ln_final.hook_normalized (the stream untouched)",
+    "readers": "every reader: each block's attention and MLP inputs and the unembedding's (the stream untouched)",
+}
+"""`featsteer steer --mode ablate --ablate-at`: where the direction is removed (`directions.readers` measures the last three)."""
+
+
+def _ablation_sites(model, where: str) -> str | list[str]:
+    from featsteer.directions.readers import UNEMBEDDING
+    from featsteer.interventions import NORMS, RESIDUAL, WRITES, resolve_sites
+
+    blocks = resolve_sites(model, NORMS)
+    return {"writes": WRITES, "residual": RESIDUAL, "blocks": blocks, "unembedding": [UNEMBEDDING], "readers": blocks + [UNEMBEDDING]}[where]
+
+
 def _direction_intervention(args: argparse.Namespace, model):
     from featsteer.directions import DirectionSet
     from featsteer.interventions import Ablate, AddDirection, ConditionalSteer, ProjectionSet
@@ -526,7 +544,8 @@ def _direction_intervention(args: argparse.Namespace, model):
     harmful_projection = directions.scores.get("harmful_projection", [vector.norm().item()] * len(directions))[index]
     value = args.value if args.value is not None else harmful_projection
     built = {
-        "ablate": lambda: (Ablate(basis), f"ablate the direction from every residual write (rank {basis.shape[0]})"),
+        "ablate": lambda: (Ablate(basis, where=_ablation_sites(model, args.ablate_at)),
+                           f"ablate the direction from {ABLATE_AT[args.ablate_at]} (rank {basis.shape[0]})"),
         "add": lambda: (AddDirection(vector, args.scale, where=hook), f"add {args.scale:g} x the mean difference at {hook}"),
         "set": lambda: (ProjectionSet(basis[0], value, where=hook), f"set the projection to {value:.3g} at {hook}"),
         "conditional": lambda: (ConditionalSteer(basis[0], hook, args.threshold, AddDirection(vector, args.scale, where=hook)),
@@ -900,6 +919,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--angle-at", choices=["layers", "norms"], default="layers",
                     help="--mode angular: turn each layer's residual input (layers, default) or each block's normalised "
                     "attention and MLP inputs, leaving the stream itself alone (norms, the paper's placement)")
+    st.add_argument("--ablate-at", choices=list(ABLATE_AT), default="writes",
+                    help="--mode ablate with --directions: remove the direction from every residual write (writes, default: the "
+                    "hook form of abliteration), every resid_pre/mid/post (residual), or only from what readers see, the stream "
+                    "untouched: each block's attention and MLP inputs (blocks), the unembedding's input (unembedding), or both (readers)")
     st.add_argument("--max-new-tokens", type=int, default=32)
     st.add_argument("--json", help="write the prompts, responses and refusal flags here")
     st.set_defaults(run=_cmd_steer)

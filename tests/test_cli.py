@@ -359,7 +359,15 @@ def test_steer_a_saved_direction(capsys, tmp_path):
     code, out, err = _run(capsys, *common, "--mode", "ablate", "--prompts", "builtin:harmful:test", "--n", "6", "--json", str(tmp_path / "a.json"))
     assert code == 0, err
     ablated = json.loads((tmp_path / "a.json").read_text())
-    assert ablated["refused_plain"] >= 5 and ablated["refused_steered"] <= 1 and "ablate the direction" in out
+    assert ablated["refused_plain"] >= 5 and ablated["refused_steered"] <= 1 and "ablate the direction from every residual write" in out
+    # read-side placements: the organism's refusal is read by the unembedding, not by the blocks (directions.readers)
+    steered = {}
+    for where in ("blocks", "unembedding", "readers"):
+        code, out, err = _run(capsys, *common, "--mode", "ablate", "--ablate-at", where, "--prompts", "builtin:harmful:test", "--n", "6",
+                              "--json", str(tmp_path / f"{where}.json"))
+        assert code == 0 and "the stream untouched" in out, err
+        steered[where] = json.loads((tmp_path / f"{where}.json").read_text())["refused_steered"]
+    assert steered["blocks"] >= 4 and steered["readers"] <= 1, steered
     code, out, err = _run(capsys, *common, "--mode", "set", "--prompts", "builtin:harmless:test", "--n", "6", "--json", str(tmp_path / "i.json"))
     assert code == 0, err
     induced = json.loads((tmp_path / "i.json").read_text())
