@@ -109,3 +109,18 @@ def test_bad_input_is_one_clear_line():
         direction_readers(model, _direction(model), [], HARMLESS)
     with pytest.raises(FeatsteerError, match="no reader row"):
         direction_readers(model, _direction(model), HARMFUL[:1], HARMLESS[:1], per_layer=False).row("blocks.0 MLP")
+
+
+def test_the_same_readers_on_both_backends(tmp_path):
+    """GPT-2 (LayerNorm) through transformers and through TransformerLens: the same hook names reach the same readers,
+    so every row agrees."""
+    from featsteer.testing import hooked_gpt2, saved_tokenizer, tiny_model
+
+    hf, tokenizer = tiny_model("gpt2")
+    rows = []
+    for model in (load_model(hf, tokenizer=tokenizer), load_model(hooked_gpt2(hf, saved_tokenizer(tokenizer, tmp_path)))):
+        result = direction_readers(model, _direction(model, 4), HARMFUL[:3], HARMLESS[:3], per_layer=False)
+        rows.append([(row.readers, row.refusal, row.kl_harmless) for row in result.rows])
+    for (label, refusal, kl), (label_tl, refusal_tl, kl_tl) in zip(*rows, strict=True):
+        assert label == label_tl and refusal == pytest.approx(refusal_tl, abs=1e-3) and kl == pytest.approx(kl_tl, abs=1e-4)
+    assert max(kl for _, _, kl in rows[0]) > 1e-6  # the removals changed the outputs
