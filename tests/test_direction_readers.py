@@ -99,12 +99,31 @@ def test_the_organisms_refusal_is_read_mostly_by_the_unembedding():
     assert result.share(result.row("every reader")) > 0.8
 
 
+def test_a_direction_is_made_unit_and_a_basis_spans_its_rows():
+    model = load_model("tiny:llama")
+    r = _direction(model, 5)
+    unit_rows = direction_readers(model, r, HARMFUL[:3], HARMLESS[:3], per_layer=False).rows
+    for scaled in (3.0 * r, r[None, :]):  # a longer vector or a one-row basis removes the same thing
+        rows = direction_readers(model, scaled, HARMFUL[:3], HARMLESS[:3], per_layer=False).rows
+        assert [row.refusal for row in rows] == pytest.approx([row.refusal for row in unit_rows], abs=1e-5)
+    second = _direction(model, 6)
+    basis = torch.stack([r, r + second])  # not orthonormal: the span of r and `second`
+    spanned = direction_readers(model, basis, HARMFUL[:3], HARMLESS[:3], per_layer=False)
+    orthonormal = torch.linalg.qr(torch.stack([r, second]).double().T).Q.T.float()
+    expected = direction_readers(model, orthonormal, HARMFUL[:3], HARMLESS[:3], per_layer=False)
+    assert [row.kl_harmless for row in spanned.rows] == pytest.approx([row.kl_harmless for row in expected.rows], abs=1e-6)
+    assert spanned.row("every reader").kl_harmless != pytest.approx(direction_readers(model, r, HARMFUL[:3], HARMLESS[:3],
+                                                                                       per_layer=False).row("every reader").kl_harmless, abs=1e-9)
+
+
 def test_bad_input_is_one_clear_line():
     model = load_model("tiny:llama")
     with pytest.raises(FeatsteerError, match="d_model=64"):
         direction_readers(model, torch.ones(7), HARMFUL, HARMLESS)
     with pytest.raises(FeatsteerError, match="zero direction"):
         direction_readers(model, torch.zeros(model.d_model), HARMFUL, HARMLESS)
+    with pytest.raises(FeatsteerError, match="linearly dependent"):
+        direction_readers(model, torch.stack([_direction(model), 2 * _direction(model)]), HARMFUL, HARMLESS)
     with pytest.raises(FeatsteerError, match="needs harmful and harmless"):
         direction_readers(model, _direction(model), [], HARMLESS)
     with pytest.raises(FeatsteerError, match="no reader row"):

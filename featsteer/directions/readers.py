@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
@@ -119,14 +120,15 @@ def direction_readers(model: ModelAdapter, direction: Tensor, harmful: Sequence[
 
     Args:
         model: the model.
-        direction: `(d_model,)` direction (made unit), e.g. the chosen DIM direction.
+        direction: `(d_model,)` direction (made unit), e.g. the chosen DIM direction, or a `(k, d_model)` basis whose span is
+            removed (orthonormalised here), e.g. an SVD subspace or the top SAE decoder rows.
         harmful: harmful prompts (chat-formatted as everywhere else); refusal is read on them.
         harmless: harmless prompts; the KL is read on them.
         per_layer: also each block's attention and MLP input on its own.
         batch_size: prompts per forward pass.
 
     Raises:
-        FeatsteerError: a direction of the wrong width or zero, or an empty prompt set.
+        FeatsteerError: a direction of the wrong width, zero or with dependent rows, or an empty prompt set.
     """
     from featsteer.evaluation.metrics import (
         RefusalTokens,
@@ -136,15 +138,17 @@ def direction_readers(model: ModelAdapter, direction: Tensor, harmful: Sequence[
     )
     from featsteer.interventions import WRITES, Ablate, resolve_sites, steer
 
-    if direction.ndim != 1 or direction.shape[0] != model.d_model:
-        raise FeatsteerError(f"direction_readers needs one direction of d_model={model.d_model} entries, got shape {tuple(direction.shape)}")
-    if float(direction.norm()) == 0.0:
-        raise FeatsteerError("direction_readers got a zero direction: nothing to remove")
+    if direction.ndim not in (1, 2) or direction.shape[-1] != model.d_model or direction.numel() == 0:
+        raise FeatsteerError(f"direction_readers needs a direction of d_model={model.d_model} entries or a (k, {model.d_model}) basis, "
+                             f"got shape {tuple(direction.shape)}")
+    rows64 = direction.detach().double().cpu().reshape(-1, model.d_model)
+    if int(torch.linalg.matrix_rank(rows64)) < rows64.shape[0]:
+        raise FeatsteerError("direction_readers got a zero direction or linearly dependent basis rows: nothing well defined to remove")
     if not harmful or not harmless:
         raise FeatsteerError(f"direction_readers needs harmful and harmless prompts, got {len(harmful)} and {len(harmless)}")
     harmful, harmless = list(harmful), list(harmless)
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
-    r = direction.detach().float()
+    r = torch.linalg.qr(rows64.T).Q.T.float()  # orthonormal rows spanning the same subspace (a unit vector for one direction)
 
     def read() -> tuple[float, Tensor]:
         score = float(refusal_score(first_token_logprobs(model, harmful, batch_size=batch_size), tokens).mean())
