@@ -239,7 +239,7 @@ def _cmd_directions(args: argparse.Namespace) -> int:
     _write_json(str(out / "selection.json"), {**result.selection.to_dict(), "timings": result.timings, **validation})
     geometry = None
     if result.candidates.rank == 1 and args.geometry != "off":
-        geometry = result.geometry(model, reader_layers=args.geometry == "full")
+        geometry = result.geometry(model, reader_layers={"full": True, "estimate": "estimate", "quick": False}[args.geometry])
     if geometry is not None:
         (out / "geometry.md").write_text(geometry.markdown())
         _write_json(str(out / "geometry.json"), geometry.to_dict())
@@ -860,9 +860,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     dirs = sub.add_parser("directions", help="find candidate refusal directions and select one (Arditi et al.)")
     add_direction_args(dirs)
-    dirs.add_argument("--geometry", choices=["full", "quick", "off"], default="full",
-                      help="how much of geometry.md to compute for a rank-1 direction: full (default), quick (the read-side "
-                      "ablation by reader group only, not also per block: 6 conditions instead of 2 + 2 x layers), off (none)")
+    dirs.add_argument("--geometry", choices=["full", "estimate", "quick", "off"], default="full",
+                      help="how much of geometry.md to compute for a rank-1 direction: full (default), estimate (the read-side "
+                      "ablation's per-block rows as first-order estimates from one gradient pass: 6 exact conditions instead of "
+                      "2 + 2 x layers), quick (no per-block rows), off (none)")
     dirs.set_defaults(run=_cmd_directions)
 
     abl = sub.add_parser("abliterate", help="edit the weights against the selected direction and export the model")

@@ -123,7 +123,7 @@ class DirectionResult:
                 {hook: float(harmful_acts.mean(hook, position) @ r) for hook in hooks})
 
     def geometry(self, model: ModelAdapter, k: int = 10, head_prompts: int | None = 128, repair_prompts: int | None = 64,
-                 reader_prompts: int | None = 64, reader_layers: bool = True):
+                 reader_prompts: int | None = 64, reader_layers: bool | str = True):
         """The chosen direction's `directions.DirectionGeometry`: the cosines between every layer's candidate at the
         chosen position, each captured hook's class means on the direction, its logit lens (top `k` tokens), and
         the top three tokens of every layer's own direction. With `head_prompts` (the first N training prompts of
@@ -133,7 +133,8 @@ class DirectionResult:
         its own hook only (`directions.repair.self_repair`). With `reader_prompts` (the first N validation prompts of each
         class; None skips it), also which readers of the stream refusal goes through: the direction removed from each
         block's attention and MLP input and from the unembedding's (`directions.readers.direction_readers`), each block's
-        two readers on their own too unless `reader_layers` is False (then 6 conditions instead of `2 + 2 * n_layers`).
+        two readers on their own too unless `reader_layers` is False (then 6 conditions instead of `2 + 2 * n_layers`);
+        `reader_layers="estimate"` gives those per-block rows as first-order estimates from one gradient pass instead.
 
         Raises:
             FeatsteerError: without kept activations or for a rank-k direction.

@@ -135,3 +135,41 @@ def test_screen_must_be_positive():
 
     with pytest.raises(FeatsteerError, match="--screen must be at least 1"):
         DirectionConfig(screen=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_site_attribution_is_the_derivative_of_a_partial_removal_at_each_reader(family):
+    """Each reader site's estimate is the slope at 0 of the refusal score with `alpha` of the direction removed at that
+    site alone, also on the normalised-input hooks, which pass a change on to the norm's output."""
+    from featsteer.directions.attribution import site_attribution
+
+    adapter = _adapter(family)
+    torch.manual_seed(7)
+    r = torch.nn.functional.normalize(torch.randn(adapter.d_model), dim=0)
+    sites = ["blocks.0.ln1.hook_normalized", "blocks.1.ln2.hook_normalized", "ln_final.hook_normalized"]
+    estimates = site_attribution(adapter, PROMPTS, r, sites, TOKENS)
+    for site in sites:
+        def removed(alpha, site=site):
+            hook = (site, lambda x, _: x - alpha * (x @ r)[..., None] * r)
+            with adapter.hooks([hook]):
+                return float(refusal_score(first_token_logprobs(adapter, PROMPTS), TOKENS).mean())
+
+        eps = 1e-3
+        slope = (removed(eps) - removed(-eps)) / (2 * eps)
+        assert estimates[site] == pytest.approx(slope, rel=2e-2, abs=1e-4), site
+    assert any(abs(v) > 1e-3 for v in estimates.values())
+
+
+def test_site_attribution_summed_over_the_writes_is_the_matrix_estimate():
+    from featsteer.directions.attribution import site_attribution
+
+    adapter = _adapter("llama")
+    torch.manual_seed(8)
+    r = torch.nn.functional.normalize(torch.randn(adapter.d_model), dim=0)
+    sites = resolve_sites(adapter, WRITES)
+    per_site = site_attribution(adapter, PROMPTS, r, sites, TOKENS)
+    assert sum(per_site.values()) == pytest.approx(ablation_attribution(adapter, PROMPTS, TOKENS).estimate(r), rel=1e-6, abs=1e-9)
+    with pytest.raises(FeatsteerError, match="d_model"):
+        site_attribution(adapter, PROMPTS, torch.ones(3), sites, TOKENS)
+    with pytest.raises(FeatsteerError, match="at least one prompt"):
+        site_attribution(adapter, [], r, sites, TOKENS)

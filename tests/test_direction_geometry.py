@@ -113,6 +113,10 @@ def test_direction_result_geometry_and_the_directions_command(tmp_path):
                  "--n", "24", "--n-select", "4", "--geometry", "quick", "--out", str(tmp_path / "quick")]) == 0
     assert len(json.loads((tmp_path / "quick" / "geometry.json").read_text())["readers"]["rows"]) == 6
     assert main(["directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
+                 "--n", "24", "--n-select", "4", "--geometry", "estimate", "--out", str(tmp_path / "estimate")]) == 0
+    estimated = json.loads((tmp_path / "estimate" / "geometry.json").read_text())["readers"]["rows"]
+    assert len(estimated) == 6 + 2 * model.n_layers and estimated[-1]["refusal"] is None and estimated[-1]["estimate"] is not None
+    assert main(["directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
                  "--n", "24", "--n-select", "4", "--geometry", "off", "--out", str(tmp_path / "off")]) == 0
     assert (tmp_path / "off" / "selection.json").is_file() and not (tmp_path / "off" / "geometry.md").exists()
 

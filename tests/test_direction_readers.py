@@ -116,6 +116,28 @@ def test_a_direction_is_made_unit_and_a_basis_spans_its_rows():
                                                                                        per_layer=False).row("every reader").kl_harmless, abs=1e-9)
 
 
+def test_estimates_sum_the_readers_and_estimate_only_rows_skip_the_exact_pass():
+    from featsteer.directions.attribution import site_attribution
+
+    model = load_model("tiny:llama")
+    r = _direction(model, 9)
+    full = direction_readers(model, r, HARMFUL[:3], HARMLESS[:3], estimate=True)
+    per_site = site_attribution(model, HARMFUL[:3], r, full.row("every reader").hooks)
+    assert full.row("unembedding").estimate == pytest.approx(per_site["ln_final.hook_normalized"], abs=1e-9)
+    assert full.row("MLP").estimate == pytest.approx(sum(full.row(f"blocks.{layer} MLP").estimate for layer in range(model.n_layers)), abs=1e-9)
+    assert full.row("every residual write").estimate is None and "estimated share" in full.markdown()
+    quick = direction_readers(model, r, HARMFUL[:3], HARMLESS[:3], per_layer="estimate")
+    blocks = [row for row in quick.rows if row.readers.startswith("blocks.")]
+    assert len(blocks) == 2 * model.n_layers and all(row.refusal is None and row.kl_harmless is None for row in blocks)
+    assert [row.estimate for row in blocks] == pytest.approx([full.row(row.readers).estimate for row in blocks], abs=1e-9)
+    assert quick.row("blocks").refusal == pytest.approx(full.row("blocks").refusal, abs=1e-6)
+    saved = quick.to_dict()["rows"]
+    assert saved[-1]["share"] is None and saved[-1]["estimated_share"] is not None
+    assert "| blocks.0 attention | - | - |" in quick.markdown()
+    with pytest.raises(FeatsteerError, match="per_layer must be"):
+        direction_readers(model, r, HARMFUL[:1], HARMLESS[:1], per_layer="sometimes")
+
+
 def test_bad_input_is_one_clear_line():
     model = load_model("tiny:llama")
     with pytest.raises(FeatsteerError, match="d_model=64"):

@@ -46,10 +46,13 @@ class ReaderRow:
     """A label: `every residual write`, `every reader`, `attention`, `MLP`, `blocks`, `unembedding`, or
     `blocks.L attention` / `blocks.L MLP`."""
     hooks: tuple[str, ...]
-    refusal: float
-    """Mean first-token refusal log-odds on the harmful prompts."""
-    kl_harmless: float
-    """Mean first-token KL(unedited || condition) on the harmless prompts."""
+    refusal: float | None
+    """Mean first-token refusal log-odds on the harmful prompts (None for a row that was only estimated)."""
+    kl_harmless: float | None
+    """Mean first-token KL(unedited || condition) on the harmless prompts (None for a row that was only estimated)."""
+    estimate: float | None = None
+    """First-order estimate of the change in refusal log-odds (`directions.attribution.site_attribution`, summed over the
+    row's hooks; None for the every-write row or without `estimate`)."""
 
 
 @dataclass(frozen=True)
@@ -70,25 +73,39 @@ class DirectionReaders:
         raise FeatsteerError(f"no reader row '{readers}': have {', '.join(r.readers for r in self.rows)}")
 
     def share(self, row: ReaderRow) -> float:
-        """`row`'s drop in refusal log-odds as a share of the every-write drop (NaN when that drop is ~0)."""
+        """`row`'s drop in refusal log-odds as a share of the every-write drop (NaN when that drop is ~0 or the row was
+        only estimated)."""
         full = self.unedited - self.row("every residual write").refusal
-        return (self.unedited - row.refusal) / full if abs(full) > 1e-9 else math.nan
+        return (self.unedited - row.refusal) / full if abs(full) > 1e-9 and row.refusal is not None else math.nan
+
+    def estimated_share(self, row: ReaderRow) -> float:
+        """`row`'s first-order estimated drop as a share of the exact every-write drop (NaN without an estimate)."""
+        full = self.unedited - self.row("every residual write").refusal
+        return -row.estimate / full if abs(full) > 1e-9 and row.estimate is not None else math.nan
 
     def to_dict(self) -> dict:
         """JSON-ready form, each row with its `share`."""
         return {"unedited": self.unedited, "n_harmful": self.n_harmful, "n_harmless": self.n_harmless,
-                "rows": [{**asdict(row), "share": self.share(row)} for row in self.rows]}
+                "rows": [{**asdict(row), "share": _finite(self.share(row)), "estimated_share": _finite(self.estimated_share(row))}
+                         for row in self.rows]}
 
     def markdown(self, per_layer: bool = True) -> str:
         """The groups, then (with `per_layer`) each block's two readers."""
+        estimated = any(row.estimate is not None for row in self.rows)
         lines = [f"Refusal log-odds on {self.n_harmful} harmful prompts' first token (unedited {self.unedited:+.2f}) and first-token KL "
                  f"on {self.n_harmless} harmless prompts, with the direction removed from what each group of readers sees "
-                 "(the stream itself untouched), against removing it from every residual write:", "",
-                 "| readers | refusal log-odds | share of the every-write drop | KL harmless |", "|---|---:|---:|---:|"]
+                 "(the stream itself untouched), against removing it from every residual write"
+                 + (" (`estimated share`: the first-order estimate from one gradient pass; `-` where a row was not run exactly)"
+                    if estimated else "") + ":", "",
+                 "| readers | refusal log-odds | share of the every-write drop |" + (" estimated share |" if estimated else "")
+                 + " KL harmless |", "|---|---:|---:|" + ("---:|" if estimated else "") + "---:|"]
         for row in self.rows:
             if per_layer or not row.readers.startswith("blocks."):
-                share = self.share(row)
-                lines.append(f"| {row.readers} | {row.refusal:+.2f} | {'-' if math.isnan(share) else f'{share:.2f}'} | {row.kl_harmless:.4f} |")
+                cells = ["-" if row.refusal is None else f"{row.refusal:+.2f}", _cell(self.share(row))]
+                if estimated:
+                    cells.append(_cell(self.estimated_share(row)))
+                cells.append("-" if row.kl_harmless is None else f"{row.kl_harmless:.4f}")
+                lines.append(f"| {row.readers} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -96,6 +113,14 @@ class DirectionReaders:
         parts = [f"{name} {self.share(self.row(name)):.2f}" for name in ("blocks", "unembedding", "every reader")]
         return (f"read-side ablation, share of the every-write refusal drop ({self.unedited:+.2f} -> "
                 f"{self.row('every residual write').refusal:+.2f}): " + ", ".join(parts))
+
+
+def _cell(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 def reader_groups(model: ModelAdapter, per_layer: bool = True) -> dict[str, list[str] | None]:
@@ -112,11 +137,14 @@ def reader_groups(model: ModelAdapter, per_layer: bool = True) -> dict[str, list
 
 
 def direction_readers(model: ModelAdapter, direction: Tensor, harmful: Sequence[str], harmless: Sequence[str], *,
-                      per_layer: bool = True, batch_size: int = 16) -> DirectionReaders:
+                      per_layer: bool | str = True, estimate: bool = False, batch_size: int = 16) -> DirectionReaders:
     """Remove `direction` from what each group of readers sees and score refusal and KL (module docstring).
 
-    Forward passes only: `2 + 2 * n_layers` conditions with `per_layer` (6 without), each one pass over the harmful
-    and one over the harmless prompts.
+    Forward passes: `2 + 2 * n_layers` conditions with `per_layer` (6 without), each one pass over the harmful and one
+    over the harmless prompts. With `estimate`, one more forward and backward pass over the harmful prompts gives every
+    row a first-order estimate of its change in refusal log-odds (each reader's `-(g . r)(x . r)` summed over positions);
+    `per_layer="estimate"` runs the per-block rows only as that estimate, which keeps the cost at 6 conditions plus one
+    gradient pass however deep the model is.
 
     Args:
         model: the model.
@@ -124,7 +152,8 @@ def direction_readers(model: ModelAdapter, direction: Tensor, harmful: Sequence[
             removed (orthonormalised here), e.g. an SVD subspace or the top SAE decoder rows.
         harmful: harmful prompts (chat-formatted as everywhere else); refusal is read on them.
         harmless: harmless prompts; the KL is read on them.
-        per_layer: also each block's attention and MLP input on its own.
+        per_layer: also each block's attention and MLP input on its own (`"estimate"`: estimated only, implies `estimate`).
+        estimate: add the first-order estimates.
         batch_size: prompts per forward pass.
 
     Raises:
@@ -154,11 +183,24 @@ def direction_readers(model: ModelAdapter, direction: Tensor, harmful: Sequence[
         score = float(refusal_score(first_token_logprobs(model, harmful, batch_size=batch_size), tokens).mean())
         return score, first_token_logprobs(model, harmless, batch_size=batch_size)
 
+    if per_layer not in (True, False, "estimate"):
+        raise FeatsteerError(f"per_layer must be True, False or 'estimate', got {per_layer!r}")
+    estimate = estimate or per_layer == "estimate"
+    groups = reader_groups(model, per_layer=bool(per_layer))
+    estimates = {}
+    if estimate:
+        from featsteer.directions.attribution import site_attribution
+
+        estimates = site_attribution(model, harmful, r, groups["every reader"], tokens, batch_size=batch_size)
     unedited, base = read()
     rows = []
-    for label, hooks in reader_groups(model, per_layer).items():
+    for label, hooks in groups.items():
         where = resolve_sites(model, WRITES) if hooks is None else hooks
+        guess = sum(estimates[h] for h in hooks) if estimate and hooks is not None else None
+        if per_layer == "estimate" and label.startswith("blocks."):
+            rows.append(ReaderRow(label, tuple(where), None, None, guess))
+            continue
         with steer(model, Ablate(r, where=where)):
             score, logprobs = read()
-        rows.append(ReaderRow(label, tuple(where), score, kl_first_token(base, logprobs)))
+        rows.append(ReaderRow(label, tuple(where), score, kl_first_token(base, logprobs), guess))
     return DirectionReaders(tuple(rows), unedited, len(harmful), len(harmless))
