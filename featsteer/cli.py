@@ -522,11 +522,12 @@ ABLATE_AT = {
 
 
 def _ablation_sites(model, where: str) -> str | list[str]:
-    from featsteer.directions.readers import UNEMBEDDING
-    from featsteer.interventions import NORMS, RESIDUAL, WRITES, resolve_sites
+    from featsteer.directions.readers import reader_groups
+    from featsteer.interventions import RESIDUAL, WRITES
 
-    blocks = resolve_sites(model, NORMS)
-    return {"writes": WRITES, "residual": RESIDUAL, "blocks": blocks, "unembedding": [UNEMBEDDING], "readers": blocks + [UNEMBEDDING]}[where]
+    if where in ("writes", "residual"):
+        return WRITES if where == "writes" else RESIDUAL
+    return reader_groups(model, per_layer=False)["every reader" if where == "readers" else where]
 
 
 def _direction_intervention(args: argparse.Namespace, model):

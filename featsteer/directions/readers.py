@@ -75,13 +75,15 @@ class DirectionReaders:
     def share(self, row: ReaderRow) -> float:
         """`row`'s drop in refusal log-odds as a share of the every-write drop (NaN when that drop is ~0 or the row was
         only estimated)."""
-        full = self.unedited - self.row("every residual write").refusal
-        return (self.unedited - row.refusal) / full if abs(full) > 1e-9 and row.refusal is not None else math.nan
+        return self._of_full(None if row.refusal is None else self.unedited - row.refusal)
 
     def estimated_share(self, row: ReaderRow) -> float:
         """`row`'s first-order estimated drop as a share of the exact every-write drop (NaN without an estimate)."""
+        return self._of_full(None if row.estimate is None else -row.estimate)
+
+    def _of_full(self, drop: float | None) -> float:
         full = self.unedited - self.row("every residual write").refusal
-        return -row.estimate / full if abs(full) > 1e-9 and row.estimate is not None else math.nan
+        return drop / full if drop is not None and abs(full) > 1e-9 else math.nan
 
     def to_dict(self) -> dict:
         """JSON-ready form, each row with its `share`."""
