@@ -88,7 +88,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         payload["paired_with"] = {"file": str(args.paired_with), **paired_with_earlier(report, earlier)}
     print(f"model {model.name}: greedy, max {args.max_new_tokens} new tokens, {report.seconds:.1f}s")
     print(report.table())
-    for key in ("kl_harmless", "reference_nll_harmless", "refusal_score_harmful", "refusal_score_harmless", "over_refusal_rate"):
+    for key in ("kl_harmless", "kl_response_harmless", "reference_nll_harmless", "refusal_score_harmful", "refusal_score_harmless",
+                "over_refusal_rate"):
         if payload.get(key) is not None:
             print(f"{key:24} {payload[key]:.4f}")
     for example in report.to_json(2)["examples"]["harmful"][:2]:
@@ -137,6 +138,7 @@ def _logit_metrics(model, report, args: argparse.Namespace) -> dict:
         refusal_score,
     )
     from featsteer.evaluation.behaviour import responses_nll
+    from featsteer.evaluation.response_kl import response_base, response_kl
 
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     harmless = report.harmless.prompts
@@ -152,6 +154,15 @@ def _logit_metrics(model, report, args: argparse.Namespace) -> dict:
         reference_logprobs = first_token_logprobs(reference, list(harmless), batch_size=args.batch_size, system=args.system,
                                                   max_batch_tokens=args.max_batch_tokens)
         metrics["kl_harmless"] = kl_first_token(reference_logprobs, harmless_logprobs)
+        # the same KL along the reference's own greedy responses, teacher-forced into both models
+        config = report.config
+        reference_responses = reference.generate(list(harmless), max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                                                 max_batch_tokens=config.max_batch_tokens, system=config.system)
+        along = response_base(reference, list(harmless), reference_responses, max_tokens=config.max_new_tokens,
+                              batch_size=args.batch_size, system=args.system)
+        response = response_kl(model, along, batch_size=args.batch_size)
+        metrics["kl_response_harmless"] = response.mean
+        metrics["kl_response_by_position"] = response.per_position.tolist()
         metrics["reference_nll_harmless"] = responses_nll(reference, report.harmless, report.config)
         metrics["reference"] = reference.name
     if args.alarming:
@@ -830,7 +841,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--system", help="system prompt")
     ev.add_argument("--column", help="column for csv/json/parquet prompt files")
     ev.add_argument("--json", help="write the full result here")
-    ev.add_argument("--reference", help="model SPEC to measure first-token KL on harmless prompts against")
+    ev.add_argument("--reference", help="model SPEC to measure KL on harmless prompts against: of the first token, and "
+                    "along the reference's own greedy responses (kl_response_harmless)")
     ev.add_argument("--alarming", help="harmless-but-alarming prompts: adds over_refusal_rate")
     ev.add_argument("--paired-with", metavar="EVAL_JSON", help="an earlier eval's --json on the same prompts (e.g. before an edit): "
                     "McNemar's exact test of the refusal verdicts, prompt by prompt")

@@ -45,6 +45,7 @@ from featsteer.evaluation.metrics import (
     refusal_score,
 )
 from featsteer.evaluation.refusal import RefusalDetector
+from featsteer.evaluation.response_kl import ResponseBase, response_base, response_kl
 from featsteer.interventions import Ablate, AddDirection, AffineEdit, AngularSteer, steer
 from featsteer.models import NORM_KINDS, ModelAdapter
 from featsteer.pipeline import (
@@ -832,9 +833,19 @@ class MethodResult:
     """The unedited model's mean negative log-likelihood (nats per token) of this method's responses to the harmless
     prompts: how far they are from what the model would have said, over the whole response rather than its first
     token. The unedited model's own greedy responses set the floor (the `none` row)."""
+    kl_response_harmless: float | None = None
+    """KL(base || method) at every position of the unedited model's own harmless responses, teacher-forced
+    (`evaluation.response_kl`), averaged per prompt then over prompts: catches a method that leaves the first token
+    alone and changes what follows, which `kl_harmless` cannot see."""
+    kl_response_harmless_answered: float | None = None
+    """The same over the harmless prompts the unedited model answers."""
+    kl_response_by_position: list[float] | None = None
+    """The response KL's mean at each position over the prompts whose response reaches it; entry 0 is the
+    first-token KL (a lower bound of it: the base keeps its top tokens and lumps the rest)."""
     per_prompt: dict = field(default_factory=dict)
     """The verdicts and values behind the rates, in the evaluation sets' order: `refused_harmful`, `refused_harmless`,
-    `unanswered_harmful` (refused or looping) and `kl_harmless` (first-token KL per prompt)."""
+    `unanswered_harmful` (refused or looping), `kl_harmless` (first-token KL per prompt) and `kl_response_harmless`
+    (the response KL per prompt)."""
     paired: dict | None = None
     """This method against the comparison's baseline on the same prompts (`Comparison.paired_table`): McNemar's exact
     test of `refused_harmful`, `unanswered_harmful` and `refused_harmless`, and a bootstrap interval of the mean KL
@@ -845,7 +856,8 @@ PAIRED_BASELINES = ("dim_abliteration", "none")
 """The first of these a comparison runs is the baseline every other method is paired against."""
 
 
-def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, tokens, gen: GenerationConfig) -> MethodResult:
+def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, tokens, gen: GenerationConfig,
+             along_base: ResponseBase | None = None) -> MethodResult:
     description = _METHODS[name].description
     detector = RefusalDetector()
     start = time.perf_counter()
@@ -857,6 +869,7 @@ def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, toke
         harmful = evaluate_set(ctx.model, eval_sets["harmful"], "harmful", gen, detector, keep_logprobs=True)
         harmless = evaluate_set(ctx.model, eval_sets["harmless"], "harmless", gen, detector, keep_logprobs=True)
         over = evaluate_set(ctx.model, eval_sets["alarming"], "alarming", gen, detector).rate.rate if eval_sets.get("alarming") else None
+        along = None if along_base is None else response_kl(ctx.model, along_base, batch_size=gen.batch_size)
     base_nll = responses_nll(ctx.model, harmless, gen)  # the method is off again here: the unedited model reads
     harmful_lp, harmless_lp = harmful.first_logprobs, harmless.first_logprobs
     kl, kl_answered = base.kls(harmless_lp)
@@ -871,9 +884,13 @@ def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, toke
         over_refusal=over, seconds=time.perf_counter() - start,
         examples=harmful.examples(2) + harmless.examples(2), details=dict(ctx._notes),
         looping_harmful=harmful.looping_rate.rate, looping_harmless=harmless.looping_rate.rate, base_nll_harmless=base_nll,
+        kl_response_harmless=None if along is None else along.mean,
+        kl_response_harmless_answered=None if along is None or base.refused is None else along.answered(base.refused),
+        kl_response_by_position=None if along is None else along.per_position.tolist(),
         per_prompt={"refused_harmful": list(harmful.refused), "refused_harmless": list(harmless.refused),
                     "unanswered_harmful": list(harmful.unanswered),
-                    "kl_harmless": kl_per_prompt(base.logprobs, harmless_lp).tolist()},
+                    "kl_harmless": kl_per_prompt(base.logprobs, harmless_lp).tolist(),
+                    **({} if along is None else {"kl_response_harmless": along.per_prompt.tolist()})},
     )
 
 
@@ -894,8 +911,10 @@ def _paired(results: list[MethodResult], baseline_name: str | None = None) -> li
         a, b = baseline.per_prompt, r.per_prompt
         paired = {"baseline": baseline.method,
                   **{key: paired_rates(a[key], b[key]).to_dict() for key in ("refused_harmful", "unanswered_harmful", "refused_harmless")}}
-        kls = (a["kl_harmless"], b["kl_harmless"])
-        paired["kl_harmless"] = (paired_mean_difference(*kls).to_dict() if all(math.isfinite(v) for vs in kls for v in vs) else None)
+        for key in ("kl_harmless", "kl_response_harmless"):
+            if key in a and key in b:
+                kls = (a[key], b[key])
+                paired[key] = (paired_mean_difference(*kls).to_dict() if all(math.isfinite(v) for vs in kls for v in vs) else None)
         out.append(dataclasses.replace(r, paired=paired))
     return out
 
@@ -912,14 +931,15 @@ class Comparison:
 
     def table(self) -> str:
         """Markdown table of the headline metrics."""
-        lines = ["| method | refusal harmful | refusal harmless | KL harmless | KL answered | over-refusal | refusal score (harmful) "
-                 "| looping (harmful / harmless) | base NLL (harmless) |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+        lines = ["| method | refusal harmful | refusal harmless | KL harmless | KL answered | KL response (all / answered) | over-refusal "
+                 "| refusal score (harmful) | looping (harmful / harmless) | base NLL (harmless) |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.results:
             over = "-" if r.over_refusal is None else f"{r.over_refusal:.3f}"
             answered = "-" if r.kl_harmless_answered is None else f"{r.kl_harmless_answered:.4f}"
             name = f"{r.method} ({r.details['setting']})" if "setting" in r.details else r.method
-            lines.append(f"| {name} | {r.refusal_harmful:.3f} | {r.refusal_harmless:.3f} | {r.kl_harmless:.4f} | {answered} | {over} "
+            lines.append(f"| {name} | {r.refusal_harmful:.3f} | {r.refusal_harmless:.3f} | {r.kl_harmless:.4f} | {answered} "
+                         f"| {_kl_cell(r.kl_response_harmless)} / {_kl_cell(r.kl_response_harmless_answered)} | {over} "
                          f"| {r.refusal_score_harmful:.2f} | {_cell(r.looping_harmful)} / {_cell(r.looping_harmless)} | {_cell(r.base_nll_harmless)} |")
         return "\n".join(lines)
 
@@ -934,14 +954,14 @@ class Comparison:
         if not paired:
             return None
         baseline = paired[0].paired["baseline"]
-        lines = [f"| method | refused harmful vs {baseline} | unanswered harmful | refused harmless | KL harmless difference [95% CI] |",
-                 "|---|---|---|---|---|"]
+        lines = [f"| method | refused harmful vs {baseline} | unanswered harmful | refused harmless | KL harmless difference [95% CI] "
+                 "| KL response difference [95% CI] |",
+                 "|---|---|---|---|---|---|"]
         for r in paired:
             cells = [_paired_rate_cell(r.paired[key]) for key in ("refused_harmful", "unanswered_harmful", "refused_harmless")]
-            kl = r.paired["kl_harmless"]
-            kl_cell = "-" if kl is None else f"{kl['difference']:+.4f} [{kl['low']:+.4f}, {kl['high']:+.4f}]"
+            kl_cells = [_paired_mean_cell(r.paired.get(key)) for key in ("kl_harmless", "kl_response_harmless")]
             name = f"{r.method} ({r.details['setting']})" if "setting" in r.details else r.method
-            lines.append(f"| {name} | {' | '.join(cells)} | {kl_cell} |")
+            lines.append(f"| {name} | {' | '.join(cells)} | {' | '.join(kl_cells)} |")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -962,6 +982,16 @@ def markdown_table_html(table: str) -> str:
 def _paired_rate_cell(row: dict) -> str:
     """"+0.040 (1 / 5, p 0.22)": rate difference, prompts only the baseline / only the method counts, McNemar p."""
     return f"{row['difference']:+.3f} ({row['only_a']} / {row['only_b']}, p {row['p_value']:.2g})"
+
+
+def _paired_mean_cell(row: dict | None) -> str:
+    """"+0.0123 [+0.0040, +0.0210]": mean paired difference and its bootstrap interval, or "-"."""
+    return "-" if row is None else f"{row['difference']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}]"
+
+
+def _kl_cell(value: float | None) -> str:
+    """A KL cell: four decimals, or "-" when not measured."""
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _cell(value: float | None) -> str:
@@ -1056,8 +1086,11 @@ def compare(
     # the unedited model's harmless first-token distribution (the KL base) and which of those prompts it refuses
     base_harmless = evaluate_set(model, eval_harmless, "harmless", gen, RefusalDetector(), keep_logprobs=True)
     base = KLBase(base_harmless.first_logprobs, base_harmless.refused)
+    # and its next-token distributions along its own harmless responses (the response KL's base)
+    along = response_base(model, list(base_harmless.prompts), list(base_harmless.responses), max_tokens=gen.max_new_tokens,
+                          batch_size=gen.batch_size, system=gen.system)
     eval_sets = {"harmful": eval_harmful, "harmless": eval_harmless, "alarming": alarming}
-    results = _paired([_measure(ctx, name, eval_sets, base, tokens, gen) for name in names], baseline)
+    results = _paired([_measure(ctx, name, eval_sets, base, tokens, gen, along) for name in names], baseline)
     setup = {
         "model": model.name, "n_train_harmful": len(harmful), "n_train_harmless": len(harmless),
         "n_eval_harmful": len(eval_harmful), "n_eval_harmless": len(eval_harmless),
@@ -1069,6 +1102,8 @@ def compare(
         "n_pick": [len(prompts) for prompts in ctx.validation()],
         "chosen": {k: _chosen_setup(model, v) for k, v in ctx._directions.items()},
         "steering": ctx.steering_config.to_dict(),
+        "response_kl": {"max_tokens": along.max_tokens, "top_k": along.top_k, "positions": sum(along.n_positions),
+                        "base_tail_mass": along.tail_mass},
     }
     if sae_map is not None:
         setup["sae"] = _sae_setup(ctx)
@@ -1175,6 +1210,7 @@ def _html(comparison: Comparison, png: bytes) -> str:
         f"<tr><td>{html.escape(r.method)}</td><td>{html.escape(r.description)}{_details_html(r.details)}</td><td>{r.refusal_harmful:.3f} "
         f"<small>[{r.ci_harmful[0]:.2f}, {r.ci_harmful[1]:.2f}]</small></td><td>{r.refusal_harmless:.3f}</td>"
         f"<td>{r.kl_harmless:.4f}</td><td>{'-' if r.kl_harmless_answered is None else f'{r.kl_harmless_answered:.4f}'}</td>"
+        f"<td>{_kl_cell(r.kl_response_harmless)} / {_kl_cell(r.kl_response_harmless_answered)}</td>"
         f"<td>{'-' if r.over_refusal is None else f'{r.over_refusal:.3f}'}</td>"
         f"<td>{r.refusal_score_harmful:.2f}</td><td>{_cell(r.looping_harmful)} / {_cell(r.looping_harmless)}</td>"
         f"<td>{_cell(r.base_nll_harmless)}</td></tr>"
@@ -1192,8 +1228,8 @@ def _html(comparison: Comparison, png: bytes) -> str:
     paired_html = "" if paired is None else (
         "<h2>Paired with the baseline</h2><p>Every method ran on the same prompts as the baseline, so a difference is read "
         "from the prompts whose verdicts differ: each rate cell gives the difference (method minus baseline), the prompts "
-        "only the baseline counts and only the method counts, and McNemar's exact two-sided p; the KL cell is the mean "
-        "per-prompt difference with its 95% paired bootstrap interval.</p>" + markdown_table_html(paired))
+        "only the baseline counts and only the method counts, and McNemar's exact two-sided p; the KL cells are the mean "
+        "per-prompt differences (first token, then along the responses) with their 95% paired bootstrap intervals.</p>" + markdown_table_html(paired))
     directions = "".join(
         f"<li><b>{html.escape(method)}</b>: {html.escape(str(chosen.get('hook')))} position {chosen.get('position')}; "
         f"the unembedding reads it as promoting {html.escape(', '.join(map(repr, chosen['logit_lens']['promoted'][:6])))} and "
@@ -1204,8 +1240,8 @@ def _html(comparison: Comparison, png: bytes) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}th{{background:#f3f3f3}}pre{{background:#f7f7f7;padding:8px;font-size:12px}}</style>
 </head><body><h1>featsteer: method comparison on {html.escape(str(comparison.setup.get('model')))}</h1>
-<p>Same held-out prompts, greedy decoding, same refusal detector for every method. KL is first-token KL(base || method) on harmless prompts; KL answered leaves out the harmless prompts the unedited model refuses (removing refusal rightly changes those). Looping is the share of responses that end in repetition (a broken model refuses nothing but says nothing); base NLL is the unedited model's mean per-token negative log-likelihood of the method's harmless responses (the <code>none</code> row is the floor).</p>
-<table><tr><th>method</th><th>what</th><th>refusal (harmful) [95% CI]</th><th>refusal (harmless)</th><th>KL harmless</th><th>KL answered</th><th>over-refusal</th><th>refusal score</th><th>looping (harmful / harmless)</th><th>base NLL (harmless)</th></tr>{rows}</table>
+<p>Same held-out prompts, greedy decoding, same refusal detector for every method. KL is first-token KL(base || method) on harmless prompts; KL answered leaves out the harmless prompts the unedited model refuses (removing refusal rightly changes those). KL response is the same KL at every position of the unedited model's own harmless responses, fed back to both models (all / answered): a method that keeps the first token and changes what follows shows there. Looping is the share of responses that end in repetition (a broken model refuses nothing but says nothing); base NLL is the unedited model's mean per-token negative log-likelihood of the method's harmless responses (the <code>none</code> row is the floor).</p>
+<table><tr><th>method</th><th>what</th><th>refusal (harmful) [95% CI]</th><th>refusal (harmless)</th><th>KL harmless</th><th>KL answered</th><th>KL response (all / answered)</th><th>over-refusal</th><th>refusal score</th><th>looping (harmful / harmless)</th><th>base NLL (harmless)</th></tr>{rows}</table>
 {paired_html}<h2>Directions</h2><ul>{directions}</ul>
 <h2>Refusal vs KL</h2><img alt="pareto plot" src="data:image/png;base64,{image}">
 <h2>Examples</h2>{examples}<h2>Set-up</h2><pre>{setup}</pre></body></html>"""

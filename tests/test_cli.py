@@ -80,6 +80,8 @@ def test_eval_against_a_reference_reads_its_responses(capsys, tmp_path):
     result = json.loads((tmp_path / "e.json").read_text())
     assert code == 0 and result["kl_harmless"] == pytest.approx(0.0, abs=1e-6)  # the same model as its own reference
     assert result["reference_nll_harmless"] > 0 and "reference_nll_harmless" in out
+    assert result["kl_response_harmless"] == pytest.approx(0.0, abs=1e-6) and "kl_response_harmless" in out
+    assert len(result["kl_response_by_position"]) >= 1
 
 
 @pytest.mark.parametrize(

@@ -96,6 +96,15 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     assert all(r.base_nll_harmless is None or r.base_nll_harmless > 0 for r in comparison.results)
     assert by_name["dim_ablation_hook"].base_nll_harmless == pytest.approx(by_name["dim_abliteration"].base_nll_harmless, abs=1e-3)
     assert "looping (harmful / harmless)" in comparison.table() and "base NLL (harmless)" in comparison.table()
+    # the KL along the unedited model's own harmless responses: zero for it, the same for the hook and the weights
+    assert by_name["none"].kl_response_harmless == pytest.approx(0.0, abs=1e-9)
+    assert by_name["dim_abliteration"].kl_response_harmless > 0
+    assert by_name["dim_ablation_hook"].kl_response_harmless == pytest.approx(by_name["dim_abliteration"].kl_response_harmless, abs=1e-4)
+    for r in comparison.results:  # its first position is the first-token KL, less what the base's lumped tail hides
+        assert r.kl_response_by_position[0] <= r.kl_harmless + 1e-5
+        per_prompt = r.per_prompt["kl_response_harmless"]
+        assert sum(per_prompt) / len(per_prompt) == pytest.approx(r.kl_response_harmless, abs=1e-9)
+    assert "KL response (all / answered)" in comparison.table()
     # paired with the DIM abliteration baseline on the same prompts
     dim = by_name["dim_abliteration"]
     assert dim.paired is None and all(r.paired["baseline"] == "dim_abliteration" for r in comparison.results if r is not dim)
@@ -108,6 +117,7 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     same = by_name["dim_ablation_hook"].paired  # the same model: no prompt differs, the KL difference is float noise
     assert same["refused_harmful"]["only_a"] == same["refused_harmful"]["only_b"] == 0 and same["refused_harmful"]["p_value"] == 1.0
     assert abs(same["kl_harmless"]["difference"]) < 1e-4 and same["kl_harmless"]["low"] <= same["kl_harmless"]["high"]
+    assert abs(same["kl_response_harmless"]["difference"]) < 1e-4
     assert "refused harmful vs dim_abliteration" in comparison.paired_table()
     assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
     folder = write_report(comparison, tmp_path / "cmp")
@@ -116,7 +126,8 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     page = (folder / "report.html").read_text()
     assert "data:image/png;base64," in page and "dim_abliteration" in page and "base NLL (harmless)" in page
     assert "<h2>Paired with the baseline</h2>" in page and saved["results"][0]["paired"]["baseline"] == "dim_abliteration"
-    assert {"looping_harmful", "looping_harmless", "base_nll_harmless"} <= set(saved["results"][0])
+    assert {"looping_harmful", "looping_harmless", "base_nll_harmless", "kl_response_harmless", "kl_response_by_position"} <= set(saved["results"][0])
+    assert "KL response" in page
     lens = saved["setup"]["chosen"]["dim"]["logit_lens"]  # the chosen direction as the unembedding reads it
     assert len(lens["promoted"]) == len(lens["suppressed"]) == 10 and "<h2>Directions</h2>" in page and "promoting" in page
     assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"

@@ -27,6 +27,7 @@ from featsteer.evaluation.refusal import (
     refusal_rate,
     wilson_interval,
 )
+from featsteer.evaluation.response_kl import ResponseBase, ResponseKL, response_base, response_kl
 
 __all__ = [
     "CrossEntropyResult",
@@ -44,6 +45,10 @@ __all__ = [
     "refusal_logit_gap",
     "refusal_score",
     "response_cross_entropy",
+    "ResponseBase",
+    "ResponseKL",
+    "response_base",
+    "response_kl",
     "target_token_probability",
     "DEFAULT_REFUSAL_MARKERS",
     "RateEstimate",

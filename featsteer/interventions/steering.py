@@ -176,8 +176,9 @@ class ConditionalSteer(Intervention):
     On the prompt pass, each sequence's mean activation at `condition_hook` is compared with
     `condition` by cosine similarity; only sequences above `threshold` (or below, with `invert`) get
     `behaviour` applied (`scale * direction` added) at `where`, for the prompt and every generated token.
-    The decision is taken on a forward pass that sees more than one token (the prompt) and kept for the
-    single-token generation steps that follow.
+    The decision is taken on the prompt's tokens only: on the prompt pass, and again from the prompt's columns when a
+    decoding pass re-reads the whole sequence (backends without a key-value cache, `ModelAdapter.run_continued`); the
+    single-token steps of a cached generation keep it.
     """
 
     condition: Tensor
@@ -194,8 +195,14 @@ class ConditionalSteer(Intervention):
         condition = self.condition.to(model.device)
 
         def decide(x, site):
+            mask = model.pass_attention_mask
+            if model.generation_step:  # a decoding pass: the decision stays the prompt's
+                if x.shape[1] == 1 and self.active is not None and self.active.shape[0] == x.shape[0]:
+                    return
+                width = model.generation_prompt_length  # re-read or teacher-forced sequence: pool the prompt only
+                x, mask = x[:, :width], None if mask is None else mask[:, :width]
             if x.shape[1] > 1 or self.active is None or self.active.shape[0] != x.shape[0]:
-                self.similarity = cosine_to(_mean_over_tokens(x, model.pass_attention_mask), condition)
+                self.similarity = cosine_to(_mean_over_tokens(x, mask), condition)
                 self.active = self.similarity < self.threshold if self.invert else self.similarity > self.threshold
 
         def gated(fn):

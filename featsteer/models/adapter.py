@@ -251,6 +251,40 @@ class ModelAdapter(ABC):
             remove()
             self.pass_attention_mask = None
 
+    def run_continued(self, batch: TokenBatch, continuations: Sequence[Sequence[int]]) -> Tensor:
+        """Logits of left-padded prompts each followed by given continuation tokens, in one forward pass.
+
+        The prompts keep their left padding up to a common width `P`; each row's continuation follows at column `P`
+        and shorter continuations are padded on the right (masked out). Hooks see the pass as a generation step
+        (`generation_step` 1, `generation_prompt_length` `P`), so interventions that act only on the prompt or only
+        on generated tokens treat the continuation as generated, as they would while decoding it.
+
+        Args:
+            batch: left-padded prompts (from `tokenize`).
+            continuations: per row, the token ids that follow the prompt (may be empty).
+
+        Returns:
+            Logits `(batch, P + longest continuation, vocab)`; column `P - 1 + j` predicts continuation token `j`.
+        """
+        if len(continuations) != batch.input_ids.shape[0]:
+            raise FeatsteerError(f"got {len(continuations)} continuations for {batch.input_ids.shape[0]} prompts: give one per prompt")
+        width = batch.input_ids.shape[1]
+        extra = max((len(c) for c in continuations), default=0)
+        input_ids = torch.cat([batch.input_ids, batch.input_ids.new_zeros((len(continuations), extra))], 1)
+        mask = torch.cat([batch.attention_mask, batch.attention_mask.new_zeros((len(continuations), extra))], 1)
+        for row, tokens in enumerate(continuations):
+            if tokens:
+                input_ids[row, width : width + len(tokens)] = torch.tensor([int(t) for t in tokens], dtype=torch.long)
+                mask[row, width : width + len(tokens)] = 1
+        full = TokenBatch(input_ids, mask)
+        self.generation_step, self.generation_prompt_length, self.pass_attention_mask = 1, width, mask
+        try:
+            with torch.inference_mode():
+                logits, _ = self._forward(full, None, False)
+            return logits
+        finally:
+            self.generation_step = self.pass_attention_mask = None
+
     def logits(
         self, instructions: Sequence[str], *, system: str | None = None, batch_size: int = 16,
         max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS,

@@ -1,0 +1,228 @@
+"""KL along the unedited model's own responses: does an edit change more than the first token?
+
+The first-token KL (`featsteer.evaluation.metrics.kl_first_token`) reads one distribution per prompt, the one the
+model writes its first response token from. An intervention that leaves that token alone and changes what follows
+passes it at almost no cost. Angular steering of the blocks' normalised inputs on the organism is one: its jailbroken
+answers start with the refusal's own first token ("I course. Here is ...") because the unembedding still reads the
+untouched stream, and its first-token KL on harmless prompts is 0.02 where DIM abliteration's is 0.14.
+
+This module measures the same KL at every position of a response instead. The unedited model's greedy response to
+each prompt is fed back (teacher forcing), and KL(base || edited) is taken of the next-token distribution at each of
+its first `max_tokens` positions: position 0 is the first-token KL, position j the distribution of token j given the
+base response's first j tokens. Both models read the same prefix, so the measure asks "how differently would the
+edited model continue what the unedited model said", which stays defined after the two responses part ways.
+
+The base model's distributions are kept as each position's `top_k` log-probs plus the rest of the vocabulary lumped
+into one outcome. KL over that coarser outcome space is a lower bound of the full KL (the data-processing
+inequality) and equals it when the lumped mass is zero; `ResponseKL.tail_mass` reports the base's mean lumped
+mass so the slack is visible (with `top_k` 256 on Qwen2.5's 151,936 tokens it is below 1e-3). `top_k=None`
+keeps every token, which is exact and costs `positions x vocab` floats per prompt.
+
+Usage::
+
+    base = response_base(model, harmless, responses)      # unedited model, its own greedy responses
+    with steer(model, intervention):
+        kl = response_kl(model, base)                     # same prompts and prefixes, under the intervention
+    kl.mean, kl.per_position[0]                           # the latter is the first-token KL
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from featsteer.errors import FeatsteerError
+from featsteer.models import ModelAdapter
+
+DEFAULT_TOP_K = 256
+"""Base-model tokens kept per position; the rest of the vocabulary is one lumped outcome."""
+
+
+@dataclass(frozen=True)
+class ResponseBase:
+    """The unedited model's next-token distributions along its own responses (`response_base`)."""
+
+    prompts: tuple[str, ...]
+    continuations: tuple[tuple[int, ...], ...]
+    """Per prompt, the response tokens fed back: all but the last scored position's target."""
+    top_ids: tuple[Int[Tensor, "position k"], ...]
+    """Per prompt, the base model's kept token ids at each scored position."""
+    top_logprobs: tuple[Float[Tensor, "position k"], ...]
+    """Their log-probabilities (float64)."""
+    tail_logprob: tuple[Float[Tensor, " position"], ...]
+    """Log of the probability mass outside the kept tokens (-inf when nothing is left out)."""
+    system: str | None = None
+    max_tokens: int = 32
+    top_k: int | None = DEFAULT_TOP_K
+
+    @property
+    def n_positions(self) -> list[int]:
+        """Scored positions per prompt: the response's length up to `max_tokens`, at least 1 (the first token)."""
+        return [len(t) for t in self.tail_logprob]
+
+    @property
+    def tail_mass(self) -> float:
+        """The base model's mean probability outside its kept tokens, over every scored position."""
+        return float(torch.cat([t.exp() for t in self.tail_logprob]).mean())
+
+
+@dataclass(frozen=True)
+class ResponseKL:
+    """KL(base || edited) along the base model's responses (`response_kl`)."""
+
+    per_prompt: Float[Tensor, " prompt"]
+    """Each prompt's KL averaged over its scored positions (float64, nats)."""
+    per_position: Float[Tensor, " position"]
+    """Mean KL at each position over the prompts whose response reaches it; entry 0 is the first-token KL."""
+    n_at_position: Int[Tensor, " position"]
+    """How many prompts have each position."""
+    tail_mass: float
+    """The base model's mean probability outside its kept tokens: the most the lower bound can leave out weight on."""
+
+    @property
+    def mean(self) -> float:
+        """Mean over prompts of each prompt's per-position mean (every prompt weighs the same)."""
+        return float(self.per_prompt.mean())
+
+    def answered(self, base_refused: Sequence[bool]) -> float | None:
+        """The mean over the prompts the unedited model answers (see `metrics.kl_answered`); None if it refuses all."""
+        if len(base_refused) != len(self.per_prompt):
+            raise FeatsteerError(f"base_refused has {len(base_refused)} flags for {len(self.per_prompt)} prompts: give one per prompt")
+        keep = ~torch.tensor([bool(r) for r in base_refused], dtype=torch.bool)
+        return float(self.per_prompt[keep].mean()) if keep.any() else None
+
+
+def _scored_logprobs(model: ModelAdapter, prompts: list[str], continuations: list[tuple[int, ...]], system: str | None,
+                     first_prompt: int) -> list[Tensor]:
+    """Per prompt, `(len(continuation) + 1, vocab)` float64 log-probs predicting the first response token and each
+    continuation token's successor (the columns from the prompt's last token on)."""
+    batch = model.tokenize(prompts, system=system)
+    logits = model.run_continued(batch, continuations)
+    width = batch.input_ids.shape[1]
+    out = []
+    for row, tokens in enumerate(continuations):
+        rows = logits[row, width - 1 : width + len(tokens)].double()
+        if bool(torch.isnan(rows).any()):
+            raise FeatsteerError(f"the model gave NaN logits on prompt {first_prompt + row}: check the model's weights "
+                                 "(or the intervention) before measuring KL")
+        out.append(torch.log_softmax(rows, dim=-1).cpu())
+    return out
+
+
+def _prompt_texts(prompts: Sequence[str], what: str) -> list[str]:
+    items = [str(p) for p in prompts]
+    if not items:
+        raise FeatsteerError(f"no {what} given: pass at least one")
+    return items
+
+
+def response_base(
+    model: ModelAdapter,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    max_tokens: int = 32,
+    top_k: int | None = DEFAULT_TOP_K,
+    batch_size: int = 8,
+    system: str | None = None,
+) -> ResponseBase:
+    """Record the unedited model's next-token distributions along its responses, for `response_kl`.
+
+    Each response is tokenized on its own (`add_special_tokens=False`) and cut to `max_tokens`; the scored positions
+    are the end of the prompt and each kept response token but the last, so a response of `n` tokens gives `n`
+    positions (an empty response gives 1: the first token). Pass the model's own greedy responses (`SetResult.responses`
+    of `featsteer eval`), generated with the same chat template and system prompt.
+
+    Args:
+        model: The unedited model (no hooks, weights not edited).
+        prompts: User instructions; chat-formatted with the model's template.
+        responses: One response per prompt, normally the model's own.
+        max_tokens: Positions scored per prompt, at most.
+        top_k: Base tokens kept per position (the rest is lumped); None keeps the whole vocabulary (exact KL).
+        batch_size: Prompts per forward pass.
+        system: Optional system prompt.
+
+    Raises:
+        FeatsteerError: On empty or mismatched inputs, a bad `max_tokens`/`top_k`/`batch_size`, or NaN logits.
+    """
+    prompt_items = _prompt_texts(prompts, "prompts")
+    response_items = [str(r) for r in responses]
+    if len(prompt_items) != len(response_items):
+        raise FeatsteerError(f"got {len(prompt_items)} prompts but {len(response_items)} responses: pass one response per prompt")
+    if max_tokens < 1:
+        raise FeatsteerError(f"max_tokens must be at least 1 (the first response token), got {max_tokens}")
+    if top_k is not None and top_k < 1:
+        raise FeatsteerError(f"top_k must be at least 1 (or None to keep every token), got {top_k}")
+    if batch_size < 1:
+        raise FeatsteerError(f"batch_size must be at least 1, got {batch_size}")
+    continuations = []
+    for response in response_items:
+        tokens = [int(t) for t in model.tokenizer(response, add_special_tokens=False)["input_ids"]] if response else []
+        continuations.append(tuple(tokens[: min(len(tokens), max_tokens) - 1]))  # n tokens: n scored positions
+    ids, logprobs, tails = [], [], []
+    for start in range(0, len(prompt_items), batch_size):
+        stop = start + batch_size
+        for lp in _scored_logprobs(model, prompt_items[start:stop], continuations[start:stop], system, start):
+            k = lp.shape[-1] if top_k is None else min(top_k, lp.shape[-1])
+            top, index = lp.topk(k, dim=-1)
+            rest = lp.scatter(-1, index, float("-inf"))
+            ids.append(index)
+            logprobs.append(top)
+            tails.append(torch.logsumexp(rest, dim=-1))
+    return ResponseBase(tuple(prompt_items), tuple(continuations), tuple(ids), tuple(logprobs), tuple(tails), system, max_tokens, top_k)
+
+
+def response_kl(model: ModelAdapter, base: ResponseBase, *, batch_size: int = 8) -> ResponseKL:
+    """KL(base || edited) of the next-token distribution at each scored position of the base model's responses.
+
+    Reads the model as it currently is: call it inside the intervention's context (hooks) or after a weight edit.
+    Interventions that act only on generated tokens act on the response's tokens here (see
+    `ModelAdapter.run_continued`).
+
+    Args:
+        model: The edited model (the same tokenizer as the base).
+        base: From `response_base` on the unedited model.
+        batch_size: Prompts per forward pass.
+
+    Returns:
+        Per-prompt and per-position KL in nats, and the base's mean lumped mass.
+
+    Raises:
+        FeatsteerError: On a bad `batch_size` or NaN logits.
+    """
+    if batch_size < 1:
+        raise FeatsteerError(f"batch_size must be at least 1, got {batch_size}")
+    prompts, continuations = list(base.prompts), list(base.continuations)
+    per_prompt, rows = [], []
+    for start in range(0, len(prompts), batch_size):
+        stop = start + batch_size
+        edited = _scored_logprobs(model, prompts[start:stop], continuations[start:stop], base.system, start)
+        for i, lq in enumerate(edited, start):
+            if lq.shape[-1] <= int(base.top_ids[i].max()):
+                raise FeatsteerError(f"the edited model's vocabulary ({lq.shape[-1]}) is smaller than the base's: "
+                                     "compare a model with an edit of itself")
+            kl = _lumped_kl(base.top_logprobs[i], base.tail_logprob[i], base.top_ids[i], lq)
+            per_prompt.append(float(kl.mean()))
+            rows.append(kl)
+    longest = max(len(r) for r in rows)
+    sums = torch.zeros(longest, dtype=torch.float64)
+    counts = torch.zeros(longest, dtype=torch.long)
+    for kl in rows:
+        sums[: len(kl)] += kl
+        counts[: len(kl)] += 1
+    return ResponseKL(torch.tensor(per_prompt, dtype=torch.float64), sums / counts, counts, base.tail_mass)
+
+
+def _lumped_kl(top_lp: Tensor, tail_lp: Tensor, top_ids: Tensor, edited_lp: Tensor) -> Tensor:
+    """Per position, KL between the base's kept tokens + lumped rest and the edited model's on the same outcomes."""
+    q_top = edited_lp.gather(-1, top_ids)
+    q_tail = torch.logsumexp(edited_lp.scatter(-1, top_ids, float("-inf")), dim=-1)
+    p_top = top_lp.exp()
+    kept = torch.where(p_top > 0, p_top * (top_lp - q_top), torch.zeros((), dtype=torch.float64)).sum(-1)
+    p_tail = tail_lp.exp()
+    lumped = torch.where(p_tail > 0, p_tail * (tail_lp - q_tail), torch.zeros((), dtype=torch.float64))
+    return (kept + lumped).clamp_min(0.0)
