@@ -151,7 +151,7 @@ def test_bad_input_is_a_one_line_error(llama_adapter) -> None:
     base = response_base(model, PROMPTS, RESPONSES)
     with pytest.raises(FeatsteerError, match="batch_size"):
         response_kl(model, base, batch_size=0)
-    with model.hooks([(HOOK, lambda x, site: x * float("nan"))]), pytest.raises(FeatsteerError, match="NaN logits on prompt 0"):
+    with model.hooks([(HOOK, lambda x, site: x * float("nan"))]), pytest.raises(FeatsteerError, match=r"NaN logits on prompt \d"):
         response_kl(model, base)
     with pytest.raises(FeatsteerError, match="one per prompt"):
         base_result = response_kl(model, base)

@@ -15,8 +15,8 @@ edited model continue what the unedited model said", which stays defined after t
 The base model's distributions are kept as each position's `top_k` log-probs plus the rest of the vocabulary lumped
 into one outcome. KL over that coarser outcome space is a lower bound of the full KL (the data-processing
 inequality) and equals it when the lumped mass is zero; `ResponseKL.tail_mass` reports the base's mean lumped
-mass so the slack is visible (with `top_k` 256 on Qwen2.5's 151,936 tokens it is below 1e-3). `top_k=None`
-keeps every token, which is exact and costs `positions x vocab` floats per prompt.
+mass so the slack is visible. The default keeps 1,024 tokens (`benchmarks/results/response_kl_organism.md` measures
+the gap). `top_k=None` keeps every token, which is exact and costs `positions x vocab` floats per prompt.
 
 Usage::
 
@@ -28,7 +28,7 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +37,9 @@ from torch import Tensor
 
 from featsteer.errors import FeatsteerError
 from featsteer.models import ModelAdapter
+from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
 
-DEFAULT_TOP_K = 256
+DEFAULT_TOP_K = 1024
 """Base-model tokens kept per position; the rest of the vocabulary is one lumped outcome."""
 
 
@@ -97,20 +98,20 @@ class ResponseKL:
 
 
 def _scored_logprobs(model: ModelAdapter, prompts: list[str], continuations: list[tuple[int, ...]], system: str | None,
-                     first_prompt: int) -> list[Tensor]:
-    """Per prompt, `(len(continuation) + 1, vocab)` float64 log-probs predicting the first response token and each
-    continuation token's successor (the columns from the prompt's last token on)."""
-    batch = model.tokenize(prompts, system=system)
-    logits = model.run_continued(batch, continuations)
-    width = batch.input_ids.shape[1]
-    out = []
-    for row, tokens in enumerate(continuations):
-        rows = logits[row, width - 1 : width + len(tokens)].double()
-        if bool(torch.isnan(rows).any()):
-            raise FeatsteerError(f"the model gave NaN logits on prompt {first_prompt + row}: check the model's weights "
-                                 "(or the intervention) before measuring KL")
-        out.append(torch.log_softmax(rows, dim=-1).cpu())
-    return out
+                     batch_size: int) -> Iterator[tuple[int, Tensor]]:
+    """Per prompt, its index and `(len(continuation) + 1, vocab)` float64 log-probs predicting the first response token
+    and each continuation token's successor (the columns from the prompt's last token on). Prompts run in length-sorted
+    batches (`ModelAdapter.plan_batches`), so a long prompt pads only its neighbours."""
+    for indices in model.plan_batches(prompts, batch_size, DEFAULT_BATCH_TOKENS, system):
+        batch = model.tokenize([prompts[i] for i in indices], system=system)
+        logits = model.run_continued(batch, [continuations[i] for i in indices])
+        width = batch.input_ids.shape[1]
+        for row, i in enumerate(indices):
+            rows = logits[row, width - 1 : width + len(continuations[i])].double()
+            if bool(torch.isnan(rows).any()):
+                raise FeatsteerError(f"the model gave NaN logits on prompt {i}: check the model's weights "
+                                     "(or the intervention) before measuring KL")
+            yield i, torch.log_softmax(rows, dim=-1).cpu()
 
 
 def _prompt_texts(prompts: Sequence[str], what: str) -> list[str]:
@@ -163,16 +164,15 @@ def response_base(
     for response in response_items:
         tokens = [int(t) for t in model.tokenizer(response, add_special_tokens=False)["input_ids"]] if response else []
         continuations.append(tuple(tokens[: min(len(tokens), max_tokens) - 1]))  # n tokens: n scored positions
-    ids, logprobs, tails = [], [], []
-    for start in range(0, len(prompt_items), batch_size):
-        stop = start + batch_size
-        for lp in _scored_logprobs(model, prompt_items[start:stop], continuations[start:stop], system, start):
-            k = lp.shape[-1] if top_k is None else min(top_k, lp.shape[-1])
-            top, index = lp.topk(k, dim=-1)
-            rest = lp.scatter(-1, index, float("-inf"))
-            ids.append(index)
-            logprobs.append(top)
-            tails.append(torch.logsumexp(rest, dim=-1))
+    n = len(prompt_items)
+    ids: list[Tensor] = [torch.empty(0)] * n
+    logprobs: list[Tensor] = [torch.empty(0)] * n
+    tails: list[Tensor] = [torch.empty(0)] * n
+    for i, lp in _scored_logprobs(model, prompt_items, continuations, system, batch_size):
+        k = lp.shape[-1] if top_k is None else min(top_k, lp.shape[-1])
+        top, index = lp.topk(k, dim=-1)
+        ids[i], logprobs[i] = index, top
+        tails[i] = torch.logsumexp(lp.scatter(-1, index, float("-inf")), dim=-1)
     return ResponseBase(tuple(prompt_items), tuple(continuations), tuple(ids), tuple(logprobs), tuple(tails), system, max_tokens, top_k)
 
 
@@ -196,18 +196,13 @@ def response_kl(model: ModelAdapter, base: ResponseBase, *, batch_size: int = 8)
     """
     if batch_size < 1:
         raise FeatsteerError(f"batch_size must be at least 1, got {batch_size}")
-    prompts, continuations = list(base.prompts), list(base.continuations)
-    per_prompt, rows = [], []
-    for start in range(0, len(prompts), batch_size):
-        stop = start + batch_size
-        edited = _scored_logprobs(model, prompts[start:stop], continuations[start:stop], base.system, start)
-        for i, lq in enumerate(edited, start):
-            if lq.shape[-1] <= int(base.top_ids[i].max()):
-                raise FeatsteerError(f"the edited model's vocabulary ({lq.shape[-1]}) is smaller than the base's: "
-                                     "compare a model with an edit of itself")
-            kl = _lumped_kl(base.top_logprobs[i], base.tail_logprob[i], base.top_ids[i], lq)
-            per_prompt.append(float(kl.mean()))
-            rows.append(kl)
+    rows: list[Tensor] = [torch.empty(0)] * len(base.prompts)
+    for i, lq in _scored_logprobs(model, list(base.prompts), list(base.continuations), base.system, batch_size):
+        if lq.shape[-1] <= int(base.top_ids[i].max()):
+            raise FeatsteerError(f"the edited model's vocabulary ({lq.shape[-1]}) is smaller than the base's: "
+                                 "compare a model with an edit of itself")
+        rows[i] = _lumped_kl(base.top_logprobs[i], base.tail_logprob[i], base.top_ids[i], lq)
+    per_prompt = [float(kl.mean()) for kl in rows]
     longest = max(len(r) for r in rows)
     sums = torch.zeros(longest, dtype=torch.float64)
     counts = torch.zeros(longest, dtype=torch.long)
