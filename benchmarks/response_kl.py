@@ -54,9 +54,11 @@ def main() -> None:
     parser.add_argument("--methods", help="comma list of compare methods (default: the DIM jailbreaks, LEACE, and the organism's SAE methods)")
     parser.add_argument("--exact-check", action="store_true", help="also measure DIM abliteration's response KL over the whole vocabulary")
     parser.add_argument("--exact-n", type=int, help="evaluation prompts the exact check reads (default: all on the organism, 16 on Qwen)")
+    parser.add_argument("--pick-kl", choices=("first", "response"), default="first",
+                        help="the KL the validation picks weigh settings by (compare --pick-kl); response writes response_kl_<target>_pick_response")
     parser.add_argument("--render-only", action="store_true", help="re-write the markdown and plot from the results JSON")
     args = parser.parse_args()
-    name = f"response_kl_{args.target}"
+    name = f"response_kl_{args.target}" + ("_pick_response" if args.pick_kl == "response" else "")
     if args.render_only:
         out = json.loads((RESULTS / f"{name}.json").read_text())
         (RESULTS / f"{name}.md").write_text(render(out))
@@ -82,7 +84,7 @@ def main() -> None:
         extra.pop("saes")
     run = compare(model, sets["train_harmful"], sets["train_harmless"], methods=methods, eval_harmful=sets["eval_harmful"],
                   eval_harmless=sets["eval_harmless"], direction_config=config, generation=gen, steering_config=SteeringMethodConfig(),
-                  **extra)
+                  pick_kl=args.pick_kl, **extra)
     out = {"target": args.target, "date": time.strftime("%Y-%m-%d"), "model": model.name, "dtype": dtype, "threads": args.threads,
            "seconds_total": round(time.perf_counter() - start, 1), "setup": run.setup, "results": [asdict(r) for r in run.results]}
     if args.exact_check:
@@ -132,9 +134,11 @@ def render(out: dict) -> str:
     response_rank = dict(zip([r["method"] for r in jail], _rank([r["kl_response_harmless"] for r in jail]), strict=True))
     rkl = setup.get("response_kl", {})
     lines = [f"# First-token KL vs KL along the responses: {out['target']} ({out['dtype']}, {out['threads']} threads)", "",
-             f"Measured by `benchmarks/response_kl.py --target {out['target']}` on {out['date']}. {nh} held-out harmful and {nl} held-out "
+             f"Measured by `benchmarks/response_kl.py --target {out['target']}"
+             + (" --pick-kl response" if setup.get("pick_kl") == "response" else "") + f"` on {out['date']}. {nh} held-out harmful and {nl} held-out "
              f"harmless prompts, greedy decoding, {setup['generation']['max_new_tokens']} new tokens. DIM direction: "
-             f"{setup['chosen']['dim']['hook']} position {setup['chosen']['dim']['position']}; every setting picked on validation prompts. "
+             f"{setup['chosen']['dim']['hook']} position {setup['chosen']['dim']['position']}; every setting picked on validation prompts "
+             f"by the {'KL along the answers' if setup.get('pick_kl') == 'response' else 'first-token KL'}. "
              f"KL response: KL(base || method) at each of the first {rkl.get('max_tokens')} positions of the unedited model's greedy "
              f"harmless responses ({rkl.get('positions')} positions in all), teacher-forced into both models, averaged per prompt and then "
              f"over prompts; the base keeps its top {rkl.get('top_k')} tokens per position and lumps the rest (mean lumped mass "

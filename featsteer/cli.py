@@ -708,7 +708,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         val_harmful=val[0] if val else None, val_harmless=val[1] if val else None,
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
         saes=load_sae_source(args.sae, model) if args.sae else None, sae_config=sae_config, steering_config=steering_config,
-        baseline=args.baseline, n_pick=args.n_pick,
+        baseline=args.baseline, n_pick=args.n_pick, pick_kl=args.pick_kl,
     )
     folder = write_report(comparison, args.out)
     print(comparison.table())
@@ -976,6 +976,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--pick-tolerance", type=float, default=0.05, metavar="T",
                       help="a setting picked on the validation prompts may refuse up to T more (jailbreaks) or less (induce) "
                       "than the best one if it is gentler (default 0.05; 0 takes only settings level with the best)")
+    cmp_.add_argument("--pick-kl", choices=("first", "response"), default="first",
+                      help="the KL the jailbreak picks (ACE alpha, angle, SAE k and clamp) weigh settings by: first-token (default) or "
+                      "along the unedited model's own validation answers, which does not favour a setting that keeps the first token")
     cmp_.set_defaults(run=_cmd_compare)
 
     pr = sub.add_parser("probe", help="probe sweep per layer and the predict-control report")

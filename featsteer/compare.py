@@ -301,6 +301,15 @@ class CompareContext:
     n_pick: int | None = None
     """Validation prompts per set the setting picks read (SAE settings, ACE alpha, angle, induce scale); None reads
     `direction_config.n_select`, as many as the direction selection."""
+    pick_kl: str = "first"
+    """The KL the jailbreak picks weigh settings by: `first` (first-token KL on the validation harmless prompts) or
+    `response` (the KL along the unedited model's own validation answers, `evaluation.response_kl`), which does not
+    favour a setting that keeps the first token and changes what follows."""
+    _val_response_base: ResponseBase | None = None
+
+    def __post_init__(self) -> None:
+        if self.pick_kl not in PICK_KLS:
+            raise FeatsteerError(f"pick_kl must be one of {', '.join(PICK_KLS)}, got {self.pick_kl!r}")
 
     def directions(self, method: str, rank: int = 2) -> DirectionResult:
         """Find (once) and select the direction for a direction method on the training prompts."""
@@ -366,10 +375,18 @@ class CompareContext:
         fraction = self.direction_config.val_fraction
         return split(self.harmful, fraction)[1], split(self.harmless, fraction)[1]
 
-    def validation_base(self) -> Tensor:
-        """The unedited model's first-token log-probs on the validation harmless prompts (computed once)."""
+    def validation_base(self) -> Tensor | ResponseBase:
+        """What the picks' KL is measured against on the validation harmless prompts (computed once): the unedited
+        model's first-token log-probs, or with `pick_kl="response"` its distributions along its own answers."""
+        harmless = self.validation()[1]
+        if self.pick_kl == "response":
+            if self._val_response_base is None:
+                answers = self.model.generate(harmless, max_new_tokens=PICK_RESPONSE_TOKENS, batch_size=self.direction_config.batch_size)
+                self._val_response_base = response_base(self.model, harmless, answers, max_tokens=PICK_RESPONSE_TOKENS,
+                                                        batch_size=self.direction_config.batch_size)
+            return self._val_response_base
         if self._val_base is None:
-            self._val_base = first_token_logprobs(self.model, self.validation()[1], batch_size=self.direction_config.batch_size)
+            self._val_base = first_token_logprobs(self.model, harmless, batch_size=self.direction_config.batch_size)
         return self._val_base
 
     def note(self, **details: Any) -> None:
@@ -506,6 +523,10 @@ INDUCE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 """Multiples of the DIM mean difference `dim_actadd_induce` tries on the validation harmless prompts."""
 
 VALIDATION_NEW_TOKENS = 16
+PICK_KLS = ("first", "response")
+"""What the jailbreak picks' KL reads: the first token, or the unedited model's whole validation answers."""
+PICK_RESPONSE_TOKENS = 32
+"""Positions of the unedited model's validation answers the `response` pick KL reads."""
 """Generation cap for the validation checks that pick a jailbreak method's setting (enough for a refusal opening,
 and for the short-unit loops "IIII..." of a broken model)."""
 
@@ -536,9 +557,12 @@ def gentlest_within(rows: Mapping[Any, tuple[float, float]], tolerance: float) -
 
 
 def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], contextlib.AbstractContextManager]],
-                   harmful: Sequence[str], harmless: Sequence[str], base: Tensor, gen: GenerationConfig) -> dict[Any, tuple[float, float]]:
-    """`setting -> (share of harmful prompts left unanswered, first-token KL(base || edited) on harmless)`, each
-    setting's intervention entered in turn: the rows `gentlest_within` picks from.
+                   harmful: Sequence[str], harmless: Sequence[str], base: Tensor | ResponseBase,
+                   gen: GenerationConfig) -> dict[Any, tuple[float, float]]:
+    """`setting -> (share of harmful prompts left unanswered, KL(base || edited) on harmless)`, each setting's
+    intervention entered in turn: the rows `gentlest_within` picks from. The KL is the first token's, or with a
+    `ResponseBase` the KL along the unedited model's answers (`evaluation.response_kl`; its prompts are the harmless
+    ones then).
 
     Unanswered means refused or lost in a loop (`SetResult.unanswered_rate`): a setting that breaks the model into
     "IIIII..." refuses nothing, and must not win a pick for that.
@@ -548,15 +572,18 @@ def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], cont
         settings: `setting -> zero-argument context-manager factory` applying it, in the order to try.
         harmful: validation harmful prompts.
         harmless: validation harmless prompts.
-        base: the unedited model's first-token log-probs on `harmless`.
+        base: the unedited model's first-token log-probs on `harmless`, or its `response_base` on them.
         gen: decoding for the refusal check (its `batch_size` and `max_batch_tokens` also batch the KL prefill).
     """
     detector, rows = RefusalDetector(), {}
     for setting, make in settings.items():
         with make():
             unanswered = evaluate_set(model, harmful, "validation", gen, detector).unanswered_rate.rate
-            edited = first_token_logprobs(model, harmless, batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens)
-        rows[setting] = (unanswered, kl_first_token(base, edited))
+            if isinstance(base, ResponseBase):
+                kl = response_kl(model, base, batch_size=gen.batch_size).mean
+            else:
+                kl = kl_first_token(base, first_token_logprobs(model, harmless, batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens))
+        rows[setting] = (unanswered, kl)
     return rows
 
 
@@ -632,12 +659,17 @@ def _validation_rows(ctx: CompareContext, settings: Mapping[Any, Callable[[], co
     return jailbreak_rows(ctx.model, settings, val_harmful, val_harmless, ctx.validation_base(), gen)
 
 
+def _pick_kl_key(ctx: CompareContext) -> str:
+    """The name a pick's validation KL is noted under: which KL it is."""
+    return "kl_response_harmless" if ctx.pick_kl == "response" else "kl_harmless"
+
+
 def _pick_gentlest(ctx: CompareContext, label: str, values: Sequence[float], make: Callable[[float], contextlib.AbstractContextManager]) -> float:
     """The value `gentlest_within` picks on the validation prompts (the only one when there is one); noted."""
     if len(values) > 1:
         rows = _validation_rows(ctx, {v: (lambda v=v: make(v)) for v in values})
         chosen = gentlest_within(rows, ctx.steering_config.tolerance)
-        ctx.note(validation={f"{label}={v:g}": {"unanswered_harmful": r, "kl_harmless": kl} for v, (r, kl) in rows.items()})
+        ctx.note(validation={f"{label}={v:g}": {"unanswered_harmful": r, _pick_kl_key(ctx): kl} for v, (r, kl) in rows.items()})
     else:
         chosen = values[0]
     ctx.note(setting=f"{label}={chosen:g}")
@@ -729,7 +761,7 @@ def _pick_jailbreak(ctx: CompareContext, settings: Sequence[tuple[int, float | N
         return settings[0]
     rows = _validation_rows(ctx, {setting: (lambda setting=setting: make(*setting)) for setting in settings})
     chosen = gentlest_within(rows, ctx.sae_config.tolerance)
-    ctx.note(sae_validation={_setting_label(*key): {"unanswered_harmful": r, "kl_harmless": kl} for key, (r, kl) in rows.items()})
+    ctx.note(sae_validation={_setting_label(*key): {"unanswered_harmful": r, _pick_kl_key(ctx): kl} for key, (r, kl) in rows.items()})
     return chosen
 
 
@@ -1018,6 +1050,7 @@ def compare(
     reuse: Comparison | None = None,
     baseline: str | None = None,
     n_pick: int | None = None,
+    pick_kl: str = "first",
 ) -> Comparison:
     """Run `methods` on the same held-out prompts.
 
@@ -1052,6 +1085,8 @@ def compare(
         n_pick: validation prompts per set that the setting picks read (default `direction_config.n_select`); more
             than the selection's when a pick's figures on 16 prompts are too coarse (a looping rate of 1 in 5
             shows in 16 prompts only by luck).
+        pick_kl: the KL the jailbreak picks weigh settings by: `first` (first-token KL) or `response` (the KL along the
+            unedited model's own 32-token validation answers, `evaluation.response_kl`).
 
     Raises:
         FeatsteerError: for an unknown method, an SAE method without `saes`, SAEs that do not fit, or a `reuse` of
@@ -1079,7 +1114,7 @@ def compare(
     gen = generation or GenerationConfig()
     ctx = CompareContext(model, harmful, harmless, direction_config or DirectionConfig(), saes=sae_map, sae_config=sae_config or SaeMethodConfig(),
                          steering_config=steering_config or SteeringMethodConfig(),
-                         val=None if val_harmful is None else (val_harmful, val_harmless), n_pick=n_pick)
+                         val=None if val_harmful is None else (val_harmful, val_harmless), n_pick=n_pick, pick_kl=pick_kl)
     if reuse is not None:
         _take_over(ctx, reuse)
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
@@ -1100,6 +1135,7 @@ def compare(
         "eval_harmful_sha256": eval_harmful.sha256, "eval_harmless_sha256": eval_harmless.sha256,
         "generation": asdict(gen), "directions": asdict(ctx.direction_config),
         "n_pick": [len(prompts) for prompts in ctx.validation()],
+        "pick_kl": ctx.pick_kl,
         "chosen": {k: _chosen_setup(model, v) for k, v in ctx._directions.items()},
         "steering": ctx.steering_config.to_dict(),
         "response_kl": {"max_tokens": along.max_tokens, "top_k": along.top_k, "positions": sum(along.n_positions),
@@ -1136,7 +1172,7 @@ def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
         raise FeatsteerError("reuse= needs a comparison of the same training and validation prompts and direction config")
     ctx._directions, ctx._erasers = dict(old._directions), old._erasers
     if old.validation() == ctx.validation():  # the picks read the same prompts (n_pick may differ)
-        ctx._val_base = old._val_base
+        ctx._val_base, ctx._val_response_base = old._val_base, old._val_response_base
 
 
 def _sae_setup(ctx: CompareContext, n_top: int = 10) -> dict[str, Any]:

@@ -446,11 +446,11 @@ def test_compare_fixes_the_angle_and_alpha_from_the_command_line(capsys, tmp_pat
     assert code == 2 and "baseline 'dim_abliteration' is not among the methods run" in err and len(err.strip().splitlines()) == 1
     code, out, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",
                           "--n", "16", "--n-select", "3", "--methods", "dim_angular_norms_hook", "--pick-tolerance", "0",
-                          "--max-new-tokens", "2", "--out", str(tmp_path / "strict"))
+                          "--pick-kl", "response", "--max-new-tokens", "2", "--out", str(tmp_path / "strict"))
     assert code == 0, err
     saved = json.loads((tmp_path / "strict" / "results.json").read_text())
-    rows = {k: (v["unanswered_harmful"], v["kl_harmless"]) for k, v in saved["results"][0]["details"]["validation"].items()}
-    assert saved["setup"]["steering"]["tolerance"] == 0.0
+    rows = {k: (v["unanswered_harmful"], v["kl_response_harmless"]) for k, v in saved["results"][0]["details"]["validation"].items()}
+    assert saved["setup"]["steering"]["tolerance"] == 0.0 and saved["setup"]["pick_kl"] == "response"
     assert rows[f"angle={saved['results'][0]['details']['angle']:g}"][0] == min(r for r, _ in rows.values())  # level with the best
     code, _, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",
                         "--pick-tolerance", "1.5", "--out", str(tmp_path / "bad"))

@@ -316,3 +316,35 @@ def test_compare_reuses_an_earlier_comparisons_directions(prompts, monkeypatch):
         compare(model, *prompts, methods=methods, direction_config=DirectionConfig(n_select=4), generation=gen, reuse=first)
     with pytest.raises(FeatsteerError, match="same model"):
         compare(load_model("tiny:llama"), *prompts, methods=methods, direction_config=config, generation=gen, reuse=first)
+
+
+def test_picks_can_weigh_settings_by_the_kl_along_the_answers(prompts):
+    from featsteer.compare import SteeringMethodConfig, jailbreak_rows
+    from featsteer.errors import FeatsteerError
+    from featsteer.evaluation.response_kl import ResponseBase, response_base, response_kl
+    from featsteer.interventions import AddDirection, steer
+
+    model = load_model("tiny:llama")
+    held_out = builtin_prompts("harmful", "test").head(3), builtin_prompts("harmless", "test").head(3)
+    common = {"methods": ["dim_angular_hook"], "eval_harmful": held_out[0], "eval_harmless": held_out[1],
+              "direction_config": DirectionConfig(n_select=4), "generation": GenerationConfig(max_new_tokens=2),
+              "steering_config": SteeringMethodConfig(angles=(60.0, 180.0))}
+    first = compare(model, *prompts, **common)
+    along = compare(model, *prompts, pick_kl="response", reuse=first, **common)
+    assert first.setup["pick_kl"] == "first" and along.setup["pick_kl"] == "response"
+    rows_first, rows_along = (c.results[0].details["validation"] for c in (first, along))
+    assert set(rows_first) == set(rows_along) == {"angle=60", "angle=180"}
+    assert all(set(row) == {"unanswered_harmful", "kl_harmless"} for row in rows_first.values())
+    assert all(set(row) == {"unanswered_harmful", "kl_response_harmless"} for row in rows_along.values())
+    base = along.context.validation_base()
+    assert isinstance(base, ResponseBase) and base.max_tokens == 32
+    # the rows' KL is response_kl under each setting, on the validation harmless prompts
+    harmful, harmless = (list(p)[:2] for p in prompts)
+    own = response_base(model, harmless, model.generate(harmless, max_new_tokens=8))
+    shift = AddDirection(torch.ones(model.d_model), scale=1.0, where="blocks.1.hook_resid_pre")
+    rows = jailbreak_rows(model, {"shift": lambda: steer(model, shift)}, harmful, harmless, own, GenerationConfig(max_new_tokens=2))
+    with steer(model, shift):
+        expected = response_kl(model, own).mean
+    assert rows["shift"][1] == pytest.approx(expected, rel=1e-9) and expected > 0
+    with pytest.raises(FeatsteerError, match="pick_kl must be one of first, response"):
+        compare(model, *prompts, methods=["none"], pick_kl="last")
