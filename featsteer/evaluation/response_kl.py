@@ -36,6 +36,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
+from featsteer.evaluation.metrics import _prompt_list
 from featsteer.models import ModelAdapter
 from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
 
@@ -114,13 +115,6 @@ def _scored_logprobs(model: ModelAdapter, prompts: list[str], continuations: lis
             yield i, torch.log_softmax(rows, dim=-1).cpu()
 
 
-def _prompt_texts(prompts: Sequence[str], what: str) -> list[str]:
-    items = [str(p) for p in prompts]
-    if not items:
-        raise FeatsteerError(f"no {what} given: pass at least one")
-    return items
-
-
 def response_base(
     model: ModelAdapter,
     prompts: Sequence[str],
@@ -150,8 +144,8 @@ def response_base(
     Raises:
         FeatsteerError: On empty or mismatched inputs, a bad `max_tokens`/`top_k`/`batch_size`, or NaN logits.
     """
-    prompt_items = _prompt_texts(prompts, "prompts")
-    response_items = [str(r) for r in responses]
+    prompt_items = _prompt_list(prompts)
+    response_items = [str(r) for r in _prompt_list(responses, "responses")]
     if len(prompt_items) != len(response_items):
         raise FeatsteerError(f"got {len(prompt_items)} prompts but {len(response_items)} responses: pass one response per prompt")
     if max_tokens < 1:
