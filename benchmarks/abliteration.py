@@ -142,8 +142,9 @@ def main() -> None:
     parser.add_argument("--positions", default="post_instruction")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--search", type=int, default=0, help="also run the optuna search with this many trials")
-    parser.add_argument("--search-kl", choices=["all", "answered"], default="all",
-                        help="the search's KL objective over all proxy harmless prompts, or those the base model answers")
+    parser.add_argument("--search-kl", choices=["all", "answered", "response"], default="all",
+                        help="the search's KL objective: first token over all proxy harmless prompts, over those the base model "
+                        "answers, or along the base model's answers (response)")
     parser.add_argument("--induce-scales", default="1,2", help="comma list of activation-addition scales for the induce runs")
     parser.add_argument("--model", help="model spec instead of the target's model (e.g. a retrained organism folder)")
     parser.add_argument("--results-name", help="results file stem under benchmarks/results/ (default abliteration_<target>)")
@@ -268,7 +269,8 @@ def search_record(found, n_trials: int, kl_prompts: str, warm_start) -> dict:
                         "direction_scope": p["params"].get("direction_scope", "global"),
                         "refusal_score": p["refusal_score"], "refusal_rate_proxy": p["refusal_rate_proxy"],
                         "kl": p["kl"], "kl_all": p.get("kl_all", p["kl"]), "verified_refusal": (p.get("verified") or {}).get("refusal_rate"),
-                        "verified_kl": (p.get("verified") or {}).get("kl"), "verified_kl_answered": (p.get("verified") or {}).get("kl_answered")}
+                        "verified_kl": (p.get("verified") or {}).get("kl"), "verified_kl_answered": (p.get("verified") or {}).get("kl_answered"),
+                        "verified_kl_response": (p.get("verified") or {}).get("kl_response")}
                        for p in found.pareto],
             "best_number": found.best["number"] if found.best else None}
 
@@ -277,11 +279,13 @@ def pareto_table(search: dict | None) -> list[str]:
     """Markdown lines for the Pareto front `run_search` records (none when there is no front)."""
     if not search or not search.get("pareto"):
         return []
-    answered = search.get("kl_prompts") == "answered"
-    kl_head = "proxy KL answered | proxy KL all" if answered else "proxy KL"
+    objective = search.get("kl_prompts", "all")
+    answered = objective in ("answered", "response")  # the objective differs from the all-prompt first-token KL
+    kl_head = f"proxy KL {objective} | proxy KL all" if answered else "proxy KL"
     lines = ["", f"Search Pareto front ({search['n_trials']} trials; proxy refusal and KL on the validation prompts, "
-             "verified = generated refusal rate and KL (all / answered) on the verification prompts" + ("; the KL objective averaged over the "
-                                                                                         "harmless prompts the base model answers" if answered else "") + "):", "",
+             "verified = generated refusal rate and KL (all / answered, then along the answers when searched by it) on the verification "
+             "prompts" + {"answered": "; the KL objective averaged over the harmless prompts the base model answers",
+                          "response": "; the KL objective taken along the base model's own answers"}.get(objective, "") + "):", "",
              f"| trial | direction | refusal log-odds | proxy refusal rate | {kl_head} | verified refusal | verified KL |",
              "|---|---|---|---|---|---|---|" + ("---|" if answered else "")]
     for q in search["pareto"]:
@@ -294,6 +298,7 @@ def pareto_table(search: dict | None) -> list[str]:
             verified_kl = "-"
         else:
             verified_kl = f"{q['verified_kl']:.4f}" + ("" if q.get("verified_kl_answered") is None else f" / {q['verified_kl_answered']:.4f}")
+            verified_kl += "" if q.get("verified_kl_response") is None else f"; response {q['verified_kl_response']:.4f}"
         mark = " (chosen)" if q["number"] == search.get("best_number") else ""
         kl = f"{q['kl']:.4f} | {q.get('kl_all', q['kl']):.4f}" if answered else f"{q['kl']:.4f}"
         lines.append(f"| {q['number']}{mark} | {where} | {q['refusal_score']:.2f} | {q['refusal_rate_proxy']:.3f} | {kl} | {verified} | {verified_kl} |")

@@ -900,8 +900,9 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--search-trial", type=int, metavar="N",
                      help="export this trial of the search (e.g. another point of its Pareto front) instead of the automatic choice; "
                      "with --search no larger than the trials already in --search-dir nothing new runs")
-    abl.add_argument("--search-kl", choices=["all", "answered"], default="all",
-                     help="the search's KL objective: over all proxy harmless prompts, or only those the unedited model answers")
+    abl.add_argument("--search-kl", choices=["all", "answered", "response"], default="all",
+                     help="the search's KL objective: first-token KL over all proxy harmless prompts, over only those the unedited "
+                     "model answers, or the KL along the unedited model's own answers to them (response)")
     abl.add_argument("--search-warm-start", metavar="PARETO_JSON",
                      help="an earlier search's pareto.json (or folder): its Pareto points are the new study's first trials")
     abl.add_argument("--eval-n", type=int, default=32, help="held-out prompts per set for the before/after check")

@@ -54,6 +54,7 @@ from featsteer.errors import FeatsteerError
 from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set
 from featsteer.evaluation.metrics import KLBase, RefusalTokens, first_token_logprobs, refusal_score
 from featsteer.evaluation.refusal import RefusalDetector
+from featsteer.evaluation.response_kl import ResponseBase, response_base, response_kl
 from featsteer.models import ModelAdapter
 from featsteer.pipeline import DirectionResult
 
@@ -69,9 +70,12 @@ DIRECTION_SCOPES = ("global", "per_layer")
 """`global`: every writer removes one (interpolated) direction. `per_layer`: the writers of block `l` remove the
 candidate direction of the stream they write into (`resid_pre` of `l + 1`), the embedding the interpolated one."""
 
-KL_PROMPTS = ("all", "answered")
+KL_PROMPTS = ("all", "answered", "response")
 """`all`: the KL objective averages over every proxy harmless prompt; `answered`: over those the unedited model
-answers (first-token refusal score <= 0), so removing its refusal of a harmless prompt is not counted as damage."""
+answers (first-token refusal score <= 0), so removing its refusal of a harmless prompt is not counted as damage;
+`response`: the KL along the unedited model's own greedy answers to the proxy harmless prompts
+(`evaluation.response_kl`, `max_new_tokens` positions), over every prompt, so a refusal turned into an answer costs
+its first tokens, not only its first one."""
 
 REFUSAL_OBJECTIVES = ("score", "rate")
 """`score`: mean refusal log-odds of harmful prompts; `rate`: share of harmful prompts with log-odds > 0."""
@@ -464,6 +468,8 @@ class _Screen:
     base: KLBase
     """The unedited model on the proxy harmless prompts; `refused` by first-token score > 0."""
     tokens: RefusalTokens
+    along: ResponseBase | None = None
+    """With `kl_prompts="response"`: the unedited model's distributions along its answers to the proxy harmless prompts."""
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         params = {name: trial.suggest_float(name, low, high) for name, (low, high) in self.bounds.items()}
@@ -474,10 +480,12 @@ class _Screen:
         with apply_edit(self.model, direction, edit_from_params(params, self.config.mode), by_layer=by_layer):
             harmful = first_token_logprobs(self.model, self.harmful, batch_size=self.config.batch_size)
             harmless = first_token_logprobs(self.model, self.harmless, batch_size=self.config.batch_size)
+            kl_response = None if self.along is None else response_kl(self.model, self.along, batch_size=self.config.batch_size).mean
         scores = refusal_score(harmful, self.tokens)
         kl_all, kl_answered = self.base.kls(harmless)
-        kl = kl_answered if self.config.kl_prompts == "answered" else kl_all
-        proxy = {"refusal_score": float(scores.mean()), "refusal_rate": float((scores > 0).double().mean()), "kl": kl, "kl_all": kl_all}
+        kl = {"answered": kl_answered, "response": kl_response}.get(self.config.kl_prompts, kl_all)
+        proxy = {"refusal_score": float(scores.mean()), "refusal_rate": float((scores > 0).double().mean()), "kl": kl, "kl_all": kl_all,
+                 **({} if kl_response is None else {"kl_response": kl_response})}
         seconds = time.perf_counter() - start
         for key, value in {**proxy, "seconds": seconds}.items():
             trial.set_user_attr(key, value)
@@ -491,7 +499,7 @@ def _trial_record(trial: optuna.trial.FrozenTrial, mode: str, pareto_numbers: se
     attrs = trial.user_attrs
     return {"number": trial.number, "params": {"direction_scope": scopes[0], **trial.params}, "edit": edit_from_params(trial.params, mode).to_dict(),
             "refusal_score": attrs["refusal_score"], "refusal_rate_proxy": attrs["refusal_rate"], "kl": attrs["kl"],
-            "kl_all": attrs.get("kl_all", attrs["kl"]),
+            "kl_all": attrs.get("kl_all", attrs["kl"]), **({"kl_response": attrs["kl_response"]} if "kl_response" in attrs else {}),
             "seconds": attrs["seconds"], "pareto": trial.number in pareto_numbers}
 
 
@@ -588,14 +596,17 @@ def _verify_key(harmful: Sequence[str], harmless: Sequence[str], config: SearchC
     spec = {"harmful": prompt_set_hash(list(harmful)), "harmless": prompt_set_hash(list(harmless)),
             "max_new_tokens": config.max_new_tokens, "markers": list(detector.markers),
             "prefix_only": detector.prefix_only, "prefix_chars": detector.prefix_chars,
-            "version": 3}  # 2: verifications also measure the KL on the verification prompts; 3: and looping
+            "version": 3,  # 2: verifications also measure the KL on the verification prompts; 3: and looping
+            # and the KL along the answers, only where the search reads it (earlier caches stay valid otherwise)
+            **({"kl_prompts": "response"} if config.kl_prompts == "response" else {})}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def _generate(model: ModelAdapter, eval_sets: tuple[Sequence[str], Sequence[str]], config: SearchConfig,
-              detector: RefusalDetector, base: KLBase | None = None) -> dict:
-    """Greedy refusal rates of the model as it currently is on the harmful and harmless evaluation sets, and with
-    `base` the first-token KL on the harmless set (all prompts and the ones the unedited model answers)."""
+              detector: RefusalDetector, base: KLBase | None = None, along: ResponseBase | None = None) -> dict:
+    """Greedy refusal rates of the model as it currently is on the harmful and harmless evaluation sets, with
+    `base` the first-token KL on the harmless set (all prompts and the ones the unedited model answers), and with
+    `along` the KL along the unedited model's answers to it (`kl_response`)."""
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
     start = time.perf_counter()
     harmful = evaluate_set(model, eval_sets[0], "harmful", generation, detector)
@@ -607,6 +618,8 @@ def _generate(model: ModelAdapter, eval_sets: tuple[Sequence[str], Sequence[str]
            "unanswered_rate": harmful.unanswered_rate.rate}
     if base is not None:  # the generation's own prefill gives the edited first-token log-probs
         out |= dict(zip(("kl", "kl_answered"), base.kls(harmless.first_logprobs), strict=True))
+    if along is not None:
+        out["kl_response"] = response_kl(model, along, batch_size=config.batch_size).mean
     return out | {"seconds": time.perf_counter() - start}
 
 
@@ -620,7 +633,7 @@ def _verification_order(pareto: list[dict], config: SearchConfig) -> list[dict]:
 
 
 def _verify(study: optuna.Study, model: ModelAdapter, source: _DirectionSource, pareto: list[dict], eval_sets: tuple, config: SearchConfig,
-            detector: RefusalDetector, base: KLBase) -> None:
+            detector: RefusalDetector, base: KLBase, along: ResponseBase | None = None) -> None:
     """Attach generation results and the KL on the verification prompts to the top Pareto points (cached in the
     study across runs)."""
     key = _verify_key(*eval_sets, config, detector)
@@ -633,7 +646,7 @@ def _verify(study: optuna.Study, model: ModelAdapter, source: _DirectionSource, 
             continue
         direction, by_layer = source.directions(point["params"], model.n_layers)
         with apply_edit(model, direction, edit_config_from_dict(point["edit"]), by_layer=by_layer):
-            point["verified"] = _generate(model, eval_sets, config, detector, base)
+            point["verified"] = _generate(model, eval_sets, config, detector, base, along)
         study.set_user_attr(f"verified:{point['number']}", {"key": key, "result": point["verified"]})
         logger.info("verified trial %d: refusal %.3f, harmless refusal %.3f, KL %.4f (proxy %.4f)", point["number"],
                     point["verified"]["refusal_rate"], point["verified"]["harmless_refusal_rate"], point["verified"]["kl"], point["kl"])
@@ -641,9 +654,10 @@ def _verify(study: optuna.Study, model: ModelAdapter, source: _DirectionSource, 
 
 def verified_kl(point: dict, kl_prompts: str = "all") -> float:
     """A Pareto point's KL for the choice: measured on the verification prompts when it was verified there (more
-    prompts than the proxy's), else its proxy KL; over the answered prompts when `kl_prompts` is `answered`."""
+    prompts than the proxy's), else its proxy KL; over the answered prompts when `kl_prompts` is `answered`, along the
+    unedited model's answers when it is `response`."""
     verified = point.get("verified") or {}
-    value = verified.get("kl_answered" if kl_prompts == "answered" else "kl")
+    value = verified.get({"answered": "kl_answered", "response": "kl_response"}.get(kl_prompts, "kl"))
     return point["kl"] if value is None else value
 
 
@@ -660,9 +674,9 @@ def choose_best(pareto: list[dict], max_kl: float, kl_prompts: str = "all") -> d
 
 
 def _baseline(study: optuna.Study, model: ModelAdapter, screen: _Screen, eval_sets: tuple, config: SearchConfig,
-              detector: RefusalDetector) -> tuple[dict, KLBase]:
-    """Proxy and verified refusal of the unedited model (the generation is cached in the study), and the KL base
-    of the verifications."""
+              detector: RefusalDetector) -> tuple[dict, KLBase, ResponseBase | None]:
+    """Proxy and verified refusal of the unedited model (the generation is cached in the study), the KL base of the
+    verifications, and with `kl_prompts="response"` the response-KL base on the verification harmless prompts."""
     scores = refusal_score(first_token_logprobs(model, screen.harmful, batch_size=config.batch_size), screen.tokens)
     key = _verify_key(*eval_sets, config, detector)
     cached = study.user_attrs.get("verified:baseline")
@@ -670,8 +684,13 @@ def _baseline(study: optuna.Study, model: ModelAdapter, screen: _Screen, eval_se
         cached = {"key": key, "result": _generate(model, eval_sets, config, detector)}
         study.set_user_attr("verified:baseline", cached)
     base = KLBase(first_token_logprobs(model, list(eval_sets[1]), batch_size=config.batch_size), tuple(cached["result"]["harmless_refused"]))
+    along = None
+    if config.kl_prompts == "response":
+        harmless = list(eval_sets[1])
+        answers = model.generate(harmless, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+        along = response_base(model, harmless, answers, max_tokens=config.max_new_tokens, batch_size=config.batch_size)
     return {"refusal_score": float(scores.mean()), "refusal_rate_proxy": float((scores > 0).double().mean()),
-            "verified": cached["result"]}, base
+            "verified": cached["result"]}, base, along
 
 
 def search_abliteration(
@@ -826,7 +845,11 @@ def _search(model: ModelAdapter, source: _DirectionSource, bounds: dict[str, tup
     study = _open_study(out, setup)
     if before_trials is not None:
         before_trials()
-    screen = _Screen(model, source, bounds, config, proxy[0], proxy[1], proxy_base, tokens)
+    along = None
+    if config.kl_prompts == "response":
+        answers = model.generate(proxy[1], max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+        along = response_base(model, proxy[1], answers, max_tokens=config.max_new_tokens, batch_size=config.batch_size)
+    screen = _Screen(model, source, bounds, config, proxy[0], proxy[1], proxy_base, tokens, along)
     start = time.perf_counter()
     _run_trials(study, screen, config, _classic_params(bounds, classic_layer, model.n_layers, source.scopes), warm_start)
     screened = time.perf_counter()
@@ -834,8 +857,8 @@ def _search(model: ModelAdapter, source: _DirectionSource, bounds: dict[str, tup
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     trials = [_trial_record(t, config.mode, pareto_numbers, source.scopes) for t in complete]
     pareto = sorted((dict(t) for t in trials if t["pareto"]), key=lambda p: (p["kl"], p["refusal_score"]))
-    baseline, base = _baseline(study, model, screen, eval_sets, config, detector)
-    _verify(study, model, source, pareto, eval_sets, config, detector, base)
+    baseline, base, verify_along = _baseline(study, model, screen, eval_sets, config, detector)
+    _verify(study, model, source, pareto, eval_sets, config, detector, base, verify_along)
     timings = {"screen_s": screened - start, "verify_s": time.perf_counter() - screened,
                "mean_trial_s": sum(t["seconds"] for t in trials) / max(len(trials), 1)}
     search = SearchResult(trials, pareto, choose_best(pareto, config.max_kl_for_choice, config.kl_prompts), baseline,
@@ -867,7 +890,8 @@ def pareto_png(search: SearchResult) -> bytes:
         ax.scatter([search.best["kl"]], [search.best[objective]], marker="*", s=220, color="tab:orange", zorder=5, label="chosen")
     positive = [t["kl"] for t in search.trials if t["kl"] > 0]
     ax.set_xscale("symlog", linthresh=10 ** math.floor(math.log10(min(positive))) if positive else 1e-6)
-    ax.set_xlabel("KL(base || edited), first token, harmless prompts (nats)")
+    ax.set_xlabel("KL(base || edited) along the unedited answers, harmless prompts (nats)" if search.config.kl_prompts == "response"
+                  else "KL(base || edited), first token, harmless prompts (nats)")
     ax.set_ylabel("refusal log-odds (harmful, mean)" if objective == "refusal_score" else "proxy refusal rate (harmful)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

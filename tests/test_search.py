@@ -29,6 +29,7 @@ from featsteer.search import (
     search_abliteration,
     search_fixed_abliteration,
     trial_directions,
+    verified_kl,
     warm_start_params,
 )
 
@@ -351,6 +352,31 @@ def test_kl_on_answered_prompts_leaves_out_the_ones_the_model_refuses(tmp_path):
     assert max(t["kl_all"] - t["kl"] for t in found.trials) > 0.01, "removing refusal should flip the refused harmless prompts"
     with pytest.raises(FeatsteerError, match="kl_prompts"):
         SearchConfig(kl_prompts="some")
+
+
+def test_kl_along_the_answers_is_the_search_objective_when_asked(tmp_path):
+    """With kl_prompts='response' each trial's KL objective is response_kl under its edit, on the unedited model's own
+    answers to the proxy harmless prompts; verified points carry it too, and the choice reads it."""
+    from featsteer.evaluation.response_kl import response_base, response_kl
+
+    model = load_model("organism")
+    val = builtin_prompts("harmful", "val").head(4), builtin_prompts("harmless", "val").head(4)
+    result = find_refusal_direction(model, builtin_prompts("harmful", "train").head(16), builtin_prompts("harmless", "train").head(16),
+                                    DirectionConfig(n_select=4, batch_size=8), val=val)
+    config = SearchConfig(n_trials=3, kl_prompts="response", **{**FAST, "n_proxy_prompts": 4})
+    found = search_abliteration(model, result, tmp_path, config)
+    assert found.setup["kl_prompts"] == "response"
+    harmless = list(val[1])
+    base = response_base(model, harmless, model.generate(harmless, max_new_tokens=3), max_tokens=3)
+    for trial in found.trials:
+        direction, by_layer = trial_directions(layer_directions(result.candidates, result.selection.chosen.position),
+                                               trial["params"], model.n_layers)
+        with search_module.apply_edit(model, direction, edit_config_from_dict(trial["edit"]), by_layer=by_layer):
+            expected = response_kl(model, base).mean
+        assert trial["kl"] == trial["kl_response"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    verified = [p for p in found.pareto if p.get("verified")]
+    assert verified and all(p["verified"]["kl_response"] >= 0 for p in verified)
+    assert verified_kl(verified[0], "response") == verified[0]["verified"]["kl_response"]
 
 
 @pytest.fixture(scope="module")
