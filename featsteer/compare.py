@@ -1187,21 +1187,29 @@ def _sae_setup(ctx: CompareContext, n_top: int = 10) -> dict[str, Any]:
 
 
 def pareto_png(comparison: Comparison) -> bytes:
-    """Refusal rate on harmful prompts vs KL on harmless prompts, one point per method."""
+    """Refusal rate on harmful prompts vs KL on harmless prompts, one point per method: by the first token, and (when
+    measured) along the unedited model's own answers beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for r in comparison.results:
-        ax.scatter(r.kl_harmless, r.refusal_harmful, s=40)
-        ax.annotate(r.method, (r.kl_harmless, r.refusal_harmful), fontsize=8, xytext=(4, 3), textcoords="offset points")
-    ax.set_xscale("symlog", linthresh=1e-3)
-    ax.set_xlabel("KL(base || method), first token, harmless prompts (nats)")
-    ax.set_ylabel("refusal rate on held-out harmful prompts")
-    ax.set_ylim(-0.05, 1.05)
-    ax.grid(alpha=0.3)
+    panels = [("kl_harmless", "KL(base || method), first token, harmless prompts (nats)")]
+    if any(r.kl_response_harmless is not None for r in comparison.results):
+        panels.append(("kl_response_harmless", "KL(base || method) along the unedited answers (nats)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        for r in comparison.results:
+            kl = getattr(r, key)
+            if kl is None:
+                continue
+            ax.scatter(kl, r.refusal_harmful, s=40)
+            ax.annotate(r.method, (kl, r.refusal_harmful), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_xlabel(label)
+        ax.set_ylabel("refusal rate on held-out harmful prompts")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
