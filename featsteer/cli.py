@@ -76,12 +76,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     harmful = load_prompts(args.harmful, column=args.column, limit=args.n)
     harmless = load_prompts(args.harmless, column=args.column, limit=args.n)
     model = _load_model(args)
+    reference = _load_reference(args, model) if args.reference else None  # a bad --reference fails before any generation
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               max_batch_tokens=args.max_batch_tokens, system=args.system)
     report = evaluate_refusal(model, harmful, harmless, config, keep_logprobs=True)
     earlier = _read_earlier_eval(args.paired_with, {"harmful": harmful, "harmless": harmless}) if args.paired_with else None
     payload = report.to_json()
-    payload.update(_logit_metrics(model, report, args))
+    payload.update(_logit_metrics(model, report, args, reference))
     if earlier is not None:
         from featsteer.evaluation.behaviour import paired_with_earlier
 
@@ -126,18 +127,26 @@ def _read_earlier_eval(path: str, prompts: dict) -> dict:
     return earlier
 
 
-def _logit_metrics(model, report, args: argparse.Namespace) -> dict:
+def _load_reference(args: argparse.Namespace, model):
+    """The --reference model, checked to share `model`'s vocabulary (KL compares distributions over it)."""
+    reference = _load_model(args, args.reference)
+    if reference.tokenizer.get_vocab() != model.tokenizer.get_vocab():
+        raise FeatsteerError("--reference has a different tokenizer: KL needs the same vocabulary")
+    return reference
+
+
+def _logit_metrics(model, report, args: argparse.Namespace, reference=None) -> dict:
     """Refusal scores from first-token logits (kept from the generation's prefill); KL against --reference;
     over-refusal on --alarming."""
     from featsteer.datasets import load_prompts
     from featsteer.evaluation import (
+        RefusalDetector,
         RefusalTokens,
-        first_token_logprobs,
         kl_first_token,
         over_refusal_rate,
         refusal_score,
     )
-    from featsteer.evaluation.behaviour import responses_nll
+    from featsteer.evaluation.behaviour import evaluate_set, responses_nll
     from featsteer.evaluation.response_kl import response_base, response_kl
 
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
@@ -147,18 +156,13 @@ def _logit_metrics(model, report, args: argparse.Namespace) -> dict:
         "refusal_score_harmful": float(refusal_score(report.harmful.first_logprobs, tokens).mean()),
         "refusal_score_harmless": float(refusal_score(harmless_logprobs, tokens).mean()),
     }
-    if args.reference:
-        reference = _load_model(args, args.reference)
-        if reference.tokenizer.get_vocab() != model.tokenizer.get_vocab():
-            raise FeatsteerError("--reference has a different tokenizer: KL needs the same vocabulary")
-        reference_logprobs = first_token_logprobs(reference, list(harmless), batch_size=args.batch_size, system=args.system,
-                                                  max_batch_tokens=args.max_batch_tokens)
-        metrics["kl_harmless"] = kl_first_token(reference_logprobs, harmless_logprobs)
-        # the same KL along the reference's own greedy responses, teacher-forced into both models
+    if reference is not None:
+        # one generation of the reference gives its first-token log-probs (from the prefill) and its own answers, along
+        # which the same KL is taken with both models teacher-forced
         config = report.config
-        reference_responses = reference.generate(list(harmless), max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                                                 max_batch_tokens=config.max_batch_tokens, system=config.system)
-        along = response_base(reference, list(harmless), reference_responses, max_tokens=config.max_new_tokens,
+        own = evaluate_set(reference, harmless, "harmless", config, RefusalDetector(), keep_logprobs=True)
+        metrics["kl_harmless"] = kl_first_token(own.first_logprobs, harmless_logprobs)
+        along = response_base(reference, list(harmless), list(own.responses), max_tokens=config.max_new_tokens,
                               batch_size=args.batch_size, system=args.system)
         response = response_kl(model, along, batch_size=args.batch_size)
         metrics["kl_response_harmless"] = response.mean

@@ -67,6 +67,13 @@ def _configs(vocab: int) -> dict:
 FAMILY_NAMES = tuple(_configs(300).keys())
 
 
+def random_direction(d_model: int, seed: int = 0) -> torch.Tensor:
+    """A seeded random unit vector of width `d_model` (a direction that means nothing to the model)."""
+    generator = torch.Generator().manual_seed(seed)
+    vector = torch.randn(d_model, generator=generator)
+    return vector / vector.norm()
+
+
 def tiny_model(family: str, seed: int = 0):
     """A random-initialised causal LM of `family` with `byte_tokenizer()`; returns `(model, tokenizer)`."""
     from transformers import AutoModelForCausalLM

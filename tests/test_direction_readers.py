@@ -7,25 +7,21 @@ import torch
 
 from featsteer.activations import capture
 from featsteer.datasets import builtin_prompts
-from featsteer.directions import difference_in_means, unit
+from featsteer.directions import difference_in_means
 from featsteer.directions.readers import direction_readers
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
 from featsteer.models import load_model
+from featsteer.testing import random_direction
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 HARMFUL = list(builtin_prompts("harmful", "test"))[:6]
 HARMLESS = list(builtin_prompts("harmless", "test"))[:6]
 
 
-def _direction(model, seed: int = 0) -> torch.Tensor:
-    torch.manual_seed(seed)
-    return unit(torch.randn(model.d_model))
-
-
 def test_rows_name_their_readers_and_the_every_write_row_is_the_unit_of_share():
     model = load_model("tiny:llama")
-    result = direction_readers(model, _direction(model), HARMFUL, HARMLESS)
+    result = direction_readers(model, random_direction(model.d_model), HARMFUL, HARMLESS)
     labels = [row.readers for row in result.rows]
     assert labels[:6] == ["every residual write", "every reader", "blocks", "attention", "MLP", "unembedding"]
     assert labels[6:] == [f"blocks.{layer} {part}" for layer in range(model.n_layers) for part in ("attention", "MLP")]
@@ -36,7 +32,7 @@ def test_rows_name_their_readers_and_the_every_write_row_is_the_unit_of_share():
     assert all(row.kl_harmless >= -1e-9 for row in result.rows)
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     assert result.unedited == pytest.approx(float(refusal_score(first_token_logprobs(model, HARMFUL), tokens).mean()), abs=1e-5)
-    short = direction_readers(model, _direction(model), HARMFUL[:2], HARMLESS[:2], per_layer=False)
+    short = direction_readers(model, random_direction(model.d_model), HARMFUL[:2], HARMLESS[:2], per_layer=False)
     assert len(short.rows) == 6 and "blocks.0" not in short.markdown()
     assert short.to_dict()["rows"][0]["share"] == pytest.approx(1.0)
 
@@ -45,7 +41,7 @@ def test_unembedding_row_is_the_hand_edited_final_norm():
     """Removing r from what the unembedding sees, done by hand on the final norm's output: y = g * n becomes
     g * (n - (n . r) r)."""
     model = load_model("tiny:llama")
-    r = _direction(model, 2)
+    r = random_direction(model.d_model, 2)
     result = direction_readers(model, r, HARMFUL, HARMLESS, per_layer=False)
     norm = model.model.model.norm
 
@@ -75,7 +71,7 @@ def test_blocks_that_write_nothing_make_their_readers_irrelevant():
         for layer in model.model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
-    result = direction_readers(model, _direction(model, 3), HARMFUL, HARMLESS)
+    result = direction_readers(model, random_direction(model.d_model, 3), HARMFUL, HARMLESS)
     for label in ("blocks", "attention", "MLP", "blocks.0 attention", "blocks.1 MLP"):
         assert result.row(label).kl_harmless == pytest.approx(0.0, abs=1e-7)
         assert result.row(label).refusal == pytest.approx(result.unedited, abs=1e-5)
@@ -101,12 +97,12 @@ def test_the_organisms_refusal_is_read_mostly_by_the_unembedding():
 
 def test_a_direction_is_made_unit_and_a_basis_spans_its_rows():
     model = load_model("tiny:llama")
-    r = _direction(model, 5)
+    r = random_direction(model.d_model, 5)
     unit_rows = direction_readers(model, r, HARMFUL[:3], HARMLESS[:3], per_layer=False).rows
     for scaled in (3.0 * r, r[None, :]):  # a longer vector or a one-row basis removes the same thing
         rows = direction_readers(model, scaled, HARMFUL[:3], HARMLESS[:3], per_layer=False).rows
         assert [row.refusal for row in rows] == pytest.approx([row.refusal for row in unit_rows], abs=1e-5)
-    second = _direction(model, 6)
+    second = random_direction(model.d_model, 6)
     basis = torch.stack([r, r + second])  # not orthonormal: the span of r and `second`
     spanned = direction_readers(model, basis, HARMFUL[:3], HARMLESS[:3], per_layer=False)
     orthonormal = torch.linalg.qr(torch.stack([r, second]).double().T).Q.T.float()
@@ -120,7 +116,7 @@ def test_estimates_sum_the_readers_and_estimate_only_rows_skip_the_exact_pass():
     from featsteer.directions.attribution import site_attribution
 
     model = load_model("tiny:llama")
-    r = _direction(model, 9)
+    r = random_direction(model.d_model, 9)
     full = direction_readers(model, r, HARMFUL[:3], HARMLESS[:3], estimate=True)
     per_site = site_attribution(model, HARMFUL[:3], r, full.row("every reader").hooks)
     assert full.row("unembedding").estimate == pytest.approx(per_site["ln_final.hook_normalized"], abs=1e-9)
@@ -145,11 +141,11 @@ def test_bad_input_is_one_clear_line():
     with pytest.raises(FeatsteerError, match="zero direction"):
         direction_readers(model, torch.zeros(model.d_model), HARMFUL, HARMLESS)
     with pytest.raises(FeatsteerError, match="linearly dependent"):
-        direction_readers(model, torch.stack([_direction(model), 2 * _direction(model)]), HARMFUL, HARMLESS)
+        direction_readers(model, torch.stack([random_direction(model.d_model), 2 * random_direction(model.d_model)]), HARMFUL, HARMLESS)
     with pytest.raises(FeatsteerError, match="needs harmful and harmless"):
-        direction_readers(model, _direction(model), [], HARMLESS)
+        direction_readers(model, random_direction(model.d_model), [], HARMLESS)
     with pytest.raises(FeatsteerError, match="no reader row"):
-        direction_readers(model, _direction(model), HARMFUL[:1], HARMLESS[:1], per_layer=False).row("blocks.0 MLP")
+        direction_readers(model, random_direction(model.d_model), HARMFUL[:1], HARMLESS[:1], per_layer=False).row("blocks.0 MLP")
 
 
 def test_the_same_readers_on_both_backends(tmp_path):
@@ -160,7 +156,7 @@ def test_the_same_readers_on_both_backends(tmp_path):
     hf, tokenizer = tiny_model("gpt2")
     rows = []
     for model in (load_model(hf, tokenizer=tokenizer), load_model(hooked_gpt2(hf, saved_tokenizer(tokenizer, tmp_path)))):
-        result = direction_readers(model, _direction(model, 4), HARMFUL[:3], HARMLESS[:3], per_layer=False)
+        result = direction_readers(model, random_direction(model.d_model, 4), HARMFUL[:3], HARMLESS[:3], per_layer=False)
         rows.append([(row.readers, row.refusal, row.kl_harmless) for row in result.rows])
     for (label, refusal, kl), (label_tl, refusal_tl, kl_tl) in zip(*rows, strict=True):
         assert label == label_tl and refusal == pytest.approx(refusal_tl, abs=1e-3) and kl == pytest.approx(kl_tl, abs=1e-4)

@@ -8,25 +8,20 @@ import pytest
 import torch
 
 from featsteer.datasets import builtin_prompts
-from featsteer.directions import unit
 from featsteer.directions.repair import self_repair
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, refusal_score
 from featsteer.models import load_model
+from featsteer.testing import random_direction
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 HARMFUL = list(builtin_prompts("harmful", "test"))[:6]
 HARMLESS = list(builtin_prompts("harmless", "test"))[:6]
 
 
-def _direction(model, seed: int = 0) -> torch.Tensor:
-    torch.manual_seed(seed)
-    return unit(torch.randn(model.d_model))
-
-
 def test_every_write_keeps_the_direction_out_and_the_unedited_score_is_the_models():
     model = load_model("tiny:llama")
-    r = _direction(model)
+    r = random_direction(model.d_model)
     result = self_repair(model, r, HARMFUL, HARMLESS, at="blocks.0.hook_resid_pre")
     assert [row.hook for row in result.rows] == ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre", "blocks.2.hook_resid_post"]
     for row in result.rows:
@@ -47,7 +42,7 @@ def test_layers_that_write_nothing_repair_nothing():
         for layer in model.model.model.layers[1:]:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
-    r = _direction(model, 1)
+    r = random_direction(model.d_model, 1)
     result = self_repair(model, r, HARMFUL, HARMLESS, at="blocks.1.hook_resid_pre")
     assert abs(result.rows[0].removed) > 1e-3
     for row in result.rows:
@@ -58,7 +53,7 @@ def test_layers_that_write_nothing_repair_nothing():
 
 def test_bad_input_is_one_clear_line():
     model = load_model("tiny:llama")
-    r = _direction(model)
+    r = random_direction(model.d_model)
     with pytest.raises(FeatsteerError, match="not on the residual stream"):
         self_repair(model, r, HARMFUL, HARMLESS, at="blocks.0.hook_attn_out")
     with pytest.raises(FeatsteerError, match="after the last layer"):
