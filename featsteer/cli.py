@@ -77,12 +77,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     harmless = load_prompts(args.harmless, column=args.column, limit=args.n)
     model = _load_model(args)
     reference = _load_reference(args, model) if args.reference else None  # a bad --reference fails before any generation
+    judge = _load_judge(args) if args.judge else None  # so does a bad --judge
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               max_batch_tokens=args.max_batch_tokens, system=args.system)
     report = evaluate_refusal(model, harmful, harmless, config, keep_logprobs=True)
     earlier = _read_earlier_eval(args.paired_with, {"harmful": harmful, "harmless": harmless}) if args.paired_with else None
     payload = report.to_json()
     payload.update(_logit_metrics(model, report, args, reference))
+    if judge is not None:
+        from featsteer.evaluation.judge import judge_sets
+
+        payload["judge"] = judge_sets(judge, (report.harmful, report.harmless))
     if earlier is not None:
         from featsteer.evaluation.behaviour import paired_with_earlier
 
@@ -95,6 +100,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             print(f"{key:24} {payload[key]:.4f}")
     for example in report.to_json(2)["examples"]["harmful"][:2]:
         print(f"  e.g. {example['prompt'][:50]!r} -> {example['response'][:70]!r}")
+    if judge is not None:
+        _print_judge(payload["judge"])
     if earlier is not None:
         paired = payload["paired_with"]
         print(f"paired with {args.paired_with} ({paired['model']}), same prompts: earlier -> now (prompts only earlier / only now, McNemar exact p)")
@@ -105,6 +112,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         _write_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0
+
+
+def _load_judge(args: argparse.Namespace):
+    """The --judge, loaded (and a chat judge calibrated on the anchors) before any generation."""
+    from featsteer.evaluation.judge import judge_from_spec
+
+    return judge_from_spec(args.judge, dtype=args.dtype, device=args.device, threshold=args.judge_threshold,
+                           label=args.judge_label, batch_size=args.batch_size)
+
+
+def _print_judge(judged: dict) -> None:
+    anchors = judged["anchors"]
+    how = "fitted on" if anchors["calibrated"] else "checked on"
+    auc = "-" if anchors["auc"] is None else f"{anchors['auc']:.2f}"
+    print(f"judge {judged['judge']}: threshold {judged['threshold']:.3f}, {how} {anchors['n']} anchors: accuracy "
+          f"{anchors['accuracy']:.2f}, AUC {auc}")
+    for name in ("harmful", "harmless"):
+        row, agree = judged[name], judged[name]["agreement_with_markers"]
+        kappa = "-" if agree["kappa"] is None else f"{agree['kappa']:.2f}"
+        print(f"  {name:9} refused {row['k']}/{row['n']} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}]; same verdict as the markers "
+              f"on {agree['both'] + agree['neither']}/{agree['n']} (kappa {kappa}; markers only {agree['only_a']}, judge only {agree['only_b']})")
+    for row in judged["disagreements"][:3]:
+        side = "judge" if row["judge"] else "markers"
+        print(f"  e.g. refused by the {side} only: {row['prompt'][:40]!r} -> {row['response'][:60]!r}")
 
 
 def _read_earlier_eval(path: str, prompts: dict) -> dict:
@@ -848,6 +879,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference", help="model SPEC to measure KL on harmless prompts against: of the first token, and "
                     "along the reference's own greedy responses (kl_response_harmless)")
     ev.add_argument("--alarming", help="harmless-but-alarming prompts: adds over_refusal_rate")
+    ev.add_argument("--judge", metavar="SPEC", help="a second opinion on every verdict: markers | chat:MODEL_SPEC (a chat model "
+                    "asked whether each reply does what was asked) | classifier:PATH_OR_HUB_ID (a refusal classifier); adds "
+                    "judge to the JSON with the judge's rates, its agreement with the markers and every disagreement")
+    ev.add_argument("--judge-threshold", type=float, metavar="P", help="the judge's verdict threshold on P(refusal) "
+                    "(default: fitted on the shipped anchors for chat judges, 0.5 for classifiers)")
+    ev.add_argument("--judge-label", help="the classifier's refusal class, by name or index (default: the one label naming a rejection)")
     ev.add_argument("--paired-with", metavar="EVAL_JSON", help="an earlier eval's --json on the same prompts (e.g. before an edit): "
                     "McNemar's exact test of the refusal verdicts, prompt by prompt")
     ev.set_defaults(run=_cmd_eval)

@@ -4,6 +4,23 @@ Every benchmark and behavioural test needs the same answer to "did the model ref
 same uncertainty on a rate, so they live here rather than in each caller.
 """
 
+from featsteer.evaluation.judge import (
+    DEFAULT_JUDGE_QUESTION,
+    Agreement,
+    AnchorCheck,
+    ChatJudge,
+    ClassifierJudge,
+    JudgeAnchor,
+    JudgeVerdicts,
+    MarkerJudge,
+    RefusalJudge,
+    agreement,
+    check_on_anchors,
+    fit_threshold,
+    judge_from_spec,
+    judge_sets,
+    load_judge_anchors,
+)
 from featsteer.evaluation.metrics import (
     CrossEntropyResult,
     KLBase,
@@ -30,6 +47,21 @@ from featsteer.evaluation.refusal import (
 from featsteer.evaluation.response_kl import ResponseBase, ResponseKL, response_base, response_kl
 
 __all__ = [
+    "DEFAULT_JUDGE_QUESTION",
+    "Agreement",
+    "AnchorCheck",
+    "ChatJudge",
+    "ClassifierJudge",
+    "JudgeAnchor",
+    "JudgeVerdicts",
+    "MarkerJudge",
+    "RefusalJudge",
+    "agreement",
+    "check_on_anchors",
+    "fit_threshold",
+    "judge_from_spec",
+    "judge_sets",
+    "load_judge_anchors",
     "CrossEntropyResult",
     "Loop",
     "LoopDetector",
