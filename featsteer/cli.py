@@ -77,7 +77,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     harmless = load_prompts(args.harmless, column=args.column, limit=args.n)
     model = _load_model(args)
     reference = _load_reference(args, model) if args.reference else None  # a bad --reference fails before any generation
-    judge = _load_judge(args) if args.judge else None  # so does a bad --judge
+    judge = _load_judge(args, model) if args.judge else None  # so does a bad --judge
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               max_batch_tokens=args.max_batch_tokens, system=args.system)
     report = evaluate_refusal(model, harmful, harmless, config, keep_logprobs=True)
@@ -114,10 +114,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_judge(args: argparse.Namespace):
-    """The --judge, loaded (and a chat judge calibrated on the anchors) before any generation."""
-    from featsteer.evaluation.judge import judge_from_spec
+def _load_judge(args: argparse.Namespace, model):
+    """The --judge, loaded (and a chat judge calibrated on the anchors) before any generation. `chat:` plus the
+    command's own --model judges with the model already loaded: the judge reads responses only when no edit or hook
+    is in place."""
+    from featsteer.evaluation.judge import ChatJudge, check_on_anchors, judge_from_spec
 
+    if args.judge == f"chat:{args.model}":
+        judge = ChatJudge(model, threshold=0.5 if args.judge_threshold is None else args.judge_threshold,
+                          batch_size=args.batch_size, name=args.judge)
+        if args.judge_threshold is None:
+            check_on_anchors(judge, calibrate=True)
+        return judge
     return judge_from_spec(args.judge, dtype=args.dtype, device=args.device, threshold=args.judge_threshold,
                            label=args.judge_label, batch_size=args.batch_size)
 
@@ -737,17 +745,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     alarming = load_prompts(args.alarming, limit=args.eval_n) if args.alarming else None
     direction_config = _direction_config(args)
     model = _load_model(args)
+    judge = _load_judge(args, model) if args.judge else None
     comparison = compare(
         model, harmful, harmless, methods=args.methods.split(",") if args.methods else None,
         eval_harmful=evals[0], eval_harmless=evals[1], alarming=alarming, direction_config=direction_config,
         val_harmful=val[0] if val else None, val_harmless=val[1] if val else None,
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
         saes=load_sae_source(args.sae, model) if args.sae else None, sae_config=sae_config, steering_config=steering_config,
-        baseline=args.baseline, n_pick=args.n_pick, pick_kl=args.pick_kl,
+        baseline=args.baseline, n_pick=args.n_pick, pick_kl=args.pick_kl, judge=judge,
     )
     folder = write_report(comparison, args.out)
     print(comparison.table())
     _print_paired(comparison)
+    if "judge" in comparison.setup:
+        judge = comparison.setup["judge"]
+        anchors = "" if judge["anchors"] is None else (f", fitted on {judge['anchors']['n']} anchors (accuracy "
+                                                       f"{judge['anchors']['accuracy']:.2f}, AUC {judge['anchors']['auc']:.2f})")
+        print(f"judge {judge['name']}: threshold {judge['threshold']:.3f}{anchors}; its rates are the last column")
     for result in comparison.results:
         if "sae_hook" in result.details:
             picked = f" (picked {result.details['setting']} on validation)" if "sae_validation" in result.details else ""
@@ -839,6 +853,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def add_judge_args(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--judge", metavar="SPEC", help="a second opinion on every refusal verdict: markers | chat:MODEL_SPEC (a chat "
+                       "model asked whether each reply does what was asked; chat:SAME_AS_--model reuses the loaded model, unedited) | "
+                       f"classifier:PATH_OR_HUB_ID (a refusal classifier); {what}")
+        p.add_argument("--judge-threshold", type=float, metavar="P", help="the judge's verdict threshold on P(refusal) "
+                       "(default: fitted on the 44 shipped anchors for chat judges, 0.5 for classifiers)")
+        p.add_argument("--judge-label", help="the classifier's refusal class, by name or index (default: the one label naming a rejection)")
+
     def add_model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default="organism",
                        help="organism | tiny:FAMILY | a Hugging Face model folder | a .gguf file | a hub id (default: organism)")
@@ -879,12 +901,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference", help="model SPEC to measure KL on harmless prompts against: of the first token, and "
                     "along the reference's own greedy responses (kl_response_harmless)")
     ev.add_argument("--alarming", help="harmless-but-alarming prompts: adds over_refusal_rate")
-    ev.add_argument("--judge", metavar="SPEC", help="a second opinion on every verdict: markers | chat:MODEL_SPEC (a chat model "
-                    "asked whether each reply does what was asked) | classifier:PATH_OR_HUB_ID (a refusal classifier); adds "
-                    "judge to the JSON with the judge's rates, its agreement with the markers and every disagreement")
-    ev.add_argument("--judge-threshold", type=float, metavar="P", help="the judge's verdict threshold on P(refusal) "
-                    "(default: fitted on the shipped anchors for chat judges, 0.5 for classifiers)")
-    ev.add_argument("--judge-label", help="the classifier's refusal class, by name or index (default: the one label naming a rejection)")
+    add_judge_args(ev, "adds judge to the JSON with the judge's rates, its agreement with the markers and every disagreement")
     ev.add_argument("--paired-with", metavar="EVAL_JSON", help="an earlier eval's --json on the same prompts (e.g. before an edit): "
                     "McNemar's exact test of the refusal verdicts, prompt by prompt")
     ev.set_defaults(run=_cmd_eval)
@@ -1021,6 +1038,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--pick-kl", choices=("first", "response"), default="first",
                       help="the KL the jailbreak picks (ACE alpha, angle, SAE k and clamp) weigh settings by: first-token (default) or "
                       "along the unedited model's own validation answers, which does not favour a setting that keeps the first token")
+    add_judge_args(cmp_, "adds each method's judged refusal rates, agreement with the markers and a paired test against the baseline")
     cmp_.set_defaults(run=_cmd_compare)
 
     pr = sub.add_parser("probe", help="probe sweep per layer and the predict-control report")

@@ -35,7 +35,8 @@ from featsteer.activations import capture
 from featsteer.datasets import PromptSet
 from featsteer.edits import EditConfig, apply_edit
 from featsteer.errors import FeatsteerError
-from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set, responses_nll
+from featsteer.evaluation.behaviour import GenerationConfig, SetResult, evaluate_set, responses_nll
+from featsteer.evaluation.judge import RefusalJudge
 from featsteer.evaluation.metrics import (
     KLBase,
     RefusalTokens,
@@ -874,10 +875,14 @@ class MethodResult:
     kl_response_by_position: list[float] | None = None
     """The response KL's mean at each position over the prompts whose response reaches it; entry 0 is the
     first-token KL (a lower bound of it: the base keeps its top tokens and lumps the rest)."""
+    judge: dict | None = None
+    """With `compare(..., judge=)`: the judge's refusal rates and intervals on the same responses (`refusal_harmful`,
+    `refusal_harmless`, `ci_harmful`, `ci_harmless`) and its agreement with the markers per set
+    (`agreement_harmful`, `agreement_harmless`: `evaluation.judge.Agreement.to_dict`)."""
     per_prompt: dict = field(default_factory=dict)
     """The verdicts and values behind the rates, in the evaluation sets' order: `refused_harmful`, `refused_harmless`,
     `unanswered_harmful` (refused or looping), `kl_harmless` (first-token KL per prompt) and `kl_response_harmless`
-    (the response KL per prompt)."""
+    (the response KL per prompt); with a judge also `judge_refused_harmful` and `judge_refused_harmless`."""
     paired: dict | None = None
     """This method against the comparison's baseline on the same prompts (`Comparison.paired_table`): McNemar's exact
     test of `refused_harmful`, `unanswered_harmful` and `refused_harmless`, and a bootstrap interval of the mean KL
@@ -888,8 +893,22 @@ PAIRED_BASELINES = ("dim_abliteration", "none")
 """The first of these a comparison runs is the baseline every other method is paired against."""
 
 
+def _judged(judge: RefusalJudge, harmful: SetResult, harmless: SetResult) -> tuple[dict, dict]:
+    """A judge's second opinion on a method's responses: its summary, and its per-prompt verdicts."""
+    from featsteer.evaluation.judge import agreement
+
+    summary, per_prompt = {}, {}
+    for result in (harmful, harmless):
+        verdicts = judge.judge(result.prompts, result.responses)
+        rate = verdicts.rate
+        summary |= {f"refusal_{result.name}": rate.rate, f"ci_{result.name}": (rate.low, rate.high),
+                    f"agreement_{result.name}": agreement(result.refused, verdicts.refused).to_dict()}
+        per_prompt[f"judge_refused_{result.name}"] = list(verdicts.refused)
+    return summary, per_prompt
+
+
 def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, tokens, gen: GenerationConfig,
-             along_base: ResponseBase | None = None) -> MethodResult:
+             along_base: ResponseBase | None = None, judge: RefusalJudge | None = None) -> MethodResult:
     description = _METHODS[name].description
     detector = RefusalDetector()
     start = time.perf_counter()
@@ -903,6 +922,7 @@ def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, toke
         over = evaluate_set(ctx.model, eval_sets["alarming"], "alarming", gen, detector).rate.rate if eval_sets.get("alarming") else None
         along = None if along_base is None else response_kl(ctx.model, along_base, batch_size=gen.batch_size)
     base_nll = responses_nll(ctx.model, harmless, gen)  # the method is off again here: the unedited model reads
+    judged, judged_per_prompt = _judged(judge, harmful, harmless) if judge is not None else (None, {})  # so a self-judge is unedited
     harmful_lp, harmless_lp = harmful.first_logprobs, harmless.first_logprobs
     kl, kl_answered = base.kls(harmless_lp)
     logger.info("%s: directions %.1fs, evaluation %.1fs", name, start_eval - start, time.perf_counter() - start_eval)
@@ -922,7 +942,8 @@ def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, toke
         per_prompt={"refused_harmful": list(harmful.refused), "refused_harmless": list(harmless.refused),
                     "unanswered_harmful": list(harmful.unanswered),
                     "kl_harmless": kl_per_prompt(base.logprobs, harmless_lp).tolist(),
-                    **({} if along is None else {"kl_response_harmless": along.per_prompt.tolist()})},
+                    **({} if along is None else {"kl_response_harmless": along.per_prompt.tolist()}), **judged_per_prompt},
+        judge=judged,
     )
 
 
@@ -942,7 +963,9 @@ def _paired(results: list[MethodResult], baseline_name: str | None = None) -> li
             continue
         a, b = baseline.per_prompt, r.per_prompt
         paired = {"baseline": baseline.method,
-                  **{key: paired_rates(a[key], b[key]).to_dict() for key in ("refused_harmful", "unanswered_harmful", "refused_harmless")}}
+                  **{key: paired_rates(a[key], b[key]).to_dict() for key in ("refused_harmful", "unanswered_harmful", "refused_harmless",
+                                                                              "judge_refused_harmful", "judge_refused_harmless")
+                     if key in a and key in b}}
         for key in ("kl_harmless", "kl_response_harmless"):
             if key in a and key in b:
                 kls = (a[key], b[key])
@@ -963,16 +986,19 @@ class Comparison:
 
     def table(self) -> str:
         """Markdown table of the headline metrics."""
+        judged = any(r.judge for r in self.results)
         lines = ["| method | refusal harmful | refusal harmless | KL harmless | KL answered | KL response (all / answered) | over-refusal "
-                 "| refusal score (harmful) | looping (harmful / harmless) | base NLL (harmless) |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+                 "| refusal score (harmful) | looping (harmful / harmless) | base NLL (harmless) |"
+                 + (" judge refusal harmful / harmless (same verdict as markers) |" if judged else ""),
+                 "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if judged else "")]
         for r in self.results:
             over = "-" if r.over_refusal is None else f"{r.over_refusal:.3f}"
             answered = "-" if r.kl_harmless_answered is None else f"{r.kl_harmless_answered:.4f}"
             name = f"{r.method} ({r.details['setting']})" if "setting" in r.details else r.method
             lines.append(f"| {name} | {r.refusal_harmful:.3f} | {r.refusal_harmless:.3f} | {r.kl_harmless:.4f} | {answered} "
                          f"| {_kl_cell(r.kl_response_harmless)} / {_kl_cell(r.kl_response_harmless_answered)} | {over} "
-                         f"| {r.refusal_score_harmful:.2f} | {_cell(r.looping_harmful)} / {_cell(r.looping_harmless)} | {_cell(r.base_nll_harmless)} |")
+                         f"| {r.refusal_score_harmful:.2f} | {_cell(r.looping_harmful)} / {_cell(r.looping_harmless)} | {_cell(r.base_nll_harmless)} |"
+                         + (f" {_judge_cell(r.judge)} |" if judged else ""))
         return "\n".join(lines)
 
     def paired_table(self) -> str | None:
@@ -986,14 +1012,16 @@ class Comparison:
         if not paired:
             return None
         baseline = paired[0].paired["baseline"]
+        judged = all("judge_refused_harmful" in r.paired for r in paired)
         lines = [f"| method | refused harmful vs {baseline} | unanswered harmful | refused harmless | KL harmless difference [95% CI] "
-                 "| KL response difference [95% CI] |",
-                 "|---|---|---|---|---|---|"]
+                 "| KL response difference [95% CI] |" + (" judge: refused harmful |" if judged else ""),
+                 "|---|---|---|---|---|---|" + ("---|" if judged else "")]
         for r in paired:
             cells = [_paired_rate_cell(r.paired[key]) for key in ("refused_harmful", "unanswered_harmful", "refused_harmless")]
             kl_cells = [_paired_mean_cell(r.paired.get(key)) for key in ("kl_harmless", "kl_response_harmless")]
+            judge_cell = f" {_paired_rate_cell(r.paired['judge_refused_harmful'])} |" if judged else ""
             name = f"{r.method} ({r.details['setting']})" if "setting" in r.details else r.method
-            lines.append(f"| {name} | {' | '.join(cells)} | {' | '.join(kl_cells)} |")
+            lines.append(f"| {name} | {' | '.join(cells)} | {' | '.join(kl_cells)} |{judge_cell}")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -1009,6 +1037,15 @@ def markdown_table_html(table: str) -> str:
     head = "".join(f"<th>{cell}</th>" for cell in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows[2:])
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _judge_cell(judged: dict | None) -> str:
+    """`judge refusal harmful / harmless (agreement with the markers, harmful / harmless)`."""
+    if not judged:
+        return "-"
+    agree = [judged[f"agreement_{name}"] for name in ("harmful", "harmless")]
+    return (f"{judged['refusal_harmful']:.3f} / {judged['refusal_harmless']:.3f} "
+            f"({agree[0]['both'] + agree[0]['neither']}/{agree[0]['n']}, {agree[1]['both'] + agree[1]['neither']}/{agree[1]['n']})")
 
 
 def _paired_rate_cell(row: dict) -> str:
@@ -1051,6 +1088,7 @@ def compare(
     baseline: str | None = None,
     n_pick: int | None = None,
     pick_kl: str = "first",
+    judge: RefusalJudge | None = None,
 ) -> Comparison:
     """Run `methods` on the same held-out prompts.
 
@@ -1087,6 +1125,10 @@ def compare(
             shows in 16 prompts only by luck).
         pick_kl: the KL the jailbreak picks weigh settings by: `first` (first-token KL) or `response` (the KL along the
             unedited model's own 32-token validation answers, `evaluation.response_kl`).
+        judge: a second opinion on every method's held-out responses (`evaluation.judge`): its rates, its agreement
+            with the markers, and McNemar's test of its verdicts against the baseline's. It reads the responses after
+            the method is undone, so a `ChatJudge` of `model` itself judges with the unedited weights. The picks and
+            the selection still count refusals with the markers.
 
     Raises:
         FeatsteerError: for an unknown method, an SAE method without `saes`, SAEs that do not fit, or a `reuse` of
@@ -1125,7 +1167,7 @@ def compare(
     along = response_base(model, list(base_harmless.prompts), list(base_harmless.responses), max_tokens=gen.max_new_tokens,
                           batch_size=gen.batch_size, system=gen.system)
     eval_sets = {"harmful": eval_harmful, "harmless": eval_harmless, "alarming": alarming}
-    results = _paired([_measure(ctx, name, eval_sets, base, tokens, gen, along) for name in names], baseline)
+    results = _paired([_measure(ctx, name, eval_sets, base, tokens, gen, along, judge) for name in names], baseline)
     setup = {
         "model": model.name, "n_train_harmful": len(harmful), "n_train_harmless": len(harmless),
         "n_eval_harmful": len(eval_harmful), "n_eval_harmless": len(eval_harmless),
@@ -1141,6 +1183,10 @@ def compare(
         "response_kl": {"max_tokens": along.max_tokens, "top_k": along.top_k, "positions": sum(along.n_positions),
                         "base_tail_mass": along.tail_mass},
     }
+    if judge is not None:
+        checked = getattr(judge, "calibration", None)
+        setup["judge"] = {"name": judge.name, "threshold": float(getattr(judge, "threshold", 0.5)),
+                          "anchors": None if checked is None else checked.to_dict()}
     if sae_map is not None:
         setup["sae"] = _sae_setup(ctx)
     return Comparison(results, setup, ctx)

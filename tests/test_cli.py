@@ -84,6 +84,32 @@ def test_eval_against_a_reference_reads_its_responses(capsys, tmp_path):
     assert len(result["kl_response_by_position"]) >= 1
 
 
+def test_eval_with_a_judge(capsys, tmp_path):
+    common = ["eval", "--model", "organism", "--harmful", "builtin:harmful:test", "--harmless", "builtin:harmless:test", "--n", "6",
+              "--max-new-tokens", "12"]
+    code, out, err = _run(capsys, *common, "--judge", "markers", "--json", str(tmp_path / "m.json"))
+    assert code == 0, err
+    result = json.loads((tmp_path / "m.json").read_text())
+    judged = result["judge"]
+    assert judged["judge"] == "markers" and judged["disagreements"] == []
+    assert judged["harmful"]["refused"] == result["per_prompt"]["harmful"]["refused"]
+    assert judged["harmful"]["agreement_with_markers"]["agreement"] == 1.0 and judged["anchors"]["n"] == 44
+    assert "judge markers: threshold 0.500, checked on 44 anchors" in out
+    code, out, err = _run(capsys, *common, "--judge", "chat:tiny:llama", "--json", str(tmp_path / "c.json"))
+    assert code == 0, err
+    judged = json.loads((tmp_path / "c.json").read_text())["judge"]
+    assert judged["anchors"]["calibrated"] is True and judged["threshold"] == judged["anchors"]["threshold"]
+    assert len(judged["harmless"]["scores"]) == 6 and "mean_answer_mass" in judged["harmless"]
+    disagree = [(row["set"], row["index"]) for row in judged["disagreements"]]
+    for name in ("harmful", "harmless"):
+        flags = json.loads((tmp_path / "c.json").read_text())["per_prompt"][name]["refused"]
+        assert [(name, i) for i, (a, b) in enumerate(zip(flags, judged[name]["refused"], strict=True)) if a != b] == \
+            [d for d in disagree if d[0] == name]
+    assert "fitted on 44 anchors" in out
+    code, _, err = _run(capsys, *common, "--judge", "classifier:/no/such/dir")
+    assert code == 2 and "cannot load the classifier judge" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

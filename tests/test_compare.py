@@ -348,3 +348,36 @@ def test_picks_can_weigh_settings_by_the_kl_along_the_answers(prompts):
     assert rows["shift"][1] == pytest.approx(expected, rel=1e-9) and expected > 0
     with pytest.raises(FeatsteerError, match="pick_kl must be one of first, response"):
         compare(model, *prompts, methods=["none"], pick_kl="last")
+
+
+def test_compare_asks_the_judge_about_each_methods_responses_with_the_method_undone(prompts):
+    from featsteer.evaluation.judge import JudgeVerdicts, agreement
+
+    model = load_model("tiny:llama")
+    probe = ["What is two plus two?"]
+    clean = model.logits(probe)
+    seen = []
+
+    class Spy:
+        name, threshold = "spy", 0.5
+
+        def judge(self, prompts, responses):
+            seen.append((list(zip(prompts, responses, strict=True)), model.logits(probe)))
+            flags = tuple(i % 2 == 0 for i in range(len(prompts)))
+            return JudgeVerdicts("spy", tuple(float(f) for f in flags), flags)
+
+    held_out = builtin_prompts("harmful", "test").head(4), builtin_prompts("harmless", "test").head(4)
+    methods = ["none", "dim_abliteration", "dim_ablation_hook"]
+    comparison = compare(model, *prompts, methods=methods, eval_harmful=held_out[0], eval_harmless=held_out[1],
+                         direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=3), judge=Spy())
+    assert len(seen) == 2 * len(methods)
+    assert all(torch.equal(logits, clean) for _, logits in seen), "the judge must read with the method undone"
+    for result, calls in zip(comparison.results, zip(seen[::2], seen[1::2], strict=True), strict=True):
+        pairs = {pair for call, _ in calls for pair in call}
+        assert all((e["prompt"], e["response"]) in pairs for e in result.examples), "the judge read another method's responses"
+        flags = [True, False, True, False]
+        assert result.per_prompt["judge_refused_harmful"] == flags and result.judge["refusal_harmful"] == 0.5
+        assert result.judge["agreement_harmful"] == agreement(result.per_prompt["refused_harmful"], flags).to_dict()
+    assert comparison.results[1].paired is None and comparison.results[2].paired["judge_refused_harmful"]["only_a"] == 0
+    assert "judge refusal harmful" in comparison.table() and "judge: refused harmful" in comparison.paired_table()
+    assert comparison.setup["judge"] == {"name": "spy", "threshold": 0.5, "anchors": None}
