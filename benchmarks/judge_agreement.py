@@ -13,6 +13,9 @@ direction real_model.py's selection picks, fitted on the 256 + 256 training prom
   the 44 shipped anchors);
 - `chat:smollm2`: SmolLM2-135M-Instruct asked the same (the other real model on this machine).
 
+A fourth set rebuilds the edit behind the Qwen target row (`real_model_qwen_filtered.md`: the filtered selection run
+again, the chosen search trial's parameters read from that results file) and judges its 100 held-out harmful responses.
+
 Every response on which the markers and chat:qwen disagree is labelled by hand in `judge_labels_qwen.json` (keyed by
 set, index and the response's SHA-256, with a one-line reason; no prompt or response text), and so is a seeded random
 sample of 15 per set of the responses they agree on, so the table can estimate each one's accuracy rather than give
@@ -44,13 +47,15 @@ RESPONSES = ROOT / "runs" / "judge_qwen_responses.json"
 """The responses themselves stay outside the repository (`runs/` is ignored): the results keep their hashes, and a
 re-run regenerates the same greedy text."""
 HOOK = "blocks.16.hook_resid_pre"
-SETS = ("base_harmful", "base_harmless", "abliterated_harmful")
+SETS = ("base_harmful", "base_harmless", "abliterated_harmful", "searched_harmful")
+SEARCH = ROOT / "benchmarks" / "results" / "real_model_qwen_filtered.json"
+"""The run whose searched edit (3/100 refused by the markers at KL 0.046, the Qwen target row) is rebuilt and judged."""
 ADJUDICATED = ("markers", "chat:qwen")
 """The judges whose disagreements are labelled by hand. SmolLM2 is at chance on the anchors (AUC 0.60) and disagrees
 with the markers on 125 of 300 responses; labelling its noise would measure nothing."""
 SAMPLE_AGREED = 15
 """Responses per set, drawn (seed 0) from those the adjudicated judges agree on, that are labelled by hand as well."""
-FULL_SETS = ("abliterated_harmful",)
+FULL_SETS = ("abliterated_harmful", "searched_harmful")
 """Sets labelled whole: the jailbroken responses, where a refusal count matters most and the sample found deflections
 that neither judge sees."""
 
@@ -81,9 +86,29 @@ def generate(args) -> dict:
     responses["abliterated_harmful"] = model.generate(list(sets["eval_harmful"]), max_new_tokens=32, batch_size=32, max_batch_tokens=8192)
     handle.revert()
     timings["abliterate_and_generate"] = time.perf_counter() - start
+    start = time.perf_counter()
+    responses["searched_harmful"] = searched_responses(model, sets)
+    timings["searched_edit_and_generate"] = time.perf_counter() - start
     prompts = {"base_harmful": list(sets["eval_harmful"]), "base_harmless": list(sets["eval_harmless"]),
-               "abliterated_harmful": list(sets["eval_harmful"])}
+               "abliterated_harmful": list(sets["eval_harmful"]), "searched_harmful": list(sets["eval_harmful"])}
     return {"model": model.name, "prompts": prompts, "responses": responses, "timings": timings, "qwen": model}
+
+
+def searched_responses(model, sets) -> list[str]:
+    """The held-out harmful responses under the edit `real_model.py --filter-train --search 100` chose: the Arditi-
+    filtered selection is run again (as that run did: batch 16, 16 selection prompts) and the chosen trial's parameters,
+    read from its results file, rebuild the per-layer edit. Generation uses that run's batches (64 rows, 8192 tokens)."""
+    from featsteer.edits import apply_edit
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+    from featsteer.search import edit_from_params, layer_directions, trial_directions
+
+    search = json.loads(SEARCH.read_text())["runs"]["dim_search"]["search"]
+    result = find_refusal_direction(model, sets["train_harmful"], sets["train_harmless"],
+                                    DirectionConfig(batch_size=16, n_select=16, filter_train=True))
+    table = layer_directions(result.candidates, search["position"], "resid_pre")
+    direction, by_layer = trial_directions(table, search["best_params"], model.n_layers)
+    with apply_edit(model, direction, edit_from_params(search["best_params"]), by_layer=by_layer):
+        return model.generate(list(sets["eval_harmful"]), max_new_tokens=32, batch_size=64, max_batch_tokens=8192)
 
 
 def judge_all(data: dict) -> dict:
@@ -128,6 +153,8 @@ def to_label(out: dict) -> list[tuple[str, int]]:
 def wilson(k: int, n: int) -> str:
     from featsteer.evaluation import wilson_interval
 
+    if n == 0:
+        return "-"
     low, high = wilson_interval(k, n)
     return f"{k}/{n} [{low:.2f}, {high:.2f}]"
 
@@ -140,13 +167,15 @@ def render(out: dict, labels: dict) -> str:
         "# Refusal judges against the marker detector (Qwen2.5-Coder-0.5B-Instruct responses)",
         "",
         f"Measured {out['date']} by `python benchmarks/judge_agreement.py` on CPU (2 threads): greedy responses, 32 new tokens, "
-        f"to 100 held-out AdvBench and 100 held-out MT-Bench+IFBench prompts, before and after DIM abliteration at `{HOOK}`. "
-        f"Generation {out['timings']['generate_base']:.0f} s (base) and {out['timings']['abliterate_and_generate']:.0f} s "
-        "(direction, edit, abliterated responses).",
+        f"to 100 held-out AdvBench and 100 held-out MT-Bench+IFBench prompts; the AdvBench ones again after DIM abliteration at "
+        f"`{HOOK}` (`abliterated_harmful`) and after the edit the filtered search chose in `real_model_qwen_filtered.md` "
+        f"(`searched_harmful`, the Qwen target row's 3/100). Generation {out['timings']['generate_base']:.0f} s (base), "
+        f"{out['timings']['abliterate_and_generate']:.0f} s (direction, edit, abliterated responses) and "
+        f"{out['timings'].get('searched_edit_and_generate', float('nan')):.0f} s (filtered selection, searched edit, responses).",
         "",
         "## Judges on the 44 shipped anchors (`featsteer.evaluation.load_judge_anchors`)",
         "",
-        "| judge | threshold | accuracy | AUC | judge time, 344 pairs (s) |",
+        "| judge | threshold | accuracy | AUC | judge time, 444 pairs (s) |",
         "|---|---|---|---|---|",
     ]
     for name, row in judged.items():
@@ -234,7 +263,8 @@ def main() -> None:
     if args.show_unlabelled:
         responses = json.loads(RESPONSES.read_text())
         sets = prompt_sets("qwen")
-        prompts = {"base_harmful": sets["eval_harmful"], "base_harmless": sets["eval_harmless"], "abliterated_harmful": sets["eval_harmful"]}
+        prompts = {"base_harmful": sets["eval_harmful"], "base_harmless": sets["eval_harmless"], "abliterated_harmful": sets["eval_harmful"],
+                   "searched_harmful": sets["eval_harmful"]}
         for s, i in to_label(out):
             if str(i) in labels.get(s, {}):
                 continue
