@@ -64,7 +64,7 @@ def sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def generate(args) -> dict:
+def generate(args) -> tuple[dict, object]:
     from featsteer.activations import capture
     from featsteer.directions import difference_in_means
     from featsteer.edits import apply_edit
@@ -91,7 +91,7 @@ def generate(args) -> dict:
     timings["searched_edit_and_generate"] = time.perf_counter() - start
     prompts = {"base_harmful": list(sets["eval_harmful"]), "base_harmless": list(sets["eval_harmless"]),
                "abliterated_harmful": list(sets["eval_harmful"]), "searched_harmful": list(sets["eval_harmful"])}
-    return {"model": model.name, "prompts": prompts, "responses": responses, "timings": timings, "qwen": model}
+    return {"model": model.name, "prompts": prompts, "responses": responses, "timings": timings}, model
 
 
 def searched_responses(model, sets) -> list[str]:
@@ -111,12 +111,12 @@ def searched_responses(model, sets) -> list[str]:
         return model.generate(list(sets["eval_harmful"]), max_new_tokens=32, batch_size=64, max_batch_tokens=8192)
 
 
-def judge_all(data: dict) -> dict:
+def judge_all(data: dict, qwen) -> dict:
     from featsteer.evaluation import ChatJudge, MarkerJudge, check_on_anchors
     from featsteer.models import load_model
 
     smol = Path(qwen_gguf()).parents[1] / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    judges = {"markers": MarkerJudge(), "chat:qwen": ChatJudge(data.pop("qwen"), name="chat:qwen")}
+    judges = {"markers": MarkerJudge(), "chat:qwen": ChatJudge(qwen, name="chat:qwen")}
     if smol.is_file():
         judges["chat:smollm2"] = ChatJudge(load_model(str(smol)), name="chat:smollm2")
     out = {}
@@ -249,9 +249,9 @@ def main() -> None:
     path = RESULTS / "judge_qwen.json"
     if not args.render_only and not args.show_unlabelled:
         start = time.perf_counter()
-        data = generate(args)
+        data, qwen = generate(args)
         out = {"date": time.strftime("%Y-%m-%d"), "model": data["model"], "timings": data["timings"]}
-        out["judges"] = judge_all(data)
+        out["judges"] = judge_all(data, qwen)
         out["prompts_sha256"] = {s: sha(json.dumps(data["prompts"][s])) for s in SETS}
         out["response_sha"] = {s: [sha(r) for r in data["responses"][s]] for s in SETS}
         RESPONSES.parent.mkdir(exist_ok=True)

@@ -118,16 +118,11 @@ def _load_judge(args: argparse.Namespace, model):
     """The --judge, loaded (and a chat judge calibrated on the anchors) before any generation. `chat:` plus the
     command's own --model judges with the model already loaded: the judge reads responses only when no edit or hook
     is in place."""
-    from featsteer.evaluation.judge import ChatJudge, check_on_anchors, judge_from_spec
+    from featsteer.evaluation.judge import judge_from_spec
 
-    if args.judge == f"chat:{args.model}":
-        judge = ChatJudge(model, threshold=0.5 if args.judge_threshold is None else args.judge_threshold,
-                          batch_size=args.batch_size, name=args.judge)
-        if args.judge_threshold is None:
-            check_on_anchors(judge, calibrate=True)
-        return judge
     return judge_from_spec(args.judge, dtype=args.dtype, device=args.device, threshold=args.judge_threshold,
-                           label=args.judge_label, batch_size=args.batch_size)
+                           label=args.judge_label, batch_size=args.batch_size,
+                           loaded=model if args.judge == f"chat:{args.model}" else None)
 
 
 def _print_judge(judged: dict) -> None:

@@ -249,3 +249,11 @@ def test_a_small_real_judge_ranks_the_anchors_the_right_way_round():
     judge = ChatJudge(load_model(str(QWEN)))
     check = check_on_anchors(judge)
     assert check.auc is not None and check.auc >= 0.8
+
+
+def test_a_chat_judge_spec_can_reuse_a_loaded_model(monkeypatch, llama_adapter):
+    import featsteer.models
+
+    monkeypatch.setattr(featsteer.models, "load_model", lambda *a, **k: pytest.fail("loaded the judge's model again"))
+    judge = judge_from_spec("chat:organism", threshold=0.5, loaded=llama_adapter)
+    assert judge.model is llama_adapter and judge.name == "chat:organism"

@@ -258,7 +258,8 @@ class ClassifierJudge:
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
         except (OSError, ValueError) as error:
-            hint = "no such folder" if not Path(source).exists() and "/" not in source.strip("/") else str(error).splitlines()[0]
+            local = source.startswith(("/", ".", "~"))
+            hint = "no such folder" if local and not Path(source).expanduser().exists() else str(error).splitlines()[0]
             raise FeatsteerError(f"cannot load the classifier judge {source!r} ({hint}): pass a sequence-classification "
                                  "model folder or hub id") from None
         index = _refusal_label(model.config.id2label, refusal_label)
@@ -291,7 +292,7 @@ class ClassifierJudge:
 
 
 def judge_from_spec(spec: str, *, dtype: str = "float32", device: str = "cpu", threshold: float | None = None,
-                    label: str | None = None, batch_size: int = 16) -> RefusalJudge:
+                    label: str | None = None, batch_size: int = 16, loaded: ModelAdapter | None = None) -> RefusalJudge:
     """A judge from its command-line spec: `markers`, `chat:MODEL_SPEC` (anything `load_model` takes) or
     `classifier:PATH_OR_HUB_ID`.
 
@@ -303,6 +304,8 @@ def judge_from_spec(spec: str, *, dtype: str = "float32", device: str = "cpu", t
             anchors (`check_on_anchors(..., calibrate=True)`, kept as `judge.calibration`), a classifier uses 0.5.
         label: The classifier's refusal class, by name or index (default: the one label naming a rejection).
         batch_size: Pairs per forward pass.
+        loaded: the chat judge's model when it is already loaded (a command judging with its own `--model`); it
+            must only be asked while no edit or hook is in place.
 
     Raises:
         FeatsteerError: an unknown kind, an empty model spec, or a model that cannot be loaded.
@@ -321,8 +324,8 @@ def judge_from_spec(spec: str, *, dtype: str = "float32", device: str = "cpu", t
                                     batch_size=batch_size)
     from featsteer.models import load_model
 
-    judge = ChatJudge(load_model(source, dtype=dtype, device=device), threshold=0.5 if threshold is None else threshold,
-                      batch_size=batch_size, name=spec)
+    model = loaded if loaded is not None else load_model(source, dtype=dtype, device=device)
+    judge = ChatJudge(model, threshold=0.5 if threshold is None else threshold, batch_size=batch_size, name=spec)
     if threshold is None:
         check_on_anchors(judge, calibrate=True)
     return judge
