@@ -873,7 +873,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(cap)
     cap.add_argument("--prompts", required=True, help="file, builtin:harmful[:split], or hf:NAME")
     cap.add_argument("--hooks", default="all", help="all | KIND[:L1,L2] | comma-separated hook names")
-    cap.add_argument("--positions", default="last", help="last | mean_last:K | post_instruction | all")
+    cap.add_argument("--positions", default="last", help="last | mean_last:K | post_instruction | instruction_end | all")
     cap.add_argument("--out", required=True)
     cap.add_argument("--column")
     cap.add_argument("--n", type=int)
@@ -907,7 +907,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--harmless", required=True, help="file, builtin:harmless[:split], or hf:NAME")
         p.add_argument("--method", default="dim", choices=["dim", "projected", "pca", "svd", "linear", "whitened", *extra_methods])
         p.add_argument("--rank", type=int, default=2, help="subspace size for --method svd")
-        p.add_argument("--positions", default="post_instruction", help="last | post_instruction | mean_last:K")
+        p.add_argument("--positions", default="post_instruction", help="last | post_instruction | instruction_end | mean_last:K")
         p.add_argument("--n", type=int, help="use the first N prompts of each set")
         p.add_argument("--n-select", type=int, default=32, help="validation prompts per set for selection")
         p.add_argument("--val-harmful", metavar="SRC",
@@ -1058,7 +1058,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--out", required=True, help="folder for report.html, features.csv and features.json")
     rf.add_argument("--top", type=int, default=20, help="features described in the report and printed")
     rf.add_argument("--by", default="composite", help="ranking metric: composite | differential | cohens_d | auroc | ... (abs_<name>)")
-    rf.add_argument("--positions", default="last", help="last | mean_last:K | post_instruction | all (rows pooled)")
+    rf.add_argument("--positions", default="last", help="last | mean_last:K | post_instruction | instruction_end | all (rows pooled)")
     rf.add_argument("--n", type=int, help="use the first N prompts of each set")
     rf.add_argument("--normalise", "--normalize", dest="normalise", action="store_true",
                     help="divide magnitude scores by each feature's max activation")

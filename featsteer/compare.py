@@ -102,7 +102,7 @@ class SaeMethodConfig:
     tolerance: float = 0.05
     """How far from the best validation refusal rate a setting may be and still be picked."""
     positions: str | None = None
-    """Token positions features are scored at (`last`, `post_instruction`, `mean_last:K`); None uses the
+    """Token positions features are scored at (`last`, `post_instruction`, `instruction_end`, `mean_last:K`); None uses the
     direction config's positions."""
     clamp_positions: str = "prompt"
     """Tokens the clamps of `sae_clamp_hook`/`sae_topk_induce` apply to: `prompt` (default: the decision is

@@ -179,7 +179,7 @@ def rank_features(
         saes: one SAE, several (attached at their recorded `hook_name`), or `{hook_name: sae}`.
         harmful: harmful instructions (chat-formatted for capture); a `PromptSet` or strings.
         harmless: harmless instructions.
-        positions: capture selector (`last`, `mean_last:K`, `post_instruction`, `all`); the captured
+        positions: capture selector (`last`, `mean_last:K`, `post_instruction`, `instruction_end`, `all`); the captured
             rows are pooled for scoring, histograms and the DIM direction.
         top_n: how many features get a detailed section.
         by: ranking key (see `ranking_key`).

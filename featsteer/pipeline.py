@@ -32,7 +32,7 @@ class DirectionConfig:
     rank: int = 2
     """Subspace size for `svd`."""
     positions: str = "post_instruction"
-    """Token positions candidates are read at (`last`, `post_instruction`, `mean_last:K`)."""
+    """Token positions candidates are read at (`last`, `post_instruction`, `instruction_end`, `mean_last:K`)."""
     kind: str = "resid_pre"
     """Hook kind candidates are read at."""
     val_fraction: float = 0.25

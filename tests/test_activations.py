@@ -48,6 +48,31 @@ def test_position_selectors(llama_adapter):
         Positions.parse("middle")
 
 
+def test_instruction_end_is_the_instructions_last_token(llama_adapter):
+    hook = "blocks.1.hook_resid_pre"
+    prompts = PROMPTS[:6]
+    batch = llama_adapter.tokenize(prompts)
+    tails = batch.n_post_instruction.tolist()
+    assert min(tails) >= 1
+    full = capture(llama_adapter, prompts, hook, positions="all", progress=False)
+    end = capture(llama_adapter, prompts, hook, positions="instruction_end", batch_size=4, progress=False)
+    assert str(Positions.parse("instruction_end")) == "instruction_end"
+    assert end.position_labels == sorted({-(t + 1) for t in tails})
+    assert end.prompt_index.tolist() == list(range(len(prompts)))
+    for i, prompt in enumerate(prompts):
+        ids = llama_adapter.tokenize([prompt]).input_ids[0].tolist()
+        text = llama_adapter.format_prompts([prompt])[0]
+        column = len(ids) - tails[i] - 1
+        # the token at that column is the last one that starts inside the instruction
+        offsets = llama_adapter.tokenizer(text.text, add_special_tokens=not text.uses_chat_template,
+                                          return_offsets_mapping=True)["offset_mapping"]
+        assert offsets[column][0] < text.instruction_end <= offsets[column + 1][0]
+        rows = full.hook(hook)[full.prompt_index == i]
+        torch.testing.assert_close(end.hook(hook)[i], rows[column], atol=1e-5, rtol=0)
+    with pytest.raises(FeatsteerError, match="instruction_end needs a chat template"):
+        capture(llama_adapter, prompts, hook, positions="instruction_end", chat=False, progress=False)
+
+
 def test_float64_statistics(llama_adapter):
     hook = "blocks.2.hook_resid_post"
     acts = capture(llama_adapter, PROMPTS, hook, batch_size=5, covariance=True, progress=False)
@@ -154,3 +179,23 @@ def test_all_tokens_from_an_index_skip_each_prompts_first_tokens(llama_adapter):
         Positions.parse("all:x")
     with pytest.raises(FeatsteerError, match="N >= 0"):
         Positions.parse("all:-1")
+
+
+def test_directions_are_found_and_selected_at_the_instruction_end(llama_adapter):
+    from featsteer.datasets import PromptSet
+    from featsteer.directions import difference_in_means
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    harmful = PromptSet(tuple(f"harmful request {i} " + "bad " * (i % 3) for i in range(12)), "harmful")
+    harmless = PromptSet(tuple(f"kind question {i} " + "good " * (i % 4) for i in range(12)), "harmless")
+    config = DirectionConfig(positions="instruction_end", n_select=3, top_k=2, batch_size=5)
+    result = find_refusal_direction(llama_adapter, harmful, harmless, config, keep_activations=True)
+    label = -(int(llama_adapter.tokenize(["x"]).n_post_instruction[0]) + 1)
+    assert set(result.candidates.positions) == {label}
+    assert result.selection.chosen.position == label
+    train_harmful, train_harmless = result.train
+    hooks = llama_adapter.hook_names(("resid_pre",))
+    expected = difference_in_means(*(capture(llama_adapter, list(p), hooks, positions="instruction_end", progress=False)
+                                     for p in (train_harmful, train_harmless)))
+    for hook in hooks[1:]:
+        torch.testing.assert_close(result.candidates.direction(hook, label), expected.direction(hook, label))

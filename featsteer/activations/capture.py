@@ -93,7 +93,7 @@ def capture(
         hooks: TransformerLens hook names, e.g. `["blocks.6.hook_resid_pre"]`. `blocks.{l}.attn.hook_z` is stored
             flattened, `n_heads * d_head` wide (see module docstring); hooks of different widths (hook_z next to
             `d_model`-wide hooks on a model whose `n_heads * d_head != d_model`) need separate calls.
-        positions: a `Positions` selector or its string form (`last`, `mean_last:K`, `post_instruction`, `all`).
+        positions: a `Positions` selector or its string form (`last`, `mean_last:K`, `post_instruction`, `instruction_end`, `all`).
         batch_size: prompts per forward pass.
         max_batch_tokens: cap on a batch's padded tokens (rows x longest prompt; None: no cap). Prompts are
             batched in length order, so one 2,000-token prompt pads only the few rows beside it.
@@ -203,7 +203,7 @@ def _check_finite(acts: Tensor, hook_names: tuple[str, ...], row_prompt: Tensor,
 
 
 def _update_stats(stats, acts: Tensor, hook_names, row_pos: Tensor, selector: Positions, covariance: bool) -> None:
-    per_position = selector.mode == "post_instruction"
+    per_position = selector.mode in ("post_instruction", "instruction_end")
     for slot, name in enumerate(hook_names):
         groups = [(f"{name}@{p}", row_pos == p) for p in row_pos.unique().tolist()] if per_position else [(name, None)]
         for key, mask in groups:

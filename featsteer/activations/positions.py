@@ -20,12 +20,12 @@ class Positions:
     """A position selector.
 
     Use the constructors: `Positions.last()`, `Positions.mean_last(k)`, `Positions.post_instruction()`,
-    `Positions.all_tokens(start)`, or parse a CLI string with `Positions.parse("last" | "mean_last:4" |
-    "post_instruction" | "all" | "all:N")`.
+    `Positions.instruction_end()`, `Positions.all_tokens(start)`, or parse a CLI string with
+    `Positions.parse("last" | "mean_last:4" | "post_instruction" | "instruction_end" | "all" | "all:N")`.
     """
 
     mode: str
-    """`last`, `mean_last`, `post_instruction` or `all`."""
+    """`last`, `mean_last`, `post_instruction`, `instruction_end` or `all`."""
     k: int = 1
     """Window for `mean_last`."""
     start: int = 0
@@ -49,6 +49,16 @@ class Positions:
         return cls("post_instruction")
 
     @classmethod
+    def instruction_end(cls) -> Positions:
+        """The instruction's own last token, just before the template's tail (one row per prompt).
+
+        Zhao et al. 2025 ("LLMs Encode Harmfulness and Refusal Separately") read whether a request is harmful here,
+        and whether the model will refuse at the post-instruction tokens. The row's position label is its offset
+        from the end of the prompt, `-(tail tokens + 1)`: -6 for Qwen2.5's `<|im_end|>\\n<|im_start|>assistant\\n`.
+        """
+        return cls("instruction_end")
+
+    @classmethod
     def all_tokens(cls, start: int = 0) -> Positions:
         """Every real (non-padding) token from index `start` on, one row each."""
         if start < 0:
@@ -57,7 +67,7 @@ class Positions:
 
     @classmethod
     def parse(cls, text: str) -> Positions:
-        """Parse `last`, `mean_last:K`, `post_instruction`, `all` or `all:N` (tokens from index N on)."""
+        """Parse `last`, `mean_last:K`, `post_instruction`, `instruction_end`, `all` or `all:N` (tokens from index N on)."""
         name, _, arg = text.partition(":")
         if name in ("mean_last", "all") and arg:
             try:
@@ -67,9 +77,9 @@ class Positions:
             return cls.mean_last(number) if name == "mean_last" else cls.all_tokens(number)
         if name == "mean_last":
             return cls.mean_last(1)
-        if name in ("last", "post_instruction", "all"):
+        if name in ("last", "post_instruction", "instruction_end", "all"):
             return cls(name)
-        raise FeatsteerError(f"unknown position '{text}': use last, mean_last:K, post_instruction, all or all:N")
+        raise FeatsteerError(f"unknown position '{text}': use last, mean_last:K, post_instruction, instruction_end, all or all:N")
 
     def __str__(self) -> str:
         if self.mode == "mean_last":
@@ -83,7 +93,8 @@ class Positions:
             `(row_batch, row_token, row_position)`: for each kept row, its batch index, its column in the
             padded sequence, and its position label (offset from the end of the prompt, -1 = last token,
             or the absolute token index for `all`). For `mean_last` the column is the last token and the
-            hook averages the window itself.
+            hook averages the window itself. `instruction_end` takes each prompt's own tail length, so a prompt whose
+            tail tokenizes differently gets its own label.
         """
         width = attention_mask.shape[1]
         lengths = attention_mask.sum(1).long().cpu()
@@ -96,6 +107,14 @@ class Positions:
                 raise FeatsteerError("post_instruction positions need a chat template with tokens after the instruction")
             offsets = torch.arange(-n_post, 0)
             return batch.repeat_interleave(n_post), (width + offsets).repeat(len(batch)), offsets.repeat(len(batch))
+        if self.mode == "instruction_end":
+            tails = n_post_instruction.long().cpu()
+            lengths_ok = len(tails) == len(batch) and bool((tails >= 1).all()) and bool((tails < lengths).all())
+            if not lengths_ok:
+                raise FeatsteerError("instruction_end needs a chat template with tokens after the instruction "
+                                     "(and an instruction of at least one token)")
+            offsets = -(tails + 1)
+            return batch, width + offsets, offsets
         rows = [(b, width - int(length) + t, t) for b, length in enumerate(lengths.tolist()) for t in range(self.start, length)]
         as_tensor = torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
         return as_tensor[:, 0], as_tensor[:, 1], as_tensor[:, 2]

@@ -44,7 +44,7 @@ class ActivationSet:
     prompts: tuple[str, ...]
     """The instructions, in input order."""
     positions: str = "last"
-    """The position selector used (`last`, `mean_last:K`, `post_instruction`, `all`)."""
+    """The position selector used (`last`, `mean_last:K`, `post_instruction`, `instruction_end`, `all`)."""
     model: str = ""
     """Name of the model the activations came from."""
     label: str | None = None

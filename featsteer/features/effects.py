@@ -132,7 +132,7 @@ def max_feature_activations(
         model: the model the SAE reads.
         sae: a sae_lens SAE (validated against `model`).
         prompts: chat-formatted instructions.
-        positions: capture selector (`all` tokens, `last`, `post_instruction`, `mean_last:K`).
+        positions: capture selector (`all` tokens, `last`, `post_instruction`, `instruction_end`, `mean_last:K`).
         batch_size: prompts per forward pass.
         system: optional system prompt.
 

@@ -337,7 +337,7 @@ def score_prompts(
         saes: SAEs (see `score_features`).
         harmful: harmful instructions (chat-formatted).
         harmless: harmless instructions.
-        positions: capture selector (`last`, `mean_last:K`, `post_instruction`, `all`).
+        positions: capture selector (`last`, `mean_last:K`, `post_instruction`, `instruction_end`, `all`).
         score_positions: position label(s) to score separately; None pools the captured rows.
         normalize: divide magnitude statistics by each feature's scale.
         batch_size: prompts per forward pass.
