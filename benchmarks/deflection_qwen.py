@@ -1,6 +1,6 @@
 """What is left after DIM abliteration on Qwen, and does a second direction remove it?
 
-    python benchmarks/deflection_qwen.py                 # about 15 minutes: writes benchmarks/results/deflection_qwen.{json,md}
+    python benchmarks/deflection_qwen.py                 # about 25 minutes: writes benchmarks/results/deflection_qwen.{json,md}
     python benchmarks/deflection_qwen.py --render-only   # re-write the markdown (e.g. after adding hand labels)
     python benchmarks/deflection_qwen.py --show-unlabelled
 
@@ -15,7 +15,8 @@ markers see 7. This benchmark asks whether a second direction, found on the abli
   (`Positions.instruction_end`), where Zhao et al. 2025 find the model's judgement that a request is harmful, separate
   from its decision to refuse (read at the template's tail).
 
-Each candidate layer (2, 4, ..., 18: outside the last 20% of layers, as the Arditi selection) gets the first-token KL of
+On the unedited model it also records each layer's harmful-minus-harmless gap at both positions and the cosine between
+the two directions. Each candidate layer (2, 4, ..., 18: outside the last 20% of layers, as the Arditi selection) gets the first-token KL of
 the rank-2 edit on 64 of the training harmless prompts (the last 64; no held-out prompt is read to choose), and the
 layer with the lowest KL is generated on the 100 held-out harmful prompts (greedy, 32 new tokens, as every benchmark)
 and its first-token KL measured on the 100 held-out harmless ones. The 17 prompts labelled as not complied with under
@@ -83,13 +84,25 @@ def run() -> tuple[dict, dict]:
                 "responses": responses, "seconds": time.perf_counter() - start}
 
     start = time.perf_counter()
-    acts = [capture(model, prompts, [HOOK]) for prompts in (train_harmful, train_harmless)]
+    hooks = [f"blocks.{layer}.hook_resid_pre" for layer in LAYERS]
+    acts = [capture(model, prompts, hooks) for prompts in (train_harmful, train_harmless)]
     dim = difference_in_means(*acts)
     r1 = dim.bases[dim.index(HOOK, -1)][0].double()
     r1 = r1 / r1.norm()
     timings["first_direction_s"] = time.perf_counter() - start
-    out: dict = {"first": {"kl_pick_harmless": kl(r1[None].float(), pick_harmless, base_pick), **held_out(r1[None].float())}}
-    hooks = [f"blocks.{layer}.hook_resid_pre" for layer in LAYERS]
+    start = time.perf_counter()
+    ends = [capture(model, prompts, hooks, positions="instruction_end") for prompts in (train_harmful, train_harmless)]
+    harm = difference_in_means(*ends)
+    end_label = ends[0].position_labels[0]
+    geometry = []
+    for layer, hook in zip(LAYERS, hooks, strict=True):
+        refusal, harmfulness = dim.direction(hook, -1).double(), harm.direction(hook, end_label).double()
+        geometry.append({"layer": layer, "cos_refusal_harmfulness": float(refusal @ harmfulness), "cos_harmfulness_first": float(harmfulness @ r1),
+                         "gap_last": float((acts[0].mean(hook, -1) - acts[1].mean(hook, -1)).double().norm()),
+                         "gap_instruction_end": float((ends[0].mean(hook, end_label) - ends[1].mean(hook, end_label)).double().norm())})
+    timings["unedited_geometry_s"] = time.perf_counter() - start
+    out: dict = {"first": {"kl_pick_harmless": kl(r1[None].float(), pick_harmless, base_pick), **held_out(r1[None].float()),
+                           "geometry": geometry}}
     for kind, positions in KINDS.items():
         start = time.perf_counter()
         with apply_edit(model, r1[None].float()):
@@ -137,6 +150,15 @@ def render(out: dict, labels: dict) -> str:
              "training prompts (the `abliterated_harmful` set of `judge_qwen.md`). Second directions: found on the abliterated model,",
              "orthogonalised against the first, removed with it (rank-2 abliteration). KL pick: first-token KL on the last 64 training",
              "harmless prompts; held out: 100 AdvBench prompts (greedy, 32 tokens) and first-token KL on 100 MT-Bench+IFBench prompts.", ""]
+    geometry = out["runs"]["first"].get("geometry")
+    if geometry:
+        lines += ["## The unedited model: refusal (last token) against harmfulness (instruction end)", "",
+                  "Each layer's own difference in means at the two positions, on the 256 + 256 training prompts.", "",
+                  "| layer | gap, last token | gap, instruction end | cos(refusal, harmfulness) | cos(harmfulness, first direction) |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {g['layer']} | {g['gap_last']:.2f} | {g['gap_instruction_end']:.2f} | {g['cos_refusal_harmfulness']:.3f} | "
+                  f"{g['cos_harmfulness_first']:.3f} |" for g in geometry]
+        lines.append("")
     for kind in KINDS:
         block = out["runs"][kind]
         lines += [f"## `{kind}` (positions `{block['positions']}`, label {block['position_label']})", "",
