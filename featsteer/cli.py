@@ -539,8 +539,10 @@ def _check_steer_args(args: argparse.Namespace) -> None:
     else:
         if args.mode not in DIRECTION_STEER_MODES:
             raise FeatsteerError(f"--mode {args.mode} edits SAE features (--sae): a direction takes --mode {'|'.join(DIRECTION_STEER_MODES)}")
-        if args.feature or args.multiple is not None or args.positions is not None:
-            raise FeatsteerError("--feature, --multiple and --positions apply to --sae features, not to --directions")
+        if args.feature or args.multiple is not None:
+            raise FeatsteerError("--feature and --multiple apply to --sae features, not to --directions")
+        if args.positions is not None and args.mode not in ("add", "conditional"):
+            raise FeatsteerError(f"--positions applies to --sae features and to --mode add|conditional, not to --mode {args.mode}")
         if args.mode == "angular" and args.angle is None:
             raise FeatsteerError("--mode angular needs --angle DEG (degrees from the refusal direction: 0 full refusal, 180 against it)")
     if args.mode != "angular" and (args.angle is not None or args.angle_everywhere or args.angle_at != "layers"):
@@ -593,13 +595,15 @@ def _direction_intervention(args: argparse.Namespace, model):
     vector = basis[0] * float(directions.scores.get("mean_diff_norm", [1.0] * len(directions))[index])
     harmful_projection = directions.scores.get("harmful_projection", [vector.norm().item()] * len(directions))[index]
     value = args.value if args.value is not None else harmful_projection
+    tokens = args.positions or "all"
+    on = "" if tokens == "all" else f" ({tokens} tokens only)"
     built = {
         "ablate": lambda: (Ablate(basis, where=_ablation_sites(model, args.ablate_at)),
                            f"ablate the direction from {ABLATE_AT[args.ablate_at]} (rank {basis.shape[0]})"),
-        "add": lambda: (AddDirection(vector, args.scale, where=hook), f"add {args.scale:g} x the mean difference at {hook}"),
+        "add": lambda: (AddDirection(vector, args.scale, where=hook, positions=tokens), f"add {args.scale:g} x the mean difference at {hook}{on}"),
         "set": lambda: (ProjectionSet(basis[0], value, where=hook), f"set the projection to {value:.3g} at {hook}"),
-        "conditional": lambda: (ConditionalSteer(basis[0], hook, args.threshold, AddDirection(vector, args.scale, where=hook)),
-                                f"add {args.scale:g} x the mean difference at {hook} where the cosine exceeds {args.threshold:g}"),
+        "conditional": lambda: (ConditionalSteer(basis[0], hook, args.threshold, AddDirection(vector, args.scale, where=hook, positions=tokens)),
+                                f"add {args.scale:g} x the mean difference at {hook}{on} where the cosine exceeds {args.threshold:g}"),
     }
     return built[args.mode]()
 
@@ -978,7 +982,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--value", type=float, help="projection value for --mode set (default: mean harmful projection); "
                     "the clamp value, scale factor or amount added for SAE features")
     st.add_argument("--multiple", type=float, help="SAE clamp/add amount as a multiple of each feature's largest activation on the prompts")
-    st.add_argument("--positions", choices=["all", "prompt", "generated"], help="tokens SAE feature edits apply to (default: all)")
+    st.add_argument("--positions", choices=["all", "prompt", "generated"], help="tokens that SAE feature edits, --mode add and --mode conditional change: all (default), prompt or generated")
     st.add_argument("--threshold", type=float, default=0.0, help="cosine threshold for --mode conditional")
     st.add_argument("--alpha", type=float, help="--mode ace: 0 sets every layer's projection to the harmless mean's, 1 to the harmful mean's (default 0)")
     st.add_argument("--angle", type=float, help="--mode angular: degrees from the refusal direction (0 full refusal, 180 against it)")

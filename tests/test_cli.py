@@ -396,6 +396,9 @@ def test_steer_a_saved_direction(capsys, tmp_path):
         assert code == 0 and "the stream untouched" in out, err
         steered[where] = json.loads((tmp_path / f"{where}.json").read_text())["refused_steered"]
     assert steered["blocks"] >= 4 and steered["readers"] <= 1, steered
+    code, out, err = _run(capsys, *common, "--mode", "add", "--scale", "1", "--positions", "prompt", "--prompts", "builtin:harmless:test",
+                          "--n", "2", "--json", str(tmp_path / "p.json"))
+    assert code == 0 and "(prompt tokens only)" in out, err
     code, out, err = _run(capsys, *common, "--mode", "set", "--prompts", "builtin:harmless:test", "--n", "6", "--json", str(tmp_path / "i.json"))
     assert code == 0, err
     induced = json.loads((tmp_path / "i.json").read_text())
@@ -445,6 +448,7 @@ def test_steer_a_saved_direction(capsys, tmp_path):
         (["--directions", "/x", "--mode", "ablate", "--angle", "90", "--prompt", "hi"], "apply to --mode angular"),
         (["--directions", "/x", "--mode", "add", "--angle-at", "norms", "--prompt", "hi"], "apply to --mode angular"),
         (["--directions", "/x", "--mode", "set", "--alpha", "0.5", "--prompt", "hi"], "--alpha applies to --mode ace"),
+        (["--directions", "/x", "--mode", "ablate", "--positions", "prompt", "--prompt", "hi"], "--positions applies to --sae features and to --mode add"),
     ],
 )
 def test_steer_bad_options_are_one_line_errors(capsys, extra, message):

@@ -205,6 +205,33 @@ def test_add_projection_set_and_conditional_steering(llama_adapter):
         ConditionalSteer(r, "blocks.2.hook_resid_post", 0.0, behaviour).hooks_for(llama_adapter)
 
 
+def test_activation_addition_on_the_prompt_or_the_generated_tokens_only(llama_adapter):
+    """What each `positions` adds in every pass of a generation: the hooks around it see the activation before and after."""
+    r = _direction(llama_adapter.d_model)
+    site = "blocks.2.hook_resid_pre"
+    base = llama_adapter.logits(PROMPTS[:2])
+    added = {}
+    for positions in ("all", "prompt", "generated"):
+        before, after = [], []
+        with llama_adapter.hooks([(site, lambda x, s, seen=before: seen.append(x.clone()))]), \
+                steer(llama_adapter, AddDirection(r, 3.0, where=site, positions=positions)), \
+                llama_adapter.hooks([(site, lambda x, s, seen=after: seen.append(x.clone()))]):
+            llama_adapter.generate(PROMPTS[:2], max_new_tokens=3)
+        added[positions] = [float(((b - a) @ r).abs().max()) for a, b in zip(before, after, strict=True)]
+        assert len(added[positions]) == 3  # the prompt pass, then two cached decoding steps
+        with steer(llama_adapter, AddDirection(r, 3.0, where=site, positions=positions)):
+            logits = llama_adapter.logits(PROMPTS[:2])  # outside generation, every pass is a prompt
+        if positions == "generated":
+            torch.testing.assert_close(logits, base)
+        else:
+            assert not torch.allclose(logits, base, atol=1e-3)
+    assert added["all"] == pytest.approx([3.0, 3.0, 3.0], abs=1e-4)
+    assert added["prompt"] == pytest.approx([3.0, 0.0, 0.0], abs=1e-4)
+    assert added["generated"] == pytest.approx([0.0, 3.0, 3.0], abs=1e-4)
+    with pytest.raises(FeatsteerError, match="unknown positions"):
+        AddDirection(r, 1.0, where=site, positions="middle")
+
+
 def test_conditional_steering_decides_on_the_prompt_not_its_padding(llama_adapter):
     """A prompt's CAST cosine is the same alone and in a left-padded batch with a longer prompt."""
     r = _direction(llama_adapter.d_model)

@@ -76,19 +76,52 @@ class Ablate(Intervention):
         return [(name, lambda x, site, b=basis: ablate(x, b)) for name in resolve_sites(model, self.where)]
 
 
+ADD_POSITIONS = ("all", "prompt", "generated")
+"""Which tokens `AddDirection` changes: every one, the prompt's (in the prompt pass; nothing while decoding), or the
+generated ones (the same split as SAE feature edits, `featsteer.sae.SPLICE_POSITIONS`)."""
+
+
 @dataclass
 class AddDirection(Intervention):
-    """Activation addition `x + scale * direction` at chosen hook points (all positions)."""
+    """Activation addition `x + scale * direction` at chosen hook points.
+
+    `positions="prompt"` changes how the model reads the request and leaves its decoding alone: the generated tokens
+    see the shifted prompt through attention only. `positions="generated"` is the converse. The prompt/generation split
+    comes from the model's own account (`interventions.positions.PositionTracker`).
+    """
 
     direction: Tensor
     scale: float
     where: str | Sequence[str] = ()
+    positions: str = "all"
+    """`all`, `prompt` or `generated` (`ADD_POSITIONS`)."""
+
+    def __post_init__(self) -> None:
+        if self.positions not in ADD_POSITIONS:
+            raise FeatsteerError(f"unknown positions '{self.positions}' for AddDirection: use one of {', '.join(ADD_POSITIONS)}")
 
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
         if not self.where:
             raise FeatsteerError("AddDirection needs where=<hook name(s)>, e.g. blocks.4.hook_resid_pre")
         vector = self.direction.to(model.device)
-        return [(name, lambda x, site: add(x, vector, self.scale)) for name in resolve_sites(model, self.where)]
+        if self.positions == "all":
+            return [(name, lambda x, site: add(x, vector, self.scale)) for name in resolve_sites(model, self.where)]
+        return [(name, _masked_add(model, vector, self.scale, self.positions)) for name in resolve_sites(model, self.where)]
+
+
+def _masked_add(model: ModelAdapter, vector: Tensor, scale: float, positions: str):
+    from featsteer.interventions.positions import PositionTracker
+
+    tracker = PositionTracker(model=model)
+
+    def hook(x: Tensor, site) -> Tensor | None:
+        generated = tracker.generated_mask(x.shape[0], x.shape[1], x.device)
+        keep = generated if positions == "generated" else ~generated
+        if not bool(keep.any()):
+            return None
+        return x + scale * keep[..., None].to(x.dtype) * vector.to(x.dtype)
+
+    return hook
 
 
 @dataclass
