@@ -14,6 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+TOKEN_POSITIONS: tuple[str, ...] = ("all", "prompt", "generated")
+"""Which tokens an intervention changes: every one, the prompt's (in the prompt pass; nothing while decoding), or the
+ones produced while generating. SAE feature edits and activation addition share it."""
+
 
 @dataclass
 class PositionTracker:
@@ -32,6 +36,14 @@ class PositionTracker:
     last_batch: int = -1
     model: Any = None
     """A `ModelAdapter` whose `generation_step` says which pass this is (None: infer from shapes)."""
+
+    def selected(self, positions: str, batch: int, length: int, device: torch.device) -> Tensor | None:
+        """`(batch, length)` bool: True at the tokens `positions` (one of `TOKEN_POSITIONS`) changes in this pass;
+        None for `all`. Call it once per pass, as `generated_mask`."""
+        if positions == "all":
+            return None
+        generated = self.generated_mask(batch, length, device)
+        return generated if positions == "generated" else ~generated
 
     def generated_mask(self, batch: int, length: int, device: torch.device) -> Tensor:
         """`(batch, length)` bool: True at the generated tokens of this pass, False at the prompt's."""

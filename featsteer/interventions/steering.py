@@ -17,6 +17,7 @@ from torch import Tensor
 
 from featsteer.errors import FeatsteerError
 from featsteer.interventions.operations import ablate, add, as_basis, cosine_to, project_set, rotate_in_plane
+from featsteer.interventions.positions import TOKEN_POSITIONS, PositionTracker
 from featsteer.models import NORM_KINDS, ModelAdapter
 
 WRITES = "writes"
@@ -76,11 +77,6 @@ class Ablate(Intervention):
         return [(name, lambda x, site, b=basis: ablate(x, b)) for name in resolve_sites(model, self.where)]
 
 
-ADD_POSITIONS = ("all", "prompt", "generated")
-"""Which tokens `AddDirection` changes: every one, the prompt's (in the prompt pass; nothing while decoding), or the
-generated ones (the same split as SAE feature edits, `featsteer.sae.SPLICE_POSITIONS`)."""
-
-
 @dataclass
 class AddDirection(Intervention):
     """Activation addition `x + scale * direction` at chosen hook points.
@@ -94,11 +90,11 @@ class AddDirection(Intervention):
     scale: float
     where: str | Sequence[str] = ()
     positions: str = "all"
-    """`all`, `prompt` or `generated` (`ADD_POSITIONS`)."""
+    """`all`, `prompt` or `generated` (`interventions.positions.TOKEN_POSITIONS`)."""
 
     def __post_init__(self) -> None:
-        if self.positions not in ADD_POSITIONS:
-            raise FeatsteerError(f"unknown positions '{self.positions}' for AddDirection: use one of {', '.join(ADD_POSITIONS)}")
+        if self.positions not in TOKEN_POSITIONS:
+            raise FeatsteerError(f"unknown positions '{self.positions}' for AddDirection: use one of {', '.join(TOKEN_POSITIONS)}")
 
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
         if not self.where:
@@ -110,13 +106,10 @@ class AddDirection(Intervention):
 
 
 def _masked_add(model: ModelAdapter, vector: Tensor, scale: float, positions: str):
-    from featsteer.interventions.positions import PositionTracker
-
     tracker = PositionTracker(model=model)
 
     def hook(x: Tensor, site) -> Tensor | None:
-        generated = tracker.generated_mask(x.shape[0], x.shape[1], x.device)
-        keep = generated if positions == "generated" else ~generated
+        keep = tracker.selected(positions, x.shape[0], x.shape[1], x.device)
         if not bool(keep.any()):
             return None
         return x + scale * keep[..., None].to(x.dtype) * vector.to(x.dtype)

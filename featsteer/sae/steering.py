@@ -28,6 +28,7 @@ from sae_lens import SAE
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
+from featsteer.interventions.positions import TOKEN_POSITIONS
 from featsteer.interventions.positions import PositionTracker as _PositionTracker
 from featsteer.interventions.steering import Intervention
 from featsteer.models import HookFn, HookSite, ModelAdapter
@@ -38,7 +39,7 @@ EDIT_MODES: tuple[str, ...] = ("clamp", "scale", "ablate", "add")
 """`clamp`: set features to `value`; `scale`: multiply by `value`; `ablate`: set to zero; `add`: add
 `value` to the feature activation (the residual moves by `value` times the feature's decoder row)."""
 
-SPLICE_POSITIONS: tuple[str, ...] = ("all", "prompt", "generated")
+SPLICE_POSITIONS: tuple[str, ...] = TOKEN_POSITIONS
 """Which tokens edits apply to: every token, the prompt tokens, or the tokens produced while generating."""
 
 _STATEFUL_NORMS = ("layer_norm", "constant_norm_rescale")
@@ -192,10 +193,7 @@ def sae_hook(sae: SAE, edits: Sequence[FeatureEdit] = (), *, error_term: bool = 
     tracker = _PositionTracker(model=model)
 
     def hook(activation: Tensor, site: HookSite) -> Tensor | None:
-        mask = None
-        if positions != "all":
-            generated = tracker.generated_mask(activation.shape[0], activation.shape[1], activation.device)
-            mask = generated if positions == "generated" else ~generated
+        mask = tracker.selected(positions, activation.shape[0], activation.shape[1], activation.device)
         if error_term and (not edits or (mask is not None and not bool(mask.any()))):
             return None  # nothing to change: x + 0
         return splice_activation(sae, activation, edits, error_term=error_term, mask=mask)
