@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,8 +37,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"device    {model.device}")
     layers = f"blocks.{{0..{model.n_layers - 1}}}"
     print(f"hooks     hook_embed, {layers}.hook_{{{','.join(RESIDUAL_KINDS)}}},")
-    print(f"          {layers}.ln1.hook_normalized, {layers}.ln2.hook_normalized, ln_final.hook_normalized,")
+    norms = f"{layers}.ln1.hook_normalized, {layers}.ln2.hook_normalized, " if model.input_norms else ""
+    print(f"          {norms}ln_final.hook_normalized,")
     print(f"          {layers}.attn.hook_z (per head: {model.n_heads} heads)")
+    mlp_writers = Counter(writer.layer for writer in model.residual_writers() if writer.kind == "mlp_out")
+    if moe := sorted(layer for layer, count in mlp_writers.items() if count > 1):
+        print(f"experts   {mlp_writers[moe[-1]]} output projections per mixture-of-experts layer ({len(moe)} of {model.n_layers} "
+              "layers; weight edits project every one)")
     if args.prompt:
         print(f"prompt    {model.format_prompts([args.prompt])[0].text!r}")
     return 0

@@ -8,19 +8,9 @@ same weights as a TransformerLens `HookedTransformer` for equivalence checks.
 from __future__ import annotations
 
 import torch
+import transformers as tf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    Gemma2Config,
-    Gemma3TextConfig,
-    GemmaConfig,
-    GPT2Config,
-    LlamaConfig,
-    MistralConfig,
-    Phi3Config,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen3Config,
-)
+from transformers import PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -48,19 +38,45 @@ def byte_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
 
 
 def _configs(vocab: int) -> dict:
+    """Config builders by `model_type`; each is called only for the model asked for."""
     ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     common = dict(**ids, vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    plain_rope = {"rope_type": "default", "rope_theta": 10000.0}  # not the checkpoints' long-context scaling
+    moe = dict(num_experts_per_tok=2, moe_intermediate_size=48)
+    tiny_vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
     return {
-        "llama": LlamaConfig(**common),
-        "mistral": MistralConfig(**common),
-        "qwen2": Qwen2Config(**common),
-        "qwen3": Qwen3Config(**common, head_dim=16),
-        "gemma": GemmaConfig(**common, head_dim=16),
-        "gemma2": Gemma2Config(**common, head_dim=16),
-        "gemma3_text": Gemma3TextConfig(**common, head_dim=16, sliding_window=8),
-        "phi3": Phi3Config(**common),
-        "gpt2": GPT2Config(**ids, vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=256),
+        "llama": lambda: tf.LlamaConfig(**common),
+        "mistral": lambda: tf.MistralConfig(**common),
+        "ministral": lambda: tf.MinistralConfig(**common, head_dim=16),
+        "smollm3": lambda: tf.SmolLM3Config(**common),
+        "qwen2": lambda: tf.Qwen2Config(**common),
+        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=16),
+        "gemma": lambda: tf.GemmaConfig(**common, head_dim=16),
+        "gemma2": lambda: tf.Gemma2Config(**common, head_dim=16),
+        "gemma3_text": lambda: tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8),
+        "gemma3": lambda: tf.Gemma3Config(text_config=tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8),
+                                          vision_config=tf.SiglipVisionConfig(**tiny_vision), mm_tokens_per_image=1, **ids),
+        "mistral3": lambda: tf.Mistral3Config(text_config=tf.MistralConfig(**common),
+                                              vision_config=tf.PixtralVisionConfig(**tiny_vision, head_dim=8), **ids),
+        "phi3": lambda: tf.Phi3Config(**common),
+        "olmo2": lambda: tf.Olmo2Config(**common),
+        "exaone4": lambda: tf.Exaone4Config(**common),
+        "glm4": lambda: tf.Glm4Config(**common, head_dim=16),
+        "apertus": lambda: tf.ApertusConfig(**common, rope_parameters=plain_rope),
+        "starcoder2": lambda: tf.Starcoder2Config(**common),
+        "mixtral": lambda: tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(**common, **moe, num_experts=4, shared_expert_intermediate_size=96, mlp_only_layers=[0]),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(**common, **moe, num_experts=4, head_dim=16),
+        "olmoe": lambda: tf.OlmoeConfig(**common, num_experts=4, num_experts_per_tok=2),
+        "deepseek_v3": lambda: tf.DeepseekV3Config(**{**common, "num_key_value_heads": 4}, **moe, n_routed_experts=4,
+                                                   n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                                                   kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                                   v_head_dim=16),
+        "phimoe": lambda: tf.PhimoeConfig(**common, num_local_experts=4, num_experts_per_tok=2),
+        "gpt_oss": lambda: tf.GptOssConfig(**{**common, "intermediate_size": 96}, num_local_experts=4, num_experts_per_tok=2,
+                                           head_dim=16, rope_parameters=plain_rope),
+        "gpt2": lambda: tf.GPT2Config(**ids, vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=256),
     }
 
 
@@ -76,22 +92,23 @@ def random_direction(d_model: int, seed: int = 0) -> torch.Tensor:
 
 def tiny_model(family: str, seed: int = 0):
     """A random-initialised causal LM of `family` with `byte_tokenizer()`; returns `(model, tokenizer)`."""
-    from transformers import AutoModelForCausalLM
+    from featsteer.models.loading import model_class
 
     tokenizer = byte_tokenizer()
-    config = _configs(len(tokenizer))[family]
+    config = _configs(len(tokenizer))[family]()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model = model_class(config).from_config(config, attn_implementation="eager").eval()
     _randomise_norms(model, seed)
     return model, tokenizer
 
 
 def _randomise_norms(model, seed: int) -> None:
-    """Give norm weights random values so tests notice a hook placed before or after a norm."""
+    """Give norm weights random values so tests notice a hook placed before or after a norm, and fused experts' output
+    biases (GPT-OSS initialises them to zero) so tests notice an edit that skips them."""
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name or ".ln_" in name:
+            if "norm" in name or ".ln_" in name or name.endswith("down_proj_bias"):
                 param.add_(0.3 * torch.randn(param.shape, generator=generator))
 
 

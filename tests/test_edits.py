@@ -25,11 +25,16 @@ from featsteer.interventions import (
     steer,
 )
 from featsteer.models import load_model
-from featsteer.testing import tiny_model
+from featsteer.models.families import family_for
+from featsteer.testing import FAMILY_NAMES, tiny_model
 from tests.conftest import count_hooks
 
 PROMPTS = ["hello there", "a longer instruction with more words", "x"]
-EXACT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
+POST_NORM_FAMILIES = ("gemma2", "gemma3_text", "gemma3", "olmo2", "exaone4", "glm4")
+"""Families that normalise the attention/MLP output before adding it to the stream (listed here by hand, apart from
+featsteer's FamilySpec rows, which `test_post_norm_flags_match_the_architectures` checks against this list)."""
+EXACT_FAMILIES = tuple(f for f in FAMILY_NAMES if f not in POST_NORM_FAMILIES)
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe", "gpt_oss")
 
 
 def _direction(d_model: int, seed: int = 5) -> torch.Tensor:
@@ -92,10 +97,40 @@ def test_per_layer_edit_equals_per_layer_ablation_hooks():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_post_norm_flags_match_the_architectures():
+    assert sorted(f for f in FAMILY_NAMES if family_for(f).post_norms) == sorted(POST_NORM_FAMILIES)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_edit_reaches_every_expert_and_the_shared_ones(family):
+    """Each routed expert's slice of the fused down_proj (and a shared expert's projection) is one writer: the edit
+    removes r from every one of them, so no expert the router picks later can write r back; dense layers of an MoE
+    model keep their single MLP writer."""
+    model, tokenizer = tiny_model(family)
+    adapter = load_model(model, tokenizer=tokenizer)
+    r = _direction(adapter.d_model).double()
+    writers = [w for w in adapter.residual_writers() if w.kind == "mlp_out"]
+    config = model.config
+    n_experts = getattr(config, "num_local_experts", None) or getattr(config, "n_routed_experts", None) or config.num_experts
+    dense = {"qwen2_moe": {0}, "deepseek_v3": {0}}.get(family, set())
+    shared = {"qwen2_moe": 1, "deepseek_v3": 1}.get(family, 0)
+    for layer in range(adapter.n_layers):
+        names = [w.name for w in writers if w.layer == layer]
+        expected = 1 if layer in dense else n_experts + shared
+        assert len(names) == expected == len(set(names)), (layer, names)
+    with apply_edit(adapter, r.float()):
+        for writer in writers:
+            weight, bias = writer.read()
+            assert float((r @ weight.double()).abs().max()) < 1e-5, writer.name
+            if bias is not None:
+                assert abs(float(r @ bias.double())) < 1e-5, writer.name
+
+
+@pytest.mark.parametrize("family", POST_NORM_FAMILIES)
 def test_post_norm_families_edit_but_are_not_exactly_equivalent(family):
-    """Gemma 2/3 renormalise attention/MLP outputs before the residual add, so orthogonalising o_proj/down_proj
-    cannot remove r exactly; the edit must still apply, change behaviour and revert exactly."""
+    """Gemma 2/3, OLMo 2, EXAONE 4 and GLM-4 renormalise attention/MLP outputs before the residual add, so
+    orthogonalising o_proj/down_proj cannot remove r exactly; the edit must still apply, change behaviour and revert
+    exactly."""
     model, tokenizer = tiny_model(family)
     adapter = load_model(model, tokenizer=tokenizer)
     r = _direction(adapter.d_model)
@@ -180,6 +215,22 @@ def test_export_loads_with_featsteer_and_transformers(tmp_path):
     assert isinstance(plain, type(model))
     with pytest.raises(FeatsteerError, match="not empty"):
         handle.export(tmp_path / "edited")
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe", "gemma3", "mistral3"])
+def test_export_of_moe_and_image_text_models_loads_back_edited(family, tmp_path):
+    """Fused experts and an image-text model's text decoder are saved edited, and the directory loads back through
+    `load_model` (Mistral 3 through the image-text auto class) with the edited logits."""
+    model, tokenizer = tiny_model(family)
+    adapter = load_model(model, tokenizer=tokenizer)
+    base = adapter.logits(PROMPTS)
+    handle = apply_edit(adapter, _direction(adapter.d_model))
+    expected = adapter.logits(PROMPTS)
+    assert (expected - base).abs().max() > 1e-3
+    handle.export(tmp_path / "edited")
+    reloaded = load_model(str(tmp_path / "edited"))
+    assert type(reloaded.model) is type(model) and reloaded.family == adapter.family
+    torch.testing.assert_close(reloaded.logits(PROMPTS), expected, atol=1e-5, rtol=0)
 
 
 def test_add_projection_set_and_conditional_steering(llama_adapter):

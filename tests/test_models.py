@@ -56,35 +56,60 @@ def _scaled(norm, z):
     return z * (norm.weight + offset) + (norm.bias if getattr(norm, "bias", None) is not None else 0)
 
 
+# Written out per family, apart from featsteer's FamilySpec rows, so the test checks them: the norm the MLP reads
+# (None: it reads the stream itself), the norm on the MLP's output before the stream (if any), LayerNorm or RMSNorm.
+MLP_INPUT_NORM = {"gpt2": "ln_2", "gemma2": "pre_feedforward_layernorm", "gemma3_text": "pre_feedforward_layernorm",
+                  "gemma3": "pre_feedforward_layernorm", "apertus": "feedforward_layernorm", "olmo2": None, "exaone4": None}
+MLP_OUTPUT_NORM = {"gemma2": "post_feedforward_layernorm", "gemma3_text": "post_feedforward_layernorm",
+                   "gemma3": "post_feedforward_layernorm", "olmo2": "post_feedforward_layernorm",
+                   "exaone4": "post_feedforward_layernorm", "glm4": "post_mlp_layernorm"}
+LAYER_NORM_FAMILIES = ("gpt2", "starcoder2", "phimoe")
+
+
+def _eps(norm) -> float:
+    return getattr(norm, "variance_epsilon", None) or norm.eps
+
+
 def test_norm_hooks_carry_what_attention_mlp_and_unembedding_read(family_model):
     """ln1/ln2/ln_final.hook_normalized are the normalised vectors the next module reads (before the norm's weight,
     as TransformerLens defines them), checked against the stream they normalise, the MLP re-run on ln2, and the
-    logits recomputed from ln_final."""
+    logits recomputed from ln_final. Families whose branches read the raw stream have no ln1/ln2 and say so."""
     family, model, tokenizer = family_model
     adapter = load_model(model, tokenizer=tokenizer)
-    names = adapter.hook_names(("resid_pre", "ln1_normalized", "resid_mid", "ln2_normalized", "mlp_out", "resid_post"))
+    layer_norm = family in LAYER_NORM_FAMILIES
+    mlp_norm = MLP_INPUT_NORM.get(family, "post_attention_layernorm")
+    norms = NORMS if mlp_norm else ()
+    names = adapter.hook_names(("resid_pre", "resid_mid", "mlp_out", "resid_post") + norms)
     seen, logits = _record(adapter, [*names, "ln_final.hook_normalized"])
-    layer_norm = family == "gpt2"
-    eps = model.config.layer_norm_epsilon if layer_norm else model.config.rms_norm_eps
     with torch.inference_mode():  # the recorded tensors are inference tensors
-        for layer in range(adapter.n_layers):
+        for layer in range(adapter.n_layers if mlp_norm else 0):
             block = adapter.layers[layer]
+            eps = _eps(getattr(block, mlp_norm))
             ln1, ln2 = seen[f"blocks.{layer}.ln1.hook_normalized"], seen[f"blocks.{layer}.ln2.hook_normalized"]
             torch.testing.assert_close(ln1, _normalised(seen[f"blocks.{layer}.hook_resid_pre"], layer_norm, eps), atol=1e-5, rtol=0)
             torch.testing.assert_close(ln2, _normalised(seen[f"blocks.{layer}.hook_resid_mid"], layer_norm, eps), atol=1e-5, rtol=0)
-            mlp_norm = {"gpt2": "ln_2", "gemma2": "pre_feedforward_layernorm", "gemma3_text": "pre_feedforward_layernorm"}
-            mlp_out = block.mlp(_scaled(getattr(block, mlp_norm.get(family, "post_attention_layernorm")), ln2))
-            if family in ("gemma2", "gemma3_text"):
-                mlp_out = block.post_feedforward_layernorm(mlp_out)
+            mlp_out = _first(block.mlp(_scaled(getattr(block, mlp_norm), ln2)))
+            if family in MLP_OUTPUT_NORM:
+                mlp_out = getattr(block, MLP_OUTPUT_NORM[family])(mlp_out)
             torch.testing.assert_close(mlp_out, seen[f"blocks.{layer}.hook_mlp_out"], atol=1e-4, rtol=0)
+        final_norm = model.transformer.ln_f if family == "gpt2" else model.get_decoder().norm
         last = seen[f"blocks.{adapter.n_layers - 1}.hook_resid_post"]
-        torch.testing.assert_close(seen["ln_final.hook_normalized"], _normalised(last, layer_norm, eps), atol=1e-5, rtol=0)
-        final_norm = model.transformer.ln_f if layer_norm else model.model.norm
+        torch.testing.assert_close(seen["ln_final.hook_normalized"], _normalised(last, layer_norm, _eps(final_norm)), atol=1e-5, rtol=0)
         via_head = model.get_output_embeddings()(_scaled(final_norm, seen["ln_final.hook_normalized"]))
-        if getattr(model.config, "final_logit_softcapping", None):
-            cap = model.config.final_logit_softcapping
+        config = model.config.get_text_config()
+        if getattr(config, "final_logit_softcapping", None):
+            cap = config.final_logit_softcapping
             via_head = torch.tanh(via_head / cap) * cap
         torch.testing.assert_close(via_head, logits, atol=1e-4, rtol=0)
+    if not mlp_norm:
+        with pytest.raises(FeatsteerError, match="has no norm before the attention.*blocks.1.hook_resid_pre"):
+            _record(adapter, ["blocks.1.ln1.hook_normalized"])
+        with pytest.raises(FeatsteerError, match="has no norm before the MLP.*blocks.0.hook_resid_mid"):
+            _record(adapter, ["blocks.0.ln2.hook_normalized"])
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
 
 
 def test_norm_hook_edits_reach_only_their_branch(llama_adapter):

@@ -127,6 +127,12 @@ class ModelAdapter(ABC):
         so a head's write is not a linear function of its `hook_z`."""
         return False
 
+    @property
+    def input_norms(self) -> bool:
+        """True when each block's attention and MLP read a normalised copy of the stream, so `blocks.{l}.ln1.hook_normalized`
+        and `blocks.{l}.ln2.hook_normalized` exist (False for OLMo 2 and EXAONE 4, which normalise only the outputs)."""
+        return True
+
     @abstractmethod
     def _install_hooks(self, hooks: Sequence[tuple[HookSite, HookFn]]) -> Callable[[], None]:
         """Attach hooks; return a function that removes every one of them."""

@@ -38,10 +38,12 @@ class FamilySpec:
     """Layer-relative path to the MLP module."""
     mlp_out_proj: str
     """Layer-relative path to the MLP output projection (writes into the residual stream)."""
-    attn_norm: str
-    """Layer-relative path to the norm whose output the attention reads (`blocks.{l}.ln1.hook_normalized`)."""
-    mlp_norm: str
-    """Layer-relative path to the norm whose output the MLP reads (`blocks.{l}.ln2.hook_normalized`)."""
+    attn_norm: str | None
+    """Layer-relative path to the norm whose output the attention reads (`blocks.{l}.ln1.hook_normalized`); None when
+    the attention reads the stream itself (OLMo 2, EXAONE 4 normalise only its output)."""
+    mlp_norm: str | None
+    """Layer-relative path to the norm whose output the MLP reads (`blocks.{l}.ln2.hook_normalized`); None as for
+    `attn_norm`."""
     attn_out_site: str | None = None
     """Layer-relative module whose output is added to the residual after attention, when it is not the
     attention module itself (Gemma 2/3 apply `post_attention_layernorm` there)."""
@@ -58,8 +60,18 @@ class FamilySpec:
     layer_norm: bool = False
     """True when the norms are LayerNorms (centre, scale, shift) rather than RMSNorms (scale only)."""
     post_norms: bool = False
-    """True when attention/MLP outputs pass through an extra norm before the residual add (Gemma 2/3).
+    """True when attention/MLP outputs pass through an extra norm before the residual add (Gemma 2/3, OLMo 2, GLM-4).
     Weight orthogonalisation cannot then be exactly equivalent to ablating the residual write."""
+    experts: str | None = None
+    """Layer-relative path to a mixture-of-experts layer's experts module, which holds every expert's output projection
+    in one `down_proj` parameter `(n_experts, d_model, d_mlp)` (transformers 5 fuses them). A layer where the path does
+    not resolve is a dense layer (Qwen-MoE's `mlp_only_layers`, DeepSeek's first layers) and uses `mlp_out_proj`."""
+    experts_transposed: bool = False
+    """True when the fused `down_proj` is stored `(n_experts, d_mlp, d_model)` and applied as `x @ W` (GPT-OSS); its
+    bias, when there is one, is `down_proj_bias` `(n_experts, d_model)`."""
+    shared_experts: tuple[str, ...] = ()
+    """Layer-relative paths to the output projections of experts every token passes through (Qwen2-MoE's
+    `shared_expert`, DeepSeek's `shared_experts`), edited beside the routed ones."""
 
     @property
     def attn_site(self) -> str:
@@ -81,27 +93,51 @@ _LLAMA_LIKE = dict(
     mlp="mlp",
     mlp_out_proj="mlp.down_proj",
     attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
 )
+_MULTIMODAL = dict(layers="model.language_model.layers", embed_tokens="model.language_model.embed_tokens",
+                   final_norm="model.language_model.norm")
+"""Where the text decoder of an image-text model (`...ForConditionalGeneration`) keeps its layers; the rest is the
+text family's own layout."""
+_GEMMA2_LAYOUT = dict(
+    attn_out_site="post_attention_layernorm",
+    mlp_out_site="post_feedforward_layernorm",
+    mlp_norm="pre_feedforward_layernorm",
+    embedding_scaled=True,
+    norm_weight_offset=1.0,
+    post_norms=True,
+)
+_ROUTED = dict(experts="mlp.experts")
 
 FAMILIES: tuple[FamilySpec, ...] = (
-    FamilySpec(name="llama", model_types=("llama", "mistral", "mixtral_dense"), mlp_norm="post_attention_layernorm", **_LLAMA_LIKE),
-    FamilySpec(name="qwen", model_types=("qwen2", "qwen3"), mlp_norm="post_attention_layernorm", **_LLAMA_LIKE),
-    FamilySpec(name="phi3", model_types=("phi3",), mlp_norm="post_attention_layernorm", **_LLAMA_LIKE),
     FamilySpec(
-        name="gemma", model_types=("gemma",), embedding_scaled=True, norm_weight_offset=1.0, mlp_norm="post_attention_layernorm",
+        name="llama",
+        model_types=("llama", "mistral", "ministral", "smollm3", "arcee", "seed_oss", "ernie4_5",
+                     "hunyuan_v1_dense"),
         **_LLAMA_LIKE,
     ),
+    FamilySpec(name="qwen", model_types=("qwen2", "qwen3"), **_LLAMA_LIKE),
+    FamilySpec(name="phi3", model_types=("phi3",), **_LLAMA_LIKE),
+    FamilySpec(name="gemma", model_types=("gemma",), embedding_scaled=True, norm_weight_offset=1.0, **_LLAMA_LIKE),
+    FamilySpec(name="gemma2", model_types=("gemma2", "gemma3_text"), **{**_LLAMA_LIKE, **_GEMMA2_LAYOUT}),
+    FamilySpec(name="gemma3", model_types=("gemma3",), **{**_LLAMA_LIKE, **_GEMMA2_LAYOUT, **_MULTIMODAL}),
+    FamilySpec(name="mistral3", model_types=("mistral3",), **{**_LLAMA_LIKE, **_MULTIMODAL}),
     FamilySpec(
-        name="gemma2",
-        model_types=("gemma2", "gemma3_text"),
-        attn_out_site="post_attention_layernorm",
-        mlp_out_site="post_feedforward_layernorm",
-        mlp_norm="pre_feedforward_layernorm",
-        embedding_scaled=True,
-        norm_weight_offset=1.0,
-        post_norms=True,
-        **_LLAMA_LIKE,
+        name="olmo2", model_types=("olmo2", "olmo3", "exaone4"),
+        **{**_LLAMA_LIKE, "attn_norm": None, "mlp_norm": None, "attn_out_site": "post_attention_layernorm",
+           "mlp_out_site": "post_feedforward_layernorm", "post_norms": True},
     ),
+    FamilySpec(
+        name="glm4", model_types=("glm4",),
+        **{**_LLAMA_LIKE, "attn_out_site": "post_self_attn_layernorm", "mlp_out_site": "post_mlp_layernorm", "post_norms": True},
+    ),
+    FamilySpec(name="apertus", model_types=("apertus",),
+               **{**_LLAMA_LIKE, "attn_norm": "attention_layernorm", "mlp_norm": "feedforward_layernorm"}),
+    FamilySpec(name="starcoder2", model_types=("starcoder2",), layer_norm=True, **{**_LLAMA_LIKE, "mlp_out_proj": "mlp.c_proj"}),
+    FamilySpec(name="moe", model_types=("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "dots1"),
+               shared_experts=("mlp.shared_expert.down_proj", "mlp.shared_experts.down_proj"), **_LLAMA_LIKE, **_ROUTED),
+    FamilySpec(name="phimoe", model_types=("phimoe",), layer_norm=True, **_LLAMA_LIKE, **_ROUTED),
+    FamilySpec(name="gpt_oss", model_types=("gpt_oss",), experts_transposed=True, **_LLAMA_LIKE, **_ROUTED),
     FamilySpec(
         name="gpt2",
         model_types=("gpt2",),

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from featsteer.errors import FeatsteerError
 from featsteer.models.adapter import HookFn, ModelAdapter, ResidualWriter, TokenBatch
 from featsteer.models.families import FamilySpec, family_for
 from featsteer.models.hookpoints import HookSite
@@ -94,9 +95,23 @@ class HFModelAdapter(ModelAdapter):
     def post_norms(self) -> bool:
         return self.spec.post_norms
 
+    @property
+    def input_norms(self) -> bool:
+        return self.spec.attn_norm is not None and self.spec.mlp_norm is not None
+
     def _module(self, path: str, layer: int | None = None) -> nn.Module:
         root = self.model if layer is None else self.layers[layer]
         return operator.attrgetter(path)(root)
+
+    def _norm_module(self, path: str | None, hooks: _Hooks, layer: int) -> nn.Module:
+        """The input norm a `ln1`/`ln2` hook sits on; a one-line error for families whose branch reads the raw stream."""
+        if path is None:
+            site = hooks[0][0]
+            branch = "attention" if site.kind == "ln1_normalized" else "MLP"
+            stream = "hook_resid_pre" if branch == "attention" else "hook_resid_mid"
+            raise FeatsteerError(f"{site.name} does not exist: {self.spec.name} has no norm before the {branch} (it reads the "
+                                 f"residual stream itself); hook blocks.{layer}.{stream} instead")
+        return self._module(path, layer)
 
     # ---- hooks --------------------------------------------------------------------------------------
     def _install_hooks(self, hooks: Sequence[tuple[HookSite, HookFn]]) -> Callable[[], None]:
@@ -133,13 +148,13 @@ class HFModelAdapter(ModelAdapter):
         if pre or mid:
             handles.append(block.register_forward_pre_hook(_pre_hook(pre, state, keep=bool(mid)), with_kwargs=True))
         if ln1 := by_site.get((layer, "ln1_normalized")):
-            handles.append(self._module(self.spec.attn_norm, layer).register_forward_hook(_norm_hook(ln1, self.spec), with_kwargs=True))
+            handles.append(self._norm_module(self.spec.attn_norm, ln1, layer).register_forward_hook(_norm_hook(ln1, self.spec), with_kwargs=True))
         if z := by_site.get((layer, "attn_z")):
             handles.append(self._module(self.spec.attn_out_proj, layer).register_forward_pre_hook(_heads_hook(z, self.n_heads)))
         if attn or mid:
             handles.append(self._module(self.spec.attn_site, layer).register_forward_hook(_attn_hook(attn, mid, state)))
         if ln2 := by_site.get((layer, "ln2_normalized")):
-            handles.append(self._module(self.spec.mlp_norm, layer).register_forward_hook(_norm_hook(ln2, self.spec), with_kwargs=True))
+            handles.append(self._norm_module(self.spec.mlp_norm, ln2, layer).register_forward_hook(_norm_hook(ln2, self.spec), with_kwargs=True))
         if mlp:
             handles.append(self._module(self.spec.mlp_site, layer).register_forward_hook(_output_hook(mlp)))
         if post:
@@ -193,11 +208,34 @@ class HFModelAdapter(ModelAdapter):
         writers = [_embedding_writer("hook_embed", None, "embed", self._module(self.spec.embed_tokens), self.untie_embeddings)]
         if self.spec.pos_embed:
             writers.append(_embedding_writer("hook_pos_embed", None, "pos_embed", self._module(self.spec.pos_embed), None))
+        conv1d = self.spec.conv1d_projections
         for layer in range(self.n_layers):
-            for kind, path in (("attn_out", self.spec.attn_out_proj), ("mlp_out", self.spec.mlp_out_proj)):
-                module = self._module(path, layer)
-                writers.append(_projection_writer(f"blocks.{layer}.hook_{kind}", layer, kind, module, self.spec.conv1d_projections))
+            writers.append(_projection_writer(f"blocks.{layer}.hook_attn_out", layer, "attn_out",
+                                              self._module(self.spec.attn_out_proj, layer), conv1d))
+            writers.extend(self._mlp_writers(layer))
         return writers
+
+    def _mlp_writers(self, layer: int) -> list[ResidualWriter]:
+        """The MLP's writers of one layer: its output projection, or in a mixture-of-experts layer one writer per routed
+        expert (`blocks.{l}.hook_mlp_out.expert{e}`) and one per shared expert (`...hook_mlp_out.shared{i}`). Every
+        expert's output is added to the MLP's output with a per-token weight, so removing a direction from each expert's
+        projection removes it from the MLP's write exactly, whatever the router picks."""
+        name = f"blocks.{layer}.hook_mlp_out"
+        experts = self._optional_module(self.spec.experts, layer) if self.spec.experts else None
+        if experts is None:
+            return [_projection_writer(name, layer, "mlp_out", self._module(self.spec.mlp_out_proj, layer), self.spec.conv1d_projections)]
+        down = experts.down_proj
+        bias = getattr(experts, "down_proj_bias", None)
+        writers = [_expert_writer(f"{name}.expert{e}", layer, down, bias, e, self.spec.experts_transposed) for e in range(down.shape[0])]
+        shared = [module for path in self.spec.shared_experts if (module := self._optional_module(path, layer)) is not None]
+        writers.extend(_projection_writer(f"{name}.shared{i}", layer, "mlp_out", module, False) for i, module in enumerate(shared))
+        return writers
+
+    def _optional_module(self, path: str, layer: int) -> nn.Module | None:
+        try:
+            return self._module(path, layer)
+        except AttributeError:
+            return None
 
     def unembed(self) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         return self.model.get_output_embeddings().weight, self._module(self.spec.final_norm)
@@ -327,6 +365,23 @@ def _projection_writer(name: str, layer: int, kind: str, module: nn.Module, conv
                 module.bias.copy_(bias)
 
     return ResidualWriter(name=name, layer=layer, kind=kind, read=read, write=write)
+
+
+def _expert_writer(name: str, layer: int, down: nn.Parameter, bias: nn.Parameter | None, expert: int,
+                   transposed: bool) -> ResidualWriter:
+    """One routed expert's slice of a fused `down_proj` (and its bias row), read and written as `(d_model, d_mlp)`."""
+
+    def read() -> tuple[Tensor, Tensor | None]:
+        weight = down.detach()[expert]
+        return (weight.T if transposed else weight), (bias.detach()[expert] if bias is not None else None)
+
+    def write(weight: Tensor, new_bias: Tensor | None) -> None:
+        with torch.no_grad():
+            down[expert].copy_(weight.T if transposed else weight)
+            if new_bias is not None and bias is not None:
+                bias[expert].copy_(new_bias)
+
+    return ResidualWriter(name=name, layer=layer, kind="mlp_out", read=read, write=write)
 
 
 @functools.cache

@@ -175,20 +175,31 @@ def _check_architecture(config) -> None:
         raise FeatsteerError(f"'{config.model_type}' is an encoder-decoder model: featsteer needs a decoder-only causal LM")
 
 
+def model_class(config):
+    """The `transformers` auto class that builds a generating model for `config`: `AutoModelForCausalLM`, or for an
+    image-text model it does not map (Mistral 3) `AutoModelForImageTextToText`, whose text decoder featsteer hooks."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if type(config) not in AutoModelForCausalLM._model_mapping and type(config) in AutoModelForImageTextToText._model_mapping:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def _from_directory(path: Path, dtype: torch.dtype | str, device: torch.device, name: str) -> ModelAdapter:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from featsteer.models.hf import HFModelAdapter
 
     if not (path / "config.json").is_file():
         raise FeatsteerError(f"'{path}' has no config.json: it is not a Hugging Face model directory")
-    _check_architecture(AutoConfig.from_pretrained(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    config = AutoConfig.from_pretrained(path)
+    _check_architecture(config)
+    model = model_class(config).from_pretrained(path, dtype=dtype).to(device)
     return HFModelAdapter(model, AutoTokenizer.from_pretrained(path), name=name)
 
 
 def _from_hub(model_id: str, dtype: torch.dtype | str, device: torch.device) -> ModelAdapter:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from featsteer.models.hf import HFModelAdapter
 
@@ -201,7 +212,7 @@ def _from_hub(model_id: str, dtype: torch.dtype | str, device: torch.device) -> 
             f"hub did not provide it ({reason}); check the name and your network, or pass a local path"
         ) from None
     _check_architecture(config)
-    model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype).to(device)
+    model = model_class(config).from_pretrained(model_id, dtype=dtype).to(device)
     return HFModelAdapter(model, AutoTokenizer.from_pretrained(model_id), name=model_id)
 
 
