@@ -30,11 +30,11 @@ from featsteer.testing import FAMILY_NAMES, tiny_model
 from tests.conftest import count_hooks
 
 PROMPTS = ["hello there", "a longer instruction with more words", "x"]
-POST_NORM_FAMILIES = ("gemma2", "gemma3_text", "gemma3", "olmo2", "exaone4", "glm4")
+POST_NORM_FAMILIES = ("gemma2", "gemma3_text", "gemma3", "olmo2", "olmo3", "exaone4", "glm4")
 """Families that normalise the attention/MLP output before adding it to the stream (listed here by hand, apart from
 featsteer's FamilySpec rows, which `test_post_norm_flags_match_the_architectures` checks against this list)."""
 EXACT_FAMILIES = tuple(f for f in FAMILY_NAMES if f not in POST_NORM_FAMILIES)
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe", "gpt_oss")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe", "gpt_oss", "granitemoe")
 
 
 def _direction(d_model: int, seed: int = 5) -> torch.Tensor:

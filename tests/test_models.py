@@ -59,11 +59,13 @@ def _scaled(norm, z):
 # Written out per family, apart from featsteer's FamilySpec rows, so the test checks them: the norm the MLP reads
 # (None: it reads the stream itself), the norm on the MLP's output before the stream (if any), LayerNorm or RMSNorm.
 MLP_INPUT_NORM = {"gpt2": "ln_2", "gemma2": "pre_feedforward_layernorm", "gemma3_text": "pre_feedforward_layernorm",
-                  "gemma3": "pre_feedforward_layernorm", "apertus": "feedforward_layernorm", "olmo2": None, "exaone4": None}
+                  "gemma3": "pre_feedforward_layernorm", "apertus": "feedforward_layernorm", "olmo2": None, "olmo3": None,
+                  "exaone4": None}
 MLP_OUTPUT_NORM = {"gemma2": "post_feedforward_layernorm", "gemma3_text": "post_feedforward_layernorm",
-                   "gemma3": "post_feedforward_layernorm", "olmo2": "post_feedforward_layernorm",
+                   "gemma3": "post_feedforward_layernorm", "olmo2": "post_feedforward_layernorm", "olmo3": "post_feedforward_layernorm",
                    "exaone4": "post_feedforward_layernorm", "glm4": "post_mlp_layernorm"}
 LAYER_NORM_FAMILIES = ("gpt2", "starcoder2", "phimoe")
+GRANITE = ("granite", "granitemoe")  # multiply each write by config.residual_multiplier and divide the logits
 
 
 def _eps(norm) -> float:
@@ -88,9 +90,12 @@ def test_norm_hooks_carry_what_attention_mlp_and_unembedding_read(family_model):
             ln1, ln2 = seen[f"blocks.{layer}.ln1.hook_normalized"], seen[f"blocks.{layer}.ln2.hook_normalized"]
             torch.testing.assert_close(ln1, _normalised(seen[f"blocks.{layer}.hook_resid_pre"], layer_norm, eps), atol=1e-5, rtol=0)
             torch.testing.assert_close(ln2, _normalised(seen[f"blocks.{layer}.hook_resid_mid"], layer_norm, eps), atol=1e-5, rtol=0)
-            mlp_out = _first(block.mlp(_scaled(getattr(block, mlp_norm), ln2)))
+            mlp = block.block_sparse_moe if family == "granitemoe" else block.mlp
+            mlp_out = _first(mlp(_scaled(getattr(block, mlp_norm), ln2)))
             if family in MLP_OUTPUT_NORM:
                 mlp_out = getattr(block, MLP_OUTPUT_NORM[family])(mlp_out)
+            if family in GRANITE:
+                mlp_out = mlp_out * model.config.residual_multiplier
             torch.testing.assert_close(mlp_out, seen[f"blocks.{layer}.hook_mlp_out"], atol=1e-4, rtol=0)
         final_norm = model.transformer.ln_f if family == "gpt2" else model.get_decoder().norm
         last = seen[f"blocks.{adapter.n_layers - 1}.hook_resid_post"]
@@ -100,6 +105,8 @@ def test_norm_hooks_carry_what_attention_mlp_and_unembedding_read(family_model):
         if getattr(config, "final_logit_softcapping", None):
             cap = config.final_logit_softcapping
             via_head = torch.tanh(via_head / cap) * cap
+        if family in GRANITE:
+            via_head = via_head / config.logits_scaling
         torch.testing.assert_close(via_head, logits, atol=1e-4, rtol=0)
     if not mlp_norm:
         with pytest.raises(FeatsteerError, match="has no norm before the attention.*blocks.1.hook_resid_pre"):

@@ -62,6 +62,12 @@ class FamilySpec:
     post_norms: bool = False
     """True when attention/MLP outputs pass through an extra norm before the residual add (Gemma 2/3, OLMo 2, GLM-4).
     Weight orthogonalisation cannot then be exactly equivalent to ablating the residual write."""
+    embedding_multiplier: str | None = None
+    """Config attribute by which the model multiplies the token embedding after the embedding module (Granite's
+    `embedding_multiplier`); `hook_embed` carries the product, what enters the stream."""
+    residual_multiplier: str | None = None
+    """Config attribute by which the attention and MLP outputs are multiplied before the residual add (Granite's
+    `residual_multiplier`); `hook_attn_out` and `hook_mlp_out` carry the product, what is added to the stream."""
     experts: str | None = None
     """Layer-relative path to a mixture-of-experts layer's experts module, which holds every expert's output projection
     in one `down_proj` parameter `(n_experts, d_model, d_mlp)` (transformers 5 fuses them). A layer where the path does
@@ -136,6 +142,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(name="starcoder2", model_types=("starcoder2",), layer_norm=True, **{**_LLAMA_LIKE, "mlp_out_proj": "mlp.c_proj"}),
     FamilySpec(name="moe", model_types=("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "dots1"),
                shared_experts=("mlp.shared_expert.down_proj", "mlp.shared_experts.down_proj"), **_LLAMA_LIKE, **_ROUTED),
+    FamilySpec(name="granite", model_types=("granite",), embedding_multiplier="embedding_multiplier",
+               residual_multiplier="residual_multiplier", **_LLAMA_LIKE),
+    FamilySpec(name="granitemoe", model_types=("granitemoe",), embedding_multiplier="embedding_multiplier",
+               residual_multiplier="residual_multiplier", **{**_LLAMA_LIKE, "mlp": "block_sparse_moe", "experts": "block_sparse_moe.experts"}),
     FamilySpec(name="phimoe", model_types=("phimoe",), layer_norm=True, **_LLAMA_LIKE, **_ROUTED),
     FamilySpec(name="gpt_oss", model_types=("gpt_oss",), experts_transposed=True, **_LLAMA_LIKE, **_ROUTED),
     FamilySpec(

@@ -55,6 +55,9 @@ class HFModelAdapter(ModelAdapter):
         self.tokenizer = tokenizer
         self.name = name or getattr(model, "name_or_path", None) or type(model).__name__
         self.spec: FamilySpec = family_for(model.config.model_type)
+        text_config = model.config.get_text_config()
+        self._embed_scale = float(getattr(text_config, self.spec.embedding_multiplier)) if self.spec.embedding_multiplier else 1.0
+        self._write_scale = float(getattr(text_config, self.spec.residual_multiplier)) if self.spec.residual_multiplier else 1.0
         self._get = {path: operator.attrgetter(path) for path in (self.spec.layers, self.spec.embed_tokens)}
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -124,7 +127,7 @@ class HFModelAdapter(ModelAdapter):
                 ("embed", self.spec.embed_tokens), ("pos_embed", self.spec.pos_embed), ("ln_final_normalized", self.spec.final_norm),
             ):
                 if fns := by_site.get((None, kind)):
-                    hook = _norm_hook(fns, self.spec) if kind == "ln_final_normalized" else _output_hook(fns)
+                    hook = _norm_hook(fns, self.spec) if kind == "ln_final_normalized" else _output_hook(fns, self._embed_scale if kind == "embed" else 1.0)
                     handles.append(self._module(path).register_forward_hook(hook, with_kwargs=kind == "ln_final_normalized"))
             for layer in sorted({layer for layer, _ in by_site if layer is not None}):
                 handles.extend(self._install_layer(layer, by_site))
@@ -152,11 +155,11 @@ class HFModelAdapter(ModelAdapter):
         if z := by_site.get((layer, "attn_z")):
             handles.append(self._module(self.spec.attn_out_proj, layer).register_forward_pre_hook(_heads_hook(z, self.n_heads)))
         if attn or mid:
-            handles.append(self._module(self.spec.attn_site, layer).register_forward_hook(_attn_hook(attn, mid, state)))
+            handles.append(self._module(self.spec.attn_site, layer).register_forward_hook(_attn_hook(attn, mid, state, self._write_scale)))
         if ln2 := by_site.get((layer, "ln2_normalized")):
             handles.append(self._norm_module(self.spec.mlp_norm, ln2, layer).register_forward_hook(_norm_hook(ln2, self.spec), with_kwargs=True))
         if mlp:
-            handles.append(self._module(self.spec.mlp_site, layer).register_forward_hook(_output_hook(mlp)))
+            handles.append(self._module(self.spec.mlp_site, layer).register_forward_hook(_output_hook(mlp, self._write_scale)))
         if post:
             handles.append(block.register_forward_hook(_output_hook(post)))
         return handles
@@ -255,11 +258,17 @@ class HFModelAdapter(ModelAdapter):
                 config.tie_word_embeddings = False
 
 
-def _output_hook(fns: _Hooks):
+def _output_hook(fns: _Hooks, scale: float = 1.0):
+    """Forward hook handing the hooks the module's output times `scale` (what the model adds to the stream after it,
+    for Granite's multipliers) and putting a replacement back divided by it."""
+
     def hook(module, args, output):
         value = _first(output)
-        new = _apply(fns, value)
-        return None if new is value else _replace_first(output, new)
+        seen = value * scale if scale != 1.0 else value
+        new = _apply(fns, seen)
+        if new is seen:
+            return None
+        return _replace_first(output, new / scale if scale != 1.0 else new)
 
     return hook
 
@@ -318,16 +327,22 @@ def _pre_hook(fns: _Hooks, state: dict[str, Tensor], keep: bool):
     return hook
 
 
-def _attn_hook(attn_fns: _Hooks, mid_fns: _Hooks, state: dict[str, Tensor]):
+def _attn_hook(attn_fns: _Hooks, mid_fns: _Hooks, state: dict[str, Tensor], scale: float = 1.0):
+    """Forward hook on the attention's contribution: `attn_out` hooks see it times `scale` (as `_output_hook`), and
+    `resid_mid` is `resid_pre` plus that, whose change is passed back as a change of the contribution."""
+
     def hook(module, args, output):
         value = _first(output)
-        new = _apply(attn_fns, value)
+        seen = value * scale if scale != 1.0 else value
+        new = _apply(attn_fns, seen)
         if mid_fns:
             resid_mid = state.pop("resid_pre") + new
             new_mid = _apply(mid_fns, resid_mid)
             if new_mid is not resid_mid:
                 new = new + (new_mid - resid_mid)
-        return None if new is value else _replace_first(output, new)
+        if new is seen:
+            return None
+        return _replace_first(output, new / scale if scale != 1.0 else new)
 
     return hook
 
