@@ -36,7 +36,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"dtype     {model.dtype}")
     print(f"device    {model.device}")
     layers = f"blocks.{{0..{model.n_layers - 1}}}"
-    print(f"hooks     hook_embed, {layers}.hook_{{{','.join(RESIDUAL_KINDS)}}},")
+    residual = [kind for kind in RESIDUAL_KINDS if kind in model.layer_kinds]
+    print(f"hooks     hook_embed, {layers}.hook_{{{','.join(residual)}}},")
     norms = f"{layers}.ln1.hook_normalized, {layers}.ln2.hook_normalized, " if model.input_norms else ""
     print(f"          {norms}ln_final.hook_normalized,")
     print(f"          {layers}.attn.hook_z (per head: {model.n_heads} heads)")

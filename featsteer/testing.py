@@ -82,9 +82,16 @@ def _configs(vocab: int) -> dict:
         "seed_oss": lambda: tf.SeedOssConfig(**common, head_dim=16),
         "ernie4_5": lambda: tf.Ernie4_5Config(**common, head_dim=16),
         "hunyuan_v1_dense": lambda: tf.HunYuanDenseV1Config(**common, head_dim=16),
+        "dots1": lambda: tf.Dots1Config(**common, **moe, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
+                                        n_group=1, topk_group=1),
         "phimoe": lambda: tf.PhimoeConfig(**common, num_local_experts=4, num_experts_per_tok=2),
         "gpt_oss": lambda: tf.GptOssConfig(**{**common, "intermediate_size": 96}, num_local_experts=4, num_experts_per_tok=2,
                                            head_dim=16, rope_parameters=plain_rope),
+        "cohere": lambda: tf.CohereConfig(**common),
+        "cohere2": lambda: tf.Cohere2Config(**common, sliding_window=8),
+        "phi": lambda: tf.PhiConfig(**common),
+        "stablelm": lambda: tf.StableLmConfig(**common),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(**{k: v for k, v in common.items() if k != "num_key_value_heads"}),
         "gpt2": lambda: tf.GPT2Config(**ids, vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=256),
     }
 

@@ -21,6 +21,16 @@ def test_info(capsys):
     code, out, _ = _run(capsys, "info", "--model", "tiny:gpt2", "--prompt", "Hi")
     assert code == 0 and "family    gpt2" in out and "layers    3" in out and "'<|user|>Hi<|end|><|assistant|>'" in out
     assert "blocks.{0..2}.ln1.hook_normalized" in out and "ln_final.hook_normalized" in out and "attn.hook_z (per head: 4 heads)" in out
+    assert "experts" not in out
+
+
+def test_info_lists_only_the_hooks_a_family_has_and_its_experts(capsys):
+    _, moe, _ = _run(capsys, "info", "--model", "tiny:qwen2_moe")
+    assert "family    moe" in moe and "experts   5 output projections per mixture-of-experts layer (2 of 3 layers" in moe
+    _, parallel, _ = _run(capsys, "info", "--model", "tiny:cohere")
+    assert "hook_{resid_pre,attn_out,mlp_out,resid_post}" in parallel and "ln1.hook_normalized" in parallel
+    _, no_input_norms, _ = _run(capsys, "info", "--model", "tiny:olmo2")
+    assert "resid_mid" in no_input_norms and "ln1.hook_normalized" not in no_input_norms
 
 
 def test_capture_writes_a_readable_directory(capsys, tmp_path):

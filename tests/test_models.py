@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from operator import attrgetter
 
 import pytest
 import torch
@@ -24,19 +25,29 @@ def _record(adapter, names, prompts=PROMPTS):
     return seen, logits
 
 
+PARALLEL_FAMILIES = ("cohere", "cohere2", "phi", "gpt_neox")
+"""Attention and MLP read the block's input and are added together: no resid_mid (written out apart from featsteer's rows)."""
+
+
 def test_hook_points_match_residual_identities(family_model):
     family, model, tokenizer = family_model
     adapter = load_model(model, tokenizer=tokenizer)
+    assert adapter.parallel_block == (family in PARALLEL_FAMILIES)
     names = ["hook_embed"] + adapter.hook_names(KINDS)
+    assert any(name.endswith("hook_resid_mid") for name in names) != adapter.parallel_block
     seen, _ = _record(adapter, names)
     batch = adapter.tokenize(PROMPTS)
     hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                    output_hidden_states=True).hidden_states
     for layer in range(adapter.n_layers):
-        pre, attn, mid, mlp, post = (seen[f"blocks.{layer}.hook_{k}"] for k in KINDS)
+        pre, attn, mlp, post = (seen[f"blocks.{layer}.hook_{k}"] for k in ("resid_pre", "attn_out", "mlp_out", "resid_post"))
         torch.testing.assert_close(pre, hidden[layer], atol=1e-5, rtol=0)
-        torch.testing.assert_close(mid, pre + attn, atol=1e-5, rtol=0)
-        torch.testing.assert_close(post, mid + mlp, atol=1e-5, rtol=0)
+        if family in PARALLEL_FAMILIES:
+            torch.testing.assert_close(post, pre + attn + mlp, atol=1e-5, rtol=0)
+        else:
+            mid = seen[f"blocks.{layer}.hook_resid_mid"]
+            torch.testing.assert_close(mid, pre + attn, atol=1e-5, rtol=0)
+            torch.testing.assert_close(post, mid + mlp, atol=1e-5, rtol=0)
         if layer + 1 < adapter.n_layers:
             torch.testing.assert_close(post, seen[f"blocks.{layer + 1}.hook_resid_pre"], atol=0, rtol=0)
     if family != "gpt2":  # GPT-2 adds a position embedding after hook_embed
@@ -58,13 +69,14 @@ def _scaled(norm, z):
 
 # Written out per family, apart from featsteer's FamilySpec rows, so the test checks them: the norm the MLP reads
 # (None: it reads the stream itself), the norm on the MLP's output before the stream (if any), LayerNorm or RMSNorm.
-MLP_INPUT_NORM = {"gpt2": "ln_2", "gemma2": "pre_feedforward_layernorm", "gemma3_text": "pre_feedforward_layernorm",
+MLP_INPUT_NORM = {"gpt2": "ln_2", "cohere": "input_layernorm", "cohere2": "input_layernorm", "phi": "input_layernorm", "gemma2": "pre_feedforward_layernorm", "gemma3_text": "pre_feedforward_layernorm",
                   "gemma3": "pre_feedforward_layernorm", "apertus": "feedforward_layernorm", "olmo2": None, "olmo3": None,
                   "exaone4": None}
 MLP_OUTPUT_NORM = {"gemma2": "post_feedforward_layernorm", "gemma3_text": "post_feedforward_layernorm",
                    "gemma3": "post_feedforward_layernorm", "olmo2": "post_feedforward_layernorm", "olmo3": "post_feedforward_layernorm",
                    "exaone4": "post_feedforward_layernorm", "glm4": "post_mlp_layernorm"}
-LAYER_NORM_FAMILIES = ("gpt2", "starcoder2", "phimoe")
+LAYER_NORM_FAMILIES = ("gpt2", "starcoder2", "phimoe", "cohere", "cohere2", "phi", "gpt_neox", "stablelm")
+FINAL_NORM = {"gpt2": "transformer.ln_f", "phi": "model.final_layernorm", "gpt_neox": "gpt_neox.final_layer_norm"}
 GRANITE = ("granite", "granitemoe")  # multiply each write by config.residual_multiplier and divide the logits
 
 
@@ -83,13 +95,14 @@ def test_norm_hooks_carry_what_attention_mlp_and_unembedding_read(family_model):
     norms = NORMS if mlp_norm else ()
     names = adapter.hook_names(("resid_pre", "resid_mid", "mlp_out", "resid_post") + norms)
     seen, logits = _record(adapter, [*names, "ln_final.hook_normalized"])
+    mlp_reads = "resid_pre" if family in PARALLEL_FAMILIES else "resid_mid"
     with torch.inference_mode():  # the recorded tensors are inference tensors
         for layer in range(adapter.n_layers if mlp_norm else 0):
             block = adapter.layers[layer]
             eps = _eps(getattr(block, mlp_norm))
             ln1, ln2 = seen[f"blocks.{layer}.ln1.hook_normalized"], seen[f"blocks.{layer}.ln2.hook_normalized"]
             torch.testing.assert_close(ln1, _normalised(seen[f"blocks.{layer}.hook_resid_pre"], layer_norm, eps), atol=1e-5, rtol=0)
-            torch.testing.assert_close(ln2, _normalised(seen[f"blocks.{layer}.hook_resid_mid"], layer_norm, eps), atol=1e-5, rtol=0)
+            torch.testing.assert_close(ln2, _normalised(seen[f"blocks.{layer}.hook_{mlp_reads}"], layer_norm, eps), atol=1e-5, rtol=0)
             mlp = block.block_sparse_moe if family == "granitemoe" else block.mlp
             mlp_out = _first(mlp(_scaled(getattr(block, mlp_norm), ln2)))
             if family in MLP_OUTPUT_NORM:
@@ -97,7 +110,7 @@ def test_norm_hooks_carry_what_attention_mlp_and_unembedding_read(family_model):
             if family in GRANITE:
                 mlp_out = mlp_out * model.config.residual_multiplier
             torch.testing.assert_close(mlp_out, seen[f"blocks.{layer}.hook_mlp_out"], atol=1e-4, rtol=0)
-        final_norm = model.transformer.ln_f if family == "gpt2" else model.get_decoder().norm
+        final_norm = attrgetter(FINAL_NORM[family])(model) if family in FINAL_NORM else model.get_decoder().norm
         last = seen[f"blocks.{adapter.n_layers - 1}.hook_resid_post"]
         torch.testing.assert_close(seen["ln_final.hook_normalized"], _normalised(last, layer_norm, _eps(final_norm)), atol=1e-5, rtol=0)
         via_head = model.get_output_embeddings()(_scaled(final_norm, seen["ln_final.hook_normalized"]))
@@ -107,6 +120,8 @@ def test_norm_hooks_carry_what_attention_mlp_and_unembedding_read(family_model):
             via_head = torch.tanh(via_head / cap) * cap
         if family in GRANITE:
             via_head = via_head / config.logits_scaling
+        if family in ("cohere", "cohere2"):
+            via_head = via_head * config.logit_scale
         torch.testing.assert_close(via_head, logits, atol=1e-4, rtol=0)
     if not mlp_norm:
         with pytest.raises(FeatsteerError, match="has no norm before the attention.*blocks.1.hook_resid_pre"):
@@ -150,10 +165,53 @@ def test_writes_at_equivalent_points_give_equal_logits(family_model):
             return adapter.run(batch)
 
     base = adapter.run(batch)
-    via_mid = logits_with("blocks.1.hook_resid_mid")
-    assert (via_mid - base).abs().max() > 1e-3  # the write changes something
+    via_attn = logits_with("blocks.1.hook_attn_out")
+    assert (via_attn - base).abs().max() > 1e-3  # the write changes something
     torch.testing.assert_close(logits_with("blocks.0.hook_resid_post"), logits_with("blocks.1.hook_resid_pre"), atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits_with("blocks.1.hook_resid_mid"), logits_with("blocks.1.hook_attn_out"), atol=1e-4, rtol=0)
+    if adapter.parallel_block:  # both branches' writes land in the stream together, after the block
+        torch.testing.assert_close(logits_with("blocks.1.hook_mlp_out"), via_attn, atol=1e-4, rtol=0)
+        torch.testing.assert_close(logits_with("blocks.1.hook_resid_post"), via_attn, atol=1e-4, rtol=0)
+    else:
+        torch.testing.assert_close(logits_with("blocks.1.hook_resid_mid"), via_attn, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["cohere", "phi", "gpt_neox"])
+def test_parallel_blocks_norm_edits_reach_only_their_branch_and_resid_mid_is_refused(family):
+    """Cohere and Phi-2 feed one norm's output to both branches; an edit at ln1 must reach the attention only and one
+    at ln2 the MLP only, as on models with a norm per branch (GPT-NeoX)."""
+    model, tokenizer = tiny_model(family)
+    adapter = load_model(model, tokenizer=tokenizer)
+    writes = adapter.hook_names(("attn_out", "mlp_out"), [1])
+    seen, _ = _record(adapter, writes)
+    for norm, untouched, touched in (("ln1", "mlp_out", "attn_out"), ("ln2", "attn_out", "mlp_out")):
+        with adapter.hooks([(f"blocks.1.{norm}.hook_normalized", lambda x, s: x * 0.5)]):
+            edited, _ = _record(adapter, writes)
+        torch.testing.assert_close(edited[f"blocks.1.hook_{untouched}"], seen[f"blocks.1.hook_{untouched}"], atol=0, rtol=0)
+        assert (edited[f"blocks.1.hook_{touched}"] - seen[f"blocks.1.hook_{touched}"]).abs().max() > 1e-3
+    with pytest.raises(FeatsteerError, match="blocks.1.hook_resid_mid does not exist.*in parallel.*blocks.1.hook_resid_post"):
+        _record(adapter, ["blocks.1.hook_resid_mid"])
+
+
+@pytest.mark.parametrize(("family", "parallel"), [("stablelm", True), ("gpt_neox", False)])
+def test_the_parallel_residual_flag_is_read_per_checkpoint(family, parallel):
+    """StableLM and GPT-NeoX decide parallel vs sequential blocks by `use_parallel_residual`; the flipped setting of each
+    tiny model's default must give the other layout (parallel StableLM has no MLP norm: the MLP reads ln1's)."""
+    from transformers import AutoModelForCausalLM
+
+    reference, tokenizer = tiny_model(family)
+    config = reference.config
+    config.use_parallel_residual = parallel
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    adapter = load_model(model, tokenizer=tokenizer)
+    assert adapter.parallel_block is parallel
+    seen, _ = _record(adapter, adapter.hook_names(KINDS + NORMS))
+    for layer in range(adapter.n_layers):
+        pre, attn, mlp, post = (seen[f"blocks.{layer}.hook_{k}"] for k in ("resid_pre", "attn_out", "mlp_out", "resid_post"))
+        mlp_reads = pre if parallel else pre + attn
+        torch.testing.assert_close(post, mlp_reads + mlp if not parallel else pre + attn + mlp, atol=1e-5, rtol=0)
+        eps = adapter.layers[layer].input_layernorm.eps
+        torch.testing.assert_close(seen[f"blocks.{layer}.ln2.hook_normalized"], _normalised(mlp_reads, True, eps), atol=1e-5, rtol=0)
 
 
 def test_hooks_are_removed_after_exit_and_after_exception(llama_adapter):

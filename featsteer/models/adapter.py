@@ -20,7 +20,7 @@ from torch import Tensor
 
 from featsteer.errors import FeatsteerError
 from featsteer.models.chat import FormattedPrompt, format_instruction
-from featsteer.models.hookpoints import HookSite, hook_name, parse_hook_name
+from featsteer.models.hookpoints import HEAD_KINDS, LAYER_KINDS, HookSite, hook_name, parse_hook_name
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,12 @@ class ModelAdapter(ABC):
         return False
 
     @property
+    def parallel_block(self) -> bool:
+        """True when attention and MLP both read the block's input and write to the stream together (Cohere, Phi-2,
+        Pythia), so there is no `blocks.{l}.hook_resid_mid`."""
+        return False
+
+    @property
     def input_norms(self) -> bool:
         """True when each block's attention and MLP read a normalised copy of the stream, so `blocks.{l}.ln1.hook_normalized`
         and `blocks.{l}.ln2.hook_normalized` exist (False for OLMo 2 and EXAONE 4, which normalise only the outputs)."""
@@ -171,10 +177,21 @@ class ModelAdapter(ABC):
         """Validate a hook name for this model."""
         return parse_hook_name(name, self.n_layers)
 
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """The per-layer hook kinds this model has: every one but `resid_mid` in a parallel block (`parallel_block`) and
+        the `ln1`/`ln2` inputs where the branches read the stream itself (`input_norms`)."""
+        missing = {"resid_mid"} if self.parallel_block else set()
+        if not self.input_norms:
+            missing |= {"ln1_normalized", "ln2_normalized"}
+        return tuple(kind for kind in LAYER_KINDS + HEAD_KINDS if kind not in missing)
+
     def hook_names(self, kinds: Sequence[str] = ("resid_pre",), layers: Sequence[int] | None = None) -> list[str]:
-        """List hook names for the given kinds and layers (all layers by default)."""
+        """List hook names for the given kinds and layers (all layers by default), leaving out kinds this model does not
+        have (`layer_kinds`), so `("resid_pre", "resid_mid", "resid_post")` is every residual point of any model."""
         layer_ids = range(self.n_layers) if layers is None else layers
-        return [hook_name(layer, kind) for layer in layer_ids for kind in kinds]
+        have = self.layer_kinds
+        return [hook_name(layer, kind) for layer in layer_ids for kind in kinds if kind in have or kind not in LAYER_KINDS + HEAD_KINDS]
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[ModelAdapter]:

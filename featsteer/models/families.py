@@ -62,6 +62,11 @@ class FamilySpec:
     post_norms: bool = False
     """True when attention/MLP outputs pass through an extra norm before the residual add (Gemma 2/3, OLMo 2, GLM-4).
     Weight orthogonalisation cannot then be exactly equivalent to ablating the residual write."""
+    parallel: bool | str = False
+    """True when attention and MLP both read the block's input and their outputs are added to the stream together
+    (GPT-J style: Cohere, Phi-2, GPT-NeoX/Pythia), so there is no `hook_resid_mid`; a string names the config flag that
+    decides it per checkpoint (`use_parallel_residual`). When both branches read one shared norm, `ln1`/`ln2` hooks act
+    on each branch's own input."""
     embedding_multiplier: str | None = None
     """Config attribute by which the model multiplies the token embedding after the embedding module (Granite's
     `embedding_multiplier`); `hook_embed` carries the product, what enters the stream."""
@@ -148,6 +153,18 @@ FAMILIES: tuple[FamilySpec, ...] = (
                residual_multiplier="residual_multiplier", **{**_LLAMA_LIKE, "mlp": "block_sparse_moe", "experts": "block_sparse_moe.experts"}),
     FamilySpec(name="phimoe", model_types=("phimoe",), layer_norm=True, **_LLAMA_LIKE, **_ROUTED),
     FamilySpec(name="gpt_oss", model_types=("gpt_oss",), experts_transposed=True, **_LLAMA_LIKE, **_ROUTED),
+    FamilySpec(name="cohere", model_types=("cohere", "cohere2"), layer_norm=True, parallel=True,
+               **{**_LLAMA_LIKE, "mlp_norm": "input_layernorm"}),
+    FamilySpec(name="phi", model_types=("phi",), layer_norm=True, parallel=True,
+               **{**_LLAMA_LIKE, "final_norm": "model.final_layernorm", "attn_out_proj": "self_attn.dense", "mlp_out_proj": "mlp.fc2",
+                  "mlp_norm": "input_layernorm"}),
+    FamilySpec(name="stablelm", model_types=("stablelm",), layer_norm=True, parallel="use_parallel_residual", **_LLAMA_LIKE),
+    FamilySpec(
+        name="gpt_neox", model_types=("gpt_neox",), layers="gpt_neox.layers", embed_tokens="gpt_neox.embed_in",
+        final_norm="gpt_neox.final_layer_norm", attn="attention", attn_out_proj="attention.dense", mlp="mlp",
+        mlp_out_proj="mlp.dense_4h_to_h", attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", layer_norm=True,
+        parallel="use_parallel_residual",
+    ),
     FamilySpec(
         name="gpt2",
         model_types=("gpt2",),

@@ -29,6 +29,7 @@ from featsteer.models.families import FamilySpec, family_for
 from featsteer.models.hookpoints import HookSite
 
 _Hooks = list[tuple[HookSite, HookFn]]
+NORM_SITES = ("ln1_normalized", "ln2_normalized")
 
 
 def _apply(fns: _Hooks, activation: Tensor) -> Tensor:
@@ -58,6 +59,8 @@ class HFModelAdapter(ModelAdapter):
         text_config = model.config.get_text_config()
         self._embed_scale = float(getattr(text_config, self.spec.embedding_multiplier)) if self.spec.embedding_multiplier else 1.0
         self._write_scale = float(getattr(text_config, self.spec.residual_multiplier)) if self.spec.residual_multiplier else 1.0
+        parallel = self.spec.parallel
+        self._parallel = bool(getattr(text_config, parallel, False)) if isinstance(parallel, str) else parallel
         self._get = {path: operator.attrgetter(path) for path in (self.spec.layers, self.spec.embed_tokens)}
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -102,19 +105,26 @@ class HFModelAdapter(ModelAdapter):
     def input_norms(self) -> bool:
         return self.spec.attn_norm is not None and self.spec.mlp_norm is not None
 
+    @property
+    def parallel_block(self) -> bool:
+        return self._parallel
+
     def _module(self, path: str, layer: int | None = None) -> nn.Module:
         root = self.model if layer is None else self.layers[layer]
         return operator.attrgetter(path)(root)
 
-    def _norm_module(self, path: str | None, hooks: _Hooks, layer: int) -> nn.Module:
-        """The input norm a `ln1`/`ln2` hook sits on; a one-line error for families whose branch reads the raw stream."""
+    def _input_norm(self, kind: str, layer: int) -> nn.Module | None:
+        """The norm whose output a branch reads (`kind`: `ln1_normalized` for the attention, `ln2_normalized` for the MLP),
+        None when the branch reads the raw stream. In a parallel block without an MLP norm of its own (StableLM's parallel
+        checkpoints) the MLP reads the attention's norm."""
+        attn = kind == "ln1_normalized"
+        path = self.spec.attn_norm if attn else self.spec.mlp_norm
         if path is None:
-            site = hooks[0][0]
-            branch = "attention" if site.kind == "ln1_normalized" else "MLP"
-            stream = "hook_resid_pre" if branch == "attention" else "hook_resid_mid"
-            raise FeatsteerError(f"{site.name} does not exist: {self.spec.name} has no norm before the {branch} (it reads the "
-                                 f"residual stream itself); hook blocks.{layer}.{stream} instead")
-        return self._module(path, layer)
+            return None
+        module = self._optional_module(path, layer)
+        if module is None and self._parallel and not attn:
+            return self._input_norm("ln1_normalized", layer)
+        return module if module is not None else self._module(path, layer)
 
     # ---- hooks --------------------------------------------------------------------------------------
     def _install_hooks(self, hooks: Sequence[tuple[HookSite, HookFn]]) -> Callable[[], None]:
@@ -145,23 +155,45 @@ class HFModelAdapter(ModelAdapter):
     def _install_layer(self, layer: int, by_site: dict[tuple[int | None, str], _Hooks]) -> list:
         pre, attn, mid = by_site.get((layer, "resid_pre"), []), by_site.get((layer, "attn_out"), []), by_site.get((layer, "resid_mid"), [])
         mlp, post = by_site.get((layer, "mlp_out"), []), by_site.get((layer, "resid_post"), [])
+        if mid and self._parallel:
+            raise FeatsteerError(f"{mid[0][0].name} does not exist: {self.spec.name} runs attention and MLP in parallel on the block's "
+                                 f"input and adds both at once; hook blocks.{layer}.hook_resid_pre or blocks.{layer}.hook_resid_post instead")
         state: dict[str, Tensor] = {}
         handles = []
         block = self.layers[layer]
         if pre or mid:
             handles.append(block.register_forward_pre_hook(_pre_hook(pre, state, keep=bool(mid)), with_kwargs=True))
-        if ln1 := by_site.get((layer, "ln1_normalized")):
-            handles.append(self._norm_module(self.spec.attn_norm, ln1, layer).register_forward_hook(_norm_hook(ln1, self.spec), with_kwargs=True))
+        handles.extend(self._install_norms(layer, by_site))
         if z := by_site.get((layer, "attn_z")):
             handles.append(self._module(self.spec.attn_out_proj, layer).register_forward_pre_hook(_heads_hook(z, self.n_heads)))
         if attn or mid:
             handles.append(self._module(self.spec.attn_site, layer).register_forward_hook(_attn_hook(attn, mid, state, self._write_scale)))
-        if ln2 := by_site.get((layer, "ln2_normalized")):
-            handles.append(self._norm_module(self.spec.mlp_norm, ln2, layer).register_forward_hook(_norm_hook(ln2, self.spec), with_kwargs=True))
         if mlp:
             handles.append(self._module(self.spec.mlp_site, layer).register_forward_hook(_output_hook(mlp, self._write_scale)))
         if post:
             handles.append(block.register_forward_hook(_output_hook(post)))
+        return handles
+
+    def _install_norms(self, layer: int, by_site: dict[tuple[int | None, str], _Hooks]) -> list:
+        """`ln1`/`ln2` hooks: on the norm's output, or, when attention and MLP read one shared norm (Cohere, Phi-2), on each
+        branch's input, so a change reaches only its own branch."""
+        hooked = {kind: fns for kind in NORM_SITES if (fns := by_site.get((layer, kind)))}
+        if not hooked:
+            return []
+        norms = {kind: self._input_norm(kind, layer) for kind in NORM_SITES}
+        for kind, fns in hooked.items():
+            if norms[kind] is None:
+                branch, stream = ("attention", "hook_resid_pre") if kind == "ln1_normalized" else ("MLP", "hook_resid_mid")
+                raise FeatsteerError(f"{fns[0][0].name} does not exist: {self.spec.name} has no norm before the {branch} (it reads "
+                                     f"the residual stream itself); hook blocks.{layer}.{stream} instead")
+        shared = norms["ln1_normalized"] is norms["ln2_normalized"]
+        if not shared:
+            return [norms[kind].register_forward_hook(_norm_hook(fns, self.spec), with_kwargs=True) for kind, fns in hooked.items()]
+        norm, state = norms["ln1_normalized"], {}
+        handles = [norm.register_forward_hook(_stash_normalized(state, self.spec), with_kwargs=True)]
+        for kind, fns in hooked.items():
+            branch = self._module(self.spec.attn if kind == "ln1_normalized" else self.spec.mlp, layer)
+            handles.append(branch.register_forward_pre_hook(_branch_input_hook(fns, state, norm, self.spec), with_kwargs=True))
         return handles
 
     # ---- forward ------------------------------------------------------------------------------------
@@ -298,6 +330,36 @@ def _norm_hook(fns: _Hooks, spec: FamilySpec):
             return None
         scale = module.weight.float() + spec.norm_weight_offset
         return (output.float() + (new.float() - normalized.float()) * scale).to(output.dtype)
+
+    return hook
+
+
+def _stash_normalized(state: dict[str, Tensor], spec: FamilySpec):
+    """Forward hook on a norm two branches share: keeps its normalised input for `_branch_input_hook`."""
+
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else next(iter(kwargs.values()))
+        state["normalized"] = _normalize(module, x, spec)
+
+    return hook
+
+
+def _branch_input_hook(fns: _Hooks, state: dict[str, Tensor], norm: nn.Module, spec: FamilySpec):
+    """Forward pre-hook on one branch (attention or MLP) reading a shared norm: hands the hooks the normalised vector
+    and passes a change `dz` on to this branch's input only, as `dz * weight`."""
+
+    def hook(module, args, kwargs):
+        positional = len(args) > 0
+        value = args[0] if positional else kwargs["hidden_states"]
+        normalized = state["normalized"]
+        new = _apply(fns, normalized)
+        if new is normalized:
+            return None
+        scale = norm.weight.float() + spec.norm_weight_offset
+        changed = (value.float() + (new.float() - normalized.float()) * scale).to(value.dtype)
+        if positional:
+            return (changed, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": changed}
 
     return hook
 

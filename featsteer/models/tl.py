@@ -55,6 +55,10 @@ class TLModelAdapter(ModelAdapter):
         return bool(getattr(self.model.cfg, "use_normalization_before_and_after", False))
 
     @property
+    def parallel_block(self) -> bool:
+        return bool(getattr(self.model.cfg, "parallel_attn_mlp", False))
+
+    @property
     def family(self) -> str:
         arch = getattr(self.model.cfg, "original_architecture", None) or "unknown"
         return f"transformer_lens:{arch}"
