@@ -189,6 +189,22 @@ def test_abliterate_per_layer_scope_exports_and_reloads(capsys, tmp_path):
     assert code == 2 and "--search chooses the direction scope itself" in err
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "gemma3", "cohere", "olmo2"])
+def test_abliterate_runs_end_to_end_on_other_architectures(capsys, tmp_path, family):
+    """Selection, edit, evaluation, export and reload through the CLI on an MoE, an image-text, a parallel-block and a
+    post-norm-only architecture, as a user would run them."""
+    from featsteer.models import load_model
+
+    out = tmp_path / "edited"
+    code, stdout, err = _run(capsys, "abliterate", "--model", f"tiny:{family}", "--harmful", "builtin:harmful:train",
+                             "--harmless", "builtin:harmless:train", "--n", "8", "--n-select", "2", "--eval-n", "2",
+                             "--max-new-tokens", "2", "--out", str(out))
+    assert code == 0 and "wrote" in stdout, err
+    writers = json.loads((out / "featsteer.json").read_text())["writers"]
+    assert ("blocks.2.hook_mlp_out.expert3" in writers) == (family == "qwen3_moe")
+    assert load_model(str(out)).family == load_model(f"tiny:{family}").family
+
+
 def test_abliterate_search_warm_start_and_its_errors(capsys, tmp_path):
     common = ["--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
               "--n-select", "3", "--eval-n", "3", "--max-new-tokens", "2"]

@@ -200,6 +200,28 @@ def test_edit_errors_leave_model_untouched():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_failure_part_way_through_an_edit_restores_the_writers_already_edited(monkeypatch):
+    """Writers are edited one at a time; when the fifth fails, the four before it are put back bit for bit."""
+    import featsteer.edits.apply as apply_module
+
+    model, tokenizer = tiny_model("qwen3_moe")
+    adapter = load_model(model, tokenizer=tokenizer)
+    before = _snapshot(model)
+    real, calls = apply_module.edited_tensors, []
+
+    def failing(writer, *args):
+        calls.append(writer.name)
+        if len(calls) == 5:
+            raise RuntimeError("disk on fire")
+        return real(writer, *args)
+
+    monkeypatch.setattr(apply_module, "edited_tensors", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        apply_edit(adapter, _direction(adapter.d_model))
+    assert len(calls) == 5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_export_loads_with_featsteer_and_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 

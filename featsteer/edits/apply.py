@@ -166,25 +166,29 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
     outside = sorted(layer for layer in layer_bases if not 0 <= layer < model.n_layers)
     if outside:
         raise FeatsteerError(f"by_layer names layers {outside} but the model has layers 0-{model.n_layers - 1}")
-    planned = []
-    for writer in model.residual_writers():
-        strength = config.strength(writer)
-        if strength == 0 and not (config.mode == "induce" and writer.kind == "embed"):
-            continue
-        weight, bias = writer.read()
-        own = layer_bases.get(writer.layer, basis) if writer.layer is not None else basis
-        planned.append((writer, weight.clone(), None if bias is None else bias.clone(), *edited_tensors(writer, own, config, strength)))
     handle = EditHandle(model, {}, {"edit": config.to_dict(), "rank": int(basis.shape[0]), **(record or {})})
     if layer_bases:
         handle.record["per_layer_directions"] = sorted(layer_bases)
+    # One writer at a time: its original is kept for revert, its new tensors are computed and written, and nothing else
+    # is held, so the edit needs memory for one copy of the touched weights (not two, as computing every new tensor
+    # before the first write would). A failure part-way reverts the writers already edited: no half-edited model.
+    edited = []
     try:
-        for writer, old_weight, old_bias, new_weight, new_bias in planned:
-            handle.originals[writer.name] = (old_weight, old_bias)
+        for writer in model.residual_writers():
+            strength = config.strength(writer)
+            if strength == 0 and not (config.mode == "induce" and writer.kind == "embed"):
+                continue
+            weight, bias = writer.read()
+            own = layer_bases.get(writer.layer, basis) if writer.layer is not None else basis
+            original = (weight.clone(), None if bias is None else bias.clone())
+            new_weight, new_bias = edited_tensors(writer, own, config, strength)
+            handle.originals[writer.name] = original
             writer.write(new_weight, new_bias)
+            edited.append(writer.name)
     except Exception:
         handle.revert()
         raise
-    handle.record["writers"] = [writer.name for writer, *_ in planned]
+    handle.record["writers"] = edited
     return handle
 
 
