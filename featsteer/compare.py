@@ -408,39 +408,49 @@ class _Registered:
     fn: Method
     description: str
     needs_saes: bool
+    needs_input_norms: bool = False
 
 
 _METHODS: dict[str, _Registered] = {}
 
 
-def register_method(name: str, description: str, *, needs_saes: bool = False) -> Callable[[Method], Method]:
+def register_method(name: str, description: str, *, needs_saes: bool = False, needs_input_norms: bool = False) -> Callable[[Method], Method]:
     """Decorator adding a method to the comparison (probe and SAE methods are added this way).
 
     Args:
         name: method name (key in results and `--methods`).
         description: one line for reports and `featsteer compare --list`.
         needs_saes: the method reads `ctx.saes`; it runs by default only when SAEs are given.
+        needs_input_norms: the method acts on `ln1`/`ln2.hook_normalized`; it does not run on models whose branches
+            read the stream itself (OLMo 2, EXAONE 4).
     """
 
     def wrap(fn: Method) -> Method:
-        _METHODS[name] = _Registered(fn, description, needs_saes)
+        _METHODS[name] = _Registered(fn, description, needs_saes, needs_input_norms)
         return fn
 
     return wrap
 
 
-def available_methods(saes: bool = True) -> dict[str, str]:
-    """Registered method names and descriptions (without the SAE methods when `saes` is False)."""
-    return {name: entry.description for name, entry in _METHODS.items() if saes or not entry.needs_saes}
+def available_methods(saes: bool = True, model: ModelAdapter | None = None) -> dict[str, str]:
+    """Registered method names and descriptions (without the SAE methods when `saes` is False, and without the methods
+    that act on the normalised branch inputs when `model` has none)."""
+    norms = model is None or model.input_norms
+    return {name: entry.description for name, entry in _METHODS.items()
+            if (saes or not entry.needs_saes) and (norms or not entry.needs_input_norms)}
 
 
-def _check_methods(names: Sequence[str], have_saes: bool) -> None:
+def _check_methods(names: Sequence[str], have_saes: bool, model: ModelAdapter) -> None:
     unknown = [n for n in names if n not in _METHODS]
     if unknown:
         raise FeatsteerError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(_METHODS)}")
     need = [n for n in names if _METHODS[n].needs_saes]
     if need and not have_saes:
         raise FeatsteerError(f"method(s) {', '.join(need)} need SAEs: pass saes= to compare (CLI: --sae organism|DIR)")
+    norms = [n for n in names if _METHODS[n].needs_input_norms]
+    if norms and not model.input_norms:
+        raise FeatsteerError(f"method(s) {', '.join(norms)} steer the normalised attention and MLP inputs, which {model.family} does not "
+                             "have (its branches read the stream itself): leave them out")
 
 
 def method_context(ctx: CompareContext, name: str) -> contextlib.AbstractContextManager:
@@ -450,7 +460,7 @@ def method_context(ctx: CompareContext, name: str) -> contextlib.AbstractContext
     Raises:
         FeatsteerError: for an unknown method, or an SAE method on a context without SAEs.
     """
-    _check_methods([name], bool(ctx.saes))
+    _check_methods([name], bool(ctx.saes), ctx.model)
     return _METHODS[name].fn(ctx)
 
 
@@ -697,7 +707,8 @@ def _angular_hook(ctx: CompareContext, norms: bool = False):
 
 
 @register_method("dim_angular_norms_hook", "angular steering of each block's normalised attention and MLP inputs (after the "
-                 "norm, as the paper does; the residual stream itself untouched), angle picked on validation prompts")
+                 "norm, as the paper does; the residual stream itself untouched), angle picked on validation prompts",
+                 needs_input_norms=True)
 def _angular_norms_hook(ctx: CompareContext):
     return _angular_hook(ctx, norms=True)
 
@@ -1134,8 +1145,8 @@ def compare(
         FeatsteerError: for an unknown method, an SAE method without `saes`, SAEs that do not fit, or a `reuse` of
             another model, other prompts or another direction config.
     """
-    names = methods or list(available_methods(saes=saes is not None))
-    _check_methods(names, saes is not None)
+    names = methods or list(available_methods(saes=saes is not None, model=model))
+    _check_methods(names, saes is not None, model)
     if baseline is not None and baseline not in names:
         raise FeatsteerError(f"baseline '{baseline}' is not among the methods run ({', '.join(names)}): add it to the methods or pick one of them")
     if (val_harmful is None) != (val_harmless is None):

@@ -381,3 +381,18 @@ def test_compare_asks_the_judge_about_each_methods_responses_with_the_method_und
     assert comparison.results[1].paired is None and comparison.results[2].paired["judge_refused_harmful"]["only_a"] == 0
     assert "judge refusal harmful" in comparison.table() and "judge: refused harmful" in comparison.paired_table()
     assert comparison.setup["judge"] == {"name": "spy", "threshold": 0.5, "anchors": None}
+
+
+def test_methods_on_the_normalised_inputs_are_left_out_for_models_without_input_norms(prompts):
+    from featsteer.errors import FeatsteerError
+    from featsteer.interventions.steering import NORMS, resolve_sites
+
+    olmo = load_model("tiny:olmo2")
+    assert "dim_angular_norms_hook" in available_methods(saes=False)
+    assert "dim_angular_norms_hook" not in available_methods(saes=False, model=olmo)
+    assert "dim_angular_hook" in available_methods(saes=False, model=olmo)
+    harmful, harmless = prompts
+    with pytest.raises(FeatsteerError, match="dim_angular_norms_hook steer the normalised attention and MLP inputs, which olmo2"):
+        compare(olmo, harmful, harmless, methods=["none", "dim_angular_norms_hook"])
+    with pytest.raises(FeatsteerError, match="olmo2 has no norms before its attention and MLP"):
+        resolve_sites(olmo, NORMS)

@@ -8,7 +8,7 @@ import torch
 from featsteer.activations import capture
 from featsteer.datasets import builtin_prompts
 from featsteer.directions import difference_in_means
-from featsteer.directions.readers import direction_readers
+from featsteer.directions.readers import direction_readers, reader_groups
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
 from featsteer.models import load_model
@@ -161,3 +161,9 @@ def test_the_same_readers_on_both_backends(tmp_path):
     for (label, refusal, kl), (label_tl, refusal_tl, kl_tl) in zip(*rows, strict=True):
         assert label == label_tl and refusal == pytest.approx(refusal_tl, abs=1e-3) and kl == pytest.approx(kl_tl, abs=1e-4)
     assert max(kl for _, _, kl in rows[0]) > 1e-6  # the removals changed the outputs
+
+
+def test_reader_groups_need_input_norms():
+    with pytest.raises(FeatsteerError, match="olmo2 has no norms before its attention and MLP"):
+        reader_groups(load_model("tiny:olmo2"))
+    assert reader_groups(load_model("tiny:cohere"), per_layer=False)["attention"] == load_model("tiny:cohere").hook_names(("ln1_normalized",))
