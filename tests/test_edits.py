@@ -328,3 +328,13 @@ def test_steer_removes_all_hooks_after_exception(llama_adapter):
     with pytest.raises(RuntimeError), steer(llama_adapter, Ablate(r), AddDirection(r, 1.0, where="blocks.0.hook_resid_post")):
         raise RuntimeError("user code")
     assert count_hooks(llama_adapter.model) == before
+
+
+def test_quantized_experts_are_a_one_line_error():
+    model, tokenizer = tiny_model("gpt_oss")
+    adapter = load_model(model, tokenizer=tokenizer)
+    experts = model.model.layers[1].mlp.experts
+    del experts.down_proj  # what an MXFP4-quantized checkpoint leaves: blocks and scales instead of the weight
+    experts.down_proj_blocks = torch.nn.Parameter(torch.zeros(4, 64, 3, 16, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(FeatsteerError, match="experts of layer 1 hold no plain .* down_proj weight .*dequantize"):
+        apply_edit(adapter, _direction(adapter.d_model))

@@ -259,7 +259,11 @@ class HFModelAdapter(ModelAdapter):
         experts = self._optional_module(self.spec.experts, layer) if self.spec.experts else None
         if experts is None:
             return [_projection_writer(name, layer, "mlp_out", self._module(self.spec.mlp_out_proj, layer), self.spec.conv1d_projections)]
-        down = experts.down_proj
+        down = getattr(experts, "down_proj", None)
+        if not isinstance(down, Tensor) or down.dim() != 3:
+            raise FeatsteerError(f"the experts of layer {layer} hold no plain (n_experts, ...) down_proj weight (quantized, e.g. GPT-OSS's MXFP4 "
+                                 "kernels?): load the model dequantized (transformers: quantization_config=Mxfp4Config(dequantize=True)) "
+                                 "to edit its weights")
         bias = getattr(experts, "down_proj_bias", None)
         writers = [_expert_writer(f"{name}.expert{e}", layer, down, bias, e, self.spec.experts_transposed) for e in range(down.shape[0])]
         shared = [module for path in self.spec.shared_experts if (module := self._optional_module(path, layer)) is not None]
