@@ -171,7 +171,8 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
         handle.record["per_layer_directions"] = sorted(layer_bases)
     # One writer at a time: its original is kept for revert, its new tensors are computed and written, and nothing else
     # is held, so the edit needs memory for one copy of the touched weights (not two, as computing every new tensor
-    # before the first write would). A failure part-way reverts the writers already edited: no half-edited model.
+    # before the first write would): the new weights, the originals being the old storage the model no longer points
+    # at. A failure part-way reverts the writers already edited: no half-edited model.
     edited = []
     try:
         for writer in model.residual_writers():
@@ -180,7 +181,8 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
                 continue
             weight, bias = writer.read()
             own = layer_bases.get(writer.layer, basis) if writer.layer is not None else basis
-            original = (weight.clone(), None if bias is None else bias.clone())
+            # a writer that replaces its parameter's storage never modifies what read() returned: that is the original
+            original = (weight, bias) if writer.replaces else (weight.clone(), None if bias is None else bias.clone())
             new_weight, new_bias = edited_tensors(writer, own, config, strength)
             handle.originals[writer.name] = original
             writer.write(new_weight, new_bias)

@@ -17,6 +17,22 @@ def _basis64(direction: Tensor) -> Tensor:
     return as_basis(direction).double()
 
 
+CHUNK_ELEMENTS = 1 << 24
+"""Columns of a weight are edited in chunks of about this many elements (128 MiB in float64), so a large matrix (a
+token embedding) never has a whole float64 copy, its projection and their difference alive at once."""
+
+
+def _columnwise(weight: Tensor, edit) -> Tensor:
+    """`edit(float64 columns) -> float64 columns`, applied chunk by chunk into a new tensor laid out like `weight` (its
+    dtype, device and strides, so a transposed view gives a result whose transpose is contiguous). Every column is
+    computed exactly as on the whole matrix: the edits here act on each column alone."""
+    out = torch.empty_like(weight)
+    step = max(1, CHUNK_ELEMENTS // max(1, weight.shape[0]))
+    for start in range(0, weight.shape[1], step):
+        out[:, start : start + step] = edit(weight[:, start : start + step].double()).to(weight.dtype)
+    return out
+
+
 def orthogonalize_weight(weight: Tensor, direction: Tensor, strength: float = 1.0) -> Tensor:
     """`W - s * B^T B W`: remove (s = 1) or damp the span of `B` from everything `W` writes.
 
@@ -26,8 +42,7 @@ def orthogonalize_weight(weight: Tensor, direction: Tensor, strength: float = 1.
         strength: 1 removes the component entirely; 0 < s < 1 damps it; s > 1 reverses it.
     """
     b = _basis64(direction).to(weight.device)
-    w = weight.double()
-    return (w - strength * b.T @ (b @ w)).to(weight.dtype)
+    return _columnwise(weight, lambda w: torch.addmm(w, b.T, b @ w, alpha=-strength))
 
 
 def orthogonalize_bias(bias: Tensor, direction: Tensor, strength: float = 1.0) -> Tensor:
@@ -58,7 +73,10 @@ def norm_preserving_orthogonalize(weight: Tensor, direction: Tensor, strength: f
     still exactly orthogonal to `r`). Column norms, hence the norm of the write for any one-hot input,
     are preserved; the norm of a write for a general input is not.
     """
-    edited = orthogonalize_weight(weight, direction, strength).double()
-    original_norm = weight.double().norm(dim=0, keepdim=True)
-    new_norm = edited.norm(dim=0, keepdim=True).clamp_min(1e-12)
-    return (edited * (original_norm / new_norm)).to(weight.dtype)
+    b = _basis64(direction).to(weight.device)
+
+    def edit(w: Tensor) -> Tensor:
+        edited = torch.addmm(w, b.T, b @ w, alpha=-strength)
+        return edited * (w.norm(dim=0, keepdim=True) / edited.norm(dim=0, keepdim=True).clamp_min(1e-12))
+
+    return _columnwise(weight, edit)

@@ -71,6 +71,10 @@ class ResidualWriter:
     """`embed`, `pos_embed`, `attn_out` or `mlp_out`."""
     read: Callable[[], tuple[Tensor, Tensor | None]]
     write: Callable[[Tensor, Tensor | None], None]
+    replaces: bool = False
+    """True when `write` points the model's parameter at the given tensors instead of copying into its storage: the
+    tensors `read()` returned before a write are then never modified and serve as the originals for a revert (no copy
+    is kept). False (copy semantics) for slices of a fused tensor and TransformerLens parameters."""
 
 
 class ModelAdapter(ABC):
