@@ -1,7 +1,7 @@
 """Tiny random models of every supported family, built from configs (no hub access).
 
 Shared by the test suite, the benchmarks and users' own tests: a byte-level tokenizer with a small chat
-template, one config per family with a handful of layers so every test runs in milliseconds, and the
+template, one config per supported `config.model_type` with a handful of layers so every test runs in milliseconds, and the
 same weights as a TransformerLens `HookedTransformer` for equivalence checks.
 """
 

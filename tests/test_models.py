@@ -380,6 +380,13 @@ def test_unsupported_architecture_lists_supported_ones():
     assert "gemma2" in supported_model_types() and "phi3" in supported_model_types()
 
 
+def test_every_supported_model_type_has_a_tiny_config_in_the_family_tests():
+    """A FamilySpec row's model types are claims; each must be built and run by the family-wide tests."""
+    from featsteer.testing import FAMILY_NAMES
+
+    assert sorted(FAMILY_NAMES) == supported_model_types()
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [("blocks.9.hook_resid_pre", "has 3 layers"), ("blocks.0.hook_resid", "unknown hook name"), ("resid_pre", "unknown hook"),
