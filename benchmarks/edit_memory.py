@@ -30,10 +30,12 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(spec: str, mode: str) -> dict:
+def child(spec: str, mode: str, trials: int) -> dict:
     import torch
 
+    from featsteer.datasets import builtin_prompts
     from featsteer.edits import EditConfig, apply_edit
+    from featsteer.evaluation.metrics import first_token_logprobs
     from featsteer.models import load_model
     from featsteer.testing import random_direction
 
@@ -52,8 +54,17 @@ def child(spec: str, mode: str) -> dict:
     handle.revert()
     revert_s = time.perf_counter() - start
     identical = all(torch.equal(before[name], p) for name, p in model.model.named_parameters())
+    # what one search trial costs: apply, first-token logits on 32 + 32 validation-sized prompts, revert
+    prompts = list(builtin_prompts("harmful", "val").head(32)) + list(builtin_prompts("harmless", "val").head(32))
+    trial_s = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        with apply_edit(model, random_direction(model.d_model), EditConfig(mode=mode)):
+            first_token_logprobs(model, prompts, batch_size=16)
+        trial_s.append(time.perf_counter() - start)
     return {"model": spec, "mode": mode, "writers": len(writers), "touched_mib": touched, "loaded_peak_mib": loaded,
-            "edit_added_mib": edited - after_snapshot, "edit_s": edit_s, "revert_s": revert_s, "bit_identical_after_revert": identical}
+            "edit_added_mib": edited - after_snapshot, "edit_s": edit_s, "revert_s": revert_s, "bit_identical_after_revert": identical,
+            "trial_s": sorted(trial_s)[len(trial_s) // 2] if trial_s else None}
 
 
 def main() -> None:
@@ -61,10 +72,11 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model spec (default: the Qwen2.5-Coder-0.5B GGUF)")
     parser.add_argument("--modes", default="orthogonalize,norm_preserving")
     parser.add_argument("--label", default="current", help="name of this code version in the results table")
+    parser.add_argument("--trials", type=int, default=3, help="search-trial timings per mode (median reported; 0 skips)")
     parser.add_argument("--child", nargs=2, metavar=("SPEC", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child)))
+        print(json.dumps(child(*args.child, args.trials)))
         return
     if args.model is None:
         sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -73,7 +85,8 @@ def main() -> None:
         args.model = str(qwen_gguf())
     rows = []
     for mode in args.modes.split(","):
-        done = subprocess.run([sys.executable, __file__, "--child", args.model, mode], capture_output=True, text=True, check=True)
+        done = subprocess.run([sys.executable, __file__, "--child", args.model, mode, "--trials", str(args.trials)],
+                              capture_output=True, text=True, check=True)
         rows.append({"label": args.label, **json.loads(done.stdout.strip().splitlines()[-1])})
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "edit_memory.json"
@@ -82,13 +95,15 @@ def main() -> None:
     path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
     lines = ["# Memory and time of a weight edit (`benchmarks/edit_memory.py`)", "",
              f"Measured {time.strftime('%Y-%m-%d')}, CPU, 2 threads, one child process per row. `added` is the peak resident "
-             "memory the edit adds; `touched` the size of the weights it edits (one copy is kept for revert).", "",
-             "| code | model | mode | writers | touched (MiB) | added by the edit (MiB) | added / touched | edit (s) | revert (s) | bit-identical after revert |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "memory the edit adds; `touched` the size of the weights it edits (one copy is kept for revert). `trial` is the median "
+             "of a search trial's cost: apply, first-token logits on 32 + 32 built-in val prompts, revert.", "",
+             "| code | model | mode | writers | touched (MiB) | added by the edit (MiB) | added / touched | edit (s) | revert (s) | bit-identical after revert | trial (s) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for row in rows:
         lines.append(f"| {row['label']} | `{Path(row['model']).name}` | {row['mode']} | {row['writers']} | {row['touched_mib']:.0f} | "
                      f"{row['edit_added_mib']:.0f} | {row['edit_added_mib'] / row['touched_mib']:.2f} | {row['edit_s']:.2f} | "
-                     f"{row['revert_s']:.2f} | {row['bit_identical_after_revert']} |")
+                     f"{row['revert_s']:.2f} | {row['bit_identical_after_revert']} | "
+                     f"{'-' if row.get('trial_s') is None else format(row['trial_s'], '.2f')} |")
     (RESULTS / "edit_memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
