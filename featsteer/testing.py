@@ -44,6 +44,8 @@ def _configs(vocab: int) -> dict:
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     plain_rope = {"rope_type": "default", "rope_theta": 10000.0}  # not the checkpoints' long-context scaling
     moe = dict(num_experts_per_tok=2, moe_intermediate_size=48)
+    llama4_text = dict(**common, head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=96,
+                       interleave_moe_layer_step=2, attention_chunk_size=8, rope_parameters=plain_rope)
     tiny_vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
     return {
         "llama": lambda: tf.LlamaConfig(**common),
@@ -87,6 +89,9 @@ def _configs(vocab: int) -> dict:
         "phimoe": lambda: tf.PhimoeConfig(**common, num_local_experts=4, num_experts_per_tok=2),
         "gpt_oss": lambda: tf.GptOssConfig(**{**common, "intermediate_size": 96}, num_local_experts=4, num_experts_per_tok=2,
                                            head_dim=16, rope_parameters=plain_rope),
+        "llama4_text": lambda: tf.Llama4TextConfig(**llama4_text),
+        "llama4": lambda: tf.Llama4Config(text_config=tf.Llama4TextConfig(**llama4_text), vision_config=tf.Llama4VisionConfig(
+            **tiny_vision, vision_output_dim=16, projector_input_dim=16, projector_output_dim=16), **ids),
         "cohere": lambda: tf.CohereConfig(**common),
         "cohere2": lambda: tf.Cohere2Config(**common, sliding_window=8),
         "phi": lambda: tf.PhiConfig(**common),
@@ -113,7 +118,9 @@ def tiny_model(family: str, seed: int = 0):
     tokenizer = byte_tokenizer()
     config = _configs(len(tokenizer))[family]()
     torch.manual_seed(seed)
-    model = model_class(config).from_config(config, attn_implementation="eager").eval()
+    # the image-text Llama 4 class itself (AutoModelForCausalLM would build its text model alone, `tiny:llama4_text`)
+    build = tf.AutoModelForImageTextToText if family == "llama4" else model_class(config)
+    model = build.from_config(config, attn_implementation="eager").eval()
     _randomise_norms(model, seed)
     return model, tokenizer
 

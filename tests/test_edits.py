@@ -34,7 +34,8 @@ POST_NORM_FAMILIES = ("gemma2", "gemma3_text", "gemma3", "olmo2", "olmo3", "exao
 """Families that normalise the attention/MLP output before adding it to the stream (listed here by hand, apart from
 featsteer's FamilySpec rows, which `test_post_norm_flags_match_the_architectures` checks against this list)."""
 EXACT_FAMILIES = tuple(f for f in FAMILY_NAMES if f not in POST_NORM_FAMILIES)
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "dots1", "phimoe", "gpt_oss", "granitemoe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "dots1", "phimoe", "gpt_oss", "granitemoe", "llama4_text",
+                "llama4")
 
 
 def _direction(d_model: int, seed: int = 5) -> torch.Tensor:
@@ -110,10 +111,10 @@ def test_moe_edit_reaches_every_expert_and_the_shared_ones(family):
     adapter = load_model(model, tokenizer=tokenizer)
     r = _direction(adapter.d_model).double()
     writers = [w for w in adapter.residual_writers() if w.kind == "mlp_out"]
-    config = model.config
+    config = model.config.get_text_config()
     n_experts = getattr(config, "num_local_experts", None) or getattr(config, "n_routed_experts", None) or config.num_experts
-    dense = {"qwen2_moe": {0}, "deepseek_v3": {0}, "dots1": {0}}.get(family, set())
-    shared = {"qwen2_moe": 1, "deepseek_v3": 1, "dots1": 1}.get(family, 0)
+    dense = {"qwen2_moe": {0}, "deepseek_v3": {0}, "dots1": {0}, "llama4_text": {0, 2}, "llama4": {0, 2}}.get(family, set())
+    shared = {"qwen2_moe": 1, "deepseek_v3": 1, "dots1": 1, "llama4_text": 1, "llama4": 1}.get(family, 0)
     for layer in range(adapter.n_layers):
         names = [w.name for w in writers if w.layer == layer]
         expected = 1 if layer in dense else n_experts + shared

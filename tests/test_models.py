@@ -76,7 +76,8 @@ MLP_OUTPUT_NORM = {"gemma2": "post_feedforward_layernorm", "gemma3_text": "post_
                    "gemma3": "post_feedforward_layernorm", "olmo2": "post_feedforward_layernorm", "olmo3": "post_feedforward_layernorm",
                    "exaone4": "post_feedforward_layernorm", "glm4": "post_mlp_layernorm"}
 LAYER_NORM_FAMILIES = ("gpt2", "starcoder2", "phimoe", "cohere", "cohere2", "phi", "gpt_neox", "stablelm")
-FINAL_NORM = {"gpt2": "transformer.ln_f", "phi": "model.final_layernorm", "gpt_neox": "gpt_neox.final_layer_norm"}
+FINAL_NORM = {"gpt2": "transformer.ln_f", "phi": "model.final_layernorm", "gpt_neox": "gpt_neox.final_layer_norm",
+              "llama4": "language_model.model.norm", "llama4_text": "model.norm"}
 GRANITE = ("granite", "granitemoe")  # multiply each write by config.residual_multiplier and divide the logits
 
 
@@ -103,8 +104,8 @@ def test_norm_hooks_carry_what_attention_mlp_and_unembedding_read(family_model):
             ln1, ln2 = seen[f"blocks.{layer}.ln1.hook_normalized"], seen[f"blocks.{layer}.ln2.hook_normalized"]
             torch.testing.assert_close(ln1, _normalised(seen[f"blocks.{layer}.hook_resid_pre"], layer_norm, eps), atol=1e-5, rtol=0)
             torch.testing.assert_close(ln2, _normalised(seen[f"blocks.{layer}.hook_{mlp_reads}"], layer_norm, eps), atol=1e-5, rtol=0)
-            mlp = block.block_sparse_moe if family == "granitemoe" else block.mlp
-            mlp_out = _first(mlp(_scaled(getattr(block, mlp_norm), ln2)))
+            mlp = {"granitemoe": "block_sparse_moe", "llama4": "feed_forward", "llama4_text": "feed_forward"}.get(family, "mlp")
+            mlp_out = _first(getattr(block, mlp)(_scaled(getattr(block, mlp_norm), ln2))).view(ln2.shape)  # Llama 4 MoE: flat
             if family in MLP_OUTPUT_NORM:
                 mlp_out = getattr(block, MLP_OUTPUT_NORM[family])(mlp_out)
             if family in GRANITE:

@@ -119,6 +119,10 @@ _GEMMA2_LAYOUT = dict(
     post_norms=True,
 )
 _ROUTED = dict(experts="mlp.experts")
+_LLAMA_4 = {**_LLAMA_LIKE, "mlp": "feed_forward", "mlp_out_proj": "feed_forward.down_proj", "experts": "feed_forward.experts",
+            "experts_transposed": True, "shared_experts": ("feed_forward.shared_expert.down_proj",)}
+"""Llama 4: MoE layers interleaved with dense ones, experts stored `(n_experts, d_mlp, d_model)` as GPT-OSS's, a shared
+expert; the image-text checkpoint's text model sits under `language_model`."""
 
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
@@ -153,6 +157,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
                residual_multiplier="residual_multiplier", **{**_LLAMA_LIKE, "mlp": "block_sparse_moe", "experts": "block_sparse_moe.experts"}),
     FamilySpec(name="phimoe", model_types=("phimoe",), layer_norm=True, **_LLAMA_LIKE, **_ROUTED),
     FamilySpec(name="gpt_oss", model_types=("gpt_oss",), experts_transposed=True, **_LLAMA_LIKE, **_ROUTED),
+    FamilySpec(name="llama4", model_types=("llama4_text",), **_LLAMA_4),
+    FamilySpec(name="llama4", model_types=("llama4",), **{**_LLAMA_4, "layers": "language_model.model.layers",
+                                                          "embed_tokens": "language_model.model.embed_tokens",
+                                                          "final_norm": "language_model.model.norm"}),
     FamilySpec(name="cohere", model_types=("cohere", "cohere2"), layer_norm=True, parallel=True,
                **{**_LLAMA_LIKE, "mlp_norm": "input_layernorm"}),
     FamilySpec(name="phi", model_types=("phi",), layer_norm=True, parallel=True,

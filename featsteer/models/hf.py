@@ -169,7 +169,7 @@ class HFModelAdapter(ModelAdapter):
         if attn or mid:
             handles.append(self._module(self.spec.attn_site, layer).register_forward_hook(_attn_hook(attn, mid, state, self._write_scale)))
         if mlp:
-            handles.append(self._module(self.spec.mlp_site, layer).register_forward_hook(_output_hook(mlp, self._write_scale)))
+            handles.append(self._module(self.spec.mlp_site, layer).register_forward_hook(_output_hook(mlp, self._write_scale, like_input=True)))
         if post:
             handles.append(block.register_forward_hook(_output_hook(post)))
         return handles
@@ -294,17 +294,22 @@ class HFModelAdapter(ModelAdapter):
                 config.tie_word_embeddings = False
 
 
-def _output_hook(fns: _Hooks, scale: float = 1.0):
+def _output_hook(fns: _Hooks, scale: float = 1.0, like_input: bool = False):
     """Forward hook handing the hooks the module's output times `scale` (what the model adds to the stream after it,
-    for Granite's multipliers) and putting a replacement back divided by it."""
+    for Granite's multipliers) and putting a replacement back divided by it. With `like_input`, an output the module
+    returns flattened to `(batch * pos, d_model)` (Llama 4's MoE layers) is handed over shaped like the module's
+    `(batch, pos, d_model)` input and flattened again."""
 
     def hook(module, args, output):
         value = _first(output)
-        seen = value * scale if scale != 1.0 else value
+        flat = like_input and value.dim() == 2 and args and args[0].dim() == 3
+        seen = value.view(args[0].shape) if flat else value
+        seen = seen * scale if scale != 1.0 else seen
         new = _apply(fns, seen)
         if new is seen:
             return None
-        return _replace_first(output, new / scale if scale != 1.0 else new)
+        new = new / scale if scale != 1.0 else new
+        return _replace_first(output, new.reshape(value.shape) if flat else new)
 
     return hook
 
