@@ -355,6 +355,22 @@ def test_tl_bridge_llama_matches_native(tmp_path):
     assert count_hooks(bridge) == before
 
 
+def test_tl_parallel_block_model_has_no_resid_mid(tmp_path):
+    """A HookedTransformer with parallel attention and MLP (Pythia-style) lists no resid_mid and adds both writes at once."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    tokenizer = saved_tokenizer(byte_tokenizer(), tmp_path)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=128, d_vocab=len(tokenizer), n_ctx=64, act_fn="gelu",
+                                  normalization_type="LN", parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=16,
+                                  default_prepend_bos=False)
+    adapter = load_model(HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="left"))
+    assert adapter.parallel_block and "resid_mid" not in adapter.layer_kinds
+    assert adapter.hook_names(("resid_pre", "resid_mid", "resid_post"), [0]) == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post"]
+    seen, _ = _record(adapter, adapter.hook_names(("resid_pre", "attn_out", "mlp_out", "resid_post"), [0]))
+    pre, attn, mlp, post = (seen[f"blocks.0.hook_{k}"] for k in ("resid_pre", "attn_out", "mlp_out", "resid_post"))
+    torch.testing.assert_close(post, pre + attn + mlp, atol=1e-5, rtol=0)
+
+
 def _assert_same_activations(native, lens):
     from featsteer.activations import capture
 
