@@ -92,6 +92,8 @@ def _configs(vocab: int) -> dict:
         "llama4_text": lambda: tf.Llama4TextConfig(**llama4_text),
         "llama4": lambda: tf.Llama4Config(text_config=tf.Llama4TextConfig(**llama4_text), vision_config=tf.Llama4VisionConfig(
             **tiny_vision, vision_output_dim=16, projector_input_dim=16, projector_output_dim=16), **ids),
+        "lfm2": lambda: tf.Lfm2Config(**common, layer_types=["full_attention", "conv", "full_attention"], block_auto_adjust_ff_dim=False,
+                                      conv_bias=True),
         "cohere": lambda: tf.CohereConfig(**common),
         "cohere2": lambda: tf.Cohere2Config(**common, sliding_window=8),
         "phi": lambda: tf.PhiConfig(**common),

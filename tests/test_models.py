@@ -71,13 +71,13 @@ def _scaled(norm, z):
 # (None: it reads the stream itself), the norm on the MLP's output before the stream (if any), LayerNorm or RMSNorm.
 MLP_INPUT_NORM = {"gpt2": "ln_2", "cohere": "input_layernorm", "cohere2": "input_layernorm", "phi": "input_layernorm", "gemma2": "pre_feedforward_layernorm", "gemma3_text": "pre_feedforward_layernorm",
                   "gemma3": "pre_feedforward_layernorm", "apertus": "feedforward_layernorm", "olmo2": None, "olmo3": None,
-                  "exaone4": None}
+                  "exaone4": None, "lfm2": "ffn_norm"}
 MLP_OUTPUT_NORM = {"gemma2": "post_feedforward_layernorm", "gemma3_text": "post_feedforward_layernorm",
                    "gemma3": "post_feedforward_layernorm", "olmo2": "post_feedforward_layernorm", "olmo3": "post_feedforward_layernorm",
                    "exaone4": "post_feedforward_layernorm", "glm4": "post_mlp_layernorm"}
 LAYER_NORM_FAMILIES = ("gpt2", "starcoder2", "phimoe", "cohere", "cohere2", "phi", "gpt_neox", "stablelm")
 FINAL_NORM = {"gpt2": "transformer.ln_f", "phi": "model.final_layernorm", "gpt_neox": "gpt_neox.final_layer_norm",
-              "llama4": "language_model.model.norm", "llama4_text": "model.norm"}
+              "llama4": "language_model.model.norm", "llama4_text": "model.norm", "lfm2": "model.embedding_norm"}
 GRANITE = ("granite", "granitemoe")  # multiply each write by config.residual_multiplier and divide the logits
 
 
@@ -104,7 +104,7 @@ def test_norm_hooks_carry_what_attention_mlp_and_unembedding_read(family_model):
             ln1, ln2 = seen[f"blocks.{layer}.ln1.hook_normalized"], seen[f"blocks.{layer}.ln2.hook_normalized"]
             torch.testing.assert_close(ln1, _normalised(seen[f"blocks.{layer}.hook_resid_pre"], layer_norm, eps), atol=1e-5, rtol=0)
             torch.testing.assert_close(ln2, _normalised(seen[f"blocks.{layer}.hook_{mlp_reads}"], layer_norm, eps), atol=1e-5, rtol=0)
-            mlp = {"granitemoe": "block_sparse_moe", "llama4": "feed_forward", "llama4_text": "feed_forward"}.get(family, "mlp")
+            mlp = {"granitemoe": "block_sparse_moe", "llama4": "feed_forward", "llama4_text": "feed_forward", "lfm2": "feed_forward"}.get(family, "mlp")
             mlp_out = _first(getattr(block, mlp)(_scaled(getattr(block, mlp_norm), ln2))).view(ln2.shape)  # Llama 4 MoE: flat
             if family in MLP_OUTPUT_NORM:
                 mlp_out = getattr(block, MLP_OUTPUT_NORM[family])(mlp_out)
@@ -213,6 +213,19 @@ def test_the_parallel_residual_flag_is_read_per_checkpoint(family, parallel):
         torch.testing.assert_close(post, mlp_reads + mlp if not parallel else pre + attn + mlp, atol=1e-5, rtol=0)
         eps = adapter.layers[layer].input_layernorm.eps
         torch.testing.assert_close(seen[f"blocks.{layer}.ln2.hook_normalized"], _normalised(mlp_reads, True, eps), atol=1e-5, rtol=0)
+
+
+def test_lfm2_convolution_layers_write_like_attention_but_have_no_heads():
+    """LFM2 mixes tokens with a short convolution in some layers: its output projection is that layer's attn_out writer
+    (so hook and weight edits cover it), and asking for its heads is a one-line error."""
+    model, tokenizer = tiny_model("lfm2")
+    adapter = load_model(model, tokenizer=tokenizer)
+    assert adapter.residual_writers()[3].name == "blocks.1.hook_attn_out"
+    assert adapter.residual_writers()[3].read()[0].data_ptr() == model.model.layers[1].conv.out_proj.weight.data_ptr()
+    seen, _ = _record(adapter, ["blocks.0.attn.hook_z", "blocks.2.attn.hook_z"])
+    assert seen["blocks.0.attn.hook_z"].shape[-2:] == (4, 16)
+    with pytest.raises(FeatsteerError, match="blocks.1.attn.hook_z does not exist: layer 1 .* convolution.*blocks.1.hook_attn_out"):
+        _record(adapter, ["blocks.1.attn.hook_z"])
 
 
 def test_hooks_are_removed_after_exit_and_after_exception(llama_adapter):

@@ -31,7 +31,8 @@ class FamilySpec:
     final_norm: str
     """Path to the norm applied before the unembedding."""
     attn: str
-    """Layer-relative path to the attention module."""
+    """Layer-relative path to the attention module (`a|b`: the first the layer has; LFM2's short-convolution layers hold
+    `conv` where its attention layers hold `self_attn`)."""
     attn_out_proj: str
     """Layer-relative path to the attention output projection (writes into the residual stream)."""
     mlp: str
@@ -161,6 +162,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(name="llama4", model_types=("llama4",), **{**_LLAMA_4, "layers": "language_model.model.layers",
                                                           "embed_tokens": "language_model.model.embed_tokens",
                                                           "final_norm": "language_model.model.norm"}),
+    FamilySpec(name="lfm2", model_types=("lfm2",),
+               **{**_LLAMA_LIKE, "final_norm": "model.embedding_norm", "attn": "self_attn|conv", "attn_out_proj": "self_attn.out_proj|conv.out_proj",
+                  "mlp": "feed_forward", "mlp_out_proj": "feed_forward.w2", "attn_norm": "operator_norm", "mlp_norm": "ffn_norm"}),
     FamilySpec(name="cohere", model_types=("cohere", "cohere2"), layer_norm=True, parallel=True,
                **{**_LLAMA_LIKE, "mlp_norm": "input_layernorm"}),
     FamilySpec(name="phi", model_types=("phi",), layer_norm=True, parallel=True,

@@ -110,8 +110,21 @@ class HFModelAdapter(ModelAdapter):
         return self._parallel
 
     def _module(self, path: str, layer: int | None = None) -> nn.Module:
+        """The module at `path` (from the model, or from decoder layer `layer`); `a|b` takes the first alternative the
+        layer has (LFM2's layers hold either `self_attn` or `conv`)."""
         root = self.model if layer is None else self.layers[layer]
-        return operator.attrgetter(path)(root)
+        alternatives = path.split("|")
+        for alternative in alternatives[:-1]:
+            try:
+                return operator.attrgetter(alternative)(root)
+            except AttributeError:
+                continue
+        return operator.attrgetter(alternatives[-1])(root)
+
+    def _is_attention(self, layer: int) -> bool:
+        """False for a layer whose token mixer is not attention (the second `attn` alternative: an LFM2 convolution)."""
+        first = self.spec.attn.split("|")[0]
+        return "|" not in self.spec.attn or self._optional_module(first, layer) is not None
 
     def _input_norm(self, kind: str, layer: int) -> nn.Module | None:
         """The norm whose output a branch reads (`kind`: `ln1_normalized` for the attention, `ln2_normalized` for the MLP),
@@ -165,6 +178,9 @@ class HFModelAdapter(ModelAdapter):
             handles.append(block.register_forward_pre_hook(_pre_hook(pre, state, keep=bool(mid)), with_kwargs=True))
         handles.extend(self._install_norms(layer, by_site))
         if z := by_site.get((layer, "attn_z")):
+            if not self._is_attention(layer):
+                raise FeatsteerError(f"{z[0][0].name} does not exist: layer {layer} of this {self.spec.name} model mixes tokens with a "
+                                     f"convolution, not attention heads; hook blocks.{layer}.hook_attn_out (its output) instead")
             handles.append(self._module(self.spec.attn_out_proj, layer).register_forward_pre_hook(_heads_hook(z, self.n_heads)))
         if attn or mid:
             handles.append(self._module(self.spec.attn_site, layer).register_forward_hook(_attn_hook(attn, mid, state, self._write_scale)))
