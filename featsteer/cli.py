@@ -40,7 +40,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"hooks     hook_embed, {layers}.hook_{{{','.join(residual)}}},")
     norms = f"{layers}.ln1.hook_normalized, {layers}.ln2.hook_normalized, " if model.input_norms else ""
     print(f"          {norms}ln_final.hook_normalized,")
-    print(f"          {layers}.attn.hook_z (per head: {model.n_heads} heads)")
+    attention = model.attention_layers
+    heads = layers if len(attention) == model.n_layers else f"blocks.{{{','.join(map(str, attention))}}}"
+    print(f"          {heads}.attn.hook_z (per head: {model.n_heads} heads)")
     mlp_writers = Counter(writer.layer for writer in model.residual_writers() if writer.kind == "mlp_out")
     if moe := sorted(layer for layer, count in mlp_writers.items() if count > 1):
         print(f"experts   {mlp_writers[moe[-1]]} output projections per mixture-of-experts layer ({len(moe)} of {model.n_layers} "

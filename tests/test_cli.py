@@ -31,6 +31,8 @@ def test_info_lists_only_the_hooks_a_family_has_and_its_experts(capsys):
     assert "hook_{resid_pre,attn_out,mlp_out,resid_post}" in parallel and "ln1.hook_normalized" in parallel
     _, no_input_norms, _ = _run(capsys, "info", "--model", "tiny:olmo2")
     assert "resid_mid" in no_input_norms and "ln1.hook_normalized" not in no_input_norms
+    _, hybrid, _ = _run(capsys, "info", "--model", "tiny:lfm2")
+    assert "blocks.{0,2}.attn.hook_z (per head: 4 heads)" in hybrid
 
 
 def test_capture_writes_a_readable_directory(capsys, tmp_path):

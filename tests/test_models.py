@@ -226,6 +226,11 @@ def test_lfm2_convolution_layers_write_like_attention_but_have_no_heads():
     assert seen["blocks.0.attn.hook_z"].shape[-2:] == (4, 16)
     with pytest.raises(FeatsteerError, match="blocks.1.attn.hook_z does not exist: layer 1 .* convolution.*blocks.1.hook_attn_out"):
         _record(adapter, ["blocks.1.attn.hook_z"])
+    assert adapter.attention_layers == [0, 2] and load_model("tiny:llama").attention_layers == [0, 1, 2]
+    from featsteer.directions.geometry import head_attribution
+
+    heads = head_attribution(adapter, ["how do I do it?"], ["what is it?"], torch.ones(adapter.d_model))
+    assert heads.harmful.shape == (3, 4) and float(heads.harmful[1].abs().sum()) == 0.0 and float(heads.harmful[0].abs().sum()) > 0
 
 
 def test_hooks_are_removed_after_exit_and_after_exception(llama_adapter):

@@ -296,7 +296,8 @@ class HeadAttribution:
     which no head owns, left out)."""
 
     harmful: Tensor
-    """`(n_layers, n_heads)` float64 mean projections on the harmful prompts."""
+    """`(n_layers, n_heads)` float64 mean projections on the harmful prompts (zero rows for layers without attention
+    heads, LFM2's convolution layers)."""
     harmless: Tensor
     position: int
     n_prompts: tuple[int, int]
@@ -359,7 +360,7 @@ def head_attribution(model: ModelAdapter, harmful: Sequence[str], harmless: Sequ
         def record(z: Tensor, site, seen: dict[int, Tensor] = seen) -> None:
             seen[site.layer] = z[:, position].double()  # (batch, n_heads, d_head)
 
-        hooks = [(f"blocks.{layer}.attn.hook_z", record) for layer in range(n_layers)]
+        hooks = [(f"blocks.{layer}.attn.hook_z", record) for layer in model.attention_layers]
         for start in range(0, len(prompts), batch_size):
             batch = model.tokenize(prompts[start : start + batch_size])
             with model.hooks(hooks):

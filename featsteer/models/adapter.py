@@ -132,6 +132,11 @@ class ModelAdapter(ABC):
         return False
 
     @property
+    def attention_layers(self) -> list[int]:
+        """The layers whose token mixer is attention, so `blocks.{l}.attn.hook_z` exists (all but LFM2's convolutions)."""
+        return list(range(self.n_layers))
+
+    @property
     def parallel_block(self) -> bool:
         """True when attention and MLP both read the block's input and write to the stream together (Cohere, Phi-2,
         Pythia), so there is no `blocks.{l}.hook_resid_mid`."""

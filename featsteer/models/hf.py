@@ -121,6 +121,10 @@ class HFModelAdapter(ModelAdapter):
                 continue
         return operator.attrgetter(alternatives[-1])(root)
 
+    @property
+    def attention_layers(self) -> list[int]:
+        return [layer for layer in range(self.n_layers) if self._is_attention(layer)]
+
     def _is_attention(self, layer: int) -> bool:
         """False for a layer whose token mixer is not attention (the second `attn` alternative: an LFM2 convolution)."""
         first = self.spec.attn.split("|")[0]
