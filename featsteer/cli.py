@@ -47,6 +47,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if moe := sorted(layer for layer, count in mlp_writers.items() if count > 1):
         print(f"experts   {mlp_writers[moe[-1]]} output projections per mixture-of-experts layer ({len(moe)} of {model.n_layers} "
               "layers; weight edits project every one)")
+    notes = [note for flag, note in (
+        (model.post_norms, "attention/MLP outputs are normalised before the stream (weight edits are not exactly the ablation hook)"),
+        (model.parallel_block, "attention and MLP run in parallel on the block's input (no resid_mid)"),
+        (not model.input_norms, "attention and MLP read the stream itself (no ln1/ln2)"),
+        (len(attention) < model.n_layers, f"layers {sorted(set(range(model.n_layers)) - set(attention))} mix tokens without attention heads"),
+    ) if flag]
+    for i, note in enumerate(notes):
+        print(f"{'notes' if i == 0 else '':<10}{note}")
     if args.prompt:
         print(f"prompt    {model.format_prompts([args.prompt])[0].text!r}")
     return 0

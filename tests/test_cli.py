@@ -32,7 +32,9 @@ def test_info_lists_only_the_hooks_a_family_has_and_its_experts(capsys):
     _, no_input_norms, _ = _run(capsys, "info", "--model", "tiny:olmo2")
     assert "resid_mid" in no_input_norms and "ln1.hook_normalized" not in no_input_norms
     _, hybrid, _ = _run(capsys, "info", "--model", "tiny:lfm2")
-    assert "blocks.{0,2}.attn.hook_z (per head: 4 heads)" in hybrid
+    assert "blocks.{0,2}.attn.hook_z (per head: 4 heads)" in hybrid and "notes     layers [1] mix tokens without attention heads" in hybrid
+    assert "notes     attention and MLP run in parallel" in parallel and "notes     attention/MLP outputs are normalised" in no_input_norms
+    assert "read the stream itself (no ln1/ln2)" in no_input_norms and "notes" not in moe
 
 
 def test_capture_writes_a_readable_directory(capsys, tmp_path):
