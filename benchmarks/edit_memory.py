@@ -43,7 +43,7 @@ def child(spec: str, mode: str, trials: int) -> dict:
     model = load_model(spec)
     loaded = peak_mib()
     writers = model.residual_writers()
-    touched = sum(w.read()[0].numel() * w.read()[0].element_size() for w in writers) / 2**20
+    touched = sum(weight.numel() * weight.element_size() for weight, _ in (w.read() for w in writers)) / 2**20
     before = {name: p.detach().clone() for name, p in model.model.named_parameters()}
     after_snapshot = peak_mib()  # the snapshot for the bit-identity check is not the edit's cost: measured from here
     start = time.perf_counter()

@@ -132,9 +132,6 @@ def reader_groups(model: ModelAdapter, per_layer: bool = True) -> dict[str, list
         FeatsteerError: for a model whose attention and MLP read the stream itself (OLMo 2, EXAONE 4): there is no
             normalised input to remove the direction from.
     """
-    if not model.input_norms:
-        raise FeatsteerError(f"{model.family} has no norms before its attention and MLP, so their reads of the direction cannot be "
-                             "separated from the stream: direction readers need a model with input norms")
     attention, mlp = model.hook_names(("ln1_normalized",)), model.hook_names(("ln2_normalized",))
     groups: dict[str, list[str] | None] = {
         "every residual write": None, "every reader": attention + mlp + [UNEMBEDDING], "blocks": attention + mlp,

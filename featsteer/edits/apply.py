@@ -1,7 +1,7 @@
 """Applying weight edits to a model: all-or-nothing, exactly revertible, exportable.
 
-`apply_edit` computes every new tensor first and only then writes them, restoring what was already
-written if anything fails, so a model is never left half-edited. The returned `EditHandle` keeps the
+`apply_edit` edits one residual writer at a time and, if anything fails, restores the writers already
+edited, so a model is never left half-edited. The returned `EditHandle` keeps the
 original tensors of each touched writer: `revert()` restores them bit for bit, and `export()` writes a
 Hugging Face model directory with a `featsteer.json` that records how it was made.
 """
@@ -173,7 +173,6 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
     # is held, so the edit needs memory for one copy of the touched weights (not two, as computing every new tensor
     # before the first write would): the new weights, the originals being the old storage the model no longer points
     # at. A failure part-way reverts the writers already edited: no half-edited model.
-    edited = []
     try:
         for writer in model.residual_writers():
             strength = config.strength(writer)
@@ -186,11 +185,10 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
             new_weight, new_bias = edited_tensors(writer, own, config, strength)
             handle.originals[writer.name] = original
             writer.write(new_weight, new_bias)
-            edited.append(writer.name)
     except Exception:
         handle.revert()
         raise
-    handle.record["writers"] = edited
+    handle.record["writers"] = list(handle.originals)
     return handle
 
 

@@ -7,6 +7,8 @@ decides where results go and keeps the originals for an exact revert.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -41,8 +43,13 @@ def orthogonalize_weight(weight: Tensor, direction: Tensor, strength: float = 1.
         direction: `(d_model,)` unit vector or `(k, d_model)` orthonormal basis.
         strength: 1 removes the component entirely; 0 < s < 1 damps it; s > 1 reverses it.
     """
-    b = _basis64(direction).to(weight.device)
-    return _columnwise(weight, lambda w: torch.addmm(w, b.T, b @ w, alpha=-strength))
+    return _columnwise(weight, _remover(direction, strength, weight.device))
+
+
+def _remover(direction: Tensor, strength: float, device) -> Callable[[Tensor], Tensor]:
+    """`w -> w - s * B^T B w` on float64 columns."""
+    b = _basis64(direction).to(device)
+    return lambda w: torch.addmm(w, b.T, b @ w, alpha=-strength)
 
 
 def orthogonalize_bias(bias: Tensor, direction: Tensor, strength: float = 1.0) -> Tensor:
@@ -73,10 +80,10 @@ def norm_preserving_orthogonalize(weight: Tensor, direction: Tensor, strength: f
     still exactly orthogonal to `r`). Column norms, hence the norm of the write for any one-hot input,
     are preserved; the norm of a write for a general input is not.
     """
-    b = _basis64(direction).to(weight.device)
+    remove = _remover(direction, strength, weight.device)
 
     def edit(w: Tensor) -> Tensor:
-        edited = torch.addmm(w, b.T, b @ w, alpha=-strength)
+        edited = remove(w)
         return edited * (w.norm(dim=0, keepdim=True) / edited.norm(dim=0, keepdim=True).clamp_min(1e-12))
 
     return _columnwise(weight, edit)

@@ -45,9 +45,6 @@ def resolve_sites(model: ModelAdapter, where: str | Sequence[str]) -> list[str]:
     if where == LAYERS:
         return model.hook_names(("resid_pre",))
     if where == NORMS:
-        if not model.input_norms:
-            raise FeatsteerError(f"{model.family} has no norms before its attention and MLP (they read the stream itself), so there "
-                                 "is nothing at where='norms': steer at 'writes', 'residual' or 'layers'")
         return model.hook_names(NORM_KINDS)
     names = [where] if isinstance(where, str) else list(where)
     for name in names:

@@ -197,10 +197,22 @@ class ModelAdapter(ABC):
 
     def hook_names(self, kinds: Sequence[str] = ("resid_pre",), layers: Sequence[int] | None = None) -> list[str]:
         """List hook names for the given kinds and layers (all layers by default), leaving out kinds this model does not
-        have (`layer_kinds`), so `("resid_pre", "resid_mid", "resid_post")` is every residual point of any model."""
+        have (`layer_kinds`), so `("resid_pre", "resid_mid", "resid_post")` is every residual point of any model.
+
+        Raises:
+            FeatsteerError: when none of `kinds` exists on this model (the ln1/ln2 inputs of OLMo 2, `resid_mid` of a
+                parallel block), rather than returning no names for the caller to hook nothing at.
+        """
         layer_ids = range(self.n_layers) if layers is None else layers
-        have = self.layer_kinds
-        return [hook_name(layer, kind) for layer in layer_ids for kind in kinds if kind in have or kind not in LAYER_KINDS + HEAD_KINDS]
+        known, have = LAYER_KINDS + HEAD_KINDS, self.layer_kinds
+        kept = [kind for kind in kinds if kind in have or kind not in known]
+        if kinds and not kept:
+            if set(kinds) <= {"ln1_normalized", "ln2_normalized"}:
+                raise FeatsteerError(f"{self.family} has no norms before its attention and MLP (they read the stream itself): there is "
+                                     "no blocks.L.ln1/ln2.hook_normalized; use hook_resid_pre / hook_resid_mid")
+            raise FeatsteerError(f"{self.family} has no {', '.join(kinds)} hook points (attention and MLP run in parallel on the block's "
+                                 "input): use hook_resid_pre or hook_resid_post")
+        return [hook_name(layer, kind) for layer in layer_ids for kind in kept]
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[ModelAdapter]:

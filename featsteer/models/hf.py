@@ -355,10 +355,7 @@ def _norm_hook(fns: _Hooks, spec: FamilySpec):
         x = args[0] if args else next(iter(kwargs.values()))
         normalized = _normalize(module, x, spec)
         new = _apply(fns, normalized)
-        if new is normalized:
-            return None
-        scale = module.weight.float() + spec.norm_weight_offset
-        return (output.float() + (new.float() - normalized.float()) * scale).to(output.dtype)
+        return None if new is normalized else _through_norm(output, new, normalized, module, spec)
 
     return hook
 
@@ -378,17 +375,11 @@ def _branch_input_hook(fns: _Hooks, state: dict[str, Tensor], norm: nn.Module, s
     and passes a change `dz` on to this branch's input only, as `dz * weight`."""
 
     def hook(module, args, kwargs):
-        positional = len(args) > 0
-        value = args[0] if positional else kwargs["hidden_states"]
         normalized = state["normalized"]
         new = _apply(fns, normalized)
         if new is normalized:
             return None
-        scale = norm.weight.float() + spec.norm_weight_offset
-        changed = (value.float() + (new.float() - normalized.float()) * scale).to(value.dtype)
-        if positional:
-            return (changed, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": changed}
+        return _with_hidden(args, kwargs, _through_norm(_hidden(args, kwargs), new, normalized, norm, spec))
 
     return hook
 
@@ -402,18 +393,30 @@ def _normalize(module: nn.Module, x: Tensor, spec: FamilySpec) -> Tensor:
     return (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def _hidden(args, kwargs) -> Tensor:
+    """The hidden states a module is called with, positionally or as `hidden_states=`."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args, kwargs, value: Tensor):
+    """A forward pre-hook's return value that calls the module with `value` as its hidden states."""
+    return ((value, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": value})
+
+
+def _through_norm(output: Tensor, new: Tensor, normalized: Tensor, norm: nn.Module, spec: FamilySpec) -> Tensor:
+    """`output` (what a norm gave, or what it fed a branch) with the change `new - normalized` of its normalised input
+    passed on as `dz * weight`."""
+    scale = norm.weight.float() + spec.norm_weight_offset
+    return (output.float() + (new.float() - normalized.float()) * scale).to(output.dtype)
+
+
 def _pre_hook(fns: _Hooks, state: dict[str, Tensor], keep: bool):
     def hook(module, args, kwargs):
-        positional = len(args) > 0
-        hidden = args[0] if positional else kwargs["hidden_states"]
+        hidden = _hidden(args, kwargs)
         new = _apply(fns, hidden)
         if keep:
             state["resid_pre"] = new
-        if new is hidden:
-            return None
-        if positional:
-            return (new, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": new}
+        return None if new is hidden else _with_hidden(args, kwargs, new)
 
     return hook
 
