@@ -52,6 +52,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         (model.parallel_block, "attention and MLP run in parallel on the block's input (no resid_mid)"),
         (not model.input_norms, "attention and MLP read the stream itself (no ln1/ln2)"),
         (len(attention) < model.n_layers, f"layers {sorted(set(range(model.n_layers)) - set(attention))} mix tokens without attention heads"),
+        (model.per_layer_inputs, "each layer adds a per-layer input embedding after its MLP (hook_per_layer_out, a residual write)"),
+        (model.scaled_layers, "each layer multiplies the stream by a scalar of its own before it returns (resid_post)"),
     ) if flag]
     for i, note in enumerate(notes):
         print(f"{'notes' if i == 0 else '':<10}{note}")

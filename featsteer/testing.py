@@ -46,7 +46,17 @@ def _configs(vocab: int) -> dict:
     moe = dict(num_experts_per_tok=2, moe_intermediate_size=48)
     llama4_text = dict(**common, head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=96,
                        interleave_moe_layer_step=2, attention_chunk_size=8, rope_parameters=plain_rope)
+    hybrid_layers = ["linear_attention", "full_attention", "linear_attention"]  # gated DeltaNet, attention, DeltaNet
+    linear_attn = dict(head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                       linear_conv_kernel_dim=3, layer_types=hybrid_layers)
+    qwen3_5_moe = dict(**common, **moe, **linear_attn, num_experts=4, shared_expert_intermediate_size=32)
     tiny_vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    gemma4 = dict(**common, head_dim=16, global_head_dim=32, sliding_window=8, layer_types=["sliding_attention", "full_attention",
+                                                                                       "full_attention"])
+    gemma4_ple = dict(**gemma4, vocab_size_per_layer_input=vocab, hidden_size_per_layer_input=8, num_kv_shared_layers=1)
+    gemma4_moe = dict(**gemma4, hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=4, top_k_experts=2,
+                      moe_intermediate_size=48)
+    tiny_qwen_vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=14)
     return {
         "llama": lambda: tf.LlamaConfig(**common),
         "mistral": lambda: tf.MistralConfig(**common),
@@ -59,6 +69,10 @@ def _configs(vocab: int) -> dict:
         "gemma3_text": lambda: tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8),
         "gemma3": lambda: tf.Gemma3Config(text_config=tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8),
                                           vision_config=tf.SiglipVisionConfig(**tiny_vision), mm_tokens_per_image=1, **ids),
+        "gemma4_text": lambda: tf.Gemma4TextConfig(**gemma4_ple),  # E2B/E4B layout: per-layer inputs, KV sharing
+        "gemma4": lambda: tf.Gemma4Config(text_config=gemma4_moe, vision_config=tf.Gemma4VisionConfig(  # 26B-A4B layout: MoE
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+            patch_size=4, position_embedding_size=64), audio_config=None, **ids),
         "mistral3": lambda: tf.Mistral3Config(text_config=tf.MistralConfig(**common),
                                               vision_config=tf.PixtralVisionConfig(**tiny_vision, head_dim=8), **ids),
         "phi3": lambda: tf.Phi3Config(**common),
@@ -94,6 +108,18 @@ def _configs(vocab: int) -> dict:
             **tiny_vision, vision_output_dim=16, projector_input_dim=16, projector_output_dim=16), **ids),
         "lfm2": lambda: tf.Lfm2Config(**common, layer_types=["full_attention", "conv", "full_attention"], block_auto_adjust_ff_dim=False,
                                       conv_bias=True),
+        "qwen3_5_text": lambda: tf.Qwen3_5TextConfig(**common, **linear_attn),
+        "qwen3_5": lambda: tf.Qwen3_5Config(text_config=dict(**common, **linear_attn), vision_config=tiny_qwen_vision, **ids),
+        "qwen3_5_moe_text": lambda: tf.Qwen3_5MoeTextConfig(**qwen3_5_moe),
+        "qwen3_5_moe": lambda: tf.Qwen3_5MoeConfig(text_config=qwen3_5_moe, vision_config=tiny_qwen_vision, **ids),
+        "qwen3_next": lambda: tf.Qwen3NextConfig(**{**qwen3_5_moe, "layer_types": None}, full_attention_interval=2),
+        "glm4_moe": lambda: tf.Glm4MoeConfig(**common, **moe, head_dim=16, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
+                                             n_group=1, topk_group=1),
+        "ernie4_5_moe": lambda: tf.Ernie4_5_MoeConfig(**common, **moe, moe_num_experts=4, moe_num_shared_experts=1, moe_layer_start_index=1),
+        "hunyuan_v1_moe": lambda: tf.HunYuanMoEV1Config(**common, head_dim=16, num_experts=4, moe_topk=2),
+        "deepseek_v2": lambda: tf.DeepseekV2Config(**{**common, "num_key_value_heads": 4}, **moe, n_routed_experts=4, n_shared_experts=1,
+                                                   first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                                                   qk_nope_head_dim=8, v_head_dim=16),
         "cohere": lambda: tf.CohereConfig(**common),
         "cohere2": lambda: tf.Cohere2Config(**common, sliding_window=8),
         "phi": lambda: tf.PhiConfig(**common),
@@ -120,21 +146,23 @@ def tiny_model(family: str, seed: int = 0):
     tokenizer = byte_tokenizer()
     config = _configs(len(tokenizer))[family]()
     torch.manual_seed(seed)
-    # the image-text Llama 4 class itself (AutoModelForCausalLM would build its text model alone, `tiny:llama4_text`)
-    build = tf.AutoModelForImageTextToText if family == "llama4" else model_class(config)
-    model = build.from_config(config, attn_implementation="eager").eval()
+    model = model_class(config).from_config(config, attn_implementation="eager").eval()
     _randomise_norms(model, seed)
     return model, tokenizer
 
 
 def _randomise_norms(model, seed: int) -> None:
-    """Give norm weights random values so tests notice a hook placed before or after a norm, and fused experts' output
-    biases (GPT-OSS initialises them to zero) so tests notice an edit that skips them."""
+    """Give norm weights random values so tests notice a hook placed before or after a norm, fused experts' output
+    biases (GPT-OSS initialises them to zero) so tests notice an edit that skips them, and Gemma 4's per-layer stream
+    scalars (ones at initialisation) so tests notice a hook placed before or after the scaling."""
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name or ".ln_" in name or name.endswith("down_proj_bias"):
                 param.add_(0.3 * torch.randn(param.shape, generator=generator))
+        for name, buffer in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                buffer.mul_(0.5 + torch.rand(buffer.shape, generator=generator))
 
 
 def saved_tokenizer(tokenizer, directory) -> PreTrainedTokenizerFast:

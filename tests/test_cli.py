@@ -35,6 +35,13 @@ def test_info_lists_only_the_hooks_a_family_has_and_its_experts(capsys):
     assert "blocks.{0,2}.attn.hook_z (per head: 4 heads)" in hybrid and "notes     layers [1] mix tokens without attention heads" in hybrid
     assert "notes     attention and MLP run in parallel" in parallel and "notes     attention/MLP outputs are normalised" in no_input_norms
     assert "read the stream itself (no ln1/ln2)" in no_input_norms and "notes" not in moe
+    _, deltanet, _ = _run(capsys, "info", "--model", "tiny:qwen3_5_moe")
+    assert "blocks.{1}.attn.hook_z" in deltanet and "notes     layers [0, 2] mix tokens without attention heads" in deltanet
+    assert "experts   5 output projections per mixture-of-experts layer (3 of 3 layers" in deltanet
+    _, gemma4, _ = _run(capsys, "info", "--model", "tiny:gemma4_text")
+    assert "hook_{resid_pre,attn_out,resid_mid,mlp_out,per_layer_out,resid_post}" in gemma4
+    assert "adds a per-layer input embedding after its MLP" in gemma4 and "multiplies the stream by a scalar" in gemma4
+    assert "per_layer_out" not in deltanet
 
 
 def test_capture_writes_a_readable_directory(capsys, tmp_path):
@@ -193,7 +200,7 @@ def test_abliterate_per_layer_scope_exports_and_reloads(capsys, tmp_path):
     assert code == 2 and "--search chooses the direction scope itself" in err
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gemma3", "cohere", "olmo2"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gemma3", "cohere", "olmo2", "qwen3_5_moe", "gemma4_text"])
 def test_abliterate_runs_end_to_end_on_other_architectures(capsys, tmp_path, family):
     """Selection, edit, evaluation, export and reload through the CLI on an MoE, an image-text, a parallel-block and a
     post-norm-only architecture, as a user would run them."""
@@ -205,7 +212,7 @@ def test_abliterate_runs_end_to_end_on_other_architectures(capsys, tmp_path, fam
                              "--max-new-tokens", "2", "--out", str(out))
     assert code == 0 and "wrote" in stdout, err
     writers = json.loads((out / "featsteer.json").read_text())["writers"]
-    assert ("blocks.2.hook_mlp_out.expert3" in writers) == (family == "qwen3_moe")
+    assert ("blocks.2.hook_mlp_out.expert3" in writers) == (family in ("qwen3_moe", "qwen3_5_moe"))
     assert load_model(str(out)).family == load_model(f"tiny:{family}").family
 
 

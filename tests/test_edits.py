@@ -30,12 +30,12 @@ from featsteer.testing import FAMILY_NAMES, tiny_model
 from tests.conftest import count_hooks
 
 PROMPTS = ["hello there", "a longer instruction with more words", "x"]
-POST_NORM_FAMILIES = ("gemma2", "gemma3_text", "gemma3", "olmo2", "olmo3", "exaone4", "glm4")
+POST_NORM_FAMILIES = ("gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "olmo2", "olmo3", "exaone4", "glm4")
 """Families that normalise the attention/MLP output before adding it to the stream (listed here by hand, apart from
 featsteer's FamilySpec rows, which `test_post_norm_flags_match_the_architectures` checks against this list)."""
 EXACT_FAMILIES = tuple(f for f in FAMILY_NAMES if f not in POST_NORM_FAMILIES)
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "dots1", "phimoe", "gpt_oss", "granitemoe", "llama4_text",
-                "llama4")
+                "llama4", "deepseek_v2", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next", "gemma4")
 
 
 def _direction(d_model: int, seed: int = 5) -> torch.Tensor:
@@ -112,9 +112,14 @@ def test_moe_edit_reaches_every_expert_and_the_shared_ones(family):
     r = _direction(adapter.d_model).double()
     writers = [w for w in adapter.residual_writers() if w.kind == "mlp_out"]
     config = model.config.get_text_config()
-    n_experts = getattr(config, "num_local_experts", None) or getattr(config, "n_routed_experts", None) or config.num_experts
-    dense = {"qwen2_moe": {0}, "deepseek_v3": {0}, "dots1": {0}, "llama4_text": {0, 2}, "llama4": {0, 2}}.get(family, set())
-    shared = {"qwen2_moe": 1, "deepseek_v3": 1, "dots1": 1, "llama4_text": 1, "llama4": 1}.get(family, 0)
+    n_experts = next(getattr(config, key) for key in ("num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts")
+                     if getattr(config, key, None))
+    dense = {"qwen2_moe": {0}, "deepseek_v3": {0}, "dots1": {0}, "llama4_text": {0, 2}, "llama4": {0, 2}, "deepseek_v2": {0}, "glm4_moe": {0},
+             "ernie4_5_moe": {0}}.get(family, set())
+    with_shared = ("qwen2_moe", "deepseek_v3", "dots1", "llama4_text", "llama4", "deepseek_v2", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe",
+                   "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next")
+    shared = 1 if family in with_shared else 0
+    shared += family == "gemma4"  # the dense MLP beside the experts: blocks.{l}.hook_mlp_out.dense
     for layer in range(adapter.n_layers):
         names = [w.name for w in writers if w.layer == layer]
         expected = 1 if layer in dense else n_experts + shared
@@ -240,7 +245,7 @@ def test_export_loads_with_featsteer_and_transformers(tmp_path):
         handle.export(tmp_path / "edited")
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe", "gemma3", "mistral3"])
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe", "gemma3", "mistral3", "qwen3_5", "qwen3_next", "gemma4_text", "gemma4"])
 def test_export_of_moe_and_image_text_models_loads_back_edited(family, tmp_path):
     """Fused experts and an image-text model's text decoder are saved edited, and the directory loads back through
     `load_model` (Mistral 3 through the image-text auto class) with the edited logits."""

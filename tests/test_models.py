@@ -14,7 +14,7 @@ from featsteer.testing import byte_tokenizer, hooked_gpt2, saved_tokenizer, tiny
 from tests.conftest import count_hooks
 
 PROMPTS = ["hello there", "a much longer instruction that needs padding", "third"]
-KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "per_layer_out", "resid_post")
 NORMS = ("ln1_normalized", "ln2_normalized")
 
 
@@ -27,12 +27,16 @@ def _record(adapter, names, prompts=PROMPTS):
 
 PARALLEL_FAMILIES = ("cohere", "cohere2", "phi", "gpt_neox")
 """Attention and MLP read the block's input and are added together: no resid_mid (written out apart from featsteer's rows)."""
+GEMMA_4 = ("gemma4_text", "gemma4")
+"""Each layer ends by multiplying the stream by its `layer_scalar`; the E2B/E4B layout (`gemma4_text` here) adds a
+per-layer input branch after the MLP, the 26B-A4B layout (`gemma4`) runs experts beside the MLP."""
 
 
 def test_hook_points_match_residual_identities(family_model):
     family, model, tokenizer = family_model
     adapter = load_model(model, tokenizer=tokenizer)
     assert adapter.parallel_block == (family in PARALLEL_FAMILIES)
+    assert adapter.per_layer_inputs == (family == "gemma4_text")
     names = ["hook_embed"] + adapter.hook_names(KINDS)
     assert any(name.endswith("hook_resid_mid") for name in names) != adapter.parallel_block
     seen, _ = _record(adapter, names)
@@ -44,6 +48,12 @@ def test_hook_points_match_residual_identities(family_model):
         torch.testing.assert_close(pre, hidden[layer], atol=1e-5, rtol=0)
         if family in PARALLEL_FAMILIES:
             torch.testing.assert_close(post, pre + attn + mlp, atol=1e-5, rtol=0)
+        elif family in GEMMA_4:
+            mid = seen[f"blocks.{layer}.hook_resid_mid"]
+            torch.testing.assert_close(mid, pre + attn, atol=1e-5, rtol=0)
+            per_layer = seen.get(f"blocks.{layer}.hook_per_layer_out", 0)
+            assert (family == "gemma4_text") == torch.is_tensor(per_layer)
+            torch.testing.assert_close(post, (mid + mlp + per_layer) * adapter.layers[layer].layer_scalar, atol=1e-5, rtol=0)
         else:
             mid = seen[f"blocks.{layer}.hook_resid_mid"]
             torch.testing.assert_close(mid, pre + attn, atol=1e-5, rtol=0)
@@ -63,7 +73,8 @@ def _normalised(x, layer_norm, eps):
 
 def _scaled(norm, z):
     """The norm's weight (and bias) applied to a normalised vector, as the module does after normalising."""
-    offset = 1.0 if "Gemma" in type(norm).__name__ else 0.0
+    name = type(norm).__name__
+    offset = 1.0 if name.startswith(("Gemma", "Qwen3_5", "Qwen3Next")) and not name.startswith("Gemma4") else 0.0  # 1 + weight
     return z * (norm.weight + offset) + (norm.bias if getattr(norm, "bias", None) is not None else 0)
 
 
@@ -71,8 +82,8 @@ def _scaled(norm, z):
 # (None: it reads the stream itself), the norm on the MLP's output before the stream (if any), LayerNorm or RMSNorm.
 MLP_INPUT_NORM = {"gpt2": "ln_2", "cohere": "input_layernorm", "cohere2": "input_layernorm", "phi": "input_layernorm", "gemma2": "pre_feedforward_layernorm", "gemma3_text": "pre_feedforward_layernorm",
                   "gemma3": "pre_feedforward_layernorm", "apertus": "feedforward_layernorm", "olmo2": None, "olmo3": None,
-                  "exaone4": None, "lfm2": "ffn_norm"}
-MLP_OUTPUT_NORM = {"gemma2": "post_feedforward_layernorm", "gemma3_text": "post_feedforward_layernorm",
+                  "exaone4": None, "lfm2": "ffn_norm", "gemma4_text": "pre_feedforward_layernorm", "gemma4": "pre_feedforward_layernorm"}
+MLP_OUTPUT_NORM = {"gemma2": "post_feedforward_layernorm", "gemma4_text": "post_feedforward_layernorm", "gemma4": "post_feedforward_layernorm", "gemma3_text": "post_feedforward_layernorm",
                    "gemma3": "post_feedforward_layernorm", "olmo2": "post_feedforward_layernorm", "olmo3": "post_feedforward_layernorm",
                    "exaone4": "post_feedforward_layernorm", "glm4": "post_mlp_layernorm"}
 LAYER_NORM_FAMILIES = ("gpt2", "starcoder2", "phimoe", "cohere", "cohere2", "phi", "gpt_neox", "stablelm")
@@ -106,6 +117,11 @@ def test_norm_hooks_carry_what_attention_mlp_and_unembedding_read(family_model):
             torch.testing.assert_close(ln2, _normalised(seen[f"blocks.{layer}.hook_{mlp_reads}"], layer_norm, eps), atol=1e-5, rtol=0)
             mlp = {"granitemoe": "block_sparse_moe", "llama4": "feed_forward", "llama4_text": "feed_forward", "lfm2": "feed_forward"}.get(family, "mlp")
             mlp_out = _first(getattr(block, mlp)(_scaled(getattr(block, mlp_norm), ln2))).view(ln2.shape)  # Llama 4 MoE: flat
+            if family == "gemma4":  # experts beside the MLP, each renormalised; the router and experts read the stream
+                mid = seen[f"blocks.{layer}.hook_resid_mid"].flatten(0, 1)
+                _, weights, index = block.router(mid)
+                experts = block.experts(block.pre_feedforward_layernorm_2(mid), index, weights).view(ln2.shape)
+                mlp_out = block.post_feedforward_layernorm_1(mlp_out) + block.post_feedforward_layernorm_2(experts)
             if family in MLP_OUTPUT_NORM:
                 mlp_out = getattr(block, MLP_OUTPUT_NORM[family])(mlp_out)
             if family in GRANITE:
@@ -215,22 +231,29 @@ def test_the_parallel_residual_flag_is_read_per_checkpoint(family, parallel):
         torch.testing.assert_close(seen[f"blocks.{layer}.ln2.hook_normalized"], _normalised(mlp_reads, True, eps), atol=1e-5, rtol=0)
 
 
-def test_lfm2_convolution_layers_write_like_attention_but_have_no_heads():
-    """LFM2 mixes tokens with a short convolution in some layers: its output projection is that layer's attn_out writer
-    (so hook and weight edits cover it), and asking for its heads is a one-line error."""
-    model, tokenizer = tiny_model("lfm2")
+@pytest.mark.parametrize("family, mixer", [("lfm2", "conv"), ("qwen3_5", "linear_attn"), ("qwen3_next", "linear_attn")])
+def test_layers_without_heads_write_like_attention_but_have_no_heads(family, mixer):
+    """LFM2 mixes tokens with a short convolution in some layers, Qwen3.5 and Qwen3-Next with a gated DeltaNet (linear
+    attention): the mixer's output projection is that layer's attn_out writer (so hook and weight edits cover it), and
+    asking for its heads is a one-line error."""
+    model, tokenizer = tiny_model(family)
     adapter = load_model(model, tokenizer=tokenizer)
-    assert adapter.residual_writers()[3].name == "blocks.1.hook_attn_out"
-    assert adapter.residual_writers()[3].read()[0].data_ptr() == model.model.layers[1].conv.out_proj.weight.data_ptr()
-    seen, _ = _record(adapter, ["blocks.0.attn.hook_z", "blocks.2.attn.hook_z"])
-    assert seen["blocks.0.attn.hook_z"].shape[-2:] == (4, 16)
-    with pytest.raises(FeatsteerError, match="blocks.1.attn.hook_z does not exist: layer 1 .* convolution.*blocks.1.hook_attn_out"):
-        _record(adapter, ["blocks.1.attn.hook_z"])
-    assert adapter.attention_layers == [0, 2] and load_model("tiny:llama").attention_layers == [0, 1, 2]
+    heads_at = [0, 2] if family == "lfm2" else [1]
+    other = 1 if family == "lfm2" else 0
+    assert adapter.attention_layers == heads_at and load_model("tiny:llama").attention_layers == [0, 1, 2]
+    writer = next(w for w in adapter.residual_writers() if w.name == f"blocks.{other}.hook_attn_out")
+    assert writer.read()[0].data_ptr() == getattr(adapter.layers[other], mixer).out_proj.weight.data_ptr()
+    seen, _ = _record(adapter, [f"blocks.{layer}.attn.hook_z" for layer in heads_at])
+    assert seen[f"blocks.{heads_at[0]}.attn.hook_z"].shape[-2:] == (4, 16)
+    with pytest.raises(FeatsteerError, match=fr"blocks.{other}.attn.hook_z does not exist: layer {other} .* mixes tokens with "
+                                             fr"{type(getattr(adapter.layers[other], mixer)).__name__}, not softmax attention heads; "
+                                             fr"hook blocks.{other}.hook_attn_out"):
+        _record(adapter, [f"blocks.{other}.attn.hook_z"])
     from featsteer.directions.geometry import head_attribution
 
     heads = head_attribution(adapter, ["how do I do it?"], ["what is it?"], torch.ones(adapter.d_model))
-    assert heads.harmful.shape == (3, 4) and float(heads.harmful[1].abs().sum()) == 0.0 and float(heads.harmful[0].abs().sum()) > 0
+    assert heads.harmful.shape == (3, 4) and float(heads.harmful[other].abs().sum()) == 0.0
+    assert float(heads.harmful[heads_at[0]].abs().sum()) > 0
 
 
 def test_hooks_are_removed_after_exit_and_after_exception(llama_adapter):
@@ -273,7 +296,39 @@ def test_left_padding_does_not_change_results(family_model):
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_gemma4_per_layer_inputs_are_a_residual_write_and_kv_sharing_layers_see_every_position():
+    """Gemma 4 E2B/E4B add a third write per layer (`hook_per_layer_out`): ablating at every residual write removes the
+    direction from it too, a weight edit projects its output projection (a writer of its own), and its KV-sharing layers (which transformers
+    runs on the kept positions alone when `logits_to_keep` is an int) still see every position under `last_only`."""
+    from featsteer.edits import apply_edit
+    from featsteer.interventions import Ablate, steer
+
+    model, tokenizer = tiny_model("gemma4_text")
+    adapter = load_model(model, tokenizer=tokenizer)
+    assert "blocks.1.hook_per_layer_out" in adapter.hook_names(("mlp_out", "per_layer_out"))
+    r = torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(3))
+    r = r / r.norm()
+    names = adapter.hook_names(("per_layer_out",))
+    with steer(adapter, Ablate(r)):
+        seen, _ = _record(adapter, names)
+    assert max(float((x @ r).abs().max()) for x in seen.values()) < 1e-5
+    writers = [w for w in adapter.residual_writers() if w.kind == "per_layer_out"]
+    assert [w.name for w in writers] == names and writers[1].read()[0].data_ptr() == model.model.layers[1].per_layer_projection.weight.data_ptr()
+    with apply_edit(adapter, r):  # the projection loses r; its post-norm puts some back, as Gemma 2/3's do (not exact)
+        assert all(float((r @ w.read()[0]).abs().max()) < 1e-5 for w in writers)
+    batch = adapter.tokenize(PROMPTS)
+    seen = {}
+    with adapter.hooks([("blocks.2.hook_resid_post", lambda x, s: seen.__setitem__("shared", x.shape))]):
+        last = adapter.run(batch, last_only=True)
+    assert seen["shared"][1] == batch.input_ids.shape[1] and last.shape[1] == 1
+    torch.testing.assert_close(last[:, -1], adapter.run(batch)[:, -1], atol=1e-5, rtol=0)
+    with pytest.raises(FeatsteerError, match="blocks.0.hook_per_layer_out does not exist: this llama model has no per-layer input"):
+        _record(load_model("tiny:llama"), ["blocks.0.hook_per_layer_out"])
+    with pytest.raises(FeatsteerError, match="no per-layer input embeddings, so no blocks.L.hook_per_layer_out"):
+        load_model("tiny:gemma4").hook_names(("per_layer_out",))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "qwen3_5_moe", "lfm2", "gemma4_text"])
 def test_greedy_generation_matches_transformers_generate(family):
     model, tokenizer = tiny_model(family)
     adapter = load_model(model, tokenizer=tokenizer)
@@ -460,9 +515,9 @@ def test_plan_batches_rejects_a_token_budget_below_one() -> None:
 
 
 def _attention_weights_alive_in_mlp(adapter, forward) -> list[bool]:
-    """Whether layer 0's attention probabilities are still alive when its MLP starts, per forward."""
-    refs, alive = [], []
-    attention, mlp = adapter._module(adapter.spec.attn, 0), adapter._module(adapter.spec.mlp, 0)
+    """Whether the first attention layer's attention probabilities are still alive when its MLP starts, per forward."""
+    refs, alive, layer = [], [], adapter.attention_layers[0]  # Qwen3.5's layer 0 is a gated DeltaNet, which has none
+    attention, mlp = adapter._module(adapter.spec.attn, layer), adapter._module(adapter.spec.mlp, layer)
     handles = [
         attention.register_forward_hook(lambda module, args, output: refs.append(weakref.ref(output[1]))),
         mlp.register_forward_pre_hook(lambda module, args: alive.append(refs[-1]() is not None)),
@@ -484,7 +539,8 @@ def test_forward_does_not_keep_attention_weights_through_the_mlp(family_model):
         assert _attention_weights_alive_in_mlp(adapter, lambda: model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)) == [True]
     before = count_hooks(model)
     assert _attention_weights_alive_in_mlp(adapter, lambda: adapter.run(batch)) == [False]
-    assert _attention_weights_alive_in_mlp(adapter, lambda: adapter.run(batch, stop_at="blocks.1.hook_resid_pre")) == [False]
+    stop = f"blocks.{adapter.attention_layers[0] + 1}.hook_resid_pre"
+    assert _attention_weights_alive_in_mlp(adapter, lambda: adapter.run(batch, stop_at=stop)) == [False]
     generation = _attention_weights_alive_in_mlp(adapter, lambda: adapter.generate(PROMPTS[:1], max_new_tokens=2))
     assert generation and not any(generation)
     assert count_hooks(model) == before

@@ -18,10 +18,11 @@ from torch import Tensor
 from featsteer.errors import FeatsteerError
 from featsteer.interventions.operations import ablate, add, as_basis, cosine_to, project_set, rotate_in_plane
 from featsteer.interventions.positions import TOKEN_POSITIONS, PositionTracker
-from featsteer.models import NORM_KINDS, ModelAdapter
+from featsteer.models import NORM_KINDS, WRITE_KINDS, ModelAdapter
 
 WRITES = "writes"
-"""Every residual write: `hook_embed` (and `hook_pos_embed`), each layer's `attn_out` and `mlp_out`.
+"""Every residual write: `hook_embed` (and `hook_pos_embed`), each layer's `attn_out` and `mlp_out` (and Gemma 4's
+`per_layer_out`).
 Ablating there is exactly equivalent to orthogonalising the weights that write those outputs."""
 RESIDUAL = "residual"
 """Every `resid_pre`, `resid_mid` and `resid_post` point (Arditi et al.'s placement)."""
@@ -36,7 +37,7 @@ alone (the placement of angular steering in Vu & Nguyen 2025)."""
 def resolve_sites(model: ModelAdapter, where: str | Sequence[str]) -> list[str]:
     """Expand `writes`, `residual`, `layers`, `norms`, or a list of hook names into hook names for this model."""
     if where == WRITES:
-        names = ["hook_embed"] + model.hook_names(("attn_out", "mlp_out"))
+        names = ["hook_embed"] + model.hook_names(WRITE_KINDS)
         if any(w.kind == "pos_embed" for w in model.residual_writers()):
             names.insert(1, "hook_pos_embed")
         return names

@@ -143,6 +143,18 @@ class ModelAdapter(ABC):
         return False
 
     @property
+    def per_layer_inputs(self) -> bool:
+        """True when each block adds a third write after its MLP, from a per-layer input embedding (Gemma 4's PLE), so
+        `blocks.{l}.hook_per_layer_out` exists."""
+        return False
+
+    @property
+    def scaled_layers(self) -> bool:
+        """True when each block multiplies the whole stream by a scalar of its own before it returns (Gemma 4), so
+        `hook_resid_post` is that multiple of `resid_mid + mlp_out (+ per_layer_out)`."""
+        return False
+
+    @property
     def input_norms(self) -> bool:
         """True when each block's attention and MLP read a normalised copy of the stream, so `blocks.{l}.ln1.hook_normalized`
         and `blocks.{l}.ln2.hook_normalized` exist (False for OLMo 2 and EXAONE 4, which normalise only the outputs)."""
@@ -184,15 +196,22 @@ class ModelAdapter(ABC):
 
     def hook_site(self, name: str) -> HookSite:
         """Validate a hook name for this model."""
-        return parse_hook_name(name, self.n_layers)
+        site = parse_hook_name(name, self.n_layers)
+        if site.kind == "per_layer_out" and not self.per_layer_inputs:
+            raise FeatsteerError(f"{name} does not exist: this {self.family} model has no per-layer input embeddings (Gemma 4's E2B/E4B "
+                                 f"have them); its layers write through blocks.{site.layer}.hook_attn_out and hook_mlp_out")
+        return site
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:
-        """The per-layer hook kinds this model has: every one but `resid_mid` in a parallel block (`parallel_block`) and
-        the `ln1`/`ln2` inputs where the branches read the stream itself (`input_norms`)."""
+        """The per-layer hook kinds this model has: every one but `resid_mid` in a parallel block (`parallel_block`), the
+        `ln1`/`ln2` inputs where the branches read the stream itself (`input_norms`), and `per_layer_out` where there is
+        no per-layer input (`per_layer_inputs`)."""
         missing = {"resid_mid"} if self.parallel_block else set()
         if not self.input_norms:
             missing |= {"ln1_normalized", "ln2_normalized"}
+        if not self.per_layer_inputs:
+            missing.add("per_layer_out")
         return tuple(kind for kind in LAYER_KINDS + HEAD_KINDS if kind not in missing)
 
     def hook_names(self, kinds: Sequence[str] = ("resid_pre",), layers: Sequence[int] | None = None) -> list[str]:
@@ -210,6 +229,9 @@ class ModelAdapter(ABC):
             if set(kinds) <= {"ln1_normalized", "ln2_normalized"}:
                 raise FeatsteerError(f"{self.family} has no norms before its attention and MLP (they read the stream itself): there is "
                                      "no blocks.L.ln1/ln2.hook_normalized; use hook_resid_pre / hook_resid_mid")
+            if set(kinds) <= {"per_layer_out"}:
+                raise FeatsteerError(f"{self.family} has no per-layer input embeddings, so no blocks.L.hook_per_layer_out: its layers write "
+                                     "through hook_attn_out and hook_mlp_out")
             raise FeatsteerError(f"{self.family} has no {', '.join(kinds)} hook points (attention and MLP run in parallel on the block's "
                                  "input): use hook_resid_pre or hook_resid_post")
         return [hook_name(layer, kind) for layer in layer_ids for kind in kept]

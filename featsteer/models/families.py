@@ -81,6 +81,17 @@ class FamilySpec:
     experts_transposed: bool = False
     """True when the fused `down_proj` is stored `(n_experts, d_mlp, d_model)` and applied as `x @ W` (GPT-OSS); its
     bias, when there is one, is `down_proj_bias` `(n_experts, d_model)`."""
+    experts_beside_mlp: bool = False
+    """True when a mixture-of-experts layer keeps its dense MLP and adds the experts' output to it (Gemma 4's MoE
+    checkpoints): the layer's writers are the MLP's projection and every expert's slice."""
+    per_layer_out_proj: str | None = None
+    """Layer-relative path to the output projection of a third branch, added after the MLP, that reads a per-layer input
+    embedding (Gemma 4's PLE, `per_layer_projection`); layers without it have none (Gemma 4's larger checkpoints)."""
+    per_layer_out_site: str | None = None
+    """Layer-relative module whose output that branch adds to the stream (`blocks.{l}.hook_per_layer_out`)."""
+    layer_scalar: str | None = None
+    """Layer-relative buffer by which a layer multiplies the whole stream before it returns (Gemma 4's `layer_scalar`):
+    `resid_post = layer_scalar * (resid_mid + mlp_out + per_layer_out)`. Scaling keeps a removed direction removed."""
     shared_experts: tuple[str, ...] = ()
     """Layer-relative paths to the output projections of experts every token passes through (Qwen2-MoE's
     `shared_expert`, DeepSeek's `shared_experts`), edited beside the routed ones."""
@@ -125,6 +136,19 @@ _LLAMA_4 = {**_LLAMA_LIKE, "mlp": "feed_forward", "mlp_out_proj": "feed_forward.
 """Llama 4: MoE layers interleaved with dense ones, experts stored `(n_experts, d_mlp, d_model)` as GPT-OSS's, a shared
 expert; the image-text checkpoint's text model sits under `language_model`."""
 
+_GATED_DELTANET = {**_LLAMA_LIKE, "attn": "self_attn|linear_attn", "attn_out_proj": "self_attn.o_proj|linear_attn.out_proj"}
+"""Qwen3-Next and Qwen3.5: most layers mix tokens with a gated DeltaNet (linear attention, `linear_attn`), every few a
+softmax attention layer (`self_attn`); both write through an output projection. Their RMSNorms scale by `1 + weight`
+as Gemma's do."""
+_TEXT_OR_IMAGE_TEXT = {key: f"{_LLAMA_LIKE[key]}|{value}" for key, value in _MULTIMODAL.items()}
+"""Qwen3.5 checkpoints are image-text models that `AutoModelForCausalLM` loads as their text decoder alone (the paths of
+`_LLAMA_LIKE`); a model built with `AutoModelForImageTextToText` keeps the decoder under `language_model` instead."""
+
+_GEMMA_4 = {**_LLAMA_LIKE, **_GEMMA2_LAYOUT, "experts": "experts", "experts_beside_mlp": True, "per_layer_out_proj": "per_layer_projection",
+            "per_layer_out_site": "post_per_layer_input_norm", "layer_scalar": "layer_scalar", "norm_weight_offset": 0.0}
+"""Gemma 4: Gemma 2's post-norms with plain `weight` norms; the small checkpoints (E2B, E4B) add a per-layer input branch
+after the MLP, the MoE checkpoint runs experts beside the dense MLP, and every layer ends by scaling the stream."""
+
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         name="llama",
@@ -137,6 +161,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(name="gemma", model_types=("gemma",), embedding_scaled=True, norm_weight_offset=1.0, **_LLAMA_LIKE),
     FamilySpec(name="gemma2", model_types=("gemma2", "gemma3_text"), **{**_LLAMA_LIKE, **_GEMMA2_LAYOUT}),
     FamilySpec(name="gemma3", model_types=("gemma3",), **{**_LLAMA_LIKE, **_GEMMA2_LAYOUT, **_MULTIMODAL}),
+    FamilySpec(name="gemma4", model_types=("gemma4_text",), **_GEMMA_4),
+    FamilySpec(name="gemma4", model_types=("gemma4",), **{**_GEMMA_4, **_MULTIMODAL}),
     FamilySpec(name="mistral3", model_types=("mistral3",), **{**_LLAMA_LIKE, **_MULTIMODAL}),
     FamilySpec(
         name="olmo2", model_types=("olmo2", "olmo3", "exaone4"),
@@ -150,8 +176,12 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(name="apertus", model_types=("apertus",),
                **{**_LLAMA_LIKE, "attn_norm": "attention_layernorm", "mlp_norm": "feedforward_layernorm"}),
     FamilySpec(name="starcoder2", model_types=("starcoder2",), layer_norm=True, **{**_LLAMA_LIKE, "mlp_out_proj": "mlp.c_proj"}),
-    FamilySpec(name="moe", model_types=("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "dots1"),
-               shared_experts=("mlp.shared_expert.down_proj", "mlp.shared_experts.down_proj"), **_LLAMA_LIKE, **_ROUTED),
+    FamilySpec(name="moe", model_types=("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dots1", "glm4_moe",
+                                        "ernie4_5_moe", "hunyuan_v1_moe"),
+               shared_experts=("mlp.shared_expert.down_proj", "mlp.shared_experts.down_proj", "mlp.shared_mlp.down_proj"), **_LLAMA_LIKE, **_ROUTED),
+    FamilySpec(name="qwen3_5", model_types=("qwen3_5", "qwen3_5_text"), norm_weight_offset=1.0, **{**_GATED_DELTANET, **_TEXT_OR_IMAGE_TEXT}),
+    FamilySpec(name="qwen3_5_moe", model_types=("qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next"),
+               shared_experts=("mlp.shared_expert.down_proj",), norm_weight_offset=1.0, **{**_GATED_DELTANET, **_TEXT_OR_IMAGE_TEXT}, **_ROUTED),
     FamilySpec(name="granite", model_types=("granite",), embedding_multiplier="embedding_multiplier",
                residual_multiplier="residual_multiplier", **_LLAMA_LIKE),
     FamilySpec(name="granitemoe", model_types=("granitemoe",), embedding_multiplier="embedding_multiplier",

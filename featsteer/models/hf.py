@@ -61,7 +61,7 @@ class HFModelAdapter(ModelAdapter):
         self._write_scale = float(getattr(text_config, self.spec.residual_multiplier)) if self.spec.residual_multiplier else 1.0
         parallel = self.spec.parallel
         self._parallel = bool(getattr(text_config, parallel, False)) if isinstance(parallel, str) else parallel
-        self._get = {path: operator.attrgetter(path) for path in (self.spec.layers, self.spec.embed_tokens)}
+        self._layers: nn.ModuleList = self._module(self.spec.layers)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -70,7 +70,7 @@ class HFModelAdapter(ModelAdapter):
     @property
     def layers(self) -> nn.ModuleList:
         """The decoder layers."""
-        return self._get[self.spec.layers](self.model)
+        return self._layers
 
     @property
     def n_layers(self) -> int:
@@ -109,6 +109,14 @@ class HFModelAdapter(ModelAdapter):
     def parallel_block(self) -> bool:
         return self._parallel
 
+    @property
+    def scaled_layers(self) -> bool:
+        return self.spec.layer_scalar is not None
+
+    @property
+    def per_layer_inputs(self) -> bool:
+        return self.spec.per_layer_out_site is not None and self._optional_module(self.spec.per_layer_out_site, 0) is not None
+
     def _module(self, path: str, layer: int | None = None) -> nn.Module:
         """The module at `path` (from the model, or from decoder layer `layer`); `a|b` takes the first alternative the
         layer has (LFM2's layers hold either `self_attn` or `conv`)."""
@@ -126,7 +134,8 @@ class HFModelAdapter(ModelAdapter):
         return [layer for layer in range(self.n_layers) if self._is_attention(layer)]
 
     def _is_attention(self, layer: int) -> bool:
-        """False for a layer whose token mixer is not attention (the second `attn` alternative: an LFM2 convolution)."""
+        """False for a layer whose token mixer is not softmax attention (the second `attn` alternative: an LFM2 convolution,
+        a Qwen3.5 gated DeltaNet)."""
         first = self.spec.attn.split("|")[0]
         return "|" not in self.spec.attn or self._optional_module(first, layer) is not None
 
@@ -172,6 +181,7 @@ class HFModelAdapter(ModelAdapter):
     def _install_layer(self, layer: int, by_site: dict[tuple[int | None, str], _Hooks]) -> list:
         pre, attn, mid = by_site.get((layer, "resid_pre"), []), by_site.get((layer, "attn_out"), []), by_site.get((layer, "resid_mid"), [])
         mlp, post = by_site.get((layer, "mlp_out"), []), by_site.get((layer, "resid_post"), [])
+        per_layer = by_site.get((layer, "per_layer_out"), [])
         if mid and self._parallel:
             raise FeatsteerError(f"{mid[0][0].name} does not exist: {self.spec.name} runs attention and MLP in parallel on the block's "
                                  f"input and adds both at once; hook blocks.{layer}.hook_resid_pre or blocks.{layer}.hook_resid_post instead")
@@ -183,13 +193,17 @@ class HFModelAdapter(ModelAdapter):
         handles.extend(self._install_norms(layer, by_site))
         if z := by_site.get((layer, "attn_z")):
             if not self._is_attention(layer):
-                raise FeatsteerError(f"{z[0][0].name} does not exist: layer {layer} of this {self.spec.name} model mixes tokens with a "
-                                     f"convolution, not attention heads; hook blocks.{layer}.hook_attn_out (its output) instead")
+                mixer = type(self._module(self.spec.attn, layer)).__name__
+                raise FeatsteerError(f"{z[0][0].name} does not exist: layer {layer} of this {self.spec.name} model mixes tokens with "
+                                     f"{mixer}, not softmax attention heads; hook blocks.{layer}.hook_attn_out (its output) instead, or a "
+                                     f"layer in {self.attention_layers}")
             handles.append(self._module(self.spec.attn_out_proj, layer).register_forward_pre_hook(_heads_hook(z, self.n_heads)))
         if attn or mid:
             handles.append(self._module(self.spec.attn_site, layer).register_forward_hook(_attn_hook(attn, mid, state, self._write_scale)))
         if mlp:
             handles.append(self._module(self.spec.mlp_site, layer).register_forward_hook(_output_hook(mlp, self._write_scale, like_input=True)))
+        if per_layer:
+            handles.append(self._module(self.spec.per_layer_out_site, layer).register_forward_hook(_output_hook(per_layer)))
         if post:
             handles.append(block.register_forward_hook(_output_hook(post)))
         return handles
@@ -230,12 +244,19 @@ class HFModelAdapter(ModelAdapter):
                 attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids,
                 use_cache=want_cache,
-                logits_to_keep=1 if last_only else 0,
+                logits_to_keep=self._keep_last(batch) if last_only else 0,
                 **{cache_kwarg: cache},
             )
         finally:
             remove()
         return output.logits, (getattr(output, cache_kwarg) if want_cache else None)
+
+    def _keep_last(self, batch: TokenBatch) -> int | Tensor:
+        """`logits_to_keep` for the last position. Gemma 4 runs its KV-sharing layers on the kept positions alone when it
+        is an int, so hooks there would see one position; the same position as an index tensor keeps every position."""
+        if getattr(self.model.config.get_text_config(), "num_kv_shared_layers", 0):
+            return torch.tensor([batch.input_ids.shape[1] - 1], device=batch.input_ids.device)
+        return 1
 
     def _discard_attention_weights(self) -> Callable[[], None]:
         """For one forward pass, drop the attention probabilities each attention module returns; return
@@ -268,6 +289,8 @@ class HFModelAdapter(ModelAdapter):
             writers.append(_projection_writer(f"blocks.{layer}.hook_attn_out", layer, "attn_out",
                                               self._module(self.spec.attn_out_proj, layer), conv1d))
             writers.extend(self._mlp_writers(layer))
+            if self.spec.per_layer_out_proj and (module := self._optional_module(self.spec.per_layer_out_proj, layer)) is not None:
+                writers.append(_projection_writer(f"blocks.{layer}.hook_per_layer_out", layer, "per_layer_out", module, False))
         return writers
 
     def _mlp_writers(self, layer: int) -> list[ResidualWriter]:
@@ -286,6 +309,8 @@ class HFModelAdapter(ModelAdapter):
                                  "to edit its weights")
         bias = getattr(experts, "down_proj_bias", None)
         writers = [_expert_writer(f"{name}.expert{e}", layer, down, bias, e, self.spec.experts_transposed) for e in range(down.shape[0])]
+        if self.spec.experts_beside_mlp:  # Gemma 4: the dense MLP's output and the experts' are added
+            writers.insert(0, _projection_writer(f"{name}.dense", layer, "mlp_out", self._module(self.spec.mlp_out_proj, layer), False))
         shared = [module for path in self.spec.shared_experts if (module := self._optional_module(path, layer)) is not None]
         writers.extend(_projection_writer(f"{name}.shared{i}", layer, "mlp_out", module, False) for i, module in enumerate(shared))
         return writers

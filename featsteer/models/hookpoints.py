@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from featsteer.errors import FeatsteerError
 
-RESIDUAL_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
-"""The kinds that are the residual stream or a write into it (named `blocks.{l}.hook_{kind}`)."""
+RESIDUAL_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "per_layer_out", "resid_post")
+"""The kinds that are the residual stream or a write into it (named `blocks.{l}.hook_{kind}`). `per_layer_out` exists only
+in models that add a third write after the MLP, from a per-layer input embedding (Gemma 4's PLE; `per_layer_inputs`)."""
 NORM_KINDS: tuple[str, ...] = ("ln1_normalized", "ln2_normalized")
 """The outputs of a block's two input norms, what its attention (`ln1`) and its MLP (`ln2`) read. They are named
 as TransformerLens names them, `blocks.{l}.ln1.hook_normalized` and `blocks.{l}.ln2.hook_normalized`."""
@@ -22,13 +23,15 @@ attention-weighted values, which the output projection turns into the head's wri
 `capture` stores them flattened, the heads side by side (`n_heads * d_head` wide), as attention-output SAEs read them."""
 GLOBAL_KINDS: tuple[str, ...] = ("embed", "pos_embed", "ln_final_normalized")
 """Hook kinds outside the layers: the embeddings (before layer 0) and the final norm (after the last layer)."""
+WRITE_KINDS: tuple[str, ...] = ("attn_out", "mlp_out", "per_layer_out")
+"""The per-layer writes into the residual stream (with `hook_embed`: every residual write)."""
 
 _SUFFIX = {kind: f"hook_{kind}" for kind in RESIDUAL_KINDS} | {
     "ln1_normalized": "ln1.hook_normalized",
     "ln2_normalized": "ln2.hook_normalized",
     "attn_z": "attn.hook_z",
 }
-_FIRING = ("resid_pre", "ln1_normalized", "attn_z", "attn_out", "resid_mid", "ln2_normalized", "mlp_out", "resid_post")
+_FIRING = ("resid_pre", "ln1_normalized", "attn_z", "attn_out", "resid_mid", "ln2_normalized", "mlp_out", "per_layer_out", "resid_post")
 """Every per-layer kind in the order it fires inside one decoder layer."""
 LAYER_KINDS: tuple[str, ...] = tuple(kind for kind in _FIRING if kind not in HEAD_KINDS)
 """Per-layer `d_model`-wide hook kinds, in the order they fire inside one decoder layer."""

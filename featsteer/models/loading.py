@@ -176,11 +176,14 @@ def _check_architecture(config) -> None:
 
 
 def model_class(config):
-    """The `transformers` auto class that builds a generating model for `config`: `AutoModelForCausalLM`, or for an
-    image-text model it does not map (Mistral 3) `AutoModelForImageTextToText`, whose text decoder featsteer hooks."""
+    """The `transformers` auto class that builds a generating model for `config`: `AutoModelForCausalLM`, or
+    `AutoModelForImageTextToText` for an image-text checkpoint (a config with a `vision_config`), whose text decoder
+    featsteer hooks. `AutoModelForCausalLM` would build some of those (Qwen3.5, Llama 4) as their text decoder alone and
+    others not at all (Mistral 3); loading the whole checkpoint keeps the vision tower in an exported edit."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    if type(config) not in AutoModelForCausalLM._model_mapping and type(config) in AutoModelForImageTextToText._model_mapping:
+    image_text = type(config) in AutoModelForImageTextToText._model_mapping
+    if image_text and (getattr(config, "vision_config", None) is not None or type(config) not in AutoModelForCausalLM._model_mapping):
         return AutoModelForImageTextToText
     return AutoModelForCausalLM
 
