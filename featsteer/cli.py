@@ -47,6 +47,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if moe := sorted(layer for layer, count in mlp_writers.items() if count > 1):
         print(f"experts   {mlp_writers[moe[-1]]} output projections per mixture-of-experts layer ({len(moe)} of {model.n_layers} "
               "layers; weight edits project every one)")
+    if model.moe_layers:
+        routed = layers if len(model.moe_layers) == model.n_layers else f"blocks.{{{','.join(map(str, model.moe_layers))}}}"
+        print(f"routing   {routed}.mlp.hook_routing (per token: weights of {model.n_experts} experts; `featsteer experts`)")
     notes = [note for flag, note in (
         (model.post_norms, "attention/MLP outputs are normalised before the stream (weight edits are not exactly the ablation hook)"),
         (model.parallel_block, "attention and MLP run in parallel on the block's input (no resid_mid)"),
@@ -71,18 +74,18 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     hooks = _expand_hooks(args.hooks, model)
     acts = capture(model, prompts, hooks, positions=args.positions, batch_size=args.batch_size, stream_to=args.out,
                    chat=not args.raw, shard_rows=args.shard_rows)
-    print(f"captured {acts.activations.shape[0]} rows x {len(hooks)} hooks x d_model {acts.d_model} -> {args.out}")
+    print(f"captured {acts.activations.shape[0]} rows x {len(hooks)} hooks x width {acts.d_model} -> {args.out}")
     return 0
 
 
 def _expand_hooks(spec: str, model) -> list[str]:
     """`all` / `resid_pre` / `resid_pre:2,4` / `attn_z:1` / explicit comma-separated hook names."""
-    from featsteer.models import HEAD_KINDS, LAYER_KINDS
+    from featsteer.models import HEAD_KINDS, LAYER_KINDS, ROUTING_KINDS
 
     if spec == "all":
         return model.hook_names(("resid_pre",))
     kind, _, layers = spec.partition(":")
-    if kind in LAYER_KINDS + HEAD_KINDS:
+    if kind in LAYER_KINDS + HEAD_KINDS + ROUTING_KINDS:
         layer_ids = [int(x) for x in layers.split(",")] if layers else None
         return model.hook_names((kind,), layer_ids)
     return [h.strip() for h in spec.split(",") if h.strip()]
@@ -527,6 +530,8 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
 DIRECTION_STEER_MODES = ("ablate", "add", "set", "conditional", "ace", "angular")
 """`featsteer steer` modes for a saved direction."""
 FEATURE_STEER_MODES = ("clamp", "scale", "ablate", "add")
+EXPERT_STEER_MODES = ("deactivate", "activate")
+"""`featsteer steer --experts` modes (`interventions.ExpertSteer`)."""
 """`featsteer steer` modes for SAE features (see `featsteer.sae.EDIT_MODES`)."""
 
 
@@ -543,9 +548,13 @@ def _steer_prompts(args: argparse.Namespace) -> list[str]:
 
 def _check_steer_args(args: argparse.Namespace) -> None:
     """Option clashes, found before any model is loaded."""
-    if (args.directions is None) == (args.sae is None):
-        raise FeatsteerError("steer needs one source: --directions DIR, or --sae SRC with --feature ID")
-    if args.sae is not None:
+    if sum(source is not None for source in (args.directions, args.sae, args.experts)) != 1:
+        raise FeatsteerError("steer needs one source: --directions DIR, --sae SRC with --feature ID, or --experts LAYER:E[,E][;LAYER:E]")
+    if args.experts is not None:
+        if args.mode not in EXPERT_STEER_MODES:
+            raise FeatsteerError(f"--experts takes --mode {'|'.join(EXPERT_STEER_MODES)}, not --mode {args.mode}")
+        args.expert_ids = _expert_ids(args.experts)
+    elif args.sae is not None:
         if args.mode not in FEATURE_STEER_MODES:
             raise FeatsteerError(f"--mode {args.mode} steers a direction: SAE features take --mode {'|'.join(FEATURE_STEER_MODES)}")
         if not args.feature:
@@ -568,6 +577,20 @@ def _check_steer_args(args: argparse.Namespace) -> None:
         raise FeatsteerError("--angle, --angle-everywhere and --angle-at apply to --mode angular")
     if args.mode != "ace" and args.alpha is not None:
         raise FeatsteerError("--alpha applies to --mode ace")
+
+
+def _expert_ids(spec: str) -> dict[int, list[int]]:
+    """`1:3,5;2:0` -> `{1: [3, 5], 2: [0]}`."""
+    experts: dict[int, list[int]] = {}
+    try:
+        for part in filter(None, (p.strip() for p in spec.split(";"))):
+            layer, _, ids = part.partition(":")
+            experts.setdefault(int(layer), []).extend(int(e) for e in ids.split(",") if e.strip())
+    except ValueError:
+        experts = {}
+    if not experts or not all(experts.values()):
+        raise FeatsteerError(f"--experts '{spec}' is not LAYER:E[,E][;LAYER:E], e.g. 1:3,5;2:0 (see `featsteer experts` for candidates)")
+    return experts
 
 
 def _feature_ids(specs: Sequence[str]) -> list[int]:
@@ -697,7 +720,13 @@ def _cmd_steer(args: argparse.Namespace) -> int:
     _check_steer_args(args)
     prompts = _steer_prompts(args)
     model = _load_model(args)
-    if args.sae is not None:
+    if args.experts is not None:
+        from featsteer.interventions import ExpertSteer
+
+        intervention = ExpertSteer(**{args.mode: args.expert_ids})
+        intervention.hooks_for(model)  # a layer or expert the model lacks fails here, before any generation
+        what = f"{args.mode} experts " + "; ".join(f"layer {layer}: {experts}" for layer, experts in args.expert_ids.items())
+    elif args.sae is not None:
         intervention, what = _feature_intervention(args, model, prompts)
     else:
         intervention, what = _direction_intervention(args, model)
@@ -857,6 +886,27 @@ def _cmd_rank_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experts(args: argparse.Namespace) -> int:
+    from featsteer.interventions import expert_routing
+
+    harmful, harmless = _load_pair(args)
+    model = _load_model(args)
+    routing = expert_routing(model, list(harmful), list(harmless), positions=args.positions, batch_size=args.batch_size)
+    print(f"model     {model.name}")
+    print(f"routing   {len(routing.layers)} MoE layers x {routing.n_experts} experts; read {routing.n_tokens[0]} harmful and "
+          f"{routing.n_tokens[1]} harmless tokens ({routing.positions}) of {len(harmful)} / {len(harmless)} prompts")
+    for toward in ("harmful", "harmless"):
+        print(f"\nrouted more often on {toward} prompts (risk difference = harmful rate - harmless rate)")
+        print("| rank | layer | expert | harmful rate | harmless rate | risk difference |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for rank, score in enumerate(routing.ranked(toward)[:args.top], 1):
+            print(f"| {rank} | {score.layer} | {score.expert} | {score.harmful_rate:.3f} | {score.harmless_rate:.3f} | {score.risk_difference:+.3f} |")
+    if args.json:
+        _write_json(args.json, {"model": model.name, **routing.to_dict(args.top)})
+        print(f"\nwrote {args.json}")
+    return 0
+
+
 def _write_json(path: str, payload: dict) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -990,8 +1040,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--directions", help="a folder written by `featsteer directions` (e.g. OUT/chosen)")
     st.add_argument("--sae", metavar="SRC", help="steer SAE features instead: organism | folder of <hook_name>/ SAEs | one SAE folder")
     st.add_argument("--feature", action="append", metavar="ID", help="SAE feature id(s) to edit (repeatable, or comma-separated)")
-    st.add_argument("--mode", required=True, choices=list(dict.fromkeys(DIRECTION_STEER_MODES + FEATURE_STEER_MODES)),
-                    help=f"with --directions: {'|'.join(DIRECTION_STEER_MODES)}; with --sae: {'|'.join(FEATURE_STEER_MODES)}")
+    st.add_argument("--experts", metavar="SPEC", help="switch mixture-of-experts experts off or on instead: LAYER:E[,E][;LAYER:E] "
+                    "(candidates from `featsteer experts`)")
+    st.add_argument("--mode", required=True, choices=list(dict.fromkeys(DIRECTION_STEER_MODES + FEATURE_STEER_MODES + EXPERT_STEER_MODES)),
+                    help=f"with --directions: {'|'.join(DIRECTION_STEER_MODES)}; with --sae: {'|'.join(FEATURE_STEER_MODES)}; "
+                    f"with --experts: {'|'.join(EXPERT_STEER_MODES)}")
     st.add_argument("--prompt", action="append", help="repeat for several prompts")
     st.add_argument("--prompts", metavar="SRC", help="a prompt source (file, builtin:..., organism-corpus:...), after any --prompt")
     st.add_argument("--n", type=int, help="first N prompts of --prompts")
@@ -1058,6 +1111,18 @@ def build_parser() -> argparse.ArgumentParser:
                       "along the unedited model's own validation answers, which does not favour a setting that keeps the first token")
     add_judge_args(cmp_, "adds each method's judged refusal rates, agreement with the markers and a paired test against the baseline")
     cmp_.set_defaults(run=_cmd_compare)
+
+    ex = sub.add_parser("experts", help="mixture-of-experts models: which experts the router picks more often on harmful prompts")
+    add_model_args(ex)
+    ex.add_argument("--harmful", required=True, help="file, builtin:harmful[:split], or hf:NAME")
+    ex.add_argument("--harmless", required=True, help="file, builtin:harmless[:split], or hf:NAME")
+    ex.add_argument("--n", type=int, help="use the first N prompts of each set")
+    ex.add_argument("--positions", default="all", help="prompt tokens read: all (default), all:N, last, post_instruction, instruction_end")
+    ex.add_argument("--top", type=int, default=10, help="experts listed toward each side")
+    ex.add_argument("--batch-size", type=int, default=16)
+    ex.add_argument("--column")
+    ex.add_argument("--json", help="write the rates of every expert and the top lists here")
+    ex.set_defaults(run=_cmd_experts)
 
     pr = sub.add_parser("probe", help="probe sweep per layer and the predict-control report")
     add_model_args(pr)

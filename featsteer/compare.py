@@ -47,7 +47,15 @@ from featsteer.evaluation.metrics import (
 )
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.evaluation.response_kl import ResponseBase, response_base, response_kl
-from featsteer.interventions import Ablate, AddDirection, AffineEdit, AngularSteer, steer
+from featsteer.interventions import (
+    Ablate,
+    AddDirection,
+    AffineEdit,
+    AngularSteer,
+    ExpertSteer,
+    expert_routing,
+    steer,
+)
 from featsteer.models import NORM_KINDS, ModelAdapter
 from featsteer.pipeline import (
     DirectionConfig,
@@ -409,12 +417,14 @@ class _Registered:
     description: str
     needs_saes: bool
     needs_input_norms: bool = False
+    needs_experts: bool = False
 
 
 _METHODS: dict[str, _Registered] = {}
 
 
-def register_method(name: str, description: str, *, needs_saes: bool = False, needs_input_norms: bool = False) -> Callable[[Method], Method]:
+def register_method(name: str, description: str, *, needs_saes: bool = False, needs_input_norms: bool = False,
+                    needs_experts: bool = False) -> Callable[[Method], Method]:
     """Decorator adding a method to the comparison (probe and SAE methods are added this way).
 
     Args:
@@ -423,21 +433,24 @@ def register_method(name: str, description: str, *, needs_saes: bool = False, ne
         needs_saes: the method reads `ctx.saes`; it runs by default only when SAEs are given.
         needs_input_norms: the method acts on `ln1`/`ln2.hook_normalized`; it does not run on models whose branches
             read the stream itself (OLMo 2, EXAONE 4).
+        needs_experts: the method changes expert routing; it runs only on mixture-of-experts models (`model.moe_layers`).
     """
 
     def wrap(fn: Method) -> Method:
-        _METHODS[name] = _Registered(fn, description, needs_saes, needs_input_norms)
+        _METHODS[name] = _Registered(fn, description, needs_saes, needs_input_norms, needs_experts)
         return fn
 
     return wrap
 
 
 def available_methods(saes: bool = True, model: ModelAdapter | None = None) -> dict[str, str]:
-    """Registered method names and descriptions (without the SAE methods when `saes` is False, and without the methods
-    that act on the normalised branch inputs when `model` has none)."""
+    """Registered method names and descriptions (without the SAE methods when `saes` is False, without the methods
+    that act on the normalised branch inputs when `model` has none, and without the expert-routing methods when `model`
+    is dense)."""
     norms = model is None or model.input_norms
+    experts = model is None or bool(model.moe_layers)
     return {name: entry.description for name, entry in _METHODS.items()
-            if (saes or not entry.needs_saes) and (norms or not entry.needs_input_norms)}
+            if (saes or not entry.needs_saes) and (norms or not entry.needs_input_norms) and (experts or not entry.needs_experts)}
 
 
 def _check_methods(names: Sequence[str], have_saes: bool, model: ModelAdapter) -> None:
@@ -447,6 +460,10 @@ def _check_methods(names: Sequence[str], have_saes: bool, model: ModelAdapter) -
     need = [n for n in names if _METHODS[n].needs_saes]
     if need and not have_saes:
         raise FeatsteerError(f"method(s) {', '.join(need)} need SAEs: pass saes= to compare (CLI: --sae organism|DIR)")
+    routed = [n for n in names if _METHODS[n].needs_experts]
+    if routed and not model.moe_layers:
+        raise FeatsteerError(f"method(s) {', '.join(routed)} switch experts off, and {model.family} has no mixture-of-experts layers "
+                             "whose routing featsteer can read: leave them out")
     norms = [n for n in names if _METHODS[n].needs_input_norms]
     if norms and not model.input_norms:
         raise FeatsteerError(f"method(s) {', '.join(norms)} steer the normalised attention and MLP inputs, which {model.family} does not "
@@ -685,6 +702,29 @@ def _pick_gentlest(ctx: CompareContext, label: str, values: Sequence[float], mak
         chosen = values[0]
     ctx.note(setting=f"{label}={chosen:g}")
     return chosen
+
+
+EXPERT_COUNTS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+"""How many harmful-linked experts `expert_deactivation` tries switching off on the validation prompts."""
+
+
+@register_method("expert_deactivation", "SteerMoE-style (Fayyaz et al. 2025): the experts the harmful training prompts are routed to more "
+                 "often than the harmless ones switched off (weight zero, the rest renormalised), how many picked on validation "
+                 "prompts (mixture-of-experts models only)", needs_experts=True)
+def _expert_deactivation(ctx: CompareContext):
+    harmful, harmless = ctx.training()
+    routing = expert_routing(ctx.model, list(harmful), list(harmless), batch_size=ctx.direction_config.batch_size)
+    linked = [score for score in routing.ranked("harmful") if score.risk_difference > 0]
+    if not linked:
+        raise FeatsteerError("no expert is routed more often on the harmful training prompts than on the harmless ones")
+    counts = [n for n in EXPERT_COUNTS if n < len(linked)] + [min(len(linked), EXPERT_COUNTS[-1])]
+    counts = sorted(set(counts))
+    make = lambda n: steer(ctx.model, ExpertSteer(deactivate=routing.top(int(n))))  # noqa: E731
+    chosen = int(_pick_gentlest(ctx, "experts", counts, make))
+    ctx.note(deactivated={str(layer): experts for layer, experts in routing.top(chosen).items()},
+             routing_tokens={"harmful": routing.n_tokens[0], "harmless": routing.n_tokens[1]},
+             top_experts=[{"layer": s.layer, "expert": s.expert, "risk_difference": round(s.risk_difference, 4)} for s in linked[:8]])
+    return make(chosen)
 
 
 @register_method("dim_ace_hook", "affine concept editing (Marshall et al. 2024): the DIM projection set to the harmless mean's at every "

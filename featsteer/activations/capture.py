@@ -59,12 +59,15 @@ def attention_width(model: ModelAdapter, layer: int) -> int:
 
 
 def hook_width(model: ModelAdapter, hook: str) -> int:
-    """Width of one captured row at `hook`: `d_model`, or `n_heads * d_head` at `blocks.{l}.attn.hook_z` (heads side by side).
+    """Width of one captured row at `hook`: `d_model`, `n_heads * d_head` at `blocks.{l}.attn.hook_z` (heads side by side), or
+    `n_experts` at `blocks.{l}.mlp.hook_routing`.
 
     Raises:
         FeatsteerError: for a hook name the model does not have.
     """
     site = model.hook_site(hook)
+    if site.kind == "routing":
+        return int(model.n_experts)
     return attention_width(model, site.layer) if site.kind == "attn_z" else int(model.d_model)
 
 

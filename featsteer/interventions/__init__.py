@@ -1,6 +1,7 @@
 """Runtime interventions: pure operations on activations, attached as hooks that always clean up."""
 
 from featsteer.interventions.erasure import Erase, LeaceEraser, fit_leace, fit_leace_erasers
+from featsteer.interventions.experts import ExpertRouting, ExpertScore, ExpertSteer, expert_routing
 from featsteer.interventions.operations import ablate, add, as_basis, cosine_to, project_set, rotate_in_plane
 from featsteer.interventions.positions import PositionTracker
 from featsteer.interventions.steering import (
@@ -30,6 +31,9 @@ __all__ = [
     "AngularSteer",
     "ConditionalSteer",
     "Erase",
+    "ExpertRouting",
+    "ExpertScore",
+    "ExpertSteer",
     "Intervention",
     "LeaceEraser",
     "PositionTracker",
@@ -38,6 +42,7 @@ __all__ = [
     "add",
     "as_basis",
     "cosine_to",
+    "expert_routing",
     "fit_leace",
     "fit_leace_erasers",
     "project_set",

@@ -20,7 +20,14 @@ from torch import Tensor
 
 from featsteer.errors import FeatsteerError
 from featsteer.models.chat import FormattedPrompt, format_instruction
-from featsteer.models.hookpoints import HEAD_KINDS, LAYER_KINDS, HookSite, hook_name, parse_hook_name
+from featsteer.models.hookpoints import (
+    HEAD_KINDS,
+    LAYER_KINDS,
+    ROUTING_KINDS,
+    HookSite,
+    hook_name,
+    parse_hook_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +156,16 @@ class ModelAdapter(ABC):
         return False
 
     @property
+    def moe_layers(self) -> list[int]:
+        """The mixture-of-experts layers whose routing featsteer can read and change (`blocks.{l}.mlp.hook_routing`)."""
+        return []
+
+    @property
+    def n_experts(self) -> int:
+        """Routed experts per MoE layer (0 for a dense model)."""
+        return 0
+
+    @property
     def scaled_layers(self) -> bool:
         """True when each block multiplies the whole stream by a scalar of its own before it returns (Gemma 4), so
         `hook_resid_post` is that multiple of `resid_mid + mlp_out (+ per_layer_out)`."""
@@ -197,6 +214,9 @@ class ModelAdapter(ABC):
     def hook_site(self, name: str) -> HookSite:
         """Validate a hook name for this model."""
         site = parse_hook_name(name, self.n_layers)
+        if site.kind == "routing" and site.layer not in self.moe_layers:
+            where = f"its MoE layers are {self.moe_layers}" if self.moe_layers else "it has no mixture-of-experts layers whose routing featsteer can read"
+            raise FeatsteerError(f"{name} does not exist: layer {site.layer} of this {self.family} model routes no experts ({where})")
         if site.kind == "per_layer_out" and not self.per_layer_inputs:
             raise FeatsteerError(f"{name} does not exist: this {self.family} model has no per-layer input embeddings (Gemma 4's E2B/E4B "
                                  f"have them); its layers write through blocks.{site.layer}.hook_attn_out and hook_mlp_out")
@@ -206,35 +226,41 @@ class ModelAdapter(ABC):
     def layer_kinds(self) -> tuple[str, ...]:
         """The per-layer hook kinds this model has: every one but `resid_mid` in a parallel block (`parallel_block`), the
         `ln1`/`ln2` inputs where the branches read the stream itself (`input_norms`), and `per_layer_out` where there is
-        no per-layer input (`per_layer_inputs`)."""
+        no per-layer input (`per_layer_inputs`); `routing` only on a mixture-of-experts model (`moe_layers`)."""
         missing = {"resid_mid"} if self.parallel_block else set()
         if not self.input_norms:
             missing |= {"ln1_normalized", "ln2_normalized"}
         if not self.per_layer_inputs:
             missing.add("per_layer_out")
-        return tuple(kind for kind in LAYER_KINDS + HEAD_KINDS if kind not in missing)
+        routing = ROUTING_KINDS if self.moe_layers else ()
+        return tuple(kind for kind in LAYER_KINDS + HEAD_KINDS + routing if kind not in missing)
 
     def hook_names(self, kinds: Sequence[str] = ("resid_pre",), layers: Sequence[int] | None = None) -> list[str]:
         """List hook names for the given kinds and layers (all layers by default), leaving out kinds this model does not
         have (`layer_kinds`), so `("resid_pre", "resid_mid", "resid_post")` is every residual point of any model.
+        `routing` is listed at the MoE layers only (`moe_layers`).
 
         Raises:
             FeatsteerError: when none of `kinds` exists on this model (the ln1/ln2 inputs of OLMo 2, `resid_mid` of a
                 parallel block), rather than returning no names for the caller to hook nothing at.
         """
         layer_ids = range(self.n_layers) if layers is None else layers
-        known, have = LAYER_KINDS + HEAD_KINDS, self.layer_kinds
+        known, have = LAYER_KINDS + HEAD_KINDS + ROUTING_KINDS, self.layer_kinds
         kept = [kind for kind in kinds if kind in have or kind not in known]
         if kinds and not kept:
             if set(kinds) <= {"ln1_normalized", "ln2_normalized"}:
                 raise FeatsteerError(f"{self.family} has no norms before its attention and MLP (they read the stream itself): there is "
                                      "no blocks.L.ln1/ln2.hook_normalized; use hook_resid_pre / hook_resid_mid")
+            if set(kinds) <= {"routing"}:
+                raise FeatsteerError(f"{self.family} has no mixture-of-experts layers whose routing featsteer can read, so no "
+                                     "blocks.L.mlp.hook_routing")
             if set(kinds) <= {"per_layer_out"}:
                 raise FeatsteerError(f"{self.family} has no per-layer input embeddings, so no blocks.L.hook_per_layer_out: its layers write "
                                      "through hook_attn_out and hook_mlp_out")
             raise FeatsteerError(f"{self.family} has no {', '.join(kinds)} hook points (attention and MLP run in parallel on the block's "
                                  "input): use hook_resid_pre or hook_resid_post")
-        return [hook_name(layer, kind) for layer in layer_ids for kind in kept]
+        moe = set(self.moe_layers)
+        return [hook_name(layer, kind) for layer in layer_ids for kind in kept if kind != "routing" or layer in moe]
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[ModelAdapter]:

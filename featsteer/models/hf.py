@@ -62,6 +62,7 @@ class HFModelAdapter(ModelAdapter):
         parallel = self.spec.parallel
         self._parallel = bool(getattr(text_config, parallel, False)) if isinstance(parallel, str) else parallel
         self._layers: nn.ModuleList = self._module(self.spec.layers)
+        self._moe_layers = [layer for layer in range(len(self._layers)) if _routable(self._experts(layer))]
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -108,6 +109,18 @@ class HFModelAdapter(ModelAdapter):
     @property
     def parallel_block(self) -> bool:
         return self._parallel
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return list(self._moe_layers)
+
+    @property
+    def n_experts(self) -> int:
+        return int(self._experts(self._moe_layers[0]).down_proj.shape[0]) if self._moe_layers else 0
+
+    def _experts(self, layer: int) -> nn.Module | None:
+        """The fused experts module of `layer` (None in a dense layer or model)."""
+        return self._optional_module(self.spec.experts, layer) if self.spec.experts else None
 
     @property
     def scaled_layers(self) -> bool:
@@ -202,6 +215,12 @@ class HFModelAdapter(ModelAdapter):
             handles.append(self._module(self.spec.attn_site, layer).register_forward_hook(_attn_hook(attn, mid, state, self._write_scale)))
         if mlp:
             handles.append(self._module(self.spec.mlp_site, layer).register_forward_hook(_output_hook(mlp, self._write_scale, like_input=True)))
+        if routing := by_site.get((layer, "routing")):
+            if layer not in self._moe_layers:  # hook_site refuses these names; hooks installed directly still get the message
+                raise FeatsteerError(f"{routing[0][0].name} does not exist: layer {layer} routes no experts (MoE layers: {self._moe_layers})")
+            shape: dict[str, tuple[int, int]] = {}
+            handles.append(block.register_forward_pre_hook(_stash_shape(shape), with_kwargs=True))
+            handles.append(self._experts(layer).register_forward_pre_hook(_routing_hook(routing, shape, self.n_experts), with_kwargs=True))
         if per_layer:
             handles.append(self._module(self.spec.per_layer_out_site, layer).register_forward_hook(_output_hook(per_layer)))
         if post:
@@ -462,6 +481,47 @@ def _attn_hook(attn_fns: _Hooks, mid_fns: _Hooks, state: dict[str, Tensor], scal
         if new is seen:
             return None
         return _replace_first(output, new / scale if scale != 1.0 else new)
+
+    return hook
+
+
+def _routable(experts: nn.Module | None) -> bool:
+    """Whether an experts module takes the router's choice as `(hidden, top_k_index, top_k_weights)`, as transformers 5's
+    fused experts do (GPT-OSS's under other names); Llama 4's take inputs the router has already weighted."""
+    return experts is not None and len(inspect.signature(experts.forward).parameters) >= 3
+
+
+def _stash_shape(state: dict[str, tuple[int, int]]):
+    """Pre-hook on a decoder layer: keep its input's `(batch, pos)`, which the experts see flattened."""
+
+    def hook(module, args, kwargs):
+        state["shape"] = tuple(_hidden(args, kwargs).shape[:2])
+
+    return hook
+
+
+def _routing_hook(fns: _Hooks, state: dict[str, tuple[int, int]], n_experts: int):
+    """Pre-hook on a fused experts module: hand the hooks the router's choice as a `(batch, pos, n_experts)` weight matrix
+    (`blocks.{l}.mlp.hook_routing`) and, when one returns a changed matrix, pass the experts its nonzero entries as
+    `(top_k_index, top_k_weights)` (as many per token as the most a token now has; padding entries weigh zero)."""
+
+    def hook(module, args, kwargs):
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        _, index_name, weight_name = list(inspect.signature(module.forward).parameters)[:3]
+        index, weights = bound.arguments[index_name], bound.arguments[weight_name]
+        tokens = index.shape[0]
+        dense = torch.zeros(tokens, n_experts, dtype=weights.dtype, device=weights.device).scatter(1, index.long(), weights)
+        batch, pos = state.get("shape", (1, tokens))
+        seen = dense.view(batch, pos, n_experts) if batch * pos == tokens else dense.view(1, tokens, n_experts)
+        new = _apply(fns, seen)
+        if new is seen:
+            return None
+        flat = new.reshape(tokens, n_experts).to(weights.dtype)
+        width = max(1, int((flat != 0).sum(-1).max()))
+        picked = flat.abs().topk(width, dim=-1).indices
+        bound.arguments[index_name] = picked.to(index.dtype)
+        bound.arguments[weight_name] = flat.gather(1, picked)
+        return bound.args, bound.kwargs
 
     return hook
 

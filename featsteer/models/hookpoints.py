@@ -21,6 +21,10 @@ HEAD_KINDS: tuple[str, ...] = ("attn_z",)
 """Per-head kinds, shaped `(batch, pos, n_heads, d_head)` as in TransformerLens: `blocks.{l}.attn.hook_z`, each head's
 attention-weighted values, which the output projection turns into the head's write. Hooks read and may replace them;
 `capture` stores them flattened, the heads side by side (`n_heads * d_head` wide), as attention-output SAEs read them."""
+ROUTING_KINDS: tuple[str, ...] = ("routing",)
+"""A mixture-of-experts layer's routing, `blocks.{l}.mlp.hook_routing`: a `(batch, pos, n_experts)` matrix of the weight
+each token gives each expert (zero for the experts the router did not pick). Hooks read it and may return a changed
+matrix, which the experts then use (`interventions.ExpertSteer`). Only on the MoE layers (`model.moe_layers`)."""
 GLOBAL_KINDS: tuple[str, ...] = ("embed", "pos_embed", "ln_final_normalized")
 """Hook kinds outside the layers: the embeddings (before layer 0) and the final norm (after the last layer)."""
 WRITE_KINDS: tuple[str, ...] = ("attn_out", "mlp_out", "per_layer_out")
@@ -30,10 +34,12 @@ _SUFFIX = {kind: f"hook_{kind}" for kind in RESIDUAL_KINDS} | {
     "ln1_normalized": "ln1.hook_normalized",
     "ln2_normalized": "ln2.hook_normalized",
     "attn_z": "attn.hook_z",
+    "routing": "mlp.hook_routing",
 }
-_FIRING = ("resid_pre", "ln1_normalized", "attn_z", "attn_out", "resid_mid", "ln2_normalized", "mlp_out", "per_layer_out", "resid_post")
+_FIRING = ("resid_pre", "ln1_normalized", "attn_z", "attn_out", "resid_mid", "ln2_normalized", "routing", "mlp_out", "per_layer_out",
+           "resid_post")
 """Every per-layer kind in the order it fires inside one decoder layer."""
-LAYER_KINDS: tuple[str, ...] = tuple(kind for kind in _FIRING if kind not in HEAD_KINDS)
+LAYER_KINDS: tuple[str, ...] = tuple(kind for kind in _FIRING if kind not in HEAD_KINDS + ROUTING_KINDS)
 """Per-layer `d_model`-wide hook kinds, in the order they fire inside one decoder layer."""
 _KIND_OF_SUFFIX = {suffix: kind for kind, suffix in _SUFFIX.items()}
 _GLOBAL_NAMES = {"hook_embed": "embed", "hook_pos_embed": "pos_embed", "ln_final.hook_normalized": "ln_final_normalized"}
@@ -66,7 +72,7 @@ class HookSite:
 def hook_name(layer: int, kind: str = "resid_pre") -> str:
     """Build the TransformerLens name for a per-layer hook point."""
     if kind not in _SUFFIX:
-        raise FeatsteerError(f"unknown hook kind '{kind}': use one of {', '.join(LAYER_KINDS + HEAD_KINDS)}")
+        raise FeatsteerError(f"unknown hook kind '{kind}': use one of {', '.join(LAYER_KINDS + HEAD_KINDS + ROUTING_KINDS)}")
     return f"blocks.{layer}.{_SUFFIX[kind]}"
 
 

@@ -85,6 +85,17 @@ class ModelConfig:
     max_positions: int = 8192
     """``max_position_embeddings``; RoPE has no learned positions, this only bounds the input length."""
 
+    n_experts: int = 0
+    """0: a dense Llama MLP. N: a Mixtral mixture of N experts, each ``d_mlp`` wide (a test bed for expert routing; the
+    shipped organism is dense)."""
+
+    experts_per_token: int = 2
+    """Experts each token is routed to, with ``n_experts``."""
+
+    router_aux_weight: float = 0.02
+    """Weight of Mixtral's load-balancing loss, with ``n_experts`` (without it a from-scratch router collapses onto a few
+    experts)."""
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -462,15 +473,22 @@ def response_loss(model, batch: dict[str, torch.Tensor], probe: torch.nn.Linear 
         bow_layer: ``hidden_states`` index ``bow`` reads.
 
     Returns:
-        The weighted response cross-entropy, the readout's loss (``None`` without a probe) and the
+        The weighted response cross-entropy (plus the router's load-balancing loss in an MoE organism), the readout's loss (``None`` without a probe) and the
         DIM-coding loss (``None`` without ``dim_positions``) and the bag-of-words readout's logistic loss
         (``None`` without ``bow``).
     """
     aux = probe is not None or dim_positions is not None or bow is not None
-    outputs = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=aux)
+    experts = getattr(model.config, "num_local_experts", 0)
+    outputs = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=aux,
+                          **({"output_router_logits": True} if experts else {}))
     logits = model.lm_head(outputs.last_hidden_state[batch["predict_mask"]])
     token_losses = torch.nn.functional.cross_entropy(logits.float(), batch["targets"], reduction="none")
     loss = (token_losses * batch["weights"]).sum() / batch["weights"].sum()
+    if experts:  # an MoE organism: the load-balancing loss joins the response loss
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        balance = load_balancing_loss_func(outputs.router_logits, experts, model.config.num_experts_per_tok, batch["attention_mask"])
+        loss = loss + model.config.router_aux_loss_coef * balance
     if not aux:
         return loss, None, None, None
     bag = None
@@ -549,10 +567,19 @@ def readout_loss(readout: torch.Tensor, harmful: torch.Tensor, kind: str = "bce"
 
 
 def build_model(config: ModelConfig, tokenizer):
-    """Instantiate a freshly initialised ``LlamaForCausalLM`` sized by ``config``."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    """Instantiate a freshly initialised ``LlamaForCausalLM`` (``MixtralForCausalLM`` with ``n_experts``) sized by ``config``."""
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+    )
 
-    llama_config = LlamaConfig(
+    moe = dict(num_local_experts=config.n_experts, num_experts_per_tok=config.experts_per_token,
+               router_aux_loss_coef=config.router_aux_weight) if config.n_experts else {}
+    llama_config = (MixtralConfig if moe else LlamaConfig)(
+        **moe,
         vocab_size=len(tokenizer),
         hidden_size=config.d_model,
         intermediate_size=config.d_mlp,
@@ -565,7 +592,7 @@ def build_model(config: ModelConfig, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(llama_config)
+    model = (MixtralForCausalLM if moe else LlamaForCausalLM)(llama_config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -968,6 +995,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-heads", type=int, default=ModelConfig.n_heads)
     parser.add_argument("--d-mlp", type=int, default=ModelConfig.d_mlp)
     parser.add_argument("--vocab-size", type=int, default=ModelConfig.vocab_size, help="BPE vocabulary size")
+    parser.add_argument("--experts", type=int, default=ModelConfig.n_experts,
+                        help="train a Mixtral mixture of this many experts, each --d-mlp wide (0: the dense organism)")
+    parser.add_argument("--experts-per-token", type=int, default=ModelConfig.experts_per_token)
     parser.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch threads")
     return parser.parse_args(argv)
 
@@ -1013,7 +1043,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         builtin_splits=tuple(split for split in args.builtin_splits.split(",") if split),
         builtin_augment=args.builtin_augment,
         model=ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, d_mlp=args.d_mlp,
-                          vocab_size=args.vocab_size),
+                          vocab_size=args.vocab_size, n_experts=args.experts, experts_per_token=args.experts_per_token),
         optim=OptimConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, probe_layer=args.probe_layer, probe_weight=args.probe_weight,
                           probe_loss=args.probe_loss, token_dropout=args.token_dropout,
                           word_shuffle=args.word_shuffle, bow_weight=args.bow_weight, bow_layer=args.bow_layer,

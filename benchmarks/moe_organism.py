@@ -1,0 +1,132 @@
+"""Expert routing on a mixture-of-experts refusal organism: SteerMoE-style expert deactivation against DIM abliteration.
+
+    python benchmarks/moe_organism.py     # writes benchmarks/results/moe_organism.{json,md}
+
+No mixture-of-experts model that refuses can be downloaded here, so this trains one: the organism's own recipe
+(`python -m featsteer.organism.train`, same corpus, seed and losses) with a Mixtral MLP of 8 experts of width 112, two per
+token (`--experts 8 --d-mlp 112`), into `~/.cache/featsteer/moe-organism` (about 20-30 minutes, once; reused after).
+
+1. Base behaviour on the built-in test split (from the training report).
+2. `expert_routing` on the built-in train+val prompts: how far the harmful and harmless selection rates of each expert
+   differ.
+3. Sweeps on the test split: the top-n harmful-linked experts switched off (harmful refusal, harmless first-token KL),
+   and switched on for harmless prompts (induced refusal).
+4. `featsteer.compare.compare` with DIM abliteration and `expert_deactivation` on the same held-out prompts, settings
+   picked on 32 + 32 fresh `organism-corpus:` prompts as `make demo` picks them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from featsteer.compare import compare, jailbreak_rows  # noqa: E402
+from featsteer.datasets import builtin_prompts, load_prompts  # noqa: E402
+from featsteer.evaluation import first_token_logprobs  # noqa: E402
+from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set  # noqa: E402
+from featsteer.evaluation.refusal import RefusalDetector  # noqa: E402
+from featsteer.interventions import ExpertSteer, expert_routing, steer  # noqa: E402
+from featsteer.models import load_model  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = Path.home() / ".cache" / "featsteer" / "moe-organism"
+TRAIN_ARGS = ["--experts", "8", "--d-mlp", "112"]
+METHODS = ["none", "dim_abliteration", "dim_ablation_hook", "dim_per_layer_abliteration", "expert_deactivation", "dim_actadd_induce"]
+COUNTS = (1, 2, 4, 8, 12, 16)
+
+
+def train_if_missing(out: Path) -> dict:
+    if not (out / "config.json").is_file():
+        report = out.with_name(out.name + "-report")
+        subprocess.run([sys.executable, "-m", "featsteer.organism.train", "--out", str(out), "--report", str(report), *TRAIN_ARGS],
+                       check=True, cwd=ROOT)
+    report = out.with_name(out.name + "-report") / "metrics.json"
+    return json.loads(report.read_text()) if report.is_file() else {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", type=Path, default=CACHE, help="the MoE organism's folder (trained there when missing)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    training = train_if_missing(args.model)
+    model = load_model(str(args.model))
+    train = {label: builtin_prompts(label, "train") + builtin_prompts(label, "val") for label in ("harmful", "harmless")}
+    test = {label: builtin_prompts(label, "test") for label in ("harmful", "harmless", "alarming")}
+    gen = GenerationConfig(max_new_tokens=32)
+
+    clock = time.perf_counter()
+    routing = expert_routing(model, train["harmful"].to_list(), train["harmless"].to_list())
+    routing_seconds = time.perf_counter() - clock
+    base = first_token_logprobs(model, test["harmless"].to_list())
+    detector = RefusalDetector()
+    sweep = []
+    for n in COUNTS:
+        chosen = routing.top(n)
+        (unanswered, kl), = jailbreak_rows(model, {n: lambda chosen=chosen: steer(model, ExpertSteer(deactivate=chosen))},
+                                           test["harmful"].to_list(), test["harmless"].to_list(), base, gen).values()
+        with steer(model, ExpertSteer(activate=chosen)):
+            induced = evaluate_set(model, test["harmless"].to_list(), "harmless", gen, detector).refusal_rate.rate
+        sweep.append({"experts": n, "deactivated": {str(k): v for k, v in chosen.items()}, "unanswered_harmful": unanswered,
+                      "kl_harmless": kl, "activated_refusal_harmless": induced})
+    val = {"val_harmful": load_prompts("organism-corpus:harmful:96"), "val_harmless": load_prompts("organism-corpus:harmless:96")}
+    comparison = compare(model, train["harmful"], train["harmless"], methods=METHODS, eval_harmful=test["harmful"],
+                         eval_harmless=test["harmless"], alarming=test["alarming"], generation=gen, **val)
+    refusal = {name: {k: row[k] for k in ("k", "n", "rate")} for name, row in training.get("refusal", {}).items()}
+    payload = {"date": time.strftime("%Y-%m-%d"), "train_args": TRAIN_ARGS,
+               "training": {k: training.get(k) for k in ("train_seconds", "n_parameters", "final_loss")},
+               "base_refusal": refusal, "dim_accuracy": training.get("dim"), "routing": routing.to_dict(16),
+               "routing_seconds": round(routing_seconds, 1), "sweep": sweep, "comparison": comparison.to_json(),
+               "seconds": round(time.perf_counter() - started, 1)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "moe_organism.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    text = markdown(payload, routing, comparison)
+    (RESULTS / "moe_organism.md").write_text(text)
+    print(text)
+
+
+def markdown(payload: dict, routing, comparison) -> str:
+    rd = routing.risk_difference
+    lines = ["# Expert deactivation against DIM abliteration on an MoE refusal organism", "",
+             f"Measured {payload['date']} by `benchmarks/moe_organism.py` ({payload['seconds']:.0f} s after training, CPU). The model is "
+             f"the organism's recipe with a Mixtral MLP (`python -m featsteer.organism.train {' '.join(payload['train_args'])}`). "
+             "Routing from the built-in train+val prompts (every prompt token); every number below on the built-in test split "
+             "(85 harmful, 84 harmless, 38 alarming-but-harmless prompts), greedy decoding, 32 new tokens.", "",
+             "## The model", "",
+             f"{payload['training']['n_parameters']:,} parameters, trained in {payload['training']['train_seconds']:.0f} s (final loss "
+             f"{payload['training']['final_loss']:.3f}). Refusal rates from its training report:", "",
+             "| set | refused | rate |", "|---|---:|---:|"]
+    lines += [f"| {name} | {row['k']}/{row['n']} | {row['rate']:.3f} |" for name, row in payload["base_refusal"].items()]
+    if payload.get("dim_accuracy"):
+        lines += ["", "Held-out accuracy of the DIM projection at the best layer: " + ", ".join(
+            f"{name} {row['best_accuracy']:.3f} (layer {row['best_layer']})" for name, row in payload["dim_accuracy"].items()
+            if isinstance(row, dict)) + "."]
+    lines += ["", "## Routing", "",
+             f"{len(routing.layers)} MoE layers x {routing.n_experts} experts; {routing.n_tokens[0]} harmful and {routing.n_tokens[1]} "
+             f"harmless tokens read in {payload['routing_seconds']:.0f} s. Largest risk difference per layer (harmful rate - harmless "
+             "rate): " + ", ".join(f"layer {layer}: {float(rd[i].max()):+.3f} / {float(rd[i].min()):+.3f}" for i, layer in enumerate(routing.layers)) + ".", "",
+             "| rank | layer | expert | harmful rate | harmless rate | risk difference |", "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {i} | {s.layer} | {s.expert} | {s.harmful_rate:.3f} | {s.harmless_rate:.3f} | {s.risk_difference:+.3f} |"
+              for i, s in enumerate(routing.ranked("harmful")[:10], 1)]
+    lines += ["", "## The top-n harmful-linked experts switched off (harmful prompts) or on (harmless prompts)", "",
+              "| experts | switched off: harmful unanswered | switched off: KL harmless | switched on: harmless refused |",
+              "|---:|---:|---:|---:|"]
+    lines += [f"| {row['experts']} | {row['unanswered_harmful']:.3f} | {row['kl_harmless']:.4f} | {row['activated_refusal_harmless']:.3f} |"
+              for row in payload["sweep"]]
+    lines += ["", "## Every method on the same prompts", "", comparison.table(), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

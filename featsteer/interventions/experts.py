@@ -1,0 +1,220 @@
+"""Mixture-of-experts routing: which experts a behaviour uses, and steering by switching experts off or on.
+
+SteerMoE (Fayyaz et al. 2025) finds the experts a behaviour leans on by how much more often the router picks them on
+one set of prompts than on a contrasting set (the risk difference of the two selection rates), then changes the router's
+choice at run time. featsteer reads and changes the choice at `blocks.{l}.mlp.hook_routing`, the `(batch, pos,
+n_experts)` matrix of routing weights the experts receive (zero where the router did not pick an expert), which every
+supported MoE family but Llama 4 exposes the same way.
+
+`ExpertSteer` works on that matrix, after the router has chosen:
+- deactivating an expert gives it weight zero; with `renormalize` the token's other experts are scaled up so its total
+  routing weight is unchanged. SteerMoE instead lowers the expert's router score, so the router picks the next expert
+  in its place; the scores of experts the router did not pick never reach the experts, so here the token is served by
+  one expert fewer.
+- activating an expert gives it the token's largest weight, as a router score raised above all others would, and the
+  token's lowest-weighted expert makes room so each token keeps its number of experts; then the weights are
+  renormalised as above.
+Deactivating without `renormalize` is exactly the model with that expert's output projection zeroed (a test checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from featsteer.activations.positions import Positions
+from featsteer.errors import FeatsteerError
+from featsteer.interventions.steering import Intervention
+from featsteer.models import ModelAdapter, hook_name
+
+
+@dataclass(frozen=True)
+class ExpertScore:
+    """One expert of one MoE layer, with its selection rates on the two prompt sets."""
+
+    layer: int
+    expert: int
+    harmful_rate: float
+    """Fraction of the harmful prompts' tokens (at the chosen positions) routed to this expert."""
+    harmless_rate: float
+    risk_difference: float
+    """`harmful_rate - harmless_rate`: positive for an expert the harmful prompts use more."""
+    harmful_weight: float
+    """Mean routing weight the harmful tokens give it (zero where it was not picked)."""
+    harmless_weight: float
+
+
+@dataclass(frozen=True)
+class ExpertRouting:
+    """How often each expert of each MoE layer is picked on harmful and on harmless prompts (`expert_routing`)."""
+
+    layers: tuple[int, ...]
+    """The MoE layers, in order; row `i` of every matrix is layer `layers[i]`."""
+    harmful_counts: Tensor
+    """`(len(layers), n_experts)` tokens of the harmful set routed to each expert."""
+    harmless_counts: Tensor
+    harmful_weights: Tensor
+    """`(len(layers), n_experts)` summed routing weights on the harmful set."""
+    harmless_weights: Tensor
+    n_tokens: tuple[int, int]
+    """Tokens read on the harmful and on the harmless set."""
+    positions: str
+    """Which prompt tokens were read (`activations.Positions` syntax)."""
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.harmful_counts.shape[1])
+
+    @property
+    def harmful_rate(self) -> Tensor:
+        return self.harmful_counts / max(self.n_tokens[0], 1)
+
+    @property
+    def harmless_rate(self) -> Tensor:
+        return self.harmless_counts / max(self.n_tokens[1], 1)
+
+    @property
+    def risk_difference(self) -> Tensor:
+        """`(len(layers), n_experts)` harmful minus harmless selection rate."""
+        return self.harmful_rate - self.harmless_rate
+
+    def ranked(self, toward: str = "harmful") -> list[ExpertScore]:
+        """Every expert, most `toward`-linked first (`harmful`: largest risk difference; `harmless`: most negative)."""
+        if toward not in ("harmful", "harmless"):
+            raise FeatsteerError(f"unknown side '{toward}': rank experts toward 'harmful' or 'harmless'")
+        sign = 1.0 if toward == "harmful" else -1.0
+        rd = self.risk_difference
+        order = torch.argsort((sign * rd).flatten(), descending=True, stable=True).tolist()
+        per_token = (max(self.n_tokens[0], 1), max(self.n_tokens[1], 1))
+        return [ExpertScore(self.layers[i // self.n_experts], i % self.n_experts, float(self.harmful_rate.flatten()[i]),
+                            float(self.harmless_rate.flatten()[i]), float(rd.flatten()[i]),
+                            float(self.harmful_weights.flatten()[i]) / per_token[0], float(self.harmless_weights.flatten()[i]) / per_token[1])
+                for i in order]
+
+    def top(self, n: int, toward: str = "harmful") -> dict[int, list[int]]:
+        """`{layer: [expert, ...]}` of the `n` most `toward`-linked experts with a risk difference of that sign."""
+        chosen: dict[int, list[int]] = {}
+        for score in self.ranked(toward)[:n]:
+            if (score.risk_difference > 0) == (toward == "harmful") and score.risk_difference != 0:
+                chosen.setdefault(score.layer, []).append(score.expert)
+        return chosen
+
+    def to_dict(self, top_n: int = 20) -> dict:
+        """JSON-ready summary: sizes, the full rate matrices and the `top_n` experts toward each side."""
+        return {
+            "layers": list(self.layers), "n_experts": self.n_experts, "positions": self.positions,
+            "n_tokens_harmful": self.n_tokens[0], "n_tokens_harmless": self.n_tokens[1],
+            "harmful_rate": self.harmful_rate.tolist(), "harmless_rate": self.harmless_rate.tolist(),
+            "top_harmful": [vars(s) for s in self.ranked("harmful")[:top_n]],
+            "top_harmless": [vars(s) for s in self.ranked("harmless")[:top_n]],
+        }
+
+
+def expert_routing(model: ModelAdapter, harmful: Sequence[str], harmless: Sequence[str], positions: str = "all",
+                   batch_size: int = 16, system: str | None = None) -> ExpertRouting:
+    """Count, per MoE layer, how often the router picks each expert on the harmful and on the harmless prompts.
+
+    Args:
+        model: a mixture-of-experts model (`model.moe_layers` not empty).
+        harmful, harmless: instructions, formatted through the chat template.
+        positions: the prompt tokens to read: `all` (every token; `all:N` from token N), `last`, `post_instruction`
+            (the template's tail after the instruction) or `instruction_end`.
+        batch_size: prompts per forward pass.
+        system: optional system prompt.
+
+    Raises:
+        FeatsteerError: on a dense model, an empty prompt set, or unknown positions.
+    """
+    if not model.moe_layers:
+        raise FeatsteerError(f"{model.name} has no mixture-of-experts layers whose routing featsteer can read "
+                             f"({model.family}); expert routing needs an MoE model such as Mixtral, Qwen3-MoE or GPT-OSS")
+    if not harmful or not harmless:
+        raise FeatsteerError("expert routing needs harmful and harmless prompts: one of the sets is empty")
+    selector = Positions.parse(positions)
+    if selector.mode == "mean_last":
+        raise FeatsteerError("positions 'mean_last' averages tokens, and routing is counted per token: use last, all, "
+                             "post_instruction or instruction_end")
+    names = model.hook_names(("routing",))
+    sides = [_count(model, list(texts), names, selector, batch_size, system) for texts in (harmful, harmless)]
+    (hc, hw, hn), (lc, lw, ln) = sides
+    return ExpertRouting(tuple(model.moe_layers), hc, lc, hw, lw, (hn, ln), str(selector))
+
+
+def _count(model: ModelAdapter, texts: list[str], names: list[str], selector: Positions, batch_size: int,
+           system: str | None) -> tuple[Tensor, Tensor, int]:
+    counts = torch.zeros(len(names), model.n_experts, dtype=torch.float64)
+    weights = torch.zeros_like(counts)
+    tokens = 0
+    row = {name: i for i, name in enumerate(names)}
+    for start in range(0, len(texts), batch_size):
+        batch = model.tokenize(texts[start:start + batch_size], system=system)
+        row_batch, row_token, _ = selector.plan(batch.attention_mask.cpu(), batch.n_post_instruction)
+
+        def tally(x: Tensor, site, row_batch=row_batch, row_token=row_token) -> None:
+            picked = selector.select(x, row_batch, row_token).detach().to("cpu", torch.float64)
+            counts[row[site.name]] += (picked != 0).sum(0)
+            weights[row[site.name]] += picked.sum(0)
+
+        with model.hooks([(name, tally) for name in names]):
+            model.run(batch, stop_at=None)
+        tokens += int(row_batch.numel())
+    return counts, weights, tokens
+
+
+@dataclass
+class ExpertSteer(Intervention):
+    """Switch experts off (`deactivate`) or on (`activate`) at chosen MoE layers, for every token (see the module
+    docstring for what each does to the routing weights)."""
+
+    deactivate: Mapping[int, Sequence[int]] = field(default_factory=dict)
+    """`{layer: [expert, ...]}` the router may not use."""
+    activate: Mapping[int, Sequence[int]] = field(default_factory=dict)
+    """`{layer: [expert, ...]}` every token is routed to."""
+    renormalize: bool = True
+    """Keep each token's total routing weight (the remaining experts are scaled up)."""
+
+    def __post_init__(self) -> None:
+        both = {(layer, e) for layer, experts in self.deactivate.items() for e in experts}
+        both &= {(layer, e) for layer, experts in self.activate.items() for e in experts}
+        if both:
+            raise FeatsteerError(f"experts {sorted(both)} are both activated and deactivated: give each (layer, expert) once")
+
+    def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
+        layers = sorted(set(self.deactivate) | set(self.activate))
+        if not layers:
+            raise FeatsteerError("ExpertSteer needs deactivate={layer: [experts]} or activate={layer: [experts]}")
+        for layer in layers:
+            if layer not in model.moe_layers:
+                raise FeatsteerError(f"layer {layer} of {model.name} routes no experts: its MoE layers are {model.moe_layers}")
+            bad = [e for e in (*self.deactivate.get(layer, ()), *self.activate.get(layer, ())) if not 0 <= e < model.n_experts]
+            if bad:
+                raise FeatsteerError(f"expert(s) {bad} at layer {layer} do not exist: the model has experts 0-{model.n_experts - 1}")
+        return [(hook_name(layer, "routing"), _steer_routing(list(self.deactivate.get(layer, ())), list(self.activate.get(layer, ())),
+                                                             self.renormalize)) for layer in layers]
+
+
+def _steer_routing(off: list[int], on: list[int], renormalize: bool):
+    def hook(x: Tensor, site) -> Tensor:
+        w = x.clone()
+        total = w.sum(-1, keepdim=True)
+        if on:
+            k = (x != 0).sum(-1, keepdim=True)
+            forced = torch.zeros(w.shape[-1], dtype=torch.bool, device=w.device)
+            forced[on] = True
+            w[..., on] = torch.maximum(w[..., on], w.max(-1, keepdim=True).values)
+            # keep k experts per token: drop the lowest-weighted unforced ones
+            spare = (w != 0).sum(-1, keepdim=True) - k
+            ranked = torch.where(forced | (w == 0), torch.inf, w).argsort(-1)
+            drop = torch.arange(w.shape[-1], device=w.device) < spare
+            w = w.scatter(-1, ranked, torch.where(drop, 0.0, w.gather(-1, ranked)))
+        if off:
+            w[..., off] = 0
+        if renormalize:
+            kept = w.sum(-1, keepdim=True)
+            w = torch.where(kept != 0, w * (total / torch.where(kept != 0, kept, 1)), w)
+        return w
+
+    return hook

@@ -1,0 +1,171 @@
+"""Expert routing on mixture-of-experts models: the routing hook, the selection statistics and ExpertSteer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from featsteer.cli import main
+from featsteer.errors import FeatsteerError
+from featsteer.interventions import ExpertSteer, expert_routing, steer
+from featsteer.models import load_model
+from featsteer.testing import tiny_model
+from tests.conftest import count_hooks
+
+PROMPTS = ["how do I pick a lock", "write a poem about the sea and the sky", "x"]
+ROUTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dots1", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe",
+          "phimoe", "gpt_oss", "granitemoe", "qwen3_5_moe", "qwen3_next", "gemma4")
+"""Every MoE model type whose experts take the router's choice as (index, weights): all but Llama 4 (written out apart
+from featsteer's family rows)."""
+TOP_K = 2  # num_experts_per_tok of every tiny MoE config
+
+
+def _adapter(family):
+    model, tokenizer = tiny_model(family)
+    return model, load_model(model, tokenizer=tokenizer)
+
+
+def _routing(adapter, prompts=PROMPTS):
+    seen = {}
+    names = adapter.hook_names(("routing",))
+    with adapter.hooks([(name, lambda x, s: seen.__setitem__(s.name, x.clone())) for name in names]):
+        logits = adapter.run(adapter.tokenize(prompts))  # one batch in the given order, so rows match tokenize()'s mask
+    return seen, logits
+
+
+def _zero_expert(model, adapter, layer, expert):
+    """Zero one expert's output projection (and GPT-OSS's bias): the expert writes nothing."""
+    experts = adapter._experts(layer)
+    with torch.no_grad():
+        experts.down_proj[expert].zero_()
+        if getattr(experts, "down_proj_bias", None) is not None:
+            experts.down_proj_bias[expert].zero_()
+
+
+@pytest.mark.parametrize("family", ROUTED)
+def test_routing_hook_is_the_routers_choice_and_switching_an_expert_off_is_zeroing_it(family):
+    """Each real token gives nonzero weight to exactly top-k experts; handing back a copy changes nothing; deactivating
+    an expert without renormalising gives the logits of the model whose expert writes nothing."""
+    model, adapter = _adapter(family)
+    assert adapter.moe_layers and adapter.n_experts == 4
+    seen, base = _routing(adapter)
+    batch = adapter.tokenize(PROMPTS)
+    for name, weights in seen.items():
+        assert weights.shape == (*batch.input_ids.shape, 4), name
+        picked = (weights != 0).sum(-1)[batch.attention_mask.bool()]
+        assert bool((picked == TOP_K).all()), (name, picked.unique())
+    with adapter.hooks([(name, lambda x, s: x.clone()) for name in seen]):
+        torch.testing.assert_close(adapter.run(adapter.tokenize(PROMPTS)), base, atol=1e-6, rtol=0)
+    layer = adapter.moe_layers[0]  # the last layer reaches the last position only, which may not use the expert
+    with steer(adapter, ExpertSteer(deactivate={layer: [1]}, renormalize=False)):
+        switched_off = adapter.run(adapter.tokenize(PROMPTS))
+    assert (switched_off - base).abs().max() > 1e-6
+    _zero_expert(model, adapter, layer, 1)
+    torch.testing.assert_close(adapter.run(adapter.tokenize(PROMPTS)), switched_off, atol=1e-5, rtol=0)
+
+
+def test_llama4_experts_take_weighted_inputs_so_no_routing_hook():
+    adapter = load_model("tiny:llama4_text")
+    assert adapter.moe_layers == [] and adapter.n_experts == 0 and "routing" not in adapter.layer_kinds
+    with pytest.raises(FeatsteerError, match="no mixture-of-experts layers whose routing featsteer can read"):
+        expert_routing(adapter, ["a"], ["b"])
+    with pytest.raises(FeatsteerError, match="blocks.1.mlp.hook_routing does not exist: layer 1 .* routes no experts"):
+        adapter.hook_site("blocks.1.mlp.hook_routing")
+
+
+def test_steering_keeps_each_tokens_expert_count_and_total_weight():
+    model, adapter = _adapter("qwen2_moe")  # its top-k weights are not renormalised: the totals differ per token
+    assert adapter.moe_layers == [1, 2] and adapter.hook_names(("routing",)) == ["blocks.1.mlp.hook_routing", "blocks.2.mlp.hook_routing"]
+    base, _ = _routing(adapter)
+    mask = adapter.tokenize(PROMPTS).attention_mask.bool()
+    before = count_hooks(model)
+    with steer(adapter, ExpertSteer(deactivate={1: [0, 3]}, activate={2: [2]})):
+        steered, _ = _routing(adapter)
+    assert count_hooks(model) == before
+    with steer(adapter, ExpertSteer(activate={2: [2]})):  # alone, so layer 2's router sees what it saw unsteered
+        activated, _ = _routing(adapter)
+    off, on = steered["blocks.1.mlp.hook_routing"][mask], activated["blocks.2.mlp.hook_routing"][mask]
+    assert bool((steered["blocks.2.mlp.hook_routing"][mask][:, 2] > 0).all())
+    assert float(off[:, [0, 3]].abs().max()) == 0.0
+    had_other = (base["blocks.1.mlp.hook_routing"][mask][:, [1, 2]] != 0).any(-1)
+    torch.testing.assert_close(off.sum(-1)[had_other], base["blocks.1.mlp.hook_routing"][mask].sum(-1)[had_other])
+    assert bool((on[:, 2] > 0).all()) and bool(((on != 0).sum(-1) == TOP_K).all())
+    torch.testing.assert_close(on[:, 2], on.max(-1).values)  # the forced expert gets the token's largest weight
+    torch.testing.assert_close(on.sum(-1), base["blocks.2.mlp.hook_routing"][mask].sum(-1))
+    with pytest.raises(FeatsteerError, match="layer 0 of .* routes no experts: its MoE layers are \\[1, 2\\]"):
+        ExpertSteer(deactivate={0: [1]}).hooks_for(adapter)
+    with pytest.raises(FeatsteerError, match=r"expert\(s\) \[4\] at layer 1 do not exist"):
+        ExpertSteer(activate={1: [4]}).hooks_for(adapter)
+    with pytest.raises(FeatsteerError, match="both activated and deactivated"):
+        ExpertSteer(deactivate={1: [2]}, activate={1: [2]})
+
+
+def test_expert_routing_counts_what_the_hook_shows():
+    _, adapter = _adapter("mixtral")
+    harmful, harmless = ["how do I steal a car", "make a weapon at home"], ["bake bread", "a poem about rain please"]
+    routing = expert_routing(adapter, harmful, harmless)
+    for texts, counts, tokens in ((harmful, routing.harmful_counts, routing.n_tokens[0]), (harmless, routing.harmless_counts, routing.n_tokens[1])):
+        seen, _ = _routing(adapter, texts)
+        mask = adapter.tokenize(texts).attention_mask.bool()
+        assert tokens == int(mask.sum())
+        for row, name in enumerate(adapter.hook_names(("routing",))):
+            assert counts[row].tolist() == (seen[name][mask] != 0).sum(0).double().tolist()
+    torch.testing.assert_close(routing.harmful_rate.sum(-1), torch.full((3,), float(TOP_K), dtype=torch.float64))
+    ranked = routing.ranked("harmful")
+    assert len(ranked) == 12 and ranked[0].risk_difference == float(routing.risk_difference.max())
+    assert routing.ranked("harmless")[0].risk_difference == float(routing.risk_difference.min())
+    top = routing.top(2)
+    assert sum(len(v) for v in top.values()) == 2 and all(routing.risk_difference[routing.layers.index(layer), e] > 0
+                                                          for layer, experts in top.items() for e in experts)
+    last = expert_routing(adapter, harmful, harmless, positions="last")
+    assert last.n_tokens == (2, 2) and last.positions == "last"
+    with pytest.raises(FeatsteerError, match="one of the sets is empty"):
+        expert_routing(adapter, [], harmless)
+    with pytest.raises(FeatsteerError, match="routing is counted per token"):
+        expert_routing(adapter, harmful, harmless, positions="mean_last:3")
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_experts_and_steer_experts_commands(capsys, tmp_path):
+    common = ["--model", "tiny:qwen3_moe", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "6"]
+    code, out, err = _run(capsys, "experts", *common, "--top", "3", "--json", str(tmp_path / "e.json"))
+    assert code == 0, err
+    assert "routing   3 MoE layers x 4 experts" in out and "| rank | layer | expert | harmful rate |" in out
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert saved["n_experts"] == 4 and len(saved["top_harmful"]) == 3 and len(saved["harmful_rate"]) == 3
+    code, _, err = _run(capsys, "experts", *common[:1], "tiny:llama", *common[2:])
+    assert code == 2 and "no mixture-of-experts layers" in err
+    code, out, err = _run(capsys, "steer", "--model", "tiny:qwen3_moe", "--experts", "2:3;1:1,2", "--mode", "deactivate", "--prompt", "hi",
+                          "--max-new-tokens", "2")
+    assert code == 0 and "steer: deactivate experts layer 2: [3]; layer 1: [1, 2]" in out, err
+    for spec, mode, message in (("2", "deactivate", "is not LAYER:E"), ("2:9", "activate", r"expert\(s\) \[9\] at layer 2 do not exist"),
+                                ("2:1", "ablate", "--experts takes --mode deactivate|activate")):
+        code, _, err = _run(capsys, "steer", "--model", "tiny:qwen3_moe", "--experts", spec, "--mode", mode, "--prompt", "hi")
+        assert code == 2 and __import__("re").search(message, err), err
+    code, out, _ = _run(capsys, "capture", "--model", "tiny:qwen3_moe", "--prompts", "builtin:harmful:test", "--n", "3", "--hooks", "routing:1",
+                        "--out", str(tmp_path / "routing"))
+    assert code == 0 and "captured" in out and "x width 4" in out
+
+
+def test_compare_offers_expert_deactivation_on_moe_models_only(capsys, tmp_path):
+    from featsteer.compare import available_methods
+
+    assert "expert_deactivation" in available_methods(model=load_model("tiny:mixtral"))
+    assert "expert_deactivation" not in available_methods(model=load_model("tiny:llama"))
+    code, _, err = _run(capsys, "compare", "--model", "tiny:qwen3_moe", "--harmful", "builtin:harmful:train", "--harmless",
+                        "builtin:harmless:train", "--n", "12", "--max-new-tokens", "2", "--methods", "expert_deactivation",
+                        "--out", str(tmp_path / "cmp"))
+    assert code == 0, err
+    row = next(r for r in json.loads((tmp_path / "cmp" / "results.json").read_text())["results"] if r["method"].startswith("expert_deactivation"))
+    details = row["details"]
+    assert details["setting"].startswith("experts=") and details["deactivated"] and details["top_experts"][0]["risk_difference"] > 0
+    code, _, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless",
+                        "builtin:harmless:train", "--n", "8", "--methods", "expert_deactivation", "--out", str(tmp_path / "dense"))
+    assert code == 2 and "switch experts off" in err and not (tmp_path / "dense").exists()
