@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from featsteer.compare import compare, jailbreak_rows  # noqa: E402
 from featsteer.datasets import builtin_prompts, load_prompts  # noqa: E402
 from featsteer.evaluation import first_token_logprobs  # noqa: E402
-from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set  # noqa: E402
+from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set, responses_nll  # noqa: E402
 from featsteer.evaluation.refusal import RefusalDetector  # noqa: E402
 from featsteer.interventions import ExpertSteer, expert_routing, steer  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
@@ -71,32 +71,42 @@ def main() -> None:
     routing_seconds = time.perf_counter() - clock
     base = first_token_logprobs(model, test["harmless"].to_list())
     detector = RefusalDetector()
-    sweep = []
+    plain = evaluate_set(model, test["harmless"].to_list(), "harmless", gen, detector)
+    sweep = [{"experts": 0, "deactivated": {}, "unanswered_harmful": None, "kl_harmless": 0.0, "base_nll_harmless": responses_nll(model, plain),
+              "looping_harmless": plain.looping_rate.rate, "activated_refusal_harmless": plain.rate.rate}]
     for n in COUNTS:
         chosen = routing.top(n)
         (unanswered, kl), = jailbreak_rows(model, {n: lambda chosen=chosen: steer(model, ExpertSteer(deactivate=chosen))},
                                            test["harmful"].to_list(), test["harmless"].to_list(), base, gen).values()
+        with steer(model, ExpertSteer(deactivate=chosen)):
+            answered = evaluate_set(model, test["harmless"].to_list(), "harmless", gen, detector)
         with steer(model, ExpertSteer(activate=chosen)):
-            induced = evaluate_set(model, test["harmless"].to_list(), "harmless", gen, detector).refusal_rate.rate
+            induced = evaluate_set(model, test["harmless"].to_list(), "harmless", gen, detector).rate.rate
         sweep.append({"experts": n, "deactivated": {str(k): v for k, v in chosen.items()}, "unanswered_harmful": unanswered,
-                      "kl_harmless": kl, "activated_refusal_harmless": induced})
+                      "kl_harmless": kl, "base_nll_harmless": responses_nll(model, answered), "looping_harmless": answered.looping_rate.rate,
+                      "activated_refusal_harmless": induced, "example_harmless": answered.responses[:3]})
     val = {"val_harmful": load_prompts("organism-corpus:harmful:96"), "val_harmless": load_prompts("organism-corpus:harmless:96")}
     comparison = compare(model, train["harmful"], train["harmless"], methods=METHODS, eval_harmful=test["harmful"],
                          eval_harmless=test["harmless"], alarming=test["alarming"], generation=gen, **val)
+    # the same picks weighed by the KL along the unedited model's own validation answers instead of the first token's
+    by_response = compare(model, train["harmful"], train["harmless"], methods=["dim_abliteration", "expert_deactivation"],
+                          eval_harmful=test["harmful"], eval_harmless=test["harmless"], alarming=test["alarming"], generation=gen,
+                          pick_kl="response", **val)
     refusal = {name: {k: row[k] for k in ("k", "n", "rate")} for name, row in training.get("refusal", {}).items()}
     payload = {"date": time.strftime("%Y-%m-%d"), "train_args": TRAIN_ARGS,
                "training": {k: training.get(k) for k in ("train_seconds", "n_parameters", "final_loss")},
                "base_refusal": refusal, "dim_accuracy": training.get("dim"), "routing": routing.to_dict(16),
                "routing_seconds": round(routing_seconds, 1), "sweep": sweep, "comparison": comparison.to_json(),
+               "comparison_pick_response_kl": by_response.to_json(),
                "seconds": round(time.perf_counter() - started, 1)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "moe_organism.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    text = markdown(payload, routing, comparison)
+    text = markdown(payload, routing, comparison, by_response)
     (RESULTS / "moe_organism.md").write_text(text)
     print(text)
 
 
-def markdown(payload: dict, routing, comparison) -> str:
+def markdown(payload: dict, routing, comparison, by_response) -> str:
     rd = routing.risk_difference
     lines = ["# Expert deactivation against DIM abliteration on an MoE refusal organism", "",
              f"Measured {payload['date']} by `benchmarks/moe_organism.py` ({payload['seconds']:.0f} s after training, CPU). The model is "
@@ -120,11 +130,20 @@ def markdown(payload: dict, routing, comparison) -> str:
     lines += [f"| {i} | {s.layer} | {s.expert} | {s.harmful_rate:.3f} | {s.harmless_rate:.3f} | {s.risk_difference:+.3f} |"
               for i, s in enumerate(routing.ranked("harmful")[:10], 1)]
     lines += ["", "## The top-n harmful-linked experts switched off (harmful prompts) or on (harmless prompts)", "",
-              "| experts | switched off: harmful unanswered | switched off: KL harmless | switched on: harmless refused |",
-              "|---:|---:|---:|---:|"]
-    lines += [f"| {row['experts']} | {row['unanswered_harmful']:.3f} | {row['kl_harmless']:.4f} | {row['activated_refusal_harmless']:.3f} |"
-              for row in payload["sweep"]]
-    lines += ["", "## Every method on the same prompts", "", comparison.table(), ""]
+              "Switched off: the share of harmful prompts left unanswered (refused or looping), the harmless prompts' first-token "
+              "KL, and how likely the unedited model finds the harmless responses (base NLL, nats per token) with the share that "
+              "loop. Switched on: the share of harmless prompts refused. Row 0 is the unedited model.", "",
+              "| experts | off: harmful unanswered | off: KL harmless (first token) | off: base NLL harmless | off: looping harmless | on: harmless refused |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for row in payload["sweep"]:
+        unanswered = "-" if row["unanswered_harmful"] is None else f"{row['unanswered_harmful']:.3f}"
+        nll = "-" if row["base_nll_harmless"] is None else f"{row['base_nll_harmless']:.3f}"
+        lines.append(f"| {row['experts']} | {unanswered} | {row['kl_harmless']:.4f} | {nll} | {row['looping_harmless']:.3f} | "
+                     f"{row['activated_refusal_harmless']:.3f} |")
+    lines += ["", "Harmless responses with the experts switched off (first three test prompts):", ""]
+    lines += [f"- {row['experts']} experts: " + " / ".join(repr(text) for text in row["example_harmless"]) for row in payload["sweep"][1:]]
+    lines += ["", "## Every method on the same prompts (picks by the validation first-token KL, the default)", "", comparison.table(), "",
+              "## The same picks by the KL along the unedited model's validation answers (`pick_kl='response'`)", "", by_response.table(), ""]
     return "\n".join(lines)
 
 

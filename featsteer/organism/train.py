@@ -478,7 +478,7 @@ def response_loss(model, batch: dict[str, torch.Tensor], probe: torch.nn.Linear 
         (``None`` without ``bow``).
     """
     aux = probe is not None or dim_positions is not None or bow is not None
-    experts = getattr(model.config, "num_local_experts", 0)
+    experts = getattr(getattr(model, "config", None), "num_local_experts", 0)
     outputs = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=aux,
                           **({"output_router_logits": True} if experts else {}))
     logits = model.lm_head(outputs.last_hidden_state[batch["predict_mask"]])
