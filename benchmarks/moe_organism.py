@@ -42,6 +42,7 @@ CACHE = Path.home() / ".cache" / "featsteer" / "moe-organism"
 TRAIN_ARGS = ["--experts", "8", "--d-mlp", "112"]
 METHODS = ["none", "dim_abliteration", "dim_ablation_hook", "dim_per_layer_abliteration", "expert_deactivation", "dim_actadd_induce"]
 COUNTS = (1, 2, 4, 8, 12, 16)
+MAX_NLL_RISE = 0.5
 
 
 def train_if_missing(out: Path) -> dict:
@@ -93,20 +94,25 @@ def main() -> None:
                           eval_harmful=test["harmful"], eval_harmless=test["harmless"], alarming=test["alarming"], generation=gen,
                           pick_kl="response", **val)
     refusal = {name: {k: row[k] for k in ("k", "n", "rate")} for name, row in training.get("refusal", {}).items()}
+    # and with a coherence bound: a setting whose validation harmless answers cost the unedited model 0.5 nats per token
+    # more than its own counts as answering nothing
+    bounded = compare(model, train["harmful"], train["harmless"], methods=["dim_abliteration", "expert_deactivation"],
+                      eval_harmful=test["harmful"], eval_harmless=test["harmless"], alarming=test["alarming"], generation=gen,
+                      max_nll_rise=MAX_NLL_RISE, **val)
     payload = {"date": time.strftime("%Y-%m-%d"), "train_args": TRAIN_ARGS,
                "training": {k: training.get(k) for k in ("train_seconds", "n_parameters", "final_loss")},
                "base_refusal": refusal, "dim_accuracy": training.get("dim"), "routing": routing.to_dict(16),
                "routing_seconds": round(routing_seconds, 1), "sweep": sweep, "comparison": comparison.to_json(),
-               "comparison_pick_response_kl": by_response.to_json(),
+               "comparison_pick_response_kl": by_response.to_json(), "comparison_coherence_bound": bounded.to_json(),
                "seconds": round(time.perf_counter() - started, 1)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "moe_organism.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    text = markdown(payload, routing, comparison, by_response)
+    text = markdown(payload, routing, comparison, by_response, bounded)
     (RESULTS / "moe_organism.md").write_text(text)
     print(text)
 
 
-def markdown(payload: dict, routing, comparison, by_response) -> str:
+def markdown(payload: dict, routing, comparison, by_response, bounded) -> str:
     rd = routing.risk_difference
     lines = ["# Expert deactivation against DIM abliteration on an MoE refusal organism", "",
              f"Measured {payload['date']} by `benchmarks/moe_organism.py` ({payload['seconds']:.0f} s after training, CPU). The model is "
@@ -143,7 +149,13 @@ def markdown(payload: dict, routing, comparison, by_response) -> str:
     lines += ["", "Harmless responses with the experts switched off (first three test prompts):", ""]
     lines += [f"- {row['experts']} experts: " + " / ".join(repr(text) for text in row["example_harmless"]) for row in payload["sweep"][1:]]
     lines += ["", "## Every method on the same prompts (picks by the validation first-token KL, the default)", "", comparison.table(), "",
-              "## The same picks by the KL along the unedited model's validation answers (`pick_kl='response'`)", "", by_response.table(), ""]
+              "## The same picks by the KL along the unedited model's validation answers (`pick_kl='response'`)", "", by_response.table(), "",
+              f"## The same picks with a coherence bound (`max_nll_rise={MAX_NLL_RISE}`)", "",
+              "A setting whose validation harmless answers the unedited model scores more than "
+              f"{MAX_NLL_RISE} nats per token above its own answers counts as answering no harmful prompt.", "", bounded.table(), ""]
+    details = next(r.details for r in bounded.results if r.method.startswith("expert_deactivation"))
+    lines += ["Validation base NLL per setting: " + ", ".join(f"{k}: {v:.3f}" for k, v in details.get("validation_base_nll", {}).items())
+              + f"; ruled out: {', '.join(details.get('incoherent', [])) or 'none'}.", ""]
     return "\n".join(lines)
 
 

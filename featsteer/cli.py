@@ -800,6 +800,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
         saes=load_sae_source(args.sae, model) if args.sae else None, sae_config=sae_config, steering_config=steering_config,
         baseline=args.baseline, n_pick=args.n_pick, pick_kl=args.pick_kl, judge=judge,
+        max_nll_rise=args.pick_max_nll_rise,
     )
     folder = write_report(comparison, args.out)
     print(comparison.table())
@@ -1109,6 +1110,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--pick-kl", choices=("first", "response"), default="first",
                       help="the KL the jailbreak picks (ACE alpha, angle, SAE k and clamp) weigh settings by: first-token (default) or "
                       "along the unedited model's own validation answers, which does not favour a setting that keeps the first token")
+    cmp_.add_argument("--pick-max-nll-rise", type=float, metavar="NATS",
+                      help="coherence bound for the jailbreak picks: a setting whose validation harmless answers cost the unedited "
+                      "model more than NATS nats per token above its own answers counts as answering nothing (default: no bound)")
     add_judge_args(cmp_, "adds each method's judged refusal rates, agreement with the markers and a paired test against the baseline")
     cmp_.set_defaults(run=_cmd_compare)
 

@@ -315,6 +315,11 @@ class CompareContext:
     `response` (the KL along the unedited model's own validation answers, `evaluation.response_kl`), which does not
     favour a setting that keeps the first token and changes what follows."""
     _val_response_base: ResponseBase | None = None
+    max_nll_rise: float | None = None
+    """A coherence bound for the jailbreak picks: a setting whose validation harmless answers the unedited model finds
+    more than this many nats per token less likely than its own answers counts as answering no harmful prompt, so it is
+    never picked for a refusal rate it buys by breaking the text (None: no bound, the default)."""
+    _val_answers_nll: float | None = None
 
     def __post_init__(self) -> None:
         if self.pick_kl not in PICK_KLS:
@@ -397,6 +402,15 @@ class CompareContext:
         if self._val_base is None:
             self._val_base = first_token_logprobs(self.model, harmless, batch_size=self.direction_config.batch_size)
         return self._val_base
+
+    def validation_answers_nll(self) -> float:
+        """The unedited model's mean NLL per token of its own greedy validation harmless answers (computed once), what
+        `max_nll_rise` counts from."""
+        if self._val_answers_nll is None:
+            gen = GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS, batch_size=self.direction_config.batch_size)
+            answers = evaluate_set(self.model, self.validation()[1], "validation", gen, RefusalDetector())
+            self._val_answers_nll = responses_nll(self.model, answers, gen) or 0.0
+        return self._val_answers_nll
 
     def note(self, **details: Any) -> None:
         """Record what the running method used (hook, features, edits); kept in its `MethodResult.details`."""
@@ -684,7 +698,18 @@ def _validation_rows(ctx: CompareContext, settings: Mapping[Any, Callable[[], co
     """`jailbreak_rows` on the context's validation prompts, with the validation decoding every pick uses."""
     val_harmful, val_harmless = ctx.validation()
     gen = GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS, batch_size=ctx.direction_config.batch_size)
-    return jailbreak_rows(ctx.model, settings, val_harmful, val_harmless, ctx.validation_base(), gen)
+    rows = jailbreak_rows(ctx.model, settings, val_harmful, val_harmless, ctx.validation_base(), gen)
+    if ctx.max_nll_rise is None:
+        return rows
+    floor, nlls = ctx.validation_answers_nll(), {}
+    for setting, make in settings.items():  # the harmless answers under the setting, scored by the unedited model after it
+        with make():
+            answers = evaluate_set(ctx.model, val_harmless, "validation", gen, RefusalDetector())
+        nlls[setting] = responses_nll(ctx.model, answers, gen)
+    broken = {s for s, nll in nlls.items() if nll is not None and nll > floor + ctx.max_nll_rise}
+    ctx.note(validation_base_nll={"unedited": floor, **{str(s): nll for s, nll in nlls.items()}}, max_nll_rise=ctx.max_nll_rise,
+             incoherent=[str(s) for s in broken])
+    return {s: (1.0 if s in broken else refusal, kl) for s, (refusal, kl) in rows.items()}
 
 
 def _pick_kl_key(ctx: CompareContext) -> str:
@@ -1140,6 +1165,7 @@ def compare(
     n_pick: int | None = None,
     pick_kl: str = "first",
     judge: RefusalJudge | None = None,
+    max_nll_rise: float | None = None,
 ) -> Comparison:
     """Run `methods` on the same held-out prompts.
 
@@ -1176,6 +1202,9 @@ def compare(
             shows in 16 prompts only by luck).
         pick_kl: the KL the jailbreak picks weigh settings by: `first` (first-token KL) or `response` (the KL along the
             unedited model's own 32-token validation answers, `evaluation.response_kl`).
+        max_nll_rise: a coherence bound for the jailbreak picks (`CompareContext.max_nll_rise`): settings whose
+            validation harmless answers cost the unedited model more than this many nats per token above its own
+            answers count as answering nothing. It adds a generation of the validation harmless prompts per setting.
         judge: a second opinion on every method's held-out responses (`evaluation.judge`): its rates, its agreement
             with the markers, and McNemar's test of its verdicts against the baseline's. It reads the responses after
             the method is undone, so a `ChatJudge` of `model` itself judges with the unedited weights. The picks and
@@ -1207,7 +1236,8 @@ def compare(
     gen = generation or GenerationConfig()
     ctx = CompareContext(model, harmful, harmless, direction_config or DirectionConfig(), saes=sae_map, sae_config=sae_config or SaeMethodConfig(),
                          steering_config=steering_config or SteeringMethodConfig(),
-                         val=None if val_harmful is None else (val_harmful, val_harmless), n_pick=n_pick, pick_kl=pick_kl)
+                         val=None if val_harmful is None else (val_harmful, val_harmless), n_pick=n_pick, pick_kl=pick_kl,
+                         max_nll_rise=max_nll_rise)
     if reuse is not None:
         _take_over(ctx, reuse)
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
@@ -1229,6 +1259,7 @@ def compare(
         "generation": asdict(gen), "directions": asdict(ctx.direction_config),
         "n_pick": [len(prompts) for prompts in ctx.validation()],
         "pick_kl": ctx.pick_kl,
+        "max_nll_rise": ctx.max_nll_rise,
         "chosen": {k: _chosen_setup(model, v) for k, v in ctx._directions.items()},
         "steering": ctx.steering_config.to_dict(),
         "response_kl": {"max_tokens": along.max_tokens, "top_k": along.top_k, "positions": sum(along.n_positions),

@@ -166,6 +166,15 @@ def test_compare_offers_expert_deactivation_on_moe_models_only(capsys, tmp_path)
     row = next(r for r in json.loads((tmp_path / "cmp" / "results.json").read_text())["results"] if r["method"].startswith("expert_deactivation"))
     details = row["details"]
     assert details["setting"].startswith("experts=") and details["deactivated"] and details["top_experts"][0]["risk_difference"] > 0
+    assert "validation_base_nll" not in details  # no coherence bound by default
+    code, _, err = _run(capsys, "compare", "--model", "tiny:qwen3_moe", "--harmful", "builtin:harmful:train", "--harmless",
+                        "builtin:harmless:train", "--n", "12", "--max-new-tokens", "2", "--methods", "expert_deactivation",
+                        "--pick-max-nll-rise", "-100", "--out", str(tmp_path / "bounded"))
+    assert code == 0, err
+    saved = json.loads((tmp_path / "bounded" / "results.json").read_text())
+    bounded = saved["results"][0]["details"]
+    assert saved["setup"]["max_nll_rise"] == -100 and set(bounded["incoherent"]) == set(bounded["validation_base_nll"]) - {"unedited"}
+    assert all(row["unanswered_harmful"] == 1.0 for row in bounded["validation"].values())  # every setting broke the text
     code, _, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless",
                         "builtin:harmless:train", "--n", "8", "--methods", "expert_deactivation", "--out", str(tmp_path / "dense"))
     assert code == 2 and "switch experts off" in err and not (tmp_path / "dense").exists()
