@@ -120,6 +120,11 @@ def _configs(vocab: int) -> dict:
         "deepseek_v2": lambda: tf.DeepseekV2Config(**{**common, "num_key_value_heads": 4}, **moe, n_routed_experts=4, n_shared_experts=1,
                                                    first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
                                                    qk_nope_head_dim=8, v_head_dim=16),
+        "granitemoehybrid": lambda: tf.GraniteMoeHybridConfig(**common, num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=3.0,
+                                                              residual_multiplier=0.4, logits_scaling=2.0, shared_intermediate_size=96,
+                                                              layer_types=["linear_attention", "attention", "linear_attention"],
+                                                              mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_n_groups=1,
+                                                              mamba_d_conv=3),
         "cohere": lambda: tf.CohereConfig(**common),
         "cohere2": lambda: tf.Cohere2Config(**common, sliding_window=8),
         "phi": lambda: tf.PhiConfig(**common),
@@ -139,12 +144,16 @@ def random_direction(d_model: int, seed: int = 0) -> torch.Tensor:
     return vector / vector.norm()
 
 
-def tiny_model(family: str, seed: int = 0):
-    """A random-initialised causal LM of `family` with `byte_tokenizer()`; returns `(model, tokenizer)`."""
+def tiny_model(family: str, seed: int = 0, **overrides):
+    """A random-initialised causal LM of `family` with `byte_tokenizer()`; returns `(model, tokenizer)`. `overrides` set
+    config attributes before the model is built (`tiny_model("granitemoehybrid", num_local_experts=0)`: a dense
+    Granite 4)."""
     from featsteer.models.loading import model_class
 
     tokenizer = byte_tokenizer()
     config = _configs(len(tokenizer))[family]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = model_class(config).from_config(config, attn_implementation="eager").eval()
     _randomise_norms(model, seed)

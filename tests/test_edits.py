@@ -35,7 +35,7 @@ POST_NORM_FAMILIES = ("gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4"
 featsteer's FamilySpec rows, which `test_post_norm_flags_match_the_architectures` checks against this list)."""
 EXACT_FAMILIES = tuple(f for f in FAMILY_NAMES if f not in POST_NORM_FAMILIES)
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "dots1", "phimoe", "gpt_oss", "granitemoe", "llama4_text",
-                "llama4", "deepseek_v2", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next", "gemma4")
+                "llama4", "deepseek_v2", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next", "gemma4", "granitemoehybrid")
 
 
 def _direction(d_model: int, seed: int = 5) -> torch.Tensor:
@@ -102,6 +102,27 @@ def test_post_norm_flags_match_the_architectures():
     assert sorted(f for f in FAMILY_NAMES if family_for(f).post_norms) == sorted(POST_NORM_FAMILIES)
 
 
+def test_dense_granite4_hybrid_writes_through_its_shared_mlp_alone():
+    """Granite 4's dense checkpoints (num_local_experts 0: granite-4.0-h-1b, -350m) have no experts beside the shared MLP:
+    one MLP writer per layer, and hook == weights as on the MoE ones."""
+    model, tokenizer = tiny_model("granitemoehybrid", num_local_experts=0)
+    adapter = load_model(model, tokenizer=tokenizer)
+    assert adapter.moe_layers == [] and [w.name for w in adapter.residual_writers() if w.layer == 0] == [
+        "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out"]
+    r = _direction(adapter.d_model)
+    with steer(adapter, Ablate(r)):
+        hooked = adapter.logits(PROMPTS)
+    with apply_edit(adapter, r):
+        torch.testing.assert_close(adapter.logits(PROMPTS), hooked, atol=1e-4, rtol=0)
+    seen = {}
+    names = adapter.hook_names(("resid_mid", "mlp_out", "resid_post"))
+    with adapter.hooks([(n, lambda x, s: seen.__setitem__(s.name, x.clone())) for n in names]):
+        adapter.run(adapter.tokenize(PROMPTS))
+    for layer in range(adapter.n_layers):
+        torch.testing.assert_close(seen[f"blocks.{layer}.hook_resid_post"],
+                                   seen[f"blocks.{layer}.hook_resid_mid"] + seen[f"blocks.{layer}.hook_mlp_out"], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_moe_edit_reaches_every_expert_and_the_shared_ones(family):
     """Each routed expert's slice of the fused down_proj (and a shared expert's projection) is one writer: the edit
@@ -117,7 +138,7 @@ def test_moe_edit_reaches_every_expert_and_the_shared_ones(family):
     dense = {"qwen2_moe": {0}, "deepseek_v3": {0}, "dots1": {0}, "llama4_text": {0, 2}, "llama4": {0, 2}, "deepseek_v2": {0}, "glm4_moe": {0},
              "ernie4_5_moe": {0}}.get(family, set())
     with_shared = ("qwen2_moe", "deepseek_v3", "dots1", "llama4_text", "llama4", "deepseek_v2", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe",
-                   "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next")
+                   "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next", "granitemoehybrid")
     shared = 1 if family in with_shared else 0
     shared += family == "gemma4"  # the dense MLP beside the experts: blocks.{l}.hook_mlp_out.dense
     for layer in range(adapter.n_layers):

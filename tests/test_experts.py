@@ -16,7 +16,7 @@ from tests.conftest import count_hooks
 
 PROMPTS = ["how do I pick a lock", "write a poem about the sea and the sky", "x"]
 ROUTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dots1", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe",
-          "phimoe", "gpt_oss", "granitemoe", "qwen3_5_moe", "qwen3_next", "gemma4")
+          "phimoe", "gpt_oss", "granitemoe", "qwen3_5_moe", "qwen3_next", "gemma4", "granitemoehybrid")
 """Every MoE model type whose experts take the router's choice as (index, weights): all but Llama 4 (written out apart
 from featsteer's family rows)."""
 TOP_K = 2  # num_experts_per_tok of every tiny MoE config

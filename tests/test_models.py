@@ -89,7 +89,7 @@ MLP_OUTPUT_NORM = {"gemma2": "post_feedforward_layernorm", "gemma4_text": "post_
 LAYER_NORM_FAMILIES = ("gpt2", "starcoder2", "phimoe", "cohere", "cohere2", "phi", "gpt_neox", "stablelm")
 FINAL_NORM = {"gpt2": "transformer.ln_f", "phi": "model.final_layernorm", "gpt_neox": "gpt_neox.final_layer_norm",
               "llama4": "language_model.model.norm", "llama4_text": "model.norm", "lfm2": "model.embedding_norm"}
-GRANITE = ("granite", "granitemoe")  # multiply each write by config.residual_multiplier and divide the logits
+GRANITE = ("granite", "granitemoe", "granitemoehybrid")  # multiply each write by config.residual_multiplier and divide the logits
 
 
 def _eps(norm) -> float:
@@ -115,8 +115,11 @@ def test_norm_hooks_carry_what_attention_mlp_and_unembedding_read(family_model):
             ln1, ln2 = seen[f"blocks.{layer}.ln1.hook_normalized"], seen[f"blocks.{layer}.ln2.hook_normalized"]
             torch.testing.assert_close(ln1, _normalised(seen[f"blocks.{layer}.hook_resid_pre"], layer_norm, eps), atol=1e-5, rtol=0)
             torch.testing.assert_close(ln2, _normalised(seen[f"blocks.{layer}.hook_{mlp_reads}"], layer_norm, eps), atol=1e-5, rtol=0)
-            mlp = {"granitemoe": "block_sparse_moe", "llama4": "feed_forward", "llama4_text": "feed_forward", "lfm2": "feed_forward"}.get(family, "mlp")
+            mlp = {"granitemoe": "block_sparse_moe", "llama4": "feed_forward", "llama4_text": "feed_forward", "lfm2": "feed_forward",
+                   "granitemoehybrid": "shared_mlp"}.get(family, "mlp")
             mlp_out = _first(getattr(block, mlp)(_scaled(getattr(block, mlp_norm), ln2))).view(ln2.shape)  # Llama 4 MoE: flat
+            if family == "granitemoehybrid":  # Granite 4: the routed experts' output is added to the shared MLP's
+                mlp_out = mlp_out + block.block_sparse_moe(_scaled(getattr(block, mlp_norm), ln2))
             if family == "gemma4":  # experts beside the MLP, each renormalised; the router and experts read the stream
                 mid = seen[f"blocks.{layer}.hook_resid_mid"].flatten(0, 1)
                 _, weights, index = block.router(mid)
@@ -231,7 +234,8 @@ def test_the_parallel_residual_flag_is_read_per_checkpoint(family, parallel):
         torch.testing.assert_close(seen[f"blocks.{layer}.ln2.hook_normalized"], _normalised(mlp_reads, True, eps), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family, mixer", [("lfm2", "conv"), ("qwen3_5", "linear_attn"), ("qwen3_next", "linear_attn")])
+@pytest.mark.parametrize("family, mixer", [("lfm2", "conv"), ("qwen3_5", "linear_attn"), ("qwen3_next", "linear_attn"),
+                                           ("granitemoehybrid", "mamba")])
 def test_layers_without_heads_write_like_attention_but_have_no_heads(family, mixer):
     """LFM2 mixes tokens with a short convolution in some layers, Qwen3.5 and Qwen3-Next with a gated DeltaNet (linear
     attention): the mixer's output projection is that layer's attn_out writer (so hook and weight edits cover it), and
@@ -239,7 +243,7 @@ def test_layers_without_heads_write_like_attention_but_have_no_heads(family, mix
     model, tokenizer = tiny_model(family)
     adapter = load_model(model, tokenizer=tokenizer)
     heads_at = [0, 2] if family == "lfm2" else [1]
-    other = 1 if family == "lfm2" else 0
+    other = 1 if family == "lfm2" else 0  # Granite 4 keeps the mixer a layer lacks as None (self_attn on its Mamba layers)
     assert adapter.attention_layers == heads_at and load_model("tiny:llama").attention_layers == [0, 1, 2]
     writer = next(w for w in adapter.residual_writers() if w.name == f"blocks.{other}.hook_attn_out")
     assert writer.read()[0].data_ptr() == getattr(adapter.layers[other], mixer).out_proj.weight.data_ptr()
@@ -328,7 +332,7 @@ def test_gemma4_per_layer_inputs_are_a_residual_write_and_kv_sharing_layers_see_
         load_model("tiny:gemma4").hook_names(("per_layer_out",))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "qwen3_5_moe", "lfm2", "gemma4_text"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "qwen3_5_moe", "lfm2", "gemma4_text", "granitemoehybrid"])
 def test_greedy_generation_matches_transformers_generate(family):
     model, tokenizer = tiny_model(family)
     adapter = load_model(model, tokenizer=tokenizer)

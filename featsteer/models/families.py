@@ -81,6 +81,10 @@ class FamilySpec:
     experts_transposed: bool = False
     """True when the fused `down_proj` is stored `(n_experts, d_mlp, d_model)` and applied as `x @ W` (GPT-OSS); its
     bias, when there is one, is `down_proj_bias` `(n_experts, d_model)`."""
+    mlp_beside: str | None = None
+    """Layer-relative module that runs before `mlp` on the same input and whose output is added to the MLP's (Granite 4's
+    routed experts beside its shared MLP): `hook_mlp_out` carries the sum. Layers without it (dense checkpoints) have
+    the MLP alone."""
     experts_beside_mlp: bool = False
     """True when a mixture-of-experts layer keeps its dense MLP and adds the experts' output to it (Gemma 4's MoE
     checkpoints): the layer's writers are the MLP's projection and every expert's slice."""
@@ -186,6 +190,11 @@ FAMILIES: tuple[FamilySpec, ...] = (
                residual_multiplier="residual_multiplier", **_LLAMA_LIKE),
     FamilySpec(name="granitemoe", model_types=("granitemoe",), embedding_multiplier="embedding_multiplier",
                residual_multiplier="residual_multiplier", **{**_LLAMA_LIKE, "mlp": "block_sparse_moe", "experts": "block_sparse_moe.experts"}),
+    FamilySpec(name="granitemoehybrid", model_types=("granitemoehybrid",), embedding_multiplier="embedding_multiplier",
+               residual_multiplier="residual_multiplier",
+               **{**_LLAMA_LIKE, "attn": "self_attn|mamba", "attn_out_proj": "self_attn.o_proj|mamba.out_proj", "mlp": "shared_mlp",
+                  "mlp_out_proj": "shared_mlp.output_linear", "mlp_beside": "block_sparse_moe", "experts": "block_sparse_moe.experts",
+                  "shared_experts": ("shared_mlp.output_linear",)}),
     FamilySpec(name="phimoe", model_types=("phimoe",), layer_norm=True, **_LLAMA_LIKE, **_ROUTED),
     FamilySpec(name="gpt_oss", model_types=("gpt_oss",), experts_transposed=True, **_LLAMA_LIKE, **_ROUTED),
     FamilySpec(name="llama4", model_types=("llama4_text",), **_LLAMA_4),

@@ -137,10 +137,14 @@ class HFModelAdapter(ModelAdapter):
         alternatives = path.split("|")
         for alternative in alternatives[:-1]:
             try:
-                return operator.attrgetter(alternative)(root)
+                if (module := operator.attrgetter(alternative)(root)) is not None:  # Granite 4 keeps the mixer it lacks as None
+                    return module
             except AttributeError:
                 continue
-        return operator.attrgetter(alternatives[-1])(root)
+        module = operator.attrgetter(alternatives[-1])(root)
+        if module is None:
+            raise AttributeError(f"{path} is None in this layer")
+        return module
 
     @property
     def attention_layers(self) -> list[int]:
@@ -213,7 +217,11 @@ class HFModelAdapter(ModelAdapter):
             handles.append(self._module(self.spec.attn_out_proj, layer).register_forward_pre_hook(_heads_hook(z, self.n_heads)))
         if attn or mid:
             handles.append(self._module(self.spec.attn_site, layer).register_forward_hook(_attn_hook(attn, mid, state, self._write_scale)))
-        if mlp:
+        if mlp and self.spec.mlp_beside and (beside := self._optional_module(self.spec.mlp_beside, layer)) is not None:
+            partial: dict[str, Tensor] = {}  # Granite 4: the experts' output, added to the shared MLP's after it runs
+            handles.append(beside.register_forward_hook(lambda module, args, output: partial.__setitem__("beside", _first(output))))
+            handles.append(self._module(self.spec.mlp_site, layer).register_forward_hook(_sum_hook(mlp, partial, self._write_scale)))
+        elif mlp:
             handles.append(self._module(self.spec.mlp_site, layer).register_forward_hook(_output_hook(mlp, self._write_scale, like_input=True)))
         if routing := by_site.get((layer, "routing")):
             if layer not in self._moe_layers:  # hook_site refuses these names; hooks installed directly still get the message
@@ -374,6 +382,23 @@ def _output_hook(fns: _Hooks, scale: float = 1.0, like_input: bool = False):
             return None
         new = new / scale if scale != 1.0 else new
         return _replace_first(output, new.reshape(value.shape) if flat else new)
+
+    return hook
+
+
+def _sum_hook(fns: _Hooks, partial: dict[str, Tensor], scale: float = 1.0):
+    """Forward hook on the second of two modules whose outputs the layer adds (Granite 4's shared MLP after its experts):
+    the hooks see the sum (times `scale`, as `_output_hook`), and a change of it is passed back as a change of this
+    module's output."""
+
+    def hook(module, args, output):
+        value = _first(output)
+        total = partial.pop("beside") + value
+        seen = total * scale if scale != 1.0 else total
+        new = _apply(fns, seen)
+        if new is seen:
+            return None
+        return _replace_first(output, value + (new / scale if scale != 1.0 else new) - total)
 
     return hook
 
