@@ -198,8 +198,9 @@ def test_dim_coding_loss_prompt_positions_cover_earlier_harmless_tokens() -> Non
         dim_coding_loss(hidden, batch, "all")
 
 
-def _train_tiny(steps: int, **optim):
-    """A few optimiser steps of a 2-layer organism on 40 generated examples (the real training loop)."""
+def _train_tiny(steps: int, shape: dict | None = None, **optim):
+    """A few optimiser steps of a 2-layer organism on 40 generated examples (the real training loop); `shape` adds
+    `ModelConfig` fields (`n_experts`: a Mixtral organism)."""
     import random
 
     import torch
@@ -218,7 +219,7 @@ def _train_tiny(steps: int, **optim):
     examples = generate_corpus(CorpusConfig(n_harmful=20, n_harmless=20), random.Random(3))
     tokenizer = train_tokenizer([e.prompt for e in examples] + [e.response for e in examples], 400)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, d_mlp=64, vocab_size=400), tokenizer)
+    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, d_mlp=64, vocab_size=400, **(shape or {})), tokenizer)
     encoded = encode_examples(examples, tokenizer, 200)
     config = OptimConfig(steps=steps, warmup_steps=1, batch_tokens=1024, probe_layer=1, **optim)
     losses = train_model(model, encoded, tokenizer.pad_token_id, config, random.Random(0), n_special=len(ROLE_TOKENS) + 3)
@@ -242,6 +243,31 @@ def test_weight_average_replaces_the_final_weights() -> None:
     assert any(not torch.equal(p, q) for p, q in pairs)
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(plain.parameters(), nearly_plain.parameters(), strict=True))
     assert len(coded_losses) == 5 and coded_losses[0] == losses[0] and coded_losses != losses
+
+
+def test_a_mixture_of_experts_organism_trains_with_a_balanced_router() -> None:
+    """`--experts N` builds a Mixtral organism whose loss includes the router's load-balancing term (without it a router
+    trained from scratch collapses onto a few experts), and featsteer reads its routing."""
+    import torch
+
+    from featsteer.interventions import ExpertSteer, steer
+    from featsteer.models import load_model
+    from featsteer.testing import byte_tokenizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        moe, losses = _train_tiny(3, shape={"n_experts": 4, "experts_per_token": 2})
+        unbalanced, plain_losses = _train_tiny(3, shape={"n_experts": 4, "experts_per_token": 2, "router_aux_weight": 0.0})
+    finally:
+        torch.set_num_threads(threads)
+    assert type(moe).__name__ == "MixtralForCausalLM" and moe.config.num_local_experts == 4 and moe.config.router_aux_loss_coef == 0.02
+    assert all(loss == loss for loss in losses) and losses[0] > plain_losses[0]  # the balancing term is added (first step: same weights)
+    adapter = load_model(moe, tokenizer=byte_tokenizer())
+    assert adapter.moe_layers == [0, 1] and adapter.n_experts == 4
+    with steer(adapter, ExpertSteer(deactivate={0: [1]})):
+        adapter.logits(["hello"])
+    assert unbalanced.config.router_aux_loss_coef == 0.0
 
 
 def _context_share(examples, harmful: bool) -> float:
