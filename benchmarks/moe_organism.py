@@ -132,9 +132,10 @@ def markdown(payload: dict, routing, comparison, by_response, bounded) -> str:
              f"{len(routing.layers)} MoE layers x {routing.n_experts} experts; {routing.n_tokens[0]} harmful and {routing.n_tokens[1]} "
              f"harmless tokens read in {payload['routing_seconds']:.0f} s. Largest risk difference per layer (harmful rate - harmless "
              "rate): " + ", ".join(f"layer {layer}: {float(rd[i].max()):+.3f} / {float(rd[i].min()):+.3f}" for i, layer in enumerate(routing.layers)) + ".", "",
-             "| rank | layer | expert | harmful rate | harmless rate | risk difference |", "|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {i} | {s.layer} | {s.expert} | {s.harmful_rate:.3f} | {s.harmless_rate:.3f} | {s.risk_difference:+.3f} |"
-              for i, s in enumerate(routing.ranked("harmful")[:10], 1)]
+             "| rank | layer | expert | harmful rate | harmless rate | risk difference | 95% CI (bootstrap over prompts) |",
+             "|---:|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {i} | {s.layer} | {s.expert} | {s.harmful_rate:.3f} | {s.harmless_rate:.3f} | {s.risk_difference:+.3f} | "
+              f"[{s.ci[0]:+.3f}, {s.ci[1]:+.3f}] |" for i, s in enumerate(routing.ranked("harmful")[:10], 1)]
     lines += ["", "## The top-n harmful-linked experts switched off (harmful prompts) or on (harmless prompts)", "",
               "Switched off: the share of harmful prompts left unanswered (refused or looping), the harmless prompts' first-token "
               "KL, and how likely the unedited model finds the harmless responses (base NLL, nats per token) with the share that "

@@ -897,11 +897,12 @@ def _cmd_experts(args: argparse.Namespace) -> int:
     print(f"routing   {len(routing.layers)} MoE layers x {routing.n_experts} experts; read {routing.n_tokens[0]} harmful and "
           f"{routing.n_tokens[1]} harmless tokens ({routing.positions}) of {len(harmful)} / {len(harmless)} prompts")
     for toward in ("harmful", "harmless"):
-        print(f"\nrouted more often on {toward} prompts (risk difference = harmful rate - harmless rate)")
-        print("| rank | layer | expert | harmful rate | harmless rate | risk difference |")
-        print("|---:|---:|---:|---:|---:|---:|")
+        print(f"\nrouted more often on {toward} prompts (risk difference = harmful rate - harmless rate; 95% bootstrap interval over prompts)")
+        print("| rank | layer | expert | harmful rate | harmless rate | risk difference | 95% CI |")
+        print("|---:|---:|---:|---:|---:|---:|---|")
         for rank, score in enumerate(routing.ranked(toward)[:args.top], 1):
-            print(f"| {rank} | {score.layer} | {score.expert} | {score.harmful_rate:.3f} | {score.harmless_rate:.3f} | {score.risk_difference:+.3f} |")
+            print(f"| {rank} | {score.layer} | {score.expert} | {score.harmful_rate:.3f} | {score.harmless_rate:.3f} | {score.risk_difference:+.3f} | "
+                  f"[{score.ci[0]:+.3f}, {score.ci[1]:+.3f}] |")
     if args.json:
         _write_json(args.json, {"model": model.name, **routing.to_dict(args.top)})
         print(f"\nwrote {args.json}")

@@ -119,6 +119,16 @@ def test_expert_routing_counts_what_the_hook_shows():
     top = routing.top(2)
     assert sum(len(v) for v in top.values()) == 2 and all(routing.risk_difference[routing.layers.index(layer), e] > 0
                                                           for layer, experts in top.items() for e in experts)
+    for counts, per_prompt, tokens, total in zip((routing.harmful_counts, routing.harmless_counts), routing.prompt_counts,
+                                                 routing.prompt_tokens, routing.n_tokens, strict=True):
+        torch.testing.assert_close(per_prompt.sum(0), counts)
+        assert float(tokens.sum()) == total and per_prompt.shape[0] == 2
+    low, high = routing.risk_difference_ci
+    assert bool((low <= routing.risk_difference + 1e-12).all()) and bool((routing.risk_difference <= high + 1e-12).all())
+    assert ranked[0].ci == (float(low.flatten()[routing.risk_difference.argmax()]), float(high.flatten()[routing.risk_difference.argmax()]))
+    many = expert_routing(adapter, harmful * 8, harmless * 8)  # the same rates from 8x the prompts: a narrower interval
+    torch.testing.assert_close(many.risk_difference, routing.risk_difference)
+    assert float((many.risk_difference_ci[1] - many.risk_difference_ci[0]).mean()) < float((high - low).mean())
     last = expert_routing(adapter, harmful, harmless, positions="last")
     assert last.n_tokens == (2, 2) and last.positions == "last"
     with pytest.raises(FeatsteerError, match="one of the sets is empty"):

@@ -19,6 +19,7 @@ Deactivating without `renormalize` is exactly the model with that expert's outpu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +43,8 @@ class ExpertScore:
     harmless_rate: float
     risk_difference: float
     """`harmful_rate - harmless_rate`: positive for an expert the harmful prompts use more."""
+    ci: tuple[float, float]
+    """95% percentile bootstrap interval of the risk difference, resampling prompts (a prompt's tokens move together)."""
     harmful_weight: float
     """Mean routing weight the harmful tokens give it (zero where it was not picked)."""
     harmless_weight: float
@@ -63,6 +66,12 @@ class ExpertRouting:
     """Tokens read on the harmful and on the harmless set."""
     positions: str
     """Which prompt tokens were read (`activations.Positions` syntax)."""
+    prompt_counts: tuple[Tensor, Tensor] = field(repr=False, default=(torch.zeros(0), torch.zeros(0)))
+    """Per prompt of each set, `(n_prompts, len(layers), n_experts)` tokens routed to each expert (for the intervals)."""
+    prompt_tokens: tuple[Tensor, Tensor] = field(repr=False, default=(torch.zeros(0), torch.zeros(0)))
+    """Per prompt of each set, the tokens read."""
+    n_boot: int = 1000
+    """Bootstrap resamples of the intervals (seeded: reports reproduce)."""
 
     @property
     def n_experts(self) -> int:
@@ -81,6 +90,22 @@ class ExpertRouting:
         """`(len(layers), n_experts)` harmful minus harmless selection rate."""
         return self.harmful_rate - self.harmless_rate
 
+    @functools.cached_property
+    def risk_difference_ci(self) -> tuple[Tensor, Tensor]:
+        """`(low, high)`, each `(len(layers), n_experts)`: the 95% percentile bootstrap interval of the risk difference,
+        resampling each set's prompts with replacement (tokens of one prompt are not independent draws)."""
+        generator = torch.Generator().manual_seed(0)
+        rates = []
+        for counts, tokens in zip(self.prompt_counts, self.prompt_tokens, strict=True):
+            n = tokens.shape[0]
+            if n == 0:
+                raise FeatsteerError("this routing holds no per-prompt counts, so it has no intervals")
+            picks = torch.randint(n, (self.n_boot, n), generator=generator)
+            weights = torch.zeros(self.n_boot, n, dtype=torch.float64).scatter_add_(1, picks, torch.ones(self.n_boot, n, dtype=torch.float64))
+            rates.append((weights @ counts.flatten(1)) / (weights @ tokens)[:, None])
+        difference = (rates[0] - rates[1]).view(self.n_boot, *self.harmful_counts.shape)
+        return torch.quantile(difference, 0.025, dim=0), torch.quantile(difference, 0.975, dim=0)
+
     def ranked(self, toward: str = "harmful") -> list[ExpertScore]:
         """Every expert, most `toward`-linked first (`harmful`: largest risk difference; `harmless`: most negative)."""
         if toward not in ("harmful", "harmless"):
@@ -89,8 +114,9 @@ class ExpertRouting:
         rd = self.risk_difference
         order = torch.argsort((sign * rd).flatten(), descending=True, stable=True).tolist()
         per_token = (max(self.n_tokens[0], 1), max(self.n_tokens[1], 1))
+        low, high = (bound.flatten() for bound in self.risk_difference_ci)
         return [ExpertScore(self.layers[i // self.n_experts], i % self.n_experts, float(self.harmful_rate.flatten()[i]),
-                            float(self.harmless_rate.flatten()[i]), float(rd.flatten()[i]),
+                            float(self.harmless_rate.flatten()[i]), float(rd.flatten()[i]), (float(low[i]), float(high[i])),
                             float(self.harmful_weights.flatten()[i]) / per_token[0], float(self.harmless_weights.flatten()[i]) / per_token[1])
                 for i in order]
 
@@ -139,29 +165,30 @@ def expert_routing(model: ModelAdapter, harmful: Sequence[str], harmless: Sequen
                              "post_instruction or instruction_end")
     names = model.hook_names(("routing",))
     sides = [_count(model, list(texts), names, selector, batch_size, system) for texts in (harmful, harmless)]
-    (hc, hw, hn), (lc, lw, ln) = sides
-    return ExpertRouting(tuple(model.moe_layers), hc, lc, hw, lw, (hn, ln), str(selector))
+    (hc, hw, hp, ht), (lc, lw, lp, lt) = sides
+    return ExpertRouting(tuple(model.moe_layers), hc, lc, hw, lw, (int(ht.sum()), int(lt.sum())), str(selector), (hp, lp), (ht, lt))
 
 
 def _count(model: ModelAdapter, texts: list[str], names: list[str], selector: Positions, batch_size: int,
-           system: str | None) -> tuple[Tensor, Tensor, int]:
-    counts = torch.zeros(len(names), model.n_experts, dtype=torch.float64)
-    weights = torch.zeros_like(counts)
-    tokens = 0
+           system: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`(counts, weights, per-prompt counts, per-prompt tokens)` of one prompt set."""
+    prompt_counts = torch.zeros(len(texts), len(names), model.n_experts, dtype=torch.float64)
+    weights = torch.zeros(len(names), model.n_experts, dtype=torch.float64)
+    prompt_tokens = torch.zeros(len(texts), dtype=torch.float64)
     row = {name: i for i, name in enumerate(names)}
     for start in range(0, len(texts), batch_size):
         batch = model.tokenize(texts[start:start + batch_size], system=system)
         row_batch, row_token, _ = selector.plan(batch.attention_mask.cpu(), batch.n_post_instruction)
+        prompt_tokens.index_add_(0, start + row_batch, torch.ones(row_batch.numel(), dtype=torch.float64))
 
-        def tally(x: Tensor, site, row_batch=row_batch, row_token=row_token) -> None:
+        def tally(x: Tensor, site, row_batch=row_batch, row_token=row_token, start=start) -> None:
             picked = selector.select(x, row_batch, row_token).detach().to("cpu", torch.float64)
-            counts[row[site.name]] += (picked != 0).sum(0)
+            prompt_counts[:, row[site.name]].index_add_(0, start + row_batch, (picked != 0).double())
             weights[row[site.name]] += picked.sum(0)
 
         with model.hooks([(name, tally) for name in names]):
             model.run(batch, stop_at=None)
-        tokens += int(row_batch.numel())
-    return counts, weights, tokens
+    return prompt_counts.sum(0), weights, prompt_counts, prompt_tokens
 
 
 @dataclass
