@@ -890,6 +890,8 @@ def _cmd_rank_features(args: argparse.Namespace) -> int:
 def _cmd_experts(args: argparse.Namespace) -> int:
     from featsteer.interventions import expert_routing
 
+    if args.top < 1:
+        raise FeatsteerError(f"--top {args.top} lists no experts: give at least 1")
     harmful, harmless = _load_pair(args)
     model = _load_model(args)
     routing = expert_routing(model, list(harmful), list(harmless), positions=args.positions, batch_size=args.batch_size)

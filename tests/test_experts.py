@@ -152,6 +152,10 @@ def test_experts_and_steer_experts_commands(capsys, tmp_path):
     assert saved["n_experts"] == 4 and len(saved["top_harmful"]) == 3 and len(saved["harmful_rate"]) == 3
     code, _, err = _run(capsys, "experts", *common[:1], "tiny:llama", *common[2:])
     assert code == 2 and "no mixture-of-experts layers" in err
+    code, _, err = _run(capsys, "experts", *common, "--top", "0")
+    assert code == 2 and "--top 0 lists no experts" in err
+    code, _, err = _run(capsys, "steer", "--model", "tiny:llama", "--experts", "1:1", "--mode", "deactivate", "--prompt", "hi")
+    assert code == 2 and "tiny:llama has no mixture-of-experts layers" in err
     code, out, err = _run(capsys, "steer", "--model", "tiny:qwen3_moe", "--experts", "2:3;1:1,2", "--mode", "deactivate", "--prompt", "hi",
                           "--max-new-tokens", "2")
     assert code == 0 and "steer: deactivate experts layer 2: [3]; layer 1: [1, 2]" in out, err

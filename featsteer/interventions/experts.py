@@ -213,6 +213,9 @@ class ExpertSteer(Intervention):
         layers = sorted(set(self.deactivate) | set(self.activate))
         if not layers:
             raise FeatsteerError("ExpertSteer needs deactivate={layer: [experts]} or activate={layer: [experts]}")
+        if not model.moe_layers:
+            raise FeatsteerError(f"{model.name} has no mixture-of-experts layers whose routing featsteer can read ({model.family}): "
+                                 "ExpertSteer needs an MoE model such as Mixtral, Qwen3-MoE or GPT-OSS")
         for layer in layers:
             if layer not in model.moe_layers:
                 raise FeatsteerError(f"layer {layer} of {model.name} routes no experts: its MoE layers are {model.moe_layers}")
