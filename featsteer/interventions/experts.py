@@ -187,7 +187,7 @@ def _count(model: ModelAdapter, texts: list[str], names: list[str], selector: Po
             weights[row[site.name]] += picked.sum(0)
 
         with model.hooks([(name, tally) for name in names]):
-            model.run(batch, stop_at=None)
+            model.run(batch, stop_at=names[-1])  # nothing past the last MoE layer is needed
     return prompt_counts.sum(0), weights, prompt_counts, prompt_tokens
 
 
