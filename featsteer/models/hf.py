@@ -530,9 +530,14 @@ def _routing_hook(fns: _Hooks, state: dict[str, tuple[int, int]], n_experts: int
     (`blocks.{l}.mlp.hook_routing`) and, when one returns a changed matrix, pass the experts its nonzero entries as
     `(top_k_index, top_k_weights)` (as many per token as the most a token now has; padding entries weigh zero)."""
 
+    signature = {}
+
     def hook(module, args, kwargs):
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-        _, index_name, weight_name = list(inspect.signature(module.forward).parameters)[:3]
+        if not signature:  # read once: the experts' forward, e.g. (hidden_states, top_k_index, top_k_weights)
+            signature["forward"] = inspect.signature(module.forward)
+            signature["names"] = list(signature["forward"].parameters)[1:3]
+        bound = signature["forward"].bind(*args, **kwargs)
+        index_name, weight_name = signature["names"]
         index, weights = bound.arguments[index_name], bound.arguments[weight_name]
         tokens = index.shape[0]
         dense = torch.zeros(tokens, n_experts, dtype=weights.dtype, device=weights.device).scatter(1, index.long(), weights)
