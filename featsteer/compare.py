@@ -600,7 +600,7 @@ def gentlest_within(rows: Mapping[Any, tuple[float, float]], tolerance: float) -
 
 def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], contextlib.AbstractContextManager]],
                    harmful: Sequence[str], harmless: Sequence[str], base: Tensor | ResponseBase,
-                   gen: GenerationConfig) -> dict[Any, tuple[float, float]]:
+                   gen: GenerationConfig, also: Callable[[Any], None] | None = None) -> dict[Any, tuple[float, float]]:
     """`setting -> (share of harmful prompts left unanswered, KL(base || edited) on harmless)`, each setting's
     intervention entered in turn: the rows `gentlest_within` picks from. The KL is the first token's, or with a
     `ResponseBase` the KL along the unedited model's answers (`evaluation.response_kl`; its prompts are the harmless
@@ -616,6 +616,8 @@ def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], cont
         harmless: validation harmless prompts.
         base: the unedited model's first-token log-probs on `harmless`, or its `response_base` on them.
         gen: decoding for the refusal check (its `batch_size` and `max_batch_tokens` also batch the KL prefill).
+        also: called with each setting while it is applied, for more measurements under the same intervention (so an
+            edit is applied once per setting).
     """
     detector, rows = RefusalDetector(), {}
     for setting, make in settings.items():
@@ -625,6 +627,8 @@ def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], cont
                 kl = response_kl(model, base, batch_size=gen.batch_size).mean
             else:
                 kl = kl_first_token(base, first_token_logprobs(model, harmless, batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens))
+            if also is not None:
+                also(setting)
         rows[setting] = (unanswered, kl)
     return rows
 
@@ -698,14 +702,13 @@ def _validation_rows(ctx: CompareContext, settings: Mapping[Any, Callable[[], co
     """`jailbreak_rows` on the context's validation prompts, with the validation decoding every pick uses."""
     val_harmful, val_harmless = ctx.validation()
     gen = GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS, batch_size=ctx.direction_config.batch_size)
-    rows = jailbreak_rows(ctx.model, settings, val_harmful, val_harmless, ctx.validation_base(), gen)
     if ctx.max_nll_rise is None:
-        return rows
-    floor, nlls = ctx.validation_answers_nll(), {}
-    for setting, make in settings.items():  # the harmless answers under the setting, scored by the unedited model after it
-        with make():
-            answers = evaluate_set(ctx.model, val_harmless, "validation", gen, RefusalDetector())
-        nlls[setting] = responses_nll(ctx.model, answers, gen)
+        return jailbreak_rows(ctx.model, settings, val_harmful, val_harmless, ctx.validation_base(), gen)
+    floor, answers = ctx.validation_answers_nll(), {}
+    rows = jailbreak_rows(ctx.model, settings, val_harmful, val_harmless, ctx.validation_base(), gen,
+                          also=lambda setting: answers.__setitem__(setting, evaluate_set(ctx.model, val_harmless, "validation", gen,
+                                                                                         RefusalDetector())))
+    nlls = {setting: responses_nll(ctx.model, result, gen) for setting, result in answers.items()}  # scored unedited
     broken = {s for s, nll in nlls.items() if nll is not None and nll > floor + ctx.max_nll_rise}
     ctx.note(validation_base_nll={"unedited": floor, **{str(s): nll for s, nll in nlls.items()}}, max_nll_rise=ctx.max_nll_rise,
              incoherent=[str(s) for s in broken])
@@ -744,7 +747,10 @@ def _expert_deactivation(ctx: CompareContext):
         raise FeatsteerError("no expert is routed more often on the harmful training prompts than on the harmless ones")
     counts = [n for n in EXPERT_COUNTS if n < len(linked)] + [min(len(linked), EXPERT_COUNTS[-1])]
     counts = sorted(set(counts))
-    make = lambda n: steer(ctx.model, ExpertSteer(deactivate=routing.top(int(n))))  # noqa: E731
+
+    def make(n: float) -> contextlib.AbstractContextManager:
+        return steer(ctx.model, ExpertSteer(deactivate=routing.top(int(n))))
+
     chosen = int(_pick_gentlest(ctx, "experts", counts, make))
     ctx.note(deactivated={str(layer): experts for layer, experts in routing.top(chosen).items()},
              routing_tokens={"harmful": routing.n_tokens[0], "harmless": routing.n_tokens[1]},

@@ -56,26 +56,36 @@ class ExpertRouting:
 
     layers: tuple[int, ...]
     """The MoE layers, in order; row `i` of every matrix is layer `layers[i]`."""
-    harmful_counts: Tensor
-    """`(len(layers), n_experts)` tokens of the harmful set routed to each expert."""
-    harmless_counts: Tensor
+    prompt_counts: tuple[Tensor, Tensor] = field(repr=False)
+    """Per prompt of the harmful and of the harmless set, `(n_prompts, len(layers), n_experts)` tokens routed to each
+    expert (the intervals resample these rows)."""
+    prompt_tokens: tuple[Tensor, Tensor] = field(repr=False)
+    """Per prompt of each set, the tokens read."""
     harmful_weights: Tensor
     """`(len(layers), n_experts)` summed routing weights on the harmful set."""
     harmless_weights: Tensor
-    n_tokens: tuple[int, int]
-    """Tokens read on the harmful and on the harmless set."""
     positions: str
     """Which prompt tokens were read (`activations.Positions` syntax)."""
-    prompt_counts: tuple[Tensor, Tensor] = field(repr=False, default=(torch.zeros(0), torch.zeros(0)))
-    """Per prompt of each set, `(n_prompts, len(layers), n_experts)` tokens routed to each expert (for the intervals)."""
-    prompt_tokens: tuple[Tensor, Tensor] = field(repr=False, default=(torch.zeros(0), torch.zeros(0)))
-    """Per prompt of each set, the tokens read."""
     n_boot: int = 1000
     """Bootstrap resamples of the intervals (seeded: reports reproduce)."""
 
     @property
+    def harmful_counts(self) -> Tensor:
+        """`(len(layers), n_experts)` tokens of the harmful set routed to each expert."""
+        return self.prompt_counts[0].sum(0)
+
+    @property
+    def harmless_counts(self) -> Tensor:
+        return self.prompt_counts[1].sum(0)
+
+    @property
+    def n_tokens(self) -> tuple[int, int]:
+        """Tokens read on the harmful and on the harmless set."""
+        return int(self.prompt_tokens[0].sum()), int(self.prompt_tokens[1].sum())
+
+    @property
     def n_experts(self) -> int:
-        return int(self.harmful_counts.shape[1])
+        return int(self.prompt_counts[0].shape[2])
 
     @property
     def harmful_rate(self) -> Tensor:
@@ -98,27 +108,24 @@ class ExpertRouting:
         rates = []
         for counts, tokens in zip(self.prompt_counts, self.prompt_tokens, strict=True):
             n = tokens.shape[0]
-            if n == 0:
-                raise FeatsteerError("this routing holds no per-prompt counts, so it has no intervals")
             picks = torch.randint(n, (self.n_boot, n), generator=generator)
             weights = torch.zeros(self.n_boot, n, dtype=torch.float64).scatter_add_(1, picks, torch.ones(self.n_boot, n, dtype=torch.float64))
             rates.append((weights @ counts.flatten(1)) / (weights @ tokens)[:, None])
-        difference = (rates[0] - rates[1]).view(self.n_boot, *self.harmful_counts.shape)
+        difference = (rates[0] - rates[1]).view(self.n_boot, len(self.layers), self.n_experts)
         return torch.quantile(difference, 0.025, dim=0), torch.quantile(difference, 0.975, dim=0)
 
     def ranked(self, toward: str = "harmful") -> list[ExpertScore]:
         """Every expert, most `toward`-linked first (`harmful`: largest risk difference; `harmless`: most negative)."""
         if toward not in ("harmful", "harmless"):
             raise FeatsteerError(f"unknown side '{toward}': rank experts toward 'harmful' or 'harmless'")
-        sign = 1.0 if toward == "harmful" else -1.0
-        rd = self.risk_difference
-        order = torch.argsort((sign * rd).flatten(), descending=True, stable=True).tolist()
-        per_token = (max(self.n_tokens[0], 1), max(self.n_tokens[1], 1))
-        low, high = (bound.flatten() for bound in self.risk_difference_ci)
-        return [ExpertScore(self.layers[i // self.n_experts], i % self.n_experts, float(self.harmful_rate.flatten()[i]),
-                            float(self.harmless_rate.flatten()[i]), float(rd.flatten()[i]), (float(low[i]), float(high[i])),
-                            float(self.harmful_weights.flatten()[i]) / per_token[0], float(self.harmless_weights.flatten()[i]) / per_token[1])
-                for i in order]
+        tokens = [max(n, 1) for n in self.n_tokens]
+        harmful, harmless = self.harmful_rate.flatten().tolist(), self.harmless_rate.flatten().tolist()
+        rd = self.risk_difference.flatten()
+        low, high = (bound.flatten().tolist() for bound in self.risk_difference_ci)
+        weights = [(w / n).flatten().tolist() for w, n in zip((self.harmful_weights, self.harmless_weights), tokens, strict=True)]
+        order = torch.argsort(rd if toward == "harmful" else -rd, descending=True, stable=True).tolist()
+        return [ExpertScore(self.layers[i // self.n_experts], i % self.n_experts, harmful[i], harmless[i], harmful[i] - harmless[i],
+                            (low[i], high[i]), weights[0][i], weights[1][i]) for i in order]
 
     def top(self, n: int, toward: str = "harmful") -> dict[int, list[int]]:
         """`{layer: [expert, ...]}` of the `n` most `toward`-linked experts with a risk difference of that sign."""
@@ -165,13 +172,13 @@ def expert_routing(model: ModelAdapter, harmful: Sequence[str], harmless: Sequen
                              "post_instruction or instruction_end")
     names = model.hook_names(("routing",))
     sides = [_count(model, list(texts), names, selector, batch_size, system) for texts in (harmful, harmless)]
-    (hc, hw, hp, ht), (lc, lw, lp, lt) = sides
-    return ExpertRouting(tuple(model.moe_layers), hc, lc, hw, lw, (int(ht.sum()), int(lt.sum())), str(selector), (hp, lp), (ht, lt))
+    (hp, hw, ht), (lp, lw, lt) = sides
+    return ExpertRouting(tuple(model.moe_layers), (hp, lp), (ht, lt), hw, lw, str(selector))
 
 
 def _count(model: ModelAdapter, texts: list[str], names: list[str], selector: Positions, batch_size: int,
-           system: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`(counts, weights, per-prompt counts, per-prompt tokens)` of one prompt set."""
+           system: str | None) -> tuple[Tensor, Tensor, Tensor]:
+    """`(per-prompt counts, summed weights, per-prompt tokens)` of one prompt set."""
     prompt_counts = torch.zeros(len(texts), len(names), model.n_experts, dtype=torch.float64)
     weights = torch.zeros(len(names), model.n_experts, dtype=torch.float64)
     prompt_tokens = torch.zeros(len(texts), dtype=torch.float64)
@@ -188,7 +195,7 @@ def _count(model: ModelAdapter, texts: list[str], names: list[str], selector: Po
 
         with model.hooks([(name, tally) for name in names]):
             model.run(batch, stop_at=names[-1])  # nothing past the last MoE layer is needed
-    return prompt_counts.sum(0), weights, prompt_counts, prompt_tokens
+    return prompt_counts, weights, prompt_tokens
 
 
 @dataclass
