@@ -11,8 +11,10 @@ token (`--experts 8 --d-mlp 112`), into `~/.cache/featsteer/moe-organism` (about
    differ.
 3. Sweeps on the test split: the top-n harmful-linked experts switched off (harmful refusal, harmless first-token KL),
    and switched on for harmless prompts (induced refusal).
-4. `featsteer.compare.compare` with DIM abliteration and `expert_deactivation` on the same held-out prompts, settings
-   picked on 32 + 32 fresh `organism-corpus:` prompts as `make demo` picks them.
+   Each at both sites: the routing weights after the router's choice, and the router's logits before it (SteerMoE's
+   own rule: the router picks the next expert in a switched-off one's place).
+4. `featsteer.compare.compare` with DIM abliteration, `expert_deactivation` and `expert_deactivation_logits` on the same
+   held-out prompts, settings picked on 32 + 32 fresh `organism-corpus:` prompts as `make demo` picks them.
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ from featsteer.models import load_model  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path.home() / ".cache" / "featsteer" / "moe-organism"
 TRAIN_ARGS = ["--experts", "8", "--d-mlp", "112"]
-METHODS = ["none", "dim_abliteration", "dim_ablation_hook", "dim_per_layer_abliteration", "expert_deactivation", "dim_actadd_induce"]
+METHODS = ["none", "dim_abliteration", "dim_ablation_hook", "dim_per_layer_abliteration", "expert_deactivation", "expert_deactivation_logits",
+           "dim_actadd_induce"]
+SITES = ("routing", "router_logits")
+"""Where the experts are switched: the routing weights after the router's choice, or its logits before it (SteerMoE)."""
 COUNTS = (1, 2, 4, 8, 12, 16)
 MAX_NLL_RISE = 0.5
 
@@ -73,30 +78,33 @@ def main() -> None:
     base = first_token_logprobs(model, test["harmless"].to_list())
     detector = RefusalDetector()
     plain = evaluate_set(model, test["harmless"].to_list(), "harmless", gen, detector)
-    sweep = [{"experts": 0, "deactivated": {}, "unanswered_harmful": None, "kl_harmless": 0.0, "base_nll_harmless": responses_nll(model, plain),
-              "looping_harmless": plain.looping_rate.rate, "activated_refusal_harmless": plain.rate.rate}]
-    for n in COUNTS:
-        chosen = routing.top(n)
-        (unanswered, kl), = jailbreak_rows(model, {n: lambda chosen=chosen: steer(model, ExpertSteer(deactivate=chosen))},
-                                           test["harmful"].to_list(), test["harmless"].to_list(), base, gen).values()
-        with steer(model, ExpertSteer(deactivate=chosen)):
-            answered = evaluate_set(model, test["harmless"].to_list(), "harmless", gen, detector)
-        with steer(model, ExpertSteer(activate=chosen)):
-            induced = evaluate_set(model, test["harmless"].to_list(), "harmless", gen, detector).rate.rate
-        sweep.append({"experts": n, "deactivated": {str(k): v for k, v in chosen.items()}, "unanswered_harmful": unanswered,
-                      "kl_harmless": kl, "base_nll_harmless": responses_nll(model, answered), "looping_harmless": answered.looping_rate.rate,
-                      "activated_refusal_harmless": induced, "example_harmless": answered.responses[:3]})
+    sweep = [{"experts": 0, "at": None, "deactivated": {}, "unanswered_harmful": None, "kl_harmless": 0.0,
+              "base_nll_harmless": responses_nll(model, plain), "looping_harmless": plain.looping_rate.rate,
+              "activated_refusal_harmless": plain.rate.rate}]
+    for at in SITES:
+        for n in COUNTS:
+            chosen = routing.top(n)
+            (unanswered, kl), = jailbreak_rows(model, {n: lambda chosen=chosen, at=at: steer(model, ExpertSteer(deactivate=chosen, at=at))},
+                                               test["harmful"].to_list(), test["harmless"].to_list(), base, gen).values()
+            with steer(model, ExpertSteer(deactivate=chosen, at=at)):
+                answered = evaluate_set(model, test["harmless"].to_list(), "harmless", gen, detector)
+            with steer(model, ExpertSteer(activate=chosen, at=at)):
+                induced = evaluate_set(model, test["harmless"].to_list(), "harmless", gen, detector).rate.rate
+            sweep.append({"experts": n, "at": at, "deactivated": {str(k): v for k, v in chosen.items()}, "unanswered_harmful": unanswered,
+                          "kl_harmless": kl, "base_nll_harmless": responses_nll(model, answered),
+                          "looping_harmless": answered.looping_rate.rate, "activated_refusal_harmless": induced,
+                          "example_harmless": answered.responses[:3]})
     val = {"val_harmful": load_prompts("organism-corpus:harmful:96"), "val_harmless": load_prompts("organism-corpus:harmless:96")}
     comparison = compare(model, train["harmful"], train["harmless"], methods=METHODS, eval_harmful=test["harmful"],
                          eval_harmless=test["harmless"], alarming=test["alarming"], generation=gen, **val)
     # the same picks weighed by the KL along the unedited model's own validation answers instead of the first token's
-    by_response = compare(model, train["harmful"], train["harmless"], methods=["dim_abliteration", "expert_deactivation"],
+    by_response = compare(model, train["harmful"], train["harmless"], methods=["dim_abliteration", "expert_deactivation", "expert_deactivation_logits"],
                           eval_harmful=test["harmful"], eval_harmless=test["harmless"], alarming=test["alarming"], generation=gen,
                           pick_kl="response", **val)
     refusal = {name: {k: row[k] for k in ("k", "n", "rate")} for name, row in training.get("refusal", {}).items()}
     # and with a coherence bound: a setting whose validation harmless answers cost the unedited model 0.5 nats per token
     # more than its own counts as answering nothing
-    bounded = compare(model, train["harmful"], train["harmless"], methods=["dim_abliteration", "expert_deactivation"],
+    bounded = compare(model, train["harmful"], train["harmless"], methods=["dim_abliteration", "expert_deactivation", "expert_deactivation_logits"],
                       eval_harmful=test["harmful"], eval_harmless=test["harmless"], alarming=test["alarming"], generation=gen,
                       max_nll_rise=MAX_NLL_RISE, **val)
     payload = {"date": time.strftime("%Y-%m-%d"), "train_args": TRAIN_ARGS,
@@ -139,24 +147,31 @@ def markdown(payload: dict, routing, comparison, by_response, bounded) -> str:
     lines += ["", "## The top-n harmful-linked experts switched off (harmful prompts) or on (harmless prompts)", "",
               "Switched off: the share of harmful prompts left unanswered (refused or looping), the harmless prompts' first-token "
               "KL, and how likely the unedited model finds the harmless responses (base NLL, nats per token) with the share that "
-              "loop. Switched on: the share of harmless prompts refused. Row 0 is the unedited model.", "",
-              "| experts | off: harmful unanswered | off: KL harmless (first token) | off: base NLL harmless | off: looping harmless | on: harmless refused |",
-              "|---:|---:|---:|---:|---:|---:|"]
+              "loop. Switched on: the share of harmless prompts refused. Row 0 is the unedited model. Site `routing`: the "
+              "weights after the router's choice (a switched-off expert's share goes to the token's other expert); "
+              "`router_logits`: SteerMoE's rule, the expert's logit set below the token's lowest so the router picks the next "
+              "expert in its place (and, switched on, just above the highest).", "",
+              "| site | experts | off: harmful unanswered | off: KL harmless (first token) | off: base NLL harmless | off: looping harmless | on: harmless refused |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in payload["sweep"]:
         unanswered = "-" if row["unanswered_harmful"] is None else f"{row['unanswered_harmful']:.3f}"
         nll = "-" if row["base_nll_harmless"] is None else f"{row['base_nll_harmless']:.3f}"
-        lines.append(f"| {row['experts']} | {unanswered} | {row['kl_harmless']:.4f} | {nll} | {row['looping_harmless']:.3f} | "
-                     f"{row['activated_refusal_harmless']:.3f} |")
+        lines.append(f"| {row['at'] or '-'} | {row['experts']} | {unanswered} | {row['kl_harmless']:.4f} | {nll} | "
+                     f"{row['looping_harmless']:.3f} | {row['activated_refusal_harmless']:.3f} |")
     lines += ["", "Harmless responses with the experts switched off (first three test prompts):", ""]
-    lines += [f"- {row['experts']} experts: " + " / ".join(repr(text) for text in row["example_harmless"]) for row in payload["sweep"][1:]]
+    lines += [f"- {row['at']}, {row['experts']} experts: " + " / ".join(repr(text) for text in row["example_harmless"])
+              for row in payload["sweep"][1:]]
     lines += ["", "## Every method on the same prompts (picks by the validation first-token KL, the default)", "", comparison.table(), "",
               "## The same picks by the KL along the unedited model's validation answers (`pick_kl='response'`)", "", by_response.table(), "",
               f"## The same picks with a coherence bound (`max_nll_rise={MAX_NLL_RISE}`)", "",
               "A setting whose validation harmless answers the unedited model scores more than "
               f"{MAX_NLL_RISE} nats per token above its own answers counts as answering no harmful prompt.", "", bounded.table(), ""]
-    details = next(r.details for r in bounded.results if r.method.startswith("expert_deactivation"))
-    lines += ["Validation base NLL per setting: " + ", ".join(f"{k}: {v:.3f}" for k, v in details.get("validation_base_nll", {}).items())
-              + f"; ruled out: {', '.join(details.get('incoherent', [])) or 'none'}.", ""]
+    for result in bounded.results:
+        if result.method.startswith("expert_deactivation"):
+            details = result.details
+            lines += [f"{result.method.split(' ')[0]}: validation base NLL per setting: "
+                      + ", ".join(f"{k}: {v:.3f}" for k, v in details.get("validation_base_nll", {}).items())
+                      + f"; ruled out: {', '.join(details.get('incoherent', [])) or 'none'}.", ""]
     return "\n".join(lines)
 
 

@@ -49,7 +49,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
               "layers; weight edits project every one)")
     if model.moe_layers:
         routed = layers if len(model.moe_layers) == model.n_layers else f"blocks.{{{','.join(map(str, model.moe_layers))}}}"
-        print(f"routing   {routed}.mlp.hook_routing (per token: weights of {model.n_experts} experts; `featsteer experts`)")
+        print(f"routing   {routed}.mlp.hook_{{router_logits,routing}} (per token: {model.n_experts} experts' logits before the "
+              "router's choice, weights after it; `featsteer experts`)")
     notes = [note for flag, note in (
         (model.post_norms, "attention/MLP outputs are normalised before the stream (weight edits are not exactly the ablation hook)"),
         (model.parallel_block, "attention and MLP run in parallel on the block's input (no resid_mid)"),
@@ -554,6 +555,8 @@ def _check_steer_args(args: argparse.Namespace) -> None:
         if args.mode not in EXPERT_STEER_MODES:
             raise FeatsteerError(f"--experts takes --mode {'|'.join(EXPERT_STEER_MODES)}, not --mode {args.mode}")
         args.expert_ids = _expert_ids(args.experts)
+    elif args.experts_at != "routing":
+        raise FeatsteerError("--experts-at applies to --experts")
     elif args.sae is not None:
         if args.mode not in FEATURE_STEER_MODES:
             raise FeatsteerError(f"--mode {args.mode} steers a direction: SAE features take --mode {'|'.join(FEATURE_STEER_MODES)}")
@@ -723,9 +726,10 @@ def _cmd_steer(args: argparse.Namespace) -> int:
     if args.experts is not None:
         from featsteer.interventions import ExpertSteer
 
-        intervention = ExpertSteer(**{args.mode: args.expert_ids})
+        intervention = ExpertSteer(**{args.mode: args.expert_ids}, at=args.experts_at)
         intervention.hooks_for(model)  # a layer or expert the model lacks fails here, before any generation
         what = f"{args.mode} experts " + "; ".join(f"layer {layer}: {experts}" for layer, experts in args.expert_ids.items())
+        what += " (router logits, SteerMoE)" if args.experts_at == "router_logits" else " (routing weights)"
     elif args.sae is not None:
         intervention, what = _feature_intervention(args, model, prompts)
     else:
@@ -1046,6 +1050,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--feature", action="append", metavar="ID", help="SAE feature id(s) to edit (repeatable, or comma-separated)")
     st.add_argument("--experts", metavar="SPEC", help="switch mixture-of-experts experts off or on instead: LAYER:E[,E][;LAYER:E] "
                     "(candidates from `featsteer experts`)")
+    st.add_argument("--experts-at", choices=["routing", "router_logits"], default="routing",
+                    help="with --experts: change the routing weights after the router's choice (default; a switched-off expert's "
+                    "share goes to the token's other experts) or the router's logits before it (SteerMoE: the router picks the "
+                    "next expert in its place)")
     st.add_argument("--mode", required=True, choices=list(dict.fromkeys(DIRECTION_STEER_MODES + FEATURE_STEER_MODES + EXPERT_STEER_MODES)),
                     help=f"with --directions: {'|'.join(DIRECTION_STEER_MODES)}; with --sae: {'|'.join(FEATURE_STEER_MODES)}; "
                     f"with --experts: {'|'.join(EXPERT_STEER_MODES)}")

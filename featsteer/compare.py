@@ -740,6 +740,18 @@ EXPERT_COUNTS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
                  "often than the harmless ones switched off (weight zero, the rest renormalised), how many picked on validation "
                  "prompts (mixture-of-experts models only)", needs_experts=True)
 def _expert_deactivation(ctx: CompareContext):
+    return _deactivate_experts(ctx, "routing")
+
+
+@register_method("expert_deactivation_logits", "SteerMoE exactly: the same experts' router logits set below every other, so the router "
+                 "picks the next expert in their place; how many picked on validation prompts (mixture-of-experts models only)",
+                 needs_experts=True)
+def _expert_deactivation_logits(ctx: CompareContext):
+    return _deactivate_experts(ctx, "router_logits")
+
+
+def _deactivate_experts(ctx: CompareContext, at: str):
+    """The harmful-linked experts switched off at `at` (`ExpertSteer`), how many picked on the validation prompts."""
     harmful, harmless = ctx.training()
     routing = expert_routing(ctx.model, list(harmful), list(harmless), batch_size=ctx.direction_config.batch_size)
     linked = [score for score in routing.ranked("harmful") if score.risk_difference > 0]
@@ -749,7 +761,7 @@ def _expert_deactivation(ctx: CompareContext):
     counts = sorted(set(counts))
 
     def make(n: float) -> contextlib.AbstractContextManager:
-        return steer(ctx.model, ExpertSteer(deactivate=routing.top(int(n))))
+        return steer(ctx.model, ExpertSteer(deactivate=routing.top(int(n)), at=at))
 
     chosen = int(_pick_gentlest(ctx, "experts", counts, make))
     ctx.note(deactivated={str(layer): experts for layer, experts in routing.top(chosen).items()},

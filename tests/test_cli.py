@@ -38,8 +38,8 @@ def test_info_lists_only_the_hooks_a_family_has_and_its_experts(capsys):
     _, deltanet, _ = _run(capsys, "info", "--model", "tiny:qwen3_5_moe")
     assert "blocks.{1}.attn.hook_z" in deltanet and "notes     layers [0, 2] mix tokens without attention heads" in deltanet
     assert "experts   5 output projections per mixture-of-experts layer (3 of 3 layers" in deltanet
-    assert "routing   blocks.{0..2}.mlp.hook_routing (per token: weights of 4 experts" in deltanet
-    assert "routing   blocks.{1,2}.mlp.hook_routing" in moe and "routing" not in parallel
+    assert "routing   blocks.{0..2}.mlp.hook_{router_logits,routing} (per token: 4 experts' logits before the router" in deltanet
+    assert "routing   blocks.{1,2}.mlp.hook_{router_logits,routing}" in moe and "routing" not in parallel
     _, gemma4, _ = _run(capsys, "info", "--model", "tiny:gemma4_text")
     assert "hook_{resid_pre,attn_out,resid_mid,mlp_out,per_layer_out,resid_post}" in gemma4
     assert "adds a per-layer input embedding after its MLP" in gemma4 and "multiplies the stream by a scalar" in gemma4

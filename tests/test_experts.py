@@ -66,6 +66,61 @@ def test_routing_hook_is_the_routers_choice_and_switching_an_expert_off_is_zeroi
     torch.testing.assert_close(adapter.run(adapter.tokenize(PROMPTS)), switched_off, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ROUTED)
+def test_router_logits_hook_makes_the_router_choose_again(family):
+    """The router's logits, handed back unchanged, change nothing; SteerMoE at the logits keeps top-k experts per token,
+    never picks a deactivated expert and always picks an activated one (read at the same layer's routing hook)."""
+    _, adapter = _adapter(family)
+    layer = adapter.moe_layers[0]
+    names = [f"blocks.{layer}.mlp.hook_router_logits", f"blocks.{layer}.mlp.hook_routing"]
+    assert adapter.hook_names(("router_logits",), layers=[layer]) == names[:1]
+    batch = adapter.tokenize(PROMPTS)
+    mask = batch.attention_mask.bool()
+    seen = {}
+    with adapter.hooks([(name, lambda x, s: seen.__setitem__(s.name, x.clone())) for name in names]):
+        base = adapter.run(batch)
+    assert seen[names[0]].shape == (*batch.input_ids.shape, 4)
+    with adapter.hooks([(names[0], lambda x, s: x.clone())]):
+        torch.testing.assert_close(adapter.run(batch), base, atol=0, rtol=0)
+    assert 0 < int((seen[names[1]][mask][:, 1] != 0).sum()) < int(mask.sum())  # expert 1 serves some tokens, not all
+    for side, wanted in (("deactivate", 0), ("activate", int(mask.sum()))):
+        routed = []
+        with steer(adapter, ExpertSteer(**{side: {layer: [1]}}, at="router_logits")), \
+                adapter.hooks([(names[1], lambda x, s, into=routed: into.append(x.clone()))]):
+            adapter.run(batch)
+        weights = routed[0][mask]
+        assert int((weights[:, 1] != 0).sum()) == wanted, side
+        assert bool(((weights != 0).sum(-1) == TOP_K).all()), side
+
+
+def test_steermoe_at_the_logits_is_the_routers_softmax_over_the_changed_logits():
+    """Mixtral: what the experts receive under SteerMoE deactivation is a softmax over the logits with the expert set below
+    the token's lowest, top-2, renormalised, recomputed here from the captured logits."""
+    _, adapter = _adapter("mixtral")
+    layer = adapter.moe_layers[0]
+    names = [f"blocks.{layer}.mlp.hook_router_logits", f"blocks.{layer}.mlp.hook_routing"]
+    batch = adapter.tokenize(PROMPTS)
+    seen = {}
+    # hooks see what the hooks installed before them made: the capture, installed first, reads the router's own logits,
+    # and the routing it reads at the experts is what the steering made of them
+    with adapter.hooks([(name, lambda x, s: seen.__setitem__(s.name, x.clone())) for name in names]), \
+            steer(adapter, ExpertSteer(deactivate={layer: [0, 2]}, at="router_logits")):
+        adapter.run(batch)
+    logits = seen[names[0]].double()
+    logits = logits.index_fill(-1, torch.tensor([0, 2]), 0.0) + torch.zeros_like(logits).index_fill(-1, torch.tensor([0, 2]), 1.0) * (
+        logits.min(-1, keepdim=True).values - 0.01)
+    top = logits.softmax(-1).topk(TOP_K, dim=-1)
+    expected = torch.zeros_like(logits).scatter(-1, top.indices, top.values / top.values.sum(-1, keepdim=True))
+    torch.testing.assert_close(seen[names[1]].double(), expected, atol=1e-5, rtol=0)
+    assert float(seen[names[1]][..., [0, 2]].abs().max()) == 0.0
+    with pytest.raises(FeatsteerError, match="unknown ExpertSteer site 'weights'"):
+        ExpertSteer(deactivate={layer: [1]}, at="weights")
+    with pytest.raises(FeatsteerError, match="renormalize=False applies to at='routing'"):
+        ExpertSteer(deactivate={layer: [1]}, at="router_logits", renormalize=False)
+    with pytest.raises(FeatsteerError, match="blocks.0.mlp.hook_router_logits does not exist"):
+        load_model("tiny:qwen2_moe").hook_site("blocks.0.mlp.hook_router_logits")
+
+
 def test_llama4_experts_take_weighted_inputs_so_no_routing_hook():
     adapter = load_model("tiny:llama4_text")
     assert adapter.moe_layers == [] and adapter.n_experts == 0 and "routing" not in adapter.layer_kinds
@@ -158,7 +213,13 @@ def test_experts_and_steer_experts_commands(capsys, tmp_path):
     assert code == 2 and "tiny:llama has no mixture-of-experts layers" in err
     code, out, err = _run(capsys, "steer", "--model", "tiny:qwen3_moe", "--experts", "2:3;1:1,2", "--mode", "deactivate", "--prompt", "hi",
                           "--max-new-tokens", "2")
-    assert code == 0 and "steer: deactivate experts layer 2: [3]; layer 1: [1, 2]" in out, err
+    assert code == 0 and "steer: deactivate experts layer 2: [3]; layer 1: [1, 2] (routing weights)" in out, err
+    code, out, err = _run(capsys, "steer", "--model", "tiny:qwen3_moe", "--experts", "1:1", "--mode", "activate", "--experts-at",
+                          "router_logits", "--prompt", "hi", "--max-new-tokens", "2")
+    assert code == 0 and "steer: activate experts layer 1: [1] (router logits, SteerMoE)" in out, err
+    code, _, err = _run(capsys, "steer", "--model", "tiny:qwen3_moe", "--directions", str(tmp_path), "--mode", "ablate", "--experts-at",
+                        "router_logits", "--prompt", "hi")
+    assert code == 2 and "--experts-at applies to --experts" in err
     for spec, mode, message in (("2", "deactivate", "is not LAYER:E"), ("2:9", "activate", r"expert\(s\) \[9\] at layer 2 do not exist"),
                                 ("2:1", "ablate", "--experts takes --mode deactivate|activate")):
         code, _, err = _run(capsys, "steer", "--model", "tiny:qwen3_moe", "--experts", spec, "--mode", mode, "--prompt", "hi")
@@ -166,13 +227,16 @@ def test_experts_and_steer_experts_commands(capsys, tmp_path):
     code, out, _ = _run(capsys, "capture", "--model", "tiny:qwen3_moe", "--prompts", "builtin:harmful:test", "--n", "3", "--hooks", "routing:1",
                         "--out", str(tmp_path / "routing"))
     assert code == 0 and "captured" in out and "x width 4" in out
+    code, out, _ = _run(capsys, "capture", "--model", "tiny:qwen3_moe", "--prompts", "builtin:harmful:test", "--n", "3", "--hooks",
+                        "router_logits:1", "--out", str(tmp_path / "logits"))
+    assert code == 0 and "x width 4" in out
 
 
 def test_compare_offers_expert_deactivation_on_moe_models_only(capsys, tmp_path):
     from featsteer.compare import available_methods
 
-    assert "expert_deactivation" in available_methods(model=load_model("tiny:mixtral"))
-    assert "expert_deactivation" not in available_methods(model=load_model("tiny:llama"))
+    assert {"expert_deactivation", "expert_deactivation_logits"} <= set(available_methods(model=load_model("tiny:mixtral")))
+    assert not {"expert_deactivation", "expert_deactivation_logits"} & set(available_methods(model=load_model("tiny:llama")))
     code, _, err = _run(capsys, "compare", "--model", "tiny:qwen3_moe", "--harmful", "builtin:harmful:train", "--harmless",
                         "builtin:harmless:train", "--n", "12", "--max-new-tokens", "2", "--methods", "expert_deactivation",
                         "--out", str(tmp_path / "cmp"))

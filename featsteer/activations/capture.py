@@ -25,7 +25,7 @@ from featsteer.activations.positions import Positions
 from featsteer.activations.stats import RunningMoments
 from featsteer.activations.store import ActivationReader, ActivationSet, ShardWriter
 from featsteer.errors import FeatsteerError
-from featsteer.models import ModelAdapter, load_model
+from featsteer.models import ROUTING_KINDS, ModelAdapter, load_model
 from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -60,13 +60,13 @@ def attention_width(model: ModelAdapter, layer: int) -> int:
 
 def hook_width(model: ModelAdapter, hook: str) -> int:
     """Width of one captured row at `hook`: `d_model`, `n_heads * d_head` at `blocks.{l}.attn.hook_z` (heads side by side), or
-    `n_experts` at `blocks.{l}.mlp.hook_routing`.
+    `n_experts` at `blocks.{l}.mlp.hook_router_logits` and `blocks.{l}.mlp.hook_routing`.
 
     Raises:
         FeatsteerError: for a hook name the model does not have.
     """
     site = model.hook_site(hook)
-    if site.kind == "routing":
+    if site.kind in ROUTING_KINDS:
         return int(model.n_experts)
     return attention_width(model, site.layer) if site.kind == "attn_z" else int(model.d_model)
 

@@ -2,15 +2,23 @@
 
 SteerMoE (Fayyaz et al. 2025) finds the experts a behaviour leans on by how much more often the router picks them on
 one set of prompts than on a contrasting set (the risk difference of the two selection rates), then changes the router's
-choice at run time. featsteer reads and changes the choice at `blocks.{l}.mlp.hook_routing`, the `(batch, pos,
-n_experts)` matrix of routing weights the experts receive (zero where the router did not pick an expert), which every
-supported MoE family but Llama 4 exposes the same way.
+choice at run time. featsteer reads the choice at `blocks.{l}.mlp.hook_routing`, the `(batch, pos, n_experts)` matrix of
+routing weights the experts receive (zero where the router did not pick an expert), and can change it there or one step
+earlier, at `blocks.{l}.mlp.hook_router_logits`, the router's scores before it chooses. Every supported MoE family but
+Llama 4 exposes both.
 
-`ExpertSteer` works on that matrix, after the router has chosen:
+`ExpertSteer(at="router_logits")` is SteerMoE's own intervention: per token, a deactivated expert's logit is set just
+below the token's lowest (the token's minimum minus 0.01) and an activated expert's just above its highest (maximum plus
+0.01), and the router then chooses by its own rule. A deactivated expert is replaced by the next one in the router's
+order, so each token keeps its number of experts, and the weights are the router's own (softmax over the changed
+logits, renormalised or scaled as the family does). SteerMoE shifts log-softmax values; a softmax is unchanged by a
+shift of all logits, so on softmax routers this is the same rule. On sigmoid routers (DeepSeek V3, GLM-4.5, dots.llm1)
+it is the same rule applied to the raw logits, and a group-limited router still chooses the groups first.
+
+`ExpertSteer(at="routing")` (the default) works on the weights, after the router has chosen:
 - deactivating an expert gives it weight zero; with `renormalize` the token's other experts are scaled up so its total
-  routing weight is unchanged. SteerMoE instead lowers the expert's router score, so the router picks the next expert
-  in its place; the scores of experts the router did not pick never reach the experts, so here the token is served by
-  one expert fewer.
+  routing weight is unchanged. The token is served by one expert fewer, since the scores of experts the router did not
+  pick never reach the experts.
 - activating an expert gives it the token's largest weight, as a router score raised above all others would, and the
   token's lowest-weighted expert makes room so each token keeps its number of experts; then the weights are
   renormalised as above.
@@ -208,9 +216,17 @@ class ExpertSteer(Intervention):
     activate: Mapping[int, Sequence[int]] = field(default_factory=dict)
     """`{layer: [expert, ...]}` every token is routed to."""
     renormalize: bool = True
-    """Keep each token's total routing weight (the remaining experts are scaled up)."""
+    """At `routing`: keep each token's total routing weight (the remaining experts are scaled up)."""
+    at: str = "routing"
+    """`routing`: change the weights after the router's choice; `router_logits`: change the router's logits before it
+    chooses, SteerMoE's rule (see the module docstring)."""
 
     def __post_init__(self) -> None:
+        if self.at not in EXPERT_STEER_SITES:
+            raise FeatsteerError(f"unknown ExpertSteer site '{self.at}': use at='routing' (the weights after the router's choice) or "
+                                 "at='router_logits' (the router's logits, SteerMoE)")
+        if self.at == "router_logits" and not self.renormalize:
+            raise FeatsteerError("renormalize=False applies to at='routing': at='router_logits' the router weighs its choice itself")
         both = {(layer, e) for layer, experts in self.deactivate.items() for e in experts}
         both &= {(layer, e) for layer, experts in self.activate.items() for e in experts}
         if both:
@@ -229,8 +245,28 @@ class ExpertSteer(Intervention):
             bad = [e for e in (*self.deactivate.get(layer, ()), *self.activate.get(layer, ())) if not 0 <= e < model.n_experts]
             if bad:
                 raise FeatsteerError(f"expert(s) {bad} at layer {layer} do not exist: the model has experts 0-{model.n_experts - 1}")
-        return [(hook_name(layer, "routing"), _steer_routing(list(self.deactivate.get(layer, ())), list(self.activate.get(layer, ())),
-                                                             self.renormalize)) for layer in layers]
+        make = _steer_logits if self.at == "router_logits" else functools.partial(_steer_routing, renormalize=self.renormalize)
+        return [(hook_name(layer, self.at), make(list(self.deactivate.get(layer, ())), list(self.activate.get(layer, ()))))
+                for layer in layers]
+
+
+EXPERT_STEER_SITES: tuple[str, ...] = ("routing", "router_logits")
+"""Where `ExpertSteer` changes the routing: the weights after the router's choice, or the router's logits before it."""
+STEER_MARGIN = 0.01
+"""How far below the token's lowest logit a deactivated expert's is set, and above its highest an activated one's
+(SteerMoE's value)."""
+
+
+def _steer_logits(off: list[int], on: list[int]):
+    def hook(x: Tensor, site) -> Tensor:
+        w = x.clone()
+        if off:
+            w[..., off] = (x.min(-1, keepdim=True).values - STEER_MARGIN).expand(*x.shape[:-1], len(off))
+        if on:
+            w[..., on] = (x.max(-1, keepdim=True).values + STEER_MARGIN).expand(*x.shape[:-1], len(on))
+        return w
+
+    return hook
 
 
 def _steer_routing(off: list[int], on: list[int], renormalize: bool):

@@ -157,7 +157,8 @@ class ModelAdapter(ABC):
 
     @property
     def moe_layers(self) -> list[int]:
-        """The mixture-of-experts layers whose routing featsteer can read and change (`blocks.{l}.mlp.hook_routing`)."""
+        """The mixture-of-experts layers whose routing featsteer can read and change (`blocks.{l}.mlp.hook_router_logits`,
+        `blocks.{l}.mlp.hook_routing`)."""
         return []
 
     @property
@@ -214,7 +215,7 @@ class ModelAdapter(ABC):
     def hook_site(self, name: str) -> HookSite:
         """Validate a hook name for this model."""
         site = parse_hook_name(name, self.n_layers)
-        if site.kind == "routing" and site.layer not in self.moe_layers:
+        if site.kind in ROUTING_KINDS and site.layer not in self.moe_layers:
             where = f"its MoE layers are {self.moe_layers}" if self.moe_layers else "it has no mixture-of-experts layers whose routing featsteer can read"
             raise FeatsteerError(f"{name} does not exist: layer {site.layer} of this {self.family} model routes no experts ({where})")
         if site.kind == "per_layer_out" and not self.per_layer_inputs:
@@ -226,7 +227,7 @@ class ModelAdapter(ABC):
     def layer_kinds(self) -> tuple[str, ...]:
         """The per-layer hook kinds this model has: every one but `resid_mid` in a parallel block (`parallel_block`), the
         `ln1`/`ln2` inputs where the branches read the stream itself (`input_norms`), and `per_layer_out` where there is
-        no per-layer input (`per_layer_inputs`); `routing` only on a mixture-of-experts model (`moe_layers`)."""
+        no per-layer input (`per_layer_inputs`); `router_logits` and `routing` only on a mixture-of-experts model (`moe_layers`)."""
         missing = {"resid_mid"} if self.parallel_block else set()
         if not self.input_norms:
             missing |= {"ln1_normalized", "ln2_normalized"}
@@ -238,7 +239,7 @@ class ModelAdapter(ABC):
     def hook_names(self, kinds: Sequence[str] = ("resid_pre",), layers: Sequence[int] | None = None) -> list[str]:
         """List hook names for the given kinds and layers (all layers by default), leaving out kinds this model does not
         have (`layer_kinds`), so `("resid_pre", "resid_mid", "resid_post")` is every residual point of any model.
-        `routing` is listed at the MoE layers only (`moe_layers`).
+        `router_logits` and `routing` are listed at the MoE layers only (`moe_layers`).
 
         Raises:
             FeatsteerError: when none of `kinds` exists on this model (the ln1/ln2 inputs of OLMo 2, `resid_mid` of a
@@ -251,16 +252,16 @@ class ModelAdapter(ABC):
             if set(kinds) <= {"ln1_normalized", "ln2_normalized"}:
                 raise FeatsteerError(f"{self.family} has no norms before its attention and MLP (they read the stream itself): there is "
                                      "no blocks.L.ln1/ln2.hook_normalized; use hook_resid_pre / hook_resid_mid")
-            if set(kinds) <= {"routing"}:
+            if set(kinds) <= set(ROUTING_KINDS):
                 raise FeatsteerError(f"{self.family} has no mixture-of-experts layers whose routing featsteer can read, so no "
-                                     "blocks.L.mlp.hook_routing")
+                                     f"blocks.L.mlp.hook_{kinds[0]}")
             if set(kinds) <= {"per_layer_out"}:
                 raise FeatsteerError(f"{self.family} has no per-layer input embeddings, so no blocks.L.hook_per_layer_out: its layers write "
                                      "through hook_attn_out and hook_mlp_out")
             raise FeatsteerError(f"{self.family} has no {', '.join(kinds)} hook points (attention and MLP run in parallel on the block's "
                                  "input): use hook_resid_pre or hook_resid_post")
         moe = set(self.moe_layers)
-        return [hook_name(layer, kind) for layer in layer_ids for kind in kept if kind != "routing" or layer in moe]
+        return [hook_name(layer, kind) for layer in layer_ids for kind in kept if kind not in ROUTING_KINDS or layer in moe]
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[ModelAdapter]:

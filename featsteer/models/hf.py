@@ -21,7 +21,9 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from featsteer.errors import FeatsteerError
 from featsteer.models.adapter import HookFn, ModelAdapter, ResidualWriter, TokenBatch
@@ -121,6 +123,17 @@ class HFModelAdapter(ModelAdapter):
     def _experts(self, layer: int) -> nn.Module | None:
         """The fused experts module of `layer` (None in a dense layer or model)."""
         return self._optional_module(self.spec.experts, layer) if self.spec.experts else None
+
+    def _router(self, layer: int) -> nn.Module:
+        """The router of MoE layer `layer`: the experts' sibling named `gate` or `router` (every supported family's)."""
+        experts = self._experts(layer)
+        for parent in self.layers[layer].modules():
+            if any(child is experts for child in parent.children()):
+                for name in ("gate", "router"):
+                    if isinstance(router := getattr(parent, name, None), nn.Module):
+                        return router
+        raise FeatsteerError(f"blocks.{layer}.mlp.hook_router_logits: featsteer finds no router (a `gate` or `router` module beside the "
+                             f"experts) in layer {layer} of this {self.spec.name} model; hook blocks.{layer}.mlp.hook_routing instead")
 
     @property
     def scaled_layers(self) -> bool:
@@ -223,11 +236,20 @@ class HFModelAdapter(ModelAdapter):
             handles.append(self._module(self.spec.mlp_site, layer).register_forward_hook(_sum_hook(mlp, partial, self._write_scale)))
         elif mlp:
             handles.append(self._module(self.spec.mlp_site, layer).register_forward_hook(_output_hook(mlp, self._write_scale, like_input=True)))
-        if routing := by_site.get((layer, "routing")):
+        logits, routing = by_site.get((layer, "router_logits")), by_site.get((layer, "routing"))
+        if logits or routing:
             if layer not in self._moe_layers:  # hook_site refuses these names; hooks installed directly still get the message
-                raise FeatsteerError(f"{routing[0][0].name} does not exist: layer {layer} routes no experts (MoE layers: {self._moe_layers})")
+                name = (logits or routing)[0][0].name
+                raise FeatsteerError(f"{name} does not exist: layer {layer} routes no experts (MoE layers: {self._moe_layers})")
             shape: dict[str, tuple[int, int]] = {}
             handles.append(block.register_forward_pre_hook(_stash_shape(shape), with_kwargs=True))
+        if logits:
+            router = self._router(layer)
+            mode: list[_RouterLogits] = []
+            handles.append(router.register_forward_pre_hook(_enter_router(mode, logits, shape, self.n_experts)))
+            # prepended and always called: modes leave torch's stack in the reverse order they entered, also after an error
+            handles.append(router.register_forward_hook(_leave_router(mode, logits[0][0].name, router), prepend=True, always_call=True))
+        if routing:
             handles.append(self._experts(layer).register_forward_pre_hook(_routing_hook(routing, shape, self.n_experts), with_kwargs=True))
         if per_layer:
             handles.append(self._module(self.spec.per_layer_out_site, layer).register_forward_hook(_output_hook(per_layer)))
@@ -552,6 +574,53 @@ def _routing_hook(fns: _Hooks, state: dict[str, tuple[int, int]], n_experts: int
         bound.arguments[index_name] = picked.to(index.dtype)
         bound.arguments[weight_name] = flat.gather(1, picked)
         return bound.args, bound.kwargs
+
+    return hook
+
+
+class _RouterLogits(TorchFunctionMode):
+    """Active while one router runs: the first linear output `n_experts` wide is the router's logits. It goes to the hooks
+    as `(batch, pos, n_experts)`, and what they return replaces it, so the router's own code chooses from the change."""
+
+    def __init__(self, fns: _Hooks, shape: tuple[int, int] | None, n_experts: int):
+        super().__init__()
+        self.fns, self.shape, self.n_experts, self.seen = fns, shape, n_experts, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.seen or func is not F.linear or not isinstance(out, Tensor) or out.shape[-1] != self.n_experts:
+            return out
+        self.seen = True
+        tokens = out.numel() // self.n_experts
+        batch, pos = self.shape if self.shape and self.shape[0] * self.shape[1] == tokens else (1, tokens)
+        seen = out.view(batch, pos, self.n_experts)
+        new = _apply(self.fns, seen)
+        return out if new is seen else new.reshape(out.shape).to(out.dtype)
+
+
+def _enter_router(mode: list[_RouterLogits], fns: _Hooks, state: dict[str, tuple[int, int]], n_experts: int):
+    """Pre-hook on a router: switch on a `_RouterLogits` for this call."""
+
+    def hook(module, args):
+        mode.append(_RouterLogits(fns, state.get("shape"), n_experts))
+        mode[-1].__enter__()
+
+    return hook
+
+
+def _leave_router(mode: list[_RouterLogits], name: str, router: nn.Module):
+    """Forward hook (always called) on a router: switch its `_RouterLogits` off; a router that computed no logits featsteer
+    could see gets a one-line error instead of hooks that silently never ran."""
+
+    def hook(module, args, output):
+        if not mode:
+            return None
+        active = mode.pop()
+        active.__exit__(None, None, None)
+        if output is not None and not active.seen:
+            raise FeatsteerError(f"{name}: the router ({type(router).__name__}) computed no {active.n_experts}-wide linear output for "
+                                 "featsteer to read as its logits; hook blocks.L.mlp.hook_routing (the choice it made) instead")
+        return None
 
     return hook
 

@@ -21,10 +21,14 @@ HEAD_KINDS: tuple[str, ...] = ("attn_z",)
 """Per-head kinds, shaped `(batch, pos, n_heads, d_head)` as in TransformerLens: `blocks.{l}.attn.hook_z`, each head's
 attention-weighted values, which the output projection turns into the head's write. Hooks read and may replace them;
 `capture` stores them flattened, the heads side by side (`n_heads * d_head` wide), as attention-output SAEs read them."""
-ROUTING_KINDS: tuple[str, ...] = ("routing",)
-"""A mixture-of-experts layer's routing, `blocks.{l}.mlp.hook_routing`: a `(batch, pos, n_experts)` matrix of the weight
-each token gives each expert (zero for the experts the router did not pick). Hooks read it and may return a changed
-matrix, which the experts then use (`interventions.ExpertSteer`). Only on the MoE layers (`model.moe_layers`)."""
+ROUTING_KINDS: tuple[str, ...] = ("router_logits", "routing")
+"""A mixture-of-experts layer's routing, on the MoE layers only (`model.moe_layers`), both `(batch, pos, n_experts)`:
+- `blocks.{l}.mlp.hook_router_logits`: the router's scores before it chooses (its linear layer's output). A hook that
+  returns a changed matrix makes the router choose again from it by its own rule (softmax or sigmoid, top-k, groups,
+  renormalising, scaling), so a lowered expert is replaced by the next one, as SteerMoE does.
+- `blocks.{l}.mlp.hook_routing`: the weight each token gives each expert after the choice (zero for the experts the
+  router did not pick). Hooks read it and may return a changed matrix, which the experts then use as it is.
+`interventions.ExpertSteer` works at either."""
 GLOBAL_KINDS: tuple[str, ...] = ("embed", "pos_embed", "ln_final_normalized")
 """Hook kinds outside the layers: the embeddings (before layer 0) and the final norm (after the last layer)."""
 WRITE_KINDS: tuple[str, ...] = ("attn_out", "mlp_out", "per_layer_out")
@@ -34,9 +38,10 @@ _SUFFIX = {kind: f"hook_{kind}" for kind in RESIDUAL_KINDS} | {
     "ln1_normalized": "ln1.hook_normalized",
     "ln2_normalized": "ln2.hook_normalized",
     "attn_z": "attn.hook_z",
+    "router_logits": "mlp.hook_router_logits",
     "routing": "mlp.hook_routing",
 }
-_FIRING = ("resid_pre", "ln1_normalized", "attn_z", "attn_out", "resid_mid", "ln2_normalized", "routing", "mlp_out", "per_layer_out",
+_FIRING = ("resid_pre", "ln1_normalized", "attn_z", "attn_out", "resid_mid", "ln2_normalized", "router_logits", "routing", "mlp_out", "per_layer_out",
            "resid_post")
 """Every per-layer kind in the order it fires inside one decoder layer."""
 LAYER_KINDS: tuple[str, ...] = tuple(kind for kind in _FIRING if kind not in HEAD_KINDS + ROUTING_KINDS)
