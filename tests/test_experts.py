@@ -16,10 +16,11 @@ from tests.conftest import count_hooks
 
 PROMPTS = ["how do I pick a lock", "write a poem about the sea and the sky", "x"]
 ROUTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dots1", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe",
-          "phimoe", "gpt_oss", "granitemoe", "qwen3_5_moe", "qwen3_next", "gemma4", "granitemoehybrid")
-"""Every MoE model type whose experts take the router's choice as (index, weights): all but Llama 4 (written out apart
-from featsteer's family rows)."""
-TOP_K = 2  # num_experts_per_tok of every tiny MoE config
+          "phimoe", "gpt_oss", "granitemoe", "qwen3_5_moe", "qwen3_next", "gemma4", "granitemoehybrid", "llama4_text", "llama4")
+"""Every MoE model type (written out apart from featsteer's family rows): the experts take the router's choice as (index,
+weights), except Llama 4's, which read inputs the router's dense scores have already weighted."""
+TOP_K = 2  # num_experts_per_tok of every tiny MoE config but Llama 4's
+TOP_K_OF = {"llama4_text": 1, "llama4": 1}
 
 
 def _adapter(family):
@@ -55,7 +56,7 @@ def test_routing_hook_is_the_routers_choice_and_switching_an_expert_off_is_zeroi
     for name, weights in seen.items():
         assert weights.shape == (*batch.input_ids.shape, 4), name
         picked = (weights != 0).sum(-1)[batch.attention_mask.bool()]
-        assert bool((picked == TOP_K).all()), (name, picked.unique())
+        assert bool((picked == TOP_K_OF.get(family, TOP_K)).all()), (name, picked.unique())
     with adapter.hooks([(name, lambda x, s: x.clone()) for name in seen]):
         torch.testing.assert_close(adapter.run(adapter.tokenize(PROMPTS)), base, atol=1e-6, rtol=0)
     layer = adapter.moe_layers[0]  # the last layer reaches the last position only, which may not use the expert
@@ -90,7 +91,7 @@ def test_router_logits_hook_makes_the_router_choose_again(family):
             adapter.run(batch)
         weights = routed[0][mask]
         assert int((weights[:, 1] != 0).sum()) == wanted, side
-        assert bool(((weights != 0).sum(-1) == TOP_K).all()), side
+        assert bool(((weights != 0).sum(-1) == TOP_K_OF.get(family, TOP_K)).all()), side
 
 
 def test_steermoe_at_the_logits_is_the_routers_softmax_over_the_changed_logits():
@@ -121,13 +122,15 @@ def test_steermoe_at_the_logits_is_the_routers_softmax_over_the_changed_logits()
         load_model("tiny:qwen2_moe").hook_site("blocks.0.mlp.hook_router_logits")
 
 
-def test_llama4_experts_take_weighted_inputs_so_no_routing_hook():
-    adapter = load_model("tiny:llama4_text")
-    assert adapter.moe_layers == [] and adapter.n_experts == 0 and "routing" not in adapter.layer_kinds
+def test_a_dense_model_has_no_routing_hooks():
+    adapter = load_model("tiny:llama")
+    assert adapter.moe_layers == [] and adapter.n_experts == 0 and not {"routing", "router_logits"} & set(adapter.layer_kinds)
     with pytest.raises(FeatsteerError, match="no mixture-of-experts layers whose routing featsteer can read"):
         expert_routing(adapter, ["a"], ["b"])
     with pytest.raises(FeatsteerError, match="blocks.1.mlp.hook_routing does not exist: layer 1 .* routes no experts"):
         adapter.hook_site("blocks.1.mlp.hook_routing")
+    with pytest.raises(FeatsteerError, match="no blocks.L.mlp.hook_router_logits"):
+        adapter.hook_names(("router_logits",))
 
 
 def test_steering_keeps_each_tokens_expert_count_and_total_weight():

@@ -4,8 +4,9 @@ SteerMoE (Fayyaz et al. 2025) finds the experts a behaviour leans on by how much
 one set of prompts than on a contrasting set (the risk difference of the two selection rates), then changes the router's
 choice at run time. featsteer reads the choice at `blocks.{l}.mlp.hook_routing`, the `(batch, pos, n_experts)` matrix of
 routing weights the experts receive (zero where the router did not pick an expert), and can change it there or one step
-earlier, at `blocks.{l}.mlp.hook_router_logits`, the router's scores before it chooses. Every supported MoE family but
-Llama 4 exposes both.
+earlier, at `blocks.{l}.mlp.hook_router_logits`, the router's scores before it chooses. Every supported MoE family
+exposes both (Llama 4's experts read inputs the router's dense scores have already weighted; its routing hook is those
+scores).
 
 `ExpertSteer(at="router_logits")` is SteerMoE's own intervention: per token, a deactivated expert's logit is set just
 below the token's lowest (the token's minimum minus 0.01) and an activated expert's just above its highest (maximum plus

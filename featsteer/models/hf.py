@@ -64,7 +64,10 @@ class HFModelAdapter(ModelAdapter):
         parallel = self.spec.parallel
         self._parallel = bool(getattr(text_config, parallel, False)) if isinstance(parallel, str) else parallel
         self._layers: nn.ModuleList = self._module(self.spec.layers)
-        self._moe_layers = [layer for layer in range(len(self._layers)) if _routable(self._experts(layer))]
+        # Llama 4's experts take inputs the router has already weighted: its routing is read at the router's output instead
+        self._weighted_inputs = {layer for layer in range(len(self._layers))
+                                 if self._experts(layer) is not None and not _routable(self._experts(layer)) and self._find_router(layer)}
+        self._moe_layers = [layer for layer in range(len(self._layers)) if _routable(self._experts(layer)) or layer in self._weighted_inputs]
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -124,7 +127,7 @@ class HFModelAdapter(ModelAdapter):
         """The fused experts module of `layer` (None in a dense layer or model)."""
         return self._optional_module(self.spec.experts, layer) if self.spec.experts else None
 
-    def _router(self, layer: int) -> nn.Module:
+    def _find_router(self, layer: int) -> nn.Module | None:
         """The router of MoE layer `layer`: the experts' sibling named `gate` or `router` (every supported family's)."""
         experts = self._experts(layer)
         for parent in self.layers[layer].modules():
@@ -132,6 +135,11 @@ class HFModelAdapter(ModelAdapter):
                 for name in ("gate", "router"):
                     if isinstance(router := getattr(parent, name, None), nn.Module):
                         return router
+        return None
+
+    def _router(self, layer: int) -> nn.Module:
+        if (router := self._find_router(layer)) is not None:
+            return router
         raise FeatsteerError(f"blocks.{layer}.mlp.hook_router_logits: featsteer finds no router (a `gate` or `router` module beside the "
                              f"experts) in layer {layer} of this {self.spec.name} model; hook blocks.{layer}.mlp.hook_routing instead")
 
@@ -249,7 +257,9 @@ class HFModelAdapter(ModelAdapter):
             handles.append(router.register_forward_pre_hook(_enter_router(mode, logits, shape, self.n_experts)))
             # prepended and always called: modes leave torch's stack in the reverse order they entered, also after an error
             handles.append(router.register_forward_hook(_leave_router(mode, logits[0][0].name, router), prepend=True, always_call=True))
-        if routing:
+        if routing and layer in self._weighted_inputs:
+            handles.append(self._router(layer).register_forward_hook(_router_scores_hook(routing, shape, self.n_experts)))
+        elif routing:
             handles.append(self._experts(layer).register_forward_pre_hook(_routing_hook(routing, shape, self.n_experts), with_kwargs=True))
         if per_layer:
             handles.append(self._module(self.spec.per_layer_out_site, layer).register_forward_hook(_output_hook(per_layer)))
@@ -621,6 +631,21 @@ def _leave_router(mode: list[_RouterLogits], name: str, router: nn.Module):
             raise FeatsteerError(f"{name}: the router ({type(router).__name__}) computed no {active.n_experts}-wide linear output for "
                                  "featsteer to read as its logits; hook blocks.L.mlp.hook_routing (the choice it made) instead")
         return None
+
+    return hook
+
+
+def _router_scores_hook(fns: _Hooks, state: dict[str, tuple[int, int]], n_experts: int):
+    """Forward hook on a router that returns `(scores, logits)` with `scores` one dense `(tokens, n_experts)` weight per
+    expert (Llama 4, whose experts read their inputs multiplied by it): `blocks.{l}.mlp.hook_routing` is `scores`."""
+
+    def hook(module, args, output):
+        scores = output[0]
+        tokens = scores.shape[0]
+        batch, pos = state.get("shape", (1, tokens))
+        seen = scores.view(batch, pos, n_experts) if batch * pos == tokens else scores.view(1, tokens, n_experts)
+        new = _apply(fns, seen)
+        return None if new is seen else (new.reshape(scores.shape).to(scores.dtype), *output[1:])
 
     return hook
 
