@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--no-everywhere", action="store_true", help="skip the second call (angular steering on every activation)")
     parser.add_argument("--results-name", help="results file stem (default: steering_methods_<target>)")
     parser.add_argument("--render-only", action="store_true", help="re-write the markdown from the results JSON")
+    parser.add_argument("--title", default="ACE and angular steering vs DIM abliteration", help="the markdown's heading")
     args = parser.parse_args()
     name = args.results_name or f"steering_methods_{args.target}"
     if args.render_only:
@@ -91,7 +93,7 @@ def main() -> None:
                              steering_config=SteeringMethodConfig(adaptive=False, tolerance=args.tolerance, **angles), reuse=main_run, **common)
         rows.append(everywhere.results[0])
     out = {
-        "target": args.target, "date": time.strftime("%Y-%m-%d"), "model": model.name, "dtype": dtype, "threads": args.threads, "seconds_total": round(time.perf_counter() - start, 1),
+        "target": args.target, "title": args.title, "command": shlex.join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"), "model": model.name, "dtype": dtype, "threads": args.threads, "seconds_total": round(time.perf_counter() - start, 1),
         "setup": main_run.setup,
         "results": [{**asdict(r), "variant": "every activation" if i >= len(main_run.results) else ""} for i, r in enumerate(rows)],
     }
@@ -109,8 +111,10 @@ def render(out: dict) -> str:
     n_pick = setup.get("n_pick") or [setup["directions"]["n_select"]] * 2
     validation += (f"; the picks read the first {n_pick[0]} of each" if n_pick[0] == n_pick[1]
                    else f"; the picks read the first {n_pick[0]} harmful and {n_pick[1]} harmless")
-    lines = [f"# ACE and angular steering vs DIM abliteration: {out['target']} ({out['dtype']}, {out['threads']} threads)", "",
-             f"Measured by `benchmarks/steering_methods.py --target {out['target']}` on {out.get('date', '2026-12-04')}. "
+    title = out.get("title", "ACE and angular steering vs DIM abliteration")
+    command = out.get("command", f"--target {out['target']}")
+    lines = [f"# {title}: {out['target']} ({out['dtype']}, {out['threads']} threads)", "",
+             f"Measured by `benchmarks/steering_methods.py {command}` on {out.get('date', '2026-12-04')}. "
              f"{setup['n_eval_harmful']} held-out harmful and {setup['n_eval_harmless']} held-out harmless prompts, greedy decoding, "
              f"{setup['generation']['max_new_tokens']} new tokens, the `featsteer eval` detector. DIM direction: {chosen['hook']} position "
              f"{chosen['position']}. Every setting was picked on validation prompts ({validation}). Total {out['seconds_total']:.0f} s.", "",

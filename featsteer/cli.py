@@ -348,12 +348,17 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
             raise FeatsteerError("--search tunes abliteration only: drop --reverse/--induce")
         if args.scope != "global":
             raise FeatsteerError("--search chooses the direction scope itself: drop --scope")
+        if args.heads:
+            raise FeatsteerError("--search tunes every writer's strength: drop --heads")
         if args.search_warm_start:
             warm_start = load_warm_start(args.search_warm_start)
     elif args.search_warm_start:
         raise FeatsteerError("--search-warm-start seeds a search: add --search N")
     elif args.search_trial is not None:
         raise FeatsteerError("--search-trial picks a trial of a search: add --search N (with --search-dir of the finished search)")
+    if args.heads and (args.directions or args.method == "sae" or args.scope != "global"):
+        raise FeatsteerError("--heads edits single heads against the direction fitted here: it goes with a direction --method, "
+                             "--scope global and no --directions")
     if args.directions:
         return _abliterate_saved(args, mode, warm_start)
     if args.direction_hook is not None or args.direction_position is not None:
@@ -380,9 +385,29 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
         extra = {"search": {"dir": str(search_dir), "best": found.best}}
         _print_search(args, found, search_dir)
         handle = found.apply(model, result, record={"method": args.method, "search": found.best})
+    elif args.heads:
+        heads = _abliteration_heads(args.heads, model, result)
+        print("heads: " + "; ".join(f"layer {layer}: {ids}" for layer, ids in sorted(heads.items())))
+        handle = abliterate(model, result, edit, heads=heads)
     else:
         handle = abliterate(model, result, edit, scope=args.scope)
     return _check_and_export(model, handle, (held_harmful, held_harmless), before, config, mode, args.out, "held-out", extra)
+
+
+def _abliteration_heads(spec: str, model, result) -> dict[int, list[int]]:
+    """`--heads`: `top:N` (the N heads that write the chosen direction most more on harmful training prompts) or an
+    explicit `L:H,H;L:H` list."""
+    from featsteer.pipeline import heads_of
+
+    if spec.startswith("top:"):
+        count = spec.removeprefix("top:")
+        if not count.isdigit() or int(count) < 1:
+            raise FeatsteerError(f"--heads '{spec}' is not top:N with N >= 1, e.g. top:8")
+        ranked = result.writing_heads(model)
+        if not ranked:
+            raise FeatsteerError("no attention head writes the chosen direction more on the harmful training prompts: give --heads L:H,...")
+        return heads_of(ranked[: int(count)])
+    return _expert_ids(spec, option="--heads", example="3:0,5;7:2")
 
 
 def _search_config(args: argparse.Namespace, mode: str):
@@ -582,18 +607,20 @@ def _check_steer_args(args: argparse.Namespace) -> None:
         raise FeatsteerError("--alpha applies to --mode ace")
 
 
-def _expert_ids(spec: str) -> dict[int, list[int]]:
-    """`1:3,5;2:0` -> `{1: [3, 5], 2: [0]}`."""
-    experts: dict[int, list[int]] = {}
+def _expert_ids(spec: str, option: str = "--experts", example: str = "1:3,5;2:0") -> dict[int, list[int]]:
+    """`1:3,5;2:0` -> `{1: [3, 5], 2: [0]}` (experts, or heads, per layer)."""
+    ids: dict[int, list[int]] = {}
     try:
         for part in filter(None, (p.strip() for p in spec.split(";"))):
-            layer, _, ids = part.partition(":")
-            experts.setdefault(int(layer), []).extend(int(e) for e in ids.split(",") if e.strip())
+            layer, _, items = part.partition(":")
+            ids.setdefault(int(layer), []).extend(int(e) for e in items.split(",") if e.strip())
     except ValueError:
-        experts = {}
-    if not experts or not all(experts.values()):
-        raise FeatsteerError(f"--experts '{spec}' is not LAYER:E[,E][;LAYER:E], e.g. 1:3,5;2:0 (see `featsteer experts` for candidates)")
-    return experts
+        ids = {}
+    if not ids or not all(ids.values()):
+        what = "E" if option == "--experts" else "H"
+        hint = "see `featsteer experts` for candidates" if option == "--experts" else "or top:N"
+        raise FeatsteerError(f"{option} '{spec}' is not LAYER:{what}[,{what}][;LAYER:{what}], e.g. {example} ({hint})")
+    return ids
 
 
 def _feature_ids(specs: Sequence[str]) -> list[int]:
@@ -1025,6 +1052,8 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--reverse", action="store_true", help="reverse abliteration: amplify the direction")
     abl.add_argument("--induce", action="store_true", help="amplify and shift embeddings along the direction")
     abl.add_argument("--norm-preserving", action="store_true", help="keep each write column's norm")
+    abl.add_argument("--heads", metavar="SPEC", help="edit only these attention heads' output columns, nothing else: top:N (the N heads "
+                     "that write the chosen direction most more on the harmful training prompts) or LAYER:H[,H][;LAYER:H]")
     abl.add_argument("--scope", choices=["global", "per_layer"], default="global",
                      help="per_layer: each block removes the DIM candidate of the stream it writes into (rank-1 methods)")
     abl.add_argument("--alpha", type=float, default=1.0, help="amplification for --reverse/--induce")

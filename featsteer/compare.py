@@ -63,6 +63,7 @@ from featsteer.pipeline import (
     abliterate,
     capture_training,
     find_refusal_direction,
+    heads_of,
     split,
 )
 
@@ -432,13 +433,14 @@ class _Registered:
     needs_saes: bool
     needs_input_norms: bool = False
     needs_experts: bool = False
+    needs_heads: bool = False
 
 
 _METHODS: dict[str, _Registered] = {}
 
 
 def register_method(name: str, description: str, *, needs_saes: bool = False, needs_input_norms: bool = False,
-                    needs_experts: bool = False) -> Callable[[Method], Method]:
+                    needs_experts: bool = False, needs_heads: bool = False) -> Callable[[Method], Method]:
     """Decorator adding a method to the comparison (probe and SAE methods are added this way).
 
     Args:
@@ -448,10 +450,12 @@ def register_method(name: str, description: str, *, needs_saes: bool = False, ne
         needs_input_norms: the method acts on `ln1`/`ln2.hook_normalized`; it does not run on models whose branches
             read the stream itself (OLMo 2, EXAONE 4).
         needs_experts: the method changes expert routing; it runs only on mixture-of-experts models (`model.moe_layers`).
+        needs_heads: the method reads what single attention heads write into the stream; it does not run on models
+            that normalise the attention output before the stream (`model.post_norms`), where heads do not add up.
     """
 
     def wrap(fn: Method) -> Method:
-        _METHODS[name] = _Registered(fn, description, needs_saes, needs_input_norms, needs_experts)
+        _METHODS[name] = _Registered(fn, description, needs_saes, needs_input_norms, needs_experts, needs_heads)
         return fn
 
     return wrap
@@ -460,11 +464,17 @@ def register_method(name: str, description: str, *, needs_saes: bool = False, ne
 def available_methods(saes: bool = True, model: ModelAdapter | None = None) -> dict[str, str]:
     """Registered method names and descriptions (without the SAE methods when `saes` is False, without the methods
     that act on the normalised branch inputs when `model` has none, and without the expert-routing methods when `model`
-    is dense)."""
+    is dense, and without the per-head methods when `model` normalises its attention output before the stream)."""
     norms = model is None or model.input_norms
     experts = model is None or bool(model.moe_layers)
+    heads = model is None or _additive_heads(model)
     return {name: entry.description for name, entry in _METHODS.items()
-            if (saes or not entry.needs_saes) and (norms or not entry.needs_input_norms) and (experts or not entry.needs_experts)}
+            if (saes or not entry.needs_saes) and (norms or not entry.needs_input_norms) and (experts or not entry.needs_experts)
+            and (heads or not entry.needs_heads)}
+
+
+def _additive_heads(model: ModelAdapter) -> bool:
+    return not model.post_norms and bool(model.attention_layers)
 
 
 def _check_methods(names: Sequence[str], have_saes: bool, model: ModelAdapter) -> None:
@@ -478,6 +488,10 @@ def _check_methods(names: Sequence[str], have_saes: bool, model: ModelAdapter) -
     if routed and not model.moe_layers:
         raise FeatsteerError(f"method(s) {', '.join(routed)} switch experts off, and {model.family} has no mixture-of-experts layers "
                              "whose routing featsteer can read: leave them out")
+    per_head = [n for n in names if _METHODS[n].needs_heads]
+    if per_head and not _additive_heads(model):
+        raise FeatsteerError(f"method(s) {', '.join(per_head)} edit single attention heads, and {model.family} normalises the attention "
+                             "output before the stream (its heads' writes do not add up): leave them out")
     norms = [n for n in names if _METHODS[n].needs_input_norms]
     if norms and not model.input_norms:
         raise FeatsteerError(f"method(s) {', '.join(norms)} steer the normalised attention and MLP inputs, which {model.family} does not "
@@ -730,6 +744,35 @@ def _pick_gentlest(ctx: CompareContext, label: str, values: Sequence[float], mak
         chosen = values[0]
     ctx.note(setting=f"{label}={chosen:g}")
     return chosen
+
+
+HEAD_COUNTS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+"""How many of the heads that write the DIM direction most `dim_head_abliteration` tries on the validation prompts, and
+then every head that writes it more on the harmful prompts."""
+HEAD_PROMPTS = 128
+"""Training prompts per class `dim_head_abliteration` ranks the heads on (as `featsteer directions` does)."""
+
+
+@register_method("dim_head_abliteration", "DIM direction orthogonalised out of only the attention heads that write it most on the "
+                 "harmful training prompts (each head's columns of its output projection), how many heads picked on validation prompts",
+                 needs_heads=True)
+def _dim_head_abliteration(ctx: CompareContext):
+    result = ctx.directions("dim")
+    ranked = result.writing_heads(ctx.model, HEAD_PROMPTS, batch_size=ctx.direction_config.batch_size)
+    if not ranked:
+        raise FeatsteerError("no attention head writes the DIM direction more on the harmful training prompts than on the harmless ones")
+    counts = sorted({n for n in HEAD_COUNTS if n < len(ranked)} | {len(ranked)})  # the last: every head that writes it more
+
+    @contextlib.contextmanager
+    def make(n: float) -> Iterator[None]:  # applied on entry, reverted on exit, like every edit method
+        with abliterate(ctx.model, result, EditConfig(), heads=heads_of(ranked[: int(n)])):
+            yield
+
+    n = int(_pick_gentlest(ctx, "heads", counts, make))
+    ctx.note(heads={str(layer): ids for layer, ids in heads_of(ranked[:n]).items()},
+             top_heads=[{"layer": layer, "head": head, "difference": round(d, 4)} for layer, head, d in ranked[:8]],
+             heads_writing_more_on_harmful=len(ranked))
+    return make(n)
 
 
 EXPERT_COUNTS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +122,24 @@ class DirectionResult:
         hooks = harmless_acts.hook_names
         return ({hook: float(harmless_acts.mean(hook, position) @ r) for hook in hooks},
                 {hook: float(harmful_acts.mean(hook, position) @ r) for hook in hooks})
+
+    def writing_heads(self, model: ModelAdapter, n_prompts: int = 128, batch_size: int = 16) -> list[tuple[int, int, float]]:
+        """`(layer, head, difference)` of every attention head that writes the chosen direction more on the harmful than
+        on the harmless training prompts (the first `n_prompts` of each), most first: `directions.head_attribution` at
+        the chosen position. What `heads_of` turns into `apply_edit(heads=...)` / `abliterate(heads=...)`.
+
+        Raises:
+            FeatsteerError: for a rank-k direction, or a model whose attention output is normalised before the stream.
+        """
+        from featsteer.directions.geometry import head_attribution
+
+        if self.candidates.rank != 1:
+            raise FeatsteerError("head attribution needs a rank-1 direction")
+        index = self.selection.chosen.index
+        r, position = self.candidates.bases[index, 0], self.candidates.positions[index]
+        harmful, harmless = (list(prompts.head(min(n_prompts, len(prompts)))) for prompts in self.train)
+        heads = head_attribution(model, harmful, harmless, r, position, batch_size=batch_size)
+        return [(layer, head, a - b) for layer, head, a, b in heads.top(model.n_layers * model.n_heads) if a - b > 0]
 
     def geometry(self, model: ModelAdapter, k: int = 10, head_prompts: int | None = 128, repair_prompts: int | None = 64,
                  reader_prompts: int | None = 64, reader_layers: bool | str = True):
@@ -304,7 +323,16 @@ def filter_by_refusal(model: ModelAdapter, harmful: PromptSet, harmless: PromptS
     return out[0], out[1], counts
 
 
-def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | None = None, scope: str = "global") -> EditHandle:
+def heads_of(ranked: Sequence[tuple[int, int, float]] | Sequence[tuple[int, int]]) -> dict[int, list[int]]:
+    """`{layer: [head, ...]}` of `(layer, head, ...)` rows, in their order (`DirectionResult.writing_heads()[:n]`)."""
+    heads: dict[int, list[int]] = {}
+    for layer, head, *_ in ranked:
+        heads.setdefault(int(layer), []).append(int(head))
+    return heads
+
+
+def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | None = None, scope: str = "global",
+               heads: Mapping[int, Sequence[int]] | None = None) -> EditHandle:
     """Apply the selected direction as a weight edit; the handle reverts or exports it.
 
     Args:
@@ -314,6 +342,8 @@ def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | 
         scope: `global` (every writer removes the selected direction) or `per_layer` (the writers of block `l`
             remove the candidate of `resid_pre` `l + 1` at the selected position, the embedding the selected
             direction; rank-1 methods only).
+        heads: edit only these attention heads' output columns (`{layer: [head, ...]}`, e.g.
+            `heads_of(result.writing_heads(model)[:8])`), nothing else; global scope only.
     """
     chosen = result.selection.chosen
     record = {
@@ -333,4 +363,6 @@ def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | 
         by_layer = per_layer_directions(table, model.n_layers)
     elif scope != "global":
         raise FeatsteerError(f"unknown abliteration scope '{scope}': use global or per_layer")
-    return apply_edit(model, result.chosen_basis, edit or EditConfig(), record=record, by_layer=by_layer)
+    if heads is not None and by_layer is not None:
+        raise FeatsteerError("heads= edits single heads against the chosen direction: it takes scope='global'")
+    return apply_edit(model, result.chosen_basis, edit or EditConfig(), record=record, by_layer=by_layer, heads=heads)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from featsteer.cli import main
 
@@ -200,6 +201,32 @@ def test_abliterate_per_layer_scope_exports_and_reloads(capsys, tmp_path):
     assert load_model(str(out)).n_layers == 3
     code, _, err = _run(capsys, "abliterate", *common, "--scope", "per_layer", "--search", "2", "--out", str(tmp_path / "x"))
     assert code == 2 and "--search chooses the direction scope itself" in err
+
+
+def test_abliterate_heads_edits_only_those_heads_and_exports(capsys, tmp_path):
+    from featsteer.models import load_model
+
+    common = ["--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
+              "--n-select", "3", "--eval-n", "3", "--max-new-tokens", "2"]
+    code, stdout, err = _run(capsys, "abliterate", *common, "--heads", "top:3", "--out", str(tmp_path / "top"))
+    assert code == 0 and "wrote" in stdout, err
+    record = json.loads((tmp_path / "top" / "featsteer.json").read_text())
+    assert sum(map(len, record["heads"].values())) == 3 and set(record["writers"]) == {f"blocks.{layer}.hook_attn_out" for layer in record["heads"]}
+    assert "heads: layer" in stdout
+    code, stdout, err = _run(capsys, "abliterate", *common, "--heads", "1:0,2", "--out", str(tmp_path / "listed"))
+    assert code == 0, err
+    record = json.loads((tmp_path / "listed" / "featsteer.json").read_text())
+    assert record["heads"] == {"1": [0, 2]} and record["writers"] == ["blocks.1.hook_attn_out"]
+    original, edited = load_model("tiny:llama").model.state_dict(), load_model(str(tmp_path / "listed")).model.state_dict()
+    changed = [k for k in original if not torch.equal(original[k], edited[k])]
+    assert changed == ["model.layers.1.self_attn.o_proj.weight"]
+    for extra, message in ((["--heads", "top:0"], "is not top:N"), (["--heads", "1"], "is not LAYER:H"),
+                           (["--heads", "1:9"], r"head\(s\) \[9\] at layer 1 do not exist"),
+                           (["--heads", "top:2", "--scope", "per_layer"], "--heads edits single heads"),
+                           (["--heads", "top:2", "--search", "2"], "drop --heads")):
+        code, _, err = _run(capsys, "abliterate", *common, *extra, "--out", str(tmp_path / "bad"))
+        assert code == 2 and __import__("re").search(message, err), (extra, err)
+        assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gemma3", "cohere", "olmo2", "qwen3_5_moe", "gemma4_text"])

@@ -80,12 +80,18 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     by_name = {r.method: r for r in comparison.results}
     induce = by_name["dim_actadd_induce"].details  # what the induce method picked
     assert induce["induce_scale"] in INDUCE_SCALES and set(induce["induce_val_refusal"]) == {str(s) for s in INDUCE_SCALES}
-    picked = ("dim_actadd_induce", "leace_hook", "dim_ace_hook", "dim_angular_hook", "dim_angular_norms_hook", "dim_ace_induce")  # the methods that say what they picked
+    picked = ("dim_actadd_induce", "leace_hook", "dim_ace_hook", "dim_angular_hook", "dim_angular_norms_hook", "dim_ace_induce",
+              "dim_head_abliteration")  # the methods that say what they picked
     assert all(r.details == {} for r in comparison.results if r.method not in picked)
     assert all("setting" in by_name[name].details for name in picked if name != "leace_hook")
     leace = by_name["leace_hook"].details  # one eraser per layer and template position, but none where all prompts agree
     assert 0 < leace["leace_sites"] <= model.n_layers * len(leace["leace_positions"]) and max(leace["leace_positions"]) < 0
     assert by_name["leace_hook"].kl_harmless > 0
+    heads = by_name["dim_head_abliteration"].details  # the heads edited: the first n of the ranking, n as the setting says
+    n = int(heads["setting"].removeprefix("heads="))
+    assert sum(map(len, heads["heads"].values())) == n <= heads["heads_writing_more_on_harmful"]
+    top = [(str(h["layer"]), h["head"]) for h in heads["top_heads"][:n]]
+    assert all(head in heads["heads"][layer] for layer, head in top)
     assert f"dim_actadd_induce (x{induce['induce_scale']:g})" in comparison.table()
     assert by_name["none"].kl_harmless == pytest.approx(0.0, abs=1e-9)
     assert by_name["none"].kl_harmless_answered in (None, pytest.approx(0.0, abs=1e-9))
@@ -395,5 +401,8 @@ def test_methods_on_the_normalised_inputs_are_left_out_for_models_without_input_
     harmful, harmless = prompts
     with pytest.raises(FeatsteerError, match="dim_angular_norms_hook steer the normalised attention and MLP inputs, which olmo2"):
         compare(olmo, harmful, harmless, methods=["none", "dim_angular_norms_hook"])
+    assert "dim_head_abliteration" not in available_methods(saes=False, model=olmo)  # post-norms: heads do not add up
+    with pytest.raises(FeatsteerError, match="dim_head_abliteration edit single attention heads, and olmo2 normalises"):
+        compare(olmo, harmful, harmless, methods=["none", "dim_head_abliteration"])
     with pytest.raises(FeatsteerError, match="olmo2 has no norms before its attention and MLP"):
         resolve_sites(olmo, NORMS)

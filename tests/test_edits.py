@@ -214,6 +214,48 @@ def test_amplify_strengthens_component():
         torch.testing.assert_close(r @ writer.read()[0], 2 * (r @ weight), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "gpt_oss", "mixtral", "lfm2"])
+def test_head_edit_removes_the_direction_from_those_heads_writes_alone(family):
+    """`apply_edit(heads=...)`: the edited layer's attention output is the unedited one minus the direction's component
+    of the named heads' writes (each head's `hook_z` slice times its columns of the output projection), computed here
+    from the unedited model; nothing but that projection is touched, and revert is exact."""
+    model, tokenizer = tiny_model(family)
+    adapter = load_model(model, tokenizer=tokenizer)
+    layer = adapter.attention_layers[-1]
+    r = _direction(adapter.d_model).to(adapter.dtype)
+    seen = {}
+    names = [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_attn_out"]
+    batch = adapter.tokenize(PROMPTS)
+    with adapter.hooks([(name, lambda x, s: seen.__setitem__(s.name, x.clone())) for name in names]):
+        adapter.run(batch)
+    writer = next(w for w in adapter.residual_writers() if w.kind == "attn_out" and w.layer == layer)
+    weight = writer.read()[0]
+    z = seen[names[0]]  # (batch, pos, n_heads, d_head)
+    d_head = z.shape[-1]
+    removed = sum((z[:, :, h] @ weight[:, h * d_head:(h + 1) * d_head].T) @ r for h in (0, 2))
+    expected = seen[names[1]] - removed[..., None] * r
+    before = _snapshot(model)
+    with apply_edit(adapter, r, heads={layer: [2, 0]}) as handle:
+        edited = {}
+        with adapter.hooks([(names[1], lambda x, s: edited.__setitem__("attn", x.clone()))]):
+            adapter.run(batch)
+        assert list(handle.originals) == [writer.name] and handle.record["heads"] == {str(layer): [0, 2]}
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+        assert len(changed) == 1 and changed[0].endswith("weight"), changed  # one projection's weight, not its bias
+    assert float(removed.abs().max()) > 1e-3
+    torch.testing.assert_close(edited["attn"], expected, atol=1e-5, rtol=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(FeatsteerError, match=r"head\(s\) \[99\] at layer .* do not exist"):
+        apply_edit(adapter, r, heads={layer: [99]})
+    with pytest.raises(FeatsteerError, match="names no attention head"):
+        apply_edit(adapter, r, heads={layer: []})
+    if len(adapter.attention_layers) < adapter.n_layers:  # LFM2: a convolution layer has no heads
+        other = next(i for i in range(adapter.n_layers) if i not in adapter.attention_layers)
+        with pytest.raises(FeatsteerError, match=f"layer {other} has no attention heads to edit"):
+            apply_edit(adapter, r, heads={other: [0]})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_edit_errors_leave_model_untouched():
     model, tokenizer = tiny_model("llama")
     adapter = load_model(model, tokenizer=tokenizer)

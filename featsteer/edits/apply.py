@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,9 +69,18 @@ class EditConfig:
                 "embedding_strength": self.embedding_strength, "alpha": self.alpha, "shift": self.shift}
 
 
-def edited_tensors(writer: ResidualWriter, basis: Tensor, config: EditConfig, strength: float) -> tuple[Tensor, Tensor | None]:
-    """New `(weight, bias)` for one writer under `config` (pure; nothing is written)."""
+def edited_tensors(writer: ResidualWriter, basis: Tensor, config: EditConfig, strength: float,
+                   columns: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """New `(weight, bias)` for one writer under `config` (pure; nothing is written). With `columns`, only those input
+    columns of the weight are edited (some attention heads' share of an output projection) and the bias, which no head
+    owns, is kept."""
     weight, bias = writer.read()
+    if columns is not None:
+        part = _ColumnView(writer.name, writer.layer, writer.kind, weight[:, columns])
+        new_part, _ = edited_tensors(part, basis, config, strength)
+        new_weight = weight.clone()
+        new_weight[:, columns] = new_part.to(weight.dtype)
+        return new_weight, None if bias is None else bias.clone()
     if config.mode == "orthogonalize":
         new_weight = orthogonalize_weight(weight, basis, strength)
         return new_weight, None if bias is None else orthogonalize_bias(bias, basis, strength)
@@ -83,6 +92,19 @@ def edited_tensors(writer: ResidualWriter, basis: Tensor, config: EditConfig, st
     if config.mode == "induce" and writer.kind == "embed":
         new_weight = new_weight + config.shift * basis[0].to(new_weight.dtype)[:, None]
     return new_weight, new_bias
+
+
+@dataclass(frozen=True)
+class _ColumnView:
+    """A slice of a writer's weight, edited as if it were a writer without a bias."""
+
+    name: str
+    layer: int | None
+    kind: str
+    weight: Tensor
+
+    def read(self) -> tuple[Tensor, None]:
+        return self.weight, None
 
 
 @dataclass
@@ -144,7 +166,7 @@ def _checked_basis(direction: Tensor, model: ModelAdapter, what: str = "directio
 
 
 def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None = None, record: dict | None = None,
-               by_layer: Mapping[int, Tensor] | None = None) -> EditHandle:
+               by_layer: Mapping[int, Tensor] | None = None, heads: Mapping[int, Sequence[int]] | None = None) -> EditHandle:
     """Edit every residual writer of `model` against `direction` (a unit vector or orthonormal basis).
 
     Args:
@@ -156,6 +178,10 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
             `by_layer[l]` instead of `direction` (heretic's "per layer" scope, where each block removes the
             refusal direction of the residual stream it writes into). Blocks missing from it, and the
             embedding, use `direction`.
+        heads: `{layer: [head, ...]}`: edit only these attention heads' columns of their layer's attention output
+            projection (each head's `d_head` inputs), and nothing else: no other head, MLP, embedding or bias. The
+            edited model is the unedited one with the direction removed from those heads' writes alone (a test checks
+            it against the heads' `hook_z` values). Strengths still come from `config.attn_kernel`.
 
     Returns:
         A handle that reverts the edit exactly.
@@ -166,15 +192,20 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
     outside = sorted(layer for layer in layer_bases if not 0 <= layer < model.n_layers)
     if outside:
         raise FeatsteerError(f"by_layer names layers {outside} but the model has layers 0-{model.n_layers - 1}")
+    columns = _head_columns(model, heads) if heads is not None else None
     handle = EditHandle(model, {}, {"edit": config.to_dict(), "rank": int(basis.shape[0]), **(record or {})})
     if layer_bases:
         handle.record["per_layer_directions"] = sorted(layer_bases)
+    if columns is not None:
+        handle.record["heads"] = {str(layer): sorted({int(h) for h in ids}) for layer, ids in sorted(heads.items())}
     # One writer at a time: its original is kept for revert, its new tensors are computed and written, and nothing else
     # is held, so the edit needs memory for one copy of the touched weights (not two, as computing every new tensor
     # before the first write would): the new weights, the originals being the old storage the model no longer points
     # at. A failure part-way reverts the writers already edited: no half-edited model.
     try:
         for writer in model.residual_writers():
+            if columns is not None and (writer.kind != "attn_out" or writer.layer not in columns):
+                continue
             strength = config.strength(writer)
             if strength == 0 and not (config.mode == "induce" and writer.kind == "embed"):
                 continue
@@ -182,7 +213,7 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
             own = layer_bases.get(writer.layer, basis) if writer.layer is not None else basis
             # a writer that replaces its parameter's storage never modifies what read() returned: that is the original
             original = (weight, bias) if writer.replaces else (weight.clone(), None if bias is None else bias.clone())
-            new_weight, new_bias = edited_tensors(writer, own, config, strength)
+            new_weight, new_bias = edited_tensors(writer, own, config, strength, None if columns is None else columns[writer.layer])
             handle.originals[writer.name] = original
             writer.write(new_weight, new_bias)
     except Exception:
@@ -190,6 +221,27 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
         raise
     handle.record["writers"] = list(handle.originals)
     return handle
+
+
+def _head_columns(model: ModelAdapter, heads: Mapping[int, Sequence[int]]) -> dict[int, Tensor]:
+    """`{layer: input columns}` of the attention output projection that `heads` own, checked against the model."""
+    if not heads or not any(heads.values()):
+        raise FeatsteerError("heads= names no attention head: give {layer: [head, ...]} (see directions.head_attribution)")
+    widths = {writer.layer: writer.read()[0].shape[1] for writer in model.residual_writers() if writer.kind == "attn_out"}
+    columns = {}
+    for layer, ids in heads.items():
+        if layer not in model.attention_layers:
+            raise FeatsteerError(f"layer {layer} has no attention heads to edit: the model's attention layers are {model.attention_layers}")
+        bad = sorted({int(h) for h in ids if not 0 <= int(h) < model.n_heads})
+        if bad:
+            raise FeatsteerError(f"head(s) {bad} at layer {layer} do not exist: the model has heads 0-{model.n_heads - 1}")
+        width = widths.get(layer)
+        if width is None or width % model.n_heads:
+            raise FeatsteerError(f"layer {layer}'s attention output projection does not split into {model.n_heads} heads' columns "
+                                 f"(width {width}): edit the whole writer instead")
+        d_head = width // model.n_heads
+        columns[int(layer)] = torch.cat([torch.arange(int(h) * d_head, (int(h) + 1) * d_head) for h in sorted({int(h) for h in ids})])
+    return columns
 
 
 def _versions() -> dict:
