@@ -7,8 +7,10 @@ the command exits with status 2, never with a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import warnings
 from collections import Counter
@@ -333,13 +335,15 @@ def _cmd_directions(args: argparse.Namespace) -> int:
 
 
 def _cmd_abliterate(args: argparse.Namespace) -> int:
-    from featsteer.edits import EditConfig
     from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
     from featsteer.pipeline import abliterate, find_refusal_direction
 
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise FeatsteerError(f"output folder {args.out} is not empty: choose a new path")
     mode = "induce" if args.induce else "amplify" if args.reverse else "norm_preserving" if args.norm_preserving else "orthogonalize"
+    if args.reflect and (mode != "orthogonalize" or args.search):
+        raise FeatsteerError("--reflect is its own edit (every write's component of the direction reversed): drop --reverse/--induce/"
+                             "--norm-preserving/--search")
     warm_start: list[dict] = []
     if args.search:  # option clashes are reported before anything slow runs
         from featsteer.search import load_warm_start, search_abliteration
@@ -374,7 +378,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     result = find_refusal_direction(model, harmful, harmless, config, val=val)
     chosen = result.selection.chosen
     print(f"direction: {args.method} at {chosen.hook} position {chosen.position} (KL on harmless {chosen.kl_harmless:.4f})")
-    edit = EditConfig(mode=mode, alpha=args.alpha, shift=args.shift)
+    edit = _edit_config(args, mode, model)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     held_harmful, held_harmless = (s.head(min(args.eval_n, len(s))) for s in result.val)
     before = evaluate_refusal(model, held_harmful, held_harmless, config)
@@ -391,7 +395,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
         handle = abliterate(model, result, edit, heads=heads)
     else:
         handle = abliterate(model, result, edit, scope=args.scope)
-    return _check_and_export(model, handle, (held_harmful, held_harmless), before, config, mode, args.out, "held-out", extra)
+    return _check_and_export(model, handle, (held_harmful, held_harmless), before, config, "reflect" if args.reflect else mode, args.out, "held-out", extra)
 
 
 def _abliteration_heads(spec: str, model, result) -> dict[int, list[int]]:
@@ -408,6 +412,15 @@ def _abliteration_heads(spec: str, model, result) -> dict[int, list[int]]:
             raise FeatsteerError("no attention head writes the chosen direction more on the harmful training prompts: give --heads L:H,...")
         return heads_of(ranked[: int(count)])
     return _expert_ids(spec, option="--heads", example="3:0,5;7:2")
+
+
+def _edit_config(args: argparse.Namespace, mode: str, model):
+    """The weight edit the abliterate options ask for."""
+    from featsteer.edits import EditConfig
+
+    if args.reflect:
+        return EditConfig.reflection(model.n_layers)
+    return EditConfig(mode=mode, alpha=args.alpha, shift=args.shift)
 
 
 def _search_config(args: argparse.Namespace, mode: str):
@@ -465,7 +478,7 @@ def _abliterate_sae(args: argparse.Namespace, mode: str, warm_start: list[dict])
     out of every residual writer, or with `--search N` out of each writer at the searched strengths; check it on the
     validation prompts and export the model."""
     from featsteer.compare import CompareContext, SaeMethodConfig, sae_topk_basis
-    from featsteer.edits import EditConfig, apply_edit
+    from featsteer.edits import apply_edit
     from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
     from featsteer.sae import load_sae_source
 
@@ -494,8 +507,8 @@ def _abliterate_sae(args: argparse.Namespace, mode: str, warm_start: list[dict])
         provenance = {"method": "sae", "sae_source": args.sae, "sae_hook": details["sae_hook"], "sae_features": details["sae_features"]}
         handle, extra = _fixed_search_edit(args, model, basis, ctx.validation_sets(), mode, warm_start, provenance, record)
     else:
-        handle, extra = apply_edit(model, basis, EditConfig(mode=mode), record=record), {}
-    return _check_and_export(model, handle, (held_harmful, held_harmless), before, generation, mode, args.out, "validation", extra)
+        handle, extra = apply_edit(model, basis, _edit_config(args, mode, model), record=record), {}
+    return _check_and_export(model, handle, (held_harmful, held_harmless), before, generation, "reflect" if args.reflect else mode, args.out, "validation", extra)
 
 
 def _saved_direction(args: argparse.Namespace):
@@ -524,7 +537,7 @@ def _saved_direction(args: argparse.Namespace):
 def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict]) -> int:
     """`abliterate --directions DIR`: edit against a saved direction (nothing is fitted), or with `--search N` search the
     kernels and strengths of removing it; check on the validation prompts and export."""
-    from featsteer.edits import EditConfig, apply_edit
+    from featsteer.edits import apply_edit
     from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
     from featsteer.pipeline import DirectionConfig, split
     from featsteer.search import fixed_basis
@@ -549,8 +562,8 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
         provenance = {k: record[k] for k in ("method", "directions", "direction_method", "direction_hook", "direction_position")}
         handle, extra = _fixed_search_edit(args, model, basis, val, mode, warm_start, provenance, record)
     else:
-        handle, extra = apply_edit(model, basis, EditConfig(mode=mode, alpha=args.alpha, shift=args.shift), record=record), {}
-    return _check_and_export(model, handle, held, before, generation, mode, args.out, "validation", extra)
+        handle, extra = apply_edit(model, basis, _edit_config(args, mode, model), record=record), {}
+    return _check_and_export(model, handle, held, before, generation, "reflect" if args.reflect else mode, args.out, "validation", extra)
 
 
 DIRECTION_STEER_MODES = ("ablate", "add", "set", "conditional", "ace", "angular")
@@ -1052,6 +1065,8 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--reverse", action="store_true", help="reverse abliteration: amplify the direction")
     abl.add_argument("--induce", action="store_true", help="amplify and shift embeddings along the direction")
     abl.add_argument("--norm-preserving", action="store_true", help="keep each write column's norm")
+    abl.add_argument("--reflect", action="store_true", help="reflect the direction instead of removing it: W - 2 r r^T W at every writer and "
+                     "the embedding, so every write's component along it changes sign")
     abl.add_argument("--heads", metavar="SPEC", help="edit only these attention heads' output columns, nothing else: top:N (the N heads "
                      "that write the chosen direction most more on the harmful training prompts) or LAYER:H[,H][;LAYER:H]")
     abl.add_argument("--scope", choices=["global", "per_layer"], default="global",
@@ -1226,6 +1241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("featsteer: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `featsteer compare --list | head`: the reader left; stop quietly, as a Unix tool does
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter flushes stdout at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from featsteer.interventions import (
     AffineEdit,
     AngularSteer,
     ExpertSteer,
+    HeadAblate,
     expert_routing,
     steer,
 )
@@ -531,6 +532,12 @@ def _dim_hook(ctx: CompareContext):
     return steer(ctx.model, Ablate(ctx.directions("dim").chosen_basis))
 
 
+@register_method("dim_reflection", "DIM direction reflected in every residual writer (W - 2 r r^T W: every write's component along it "
+                 "changes sign, OBLITERATUS's inverted mode)")
+def _dim_reflection(ctx: CompareContext):
+    return _edit(ctx, "dim", EditConfig.reflection(ctx.model.n_layers))
+
+
 @register_method("dim_norm_preserving", "DIM abliteration keeping each write column's norm")
 def _dim_np(ctx: CompareContext):
     return _edit(ctx, "dim", EditConfig(mode="norm_preserving"))
@@ -747,32 +754,43 @@ def _pick_gentlest(ctx: CompareContext, label: str, values: Sequence[float], mak
 
 
 HEAD_COUNTS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-"""How many of the heads that write the DIM direction most `dim_head_abliteration` tries on the validation prompts, and
-then every head that writes it more on the harmful prompts."""
+"""How many of the heads that write the DIM direction most `dim_head_abliteration` and `head_ablation_hook` try on the
+validation prompts, and then every head that writes it more on the harmful prompts."""
 HEAD_PROMPTS = 128
-"""Training prompts per class `dim_head_abliteration` ranks the heads on (as `featsteer directions` does)."""
+"""Training prompts per class the head methods rank the heads on (as `featsteer directions` does)."""
 
 
 @register_method("dim_head_abliteration", "DIM direction orthogonalised out of only the attention heads that write it most on the "
                  "harmful training prompts (each head's columns of its output projection), how many heads picked on validation prompts",
                  needs_heads=True)
 def _dim_head_abliteration(ctx: CompareContext):
+    @contextlib.contextmanager
+    def edit(result: DirectionResult, heads: dict[int, list[int]]) -> Iterator[None]:  # applied on entry, like every edit method
+        with abliterate(ctx.model, result, EditConfig(), heads=heads):
+            yield
+
+    return _pick_heads(ctx, edit)
+
+
+@register_method("head_ablation_hook", "the attention heads that write the DIM direction most on the harmful training prompts switched off "
+                 "(their outputs zeroed at hook_z), how many heads picked on validation prompts", needs_heads=True)
+def _head_ablation(ctx: CompareContext):
+    return _pick_heads(ctx, lambda result, heads: steer(ctx.model, HeadAblate(heads)))
+
+
+def _pick_heads(ctx: CompareContext, intervene: Callable[[DirectionResult, dict[int, list[int]]], contextlib.AbstractContextManager]):
+    """The heads that write the chosen DIM direction most more on harmful training prompts, ranked; `intervene` on the
+    top n, n picked on the validation prompts from `HEAD_COUNTS` and every such head."""
     result = ctx.directions("dim")
     ranked = result.writing_heads(ctx.model, HEAD_PROMPTS, batch_size=ctx.direction_config.batch_size)
     if not ranked:
         raise FeatsteerError("no attention head writes the DIM direction more on the harmful training prompts than on the harmless ones")
     counts = sorted({n for n in HEAD_COUNTS if n < len(ranked)} | {len(ranked)})  # the last: every head that writes it more
-
-    @contextlib.contextmanager
-    def make(n: float) -> Iterator[None]:  # applied on entry, reverted on exit, like every edit method
-        with abliterate(ctx.model, result, EditConfig(), heads=heads_of(ranked[: int(n)])):
-            yield
-
-    n = int(_pick_gentlest(ctx, "heads", counts, make))
+    n = int(_pick_gentlest(ctx, "heads", counts, lambda n: intervene(result, heads_of(ranked[: int(n)]))))
     ctx.note(heads={str(layer): ids for layer, ids in heads_of(ranked[:n]).items()},
              top_heads=[{"layer": layer, "head": head, "difference": round(d, 4)} for layer, head, d in ranked[:8]],
              heads_writing_more_on_harmful=len(ranked))
-    return make(n)
+    return intervene(result, heads_of(ranked[:n]))
 
 
 EXPERT_COUNTS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)

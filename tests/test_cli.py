@@ -229,6 +229,18 @@ def test_abliterate_heads_edits_only_those_heads_and_exports(capsys, tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
+def test_abliterate_reflect_exports_the_reflected_model(capsys, tmp_path):
+    common = ["--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
+              "--n-select", "3", "--eval-n", "3", "--max-new-tokens", "2"]
+    code, stdout, err = _run(capsys, "abliterate", *common, "--reflect", "--out", str(tmp_path / "reflected"))
+    assert code == 0 and "before -> after (reflect)" in stdout, err
+    edit = json.loads((tmp_path / "reflected" / "featsteer.json").read_text())["edit"]
+    assert edit["embedding_strength"] == 2.0 and edit["attn_kernel"]["max_weight"] == edit["mlp_kernel"]["min_weight"] == 2.0
+    for extra in (["--reverse"], ["--norm-preserving"], ["--search", "2"]):
+        code, _, err = _run(capsys, "abliterate", *common, "--reflect", *extra, "--out", str(tmp_path / "bad"))
+        assert code == 2 and "--reflect is its own edit" in err and not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "gemma3", "cohere", "olmo2", "qwen3_5_moe", "gemma4_text"])
 def test_abliterate_runs_end_to_end_on_other_architectures(capsys, tmp_path, family):
     """Selection, edit, evaluation, export and reload through the CLI on an MoE, an image-text, a parallel-block and a

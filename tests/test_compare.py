@@ -81,7 +81,7 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     induce = by_name["dim_actadd_induce"].details  # what the induce method picked
     assert induce["induce_scale"] in INDUCE_SCALES and set(induce["induce_val_refusal"]) == {str(s) for s in INDUCE_SCALES}
     picked = ("dim_actadd_induce", "leace_hook", "dim_ace_hook", "dim_angular_hook", "dim_angular_norms_hook", "dim_ace_induce",
-              "dim_head_abliteration")  # the methods that say what they picked
+              "dim_head_abliteration", "head_ablation_hook")  # the methods that say what they picked
     assert all(r.details == {} for r in comparison.results if r.method not in picked)
     assert all("setting" in by_name[name].details for name in picked if name != "leace_hook")
     leace = by_name["leace_hook"].details  # one eraser per layer and template position, but none where all prompts agree
@@ -92,12 +92,14 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     assert sum(map(len, heads["heads"].values())) == n <= heads["heads_writing_more_on_harmful"]
     top = [(str(h["layer"]), h["head"]) for h in heads["top_heads"][:n]]
     assert all(head in heads["heads"][layer] for layer, head in top)
+    assert by_name["head_ablation_hook"].details["top_heads"] == heads["top_heads"]  # one ranking for both head methods
     assert f"dim_actadd_induce (x{induce['induce_scale']:g})" in comparison.table()
     assert by_name["none"].kl_harmless == pytest.approx(0.0, abs=1e-9)
     assert by_name["none"].kl_harmless_answered in (None, pytest.approx(0.0, abs=1e-9))
     # a runtime ablation hook at every write and the orthogonalised weights are the same model
     assert by_name["dim_ablation_hook"].kl_harmless == pytest.approx(by_name["dim_abliteration"].kl_harmless, abs=1e-4)
     assert by_name["dim_abliteration"].kl_harmless > 0
+    assert abs(by_name["dim_reflection"].kl_harmless - by_name["dim_abliteration"].kl_harmless) > 1e-6  # a different edit
     # the whole-response metrics: the same model gives the same responses, read by the same unedited model
     assert all(0 <= r.looping_harmful <= 1 and 0 <= r.looping_harmless <= 1 for r in comparison.results)
     assert all(r.base_nll_harmless is None or r.base_nll_harmless > 0 for r in comparison.results)

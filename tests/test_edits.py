@@ -256,6 +256,63 @@ def test_head_edit_removes_the_direction_from_those_heads_writes_alone(family):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "cohere", "qwen2_moe", "granite"])
+def test_reflection_hook_equals_reflected_weights(family):
+    """Strength 2 at every write (the direction's component reflected) is the same model as a hook and as weights, and
+    differs from ablation; at the first block's input (the embedding alone) the component is the unedited one's
+    negated and the rest unchanged; revert is exact."""
+    model, tokenizer = tiny_model(family)
+    adapter = load_model(model, tokenizer=tokenizer)
+    r = _direction(adapter.d_model)
+    with steer(adapter, Ablate(r, strength=2.0)):
+        hooked = adapter.logits(PROMPTS)
+    with steer(adapter, Ablate(r)):
+        ablated = adapter.logits(PROMPTS)
+    before = _snapshot(model)
+    seen = []
+    first = [("blocks.0.hook_resid_pre", lambda x, s: seen.append(x.clone()))]
+    with adapter.hooks(first):
+        adapter.run(adapter.tokenize(PROMPTS))
+    with apply_edit(adapter, r, EditConfig.reflection(adapter.n_layers)):
+        edited = adapter.logits(PROMPTS)
+        with adapter.hooks(first):
+            adapter.run(adapter.tokenize(PROMPTS))
+    torch.testing.assert_close(edited, hooked, atol=1e-4, rtol=0)
+    assert (hooked - ablated).abs().max() > 1e-3
+    base, reflected = seen
+    rr = r.to(base.dtype)
+    torch.testing.assert_close(reflected @ rr, -(base @ rr), atol=1e-5, rtol=0)
+    torch.testing.assert_close(reflected - (reflected @ rr)[..., None] * rr, base - (base @ rr)[..., None] * rr, atol=1e-5, rtol=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "lfm2"])
+def test_head_ablation_is_zeroing_the_heads_output_columns(family):
+    from featsteer.interventions import HeadAblate
+
+    model, tokenizer = tiny_model(family)
+    adapter = load_model(model, tokenizer=tokenizer)
+    layer = adapter.attention_layers[-1]
+    base = adapter.logits(PROMPTS)
+    before = count_hooks(model)
+    with steer(adapter, HeadAblate({layer: [1, 0]})):
+        switched_off = adapter.logits(PROMPTS)
+    assert count_hooks(model) == before and (switched_off - base).abs().max() > 1e-4
+    writer = next(w for w in adapter.residual_writers() if w.kind == "attn_out" and w.layer == layer)
+    weight, bias = writer.read()
+    d_head = weight.shape[1] // adapter.n_heads
+    zeroed = weight.clone()
+    zeroed[:, : 2 * d_head] = 0
+    original = (weight.clone(), None if bias is None else bias.clone())
+    writer.write(zeroed, bias)
+    torch.testing.assert_close(adapter.logits(PROMPTS), switched_off, atol=1e-5, rtol=0)
+    writer.write(*original)
+    with pytest.raises(FeatsteerError, match=r"head\(s\) \[50\] at layer"):
+        HeadAblate({layer: [50]}).hooks_for(adapter)
+    with pytest.raises(FeatsteerError, match="names no attention head"):
+        HeadAblate({}).hooks_for(adapter)
+
+
 def test_edit_errors_leave_model_untouched():
     model, tokenizer = tiny_model("llama")
     adapter = load_model(model, tokenizer=tokenizer)

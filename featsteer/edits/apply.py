@@ -62,6 +62,13 @@ class EditConfig:
         kernel = self.attn_kernel if writer.kind == "attn_out" else self.mlp_kernel
         return 1.0 if kernel is None else kernel.strength(writer.layer)
 
+    @classmethod
+    def reflection(cls, n_layers: int, strength: float = 2.0) -> EditConfig:
+        """Every writer and the embedding edited at `strength` (`W - s r r^T W`): 2 reflects the direction's component of
+        every write (its sign flipped, OBLITERATUS's "inverted" mode) instead of removing it."""
+        kernel = LayerKernel.uniform(n_layers, strength)
+        return cls(attn_kernel=kernel, mlp_kernel=kernel, embedding_strength=strength)
+
     def to_dict(self) -> dict:
         """JSON-ready form."""
         return {"mode": self.mode, "attn_kernel": self.attn_kernel.to_dict() if self.attn_kernel else None,

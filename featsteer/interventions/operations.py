@@ -18,10 +18,11 @@ def as_basis(direction: Tensor) -> Tensor:
     return direction[None, :] if direction.dim() == 1 else direction
 
 
-def ablate(x: Tensor, basis: Tensor) -> Tensor:
-    """Remove the component of `x` in the span of `basis` (directional ablation)."""
+def ablate(x: Tensor, basis: Tensor, strength: float = 1.0) -> Tensor:
+    """Remove the component of `x` in the span of `basis` (directional ablation): `x - s B^T B x`, so `strength` 1
+    removes it, 2 reflects it (the component's sign flipped) and values in between damp it."""
     b = as_basis(basis).to(x.dtype)
-    return x - (x @ b.T) @ b
+    return x - (x @ b.T) @ b if strength == 1.0 else x - strength * ((x @ b.T) @ b)
 
 
 def add(x: Tensor, direction: Tensor, scale: float) -> Tensor:

@@ -72,10 +72,37 @@ class Ablate(Intervention):
     """`(d_model,)` unit vector or `(k, d_model)` orthonormal basis."""
     where: str | Sequence[str] = WRITES
     """`writes`, `residual`, or hook names."""
+    strength: float = 1.0
+    """1 removes the component (ablation); 2 reflects it, `x - 2 (x.r) r`, as `EditConfig.reflection` edits the weights."""
 
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
         basis = as_basis(self.direction).to(model.device)
-        return [(name, lambda x, site, b=basis: ablate(x, b)) for name in resolve_sites(model, self.where)]
+        return [(name, lambda x, site, b=basis: ablate(x, b, self.strength)) for name in resolve_sites(model, self.where)]
+
+
+@dataclass
+class HeadAblate(Intervention):
+    """Switch attention heads off: their `blocks.{l}.attn.hook_z` values zeroed, so each writes nothing into the stream
+    (the same model as zeroing their columns of the output projection; the projection's bias, which no head owns,
+    stays). The head-ablation counterpart of `apply_edit(heads=...)`, which removes one direction from their writes."""
+
+    heads: Mapping[int, Sequence[int]]
+    """`{layer: [head, ...]}`."""
+
+    def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
+        if not self.heads or not any(self.heads.values()):
+            raise FeatsteerError("HeadAblate names no attention head: give heads={layer: [head, ...]}")
+        hooks = []
+        for layer, ids in sorted(self.heads.items()):
+            if layer not in model.attention_layers:
+                raise FeatsteerError(f"layer {layer} has no attention heads to switch off: the model's attention layers are "
+                                     f"{model.attention_layers}")
+            bad = sorted({int(h) for h in ids if not 0 <= int(h) < model.n_heads})
+            if bad:
+                raise FeatsteerError(f"head(s) {bad} at layer {layer} do not exist: the model has heads 0-{model.n_heads - 1}")
+            index = sorted({int(h) for h in ids})
+            hooks.append((f"blocks.{layer}.attn.hook_z", lambda z, site, index=index: z.index_fill(2, torch.tensor(index, device=z.device), 0.0)))
+        return hooks
 
 
 @dataclass
