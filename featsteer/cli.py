@@ -255,6 +255,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"\n== every method on the same held-out prompts (DIM direction: {chosen.get('hook')} position {chosen.get('position')})")
         print(result.comparison.table())
         _print_paired(result.comparison)
+        _print_coherence(result.comparison)
     if result.features is not None:
         print("\n== top SAE features (composite score; DIM cosine = decoder row vs the layer's DIM direction)")
         for detail in result.features.features[:5]:
@@ -849,6 +850,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     folder = write_report(comparison, args.out)
     print(comparison.table())
     _print_paired(comparison)
+    _print_coherence(comparison)
     if "judge" in comparison.setup:
         judge = comparison.setup["judge"]
         anchors = "" if judge["anchors"] is None else (f", fitted on {judge['anchors']['n']} anchors (accuracy "
@@ -860,6 +862,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             print(f"  {result.method}: {result.details['sae_hook']} features {result.details['sae_features']}{picked}")
     print(f"\nwrote {folder}/results.json, report.html, pareto.png")
     return 0
+
+
+def _print_coherence(comparison) -> None:
+    """The methods whose harmless answers the unedited model finds far less likely than its own, when there are any."""
+    if warnings := comparison.coherence_warnings():
+        print("\ncoherence: " + "\ncoherence: ".join(warnings))
 
 
 def _print_paired(comparison) -> None:

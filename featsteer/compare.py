@@ -1130,6 +1130,11 @@ def _paired(results: list[MethodResult], baseline_name: str | None = None) -> li
 
 
 
+COHERENCE_WARNING_NATS = 1.0
+"""`Comparison.coherence_warnings` names a method whose held-out harmless answers cost the unedited model more than this
+many nats per token above its own (each token about e times less likely)."""
+
+
 @dataclass
 class Comparison:
     """Every method's result plus the set-up they share."""
@@ -1179,9 +1184,25 @@ class Comparison:
             lines.append(f"| {name} | {' | '.join(cells)} | {' | '.join(kl_cells)} |{judge_cell}")
         return "\n".join(lines)
 
+    def coherence_warnings(self, max_rise: float = COHERENCE_WARNING_NATS) -> list[str]:
+        """One line per method whose held-out harmless answers the unedited model finds more than `max_rise` nats per
+        token less likely than its own greedy answers (the `none` row's base NLL): a method that may be winning its
+        refusal count by breaking the text. Empty without a `none` row."""
+        unedited = next((r.base_nll_harmless for r in self.results if r.method == "none"), None)
+        if unedited is None:
+            return []
+        lines = []
+        for r in self.results:
+            if r.method != "none" and r.base_nll_harmless is not None and r.base_nll_harmless - unedited > max_rise:
+                name = f"{r.method} ({r.details['setting']})" if "setting" in r.details else r.method
+                lines.append(f"{name}: the unedited model scores its harmless answers {r.base_nll_harmless:.2f} nats per token against "
+                             f"{unedited:.2f} for its own; it may be breaking the text (--pick-max-nll-rise keeps such settings out "
+                             "of the picks)")
+        return lines
+
     def to_json(self) -> dict:
         """JSON-ready form."""
-        return {"setup": self.setup, "results": [asdict(r) for r in self.results]}
+        return {"setup": self.setup, "results": [asdict(r) for r in self.results], "coherence_warnings": self.coherence_warnings()}
 
 
 def markdown_table_html(table: str) -> str:
@@ -1476,6 +1497,9 @@ def _html(comparison: Comparison, png: bytes) -> str:
     setup = html.escape(json.dumps(comparison.setup, indent=1))
     image = base64.b64encode(png).decode()
     paired = comparison.paired_table()
+    warnings = comparison.coherence_warnings()
+    coherence_html = "" if not warnings else (
+        "<h2>Coherence</h2><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in warnings) + "</ul>")
     paired_html = "" if paired is None else (
         "<h2>Paired with the baseline</h2><p>Every method ran on the same prompts as the baseline, so a difference is read "
         "from the prompts whose verdicts differ: each rate cell gives the difference (method minus baseline), the prompts "
@@ -1493,6 +1517,6 @@ td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}th{{background:#f3f
 </head><body><h1>featsteer: method comparison on {html.escape(str(comparison.setup.get('model')))}</h1>
 <p>Same held-out prompts, greedy decoding, same refusal detector for every method. KL is first-token KL(base || method) on harmless prompts; KL answered leaves out the harmless prompts the unedited model refuses (removing refusal rightly changes those). KL response is the same KL at every position of the unedited model's own harmless responses, fed back to both models (all / answered): a method that keeps the first token and changes what follows shows there. Looping is the share of responses that end in repetition (a broken model refuses nothing but says nothing); base NLL is the unedited model's mean per-token negative log-likelihood of the method's harmless responses (the <code>none</code> row is the floor).</p>
 <table><tr><th>method</th><th>what</th><th>refusal (harmful) [95% CI]</th><th>refusal (harmless)</th><th>KL harmless</th><th>KL answered</th><th>KL response (all / answered)</th><th>over-refusal</th><th>refusal score</th><th>looping (harmful / harmless)</th><th>base NLL (harmless)</th></tr>{rows}</table>
-{paired_html}<h2>Directions</h2><ul>{directions}</ul>
+{paired_html}{coherence_html}<h2>Directions</h2><ul>{directions}</ul>
 <h2>Refusal vs KL</h2><img alt="pareto plot" src="data:image/png;base64,{image}">
 <h2>Examples</h2>{examples}<h2>Set-up</h2><pre>{setup}</pre></body></html>"""

@@ -93,6 +93,17 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     top = [(str(h["layer"]), h["head"]) for h in heads["top_heads"][:n]]
     assert all(head in heads["heads"][layer] for layer, head in top)
     assert by_name["head_ablation_hook"].details["top_heads"] == heads["top_heads"]  # one ranking for both head methods
+    # the coherence warning names a method whose harmless answers cost the unedited model > 1 nat per token over its own
+    from dataclasses import replace
+
+    from featsteer.compare import Comparison
+
+    rows = [replace(by_name["none"], base_nll_harmless=0.5), replace(by_name["dim_abliteration"], base_nll_harmless=2.0),
+            replace(by_name["dim_ablation_hook"], base_nll_harmless=1.4)]
+    warnings = Comparison(rows, comparison.setup).coherence_warnings()
+    assert len(warnings) == 1 and warnings[0].startswith("dim_abliteration: ") and "2.00 nats per token against 0.50" in warnings[0]
+    assert Comparison(rows[1:], comparison.setup).coherence_warnings() == []  # no unedited row to compare with
+    assert Comparison(rows, comparison.setup).to_json()["coherence_warnings"] == warnings
     assert f"dim_actadd_induce (x{induce['induce_scale']:g})" in comparison.table()
     assert by_name["none"].kl_harmless == pytest.approx(0.0, abs=1e-9)
     assert by_name["none"].kl_harmless_answered in (None, pytest.approx(0.0, abs=1e-9))
