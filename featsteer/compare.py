@@ -1196,8 +1196,7 @@ class Comparison:
             if r.method != "none" and r.base_nll_harmless is not None and r.base_nll_harmless - unedited > max_rise:
                 name = f"{r.method} ({r.details['setting']})" if "setting" in r.details else r.method
                 lines.append(f"{name}: the unedited model scores its harmless answers {r.base_nll_harmless:.2f} nats per token against "
-                             f"{unedited:.2f} for its own; it may be breaking the text (--pick-max-nll-rise keeps such settings out "
-                             "of the picks)")
+                             f"{unedited:.2f} for its own; it may be breaking the text")
         return lines
 
     def to_json(self) -> dict:
