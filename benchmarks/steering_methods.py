@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--no-everywhere", action="store_true", help="skip the second call (angular steering on every activation)")
     parser.add_argument("--results-name", help="results file stem (default: steering_methods_<target>)")
     parser.add_argument("--render-only", action="store_true", help="re-write the markdown from the results JSON")
+    parser.add_argument("--max-nll-rise", type=float, help="the picks' coherence bound (compare --pick-max-nll-rise; default: none)")
     parser.add_argument("--title", default="ACE and angular steering vs DIM abliteration", help="the markdown's heading")
     args = parser.parse_args()
     name = args.results_name or f"steering_methods_{args.target}"
@@ -83,7 +84,7 @@ def main() -> None:
         gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
         val = {"val_harmful": load_prompts("organism-corpus:harmful:96"), "val_harmless": load_prompts("organism-corpus:harmless:96")}
     common = {"eval_harmful": sets["eval_harmful"], "eval_harmless": sets["eval_harmless"], "direction_config": config, "generation": gen,
-              "n_pick": args.n_pick, **val}
+              "n_pick": args.n_pick, "max_nll_rise": args.max_nll_rise, **val}
     angles = {"angles": tuple(float(a) for a in args.angles.split(","))} if args.angles else {}
     main_run = compare(model, sets["train_harmful"], sets["train_harmless"], methods=args.methods.split(","),
                        steering_config=SteeringMethodConfig(tolerance=args.tolerance, **angles), **common)

@@ -122,6 +122,37 @@ def test_steermoe_at_the_logits_is_the_routers_softmax_over_the_changed_logits()
         load_model("tiny:qwen2_moe").hook_site("blocks.0.mlp.hook_router_logits")
 
 
+def test_a_router_whose_logits_featsteer_cannot_see_is_a_one_line_error_and_leaves_nothing_behind():
+    """A router computing its logits without `F.linear` (here a matmul) gets a clear error, and the function mode that
+    watched it is gone afterwards: the same model then runs, and with a logits hook on a normal router, as before."""
+    import types
+
+    import torch.nn.functional as F
+
+    model, adapter = _adapter("mixtral")
+    layer = adapter.moe_layers[0]
+    router = adapter._router(layer)
+    batch = adapter.tokenize(PROMPTS)
+    base = adapter.run(batch)
+
+    def matmul_router(self, hidden_states):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        logits = hidden_states @ self.weight.T
+        top, index = torch.topk(F.softmax(logits.float(), dim=-1), self.top_k, dim=-1)
+        return logits, top / top.sum(-1, keepdim=True), index
+
+    router.forward = types.MethodType(matmul_router, router)
+    name = f"blocks.{layer}.mlp.hook_router_logits"
+    with pytest.raises(FeatsteerError, match="computed no 4-wide linear output .* hook blocks.L.mlp.hook_routing"), \
+            adapter.hooks([(name, lambda x, s: x)]):
+        adapter.run(batch)
+    assert not torch._C._is_torch_function_mode_enabled()
+    torch.testing.assert_close(adapter.run(batch), base, atol=1e-6, rtol=0)  # the same function, no hook left
+    del router.forward
+    with adapter.hooks([(name, lambda x, s: x.clone())]):
+        torch.testing.assert_close(adapter.run(batch), base, atol=0, rtol=0)
+
+
 def test_a_dense_model_has_no_routing_hooks():
     adapter = load_model("tiny:llama")
     assert adapter.moe_layers == [] and adapter.n_experts == 0 and not {"routing", "router_logits"} & set(adapter.layer_kinds)
