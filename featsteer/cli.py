@@ -364,6 +364,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     if args.heads and (args.directions or args.method == "sae" or args.scope != "global"):
         raise FeatsteerError("--heads edits single heads against the direction fitted here: it goes with a direction --method, "
                              "--scope global and no --directions")
+    heads_spec = _heads_spec(args.heads) if args.heads else None  # a malformed --heads fails before the model loads
     if args.directions:
         return _abliterate_saved(args, mode, warm_start)
     if args.direction_hook is not None or args.direction_position is not None:
@@ -390,29 +391,30 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
         extra = {"search": {"dir": str(search_dir), "best": found.best}}
         _print_search(args, found, search_dir)
         handle = found.apply(model, result, record={"method": args.method, "search": found.best})
-    elif args.heads:
-        heads = _abliteration_heads(args.heads, model, result)
-        print("heads: " + "; ".join(f"layer {layer}: {ids}" for layer, ids in sorted(heads.items())))
-        handle = abliterate(model, result, edit, heads=heads)
+    elif heads_spec is not None:
+        from featsteer.pipeline import heads_of
+
+        if isinstance(heads_spec, int):
+            ranked = result.writing_heads(model)
+            if not ranked:
+                raise FeatsteerError("no attention head writes the chosen direction more on the harmful training prompts: give --heads L:H,...")
+            heads_spec = heads_of(ranked[:heads_spec])
+        handle = abliterate(model, result, edit, heads=heads_spec)
+        print("heads: " + "; ".join(f"layer {layer}: {ids}" for layer, ids in handle.record["heads"].items()))
     else:
         handle = abliterate(model, result, edit, scope=args.scope)
     return _check_and_export(model, handle, (held_harmful, held_harmless), before, config, "reflect" if args.reflect else mode, args.out, "held-out", extra)
 
 
-def _abliteration_heads(spec: str, model, result) -> dict[int, list[int]]:
-    """`--heads`: `top:N` (the N heads that write the chosen direction most more on harmful training prompts) or an
-    explicit `L:H,H;L:H` list."""
-    from featsteer.pipeline import heads_of
-
+def _heads_spec(spec: str) -> int | dict[int, list[int]]:
+    """`--heads`: `top:N` as N (the N heads that write the chosen direction most more on harmful training prompts, ranked
+    once the direction is fitted) or an explicit `L:H,H;L:H` list."""
     if spec.startswith("top:"):
         count = spec.removeprefix("top:")
         if not count.isdigit() or int(count) < 1:
             raise FeatsteerError(f"--heads '{spec}' is not top:N with N >= 1, e.g. top:8")
-        ranked = result.writing_heads(model)
-        if not ranked:
-            raise FeatsteerError("no attention head writes the chosen direction more on the harmful training prompts: give --heads L:H,...")
-        return heads_of(ranked[: int(count)])
-    return _expert_ids(spec, option="--heads", example="3:0,5;7:2")
+        return int(count)
+    return _layer_ids(spec, option="--heads", example="3:0,5;7:2")
 
 
 def _edit_config(args: argparse.Namespace, mode: str, model):
@@ -593,7 +595,7 @@ def _check_steer_args(args: argparse.Namespace) -> None:
     if args.experts is not None:
         if args.mode not in EXPERT_STEER_MODES:
             raise FeatsteerError(f"--experts takes --mode {'|'.join(EXPERT_STEER_MODES)}, not --mode {args.mode}")
-        args.expert_ids = _expert_ids(args.experts)
+        args.expert_ids = _layer_ids(args.experts)
     elif args.experts_at != "routing":
         raise FeatsteerError("--experts-at applies to --experts")
     elif args.sae is not None:
@@ -621,7 +623,7 @@ def _check_steer_args(args: argparse.Namespace) -> None:
         raise FeatsteerError("--alpha applies to --mode ace")
 
 
-def _expert_ids(spec: str, option: str = "--experts", example: str = "1:3,5;2:0") -> dict[int, list[int]]:
+def _layer_ids(spec: str, option: str = "--experts", example: str = "1:3,5;2:0") -> dict[int, list[int]]:
     """`1:3,5;2:0` -> `{1: [3, 5], 2: [0]}` (experts, or heads, per layer)."""
     ids: dict[int, list[int]] = {}
     try:

@@ -322,6 +322,7 @@ class CompareContext:
     more than this many nats per token less likely than its own answers counts as answering no harmful prompt, so it is
     never picked for a refusal rate it buys by breaking the text (None: no bound, the default)."""
     _val_answers_nll: float | None = None
+    _writing_heads: list[tuple[int, int, float]] | None = None
 
     def __post_init__(self) -> None:
         if self.pick_kl not in PICK_KLS:
@@ -357,6 +358,13 @@ class CompareContext:
             positions = self.sae_config.positions or config.positions
             self._ranking = rank_sae_features(self.model, self.saes, harmful_train, harmless_train, positions=positions, batch_size=config.batch_size)
         return self._ranking
+
+    def writing_heads(self) -> list[tuple[int, int, float]]:
+        """Rank (once) the heads that write the chosen DIM direction more on harmful training prompts
+        (`DirectionResult.writing_heads`), which both head methods read."""
+        if self._writing_heads is None:
+            self._writing_heads = self.directions("dim").writing_heads(self.model, batch_size=self.direction_config.batch_size)
+        return self._writing_heads
 
     def leace_erasers(self) -> dict:
         """Fit (once) a LEACE eraser per layer's `direction_config.kind` hook and position on the training prompts,
@@ -756,8 +764,6 @@ def _pick_gentlest(ctx: CompareContext, label: str, values: Sequence[float], mak
 HEAD_COUNTS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 """How many of the heads that write the DIM direction most `dim_head_abliteration` and `head_ablation_hook` try on the
 validation prompts, and then every head that writes it more on the harmful prompts."""
-HEAD_PROMPTS = 128
-"""Training prompts per class the head methods rank the heads on (as `featsteer directions` does)."""
 
 
 @register_method("dim_head_abliteration", "DIM direction orthogonalised out of only the attention heads that write it most on the "
@@ -782,7 +788,7 @@ def _pick_heads(ctx: CompareContext, intervene: Callable[[DirectionResult, dict[
     """The heads that write the chosen DIM direction most more on harmful training prompts, ranked; `intervene` on the
     top n, n picked on the validation prompts from `HEAD_COUNTS` and every such head."""
     result = ctx.directions("dim")
-    ranked = result.writing_heads(ctx.model, HEAD_PROMPTS, batch_size=ctx.direction_config.batch_size)
+    ranked = ctx.writing_heads()
     if not ranked:
         raise FeatsteerError("no attention head writes the DIM direction more on the harmful training prompts than on the harmless ones")
     counts = sorted({n for n in HEAD_COUNTS if n < len(ranked)} | {len(ranked)})  # the last: every head that writes it more
@@ -1384,7 +1390,8 @@ def _chosen_setup(model: ModelAdapter, result: DirectionResult) -> dict[str, Any
 
 
 def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
-    """Give `ctx` the directions, LEACE erasers and validation base of an earlier comparison with the same inputs."""
+    """Give `ctx` the directions, head ranking, LEACE erasers and validation base of an earlier comparison with the same
+    inputs."""
     old = earlier.context
     if old is None:
         raise FeatsteerError("reuse= needs a Comparison returned by compare() in this process (a loaded results.json has no directions)")
@@ -1397,7 +1404,7 @@ def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
         raise FeatsteerError("reuse= needs a comparison of the same model object")
     if key(old) != key(ctx):
         raise FeatsteerError("reuse= needs a comparison of the same training and validation prompts and direction config")
-    ctx._directions, ctx._erasers = dict(old._directions), old._erasers
+    ctx._directions, ctx._erasers, ctx._writing_heads = dict(old._directions), old._erasers, old._writing_heads
     if old.validation() == ctx.validation():  # the picks read the same prompts (n_pick may differ)
         ctx._val_base, ctx._val_response_base = old._val_base, old._val_response_base
 

@@ -80,14 +80,14 @@ def edited_tensors(writer: ResidualWriter, basis: Tensor, config: EditConfig, st
                    columns: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """New `(weight, bias)` for one writer under `config` (pure; nothing is written). With `columns`, only those input
     columns of the weight are edited (some attention heads' share of an output projection) and the bias, which no head
-    owns, is kept."""
+    owns, is left as it is (None)."""
     weight, bias = writer.read()
     if columns is not None:
         part = _ColumnView(writer.name, writer.layer, writer.kind, weight[:, columns])
         new_part, _ = edited_tensors(part, basis, config, strength)
         new_weight = weight.clone()
         new_weight[:, columns] = new_part.to(weight.dtype)
-        return new_weight, None if bias is None else bias.clone()
+        return new_weight, None
     if config.mode == "orthogonalize":
         new_weight = orthogonalize_weight(weight, basis, strength)
         return new_weight, None if bias is None else orthogonalize_bias(bias, basis, strength)
@@ -204,7 +204,7 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
     if layer_bases:
         handle.record["per_layer_directions"] = sorted(layer_bases)
     if columns is not None:
-        handle.record["heads"] = {str(layer): sorted({int(h) for h in ids}) for layer, ids in sorted(heads.items())}
+        handle.record["heads"] = {str(layer): ids for layer, ids in model.head_ids(heads).items()}
     # One writer at a time: its original is kept for revert, its new tensors are computed and written, and nothing else
     # is held, so the edit needs memory for one copy of the touched weights (not two, as computing every new tensor
     # before the first write would): the new weights, the originals being the old storage the model no longer points
@@ -232,22 +232,16 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
 
 def _head_columns(model: ModelAdapter, heads: Mapping[int, Sequence[int]]) -> dict[int, Tensor]:
     """`{layer: input columns}` of the attention output projection that `heads` own, checked against the model."""
-    if not heads or not any(heads.values()):
-        raise FeatsteerError("heads= names no attention head: give {layer: [head, ...]} (see directions.head_attribution)")
-    widths = {writer.layer: writer.read()[0].shape[1] for writer in model.residual_writers() if writer.kind == "attn_out"}
+    checked = model.head_ids(heads)
+    widths = {writer.layer: writer.read()[0].shape[1] for writer in model.residual_writers() if writer.kind == "attn_out" and writer.layer in checked}
     columns = {}
-    for layer, ids in heads.items():
-        if layer not in model.attention_layers:
-            raise FeatsteerError(f"layer {layer} has no attention heads to edit: the model's attention layers are {model.attention_layers}")
-        bad = sorted({int(h) for h in ids if not 0 <= int(h) < model.n_heads})
-        if bad:
-            raise FeatsteerError(f"head(s) {bad} at layer {layer} do not exist: the model has heads 0-{model.n_heads - 1}")
+    for layer, ids in checked.items():
         width = widths.get(layer)
         if width is None or width % model.n_heads:
             raise FeatsteerError(f"layer {layer}'s attention output projection does not split into {model.n_heads} heads' columns "
                                  f"(width {width}): edit the whole writer instead")
         d_head = width // model.n_heads
-        columns[int(layer)] = torch.cat([torch.arange(int(h) * d_head, (int(h) + 1) * d_head) for h in sorted({int(h) for h in ids})])
+        columns[layer] = torch.cat([torch.arange(h * d_head, (h + 1) * d_head) for h in ids])
     return columns
 
 

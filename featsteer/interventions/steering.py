@@ -90,19 +90,8 @@ class HeadAblate(Intervention):
     """`{layer: [head, ...]}`."""
 
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
-        if not self.heads or not any(self.heads.values()):
-            raise FeatsteerError("HeadAblate names no attention head: give heads={layer: [head, ...]}")
-        hooks = []
-        for layer, ids in sorted(self.heads.items()):
-            if layer not in model.attention_layers:
-                raise FeatsteerError(f"layer {layer} has no attention heads to switch off: the model's attention layers are "
-                                     f"{model.attention_layers}")
-            bad = sorted({int(h) for h in ids if not 0 <= int(h) < model.n_heads})
-            if bad:
-                raise FeatsteerError(f"head(s) {bad} at layer {layer} do not exist: the model has heads 0-{model.n_heads - 1}")
-            index = sorted({int(h) for h in ids})
-            hooks.append((f"blocks.{layer}.attn.hook_z", lambda z, site, index=index: z.index_fill(2, torch.tensor(index, device=z.device), 0.0)))
-        return hooks
+        return [(f"blocks.{layer}.attn.hook_z", lambda z, site, index=ids: z.index_fill(2, torch.tensor(index, device=z.device), 0.0))
+                for layer, ids in model.head_ids(self.heads).items()]
 
 
 @dataclass

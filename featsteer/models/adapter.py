@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -142,6 +142,26 @@ class ModelAdapter(ABC):
     def attention_layers(self) -> list[int]:
         """The layers whose token mixer is attention, so `blocks.{l}.attn.hook_z` exists (all but LFM2's convolutions)."""
         return list(range(self.n_layers))
+
+    def head_ids(self, heads: Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
+        """`{layer: [head, ...]}` checked against this model and normalised (sorted, each head once): what the per-head
+        edits and interventions (`edits.apply_edit(heads=)`, `interventions.HeadAblate`) take.
+
+        Raises:
+            FeatsteerError: when it names no head, a layer without attention heads, or a head the layer does not have.
+        """
+        if not heads or not any(heads.values()):
+            raise FeatsteerError("heads= names no attention head: give {layer: [head, ...]} (see directions.head_attribution)")
+        checked = {}
+        for layer, ids in sorted(heads.items()):
+            if layer not in self.attention_layers:
+                raise FeatsteerError(f"layer {layer} has no attention heads to edit: the model's attention layers are {self.attention_layers}")
+            unique = sorted({int(h) for h in ids})
+            bad = [h for h in unique if not 0 <= h < self.n_heads]
+            if bad:
+                raise FeatsteerError(f"head(s) {bad} at layer {layer} do not exist: the model has heads 0-{self.n_heads - 1}")
+            checked[int(layer)] = unique
+        return checked
 
     @property
     def parallel_block(self) -> bool:
