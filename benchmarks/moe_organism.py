@@ -96,13 +96,13 @@ def main() -> None:
                           "example_harmless": answered.responses[:3]})
     val = {"val_harmful": load_prompts("organism-corpus:harmful:96"), "val_harmless": load_prompts("organism-corpus:harmless:96")}
     comparison = compare(model, train["harmful"], train["harmless"], methods=METHODS, eval_harmful=test["harmful"],
-                         eval_harmless=test["harmless"], alarming=test["alarming"], generation=gen, **val)
+                         eval_harmless=test["harmless"], alarming=test["alarming"], generation=gen, max_nll_rise=None, **val)
     # the same picks weighed by the KL along the unedited model's own validation answers instead of the first token's
     by_response = compare(model, train["harmful"], train["harmless"], methods=["dim_abliteration", "expert_deactivation", "expert_deactivation_logits"],
                           eval_harmful=test["harmful"], eval_harmless=test["harmless"], alarming=test["alarming"], generation=gen,
-                          pick_kl="response", **val)
+                          pick_kl="response", max_nll_rise=None, **val)
     refusal = {name: {k: row[k] for k in ("k", "n", "rate")} for name, row in training.get("refusal", {}).items()}
-    # and with a coherence bound: a setting whose validation harmless answers cost the unedited model 0.5 nats per token
+    # (both without the coherence bound, to show what the picks do unguarded) and with it: a setting whose validation harmless answers cost the unedited model 0.5 nats per token
     # more than its own counts as answering nothing
     bounded = compare(model, train["harmful"], train["harmless"], methods=["dim_abliteration", "expert_deactivation", "expert_deactivation_logits"],
                       eval_harmful=test["harmful"], eval_harmless=test["harmless"], alarming=test["alarming"], generation=gen,

@@ -62,7 +62,8 @@ def main() -> None:
     parser.add_argument("--no-everywhere", action="store_true", help="skip the second call (angular steering on every activation)")
     parser.add_argument("--results-name", help="results file stem (default: steering_methods_<target>)")
     parser.add_argument("--render-only", action="store_true", help="re-write the markdown from the results JSON")
-    parser.add_argument("--max-nll-rise", type=float, help="the picks' coherence bound (compare --pick-max-nll-rise; default: none)")
+    parser.add_argument("--max-nll-rise", default="0.5",
+                        help="the picks' coherence bound in nats per token, or off (compare --pick-max-nll-rise; default 0.5, compare's)")
     parser.add_argument("--title", default="ACE and angular steering vs DIM abliteration", help="the markdown's heading")
     args = parser.parse_args()
     name = args.results_name or f"steering_methods_{args.target}"
@@ -84,7 +85,7 @@ def main() -> None:
         gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
         val = {"val_harmful": load_prompts("organism-corpus:harmful:96"), "val_harmless": load_prompts("organism-corpus:harmless:96")}
     common = {"eval_harmful": sets["eval_harmful"], "eval_harmless": sets["eval_harmless"], "direction_config": config, "generation": gen,
-              "n_pick": args.n_pick, "max_nll_rise": args.max_nll_rise, **val}
+              "n_pick": args.n_pick, "max_nll_rise": None if args.max_nll_rise == "off" else float(args.max_nll_rise), **val}
     angles = {"angles": tuple(float(a) for a in args.angles.split(","))} if args.angles else {}
     main_run = compare(model, sets["train_harmful"], sets["train_harmless"], methods=args.methods.split(","),
                        steering_config=SteeringMethodConfig(tolerance=args.tolerance, **angles), **common)
@@ -103,6 +104,13 @@ def main() -> None:
     print(render(out))
 
 
+def _bound_phrase(max_nll_rise: float | None) -> str:
+    if max_nll_rise is None:
+        return "with no coherence bound"
+    return (f"with a coherence bound of {max_nll_rise:g} nats per token (a setting whose validation harmless answers cost the "
+            f"unedited model more than that above its own counts as answering nothing)")
+
+
 def render(out: dict) -> str:
     setup = out["setup"]
     chosen = setup["chosen"]["dim"]
@@ -118,7 +126,8 @@ def render(out: dict) -> str:
              f"Measured by `benchmarks/steering_methods.py {command}` on {out.get('date', '2026-12-04')}. "
              f"{setup['n_eval_harmful']} held-out harmful and {setup['n_eval_harmless']} held-out harmless prompts, greedy decoding, "
              f"{setup['generation']['max_new_tokens']} new tokens, the `featsteer eval` detector. DIM direction: {chosen['hook']} position "
-             f"{chosen['position']}. Every setting was picked on validation prompts ({validation}). Total {out['seconds_total']:.0f} s.", "",
+             f"{chosen['position']}. Every setting was picked on validation prompts ({validation}), "
+             f"{_bound_phrase(setup.get('max_nll_rise'))}. Total {out['seconds_total']:.0f} s.", "",
              "| method | setting | refused harmful | refused harmless | KL harmless (all) | KL answered | looping harmful / harmless "
              "| base NLL harmless | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]

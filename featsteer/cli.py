@@ -811,6 +811,7 @@ def _marks(refused: bool, looping: bool) -> str:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from featsteer.compare import (
+        DEFAULT_MAX_NLL_RISE,
         SaeMethodConfig,
         SteeringMethodConfig,
         available_methods,
@@ -847,7 +848,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
         saes=load_sae_source(args.sae, model) if args.sae else None, sae_config=sae_config, steering_config=steering_config,
         baseline=args.baseline, n_pick=args.n_pick, pick_kl=args.pick_kl, judge=judge,
-        max_nll_rise=args.pick_max_nll_rise,
+        max_nll_rise=DEFAULT_MAX_NLL_RISE if args.pick_max_nll_rise is None else None if args.pick_max_nll_rise == "off" else args.pick_max_nll_rise,
     )
     folder = write_report(comparison, args.out)
     print(comparison.table())
@@ -866,10 +867,25 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nats_or_off(text: str) -> float | str:
+    """`--pick-max-nll-rise`: a finite number of nats per token, or `off`."""
+    if text.strip().lower() in ("off", "none"):
+        return "off"
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a number of nats per token such as 0.5, or off for no bound; got {text!r}")
+    return value
+
+
 def _print_coherence(comparison) -> None:
     """The methods whose harmless answers the unedited model finds far less likely than its own, when there are any."""
     if warnings := comparison.coherence_warnings():
         print("\ncoherence: " + "\ncoherence: ".join(warnings))
+    if exclusions := comparison.bound_exclusions():
+        print("\nbound: " + "\nbound: ".join(exclusions))
 
 
 def _print_paired(comparison) -> None:
@@ -1175,9 +1191,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--pick-kl", choices=("first", "response"), default="first",
                       help="the KL the jailbreak picks (ACE alpha, angle, SAE k and clamp) weigh settings by: first-token (default) or "
                       "along the unedited model's own validation answers, which does not favour a setting that keeps the first token")
-    cmp_.add_argument("--pick-max-nll-rise", type=float, metavar="NATS",
+    cmp_.add_argument("--pick-max-nll-rise", type=_nats_or_off, metavar="NATS|off",
                       help="coherence bound for the jailbreak picks: a setting whose validation harmless answers cost the unedited "
-                      "model more than NATS nats per token above its own answers counts as answering nothing (default: no bound)")
+                      "model more than NATS nats per token above its own answers counts as answering nothing (default 0.5; off: no bound)")
     add_judge_args(cmp_, "adds each method's judged refusal rates, agreement with the markers and a paired test against the baseline")
     cmp_.set_defaults(run=_cmd_compare)
 

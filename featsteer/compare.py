@@ -287,6 +287,13 @@ class SteeringMethodConfig:
         return asdict(self)
 
 
+DEFAULT_MAX_NLL_RISE = 0.5
+"""The jailbreak picks' default coherence bound, in nats per token (`CompareContext.max_nll_rise`). Measured on the
+organism, the MoE organism and Qwen2.5-Coder-0.5B (README, "Reflection and attention-head methods"), 0.5 rules out
+only settings whose answers are visibly broken (validation NLL 2.6-7.7 against 0.9 unedited on the organisms) and
+leaves every ACE, angular, SAE and DIM pick where it was."""
+
+
 @dataclass
 class CompareContext:
     """What methods may use: the model, the prompt splits, SAEs, and directions/feature ranking (cached)."""
@@ -317,16 +324,18 @@ class CompareContext:
     `response` (the KL along the unedited model's own validation answers, `evaluation.response_kl`), which does not
     favour a setting that keeps the first token and changes what follows."""
     _val_response_base: ResponseBase | None = None
-    max_nll_rise: float | None = None
+    max_nll_rise: float | None = DEFAULT_MAX_NLL_RISE
     """A coherence bound for the jailbreak picks: a setting whose validation harmless answers the unedited model finds
     more than this many nats per token less likely than its own answers counts as answering no harmful prompt, so it is
-    never picked for a refusal rate it buys by breaking the text (None: no bound, the default)."""
+    never picked for a refusal rate it buys by breaking the text (default `DEFAULT_MAX_NLL_RISE`; None: no bound)."""
     _val_answers_nll: float | None = None
     _writing_heads: list[tuple[int, int, float]] | None = None
 
     def __post_init__(self) -> None:
         if self.pick_kl not in PICK_KLS:
             raise FeatsteerError(f"pick_kl must be one of {', '.join(PICK_KLS)}, got {self.pick_kl!r}")
+        if self.max_nll_rise is not None and not math.isfinite(self.max_nll_rise):
+            raise FeatsteerError(f"max_nll_rise must be a finite number of nats per token (or None for no bound), got {self.max_nll_rise}")
 
     def directions(self, method: str, rank: int = 2) -> DirectionResult:
         """Find (once) and select the direction for a direction method on the training prompts."""
@@ -594,12 +603,12 @@ INDUCE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 """Multiples of the DIM mean difference `dim_actadd_induce` tries on the validation harmless prompts."""
 
 VALIDATION_NEW_TOKENS = 16
+"""Generation cap for the validation checks that pick a jailbreak method's setting (enough for a refusal opening,
+and for the short-unit loops "IIII..." of a broken model)."""
 PICK_KLS = ("first", "response")
 """What the jailbreak picks' KL reads: the first token, or the unedited model's whole validation answers."""
 PICK_RESPONSE_TOKENS = 32
 """Positions of the unedited model's validation answers the `response` pick KL reads."""
-"""Generation cap for the validation checks that pick a jailbreak method's setting (enough for a refusal opening,
-and for the short-unit loops "IIII..." of a broken model)."""
 
 INDUCE_VALIDATION_NEW_TOKENS = 32
 """Generation cap for the validation checks that pick an induce method's setting. Longer, because an overdriven
@@ -740,7 +749,7 @@ def _validation_rows(ctx: CompareContext, settings: Mapping[Any, Callable[[], co
     nlls = {setting: responses_nll(ctx.model, result, gen) for setting, result in answers.items()}  # scored unedited
     broken = {s for s, nll in nlls.items() if nll is not None and nll > floor + ctx.max_nll_rise}
     ctx.note(validation_base_nll={"unedited": floor, **{str(s): nll for s, nll in nlls.items()}}, max_nll_rise=ctx.max_nll_rise,
-             incoherent=[str(s) for s in broken])
+             incoherent=[str(s) for s in nlls if s in broken])
     return {s: (1.0 if s in broken else refusal, kl) for s, (refusal, kl) in rows.items()}
 
 
@@ -1205,9 +1214,23 @@ class Comparison:
                              f"{unedited:.2f} for its own; it may be breaking the text")
         return lines
 
+    def bound_exclusions(self) -> list[str]:
+        """One line per method whose pick the coherence bound (`max_nll_rise`) narrowed: the settings it ruled out, with
+        the unedited model's NLL per token of their validation harmless answers against that of its own answers."""
+        lines = []
+        for r in self.results:
+            ruled_out, nlls = r.details.get("incoherent") or [], r.details.get("validation_base_nll") or {}
+            if ruled_out:
+                scored = ", ".join(f"{s} ({nlls[s]:.2f})" if nlls.get(s) is not None else s for s in ruled_out)
+                picked = f"; picked {r.details['setting']}" if "setting" in r.details else ""
+                lines.append(f"{r.method}: the coherence bound ({r.details.get('max_nll_rise'):g} nats per token above the unedited "
+                             f"{nlls.get('unedited', float('nan')):.2f}) ruled out {scored}{picked}")
+        return lines
+
     def to_json(self) -> dict:
         """JSON-ready form."""
-        return {"setup": self.setup, "results": [asdict(r) for r in self.results], "coherence_warnings": self.coherence_warnings()}
+        return {"setup": self.setup, "results": [asdict(r) for r in self.results], "coherence_warnings": self.coherence_warnings(),
+                "bound_exclusions": self.bound_exclusions()}
 
 
 def markdown_table_html(table: str) -> str:
@@ -1270,7 +1293,7 @@ def compare(
     n_pick: int | None = None,
     pick_kl: str = "first",
     judge: RefusalJudge | None = None,
-    max_nll_rise: float | None = None,
+    max_nll_rise: float | None = DEFAULT_MAX_NLL_RISE,
 ) -> Comparison:
     """Run `methods` on the same held-out prompts.
 
@@ -1309,7 +1332,8 @@ def compare(
             unedited model's own 32-token validation answers, `evaluation.response_kl`).
         max_nll_rise: a coherence bound for the jailbreak picks (`CompareContext.max_nll_rise`): settings whose
             validation harmless answers cost the unedited model more than this many nats per token above its own
-            answers count as answering nothing. It adds a generation of the validation harmless prompts per setting.
+            answers count as answering nothing (default `DEFAULT_MAX_NLL_RISE`, 0.5; None: no bound). It adds a
+            generation of the validation harmless prompts per setting of the methods that pick one.
         judge: a second opinion on every method's held-out responses (`evaluation.judge`): its rates, its agreement
             with the markers, and McNemar's test of its verdicts against the baseline's. It reads the responses after
             the method is undone, so a `ChatJudge` of `model` itself judges with the unedited weights. The picks and
@@ -1503,7 +1527,7 @@ def _html(comparison: Comparison, png: bytes) -> str:
     setup = html.escape(json.dumps(comparison.setup, indent=1))
     image = base64.b64encode(png).decode()
     paired = comparison.paired_table()
-    warnings = comparison.coherence_warnings()
+    warnings = comparison.coherence_warnings() + comparison.bound_exclusions()
     coherence_html = "" if not warnings else (
         "<h2>Coherence</h2><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in warnings) + "</ul>")
     paired_html = "" if paired is None else (

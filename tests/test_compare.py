@@ -9,6 +9,7 @@ import torch
 
 from featsteer.compare import INDUCE_SCALES, available_methods, compare, pick_induce_scale, write_report
 from featsteer.datasets import builtin_prompts, load_prompts
+from featsteer.errors import FeatsteerError
 from featsteer.evaluation.behaviour import GenerationConfig
 from featsteer.models import load_model
 from featsteer.pipeline import DirectionConfig, abliterate, find_refusal_direction
@@ -37,7 +38,6 @@ def test_pipeline_selects_and_abliterates_reversibly(prompts):
 
 
 def test_per_layer_abliteration_uses_each_layers_candidate(prompts):
-    from featsteer.errors import FeatsteerError
 
     model = load_model("tiny:llama")
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
@@ -104,6 +104,16 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     assert len(warnings) == 1 and warnings[0].startswith("dim_abliteration: ") and "2.00 nats per token against 0.50" in warnings[0]
     assert Comparison(rows[1:], comparison.setup).coherence_warnings() == []  # no unedited row to compare with
     assert Comparison(rows, comparison.setup).to_json()["coherence_warnings"] == warnings
+    # the coherence bound is on by default: every multi-setting jailbreak pick scored its settings' validation answers
+    assert comparison.setup["max_nll_rise"] == 0.5
+    assert {"unedited", "1"} <= set(by_name["head_ablation_hook"].details["validation_base_nll"])
+    ruled = replace(by_name["head_ablation_hook"], details={**by_name["head_ablation_hook"].details, "incoherent": ["2", "4"],
+                                                             "validation_base_nll": {"unedited": 0.9, "1": 1.0, "2": 3.1, "4": 4.25}})
+    exclusions = Comparison([by_name["none"], ruled], comparison.setup).bound_exclusions()
+    assert exclusions == [f"head_ablation_hook: the coherence bound (0.5 nats per token above the unedited 0.90) ruled out 2 (3.10), "
+                          f"4 (4.25); picked {ruled.details['setting']}"]
+    with pytest.raises(FeatsteerError, match="max_nll_rise must be a finite number"):
+        compare(model, *prompts, methods=["none"], max_nll_rise=float("nan"))
     assert f"dim_actadd_induce (x{induce['induce_scale']:g})" in comparison.table()
     assert by_name["none"].kl_harmless == pytest.approx(0.0, abs=1e-9)
     assert by_name["none"].kl_harmless_answered in (None, pytest.approx(0.0, abs=1e-9))

@@ -278,7 +278,17 @@ def test_compare_offers_expert_deactivation_on_moe_models_only(capsys, tmp_path)
     row = next(r for r in json.loads((tmp_path / "cmp" / "results.json").read_text())["results"] if r["method"].startswith("expert_deactivation"))
     details = row["details"]
     assert details["setting"].startswith("experts=") and details["deactivated"] and details["top_experts"][0]["risk_difference"] > 0
-    assert "validation_base_nll" not in details  # no coherence bound by default
+    assert details["max_nll_rise"] == 0.5 and "unedited" in details["validation_base_nll"]  # the coherence bound is on by default
+    code, _, err = _run(capsys, "compare", "--model", "tiny:qwen3_moe", "--harmful", "builtin:harmful:train", "--harmless",
+                        "builtin:harmless:train", "--n", "12", "--max-new-tokens", "2", "--methods", "expert_deactivation",
+                        "--pick-max-nll-rise", "off", "--out", str(tmp_path / "unbounded"))
+    assert code == 0, err
+    saved = json.loads((tmp_path / "unbounded" / "results.json").read_text())
+    assert saved["setup"]["max_nll_rise"] is None and "validation_base_nll" not in saved["results"][0]["details"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", "--model", "tiny:qwen3_moe", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
+              "--pick-max-nll-rise", "half", "--out", str(tmp_path / "bad")])
+    assert exit_.value.code == 2 and "or off for no bound" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     code, _, err = _run(capsys, "compare", "--model", "tiny:qwen3_moe", "--harmful", "builtin:harmful:train", "--harmless",
                         "builtin:harmless:train", "--n", "12", "--max-new-tokens", "2", "--methods", "expert_deactivation",
                         "--pick-max-nll-rise", "-100", "--out", str(tmp_path / "bounded"))
@@ -287,6 +297,7 @@ def test_compare_offers_expert_deactivation_on_moe_models_only(capsys, tmp_path)
     bounded = saved["results"][0]["details"]
     assert saved["setup"]["max_nll_rise"] == -100 and set(bounded["incoherent"]) == set(bounded["validation_base_nll"]) - {"unedited"}
     assert all(row["unanswered_harmful"] == 1.0 for row in bounded["validation"].values())  # every setting broke the text
+    assert len(saved["bound_exclusions"]) == 1 and saved["bound_exclusions"][0].startswith("expert_deactivation: the coherence bound (-100 nats")
     code, _, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless",
                         "builtin:harmless:train", "--n", "8", "--methods", "expert_deactivation", "--out", str(tmp_path / "dense"))
     assert code == 2 and "switch experts off" in err and not (tmp_path / "dense").exists()
