@@ -736,8 +736,10 @@ def _angular_steers(ctx: CompareContext, norms: bool = False) -> Callable[[float
     return lambda degrees: AngularSteer(plane, degrees, where=hooks, adaptive=adaptive)
 
 
-def _validation_rows(ctx: CompareContext, settings: Mapping[Any, Callable[[], contextlib.AbstractContextManager]]) -> dict[Any, tuple[float, float]]:
-    """`jailbreak_rows` on the context's validation prompts, with the validation decoding every pick uses."""
+def _validation_rows(ctx: CompareContext, settings: Mapping[Any, Callable[[], contextlib.AbstractContextManager]],
+                     name: Callable[[Any], str] = str) -> dict[Any, tuple[float, float]]:
+    """`jailbreak_rows` on the context's validation prompts, with the validation decoding every pick uses; `name` labels
+    a setting in the coherence bound's notes."""
     val_harmful, val_harmless = ctx.validation()
     gen = GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS, batch_size=ctx.direction_config.batch_size)
     if ctx.max_nll_rise is None:
@@ -748,8 +750,8 @@ def _validation_rows(ctx: CompareContext, settings: Mapping[Any, Callable[[], co
                                                                                          RefusalDetector())))
     nlls = {setting: responses_nll(ctx.model, result, gen) for setting, result in answers.items()}  # scored unedited
     broken = {s for s, nll in nlls.items() if nll is not None and nll > floor + ctx.max_nll_rise}
-    ctx.note(validation_base_nll={"unedited": floor, **{str(s): nll for s, nll in nlls.items()}}, max_nll_rise=ctx.max_nll_rise,
-             incoherent=[str(s) for s in nlls if s in broken])
+    ctx.note(validation_base_nll={"unedited": floor, **{name(s): nll for s, nll in nlls.items()}}, max_nll_rise=ctx.max_nll_rise,
+             incoherent=[name(s) for s in nlls if s in broken])
     return {s: (1.0 if s in broken else refusal, kl) for s, (refusal, kl) in rows.items()}
 
 
@@ -761,7 +763,7 @@ def _pick_kl_key(ctx: CompareContext) -> str:
 def _pick_gentlest(ctx: CompareContext, label: str, values: Sequence[float], make: Callable[[float], contextlib.AbstractContextManager]) -> float:
     """The value `gentlest_within` picks on the validation prompts (the only one when there is one); noted."""
     if len(values) > 1:
-        rows = _validation_rows(ctx, {v: (lambda v=v: make(v)) for v in values})
+        rows = _validation_rows(ctx, {v: (lambda v=v: make(v)) for v in values}, name=lambda v: f"{label}={v:g}")
         chosen = gentlest_within(rows, ctx.steering_config.tolerance)
         ctx.note(validation={f"{label}={v:g}": {"unanswered_harmful": r, _pick_kl_key(ctx): kl} for v, (r, kl) in rows.items()})
     else:
@@ -930,7 +932,7 @@ def _pick_jailbreak(ctx: CompareContext, settings: Sequence[tuple[int, float | N
     """The setting `gentlest_within` picks on the validation prompts (the only one when there is one); noted."""
     if len(settings) == 1:
         return settings[0]
-    rows = _validation_rows(ctx, {setting: (lambda setting=setting: make(*setting)) for setting in settings})
+    rows = _validation_rows(ctx, {setting: (lambda setting=setting: make(*setting)) for setting in settings}, name=lambda s: _setting_label(*s))
     chosen = gentlest_within(rows, ctx.sae_config.tolerance)
     ctx.note(sae_validation={_setting_label(*key): {"unanswered_harmful": r, _pick_kl_key(ctx): kl} for key, (r, kl) in rows.items()})
     return chosen

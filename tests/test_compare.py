@@ -106,12 +106,12 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     assert Comparison(rows, comparison.setup).to_json()["coherence_warnings"] == warnings
     # the coherence bound is on by default: every multi-setting jailbreak pick scored its settings' validation answers
     assert comparison.setup["max_nll_rise"] == 0.5
-    assert {"unedited", "1"} <= set(by_name["head_ablation_hook"].details["validation_base_nll"])
-    ruled = replace(by_name["head_ablation_hook"], details={**by_name["head_ablation_hook"].details, "incoherent": ["2", "4"],
-                                                             "validation_base_nll": {"unedited": 0.9, "1": 1.0, "2": 3.1, "4": 4.25}})
+    assert {"unedited", "heads=1"} <= set(by_name["head_ablation_hook"].details["validation_base_nll"])
+    ruled = replace(by_name["head_ablation_hook"], details={**by_name["head_ablation_hook"].details, "incoherent": ["heads=2", "heads=4"],
+                                                             "validation_base_nll": {"unedited": 0.9, "heads=1": 1.0, "heads=2": 3.1, "heads=4": 4.25}})
     exclusions = Comparison([by_name["none"], ruled], comparison.setup).bound_exclusions()
-    assert exclusions == [f"head_ablation_hook: the coherence bound (0.5 nats per token above the unedited 0.90) ruled out 2 (3.10), "
-                          f"4 (4.25); picked {ruled.details['setting']}"]
+    assert exclusions == [f"head_ablation_hook: the coherence bound (0.5 nats per token above the unedited 0.90) ruled out heads=2 (3.10), "
+                          f"heads=4 (4.25); picked {ruled.details['setting']}"]
     with pytest.raises(FeatsteerError, match="max_nll_rise must be a finite number"):
         compare(model, *prompts, methods=["none"], max_nll_rise=float("nan"))
     assert f"dim_actadd_induce (x{induce['induce_scale']:g})" in comparison.table()
