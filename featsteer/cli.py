@@ -332,6 +332,9 @@ def _cmd_directions(args: argparse.Namespace) -> int:
               "removed gap written back; below 0, less is written once it is gone; geometry.md)")
     if geometry is not None and geometry.readers is not None:
         print(geometry.readers.summary() + " (geometry.md)")
+    chosen_size = next((row for row in (geometry.sample_sizes or []) if row.hook == geometry.hook), None) if geometry is not None else None
+    if chosen_size is not None:
+        print(f"sample size: the DIM direction at {chosen_size.hook} position {chosen_size.position}, {chosen_size.line()} (geometry.md)")
     return 0
 
 

@@ -197,7 +197,24 @@ class DirectionResult:
             harmful, harmless = (list(prompts.head(min(reader_prompts, len(prompts)))) for prompts in self.val)
             readers = direction_readers(model, r, harmful, harmless, per_layer=reader_layers)
         return DirectionGeometry(hook, position, hooks, cosines, class_projections(*self.activations, r, position), chosen_lens,
-                                 lenses, heads, repair, readers)
+                                 lenses, heads, repair, readers, self.sample_sizes())
+
+    def sample_sizes(self, draws: int = 32, seed: int = 0) -> list:
+        """How precisely every captured hook's DIM direction at the chosen position is estimated from the training
+        prompts, and how many prompts per class a cosine of 0.9 / 0.95 / 0.99 with the many-prompt direction needs
+        (`directions.sample_size`, with a split-half check over `draws` random splits).
+
+        Raises:
+            FeatsteerError: without kept activations, or with fewer than 4 training prompts per class.
+        """
+        from featsteer.directions.sample_size import sample_size
+
+        if self.activations is None:
+            raise FeatsteerError("the sample-size estimate needs the training activations: find the direction with keep_activations=True")
+        harmful, harmless = self.activations
+        position = self.candidates.positions[self.selection.chosen.index]
+        return [sample_size(harmful.at_position(hook, position), harmless.at_position(hook, position), hook=hook, position=position,
+                            draws=draws, seed=seed) for hook in harmful.hook_names]
 
 
 def split(prompts: PromptSet, val_fraction: float) -> tuple[PromptSet, PromptSet]:

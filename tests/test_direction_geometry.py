@@ -95,11 +95,18 @@ def test_direction_result_geometry_and_the_directions_command(tmp_path):
     readers = geometry.readers  # read-side ablation on the same validation prompts, per group and per block
     assert (readers.n_harmful, readers.n_harmless) == (6, 6) and len(readers.rows) == 6 + 2 * model.n_layers
     assert "## Which components read it?" in geometry.markdown()
+    sizes = geometry.sample_sizes  # one sample-size estimate per captured hook, at the chosen position, from the 18 + 18 train prompts
+    assert [row.hook for row in sizes] == list(result.activations[0].hook_names) and {(row.n_harmful, row.n_harmless) for row in sizes} == {(18, 18)}
+    chosen = next(row for row in sizes if row.hook == geometry.hook)
+    assert 0 < chosen.cosine <= 1 and chosen.needed[0.9] < chosen.needed[0.99] and "## Enough prompts?" in geometry.markdown()
+    assert result.sample_sizes(draws=4, seed=1)[0].hook == sizes[0].hook
     quick = result.geometry(model, repair_prompts=None, reader_layers=False)
     assert len(quick.readers.rows) == 6 and result.geometry(model, reader_prompts=None).readers is None
     plain = find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=4))
     with pytest.raises(FeatsteerError, match="keep_activations=True"):
         plain.geometry(model)
+    with pytest.raises(FeatsteerError, match="keep_activations=True"):
+        plain.sample_sizes()
     out = tmp_path / "dirs"
     assert main(["directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
                  "--n", "24", "--n-select", "4", "--out", str(out)]) == 0
@@ -109,6 +116,7 @@ def test_direction_result_geometry_and_the_directions_command(tmp_path):
     assert "| hook | harmful mean |" in (out / "geometry.md").read_text()
     assert saved["self_repair"]["at"] == saved["hook"] and saved["self_repair"]["rows"]
     assert saved["readers"]["rows"][0]["readers"] == "every residual write" and len(saved["readers"]["rows"]) == 6 + 2 * model.n_layers
+    assert len(saved["sample_sizes"]) == model.n_layers and set(saved["sample_sizes"][0]["needed"]) == {"0.9", "0.95", "0.99"}
     assert main(["directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
                  "--n", "24", "--n-select", "4", "--geometry", "quick", "--out", str(tmp_path / "quick")]) == 0
     assert len(json.loads((tmp_path / "quick" / "geometry.json").read_text())["readers"]["rows"]) == 6

@@ -28,6 +28,7 @@ from featsteer.directions.methods import (
 )
 from featsteer.directions.readers import DirectionReaders, ReaderRow, direction_readers
 from featsteer.directions.repair import RepairRow, SelfRepair, self_repair
+from featsteer.directions.sample_size import SampleSize, sample_size, sample_size_table
 
 __all__ = [
     "METHODS",
@@ -37,6 +38,7 @@ __all__ = [
     "HeadAttribution",
     "LogitLens",
     "RepairRow",
+    "SampleSize",
     "SelfRepair",
     "Separability",
     "class_projections",
@@ -49,6 +51,8 @@ __all__ = [
     "paired_pca",
     "projected_dim",
     "rotation_plane",
+    "sample_size",
+    "sample_size_table",
     "self_repair",
     "DirectionReaders",
     "ReaderRow",

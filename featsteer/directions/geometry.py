@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from featsteer.directions.directions import DirectionSet, unit
+from featsteer.directions.sample_size import SampleSize, sample_size_table
 from featsteer.errors import FeatsteerError
 
 if TYPE_CHECKING:
@@ -215,6 +216,9 @@ class DirectionGeometry:
     """What the later layers write back when the direction is ablated at its own hook only (`directions.repair`)."""
     readers: DirectionReaders | None = None
     """Refusal and KL with the direction removed from what each group of readers sees (`directions.readers`)."""
+    sample_sizes: list[SampleSize] | None = None
+    """How precisely each hook's DIM direction at the chosen position is estimated from the training prompts
+    (`directions.sample_size`)."""
 
     def to_dict(self) -> dict:
         lenses = {hook: None if lens is None else lens.to_dict() for hook, lens in (self.layer_lenses or {}).items()}
@@ -222,7 +226,8 @@ class DirectionGeometry:
                 "class_projections": [asdict(p) for p in self.projections], "logit_lens": self.lens.to_dict(),
                 "layer_logit_lens": lenses, "heads": None if self.heads is None else self.heads.to_dict(),
                 "self_repair": None if self.repair is None else self.repair.to_dict(),
-                "readers": None if self.readers is None else self.readers.to_dict()}
+                "readers": None if self.readers is None else self.readers.to_dict(),
+                "sample_sizes": None if self.sample_sizes is None else [row.to_dict() for row in self.sample_sizes]}
 
     def markdown(self) -> str:
         """The three views as markdown tables."""
@@ -255,6 +260,18 @@ class DirectionGeometry:
                       "`share`: the drop in refusal log-odds when the direction is removed from what these readers see, as a share "
                       "of the drop when it is removed from every residual write. `blocks` is every attention and MLP input; "
                       "`unembedding` is the final norm's output, the direct path to the logits.", "", self.readers.markdown()]
+        if self.sample_sizes:
+            chosen_row = next((row for row in self.sample_sizes if row.hook == self.hook), None)
+            lines += ["", "## Enough prompts?", "",
+                      "How far sampling noise turns each hook's DIM direction (position "
+                      f"{self.position}) from the one infinitely many prompts from the same sources would give: `signal` is "
+                      "the estimated length of the population's mean difference, `spread` how far one prompt strays from its "
+                      "class mean (both classes), `expected cosine` the cosine of this direction with the population's, and "
+                      "the last columns how many prompts per class reach a cosine in expectation. The split-half column "
+                      "(the cosine between two disjoint halves' directions, and what the noise model predicts for it) checks "
+                      "the model on this data. Sampling noise only: whether the prompts are the right ones is another matter.",
+                      ""] + ([f"The chosen direction, {chosen_row.line()}.", ""] if chosen_row else []) + [
+                      sample_size_table(self.sample_sizes, self.hook).rstrip("\n")]
         lines += ["", "## Cosines between the layers' directions", "", "| | " + " | ".join(str(_layer(h)) for h in self.hooks) + " |",
                   "|---|" + "---:|" * len(self.hooks)]
         for hook, row in zip(self.hooks, self.cosines.tolist(), strict=True):
