@@ -1405,14 +1405,33 @@ def compare(
     return Comparison(results, setup, ctx)
 
 
+def _sample_size_note(chosen: dict) -> str:
+    """"; from 192 + 192 training prompts its expected cosine with ..." for the report, or "" without an estimate."""
+    size = chosen.get("sample_size")
+    if not size:
+        return ""
+    needed = size["needed"].get("0.99")
+    needs = "" if needed is None else f"; a cosine of 0.99 needs {max(1, math.ceil(needed))} prompts per class"
+    return html.escape(f"; from {size['n_harmful']} + {size['n_harmless']} training prompts its expected cosine with the direction "
+                       f"of infinitely many such prompts is {size['cosine']:.4f}{needs}")
+
+
 def _chosen_setup(model: ModelAdapter, result: DirectionResult) -> dict[str, Any]:
     """A chosen direction's selection row, with the tokens its first basis vector promotes and suppresses when the
     unembedding reads it (`directions.logit_lens`)."""
     from featsteer.directions import logit_lens
 
     lens = logit_lens(model, result.chosen_basis[0], k=10)
-    return {**result.selection.to_dict()["chosen"],
-            "logit_lens": {"promoted": [t for t, _ in lens.promoted], "suppressed": [t for t, _ in lens.suppressed]}}
+    chosen = {**result.selection.to_dict()["chosen"],
+              "logit_lens": {"promoted": [t for t, _ in lens.promoted], "suppressed": [t for t, _ in lens.suppressed]}}
+    if result.candidates.method == "dim" and result.activations is not None:  # how much of the direction is sampling noise
+        from featsteer.directions import sample_size
+
+        harmful, harmless = result.activations
+        hook, position = chosen["hook"], result.candidates.positions[result.selection.chosen.index]
+        chosen["sample_size"] = sample_size(harmful.at_position(hook, position), harmless.at_position(hook, position), hook=hook,
+                                            position=position, draws=16).to_dict()
+    return chosen
 
 
 def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
@@ -1540,7 +1559,7 @@ def _html(comparison: Comparison, png: bytes) -> str:
     directions = "".join(
         f"<li><b>{html.escape(method)}</b>: {html.escape(str(chosen.get('hook')))} position {chosen.get('position')}; "
         f"the unembedding reads it as promoting {html.escape(', '.join(map(repr, chosen['logit_lens']['promoted'][:6])))} and "
-        f"suppressing {html.escape(', '.join(map(repr, chosen['logit_lens']['suppressed'][:6])))}</li>"
+        f"suppressing {html.escape(', '.join(map(repr, chosen['logit_lens']['suppressed'][:6])))}{_sample_size_note(chosen)}</li>"
         for method, chosen in comparison.setup.get("chosen", {}).items() if "logit_lens" in chosen
     )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>featsteer compare</title>

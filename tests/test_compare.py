@@ -160,6 +160,10 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     assert "KL response" in page
     lens = saved["setup"]["chosen"]["dim"]["logit_lens"]  # the chosen direction as the unembedding reads it
     assert len(lens["promoted"]) == len(lens["suppressed"]) == 10 and "<h2>Directions</h2>" in page and "promoting" in page
+    size = saved["setup"]["chosen"]["dim"]["sample_size"]  # the DIM direction's sampling noise, from its training prompts
+    assert size["hook"] == saved["setup"]["chosen"]["dim"]["hook"] and size["n_harmful"] == len(comparison.context.directions("dim").train[0])
+    assert "expected cosine with the direction of infinitely many such prompts" in page
+    assert "sample_size" not in saved["setup"]["chosen"].get("pca", {})  # only the difference of means has this noise model
     assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 

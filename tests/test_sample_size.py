@@ -68,7 +68,7 @@ def test_no_signal_gives_no_finite_count():
     constant = torch.ones(6, D)  # every prompt's activation the same: the first layer at a template token
     flat = sample_size(constant, constant.clone(), hook="blocks.0.hook_resid_pre", draws=4)
     assert flat.signal == 0 and flat.cosine == 0 and all(math.isinf(v) for v in flat.needed.values())
-    assert "cannot be told apart" in flat.line()
+    assert "cannot be told apart" in flat.line() and flat.to_dict()["needed"] == {"0.9": None, "0.95": None, "0.99": None}
     table = sample_size_table([flat, est], chosen=est.hook)
     assert table.count("\n") == 4 and "| - | - | - |" in table
 

@@ -65,17 +65,18 @@ class SampleSize:
         return _cosine(self.signal**2, self.spread**2 / n)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "needed": {f"{c:g}": n for c, n in self.needed.items()}}
+        """JSON-ready; a count that no finite number of prompts reaches is None (strict JSON has no infinity)."""
+        return {**asdict(self), "needed": {f"{c:g}": n if math.isfinite(n) else None for c, n in self.needed.items()}}
 
     def line(self) -> str:
-        """`from 256 + 256 prompts: expected cosine 0.993 with ...; 0.95 needs 18 prompts per class, ...`"""
+        """`from 256 + 256 prompts: expected cosine 0.9930 with ...; cosine 0.9 needs 8, 0.95 needs 18, ... prompts per class`"""
         if self.signal == 0:
             return (f"from {self.n_harmful} + {self.n_harmless} prompts: the class means cannot be told apart from sampling noise; "
                     "no number of such prompts gives a direction")
         needs = ", ".join(f"{c:g} needs {_count(n)}" for c, n in self.needed.items())
         check = ("" if self.split_half is None else
-                 f" (split-half cosine {self.split_half:.3f}, predicted {self.split_half_predicted:.3f})")
-        return (f"from {self.n_harmful} + {self.n_harmless} prompts: expected cosine {self.cosine:.3f} with the direction of "
+                 f" (split-half cosine {self.split_half:.4f}, predicted {self.split_half_predicted:.4f})")
+        return (f"from {self.n_harmful} + {self.n_harmless} prompts: expected cosine {self.cosine:.4f} with the direction of "
                 f"infinitely many such prompts{check}; cosine {needs} prompts per class")
 
 
@@ -148,7 +149,7 @@ def sample_size_table(rows: Sequence[SampleSize], chosen: str | None = None) -> 
     lines = [head, "|---|---:|---:|---:|---:|" + "---:|" * len(targets)]
     for r in rows:
         name = f"**{r.hook}**" if r.hook == chosen else r.hook
-        check = "-" if r.split_half is None else f"{r.split_half:.3f} ({r.split_half_predicted:.3f})"
-        lines.append(f"| {name} | {r.signal:.3g} | {r.spread:.3g} | {r.cosine:.3f} | {check} | "
+        check = "-" if r.split_half is None else f"{r.split_half:.4f} ({r.split_half_predicted:.4f})"
+        lines.append(f"| {name} | {r.signal:.3g} | {r.spread:.3g} | {r.cosine:.4f} | {check} | "
                      + " | ".join(_count(r.needed[c]) if math.isfinite(r.needed[c]) else "-" for c in targets) + " |")
     return "\n".join(lines) + "\n"
