@@ -89,6 +89,16 @@ def prompt_sets(target: str) -> dict[str, PromptSet]:
     }
 
 
+def load_target(target: str) -> tuple:
+    """`(model, direction config, validation prompts or None)` as the geometry and sample-size benchmarks select: Qwen
+    in bfloat16 with the last quarter of its training prompts as validation (16 read, screened to 16 candidates); the
+    organism with 32 of 96 fresh generated prompts per class, since it was trained on the built-in ones."""
+    if target == "qwen":
+        return load_model(str(qwen_gguf()), dtype="bfloat16"), DirectionConfig(n_select=16, screen=16), None
+    val = (load_prompts("organism-corpus:harmful:96"), load_prompts("organism-corpus:harmless:96"))
+    return load_model("organism", dtype="float32"), DirectionConfig(n_select=32), val
+
+
 def measure(model, sets, gen, tokens, base: KLBase, harmful: bool = True, harmless_refusal: bool = True) -> dict:
     """Refusal on the held-out sets and first-token KL on the harmless one.
 

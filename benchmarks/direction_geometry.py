@@ -23,15 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import prompt_sets, qwen_gguf  # noqa: E402
+from abliteration import load_target, prompt_sets  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
 
 def main() -> None:
-    from featsteer.datasets import load_prompts
-    from featsteer.models import load_model
-    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+    from featsteer.pipeline import find_refusal_direction
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--target", choices=["qwen", "organism"], default="organism")
@@ -45,12 +43,7 @@ def main() -> None:
     qwen = args.target == "qwen"
     sets = prompt_sets(args.target)
     start = time.perf_counter()
-    model = load_model(str(qwen_gguf()) if qwen else "organism", dtype="bfloat16" if qwen else "float32")
-    if qwen:
-        config, val = DirectionConfig(n_select=16, screen=16), None
-    else:
-        config = DirectionConfig(n_select=32)
-        val = (load_prompts("organism-corpus:harmful:96"), load_prompts("organism-corpus:harmless:96"))
+    model, config, val = load_target(args.target)
     result = find_refusal_direction(model, sets["train_harmful"], sets["train_harmless"], config, val=val, keep_activations=True)
     geometry = result.geometry(model, k=args.k)
     n_generate = args.generate if args.generate is not None else (0 if qwen else len(sets["eval_harmful"]))

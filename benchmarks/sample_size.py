@@ -29,20 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import measure, measure_base, prompt_sets, qwen_gguf  # noqa: E402
+from abliteration import load_target, measure, measure_base, prompt_sets  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SIZES = (2, 4, 8, 16, 32, 64, 128)
 
 
 def main() -> None:
-    from featsteer.datasets import load_prompts
     from featsteer.directions import sample_size, unit
     from featsteer.evaluation import RefusalTokens
     from featsteer.evaluation.behaviour import GenerationConfig
     from featsteer.interventions import Ablate, steer
-    from featsteer.models import load_model
-    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+    from featsteer.pipeline import find_refusal_direction
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--target", choices=["qwen", "organism"], default="organism")
@@ -59,14 +57,8 @@ def main() -> None:
     qwen = args.target == "qwen"
     sets = prompt_sets(args.target)
     started = time.perf_counter()
-    model = load_model(str(qwen_gguf()) if qwen else "organism", dtype="bfloat16" if qwen else "float32")
-    if qwen:
-        config, val = DirectionConfig(n_select=16, screen=16), None
-        gen = GenerationConfig(max_new_tokens=32, batch_size=64, max_batch_tokens=8192)
-    else:
-        config = DirectionConfig(n_select=32)
-        val = (load_prompts("organism-corpus:harmful:96"), load_prompts("organism-corpus:harmless:96"))
-        gen = GenerationConfig(max_new_tokens=32)
+    model, config, val = load_target(args.target)
+    gen = GenerationConfig(max_new_tokens=32, batch_size=64, max_batch_tokens=8192) if qwen else GenerationConfig(max_new_tokens=32)
     result = find_refusal_direction(model, sets["train_harmful"], sets["train_harmless"], config, val=val, keep_activations=True)
     chosen = result.selection.chosen
     hook, position = chosen.hook, result.candidates.positions[chosen.index]
