@@ -368,6 +368,11 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
         raise FeatsteerError("--heads edits single heads against the direction fitted here: it goes with a direction --method, "
                              "--scope global and no --directions")
     heads_spec = _heads_spec(args.heads) if args.heads else None  # a malformed --heads fails before the model loads
+    if args.passes < 1:
+        raise FeatsteerError(f"--passes must be at least 1, got {args.passes}")
+    if args.passes > 1 and (args.search or args.heads or args.directions or args.method in ("sae", "svd") or args.scope != "global"):
+        raise FeatsteerError("--passes refines a rank-1 direction fitted here into a global edit: it goes with --method "
+                             "dim|projected|pca|linear|whitened, --scope global, and no --search, --heads or --directions")
     if args.directions:
         return _abliterate_saved(args, mode, warm_start)
     if args.direction_hook is not None or args.direction_position is not None:
@@ -405,7 +410,11 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
         handle = abliterate(model, result, edit, heads=heads_spec)
         print("heads: " + "; ".join(f"layer {layer}: {ids}" for layer, ids in handle.record["heads"].items()))
     else:
-        handle = abliterate(model, result, edit, scope=args.scope)
+        handle = abliterate(model, result, edit, scope=args.scope, passes=args.passes)
+        if "iteration" in handle.record:
+            gaps = handle.record["iteration"]["gaps"]
+            print(f"iterative refinement: {handle.record['iteration']['passes']} directions; mean difference at {chosen.hook} "
+                  + " -> ".join(f"{g:.3g}" for g in gaps) + " (each after the directions before it are edited out)")
     return _check_and_export(model, handle, (held_harmful, held_harmless), before, config, "reflect" if args.reflect else mode, args.out, "held-out", extra)
 
 
@@ -1096,6 +1105,9 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--norm-preserving", action="store_true", help="keep each write column's norm")
     abl.add_argument("--reflect", action="store_true", help="reflect the direction instead of removing it: W - 2 r r^T W at every writer and "
                      "the embedding, so every write's component along it changes sign")
+    abl.add_argument("--passes", type=int, default=1, metavar="N",
+                     help="iterative refinement: the chosen direction and up to N-1 more, each the harmful-minus-harmless mean "
+                     "difference left at its hook once the earlier ones are edited out, all removed (default 1: the direction alone)")
     abl.add_argument("--heads", metavar="SPEC", help="edit only these attention heads' output columns, nothing else: top:N (the N heads "
                      "that write the chosen direction most more on the harmful training prompts) or LAYER:H[,H][;LAYER:H]")
     abl.add_argument("--scope", choices=["global", "per_layer"], default="global",

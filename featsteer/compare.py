@@ -560,6 +560,28 @@ def _dim_np(ctx: CompareContext):
     return _edit(ctx, "dim", EditConfig(mode="norm_preserving"))
 
 
+ITERATION_PASSES: tuple[int, ...] = (1, 2, 3, 4)
+"""How many directions of iterative refinement `dim_iterative_abliteration` tries on the validation prompts."""
+
+
+@register_method("dim_iterative_abliteration", "iterative refinement: with the DIM direction edited out, the harmful-minus-harmless mean "
+                 "difference left at its hook is the next direction, and so on; all of them orthogonalised out of every residual "
+                 "writer, how many passes (1-4) picked on validation prompts")
+def _dim_iterative(ctx: CompareContext):
+    from featsteer.pipeline import iterated_basis
+
+    found = iterated_basis(ctx.model, ctx.directions("dim"), max(ITERATION_PASSES), batch_size=ctx.direction_config.batch_size)
+
+    @contextlib.contextmanager
+    def edit(passes: float) -> Iterator[None]:
+        with apply_edit(ctx.model, found.basis[: int(passes)], EditConfig()):
+            yield
+
+    passes = int(_pick_gentlest(ctx, "passes", [p for p in ITERATION_PASSES if p <= found.basis.shape[0]], edit))
+    ctx.note(iteration=found.to_dict())
+    return edit(passes)
+
+
 @register_method("dim_per_layer_abliteration", "each block's writers orthogonalised against the DIM of the stream they write into")
 def _dim_per_layer(ctx: CompareContext):
     return abliterate(ctx.model, ctx.directions("dim"), EditConfig(), scope="per_layer")

@@ -340,6 +340,65 @@ def filter_by_refusal(model: ModelAdapter, harmful: PromptSet, harmless: PromptS
     return out[0], out[1], counts
 
 
+@dataclass(frozen=True)
+class IteratedBasis:
+    """The directions of iterative refinement (`iterated_basis`), first the selected one."""
+
+    basis: torch.Tensor
+    """`(passes, d_model)` orthonormal rows, in the order they were found."""
+    gaps: tuple[float, ...]
+    """Length of the harmful-minus-harmless mean difference at the chosen hook and position before each pass's
+    direction was taken: the unedited model's, then what is left once the earlier directions are edited out."""
+    hook: str
+    position: int
+
+    def to_dict(self) -> dict:
+        return {"passes": int(self.basis.shape[0]), "gaps": list(self.gaps), "hook": self.hook, "position": self.position}
+
+
+def iterated_basis(model: ModelAdapter, result: DirectionResult, passes: int, edit: EditConfig | None = None,
+                   batch_size: int = 16) -> IteratedBasis:
+    """Iterative refinement of a rank-1 direction: with the directions so far edited out of the weights (`apply_edit`
+    with `edit`), the training prompts are captured again at the chosen hook and position, and what is left of the
+    harmful-minus-harmless mean difference (made orthogonal to the directions so far) is the next direction. A rank-k
+    `apply_edit` of the returned basis removes them all at once. Stops early when the difference left is zero (a
+    model whose harm signal was one direction). The model is left unedited.
+
+    Raises:
+        FeatsteerError: for a rank-k result or fewer than 1 pass.
+    """
+    if result.candidates.rank != 1:
+        raise FeatsteerError("iterative refinement starts from a rank-1 direction: use a dim, projected, pca or probe method")
+    if passes < 1:
+        raise FeatsteerError(f"passes must be at least 1, got {passes}")
+    chosen = result.selection.chosen
+    hook, position = chosen.hook, result.candidates.positions[chosen.index]
+    selector = result.activations[0].positions if result.activations is not None else DirectionConfig().positions
+    harmful, harmless = result.train
+
+    def gap() -> torch.Tensor:
+        means = [capture(model, prompts, [hook], positions=selector, batch_size=batch_size, label=label).mean(hook, position)
+                 for prompts, label in ((harmful, "harmful"), (harmless, "harmless"))]
+        return means[0] - means[1]
+
+    rows = [result.chosen_basis[0].double()]
+    rows[0] = rows[0] / rows[0].norm()
+    gaps = [float(result.activations[0].mean(hook, position).sub(result.activations[1].mean(hook, position)).norm())
+            if result.activations is not None else float(gap().norm())]
+    for _ in range(passes - 1):
+        basis = torch.stack(rows)
+        with apply_edit(model, basis.float(), edit or EditConfig()):
+            left = gap()
+        for _ in range(2):  # twice: one Gram-Schmidt sweep leaves rounding along the earlier rows
+            left = left - basis.T @ (basis @ left)
+        gaps.append(float(left.norm()))
+        if gaps[-1] <= 1e-6 * max(gaps[0], 1e-12):
+            logger.info("iterative refinement: nothing left of the mean difference after %d passes", len(rows))
+            break
+        rows.append(left / left.norm())
+    return IteratedBasis(torch.stack(rows).float(), tuple(gaps), hook, int(position))
+
+
 def heads_of(ranked: Sequence[tuple[int, int, float]] | Sequence[tuple[int, int]]) -> dict[int, list[int]]:
     """`{layer: [head, ...]}` of `(layer, head, ...)` rows, in their order (`DirectionResult.writing_heads()[:n]`)."""
     heads: dict[int, list[int]] = {}
@@ -349,7 +408,7 @@ def heads_of(ranked: Sequence[tuple[int, int, float]] | Sequence[tuple[int, int]
 
 
 def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | None = None, scope: str = "global",
-               heads: Mapping[int, Sequence[int]] | None = None) -> EditHandle:
+               heads: Mapping[int, Sequence[int]] | None = None, passes: int = 1) -> EditHandle:
     """Apply the selected direction as a weight edit; the handle reverts or exports it.
 
     Args:
@@ -361,6 +420,9 @@ def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | 
             direction; rank-1 methods only).
         heads: edit only these attention heads' output columns (`{layer: [head, ...]}`, e.g.
             `heads_of(result.writing_heads(model)[:8])`), nothing else; global scope only.
+        passes: more than 1: iterative refinement (`iterated_basis`), the selected direction and up to `passes - 1`
+            more, each the mean difference left once the earlier ones are edited out, removed together; global scope,
+            every writer, rank-1 methods only.
     """
     chosen = result.selection.chosen
     record = {
@@ -382,4 +444,10 @@ def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | 
         raise FeatsteerError(f"unknown abliteration scope '{scope}': use global or per_layer")
     if heads is not None and by_layer is not None:
         raise FeatsteerError("heads= edits single heads against the chosen direction: it takes scope='global'")
-    return apply_edit(model, result.chosen_basis, edit or EditConfig(), record=record, by_layer=by_layer, heads=heads)
+    basis = result.chosen_basis
+    if passes != 1:
+        if by_layer is not None or heads is not None:
+            raise FeatsteerError("passes= refines the direction of a global edit of every writer: drop scope='per_layer' and heads=")
+        found = iterated_basis(model, result, passes, edit)
+        basis, record["iteration"] = found.basis, found.to_dict()
+    return apply_edit(model, basis, edit or EditConfig(), record=record, by_layer=by_layer, heads=heads)

@@ -241,6 +241,35 @@ def test_abliterate_reflect_exports_the_reflected_model(capsys, tmp_path):
         assert code == 2 and "--reflect is its own edit" in err and not (tmp_path / "bad").exists()
 
 
+def test_abliterate_passes_exports_the_refined_rank_k_edit(capsys, tmp_path):
+    from featsteer.interventions import Ablate, steer
+
+    common = ["--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
+              "--n-select", "3", "--eval-n", "3", "--max-new-tokens", "2"]
+    code, stdout, err = _run(capsys, "abliterate", *common, "--passes", "3", "--out", str(tmp_path / "refined"))
+    assert code == 0 and "iterative refinement: 3 directions; mean difference at" in stdout, err
+    record = json.loads((tmp_path / "refined" / "featsteer.json").read_text())
+    assert record["rank"] == 3 and record["iteration"]["passes"] == 3 and len(record["iteration"]["gaps"]) == 3
+    # the exported weights are the three directions removed at every write: the same logits as the rank-3 ablation hook
+    from featsteer.datasets import builtin_prompts
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction, iterated_basis
+
+    model, prompts = load_model("tiny:llama"), [builtin_prompts(k, "train").head(12) for k in ("harmful", "harmless")]
+    result = find_refusal_direction(model, *prompts, DirectionConfig(n_select=3), keep_activations=True)
+    basis = iterated_basis(model, result, 3).basis
+    ids = model.tokenizer("Explain how to pick a lock.", return_tensors="pt").input_ids
+    with torch.no_grad(), steer(model, Ablate(basis)):
+        hooked = model.model(ids).logits
+    with torch.no_grad():
+        exported = load_model(str(tmp_path / "refined")).model(ids).logits
+    assert torch.allclose(hooked, exported, atol=1e-4)
+    for extra in (["--passes", "0"], ["--passes", "2", "--method", "svd"], ["--passes", "2", "--heads", "top:2"],
+                  ["--passes", "2", "--scope", "per_layer"], ["--passes", "2", "--search", "2"]):
+        code, _, err = _run(capsys, "abliterate", *common, *extra, "--out", str(tmp_path / "bad"))
+        assert code == 2 and "--passes" in err and not (tmp_path / "bad").exists(), (extra, err)
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "gemma3", "cohere", "olmo2", "qwen3_5_moe", "gemma4_text"])
 def test_abliterate_runs_end_to_end_on_other_architectures(capsys, tmp_path, family):
     """Selection, edit, evaluation, export and reload through the CLI on an MoE, an image-text, a parallel-block and a

@@ -55,6 +55,35 @@ def test_per_layer_abliteration_uses_each_layers_candidate(prompts):
         abliterate(model, result, scope="sideways")
 
 
+def test_iterated_basis_takes_the_mean_difference_left_after_each_edit(prompts):
+    from featsteer.activations import capture
+    from featsteer.edits import apply_edit
+    from featsteer.pipeline import iterated_basis
+
+    model = load_model("tiny:llama")
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    result = find_refusal_direction(model, *prompts, DirectionConfig(n_select=4), keep_activations=True)
+    found = iterated_basis(model, result, 3)
+    assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())  # the passes' edits are undone
+    basis, hook, position = found.basis.double(), found.hook, found.position
+    assert basis.shape == (3, model.d_model) and torch.allclose(basis @ basis.T, torch.eye(3, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(basis[0], result.chosen_basis[0].double(), atol=1e-6)
+    harmful_acts, harmless_acts = result.activations
+    assert found.gaps[0] == pytest.approx(float((harmful_acts.mean(hook, position) - harmless_acts.mean(hook, position)).norm()), rel=1e-6)
+    for k in (1, 2):  # with the first k directions edited out, the next one is what is left of the mean difference there
+        with apply_edit(model, found.basis[:k]):
+            left = [capture(model, p, [hook], positions=harmful_acts.positions).mean(hook, position) for p in result.train]
+        gap = left[0] - left[1]
+        assert float((gap @ basis[:k].T).abs().max()) < 1e-4 * float(gap.norm())  # the edit already took the earlier ones out
+        assert float(gap @ basis[k]) / float(gap.norm()) == pytest.approx(1.0, abs=1e-5) and found.gaps[k] == pytest.approx(float(gap.norm()), rel=1e-4)
+    assert found.to_dict()["passes"] == 3 and iterated_basis(model, result, 1).basis.shape == (1, model.d_model)
+    with pytest.raises(FeatsteerError, match="passes must be at least 1"):
+        iterated_basis(model, result, 0)
+    rank2 = find_refusal_direction(model, *prompts, DirectionConfig(method="svd", rank=2, n_select=4))
+    with pytest.raises(FeatsteerError, match="starts from a rank-1 direction"):
+        iterated_basis(model, rank2, 2)
+
+
 def test_explicit_validation_prompts_keep_the_train_sets_whole(prompts):
     from featsteer.errors import FeatsteerError
 
@@ -81,7 +110,7 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     induce = by_name["dim_actadd_induce"].details  # what the induce method picked
     assert induce["induce_scale"] in INDUCE_SCALES and set(induce["induce_val_refusal"]) == {str(s) for s in INDUCE_SCALES}
     picked = ("dim_actadd_induce", "leace_hook", "dim_ace_hook", "dim_angular_hook", "dim_angular_norms_hook", "dim_ace_induce",
-              "dim_head_abliteration", "head_ablation_hook")  # the methods that say what they picked
+              "dim_head_abliteration", "head_ablation_hook", "dim_iterative_abliteration")  # the methods that say what they picked
     assert all(r.details == {} for r in comparison.results if r.method not in picked)
     assert all("setting" in by_name[name].details for name in picked if name != "leace_hook")
     leace = by_name["leace_hook"].details  # one eraser per layer and template position, but none where all prompts agree
@@ -93,6 +122,9 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     top = [(str(h["layer"]), h["head"]) for h in heads["top_heads"][:n]]
     assert all(head in heads["heads"][layer] for layer, head in top)
     assert by_name["head_ablation_hook"].details["top_heads"] == heads["top_heads"]  # one ranking for both head methods
+    iteration = by_name["dim_iterative_abliteration"].details  # passes picked from those the refinement found
+    passes = int(iteration["setting"].removeprefix("passes="))
+    assert 1 <= passes <= iteration["iteration"]["passes"] <= 4 and len(iteration["iteration"]["gaps"]) >= iteration["iteration"]["passes"]
     # the coherence warning names a method whose harmless answers cost the unedited model > 1 nat per token over its own
     from dataclasses import replace
 
