@@ -307,11 +307,13 @@ def _cmd_directions(args: argparse.Namespace) -> int:
     out = Path(args.out)
     result.candidates.save(out / "candidates")
     result.chosen.save(out / "chosen")
-    (out / "selection.md").write_text(result.selection.table() + "\n")
+    stability = result.selection.stability()
+    (out / "selection.md").write_text(result.selection.table() + f"\n\nSelection stability: {stability.line()}.\n")
     harmful_val, harmless_val = result.val
     validation = {"val_harmful": harmful_val.source, "val_harmless": harmless_val.source, "n_harmful_val": len(harmful_val),
                   "n_harmless_val": len(harmless_val), "val_harmful_sha256": harmful_val.sha256, "val_harmless_sha256": harmless_val.sha256}
-    _write_json(str(out / "selection.json"), {**result.selection.to_dict(), "timings": result.timings, **validation})
+    _write_json(str(out / "selection.json"), {**result.selection.to_dict(), "stability": stability.to_dict(), "timings": result.timings,
+                                              **validation})
     geometry = None
     if result.candidates.rank == 1 and args.geometry != "off":
         geometry = result.geometry(model, reader_layers={"full": True, "estimate": "estimate", "quick": False}[args.geometry])
@@ -323,6 +325,7 @@ def _cmd_directions(args: argparse.Namespace) -> int:
     chosen = result.selection.chosen
     print(f"\nchosen: {chosen.hook} position {chosen.position} (refusal score {result.selection.base_refusal_harmful:.2f} -> "
           f"{chosen.refusal_ablated:.2f} when ablated, KL {chosen.kl_harmless:.4f}); wrote {out}/")
+    print(f"selection stability: {stability.line()} (selection.md)")
     if geometry is not None:
         print(f"logit lens: {geometry.lens.line()}")
     if geometry is not None and geometry.repair is not None:

@@ -1438,6 +1438,13 @@ def _sample_size_note(chosen: dict) -> str:
                        f"of infinitely many such prompts is {size['cosine']:.4f}{needs}")
 
 
+def _stability_note(chosen: dict) -> str:
+    """"; chosen in 97% of 1000 bootstrap resamples of the validation prompts" for the report, or ""."""
+    stability = chosen.get("selection_stability")
+    return "" if not stability else html.escape(f"; chosen in {stability['chosen_share']:.0%} of {stability['n_resamples']} bootstrap "
+                                                f"resamples of the validation prompts")
+
+
 def _chosen_setup(model: ModelAdapter, result: DirectionResult) -> dict[str, Any]:
     """A chosen direction's selection row, with the tokens its first basis vector promotes and suppresses when the
     unembedding reads it (`directions.logit_lens`)."""
@@ -1446,6 +1453,8 @@ def _chosen_setup(model: ModelAdapter, result: DirectionResult) -> dict[str, Any
     lens = logit_lens(model, result.chosen_basis[0], k=10)
     chosen = {**result.selection.to_dict()["chosen"],
               "logit_lens": {"promoted": [t for t, _ in lens.promoted], "suppressed": [t for t, _ in lens.suppressed]}}
+    if result.selection.per_prompt is not None and result.selection.per_prompt["kl"]:
+        chosen["selection_stability"] = result.selection.stability().to_dict()
     if result.candidates.method == "dim" and result.activations is not None:  # how much of the direction is sampling noise
         from featsteer.directions import sample_size
 
@@ -1581,7 +1590,7 @@ def _html(comparison: Comparison, png: bytes) -> str:
     directions = "".join(
         f"<li><b>{html.escape(method)}</b>: {html.escape(str(chosen.get('hook')))} position {chosen.get('position')}; "
         f"the unembedding reads it as promoting {html.escape(', '.join(map(repr, chosen['logit_lens']['promoted'][:6])))} and "
-        f"suppressing {html.escape(', '.join(map(repr, chosen['logit_lens']['suppressed'][:6])))}{_sample_size_note(chosen)}</li>"
+        f"suppressing {html.escape(', '.join(map(repr, chosen['logit_lens']['suppressed'][:6])))}{_stability_note(chosen)}{_sample_size_note(chosen)}</li>"
         for method, chosen in comparison.setup.get("chosen", {}).items() if "logit_lens" in chosen
     )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>featsteer compare</title>

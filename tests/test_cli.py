@@ -313,6 +313,20 @@ def test_directions_select_on_explicit_validation_prompts(capsys, tmp_path):
     assert code == 0 and "chosen:" in out
     selection = json.loads((tmp_path / "d" / "selection.json").read_text())
     assert selection["n_harmful_val"] == 5 and selection["n_harmless_val"] == 6
+    stability = selection["stability"]  # the selection bootstrapped over its 5 + 6 validation prompts
+    assert (stability["n_harmful"], stability["n_harmless"]) == (5, 6) and stability["chosen"] == [selection["chosen"]["hook"], selection["chosen"]["position"]]
+    assert sum(share for *_, share in stability["shares"]) == pytest.approx(1.0) and "selection stability: chosen in" in out
+    # with every prompt drawn once, the finalists' per-prompt scores give back the selection's own choice
+    from featsteer.datasets import builtin_prompts, load_prompts
+    from featsteer.directions.selection import _winner
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    result = find_refusal_direction(load_model("tiny:llama"), builtin_prompts("harmful", "train").head(10), builtin_prompts("harmless", "train").head(10),
+                                    DirectionConfig(n_select=6), val=(load_prompts("organism-corpus:harmful:5"), load_prompts("organism-corpus:harmless:6")))
+    per, finalists = result.selection.per_prompt, sorted(result.selection.per_prompt["kl"])
+    means = [torch.stack([per[key][i] for i in finalists]).double().mean(1) for key in ("ablated", "kl", "induced")]
+    assert finalists[_winner(*means, result.selection.config)] == result.selection.chosen.index
 
 
 def test_directions_screen_scores_the_estimated_best_and_rejects_zero(capsys, tmp_path):

@@ -195,6 +195,8 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     size = saved["setup"]["chosen"]["dim"]["sample_size"]  # the DIM direction's sampling noise, from its training prompts
     assert size["hook"] == saved["setup"]["chosen"]["dim"]["hook"] and size["n_harmful"] == len(comparison.context.directions("dim").train[0])
     assert "expected cosine with the direction of infinitely many such prompts" in page
+    stability = saved["setup"]["chosen"]["dim"]["selection_stability"]  # the Arditi choice bootstrapped over the validation prompts
+    assert 0 < stability["chosen_share"] <= 1 and "bootstrap resamples of the validation prompts" in page
     assert "sample_size" not in saved["setup"]["chosen"].get("pca", {})  # only the difference of means has this noise model
     assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -107,3 +107,50 @@ def test_selection_fallback_prefers_the_cheapest_candidate_that_removes_refusal(
     strongest, cheapest, weak = score(18, -7.0, 0.43), score(16, -4.9, 0.11), score(3, 0.5, 0.01)
     assert _fallback([strongest, cheapest, weak]) is cheapest  # both remove refusal; 16 costs a quarter of the KL
     assert _fallback([weak, score(4, 0.2, 0.3)]).index == 4  # none removes refusal: the lowest refusal score
+
+
+def _selection_of(ablated: dict, kl: dict, induced: dict, config=None):
+    """A `Selection` of finalists with these per-prompt scores, its choice made as `select_direction` makes it."""
+    from featsteer.directions.selection import CandidateScore, Selection, SelectionConfig, _winner
+
+    config = config or SelectionConfig()
+    order = sorted(ablated)
+    means = [torch.stack([d[i] for i in order]).double().mean(1) for d in (ablated, kl, induced)]
+    rows = [CandidateScore(i, f"blocks.{i}.hook_resid_pre", i, -1, float(means[0][k]), float(means[1][k]), float(means[2][k]), True, "kept")
+            for k, i in enumerate(order)]
+    chosen = rows[_winner(*means, config)]
+    return Selection(rows, chosen, 3.0, -3.0, config, {"ablated": ablated, "kl": kl, "induced": induced})
+
+
+def test_selection_stability_counts_the_winner_of_each_resample():
+    g = torch.Generator().manual_seed(1)
+    n = 40
+    low_kl, induce = torch.full((n,), 0.02), torch.full((n,), 1.0)
+    # candidate 5 removes refusal far better than 6: every resample picks it
+    clear = _selection_of({5: torch.randn(n, generator=g) - 4, 6: torch.randn(n, generator=g)}, {5: low_kl, 6: low_kl}, {5: induce, 6: induce})
+    stable = clear.stability(resamples=200)
+    assert clear.chosen.index == 5 and stable.chosen_share == 1.0 and stable.shares == [("blocks.5.hook_resid_pre", -1, 1.0)]
+    assert stable.n_finalists == 2 and (stable.n_harmful, stable.n_harmless) == (n, n) and "chosen in 100% of 200" in stable.line()
+    # two candidates a hair apart: both win some resamples, and the shares add up to 1
+    base, noise = torch.randn(n, generator=g), 0.5 * torch.randn(n, generator=g)
+    noise = noise - noise.mean() + 1e-3  # candidate 6 a thousandth worse on these prompts, either way on a resample
+    close = _selection_of({5: base - 1.0, 6: base - 1.0 + noise}, {5: low_kl, 6: low_kl}, {5: induce, 6: induce})
+    split = close.stability(resamples=300, seed=3)
+    assert 0.1 < split.chosen_share < 0.9 and sum(share for *_, share in split.shares) == pytest.approx(1.0)
+    assert "also chosen: blocks." in split.line()
+    # the filters are re-applied per resample: candidate 6 ablates best but its KL sits on the threshold, so it wins
+    # only the resamples whose harmless prompts happen to make its mean KL pass
+    edge = _selection_of({5: torch.full((n,), -1.0), 6: torch.full((n,), -3.0)},
+                         {5: low_kl, 6: 0.1 + 0.05 * torch.randn(n, generator=g)}, {5: induce, 6: induce})
+    shares = dict(((h, p), s) for h, p, s in edge.stability(resamples=300).shares)
+    assert 0.2 < shares[("blocks.6.hook_resid_pre", -1)] < 0.8 and 0.2 < shares[("blocks.5.hook_resid_pre", -1)] < 0.8
+
+
+def test_selection_stability_needs_per_prompt_scores():
+    from featsteer.directions.selection import Selection
+
+    plain = _selection_of({1: torch.zeros(4)}, {1: torch.zeros(4)}, {1: torch.ones(4)})
+    with pytest.raises(FeatsteerError, match="resamples must be at least 1"):
+        plain.stability(resamples=0)
+    with pytest.raises(FeatsteerError, match="kept no per-prompt scores"):
+        Selection(plain.candidates, plain.chosen, 0.0, 0.0).stability()

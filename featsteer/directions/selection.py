@@ -16,15 +16,18 @@ their estimate.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 
+import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from featsteer.directions.attribution import ablation_attribution
 from featsteer.directions.directions import DirectionSet
 from featsteer.directions.methods import weighted_basis
 from featsteer.errors import FeatsteerError
-from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
+from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_per_prompt, refusal_score
 from featsteer.interventions import Ablate, AddDirection, steer
 from featsteer.models import ModelAdapter
 
@@ -81,6 +84,33 @@ class CandidateScore:
 
 
 @dataclass(frozen=True)
+class SelectionStability:
+    """How often each finalist would be chosen if the validation prompts were drawn again (`Selection.stability`)."""
+
+    shares: list[tuple[str, int, float]]
+    """`(hook, position, share of resamples choosing it)` for every candidate chosen at least once, most often first."""
+    chosen_share: float
+    """The share of resamples that choose the candidate the selection chose."""
+    n_resamples: int
+    n_harmful: int
+    n_harmless: int
+    n_finalists: int
+    """Candidates that got every check (ablation, KL, induction): the ones a resample can choose between."""
+    chosen: tuple[str, int] = ("", 0)
+    """`(hook, position)` the selection chose."""
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "shares": [list(row) for row in self.shares], "chosen": list(self.chosen)}
+
+    def line(self, n: int = 3) -> str:
+        """`chosen in 74% of 1000 bootstrap resamples of ... (also chosen: blocks.15.hook_resid_pre position -1 18%, ...)`"""
+        others = [f"{hook} position {position} {share:.0%}" for hook, position, share in self.shares if (hook, position) != self.chosen][:n]
+        return (f"chosen in {self.chosen_share:.0%} of {self.n_resamples} bootstrap resamples of the {self.n_harmful} + "
+                f"{self.n_harmless} validation prompts, among {self.n_finalists} finalists"
+                + (f" (also chosen: {', '.join(others)})" if others else ""))
+
+
+@dataclass(frozen=True)
 class Selection:
     """All candidate scores and the chosen one."""
 
@@ -88,6 +118,39 @@ class Selection:
     chosen: CandidateScore
     base_refusal_harmful: float
     base_refusal_harmless: float
+    config: SelectionConfig | None = field(default=None, repr=False, compare=False)
+    per_prompt: dict[str, dict[int, Tensor]] | None = field(default=None, repr=False, compare=False)
+    """The finalists' per-prompt scores: `ablated` (harmful prompts' refusal log-odds under ablation), `kl` and
+    `induced` (harmless prompts'), by candidate index; what `stability` resamples."""
+
+    def stability(self, resamples: int = 1000, seed: int = 0) -> SelectionStability:
+        """Bootstrap the selection over its validation prompts: draw the harmful and the harmless prompts again with
+        replacement, re-apply the filters (KL threshold, induced refusal, the fallback) to the finalists' per-prompt
+        scores, and count which candidate wins. Only the finalists (the `top_k` that got every check) can win a
+        resample, so a share is an upper bound when a candidate outside them could have come close.
+
+        Raises:
+            FeatsteerError: for a selection without per-prompt scores (made before they were kept) or resamples < 1.
+        """
+        if self.per_prompt is None or self.config is None or not self.per_prompt["kl"]:
+            raise FeatsteerError("this selection kept no per-prompt scores: run select_direction again to bootstrap it")
+        if resamples < 1:
+            raise FeatsteerError(f"resamples must be at least 1, got {resamples}")
+        finalists = sorted(self.per_prompt["kl"])
+        ablated = torch.stack([self.per_prompt["ablated"][i] for i in finalists]).double()
+        kl = torch.stack([self.per_prompt["kl"][i] for i in finalists]).double()
+        induced = torch.stack([self.per_prompt["induced"][i] for i in finalists]).double()
+        n_harmful, n_harmless = ablated.shape[1], kl.shape[1]
+        generator = torch.Generator().manual_seed(seed)
+        wins: Counter[int] = Counter()
+        for _ in range(resamples):
+            h = torch.randint(n_harmful, (n_harmful,), generator=generator)
+            b = torch.randint(n_harmless, (n_harmless,), generator=generator)
+            wins[finalists[_winner(ablated[:, h].mean(1), kl[:, b].mean(1), induced[:, b].mean(1), self.config)]] += 1
+        by_index = {c.index: c for c in self.candidates}
+        shares = [(by_index[i].hook, by_index[i].position, count / resamples) for i, count in wins.most_common()]
+        return SelectionStability(shares, wins[self.chosen.index] / resamples, resamples, n_harmful, n_harmless, len(finalists),
+                                  (self.chosen.hook, self.chosen.position))
 
     def table(self) -> str:
         """Markdown table of every candidate (with an estimate column when the selection was screened)."""
@@ -106,13 +169,27 @@ class Selection:
                 "base_refusal_harmful": self.base_refusal_harmful, "base_refusal_harmless": self.base_refusal_harmless}
 
 
-def _kl_and_induce(model, candidates: DirectionSet, i: int, harmless, base_harmless_logprobs, tokens, batch_size: int) -> tuple[float, float]:
+def _winner(ablated: Tensor, kl: Tensor, induced: Tensor, config: SelectionConfig) -> int:
+    """The row `select_direction` chooses from the finalists' mean scores: the lowest ablated refusal among those that
+    pass the KL and induce filters, else (with `fallback`) the lowest KL among those whose ablation brings refusal
+    below 0, else the lowest ablated refusal."""
+    kept = (kl <= config.kl_threshold) & ((induced > 0) | (not config.require_induce))
+    if bool(kept.any()):
+        return int(torch.where(kept, ablated, torch.inf).argmin())
+    removing = ablated < 0
+    if config.fallback and bool(removing.any()):
+        return int(torch.where(removing, kl, torch.inf).argmin())
+    return int(ablated.argmin())
+
+
+def _kl_and_induce(model, candidates: DirectionSet, i: int, harmless, base_harmless_logprobs, tokens, batch_size: int) -> tuple[Tensor, Tensor]:
+    """Per harmless prompt: the first-token KL under ablation, and the refusal log-odds with the mean difference added."""
     with steer(model, Ablate(weighted_basis(candidates, i))):
-        kl = kl_first_token(base_harmless_logprobs, first_token_logprobs(model, harmless, batch_size=batch_size))
+        kl = kl_per_prompt(base_harmless_logprobs, first_token_logprobs(model, harmless, batch_size=batch_size))
     norm = candidates.scores.get("mean_diff_norm", [1.0] * len(candidates))[i]
     with steer(model, AddDirection(candidates.bases[i, 0] * norm, 1.0, where=candidates.hook_names[i])):
-        induced = refusal_score(first_token_logprobs(model, harmless, batch_size=batch_size), tokens).mean()
-    return float(kl), float(induced)
+        induced = refusal_score(first_token_logprobs(model, harmless, batch_size=batch_size), tokens)
+    return kl, induced
 
 
 def _fallback(scored: list[CandidateScore]) -> CandidateScore:
@@ -166,16 +243,20 @@ def select_direction(
         scores += [row(i, nan, nan, nan, reason="screened out") for i in eligible if i not in screened_in]
         eligible = [i for i in eligible if i in screened_in]
     ablated: dict[int, float] = {}
+    per_prompt: dict[str, dict[int, Tensor]] = {"ablated": {}, "kl": {}, "induced": {}}
     for i in tqdm(eligible, desc="select: ablate", disable=not progress, leave=False):
         with steer(model, Ablate(weighted_basis(candidates, i))):
-            ablated[i] = float(refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size), tokens).mean())
+            per_prompt["ablated"][i] = refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size), tokens).cpu()
+        ablated[i] = float(per_prompt["ablated"][i].mean())
     ranked = sorted(ablated, key=ablated.get)
     finalists = set(ranked if config.top_k is None else ranked[: config.top_k])
     for i in tqdm(ranked, desc="select: KL/induce", disable=not progress, leave=False):
         if i not in finalists:
             scores.append(row(i, ablated[i], nan, nan, reason="not in top-k"))
             continue
-        kl, induced = _kl_and_induce(model, candidates, i, harmless, base_harmless_logprobs, tokens, config.batch_size)
+        kl_each, induced_each = _kl_and_induce(model, candidates, i, harmless, base_harmless_logprobs, tokens, config.batch_size)
+        per_prompt["kl"][i], per_prompt["induced"][i] = kl_each.cpu(), induced_each.cpu()
+        kl, induced = float(kl_each.mean()), float(induced_each.mean())
         reason = "kl too high" if kl > config.kl_threshold else ("no induced refusal" if config.require_induce and induced <= 0 else "")
         scores.append(row(i, ablated[i], kl, induced, reason=reason or "kept", kept=not reason))
     scores.sort(key=lambda c: c.index)
@@ -191,4 +272,6 @@ def select_direction(
             "raise --kl-threshold or use more prompts"
         )
     chosen = min(kept, key=lambda c: c.refusal_ablated)
-    return Selection(scores, chosen, float(base_harmful.mean()), float(refusal_score(base_harmless_logprobs, tokens).mean()))
+    per_prompt["ablated"] = {i: v for i, v in per_prompt["ablated"].items() if i in per_prompt["kl"]}  # finalists only
+    return Selection(scores, chosen, float(base_harmful.mean()), float(refusal_score(base_harmless_logprobs, tokens).mean()),
+                     config, per_prompt)
