@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -253,6 +254,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if result.comparison is not None:
         chosen = result.comparison.setup["chosen"].get("dim", {})
         print(f"\n== every method on the same held-out prompts (DIM direction: {chosen.get('hook')} position {chosen.get('position')})")
+        for line in _direction_notes(chosen):
+            print(line)
         print(result.comparison.table())
         _print_paired(result.comparison)
         _print_coherence(result.comparison)
@@ -268,6 +271,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in (result.stage_seconds or {}).items())
     print(f"\noutputs in {result.run_dir}/ (open index.html); {result.seconds:.0f}s in all ({stages})")
     return 0
+
+
+def _direction_notes(chosen: dict) -> list[str]:
+    """How sure the selection is of a compare run's DIM direction, and how much of it is sampling noise, when recorded."""
+    lines = []
+    if stability := chosen.get("selection_stability"):
+        lines.append(f"selection: chosen in {stability['chosen_share']:.0%} of {stability['n_resamples']} bootstrap resamples of the "
+                     f"{stability['n_harmful']} + {stability['n_harmless']} validation prompts")
+    if size := chosen.get("sample_size"):
+        needed = size["needed"].get("0.99")
+        lines.append(f"sample size: from {size['n_harmful']} + {size['n_harmless']} training prompts, expected cosine {size['cosine']:.4f} "
+                     "with the direction of unlimited such prompts"
+                     + ("" if needed is None else f"; 0.99 needs {max(1, math.ceil(needed))} prompts per class"))
+    return lines
 
 
 def _direction_config(args: argparse.Namespace, method: str | None = None):

@@ -606,3 +606,15 @@ def test_compare_fixes_the_angle_and_alpha_from_the_command_line(capsys, tmp_pat
     code, _, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",
                         "--pick-tolerance", "1.5", "--out", str(tmp_path / "bad"))
     assert code == 2 and "tolerance" in err and len(err.strip().splitlines()) == 1
+
+
+def test_direction_notes_of_the_demo_read_the_compare_setup():
+    from featsteer.cli import _direction_notes
+
+    chosen = {"hook": "blocks.2.hook_resid_pre", "selection_stability": {"chosen_share": 0.962, "n_resamples": 1000, "n_harmful": 32, "n_harmless": 32},
+              "sample_size": {"n_harmful": 357, "n_harmless": 368, "cosine": 0.99991, "needed": {"0.9": 0.4, "0.95": 0.9, "0.99": 3.2}}}
+    assert _direction_notes(chosen) == [
+        "selection: chosen in 96% of 1000 bootstrap resamples of the 32 + 32 validation prompts",
+        "sample size: from 357 + 368 training prompts, expected cosine 0.9999 with the direction of unlimited such prompts; 0.99 needs 4 prompts per class"]
+    chosen["sample_size"]["needed"]["0.99"] = None  # no signal: no count to give
+    assert _direction_notes(chosen)[1].endswith("unlimited such prompts") and _direction_notes({"hook": "h"}) == []
