@@ -1393,6 +1393,7 @@ def compare(
                          max_nll_rise=max_nll_rise)
     if reuse is not None:
         _take_over(ctx, reuse)
+    _warn_coarse_picks(ctx)
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     # the unedited model's harmless first-token distribution (the KL base) and which of those prompts it refuses
     base_harmless = evaluate_set(model, eval_harmless, "harmless", gen, RefusalDetector(), keep_logprobs=True)
@@ -1425,6 +1426,17 @@ def compare(
     if sae_map is not None:
         setup["sae"] = _sae_setup(ctx)
     return Comparison(results, setup, ctx)
+
+
+def _warn_coarse_picks(ctx: CompareContext) -> None:
+    """Warn when the picks' tolerance is below one validation prompt: then a gentler setting that leaves a single
+    more prompt unanswered can never be picked, and one prompt decides between settings far apart in KL."""
+    n = min(len(prompts) for prompts in ctx.validation())
+    tolerance = min(ctx.steering_config.tolerance, ctx.sae_config.tolerance)
+    if 0 < tolerance < 1 / n:
+        logger.warning("the picks read %d validation prompts per set, so a tolerance of %g cannot let a setting leave even one more "
+                       "of them unanswered (1/%d = %.3f): read more with --n-pick (e.g. %d) or raise --pick-tolerance",
+                       n, tolerance, n, 1 / n, max(64, math.ceil(1 / tolerance)))
 
 
 def _sample_size_note(chosen: dict) -> str:

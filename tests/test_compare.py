@@ -467,3 +467,17 @@ def test_methods_on_the_normalised_inputs_are_left_out_for_models_without_input_
         compare(olmo, harmful, harmless, methods=["none", "dim_head_abliteration"])
     with pytest.raises(FeatsteerError, match="olmo2 has no norms before its attention and MLP"):
         resolve_sites(olmo, NORMS)
+
+
+def test_compare_warns_when_the_pick_tolerance_is_below_one_validation_prompt(prompts, caplog):
+    from featsteer.compare import SaeMethodConfig, SteeringMethodConfig
+
+    model = load_model("tiny:llama")
+    with caplog.at_level("WARNING", logger="featsteer.compare"):
+        compare(model, *prompts, methods=["none"], direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=2))
+    assert "read 3 validation prompts per set, so a tolerance of 0.05 cannot let a setting leave even one more" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="featsteer.compare"):  # a third of the prompts tolerated: one prompt fits
+        compare(model, *prompts, methods=["none"], direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=2),
+                steering_config=SteeringMethodConfig(tolerance=0.34), sae_config=SaeMethodConfig(tolerance=0.34))
+    assert "cannot let a setting" not in caplog.text
