@@ -907,7 +907,7 @@ def _nats_or_off(text: str) -> float | str:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a number of nats per token such as 0.5, or off for no bound; got {text!r}")
     return value
 

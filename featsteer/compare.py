@@ -1468,12 +1468,7 @@ def _chosen_setup(model: ModelAdapter, result: DirectionResult) -> dict[str, Any
     if result.selection.per_prompt is not None and result.selection.per_prompt["kl"]:
         chosen["selection_stability"] = result.selection.stability().to_dict()
     if result.candidates.method == "dim" and result.activations is not None:  # how much of the direction is sampling noise
-        from featsteer.directions import sample_size
-
-        harmful, harmless = result.activations
-        hook, position = chosen["hook"], result.candidates.positions[result.selection.chosen.index]
-        chosen["sample_size"] = sample_size(harmful.at_position(hook, position), harmless.at_position(hook, position), hook=hook,
-                                            position=position, draws=16).to_dict()
+        chosen["sample_size"] = result.sample_sizes(draws=16, hooks=[chosen["hook"]])[0].to_dict()
     return chosen
 
 

@@ -199,10 +199,10 @@ class DirectionResult:
         return DirectionGeometry(hook, position, hooks, cosines, class_projections(*self.activations, r, position), chosen_lens,
                                  lenses, heads, repair, readers, self.sample_sizes())
 
-    def sample_sizes(self, draws: int = 32, seed: int = 0) -> list:
+    def sample_sizes(self, draws: int = 32, seed: int = 0, hooks: Sequence[str] | None = None) -> list:
         """How precisely every captured hook's DIM direction at the chosen position is estimated from the training
         prompts, and how many prompts per class a cosine of 0.9 / 0.95 / 0.99 with the many-prompt direction needs
-        (`directions.sample_size`, with a split-half check over `draws` random splits).
+        (`directions.sample_size`, with a split-half check over `draws` random splits); `hooks` keeps only those.
 
         Raises:
             FeatsteerError: without kept activations, or with fewer than 4 training prompts per class.
@@ -214,7 +214,7 @@ class DirectionResult:
         harmful, harmless = self.activations
         position = self.candidates.positions[self.selection.chosen.index]
         return [sample_size(harmful.at_position(hook, position), harmless.at_position(hook, position), hook=hook, position=position,
-                            draws=draws, seed=seed) for hook in harmful.hook_names]
+                            draws=draws, seed=seed) for hook in (hooks or harmful.hook_names)]
 
 
 def split(prompts: PromptSet, val_fraction: float) -> tuple[PromptSet, PromptSet]:
@@ -373,7 +373,7 @@ def iterated_basis(model: ModelAdapter, result: DirectionResult, passes: int, ed
         raise FeatsteerError(f"passes must be at least 1, got {passes}")
     chosen = result.selection.chosen
     hook, position = chosen.hook, result.candidates.positions[chosen.index]
-    selector = result.activations[0].positions if result.activations is not None else DirectionConfig().positions
+    selector = result.capture_key[2] if result.capture_key is not None else DirectionConfig().positions  # (model, kind, positions, ...)
     harmful, harmless = result.train
 
     def gap() -> torch.Tensor:

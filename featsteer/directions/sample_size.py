@@ -80,8 +80,8 @@ class SampleSize:
                 f"infinitely many such prompts{check}; cosine {needs} prompts per class")
 
 
-def _count(n: float) -> str:
-    return "no finite number of" if not math.isfinite(n) else str(max(1, math.ceil(n)))
+def _count(n: float, unreachable: str = "no finite number of") -> str:
+    return unreachable if not math.isfinite(n) else str(max(1, math.ceil(n)))
 
 
 def _cosine(signal2: float, noise2: float) -> float:
@@ -151,5 +151,5 @@ def sample_size_table(rows: Sequence[SampleSize], chosen: str | None = None) -> 
         name = f"**{r.hook}**" if r.hook == chosen else r.hook
         check = "-" if r.split_half is None else f"{r.split_half:.4f} ({r.split_half_predicted:.4f})"
         lines.append(f"| {name} | {r.signal:.3g} | {r.spread:.3g} | {r.cosine:.4f} | {check} | "
-                     + " | ".join(_count(r.needed[c]) if math.isfinite(r.needed[c]) else "-" for c in targets) + " |")
+                     + " | ".join(_count(r.needed[c], "-") for c in targets) + " |")
     return "\n".join(lines) + "\n"
