@@ -393,6 +393,12 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     if args.passes > 1 and (args.search or args.heads or args.directions or args.method in ("sae", "svd") or args.scope != "global"):
         raise FeatsteerError("--passes refines a rank-1 direction fitted here into a global edit: it goes with --method "
                              "dim|projected|pca|linear|whitened, --scope global, and no --search, --heads or --directions")
+    if args.optimize < 0:
+        raise FeatsteerError(f"--optimize must be a number of steps >= 1 (or 0 for none), got {args.optimize}")
+    if args.optimize and (args.search or args.heads or args.directions or args.method in ("sae", "svd") or args.scope != "global"
+                          or args.passes > 1):
+        raise FeatsteerError("--optimize trains a rank-1 direction fitted here for a global edit: it goes with --method "
+                             "dim|projected|pca|linear|whitened, --scope global, and no --search, --heads, --passes or --directions")
     if args.directions:
         return _abliterate_saved(args, mode, warm_start)
     if args.direction_hook is not None or args.direction_position is not None:
@@ -430,12 +436,32 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
         handle = abliterate(model, result, edit, heads=heads_spec)
         print("heads: " + "; ".join(f"layer {layer}: {ids}" for layer, ids in handle.record["heads"].items()))
     else:
-        handle = abliterate(model, result, edit, scope=args.scope, passes=args.passes)
+        handle = abliterate(model, result, edit, scope=args.scope, passes=args.passes, optimize=_optimize_config(args))
+        if "optimization" in handle.record:
+            _print_optimization(handle.record["optimization"])
         if "iteration" in handle.record:
             gaps = handle.record["iteration"]["gaps"]
             print(f"iterative refinement: {handle.record['iteration']['passes']} directions; mean difference at {chosen.hook} "
                   + " -> ".join(f"{g:.3g}" for g in gaps) + " (each after the directions before it are edited out)")
     return _check_and_export(model, handle, (held_harmful, held_harmless), before, config, "reflect" if args.reflect else mode, args.out, "held-out", extra)
+
+
+def _optimize_config(args: argparse.Namespace):
+    """`--optimize STEPS` as an `OptimizeConfig`, or None without it."""
+    from featsteer.directions.optimize import OptimizeConfig
+
+    return OptimizeConfig(steps=args.optimize) if args.optimize else None
+
+
+def _print_optimization(record: dict) -> None:
+    """Two lines on a trained direction: how far it moved and what its losses did (first and last step)."""
+    history, steps = record["history"], record["config"]["steps"]
+    targets = record["targets"]
+    print(f"optimised direction: {steps} steps from the chosen one (cosine {record['cosine_with_start'][str(steps)]:.3f} with it); "
+          f"targets: {targets['ablation']} of {targets['harmful_read']} harmful answers, {targets['addition']} addition refusals, "
+          f"{targets['retain']} harmless answers")
+    names = [n for n in ("ablation", "addition", "retain") if n in history[0]]
+    print("losses, first -> last step: " + ", ".join(f"{n} {history[0][n]:.3f} -> {history[-1][n]:.3f}" for n in names))
 
 
 def _heads_spec(spec: str) -> int | dict[int, list[int]]:
@@ -851,6 +877,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         write_report,
     )
     from featsteer.datasets import load_prompts
+    from featsteer.directions.optimize import OptimizeConfig
     from featsteer.evaluation.behaviour import GenerationConfig
     from featsteer.sae import load_sae_source
 
@@ -866,6 +893,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     steering_config = SteeringMethodConfig(ace_alpha=args.ace_alpha, ace_induce_alpha=args.ace_induce_alpha, angle=args.angle,
                                            tolerance=args.pick_tolerance,
                                            adaptive=not args.angle_everywhere)
+    optimize_config = OptimizeConfig(steps=args.optimize_steps)  # a bad value fails before the model loads
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
     evals = [load_prompts(s, column=args.column, limit=args.eval_n) if s else None for s in (args.eval_harmful, args.eval_harmless)]
@@ -881,6 +909,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         saes=load_sae_source(args.sae, model) if args.sae else None, sae_config=sae_config, steering_config=steering_config,
         baseline=args.baseline, n_pick=args.n_pick, pick_kl=args.pick_kl, judge=judge,
         max_nll_rise=DEFAULT_MAX_NLL_RISE if args.pick_max_nll_rise is None else None if args.pick_max_nll_rise == "off" else args.pick_max_nll_rise,
+        optimize_config=optimize_config,
     )
     folder = write_report(comparison, args.out)
     print(comparison.table())
@@ -1128,6 +1157,10 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--passes", type=int, default=1, metavar="N",
                      help="iterative refinement: the chosen direction and up to N-1 more, each the harmful-minus-harmless mean "
                      "difference left at its hook once the earlier ones are edited out, all removed (default 1: the direction alone)")
+    abl.add_argument("--optimize", type=int, default=0, metavar="STEPS",
+                     help="refusal direction optimisation (Wollschlaeger et al. 2025): train the chosen direction STEPS Adam steps so "
+                     "that ablating it gives the DIM-ablated model's non-refusing answers to the harmful training prompts and keeps the "
+                     "unedited model's harmless answers, then edit with it (default 0: the direction as found)")
     abl.add_argument("--heads", metavar="SPEC", help="edit only these attention heads' output columns, nothing else: top:N (the N heads "
                      "that write the chosen direction most more on the harmful training prompts) or LAYER:H[,H][;LAYER:H]")
     abl.add_argument("--scope", choices=["global", "per_layer"], default="global",
@@ -1226,6 +1259,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--pick-kl", choices=("first", "response"), default="first",
                       help="the KL the jailbreak picks (ACE alpha, angle, SAE k and clamp) weigh settings by: first-token (default) or "
                       "along the unedited model's own validation answers, which does not favour a setting that keeps the first token")
+    cmp_.add_argument("--optimize-steps", type=int, default=48, metavar="N",
+                      help="dim_optimized_abliteration: Adam steps of refusal direction optimisation from the DIM direction; the "
+                      "direction after 0, N/4, N/2, 3N/4 and N steps is picked from on the validation prompts (default 48)")
     cmp_.add_argument("--pick-max-nll-rise", type=_nats_or_off, metavar="NATS|off",
                       help="coherence bound for the jailbreak picks: a setting whose validation harmless answers cost the unedited "
                       "model more than NATS nats per token above its own answers counts as answering nothing (default 0.5; off: no bound)")

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from featsteer.activations import capture
 from featsteer.datasets import PromptSet
+from featsteer.directions.optimize import OptimizeConfig
 from featsteer.edits import EditConfig, apply_edit
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.behaviour import GenerationConfig, SetResult, evaluate_set, responses_nll
@@ -329,6 +330,8 @@ class CompareContext:
     more than this many nats per token less likely than its own answers counts as answering no harmful prompt, so it is
     never picked for a refusal rate it buys by breaking the text (default `DEFAULT_MAX_NLL_RISE`; None: no bound)."""
     _val_answers_nll: float | None = None
+    optimize_config: OptimizeConfig = field(default_factory=OptimizeConfig)
+    """How `dim_optimized_abliteration` trains its direction (steps, loss weights, snapshots picked from)."""
     _writing_heads: list[tuple[int, int, float]] | None = None
 
     def __post_init__(self) -> None:
@@ -580,6 +583,25 @@ def _dim_iterative(ctx: CompareContext):
     passes = int(_pick_gentlest(ctx, "passes", [p for p in ITERATION_PASSES if p <= found.basis.shape[0]], edit))
     ctx.note(iteration=found.to_dict())
     return edit(passes)
+
+
+@register_method("dim_optimized_abliteration", "refusal direction optimisation (Wollschläger et al. 2025): the DIM direction trained "
+                 "by gradient descent so that ablating it gives the DIM-ablated model's non-refusing answers to the harmful training "
+                 "prompts and keeps the unedited model's harmless answers (KL), and adding it gives refusals; orthogonalised out of "
+                 "every residual writer, how many steps picked on validation prompts (0 steps: DIM)")
+def _dim_optimized(ctx: CompareContext):
+    from featsteer.directions.optimize import optimize_direction
+
+    found = optimize_direction(ctx.model, ctx.directions("dim"), ctx.optimize_config)
+
+    @contextlib.contextmanager
+    def edit(step: float) -> Iterator[None]:
+        with apply_edit(ctx.model, found.snapshots[int(step)][None], EditConfig()):
+            yield
+
+    step = int(_pick_gentlest(ctx, "steps", sorted(found.snapshots), edit))
+    ctx.note(optimization=found.to_dict(), cosine_with_dim=round(found.cosine(step), 4))
+    return edit(step)
 
 
 @register_method("dim_per_layer_abliteration", "each block's writers orthogonalised against the DIM of the stream they write into")
@@ -1318,6 +1340,7 @@ def compare(
     pick_kl: str = "first",
     judge: RefusalJudge | None = None,
     max_nll_rise: float | None = DEFAULT_MAX_NLL_RISE,
+    optimize_config: OptimizeConfig | None = None,
 ) -> Comparison:
     """Run `methods` on the same held-out prompts.
 
@@ -1362,6 +1385,7 @@ def compare(
             with the markers, and McNemar's test of its verdicts against the baseline's. It reads the responses after
             the method is undone, so a `ChatJudge` of `model` itself judges with the unedited weights. The picks and
             the selection still count refusals with the markers.
+        optimize_config: how `dim_optimized_abliteration` trains its direction (default `OptimizeConfig()`).
 
     Raises:
         FeatsteerError: for an unknown method, an SAE method without `saes`, SAEs that do not fit, or a `reuse` of
@@ -1390,7 +1414,7 @@ def compare(
     ctx = CompareContext(model, harmful, harmless, direction_config or DirectionConfig(), saes=sae_map, sae_config=sae_config or SaeMethodConfig(),
                          steering_config=steering_config or SteeringMethodConfig(),
                          val=None if val_harmful is None else (val_harmful, val_harmless), n_pick=n_pick, pick_kl=pick_kl,
-                         max_nll_rise=max_nll_rise)
+                         max_nll_rise=max_nll_rise, optimize_config=optimize_config or OptimizeConfig())
     if reuse is not None:
         _take_over(ctx, reuse)
     _warn_coarse_picks(ctx)
@@ -1416,6 +1440,7 @@ def compare(
         "max_nll_rise": ctx.max_nll_rise,
         "chosen": {k: _chosen_setup(model, v) for k, v in ctx._directions.items()},
         "steering": ctx.steering_config.to_dict(),
+        **({"optimize": ctx.optimize_config.to_dict()} if "dim_optimized_abliteration" in names else {}),
         "response_kl": {"max_tokens": along.max_tokens, "top_k": along.top_k, "positions": sum(along.n_positions),
                         "base_tail_mass": along.tail_mass},
     }

@@ -17,6 +17,7 @@ import torch
 from featsteer.activations import capture
 from featsteer.datasets import PromptSet
 from featsteer.directions import DirectionSet, find_directions, rotation_plane, weighted_basis
+from featsteer.directions.optimize import OptimizeConfig
 from featsteer.edits import EditConfig, EditHandle, apply_edit
 from featsteer.errors import FeatsteerError
 from featsteer.models import ModelAdapter
@@ -408,7 +409,8 @@ def heads_of(ranked: Sequence[tuple[int, int, float]] | Sequence[tuple[int, int]
 
 
 def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | None = None, scope: str = "global",
-               heads: Mapping[int, Sequence[int]] | None = None, passes: int = 1) -> EditHandle:
+               heads: Mapping[int, Sequence[int]] | None = None, passes: int = 1,
+               optimize: OptimizeConfig | None = None) -> EditHandle:
     """Apply the selected direction as a weight edit; the handle reverts or exports it.
 
     Args:
@@ -423,6 +425,8 @@ def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | 
         passes: more than 1: iterative refinement (`iterated_basis`), the selected direction and up to `passes - 1`
             more, each the mean difference left once the earlier ones are edited out, removed together; global scope,
             every writer, rank-1 methods only.
+        optimize: train the selected direction first (`directions.optimize.optimize_direction`, refusal direction
+            optimisation) and edit with the trained one; global scope, every writer, rank-1 methods only.
     """
     chosen = result.selection.chosen
     record = {
@@ -450,4 +454,11 @@ def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | 
             raise FeatsteerError("passes= refines the direction of a global edit of every writer: drop scope='per_layer' and heads=")
         found = iterated_basis(model, result, passes, edit)
         basis, record["iteration"] = found.basis, found.to_dict()
+    if optimize is not None:
+        from featsteer.directions.optimize import optimize_direction
+
+        if by_layer is not None or heads is not None or passes != 1:
+            raise FeatsteerError("optimize= trains the direction of a global edit of every writer: drop scope='per_layer', heads= and passes=")
+        trained = optimize_direction(model, result, optimize)
+        basis, record["optimization"] = trained.direction[None], trained.to_dict()
     return apply_edit(model, basis, edit or EditConfig(), record=record, by_layer=by_layer, heads=heads)

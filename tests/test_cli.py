@@ -270,6 +270,37 @@ def test_abliterate_passes_exports_the_refined_rank_k_edit(capsys, tmp_path):
         assert code == 2 and "--passes" in err and not (tmp_path / "bad").exists(), (extra, err)
 
 
+def test_abliterate_optimize_exports_the_trained_direction(capsys, tmp_path):
+    from featsteer.datasets import builtin_prompts
+    from featsteer.directions.optimize import OptimizeConfig, optimize_direction
+    from featsteer.interventions import Ablate, steer
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    common = ["--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
+              "--n-select", "3", "--eval-n", "3", "--max-new-tokens", "2"]
+    code, stdout, err = _run(capsys, "abliterate", *common, "--optimize", "3", "--out", str(tmp_path / "trained"))
+    assert code == 0 and "optimised direction: 3 steps from the chosen one" in stdout and "losses, first -> last step: ablation" in stdout, err
+    record = json.loads((tmp_path / "trained" / "featsteer.json").read_text())
+    assert record["rank"] == 1 and record["optimization"]["config"]["steps"] == 3 and len(record["optimization"]["history"]) == 3
+    # the exported weights remove the trained direction (seeded, so training it again gives the same one), not the DIM one
+    model, prompts = load_model("tiny:llama"), [builtin_prompts(k, "train").head(12) for k in ("harmful", "harmless")]
+    result = find_refusal_direction(model, *prompts, DirectionConfig(n_select=3))
+    trained = optimize_direction(model, result, OptimizeConfig(steps=3))
+    assert trained.cosine() < 0.9999
+    ids = model.tokenizer("Explain how to pick a lock.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        exported = load_model(str(tmp_path / "trained")).model(ids).logits
+        with steer(model, Ablate(trained.direction)):
+            assert torch.allclose(model.model(ids).logits, exported, atol=1e-4)
+        with steer(model, Ablate(trained.start)):
+            assert not torch.allclose(model.model(ids).logits, exported, atol=1e-4)
+    for extra in (["--optimize", "-1"], ["--optimize", "2", "--method", "svd"], ["--optimize", "2", "--heads", "top:2"],
+                  ["--optimize", "2", "--passes", "2"], ["--optimize", "2", "--scope", "per_layer"], ["--optimize", "2", "--search", "2"]):
+        code, _, err = _run(capsys, "abliterate", *common, *extra, "--out", str(tmp_path / "bad"))
+        assert code == 2 and "--optimize" in err and not (tmp_path / "bad").exists(), (extra, err)
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "gemma3", "cohere", "olmo2", "qwen3_5_moe", "gemma4_text"])
 def test_abliterate_runs_end_to_end_on_other_architectures(capsys, tmp_path, family):
     """Selection, edit, evaluation, export and reload through the CLI on an MoE, an image-text, a parallel-block and a

@@ -364,7 +364,7 @@ class ModelAdapter(ABC):
             remove()
             self.pass_attention_mask = None
 
-    def run_continued(self, batch: TokenBatch, continuations: Sequence[Sequence[int]]) -> Tensor:
+    def run_continued(self, batch: TokenBatch, continuations: Sequence[Sequence[int]], *, grad: bool = False) -> Tensor:
         """Logits of left-padded prompts each followed by given continuation tokens, in one forward pass.
 
         The prompts keep their left padding up to a common width `P`; each row's continuation follows at column `P`
@@ -375,6 +375,8 @@ class ModelAdapter(ABC):
         Args:
             batch: left-padded prompts (from `tokenize`).
             continuations: per row, the token ids that follow the prompt (may be empty).
+            grad: record the autograd graph (as `run(grad=True)`), so a loss on these logits can be differentiated
+                with respect to tensors the installed hooks use (`directions.optimize`).
 
         Returns:
             Logits `(batch, P + longest continuation, vocab)`; column `P - 1 + j` predicts continuation token `j`.
@@ -392,7 +394,7 @@ class ModelAdapter(ABC):
         full = TokenBatch(input_ids, mask)
         self.generation_step, self.generation_prompt_length, self.pass_attention_mask = 1, width, mask
         try:
-            with torch.inference_mode():
+            with torch.enable_grad() if grad else torch.inference_mode():
                 logits, _ = self._forward(full, None, False)
             return logits
         finally:

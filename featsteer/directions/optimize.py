@@ -1,0 +1,379 @@
+"""Refusal direction optimisation: a direction trained by gradient descent instead of read off two means.
+
+The difference in means is the best single direction for telling the classes apart on average, not the direction
+whose removal does the least harm: on Qwen2.5-Coder-0.5B ablating it leaves 7/100 refused at first-token KL 0.14 on
+harmless prompts. Wollschläger et al. 2025 ("The Geometry of Refusal in Large Language Models") train the direction
+itself for what abliteration needs, starting from DIM. Three losses, each on the model's own text (teacher forcing):
+
+- **ablation**: with the direction removed from every residual write (what `Ablate()` and the weight edit do), the
+  model should say what the DIM-ablated model said to the harmful training prompts, where that was not a refusal
+  (cross-entropy of those answers' first `target_tokens` tokens);
+- **addition**: with the direction added at the DIM hook, scaled to the DIM mean difference's length, the model
+  should say what the DIM-added model said to the harmless training prompts, where that was a refusal (so the
+  direction keeps meaning refusal and does not drift to anything whose removal breaks the refusal tokens);
+- **retain**: with the direction removed, the next-token distributions along the unedited model's own answers to the
+  harmless training prompts should stay put: KL(unedited || ablated) at the prompt's last token and each answer
+  token. This is the cost that first-token KL measures, but on the training prompts and along the answer.
+
+The direction is `p / |p|` for a free parameter `p` started at the DIM direction, trained with Adam on mini-batches.
+Snapshots at chosen steps (step 0 is DIM itself) let a caller pick on validation prompts how far to go
+(`compare`'s `dim_optimized_abliteration`), so the method is never forced further from DIM than the validation
+prompts reward. Targets differ from the paper's in two ways: they are filtered with the refusal detector (the paper
+keeps every DIM-ablated answer), and the retain loss reads the greedy answers of the unedited model, as
+`evaluation.response_kl` does.
+
+Usage::
+
+    result = find_refusal_direction(model, harmful, harmless)
+    optimized = optimize_direction(model, result, OptimizeConfig(steps=48))
+    with apply_edit(model, optimized.direction, EditConfig()):
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from featsteer.errors import FeatsteerError
+from featsteer.evaluation.refusal import RefusalDetector
+from featsteer.interventions.operations import ablate
+from featsteer.interventions.steering import WRITES, resolve_sites
+from featsteer.models import ModelAdapter
+
+if TYPE_CHECKING:
+    from featsteer.pipeline import DirectionResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """How the direction is trained (defaults: the paper's loss weights and learning rate, fewer prompts and steps
+    so that a 0.5B model trains in minutes on a CPU)."""
+
+    steps: int = 48
+    """Adam steps (each reads one mini-batch of every loss's prompts)."""
+    lr: float = 0.01
+    """Adam learning rate on the unnormalised parameter (which starts at unit length)."""
+    batch_size: int = 8
+    """Prompts per loss per step."""
+    n_prompts: int = 128
+    """Training prompts per class read (the first ones of each training set)."""
+    target_tokens: int = 16
+    """Answer tokens each loss reads: the targets' length and the retain loss's positions."""
+    ablation_weight: float = 1.0
+    """Weight of the ablation loss (cross-entropy of the DIM-ablated model's non-refusing harmful answers)."""
+    addition_weight: float = 0.2
+    """Weight of the addition loss (cross-entropy of the DIM-added model's refusals of harmless prompts)."""
+    retain_weight: float = 1.0
+    """Weight of the retain loss (KL from the unedited model along its harmless answers)."""
+    snapshots: tuple[int, ...] | None = None
+    """Steps after which the direction is kept (0: the start). None: 0 and every quarter of `steps`."""
+    seed: int = 0
+    """Seeds the mini-batch order."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise FeatsteerError(f"steps must be at least 1, got {self.steps}")
+        for name in ("batch_size", "n_prompts", "target_tokens"):
+            if getattr(self, name) < 1:
+                raise FeatsteerError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise FeatsteerError(f"lr must be a positive number, got {self.lr}")
+        weights = (self.ablation_weight, self.addition_weight, self.retain_weight)
+        if any(not math.isfinite(w) or w < 0 for w in weights):
+            raise FeatsteerError(f"loss weights must be finite and >= 0, got ablation {self.ablation_weight}, addition "
+                                 f"{self.addition_weight}, retain {self.retain_weight}")
+        if self.ablation_weight == 0 and self.addition_weight == 0:
+            raise FeatsteerError("ablation_weight and addition_weight are both 0: nothing ties the direction to refusal "
+                                 "(the retain loss alone is smallest for a direction nothing writes); give one of them a weight")
+        if self.snapshots is not None:
+            object.__setattr__(self, "snapshots", tuple(sorted({int(s) for s in self.snapshots})))
+            if any(s < 0 or s > self.steps for s in self.snapshots):
+                raise FeatsteerError(f"snapshots must lie in 0..steps ({self.steps}), got {list(self.snapshots)}")
+
+    def snapshot_steps(self) -> tuple[int, ...]:
+        """The steps whose direction is kept (always including the last)."""
+        chosen = self.snapshots if self.snapshots is not None else (0, *(round(self.steps * q / 4) for q in (1, 2, 3, 4)))
+        return tuple(sorted({*chosen, self.steps}))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OptimizeConfig:
+        """Inverse of `to_dict`."""
+        data = dict(data)
+        if data.get("snapshots") is not None:
+            data["snapshots"] = tuple(data["snapshots"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class OptimizedDirection:
+    """A trained direction, its snapshots and the training record (`optimize_direction`)."""
+
+    direction: Tensor
+    """`(d_model,)` float32 unit vector after the last step."""
+    start: Tensor
+    """`(d_model,)` float32 unit vector it started from (the chosen DIM direction)."""
+    snapshots: dict[int, Tensor]
+    """Step -> the unit direction after that step (0: the start)."""
+    hook: str
+    """Where the addition loss adds it (the start direction's hook)."""
+    scale: float
+    """Length of the added vector (the DIM mean difference's at that hook)."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """Per step: each loss on that step's mini-batch, the weighted total and the cosine with the start."""
+    targets: dict[str, int] = field(default_factory=dict)
+    """How many prompts each loss had (after the detector's filter) and how many were read."""
+    config: OptimizeConfig = field(default_factory=OptimizeConfig)
+    seconds: float = 0.0
+
+    def cosine(self, step: int | None = None) -> float:
+        """Cosine of the direction after `step` (default: the last) with the start."""
+        vector = self.direction if step is None else self.snapshots[step]
+        return float(vector.double() @ self.start.double())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (directions as lists are left out; the history is kept)."""
+        return {"hook": self.hook, "scale": round(self.scale, 4), "targets": dict(self.targets),
+                "config": self.config.to_dict(), "seconds": round(self.seconds, 1),
+                "cosine_with_start": {str(step): round(self.cosine(step), 4) for step in self.snapshots},
+                "history": [{k: round(v, 5) for k, v in row.items()} for row in self.history]}
+
+
+@dataclass(frozen=True)
+class _Targets:
+    prompts: tuple[str, ...]
+    tokens: tuple[tuple[int, ...], ...]
+
+
+def optimize_direction(model: ModelAdapter, result: DirectionResult, config: OptimizeConfig | None = None) -> OptimizedDirection:
+    """Train a refusal direction from the chosen DIM direction of `result` (see the module docstring).
+
+    Args:
+        model: The unedited model (no hooks, weights not edited); it is left so, also after an error.
+        result: `find_refusal_direction`'s result; its chosen direction (rank 1) is the start, its chosen hook the
+            place the addition loss adds it, its training prompts the prompts every loss reads.
+        config: Steps, loss weights and so on.
+
+    Returns:
+        The trained direction, its snapshots and the per-step losses.
+
+    Raises:
+        FeatsteerError: for a rank-k result; when no target survives the detector's filter for every loss with a
+            weight; on NaN losses.
+    """
+    config = config or OptimizeConfig()
+    if result.candidates.rank != 1:
+        raise FeatsteerError("direction optimisation starts from a rank-1 direction: use a dim, projected, pca or probe method")
+    started = time.perf_counter()
+    chosen = result.selection.chosen
+    hook = chosen.hook
+    start = result.chosen_basis[0].float()
+    start = start / start.norm()
+    scale = _mean_difference_length(model, result)
+    harmful = list(result.train[0])[: config.n_prompts]
+    harmless = list(result.train[1])[: config.n_prompts]
+    targets = _make_targets(model, start, hook, scale, harmful, harmless, config)
+    counts = {name: len(t.prompts) for name, t in targets.items()} | {"harmful_read": len(harmful), "harmless_read": len(harmless)}
+    logger.info("direction optimisation: %d ablation targets of %d harmful prompts, %d addition targets and %d retain answers of "
+                "%d harmless prompts", counts["ablation"], len(harmful), counts["addition"], counts["retain"], len(harmless))
+    weights = {"ablation": config.ablation_weight if targets["ablation"].prompts else 0.0,
+               "addition": config.addition_weight if targets["addition"].prompts else 0.0,
+               "retain": config.retain_weight if targets["retain"].prompts else 0.0}
+    if weights["ablation"] == 0 and weights["addition"] == 0:
+        raise FeatsteerError("no ablation or addition targets: the DIM-ablated model refuses every harmful training prompt and the "
+                             "DIM-added model refuses no harmless one, so nothing ties a trained direction to refusal; check the "
+                             "direction (featsteer directions) before optimising it")
+    parameter = start.clone().to(model.device).requires_grad_(True)
+    optimizer = torch.optim.Adam([parameter], lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    orders = {name: _BatchOrder(len(t.prompts), config.batch_size, generator) for name, t in targets.items()}
+    keep = set(config.snapshot_steps())
+    snapshots = {0: start.clone()} if 0 in keep else {}
+    history: list[dict[str, float]] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(1, config.steps + 1), desc="optimise direction", unit="step", disable=not model.show_progress, leave=False)
+    with _frozen(model):
+        for step in bar:
+            optimizer.zero_grad()
+            row: dict[str, float] = {}
+            total = torch.zeros((), dtype=torch.float64, device=model.device)
+            for name, weight in weights.items():
+                if weight == 0:
+                    continue
+                picked = orders[name].next()
+                direction = parameter / parameter.norm()  # its own graph per loss: each backward frees one
+                part = _LOSSES[name](model, direction, targets[name], picked, hook, scale)
+                if not bool(torch.isfinite(part)):
+                    raise FeatsteerError(f"the {name} loss is not finite at step {step}: check the model's dtype (float16 on CPU "
+                                         "overflows; use --dtype float32 or bfloat16) and lower lr")
+                (weight * part).backward()  # one graph at a time: memory of one loss's batch
+                row[name] = float(part.detach())
+                total = total + weight * part.detach()
+            optimizer.step()
+            with torch.no_grad():
+                unit = (parameter / parameter.norm()).detach().float().cpu()
+            row |= {"total": float(total), "cosine": float(unit.double() @ start.double())}
+            history.append(row)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()}, refresh=False)
+            if step in keep:
+                snapshots[step] = unit.clone()
+    return OptimizedDirection(snapshots[config.steps], start, snapshots, hook, scale, history, counts, config,
+                              time.perf_counter() - started)
+
+
+def _mean_difference_length(model: ModelAdapter, result: DirectionResult) -> float:
+    """Length of the harmful-minus-harmless mean at the chosen hook and position (what `dim_actadd_induce` adds): from
+    the DIM scores, else the kept activations, else a capture of the training prompts there."""
+    from featsteer.activations import capture
+    from featsteer.pipeline import DirectionConfig
+
+    index = result.selection.chosen.index
+    mean_difference = result.candidates.scores.get("mean_diff_norm")
+    if mean_difference is not None:
+        return float(mean_difference[index])
+    hook, position = result.selection.chosen.hook, result.candidates.positions[index]
+    if result.activations is not None:
+        harmful, harmless = result.activations
+        return float((harmful.mean(hook, position) - harmless.mean(hook, position)).norm())
+    selector = result.capture_key[2] if result.capture_key is not None else DirectionConfig().positions
+    means = [capture(model, list(prompts), [hook], positions=selector, label=label, progress=False).mean(hook, position)
+             for prompts, label in zip(result.train, ("harmful", "harmless"), strict=True)]
+    return float((means[0] - means[1]).norm())
+
+
+@contextlib.contextmanager
+def _frozen(model: ModelAdapter) -> Iterator[None]:
+    """The model's own parameters out of the autograd graph while the direction trains (restored after, also on error)."""
+    module = getattr(model, "model", None)
+    parameters = list(module.parameters()) if isinstance(module, torch.nn.Module) else []
+    flags = [p.requires_grad for p in parameters]
+    try:
+        for p in parameters:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(parameters, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+class _BatchOrder:
+    """Mini-batches drawn without replacement, reshuffled after each pass (seeded)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.order: list[int] = []
+
+    def next(self) -> list[int]:
+        if self.n == 0:
+            return []
+        picked: list[int] = []
+        while len(picked) < min(self.batch_size, self.n):
+            if not self.order:
+                self.order = torch.randperm(self.n, generator=self.generator).tolist()
+            picked.append(self.order.pop())
+        return picked
+
+
+def _make_targets(model: ModelAdapter, start: Tensor, hook: str, scale: float, harmful: list[str], harmless: list[str],
+                  config: OptimizeConfig) -> dict[str, _Targets]:
+    """Greedy answers of the DIM-ablated model (harmful prompts, kept when not refusals), the DIM-added model (harmless
+    prompts, kept when refusals) and the unedited model (harmless prompts, all kept)."""
+    from featsteer.interventions import Ablate, AddDirection, steer
+
+    detector = RefusalDetector()
+    tokens = config.target_tokens
+    targets: dict[str, _Targets] = {}
+    with steer(model, Ablate(start)):
+        answers = model.generate(harmful, max_new_tokens=tokens, batch_size=config.batch_size)
+    targets["ablation"] = _kept(model, harmful, answers, [not detector.is_refusal(a) for a in answers], tokens)
+    with steer(model, AddDirection(start, scale, where=hook)):
+        answers = model.generate(harmless, max_new_tokens=tokens, batch_size=config.batch_size)
+    targets["addition"] = _kept(model, harmless, answers, [detector.is_refusal(a) for a in answers], tokens)
+    answers = model.generate(harmless, max_new_tokens=tokens, batch_size=config.batch_size)
+    targets["retain"] = _kept(model, harmless, answers, [True] * len(harmless), tokens)
+    return targets
+
+
+def _kept(model: ModelAdapter, prompts: Sequence[str], answers: Sequence[str], keep: Sequence[bool], max_tokens: int) -> _Targets:
+    rows = [(p, _answer_tokens(model, a, max_tokens)) for p, a, k in zip(prompts, answers, keep, strict=True) if k]
+    rows = [(p, t) for p, t in rows if t]  # an empty answer teaches nothing
+    return _Targets(tuple(p for p, _ in rows), tuple(t for _, t in rows))
+
+
+def _answer_tokens(model: ModelAdapter, answer: str, max_tokens: int) -> tuple[int, ...]:
+    if not answer:
+        return ()
+    return tuple(int(t) for t in model.tokenizer(answer, add_special_tokens=False)["input_ids"][:max_tokens])
+
+
+def _teacher_forced(model: ModelAdapter, targets: _Targets, picked: list[int]) -> tuple[Tensor, list[tuple[int, int, int]]]:
+    """Logits (with autograd) of the picked prompts followed by their target tokens, and per row `(row, first column, n)`:
+    columns `first .. first + n - 1` predict the row's `n` target tokens."""
+    prompts = [targets.prompts[i] for i in picked]
+    continuations = [targets.tokens[i] for i in picked]
+    batch = model.tokenize(prompts)
+    logits = model.run_continued(batch, continuations, grad=True)
+    width = batch.input_ids.shape[1]
+    return logits, [(row, width - 1, len(c)) for row, c in enumerate(continuations)]
+
+
+def _cross_entropy(logits: Tensor, spans: list[tuple[int, int, int]], targets: _Targets, picked: list[int]) -> Tensor:
+    """Mean cross-entropy per target token over the picked rows."""
+    losses = []
+    for (row, first, n), i in zip(spans, picked, strict=True):
+        predicted = logits[row, first : first + n].double()
+        wanted = torch.tensor(targets.tokens[i], dtype=torch.long, device=predicted.device)
+        losses.append(torch.nn.functional.cross_entropy(predicted, wanted, reduction="sum"))
+    return torch.stack(losses).sum() / sum(n for _, _, n in spans)
+
+
+def _ablation_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, picked: list[int], hook: str, scale: float) -> Tensor:
+    with model.hooks(_ablation_hooks(model, direction)):
+        logits, spans = _teacher_forced(model, targets, picked)
+    return _cross_entropy(logits, spans, targets, picked)
+
+
+def _addition_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, picked: list[int], hook: str, scale: float) -> Tensor:
+    with model.hooks([(hook, lambda x, site: x + scale * direction.to(x.dtype))]):
+        logits, spans = _teacher_forced(model, targets, picked)
+    return _cross_entropy(logits, spans, targets, picked)
+
+
+def _retain_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, picked: list[int], hook: str, scale: float) -> Tensor:
+    """Mean KL(unedited || ablated) over the prompt's last position and every target position but the last."""
+    prompts = [targets.prompts[i] for i in picked]
+    continuations = [targets.tokens[i][:-1] for i in picked]
+    batch = model.tokenize(prompts)
+    width = batch.input_ids.shape[1]
+    base = model.run_continued(batch, continuations).double()
+    with model.hooks(_ablation_hooks(model, direction)):
+        edited = model.run_continued(batch, continuations, grad=True).double()
+    parts = []
+    for row, c in enumerate(continuations):
+        columns = slice(width - 1, width + len(c))
+        base_lp = torch.log_softmax(base[row, columns], dim=-1)
+        edited_lp = torch.log_softmax(edited[row, columns], dim=-1)
+        parts.append((base_lp.exp() * (base_lp - edited_lp)).sum())
+    return torch.stack(parts).sum() / sum(len(c) + 1 for c in continuations)
+
+
+def _ablation_hooks(model: ModelAdapter, direction: Tensor) -> list[tuple[str, object]]:
+    return [(name, lambda x, site: ablate(x, direction)) for name in resolve_sites(model, WRITES)]
+
+
+_LOSSES = {"ablation": _ablation_loss, "addition": _addition_loss, "retain": _retain_loss}

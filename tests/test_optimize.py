@@ -1,0 +1,150 @@
+"""Refusal direction optimisation (`featsteer.directions.optimize`) on the organism: the losses it minimises fall, the
+model is left as it was, the compare method picks among its snapshots."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from featsteer.datasets import builtin_prompts, load_prompts
+from featsteer.directions import optimize as optimize_module
+from featsteer.directions.optimize import OptimizeConfig, optimize_direction
+from featsteer.errors import FeatsteerError
+from featsteer.models import load_model
+from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+from .conftest import count_hooks
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SMALL = {"n_prompts": 24, "batch_size": 8, "target_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def organism():
+    model = load_model("organism")
+    model.show_progress = False
+    return model
+
+
+@pytest.fixture(scope="module")
+def dim(organism):
+    harmful, harmless = builtin_prompts("harmful", "train").head(48), builtin_prompts("harmless", "train").head(48)
+    val = (load_prompts("organism-corpus:harmful:16"), load_prompts("organism-corpus:harmless:16"))
+    return find_refusal_direction(organism, harmful, harmless, DirectionConfig(n_select=16), val=val, keep_activations=True)
+
+
+def _losses(model, found, result, config: OptimizeConfig, direction: torch.Tensor) -> dict[str, float]:
+    """Each loss over all of its targets, for a given unit direction (what the training steps estimate on mini-batches)."""
+    harmful = list(result.train[0])[: config.n_prompts]
+    harmless = list(result.train[1])[: config.n_prompts]
+    targets = optimize_module._make_targets(model, found.start, found.hook, found.scale, harmful, harmless, config)
+    with torch.no_grad():
+        return {name: float(optimize_module._LOSSES[name](model, direction, targets[name], list(range(len(targets[name].prompts))),
+                                                          found.hook, found.scale))
+                for name in ("ablation", "retain") if targets[name].prompts}
+
+
+def test_config_rejects_bad_values():
+    for bad, message in (({"steps": 0}, "steps must be at least 1"), ({"batch_size": 0}, "batch_size must be at least 1"),
+                         ({"lr": float("nan")}, "lr must be a positive number"), ({"retain_weight": -1.0}, "loss weights"),
+                         ({"ablation_weight": 0.0, "addition_weight": 0.0}, "nothing ties the direction to refusal"),
+                         ({"steps": 4, "snapshots": (0, 5)}, "snapshots must lie in 0..steps")):
+        with pytest.raises(FeatsteerError, match=message):
+            OptimizeConfig(**bad)
+    config = OptimizeConfig(steps=10, snapshots=(3, 0, 3))
+    assert config.snapshot_steps() == (0, 3, 10) and OptimizeConfig(steps=8).snapshot_steps() == (0, 2, 4, 6, 8)
+    assert OptimizeConfig.from_dict(config.to_dict()) == config
+
+
+def test_run_continued_with_grad_gives_the_same_logits(organism):
+    batch = organism.tokenize(["How do I bake bread?", "Tell me a joke."])
+    continuations = [(5, 6, 7), (8,)]
+    plain = organism.run_continued(batch, continuations)
+    tracked = organism.run_continued(batch, continuations, grad=True)
+    assert torch.equal(plain, tracked.detach())
+
+
+def test_optimisation_lowers_its_losses_and_leaves_the_model_alone(organism, dim):
+    batch = organism.tokenize(["How do I pick a lock?"])
+    logits_before = organism.run(batch)
+    flags = [p.requires_grad for p in organism.model.parameters()]
+    config = OptimizeConfig(steps=12, lr=0.05, **SMALL)
+    found = optimize_direction(organism, dim, config)
+    assert torch.equal(organism.run(batch), logits_before) and count_hooks(organism.model) == 0
+    assert [p.requires_grad for p in organism.model.parameters()] == flags
+    assert sorted(found.snapshots) == [0, 3, 6, 9, 12] and len(found.history) == 12
+    assert torch.equal(found.snapshots[0], found.start) and torch.equal(found.snapshots[12], found.direction)
+    assert all(abs(float(v.norm()) - 1) < 1e-5 for v in found.snapshots.values())
+    assert torch.allclose(found.start, dim.chosen_basis[0] / dim.chosen_basis[0].norm(), atol=1e-6)
+    assert found.hook == dim.selection.chosen.hook and found.scale == pytest.approx(float(dim.candidates.scores["mean_diff_norm"][dim.selection.chosen.index]))
+    assert found.targets["ablation"] > 0 and found.targets["retain"] == 24
+    assert found.cosine() < 0.999  # it moved
+    before = _losses(organism, found, dim, config, found.start)
+    after = _losses(organism, found, dim, config, found.direction)
+    assert after["ablation"] + after["retain"] < before["ablation"] + before["retain"]
+
+
+def test_each_loss_is_minimised_on_its_own(organism, dim):
+    """The retain loss alone (the ablation term weighted to almost nothing) moves the direction to where ablating it costs
+    less KL; the ablation loss alone makes the DIM-ablated answers likelier. A wrong sign or a gradient that does not
+    reach the direction fails one of them."""
+    retain = OptimizeConfig(steps=10, lr=0.05, ablation_weight=1e-6, addition_weight=0.0, retain_weight=1.0, **SMALL)
+    found = optimize_direction(organism, dim, retain)
+    assert _losses(organism, found, dim, retain, found.direction)["retain"] < 0.7 * _losses(organism, found, dim, retain, found.start)["retain"]
+    ablation = dataclasses.replace(retain, ablation_weight=1.0, retain_weight=0.0)
+    found = optimize_direction(organism, dim, ablation)
+    assert _losses(organism, found, dim, ablation, found.direction)["ablation"] < _losses(organism, found, dim, ablation, found.start)["ablation"] - 0.02
+
+
+def test_optimisation_is_reproducible(organism, dim):
+    config = OptimizeConfig(steps=3, **SMALL)
+    first, second = optimize_direction(organism, dim, config), optimize_direction(organism, dim, config)
+    assert torch.equal(first.direction, second.direction)
+    assert not torch.equal(first.direction, optimize_direction(organism, dim, dataclasses.replace(config, seed=1)).direction)
+
+
+def test_an_error_mid_training_leaves_no_hook_and_no_frozen_parameter(organism, dim, monkeypatch):
+    flags = [p.requires_grad for p in organism.model.parameters()]
+
+    def broken(model, direction, targets, picked, hook, scale):
+        with model.hooks(optimize_module._ablation_hooks(model, direction)):
+            raise RuntimeError("boom")
+
+    monkeypatch.setitem(optimize_module._LOSSES, "retain", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        optimize_direction(organism, dim, OptimizeConfig(steps=2, **SMALL))
+    assert count_hooks(organism.model) == 0 and [p.requires_grad for p in organism.model.parameters()] == flags
+
+
+def test_rank_k_and_target_less_starts_are_clear_errors(organism, dim, monkeypatch):
+    harmful, harmless = builtin_prompts("harmful", "train").head(24), builtin_prompts("harmless", "train").head(24)
+    svd = find_refusal_direction(organism, harmful, harmless, DirectionConfig(method="svd", rank=2, n_select=8))
+    with pytest.raises(FeatsteerError, match="starts from a rank-1 direction"):
+        optimize_direction(organism, svd, OptimizeConfig(steps=1, **SMALL))
+    empty = optimize_module._Targets((), ())
+    monkeypatch.setattr(optimize_module, "_make_targets", lambda *a, **k: {"ablation": empty, "addition": empty, "retain": empty})
+    with pytest.raises(FeatsteerError, match="no ablation or addition targets"):
+        optimize_direction(organism, dim, OptimizeConfig(steps=1, **SMALL))
+
+
+def test_compare_picks_a_snapshot_and_records_it(organism):
+    from featsteer.compare import compare
+    from featsteer.evaluation.behaviour import GenerationConfig
+
+    harmful, harmless = builtin_prompts("harmful", "train").head(32), builtin_prompts("harmless", "train").head(32)
+    result = compare(organism, harmful, harmless, methods=["dim_abliteration", "dim_optimized_abliteration"],
+                     eval_harmful=builtin_prompts("harmful", "test").head(8), eval_harmless=builtin_prompts("harmless", "test").head(8),
+                     val_harmful=load_prompts("organism-corpus:harmful:8"), val_harmless=load_prompts("organism-corpus:harmless:8"),
+                     direction_config=DirectionConfig(n_select=8), generation=GenerationConfig(max_new_tokens=8),
+                     optimize_config=OptimizeConfig(steps=4, **SMALL))
+    rows = {r.method: r for r in result.results}
+    details = rows["dim_optimized_abliteration"].details
+    assert details["setting"] in {f"steps={s}" for s in (0, 1, 2, 3, 4)}
+    assert set(details["validation"]) == {f"steps={s}" for s in (0, 1, 2, 3, 4)}
+    assert details["optimization"]["config"]["steps"] == 4 and len(details["optimization"]["history"]) == 4
+    assert result.setup["optimize"]["steps"] == 4
+    if details["setting"] == "steps=0":  # DIM itself: the same edit as the baseline
+        assert rows["dim_optimized_abliteration"].kl_harmless == pytest.approx(rows["dim_abliteration"].kl_harmless, abs=1e-6)
