@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--render-only", action="store_true", help="re-write the markdown from the results JSON")
     parser.add_argument("--max-nll-rise", default="0.5",
                         help="the picks' coherence bound in nats per token, or off (compare --pick-max-nll-rise; default 0.5, compare's)")
+    parser.add_argument("--optimize", default="", metavar="KEY=VALUE,...",
+                        help="OptimizeConfig fields for dim_optimized_abliteration, e.g. steps=24,retain_weight=3 (default: compare's)")
     parser.add_argument("--title", default="ACE and angular steering vs DIM abliteration", help="the markdown's heading")
     args = parser.parse_args()
     name = args.results_name or f"steering_methods_{args.target}"
@@ -88,7 +90,8 @@ def main() -> None:
               "n_pick": args.n_pick, "max_nll_rise": None if args.max_nll_rise == "off" else float(args.max_nll_rise), **val}
     angles = {"angles": tuple(float(a) for a in args.angles.split(","))} if args.angles else {}
     main_run = compare(model, sets["train_harmful"], sets["train_harmless"], methods=args.methods.split(","),
-                       steering_config=SteeringMethodConfig(tolerance=args.tolerance, **angles), **common)
+                       steering_config=SteeringMethodConfig(tolerance=args.tolerance, **angles),
+                       optimize_config=_optimize_config(args.optimize), **common)
     rows = list(main_run.results)
     if not args.no_everywhere:
         everywhere = compare(model, sets["train_harmful"], sets["train_harmless"], methods=["dim_angular_hook"],
@@ -102,6 +105,20 @@ def main() -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1, default=str))
     (RESULTS / f"{name}.md").write_text(render(out))
     print(render(out))
+
+
+def _optimize_config(spec: str):
+    """`--optimize steps=24,retain_weight=3` as an `OptimizeConfig` (numbers as int or float by the field's default)."""
+    from featsteer.directions.optimize import OptimizeConfig
+
+    defaults = OptimizeConfig().to_dict()
+    values = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults or key == "snapshots":
+            raise SystemExit(f"--optimize: unknown field {key!r}; use one of {', '.join(k for k in defaults if k != 'snapshots')}")
+        values[key] = type(defaults[key])(value)
+    return OptimizeConfig(**values)
 
 
 def _bound_phrase(max_nll_rise: float | None) -> str:
@@ -150,7 +167,34 @@ def render(out: dict) -> str:
         if picked:
             name = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
             lines.append(f"- {name}: {json.dumps(picked)}")
+    lines += _optimization_lines(out["results"])
     return "\n".join(lines) + "\n"
+
+
+def _optimization_lines(results: list[dict]) -> list[str]:
+    """What `dim_optimized_abliteration` trained: its config, targets, time, each snapshot's cosine with DIM and the
+    losses (mean of each quarter of the steps)."""
+    lines = []
+    for r in results:
+        found = r["details"].get("optimization")
+        if not found:
+            continue
+        config, history = found["config"], found["history"]
+        lines += ["", f"Direction optimisation ({r['method']}): {config['steps']} Adam steps, lr {config['lr']:g}, batch "
+                  f"{config['batch_size']}, weights ablation {config['ablation_weight']:g} / addition {config['addition_weight']:g} / "
+                  f"retain {config['retain_weight']:g}, {config['target_tokens']} target tokens; targets: {found['targets']['ablation']} of "
+                  f"{found['targets']['harmful_read']} harmful answers (not refusals under DIM ablation), {found['targets']['addition']} "
+                  f"refusals under DIM addition, {found['targets']['retain']} harmless answers; {found['seconds']:.0f} s (with the targets' "
+                  "generation).", "", "| steps | cosine with DIM | ablation loss | addition loss | retain loss |", "|---|---|---|---|---|"]
+        quarter = max(1, len(history) // 4)
+        for step, cosine in found["cosine_with_start"].items():
+            window = history[:1] if int(step) == 0 else history[max(0, int(step) - quarter): int(step)]
+            mean = {k: sum(row[k] for row in window) / len(window) for k in ("ablation", "addition", "retain") if window and k in window[0]}
+            cells = " | ".join(f"{mean[k]:.4f}" if k in mean else "-" for k in ("ablation", "addition", "retain"))
+            lines.append(f"| {step} | {cosine:.4f} | {cells} |")
+        lines += ["", "Losses are means over the steps since the previous row (the mini-batches those steps read); step 0 is DIM, "
+                  "its losses those of the first mini-batch."]
+    return lines
 
 
 def paired_lines(results: list[dict], baseline: str = "dim_abliteration") -> list[str]:

@@ -893,7 +893,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     steering_config = SteeringMethodConfig(ace_alpha=args.ace_alpha, ace_induce_alpha=args.ace_induce_alpha, angle=args.angle,
                                            tolerance=args.pick_tolerance,
                                            adaptive=not args.angle_everywhere)
-    optimize_config = OptimizeConfig(steps=args.optimize_steps)  # a bad value fails before the model loads
+    if args.optimize_steps < 1:  # before the model loads
+        raise FeatsteerError(f"--optimize-steps must be at least 1, got {args.optimize_steps}")
+    optimize_config = OptimizeConfig(steps=args.optimize_steps)
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
     evals = [load_prompts(s, column=args.column, limit=args.eval_n) if s else None for s in (args.eval_harmful, args.eval_harmless)]

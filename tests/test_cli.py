@@ -154,6 +154,8 @@ def test_eval_with_a_judge(capsys, tmp_path):
           "--out", "/tmp/x"], "must be below 1"),
         (["compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--ace-induce-alpha", "-1",
           "--out", "/tmp/x"], "must be positive"),
+        (["compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--optimize-steps", "0",
+          "--out", "/tmp/x"], "--optimize-steps must be at least 1, got 0"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, argv, message, tmp_path):

@@ -9,6 +9,7 @@ import torch
 
 from featsteer.compare import INDUCE_SCALES, available_methods, compare, pick_induce_scale, write_report
 from featsteer.datasets import builtin_prompts, load_prompts
+from featsteer.directions.optimize import OptimizeConfig
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.behaviour import GenerationConfig
 from featsteer.models import load_model
@@ -101,7 +102,8 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     model = load_model("tiny:llama")
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     comparison = compare(model, *prompts, alarming=builtin_prompts("alarming", "test").head(4),
-                         direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=3))
+                         direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=3),
+                         optimize_config=OptimizeConfig(steps=4, n_prompts=8, target_tokens=4))
     names = [r.method for r in comparison.results]
     # without SAEs the default skips the SAE methods, and on a dense model the expert-routing one
     assert names == list(available_methods(saes=False, model=model)) and "expert_deactivation" not in names
@@ -110,7 +112,7 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     induce = by_name["dim_actadd_induce"].details  # what the induce method picked
     assert induce["induce_scale"] in INDUCE_SCALES and set(induce["induce_val_refusal"]) == {str(s) for s in INDUCE_SCALES}
     picked = ("dim_actadd_induce", "leace_hook", "dim_ace_hook", "dim_angular_hook", "dim_angular_norms_hook", "dim_ace_induce",
-              "dim_head_abliteration", "head_ablation_hook", "dim_iterative_abliteration")  # the methods that say what they picked
+              "dim_head_abliteration", "head_ablation_hook", "dim_iterative_abliteration", "dim_optimized_abliteration")  # the methods that say what they picked
     assert all(r.details == {} for r in comparison.results if r.method not in picked)
     assert all("setting" in by_name[name].details for name in picked if name != "leace_hook")
     leace = by_name["leace_hook"].details  # one eraser per layer and template position, but none where all prompts agree
