@@ -1261,9 +1261,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--pick-kl", choices=("first", "response"), default="first",
                       help="the KL the jailbreak picks (ACE alpha, angle, SAE k and clamp) weigh settings by: first-token (default) or "
                       "along the unedited model's own validation answers, which does not favour a setting that keeps the first token")
-    cmp_.add_argument("--optimize-steps", type=int, default=48, metavar="N",
+    cmp_.add_argument("--optimize-steps", type=int, default=24, metavar="N",
                       help="dim_optimized_abliteration: Adam steps of refusal direction optimisation from the DIM direction; the "
-                      "direction after 0, N/4, N/2, 3N/4 and N steps is picked from on the validation prompts (default 48)")
+                      "direction after 0, N/4, N/2, 3N/4 and N steps is picked from on the validation prompts (default 24)")
     cmp_.add_argument("--pick-max-nll-rise", type=_nats_or_off, metavar="NATS|off",
                       help="coherence bound for the jailbreak picks: a setting whose validation harmless answers cost the unedited "
                       "model more than NATS nats per token above its own answers counts as answering nothing (default 0.5; off: no bound)")

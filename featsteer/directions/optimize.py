@@ -25,7 +25,7 @@ keeps every DIM-ablated answer), and the retain loss reads the greedy answers of
 Usage::
 
     result = find_refusal_direction(model, harmful, harmless)
-    optimized = optimize_direction(model, result, OptimizeConfig(steps=48))
+    optimized = optimize_direction(model, result, OptimizeConfig(steps=24))
     with apply_edit(model, optimized.direction, EditConfig()):
         ...
 """
@@ -57,10 +57,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class OptimizeConfig:
-    """How the direction is trained (defaults: the paper's loss weights and learning rate, fewer prompts and steps
-    so that a 0.5B model trains in minutes on a CPU)."""
+    """How the direction is trained. Defaults: the paper's learning rate and ablation/addition weights, a retain weight of 3
+    instead of its 1, and fewer prompts and steps, so that a 0.5B model trains in about 15 minutes on a CPU. On
+    Qwen2.5-Coder-0.5B retain weight 3 with 24 steps gave lower validation KL at every snapshot than weight 1 with 48 steps
+    (`benchmarks/results/optimized_qwen{,_retain3}.md`)."""
 
-    steps: int = 48
+    steps: int = 24
     """Adam steps (each reads one mini-batch of every loss's prompts)."""
     lr: float = 0.01
     """Adam learning rate on the unnormalised parameter (which starts at unit length)."""
@@ -74,7 +76,7 @@ class OptimizeConfig:
     """Weight of the ablation loss (cross-entropy of the DIM-ablated model's non-refusing harmful answers)."""
     addition_weight: float = 0.2
     """Weight of the addition loss (cross-entropy of the DIM-added model's refusals of harmless prompts)."""
-    retain_weight: float = 1.0
+    retain_weight: float = 3.0
     """Weight of the retain loss (KL from the unedited model along its harmless answers)."""
     snapshots: tuple[int, ...] | None = None
     """Steps after which the direction is kept (0: the start). None: 0 and every quarter of `steps`."""
