@@ -124,6 +124,19 @@ class DirectionResult:
         return ({hook: float(harmless_acts.mean(hook, position) @ r) for hook in hooks},
                 {hook: float(harmful_acts.mean(hook, position) @ r) for hook in hooks})
 
+    def mean_difference(self, model: ModelAdapter, *, fresh: bool = False, batch_size: int = 16) -> torch.Tensor:
+        """Harmful-minus-harmless mean of the training prompts at the chosen hook and position (float64): from the kept
+        activations when there are any and `fresh` is False, else from a capture of the training prompts at the positions
+        the direction was found at, through `model` as it is now (edits and hooks included)."""
+        hook, position = self.selection.chosen.hook, self.candidates.positions[self.selection.chosen.index]
+        if self.activations is not None and not fresh:
+            harmful, harmless = self.activations
+            return harmful.mean(hook, position) - harmless.mean(hook, position)
+        selector = self.capture_key[2] if self.capture_key is not None else DirectionConfig().positions  # (model, kind, positions, ...)
+        means = [capture(model, prompts, [hook], positions=selector, batch_size=batch_size, label=label).mean(hook, position)
+                 for prompts, label in zip(self.train, ("harmful", "harmless"), strict=True)]
+        return means[0] - means[1]
+
     def writing_heads(self, model: ModelAdapter, n_prompts: int = 128, batch_size: int = 16) -> list[tuple[int, int, float]]:
         """`(layer, head, difference)` of every attention head that writes the chosen direction more on the harmful than
         on the harmless training prompts (the first `n_prompts` of each), most first: `directions.head_attribution` at
@@ -374,22 +387,13 @@ def iterated_basis(model: ModelAdapter, result: DirectionResult, passes: int, ed
         raise FeatsteerError(f"passes must be at least 1, got {passes}")
     chosen = result.selection.chosen
     hook, position = chosen.hook, result.candidates.positions[chosen.index]
-    selector = result.capture_key[2] if result.capture_key is not None else DirectionConfig().positions  # (model, kind, positions, ...)
-    harmful, harmless = result.train
-
-    def gap() -> torch.Tensor:
-        means = [capture(model, prompts, [hook], positions=selector, batch_size=batch_size, label=label).mean(hook, position)
-                 for prompts, label in ((harmful, "harmful"), (harmless, "harmless"))]
-        return means[0] - means[1]
-
     rows = [result.chosen_basis[0].double()]
     rows[0] = rows[0] / rows[0].norm()
-    gaps = [float(result.activations[0].mean(hook, position).sub(result.activations[1].mean(hook, position)).norm())
-            if result.activations is not None else float(gap().norm())]
+    gaps = [float(result.mean_difference(model, batch_size=batch_size).norm())]
     for _ in range(passes - 1):
         basis = torch.stack(rows)
         with apply_edit(model, basis.float(), edit or EditConfig()):
-            left = gap()
+            left = result.mean_difference(model, fresh=True, batch_size=batch_size)
         for _ in range(2):  # twice: one Gram-Schmidt sweep leaves rounding along the earlier rows
             left = left - basis.T @ (basis @ left)
         gaps.append(float(left.norm()))

@@ -12,6 +12,7 @@ from featsteer.datasets import builtin_prompts, load_prompts
 from featsteer.directions import optimize as optimize_module
 from featsteer.directions.optimize import OptimizeConfig, optimize_direction
 from featsteer.errors import FeatsteerError
+from featsteer.interventions import Ablate, steer
 from featsteer.models import load_model
 from featsteer.pipeline import DirectionConfig, find_refusal_direction
 
@@ -110,7 +111,7 @@ def test_an_error_mid_training_leaves_no_hook_and_no_frozen_parameter(organism, 
     flags = [p.requires_grad for p in organism.model.parameters()]
 
     def broken(model, direction, targets, picked, hook, scale):
-        with model.hooks(optimize_module._ablation_hooks(model, direction)):
+        with steer(model, Ablate(direction)):
             raise RuntimeError("boom")
 
     monkeypatch.setitem(optimize_module._LOSSES, "retain", broken)

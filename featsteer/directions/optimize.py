@@ -45,8 +45,7 @@ from torch import Tensor
 
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.refusal import RefusalDetector
-from featsteer.interventions.operations import ablate
-from featsteer.interventions.steering import WRITES, resolve_sites
+from featsteer.interventions.steering import Ablate, AddDirection, steer
 from featsteer.models import ModelAdapter
 
 if TYPE_CHECKING:
@@ -192,9 +191,7 @@ def optimize_direction(model: ModelAdapter, result: DirectionResult, config: Opt
     counts = {name: len(t.prompts) for name, t in targets.items()} | {"harmful_read": len(harmful), "harmless_read": len(harmless)}
     logger.info("direction optimisation: %d ablation targets of %d harmful prompts, %d addition targets and %d retain answers of "
                 "%d harmless prompts", counts["ablation"], len(harmful), counts["addition"], counts["retain"], len(harmless))
-    weights = {"ablation": config.ablation_weight if targets["ablation"].prompts else 0.0,
-               "addition": config.addition_weight if targets["addition"].prompts else 0.0,
-               "retain": config.retain_weight if targets["retain"].prompts else 0.0}
+    weights = {name: getattr(config, f"{name}_weight") if targets[name].prompts else 0.0 for name in _LOSSES}
     if weights["ablation"] == 0 and weights["addition"] == 0:
         raise FeatsteerError("no ablation or addition targets: the DIM-ablated model refuses every harmful training prompt and the "
                              "DIM-added model refuses no harmless one, so nothing ties a trained direction to refusal; check the "
@@ -240,22 +237,11 @@ def optimize_direction(model: ModelAdapter, result: DirectionResult, config: Opt
 
 def _mean_difference_length(model: ModelAdapter, result: DirectionResult) -> float:
     """Length of the harmful-minus-harmless mean at the chosen hook and position (what `dim_actadd_induce` adds): from
-    the DIM scores, else the kept activations, else a capture of the training prompts there."""
-    from featsteer.activations import capture
-    from featsteer.pipeline import DirectionConfig
-
-    index = result.selection.chosen.index
+    the DIM scores when the direction is DIM, else `DirectionResult.mean_difference`."""
     mean_difference = result.candidates.scores.get("mean_diff_norm")
     if mean_difference is not None:
-        return float(mean_difference[index])
-    hook, position = result.selection.chosen.hook, result.candidates.positions[index]
-    if result.activations is not None:
-        harmful, harmless = result.activations
-        return float((harmful.mean(hook, position) - harmless.mean(hook, position)).norm())
-    selector = result.capture_key[2] if result.capture_key is not None else DirectionConfig().positions
-    means = [capture(model, list(prompts), [hook], positions=selector, label=label, progress=False).mean(hook, position)
-             for prompts, label in zip(result.train, ("harmful", "harmless"), strict=True)]
-    return float((means[0] - means[1]).norm())
+        return float(mean_difference[result.selection.chosen.index])
+    return float(result.mean_difference(model).norm())
 
 
 @contextlib.contextmanager
@@ -295,8 +281,6 @@ def _make_targets(model: ModelAdapter, start: Tensor, hook: str, scale: float, h
                   config: OptimizeConfig) -> dict[str, _Targets]:
     """Greedy answers of the DIM-ablated model (harmful prompts, kept when not refusals), the DIM-added model (harmless
     prompts, kept when refusals) and the unedited model (harmless prompts, all kept)."""
-    from featsteer.interventions import Ablate, AddDirection, steer
-
     detector = RefusalDetector()
     tokens = config.target_tokens
     targets: dict[str, _Targets] = {}
@@ -345,13 +329,13 @@ def _cross_entropy(logits: Tensor, spans: list[tuple[int, int, int]], targets: _
 
 
 def _ablation_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, picked: list[int], hook: str, scale: float) -> Tensor:
-    with model.hooks(_ablation_hooks(model, direction)):
+    with steer(model, Ablate(direction)):
         logits, spans = _teacher_forced(model, targets, picked)
     return _cross_entropy(logits, spans, targets, picked)
 
 
 def _addition_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, picked: list[int], hook: str, scale: float) -> Tensor:
-    with model.hooks([(hook, lambda x, site: x + scale * direction.to(x.dtype))]):
+    with steer(model, AddDirection(direction, scale, where=hook)):
         logits, spans = _teacher_forced(model, targets, picked)
     return _cross_entropy(logits, spans, targets, picked)
 
@@ -362,8 +346,10 @@ def _retain_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, pick
     continuations = [targets.tokens[i][:-1] for i in picked]
     batch = model.tokenize(prompts)
     width = batch.input_ids.shape[1]
+    # the unedited pass is repeated whenever a prompt is drawn again: keeping every retain prompt's full-vocabulary
+    # distributions instead would hold about 1.2 GB for Qwen's 151k-token vocabulary (128 prompts x 16 positions)
     base = model.run_continued(batch, continuations).double()
-    with model.hooks(_ablation_hooks(model, direction)):
+    with steer(model, Ablate(direction)):
         edited = model.run_continued(batch, continuations, grad=True).double()
     parts = []
     for row, c in enumerate(continuations):
@@ -372,10 +358,6 @@ def _retain_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, pick
         edited_lp = torch.log_softmax(edited[row, columns], dim=-1)
         parts.append((base_lp.exp() * (base_lp - edited_lp)).sum())
     return torch.stack(parts).sum() / sum(len(c) + 1 for c in continuations)
-
-
-def _ablation_hooks(model: ModelAdapter, direction: Tensor) -> list[tuple[str, object]]:
-    return [(name, lambda x, site: ablate(x, direction)) for name in resolve_sites(model, WRITES)]
 
 
 _LOSSES = {"ablation": _ablation_loss, "addition": _addition_loss, "retain": _retain_loss}
