@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import prompt_sets, qwen_gguf  # noqa: E402
+from abliteration import prompt_sets, qwen_gguf, real_pools  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ["none", "dim_abliteration", "dim_ablation_hook", "dim_ace_hook", "dim_angular_hook", "dim_angular_norms_hook", "dim_actadd_induce",
@@ -66,6 +66,12 @@ def main() -> None:
                         help="the picks' coherence bound in nats per token, or off (compare --pick-max-nll-rise; default 0.5, compare's)")
     parser.add_argument("--optimize", default="", metavar="KEY=VALUE,...",
                         help="OptimizeConfig fields for dim_optimized_abliteration, e.g. steps=24,retain_weight=3 (default: compare's)")
+    parser.add_argument("--eval-set", choices=["held-out", "spare"], default="held-out",
+                        help="Qwen's evaluation prompts: the 100 + 100 held-out ones every table uses, or a fresh set no setting was "
+                             "ever tuned on (the 164 spare AdvBench prompts, and the 18 spare MT-Bench+IFBench ones with the 84 "
+                             "built-in harmless test prompts)")
+    parser.add_argument("--save-responses", metavar="PATH", help="also write the evaluation prompts and every method's responses "
+                        "here (JSON; keep it outside the repository, e.g. under runs/)")
     parser.add_argument("--title", default="ACE and angular steering vs DIM abliteration", help="the markdown's heading")
     args = parser.parse_args()
     name = args.results_name or f"steering_methods_{args.target}"
@@ -76,6 +82,10 @@ def main() -> None:
     qwen = args.target == "qwen"
     dtype = args.dtype or ("bfloat16" if qwen else "float32")
     sets = prompt_sets(args.target)
+    if args.eval_set == "spare":
+        if not qwen:
+            raise SystemExit("--eval-set spare is for --target qwen (the organism's evaluation prompts are already its held-out split)")
+        sets |= spare_sets()
     start = time.perf_counter()
     model = load_model(str(qwen_gguf()) if qwen else "organism", dtype=dtype)
     if qwen:
@@ -97,14 +107,36 @@ def main() -> None:
         everywhere = compare(model, sets["train_harmful"], sets["train_harmless"], methods=["dim_angular_hook"],
                              steering_config=SteeringMethodConfig(adaptive=False, tolerance=args.tolerance, **angles), reuse=main_run, **common)
         rows.append(everywhere.results[0])
+    if args.save_responses:
+        Path(args.save_responses).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save_responses).write_text(json.dumps(main_run.responses_json(), indent=1) + "\n")
     out = {
-        "target": args.target, "title": args.title, "command": shlex.join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"), "model": model.name, "dtype": dtype, "threads": args.threads, "seconds_total": round(time.perf_counter() - start, 1),
+        "target": args.target, "title": args.title, "eval_set": _eval_description(args.eval_set, sets), "command": shlex.join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"), "model": model.name, "dtype": dtype, "threads": args.threads, "seconds_total": round(time.perf_counter() - start, 1),
         "setup": main_run.setup,
         "results": [{**asdict(r), "variant": "every activation" if i >= len(main_run.results) else ""} for i, r in enumerate(rows)],
     }
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1, default=str))
     (RESULTS / f"{name}.md").write_text(render(out))
     print(render(out))
+
+
+def spare_sets() -> dict:
+    """Qwen evaluation prompts no featsteer setting was chosen on: AdvBench from index 356 (164 prompts), and the 18
+    MT-Bench+IFBench prompts left after index 356 followed by the 84 built-in harmless test prompts (the real harmless
+    pool has no more to spare)."""
+    from featsteer.datasets import PromptSet, builtin_prompts
+
+    advbench, mixed = real_pools()
+    harmless = PromptSet(tuple(mixed[356:]) + tuple(builtin_prompts("harmless", "test")), "mtbench+ifbench[356:] + builtin:harmless:test")
+    return {"eval_harmful": advbench[356:], "eval_harmless": harmless}
+
+
+def _eval_description(eval_set: str, sets: dict) -> str:
+    if eval_set == "spare":
+        return (f"a blind set: the {len(sets['eval_harmful'])} spare AdvBench prompts (indices 356 on) and {len(sets['eval_harmless'])} "
+                "harmless ones (the 18 spare MT-Bench+IFBench prompts and the 84 built-in harmless test prompts), never used to choose "
+                "any setting or default")
+    return f"{len(sets['eval_harmful'])} held-out harmful and {len(sets['eval_harmless'])} held-out harmless prompts"
 
 
 def _optimize_config(spec: str):
@@ -141,7 +173,7 @@ def render(out: dict) -> str:
     command = out.get("command", f"--target {out['target']}")
     lines = [f"# {title}: {out['target']} ({out['dtype']}, {out['threads']} threads)", "",
              f"Measured by `benchmarks/steering_methods.py {command}` on {out.get('date', '2026-12-04')}. "
-             f"{setup['n_eval_harmful']} held-out harmful and {setup['n_eval_harmless']} held-out harmless prompts, greedy decoding, "
+             f"{out.get('eval_set') or str(setup['n_eval_harmful']) + ' held-out harmful and ' + str(setup['n_eval_harmless']) + ' held-out harmless prompts'}, greedy decoding, "
              f"{setup['generation']['max_new_tokens']} new tokens, the `featsteer eval` detector. DIM direction: {chosen['hook']} position "
              f"{chosen['position']}. Every setting was picked on validation prompts ({validation}), "
              f"{_bound_phrase(setup.get('max_nll_rise'))}. Total {out['seconds_total']:.0f} s.", "",

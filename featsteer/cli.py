@@ -926,7 +926,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if "sae_hook" in result.details:
             picked = f" (picked {result.details['setting']} on validation)" if "sae_validation" in result.details else ""
             print(f"  {result.method}: {result.details['sae_hook']} features {result.details['sae_features']}{picked}")
-    print(f"\nwrote {folder}/results.json, report.html, pareto.png")
+    print(f"\nwrote {folder}/results.json, report.html, pareto.png, responses.json")
     return 0
 
 

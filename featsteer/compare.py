@@ -313,6 +313,7 @@ class CompareContext:
     _ranking: SaeRanking | None = None
     _erasers: dict | None = None
     _notes: dict[str, Any] = field(default_factory=dict)
+    _responses: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     _val_base: Tensor | None = None
     val: tuple[PromptSet, PromptSet] | None = None
     """Explicit `(harmful, harmless)` validation prompts for every pick (direction selection, SAE settings, induce
@@ -1135,6 +1136,7 @@ def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, toke
         # first-token log-probs come from each generation's own prefill, as the base's do
         harmful = evaluate_set(ctx.model, eval_sets["harmful"], "harmful", gen, detector, keep_logprobs=True)
         harmless = evaluate_set(ctx.model, eval_sets["harmless"], "harmless", gen, detector, keep_logprobs=True)
+        ctx._responses[name] = {"harmful": list(harmful.responses), "harmless": list(harmless.responses)}
         over = evaluate_set(ctx.model, eval_sets["alarming"], "alarming", gen, detector).rate.rate if eval_sets.get("alarming") else None
         along = None if along_base is None else response_kl(ctx.model, along_base, batch_size=gen.batch_size)
     base_nll = responses_nll(ctx.model, harmless, gen)  # the method is off again here: the unedited model reads
@@ -1204,6 +1206,16 @@ class Comparison:
     setup: dict
     context: CompareContext | None = field(default=None, repr=False, compare=False)
     """The run's directions, LEACE erasers and validation base, for `compare(..., reuse=this)`."""
+    responses: dict[str, dict[str, list[str]]] = field(default_factory=dict, repr=False)
+    """`{method: {"harmful": [...], "harmless": [...]}}`: every method's greedy responses to the evaluation prompts,
+    in their order, for reading or labelling them by hand. Not in `results.json` (which may be shared or committed);
+    `write_report` puts them in `responses.json` next to it."""
+    eval_prompts: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    """`{"harmful": [...], "harmless": [...]}`: the evaluation prompts the responses answer."""
+
+    def responses_json(self) -> dict:
+        """The evaluation prompts and every method's responses, JSON-ready (`write_report`'s `responses.json`)."""
+        return {"prompts": self.eval_prompts, "responses": self.responses}
 
     def table(self) -> str:
         """Markdown table of the headline metrics."""
@@ -1450,7 +1462,8 @@ def compare(
                           "anchors": None if checked is None else checked.to_dict()}
     if sae_map is not None:
         setup["sae"] = _sae_setup(ctx)
-    return Comparison(results, setup, ctx)
+    return Comparison(results, setup, ctx, responses={name: ctx._responses[name] for name in names},
+                      eval_prompts={"harmful": list(eval_harmful), "harmless": list(eval_harmless)})
 
 
 def _warn_coarse_picks(ctx: CompareContext) -> None:
@@ -1560,13 +1573,16 @@ def pareto_png(comparison: Comparison) -> bytes:
 
 
 def write_report(comparison: Comparison, out: str | Path) -> Path:
-    """Write `results.json`, `pareto.png` and a self-contained `report.html` into `out`."""
+    """Write `results.json`, `pareto.png`, a self-contained `report.html` and `responses.json` (the evaluation prompts
+    and every method's full responses, kept apart so `results.json` can be shared without them) into `out`."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     png = pareto_png(comparison)
     (folder / "pareto.png").write_bytes(png)
     (folder / "results.json").write_text(json.dumps(comparison.to_json(), indent=1))
     (folder / "report.html").write_text(_html(comparison, png))
+    if comparison.responses:  # a Comparison read back from results.json has none
+        (folder / "responses.json").write_text(json.dumps(comparison.responses_json(), indent=1))
     return folder
 
 

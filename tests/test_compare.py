@@ -11,6 +11,7 @@ from featsteer.compare import INDUCE_SCALES, available_methods, compare, pick_in
 from featsteer.datasets import builtin_prompts, load_prompts
 from featsteer.directions.optimize import OptimizeConfig
 from featsteer.errors import FeatsteerError
+from featsteer.evaluation import RefusalDetector
 from featsteer.evaluation.behaviour import GenerationConfig
 from featsteer.models import load_model
 from featsteer.pipeline import DirectionConfig, abliterate, find_refusal_direction
@@ -201,6 +202,15 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     assert 0 < stability["chosen_share"] <= 1 and "bootstrap resamples of the validation prompts" in page
     assert "sample_size" not in saved["setup"]["chosen"].get("pca", {})  # only the difference of means has this noise model
     assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # every method's full responses sit apart from results.json (which keeps a few examples only), in the evaluation
+    # prompts' order: the detector read on them again gives the per-prompt verdicts
+    kept = json.loads((folder / "responses.json").read_text())
+    assert kept["prompts"]["harmful"] == comparison.eval_prompts["harmful"] and len(kept["prompts"]["harmful"]) == 4
+    assert set(kept["responses"]) == set(names) and "responses" not in saved and "responses" not in saved["results"][0]
+    detector = RefusalDetector()
+    for r in comparison.results:
+        assert [detector.is_refusal(t) for t in kept["responses"][r.method]["harmful"]] == r.per_prompt["refused_harmful"]
+        assert [detector.is_refusal(t) for t in kept["responses"][r.method]["harmless"]] == r.per_prompt["refused_harmless"]
 
 
 def test_direction_methods_can_share_one_capture(prompts, monkeypatch):
