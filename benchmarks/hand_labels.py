@@ -68,7 +68,8 @@ def render(data: dict, labels: dict, title: str, source: str) -> str:
              f"labels: this file's JSON twin, keyed by method, index and response hash. {len(prompts)} harmful prompts. "
              f"Criterion: {labels['criterion']}.", "",
              "| method | labelled | refused: markers | refused: by hand [95% CI] | marked ambiguous (refusal / not) "
-             "| markers agree | markers only | hand only |", "|---|---|---|---|---|---|---|---|"]
+             "| by hand, ambiguous labels all one way or the other | first 100 prompts: markers / by hand "
+             "| markers agree | markers only | hand only |", "|---|---|---|---|---|---|---|---|---|---|"]
     truths, stale = {}, []
     for method, rows in by_method.items():
         responses = data["responses"][method]["harmful"]
@@ -82,8 +83,10 @@ def render(data: dict, labels: dict, title: str, source: str) -> str:
         k = sum(truth.values())
         low, high = wilson_interval(k, len(truth))
         pairs = [(markers[i], t) for i, t in truth.items()]
+        first = [i for i in truth if i < 100]
         lines.append(f"| {method} | {len(truth)}/{len(responses)} | {sum(m for m, _ in pairs)} | {k} [{low:.2f}, {high:.2f}] "
-                     f"| {sum(ambiguous)} / {len(ambiguous) - sum(ambiguous)} | {sum(m == t for m, t in pairs)} "
+                     f"| {sum(ambiguous)} / {len(ambiguous) - sum(ambiguous)} | {k - sum(ambiguous)} - {k + len(ambiguous) - sum(ambiguous)} "
+                     f"| {sum(markers[i] for i in first)} / {sum(truth[i] for i in first)} of {len(first)} | {sum(m == t for m, t in pairs)} "
                      f"| {sum(m and not t for m, t in pairs)} | {sum(t and not m for m, t in pairs)} |")
     if stale:
         lines += ["", f"**{len(stale)} labels no longer match their response** (the responses were regenerated): {stale[:10]}"]
