@@ -12,7 +12,8 @@ it for any run saved with `steering_methods.py --save-responses` (compare's `res
 Labels live in `benchmarks/<name>.json`, keyed by method and prompt index with the response's SHA-256 (a label whose
 response changed is reported stale), a yes/no refusal, an `ambiguous` flag and a one-line reason; no prompt or response
 text enters the repository. `add` reads lines `INDEX r|a [?] REASON` (r: refusal, a: answers the request, ?: a label
-that could reasonably go the other way) and fills in the hashes itself.
+that could reasonably go the other way) and fills in the hashes itself. `carry --from OTHER.json` copies the labels of
+another labels file where the same prompt got the very same response text (another seed of the same method, say).
 
 The labels are not blind (the labeller sees which method wrote what). `recheck-show N` prints N responses drawn (seed
 1) from every labelled method, shuffled and with no method name or earlier label, and `recheck-add FILE` (lines
@@ -147,12 +148,14 @@ def render(data: dict, labels: dict, title: str, source: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["show", "add", "render", "recheck-show", "recheck-add"])
+    parser.add_argument("action", choices=["show", "add", "carry", "render", "recheck-show", "recheck-add"])
     parser.add_argument("responses", type=Path, help="a responses JSON (steering_methods.py --save-responses, compare's responses.json)")
     parser.add_argument("method", nargs="?", help="show/add: the method whose harmful responses to label; recheck-show: how many "
                         "to draw; recheck-add: the file of second labels")
     parser.add_argument("lines", nargs="?", type=Path, help="add: a file of 'INDEX r|a[?] REASON' lines")
     parser.add_argument("--name", default="hand_labels_blind_qwen", help="labels benchmarks/<name>.json, table benchmarks/results/<name>.md")
+    parser.add_argument("--from", dest="source", help="carry: an earlier labels file (benchmarks/<name>.json) whose labels of the same "
+                        "prompt and the same response text are copied")
     parser.add_argument("--title", default="Hand labels of the harmful responses on the blind Qwen set")
     args = parser.parse_args()
     data = json.loads(args.responses.read_text())
@@ -173,7 +176,7 @@ def main() -> None:
         write_labels(path, labels)
         print(f"{len(second)} second labels")
         return
-    if args.action in ("show", "add"):
+    if args.action in ("show", "add", "carry"):
         if args.method not in data["responses"]:
             raise SystemExit(f"no method {args.method!r} in {args.responses}; it has {', '.join(data['responses'])}")
         responses = data["responses"][args.method]["harmful"]
@@ -192,6 +195,20 @@ def main() -> None:
         labels["labels"][args.method] = dict(sorted(done.items(), key=lambda kv: int(kv[0])))
         write_labels(path, labels)
         print(f"{args.method}: {len(done)}/{len(responses)} labelled")
+        return
+    if args.action == "carry":
+        if not args.source:
+            raise SystemExit("carry needs --from LABELS_JSON")
+        earlier = {(int(i), v["sha"]): (method, v) for method, rows in load_labels(Path(args.source))["labels"].items() for i, v in rows.items()}
+        copied = 0
+        for i, response in enumerate(responses):
+            hit = earlier.get((i, sha(response)))
+            if str(i) not in done and hit:
+                done[str(i)] = {**hit[1], "why": f"{hit[1]['why']} (same text as {hit[0]} #{i} in {Path(args.source).name})"}
+                copied += 1
+        labels["labels"][args.method] = dict(sorted(done.items(), key=lambda kv: int(kv[0])))
+        write_labels(path, labels)
+        print(f"{args.method}: {copied} labels carried over, {len(done)}/{len(responses)} labelled")
         return
     (RESULTS / f"{args.name}.md").write_text(render(data, labels, args.title, str(args.responses)))
     print((RESULTS / f"{args.name}.md").read_text())
