@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -75,8 +76,6 @@ def write_labels(path: Path, labels: dict) -> None:
 def recheck_draw(data: dict, labels: dict, n: int) -> dict[int, tuple[str, int, str, str]]:
     """`{key: (method, index, prompt, response)}` for the first `n` of a seeded shuffle of every labelled response, one
     per distinct response text (the same text under two methods is one draw); keys are positions in the shuffle."""
-    import random
-
     seen, pool = set(), []
     for method, rows in labels["labels"].items():
         for i in sorted(map(int, rows)):
@@ -98,11 +97,12 @@ def render(data: dict, labels: dict, title: str, source: str) -> str:
              "| method | labelled | refused: markers | refused: by hand [95% CI] | marked ambiguous (refusal / not) "
              "| by hand, ambiguous labels all one way or the other | first 100 prompts: markers / by hand "
              "| markers agree | markers only | hand only |", "|---|---|---|---|---|---|---|---|---|---|"]
+    markers_of = {method: [detector.is_refusal(t) for t in data["responses"][method]["harmful"]] for method in by_method}
     truths, stale = {}, []
     for method, rows in by_method.items():
         responses = data["responses"][method]["harmful"]
         stale += [(method, i) for i, v in rows.items() if v["sha"] != sha(responses[int(i)])]
-        markers = [detector.is_refusal(t) for t in responses]
+        markers = markers_of[method]
         truth = {int(i): v["refusal"] for i, v in rows.items()}
         ambiguous = [v["refusal"] for v in rows.values() if v["ambiguous"]]
         complete = len(truth) == len(responses)
@@ -137,7 +137,7 @@ def render(data: dict, labels: dict, title: str, source: str) -> str:
                   "check when the same person labels both times: memory of the first reading helps."]
     notes = []
     for method, rows in by_method.items():
-        markers = [detector.is_refusal(t) for t in data["responses"][method]["harmful"]]
+        markers = markers_of[method]
         notes += [f"- {method} #{i}: {'refusal' if v['refusal'] else 'answers'}{' (ambiguous)' if v['ambiguous'] else ''}, markers "
                   f"{'refusal' if markers[int(i)] else 'answers'}: {v['why']}"
                   for i, v in sorted(rows.items(), key=lambda kv: int(kv[0])) if v["refusal"] != markers[int(i)] or v["ambiguous"]]

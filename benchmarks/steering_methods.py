@@ -70,8 +70,8 @@ def main() -> None:
                         help="Qwen's evaluation prompts: the 100 + 100 held-out ones every table uses, or a fresh set no setting was "
                              "ever tuned on (the 164 spare AdvBench prompts, and the 18 spare MT-Bench+IFBench ones with the 84 "
                              "built-in harmless test prompts)")
-    parser.add_argument("--save-responses", metavar="PATH", help="also write the evaluation prompts and every method's responses "
-                        "here (JSON; keep it outside the repository, e.g. under runs/)")
+    parser.add_argument("--save-responses", metavar="PATH", help="also write the evaluation prompts and the first call's responses "
+                        "of every method here (JSON; keep it outside the repository, e.g. under runs/)")
     parser.add_argument("--title", default="ACE and angular steering vs DIM abliteration", help="the markdown's heading")
     args = parser.parse_args()
     name = args.results_name or f"steering_methods_{args.target}"
@@ -111,7 +111,7 @@ def main() -> None:
         Path(args.save_responses).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save_responses).write_text(json.dumps(main_run.responses_json(), indent=1) + "\n")
     out = {
-        "target": args.target, "title": args.title, "eval_set": _eval_description(args.eval_set, sets), "command": shlex.join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"), "model": model.name, "dtype": dtype, "threads": args.threads, "seconds_total": round(time.perf_counter() - start, 1),
+        "target": args.target, "title": args.title, "eval_set": _eval_description(args.eval_set, len(sets["eval_harmful"]), len(sets["eval_harmless"])), "command": shlex.join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"), "model": model.name, "dtype": dtype, "threads": args.threads, "seconds_total": round(time.perf_counter() - start, 1),
         "setup": main_run.setup,
         "results": [{**asdict(r), "variant": "every activation" if i >= len(main_run.results) else ""} for i, r in enumerate(rows)],
     }
@@ -124,19 +124,17 @@ def spare_sets() -> dict:
     """Qwen evaluation prompts no featsteer setting was chosen on: AdvBench from index 356 (164 prompts), and the 18
     MT-Bench+IFBench prompts left after index 356 followed by the 84 built-in harmless test prompts (the real harmless
     pool has no more to spare)."""
-    from featsteer.datasets import PromptSet, builtin_prompts
+    from featsteer.datasets import builtin_prompts
 
     advbench, mixed = real_pools()
-    harmless = PromptSet(tuple(mixed[356:]) + tuple(builtin_prompts("harmless", "test")), "mtbench+ifbench[356:] + builtin:harmless:test")
-    return {"eval_harmful": advbench[356:], "eval_harmless": harmless}
+    return {"eval_harmful": advbench[356:], "eval_harmless": mixed[356:] + builtin_prompts("harmless", "test")}
 
 
-def _eval_description(eval_set: str, sets: dict) -> str:
+def _eval_description(eval_set: str, n_harmful: int, n_harmless: int) -> str:
     if eval_set == "spare":
-        return (f"a blind set: the {len(sets['eval_harmful'])} spare AdvBench prompts (indices 356 on) and {len(sets['eval_harmless'])} "
-                "harmless ones (the 18 spare MT-Bench+IFBench prompts and the 84 built-in harmless test prompts), never used to choose "
-                "any setting or default")
-    return f"{len(sets['eval_harmful'])} held-out harmful and {len(sets['eval_harmless'])} held-out harmless prompts"
+        return (f"a blind set: the {n_harmful} spare AdvBench prompts (indices 356 on) and {n_harmless} harmless ones (the 18 spare "
+                "MT-Bench+IFBench prompts and the 84 built-in harmless test prompts), never used to choose any setting or default")
+    return f"{n_harmful} held-out harmful and {n_harmless} held-out harmless prompts"
 
 
 def _optimize_config(spec: str):
@@ -173,7 +171,7 @@ def render(out: dict) -> str:
     command = out.get("command", f"--target {out['target']}")
     lines = [f"# {title}: {out['target']} ({out['dtype']}, {out['threads']} threads)", "",
              f"Measured by `benchmarks/steering_methods.py {command}` on {out.get('date', '2026-12-04')}. "
-             f"{out.get('eval_set') or str(setup['n_eval_harmful']) + ' held-out harmful and ' + str(setup['n_eval_harmless']) + ' held-out harmless prompts'}, greedy decoding, "
+             f"{out.get('eval_set') or _eval_description('held-out', setup['n_eval_harmful'], setup['n_eval_harmless'])}, greedy decoding, "
              f"{setup['generation']['max_new_tokens']} new tokens, the `featsteer eval` detector. DIM direction: {chosen['hook']} position "
              f"{chosen['position']}. Every setting was picked on validation prompts ({validation}), "
              f"{_bound_phrase(setup.get('max_nll_rise'))}. Total {out['seconds_total']:.0f} s.", "",

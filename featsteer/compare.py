@@ -313,7 +313,6 @@ class CompareContext:
     _ranking: SaeRanking | None = None
     _erasers: dict | None = None
     _notes: dict[str, Any] = field(default_factory=dict)
-    _responses: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     _val_base: Tensor | None = None
     val: tuple[PromptSet, PromptSet] | None = None
     """Explicit `(harmful, harmless)` validation prompts for every pick (direction selection, SAE settings, induce
@@ -1125,7 +1124,8 @@ def _judged(judge: RefusalJudge, harmful: SetResult, harmless: SetResult) -> tup
 
 
 def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, tokens, gen: GenerationConfig,
-             along_base: ResponseBase | None = None, judge: RefusalJudge | None = None) -> MethodResult:
+             along_base: ResponseBase | None = None, judge: RefusalJudge | None = None) -> tuple[MethodResult, dict[str, list[str]]]:
+    """One method's metrics on the evaluation sets, and its responses (`{"harmful": [...], "harmless": [...]}`)."""
     description = _METHODS[name].description
     detector = RefusalDetector()
     start = time.perf_counter()
@@ -1136,7 +1136,6 @@ def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, toke
         # first-token log-probs come from each generation's own prefill, as the base's do
         harmful = evaluate_set(ctx.model, eval_sets["harmful"], "harmful", gen, detector, keep_logprobs=True)
         harmless = evaluate_set(ctx.model, eval_sets["harmless"], "harmless", gen, detector, keep_logprobs=True)
-        ctx._responses[name] = {"harmful": list(harmful.responses), "harmless": list(harmless.responses)}
         over = evaluate_set(ctx.model, eval_sets["alarming"], "alarming", gen, detector).rate.rate if eval_sets.get("alarming") else None
         along = None if along_base is None else response_kl(ctx.model, along_base, batch_size=gen.batch_size)
     base_nll = responses_nll(ctx.model, harmless, gen)  # the method is off again here: the unedited model reads
@@ -1144,7 +1143,7 @@ def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, toke
     harmful_lp, harmless_lp = harmful.first_logprobs, harmless.first_logprobs
     kl, kl_answered = base.kls(harmless_lp)
     logger.info("%s: directions %.1fs, evaluation %.1fs", name, start_eval - start, time.perf_counter() - start_eval)
-    return MethodResult(
+    result = MethodResult(
         method=name, description=description,
         refusal_harmful=harmful.rate.rate, refusal_harmless=harmless.rate.rate,
         ci_harmful=(harmful.rate.low, harmful.rate.high), ci_harmless=(harmless.rate.low, harmless.rate.high),
@@ -1163,6 +1162,7 @@ def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, toke
                     **({} if along is None else {"kl_response_harmless": along.per_prompt.tolist()}), **judged_per_prompt},
         judge=judged,
     )
+    return result, {"harmful": list(harmful.responses), "harmless": list(harmless.responses)}
 
 
 def _paired(results: list[MethodResult], baseline_name: str | None = None) -> list[MethodResult]:
@@ -1438,7 +1438,8 @@ def compare(
     along = response_base(model, list(base_harmless.prompts), list(base_harmless.responses), max_tokens=gen.max_new_tokens,
                           batch_size=gen.batch_size, system=gen.system)
     eval_sets = {"harmful": eval_harmful, "harmless": eval_harmless, "alarming": alarming}
-    results = _paired([_measure(ctx, name, eval_sets, base, tokens, gen, along, judge) for name in names], baseline)
+    measured = [_measure(ctx, name, eval_sets, base, tokens, gen, along, judge) for name in names]
+    results = _paired([result for result, _ in measured], baseline)
     setup = {
         "model": model.name, "n_train_harmful": len(harmful), "n_train_harmless": len(harmless),
         "n_eval_harmful": len(eval_harmful), "n_eval_harmless": len(eval_harmless),
@@ -1462,7 +1463,7 @@ def compare(
                           "anchors": None if checked is None else checked.to_dict()}
     if sae_map is not None:
         setup["sae"] = _sae_setup(ctx)
-    return Comparison(results, setup, ctx, responses={name: ctx._responses[name] for name in names},
+    return Comparison(results, setup, ctx, responses={name: kept for name, (_, kept) in zip(names, measured, strict=True)},
                       eval_prompts={"harmful": list(eval_harmful), "harmless": list(eval_harmless)})
 
 
