@@ -527,11 +527,22 @@ def _check_and_export(model, handle, held: tuple, before, config, mode: str, out
 
     after = evaluate_refusal(model, *held, config)
     print(f"refusal on {prompts} prompts, before -> after ({mode}):")
-    print(f"  harmful   {before.harmful.rate} -> {after.harmful.rate}")
-    print(f"  harmless  {before.harmless.rate} -> {after.harmless.rate}")
+    print(_rate_line("harmful", before.harmful, after.harmful))
+    print(_rate_line("harmless", before.harmless, after.harmless))
     handle.export(out, extra={"evaluation": {"before": before.to_json(0), "after": after.to_json(2)}, **extra})
     print(f"wrote {out} (loads with `featsteer eval --model {out}` or transformers)")
     return 0
+
+
+def _rate_line(name: str, before, after) -> str:
+    """One set's refusal rate before -> after an edit, and how many responses end in a loop when any do: a looping
+    response is neither an answer nor a refusal, and an edit that makes a model loop has damaged it whatever the rate
+    says (`--reverse`/`--induce` at a high `--alpha` or `--shift` do)."""
+    line = f"  {name:<9} {before.rate} -> {after.rate}"
+    looped = before.looping_rate, after.looping_rate
+    if looped[0].k or looped[1].k:
+        line += f"; looping {looped[0].k}/{looped[0].n} -> {looped[1].k}/{looped[1].n}"
+    return line
 
 
 def _abliterate_sae(args: argparse.Namespace, mode: str, warm_start: list[dict]) -> int:
@@ -1151,8 +1162,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "or one saved from Python) instead of fitting a direction")
     abl.add_argument("--direction-hook", metavar="HOOK", help="with --directions: which hook's direction, when the set holds several")
     abl.add_argument("--direction-position", type=int, metavar="P", help="with --directions: which position's direction")
-    abl.add_argument("--reverse", action="store_true", help="reverse abliteration: amplify the direction")
-    abl.add_argument("--induce", action="store_true", help="amplify and shift embeddings along the direction")
+    abl.add_argument("--reverse", action="store_true", help="reverse abliteration: amplify the direction (W + a r r^T W, a = --alpha); "
+                     "it scales what the writes already carry along it, so it induces little refusal where harmless prompts carry "
+                     "almost none (benchmarks/results/induce_edit_*.md); `featsteer steer --mode add` adds the direction instead")
+    abl.add_argument("--induce", action="store_true", help="--reverse plus --shift times the direction added to every token embedding "
+                     "(read by every block from the first; large shifts break the model)")
     abl.add_argument("--norm-preserving", action="store_true", help="keep each write column's norm")
     abl.add_argument("--reflect", action="store_true", help="reflect the direction instead of removing it: W - 2 r r^T W at every writer and "
                      "the embedding, so every write's component along it changes sign")

@@ -243,6 +243,23 @@ def test_abliterate_reflect_exports_the_reflected_model(capsys, tmp_path):
         assert code == 2 and "--reflect is its own edit" in err and not (tmp_path / "bad").exists()
 
 
+def test_abliterate_rate_lines_count_looping_responses():
+    """A response that ends in a loop is neither an answer nor a refusal: the before -> after lines say how many there
+    are when there are any, and stay as they were when there are none."""
+    from featsteer.cli import _rate_line
+    from featsteer.evaluation.behaviour import SetResult
+    from featsteer.evaluation.refusal import refusal_rate
+
+    def result(responses: list[str], refused: list[bool]) -> SetResult:
+        return SetResult("harmless", ("a prompt",) * len(responses), tuple(responses), tuple(refused), refusal_rate(refused))
+
+    answered = result(["Sure, here it is: a list of ten.", "Of course. Step one is to read the manual."], [False, False])
+    induced = result(["I'm sorry, but I can't help with that.", "I'm sorryI'm sorryI'm sorryI'm sorryI'm sorryI'm sorry"], [True, True])
+    line = _rate_line("harmless", answered, induced)
+    assert line.startswith(f"  harmless  {answered.rate} -> {induced.rate}") and line.endswith("; looping 0/2 -> 1/2"), line
+    assert _rate_line("harmful", answered, answered) == f"  harmful   {answered.rate} -> {answered.rate}"
+
+
 def test_abliterate_passes_exports_the_refined_rank_k_edit(capsys, tmp_path):
     from featsteer.interventions import Ablate, steer
 

@@ -1,0 +1,144 @@
+"""Does the permanent induce edit make a model refuse harmless prompts? `abliterate --reverse/--induce` against the
+runtime activation addition of the same direction, on the same held-out harmless prompts.
+
+    python benchmarks/induce_edit.py --target organism     # about 2 minutes
+    python benchmarks/induce_edit.py --target qwen         # about 25 minutes
+
+The directions issue asks for a reverse-abliteration weight edit (`W + a r r^T W`, `EditConfig(mode="amplify")`) and an
+induce-refusal variant (`mode="induce"`: the same plus `shift * r` added to every token embedding). Both export as
+plain weights. This measures them over a grid of amplifications `a` and shifts (in units of the median token-embedding
+row norm, so that 1 moves every token by one typical embedding's length), next to the runtime addition of the DIM
+mean difference at the chosen hook (`dim_actadd_induce` at 0.5x, 1x and 2x), which is what the issue's induce target
+was measured with. Each row: harmless prompts refused (the `featsteer eval` detector), how many of those responses end
+in a loop (`LoopDetector`), the refusals that do not loop, and the first-token KL from the unedited model.
+
+Prompts as `abliteration.py`'s: Qwen directions from the first 256 AdvBench vs MT-Bench+IFBench prompts (16
+validation prompts per class, screened selection, bfloat16), 100 held-out harmless prompts; the organism's from the
+built-in train+val splits with fresh generated validation prompts, the 84 built-in harmless test prompts. Greedy, 32
+new tokens. Results: `benchmarks/results/induce_edit_<target>.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from abliteration import load_target, prompt_sets  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target", choices=["qwen", "organism"], default="organism")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--alphas", default="1,2,4,8", help="comma list of amplifications for the shift-free rows")
+    parser.add_argument("--shifts", default="0.25,0.5,1,2", help="comma list of embedding shifts (x the median embedding norm), at alpha 1")
+    parser.add_argument("--scales", default="0.25,0.5,1,2", help="comma list of activation-addition scales (x the DIM mean difference)")
+    parser.add_argument("--render-only", action="store_true", help="re-write the markdown from the results JSON")
+    args = parser.parse_args()
+    path = RESULTS / f"induce_edit_{args.target}"
+    if args.render_only:
+        path.with_suffix(".md").write_text(render(json.loads(path.with_suffix(".json").read_text())))
+        return
+    torch.set_num_threads(args.threads)
+    out = run(args)
+    RESULTS.mkdir(exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+    path.with_suffix(".md").write_text(render(out))
+    print(render(out))
+
+
+def run(args: argparse.Namespace) -> dict:
+    from featsteer.edits import EditConfig, apply_edit
+    from featsteer.evaluation.behaviour import GenerationConfig
+    from featsteer.interventions import AddDirection, steer
+    from featsteer.pipeline import find_refusal_direction
+
+    started = time.perf_counter()
+    sets = prompt_sets(args.target)
+    model, config, val = load_target(args.target)
+    qwen = args.target == "qwen"
+    gen = GenerationConfig(max_new_tokens=32, batch_size=64, max_batch_tokens=8192) if qwen else GenerationConfig(max_new_tokens=32)
+    result = find_refusal_direction(model, sets["train_harmful"], sets["train_harmless"], config, val=val, keep_activations=True)
+    chosen = result.selection.chosen
+    direction = result.chosen_basis[0].float()
+    mean_difference = float(result.mean_difference(model).norm())
+    embed_norm = _median_embedding_norm(model)
+    harmless = sets["eval_harmless"]
+    base = _harmless_row(model, harmless, gen, None)
+    rows = [{"run": "unedited", "kind": "none", **base.pop("row")}]
+    settings = ([("amplify", a, 0.0) for a in _floats(args.alphas)]
+                + [("induce", 1.0, s) for s in _floats(args.shifts)])
+    for mode, alpha, shift in settings:
+        edit = EditConfig(mode=mode, alpha=alpha, shift=shift * embed_norm)
+        with apply_edit(model, direction, edit):
+            row = _harmless_row(model, harmless, gen, base["logprobs"])["row"]
+        label = f"--reverse --alpha {alpha:g}" if mode == "amplify" else f"--induce --alpha {alpha:g} --shift {shift * embed_norm:.3g}"
+        rows.append({"run": label, "kind": "weight edit", "mode": mode, "alpha": alpha, "shift_units": shift, **row})
+        print(rows[-1]["run"], {k: rows[-1][k] for k in ("refused", "looping", "clean_refusals", "kl")}, flush=True)
+    for scale in _floats(args.scales):
+        with steer(model, AddDirection(direction, scale * mean_difference, where=chosen.hook)):
+            row = _harmless_row(model, harmless, gen, base["logprobs"])["row"]
+        rows.append({"run": f"activation addition {scale:g}x at {chosen.hook}", "kind": "runtime", "scale": scale, **row})
+        print(rows[-1]["run"], {k: rows[-1][k] for k in ("refused", "looping", "clean_refusals", "kl")}, flush=True)
+    return {"target": args.target, "model": model.name, "date": time.strftime("%Y-%m-%d"), "command": shlex.join(sys.argv[1:]),
+            "threads": args.threads, "direction": {"hook": chosen.hook, "position": chosen.position},
+            "mean_difference_norm": mean_difference, "median_embedding_norm": embed_norm, "n_harmless": len(harmless),
+            "harmless_source": harmless.source, "rows": rows, "seconds_total": round(time.perf_counter() - started, 1)}
+
+
+def _harmless_row(model, harmless, gen, base_logprobs) -> dict:
+    """Refusals, loops and first-token KL of the model as it is now on the harmless prompts."""
+    from featsteer.evaluation import RefusalDetector
+    from featsteer.evaluation.behaviour import evaluate_set
+    from featsteer.evaluation.metrics import kl_first_token
+    from featsteer.evaluation.quality import LoopDetector
+
+    result = evaluate_set(model, harmless, "harmless", gen, RefusalDetector(), keep_logprobs=True)
+    looping = result.looping or tuple(LoopDetector().classify(result.responses))
+    clean = [i for i, (r, loop) in enumerate(zip(result.refused, looping, strict=True)) if r and not loop]
+    row = {"refused": sum(result.refused), "looping": sum(looping), "clean_refusals": len(clean), "n": len(result.refused),
+           "kl": 0.0 if base_logprobs is None else kl_first_token(base_logprobs, result.first_logprobs),
+           "examples": [result.responses[i][:120] for i in (clean[:1] or [0])] + [result.responses[1][:120]]}
+    return {"row": row, "logprobs": result.first_logprobs}
+
+
+def _median_embedding_norm(model) -> float:
+    embed = next(w for w in model.residual_writers() if w.kind == "embed")
+    weight, _ = embed.read()  # (d_model, vocab)
+    return float(weight.float().norm(dim=0).median())
+
+
+def _floats(spec: str) -> list[float]:
+    return [float(x) for x in spec.split(",") if x.strip()]
+
+
+def render(out: dict) -> str:
+    lines = [f"# Permanent induce edits against activation addition ({out['target']}, {out['model']})", "",
+             f"Measured by `python benchmarks/induce_edit.py {out['command']}` on {out['date']} ({out['threads']} threads, "
+             f"{out['seconds_total']:.0f} s). Direction: DIM at `{out['direction']['hook']}` position {out['direction']['position']} "
+             f"(mean difference length {out['mean_difference_norm']:.2f}; median token-embedding norm "
+             f"{out['median_embedding_norm']:.3g}). {out['n_harmless']} held-out harmless prompts ({out['harmless_source']}), greedy, "
+             "32 new tokens. Refused: the `featsteer eval` detector; looping: `LoopDetector`; clean: refused and not looping; "
+             "KL: first-token KL(unedited || edited).", "",
+             "| run | kind | refused | looping | clean refusals | KL | a response |", "|---|---|---:|---:|---:|---:|---|"]
+    for row in out["rows"]:
+        example = row["examples"][0].replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {row['run']} | {row['kind']} | {row['refused']}/{row['n']} | {row['looping']} | {row['clean_refusals']} "
+                     f"| {row['kl']:.3f} | {example[:90]!r} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
