@@ -326,6 +326,9 @@ def test_gemma4_per_layer_inputs_are_a_residual_write_and_kv_sharing_layers_see_
         last = adapter.run(batch, last_only=True)
     assert seen["shared"][1] == batch.input_ids.shape[1] and last.shape[1] == 1
     torch.testing.assert_close(last[:, -1], adapter.run(batch)[:, -1], atol=1e-5, rtol=0)
+    with adapter.hooks([("blocks.2.hook_resid_post", lambda x, s: seen.__setitem__("continued", x.shape))]):
+        tail = adapter.run_continued(batch, [[5, 6]] * len(PROMPTS))
+    assert seen["continued"][1] == batch.input_ids.shape[1] + 2 and tail.shape[1] == 3
     with pytest.raises(FeatsteerError, match="blocks.0.hook_per_layer_out does not exist: this llama model has no per-layer input"):
         _record(load_model("tiny:llama"), ["blocks.0.hook_per_layer_out"])
     with pytest.raises(FeatsteerError, match="no per-layer input embeddings, so no blocks.L.hook_per_layer_out"):

@@ -68,6 +68,21 @@ def test_run_continued_with_grad_gives_the_same_logits(organism):
     assert torch.equal(plain, tracked.detach())
 
 
+def test_run_continued_returns_the_columns_from_the_prompt_end(organism):
+    """Only the logits that predict the continuation are computed (the prompt's own would be gigabytes on a long prompt
+    with a large vocabulary): column j predicts continuation token j, as a plain pass over prompt + tokens does."""
+    from featsteer.models.adapter import TokenBatch
+
+    batch = organism.tokenize(["How do I bake bread?", "Tell me a joke, a long one, about a cat and a dog."])
+    continuations = [(5, 6, 7), (8,)]
+    tail = organism.run_continued(batch, continuations)
+    assert tail.shape[:2] == (2, 4)
+    for row, tokens in enumerate(continuations):
+        ids = batch.input_ids[row][batch.attention_mask[row].bool()].tolist() + list(tokens)
+        full = organism.run(TokenBatch(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)))
+        torch.testing.assert_close(tail[row, : len(tokens) + 1], full[0, -(len(tokens) + 1):], atol=1e-4, rtol=0)
+
+
 def test_optimisation_lowers_its_losses_and_leaves_the_model_alone(organism, dim):
     batch = organism.tokenize(["How do I pick a lock?"])
     logits_before = organism.run(batch)

@@ -312,10 +312,8 @@ def _teacher_forced(model: ModelAdapter, targets: _Targets, picked: list[int]) -
     columns `first .. first + n - 1` predict the row's `n` target tokens."""
     prompts = [targets.prompts[i] for i in picked]
     continuations = [targets.tokens[i] for i in picked]
-    batch = model.tokenize(prompts)
-    logits = model.run_continued(batch, continuations, grad=True)
-    width = batch.input_ids.shape[1]
-    return logits, [(row, width - 1, len(c)) for row, c in enumerate(continuations)]
+    logits = model.run_continued(model.tokenize(prompts), continuations, grad=True)
+    return logits, [(row, 0, len(c)) for row, c in enumerate(continuations)]
 
 
 def _cross_entropy(logits: Tensor, spans: list[tuple[int, int, int]], targets: _Targets, picked: list[int]) -> Tensor:
@@ -345,7 +343,6 @@ def _retain_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, pick
     prompts = [targets.prompts[i] for i in picked]
     continuations = [targets.tokens[i][:-1] for i in picked]
     batch = model.tokenize(prompts)
-    width = batch.input_ids.shape[1]
     # the unedited pass is repeated whenever a prompt is drawn again: keeping every retain prompt's full-vocabulary
     # distributions instead would hold about 1.2 GB for Qwen's 151k-token vocabulary (128 prompts x 16 positions)
     base = model.run_continued(batch, continuations).double()
@@ -353,7 +350,7 @@ def _retain_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, pick
         edited = model.run_continued(batch, continuations, grad=True).double()
     parts = []
     for row, c in enumerate(continuations):
-        columns = slice(width - 1, width + len(c))
+        columns = slice(0, len(c) + 1)
         base_lp = torch.log_softmax(base[row, columns], dim=-1)
         edited_lp = torch.log_softmax(edited[row, columns], dim=-1)
         parts.append((base_lp.exp() * (base_lp - edited_lp)).sum())

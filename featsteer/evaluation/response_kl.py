@@ -106,9 +106,8 @@ def _scored_logprobs(model: ModelAdapter, prompts: list[str], continuations: lis
     for indices in model.plan_batches(prompts, batch_size, DEFAULT_BATCH_TOKENS, system):
         batch = model.tokenize([prompts[i] for i in indices], system=system)
         logits = model.run_continued(batch, [continuations[i] for i in indices])
-        width = batch.input_ids.shape[1]
         for row, i in enumerate(indices):
-            rows = logits[row, width - 1 : width + len(continuations[i])].double()
+            rows = logits[row, : len(continuations[i]) + 1].double()
             if bool(torch.isnan(rows).any()):
                 raise FeatsteerError(f"the model gave NaN logits on prompt {i}: check the model's weights "
                                      "(or the intervention) before measuring KL")

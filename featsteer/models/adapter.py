@@ -203,12 +203,13 @@ class ModelAdapter(ABC):
         """Attach hooks; return a function that removes every one of them."""
 
     @abstractmethod
-    def _forward(self, batch: TokenBatch, cache: object | None, want_cache: bool, last_only: bool = False) -> tuple[Tensor, object | None]:
+    def _forward(self, batch: TokenBatch, cache: object | None, want_cache: bool, keep: int = 0) -> tuple[Tensor, object | None]:
         """Run the model on `batch` (the new tokens only when `cache` is given); return `(logits, cache)`.
 
         Backends without a KV cache return `None` as the cache and are then fed the whole sequence.
-        With `last_only`, backends may return logits for the final position only (`(batch, 1, vocab)`),
-        which saves the unembedding of every prompt token (gigabytes for large vocabularies)."""
+        With `keep` > 0, backends may return logits for the final `keep` positions only (`(batch, keep, vocab)`),
+        which saves the unembedding of every other token (gigabytes for large vocabularies); callers read the last
+        `keep` columns either way. 0 asks for every position."""
 
     @abstractmethod
     def residual_writers(self) -> list[ResidualWriter]:
@@ -356,8 +357,8 @@ class ModelAdapter(ABC):
         self.pass_attention_mask = batch.attention_mask
         try:
             with torch.enable_grad() if grad else torch.inference_mode():
-                logits, _ = self._forward(batch, None, False, last_only)
-            return logits
+                logits, _ = self._forward(batch, None, False, 1 if last_only else 0)
+            return logits[:, -1:] if last_only else logits
         except StopForward:
             return None
         finally:
@@ -379,7 +380,9 @@ class ModelAdapter(ABC):
                 with respect to tensors the installed hooks use (`directions.optimize`).
 
         Returns:
-            Logits `(batch, P + longest continuation, vocab)`; column `P - 1 + j` predicts continuation token `j`.
+            Logits `(batch, 1 + longest continuation, vocab)` of the columns from the prompts' last token on: column `j`
+            predicts continuation token `j` (column 0 the first). The prompt tokens' own logits are never computed: for a
+            long prompt and a large vocabulary they are gigabytes, and with `grad` their graph as much again.
         """
         if len(continuations) != batch.input_ids.shape[0]:
             raise FeatsteerError(f"got {len(continuations)} continuations for {batch.input_ids.shape[0]} prompts: give one per prompt")
@@ -395,8 +398,8 @@ class ModelAdapter(ABC):
         self.generation_step, self.generation_prompt_length, self.pass_attention_mask = 1, width, mask
         try:
             with torch.enable_grad() if grad else torch.inference_mode():
-                logits, _ = self._forward(full, None, False)
-            return logits
+                logits, _ = self._forward(full, None, False, extra + 1)
+            return logits[:, -(extra + 1):]
         finally:
             self.generation_step = self.pass_attention_mask = None
 
@@ -511,7 +514,7 @@ class ModelAdapter(ABC):
             with torch.inference_mode():
                 for index in range(max_new_tokens):
                     self.generation_step, self.pass_attention_mask = index, step.attention_mask
-                    logits, cache = self._forward(step, cache, True, last_only=True)
+                    logits, cache = self._forward(step, cache, True, 1)
                     if first_logits is None:
                         first_logits = logits[:, -1, :].float().cpu()
                     next_token = logits[:, -1, :].argmax(-1).masked_fill(finished, -1)

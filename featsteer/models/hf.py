@@ -290,7 +290,7 @@ class HFModelAdapter(ModelAdapter):
         return handles
 
     # ---- forward ------------------------------------------------------------------------------------
-    def _forward(self, batch: TokenBatch, cache: object | None, want_cache: bool, last_only: bool = False) -> tuple[Tensor, object | None]:
+    def _forward(self, batch: TokenBatch, cache: object | None, want_cache: bool, keep: int = 0) -> tuple[Tensor, object | None]:
         if cache is None and want_cache:
             from transformers import DynamicCache
 
@@ -303,19 +303,20 @@ class HFModelAdapter(ModelAdapter):
                 attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids,
                 use_cache=want_cache,
-                logits_to_keep=self._keep_last(batch) if last_only else 0,
+                logits_to_keep=self._logits_to_keep(batch, keep) if keep else 0,
                 **{cache_kwarg: cache},
             )
         finally:
             remove()
         return output.logits, (getattr(output, cache_kwarg) if want_cache else None)
 
-    def _keep_last(self, batch: TokenBatch) -> int | Tensor:
-        """`logits_to_keep` for the last position. Gemma 4 runs its KV-sharing layers on the kept positions alone when it
-        is an int, so hooks there would see one position; the same position as an index tensor keeps every position."""
+    def _logits_to_keep(self, batch: TokenBatch, keep: int) -> int | Tensor:
+        """`logits_to_keep` for the last `keep` positions. Gemma 4 runs its KV-sharing layers on the kept positions alone
+        when it is an int, so hooks there would see only those; the same positions as an index tensor keep every one."""
         if getattr(self.model.config.get_text_config(), "num_kv_shared_layers", 0):
-            return torch.tensor([batch.input_ids.shape[1] - 1], device=batch.input_ids.device)
-        return 1
+            width = batch.input_ids.shape[1]
+            return torch.arange(max(width - keep, 0), width, device=batch.input_ids.device)
+        return keep
 
     def _discard_attention_weights(self) -> Callable[[], None]:
         """For one forward pass, drop the attention probabilities each attention module returns; return

@@ -82,7 +82,7 @@ class TLModelAdapter(ModelAdapter):
 
         return remove
 
-    def _forward(self, batch: TokenBatch, cache: object | None, want_cache: bool, last_only: bool = False) -> tuple[Tensor, object | None]:
+    def _forward(self, batch: TokenBatch, cache: object | None, want_cache: bool, keep: int = 0) -> tuple[Tensor, object | None]:
         kwargs = {"attention_mask": batch.attention_mask, "return_type": "logits"}
         if self.is_bridge:
             kwargs["position_ids"] = batch.position_ids
