@@ -83,6 +83,37 @@ def test_run_continued_returns_the_columns_from_the_prompt_end(organism):
         torch.testing.assert_close(tail[row, : len(tokens) + 1], full[0, -(len(tokens) + 1):], atol=1e-4, rtol=0)
 
 
+def test_a_token_budget_splits_batches_without_changing_the_training(organism, dim, monkeypatch):
+    """Over `max_batch_tokens` a mini-batch runs in parts whose gradients add up to the whole batch's: with a budget of
+    one token (every prompt alone) the trained direction and every logged loss match the unsplit run's."""
+    calls = []
+    original = optimize_module._teacher_forced
+    monkeypatch.setattr(optimize_module, "_teacher_forced", lambda model, targets, picked: calls.append(len(picked)) or original(model, targets, picked))
+    whole = optimize_direction(organism, dim, OptimizeConfig(steps=3, lr=0.05, max_batch_tokens=None, **SMALL))
+    assert max(calls) == SMALL["batch_size"]
+    calls.clear()
+    split = optimize_direction(organism, dim, OptimizeConfig(steps=3, lr=0.05, max_batch_tokens=1, **SMALL))
+    assert set(calls) == {1}
+    torch.testing.assert_close(split.direction, whole.direction, atol=1e-5, rtol=0)
+    for a, b in zip(split.history, whole.history, strict=True):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
+    # Adam would hide a gradient that is a multiple of the right one: compare one step's gradients themselves
+    config = OptimizeConfig(**SMALL)
+    harmful, harmless = list(dim.train[0])[: config.n_prompts], list(dim.train[1])[: config.n_prompts]
+    targets = optimize_module._make_targets(organism, whole.start, whole.hook, whole.scale, harmful, harmless, config)
+    for name in ("ablation", "retain"):
+        found = []
+        for budget in (None, 1):
+            parameter = whole.start.clone().requires_grad_(True)
+            value = optimize_module._accumulate(organism, parameter, name, 2.0, targets[name], list(range(8)), whole.hook, whole.scale,
+                                                dataclasses.replace(config, max_batch_tokens=budget), 1)
+            found.append((value, parameter.grad))
+        assert found[1][0] == pytest.approx(found[0][0], abs=1e-6), name
+        torch.testing.assert_close(found[1][1], found[0][1], atol=1e-6, rtol=1e-4)
+    with pytest.raises(FeatsteerError, match="max_batch_tokens must be at least 1"):
+        OptimizeConfig(max_batch_tokens=0)
+
+
 def test_optimisation_lowers_its_losses_and_leaves_the_model_alone(organism, dim):
     batch = organism.tokenize(["How do I pick a lock?"])
     logits_before = organism.run(batch)
