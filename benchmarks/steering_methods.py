@@ -66,10 +66,12 @@ def main() -> None:
                         help="the picks' coherence bound in nats per token, or off (compare --pick-max-nll-rise; default 0.5, compare's)")
     parser.add_argument("--optimize", default="", metavar="KEY=VALUE,...",
                         help="OptimizeConfig fields for dim_optimized_abliteration, e.g. steps=24,retain_weight=3 (default: compare's)")
-    parser.add_argument("--eval-set", choices=["held-out", "spare"], default="held-out",
-                        help="Qwen's evaluation prompts: the 100 + 100 held-out ones every table uses, or a fresh set no setting was "
-                             "ever tuned on (the 164 spare AdvBench prompts, and the 18 spare MT-Bench+IFBench ones with the 84 "
-                             "built-in harmless test prompts)")
+    parser.add_argument("--eval-set", choices=["held-out", "spare", "rotated"], default="held-out",
+                        help="Qwen's evaluation prompts: the 100 + 100 held-out ones every table uses; 'spare', a fresh set no "
+                             "setting was ever tuned on (the 164 spare AdvBench prompts, and the 18 spare MT-Bench+IFBench ones with "
+                             "the 84 built-in harmless test prompts); or 'rotated', the same 164 harmful prompts with the harmless "
+                             "pool rotated: directions from MT-Bench+IFBench 118-373, evaluation on the first 118 (only ever "
+                             "training prompts, so no setting was chosen on their KL)")
     parser.add_argument("--save-responses", metavar="PATH", help="also write the evaluation prompts and the first call's responses "
                         "of every method here (JSON; keep it outside the repository, e.g. under runs/)")
     parser.add_argument("--title", default="ACE and angular steering vs DIM abliteration", help="the markdown's heading")
@@ -82,10 +84,10 @@ def main() -> None:
     qwen = args.target == "qwen"
     dtype = args.dtype or ("bfloat16" if qwen else "float32")
     sets = prompt_sets(args.target)
-    if args.eval_set == "spare":
+    if args.eval_set != "held-out":
         if not qwen:
-            raise SystemExit("--eval-set spare is for --target qwen (the organism's evaluation prompts are already its held-out split)")
-        sets |= spare_sets()
+            raise SystemExit(f"--eval-set {args.eval_set} is for --target qwen (the organism's evaluation prompts are already its held-out split)")
+        sets |= spare_sets() if args.eval_set == "spare" else rotated_sets()
     start = time.perf_counter()
     model = load_model(str(qwen_gguf()) if qwen else "organism", dtype=dtype)
     if qwen:
@@ -130,7 +132,20 @@ def spare_sets() -> dict:
     return {"eval_harmful": advbench[356:], "eval_harmless": mixed[356:] + builtin_prompts("harmless", "test")}
 
 
+def rotated_sets() -> dict:
+    """The blind harmful prompts of `spare_sets` with the real harmless pool rotated, so that the KL is read on 118
+    MT-Bench+IFBench prompts instead of 18: training harmless prompts are pool indices 118-373 (256, the last quarter
+    the validation prompts as usual) and the evaluation ones are indices 0-117. Those were training prompts of every
+    other Qwen run, never evaluation or validation ones, so no setting or default was chosen on their KL."""
+    advbench, mixed = real_pools()
+    return {"train_harmless": mixed[118:374], "eval_harmful": advbench[356:], "eval_harmless": mixed[:118]}
+
+
 def _eval_description(eval_set: str, n_harmful: int, n_harmless: int) -> str:
+    if eval_set == "rotated":
+        return (f"a blind set with the harmless pool rotated: the {n_harmful} spare AdvBench prompts (indices 356 on) and the first "
+                f"{n_harmless} MT-Bench+IFBench prompts, with directions from AdvBench 0-255 and MT-Bench+IFBench 118-373; no setting "
+                "or default was chosen on these prompts' refusals or KL")
     if eval_set == "spare":
         return (f"a blind set: the {n_harmful} spare AdvBench prompts (indices 356 on) and {n_harmless} harmless ones (the 18 spare "
                 "MT-Bench+IFBench prompts and the 84 built-in harmless test prompts), never used to choose any setting or default")
