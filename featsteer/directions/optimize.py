@@ -166,6 +166,8 @@ class OptimizedDirection:
 class _Targets:
     prompts: tuple[str, ...]
     tokens: tuple[tuple[int, ...], ...]
+    prompt_lengths: tuple[int, ...] = ()
+    """Chat-formatted prompt tokens per row (for the token budget; empty: count them when needed)."""
 
 
 def optimize_direction(model: ModelAdapter, result: DirectionResult, config: OptimizeConfig | None = None) -> OptimizedDirection:
@@ -259,7 +261,8 @@ def _within_budget(model: ModelAdapter, targets: _Targets, picked: list[int], ma
     (`ModelAdapter.plan_batches`' rule; a prompt over the budget alone)."""
     if max_tokens is None or not picked:
         return [picked]
-    lengths = [len(model.tokenize([targets.prompts[i]]).input_ids[0]) + len(targets.tokens[i]) for i in picked]
+    prompt_lengths = targets.prompt_lengths or tuple(len(model.tokenize([p]).input_ids[0]) for p in targets.prompts)
+    lengths = [prompt_lengths[i] + len(targets.tokens[i]) for i in picked]
     if len(picked) * max(lengths) <= max_tokens:
         return [picked]
     return [[picked[j] for j in group] for group in _token_budget_batches(lengths, len(picked), max_tokens)]
@@ -328,7 +331,8 @@ def _make_targets(model: ModelAdapter, start: Tensor, hook: str, scale: float, h
 def _kept(model: ModelAdapter, prompts: Sequence[str], answers: Sequence[str], keep: Sequence[bool], max_tokens: int) -> _Targets:
     rows = [(p, _answer_tokens(model, a, max_tokens)) for p, a, k in zip(prompts, answers, keep, strict=True) if k]
     rows = [(p, t) for p, t in rows if t]  # an empty answer teaches nothing
-    return _Targets(tuple(p for p, _ in rows), tuple(t for _, t in rows))
+    lengths = tuple(len(model.tokenize([p]).input_ids[0]) for p, _ in rows)
+    return _Targets(tuple(p for p, _ in rows), tuple(t for _, t in rows), lengths)
 
 
 def _answer_tokens(model: ModelAdapter, answer: str, max_tokens: int) -> tuple[int, ...]:
@@ -337,35 +341,32 @@ def _answer_tokens(model: ModelAdapter, answer: str, max_tokens: int) -> tuple[i
     return tuple(int(t) for t in model.tokenizer(answer, add_special_tokens=False)["input_ids"][:max_tokens])
 
 
-def _teacher_forced(model: ModelAdapter, targets: _Targets, picked: list[int]) -> tuple[Tensor, list[tuple[int, int, int]]]:
-    """Logits (with autograd) of the picked prompts followed by their target tokens, and per row `(row, first column, n)`:
-    columns `first .. first + n - 1` predict the row's `n` target tokens."""
+def _teacher_forced(model: ModelAdapter, targets: _Targets, picked: list[int]) -> Tensor:
+    """Logits (with autograd) of the picked prompts followed by their target tokens, from each prompt's last token on:
+    column `j` of row `r` predicts target token `j` of `picked[r]`."""
     prompts = [targets.prompts[i] for i in picked]
-    continuations = [targets.tokens[i] for i in picked]
-    logits = model.run_continued(model.tokenize(prompts), continuations, grad=True)
-    return logits, [(row, 0, len(c)) for row, c in enumerate(continuations)]
+    return model.run_continued(model.tokenize(prompts), [targets.tokens[i] for i in picked], grad=True)
 
 
-def _cross_entropy(logits: Tensor, spans: list[tuple[int, int, int]], targets: _Targets, picked: list[int]) -> Tensor:
+def _cross_entropy(logits: Tensor, targets: _Targets, picked: list[int]) -> Tensor:
     """Mean cross-entropy per target token over the picked rows."""
     losses = []
-    for (row, first, n), i in zip(spans, picked, strict=True):
-        predicted = logits[row, first : first + n].double()
-        wanted = torch.tensor(targets.tokens[i], dtype=torch.long, device=predicted.device)
-        losses.append(torch.nn.functional.cross_entropy(predicted, wanted, reduction="sum"))
-    return torch.stack(losses).sum() / sum(n for _, _, n in spans)
+    for row, i in enumerate(picked):
+        wanted = torch.tensor(targets.tokens[i], dtype=torch.long, device=logits.device)
+        losses.append(torch.nn.functional.cross_entropy(logits[row, : len(wanted)].double(), wanted, reduction="sum"))
+    return torch.stack(losses).sum() / sum(len(targets.tokens[i]) for i in picked)
 
 
 def _ablation_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, picked: list[int], hook: str, scale: float) -> Tensor:
     with steer(model, Ablate(direction)):
-        logits, spans = _teacher_forced(model, targets, picked)
-    return _cross_entropy(logits, spans, targets, picked)
+        logits = _teacher_forced(model, targets, picked)
+    return _cross_entropy(logits, targets, picked)
 
 
 def _addition_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, picked: list[int], hook: str, scale: float) -> Tensor:
     with steer(model, AddDirection(direction, scale, where=hook)):
-        logits, spans = _teacher_forced(model, targets, picked)
-    return _cross_entropy(logits, spans, targets, picked)
+        logits = _teacher_forced(model, targets, picked)
+    return _cross_entropy(logits, targets, picked)
 
 
 def _retain_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, picked: list[int], hook: str, scale: float) -> Tensor:
