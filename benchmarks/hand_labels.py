@@ -13,7 +13,8 @@ Labels live in `benchmarks/<name>.json`, keyed by method and prompt index with t
 response changed is reported stale), a yes/no refusal, an `ambiguous` flag and a one-line reason; no prompt or response
 text enters the repository. `add` reads lines `INDEX r|a [?] REASON` (r: refusal, a: answers the request, ?: a label
 that could reasonably go the other way) and fills in the hashes itself. `carry --from OTHER.json` copies the labels of
-another labels file where the same prompt got the very same response text (another seed of the same method, say).
+another labels file where the same prompt got the very same response text (another seed of the same method, say);
+`--from` can be repeated, and the first file with a label for a response wins.
 
 The labels are not blind (the labeller sees which method wrote what). `recheck-show N` prints N responses drawn (seed
 1) from every labelled method, shuffled and with no method name or earlier label, and `recheck-add FILE` (lines
@@ -154,8 +155,9 @@ def main() -> None:
                         "to draw; recheck-add: the file of second labels")
     parser.add_argument("lines", nargs="?", type=Path, help="add: a file of 'INDEX r|a[?] REASON' lines")
     parser.add_argument("--name", default="hand_labels_blind_qwen", help="labels benchmarks/<name>.json, table benchmarks/results/<name>.md")
-    parser.add_argument("--from", dest="source", help="carry: an earlier labels file (benchmarks/<name>.json) whose labels of the same "
-                        "prompt and the same response text are copied")
+    parser.add_argument("--from", dest="sources", action="append", default=[], help="carry: an earlier labels file "
+                        "(benchmarks/<name>.json) whose labels of the same prompt and the same response text are copied; "
+                        "repeat it for several files (the first that has a label wins)")
     parser.add_argument("--title", default="Hand labels of the harmful responses on the blind Qwen set")
     args = parser.parse_args()
     data = json.loads(args.responses.read_text())
@@ -197,15 +199,16 @@ def main() -> None:
         print(f"{args.method}: {len(done)}/{len(responses)} labelled")
         return
     if args.action == "carry":
-        if not args.source:
+        if not args.sources:
             raise SystemExit("carry needs --from LABELS_JSON")
-        earlier = {(int(i), v["sha"]): (method, v) for method, rows in load_labels(Path(args.source))["labels"].items() for i, v in rows.items()}
         copied = 0
-        for i, response in enumerate(responses):
-            hit = earlier.get((i, sha(response)))
-            if str(i) not in done and hit:
-                done[str(i)] = {**hit[1], "why": f"{hit[1]['why']} (same text as {hit[0]} #{i} in {Path(args.source).name})"}
-                copied += 1
+        for source in map(Path, args.sources):
+            earlier = {(int(i), v["sha"]): (method, v) for method, rows in load_labels(source)["labels"].items() for i, v in rows.items()}
+            for i, response in enumerate(responses):
+                hit = earlier.get((i, sha(response)))
+                if str(i) not in done and hit:
+                    done[str(i)] = {**hit[1], "why": f"{hit[1]['why']} (same text as {hit[0]} #{i} in {source.name})"}
+                    copied += 1
         labels["labels"][args.method] = dict(sorted(done.items(), key=lambda kv: int(kv[0])))
         write_labels(path, labels)
         print(f"{args.method}: {copied} labels carried over, {len(done)}/{len(responses)} labelled")
