@@ -171,7 +171,7 @@ def test_rank_k_and_target_less_starts_are_clear_errors(organism, dim, monkeypat
     svd = find_refusal_direction(organism, harmful, harmless, DirectionConfig(method="svd", rank=2, n_select=8))
     with pytest.raises(FeatsteerError, match="starts from a rank-1 direction"):
         optimize_direction(organism, svd, OptimizeConfig(steps=1, **SMALL))
-    empty = optimize_module._Targets((), ())
+    empty = optimize_module._Targets((), (), ())
     monkeypatch.setattr(optimize_module, "_make_targets", lambda *a, **k: {"ablation": empty, "addition": empty, "retain": empty})
     with pytest.raises(FeatsteerError, match="no ablation or addition targets"):
         optimize_direction(organism, dim, OptimizeConfig(steps=1, **SMALL))

@@ -166,8 +166,8 @@ class OptimizedDirection:
 class _Targets:
     prompts: tuple[str, ...]
     tokens: tuple[tuple[int, ...], ...]
-    prompt_lengths: tuple[int, ...] = ()
-    """Chat-formatted prompt tokens per row (for the token budget; empty: count them when needed)."""
+    prompt_lengths: tuple[int, ...]
+    """Chat-formatted prompt tokens per row, counted once when the targets are made (for the token budget)."""
 
 
 def optimize_direction(model: ModelAdapter, result: DirectionResult, config: OptimizeConfig | None = None) -> OptimizedDirection:
@@ -241,7 +241,7 @@ def _accumulate(model: ModelAdapter, parameter: Tensor, name: str, weight: float
     """Back-propagate `weight` x one loss on the picked mini-batch into `parameter`'s gradient, in parts that keep each
     forward pass within `config.max_batch_tokens`; return the loss. Each part's loss is a mean over its target tokens
     and counts by its share of them, so the parts' gradients add up to the whole batch's."""
-    parts = _within_budget(model, targets, picked, config.max_batch_tokens)
+    parts = _within_budget(targets, picked, config.max_batch_tokens)
     n_tokens = sum(len(targets.tokens[i]) for i in picked)
     value = 0.0
     for part in parts:
@@ -256,13 +256,12 @@ def _accumulate(model: ModelAdapter, parameter: Tensor, name: str, weight: float
     return value
 
 
-def _within_budget(model: ModelAdapter, targets: _Targets, picked: list[int], max_tokens: int | None) -> list[list[int]]:
+def _within_budget(targets: _Targets, picked: list[int], max_tokens: int | None) -> list[list[int]]:
     """`picked` as one forward batch when its padded prompts and targets fit in `max_tokens`, else split longest first
     (`ModelAdapter.plan_batches`' rule; a prompt over the budget alone)."""
     if max_tokens is None or not picked:
         return [picked]
-    prompt_lengths = targets.prompt_lengths or tuple(len(model.tokenize([p]).input_ids[0]) for p in targets.prompts)
-    lengths = [prompt_lengths[i] + len(targets.tokens[i]) for i in picked]
+    lengths = [targets.prompt_lengths[i] + len(targets.tokens[i]) for i in picked]
     if len(picked) * max(lengths) <= max_tokens:
         return [picked]
     return [[picked[j] for j in group] for group in _token_budget_batches(lengths, len(picked), max_tokens)]
