@@ -201,6 +201,8 @@ def main() -> None:
     if args.action == "carry":
         if not args.sources:
             raise SystemExit("carry needs --from LABELS_JSON")
+        if missing := [source for source in args.sources if not Path(source).is_file()]:
+            raise SystemExit(f"--from {missing[0]}: no such labels file (give a benchmarks/<name>.json that hand_labels.py wrote)")
         copied = 0
         for source in map(Path, args.sources):
             earlier = {(int(i), v["sha"]): (method, v) for method, rows in load_labels(source)["labels"].items() for i, v in rows.items()}
