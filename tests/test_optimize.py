@@ -52,7 +52,8 @@ def test_config_rejects_bad_values():
     for bad, message in (({"steps": 0}, "steps must be at least 1"), ({"batch_size": 0}, "batch_size must be at least 1"),
                          ({"lr": float("nan")}, "lr must be a positive number"), ({"retain_weight": -1.0}, "loss weights"),
                          ({"ablation_weight": 0.0, "addition_weight": 0.0}, "nothing ties the direction to refusal"),
-                         ({"steps": 4, "snapshots": (0, 5)}, "snapshots must lie in 0..steps")):
+                         ({"steps": 4, "snapshots": (0, 5)}, "snapshots must lie in 0..steps"),
+                         ({"retain_first_weight": 0.0}, "retain_first_weight must be a positive number")):
         with pytest.raises(FeatsteerError, match=message):
             OptimizeConfig(**bad)
     config = OptimizeConfig(steps=10, snapshots=(3, 0, 3))
@@ -101,17 +102,43 @@ def test_a_token_budget_splits_batches_without_changing_the_training(organism, d
     config = OptimizeConfig(**SMALL)
     harmful, harmless = list(dim.train[0])[: config.n_prompts], list(dim.train[1])[: config.n_prompts]
     targets = optimize_module._make_targets(organism, whole.start, whole.hook, whole.scale, harmful, harmless, config)
-    for name in ("ablation", "retain"):
+    for name, first in (("ablation", 1.0), ("retain", 1.0), ("retain", 7.0)):
         found = []
         for budget in (None, 1):
             parameter = whole.start.clone().requires_grad_(True)
             value = optimize_module._accumulate(organism, parameter, name, 2.0, targets[name], list(range(8)), whole.hook, whole.scale,
-                                                dataclasses.replace(config, max_batch_tokens=budget), 1)
+                                                dataclasses.replace(config, max_batch_tokens=budget, retain_first_weight=first), 1)
             found.append((value, parameter.grad))
         assert found[1][0] == pytest.approx(found[0][0], abs=1e-6), name
         torch.testing.assert_close(found[1][1], found[0][1], atol=1e-6, rtol=1e-4)
     with pytest.raises(FeatsteerError, match="max_batch_tokens must be at least 1"):
         OptimizeConfig(max_batch_tokens=0)
+
+
+def test_retain_first_weight_counts_the_first_position_that_many_times(organism, dim):
+    """The retain loss is a weighted mean of per-position KLs: at weight w the prompt's last position (the first generated
+    token's distribution) counts w times, so with the per-position KLs read by hand the loss is (w KL_0 + rest) / (w - 1 + n)."""
+    config = OptimizeConfig(**SMALL)
+    harmful, harmless = list(dim.train[0])[: config.n_prompts], list(dim.train[1])[: config.n_prompts]
+    start = dim.chosen_basis[0].float() / dim.chosen_basis[0].float().norm()
+    targets = optimize_module._make_targets(organism, start, dim.selection.chosen.hook, 1.0, harmful, harmless, config)["retain"]
+    rows = list(range(6))
+    direction = torch.nn.functional.normalize(start + 0.5 * torch.randn(start.shape, generator=torch.Generator().manual_seed(0)), dim=0)
+    firsts, rests, counts = [], [], []
+    for i in rows:  # one row at a time: per-position KLs without any padding
+        batch = organism.tokenize([targets.prompts[i]])
+        continuation = [targets.tokens[i][:-1]]
+        base = torch.log_softmax(organism.run_continued(batch, continuation)[0].double(), dim=-1)
+        with steer(organism, Ablate(direction)):
+            edited = torch.log_softmax(organism.run_continued(batch, continuation)[0].double(), dim=-1)
+        kl = (base.exp() * (base - edited)).sum(dim=-1)[: len(targets.tokens[i])]
+        firsts.append(float(kl[0])), rests.append(float(kl[1:].sum())), counts.append(len(kl))
+    assert min(firsts) > 0 and sum(rests) > 0
+    with torch.no_grad():
+        for weight in (1.0, 4.0, 15.0):
+            loss = float(optimize_module._retain_loss(organism, direction, targets, rows, "unused", 1.0, first_weight=weight))
+            expected = (weight * sum(firsts) + sum(rests)) / sum(weight - 1 + n for n in counts)
+            assert loss == pytest.approx(expected, rel=1e-4), weight
 
 
 def test_optimisation_lowers_its_losses_and_leaves_the_model_alone(organism, dim):
@@ -156,7 +183,7 @@ def test_optimisation_is_reproducible(organism, dim):
 def test_an_error_mid_training_leaves_no_hook_and_no_frozen_parameter(organism, dim, monkeypatch):
     flags = [p.requires_grad for p in organism.model.parameters()]
 
-    def broken(model, direction, targets, picked, hook, scale):
+    def broken(model, direction, targets, picked, hook, scale, **_):
         with steer(model, Ablate(direction)):
             raise RuntimeError("boom")
 

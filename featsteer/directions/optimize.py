@@ -78,6 +78,10 @@ class OptimizeConfig:
     """Weight of the addition loss (cross-entropy of the DIM-added model's refusals of harmless prompts)."""
     retain_weight: float = 3.0
     """Weight of the retain loss (KL from the unedited model along its harmless answers)."""
+    retain_first_weight: float = 1.0
+    """How many answer positions the prompt's last position counts as in the retain loss. Its next-token distribution is
+    the first generated token's, the one first-token KL reads; at 1 it is one of `target_tokens` equal positions, at
+    `target_tokens - 1` half the retain loss."""
     snapshots: tuple[int, ...] | None = None
     """Steps after which the direction is kept (0: the start). None: 0 and every quarter of `steps`."""
     seed: int = 0
@@ -98,6 +102,9 @@ class OptimizeConfig:
             raise FeatsteerError(f"max_batch_tokens must be at least 1 (or None for no cap), got {self.max_batch_tokens}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise FeatsteerError(f"lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.retain_first_weight) and self.retain_first_weight > 0):
+            raise FeatsteerError(f"retain_first_weight must be a positive number (1: the first position counts as any other), "
+                                 f"got {self.retain_first_weight}")
         weights = (self.ablation_weight, self.addition_weight, self.retain_weight)
         if any(not math.isfinite(w) or w < 0 for w in weights):
             raise FeatsteerError(f"loss weights must be finite and >= 0, got ablation {self.ablation_weight}, addition "
@@ -242,18 +249,26 @@ def _accumulate(model: ModelAdapter, parameter: Tensor, name: str, weight: float
     forward pass within `config.max_batch_tokens`; return the loss. Each part's loss is a mean over its target tokens
     and counts by its share of them, so the parts' gradients add up to the whole batch's."""
     parts = _within_budget(targets, picked, config.max_batch_tokens)
-    n_tokens = sum(len(targets.tokens[i]) for i in picked)
+    extra = {"first_weight": config.retain_first_weight} if name == "retain" else {}
+    first = extra.get("first_weight", 1.0)
+    n_tokens = sum(_positions(targets, i, first) for i in picked)
     value = 0.0
     for part in parts:
         direction = parameter / parameter.norm()  # its own graph per part: each backward frees one
-        loss = _LOSSES[name](model, direction, targets, part, hook, scale)
+        loss = _LOSSES[name](model, direction, targets, part, hook, scale, **extra)
         if not bool(torch.isfinite(loss)):
             raise FeatsteerError(f"the {name} loss is not finite at step {step}: check the model's dtype (float16 on CPU "
                                  "overflows; use --dtype float32 or bfloat16) and lower lr")
-        share = sum(len(targets.tokens[i]) for i in part) / n_tokens
+        share = sum(_positions(targets, i, first) for i in part) / n_tokens
         (weight * share * loss).backward()  # one graph at a time: memory of one part of one loss's batch
         value += share * float(loss.detach())
     return value
+
+
+def _positions(targets: _Targets, i: int, first_weight: float) -> float:
+    """How much row `i` counts in a loss's mean: its target tokens, the first one (the prompt's last position) counted
+    `first_weight` times (1 for the cross-entropy losses, `retain_first_weight` for the retain loss)."""
+    return len(targets.tokens[i]) - 1 + first_weight
 
 
 def _within_budget(targets: _Targets, picked: list[int], max_tokens: int | None) -> list[list[int]]:
@@ -368,8 +383,10 @@ def _addition_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, pi
     return _cross_entropy(logits, targets, picked)
 
 
-def _retain_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, picked: list[int], hook: str, scale: float) -> Tensor:
-    """Mean KL(unedited || ablated) over the prompt's last position and every target position but the last."""
+def _retain_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, picked: list[int], hook: str, scale: float,
+                 first_weight: float = 1.0) -> Tensor:
+    """Mean KL(unedited || ablated) over the prompt's last position and every target position but the last, the first
+    of those counted `first_weight` times."""
     prompts = [targets.prompts[i] for i in picked]
     continuations = [targets.tokens[i][:-1] for i in picked]
     batch = model.tokenize(prompts)
@@ -383,8 +400,9 @@ def _retain_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, pick
         columns = slice(0, len(c) + 1)
         base_lp = torch.log_softmax(base[row, columns], dim=-1)
         edited_lp = torch.log_softmax(edited[row, columns], dim=-1)
-        parts.append((base_lp.exp() * (base_lp - edited_lp)).sum())
-    return torch.stack(parts).sum() / sum(len(c) + 1 for c in continuations)
+        per_position = (base_lp.exp() * (base_lp - edited_lp)).sum(dim=-1)
+        parts.append(per_position.sum() + (first_weight - 1) * per_position[0])
+    return torch.stack(parts).sum() / sum(_positions(targets, i, first_weight) for i in picked)
 
 
 _LOSSES = {"ablation": _ablation_loss, "addition": _addition_loss, "retain": _retain_loss}
