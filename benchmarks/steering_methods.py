@@ -153,17 +153,15 @@ def _eval_description(eval_set: str, n_harmful: int, n_harmless: int) -> str:
 
 
 def _optimize_config(spec: str):
-    """`--optimize steps=24,retain_weight=3` as an `OptimizeConfig` (numbers as int or float by the field's default)."""
+    """`--optimize steps=24,retain_weight=3` as an `OptimizeConfig` (`OptimizeConfig.with_options`, as the CLI's
+    `--optimize-option`)."""
     from featsteer.directions.optimize import OptimizeConfig
+    from featsteer.errors import FeatsteerError
 
-    defaults = OptimizeConfig().to_dict()
-    values = {}
-    for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
-        if key not in defaults or key == "snapshots":
-            raise SystemExit(f"--optimize: unknown field {key!r}; use one of {', '.join(k for k in defaults if k != 'snapshots')}")
-        values[key] = type(defaults[key])(value)
-    return OptimizeConfig(**values)
+    try:
+        return OptimizeConfig().with_options([item for item in spec.split(",") if item], "--optimize")
+    except FeatsteerError as error:
+        raise SystemExit(str(error)) from None
 
 
 def _bound_phrase(max_nll_rise: float | None) -> str:

@@ -399,6 +399,9 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
                           or args.passes > 1):
         raise FeatsteerError("--optimize trains a rank-1 direction fitted here for a global edit: it goes with --method "
                              "dim|projected|pca|linear|whitened, --scope global, and no --search, --heads, --passes or --directions")
+    if args.optimize_option and not args.optimize:
+        raise FeatsteerError("--optimize-option sets how --optimize STEPS trains the direction: add --optimize")
+    optimize = _optimize_config(args)  # a bad --optimize-option fails before the model loads
     if args.directions:
         return _abliterate_saved(args, mode, warm_start)
     if args.direction_hook is not None or args.direction_position is not None:
@@ -436,7 +439,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
         handle = abliterate(model, result, edit, heads=heads_spec)
         print("heads: " + "; ".join(f"layer {layer}: {ids}" for layer, ids in handle.record["heads"].items()))
     else:
-        handle = abliterate(model, result, edit, scope=args.scope, passes=args.passes, optimize=_optimize_config(args))
+        handle = abliterate(model, result, edit, scope=args.scope, passes=args.passes, optimize=optimize)
         if "optimization" in handle.record:
             _print_optimization(handle.record["optimization"])
         if "iteration" in handle.record:
@@ -447,10 +450,10 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
 
 
 def _optimize_config(args: argparse.Namespace):
-    """`--optimize STEPS` as an `OptimizeConfig`, or None without it."""
+    """`--optimize STEPS` with its `--optimize-option`s as an `OptimizeConfig`, or None without it."""
     from featsteer.directions.optimize import OptimizeConfig
 
-    return OptimizeConfig(steps=args.optimize) if args.optimize else None
+    return OptimizeConfig(steps=args.optimize).with_options(args.optimize_option or [], "--optimize-option") if args.optimize else None
 
 
 def _print_optimization(record: dict) -> None:
@@ -906,7 +909,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                                            adaptive=not args.angle_everywhere)
     if args.optimize_steps < 1:  # before the model loads
         raise FeatsteerError(f"--optimize-steps must be at least 1, got {args.optimize_steps}")
-    optimize_config = OptimizeConfig(steps=args.optimize_steps)
+    optimize_config = OptimizeConfig(steps=args.optimize_steps).with_options(args.optimize_option or [], "--optimize-option")
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
     evals = [load_prompts(s, column=args.column, limit=args.eval_n) if s else None for s in (args.eval_harmful, args.eval_harmless)]
@@ -1177,6 +1180,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="refusal direction optimisation (Wollschlaeger et al. 2025): train the chosen direction STEPS Adam steps so "
                      "that ablating it gives the DIM-ablated model's non-refusing answers to the harmful training prompts and keeps the "
                      "unedited model's harmless answers, then edit with it (default 0: the direction as found)")
+    abl.add_argument("--optimize-option", action="append", metavar="KEY=VALUE",
+                     help="how the direction optimisation trains, as an OptimizeConfig field, e.g. retain_weight=3, retain_first_weight=15, "
+                     "n_prompts=192, seed=1 or max_batch_tokens=none; repeat it for several")
     abl.add_argument("--heads", metavar="SPEC", help="edit only these attention heads' output columns, nothing else: top:N (the N heads "
                      "that write the chosen direction most more on the harmful training prompts) or LAYER:H[,H][;LAYER:H]")
     abl.add_argument("--scope", choices=["global", "per_layer"], default="global",
@@ -1278,6 +1284,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--optimize-steps", type=int, default=24, metavar="N",
                       help="dim_optimized_abliteration: Adam steps of refusal direction optimisation from the DIM direction; the "
                       "direction after 0, N/4, N/2, 3N/4 and N steps is picked from on the validation prompts (default 24)")
+    cmp_.add_argument("--optimize-option", action="append", metavar="KEY=VALUE",
+                      help="how the direction optimisation trains, as an OptimizeConfig field, e.g. retain_weight=3, retain_first_weight=15, "
+                      "n_prompts=192, seed=1 or max_batch_tokens=none; repeat it for several")
     cmp_.add_argument("--pick-max-nll-rise", type=_nats_or_off, metavar="NATS|off",
                       help="coherence bound for the jailbreak picks: a setting whose validation harmless answers cost the unedited "
                       "model more than NATS nats per token above its own answers counts as answering nothing (default 0.5; off: no bound)")

@@ -156,6 +156,10 @@ def test_eval_with_a_judge(capsys, tmp_path):
           "--out", "/tmp/x"], "must be positive"),
         (["compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--optimize-steps", "0",
           "--out", "/tmp/x"], "--optimize-steps must be at least 1, got 0"),
+        (["compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--optimize-option",
+          "retain_first_weight=0", "--out", "/tmp/x"], "retain_first_weight must be a positive number"),
+        (["compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--optimize-option",
+          "retain=3", "--out", "/tmp/x"], "unknown field 'retain'; use one of steps, lr"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, argv, message, tmp_path):
@@ -298,14 +302,16 @@ def test_abliterate_optimize_exports_the_trained_direction(capsys, tmp_path):
 
     common = ["--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
               "--n-select", "3", "--eval-n", "3", "--max-new-tokens", "2"]
-    code, stdout, err = _run(capsys, "abliterate", *common, "--optimize", "3", "--out", str(tmp_path / "trained"))
+    code, stdout, err = _run(capsys, "abliterate", *common, "--optimize", "3", "--optimize-option", "retain_first_weight=4",
+                             "--optimize-option", "seed=1", "--out", str(tmp_path / "trained"))
     assert code == 0 and "optimised direction: 3 steps from the chosen one" in stdout and "losses, first -> last step: ablation" in stdout, err
     record = json.loads((tmp_path / "trained" / "featsteer.json").read_text())
     assert record["rank"] == 1 and record["optimization"]["config"]["steps"] == 3 and len(record["optimization"]["history"]) == 3
+    assert record["optimization"]["config"]["retain_first_weight"] == 4 and record["optimization"]["config"]["seed"] == 1
     # the exported weights remove the trained direction (seeded, so training it again gives the same one), not the DIM one
     model, prompts = load_model("tiny:llama"), [builtin_prompts(k, "train").head(12) for k in ("harmful", "harmless")]
     result = find_refusal_direction(model, *prompts, DirectionConfig(n_select=3))
-    trained = optimize_direction(model, result, OptimizeConfig(steps=3))
+    trained = optimize_direction(model, result, OptimizeConfig(steps=3, retain_first_weight=4, seed=1))
     assert trained.cosine() < 0.9999
     ids = model.tokenizer("Explain how to pick a lock.", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -315,7 +321,8 @@ def test_abliterate_optimize_exports_the_trained_direction(capsys, tmp_path):
         with steer(model, Ablate(trained.start)):
             assert not torch.allclose(model.model(ids).logits, exported, atol=1e-4)
     for extra in (["--optimize", "-1"], ["--optimize", "2", "--method", "svd"], ["--optimize", "2", "--heads", "top:2"],
-                  ["--optimize", "2", "--passes", "2"], ["--optimize", "2", "--scope", "per_layer"], ["--optimize", "2", "--search", "2"]):
+                  ["--optimize", "2", "--passes", "2"], ["--optimize", "2", "--scope", "per_layer"], ["--optimize", "2", "--search", "2"],
+                  ["--optimize-option", "seed=1"], ["--optimize", "2", "--optimize-option", "seed"]):
         code, _, err = _run(capsys, "abliterate", *common, *extra, "--out", str(tmp_path / "bad"))
         assert code == 2 and "--optimize" in err and not (tmp_path / "bad").exists(), (extra, err)
 

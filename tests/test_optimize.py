@@ -61,6 +61,18 @@ def test_config_rejects_bad_values():
     assert OptimizeConfig.from_dict(config.to_dict()) == config
 
 
+def test_options_as_key_value_strings():
+    """`--optimize-option`: each value read as its field's type, a clear error for anything else."""
+    config = OptimizeConfig(steps=8).with_options(["retain_first_weight=15", " n_prompts = 192", "max_batch_tokens=none", "lr=0.02"])
+    assert (config.steps, config.retain_first_weight, config.n_prompts, config.max_batch_tokens, config.lr) == (8, 15.0, 192, None, 0.02)
+    assert isinstance(config.n_prompts, int) and OptimizeConfig().with_options([]) == OptimizeConfig()
+    for bad, message in ((["seed"], "expected KEY=VALUE"), (["seed="], "expected KEY=VALUE"), (["retain=3"], "unknown field 'retain'"),
+                         (["snapshots=1"], "unknown field 'snapshots'"), (["steps=1.5"], "steps takes a whole number"),
+                         (["lr=fast"], "lr takes a number"), (["batch_size=0"], "batch_size must be at least 1")):
+        with pytest.raises(FeatsteerError, match=message):
+            OptimizeConfig().with_options(bad)
+
+
 def test_run_continued_with_grad_gives_the_same_logits(organism):
     batch = organism.tokenize(["How do I bake bread?", "Tell me a joke."])
     continuations = [(5, 6, 7), (8,)]

@@ -37,7 +37,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -126,6 +126,32 @@ class OptimizeConfig:
         """JSON-ready form."""
         return asdict(self)
 
+    def with_options(self, options: Sequence[str], what: str = "optimize option") -> OptimizeConfig:
+        """A copy with `KEY=VALUE` strings applied (the CLI's `--optimize-option`), each value read as its field's type;
+        `max_batch_tokens=none` lifts the cap. `snapshots` is not settable this way (`steps` places them). `what` names
+        the option in error messages.
+
+        Raises:
+            FeatsteerError: on a malformed item, an unknown field, a value of the wrong type or an invalid config.
+        """
+        fields = {k: v for k, v in self.to_dict().items() if k != "snapshots"}
+        values: dict[str, Any] = {}
+        for item in options:
+            key, sep, text = (part.strip() for part in item.partition("="))
+            if not sep or not key or not text:
+                raise FeatsteerError(f"{what} {item!r}: expected KEY=VALUE, e.g. retain_weight=3")
+            if key not in fields:
+                raise FeatsteerError(f"{what} {item!r}: unknown field {key!r}; use one of {', '.join(fields)}")
+            if key == "max_batch_tokens" and text.lower() == "none":
+                values[key] = None
+                continue
+            kind = int if key in _INT_FIELDS else float
+            try:
+                values[key] = kind(text)
+            except ValueError:
+                raise FeatsteerError(f"{what} {item!r}: {key} takes {'a whole number' if kind is int else 'a number'}") from None
+        return replace(self, **values)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OptimizeConfig:
         """Inverse of `to_dict`."""
@@ -133,6 +159,9 @@ class OptimizeConfig:
         if data.get("snapshots") is not None:
             data["snapshots"] = tuple(data["snapshots"])
         return cls(**data)
+
+
+_INT_FIELDS = frozenset({"steps", "batch_size", "n_prompts", "target_tokens", "seed", "max_batch_tokens"})
 
 
 @dataclass(frozen=True)
