@@ -164,6 +164,12 @@ def _optimize_config(spec: str):
         raise SystemExit(str(error)) from None
 
 
+def _first_weight(config: dict) -> str:
+    """How the retain loss counts its first position, when not as one answer position (older results have no field)."""
+    weight = config.get("retain_first_weight", 1.0)
+    return "" if weight == 1 else f" (its first position counted {weight:g} times)"
+
+
 def _bound_phrase(max_nll_rise: float | None) -> str:
     if max_nll_rise is None:
         return "with no coherence bound"
@@ -225,7 +231,8 @@ def _optimization_lines(results: list[dict]) -> list[str]:
         config, history = found["config"], found["history"]
         lines += ["", f"Direction optimisation ({r['method']}): {config['steps']} Adam steps, lr {config['lr']:g}, batch "
                   f"{config['batch_size']}, weights ablation {config['ablation_weight']:g} / addition {config['addition_weight']:g} / "
-                  f"retain {config['retain_weight']:g}, {config['target_tokens']} target tokens; targets: {found['targets']['ablation']} of "
+                  f"retain {config['retain_weight']:g}{_first_weight(config)}, {config['target_tokens']} target tokens, seed "
+                  f"{config.get('seed', 0)}; targets: {found['targets']['ablation']} of "
                   f"{found['targets']['harmful_read']} harmful answers (not refusals under DIM ablation), {found['targets']['addition']} "
                   f"refusals under DIM addition, {found['targets']['retain']} harmless answers; {found['seconds']:.0f} s (with the targets' "
                   "generation).", "", "| steps | cosine with DIM | ablation loss | addition loss | retain loss |", "|---|---|---|---|---|"]
