@@ -1066,6 +1066,10 @@ def _write_json(path: str, payload: dict) -> None:
     partial.rename(target)
 
 
+_OPTIMIZE_OPTION_HELP = ("how the direction optimisation trains, as an OptimizeConfig field, e.g. retain_weight=3, retain_first_weight=15, "
+                         "n_prompts=192, seed=1 or max_batch_tokens=none; repeat it for several")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="featsteer", description="Find and steer the features behind refusal.")
@@ -1181,8 +1185,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "that ablating it gives the DIM-ablated model's non-refusing answers to the harmful training prompts and keeps the "
                      "unedited model's harmless answers, then edit with it (default 0: the direction as found)")
     abl.add_argument("--optimize-option", action="append", metavar="KEY=VALUE",
-                     help="how the direction optimisation trains, as an OptimizeConfig field, e.g. retain_weight=3, retain_first_weight=15, "
-                     "n_prompts=192, seed=1 or max_batch_tokens=none; repeat it for several")
+                     help=_OPTIMIZE_OPTION_HELP)
     abl.add_argument("--heads", metavar="SPEC", help="edit only these attention heads' output columns, nothing else: top:N (the N heads "
                      "that write the chosen direction most more on the harmful training prompts) or LAYER:H[,H][;LAYER:H]")
     abl.add_argument("--scope", choices=["global", "per_layer"], default="global",
@@ -1285,8 +1288,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dim_optimized_abliteration: Adam steps of refusal direction optimisation from the DIM direction; the "
                       "direction after 0, N/4, N/2, 3N/4 and N steps is picked from on the validation prompts (default 24)")
     cmp_.add_argument("--optimize-option", action="append", metavar="KEY=VALUE",
-                      help="how the direction optimisation trains, as an OptimizeConfig field, e.g. retain_weight=3, retain_first_weight=15, "
-                      "n_prompts=192, seed=1 or max_batch_tokens=none; repeat it for several")
+                      help=_OPTIMIZE_OPTION_HELP)
     cmp_.add_argument("--pick-max-nll-rise", type=_nats_or_off, metavar="NATS|off",
                       help="coherence bound for the jailbreak picks: a setting whose validation harmless answers cost the unedited "
                       "model more than NATS nats per token above its own answers counts as answering nothing (default 0.5; off: no bound)")

@@ -37,7 +37,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -134,18 +134,18 @@ class OptimizeConfig:
         Raises:
             FeatsteerError: on a malformed item, an unknown field, a value of the wrong type or an invalid config.
         """
-        fields = {k: v for k, v in self.to_dict().items() if k != "snapshots"}
+        settable = [name for name in _FIELD_TYPES if name != "snapshots"]
         values: dict[str, Any] = {}
         for item in options:
             key, sep, text = (part.strip() for part in item.partition("="))
             if not sep or not key or not text:
                 raise FeatsteerError(f"{what} {item!r}: expected KEY=VALUE, e.g. retain_weight=3")
-            if key not in fields:
-                raise FeatsteerError(f"{what} {item!r}: unknown field {key!r}; use one of {', '.join(fields)}")
+            if key not in settable:
+                raise FeatsteerError(f"{what} {item!r}: unknown field {key!r}; use one of {', '.join(settable)}")
             if key == "max_batch_tokens" and text.lower() == "none":
                 values[key] = None
                 continue
-            kind = int if key in _INT_FIELDS else float
+            kind = int if _FIELD_TYPES[key].startswith("int") else float
             try:
                 values[key] = kind(text)
             except ValueError:
@@ -161,7 +161,7 @@ class OptimizeConfig:
         return cls(**data)
 
 
-_INT_FIELDS = frozenset({"steps", "batch_size", "n_prompts", "target_tokens", "seed", "max_batch_tokens"})
+_FIELD_TYPES = {f.name: str(f.type) for f in fields(OptimizeConfig)}  # annotations as written ("int", "int | None", "float")
 
 
 @dataclass(frozen=True)
