@@ -229,21 +229,27 @@ def _optimization_lines(results: list[dict]) -> list[str]:
         if not found:
             continue
         config, history = found["config"], found["history"]
+        losses = ["ablation", "addition", "retain"] + (["refusal"] if config.get("refusal_weight", 0) else [])
+        refusal = f" / refusal {config['refusal_weight']:g}" if "refusal" in losses else ""
         lines += ["", f"Direction optimisation ({r['method']}): {config['steps']} Adam steps, lr {config['lr']:g}, batch "
                   f"{config['batch_size']}, weights ablation {config['ablation_weight']:g} / addition {config['addition_weight']:g} / "
-                  f"retain {config['retain_weight']:g}{_first_weight(config)}, {config['target_tokens']} target tokens, seed "
+                  f"retain {config['retain_weight']:g}{_first_weight(config)}{refusal}, {config['target_tokens']} target tokens, seed "
                   f"{config.get('seed', 0)}; targets: {found['targets']['ablation']} of "
                   f"{found['targets']['harmful_read']} harmful answers (not refusals under DIM ablation), {found['targets']['addition']} "
                   f"refusals under DIM addition, {found['targets']['retain']} harmless answers; {found['seconds']:.0f} s (with the targets' "
-                  "generation).", "", "| steps | cosine with DIM | ablation loss | addition loss | retain loss |", "|---|---|---|---|---|"]
+                  "generation).", "", "| steps | cosine with DIM | " + " | ".join(f"{k} loss" for k in losses) + " |",
+                  "|---|---|" + "---|" * len(losses)]
         quarter = max(1, len(history) // 4)
         for step, cosine in found["cosine_with_start"].items():
             window = history[:1] if int(step) == 0 else history[max(0, int(step) - quarter): int(step)]
-            mean = {k: sum(row[k] for row in window) / len(window) for k in ("ablation", "addition", "retain") if window and k in window[0]}
-            cells = " | ".join(f"{mean[k]:.4f}" if k in mean else "-" for k in ("ablation", "addition", "retain"))
+            mean = {k: sum(row[k] for row in window) / len(window) for k in losses if window and k in window[0]}
+            cells = " | ".join(f"{mean[k]:.4f}" if k in mean else "-" for k in losses)
             lines.append(f"| {step} | {cosine:.4f} | {cells} |")
         lines += ["", "Losses are means over the steps since the previous row (the mini-batches those steps read); step 0 is DIM, "
                   "its losses those of the first mini-batch."]
+        if "refusal" in losses:
+            lines[-1] += (" The refusal loss is `-log(1 - P(refusal))` of the first response token with the direction removed, "
+                          "over all harmful training prompts.")
     return lines
 
 

@@ -462,8 +462,8 @@ def _print_optimization(record: dict) -> None:
     targets = record["targets"]
     print(f"optimised direction: {steps} steps from the chosen one (cosine {record['cosine_with_start'][str(steps)]:.3f} with it); "
           f"targets: {targets['ablation']} of {targets['harmful_read']} harmful answers, {targets['addition']} addition refusals, "
-          f"{targets['retain']} harmless answers")
-    names = [n for n in ("ablation", "addition", "retain") if n in history[0]]
+          f"{targets['retain']} harmless answers" + (f", {targets['refusal']} harmful prompts for the refusal loss" if targets.get("refusal") else ""))
+    names = [n for n in ("ablation", "addition", "retain", "refusal") if n in history[0]]
     print("losses, first -> last step: " + ", ".join(f"{n} {history[0][n]:.3f} -> {history[-1][n]:.3f}" for n in names))
 
 
@@ -1067,7 +1067,7 @@ def _write_json(path: str, payload: dict) -> None:
 
 
 _OPTIMIZE_OPTION_HELP = ("how the direction optimisation trains, as an OptimizeConfig field, e.g. retain_weight=3, retain_first_weight=15, "
-                         "n_prompts=192, seed=1 or max_batch_tokens=none; repeat it for several")
+                         "refusal_weight=3, n_prompts=192, seed=1 or max_batch_tokens=none; repeat it for several")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -303,15 +303,18 @@ def test_abliterate_optimize_exports_the_trained_direction(capsys, tmp_path):
     common = ["--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
               "--n-select", "3", "--eval-n", "3", "--max-new-tokens", "2"]
     code, stdout, err = _run(capsys, "abliterate", *common, "--optimize", "3", "--optimize-option", "retain_first_weight=4",
-                             "--optimize-option", "seed=1", "--out", str(tmp_path / "trained"))
+                             "--optimize-option", "seed=1", "--optimize-option", "refusal_weight=2", "--out", str(tmp_path / "trained"))
     assert code == 0 and "optimised direction: 3 steps from the chosen one" in stdout and "losses, first -> last step: ablation" in stdout, err
     record = json.loads((tmp_path / "trained" / "featsteer.json").read_text())
+    read = record["optimization"]["targets"]["harmful_read"]  # the refusal loss reads every harmful training prompt
+    assert f"{read} harmful prompts for the refusal loss" in stdout and ", refusal " in stdout.split("losses, first -> last step:")[1], stdout
     assert record["rank"] == 1 and record["optimization"]["config"]["steps"] == 3 and len(record["optimization"]["history"]) == 3
     assert record["optimization"]["config"]["retain_first_weight"] == 4 and record["optimization"]["config"]["seed"] == 1
+    assert record["optimization"]["config"]["refusal_weight"] == 2 and record["optimization"]["targets"]["refusal"] == read
     # the exported weights remove the trained direction (seeded, so training it again gives the same one), not the DIM one
     model, prompts = load_model("tiny:llama"), [builtin_prompts(k, "train").head(12) for k in ("harmful", "harmless")]
     result = find_refusal_direction(model, *prompts, DirectionConfig(n_select=3))
-    trained = optimize_direction(model, result, OptimizeConfig(steps=3, retain_first_weight=4, seed=1))
+    trained = optimize_direction(model, result, OptimizeConfig(steps=3, retain_first_weight=4, seed=1, refusal_weight=2))
     assert trained.cosine() < 0.9999
     ids = model.tokenizer("Explain how to pick a lock.", return_tensors="pt").input_ids
     with torch.no_grad():

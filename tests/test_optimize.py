@@ -12,6 +12,7 @@ from featsteer.datasets import builtin_prompts, load_prompts
 from featsteer.directions import optimize as optimize_module
 from featsteer.directions.optimize import OptimizeConfig, optimize_direction
 from featsteer.errors import FeatsteerError
+from featsteer.evaluation.metrics import RefusalTokens, refusal_score
 from featsteer.interventions import Ablate, steer
 from featsteer.models import load_model
 from featsteer.pipeline import DirectionConfig, find_refusal_direction
@@ -42,16 +43,18 @@ def _losses(model, found, result, config: OptimizeConfig, direction: torch.Tenso
     harmful = list(result.train[0])[: config.n_prompts]
     harmless = list(result.train[1])[: config.n_prompts]
     targets = optimize_module._make_targets(model, found.start, found.hook, found.scale, harmful, harmless, config)
+    extra = {"refusal": {"tokens": RefusalTokens.for_tokenizer(model.tokenizer)}}
     with torch.no_grad():
         return {name: float(optimize_module._LOSSES[name](model, direction, targets[name], list(range(len(targets[name].prompts))),
-                                                          found.hook, found.scale))
-                for name in ("ablation", "retain") if targets[name].prompts}
+                                                          found.hook, found.scale, **extra.get(name, {})))
+                for name in ("ablation", "retain", "refusal") if targets[name].prompts}
 
 
 def test_config_rejects_bad_values():
     for bad, message in (({"steps": 0}, "steps must be at least 1"), ({"batch_size": 0}, "batch_size must be at least 1"),
                          ({"lr": float("nan")}, "lr must be a positive number"), ({"retain_weight": -1.0}, "loss weights"),
                          ({"ablation_weight": 0.0, "addition_weight": 0.0}, "nothing ties the direction to refusal"),
+                         ({"refusal_weight": -1.0}, "loss weights"),
                          ({"steps": 4, "snapshots": (0, 5)}, "snapshots must lie in 0..steps"),
                          ({"retain_first_weight": 0.0}, "retain_first_weight must be a positive number")):
         with pytest.raises(FeatsteerError, match=message):
@@ -111,18 +114,20 @@ def test_a_token_budget_splits_batches_without_changing_the_training(organism, d
     for a, b in zip(split.history, whole.history, strict=True):
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
     # Adam would hide a gradient that is a multiple of the right one: compare one step's gradients themselves
-    config = OptimizeConfig(**SMALL)
+    config = OptimizeConfig(refusal_weight=1.0, **SMALL)
     harmful, harmless = list(dim.train[0])[: config.n_prompts], list(dim.train[1])[: config.n_prompts]
     targets = optimize_module._make_targets(organism, whole.start, whole.hook, whole.scale, harmful, harmless, config)
-    for name, first in (("ablation", 1.0), ("retain", 1.0), ("retain", 7.0)):
+    tokens = RefusalTokens.for_tokenizer(organism.tokenizer)
+    for name, extra in (("ablation", {}), ("retain", {}), ("retain", {"first_weight": 7.0}), ("refusal", {"tokens": tokens})):
         found = []
         for budget in (None, 1):
             parameter = whole.start.clone().requires_grad_(True)
             value = optimize_module._accumulate(organism, parameter, name, 2.0, targets[name], list(range(8)), whole.hook, whole.scale,
-                                                dataclasses.replace(config, max_batch_tokens=budget, retain_first_weight=first), 1)
+                                                dataclasses.replace(config, max_batch_tokens=budget), 1, extra)
             found.append((value, parameter.grad))
         assert found[1][0] == pytest.approx(found[0][0], abs=1e-6), name
-        torch.testing.assert_close(found[1][1], found[0][1], atol=1e-6, rtol=1e-4)
+        # float32 padding noise scales with the gradient (the refusal loss's is ten times the others'); a wrong share is O(1) of it
+        torch.testing.assert_close(found[1][1], found[0][1], atol=1e-4 * float(found[0][1].abs().max()), rtol=1e-4)
     with pytest.raises(FeatsteerError, match="max_batch_tokens must be at least 1"):
         OptimizeConfig(max_batch_tokens=0)
 
@@ -151,6 +156,29 @@ def test_retain_first_weight_counts_the_first_position_that_many_times(organism,
             loss = float(optimize_module._retain_loss(organism, direction, targets, rows, "unused", 1.0, first_weight=weight))
             expected = (weight * sum(firsts) + sum(rests)) / sum(weight - 1 + n for n in counts)
             assert loss == pytest.approx(expected, rel=1e-4), weight
+
+
+def test_refusal_loss_is_the_mean_softplus_of_the_ablated_refusal_score(organism, dim):
+    """The refusal loss is `-log(1 - P(refusal))` of the ablated model's first response token, i.e. softplus of the
+    selection's refusal score, averaged over the picked harmful prompts: checked against `refusal_score` read one prompt
+    at a time. Removing the DIM direction must cost far less of it than removing a random direction."""
+    config = OptimizeConfig(refusal_weight=1.0, **SMALL)
+    harmful, harmless = list(dim.train[0])[: config.n_prompts], list(dim.train[1])[: config.n_prompts]
+    start = dim.chosen_basis[0].float() / dim.chosen_basis[0].float().norm()
+    targets = optimize_module._make_targets(organism, start, dim.selection.chosen.hook, 1.0, harmful, harmless, config)["refusal"]
+    assert targets.prompts == tuple(harmful) and all(t == () for t in targets.tokens)
+    assert optimize_module._make_targets(organism, start, dim.selection.chosen.hook, 1.0, harmful, harmless, OptimizeConfig(**SMALL))["refusal"].prompts == ()
+    tokens = RefusalTokens.for_tokenizer(organism.tokenizer)
+    rows = list(range(10))
+    randomly = torch.nn.functional.normalize(torch.randn(start.shape, generator=torch.Generator().manual_seed(0)), dim=0)
+    losses = {}
+    for name, direction in (("dim", start), ("random", randomly)):
+        with steer(organism, Ablate(direction)), torch.no_grad():
+            scores = torch.cat([refusal_score(torch.log_softmax(organism.logits([targets.prompts[i]]), -1), tokens) for i in rows])
+            loss = float(optimize_module._refusal_loss(organism, direction, targets, rows, "unused", 1.0, tokens=tokens))
+        assert loss == pytest.approx(float(torch.nn.functional.softplus(scores).mean()), rel=1e-4), name
+        losses[name] = loss
+    assert losses["dim"] < 0.2 * losses["random"]
 
 
 def test_optimisation_lowers_its_losses_and_leaves_the_model_alone(organism, dim):
@@ -183,6 +211,10 @@ def test_each_loss_is_minimised_on_its_own(organism, dim):
     ablation = dataclasses.replace(retain, ablation_weight=1.0, retain_weight=0.0)
     found = optimize_direction(organism, dim, ablation)
     assert _losses(organism, found, dim, ablation, found.direction)["ablation"] < _losses(organism, found, dim, ablation, found.start)["ablation"] - 0.02
+    refusal = dataclasses.replace(retain, ablation_weight=0.0, retain_weight=0.0, refusal_weight=1.0)
+    found = optimize_direction(organism, dim, refusal)
+    assert "ablation" not in found.history[0] and "refusal" in found.history[0]
+    assert _losses(organism, found, dim, refusal, found.direction)["refusal"] < 0.7 * _losses(organism, found, dim, refusal, found.start)["refusal"]
 
 
 def test_optimisation_is_reproducible(organism, dim):
@@ -211,7 +243,7 @@ def test_rank_k_and_target_less_starts_are_clear_errors(organism, dim, monkeypat
     with pytest.raises(FeatsteerError, match="starts from a rank-1 direction"):
         optimize_direction(organism, svd, OptimizeConfig(steps=1, **SMALL))
     empty = optimize_module._Targets((), (), ())
-    monkeypatch.setattr(optimize_module, "_make_targets", lambda *a, **k: {"ablation": empty, "addition": empty, "retain": empty})
+    monkeypatch.setattr(optimize_module, "_make_targets", lambda *a, **k: dict.fromkeys(optimize_module._LOSSES, empty))
     with pytest.raises(FeatsteerError, match="no ablation or addition targets"):
         optimize_direction(organism, dim, OptimizeConfig(steps=1, **SMALL))
 

@@ -15,6 +15,13 @@ itself for what abliteration needs, starting from DIM. Three losses, each on the
   harmless training prompts should stay put: KL(unedited || ablated) at the prompt's last token and each answer
   token. This is the cost that first-token KL measures, but on the training prompts and along the answer.
 
+A fourth loss is ours and off by default (`refusal_weight`):
+
+- **refusal**: with the direction removed, the first response token of every harmful training prompt should not open
+  a refusal: `-log(1 - P(refusal))`, `P` the first-token mass on the refusal tokens (`RefusalTokens`, the selection's
+  refusal score). The ablation loss has no target for a prompt the DIM-ablated model still refuses and reads the
+  refusal decision as one of 16 answer tokens; this loss reads every harmful prompt, at the token that decides.
+
 The direction is `p / |p|` for a free parameter `p` started at the DIM direction, trained with Adam on mini-batches.
 Snapshots at chosen steps (step 0 is DIM itself) let a caller pick on validation prompts how far to go
 (`compare`'s `dim_optimized_abliteration`), so the method is never forced further from DIM than the validation
@@ -44,6 +51,7 @@ import torch
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
+from featsteer.evaluation.metrics import RefusalTokens, refusal_log_odds
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.interventions.steering import Ablate, AddDirection, steer
 from featsteer.models import ModelAdapter
@@ -78,6 +86,9 @@ class OptimizeConfig:
     """Weight of the addition loss (cross-entropy of the DIM-added model's refusals of harmless prompts)."""
     retain_weight: float = 3.0
     """Weight of the retain loss (KL from the unedited model along its harmless answers)."""
+    refusal_weight: float = 0.0
+    """Weight of the refusal loss (`-log(1 - P(refusal))` of the ablated model's first response token, every harmful
+    training prompt read); 0: off, the paper's three losses only."""
     retain_first_weight: float = 1.0
     """How many answer positions the prompt's last position counts as in the retain loss. Its next-token distribution is
     the first generated token's, the one first-token KL reads; at 1 it is one of `target_tokens` equal positions, at
@@ -105,13 +116,13 @@ class OptimizeConfig:
         if not (math.isfinite(self.retain_first_weight) and self.retain_first_weight > 0):
             raise FeatsteerError(f"retain_first_weight must be a positive number (1: the first position counts as any other), "
                                  f"got {self.retain_first_weight}")
-        weights = (self.ablation_weight, self.addition_weight, self.retain_weight)
+        weights = (self.ablation_weight, self.addition_weight, self.retain_weight, self.refusal_weight)
         if any(not math.isfinite(w) or w < 0 for w in weights):
             raise FeatsteerError(f"loss weights must be finite and >= 0, got ablation {self.ablation_weight}, addition "
-                                 f"{self.addition_weight}, retain {self.retain_weight}")
-        if self.ablation_weight == 0 and self.addition_weight == 0:
-            raise FeatsteerError("ablation_weight and addition_weight are both 0: nothing ties the direction to refusal "
-                                 "(the retain loss alone is smallest for a direction nothing writes); give one of them a weight")
+                                 f"{self.addition_weight}, retain {self.retain_weight}, refusal {self.refusal_weight}")
+        if self.ablation_weight == 0 and self.addition_weight == 0 and self.refusal_weight == 0:
+            raise FeatsteerError("ablation_weight, addition_weight and refusal_weight are all 0: nothing ties the direction to "
+                                 "refusal (the retain loss alone is smallest for a direction nothing writes); give one of them a weight")
         if self.snapshots is not None:
             object.__setattr__(self, "snapshots", tuple(sorted({int(s) for s in self.snapshots})))
             if any(s < 0 or s > self.steps for s in self.snapshots):
@@ -234,14 +245,19 @@ def optimize_direction(model: ModelAdapter, result: DirectionResult, config: Opt
     harmful = list(result.train[0])[: config.n_prompts]
     harmless = list(result.train[1])[: config.n_prompts]
     targets = _make_targets(model, start, hook, scale, harmful, harmless, config)
-    counts = {name: len(t.prompts) for name, t in targets.items()} | {"harmful_read": len(harmful), "harmless_read": len(harmless)}
+    counts = {name: len(t.prompts) for name, t in targets.items() if name != "refusal" or t.prompts}
+    counts |= {"harmful_read": len(harmful), "harmless_read": len(harmless)}
     logger.info("direction optimisation: %d ablation targets of %d harmful prompts, %d addition targets and %d retain answers of "
                 "%d harmless prompts", counts["ablation"], len(harmful), counts["addition"], counts["retain"], len(harmless))
     weights = {name: getattr(config, f"{name}_weight") if targets[name].prompts else 0.0 for name in _LOSSES}
-    if weights["ablation"] == 0 and weights["addition"] == 0:
+    if weights["ablation"] == 0 and weights["addition"] == 0 and weights["refusal"] == 0:
         raise FeatsteerError("no ablation or addition targets: the DIM-ablated model refuses every harmful training prompt and the "
                              "DIM-added model refuses no harmless one, so nothing ties a trained direction to refusal; check the "
-                             "direction (featsteer directions) before optimising it")
+                             "direction (featsteer directions) before optimising it, or give the refusal loss a weight "
+                             "(refusal_weight)")
+    extras: dict[str, dict[str, Any]] = {"retain": {"first_weight": config.retain_first_weight}}
+    if weights["refusal"]:
+        extras["refusal"] = {"tokens": RefusalTokens.for_tokenizer(model.tokenizer)}
     parameter = start.clone().to(model.device).requires_grad_(True)
     optimizer = torch.optim.Adam([parameter], lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
@@ -259,7 +275,8 @@ def optimize_direction(model: ModelAdapter, result: DirectionResult, config: Opt
             for name, weight in weights.items():
                 if weight == 0:
                     continue
-                row[name] = _accumulate(model, parameter, name, weight, targets[name], orders[name].next(), hook, scale, config, step)
+                row[name] = _accumulate(model, parameter, name, weight, targets[name], orders[name].next(), hook, scale, config, step,
+                                        extras.get(name, {}))
             optimizer.step()
             with torch.no_grad():
                 unit = (parameter / parameter.norm()).detach().float().cpu()
@@ -273,12 +290,13 @@ def optimize_direction(model: ModelAdapter, result: DirectionResult, config: Opt
 
 
 def _accumulate(model: ModelAdapter, parameter: Tensor, name: str, weight: float, targets: _Targets, picked: list[int], hook: str,
-                scale: float, config: OptimizeConfig, step: int) -> float:
+                scale: float, config: OptimizeConfig, step: int, extra: dict[str, Any] | None = None) -> float:
     """Back-propagate `weight` x one loss on the picked mini-batch into `parameter`'s gradient, in parts that keep each
     forward pass within `config.max_batch_tokens`; return the loss. Each part's loss is a mean over its target tokens
-    and counts by its share of them, so the parts' gradients add up to the whole batch's."""
+    and counts by its share of them, so the parts' gradients add up to the whole batch's. `extra`: the loss's own keyword
+    arguments (the retain loss's first-position weight, the refusal loss's token sets)."""
     parts = _within_budget(targets, picked, config.max_batch_tokens)
-    extra = {"first_weight": config.retain_first_weight} if name == "retain" else {}
+    extra = extra or {}
     first = extra.get("first_weight", 1.0)
     n_tokens = sum(_positions(targets, i, first) for i in picked)
     value = 0.0
@@ -296,8 +314,9 @@ def _accumulate(model: ModelAdapter, parameter: Tensor, name: str, weight: float
 
 def _positions(targets: _Targets, i: int, first_weight: float) -> float:
     """How much row `i` counts in a loss's mean: its target tokens, the first one (the prompt's last position) counted
-    `first_weight` times (1 for the cross-entropy losses, `retain_first_weight` for the retain loss)."""
-    return len(targets.tokens[i]) - 1 + first_weight
+    `first_weight` times (1 for the cross-entropy losses, `retain_first_weight` for the retain loss). The refusal
+    loss's rows have no target tokens and read only the prompt's last position: 1 each."""
+    return max(len(targets.tokens[i]), 1) - 1 + first_weight
 
 
 def _within_budget(targets: _Targets, picked: list[int], max_tokens: int | None) -> list[list[int]]:
@@ -368,6 +387,8 @@ def _make_targets(model: ModelAdapter, start: Tensor, hook: str, scale: float, h
     targets["addition"] = _kept(model, harmless, answers, [detector.is_refusal(a) for a in answers], tokens)
     answers = model.generate(harmless, max_new_tokens=tokens, batch_size=config.batch_size)
     targets["retain"] = _kept(model, harmless, answers, [True] * len(harmless), tokens)
+    read = harmful if config.refusal_weight > 0 else []  # no target tokens: the loss reads the first response token
+    targets["refusal"] = _Targets(tuple(read), tuple(() for _ in read), tuple(len(model.tokenize([p]).input_ids[0]) for p in read))
     return targets
 
 
@@ -434,4 +455,13 @@ def _retain_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, pick
     return torch.stack(parts).sum() / sum(_positions(targets, i, first_weight) for i in picked)
 
 
-_LOSSES = {"ablation": _ablation_loss, "addition": _addition_loss, "retain": _retain_loss}
+def _refusal_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, picked: list[int], hook: str, scale: float,
+                  tokens: RefusalTokens) -> Tensor:
+    """Mean `-log(1 - P(refusal))` of the ablated model's first response token over the picked harmful prompts:
+    `softplus` of the refusal log-odds (`evaluation.metrics.refusal_log_odds`), about `P` where a refusal is unlikely."""
+    with steer(model, Ablate(direction)):
+        logits = model.run(model.tokenize([targets.prompts[i] for i in picked]), last_only=True, grad=True)[:, -1, :]
+    return torch.nn.functional.softplus(refusal_log_odds(logits.double(), tokens)).mean()
+
+
+_LOSSES = {"ablation": _ablation_loss, "addition": _addition_loss, "retain": _retain_loss, "refusal": _refusal_loss}
