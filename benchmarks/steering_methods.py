@@ -170,6 +170,10 @@ def _first_weight(config: dict) -> str:
     return "" if weight == 1 else f" (its first position counted {weight:g} times)"
 
 
+def _refusal_read(targets: dict) -> str:
+    return f", the refusal loss on {targets['refusal']} harmful prompts" if targets.get("refusal") else ""
+
+
 def _bound_phrase(max_nll_rise: float | None) -> str:
     if max_nll_rise is None:
         return "with no coherence bound"
@@ -236,7 +240,8 @@ def _optimization_lines(results: list[dict]) -> list[str]:
                   f"retain {config['retain_weight']:g}{_first_weight(config)}{refusal}, {config['target_tokens']} target tokens, seed "
                   f"{config.get('seed', 0)}; targets: {found['targets']['ablation']} of "
                   f"{found['targets']['harmful_read']} harmful answers (not refusals under DIM ablation), {found['targets']['addition']} "
-                  f"refusals under DIM addition, {found['targets']['retain']} harmless answers; {found['seconds']:.0f} s (with the targets' "
+                  f"refusals under DIM addition, {found['targets']['retain']} harmless answers"
+                  f"{_refusal_read(found['targets'])}; {found['seconds']:.0f} s (with the targets' "
                   "generation).", "", "| steps | cosine with DIM | " + " | ".join(f"{k} loss" for k in losses) + " |",
                   "|---|---|" + "---|" * len(losses)]
         quarter = max(1, len(history) // 4)
