@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     from featsteer.activations.capture import capture
+    from featsteer.directions.dim import difference_in_means
     from featsteer.evaluation.metrics import RefusalTokens, refusal_score
     from featsteer.evaluation.refusal import RefusalDetector
     from featsteer.features.scoring import auroc
@@ -60,10 +61,9 @@ def main() -> None:
     detector = RefusalDetector()
     refused = [detector.is_refusal(r) for r in saved["responses"]["dim_abliteration"]["harmful"]]
     model = load_model(str(qwen_gguf()), dtype="bfloat16")
-    harmful = capture(model, sets["train"], [HOOK], positions="last", progress=False).activations[:, 0].double()
-    harmless = capture(model, list(mixed[118:310]), [HOOK], positions="last", progress=False).activations[:, 0].double()
-    direction = harmful.mean(0) - harmless.mean(0)
-    direction = (direction / direction.norm()).float()
+    harmful = capture(model, sets["train"], [HOOK], positions="last", progress=False)
+    harmless = capture(model, list(mixed[118:310]), [HOOK], positions="last", progress=False)
+    direction = difference_in_means(harmful, harmless).direction(HOOK)
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     scores = {}
     for name, prompts in sets.items():

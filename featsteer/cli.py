@@ -463,7 +463,7 @@ def _print_optimization(record: dict) -> None:
     print(f"optimised direction: {steps} steps from the chosen one (cosine {record['cosine_with_start'][str(steps)]:.3f} with it); "
           f"targets: {targets['ablation']} of {targets['harmful_read']} harmful answers, {targets['addition']} addition refusals, "
           f"{targets['retain']} harmless answers" + (f", {targets['refusal']} harmful prompts for the refusal loss" if targets.get("refusal") else ""))
-    names = [n for n in ("ablation", "addition", "retain", "refusal") if n in history[0]]
+    names = [n for n in history[0] if n not in ("total", "cosine")]  # the losses that ran, in training order
     print("losses, first -> last step: " + ", ".join(f"{n} {history[0][n]:.3f} -> {history[-1][n]:.3f}" for n in names))
 
 

@@ -388,15 +388,19 @@ def _make_targets(model: ModelAdapter, start: Tensor, hook: str, scale: float, h
     answers = model.generate(harmless, max_new_tokens=tokens, batch_size=config.batch_size)
     targets["retain"] = _kept(model, harmless, answers, [True] * len(harmless), tokens)
     read = harmful if config.refusal_weight > 0 else []  # no target tokens: the loss reads the first response token
-    targets["refusal"] = _Targets(tuple(read), tuple(() for _ in read), tuple(len(model.tokenize([p]).input_ids[0]) for p in read))
+    targets["refusal"] = _Targets(tuple(read), tuple(() for _ in read), _prompt_lengths(model, read))
     return targets
 
 
 def _kept(model: ModelAdapter, prompts: Sequence[str], answers: Sequence[str], keep: Sequence[bool], max_tokens: int) -> _Targets:
     rows = [(p, _answer_tokens(model, a, max_tokens)) for p, a, k in zip(prompts, answers, keep, strict=True) if k]
     rows = [(p, t) for p, t in rows if t]  # an empty answer teaches nothing
-    lengths = tuple(len(model.tokenize([p]).input_ids[0]) for p, _ in rows)
-    return _Targets(tuple(p for p, _ in rows), tuple(t for _, t in rows), lengths)
+    return _Targets(tuple(p for p, _ in rows), tuple(t for _, t in rows), _prompt_lengths(model, [p for p, _ in rows]))
+
+
+def _prompt_lengths(model: ModelAdapter, prompts: Sequence[str]) -> tuple[int, ...]:
+    """Chat-formatted token count of each prompt (counted once, for the token budget)."""
+    return tuple(len(model.tokenize([p]).input_ids[0]) for p in prompts)
 
 
 def _answer_tokens(model: ModelAdapter, answer: str, max_tokens: int) -> tuple[int, ...]:
