@@ -199,3 +199,17 @@ def test_directions_are_found_and_selected_at_the_instruction_end(llama_adapter)
                                      for p in (train_harmful, train_harmless)))
     for hook in hooks[1:]:
         torch.testing.assert_close(result.candidates.direction(hook, label), expected.direction(hook, label))
+
+
+def test_progress_bars_follow_the_models_show_progress(llama_adapter, capsys):
+    """`progress=None` (the default) reads `model.show_progress`: one switch quiets every bar; an explicit value wins."""
+    prompts = [f"prompt number {i}" for i in range(8)]
+    hook = ["blocks.0.hook_resid_pre"]
+    llama_adapter.show_progress = False
+    capture(llama_adapter, prompts, hook, batch_size=1)
+    assert "capture" not in capsys.readouterr().err
+    capture(llama_adapter, prompts, hook, batch_size=1, progress=True)
+    assert "capture" in capsys.readouterr().err
+    llama_adapter.show_progress = True
+    capture(llama_adapter, prompts, hook, batch_size=1)
+    assert "capture" in capsys.readouterr().err

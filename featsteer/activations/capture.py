@@ -86,7 +86,7 @@ def capture(
     dtype: torch.dtype = torch.float32,
     covariance: bool = False,
     label: str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> ActivationSet:
     """Capture activations at `hooks` for `prompts`.
 
@@ -108,7 +108,7 @@ def capture(
         dtype: dtype of the stored activations (statistics are always float64).
         covariance: also accumulate float64 covariances per hook (d_model^2 memory each).
         label: tag stored with the set (e.g. `harmful`).
-        progress: show a progress bar.
+        progress: show a progress bar (None: as the model's `show_progress` says).
 
     Returns:
         The `ActivationSet` (rows ordered by prompt, then position). When streaming, the set loaded back
@@ -119,6 +119,7 @@ def capture(
             hook and prompt).
     """
     adapter: ModelAdapter = load_model(model)
+    progress = adapter.show_progress if progress is None else progress
     prompts = [str(p) for p in prompts]
     if not prompts:
         raise FeatsteerError("no prompts to capture: the prompt list is empty")

@@ -207,7 +207,7 @@ def select_direction(
     harmful_val,
     harmless_val,
     config: SelectionConfig | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Selection:
     """Score every candidate and pick one (see module docstring).
 
@@ -215,6 +215,7 @@ def select_direction(
         FeatsteerError: when no candidate survives the filters (the message says which filter to relax).
     """
     config = config or SelectionConfig()
+    progress = model.show_progress if progress is None else progress
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     harmful, harmless = list(harmful_val), list(harmless_val)
     base_harmful = refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size), tokens)

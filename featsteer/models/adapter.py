@@ -96,7 +96,8 @@ class ModelAdapter(ABC):
     generation_prompt_length: int = 0
     """Padded prompt length of the batch being generated (valid while `generation_step` is not None)."""
     show_progress: bool = True
-    """Whether `generate` shows a progress bar for runs of three batches or more (set False for quiet scripts)."""
+    """Whether `generate`, `capture`, the direction selection and the direction optimiser show progress bars (set False
+    for quiet scripts and notebooks; `capture` and `select_direction` take an explicit `progress=` too)."""
     pass_attention_mask: Tensor | None = None
     """During a forward pass of `run` or `generate`: the `(batch, pos)` attention mask of the sequence so far (1 at
     real tokens, 0 at left padding); None outside one. Hooks that pool over positions read it to skip padding."""
