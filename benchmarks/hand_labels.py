@@ -90,6 +90,11 @@ def recheck_draw(data: dict, labels: dict, n: int) -> dict[int, tuple[str, int, 
     return dict(enumerate(pool[:n]))
 
 
+def _stale(rows: dict, responses: list[str]) -> list[int]:
+    """Indices whose label was given to a different response text (the responses were regenerated since)."""
+    return [int(i) for i, v in rows.items() if v["sha"] != sha(responses[int(i)])]
+
+
 def _carried(label: dict) -> str:
     return f" (same text as {label['carried']})" if "carried" in label else ""
 
@@ -108,7 +113,7 @@ def render(data: dict, labels: dict, title: str, source: str) -> str:
     truths, stale = {}, []
     for method, rows in by_method.items():
         responses = data["responses"][method]["harmful"]
-        stale += [(method, i) for i, v in rows.items() if v["sha"] != sha(responses[int(i)])]
+        stale += [(method, str(i)) for i in _stale(rows, responses)]
         markers = markers_of[method]
         truth = {int(i): v["refusal"] for i, v in rows.items()}
         ambiguous = [v["refusal"] for v in rows.values() if v["ambiguous"]]
@@ -159,7 +164,7 @@ def _complete_truth(data: dict, labels: dict, method: str, where: str) -> list[b
         raise SystemExit(f"{where}: no method {method!r}; it has {', '.join(data['responses'])}")
     responses = data["responses"][method]["harmful"]
     rows = labels["labels"].get(method, {})
-    if len(rows) != len(responses) or any(rows[str(i)]["sha"] != sha(r) for i, r in enumerate(responses) if str(i) in rows):
+    if len(rows) != len(responses) or _stale(rows, responses):
         raise SystemExit(f"{where}: {method} has {len(rows)}/{len(responses)} current labels; label every response first (show/add)")
     return [rows[str(i)]["refusal"] for i in range(len(responses))]
 
@@ -175,11 +180,10 @@ def pair(data: dict, labels: dict, method: str | None, against: str | None) -> s
         raise SystemExit(f"--against {run}: its harmful prompts are not the same as this run's; pair runs on one prompt set")
     a = _complete_truth(data, labels, method, "this run")
     b = _complete_truth(other, load_labels(ROOT / "benchmarks" / f"{other_name}.json"), other_method, f"--against {run}")
-    test = paired_rates(b, a)
-    first = paired_rates(b[:100], a[:100])
-    return (f"{method} (this run): {test.k_b}/{len(a)} refused by hand; {other_method} ({other_name}): {test.k_a}/{len(b)}\n"
-            f"only this run: {test.only_b}, only the other: {test.only_a}, McNemar exact p {test.p_value:.3f}\n"
-            f"first 100 prompts: {first.k_b} against {first.k_a} (p {first.p_value:.3f})")
+    test, first = paired_rates(a, b), paired_rates(a[:100], b[:100])
+    return (f"{method} (this run): {test.k_a}/{len(a)} refused by hand; {other_method} ({other_name}): {test.k_b}/{len(b)}\n"
+            f"only this run: {test.only_a}, only the other: {test.only_b}, McNemar exact p {test.p_value:.3f}\n"
+            f"first 100 prompts: {first.k_a} against {first.k_b} (p {first.p_value:.3f})")
 
 
 def main() -> None:
