@@ -1,5 +1,6 @@
 """Runtime interventions: pure operations on activations, attached as hooks that always clean up."""
 
+from featsteer.interventions.condition import Gate, best_threshold, fit_gate, prompt_means
 from featsteer.interventions.erasure import Erase, LeaceEraser, fit_leace, fit_leace_erasers
 from featsteer.interventions.experts import ExpertRouting, ExpertScore, ExpertSteer, expert_routing
 from featsteer.interventions.operations import ablate, add, as_basis, cosine_to, project_set, rotate_in_plane
@@ -35,6 +36,7 @@ __all__ = [
     "ExpertRouting",
     "ExpertScore",
     "ExpertSteer",
+    "Gate",
     "HeadAblate",
     "Intervention",
     "LeaceEraser",
@@ -43,11 +45,14 @@ __all__ = [
     "ablate",
     "add",
     "as_basis",
+    "best_threshold",
     "cosine_to",
     "expert_routing",
+    "fit_gate",
     "fit_leace",
     "fit_leace_erasers",
     "project_set",
+    "prompt_means",
     "rotate_in_plane",
     "resolve_sites",
     "steer",

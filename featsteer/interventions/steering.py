@@ -216,8 +216,8 @@ class AngularSteer(Intervention):
 class ConditionalSteer(Intervention):
     """Conditional activation steering (CAST, Lee et al. 2024).
 
-    On the prompt pass, each sequence's mean activation at `condition_hook` is compared with
-    `condition` by cosine similarity; only sequences above `threshold` (or below, with `invert`) get
+    On the prompt pass, each sequence's mean activation at `condition_hook` (or with `pool="last"` its last prompt
+    token's) is compared with `condition` by cosine similarity; only sequences above `threshold` (or below, with `invert`) get
     `behaviour` applied (`scale * direction` added) at `where`, for the prompt and every generated token.
     The decision is taken on the prompt's tokens only: on the prompt pass, and again from the prompt's columns when a
     decoding pass re-reads the whole sequence (backends without a key-value cache, `ModelAdapter.run_continued`); the
@@ -229,10 +229,17 @@ class ConditionalSteer(Intervention):
     threshold: float
     behaviour: Intervention
     invert: bool = False
+    pool: str = "mean"
+    """How the prompt's activations become the one vector compared: `mean` over its real tokens (the paper's) or
+    `last`, the final prompt token's (where the chat template ends and the answer starts)."""
     active: Tensor | None = field(default=None, init=False)
     """Per-sequence decision from the last prompt pass (bool `(batch,)`)."""
     similarity: Tensor | None = field(default=None, init=False)
     """Per-sequence cosine with `condition` from the last prompt pass (`(batch,)`), what `active` thresholds."""
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise FeatsteerError(f"unknown pool '{self.pool}' for ConditionalSteer: use one of {', '.join(POOLS)}")
 
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
         condition = self.condition.to(model.device)
@@ -245,7 +252,7 @@ class ConditionalSteer(Intervention):
                 width = model.generation_prompt_length  # re-read or teacher-forced sequence: pool the prompt only
                 x, mask = x[:, :width], None if mask is None else mask[:, :width]
             if x.shape[1] > 1 or self.active is None or self.active.shape[0] != x.shape[0]:
-                self.similarity = cosine_to(_mean_over_tokens(x, mask), condition)
+                self.similarity = cosine_to(pool_prompt(x, mask, self.pool), condition)
                 self.active = self.similarity < self.threshold if self.invert else self.similarity > self.threshold
 
         def gated(fn):
@@ -264,7 +271,17 @@ class ConditionalSteer(Intervention):
         return [(self.condition_hook, decide), *inner]
 
 
-def _mean_over_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
+POOLS = ("mean", "last")
+"""How a conditional gate pools a prompt's activations (`ConditionalSteer.pool`)."""
+
+
+def pool_prompt(x: Tensor, mask: Tensor | None, pool: str) -> Tensor:
+    """`(batch, pos, d)` prompt activations (left padded) to one `(batch, d)` row each: the mean over real tokens or
+    the last token's."""
+    return x[:, -1] if pool == "last" else mean_over_tokens(x, mask)
+
+
+def mean_over_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
     """Mean of `(batch, pos, d)` over each row's real tokens (left padding left out when the mask fits)."""
     if mask is None or mask.shape != x.shape[:2]:
         return x.mean(1)

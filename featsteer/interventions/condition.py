@@ -1,0 +1,178 @@
+"""Fitting the condition of conditional steering (CAST, Lee et al. 2024) on labelled prompts.
+
+`ConditionalSteer` acts on a sequence only when the cosine of its prompt's pooled activation at one hook with a
+condition vector passes a threshold. This module finds the four: for each candidate hook and pooling (the mean over
+the prompt's real tokens, as the paper pools, or its last token) it pools each training prompt exactly as the gate
+pools while steering, takes the difference of the harmful and harmless means as the condition vector, and puts the
+threshold where it best tells the two training sets apart (balanced accuracy: the mean of the share of harmful
+prompts above it and the share of harmless ones at or below). The hook and pooling whose gate separates held-out
+validation prompts best are chosen (on the training prompts when none are given; a model that memorised its
+training prompts separates them perfectly at several hooks, which says nothing about new ones).
+
+The gate reads the raw activations, so the threshold absorbs the part every prompt shares with the vector; a cosine
+near the threshold is a prompt the gate is unsure of. `Gate.rate` reports how often it fires on other prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from featsteer.errors import FeatsteerError
+from featsteer.interventions.operations import cosine_to
+from featsteer.interventions.steering import POOLS, ConditionalSteer, Intervention, pool_prompt
+from featsteer.models import ModelAdapter
+
+MIN_PROMPTS = 2
+"""Fewest prompts per class a gate is fitted on."""
+
+
+def prompt_means(model: ModelAdapter, prompts: Sequence[str], hooks: Sequence[str], *, pool: str = "mean", batch_size: int = 16,
+                 system: str | None = None) -> dict[str, Tensor]:
+    """Each chat-formatted prompt's activation pooled over its real tokens (`mean`) or taken at its last token (`last`),
+    at each hook: `{hook: (n, d) float32}`.
+
+    The pooling is the one `ConditionalSteer` applies on the prompt pass, so scores computed from these rows are the
+    scores the gate computes while generating.
+
+    Raises:
+        FeatsteerError: if there are no prompts or hooks, the pooling is unknown, or an activation is not finite.
+    """
+    prompts, hooks = list(prompts), list(hooks)
+    if not prompts:
+        raise FeatsteerError("no prompts to pool activations over: pass at least one")
+    if not hooks:
+        raise FeatsteerError("no hook points to pool activations at: pass at least one hook name")
+    if pool not in POOLS:
+        raise FeatsteerError(f"unknown pool '{pool}': use one of {', '.join(POOLS)}")
+    last = max(hooks, key=lambda name: model.hook_site(name).order)
+    out: dict[str, Tensor] = {}
+
+    def keep(x: Tensor, site, rows: list[int]) -> None:
+        pooled = pool_prompt(x, model.pass_attention_mask, pool).float().cpu()
+        if site.name not in out:
+            out[site.name] = pooled.new_empty((len(prompts), pooled.shape[-1]))
+        out[site.name][rows] = pooled
+
+    for rows in model.plan_batches(prompts, batch_size, None, system, True):
+        batch = model.tokenize([prompts[i] for i in rows], system=system)
+        with model.hooks([(name, lambda x, site, rows=rows: keep(x, site, rows)) for name in hooks]):
+            model.run(batch, stop_at=last)
+    for name, rows in out.items():
+        if not bool(torch.isfinite(rows).all()):
+            raise FeatsteerError(f"the activations at {name} are not finite (NaN or inf) for some prompts: check the model's dtype "
+                                 "(float16 overflows on some models; try --dtype float32)")
+    return out
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A fitted CAST condition: fire when `cosine(pooled prompt activation at hook, vector) > threshold`."""
+
+    hook: str
+    pool: str
+    vector: Tensor
+    """Harmful minus harmless mean of the training prompts' pooled activations at `hook` (float32, unit length)."""
+    threshold: float
+    accuracy: float
+    """Balanced accuracy on the prompts the choice was made on (validation prompts when given)."""
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    """Every candidate (hook, pool): its threshold and balanced accuracy on the training and validation prompts."""
+
+    def scores(self, model: ModelAdapter, prompts: Sequence[str], *, batch_size: int = 16, system: str | None = None) -> Tensor:
+        """The cosine the gate thresholds, one per prompt (read from the model as it is: call it unsteered)."""
+        rows = prompt_means(model, prompts, [self.hook], pool=self.pool, batch_size=batch_size, system=system)[self.hook]
+        return cosine_to(rows, self.vector)
+
+    def rate(self, model: ModelAdapter, prompts: Sequence[str], *, batch_size: int = 16, system: str | None = None) -> float:
+        """The share of `prompts` the gate fires on."""
+        return float((self.scores(model, prompts, batch_size=batch_size, system=system) > self.threshold).double().mean())
+
+    def steer(self, behaviour: Intervention) -> ConditionalSteer:
+        """`behaviour` applied only to the sequences this gate fires on."""
+        return ConditionalSteer(self.vector, self.hook, self.threshold, behaviour, pool=self.pool)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a report records: where, how, the threshold and every candidate's accuracy (not the vector)."""
+        return {"hook": self.hook, "pool": self.pool, "threshold": self.threshold, "balanced_accuracy": self.accuracy,
+                "candidates": self.candidates}
+
+
+def best_threshold(positive: Tensor, negative: Tensor) -> tuple[float, float]:
+    """The threshold `t` maximising the balanced accuracy of `score > t` (positives above, negatives at or below), and
+    that accuracy. Candidates are the midpoints between neighbouring distinct scores and one below the lowest; of
+    equally good thresholds the lowest wins, so a tie fires rather than misses."""
+    scores = torch.cat([positive, negative]).double()
+    values = torch.unique(scores)
+    cuts = torch.cat([values[:1] - 1.0, (values[1:] + values[:-1]) / 2])
+    balanced = _balanced(positive, negative, cuts)
+    index = int(torch.argmax(balanced))  # the first maximum: the lowest threshold
+    return float(cuts[index]), float(balanced[index])
+
+
+def _balanced(positive: Tensor, negative: Tensor, cuts: Tensor) -> Tensor:
+    hits = (positive.double()[None, :] > cuts[:, None]).double().mean(1)
+    rejects = (negative.double()[None, :] <= cuts[:, None]).double().mean(1)
+    return (hits + rejects) / 2
+
+
+def fit_gate(model: ModelAdapter, harmful: Sequence[str], harmless: Sequence[str], hooks: Sequence[str], *,
+             pools: Sequence[str] = POOLS, val: tuple[Sequence[str], Sequence[str]] | None = None, batch_size: int = 16,
+             system: str | None = None) -> Gate:
+    """Fit a CAST condition per candidate hook and pooling on labelled prompts, and choose one (see the module
+    docstring); ties go to the earliest hook, then to the first pooling in `pools`.
+
+    Args:
+        model: the model, unsteered.
+        harmful: training prompts the gate should fire on.
+        harmless: training prompts it should leave alone.
+        hooks: candidate hook names (a gate steers only hooks at or after its own).
+        pools: poolings to try (`mean`, `last`).
+        val: `(harmful, harmless)` prompts to choose the hook and pooling on; None chooses on the training prompts.
+        batch_size: prompts per forward pass.
+        system: optional system prompt.
+
+    Raises:
+        FeatsteerError: with fewer than `MIN_PROMPTS` prompts in a set, no hooks, an unknown pooling, or class means
+            that coincide at every candidate.
+    """
+    harmful, harmless = list(harmful), list(harmless)
+    sets = [("training", harmful, harmless)] + ([("validation", list(val[0]), list(val[1]))] if val is not None else [])
+    for label, positive, negative in sets:
+        if min(len(positive), len(negative)) < MIN_PROMPTS:
+            raise FeatsteerError(f"a gate needs at least {MIN_PROMPTS} harmful and {MIN_PROMPTS} harmless {label} prompts, got "
+                                 f"{len(positive)} and {len(negative)}")
+    if not pools or any(p not in POOLS for p in pools):
+        raise FeatsteerError(f"pools must be a non-empty choice of {', '.join(POOLS)}, got {list(pools)}")
+    hooks = sorted(hooks, key=lambda h: model.hook_site(h).order)
+    best: tuple[float, int] | None = None
+    candidates, gates = [], []
+    for pool in pools:
+        prompts = [p for _, positive, negative in sets for p in positive + negative]
+        rows = prompt_means(model, prompts, hooks, pool=pool, batch_size=batch_size, system=system)
+        for name in hooks:
+            train = rows[name][: len(harmful) + len(harmless)].double()
+            vector = train[: len(harmful)].mean(0) - train[len(harmful):].mean(0)
+            if not float(vector.norm()) > 0.0:
+                continue
+            vector = (vector / vector.norm()).float()
+            scores = cosine_to(rows[name], vector)
+            threshold, train_accuracy = best_threshold(scores[: len(harmful)], scores[len(harmful): len(harmful) + len(harmless)])
+            row = {"hook": name, "pool": pool, "threshold": threshold, "train_balanced_accuracy": train_accuracy}
+            accuracy = train_accuracy
+            if val is not None:
+                held = scores[len(harmful) + len(harmless):]
+                accuracy = float(_balanced(held[: len(sets[1][1])], held[len(sets[1][1]):], torch.tensor([threshold], dtype=torch.float64))[0])
+                row["val_balanced_accuracy"] = accuracy
+            candidates.append(row)
+            gates.append(Gate(name, pool, vector, threshold, accuracy))
+            if best is None or accuracy > best[0]:  # hooks in order, so a tie keeps the earlier hook (and the first pooling)
+                best = (accuracy, len(gates) - 1)
+    if best is None:
+        raise FeatsteerError("the harmful and harmless prompts have the same mean activation at every candidate hook: no gate can tell them apart")
+    chosen = gates[best[1]]
+    return Gate(chosen.hook, chosen.pool, chosen.vector, chosen.threshold, chosen.accuracy, candidates)

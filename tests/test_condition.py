@@ -1,0 +1,105 @@
+"""Fitting CAST gates: the threshold rule, pooling as the gate pools, and gated ablation acting row by row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from featsteer.datasets import builtin_prompts
+from featsteer.errors import FeatsteerError
+from featsteer.interventions import Ablate, ConditionalSteer, best_threshold, fit_gate, prompt_means, steer
+from featsteer.interventions.condition import Gate
+from featsteer.models import WRITE_KINDS, load_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+PROMPTS = ["Hi", "Please write a long and detailed essay about the history of bread making in Europe.", "How do I bake rye bread?"]
+
+
+def test_best_threshold_maximises_balanced_accuracy_and_ties_fire():
+    threshold, accuracy = best_threshold(torch.tensor([0.2, 0.6, 0.9]), torch.tensor([0.1, 0.3, 0.5]))
+    assert threshold == pytest.approx(0.55) and accuracy == pytest.approx((2 / 3 + 1) / 2)
+    # perfectly separated: every cut between the classes is as good; the lowest wins
+    threshold, accuracy = best_threshold(torch.tensor([0.8, 0.9]), torch.tensor([0.1, 0.2]))
+    assert threshold == pytest.approx(0.5) and accuracy == 1.0
+    # unequal class sizes: balanced accuracy, not plain accuracy (plain would reject everything: 9 of 10 right)
+    threshold, accuracy = best_threshold(torch.tensor([1.0]), torch.zeros(9) + torch.linspace(0, 0.5, 9))
+    assert 0.5 < threshold < 1.0 and accuracy == 1.0
+
+
+@pytest.mark.parametrize("pool", ["mean", "last"])
+def test_prompt_means_are_what_the_gate_thresholds(llama_adapter, pool):
+    """The rows `prompt_means` pools give the cosine the running gate computes, in a left-padded batch too."""
+    hook = "blocks.1.hook_resid_pre"
+    vector = torch.randn(llama_adapter.d_model, generator=torch.Generator().manual_seed(0))
+    gate = Gate(hook, pool, vector / vector.norm(), 0.0, 1.0)
+    expected = gate.scores(llama_adapter, PROMPTS, batch_size=2)
+    cast = gate.steer(Ablate(vector / vector.norm(), where=["blocks.2.hook_attn_out"]))
+    with steer(llama_adapter, cast):
+        llama_adapter.run(llama_adapter.tokenize(PROMPTS))
+    torch.testing.assert_close(cast.similarity.float(), expected, atol=1e-5, rtol=0)
+    rows = prompt_means(llama_adapter, PROMPTS, [hook, "blocks.0.hook_resid_pre"], pool=pool)
+    assert set(rows) == {hook, "blocks.0.hook_resid_pre"} and rows[hook].shape == (3, llama_adapter.d_model)
+    alone = torch.cat([prompt_means(llama_adapter, [p], [hook], pool=pool)[hook] for p in PROMPTS])
+    torch.testing.assert_close(rows[hook], alone, atol=1e-5, rtol=0)
+
+
+def test_an_always_open_gate_at_the_first_layer_is_full_ablation(llama_adapter):
+    """Clearing the stream at the gate's hook and every later write is ablation at every write when the gate is at
+    layer 0 and fires on everything; a gate that never fires leaves the model alone."""
+    r = torch.randn(llama_adapter.d_model, generator=torch.Generator().manual_seed(1))
+    r = r / r.norm()
+    base = llama_adapter.logits(PROMPTS)
+    with steer(llama_adapter, Ablate(r)):
+        full = llama_adapter.logits(PROMPTS)
+    sites = ["blocks.0.hook_resid_pre", *llama_adapter.hook_names(WRITE_KINDS)]
+    for pool in ("mean", "last"):
+        with steer(llama_adapter, Gate("blocks.0.hook_resid_pre", pool, r, -2.0, 1.0).steer(Ablate(r, where=sites))):
+            torch.testing.assert_close(llama_adapter.logits(PROMPTS), full, atol=1e-4, rtol=0)
+        with steer(llama_adapter, Gate("blocks.0.hook_resid_pre", pool, r, 2.0, 1.0).steer(Ablate(r, where=sites))):
+            torch.testing.assert_close(llama_adapter.logits(PROMPTS), base)
+    assert not torch.allclose(full, base, atol=1e-3)
+
+
+def test_a_fitted_gate_on_the_organism_ablates_only_the_prompts_it_fires_on():
+    model = load_model("organism")
+    harmful, harmless = builtin_prompts("harmful", "train").head(48), builtin_prompts("harmless", "train").head(48)
+    val = builtin_prompts("harmful", "val").head(16), builtin_prompts("harmless", "val").head(16)
+    hooks = model.hook_names(("resid_pre",))
+    gate = fit_gate(model, harmful, harmless, hooks, val=val)
+    assert gate.hook in hooks and gate.pool in ("mean", "last")
+    # every prompt ends in the same template token, which layer 0 sees alone: no last-token gate there
+    assert [(c["hook"], c["pool"]) for c in gate.candidates if c["hook"] == hooks[0]] == [(hooks[0], "mean")]
+    assert len(gate.candidates) == 2 * len(hooks) - 1 and gate.accuracy == max(c["val_balanced_accuracy"] for c in gate.candidates)
+    assert gate.accuracy > 0.8  # the organism tells its own harmful and harmless prompts apart from early on
+    test = list(builtin_prompts("harmful", "test").head(12)) + list(builtin_prompts("harmless", "test").head(12))
+    fires = gate.scores(model, test) > gate.threshold
+    assert fires[:12].sum() > fires[12:].sum()
+    assert 0 < int(fires.sum()) < len(test)  # a mixed batch: some rows steered, some not
+    direction = torch.randn(model.d_model, generator=torch.Generator().manual_seed(2))
+    direction = direction / direction.norm()
+    sites = [gate.hook, *model.hook_names(WRITE_KINDS, range(model.hook_site(gate.hook).layer, model.n_layers))]
+    base = model.logits(test, batch_size=24)
+    with steer(model, Ablate(direction, where=sites)):
+        ablated = model.logits(test, batch_size=24)
+    with steer(model, gate.steer(Ablate(direction, where=sites))):
+        gated = model.logits(test, batch_size=24)
+    torch.testing.assert_close(gated[fires], ablated[fires], atol=1e-5, rtol=0)
+    torch.testing.assert_close(gated[~fires], base[~fires], atol=1e-5, rtol=0)
+    assert gate.rate(model, test) == pytest.approx(float(fires.double().mean()))
+
+
+def test_gate_inputs_are_checked(llama_adapter):
+    hooks = ["blocks.1.hook_resid_pre"]
+    with pytest.raises(FeatsteerError, match="at least 2 harmful and 2 harmless training prompts"):
+        fit_gate(llama_adapter, ["a"], ["b", "c"], hooks)
+    with pytest.raises(FeatsteerError, match="validation prompts"):
+        fit_gate(llama_adapter, ["a", "b"], ["c", "d"], hooks, val=(["e"], []))
+    with pytest.raises(FeatsteerError, match="pools must be"):
+        fit_gate(llama_adapter, ["a", "b"], ["c", "d"], hooks, pools=["max"])
+    with pytest.raises(FeatsteerError, match="no prompts"):
+        prompt_means(llama_adapter, [], hooks)
+    with pytest.raises(FeatsteerError, match="unknown pool"):
+        ConditionalSteer(torch.ones(4), hooks[0], 0.0, Ablate(torch.ones(4)), pool="max")
+    with pytest.raises(FeatsteerError, match="same mean activation"):
+        fit_gate(llama_adapter, ["same", "same"], ["same", "same"], hooks)
