@@ -693,6 +693,8 @@ def _check_steer_args(args: argparse.Namespace) -> None:
         raise FeatsteerError("--angle, --angle-everywhere and --angle-at apply to --mode angular")
     if args.mode != "ace" and args.alpha is not None:
         raise FeatsteerError("--alpha applies to --mode ace")
+    if args.mode != "conditional" and args.pool != "mean":
+        raise FeatsteerError("--pool applies to --mode conditional")
 
 
 def _layer_ids(spec: str, option: str = "--experts", example: str = "1:3,5;2:0") -> dict[int, list[int]]:
@@ -762,8 +764,10 @@ def _direction_intervention(args: argparse.Namespace, model):
                            f"ablate the direction from {ABLATE_AT[args.ablate_at]} (rank {basis.shape[0]})"),
         "add": lambda: (AddDirection(vector, args.scale, where=hook, positions=tokens), f"add {args.scale:g} x the mean difference at {hook}{on}"),
         "set": lambda: (ProjectionSet(basis[0], value, where=hook), f"set the projection to {value:.3g} at {hook}"),
-        "conditional": lambda: (ConditionalSteer(basis[0], hook, args.threshold, AddDirection(vector, args.scale, where=hook, positions=tokens)),
-                                f"add {args.scale:g} x the mean difference at {hook}{on} where the cosine exceeds {args.threshold:g}"),
+        "conditional": lambda: (ConditionalSteer(basis[0], hook, args.threshold, AddDirection(vector, args.scale, where=hook, positions=tokens),
+                                                 pool=args.pool),
+                                f"add {args.scale:g} x the mean difference at {hook}{on} where the cosine of the prompt's "
+                                f"{'mean' if args.pool == 'mean' else 'last-token'} activation exceeds {args.threshold:g}"),
     }
     return built[args.mode]()
 
@@ -1231,6 +1235,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--multiple", type=float, help="SAE clamp/add amount as a multiple of each feature's largest activation on the prompts")
     st.add_argument("--positions", choices=["all", "prompt", "generated"], help="tokens that SAE feature edits, --mode add and --mode conditional change: all (default), prompt or generated")
     st.add_argument("--threshold", type=float, default=0.0, help="cosine threshold for --mode conditional")
+    st.add_argument("--pool", choices=["mean", "last"], default="mean",
+                    help="--mode conditional: compare the direction with the prompt's mean activation (mean, CAST's, default) or its last token's")
     st.add_argument("--alpha", type=float, help="--mode ace: 0 sets every layer's projection to the harmless mean's, 1 to the harmful mean's (default 0)")
     st.add_argument("--angle", type=float, help="--mode angular: degrees from the refusal direction (0 full refusal, 180 against it)")
     st.add_argument("--angle-everywhere", action="store_true",

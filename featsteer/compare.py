@@ -54,11 +54,13 @@ from featsteer.interventions import (
     AffineEdit,
     AngularSteer,
     ExpertSteer,
+    Gate,
     HeadAblate,
     expert_routing,
+    fit_gate,
     steer,
 )
-from featsteer.models import NORM_KINDS, ModelAdapter
+from featsteer.models import NORM_KINDS, WRITE_KINDS, ModelAdapter
 from featsteer.pipeline import (
     DirectionConfig,
     DirectionResult,
@@ -333,6 +335,7 @@ class CompareContext:
     optimize_config: OptimizeConfig = field(default_factory=OptimizeConfig)
     """How `dim_optimized_abliteration` trains its direction (steps, loss weights, snapshots picked from)."""
     _writing_heads: list[tuple[int, int, float]] | None = None
+    _gate: Gate | None = None
 
     def __post_init__(self) -> None:
         if self.pick_kl not in PICK_KLS:
@@ -377,6 +380,17 @@ class CompareContext:
         if self._writing_heads is None:
             self._writing_heads = self.directions("dim").writing_heads(self.model, batch_size=self.direction_config.batch_size)
         return self._writing_heads
+
+    def gate(self) -> Gate:
+        """Fit (once) the CAST gate of `dim_conditional_ablation_hook`: on the training prompts, at each layer's input up to
+        the chosen DIM direction's layer, pooled over the prompt or at its last token; the hook and pooling that separate
+        the validation prompts best (`interventions.fit_gate`)."""
+        if self._gate is None:
+            model = self.model
+            layer = model.hook_site(self.directions("dim").selection.chosen.hook).layer
+            self._gate = fit_gate(model, *self.training(), model.hook_names(("resid_pre",), range(layer + 1)), val=self.validation(),
+                                  batch_size=self.direction_config.batch_size)
+        return self._gate
 
     def leace_erasers(self) -> dict:
         """Fit (once) a LEACE eraser per layer's `direction_config.kind` hook and position on the training prompts,
@@ -550,6 +564,22 @@ def _dim(ctx: CompareContext):
 @register_method("dim_ablation_hook", "DIM direction ablated from every residual write at run time")
 def _dim_hook(ctx: CompareContext):
     return steer(ctx.model, Ablate(ctx.directions("dim").chosen_basis))
+
+
+@register_method("dim_conditional_ablation_hook", "CAST-gated DIM ablation (Lee et al. 2024): the direction ablated from the residual "
+                 "stream only for prompts a gate reads as harmful (gate fitted on the training prompts at a layer up to the "
+                 "direction's, its layer and pooling picked on validation prompts)")
+def _dim_conditional_hook(ctx: CompareContext):
+    gate, model = ctx.gate(), ctx.model
+    layer = model.hook_site(gate.hook).layer
+    # the gate decides at its own hook, so the stream is cleared there (everything written before it) and at every later write
+    sites = [gate.hook, *model.hook_names(WRITE_KINDS, range(layer, model.n_layers))]
+    val_harmful, val_harmless = ctx.validation()
+    batch = ctx.direction_config.batch_size
+    ctx.note(gate=gate.to_dict(), gate_fires_val={"harmful": gate.rate(model, val_harmful, batch_size=batch),
+                                                  "harmless": gate.rate(model, val_harmless, batch_size=batch)},
+             setting=f"{gate.hook.removesuffix('.hook_resid_pre')} {gate.pool}")
+    return steer(model, gate.steer(Ablate(ctx.directions("dim").chosen_basis, where=sites)))
 
 
 @register_method("dim_reflection", "DIM direction reflected in every residual writer (W - 2 r r^T W: every write's component along it "
@@ -1512,8 +1542,8 @@ def _chosen_setup(model: ModelAdapter, result: DirectionResult) -> dict[str, Any
 
 
 def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
-    """Give `ctx` the directions, head ranking, LEACE erasers and validation base of an earlier comparison with the same
-    inputs."""
+    """Give `ctx` the directions, head ranking, LEACE erasers, validation base and gate of an earlier comparison with the
+    same inputs."""
     old = earlier.context
     if old is None:
         raise FeatsteerError("reuse= needs a Comparison returned by compare() in this process (a loaded results.json has no directions)")
@@ -1528,7 +1558,7 @@ def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
         raise FeatsteerError("reuse= needs a comparison of the same training and validation prompts and direction config")
     ctx._directions, ctx._erasers, ctx._writing_heads = dict(old._directions), old._erasers, old._writing_heads
     if old.validation() == ctx.validation():  # the picks read the same prompts (n_pick may differ)
-        ctx._val_base, ctx._val_response_base = old._val_base, old._val_response_base
+        ctx._val_base, ctx._val_response_base, ctx._gate = old._val_base, old._val_response_base, old._gate
 
 
 def _sae_setup(ctx: CompareContext, n_top: int = 10) -> dict[str, Any]:

@@ -580,6 +580,14 @@ def test_steer_a_saved_direction(capsys, tmp_path):
     code, out, err = _run(capsys, *common, "--mode", "add", "--scale", "1", "--positions", "prompt", "--prompts", "builtin:harmless:test",
                           "--n", "2", "--json", str(tmp_path / "p.json"))
     assert code == 0 and "(prompt tokens only)" in out, err
+    added = [row["steered"] for row in json.loads((tmp_path / "p.json").read_text())["rows"]]
+    for threshold, expected in (("-1", added), ("1", None)):  # a gate that always fires is the addition; one that never fires, nothing
+        code, out, err = _run(capsys, *common, "--mode", "conditional", "--pool", "last", "--threshold", threshold, "--scale", "1",
+                              "--positions", "prompt", "--prompts", "builtin:harmless:test", "--n", "2", "--json", str(tmp_path / "g.json"))
+        assert code == 0 and f"last-token activation exceeds {threshold}" in out, err
+        rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+        assert [row["steered"] for row in rows] == (expected or [row["plain"] for row in rows])
+    assert added != [row["plain"] for row in rows]
     code, out, err = _run(capsys, *common, "--mode", "set", "--prompts", "builtin:harmless:test", "--n", "6", "--json", str(tmp_path / "i.json"))
     assert code == 0, err
     induced = json.loads((tmp_path / "i.json").read_text())
@@ -629,6 +637,7 @@ def test_steer_a_saved_direction(capsys, tmp_path):
         (["--directions", "/x", "--mode", "ablate", "--angle", "90", "--prompt", "hi"], "apply to --mode angular"),
         (["--directions", "/x", "--mode", "add", "--angle-at", "norms", "--prompt", "hi"], "apply to --mode angular"),
         (["--directions", "/x", "--mode", "set", "--alpha", "0.5", "--prompt", "hi"], "--alpha applies to --mode ace"),
+        (["--directions", "/x", "--mode", "add", "--pool", "last", "--prompt", "hi"], "--pool applies to --mode conditional"),
         (["--directions", "/x", "--mode", "ablate", "--positions", "prompt", "--prompt", "hi"], "--positions applies to --sae features and to --mode add"),
     ],
 )

@@ -113,12 +113,18 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     induce = by_name["dim_actadd_induce"].details  # what the induce method picked
     assert induce["induce_scale"] in INDUCE_SCALES and set(induce["induce_val_refusal"]) == {str(s) for s in INDUCE_SCALES}
     picked = ("dim_actadd_induce", "leace_hook", "dim_ace_hook", "dim_angular_hook", "dim_angular_norms_hook", "dim_ace_induce",
-              "dim_head_abliteration", "head_ablation_hook", "dim_iterative_abliteration", "dim_optimized_abliteration")  # the methods that say what they picked
+              "dim_head_abliteration", "head_ablation_hook", "dim_iterative_abliteration", "dim_optimized_abliteration",
+              "dim_conditional_ablation_hook")  # the methods that say what they picked
     assert all(r.details == {} for r in comparison.results if r.method not in picked)
     assert all("setting" in by_name[name].details for name in picked if name != "leace_hook")
     leace = by_name["leace_hook"].details  # one eraser per layer and template position, but none where all prompts agree
     assert 0 < leace["leace_sites"] <= model.n_layers * len(leace["leace_positions"]) and max(leace["leace_positions"]) < 0
     assert by_name["leace_hook"].kl_harmless > 0
+    gate = by_name["dim_conditional_ablation_hook"].details  # a gate no later than the direction's layer, picked on validation
+    chosen_layer = model.hook_site(comparison.context.directions("dim").selection.chosen.hook).layer
+    assert model.hook_site(gate["gate"]["hook"]).layer <= chosen_layer and gate["setting"].endswith(gate["gate"]["pool"])
+    assert gate["gate"]["balanced_accuracy"] == max(c["val_balanced_accuracy"] for c in gate["gate"]["candidates"])
+    assert set(gate["gate_fires_val"]) == {"harmful", "harmless"}
     heads = by_name["dim_head_abliteration"].details  # the heads edited: the first n of the ranking, n as the setting says
     n = int(heads["setting"].removeprefix("heads="))
     assert sum(map(len, heads["heads"].values())) == n <= heads["heads_writing_more_on_harmful"]
