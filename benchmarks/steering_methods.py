@@ -105,6 +105,12 @@ def main() -> None:
                        steering_config=SteeringMethodConfig(tolerance=args.tolerance, **angles),
                        optimize_config=_optimize_config(args.optimize), **common)
     rows = list(main_run.results)
+    for row in rows:  # where the CAST gate fired on the evaluation prompts (the gate reads the unsteered model)
+        if row.method == "dim_conditional_ablation_hook":
+            gate = main_run.context.gate()
+            row.details["gate_fires_eval"] = {kind: {"fired": int((gate.scores(model, sets[f"eval_{kind}"], batch_size=gen.batch_size)
+                                                                   > gate.threshold).sum()), "n": len(sets[f"eval_{kind}"])}
+                                              for kind in ("harmful", "harmless")}
     if not args.no_everywhere:
         everywhere = compare(model, sets["train_harmful"], sets["train_harmless"], methods=["dim_angular_hook"],
                              steering_config=SteeringMethodConfig(adaptive=False, tolerance=args.tolerance, **angles), reuse=main_run, **common)
@@ -221,7 +227,28 @@ def render(out: dict) -> str:
             name = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
             lines.append(f"- {name}: {json.dumps(picked)}")
     lines += _optimization_lines(out["results"])
+    lines += _gate_lines(out["results"])
     return "\n".join(lines) + "\n"
+
+
+def _gate_lines(results: list[dict]) -> list[str]:
+    """Where `dim_conditional_ablation_hook`'s gate sits, how well each candidate told the classes apart, and how often it
+    fired on the validation and evaluation prompts."""
+    lines = []
+    for r in results:
+        gate = r["details"].get("gate")
+        if not gate:
+            continue
+        val, held = r["details"]["gate_fires_val"], r["details"].get("gate_fires_eval")
+        lines += ["", f"CAST gate ({r['method']}): {gate['hook']}, {gate['pool']} pooling, cosine threshold {gate['threshold']:.4f}; "
+                  f"balanced accuracy {gate['balanced_accuracy']:.3f} on the validation prompts, where it fired on "
+                  f"{val['harmful']:.3f} of the harmful and {val['harmless']:.3f} of the harmless ones"
+                  + (f"; on the evaluation prompts it fired on {held['harmful']['fired']}/{held['harmful']['n']} harmful and "
+                     f"{held['harmless']['fired']}/{held['harmless']['n']} harmless" if held else "") + ".", "",
+                  "| hook | pooling | threshold | balanced accuracy, training | validation |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {c['hook']} | {c['pool']} | {c['threshold']:.4f} | {c['train_balanced_accuracy']:.3f} | "
+                  f"{c.get('val_balanced_accuracy', float('nan')):.3f} |" for c in gate["candidates"]]
+    return lines
 
 
 def _optimization_lines(results: list[dict]) -> list[str]:
