@@ -352,6 +352,15 @@ def _cmd_directions(args: argparse.Namespace) -> int:
               "removed gap written back; below 0, less is written once it is gone; geometry.md)")
     if geometry is not None and geometry.readers is not None:
         print(geometry.readers.summary() + " (geometry.md)")
+    if args.gate:
+        from featsteer.interventions import fit_gate
+
+        layer = model.hook_site(chosen.hook).layer
+        gate = fit_gate(model, *result.train, model.hook_names(("resid_pre",), range(layer + 1)), val=result.val, batch_size=config.batch_size)
+        gate.save(out / "gate")
+        print(f"gate: {gate.hook}, {'mean over the prompt' if gate.pool == 'mean' else 'last token'}, cosine threshold {gate.threshold:.4f}; "
+              f"balanced accuracy {gate.accuracy:.3f} on the {len(harmful_val)} + {len(harmless_val)} validation prompts (gate/; "
+              "featsteer steer --gate)")
     chosen_size = next((row for row in (geometry.sample_sizes or []) if row.hook == geometry.hook), None) if geometry is not None else None
     if chosen_size is not None:
         print(f"sample size: the DIM direction at {chosen_size.hook} position {chosen_size.position}, {chosen_size.line()} (geometry.md)")
@@ -695,6 +704,8 @@ def _check_steer_args(args: argparse.Namespace) -> None:
         raise FeatsteerError("--alpha applies to --mode ace")
     if args.mode != "conditional" and args.pool != "mean":
         raise FeatsteerError("--pool applies to --mode conditional")
+    if args.gate is not None and (args.directions is None or args.mode not in ("ablate", "add") or args.ablate_at != "writes"):
+        raise FeatsteerError("--gate applies to --directions with --mode ablate (at the writes) or --mode add")
 
 
 def _layer_ids(spec: str, option: str = "--experts", example: str = "1:3,5;2:0") -> dict[int, list[int]]:
@@ -769,7 +780,28 @@ def _direction_intervention(args: argparse.Namespace, model):
                                 f"add {args.scale:g} x the mean difference at {hook}{on} where the cosine of the prompt's "
                                 f"{'mean' if args.pool == 'mean' else 'last-token'} activation exceeds {args.threshold:g}"),
     }
-    return built[args.mode]()
+    intervention, what = built[args.mode]()
+    if args.gate:
+        intervention, what = _gated(args, model, intervention, what, basis, hook)
+    return intervention, what
+
+
+def _gated(args: argparse.Namespace, model, intervention, what: str, basis, hook: str):
+    """`--gate DIR`: the ablation or addition applied only to the prompts the saved gate fires on. The ablation starts at
+    the gate's hook (the stream there, then every later write), since a gate can only steer what follows its decision."""
+    from featsteer.interventions import Ablate
+    from featsteer.interventions.condition import Gate
+    from featsteer.models import WRITE_KINDS
+
+    gate = Gate.load(args.gate)
+    layer = gate.check(model)
+    if args.mode == "ablate":
+        intervention = Ablate(basis, where=[gate.hook, *model.hook_names(WRITE_KINDS, range(layer, model.n_layers))])
+        what = f"ablate the direction from the stream at {gate.hook} and every later write (rank {basis.shape[0]})"
+    elif model.hook_site(hook).order < model.hook_site(gate.hook).order:
+        raise FeatsteerError(f"the gate decides at {gate.hook}, after {hook} where the direction is added: use a gate at or before the hook")
+    pooled = "mean over the prompt" if gate.pool == "mean" else "last token"
+    return gate.steer(intervention), f"{what}, only where the gate at {gate.hook} ({pooled}) fires"
 
 
 def _geometric_intervention(args: argparse.Namespace, model, directions):
@@ -1158,6 +1190,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dirs = sub.add_parser("directions", help="find candidate refusal directions and select one (Arditi et al.)")
     add_direction_args(dirs)
+    dirs.add_argument("--gate", action="store_true", help="also fit a CAST gate (interventions.fit_gate) that tells harmful from harmless "
+                      "prompts at a layer up to the chosen direction's, and write it to OUT/gate for `featsteer steer --gate`")
     dirs.add_argument("--geometry", choices=["full", "estimate", "quick", "off"], default="full",
                       help="how much of geometry.md to compute for a rank-1 direction: full (default), estimate (the read-side "
                       "ablation's per-block rows as first-order estimates from one gradient pass: 6 exact conditions instead of "
@@ -1235,6 +1269,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--multiple", type=float, help="SAE clamp/add amount as a multiple of each feature's largest activation on the prompts")
     st.add_argument("--positions", choices=["all", "prompt", "generated"], help="tokens that SAE feature edits, --mode add and --mode conditional change: all (default), prompt or generated")
     st.add_argument("--threshold", type=float, default=0.0, help="cosine threshold for --mode conditional")
+    st.add_argument("--gate", metavar="DIR", help="--mode ablate|add only for the prompts this CAST gate fires on (DIRS/gate from "
+                    "`featsteer directions --gate`)")
     st.add_argument("--pool", choices=["mean", "last"], default="mean",
                     help="--mode conditional: compare the direction with the prompt's mean activation (mean, CAST's, default) or its last token's")
     st.add_argument("--alpha", type=float, help="--mode ace: 0 sets every layer's projection to the harmless mean's, 1 to the harmful mean's (default 0)")

@@ -561,10 +561,24 @@ def test_steer_sae_features_on_the_organism(capsys, tmp_path):
 
 
 def test_steer_a_saved_direction(capsys, tmp_path):
-    code, _, err = _run(capsys, "directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless",
-                        "builtin:harmless:train", "--n", "32", "--n-select", "6", "--out", str(tmp_path / "dirs"))
+    code, out, err = _run(capsys, "directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless",
+                          "builtin:harmless:train", "--n", "32", "--n-select", "6", "--gate", "--out", str(tmp_path / "dirs"))
     assert code == 0, err
+    assert "gate: blocks." in out and (tmp_path / "dirs" / "gate" / "gate.json").is_file()
     common = ["steer", "--model", "organism", "--directions", str(tmp_path / "dirs" / "chosen"), "--max-new-tokens", "12"]
+    # the saved gate confines the ablation to the prompts it fires on; one that cannot fire leaves every answer as it was
+    code, out, err = _run(capsys, *common, "--mode", "ablate", "--gate", str(tmp_path / "dirs" / "gate"), "--prompts", "builtin:harmful:test",
+                          "--n", "6", "--json", str(tmp_path / "gated.json"))
+    gated = json.loads((tmp_path / "gated.json").read_text())
+    assert code == 0 and "only where the gate at blocks." in out and gated["refused_plain"] >= 5 and gated["refused_steered"] <= 1, err
+    meta = json.loads((tmp_path / "dirs" / "gate" / "gate.json").read_text())
+    (tmp_path / "dirs" / "gate" / "gate.json").write_text(json.dumps({**meta, "threshold": 2.0}))  # above any cosine
+    code, out, err = _run(capsys, *common, "--mode", "ablate", "--gate", str(tmp_path / "dirs" / "gate"), "--prompts", "builtin:harmful:test",
+                          "--n", "6", "--json", str(tmp_path / "shut.json"))
+    shut = json.loads((tmp_path / "shut.json").read_text())
+    assert code == 0 and all(row["plain"] == row["steered"] for row in shut["rows"]), err
+    code, _, err = _run(capsys, *common, "--mode", "ablate", "--gate", str(tmp_path / "dirs" / "chosen"), "--prompt", "hi")
+    assert code == 2 and "holds no gate" in err and len(err.strip().splitlines()) == 1, err
     code, out, err = _run(capsys, *common, "--mode", "ablate", "--prompts", "builtin:harmful:test", "--n", "6", "--json", str(tmp_path / "a.json"))
     assert code == 0, err
     ablated = json.loads((tmp_path / "a.json").read_text())
@@ -638,6 +652,8 @@ def test_steer_a_saved_direction(capsys, tmp_path):
         (["--directions", "/x", "--mode", "add", "--angle-at", "norms", "--prompt", "hi"], "apply to --mode angular"),
         (["--directions", "/x", "--mode", "set", "--alpha", "0.5", "--prompt", "hi"], "--alpha applies to --mode ace"),
         (["--directions", "/x", "--mode", "add", "--pool", "last", "--prompt", "hi"], "--pool applies to --mode conditional"),
+        (["--directions", "/x", "--mode", "set", "--gate", "/g", "--prompt", "hi"], "--gate applies to --directions with --mode ablate"),
+        (["--directions", "/x", "--mode", "ablate", "--ablate-at", "residual", "--gate", "/g", "--prompt", "hi"], "--gate applies"),
         (["--directions", "/x", "--mode", "ablate", "--positions", "prompt", "--prompt", "hi"], "--positions applies to --sae features and to --mode add"),
     ],
 )

@@ -103,3 +103,16 @@ def test_gate_inputs_are_checked(llama_adapter):
         ConditionalSteer(torch.ones(4), hooks[0], 0.0, Ablate(torch.ones(4)), pool="max")
     with pytest.raises(FeatsteerError, match="same mean activation"):
         fit_gate(llama_adapter, ["same", "same"], ["same", "same"], hooks)
+
+
+def test_a_saved_gate_loads_back_and_checks_the_model(llama_adapter, tmp_path):
+    vector = torch.randn(llama_adapter.d_model, generator=torch.Generator().manual_seed(3))
+    gate = Gate("blocks.1.hook_resid_pre", "last", vector / vector.norm(), 0.125, 0.9, [{"hook": "blocks.1.hook_resid_pre", "pool": "last"}])
+    loaded = Gate.load(gate.save(tmp_path / "gate"))
+    assert (loaded.hook, loaded.pool, loaded.threshold, loaded.accuracy, loaded.candidates) == (gate.hook, gate.pool, 0.125, 0.9, gate.candidates)
+    torch.testing.assert_close(loaded.vector, gate.vector)
+    assert loaded.check(llama_adapter) == 1 and not list(tmp_path.glob("gate/*.partial"))
+    with pytest.raises(FeatsteerError, match="dimensions but the model's stream has"):
+        Gate(gate.hook, "last", torch.ones(3), 0.0, 1.0).check(llama_adapter)
+    with pytest.raises(FeatsteerError, match="holds no gate"):
+        Gate.load(tmp_path / "missing")

@@ -15,11 +15,14 @@ near the threshold is a prompt the gate is unsure of. `Gate.rate` reports how of
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
@@ -100,6 +103,35 @@ class Gate:
         """What a report records: where, how, the threshold and every candidate's accuracy (not the vector)."""
         return {"hook": self.hook, "pool": self.pool, "threshold": self.threshold, "balanced_accuracy": self.accuracy,
                 "candidates": self.candidates}
+
+    def save(self, path: str | Path) -> Path:
+        """Write `gate.safetensors` (the vector) and `gate.json` (the rest) to a folder; the JSON is written last, whole."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({"vector": self.vector.detach().float().contiguous().cpu()}, str(out / "gate.safetensors"))
+        partial = out / "gate.json.partial"
+        partial.write_text(json.dumps(self.to_dict(), indent=1))
+        partial.rename(out / "gate.json")
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> Gate:
+        """Read a folder written by `save` (`featsteer directions --gate` writes one as `gate/`)."""
+        folder = Path(path)
+        if not (folder / "gate.json").is_file() or not (folder / "gate.safetensors").is_file():
+            raise FeatsteerError(f"{folder} holds no gate (gate.json or gate.safetensors missing): fit one with `featsteer directions "
+                                 "--gate`, which writes OUT/gate")
+        meta = json.loads((folder / "gate.json").read_text())
+        return cls(meta["hook"], meta["pool"], load_file(str(folder / "gate.safetensors"))["vector"], float(meta["threshold"]),
+                   float(meta["balanced_accuracy"]), list(meta.get("candidates", [])))
+
+    def check(self, model: ModelAdapter) -> int:
+        """The layer of the gate's hook on `model`; a one-line error when the hook or the vector's width does not fit it."""
+        site = model.hook_site(self.hook)
+        if self.vector.shape != (model.d_model,):
+            raise FeatsteerError(f"the gate's vector has {self.vector.shape[-1]} dimensions but the model's stream has {model.d_model}: "
+                                 "fit the gate on this model")
+        return site.layer
 
 
 def best_threshold(positive: Tensor, negative: Tensor) -> tuple[float, float]:
