@@ -72,6 +72,10 @@ def test_a_fitted_gate_on_the_organism_ablates_only_the_prompts_it_fires_on():
     assert [(c["hook"], c["pool"]) for c in gate.candidates if c["hook"] == hooks[0]] == [(hooks[0], "mean")]
     assert len(gate.candidates) == 2 * len(hooks) - 1 and gate.accuracy == max(c["val_balanced_accuracy"] for c in gate.candidates)
     assert gate.accuracy > 0.8  # the organism tells its own harmful and harmless prompts apart from early on
+    # of the candidates level with the best, the earliest hook wins, then mean pooling before the last token
+    level = [c for c in gate.candidates if c["val_balanced_accuracy"] == gate.accuracy]
+    first = min(level, key=lambda c: (hooks.index(c["hook"]), ("mean", "last").index(c["pool"])))
+    assert (gate.hook, gate.pool) == (first["hook"], first["pool"])
     test = list(builtin_prompts("harmful", "test").head(12)) + list(builtin_prompts("harmless", "test").head(12))
     fires = gate.scores(model, test) > gate.threshold
     assert fires[:12].sum() > fires[12:].sum()
@@ -116,3 +120,6 @@ def test_a_saved_gate_loads_back_and_checks_the_model(llama_adapter, tmp_path):
         Gate(gate.hook, "last", torch.ones(3), 0.0, 1.0).check(llama_adapter)
     with pytest.raises(FeatsteerError, match="holds no gate"):
         Gate.load(tmp_path / "missing")
+    (tmp_path / "gate" / "gate.json").write_text('{"hook": "blocks.1.hook_resid_pre"}')
+    with pytest.raises(FeatsteerError, match="is not a gate that featsteer wrote"):
+        Gate.load(tmp_path / "gate")

@@ -121,9 +121,13 @@ class Gate:
         if not (folder / "gate.json").is_file() or not (folder / "gate.safetensors").is_file():
             raise FeatsteerError(f"{folder} holds no gate (gate.json or gate.safetensors missing): fit one with `featsteer directions "
                                  "--gate`, which writes OUT/gate")
-        meta = json.loads((folder / "gate.json").read_text())
-        return cls(meta["hook"], meta["pool"], load_file(str(folder / "gate.safetensors"))["vector"], float(meta["threshold"]),
-                   float(meta["balanced_accuracy"]), list(meta.get("candidates", [])))
+        try:
+            meta = json.loads((folder / "gate.json").read_text())
+            return cls(meta["hook"], meta["pool"], load_file(str(folder / "gate.safetensors"))["vector"], float(meta["threshold"]),
+                       float(meta["balanced_accuracy"]), list(meta.get("candidates", [])))
+        except (ValueError, KeyError, TypeError) as error:
+            raise FeatsteerError(f"{folder}/gate.json is not a gate that featsteer wrote ({type(error).__name__}: {error}): fit it again "
+                                 "with `featsteer directions --gate`") from None
 
     def check(self, model: ModelAdapter) -> int:
         """The layer of the gate's hook on `model`; a one-line error when the hook or the vector's width does not fit it."""
@@ -181,7 +185,6 @@ def fit_gate(model: ModelAdapter, harmful: Sequence[str], harmless: Sequence[str
     if not pools or any(p not in POOLS for p in pools):
         raise FeatsteerError(f"pools must be a non-empty choice of {', '.join(POOLS)}, got {list(pools)}")
     hooks = sorted(hooks, key=lambda h: model.hook_site(h).order)
-    best: tuple[float, int] | None = None
     candidates, gates = [], []
     for pool in pools:
         prompts = [p for _, positive, negative in sets for p in positive + negative]
@@ -202,9 +205,8 @@ def fit_gate(model: ModelAdapter, harmful: Sequence[str], harmless: Sequence[str
                 row["val_balanced_accuracy"] = accuracy
             candidates.append(row)
             gates.append(Gate(name, pool, vector, threshold, accuracy))
-            if best is None or accuracy > best[0]:  # hooks in order, so a tie keeps the earlier hook (and the first pooling)
-                best = (accuracy, len(gates) - 1)
-    if best is None:
+    if not gates:
         raise FeatsteerError("the harmful and harmless prompts have the same mean activation at every candidate hook: no gate can tell them apart")
-    chosen = gates[best[1]]
+    order = {name: index for index, name in enumerate(hooks)}
+    chosen = min(gates, key=lambda g: (-g.accuracy, order[g.hook], list(pools).index(g.pool)))
     return Gate(chosen.hook, chosen.pool, chosen.vector, chosen.threshold, chosen.accuracy, candidates)
