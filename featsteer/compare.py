@@ -1630,6 +1630,11 @@ def _details_html(details: dict) -> str:
     if "induce_scale" in details:
         rates = ", ".join(f"{scale}x {rate:.2f}" for scale, rate in details["induce_val_refusal"].items())
         return f"<br><small>scale {details['induce_scale']}x (validation refusal: {html.escape(rates)})</small>"
+    if "gate" in details:
+        gate, fires = details["gate"], details["gate_fires_val"]
+        return (f"<br><small>gate at {html.escape(gate['hook'])}, {html.escape(gate['pool'])} pooling, cosine threshold "
+                f"{gate['threshold']:.4f}: balanced accuracy {gate['balanced_accuracy']:.3f} on the validation prompts, fired on "
+                f"{fires['harmful']:.2f} of the harmful and {fires['harmless']:.2f} of the harmless ones</small>")
     if "sae_hook" not in details:
         return ""
     text = f"<br><small>{html.escape(details['sae_hook'])} features {html.escape(str(details['sae_features']))}"

@@ -196,6 +196,7 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     assert len(saved["results"]) == len(names) and saved["setup"]["n_eval_harmful"] == 4
     page = (folder / "report.html").read_text()
     assert "data:image/png;base64," in page and "dim_abliteration" in page and "base NLL (harmless)" in page
+    assert f"gate at {gate['gate']['hook']}, {gate['gate']['pool']} pooling" in page  # the report says where the gate sits
     assert "<h2>Paired with the baseline</h2>" in page and saved["results"][0]["paired"]["baseline"] == "dim_abliteration"
     assert {"looping_harmful", "looping_harmless", "base_nll_harmless", "kl_response_harmless", "kl_response_by_position"} <= set(saved["results"][0])
     assert "KL response" in page
