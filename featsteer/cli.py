@@ -789,18 +789,16 @@ def _direction_intervention(args: argparse.Namespace, model):
 def _gated(args: argparse.Namespace, model, intervention, what: str, basis, hook: str):
     """`--gate DIR`: the ablation or addition applied only to the prompts the saved gate fires on. The ablation starts at
     the gate's hook (the stream there, then every later write), since a gate can only steer what follows its decision."""
-    from featsteer.interventions import Ablate
     from featsteer.interventions.condition import Gate
-    from featsteer.models import WRITE_KINDS
 
     gate = Gate.load(args.gate)
-    layer = gate.check(model)
-    if args.mode == "ablate":
-        intervention = Ablate(basis, where=[gate.hook, *model.hook_names(WRITE_KINDS, range(layer, model.n_layers))])
-        what = f"ablate the direction from the stream at {gate.hook} and every later write (rank {basis.shape[0]})"
-    elif model.hook_site(hook).order < model.hook_site(gate.hook).order:
-        raise FeatsteerError(f"the gate decides at {gate.hook}, after {hook} where the direction is added: use a gate at or before the hook")
     pooled = "mean over the prompt" if gate.pool == "mean" else "last token"
+    if args.mode == "ablate":
+        return (gate.ablate(model, basis), f"ablate the direction from the stream at {gate.hook} and every later write (rank "
+                f"{basis.shape[0]}), only where the gate at {gate.hook} ({pooled}) fires")
+    gate.check(model)
+    if model.hook_site(hook).order < model.hook_site(gate.hook).order:
+        raise FeatsteerError(f"the gate decides at {gate.hook}, after {hook} where the direction is added: use a gate at or before the hook")
     return gate.steer(intervention), f"{what}, only where the gate at {gate.hook} ({pooled}) fires"
 
 

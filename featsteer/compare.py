@@ -60,7 +60,7 @@ from featsteer.interventions import (
     fit_gate,
     steer,
 )
-from featsteer.models import NORM_KINDS, WRITE_KINDS, ModelAdapter
+from featsteer.models import NORM_KINDS, ModelAdapter
 from featsteer.pipeline import (
     DirectionConfig,
     DirectionResult,
@@ -570,16 +570,9 @@ def _dim_hook(ctx: CompareContext):
                  "stream only for prompts a gate reads as harmful (gate fitted on the training prompts at a layer up to the "
                  "direction's, its layer and pooling picked on validation prompts)")
 def _dim_conditional_hook(ctx: CompareContext):
-    gate, model = ctx.gate(), ctx.model
-    layer = model.hook_site(gate.hook).layer
-    # the gate decides at its own hook, so the stream is cleared there (everything written before it) and at every later write
-    sites = [gate.hook, *model.hook_names(WRITE_KINDS, range(layer, model.n_layers))]
-    val_harmful, val_harmless = ctx.validation()
-    batch = ctx.direction_config.batch_size
-    ctx.note(gate=gate.to_dict(), gate_fires_val={"harmful": gate.rate(model, val_harmful, batch_size=batch),
-                                                  "harmless": gate.rate(model, val_harmless, batch_size=batch)},
-             setting=f"{gate.hook.removesuffix('.hook_resid_pre')} {gate.pool}")
-    return steer(model, gate.steer(Ablate(ctx.directions("dim").chosen_basis, where=sites)))
+    gate = ctx.gate()  # fitted with ctx.validation(), so its validation firing rates are already known
+    ctx.note(gate=gate.to_dict(), gate_fires_val=gate.val_fires, setting=f"{gate.hook.removesuffix('.hook_resid_pre')} {gate.pool}")
+    return steer(ctx.model, gate.ablate(ctx.model, ctx.directions("dim").chosen_basis))
 
 
 @register_method("dim_reflection", "DIM direction reflected in every residual writer (W - 2 r r^T W: every write's component along it "

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from featsteer.errors import FeatsteerError
 from featsteer.interventions.operations import cosine_to
-from featsteer.interventions.steering import POOLS, ConditionalSteer, Intervention, pool_prompt
-from featsteer.models import ModelAdapter
+from featsteer.interventions.steering import POOLS, Ablate, ConditionalSteer, Intervention, pool_prompt
+from featsteer.models import WRITE_KINDS, ModelAdapter
 
 MIN_PROMPTS = 2
 """Fewest prompts per class a gate is fitted on."""
@@ -45,27 +45,34 @@ def prompt_means(model: ModelAdapter, prompts: Sequence[str], hooks: Sequence[st
     Raises:
         FeatsteerError: if there are no prompts or hooks, the pooling is unknown, or an activation is not finite.
     """
+    if pool not in POOLS:
+        raise FeatsteerError(f"unknown pool '{pool}': use one of {', '.join(POOLS)}")
+    return _pooled(model, prompts, hooks, (pool,), batch_size, system)[pool]
+
+
+def _pooled(model: ModelAdapter, prompts: Sequence[str], hooks: Sequence[str], pools: Sequence[str], batch_size: int,
+            system: str | None) -> dict[str, dict[str, Tensor]]:
+    """`prompt_means` for several (known) poolings from one forward pass per batch: `{pool: {hook: (n, d)}}`."""
     prompts, hooks = list(prompts), list(hooks)
     if not prompts:
         raise FeatsteerError("no prompts to pool activations over: pass at least one")
     if not hooks:
         raise FeatsteerError("no hook points to pool activations at: pass at least one hook name")
-    if pool not in POOLS:
-        raise FeatsteerError(f"unknown pool '{pool}': use one of {', '.join(POOLS)}")
     last = max(hooks, key=lambda name: model.hook_site(name).order)
-    out: dict[str, Tensor] = {}
+    out: dict[str, dict[str, Tensor]] = {pool: {} for pool in pools}
 
     def keep(x: Tensor, site, rows: list[int]) -> None:
-        pooled = pool_prompt(x, model.pass_attention_mask, pool).float().cpu()
-        if site.name not in out:
-            out[site.name] = pooled.new_empty((len(prompts), pooled.shape[-1]))
-        out[site.name][rows] = pooled
+        for pool, kept in out.items():
+            pooled = pool_prompt(x, model.pass_attention_mask, pool).float().cpu()
+            if site.name not in kept:
+                kept[site.name] = pooled.new_empty((len(prompts), pooled.shape[-1]))
+            kept[site.name][rows] = pooled
 
     for rows in model.plan_batches(prompts, batch_size, None, system, True):
         batch = model.tokenize([prompts[i] for i in rows], system=system)
         with model.hooks([(name, lambda x, site, rows=rows: keep(x, site, rows)) for name in hooks]):
             model.run(batch, stop_at=last)
-    for name, rows in out.items():
+    for name, rows in ((name, rows) for kept in out.values() for name, rows in kept.items()):
         if not bool(torch.isfinite(rows).all()):
             raise FeatsteerError(f"the activations at {name} are not finite (NaN or inf) for some prompts: check the model's dtype "
                                  "(float16 overflows on some models; try --dtype float32)")
@@ -85,6 +92,8 @@ class Gate:
     """Balanced accuracy on the prompts the choice was made on (validation prompts when given)."""
     candidates: list[dict[str, Any]] = field(default_factory=list)
     """Every candidate (hook, pool): its threshold and balanced accuracy on the training and validation prompts."""
+    val_fires: dict[str, float] | None = None
+    """The share of the validation harmful and harmless prompts it fired on when it was fitted (None without them)."""
 
     def scores(self, model: ModelAdapter, prompts: Sequence[str], *, batch_size: int = 16, system: str | None = None) -> Tensor:
         """The cosine the gate thresholds, one per prompt (read from the model as it is: call it unsteered)."""
@@ -98,6 +107,13 @@ class Gate:
     def steer(self, behaviour: Intervention) -> ConditionalSteer:
         """`behaviour` applied only to the sequences this gate fires on."""
         return ConditionalSteer(self.vector, self.hook, self.threshold, behaviour, pool=self.pool)
+
+    def ablate(self, model: ModelAdapter, basis: Tensor) -> ConditionalSteer:
+        """Ablation of `basis` gated by this gate: the stream at the gate's hook (everything written before it) and every
+        later residual write, for the prompts it fires on. A gate steers only what follows its decision, so a gate at
+        layer 0 is ablation at every write."""
+        layer = self.check(model)
+        return self.steer(Ablate(basis, where=[self.hook, *model.hook_names(WRITE_KINDS, range(layer, model.n_layers))]))
 
     def to_dict(self) -> dict[str, Any]:
         """What a report records: where, how, the threshold and every candidate's accuracy (not the vector)."""
@@ -145,15 +161,11 @@ def best_threshold(positive: Tensor, negative: Tensor) -> tuple[float, float]:
     scores = torch.cat([positive, negative]).double()
     values = torch.unique(scores)
     cuts = torch.cat([values[:1] - 1.0, (values[1:] + values[:-1]) / 2])
-    balanced = _balanced(positive, negative, cuts)
-    index = int(torch.argmax(balanced))  # the first maximum: the lowest threshold
-    return float(cuts[index]), float(balanced[index])
-
-
-def _balanced(positive: Tensor, negative: Tensor, cuts: Tensor) -> Tensor:
     hits = (positive.double()[None, :] > cuts[:, None]).double().mean(1)
     rejects = (negative.double()[None, :] <= cuts[:, None]).double().mean(1)
-    return (hits + rejects) / 2
+    balanced = (hits + rejects) / 2
+    index = int(torch.argmax(balanced))  # the first maximum: the lowest threshold
+    return float(cuts[index]), float(balanced[index])
 
 
 def fit_gate(model: ModelAdapter, harmful: Sequence[str], harmless: Sequence[str], hooks: Sequence[str], *,
@@ -185,28 +197,31 @@ def fit_gate(model: ModelAdapter, harmful: Sequence[str], harmless: Sequence[str
     if not pools or any(p not in POOLS for p in pools):
         raise FeatsteerError(f"pools must be a non-empty choice of {', '.join(POOLS)}, got {list(pools)}")
     hooks = sorted(hooks, key=lambda h: model.hook_site(h).order)
+    prompts = [p for _, positive, negative in sets for p in positive + negative]
+    pooled = _pooled(model, prompts, hooks, pools, batch_size, system)
+    n_train, n_val_harmful = len(harmful) + len(harmless), len(sets[1][1]) if val is not None else 0
     candidates, gates = [], []
     for pool in pools:
-        prompts = [p for _, positive, negative in sets for p in positive + negative]
-        rows = prompt_means(model, prompts, hooks, pool=pool, batch_size=batch_size, system=system)
         for name in hooks:
-            train = rows[name][: len(harmful) + len(harmless)].double()
+            rows = pooled[pool][name]
+            train = rows[:n_train].double()
             vector = train[: len(harmful)].mean(0) - train[len(harmful):].mean(0)
             if not float(vector.norm()) > 0.0:
                 continue
             vector = (vector / vector.norm()).float()
-            scores = cosine_to(rows[name], vector)
-            threshold, train_accuracy = best_threshold(scores[: len(harmful)], scores[len(harmful): len(harmful) + len(harmless)])
+            scores = cosine_to(rows, vector)
+            threshold, train_accuracy = best_threshold(scores[: len(harmful)], scores[len(harmful): n_train])
             row = {"hook": name, "pool": pool, "threshold": threshold, "train_balanced_accuracy": train_accuracy}
-            accuracy = train_accuracy
+            accuracy, fires = train_accuracy, None
             if val is not None:
-                held = scores[len(harmful) + len(harmless):]
-                accuracy = float(_balanced(held[: len(sets[1][1])], held[len(sets[1][1]):], torch.tensor([threshold], dtype=torch.float64))[0])
+                held = scores[n_train:].double() > threshold
+                fires = {"harmful": float(held[:n_val_harmful].double().mean()), "harmless": float(held[n_val_harmful:].double().mean())}
+                accuracy = (fires["harmful"] + 1.0 - fires["harmless"]) / 2
                 row["val_balanced_accuracy"] = accuracy
             candidates.append(row)
-            gates.append(Gate(name, pool, vector, threshold, accuracy))
+            gates.append(Gate(name, pool, vector, threshold, accuracy, val_fires=fires))
     if not gates:
         raise FeatsteerError("the harmful and harmless prompts have the same mean activation at every candidate hook: no gate can tell them apart")
     order = {name: index for index, name in enumerate(hooks)}
     chosen = min(gates, key=lambda g: (-g.accuracy, order[g.hook], list(pools).index(g.pool)))
-    return Gate(chosen.hook, chosen.pool, chosen.vector, chosen.threshold, chosen.accuracy, candidates)
+    return Gate(chosen.hook, chosen.pool, chosen.vector, chosen.threshold, chosen.accuracy, candidates, chosen.val_fires)
