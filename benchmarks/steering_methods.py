@@ -105,12 +105,13 @@ def main() -> None:
                        steering_config=SteeringMethodConfig(tolerance=args.tolerance, **angles),
                        optimize_config=_optimize_config(args.optimize), **common)
     rows = list(main_run.results)
-    for row in rows:  # where the CAST gate fired on the evaluation prompts (the gate reads the unsteered model)
-        if row.method == "dim_conditional_ablation_hook":
-            gate = main_run.context.gate()
-            row.details["gate_fires_eval"] = {kind: {"fired": int((gate.scores(model, sets[f"eval_{kind}"], batch_size=gen.batch_size)
-                                                                   > gate.threshold).sum()), "n": len(sets[f"eval_{kind}"])}
-                                              for kind in ("harmful", "harmless")}
+    gated = [row for row in rows if "gate" in row.details]  # the conditional methods, which share one gate
+    if gated:  # where it fired on the evaluation prompts (the gate reads the unsteered model)
+        gate = main_run.context.gate()
+        fires = {kind: {"fired": int((gate.scores(model, sets[f"eval_{kind}"], batch_size=gen.batch_size) > gate.threshold).sum()),
+                        "n": len(sets[f"eval_{kind}"])} for kind in ("harmful", "harmless")}
+        for row in gated:
+            row.details["gate_fires_eval"] = fires
     if not args.no_everywhere:
         everywhere = compare(model, sets["train_harmful"], sets["train_harmless"], methods=["dim_angular_hook"],
                              steering_config=SteeringMethodConfig(adaptive=False, tolerance=args.tolerance, **angles), reuse=main_run, **common)
@@ -231,16 +232,24 @@ def render(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _shared(results: list[dict], key: str) -> list[tuple[str, dict]]:
+    """The rows whose details hold `key`, one per distinct value (methods that share a gate or a training run report it
+    once), each with the names of the methods that hold it."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        if r["details"].get(key):
+            groups.setdefault(json.dumps(r["details"][key], sort_keys=True), []).append(r)
+    return [(", ".join(r["method"] for r in rows), rows[0]) for rows in groups.values()]
+
+
 def _gate_lines(results: list[dict]) -> list[str]:
-    """Where `dim_conditional_ablation_hook`'s gate sits, how well each candidate told the classes apart, and how often it
+    """Where the conditional methods' gate sits, how well each candidate told the classes apart, and how often it
     fired on the validation and evaluation prompts."""
     lines = []
-    for r in results:
-        gate = r["details"].get("gate")
-        if not gate:
-            continue
+    for methods, r in _shared(results, "gate"):
+        gate = r["details"]["gate"]
         val, held = r["details"]["gate_fires_val"], r["details"].get("gate_fires_eval")
-        lines += ["", f"CAST gate ({r['method']}): {gate['hook']}, {gate['pool']} pooling, cosine threshold {gate['threshold']:.4f}; "
+        lines += ["", f"CAST gate ({methods}): {gate['hook']}, {gate['pool']} pooling, cosine threshold {gate['threshold']:.4f}; "
                   f"balanced accuracy {gate['balanced_accuracy']:.3f} on the validation prompts, where it fired on "
                   f"{val['harmful']:.3f} of the harmful and {val['harmless']:.3f} of the harmless ones"
                   + (f"; on the evaluation prompts it fired on {held['harmful']['fired']}/{held['harmful']['n']} harmful and "
@@ -252,17 +261,15 @@ def _gate_lines(results: list[dict]) -> list[str]:
 
 
 def _optimization_lines(results: list[dict]) -> list[str]:
-    """What `dim_optimized_abliteration` trained: its config, targets, time, each snapshot's cosine with DIM and the
+    """What `dim_optimized_abliteration` (and its gated variant) trained: its config, targets, time, each snapshot's cosine with DIM and the
     losses (mean of each quarter of the steps)."""
     lines = []
-    for r in results:
-        found = r["details"].get("optimization")
-        if not found:
-            continue
+    for methods, r in _shared(results, "optimization"):
+        found = r["details"]["optimization"]
         config, history = found["config"], found["history"]
         losses = ["ablation", "addition", "retain"] + (["refusal"] if config.get("refusal_weight", 0) else [])
         refusal = f" / refusal {config['refusal_weight']:g}" if "refusal" in losses else ""
-        lines += ["", f"Direction optimisation ({r['method']}): {config['steps']} Adam steps, lr {config['lr']:g}, batch "
+        lines += ["", f"Direction optimisation ({methods}): {config['steps']} Adam steps, lr {config['lr']:g}, batch "
                   f"{config['batch_size']}, weights ablation {config['ablation_weight']:g} / addition {config['addition_weight']:g} / "
                   f"retain {config['retain_weight']:g}{_first_weight(config)}{refusal}, {config['target_tokens']} target tokens, seed "
                   f"{config.get('seed', 0)}; targets: {found['targets']['ablation']} of "

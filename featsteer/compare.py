@@ -33,7 +33,7 @@ from torch import Tensor
 
 from featsteer.activations import capture
 from featsteer.datasets import PromptSet
-from featsteer.directions.optimize import OptimizeConfig
+from featsteer.directions.optimize import OptimizeConfig, OptimizedDirection
 from featsteer.edits import EditConfig, apply_edit
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.behaviour import GenerationConfig, SetResult, evaluate_set, responses_nll
@@ -336,6 +336,7 @@ class CompareContext:
     """How `dim_optimized_abliteration` trains its direction (steps, loss weights, snapshots picked from)."""
     _writing_heads: list[tuple[int, int, float]] | None = None
     _gate: Gate | None = None
+    _optimized: OptimizedDirection | None = None
 
     def __post_init__(self) -> None:
         if self.pick_kl not in PICK_KLS:
@@ -391,6 +392,15 @@ class CompareContext:
             self._gate = fit_gate(model, *self.training(), model.hook_names(("resid_pre",), range(layer + 1)), val=self.validation(),
                                   batch_size=self.direction_config.batch_size)
         return self._gate
+
+    def optimized(self) -> OptimizedDirection:
+        """Train (once) the direction of `dim_optimized_abliteration` from the chosen DIM direction with
+        `optimize_config`; the conditional method that gates it reads the same training run."""
+        if self._optimized is None:
+            from featsteer.directions.optimize import optimize_direction
+
+            self._optimized = optimize_direction(self.model, self.directions("dim"), self.optimize_config)
+        return self._optimized
 
     def leace_erasers(self) -> dict:
         """Fit (once) a LEACE eraser per layer's `direction_config.kind` hook and position on the training prompts,
@@ -613,9 +623,7 @@ def _dim_iterative(ctx: CompareContext):
                  "prompts and keeps the unedited model's harmless answers (KL), and adding it gives refusals; orthogonalised out of "
                  "every residual writer, how many steps picked on validation prompts (0 steps: DIM)")
 def _dim_optimized(ctx: CompareContext):
-    from featsteer.directions.optimize import optimize_direction
-
-    found = optimize_direction(ctx.model, ctx.directions("dim"), ctx.optimize_config)
+    found = ctx.optimized()
 
     @contextlib.contextmanager
     def edit(step: float) -> Iterator[None]:
@@ -625,6 +633,26 @@ def _dim_optimized(ctx: CompareContext):
     step = int(_pick_gentlest(ctx, "steps", sorted(found.snapshots), edit))
     ctx.note(optimization=found.to_dict(), cosine_with_dim=round(found.cosine(step), 4))
     return edit(step)
+
+
+OPTIMIZED_METHODS: tuple[str, ...] = ("dim_optimized_abliteration", "dim_optimized_conditional_ablation_hook")
+"""The methods that read `CompareContext.optimized()` (one training run between them)."""
+
+
+@register_method("dim_optimized_conditional_ablation_hook", "the trained direction of dim_optimized_abliteration ablated behind "
+                 "the CAST gate of dim_conditional_ablation_hook (the same training run and gate): from the stream at the gate's "
+                 "hook and every later write, only for prompts the gate reads as harmful; how many steps picked on validation "
+                 "prompts, for the gated ablation")
+def _dim_optimized_conditional_hook(ctx: CompareContext):
+    found, gate = ctx.optimized(), ctx.gate()
+
+    def ablation(step: float) -> contextlib.AbstractContextManager:
+        return steer(ctx.model, gate.ablate(ctx.model, found.snapshots[int(step)][None]))
+
+    step = int(_pick_gentlest(ctx, "steps", sorted(found.snapshots), ablation))
+    ctx.note(gate=gate.to_dict(), gate_fires_val=gate.val_fires, optimization=found.to_dict(), cosine_with_dim=round(found.cosine(step), 4),
+             setting=f"steps={step}, {gate.hook.removesuffix('.hook_resid_pre')} {gate.pool}")
+    return ablation(step)
 
 
 @register_method("dim_per_layer_abliteration", "each block's writers orthogonalised against the DIM of the stream they write into")
@@ -1476,7 +1504,7 @@ def compare(
         "max_nll_rise": ctx.max_nll_rise,
         "chosen": {k: _chosen_setup(model, v) for k, v in ctx._directions.items()},
         "steering": ctx.steering_config.to_dict(),
-        **({"optimize": ctx.optimize_config.to_dict()} if "dim_optimized_abliteration" in names else {}),
+        **({"optimize": ctx.optimize_config.to_dict()} if set(names) & set(OPTIMIZED_METHODS) else {}),
         "response_kl": {"max_tokens": along.max_tokens, "top_k": along.top_k, "positions": sum(along.n_positions),
                         "base_tail_mass": along.tail_mass},
     }
@@ -1535,8 +1563,8 @@ def _chosen_setup(model: ModelAdapter, result: DirectionResult) -> dict[str, Any
 
 
 def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
-    """Give `ctx` the directions, head ranking, LEACE erasers, validation base and gate of an earlier comparison with the
-    same inputs."""
+    """Give `ctx` the directions, head ranking, LEACE erasers, validation base, gate and trained direction of an earlier
+    comparison with the same inputs."""
     old = earlier.context
     if old is None:
         raise FeatsteerError("reuse= needs a Comparison returned by compare() in this process (a loaded results.json has no directions)")
@@ -1552,6 +1580,8 @@ def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
     ctx._directions, ctx._erasers, ctx._writing_heads = dict(old._directions), old._erasers, old._writing_heads
     if old.validation() == ctx.validation():  # the picks read the same prompts (n_pick may differ)
         ctx._val_base, ctx._val_response_base, ctx._gate = old._val_base, old._val_response_base, old._gate
+    if old.optimize_config == ctx.optimize_config:  # the same training run
+        ctx._optimized = old._optimized
 
 
 def _sae_setup(ctx: CompareContext, n_top: int = 10) -> dict[str, Any]:

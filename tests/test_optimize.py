@@ -266,3 +266,40 @@ def test_compare_picks_a_snapshot_and_records_it(organism):
     assert result.setup["optimize"]["steps"] == 4
     if details["setting"] == "steps=0":  # DIM itself: the same edit as the baseline
         assert rows["dim_optimized_abliteration"].kl_harmless == pytest.approx(rows["dim_abliteration"].kl_harmless, abs=1e-6)
+
+
+def test_the_gated_trained_direction_shares_the_training_run_and_the_gate(organism, monkeypatch):
+    from featsteer.compare import compare, method_context
+    from featsteer.evaluation.behaviour import GenerationConfig
+
+    runs = []
+    real = optimize_module.optimize_direction
+    monkeypatch.setattr(optimize_module, "optimize_direction", lambda *a, **k: runs.append(1) or real(*a, **k))
+    harmful, harmless = builtin_prompts("harmful", "train").head(32), builtin_prompts("harmless", "train").head(32)
+    eval_harmful, eval_harmless = builtin_prompts("harmful", "test").head(8), builtin_prompts("harmless", "test").head(8)
+    names = ["dim_optimized_abliteration", "dim_conditional_ablation_hook", "dim_optimized_conditional_ablation_hook"]
+    result = compare(organism, harmful, harmless, methods=names, eval_harmful=eval_harmful, eval_harmless=eval_harmless,
+                     val_harmful=load_prompts("organism-corpus:harmful:8"), val_harmless=load_prompts("organism-corpus:harmless:8"),
+                     direction_config=DirectionConfig(n_select=8), generation=GenerationConfig(max_new_tokens=8),
+                     optimize_config=OptimizeConfig(steps=4, **SMALL))
+    assert len(runs) == 1  # one training run between the two methods that read it
+    rows = {r.method: r for r in result.results}
+    gated = rows["dim_optimized_conditional_ablation_hook"].details
+    assert gated["gate"] == rows["dim_conditional_ablation_hook"].details["gate"]
+    assert gated["optimization"] == rows["dim_optimized_abliteration"].details["optimization"]
+    assert set(gated["validation"]) == {f"steps={s}" for s in (0, 1, 2, 3, 4)} and result.setup["optimize"]["steps"] == 4
+    step = int(gated["setting"].split(",")[0].removeprefix("steps="))
+    # the method is the picked snapshot ablated behind the gate: the prompts it fires on change, the others do not
+    ctx, prompts = result.context, eval_harmful.prompts[:4] + eval_harmless.prompts[:4]
+    gate = ctx.gate()
+    fires = gate.scores(organism, prompts) > gate.threshold
+    assert fires[:4].any() and not fires.all()
+    base = organism.logits(prompts)
+    with method_context(ctx, "dim_optimized_conditional_ablation_hook"):
+        steered = organism.logits(prompts)
+    with steer(organism, gate.ablate(organism, ctx.optimized().snapshots[step][None])):
+        expected = organism.logits(prompts)
+    torch.testing.assert_close(steered, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(steered[~fires], base[~fires], atol=1e-6, rtol=0)
+    assert (steered[fires] - base[fires]).abs().amax() > 1e-3
+    assert count_hooks(organism.model) == 0
