@@ -316,6 +316,13 @@ def _load_val(args: argparse.Namespace):
 def _cmd_directions(args: argparse.Namespace) -> int:
     from featsteer.pipeline import find_refusal_direction
 
+    if args.optimize < 0:
+        raise FeatsteerError(f"--optimize must be a number of steps >= 1 (or 0 for none), got {args.optimize}")
+    if args.optimize and args.method in ("svd", "sae"):
+        raise FeatsteerError(f"--optimize trains a rank-1 direction: it goes with --method dim|projected|pca|linear|whitened, not {args.method}")
+    if args.optimize_option and not args.optimize:
+        raise FeatsteerError("--optimize-option sets how --optimize STEPS trains the direction: add --optimize")
+    optimize = _optimize_config(args)  # a bad --optimize-option fails before the model loads
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
     config = _direction_config(args)  # checks the values before the model loads
@@ -364,7 +371,25 @@ def _cmd_directions(args: argparse.Namespace) -> int:
     chosen_size = next((row for row in (geometry.sample_sizes or []) if row.hook == geometry.hook), None) if geometry is not None else None
     if chosen_size is not None:
         print(f"sample size: the DIM direction at {chosen_size.hook} position {chosen_size.position}, {chosen_size.line()} (geometry.md)")
+    if optimize is not None:
+        trained = _trained_directions(model, result, optimize)
+        trained.save(out / "optimized")
+        _print_optimization(trained.provenance["optimization"])
+        print(f"wrote the trained direction to {out}/optimized (featsteer steer --directions, featsteer abliterate --directions)")
     return 0
+
+
+def _trained_directions(model, result, optimize):
+    """The chosen direction trained by `optimize_direction`, as a one-entry `DirectionSet` at the chosen hook and position;
+    its provenance keeps the chosen direction's (prompt hashes, selection) and the training record."""
+    from featsteer.directions import DirectionSet
+    from featsteer.directions.optimize import optimize_direction
+
+    trained = optimize_direction(model, result, optimize)
+    chosen = result.chosen
+    provenance = {k: v for k, v in chosen.provenance.items() if k not in ("ace", "rotation_axis")}  # those read the start direction
+    return DirectionSet(trained.direction[None, None].float(), chosen.hook_names, chosen.positions, f"optimized:{chosen.method}",
+                        provenance={**provenance, "optimization": trained.to_dict(), "cosine_with_chosen": round(trained.cosine(), 4)})
 
 
 def _cmd_abliterate(args: argparse.Namespace) -> int:
@@ -812,6 +837,9 @@ def _geometric_intervention(args: argparse.Namespace, model, directions):
     if len(directions) != 1 or directions.rank != 1:
         raise FeatsteerError(f"--mode {args.mode} needs one rank-1 direction: pass the chosen/ folder written by `featsteer directions`, not {where}")
     direction = directions.bases[0, 0]
+    if directions.method.startswith("optimized:") and not {"ace", "rotation_axis"} & set(provenance):
+        raise FeatsteerError(f"--mode {args.mode} reads class means and a rotation axis recorded for the found direction, which a trained "
+                             f"direction ({where}) lacks: pass the chosen/ folder beside it")
     if args.mode == "ace":
         if "ace" not in provenance:
             raise FeatsteerError(f"{where} has no per-layer class means: re-run `featsteer directions` (it records them with the chosen direction)")
@@ -1190,6 +1218,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_direction_args(dirs)
     dirs.add_argument("--gate", action="store_true", help="also fit a CAST gate (interventions.fit_gate) that tells harmful from harmless "
                       "prompts at a layer up to the chosen direction's, and write it to OUT/gate for `featsteer steer --gate`")
+    dirs.add_argument("--optimize", type=int, default=0, metavar="STEPS",
+                      help="also train the chosen direction STEPS Adam steps (refusal direction optimisation, as abliterate --optimize) "
+                      "and write it to OUT/optimized for `featsteer steer --directions` and `featsteer abliterate --directions`")
+    dirs.add_argument("--optimize-option", action="append", metavar="KEY=VALUE", help=_OPTIMIZE_OPTION_HELP)
     dirs.add_argument("--geometry", choices=["full", "estimate", "quick", "off"], default="full",
                       help="how much of geometry.md to compute for a rank-1 direction: full (default), estimate (the read-side "
                       "ablation's per-block rows as first-order estimates from one gradient pass: 6 exact conditions instead of "

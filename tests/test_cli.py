@@ -330,6 +330,44 @@ def test_abliterate_optimize_exports_the_trained_direction(capsys, tmp_path):
         assert code == 2 and "--optimize" in err and not (tmp_path / "bad").exists(), (extra, err)
 
 
+def test_directions_optimize_writes_the_trained_direction_for_steer_and_abliterate(capsys, tmp_path):
+    from featsteer.datasets import builtin_prompts
+    from featsteer.directions import DirectionSet
+    from featsteer.directions.optimize import OptimizeConfig, optimize_direction
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    common = ["--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
+              "--n-select", "3"]
+    out = tmp_path / "dirs"
+    code, stdout, err = _run(capsys, "directions", *common, "--geometry", "off", "--gate", "--optimize", "3", "--optimize-option", "seed=1",
+                             "--out", str(out))
+    assert code == 0 and "optimised direction: 3 steps from the chosen one" in stdout and f"{out}/optimized" in stdout, err
+    saved, chosen = DirectionSet.load(out / "optimized"), DirectionSet.load(out / "chosen")
+    assert saved.method == "optimized:dim" and (saved.hook_names, saved.positions) == (chosen.hook_names, chosen.positions)
+    assert saved.provenance["harmful_sha256"] == chosen.provenance["harmful_sha256"] and "ace" not in saved.provenance
+    assert saved.provenance["optimization"]["config"]["steps"] == 3 and saved.provenance["optimization"]["config"]["seed"] == 1
+    # the direction training it again gives (seeded), at the chosen direction's cosine
+    model = load_model("tiny:llama")
+    result = find_refusal_direction(model, *[builtin_prompts(k, "train").head(12) for k in ("harmful", "harmless")], DirectionConfig(n_select=3))
+    trained = optimize_direction(model, result, OptimizeConfig(steps=3, seed=1))
+    torch.testing.assert_close(saved.bases[0, 0], trained.direction, atol=1e-6, rtol=0)
+    cosine = float(saved.bases[0, 0].double() @ chosen.bases[0, 0].double())
+    assert saved.provenance["cosine_with_chosen"] == pytest.approx(cosine, abs=1e-4) and cosine < 0.9999
+    steer = ["steer", "--model", "tiny:llama", "--directions", str(out / "optimized"), "--max-new-tokens", "2", "--prompt", "hi"]
+    code, stdout, err = _run(capsys, *steer, "--mode", "ablate", "--gate", str(out / "gate"))
+    assert code == 0 and "only where the gate at blocks." in stdout, err
+    code, _, err = _run(capsys, *steer, "--mode", "ace")
+    assert code == 2 and "pass the chosen/ folder beside it" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = _run(capsys, "abliterate", *common, "--directions", str(out / "optimized"), "--eval-n", "2", "--max-new-tokens", "2",
+                        "--out", str(tmp_path / "edited"))
+    assert code == 0 and json.loads((tmp_path / "edited" / "featsteer.json").read_text())["direction_method"] == "optimized:dim", err
+    for extra in (["--optimize", "-1"], ["--optimize", "2", "--method", "svd"], ["--optimize-option", "seed=1"],
+                  ["--optimize", "2", "--optimize-option", "seed"]):
+        code, _, err = _run(capsys, "directions", *common, *extra, "--out", str(tmp_path / "bad"))
+        assert code == 2 and "--optimize" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists(), (extra, err)
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "gemma3", "cohere", "olmo2", "qwen3_5_moe", "gemma4_text"])
 def test_abliterate_runs_end_to_end_on_other_architectures(capsys, tmp_path, family):
     """Selection, edit, evaluation, export and reload through the CLI on an MoE, an image-text, a parallel-block and a
