@@ -812,15 +812,15 @@ def _direction_intervention(args: argparse.Namespace, model):
 
 
 def _gated(args: argparse.Namespace, model, intervention, what: str, basis, hook: str):
-    """`--gate DIR`: the ablation or addition applied only to the prompts the saved gate fires on. The ablation starts at
-    the gate's hook (the stream there, then every later write), since a gate can only steer what follows its decision."""
+    """`--gate DIR`: the ablation or addition applied only to the prompts the saved gate fires on. The gate decides the
+    ablation in a pre-pass of the prompt, so a prompt it fires on is ablated at every write, as without the gate."""
     from featsteer.interventions.condition import Gate
 
     gate = Gate.load(args.gate)
     pooled = "mean over the prompt" if gate.pool == "mean" else "last token"
     if args.mode == "ablate":
-        return (gate.ablate(model, basis), f"ablate the direction from the stream at {gate.hook} and every later write (rank "
-                f"{basis.shape[0]}), only where the gate at {gate.hook} ({pooled}) fires")
+        return (gate.ablate(model, basis), f"ablate the direction from every residual write (rank {basis.shape[0]}), only where "
+                f"the gate at {gate.hook} ({pooled}) fires (decided in a pre-pass of the prompt)")
     gate.check(model)
     if model.hook_site(hook).order < model.hook_site(gate.hook).order:
         raise FeatsteerError(f"the gate decides at {gate.hook}, after {hook} where the direction is added: use a gate at or before the hook")

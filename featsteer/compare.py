@@ -576,9 +576,9 @@ def _dim_hook(ctx: CompareContext):
     return steer(ctx.model, Ablate(ctx.directions("dim").chosen_basis))
 
 
-@register_method("dim_conditional_ablation_hook", "CAST-gated DIM ablation (Lee et al. 2024): the direction ablated from the residual "
-                 "stream only for prompts a gate reads as harmful (gate fitted on the training prompts at a layer up to the "
-                 "direction's, its layer and pooling picked on validation prompts)")
+@register_method("dim_conditional_ablation_hook", "CAST-gated DIM ablation (Lee et al. 2024): the direction ablated from every residual "
+                 "write only for prompts a gate reads as harmful, decided in a pre-pass of the prompt (gate fitted on the training "
+                 "prompts at a layer up to the direction's, its layer and pooling picked on validation prompts)")
 def _dim_conditional_hook(ctx: CompareContext):
     gate = ctx.gate()  # fitted with ctx.validation(), so its validation firing rates are already known
     ctx.note(gate=gate.to_dict(), gate_fires_val=gate.val_fires, setting=f"{gate.hook.removesuffix('.hook_resid_pre')} {gate.pool}")
@@ -640,9 +640,8 @@ OPTIMIZED_METHODS: tuple[str, ...] = ("dim_optimized_abliteration", "dim_optimiz
 
 
 @register_method("dim_optimized_conditional_ablation_hook", "the trained direction of dim_optimized_abliteration ablated behind "
-                 "the CAST gate of dim_conditional_ablation_hook (the same training run and gate): from the stream at the gate's "
-                 "hook and every later write, only for prompts the gate reads as harmful; how many steps picked on validation "
-                 "prompts, for the gated ablation")
+                 "the CAST gate of dim_conditional_ablation_hook (the same training run and gate): from every residual write, "
+                 "only for prompts the gate reads as harmful; how many steps picked on validation prompts, for the gated ablation")
 def _dim_optimized_conditional_hook(ctx: CompareContext):
     found, gate = ctx.optimized(), ctx.gate()
 

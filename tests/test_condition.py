@@ -91,6 +91,45 @@ def test_a_fitted_gate_on_the_organism_ablates_only_the_prompts_it_fires_on():
     torch.testing.assert_close(gated[fires], ablated[fires], atol=1e-5, rtol=0)
     torch.testing.assert_close(gated[~fires], base[~fires], atol=1e-5, rtol=0)
     assert gate.rate(model, test) == pytest.approx(float(fires.double().mean()))
+    # deciding in a pre-pass, the gate ablates the rows it fires on at every write from the embedding on: exactly the
+    # ungated ablation there (which the stream-and-later-writes one is not: layers before the gate read the direction)
+    with steer(model, Ablate(direction)):
+        everywhere = model.logits(test, batch_size=24)
+        everywhere_text = model.generate(test, max_new_tokens=6, batch_size=24)
+    assert gate.hook != hooks[0] and not torch.allclose(everywhere[fires], ablated[fires], atol=1e-3)
+    lookahead = gate.ablate(model, direction)
+    assert lookahead.lookahead and gate.ablate(model, direction, lookahead=False).lookahead is False
+    base_text = model.generate(test, max_new_tokens=6, batch_size=24)
+    with steer(model, lookahead):
+        gated = model.logits(test, batch_size=24)
+        gated_text = model.generate(test, max_new_tokens=6, batch_size=24)
+        assert int(lookahead.active.sum()) == int(fires.sum())  # one batch, in length order
+    torch.testing.assert_close(gated[fires], everywhere[fires], atol=1e-5, rtol=0)
+    torch.testing.assert_close(gated[~fires], base[~fires], atol=1e-5, rtol=0)
+    assert gated_text == [e if f else b for e, b, f in zip(everywhere_text, base_text, fires.tolist(), strict=True)]
+    assert model._prepasses == () and not model.in_prepass  # removed on exit
+
+
+def test_a_lookahead_gate_decides_on_the_prompt_in_every_kind_of_pass(llama_adapter):
+    """The pre-pass runs before `run`, the prompts of `run_continued` and the prefill of `generate`, never inside itself,
+    and a gate without lookahead still refuses to steer hooks before its own."""
+    r = torch.randn(llama_adapter.d_model, generator=torch.Generator().manual_seed(3))
+    r = r / r.norm()
+    calls = []
+    gate = Gate("blocks.1.hook_resid_pre", "last", r, -2.0, 1.0)  # fires on every prompt
+    cast = gate.steer(Ablate(r), lookahead=True)
+    real = cast.prepass_for(llama_adapter)
+    cast.prepass_for = lambda model: (lambda batch: (calls.append(batch.input_ids.shape), real(batch)))
+    batch = llama_adapter.tokenize(PROMPTS)
+    with steer(llama_adapter, Ablate(r)):
+        full = llama_adapter.run_continued(batch, [[5, 6], [7], []])
+    with steer(llama_adapter, cast):
+        gated = llama_adapter.run_continued(batch, [[5, 6], [7], []])
+        llama_adapter.generate(PROMPTS, max_new_tokens=3, batch_size=8)
+    assert calls == [tuple(batch.input_ids.shape)] * 2  # the prompts alone, once per pass; not the decoding steps
+    torch.testing.assert_close(gated, full, atol=1e-5, rtol=0)
+    with pytest.raises(FeatsteerError, match="lookahead=True"), steer(llama_adapter, gate.steer(Ablate(r))):
+        pass
 
 
 def test_gate_inputs_are_checked(llama_adapter):

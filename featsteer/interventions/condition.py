@@ -104,15 +104,22 @@ class Gate:
         """The share of `prompts` the gate fires on."""
         return float((self.scores(model, prompts, batch_size=batch_size, system=system) > self.threshold).double().mean())
 
-    def steer(self, behaviour: Intervention) -> ConditionalSteer:
-        """`behaviour` applied only to the sequences this gate fires on."""
-        return ConditionalSteer(self.vector, self.hook, self.threshold, behaviour, pool=self.pool)
+    def steer(self, behaviour: Intervention, *, lookahead: bool = False) -> ConditionalSteer:
+        """`behaviour` applied only to the sequences this gate fires on. With `lookahead` the gate decides in a pre-pass
+        of the prompt up to its hook, so `behaviour` may also act before it (`ConditionalSteer.lookahead`)."""
+        return ConditionalSteer(self.vector, self.hook, self.threshold, behaviour, pool=self.pool, lookahead=lookahead)
 
-    def ablate(self, model: ModelAdapter, basis: Tensor) -> ConditionalSteer:
-        """Ablation of `basis` gated by this gate: the stream at the gate's hook (everything written before it) and every
-        later residual write, for the prompts it fires on. A gate steers only what follows its decision, so a gate at
-        layer 0 is ablation at every write."""
+    def ablate(self, model: ModelAdapter, basis: Tensor, *, lookahead: bool = True) -> ConditionalSteer:
+        """Ablation of `basis` gated by this gate, for the prompts it fires on.
+
+        With `lookahead` (the default) the gate decides in a pre-pass of each prompt up to its hook, and a prompt it fires
+        on is ablated at every residual write from the embedding on: exactly the ungated ablation (which is abliteration
+        as a hook), while the others run unedited. Without it the gate decides as the pass goes, so only what follows
+        its decision can change: the stream at its hook (everything written before it) and every later write; layers
+        before the gate keep reading the direction. A gate at layer 0 makes the two the same."""
         layer = self.check(model)
+        if lookahead:
+            return self.steer(Ablate(basis), lookahead=True)
         return self.steer(Ablate(basis, where=[self.hook, *model.hook_names(WRITE_KINDS, range(layer, model.n_layers))]))
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ exception. Directions may come from any source (DIM, probes, SAE decoder rows) a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor
 from featsteer.errors import FeatsteerError
 from featsteer.interventions.operations import ablate, add, as_basis, cosine_to, project_set, rotate_in_plane
 from featsteer.interventions.positions import TOKEN_POSITIONS, PositionTracker
-from featsteer.models import NORM_KINDS, WRITE_KINDS, ModelAdapter
+from featsteer.models import NORM_KINDS, WRITE_KINDS, ModelAdapter, TokenBatch
 
 WRITES = "writes"
 """Every residual write: `hook_embed` (and `hook_pos_embed`), each layer's `attn_out` and `mlp_out` (and Gemma 4's
@@ -62,6 +62,11 @@ class Intervention:
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
         """Hook pairs to install on `model`."""
         raise NotImplementedError
+
+    def prepass_for(self, model: ModelAdapter) -> Callable[[TokenBatch], None] | None:
+        """A function to call on each prompt batch before its pass (`ModelAdapter.prepasses`), or None (most
+        interventions need none)."""
+        return None
 
 
 @dataclass
@@ -222,6 +227,12 @@ class ConditionalSteer(Intervention):
     The decision is taken on the prompt's tokens only: on the prompt pass, and again from the prompt's columns when a
     decoding pass re-reads the whole sequence (backends without a key-value cache, `ModelAdapter.run_continued`); the
     single-token steps of a cached generation keep it.
+
+    With `lookahead`, the decision is taken in a pre-pass of each prompt batch that runs the model up to
+    `condition_hook` without this steering (`ModelAdapter.prepasses`; other interventions installed with it still
+    act), so `behaviour` may act at any hook, also before the condition's: a sequence the gate fires on is then
+    steered exactly as `behaviour` alone steers it, and the others not at all. It costs a forward pass of the prompt
+    up to the condition hook.
     """
 
     condition: Tensor
@@ -232,6 +243,8 @@ class ConditionalSteer(Intervention):
     pool: str = "mean"
     """How the prompt's activations become the one vector compared: `mean` over its real tokens (the paper's) or
     `last`, the final prompt token's (where the chat template ends and the answer starts)."""
+    lookahead: bool = False
+    """Decide in a pre-pass of the prompt (see above), so `behaviour` may steer hooks before `condition_hook`."""
     active: Tensor | None = field(default=None, init=False)
     """Per-sequence decision from the last prompt pass (bool `(batch,)`)."""
     similarity: Tensor | None = field(default=None, init=False)
@@ -245,6 +258,8 @@ class ConditionalSteer(Intervention):
         condition = self.condition.to(model.device)
 
         def decide(x, site):
+            if self.lookahead and not model.in_prepass:  # decided by the pre-pass
+                return
             mask = model.pass_attention_mask
             if model.generation_step:  # a decoding pass: the decision stays the prompt's
                 if x.shape[1] == 1 and self.active is not None and self.active.shape[0] == x.shape[0]:
@@ -257,6 +272,8 @@ class ConditionalSteer(Intervention):
 
         def gated(fn):
             def hook(x, site):
+                if self.lookahead and model.in_prepass:  # a pre-pass reads the model without this steering
+                    return None
                 steered = fn(x, site)
                 if steered is None or self.active is None:
                     return steered
@@ -266,9 +283,21 @@ class ConditionalSteer(Intervention):
 
         inner = [(name, gated(fn)) for name, fn in self.behaviour.hooks_for(model)]
         cond_site = model.hook_site(self.condition_hook)
-        if any(model.hook_site(name).order < cond_site.order for name, _ in inner):
-            raise FeatsteerError("ConditionalSteer: the condition hook must come before every steered hook")
+        if not self.lookahead and any(model.hook_site(name).order < cond_site.order for name, _ in inner):
+            raise FeatsteerError("ConditionalSteer: the condition hook must come before every steered hook (or decide in a pre-pass "
+                                 "with lookahead=True)")
         return [(self.condition_hook, decide), *inner]
+
+    def prepass_for(self, model: ModelAdapter) -> Callable[[TokenBatch], None] | None:
+        if not self.lookahead:
+            return None
+
+        def prepass(batch: TokenBatch) -> None:
+            model.run(batch, stop_at=self.condition_hook)
+            # taken under inference mode: copies, so a pass that records gradients can use them
+            self.active, self.similarity = self.active.clone(), self.similarity.clone()
+
+        return prepass
 
 
 POOLS = ("mean", "last")
@@ -293,5 +322,6 @@ def mean_over_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
 def steer(model: ModelAdapter, *interventions: Intervention) -> Iterator[ModelAdapter]:
     """Install several interventions at once; every hook is removed on exit (also after an error)."""
     pairs = [pair for item in interventions for pair in item.hooks_for(model)]
-    with model.hooks(pairs):
+    prepasses = [fn for item in interventions if (fn := item.prepass_for(model)) is not None]
+    with model.hooks(pairs), model.prepasses(prepasses):
         yield model

@@ -101,6 +101,8 @@ class ModelAdapter(ABC):
     pass_attention_mask: Tensor | None = None
     """During a forward pass of `run` or `generate`: the `(batch, pos)` attention mask of the sequence so far (1 at
     real tokens, 0 at left padding); None outside one. Hooks that pool over positions read it to skip padding."""
+    _prepasses: tuple[Callable[[TokenBatch], None], ...] = ()
+    _in_prepass: bool = False
 
     # ---- backend contract -------------------------------------------------------------------------
     @property
@@ -299,6 +301,39 @@ class ModelAdapter(ABC):
         finally:
             remove()
 
+    @contextlib.contextmanager
+    def prepasses(self, fns: Sequence[Callable[[TokenBatch], None]]) -> Iterator[ModelAdapter]:
+        """Call each `fn(batch)` before every prompt pass (`run`, `run_continued`'s prompts, the prefill of `generate`)
+        for the duration of a `with` block; removed on exit, also after an error.
+
+        A pre-pass may run the model itself (`run(batch, stop_at=...)`), e.g. to take a per-sequence decision that hooks
+        at earlier layers then act on (`ConditionalSteer(lookahead=True)`); passes it starts call no pre-pass, and it
+        sees the pass as a prompt pass (`generation_step` None)."""
+        before = self._prepasses
+        self._prepasses = (*before, *fns)
+        try:
+            yield self
+        finally:
+            self._prepasses = before
+
+    @property
+    def in_prepass(self) -> bool:
+        """True while a pre-pass (`prepasses`) runs the model."""
+        return self._in_prepass
+
+    def _prepass(self, batch: TokenBatch) -> None:
+        """Run the installed pre-passes on a prompt batch (not from inside one), leaving the pass state as it was."""
+        if not self._prepasses or self._in_prepass:
+            return
+        state = (self.generation_step, self.generation_prompt_length, self.pass_attention_mask)
+        self._in_prepass, self.generation_step = True, None
+        try:
+            for fn in self._prepasses:
+                fn(batch)
+        finally:
+            self._in_prepass = False
+            self.generation_step, self.generation_prompt_length, self.pass_attention_mask = state
+
     def format_prompts(self, instructions: Sequence[str], system: str | None = None) -> list[FormattedPrompt]:
         """Render instructions through the chat template (see `featsteer.models.chat`)."""
         return [format_instruction(self.tokenizer, text, system) for text in instructions]
@@ -354,6 +389,7 @@ class ModelAdapter(ABC):
             Logits `(batch, pos, vocab)`, or None when `stop_at` ended the pass.
         """
         stop_site = self.hook_site(stop_at) if stop_at else None
+        self._prepass(batch)
         remove = self._install_hooks([(stop_site, _raise_stop)]) if stop_site else (lambda: None)
         self.pass_attention_mask = batch.attention_mask
         try:
@@ -387,6 +423,7 @@ class ModelAdapter(ABC):
         """
         if len(continuations) != batch.input_ids.shape[0]:
             raise FeatsteerError(f"got {len(continuations)} continuations for {batch.input_ids.shape[0]} prompts: give one per prompt")
+        self._prepass(batch)  # on the prompts alone, as the prefill of a generation would be
         width = batch.input_ids.shape[1]
         extra = max((len(c) for c in continuations), default=0)
         input_ids = torch.cat([batch.input_ids, batch.input_ids.new_zeros((len(continuations), extra))], 1)
@@ -510,6 +547,7 @@ class ModelAdapter(ABC):
         generated: list[Tensor] = []
         first_logits: Tensor | None = None
         step, cache = batch, None
+        self._prepass(batch)
         self.generation_prompt_length = batch.input_ids.shape[1]
         try:
             with torch.inference_mode():
