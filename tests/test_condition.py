@@ -162,3 +162,24 @@ def test_a_saved_gate_loads_back_and_checks_the_model(llama_adapter, tmp_path):
     (tmp_path / "gate" / "gate.json").write_text('{"hook": "blocks.1.hook_resid_pre"}')
     with pytest.raises(FeatsteerError, match="is not a gate that featsteer wrote"):
         Gate.load(tmp_path / "gate")
+
+
+def test_a_lookahead_gate_on_a_hooked_transformer(tmp_path):
+    """The pre-pass runs through TransformerLens hooks too: an open gate is the full ablation (logits and greedy text),
+    a shut one the model as it is, and no hook is left behind."""
+    from featsteer.testing import hooked_gpt2, saved_tokenizer, tiny_model
+
+    model, tokenizer = tiny_model("gpt2")
+    lens = load_model(hooked_gpt2(model, saved_tokenizer(tokenizer, tmp_path)))
+    r = torch.randn(lens.d_model, generator=torch.Generator().manual_seed(4))
+    r = r / r.norm()
+    hooks_before = sum(len(h.fwd_hooks) for h in lens.model.hook_dict.values())
+    base, base_text = lens.logits(PROMPTS), lens.generate(PROMPTS, max_new_tokens=4)
+    with steer(lens, Ablate(r)):
+        full, full_text = lens.logits(PROMPTS), lens.generate(PROMPTS, max_new_tokens=4)
+    assert not torch.allclose(full, base, atol=1e-3)
+    for threshold, logits, text in ((-2.0, full, full_text), (2.0, base, base_text)):
+        with steer(lens, Gate("blocks.1.hook_resid_pre", "mean", r, threshold, 1.0).ablate(lens, r)):
+            torch.testing.assert_close(lens.logits(PROMPTS), logits, atol=1e-5, rtol=0)
+            assert lens.generate(PROMPTS, max_new_tokens=4) == text
+    assert sum(len(h.fwd_hooks) for h in lens.model.hook_dict.values()) == hooks_before and lens._prepasses == ()
