@@ -1357,8 +1357,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the KL the jailbreak picks (ACE alpha, angle, SAE k and clamp) weigh settings by: first-token (default) or "
                       "along the unedited model's own validation answers, which does not favour a setting that keeps the first token")
     cmp_.add_argument("--optimize-steps", type=int, default=24, metavar="N",
-                      help="dim_optimized_abliteration: Adam steps of refusal direction optimisation from the DIM direction; the "
-                      "direction after 0, N/4, N/2, 3N/4 and N steps is picked from on the validation prompts (default 24)")
+                      help="dim_optimized_abliteration and dim_optimized_conditional_ablation_hook (one training run): Adam steps of "
+                      "refusal direction optimisation from the DIM direction; the direction after 0, N/4, N/2, 3N/4 and N steps is "
+                      "picked from on the validation prompts (default 24)")
     cmp_.add_argument("--optimize-option", action="append", metavar="KEY=VALUE",
                       help=_OPTIMIZE_OPTION_HELP)
     cmp_.add_argument("--pick-max-nll-rise", type=_nats_or_off, metavar="NATS|off",
