@@ -813,7 +813,8 @@ def _direction_intervention(args: argparse.Namespace, model):
 
 def _gated(args: argparse.Namespace, model, intervention, what: str, basis, hook: str):
     """`--gate DIR`: the ablation or addition applied only to the prompts the saved gate fires on. The gate decides the
-    ablation in a pre-pass of the prompt, so a prompt it fires on is ablated at every write, as without the gate."""
+    ablation (and an addition at a hook before its own) in a pre-pass of the prompt, so a prompt it fires on is steered
+    exactly as without the gate."""
     from featsteer.interventions.condition import Gate
 
     gate = Gate.load(args.gate)
@@ -822,8 +823,9 @@ def _gated(args: argparse.Namespace, model, intervention, what: str, basis, hook
         return (gate.ablate(model, basis), f"ablate the direction from every residual write (rank {basis.shape[0]}), only where "
                 f"the gate at {gate.hook} ({pooled}) fires (decided in a pre-pass of the prompt)")
     gate.check(model)
-    if model.hook_site(hook).order < model.hook_site(gate.hook).order:
-        raise FeatsteerError(f"the gate decides at {gate.hook}, after {hook} where the direction is added: use a gate at or before the hook")
+    if model.hook_site(hook).order < model.hook_site(gate.hook).order:  # the gate reads a later layer: decide first
+        return (gate.steer(intervention, lookahead=True), f"{what}, only where the gate at {gate.hook} ({pooled}) fires (decided in "
+                "a pre-pass of the prompt)")
     return gate.steer(intervention), f"{what}, only where the gate at {gate.hook} ({pooled}) fires"
 
 

@@ -640,6 +640,12 @@ def test_steer_a_saved_direction(capsys, tmp_path):
         rows = json.loads((tmp_path / "g.json").read_text())["rows"]
         assert [row["steered"] for row in rows] == (expected or [row["plain"] for row in rows])
     assert added != [row["plain"] for row in rows]
+    # a gate at a later layer than the addition decides in a pre-pass: always open, it is the addition itself
+    (tmp_path / "dirs" / "gate" / "gate.json").write_text(json.dumps({**meta, "hook": "blocks.3.hook_resid_pre", "threshold": -2.0}))
+    code, out, err = _run(capsys, *common, "--mode", "add", "--scale", "1", "--positions", "prompt", "--gate", str(tmp_path / "dirs" / "gate"),
+                          "--prompts", "builtin:harmless:test", "--n", "2", "--json", str(tmp_path / "late.json"))
+    assert code == 0 and "decided in a pre-pass" in out, err
+    assert [row["steered"] for row in json.loads((tmp_path / "late.json").read_text())["rows"]] == added
     code, out, err = _run(capsys, *common, "--mode", "set", "--prompts", "builtin:harmless:test", "--n", "6", "--json", str(tmp_path / "i.json"))
     assert code == 0, err
     induced = json.loads((tmp_path / "i.json").read_text())
