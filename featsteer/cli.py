@@ -360,12 +360,11 @@ def _cmd_directions(args: argparse.Namespace) -> int:
     if geometry is not None and geometry.readers is not None:
         print(geometry.readers.summary() + " (geometry.md)")
     if args.gate:
-        from featsteer.interventions import fit_gate
+        from featsteer.interventions import fit_gate, gate_hooks
 
-        layer = model.hook_site(chosen.hook).layer
-        gate = fit_gate(model, *result.train, model.hook_names(("resid_pre",), range(layer + 1)), val=result.val, batch_size=config.batch_size)
+        gate = fit_gate(model, *result.train, gate_hooks(model, chosen.hook), val=result.val, batch_size=config.batch_size)
         gate.save(out / "gate")
-        print(f"gate: {gate.hook}, {'mean over the prompt' if gate.pool == 'mean' else 'last token'}, cosine threshold {gate.threshold:.4f}; "
+        print(f"gate: {gate.hook}, {_POOLED[gate.pool]}, cosine threshold {gate.threshold:.4f}; "
               f"balanced accuracy {gate.accuracy:.3f} on the {len(harmful_val)} + {len(harmless_val)} validation prompts (gate/; "
               "featsteer steer --gate)")
     chosen_size = next((row for row in (geometry.sample_sizes or []) if row.hook == geometry.hook), None) if geometry is not None else None
@@ -818,15 +817,17 @@ def _gated(args: argparse.Namespace, model, intervention, what: str, basis, hook
     from featsteer.interventions.condition import Gate
 
     gate = Gate.load(args.gate)
-    pooled = "mean over the prompt" if gate.pool == "mean" else "last token"
+    where = f"only where the gate at {gate.hook} ({_POOLED[gate.pool]}) fires"
     if args.mode == "ablate":
-        return (gate.ablate(model, basis), f"ablate the direction from every residual write (rank {basis.shape[0]}), only where "
-                f"the gate at {gate.hook} ({pooled}) fires (decided in a pre-pass of the prompt)")
+        return (gate.ablate(model, basis), f"ablate the direction from every residual write (rank {basis.shape[0]}), {where} "
+                "(decided in a pre-pass of the prompt)")
     gate.check(model)
-    if model.hook_site(hook).order < model.hook_site(gate.hook).order:  # the gate reads a later layer: decide first
-        return (gate.steer(intervention, lookahead=True), f"{what}, only where the gate at {gate.hook} ({pooled}) fires (decided in "
-                "a pre-pass of the prompt)")
-    return gate.steer(intervention), f"{what}, only where the gate at {gate.hook} ({pooled}) fires"
+    early = model.hook_site(hook).order < model.hook_site(gate.hook).order  # the gate reads a later layer: decide first
+    return gate.steer(intervention, lookahead=early), f"{what}, {where}" + (" (decided in a pre-pass of the prompt)" if early else "")
+
+
+_POOLED = {"mean": "mean over the prompt", "last": "last token"}
+"""How a gate's pooling reads in the CLI's lines."""
 
 
 def _geometric_intervention(args: argparse.Namespace, model, directions):

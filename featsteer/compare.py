@@ -58,6 +58,7 @@ from featsteer.interventions import (
     HeadAblate,
     expert_routing,
     fit_gate,
+    gate_hooks,
     steer,
 )
 from featsteer.models import NORM_KINDS, ModelAdapter
@@ -387,10 +388,8 @@ class CompareContext:
         the chosen DIM direction's layer, pooled over the prompt or at its last token; the hook and pooling that separate
         the validation prompts best (`interventions.fit_gate`)."""
         if self._gate is None:
-            model = self.model
-            layer = model.hook_site(self.directions("dim").selection.chosen.hook).layer
-            self._gate = fit_gate(model, *self.training(), model.hook_names(("resid_pre",), range(layer + 1)), val=self.validation(),
-                                  batch_size=self.direction_config.batch_size)
+            hooks = gate_hooks(self.model, self.directions("dim").selection.chosen.hook)
+            self._gate = fit_gate(self.model, *self.training(), hooks, val=self.validation(), batch_size=self.direction_config.batch_size)
         return self._gate
 
     def optimized(self) -> OptimizedDirection:
@@ -580,9 +579,15 @@ def _dim_hook(ctx: CompareContext):
                  "write only for prompts a gate reads as harmful, decided in a pre-pass of the prompt (gate fitted on the training "
                  "prompts at a layer up to the direction's, its layer and pooling picked on validation prompts)")
 def _dim_conditional_hook(ctx: CompareContext):
-    gate = ctx.gate()  # fitted with ctx.validation(), so its validation firing rates are already known
-    ctx.note(gate=gate.to_dict(), gate_fires_val=gate.val_fires, setting=f"{gate.hook.removesuffix('.hook_resid_pre')} {gate.pool}")
+    gate = ctx.gate()
+    ctx.note(setting=_note_gate(ctx, gate))
     return steer(ctx.model, gate.ablate(ctx.model, ctx.directions("dim").chosen_basis))
+
+
+def _note_gate(ctx: CompareContext, gate: Gate) -> str:
+    """Note the gate and its validation firing rates (known from its fitting on `ctx.validation()`); its setting label."""
+    ctx.note(gate=gate.to_dict(), gate_fires_val=gate.val_fires)
+    return f"{gate.hook.removesuffix('.hook_resid_pre')} {gate.pool}"
 
 
 @register_method("dim_reflection", "DIM direction reflected in every residual writer (W - 2 r r^T W: every write's component along it "
@@ -649,8 +654,7 @@ def _dim_optimized_conditional_hook(ctx: CompareContext):
         return steer(ctx.model, gate.ablate(ctx.model, found.snapshots[int(step)][None]))
 
     step = int(_pick_gentlest(ctx, "steps", sorted(found.snapshots), ablation))
-    ctx.note(gate=gate.to_dict(), gate_fires_val=gate.val_fires, optimization=found.to_dict(), cosine_with_dim=round(found.cosine(step), 4),
-             setting=f"steps={step}, {gate.hook.removesuffix('.hook_resid_pre')} {gate.pool}")
+    ctx.note(optimization=found.to_dict(), cosine_with_dim=round(found.cosine(step), 4), setting=f"steps={step}, {_note_gate(ctx, gate)}")
     return ablation(step)
 
 

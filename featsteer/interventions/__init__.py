@@ -1,6 +1,6 @@
 """Runtime interventions: pure operations on activations, attached as hooks that always clean up."""
 
-from featsteer.interventions.condition import Gate, best_threshold, fit_gate, prompt_means
+from featsteer.interventions.condition import Gate, best_threshold, fit_gate, gate_hooks, prompt_means
 from featsteer.interventions.erasure import Erase, LeaceEraser, fit_leace, fit_leace_erasers
 from featsteer.interventions.experts import ExpertRouting, ExpertScore, ExpertSteer, expert_routing
 from featsteer.interventions.operations import ablate, add, as_basis, cosine_to, project_set, rotate_in_plane
@@ -49,6 +49,7 @@ __all__ = [
     "cosine_to",
     "expert_routing",
     "fit_gate",
+    "gate_hooks",
     "fit_leace",
     "fit_leace_erasers",
     "project_set",

@@ -161,6 +161,12 @@ class Gate:
         return site.layer
 
 
+def gate_hooks(model: ModelAdapter, up_to: str) -> list[str]:
+    """The candidate hooks of a gate for a direction read at `up_to`: every layer's input from the first to that hook's
+    layer (`compare`'s conditional methods and `featsteer directions --gate` fit on these)."""
+    return model.hook_names(("resid_pre",), range(model.hook_site(up_to).layer + 1))
+
+
 def best_threshold(positive: Tensor, negative: Tensor) -> tuple[float, float]:
     """The threshold `t` maximising the balanced accuracy of `score > t` (positives above, negatives at or below), and
     that accuracy. Candidates are the midpoints between neighbouring distinct scores and one below the lowest; of
