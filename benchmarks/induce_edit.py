@@ -9,7 +9,9 @@ induce-refusal variant (`mode="induce"`: the same plus `shift * r` added to ever
 plain weights. This measures them over a grid of amplifications `a` and shifts (in units of the median token-embedding
 row norm, so that 1 moves every token by one typical embedding's length), next to the runtime addition of the DIM
 mean difference at the chosen hook (`dim_actadd_induce` at 0.5x, 1x and 2x), which is what the issue's induce target
-was measured with. Each row: harmless prompts refused (the `featsteer eval` detector), how many of those responses end
+was measured with, and `abliterate --induce-bias` (`edits.add_through_biases`: the same addition written into biases,
+here Qwen2's attention value biases spread over the blocks before the direction's layer; the organism, a Llama, has no
+biases) at a grid of scales and at the scale `featsteer compare`'s `dim_bias_induce` picks on validation prompts. Each row: harmless prompts refused (the `featsteer eval` detector), how many of those responses end
 in a loop (`LoopDetector`), the refusals that do not loop, and the first-token KL from the unedited model.
 
 Prompts as `abliteration.py`'s: Qwen directions from the first 256 AdvBench vs MT-Bench+IFBench prompts (16
@@ -45,6 +47,9 @@ def main() -> None:
     parser.add_argument("--alphas", default="1,2,4,8", help="comma list of amplifications for the shift-free rows")
     parser.add_argument("--shifts", default="0.25,0.5,1,2", help="comma list of embedding shifts (x the median embedding norm), at alpha 1")
     parser.add_argument("--scales", default="0.25,0.5,1,2", help="comma list of activation-addition scales (x the DIM mean difference)")
+    parser.add_argument("--bias-scales", default="0.5,0.75,1,1.5",
+                        help="comma list of `abliterate --induce-bias` scales (x the DIM mean difference, written into biases)")
+    parser.add_argument("--n-pick", type=int, default=64, help="validation harmless prompts the picked --induce-bias scale reads")
     parser.add_argument("--render-only", action="store_true", help="re-write the markdown from the results JSON")
     args = parser.parse_args()
     path = RESULTS / f"induce_edit_{args.target}"
@@ -87,6 +92,8 @@ def run(args: argparse.Namespace) -> dict:
         label = f"--reverse --alpha {alpha:g}" if mode == "amplify" else f"--induce --alpha {alpha:g} --shift {shift * embed_norm:.3g}"
         rows.append({"run": label, "kind": "weight edit", "mode": mode, "alpha": alpha, "shift_units": shift, **row})
         print(rows[-1]["run"], {k: rows[-1][k] for k in ("refused", "looping", "clean_refusals", "kl")}, flush=True)
+    bias = _bias_rows(args, model, result, direction, mean_difference, harmless, gen, base["logprobs"])
+    rows.extend(bias.pop("rows"))
     for scale in _floats(args.scales):
         with steer(model, AddDirection(direction, scale * mean_difference, where=chosen.hook)):
             row = _harmless_row(model, harmless, gen, base["logprobs"])["row"]
@@ -95,7 +102,37 @@ def run(args: argparse.Namespace) -> dict:
     return {"target": args.target, "model": model.name, "date": time.strftime("%Y-%m-%d"), "command": shlex.join(sys.argv[1:]),
             "threads": args.threads, "direction": {"hook": chosen.hook, "position": chosen.position},
             "mean_difference_norm": mean_difference, "median_embedding_norm": embed_norm, "n_harmless": len(harmless),
-            "harmless_source": harmless.source, "rows": rows, "seconds_total": round(time.perf_counter() - started, 1)}
+            "harmless_source": harmless.source, "bias_addition": bias, "rows": rows, "seconds_total": round(time.perf_counter() - started, 1)}
+
+
+def _bias_rows(args, model, result, direction, mean_difference, harmless, gen, base_logprobs) -> dict:
+    """`abliterate --induce-bias` at each of `--bias-scales`, and at the scale `featsteer compare`'s `dim_bias_induce` picks
+    on `--n-pick` validation harmless prompts (never the evaluation ones): `{"rows": [...], ...}`, or why there are none."""
+    from featsteer.compare import pick_induce_scale
+    from featsteer.edits import add_through_biases
+    from featsteer.errors import FeatsteerError
+
+    hook = result.selection.chosen.hook
+    add = lambda scale: add_through_biases(model, direction.double() * (scale * mean_difference), hook)  # noqa: E731
+    try:
+        with add(1.0) as handle:
+            writers = handle.record["bias_writers"]
+    except FeatsteerError as error:
+        print(f"no bias rows: {error}", flush=True)
+        return {"rows": [], "skipped": str(error)}
+    started = time.perf_counter()
+    val_harmless = result.val[1].head(min(args.n_pick, len(result.val[1])))
+    picked, rates = pick_induce_scale(model, add, val_harmless)
+    out = {"writers": writers, "picked_scale": picked, "val_coherent_refusal": {str(k): v for k, v in rates.items()},
+           "n_pick": len(val_harmless), "pick_seconds": round(time.perf_counter() - started, 1), "rows": []}
+    print(f"--induce-bias scale picked on {len(val_harmless)} validation prompts: {picked:g} ({rates})", flush=True)
+    for scale in sorted({*_floats(args.bias_scales), picked}):
+        with add(scale):
+            row = _harmless_row(model, harmless, gen, base_logprobs)["row"]
+        label = f"--induce-bias --scale {scale:g}" + (" (picked on validation)" if scale == picked else "")
+        out["rows"].append({"run": label, "kind": "weight edit (biases)", "scale": scale, "picked": scale == picked, **row})
+        print(out["rows"][-1]["run"], {k: row[k] for k in ("refused", "looping", "clean_refusals", "kl")}, flush=True)
+    return out
 
 
 def _harmless_row(model, harmless, gen, base_logprobs) -> dict:
@@ -137,6 +174,15 @@ def render(out: dict) -> str:
         example = row["examples"][0].replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {row['run']} | {row['kind']} | {row['refused']}/{row['n']} | {row['looping']} | {row['clean_refusals']} "
                      f"| {row['kl']:.3f} | {example[:90]!r} |")
+    bias = out.get("bias_addition")
+    if bias and bias.get("skipped"):
+        lines += ["", f"No `--induce-bias` rows: {bias['skipped']}"]
+    elif bias:
+        names = list(bias["writers"])
+        rates = ", ".join(f"{k}: {v:.2f}" for k, v in bias["val_coherent_refusal"].items())
+        lines += ["", f"`--induce-bias` writes into {len(names)} biases ({names[0]} to {names[-1]}). The scale `featsteer compare`'s "
+                  f"`dim_bias_induce` picks on {bias['n_pick']} validation harmless prompts (the smallest within 0.05 of the best "
+                  f"coherent refusal rate, 32 new tokens; {bias['pick_seconds']:.0f} s): **{bias['picked_scale']:g}** (rates by scale: {rates})."]
     return "\n".join(lines) + "\n"
 
 

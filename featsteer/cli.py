@@ -398,6 +398,9 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise FeatsteerError(f"output folder {args.out} is not empty: choose a new path")
     mode = "induce" if args.induce else "amplify" if args.reverse else "norm_preserving" if args.norm_preserving else "orthogonalize"
+    if args.induce_bias:
+        _check_bias_addition_options(args)
+        mode = "bias_addition"
     if args.reflect and (mode != "orthogonalize" or args.search):
         raise FeatsteerError("--reflect is its own edit (every write's component of the direction reversed): drop --reverse/--induce/"
                              "--norm-preserving/--search")
@@ -455,7 +458,10 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     held_harmful, held_harmless = (s.head(min(args.eval_n, len(s))) for s in result.val)
     before = evaluate_refusal(model, held_harmful, held_harmless, config)
     extra = {}
-    if args.search:
+    if mode == "bias_addition":
+        handle = _bias_addition(args, model, result.chosen_basis[0], result.mean_difference_length(model), chosen.hook,
+                                {"method": args.method, "direction_hook": chosen.hook, "direction_position": chosen.position})
+    elif args.search:
         search_dir = Path(args.search_dir or f"{args.out.rstrip('/')}-search")
         found = _chosen_trial(args, search_abliteration(model, result, search_dir, _search_config(args, mode), warm_start=warm_start))
         extra = {"search": {"dir": str(search_dir), "best": found.best}}
@@ -480,6 +486,35 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
             print(f"iterative refinement: {handle.record['iteration']['passes']} directions; mean difference at {chosen.hook} "
                   + " -> ".join(f"{g:.3g}" for g in gaps) + " (each after the directions before it are edited out)")
     return _check_and_export(model, handle, (held_harmful, held_harmless), before, config, "reflect" if args.reflect else mode, args.out, "held-out", extra)
+
+
+def _check_bias_addition_options(args: argparse.Namespace) -> None:
+    """`--induce-bias` adds one direction: the options of the other edits are errors before anything loads."""
+    clashes = [flag for flag, given in (("--reverse", args.reverse), ("--induce", args.induce), ("--norm-preserving", args.norm_preserving),
+                                        ("--reflect", args.reflect), ("--search", args.search), ("--heads", args.heads),
+                                        ("--passes", args.passes > 1), ("--optimize", args.optimize), ("--scope", args.scope != "global"),
+                                        (f"--method {args.method}", args.method in ("sae", "svd"))) if given]
+    if clashes:
+        raise FeatsteerError(f"--induce-bias adds the chosen rank-1 direction through biases: drop {', '.join(clashes)}")
+    if not math.isfinite(args.scale):
+        raise FeatsteerError(f"--scale must be a finite number, got {args.scale}")
+    if not (math.isfinite(args.bias_decay) and args.bias_decay >= 1):
+        raise FeatsteerError(f"--bias-decay must be a finite number >= 1, got {args.bias_decay}")
+
+
+def _bias_addition(args: argparse.Namespace, model, direction, length: float, hook: str, record: dict):
+    """`--induce-bias`: `--scale` times the mean difference along `direction` added at `hook` through the model's biases;
+    prints where it went."""
+    from featsteer.edits import add_through_biases
+
+    vector = direction.double().flatten() / direction.double().norm() * (args.scale * length)
+    handle = add_through_biases(model, vector, hook, decay=args.bias_decay, record={**record, "scale": args.scale, "length": length})
+    biases = list(handle.bias_originals)
+    where = (f"the bias of {biases[0].removesuffix('.b_V')}" if len(biases) == 1
+             else f"{len(biases)} biases, {biases[0]} to {biases[-1]} (decay {args.bias_decay:g})")
+    same = "; the same as the runtime addition" if handle.record["edit"]["exact_at_hook"] else ""
+    print(f"bias addition: {args.scale:g} x the mean difference (length {length:.3g}) at {hook} through {where}{same}")
+    return handle
 
 
 def _optimize_config(args: argparse.Namespace):
@@ -639,6 +674,10 @@ def _saved_direction(args: argparse.Namespace):
     record = {"method": "saved", "directions": str(args.directions), "direction_method": directions.method,
               "direction_hook": directions.hook_names[index], "direction_position": directions.positions[index],
               "direction_provenance": dict(directions.provenance)}
+    if "mean_diff_norm" in directions.scores:
+        record["direction_length"] = float(directions.scores["mean_diff_norm"][index])
+    else:
+        record["direction_length"] = None
     return directions.bases[index], record
 
 
@@ -654,6 +693,9 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
             or args.screen is not None):
         raise FeatsteerError("--directions brings its own direction: drop --method/--sae/--sae-top-k/--scope/--filter-train/--screen")
     direction, record = _saved_direction(args)
+    if mode == "bias_addition" and record["direction_length"] is None:
+        raise FeatsteerError(f"--induce-bias adds --scale times the mean difference, and {args.directions} stores no mean_diff_norm score: "
+                             "use the set the direction was chosen in (DIRS/chosen from featsteer directions)")
     val = _load_val(args)
     if val is None:
         harmful, harmless = _load_pair(args)
@@ -666,7 +708,9 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     held = tuple(s.head(min(args.eval_n, len(s))) for s in val)
     before = evaluate_refusal(model, *held, generation)
-    if args.search:
+    if mode == "bias_addition":
+        handle, extra = _bias_addition(args, model, basis[0], record["direction_length"], record["direction_hook"], record), {}
+    elif args.search:
         provenance = {k: record[k] for k in ("method", "directions", "direction_method", "direction_hook", "direction_position")}
         handle, extra = _fixed_search_edit(args, model, basis, val, mode, warm_start, provenance, record)
     else:
@@ -1245,6 +1289,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "almost none (benchmarks/results/induce_edit_*.md); `featsteer steer --mode add` adds the direction instead")
     abl.add_argument("--induce", action="store_true", help="--reverse plus --shift times the direction added to every token embedding "
                      "(read by every block from the first; large shifts break the model)")
+    abl.add_argument("--induce-bias", action="store_true",
+                     help="make `featsteer steer --mode add` permanent: add --scale times the mean difference along the chosen direction "
+                     "to the residual stream at its hook, at every position, by editing biases (an MLP output bias of the block before "
+                     "it when it has one: then the same as the runtime addition; else the attention value biases of the blocks before "
+                     "it, e.g. Qwen2). A model without biases (Llama, Mistral, Gemma) is an error")
+    abl.add_argument("--scale", type=float, default=1.0, help="--induce-bias: multiple of the mean difference to add (default 1)")
+    abl.add_argument("--bias-decay", type=float, default=2.0, metavar="D",
+                     help="--induce-bias through value biases: a bias one block earlier costs D times more in the spread (default 2; "
+                     "1 spreads evenly)")
     abl.add_argument("--norm-preserving", action="store_true", help="keep each write column's norm")
     abl.add_argument("--reflect", action="store_true", help="reflect the direction instead of removing it: W - 2 r r^T W at every writer and "
                      "the embedding, so every write's component along it changes sign")

@@ -34,7 +34,7 @@ from torch import Tensor
 from featsteer.activations import capture
 from featsteer.datasets import PromptSet
 from featsteer.directions.optimize import OptimizeConfig, OptimizedDirection
-from featsteer.edits import EditConfig, apply_edit
+from featsteer.edits import EditConfig, EditHandle, add_through_biases, apply_edit
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.behaviour import GenerationConfig, SetResult, evaluate_set, responses_nll
 from featsteer.evaluation.judge import RefusalJudge
@@ -478,13 +478,14 @@ class _Registered:
     needs_input_norms: bool = False
     needs_experts: bool = False
     needs_heads: bool = False
+    needs_biases: bool = False
 
 
 _METHODS: dict[str, _Registered] = {}
 
 
 def register_method(name: str, description: str, *, needs_saes: bool = False, needs_input_norms: bool = False,
-                    needs_experts: bool = False, needs_heads: bool = False) -> Callable[[Method], Method]:
+                    needs_experts: bool = False, needs_heads: bool = False, needs_biases: bool = False) -> Callable[[Method], Method]:
     """Decorator adding a method to the comparison (probe and SAE methods are added this way).
 
     Args:
@@ -496,10 +497,12 @@ def register_method(name: str, description: str, *, needs_saes: bool = False, ne
         needs_experts: the method changes expert routing; it runs only on mixture-of-experts models (`model.moe_layers`).
         needs_heads: the method reads what single attention heads write into the stream; it does not run on models
             that normalise the attention output before the stream (`model.post_norms`), where heads do not add up.
+        needs_biases: the method edits biases that add a constant to the stream (`model.bias_writers()`); it does not
+            run on models without them (Llama, Mistral, Gemma, the organism).
     """
 
     def wrap(fn: Method) -> Method:
-        _METHODS[name] = _Registered(fn, description, needs_saes, needs_input_norms, needs_experts, needs_heads)
+        _METHODS[name] = _Registered(fn, description, needs_saes, needs_input_norms, needs_experts, needs_heads, needs_biases)
         return fn
 
     return wrap
@@ -508,13 +511,15 @@ def register_method(name: str, description: str, *, needs_saes: bool = False, ne
 def available_methods(saes: bool = True, model: ModelAdapter | None = None) -> dict[str, str]:
     """Registered method names and descriptions (without the SAE methods when `saes` is False, without the methods
     that act on the normalised branch inputs when `model` has none, and without the expert-routing methods when `model`
-    is dense, and without the per-head methods when `model` normalises its attention output before the stream)."""
+    is dense, without the per-head methods when `model` normalises its attention output before the stream, and without
+    the bias edits when `model` has no bias that adds a constant to the stream)."""
     norms = model is None or model.input_norms
     experts = model is None or bool(model.moe_layers)
     heads = model is None or _additive_heads(model)
+    biases = model is None or bool(model.bias_writers())
     return {name: entry.description for name, entry in _METHODS.items()
             if (saes or not entry.needs_saes) and (norms or not entry.needs_input_norms) and (experts or not entry.needs_experts)
-            and (heads or not entry.needs_heads)}
+            and (heads or not entry.needs_heads) and (biases or not entry.needs_biases)}
 
 
 def _additive_heads(model: ModelAdapter) -> bool:
@@ -540,6 +545,10 @@ def _check_methods(names: Sequence[str], have_saes: bool, model: ModelAdapter) -
     if norms and not model.input_norms:
         raise FeatsteerError(f"method(s) {', '.join(norms)} steer the normalised attention and MLP inputs, which {model.family} does not "
                              "have (its branches read the stream itself): leave them out")
+    biased = [n for n in names if _METHODS[n].needs_biases]
+    if biased and not model.bias_writers():
+        raise FeatsteerError(f"method(s) {', '.join(biased)} edit biases that add a constant to the stream, and {model.family} has none "
+                             "(no biases, or a norm after each branch): leave them out")
 
 
 def method_context(ctx: CompareContext, name: str) -> contextlib.AbstractContextManager:
@@ -808,6 +817,24 @@ def _induce(ctx: CompareContext):
                                      tolerance=ctx.steering_config.tolerance)
     ctx.note(induce_hook=chosen.hook, induce_scale=scale, induce_val_refusal={str(k): v for k, v in rates.items()}, setting=f"x{scale:g}")
     return steer(ctx.model, AddDirection(vector, scale, where=chosen.hook))
+
+
+@register_method("dim_bias_induce", "the addition of dim_actadd_induce made a weight edit: written into the biases before its layer "
+                 "(an MLP output bias, or Qwen2-style attention value biases spread over earlier layers), scale picked on validation "
+                 "prompts (induces refusal)", needs_biases=True)
+def _bias_induce(ctx: CompareContext):
+    result = ctx.directions("dim")
+    chosen = result.selection.chosen
+    vector = result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index]
+    def add(scale: float) -> EditHandle:  # what the biases before an early layer cannot write is left out, and noted
+        return add_through_biases(ctx.model, scale * vector, chosen.hook, exact=False)
+
+    scale, rates = pick_induce_scale(ctx.model, add, ctx.validation()[1], tolerance=ctx.steering_config.tolerance)
+    handle = add(scale)
+    edit = handle.record["edit"]
+    ctx.note(induce_hook=chosen.hook, induce_scale=scale, induce_val_refusal={str(k): v for k, v in rates.items()}, setting=f"x{scale:g}",
+             bias_writers=handle.record["bias_writers"], exact_at_hook=edit["exact_at_hook"], missed=edit["missed"])
+    return handle
 
 
 def _affine_edits(ctx: CompareContext) -> Callable[[float], AffineEdit]:

@@ -124,6 +124,15 @@ class DirectionResult:
         return ({hook: float(harmless_acts.mean(hook, position) @ r) for hook in hooks},
                 {hook: float(harmful_acts.mean(hook, position) @ r) for hook in hooks})
 
+    def mean_difference_length(self, model: ModelAdapter) -> float:
+        """Length of the harmful-minus-harmless mean at the chosen hook and position (what `dim_actadd_induce` and
+        `abliterate --induce-bias` add, times their scale): from the candidates' `mean_diff_norm` score when they have
+        one (DIM), else `mean_difference`."""
+        lengths = self.candidates.scores.get("mean_diff_norm")
+        if lengths is not None:
+            return float(lengths[self.selection.chosen.index])
+        return float(self.mean_difference(model).norm())
+
     def mean_difference(self, model: ModelAdapter, *, fresh: bool = False, batch_size: int = 16) -> torch.Tensor:
         """Harmful-minus-harmless mean of the training prompts at the chosen hook and position (float64): from the kept
         activations when there are any and `fresh` is False, else from a capture of the training prompts at the positions

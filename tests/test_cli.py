@@ -747,3 +747,42 @@ def test_direction_notes_of_the_demo_read_the_compare_setup():
         "sample size: from 357 + 368 training prompts, expected cosine 0.9999 with the direction of unlimited such prompts; 0.99 needs 4 prompts per class"]
     chosen["sample_size"]["needed"]["0.99"] = None  # no signal: no count to give
     assert _direction_notes(chosen)[1].endswith("unlimited such prompts") and _direction_notes({"hook": "h"}) == []
+
+
+def test_abliterate_induce_bias_exports_the_addition_and_its_errors(capsys, tmp_path):
+    """`--induce-bias --directions DIR`: the exported model equals the runtime addition of --scale times the saved mean
+    difference written into the value biases (tiny Qwen2), and option clashes or a set without the mean difference's
+    length exit 2 with one line and no output folder."""
+    from featsteer.directions import DirectionSet
+    from featsteer.interventions import AddDirection, steer
+    from featsteer.models import load_model
+
+    r = torch.randn(64, generator=torch.Generator().manual_seed(2))
+    r = r / r.norm()
+    DirectionSet(r[None, None], ("blocks.2.hook_resid_pre",), (-1,), "dim", {"mean_diff_norm": [3.0]}).save(tmp_path / "dirs")
+    DirectionSet(r[None, None], ("blocks.2.hook_resid_pre",), (-1,), "dim", {}).save(tmp_path / "bare")
+    common = ["--model", "tiny:qwen2", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "8",
+              "--eval-n", "2", "--max-new-tokens", "2"]
+    code, stdout, err = _run(capsys, "abliterate", *common, "--directions", str(tmp_path / "dirs"), "--induce-bias", "--scale", "2",
+                             "--out", str(tmp_path / "added"))
+    assert code == 0 and "before -> after (bias_addition)" in stdout, err
+    assert ("bias addition: 2 x the mean difference (length 3) at blocks.2.hook_resid_pre through 2 biases, blocks.0.attn.b_V to "
+            "blocks.1.attn.b_V (decay 2)") in stdout
+    meta = json.loads((tmp_path / "added" / "featsteer.json").read_text())
+    assert meta["edit"]["mode"] == "bias_addition" and meta["scale"] == 2.0 and sorted(meta["bias_writers"]) == ["blocks.0.attn.b_V", "blocks.1.attn.b_V"]
+    base, edited = load_model("tiny:qwen2"), load_model(str(tmp_path / "added"))
+    prompts = ["hello there", "x"]
+    assert (edited.logits(prompts) - base.logits(prompts)).abs().max() > 1e-2
+    writes = [(f"blocks.{w.layer}.hook_attn_out", w.reach() @ (e.read().double() - w.read().double()))
+              for w, e in zip(base.bias_writers(), edited.bias_writers(), strict=True)]
+    torch.testing.assert_close(sum(v for _, v in writes), 6.0 * r.double(), atol=1e-4, rtol=0)
+    with steer(base, *[AddDirection(v.float(), 1.0, where=hook) for hook, v in writes]):
+        torch.testing.assert_close(base.logits(prompts), edited.logits(prompts), atol=1e-4, rtol=0)
+    for extra, message in ((["--reverse"], "drop --reverse"), (["--search", "2"], "drop --search"), (["--bias-decay", "0.5"], "--bias-decay"),
+                           (["--directions", str(tmp_path / "bare")], "stores no mean_diff_norm")):
+        args = extra if "--directions" in extra else ["--directions", str(tmp_path / "dirs"), *extra]
+        code, _, err = _run(capsys, "abliterate", *common, *args, "--induce-bias", "--out", str(tmp_path / "bad"))
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists(), err
+    code, _, err = _run(capsys, "abliterate", "--model", "tiny:llama", *common[2:], "--directions", str(tmp_path / "dirs"), "--induce-bias",
+                        "--out", str(tmp_path / "bad"))
+    assert code == 2 and "no bias that adds a constant" in err and not (tmp_path / "bad").exists(), err

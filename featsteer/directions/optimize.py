@@ -241,7 +241,7 @@ def optimize_direction(model: ModelAdapter, result: DirectionResult, config: Opt
     hook = chosen.hook
     start = result.chosen_basis[0].float()
     start = start / start.norm()
-    scale = _mean_difference_length(model, result)
+    scale = result.mean_difference_length(model)
     harmful = list(result.train[0])[: config.n_prompts]
     harmless = list(result.train[1])[: config.n_prompts]
     targets = _make_targets(model, start, hook, scale, harmful, harmless, config)
@@ -328,15 +328,6 @@ def _within_budget(targets: _Targets, picked: list[int], max_tokens: int | None)
     if len(picked) * max(lengths) <= max_tokens:
         return [picked]
     return [[picked[j] for j in group] for group in _token_budget_batches(lengths, len(picked), max_tokens)]
-
-
-def _mean_difference_length(model: ModelAdapter, result: DirectionResult) -> float:
-    """Length of the harmful-minus-harmless mean at the chosen hook and position (what `dim_actadd_induce` adds): from
-    the DIM scores when the direction is DIM, else `DirectionResult.mean_difference`."""
-    mean_difference = result.candidates.scores.get("mean_diff_norm")
-    if mean_difference is not None:
-        return float(mean_difference[result.selection.chosen.index])
-    return float(result.mean_difference(model).norm())
 
 
 @contextlib.contextmanager

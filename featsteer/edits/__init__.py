@@ -1,6 +1,7 @@
-"""Permanent weight edits: abliteration, norm-preserving abliteration, reverse abliteration, export."""
+"""Permanent weight edits: abliteration, norm-preserving abliteration, reverse abliteration, bias addition, export."""
 
 from featsteer.edits.apply import EDIT_MODES, EditConfig, EditHandle, apply_edit, edited_tensors
+from featsteer.edits.biases import BIAS_DECAY, add_through_biases
 from featsteer.edits.kernel import LayerKernel
 from featsteer.edits.weights import (
     add_to_bias,
@@ -11,10 +12,12 @@ from featsteer.edits.weights import (
 )
 
 __all__ = [
+    "BIAS_DECAY",
     "EDIT_MODES",
     "EditConfig",
     "EditHandle",
     "LayerKernel",
+    "add_through_biases",
     "add_to_bias",
     "amplify_weight",
     "apply_edit",

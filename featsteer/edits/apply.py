@@ -122,12 +122,18 @@ class EditHandle:
     originals: dict[str, tuple[Tensor, Tensor | None]]
     record: dict = field(default_factory=dict)
     reverted: bool = False
+    bias_originals: dict[str, Tensor] = field(default_factory=dict)
+    """The original values of the biases a bias addition changed (`edits.add_through_biases`), by `BiasWriter` name."""
 
     def revert(self) -> None:
-        """Restore every touched writer to its original tensors (bit-identical)."""
+        """Restore every touched writer and bias to its original tensors (bit-identical)."""
         writers = {w.name: w for w in self.model.residual_writers()}
         for name, (weight, bias) in self.originals.items():
             writers[name].write(weight, bias)
+        if self.bias_originals:
+            biases = {w.name: w for w in self.model.bias_writers()}
+            for name, value in self.bias_originals.items():
+                biases[name].write(value)
         self.reverted = True
 
     def __enter__(self) -> EditHandle:

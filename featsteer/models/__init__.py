@@ -1,6 +1,6 @@
 """Models behind one adapter: load any supported model and address its activations by TransformerLens name."""
 
-from featsteer.models.adapter import HookFn, ModelAdapter, ResidualWriter, StopForward, TokenBatch
+from featsteer.models.adapter import BiasWriter, HookFn, ModelAdapter, ResidualWriter, StopForward, TokenBatch
 from featsteer.models.chat import FALLBACK_TEMPLATE, FormattedPrompt, format_instruction
 from featsteer.models.families import FAMILIES, FamilySpec, family_for, supported_model_types
 from featsteer.models.hookpoints import (
@@ -17,6 +17,7 @@ from featsteer.models.hookpoints import (
 from featsteer.models.loading import default_cache_dir, load_model
 
 __all__ = [
+    "BiasWriter",
     "FALLBACK_TEMPLATE",
     "FAMILIES",
     "HEAD_KINDS",

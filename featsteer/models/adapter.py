@@ -84,6 +84,37 @@ class ResidualWriter:
     is kept). False (copy semantics) for slices of a fused tensor and TransformerLens parameters."""
 
 
+@dataclass(frozen=True)
+class BiasWriter:
+    """A bias that adds the same vector to the residual stream at every position: adding `delta` to it adds
+    `reach @ delta` to the stream after block `layer`'s branch that holds it.
+
+    An output projection's bias reaches the whole stream (`reach` is the identity, times a residual multiplier where the
+    family has one). An attention value bias reaches it through the output projection: every query's attention weights
+    sum to 1, so a value bias shared by all positions comes out of the attention unchanged and then through `W_O`
+    (`reach` sums the output projection's columns of the query heads that read that key-value head).
+    """
+
+    name: str
+    """`blocks.{l}.hook_attn_out` or `blocks.{l}.hook_mlp_out` (an output projection's bias) or `blocks.{l}.attn.b_V`."""
+    layer: int
+    reach: Callable[[], Tensor]
+    """`() -> (d_model, width)` float64 map from the bias to what it adds to the stream (read from the current weights)."""
+    read: Callable[[], Tensor]
+    write: Callable[[Tensor], None]
+    """Store a tensor of the bias's shape and dtype (in place, under `torch.no_grad`)."""
+
+    @property
+    def full(self) -> bool:
+        """True for an output projection's bias, which reaches every direction of the stream."""
+        return not self.name.endswith(".b_V")
+
+    @property
+    def hook(self) -> str:
+        """The hook whose value a change of this bias shifts (a value bias: its layer's attention output)."""
+        return self.name if self.full else f"blocks.{self.layer}.hook_attn_out"
+
+
 class ModelAdapter(ABC):
     """Backend-independent model interface (see module docstring)."""
 
@@ -217,6 +248,11 @@ class ModelAdapter(ABC):
     @abstractmethod
     def residual_writers(self) -> list[ResidualWriter]:
         """Every weight that writes into the residual stream (embedding, attention and MLP outputs)."""
+
+    def bias_writers(self) -> list[BiasWriter]:
+        """The biases that add a constant vector to the residual stream (see `BiasWriter`), in layer order; none by
+        default. Post-norm families have none: a norm after the branch rescales whatever the bias writes."""
+        return []
 
     @abstractmethod
     def unembed(self) -> tuple[Tensor, Callable[[Tensor], Tensor]]:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from featsteer.errors import FeatsteerError
-from featsteer.models.adapter import HookFn, ModelAdapter, ResidualWriter, TokenBatch
+from featsteer.models.adapter import BiasWriter, HookFn, ModelAdapter, ResidualWriter, TokenBatch
 from featsteer.models.families import FamilySpec, family_for
 from featsteer.models.hookpoints import HookSite
 
@@ -375,6 +375,23 @@ class HFModelAdapter(ModelAdapter):
         writers.extend(_projection_writer(f"{name}.shared{i}", layer, "mlp_out", module, False) for i, module in enumerate(shared))
         return writers
 
+    def bias_writers(self) -> list[BiasWriter]:
+        if self.spec.post_norms:
+            return []
+        writers = []
+        for layer in range(self.n_layers):
+            attn_out = self._optional_module(self.spec.attn_out_proj, layer)
+            attention = self._optional_module(self.spec.attn, layer)
+            value = _value_bias_writer(layer, attention, attn_out, self.n_heads, self._write_scale, self.spec.conv1d_projections)
+            if value is not None:
+                writers.append(value)
+            dense = self._optional_module(self.spec.experts, layer) is None if self.spec.experts else True
+            mlp_out = self._optional_module(self.spec.mlp_out_proj, layer) if dense else None  # an expert's bias is routed
+            for kind, module in (("attn_out", attn_out), ("mlp_out", mlp_out)):
+                if module is not None and isinstance(getattr(module, "bias", None), Tensor):
+                    writers.append(_output_bias_writer(f"blocks.{layer}.hook_{kind}", layer, module.bias, self._write_scale))
+        return writers
+
     def _optional_module(self, path: str, layer: int) -> nn.Module | None:
         try:
             return self._module(path, layer)
@@ -682,6 +699,42 @@ def _projection_writer(name: str, layer: int, kind: str, module: nn.Module, conv
             _replace(module.bias, bias)
 
     return ResidualWriter(name=name, layer=layer, kind=kind, read=read, write=write, replaces=True)
+
+
+def _output_bias_writer(name: str, layer: int, bias: nn.Parameter, scale: float) -> BiasWriter:
+    """An output projection's bias: it adds `scale * bias` to the stream at every position."""
+    return BiasWriter(name, layer, lambda: scale * torch.eye(bias.shape[0], dtype=torch.float64), lambda: bias.detach(),
+                      lambda value: _copy_into(bias, value))
+
+
+def _value_bias_writer(layer: int, attention: nn.Module | None, out_proj: nn.Module | None, n_heads: int, scale: float,
+                       conv1d: bool) -> BiasWriter | None:
+    """The attention's value bias as a `BiasWriter`, when the layer has a separate biased `v_proj` feeding a softmax
+    attention whose heads the output projection reads side by side; None otherwise (no such bias, fused projections,
+    attention sinks, whose softmax rows do not sum to 1)."""
+    v_proj = getattr(attention, "v_proj", None)
+    if (conv1d or out_proj is None or not isinstance(v_proj, nn.Linear) or v_proj.bias is None or hasattr(attention, "sinks")
+            or not isinstance(getattr(out_proj, "weight", None), Tensor) or out_proj.weight.shape[1] % n_heads):
+        return None
+    d_head = out_proj.weight.shape[1] // n_heads
+    n_kv = v_proj.out_features // d_head
+    if v_proj.out_features % d_head or n_kv < 1 or n_heads % n_kv:
+        return None
+    bias = v_proj.bias
+
+    def reach() -> Tensor:
+        # query head h reads key-value head h // (n_heads / n_kv), as transformers' repeat_kv lays them out
+        heads = out_proj.weight.detach().double().unflatten(1, (n_kv, n_heads // n_kv, d_head))  # (d_model, kv, rep, d_head)
+        return scale * heads.sum(2).flatten(1)
+
+    return BiasWriter(f"blocks.{layer}.attn.b_V", layer, reach, lambda: bias.detach(), lambda value: _copy_into(bias, value))
+
+
+def _copy_into(param: nn.Parameter, value: Tensor) -> None:
+    if value.shape != param.shape:
+        raise FeatsteerError(f"a bias of shape {tuple(param.shape)} cannot take a tensor of shape {tuple(value.shape)}")
+    with torch.no_grad():
+        param.copy_(value)
 
 
 def _replace(param: nn.Parameter, value: Tensor) -> None:

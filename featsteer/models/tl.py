@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
-from featsteer.models.adapter import HookFn, ModelAdapter, ResidualWriter, TokenBatch
+from featsteer.models.adapter import BiasWriter, HookFn, ModelAdapter, ResidualWriter, TokenBatch
 from featsteer.models.hookpoints import HookSite
 
 
@@ -101,6 +101,21 @@ class TLModelAdapter(ModelAdapter):
             writers.append(_param_writer(f"blocks.{layer}.hook_mlp_out", layer, "mlp_out", block.mlp, "W_out", "b_out"))
         return writers
 
+    def bias_writers(self) -> list[BiasWriter]:
+        if self.is_bridge:
+            from featsteer.models.hf import HFModelAdapter
+
+            return HFModelAdapter(self.model.original_model, self.tokenizer).bias_writers()
+        if self.post_norms:
+            return []
+        writers = []
+        for layer, block in enumerate(self.model.blocks):
+            for kind, module, attr in (("attn_out", block.attn, "b_O"), ("mlp_out", block.mlp, "b_out")):
+                bias = getattr(module, attr, None)
+                if isinstance(bias, Tensor) and bias.dim() == 1:
+                    writers.append(_bias_writer(f"blocks.{layer}.hook_{kind}", layer, bias))
+        return writers
+
     def unembed(self) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         if self.is_bridge:
             from featsteer.models.hf import HFModelAdapter
@@ -121,6 +136,16 @@ def _tl_hook(site: HookSite, fn: HookFn, n_heads: int):
         return None if new is None else new.flatten(-2)
 
     return heads_hook
+
+
+def _bias_writer(name: str, layer: int, bias: torch.nn.Parameter) -> BiasWriter:
+    """A TransformerLens block's output bias (`b_O`, `b_out`): it adds itself to the stream at every position."""
+
+    def write(value: Tensor) -> None:
+        with torch.no_grad():
+            bias.copy_(value)
+
+    return BiasWriter(name, layer, lambda: torch.eye(bias.shape[0], dtype=torch.float64), lambda: bias.detach(), write)
 
 
 def _param_writer(name: str, layer: int | None, kind: str, module, weight_attr: str, bias_attr: str | None) -> ResidualWriter:
