@@ -453,7 +453,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     result = find_refusal_direction(model, harmful, harmless, config, val=val)
     chosen = result.selection.chosen
     print(f"direction: {args.method} at {chosen.hook} position {chosen.position} (KL on harmless {chosen.kl_harmless:.4f})")
-    edit = _edit_config(args, mode, model)
+    edit = _edit_config(args, mode, model) if mode != "bias_addition" else None
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     held_harmful, held_harmless = (s.head(min(args.eval_n, len(s))) for s in result.val)
     before = evaluate_refusal(model, held_harmful, held_harmless, config)
@@ -1286,7 +1286,7 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--direction-position", type=int, metavar="P", help="with --directions: which position's direction")
     abl.add_argument("--reverse", action="store_true", help="reverse abliteration: amplify the direction (W + a r r^T W, a = --alpha); "
                      "it scales what the writes already carry along it, so it induces little refusal where harmless prompts carry "
-                     "almost none (benchmarks/results/induce_edit_*.md); `featsteer steer --mode add` adds the direction instead")
+                     "almost none (benchmarks/results/induce_edit_*.md); --induce-bias adds the direction instead")
     abl.add_argument("--induce", action="store_true", help="--reverse plus --shift times the direction added to every token embedding "
                      "(read by every block from the first; large shifts break the model)")
     abl.add_argument("--induce-bias", action="store_true",

@@ -786,3 +786,17 @@ def test_abliterate_induce_bias_exports_the_addition_and_its_errors(capsys, tmp_
     code, _, err = _run(capsys, "abliterate", "--model", "tiny:llama", *common[2:], "--directions", str(tmp_path / "dirs"), "--induce-bias",
                         "--out", str(tmp_path / "bad"))
     assert code == 2 and "no bias that adds a constant" in err and not (tmp_path / "bad").exists(), err
+
+
+def test_abliterate_induce_bias_fits_the_direction_and_writes_the_mlp_bias(capsys, tmp_path):
+    """The fitting path of --induce-bias on a model with MLP output biases: the whole addition in the bias of the block
+    before the chosen hook, recorded as equal to the runtime addition."""
+    code, stdout, err = _run(capsys, "abliterate", "--model", "tiny:starcoder2", "--harmful", "builtin:harmful:train", "--harmless",
+                             "builtin:harmless:train", "--n", "12", "--n-select", "3", "--eval-n", "3", "--max-new-tokens", "2",
+                             "--induce-bias", "--scale", "3", "--out", str(tmp_path / "added"))
+    assert code == 0 and "before -> after (bias_addition)" in stdout, err
+    meta = json.loads((tmp_path / "added" / "featsteer.json").read_text())
+    layer = int(meta["direction_hook"].split(".")[1])
+    assert f"through the bias of blocks.{layer - 1}.hook_mlp_out; the same as the runtime addition" in stdout
+    assert meta["edit"]["exact_at_hook"] and list(meta["bias_writers"]) == [f"blocks.{layer - 1}.hook_mlp_out"] and meta["scale"] == 3.0
+    assert meta["bias_writers"][f"blocks.{layer - 1}.hook_mlp_out"] == pytest.approx(3 * meta["length"], rel=1e-4)

@@ -556,3 +556,12 @@ def test_forward_does_not_keep_attention_weights_through_the_mlp(family_model):
         assert _attention_weights_alive_in_mlp(adapter, lambda: adapter.run(batch)) == [True]
     finally:
         model.config.output_attentions = False
+
+
+def test_a_sequence_longer_than_a_learned_position_table_is_a_one_line_error():
+    model = load_model("tiny:gpt2")  # 256 learned positions
+    assert model.logits(["x" * 200]).shape[0] == 1
+    with pytest.raises(FeatsteerError, match="tokens is longer than the 256 positions of tiny:gpt2: use shorter prompts"):
+        model.logits(["x" * 300])
+    with pytest.raises(FeatsteerError, match="longer than the 256 positions"):
+        model.generate(["x" * 230], max_new_tokens=40)

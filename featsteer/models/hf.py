@@ -295,6 +295,11 @@ class HFModelAdapter(ModelAdapter):
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.model.config)
+        if self.spec.pos_embed and batch.position_ids.numel():  # a learned position table has a last row; rotary ones do not
+            positions = self._module(self.spec.pos_embed).num_embeddings
+            if (length := int(batch.position_ids.max()) + 1) > positions:
+                raise FeatsteerError(f"a sequence of {length} tokens is longer than the {positions} positions of {self.name}: use shorter "
+                                     "prompts (or fewer new tokens)")
         cache_kwarg = _cache_keyword(type(self.model))
         remove = self._discard_attention_weights()
         try:
