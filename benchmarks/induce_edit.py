@@ -10,8 +10,8 @@ plain weights. This measures them over a grid of amplifications `a` and shifts (
 row norm, so that 1 moves every token by one typical embedding's length), next to the runtime addition of the DIM
 mean difference at the chosen hook (`dim_actadd_induce` at 0.5x, 1x and 2x), which is what the issue's induce target
 was measured with, and `abliterate --induce-bias` (`edits.add_through_biases`: the same addition written into biases,
-here Qwen2's attention value biases spread over the blocks before the direction's layer; the organism, a Llama, has no
-biases) at a grid of scales and at the scale `featsteer compare`'s `dim_bias_induce` picks on validation prompts. Each row: harmless prompts refused (the `featsteer eval` detector), how many of those responses end
+here Qwen2's attention value biases spread over the blocks before the direction's layer, and for the organism, a Llama,
+the MLP output bias of the block before it, which `mlp_bias` switches on) at a grid of scales and at the scale `featsteer compare`'s `dim_bias_induce` picks on validation prompts. Each row: harmless prompts refused (the `featsteer eval` detector), how many of those responses end
 in a loop (`LoopDetector`), the refusals that do not loop, and the first-token KL from the unedited model.
 
 Prompts as `abliteration.py`'s: Qwen directions from the first 256 AdvBench vs MT-Bench+IFBench prompts (16
@@ -116,14 +116,14 @@ def _bias_rows(args, model, result, direction, mean_difference, harmless, gen, b
     add = lambda scale: add_through_biases(model, direction.double() * (scale * mean_difference), hook)  # noqa: E731
     try:
         with add(1.0) as handle:
-            writers = handle.record["bias_writers"]
+            writers, edit = handle.record["bias_writers"], handle.record["edit"]
     except FeatsteerError as error:
         print(f"no bias rows: {error}", flush=True)
         return {"rows": [], "skipped": str(error)}
     started = time.perf_counter()
     val_harmless = result.val[1].head(min(args.n_pick, len(result.val[1])))
     picked, rates = pick_induce_scale(model, add, val_harmless)
-    out = {"writers": writers, "picked_scale": picked, "val_coherent_refusal": {str(k): v for k, v in rates.items()},
+    out = {"writers": writers, "switched_on": edit.get("switched_on"), "exact_at_hook": edit["exact_at_hook"], "picked_scale": picked, "val_coherent_refusal": {str(k): v for k, v in rates.items()},
            "n_pick": len(val_harmless), "pick_seconds": round(time.perf_counter() - started, 1), "rows": []}
     print(f"--induce-bias scale picked on {len(val_harmless)} validation prompts: {picked:g} ({rates})", flush=True)
     for scale in sorted({*_floats(args.bias_scales), picked}):
@@ -180,7 +180,12 @@ def render(out: dict) -> str:
     elif bias:
         names = list(bias["writers"])
         rates = ", ".join(f"{k}: {v:.2f}" for k, v in bias["val_coherent_refusal"].items())
-        lines += ["", f"`--induce-bias` writes into {len(names)} biases ({names[0]} to {names[-1]}). The scale `featsteer compare`'s "
+        where = f"the bias of {names[0]}" if len(names) == 1 else f"{len(names)} biases ({names[0]} to {names[-1]})"
+        if bias.get("switched_on"):
+            where += f", which `{bias['switched_on']}` switches on"
+        if bias.get("exact_at_hook"):
+            where += "; that equals the runtime addition at the hook"
+        lines += ["", f"`--induce-bias` writes into {where}. The scale `featsteer compare`'s "
                   f"`dim_bias_induce` picks on {bias['n_pick']} validation harmless prompts (the smallest within 0.05 of the best "
                   f"coherent refusal rate, 32 new tokens; {bias['pick_seconds']:.0f} s): **{bias['picked_scale']:g}** (rates by scale: {rates})."]
     return "\n".join(lines) + "\n"

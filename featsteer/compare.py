@@ -497,8 +497,8 @@ def register_method(name: str, description: str, *, needs_saes: bool = False, ne
         needs_experts: the method changes expert routing; it runs only on mixture-of-experts models (`model.moe_layers`).
         needs_heads: the method reads what single attention heads write into the stream; it does not run on models
             that normalise the attention output before the stream (`model.post_norms`), where heads do not add up.
-        needs_biases: the method edits biases that add a constant to the stream (`model.bias_writers()`); it does not
-            run on models without them (Llama, Mistral, Gemma, the organism).
+        needs_biases: the method edits biases that add a constant to the stream (`model.bias_writers()`, or those
+            `model.add_biases()` creates); it does not run on models with neither (Mistral, Phi-3, post-norm families).
     """
 
     def wrap(fn: Method) -> Method:
@@ -516,10 +516,15 @@ def available_methods(saes: bool = True, model: ModelAdapter | None = None) -> d
     norms = model is None or model.input_norms
     experts = model is None or bool(model.moe_layers)
     heads = model is None or _additive_heads(model)
-    biases = model is None or bool(model.bias_writers())
+    biases = model is None or _has_biases(model)
     return {name: entry.description for name, entry in _METHODS.items()
             if (saes or not entry.needs_saes) and (norms or not entry.needs_input_norms) and (experts or not entry.needs_experts)
             and (heads or not entry.needs_heads) and (biases or not entry.needs_biases)}
+
+
+def _has_biases(model: ModelAdapter) -> bool:
+    """Whether the model has biases that add a constant to the stream, or a config switch that gives it some."""
+    return bool(model.bias_writers()) or model.bias_switch() is not None
 
 
 def _additive_heads(model: ModelAdapter) -> bool:
@@ -546,9 +551,9 @@ def _check_methods(names: Sequence[str], have_saes: bool, model: ModelAdapter) -
         raise FeatsteerError(f"method(s) {', '.join(norms)} steer the normalised attention and MLP inputs, which {model.family} does not "
                              "have (its branches read the stream itself): leave them out")
     biased = [n for n in names if _METHODS[n].needs_biases]
-    if biased and not model.bias_writers():
-        raise FeatsteerError(f"method(s) {', '.join(biased)} edit biases that add a constant to the stream, and {model.family} has none "
-                             "(no biases, or a norm after each branch): leave them out")
+    if biased and not _has_biases(model):
+        raise FeatsteerError(f"method(s) {', '.join(biased)} edit biases that add a constant to the stream, and {model.name} has none "
+                             "(no biases and no config switch for them, or a norm after each branch): leave them out")
 
 
 def method_context(ctx: CompareContext, name: str) -> contextlib.AbstractContextManager:
@@ -820,8 +825,8 @@ def _induce(ctx: CompareContext):
 
 
 @register_method("dim_bias_induce", "the addition of dim_actadd_induce made a weight edit: written into the biases before its layer "
-                 "(an MLP output bias, or Qwen2-style attention value biases spread over earlier layers), scale picked on validation "
-                 "prompts (induces refusal)", needs_biases=True)
+                 "(an MLP output bias, one a config switch creates such as Llama's mlp_bias, or Qwen2-style attention value biases "
+                 "spread over earlier layers), scale picked on validation prompts (induces refusal)", needs_biases=True)
 def _bias_induce(ctx: CompareContext):
     result = ctx.directions("dim")
     chosen = result.selection.chosen

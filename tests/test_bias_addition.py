@@ -21,6 +21,10 @@ ATTENTION_BIAS_ONLY = ("gpt_oss", "lfm2")
 reads what it writes."""
 VALUE_BIAS_FAMILIES = ("qwen2", "qwen2_moe", "seed_oss")
 """Families with attention value biases and no output bias: the vector is spread over earlier layers."""
+SWITCHED_MLP = ("llama", "smollm3", "granite", "arcee")
+"""Families without biases whose config's `mlp_bias` gives their MLPs some: the addition then equals the runtime one."""
+SWITCHED_ATTENTION = ("qwen3", "gemma", "apertus", "hunyuan_v1_dense", "cohere")
+"""Families whose `attention_bias` is their only switch (Cohere's blocks are parallel, so it equals the runtime one)."""
 
 
 def _vector(d_model: int, seed: int = 3) -> torch.Tensor:
@@ -39,7 +43,7 @@ def _writes(adapter, handle) -> list[tuple[str, torch.Tensor]]:
             for name, old in handle.bias_originals.items()]
 
 
-@pytest.mark.parametrize("family", OUTPUT_BIAS_FAMILIES + ATTENTION_BIAS_ONLY + VALUE_BIAS_FAMILIES)
+@pytest.mark.parametrize("family", OUTPUT_BIAS_FAMILIES + ATTENTION_BIAS_ONLY + VALUE_BIAS_FAMILIES + SWITCHED_MLP + SWITCHED_ATTENTION)
 def test_edited_biases_add_their_writes_and_revert_exactly(family):
     """The edited model gives the logits of the unedited one with each changed bias's write added at its hook at
     runtime, the writes sum to the vector, and leaving the handle restores every parameter bit for bit."""
@@ -47,11 +51,13 @@ def test_edited_biases_add_their_writes_and_revert_exactly(family):
     layer = adapter.n_layers - 1
     vector = _vector(adapter.d_model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = model.config.to_dict()
     base = adapter.logits(PROMPTS)
     with add_through_biases(adapter, vector, layer, record={"method": "test"}) as handle:
         edited = adapter.logits(PROMPTS)
         writes = _writes(adapter, handle)
     assert (edited - base).abs().max() > 1e-2
+    assert model.config.to_dict() == config and model.state_dict().keys() == before.keys()  # a created bias is removed again
     torch.testing.assert_close(sum(w for _, w in writes), vector.double(), atol=1e-4, rtol=0)
     with steer(adapter, *[AddDirection(w.float(), 1.0, where=hook) for hook, w in writes]):
         torch.testing.assert_close(adapter.logits(PROMPTS), edited, atol=1e-4, rtol=0)
@@ -61,10 +67,12 @@ def test_edited_biases_add_their_writes_and_revert_exactly(family):
         assert sorted(handle.bias_originals) == [f"blocks.{i}.attn.b_V" for i in range(layer)]
     else:
         assert len(handle.bias_originals) == 1 and next(iter(handle.bias_originals)).startswith(f"blocks.{layer - 1}.hook_")
-    assert handle.record["edit"]["exact_at_hook"] == (family in OUTPUT_BIAS_FAMILIES)
+    assert handle.record["edit"]["exact_at_hook"] == (family in OUTPUT_BIAS_FAMILIES + SWITCHED_MLP + ("cohere",))
+    assert handle.record["edit"].get("switched_on") == ("mlp_bias" if family in SWITCHED_MLP else
+                                                        "attention_bias" if family in SWITCHED_ATTENTION else None)
 
 
-@pytest.mark.parametrize("family", OUTPUT_BIAS_FAMILIES)
+@pytest.mark.parametrize("family", OUTPUT_BIAS_FAMILIES + SWITCHED_MLP)
 def test_an_mlp_output_bias_equals_the_runtime_addition_at_the_hook(family):
     model, adapter = _adapter(family)
     vector = _vector(adapter.d_model, seed=4)
@@ -100,6 +108,21 @@ def test_value_biases_prefer_late_layers():
     assert late[16.0] > 2 * late[1.0]
 
 
+def test_export_with_created_biases_loads_with_the_switch_on(tmp_path):
+    """Llama: the export carries `mlp_bias: true` and the zero biases of every MLP projection besides the written one, so
+    plain transformers builds the same model; the live model is back to no biases after the handle is left."""
+    from transformers import AutoModelForCausalLM
+
+    model, adapter = _adapter("llama")
+    with add_through_biases(adapter, _vector(adapter.d_model), 2) as handle:
+        expected = adapter.logits(PROMPTS)
+        handle.export(tmp_path / "edited")
+    assert json.loads((tmp_path / "edited" / "config.json").read_text())["mlp_bias"] is True and not model.config.mlp_bias
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
+    assert plain.model.layers[0].mlp.gate_proj.bias is not None and model.model.layers[0].mlp.gate_proj.bias is None
+    torch.testing.assert_close(load_model(str(tmp_path / "edited")).logits(PROMPTS), expected, atol=1e-5, rtol=0)
+
+
 def test_export_of_a_bias_addition_loads_with_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -113,7 +136,7 @@ def test_export_of_a_bias_addition_loads_with_transformers(tmp_path):
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "edited"), type(model))
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral", "gemma2"])
+@pytest.mark.parametrize("family", ["mistral", "phi3", "mixtral", "gemma2"])
 def test_a_model_without_usable_biases_is_a_one_line_error(family):
     model, adapter = _adapter(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -162,10 +185,11 @@ def test_compare_runs_the_bias_induce_method_only_where_biases_exist():
     from featsteer.pipeline import DirectionConfig
 
     harmful, harmless = builtin_prompts("harmful", "train").head(16), builtin_prompts("harmless", "train").head(16)
-    llama = load_model("tiny:llama")
-    assert "dim_bias_induce" not in available_methods(saes=False, model=llama)
-    with pytest.raises(FeatsteerError, match="dim_bias_induce edit biases that add a constant to the stream, and llama has none"):
-        compare(llama, harmful, harmless, methods=["none", "dim_bias_induce"])
+    mistral = load_model("tiny:mistral")
+    assert "dim_bias_induce" not in available_methods(saes=False, model=mistral)
+    assert "dim_bias_induce" in available_methods(saes=False, model=load_model("tiny:llama"))  # mlp_bias can be switched on
+    with pytest.raises(FeatsteerError, match="dim_bias_induce edit biases that add a constant to the stream, and tiny:mistral has none"):
+        compare(mistral, harmful, harmless, methods=["none", "dim_bias_induce"])
     model = load_model("tiny:qwen2")
     assert "dim_bias_induce" in available_methods(saes=False, model=model)
     before = {k: v.clone() for k, v in model.model.state_dict().items()}

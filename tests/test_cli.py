@@ -783,7 +783,7 @@ def test_abliterate_induce_bias_exports_the_addition_and_its_errors(capsys, tmp_
         args = extra if "--directions" in extra else ["--directions", str(tmp_path / "dirs"), *extra]
         code, _, err = _run(capsys, "abliterate", *common, *args, "--induce-bias", "--out", str(tmp_path / "bad"))
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists(), err
-    code, _, err = _run(capsys, "abliterate", "--model", "tiny:llama", *common[2:], "--directions", str(tmp_path / "dirs"), "--induce-bias",
+    code, _, err = _run(capsys, "abliterate", "--model", "tiny:mistral", *common[2:], "--directions", str(tmp_path / "dirs"), "--induce-bias",
                         "--out", str(tmp_path / "bad"))
     assert code == 2 and "no bias that adds a constant" in err and not (tmp_path / "bad").exists(), err
 

@@ -124,6 +124,8 @@ class EditHandle:
     reverted: bool = False
     bias_originals: dict[str, Tensor] = field(default_factory=dict)
     """The original values of the biases a bias addition changed (`edits.add_through_biases`), by `BiasWriter` name."""
+    undo: list = field(default_factory=list)
+    """Run last on revert, newest first: what else the edit changed (biases it created and the config switch for them)."""
 
     def revert(self) -> None:
         """Restore every touched writer and bias to its original tensors (bit-identical)."""
@@ -134,6 +136,8 @@ class EditHandle:
             biases = {w.name: w for w in self.model.bias_writers()}
             for name, value in self.bias_originals.items():
                 biases[name].write(value)
+        for step in reversed(self.undo):
+            step()
         self.reverted = True
 
     def __enter__(self) -> EditHandle:

@@ -17,7 +17,10 @@ Where the bias goes (`models.BiasWriter`):
   before `layer - 1` costs `decay**k` as much, which keeps the writes as late as the reach allows (the blocks between
   read what is written before them, which the runtime addition does not). The writes sum to `v` exactly (checked).
 
-A model with neither kind of bias (Llama, Mistral, Gemma: no biases) gets a one-line error pointing to the runtime
+A model with neither kind of bias whose config has a switch for them (Llama, SmolLM3, Granite: `mlp_bias`; Qwen3, Gemma,
+Cohere: `attention_bias`) first gets them switched on, zero everywhere (`ModelAdapter.add_biases`), so the export loads
+with plain transformers; with `mlp_bias` the addition then equals the runtime one. Leaving the handle removes them and
+switches the flag off again. A model with no switch (Mistral, Phi-3) gets a one-line error pointing to the runtime
 addition; so does a post-norm family, whose norm rescales whatever a bias writes.
 """
 
@@ -70,17 +73,32 @@ def add_through_biases(model: ModelAdapter, vector: Tensor, layer: int | str, *,
     if decay < 1 or not math.isfinite(decay):
         raise FeatsteerError(f"decay must be a finite number >= 1, got {decay}")
     every = model.bias_writers()
+    switched = model.add_biases() if not every else None  # Llama: mlp_bias on, zero biases everywhere
+    created = switched[1] if switched is not None else None
+    if created is not None:
+        every = model.bias_writers()
     writers = [w for w in every if w.layer < layer]
     if not (writers if exact else every):
+        if created is not None:
+            created()
         raise FeatsteerError(f"{model.name} has no bias that adds a constant to the residual stream before block {layer} (a model "
-                             "without biases, or a post-norm family): add the direction at runtime instead (featsteer steer --mode add)")
-    deltas, last, missed = _spread(writers, target, layer, decay, exact) if writers else ({}, None, 1.0)
+                             "without biases whose config cannot switch them on, or a post-norm family): add the direction at "
+                             "runtime instead (featsteer steer --mode add)")
+    try:
+        deltas, last, missed = _spread(writers, target, layer, decay, exact) if writers else ({}, None, 1.0)
+    except FeatsteerError:
+        if created is not None:
+            created()
+        raise
     # the edit equals the runtime addition at the hook when the one bias it changed is the last thing block layer - 1
     # adds to the stream: its MLP's, or its attention's in a parallel block (else the block's MLP reads what it wrote)
     exact_at_hook = last is not None and (last.name.endswith("hook_mlp_out") or model.parallel_block)
     handle = EditHandle(model, {}, {"edit": {"mode": "bias_addition", "layer": layer, "norm": round(float(target.norm()), 6),
                                              "decay": decay, "exact_at_hook": exact_at_hook, "missed": round(missed, 6)},
                                     **(record or {})})
+    if created is not None:
+        handle.undo.append(created)
+        handle.record["edit"]["switched_on"] = switched[0]
     by_name = {w.name: w for w in writers}
     try:
         for name, delta in deltas.items():

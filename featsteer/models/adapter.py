@@ -254,6 +254,18 @@ class ModelAdapter(ABC):
         default. Post-norm families have none: a norm after the branch rescales whatever the bias writes."""
         return []
 
+    def bias_switch(self) -> str | None:
+        """The config switch `add_biases` would turn on, without turning it on; None when there is none (the default)."""
+        return None
+
+    def add_biases(self) -> tuple[str, Callable[[], None]] | None:
+        """For a model without such biases whose config has a switch that gives its branches biases (Llama's `mlp_bias`,
+        Qwen3's and Gemma's `attention_bias`): turn it on and give every layer the zero biases the switched-on model
+        has, so the output is unchanged, `bias_writers()` then lists them and an export loads with the switch on.
+        Returns the switch's name and the undo (the biases removed, the switch off), or None when there is no such switch
+        (the default)."""
+        return None
+
     @abstractmethod
     def unembed(self) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """Return `(W_U (vocab, d_model), final_norm)` for reading residual vectors as logits."""

@@ -397,6 +397,54 @@ class HFModelAdapter(ModelAdapter):
                     writers.append(_output_bias_writer(f"blocks.{layer}.hook_{kind}", layer, module.bias, self._write_scale))
         return writers
 
+    BIAS_SWITCHES = (("mlp_bias", "mlp"), ("attention_bias", "attn"))
+    """Config flags that give a family's MLP or attention projections biases, in the order `add_biases` tries them."""
+
+    def bias_switch(self) -> str | None:
+        found = self._bias_switch()
+        return found[0] if found else None
+
+    def add_biases(self) -> tuple[str, Callable[[], None]] | None:
+        found = self._bias_switch()
+        if found is None:
+            return None
+        flag, missing = found
+        return flag, _create_biases(self.model.config.get_text_config(), flag, missing)
+
+    def _bias_switch(self) -> tuple[str, list[nn.Linear]] | None:
+        """The first of `BIAS_SWITCHES` the model has off, with the projections it would give biases; None when the model
+        has biases already, or is a post-norm or mixture-of-experts family, or has no such switch."""
+        if self.spec.post_norms or self.spec.experts or self.bias_writers():
+            return None
+        config = self.model.config.get_text_config()
+        for flag, branch in self.BIAS_SWITCHES:
+            if getattr(config, flag, None) is False and (missing := self._biases_switched_on(config, flag, getattr(self.spec, branch))):
+                return flag, missing
+        return None
+
+    def _biases_switched_on(self, config, flag: str, branch: str) -> list[nn.Linear]:
+        """The projections of every layer's `branch` that lack a bias which the same layer built with `flag` on has (found
+        by building one layer on the meta device); empty when the layer cannot be built that way."""
+        import copy
+
+        switched = copy.deepcopy(config)
+        setattr(switched, flag, True)
+        try:
+            with torch.device("meta"):
+                built = type(self.layers[0])(switched, 0)
+        except Exception:  # a layer class that does not take (config, layer_idx): no switch featsteer can flip
+            return []
+        owner = next((m for path in branch.split("|") if (m := _attr_path(built, path)) is not None), None)
+        wanted = {name for name, module in (owner.named_modules() if owner is not None else ())
+                  if isinstance(module, nn.Linear) and module.bias is not None}
+        missing = []
+        for layer in range(self.n_layers):
+            module = self._optional_module(branch, layer)
+            for name, child in (module.named_modules() if module is not None else ()):
+                if name in wanted and isinstance(child, nn.Linear) and child.bias is None:
+                    missing.append(child)
+        return missing
+
     def _optional_module(self, path: str, layer: int) -> nn.Module | None:
         try:
             return self._module(path, layer)
@@ -733,6 +781,28 @@ def _value_bias_writer(layer: int, attention: nn.Module | None, out_proj: nn.Mod
         return scale * heads.sum(2).flatten(1)
 
     return BiasWriter(f"blocks.{layer}.attn.b_V", layer, reach, lambda: bias.detach(), lambda value: _copy_into(bias, value))
+
+
+def _attr_path(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return operator.attrgetter(path)(root)
+    except AttributeError:
+        return None
+
+
+def _create_biases(config, flag: str, modules: list[nn.Linear]) -> Callable[[], None]:
+    """Zero biases on `modules` and `config.flag` on; returns the undo."""
+    for module in modules:
+        module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype, device=module.weight.device),
+                                   requires_grad=module.weight.requires_grad)
+    setattr(config, flag, True)
+
+    def undo() -> None:
+        for module in modules:
+            module.bias = None
+        setattr(config, flag, False)
+
+    return undo
 
 
 def _copy_into(param: nn.Parameter, value: Tensor) -> None:
