@@ -50,9 +50,12 @@ def main() -> None:
     parser.add_argument("--bias-scales", default="0.5,0.75,1,1.5",
                         help="comma list of `abliterate --induce-bias` scales (x the DIM mean difference, written into biases)")
     parser.add_argument("--n-pick", type=int, default=64, help="validation harmless prompts the picked --induce-bias scale reads")
+    parser.add_argument("--bias-decays", default="2",
+                        help="comma list of --bias-decay values for the --induce-bias rows (the pick uses the first)")
+    parser.add_argument("--results-name", help="results file stem (default: induce_edit_<target>)")
     parser.add_argument("--render-only", action="store_true", help="re-write the markdown from the results JSON")
     args = parser.parse_args()
-    path = RESULTS / f"induce_edit_{args.target}"
+    path = RESULTS / (args.results_name or f"induce_edit_{args.target}")
     if args.render_only:
         path.with_suffix(".md").write_text(render(json.loads(path.with_suffix(".json").read_text())))
         return
@@ -113,7 +116,11 @@ def _bias_rows(args, model, result, direction, mean_difference, harmless, gen, b
     from featsteer.errors import FeatsteerError
 
     hook = result.selection.chosen.hook
-    add = lambda scale: add_through_biases(model, direction.double() * (scale * mean_difference), hook)  # noqa: E731
+    decays = _floats(args.bias_decays)
+
+    def add(scale: float, decay: float = decays[0]):
+        return add_through_biases(model, direction.double() * (scale * mean_difference), hook, decay=decay)
+
     try:
         with add(1.0) as handle:
             writers, edit = handle.record["bias_writers"], handle.record["edit"]
@@ -123,14 +130,18 @@ def _bias_rows(args, model, result, direction, mean_difference, harmless, gen, b
     started = time.perf_counter()
     val_harmless = result.val[1].head(min(args.n_pick, len(result.val[1])))
     picked, rates = pick_induce_scale(model, add, val_harmless)
-    out = {"writers": writers, "switched_on": edit.get("switched_on"), "exact_at_hook": edit["exact_at_hook"], "picked_scale": picked, "val_coherent_refusal": {str(k): v for k, v in rates.items()},
+    out = {"writers": writers, "switched_on": edit.get("switched_on"), "exact_at_hook": edit["exact_at_hook"], "picked_scale": picked,
+           "val_coherent_refusal": {str(k): v for k, v in rates.items()},
            "n_pick": len(val_harmless), "pick_seconds": round(time.perf_counter() - started, 1), "rows": []}
     print(f"--induce-bias scale picked on {len(val_harmless)} validation prompts: {picked:g} ({rates})", flush=True)
-    for scale in sorted({*_floats(args.bias_scales), picked}):
-        with add(scale):
-            row = _harmless_row(model, harmless, gen, base_logprobs)["row"]
-        label = f"--induce-bias --scale {scale:g}" + (" (picked on validation)" if scale == picked else "")
-        out["rows"].append({"run": label, "kind": "weight edit (biases)", "scale": scale, "picked": scale == picked, **row})
+    for decay in decays:
+        for scale in sorted({*_floats(args.bias_scales), picked}):
+            with add(scale, decay):
+                row = _harmless_row(model, harmless, gen, base_logprobs)["row"]
+            label = (f"--induce-bias --scale {scale:g}" + (f" --bias-decay {decay:g}" if len(decays) > 1 else "")
+                     + (" (picked on validation)" if scale == picked and decay == decays[0] else ""))
+            out["rows"].append({"run": label, "kind": "weight edit (biases)", "scale": scale, "decay": decay,
+                                "picked": scale == picked and decay == decays[0], **row})
         print(out["rows"][-1]["run"], {k: row[k] for k in ("refused", "looping", "clean_refusals", "kl")}, flush=True)
     return out
 

@@ -201,3 +201,18 @@ def test_compare_runs_the_bias_induce_method_only_where_biases_exist():
     assert list(details["bias_writers"]) == [f"blocks.{i}.attn.b_V" for i in range(layer)]  # 32 dimensions each, of 64
     assert details["missed"] == 1.0 if layer == 0 else 0 < details["missed"] < 1 if layer == 1 else details["missed"] < 1e-6
     assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
+
+
+def test_a_failure_after_the_switch_removes_the_created_biases(monkeypatch):
+    import featsteer.edits.biases as biases
+
+    model, adapter = _adapter("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def broken(*args):
+        raise FeatsteerError("spread failed")
+
+    monkeypatch.setattr(biases, "_spread", broken)
+    with pytest.raises(FeatsteerError, match="spread failed"):
+        add_through_biases(adapter, _vector(adapter.d_model), 2)
+    assert model.state_dict().keys() == before.keys() and not model.config.mlp_bias and adapter.bias_writers() == []

@@ -72,35 +72,25 @@ def add_through_biases(model: ModelAdapter, vector: Tensor, layer: int | str, *,
                              "(EditConfig(mode='induce'))")
     if decay < 1 or not math.isfinite(decay):
         raise FeatsteerError(f"decay must be a finite number >= 1, got {decay}")
-    every = model.bias_writers()
-    switched = model.add_biases() if not every else None  # Llama: mlp_bias on, zero biases everywhere
-    created = switched[1] if switched is not None else None
-    if created is not None:
-        every = model.bias_writers()
-    writers = [w for w in every if w.layer < layer]
-    if not (writers if exact else every):
-        if created is not None:
-            created()
-        raise FeatsteerError(f"{model.name} has no bias that adds a constant to the residual stream before block {layer} (a model "
-                             "without biases whose config cannot switch them on, or a post-norm family): add the direction at "
-                             "runtime instead (featsteer steer --mode add)")
-    try:
-        deltas, last, missed = _spread(writers, target, layer, decay, exact) if writers else ({}, None, 1.0)
-    except FeatsteerError:
-        if created is not None:
-            created()
-        raise
-    # the edit equals the runtime addition at the hook when the one bias it changed is the last thing block layer - 1
-    # adds to the stream: its MLP's, or its attention's in a parallel block (else the block's MLP reads what it wrote)
-    exact_at_hook = last is not None and (last.name.endswith("hook_mlp_out") or model.parallel_block)
     handle = EditHandle(model, {}, {"edit": {"mode": "bias_addition", "layer": layer, "norm": round(float(target.norm()), 6),
-                                             "decay": decay, "exact_at_hook": exact_at_hook, "missed": round(missed, 6)},
-                                    **(record or {})})
-    if created is not None:
-        handle.undo.append(created)
+                                             "decay": decay}, **(record or {})})
+    switched = model.add_biases() if not model.bias_writers() else None  # Llama: mlp_bias on, zero biases everywhere
+    if switched is not None:
+        handle.undo.append(switched[1])
         handle.record["edit"]["switched_on"] = switched[0]
-    by_name = {w.name: w for w in writers}
-    try:
+    try:  # whatever fails from here leaves the model as it was: biases restored, created ones removed
+        every = model.bias_writers()
+        writers = [w for w in every if w.layer < layer]
+        if not (writers if exact else every):
+            raise FeatsteerError(f"{model.name} has no bias that adds a constant to the residual stream before block {layer} (a "
+                                 "model without biases whose config cannot switch them on, or a post-norm family): add the "
+                                 "direction at runtime instead (featsteer steer --mode add)")
+        deltas, last, missed = _spread(writers, target, layer, decay, exact) if writers else ({}, None, 1.0)
+        # the edit equals the runtime addition at the hook when the one bias it changed is the last thing block layer - 1
+        # adds to the stream: its MLP's, or its attention's in a parallel block (else the block's MLP reads what it wrote)
+        handle.record["edit"].update(exact_at_hook=last is not None and (last.name.endswith("hook_mlp_out") or model.parallel_block),
+                                     missed=round(missed, 6))
+        by_name = {w.name: w for w in writers}
         for name, delta in deltas.items():
             old = by_name[name].read()
             handle.bias_originals[name] = old.clone()
