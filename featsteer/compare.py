@@ -813,32 +813,42 @@ def pick_induce_scale(model: ModelAdapter, add: Callable[[float], contextlib.Abs
     return weakest_within(rates, tolerance), rates
 
 
-@register_method("dim_actadd_induce", "DIM mean difference added at its layer, scale picked on validation prompts (induces refusal)")
-def _induce(ctx: CompareContext):
+def _dim_addition(ctx: CompareContext) -> tuple[Tensor, str]:
+    """The chosen DIM direction's mean difference (direction times its length) and its hook: what the induce methods add."""
     result = ctx.directions("dim")
     chosen = result.selection.chosen
-    vector = result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index]
-    scale, rates = pick_induce_scale(ctx.model, lambda s: steer(ctx.model, AddDirection(vector, s, where=chosen.hook)), ctx.validation()[1],
-                                     tolerance=ctx.steering_config.tolerance)
-    ctx.note(induce_hook=chosen.hook, induce_scale=scale, induce_val_refusal={str(k): v for k, v in rates.items()}, setting=f"x{scale:g}")
-    return steer(ctx.model, AddDirection(vector, scale, where=chosen.hook))
+    return result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index], chosen.hook
+
+
+def _induce_scale(ctx: CompareContext, hook: str, add: Callable[[float], contextlib.AbstractContextManager]) -> float:
+    """The scale `pick_induce_scale` picks for `add` on the validation harmless prompts; noted with every scale's rate."""
+    scale, rates = pick_induce_scale(ctx.model, add, ctx.validation()[1], tolerance=ctx.steering_config.tolerance)
+    ctx.note(induce_hook=hook, induce_scale=scale, induce_val_refusal={str(k): v for k, v in rates.items()}, setting=f"x{scale:g}")
+    return scale
+
+
+@register_method("dim_actadd_induce", "DIM mean difference added at its layer, scale picked on validation prompts (induces refusal)")
+def _induce(ctx: CompareContext):
+    vector, hook = _dim_addition(ctx)
+
+    def add(scale: float) -> contextlib.AbstractContextManager:
+        return steer(ctx.model, AddDirection(vector, scale, where=hook))
+
+    return add(_induce_scale(ctx, hook, add))
 
 
 @register_method("dim_bias_induce", "the addition of dim_actadd_induce made a weight edit: written into the biases before its layer "
                  "(an MLP output bias, one a config switch creates such as Llama's mlp_bias, or Qwen2-style attention value biases "
                  "spread over earlier layers), scale picked on validation prompts (induces refusal)", needs_biases=True)
 def _bias_induce(ctx: CompareContext):
-    result = ctx.directions("dim")
-    chosen = result.selection.chosen
-    vector = result.candidates.bases[chosen.index, 0] * result.candidates.scores["mean_diff_norm"][chosen.index]
-    def add(scale: float) -> EditHandle:  # what the biases before an early layer cannot write is left out, and noted
-        return add_through_biases(ctx.model, scale * vector, chosen.hook, exact=False)
+    vector, hook = _dim_addition(ctx)
 
-    scale, rates = pick_induce_scale(ctx.model, add, ctx.validation()[1], tolerance=ctx.steering_config.tolerance)
-    handle = add(scale)
+    def add(scale: float) -> EditHandle:  # what the biases before an early layer cannot write is left out, and noted
+        return add_through_biases(ctx.model, scale * vector, hook, exact=False)
+
+    handle = add(_induce_scale(ctx, hook, add))
     edit = handle.record["edit"]
-    ctx.note(induce_hook=chosen.hook, induce_scale=scale, induce_val_refusal={str(k): v for k, v in rates.items()}, setting=f"x{scale:g}",
-             bias_writers=handle.record["bias_writers"], exact_at_hook=edit["exact_at_hook"], missed=edit["missed"])
+    ctx.note(bias_writers=handle.record["bias_writers"], exact_at_hook=edit["exact_at_hook"], missed=edit["missed"])
     return handle
 
 
