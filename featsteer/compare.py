@@ -743,9 +743,17 @@ def gentlest_within(rows: Mapping[Any, tuple[float, float]], tolerance: float) -
             (ties in KL go to the first).
         tolerance: how far above the lowest refusal rate a setting may be and still be picked.
     """
+    return gentlest_ties(rows, tolerance)[0]
+
+
+def gentlest_ties(rows: Mapping[Any, tuple[float, float]], tolerance: float) -> list[Any]:
+    """The keys `gentlest_within` could pick: those eligible (refusal within `tolerance` of the lowest) whose KL equals the
+    lowest eligible KL exactly, the lowest refusal first (then the caller's order). Usually one; several when the
+    settings cannot differ in KL on the validation prompts, as behind a gate that fires on none of them."""
     floor = min(refusal for refusal, _ in rows.values())
     eligible = [key for key, (refusal, _) in rows.items() if refusal <= floor + tolerance]
-    return min(eligible, key=lambda key: rows[key][1])
+    lowest = min(rows[key][1] for key in eligible)
+    return sorted((key for key in eligible if rows[key][1] == lowest), key=lambda key: rows[key][0])
 
 
 def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], contextlib.AbstractContextManager]],
@@ -895,6 +903,26 @@ def _validation_rows(ctx: CompareContext, settings: Mapping[Any, Callable[[], co
     return {s: (1.0 if s in broken else refusal, kl) for s, (refusal, kl) in rows.items()}
 
 
+def _break_tie(ctx: CompareContext, ties: Sequence[Any], rows: Mapping[Any, tuple[float, float]],
+               make: Callable[[Any], contextlib.AbstractContextManager], name: Callable[[Any], str]) -> Any:
+    """The first of `ties` (`gentlest_ties`), or when several share its validation refusal rate too, the one whose
+    validation harmful prompts are furthest from a refusal: the lowest mean first-token refusal log-odds (the selection's
+    refusal score), each tied setting applied again to read it. Noted as `tie_break` when it runs."""
+    tied = [key for key in ties if rows[key][0] == rows[ties[0]][0]]
+    if len(tied) < 2:
+        return ties[0]
+    tokens, harmful = RefusalTokens.for_tokenizer(ctx.model.tokenizer), ctx.validation()[0]
+    scores = {}
+    for key in tied:
+        with make(key):
+            logprobs = first_token_logprobs(ctx.model, harmful, batch_size=ctx.direction_config.batch_size)
+        scores[key] = float(refusal_score(logprobs, tokens).mean())
+    chosen = min(tied, key=lambda key: scores[key])
+    ctx.note(tie_break={"rule": "lowest mean refusal score on the validation harmful prompts among settings tied in refusal and KL",
+                        "scores": {name(key): round(score, 4) for key, score in scores.items()}, "chosen": name(chosen)})
+    return chosen
+
+
 def _pick_kl_key(ctx: CompareContext) -> str:
     """The name a pick's validation KL is noted under: which KL it is."""
     return "kl_response_harmless" if ctx.pick_kl == "response" else "kl_harmless"
@@ -904,7 +932,7 @@ def _pick_gentlest(ctx: CompareContext, label: str, values: Sequence[float], mak
     """The value `gentlest_within` picks on the validation prompts (the only one when there is one); noted."""
     if len(values) > 1:
         rows = _validation_rows(ctx, {v: (lambda v=v: make(v)) for v in values}, name=lambda v: f"{label}={v:g}")
-        chosen = gentlest_within(rows, ctx.steering_config.tolerance)
+        chosen = _break_tie(ctx, gentlest_ties(rows, ctx.steering_config.tolerance), rows, make, lambda v: f"{label}={v:g}")
         ctx.note(validation={f"{label}={v:g}": {"unanswered_harmful": r, _pick_kl_key(ctx): kl} for v, (r, kl) in rows.items()})
     else:
         chosen = values[0]
@@ -1073,7 +1101,7 @@ def _pick_jailbreak(ctx: CompareContext, settings: Sequence[tuple[int, float | N
     if len(settings) == 1:
         return settings[0]
     rows = _validation_rows(ctx, {setting: (lambda setting=setting: make(*setting)) for setting in settings}, name=lambda s: _setting_label(*s))
-    chosen = gentlest_within(rows, ctx.sae_config.tolerance)
+    chosen = _break_tie(ctx, gentlest_ties(rows, ctx.sae_config.tolerance), rows, lambda s: make(*s), lambda s: _setting_label(*s))
     ctx.note(sae_validation={_setting_label(*key): {"unanswered_harmful": r, _pick_kl_key(ctx): kl} for key, (r, kl) in rows.items()})
     return chosen
 

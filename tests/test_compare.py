@@ -500,3 +500,46 @@ def test_compare_warns_when_the_pick_tolerance_is_below_one_validation_prompt(pr
         compare(model, *prompts, methods=["none"], direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=2),
                 steering_config=SteeringMethodConfig(tolerance=0.34), sae_config=SaeMethodConfig(tolerance=0.34))
     assert "cannot let a setting" not in caplog.text
+
+
+def test_settings_tied_in_refusal_and_kl_are_told_apart_by_the_validation_refusal_score(prompts):
+    """Behind a gate that fires on no validation harmless prompt every setting has KL 0; the tie goes to the setting
+    whose validation harmful prompts are furthest from a refusal, each tied setting applied again to read it."""
+    import contextlib
+
+    from featsteer.compare import CompareContext, _break_tie, gentlest_ties
+    from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, refusal_score
+    from featsteer.interventions import AddDirection, steer
+
+    rows = {"a": (0.10, 0.0), "b": (0.05, 0.0), "c": (0.05, 0.0), "d": (0.0, 0.3), "e": (0.5, 0.0)}
+    assert gentlest_ties(rows, 0.1) == ["b", "c", "a"]  # eligible a-d; a, b, c at the lowest KL, the lowest refusal first
+    assert gentlest_ties(rows, 0.0) == ["d"]
+    assert gentlest_ties({"x": (0.0, 0.2), "y": (0.0, 0.1)}, 0.0) == ["y"]
+
+    model = load_model("organism")
+    ctx = CompareContext(model, *prompts, DirectionConfig(n_select=4))
+    direction = find_refusal_direction(model, *prompts, DirectionConfig(n_select=4)).chosen_basis[0]
+    hook = "blocks.2.hook_resid_pre"
+    settings = {"none": contextlib.nullcontext, "away": lambda: steer(model, AddDirection(direction, -4.0, hook)),
+                "towards": lambda: steer(model, AddDirection(direction, 4.0, hook))}
+    entered = []
+
+    def make(key):
+        entered.append(key)
+        return settings[key]()
+
+    tokens, harmful = RefusalTokens.for_tokenizer(model.tokenizer), ctx.validation()[0]
+    scores = {}
+    for key, factory in settings.items():
+        with factory():
+            scores[key] = float(refusal_score(first_token_logprobs(model, harmful), tokens).mean())
+    assert scores["away"] < scores["none"] < scores["towards"]  # the set-up: the three really differ in refusal score
+    tied = {key: (0.0, 0.0) for key in ("towards", "none", "away")}
+    assert _break_tie(ctx, gentlest_ties(tied, 0.05), tied, make, str) == "away"
+    assert sorted(entered) == ["away", "none", "towards"]
+    note = ctx._notes["tie_break"]
+    assert note["chosen"] == "away" and note["scores"]["away"] == pytest.approx(scores["away"], abs=1e-3)
+    # a tie in KL but not in refusal rate goes to the lower refusal without running anything
+    entered.clear()
+    assert _break_tie(ctx, gentlest_ties(apart := {"towards": (0.0, 0.0), "away": (0.1, 0.0)}, 0.2), apart, make, str) == "towards"
+    assert entered == []
