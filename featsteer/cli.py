@@ -393,7 +393,7 @@ def _trained_directions(model, result, optimize):
 
 def _cmd_abliterate(args: argparse.Namespace) -> int:
     from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
-    from featsteer.pipeline import abliterate, find_refusal_direction
+    from featsteer.pipeline import abliterate, find_refusal_direction, split
 
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise FeatsteerError(f"output folder {args.out} is not empty: choose a new path")
@@ -449,6 +449,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
     config = _direction_config(args)  # checks the values before the model loads
+    pick_prompts = _scale_pick_prompts(args, (val or (None, split(harmless, config.val_fraction)[1]))[1]) if mode == "bias_addition" and args.scale == "auto" else ()
     model = _load_model(args)
     result = find_refusal_direction(model, harmful, harmless, config, val=val)
     chosen = result.selection.chosen
@@ -460,7 +461,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     extra = {}
     if mode == "bias_addition":
         handle = _bias_addition(args, model, result.chosen_basis[0], result.mean_difference_length(model), chosen.hook,
-                                {"method": args.method, "direction_hook": chosen.hook, "direction_position": chosen.position})
+                                {"method": args.method, "direction_hook": chosen.hook, "direction_position": chosen.position}, pick_prompts)
     elif args.search:
         search_dir = Path(args.search_dir or f"{args.out.rstrip('/')}-search")
         found = _chosen_trial(args, search_abliteration(model, result, search_dir, _search_config(args, mode), warm_start=warm_start))
@@ -496,24 +497,57 @@ def _check_bias_addition_options(args: argparse.Namespace) -> None:
                                         (f"--method {args.method}", args.method in ("sae", "svd"))) if given]
     if clashes:
         raise FeatsteerError(f"--induce-bias adds the chosen rank-1 direction through biases: drop {', '.join(clashes)}")
-    if not math.isfinite(args.scale):
-        raise FeatsteerError(f"--scale must be a finite number, got {args.scale}")
+    if args.scale != "auto" and not math.isfinite(args.scale):
+        raise FeatsteerError(f"--scale must be a finite number or auto, got {args.scale}")
     if not (math.isfinite(args.bias_decay) and args.bias_decay >= 1):
         raise FeatsteerError(f"--bias-decay must be a finite number >= 1, got {args.bias_decay}")
 
 
-def _bias_addition(args: argparse.Namespace, model, direction, length: float, hook: str, record: dict):
-    """`--induce-bias`: `--scale` times the mean difference along `direction` added at `hook` through the model's biases;
-    prints where it went."""
+def _scale_or_auto(text: str) -> float | str:
+    """`--scale`: a number, or `auto` (picked on validation prompts)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a number nor auto") from None
+
+
+def _scale_pick_prompts(args: argparse.Namespace, val_harmless) -> list[str]:
+    """The validation harmless prompts `--scale auto` picks on: those after the first `--eval-n`, which the before/after
+    check reads, up to `--n-select` of them; none left is an error (before the model loads)."""
+    spare = list(val_harmless)[args.eval_n: args.eval_n + args.n_select]
+    if not spare:
+        raise FeatsteerError(f"--scale auto picks the scale on validation harmless prompts the before/after check does not read, and "
+                             f"the {len(val_harmless)} validation harmless prompts are all among the --eval-n {args.eval_n} it reads: "
+                             "give more (--val-harmless, or a larger --n) or lower --eval-n")
+    return spare
+
+
+def _bias_addition(args: argparse.Namespace, model, direction, length: float, hook: str, record: dict, pick_prompts: Sequence[str] = ()):
+    """`--induce-bias`: `--scale` times the mean difference along `direction` added at `hook` through the model's biases
+    (with `--scale auto`, the scale `pick_induce_scale` picks on `pick_prompts`); prints where it went."""
     from featsteer.edits import add_through_biases
 
-    vector = direction.double().flatten() / direction.double().norm() * (args.scale * length)
-    handle = add_through_biases(model, vector, hook, decay=args.bias_decay, record={**record, "scale": args.scale, "length": length})
+    unit = direction.double().flatten() / direction.double().norm() * length
+
+    def add(scale: float, extra: dict | None = None):
+        return add_through_biases(model, scale * unit, hook, decay=args.bias_decay, record={**record, "scale": scale, "length": length, **(extra or {})})
+
+    scale, picked = args.scale, None
+    if scale == "auto":
+        from featsteer.compare import pick_induce_scale
+
+        scale, rates = pick_induce_scale(model, add, pick_prompts)
+        picked = {"prompts": len(pick_prompts), "coherent_refusal": {f"{k:g}": v for k, v in rates.items()}}
+        print(f"scale picked on {len(pick_prompts)} validation harmless prompts the check does not read (coherent refusal): "
+              + ", ".join(f"{k:g}x {v:.2f}" for k, v in rates.items()) + f" -> {scale:g}")
+    handle = add(scale, {"scale_pick": picked} if picked else None)
     biases = list(handle.bias_originals)
     where = (f"the bias of {biases[0].removesuffix('.b_V')}" if len(biases) == 1
              else f"{len(biases)} biases, {biases[0]} to {biases[-1]} (decay {args.bias_decay:g})")
     same = "; the same as the runtime addition" if handle.record["edit"]["exact_at_hook"] else ""
-    print(f"bias addition: {args.scale:g} x the mean difference (length {length:.3g}) at {hook} through {where}{same}")
+    print(f"bias addition: {scale:g} x the mean difference (length {length:.3g}) at {hook} through {where}{same}")
     return handle
 
 
@@ -701,6 +735,7 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
         harmful, harmless = _load_pair(args)
         fraction = DirectionConfig().val_fraction
         val = (split(harmful, fraction)[1], split(harmless, fraction)[1])
+    pick_prompts = _scale_pick_prompts(args, val[1]) if mode == "bias_addition" and args.scale == "auto" else ()
     model = _load_model(args)
     basis = fixed_basis(direction, model.d_model)  # a width that does not fit the model is reported before anything runs
     print(f"direction: {record['direction_method']} from {args.directions} at {record['direction_hook']} position "
@@ -709,7 +744,7 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
     held = tuple(s.head(min(args.eval_n, len(s))) for s in val)
     before = evaluate_refusal(model, *held, generation)
     if mode == "bias_addition":
-        handle, extra = _bias_addition(args, model, basis[0], record["direction_length"], record["direction_hook"], record), {}
+        handle, extra = _bias_addition(args, model, basis[0], record["direction_length"], record["direction_hook"], record, pick_prompts), {}
     elif args.search:
         provenance = {k: record[k] for k in ("method", "directions", "direction_method", "direction_hook", "direction_position")}
         handle, extra = _fixed_search_edit(args, model, basis, val, mode, warm_start, provenance, record)
@@ -1294,7 +1329,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "to the residual stream at its hook, at every position, by editing biases (an MLP output bias of the block before "
                      "it when it has one: then the same as the runtime addition; else the attention value biases of the blocks before "
                      "it, e.g. Qwen2). A model without biases (Llama, Mistral, Gemma) is an error")
-    abl.add_argument("--scale", type=float, default=1.0, help="--induce-bias: multiple of the mean difference to add (default 1)")
+    abl.add_argument("--scale", type=_scale_or_auto, default=1.0, metavar="S|auto",
+                     help="--induce-bias: multiple of the mean difference to add (default 1), or auto: the smallest of "
+                     "0.25, 0.5, 0.75, 1, 1.5, 2 whose coherent refusal of validation harmless prompts the before/after check "
+                     "does not read is within 0.05 of the best (as compare's dim_bias_induce picks it)")
     abl.add_argument("--bias-decay", type=float, default=2.0, metavar="D",
                      help="--induce-bias through value biases: a bias one block earlier costs D times more in the spread (default 2; "
                      "1 spreads evenly)")

@@ -800,3 +800,33 @@ def test_abliterate_induce_bias_fits_the_direction_and_writes_the_mlp_bias(capsy
     assert f"through the bias of blocks.{layer - 1}.hook_mlp_out; the same as the runtime addition" in stdout
     assert meta["edit"]["exact_at_hook"] and list(meta["bias_writers"]) == [f"blocks.{layer - 1}.hook_mlp_out"] and meta["scale"] == 3.0
     assert meta["bias_writers"][f"blocks.{layer - 1}.hook_mlp_out"] == pytest.approx(3 * meta["length"], rel=1e-4)
+
+
+def test_abliterate_induce_bias_scale_auto_picks_on_validation_prompts_the_check_does_not_read(capsys, tmp_path, monkeypatch):
+    """`--scale auto`: the scale `pick_induce_scale` picks on the validation harmless prompts after the check's first
+    --eval-n (at most --n-select of them), printed and recorded; none left is a one-line error before anything runs."""
+    import featsteer.compare as compare_module
+    from featsteer.compare import weakest_within
+    from featsteer.datasets import builtin_prompts
+    from featsteer.pipeline import split
+
+    seen = []
+    real = compare_module.pick_induce_scale
+    monkeypatch.setattr(compare_module, "pick_induce_scale", lambda model, add, prompts, **k: seen.append(list(prompts)) or real(model, add, prompts, **k))
+    common = ["--model", "organism", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "48",
+              "--n-select", "6", "--eval-n", "4", "--max-new-tokens", "4", "--induce-bias"]
+    code, stdout, err = _run(capsys, "abliterate", *common, "--scale", "auto", "--out", str(tmp_path / "added"))
+    assert code == 0, err
+    val_harmless = list(split(builtin_prompts("harmless", "train").head(48), 0.25)[1])
+    assert seen == [val_harmless[4:10]]  # after the 4 the check reads, 6 of them
+    meta = json.loads((tmp_path / "added" / "featsteer.json").read_text())
+    rates = {float(k): v for k, v in meta["scale_pick"]["coherent_refusal"].items()}
+    assert sorted(rates) == [0.25, 0.5, 0.75, 1.0, 1.5, 2.0] and meta["scale_pick"]["prompts"] == 6
+    assert meta["scale"] == weakest_within(rates, 0.05)
+    assert "scale picked on 6 validation harmless prompts the check does not read" in stdout
+    assert f"bias addition: {meta['scale']:g} x the mean difference" in stdout
+    code, _, err = _run(capsys, "abliterate", *common, "--eval-n", "12", "--scale", "auto", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "are all among the --eval-n 12" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists(), err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own error: usage and one line
+        main(["abliterate", *common, "--scale", "big", "--out", str(tmp_path / "bad")])
+    assert exit_info.value.code == 2 and "argument --scale: 'big' is neither a number nor auto" in capsys.readouterr().err
