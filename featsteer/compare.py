@@ -34,7 +34,14 @@ from torch import Tensor
 from featsteer.activations import capture
 from featsteer.datasets import PromptSet
 from featsteer.directions.optimize import OptimizeConfig, OptimizedDirection
-from featsteer.edits import EditConfig, EditHandle, add_through_biases, apply_edit
+from featsteer.edits import (
+    EditConfig,
+    EditHandle,
+    add_at_tokens,
+    add_through_biases,
+    apply_edit,
+    template_tokens,
+)
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.behaviour import GenerationConfig, SetResult, evaluate_set, responses_nll
 from featsteer.evaluation.judge import RefusalJudge
@@ -479,13 +486,15 @@ class _Registered:
     needs_experts: bool = False
     needs_heads: bool = False
     needs_biases: bool = False
+    needs_template: bool = False
 
 
 _METHODS: dict[str, _Registered] = {}
 
 
 def register_method(name: str, description: str, *, needs_saes: bool = False, needs_input_norms: bool = False,
-                    needs_experts: bool = False, needs_heads: bool = False, needs_biases: bool = False) -> Callable[[Method], Method]:
+                    needs_experts: bool = False, needs_heads: bool = False, needs_biases: bool = False,
+                    needs_template: bool = False) -> Callable[[Method], Method]:
     """Decorator adding a method to the comparison (probe and SAE methods are added this way).
 
     Args:
@@ -499,10 +508,12 @@ def register_method(name: str, description: str, *, needs_saes: bool = False, ne
             that normalise the attention output before the stream (`model.post_norms`), where heads do not add up.
         needs_biases: the method edits biases that add a constant to the stream (`model.bias_writers()`, or those
             `model.add_biases()` creates); it does not run on models with neither (Mistral, Phi-3, post-norm families).
+        needs_template: the method edits the embedding rows of the chat template's own tokens; it does not run on models
+            without a chat template or an editable token embedding.
     """
 
     def wrap(fn: Method) -> Method:
-        _METHODS[name] = _Registered(fn, description, needs_saes, needs_input_norms, needs_experts, needs_heads, needs_biases)
+        _METHODS[name] = _Registered(fn, description, needs_saes, needs_input_norms, needs_experts, needs_heads, needs_biases, needs_template)
         return fn
 
     return wrap
@@ -512,19 +523,26 @@ def available_methods(saes: bool = True, model: ModelAdapter | None = None) -> d
     """Registered method names and descriptions (without the SAE methods when `saes` is False, without the methods
     that act on the normalised branch inputs when `model` has none, and without the expert-routing methods when `model`
     is dense, without the per-head methods when `model` normalises its attention output before the stream, and without
-    the bias edits when `model` has no bias that adds a constant to the stream)."""
+    the bias edits when `model` has no bias that adds a constant to the stream, and without the template-token edits
+    when it has no chat template)."""
     norms = model is None or model.input_norms
     experts = model is None or bool(model.moe_layers)
     heads = model is None or _additive_heads(model)
     biases = model is None or _has_biases(model)
+    template = model is None or _has_template(model)
     return {name: entry.description for name, entry in _METHODS.items()
             if (saes or not entry.needs_saes) and (norms or not entry.needs_input_norms) and (experts or not entry.needs_experts)
-            and (heads or not entry.needs_heads) and (biases or not entry.needs_biases)}
+            and (heads or not entry.needs_heads) and (biases or not entry.needs_biases) and (template or not entry.needs_template)}
 
 
 def _has_biases(model: ModelAdapter) -> bool:
     """Whether the model has biases that add a constant to the stream, or a config switch that gives it some."""
     return bool(model.bias_writers()) or model.bias_switch() is not None
+
+
+def _has_template(model: ModelAdapter) -> bool:
+    """Whether the model has a chat template (whose own tokens mark a prompt's end) and a token embedding to edit."""
+    return model.format_prompts(["x"])[0].uses_chat_template and any(w.kind == "embed" for w in model.residual_writers())
 
 
 def _additive_heads(model: ModelAdapter) -> bool:
@@ -554,6 +572,10 @@ def _check_methods(names: Sequence[str], have_saes: bool, model: ModelAdapter) -
     if biased and not _has_biases(model):
         raise FeatsteerError(f"method(s) {', '.join(biased)} edit biases that add a constant to the stream, and {model.name} has none "
                              "(no biases and no config switch for them, or a norm after each branch): leave them out")
+    templated = [n for n in names if _METHODS[n].needs_template]
+    if templated and not _has_template(model):
+        raise FeatsteerError(f"method(s) {', '.join(templated)} edit the chat template's own tokens, and {model.name} has no chat template "
+                             "(or no token embedding to edit): leave them out")
 
 
 def method_context(ctx: CompareContext, name: str) -> contextlib.AbstractContextManager:
@@ -857,6 +879,21 @@ def _bias_induce(ctx: CompareContext):
     handle = add(_induce_scale(ctx, hook, add))
     edit = handle.record["edit"]
     ctx.note(bias_writers=handle.record["bias_writers"], exact_at_hook=edit["exact_at_hook"], missed=edit["missed"])
+    return handle
+
+
+@register_method("dim_template_induce", "the addition of dim_actadd_induce made a weight edit at the prompt's end only: added to the "
+                 "embedding rows of the chat template's own tokens (the last one its tail has that occurs nowhere else in the "
+                 "prompts, e.g. <|assistant|>), scale picked on validation prompts (induces refusal)", needs_template=True)
+def _template_induce(ctx: CompareContext):
+    vector, hook = _dim_addition(ctx)
+    tokens = template_tokens(ctx.model, [*ctx.training()[1]])
+
+    def add(scale: float) -> EditHandle:
+        return add_at_tokens(ctx.model, scale * vector, tokens)
+
+    handle = add(_induce_scale(ctx, hook, add))
+    ctx.note(template_tokens=handle.record["edit"]["tokens"])
     return handle
 
 
