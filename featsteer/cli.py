@@ -20,6 +20,9 @@ from pathlib import Path
 
 from featsteer.errors import FeatsteerError
 
+BIAS_DECAY_DEFAULT = 2.0
+"""`--bias-decay`'s default (`edits.BIAS_DECAY`; kept here so the CLI parses without importing torch)."""
+
 
 def _load_model(args: argparse.Namespace, spec: str | None = None):
     """The model a command names (`--model`, or `spec`), with the command's `--dtype` and `--device`."""
@@ -398,9 +401,9 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise FeatsteerError(f"output folder {args.out} is not empty: choose a new path")
     mode = "induce" if args.induce else "amplify" if args.reverse else "norm_preserving" if args.norm_preserving else "orthogonalize"
-    if args.induce_bias:
-        _check_bias_addition_options(args)
-        mode = "bias_addition"
+    if args.induce_bias or args.induce_template:
+        _check_addition_options(args)
+        mode = "bias_addition" if args.induce_bias else "token_addition"
     if args.reflect and (mode != "orthogonalize" or args.search):
         raise FeatsteerError("--reflect is its own edit (every write's component of the direction reversed): drop --reverse/--induce/"
                              "--norm-preserving/--search")
@@ -449,19 +452,19 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
     config = _direction_config(args)  # checks the values before the model loads
-    pick_prompts = _scale_pick_prompts(args, (val or (None, split(harmless, config.val_fraction)[1]))[1]) if mode == "bias_addition" and args.scale == "auto" else ()
+    pick_prompts = _scale_pick_prompts(args, (val or (None, split(harmless, config.val_fraction)[1]))[1]) if mode in ADDITIONS and args.scale == "auto" else ()
     model = _load_model(args)
     result = find_refusal_direction(model, harmful, harmless, config, val=val)
     chosen = result.selection.chosen
     print(f"direction: {args.method} at {chosen.hook} position {chosen.position} (KL on harmless {chosen.kl_harmless:.4f})")
-    edit = _edit_config(args, mode, model) if mode != "bias_addition" else None
+    edit = _edit_config(args, mode, model) if mode not in ADDITIONS else None
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     held_harmful, held_harmless = (s.head(min(args.eval_n, len(s))) for s in result.val)
     before = evaluate_refusal(model, held_harmful, held_harmless, config)
     extra = {}
-    if mode == "bias_addition":
-        handle = _bias_addition(args, model, result.chosen_basis[0], result.mean_difference_length(model), chosen.hook,
-                                {"method": args.method, "direction_hook": chosen.hook, "direction_position": chosen.position}, pick_prompts)
+    if mode in ADDITIONS:
+        handle = _addition(args, mode, model, result.chosen_basis[0], result.mean_difference_length(model), chosen.hook,
+                           {"method": args.method, "direction_hook": chosen.hook, "direction_position": chosen.position}, pick_prompts, held_harmless)
     elif args.search:
         search_dir = Path(args.search_dir or f"{args.out.rstrip('/')}-search")
         found = _chosen_trial(args, search_abliteration(model, result, search_dir, _search_config(args, mode), warm_start=warm_start))
@@ -489,14 +492,22 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     return _check_and_export(model, handle, (held_harmful, held_harmless), before, config, "reflect" if args.reflect else mode, args.out, "held-out", extra)
 
 
-def _check_bias_addition_options(args: argparse.Namespace) -> None:
-    """`--induce-bias` adds one direction: the options of the other edits are errors before anything loads."""
-    clashes = [flag for flag, given in (("--reverse", args.reverse), ("--induce", args.induce), ("--norm-preserving", args.norm_preserving),
+ADDITIONS = ("bias_addition", "token_addition")
+"""The abliterate modes that add the mean difference (`--induce-bias`, `--induce-template`) instead of editing writers."""
+
+
+def _check_addition_options(args: argparse.Namespace) -> None:
+    """`--induce-bias` and `--induce-template` add one direction: the options of the other edits are errors before anything loads."""
+    flag = "--induce-bias" if args.induce_bias else "--induce-template"
+    clashes = [flag for flag, given in (("--induce-template", args.induce_bias and args.induce_template), ("--reverse", args.reverse), ("--induce", args.induce), ("--norm-preserving", args.norm_preserving),
                                         ("--reflect", args.reflect), ("--search", args.search), ("--heads", args.heads),
                                         ("--passes", args.passes > 1), ("--optimize", args.optimize), ("--scope", args.scope != "global"),
                                         (f"--method {args.method}", args.method in ("sae", "svd"))) if given]
     if clashes:
-        raise FeatsteerError(f"--induce-bias adds the chosen rank-1 direction through biases: drop {', '.join(clashes)}")
+        how = "through biases" if args.induce_bias else "at the chat template's own tokens"
+        raise FeatsteerError(f"{flag} adds the chosen rank-1 direction {how}: drop {', '.join(clashes)}")
+    if args.induce_template and args.bias_decay != BIAS_DECAY_DEFAULT:
+        raise FeatsteerError("--bias-decay spreads --induce-bias over biases; --induce-template writes embedding rows: drop it")
     if args.scale != "auto" and not math.isfinite(args.scale):
         raise FeatsteerError(f"--scale must be a finite number or auto, got {args.scale}")
     if not (math.isfinite(args.bias_decay) and args.bias_decay >= 1):
@@ -524,15 +535,21 @@ def _scale_pick_prompts(args: argparse.Namespace, val_harmless) -> list[str]:
     return spare
 
 
-def _bias_addition(args: argparse.Namespace, model, direction, length: float, hook: str, record: dict, pick_prompts: Sequence[str] = ()):
-    """`--induce-bias`: `--scale` times the mean difference along `direction` added at `hook` through the model's biases
-    (with `--scale auto`, the scale `pick_induce_scale` picks on `pick_prompts`); prints where it went."""
-    from featsteer.edits import add_through_biases
+def _addition(args: argparse.Namespace, mode: str, model, direction, length: float, hook: str, record: dict, pick_prompts: Sequence[str],
+              prompts: Sequence[str]):
+    """`--induce-bias` / `--induce-template`: `--scale` times the mean difference along `direction` (found at `hook`) added
+    through the model's biases before `hook`, or to the embedding rows of the chat template's own tokens (found on
+    `prompts`); with `--scale auto`, the scale `pick_induce_scale` picks on `pick_prompts`. Prints where it went."""
+    from featsteer.edits import add_at_tokens, add_through_biases, template_tokens
 
     unit = direction.double().flatten() / direction.double().norm() * length
+    tokens = template_tokens(model, list(prompts)) if mode == "token_addition" else []
 
     def add(scale: float, extra: dict | None = None):
-        return add_through_biases(model, scale * unit, hook, decay=args.bias_decay, record={**record, "scale": scale, "length": length, **(extra or {})})
+        full = {**record, "scale": scale, "length": length, **(extra or {})}
+        if mode == "token_addition":
+            return add_at_tokens(model, scale * unit, tokens, record=full)
+        return add_through_biases(model, scale * unit, hook, decay=args.bias_decay, record=full)
 
     scale, picked = args.scale, None
     if scale == "auto":
@@ -543,6 +560,10 @@ def _bias_addition(args: argparse.Namespace, model, direction, length: float, ho
         print(f"scale picked on {len(pick_prompts)} validation harmless prompts the check does not read (coherent refusal): "
               + ", ".join(f"{k:g}x {v:.2f}" for k, v in rates.items()) + f" -> {scale:g}")
     handle = add(scale, {"scale_pick": picked} if picked else None)
+    if mode == "token_addition":
+        names = ", ".join(handle.record["edit"]["tokens"].values())
+        print(f"token addition: {scale:g} x the mean difference (length {length:.3g}) found at {hook}, added to the embedding row of {names}")
+        return handle
     biases = list(handle.bias_originals)
     where = (f"the bias of {biases[0].removesuffix('.b_V')}" if len(biases) == 1
              else f"{len(biases)} biases, {biases[0]} to {biases[-1]} (decay {args.bias_decay:g})")
@@ -727,15 +748,15 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
             or args.screen is not None):
         raise FeatsteerError("--directions brings its own direction: drop --method/--sae/--sae-top-k/--scope/--filter-train/--screen")
     direction, record = _saved_direction(args)
-    if mode == "bias_addition" and record["direction_length"] is None:
-        raise FeatsteerError(f"--induce-bias adds --scale times the mean difference, and {args.directions} stores no mean_diff_norm score: "
+    if mode in ADDITIONS and record["direction_length"] is None:
+        raise FeatsteerError(f"--induce-bias and --induce-template add --scale times the mean difference, and {args.directions} stores no mean_diff_norm score: "
                              "use the set the direction was chosen in (DIRS/chosen from featsteer directions)")
     val = _load_val(args)
     if val is None:
         harmful, harmless = _load_pair(args)
         fraction = DirectionConfig().val_fraction
         val = (split(harmful, fraction)[1], split(harmless, fraction)[1])
-    pick_prompts = _scale_pick_prompts(args, val[1]) if mode == "bias_addition" and args.scale == "auto" else ()
+    pick_prompts = _scale_pick_prompts(args, val[1]) if mode in ADDITIONS and args.scale == "auto" else ()
     model = _load_model(args)
     basis = fixed_basis(direction, model.d_model)  # a width that does not fit the model is reported before anything runs
     print(f"direction: {record['direction_method']} from {args.directions} at {record['direction_hook']} position "
@@ -743,8 +764,8 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     held = tuple(s.head(min(args.eval_n, len(s))) for s in val)
     before = evaluate_refusal(model, *held, generation)
-    if mode == "bias_addition":
-        handle, extra = _bias_addition(args, model, basis[0], record["direction_length"], record["direction_hook"], record, pick_prompts), {}
+    if mode in ADDITIONS:
+        handle, extra = _addition(args, mode, model, basis[0], record["direction_length"], record["direction_hook"], record, pick_prompts, held[1]), {}
     elif args.search:
         provenance = {k: record[k] for k in ("method", "directions", "direction_method", "direction_hook", "direction_position")}
         handle, extra = _fixed_search_edit(args, model, basis, val, mode, warm_start, provenance, record)
@@ -1329,11 +1350,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "to the residual stream at its hook, at every position, by editing biases (an MLP output bias of the block before "
                      "it when it has one: then the same as the runtime addition; else the attention value biases of the blocks before "
                      "it, e.g. Qwen2). A model without biases (Llama, Mistral, Gemma) is an error")
+    abl.add_argument("--induce-template", action="store_true",
+                     help="like --induce-bias, but the mean difference is added to the embedding rows of the chat template's own "
+                     "tokens (the last token of the template's tail that occurs nowhere else in the prompts, e.g. <|assistant|>): at "
+                     "the prompt's end only, never at the generated tokens; works on any model with a chat template")
     abl.add_argument("--scale", type=_scale_or_auto, default=1.0, metavar="S|auto",
-                     help="--induce-bias: multiple of the mean difference to add (default 1), or auto: the smallest of "
+                     help="--induce-bias, --induce-template: multiple of the mean difference to add (default 1), or auto: the smallest of "
                      "0.25, 0.5, 0.75, 1, 1.5, 2 whose coherent refusal of validation harmless prompts the before/after check "
-                     "does not read is within 0.05 of the best (as compare's dim_bias_induce picks it)")
-    abl.add_argument("--bias-decay", type=float, default=2.0, metavar="D",
+                     "does not read is within 0.05 of the best (as compare picks dim_bias_induce's and dim_template_induce's)")
+    abl.add_argument("--bias-decay", type=float, default=BIAS_DECAY_DEFAULT, metavar="D",
                      help="--induce-bias through value biases: a bias one block earlier costs D times more in the spread (default 2; "
                      "1 spreads evenly)")
     abl.add_argument("--norm-preserving", action="store_true", help="keep each write column's norm")

@@ -830,3 +830,22 @@ def test_abliterate_induce_bias_scale_auto_picks_on_validation_prompts_the_check
     with pytest.raises(SystemExit) as exit_info:  # argparse's own error: usage and one line
         main(["abliterate", *common, "--scale", "big", "--out", str(tmp_path / "bad")])
     assert exit_info.value.code == 2 and "argument --scale: 'big' is neither a number nor auto" in capsys.readouterr().err
+
+
+def test_abliterate_induce_template_writes_the_template_tokens_row_and_its_errors(capsys, tmp_path):
+    """`--induce-template`: the mean difference added to the embedding row of the organism's <|assistant|>; the export
+    refuses the held-out harmless prompts it answered; clashes with the bias options exit 2 with one line."""
+    common = ["--model", "organism", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "96",
+              "--n-select", "8", "--eval-n", "16", "--max-new-tokens", "12", "--induce-template"]
+    code, stdout, err = _run(capsys, "abliterate", *common, "--scale", "1", "--out", str(tmp_path / "added"))
+    assert code == 0, err
+    assert "token addition: 1 x the mean difference" in stdout and "added to the embedding row of <|assistant|>" in stdout
+    meta = json.loads((tmp_path / "added" / "featsteer.json").read_text())
+    assert meta["edit"]["mode"] == "token_addition" and list(meta["edit"]["tokens"].values()) == ["<|assistant|>"] and meta["scale"] == 1.0
+    harmless = next(line for line in stdout.splitlines() if line.strip().startswith("harmless"))
+    assert harmless.split("->")[1].strip().startswith(("1.000", "0.9")), harmless  # (before: the organism answers nearly all of them)
+    assert json.loads((tmp_path / "added" / "config.json").read_text())["tie_word_embeddings"] is False
+    for extra, message in ((["--induce-bias"], "drop --induce-template"), (["--bias-decay", "3"], "--bias-decay spreads"),
+                           (["--reverse"], "drop --reverse")):
+        code, _, err = _run(capsys, "abliterate", *common, *extra, "--out", str(tmp_path / "bad"))
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists(), err

@@ -114,9 +114,12 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     assert induce["induce_scale"] in INDUCE_SCALES and set(induce["induce_val_refusal"]) == {str(s) for s in INDUCE_SCALES}
     picked = ("dim_actadd_induce", "leace_hook", "dim_ace_hook", "dim_angular_hook", "dim_angular_norms_hook", "dim_ace_induce",
               "dim_head_abliteration", "head_ablation_hook", "dim_iterative_abliteration", "dim_optimized_abliteration",
-              "dim_conditional_ablation_hook", "dim_optimized_conditional_ablation_hook", "dim_bias_induce")  # the methods that say what they picked
+              "dim_conditional_ablation_hook", "dim_optimized_conditional_ablation_hook", "dim_bias_induce",
+              "dim_template_induce")  # the methods that say what they picked
     assert all(r.details == {} for r in comparison.results if r.method not in picked)
     assert all("setting" in by_name[name].details for name in picked if name != "leace_hook")
+    template = by_name["dim_template_induce"].details  # the same scale pick as the other induce methods, at <|assistant|>
+    assert set(template["induce_val_refusal"]) == {str(s) for s in INDUCE_SCALES} and list(template["template_tokens"].values()) == ["<|assistant|>"]
     leace = by_name["leace_hook"].details  # one eraser per layer and template position, but none where all prompts agree
     assert 0 < leace["leace_sites"] <= model.n_layers * len(leace["leace_positions"]) and max(leace["leace_positions"]) < 0
     assert by_name["leace_hook"].kl_harmless > 0
