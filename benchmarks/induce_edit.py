@@ -11,7 +11,9 @@ row norm, so that 1 moves every token by one typical embedding's length), next t
 mean difference at the chosen hook (`dim_actadd_induce` at 0.5x, 1x and 2x), which is what the issue's induce target
 was measured with, and `abliterate --induce-bias` (`edits.add_through_biases`: the same addition written into biases,
 here Qwen2's attention value biases spread over the blocks before the direction's layer, and for the organism, a Llama,
-the MLP output bias of the block before it, which `mlp_bias` switches on) at a grid of scales and at the scale `featsteer compare`'s `dim_bias_induce` picks on validation prompts. Each row: harmless prompts refused (the `featsteer eval` detector), how many of those responses end
+the MLP output bias of the block before it, which `mlp_bias` switches on) at a grid of scales and at the scale `featsteer compare`'s `dim_bias_induce` picks on validation prompts, and `abliterate --induce-template`
+(`edits.add_at_tokens`: the same vector added to the embedding row of the chat template's own token, `<|assistant|>` or
+Qwen's `assistant`, so only the prompt's end carries it) likewise, its scale as `dim_template_induce` picks it. Each row: harmless prompts refused (the `featsteer eval` detector), how many of those responses end
 in a loop (`LoopDetector`), the refusals that do not loop, and the first-token KL from the unedited model.
 
 Prompts as `abliteration.py`'s: Qwen directions from the first 256 AdvBench vs MT-Bench+IFBench prompts (16
@@ -49,7 +51,9 @@ def main() -> None:
     parser.add_argument("--scales", default="0.25,0.5,1,2", help="comma list of activation-addition scales (x the DIM mean difference)")
     parser.add_argument("--bias-scales", default="0.5,0.75,1,1.5",
                         help="comma list of `abliterate --induce-bias` scales (x the DIM mean difference, written into biases)")
-    parser.add_argument("--n-pick", type=int, default=64, help="validation harmless prompts the picked --induce-bias scale reads")
+    parser.add_argument("--template-scales", default="0.25,0.5,1,2",
+                        help="comma list of `abliterate --induce-template` scales (x the DIM mean difference, at the template's own token)")
+    parser.add_argument("--n-pick", type=int, default=64, help="validation harmless prompts the picked --induce-bias/--induce-template scales read")
     parser.add_argument("--bias-decays", default="2",
                         help="comma list of --bias-decay values for the --induce-bias rows (the pick uses the first)")
     parser.add_argument("--results-name", help="results file stem (default: induce_edit_<target>)")
@@ -95,8 +99,11 @@ def run(args: argparse.Namespace) -> dict:
         label = f"--reverse --alpha {alpha:g}" if mode == "amplify" else f"--induce --alpha {alpha:g} --shift {shift * embed_norm:.3g}"
         rows.append({"run": label, "kind": "weight edit", "mode": mode, "alpha": alpha, "shift_units": shift, **row})
         print(rows[-1]["run"], {k: rows[-1][k] for k in ("refused", "looping", "clean_refusals", "kl")}, flush=True)
-    bias = _bias_rows(args, model, result, direction, mean_difference, harmless, gen, base["logprobs"])
+    bias = _bias_rows(args, model, result, direction, mean_difference, harmless, gen, base["logprobs"]) if args.bias_scales else {"rows": []}
     rows.extend(bias.pop("rows"))
+    template = (_template_rows(args, model, result, direction, mean_difference, harmless, gen, base["logprobs"])
+                if args.template_scales else {"rows": []})
+    rows.extend(template.pop("rows"))
     for scale in _floats(args.scales):
         with steer(model, AddDirection(direction, scale * mean_difference, where=chosen.hook)):
             row = _harmless_row(model, harmless, gen, base["logprobs"])["row"]
@@ -105,13 +112,12 @@ def run(args: argparse.Namespace) -> dict:
     return {"target": args.target, "model": model.name, "date": time.strftime("%Y-%m-%d"), "command": shlex.join(sys.argv[1:]),
             "threads": args.threads, "direction": {"hook": chosen.hook, "position": chosen.position},
             "mean_difference_norm": mean_difference, "median_embedding_norm": embed_norm, "n_harmless": len(harmless),
-            "harmless_source": harmless.source, "bias_addition": bias, "rows": rows, "seconds_total": round(time.perf_counter() - started, 1)}
+            "harmless_source": harmless.source, "bias_addition": bias, "template_addition": template, "rows": rows, "seconds_total": round(time.perf_counter() - started, 1)}
 
 
 def _bias_rows(args, model, result, direction, mean_difference, harmless, gen, base_logprobs) -> dict:
     """`abliterate --induce-bias` at each of `--bias-scales`, and at the scale `featsteer compare`'s `dim_bias_induce` picks
     on `--n-pick` validation harmless prompts (never the evaluation ones): `{"rows": [...], ...}`, or why there are none."""
-    from featsteer.compare import pick_induce_scale
     from featsteer.edits import add_through_biases
     from featsteer.errors import FeatsteerError
 
@@ -127,22 +133,51 @@ def _bias_rows(args, model, result, direction, mean_difference, harmless, gen, b
     except FeatsteerError as error:
         print(f"no bias rows: {error}", flush=True)
         return {"rows": [], "skipped": str(error)}
+    out = {"writers": writers, "switched_on": edit.get("switched_on"), "exact_at_hook": edit["exact_at_hook"]}
+    return {**out, **_picked_rows(args, model, result, add, _floats(args.bias_scales), decays, "--induce-bias", "weight edit (biases)",
+                                  harmless, gen, base_logprobs)}
+
+
+def _template_rows(args, model, result, direction, mean_difference, harmless, gen, base_logprobs) -> dict:
+    """`abliterate --induce-template` (the same addition at the chat template's own tokens' embedding rows) at each of
+    `--template-scales` and at the scale `dim_template_induce` picks on `--n-pick` validation harmless prompts."""
+    from featsteer.edits import add_at_tokens, template_tokens
+    from featsteer.errors import FeatsteerError
+
+    try:
+        tokens = template_tokens(model, list(result.train[1]))
+    except FeatsteerError as error:
+        print(f"no template rows: {error}", flush=True)
+        return {"rows": [], "skipped": str(error)}
+
+    def add(scale: float, variant: float = 0.0):
+        return add_at_tokens(model, direction.double() * (scale * mean_difference), tokens)
+
+    names = [model.tokenizer.convert_ids_to_tokens(t) for t in tokens]
+    return {"tokens": names, **_picked_rows(args, model, result, add, _floats(args.template_scales), [0.0], "--induce-template",
+                                            "weight edit (template token)", harmless, gen, base_logprobs)}
+
+
+def _picked_rows(args, model, result, add, scales, variants, flag, kind, harmless, gen, base_logprobs) -> dict:
+    """The scale `pick_induce_scale` picks for `add(scale, variants[0])` on `--n-pick` validation harmless prompts, then a row
+    for every scale (those given and the picked one) and variant (`--bias-decay` values)."""
+    from featsteer.compare import pick_induce_scale
+
     started = time.perf_counter()
     val_harmless = result.val[1].head(min(args.n_pick, len(result.val[1])))
     picked, rates = pick_induce_scale(model, add, val_harmless)
-    out = {"writers": writers, "switched_on": edit.get("switched_on"), "exact_at_hook": edit["exact_at_hook"], "picked_scale": picked,
-           "val_coherent_refusal": {str(k): v for k, v in rates.items()},
+    out = {"picked_scale": picked, "val_coherent_refusal": {str(k): v for k, v in rates.items()},
            "n_pick": len(val_harmless), "pick_seconds": round(time.perf_counter() - started, 1), "rows": []}
-    print(f"--induce-bias scale picked on {len(val_harmless)} validation prompts: {picked:g} ({rates})", flush=True)
-    for decay in decays:
-        for scale in sorted({*_floats(args.bias_scales), picked}):
-            with add(scale, decay):
+    print(f"{flag} scale picked on {len(val_harmless)} validation prompts: {picked:g} ({rates})", flush=True)
+    for variant in variants:
+        for scale in sorted({*scales, picked}):
+            with add(scale, variant):
                 row = _harmless_row(model, harmless, gen, base_logprobs)["row"]
-            label = (f"--induce-bias --scale {scale:g}" + (f" --bias-decay {decay:g}" if len(decays) > 1 else "")
-                     + (" (picked on validation)" if scale == picked and decay == decays[0] else ""))
-            out["rows"].append({"run": label, "kind": "weight edit (biases)", "scale": scale, "decay": decay,
-                                "picked": scale == picked and decay == decays[0], **row})
-        print(out["rows"][-1]["run"], {k: row[k] for k in ("refused", "looping", "clean_refusals", "kl")}, flush=True)
+            label = (f"{flag} --scale {scale:g}" + (f" --bias-decay {variant:g}" if len(variants) > 1 else "")
+                     + (" (picked on validation)" if scale == picked and variant == variants[0] else ""))
+            out["rows"].append({"run": label, "kind": kind, "scale": scale, "decay": variant,
+                                "picked": scale == picked and variant == variants[0], **row})
+            print(out["rows"][-1]["run"], {k: row[k] for k in ("refused", "looping", "clean_refusals", "kl")}, flush=True)
     return out
 
 
@@ -199,6 +234,15 @@ def render(out: dict) -> str:
         lines += ["", f"`--induce-bias` writes into {where}. The scale `featsteer compare`'s "
                   f"`dim_bias_induce` picks on {bias['n_pick']} validation harmless prompts (the smallest within 0.05 of the best "
                   f"coherent refusal rate, 32 new tokens; {bias['pick_seconds']:.0f} s): **{bias['picked_scale']:g}** (rates by scale: {rates})."]
+    template = out.get("template_addition")
+    if template and template.get("skipped"):
+        lines += ["", f"No `--induce-template` rows: {template['skipped']}"]
+    elif template and template.get("tokens"):
+        rates = ", ".join(f"{k}: {v:.2f}" for k, v in template["val_coherent_refusal"].items())
+        lines += ["", f"`--induce-template` adds the same vector to the embedding row of {', '.join(template['tokens'])} (the chat "
+                  f"template's own token), so it acts at the prompt's end only. The scale `dim_template_induce` picks the same way on "
+                  f"{template['n_pick']} validation harmless prompts ({template['pick_seconds']:.0f} s): **{template['picked_scale']:g}** "
+                  f"(rates by scale: {rates})."]
     return "\n".join(lines) + "\n"
 
 
