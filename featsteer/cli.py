@@ -1353,7 +1353,8 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--induce-template", action="store_true",
                      help="like --induce-bias, but the mean difference is added to the embedding rows of the chat template's own "
                      "tokens (the last token of the template's tail that occurs nowhere else in the prompts, e.g. <|assistant|>): at "
-                     "the prompt's end only, never at the generated tokens; works on any model with a chat template")
+                     "the prompt's end only, never at the generated tokens. Meets the organism's induce target; on Qwen2.5 it falls short "
+                     "(benchmarks/results/induce_template_qwen.md), where --induce-bias does better")
     abl.add_argument("--scale", type=_scale_or_auto, default=1.0, metavar="S|auto",
                      help="--induce-bias, --induce-template: multiple of the mean difference to add (default 1), or auto: the smallest of "
                      "0.25, 0.5, 0.75, 1, 1.5, 2 whose coherent refusal of validation harmless prompts the before/after check "
