@@ -192,6 +192,7 @@ def _harmless_row(model, harmless, gen, base_logprobs) -> dict:
     looping = result.looping or tuple(LoopDetector().classify(result.responses))
     clean = [i for i, (r, loop) in enumerate(zip(result.refused, looping, strict=True)) if r and not loop]
     row = {"refused": sum(result.refused), "looping": sum(looping), "clean_refusals": len(clean), "n": len(result.refused),
+           "empty": sum(1 for text in result.responses if not text.strip()),
            "kl": 0.0 if base_logprobs is None else kl_first_token(base_logprobs, result.first_logprobs),
            "examples": [result.responses[i][:120] for i in (clean[:1] or [0])] + [result.responses[1][:120]]}
     return {"row": row, "logprobs": result.first_logprobs}
@@ -214,12 +215,13 @@ def render(out: dict) -> str:
              f"(mean difference length {out['mean_difference_norm']:.2f}; median token-embedding norm "
              f"{out['median_embedding_norm']:.3g}). {out['n_harmless']} held-out harmless prompts ({out['harmless_source']}), greedy, "
              "32 new tokens. Refused: the `featsteer eval` detector; looping: `LoopDetector`; clean: refused and not looping; "
-             "KL: first-token KL(unedited || edited).", "",
-             "| run | kind | refused | looping | clean refusals | KL | a response |", "|---|---|---:|---:|---:|---:|---|"]
+             "empty: responses with no text (the model ends its turn at once; the detector counts them as refusals, and so as clean "
+             "ones); KL: first-token KL(unedited || edited).", "",
+             "| run | kind | refused | looping | clean refusals | empty | KL | a response |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for row in out["rows"]:
         example = row["examples"][0].replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {row['run']} | {row['kind']} | {row['refused']}/{row['n']} | {row['looping']} | {row['clean_refusals']} "
-                     f"| {row['kl']:.3f} | {example[:90]!r} |")
+                     f"| {row.get('empty', '-')} | {row['kl']:.3f} | {example[:90]!r} |")
     bias = out.get("bias_addition")
     if bias and bias.get("skipped"):
         lines += ["", f"No `--induce-bias` rows: {bias['skipped']}"]
