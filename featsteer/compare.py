@@ -520,19 +520,11 @@ def register_method(name: str, description: str, *, needs_saes: bool = False, ne
 
 
 def available_methods(saes: bool = True, model: ModelAdapter | None = None) -> dict[str, str]:
-    """Registered method names and descriptions (without the SAE methods when `saes` is False, without the methods
-    that act on the normalised branch inputs when `model` has none, and without the expert-routing methods when `model`
-    is dense, without the per-head methods when `model` normalises its attention output before the stream, and without
-    the bias edits when `model` has no bias that adds a constant to the stream, and without the template-token edits
-    when it has no chat template)."""
-    norms = model is None or model.input_norms
-    experts = model is None or bool(model.moe_layers)
-    heads = model is None or _additive_heads(model)
-    biases = model is None or _has_biases(model)
-    template = model is None or _has_template(model)
+    """Registered method names and descriptions (without the SAE methods when `saes` is False, and without the methods
+    whose requirement `model` does not meet: `_MODEL_NEEDS`, e.g. the expert-routing methods on a dense model)."""
+    lacking = set() if model is None else {flag for flag, meets, _ in _MODEL_NEEDS if not meets(model)}
     return {name: entry.description for name, entry in _METHODS.items()
-            if (saes or not entry.needs_saes) and (norms or not entry.needs_input_norms) and (experts or not entry.needs_experts)
-            and (heads or not entry.needs_heads) and (biases or not entry.needs_biases) and (template or not entry.needs_template)}
+            if (saes or not entry.needs_saes) and not any(getattr(entry, flag) for flag in lacking)}
 
 
 def _has_biases(model: ModelAdapter) -> bool:
@@ -549,6 +541,21 @@ def _additive_heads(model: ModelAdapter) -> bool:
     return not model.post_norms and bool(model.attention_layers)
 
 
+_MODEL_NEEDS: tuple[tuple[str, Callable[[ModelAdapter], bool], str], ...] = (
+    ("needs_experts", lambda model: bool(model.moe_layers),
+     "switch experts off, and {family} has no mixture-of-experts layers whose routing featsteer can read"),
+    ("needs_heads", _additive_heads,
+     "edit single attention heads, and {family} normalises the attention output before the stream (its heads' writes do not add up)"),
+    ("needs_input_norms", lambda model: model.input_norms,
+     "steer the normalised attention and MLP inputs, which {family} does not have (its branches read the stream itself)"),
+    ("needs_biases", _has_biases,
+     "edit biases that add a constant to the stream, and {name} has none (no biases and no config switch for them, or a norm after each branch)"),
+    ("needs_template", _has_template,
+     "edit the chat template's own tokens, and {name} has no chat template (or no token embedding to edit)"),
+)
+"""`(_Registered flag, does the model meet it, why not)`: what a method may need of the model, checked in this order."""
+
+
 def _check_methods(names: Sequence[str], have_saes: bool, model: ModelAdapter) -> None:
     unknown = [n for n in names if n not in _METHODS]
     if unknown:
@@ -556,26 +563,10 @@ def _check_methods(names: Sequence[str], have_saes: bool, model: ModelAdapter) -
     need = [n for n in names if _METHODS[n].needs_saes]
     if need and not have_saes:
         raise FeatsteerError(f"method(s) {', '.join(need)} need SAEs: pass saes= to compare (CLI: --sae organism|DIR)")
-    routed = [n for n in names if _METHODS[n].needs_experts]
-    if routed and not model.moe_layers:
-        raise FeatsteerError(f"method(s) {', '.join(routed)} switch experts off, and {model.family} has no mixture-of-experts layers "
-                             "whose routing featsteer can read: leave them out")
-    per_head = [n for n in names if _METHODS[n].needs_heads]
-    if per_head and not _additive_heads(model):
-        raise FeatsteerError(f"method(s) {', '.join(per_head)} edit single attention heads, and {model.family} normalises the attention "
-                             "output before the stream (its heads' writes do not add up): leave them out")
-    norms = [n for n in names if _METHODS[n].needs_input_norms]
-    if norms and not model.input_norms:
-        raise FeatsteerError(f"method(s) {', '.join(norms)} steer the normalised attention and MLP inputs, which {model.family} does not "
-                             "have (its branches read the stream itself): leave them out")
-    biased = [n for n in names if _METHODS[n].needs_biases]
-    if biased and not _has_biases(model):
-        raise FeatsteerError(f"method(s) {', '.join(biased)} edit biases that add a constant to the stream, and {model.name} has none "
-                             "(no biases and no config switch for them, or a norm after each branch): leave them out")
-    templated = [n for n in names if _METHODS[n].needs_template]
-    if templated and not _has_template(model):
-        raise FeatsteerError(f"method(s) {', '.join(templated)} edit the chat template's own tokens, and {model.name} has no chat template "
-                             "(or no token embedding to edit): leave them out")
+    for flag, meets, why in _MODEL_NEEDS:
+        needing = [n for n in names if getattr(_METHODS[n], flag)]
+        if needing and not meets(model):
+            raise FeatsteerError(f"method(s) {', '.join(needing)} {why.format(family=model.family, name=model.name)}: leave them out")
 
 
 def method_context(ctx: CompareContext, name: str) -> contextlib.AbstractContextManager:
