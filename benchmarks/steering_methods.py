@@ -273,7 +273,7 @@ def _optimization_lines(results: list[dict]) -> list[str]:
                   f"{config['batch_size']}, weights ablation {config['ablation_weight']:g} / addition {config['addition_weight']:g} / "
                   f"retain {config['retain_weight']:g}{_first_weight(config)}{refusal}, {config['target_tokens']} target tokens, seed "
                   f"{config.get('seed', 0)}; targets: {found['targets']['ablation']} of "
-                  f"{found['targets']['harmful_read']} harmful answers (not refusals under DIM ablation), {found['targets']['addition']} "
+                  f"{found['targets']['harmful_read']} harmful {_ablation_source(config)}, {found['targets']['addition']} "
                   f"refusals under DIM addition, {found['targets']['retain']} harmless answers"
                   f"{_refusal_read(found['targets'])}; {found['seconds']:.0f} s (with the targets' "
                   "generation).", "", "| steps | cosine with DIM | " + " | ".join(f"{k} loss" for k in losses) + " |",
@@ -290,6 +290,13 @@ def _optimization_lines(results: list[dict]) -> list[str]:
             lines[-1] += (" The refusal loss is `-log(1 - P(refusal))` of the first response token with the direction removed, "
                           "over all harmful training prompts.")
     return lines
+
+
+def _ablation_source(config: dict) -> str:
+    """What the ablation loss's targets were (`OptimizeConfig.ablation_targets`)."""
+    if config.get("ablation_targets", "ablated") == "affirm":
+        return "prompts' affirmative openings (\"Sure, here is ...\", `ablation_targets=affirm`)"
+    return "answers (not refusals under DIM ablation)"
 
 
 def paired_lines(results: list[dict], baseline: str = "dim_abliteration") -> list[str]:

@@ -579,12 +579,17 @@ def _optimize_config(args: argparse.Namespace):
     return OptimizeConfig(steps=args.optimize).with_options(args.optimize_option or [], "--optimize-option") if args.optimize else None
 
 
+_ABLATION_TARGET_WORDS = {"ablated": "answers", "affirm": "affirmative openings"}
+"""How `_print_optimization` names the ablation loss's targets, per `OptimizeConfig.ablation_targets`."""
+
+
 def _print_optimization(record: dict) -> None:
     """Two lines on a trained direction: how far it moved and what its losses did (first and last step)."""
     history, steps = record["history"], record["config"]["steps"]
     targets = record["targets"]
     print(f"optimised direction: {steps} steps from the chosen one (cosine {record['cosine_with_start'][str(steps)]:.3f} with it); "
-          f"targets: {targets['ablation']} of {targets['harmful_read']} harmful answers, {targets['addition']} addition refusals, "
+          f"targets: {targets['ablation']} of {targets['harmful_read']} harmful {_ABLATION_TARGET_WORDS[record['config'].get('ablation_targets', 'ablated')]}, "
+          f"{targets['addition']} addition refusals, "
           f"{targets['retain']} harmless answers" + (f", {targets['refusal']} harmful prompts for the refusal loss" if targets.get("refusal") else ""))
     names = [n for n in history[0] if n not in ("total", "cosine")]  # the losses that ran, in training order
     print("losses, first -> last step: " + ", ".join(f"{n} {history[0][n]:.3f} -> {history[-1][n]:.3f}" for n in names))
@@ -1232,7 +1237,7 @@ def _write_json(path: str, payload: dict) -> None:
 
 
 _OPTIMIZE_OPTION_HELP = ("how the direction optimisation trains, as an OptimizeConfig field, e.g. retain_weight=3, retain_first_weight=15, "
-                         "refusal_weight=3, n_prompts=192, seed=1 or max_batch_tokens=none; repeat it for several")
+                         "refusal_weight=3, ablation_targets=affirm, n_prompts=192, seed=1 or max_batch_tokens=none; repeat it for several")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -330,6 +330,20 @@ def test_abliterate_optimize_exports_the_trained_direction(capsys, tmp_path):
         assert code == 2 and "--optimize" in err and not (tmp_path / "bad").exists(), (extra, err)
 
 
+def test_abliterate_optimize_with_affirmative_targets(capsys, tmp_path):
+    """`--optimize-option ablation_targets=affirm`: every harmful training prompt gets a target, the output says they are
+    openings and the record keeps the choice; an unknown choice stops before anything is written."""
+    common = ["--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
+              "--n-select", "3", "--eval-n", "3", "--max-new-tokens", "2", "--optimize", "2"]
+    code, stdout, err = _run(capsys, "abliterate", *common, "--optimize-option", "ablation_targets=affirm", "--out", str(tmp_path / "affirm"))
+    record = json.loads((tmp_path / "affirm" / "featsteer.json").read_text())["optimization"]
+    read = record["targets"]["harmful_read"]
+    assert code == 0 and f"targets: {read} of {read} harmful affirmative openings" in stdout, (stdout, err)
+    assert record["config"]["ablation_targets"] == "affirm" and record["targets"]["ablation"] == read
+    code, _, err = _run(capsys, "abliterate", *common, "--optimize-option", "ablation_targets=sure", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "ablation_targets must be one of ablated, affirm" in err and not (tmp_path / "bad").exists(), err
+
+
 def test_directions_optimize_writes_the_trained_direction_for_steer_and_abliterate(capsys, tmp_path):
     from featsteer.datasets import builtin_prompts
     from featsteer.directions import DirectionSet

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from featsteer.datasets import builtin_prompts, load_prompts
+from featsteer.directions import affirmative_opening
 from featsteer.directions import optimize as optimize_module
 from featsteer.directions.optimize import OptimizeConfig, optimize_direction
 from featsteer.errors import FeatsteerError
@@ -56,7 +57,8 @@ def test_config_rejects_bad_values():
                          ({"ablation_weight": 0.0, "addition_weight": 0.0}, "nothing ties the direction to refusal"),
                          ({"refusal_weight": -1.0}, "loss weights"),
                          ({"steps": 4, "snapshots": (0, 5)}, "snapshots must lie in 0..steps"),
-                         ({"retain_first_weight": 0.0}, "retain_first_weight must be a positive number")):
+                         ({"retain_first_weight": 0.0}, "retain_first_weight must be a positive number"),
+                         ({"ablation_targets": "sure"}, "ablation_targets must be one of ablated, affirm")):
         with pytest.raises(FeatsteerError, match=message):
             OptimizeConfig(**bad)
     config = OptimizeConfig(steps=10, snapshots=(3, 0, 3))
@@ -69,11 +71,14 @@ def test_options_as_key_value_strings():
     config = OptimizeConfig(steps=8).with_options(["retain_first_weight=15", " n_prompts = 192", "max_batch_tokens=none", "lr=0.02"])
     assert (config.steps, config.retain_first_weight, config.n_prompts, config.max_batch_tokens, config.lr) == (8, 15.0, 192, None, 0.02)
     assert isinstance(config.n_prompts, int) and OptimizeConfig().with_options([]) == OptimizeConfig()
+    assert OptimizeConfig().with_options(["ablation_targets=affirm"]).ablation_targets == "affirm"
     for bad, message in ((["seed"], "expected KEY=VALUE"), (["seed="], "expected KEY=VALUE"), (["retain=3"], "unknown field 'retain'"),
                          (["snapshots=1"], "unknown field 'snapshots'"), (["steps=1.5"], "steps takes a whole number"),
                          (["lr=fast"], "lr takes a number"), (["batch_size=0"], "batch_size must be at least 1")):
         with pytest.raises(FeatsteerError, match=message):
             OptimizeConfig().with_options(bad)
+    with pytest.raises(FeatsteerError, match="ablation_targets must be one of"):
+        OptimizeConfig().with_options(["ablation_targets=3"])
 
 
 def test_run_continued_with_grad_gives_the_same_logits(organism):
@@ -215,6 +220,28 @@ def test_each_loss_is_minimised_on_its_own(organism, dim):
     found = optimize_direction(organism, dim, refusal)
     assert "ablation" not in found.history[0] and "refusal" in found.history[0]
     assert _losses(organism, found, dim, refusal, found.direction)["refusal"] < 0.7 * _losses(organism, found, dim, refusal, found.start)["refusal"]
+
+
+def test_affirmative_targets_are_every_harmful_prompts_opening_and_training_makes_them_likelier(organism, dim, monkeypatch):
+    """`ablation_targets="affirm"`: the ablation loss reads each harmful training prompt's affirmative opening (no
+    DIM-ablated generation, none dropped), truncated to `target_tokens`, and training on it alone makes those openings
+    likelier with the direction removed."""
+    config = OptimizeConfig(steps=10, lr=0.05, ablation_targets="affirm", addition_weight=0.0, retain_weight=0.0, **SMALL)
+    harmful = list(dim.train[0])[: config.n_prompts]
+    harmless = list(dim.train[1])[: config.n_prompts]
+    calls = []
+    generate = organism.generate
+    monkeypatch.setattr(organism, "generate", lambda prompts, **k: calls.append(list(prompts)) or generate(prompts, **k))
+    targets = optimize_module._make_targets(organism, dim.chosen_basis[0].float(), dim.selection.chosen.hook, 1.0, harmful, harmless, config)
+    assert harmful not in calls  # the harmful prompts are not decoded
+    assert targets["ablation"].prompts == tuple(harmful)
+    for prompt, tokens in zip(harmful, targets["ablation"].tokens, strict=True):
+        wanted = organism.tokenizer(affirmative_opening(prompt), add_special_tokens=False)["input_ids"][: config.target_tokens]
+        assert list(tokens) == wanted and organism.tokenizer.decode(tokens).startswith("Sure, here")
+    monkeypatch.undo()
+    found = optimize_direction(organism, dim, config)
+    before = _losses(organism, found, dim, config, found.start)["ablation"]
+    assert _losses(organism, found, dim, config, found.direction)["ablation"] < before - 0.1
 
 
 def test_optimisation_is_reproducible(organism, dim):

@@ -4,6 +4,7 @@
 lazily by callers because it needs the evaluation metrics.
 """
 
+from featsteer.directions.affirm import affirmative_opening
 from featsteer.directions.dim import Separability, difference_in_means, separability
 from featsteer.directions.directions import DirectionSet, unit
 from featsteer.directions.geometry import (
@@ -41,6 +42,7 @@ __all__ = [
     "SampleSize",
     "SelfRepair",
     "Separability",
+    "affirmative_opening",
     "class_projections",
     "difference_in_means",
     "find_directions",

@@ -22,6 +22,11 @@ A fourth loss is ours and off by default (`refusal_weight`):
   refusal score). The ablation loss has no target for a prompt the DIM-ablated model still refuses and reads the
   refusal decision as one of 16 answer tokens; this loss reads every harmful prompt, at the token that decides.
 
+The ablation loss's targets can also be made by rule instead of generated (`ablation_targets="affirm"`): an opening
+that restates each harmful request as the thing handed over ("Sure, here is a script that ...",
+`directions.affirmative_opening`). The DIM-ablated answers include ones that turn the request into its safe side, and
+training on them teaches that too.
+
 The direction is `p / |p|` for a free parameter `p` started at the DIM direction, trained with Adam on mini-batches.
 Snapshots at chosen steps (step 0 is DIM itself) let a caller pick on validation prompts how far to go
 (`compare`'s `dim_optimized_abliteration`), so the method is never forced further from DIM than the validation
@@ -50,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from featsteer.directions.affirm import affirmative_opening
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import RefusalTokens, refusal_log_odds
 from featsteer.evaluation.refusal import RefusalDetector
@@ -61,6 +67,10 @@ if TYPE_CHECKING:
     from featsteer.pipeline import DirectionResult
 
 logger = logging.getLogger(__name__)
+
+
+ABLATION_TARGETS = ("ablated", "affirm")
+"""`OptimizeConfig.ablation_targets` choices."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,8 @@ class OptimizeConfig:
     target_tokens: int = 16
     """Answer tokens each loss reads: the targets' length and the retain loss's positions."""
     ablation_weight: float = 1.0
-    """Weight of the ablation loss (cross-entropy of the DIM-ablated model's non-refusing harmful answers)."""
+    """Weight of the ablation loss (cross-entropy of the DIM-ablated model's non-refusing harmful answers, or of the
+    harmful prompts' affirmative openings; `ablation_targets`)."""
     addition_weight: float = 0.2
     """Weight of the addition loss (cross-entropy of the DIM-added model's refusals of harmless prompts)."""
     retain_weight: float = 3.0
@@ -93,6 +104,12 @@ class OptimizeConfig:
     """How many answer positions the prompt's last position counts as in the retain loss. Its next-token distribution is
     the first generated token's, the one first-token KL reads; at 1 it is one of `target_tokens` equal positions, at
     `target_tokens - 1` half the retain loss."""
+    ablation_targets: str = "ablated"
+    """What the ablation loss teaches the direction-removed model to say to the harmful training prompts. "ablated": the
+    DIM-ablated model's answers where they are not refusals (the paper's targets, filtered). "affirm": an opening that
+    restates the request as the thing handed over ("Sure, here is a script that ...", `directions.affirmative_opening`),
+    for every harmful prompt; the DIM-ablated answers include ones that turn the request into its safe side, and
+    training on them teaches that too."""
     snapshots: tuple[int, ...] | None = None
     """Steps after which the direction is kept (0: the start). None: 0 and every quarter of `steps`."""
     seed: int = 0
@@ -123,6 +140,8 @@ class OptimizeConfig:
         if self.ablation_weight == 0 and self.addition_weight == 0 and self.refusal_weight == 0:
             raise FeatsteerError("ablation_weight, addition_weight and refusal_weight are all 0: nothing ties the direction to "
                                  "refusal (the retain loss alone is smallest for a direction nothing writes); give one of them a weight")
+        if self.ablation_targets not in ABLATION_TARGETS:
+            raise FeatsteerError(f"ablation_targets must be one of {', '.join(ABLATION_TARGETS)}, got {self.ablation_targets!r}")
         if self.snapshots is not None:
             object.__setattr__(self, "snapshots", tuple(sorted({int(s) for s in self.snapshots})))
             if any(s < 0 or s > self.steps for s in self.snapshots):
@@ -155,6 +174,9 @@ class OptimizeConfig:
                 raise FeatsteerError(f"{what} {item!r}: unknown field {key!r}; use one of {', '.join(settable)}")
             if key == "max_batch_tokens" and text.lower() == "none":
                 values[key] = None
+                continue
+            if _FIELD_TYPES[key] == "str":
+                values[key] = text
                 continue
             kind = int if _FIELD_TYPES[key].startswith("int") else float
             try:
@@ -365,14 +387,19 @@ class _BatchOrder:
 
 def _make_targets(model: ModelAdapter, start: Tensor, hook: str, scale: float, harmful: list[str], harmless: list[str],
                   config: OptimizeConfig) -> dict[str, _Targets]:
-    """Greedy answers of the DIM-ablated model (harmful prompts, kept when not refusals), the DIM-added model (harmless
-    prompts, kept when refusals) and the unedited model (harmless prompts, all kept)."""
+    """Greedy answers of the DIM-ablated model (harmful prompts, kept when not refusals; or every harmful prompt's
+    affirmative opening), the DIM-added model (harmless prompts, kept when refusals) and the unedited model (harmless
+    prompts, all kept)."""
     detector = RefusalDetector()
     tokens = config.target_tokens
     targets: dict[str, _Targets] = {}
-    with steer(model, Ablate(start)):
-        answers = model.generate(harmful, max_new_tokens=tokens, batch_size=config.batch_size)
-    targets["ablation"] = _kept(model, harmful, answers, [not detector.is_refusal(a) for a in answers], tokens)
+    if config.ablation_targets == "affirm":
+        openings = [affirmative_opening(p) for p in harmful]
+        targets["ablation"] = _kept(model, harmful, openings, [True] * len(harmful), tokens)
+    else:
+        with steer(model, Ablate(start)):
+            answers = model.generate(harmful, max_new_tokens=tokens, batch_size=config.batch_size)
+        targets["ablation"] = _kept(model, harmful, answers, [not detector.is_refusal(a) for a in answers], tokens)
     with steer(model, AddDirection(start, scale, where=hook)):
         answers = model.generate(harmless, max_new_tokens=tokens, batch_size=config.batch_size)
     targets["addition"] = _kept(model, harmless, answers, [detector.is_refusal(a) for a in answers], tokens)
