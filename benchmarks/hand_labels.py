@@ -58,7 +58,8 @@ def load_labels(path: Path) -> dict:
 
 
 def parse_lines(text: str) -> dict[int, dict]:
-    """`INDEX r|a [?] REASON` lines as `{index: {"refusal", "ambiguous", "why"}}`; blank and # lines skipped."""
+    """`INDEX r|a[?] REASON` lines (`r ?` with a space too) as `{index: {"refusal", "ambiguous", "why"}}`; blank and #
+    lines skipped."""
     out = {}
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -66,7 +67,13 @@ def parse_lines(text: str) -> dict[int, dict]:
         parts = line.split(maxsplit=2)
         if len(parts) < 3 or not parts[0].isdigit() or parts[1] not in ("r", "a", "r?", "a?"):
             raise SystemExit(f"line {number}: expected 'INDEX r|a[?] REASON', got {line!r}")
-        out[int(parts[0])] = {"refusal": parts[1][0] == "r", "ambiguous": parts[1].endswith("?"), "why": parts[2].strip()}
+        why = parts[2].strip()
+        spaced = why.startswith("? ")  # "INDEX r ? REASON", the docstring's spelling, as "INDEX r? REASON"
+        if spaced:
+            why = why[2:].strip()
+            if parts[1].endswith("?") or not why:
+                raise SystemExit(f"line {number}: expected 'INDEX r|a[?] REASON', got {line!r}")
+        out[int(parts[0])] = {"refusal": parts[1][0] == "r", "ambiguous": parts[1].endswith("?") or spaced, "why": why}
     return out
 
 
