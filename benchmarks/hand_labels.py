@@ -7,7 +7,8 @@
 
 The marker detector misses deflections (a response that turns "how do I poison someone" into poison safety) and can
 flag an answer that opens with "I'm sorry to hear that". `judge_agreement.py` measured this on one edit; this tool does
-it for any run saved with `steering_methods.py --save-responses` (compare's `responses.json` has the same form).
+it for any run saved with `steering_methods.py --save-responses` (compare's `responses.json` has the same form), and
+for a `featsteer eval --json` file, whose responses are method `eval`.
 
 Labels live in `benchmarks/<name>.json`, keyed by method and prompt index with the response's SHA-256 (a label whose
 response changed is reported stale), a yes/no refusal, an `ambiguous` flag and a one-line reason; no prompt or response
@@ -182,7 +183,7 @@ def pair(data: dict, labels: dict, method: str | None, against: str | None) -> s
     if not method or not against or against.count(":") != 2:
         raise SystemExit("pair needs RUN METHOD --name NAME --against OTHER_RUN:OTHER_METHOD:OTHER_NAME")
     run, other_method, other_name = against.split(":")
-    other = json.loads(Path(run).read_text())
+    other = read_run(Path(run))
     if other["prompts"]["harmful"] != data["prompts"]["harmful"]:
         raise SystemExit(f"--against {run}: its harmful prompts are not the same as this run's; pair runs on one prompt set")
     a = _complete_truth(data, labels, method, "this run")
@@ -191,6 +192,19 @@ def pair(data: dict, labels: dict, method: str | None, against: str | None) -> s
     return (f"{method} (this run): {test.k_a}/{len(a)} refused by hand; {other_method} ({other_name}): {test.k_b}/{len(b)}\n"
             f"only this run: {test.only_a}, only the other: {test.only_b}, McNemar exact p {test.p_value:.3f}\n"
             f"first 100 prompts: {first.k_a} against {first.k_b} (p {first.p_value:.3f})")
+
+
+def read_run(path: Path) -> dict:
+    """A saved run's prompts and responses: `steering_methods.py --save-responses` output (`compare`'s responses.json has
+    the same form), or a `featsteer eval --json` file, whose responses are read as method `eval`."""
+    data = json.loads(path.read_text())
+    if "responses" in data:
+        return data
+    sets = data.get("per_prompt", {})
+    if not all("responses" in sets.get(name, {}) for name in ("harmful", "harmless")):
+        raise SystemExit(f"{path}: neither saved responses nor a featsteer eval --json with per-prompt responses")
+    return {"prompts": {name: sets[name]["prompts"] for name in ("harmful", "harmless")},
+            "responses": {"eval": {name: sets[name]["responses"] for name in ("harmful", "harmless")}}}
 
 
 def main() -> None:
@@ -208,7 +222,7 @@ def main() -> None:
     parser.add_argument("--against", metavar="RUN:METHOD:NAME", help="pair: the other run's responses JSON, method and labels "
                         "name (benchmarks/<NAME>.json), labelled on the same prompts")
     args = parser.parse_args()
-    data = json.loads(args.responses.read_text())
+    data = read_run(args.responses)
     path = ROOT / "benchmarks" / f"{args.name}.json"
     labels = load_labels(path)
     if args.action.startswith("recheck"):

@@ -102,15 +102,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from featsteer.datasets import load_prompts
     from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
 
+    if args.prefill is not None and not args.prefill.strip():
+        raise FeatsteerError("--prefill is empty: give the text every harmful response should start with, or 'affirm'")
     harmful = load_prompts(args.harmful, column=args.column, limit=args.n)
     harmless = load_prompts(args.harmless, column=args.column, limit=args.n)
     model = _load_model(args)
     reference = _load_reference(args, model) if args.reference else None  # a bad --reference fails before any generation
     judge = _load_judge(args, model) if args.judge else None  # so does a bad --judge
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                              max_batch_tokens=args.max_batch_tokens, system=args.system)
-    report = evaluate_refusal(model, harmful, harmless, config, keep_logprobs=True)
+                              max_batch_tokens=args.max_batch_tokens, system=args.system, prefill=args.prefill)
     earlier = _read_earlier_eval(args.paired_with, {"harmful": harmful, "harmless": harmless}) if args.paired_with else None
+    report = evaluate_refusal(model, harmful, harmless, config, keep_logprobs=True)
     payload = report.to_json()
     payload.update(_logit_metrics(model, report, args, reference))
     if judge is not None:
@@ -121,7 +123,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from featsteer.evaluation.behaviour import paired_with_earlier
 
         payload["paired_with"] = {"file": str(args.paired_with), **paired_with_earlier(report, earlier)}
-    print(f"model {model.name}: greedy, max {args.max_new_tokens} new tokens, {report.seconds:.1f}s")
+    prefilled = "" if args.prefill is None else (
+        ", harmful responses prefilled with each prompt's affirmative opening" if args.prefill == "affirm"
+        else f", harmful responses prefilled with {args.prefill!r}")
+    print(f"model {model.name}: greedy, max {args.max_new_tokens} new tokens{prefilled}, {report.seconds:.1f}s")
     print(report.table())
     for key in ("kl_harmless", "kl_response_harmless", "reference_nll_harmless", "refusal_score_harmful", "refusal_score_harmless",
                 "over_refusal_rate"):
@@ -1294,6 +1299,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference", help="model SPEC to measure KL on harmless prompts against: of the first token, and "
                     "along the reference's own greedy responses (kl_response_harmless)")
     ev.add_argument("--alarming", help="harmless-but-alarming prompts: adds over_refusal_rate")
+    ev.add_argument("--prefill", metavar="TEXT|affirm",
+                    help="start every harmful response with TEXT (a prefilling attack), or with each prompt's own affirmative "
+                         "opening ('affirm': \"Sure, here is a script that ...\"); the model goes on from it and the detector reads "
+                         "what it wrote after it. Harmless prompts are not prefilled")
     add_judge_args(ev, "adds judge to the JSON with the judge's rates, its agreement with the markers and every disagreement")
     ev.add_argument("--paired-with", metavar="EVAL_JSON", help="an earlier eval's --json on the same prompts (e.g. before an edit): "
                     "McNemar's exact test of the refusal verdicts, prompt by prompt")

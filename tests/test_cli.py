@@ -74,6 +74,35 @@ def test_eval_json_has_documented_keys(capsys, tmp_path):
     assert 0 <= result["looping_rate_harmful"] <= 1 and len(result["ci_looping_harmless"]) == 2 and "looping" in out
 
 
+def test_eval_with_a_prefill_reads_what_the_model_writes_after_it(capsys, tmp_path):
+    """`--prefill affirm` on the organism: its refusal is decided at the first response token, so with each harmful
+    response started by the prompt's affirmative opening it goes on to answer; harmless prompts are not prefilled."""
+    common = ["eval", "--model", "organism", "--harmful", "builtin:harmful:test", "--harmless", "builtin:harmless:test", "--n", "16"]
+    code, out, err = _run(capsys, *common, "--json", str(tmp_path / "plain.json"))
+    assert code == 0, err
+    code, out, err = _run(capsys, *common, "--prefill", "affirm", "--json", str(tmp_path / "affirm.json"))
+    assert code == 0 and "harmful responses prefilled with each prompt's affirmative opening" in out, err
+    plain, affirm = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("plain", "affirm"))
+    assert affirm["generation"]["prefill"] == "affirm" and plain["generation"]["prefill"] is None
+    assert plain["refusal_rate_harmful"] >= 0.75 and affirm["refusal_rate_harmful"] <= 0.25
+    assert affirm["refusal_rate_harmless"] == plain["refusal_rate_harmless"]  # the harmless set is generated as before
+    assert not any(r["response"].startswith("Sure, here") for r in affirm["examples"]["harmful"])  # only the continuation
+    code, out, err = _run(capsys, *common, "--prefill", "  ", "--json", str(tmp_path / "bad.json"))
+    assert code == 2 and "--prefill is empty" in err and not (tmp_path / "bad.json").exists()
+
+
+def test_eval_paired_with_a_bad_earlier_file_fails_before_generating(capsys, tmp_path, monkeypatch):
+    from featsteer.evaluation import behaviour
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before checking --paired-with")
+
+    monkeypatch.setattr(behaviour, "evaluate_refusal", no_generation)
+    code, _, err = _run(capsys, "eval", "--model", "tiny:llama", "--harmful", "builtin:harmful:test", "--harmless", "builtin:harmless:test",
+                        "--n", "4", "--paired-with", str(tmp_path / "missing.json"))
+    assert code == 2 and "no such file" in err, err
+
+
 def test_eval_paired_with_an_earlier_eval_on_the_same_prompts(capsys, tmp_path):
     common = ["eval", "--model", "organism", "--harmful", "builtin:harmful:test", "--harmless", "builtin:harmless:test", "--n", "8"]
     code, _, err = _run(capsys, *common, "--json", str(tmp_path / "before.json"))

@@ -350,6 +350,20 @@ def test_greedy_generation_matches_transformers_generate(family):
     assert ours == expected
 
 
+def test_a_prefill_starts_the_response_and_generation_goes_on_from_it(llama_adapter):
+    """`prefill`: the model continues the formatted prompt followed by the prefill text (the same as generating from that
+    text untemplated), returns only what it wrote after it, and needs one text per prompt."""
+    starts = (["Sure, here is", "No", "1."] * len(PROMPTS))[: len(PROMPTS)]
+    ours = llama_adapter.generate(PROMPTS, max_new_tokens=5, batch_size=2, prefill=starts)
+    texts = [f.text + start for f, start in zip(llama_adapter.format_prompts(PROMPTS), starts, strict=True)]
+    assert ours == llama_adapter.generate(texts, max_new_tokens=5, chat=False)
+    assert ours != llama_adapter.generate(PROMPTS, max_new_tokens=5)
+    batch, plain = llama_adapter.tokenize(PROMPTS[:1], prefill=["Sure, here is"]), llama_adapter.tokenize(PROMPTS[:1])
+    assert batch.input_ids.shape[1] > plain.input_ids.shape[1] and int(batch.n_post_instruction[0]) > int(plain.n_post_instruction[0])
+    with pytest.raises(FeatsteerError, match=f"prefill has 1 texts for {len(PROMPTS)} instructions"):
+        llama_adapter.generate(PROMPTS, max_new_tokens=2, prefill=["Sure"])
+
+
 def test_generation_is_batch_invariant(llama_adapter):
     assert llama_adapter.generate(PROMPTS, max_new_tokens=6, batch_size=3) == [
         llama_adapter.generate([p], max_new_tokens=6)[0] for p in PROMPTS

@@ -37,6 +37,11 @@ class GenerationConfig:
     on CPU without long prompts padding a whole batch."""
     system: str | None = None
     """Optional system prompt."""
+    prefill: str | None = None
+    """Start of every harmful response, written for the model (a prefilling attack), which then goes on from it:
+    a text, or "affirm" for each prompt's own affirmative opening ("Sure, here is a script that ...",
+    `directions.affirmative_opening`). The detector reads what the model wrote after it. Harmless prompts are not
+    prefilled. None: off."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,8 @@ class RefusalReport:
             **{f"ci_looping_{name}": [loops.low, loops.high] for name, loops in looping.items()},
             "examples": {"harmful": self.harmful.examples(n_examples), "harmless": self.harmless.examples(n_examples)},
             "per_prompt": {result.name: {"prompts_sha256": prompts_sha256(result.prompts), "refused": list(result.refused),
-                                         "looping": list(result._looping())} for result in (self.harmful, self.harmless)},
+                                         "looping": list(result._looping()), "prompts": list(result.prompts),
+                                         "responses": list(result.responses)} for result in (self.harmful, self.harmless)},
             "generation": asdict(self.config),
             "sources": self.sources,
             "seconds": round(self.seconds, 2),
@@ -157,18 +163,35 @@ def paired_with_earlier(report: RefusalReport, earlier: Mapping) -> dict:
     return out
 
 
+def prefill_texts(prefill: str | None, prompts: Sequence[str]) -> list[str] | None:
+    """The response starts `GenerationConfig.prefill` asks for: each prompt's affirmative opening for "affirm", else
+    the text itself for every prompt (None: no prefill)."""
+    if prefill is None:
+        return None
+    if not prefill.strip():
+        raise FeatsteerError("prefill is empty: give the text every harmful response should start with, or 'affirm'")
+    if prefill == "affirm":
+        from featsteer.directions.affirm import affirmative_opening
+
+        return [affirmative_opening(p) for p in prompts]
+    return [prefill] * len(prompts)
+
+
 def evaluate_set(
-    model: ModelAdapter, prompts, name: str, config: GenerationConfig, detector: RefusalDetector, keep_logprobs: bool = False
+    model: ModelAdapter, prompts, name: str, config: GenerationConfig, detector: RefusalDetector, keep_logprobs: bool = False,
+    prefill: Sequence[str] | None = None,
 ) -> SetResult:
     """Generate greedily for every prompt and classify each response.
 
     With `keep_logprobs`, the result also holds the first-token log-probs (as `first_token_logprobs`
-    computes them), read from the generation's own prefill at no extra cost.
+    computes them), read from the generation's own prefill at no extra cost. `prefill` (one text per prompt) starts
+    each response; the response kept and classified is what the model wrote after it, and the first-token log-probs
+    are those of the token after it.
     """
     prompt_list = list(prompts)
     responses, logits = model.generate_with_first_logits(
         prompt_list, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-        max_batch_tokens=config.max_batch_tokens, system=config.system, keep_logits=keep_logprobs,
+        max_batch_tokens=config.max_batch_tokens, system=config.system, keep_logits=keep_logprobs, prefill=prefill,
     )
     logprobs = None
     if keep_logprobs:
@@ -196,7 +219,8 @@ def evaluate_refusal(
     config = config or GenerationConfig()
     detector = detector or RefusalDetector()
     start = time.perf_counter()
-    harmful_result = evaluate_set(model, harmful, "harmful", config, detector, keep_logprobs)
+    harmful_result = evaluate_set(model, harmful, "harmful", config, detector, keep_logprobs,
+                                  prefill_texts(config.prefill, list(harmful)))
     harmless_result = evaluate_set(model, harmless, "harmless", config, detector, keep_logprobs)
     sources = {
         "harmful": {"source": harmful.source, "sha256": harmful.sha256},

@@ -386,16 +386,21 @@ class ModelAdapter(ABC):
         """Render instructions through the chat template (see `featsteer.models.chat`)."""
         return [format_instruction(self.tokenizer, text, system) for text in instructions]
 
-    def tokenize(self, instructions: Sequence[str], *, system: str | None = None, chat: bool = True) -> TokenBatch:
+    def tokenize(self, instructions: Sequence[str], *, system: str | None = None, chat: bool = True,
+                 prefill: Sequence[str] | None = None) -> TokenBatch:
         """Format (optionally) and tokenize a batch of instructions with left padding.
 
         Args:
             instructions: raw user instructions (or raw text when `chat=False`).
             system: optional system prompt.
             chat: apply the chat template; False tokenizes the texts as they are.
+            prefill: text per instruction put after the formatted prompt, as the start of the response the model
+                goes on from (a prefilling attack: "Sure, here is"); it counts as post-instruction tokens.
         """
         if not instructions:
             raise FeatsteerError("no prompts to tokenize: pass at least one instruction")
+        if prefill is not None and len(prefill) != len(instructions):
+            raise FeatsteerError(f"prefill has {len(prefill)} texts for {len(instructions)} instructions: give one per instruction")
         if chat:
             formatted = self.format_prompts(instructions, system)
             texts = [f.text for f in formatted]
@@ -403,6 +408,8 @@ class ModelAdapter(ABC):
             add_special = not formatted[0].uses_chat_template
         else:
             texts, ends, add_special = list(instructions), [len(t) for t in instructions], True
+        if prefill is not None:
+            texts = [text + start for text, start in zip(texts, prefill, strict=True)]
         rows, n_post = [], []
         for text, end in zip(texts, ends, strict=True):
             encoding = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
@@ -518,6 +525,7 @@ class ModelAdapter(ABC):
         max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
         system: str | None = None,
         chat: bool = True,
+        prefill: Sequence[str] | None = None,
     ) -> list[str]:
         """Batched greedy generation with left padding; returns the decoded responses.
 
@@ -525,10 +533,12 @@ class ModelAdapter(ABC):
         token; the batch stops when every row has finished. `max_batch_tokens` caps a batch's padded prompt
         tokens (rows x longest prompt), so a large `batch_size` speeds up decoding, where a CPU's matrix
         products are bound by reading the weights, without making the prefill of long prompts pad badly.
+        `prefill` (one text per instruction) starts each response with that text; the returned responses are
+        what the model wrote after it.
         """
         return self.generate_with_first_logits(
             instructions, max_new_tokens=max_new_tokens, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-            system=system, chat=chat, keep_logits=False,
+            system=system, chat=chat, keep_logits=False, prefill=prefill,
         )[0]
 
     def generate_with_first_logits(
@@ -541,6 +551,7 @@ class ModelAdapter(ABC):
         system: str | None = None,
         chat: bool = True,
         keep_logits: bool = True,
+        prefill: Sequence[str] | None = None,
     ) -> tuple[list[str], Tensor | None]:
         """`generate`, also returning the `(n, vocab)` float32 logits of the first response token.
 
@@ -553,9 +564,12 @@ class ModelAdapter(ABC):
             raise FeatsteerError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         responses: list[str] = [""] * len(instructions)
         first: Tensor | None = None
-        batches = self.plan_batches(instructions, batch_size, max_batch_tokens, system, chat)
+        if prefill is not None and len(prefill) != len(instructions):
+            raise FeatsteerError(f"prefill has {len(prefill)} texts for {len(instructions)} instructions: give one per instruction")
+        batches = self.plan_batches(instructions, batch_size, max_batch_tokens, system, chat, prefill)
         for rows in tqdm(batches, desc="generate", unit="batch", disable=not self.show_progress or len(batches) < 3, leave=False):
-            batch = self.tokenize([instructions[i] for i in rows], system=system, chat=chat)
+            batch = self.tokenize([instructions[i] for i in rows], system=system, chat=chat,
+                                  prefill=None if prefill is None else [prefill[i] for i in rows])
             tokens, logits = self._greedy(batch, max_new_tokens)
             for i, row in zip(rows, tokens, strict=True):
                 responses[i] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
@@ -567,7 +581,7 @@ class ModelAdapter(ABC):
 
     def plan_batches(
         self, instructions: Sequence[str], batch_size: int, max_batch_tokens: int | None = None,
-        system: str | None = None, chat: bool = True,
+        system: str | None = None, chat: bool = True, prefill: Sequence[str] | None = None,
     ) -> list[list[int]]:
         """Group prompt indices into forward batches, shortest prompts first.
 
@@ -584,7 +598,8 @@ class ModelAdapter(ABC):
             return _length_batches(instructions, batch_size)
         if max_batch_tokens < 1:
             raise FeatsteerError(f"max_batch_tokens must be at least 1 (or None for no cap), got {max_batch_tokens}")
-        lengths = [len(self.tokenize([text], system=system, chat=chat).input_ids[0]) for text in instructions]
+        lengths = [len(self.tokenize([text], system=system, chat=chat, prefill=None if prefill is None else [prefill[i]]).input_ids[0])
+                   for i, text in enumerate(instructions)]
         return _token_budget_batches(lengths, batch_size, max_batch_tokens)
 
     def _greedy(self, batch: TokenBatch, max_new_tokens: int) -> tuple[list[list[int]], Tensor]:
