@@ -43,6 +43,10 @@ class GenerationConfig:
     `directions.affirmative_opening`). The detector reads what the model wrote after it. Harmless prompts are not
     prefilled. None: off."""
 
+    def __post_init__(self) -> None:
+        if self.prefill is not None and not self.prefill.strip():
+            raise FeatsteerError("prefill is empty: give the text every harmful response should start with, or 'affirm'")
+
 
 @dataclass(frozen=True)
 class SetResult:
@@ -164,12 +168,10 @@ def paired_with_earlier(report: RefusalReport, earlier: Mapping) -> dict:
 
 
 def prefill_texts(prefill: str | None, prompts: Sequence[str]) -> list[str] | None:
-    """The response starts `GenerationConfig.prefill` asks for: each prompt's affirmative opening for "affirm", else
-    the text itself for every prompt (None: no prefill)."""
+    """The response starts `GenerationConfig.prefill` asks for (checked non-empty there): each prompt's affirmative
+    opening for "affirm", else the text itself for every prompt (None: no prefill)."""
     if prefill is None:
         return None
-    if not prefill.strip():
-        raise FeatsteerError("prefill is empty: give the text every harmful response should start with, or 'affirm'")
     if prefill == "affirm":
         from featsteer.directions.affirm import affirmative_opening
 
