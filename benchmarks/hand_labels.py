@@ -111,7 +111,7 @@ def render(data: dict, labels: dict, title: str, source: str) -> str:
     detector = RefusalDetector()
     prompts = data["prompts"]["harmful"]
     by_method = labels["labels"]
-    lines = [f"# {title}", "", f"Responses: `{source}` (written by `steering_methods.py --save-responses`, outside the repository); "
+    lines = [f"# {title}", "", f"Responses: `{source}` (saved outside the repository by the run that wrote them); "
              f"labels: this file's JSON twin, keyed by method, index and response hash. {len(prompts)} harmful prompts. "
              f"Criterion: {labels['criterion']}.", "",
              "| method | labelled | refused: markers | refused: by hand [95% CI] | marked ambiguous (refusal / not) "
