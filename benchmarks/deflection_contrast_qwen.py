@@ -31,7 +31,6 @@ labelled as not doing what was asked and those labelled as answering.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -45,6 +44,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import prompt_sets, qwen_gguf  # noqa: E402
+
+from featsteer.evaluation.labels import response_hash as sha  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs"
@@ -61,10 +62,6 @@ LABELLED = {  # saved rotated run -> its hand labels
 KINDS = ("last", "first", "resp_mean")
 N_MEAN = 16
 DEFAULT_CANDIDATES = "first:12,last:10,last:16,resp_mean:8,first:12:0.5,last:10:0.5"
-
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def labelled_pairs() -> tuple[list[tuple[str, str, bool]], int]:

@@ -8,7 +8,10 @@
 The marker detector misses deflections (a response that turns "how do I poison someone" into poison safety) and can
 flag an answer that opens with "I'm sorry to hear that". `judge_agreement.py` measured this on one edit; this tool does
 it for any run saved with `steering_methods.py --save-responses` (compare's `responses.json` has the same form), and
-for a `featsteer eval --json` file, whose responses are method `eval`.
+for a `featsteer eval --json` file, whose responses are method `eval`. Its labels files are those of `featsteer label`
+(`featsteer.evaluation.labels`, which reads the runs and parses the lines for both), which labels one run by asking;
+this script adds what the benchmarks need on top: labels carried between runs, blind re-checks, paired tests and the
+markdown tables under `results/`.
 
 Labels live in `benchmarks/<name>.json`, keyed by method and prompt index with the response's SHA-256 (a label whose
 response changed is reported stale), a yes/no refusal, an `ambiguous` flag and a one-line reason; no prompt or response
@@ -33,7 +36,6 @@ vague or wrong. Only the 32 tokens the benchmark generated are read.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import sys
@@ -42,7 +44,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from featsteer.errors import FeatsteerError  # noqa: E402
 from featsteer.evaluation import RefusalDetector, wilson_interval  # noqa: E402
+from featsteer.evaluation.labels import HandLabels, parse_label_lines, read_responses, response_hash  # noqa: E402
 from featsteer.evaluation.paired import paired_rates  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -51,7 +55,7 @@ CRITERION = ("refusal = does not do what was asked: declines, lectures instead, 
 
 
 def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return response_hash(text)
 
 
 def load_labels(path: Path) -> dict:
@@ -60,28 +64,13 @@ def load_labels(path: Path) -> dict:
 
 def parse_lines(text: str) -> dict[int, dict]:
     """`INDEX r|a[?] REASON` lines (`r ?` with a space too) as `{index: {"refusal", "ambiguous", "why"}}`; blank and #
-    lines skipped."""
-    out = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        parts = line.split(maxsplit=2)
-        if len(parts) < 3 or not parts[0].isdigit() or parts[1] not in ("r", "a", "r?", "a?"):
-            raise SystemExit(f"line {number}: expected 'INDEX r|a[?] REASON', got {line!r}")
-        why = parts[2].strip()
-        spaced = why.startswith("? ")  # "INDEX r ? REASON", the docstring's spelling, as "INDEX r? REASON"
-        if spaced:
-            why = why[2:].strip()
-            if parts[1].endswith("?") or not why:
-                raise SystemExit(f"line {number}: expected 'INDEX r|a[?] REASON', got {line!r}")
-        out[int(parts[0])] = {"refusal": parts[1][0] == "r", "ambiguous": parts[1].endswith("?") or spaced, "why": why}
-    return out
+    lines skipped; every label needs its reason here (`featsteer label --lines` makes it optional)."""
+    return {i: {"refusal": v.refusal, "ambiguous": v.ambiguous, "why": v.why}
+            for i, v in parse_label_lines(text, require_reason=True).items()}
 
 
 def write_labels(path: Path, labels: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(labels, indent=1) + "\n")
-    tmp.replace(path)
+    HandLabels(path, labels).save()
 
 
 def recheck_draw(data: dict, labels: dict, n: int) -> dict[int, tuple[str, int, str, str]]:
@@ -197,14 +186,8 @@ def pair(data: dict, labels: dict, method: str | None, against: str | None) -> s
 def read_run(path: Path) -> dict:
     """A saved run's prompts and responses: `steering_methods.py --save-responses` output (`compare`'s responses.json has
     the same form), or a `featsteer eval --json` file, whose responses are read as method `eval`."""
-    data = json.loads(path.read_text())
-    if "responses" in data:
-        return data
-    sets = data.get("per_prompt", {})
-    if not all("responses" in sets.get(name, {}) for name in ("harmful", "harmless")):
-        raise SystemExit(f"{path}: neither saved responses nor a featsteer eval --json with per-prompt responses")
-    return {"prompts": {name: sets[name]["prompts"] for name in ("harmful", "harmless")},
-            "responses": {"eval": {name: sets[name]["responses"] for name in ("harmful", "harmless")}}}
+    run = read_responses(path)
+    return {"prompts": run.prompts, "responses": run.responses}
 
 
 def main() -> None:
@@ -286,4 +269,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FeatsteerError as error:
+        sys.exit(f"hand_labels.py: {error}")

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from featsteer.errors import FeatsteerError
+from featsteer.errors import FeatsteerError, read_json_file
 
 BIAS_DECAY_DEFAULT = 2.0
 """`--bias-decay`'s default (`edits.BIAS_DECAY`; kept here so the CLI parses without importing torch)."""
@@ -180,13 +180,7 @@ def _read_earlier_eval(path: str, prompts: dict) -> dict:
     any generation runs."""
     from featsteer.evaluation.behaviour import prompts_sha256
 
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FeatsteerError(f"--paired-with {path}: no such file; pass the --json output of an earlier featsteer eval")
-    try:
-        earlier = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FeatsteerError(f"--paired-with {path} is not JSON ({error}); pass the --json output of an earlier featsteer eval") from None
+    earlier = read_json_file(path, f"--paired-with {path}", "pass the --json output of an earlier featsteer eval")
     if not isinstance(earlier, dict) or "per_prompt" not in earlier:
         raise FeatsteerError(f"--paired-with {path} has no per-prompt verdicts: write it with featsteer eval --json (this version)")
     for name, prompt_set in prompts.items():
@@ -242,6 +236,109 @@ def _logit_metrics(model, report, args: argparse.Namespace, reference=None) -> d
         metrics["over_refusal_rate"] = rate.rate
         metrics["ci_over_refusal"] = [rate.low, rate.high]
     return metrics
+
+
+def _default_labels_path(source: str, set_name: str) -> Path:
+    """`RUN.labels.json` beside the run (`responses.labels.json` in a compare folder); `RUN.harmless.labels.json` for the
+    harmless responses."""
+    path = Path(source)
+    return path.with_name(f"{path.stem}{'' if set_name == 'harmful' else '.' + set_name}.labels.json")
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    from featsteer.evaluation import RefusalDetector
+    from featsteer.evaluation import labels as hand
+
+    run = hand.read_responses(args.responses)
+    labels = hand.HandLabels.load(args.labels or _default_labels_path(run.source, args.set), args.set)
+    detector = RefusalDetector()
+    if args.summary:
+        methods = [args.method] if args.method else [m for m in labels.data["labels"] if m in run.responses]
+        if not methods:
+            raise FeatsteerError(f"{labels.path} has no labels of {run.source}'s responses yet: label some first (featsteer label RUN)")
+        _print_label_summary(hand, run, labels, methods, detector)
+        return 0
+    if args.method is None and len(run.methods) != 1:
+        raise FeatsteerError(f"{run.source} holds the responses of {', '.join(run.methods)}: pick one with --method")
+    method = args.method or run.methods[0]
+    texts, prompts = run.texts(method, args.set), run.prompts[args.set]
+    if not texts:
+        raise FeatsteerError(f"{run.source} has no {args.set} responses of {method}: label the other set with --set")
+    current = labels.current(method, texts)
+    todo = [i for i in range(len(texts)) if i not in current]
+    prefills = run.prefills.get(args.set)
+    if args.show:
+        for i in todo:
+            print(json.dumps({"index": i, "markers": detector.is_refusal(texts[i]), "prompt": prompts[i],
+                              **({"prefill": prefills[i]} if prefills else {}), "response": texts[i]}))
+        return 0
+    if args.lines:
+        lines = Path(args.lines)
+        if not lines.is_file():
+            raise FeatsteerError(f"--lines {lines}: no such file; write one label per line as 'INDEX r|a[?] REASON'")
+        parsed = hand.parse_label_lines(lines.read_text())
+        if past := [i for i in parsed if i >= len(texts)]:
+            raise FeatsteerError(f"--lines {lines}: index {past[0]} is past the {len(texts)} {args.set} responses of {method} (they count from 0)")
+        for i, label in parsed.items():
+            labels.put(method, i, texts[i], label)
+        labels.save()
+        print(f"added {len(parsed)} label{'' if len(parsed) == 1 else 's'} to {labels.path}")
+    elif todo:
+        _label_interactively(labels, method, todo, prompts, texts, detector, prefills)
+    else:
+        print(f"every {args.set} response of {method} is labelled")
+    if method in labels.data["labels"]:
+        _print_label_summary(hand, run, labels, [method], detector)
+    return 0
+
+
+def _print_label_summary(hand, run, labels, methods: list[str], detector) -> None:
+    print(f"{labels.path}: {labels.set_name} responses; {labels.data.get('criterion', hand.CRITERIA[labels.set_name])}")
+    print(hand.format_summary(hand.summarize(run, labels, methods, detector)))
+
+
+def _label_interactively(labels, method: str, todo: list[int], prompts: list[str], texts: list[str], detector,
+                         prefills: list[str] | None) -> None:
+    """Ask for a label per response on standard input, saving after each one (so stopping loses nothing)."""
+    from featsteer.evaluation.labels import CRITERIA, parse_label
+
+    stale = labels.stale(method, texts)
+    print(f"{len(todo)} of {len(texts)} responses of {method} to label" + (f" ({len(stale)} of them relabelled: their response "
+          "changed since)" if stale else "") + f". Criterion: {CRITERIA[labels.set_name]}.")
+    print("Type r (refuses) or a (answers), with ? if it could go either way, then a reason if you like "
+          "('r? turns to home safety'); s skips, q stops.")
+    for k, i in enumerate(todo, 1):
+        print(f"\n[{k}/{len(todo)}] #{i}, markers: {'refusal' if detector.is_refusal(texts[i]) else 'answers'}")
+        print(f"prompt:   {prompts[i]}")
+        if prefills:
+            print(f"prefill:  {prefills[i]}")
+        print(f"response: {texts[i]}")
+        while True:
+            print("label> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if line and not sys.stdin.isatty():  # piped labels: show them, so the transcript reads as a session
+                print(line.rstrip("\n"))
+            if not line or line.strip() in ("q", "quit"):
+                _say_left(labels, method, texts)
+                return
+            if line.strip() in ("s", "skip"):
+                break
+            if not line.strip():
+                continue
+            try:
+                label = parse_label(line)
+            except FeatsteerError as error:
+                print(f"  {error}")
+                continue
+            labels.put(method, i, texts[i], label)
+            labels.save()
+            break
+    _say_left(labels, method, texts)
+
+
+def _say_left(labels, method: str, texts: list[str]) -> None:
+    if left := len(texts) - len(labels.current(method, texts)):
+        print(f"{left} of {len(texts)} still unlabelled: {labels.path} keeps every label given, and the same command goes on from there")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -1543,6 +1640,18 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--batch-size", type=int, default=16)
     rf.add_argument("--column", help="column for csv/json/parquet prompt files")
     rf.set_defaults(run=_cmd_rank_features)
+
+    lab = sub.add_parser("label", help="read a run's responses and label refusals by hand: hand counts beside the markers'")
+    lab.add_argument("responses", metavar="RUN", help="a featsteer eval --json output, or compare's responses.json (or its output folder)")
+    lab.add_argument("--labels", help="the labels file, created if missing (default: RUN.labels.json beside the run, "
+                     "RUN.harmless.labels.json for --set harmless)")
+    lab.add_argument("--method", help="whose responses: a compare run holds one set per method (an eval run has one, eval)")
+    lab.add_argument("--set", default="harmful", choices=("harmful", "harmless"), help="which prompts' responses (default harmful)")
+    how = lab.add_mutually_exclusive_group()
+    how.add_argument("--lines", metavar="FILE", help="add the labels in FILE, lines 'INDEX r|a[?] [REASON]', instead of asking")
+    how.add_argument("--show", action="store_true", help="print the unlabelled responses as JSON lines (to label in an editor)")
+    how.add_argument("--summary", action="store_true", help="only print the hand counts against the markers")
+    lab.set_defaults(run=_cmd_label)
 
     demo = sub.add_parser("demo", help="the full pipeline on the embedded organism")
     add_model_args(demo)

@@ -21,6 +21,7 @@ from featsteer.evaluation.judge import (
     judge_sets,
     load_judge_anchors,
 )
+from featsteer.evaluation.labels import HandLabels, Label, LabelSummary, read_responses, summarize
 from featsteer.evaluation.metrics import (
     CrossEntropyResult,
     KLBase,
@@ -62,6 +63,11 @@ __all__ = [
     "judge_from_spec",
     "judge_sets",
     "load_judge_anchors",
+    "HandLabels",
+    "Label",
+    "LabelSummary",
+    "read_responses",
+    "summarize",
     "CrossEntropyResult",
     "Loop",
     "LoopDetector",
