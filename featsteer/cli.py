@@ -1213,6 +1213,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             picked = f" (picked {result.details['setting']} on validation)" if "sae_validation" in result.details else ""
             print(f"  {result.method}: {result.details['sae_hook']} features {result.details['sae_features']}{picked}")
     print(f"\nwrote {folder}/results.json, report.html, pareto.png, responses.json")
+    print(f"read the responses by hand: featsteer label {folder} --method METHOD")
     return 0
 
 

@@ -212,3 +212,16 @@ def test_label_shows_what_a_prefilled_response_was_forced_to_start_with(capsys, 
     assert code == 0 and "prefill:  Sure, here is how you can pick a lock:\nresponse: I'm sorry" in out
     code, out, _ = _run(capsys, monkeypatch, str(run), "--set", "harmless", "--show")  # harmless prompts are never prefilled
     assert "prefill" not in out and json.loads(out.splitlines()[0])["response"] == "Mix flour and water."
+
+
+def test_label_reads_a_compare_folder_as_its_printout_says(capsys, monkeypatch, tmp_path):
+    code = main(["compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--n", "8",
+                 "--n-select", "3", "--methods", "none,dim_abliteration", "--max-new-tokens", "2", "--out", str(tmp_path / "cmp")])
+    out = capsys.readouterr().out
+    assert code == 0 and f"read the responses by hand: featsteer label {tmp_path / 'cmp'} --method METHOD" in out
+    code, out, _ = _run(capsys, monkeypatch, str(tmp_path / "cmp"), "--method", "dim_abliteration", "--show")
+    shown = [json.loads(line) for line in out.splitlines()]
+    saved = json.loads((tmp_path / "cmp" / "responses.json").read_text())
+    assert code == 0 and [row["response"] for row in shown] == saved["responses"]["dim_abliteration"]["harmful"]
+    code, out, _ = _run(capsys, monkeypatch, str(tmp_path / "cmp"), "--method", "none", stdin="r\n" * len(shown))
+    assert code == 0 and (tmp_path / "cmp" / "responses.labels.json").is_file() and f"none    {len(shown)}/{len(shown)}" in out
