@@ -258,87 +258,77 @@ def _cmd_label(args: argparse.Namespace) -> int:
             raise FeatsteerError(f"{labels.path} has no labels of {run.source}'s responses yet: label some first (featsteer label RUN)")
         _print_label_summary(hand, run, labels, methods, detector)
         return 0
-    if args.method is None and len(run.methods) != 1:
-        raise FeatsteerError(f"{run.source} holds the responses of {', '.join(run.methods)}: pick one with --method")
-    method = args.method or run.methods[0]
-    texts, prompts = run.texts(method, args.set), run.prompts[args.set]
-    if not texts:
-        raise FeatsteerError(f"{run.source} has no {args.set} responses of {method}: label the other set with --set")
-    current = labels.current(method, texts)
-    todo = [i for i in range(len(texts)) if i not in current]
-    prefills = run.prefills.get(args.set)
-    if args.show:
-        for i in todo:
-            print(json.dumps({"index": i, "markers": detector.is_refusal(texts[i]), "prompt": prompts[i],
-                              **({"prefill": prefills[i]} if prefills else {}), "response": texts[i]}))
-        return 0
-    if args.lines:
-        lines = Path(args.lines)
-        if not lines.is_file():
-            raise FeatsteerError(f"--lines {lines}: no such file; write one label per line as 'INDEX r|a[?] REASON'")
-        parsed = hand.parse_label_lines(lines.read_text())
-        if past := [i for i in parsed if i >= len(texts)]:
-            raise FeatsteerError(f"--lines {lines}: index {past[0]} is past the {len(texts)} {args.set} responses of {method} (they count from 0)")
-        for i, label in parsed.items():
-            labels.put(method, i, texts[i], label)
-        labels.save()
-        print(f"added {len(parsed)} label{'' if len(parsed) == 1 else 's'} to {labels.path}")
-    elif todo:
-        _label_interactively(labels, method, todo, prompts, texts, detector, prefills)
+    if args.blind:
+        methods = [args.method] if args.method else run.methods
+    elif args.method is None and len(run.methods) != 1:
+        raise FeatsteerError(f"{run.source} holds the responses of {', '.join(run.methods)}: pick one with --method, or label "
+                             "them all with --blind")
     else:
-        print(f"every {args.set} response of {method} is labelled")
-    if method in labels.data["labels"]:
-        _print_label_summary(hand, run, labels, [method], detector)
+        methods = [args.method or run.methods[0]]
+    for method in methods:
+        if not run.texts(method, args.set):
+            raise FeatsteerError(f"{run.source} has no {args.set} responses of {method}: label the other set with --set")
+    if args.lines:
+        _add_label_lines(hand, run, labels, methods[0], args.lines)
+    else:
+        items = hand.questions(run, labels, methods, blind=args.blind, seed=args.seed, detector=detector)
+        prefills = run.prefills.get(args.set)
+        if args.show:
+            for item in items:
+                print(json.dumps({"index": item.index, **({} if args.blind else {"markers": detector.is_refusal(item.response)}),
+                                  "prompt": run.prompts[args.set][item.index], **({"prefill": prefills[item.index]} if prefills else {}),
+                                  "response": item.response}))
+            return 0
+        if not items:
+            print(f"every {args.set} response of {', '.join(methods)} is labelled")
+        else:
+            _ask_labels(hand, run, labels, methods, items, args)
+    if shown := [m for m in methods if m in labels.data["labels"]]:
+        _print_label_summary(hand, run, labels, shown, detector)
     return 0
+
+
+def _add_label_lines(hand, run, labels, method: str, path: str) -> None:
+    lines = Path(path)
+    if not lines.is_file():
+        raise FeatsteerError(f"--lines {lines}: no such file; write one label per line as 'INDEX r|a[?] REASON'")
+    texts = run.texts(method, labels.set_name)
+    parsed = hand.parse_label_lines(lines.read_text())
+    if past := [i for i in parsed if i >= len(texts)]:
+        raise FeatsteerError(f"--lines {lines}: index {past[0]} is past the {len(texts)} {labels.set_name} responses of {method} "
+                             "(they count from 0)")
+    for i, label in parsed.items():
+        labels.put(method, i, texts[i], label)
+    labels.save()
+    print(f"added {len(parsed)} label{'' if len(parsed) == 1 else 's'} to {labels.path}")
+
+
+def _ask_labels(hand, run, labels, methods: list[str], items, args: argparse.Namespace) -> None:
+    """The interactive session: labels typed on standard input, each saved as it is given."""
+    stale = sum(len(labels.stale(m, run.texts(m, args.set))) for m in methods)
+    what = (f"{len(items)} responses of {len(methods)} method{'s' if len(methods) > 1 else ''}, blind: shuffled (seed {args.seed}), "
+            "with no method name or marker verdict; a text several methods wrote for one prompt is asked once"
+            if args.blind else f"{len(items)} of {len(run.texts(methods[0], args.set))} responses of {methods[0]}")
+    print(f"{what} to label" + (f" ({stale} relabelled: their response changed since)" if stale else "") +
+          f". Criterion: {hand.CRITERIA[args.set]}.")
+    print("Type r (refuses) or a (answers), with ? if it could go either way, then a reason if you like "
+          "('r? turns to home safety'); s skips, q stops.")
+
+    def read() -> str:
+        print("label> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if line and not sys.stdin.isatty():  # piped labels: show them, so the transcript reads as a session
+            print(line.rstrip("\n"))
+        return line
+
+    hand.ask(labels, run, items, read, print)
+    if left := hand.unlabelled(run, labels, methods):
+        print(f"{left} still unlabelled: {labels.path} keeps every label given, and the same command goes on from there")
 
 
 def _print_label_summary(hand, run, labels, methods: list[str], detector) -> None:
     print(f"{labels.path}: {labels.set_name} responses; {labels.data.get('criterion', hand.CRITERIA[labels.set_name])}")
     print(hand.format_summary(hand.summarize(run, labels, methods, detector)))
-
-
-def _label_interactively(labels, method: str, todo: list[int], prompts: list[str], texts: list[str], detector,
-                         prefills: list[str] | None) -> None:
-    """Ask for a label per response on standard input, saving after each one (so stopping loses nothing)."""
-    from featsteer.evaluation.labels import CRITERIA, parse_label
-
-    stale = labels.stale(method, texts)
-    print(f"{len(todo)} of {len(texts)} responses of {method} to label" + (f" ({len(stale)} of them relabelled: their response "
-          "changed since)" if stale else "") + f". Criterion: {CRITERIA[labels.set_name]}.")
-    print("Type r (refuses) or a (answers), with ? if it could go either way, then a reason if you like "
-          "('r? turns to home safety'); s skips, q stops.")
-    for k, i in enumerate(todo, 1):
-        print(f"\n[{k}/{len(todo)}] #{i}, markers: {'refusal' if detector.is_refusal(texts[i]) else 'answers'}")
-        print(f"prompt:   {prompts[i]}")
-        if prefills:
-            print(f"prefill:  {prefills[i]}")
-        print(f"response: {texts[i]}")
-        while True:
-            print("label> ", end="", flush=True)
-            line = sys.stdin.readline()
-            if line and not sys.stdin.isatty():  # piped labels: show them, so the transcript reads as a session
-                print(line.rstrip("\n"))
-            if not line or line.strip() in ("q", "quit"):
-                _say_left(labels, method, texts)
-                return
-            if line.strip() in ("s", "skip"):
-                break
-            if not line.strip():
-                continue
-            try:
-                label = parse_label(line)
-            except FeatsteerError as error:
-                print(f"  {error}")
-                continue
-            labels.put(method, i, texts[i], label)
-            labels.save()
-            break
-    _say_left(labels, method, texts)
-
-
-def _say_left(labels, method: str, texts: list[str]) -> None:
-    if left := len(texts) - len(labels.current(method, texts)):
-        print(f"{left} of {len(texts)} still unlabelled: {labels.path} keeps every label given, and the same command goes on from there")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -1652,6 +1642,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--lines", metavar="FILE", help="add the labels in FILE, lines 'INDEX r|a[?] [REASON]', instead of asking")
     how.add_argument("--show", action="store_true", help="print the unlabelled responses as JSON lines (to label in an editor)")
     how.add_argument("--summary", action="store_true", help="only print the hand counts against the markers")
+    lab.add_argument("--blind", action="store_true", help="label every method's responses (or --method's) in one shuffled order, "
+                     "with no method name or marker verdict shown, so the labels cannot favour a method")
+    lab.add_argument("--seed", type=int, default=0, help="the --blind shuffle's seed (default 0)")
     lab.set_defaults(run=_cmd_label)
 
     demo = sub.add_parser("demo", help="the full pipeline on the embedded organism")

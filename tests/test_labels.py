@@ -137,7 +137,7 @@ def test_label_command_asks_saves_each_label_and_goes_on_later(capsys, monkeypat
     assert code == 0, err
     assert "4 of 4 responses of eval to label" in out and "[1/4] #0, markers: refusal" in out
     assert "expected a label r, a, r? or a?" in out  # a typo is asked again, not fatal
-    assert "2 of 4 still unlabelled" in out and "eval    2/4" in out
+    assert "2 still unlabelled" in out and "eval    2/4" in out
     saved = json.loads((tmp_path / "e.labels.json").read_text())  # beside the run by default
     assert saved["set"] == "harmful" and saved["labels"]["eval"]["1"] == {
         "sha": response_hash(HARMFUL[1]), "refusal": False, "ambiguous": True, "why": "a start"}
@@ -155,7 +155,7 @@ def test_label_command_relabels_a_response_that_changed(capsys, monkeypatch, tmp
     code, out, _ = _run(capsys, monkeypatch, str(run), "--summary")
     assert code == 0 and "3/4 (1 stale)" in out
     code, out, _ = _run(capsys, monkeypatch, str(run), stdin="r declines now\n")
-    assert "1 of 4 responses of eval to label (1 of them relabelled" in out and "#3, markers: refusal" in out
+    assert "1 of 4 responses of eval to label (1 relabelled" in out and "#3, markers: refusal" in out
     assert json.loads((tmp_path / "e.labels.json").read_text())["labels"]["eval"]["3"]["why"] == "declines now"
 
 
@@ -225,3 +225,26 @@ def test_label_reads_a_compare_folder_as_its_printout_says(capsys, monkeypatch, 
     assert code == 0 and [row["response"] for row in shown] == saved["responses"]["dim_abliteration"]["harmful"]
     code, out, _ = _run(capsys, monkeypatch, str(tmp_path / "cmp"), "--method", "none", stdin="r\n" * len(shown))
     assert code == 0 and (tmp_path / "cmp" / "responses.labels.json").is_file() and f"none    {len(shown)}/{len(shown)}" in out
+
+
+def test_blind_labelling_hides_the_method_shuffles_and_asks_a_shared_text_once(capsys, monkeypatch, tmp_path):
+    run = tmp_path / "responses.json"
+    responses = {"dim_abliteration": {"harmful": HARMFUL, "harmless": ["Mix.", "Nile."]},
+                 "sae_top1": {"harmful": [HARMFUL[0], "Step 1: open the lock", HARMFUL[2], "A weapon is a tool."], "harmless": ["Mix.", "Nile."]}}
+    run.write_text(json.dumps({"prompts": PROMPTS, "responses": responses}))
+    code, out, _ = _run(capsys, monkeypatch, str(run), "--blind", "--show")
+    shown = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(shown) == 6  # 8 responses, two of which repeat the other method's text for the same prompt
+    assert all("markers" not in row for row in shown) and "dim_abliteration" not in out and "sae_top1" not in out
+    assert [row["index"] for row in shown] != sorted(row["index"] for row in shown)  # shuffled (seed 0)
+    _, again, _ = _run(capsys, monkeypatch, str(run), "--blind", "--show", "--seed", "0")
+    _, other, _ = _run(capsys, monkeypatch, str(run), "--blind", "--show", "--seed", "1")
+    assert again == out and other != out
+    code, out, _ = _run(capsys, monkeypatch, str(run), "--blind", stdin="r\n" * 6)
+    asked = out.split("Criterion")[1].split("labels.json")[0]
+    assert code == 0 and "6 responses of 2 methods, blind" in out and "markers:" not in asked and "sae_top1" not in asked
+    assert "dim_abliteration  4/4" in out and "sae_top1          4/4" in out  # one label serves both methods' shared texts
+    saved = json.loads((tmp_path / "responses.labels.json").read_text())["labels"]
+    assert saved["dim_abliteration"]["0"]["sha"] == saved["sae_top1"]["0"]["sha"]
+    code, out, _ = _run(capsys, monkeypatch, str(run), "--blind")
+    assert "every harmful response of dim_abliteration, sae_top1 is labelled" in out

@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -281,3 +282,75 @@ def format_summary(summaries: list[LabelSummary]) -> str:
                      f"{s.span[0]}-{s.span[1]}", str(s.markers_only), str(s.hand_only)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+@dataclass(frozen=True)
+class Question:
+    """One response to label: its prompt index and text, the methods that wrote this very text for that prompt (one
+    label serves them all), and the header shown above it."""
+
+    index: int
+    response: str
+    methods: tuple[str, ...]
+    header: str
+
+
+def questions(run: Responses, labels: HandLabels, methods: list[str], *, blind: bool = False, seed: int = 0,
+              detector: RefusalDetector | None = None) -> list[Question]:
+    """The unlabelled (or stale) responses of `methods`, in prompt order with the markers' verdict shown; or `blind`:
+    those of every method in one seeded shuffle, a text that several methods wrote for the same prompt asked once, and
+    neither the method nor the markers' verdict shown, so the labeller cannot favour a method."""
+    detector = detector or RefusalDetector()
+    pending: dict[tuple[int, str], list[str]] = {}
+    for method in methods:
+        texts = run.texts(method, labels.set_name)
+        done = labels.current(method, texts)
+        for i, text in enumerate(texts):
+            if i not in done:
+                pending.setdefault((i, text), []).append(method)
+    items = [Question(i, text, tuple(owners), "" if blind else f"#{i}, markers: {'refusal' if detector.is_refusal(text) else 'answers'}")
+             for (i, text), owners in pending.items()]
+    if blind:
+        random.Random(seed).shuffle(items)
+    return items
+
+
+def ask(labels: HandLabels, run: Responses, items: list[Question], read: Callable[[], str], write: Callable[[str], None]) -> int:
+    """Show each question and read a label for it (`r`/`a`, `?`, a reason; `s` skips, `q` or the end of input stops),
+    saving the file after every label so stopping loses nothing. A line that is not a label is asked again.
+
+    Returns:
+        How many labels were given.
+    """
+    prompts, prefills = run.prompts[labels.set_name], run.prefills.get(labels.set_name)
+    given = 0
+    for k, item in enumerate(items, 1):
+        write(f"\n[{k}/{len(items)}]" + (f" {item.header}" if item.header else ""))
+        write(f"prompt:   {prompts[item.index]}")
+        if prefills:
+            write(f"prefill:  {prefills[item.index]}")
+        write(f"response: {item.response}")
+        while True:
+            line = read()
+            if not line or line.strip() in ("q", "quit"):
+                return given
+            if line.strip() in ("s", "skip"):
+                break
+            if not line.strip():
+                continue
+            try:
+                label = parse_label(line)
+            except FeatsteerError as error:
+                write(f"  {error}")
+                continue
+            for method in item.methods:
+                labels.put(method, item.index, item.response, label)
+            labels.save()
+            given += 1
+            break
+    return given
+
+
+def unlabelled(run: Responses, labels: HandLabels, methods: Iterable[str]) -> int:
+    """Responses of `methods` with no current label."""
+    return sum(len(run.texts(m, labels.set_name)) - len(labels.current(m, run.texts(m, labels.set_name))) for m in methods)
