@@ -258,6 +258,8 @@ def _cmd_label(args: argparse.Namespace) -> int:
             raise FeatsteerError(f"{labels.path} has no labels of {run.source}'s responses yet: label some first (featsteer label RUN)")
         _print_label_summary(hand, run, labels, methods, detector)
         return 0
+    if args.blind and args.lines:
+        raise FeatsteerError("--lines adds labels by index for one method: drop --blind and name the method with --method")
     if args.blind:
         methods = [args.method] if args.method else run.methods
     elif args.method is None and len(run.methods) != 1:

@@ -181,6 +181,7 @@ def test_label_command_takes_a_lines_file_and_shows_what_is_left(capsys, monkeyp
     (["--method", "none", "--lines", "absent.txt"], "", "--lines absent.txt: no such file"),
     (["--method", "none", "--lines", "LINES"], "", "index 9 is past the 4 harmful responses of none (they count from 0)"),
     (["--summary"], "", "has no labels of"),
+    (["--blind", "--lines", "LINES"], "", "--lines adds labels by index for one method: drop --blind"),
 ])
 def test_label_command_errors_are_one_line(capsys, monkeypatch, tmp_path, argv, stdin, message):
     run = _compare_json(tmp_path / "responses.json")
