@@ -93,6 +93,9 @@ def test_read_responses_errors_say_what_to_give(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps({"refusal_rate_harmful": 0.5, "per_prompt": {"harmful": {"refused": [True]}}}))
     with pytest.raises(FeatsteerError, match="holds no responses: write it with featsteer eval --json"):
         read_responses(tmp_path / "old.json")
+    (tmp_path / "flat.json").write_text(json.dumps({"prompts": PROMPTS, "responses": {"m": HARMFUL}}))
+    with pytest.raises(FeatsteerError, match="the responses of m are not a"):
+        read_responses(tmp_path / "flat.json")
     _eval_json(tmp_path / "short.json", harmful=HARMFUL[:3])
     with pytest.raises(FeatsteerError, match="eval has 3 harmful responses for 4 prompts"):
         read_responses(tmp_path / "short.json")

@@ -148,6 +148,8 @@ def read_responses(path: str | Path) -> Responses:
         started = prefill_texts((data.get("generation") or {}).get("prefill"), prompts["harmful"])  # only harmful ones are prefilled
         prefills = {"harmful": started} if started else {}
     for method, by_set in responses.items():
+        if not isinstance(by_set, dict):
+            raise FeatsteerError(f"{path}: the responses of {method} are not a {{'harmful': [...], 'harmless': [...]}} mapping: {hint}")
         for name, texts in by_set.items():
             if len(texts) != len(prompts.get(name, [])):
                 raise FeatsteerError(f"{path}: {method} has {len(texts)} {name} responses for {len(prompts.get(name, []))} prompts")
