@@ -253,10 +253,10 @@ def _cmd_label(args: argparse.Namespace) -> int:
     labels = hand.HandLabels.load(args.labels or _default_labels_path(run.source, args.set), args.set)
     detector = RefusalDetector()
     if args.summary:
-        methods = [args.method] if args.method else [m for m in labels.data["labels"] if m in run.responses]
+        methods = [args.method] if args.method else [m for m in run.methods if m in labels.data["labels"]]
         if not methods:
             raise FeatsteerError(f"{labels.path} has no labels of {run.source}'s responses yet: label some first (featsteer label RUN)")
-        _print_label_summary(hand, run, labels, methods, detector)
+        _print_label_summary(hand, run, labels, methods, detector, args.baseline)
         return 0
     if args.blind and args.lines:
         raise FeatsteerError("--lines adds labels by index for one method: drop --blind and name the method with --method")
@@ -286,7 +286,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
         else:
             _ask_labels(hand, run, labels, methods, items, args)
     if shown := [m for m in methods if m in labels.data["labels"]]:
-        _print_label_summary(hand, run, labels, shown, detector)
+        _print_label_summary(hand, run, labels, shown, detector, args.baseline if args.baseline in shown else None)
     return 0
 
 
@@ -328,9 +328,15 @@ def _ask_labels(hand, run, labels, methods: list[str], items, args: argparse.Nam
         print(f"{left} still unlabelled: {labels.path} keeps every label given, and the same command goes on from there")
 
 
-def _print_label_summary(hand, run, labels, methods: list[str], detector) -> None:
+def _print_label_summary(hand, run, labels, methods: list[str], detector, baseline: str | None = None) -> None:
+    if baseline is not None:
+        run.texts(baseline, labels.set_name)  # an unknown method is a one-line error before anything is printed
+    base, pairs = hand.paired_by_hand(run, labels, methods, baseline)
     print(f"{labels.path}: {labels.set_name} responses; {labels.data.get('criterion', hand.CRITERIA[labels.set_name])}")
     print(hand.format_summary(hand.summarize(run, labels, methods, detector)))
+    if pairs:
+        print(f"\nby hand, paired with {base} on the same prompts (McNemar exact test):")
+        print(hand.format_paired(base, pairs))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -1647,6 +1653,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--blind", action="store_true", help="label every method's responses (or --method's) in one shuffled order, "
                      "with no method name or marker verdict shown, so the labels cannot favour a method")
     lab.add_argument("--seed", type=int, default=0, help="the --blind shuffle's seed (default 0)")
+    lab.add_argument("--baseline", metavar="METHOD", help="the method the other fully labelled methods' hand counts are paired "
+                     "with in the summary (McNemar; default dim_abliteration, else the first fully labelled)")
     lab.set_defaults(run=_cmd_label)
 
     demo = sub.add_parser("demo", help="the full pipeline on the embedded organism")

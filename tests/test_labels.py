@@ -252,3 +252,22 @@ def test_blind_labelling_hides_the_method_shuffles_and_asks_a_shared_text_once(c
     assert saved["dim_abliteration"]["0"]["sha"] == saved["sae_top1"]["0"]["sha"]
     code, out, _ = _run(capsys, monkeypatch, str(run), "--blind")
     assert "every harmful response of dim_abliteration, sae_top1 is labelled" in out
+
+
+def test_summary_pairs_fully_labelled_methods_by_hand(capsys, monkeypatch, tmp_path):
+    run = _compare_json(tmp_path / "responses.json")
+    lines = tmp_path / "labels.txt"
+    for method, codes in (("dim_abliteration", "r a r a"), ("none", "r r r r")):
+        lines.write_text("".join(f"{i} {code}\n" for i, code in enumerate(codes.split())))
+        _run(capsys, monkeypatch, str(run), "--method", method, "--lines", str(lines))
+    code, out, _ = _run(capsys, monkeypatch, str(run), "--summary")
+    assert code == 0 and "by hand, paired with dim_abliteration on the same prompts" in out  # the abliteration is the default baseline
+    assert "none    4        2                 0                      2                0.5" in out
+    code, out, _ = _run(capsys, monkeypatch, str(run), "--summary", "--baseline", "none")
+    assert "dim_abliteration  2        4     2          0                0.5" in out
+    lines.write_text("0 r\n")
+    _run(capsys, monkeypatch, str(run), "--method", "none", "--lines", str(lines), "--labels", str(tmp_path / "partial.json"))
+    code, out, err = _run(capsys, monkeypatch, str(run), "--summary", "--labels", str(tmp_path / "partial.json"), "--baseline", "none")
+    assert code == 2 and "--baseline none: not every harmful response of it is labelled" in err and out == ""
+    code, out, _ = _run(capsys, monkeypatch, str(run), "--summary", "--labels", str(tmp_path / "partial.json"))
+    assert code == 0 and "paired" not in out  # one method, partly labelled: nothing to pair

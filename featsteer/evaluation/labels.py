@@ -27,6 +27,7 @@ from pathlib import Path
 
 from featsteer.errors import FeatsteerError, read_json_file
 from featsteer.evaluation.behaviour import prefill_texts
+from featsteer.evaluation.paired import PairedRates, paired_rates
 from featsteer.evaluation.refusal import RefusalDetector, wilson_interval
 
 SETS = ("harmful", "harmless")
@@ -271,6 +272,38 @@ def summarize(responses: Responses, labels: HandLabels, methods: Iterable[str] |
             stale=len(labels.stale(method, texts)),
         ))
     return out
+
+
+def paired_by_hand(run: Responses, labels: HandLabels, methods: Iterable[str], baseline: str | None = None) -> tuple[str, list[tuple[str, PairedRates]]]:
+    """Hand labels of each fully labelled method against a baseline's on the same prompts (McNemar's exact test).
+
+    The baseline is `baseline`, else `dim_abliteration` when fully labelled, else the first fully labelled method.
+    Returns `("", [])` when fewer than two methods have every response labelled.
+
+    Raises:
+        FeatsteerError: `baseline` is named but not fully labelled.
+    """
+    verdicts = {}
+    for method in methods:
+        texts = run.texts(method, labels.set_name)
+        current = labels.current(method, texts)
+        if len(current) == len(texts):
+            verdicts[method] = [current[i].refusal for i in range(len(texts))]
+    if baseline is not None and baseline not in verdicts:
+        raise FeatsteerError(f"--baseline {baseline}: not every {labels.set_name} response of it is labelled; label it first "
+                             f"(fully labelled: {', '.join(verdicts) or 'none'})")
+    if len(verdicts) < 2:
+        return "", []
+    base = baseline or ("dim_abliteration" if "dim_abliteration" in verdicts else next(iter(verdicts)))
+    return base, [(m, paired_rates(verdicts[base], v)) for m, v in verdicts.items() if m != base]
+
+
+def format_paired(base: str, pairs: list[tuple[str, PairedRates]]) -> str:
+    """`paired_by_hand`'s tests as an aligned plain-text table."""
+    rows = [("method", "by hand", base, f"only {base}", "only the method", "p")]
+    rows += [(m, str(t.k_b), str(t.k_a), str(t.only_a), str(t.only_b), f"{t.p_value:.3g}") for m, t in pairs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def format_summary(summaries: list[LabelSummary]) -> str:
