@@ -163,7 +163,8 @@ def _index_html(result: DemoResult) -> str:
         links += '<li><a href="features/report.html">SAE feature ranking</a> (top refusal features, histograms, prompts, logit effects)</li>'
     if result.comparison is not None:
         links += ('<li><a href="compare/report.html">method comparison</a> (refusal and KL for every method, Pareto plot; '
-                  'every response in <a href="compare/responses.json">responses.json</a>)</li>')
+                  'every response in <a href="compare/responses.json">responses.json</a>; read them by hand with '
+                  '<code>featsteer label RUN_FOLDER/compare --method METHOD</code>)</li>')
     if result.probes is not None:
         links += '<li><a href="probe/report.html">probe sweep and predict-control report</a></li>'
     table = result.comparison.table() if result.comparison is not None else ""
