@@ -1667,8 +1667,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ReaderGone:
+    """Standard output that, once its reader has gone (`featsteer eval ... --json out.json | head`), drops what is still
+    printed instead of raising: the command then finishes what it writes to disk rather than stopping at a print."""
+
+    def __init__(self, stream):
+        self.stream, self.gone = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self.gone = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # so the interpreter's last flush has nowhere to fail
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `featsteer` console script."""
+    stdout = sys.stdout
+    sys.stdout = wrapped = _ReaderGone(stdout)
+    try:
+        return _main(argv)
+    finally:
+        if sys.stdout is wrapped:  # (the BrokenPipeError fallback below leaves os.devnull in its place: keep that)
+            sys.stdout = stdout
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # scikit-learn's solver notices drown the tables; -v shows them

@@ -213,6 +213,21 @@ def test_console_script_help_runs():
         assert command in done.stdout
 
 
+def test_a_reader_that_leaves_early_does_not_stop_the_command_writing_its_files(tmp_path):
+    """`featsteer eval ... --json out.json | head`: once the reader is gone every print fails (at once when Python's
+    output is unbuffered); the command must still write its JSON, exit 0 and print no traceback."""
+    import os
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "featsteer.cli", "eval", "--model", "tiny:llama", "--harmful", "builtin:harmful:test",
+                              "--harmless", "builtin:harmless:test", "--n", "4", "--max-new-tokens", "2", "--json", str(tmp_path / "e.json")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    child.stdout.close()  # the reader leaves before the command prints anything
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err
+    assert json.loads((tmp_path / "e.json").read_text())["n_harmful"] == 4
+
+
 def test_probe_command_writes_report(capsys, tmp_path):
     code, out, _ = _run(capsys, "probe", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",
                         "--n", "30", "--n-effect", "4", "--out", str(tmp_path / "p"))
