@@ -1330,11 +1330,10 @@ def _cmd_experts(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: str, payload: dict) -> None:
+    from featsteer.files import write_files
+
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=1))
-    partial.rename(target)
+    write_files(target.parent, {target.name: json.dumps(payload, indent=1)})
 
 
 _OPTIMIZE_OPTION_HELP = ("how the direction optimisation trains, as an OptimizeConfig field, e.g. retain_weight=3, retain_first_weight=15, "

@@ -55,6 +55,7 @@ from featsteer.evaluation.metrics import (
 )
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.evaluation.response_kl import ResponseBase, response_base, response_kl
+from featsteer.files import write_files
 from featsteer.interventions import (
     Ablate,
     AddDirection,
@@ -1730,15 +1731,12 @@ def pareto_png(comparison: Comparison) -> bytes:
 def write_report(comparison: Comparison, out: str | Path) -> Path:
     """Write `results.json`, `pareto.png`, a self-contained `report.html` and `responses.json` (the evaluation prompts
     and every method's full responses, kept apart so `results.json` can be shared without them) into `out`."""
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
     png = pareto_png(comparison)
-    (folder / "pareto.png").write_bytes(png)
-    (folder / "results.json").write_text(json.dumps(comparison.to_json(), indent=1))
-    (folder / "report.html").write_text(_html(comparison, png))
+    contents: dict[str, str | bytes] = {"pareto.png": png, "results.json": json.dumps(comparison.to_json(), indent=1),
+                                        "report.html": _html(comparison, png)}
     if comparison.responses:  # a Comparison read back from results.json has none
-        (folder / "responses.json").write_text(json.dumps(comparison.responses_json(), indent=1))
-    return folder
+        contents["responses.json"] = json.dumps(comparison.responses_json(), indent=1)
+    return write_files(out, contents)  # every file rendered first: a failure leaves the folder as it was
 
 
 def _picked_html(details: dict, rows: Mapping[str, Mapping[str, float]]) -> str:

@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from featsteer.directions import difference_in_means
 from featsteer.directions.geometry import direct_logits, token_text
 from featsteer.errors import FeatsteerError
 from featsteer.features import METRICS, FeatureScores, hook_layer, residual_writes, score_features
+from featsteer.files import write_files
 from featsteer.models import ModelAdapter
 from featsteer.sae import encode_activations, reads_heads, validate_sae
 
@@ -393,23 +393,8 @@ def write_feature_report(ranking: FeatureRanking, out_dir: str | Path, *, title:
         "features.json": json.dumps(ranking.to_dict(), indent=1, allow_nan=False),
         "report.html": _html_page(ranking, title or f"featsteer feature ranking: {ranking.provenance.get('model', '')}"),
     }
-    _write_atomically(folder, contents)
+    write_files(folder, contents)
     return folder
-
-
-def _write_atomically(folder: Path, contents: Mapping[str, str]) -> None:
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for name, text in contents.items():
-            temporary = folder / f".{name}.{os.getpid()}.partial"
-            staged.append((temporary, folder / name))
-            with temporary.open("w", encoding="utf-8", newline="") as handle:
-                handle.write(text)
-        for temporary, final in staged:
-            os.replace(temporary, final)
-    finally:
-        for temporary, _ in staged:
-            temporary.unlink(missing_ok=True)
 
 
 def _csv_text(rows: list[dict[str, Any]]) -> str:

@@ -27,6 +27,7 @@ from featsteer.activations import capture
 from featsteer.datasets import PromptSet
 from featsteer.directions import find_directions, separability
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
+from featsteer.files import write_files
 from featsteer.interventions import Ablate, steer
 from featsteer.models import ModelAdapter
 
@@ -270,13 +271,8 @@ def write_probe_report(report: ProbeReport, out: str | Path, title: str = "feats
     """Write `results.json`, `sweep.png`, `sweep.md` and a self-contained `report.html`."""
     from probes import sweep_table
 
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
     png = _plot(report)
-    (folder / "sweep.png").write_bytes(png)
-    (folder / "results.json").write_text(json.dumps(report.to_json(), indent=1))
     tables = "\n\n".join(f"### {kind}\n\n{sweep_table(rows)}" for kind, rows in report.sweep.items())
-    (folder / "sweep.md").write_text(tables + "\n")
     effect_rows = "".join(
         f"<tr><td>{e.layer}</td><td>{e.source}</td><td>{e.auroc:.3f}</td><td>{e.refusal_drop:.3f}</td><td>{e.kl_harmless:.4f}</td></tr>"
         for e in report.effects
@@ -295,5 +291,5 @@ def write_probe_report(report: ProbeReport, out: str | Path, title: str = "feats
 <table><tr><th>layer</th><th>source</th><th>held-out AUROC</th><th>refusal-score drop</th><th>KL harmless</th></tr>{effect_rows}</table>
 {sae_note}<h2>Cosine between direction sources per layer</h2><table><tr>{cos_head}</tr>{cos_rows}</table>
 <h2>Probe sweeps</h2><pre>{html.escape(tables)}</pre></body></html>"""
-    (folder / "report.html").write_text(page)
-    return folder
+    return write_files(out, {"sweep.png": png, "results.json": json.dumps(report.to_json(), indent=1), "sweep.md": tables + "\n",
+                             "report.html": page})  # every file rendered first: a failure leaves the folder as it was

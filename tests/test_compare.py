@@ -99,7 +99,7 @@ def test_explicit_validation_prompts_keep_the_train_sets_whole(prompts):
         find_refusal_direction(model, *prompts, DirectionConfig(n_select=4), val=(val[0], val[1].head(1)))
 
 
-def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
+def test_compare_runs_every_method_and_writes_report(prompts, tmp_path, monkeypatch):
     model = load_model("tiny:llama")
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     comparison = compare(model, *prompts, alarming=builtin_prompts("alarming", "test").head(4),
@@ -221,6 +221,15 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path):
     for r in comparison.results:
         assert [detector.is_refusal(t) for t in kept["responses"][r.method]["harmful"]] == r.per_prompt["refused_harmful"]
         assert [detector.is_refusal(t) for t in kept["responses"][r.method]["harmless"]] == r.per_prompt["refused_harmless"]
+    # a report that fails to render part way leaves the folder exactly as it was: no new results.json beside an old page
+    import featsteer.compare as compare_module
+
+    before_files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    monkeypatch.setattr(compare_module, "_html", lambda *args: (_ for _ in ()).throw(RuntimeError("render failed")))
+    comparison.setup["n_eval_harmful"] = 99
+    with pytest.raises(RuntimeError, match="render failed"):
+        write_report(comparison, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before_files
 
 
 def test_direction_methods_can_share_one_capture(prompts, monkeypatch):

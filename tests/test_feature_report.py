@@ -190,7 +190,7 @@ def test_html_shows_the_top_features_with_embedded_plots(report_dir, ranking):
 
 
 def test_failed_rewrite_keeps_the_previous_report(ranking, tmp_path, monkeypatch):
-    import featsteer.feature_report as feature_report
+    import featsteer.files as files
 
     write_feature_report(ranking, tmp_path)
     before = {name: (tmp_path / name).read_bytes() for name in REPORT_FILES}
@@ -198,7 +198,7 @@ def test_failed_rewrite_keeps_the_previous_report(ranking, tmp_path, monkeypatch
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(feature_report.os, "replace", broken)
+    monkeypatch.setattr(files.os, "replace", broken)
     with pytest.raises(RuntimeError):
         write_feature_report(ranking, tmp_path)
     assert {name: (tmp_path / name).read_bytes() for name in REPORT_FILES} == before

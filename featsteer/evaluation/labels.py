@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from featsteer.errors import FeatsteerError, read_json_file
 from featsteer.evaluation.behaviour import prefill_texts
 from featsteer.evaluation.paired import PairedRates, paired_rates
 from featsteer.evaluation.refusal import RefusalDetector, wilson_interval
+from featsteer.files import write_files
 
 SETS = ("harmful", "harmless")
 CRITERIA = {
@@ -214,13 +214,7 @@ class HandLabels:
         self.data["labels"][method] = dict(sorted(rows.items(), key=lambda kv: int(kv[0])))
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
-        try:
-            temporary.write_text(json.dumps(self.data, indent=1) + "\n")
-            os.replace(temporary, self.path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        write_files(self.path.parent, {self.path.name: json.dumps(self.data, indent=1) + "\n"})
 
 
 @dataclass(frozen=True)
