@@ -111,21 +111,23 @@ def teacher_forced_reads(model, pairs, batch_size: int = 16) -> dict[str, np.nda
     return out
 
 
-def separability(reads: dict[str, np.ndarray], pairs) -> dict[str, list[float]]:
+def contrast_auroc(reads: dict[str, np.ndarray], pairs) -> dict[str, list[float]]:
     """Per kind and layer, the AUROC on half the prompts of the other half's difference in means (split by prompt)."""
-    from sklearn.metrics import roc_auc_score
+    from featsteer.directions import separability
 
-    y = np.array([refused for _, _, refused in pairs])
+    y = torch.tensor([refused for _, _, refused in pairs])
     prompts = sorted({p for p, _, _ in pairs})
     np.random.default_rng(0).shuffle(prompts)
     half = set(prompts[: len(prompts) // 2])
-    fit = np.array([p in half for p, _, _ in pairs])
+    fit = torch.tensor([p in half for p, _, _ in pairs])
     table = {}
     for kind, x in reads.items():
         table[kind] = []
         for layer in range(x.shape[1]):
-            d = x[fit & y, layer].mean(0) - x[fit & ~y, layer].mean(0)
-            table[kind].append(float(roc_auc_score(y[~fit], x[~fit, layer] @ d)))
+            reads_at = torch.from_numpy(x[:, layer])
+            fit_refused, fit_answered = reads_at[fit & y], reads_at[fit & ~y]
+            direction = fit_refused.mean(0) - fit_answered.mean(0)
+            table[kind].append(separability(direction, fit_refused, fit_answered, reads_at[~fit & y], reads_at[~fit & ~y]).auroc)
     return table
 
 
@@ -154,7 +156,7 @@ def run(candidates: list[str]) -> dict:
         t0 = time.time()
         reads = teacher_forced_reads(model, pairs)
         result["read_seconds"] = round(time.time() - t0, 1)
-        result["auroc"] = separability(reads, pairs)
+        result["auroc"] = contrast_auroc(reads, pairs)
         y = np.array([refused for _, _, refused in pairs])
         for spec in ["none", *candidates]:
             t0 = time.time()

@@ -382,4 +382,4 @@ def ask(labels: HandLabels, run: Responses, items: list[Question], read: Callabl
 
 def unlabelled(run: Responses, labels: HandLabels, methods: Iterable[str]) -> int:
     """Responses of `methods` with no current label."""
-    return sum(len(run.texts(m, labels.set_name)) - len(labels.current(m, run.texts(m, labels.set_name))) for m in methods)
+    return sum(len(texts) - len(labels.current(m, texts)) for m in methods for texts in [run.texts(m, labels.set_name)])

@@ -399,8 +399,7 @@ class ModelAdapter(ABC):
         """
         if not instructions:
             raise FeatsteerError("no prompts to tokenize: pass at least one instruction")
-        if prefill is not None and len(prefill) != len(instructions):
-            raise FeatsteerError(f"prefill has {len(prefill)} texts for {len(instructions)} instructions: give one per instruction")
+        _check_prefill(prefill, instructions)
         if chat:
             formatted = self.format_prompts(instructions, system)
             texts = [f.text for f in formatted]
@@ -564,8 +563,7 @@ class ModelAdapter(ABC):
             raise FeatsteerError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         responses: list[str] = [""] * len(instructions)
         first: Tensor | None = None
-        if prefill is not None and len(prefill) != len(instructions):
-            raise FeatsteerError(f"prefill has {len(prefill)} texts for {len(instructions)} instructions: give one per instruction")
+        _check_prefill(prefill, instructions)  # before plan_batches indexes it
         batches = self.plan_batches(instructions, batch_size, max_batch_tokens, system, chat, prefill)
         for rows in tqdm(batches, desc="generate", unit="batch", disable=not self.show_progress or len(batches) < 3, leave=False):
             batch = self.tokenize([instructions[i] for i in rows], system=system, chat=chat,
@@ -678,3 +676,9 @@ def _cut_at_stop(row: list[int], stop_ids: set[int]) -> list[int]:
 
 def _raise_stop(activation: Tensor, site: HookSite) -> None:
     raise StopForward(site.name)
+
+
+def _check_prefill(prefill: Sequence[str] | None, instructions: Sequence[str]) -> None:
+    """A prefill, when given, has one text per instruction."""
+    if prefill is not None and len(prefill) != len(instructions):
+        raise FeatsteerError(f"prefill has {len(prefill)} texts for {len(instructions)} instructions: give one per instruction")
