@@ -38,7 +38,7 @@ from featsteer.errors import FeatsteerError
 from featsteer.features import METRICS, FeatureScores, hook_layer, residual_writes, score_features
 from featsteer.files import write_files
 from featsteer.models import ModelAdapter
-from featsteer.sae import encode_activations, reads_heads, validate_sae
+from featsteer.sae import encode_activations, reads_heads, validated_sae_map
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -198,7 +198,7 @@ def rank_features(
     key = ranking_key(by)
     if top_n < 1 or n_examples < 0 or n_tokens < 1:
         raise FeatsteerError(f"need top_n >= 1, n_examples >= 0 and n_tokens >= 1; got {top_n}, {n_examples}, {n_tokens}")
-    sae_map = _validated_saes(model, saes)
+    sae_map = validated_sae_map(saes, model)
     groups = _width_groups(model, sae_map)
     acts: dict[str, dict[str, ActivationSet]] = {}
     for label, prompts in (("harmful", harmful), ("harmless", harmless)):
@@ -243,13 +243,7 @@ def _width_groups(model: ModelAdapter, sae_map: Mapping[str, SAE]) -> list[list[
     return list(groups.values())
 
 
-def _validated_saes(model: ModelAdapter, saes: SAE | Mapping[str, SAE] | Sequence[SAE]) -> dict[str, SAE]:
-    if isinstance(saes, SAE):
-        saes = [saes]
-    pairs = list(saes.items()) if isinstance(saes, Mapping) else [(None, sae) for sae in saes]
-    if not pairs:
-        raise FeatsteerError("no SAEs given: pass at least one sae_lens SAE")
-    return {validate_sae(sae, model, hook): sae for hook, sae in pairs}
+
 
 
 def _pooled(acts: ActivationSet) -> ActivationSet:

@@ -116,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise FeatsteerError(f"--threads must be a positive integer, got {args.threads}")
             torch.set_num_threads(args.threads)
         config = config_from_args(args)
+        from featsteer.files import check_output_folder
+
+        check_output_folder(args.out)
         if not args.verbose:
             from featsteer.models.loading import hide_weight_loading_bar
 

@@ -52,6 +52,9 @@ class ArchitectureConfig:
         if self.k is not None and not spec.uses_k:
             raise FeatsteerError(f"--k applies to topk and batchtopk SAEs, not '{self.architecture}': use --sparsity instead")
         _check_positive(self.k, "--k")
+        if self.architecture == "topk" and self.k is not None and float(self.k) != int(self.k):
+            raise FeatsteerError(f"--k {self.k:g}: topk keeps a whole number of features per token; give an integer "
+                                 "(batchtopk takes a fractional mean, e.g. --arch batchtopk --k 2.5)")
 
     def width(self, d_in: int) -> int:
         """Number of features for an SAE reading `d_in`-wide rows."""

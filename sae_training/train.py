@@ -2,9 +2,10 @@
 
 The pipeline is: load the model and text, hold out evaluation texts, capture training tokens for every
 layer still to do in one pass (streamed to a temporary folder), then per layer build a sae_lens training
-SAE, fit it with sae_lens' `SAETrainer` (offline, no wandb), save it in sae_lens format to
-`<out>/<hook_name>/`, reload it with `featsteer.sae.load_sae`, and write `metrics.json` last. A layer
-whose `metrics.json` exists is finished and is never retrained.
+SAE, fit it with sae_lens' `SAETrainer` (offline, no wandb), save it in sae_lens format to a hidden
+`<out>/.<hook_name>.partial-*` folder, reload it with `featsteer.sae.load_sae`, write `metrics.json` last, and rename
+the folder to `<out>/<hook_name>/`. So `<out>/<hook_name>/` exists only finished, and a layer that has it is never
+retrained.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 import json
 import logging
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -160,10 +162,17 @@ def _warn_if_settings_differ(saved_config: Path, config: TrainConfig) -> None:
     saved = json.loads(saved_config.read_text())
     wanted = config.to_dict()
     differing = [section for section in ("sae", "optim") if saved.get(section) != wanted[section]]
-    if saved.get("data", {}).get("model") != wanted["data"]["model"]:
-        differing.append("model")
+    saved_data = saved.get("data", {})
+    # what the SAE is trained on; where and how fast it was captured (device, scratch folders, batch sizes) does not count
+    differing += [key for key in ("model", "texts", "dtype", "hook_kind", "tokens", "cycle", "chat", "eval_prompts", "skip_shared_prefix",
+                                  "max_norm_ratio") if _listed(saved_data.get(key)) != _listed(wanted["data"].get(key))]
     if differing:
         logger.warning("%s was trained with other %s settings and is kept: delete it to retrain", saved_config.parent, "/".join(differing))
+
+
+def _listed(value: Any) -> Any:
+    """JSON keeps tuples as lists; compare them as lists."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _reference_responses(model: ModelAdapter, prompts: list[str], max_new_tokens: int = 32) -> tuple[list[str], list[str]] | None:
@@ -231,7 +240,28 @@ def train_layer(run: TrainingRun, hook: str) -> dict[str, Any]:
     with _sae_lens_progress(run.progress):
         trained = trainer.fit()
     seconds = time.perf_counter() - start
-    folder = Path(config.out) / hook
+    final = Path(config.out) / hook
+    # built in a hidden sibling and renamed into place when metrics.json is written: an interrupted run never leaves a
+    # loadable but unfinished <out>/<hook>/ (load_saes skips hidden folders)
+    folder = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{hook}.partial-"))
+    try:
+        metrics = _save_and_evaluate(run, trained, trainer, trainer_config, folder, hook, seconds)
+        if final.exists():  # an unfinished folder from an older, interrupted run
+            shutil.rmtree(final)
+        folder.rename(final)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if metrics["dead_fraction"] > DEAD_WARNING:
+        logger.warning("%s: %.0f%% of the SAE's features are dead after %d optimiser steps of %d tokens; it is likely undertrained "
+                       "(on Qwen2.5-0.5B, 292 steps left 48%% dead and 1,953 steps 1%%): raise --tokens or lower --batch-tokens",
+                       hook, 100 * metrics["dead_fraction"], trainer_config.total_training_steps, trainer_config.train_batch_size_samples)
+    return metrics
+
+
+def _save_and_evaluate(run: TrainingRun, trained: TrainingSAE, trainer: SAETrainer, trainer_config: Any, folder: Path, hook: str,
+                       seconds: float) -> dict[str, Any]:
+    """Save the SAE into `folder`, score it held out, and write `metrics.json` there (last)."""
+    config = run.config
     _save(trained, trainer, folder, config)
     inference_sae = load_sae(folder, run.model)
     metrics = evaluate_layer(run, inference_sae, hook)
@@ -242,13 +272,7 @@ def train_layer(run: TrainingRun, hook: str) -> dict[str, Any]:
         "tokens_per_second": trainer.n_training_samples / max(seconds, 1e-9), "capture_seconds": run.captured.seconds,
         "seed": config.optim.seed, "lr": trainer_config.lr, "batch_tokens": trainer_config.train_batch_size_samples,
     })
-    temporary = folder / (METRICS_FILE + ".partial")
-    temporary.write_text(json.dumps(metrics, indent=1))
-    temporary.rename(folder / METRICS_FILE)
-    if metrics["dead_fraction"] > DEAD_WARNING:
-        logger.warning("%s: %.0f%% of the SAE's features are dead after %d optimiser steps of %d tokens; it is likely undertrained "
-                       "(on Qwen2.5-0.5B, 292 steps left 48%% dead and 1,953 steps 1%%): raise --tokens or lower --batch-tokens",
-                       hook, 100 * metrics["dead_fraction"], trainer_config.total_training_steps, trainer_config.train_batch_size_samples)
+    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
     return metrics
 
 

@@ -271,3 +271,52 @@ def test_tokens_above_the_recorded_norm_bound_pass_through_a_splice(sae):
     assert not torch.allclose(edited[1], x[1])
     sae.cfg.metadata.featsteer_max_norm = None
     assert outside_domain(sae, x) is None
+
+
+def test_a_mapping_key_must_be_where_the_sae_attaches(llama_adapter):
+    from featsteer.features import score_features
+    from featsteer.sae import load_sae_source
+
+    other = "blocks.0.hook_resid_post"
+    with pytest.raises(FeatsteerError, match=f"keyed {other} records hook_name {HOOK}"):
+        load_sae_source({other: random_sae()}, llama_adapter)  # it would be scored at one hook and steered at another
+    acts = capture(llama_adapter, PROMPTS, [other, HOOK], progress=False)
+    with pytest.raises(FeatsteerError, match="records hook_name"):
+        score_features({other: random_sae()}, acts, acts)
+    unnamed = random_sae(hook=None)
+    (hook,) = load_sae_source({other: unnamed}, llama_adapter)
+    assert hook == other and sae_hook_name(unnamed) == other  # recorded, so steering attaches it there too
+    assert FeatureSteer(unnamed, [FeatureEdit.ablate(1)]).hooks_for(llama_adapter)[0][0] == other
+    moved = random_sae()
+    with pytest.raises(FeatsteerError, match="has 3 layers"):
+        load_sae(moved, llama_adapter, hook="blocks.9.hook_resid_post")
+    assert sae_hook_name(moved) == HOOK  # a refused move leaves the SAE where it was
+
+
+def test_feature_edits_take_integer_ids_of_any_kind_and_finite_values():
+    import numpy as np
+
+    assert FeatureEdit.clamp(np.int64(5), 1.0).features == (5,)
+    assert FeatureEdit.scale(torch.tensor(3), np.float32(0.5)) == FeatureEdit.scale(3, 0.5)
+    assert FeatureEdit.ablate(np.array([1, 2])).features == (1, 2)
+    for bad in ([3.7], True, "7"):
+        with pytest.raises(FeatsteerError, match="is not a feature id"):
+            FeatureEdit.clamp(bad, 1.0)
+    for value in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(FeatsteerError, match="finite value"):
+            FeatureEdit.add(1, value)
+
+
+def test_broken_and_unfinished_sae_folders_are_named(tmp_path, llama_adapter):
+    random_sae().save_model(tmp_path / "saes" / HOOK)
+    weights = tmp_path / "saes" / HOOK / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    with pytest.raises(FeatsteerError, match="could not load the SAE in .*re-save it"):
+        load_sae(tmp_path / "saes" / HOOK, llama_adapter)  # cut-off weights: safetensors' own error type, caught
+    random_sae().save_model(tmp_path / "only" / f".{HOOK}.partial-x")  # featsteer-train-sae's staging folder
+    with pytest.raises(FeatsteerError, match="holds no SAE folders"):
+        load_saes(tmp_path / "only", llama_adapter)
+    (tmp_path / "only" / f".{HOOK}.partial-x" / "cfg.json").rename(tmp_path / "nocfg.json")
+    (tmp_path / "only" / f".{HOOK}.partial-x").rename(tmp_path / "only" / HOOK)
+    with pytest.raises(FeatsteerError, match="weights .* but no cfg.json"):
+        load_saes(tmp_path / "only", llama_adapter)

@@ -149,15 +149,18 @@ def test_training_on_the_attention_heads(tmp_path):
         ({"--layers": "7"}, "layer 7 does not exist"),
         ({"--arch": "standard"}, "--k applies to topk"),
         ({"--text": "EMPTY"}, "empty"),
+        ({"--k": "2.5"}, "topk keeps a whole number of features per token"),
+        ({"--out": "FILE"}, "is an existing file: give a folder path"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, change, message):
     (tmp_path / "empty.txt").write_text("")
     args = dict(zip(ARGS[0::2], ARGS[1::2], strict=True))
+    args["--out"] = str(tmp_path / "out")
     for key, value in change.items():
-        args[key] = str(tmp_path / "empty.txt") if value == "EMPTY" else value
+        args[key] = {"EMPTY": str(tmp_path / "empty.txt"), "FILE": str(tmp_path / "empty.txt")}.get(value, value)
     argv = [item for key, value in args.items() if value is not None for item in (key, value)]
-    assert main([*argv, "--quiet", "--out", str(tmp_path / "out")]) == 2
+    assert main([*argv, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out" / HOOK / "metrics.json").exists()

@@ -39,7 +39,7 @@ from featsteer.activations import ActivationSet, capture, hook_width
 from featsteer.errors import FeatsteerError
 from featsteer.models import ModelAdapter
 from featsteer.sae.encoding import encode_activations
-from featsteer.sae.loading import sae_hook_name, validate_sae
+from featsteer.sae.loading import sae_map_of, validated_sae_map
 
 METRICS: tuple[str, ...] = (
     "composite", "mean_difference", "cohens_d", "auroc", "harmful_mean", "harmless_mean",
@@ -256,18 +256,6 @@ def score_feature_activations(
     )
 
 
-def _as_sae_map(saes: SAE | Mapping[str, SAE] | Sequence[SAE]) -> dict[str, SAE]:
-    if isinstance(saes, SAE):
-        saes = [saes]
-    if isinstance(saes, Mapping):
-        return dict(saes)
-    out = {}
-    for sae in saes:
-        name = sae_hook_name(sae)
-        if name is None:
-            raise FeatsteerError("an SAE records no hook_name: pass a {hook_name: sae} mapping instead")
-        out[name] = sae
-    return out
 
 
 def _rows_at(acts: ActivationSet, hook: str, position: int | None) -> Tensor:
@@ -300,7 +288,7 @@ def score_features(
     Returns:
         Scores of all features of all SAEs, ranked by `by`.
     """
-    sae_map = _as_sae_map(saes)
+    sae_map = sae_map_of(saes)
     position_list = [positions] if positions is None or isinstance(positions, int) else list(positions)
     parts = []
     for hook, sae in sae_map.items():
@@ -343,7 +331,7 @@ def score_prompts(
         batch_size: prompts per forward pass.
         by: ranking key.
     """
-    sae_map = {validate_sae(sae, model, hook if isinstance(saes, Mapping) else None): sae for hook, sae in _as_sae_map(saes).items()}
+    sae_map = validated_sae_map(saes, model)
     by_width: dict[int, list[str]] = {}
     for hook in sae_map:
         by_width.setdefault(hook_width(model, hook), []).append(hook)

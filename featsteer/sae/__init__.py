@@ -8,7 +8,15 @@ read the heads side by side (see `featsteer.sae.heads`). Train new ones with `fe
 
 from featsteer.sae.encoding import decode_features, encode_activations, reconstruct
 from featsteer.sae.heads import flat_rows, reads_heads, reshapes_heads
-from featsteer.sae.loading import load_sae, load_sae_source, load_saes, sae_hook_name, validate_sae
+from featsteer.sae.loading import (
+    load_sae,
+    load_sae_source,
+    load_saes,
+    sae_hook_name,
+    sae_map_of,
+    validate_sae,
+    validated_sae_map,
+)
 from featsteer.sae.metrics import (
     ReconstructionStats,
     SpliceLoss,
@@ -48,10 +56,12 @@ __all__ = [
     "reshapes_heads",
     "sae_hook",
     "sae_hook_name",
+    "sae_map_of",
     "outside_domain",
     "reads_heads",
     "splice_activation",
     "splice_loss",
     "splice_sae",
     "validate_sae",
+    "validated_sae_map",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from sae_lens import SAE
@@ -108,10 +108,11 @@ def load_sae(
     """
     target = device or (str(model.device) if model is not None else "cpu")
     sae = source if isinstance(source, SAE) else _load_source(source, target)
+    if model is not None:
+        validate_sae(sae, model, hook)  # before the hook is written, so a bad hook leaves the SAE as it was
     if hook:
         sae.cfg.metadata.hook_name = hook
     if model is not None:
-        validate_sae(sae, model, hook)
         sae = sae.to(model.device)
     return sae.eval()
 
@@ -138,7 +139,7 @@ def _load_directory(path: Path, device: str) -> SAE:
         raise FeatsteerError(f"{path} is not an sae_lens SAE directory: {SAE_CONFIG_FILE} is missing{hint}")
     try:
         return SAE.load_from_disk(path, device=device)
-    except (OSError, ValueError, KeyError) as error:
+    except Exception as error:  # noqa: BLE001 - a cut-off weights file raises safetensors' own error type, a bad cfg.json others
         raise FeatsteerError(f"could not load the SAE in {path} ({type(error).__name__}: {str(error)[:160]}); re-save it with sae_lens") from None
 
 
@@ -178,8 +179,12 @@ def load_saes(directory: str | os.PathLike[str], model: ModelAdapter | None = No
     root = Path(directory).expanduser()
     if not root.is_dir():
         raise FeatsteerError(f"SAE directory {root} does not exist: train SAEs with featsteer-train-sae --out {root}")
-    folders = sorted(p for p in root.iterdir() if (p / SAE_CONFIG_FILE).is_file())
+    # hidden folders are unfinished (featsteer-train-sae builds each SAE in `.<hook>.partial-*` and renames it when done)
+    folders = sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / SAE_CONFIG_FILE).is_file())
     if not folders:
+        if (root / SAE_WEIGHTS_FILE).is_file() or any((p / SAE_WEIGHTS_FILE).is_file() for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            raise FeatsteerError(f"{root} holds SAE weights ({SAE_WEIGHTS_FILE}) but no {SAE_CONFIG_FILE} beside them: "
+                                 "the SAE was saved incompletely; re-save it with sae_lens or retrain it")
         raise FeatsteerError(f"{root} holds no SAE folders (<hook_name>/{SAE_CONFIG_FILE}): train with featsteer-train-sae --out {root}")
     saes = {}
     for folder in folders:
@@ -214,12 +219,8 @@ def load_sae_source(source: str | os.PathLike[str] | SAE | Mapping[str, SAE], mo
     Raises:
         FeatsteerError: a missing or unreadable source, an empty mapping, or an SAE that does not fit.
     """
-    if isinstance(source, SAE):
-        return {validate_sae(source, model): source.to(model.device)}
-    if isinstance(source, Mapping):
-        if not source:
-            raise FeatsteerError("no SAEs given: pass at least one {hook_name: sae}")
-        return {validate_sae(sae, model, hook): sae.to(model.device) for hook, sae in source.items()}
+    if isinstance(source, (SAE, Mapping)):
+        return validated_sae_map(source, model)
     text = os.fspath(source)
     path = Path(text).expanduser()
     if text == "organism" or (path.is_dir() and not (path / SAE_CONFIG_FILE).is_file()):
@@ -227,3 +228,53 @@ def load_sae_source(source: str | os.PathLike[str] | SAE | Mapping[str, SAE], mo
     sae = load_sae(text, model)
     return {validate_sae(sae, model): sae}
 
+
+
+
+def sae_map_of(saes: SAE | Mapping[str, SAE] | Sequence[SAE]) -> dict[str, SAE]:
+    """`{hook_name: sae}` from one SAE, several (each keyed by its recorded `hook_name`) or a mapping.
+
+    A mapping's key must agree with the hook the SAE records, when it records one: steering and splicing attach an
+    SAE where it says it reads, so an SAE keyed elsewhere would be scored at one hook and steered at another.
+
+    Raises:
+        FeatsteerError: no SAEs, an SAE in a list that records no hook, or a key that disagrees with the record.
+    """
+    if isinstance(saes, SAE):
+        saes = [saes]
+    if isinstance(saes, Mapping):
+        out = dict(saes)
+        for key, sae in out.items():
+            recorded = sae_hook_name(sae)
+            if recorded and recorded != key:
+                raise FeatsteerError(
+                    f"the SAE keyed {key} records hook_name {recorded}: key it by {recorded}, or move it with "
+                    f"load_sae(sae, model, hook={key!r}) if it really reads {key}"
+                )
+    else:
+        out = {}
+        for sae in saes:
+            name = sae_hook_name(sae)
+            if name is None:
+                raise FeatsteerError("an SAE records no hook_name: pass a {hook_name: sae} mapping instead")
+            if name in out:
+                raise FeatsteerError(f"two SAEs record hook_name {name}: pass one SAE per hook")
+            out[name] = sae
+    if not out:
+        raise FeatsteerError("no SAEs given: pass at least one sae_lens SAE or {hook_name: sae}")
+    return out
+
+
+def validated_sae_map(saes: SAE | Mapping[str, SAE] | Sequence[SAE], model: ModelAdapter) -> dict[str, SAE]:
+    """`sae_map_of`, each SAE validated against `model` (width, hook) and moved to its device.
+
+    An SAE keyed in a mapping but recording no hook gets the key written into `cfg.metadata.hook_name`, so every
+    later consumer attaches it where it was keyed.
+    """
+    out = {}
+    for hook, sae in sae_map_of(saes).items():
+        validate_sae(sae, model, hook)
+        if not sae_hook_name(sae):
+            sae.cfg.metadata.hook_name = hook
+        out[hook] = sae.to(model.device)
+    return out

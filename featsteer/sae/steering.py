@@ -18,6 +18,8 @@ changes the attention output by the decoder row's change pushed through the outp
 from __future__ import annotations
 
 import contextlib
+import math
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,10 +62,17 @@ class FeatureEdit:
     def __post_init__(self) -> None:
         if self.mode not in EDIT_MODES:
             raise FeatsteerError(f"unknown feature edit '{self.mode}': use one of {', '.join(EDIT_MODES)}")
-        ids = (self.features,) if isinstance(self.features, int) else tuple(int(i) for i in self.features)
+        ids = _feature_ids(self.mode, self.features)
         if not ids or min(ids) < 0:
             raise FeatsteerError(f"feature edit '{self.mode}' needs one or more non-negative feature ids, got {self.features!r}")
+        try:
+            value = float(self.value)
+        except (TypeError, ValueError):
+            raise FeatsteerError(f"feature edit '{self.mode}' needs a number as its value, got {self.value!r}") from None
+        if not math.isfinite(value):
+            raise FeatsteerError(f"feature edit '{self.mode}' needs a finite value, got {value}")
         object.__setattr__(self, "features", ids)
+        object.__setattr__(self, "value", value)
 
     @classmethod
     def clamp(cls, features: int | Sequence[int], value: float) -> FeatureEdit:
@@ -93,6 +102,23 @@ class FeatureEdit:
     def from_dict(cls, data: dict[str, Any]) -> FeatureEdit:
         """Inverse of `to_dict`."""
         return cls(str(data["mode"]), tuple(data["features"]), float(data.get("value", 0.0)))
+
+
+def _feature_ids(mode: str, features: Any) -> tuple[int, ...]:
+    """Feature ids as Python ints: one id or a sequence of them; numpy and 0-d torch integers count, bools and
+    fractional numbers do not (3.7 is no feature id)."""
+    if hasattr(features, "tolist"):  # numpy arrays and scalars, torch tensors (0-d too)
+        features = features.tolist()
+    items = [features] if not isinstance(features, (Sequence, set, frozenset)) or isinstance(features, str) else list(features)
+    ids = []
+    for item in items:
+        if isinstance(item, bool):
+            raise FeatsteerError(f"feature edit '{mode}': {item!r} is not a feature id (give integers)")
+        try:
+            ids.append(operator.index(item))
+        except TypeError:
+            raise FeatsteerError(f"feature edit '{mode}': {item!r} is not a feature id (give integers)") from None
+    return tuple(ids)
 
 
 def edit_features(features: Float[Tensor, "... d_sae"], edits: Sequence[FeatureEdit]) -> Float[Tensor, "... d_sae"]:
