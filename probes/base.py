@@ -12,6 +12,8 @@ towards harmful.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
@@ -65,7 +67,11 @@ def to_float64_numpy(values: Any) -> np.ndarray:
         A float64 numpy array (a copy when a conversion was necessary).
     """
     if hasattr(values, "detach") and hasattr(values, "cpu"):
+        if getattr(values, "is_complex", lambda: False)():
+            raise ValueError("activations are complex numbers: pass real values (the imaginary part would be dropped)")
         values = values.detach().cpu().double().numpy()
+    if np.iscomplexobj(values):
+        raise ValueError("activations are complex numbers: pass real values (the imaginary part would be dropped)")
     return np.asarray(values, dtype=np.float64)
 
 
@@ -155,12 +161,21 @@ def class_means(
     return np.stack([X[y == label].mean(axis=0) for label in CLASSES])
 
 
-def unit_vector(vector: Float[np.ndarray, " d_model"], *, what: str) -> Float[np.ndarray, " d_model"]:
+NO_SPREAD_HINT = (
+    "identical class means, or no spread within the classes to whiten by: every sample of a class the same?"
+)
+"""The likely cause when a covariance-based probe finds no direction."""
+
+
+def unit_vector(
+    vector: Float[np.ndarray, " d_model"], *, what: str, hint: str = "are the two classes identical?"
+) -> Float[np.ndarray, " d_model"]:
     """Normalise ``vector`` to unit L2 norm.
 
     Args:
         vector: The vector to normalise.
         what: Name used in the error message.
+        hint: The likely cause, said in the error message.
 
     Returns:
         ``vector / ||vector||``.
@@ -170,8 +185,26 @@ def unit_vector(vector: Float[np.ndarray, " d_model"], *, what: str) -> Float[np
     """
     norm = float(np.linalg.norm(vector))
     if not np.isfinite(norm) or norm == 0.0:
-        raise ValueError(f"cannot normalise the {what}: its norm is {norm} (are the two classes identical?)")
+        raise ValueError(f"cannot normalise the {what}: its norm is {norm} ({hint})")
     return vector / norm
+
+
+def _forgetting_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
+    """``fit`` that starts from, and on failure returns to, an unfitted probe."""
+    if getattr(fit, "_forgets", False):
+        return fit
+
+    @functools.wraps(fit)
+    def wrapped(self: BaseProbe, X: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
+        self._forget_fit()
+        try:
+            return fit(self, X, y, *args, **kwargs)
+        except BaseException:
+            self._forget_fit()
+            raise
+
+    wrapped._forgets = True  # type: ignore[attr-defined]
+    return wrapped
 
 
 class BaseProbe(ClassifierMixin, BaseEstimator):
@@ -179,7 +212,20 @@ class BaseProbe(ClassifierMixin, BaseEstimator):
 
     Subclasses implement ``fit`` and ``decision_function``; positive decisions mean harmful. The mixin
     is listed before ``BaseEstimator`` as scikit-learn requires for its tags to resolve.
+
+    Every subclass's ``fit`` forgets the previous fit's learned attributes first, and again if it fails, so a
+    failed (re)fit leaves an unfitted probe that says so (``NotFittedError``), never a half-fitted one or the old
+    fit at a width the new data no longer has.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "fit" in cls.__dict__:
+            cls.fit = _forgetting_fit(cls.__dict__["fit"])
+
+    def _forget_fit(self) -> None:
+        for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("_")]:
+            delattr(self, name)
 
     def _validate_fit_data(
         self, X: Any, y: Any

@@ -145,6 +145,13 @@ class LinearProbe(BaseProbe):
             self.feature_mean_ = np.zeros(X.shape[1])
             self.feature_scale_ = np.ones(X.shape[1])
         self.Cs_ = self._candidate_Cs()
+        if isinstance(self.cv, (int, np.integer)):
+            smallest = int(np.bincount(y, minlength=2).min())
+            if smallest < self.cv:
+                raise ValueError(
+                    f"{type(self).__name__}(cv={self.cv}) needs at least {self.cv} samples of each class for its "
+                    f"cross-validation; the smaller class has {smallest}: give more samples or a smaller cv"
+                )
         splitter = StratifiedKFold(n_splits=self.cv) if isinstance(self.cv, (int, np.integer)) else self.cv
         model = LogisticRegression(class_weight=self.class_weight, max_iter=self.max_iter)
         search = GridSearchCV(model, {"C": list(self.Cs_)}, scoring=self.scoring, cv=splitter, refit=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from jaxtyping import Float
 
-from probes.base import Activations, BaseProbe, Labels, class_means, unit_vector
+from probes.base import NO_SPREAD_HINT, Activations, BaseProbe, Labels, class_means, unit_vector
 from probes.covariance import pooled_within_class_covariance, precision_matrix
 
 __all__ = ["MahalanobisProbe"]
@@ -73,7 +73,7 @@ class MahalanobisProbe(BaseProbe):
         self.covariance_, self.shrinkage_ = pooled_within_class_covariance(X, y, self.shrinkage)
         self.precision_ = precision_matrix(self.covariance_)
         discriminant = self.precision_ @ (self.location_[1] - self.location_[0])
-        self.direction_ = unit_vector(discriminant, what="Mahalanobis discriminant")
+        self.direction_ = unit_vector(discriminant, what="Mahalanobis discriminant", hint=NO_SPREAD_HINT)
         return self
 
     def mahalanobis(self, X: Activations) -> Float[np.ndarray, "n_samples 2"]:

@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from probes.base import check_labels
+from probes.base import check_activations, check_labels
 from probes.controls import selectivity
 
 __all__ = ["LayerSplit", "SweepRow", "best_row", "layer_sweep", "plot_sweep", "sweep_table"]
@@ -89,6 +89,9 @@ def layer_sweep(
                 f"split {key!r} must be (X_train, y_train, X_test, y_test), got {len(split)} parts"
             )
         X_train, y_train, X_test, y_test = split
+        # checked here so that a NaN names its layer and split, not just "X"
+        X_train = check_activations(X_train, name=f"layer {key} training activations")
+        X_test = check_activations(X_test, name=f"layer {key} test activations")
         result = selectivity(
             probe_factory(), X_train, y_train, X_test, y_test, n_shuffles=n_shuffles, seed=seed
         )

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from jaxtyping import Float
 
-from probes.base import Activations, BaseProbe, Labels, class_means, unit_vector
+from probes.base import NO_SPREAD_HINT, Activations, BaseProbe, Labels, class_means, unit_vector
 from probes.covariance import pooled_within_class_covariance, whitening_matrices
 
 __all__ = ["WhitenedProbe"]
@@ -95,7 +95,7 @@ class WhitenedProbe(BaseProbe):
             direction = _first_principal_component((X - X.mean(axis=0)) @ self.whitening_)
             if direction @ whitened_difference < 0:
                 direction = -direction
-        self.whitened_direction_ = unit_vector(direction, what="whitened direction")
+        self.whitened_direction_ = unit_vector(direction, what="whitened direction", hint=NO_SPREAD_HINT)
         self.coef_ = self.whitening_ @ self.whitened_direction_
         self.direction_ = unit_vector(self.coef_, what="whitened filter direction")
         self.pattern_ = unit_vector(colouring @ self.whitened_direction_, what="whitened pattern")

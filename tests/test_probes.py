@@ -367,3 +367,34 @@ def test_probes_never_imports_featsteer():
                 imported.add(node.module.split(".")[0])
     assert "probes" in imported  # the walk really saw the package's own imports
     assert not imported & {"featsteer", "sae_training"}
+
+
+@pytest.mark.parametrize(("name", "make", "layered"), CASES, ids=[case[0] for case in CASES])
+def test_a_failed_refit_leaves_an_unfitted_probe_not_the_old_fit(name, make, layered):
+    from sklearn.exceptions import NotFittedError
+
+    X, y = layered_data(0, separations=(2.0, 2.0), n_samples=60, d_model=6) if layered else planted_data(0, n_samples=60, d_model=6)[:2]
+    probe = make().fit(X, y)
+    narrower = X[..., :4].copy()
+    narrower[0, ..., 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        probe.fit(narrower, y)
+    with pytest.raises(NotFittedError):
+        probe.predict(X)  # before, the old 6-wide fit answered (or a half-fitted probe failed with an AttributeError)
+    assert make().fit(X, y).predict(X).shape == (60,)
+
+
+def test_complex_activations_and_too_few_samples_for_the_folds_are_clear_errors():
+    X, y, _ = planted_data(0, n_samples=20, d_model=3)
+    with pytest.raises(ValueError, match="complex numbers"):
+        DiffMeanProbe().fit(X + 1j, y)
+    with pytest.raises(ValueError, match=r"LinearProbe\(cv=5\) needs at least 5 samples of each class.*has 2"):
+        LinearProbe().fit(X[:6], [1, 1, 0, 0, 0, 0])
+
+
+def test_a_sweep_names_the_layer_and_split_of_a_nan():
+    X, y, _ = planted_data(0, n_samples=40, d_model=5)
+    bad = X.copy()
+    bad[1, 1] = np.nan
+    with pytest.raises(ValueError, match="layer blocks.2 test activations contains NaN"):
+        layer_sweep({"blocks.1": (X, y, X, y), "blocks.2": (X, y, bad, y)}, DiffMeanProbe)
