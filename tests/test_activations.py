@@ -213,3 +213,44 @@ def test_progress_bars_follow_the_models_show_progress(llama_adapter, capsys):
     llama_adapter.show_progress = True
     capture(llama_adapter, prompts, hook, batch_size=1)
     assert "capture" in capsys.readouterr().err
+
+
+def test_streamed_capture_reads_back_in_prompt_order_and_can_stay_on_disk(llama_adapter, tmp_path):
+    hooks = ["blocks.1.hook_resid_pre"]
+    in_memory = capture(llama_adapter, PROMPTS, hooks, progress=False)
+    streamed = capture(llama_adapter, PROMPTS, hooks, stream_to=tmp_path / "s", batch_size=2, progress=False)
+    # the batches ran shortest prompt first; the set read back is in prompt order all the same, row for row
+    assert streamed.prompt_index.tolist() == list(range(len(PROMPTS)))
+    torch.testing.assert_close(streamed.activations, in_memory.activations, atol=1e-5, rtol=1e-5)
+    reader = capture(llama_adapter, PROMPTS, hooks, stream_to=tmp_path / "r", progress=False, load_back=False)
+    assert isinstance(reader, ActivationReader) and len(reader) == len(PROMPTS)
+    with pytest.raises(FeatsteerError, match="holds no activations at blocks.0.hook_resid_pre"):
+        next(reader.iter_batches(4, hook="blocks.0.hook_resid_pre"))
+    with pytest.raises(FeatsteerError, match="batch_size must be at least 1"):
+        next(reader.iter_batches(0))
+
+
+def test_an_activation_folder_never_replaces_other_files(llama_adapter, tmp_path):
+    victim = tmp_path / "thesis"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("precious")
+    with pytest.raises(FeatsteerError, match="not empty"):
+        capture(llama_adapter, PROMPTS, "blocks.1.hook_resid_pre", stream_to=victim, progress=False)
+    assert (victim / "thesis.tex").read_text() == "precious" and [p.name for p in victim.iterdir()] == ["thesis.tex"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FeatsteerError, match="existing file"):
+        capture(llama_adapter, PROMPTS, "blocks.1.hook_resid_pre", stream_to=tmp_path / "afile", progress=False)
+    (tmp_path / "empty").mkdir()  # an empty folder made for the output is fine
+    assert len(capture(llama_adapter, PROMPTS, "blocks.1.hook_resid_pre", stream_to=tmp_path / "empty", progress=False)) == len(PROMPTS)
+    with pytest.raises(FeatsteerError, match="shard_rows must be at least 1"):
+        capture(llama_adapter, PROMPTS, "blocks.1.hook_resid_pre", stream_to=tmp_path / "zero", shard_rows=0, progress=False)
+    with pytest.raises(FeatsteerError, match="0 rows"):
+        capture(llama_adapter, PROMPTS, "blocks.1.hook_resid_pre", positions="all:1000", stream_to=tmp_path / "none", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty", "thesis"]  # no partial folder left behind
+
+
+def test_position_kinds_without_an_argument_reject_one():
+    for text in ("last:3", "post_instruction:7", "instruction_end:x"):
+        with pytest.raises(FeatsteerError, match="takes no ':' argument"):
+            Positions.parse(text)
+    assert Positions.parse("mean_last:3").k == 3 and Positions.parse("all:2").start == 2

@@ -87,7 +87,8 @@ def capture(
     covariance: bool = False,
     label: str | None = None,
     progress: bool | None = None,
-) -> ActivationSet:
+    load_back: bool = True,
+) -> ActivationSet | ActivationReader:
     """Capture activations at `hooks` for `prompts`.
 
     Args:
@@ -102,8 +103,9 @@ def capture(
             batched in length order, so one 2,000-token prompt pads only the few rows beside it.
         system: optional system prompt for the chat template.
         chat: format prompts with the chat template (False: raw text, e.g. for SAE training corpora).
-        stream_to: if given, write shards to this directory as they fill (for sets larger than RAM) and
-            return the set read back lazily only if it fits; use `ActivationReader(stream_to)` to iterate.
+        stream_to: if given, write shards to this new (or empty) directory as they fill, for sets larger than RAM.
+        load_back: with `stream_to`, return the set read back from disk (True), or an `ActivationReader` over it
+            (False: nothing is loaded, for sets that do not fit in memory).
         shard_rows: rows per shard when streaming.
         dtype: dtype of the stored activations (statistics are always float64).
         covariance: also accumulate float64 covariances per hook (d_model^2 memory each).
@@ -112,7 +114,7 @@ def capture(
 
     Returns:
         The `ActivationSet` (rows ordered by prompt, then position). When streaming, the set loaded back
-        from disk; pass `stream_to` and read with `ActivationReader` to avoid loading.
+        from disk, or with `load_back=False` an `ActivationReader` over the directory.
 
     Raises:
         FeatsteerError: empty prompt list, unknown hook, hooks of different widths, or NaN/inf activations (naming
@@ -154,7 +156,8 @@ def capture(
         raise
     if writer:
         writer.close(prompts, stats)
-        return ActivationReader(stream_to).load()
+        reader = ActivationReader(stream_to)
+        return reader.load() if load_back else reader
     acts, row_prompt, row_pos = collector.finish()
     return ActivationSet(
         activations=acts,

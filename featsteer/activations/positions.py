@@ -68,7 +68,7 @@ class Positions:
     @classmethod
     def parse(cls, text: str) -> Positions:
         """Parse `last`, `mean_last:K`, `post_instruction`, `instruction_end`, `all` or `all:N` (tokens from index N on)."""
-        name, _, arg = text.partition(":")
+        name, colon, arg = text.partition(":")
         if name in ("mean_last", "all") and arg:
             try:
                 number = int(arg)
@@ -77,6 +77,8 @@ class Positions:
             return cls.mean_last(number) if name == "mean_last" else cls.all_tokens(number)
         if name == "mean_last":
             return cls.mean_last(1)
+        if name in ("last", "post_instruction", "instruction_end") and colon:
+            raise FeatsteerError(f"bad position '{text}': {name} takes no ':' argument (mean_last:K and all:N do)")
         if name in ("last", "post_instruction", "instruction_end", "all"):
             return cls(name)
         raise FeatsteerError(f"unknown position '{text}': use last, mean_last:K, post_instruction, instruction_end, all or all:N")

@@ -115,6 +115,9 @@ class ShardWriter:
         self.path = Path(path)
         if (self.path / METADATA_FILE).exists():
             raise FeatsteerError(f"activation directory {self.path} already exists: choose another path or delete it")
+        _check_free(self.path)
+        if shard_rows < 1:
+            raise FeatsteerError(f"shard_rows must be at least 1, got {shard_rows}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.staging = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.partial-"))
         self.hook_names, self.d_model, self.metadata, self.shard_rows = tuple(hook_names), d_model, metadata, shard_rows
@@ -148,6 +151,10 @@ class ShardWriter:
     def close(self, prompts: Sequence[str], stats: dict[str, RunningMoments] | None = None) -> Path:
         """Flush, write metadata last, and move the directory into place."""
         self._flush(final=True)
+        if not self.shards:
+            self.abort()
+            raise FeatsteerError("nothing was captured (0 rows): the position selector kept no token of any prompt "
+                                 "(all:N past every prompt's length?)")
         if stats:
             save_file({f"{key}/mean": m.mean for key, m in stats.items()}, str(self.staging / "stats.safetensors"))
         meta = {
@@ -161,14 +168,23 @@ class ShardWriter:
             "stats_counts": {key: m.count for key, m in (stats or {}).items()},
         }
         (self.staging / METADATA_FILE).write_text(json.dumps(meta, indent=1))
+        _check_free(self.path)  # it may have been filled while the rows were captured
         if self.path.exists():
-            shutil.rmtree(self.path)
+            self.path.rmdir()  # an empty folder the caller made for the output
         self.staging.rename(self.path)
         return self.path
 
     def abort(self) -> None:
         """Remove the staging directory (after an error)."""
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _check_free(path: Path) -> None:
+    """An activation directory is written into a new or empty folder only: never over a file or someone's files."""
+    if path.exists() and not path.is_dir():
+        raise FeatsteerError(f"{path} is an existing file: give a new folder path for the activations")
+    if path.is_dir() and any(path.iterdir()):
+        raise FeatsteerError(f"{path} is a folder that is not empty: give a new or empty folder for the activations")
 
 
 class ActivationReader:
@@ -192,6 +208,10 @@ class ActivationReader:
 
     def iter_batches(self, batch_size: int, hook: str | None = None) -> Iterator[Tensor]:
         """Yield `(batch, hook, d_model)` tensors (or `(batch, d_model)` for one `hook`) in stored order."""
+        if batch_size < 1:
+            raise FeatsteerError(f"batch_size must be at least 1, got {batch_size}")
+        if hook is not None and hook not in self.hook_names:
+            raise FeatsteerError(f"{self.path} holds no activations at {hook}; it holds {', '.join(self.hook_names)}")
         slot = None if hook is None else self.hook_names.index(hook)
         carry: Tensor | None = None
         for shard in self._shards():
@@ -205,8 +225,11 @@ class ActivationReader:
             yield carry
 
     def load(self) -> ActivationSet:
-        """Load everything into one `ActivationSet`."""
+        """Load everything into one `ActivationSet`, rows ordered by prompt, then position (a streamed capture
+        stores them in the order its length-sorted batches ran)."""
         parts = list(self._shards())
+        prompt_index = torch.cat([p["prompt_index"] for p in parts])
+        order = torch.sort(prompt_index, stable=True).indices
         stats: dict[str, RunningMoments] = {}
         stats_file = self.path / "stats.safetensors"
         if stats_file.exists():
@@ -215,10 +238,10 @@ class ActivationReader:
                 moments.mean, moments.count = mean, int(self.metadata["stats_counts"][key.removesuffix("/mean")])
                 stats[key.removesuffix("/mean")] = moments
         return ActivationSet(
-            activations=torch.cat([p["activations"] for p in parts]),
+            activations=torch.cat([p["activations"] for p in parts])[order],
             hook_names=self.hook_names,
-            prompt_index=torch.cat([p["prompt_index"] for p in parts]),
-            position=torch.cat([p["position"] for p in parts]),
+            prompt_index=prompt_index[order],
+            position=torch.cat([p["position"] for p in parts])[order],
             prompts=tuple(self.metadata["prompts"]),
             positions=self.metadata.get("positions", "last"),
             model=self.metadata.get("model", ""),
