@@ -524,6 +524,30 @@ def test_load_model_from_directory_and_errors(tmp_path):
         load_model("nobody/no-such-model")
     with pytest.raises(FeatsteerError, match="cannot load a model from a int"):
         load_model(3)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in (tmp_path / "m").iterdir():
+        (broken / name.name).write_bytes(name.read_bytes())
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(FeatsteerError, match="could not load the model in .*broken.*tokenizer"):
+        load_model(str(broken))
+    (broken / "tokenizer.json").write_bytes((tmp_path / "m" / "tokenizer.json").read_bytes())
+    (broken / "model.safetensors").write_bytes((tmp_path / "m" / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(FeatsteerError, match="could not load the model in .*broken.*weights"):
+        load_model(str(broken))  # weights cut off
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(FeatsteerError, match="could not load the model in .*broken.*config.json"):
+        load_model(str(broken))
+
+
+def test_non_finite_logits_stop_generation_with_an_error(llama_adapter):
+    def poison(activation, site):
+        return activation * float("nan")
+
+    message = "logits are not finite .* for 2 of 2 prompts at generation step 0"
+    with pytest.raises(FeatsteerError, match=message), llama_adapter.hooks([("blocks.1.hook_resid_pre", poison)]):
+        llama_adapter.generate(PROMPTS[:2], max_new_tokens=4)
+    assert llama_adapter.generate(PROMPTS[:2], max_new_tokens=4)  # the hook is gone and generation works again
 
 
 def test_plan_batches_rejects_a_token_budget_below_one() -> None:

@@ -615,6 +615,7 @@ class ModelAdapter(ABC):
                 for index in range(max_new_tokens):
                     self.generation_step, self.pass_attention_mask = index, step.attention_mask
                     logits, cache = self._forward(step, cache, True, 1)
+                    _check_finite_logits(logits[:, -1, :], finished, index, self.dtype)
                     if first_logits is None:
                         first_logits = logits[:, -1, :].float().cpu()
                     next_token = logits[:, -1, :].argmax(-1).masked_fill(finished, -1)
@@ -676,6 +677,18 @@ def _cut_at_stop(row: list[int], stop_ids: set[int]) -> list[int]:
 
 def _raise_stop(activation: Tensor, site: HookSite) -> None:
     raise StopForward(site.name)
+
+
+def _check_finite_logits(last: Tensor, finished: Tensor, step: int, dtype: torch.dtype) -> None:
+    """Greedy decoding of NaN logits yields arbitrary tokens (often an empty response, which reads as a refusal),
+    so a generation whose unfinished rows' logits are not finite stops with an error instead."""
+    bad = ~torch.isfinite(last).all(-1) & ~finished
+    if bool(bad.any()):
+        raise FeatsteerError(
+            f"the next-token logits are not finite (NaN or inf) for {int(bad.sum())} of {len(bad)} prompts at generation "
+            f"step {step}: an intervention or edit with a very large or non-finite value, or a model that overflows in "
+            f"{str(dtype).removeprefix('torch.')}; use smaller values, or load the model in float32"
+        )
 
 
 def _check_prefill(prefill: Sequence[str] | None, instructions: Sequence[str]) -> None:

@@ -7,11 +7,13 @@ file (converted once and cached as safetensors), a hub id (when online), or an a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -195,10 +197,51 @@ def _from_directory(path: Path, dtype: torch.dtype | str, device: torch.device, 
 
     if not (path / "config.json").is_file():
         raise FeatsteerError(f"'{path}' has no config.json: it is not a Hugging Face model directory")
-    config = AutoConfig.from_pretrained(path)
+    with _unreadable(path, "its config.json"):
+        config = AutoConfig.from_pretrained(path)
     _check_architecture(config)
-    model = model_class(config).from_pretrained(path, dtype=dtype).to(device)
-    return HFModelAdapter(model, AutoTokenizer.from_pretrained(path), name=name)
+    with _unreadable(path, "its tokenizer files (tokenizer.json or the like: save the tokenizer beside the weights)"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    with _unreadable(path, "its weights (model.safetensors or the like: missing or cut off?)"):
+        model = model_class(config).from_pretrained(path, dtype=dtype).to(device)
+    return HFModelAdapter(model, tokenizer, name=name)
+
+
+@contextlib.contextmanager
+def _unreadable(path: Path, what: str) -> Iterator[None]:
+    """Any failure of transformers while reading one part of a local model folder becomes one line naming the part."""
+    try:
+        yield
+    except FeatsteerError:
+        raise
+    except Exception as error:  # noqa: BLE001 - transformers raises many unrelated types for a broken folder
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise FeatsteerError(f"could not load the model in '{path}': {what} could not be read ({type(error).__name__}: {reason})") from None
+
+
+def _check_hub_reachable(model_id: str) -> None:
+    """One quick, retry-free request before transformers' own downloads, so a mistyped name or an unreachable hub
+    fails in seconds instead of after a minute of retries. Skipped offline (HF_HUB_OFFLINE) and for cached models."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+            return
+        HfApi().model_info(model_id, timeout=10.0)
+    except (RepositoryNotFoundError, HFValidationError):
+        raise FeatsteerError(
+            f"could not load model '{model_id}': it is not a local directory or .gguf file, nor a model on the Hugging Face "
+            "hub (or it is private: log in); check the name, or pass 'organism' for the embedded model"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - network stack errors (httpx, OSError, timeouts) share no base class
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise FeatsteerError(
+            f"could not load model '{model_id}': it is not a local directory or .gguf file, and the Hugging Face hub is "
+            f"unreachable ({reason}); check the name and your network, or pass a local path"
+        ) from None
 
 
 def _from_hub(model_id: str, dtype: torch.dtype | str, device: torch.device) -> ModelAdapter:
@@ -206,6 +249,7 @@ def _from_hub(model_id: str, dtype: torch.dtype | str, device: torch.device) -> 
 
     from featsteer.models.hf import HFModelAdapter
 
+    _check_hub_reachable(model_id)
     try:
         config = AutoConfig.from_pretrained(model_id)
     except Exception as error:  # noqa: BLE001
