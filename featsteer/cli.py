@@ -79,9 +79,9 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     model = _load_model(args)
     prompts = load_prompts(args.prompts, column=args.column, limit=args.n)
     hooks = _expand_hooks(args.hooks, model)
-    acts = capture(model, prompts, hooks, positions=args.positions, batch_size=args.batch_size, stream_to=args.out,
-                   chat=not args.raw, shard_rows=args.shard_rows)
-    print(f"captured {acts.activations.shape[0]} rows x {len(hooks)} hooks x width {acts.d_model} -> {args.out}")
+    stored = capture(model, prompts, hooks, positions=args.positions, batch_size=args.batch_size, stream_to=args.out,
+                     chat=not args.raw, shard_rows=args.shard_rows, load_back=False)  # streamed: never all in memory
+    print(f"captured {len(stored)} rows x {len(stored.hook_names)} hooks x width {stored.d_model} -> {args.out}")
     return 0
 
 
@@ -89,13 +89,23 @@ def _expand_hooks(spec: str, model) -> list[str]:
     """`all` / `resid_pre` / `resid_pre:2,4` / `attn_z:1` / explicit comma-separated hook names."""
     from featsteer.models import HEAD_KINDS, LAYER_KINDS, ROUTING_KINDS
 
-    if spec == "all":
+    if spec == "all":  # every layer's residual stream (the other kinds differ in width or meaning: name them)
         return model.hook_names(("resid_pre",))
     kind, _, layers = spec.partition(":")
     if kind in LAYER_KINDS + HEAD_KINDS + ROUTING_KINDS:
-        layer_ids = [int(x) for x in layers.split(",")] if layers else None
-        return model.hook_names((kind,), layer_ids)
-    return [h.strip() for h in spec.split(",") if h.strip()]
+        layer_ids = None
+        if layers:
+            try:
+                layer_ids = list(dict.fromkeys(int(x) for x in layers.split(",")))
+            except ValueError:
+                raise FeatsteerError(f"--hooks {spec}: after '{kind}:' give layer numbers separated by commas, e.g. {kind}:0,2 "
+                                     "(a kind and explicit hook names cannot be mixed)") from None
+        names = model.hook_names((kind,), layer_ids)
+        if not names:
+            raise FeatsteerError(f"--hooks {spec}: {model.name} has no {kind} hook at {'those layers' if layer_ids else 'any layer'}"
+                                 + (" (routing hooks exist only at mixture-of-experts layers)" if kind in ROUTING_KINDS else ""))
+        return names
+    return list(dict.fromkeys(h.strip() for h in spec.split(",") if h.strip()))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -106,6 +116,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise FeatsteerError("--prefill is empty: give the text every harmful response should start with, or 'affirm'")
     harmful = load_prompts(args.harmful, column=args.column, limit=args.n)
     harmless = load_prompts(args.harmless, column=args.column, limit=args.n)
+    args.alarming_prompts = load_prompts(args.alarming, limit=args.n) if args.alarming else None  # a bad path fails here, not after generating
     model = _load_model(args)
     reference = _load_reference(args, model) if args.reference else None  # a bad --reference fails before any generation
     judge = _load_judge(args, model) if args.judge else None  # so does a bad --judge
@@ -194,13 +205,15 @@ def _load_reference(args: argparse.Namespace, model):
     reference = _load_model(args, args.reference)
     if reference.tokenizer.get_vocab() != model.tokenizer.get_vocab():
         raise FeatsteerError("--reference has a different tokenizer: KL needs the same vocabulary")
+    ours, theirs = model.unembed()[0].shape[0], reference.unembed()[0].shape[0]
+    if ours != theirs:  # the same tokenizer over output layers padded to different sizes
+        raise FeatsteerError(f"--reference scores {theirs} output tokens and the model {ours}: KL needs the same output vocabulary")
     return reference
 
 
 def _logit_metrics(model, report, args: argparse.Namespace, reference=None) -> dict:
     """Refusal scores from first-token logits (kept from the generation's prefill); KL against --reference;
     over-refusal on --alarming."""
-    from featsteer.datasets import load_prompts
     from featsteer.evaluation import (
         RefusalDetector,
         RefusalTokens,
@@ -232,7 +245,8 @@ def _logit_metrics(model, report, args: argparse.Namespace, reference=None) -> d
         metrics["reference_nll_harmless"] = responses_nll(reference, report.harmless, report.config)
         metrics["reference"] = reference.name
     if args.alarming:
-        rate = over_refusal_rate(model, list(load_prompts(args.alarming, limit=args.n)), max_new_tokens=args.max_new_tokens)
+        rate = over_refusal_rate(model, list(args.alarming_prompts), max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                 system=args.system, max_batch_tokens=args.max_batch_tokens)
         metrics["over_refusal_rate"] = rate.rate
         metrics["ci_over_refusal"] = [rate.low, rate.high]
     return metrics
@@ -918,6 +932,11 @@ def _check_steer_args(args: argparse.Namespace) -> None:
             raise FeatsteerError(f"--mode {args.mode} needs exactly one of --value V or --multiple M (M times each feature's largest activation on the prompts)")
         if args.mode == "scale" and args.multiple is not None:
             raise FeatsteerError("--mode scale multiplies by --value; --multiple sets clamp or add amounts")
+        if args.mode == "ablate" and (args.value is not None or args.multiple is not None):
+            raise FeatsteerError("--mode ablate sets the features to zero and takes no --value or --multiple (for another value use --mode clamp)")
+        for flag, number in (("--value", args.value), ("--multiple", args.multiple)):
+            if number is not None and not math.isfinite(number):
+                raise FeatsteerError(f"{flag} must be a finite number, got {number}")
     else:
         if args.mode not in DIRECTION_STEER_MODES:
             raise FeatsteerError(f"--mode {args.mode} edits SAE features (--sae): a direction takes --mode {'|'.join(DIRECTION_STEER_MODES)}")
@@ -1083,8 +1102,9 @@ def _feature_intervention(args: argparse.Namespace, model, prompts: list[str]):
         raise FeatsteerError(f"--sae {args.sae} has no SAE at {hook}: use one of {', '.join(saes)}")
     sae = saes[hook]
     features = args.feature_ids  # parsed by _check_steer_args
-    if max(features) >= sae.cfg.d_sae or min(features) < 0:
-        raise FeatsteerError(f"feature id {max(features)} is out of range: the SAE at {hook} has d_sae={sae.cfg.d_sae} (ids 0..{sae.cfg.d_sae - 1})")
+    outside = [f for f in features if not 0 <= f < sae.cfg.d_sae]
+    if outside:
+        raise FeatsteerError(f"feature id {outside[0]} is out of range: the SAE at {hook} has d_sae={sae.cfg.d_sae} (ids 0..{sae.cfg.d_sae - 1})")
     maxima = max_feature_activations(model, sae, prompts)[features]
     for feature, peak in zip(features, maxima.tolist(), strict=True):
         print(f"feature {feature} at {hook}: largest activation on the prompts {peak:.3f}")
@@ -1708,6 +1728,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout = stdout
 
 
+def _check_output_paths(args: argparse.Namespace) -> None:
+    """Output paths that cannot be written fail here, before a model is loaded, not after the work is done."""
+    from featsteer.files import check_output_file, check_output_folder
+
+    for dest, flag in (("out", "--out"), ("search_dir", "--search-dir")):
+        if getattr(args, dest, None):
+            check_output_folder(getattr(args, dest), flag)
+    for dest, flag in (("json", "--json"), ("labels", "--labels")):
+        if getattr(args, dest, None):
+            check_output_file(getattr(args, dest), flag)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -1718,6 +1750,7 @@ def _main(argv: Sequence[str] | None) -> int:
             from featsteer.models.loading import hide_weight_loading_bar
 
             hide_weight_loading_bar()
+        _check_output_paths(args)
         return args.run(args)
     except FeatsteerError as error:
         print(f"featsteer: error: {error}", file=sys.stderr)

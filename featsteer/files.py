@@ -39,3 +39,45 @@ def write_files(folder: str | Path, contents: Mapping[str, str | bytes]) -> Path
         for temporary, _ in staged:
             temporary.unlink(missing_ok=True)
     return folder
+
+
+def check_output_folder(path: str | os.PathLike[str], flag: str = "--out") -> None:
+    """Fail before any work when `path` cannot become an output folder: it is an existing file, or the nearest
+    existing folder above it cannot be written.
+
+    Raises:
+        FeatsteerError: naming the flag and what to do instead.
+    """
+    from featsteer.errors import FeatsteerError
+
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise FeatsteerError(f"{flag} {path} is an existing file: give a folder path (it is created if missing)")
+    _check_writable_ancestor(target, flag, path)
+
+
+def check_output_file(path: str | os.PathLike[str], flag: str = "--json") -> None:
+    """Fail before any work when `path` cannot become an output file: it is a folder, or the nearest existing
+    folder above it cannot be written.
+
+    Raises:
+        FeatsteerError: naming the flag and what to do instead.
+    """
+    from featsteer.errors import FeatsteerError
+
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise FeatsteerError(f"{flag} {path} is a folder: give a file path, e.g. {Path(path) / 'out.json'}")
+    _check_writable_ancestor(target.parent, flag, path)
+
+
+def _check_writable_ancestor(target: Path, flag: str, shown: str | os.PathLike[str]) -> None:
+    from featsteer.errors import FeatsteerError
+
+    existing = target.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FeatsteerError(f"{flag} {shown}: {existing} is a file, so nothing can be written below it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FeatsteerError(f"{flag} {shown}: {existing} is not writable; choose another path")

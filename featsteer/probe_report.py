@@ -11,6 +11,7 @@ or the reverse - are what the report is for.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -23,9 +24,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from featsteer.activations import capture
+from featsteer.activations import Positions, capture
 from featsteer.datasets import PromptSet
 from featsteer.directions import find_directions, separability
+from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
 from featsteer.files import write_files
 from featsteer.interventions import Ablate, steer
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from sae_lens import SAE
 
 PROBE_KINDS = ("diffmean", "linear", "whitened", "mahalanobis")
+PROBE_FOLDS = 3
+"""Cross-validation folds of the linear probe's C search (so each class needs at least this many training prompts)."""
 SOURCES = ("dim", "linear", "whitened")
 """Direction sources always compared; `sae` (the top composite feature's decoder row) joins when SAEs are given."""
 _STREAM_POINT = {"resid_pre": 0.0, "ln1_normalized": 0.0, "attn_z": 0.5, "attn_out": 0.5, "resid_mid": 0.5, "ln2_normalized": 0.5,
@@ -49,7 +53,7 @@ writes (`resid_post`, which is the next block's `resid_pre`)."""
 def _probe(kind: str):
     from probes import DiffMeanProbe, LinearProbe, MahalanobisProbe, WhitenedProbe
 
-    return {"diffmean": DiffMeanProbe, "linear": lambda: LinearProbe(Cs=5, cv=3), "whitened": WhitenedProbe,
+    return {"diffmean": DiffMeanProbe, "linear": lambda: LinearProbe(Cs=5, cv=PROBE_FOLDS), "whitened": WhitenedProbe,
             "mahalanobis": MahalanobisProbe}[kind]()
 
 
@@ -124,9 +128,19 @@ def probe_report(
     """
     from probes import layer_sweep
 
+    if Positions.parse(positions).mode == "all":
+        raise FeatsteerError("the probe report reads one vector per prompt, ending at its last token: --positions all gives every "
+                             "token; use last, post_instruction, instruction_end or mean_last:K")
+    smallest = min(len(train[0]), len(train[1]))
+    if smallest < PROBE_FOLDS:
+        raise FeatsteerError(f"the probes are fitted with {PROBE_FOLDS}-fold cross-validation and need at least {PROBE_FOLDS} training "
+                             f"prompts per class; got {len(train[0])} harmful and {len(train[1])} harmless (give more prompts)")
     hooks = model.hook_names((kind,), None if layers is None else sorted(set(layers)))
     acts = {(split, label): capture(model, prompts, hooks, positions=positions, batch_size=batch_size, label=label)
             for split, pair in (("train", train), ("test", test)) for label, prompts in zip(("harmful", "harmless"), pair, strict=True)}
+    if Positions.parse(positions).mode == "instruction_end":
+        # one row per prompt, labelled by its own tail length (which may differ between prompts): read them all as one position
+        acts = {key: dataclasses.replace(value, position=torch.full_like(value.position, -1)) for key, value in acts.items()}
 
     def xy(split: str, hook: str):
         a, b = acts[(split, "harmful")].at_position(hook), acts[(split, "harmless")].at_position(hook)
@@ -134,6 +148,9 @@ def probe_report(
 
     # a hook where every prompt has the same activation (layer 0 at a shared template token) carries nothing
     hooks = [h for h in hooks if float((acts[("train", "harmful")].mean(h) - acts[("train", "harmless")].mean(h)).norm()) > 1e-9]
+    if not hooks:
+        raise FeatsteerError(f"no {kind} hook tells the two sets apart: their mean activations are identical at every layer "
+                             "(the same prompts on both sides?)")
     splits = {hook: (*xy("train", hook), *xy("test", hook)) for hook in hooks}
     sweep = {probe_kind: layer_sweep(splits, lambda k=probe_kind: _probe(k), n_shuffles=n_shuffles) for probe_kind in PROBE_KINDS}
     directions = {source: find_directions(acts[("train", "harmful")], acts[("train", "harmless")], source) for source in SOURCES}

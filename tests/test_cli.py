@@ -907,3 +907,44 @@ def test_abliterate_induce_template_writes_the_template_tokens_row_and_its_error
                            (["--reverse"], "drop --reverse")):
         code, _, err = _run(capsys, "abliterate", *common, *extra, "--out", str(tmp_path / "bad"))
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists(), err
+
+
+def test_unwritable_outputs_fail_before_any_work(capsys, tmp_path, monkeypatch):
+    import featsteer.cli as cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda *a, **k: pytest.fail("the model was loaded before the output path was checked"))
+    (tmp_path / "afile").write_text("x")
+    common = ["--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless"]
+    for argv, message in (
+        (["eval", *common, "--json", str(tmp_path)], "is a folder: give a file path"),
+        (["eval", *common, "--json", str(tmp_path / "afile" / "x.json")], "is a file, so nothing can be written below it"),
+        (["rank-features", *common, "--sae", "organism", "--out", str(tmp_path / "afile")], "is an existing file: give a folder path"),
+        (["probe", *common, "--out", str(tmp_path / "afile")], "is an existing file"),
+        (["abliterate", *common, "--out", str(tmp_path / "new"), "--search", "2", "--search-dir", str(tmp_path / "afile")],
+         "--search-dir"),
+    ):
+        code, _, err = _run(capsys, *argv)
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_steer_feature_options_that_would_be_ignored_or_misread_are_errors(capsys):
+    common = ["steer", "--model", "organism", "--sae", "organism", "--hook", "blocks.3.hook_resid_pre", "--prompt", "hi"]
+    for extra, message in (
+        (["--feature", "888", "--mode", "ablate", "--value", "3"], "--mode ablate sets the features to zero and takes no --value"),
+        (["--feature", "888", "--mode", "clamp", "--value", "nan"], "--value must be a finite number"),
+        (["--feature", "888", "--mode", "add", "--multiple", "inf"], "--multiple must be a finite number"),
+        (["--feature", "888,-5", "--mode", "ablate"], "feature id -5 is out of range"),
+    ):
+        code, _, err = _run(capsys, *common, *extra)
+        assert code == 2 and message in err, (extra, err)
+
+
+def test_capture_hook_specs_that_name_nothing_are_errors(capsys, tmp_path):
+    base = ["capture", "--model", "tiny:qwen2_moe", "--prompts", "builtin:harmful", "--n", "2", "--out", str(tmp_path / "c")]
+    for hooks, message in (("resid_pre:x", "give layer numbers separated by commas"),
+                           ("attn_z:1,hook_embed", "give layer numbers separated by commas"),
+                           ("routing:0", "has no routing hook at those layers")):
+        code, _, err = _run(capsys, *base, "--hooks", hooks)
+        assert code == 2 and message in err, (hooks, err)
+    code, out, _ = _run(capsys, *base, "--hooks", "resid_post:1,1")
+    assert code == 0 and "x 1 hooks" in out  # the layer named twice is captured once, and the line says so

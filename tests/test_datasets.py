@@ -475,3 +475,9 @@ def test_loads_shared_advbench_file() -> None:
     assert len(prompts) >= 500
     assert prompts.source == str(path)
     assert len(set(prompts)) == len(prompts)
+
+
+def test_a_txt_prompt_keeps_unicode_line_separators_and_form_feeds(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("first\u2028still first\nsecond\x0csecond too\r\nthird\n", encoding="utf-8")
+    assert list(load_prompts(path)) == ["first\u2028still first", "second\x0csecond too", "third"]

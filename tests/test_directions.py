@@ -154,3 +154,15 @@ def test_selection_stability_needs_per_prompt_scores():
         plain.stability(resamples=0)
     with pytest.raises(FeatsteerError, match="kept no per-prompt scores"):
         Selection(plain.candidates, plain.chosen, 0.0, 0.0).stability()
+
+
+def test_non_finite_activations_and_mismatched_widths_are_named():
+    torch.manual_seed(0)
+    harmful, harmless = torch.randn(6, D), torch.randn(6, D)
+    for bad in (float("nan"), float("inf")):
+        poisoned = harmful.clone()
+        poisoned[2, 3] = bad
+        with pytest.raises(FeatsteerError, match="harmful activations at blocks.0.hook_resid_pre .*NaN or inf"):
+            difference_in_means(_set(poisoned, "harmful"), _set(harmless, "harmless"))
+    with pytest.raises(FeatsteerError, match="32 wide and the harmless 16"):
+        difference_in_means(_set(harmful, "harmful"), _set(harmless[:, :16], "harmless"))

@@ -16,6 +16,13 @@ from tests.test_sae_hook_z import heads_sae, narrow_heads_model
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.fixture(scope="module")
+def organism():
+    from featsteer.models import load_model
+
+    return load_model("organism")
+
+
 def _pairs(n: int = 16):
     harmful, harmless = builtin_prompts("harmful", "train")[: 2 * n], builtin_prompts("harmless", "train")[: 2 * n]
     return (harmful[:n], harmless[:n]), (harmful[n:], harmless[n:])
@@ -65,3 +72,20 @@ def test_saes_no_swept_layer_follows_are_a_clear_error():
     train, test = _pairs(8)
     with pytest.raises(FeatsteerError, match="none of the SAEs .* is read at or just before a swept hook"):
         probe_report(model, train, test, n_effect=2, n_shuffles=1, saes=saes, layers=[0, 1])
+
+
+def test_probe_report_inputs_it_cannot_use_are_one_line_errors(organism):
+    harmful, harmless = builtin_prompts("harmful", "train")[:12], builtin_prompts("harmless", "train")[:12]
+    with pytest.raises(FeatsteerError, match="--positions all gives every token"):
+        probe_report(organism, (harmful, harmless), (harmful, harmless), positions="all")
+    with pytest.raises(FeatsteerError, match="need at least 3 training prompts per class; got 2 harmful"):
+        probe_report(organism, (harmful[:2], harmless), (harmful, harmless))
+    with pytest.raises(FeatsteerError, match="no resid_pre hook tells the two sets apart"):
+        probe_report(organism, (harmful, harmful), (harmful, harmful))
+
+
+def test_probe_report_reads_the_instruction_end(organism):
+    train = builtin_prompts("harmful", "train")[:14], builtin_prompts("harmless", "train")[:14]
+    test = builtin_prompts("harmful", "val")[:8], builtin_prompts("harmless", "val")[:8]
+    report = probe_report(organism, train, test, positions="instruction_end", n_effect=4, n_shuffles=1)
+    assert report.hooks and report.best("linear").accuracy > 0.8

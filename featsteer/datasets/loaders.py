@@ -307,7 +307,8 @@ def _load_file(path: Path, source: str, column: str | None) -> list[object]:
 def _read_txt(path: Path, source: str, column: str | None) -> list[object]:
     if column is not None:
         raise FeatsteerError(f"column= does not apply to {source}: a .txt file has one prompt per line")
-    return list(path.read_text(encoding="utf-8-sig").splitlines())
+    # lines end at \n (or \r\n) only: str.splitlines would also split inside a prompt at U+2028, form feeds and the like
+    return [line.removesuffix("\r") for line in path.read_text(encoding="utf-8-sig").split("\n")]
 
 
 def _read_csv(path: Path, source: str, column: str | None) -> list[object]:

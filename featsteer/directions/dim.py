@@ -33,10 +33,16 @@ def difference_in_means(harmful: ActivationSet, harmless: ActivationSet, hooks: 
     missing = [h for h in hook_list if h not in harmless.hook_names]
     if missing:
         raise FeatsteerError(f"harmless activations lack {', '.join(missing)}: capture both sets at the same hooks")
+    if harmful.d_model != harmless.d_model:
+        raise FeatsteerError(f"the harmful activations are {harmful.d_model} wide and the harmless {harmless.d_model}: capture both from one model")
     vectors, names, positions, norms, projections = [], [], [], [], {"harmful_projection": [], "harmless_projection": []}
     for hook in hook_list:
         for position in harmful.position_labels:
             difference = harmful.mean(hook, position) - harmless.mean(hook, position)
+            if not bool(torch.isfinite(difference).all()):
+                side = "harmful" if not bool(torch.isfinite(harmful.mean(hook, position)).all()) else "harmless"
+                raise FeatsteerError(f"the {side} activations at {hook} (position {position}) hold NaN or inf values: "
+                                     "recapture them (capture checks every row), or drop the rows that overflowed")
             # identical means (e.g. layer 0 at a template token every prompt shares) give no direction:
             # keep a zero vector so it scores as chance instead of failing the whole set
             zero = float(difference.norm()) <= 1e-12 * max(1.0, float(harmful.mean(hook, position).norm()))

@@ -639,6 +639,7 @@ def over_refusal_rate(
     max_new_tokens: int = 32,
     batch_size: int = 16,
     system: str | None = None,
+    max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
 ) -> RateEstimate:
     """Refusal rate on harmless-but-alarming prompts (e.g. "how do I kill a Python process").
 
@@ -651,6 +652,7 @@ def over_refusal_rate(
         max_new_tokens: Cap on generated tokens per response.
         batch_size: Prompts per generation batch.
         system: Optional system prompt.
+        max_batch_tokens: Cap on a batch's padded prompt tokens (see `ModelAdapter.generate`).
 
     Returns:
         The refusal rate with its 95% Wilson interval.
@@ -660,5 +662,5 @@ def over_refusal_rate(
     """
     items = _prompt_list(prompts)
     detector = detector or RefusalDetector()
-    responses = model.generate(items, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
+    responses = model.generate(items, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system, max_batch_tokens=max_batch_tokens)
     return refusal_rate(detector.classify(responses))
