@@ -407,7 +407,10 @@ def _direction_notes(chosen: dict) -> list[str]:
 def _direction_config(args: argparse.Namespace, method: str | None = None):
     from featsteer.pipeline import DirectionConfig
 
-    return DirectionConfig(method=method or args.method, rank=args.rank, positions=args.positions, n_select=args.n_select,
+    chosen = method or args.method
+    if args.rank is not None and chosen != "svd" and args.command != "compare":
+        raise FeatsteerError(f"--rank sets the size of an SVD subspace (--method svd), not of --method {chosen}: drop it")
+    return DirectionConfig(method=chosen, rank=2 if args.rank is None else args.rank, positions=args.positions, n_select=args.n_select,
                            kl_threshold=args.kl_threshold, batch_size=args.batch_size, filter_train=args.filter_train,
                            screen=args.screen)
 
@@ -440,12 +443,14 @@ def _cmd_directions(args: argparse.Namespace) -> int:
     if args.optimize_option and not args.optimize:
         raise FeatsteerError("--optimize-option sets how --optimize STEPS trains the direction: add --optimize")
     optimize = _optimize_config(args)  # a bad --optimize-option fails before the model loads
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()):  # a second run would leave the first one's gate/, geometry and plots beside its own
+        raise FeatsteerError(f"output folder {args.out} is not empty: choose a new path")
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
     config = _direction_config(args)  # checks the values before the model loads
     model = _load_model(args)
     result = find_refusal_direction(model, harmful, harmless, config, val=val, keep_activations=True)
-    out = Path(args.out)
     result.candidates.save(out / "candidates")
     result.chosen.save(out / "chosen")
     stability = result.selection.stability()
@@ -510,7 +515,7 @@ def _trained_directions(model, result, optimize):
 
 def _cmd_abliterate(args: argparse.Namespace) -> int:
     from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
-    from featsteer.pipeline import abliterate, find_refusal_direction, split
+    from featsteer.pipeline import abliterate, direction_record, find_refusal_direction, split
 
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise FeatsteerError(f"output folder {args.out} is not empty: choose a new path")
@@ -518,6 +523,16 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     if args.induce_bias or args.induce_template:
         _check_addition_options(args)
         mode = "bias_addition" if args.induce_bias else "token_addition"
+    for flag, given, applies, modes in (("--alpha", args.alpha, mode in ("amplify", "induce"), "--reverse or --induce"),
+                                        ("--shift", args.shift, mode == "induce", "--induce"),
+                                        ("--scale", args.scale, mode in ADDITIONS, "--induce-bias or --induce-template"),
+                                        ("--bias-decay", args.bias_decay, mode == "bias_addition", "--induce-bias")):
+        if given is not None and not applies:  # it would be ignored (and --alpha, --shift recorded in featsteer.json as if applied)
+            raise FeatsteerError(f"{flag} applies to {modes}: without it, drop {flag}")
+    args.alpha = 1.0 if args.alpha is None else args.alpha
+    args.shift = 0.0 if args.shift is None else args.shift
+    args.scale = 1.0 if args.scale is None else args.scale
+    args.bias_decay = BIAS_DECAY_DEFAULT if args.bias_decay is None else args.bias_decay
     if args.reflect and (mode != "orthogonalize" or args.search):
         raise FeatsteerError("--reflect is its own edit (every write's component of the direction reversed): drop --reverse/--induce/"
                              "--norm-preserving/--search")
@@ -584,7 +599,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
         found = _chosen_trial(args, search_abliteration(model, result, search_dir, _search_config(args, mode), warm_start=warm_start))
         extra = {"search": {"dir": str(search_dir), "best": found.best}}
         _print_search(args, found, search_dir)
-        handle = found.apply(model, result, record={"method": args.method, "search": found.best})
+        handle = found.apply(model, result, record={**direction_record(result), "search": found.best})
     elif heads_spec is not None:
         from featsteer.pipeline import heads_of
 
@@ -620,11 +635,11 @@ def _check_addition_options(args: argparse.Namespace) -> None:
     if clashes:
         how = "through biases" if args.induce_bias else "at the chat template's own tokens"
         raise FeatsteerError(f"{flag} adds the chosen rank-1 direction {how}: drop {', '.join(clashes)}")
-    if args.induce_template and args.bias_decay != BIAS_DECAY_DEFAULT:
+    if args.induce_template and args.bias_decay is not None:
         raise FeatsteerError("--bias-decay spreads --induce-bias over biases; --induce-template writes embedding rows: drop it")
-    if args.scale != "auto" and not math.isfinite(args.scale):
+    if args.scale not in (None, "auto") and not math.isfinite(args.scale):
         raise FeatsteerError(f"--scale must be a finite number or auto, got {args.scale}")
-    if not (math.isfinite(args.bias_decay) and args.bias_decay >= 1):
+    if args.bias_decay is not None and not (math.isfinite(args.bias_decay) and args.bias_decay >= 1):
         raise FeatsteerError(f"--bias-decay must be a finite number >= 1, got {args.bias_decay}")
 
 
@@ -913,7 +928,28 @@ def _steer_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _check_steer_args(args: argparse.Namespace) -> None:
-    """Option clashes, found before any model is loaded."""
+    """Option clashes, found before any model is loaded; then the defaults of the options left unset."""
+    _check_steer_options_apply(args)
+    args.scale = 1.0 if args.scale is None else args.scale
+    args.threshold = 0.0 if args.threshold is None else args.threshold
+    args.ablate_at = args.ablate_at or "writes"
+    _check_steer_sources(args)
+
+
+def _check_steer_options_apply(args: argparse.Namespace) -> None:
+    """An option the chosen mode would ignore is an error, not silently dropped."""
+    directions = args.directions is not None
+    for flag, given, modes in (("--scale", args.scale is not None, ("add", "conditional")),
+                               ("--threshold", args.threshold is not None, ("conditional",)),
+                               ("--ablate-at", args.ablate_at is not None, ("ablate",))):
+        if given and not (directions and args.mode in modes):
+            raise FeatsteerError(f"{flag} applies to --directions with --mode {'|'.join(modes)}, not to --mode {args.mode}"
+                                 + ("" if directions else " of --sae or --experts"))
+    if directions and args.value is not None and args.mode != "set":
+        raise FeatsteerError(f"--value applies to --mode set (or to --sae features), not to --directions with --mode {args.mode}")
+
+
+def _check_steer_sources(args: argparse.Namespace) -> None:
     if sum(source is not None for source in (args.directions, args.sae, args.experts)) != 1:
         raise FeatsteerError("steer needs one source: --directions DIR, --sae SRC with --feature ID, or --experts LAYER:E[,E][;LAYER:E]")
     if args.experts is not None:
@@ -1009,29 +1045,59 @@ def _direction_intervention(args: argparse.Namespace, model):
     directions = DirectionSet.load(args.directions)
     if args.mode in ("ace", "angular"):
         return _geometric_intervention(args, model, directions)
-    index = directions.hook_names.index(args.hook) if args.hook in directions.hook_names else 0
+    index = _steered_entry(args, directions)
     hook = args.hook or directions.hook_names[index]
     model.hook_site(hook)
     basis = directions.bases[index]
-    vector = basis[0] * float(directions.scores.get("mean_diff_norm", [1.0] * len(directions))[index])
-    harmful_projection = directions.scores.get("harmful_projection", [vector.norm().item()] * len(directions))[index]
-    value = args.value if args.value is not None else harmful_projection
+    if float(basis.norm()) == 0:
+        raise FeatsteerError(f"the direction at {directions.hook_names[index]} position {directions.positions[index]} in {args.directions} is a "
+                             "zero vector (the two sets' means coincide there): choose another")
+    if args.mode != "ablate" and basis.shape[0] > 1:
+        raise FeatsteerError(f"--mode {args.mode} steers along one direction, but {args.directions} holds a rank-{basis.shape[0]} subspace: "
+                             "ablate it (--mode ablate), or use a rank-1 direction")
+    norms = directions.scores.get("mean_diff_norm")
+    vector = basis[0] * float(norms[index]) if norms else basis[0]
+    added = "the mean difference" if norms else "the unit direction"
+    projections = directions.scores.get("harmful_projection")
+    if args.mode == "set" and args.value is None and not projections:
+        raise FeatsteerError(f"{args.directions} records no mean harmful projection (method {directions.method}): give --value V")
+    value = args.value if args.value is not None else (projections[index] if projections else 0.0)
     tokens = args.positions or "all"
     on = "" if tokens == "all" else f" ({tokens} tokens only)"
     built = {
         "ablate": lambda: (Ablate(basis, where=_ablation_sites(model, args.ablate_at)),
                            f"ablate the direction from {ABLATE_AT[args.ablate_at]} (rank {basis.shape[0]})"),
-        "add": lambda: (AddDirection(vector, args.scale, where=hook, positions=tokens), f"add {args.scale:g} x the mean difference at {hook}{on}"),
+        "add": lambda: (AddDirection(vector, args.scale, where=hook, positions=tokens), f"add {args.scale:g} x {added} at {hook}{on}"),
         "set": lambda: (ProjectionSet(basis[0], value, where=hook), f"set the projection to {value:.3g} at {hook}"),
         "conditional": lambda: (ConditionalSteer(basis[0], hook, args.threshold, AddDirection(vector, args.scale, where=hook, positions=tokens),
                                                  pool=args.pool),
-                                f"add {args.scale:g} x the mean difference at {hook}{on} where the cosine of the prompt's "
+                                f"add {args.scale:g} x {added} at {hook}{on} where the cosine of the prompt's "
                                 f"{'mean' if args.pool == 'mean' else 'last-token'} activation exceeds {args.threshold:g}"),
     }
     intervention, what = built[args.mode]()
     if args.gate:
         intervention, what = _gated(args, model, intervention, what, basis, hook)
     return intervention, what
+
+
+def _steered_entry(args: argparse.Namespace, directions) -> int:
+    """Which of a saved set's directions `steer` uses: its only one, or the one at `--hook` (the last position's when the
+    hook has several); with several and no `--hook`, an error that lists them (a candidates/ folder holds every layer's)."""
+    at_hook = [i for i, name in enumerate(directions.hook_names) if name == args.hook]
+    if at_hook:
+        last = [i for i in at_hook if directions.positions[i] == -1]
+        return (last or at_hook)[0] if len(at_hook) == 1 or last else _too_many(args, directions, at_hook)
+    if len(directions) == 1:
+        return 0  # one direction, steered where it was read or, with --hook, at another hook
+    if args.hook:
+        raise FeatsteerError(f"{args.directions} holds no direction at {args.hook}; it holds {', '.join(sorted(set(directions.hook_names)))}")
+    return _too_many(args, directions, range(len(directions)))
+
+
+def _too_many(args: argparse.Namespace, directions, entries) -> int:
+    listed = ", ".join(f"{directions.hook_names[i]} position {directions.positions[i]}" for i in list(entries)[:6])
+    raise FeatsteerError(f"{args.directions} holds {len(list(entries))} directions ({listed}{', ...' if len(list(entries)) > 6 else ''}): "
+                         "pass the chosen/ folder of `featsteer directions`, or name one with --hook")
 
 
 def _gated(args: argparse.Namespace, model, intervention, what: str, basis, hook: str):
@@ -1062,7 +1128,8 @@ def _geometric_intervention(args: argparse.Namespace, model, directions):
 
     provenance, where = directions.provenance, args.directions
     if len(directions) != 1 or directions.rank != 1:
-        raise FeatsteerError(f"--mode {args.mode} needs one rank-1 direction: pass the chosen/ folder written by `featsteer directions`, not {where}")
+        raise FeatsteerError(f"--mode {args.mode} needs one rank-1 direction, and {where} holds {len(directions)} of rank {directions.rank}: "
+                             "pass the chosen/ folder of a `featsteer directions --method dim|projected|pca|linear|whitened` run")
     direction = directions.bases[0, 0]
     if directions.method.startswith("optimized:") and not {"ace", "rotation_axis"} & set(provenance):
         raise FeatsteerError(f"--mode {args.mode} reads class means and a rotation axis recorded for the found direction, which a trained "
@@ -1350,10 +1417,10 @@ def _cmd_experts(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: str, payload: dict) -> None:
-    from featsteer.files import write_files
+    from featsteer.files import json_text, write_files
 
     target = Path(path)
-    write_files(target.parent, {target.name: json.dumps(payload, indent=1)})
+    write_files(target.parent, {target.name: json_text(payload)})
 
 
 _OPTIMIZE_OPTION_HELP = ("how the direction optimisation trains, as an OptimizeConfig field, e.g. retain_weight=3, retain_first_weight=15, "
@@ -1428,7 +1495,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--harmful", required=True, help="file, builtin:harmful[:split], or hf:NAME")
         p.add_argument("--harmless", required=True, help="file, builtin:harmless[:split], or hf:NAME")
         p.add_argument("--method", default="dim", choices=["dim", "projected", "pca", "svd", "linear", "whitened", *extra_methods])
-        p.add_argument("--rank", type=int, default=2, help="subspace size for --method svd")
+        p.add_argument("--rank", type=int, help="subspace size for --method svd (default 2)")
         p.add_argument("--positions", default="post_instruction", help="last | post_instruction | instruction_end | mean_last:K")
         p.add_argument("--n", type=int, help="use the first N prompts of each set")
         p.add_argument("--n-select", type=int, default=32, help="validation prompts per set for selection")
@@ -1484,11 +1551,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "tokens (the last token of the template's tail that occurs nowhere else in the prompts, e.g. <|assistant|>): at "
                      "the prompt's end only, never at the generated tokens. Meets the organism's induce target; on Qwen2.5 it falls short "
                      "(benchmarks/results/induce_template_qwen.md), where --induce-bias does better")
-    abl.add_argument("--scale", type=_scale_or_auto, default=1.0, metavar="S|auto",
+    abl.add_argument("--scale", type=_scale_or_auto, metavar="S|auto",
                      help="--induce-bias, --induce-template: multiple of the mean difference to add (default 1), or auto: the smallest of "
                      "0.25, 0.5, 0.75, 1, 1.5, 2 whose coherent refusal of validation harmless prompts the before/after check "
                      "does not read is within 0.05 of the best (as compare picks dim_bias_induce's and dim_template_induce's)")
-    abl.add_argument("--bias-decay", type=float, default=BIAS_DECAY_DEFAULT, metavar="D",
+    abl.add_argument("--bias-decay", type=float, metavar="D",
                      help="--induce-bias through value biases: a bias one block earlier costs D times more in the spread (default 2; "
                      "1 spreads evenly)")
     abl.add_argument("--norm-preserving", action="store_true", help="keep each write column's norm")
@@ -1507,8 +1574,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "that write the chosen direction most more on the harmful training prompts) or LAYER:H[,H][;LAYER:H]")
     abl.add_argument("--scope", choices=["global", "per_layer"], default="global",
                      help="per_layer: each block removes the DIM candidate of the stream it writes into (rank-1 methods)")
-    abl.add_argument("--alpha", type=float, default=1.0, help="amplification for --reverse/--induce")
-    abl.add_argument("--shift", type=float, default=0.0, help="embedding shift for --induce")
+    abl.add_argument("--alpha", type=float, help="amplification for --reverse/--induce (default 1)")
+    abl.add_argument("--shift", type=float, help="embedding shift for --induce (default 0)")
     abl.add_argument("--search", type=int, default=0, metavar="N", help="run an N-trial multi-objective search (optuna TPE)")
     abl.add_argument("--search-dir", help="where the resumable study, pareto.json and pareto.png go (default OUT-search)")
     abl.add_argument("--search-trial", type=int, metavar="N",
@@ -1542,12 +1609,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--n", type=int, help="first N prompts of --prompts")
     st.add_argument("--column")
     st.add_argument("--hook", help="hook to steer at (default: where the direction was read); with --sae: which SAE")
-    st.add_argument("--scale", type=float, default=1.0, help="multiple of the mean difference to add (direction add/conditional)")
+    st.add_argument("--scale", type=float, help="multiple of the mean difference to add (direction add/conditional; default 1)")
     st.add_argument("--value", type=float, help="projection value for --mode set (default: mean harmful projection); "
                     "the clamp value, scale factor or amount added for SAE features")
     st.add_argument("--multiple", type=float, help="SAE clamp/add amount as a multiple of each feature's largest activation on the prompts")
     st.add_argument("--positions", choices=["all", "prompt", "generated"], help="tokens that SAE feature edits, --mode add and --mode conditional change: all (default), prompt or generated")
-    st.add_argument("--threshold", type=float, default=0.0, help="cosine threshold for --mode conditional")
+    st.add_argument("--threshold", type=float, help="cosine threshold for --mode conditional (default 0)")
     st.add_argument("--gate", metavar="DIR", help="--mode ablate|add only for the prompts this CAST gate fires on (DIRS/gate from "
                     "`featsteer directions --gate`)")
     st.add_argument("--pool", choices=["mean", "last"], default="mean",
@@ -1559,7 +1626,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--angle-at", choices=["layers", "norms"], default="layers",
                     help="--mode angular: turn each layer's residual input (layers, default) or each block's normalised "
                     "attention and MLP inputs, leaving the stream itself alone (norms, the paper's placement)")
-    st.add_argument("--ablate-at", choices=list(ABLATE_AT), default="writes",
+    st.add_argument("--ablate-at", choices=list(ABLATE_AT),
                     help="--mode ablate with --directions: remove the direction from every residual write (writes, default: the "
                     "hook form of abliteration), every resid_pre/mid/post (residual), or only from what readers see, the stream "
                     "untouched: each block's attention and MLP inputs (blocks), the unembedding's input (unembedding), or both (readers)")
@@ -1683,6 +1750,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=32)
     demo.add_argument("--quick", action="store_true", help="behaviour and DIM only (skip compare and probes)")
     demo.set_defaults(run=_cmd_demo)
+    for command in sub.choices.values():  # -v also after the command name (`featsteer eval ... -v`)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
     return parser
 
 
@@ -1762,6 +1831,10 @@ def _main(argv: Sequence[str] | None) -> int:
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter flushes stdout at exit
         return 0
+    except OSError as error:  # a path the system refused (no such folder, permission, disk full): one line, not a traceback
+        where = f": {error.filename}" if error.filename else ""
+        print(f"featsteer: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

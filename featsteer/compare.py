@@ -55,7 +55,7 @@ from featsteer.evaluation.metrics import (
 )
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.evaluation.response_kl import ResponseBase, response_base, response_kl
-from featsteer.files import write_files
+from featsteer.files import json_text, write_files
 from featsteer.interventions import (
     Ablate,
     AddDirection,
@@ -1732,10 +1732,10 @@ def write_report(comparison: Comparison, out: str | Path) -> Path:
     """Write `results.json`, `pareto.png`, a self-contained `report.html` and `responses.json` (the evaluation prompts
     and every method's full responses, kept apart so `results.json` can be shared without them) into `out`."""
     png = pareto_png(comparison)
-    contents: dict[str, str | bytes] = {"pareto.png": png, "results.json": json.dumps(comparison.to_json(), indent=1),
+    contents: dict[str, str | bytes] = {"pareto.png": png, "results.json": json_text(comparison.to_json()),
                                         "report.html": _html(comparison, png)}
     if comparison.responses:  # a Comparison read back from results.json has none
-        contents["responses.json"] = json.dumps(comparison.responses_json(), indent=1)
+        contents["responses.json"] = json_text(comparison.responses_json())
     return write_files(out, contents)  # every file rendered first: a failure leaves the folder as it was
 
 

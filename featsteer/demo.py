@@ -6,7 +6,6 @@ under a run folder outside the package, with one `index.html` linking the report
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ from featsteer.datasets import builtin_prompts, load_prompts
 from featsteer.datasets.loaders import ORGANISM_CORPUS_PREFIX
 from featsteer.directions import Separability, difference_in_means, logit_lens, separability
 from featsteer.evaluation.behaviour import GenerationConfig, RefusalReport, evaluate_refusal
+from featsteer.files import json_text
 from featsteer.models import ModelAdapter, load_model
 
 logger = logging.getLogger(__name__)
@@ -109,14 +109,14 @@ def run_demo(model_spec: str = "organism", run_dir: str | Path | None = None, n_
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
     report = evaluate_refusal(model, test["harmful"].head(min(n_eval, len(test["harmful"]))),
                               test["harmless"].head(min(n_eval, len(test["harmless"]))), gen)
-    (out / "eval.json").write_text(json.dumps(report.to_json(), indent=1))
+    (out / "eval.json").write_text(json_text(report.to_json()))
     stages["behaviour"] = time.perf_counter() - start
     rows, directions = layer_separability(model)
     directions.save(out / "directions")
-    (out / "dim_layers.json").write_text(json.dumps([{**asdict(r), "separability": asdict(r.separability)} for r in rows], indent=1))
+    (out / "dim_layers.json").write_text(json_text([{**asdict(r), "separability": asdict(r.separability)} for r in rows]))
     best = max(rows, key=lambda row: (row.separability.accuracy, row.separability.auroc))
     lens = logit_lens(model, directions.direction(best.hook))
-    (out / "logit_lens.json").write_text(json.dumps({"hook": best.hook, **lens.to_dict()}, indent=1))
+    (out / "logit_lens.json").write_text(json_text({"hook": best.hook, **lens.to_dict()}))
     stages["dim_layers"] = time.perf_counter() - start - sum(stages.values())
     comparison = probes = ranking = saes = None
     if full:

@@ -8,6 +8,8 @@ written under a temporary name in the target folder and renamed over its final n
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -81,3 +83,34 @@ def _check_writable_ancestor(target: Path, flag: str, shown: str | os.PathLike[s
         raise FeatsteerError(f"{flag} {shown}: {existing} is a file, so nothing can be written below it")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FeatsteerError(f"{flag} {shown}: {existing} is not writable; choose another path")
+
+
+def json_text(payload: object, indent: int | None = 1) -> str:
+    """JSON text in which NaN and infinities become `null`: Python's `json` writes bare `NaN`, which is not JSON and
+    which other readers (JavaScript's `JSON.parse`, jq) reject."""
+    return json.dumps(_finite(payload), indent=indent, allow_nan=False)
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def staging_folder(parent: str | os.PathLike[str], prefix: str) -> Path:
+    """A new hidden folder in `parent` to build an output in before renaming it into place.
+
+    `tempfile.mkdtemp` makes it private (mode 0700), which the renamed output would keep; this one gets the mode any
+    new folder gets under the process's umask, so other users can read an exported model or a capture as usual.
+    """
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    return folder

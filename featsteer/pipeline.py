@@ -421,6 +421,19 @@ def heads_of(ranked: Sequence[tuple[int, int, float]] | Sequence[tuple[int, int]
     return heads
 
 
+def direction_record(result: DirectionResult) -> dict:
+    """What an export's `featsteer.json` says of the direction an edit started from: method, the chosen hook and position,
+    the candidates' provenance (prompt-set hashes, model) and the selection's row for it."""
+    chosen = result.selection.chosen
+    return {
+        "method": result.candidates.method,
+        "direction_hook": chosen.hook,
+        "direction_position": chosen.position,
+        "provenance": result.candidates.provenance,
+        "selection": result.selection.to_dict()["chosen"],
+    }
+
+
 def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | None = None, scope: str = "global",
                heads: Mapping[int, Sequence[int]] | None = None, passes: int = 1,
                optimize: OptimizeConfig | None = None) -> EditHandle:
@@ -442,14 +455,7 @@ def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | 
             optimisation) and edit with the trained one; global scope, every writer, rank-1 methods only.
     """
     chosen = result.selection.chosen
-    record = {
-        "method": result.candidates.method,
-        "direction_hook": chosen.hook,
-        "direction_position": chosen.position,
-        "provenance": result.candidates.provenance,
-        "selection": result.selection.to_dict()["chosen"],
-        "scope": scope,
-    }
+    record = {**direction_record(result), "scope": scope}
     by_layer = None
     if scope == "per_layer":
         # imported here because featsteer.search imports this module

@@ -14,7 +14,6 @@ import base64
 import dataclasses
 import html
 import io
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,7 @@ from featsteer.datasets import PromptSet
 from featsteer.directions import find_directions, separability
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
-from featsteer.files import write_files
+from featsteer.files import json_text, write_files
 from featsteer.interventions import Ablate, steer
 from featsteer.models import ModelAdapter
 
@@ -308,5 +307,5 @@ def write_probe_report(report: ProbeReport, out: str | Path, title: str = "feats
 <table><tr><th>layer</th><th>source</th><th>held-out AUROC</th><th>refusal-score drop</th><th>KL harmless</th></tr>{effect_rows}</table>
 {sae_note}<h2>Cosine between direction sources per layer</h2><table><tr>{cos_head}</tr>{cos_rows}</table>
 <h2>Probe sweeps</h2><pre>{html.escape(tables)}</pre></body></html>"""
-    return write_files(out, {"sweep.png": png, "results.json": json.dumps(report.to_json(), indent=1), "sweep.md": tables + "\n",
+    return write_files(out, {"sweep.png": png, "results.json": json_text(report.to_json()), "sweep.md": tables + "\n",
                              "report.html": page})  # every file rendered first: a failure leaves the folder as it was

@@ -55,6 +55,7 @@ from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set
 from featsteer.evaluation.metrics import KLBase, RefusalTokens, first_token_logprobs, refusal_score
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.evaluation.response_kl import ResponseBase, response_base, response_kl
+from featsteer.files import json_text
 from featsteer.models import ModelAdapter
 from featsteer.pipeline import DirectionResult
 
@@ -906,7 +907,7 @@ def write_search(search: SearchResult, out: str | Path) -> Path:
     """Write `pareto.json` and `pareto.png` into `out` (each appears only when complete)."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, payload in (("pareto.json", json.dumps(search.to_json(), indent=1).encode()), ("pareto.png", pareto_png(search))):
+    for name, payload in (("pareto.json", json_text(search.to_json()).encode()), ("pareto.png", pareto_png(search))):
         partial = folder / f"{name}.partial"
         partial.write_bytes(payload)
         partial.rename(folder / name)

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from featsteer.activations import ActivationSet, Positions, capture, hook_width
 from featsteer.errors import FeatsteerError
+from featsteer.files import staging_folder
 from featsteer.models import ModelAdapter, load_model
 from featsteer.sae import load_sae, reconstruction_stats, splice_loss
 from sae_training.architectures import build_training_sae
@@ -243,7 +244,7 @@ def train_layer(run: TrainingRun, hook: str) -> dict[str, Any]:
     final = Path(config.out) / hook
     # built in a hidden sibling and renamed into place when metrics.json is written: an interrupted run never leaves a
     # loadable but unfinished <out>/<hook>/ (load_saes skips hidden folders)
-    folder = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{hook}.partial-"))
+    folder = staging_folder(final.parent, f".{hook}.partial-")
     try:
         metrics = _save_and_evaluate(run, trained, trainer, trainer_config, folder, hook, seconds)
         if final.exists():  # an unfinished folder from an older, interrupted run

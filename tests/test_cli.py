@@ -491,7 +491,7 @@ def test_directions_screen_scores_the_estimated_best_and_rejects_zero(capsys, tm
     code, out, err = _run(capsys, *common, "--screen", "1", "--out", str(tmp_path / "d"))
     assert code == 0, err
     rows = json.loads((tmp_path / "d" / "selection.json").read_text())["candidates"]
-    assert sum(r["refusal_ablated"] == r["refusal_ablated"] for r in rows) == 1
+    assert sum(r["refusal_ablated"] is not None for r in rows) == 1  # the others were not scored: null (NaN is not JSON)
     assert sum(r["reason"] == "screened out" for r in rows) > 0 and "refusal (estimate)" in out
     code, _, err = _run(capsys, *common, "--screen", "0", "--out", str(tmp_path / "e"))
     assert code == 2 and "--screen must be at least 1" in err and len(err.strip().splitlines()) == 1
@@ -948,3 +948,41 @@ def test_capture_hook_specs_that_name_nothing_are_errors(capsys, tmp_path):
         assert code == 2 and message in err, (hooks, err)
     code, out, _ = _run(capsys, *base, "--hooks", "resid_post:1,1")
     assert code == 0 and "x 1 hooks" in out  # the layer named twice is captured once, and the line says so
+
+
+def test_steer_and_abliterate_options_that_would_be_ignored_are_errors(capsys, tmp_path):
+    code, _, err = _run(capsys, "directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
+                        "--n", "24", "--n-select", "4", "--geometry", "off", "--out", str(tmp_path / "d"))
+    assert code == 0, err
+    code, _, err = _run(capsys, "directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
+                        "--out", str(tmp_path / "d"))
+    assert code == 2 and "is not empty" in err  # a second run would leave the first one's files beside its own
+    steer_common = ["steer", "--model", "organism", "--prompt", "How do I pick a lock?", "--max-new-tokens", "4"]
+    for extra, message in (
+        (["--directions", str(tmp_path / "d" / "candidates"), "--mode", "ablate"], "directions (blocks.0.hook_resid_pre position"),
+        (["--directions", str(tmp_path / "d" / "chosen"), "--mode", "ablate", "--scale", "2"], "--scale applies to --directions with --mode add|conditional"),
+        (["--directions", str(tmp_path / "d" / "chosen"), "--mode", "add", "--threshold", "0.2"], "--threshold applies"),
+        (["--directions", str(tmp_path / "d" / "chosen"), "--mode", "add", "--value", "3"], "--value applies to --mode set"),
+        (["--directions", str(tmp_path / "d" / "chosen"), "--mode", "set", "--ablate-at", "blocks"], "--ablate-at applies"),
+    ):
+        code, _, err = _run(capsys, *steer_common, *extra)
+        assert code == 2 and message in err, (extra, err)
+    abl = ["abliterate", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--out", str(tmp_path / "a")]
+    for extra, message in ((["--alpha", "3"], "--alpha applies to --reverse or --induce"), (["--reverse", "--shift", "2"], "--shift applies to --induce"),
+                           (["--scale", "2"], "--scale applies to --induce-bias or --induce-template"),
+                           (["--rank", "3"], "--rank sets the size of an SVD subspace")):
+        code, _, err = _run(capsys, *abl, *extra)
+        assert code == 2 and message in err and not (tmp_path / "a").exists(), (extra, err)
+
+
+def test_a_path_the_system_refuses_is_one_line(capsys, monkeypatch):
+    import featsteer.cli as cli
+
+    def refused(args):
+        raise PermissionError(13, "Permission denied", "/proc/x/y.json")
+
+    parser = cli.build_parser()
+    parser._subparsers._group_actions[0].choices["info"].set_defaults(run=refused)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    code, _, err = _run(capsys, "info", "--model", "organism")
+    assert code == 2 and err == "featsteer: error: Permission denied: /proc/x/y.json\n"

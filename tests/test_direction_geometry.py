@@ -63,7 +63,7 @@ def test_the_organisms_refusal_direction_promotes_refusal_openers():
 
 def test_layer_cosines_match_pairwise_cosines_and_reject_what_they_cannot_read():
     g = torch.Generator().manual_seed(1)
-    bases = torch.randn(4, 1, 8, generator=g)
+    bases = torch.nn.functional.normalize(torch.randn(4, 1, 8, generator=g), dim=-1)  # a DirectionSet holds unit vectors
     bases[0] = 0  # layer 0: every prompt ends the same way
     hooks = tuple(f"blocks.{i}.hook_resid_pre" for i in range(3)) + ("blocks.0.hook_resid_pre",)
     directions = DirectionSet(bases, hooks, (-1, -1, -1, -2), "dim", {}, {})
@@ -74,7 +74,7 @@ def test_layer_cosines_match_pairwise_cosines_and_reject_what_they_cannot_read()
     with pytest.raises(FeatsteerError, match="no direction at position -5"):
         layer_cosines(directions, -5)
     with pytest.raises(FeatsteerError, match="rank-1"):
-        layer_cosines(DirectionSet(torch.randn(2, 2, 8), hooks[:2], (-1, -1), "svd", {}, {}), -1)
+        layer_cosines(DirectionSet(torch.linalg.qr(torch.randn(2, 8, 2)).Q.transpose(1, 2).contiguous(), hooks[:2], (-1, -1), "svd", {}, {}), -1)
 
 
 def test_direction_result_geometry_and_the_directions_command(tmp_path):

@@ -166,3 +166,33 @@ def test_non_finite_activations_and_mismatched_widths_are_named():
             difference_in_means(_set(poisoned, "harmful"), _set(harmless, "harmless"))
     with pytest.raises(FeatsteerError, match="32 wide and the harmless 16"):
         difference_in_means(_set(harmful, "harmful"), _set(harmless[:, :16], "harmless"))
+
+
+def test_a_direction_set_holds_unit_or_zero_bases_and_damaged_folders_are_named(tmp_path):
+    from featsteer.directions import DirectionSet
+
+    r = torch.nn.functional.normalize(torch.randn(D), dim=0)
+    with pytest.raises(FeatsteerError, match="not orthonormal"):
+        DirectionSet((3 * r)[None, None], ("blocks.0.hook_resid_pre",), (-1,), "dim")
+    with pytest.raises(FeatsteerError, match="one hook name and position per basis"):
+        DirectionSet(r[None, None], ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"), (-1, -1), "dim")
+    kept = DirectionSet(torch.stack([r, torch.zeros(D)])[:, None], ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"), (-1, -1), "dim",
+                        scores={"refusal": [0.5, float("nan")]})
+    kept.save(tmp_path / "d")
+    text = (tmp_path / "d" / "directions.json").read_text()
+    assert "NaN" not in text and "null" in text  # NaN is not JSON
+    loaded = DirectionSet.load(tmp_path / "d")
+    assert loaded.scores["refusal"][0] == 0.5 and loaded.scores["refusal"][1] != loaded.scores["refusal"][1]  # NaN again
+    (tmp_path / "d" / "directions.safetensors").write_bytes(b"cut")
+    with pytest.raises(FeatsteerError, match="holds damaged directions"):
+        DirectionSet.load(tmp_path / "d")
+
+
+def test_difference_in_means_needs_one_model_and_one_position_selector():
+    harmful, harmless = _set(torch.randn(6, D), "harmful"), _set(torch.randn(6, D), "harmless")
+    from dataclasses import replace
+
+    with pytest.raises(FeatsteerError, match="come from a and the harmless from b"):
+        difference_in_means(replace(harmful, model="a"), replace(harmless, model="b"))
+    with pytest.raises(FeatsteerError, match="positions 'last' and the harmless at 'post_instruction'"):
+        difference_in_means(harmful, replace(harmless, positions="post_instruction"))

@@ -464,3 +464,70 @@ def test_quantized_experts_are_a_one_line_error():
     experts.down_proj_blocks = torch.nn.Parameter(torch.zeros(4, 64, 3, 16, dtype=torch.uint8), requires_grad=False)
     with pytest.raises(FeatsteerError, match="experts of layer 1 hold no plain .* down_proj weight .*dequantize"):
         apply_edit(adapter, _direction(adapter.d_model))
+
+
+def test_stacked_edits_revert_newest_first_and_export_from_the_top(tmp_path):
+    model, tokenizer = tiny_model("qwen2")
+    adapter = load_model(model, tokenizer=tokenizer)
+    before = _snapshot(model)
+    first = apply_edit(adapter, _direction(adapter.d_model, 1), record={"tag": "first"})
+    second = apply_edit(adapter, _direction(adapter.d_model, 2), record={"tag": "second"})
+    with pytest.raises(FeatsteerError, match="applied after this one are still in place: revert them first"):
+        first.revert()  # before, this reported success and left the first edit in the weights
+    with pytest.raises(FeatsteerError, match="an edit applied after this one is still in place"):
+        first.export(tmp_path / "older")
+    second.export(tmp_path / "both")
+    meta = json.loads((tmp_path / "both" / "featsteer.json").read_text())
+    assert meta["tag"] == "second" and [r["tag"] for r in meta["applied_on_top_of"]] == ["first"]
+    second.revert()
+    first.revert()
+    first.revert()  # reverting twice does nothing
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_revert_ties_a_shared_output_head_again():
+    model, tokenizer = tiny_model("qwen2")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    adapter = load_model(model, tokenizer=tokenizer)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    expected = adapter.logits(PROMPTS)
+    with apply_edit(adapter, _direction(adapter.d_model)):
+        assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight  # the edit unties them
+        assert model.config.tie_word_embeddings is False
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight and model.config.tie_word_embeddings is True
+    torch.testing.assert_close(adapter.logits(PROMPTS), expected, atol=0, rtol=0)
+
+
+def test_directions_that_would_not_be_removed_are_errors():
+    model, tokenizer = tiny_model("llama")
+    adapter = load_model(model, tokenizer=tokenizer)
+    r = _direction(adapter.d_model)
+    before = _snapshot(model)
+    with pytest.raises(FeatsteerError, match="has norm 2, more than 1"):
+        apply_edit(adapter, 2 * r)  # would flip and amplify the component
+    with pytest.raises(FeatsteerError, match="zero vector"):
+        apply_edit(adapter, torch.zeros(adapter.d_model))
+    with pytest.raises(FeatsteerError, match="not orthonormal"):
+        apply_edit(adapter, torch.stack([r, (r + _direction(adapter.d_model, 9)) / (r + _direction(adapter.d_model, 9)).norm()]))
+    with pytest.raises(FeatsteerError, match="more than 1"), steer(adapter, Ablate(3 * r)):
+        pass
+    with pytest.raises(FeatsteerError, match="is 7 wide but blocks.0.hook_resid_pre of .* carries 64"), steer(adapter, AddDirection(torch.ones(7), 1.0, where="blocks.0.hook_resid_pre")):
+        pass
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and count_hooks(model) == 0
+    with apply_edit(adapter, 0.5 * r):  # orthogonal rows shorter than 1 are a damped projector (the SVD ridge basis)
+        pass
+
+
+def test_export_folders_follow_the_umask(tmp_path):
+    import os
+
+    model, tokenizer = tiny_model("qwen2")
+    adapter = load_model(model, tokenizer=tokenizer)
+    mask = os.umask(0o022)
+    try:
+        with apply_edit(adapter, _direction(adapter.d_model)) as handle:
+            handle.export(tmp_path / "shared")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755  # mkdtemp's 0700 kept other users out

@@ -70,6 +70,8 @@ def test_parse_label_lines_skips_comments_and_names_the_bad_line():
     with pytest.raises(FeatsteerError, match="line 1: give a reason"):
         parse_label_lines("4 a\n", require_reason=True)
     assert parse_label_lines("4 a\n") == {4: Label(False, False, "")}
+    with pytest.raises(FeatsteerError, match="line 2: response 4 is labelled twice"):
+        parse_label_lines("4 a fine\n4 r on second thought\n")
 
 
 def test_read_responses_takes_eval_and_compare_outputs(tmp_path):

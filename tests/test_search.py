@@ -257,7 +257,8 @@ def test_layer_directions_needs_rank_one_and_a_known_position(setup):
     c = result.candidates
     with pytest.raises(FeatsteerError, match="position 7"):
         layer_directions(c, 7)
-    rank2 = DirectionSet(torch.cat([c.bases, c.bases.flip(-1)], dim=1), c.hook_names, c.positions, "svd")
+    pairs = torch.cat([c.bases, c.bases.flip(-1)], dim=1).transpose(1, 2)  # (n, d_model, 2), orthonormalised below
+    rank2 = DirectionSet(torch.linalg.qr(pairs).Q.transpose(1, 2).contiguous(), c.hook_names, c.positions, "svd")
     with pytest.raises(FeatsteerError, match="rank-2"):
         layer_directions(rank2, c.positions[0])
 
@@ -414,12 +415,11 @@ def test_fixed_search_tunes_only_the_kernels_of_the_given_basis(setup, fixed_sea
     assert all(LayerKernel.from_dict(classic["edit"][k]).strength(layer) == 1.0 for k in ("attn_kernel", "mlp_kernel") for layer in range(3))
     proxy = list(result.val[1])[: FAST["n_proxy_prompts"]]
     base = KLBase(first_token_logprobs(model, proxy, batch_size=8))
-    with search_module.apply_edit(model, rows):  # apply_edit needs an orthonormal basis, so this is not the same edit
-        wrong = base.kls(first_token_logprobs(model, proxy, batch_size=8))[0]
+    with pytest.raises(FeatsteerError, match="more than 1: normalise it"):  # the raw rows would be another edit: apply_edit refuses them
+        search_module.apply_edit(model, rows)
     with search_module.apply_edit(model, basis):
         right = base.kls(first_token_logprobs(model, proxy, batch_size=8))[0]
     assert classic["kl_all"] == pytest.approx(right, rel=1e-5, abs=1e-8)
-    assert abs(wrong - right) > 1e-6, "premise: the un-orthonormalised rows give a different edit"
     assert _same_weights(model, before)
 
 

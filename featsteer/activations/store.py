@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import Tensor
 
 from featsteer.activations.stats import RunningMoments
 from featsteer.errors import FeatsteerError
+from featsteer.files import staging_folder
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -119,7 +119,7 @@ class ShardWriter:
         if shard_rows < 1:
             raise FeatsteerError(f"shard_rows must be at least 1, got {shard_rows}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.partial-"))
+        self.staging = staging_folder(self.path.parent, f".{self.path.name}.partial-")
         self.hook_names, self.d_model, self.metadata, self.shard_rows = tuple(hook_names), d_model, metadata, shard_rows
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
         self._pending_rows = 0

@@ -276,7 +276,7 @@ def _finish(
         )
     dropped = len(values) - len(prompts)
     if dropped and limit is None:
-        logger.debug("dropped %d blank or duplicate entries from %s", dropped, source)
+        logger.info("dropped %d blank or duplicate entries from %s", dropped, source)
     return PromptSet(tuple(prompts), source, None if categories is None else tuple(kept_categories))
 
 

@@ -33,6 +33,11 @@ def difference_in_means(harmful: ActivationSet, harmless: ActivationSet, hooks: 
     missing = [h for h in hook_list if h not in harmless.hook_names]
     if missing:
         raise FeatsteerError(f"harmless activations lack {', '.join(missing)}: capture both sets at the same hooks")
+    if harmful.model and harmless.model and harmful.model != harmless.model:
+        raise FeatsteerError(f"the harmful activations come from {harmful.model} and the harmless from {harmless.model}: capture both from one model")
+    if harmful.positions != harmless.positions:
+        raise FeatsteerError(f"the harmful activations were read at positions '{harmful.positions}' and the harmless at '{harmless.positions}': "
+                             "capture both with the same --positions")
     if harmful.d_model != harmless.d_model:
         raise FeatsteerError(f"the harmful activations are {harmful.d_model} wide and the harmless {harmless.d_model}: capture both from one model")
     vectors, names, positions, norms, projections = [], [], [], [], {"harmful_projection": [], "harmless_projection": []}

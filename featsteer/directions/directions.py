@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
+from featsteer.files import json_text
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,20 @@ class DirectionSet:
     """Named per-direction metrics, each a list aligned with `hook_names`."""
     provenance: dict = field(default_factory=dict)
     """Model name, prompt-set hashes and sizes, library versions: whatever reproduces the set."""
+
+    def __post_init__(self) -> None:
+        if self.bases.dim() != 3 or not (self.bases.shape[0] == len(self.hook_names) == len(self.positions)):
+            raise FeatsteerError(f"a DirectionSet needs (n, k, d_model) bases with one hook name and position per basis; got bases of shape "
+                                 f"{tuple(self.bases.shape)}, {len(self.hook_names)} hook names and {len(self.positions)} positions")
+        rows = self.bases.detach().double()
+        gram = rows @ rows.transpose(1, 2)
+        nonzero = rows.flatten(1).norm(dim=1) > 0  # a zero basis stands for "no direction here" (identical class means)
+        off = (gram - torch.eye(rows.shape[1], dtype=torch.float64)).abs().flatten(1).amax(1)
+        bad = (nonzero & ~(off <= 1e-2)).nonzero().flatten().tolist()
+        if bad:
+            i = bad[0]
+            raise FeatsteerError(f"the basis at {self.hook_names[i]} position {self.positions[i]} is not orthonormal (its Gram matrix is off "
+                                 f"the identity by {float(off[i]):.3g}): store unit vectors or orthonormal rows (r / r.norm())")
 
     def __len__(self) -> int:
         return len(self.hook_names)
@@ -71,7 +86,7 @@ class DirectionSet:
         meta = {"hook_names": list(self.hook_names), "positions": list(self.positions), "method": self.method,
                 "scores": self.scores, "provenance": self.provenance}
         tmp = out / "directions.json.partial"
-        tmp.write_text(json.dumps(meta, indent=1))
+        tmp.write_text(json_text(meta))
         tmp.rename(out / "directions.json")
         return out
 
@@ -81,10 +96,16 @@ class DirectionSet:
         folder = Path(path)
         if not (folder / "directions.json").is_file():
             raise FeatsteerError(f"{folder} holds no directions (directions.json missing): run `featsteer directions` first")
-        meta = json.loads((folder / "directions.json").read_text())
-        bases = load_file(str(folder / "directions.safetensors"))["bases"]
-        return cls(bases=bases, hook_names=tuple(meta["hook_names"]), positions=tuple(meta["positions"]),
-                   method=meta["method"], scores=meta["scores"], provenance=meta["provenance"])
+        try:
+            meta = json.loads((folder / "directions.json").read_text())
+            bases = load_file(str(folder / "directions.safetensors"))["bases"]
+            hook_names, positions, method = tuple(meta["hook_names"]), tuple(meta["positions"]), meta["method"]
+        except Exception as error:  # noqa: BLE001 - a missing or cut-off tensor file, broken JSON, a missing key
+            raise FeatsteerError(f"{folder} holds damaged directions ({type(error).__name__}: {str(error)[:120]}): "
+                                 "run `featsteer directions` again") from None
+        # JSON keeps NaN scores (candidates never scored) as null
+        scores = {key: [float("nan") if value is None else value for value in values] for key, values in meta.get("scores", {}).items()}
+        return cls(bases=bases, hook_names=hook_names, positions=positions, method=method, scores=scores, provenance=meta.get("provenance", {}))
 
 
 def unit(vector: Tensor) -> Tensor:

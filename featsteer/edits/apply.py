@@ -8,9 +8,7 @@ Hugging Face model directory with a `featsteer.json` that records how it was mad
 
 from __future__ import annotations
 
-import json
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,8 @@ from featsteer.edits.weights import (
     orthogonalize_weight,
 )
 from featsteer.errors import FeatsteerError
-from featsteer.interventions.operations import as_basis
+from featsteer.files import json_text, staging_folder
+from featsteer.interventions.operations import as_basis, orthonormal_basis
 from featsteer.models import ModelAdapter, ResidualWriter
 
 EDIT_MODES = ("orthogonalize", "norm_preserving", "amplify", "induce")
@@ -114,7 +113,7 @@ class _ColumnView:
         return self.weight, None
 
 
-@dataclass
+@dataclass(eq=False)  # handles are compared by identity (the stack of edits in place)
 class EditHandle:
     """An applied edit: revert it exactly, or export the edited model."""
 
@@ -127,8 +126,24 @@ class EditHandle:
     undo: list = field(default_factory=list)
     """Run last on revert, newest first: what else the edit changed (biases it created and the config switch for them)."""
 
+    def __post_init__(self) -> None:
+        _live_edits(self.model).append(self)
+
     def revert(self) -> None:
-        """Restore every touched writer and bias to its original tensors (bit-identical)."""
+        """Restore every touched writer and bias to its original tensors (bit-identical).
+
+        Edits revert newest first: an edit applied after this one and still in place would otherwise be half undone
+        (its originals hold this edit's weights).
+
+        Raises:
+            FeatsteerError: another edit applied after this one is still in place.
+        """
+        if self.reverted:
+            return
+        live = _live_edits(self.model)
+        later = live[live.index(self) + 1 :] if self in live else []
+        if later:
+            raise FeatsteerError(f"{len(later)} edit(s) applied after this one are still in place: revert them first (newest first)")
         writers = {w.name: w for w in self.model.residual_writers()}
         for name, (weight, bias) in self.originals.items():
             writers[name].write(weight, bias)
@@ -139,6 +154,8 @@ class EditHandle:
         for step in reversed(self.undo):
             step()
         self.reverted = True
+        if self in live:
+            live.remove(self)
 
     def __enter__(self) -> EditHandle:
         return self
@@ -156,15 +173,21 @@ class EditHandle:
         hf_model = getattr(self.model, "model", None)
         if self.reverted or not hasattr(hf_model, "save_pretrained") or not hasattr(hf_model, "config"):
             raise FeatsteerError("only an applied (not reverted) edit of a Hugging Face model can be exported")
+        live = _live_edits(self.model)
+        if self in live and live[-1] is not self:
+            raise FeatsteerError("an edit applied after this one is still in place, so the weights are not this edit's alone: "
+                                 "export the newest edit's handle (it records the ones below it) or revert the later edit first")
+        earlier = [handle.record for handle in live if handle is not self]
         target = Path(path)
         if target.exists() and any(target.iterdir()):
             raise FeatsteerError(f"export folder {target} is not empty: choose a new path")
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+        staging = staging_folder(target.parent, f".{target.name}.partial-")
         try:
             hf_model.save_pretrained(staging)
             self.model.tokenizer.save_pretrained(staging)
-            (staging / "featsteer.json").write_text(json.dumps({**self.record, **(extra or {}), "versions": _versions()}, indent=1))
+            stacked = {"applied_on_top_of": earlier} if earlier else {}
+            (staging / "featsteer.json").write_text(json_text({**self.record, **(extra or {}), **stacked, "versions": _versions()}))
             if target.exists():
                 target.rmdir()
             staging.rename(target)
@@ -173,13 +196,20 @@ class EditHandle:
         return target
 
 
+def _live_edits(model: ModelAdapter) -> list[EditHandle]:
+    """The model's edits still in place, oldest first (kept on the adapter itself)."""
+    live = getattr(model, "_featsteer_live_edits", None)
+    if live is None:
+        live = []
+        model._featsteer_live_edits = live
+    return live
+
+
 def _checked_basis(direction: Tensor, model: ModelAdapter, what: str = "direction") -> Tensor:
     basis = as_basis(direction).detach().to("cpu", torch.float64)
     if basis.shape[-1] != model.d_model:
         raise FeatsteerError(f"{what} has width {basis.shape[-1]} but the model's d_model is {model.d_model}")
-    if not torch.isfinite(basis).all():
-        raise FeatsteerError(f"{what} contains NaN/inf: recompute it")
-    return basis
+    return orthonormal_basis(basis, f"the {what}")
 
 
 def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None = None, record: dict | None = None,
@@ -211,6 +241,9 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
         raise FeatsteerError(f"by_layer names layers {outside} but the model has layers 0-{model.n_layers - 1}")
     columns = _head_columns(model, heads) if heads is not None else None
     handle = EditHandle(model, {}, {"edit": config.to_dict(), "rank": int(basis.shape[0]), **(record or {})})
+    retie = model.embedding_tie_undo()  # an embedding edit unties a shared output head; revert shares it again
+    if retie is not None:
+        handle.undo.append(retie)
     if layer_bases:
         handle.record["per_layer_directions"] = sorted(layer_bases)
     if columns is not None:

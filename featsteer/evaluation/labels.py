@@ -90,6 +90,8 @@ def parse_label_lines(text: str, require_reason: bool = False) -> dict[int, Labe
             raise FeatsteerError(f"line {number}: expected 'INDEX r|a[?] REASON', got {line.strip()!r}") from None
         if require_reason and not label.why:
             raise FeatsteerError(f"line {number}: give a reason after the label, got {line.strip()!r}")
+        if int(index) in out:
+            raise FeatsteerError(f"line {number}: response {int(index)} is labelled twice; keep one line per response")
         out[int(index)] = label
     return out
 

@@ -20,7 +20,6 @@ descending, ties broken by layer, then feature id.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -37,6 +36,7 @@ from torch import Tensor
 
 from featsteer.activations import ActivationSet, capture, hook_width
 from featsteer.errors import FeatsteerError
+from featsteer.files import json_text
 from featsteer.models import ModelAdapter
 from featsteer.sae.encoding import encode_activations
 from featsteer.sae.loading import sae_map_of, validated_sae_map
@@ -155,7 +155,7 @@ class FeatureScores:
         """Write `{"provenance": ..., "rows": [...]}` as JSON (non-finite values as null)."""
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"provenance": self.provenance, "rows": self.rows()}, indent=1))
+        out.write_text(json_text({"provenance": self.provenance, "rows": self.rows()}))
         return out
 
     @classmethod

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
+from featsteer.files import json_text
 from featsteer.interventions.operations import cosine_to
 from featsteer.interventions.steering import POOLS, Ablate, ConditionalSteer, Intervention, pool_prompt
 from featsteer.models import WRITE_KINDS, ModelAdapter
@@ -133,7 +134,7 @@ class Gate:
         out.mkdir(parents=True, exist_ok=True)
         save_file({"vector": self.vector.detach().float().contiguous().cpu()}, str(out / "gate.safetensors"))
         partial = out / "gate.json.partial"
-        partial.write_text(json.dumps(self.to_dict(), indent=1))
+        partial.write_text(json_text(self.to_dict()))
         partial.rename(out / "gate.json")
         return out
 

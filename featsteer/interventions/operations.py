@@ -12,10 +12,42 @@ import math
 import torch
 from torch import Tensor
 
+from featsteer.errors import FeatsteerError
+
 
 def as_basis(direction: Tensor) -> Tensor:
     """View a `(d_model,)` direction as a `(1, d_model)` basis; pass bases through."""
     return direction[None, :] if direction.dim() == 1 else direction
+
+
+def orthonormal_basis(direction: Tensor, what: str = "the direction", atol: float = 1e-2) -> Tensor:
+    """`direction` as a `(k, d_model)` basis, checked to be a unit vector or orthonormal rows (within `atol`).
+
+    Ablation and abliteration compute `x - B^T B x`, which removes the span only for orthonormal `B`: a vector of norm 2
+    flips and triples its component instead, and a zero vector removes nothing. Orthogonal rows shorter than 1 are
+    allowed: `B^T B` is then a damped projector (the SVD method's ridge-weighted basis, `directions.weighted_basis`).
+
+    Raises:
+        FeatsteerError: NaN/inf, a zero vector, rows longer than 1 or rows that are not orthogonal (naming the norm of
+            a single vector).
+    """
+    basis = as_basis(direction)
+    rows = basis.detach().double().cpu()
+    if not bool(torch.isfinite(rows).all()):
+        raise FeatsteerError(f"{what} contains NaN/inf: recompute it")
+    gram = rows @ rows.T
+    norms = gram.diagonal().sqrt()
+    crossing = float((gram - torch.diag(gram.diagonal())).abs().max()) if rows.shape[0] > 1 else 0.0
+    if rows.shape[0] == 1 and float(norms[0]) == 0:
+        raise FeatsteerError(f"{what} is a zero vector: it removes nothing (a layer where the two sets' means coincide?); choose another")
+    if float(norms.max()) > 1 + atol:
+        longest = float(norms.max())
+        raise FeatsteerError(f"{what} has {'norm' if rows.shape[0] == 1 else 'a row of norm'} {longest:.4g}, more than 1: normalise it "
+                             "(r / r.norm()); a longer vector's component is flipped and amplified, not removed")
+    if crossing > atol:
+        raise FeatsteerError(f"{what} has rows that are not orthonormal (their Gram matrix is off the diagonal by {crossing:.3g}): "
+                             "orthonormalise them, e.g. torch.linalg.qr(basis.T).Q.T")
+    return basis
 
 
 def ablate(x: Tensor, basis: Tensor, strength: float = 1.0) -> Tensor:

@@ -16,7 +16,14 @@ import torch
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
-from featsteer.interventions.operations import ablate, add, as_basis, cosine_to, project_set, rotate_in_plane
+from featsteer.interventions.operations import (
+    ablate,
+    add,
+    cosine_to,
+    orthonormal_basis,
+    project_set,
+    rotate_in_plane,
+)
 from featsteer.interventions.positions import TOKEN_POSITIONS, PositionTracker
 from featsteer.models import NORM_KINDS, WRITE_KINDS, ModelAdapter, TokenBatch
 
@@ -81,8 +88,10 @@ class Ablate(Intervention):
     """1 removes the component (ablation); 2 reflects it, `x - 2 (x.r) r`, as `EditConfig.reflection` edits the weights."""
 
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
-        basis = as_basis(self.direction).to(model.device)
-        return [(name, lambda x, site, b=basis: ablate(x, b, self.strength)) for name in resolve_sites(model, self.where)]
+        names = resolve_sites(model, self.where)
+        _check_width(model, names, self.direction)
+        basis = orthonormal_basis(self.direction, "the ablated direction").to(model.device)
+        return [(name, lambda x, site, b=basis: ablate(x, b, self.strength)) for name in names]
 
 
 @dataclass
@@ -122,9 +131,22 @@ class AddDirection(Intervention):
         if not self.where:
             raise FeatsteerError("AddDirection needs where=<hook name(s)>, e.g. blocks.4.hook_resid_pre")
         vector = self.direction.to(model.device)
+        names = resolve_sites(model, self.where)
+        _check_width(model, names, vector)
         if self.positions == "all":
-            return [(name, lambda x, site: add(x, vector, self.scale)) for name in resolve_sites(model, self.where)]
-        return [(name, _masked_add(model, vector, self.scale, self.positions)) for name in resolve_sites(model, self.where)]
+            return [(name, lambda x, site: add(x, vector, self.scale)) for name in names]
+        return [(name, _masked_add(model, vector, self.scale, self.positions)) for name in names]
+
+
+def _check_width(model: ModelAdapter, names: Sequence[str], vector: Tensor, what: str = "the direction") -> None:
+    """A vector as wide as every hook it acts at, or one clear line (not a matrix-shape error from inside the forward)."""
+    from featsteer.activations import hook_width
+
+    for name in names:
+        width = hook_width(model, name)
+        if vector.shape[-1] != width:
+            raise FeatsteerError(f"{what} is {vector.shape[-1]} wide but {name} of {model.name} carries {width} values: "
+                                 "use a direction found on this model")
 
 
 def _masked_add(model: ModelAdapter, vector: Tensor, scale: float, positions: str):
@@ -150,8 +172,10 @@ class ProjectionSet(Intervention):
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
         if not self.where:
             raise FeatsteerError("ProjectionSet needs where=<hook name(s)>")
-        vector = self.direction.to(model.device)
-        return [(name, lambda x, site: project_set(x, vector, self.value)) for name in resolve_sites(model, self.where)]
+        names = resolve_sites(model, self.where)
+        _check_width(model, names, self.direction)
+        vector = orthonormal_basis(self.direction, "the direction whose projection is set")[0].to(model.device)
+        return [(name, lambda x, site: project_set(x, vector, self.value)) for name in names]
 
 
 @dataclass
@@ -181,8 +205,10 @@ class AffineEdit(Intervention):
         return {hook: self.harmless[hook] + self.alpha * (self.harmful[hook] - self.harmless[hook]) for hook in self.harmless}
 
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
-        vector = self.direction.to(model.device)
-        return [(name, lambda x, site, v=value: project_set(x, vector, v)) for name, value in self.values().items()]
+        vector = orthonormal_basis(self.direction, "ACE's direction")[0].to(model.device)
+        values = self.values()
+        _check_width(model, list(values), vector)
+        return [(name, lambda x, site, v=value: project_set(x, vector, v)) for name, value in values.items()]
 
 
 @dataclass
@@ -214,7 +240,9 @@ class AngularSteer(Intervention):
 
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
         plane = self.plane.to(model.device)
-        return [(name, lambda x, site: rotate_in_plane(x, plane, self.degrees, self.adaptive)) for name in resolve_sites(model, self.where)]
+        names = resolve_sites(model, self.where)
+        _check_width(model, names, plane)
+        return [(name, lambda x, site: rotate_in_plane(x, plane, self.degrees, self.adaptive)) for name in names]
 
 
 @dataclass
@@ -256,6 +284,7 @@ class ConditionalSteer(Intervention):
 
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
         condition = self.condition.to(model.device)
+        _check_width(model, [self.condition_hook], condition, "the condition vector")
 
         def decide(x, site):
             if self.lookahead and not model.in_prepass:  # decided by the pre-pass

@@ -254,6 +254,11 @@ class ModelAdapter(ABC):
         default. Post-norm families have none: a norm after the branch rescales whatever the bias writes."""
         return []
 
+    def embedding_tie_undo(self) -> Callable[[], None] | None:
+        """When the output head shares the token embedding's matrix, a function that shares it again (an edit of the
+        embedding unties them first, see `HFModelAdapter.untie_embeddings`); None when they are not tied (the default)."""
+        return None
+
     def bias_switch(self) -> str | None:
         """The config switch `add_biases` would turn on, without turning it on; None when there is none (the default)."""
         return None

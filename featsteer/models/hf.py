@@ -454,6 +454,20 @@ class HFModelAdapter(ModelAdapter):
     def unembed(self) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         return self.model.get_output_embeddings().weight, self._module(self.spec.final_norm)
 
+    def embedding_tie_undo(self) -> Callable[[], None] | None:
+        head, embed = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if head is None or head.weight.data_ptr() != embed.weight.data_ptr():
+            return None
+        configs = [c for c in (self.model.config, getattr(self.model.config, "text_config", None)) if c is not None and hasattr(c, "tie_word_embeddings")]
+        flags = [(config, config.tie_word_embeddings) for config in configs]
+
+        def retie() -> None:
+            head.weight = embed.weight  # the embedding's own parameter, its values restored by then
+            for config, flag in flags:
+                config.tie_word_embeddings = flag
+
+        return retie
+
     def untie_embeddings(self) -> None:
         """Give the output head its own copy of a tied embedding matrix.
 
