@@ -620,10 +620,13 @@ class ModelAdapter(ABC):
                 for index in range(max_new_tokens):
                     self.generation_step, self.pass_attention_mask = index, step.attention_mask
                     logits, cache = self._forward(step, cache, True, 1)
-                    _check_finite_logits(logits[:, -1, :], finished, index, self.dtype)
                     if first_logits is None:
                         first_logits = logits[:, -1, :].float().cpu()
-                    next_token = logits[:, -1, :].argmax(-1).masked_fill(finished, -1)
+                    chosen = logits[:, -1, :].argmax(-1)
+                    # argmax picks a NaN or +inf where there is one, so the picked logits show them at no extra cost
+                    # (an -inf logit, a token masked out, is allowed)
+                    _check_finite_logits(logits[:, -1, :].gather(-1, chosen[:, None])[:, 0], finished, index, self.dtype)
+                    next_token = chosen.masked_fill(finished, -1)
                     generated.append(next_token)
                     finished |= torch.isin(next_token, stop_ids)
                     if bool(finished.all()):
@@ -684,10 +687,10 @@ def _raise_stop(activation: Tensor, site: HookSite) -> None:
     raise StopForward(site.name)
 
 
-def _check_finite_logits(last: Tensor, finished: Tensor, step: int, dtype: torch.dtype) -> None:
+def _check_finite_logits(picked: Tensor, finished: Tensor, step: int, dtype: torch.dtype) -> None:
     """Greedy decoding of NaN logits yields arbitrary tokens (often an empty response, which reads as a refusal),
-    so a generation whose unfinished rows' logits are not finite stops with an error instead."""
-    bad = ~torch.isfinite(last).all(-1) & ~finished
+    so a generation whose unfinished rows picked a NaN or infinite logit stops with an error instead."""
+    bad = ~torch.isfinite(picked) & ~finished
     if bool(bad.any()):
         raise FeatsteerError(
             f"the next-token logits are not finite (NaN or inf) for {int(bad.sum())} of {len(bad)} prompts at generation "
