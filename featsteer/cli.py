@@ -1238,6 +1238,21 @@ def _marks(refused: bool, looping: bool) -> str:
     return f"  [{', '.join(tags)}]" if tags else ""
 
 
+def _check_compare_options_apply(args: argparse.Namespace) -> None:
+    """A method setting for a method that will not run is an error, not a value recorded in results.json as if used."""
+    methods = set(args.methods.split(",")) if args.methods else None
+    for flag, given in (("--sae-top-k", args.sae_top_k), ("--sae-clamp-multiple", args.sae_clamp_multiple),
+                        ("--sae-induce-multiple", args.sae_induce_multiple)):
+        if given is not None and not args.sae:
+            raise FeatsteerError(f"{flag} sets an SAE method, which runs only with --sae: add --sae SRC or drop {flag}")
+    for flag, given, needs in (("--ace-alpha", args.ace_alpha is not None, {"dim_ace_hook"}),
+                               ("--ace-induce-alpha", args.ace_induce_alpha is not None, {"dim_ace_induce"}),
+                               ("--angle", args.angle is not None, {"dim_angular_hook", "dim_angular_norms_hook"}),
+                               ("--angle-everywhere", args.angle_everywhere, {"dim_angular_hook", "dim_angular_norms_hook"})):
+        if given and methods is not None and not methods & needs:
+            raise FeatsteerError(f"{flag} sets {' / '.join(sorted(needs))}, which --methods leaves out: add it or drop {flag}")
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from featsteer.compare import (
         DEFAULT_MAX_NLL_RISE,
@@ -1259,6 +1274,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return 0
     if not (args.harmful and args.harmless and args.out):
         raise FeatsteerError("compare needs --harmful, --harmless and --out (or --list)")
+    _check_compare_options_apply(args)
     sae_config = SaeMethodConfig(top_k=args.sae_top_k, clamp_multiple=args.sae_clamp_multiple, induce_multiple=args.sae_induce_multiple,
                                  tolerance=args.pick_tolerance)
     steering_config = SteeringMethodConfig(ace_alpha=args.ace_alpha, ace_induce_alpha=args.ace_induce_alpha, angle=args.angle,

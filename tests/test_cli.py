@@ -189,6 +189,10 @@ def test_eval_with_a_judge(capsys, tmp_path):
           "retain_first_weight=0", "--out", "/tmp/x"], "retain_first_weight must be a positive number"),
         (["compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--optimize-option",
           "retain=3", "--out", "/tmp/x"], "unknown field 'retain'; use one of steps, lr"),
+        (["compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--sae-top-k", "2",
+          "--out", "/tmp/x"], "--sae-top-k sets an SAE method, which runs only with --sae"),
+        (["compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--methods",
+          "dim_abliteration", "--angle", "90", "--out", "/tmp/x"], "--angle sets dim_angular_hook / dim_angular_norms_hook, which --methods leaves out"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, argv, message, tmp_path):
