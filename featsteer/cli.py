@@ -116,7 +116,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise FeatsteerError("--prefill is empty: give the text every harmful response should start with, or 'affirm'")
     harmful = load_prompts(args.harmful, column=args.column, limit=args.n)
     harmless = load_prompts(args.harmless, column=args.column, limit=args.n)
-    args.alarming_prompts = load_prompts(args.alarming, limit=args.n) if args.alarming else None  # a bad path fails here, not after generating
+    args.alarming_prompts = load_prompts(args.alarming, column=args.column, limit=args.n) if args.alarming else None  # a bad path fails here, not after generating
     model = _load_model(args)
     reference = _load_reference(args, model) if args.reference else None  # a bad --reference fails before any generation
     judge = _load_judge(args, model) if args.judge else None  # so does a bad --judge
@@ -546,6 +546,10 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
             raise FeatsteerError("--search chooses the direction scope itself: drop --scope")
         if args.heads:
             raise FeatsteerError("--search tunes every writer's strength: drop --heads")
+        search_dir = Path(args.search_dir or f"{args.out.rstrip('/')}-search")
+        if search_dir.resolve() == Path(args.out).resolve():
+            raise FeatsteerError("--search-dir and --out name the same folder: the search's files would leave the export folder not empty")
+        _check_search_folder(search_dir)
         if args.search_warm_start:
             warm_start = load_warm_start(args.search_warm_start)
     elif args.search_warm_start:
@@ -753,6 +757,14 @@ def _search_config(args: argparse.Namespace, mode: str):
 def _chosen_trial(args: argparse.Namespace, found):
     """The search result with `--search-trial N` as its chosen point, when given."""
     return found if args.search_trial is None else found.choose(args.search_trial)
+
+
+def _check_search_folder(folder: Path) -> None:
+    """A search folder is new, empty, or an earlier search's (it holds search.db): never another tool's output."""
+    if folder.exists() and not folder.is_dir():
+        raise FeatsteerError(f"--search-dir {folder} is an existing file: give a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "search.db").is_file():
+        raise FeatsteerError(f"--search-dir {folder} holds other files and no search.db: give a new folder, or an earlier search's to resume it")
 
 
 def _print_search(args: argparse.Namespace, found, search_dir: Path) -> None:
@@ -1275,6 +1287,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if not (args.harmful and args.harmless and args.out):
         raise FeatsteerError("compare needs --harmful, --harmless and --out (or --list)")
     _check_compare_options_apply(args)
+    if args.method != "dim" or args.rank is not None:  # recorded in results.json, but every method finds its own direction
+        raise FeatsteerError("compare runs every direction method itself (svd2_abliteration is rank 2): drop --method/--rank "
+                             "and choose methods with --methods")
+    if args.eval_n is not None and not (args.eval_harmful and args.eval_harmless):
+        raise FeatsteerError("--eval-n cuts --eval-harmful and --eval-harmless: without them the evaluation is the last quarter of the "
+                             "training sets, sized by --n")
+    if args.angle is not None and not math.isfinite(args.angle):
+        raise FeatsteerError(f"--angle must be a finite number of degrees, got {args.angle}")
     sae_config = SaeMethodConfig(top_k=args.sae_top_k, clamp_multiple=args.sae_clamp_multiple, induce_multiple=args.sae_induce_multiple,
                                  tolerance=args.pick_tolerance)
     steering_config = SteeringMethodConfig(ace_alpha=args.ace_alpha, ace_induce_alpha=args.ace_induce_alpha, angle=args.angle,
@@ -1286,12 +1306,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
     evals = [load_prompts(s, column=args.column, limit=args.eval_n) if s else None for s in (args.eval_harmful, args.eval_harmless)]
-    alarming = load_prompts(args.alarming, limit=args.eval_n) if args.alarming else None
+    alarming = load_prompts(args.alarming, column=args.column, limit=args.eval_n) if args.alarming else None
     direction_config = _direction_config(args)
     model = _load_model(args)
     judge = _load_judge(args, model) if args.judge else None
     comparison = compare(
-        model, harmful, harmless, methods=args.methods.split(",") if args.methods else None,
+        model, harmful, harmless, methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None,
         eval_harmful=evals[0], eval_harmless=evals[1], alarming=alarming, direction_config=direction_config,
         val_harmful=val[0] if val else None, val_harmless=val[1] if val else None,
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
@@ -1423,7 +1443,10 @@ def _cmd_experts(args: argparse.Namespace) -> int:
         print(f"\nrouted more often on {toward} prompts (risk difference = harmful rate - harmless rate; 95% bootstrap interval over prompts)")
         print("| rank | layer | expert | harmful rate | harmless rate | risk difference | 95% CI |")
         print("|---:|---:|---:|---:|---:|---:|---|")
-        for rank, score in enumerate(routing.ranked(toward)[:args.top], 1):
+        leaning = [score for score in routing.ranked(toward) if (score.risk_difference > 0) == (toward == "harmful") and score.risk_difference != 0]
+        if not leaning:
+            print(f"| - | - | - | - | - | none routed more often on {toward} prompts | - |")
+        for rank, score in enumerate(leaning[:args.top], 1):
             print(f"| {rank} | {score.layer} | {score.expert} | {score.harmful_rate:.3f} | {score.harmless_rate:.3f} | {score.risk_difference:+.3f} | "
                   f"[{score.ci[0]:+.3f}, {score.ci[1]:+.3f}] |")
     if args.json:
@@ -1813,6 +1836,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout = stdout
 
 
+def _check_judge_options(args: argparse.Namespace) -> None:
+    """--judge-threshold and --judge-label say how --judge decides: without it they would be ignored."""
+    for flag, dest in (("--judge-threshold", "judge_threshold"), ("--judge-label", "judge_label")):
+        if getattr(args, dest, None) is not None and not getattr(args, "judge", None):
+            raise FeatsteerError(f"{flag} sets how --judge decides: add --judge SPEC or drop {flag}")
+
+
 def _check_output_paths(args: argparse.Namespace) -> None:
     """Output paths that cannot be written fail here, before a model is loaded, not after the work is done."""
     from featsteer.files import check_output_file, check_output_folder
@@ -1836,6 +1866,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
             hide_weight_loading_bar()
         _check_output_paths(args)
+        _check_judge_options(args)
         return args.run(args)
     except FeatsteerError as error:
         print(f"featsteer: error: {error}", file=sys.stderr)

@@ -558,6 +558,11 @@ _MODEL_NEEDS: tuple[tuple[str, Callable[[ModelAdapter], bool], str], ...] = (
 
 
 def _check_methods(names: Sequence[str], have_saes: bool, model: ModelAdapter) -> None:
+    if not names:
+        raise FeatsteerError("no methods named: give at least one (or leave methods unset for every available one)")
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise FeatsteerError(f"method(s) {', '.join(repeated)} named twice: name each once")
     unknown = [n for n in names if n not in _METHODS]
     if unknown:
         raise FeatsteerError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(_METHODS)}")
@@ -1034,6 +1039,9 @@ def _deactivate_experts(ctx: CompareContext, at: str):
         raise FeatsteerError("no expert is routed more often on the harmful training prompts than on the harmless ones")
     counts = [n for n in EXPERT_COUNTS if n < len(linked)] + [min(len(linked), EXPERT_COUNTS[-1])]
     counts = sorted(set(counts))
+    picked = ctx.model.experts_per_token
+    if at == "router_logits" and picked:  # the router still picks `picked` per token: more off than the rest cannot be had
+        counts = [n for n in counts if max(map(len, routing.top(n).values())) <= ctx.model.n_experts - picked] or counts[:1]
 
     def make(n: float) -> contextlib.AbstractContextManager:
         return steer(ctx.model, ExpertSteer(deactivate=routing.top(int(n)), at=at))
@@ -1556,12 +1564,14 @@ def compare(
         FeatsteerError: for an unknown method, an SAE method without `saes`, SAEs that do not fit, or a `reuse` of
             another model, other prompts or another direction config.
     """
-    names = methods or list(available_methods(saes=saes is not None, model=model))
+    names = list(methods) if methods is not None else list(available_methods(saes=saes is not None, model=model))
     _check_methods(names, saes is not None, model)
     if baseline is not None and baseline not in names:
         raise FeatsteerError(f"baseline '{baseline}' is not among the methods run ({', '.join(names)}): add it to the methods or pick one of them")
     if (val_harmful is None) != (val_harmless is None):
         raise FeatsteerError("validation prompts need both sets: give val_harmful and val_harmless (CLI: --val-harmful and --val-harmless)")
+    if (eval_harmful is None) != (eval_harmless is None):  # one alone would be dropped for the split of the training sets
+        raise FeatsteerError("evaluation prompts need both sets: give eval_harmful and eval_harmless (CLI: --eval-harmful and --eval-harmless)")
     if n_pick is not None and n_pick < 2:
         raise FeatsteerError(f"n_pick must be at least 2 validation prompts per set, got {n_pick}")
     for name, prompts in (("harmful", val_harmful), ("harmless", val_harmless)):

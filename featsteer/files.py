@@ -114,3 +114,13 @@ def staging_folder(parent: str | os.PathLike[str], prefix: str) -> Path:
     os.umask(mask)
     folder.chmod(0o777 & ~mask)
     return folder
+
+
+def share_files(folder: str | os.PathLike[str]) -> None:
+    """Give every file below `folder` the mode a new file gets under the umask (some writers, such as transformers'
+    `save_pretrained`, leave weights at 0600, which other users cannot load)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~mask)

@@ -562,6 +562,11 @@ def load_warm_start(path: str | Path) -> list[dict]:
     params = [p["params"] for p in points if isinstance(p, dict) and isinstance(p.get("params"), dict)]
     if not params:
         raise FeatsteerError(f"warm start {path} holds no Pareto points: pass the pareto.json of a finished search")
+    for point in params:
+        for name, value in point.items():
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not (number or (name == "direction_scope" and isinstance(value, str))):
+                raise FeatsteerError(f"warm start {path}: parameter {name} is {value!r}, not a finite number: pass a search's own pareto.json")
     return params
 
 
@@ -737,8 +742,11 @@ def search_abliteration(
     eval_sets = (list(result.val[0] if eval_harmful is None else eval_harmful),
                  list(result.val[1] if eval_harmless is None else eval_harmless))
     provenance = result.candidates.provenance
+    # the candidate directions themselves (and the dtype they act in) are part of the set-up: a resumed study whose
+    # trials were taken against other directions (another --positions, other prompts, bfloat16) must not be mixed in
     setup = {"model": model.name, "n_layers": model.n_layers, "method": result.candidates.method, "position": position, "kind": kind,
-             "harmful_sha256": provenance.get("harmful_sha256"), "harmless_sha256": provenance.get("harmless_sha256")}
+             "harmful_sha256": provenance.get("harmful_sha256"), "harmless_sha256": provenance.get("harmless_sha256"),
+             "directions_sha256": basis_sha256(table), "dtype": str(model.dtype).removeprefix("torch.")}
     source = _DirectionSource(table=table, scopes=config.space.scopes)
     return _search(model, source, bounds, chosen.layer, proxy, eval_sets, setup, Path(out_dir), config, detector, warm_start)
 
@@ -793,7 +801,7 @@ def search_fixed_abliteration(
     eval_sets = (list(val[0] if eval_harmful is None else eval_harmful), list(val[1] if eval_harmless is None else eval_harmless))
     provenance = dict(provenance or {})
     setup = {"model": model.name, "n_layers": model.n_layers, "method": provenance.pop("method", "fixed"), "direction": "fixed",
-             "rank": int(basis.shape[0]), "basis_sha256": basis_sha256(basis),
+             "rank": int(basis.shape[0]), "basis_sha256": basis_sha256(basis), "dtype": str(model.dtype).removeprefix("torch."),
              **({"provenance": provenance} if provenance else {})}
     out = Path(out_dir)
     found = _search(model, _DirectionSource(basis=basis), bounds, 0, proxy, eval_sets, setup, out, config, detector,

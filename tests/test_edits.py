@@ -531,3 +531,4 @@ def test_export_folders_follow_the_umask(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755  # mkdtemp's 0700 kept other users out
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "shared").iterdir()} == {0o644}  # save_pretrained wrote weights at 0600

@@ -301,3 +301,27 @@ def test_compare_offers_expert_deactivation_on_moe_models_only(capsys, tmp_path)
     code, _, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless",
                         "builtin:harmless:train", "--n", "8", "--methods", "expert_deactivation", "--out", str(tmp_path / "dense"))
     assert code == 2 and "switch experts off" in err and not (tmp_path / "dense").exists()
+
+
+def test_steering_that_the_router_would_undo_is_an_error_and_json_layer_maps_work():
+    model = load_model("tiny:qwen2_moe")  # 4 experts, 2 per token, MoE layers 1 and 2
+    assert (model.n_experts, model.experts_per_token) == (4, 2)
+    with pytest.raises(FeatsteerError, match="3 of 4 experts deactivated at layer 1's router logits, but it still picks 2"):
+        with steer(model, ExpertSteer(deactivate={1: [0, 1, 2]}, at="router_logits")):
+            pass
+    with pytest.raises(FeatsteerError, match="3 experts activated at layer 1, but the router sends each token to 2"):
+        with steer(model, ExpertSteer(activate={1: [0, 1, 2]})):
+            pass
+    with steer(model, ExpertSteer(deactivate={1: [0, 1, 2]})):  # at the routing weights, switching three off is zeroing them
+        pass
+    steered = ExpertSteer(deactivate=json.loads(json.dumps({1: [0, 1]})), at="router_logits")  # keys come back as strings
+    assert steered.deactivate == {1: [0, 1]}
+    with pytest.raises(FeatsteerError, match=r"needs \{layer: \[expert, ...\]\}"):
+        ExpertSteer(deactivate={1: 2})
+    assert count_hooks(model.model) == 0
+
+
+def test_expert_routing_that_reads_no_token_is_an_error():
+    model = load_model("tiny:qwen2_moe")
+    with pytest.raises(FeatsteerError, match="no token of the harmful prompts was read"):
+        expert_routing(model, ["a b c"], ["d e f"], positions="all:1000")

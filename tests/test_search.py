@@ -161,6 +161,12 @@ def test_resume_continues_the_study(setup, tmp_path, monkeypatch):
     assert len(again.trials) == 7 and again.pareto == second.pareto and again.best == second.best
     with pytest.raises(FeatsteerError, match="mode"):
         search_abliteration(model, result, tmp_path, SearchConfig(n_trials=9, mode="norm_preserving", **FAST))
+    # other candidate directions (another --positions, other prompts) are another search, even with the same prompt hashes
+    import dataclasses
+
+    shifted = dataclasses.replace(result, candidates=dataclasses.replace(result.candidates, bases=-result.candidates.bases))
+    with pytest.raises(FeatsteerError, match="directions_sha256"):
+        search_abliteration(model, shifted, tmp_path, SearchConfig(n_trials=9, **FAST))
     assert _same_weights(model, before)
 
 
@@ -200,6 +206,9 @@ def test_load_warm_start_errors_are_one_line(tmp_path):
         load_warm_start(tmp_path)
     (tmp_path / "pareto.json").write_text(json.dumps({"pareto": []}))
     with pytest.raises(FeatsteerError, match="no Pareto points"):
+        load_warm_start(tmp_path / "pareto.json")
+    (tmp_path / "pareto.json").write_text(json.dumps({"pareto": [{"params": {"attn.peak": "high"}}]}))
+    with pytest.raises(FeatsteerError, match="parameter attn.peak is 'high', not a finite number"):
         load_warm_start(tmp_path / "pareto.json")
 
 

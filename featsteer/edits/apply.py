@@ -24,7 +24,7 @@ from featsteer.edits.weights import (
     orthogonalize_weight,
 )
 from featsteer.errors import FeatsteerError
-from featsteer.files import json_text, staging_folder
+from featsteer.files import json_text, share_files, staging_folder
 from featsteer.interventions.operations import as_basis, orthonormal_basis
 from featsteer.models import ModelAdapter, ResidualWriter
 
@@ -188,6 +188,7 @@ class EditHandle:
             self.model.tokenizer.save_pretrained(staging)
             stacked = {"applied_on_top_of": earlier} if earlier else {}
             (staging / "featsteer.json").write_text(json_text({**self.record, **(extra or {}), **stacked, "versions": _versions()}))
+            share_files(staging)
             if target.exists():
                 target.rmdir()
             staging.rename(target)

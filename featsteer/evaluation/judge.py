@@ -313,9 +313,15 @@ def judge_from_spec(spec: str, *, dtype: str = "float32", device: str = "cpu", t
     kind, sep, source = spec.partition(":")
     if kind not in JUDGE_KINDS:
         raise FeatsteerError(f"unknown judge {spec!r}: use markers, chat:MODEL_SPEC or classifier:PATH_OR_HUB_ID")
+    if threshold is not None and not 0 < threshold < 1:
+        raise FeatsteerError(f"a judge threshold is a probability of refusal between 0 and 1 (exclusive), got {threshold}")
+    if label is not None and kind != "classifier":
+        raise FeatsteerError(f"a refusal label names a classifier's class: the {kind} judge has none; drop it")
     if kind == "markers":
         if sep:
             raise FeatsteerError(f"judge {spec!r}: the marker judge takes no argument; write markers")
+        if threshold is not None:
+            raise FeatsteerError("the marker judge's verdicts are yes or no: a threshold does not apply to it; drop it")
         return MarkerJudge()
     if not source.strip():
         raise FeatsteerError(f"judge {spec!r} names no model: write {kind}:MODEL (a folder, .gguf file or hub id)")

@@ -182,6 +182,10 @@ def expert_routing(model: ModelAdapter, harmful: Sequence[str], harmless: Sequen
     names = model.hook_names(("routing",))
     sides = [_count(model, list(texts), names, selector, batch_size, system) for texts in (harmful, harmless)]
     (hp, hw, ht), (lp, lw, lt) = sides
+    for name, tokens in (("harmful", ht), ("harmless", lt)):
+        if float(tokens.sum()) == 0:
+            raise FeatsteerError(f"no token of the {name} prompts was read at positions '{selector}' (all:N past every prompt?): "
+                                 "nothing to count")
     return ExpertRouting(tuple(model.moe_layers), (hp, lp), (ht, lt), hw, lw, str(selector))
 
 
@@ -223,6 +227,8 @@ class ExpertSteer(Intervention):
     chooses, SteerMoE's rule (see the module docstring)."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "deactivate", _layer_map(self.deactivate, "deactivate"))
+        object.__setattr__(self, "activate", _layer_map(self.activate, "activate"))
         if self.at not in EXPERT_STEER_SITES:
             raise FeatsteerError(f"unknown ExpertSteer site '{self.at}': use at='routing' (the weights after the router's choice) or "
                                  "at='router_logits' (the router's logits, SteerMoE)")
@@ -246,9 +252,32 @@ class ExpertSteer(Intervention):
             bad = [e for e in (*self.deactivate.get(layer, ()), *self.activate.get(layer, ())) if not 0 <= e < model.n_experts]
             if bad:
                 raise FeatsteerError(f"expert(s) {bad} at layer {layer} do not exist: the model has experts 0-{model.n_experts - 1}")
+        picked = model.experts_per_token
+        for layer in layers if picked else ():
+            on, off = len(set(self.activate.get(layer, ()))), len(set(self.deactivate.get(layer, ())))
+            if on > picked:
+                raise FeatsteerError(f"{on} experts activated at layer {layer}, but the router sends each token to {picked}: activate at most {picked}")
+            if self.at == "router_logits" and off > model.n_experts - picked:
+                raise FeatsteerError(f"{off} of {model.n_experts} experts deactivated at layer {layer}'s router logits, but it still picks {picked} "
+                                     f"per token, so some would be used anyway: deactivate at most {model.n_experts - picked} there, or use at='routing'")
         make = _steer_logits if self.at == "router_logits" else functools.partial(_steer_routing, renormalize=self.renormalize)
         return [(hook_name(layer, self.at), make(list(self.deactivate.get(layer, ())), list(self.activate.get(layer, ()))))
                 for layer in layers]
+
+
+def _layer_map(value: Mapping, what: str) -> dict[int, list[int]]:
+    """`{layer: [expert, ...]}` with integer keys (JSON, e.g. compare's results.json, keeps them as strings)."""
+    out: dict[int, list[int]] = {}
+    for layer, experts in dict(value).items():
+        try:
+            ids = [int(e) for e in experts] if isinstance(experts, (list, tuple, set, frozenset)) else None
+            key = int(layer)
+        except (TypeError, ValueError):
+            ids = None
+        if ids is None:
+            raise FeatsteerError(f"ExpertSteer {what} needs {{layer: [expert, ...]}}; got {layer!r}: {experts!r}")
+        out[key] = ids
+    return out
 
 
 EXPERT_STEER_SITES: tuple[str, ...] = ("routing", "router_logits")

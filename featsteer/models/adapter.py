@@ -221,6 +221,11 @@ class ModelAdapter(ABC):
         return 0
 
     @property
+    def experts_per_token(self) -> int:
+        """How many routed experts the router picks per token (0 for a dense model, or when the config does not say)."""
+        return 0
+
+    @property
     def scaled_layers(self) -> bool:
         """True when each block multiplies the whole stream by a scalar of its own before it returns (Gemma 4), so
         `hook_resid_post` is that multiple of `resid_mid + mlp_out (+ per_layer_out)`."""

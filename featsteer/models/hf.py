@@ -123,6 +123,17 @@ class HFModelAdapter(ModelAdapter):
     def n_experts(self) -> int:
         return int(self._experts(self._moe_layers[0]).down_proj.shape[0]) if self._moe_layers else 0
 
+    @property
+    def experts_per_token(self) -> int:
+        if not self._moe_layers:
+            return 0
+        config = self.model.config.get_text_config()
+        for name in ("num_experts_per_tok", "experts_per_token", "moe_topk", "num_selected_experts", "moe_k"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 0
+
     def _experts(self, layer: int) -> nn.Module | None:
         """The fused experts module of `layer` (None in a dense layer or model)."""
         return self._optional_module(self.spec.experts, layer) if self.spec.experts else None
