@@ -31,6 +31,7 @@ resumes it; `n_trials` is the total trial count, not the count of this run. Resu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -572,8 +573,8 @@ def load_warm_start(path: str | Path) -> list[dict]:
 
 def _run_trials(study: optuna.Study, screen: _Screen, config: SearchConfig, classic: dict[str, float],
                 warm_start: Sequence[dict] = ()) -> None:
-    """Run trials until the study holds `config.n_trials` finished ones."""
-    finished = [t for t in study.trials if t.state.is_finished()]
+    """Run trials until the study holds `config.n_trials` finished ones (a trial stopped by Ctrl-C does not count)."""
+    finished = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("interrupted")]
     remaining = config.n_trials - len(finished)
     if remaining <= 0:
         logger.info("study already holds %d finished trials (asked for %d): no new trials", len(finished), config.n_trials)
@@ -592,9 +593,19 @@ def _run_trials(study: optuna.Study, screen: _Screen, config: SearchConfig, clas
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study.optimize(screen, n_trials=remaining, catch=(FeatsteerError,))
+        study.optimize(functools.partial(_interruptible, screen), n_trials=remaining, catch=(FeatsteerError,))
     finally:
         optuna.logging.set_verbosity(verbosity)
+
+
+def _interruptible(screen: _Screen, trial: optuna.Trial) -> tuple[float, float]:
+    """The objective, marking a trial that Ctrl-C stopped, which optuna stores as failed like one whose edit raised:
+    a resumed search runs it again instead of counting it towards `n_trials`."""
+    try:
+        return screen(trial)
+    except KeyboardInterrupt:
+        trial.set_user_attr("interrupted", True)
+        raise
 
 
 def _verify_key(harmful: Sequence[str], harmless: Sequence[str], config: SearchConfig, detector: RefusalDetector) -> str:

@@ -519,3 +519,23 @@ def test_choose_best_counts_looping_responses_as_unanswered():
     assert choose_best([quiet, fluent], max_kl=0.05)["number"] == 1
     old = {"number": 2, "kl": 0.02, "verified": {"refusal_rate": 0.05, "harmless_refusal_rate": 0.0}}  # verified before looping was read
     assert choose_best([quiet, fluent, old], max_kl=0.05)["number"] == 2
+
+
+def test_a_trial_stopped_by_ctrl_c_is_run_again_on_resume(setup, tmp_path, monkeypatch):
+    model, result = setup
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    real, calls = search_module._Screen.__call__, {"n": 0}
+
+    def interrupted_third(self, trial):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, trial)
+
+    monkeypatch.setattr(search_module._Screen, "__call__", interrupted_third)
+    with pytest.raises(KeyboardInterrupt):
+        search_abliteration(model, result, tmp_path, SearchConfig(n_trials=4, **FAST))
+    monkeypatch.setattr(search_module._Screen, "__call__", real)
+    resumed = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=4, **FAST))
+    assert len(resumed.trials) == 4  # two before the interrupt and two after: the stopped one did not count
+    assert _same_weights(model, before)
