@@ -110,17 +110,21 @@ def staging_folder(parent: str | os.PathLike[str], prefix: str) -> Path:
     import tempfile
 
     folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
+    folder.chmod(0o777 & ~_umask())
     return folder
 
 
 def share_files(folder: str | os.PathLike[str]) -> None:
     """Give every file below `folder` the mode a new file gets under the umask (some writers, such as transformers'
     `save_pretrained`, leave weights at 0600, which other users cannot load)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = _umask()
     for path in Path(folder).rglob("*"):
         if path.is_file():
             path.chmod(0o666 & ~mask)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: it is put straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
