@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from featsteer.errors import FeatsteerError, read_json_file
+from featsteer.files import check_empty_folder
 
 BIAS_DECAY_DEFAULT = 2.0
 """`--bias-decay`'s default (`edits.BIAS_DECAY`; kept here so the CLI parses without importing torch)."""
@@ -444,8 +445,7 @@ def _cmd_directions(args: argparse.Namespace) -> int:
         raise FeatsteerError("--optimize-option sets how --optimize STEPS trains the direction: add --optimize")
     optimize = _optimize_config(args)  # a bad --optimize-option fails before the model loads
     out = Path(args.out)
-    if out.is_dir() and any(out.iterdir()):  # a second run would leave the first one's gate/, geometry and plots beside its own
-        raise FeatsteerError(f"output folder {args.out} is not empty: choose a new path")
+    check_empty_folder(args.out)  # a second run would leave the first one's gate/, geometry and plots beside its own
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
     config = _direction_config(args)  # checks the values before the model loads
@@ -517,8 +517,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
     from featsteer.pipeline import abliterate, direction_record, find_refusal_direction, split
 
-    if Path(args.out).exists() and any(Path(args.out).iterdir()):
-        raise FeatsteerError(f"output folder {args.out} is not empty: choose a new path")
+    check_empty_folder(args.out)
     mode = "induce" if args.induce else "amplify" if args.reverse else "norm_preserving" if args.norm_preserving else "orthogonalize"
     if args.induce_bias or args.induce_template:
         _check_addition_options(args)
@@ -1096,20 +1095,24 @@ def _steered_entry(args: argparse.Namespace, directions) -> int:
     """Which of a saved set's directions `steer` uses: its only one, or the one at `--hook` (the last position's when the
     hook has several); with several and no `--hook`, an error that lists them (a candidates/ folder holds every layer's)."""
     at_hook = [i for i, name in enumerate(directions.hook_names) if name == args.hook]
+    if len(at_hook) == 1:
+        return at_hook[0]
     if at_hook:
         last = [i for i in at_hook if directions.positions[i] == -1]
-        return (last or at_hook)[0] if len(at_hook) == 1 or last else _too_many(args, directions, at_hook)
+        if last:
+            return last[0]
+        raise _too_many(args, directions, at_hook)
     if len(directions) == 1:
         return 0  # one direction, steered where it was read or, with --hook, at another hook
     if args.hook:
         raise FeatsteerError(f"{args.directions} holds no direction at {args.hook}; it holds {', '.join(sorted(set(directions.hook_names)))}")
-    return _too_many(args, directions, range(len(directions)))
+    raise _too_many(args, directions, list(range(len(directions))))
 
 
-def _too_many(args: argparse.Namespace, directions, entries) -> int:
-    listed = ", ".join(f"{directions.hook_names[i]} position {directions.positions[i]}" for i in list(entries)[:6])
-    raise FeatsteerError(f"{args.directions} holds {len(list(entries))} directions ({listed}{', ...' if len(list(entries)) > 6 else ''}): "
-                         "pass the chosen/ folder of `featsteer directions`, or name one with --hook")
+def _too_many(args: argparse.Namespace, directions, entries: list[int]) -> FeatsteerError:
+    listed = ", ".join(f"{directions.hook_names[i]} position {directions.positions[i]}" for i in entries[:6])
+    return FeatsteerError(f"{args.directions} holds {len(entries)} directions ({listed}{', ...' if len(entries) > 6 else ''}): "
+                          "pass the chosen/ folder of `featsteer directions`, or name one with --hook")
 
 
 def _gated(args: argparse.Namespace, model, intervention, what: str, basis, hook: str):

@@ -18,7 +18,7 @@ from featsteer.datasets.loaders import ORGANISM_CORPUS_PREFIX
 from featsteer.directions import Separability, difference_in_means, logit_lens, separability
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.behaviour import GenerationConfig, RefusalReport, evaluate_refusal
-from featsteer.files import json_text
+from featsteer.files import check_empty_folder, json_text
 from featsteer.models import ModelAdapter, load_model
 
 logger = logging.getLogger(__name__)
@@ -103,8 +103,7 @@ def run_demo(model_spec: str = "organism", run_dir: str | Path | None = None, n_
     start = time.perf_counter()
     stages: dict[str, float] = {}
     out = Path(run_dir) if run_dir else default_run_dir()
-    if out.is_dir() and any(out.iterdir()):  # an earlier run's compare/ or reports would be left beside this one's
-        raise FeatsteerError(f"demo output folder {out} is not empty: choose a new path (the default is a new runs/<timestamp>/)")
+    check_empty_folder(out, "demo output folder", " (the default is a new runs/<timestamp>/)")
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(model_spec)
     organism = model.name == "organism"  # the spec may be a loaded adapter (the CLI loads it with --dtype/--device)

@@ -128,3 +128,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_empty_folder(path: str | os.PathLike[str], what: str = "output folder", hint: str = "") -> None:
+    """A run writes into a new or empty folder only: an earlier run's files left beside the new ones would read as one
+    run's output.
+
+    Raises:
+        FeatsteerError: `{what} {path} is not empty: choose a new path{hint}`.
+    """
+    from featsteer.errors import FeatsteerError
+
+    folder = Path(path)
+    if folder.is_dir() and any(folder.iterdir()):
+        raise FeatsteerError(f"{what} {path} is not empty: choose a new path{hint}")

@@ -127,7 +127,8 @@ def probe_report(
     """
     from probes import layer_sweep
 
-    if Positions.parse(positions).mode == "all":
+    mode = Positions.parse(positions).mode
+    if mode == "all":
         raise FeatsteerError("the probe report reads one vector per prompt, ending at its last token: --positions all gives every "
                              "token; use last, post_instruction, instruction_end or mean_last:K")
     smallest = min(len(train[0]), len(train[1]))
@@ -137,7 +138,7 @@ def probe_report(
     hooks = model.hook_names((kind,), None if layers is None else sorted(set(layers)))
     acts = {(split, label): capture(model, prompts, hooks, positions=positions, batch_size=batch_size, label=label)
             for split, pair in (("train", train), ("test", test)) for label, prompts in zip(("harmful", "harmless"), pair, strict=True)}
-    if Positions.parse(positions).mode == "instruction_end":
+    if mode == "instruction_end":
         # one row per prompt, labelled by its own tail length (which may differ between prompts): read them all as one position
         acts = {key: dataclasses.replace(value, position=torch.full_like(value.position, -1)) for key, value in acts.items()}
 

@@ -43,20 +43,21 @@ def difference_in_means(harmful: ActivationSet, harmless: ActivationSet, hooks: 
     vectors, names, positions, norms, projections = [], [], [], [], {"harmful_projection": [], "harmless_projection": []}
     for hook in hook_list:
         for position in harmful.position_labels:
-            difference = harmful.mean(hook, position) - harmless.mean(hook, position)
+            harmful_mean, harmless_mean = harmful.mean(hook, position), harmless.mean(hook, position)  # each read once
+            difference = harmful_mean - harmless_mean
             if not bool(torch.isfinite(difference).all()):
-                side = "harmful" if not bool(torch.isfinite(harmful.mean(hook, position)).all()) else "harmless"
+                side = "harmful" if not bool(torch.isfinite(harmful_mean).all()) else "harmless"
                 raise FeatsteerError(f"the {side} activations at {hook} (position {position}) hold NaN or inf values: "
                                      "recapture them (capture checks every row), or drop the rows that overflowed")
             # identical means (e.g. layer 0 at a template token every prompt shares) give no direction:
             # keep a zero vector so it scores as chance instead of failing the whole set
-            zero = float(difference.norm()) <= 1e-12 * max(1.0, float(harmful.mean(hook, position).norm()))
+            zero = float(difference.norm()) <= 1e-12 * max(1.0, float(harmful_mean.norm()))
             vectors.append(torch.zeros_like(difference).float() if zero else unit(difference).float())
             names.append(hook)
             positions.append(position)
             norms.append(float(difference.norm()))
-            projections["harmful_projection"].append(float(harmful.mean(hook, position) @ vectors[-1].double()))
-            projections["harmless_projection"].append(float(harmless.mean(hook, position) @ vectors[-1].double()))
+            projections["harmful_projection"].append(float(harmful_mean @ vectors[-1].double()))
+            projections["harmless_projection"].append(float(harmless_mean @ vectors[-1].double()))
     return DirectionSet(
         bases=torch.stack(vectors)[:, None, :],
         hook_names=tuple(names),

@@ -24,7 +24,7 @@ from featsteer.edits.weights import (
     orthogonalize_weight,
 )
 from featsteer.errors import FeatsteerError
-from featsteer.files import json_text, share_files, staging_folder
+from featsteer.files import check_empty_folder, json_text, share_files, staging_folder
 from featsteer.interventions.operations import as_basis, orthonormal_basis
 from featsteer.models import ModelAdapter, ResidualWriter
 
@@ -179,8 +179,7 @@ class EditHandle:
                                  "export the newest edit's handle (it records the ones below it) or revert the later edit first")
         earlier = [handle.record for handle in live if handle is not self]
         target = Path(path)
-        if target.exists() and any(target.iterdir()):
-            raise FeatsteerError(f"export folder {target} is not empty: choose a new path")
+        check_empty_folder(target, "export folder")
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = staging_folder(target.parent, f".{target.name}.partial-")
         try:
