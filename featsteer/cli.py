@@ -1469,6 +1469,11 @@ _OPTIMIZE_OPTION_HELP = ("how the direction optimisation trains, as an OptimizeC
                          "refusal_weight=3, ablation_targets=affirm, n_prompts=192, seed=1 or max_batch_tokens=none; repeat it for several")
 
 
+_COLUMN_HELP = "column for csv/json/jsonl/parquet prompt files"
+_BATCH_HELP = "prompts per forward pass (default 16)"
+_MAX_NEW_HELP = "cap on generated tokens per response (default 32)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="featsteer", description="Find and steer the features behind refusal.")
@@ -1501,11 +1506,11 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--prompts", required=True, help="file, builtin:harmful[:split], or hf:NAME")
     cap.add_argument("--hooks", default="all", help="all | KIND[:L1,L2] | comma-separated hook names")
     cap.add_argument("--positions", default="last", help="last | mean_last:K | post_instruction | instruction_end | all")
-    cap.add_argument("--out", required=True)
-    cap.add_argument("--column")
-    cap.add_argument("--n", type=int)
-    cap.add_argument("--batch-size", type=int, default=16)
-    cap.add_argument("--shard-rows", type=int, default=65536)
+    cap.add_argument("--out", required=True, help="a new or empty folder for the safetensors shards and metadata.json")
+    cap.add_argument("--column", help=_COLUMN_HELP)
+    cap.add_argument("--n", type=int, help="use the first N prompts")
+    cap.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
+    cap.add_argument("--shard-rows", type=int, default=65536, help="rows per safetensors shard on disk (default 65536)")
     cap.add_argument("--raw", action="store_true", help="do not apply the chat template")
     cap.set_defaults(run=_cmd_capture)
 
@@ -1514,7 +1519,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--harmful", required=True, help="file, builtin:harmful[:split], or hf:NAME")
     ev.add_argument("--harmless", required=True, help="file, builtin:harmless[:split], or hf:NAME")
     ev.add_argument("--n", type=int, help="use the first N prompts of each set")
-    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--max-new-tokens", type=int, default=32, help=_MAX_NEW_HELP)
     ev.add_argument("--batch-size", type=int, default=16, help="prompts per batch (decoding on CPU is faster with more)")
     ev.add_argument("--max-batch-tokens", type=int, help="cap on a batch's padded prompt tokens (rows x longest prompt)")
     ev.add_argument("--system", help="system prompt")
@@ -1536,7 +1541,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_model_args(p)
         p.add_argument("--harmful", required=True, help="file, builtin:harmful[:split], or hf:NAME")
         p.add_argument("--harmless", required=True, help="file, builtin:harmless[:split], or hf:NAME")
-        p.add_argument("--method", default="dim", choices=["dim", "projected", "pca", "svd", "linear", "whitened", *extra_methods])
+        p.add_argument("--method", default="dim", choices=["dim", "projected", "pca", "svd", "linear", "whitened", *extra_methods],
+                       help="how candidate directions are found (default dim: difference in means)")
         p.add_argument("--rank", type=int, help="subspace size for --method svd (default 2)")
         p.add_argument("--positions", default="post_instruction", help="last | post_instruction | instruction_end | mean_last:K")
         p.add_argument("--n", type=int, help="use the first N prompts of each set")
@@ -1545,15 +1551,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="validation harmful prompts for the selection (with --val-harmless; default: the last quarter of --harmful). "
                             "Use prompts the model was not trained on")
         p.add_argument("--val-harmless", metavar="SRC", help="validation harmless prompts (with --val-harmful)")
-        p.add_argument("--kl-threshold", type=float, default=0.1)
+        p.add_argument("--kl-threshold", type=float, default=0.1,
+                       help="selection drops candidates whose ablation moves harmless first-token logits by more KL than this (default 0.1)")
         p.add_argument("--screen", type=int, metavar="N",
                        help="ablate only the N candidates a first-order (gradient) estimate ranks best, instead of every "
                             "candidate: one backward pass instead of most ablated passes (default: ablate all)")
         p.add_argument("--filter-train", action="store_true",
                        help="keep the train prompts the model treats as labelled (harmful refused, harmless answered; Arditi et al.)")
-        p.add_argument("--batch-size", type=int, default=16)
-        p.add_argument("--column")
-        p.add_argument("--out", required=True)
+        p.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
+        p.add_argument("--column", help=_COLUMN_HELP)
+        p.add_argument("--out", required=True, help="output folder (new or empty)")
 
     dirs = sub.add_parser("directions", help="find candidate refusal directions and select one (Arditi et al.)")
     add_direction_args(dirs)
@@ -1629,7 +1636,7 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--search-warm-start", metavar="PARETO_JSON",
                      help="an earlier search's pareto.json (or folder): its Pareto points are the new study's first trials")
     abl.add_argument("--eval-n", type=int, default=32, help="held-out prompts per set for the before/after check")
-    abl.add_argument("--max-new-tokens", type=int, default=32)
+    abl.add_argument("--max-new-tokens", type=int, default=32, help=_MAX_NEW_HELP)
     abl.set_defaults(run=_cmd_abliterate)
 
     st = sub.add_parser("steer", help="generate with and without a runtime intervention (a direction or SAE features)")
@@ -1649,7 +1656,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--prompt", action="append", help="repeat for several prompts")
     st.add_argument("--prompts", metavar="SRC", help="a prompt source (file, builtin:..., organism-corpus:...), after any --prompt")
     st.add_argument("--n", type=int, help="first N prompts of --prompts")
-    st.add_argument("--column")
+    st.add_argument("--column", help=_COLUMN_HELP)
     st.add_argument("--hook", help="hook to steer at (default: where the direction was read); with --sae: which SAE")
     st.add_argument("--scale", type=float, help="multiple of the mean difference to add (direction add/conditional; default 1)")
     st.add_argument("--value", type=float, help="projection value for --mode set (default: mean harmful projection); "
@@ -1672,7 +1679,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--mode ablate with --directions: remove the direction from every residual write (writes, default: the "
                     "hook form of abliteration), every resid_pre/mid/post (residual), or only from what readers see, the stream "
                     "untouched: each block's attention and MLP inputs (blocks), the unembedding's input (unembedding), or both (readers)")
-    st.add_argument("--max-new-tokens", type=int, default=32)
+    st.add_argument("--max-new-tokens", type=int, default=32, help=_MAX_NEW_HELP)
     st.add_argument("--json", help="write the prompts, responses and refusal flags here")
     st.set_defaults(run=_cmd_steer)
 
@@ -1687,7 +1694,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--eval-harmless", help="held-out harmless prompts (default: last quarter of --harmless)")
     cmp_.add_argument("--alarming", help="harmless-but-alarming prompts for the over-refusal rate")
     cmp_.add_argument("--eval-n", type=int, help="first N prompts of each evaluation set")
-    cmp_.add_argument("--max-new-tokens", type=int, default=32)
+    cmp_.add_argument("--max-new-tokens", type=int, default=32, help=_MAX_NEW_HELP)
     cmp_.add_argument("--sae", metavar="SRC", help="SAEs for the sae_* methods: organism | folder of <hook_name>/ SAE folders | one SAE folder")
     cmp_.add_argument("--sae-top-k", type=int, metavar="K",
                       help="features the top-k SAE methods use (default: picked on the validation prompts from 1, 2, 4, 8, 16)")
@@ -1733,21 +1740,21 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--n", type=int, help="use the first N prompts of each set")
     ex.add_argument("--positions", default="all", help="prompt tokens read: all (default), all:N, last, post_instruction, instruction_end")
     ex.add_argument("--top", type=int, default=10, help="experts listed toward each side")
-    ex.add_argument("--batch-size", type=int, default=16)
-    ex.add_argument("--column")
+    ex.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
+    ex.add_argument("--column", help=_COLUMN_HELP)
     ex.add_argument("--json", help="write the rates of every expert and the top lists here")
     ex.set_defaults(run=_cmd_experts)
 
     pr = sub.add_parser("probe", help="probe sweep per layer and the predict-control report")
     add_model_args(pr)
-    pr.add_argument("--harmful", required=True)
-    pr.add_argument("--harmless", required=True)
-    pr.add_argument("--out", required=True)
-    pr.add_argument("--positions", default="last")
+    pr.add_argument("--harmful", required=True, help="file, builtin:harmful[:split], or hf:NAME")
+    pr.add_argument("--harmless", required=True, help="file, builtin:harmless[:split], or hf:NAME")
+    pr.add_argument("--out", required=True, help="folder for report.html, sweep.png, sweep.md and results.json")
+    pr.add_argument("--positions", default="last", help="last (default) | mean_last:K | post_instruction | instruction_end")
     pr.add_argument("--n", type=int, help="use the first N prompts of each set")
     pr.add_argument("--n-effect", type=int, default=32, help="test prompts per set for steering effects")
-    pr.add_argument("--batch-size", type=int, default=16)
-    pr.add_argument("--column")
+    pr.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
+    pr.add_argument("--column", help=_COLUMN_HELP)
     pr.add_argument("--sae", help="also compare each SAE's top feature: organism or a folder of <hook_name>/ SAEs (any residual "
                     "hook or attn.hook_z; each joins at the first resid_pre after it)")
     pr.set_defaults(run=_cmd_probe)
@@ -1764,7 +1771,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--n", type=int, help="use the first N prompts of each set")
     rf.add_argument("--normalise", "--normalize", dest="normalise", action="store_true",
                     help="divide magnitude scores by each feature's max activation")
-    rf.add_argument("--batch-size", type=int, default=16)
+    rf.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
     rf.add_argument("--column", help="column for csv/json/parquet prompt files")
     rf.set_defaults(run=_cmd_rank_features)
 
@@ -1789,7 +1796,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(demo)
     demo.add_argument("--out", help="run folder (default runs/<timestamp>)")
     demo.add_argument("--n", type=int, default=64, help="prompts per set for the behaviour check")
-    demo.add_argument("--max-new-tokens", type=int, default=32)
+    demo.add_argument("--max-new-tokens", type=int, default=32, help=_MAX_NEW_HELP)
     demo.add_argument("--quick", action="store_true", help="behaviour and DIM only (skip compare and probes)")
     demo.set_defaults(run=_cmd_demo)
     for command in sub.choices.values():  # -v also after the command name (`featsteer eval ... -v`)

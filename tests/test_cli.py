@@ -1024,3 +1024,23 @@ def test_the_alarming_set_reads_the_column_named(capsys, tmp_path):
     code, out, err = _run(capsys, "eval", "--model", "organism", "--harmful", str(tmp_path / "harm.csv"), "--harmless", str(tmp_path / "safe.csv"),
                           "--max-new-tokens", "4", "--column", "q", "--alarming", str(tmp_path / "alarm.csv"))
     assert code == 0, err  # before, --alarming ignored --column and asked for one
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    from featsteer.cli import build_parser
+    from sae_training.cli import build_parser as build_train_parser
+
+    undocumented = []
+    for command, parser in [*_subcommands(build_parser()), ("featsteer-train-sae", build_train_parser())]:
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help" and not action.help:
+                undocumented.append(f"{command} {action.option_strings[0]}")
+    assert not undocumented, f"options without --help text: {undocumented}"
+
+
+def _subcommands(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.items()
