@@ -82,6 +82,10 @@ def test_probe_report_inputs_it_cannot_use_are_one_line_errors(organism):
         probe_report(organism, (harmful[:2], harmless), (harmful, harmless))
     with pytest.raises(FeatsteerError, match="no resid_pre hook tells the two sets apart"):
         probe_report(organism, (harmful, harmful), (harmful, harmful))
+    # a head-space direction is as wide as the stream here (5 heads x 32 = 160): it used to be ablated from the
+    # residual writes as if it were a residual direction, giving refusal drops that mean nothing
+    with pytest.raises(FeatsteerError, match="attn_z vectors are not residual-stream vectors"):
+        probe_report(organism, (harmful, harmless), (harmful, harmless), kind="attn_z", layers=[1])
 
 
 def test_probe_report_reads_the_instruction_end(organism):
