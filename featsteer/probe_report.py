@@ -132,6 +132,10 @@ def probe_report(
     if mode == "all":
         raise FeatsteerError("the probe report reads one vector per prompt, ending at its last token: --positions all gives every "
                              "token; use last, post_instruction, instruction_end or mean_last:K")
+    if n_effect < 1:
+        raise FeatsteerError(f"--n-effect (n_effect) must be at least 1 held-out prompt per class, got {n_effect}")
+    if n_shuffles < 1:
+        raise FeatsteerError(f"n_shuffles must be at least 1 shuffled-label control per probe and layer, got {n_shuffles}")
     if kind not in LAYER_KINDS:
         raise FeatsteerError(f"the probe report ablates each layer's directions from the residual stream, so it sweeps a d_model-wide kind "
                              f"({', '.join(LAYER_KINDS)}); {kind} vectors are not residual-stream vectors")

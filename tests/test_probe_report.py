@@ -86,6 +86,10 @@ def test_probe_report_inputs_it_cannot_use_are_one_line_errors(organism):
     # residual writes as if it were a residual direction, giving refusal drops that mean nothing
     with pytest.raises(FeatsteerError, match="attn_z vectors are not residual-stream vectors"):
         probe_report(organism, (harmful, harmless), (harmful, harmless), kind="attn_z", layers=[1])
+    # n_effect=-1 used to measure the effects on all test prompts but the last one, silently
+    for n_effect, n_shuffles in ((-1, 5), (0, 5), (4, 0)):
+        with pytest.raises(FeatsteerError, match="must be at least 1"):
+            probe_report(organism, (harmful, harmless), (harmful, harmless), n_effect=n_effect, n_shuffles=n_shuffles)
 
 
 def test_probe_report_reads_the_instruction_end(organism):
