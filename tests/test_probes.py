@@ -178,6 +178,19 @@ def test_bad_labels_raise():
         DiffMeanProbe().fit(X, np.ones(19))
 
 
+def test_string_labels_and_sparse_activations_are_errors_that_say_what_to_pass():
+    import scipy.sparse
+
+    X, y, _ = planted_data(0, n_samples=20, d_model=3)
+    with pytest.raises(ValueError, match=r"y must contain only 0 \(harmless\) and 1 \(harmful\).*map other labels to 1/0"):
+        DiffMeanProbe().fit(X, np.where(y == 1, "harmful", "harmless"))
+    with pytest.raises(ValueError, match=r"sparse csr_matrix: pass a dense array"):
+        WhitenedProbe().fit(scipy.sparse.csr_matrix(X), y)  # before: "setting an array element with a sequence."
+    fitted = DiffMeanProbe().fit(X, y)
+    with pytest.raises(ValueError, match="sparse"):
+        fitted.predict(scipy.sparse.csr_matrix(X))
+
+
 # --- Planted directions ------------------------------------------------------------------------------------
 
 
