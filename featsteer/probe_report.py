@@ -110,7 +110,7 @@ def probe_report(
         model: the model.
         train: `(harmful, harmless)` prompts the probes and directions are fitted on.
         test: `(harmful, harmless)` held-out prompts for accuracy, AUROC and steering effects.
-        positions: capture selector (`last`, `mean_last:K`, ...).
+        positions: capture selector giving one vector per prompt: `last`, `instruction_end` or `mean_last:K`.
         kind: hook kind swept at every layer: a `d_model`-wide one (`resid_pre`, `resid_mid`, `resid_post`, `attn_out`,
             `mlp_out`, ...), since each layer's directions are ablated from the residual stream's writes.
         n_effect: held-out prompts per class for the steering effect.
@@ -131,7 +131,11 @@ def probe_report(
     mode = Positions.parse(positions).mode
     if mode == "all":
         raise FeatsteerError("the probe report reads one vector per prompt, ending at its last token: --positions all gives every "
-                             "token; use last, post_instruction, instruction_end or mean_last:K")
+                             "token; use last, instruction_end or mean_last:K")
+    if mode == "post_instruction":
+        raise FeatsteerError("the probe report reads one vector per prompt: --positions post_instruction gives one per template token "
+                             "after the instruction, and only the last would be read (the same as --positions last); use last, "
+                             "instruction_end or mean_last:K")
     if n_effect < 1:
         raise FeatsteerError(f"--n-effect (n_effect) must be at least 1 held-out prompt per class, got {n_effect}")
     if n_shuffles < 1:

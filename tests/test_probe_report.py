@@ -78,6 +78,9 @@ def test_probe_report_inputs_it_cannot_use_are_one_line_errors(organism):
     harmful, harmless = builtin_prompts("harmful", "train")[:12], builtin_prompts("harmless", "train")[:12]
     with pytest.raises(FeatsteerError, match="--positions all gives every token"):
         probe_report(organism, (harmful, harmless), (harmful, harmless), positions="all")
+    # post_instruction used to be accepted and read at its last position only: the same numbers as --positions last
+    with pytest.raises(FeatsteerError, match="only the last would be read"):
+        probe_report(organism, (harmful, harmless), (harmful, harmless), positions="post_instruction")
     with pytest.raises(FeatsteerError, match="need at least 3 training prompts per class; got 2 harmful"):
         probe_report(organism, (harmful[:2], harmless), (harmful, harmless))
     with pytest.raises(FeatsteerError, match="no resid_pre hook tells the two sets apart"):
