@@ -30,7 +30,7 @@ from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
 from featsteer.files import json_text, write_files
 from featsteer.interventions import Ablate, steer
-from featsteer.models import ModelAdapter
+from featsteer.models import LAYER_KINDS, ModelAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,9 @@ def probe_report(
         model: the model.
         train: `(harmful, harmless)` prompts the probes and directions are fitted on.
         test: `(harmful, harmless)` held-out prompts for accuracy, AUROC and steering effects.
-        positions: capture selector (`last`, `mean_last:K`, ...).
-        kind: hook kind swept at every layer.
+        positions: capture selector giving one vector per prompt: `last`, `instruction_end` or `mean_last:K`.
+        kind: hook kind swept at every layer: a `d_model`-wide one (`resid_pre`, `resid_mid`, `resid_post`, `attn_out`,
+            `mlp_out`, ...), since each layer's directions are ablated from the residual stream's writes.
         n_effect: held-out prompts per class for the steering effect.
         n_shuffles: shuffled-label controls per probe and layer.
         batch_size: prompts per forward pass.
@@ -130,7 +131,18 @@ def probe_report(
     mode = Positions.parse(positions).mode
     if mode == "all":
         raise FeatsteerError("the probe report reads one vector per prompt, ending at its last token: --positions all gives every "
-                             "token; use last, post_instruction, instruction_end or mean_last:K")
+                             "token; use last, instruction_end or mean_last:K")
+    if mode == "post_instruction":
+        raise FeatsteerError("the probe report reads one vector per prompt: --positions post_instruction gives one per template token "
+                             "after the instruction, and only the last would be read (the same as --positions last); use last, "
+                             "instruction_end or mean_last:K")
+    if n_effect < 1:
+        raise FeatsteerError(f"--n-effect (n_effect) must be at least 1 held-out prompt per class, got {n_effect}")
+    if n_shuffles < 1:
+        raise FeatsteerError(f"n_shuffles must be at least 1 shuffled-label control per probe and layer, got {n_shuffles}")
+    if kind not in LAYER_KINDS:
+        raise FeatsteerError(f"the probe report ablates each layer's directions from the residual stream, so it sweeps a d_model-wide kind "
+                             f"({', '.join(LAYER_KINDS)}); {kind} vectors are not residual-stream vectors")
     smallest = min(len(train[0]), len(train[1]))
     if smallest < PROBE_FOLDS:
         raise FeatsteerError(f"the probes are fitted with {PROBE_FOLDS}-fold cross-validation and need at least {PROBE_FOLDS} training "

@@ -66,6 +66,8 @@ def to_float64_numpy(values: Any) -> np.ndarray:
     Returns:
         A float64 numpy array (a copy when a conversion was necessary).
     """
+    if hasattr(values, "toarray") and hasattr(values, "nnz"):
+        raise ValueError(f"got a sparse {type(values).__name__}: pass a dense array (its .toarray())")
     if hasattr(values, "detach") and hasattr(values, "cpu"):
         if getattr(values, "is_complex", lambda: False)():
             raise ValueError("activations are complex numbers: pass real values (the imaginary part would be dropped)")
@@ -128,7 +130,11 @@ def check_labels(
     Raises:
         ValueError: If the shape does not match, a label is not 0/1, or a required class is missing.
     """
-    labels = to_float64_numpy(y)
+    try:
+        labels = to_float64_numpy(y)
+    except ValueError as error:  # e.g. "harmful"/"harmless" strings, for which numpy's own message names no fix
+        raise ValueError(f"{name} must contain only 0 (harmless) and 1 (harmful), numbers or bools: {error}; "
+                         "map other labels to 1/0 first") from error
     if labels.ndim != 1 or (n_samples is not None and labels.shape[0] != n_samples):
         expected = "(n_samples,)" if n_samples is None else f"({n_samples},) to match the activations"
         raise ValueError(f"{name} must have shape {expected}, got {labels.shape}")

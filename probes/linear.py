@@ -14,6 +14,8 @@ import numpy as np
 from jaxtyping import Float
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import BaseCrossValidator, GridSearchCV, StratifiedKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
 
 from probes.base import Activations, BaseProbe, Labels, class_means, unit_vector
 
@@ -74,7 +76,9 @@ class LinearProbe(BaseProbe):
     scikit-learn 1.8-1.12; the result is the same (best ``C`` on the CV score, then a refit on all
     data). When ``standardize`` is true the model is fitted on z-scored features and mapped back, so
     ``coef_``/``intercept_`` always act on raw activations: with ``z = (x - mean) / scale``,
-    ``w_x = w_z / scale`` and ``b_x = b_z - w_x . mean``.
+    ``w_x = w_z / scale`` and ``b_x = b_z - w_x . mean``. The z-scoring is part of the searched pipeline,
+    so each cross-validation fold is scaled with statistics of its own training rows only: the held-out
+    rows never inform the choice of ``C``.
 
     Args:
         Cs: Candidate inverse regularisation strengths, or an int ``k`` for ``k`` values log-spaced in
@@ -137,13 +141,6 @@ class LinearProbe(BaseProbe):
             ValueError: On NaN/inf in ``X``, bad labels, a bad ``Cs`` grid, or an all-zero weight vector.
         """
         X, y = self._validate_fit_data(X, y)
-        if self.standardize:
-            self.feature_mean_ = X.mean(axis=0)
-            scale = X.std(axis=0)
-            self.feature_scale_ = np.where(scale > 0.0, scale, 1.0)
-        else:
-            self.feature_mean_ = np.zeros(X.shape[1])
-            self.feature_scale_ = np.ones(X.shape[1])
         self.Cs_ = self._candidate_Cs()
         if isinstance(self.cv, (int, np.integer)):
             smallest = int(np.bincount(y, minlength=2).min())
@@ -154,9 +151,12 @@ class LinearProbe(BaseProbe):
                 )
         splitter = StratifiedKFold(n_splits=self.cv) if isinstance(self.cv, (int, np.integer)) else self.cv
         model = LogisticRegression(class_weight=self.class_weight, max_iter=self.max_iter)
-        search = GridSearchCV(model, {"C": list(self.Cs_)}, scoring=self.scoring, cv=splitter, refit=True)
-        search.fit((X - self.feature_mean_) / self.feature_scale_, y)
-        best = search.best_estimator_
+        pipeline = Pipeline([("scale", StandardScaler() if self.standardize else "passthrough"), ("model", model)])
+        search = GridSearchCV(pipeline, {"model__C": list(self.Cs_)}, scoring=self.scoring, cv=splitter, refit=True)
+        search.fit(X, y)
+        scaler, best = search.best_estimator_["scale"], search.best_estimator_["model"]
+        self.feature_mean_ = scaler.mean_ if self.standardize else np.zeros(X.shape[1])
+        self.feature_scale_ = scaler.scale_ if self.standardize else np.ones(X.shape[1])
         self.C_ = float(best.C)
         self.cv_scores_ = np.asarray(search.cv_results_["mean_test_score"], dtype=np.float64)
         weights = best.coef_[0].astype(np.float64) / self.feature_scale_

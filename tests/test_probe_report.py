@@ -78,10 +78,21 @@ def test_probe_report_inputs_it_cannot_use_are_one_line_errors(organism):
     harmful, harmless = builtin_prompts("harmful", "train")[:12], builtin_prompts("harmless", "train")[:12]
     with pytest.raises(FeatsteerError, match="--positions all gives every token"):
         probe_report(organism, (harmful, harmless), (harmful, harmless), positions="all")
+    # post_instruction used to be accepted and read at its last position only: the same numbers as --positions last
+    with pytest.raises(FeatsteerError, match="only the last would be read"):
+        probe_report(organism, (harmful, harmless), (harmful, harmless), positions="post_instruction")
     with pytest.raises(FeatsteerError, match="need at least 3 training prompts per class; got 2 harmful"):
         probe_report(organism, (harmful[:2], harmless), (harmful, harmless))
     with pytest.raises(FeatsteerError, match="no resid_pre hook tells the two sets apart"):
         probe_report(organism, (harmful, harmful), (harmful, harmful))
+    # a head-space direction is as wide as the stream here (5 heads x 32 = 160): it used to be ablated from the
+    # residual writes as if it were a residual direction, giving refusal drops that mean nothing
+    with pytest.raises(FeatsteerError, match="attn_z vectors are not residual-stream vectors"):
+        probe_report(organism, (harmful, harmless), (harmful, harmless), kind="attn_z", layers=[1])
+    # n_effect=-1 used to measure the effects on all test prompts but the last one, silently
+    for n_effect, n_shuffles in ((-1, 5), (0, 5), (4, 0)):
+        with pytest.raises(FeatsteerError, match="must be at least 1"):
+            probe_report(organism, (harmful, harmless), (harmful, harmless), n_effect=n_effect, n_shuffles=n_shuffles)
 
 
 def test_probe_report_reads_the_instruction_end(organism):

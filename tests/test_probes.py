@@ -178,6 +178,19 @@ def test_bad_labels_raise():
         DiffMeanProbe().fit(X, np.ones(19))
 
 
+def test_string_labels_and_sparse_activations_are_errors_that_say_what_to_pass():
+    import scipy.sparse
+
+    X, y, _ = planted_data(0, n_samples=20, d_model=3)
+    with pytest.raises(ValueError, match=r"y must contain only 0 \(harmless\) and 1 \(harmful\).*map other labels to 1/0"):
+        DiffMeanProbe().fit(X, np.where(y == 1, "harmful", "harmless"))
+    with pytest.raises(ValueError, match=r"sparse csr_matrix: pass a dense array"):
+        WhitenedProbe().fit(scipy.sparse.csr_matrix(X), y)  # before: "setting an array element with a sequence."
+    fitted = DiffMeanProbe().fit(X, y)
+    with pytest.raises(ValueError, match="sparse"):
+        fitted.predict(scipy.sparse.csr_matrix(X))
+
+
 # --- Planted directions ------------------------------------------------------------------------------------
 
 
@@ -240,6 +253,22 @@ def test_linear_probe_coefficients_live_in_activation_space():
     np.testing.assert_allclose(probe.decision_function(X), expected, atol=1e-8)
     np.testing.assert_allclose(X @ probe.coef_[0] + probe.intercept_[0], expected, atol=1e-8)
     assert probe.C_ in probe.Cs_ and probe.cv_scores_.shape == (3,)
+
+
+def test_linear_probe_cross_validation_scales_each_fold_on_its_own_training_rows():
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y, _ = planted_data(14, n_samples=60, d_model=8, separation=1.0)
+    X[::3, 1:] *= 10.0  # a third of the rows on another scale: scaling on all rows would differ from each fold's own
+    Cs = [0.01, 0.1, 1.0, 10.0]
+    probe = LinearProbe(Cs=Cs, cv=3).fit(X, y)
+    reference = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=1000))
+    search = GridSearchCV(reference, {"logisticregression__C": Cs}, scoring="neg_log_loss", cv=StratifiedKFold(3)).fit(X, y)
+    # before, the z-scoring was fitted on every row, held-out folds included, which made these scores optimistic
+    np.testing.assert_allclose(probe.cv_scores_, search.cv_results_["mean_test_score"], rtol=1e-6)
+    np.testing.assert_allclose(probe.decision_function(X), search.decision_function(X), atol=1e-8)
 
 
 # --- Mahalanobis against scikit-learn's covariance estimators ----------------------------------------------
