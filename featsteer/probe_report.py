@@ -82,8 +82,10 @@ class ProbeReport:
     """`{source: {swept hook: SAE hook}}`: which SAE's top feature each `sae...` source is at each swept hook."""
 
     def best(self, kind: str = "linear"):
-        """Sweep row with the highest selectivity for a probe kind."""
-        return max(self.sweep[kind], key=lambda r: r.selectivity)
+        """Sweep row with the highest held-out accuracy for a probe kind (ties: AUROC, then the earliest layer)."""
+        from probes import best_row
+
+        return best_row(self.sweep[kind])
 
     def to_json(self) -> dict:
         """JSON-ready form."""

@@ -1,10 +1,16 @@
-"""Selectivity: how much of a probe's accuracy the labels, not the probe's capacity, explain.
+"""Selectivity: how far a probe's held-out accuracy stands above what the same probe reaches on a control task.
 
 Why this module exists: a flexible probe on thousands of dimensions can score well above chance on
 structure unrelated to the concept (Hewitt & Liang 2019, "Designing and Interpreting Probes with
-Control Tasks"). The control here is the same probe, cloned, trained on *shuffled* training labels and
-tested against the *real* test labels; selectivity is the real accuracy minus that control accuracy.
-A high selectivity means the direction is about harmfulness, not an artefact of fitting.
+Control Tasks"). The control task here gives every prompt a random label (a permutation of the real
+labels, so the class balance is kept), separately for the training and the test prompts; the same probe,
+cloned, is trained on the control training labels and scored against the control test labels. It is the
+permutation null: what the probe reaches when the labels carry nothing, chance level for the split's balance
+plus whatever the probe can exploit without the concept. Selectivity is the real accuracy minus that.
+
+The control is scored against its own labels, not the real ones: a probe fitted to shuffled labels still
+finds the dominant harmful/harmless axis of the activations, with a random sign, so against the real labels
+its accuracy is bimodal (0.09 to 0.91 across shuffles on the organism) and says nothing about the probe.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ class SelectivityResult:
     accuracy: float
     """Test accuracy of the probe trained on the real labels."""
     control_accuracy: float
-    """Mean test accuracy (against the real labels) of clones trained on shuffled labels."""
+    """Mean test accuracy of clones trained on shuffled training labels, scored against shuffled test labels."""
     selectivity: float
     """``accuracy - control_accuracy``."""
     auroc: float
@@ -49,9 +55,10 @@ def selectivity(
 ) -> SelectivityResult:
     """Accuracy, AUROC and shuffled-label control of a probe on a train/test split.
 
-    ``probe`` itself is never fitted: every fit uses a ``sklearn.base.clone`` of it. The shuffles
-    are permutations of ``y_train`` (class balance preserved) drawn from ``seed``, so results are
-    reproducible and the same seed gives the same shuffles for every layer of a sweep.
+    ``probe`` itself is never fitted: every fit uses a ``sklearn.base.clone`` of it. Each control
+    draws a permutation of ``y_train`` and one of ``y_test`` (class balance preserved) from ``seed``,
+    fits on the first and is scored against the second, so results are reproducible and the same seed
+    gives the same shuffles for every layer of a sweep.
 
     Args:
         probe: Any estimator with ``fit``, ``decision_function`` and ``score`` (every ``probes``
@@ -77,10 +84,11 @@ def selectivity(
     fitted = clone(probe).fit(X_train, train_labels)
     accuracy = float(fitted.score(X_test, test_labels))
     auroc = float(roc_auc_score(test_labels, fitted.decision_function(X_test)))
-    controls = tuple(
-        float(clone(probe).fit(X_train, rng.permutation(train_labels)).score(X_test, test_labels))
-        for _ in range(n_shuffles)
-    )
+    controls = []
+    for _ in range(n_shuffles):
+        control_train, control_test = rng.permutation(train_labels), rng.permutation(test_labels)
+        controls.append(float(clone(probe).fit(X_train, control_train).score(X_test, control_test)))
+    controls = tuple(controls)
     control_accuracy = float(np.mean(controls))
     return SelectivityResult(
         accuracy=accuracy,

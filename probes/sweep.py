@@ -48,7 +48,7 @@ class SweepRow:
     auroc: float
     """Test AUROC."""
     control_accuracy: float
-    """Mean test accuracy of shuffled-label controls."""
+    """Mean test accuracy of the shuffled-label controls, each scored against shuffled test labels."""
     selectivity: float
     """``accuracy - control_accuracy``."""
     n_train: int
@@ -110,8 +110,11 @@ def layer_sweep(
     return rows
 
 
-def best_row(rows: Sequence[SweepRow], metric: str = "selectivity") -> SweepRow:
-    """The row with the highest ``metric`` (the first one on ties).
+def best_row(rows: Sequence[SweepRow], metric: str = "accuracy") -> SweepRow:
+    """The row with the highest ``metric``, ties broken by AUROC, then by order (the first one wins).
+
+    Accuracy is the default: selectivity is accuracy minus a control that sits near chance, so ranking by it
+    only adds the control's sampling noise.
 
     Args:
         rows: Output of :func:`layer_sweep`.
@@ -127,7 +130,7 @@ def best_row(rows: Sequence[SweepRow], metric: str = "selectivity") -> SweepRow:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
     if not rows:
         raise ValueError("no rows to choose from")
-    return max(rows, key=lambda row: getattr(row, metric))
+    return max(rows, key=lambda row: (getattr(row, metric), row.auroc))
 
 
 def sweep_table(rows: Sequence[SweepRow], *, digits: int = 3) -> str:

@@ -30,6 +30,7 @@ from probes import (
     sweep_table,
 )
 from probes._random import as_generator
+from probes.sweep import SweepRow
 
 ROGUE_VARIANCES = (100.0, 200.0, 400.0, 600.0, 800.0, 1000.0)
 
@@ -328,6 +329,23 @@ def test_selectivity_is_high_on_separable_data():
     assert result.selectivity > 0.3
     assert len(result.control_accuracies) == 20
     assert result == selectivity(DiffMeanProbe(), X, y, X_test, y_test, n_shuffles=20, seed=0)
+
+
+def test_every_control_is_scored_on_its_own_labels_so_it_sits_at_chance():
+    # a probe fitted to shuffled labels still finds the dominant class axis, with a random sign: scored against the
+    # real test labels its accuracy lands near 0 or 1. Scored against the control task's own (shuffled) test labels
+    # every control is near chance
+    X, y, _ = planted_data(11, n_samples=400, d_model=32, separation=4.0)
+    (X, y), (X_test, y_test) = (X[::2], y[::2]), (X[1::2], y[1::2])
+    result = selectivity(DiffMeanProbe(), X, y, X_test, y_test, n_shuffles=20, seed=0)
+    assert max(abs(control - 0.5) for control in result.control_accuracies) < 0.15
+    assert np.std(result.control_accuracies) < 0.06
+
+
+def test_best_row_breaks_accuracy_ties_by_auroc():
+    rows = [SweepRow("a", 1.0, 0.97, 0.5, 0.5, 10, 10), SweepRow("b", 1.0, 0.99, 0.5, 0.5, 10, 10),
+            SweepRow("c", 0.9, 1.0, 0.5, 0.4, 10, 10)]
+    assert best_row(rows).key == "b" and best_row(rows, "auroc").key == "c"
 
 
 def test_selectivity_is_zero_on_noise_labels():
