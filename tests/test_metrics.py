@@ -270,6 +270,23 @@ def test_target_probability_reads_hooks(llama_adapter) -> None:
     assert not torch.allclose(base, hooked)
 
 
+@pytest.mark.parametrize("positions", ["prompt", "generated"])
+def test_target_probability_decodes_as_generate_under_position_steering(llama_adapter, positions) -> None:
+    # an addition on the prompt's (or the generated) tokens only must steer the same tokens here as in `generate`:
+    # each decoding step is a generation pass, not a fresh prompt pass over the grown sequence
+    from featsteer.interventions import AddDirection, steer
+    from featsteer.testing import random_direction
+
+    model = llama_adapter
+    batch = model.tokenize(PROMPTS)
+    addition = AddDirection(random_direction(model.d_model, 3), 40.0, where="blocks.1.hook_resid_pre", positions=positions)
+    with steer(model, addition):
+        expected, _ = model._greedy(batch, 6)
+        _, _, tokens = _greedy_target_probs(model, batch, [40, 41, 72], 6)
+    stops = model.stop_token_ids
+    assert [[t for t in row if t >= 0 and t not in stops] for row in tokens.tolist()] == expected
+
+
 # ---- response cross-entropy ------------------------------------------------------------------------
 def _manual_nll(model, prompt: str, response: str) -> tuple[float, int]:
     prompt_ids = model.tokenize([prompt]).input_ids[0].tolist()

@@ -442,20 +442,23 @@ def _greedy_target_probs(
 ) -> tuple[Float[Tensor, "batch step"], Bool[Tensor, "batch step"], Int[Tensor, "batch step"]]:
     """Greedy decoding that records, at each step, the highest probability among `target_ids`.
 
-    A plain loop of `model.run` over the growing sequence (no KV cache), so any hook the caller has
-    installed sees every position at every step, exactly as in a full forward pass.
+    Each step re-reads the prompt and the tokens generated so far (no KV cache) through
+    `ModelAdapter.run_continued`, so the caller's hooks see the passes as `generate` shows them: the prompt pass
+    first, then decoding passes whose new tokens count as generated (interventions on the prompt's or the
+    generated tokens only, a CAST gate deciding on the prompt, pre-passes on the prompt alone).
 
     Returns:
         `probs` (float64), `active` (the row had not finished before this step; the step that emits the
         stop token is active) and the greedy `tokens` (-1 once a row has finished).
     """
-    input_ids, mask = batch.input_ids, batch.attention_mask
-    stop_ids = torch.tensor(sorted(model.stop_token_ids), dtype=torch.long, device=input_ids.device)
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    device = batch.input_ids.device
+    stop_ids = torch.tensor(sorted(model.stop_token_ids), dtype=torch.long, device=device)
+    finished = torch.zeros(batch.input_ids.shape[0], dtype=torch.bool, device=device)
+    generated: list[list[int]] = [[] for _ in range(batch.input_ids.shape[0])]
     probs, active, tokens = [], [], []
     target: Tensor | None = None
     for _ in range(max_new_tokens):
-        logits = model.run(TokenBatch(input_ids, mask), last_only=True)[:, -1, :]
+        logits = model.run_continued(batch, generated)[:, -1, :]
         _check_logits(logits, "target_token_probability", first_prompt)
         if target is None:
             target = _token_index(target_ids, logits.shape[-1], "target_ids", logits.device)
@@ -467,8 +470,8 @@ def _greedy_target_probs(
         finished = finished | torch.isin(next_token, stop_ids)
         if bool(finished.all()):
             break
-        input_ids = torch.cat([input_ids, next_token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(next_token)[:, None]], dim=1)
+        for row, token in zip(generated, next_token.tolist(), strict=True):
+            row.append(int(token))
     return torch.stack(probs, 1).cpu(), torch.stack(active, 1).cpu(), torch.stack(tokens, 1).cpu()
 
 
