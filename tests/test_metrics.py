@@ -308,6 +308,27 @@ def test_response_cross_entropy_matches_manual(llama_adapter) -> None:
     assert result.perplexity == pytest.approx(math.exp(result.mean_nll), rel=1e-12)
 
 
+def test_response_cross_entropy_sees_responses_as_generated_tokens(llama_adapter) -> None:
+    # an addition on the prompt's tokens only must leave the response's tokens alone (as while decoding them)
+    from featsteer.interventions import AddDirection, steer
+    from featsteer.testing import random_direction
+
+    model = llama_adapter
+    vector = random_direction(model.d_model, 3)
+    n_prompt = model.tokenize(PROMPTS[:1]).input_ids.shape[1]
+
+    def add_to_prompt(activation, site):
+        shifted = activation.clone()
+        shifted[:, :n_prompt] += 5.0 * vector.to(activation.dtype)
+        return shifted
+
+    with model.hooks([("blocks.1.hook_resid_pre", add_to_prompt)]):
+        nll, n_tokens = _manual_nll(model, PROMPTS[0], RESPONSES[0])
+    with steer(model, AddDirection(vector, 5.0, where="blocks.1.hook_resid_pre", positions="prompt")):
+        result = response_cross_entropy(model, PROMPTS[:1], RESPONSES[:1])
+    assert result.mean_nll == pytest.approx(nll / n_tokens, abs=1e-5)
+
+
 def test_response_cross_entropy_batch_equals_single(llama_adapter) -> None:
     model = llama_adapter
     batched = response_cross_entropy(model, PROMPTS, RESPONSES, batch_size=4)
