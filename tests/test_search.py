@@ -539,3 +539,25 @@ def test_a_trial_stopped_by_ctrl_c_is_run_again_on_resume(setup, tmp_path, monke
     resumed = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=4, **FAST))
     assert len(resumed.trials) == 4  # two before the interrupt and two after: the stopped one did not count
     assert _same_weights(model, before)
+
+
+def test_a_classic_trial_stopped_by_ctrl_c_runs_again_with_its_own_params(setup, tmp_path, monkeypatch):
+    # the stopped trial 0 is the classic edit: a resume must run that edit, not a new sample in its place
+    model, result = setup
+    real, calls = search_module._Screen.__call__, {"n": 0}
+
+    def interrupted_first(self, trial):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return real(self, trial)
+
+    monkeypatch.setattr(search_module._Screen, "__call__", interrupted_first)
+    with pytest.raises(KeyboardInterrupt):
+        search_abliteration(model, result, tmp_path, SearchConfig(n_trials=3, **FAST))
+    monkeypatch.setattr(search_module._Screen, "__call__", real)
+    resumed = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=3, **FAST))
+    classic = search_abliteration(model, result, tmp_path / "fresh", SearchConfig(n_trials=1, **FAST)).trials[0]["params"]
+    assert [t["params"] for t in resumed.trials].count(classic) == 1
+    more = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=4, **FAST))
+    assert len(more.trials) == 4 and [t["params"] for t in more.trials].count(classic) == 1  # run again once, not on every resume
