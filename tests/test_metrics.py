@@ -287,6 +287,15 @@ def test_target_probability_decodes_as_generate_under_position_steering(llama_ad
     assert [[t for t in row if t >= 0 and t not in stops] for row in tokens.tolist()] == expected
 
 
+def test_run_continued_last_only_is_the_last_column(llama_adapter) -> None:
+    model = llama_adapter
+    batch = model.tokenize(PROMPTS)
+    continuations = [[40, 41, 72]] * len(PROMPTS)
+    last = model.run_continued(batch, continuations, last_only=True)
+    assert last.shape[1] == 1
+    torch.testing.assert_close(last, model.run_continued(batch, continuations)[:, -1:], atol=1e-5, rtol=0)
+
+
 # ---- response cross-entropy ------------------------------------------------------------------------
 def _manual_nll(model, prompt: str, response: str) -> tuple[float, int]:
     prompt_ids = model.tokenize([prompt]).input_ids[0].tolist()

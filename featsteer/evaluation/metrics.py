@@ -458,7 +458,7 @@ def _greedy_target_probs(
     probs, active, tokens = [], [], []
     target: Tensor | None = None
     for _ in range(max_new_tokens):
-        logits = model.run_continued(batch, generated)[:, -1, :]
+        logits = model.run_continued(batch, generated, last_only=True)[:, -1, :]
         _check_logits(logits, "target_token_probability", first_prompt)
         if target is None:
             target = _token_index(target_ids, logits.shape[-1], "target_ids", logits.device)
