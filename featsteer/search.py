@@ -877,8 +877,10 @@ def _search(model: ModelAdapter, source: _DirectionSource, bounds: dict[str, tup
     setup = {**setup, "mode": config.mode, "refusal_objective": config.refusal_objective,
              "proxy_harmful_sha256": prompt_set_hash(proxy[0]), "proxy_harmless_sha256": prompt_set_hash(proxy[1]),
              "bounds": {k: list(v) for k, v in bounds.items()}, "scopes": list(source.scopes),
-             # recorded only when not the default, so studies from before the option still resume
-             **({"kl_prompts": config.kl_prompts} if config.kl_prompts != "all" else {})}
+             # recorded only when not the default, so studies from before the option still resume; the KL along the
+             # answers reads answers of max_new_tokens tokens, so their length is part of its objective
+             **({"kl_prompts": config.kl_prompts} if config.kl_prompts != "all" else {}),
+             **({"response_tokens": config.max_new_tokens} if config.kl_prompts == "response" else {})}
     study = _open_study(out, setup)
     if before_trials is not None:
         before_trials()

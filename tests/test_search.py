@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -387,6 +388,9 @@ def test_kl_along_the_answers_is_the_search_objective_when_asked(tmp_path):
     verified = [p for p in found.pareto if p.get("verified")]
     assert verified and all(p["verified"]["kl_response"] >= 0 for p in verified)
     assert verified_kl(verified[0], "response") == verified[0]["verified"]["kl_response"]
+    # answers of another length are another objective: a resume with them is refused, not mixed in
+    with pytest.raises(FeatsteerError, match="response_tokens"):
+        search_abliteration(model, result, tmp_path, dataclasses.replace(config, n_trials=4, max_new_tokens=5))
 
 
 @pytest.fixture(scope="module")
