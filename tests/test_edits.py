@@ -19,6 +19,7 @@ from featsteer.interventions import (
     RESIDUAL,
     Ablate,
     AddDirection,
+    AffineEdit,
     ConditionalSteer,
     ProjectionSet,
     ablate,
@@ -408,6 +409,9 @@ def test_add_projection_set_and_conditional_steering(llama_adapter):
     with steer(llama_adapter, ProjectionSet(r, 3.0, where=site)), llama_adapter.hooks([(site, record)]):
         llama_adapter.run(llama_adapter.tokenize(PROMPTS))
     torch.testing.assert_close(seen[site] @ r, torch.full_like(seen[site] @ r, 3.0), atol=1e-4, rtol=0)
+    for short in (ProjectionSet(0.5 * r, 3.0, where=site), AffineEdit(0.5 * r, {site: 0.0}, {site: 1.0})):  # would set neither r's projection nor 0.5 r's
+        with pytest.raises(FeatsteerError, match="norm 0.5"):
+            short.hooks_for(llama_adapter)
     base = llama_adapter.logits(PROMPTS)
     behaviour = AddDirection(r, 8.0, where="blocks.2.hook_resid_pre")
     always = ConditionalSteer(r, "blocks.1.hook_resid_pre", threshold=-2.0, behaviour=behaviour)
