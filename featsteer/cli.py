@@ -1624,7 +1624,8 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--scope", choices=["global", "per_layer"], default="global",
                      help="per_layer: each block removes the DIM candidate of the stream it writes into (rank-1 methods)")
     abl.add_argument("--alpha", type=float, help="amplification for --reverse/--induce (default 1)")
-    abl.add_argument("--shift", type=float, help="embedding shift for --induce (default 0)")
+    abl.add_argument("--shift", type=float, help="embedding shift for --induce, as the stream reads it at hook_embed (a model that "
+                     "scales its embeddings, Gemma or Granite, gets the weight change divided by that scale; default 0)")
     abl.add_argument("--search", type=int, default=0, metavar="N", help="run an N-trial multi-objective search (optuna TPE)")
     abl.add_argument("--search-dir", help="where the resumable study, pareto.json and pareto.png go (default OUT-search)")
     abl.add_argument("--search-trial", type=int, metavar="N",

@@ -588,6 +588,7 @@ def _run_trials(study: optuna.Study, screen: _Screen, config: SearchConfig, clas
             n_warm = len(queued) - int(config.enqueue_classic)
             study.set_user_attr("warm_start", n_warm)
             logger.info("warm start: %d of %d earlier points queued", n_warm, len(warm_start))
+    _queue_interrupted(study)
     study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(finished), n_startup_trials=config.n_startup_trials)
     logger.info("running %d trials (%d already finished)", remaining, len(finished))
     verbosity = optuna.logging.get_verbosity()
@@ -596,6 +597,22 @@ def _run_trials(study: optuna.Study, screen: _Screen, config: SearchConfig, clas
         study.optimize(functools.partial(_interruptible, screen), n_trials=remaining, catch=(FeatsteerError,))
     finally:
         optuna.logging.set_verbosity(verbosity)
+
+
+def _queue_interrupted(study: optuna.Study) -> None:
+    """Queue again the parameters of every trial Ctrl-C stopped that no later trial has run: a stopped trial is run
+    again, not replaced by a new sample, so a stopped classic edit (trial 0) or warm-start point is not lost."""
+    trials = study.get_trials(deepcopy=False)
+
+    def params_of(trial: optuna.trial.FrozenTrial) -> dict:
+        return trial.system_attrs.get("fixed_params", trial.params)
+
+    run = [params_of(t) for t in trials if not t.user_attrs.get("interrupted")]
+    for trial in trials:
+        params = params_of(trial)
+        if trial.user_attrs.get("interrupted") and params and params not in run:
+            study.enqueue_trial(params)
+            run.append(params)
 
 
 def _interruptible(screen: _Screen, trial: optuna.Trial) -> tuple[float, float]:
@@ -860,8 +877,10 @@ def _search(model: ModelAdapter, source: _DirectionSource, bounds: dict[str, tup
     setup = {**setup, "mode": config.mode, "refusal_objective": config.refusal_objective,
              "proxy_harmful_sha256": prompt_set_hash(proxy[0]), "proxy_harmless_sha256": prompt_set_hash(proxy[1]),
              "bounds": {k: list(v) for k, v in bounds.items()}, "scopes": list(source.scopes),
-             # recorded only when not the default, so studies from before the option still resume
-             **({"kl_prompts": config.kl_prompts} if config.kl_prompts != "all" else {})}
+             # recorded only when not the default, so studies from before the option still resume; the KL along the
+             # answers reads answers of max_new_tokens tokens, so their length is part of its objective
+             **({"kl_prompts": config.kl_prompts} if config.kl_prompts != "all" else {}),
+             **({"response_tokens": config.max_new_tokens} if config.kl_prompts == "response" else {})}
     study = _open_study(out, setup)
     if before_trials is not None:
         before_trials()

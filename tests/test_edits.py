@@ -19,6 +19,7 @@ from featsteer.interventions import (
     RESIDUAL,
     Ablate,
     AddDirection,
+    AffineEdit,
     ConditionalSteer,
     ProjectionSet,
     ablate,
@@ -214,6 +215,22 @@ def test_amplify_strengthens_component():
         torch.testing.assert_close(r @ writer.read()[0], 2 * (r @ weight), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma", "granite"])
+def test_induce_shift_moves_the_stream_by_the_shift_whatever_the_embedding_scale(family):
+    # Gemma multiplies its embeddings by sqrt(d_model) and Granite by a multiplier: the shift is the stream's
+    from featsteer.activations import capture
+
+    model, tokenizer = tiny_model(family)
+    adapter = load_model(model, tokenizer=tokenizer)
+    r = _direction(adapter.d_model)
+    before = capture(adapter, PROMPTS, ["hook_embed"], positions="last", progress=False).activations[:, 0].double()
+    config = EditConfig(mode="induce", alpha=0.0, shift=1.5, embedding_strength=0.0)
+    with apply_edit(adapter, r, config) as handle:
+        after = capture(adapter, PROMPTS, ["hook_embed"], positions="last", progress=False).activations[:, 0].double()
+        assert handle.record["edit"]["shift"] == 1.5
+    torch.testing.assert_close((after - before) @ r.double(), torch.full((len(PROMPTS),), 1.5, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "gpt_oss", "mixtral", "lfm2"])
 def test_head_edit_removes_the_direction_from_those_heads_writes_alone(family):
     """`apply_edit(heads=...)`: the edited layer's attention output is the unedited one minus the direction's component
@@ -392,6 +409,9 @@ def test_add_projection_set_and_conditional_steering(llama_adapter):
     with steer(llama_adapter, ProjectionSet(r, 3.0, where=site)), llama_adapter.hooks([(site, record)]):
         llama_adapter.run(llama_adapter.tokenize(PROMPTS))
     torch.testing.assert_close(seen[site] @ r, torch.full_like(seen[site] @ r, 3.0), atol=1e-4, rtol=0)
+    for short in (ProjectionSet(0.5 * r, 3.0, where=site), AffineEdit(0.5 * r, {site: 0.0}, {site: 1.0})):  # would set neither r's projection nor 0.5 r's
+        with pytest.raises(FeatsteerError, match="norm 0.5"):
+            short.hooks_for(llama_adapter)
     base = llama_adapter.logits(PROMPTS)
     behaviour = AddDirection(r, 8.0, where="blocks.2.hook_resid_pre")
     always = ConditionalSteer(r, "blocks.1.hook_resid_pre", threshold=-2.0, behaviour=behaviour)

@@ -270,6 +270,32 @@ def test_target_probability_reads_hooks(llama_adapter) -> None:
     assert not torch.allclose(base, hooked)
 
 
+@pytest.mark.parametrize("positions", ["prompt", "generated"])
+def test_target_probability_decodes_as_generate_under_position_steering(llama_adapter, positions) -> None:
+    # an addition on the prompt's (or the generated) tokens only must steer the same tokens here as in `generate`:
+    # each decoding step is a generation pass, not a fresh prompt pass over the grown sequence
+    from featsteer.interventions import AddDirection, steer
+    from featsteer.testing import random_direction
+
+    model = llama_adapter
+    batch = model.tokenize(PROMPTS)
+    addition = AddDirection(random_direction(model.d_model, 3), 40.0, where="blocks.1.hook_resid_pre", positions=positions)
+    with steer(model, addition):
+        expected, _ = model._greedy(batch, 6)
+        _, _, tokens = _greedy_target_probs(model, batch, [40, 41, 72], 6)
+    stops = model.stop_token_ids
+    assert [[t for t in row if t >= 0 and t not in stops] for row in tokens.tolist()] == expected
+
+
+def test_run_continued_last_only_is_the_last_column(llama_adapter) -> None:
+    model = llama_adapter
+    batch = model.tokenize(PROMPTS)
+    continuations = [[40, 41, 72]] * len(PROMPTS)
+    last = model.run_continued(batch, continuations, last_only=True)
+    assert last.shape[1] == 1
+    torch.testing.assert_close(last, model.run_continued(batch, continuations)[:, -1:], atol=1e-5, rtol=0)
+
+
 # ---- response cross-entropy ------------------------------------------------------------------------
 def _manual_nll(model, prompt: str, response: str) -> tuple[float, int]:
     prompt_ids = model.tokenize([prompt]).input_ids[0].tolist()
@@ -289,6 +315,27 @@ def test_response_cross_entropy_matches_manual(llama_adapter) -> None:
     assert result.mean_nll == pytest.approx(nll / n_tokens, abs=1e-5)
     assert float(result.per_prompt[0]) == pytest.approx(nll / n_tokens, abs=1e-5)
     assert result.perplexity == pytest.approx(math.exp(result.mean_nll), rel=1e-12)
+
+
+def test_response_cross_entropy_sees_responses_as_generated_tokens(llama_adapter) -> None:
+    # an addition on the prompt's tokens only must leave the response's tokens alone (as while decoding them)
+    from featsteer.interventions import AddDirection, steer
+    from featsteer.testing import random_direction
+
+    model = llama_adapter
+    vector = random_direction(model.d_model, 3)
+    n_prompt = model.tokenize(PROMPTS[:1]).input_ids.shape[1]
+
+    def add_to_prompt(activation, site):
+        shifted = activation.clone()
+        shifted[:, :n_prompt] += 5.0 * vector.to(activation.dtype)
+        return shifted
+
+    with model.hooks([("blocks.1.hook_resid_pre", add_to_prompt)]):
+        nll, n_tokens = _manual_nll(model, PROMPTS[0], RESPONSES[0])
+    with steer(model, AddDirection(vector, 5.0, where="blocks.1.hook_resid_pre", positions="prompt")):
+        result = response_cross_entropy(model, PROMPTS[:1], RESPONSES[:1])
+    assert result.mean_nll == pytest.approx(nll / n_tokens, abs=1e-5)
 
 
 def test_response_cross_entropy_batch_equals_single(llama_adapter) -> None:

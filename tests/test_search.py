@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -387,6 +388,9 @@ def test_kl_along_the_answers_is_the_search_objective_when_asked(tmp_path):
     verified = [p for p in found.pareto if p.get("verified")]
     assert verified and all(p["verified"]["kl_response"] >= 0 for p in verified)
     assert verified_kl(verified[0], "response") == verified[0]["verified"]["kl_response"]
+    # answers of another length are another objective: a resume with them is refused, not mixed in
+    with pytest.raises(FeatsteerError, match="response_tokens"):
+        search_abliteration(model, result, tmp_path, dataclasses.replace(config, n_trials=4, max_new_tokens=5))
 
 
 @pytest.fixture(scope="module")
@@ -539,3 +543,25 @@ def test_a_trial_stopped_by_ctrl_c_is_run_again_on_resume(setup, tmp_path, monke
     resumed = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=4, **FAST))
     assert len(resumed.trials) == 4  # two before the interrupt and two after: the stopped one did not count
     assert _same_weights(model, before)
+
+
+def test_a_classic_trial_stopped_by_ctrl_c_runs_again_with_its_own_params(setup, tmp_path, monkeypatch):
+    # the stopped trial 0 is the classic edit: a resume must run that edit, not a new sample in its place
+    model, result = setup
+    real, calls = search_module._Screen.__call__, {"n": 0}
+
+    def interrupted_first(self, trial):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return real(self, trial)
+
+    monkeypatch.setattr(search_module._Screen, "__call__", interrupted_first)
+    with pytest.raises(KeyboardInterrupt):
+        search_abliteration(model, result, tmp_path, SearchConfig(n_trials=3, **FAST))
+    monkeypatch.setattr(search_module._Screen, "__call__", real)
+    resumed = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=3, **FAST))
+    classic = search_abliteration(model, result, tmp_path / "fresh", SearchConfig(n_trials=1, **FAST)).trials[0]["params"]
+    assert [t["params"] for t in resumed.trials].count(classic) == 1
+    more = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=4, **FAST))
+    assert len(more.trials) == 4 and [t["params"] for t in more.trials].count(classic) == 1  # run again once, not on every resume

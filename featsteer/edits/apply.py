@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from featsteer.edits.weights import (
 from featsteer.errors import FeatsteerError
 from featsteer.files import check_empty_folder, json_text, share_files, staging_folder
 from featsteer.interventions.operations import as_basis, orthonormal_basis
-from featsteer.models import ModelAdapter, ResidualWriter
+from featsteer.models import ModelAdapter, ResidualWriter, TokenBatch
 
 EDIT_MODES = ("orthogonalize", "norm_preserving", "amplify", "induce")
 
@@ -48,7 +48,8 @@ class EditConfig:
     alpha: float = 1.0
     """Amplification for `amplify`/`induce` (multiplies the kernel strength)."""
     shift: float = 0.0
-    """For `induce`: amount of the direction added to every token embedding."""
+    """For `induce`: amount of the direction added to every token's embedding as the stream reads it (`hook_embed`): on a
+    model that scales its embeddings (Gemma, Granite) the weight moves by `shift` divided by that scale."""
 
     def __post_init__(self) -> None:
         if self.mode not in EDIT_MODES:
@@ -241,6 +242,8 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
         raise FeatsteerError(f"by_layer names layers {outside} but the model has layers 0-{model.n_layers - 1}")
     columns = _head_columns(model, heads) if heads is not None else None
     handle = EditHandle(model, {}, {"edit": config.to_dict(), "rank": int(basis.shape[0]), **(record or {})})
+    if config.mode == "induce" and config.shift:  # the shift is what enters the stream: undo the model's embedding scale
+        config = replace(config, shift=config.shift / _embedding_scale(model))
     retie = model.embedding_tie_undo()  # an embedding edit unties a shared output head; revert shares it again
     if retie is not None:
         handle.undo.append(retie)
@@ -271,6 +274,22 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
         raise
     handle.record["writers"] = list(handle.originals)
     return handle
+
+
+def _embedding_scale(model: ModelAdapter) -> float:
+    """How much the stream at `hook_embed` moves per unit change of a token-embedding column (Gemma multiplies by
+    sqrt(d_model), Granite by its embedding multiplier, most models by 1), read from the token whose column is longest."""
+    writer = next((w for w in model.residual_writers() if w.kind == "embed"), None)
+    if writer is None:
+        raise FeatsteerError(f"{model.name} exposes no token embedding for the induce shift: use --reverse without --shift")
+    weight = writer.read()[0].detach()
+    token = int(weight.double().norm(dim=0).argmax())
+    seen: list[Tensor] = []
+    ids = torch.tensor([[token]], dtype=torch.long, device=model.device)
+    with model.hooks([("hook_embed", lambda x, site: seen.append(x.detach()[0, -1].to("cpu", torch.float64)))]):
+        model.run(TokenBatch(ids, torch.ones_like(ids)), stop_at="hook_embed")
+    column = weight[:, token].to("cpu", torch.float64)
+    return float(seen[0] @ column / (column @ column))
 
 
 def _head_columns(model: ModelAdapter, heads: Mapping[int, Sequence[int]]) -> dict[int, Tensor]:

@@ -442,20 +442,23 @@ def _greedy_target_probs(
 ) -> tuple[Float[Tensor, "batch step"], Bool[Tensor, "batch step"], Int[Tensor, "batch step"]]:
     """Greedy decoding that records, at each step, the highest probability among `target_ids`.
 
-    A plain loop of `model.run` over the growing sequence (no KV cache), so any hook the caller has
-    installed sees every position at every step, exactly as in a full forward pass.
+    Each step re-reads the prompt and the tokens generated so far (no KV cache) through
+    `ModelAdapter.run_continued`, so the caller's hooks see the passes as `generate` shows them: the prompt pass
+    first, then decoding passes whose new tokens count as generated (interventions on the prompt's or the
+    generated tokens only, a CAST gate deciding on the prompt, pre-passes on the prompt alone).
 
     Returns:
         `probs` (float64), `active` (the row had not finished before this step; the step that emits the
         stop token is active) and the greedy `tokens` (-1 once a row has finished).
     """
-    input_ids, mask = batch.input_ids, batch.attention_mask
-    stop_ids = torch.tensor(sorted(model.stop_token_ids), dtype=torch.long, device=input_ids.device)
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    device = batch.input_ids.device
+    stop_ids = torch.tensor(sorted(model.stop_token_ids), dtype=torch.long, device=device)
+    finished = torch.zeros(batch.input_ids.shape[0], dtype=torch.bool, device=device)
+    generated: list[list[int]] = [[] for _ in range(batch.input_ids.shape[0])]
     probs, active, tokens = [], [], []
     target: Tensor | None = None
     for _ in range(max_new_tokens):
-        logits = model.run(TokenBatch(input_ids, mask), last_only=True)[:, -1, :]
+        logits = model.run_continued(batch, generated, last_only=True)[:, -1, :]
         _check_logits(logits, "target_token_probability", first_prompt)
         if target is None:
             target = _token_index(target_ids, logits.shape[-1], "target_ids", logits.device)
@@ -467,8 +470,8 @@ def _greedy_target_probs(
         finished = finished | torch.isin(next_token, stop_ids)
         if bool(finished.all()):
             break
-        input_ids = torch.cat([input_ids, next_token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(next_token)[:, None]], dim=1)
+        for row, token in zip(generated, next_token.tolist(), strict=True):
+            row.append(int(token))
     return torch.stack(probs, 1).cpu(), torch.stack(active, 1).cpu(), torch.stack(tokens, 1).cpu()
 
 
@@ -538,49 +541,33 @@ class CrossEntropyResult:
     """`(prompt,)` float64 mean NLL of each response over its own tokens."""
 
 
-def _pad_left(rows: list[list[int]], pad_id: int, device: torch.device) -> TokenBatch:
-    """Left-pad token rows into a `TokenBatch`."""
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    return TokenBatch(input_ids.to(device), mask.to(device))
-
-
-def _prompt_response_batch(
-    model: ModelAdapter, prompts: list[str], responses: list[str], system: str | None, first_prompt: int
-) -> tuple[TokenBatch, list[int]]:
-    """Chat-formatted prompt tokens followed directly by response tokens, left-padded; and response lengths."""
-    prompt_batch = model.tokenize(prompts, system=system)
-    rows, lengths = [], []
+def _response_ids(model: ModelAdapter, responses: list[str], first_prompt: int) -> list[list[int]]:
+    """Each response tokenized on its own, without special tokens; an empty one is an error."""
+    rows = []
     for i, response in enumerate(responses):
-        prompt_ids = prompt_batch.input_ids[i][prompt_batch.attention_mask[i].bool()].tolist()
         response_ids = [int(t) for t in model.tokenizer(response, add_special_tokens=False)["input_ids"]]
         if not response_ids:
             raise FeatsteerError(f"response {first_prompt + i} is empty: nothing to score")
-        rows.append(prompt_ids + response_ids)
-        lengths.append(len(response_ids))
-    pad_id = model.tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = model.tokenizer.eos_token_id or 0
-    return _pad_left(rows, int(pad_id), prompt_batch.input_ids.device), lengths
+        rows.append(response_ids)
+    return rows
 
 
 def _response_nll_sums(
-    model: ModelAdapter, batch: TokenBatch, lengths: list[int], first_prompt: int
+    model: ModelAdapter, prompts: list[str], responses: list[list[int]], system: str | None, first_prompt: int
 ) -> Float[Tensor, " batch"]:
-    """Summed NLL of each row's last `lengths[row]` tokens given everything before them (float64)."""
-    logits = model.run(batch)
-    width = logits.shape[1]
-    sums = torch.zeros(len(lengths), dtype=torch.float64)
-    for row, n_response in enumerate(lengths):
-        predicting = logits[row, width - n_response - 1 : width - 1]
+    """Summed NLL of each response's tokens given its chat-formatted prompt and the tokens before them (float64).
+
+    The responses are fed as continuations of the prompt pass (`ModelAdapter.run_continued`), so the caller's hooks
+    see them as generated tokens, as they would while decoding them.
+    """
+    logits = model.run_continued(model.tokenize(prompts, system=system), responses)
+    sums = torch.zeros(len(responses), dtype=torch.float64)
+    for row, targets in enumerate(responses):
+        predicting = logits[row, : len(targets)]
         _check_logits(predicting[None], "response_cross_entropy", first_prompt + row)
         log_probs = torch.log_softmax(predicting.float(), dim=-1)
-        targets = batch.input_ids[row, width - n_response :]
-        sums[row] = -log_probs.gather(-1, targets[:, None]).double().sum().cpu()
+        index = torch.tensor(targets, dtype=torch.long, device=log_probs.device)
+        sums[row] = -log_probs.gather(-1, index[:, None]).double().sum().cpu()
     return sums
 
 
@@ -595,7 +582,8 @@ def response_cross_entropy(
     """Teacher-forced cross-entropy of reference responses given chat-formatted prompts.
 
     Each response is tokenized on its own (`add_special_tokens=False`) and appended right after the
-    generation prompt, with nothing after it (no end-of-turn token); only response tokens are scored.
+    generation prompt, with nothing after it (no end-of-turn token); only response tokens are scored, and the
+    caller's hooks see them as generated tokens (an intervention on the prompt's tokens only leaves them alone).
     Tokenizing separately matches how generation starts a fresh token after the prompt, and can differ
     from tokenizing prompt + response as one string where a merge would cross the boundary.
 
@@ -603,7 +591,7 @@ def response_cross_entropy(
         model: The model to read (under the caller's hooks, or edited).
         prompts: User instructions; chat-formatted with the model's template.
         responses: One reference response per prompt.
-        batch_size: Sequences per forward pass (left-padded).
+        batch_size: Prompts per forward pass (left-padded, responses padded on the right).
         system: Optional system prompt.
 
     Returns:
@@ -619,9 +607,9 @@ def response_cross_entropy(
     sums, counts = [], []
     with torch.inference_mode():
         for start, stop in _chunks(len(prompt_items), batch_size):
-            batch, lengths = _prompt_response_batch(model, prompt_items[start:stop], response_items[start:stop], system, start)
-            sums.append(_response_nll_sums(model, batch, lengths, start))
-            counts.extend(lengths)
+            response_ids = _response_ids(model, response_items[start:stop], start)
+            sums.append(_response_nll_sums(model, prompt_items[start:stop], response_ids, system, start))
+            counts.extend(len(ids) for ids in response_ids)
     nll_sums = torch.cat(sums)
     n_tokens = torch.tensor(counts, dtype=torch.float64)
     mean_nll = float(nll_sums.sum() / n_tokens.sum())

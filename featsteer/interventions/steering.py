@@ -161,6 +161,18 @@ def _masked_add(model: ModelAdapter, vector: Tensor, scale: float, positions: st
     return hook
 
 
+def _unit_direction(direction: Tensor, what: str, atol: float = 1e-2) -> Tensor:
+    """`direction` as one `(d_model,)` unit vector, checked: setting the projection on a vector shorter than 1 sets
+    neither its projection nor the unit direction's (0.5 r set to 3 leaves `x.r` at `0.75 x.r + 1.5`)."""
+    basis = orthonormal_basis(direction, what, atol)
+    if basis.shape[0] != 1:
+        raise FeatsteerError(f"{what} must be one (d_model,) vector, got {basis.shape[0]} rows")
+    norm = float(basis[0].detach().double().norm())
+    if abs(norm - 1.0) > atol:
+        raise FeatsteerError(f"{what} has norm {norm:.4g}, not 1: the projection is set on a unit vector; normalise it (r / r.norm())")
+    return basis[0]
+
+
 @dataclass
 class ProjectionSet(Intervention):
     """Set the projection on a unit direction to a fixed value (e.g. the mean harmful projection)."""
@@ -174,7 +186,7 @@ class ProjectionSet(Intervention):
             raise FeatsteerError("ProjectionSet needs where=<hook name(s)>")
         names = resolve_sites(model, self.where)
         _check_width(model, names, self.direction)
-        vector = orthonormal_basis(self.direction, "the direction whose projection is set")[0].to(model.device)
+        vector = _unit_direction(self.direction, "the direction whose projection is set").to(model.device)
         return [(name, lambda x, site: project_set(x, vector, self.value)) for name in names]
 
 
@@ -205,7 +217,7 @@ class AffineEdit(Intervention):
         return {hook: self.harmless[hook] + self.alpha * (self.harmful[hook] - self.harmless[hook]) for hook in self.harmless}
 
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
-        vector = orthonormal_basis(self.direction, "ACE's direction")[0].to(model.device)
+        vector = _unit_direction(self.direction, "ACE's direction").to(model.device)
         values = self.values()
         _check_width(model, list(values), vector)
         return [(name, lambda x, site, v=value: project_set(x, vector, v)) for name, value in values.items()]

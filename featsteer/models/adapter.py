@@ -466,7 +466,8 @@ class ModelAdapter(ABC):
             remove()
             self.pass_attention_mask = None
 
-    def run_continued(self, batch: TokenBatch, continuations: Sequence[Sequence[int]], *, grad: bool = False) -> Tensor:
+    def run_continued(self, batch: TokenBatch, continuations: Sequence[Sequence[int]], *, grad: bool = False,
+                      last_only: bool = False) -> Tensor:
         """Logits of left-padded prompts each followed by given continuation tokens, in one forward pass.
 
         The prompts keep their left padding up to a common width `P`; each row's continuation follows at column `P`
@@ -479,6 +480,8 @@ class ModelAdapter(ABC):
             continuations: per row, the token ids that follow the prompt (may be empty).
             grad: record the autograd graph (as `run(grad=True)`), so a loss on these logits can be differentiated
                 with respect to tensors the installed hooks use (`directions.optimize`).
+            last_only: compute the logits of the last column only, `(batch, 1, vocab)`: each row's next token when every
+                continuation has the same length (greedy decoding without a cache).
 
         Returns:
             Logits `(batch, 1 + longest continuation, vocab)` of the columns from the prompts' last token on: column `j`
@@ -500,8 +503,8 @@ class ModelAdapter(ABC):
         self.generation_step, self.generation_prompt_length, self.pass_attention_mask = 1, width, mask
         try:
             with torch.enable_grad() if grad else torch.inference_mode():
-                logits, _ = self._forward(full, None, False, extra + 1)
-            return logits[:, -(extra + 1):]
+                logits, _ = self._forward(full, None, False, 1 if last_only else extra + 1)
+            return logits[:, -1:] if last_only else logits[:, -(extra + 1):]
         finally:
             self.generation_step = self.pass_attention_mask = None
 
