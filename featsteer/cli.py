@@ -573,6 +573,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     if args.optimize_option and not args.optimize:
         raise FeatsteerError("--optimize-option sets how --optimize STEPS trains the direction: add --optimize")
     optimize = _optimize_config(args)  # a bad --optimize-option fails before the model loads
+    args.held_out = _load_held_out(args)  # a missing or empty --eval-* file fails before the model loads
     if args.directions:
         return _abliterate_saved(args, mode, warm_start)
     if args.direction_hook is not None or args.direction_position is not None:
@@ -591,12 +592,13 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     print(f"direction: {args.method} at {chosen.hook} position {chosen.position} (KL on harmless {chosen.kl_harmless:.4f})")
     edit = _edit_config(args, mode, model) if mode not in ADDITIONS else None
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    held_harmful, held_harmless = (s.head(min(args.eval_n, len(s))) for s in result.val)
+    (held_harmful, held_harmless), checked_on = _check_prompts(args, result.val)
     before = evaluate_refusal(model, held_harmful, held_harmless, config)
     extra = {}
     if mode in ADDITIONS:
         handle = _addition(args, mode, model, result.chosen_basis[0], result.mean_difference_length(model), chosen.hook,
-                           {"method": args.method, "direction_hook": chosen.hook, "direction_position": chosen.position}, pick_prompts, held_harmless)
+                           {"method": args.method, "direction_hook": chosen.hook, "direction_position": chosen.position}, pick_prompts,
+                             _template_prompts(args, result.val))
     elif args.search:
         search_dir = Path(args.search_dir or f"{args.out.rstrip('/')}-search")
         found = _chosen_trial(args, search_abliteration(model, result, search_dir, _search_config(args, mode), warm_start=warm_start))
@@ -621,7 +623,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
             gaps = handle.record["iteration"]["gaps"]
             print(f"iterative refinement: {handle.record['iteration']['passes']} directions; mean difference at {chosen.hook} "
                   + " -> ".join(f"{g:.3g}" for g in gaps) + " (each after the directions before it are edited out)")
-    return _check_and_export(model, handle, (held_harmful, held_harmless), before, config, "reflect" if args.reflect else mode, args.out, "held-out", extra)
+    return _check_and_export(model, handle, (held_harmful, held_harmless), before, config, "reflect" if args.reflect else mode, args.out, checked_on, extra)
 
 
 ADDITIONS = ("bias_addition", "token_addition")
@@ -658,8 +660,10 @@ def _scale_or_auto(text: str) -> float | str:
 
 def _scale_pick_prompts(args: argparse.Namespace, val_harmless) -> list[str]:
     """The validation harmless prompts `--scale auto` picks on: those after the first `--eval-n`, which the before/after
-    check reads, up to `--n-select` of them; none left is an error (before the model loads)."""
-    spare = list(val_harmless)[args.eval_n: args.eval_n + args.n_select]
+    check reads unless it has held-out sets of its own, up to `--n-select` of them; none left is an error (before the
+    model loads)."""
+    start = 0 if getattr(args, "held_out", None) is not None else args.eval_n
+    spare = list(val_harmless)[start: start + args.n_select]
     if not spare:
         raise FeatsteerError(f"--scale auto picks the scale on validation harmless prompts the before/after check does not read, and "
                              f"the {len(val_harmless)} validation harmless prompts are all among the --eval-n {args.eval_n} it reads: "
@@ -791,16 +795,45 @@ def _fixed_search_edit(args: argparse.Namespace, model, basis, val, mode: str, w
     return found.apply(model, record={**record, "search": found.best}), {"search": {"dir": str(search_dir), "best": found.best}}
 
 
+def _load_held_out(args: argparse.Namespace) -> tuple | None:
+    """`(harmful, harmless)` from abliterate's --eval-harmful/--eval-harmless (first --eval-n of each), or None."""
+    from featsteer.datasets import load_prompts
+
+    if (args.eval_harmful is None) != (args.eval_harmless is None):
+        raise FeatsteerError("the held-out check needs both sets: give --eval-harmful and --eval-harmless together")
+    if args.eval_harmful is None:
+        return None
+    return tuple(load_prompts(source, column=args.column, limit=args.eval_n) for source in (args.eval_harmful, args.eval_harmless))
+
+
+def _check_prompts(args: argparse.Namespace, validation: tuple) -> tuple[tuple, str]:
+    """The `(harmful, harmless)` prompts abliterate's before/after check reads, and what they are: the --eval-* sets
+    (`held-out`), or else the first --eval-n validation prompts (`validation`), which the selection and a --search
+    picked on, so their after-rate is not a held-out figure."""
+    if args.held_out is not None:
+        return args.held_out, "held-out"
+    return tuple(s.head(min(args.eval_n, len(s))) for s in validation), "validation"
+
+
+def _template_prompts(args: argparse.Namespace, validation: tuple) -> Sequence[str]:
+    """Harmless prompts `--induce-template` finds the chat template's own tokens on: the validation ones the check
+    reads when it reads validation prompts (as before), never the held-out ones."""
+    return validation[1].head(min(args.eval_n, len(validation[1])))
+
+
 def _check_and_export(model, handle, held: tuple, before, config, mode: str, out: str, prompts: str, extra: dict) -> int:
     """Refusal on the `held` (harmful, harmless) prompts with the edit applied, printed against `before` (the same
-    prompts unedited); then export the edited model."""
+    prompts unedited); then export the edited model. `prompts` says what they are (`held-out` or `validation`), and
+    `featsteer.json` records it with their hashes."""
     from featsteer.evaluation.behaviour import evaluate_refusal
 
     after = evaluate_refusal(model, *held, config)
-    print(f"refusal on {prompts} prompts, before -> after ({mode}):")
+    note = "" if prompts == "held-out" else " (the selection's own; --eval-harmful/--eval-harmless for held-out)"
+    print(f"refusal on {prompts} prompts{note}, before -> after ({mode}):")
     print(_rate_line("harmful", before.harmful, after.harmful))
     print(_rate_line("harmless", before.harmless, after.harmless))
-    handle.export(out, extra={"evaluation": {"before": before.to_json(0), "after": after.to_json(2)}, **extra})
+    checked = {"prompts": prompts, "sha256": {"harmful": held[0].sha256, "harmless": held[1].sha256}}
+    handle.export(out, extra={"evaluation": {**checked, "before": before.to_json(0), "after": after.to_json(2)}, **extra})
     print(f"wrote {out} (loads with `featsteer eval --model {out}` or transformers)")
     return 0
 
@@ -843,7 +876,7 @@ def _abliterate_sae(args: argparse.Namespace, mode: str, warm_start: list[dict])
     for setting, row in details.get("sae_validation", {}).items():
         print(f"  {setting:>6}: validation unanswered {row['unanswered_harmful']:.3f}, KL {row['kl_harmless']:.4f}")
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    held_harmful, held_harmless = (s.head(min(args.eval_n, len(s))) for s in ctx.validation_sets())
+    (held_harmful, held_harmless), checked_on = _check_prompts(args, ctx.validation_sets())
     before = evaluate_refusal(model, held_harmful, held_harmless, generation)
     record = {"method": "sae", "sae_source": args.sae, **details, "prompt_sha256": {"harmful": harmful.sha256, "harmless": harmless.sha256}}
     if args.search:
@@ -851,7 +884,7 @@ def _abliterate_sae(args: argparse.Namespace, mode: str, warm_start: list[dict])
         handle, extra = _fixed_search_edit(args, model, basis, ctx.validation_sets(), mode, warm_start, provenance, record)
     else:
         handle, extra = apply_edit(model, basis, _edit_config(args, mode, model), record=record), {}
-    return _check_and_export(model, handle, (held_harmful, held_harmless), before, generation, "reflect" if args.reflect else mode, args.out, "validation", extra)
+    return _check_and_export(model, handle, (held_harmful, held_harmless), before, generation, "reflect" if args.reflect else mode, args.out, checked_on, extra)
 
 
 def _saved_direction(args: argparse.Namespace):
@@ -907,16 +940,17 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
     print(f"direction: {record['direction_method']} from {args.directions} at {record['direction_hook']} position "
           f"{record['direction_position']} (rank {basis.shape[0]})")
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    held = tuple(s.head(min(args.eval_n, len(s))) for s in val)
+    held, checked_on = _check_prompts(args, val)
     before = evaluate_refusal(model, *held, generation)
     if mode in ADDITIONS:
-        handle, extra = _addition(args, mode, model, basis[0], record["direction_length"], record["direction_hook"], record, pick_prompts, held[1]), {}
+        handle, extra = _addition(args, mode, model, basis[0], record["direction_length"], record["direction_hook"], record, pick_prompts,
+                                  _template_prompts(args, val)), {}
     elif args.search:
         provenance = {k: record[k] for k in ("method", "directions", "direction_method", "direction_hook", "direction_position")}
         handle, extra = _fixed_search_edit(args, model, basis, val, mode, warm_start, provenance, record)
     else:
         handle, extra = apply_edit(model, basis, _edit_config(args, mode, model), record=record), {}
-    return _check_and_export(model, handle, held, before, generation, "reflect" if args.reflect else mode, args.out, "validation", extra)
+    return _check_and_export(model, handle, held, before, generation, "reflect" if args.reflect else mode, args.out, checked_on, extra)
 
 
 DIRECTION_STEER_MODES = ("ablate", "add", "set", "conditional", "ace", "angular")
@@ -1636,7 +1670,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "model answers, or the KL along the unedited model's own answers to them (response)")
     abl.add_argument("--search-warm-start", metavar="PARETO_JSON",
                      help="an earlier search's pareto.json (or folder): its Pareto points are the new study's first trials")
-    abl.add_argument("--eval-n", type=int, default=32, help="held-out prompts per set for the before/after check")
+    abl.add_argument("--eval-n", type=int, default=32, help="prompts per set for the before/after check (default 32)")
+    abl.add_argument("--eval-harmful", metavar="SRC", help="held-out harmful prompts for the before/after check (with --eval-harmless; "
+                     "default: the first --eval-n validation prompts, which the selection also reads)")
+    abl.add_argument("--eval-harmless", metavar="SRC", help="held-out harmless prompts for the before/after check (with --eval-harmful)")
     abl.add_argument("--max-new-tokens", type=int, default=32, help=_MAX_NEW_HELP)
     abl.set_defaults(run=_cmd_abliterate)
 

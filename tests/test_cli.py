@@ -313,6 +313,26 @@ def test_abliterate_reflect_exports_the_reflected_model(capsys, tmp_path):
         assert code == 2 and "--reflect is its own edit" in err and not (tmp_path / "bad").exists()
 
 
+def test_abliterate_checks_on_held_out_sets_when_given_and_says_when_it_reads_validation_prompts(capsys, tmp_path):
+    from featsteer.datasets import load_prompts
+
+    common = ["--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
+              "--n-select", "3", "--eval-n", "3", "--max-new-tokens", "2"]
+    code, stdout, err = _run(capsys, "abliterate", *common, "--out", str(tmp_path / "val"))
+    assert code == 0, err
+    assert "refusal on validation prompts (the selection's own; --eval-harmful/--eval-harmless for held-out)" in stdout
+    assert json.loads((tmp_path / "val" / "featsteer.json").read_text())["evaluation"]["prompts"] == "validation"
+    held = ["--eval-harmful", "builtin:harmful:test", "--eval-harmless", "builtin:harmless:test"]
+    code, stdout, err = _run(capsys, "abliterate", *common, *held, "--out", str(tmp_path / "held"))
+    assert code == 0, err
+    assert "refusal on held-out prompts, before -> after" in stdout
+    evaluation = json.loads((tmp_path / "held" / "featsteer.json").read_text())["evaluation"]
+    assert evaluation["prompts"] == "held-out" and evaluation["before"]["n_harmful"] == 3
+    assert evaluation["sha256"]["harmful"] == load_prompts("builtin:harmful:test", limit=3).sha256
+    code, _, err = _run(capsys, "abliterate", *common, held[0], held[1], "--out", str(tmp_path / "bad"))
+    assert code == 2 and "give --eval-harmful and --eval-harmless together" in err and not (tmp_path / "bad").exists()
+
+
 def test_abliterate_rate_lines_count_looping_responses():
     """A response that ends in a loop is neither an answer nor a refusal: the before -> after lines say how many there
     are when there are any, and stay as they were when there are none."""
