@@ -320,3 +320,14 @@ def test_broken_and_unfinished_sae_folders_are_named(tmp_path, llama_adapter):
     (tmp_path / "only" / f".{HOOK}.partial-x").rename(tmp_path / "only" / HOOK)
     with pytest.raises(FeatsteerError, match="weights .* but no cfg.json"):
         load_saes(tmp_path / "only", llama_adapter)
+
+
+def test_a_lower_precision_sae_leaves_what_it_does_not_edit_exact():
+    """A bfloat16 SAE spliced into a float32 stream: the error term and the unedited tokens keep float32 precision."""
+    low = random_sae().to(torch.bfloat16)
+    x = torch.randn(2, 3, 64)
+    assert torch.equal(splice_activation(low, x, [FeatureEdit.scale([0, 1, 2], 1.0)]), x)
+    mask = torch.tensor([[True, False, False], [False, False, False]])
+    edited = splice_activation(low, x, [FeatureEdit.clamp([0, 1, 2], 5.0)], mask=mask)
+    assert torch.equal(edited[~mask], x[~mask]) and not torch.allclose(edited[0, 0], x[0, 0])
+    assert splice_activation(low, x, error_term=False).dtype == torch.float32
