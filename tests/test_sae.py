@@ -13,11 +13,13 @@ from featsteer.interventions import steer
 from featsteer.sae import (
     FeatureEdit,
     FeatureSteer,
+    decode_features,
     edit_features,
     encode_activations,
     load_sae,
     load_saes,
     outside_domain,
+    reconstruct,
     reconstruction_stats,
     sae_hook_name,
     splice_activation,
@@ -331,3 +333,17 @@ def test_a_lower_precision_sae_leaves_what_it_does_not_edit_exact():
     edited = splice_activation(low, x, [FeatureEdit.clamp([0, 1, 2], 5.0)], mask=mask)
     assert torch.equal(edited[~mask], x[~mask]) and not torch.allclose(edited[0, 0], x[0, 0])
     assert splice_activation(low, x, error_term=False).dtype == torch.float32
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "constant_norm_rescale"])
+def test_reconstruct_decodes_each_batch_of_a_row_normalising_sae(norm):
+    """Such an SAE's decode undoes the normalisation its last encode stored: batches must not share it."""
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=32, normalize_activations=norm))
+    x = torch.randn(5000, 16) * torch.linspace(0.5, 5.0, 5000)[:, None]  # more rows than one default batch
+    with torch.no_grad():
+        expected = sae.decode(sae.encode(x))
+    torch.testing.assert_close(reconstruct(sae, x), expected)
+    torch.testing.assert_close(reconstruct(sae, x, batch_size=999), expected)
+    with pytest.raises(FeatsteerError, match="reconstruct"):
+        decode_features(sae, encode_activations(sae, x))

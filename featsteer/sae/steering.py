@@ -34,6 +34,7 @@ from featsteer.interventions.positions import TOKEN_POSITIONS
 from featsteer.interventions.positions import PositionTracker as _PositionTracker
 from featsteer.interventions.steering import Intervention
 from featsteer.models import HookFn, HookSite, ModelAdapter
+from featsteer.sae.encoding import STATEFUL_NORMS
 from featsteer.sae.heads import flat_rows
 from featsteer.sae.loading import validate_sae
 
@@ -43,9 +44,6 @@ EDIT_MODES: tuple[str, ...] = ("clamp", "scale", "ablate", "add")
 
 SPLICE_POSITIONS: tuple[str, ...] = TOKEN_POSITIONS
 """Which tokens edits apply to: every token, the prompt tokens, or the tokens produced while generating."""
-
-_STATEFUL_NORMS = ("layer_norm", "constant_norm_rescale")
-"""sae_lens normalisations whose `decode` consumes state set by the preceding `encode`."""
 
 
 @dataclass(frozen=True)
@@ -176,7 +174,7 @@ def splice_activation(
         reconstruction = sae.decode(features)
         spliced = exact if error_term else reconstruction.to(exact.dtype)
         if edits:
-            if sae.cfg.normalize_activations in _STATEFUL_NORMS:
+            if sae.cfg.normalize_activations in STATEFUL_NORMS:
                 sae.encode(sae_in)  # decode() consumed the normalisation state: set it again
             delta = sae.decode(edit_features(features, edits)) - reconstruction
             if mask is not None:
