@@ -347,3 +347,19 @@ def test_reconstruct_decodes_each_batch_of_a_row_normalising_sae(norm):
     torch.testing.assert_close(reconstruct(sae, x, batch_size=999), expected)
     with pytest.raises(FeatsteerError, match="reconstruct"):
         decode_features(sae, encode_activations(sae, x))
+
+
+def test_load_saes_reads_the_hook_a_pre_6_sae_lens_config_records(tmp_path, llama_adapter):
+    """sae_lens before 6 kept the hook at the top of cfg.json (`hook_point`); a folder's name is only the fallback."""
+    import json
+
+    random_sae(hook=None).save_model(tmp_path / "new" / HOOK)  # records no hook: attached where its folder says
+    assert list(load_saes(tmp_path / "new", llama_adapter)) == [HOOK]
+    for folder in ("layer_1", "blocks.0.hook_resid_post"):
+        random_sae(hook=None).save_model(tmp_path / folder / folder)
+        config = tmp_path / folder / folder / "cfg.json"
+        saved = json.loads(config.read_text())
+        config.write_text(json.dumps({"d_in": saved["d_in"], "d_sae": saved["d_sae"], "hook_point": HOOK, "dtype": "float32",
+                                      "device": "cpu", "apply_b_dec_to_input": True, "sae_lens_version": "3.0.0"}))
+        saes = load_saes(tmp_path / folder, llama_adapter)
+        assert list(saes) == [HOOK] and sae_hook_name(saes[HOOK]) == HOOK

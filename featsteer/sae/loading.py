@@ -12,7 +12,6 @@ attention-output SAE reads the heads side by side: `d_in == n_heads * d_head` (s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -188,17 +187,13 @@ def load_saes(directory: str | os.PathLike[str], model: ModelAdapter | None = No
         raise FeatsteerError(f"{root} holds no SAE folders (<hook_name>/{SAE_CONFIG_FILE}): train with featsteer-train-sae --out {root}")
     saes = {}
     for folder in folders:
-        sae = load_sae(folder, model, hook=None if sae_hook_name_on_disk(folder) else folder.name)
+        # the hook as sae_lens reads it: a pre-6 cfg.json records it at the top level (hook_point), not in its metadata
+        sae = load_sae(folder, device=None if model is None else str(model.device))
+        sae = load_sae(sae, model, hook=None if sae_hook_name(sae) else folder.name)
         saes[sae_hook_name(sae) or folder.name] = sae
     if model is not None:
         return dict(sorted(saes.items(), key=lambda item: model.hook_site(item[0]).order))
     return saes
-
-
-def sae_hook_name_on_disk(folder: Path) -> str | None:
-    """The `hook_name` recorded in a saved SAE's `cfg.json`, without loading its weights."""
-    metadata = json.loads((folder / SAE_CONFIG_FILE).read_text()).get("metadata") or {}
-    return metadata.get("hook_name")
 
 
 def load_sae_source(source: str | os.PathLike[str] | SAE | Mapping[str, SAE], model: ModelAdapter) -> dict[str, SAE]:
