@@ -33,10 +33,16 @@ from featsteer.errors import FeatsteerError
 from featsteer.evaluation import RefusalDetector
 from featsteer.evaluation.behaviour import GenerationConfig
 from featsteer.evaluation.metrics import first_token_logprobs
-from featsteer.features import doubling_sizes, feature_effects, features_needed, screen_features
+from featsteer.features import (
+    doubling_sizes,
+    feature_effects,
+    features_needed,
+    max_feature_activations,
+    screen_features,
+)
 from featsteer.models import load_model
 from featsteer.pipeline import DirectionConfig, split
-from featsteer.sae import load_sae_source
+from featsteer.sae import encode_activations, load_sae_source
 from tests.conftest import count_hooks
 
 HOOK = "blocks.1.hook_resid_post"
@@ -322,3 +328,19 @@ def test_feature_effects_count_looping_responses_as_neither_answered_nor_refused
     assert verdicts.coherent_refusals() == [True, False, False, False]  # the induce side: only the refusal that does not loop
     assert verdicts.unanswered() == [True, True, True, False]
     assert _complied(verdicts).k == 1
+
+
+def test_max_feature_activations_leave_out_tokens_outside_the_saes_domain(model, sae):
+    """A splice passes tokens above the SAE's norm bound through unedited, so they must not set the scale of a clamp."""
+    import copy
+
+    bounded = copy.deepcopy(sae)
+    rows = capture(model, PROBE, [HOOK], positions="all", progress=False).hook(HOOK)
+    norms = rows.norm(dim=-1)
+    bounded.cfg.metadata.featsteer_max_norm = float(norms.median())
+    inside = encode_activations(bounded, rows[norms <= norms.median()]).double().amax(0).clamp_min(0.0)
+    everywhere = encode_activations(bounded, rows).double().amax(0).clamp_min(0.0)
+    assert not torch.equal(inside, everywhere)
+    assert torch.equal(max_feature_activations(model, bounded, PROBE), inside)
+    bounded.cfg.metadata.featsteer_max_norm = 0.0  # no token inside
+    assert torch.equal(max_feature_activations(model, bounded, PROBE), torch.zeros(128, dtype=torch.float64))

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
@@ -35,7 +36,7 @@ from featsteer.evaluation.refusal import RateEstimate, RefusalDetector, refusal_
 from featsteer.models import ModelAdapter
 from featsteer.sae.encoding import encode_activations
 from featsteer.sae.loading import validate_sae
-from featsteer.sae.steering import FeatureEdit, splice_sae
+from featsteer.sae.steering import FeatureEdit, outside_domain, splice_sae
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +138,18 @@ def max_feature_activations(
         system: optional system prompt.
 
     Returns:
-        `(d_sae,)` maxima; 0 for a feature that never fires.
+        `(d_sae,)` maxima over the tokens inside the SAE's domain (a splice passes the others through unedited, see
+        `featsteer.sae.outside_domain`); 0 for a feature that never fires there.
     """
     hook = validate_sae(sae, model)
     acts = capture(model, _prompts(prompts, "input"), [hook], positions=positions, batch_size=batch_size, system=system, progress=False)
-    return encode_activations(sae, acts).double().amax(0).clamp_min(0.0)
+    rows = acts.hook(hook)
+    outside = outside_domain(sae, rows)
+    if outside is not None:
+        rows = rows[~outside]
+    if rows.shape[0] == 0:
+        return torch.zeros(int(sae.cfg.d_sae), dtype=torch.float64)
+    return encode_activations(sae, rows).double().amax(0).clamp_min(0.0)
 
 
 @dataclass(frozen=True)
