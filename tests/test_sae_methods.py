@@ -344,3 +344,19 @@ def test_max_feature_activations_leave_out_tokens_outside_the_saes_domain(model,
     assert torch.equal(max_feature_activations(model, bounded, PROBE), inside)
     bounded.cfg.metadata.featsteer_max_norm = 0.0  # no token inside
     assert torch.equal(max_feature_activations(model, bounded, PROBE), torch.zeros(128, dtype=torch.float64))
+
+
+def test_features_needed_summary_claims_nothing_about_group_sizes_it_did_not_try():
+    from featsteer.evaluation import refusal_rate
+    from featsteer.features import FeaturesNeeded
+
+    def rate(k):
+        return refusal_rate([True] * k + [False] * (10 - k))
+
+    skipped = FeaturesNeeded(HOOK, tuple(range(8)), 0.5, rate(9), ((4, rate(3)),), 4, "generation")
+    assert skipped.summary() == ("the top 4 features together bring harmful refusal from 0.90 to 0.30 (< 0.50); "
+                                 "groups of fewer than 4 features were not tried")
+    later = FeaturesNeeded(HOOK, tuple(range(8)), 0.5, rate(9), ((4, rate(8)), (8, rate(3))), 8, "generation")
+    assert "single" not in later.summary() and "the top 4 only to 0.80" in later.summary()
+    doubled = FeaturesNeeded(HOOK, tuple(range(8)), 0.5, rate(9), ((1, rate(8)), (2, rate(3))), 2, "generation")
+    assert doubled.summary().startswith("no single feature brings harmful refusal below 0.50 (top feature alone: 0.90 -> 0.80)")

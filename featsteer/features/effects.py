@@ -396,8 +396,12 @@ class FeaturesNeeded:
             return f"suppressing the top feature alone brings harmful refusal from {self.clean.rate:.2f} to {first.rate:.2f} (< {self.target:.2f})"
         if self.needed is not None:
             reached = dict(self.steps)[self.needed]
-            return (f"no single feature brings harmful refusal below {self.target:.2f} (top feature alone: {self.clean.rate:.2f} -> "
-                    f"{first.rate:.2f}); it takes the top {self.needed} features together ({reached.rate:.2f})")
+            if first_n == 1:
+                return (f"no single feature brings harmful refusal below {self.target:.2f} (top feature alone: {self.clean.rate:.2f} -> "
+                        f"{first.rate:.2f}); it takes the top {self.needed} features together ({reached.rate:.2f})")
+            fewer = "" if self.needed == first_n else f", the top {first_n} only to {first.rate:.2f}"
+            return (f"the top {self.needed} features together bring harmful refusal from {self.clean.rate:.2f} to {reached.rate:.2f} "
+                    f"(< {self.target:.2f}){fewer}; groups of fewer than {first_n} features were not tried")
         last_n, last = self.steps[-1]
         return (f"even the top {last_n} features together leave harmful refusal at {last.rate:.2f} (clean {self.clean.rate:.2f}, "
                 f"target {self.target:.2f}): refusal is not carried by these features alone")
