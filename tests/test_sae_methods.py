@@ -360,3 +360,12 @@ def test_features_needed_summary_claims_nothing_about_group_sizes_it_did_not_try
     assert "single" not in later.summary() and "the top 4 only to 0.80" in later.summary()
     doubled = FeaturesNeeded(HOOK, tuple(range(8)), 0.5, rate(9), ((1, rate(8)), (2, rate(3))), 2, "generation")
     assert doubled.summary().startswith("no single feature brings harmful refusal below 0.50 (top feature alone: 0.90 -> 0.80)")
+
+
+def test_the_first_token_judge_refuses_edits_at_generated_tokens_only(model, sae, behaviour):
+    """One forward pass of the prompt has no generated token: the edit would be measured as doing nothing."""
+    harmful, harmless, _, _ = behaviour
+    with pytest.raises(FeatsteerError, match="first_token judge .* edits nothing"):
+        screen_features(model, sae, [PLANTED], harmful, harmless, clamp_value=-50.0, positions="generated")
+    with pytest.raises(FeatsteerError, match="first_token judge .* edits nothing"):
+        features_needed(model, sae, [PLANTED], harmful, judge="first_token", positions="generated")

@@ -86,9 +86,12 @@ class _Judge:
 
 
 def _make_judge(model: ModelAdapter, judge: str, detector: RefusalDetector | None, max_new_tokens: int,
-                batch_size: int, system: str | None) -> _Judge:
+                batch_size: int, system: str | None, positions: str) -> _Judge:
     if judge not in JUDGES:
         raise FeatsteerError(f"unknown judge '{judge}': use one of {', '.join(JUDGES)}")
+    if judge == "first_token" and positions == "generated":
+        raise FeatsteerError("the first_token judge reads the prompt's forward pass, where positions='generated' edits nothing: "
+                             "use positions='all' or 'prompt', or judge='generation'")
     return _Judge(judge, RefusalTokens.for_tokenizer(model.tokenizer), detector or RefusalDetector(), max_new_tokens, batch_size, system)
 
 
@@ -315,12 +318,13 @@ def feature_effects(
 
     Raises:
         FeatsteerError: for an SAE that does not fit the model, bad feature ids, empty prompt lists, an
-            unknown judge, or a positive `clamp_value`.
+            unknown judge (or `first_token` with `positions="generated"`, which would edit nothing), or a positive
+            `clamp_value`.
     """
     hook = validate_sae(sae, model)
     ids = _feature_ids(sae, features)
     harmful, harmless = _prompts(harmful_prompts, "harmful"), _prompts(harmless_prompts, "harmless")
-    decide = _make_judge(model, judge, detector, max_new_tokens, batch_size, system)
+    decide = _make_judge(model, judge, detector, max_new_tokens, batch_size, system, positions)
     _suppression(ids[0], clamp_value)  # fail on a bad clamp value before any work
     maxima = harmful_max if harmful_max is not None else max_feature_activations(model, sae, harmful, batch_size=batch_size, system=system)
     if tuple(maxima.shape) != (sae.cfg.d_sae,):
@@ -463,8 +467,8 @@ def features_needed(
         The refusal rate per group size and the smallest size that reaches the target.
 
     Raises:
-        FeatsteerError: for bad feature ids or sizes, an empty prompt list, an unknown judge, or a target
-            outside (0, 1].
+        FeatsteerError: for bad feature ids or sizes, an empty prompt list, an unknown judge (or `first_token` with
+            `positions="generated"`), or a target outside (0, 1].
     """
     hook = validate_sae(sae, model)
     ids = _feature_ids(sae, features)
@@ -475,7 +479,7 @@ def features_needed(
     if not tried or tried[0] < 1 or tried[-1] > len(ids):
         raise FeatsteerError(f"sizes must lie in 1..{len(ids)} (the number of features given), got {list(sizes or [])}")
     _suppression(ids[0], clamp_value)
-    decide = _make_judge(model, judge, detector, max_new_tokens, batch_size, system)
+    decide = _make_judge(model, judge, detector, max_new_tokens, batch_size, system, positions)
     clean = refusal_rate(decide(model, harmful)[0].unanswered())
     steps, needed = [], None
     for size in tried:
