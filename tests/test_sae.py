@@ -363,3 +363,14 @@ def test_load_saes_reads_the_hook_a_pre_6_sae_lens_config_records(tmp_path, llam
                                       "device": "cpu", "apply_b_dec_to_input": True, "sae_lens_version": "3.0.0"}))
         saes = load_saes(tmp_path / folder, llama_adapter)
         assert list(saes) == [HOOK] and sae_hook_name(saes[HOOK]) == HOOK
+
+
+def test_a_transcoder_is_refused_not_spliced_where_it_reads(tmp_path, llama_adapter):
+    """A sae_lens Transcoder is an SAE subclass whose decoder writes at another hook (hook_name_out)."""
+    from sae_lens import Transcoder, TranscoderConfig
+
+    metadata = SAEMetadata(hook_name="blocks.1.ln2.hook_normalized", hook_name_out="blocks.1.hook_mlp_out")
+    Transcoder(TranscoderConfig(d_in=64, d_sae=32, d_out=64, apply_b_dec_to_input=False, metadata=metadata)).save_model(
+        tmp_path / "saes" / "blocks.1.ln2.hook_normalized")
+    with pytest.raises(FeatsteerError, match="Transcoder: it reads blocks.1.ln2.hook_normalized and writes blocks.1.hook_mlp_out"):
+        load_saes(tmp_path / "saes", llama_adapter)

@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from sae_lens import SAE
+from sae_lens import SAE, Transcoder
 
 from featsteer.activations import hook_width
 from featsteer.errors import FeatsteerError
@@ -50,9 +50,14 @@ def validate_sae(sae: SAE, model: ModelAdapter, hook: str | None = None) -> str:
 
     Raises:
         FeatsteerError: if no hook is known, the hook does not exist on the model, the SAE's input width `d_in`
-            differs from the hook's width (`d_model`; `n_heads * d_head` at `blocks.{l}.attn.hook_z`), or an SAE
-            that reshapes attention heads (`reshape_activations="hook_z"`) is attached anywhere but at hook_z.
+            differs from the hook's width (`d_model`; `n_heads * d_head` at `blocks.{l}.attn.hook_z`), an SAE
+            that reshapes attention heads (`reshape_activations="hook_z"`) is attached anywhere but at hook_z, or it is
+            a transcoder (it writes elsewhere than it reads).
     """
+    if isinstance(sae, Transcoder):
+        raise FeatsteerError(f"this is a sae_lens {type(sae).__name__}: it reads {sae_hook_name(sae)} and writes "
+                             f"{sae.cfg.metadata.get('hook_name_out') or 'elsewhere'}, but featsteer splices, scores and steers SAEs, "
+                             "which write back where they read; transcoders are not supported")
     name = hook or sae_hook_name(sae)
     if not name:
         raise FeatsteerError("this SAE records no hook_name: pass hook=<hook name>, e.g. blocks.3.hook_resid_post")
