@@ -374,3 +374,16 @@ def test_a_transcoder_is_refused_not_spliced_where_it_reads(tmp_path, llama_adap
         tmp_path / "saes" / "blocks.1.ln2.hook_normalized")
     with pytest.raises(FeatsteerError, match="Transcoder: it reads blocks.1.ln2.hook_normalized and writes blocks.1.hook_mlp_out"):
         load_saes(tmp_path / "saes", llama_adapter)
+
+
+def test_an_sae_whose_input_scaling_was_never_folded_in_is_refused(tmp_path, llama_adapter):
+    """A sae_lens training checkpoint records normalize_activations='expected_average_only_in', which only the trainer
+    applies: loaded as it is, the SAE would read activations at the wrong scale."""
+    torch.manual_seed(0)
+    metadata = SAEMetadata(hook_name=HOOK)
+    unfolded = TopKSAE(TopKSAEConfig(d_in=64, d_sae=128, k=8, normalize_activations="expected_average_only_in", metadata=metadata))
+    unfolded.save_model(tmp_path / "checkpoint" / HOOK)
+    with pytest.raises(FeatsteerError, match="rescaled inputs .*fold_activation_norm_scaling_factor"):
+        load_saes(tmp_path / "checkpoint", llama_adapter)
+    unfolded.fold_activation_norm_scaling_factor(2.0)
+    assert sae_hook_name(load_sae(unfolded, llama_adapter)) == HOOK

@@ -30,6 +30,8 @@ SAE_CONFIG_FILE = "cfg.json"
 """File that marks a directory as one sae_lens SAE (sae_lens' `SAE_CFG_FILENAME`)."""
 SAE_WEIGHTS_FILE = "sae_weights.safetensors"
 """sae_lens' weight file name (`SAE_WEIGHTS_FILENAME`)."""
+_TRAINING_NORMS = ("expected_average_only_in", "covariance_whitening")
+"""sae_lens input normalisations that only its trainer applies (an inference SAE has them folded into its weights)."""
 
 
 def sae_hook_name(sae: SAE) -> str | None:
@@ -51,8 +53,9 @@ def validate_sae(sae: SAE, model: ModelAdapter, hook: str | None = None) -> str:
     Raises:
         FeatsteerError: if no hook is known, the hook does not exist on the model, the SAE's input width `d_in`
             differs from the hook's width (`d_model`; `n_heads * d_head` at `blocks.{l}.attn.hook_z`), an SAE
-            that reshapes attention heads (`reshape_activations="hook_z"`) is attached anywhere but at hook_z, or it is
-            a transcoder (it writes elsewhere than it reads).
+            that reshapes attention heads (`reshape_activations="hook_z"`) is attached anywhere but at hook_z, it is
+            a transcoder (it writes elsewhere than it reads), or its input scaling was never folded into its weights
+            (a sae_lens training checkpoint).
     """
     if isinstance(sae, Transcoder):
         raise FeatsteerError(f"this is a sae_lens {type(sae).__name__}: it reads {sae_hook_name(sae)} and writes "
@@ -61,6 +64,12 @@ def validate_sae(sae: SAE, model: ModelAdapter, hook: str | None = None) -> str:
     name = hook or sae_hook_name(sae)
     if not name:
         raise FeatsteerError("this SAE records no hook_name: pass hook=<hook name>, e.g. blocks.3.hook_resid_post")
+    if sae.cfg.normalize_activations in _TRAINING_NORMS:
+        raise FeatsteerError(
+            f"the SAE at {name} was trained on rescaled inputs (normalize_activations='{sae.cfg.normalize_activations}') that "
+            "sae_lens does not apply outside training, so it would read the raw activations: a training checkpoint? Use the "
+            "SAE saved at the end of training, or fold the scaling in first (sae.fold_activation_norm_scaling_factor)"
+        )
     site = model.hook_site(name)
     d_in = int(sae.cfg.d_in)
     if site.kind == "attn_z":
