@@ -387,3 +387,11 @@ def test_an_sae_whose_input_scaling_was_never_folded_in_is_refused(tmp_path, lla
         load_saes(tmp_path / "checkpoint", llama_adapter)
     unfolded.fold_activation_norm_scaling_factor(2.0)
     assert sae_hook_name(load_sae(unfolded, llama_adapter)) == HOOK
+
+
+def test_two_saes_at_one_hook_in_a_folder_are_an_error_not_one_dropped(tmp_path, llama_adapter):
+    """A width sweep at one layer: keyed by hook, one of the two would silently replace the other."""
+    random_sae(d_sae=128).save_model(tmp_path / "sweep" / "width_128")
+    random_sae(d_sae=64).save_model(tmp_path / "sweep" / "width_64")
+    with pytest.raises(FeatsteerError, match=f"width_128 and .*width_64 both hold an SAE at {HOOK}"):
+        load_saes(tmp_path / "sweep", llama_adapter)

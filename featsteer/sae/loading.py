@@ -183,7 +183,8 @@ def load_saes(directory: str | os.PathLike[str], model: ModelAdapter | None = No
         `{hook_name: SAE}` in forward-pass order when a model is given, else sorted by hook name.
 
     Raises:
-        FeatsteerError: if the directory is missing or holds no SAE, or an SAE does not fit `model`.
+        FeatsteerError: if the directory is missing or holds no SAE, two SAEs at one hook, or an SAE that does not fit
+            `model`.
     """
     if os.fspath(directory) == "organism":
         from featsteer.organism import organism_sae_path
@@ -199,12 +200,16 @@ def load_saes(directory: str | os.PathLike[str], model: ModelAdapter | None = No
             raise FeatsteerError(f"{root} holds SAE weights ({SAE_WEIGHTS_FILE}) but no {SAE_CONFIG_FILE} beside them: "
                                  "the SAE was saved incompletely; re-save it with sae_lens or retrain it")
         raise FeatsteerError(f"{root} holds no SAE folders (<hook_name>/{SAE_CONFIG_FILE}): train with featsteer-train-sae --out {root}")
-    saes = {}
+    saes, homes = {}, {}
     for folder in folders:
         # the hook as sae_lens reads it: a pre-6 cfg.json records it at the top level (hook_point), not in its metadata
         sae = load_sae(folder, device=None if model is None else str(model.device))
         sae = load_sae(sae, model, hook=None if sae_hook_name(sae) else folder.name)
-        saes[sae_hook_name(sae) or folder.name] = sae
+        hook = sae_hook_name(sae) or folder.name
+        if hook in saes:
+            raise FeatsteerError(f"{homes[hook]} and {folder} both hold an SAE at {hook}, and SAEs are keyed by their hook: "
+                                 "pass one of the two folders, or put them in folders of their own")
+        saes[hook], homes[hook] = sae, folder
     if model is not None:
         return dict(sorted(saes.items(), key=lambda item: model.hook_site(item[0]).order))
     return saes
