@@ -1224,6 +1224,11 @@ def _feature_intervention(args: argparse.Namespace, model, prompts: list[str]):
     maxima = max_feature_activations(model, sae, prompts)[features]
     for feature, peak in zip(features, maxima.tolist(), strict=True):
         print(f"feature {feature} at {hook}: largest activation on the prompts {peak:.3f}")
+    silent = [f for f, peak in zip(features, maxima.tolist(), strict=True) if peak == 0]
+    if args.multiple is not None and args.multiple != 0 and silent:
+        change = "clamp it to 0 (an ablation)" if args.mode == "clamp" else "add 0 to it"
+        raise FeatsteerError(f"feature {silent[0]} never fires on these prompts, so --multiple {args.multiple:g} x its largest activation "
+                             f"would {change}: give --value V, or prompts it fires on")
     if args.mode == "ablate":
         edits = [FeatureEdit.ablate(features)]
         what = f"ablate features {features}"

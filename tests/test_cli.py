@@ -976,6 +976,7 @@ def test_steer_feature_options_that_would_be_ignored_or_misread_are_errors(capsy
         (["--feature", "888", "--mode", "clamp", "--value", "nan"], "--value must be a finite number"),
         (["--feature", "888", "--mode", "add", "--multiple", "inf"], "--multiple must be a finite number"),
         (["--feature", "888,-5", "--mode", "ablate"], "feature id -5 is out of range"),
+        (["--feature", "888", "--mode", "clamp", "--multiple", "2"], "feature 888 never fires on these prompts, so --multiple 2"),
     ):
         code, _, err = _run(capsys, *common, *extra)
         assert code == 2 and message in err, (extra, err)

@@ -13,11 +13,13 @@ from featsteer.interventions import steer
 from featsteer.sae import (
     FeatureEdit,
     FeatureSteer,
+    decode_features,
     edit_features,
     encode_activations,
     load_sae,
     load_saes,
     outside_domain,
+    reconstruct,
     reconstruction_stats,
     sae_hook_name,
     splice_activation,
@@ -320,3 +322,76 @@ def test_broken_and_unfinished_sae_folders_are_named(tmp_path, llama_adapter):
     (tmp_path / "only" / f".{HOOK}.partial-x").rename(tmp_path / "only" / HOOK)
     with pytest.raises(FeatsteerError, match="weights .* but no cfg.json"):
         load_saes(tmp_path / "only", llama_adapter)
+
+
+def test_a_lower_precision_sae_leaves_what_it_does_not_edit_exact():
+    """A bfloat16 SAE spliced into a float32 stream: the error term and the unedited tokens keep float32 precision."""
+    low = random_sae().to(torch.bfloat16)
+    x = torch.randn(2, 3, 64)
+    assert torch.equal(splice_activation(low, x, [FeatureEdit.scale([0, 1, 2], 1.0)]), x)
+    mask = torch.tensor([[True, False, False], [False, False, False]])
+    edited = splice_activation(low, x, [FeatureEdit.clamp([0, 1, 2], 5.0)], mask=mask)
+    assert torch.equal(edited[~mask], x[~mask]) and not torch.allclose(edited[0, 0], x[0, 0])
+    assert splice_activation(low, x, error_term=False).dtype == torch.float32
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "constant_norm_rescale"])
+def test_reconstruct_decodes_each_batch_of_a_row_normalising_sae(norm):
+    """Such an SAE's decode undoes the normalisation its last encode stored: batches must not share it."""
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=32, normalize_activations=norm))
+    x = torch.randn(5000, 16) * torch.linspace(0.5, 5.0, 5000)[:, None]  # more rows than one default batch
+    with torch.no_grad():
+        expected = sae.decode(sae.encode(x))
+    torch.testing.assert_close(reconstruct(sae, x), expected)
+    torch.testing.assert_close(reconstruct(sae, x, batch_size=999), expected)
+    with pytest.raises(FeatsteerError, match="reconstruct"):
+        decode_features(sae, encode_activations(sae, x))
+
+
+def test_load_saes_reads_the_hook_a_pre_6_sae_lens_config_records(tmp_path, llama_adapter):
+    """sae_lens before 6 kept the hook at the top of cfg.json (`hook_point`); a folder's name is only the fallback."""
+    import json
+
+    random_sae(hook=None).save_model(tmp_path / "new" / HOOK)  # records no hook: attached where its folder says
+    assert list(load_saes(tmp_path / "new", llama_adapter)) == [HOOK]
+    for folder in ("layer_1", "blocks.0.hook_resid_post"):
+        random_sae(hook=None).save_model(tmp_path / folder / folder)
+        config = tmp_path / folder / folder / "cfg.json"
+        saved = json.loads(config.read_text())
+        config.write_text(json.dumps({"d_in": saved["d_in"], "d_sae": saved["d_sae"], "hook_point": HOOK, "dtype": "float32",
+                                      "device": "cpu", "apply_b_dec_to_input": True, "sae_lens_version": "3.0.0"}))
+        saes = load_saes(tmp_path / folder, llama_adapter)
+        assert list(saes) == [HOOK] and sae_hook_name(saes[HOOK]) == HOOK
+
+
+def test_a_transcoder_is_refused_not_spliced_where_it_reads(tmp_path, llama_adapter):
+    """A sae_lens Transcoder is an SAE subclass whose decoder writes at another hook (hook_name_out)."""
+    from sae_lens import Transcoder, TranscoderConfig
+
+    metadata = SAEMetadata(hook_name="blocks.1.ln2.hook_normalized", hook_name_out="blocks.1.hook_mlp_out")
+    Transcoder(TranscoderConfig(d_in=64, d_sae=32, d_out=64, apply_b_dec_to_input=False, metadata=metadata)).save_model(
+        tmp_path / "saes" / "blocks.1.ln2.hook_normalized")
+    with pytest.raises(FeatsteerError, match="Transcoder: it reads blocks.1.ln2.hook_normalized and writes blocks.1.hook_mlp_out"):
+        load_saes(tmp_path / "saes", llama_adapter)
+
+
+def test_an_sae_whose_input_scaling_was_never_folded_in_is_refused(tmp_path, llama_adapter):
+    """A sae_lens training checkpoint records normalize_activations='expected_average_only_in', which only the trainer
+    applies: loaded as it is, the SAE would read activations at the wrong scale."""
+    torch.manual_seed(0)
+    metadata = SAEMetadata(hook_name=HOOK)
+    unfolded = TopKSAE(TopKSAEConfig(d_in=64, d_sae=128, k=8, normalize_activations="expected_average_only_in", metadata=metadata))
+    unfolded.save_model(tmp_path / "checkpoint" / HOOK)
+    with pytest.raises(FeatsteerError, match="rescaled inputs .*fold_activation_norm_scaling_factor"):
+        load_saes(tmp_path / "checkpoint", llama_adapter)
+    unfolded.fold_activation_norm_scaling_factor(2.0)
+    assert sae_hook_name(load_sae(unfolded, llama_adapter)) == HOOK
+
+
+def test_two_saes_at_one_hook_in_a_folder_are_an_error_not_one_dropped(tmp_path, llama_adapter):
+    """A width sweep at one layer: keyed by hook, one of the two would silently replace the other."""
+    random_sae(d_sae=128).save_model(tmp_path / "sweep" / "width_128")
+    random_sae(d_sae=64).save_model(tmp_path / "sweep" / "width_64")
+    with pytest.raises(FeatsteerError, match=f"width_128 and .*width_64 both hold an SAE at {HOOK}"):
+        load_saes(tmp_path / "sweep", llama_adapter)

@@ -33,10 +33,16 @@ from featsteer.errors import FeatsteerError
 from featsteer.evaluation import RefusalDetector
 from featsteer.evaluation.behaviour import GenerationConfig
 from featsteer.evaluation.metrics import first_token_logprobs
-from featsteer.features import doubling_sizes, feature_effects, features_needed, screen_features
+from featsteer.features import (
+    doubling_sizes,
+    feature_effects,
+    features_needed,
+    max_feature_activations,
+    screen_features,
+)
 from featsteer.models import load_model
 from featsteer.pipeline import DirectionConfig, split
-from featsteer.sae import load_sae_source
+from featsteer.sae import encode_activations, load_sae_source
 from tests.conftest import count_hooks
 
 HOOK = "blocks.1.hook_resid_post"
@@ -322,3 +328,44 @@ def test_feature_effects_count_looping_responses_as_neither_answered_nor_refused
     assert verdicts.coherent_refusals() == [True, False, False, False]  # the induce side: only the refusal that does not loop
     assert verdicts.unanswered() == [True, True, True, False]
     assert _complied(verdicts).k == 1
+
+
+def test_max_feature_activations_leave_out_tokens_outside_the_saes_domain(model, sae):
+    """A splice passes tokens above the SAE's norm bound through unedited, so they must not set the scale of a clamp."""
+    import copy
+
+    bounded = copy.deepcopy(sae)
+    rows = capture(model, PROBE, [HOOK], positions="all", progress=False).hook(HOOK)
+    norms = rows.norm(dim=-1)
+    bounded.cfg.metadata.featsteer_max_norm = float(norms.median())
+    inside = encode_activations(bounded, rows[norms <= norms.median()]).double().amax(0).clamp_min(0.0)
+    everywhere = encode_activations(bounded, rows).double().amax(0).clamp_min(0.0)
+    assert not torch.equal(inside, everywhere)
+    assert torch.equal(max_feature_activations(model, bounded, PROBE), inside)
+    bounded.cfg.metadata.featsteer_max_norm = 0.0  # no token inside
+    assert torch.equal(max_feature_activations(model, bounded, PROBE), torch.zeros(128, dtype=torch.float64))
+
+
+def test_features_needed_summary_claims_nothing_about_group_sizes_it_did_not_try():
+    from featsteer.evaluation import refusal_rate
+    from featsteer.features import FeaturesNeeded
+
+    def rate(k):
+        return refusal_rate([True] * k + [False] * (10 - k))
+
+    skipped = FeaturesNeeded(HOOK, tuple(range(8)), 0.5, rate(9), ((4, rate(3)),), 4, "generation")
+    assert skipped.summary() == ("the top 4 features together bring harmful refusal from 0.90 to 0.30 (< 0.50); "
+                                 "groups of fewer than 4 features were not tried")
+    later = FeaturesNeeded(HOOK, tuple(range(8)), 0.5, rate(9), ((4, rate(8)), (8, rate(3))), 8, "generation")
+    assert "single" not in later.summary() and "the top 4 only to 0.80" in later.summary()
+    doubled = FeaturesNeeded(HOOK, tuple(range(8)), 0.5, rate(9), ((1, rate(8)), (2, rate(3))), 2, "generation")
+    assert doubled.summary().startswith("no single feature brings harmful refusal below 0.50 (top feature alone: 0.90 -> 0.80)")
+
+
+def test_the_first_token_judge_refuses_edits_at_generated_tokens_only(model, sae, behaviour):
+    """One forward pass of the prompt has no generated token: the edit would be measured as doing nothing."""
+    harmful, harmless, _, _ = behaviour
+    with pytest.raises(FeatsteerError, match="first_token judge .* edits nothing"):
+        screen_features(model, sae, [PLANTED], harmful, harmless, clamp_value=-50.0, positions="generated")
+    with pytest.raises(FeatsteerError, match="first_token judge .* edits nothing"):
+        features_needed(model, sae, [PLANTED], harmful, judge="first_token", positions="generated")

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
@@ -35,7 +36,7 @@ from featsteer.evaluation.refusal import RateEstimate, RefusalDetector, refusal_
 from featsteer.models import ModelAdapter
 from featsteer.sae.encoding import encode_activations
 from featsteer.sae.loading import validate_sae
-from featsteer.sae.steering import FeatureEdit, splice_sae
+from featsteer.sae.steering import FeatureEdit, outside_domain, splice_sae
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +86,12 @@ class _Judge:
 
 
 def _make_judge(model: ModelAdapter, judge: str, detector: RefusalDetector | None, max_new_tokens: int,
-                batch_size: int, system: str | None) -> _Judge:
+                batch_size: int, system: str | None, positions: str) -> _Judge:
     if judge not in JUDGES:
         raise FeatsteerError(f"unknown judge '{judge}': use one of {', '.join(JUDGES)}")
+    if judge == "first_token" and positions == "generated":
+        raise FeatsteerError("the first_token judge reads the prompt's forward pass, where positions='generated' edits nothing: "
+                             "use positions='all' or 'prompt', or judge='generation'")
     return _Judge(judge, RefusalTokens.for_tokenizer(model.tokenizer), detector or RefusalDetector(), max_new_tokens, batch_size, system)
 
 
@@ -137,11 +141,18 @@ def max_feature_activations(
         system: optional system prompt.
 
     Returns:
-        `(d_sae,)` maxima; 0 for a feature that never fires.
+        `(d_sae,)` maxima over the tokens inside the SAE's domain (a splice passes the others through unedited, see
+        `featsteer.sae.outside_domain`); 0 for a feature that never fires there.
     """
     hook = validate_sae(sae, model)
     acts = capture(model, _prompts(prompts, "input"), [hook], positions=positions, batch_size=batch_size, system=system, progress=False)
-    return encode_activations(sae, acts).double().amax(0).clamp_min(0.0)
+    rows = acts.hook(hook)
+    outside = outside_domain(sae, rows)
+    if outside is not None:
+        rows = rows[~outside]
+    if rows.shape[0] == 0:
+        return torch.zeros(int(sae.cfg.d_sae), dtype=torch.float64)
+    return encode_activations(sae, rows).double().amax(0).clamp_min(0.0)
 
 
 @dataclass(frozen=True)
@@ -307,12 +318,13 @@ def feature_effects(
 
     Raises:
         FeatsteerError: for an SAE that does not fit the model, bad feature ids, empty prompt lists, an
-            unknown judge, or a positive `clamp_value`.
+            unknown judge (or `first_token` with `positions="generated"`, which would edit nothing), or a positive
+            `clamp_value`.
     """
     hook = validate_sae(sae, model)
     ids = _feature_ids(sae, features)
     harmful, harmless = _prompts(harmful_prompts, "harmful"), _prompts(harmless_prompts, "harmless")
-    decide = _make_judge(model, judge, detector, max_new_tokens, batch_size, system)
+    decide = _make_judge(model, judge, detector, max_new_tokens, batch_size, system, positions)
     _suppression(ids[0], clamp_value)  # fail on a bad clamp value before any work
     maxima = harmful_max if harmful_max is not None else max_feature_activations(model, sae, harmful, batch_size=batch_size, system=system)
     if tuple(maxima.shape) != (sae.cfg.d_sae,):
@@ -388,8 +400,12 @@ class FeaturesNeeded:
             return f"suppressing the top feature alone brings harmful refusal from {self.clean.rate:.2f} to {first.rate:.2f} (< {self.target:.2f})"
         if self.needed is not None:
             reached = dict(self.steps)[self.needed]
-            return (f"no single feature brings harmful refusal below {self.target:.2f} (top feature alone: {self.clean.rate:.2f} -> "
-                    f"{first.rate:.2f}); it takes the top {self.needed} features together ({reached.rate:.2f})")
+            if first_n == 1:
+                return (f"no single feature brings harmful refusal below {self.target:.2f} (top feature alone: {self.clean.rate:.2f} -> "
+                        f"{first.rate:.2f}); it takes the top {self.needed} features together ({reached.rate:.2f})")
+            fewer = "" if self.needed == first_n else f", the top {first_n} only to {first.rate:.2f}"
+            return (f"the top {self.needed} features together bring harmful refusal from {self.clean.rate:.2f} to {reached.rate:.2f} "
+                    f"(< {self.target:.2f}){fewer}; groups of fewer than {first_n} features were not tried")
         last_n, last = self.steps[-1]
         return (f"even the top {last_n} features together leave harmful refusal at {last.rate:.2f} (clean {self.clean.rate:.2f}, "
                 f"target {self.target:.2f}): refusal is not carried by these features alone")
@@ -451,8 +467,8 @@ def features_needed(
         The refusal rate per group size and the smallest size that reaches the target.
 
     Raises:
-        FeatsteerError: for bad feature ids or sizes, an empty prompt list, an unknown judge, or a target
-            outside (0, 1].
+        FeatsteerError: for bad feature ids or sizes, an empty prompt list, an unknown judge (or `first_token` with
+            `positions="generated"`), or a target outside (0, 1].
     """
     hook = validate_sae(sae, model)
     ids = _feature_ids(sae, features)
@@ -463,7 +479,7 @@ def features_needed(
     if not tried or tried[0] < 1 or tried[-1] > len(ids):
         raise FeatsteerError(f"sizes must lie in 1..{len(ids)} (the number of features given), got {list(sizes or [])}")
     _suppression(ids[0], clamp_value)
-    decide = _make_judge(model, judge, detector, max_new_tokens, batch_size, system)
+    decide = _make_judge(model, judge, detector, max_new_tokens, batch_size, system, positions)
     clean = refusal_rate(decide(model, harmful)[0].unanswered())
     steps, needed = [], None
     for size in tried:

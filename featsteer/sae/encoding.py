@@ -21,6 +21,10 @@ from featsteer.errors import FeatsteerError
 from featsteer.sae.heads import flat_rows, reads_heads
 from featsteer.sae.loading import sae_hook_name
 
+STATEFUL_NORMS = ("layer_norm", "constant_norm_rescale")
+"""sae_lens normalisations whose `decode` undoes a per-row normalisation that the preceding `encode` stored on the SAE:
+decoding is only right straight after encoding the same rows."""
+
 
 def _rows(sae: SAE, acts: Tensor | ActivationSet, hook: str | None) -> Tensor:
     if isinstance(acts, ActivationSet):
@@ -65,7 +69,15 @@ def encode_activations(
 
 
 def decode_features(sae: SAE, features: Float[Tensor, "... d_sae"], *, batch_size: int = 4096) -> Float[Tensor, "... d_in"]:
-    """Reconstructions `sae.decode(features)` (batched, no gradients), on the CPU, as flat `(..., d_in)` rows."""
+    """Reconstructions `sae.decode(features)` (batched, no gradients), on the CPU, as flat `(..., d_in)` rows.
+
+    Raises:
+        FeatsteerError: for an SAE that normalises each input row (`layer_norm`, `constant_norm_rescale`): its
+            decoding needs the rows it encoded, so use `reconstruct`.
+    """
+    if sae.cfg.normalize_activations in STATEFUL_NORMS:
+        raise FeatsteerError(f"this SAE normalises each input row ({sae.cfg.normalize_activations}), so features alone do not "
+                             "decode: reconstruct(sae, activations) decodes each batch right after encoding it")
     flat = features.reshape(-1, features.shape[-1])
     out = torch.empty(flat.shape[0], sae.cfg.d_in, dtype=sae.dtype)
     with torch.no_grad(), flat_rows(sae):
@@ -74,6 +86,16 @@ def decode_features(sae: SAE, features: Float[Tensor, "... d_sae"], *, batch_siz
     return out.reshape(*features.shape[:-1], sae.cfg.d_in)
 
 
-def reconstruct(sae: SAE, acts: Float[Tensor, "... d_in"] | ActivationSet, *, hook: str | None = None) -> Float[Tensor, "... d_in"]:
-    """`decode(encode(acts))`: the SAE's reconstruction of activations (no error term)."""
-    return decode_features(sae, encode_activations(sae, acts, hook=hook))
+def reconstruct(
+    sae: SAE, acts: Float[Tensor, "... d_in"] | ActivationSet, *, hook: str | None = None, batch_size: int = 4096
+) -> Float[Tensor, "... d_in"]:
+    """`decode(encode(acts))`: the SAE's reconstruction of activations (no error term), batched, on the CPU, as flat
+    `(..., d_in)` rows; each batch is decoded right after it is encoded (see `STATEFUL_NORMS`)."""
+    rows = _rows(sae, acts, hook)
+    flat = rows.reshape(-1, rows.shape[-1])
+    out = torch.empty(flat.shape[0], sae.cfg.d_in, dtype=sae.dtype)
+    with torch.no_grad(), flat_rows(sae):
+        for start in range(0, flat.shape[0], batch_size):
+            chunk = flat[start : start + batch_size].to(sae.device, sae.dtype)
+            out[start : start + batch_size] = sae.decode(sae.encode(chunk)).cpu()
+    return out.reshape(*rows.shape[:-1], sae.cfg.d_in)

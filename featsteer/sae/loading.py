@@ -12,13 +12,12 @@ attention-output SAE reads the heads side by side: `d_in == n_heads * d_head` (s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from sae_lens import SAE
+from sae_lens import SAE, Transcoder
 
 from featsteer.activations import hook_width
 from featsteer.errors import FeatsteerError
@@ -31,6 +30,8 @@ SAE_CONFIG_FILE = "cfg.json"
 """File that marks a directory as one sae_lens SAE (sae_lens' `SAE_CFG_FILENAME`)."""
 SAE_WEIGHTS_FILE = "sae_weights.safetensors"
 """sae_lens' weight file name (`SAE_WEIGHTS_FILENAME`)."""
+_TRAINING_NORMS = ("expected_average_only_in", "covariance_whitening")
+"""sae_lens input normalisations that only its trainer applies (an inference SAE has them folded into its weights)."""
 
 
 def sae_hook_name(sae: SAE) -> str | None:
@@ -51,12 +52,24 @@ def validate_sae(sae: SAE, model: ModelAdapter, hook: str | None = None) -> str:
 
     Raises:
         FeatsteerError: if no hook is known, the hook does not exist on the model, the SAE's input width `d_in`
-            differs from the hook's width (`d_model`; `n_heads * d_head` at `blocks.{l}.attn.hook_z`), or an SAE
-            that reshapes attention heads (`reshape_activations="hook_z"`) is attached anywhere but at hook_z.
+            differs from the hook's width (`d_model`; `n_heads * d_head` at `blocks.{l}.attn.hook_z`), an SAE
+            that reshapes attention heads (`reshape_activations="hook_z"`) is attached anywhere but at hook_z, it is
+            a transcoder (it writes elsewhere than it reads), or its input scaling was never folded into its weights
+            (a sae_lens training checkpoint).
     """
+    if isinstance(sae, Transcoder):
+        raise FeatsteerError(f"this is a sae_lens {type(sae).__name__}: it reads {sae_hook_name(sae)} and writes "
+                             f"{sae.cfg.metadata.get('hook_name_out') or 'elsewhere'}, but featsteer splices, scores and steers SAEs, "
+                             "which write back where they read; transcoders are not supported")
     name = hook or sae_hook_name(sae)
     if not name:
         raise FeatsteerError("this SAE records no hook_name: pass hook=<hook name>, e.g. blocks.3.hook_resid_post")
+    if sae.cfg.normalize_activations in _TRAINING_NORMS:
+        raise FeatsteerError(
+            f"the SAE at {name} was trained on rescaled inputs (normalize_activations='{sae.cfg.normalize_activations}') that "
+            "sae_lens does not apply outside training, so it would read the raw activations: a training checkpoint? Use the "
+            "SAE saved at the end of training, or fold the scaling in first (sae.fold_activation_norm_scaling_factor)"
+        )
     site = model.hook_site(name)
     d_in = int(sae.cfg.d_in)
     if site.kind == "attn_z":
@@ -170,7 +183,8 @@ def load_saes(directory: str | os.PathLike[str], model: ModelAdapter | None = No
         `{hook_name: SAE}` in forward-pass order when a model is given, else sorted by hook name.
 
     Raises:
-        FeatsteerError: if the directory is missing or holds no SAE, or an SAE does not fit `model`.
+        FeatsteerError: if the directory is missing or holds no SAE, two SAEs at one hook, or an SAE that does not fit
+            `model`.
     """
     if os.fspath(directory) == "organism":
         from featsteer.organism import organism_sae_path
@@ -186,19 +200,19 @@ def load_saes(directory: str | os.PathLike[str], model: ModelAdapter | None = No
             raise FeatsteerError(f"{root} holds SAE weights ({SAE_WEIGHTS_FILE}) but no {SAE_CONFIG_FILE} beside them: "
                                  "the SAE was saved incompletely; re-save it with sae_lens or retrain it")
         raise FeatsteerError(f"{root} holds no SAE folders (<hook_name>/{SAE_CONFIG_FILE}): train with featsteer-train-sae --out {root}")
-    saes = {}
+    saes, homes = {}, {}
     for folder in folders:
-        sae = load_sae(folder, model, hook=None if sae_hook_name_on_disk(folder) else folder.name)
-        saes[sae_hook_name(sae) or folder.name] = sae
+        # the hook as sae_lens reads it: a pre-6 cfg.json records it at the top level (hook_point), not in its metadata
+        sae = load_sae(folder, device=None if model is None else str(model.device))
+        sae = load_sae(sae, model, hook=None if sae_hook_name(sae) else folder.name)
+        hook = sae_hook_name(sae) or folder.name
+        if hook in saes:
+            raise FeatsteerError(f"{homes[hook]} and {folder} both hold an SAE at {hook}, and SAEs are keyed by their hook: "
+                                 "pass one of the two folders, or put them in folders of their own")
+        saes[hook], homes[hook] = sae, folder
     if model is not None:
         return dict(sorted(saes.items(), key=lambda item: model.hook_site(item[0]).order))
     return saes
-
-
-def sae_hook_name_on_disk(folder: Path) -> str | None:
-    """The `hook_name` recorded in a saved SAE's `cfg.json`, without loading its weights."""
-    metadata = json.loads((folder / SAE_CONFIG_FILE).read_text()).get("metadata") or {}
-    return metadata.get("hook_name")
 
 
 def load_sae_source(source: str | os.PathLike[str] | SAE | Mapping[str, SAE], model: ModelAdapter) -> dict[str, SAE]:

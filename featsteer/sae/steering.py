@@ -34,6 +34,7 @@ from featsteer.interventions.positions import TOKEN_POSITIONS
 from featsteer.interventions.positions import PositionTracker as _PositionTracker
 from featsteer.interventions.steering import Intervention
 from featsteer.models import HookFn, HookSite, ModelAdapter
+from featsteer.sae.encoding import STATEFUL_NORMS
 from featsteer.sae.heads import flat_rows
 from featsteer.sae.loading import validate_sae
 
@@ -43,9 +44,6 @@ EDIT_MODES: tuple[str, ...] = ("clamp", "scale", "ablate", "add")
 
 SPLICE_POSITIONS: tuple[str, ...] = TOKEN_POSITIONS
 """Which tokens edits apply to: every token, the prompt tokens, or the tokens produced while generating."""
-
-_STATEFUL_NORMS = ("layer_norm", "constant_norm_rescale")
-"""sae_lens normalisations whose `decode` consumes state set by the preceding `encode`."""
 
 
 @dataclass(frozen=True)
@@ -168,20 +166,23 @@ def splice_activation(
     if rows.shape[-1] != int(sae.cfg.d_in):
         raise FeatsteerError(f"the activation has shape {tuple(x.shape)} but the SAE reads d_in={sae.cfg.d_in}: splice it at its own hook")
     sae_in = rows.to(sae.device, sae.dtype)
+    # what the splice leaves alone (the error term, tokens outside the SAE's domain) keeps the activation's own precision:
+    # a bfloat16 SAE on a float32 model must not round it
+    exact = rows.to(sae.device, torch.promote_types(rows.dtype, sae.dtype))
     with torch.no_grad(), flat_rows(sae):
         features = sae.encode(sae_in).to_dense()
         reconstruction = sae.decode(features)
-        spliced = sae_in if error_term else reconstruction
+        spliced = exact if error_term else reconstruction.to(exact.dtype)
         if edits:
-            if sae.cfg.normalize_activations in _STATEFUL_NORMS:
+            if sae.cfg.normalize_activations in STATEFUL_NORMS:
                 sae.encode(sae_in)  # decode() consumed the normalisation state: set it again
             delta = sae.decode(edit_features(features, edits)) - reconstruction
             if mask is not None:
                 delta = delta * mask[..., None].to(delta.device, delta.dtype)
-            spliced = spliced + delta
-        outside = outside_domain(sae, sae_in)
+            spliced = spliced + delta.to(exact.dtype)
+        outside = outside_domain(sae, exact)
         if outside is not None:
-            spliced = torch.where(outside[..., None], sae_in, spliced)
+            spliced = torch.where(outside[..., None], exact, spliced)
     return spliced.reshape(x.shape).to(x.device, x.dtype)
 
 
