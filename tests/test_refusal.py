@@ -81,6 +81,16 @@ def test_markers_match_at_word_boundaries_only() -> None:
     assert not detector.is_refusal("Wii cannotation")
 
 
+def test_prefix_only_reads_a_marker_that_starts_in_the_prefix_on_the_whole_text() -> None:
+    # the cut must not invent a word end ("as an aid" cut after "as an ai") nor break a marker it runs through
+    assert not RefusalDetector(prefix_only=True, prefix_chars=8).is_refusal("As an aid to memory, here are the steps.")
+    assert RefusalDetector(prefix_only=True, prefix_chars=5).is_refusal("I'm sorry, but I can't help with that.")
+
+
+def test_wilson_interval_is_exact_at_the_ends() -> None:
+    assert wilson_interval(0, 32)[0] == 0.0 and wilson_interval(32, 32)[1] == 1.0
+
+
 def test_prefix_only_ignores_late_markers() -> None:
     text = "Sure, here is the plan. " + "x " * 100 + "I cannot guarantee results."
     assert RefusalDetector().is_refusal(text)
