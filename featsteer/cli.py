@@ -776,8 +776,12 @@ def _print_search(args: argparse.Namespace, found, search_dir: Path) -> None:
     print(f"search: {len(found.trials)} trials, {len(found.pareto)} on the Pareto front; Pareto front and plot in {search_dir}/")
     how = " (--search-trial)" if args.search_trial is not None else ""
     if verified:
-        print(f"  chosen{how}: trial {best['number']}, validation refusal {verified['refusal_rate']:.3f}, KL {verified.get('kl', best['kl']):.4f}; "
-              f"params {best.get('params')}")
+        from featsteer.search import verified_kl
+
+        kl = f"KL {verified.get('kl', best['kl']):.4f}"
+        if args.search_kl != "all":  # the KL the choice was bounded by, next to the all-prompt one
+            kl += f", {args.search_kl} KL {verified_kl(best, args.search_kl):.4f} (the bound's)"
+        print(f"  chosen{how}: trial {best['number']}, validation refusal {verified['refusal_rate']:.3f}, {kl}; params {best.get('params')}")
     elif best:
         print(f"  chosen{how}: trial {best['number']} (not verified by generation), proxy refusal {best['refusal_rate_proxy']:.3f}, "
               f"proxy KL {best['kl']:.4f}; params {best.get('params')}")

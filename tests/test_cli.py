@@ -484,6 +484,20 @@ def test_abliterate_runs_end_to_end_on_other_architectures(capsys, tmp_path, fam
     assert load_model(str(out)).family == load_model(f"tiny:{family}").family
 
 
+def test_the_chosen_search_point_prints_the_kl_its_bound_read(capsys):
+    import argparse
+    import types
+
+    from featsteer.cli import _print_search
+
+    best = {"number": 3, "kl": 0.047, "params": {}, "verified": {"refusal_rate": 0.0, "kl": 0.0473, "kl_answered": 0.0252}}
+    found = types.SimpleNamespace(best=best, trials=[best], pareto=[best])
+    _print_search(argparse.Namespace(search_trial=None, search_kl="answered"), found, __import__("pathlib").Path("s"))
+    assert "KL 0.0473, answered KL 0.0252 (the bound's)" in capsys.readouterr().out
+    _print_search(argparse.Namespace(search_trial=None, search_kl="all"), found, __import__("pathlib").Path("s"))
+    assert "KL 0.0473; params" in capsys.readouterr().out
+
+
 def test_abliterate_search_warm_start_and_its_errors(capsys, tmp_path):
     common = ["--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
               "--n-select", "3", "--eval-n", "3", "--max-new-tokens", "2"]
