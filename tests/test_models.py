@@ -508,6 +508,18 @@ def test_bad_hook_names(llama_adapter, name, message):
         pass
 
 
+def test_hook_pos_embed_exists_only_with_learned_positions(llama_adapter):
+    """A rotary model has no learned position embedding: naming hook_pos_embed is a one-line error, not an AttributeError
+    from deep in the hook installation; GPT-2's is the position table's output."""
+    assert not llama_adapter.learned_positions
+    with pytest.raises(FeatsteerError, match="hook_pos_embed does not exist: this llama model adds no learned position"):
+        llama_adapter.hook_site("hook_pos_embed")
+    gpt2 = load_model("tiny:gpt2")
+    assert gpt2.learned_positions
+    seen, _ = _record(gpt2, ["hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre"])
+    torch.testing.assert_close(seen["hook_embed"] + seen["hook_pos_embed"], seen["blocks.0.hook_resid_pre"], atol=1e-6, rtol=0)
+
+
 def test_load_model_from_directory_and_errors(tmp_path):
     model, tokenizer = tiny_model("qwen2")
     model.save_pretrained(tmp_path / "m")

@@ -159,6 +159,10 @@ class HFModelAdapter(ModelAdapter):
         return self.spec.layer_scalar is not None
 
     @property
+    def learned_positions(self) -> bool:
+        return self.spec.pos_embed is not None
+
+    @property
     def per_layer_inputs(self) -> bool:
         return self.spec.per_layer_out_site is not None and self._optional_module(self.spec.per_layer_out_site, 0) is not None
 

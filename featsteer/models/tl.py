@@ -59,6 +59,10 @@ class TLModelAdapter(ModelAdapter):
         return bool(getattr(self.model.cfg, "parallel_attn_mlp", False))
 
     @property
+    def learned_positions(self) -> bool:
+        return "hook_pos_embed" in self.model.hook_dict
+
+    @property
     def family(self) -> str:
         arch = getattr(self.model.cfg, "original_architecture", None) or "unknown"
         return f"transformer_lens:{arch}"
