@@ -166,7 +166,7 @@ def test_heap_trim_returns_freed_memory_to_the_os():
     del blocks
 
 
-def test_all_tokens_from_an_index_skip_each_prompts_first_tokens(llama_adapter):
+def test_all_tokens_from_an_index_skip_each_prompts_first_tokens(llama_adapter, tmp_path):
     hook = "blocks.1.hook_resid_pre"
     full = capture(llama_adapter, PROMPTS[:4], hook, positions="all", progress=False)
     tail = capture(llama_adapter, PROMPTS[:4], hook, positions="all:3", progress=False)
@@ -179,6 +179,9 @@ def test_all_tokens_from_an_index_skip_each_prompts_first_tokens(llama_adapter):
         Positions.parse("all:x")
     with pytest.raises(FeatsteerError, match="N >= 0"):
         Positions.parse("all:-1")
+    for stream_to in (None, tmp_path / "past"):  # past every prompt: the same one-line error in memory as on disk
+        with pytest.raises(FeatsteerError, match=r"nothing was captured \(0 rows\).*all:N past every prompt"):
+            capture(llama_adapter, PROMPTS[:4], hook, positions="all:10000", progress=False, stream_to=stream_to)
 
 
 def test_directions_are_found_and_selected_at_the_instruction_end(llama_adapter):

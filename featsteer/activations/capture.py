@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from featsteer.activations.heap import limit_fragmentation, trim
 from featsteer.activations.positions import Positions
 from featsteer.activations.stats import RunningMoments
-from featsteer.activations.store import ActivationReader, ActivationSet, ShardWriter
+from featsteer.activations.store import NOTHING_CAPTURED, ActivationReader, ActivationSet, ShardWriter
 from featsteer.errors import FeatsteerError
 from featsteer.models import ROUTING_KINDS, ModelAdapter, load_model
 from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
@@ -240,6 +240,8 @@ class _Collector:
             return self.fixed, torch.arange(self.fixed.shape[0]), self.position
         acts, row_prompt, row_pos = (torch.cat(parts) for parts in zip(*self.chunks, strict=True))
         self.chunks.clear()
+        if row_pos.numel() == 0:  # as a streamed capture says it (ShardWriter.close)
+            raise FeatsteerError(NOTHING_CAPTURED)
         span = int(row_pos.abs().max()) + 1
         order = torch.argsort(row_prompt * (2 * span + 1) + row_pos + span)
         return acts[order], row_prompt[order], row_pos[order]
