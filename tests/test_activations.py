@@ -107,6 +107,12 @@ def test_bad_inputs(llama_adapter):
     acts = capture(llama_adapter, PROMPTS[:2], "blocks.0.hook_resid_pre", progress=False)
     with pytest.raises(FeatsteerError, match="was not captured"):
         acts.hook("blocks.1.hook_resid_pre")
+    # an empty raw text has no token (the byte tokenizer adds no BOS): alone it crashed inside the model, and beside
+    # other texts its row was a pad token's activation
+    for texts in ([""], ["", "hello"]):
+        with pytest.raises(FeatsteerError, match="the text '' tokenizes to no tokens"):
+            capture(llama_adapter, texts, "blocks.1.hook_resid_pre", chat=False, progress=False)
+    assert len(capture(llama_adapter, [""], "blocks.1.hook_resid_pre", progress=False)) == 1  # the chat template has tokens
 
 
 def test_save_load_round_trip_is_bit_identical(llama_adapter, tmp_path):

@@ -431,6 +431,9 @@ class ModelAdapter(ABC):
         rows, n_post = [], []
         for text, end in zip(texts, ends, strict=True):
             encoding = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+            if not encoding["input_ids"]:  # a row of padding alone: its "last token" would be a pad token's activation
+                raise FeatsteerError(f"the text {text!r} tokenizes to no tokens (without the chat template, on a tokenizer that "
+                                     "adds no BOS token): leave out empty texts, or apply the chat template")
             rows.append(encoding["input_ids"])
             n_post.append(sum(1 for start, _ in encoding["offset_mapping"] if start >= end))
         return self._pad_left(rows, n_post)
