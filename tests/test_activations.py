@@ -46,6 +46,12 @@ def test_position_selectors(llama_adapter):
     torch.testing.assert_close(tail.at_position(hook, -2)[2], first[-2])
     with pytest.raises(FeatsteerError, match="unknown position"):
         Positions.parse("middle")
+    # a window longer than one prompt is an error whether or not a longer prompt pads it (it averaged padding)
+    short, long = "Hi", "a much longer instruction than the other one"
+    k = len(llama_adapter.tokenize([short]).input_ids[0]) + 1
+    for prompts in ([short], [short, long]):
+        with pytest.raises(FeatsteerError, match=f"mean_last:{k} is longer than a prompt \\({k - 1} tokens\\)"):
+            capture(llama_adapter, prompts, hook, positions=Positions.mean_last(k), progress=False)
 
 
 def test_instruction_end_is_the_instructions_last_token(llama_adapter):

@@ -101,6 +101,10 @@ class Positions:
         width = attention_mask.shape[1]
         lengths = attention_mask.sum(1).long().cpu()
         batch = torch.arange(attention_mask.shape[0])
+        if self.mode == "mean_last" and len(lengths) and int(lengths.min()) < self.k:
+            # checked per prompt: against the padded width, a short prompt beside a long one would average padding
+            raise FeatsteerError(f"mean_last:{self.k} is longer than a prompt ({int(lengths.min())} tokens): use a K of at most "
+                                 "the shortest prompt's length")
         if self.mode in ("last", "mean_last"):
             return batch, torch.full_like(batch, width - 1), torch.full_like(batch, -1)
         if self.mode == "post_instruction":
@@ -123,8 +127,6 @@ class Positions:
 
     def select(self, activation: Tensor, row_batch: Tensor, row_token: Tensor) -> Tensor:
         """Pick the planned rows out of a `(batch, pos, d_model)` activation, giving `(rows, d_model)`."""
-        if self.mode == "mean_last":
-            if self.k > activation.shape[1]:
-                raise FeatsteerError(f"mean_last:{self.k} is longer than the prompts ({activation.shape[1]} tokens)")
+        if self.mode == "mean_last":  # `plan` checked that every prompt has `k` tokens
             return activation[:, -self.k :, :].mean(1)
         return activation[row_batch.to(activation.device), row_token.to(activation.device)]
