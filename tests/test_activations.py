@@ -269,3 +269,35 @@ def test_position_kinds_without_an_argument_reject_one():
         with pytest.raises(FeatsteerError, match="takes no ':' argument"):
             Positions.parse(text)
     assert Positions.parse("mean_last:3").k == 3 and Positions.parse("all:2").start == 2
+
+
+def _merging_tokenizer():
+    """A byte-level tokenizer without a chat template whose one merge joins a space and a newline, so an instruction
+    ending in a space shares its last token with the fallback template's first newline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>"])}
+    vocab.update({c: i + 4 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+    vocab["ĠĊ"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "Ċ")], unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_post_instruction_rows_do_not_depend_on_the_batch():
+    """A prompt keeps the template tokens every prompt of the set has, whichever prompts share its batch (it took the
+    batch's fewest, so a prompt beside one whose last token merged into the template lost a row)."""
+    from featsteer.models import load_model
+    from featsteer.testing import tiny_model
+
+    adapter = load_model(tiny_model("llama")[0], tokenizer=_merging_tokenizer())
+    texts = ["Say hi", "Say bye ", "Say it"]
+    assert adapter.tokenize(texts).n_post_instruction.tolist() == [16, 15, 16]  # "\n\n### Response:\n", less the merged newline
+    hook = "blocks.1.hook_resid_pre"
+    apart = [capture(adapter, texts, hook, positions="post_instruction", batch_size=1, max_batch_tokens=None, progress=False),
+             capture(adapter, texts, hook, positions="post_instruction", batch_size=2, max_batch_tokens=None, progress=False)]
+    together = capture(adapter, texts, hook, positions="post_instruction", batch_size=3, progress=False)
+    for acts in apart:
+        assert acts.position_labels == together.position_labels == list(range(-15, 0))
+        torch.testing.assert_close(acts.per_prompt(hook), together.per_prompt(hook), atol=1e-5, rtol=0)

@@ -88,8 +88,14 @@ class Positions:
             return f"mean_last:{self.k}"
         return f"all:{self.start}" if self.mode == "all" and self.start else self.mode
 
-    def plan(self, attention_mask: Tensor, n_post_instruction: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def plan(self, attention_mask: Tensor, n_post_instruction: Tensor, tail: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Decide the rows to keep for one left-padded batch.
+
+        Args:
+            attention_mask: `(batch, pos)` 1 at real tokens, 0 at left padding.
+            n_post_instruction: `(batch,)` each prompt's number of tokens after its instruction.
+            tail: for `post_instruction`, how many of those tokens to keep per prompt: the fewest any prompt of the whole
+                prompt set has, so a prompt keeps the same rows whichever prompts share its batch (None: this batch's fewest).
 
         Returns:
             `(row_batch, row_token, row_position)`: for each kept row, its batch index, its column in the
@@ -108,7 +114,7 @@ class Positions:
         if self.mode in ("last", "mean_last"):
             return batch, torch.full_like(batch, width - 1), torch.full_like(batch, -1)
         if self.mode == "post_instruction":
-            n_post = int(n_post_instruction.min()) if n_post_instruction.numel() else 0
+            n_post = tail if tail is not None else int(n_post_instruction.min()) if n_post_instruction.numel() else 0
             if n_post < 1:
                 raise FeatsteerError("post_instruction positions need a chat template with tokens after the instruction")
             offsets = torch.arange(-n_post, 0)
