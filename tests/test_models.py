@@ -449,6 +449,33 @@ def test_tl_bridge_llama_matches_native(tmp_path):
     assert count_hooks(bridge) == before
 
 
+def test_a_weight_edit_of_a_bridge_running_processed_weights_is_an_error(tmp_path):
+    """enable_compatibility_mode() makes a bridge run folded, centred copies of its weights: an edit of the Hugging Face
+    model under it changed nothing the bridge computes, silently. It is an error now, and the model is left as it was;
+    without processing the edit reaches the forward pass."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from featsteer.edits import apply_edit
+    from featsteer.testing import random_direction
+
+    model, tokenizer = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    for processed in (True, False):
+        bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=tiny_model("llama")[0])
+        bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not processed)
+        lens = load_model(bridge)
+        before = lens.logits(PROMPTS)
+        assert lens.residual_writers()[0].read()[0].shape[0] == lens.d_model  # reading stays possible
+        if processed:
+            with pytest.raises(FeatsteerError, match="runs processed copies of its weights"), apply_edit(lens, random_direction(lens.d_model)):
+                pass
+            torch.testing.assert_close(lens.logits(PROMPTS), before, atol=0, rtol=0)
+        else:
+            with apply_edit(lens, random_direction(lens.d_model)):
+                assert (lens.logits(PROMPTS) - before).abs().max() > 1e-4
+
+
 def test_tl_parallel_block_model_has_no_resid_mid(tmp_path):
     """A HookedTransformer with parallel attention and MLP (Pythia-style) lists no resid_mid and adds both writes at once."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
