@@ -406,6 +406,17 @@ def test_chat_formatting_and_post_instruction_tokens():
     assert fallback.text == FALLBACK_TEMPLATE.format(system="", instruction="Do X") and not fallback.uses_chat_template
 
 
+def test_a_tokenizer_without_character_offsets_is_a_one_line_error():
+    """Where the instruction ends is read from the fast tokenizer's character offsets; a Python tokenizer has none, and
+    every call that tokenizes died with a KeyError ('offset_mapping')."""
+    from transformers import ByT5Tokenizer
+
+    model, _ = tiny_model("llama", vocab_size=400)
+    adapter = load_model(model, tokenizer=ByT5Tokenizer())
+    with pytest.raises(FeatsteerError, match=r"the tokenizer \(ByT5Tokenizer\) gives no character offsets.*fast tokenizer"):
+        adapter.tokenize(["Hi"])
+
+
 def test_weights_writing_into_the_residual_have_documented_orientation(family_model):
     _, model, tokenizer = family_model
     adapter = load_model(model, tokenizer=tokenizer)

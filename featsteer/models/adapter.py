@@ -435,6 +435,9 @@ class ModelAdapter(ABC):
                 raise FeatsteerError(f"the text {text!r} tokenizes to no tokens (without the chat template, on a tokenizer that "
                                      "adds no BOS token): leave out empty texts, or apply the chat template")
             rows.append(encoding["input_ids"])
+            if "offset_mapping" not in encoding:
+                raise FeatsteerError(f"the tokenizer ({type(self.tokenizer).__name__}) gives no character offsets, which featsteer needs "
+                                     "to find where each instruction ends: load the model's fast tokenizer (its tokenizer.json)")
             n_post.append(sum(1 for start, _ in encoding["offset_mapping"] if start >= end))
         return self._pad_left(rows, n_post)
 
