@@ -195,6 +195,25 @@ def test_writes_at_equivalent_points_give_equal_logits(family_model):
         torch.testing.assert_close(logits_with("blocks.1.hook_resid_mid"), via_attn, atol=1e-4, rtol=0)
 
 
+def test_resid_mid_includes_a_resid_pre_change_of_hooks_installed_later(family_model):
+    """resid_mid is derived as resid_pre + attn_out. Its resid_pre was kept by a pre-hook on the block, which missed the
+    change of any resid_pre hook installed after it (a steer inside a recording `with`), so it read the stream without
+    that change. It must equal what an inner recording sees."""
+    _, model, tokenizer = family_model
+    adapter = load_model(model, tokenizer=tokenizer)
+    if adapter.parallel_block:
+        return
+    vector = torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(5))
+    shift = [("blocks.1.hook_resid_pre", lambda x, s: x + vector)]
+    mid = "blocks.1.hook_resid_mid"
+    with adapter.hooks(shift):
+        inner, _ = _record(adapter, [mid])
+    seen = {}
+    with adapter.hooks([(mid, lambda x, s: seen.__setitem__(s.name, x.clone()))]), adapter.hooks(shift):
+        adapter.run(adapter.tokenize(PROMPTS))
+    torch.testing.assert_close(seen[mid], inner[mid], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["cohere", "phi", "gpt_neox"])
 def test_parallel_blocks_norm_edits_reach_only_their_branch_and_resid_mid_is_refused(family):
     """Cohere and Phi-2 feed one norm's output to both branches; an edit at ln1 must reach the attention only and one

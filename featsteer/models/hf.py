@@ -241,8 +241,11 @@ class HFModelAdapter(ModelAdapter):
         state: dict[str, Tensor] = {}
         handles = []
         block = self.layers[layer]
-        if pre or mid:
-            handles.append(block.register_forward_pre_hook(_pre_hook(pre, state, keep=bool(mid)), with_kwargs=True))
+        if pre:
+            handles.append(block.register_forward_pre_hook(_pre_hook(pre), with_kwargs=True))
+        if mid:  # resid_mid's resid_pre is what the block's first module reads: after every installed resid_pre hook changed it
+            reader = self._input_norm("ln1_normalized", layer) or self._module(self.spec.attn, layer)
+            handles.append(reader.register_forward_pre_hook(_stash_input(state), with_kwargs=True))
         handles.extend(self._install_norms(layer, by_site))
         if z := by_site.get((layer, "attn_z")):
             if not self._is_attention(layer):
@@ -611,13 +614,22 @@ def _through_norm(output: Tensor, new: Tensor, normalized: Tensor, norm: nn.Modu
     return (output.float() + (new.float() - normalized.float()) * scale).to(output.dtype)
 
 
-def _pre_hook(fns: _Hooks, state: dict[str, Tensor], keep: bool):
+def _pre_hook(fns: _Hooks):
     def hook(module, args, kwargs):
         hidden = _hidden(args, kwargs)
         new = _apply(fns, hidden)
-        if keep:
-            state["resid_pre"] = new
         return None if new is hidden else _with_hidden(args, kwargs, new)
+
+    return hook
+
+
+def _stash_input(state: dict[str, Tensor]):
+    """Forward pre-hook on the module that reads a block's input first (its attention norm, or the attention itself):
+    keeps that input as `resid_pre` for `_attn_hook`. Read there rather than in a pre-hook on the block, it includes the
+    changes of resid_pre hooks installed after this one (which run after it on the block)."""
+
+    def hook(module, args, kwargs):
+        state["resid_pre"] = _hidden(args, kwargs)
 
     return hook
 
