@@ -195,23 +195,27 @@ def test_writes_at_equivalent_points_give_equal_logits(family_model):
         torch.testing.assert_close(logits_with("blocks.1.hook_resid_mid"), via_attn, atol=1e-4, rtol=0)
 
 
-def test_resid_mid_includes_a_resid_pre_change_of_hooks_installed_later(family_model):
-    """resid_mid is derived as resid_pre + attn_out. Its resid_pre was kept by a pre-hook on the block, which missed the
-    change of any resid_pre hook installed after it (a steer inside a recording `with`), so it read the stream without
-    that change. It must equal what an inner recording sees."""
+@pytest.mark.parametrize("upstream", ["resid_pre", "attn_out"])
+def test_resid_mid_includes_the_changes_of_hooks_installed_later(family_model, upstream):
+    """resid_mid is derived as resid_pre + attn_out. Each installation kept its own resid_pre (in a pre-hook on the block)
+    and added its own view of attn_out, so a resid_mid hook installed before a resid_pre or attn_out hook (a recording or
+    SAE `with` around a steer) read the stream without that change. It must equal what an inner recording sees; and the
+    shared hook goes once every installation has left."""
     _, model, tokenizer = family_model
     adapter = load_model(model, tokenizer=tokenizer)
     if adapter.parallel_block:
         return
     vector = torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(5))
-    shift = [("blocks.1.hook_resid_pre", lambda x, s: x + vector)]
+    shift = [(f"blocks.1.hook_{upstream}", lambda x, s: x + vector)]
     mid = "blocks.1.hook_resid_mid"
+    before = count_hooks(model)
     with adapter.hooks(shift):
         inner, _ = _record(adapter, [mid])
     seen = {}
     with adapter.hooks([(mid, lambda x, s: seen.__setitem__(s.name, x.clone()))]), adapter.hooks(shift):
         adapter.run(adapter.tokenize(PROMPTS))
     torch.testing.assert_close(seen[mid], inner[mid], atol=1e-5, rtol=0)
+    assert count_hooks(model) == before
 
 
 @pytest.mark.parametrize("family", ["cohere", "phi", "gpt_neox"])
