@@ -44,7 +44,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"device    {model.device}")
     layers = f"blocks.{{0..{model.n_layers - 1}}}"
     residual = [kind for kind in RESIDUAL_KINDS if kind in model.layer_kinds]
-    print(f"hooks     hook_embed, {layers}.hook_{{{','.join(residual)}}},")
+    embeddings = "hook_embed, hook_pos_embed" if model.learned_positions else "hook_embed"
+    print(f"hooks     {embeddings}, {layers}.hook_{{{','.join(residual)}}},")
     norms = f"{layers}.ln1.hook_normalized, {layers}.ln2.hook_normalized, " if model.input_norms else ""
     print(f"          {norms}ln_final.hook_normalized,")
     attention = model.attention_layers

@@ -46,6 +46,12 @@ def test_position_selectors(llama_adapter):
     torch.testing.assert_close(tail.at_position(hook, -2)[2], first[-2])
     with pytest.raises(FeatsteerError, match="unknown position"):
         Positions.parse("middle")
+    # a window longer than one prompt is an error whether or not a longer prompt pads it (it averaged padding)
+    short, long = "Hi", "a much longer instruction than the other one"
+    k = len(llama_adapter.tokenize([short]).input_ids[0]) + 1
+    for prompts in ([short], [short, long]):
+        with pytest.raises(FeatsteerError, match=f"mean_last:{k} is longer than a prompt \\({k - 1} tokens\\)"):
+            capture(llama_adapter, prompts, hook, positions=Positions.mean_last(k), progress=False)
 
 
 def test_instruction_end_is_the_instructions_last_token(llama_adapter):
@@ -107,6 +113,12 @@ def test_bad_inputs(llama_adapter):
     acts = capture(llama_adapter, PROMPTS[:2], "blocks.0.hook_resid_pre", progress=False)
     with pytest.raises(FeatsteerError, match="was not captured"):
         acts.hook("blocks.1.hook_resid_pre")
+    # an empty raw text has no token (the byte tokenizer adds no BOS): alone it crashed inside the model, and beside
+    # other texts its row was a pad token's activation
+    for texts in ([""], ["", "hello"]):
+        with pytest.raises(FeatsteerError, match="the text '' tokenizes to no tokens"):
+            capture(llama_adapter, texts, "blocks.1.hook_resid_pre", chat=False, progress=False)
+    assert len(capture(llama_adapter, [""], "blocks.1.hook_resid_pre", progress=False)) == 1  # the chat template has tokens
 
 
 def test_save_load_round_trip_is_bit_identical(llama_adapter, tmp_path):
@@ -166,7 +178,7 @@ def test_heap_trim_returns_freed_memory_to_the_os():
     del blocks
 
 
-def test_all_tokens_from_an_index_skip_each_prompts_first_tokens(llama_adapter):
+def test_all_tokens_from_an_index_skip_each_prompts_first_tokens(llama_adapter, tmp_path):
     hook = "blocks.1.hook_resid_pre"
     full = capture(llama_adapter, PROMPTS[:4], hook, positions="all", progress=False)
     tail = capture(llama_adapter, PROMPTS[:4], hook, positions="all:3", progress=False)
@@ -179,6 +191,9 @@ def test_all_tokens_from_an_index_skip_each_prompts_first_tokens(llama_adapter):
         Positions.parse("all:x")
     with pytest.raises(FeatsteerError, match="N >= 0"):
         Positions.parse("all:-1")
+    for stream_to in (None, tmp_path / "past"):  # past every prompt: the same one-line error in memory as on disk
+        with pytest.raises(FeatsteerError, match=r"nothing was captured \(0 rows\).*all:N past every prompt"):
+            capture(llama_adapter, PROMPTS[:4], hook, positions="all:10000", progress=False, stream_to=stream_to)
 
 
 def test_directions_are_found_and_selected_at_the_instruction_end(llama_adapter):
@@ -254,3 +269,35 @@ def test_position_kinds_without_an_argument_reject_one():
         with pytest.raises(FeatsteerError, match="takes no ':' argument"):
             Positions.parse(text)
     assert Positions.parse("mean_last:3").k == 3 and Positions.parse("all:2").start == 2
+
+
+def _merging_tokenizer():
+    """A byte-level tokenizer without a chat template whose one merge joins a space and a newline, so an instruction
+    ending in a space shares its last token with the fallback template's first newline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>"])}
+    vocab.update({c: i + 4 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+    vocab["ĠĊ"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "Ċ")], unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_post_instruction_rows_do_not_depend_on_the_batch():
+    """A prompt keeps the template tokens every prompt of the set has, whichever prompts share its batch (it took the
+    batch's fewest, so a prompt beside one whose last token merged into the template lost a row)."""
+    from featsteer.models import load_model
+    from featsteer.testing import tiny_model
+
+    adapter = load_model(tiny_model("llama")[0], tokenizer=_merging_tokenizer())
+    texts = ["Say hi", "Say bye ", "Say it"]
+    assert adapter.tokenize(texts).n_post_instruction.tolist() == [16, 15, 16]  # "\n\n### Response:\n", less the merged newline
+    hook = "blocks.1.hook_resid_pre"
+    apart = [capture(adapter, texts, hook, positions="post_instruction", batch_size=1, max_batch_tokens=None, progress=False),
+             capture(adapter, texts, hook, positions="post_instruction", batch_size=2, max_batch_tokens=None, progress=False)]
+    together = capture(adapter, texts, hook, positions="post_instruction", batch_size=3, progress=False)
+    for acts in apart:
+        assert acts.position_labels == together.position_labels == list(range(-15, 0))
+        torch.testing.assert_close(acts.per_prompt(hook), together.per_prompt(hook), atol=1e-5, rtol=0)

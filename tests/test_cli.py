@@ -23,6 +23,9 @@ def test_info(capsys):
     assert code == 0 and "family    gpt2" in out and "layers    3" in out and "'<|user|>Hi<|end|><|assistant|>'" in out
     assert "blocks.{0..2}.ln1.hook_normalized" in out and "ln_final.hook_normalized" in out and "attn.hook_z (per head: 4 heads)" in out
     assert "experts" not in out
+    assert "hooks     hook_embed, hook_pos_embed, blocks" in out  # GPT-2's learned positions
+    _, llama, _ = _run(capsys, "info", "--model", "tiny:llama")
+    assert "hooks     hook_embed, blocks" in llama and "hook_pos_embed" not in llama
 
 
 def test_info_lists_only_the_hooks_a_family_has_and_its_experts(capsys):

@@ -195,6 +195,29 @@ def test_writes_at_equivalent_points_give_equal_logits(family_model):
         torch.testing.assert_close(logits_with("blocks.1.hook_resid_mid"), via_attn, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("upstream", ["resid_pre", "attn_out"])
+def test_resid_mid_includes_the_changes_of_hooks_installed_later(family_model, upstream):
+    """resid_mid is derived as resid_pre + attn_out. Each installation kept its own resid_pre (in a pre-hook on the block)
+    and added its own view of attn_out, so a resid_mid hook installed before a resid_pre or attn_out hook (a recording or
+    SAE `with` around a steer) read the stream without that change. It must equal what an inner recording sees; and the
+    shared hook goes once every installation has left."""
+    _, model, tokenizer = family_model
+    adapter = load_model(model, tokenizer=tokenizer)
+    if adapter.parallel_block:
+        return
+    vector = torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(5))
+    shift = [(f"blocks.1.hook_{upstream}", lambda x, s: x + vector)]
+    mid = "blocks.1.hook_resid_mid"
+    before = count_hooks(model)
+    with adapter.hooks(shift):
+        inner, _ = _record(adapter, [mid])
+    seen = {}
+    with adapter.hooks([(mid, lambda x, s: seen.__setitem__(s.name, x.clone()))]), adapter.hooks(shift):
+        adapter.run(adapter.tokenize(PROMPTS))
+    torch.testing.assert_close(seen[mid], inner[mid], atol=1e-5, rtol=0)
+    assert count_hooks(model) == before
+
+
 @pytest.mark.parametrize("family", ["cohere", "phi", "gpt_neox"])
 def test_parallel_blocks_norm_edits_reach_only_their_branch_and_resid_mid_is_refused(family):
     """Cohere and Phi-2 feed one norm's output to both branches; an edit at ln1 must reach the attention only and one
@@ -406,6 +429,17 @@ def test_chat_formatting_and_post_instruction_tokens():
     assert fallback.text == FALLBACK_TEMPLATE.format(system="", instruction="Do X") and not fallback.uses_chat_template
 
 
+def test_a_tokenizer_without_character_offsets_is_a_one_line_error():
+    """Where the instruction ends is read from the fast tokenizer's character offsets; a Python tokenizer has none, and
+    every call that tokenizes died with a KeyError ('offset_mapping')."""
+    from transformers import ByT5Tokenizer
+
+    model, _ = tiny_model("llama", vocab_size=400)
+    adapter = load_model(model, tokenizer=ByT5Tokenizer())
+    with pytest.raises(FeatsteerError, match=r"the tokenizer \(ByT5Tokenizer\) gives no character offsets.*fast tokenizer"):
+        adapter.tokenize(["Hi"])
+
+
 def test_weights_writing_into_the_residual_have_documented_orientation(family_model):
     _, model, tokenizer = family_model
     adapter = load_model(model, tokenizer=tokenizer)
@@ -447,6 +481,33 @@ def test_tl_bridge_llama_matches_native(tmp_path):
     with lens.hooks([("blocks.1.hook_resid_pre", lambda x, s: x * 0)]):
         lens.run(lens.tokenize(PROMPTS))
     assert count_hooks(bridge) == before
+
+
+def test_a_weight_edit_of_a_bridge_running_processed_weights_is_an_error(tmp_path):
+    """enable_compatibility_mode() makes a bridge run folded, centred copies of its weights: an edit of the Hugging Face
+    model under it changed nothing the bridge computes, silently. It is an error now, and the model is left as it was;
+    without processing the edit reaches the forward pass."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from featsteer.edits import apply_edit
+    from featsteer.testing import random_direction
+
+    model, tokenizer = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    for processed in (True, False):
+        bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=tiny_model("llama")[0])
+        bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not processed)
+        lens = load_model(bridge)
+        before = lens.logits(PROMPTS)
+        assert lens.residual_writers()[0].read()[0].shape[0] == lens.d_model  # reading stays possible
+        if processed:
+            with pytest.raises(FeatsteerError, match="runs processed copies of its weights"), apply_edit(lens, random_direction(lens.d_model)):
+                pass
+            torch.testing.assert_close(lens.logits(PROMPTS), before, atol=0, rtol=0)
+        else:
+            with apply_edit(lens, random_direction(lens.d_model)):
+                assert (lens.logits(PROMPTS) - before).abs().max() > 1e-4
 
 
 def test_tl_parallel_block_model_has_no_resid_mid(tmp_path):
@@ -506,6 +567,18 @@ def test_every_supported_model_type_has_a_tiny_config_in_the_family_tests():
 def test_bad_hook_names(llama_adapter, name, message):
     with pytest.raises(FeatsteerError, match=message), llama_adapter.hooks([(name, lambda x, s: None)]):
         pass
+
+
+def test_hook_pos_embed_exists_only_with_learned_positions(llama_adapter):
+    """A rotary model has no learned position embedding: naming hook_pos_embed is a one-line error, not an AttributeError
+    from deep in the hook installation; GPT-2's is the position table's output."""
+    assert not llama_adapter.learned_positions
+    with pytest.raises(FeatsteerError, match="hook_pos_embed does not exist: this llama model adds no learned position"):
+        llama_adapter.hook_site("hook_pos_embed")
+    gpt2 = load_model("tiny:gpt2")
+    assert gpt2.learned_positions
+    seen, _ = _record(gpt2, ["hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre"])
+    torch.testing.assert_close(seen["hook_embed"] + seen["hook_pos_embed"], seen["blocks.0.hook_resid_pre"], atol=1e-6, rtol=0)
 
 
 def test_load_model_from_directory_and_errors(tmp_path):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from featsteer.activations.heap import limit_fragmentation, trim
 from featsteer.activations.positions import Positions
 from featsteer.activations.stats import RunningMoments
-from featsteer.activations.store import ActivationReader, ActivationSet, ShardWriter
+from featsteer.activations.store import NOTHING_CAPTURED, ActivationReader, ActivationSet, ShardWriter
 from featsteer.errors import FeatsteerError
 from featsteer.models import ROUTING_KINDS, ModelAdapter, load_model
 from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
@@ -135,11 +135,12 @@ def capture(
     stats: dict[str, RunningMoments] = {}
     limit_fragmentation()  # see featsteer.activations.heap: large temporaries are unmapped when freed
     batches = adapter.plan_batches(prompts, batch_size, max_batch_tokens, system, chat)
+    tail = _common_tail(adapter, prompts, system, chat) if selector.mode == "post_instruction" else None
     writer = ShardWriter(stream_to, hook_names, width, _meta(selector, adapter, label), shard_rows) if stream_to else None
     collector = _Collector(len(prompts), len(hook_names), width, dtype, one_row_per_prompt=selector.mode in ("last", "mean_last"))
     try:
         for batch_ids in tqdm(batches, desc="capture", unit="batch", disable=not progress or len(batches) < 4, leave=False):
-            acts, row_prompt, row_pos = _capture_batch(adapter, [prompts[i] for i in batch_ids], sites, selector, system, chat)
+            acts, row_prompt, row_pos = _capture_batch(adapter, [prompts[i] for i in batch_ids], sites, selector, system, chat, tail)
             row_prompt = torch.tensor(batch_ids, dtype=torch.long)[row_prompt]
             _check_finite(acts, hook_names, row_prompt, prompts)
             _update_stats(stats, acts, hook_names, row_pos, selector, covariance)
@@ -183,9 +184,16 @@ def _common_width(adapter: ModelAdapter, sites) -> int:
     return width
 
 
-def _capture_batch(adapter: ModelAdapter, texts: list[str], sites, selector: Positions, system, chat) -> tuple[Tensor, Tensor, Tensor]:
+def _common_tail(adapter: ModelAdapter, prompts: list[str], system: str | None, chat: bool) -> int:
+    """The number of tokens after the instruction that every prompt has. Where a prompt's last characters merge with the
+    template's first into one token (a trailing space or newline before a plain-text template), it has one fewer."""
+    return min(int(adapter.tokenize([text], system=system, chat=chat).n_post_instruction[0]) for text in prompts)
+
+
+def _capture_batch(adapter: ModelAdapter, texts: list[str], sites, selector: Positions, system, chat,
+                   tail: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     batch = adapter.tokenize(texts, system=system, chat=chat)
-    row_batch, row_token, row_pos = selector.plan(batch.attention_mask.cpu(), batch.n_post_instruction)
+    row_batch, row_token, row_pos = selector.plan(batch.attention_mask.cpu(), batch.n_post_instruction, tail)
     kept: dict[str, Tensor] = {}
 
     def keep(activation: Tensor, site) -> None:
@@ -240,6 +248,8 @@ class _Collector:
             return self.fixed, torch.arange(self.fixed.shape[0]), self.position
         acts, row_prompt, row_pos = (torch.cat(parts) for parts in zip(*self.chunks, strict=True))
         self.chunks.clear()
+        if row_pos.numel() == 0:  # as a streamed capture says it (ShardWriter.close)
+            raise FeatsteerError(NOTHING_CAPTURED)
         span = int(row_pos.abs().max()) + 1
         order = torch.argsort(row_prompt * (2 * span + 1) + row_pos + span)
         return acts[order], row_prompt[order], row_pos[order]

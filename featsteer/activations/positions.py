@@ -88,8 +88,14 @@ class Positions:
             return f"mean_last:{self.k}"
         return f"all:{self.start}" if self.mode == "all" and self.start else self.mode
 
-    def plan(self, attention_mask: Tensor, n_post_instruction: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def plan(self, attention_mask: Tensor, n_post_instruction: Tensor, tail: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Decide the rows to keep for one left-padded batch.
+
+        Args:
+            attention_mask: `(batch, pos)` 1 at real tokens, 0 at left padding.
+            n_post_instruction: `(batch,)` each prompt's number of tokens after its instruction.
+            tail: for `post_instruction`, how many of those tokens to keep per prompt: the fewest any prompt of the whole
+                prompt set has, so a prompt keeps the same rows whichever prompts share its batch (None: this batch's fewest).
 
         Returns:
             `(row_batch, row_token, row_position)`: for each kept row, its batch index, its column in the
@@ -101,10 +107,14 @@ class Positions:
         width = attention_mask.shape[1]
         lengths = attention_mask.sum(1).long().cpu()
         batch = torch.arange(attention_mask.shape[0])
+        if self.mode == "mean_last" and len(lengths) and int(lengths.min()) < self.k:
+            # checked per prompt: against the padded width, a short prompt beside a long one would average padding
+            raise FeatsteerError(f"mean_last:{self.k} is longer than a prompt ({int(lengths.min())} tokens): use a K of at most "
+                                 "the shortest prompt's length")
         if self.mode in ("last", "mean_last"):
             return batch, torch.full_like(batch, width - 1), torch.full_like(batch, -1)
         if self.mode == "post_instruction":
-            n_post = int(n_post_instruction.min()) if n_post_instruction.numel() else 0
+            n_post = tail if tail is not None else int(n_post_instruction.min()) if n_post_instruction.numel() else 0
             if n_post < 1:
                 raise FeatsteerError("post_instruction positions need a chat template with tokens after the instruction")
             offsets = torch.arange(-n_post, 0)
@@ -123,8 +133,6 @@ class Positions:
 
     def select(self, activation: Tensor, row_batch: Tensor, row_token: Tensor) -> Tensor:
         """Pick the planned rows out of a `(batch, pos, d_model)` activation, giving `(rows, d_model)`."""
-        if self.mode == "mean_last":
-            if self.k > activation.shape[1]:
-                raise FeatsteerError(f"mean_last:{self.k} is longer than the prompts ({activation.shape[1]} tokens)")
+        if self.mode == "mean_last":  # `plan` checked that every prompt has `k` tokens
             return activation[:, -self.k :, :].mean(1)
         return activation[row_batch.to(activation.device), row_token.to(activation.device)]

@@ -25,6 +25,7 @@ from featsteer.files import staging_folder
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
+NOTHING_CAPTURED = "nothing was captured (0 rows): the position selector kept no token of any prompt (all:N past every prompt's length?)"
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,7 @@ class ShardWriter:
         self._flush(final=True)
         if not self.shards:
             self.abort()
-            raise FeatsteerError("nothing was captured (0 rows): the position selector kept no token of any prompt "
-                                 "(all:N past every prompt's length?)")
+            raise FeatsteerError(NOTHING_CAPTURED)
         if stats:
             save_file({f"{key}/mean": m.mean for key, m in stats.items()}, str(self.staging / "stats.safetensors"))
         meta = {

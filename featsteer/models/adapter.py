@@ -210,6 +210,12 @@ class ModelAdapter(ABC):
         return False
 
     @property
+    def learned_positions(self) -> bool:
+        """True when a learned position embedding is added to the stream beside the token embedding (GPT-2), so
+        `hook_pos_embed` exists."""
+        return False
+
+    @property
     def moe_layers(self) -> list[int]:
         """The mixture-of-experts layers whose routing featsteer can read and change (`blocks.{l}.mlp.hook_router_logits`,
         `blocks.{l}.mlp.hook_routing`)."""
@@ -303,6 +309,9 @@ class ModelAdapter(ABC):
         if site.kind == "per_layer_out" and not self.per_layer_inputs:
             raise FeatsteerError(f"{name} does not exist: this {self.family} model has no per-layer input embeddings (Gemma 4's E2B/E4B "
                                  f"have them); its layers write through blocks.{site.layer}.hook_attn_out and hook_mlp_out")
+        if site.kind == "pos_embed" and not self.learned_positions:
+            raise FeatsteerError(f"{name} does not exist: this {self.family} model adds no learned position embedding to the stream "
+                                 "(GPT-2 does); hook_embed is its token embedding, what enters the stream")
         return site
 
     @property
@@ -422,7 +431,13 @@ class ModelAdapter(ABC):
         rows, n_post = [], []
         for text, end in zip(texts, ends, strict=True):
             encoding = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+            if not encoding["input_ids"]:  # a row of padding alone: its "last token" would be a pad token's activation
+                raise FeatsteerError(f"the text {text!r} tokenizes to no tokens (without the chat template, on a tokenizer that "
+                                     "adds no BOS token): leave out empty texts, or apply the chat template")
             rows.append(encoding["input_ids"])
+            if "offset_mapping" not in encoding:
+                raise FeatsteerError(f"the tokenizer ({type(self.tokenizer).__name__}) gives no character offsets, which featsteer needs "
+                                     "to find where each instruction ends: load the model's fast tokenizer (its tokenizer.json)")
             n_post.append(sum(1 for start, _ in encoding["offset_mapping"] if start >= end))
         return self._pad_left(rows, n_post)
 

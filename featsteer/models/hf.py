@@ -19,6 +19,7 @@ import inspect
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,7 @@ class HFModelAdapter(ModelAdapter):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
+        self._attention_sites: dict[int, _AttentionSite] = {}
 
     # ---- properties ---------------------------------------------------------------------------------
     @property
@@ -159,6 +161,10 @@ class HFModelAdapter(ModelAdapter):
         return self.spec.layer_scalar is not None
 
     @property
+    def learned_positions(self) -> bool:
+        return self.spec.pos_embed is not None
+
+    @property
     def per_layer_inputs(self) -> bool:
         return self.spec.per_layer_out_site is not None and self._optional_module(self.spec.per_layer_out_site, 0) is not None
 
@@ -234,11 +240,10 @@ class HFModelAdapter(ModelAdapter):
         if mid and self._parallel:
             raise FeatsteerError(f"{mid[0][0].name} does not exist: {self.spec.name} runs attention and MLP in parallel on the block's "
                                  f"input and adds both at once; hook blocks.{layer}.hook_resid_pre or blocks.{layer}.hook_resid_post instead")
-        state: dict[str, Tensor] = {}
         handles = []
         block = self.layers[layer]
-        if pre or mid:
-            handles.append(block.register_forward_pre_hook(_pre_hook(pre, state, keep=bool(mid)), with_kwargs=True))
+        if pre:
+            handles.append(block.register_forward_pre_hook(_pre_hook(pre), with_kwargs=True))
         handles.extend(self._install_norms(layer, by_site))
         if z := by_site.get((layer, "attn_z")):
             if not self._is_attention(layer):
@@ -248,7 +253,7 @@ class HFModelAdapter(ModelAdapter):
                                      f"layer in {self.attention_layers}")
             handles.append(self._module(self.spec.attn_out_proj, layer).register_forward_pre_hook(_heads_hook(z, self.n_heads)))
         if attn or mid:
-            handles.append(self._module(self.spec.attn_site, layer).register_forward_hook(_attn_hook(attn, mid, state, self._write_scale)))
+            handles.append(self._join_attention(layer, attn, mid))
         if mlp and self.spec.mlp_beside and (beside := self._optional_module(self.spec.mlp_beside, layer)) is not None:
             partial: dict[str, Tensor] = {}  # Granite 4: the experts' output, added to the shared MLP's after it runs
             handles.append(beside.register_forward_hook(lambda module, args, output: partial.__setitem__("beside", _first(output))))
@@ -277,6 +282,30 @@ class HFModelAdapter(ModelAdapter):
         if post:
             handles.append(block.register_forward_hook(_output_hook(post)))
         return handles
+
+    def _join_attention(self, layer: int, attn: _Hooks, mid: _Hooks) -> SimpleNamespace:
+        """Add `attn_out` and `resid_mid` hooks to layer `layer`'s `_AttentionSite`, which every installation shares (the
+        first creates it and its PyTorch hooks); returns a handle whose `remove()` takes them out again (and the PyTorch
+        hooks with the last)."""
+        site = self._attention_sites.get(layer)
+        if site is None:
+            site = _AttentionSite(self._write_scale)
+            # resid_mid's resid_pre is what the block's first module reads: after every resid_pre hook has changed it
+            reader = self._input_norm("ln1_normalized", layer) or self._module(self.spec.attn, layer)
+            site.handles = [reader.register_forward_pre_hook(_stash_input(site.state), with_kwargs=True),
+                            self._module(self.spec.attn_site, layer).register_forward_hook(site)]
+            self._attention_sites[layer] = site
+        entry = (attn, mid)
+        site.entries.append(entry)
+
+        def remove() -> None:
+            site.entries = [other for other in site.entries if other is not entry]
+            if not site.entries and self._attention_sites.get(layer) is site:
+                for handle in site.handles:
+                    handle.remove()
+                del self._attention_sites[layer]
+
+        return SimpleNamespace(remove=remove)
 
     def _install_norms(self, layer: int, by_site: dict[tuple[int | None, str], _Hooks]) -> list:
         """`ln1`/`ln2` hooks: on the norm's output, or, when attention and MLP read one shared norm (Cohere, Phi-2), on each
@@ -607,35 +636,57 @@ def _through_norm(output: Tensor, new: Tensor, normalized: Tensor, norm: nn.Modu
     return (output.float() + (new.float() - normalized.float()) * scale).to(output.dtype)
 
 
-def _pre_hook(fns: _Hooks, state: dict[str, Tensor], keep: bool):
+def _pre_hook(fns: _Hooks):
     def hook(module, args, kwargs):
         hidden = _hidden(args, kwargs)
         new = _apply(fns, hidden)
-        if keep:
-            state["resid_pre"] = new
         return None if new is hidden else _with_hidden(args, kwargs, new)
 
     return hook
 
 
-def _attn_hook(attn_fns: _Hooks, mid_fns: _Hooks, state: dict[str, Tensor], scale: float = 1.0):
-    """Forward hook on the attention's contribution: `attn_out` hooks see it times `scale` (as `_output_hook`), and
-    `resid_mid` is `resid_pre` plus that, whose change is passed back as a change of the contribution."""
+def _stash_input(state: dict[str, Tensor]):
+    """Forward pre-hook on the module that reads a block's input first (its attention norm, or the attention itself):
+    keeps that input as `resid_pre` for `_AttentionSite`. Read there rather than in a pre-hook on the block, it includes
+    the changes of every resid_pre hook, also of those installed after it (which run after it on the block)."""
 
-    def hook(module, args, output):
+    def hook(module, args, kwargs):
+        state["resid_pre"] = _hidden(args, kwargs)
+
+    return hook
+
+
+class _AttentionSite:
+    """The one forward hook on a layer's attention contribution that every installed `attn_out` and `resid_mid` hook
+    shares. `attn_out` hooks see the contribution times `scale` (as `_output_hook`); `resid_mid` is `resid_pre` plus what
+    every `attn_out` hook, of any installation, made of it, and its change is passed back as a change of the contribution.
+    One hook per layer keeps that order: with a hook per installation, a `resid_mid` hook installed first ran before the
+    `attn_out` hooks installed after it and read the stream without their change."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+        self.entries: list[tuple[_Hooks, _Hooks]] = []
+        """`(attn_out hooks, resid_mid hooks)` per installation, in installation order."""
+        self.state: dict[str, Tensor] = {}
+        self.handles: list = []
+
+    def __call__(self, module, args, output):
         value = _first(output)
-        seen = value * scale if scale != 1.0 else value
-        new = _apply(attn_fns, seen)
-        if mid_fns:
-            resid_mid = state.pop("resid_pre") + new
-            new_mid = _apply(mid_fns, resid_mid)
+        seen = value * self.scale if self.scale != 1.0 else value
+        new = seen
+        for attn_fns, _ in self.entries:
+            new = _apply(attn_fns, new)
+        resid_pre = self.state.pop("resid_pre", None)
+        if mids := [fns for _, fns in self.entries if fns]:
+            resid_mid = resid_pre + new
+            new_mid = resid_mid
+            for mid_fns in mids:
+                new_mid = _apply(mid_fns, new_mid)
             if new_mid is not resid_mid:
                 new = new + (new_mid - resid_mid)
         if new is seen:
             return None
-        return _replace_first(output, new / scale if scale != 1.0 else new)
-
-    return hook
+        return _replace_first(output, new / self.scale if self.scale != 1.0 else new)
 
 
 def _routable(experts: nn.Module | None) -> bool:

@@ -7,6 +7,7 @@ TransformerLens already names its hook points the way featsteer does, so hooks a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -59,6 +60,10 @@ class TLModelAdapter(ModelAdapter):
         return bool(getattr(self.model.cfg, "parallel_attn_mlp", False))
 
     @property
+    def learned_positions(self) -> bool:
+        return "hook_pos_embed" in self.model.hook_dict
+
+    @property
     def family(self) -> str:
         arch = getattr(self.model.cfg, "original_architecture", None) or "unknown"
         return f"transformer_lens:{arch}"
@@ -88,11 +93,29 @@ class TLModelAdapter(ModelAdapter):
             kwargs["position_ids"] = batch.position_ids
         return self.model(batch.input_ids, **kwargs), None
 
+    def _bridged(self):
+        """The bridge's Hugging Face model behind an adapter, for its weights."""
+        from featsteer.models.hf import HFModelAdapter
+
+        return HFModelAdapter(self.model.original_model, self.tokenizer)
+
+    def _refuse_processed(self, writers: list) -> list:
+        """The writers as they are, or, when the bridge runs processed copies of the weights (`enable_compatibility_mode()`
+        folds the norms and centres the writing weights into new tensors, which a write to the Hugging Face model would
+        not reach), with writes that raise instead of doing nothing. Reading stays possible (shapes, widths)."""
+        if not getattr(self.model, "_weights_processed", False):
+            return writers
+
+        def refuse(*_) -> None:
+            raise FeatsteerError("this TransformerBridge runs processed copies of its weights (enable_compatibility_mode() folded and "
+                                 "centred them), so a weight edit would not reach its forward pass: boot it without compatibility mode "
+                                 "(or with enable_compatibility_mode(no_processing=True)), or load the Hugging Face model itself")
+
+        return [replace(writer, write=refuse) for writer in writers]
+
     def residual_writers(self) -> list[ResidualWriter]:
         if self.is_bridge:
-            from featsteer.models.hf import HFModelAdapter
-
-            return HFModelAdapter(self.model.original_model, self.tokenizer).residual_writers()
+            return self._refuse_processed(self._bridged().residual_writers())
         writers = [_param_writer("hook_embed", None, "embed", self.model.embed, "W_E", None)]
         if hasattr(self.model, "pos_embed") and hasattr(self.model.pos_embed, "W_pos"):
             writers.append(_param_writer("hook_pos_embed", None, "pos_embed", self.model.pos_embed, "W_pos", None))
@@ -103,9 +126,7 @@ class TLModelAdapter(ModelAdapter):
 
     def bias_writers(self) -> list[BiasWriter]:
         if self.is_bridge:
-            from featsteer.models.hf import HFModelAdapter
-
-            return HFModelAdapter(self.model.original_model, self.tokenizer).bias_writers()
+            return self._refuse_processed(self._bridged().bias_writers())
         if self.post_norms:
             return []
         writers = []
@@ -118,9 +139,7 @@ class TLModelAdapter(ModelAdapter):
 
     def unembed(self) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         if self.is_bridge:
-            from featsteer.models.hf import HFModelAdapter
-
-            return HFModelAdapter(self.model.original_model, self.tokenizer).unembed()
+            return self._bridged().unembed()
         return self.model.W_U.T, self.model.ln_final
 
 
