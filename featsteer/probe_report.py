@@ -161,7 +161,8 @@ def probe_report(
         return torch.cat([a, b]).double().numpy(), [1] * len(a) + [0] * len(b)
 
     # a hook where every prompt has the same activation (layer 0 at a shared template token) carries nothing
-    hooks = [h for h in hooks if float((acts[("train", "harmful")].mean(h) - acts[("train", "harmless")].mean(h)).norm()) > 1e-9]
+    carrying = [h for h in hooks if float((acts[("train", "harmful")].mean(h) - acts[("train", "harmless")].mean(h)).norm()) > 1e-9]
+    constant, hooks = [h for h in hooks if h not in carrying], carrying
     if not hooks:
         raise FeatsteerError(f"no {kind} hook tells the two sets apart: their mean activations are identical at every layer "
                              "(the same prompts on both sides?)")
@@ -170,7 +171,7 @@ def probe_report(
     directions = {source: find_directions(acts[("train", "harmful")], acts[("train", "harmless")], source) for source in SOURCES}
     sae_sources: dict[str, dict[str, str]] = {}
     if saes:
-        found, sae_sources = _sae_directions(model, saes, hooks, acts, train, positions, batch_size)
+        found, sae_sources = _sae_directions(model, saes, hooks, acts, train, positions, batch_size, constant)
         directions.update(found)
     cosines = []
     for hook in hooks:
@@ -202,8 +203,10 @@ def _carrier(model: ModelAdapter, sae_hook: str, swept: Sequence[str]) -> str | 
     return after[0][1] if after else None
 
 
-def _sae_directions(model: ModelAdapter, saes: Mapping[str, SAE], swept: Sequence[str], acts, train, positions: str, batch_size: int):
-    """Each SAE's top composite feature as a direction at its carrier hook, grouped into sources.
+def _sae_directions(model: ModelAdapter, saes: Mapping[str, SAE], swept: Sequence[str], acts, train, positions: str, batch_size: int,
+                    constant: Sequence[str] = ()):
+    """Each SAE's top composite feature as a direction at its carrier hook, grouped into sources. `constant` are the
+    hooks left out of the sweep because every prompt has the same activation there (named apart in the warning).
 
     Returns:
         `({source: DirectionSet}, {source: {swept hook: SAE hook}})`.
@@ -213,7 +216,11 @@ def _sae_directions(model: ModelAdapter, saes: Mapping[str, SAE], swept: Sequenc
     from featsteer.features import FeatureScores, score_features, score_prompts, top_feature_directions
 
     carriers = {hook: _carrier(model, hook, swept) for hook in saes}
-    skipped = sorted(hook for hook, carrier in carriers.items() if carrier is None)
+    same = sorted(hook for hook, carrier in carriers.items() if carrier is None and hook in constant)
+    skipped = sorted(hook for hook, carrier in carriers.items() if carrier is None and hook not in constant)
+    if same:
+        logger.warning("probe report: the SAE(s) at %s read a hook where every prompt has the same activation at the read "
+                       "position (left out of the sweep); they are left out", ", ".join(same))
     if skipped:
         logger.warning("probe report: no swept hook follows the SAE(s) at %s within their layer; they are left out", ", ".join(skipped))
     placed = {hook: saes[hook] for hook, carrier in carriers.items() if carrier is not None}

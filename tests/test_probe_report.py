@@ -100,3 +100,16 @@ def test_probe_report_reads_the_instruction_end(organism):
     test = builtin_prompts("harmful", "val")[:8], builtin_prompts("harmless", "val")[:8]
     report = probe_report(organism, train, test, positions="instruction_end", n_effect=4, n_shuffles=1)
     assert report.hooks and report.best("linear").accuracy > 0.8
+
+
+def test_an_sae_at_a_hook_left_out_for_constant_activations_is_named_as_such(organism, caplog):
+    from featsteer.sae import load_saes
+
+    saes = load_saes("organism", organism)
+    assert "blocks.0.hook_resid_pre" in saes  # the organism's layer-0 stream is the shared template token's embedding
+    train, test = _pairs(8)
+    with caplog.at_level(logging.WARNING, logger="featsteer.probe_report"):
+        report = probe_report(organism, train, test, n_effect=2, n_shuffles=1, saes=saes)
+    assert "blocks.0.hook_resid_pre read a hook where every prompt has the same activation" in caplog.text
+    assert "no swept hook follows" not in caplog.text
+    assert "blocks.0.hook_resid_pre" not in report.hooks
