@@ -525,21 +525,26 @@ def test_choose_best_counts_looping_responses_as_unanswered():
     assert choose_best([quiet, fluent, old], max_kl=0.05)["number"] == 2
 
 
-def test_a_trial_stopped_by_ctrl_c_is_run_again_on_resume(setup, tmp_path, monkeypatch):
-    model, result = setup
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+def _interrupted_search(model, result, folder, n_trials: int, stopped_call: int, monkeypatch) -> None:
+    """Run a search whose `stopped_call`-th screened trial is stopped by Ctrl-C, as a user would, then restore the screen."""
     real, calls = search_module._Screen.__call__, {"n": 0}
 
-    def interrupted_third(self, trial):
+    def interrupted(self, trial):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == stopped_call:
             raise KeyboardInterrupt
         return real(self, trial)
 
-    monkeypatch.setattr(search_module._Screen, "__call__", interrupted_third)
+    monkeypatch.setattr(search_module._Screen, "__call__", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        search_abliteration(model, result, tmp_path, SearchConfig(n_trials=4, **FAST))
+        search_abliteration(model, result, folder, SearchConfig(n_trials=n_trials, **FAST))
     monkeypatch.setattr(search_module._Screen, "__call__", real)
+
+
+def test_a_trial_stopped_by_ctrl_c_is_run_again_on_resume(setup, tmp_path, monkeypatch):
+    model, result = setup
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    _interrupted_search(model, result, tmp_path, 4, 3, monkeypatch)
     resumed = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=4, **FAST))
     assert len(resumed.trials) == 4  # two before the interrupt and two after: the stopped one did not count
     assert _same_weights(model, before)
@@ -548,18 +553,7 @@ def test_a_trial_stopped_by_ctrl_c_is_run_again_on_resume(setup, tmp_path, monke
 def test_a_classic_trial_stopped_by_ctrl_c_runs_again_with_its_own_params(setup, tmp_path, monkeypatch):
     # the stopped trial 0 is the classic edit: a resume must run that edit, not a new sample in its place
     model, result = setup
-    real, calls = search_module._Screen.__call__, {"n": 0}
-
-    def interrupted_first(self, trial):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
-        return real(self, trial)
-
-    monkeypatch.setattr(search_module._Screen, "__call__", interrupted_first)
-    with pytest.raises(KeyboardInterrupt):
-        search_abliteration(model, result, tmp_path, SearchConfig(n_trials=3, **FAST))
-    monkeypatch.setattr(search_module._Screen, "__call__", real)
+    _interrupted_search(model, result, tmp_path, 3, 1, monkeypatch)
     resumed = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=3, **FAST))
     classic = search_abliteration(model, result, tmp_path / "fresh", SearchConfig(n_trials=1, **FAST)).trials[0]["params"]
     assert [t["params"] for t in resumed.trials].count(classic) == 1

@@ -40,6 +40,17 @@ def _rows(sae: SAE, acts: Tensor | ActivationSet, hook: str | None) -> Tensor:
     return acts
 
 
+def _in_batches(sae: SAE, rows: Tensor, width: int, apply, batch_size: int) -> Tensor:
+    """`apply` (an SAE encode and/or decode) on `rows` as flat `(n, d)` batches of `batch_size`, without gradients and
+    with the SAE on flat rows; the results gathered on the CPU in the SAE's dtype as `(..., width)`."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    out = torch.empty(flat.shape[0], width, dtype=sae.dtype)
+    with torch.no_grad(), flat_rows(sae):
+        for start in range(0, flat.shape[0], batch_size):
+            out[start : start + batch_size] = apply(flat[start : start + batch_size].to(sae.device, sae.dtype)).cpu()
+    return out.reshape(*rows.shape[:-1], width)
+
+
 def encode_activations(
     sae: SAE, acts: Float[Tensor, "... d_in"] | ActivationSet, *, hook: str | None = None, batch_size: int = 4096
 ) -> Float[Tensor, "... d_sae"]:
@@ -58,14 +69,7 @@ def encode_activations(
     Raises:
         FeatsteerError: when the activations' width is not the SAE's `d_in`.
     """
-    rows = _rows(sae, acts, hook)
-    flat = rows.reshape(-1, rows.shape[-1])
-    out = torch.empty(flat.shape[0], sae.cfg.d_sae, dtype=sae.dtype)
-    with torch.no_grad(), flat_rows(sae):
-        for start in range(0, flat.shape[0], batch_size):
-            chunk = flat[start : start + batch_size].to(sae.device, sae.dtype)
-            out[start : start + batch_size] = sae.encode(chunk).to_dense().cpu()
-    return out.reshape(*rows.shape[:-1], sae.cfg.d_sae)
+    return _in_batches(sae, _rows(sae, acts, hook), sae.cfg.d_sae, lambda chunk: sae.encode(chunk).to_dense(), batch_size)
 
 
 def decode_features(sae: SAE, features: Float[Tensor, "... d_sae"], *, batch_size: int = 4096) -> Float[Tensor, "... d_in"]:
@@ -78,12 +82,7 @@ def decode_features(sae: SAE, features: Float[Tensor, "... d_sae"], *, batch_siz
     if sae.cfg.normalize_activations in STATEFUL_NORMS:
         raise FeatsteerError(f"this SAE normalises each input row ({sae.cfg.normalize_activations}), so features alone do not "
                              "decode: reconstruct(sae, activations) decodes each batch right after encoding it")
-    flat = features.reshape(-1, features.shape[-1])
-    out = torch.empty(flat.shape[0], sae.cfg.d_in, dtype=sae.dtype)
-    with torch.no_grad(), flat_rows(sae):
-        for start in range(0, flat.shape[0], batch_size):
-            out[start : start + batch_size] = sae.decode(flat[start : start + batch_size].to(sae.device, sae.dtype)).cpu()
-    return out.reshape(*features.shape[:-1], sae.cfg.d_in)
+    return _in_batches(sae, features, sae.cfg.d_in, sae.decode, batch_size)
 
 
 def reconstruct(
@@ -91,11 +90,4 @@ def reconstruct(
 ) -> Float[Tensor, "... d_in"]:
     """`decode(encode(acts))`: the SAE's reconstruction of activations (no error term), batched, on the CPU, as flat
     `(..., d_in)` rows; each batch is decoded right after it is encoded (see `STATEFUL_NORMS`)."""
-    rows = _rows(sae, acts, hook)
-    flat = rows.reshape(-1, rows.shape[-1])
-    out = torch.empty(flat.shape[0], sae.cfg.d_in, dtype=sae.dtype)
-    with torch.no_grad(), flat_rows(sae):
-        for start in range(0, flat.shape[0], batch_size):
-            chunk = flat[start : start + batch_size].to(sae.device, sae.dtype)
-            out[start : start + batch_size] = sae.decode(sae.encode(chunk)).cpu()
-    return out.reshape(*rows.shape[:-1], sae.cfg.d_in)
+    return _in_batches(sae, _rows(sae, acts, hook), sae.cfg.d_in, lambda chunk: sae.decode(sae.encode(chunk)), batch_size)
