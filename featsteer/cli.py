@@ -81,10 +81,18 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     model = _load_model(args)
     prompts = load_prompts(args.prompts, column=args.column, limit=args.n)
     hooks = _expand_hooks(args.hooks, model)
-    stored = capture(model, prompts, hooks, positions=args.positions, batch_size=args.batch_size, stream_to=args.out,
-                     chat=not args.raw, shard_rows=args.shard_rows, load_back=False)  # streamed: never all in memory
+    stored = capture(model, prompts, hooks, positions=args.positions, batch_size=args.batch_size,
+                     max_batch_tokens=_max_batch_tokens(args), system=args.system, chat=not args.raw,
+                     stream_to=args.out, shard_rows=args.shard_rows, load_back=False)  # streamed: never all in memory
     print(f"captured {len(stored)} rows x {len(stored.hook_names)} hooks x width {stored.d_model} -> {args.out}")
     return 0
+
+
+def _max_batch_tokens(args: argparse.Namespace) -> int:
+    """`--max-batch-tokens`, or the Python API's default cap when it is not given."""
+    from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
+
+    return DEFAULT_BATCH_TOKENS if args.max_batch_tokens is None else args.max_batch_tokens
 
 
 def _expand_hooks(spec: str, model) -> list[str]:
@@ -1515,6 +1523,7 @@ _OPTIMIZE_OPTION_HELP = ("how the direction optimisation trains, as an OptimizeC
 
 _COLUMN_HELP = "column for csv/json/jsonl/parquet prompt files"
 _BATCH_HELP = "prompts per forward pass (default 16)"
+_BATCH_TOKENS_HELP = "cap on a batch's padded prompt tokens, rows x longest prompt (default 8192)"
 _MAX_NEW_HELP = "cap on generated tokens per response (default 32)"
 
 
@@ -1554,6 +1563,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--column", help=_COLUMN_HELP)
     cap.add_argument("--n", type=int, help="use the first N prompts")
     cap.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
+    cap.add_argument("--max-batch-tokens", type=int, help=_BATCH_TOKENS_HELP)
+    cap.add_argument("--system", help="system prompt (as `featsteer eval --system`, so the rows are read from the prompts eval formats)")
     cap.add_argument("--shard-rows", type=int, default=65536, help="rows per safetensors shard on disk (default 65536)")
     cap.add_argument("--raw", action="store_true", help="do not apply the chat template")
     cap.set_defaults(run=_cmd_capture)
