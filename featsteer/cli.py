@@ -131,7 +131,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     reference = _load_reference(args, model) if args.reference else None  # a bad --reference fails before any generation
     judge = _load_judge(args, model) if args.judge else None  # so does a bad --judge
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                              max_batch_tokens=args.max_batch_tokens, system=args.system, prefill=args.prefill)
+                              max_batch_tokens=_max_batch_tokens(args), system=args.system, prefill=args.prefill)
     earlier = _read_earlier_eval(args.paired_with, {"harmful": harmful, "harmless": harmless}) if args.paired_with else None
     report = evaluate_refusal(model, harmful, harmless, config, keep_logprobs=True)
     payload = report.to_json()
@@ -256,7 +256,7 @@ def _logit_metrics(model, report, args: argparse.Namespace, reference=None) -> d
         metrics["reference"] = reference.name
     if args.alarming:
         rate = over_refusal_rate(model, list(args.alarming_prompts), max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                 system=args.system, max_batch_tokens=args.max_batch_tokens)
+                                 system=args.system, max_batch_tokens=_max_batch_tokens(args))
         metrics["over_refusal_rate"] = rate.rate
         metrics["ci_over_refusal"] = [rate.low, rate.high]
     return metrics
@@ -1576,7 +1576,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, help="use the first N prompts of each set")
     ev.add_argument("--max-new-tokens", type=int, default=32, help=_MAX_NEW_HELP)
     ev.add_argument("--batch-size", type=int, default=16, help="prompts per batch (decoding on CPU is faster with more)")
-    ev.add_argument("--max-batch-tokens", type=int, help="cap on a batch's padded prompt tokens (rows x longest prompt)")
+    ev.add_argument("--max-batch-tokens", type=int, help=_BATCH_TOKENS_HELP)
     ev.add_argument("--system", help="system prompt")
     ev.add_argument("--column", help="column for csv/json/parquet prompt files")
     ev.add_argument("--json", help="write the full result here")

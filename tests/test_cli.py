@@ -100,6 +100,26 @@ def test_eval_json_has_documented_keys(capsys, tmp_path):
     assert 0 <= result["looping_rate_harmful"] <= 1 and len(result["ci_looping_harmless"]) == 2 and "looping" in out
 
 
+def test_eval_caps_batch_tokens_at_the_documented_default(capsys, monkeypatch):
+    from featsteer.models.adapter import ModelAdapter
+
+    caps = []
+    plan = ModelAdapter.plan_batches
+
+    def spy(self, instructions, batch_size, max_batch_tokens=None, *rest, **kwargs):
+        caps.append(max_batch_tokens)
+        return plan(self, instructions, batch_size, max_batch_tokens, *rest, **kwargs)
+
+    monkeypatch.setattr(ModelAdapter, "plan_batches", spy)
+    base = ["eval", "--model", "tiny:llama", "--harmful", "builtin:harmful:test", "--harmless", "builtin:harmless:test",
+            "--n", "2", "--max-new-tokens", "1", "--alarming", "builtin:alarming:test"]
+    assert _run(capsys, *base)[0] == 0
+    assert caps and set(caps) == {8192}  # the README's [--max-batch-tokens 8192]; it ran with no cap at all
+    caps.clear()
+    assert _run(capsys, *base, "--max-batch-tokens", "40")[0] == 0
+    assert caps and set(caps) == {40}
+
+
 def test_eval_with_a_prefill_reads_what_the_model_writes_after_it(capsys, tmp_path):
     """`--prefill affirm` on the organism: its refusal is decided at the first response token, so with each harmful
     response started by the prompt's affirmative opening it goes on to answer; harmless prompts are not prefilled."""
