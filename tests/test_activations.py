@@ -88,6 +88,22 @@ def test_float64_statistics(llama_adapter):
     assert acts.stats[hook].mean.dtype == torch.float64 and acts.stats[hook].count == len(PROMPTS)
 
 
+def test_covariance_survives_save_load_and_streaming(llama_adapter, tmp_path):
+    hook = "blocks.2.hook_resid_post"
+    acts = capture(llama_adapter, PROMPTS, hook, positions="post_instruction", covariance=True, progress=False)
+    acts.save(tmp_path / "saved")
+    streamed = capture(llama_adapter, PROMPTS, hook, positions="post_instruction", covariance=True, progress=False,
+                       stream_to=tmp_path / "streamed")
+    for loaded in (ActivationSet.load(tmp_path / "saved"), streamed):
+        assert loaded.stats.keys() == acts.stats.keys()
+        for key, moments in acts.stats.items():  # bit-identical, per position label too
+            assert torch.equal(loaded.stats[key].covariance, moments.covariance) and loaded.stats[key].count == moments.count
+    plain = capture(llama_adapter, PROMPTS, hook, progress=False)
+    plain.save(tmp_path / "plain")
+    with pytest.raises(ValueError, match="capture with covariance=True"):
+        _ = ActivationSet.load(tmp_path / "plain").stats[hook].covariance
+
+
 def test_nan_activations_name_hook_and_prompt(llama_adapter):
     with torch.no_grad():
         llama_adapter.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
