@@ -111,6 +111,20 @@ def test_nan_activations_name_hook_and_prompt(llama_adapter):
         capture(llama_adapter, PROMPTS, ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"], progress=False)
 
 
+def test_float16_overflow_is_an_error_not_inf(llama_adapter, tmp_path):
+    with torch.no_grad():
+        llama_adapter.layers[0].mlp.down_proj.weight.mul_(1e8)  # finite in float32, beyond float16's 65504
+    hook = "blocks.0.hook_resid_post"
+    assert torch.isfinite(capture(llama_adapter, PROMPTS, hook, progress=False).activations).all()
+    assert capture(llama_adapter, PROMPTS, hook, dtype=torch.bfloat16, progress=False).activations.dtype == torch.bfloat16
+    message = r"at blocks\.0\.hook_resid_post for prompt #\d+ \('instruction.* beyond float16's range \(largest 65504\): capture with dtype=torch.float32 or torch.bfloat16"
+    with pytest.raises(FeatsteerError, match=message):
+        capture(llama_adapter, PROMPTS, hook, dtype=torch.float16, progress=False)
+    with pytest.raises(FeatsteerError, match=message):
+        capture(llama_adapter, PROMPTS, hook, dtype=torch.float16, progress=False, stream_to=tmp_path / "acts")
+    assert not (tmp_path / "acts").exists()
+
+
 def test_capture_stops_after_the_deepest_hook(llama_adapter):
     calls = []
     handle = llama_adapter.layers[2].register_forward_hook(lambda *a: calls.append(1))
