@@ -81,10 +81,18 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     model = _load_model(args)
     prompts = load_prompts(args.prompts, column=args.column, limit=args.n)
     hooks = _expand_hooks(args.hooks, model)
-    stored = capture(model, prompts, hooks, positions=args.positions, batch_size=args.batch_size, stream_to=args.out,
-                     chat=not args.raw, shard_rows=args.shard_rows, load_back=False)  # streamed: never all in memory
+    stored = capture(model, prompts, hooks, positions=args.positions, batch_size=args.batch_size,
+                     max_batch_tokens=_max_batch_tokens(args), system=args.system, chat=not args.raw,
+                     stream_to=args.out, shard_rows=args.shard_rows, load_back=False)  # streamed: never all in memory
     print(f"captured {len(stored)} rows x {len(stored.hook_names)} hooks x width {stored.d_model} -> {args.out}")
     return 0
+
+
+def _max_batch_tokens(args: argparse.Namespace) -> int:
+    """`--max-batch-tokens`, or the Python API's default cap when it is not given."""
+    from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
+
+    return DEFAULT_BATCH_TOKENS if args.max_batch_tokens is None else args.max_batch_tokens
 
 
 def _expand_hooks(spec: str, model) -> list[str]:
@@ -123,7 +131,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     reference = _load_reference(args, model) if args.reference else None  # a bad --reference fails before any generation
     judge = _load_judge(args, model) if args.judge else None  # so does a bad --judge
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                              max_batch_tokens=args.max_batch_tokens, system=args.system, prefill=args.prefill)
+                              max_batch_tokens=_max_batch_tokens(args), system=args.system, prefill=args.prefill)
     earlier = _read_earlier_eval(args.paired_with, {"harmful": harmful, "harmless": harmless}) if args.paired_with else None
     report = evaluate_refusal(model, harmful, harmless, config, keep_logprobs=True)
     payload = report.to_json()
@@ -248,7 +256,7 @@ def _logit_metrics(model, report, args: argparse.Namespace, reference=None) -> d
         metrics["reference"] = reference.name
     if args.alarming:
         rate = over_refusal_rate(model, list(args.alarming_prompts), max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                 system=args.system, max_batch_tokens=args.max_batch_tokens)
+                                 system=args.system, max_batch_tokens=_max_batch_tokens(args))
         metrics["over_refusal_rate"] = rate.rate
         metrics["ci_over_refusal"] = [rate.low, rate.high]
     return metrics
@@ -1448,7 +1456,7 @@ def _cmd_rank_features(args: argparse.Namespace) -> int:
     import math
 
     from featsteer.activations import Positions
-    from featsteer.feature_report import rank_features, ranking_key, write_feature_report
+    from featsteer.feature_report import outside_domain_note, rank_features, ranking_key, write_feature_report
     from featsteer.sae import load_sae_source
 
     by = ranking_key(args.by)
@@ -1472,6 +1480,9 @@ def _cmd_rank_features(args: argparse.Namespace) -> int:
               f"{cell(row['mean_difference'], 12)} {cell(row['auroc'], 6)} {cell(detail.dim_cosine, 8)}")
     print(f"\nranked {len(ranking.scores)} features of {len(saes)} SAE(s) on {len(harmful)} harmful / {len(harmless)} harmless "
           f"prompts by {by}; wrote {folder}/report.html, features.csv, features.json")
+    note = outside_domain_note(ranking.provenance["rows_outside_domain"])
+    if note:
+        print(note.strip())
     return 0
 
 
@@ -1515,6 +1526,7 @@ _OPTIMIZE_OPTION_HELP = ("how the direction optimisation trains, as an OptimizeC
 
 _COLUMN_HELP = "column for csv/json/jsonl/parquet prompt files"
 _BATCH_HELP = "prompts per forward pass (default 16)"
+_BATCH_TOKENS_HELP = "cap on a batch's padded prompt tokens, rows x longest prompt (default 8192)"
 _MAX_NEW_HELP = "cap on generated tokens per response (default 32)"
 
 
@@ -1554,6 +1566,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--column", help=_COLUMN_HELP)
     cap.add_argument("--n", type=int, help="use the first N prompts")
     cap.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
+    cap.add_argument("--max-batch-tokens", type=int, help=_BATCH_TOKENS_HELP)
+    cap.add_argument("--system", help="system prompt (as `featsteer eval --system`, so the rows are read from the prompts eval formats)")
     cap.add_argument("--shard-rows", type=int, default=65536, help="rows per safetensors shard on disk (default 65536)")
     cap.add_argument("--raw", action="store_true", help="do not apply the chat template")
     cap.set_defaults(run=_cmd_capture)
@@ -1565,7 +1579,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, help="use the first N prompts of each set")
     ev.add_argument("--max-new-tokens", type=int, default=32, help=_MAX_NEW_HELP)
     ev.add_argument("--batch-size", type=int, default=16, help="prompts per batch (decoding on CPU is faster with more)")
-    ev.add_argument("--max-batch-tokens", type=int, help="cap on a batch's padded prompt tokens (rows x longest prompt)")
+    ev.add_argument("--max-batch-tokens", type=int, help=_BATCH_TOKENS_HELP)
     ev.add_argument("--system", help="system prompt")
     ev.add_argument("--column", help="column for csv/json/parquet prompt files")
     ev.add_argument("--json", help="write the full result here")

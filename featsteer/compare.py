@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from featsteer.activations import capture
@@ -222,7 +223,6 @@ def rank_sae_features(
     """
     from featsteer.activations import hook_width
     from featsteer.features import FeatureScores, score_features
-    from featsteer.sae import encode_activations
 
     hooks = list(saes)
     groups: dict[int, list[str]] = {}
@@ -233,12 +233,23 @@ def rank_sae_features(
         harmful_acts = capture(model, list(harmful), group, positions=positions, batch_size=batch_size, label="harmful", progress=False)
         harmless_acts = capture(model, list(harmless), group, positions=positions, batch_size=batch_size, label="harmless", progress=False)
         parts.append(score_features({hook: saes[hook] for hook in group}, harmful_acts, harmless_acts, by="composite"))
-        maxima.update({hook: encode_activations(saes[hook], harmful_acts, hook=hook).double().amax(0).clamp_min(0.0) for hook in group})
+        maxima.update({hook: _harmful_max(saes[hook], harmful_acts.hook(hook)) for hook in group})
     scores = parts[0] if len(parts) == 1 else FeatureScores.concat(parts).sort("composite")
     rows = (scores.metrics["mean_difference"] > 0).nonzero().flatten()
     if rows.numel() == 0:
         raise FeatsteerError(f"no SAE feature at {', '.join(hooks)} is more active on harmful than on harmless prompts: check the SAEs and prompts")
     return SaeRanking(scores.select(rows), {hook: maxima[hook] for hook in hooks}, positions)
+
+
+def _harmful_max(sae: SAE, rows: Tensor) -> Tensor:
+    """`(d_sae,)` largest activation of each feature over the rows within the SAE's norm bound, the rows a clamp edits
+    (as `featsteer.features.max_feature_activations`); 0 for a feature that never fires there."""
+    from featsteer.sae import encode_activations, inside_domain
+
+    rows = rows[inside_domain(sae, rows)]
+    if rows.shape[0] == 0:
+        return torch.zeros(int(sae.cfg.d_sae), dtype=torch.float64)
+    return encode_activations(sae, rows).double().amax(0).clamp_min(0.0)
 
 
 ACE_ALPHAS = (0.0, -0.25, -0.5)

@@ -38,7 +38,7 @@ from featsteer.errors import FeatsteerError
 from featsteer.features import METRICS, FeatureScores, hook_layer, residual_writes, score_features
 from featsteer.files import write_files
 from featsteer.models import ModelAdapter
-from featsteer.sae import encode_activations, reads_heads, validated_sae_map
+from featsteer.sae import encode_activations, inside_domain, reads_heads, validated_sae_map
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -83,6 +83,9 @@ class PromptExample:
     """The feature's activation at each token."""
     scored: tuple[bool, ...]
     """Which tokens are at the scored positions (the `score` is the max over them)."""
+    outside: tuple[bool, ...] = ()
+    """Which tokens are above the SAE's norm bound (`featsteer.sae.outside_domain`): a splice passes them through
+    unedited, so they are neither scored nor part of the report's shading scale."""
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,8 @@ def rank_features(
              for hooks in groups]
     scores = parts[0] if len(parts) == 1 else FeatureScores.concat(parts).sort(key)
     if len(parts) > 1:
-        scores.provenance.update({**parts[0].provenance, "hooks": list(sae_map)})
+        outside = {where: counts for part in parts for where, counts in part.provenance["rows_outside_domain"].items()}
+        scores.provenance.update({**parts[0].provenance, "hooks": list(sae_map), "rows_outside_domain": outside})
     dim: dict[str, Tensor] = {}
     for hooks in groups:
         found = difference_in_means(_pooled(acts["harmful"][hooks[0]]), _pooled(acts["harmless"][hooks[0]]), hooks)
@@ -286,15 +290,17 @@ def promoted_tokens(model: ModelAdapter, sae: SAE, feature_id: int, n: int = 10)
 
 
 def _top_activations(sae_map: Mapping[str, SAE], acts: Mapping[str, Mapping[str, ActivationSet]], top: FeatureScores) -> _TopValues:
-    """Activations of the top features on both prompt sets (one SAE encode per hook and set)."""
+    """Activations of the top features on both prompt sets (one SAE encode per hook and set), at the rows within the
+    SAE's norm bound as the scores; a prompt with no such row has a maximum of -inf."""
     out: _TopValues = {}
     for hook in dict.fromkeys(top.hook_names):
         ids = [int(f) for h, f in zip(top.hook_names, top.feature_ids.tolist(), strict=True) if h == hook]
         per_label = []
         for label in ("harmful", "harmless"):
             captured = acts[label][hook]
-            columns = encode_activations(sae_map[hook], captured.hook(hook)).float()[:, ids]
-            index = captured.prompt_index[:, None].expand_as(columns)
+            inside = inside_domain(sae_map[hook], captured.hook(hook))  # the rows the scores read
+            columns = encode_activations(sae_map[hook], captured.hook(hook)[inside]).float()[:, ids]
+            index = captured.prompt_index[inside][:, None].expand_as(columns)
             prompt_max = torch.full((len(captured), len(ids)), -math.inf).scatter_reduce(0, index, columns, "amax")
             per_label.append((columns, prompt_max))
         for j, feature in enumerate(ids):
@@ -324,10 +330,11 @@ def _examples(
         return {key: () for key in chosen}
     texts = [next(iter(acts[label].values())).prompts[index] for label, index in needed]
     hooks = sorted({hook for hook, _ in chosen}, key=lambda h: model.hook_site(h).order)
-    encoded, tokens_index = {}, None
+    encoded, inside, tokens_index = {}, {}, None
     for group in _width_groups(model, {hook: sae_map[hook] for hook in hooks}):
         tokens_acts = capture(model, texts, group, positions="all", batch_size=batch_size, system=system, progress=False)
         encoded.update({hook: encode_activations(sae_map[hook], tokens_acts.hook(hook)).float() for hook in group})
+        inside.update({hook: inside_domain(sae_map[hook], tokens_acts.hook(hook)) for hook in group})
         tokens_index = tokens_acts.prompt_index
     slot = {pair: i for i, pair in enumerate(needed)}
     token_text = [_token_strings(model, text, system) for text in texts]
@@ -340,7 +347,8 @@ def _examples(
             if per_token.shape[0] != len(token_text[i]):
                 raise FeatsteerError(f"token count mismatch for prompt {texts[i][:40]!r}: capture and tokenizer disagree")
             scored = _scored_tokens(acts[label][hook], index, len(token_text[i]))
-            examples.append(PromptExample(texts[i], label, score, token_text[i], tuple(per_token.tolist()), scored))
+            outside = tuple((~inside[hook][tokens_index == i]).tolist())
+            examples.append(PromptExample(texts[i], label, score, token_text[i], tuple(per_token.tolist()), scored, outside))
         out[(hook, feature)] = tuple(examples)
     return out
 
@@ -486,7 +494,8 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 th{background:#f3f3f3}td.l,th.l{text-align:left}th.key{background:#ffe9c7}section{border-top:2px solid #ddd;margin-top:2em}
 .row{display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start}.muted{color:#777;font-size:13px}
 .toks{font-family:ui-monospace,monospace;font-size:13px;margin:.2em 0 .8em;line-height:1.9;overflow-wrap:anywhere}
-.toks span{white-space:pre-wrap;border-radius:2px;padding:1px 0}.toks span.scored{border-bottom:2px solid #333}.lbl{font-size:11px;padding:1px 5px;border-radius:3px;color:#fff}
+.toks span{white-space:pre-wrap;border-radius:2px;padding:1px 0}.toks span.scored{border-bottom:2px solid #333}
+.toks span.outside{color:#999;text-decoration:line-through}.lbl{font-size:11px;padding:1px 5px;border-radius:3px;color:#fff}
 .harmful{background:#c0392b}.harmless{background:#2471a3}code{background:#f5f5f5;padding:0 3px}"""
 
 
@@ -508,11 +517,29 @@ def _summary_table(ranking: FeatureRanking) -> str:
             + "".join(rows) + "</table>")
 
 
+def outside_domain_note(outside: Mapping[str, Mapping[str, int]]) -> str:
+    """One sentence naming the rows scoring left out per SAE (above its norm bound); empty when none were."""
+    if not outside:
+        return ""
+    counts = "; ".join(f"{where}: {c['harmful']} harmful, {c['harmless']} harmless" for where, c in outside.items())
+    return f" Rows above an SAE's norm bound, which every splice passes through unedited, are not scored ({counts})."
+
+
+def _inside_values(example: PromptExample) -> list[float]:
+    """The example's per-token activations within the SAE's norm bound (what the shading is scaled by)."""
+    outside = example.outside or (False,) * len(example.activations)
+    return [value for value, out in zip(example.activations, outside, strict=True) if not out]
+
+
 def _highlight(example: PromptExample, scale: float) -> str:
     spans = []
-    for token, value, scored in zip(example.tokens, example.activations, example.scored, strict=True):
-        alpha = min(max(value / scale, 0.0), 1.0) if scale > 0 else 0.0
+    outside = example.outside or (False,) * len(example.tokens)
+    for token, value, scored, out in zip(example.tokens, example.activations, example.scored, outside, strict=True):
         shown = html.escape(token.replace("\n", "\u21b5"))
+        if out:  # no shading: a splice never edits this token
+            spans.append(f'<span class="outside" title="{value:.3f}, above the SAE\'s norm bound: not edited, not scored">{shown}</span>')
+            continue
+        alpha = min(max(value / scale, 0.0), 1.0) if scale > 0 else 0.0
         marked = ' class="scored"' if scored else ""
         spans.append(f'<span{marked} style="background:rgba(255,140,0,{alpha:.2f})" title="{value:.3f}">{shown}</span>')
     return (f'<div><span class="lbl {example.label}">{example.label}</span> <span class="muted">scored activation '
@@ -526,14 +553,15 @@ def _token_table(title: str, tokens: Sequence[TokenScore]) -> str:
 
 def _feature_section(detail: FeatureDetail) -> str:
     scores = " · ".join(f"{label} {_number(detail.scores[name])}" for name, label in _COLUMNS)
-    scale = max((max(e.activations, default=0.0) for e in detail.examples), default=0.0)
+    scale = max((max(_inside_values(e), default=0.0) for e in detail.examples), default=0.0)
     examples = "".join(_highlight(e, scale) for e in detail.examples) or '<p class="muted">not active on any prompt</p>'
     return f"""<section><h2 id="f{detail.rank}">#{detail.rank} · {html.escape(detail.hook_name)} · feature {detail.feature_id}</h2>
 <p class="muted">{scores}</p><p>cosine of the decoder row with the DIM direction of this hook: <b>{_number(detail.dim_cosine)}</b></p>
 <div class="row"><img alt="activation histogram of feature {detail.feature_id}" src="data:image/png;base64,{_histogram_png(detail)}">
 {_token_table("promoted tokens", detail.promoted)}{_token_table("suppressed tokens", detail.suppressed)}</div>
 <h3>Top-activating prompts</h3><p class="muted">Shading: activation per token, relative to the strongest token shown
-(hover for the value); underlined: the positions that were scored.</p>{examples}</section>"""
+(hover for the value); underlined: the positions that were scored; struck through: tokens above the SAE's norm bound,
+which a splice passes through unedited and the scores leave out.</p>{examples}</section>"""
 
 
 def _html_page(ranking: FeatureRanking, title: str) -> str:
@@ -541,7 +569,8 @@ def _html_page(ranking: FeatureRanking, title: str) -> str:
     widths = ", ".join(f"{html.escape(h)} ({w} features)" for h, w in p.get("d_sae", {}).items())
     setup = (f"{p.get('n_harmful_prompts')} harmful and {p.get('n_harmless_prompts')} harmless prompts, positions "
              f"<code>{html.escape(str(p.get('positions')))}</code> (rows pooled), ranked by <code>{html.escape(ranking.by)}</code>"
-             f"{', magnitudes normalised by feature scale' if p.get('normalize') else ''}. SAEs: {widths}.")
+             f"{', magnitudes normalised by feature scale' if p.get('normalize') else ''}. SAEs: {widths}."
+             + html.escape(outside_domain_note(p.get("rows_outside_domain") or {}), quote=False))
     sections = "".join(_feature_section(d) for d in ranking.features)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style></head>
 <body><h1>{html.escape(title)}</h1><p>{setup}</p>

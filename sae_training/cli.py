@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="activations per optimiser step (default: 4096)")
     parser.add_argument("--lr", type=float, help="learning rate (default: 2e-4 / sqrt(d_sae / 16384), as EleutherAI sparsify)")
-    parser.add_argument("--eval-prompts", type=int, default=64, help="texts held out for evaluation (default: 64)")
+    parser.add_argument("--eval-prompts", type=int, default=64, help="texts held out for evaluation (default: 64; at most a tenth of the texts)")
     parser.add_argument("--keep-shared-prefix", action="store_true",
                         help="also train on the tokens every text starts with (chat-template head, BOS); skipped by default")
     parser.add_argument("--max-norm-ratio", type=float, default=10.0,

@@ -95,7 +95,8 @@ class DataConfig:
     chat: bool = True
     """Format each text as a chat instruction, as the model sees prompts when used."""
     eval_prompts: int = 64
-    """Texts held out (never trained on) for explained variance and CE loss recovered."""
+    """Texts held out (never trained on) for explained variance and CE loss recovered; at most a tenth of the texts
+    (a warning says when that is fewer)."""
     capture_batch: int = 16
     """Prompts per forward pass while capturing."""
     chunk_megabytes: int = 256

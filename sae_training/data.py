@@ -83,7 +83,8 @@ def load_texts(sources: Sequence[str]) -> list[str]:
 
 
 def split_texts(texts: Sequence[str], n_eval: int, seed: int) -> tuple[list[str], list[str]]:
-    """Shuffle (seeded) and hold out up to `n_eval` texts (at most a tenth, at least one) for evaluation.
+    """Shuffle (seeded) and hold out up to `n_eval` texts (at most a tenth, at least one; a warning when that is
+    fewer than `n_eval`) for evaluation.
 
     Returns:
         `(train, held_out)`. With a single text both are that text (and a warning is logged).
@@ -94,6 +95,10 @@ def split_texts(texts: Sequence[str], n_eval: int, seed: int) -> tuple[list[str]
         logger.warning("only one training text: the SAE is evaluated on the text it was trained on")
         return order, order
     held = max(1, min(n_eval, len(order) // 10))
+    if held < n_eval:
+        logger.warning("holding out %d texts for evaluation, not the %d asked for (--eval-prompts): at most a tenth of the "
+                       "%d texts is held out, so that the SAE trains on the rest; metrics.json records eval_texts",
+                       held, n_eval, len(order))
     return order[held:], order[:held]
 
 

@@ -88,11 +88,41 @@ def test_float64_statistics(llama_adapter):
     assert acts.stats[hook].mean.dtype == torch.float64 and acts.stats[hook].count == len(PROMPTS)
 
 
+def test_covariance_survives_save_load_and_streaming(llama_adapter, tmp_path):
+    hook = "blocks.2.hook_resid_post"
+    acts = capture(llama_adapter, PROMPTS, hook, positions="post_instruction", covariance=True, progress=False)
+    acts.save(tmp_path / "saved")
+    streamed = capture(llama_adapter, PROMPTS, hook, positions="post_instruction", covariance=True, progress=False,
+                       stream_to=tmp_path / "streamed")
+    for loaded in (ActivationSet.load(tmp_path / "saved"), streamed):
+        assert loaded.stats.keys() == acts.stats.keys()
+        for key, moments in acts.stats.items():  # bit-identical, per position label too
+            assert torch.equal(loaded.stats[key].covariance, moments.covariance) and loaded.stats[key].count == moments.count
+    plain = capture(llama_adapter, PROMPTS, hook, progress=False)
+    plain.save(tmp_path / "plain")
+    with pytest.raises(ValueError, match="capture with covariance=True"):
+        _ = ActivationSet.load(tmp_path / "plain").stats[hook].covariance
+
+
 def test_nan_activations_name_hook_and_prompt(llama_adapter):
     with torch.no_grad():
         llama_adapter.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(FeatsteerError, match=r"NaN/inf\) at blocks\.1\.hook_resid_post for prompt #\d+ \('instruction"):
         capture(llama_adapter, PROMPTS, ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"], progress=False)
+
+
+def test_float16_overflow_is_an_error_not_inf(llama_adapter, tmp_path):
+    with torch.no_grad():
+        llama_adapter.layers[0].mlp.down_proj.weight.mul_(1e8)  # finite in float32, beyond float16's 65504
+    hook = "blocks.0.hook_resid_post"
+    assert torch.isfinite(capture(llama_adapter, PROMPTS, hook, progress=False).activations).all()
+    assert capture(llama_adapter, PROMPTS, hook, dtype=torch.bfloat16, progress=False).activations.dtype == torch.bfloat16
+    message = r"at blocks\.0\.hook_resid_post for prompt #\d+ \('instruction.* beyond float16's range \(largest 65504\): capture with dtype=torch.float32 or torch.bfloat16"
+    with pytest.raises(FeatsteerError, match=message):
+        capture(llama_adapter, PROMPTS, hook, dtype=torch.float16, progress=False)
+    with pytest.raises(FeatsteerError, match=message):
+        capture(llama_adapter, PROMPTS, hook, dtype=torch.float16, progress=False, stream_to=tmp_path / "acts")
+    assert not (tmp_path / "acts").exists()
 
 
 def test_capture_stops_after_the_deepest_hook(llama_adapter):

@@ -66,6 +66,29 @@ def test_capture_writes_a_readable_directory(capsys, tmp_path):
     assert code == 0 and ActivationReader(tmp_path / "heads").hook_names == ("blocks.2.attn.hook_z",)
 
 
+def test_capture_formats_prompts_with_a_system_prompt_and_caps_batch_tokens(capsys, tmp_path, monkeypatch):
+    from featsteer.activations import ActivationSet, capture
+    from featsteer.models import load_model
+    from featsteer.models.adapter import ModelAdapter
+
+    caps = []
+    plan = ModelAdapter.plan_batches
+
+    def spy(self, instructions, batch_size, max_batch_tokens=None, *rest, **kwargs):
+        caps.append(max_batch_tokens)
+        return plan(self, instructions, batch_size, max_batch_tokens, *rest, **kwargs)
+
+    monkeypatch.setattr(ModelAdapter, "plan_batches", spy)
+    base = ["capture", "--model", "tiny:llama", "--prompts", "builtin:harmful:test", "--n", "3", "--hooks", "resid_pre:1"]
+    assert _run(capsys, *base, "--system", "Answer in French.", "--max-batch-tokens", "64", "--out", str(tmp_path / "s"))[0] == 0
+    assert _run(capsys, *base, "--out", str(tmp_path / "plain"))[0] == 0
+    assert caps[:2] == [64, 8192]  # as given; the Python API's default cap when not given
+    prompts = list(ActivationSet.load(tmp_path / "s").prompts)
+    expected = capture(load_model("tiny:llama"), prompts, "blocks.1.hook_resid_pre", system="Answer in French.")
+    assert torch.equal(ActivationSet.load(tmp_path / "s").activations, expected.activations)
+    assert not torch.equal(ActivationSet.load(tmp_path / "plain").activations, expected.activations)
+
+
 def test_eval_json_has_documented_keys(capsys, tmp_path):
     code, out, _ = _run(capsys, "eval", "--model", "tiny:llama", "--harmful", "builtin:harmful:test", "--harmless",
                         "builtin:harmless:test", "--n", "6", "--max-new-tokens", "3", "--json", str(tmp_path / "e.json"))
@@ -75,6 +98,26 @@ def test_eval_json_has_documented_keys(capsys, tmp_path):
         assert key in result
     assert result["n_harmful"] == 6 and len(result["ci_harmful"]) == 2
     assert 0 <= result["looping_rate_harmful"] <= 1 and len(result["ci_looping_harmless"]) == 2 and "looping" in out
+
+
+def test_eval_caps_batch_tokens_at_the_documented_default(capsys, monkeypatch):
+    from featsteer.models.adapter import ModelAdapter
+
+    caps = []
+    plan = ModelAdapter.plan_batches
+
+    def spy(self, instructions, batch_size, max_batch_tokens=None, *rest, **kwargs):
+        caps.append(max_batch_tokens)
+        return plan(self, instructions, batch_size, max_batch_tokens, *rest, **kwargs)
+
+    monkeypatch.setattr(ModelAdapter, "plan_batches", spy)
+    base = ["eval", "--model", "tiny:llama", "--harmful", "builtin:harmful:test", "--harmless", "builtin:harmless:test",
+            "--n", "2", "--max-new-tokens", "1", "--alarming", "builtin:alarming:test"]
+    assert _run(capsys, *base)[0] == 0
+    assert caps and set(caps) == {8192}  # the README's [--max-batch-tokens 8192]; it ran with no cap at all
+    caps.clear()
+    assert _run(capsys, *base, "--max-batch-tokens", "40")[0] == 0
+    assert caps and set(caps) == {40}
 
 
 def test_eval_with_a_prefill_reads_what_the_model_writes_after_it(capsys, tmp_path):

@@ -205,6 +205,64 @@ def test_failed_rewrite_keeps_the_previous_report(ranking, tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(REPORT_FILES)
 
 
+@pytest.fixture(scope="module")
+def bounded(saes, acts):
+    """The SAEs with a norm bound on the planted one at the median last-token norm: about half the rows lie above it."""
+    import copy
+
+    bounded = copy.deepcopy(saes)
+    norms = torch.cat([a.hook(PLANTED_HOOK) for a in acts.values()]).norm(dim=-1)
+    bounded[PLANTED_HOOK].cfg.metadata.featsteer_max_norm = float(norms.median())
+    return bounded
+
+
+def test_ranking_and_its_shading_leave_out_rows_above_the_saes_norm_bound(model, bounded, acts):
+    """Every splice passes rows above the bound through unedited (as `max_feature_activations` leaves them out)."""
+    from featsteer.feature_report import _feature_section
+    from featsteer.features import score_feature_activations
+    from featsteer.sae import encode_activations
+
+    sae, bound = bounded[PLANTED_HOOK], bounded[PLANTED_HOOK].cfg.metadata.featsteer_max_norm
+    inside = {label: a.hook(PLANTED_HOOK)[a.hook(PLANTED_HOOK).norm(dim=-1) <= bound] for label, a in acts.items()}
+    assert 2 <= inside["harmful"].shape[0] < len(HARMFUL) or 2 <= inside["harmless"].shape[0] < len(HARMLESS)
+    expected = score_feature_activations(encode_activations(sae, inside["harmful"]), encode_activations(sae, inside["harmless"]), PLANTED_HOOK)
+    ranking = rank_features(model, bounded, HARMFUL, HARMLESS, top_n=TOP_N)
+    planted = ranking.scores.for_hook(PLANTED_HOOK)
+    order = planted.feature_ids.argsort()
+    for name, values in expected.metrics.items():
+        torch.testing.assert_close(planted.metrics[name][order], values, equal_nan=True)
+    counts = ranking.provenance["rows_outside_domain"]
+    assert counts == {PLANTED_HOOK: {label: len(prompts) - inside[label].shape[0] for label, prompts in (("harmful", HARMFUL), ("harmless", HARMLESS))}}
+    detail = next(d for d in ranking.features if d.hook_name == PLANTED_HOOK)
+    assert detail.harmful_activations.shape == (inside["harmful"].shape[0],)
+    shown = capture(model, [e.prompt for e in detail.examples], PLANTED_HOOK, positions="all", progress=False)
+    outside = [tuple((shown.hook(PLANTED_HOOK)[shown.prompt_index == i].norm(dim=-1) > bound).tolist()) for i in range(len(detail.examples))]
+    assert [e.outside for e in detail.examples] == outside and any(any(flags) for flags in outside)
+    assert all(not e.outside[-1] for e in detail.examples)  # the scored last token of an example is within the bound
+    section = _feature_section(detail)
+    assert 'class="outside"' in section and "rgba(255,140,0,1.00)" in section
+
+
+def test_compare_clamps_scale_by_maxima_within_the_norm_bound(model, bounded, acts):
+    from featsteer.compare import rank_sae_features
+    from featsteer.sae import encode_activations
+
+    sae, bound = bounded[PLANTED_HOOK], bounded[PLANTED_HOOK].cfg.metadata.featsteer_max_norm
+    rows = acts["harmful"].hook(PLANTED_HOOK)
+    expected = encode_activations(sae, rows[rows.norm(dim=-1) <= bound]).double().amax(0).clamp_min(0.0)
+    assert not torch.equal(expected, encode_activations(sae, rows).double().amax(0).clamp_min(0.0))
+    assert torch.equal(rank_sae_features(model, bounded, HARMFUL, HARMLESS).harmful_max[PLANTED_HOOK], expected)
+
+
+def test_scoring_with_too_few_rows_within_the_bound_is_one_clear_error(bounded, acts):
+    import copy
+
+    tight = copy.deepcopy(bounded)
+    tight[PLANTED_HOOK].cfg.metadata.featsteer_max_norm = 0.0
+    with pytest.raises(FeatsteerError, match=r"blocks\.1\.hook_resid_post: only 0 harmful and 0 harmless rows are within the SAE's norm bound"):
+        score_features(tight, acts["harmful"], acts["harmless"])
+
+
 def test_ranking_keys():
     assert ranking_key("differential") == "mean_difference"
     assert ranking_key("abs_differential") == "abs_mean_difference"
@@ -245,6 +303,19 @@ def test_cli_rank_features_prints_the_top_features(capsys, sae_dir, tmp_path):
     assert lines[1].split()[:3] == ["1", PLANTED_HOOK, str(PLANTED)] and len(lines[2].split()) == 7
     assert "ranked 256 features of 2 SAE(s)" in out and f"wrote {tmp_path / 'r'}/report.html" in out
     assert all((tmp_path / "r" / name).is_file() for name in REPORT_FILES)
+
+
+def test_cli_rank_features_says_which_rows_it_left_out(capsys, bounded, acts, tmp_path):
+    for hook, sae in bounded.items():
+        sae.save_model(tmp_path / "saes" / hook)
+    code, out, _ = _run(capsys, "rank-features", "--model", "tiny:llama", "--sae", str(tmp_path / "saes"), "--harmful", "builtin:harmful:train",
+                        "--harmless", "builtin:harmless:train", "--n", "10", "--top", "2", "--out", str(tmp_path / "r"))
+    bound = bounded[PLANTED_HOOK].cfg.metadata.featsteer_max_norm
+    counts = {label: int((a.hook(PLANTED_HOOK).norm(dim=-1) > bound).sum()) for label, a in acts.items()}
+    note = (f"Rows above an SAE's norm bound, which every splice passes through unedited, are not scored ({PLANTED_HOOK}: "
+            f"{counts['harmful']} harmful, {counts['harmless']} harmless).")
+    assert code == 0 and out.rstrip().endswith(note) and note in (tmp_path / "r" / "report.html").read_text()
+    assert json.loads((tmp_path / "r" / "features.json").read_text())["provenance"]["rows_outside_domain"] == {PLANTED_HOOK: counts}
 
 
 @pytest.mark.parametrize(

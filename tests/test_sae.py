@@ -221,6 +221,15 @@ def test_directory_round_trip_and_load_saes(tmp_path, llama_adapter):
         load_sae(tmp_path / "missing")
 
 
+def test_load_sae_honours_the_device_asked_for(tmp_path, llama_adapter, monkeypatch):
+    assert load_sae(random_sae(seed=1), llama_adapter, device="meta").W_dec.device.type == "meta"  # not the model's cpu
+    assert load_sae(random_sae(seed=1), llama_adapter).W_dec.device.type == "cpu"
+    assert load_sae(random_sae(seed=1), device="meta").W_dec.device.type == "meta"
+    random_sae(seed=1).save_model(tmp_path / HOOK)
+    monkeypatch.setattr(type(llama_adapter), "device", property(lambda self: torch.device("meta")))  # a model elsewhere
+    assert load_sae(tmp_path / HOOK, llama_adapter, device="cpu").W_dec.device.type == "cpu"
+
+
 def test_release_load_offline_and_unknown_release_are_clear_errors(monkeypatch):
     import huggingface_hub.constants
 

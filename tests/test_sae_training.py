@@ -22,6 +22,7 @@ from sae_training.data import (
     load_texts,
     norm_limit,
     shared_prefix_length,
+    split_texts,
 )
 
 HOOK = "blocks.1.hook_resid_post"
@@ -183,6 +184,17 @@ def test_configs_round_trip_and_validate():
         OptimConfig(lr=0)
     with pytest.raises(FeatsteerError, match="hook kind"):
         DataConfig(model="tiny:llama", texts=("builtin:harmless",), hook_kind="resid_middle")
+
+
+def test_held_out_texts_are_capped_at_a_tenth_with_a_warning(caplog):
+    texts = [f"text {i}" for i in range(50)]
+    with caplog.at_level(logging.WARNING, logger="sae_training.data"):
+        train, held_out = split_texts(texts, 4, seed=0)
+    assert len(held_out) == 4 and len(train) == 46 and not caplog.records  # asked for no more than the cap: quiet
+    with caplog.at_level(logging.WARNING, logger="sae_training.data"):
+        train, held_out = split_texts(texts, 24, seed=0)
+    assert len(held_out) == 5 and sorted(train + held_out) == sorted(texts)
+    assert "holding out 5 texts for evaluation, not the 24 asked for (--eval-prompts): at most a tenth of the 50 texts" in caplog.text
 
 
 def test_activation_batches_are_seeded_shuffled_and_endless(tmp_path):

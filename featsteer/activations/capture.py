@@ -117,8 +117,8 @@ def capture(
         from disk, or with `load_back=False` an `ActivationReader` over the directory.
 
     Raises:
-        FeatsteerError: empty prompt list, unknown hook, hooks of different widths, or NaN/inf activations (naming
-            hook and prompt).
+        FeatsteerError: empty prompt list, unknown hook, hooks of different widths, NaN/inf activations, or activations
+            beyond `dtype`'s range (float16's 65504), naming hook and prompt.
     """
     adapter: ModelAdapter = load_model(model)
     progress = adapter.show_progress if progress is None else progress
@@ -144,7 +144,7 @@ def capture(
             row_prompt = torch.tensor(batch_ids, dtype=torch.long)[row_prompt]
             _check_finite(acts, hook_names, row_prompt, prompts)
             _update_stats(stats, acts, hook_names, row_pos, selector, covariance)
-            acts = acts.to(dtype)
+            acts = _stored(acts, dtype, hook_names, row_prompt, prompts)
             if writer:
                 writer.add(acts, row_prompt, row_pos)
             else:
@@ -214,6 +214,21 @@ def _check_finite(acts: Tensor, hook_names: tuple[str, ...], row_prompt: Tensor,
     raise FeatsteerError(
         f"non-finite activations (NaN/inf) at {hook_names[slot]} for prompt #{index} "
         f"({prompts[index][:60]!r}): check the model's dtype (try float32) and weights"
+    )
+
+
+def _stored(acts: Tensor, dtype: torch.dtype, hook_names: tuple[str, ...], row_prompt: Tensor, prompts: list[str]) -> Tensor:
+    """`acts` in the stored dtype; a clear error where a value is beyond its range (float16 stops at 65504), which the
+    conversion would otherwise keep as inf."""
+    stored = acts.to(dtype)
+    if not stored.is_floating_point() or bool(torch.isfinite(stored).all()):
+        return stored
+    row, slot = (~torch.isfinite(stored).all(-1)).nonzero()[0].tolist()
+    index = int(row_prompt[row])
+    peak, name, largest = float(acts[row, slot].abs().max()), str(dtype).removeprefix("torch."), torch.finfo(dtype).max
+    raise FeatsteerError(
+        f"activations at {hook_names[slot]} for prompt #{index} ({prompts[index][:60]!r}) reach {peak:.6g}, beyond {name}'s "
+        f"range (largest {largest:.6g}): capture with dtype=torch.float32 or torch.bfloat16"
     )
 
 

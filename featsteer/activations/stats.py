@@ -44,6 +44,19 @@ class RunningMoments:
         self.mean += delta * (n_new / total)
         self.count = total
 
+    def state(self) -> dict[str, Tensor]:
+        """The tensors `from_state` rebuilds these moments from: `mean`, and `scatter` when covariance is tracked."""
+        return {"mean": self.mean} if self._scatter is None else {"mean": self.mean, "scatter": self._scatter}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], count: int) -> RunningMoments:
+        """Moments of `count` vectors from a `state()`; they can be updated further."""
+        moments = cls(d=int(state["mean"].shape[0]))
+        moments.mean, moments.count = state["mean"].to(torch.float64), int(count)
+        if "scatter" in state:
+            moments.track_covariance, moments._scatter = True, state["scatter"].to(torch.float64)
+        return moments
+
     @property
     def covariance(self) -> Tensor:
         """Unbiased covariance `(d, d)`; requires `track_covariance=True` and at least two vectors."""

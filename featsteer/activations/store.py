@@ -155,8 +155,9 @@ class ShardWriter:
         if not self.shards:
             self.abort()
             raise FeatsteerError(NOTHING_CAPTURED)
-        if stats:
-            save_file({f"{key}/mean": m.mean for key, m in stats.items()}, str(self.staging / "stats.safetensors"))
+        if stats:  # key/mean, and key/scatter when the capture tracked covariance
+            tensors = {f"{key}/{part}": value for key, moments in stats.items() for part, value in moments.state().items()}
+            save_file(tensors, str(self.staging / "stats.safetensors"))
         meta = {
             **self.metadata,
             "format_version": FORMAT_VERSION,
@@ -233,10 +234,11 @@ class ActivationReader:
         stats: dict[str, RunningMoments] = {}
         stats_file = self.path / "stats.safetensors"
         if stats_file.exists():
-            for key, mean in load_file(str(stats_file)).items():
-                moments = RunningMoments(d=mean.shape[0])
-                moments.mean, moments.count = mean, int(self.metadata["stats_counts"][key.removesuffix("/mean")])
-                stats[key.removesuffix("/mean")] = moments
+            states: dict[str, dict[str, Tensor]] = {}
+            for name, value in load_file(str(stats_file)).items():
+                key, _, part = name.rpartition("/")
+                states.setdefault(key, {})[part] = value
+            stats = {key: RunningMoments.from_state(state, self.metadata["stats_counts"][key]) for key, state in states.items()}
         return ActivationSet(
             activations=torch.cat([p["activations"] for p in parts])[order],
             hook_names=self.hook_names,

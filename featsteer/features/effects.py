@@ -36,7 +36,7 @@ from featsteer.evaluation.refusal import RateEstimate, RefusalDetector, refusal_
 from featsteer.models import ModelAdapter
 from featsteer.sae.encoding import encode_activations
 from featsteer.sae.loading import validate_sae
-from featsteer.sae.steering import FeatureEdit, outside_domain, splice_sae
+from featsteer.sae.steering import FeatureEdit, inside_domain, splice_sae
 
 logger = logging.getLogger(__name__)
 
@@ -147,9 +147,7 @@ def max_feature_activations(
     hook = validate_sae(sae, model)
     acts = capture(model, _prompts(prompts, "input"), [hook], positions=positions, batch_size=batch_size, system=system, progress=False)
     rows = acts.hook(hook)
-    outside = outside_domain(sae, rows)
-    if outside is not None:
-        rows = rows[~outside]
+    rows = rows[inside_domain(sae, rows)]
     if rows.shape[0] == 0:
         return torch.zeros(int(sae.cfg.d_sae), dtype=torch.float64)
     return encode_activations(sae, rows).double().amax(0).clamp_min(0.0)

@@ -40,6 +40,7 @@ from featsteer.files import json_text
 from featsteer.models import ModelAdapter
 from featsteer.sae.encoding import encode_activations
 from featsteer.sae.loading import sae_map_of, validated_sae_map
+from featsteer.sae.steering import inside_domain
 
 METRICS: tuple[str, ...] = (
     "composite", "mean_difference", "cohens_d", "auroc", "harmful_mean", "harmless_mean",
@@ -262,6 +263,23 @@ def _rows_at(acts: ActivationSet, hook: str, position: int | None) -> Tensor:
     return acts.hook(hook) if position is None else acts.at_position(hook, position)
 
 
+def _domain_rows(sae: SAE, harmful: Tensor, harmless: Tensor, where: str) -> tuple[Tensor, Tensor, dict[str, int]]:
+    """The harmful and harmless rows within the SAE's norm bound, and how many of each were left out.
+
+    Raises:
+        FeatsteerError: when fewer than two rows of a class are left.
+    """
+    inside = inside_domain(sae, harmful), inside_domain(sae, harmless)
+    left_out = {"harmful": int((~inside[0]).sum()), "harmless": int((~inside[1]).sum())}
+    kept = harmful[inside[0]], harmless[inside[1]]
+    if any(left_out.values()) and min(rows.shape[0] for rows in kept) < 2:
+        raise FeatsteerError(
+            f"{where}: only {kept[0].shape[0]} harmful and {kept[1].shape[0]} harmless rows are within the SAE's norm bound "
+            f"(featsteer_max_norm {float(sae.cfg.metadata.get('featsteer_max_norm')):.4g}; a splice passes the rows above it through "
+            "unedited, so they are not scored): score at other positions, or with more prompts")
+    return kept[0], kept[1], left_out
+
+
 def score_features(
     saes: SAE | Mapping[str, SAE] | Sequence[SAE],
     harmful: ActivationSet,
@@ -279,7 +297,8 @@ def score_features(
         harmful: activations of harmful prompts at the SAEs' hooks.
         harmless: activations of harmless prompts at the same hooks and positions.
         positions: position label(s) to score separately (e.g. -1 for the last token), or None to pool
-            every captured row.
+            every captured row. Rows above an SAE's recorded norm bound (`featsteer.sae.outside_domain`), which every
+            featsteer splice passes through unedited, are left out; `provenance["rows_outside_domain"]` counts them.
         normalize: divide magnitude statistics by each feature's scale.
         scales: `{hook_name: (d_sae,)}` feature scales (e.g. max activations on training data); default
             is the max activation over the scored rows.
@@ -287,19 +306,25 @@ def score_features(
 
     Returns:
         Scores of all features of all SAEs, ranked by `by`.
+
+    Raises:
+        FeatsteerError: when fewer than two rows of a class are within an SAE's norm bound.
     """
     sae_map = sae_map_of(saes)
     position_list = [positions] if positions is None or isinstance(positions, int) else list(positions)
-    parts = []
+    parts, outside = [], {}
     for hook, sae in sae_map.items():
         for position in position_list:
-            harmful_features = encode_activations(sae, _rows_at(harmful, hook, position))
-            harmless_features = encode_activations(sae, _rows_at(harmless, hook, position))
+            where = hook if position is None else f"{hook}@{position}"
+            harmful_rows, harmless_rows, left_out = _domain_rows(sae, _rows_at(harmful, hook, position), _rows_at(harmless, hook, position), where)
+            if any(left_out.values()):
+                outside[where] = left_out
             scale = None if scales is None else scales.get(hook)
-            parts.append(score_feature_activations(harmful_features, harmless_features, hook, position=position, normalize=normalize, scale=scale))
+            parts.append(score_feature_activations(encode_activations(sae, harmful_rows), encode_activations(sae, harmless_rows), hook,
+                                                   position=position, normalize=normalize, scale=scale))
     scores = FeatureScores.concat(parts)
     scores.provenance.update({"model": harmful.model, "positions": harmful.positions, "n_harmful_prompts": len(harmful),
-                              "n_harmless_prompts": len(harmless), "hooks": list(sae_map)})
+                              "n_harmless_prompts": len(harmless), "hooks": list(sae_map), "rows_outside_domain": outside})
     return scores.sort(by)
 
 
@@ -345,4 +370,5 @@ def score_prompts(
         return parts[0]
     scores = FeatureScores.concat(parts)
     scores.provenance["hooks"] = list(sae_map)
+    scores.provenance["rows_outside_domain"] = {where: counts for part in parts for where, counts in part.provenance["rows_outside_domain"].items()}
     return scores.sort(by)

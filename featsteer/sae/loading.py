@@ -108,9 +108,10 @@ def load_sae(
             sae_lens pretrained release (e.g.
             `gemma-scope-2b-pt-res-canonical:layer_20/width_16k/canonical`; needs network or the hub
             cache), or an already-loaded SAE.
-        model: if given, the SAE is checked against it (width and hook) and moved to its device.
+        model: if given, the SAE is checked against it (width and hook) and, without `device`, moved to its device.
         hook: attach at this hook instead of the recorded one; it is stored in `cfg.metadata.hook_name`.
-        device: torch device for the weights (default: the model's device, else cpu).
+        device: torch device for the weights, also for an already-loaded SAE (default: the model's device; without
+            a model, cpu for a loaded source and where it is for an SAE object).
 
     Returns:
         The SAE in eval mode.
@@ -125,8 +126,8 @@ def load_sae(
         validate_sae(sae, model, hook)  # before the hook is written, so a bad hook leaves the SAE as it was
     if hook:
         sae.cfg.metadata.hook_name = hook
-    if model is not None:
-        sae = sae.to(model.device)
+    if device is not None or model is not None:
+        sae = sae.to(target)
     return sae.eval()
 
 

@@ -200,6 +200,13 @@ def outside_domain(sae: SAE, x: Float[Tensor, "... d_in"]) -> Bool[Tensor, "..."
     return outside if bool(outside.any()) else None
 
 
+def inside_domain(sae: SAE, x: Float[Tensor, "... d_in"]) -> Bool[Tensor, "..."]:
+    """Where the flat rows `x` are within the SAE's recorded norm bound: the rows a splice edits (everywhere when the
+    SAE records no bound). Feature scores and maxima read only these rows (see `outside_domain`)."""
+    outside = outside_domain(sae, x)
+    return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device) if outside is None else ~outside
+
+
 def sae_hook(sae: SAE, edits: Sequence[FeatureEdit] = (), *, error_term: bool = True, positions: str = "all",
              model: ModelAdapter | None = None) -> HookFn:
     """A featsteer hook function that splices `sae` in with `edits` (see `splice_activation`; at hook_z the heads are
