@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -86,6 +87,17 @@ def test_float64_statistics(llama_adapter):
     torch.testing.assert_close(acts.stats[hook].mean, values.mean(0), atol=1e-6, rtol=0)
     torch.testing.assert_close(acts.stats[hook].covariance, torch.cov(values.T), atol=1e-5, rtol=1e-5)
     assert acts.stats[hook].mean.dtype == torch.float64 and acts.stats[hook].count == len(PROMPTS)
+
+
+def test_a_set_records_how_its_prompts_were_formatted(llama_adapter, tmp_path):
+    hook = "blocks.1.hook_resid_pre"
+    acts = capture(llama_adapter, PROMPTS, hook, system="Be brief.", progress=False)
+    acts.save(tmp_path / "saved")
+    streamed = capture(llama_adapter, PROMPTS, hook, chat=False, progress=False, stream_to=tmp_path / "raw")
+    assert (acts.chat, acts.system) == (True, "Be brief.")
+    assert (ActivationSet.load(tmp_path / "saved").chat, ActivationSet.load(tmp_path / "saved").system) == (True, "Be brief.")
+    assert (streamed.chat, streamed.system) == (False, None)
+    assert json.loads((tmp_path / "raw" / "metadata.json").read_text())["chat"] is False
 
 
 def test_covariance_survives_save_load_and_streaming(llama_adapter, tmp_path):

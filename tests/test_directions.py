@@ -196,3 +196,7 @@ def test_difference_in_means_needs_one_model_and_one_position_selector():
         difference_in_means(replace(harmful, model="a"), replace(harmless, model="b"))
     with pytest.raises(FeatsteerError, match="positions 'last' and the harmless at 'post_instruction'"):
         difference_in_means(harmful, replace(harmless, positions="post_instruction"))
+    with pytest.raises(FeatsteerError, match="formatted with the system prompt 'Be brief.' and the harmless with the chat template"):
+        difference_in_means(replace(harmful, system="Be brief."), harmless)
+    with pytest.raises(FeatsteerError, match="formatted as raw text"):
+        difference_in_means(replace(harmful, chat=False), harmless)

@@ -136,7 +136,7 @@ def capture(
     limit_fragmentation()  # see featsteer.activations.heap: large temporaries are unmapped when freed
     batches = adapter.plan_batches(prompts, batch_size, max_batch_tokens, system, chat)
     tail = _common_tail(adapter, prompts, system, chat) if selector.mode == "post_instruction" else None
-    writer = ShardWriter(stream_to, hook_names, width, _meta(selector, adapter, label), shard_rows) if stream_to else None
+    writer = ShardWriter(stream_to, hook_names, width, _meta(selector, adapter, label, chat, system), shard_rows) if stream_to else None
     collector = _Collector(len(prompts), len(hook_names), width, dtype, one_row_per_prompt=selector.mode in ("last", "mean_last"))
     try:
         for batch_ids in tqdm(batches, desc="capture", unit="batch", disable=not progress or len(batches) < 4, leave=False):
@@ -169,6 +169,8 @@ def capture(
         positions=str(selector),
         model=adapter.name,
         label=label,
+        chat=chat,
+        system=system,
         stats=stats,
     )
 
@@ -270,5 +272,5 @@ class _Collector:
         return acts[order], row_prompt[order], row_pos[order]
 
 
-def _meta(selector: Positions, adapter: ModelAdapter, label: str | None) -> dict:
-    return {"positions": str(selector), "model": adapter.name, "label": label}
+def _meta(selector: Positions, adapter: ModelAdapter, label: str | None, chat: bool, system: str | None) -> dict:
+    return {"positions": str(selector), "model": adapter.name, "label": label, "chat": chat, "system": system}

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from featsteer.errors import FeatsteerError
+
 
 @dataclass
 class RunningMoments:
@@ -61,7 +63,7 @@ class RunningMoments:
     def covariance(self) -> Tensor:
         """Unbiased covariance `(d, d)`; requires `track_covariance=True` and at least two vectors."""
         if self._scatter is None:
-            raise ValueError("covariance was not tracked: capture with covariance=True")
+            raise FeatsteerError("covariance was not tracked: capture with covariance=True")
         if self.count < 2:
-            raise ValueError("covariance needs at least two vectors")
+            raise FeatsteerError("covariance needs at least two vectors: capture more prompts")
         return self._scatter / (self.count - 1)

@@ -50,6 +50,10 @@ class ActivationSet:
     """Name of the model the activations came from."""
     label: str | None = None
     """Optional tag such as `harmful` or `harmless`."""
+    chat: bool = True
+    """Whether the prompts were formatted with the chat template (False: raw text)."""
+    system: str | None = None
+    """The system prompt the chat template was given, if any."""
     stats: dict[str, RunningMoments] = field(default_factory=dict, compare=False, repr=False)
     """float64 running moments per hook (and per position for multi-row selectors)."""
 
@@ -101,7 +105,7 @@ class ActivationSet:
         return writer.close(self.prompts, self.stats)
 
     def _metadata(self) -> dict:
-        return {"positions": self.positions, "model": self.model, "label": self.label}
+        return {"positions": self.positions, "model": self.model, "label": self.label, "chat": self.chat, "system": self.system}
 
     @classmethod
     def load(cls, path: str | Path) -> ActivationSet:
@@ -248,5 +252,7 @@ class ActivationReader:
             positions=self.metadata.get("positions", "last"),
             model=self.metadata.get("model", ""),
             label=self.metadata.get("label"),
+            chat=self.metadata.get("chat", True),
+            system=self.metadata.get("system"),
             stats=stats,
         )

@@ -38,6 +38,9 @@ def difference_in_means(harmful: ActivationSet, harmless: ActivationSet, hooks: 
     if harmful.positions != harmless.positions:
         raise FeatsteerError(f"the harmful activations were read at positions '{harmful.positions}' and the harmless at '{harmless.positions}': "
                              "capture both with the same --positions")
+    if (harmful.chat, harmful.system) != (harmless.chat, harmless.system):
+        raise FeatsteerError(f"the harmful prompts were formatted {_formatting(harmful)} and the harmless {_formatting(harmless)}: "
+                             "capture both with the same --system and --raw, or the direction picks up the formatting")
     if harmful.d_model != harmless.d_model:
         raise FeatsteerError(f"the harmful activations are {harmful.d_model} wide and the harmless {harmless.d_model}: capture both from one model")
     vectors, names, positions, norms, projections = [], [], [], [], {"harmful_projection": [], "harmless_projection": []}
@@ -93,3 +96,10 @@ def separability(direction: Tensor, train_harmful: Tensor, train_harmless: Tenso
     auroc = float(roc_auc_score(labels.numpy(), torch.cat([pos, neg]).numpy()))
     pooled = float(torch.cat([pos - pos.mean(), neg - neg.mean()]).std()) or 1e-12
     return Separability(accuracy=correct / (len(pos) + len(neg)), auroc=auroc, gap=float(pos.mean() - neg.mean()) / pooled)
+
+
+def _formatting(acts) -> str:
+    """How a set's prompts were formatted, for an error message."""
+    if not acts.chat:
+        return "as raw text"
+    return f"with the system prompt {acts.system!r}" if acts.system else "with the chat template and no system prompt"
