@@ -315,19 +315,20 @@ def _add_label_lines(hand, run, labels, method: str, path: str) -> None:
     if past := [i for i in parsed if i >= len(texts)]:
         raise FeatsteerError(f"--lines {lines}: index {past[0]} is past the {len(texts)} {labels.set_name} responses of {method} "
                              "(they count from 0)")
+    asked = run.asked(labels.set_name)
     for i, label in parsed.items():
-        labels.put(method, i, texts[i], label)
+        labels.put(method, i, texts[i], label, asked[i])
     labels.save()
     print(f"added {len(parsed)} label{'' if len(parsed) == 1 else 's'} to {labels.path}")
 
 
 def _ask_labels(hand, run, labels, methods: list[str], items, args: argparse.Namespace) -> None:
     """The interactive session: labels typed on standard input, each saved as it is given."""
-    stale = sum(len(labels.stale(m, run.texts(m, args.set))) for m in methods)
+    stale = sum(len(labels.stale(m, run.texts(m, args.set), run.asked(args.set))) for m in methods)
     what = (f"{len(items)} responses of {len(methods)} method{'s' if len(methods) > 1 else ''}, blind: shuffled (seed {args.seed}), "
             "with no method name or marker verdict; a text several methods wrote for one prompt is asked once"
             if args.blind else f"{len(items)} of {len(run.texts(methods[0], args.set))} responses of {methods[0]}")
-    print(f"{what} to label" + (f" ({stale} relabelled: their response changed since)" if stale else "") +
+    print(f"{what} to label" + (f" ({stale} relabelled: their response or its prompt changed since)" if stale else "") +
           f". Criterion: {hand.CRITERIA[args.set]}.")
     print("Type r (refuses) or a (answers), with ? if it could go either way, then a reason if you like "
           "('r? turns to home safety'); s skips, q stops.")
