@@ -23,6 +23,8 @@ from featsteer.files import check_empty_folder
 
 BIAS_DECAY_DEFAULT = 2.0
 """`--bias-decay`'s default (`edits.BIAS_DECAY`; kept here so the CLI parses without importing torch)."""
+MAX_BATCH_TOKENS_DEFAULT = 8192
+"""`--max-batch-tokens`' default (`models.adapter.DEFAULT_BATCH_TOKENS`; kept here so the CLI parses without importing torch)."""
 
 
 def _load_model(args: argparse.Namespace, spec: str | None = None):
@@ -1566,7 +1568,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, help="use the first N prompts of each set")
     ev.add_argument("--max-new-tokens", type=int, default=32, help=_MAX_NEW_HELP)
     ev.add_argument("--batch-size", type=int, default=16, help="prompts per batch (decoding on CPU is faster with more)")
-    ev.add_argument("--max-batch-tokens", type=int, help="cap on a batch's padded prompt tokens (rows x longest prompt)")
+    ev.add_argument("--max-batch-tokens", type=int, default=MAX_BATCH_TOKENS_DEFAULT,
+                    help=f"cap on a batch's padded prompt tokens (rows x longest prompt; default {MAX_BATCH_TOKENS_DEFAULT})")
     ev.add_argument("--system", help="system prompt")
     ev.add_argument("--column", help="column for csv/json/parquet prompt files")
     ev.add_argument("--json", help="write the full result here")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from featsteer.cli import main
+from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
 
 
 def _run(capsys, *argv):
@@ -75,6 +76,7 @@ def test_eval_json_has_documented_keys(capsys, tmp_path):
         assert key in result
     assert result["n_harmful"] == 6 and len(result["ci_harmful"]) == 2
     assert 0 <= result["looping_rate_harmful"] <= 1 and len(result["ci_looping_harmless"]) == 2 and "looping" in out
+    assert result["generation"]["max_batch_tokens"] == DEFAULT_BATCH_TOKENS  # the cap the README shows, not none at all
 
 
 def test_eval_with_a_prefill_reads_what_the_model_writes_after_it(capsys, tmp_path):
