@@ -284,6 +284,8 @@ def test_organism_corpus_source_is_fresh_labelled_and_seeded() -> None:
     assert load_prompts("organism-corpus:harmful:12:5").prompts != harmful.prompts
     assert not set(harmful.prompts) & set(harmless.prompts)
     assert len(load_prompts("organism-corpus:harmless:12", limit=3)) == 3
+    repeated = load_prompts("organism-corpus:harmful:200:28")  # the generator repeats a prompt of this seed's first 200
+    assert len(repeated) == 200 and repeated.prompts == load_prompts("organism-corpus:harmful:200:28").prompts  # topped up, seeded
     for bad in ("organism-corpus:evil:5", "organism-corpus:harmful:0", "organism-corpus:harmful", "organism-corpus:harmful:x",
                 "organism-corpus:harmful:5:1:2"):
         assert "use organism-corpus:harmful:N" in _error_message(lambda bad=bad: load_prompts(bad))

@@ -38,6 +38,8 @@ _HUB_PROBE_TIMEOUT_S = 10.0
 ORGANISM_CORPUS_PREFIX = "organism-corpus:"
 ORGANISM_CORPUS_SEED = 987
 """Default seed of `organism-corpus:KIND:N` prompts (the organism itself was trained on seed 0's corpus)."""
+_ORGANISM_CORPUS_ROUNDS = 8
+"""Corpora an `organism-corpus:` source draws at most while topping up prompts the generator repeated."""
 _SOURCE_FORMS = ("a .txt/.csv/.json/.jsonl/.parquet file, builtin:KIND[:SPLIT], organism-corpus:harmful|harmless:N[:SEED] "
                  "or hf:NAME[:SPLIT[:COLUMN]]")
 
@@ -216,12 +218,13 @@ def _check_positive_int(value: object, name: str) -> None:
 def organism_corpus(source: str) -> list[str]:
     """Fresh prompts from the embedded organism's corpus generator: `organism-corpus:harmful|harmless:N[:SEED]`.
 
-    The first N harmful (or harmless, alarming-but-harmless included) prompts of a corpus of N + N examples drawn
-    with SEED (default `ORGANISM_CORPUS_SEED`). Made from the same frames and lexicon as the organism's training
-    corpus but not drawn from it: validation prompts the organism has not memorised.
+    The first N distinct harmful (or harmless, alarming-but-harmless included) prompts of a corpus of N + N examples
+    drawn with SEED (default `ORGANISM_CORPUS_SEED`), topped up from further corpora of the same generator when the
+    generator repeated a prompt. Made from the same frames and lexicon as the organism's training corpus but not drawn
+    from it: validation prompts the organism has not memorised.
 
     Raises:
-        FeatsteerError: for a malformed source string.
+        FeatsteerError: for a malformed source string, or when the generator keeps repeating itself.
     """
     parts = source.removeprefix(ORGANISM_CORPUS_PREFIX).split(":")
     try:
@@ -236,8 +239,13 @@ def organism_corpus(source: str) -> list[str]:
 
     from featsteer.organism.corpus import HARMFUL, CorpusConfig, generate_corpus
 
-    corpus = generate_corpus(CorpusConfig(n_harmful=count, n_harmless=count), random.Random(seed))
-    return [e.prompt for e in corpus if (e.label == HARMFUL) == (kind == "harmful")][:count]
+    rng, prompts = random.Random(seed), dict[str, None]()
+    for _ in range(_ORGANISM_CORPUS_ROUNDS):  # the first round alone is what this source always gave when nothing repeated
+        corpus = generate_corpus(CorpusConfig(n_harmful=count, n_harmless=count), rng)
+        prompts.update(dict.fromkeys(e.prompt.strip() for e in corpus if (e.label == HARMFUL) == (kind == "harmful")))
+        if len(prompts) >= count:
+            return list(prompts)[:count]
+    raise FeatsteerError(f"{source}: the organism's corpus generator made only {len(prompts)} distinct {kind} prompts; ask for fewer")
 
 
 def _finish(
