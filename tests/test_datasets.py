@@ -19,6 +19,7 @@ from featsteer.datasets import (
     builtin_prompts,
     load_prompts,
     prompt_set_hash,
+    takes_column,
 )
 from featsteer.datasets import _build_builtin as build
 from featsteer.errors import FeatsteerError
@@ -483,3 +484,11 @@ def test_a_txt_prompt_keeps_unicode_line_separators_and_form_feeds(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("first\u2028still first\nsecond\x0csecond too\r\nthird\n", encoding="utf-8")
     assert list(load_prompts(path)) == ["first\u2028still first", "second\x0csecond too", "third"]
+
+
+@pytest.mark.parametrize(("source", "takes"), [
+    ("p.csv", True), ("p.JSONL", True), ("p.json", True), ("p.parquet", True), ("hf:org/name:train", True), ("p.txt", False),
+    ("builtin:harmful:test", False), ("organism-corpus:harmful:4", False),
+])
+def test_takes_column_names_the_sources_with_columns(source, takes) -> None:
+    assert takes_column(source) is takes

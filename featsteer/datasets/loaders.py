@@ -210,6 +210,15 @@ def load_prompts(
     return _finish(values, None, source_text, limit=limit, dedupe=dedupe)
 
 
+def takes_column(source: str | os.PathLike[str]) -> bool:
+    """Whether `load_prompts(source, column=...)` reads a named column: a .csv/.json/.jsonl/.parquet file or an hf:
+    dataset, not a .txt file or a builtin: or organism-corpus: set (which have one text field)."""
+    text = os.fspath(source)
+    if text.startswith((BUILTIN_PREFIX, ORGANISM_CORPUS_PREFIX)):
+        return False
+    return text.startswith(HF_PREFIX) or Path(text).suffix.lower() in _TABLE_SUFFIXES
+
+
 def _check_positive_int(value: object, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise FeatsteerError(f"{name} must be a positive integer (or None for all), got {value!r}")
@@ -400,6 +409,9 @@ def _read_parquet(path: Path, source: str, column: str | None) -> list[object]:
             raise
         raise FeatsteerError(f"could not read parquet file {source}: {_short_reason(exc)}") from exc
 
+
+_TABLE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
+"""The file kinds whose prompts sit in a named column (or JSON key)."""
 
 _READERS: dict[str, Callable[[Path, str, str | None], list[object]]] = {
     ".txt": _read_txt,
