@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -105,6 +106,15 @@ def test_csv_skips_empty_cells(tmp_path: Path) -> None:
     path = tmp_path / "p.csv"
     path.write_text("prompt,other\nfirst,1\n,2\n   ,3\nsecond,4\n", encoding="utf-8")
     assert load_prompts(path).prompts == ("first", "second")
+
+
+def test_csv_reads_a_long_context_prompt_and_keeps_the_csv_limit(tmp_path: Path) -> None:
+    path = tmp_path / "p.csv"
+    document = "Summarise this: " + "word " * 40_000  # 200k characters, past the csv module's 131072 default
+    path.write_text(f'prompt\n"{document}"\nshort\n', encoding="utf-8")
+    limit = csv.field_size_limit()
+    assert load_prompts(path).prompts == (document.strip(), "short")
+    assert csv.field_size_limit() == limit  # the process-wide limit is put back
 
 
 def test_json_list_of_strings(tmp_path: Path) -> None:

@@ -35,6 +35,8 @@ DEFAULT_COLUMNS: tuple[str, ...] = ("prompt", "instruction", "goal", "text", "qu
 
 HF_PREFIX = "hf:"
 _HUB_PROBE_TIMEOUT_S = 10.0
+_CSV_FIELD_LIMIT = 2**31 - 1
+"""Longest CSV cell read, in characters (the largest the csv module takes on every platform)."""
 ORGANISM_CORPUS_PREFIX = "organism-corpus:"
 ORGANISM_CORPUS_SEED = 987
 """Default seed of `organism-corpus:KIND:N` prompts (the organism itself was trained on seed 0's corpus)."""
@@ -329,12 +331,18 @@ def _read_txt(path: Path, source: str, column: str | None) -> list[object]:
 
 
 def _read_csv(path: Path, source: str, column: str | None) -> list[object]:
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames:
-            raise FeatsteerError(f"no prompts in {source}: the file is empty; add a header row and prompts")
-        chosen = _pick_column(list(reader.fieldnames), column, source)
-        return [row.get(chosen) for row in reader]
+    # the csv module refuses fields over 131072 characters by default, and a long-context prompt (a pasted document,
+    # a many-shot jailbreak) is longer; lift the process-wide limit while reading, then put it back
+    previous_limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames:
+                raise FeatsteerError(f"no prompts in {source}: the file is empty; add a header row and prompts")
+            chosen = _pick_column(list(reader.fieldnames), column, source)
+            return [row.get(chosen) for row in reader]
+    finally:
+        csv.field_size_limit(previous_limit)
 
 
 def _read_json(path: Path, source: str, column: str | None) -> list[object]:
