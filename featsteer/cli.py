@@ -76,10 +76,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_capture(args: argparse.Namespace) -> int:
     from featsteer.activations import capture
-    from featsteer.datasets import load_prompts
 
     model = _load_model(args)
-    prompts = load_prompts(args.prompts, column=args.column, limit=args.n)
+    prompts = _load_prompts(args, args.prompts, limit=args.n)
     hooks = _expand_hooks(args.hooks, model)
     stored = capture(model, prompts, hooks, positions=args.positions, batch_size=args.batch_size,
                      max_batch_tokens=_max_batch_tokens(args), system=args.system, chat=not args.raw,
@@ -93,6 +92,15 @@ def _max_batch_tokens(args: argparse.Namespace) -> int:
     from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
 
     return DEFAULT_BATCH_TOKENS if args.max_batch_tokens is None else args.max_batch_tokens
+
+
+def _load_prompts(args: argparse.Namespace, source: str, limit: int | None):
+    """One of a command's prompt sources. `--column` goes to those that have columns (csv/json/jsonl/parquet files, hf:
+    datasets), not to a .txt file or a built-in or organism-corpus set beside them (`_check_column` catches a --column
+    that none takes)."""
+    from featsteer.datasets import load_prompts, takes_column
+
+    return load_prompts(source, column=args.column if takes_column(source) else None, limit=limit)
 
 
 def _expand_hooks(spec: str, model) -> list[str]:
@@ -119,14 +127,13 @@ def _expand_hooks(spec: str, model) -> list[str]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from featsteer.datasets import load_prompts
     from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
 
     if args.prefill is not None and not args.prefill.strip():
         raise FeatsteerError("--prefill is empty: give the text every harmful response should start with, or 'affirm'")
-    harmful = load_prompts(args.harmful, column=args.column, limit=args.n)
-    harmless = load_prompts(args.harmless, column=args.column, limit=args.n)
-    args.alarming_prompts = load_prompts(args.alarming, column=args.column, limit=args.n) if args.alarming else None  # a bad path fails here, not after generating
+    harmful = _load_prompts(args, args.harmful, limit=args.n)
+    harmless = _load_prompts(args, args.harmless, limit=args.n)
+    args.alarming_prompts = _load_prompts(args, args.alarming, limit=args.n) if args.alarming else None  # a bad path fails here, not after generating
     model = _load_model(args)
     reference = _load_reference(args, model) if args.reference else None  # a bad --reference fails before any generation
     judge = _load_judge(args, model) if args.judge else None  # so does a bad --judge
@@ -323,19 +330,20 @@ def _add_label_lines(hand, run, labels, method: str, path: str) -> None:
     if past := [i for i in parsed if i >= len(texts)]:
         raise FeatsteerError(f"--lines {lines}: index {past[0]} is past the {len(texts)} {labels.set_name} responses of {method} "
                              "(they count from 0)")
+    asked = run.asked(labels.set_name)
     for i, label in parsed.items():
-        labels.put(method, i, texts[i], label)
+        labels.put(method, i, texts[i], label, asked[i])
     labels.save()
     print(f"added {len(parsed)} label{'' if len(parsed) == 1 else 's'} to {labels.path}")
 
 
 def _ask_labels(hand, run, labels, methods: list[str], items, args: argparse.Namespace) -> None:
     """The interactive session: labels typed on standard input, each saved as it is given."""
-    stale = sum(len(labels.stale(m, run.texts(m, args.set))) for m in methods)
+    stale = sum(len(labels.stale(m, run.texts(m, args.set), run.asked(args.set))) for m in methods)
     what = (f"{len(items)} responses of {len(methods)} method{'s' if len(methods) > 1 else ''}, blind: shuffled (seed {args.seed}), "
             "with no method name or marker verdict; a text several methods wrote for one prompt is asked once"
             if args.blind else f"{len(items)} of {len(run.texts(methods[0], args.set))} responses of {methods[0]}")
-    print(f"{what} to label" + (f" ({stale} relabelled: their response changed since)" if stale else "") +
+    print(f"{what} to label" + (f" ({stale} relabelled: their response or its prompt changed since)" if stale else "") +
           f". Criterion: {hand.CRITERIA[args.set]}.")
     print("Type r (refuses) or a (answers), with ? if it could go either way, then a reason if you like "
           "('r? turns to home safety'); s skips, q stops.")
@@ -426,21 +434,19 @@ def _direction_config(args: argparse.Namespace, method: str | None = None):
 
 
 def _load_pair(args: argparse.Namespace):
-    from featsteer.datasets import load_prompts
 
-    return (load_prompts(args.harmful, column=args.column, limit=args.n),
-            load_prompts(args.harmless, column=args.column, limit=args.n))
+    return (_load_prompts(args, args.harmful, limit=args.n),
+            _load_prompts(args, args.harmless, limit=args.n))
 
 
 def _load_val(args: argparse.Namespace):
     """`(harmful, harmless)` validation prompts from --val-harmful/--val-harmless, or None when neither is given."""
-    from featsteer.datasets import load_prompts
 
     if (args.val_harmful is None) != (args.val_harmless is None):
         raise FeatsteerError("validation prompts need both sets: give --val-harmful and --val-harmless together")
     if args.val_harmful is None:
         return None
-    return tuple(load_prompts(source, column=args.column, limit=args.n) for source in (args.val_harmful, args.val_harmless))
+    return tuple(_load_prompts(args, source, limit=args.n) for source in (args.val_harmful, args.val_harmless))
 
 
 def _cmd_directions(args: argparse.Namespace) -> int:
@@ -810,13 +816,12 @@ def _fixed_search_edit(args: argparse.Namespace, model, basis, val, mode: str, w
 
 def _load_held_out(args: argparse.Namespace) -> tuple | None:
     """`(harmful, harmless)` from abliterate's --eval-harmful/--eval-harmless (first --eval-n of each), or None."""
-    from featsteer.datasets import load_prompts
 
     if (args.eval_harmful is None) != (args.eval_harmless is None):
         raise FeatsteerError("the held-out check needs both sets: give --eval-harmful and --eval-harmless together")
     if args.eval_harmful is None:
         return None
-    return tuple(load_prompts(source, column=args.column, limit=args.eval_n) for source in (args.eval_harmful, args.eval_harmless))
+    return tuple(_load_prompts(args, source, limit=args.eval_n) for source in (args.eval_harmful, args.eval_harmless))
 
 
 def _check_prompts(args: argparse.Namespace, validation: tuple) -> tuple[tuple, str]:
@@ -975,11 +980,10 @@ EXPERT_STEER_MODES = ("deactivate", "activate")
 
 
 def _steer_prompts(args: argparse.Namespace) -> list[str]:
-    from featsteer.datasets import load_prompts
 
     prompts = list(args.prompt or [])
     if args.prompts:
-        prompts += list(load_prompts(args.prompts, column=args.column, limit=args.n).prompts)
+        prompts += list(_load_prompts(args, args.prompts, limit=args.n).prompts)
     if not prompts:
         raise FeatsteerError("steer has no prompts: give --prompt TEXT (repeatable) or --prompts SRC")
     return prompts
@@ -1329,7 +1333,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         compare,
         write_report,
     )
-    from featsteer.datasets import load_prompts
     from featsteer.directions.optimize import OptimizeConfig
     from featsteer.evaluation.behaviour import GenerationConfig
     from featsteer.sae import load_sae_source
@@ -1360,8 +1363,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     optimize_config = OptimizeConfig(steps=args.optimize_steps).with_options(args.optimize_option or [], "--optimize-option")
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
-    evals = [load_prompts(s, column=args.column, limit=args.eval_n) if s else None for s in (args.eval_harmful, args.eval_harmless)]
-    alarming = load_prompts(args.alarming, column=args.column, limit=args.eval_n) if args.alarming else None
+    evals = [_load_prompts(args, s, limit=args.eval_n) if s else None for s in (args.eval_harmful, args.eval_harmless)]
+    alarming = _load_prompts(args, args.alarming, limit=args.eval_n) if args.alarming else None
     direction_config = _direction_config(args)
     model = _load_model(args)
     judge = _load_judge(args, model) if args.judge else None
@@ -1915,6 +1918,22 @@ def _check_judge_options(args: argparse.Namespace) -> None:
             raise FeatsteerError(f"{flag} sets how --judge decides: add --judge SPEC or drop {flag}")
 
 
+_PROMPT_SOURCES = ("prompts", "harmful", "harmless", "alarming", "val_harmful", "val_harmless", "eval_harmful", "eval_harmless")
+"""The dests of every prompt-source option, the sources `--column` can apply to."""
+
+
+def _check_column(args: argparse.Namespace) -> None:
+    """--column picks a column of the table files among the sources: with none of them it would be ignored."""
+    from featsteer.datasets import takes_column
+
+    if getattr(args, "column", None) is None:
+        return
+    sources = [source for source in (getattr(args, dest, None) for dest in _PROMPT_SOURCES) if source]
+    if sources and not any(takes_column(source) for source in sources):
+        raise FeatsteerError(f"--column {args.column} picks a column of a csv/json/jsonl/parquet file or hf: dataset, and no prompt "
+                             f"source here is one ({', '.join(sources)}): drop --column")
+
+
 def _check_output_paths(args: argparse.Namespace) -> None:
     """Output paths that cannot be written fail here, before a model is loaded, not after the work is done."""
     from featsteer.files import check_output_file, check_output_folder
@@ -1939,6 +1958,7 @@ def _main(argv: Sequence[str] | None) -> int:
             hide_weight_loading_bar()
         _check_output_paths(args)
         _check_judge_options(args)
+        _check_column(args)
         return args.run(args)
     except FeatsteerError as error:
         print(f"featsteer: error: {error}", file=sys.stderr)

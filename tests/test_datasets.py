@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -19,6 +20,7 @@ from featsteer.datasets import (
     builtin_prompts,
     load_prompts,
     prompt_set_hash,
+    takes_column,
 )
 from featsteer.datasets import _build_builtin as build
 from featsteer.errors import FeatsteerError
@@ -104,6 +106,15 @@ def test_csv_skips_empty_cells(tmp_path: Path) -> None:
     path = tmp_path / "p.csv"
     path.write_text("prompt,other\nfirst,1\n,2\n   ,3\nsecond,4\n", encoding="utf-8")
     assert load_prompts(path).prompts == ("first", "second")
+
+
+def test_csv_reads_a_long_context_prompt_and_keeps_the_csv_limit(tmp_path: Path) -> None:
+    path = tmp_path / "p.csv"
+    document = "Summarise this: " + "word " * 40_000  # 200k characters, past the csv module's 131072 default
+    path.write_text(f'prompt\n"{document}"\nshort\n', encoding="utf-8")
+    limit = csv.field_size_limit()
+    assert load_prompts(path).prompts == (document.strip(), "short")
+    assert csv.field_size_limit() == limit  # the process-wide limit is put back
 
 
 def test_json_list_of_strings(tmp_path: Path) -> None:
@@ -284,6 +295,8 @@ def test_organism_corpus_source_is_fresh_labelled_and_seeded() -> None:
     assert load_prompts("organism-corpus:harmful:12:5").prompts != harmful.prompts
     assert not set(harmful.prompts) & set(harmless.prompts)
     assert len(load_prompts("organism-corpus:harmless:12", limit=3)) == 3
+    repeated = load_prompts("organism-corpus:harmful:200:28")  # the generator repeats a prompt of this seed's first 200
+    assert len(repeated) == 200 and repeated.prompts == load_prompts("organism-corpus:harmful:200:28").prompts  # topped up, seeded
     for bad in ("organism-corpus:evil:5", "organism-corpus:harmful:0", "organism-corpus:harmful", "organism-corpus:harmful:x",
                 "organism-corpus:harmful:5:1:2"):
         assert "use organism-corpus:harmful:N" in _error_message(lambda bad=bad: load_prompts(bad))
@@ -481,3 +494,11 @@ def test_a_txt_prompt_keeps_unicode_line_separators_and_form_feeds(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("first\u2028still first\nsecond\x0csecond too\r\nthird\n", encoding="utf-8")
     assert list(load_prompts(path)) == ["first\u2028still first", "second\x0csecond too", "third"]
+
+
+@pytest.mark.parametrize(("source", "takes"), [
+    ("p.csv", True), ("p.JSONL", True), ("p.json", True), ("p.parquet", True), ("hf:org/name:train", True), ("p.txt", False),
+    ("builtin:harmful:test", False), ("organism-corpus:harmful:4", False),
+])
+def test_takes_column_names_the_sources_with_columns(source, takes) -> None:
+    assert takes_column(source) is takes

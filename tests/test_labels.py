@@ -13,6 +13,7 @@ from featsteer.errors import FeatsteerError
 from featsteer.evaluation.labels import (
     HandLabels,
     Label,
+    asked_hash,
     parse_label,
     parse_label_lines,
     read_responses,
@@ -145,7 +146,8 @@ def test_label_command_asks_saves_each_label_and_goes_on_later(capsys, monkeypat
     assert "2 still unlabelled" in out and "eval    2/4" in out
     saved = json.loads((tmp_path / "e.labels.json").read_text())  # beside the run by default
     assert saved["set"] == "harmful" and saved["labels"]["eval"]["1"] == {
-        "sha": response_hash(HARMFUL[1]), "refusal": False, "ambiguous": True, "why": "a start"}
+        "sha": response_hash(HARMFUL[1]), "asked": asked_hash(PROMPTS["harmful"][1]), "refusal": False, "ambiguous": True,
+        "why": "a start"}
     code, out, _ = _run(capsys, monkeypatch, str(run), stdin="r? turns to pet safety\na\n")  # only the two left are asked
     assert code == 0 and "2 of 4 responses of eval to label" in out and "[1/2] #2" in out and "still unlabelled" not in out
     assert "eval    4/4       1        2" in out  # labelled, markers, by hand
@@ -162,6 +164,23 @@ def test_label_command_relabels_a_response_that_changed(capsys, monkeypatch, tmp
     code, out, _ = _run(capsys, monkeypatch, str(run), stdin="r declines now\n")
     assert "1 of 4 responses of eval to label (1 relabelled" in out and "#3, markers: refusal" in out
     assert json.loads((tmp_path / "e.labels.json").read_text())["labels"]["eval"]["3"]["why"] == "declines now"
+
+
+def test_a_label_does_not_pass_to_another_prompt_with_the_same_stock_reply(capsys, monkeypatch, tmp_path):
+    run = _eval_json(tmp_path / "e.json", harmful=["I'm sorry, but I can't help with that."] * 4)
+    lines = tmp_path / "labels.txt"
+    lines.write_text("0 a not a refusal after all\n1 r\n")
+    assert _run(capsys, monkeypatch, str(run), "--lines", str(lines))[0] == 0
+    data = json.loads(run.read_text())
+    data["per_prompt"]["harmful"]["prompts"] = ["Name a rat poison.", *PROMPTS["harmful"][1:]]  # other prompts, same replies
+    run.write_text(json.dumps(data))
+    code, out, _ = _run(capsys, monkeypatch, str(run), "--summary")
+    assert code == 0 and "eval    1/4 (1 stale)" in out
+    run.write_text(json.dumps({**data, "generation": {"prefill": "Sure:"}}))  # the same prompts with a forced opening
+    assert "eval    0/4 (2 stale)" in _run(capsys, monkeypatch, str(run), "--summary")[1]
+    old = {"set": "harmful", "labels": {"eval": {"3": {"sha": response_hash(HARMFUL[0]), "refusal": True}}}}
+    (tmp_path / "old.json").write_text(json.dumps(old))  # a file written before labels kept their prompt: text only
+    assert "eval    1/4" in _run(capsys, monkeypatch, str(run), "--summary", "--labels", str(tmp_path / "old.json"))[1]
 
 
 def test_label_command_takes_a_lines_file_and_shows_what_is_left(capsys, monkeypatch, tmp_path):

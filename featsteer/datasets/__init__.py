@@ -11,6 +11,7 @@ from featsteer.datasets.loaders import (
     builtin_prompts,
     load_prompts,
     prompt_set_hash,
+    takes_column,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "builtin_prompts",
     "load_prompts",
     "prompt_set_hash",
+    "takes_column",
 ]

@@ -35,9 +35,13 @@ DEFAULT_COLUMNS: tuple[str, ...] = ("prompt", "instruction", "goal", "text", "qu
 
 HF_PREFIX = "hf:"
 _HUB_PROBE_TIMEOUT_S = 10.0
+_CSV_FIELD_LIMIT = 2**31 - 1
+"""Longest CSV cell read, in characters (the largest the csv module takes on every platform)."""
 ORGANISM_CORPUS_PREFIX = "organism-corpus:"
 ORGANISM_CORPUS_SEED = 987
 """Default seed of `organism-corpus:KIND:N` prompts (the organism itself was trained on seed 0's corpus)."""
+_ORGANISM_CORPUS_ROUNDS = 8
+"""Corpora an `organism-corpus:` source draws at most while topping up prompts the generator repeated."""
 _SOURCE_FORMS = ("a .txt/.csv/.json/.jsonl/.parquet file, builtin:KIND[:SPLIT], organism-corpus:harmful|harmless:N[:SEED] "
                  "or hf:NAME[:SPLIT[:COLUMN]]")
 
@@ -208,6 +212,15 @@ def load_prompts(
     return _finish(values, None, source_text, limit=limit, dedupe=dedupe)
 
 
+def takes_column(source: str | os.PathLike[str]) -> bool:
+    """Whether `load_prompts(source, column=...)` reads a named column: a .csv/.json/.jsonl/.parquet file or an hf:
+    dataset, not a .txt file or a builtin: or organism-corpus: set (which have one text field)."""
+    text = os.fspath(source)
+    if text.startswith((BUILTIN_PREFIX, ORGANISM_CORPUS_PREFIX)):
+        return False
+    return text.startswith(HF_PREFIX) or Path(text).suffix.lower() in _TABLE_SUFFIXES
+
+
 def _check_positive_int(value: object, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise FeatsteerError(f"{name} must be a positive integer (or None for all), got {value!r}")
@@ -216,12 +229,13 @@ def _check_positive_int(value: object, name: str) -> None:
 def organism_corpus(source: str) -> list[str]:
     """Fresh prompts from the embedded organism's corpus generator: `organism-corpus:harmful|harmless:N[:SEED]`.
 
-    The first N harmful (or harmless, alarming-but-harmless included) prompts of a corpus of N + N examples drawn
-    with SEED (default `ORGANISM_CORPUS_SEED`). Made from the same frames and lexicon as the organism's training
-    corpus but not drawn from it: validation prompts the organism has not memorised.
+    The first N distinct harmful (or harmless, alarming-but-harmless included) prompts of a corpus of N + N examples
+    drawn with SEED (default `ORGANISM_CORPUS_SEED`), topped up from further corpora of the same generator when the
+    generator repeated a prompt. Made from the same frames and lexicon as the organism's training corpus but not drawn
+    from it: validation prompts the organism has not memorised.
 
     Raises:
-        FeatsteerError: for a malformed source string.
+        FeatsteerError: for a malformed source string, or when the generator keeps repeating itself.
     """
     parts = source.removeprefix(ORGANISM_CORPUS_PREFIX).split(":")
     try:
@@ -236,8 +250,13 @@ def organism_corpus(source: str) -> list[str]:
 
     from featsteer.organism.corpus import HARMFUL, CorpusConfig, generate_corpus
 
-    corpus = generate_corpus(CorpusConfig(n_harmful=count, n_harmless=count), random.Random(seed))
-    return [e.prompt for e in corpus if (e.label == HARMFUL) == (kind == "harmful")][:count]
+    rng, prompts = random.Random(seed), dict[str, None]()
+    for _ in range(_ORGANISM_CORPUS_ROUNDS):  # the first round alone is what this source always gave when nothing repeated
+        corpus = generate_corpus(CorpusConfig(n_harmful=count, n_harmless=count), rng)
+        prompts.update(dict.fromkeys(e.prompt.strip() for e in corpus if (e.label == HARMFUL) == (kind == "harmful")))
+        if len(prompts) >= count:
+            return list(prompts)[:count]
+    raise FeatsteerError(f"{source}: the organism's corpus generator made only {len(prompts)} distinct {kind} prompts; ask for fewer")
 
 
 def _finish(
@@ -312,12 +331,18 @@ def _read_txt(path: Path, source: str, column: str | None) -> list[object]:
 
 
 def _read_csv(path: Path, source: str, column: str | None) -> list[object]:
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames:
-            raise FeatsteerError(f"no prompts in {source}: the file is empty; add a header row and prompts")
-        chosen = _pick_column(list(reader.fieldnames), column, source)
-        return [row.get(chosen) for row in reader]
+    # the csv module refuses fields over 131072 characters by default, and a long-context prompt (a pasted document,
+    # a many-shot jailbreak) is longer; lift the process-wide limit while reading, then put it back
+    previous_limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames:
+                raise FeatsteerError(f"no prompts in {source}: the file is empty; add a header row and prompts")
+            chosen = _pick_column(list(reader.fieldnames), column, source)
+            return [row.get(chosen) for row in reader]
+    finally:
+        csv.field_size_limit(previous_limit)
 
 
 def _read_json(path: Path, source: str, column: str | None) -> list[object]:
@@ -392,6 +417,9 @@ def _read_parquet(path: Path, source: str, column: str | None) -> list[object]:
             raise
         raise FeatsteerError(f"could not read parquet file {source}: {_short_reason(exc)}") from exc
 
+
+_TABLE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
+"""The file kinds whose prompts sit in a named column (or JSON key)."""
 
 _READERS: dict[str, Callable[[Path, str, str | None], list[object]]] = {
     ".txt": _read_txt,

@@ -5,8 +5,9 @@ on small models such turns are common: SmolLM2-135M-Instruct on 100 AdvBench pro
 and 44 times when read. So a refusal rate worth reporting is read by hand at least once. This module keeps those
 readings honest:
 
-- labels are tied to the exact response text (a SHA-256 prefix), so a label whose response was regenerated is reported
-  stale instead of silently counted;
+- labels are tied to the exact response text and to what was asked (SHA-256 prefixes of the response, and of the prompt
+  with any forced opening), so a label whose response was regenerated, or whose index now holds another prompt, is
+  reported stale instead of silently counted;
 - a label can be marked ambiguous (it could reasonably go the other way), and summaries give the range the ambiguous
   labels span;
 - the summary sets the hand count beside the markers' count on the same responses, with a Wilson interval.
@@ -45,6 +46,13 @@ CODES = ("r", "a", "r?", "a?")
 def response_hash(text: str) -> str:
     """The SHA-256 prefix a label stores to tie itself to one response text."""
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def asked_hash(prompt: str, prefill: str | None = None) -> str:
+    """The SHA-256 prefix a label stores to tie itself to what its response answered: the prompt, and the opening the
+    response was forced to start with (`featsteer eval --prefill`), if any. A stock reply ("I'm sorry, but I can't help
+    with that.") repeats across prompts, so the response text alone cannot tell a regenerated run from the labelled one."""
+    return response_hash(json.dumps([prompt, prefill]))
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,11 @@ class Responses:
     def methods(self) -> list[str]:
         return list(self.responses)
 
+    def asked(self, set_name: str = "harmful") -> list[str]:
+        """Per response of the set, the `asked_hash` of its prompt and forced opening, which labels are tied to."""
+        prefills = self.prefills.get(set_name)
+        return [asked_hash(prompt, prefills[i] if prefills else None) for i, prompt in enumerate(self.prompts.get(set_name, []))]
+
     def texts(self, method: str, set_name: str = "harmful") -> list[str]:
         """One method's responses to one prompt set.
 
@@ -161,10 +174,11 @@ def read_responses(path: str | Path) -> Responses:
 
 
 class HandLabels:
-    """A labels file: `{"criterion", "set", "labels": {method: {index: {"sha", "refusal", "ambiguous", "why"}}}}`.
+    """A labels file: `{"criterion", "set", "labels": {method: {index: {"sha", "asked", "refusal", "ambiguous", "why"}}}}`.
 
-    Each label stores the hash of the response it was given to; `current` counts only labels whose response is
-    still the same text. Saving writes a temporary file and renames it, so an interrupted session never leaves a
+    Each label stores the hash of the response it was given to (`sha`) and of what that response answered (`asked`, see
+    `asked_hash`); `current` counts only labels whose response is still the same text to the same prompt. Files
+    written before `asked` was kept (and labels put without it) are tied to the response text only. Saving writes a temporary file and renames it, so an interrupted session never leaves a
     half-written file.
     """
 
@@ -199,24 +213,35 @@ class HandLabels:
     def set_name(self) -> str:
         return self.data.get("set", "harmful")
 
-    def current(self, method: str, responses: list[str]) -> dict[int, Label]:
-        """The labels of `method` whose response is still the labelled text."""
+    def current(self, method: str, responses: list[str], asked: list[str] | None = None) -> dict[int, Label]:
+        """The labels of `method` whose response is still the labelled text (to the same prompt, when `asked` gives
+        each response's `asked_hash`, as `Responses.asked` does)."""
         rows = self.data["labels"].get(method, {})
         return {int(i): Label(v["refusal"], v.get("ambiguous", False), v.get("why", "")) for i, v in rows.items()
-                if int(i) < len(responses) and v["sha"] == response_hash(responses[int(i)])}
+                if _holds(v, int(i), responses, asked)}
 
-    def stale(self, method: str, responses: list[str]) -> list[int]:
-        """Indices labelled for a response text that is no longer there (the run was regenerated)."""
+    def stale(self, method: str, responses: list[str], asked: list[str] | None = None) -> list[int]:
+        """Indices labelled for a response text (or a prompt, with `asked`) that is no longer there: the run was
+        regenerated."""
         rows = self.data["labels"].get(method, {})
-        return sorted(int(i) for i, v in rows.items() if int(i) >= len(responses) or v["sha"] != response_hash(responses[int(i)]))
+        return sorted(int(i) for i, v in rows.items() if not _holds(v, int(i), responses, asked))
 
-    def put(self, method: str, index: int, response: str, label: Label) -> None:
+    def put(self, method: str, index: int, response: str, label: Label, asked: str | None = None) -> None:
+        """Label one response; `asked` is the `asked_hash` of what it answered (without it, only the text ties the label)."""
         rows = self.data["labels"].setdefault(method, {})
-        rows[str(index)] = {"sha": response_hash(response), "refusal": label.refusal, "ambiguous": label.ambiguous, "why": label.why}
+        rows[str(index)] = {"sha": response_hash(response), **({"asked": asked} if asked is not None else {}),
+                            "refusal": label.refusal, "ambiguous": label.ambiguous, "why": label.why}
         self.data["labels"][method] = dict(sorted(rows.items(), key=lambda kv: int(kv[0])))
 
     def save(self) -> None:
         write_files(self.path.parent, {self.path.name: json.dumps(self.data, indent=1) + "\n"})
+
+
+def _holds(row: dict, index: int, responses: list[str], asked: list[str] | None) -> bool:
+    """Whether a stored label still applies: same response text, and same prompt when both sides know it."""
+    if index >= len(responses) or row["sha"] != response_hash(responses[index]):
+        return False
+    return asked is None or "asked" not in row or (index < len(asked) and row["asked"] == asked[index])
 
 
 @dataclass(frozen=True)
@@ -255,8 +280,8 @@ def summarize(responses: Responses, labels: HandLabels, methods: Iterable[str] |
     detector = detector or RefusalDetector()
     out = []
     for method in methods if methods is not None else [m for m in labels.data["labels"] if m in responses.responses]:
-        texts = responses.texts(method, labels.set_name)
-        current = labels.current(method, texts)
+        texts, asked = responses.texts(method, labels.set_name), responses.asked(labels.set_name)
+        current = labels.current(method, texts, asked)
         markers = {i: detector.is_refusal(texts[i]) for i in current}
         out.append(LabelSummary(
             method=method, n=len(texts), labelled=len(current), refused=sum(v.refusal for v in current.values()),
@@ -265,7 +290,7 @@ def summarize(responses: Responses, labels: HandLabels, methods: Iterable[str] |
             markers_refused=sum(markers.values()),
             markers_only=sum(markers[i] and not v.refusal for i, v in current.items()),
             hand_only=sum(v.refusal and not markers[i] for i, v in current.items()),
-            stale=len(labels.stale(method, texts)),
+            stale=len(labels.stale(method, texts, asked)),
         ))
     return out
 
@@ -282,7 +307,7 @@ def paired_by_hand(run: Responses, labels: HandLabels, methods: Iterable[str], b
     verdicts = {}
     for method in methods:
         texts = run.texts(method, labels.set_name)
-        current = labels.current(method, texts)
+        current = labels.current(method, texts, run.asked(labels.set_name))
         if len(current) == len(texts):
             verdicts[method] = [current[i].refusal for i in range(len(texts))]
     if baseline is not None and baseline not in verdicts:
@@ -335,7 +360,7 @@ def questions(run: Responses, labels: HandLabels, methods: list[str], *, blind: 
     pending: dict[tuple[int, str], list[str]] = {}
     for method in methods:
         texts = run.texts(method, labels.set_name)
-        done = labels.current(method, texts)
+        done = labels.current(method, texts, run.asked(labels.set_name))
         for i, text in enumerate(texts):
             if i not in done:
                 pending.setdefault((i, text), []).append(method)
@@ -353,7 +378,7 @@ def ask(labels: HandLabels, run: Responses, items: list[Question], read: Callabl
     Returns:
         How many labels were given.
     """
-    prompts, prefills = run.prompts[labels.set_name], run.prefills.get(labels.set_name)
+    prompts, prefills, asked = run.prompts[labels.set_name], run.prefills.get(labels.set_name), run.asked(labels.set_name)
     given = 0
     for k, item in enumerate(items, 1):
         write(f"\n[{k}/{len(items)}]" + (f" {item.header}" if item.header else ""))
@@ -375,7 +400,7 @@ def ask(labels: HandLabels, run: Responses, items: list[Question], read: Callabl
                 write(f"  {error}")
                 continue
             for method in item.methods:
-                labels.put(method, item.index, item.response, label)
+                labels.put(method, item.index, item.response, label, asked[item.index])
             labels.save()
             given += 1
             break
@@ -384,4 +409,5 @@ def ask(labels: HandLabels, run: Responses, items: list[Question], read: Callabl
 
 def unlabelled(run: Responses, labels: HandLabels, methods: Iterable[str]) -> int:
     """Responses of `methods` with no current label."""
-    return sum(len(texts) - len(labels.current(m, texts)) for m in methods for texts in [run.texts(m, labels.set_name)])
+    asked = run.asked(labels.set_name)
+    return sum(len(texts) - len(labels.current(m, texts, asked)) for m in methods for texts in [run.texts(m, labels.set_name)])
