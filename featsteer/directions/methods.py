@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from featsteer.activations import ActivationSet
-from featsteer.directions.dim import difference_in_means
+from featsteer.directions.dim import difference_in_means, shared_positions
 from featsteer.directions.directions import DirectionSet, unit
 from featsteer.errors import FeatsteerError
 
@@ -22,7 +22,8 @@ METHODS = ("dim", "projected", "pca", "svd", "linear", "whitened")
 
 
 def _pairs(harmful: ActivationSet, harmless: ActivationSet) -> list[tuple[str, int]]:
-    return [(hook, pos) for hook in harmful.hook_names for pos in harmful.position_labels]
+    labels = shared_positions(harmful, harmless)
+    return [(hook, pos) for hook in harmful.hook_names for pos in labels]
 
 
 def projected_dim(harmful: ActivationSet, harmless: ActivationSet) -> DirectionSet:
