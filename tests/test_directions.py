@@ -196,3 +196,24 @@ def test_difference_in_means_needs_one_model_and_one_position_selector():
         difference_in_means(replace(harmful, model="a"), replace(harmless, model="b"))
     with pytest.raises(FeatsteerError, match="positions 'last' and the harmless at 'post_instruction'"):
         difference_in_means(harmful, replace(harmless, positions="post_instruction"))
+
+
+def test_svd_induce_check_adds_the_mean_difference_along_the_first_row(planted):
+    """The selection's induce check adds `mean_diff_norm` times the first row; the SVD set stored none, so it added a unit
+    vector, which induces nothing: on the organism every SVD candidate failed the check and the selection fell back."""
+    from featsteer.datasets import builtin_prompts
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    harmful, harmless, _ = planted
+    found = find_directions(harmful, harmless, method="svd", rank=2)
+    for i, hook in enumerate(found.hook_names):
+        difference = harmful.mean(hook) - harmless.mean(hook)
+        assert found.scores["mean_diff_norm"][i] == pytest.approx(float(difference @ found.bases[i, 0].double()), rel=1e-5)
+        assert found.scores["mean_diff_norm"][i] > 0
+    model = load_model("organism")
+    model.show_progress = False
+    prompts = builtin_prompts("harmful", "train").head(96), builtin_prompts("harmless", "train").head(96)
+    result = find_refusal_direction(model, *prompts, DirectionConfig(method="svd", positions="last", n_select=16))
+    chosen = result.selection.chosen
+    assert chosen.kept and chosen.refusal_induced > 0, result.selection.table()

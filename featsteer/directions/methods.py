@@ -57,7 +57,8 @@ def paired_pca(harmful: ActivationSet, harmless: ActivationSet, seed: int = 0) -
 
 
 def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2, ridge: float | None = None) -> DirectionSet:
-    """Top-`rank` right singular vectors of (harmful - harmless mean), with ridge weights in the scores.
+    """Top-`rank` right singular vectors of (harmful - harmless mean), with ridge weights in the scores, and in
+    `mean_diff_norm` the mean difference's component along the first row (signed to make it positive).
 
     Args:
         rank: subspace size k.
@@ -66,15 +67,16 @@ def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2,
     """
     if rank < 1:
         raise FeatsteerError(f"rank must be >= 1, got {rank}")
-    bases, names, positions, weights = [], [], [], []
+    bases, names, positions, weights, lengths = [], [], [], [], []
     for hook, pos in _pairs(harmful, harmless):
         centred = harmful.at_position(hook, pos).double() - harmless.mean(hook, pos)
         _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
         if rank > vh.shape[0]:
             raise FeatsteerError(f"rank {rank} exceeds the {vh.shape[0]} available harmful prompts")
         basis = vh[:rank]
-        dim_sign = torch.sign(basis[0] @ (harmful.mean(hook, pos) - harmless.mean(hook, pos))) or 1.0
-        basis[0] = basis[0] * dim_sign
+        along = float(basis[0] @ (harmful.mean(hook, pos) - harmless.mean(hook, pos)))
+        basis[0] = basis[0] * (-1.0 if along < 0 else 1.0)
+        lengths.append(abs(along))  # what the selection's induce check adds along the first row, as for probe directions
         power = singular**2
         lam = ridge if ridge is not None else float(power[rank:].mean()) if len(power) > rank else 0.0
         denominator = power[:rank] + lam
@@ -83,7 +85,7 @@ def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2,
         bases.append(basis.float())
         names.append(hook)
         positions.append(pos)
-    return DirectionSet(torch.stack(bases), tuple(names), tuple(positions), "svd", {"ridge_weights": weights},
+    return DirectionSet(torch.stack(bases), tuple(names), tuple(positions), "svd", {"ridge_weights": weights, "mean_diff_norm": lengths},
                         {"model": harmful.model, "rank": rank, "ridge": ridge})
 
 
