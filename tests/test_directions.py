@@ -217,3 +217,17 @@ def test_svd_induce_check_adds_the_mean_difference_along_the_first_row(planted):
     result = find_refusal_direction(model, *prompts, DirectionConfig(method="svd", positions="last", n_select=16))
     chosen = result.selection.chosen
     assert chosen.kept and chosen.refusal_induced > 0, result.selection.table()
+
+
+@pytest.mark.parametrize("method", ["dim", "projected", "pca"])
+def test_class_projections_are_taken_on_the_stored_direction(planted, method):
+    """`harmful_projection` (the value `steer --mode set` sets by default) and `harmless_projection` are the class means
+    projected on the set's own direction; projected DIM and paired PCA copied DIM's, read on another direction."""
+    harmful, harmless, _ = planted
+    found = find_directions(harmful, harmless, method=method)
+    for i, hook in enumerate(found.hook_names):
+        r = found.bases[i, 0].double()
+        assert found.scores["harmful_projection"][i] == pytest.approx(float(harmful.mean(hook) @ r), rel=1e-9, abs=1e-9)
+        assert found.scores["harmless_projection"][i] == pytest.approx(float(harmless.mean(hook) @ r), rel=1e-9, abs=1e-9)
+    if method == "projected":
+        assert abs(found.scores["harmless_projection"][0]) < 1e-5  # orthogonal to the harmless mean by construction

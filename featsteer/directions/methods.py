@@ -37,8 +37,7 @@ def projected_dim(harmful: ActivationSet, harmless: ActivationSet) -> DirectionS
             m = harmless_mean / harmless_mean.norm()
             r = unit(r - (r @ m) * m)
         vectors.append(r.float())
-    return DirectionSet(torch.stack(vectors)[:, None, :], dim.hook_names, dim.positions, "projected",
-                        dict(dim.scores), dict(dim.provenance))
+    return _rescored(dim, vectors, harmful, harmless, "projected")
 
 
 def paired_pca(harmful: ActivationSet, harmless: ActivationSet, seed: int = 0) -> DirectionSet:
@@ -53,7 +52,18 @@ def paired_pca(harmful: ActivationSet, harmless: ActivationSet, seed: int = 0) -
         pc = torch.linalg.svd(diffs, full_matrices=False).Vh[0]  # uncentred: the shared shift is the signal
         pc = pc if pc @ dim.direction(hook, pos).double() >= 0 else -pc
         vectors.append(pc.float())
-    return DirectionSet(torch.stack(vectors)[:, None, :], dim.hook_names, dim.positions, "pca", dict(dim.scores), dict(dim.provenance))
+    return _rescored(dim, vectors, harmful, harmless, "pca")
+
+
+def _rescored(dim: DirectionSet, vectors: list[Tensor], harmful: ActivationSet, harmless: ActivationSet, method: str) -> DirectionSet:
+    """`vectors` (one per DIM entry) as a rank-1 set with DIM's provenance and `mean_diff_norm`, and the class means
+    projected on `vectors` themselves (what `steer --mode set` reads), not on the DIM directions."""
+    projections = {"harmful_projection": [], "harmless_projection": []}
+    for vector, hook, pos in zip(vectors, dim.hook_names, dim.positions, strict=True):
+        projections["harmful_projection"].append(float(harmful.mean(hook, pos) @ vector.double()))
+        projections["harmless_projection"].append(float(harmless.mean(hook, pos) @ vector.double()))
+    return DirectionSet(torch.stack(vectors)[:, None, :], dim.hook_names, dim.positions, method, {**dim.scores, **projections},
+                        dict(dim.provenance))
 
 
 def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2, ridge: float | None = None) -> DirectionSet:
