@@ -231,3 +231,19 @@ def test_class_projections_are_taken_on_the_stored_direction(planted, method):
         assert found.scores["harmless_projection"][i] == pytest.approx(float(harmless.mean(hook) @ r), rel=1e-9, abs=1e-9)
     if method == "projected":
         assert abs(found.scores["harmless_projection"][0]) < 1e-5  # orthogonal to the harmless mean by construction
+
+
+def test_selection_with_nothing_to_score_says_why():
+    """A 2-layer model keeps only layer 0, where every post-instruction token is the same template token: no candidate
+    gets a score, and the error said to raise --kl-threshold, which changes nothing."""
+    from featsteer.datasets import builtin_prompts
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+    from featsteer.testing import tiny_model
+
+    hf_model, tokenizer = tiny_model("llama", num_hidden_layers=2)
+    model = load_model(hf_model, tokenizer=tokenizer)
+    model.show_progress = False
+    prompts = builtin_prompts("harmful", "train").head(12), builtin_prompts("harmless", "train").head(12)
+    with pytest.raises(FeatsteerError, match=r"could be scored \(2 zero direction, 2 late layer\): only layers below 1 of the model's 2"):
+        find_refusal_direction(model, *prompts, DirectionConfig(n_select=4))

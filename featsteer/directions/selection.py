@@ -267,6 +267,11 @@ def select_direction(
         best = _fallback(scored)
         logger.warning("no candidate passed the filters; falling back to %s position %d (%s)", best.hook, best.position, best.reason)
         kept = [best]
+    if not kept and not scored:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in Counter(c.reason for c in scores).items())
+        raise FeatsteerError(f"no candidate direction could be scored ({reasons}): only layers below {max_layer} of the model's "
+                             f"{model.n_layers} count (the last {config.skip_last_fraction:.0%} are skipped), and a zero direction (both sets' means "
+                             "coincide, as at layer 0 on a template token) has nothing to ablate; use a model with more layers")
     if not kept:
         raise FeatsteerError(
             f"no candidate direction passed the filters (KL <= {config.kl_threshold}, induces refusal, layer < {max_layer}); "
