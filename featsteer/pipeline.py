@@ -61,7 +61,7 @@ class DirectionConfig:
     def __post_init__(self) -> None:
         from featsteer.directions.selection import SelectionConfig
 
-        SelectionConfig(screen=self.screen)  # checks the screen size before anything slow runs
+        SelectionConfig(kl_threshold=self.kl_threshold, top_k=self.top_k, screen=self.screen)  # checked before anything slow runs
         if self.n_select < 1:
             raise FeatsteerError(f"--n-select must be at least 1 (validation prompts per set), got {self.n_select}")
 
