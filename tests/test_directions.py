@@ -247,3 +247,16 @@ def test_selection_with_nothing_to_score_says_why():
     prompts = builtin_prompts("harmful", "train").head(12), builtin_prompts("harmless", "train").head(12)
     with pytest.raises(FeatsteerError, match=r"could be scored \(2 zero direction, 2 late layer\): only layers below 1 of the model's 2"):
         find_refusal_direction(model, *prompts, DirectionConfig(n_select=4))
+
+
+@pytest.mark.parametrize("method", ["dim", "projected", "pca", "svd", "linear", "whitened"])
+def test_a_hook_every_prompt_shares_gives_no_direction(planted, method):
+    """Layer 0 at a template token: every prompt's activation is the same, so there is no direction to find; the
+    selection skips it as a zero direction. Paired PCA returned an arbitrary unit axis there (the first PC of zeros)."""
+    harmful, harmless, _ = planted
+    constant = torch.randn(D, generator=torch.Generator().manual_seed(3))
+    shared = [ActivationSet(torch.stack([constant.expand(len(s), D), s.hook("blocks.1.hook_resid_pre")], 1), s.hook_names,
+                            s.prompt_index, s.position, s.prompts) for s in (harmful, harmless)]
+    found = find_directions(*shared, method=method, rank=2)
+    assert float(weighted_basis(found, found.index("blocks.0.hook_resid_pre")).norm()) == 0
+    assert float(weighted_basis(found, found.index("blocks.1.hook_resid_pre")).norm()) > 0.5

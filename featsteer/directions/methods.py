@@ -46,6 +46,9 @@ def paired_pca(harmful: ActivationSet, harmless: ActivationSet, seed: int = 0) -
     generator = torch.Generator().manual_seed(seed)
     vectors = []
     for hook, pos in zip(dim.hook_names, dim.positions, strict=True):
+        if float(dim.direction(hook, pos).norm()) == 0:  # identical class means (a shared template token at layer 0): the
+            vectors.append(torch.zeros(dim.bases.shape[-1]))  # differences are 0 and their "first PC" an arbitrary axis
+            continue
         a, b = harmful.at_position(hook, pos).double(), harmless.at_position(hook, pos).double()
         n = min(len(a), len(b))
         diffs = a[torch.randperm(len(a), generator=generator)[:n]] - b[torch.randperm(len(b), generator=generator)[:n]]
