@@ -30,11 +30,11 @@ def shared_positions(harmful: ActivationSet, harmless: ActivationSet) -> list[in
     for acts, name in ((harmful, "harmful"), (harmless, "harmless")):
         counts = {label: int(acts.prompt_index[acts.position == label].unique().numel()) for label in acts.position_labels}
         if any(count < len(acts) for count in counts.values()):
-            found = ", ".join(f"{label} for {count}" for label, count in counts.items())
+            found = ", ".join(f"{label} for {count}" for label, count in list(counts.items())[:4]) + (", ..." if len(counts) > 4 else "")
             raise FeatsteerError(f"the {name} activations ({acts.positions}) sit at different positions for different prompts (position "
-                                 f"{found} of {len(acts)} prompts): a prompt's end merges with the template's tail into other tokens "
-                                 "(e.g. trailing whitespace), so one position would average only some prompts; strip the prompts' "
-                                 "trailing whitespace, or use --positions last or post_instruction")
+                                 f"{found} of {len(acts)} prompts), so one position would average only some prompts; with "
+                                 "instruction_end, a prompt's end merged with the template's tail (e.g. trailing whitespace): strip "
+                                 "it, or use --positions last or post_instruction")
     labels = sorted(set(harmful.position_labels) & set(harmless.position_labels))
     if not labels:
         raise FeatsteerError(f"the harmful activations are at positions {harmful.position_labels} and the harmless at "
