@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from featsteer.activations import capture
+from featsteer.activations import Positions, capture
 from featsteer.datasets import PromptSet
 from featsteer.directions import DirectionSet, find_directions, rotation_plane, weighted_basis
 from featsteer.directions.optimize import OptimizeConfig
@@ -61,7 +61,10 @@ class DirectionConfig:
     def __post_init__(self) -> None:
         from featsteer.directions.selection import SelectionConfig
 
-        SelectionConfig(screen=self.screen)  # checks the screen size before anything slow runs
+        SelectionConfig(kl_threshold=self.kl_threshold, top_k=self.top_k, screen=self.screen)  # checked before anything slow runs
+        if Positions.parse(self.positions).mode == "all":
+            raise FeatsteerError(f"--positions {self.positions} keeps every token at its index from the start, which differs between "
+                                 "prompts: read directions at last, mean_last:K, post_instruction or instruction_end")
         if self.n_select < 1:
             raise FeatsteerError(f"--n-select must be at least 1 (validation prompts per set), got {self.n_select}")
 

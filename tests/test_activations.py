@@ -343,3 +343,56 @@ def test_post_instruction_rows_do_not_depend_on_the_batch():
     for acts in apart:
         assert acts.position_labels == together.position_labels == list(range(-15, 0))
         torch.testing.assert_close(acts.per_prompt(hook), together.per_prompt(hook), atol=1e-5, rtol=0)
+
+
+def _merging_adapter():
+    """A tiny Llama without a chat template (the plain-text fallback) whose tokenizer merges a space with a newline, so a
+    prompt ending in a space has one template token fewer after it, as BPE tokenizers of base models do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from featsteer.models import load_model
+    from featsteer.models.loading import model_class
+    from featsteer.testing import SPECIALS, _configs
+
+    vocab = {token: i for i, token in enumerate(SPECIALS[:4])}
+    vocab.update({c: i + 4 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+    vocab["ĠĊ"] = len(vocab)  # " \n"
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "Ċ")], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", additional_special_tokens=SPECIALS[4:])
+    tokenizer.padding_side = "left"
+    config = _configs(len(tokenizer))["llama"]()
+    torch.manual_seed(0)
+    model = model_class(config).from_config(config, attn_implementation="eager").eval()
+    return load_model(model, tokenizer=tokenizer)
+
+
+def test_directions_compare_prompts_only_where_every_prompt_was_read():
+    """instruction_end labels each prompt by its own tail: prompts whose end merges with the template sit at another
+    label, and a direction there averaged only them (silently). post_instruction sets captured separately can hold
+    different numbers of template tokens: the labels both hold are compared (one set's extra label used to fail)."""
+    from featsteer.directions import difference_in_means, find_directions
+
+    adapter = _merging_adapter()
+    tails = [int(adapter.tokenize([text]).n_post_instruction[0]) for text in ("request", "request ")]
+    assert tails[1] == tails[0] - 1
+    hooks = adapter.hook_names(("resid_pre",))
+    harmful = [f"harmful request {i}" + (" " if i % 3 == 0 else "") for i in range(9)]
+    harmless = [f"kind question {i}" + (" " if i % 4 == 0 else "") for i in range(9)]
+    ends = [capture(adapter, prompts, hooks, positions="instruction_end", progress=False) for prompts in (harmful, harmless)]
+    assert len(ends[0].position_labels) == 2 and len(ends[0].at_position(hooks[1], ends[0].position_labels[1])) < len(harmful)
+    for method in ("dim", "svd", "linear"):
+        with pytest.raises(FeatsteerError, match="different positions for different prompts"):
+            find_directions(*ends, method=method)
+    clean = [[p.rstrip() for p in prompts] for prompts in (harmful, harmless)]
+    post = [capture(adapter, prompts, hooks, positions="post_instruction", progress=False) for prompts in (clean[0], harmless)]
+    assert len(post[1].position_labels) == len(post[0].position_labels) - 1  # the harmless set has a shorter tail
+    found = difference_in_means(*post)
+    assert sorted(set(found.positions)) == post[1].position_labels
+    for position in post[1].position_labels:
+        expected = post[0].at_position(hooks[2], position).double().mean(0) - post[1].at_position(hooks[2], position).double().mean(0)
+        torch.testing.assert_close(found.direction(hooks[2], position).double(), expected / expected.norm(), atol=1e-6, rtol=0)
+    assert sorted(set(find_directions(*post, method="svd").positions)) == post[1].position_labels

@@ -1138,3 +1138,29 @@ def _subcommands(parser):
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             yield from action.choices.items()
+
+
+def test_directions_rejects_a_kl_threshold_no_kl_can_meet(capsys, tmp_path):
+    """A negative or NaN --kl-threshold failed every candidate, and the fallback picked one after the full run."""
+    common = ("directions", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
+              "--n", "12", "--n-select", "3")
+    for value in ("-0.1", "nan"):
+        code, _, err = _run(capsys, *common, "--kl-threshold", value, "--out", str(tmp_path / "d"))
+        assert code == 2 and "--kl-threshold must be a KL in nats, >= 0" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "d").exists()
+    from featsteer.directions.selection import SelectionConfig
+    from featsteer.errors import FeatsteerError
+
+    for bad in ({"skip_last_fraction": 1.0}, {"skip_last_fraction": -0.1}, {"top_k": 0}):
+        with pytest.raises(FeatsteerError, match="skip_last_fraction must lie|top_k must be at least 1"):
+            SelectionConfig(**bad)
+
+
+
+def test_directions_refuse_all_token_positions(capsys, tmp_path):
+    """all[:N] labels tokens by their index from the start, which prompts of different lengths do not share: DIM used to
+    average, at each index, only the prompts that reach it (or stop at an index one set lacks)."""
+    code, _, err = _run(capsys, "directions", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless",
+                        "builtin:harmless:train", "--n", "12", "--positions", "all:2", "--out", str(tmp_path / "d"))
+    assert code == 2 and "--positions all:2 keeps every token at its index" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists()

@@ -200,3 +200,67 @@ def test_difference_in_means_needs_one_model_and_one_position_selector():
         difference_in_means(replace(harmful, system="Be brief."), harmless)
     with pytest.raises(FeatsteerError, match="formatted as raw text"):
         difference_in_means(replace(harmful, chat=False), harmless)
+
+
+def test_svd_induce_check_adds_the_mean_difference_along_the_first_row(planted):
+    """The selection's induce check adds `mean_diff_norm` times the first row; the SVD set stored none, so it added a unit
+    vector, which induces nothing: on the organism every SVD candidate failed the check and the selection fell back."""
+    from featsteer.datasets import builtin_prompts
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    harmful, harmless, _ = planted
+    found = find_directions(harmful, harmless, method="svd", rank=2)
+    for i, hook in enumerate(found.hook_names):
+        difference = harmful.mean(hook) - harmless.mean(hook)
+        assert found.scores["mean_diff_norm"][i] == pytest.approx(float(difference @ found.bases[i, 0].double()), rel=1e-5)
+        assert found.scores["mean_diff_norm"][i] > 0
+    model = load_model("organism")
+    model.show_progress = False
+    prompts = builtin_prompts("harmful", "train").head(96), builtin_prompts("harmless", "train").head(96)
+    result = find_refusal_direction(model, *prompts, DirectionConfig(method="svd", positions="last", n_select=16))
+    chosen = result.selection.chosen
+    assert chosen.kept and chosen.refusal_induced > 0, result.selection.table()
+
+
+@pytest.mark.parametrize("method", ["dim", "projected", "pca"])
+def test_class_projections_are_taken_on_the_stored_direction(planted, method):
+    """`harmful_projection` (the value `steer --mode set` sets by default) and `harmless_projection` are the class means
+    projected on the set's own direction; projected DIM and paired PCA copied DIM's, read on another direction."""
+    harmful, harmless, _ = planted
+    found = find_directions(harmful, harmless, method=method)
+    for i, hook in enumerate(found.hook_names):
+        r = found.bases[i, 0].double()
+        assert found.scores["harmful_projection"][i] == pytest.approx(float(harmful.mean(hook) @ r), rel=1e-9, abs=1e-9)
+        assert found.scores["harmless_projection"][i] == pytest.approx(float(harmless.mean(hook) @ r), rel=1e-9, abs=1e-9)
+    if method == "projected":
+        assert abs(found.scores["harmless_projection"][0]) < 1e-5  # orthogonal to the harmless mean by construction
+
+
+def test_selection_with_nothing_to_score_says_why():
+    """A 2-layer model keeps only layer 0, where every post-instruction token is the same template token: no candidate
+    gets a score, and the error said to raise --kl-threshold, which changes nothing."""
+    from featsteer.datasets import builtin_prompts
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+    from featsteer.testing import tiny_model
+
+    hf_model, tokenizer = tiny_model("llama", num_hidden_layers=2)
+    model = load_model(hf_model, tokenizer=tokenizer)
+    model.show_progress = False
+    prompts = builtin_prompts("harmful", "train").head(12), builtin_prompts("harmless", "train").head(12)
+    with pytest.raises(FeatsteerError, match=r"could be scored \(2 zero direction, 2 late layer\): only layers below 1 of the model's 2"):
+        find_refusal_direction(model, *prompts, DirectionConfig(n_select=4))
+
+
+@pytest.mark.parametrize("method", ["dim", "projected", "pca", "svd", "linear", "whitened"])
+def test_a_hook_every_prompt_shares_gives_no_direction(planted, method):
+    """Layer 0 at a template token: every prompt's activation is the same, so there is no direction to find; the
+    selection skips it as a zero direction. Paired PCA returned an arbitrary unit axis there (the first PC of zeros)."""
+    harmful, harmless, _ = planted
+    constant = torch.randn(D, generator=torch.Generator().manual_seed(3))
+    shared = [ActivationSet(torch.stack([constant.expand(len(s), D), s.hook("blocks.1.hook_resid_pre")], 1), s.hook_names,
+                            s.prompt_index, s.position, s.prompts) for s in (harmful, harmless)]
+    found = find_directions(*shared, method=method, rank=2)
+    assert float(weighted_basis(found, found.index("blocks.0.hook_resid_pre")).norm()) == 0
+    assert float(weighted_basis(found, found.index("blocks.1.hook_resid_pre")).norm()) > 0.5

@@ -16,6 +16,32 @@ from featsteer.directions.directions import DirectionSet, unit
 from featsteer.errors import FeatsteerError
 
 
+def shared_positions(harmful: ActivationSet, harmless: ActivationSet) -> list[int]:
+    """The position labels at which both sets hold every one of their prompts: where the two classes can be compared.
+
+    `post_instruction` keeps as many template tokens as the set's shortest tail, so two sets captured separately can
+    hold different numbers of them; the labels only one set holds are left out. `instruction_end` labels each prompt by
+    its own tail, so a prompt whose last characters merge with the template (a trailing space before a plain-text
+    template) sits at another label than the rest: a direction at either label would average only some prompts.
+
+    Raises:
+        FeatsteerError: when a label holds only some of a set's prompts, or the sets share no label.
+    """
+    for acts, name in ((harmful, "harmful"), (harmless, "harmless")):
+        counts = {label: int(acts.prompt_index[acts.position == label].unique().numel()) for label in acts.position_labels}
+        if any(count < len(acts) for count in counts.values()):
+            found = ", ".join(f"{label} for {count}" for label, count in list(counts.items())[:4]) + (", ..." if len(counts) > 4 else "")
+            raise FeatsteerError(f"the {name} activations ({acts.positions}) sit at different positions for different prompts (position "
+                                 f"{found} of {len(acts)} prompts), so one position would average only some prompts; with "
+                                 "instruction_end, a prompt's end merged with the template's tail (e.g. trailing whitespace): strip "
+                                 "it, or use --positions last or post_instruction")
+    labels = sorted(set(harmful.position_labels) & set(harmless.position_labels))
+    if not labels:
+        raise FeatsteerError(f"the harmful activations are at positions {harmful.position_labels} and the harmless at "
+                             f"{harmless.position_labels}: they share none; capture both with the same --positions")
+    return labels
+
+
 def difference_in_means(harmful: ActivationSet, harmless: ActivationSet, hooks: list[str] | None = None) -> DirectionSet:
     """Unit DIM direction for every captured hook and position.
 
@@ -43,9 +69,10 @@ def difference_in_means(harmful: ActivationSet, harmless: ActivationSet, hooks: 
                              "capture both with the same --system and --raw, or the direction picks up the formatting")
     if harmful.d_model != harmless.d_model:
         raise FeatsteerError(f"the harmful activations are {harmful.d_model} wide and the harmless {harmless.d_model}: capture both from one model")
+    labels = shared_positions(harmful, harmless)
     vectors, names, positions, norms, projections = [], [], [], [], {"harmful_projection": [], "harmless_projection": []}
     for hook in hook_list:
-        for position in harmful.position_labels:
+        for position in labels:
             harmful_mean, harmless_mean = harmful.mean(hook, position), harmless.mean(hook, position)  # each read once
             difference = harmful_mean - harmless_mean
             if not bool(torch.isfinite(difference).all()):

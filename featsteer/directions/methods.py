@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from featsteer.activations import ActivationSet
-from featsteer.directions.dim import difference_in_means
+from featsteer.directions.dim import difference_in_means, shared_positions
 from featsteer.directions.directions import DirectionSet, unit
 from featsteer.errors import FeatsteerError
 
@@ -22,7 +22,8 @@ METHODS = ("dim", "projected", "pca", "svd", "linear", "whitened")
 
 
 def _pairs(harmful: ActivationSet, harmless: ActivationSet) -> list[tuple[str, int]]:
-    return [(hook, pos) for hook in harmful.hook_names for pos in harmful.position_labels]
+    labels = shared_positions(harmful, harmless)
+    return [(hook, pos) for hook in harmful.hook_names for pos in labels]
 
 
 def projected_dim(harmful: ActivationSet, harmless: ActivationSet) -> DirectionSet:
@@ -36,8 +37,7 @@ def projected_dim(harmful: ActivationSet, harmless: ActivationSet) -> DirectionS
             m = harmless_mean / harmless_mean.norm()
             r = unit(r - (r @ m) * m)
         vectors.append(r.float())
-    return DirectionSet(torch.stack(vectors)[:, None, :], dim.hook_names, dim.positions, "projected",
-                        dict(dim.scores), dict(dim.provenance))
+    return _rescored(dim, vectors, harmful, harmless, "projected")
 
 
 def paired_pca(harmful: ActivationSet, harmless: ActivationSet, seed: int = 0) -> DirectionSet:
@@ -46,17 +46,32 @@ def paired_pca(harmful: ActivationSet, harmless: ActivationSet, seed: int = 0) -
     generator = torch.Generator().manual_seed(seed)
     vectors = []
     for hook, pos in zip(dim.hook_names, dim.positions, strict=True):
+        if float(dim.direction(hook, pos).norm()) == 0:  # identical class means (a shared template token at layer 0): the
+            vectors.append(torch.zeros(dim.bases.shape[-1]))  # differences are 0 and their "first PC" an arbitrary axis
+            continue
         a, b = harmful.at_position(hook, pos).double(), harmless.at_position(hook, pos).double()
         n = min(len(a), len(b))
         diffs = a[torch.randperm(len(a), generator=generator)[:n]] - b[torch.randperm(len(b), generator=generator)[:n]]
         pc = torch.linalg.svd(diffs, full_matrices=False).Vh[0]  # uncentred: the shared shift is the signal
         pc = pc if pc @ dim.direction(hook, pos).double() >= 0 else -pc
         vectors.append(pc.float())
-    return DirectionSet(torch.stack(vectors)[:, None, :], dim.hook_names, dim.positions, "pca", dict(dim.scores), dict(dim.provenance))
+    return _rescored(dim, vectors, harmful, harmless, "pca")
+
+
+def _rescored(dim: DirectionSet, vectors: list[Tensor], harmful: ActivationSet, harmless: ActivationSet, method: str) -> DirectionSet:
+    """`vectors` (one per DIM entry) as a rank-1 set with DIM's provenance and `mean_diff_norm`, and the class means
+    projected on `vectors` themselves (what `steer --mode set` reads), not on the DIM directions."""
+    projections = {"harmful_projection": [], "harmless_projection": []}
+    for vector, hook, pos in zip(vectors, dim.hook_names, dim.positions, strict=True):
+        projections["harmful_projection"].append(float(harmful.mean(hook, pos) @ vector.double()))
+        projections["harmless_projection"].append(float(harmless.mean(hook, pos) @ vector.double()))
+    return DirectionSet(torch.stack(vectors)[:, None, :], dim.hook_names, dim.positions, method, {**dim.scores, **projections},
+                        dict(dim.provenance))
 
 
 def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2, ridge: float | None = None) -> DirectionSet:
-    """Top-`rank` right singular vectors of (harmful - harmless mean), with ridge weights in the scores.
+    """Top-`rank` right singular vectors of (harmful - harmless mean), with ridge weights in the scores, and in
+    `mean_diff_norm` the mean difference's component along the first row (signed to make it positive).
 
     Args:
         rank: subspace size k.
@@ -65,15 +80,16 @@ def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2,
     """
     if rank < 1:
         raise FeatsteerError(f"rank must be >= 1, got {rank}")
-    bases, names, positions, weights = [], [], [], []
+    bases, names, positions, weights, lengths = [], [], [], [], []
     for hook, pos in _pairs(harmful, harmless):
         centred = harmful.at_position(hook, pos).double() - harmless.mean(hook, pos)
         _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
         if rank > vh.shape[0]:
             raise FeatsteerError(f"rank {rank} exceeds the {vh.shape[0]} available harmful prompts")
         basis = vh[:rank]
-        dim_sign = torch.sign(basis[0] @ (harmful.mean(hook, pos) - harmless.mean(hook, pos))) or 1.0
-        basis[0] = basis[0] * dim_sign
+        along = float(basis[0] @ (harmful.mean(hook, pos) - harmless.mean(hook, pos)))
+        basis[0] = basis[0] * (-1.0 if along < 0 else 1.0)
+        lengths.append(abs(along))  # what the selection's induce check adds along the first row, as for probe directions
         power = singular**2
         lam = ridge if ridge is not None else float(power[rank:].mean()) if len(power) > rank else 0.0
         denominator = power[:rank] + lam
@@ -82,7 +98,7 @@ def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2,
         bases.append(basis.float())
         names.append(hook)
         positions.append(pos)
-    return DirectionSet(torch.stack(bases), tuple(names), tuple(positions), "svd", {"ridge_weights": weights},
+    return DirectionSet(torch.stack(bases), tuple(names), tuple(positions), "svd", {"ridge_weights": weights, "mean_diff_norm": lengths},
                         {"model": harmful.model, "rank": rank, "ridge": ridge})
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from featsteer.activations import ActivationSet
+from featsteer.directions.dim import shared_positions
 from featsteer.directions.directions import DirectionSet
 
 PROBE_METHODS = ("linear", "whitened")
@@ -36,8 +37,9 @@ def probe_directions(harmful: ActivationSet, harmless: ActivationSet, method: st
     """
     make = _factory(method)
     vectors, names, positions, accuracy, projection = [], [], [], [], []
+    labels = shared_positions(harmful, harmless)
     for hook in harmful.hook_names:
-        for position in harmful.position_labels:
+        for position in labels:
             a, b = harmful.at_position(hook, position).double(), harmless.at_position(hook, position).double()
             x = torch.cat([a, b]).numpy()
             y = [1] * len(a) + [0] * len(b)

@@ -61,6 +61,12 @@ class SelectionConfig:
     def __post_init__(self) -> None:
         if self.screen is not None and self.screen < 1:
             raise FeatsteerError(f"--screen must be at least 1 (candidates ablated exactly), got {self.screen}")
+        if not self.kl_threshold >= 0:  # also NaN, which no KL is below: every candidate would fail and the fallback pick
+            raise FeatsteerError(f"--kl-threshold must be a KL in nats, >= 0 (inf: no KL filter), got {self.kl_threshold}")
+        if not 0 <= self.skip_last_fraction < 1:
+            raise FeatsteerError(f"skip_last_fraction must lie in [0, 1) (the share of last layers skipped), got {self.skip_last_fraction}")
+        if self.top_k is not None and self.top_k < 1:
+            raise FeatsteerError(f"top_k must be at least 1 (candidates given the KL and induce checks) or None for all, got {self.top_k}")
 
 
 @dataclass(frozen=True)
@@ -267,6 +273,11 @@ def select_direction(
         best = _fallback(scored)
         logger.warning("no candidate passed the filters; falling back to %s position %d (%s)", best.hook, best.position, best.reason)
         kept = [best]
+    if not kept and not scored:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in Counter(c.reason for c in scores).items())
+        raise FeatsteerError(f"no candidate direction could be scored ({reasons}): only layers below {max_layer} of the model's "
+                             f"{model.n_layers} count (the last {config.skip_last_fraction:.0%} are skipped), and a zero direction (both sets' means "
+                             "coincide, as at layer 0 on a template token) has nothing to ablate; use a model with more layers")
     if not kept:
         raise FeatsteerError(
             f"no candidate direction passed the filters (KL <= {config.kl_threshold}, induces refusal, layer < {max_layer}); "
