@@ -235,6 +235,20 @@ def test_class_projections_are_taken_on_the_stored_direction(planted, method):
         assert found.scores["harmless_projection"][i] == pytest.approx(float(harmless.mean(hook) @ r), rel=1e-9, abs=1e-9)
     if method == "projected":
         assert abs(found.scores["harmless_projection"][0]) < 1e-5  # orthogonal to the harmless mean by construction
+    for i, hook in enumerate(found.hook_names):  # the induce check's length: the mean difference along the stored vector
+        along = float((harmful.mean(hook) - harmless.mean(hook)) @ found.bases[i, 0].double())
+        assert found.scores["mean_diff_norm"][i] == pytest.approx(along, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["svd", "linear", "whitened", "projected", "pca"])
+def test_every_method_needs_one_model_and_one_formatting(method):
+    from dataclasses import replace
+
+    harmful, harmless = _set(torch.randn(6, D), "harmful"), _set(torch.randn(6, D), "harmless")
+    with pytest.raises(FeatsteerError, match="come from a and the harmless from b"):
+        find_directions(replace(harmful, model="a"), replace(harmless, model="b"), method=method)
+    with pytest.raises(FeatsteerError, match="formatted as raw text"):
+        find_directions(replace(harmful, chat=False), harmless, method=method)
 
 
 def test_selection_with_nothing_to_score_says_why():

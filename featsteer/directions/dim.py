@@ -25,8 +25,19 @@ def shared_positions(harmful: ActivationSet, harmless: ActivationSet) -> list[in
     template) sits at another label than the rest: a direction at either label would average only some prompts.
 
     Raises:
-        FeatsteerError: when a label holds only some of a set's prompts, or the sets share no label.
+        FeatsteerError: when the sets come from two models, position selectors or prompt formattings, or differ in width;
+            when a label holds only some of a set's prompts, or the sets share no label.
     """
+    if harmful.model and harmless.model and harmful.model != harmless.model:
+        raise FeatsteerError(f"the harmful activations come from {harmful.model} and the harmless from {harmless.model}: capture both from one model")
+    if harmful.positions != harmless.positions:
+        raise FeatsteerError(f"the harmful activations were read at positions '{harmful.positions}' and the harmless at '{harmless.positions}': "
+                             "capture both with the same --positions")
+    if (harmful.chat, harmful.system) != (harmless.chat, harmless.system):
+        raise FeatsteerError(f"the harmful prompts were formatted {_formatting(harmful)} and the harmless {_formatting(harmless)}: "
+                             "capture both with the same --system and --raw, or the direction picks up the formatting")
+    if harmful.d_model != harmless.d_model:
+        raise FeatsteerError(f"the harmful activations are {harmful.d_model} wide and the harmless {harmless.d_model}: capture both from one model")
     for acts, name in ((harmful, "harmful"), (harmless, "harmless")):
         counts = {label: int(acts.prompt_index[acts.position == label].unique().numel()) for label in acts.position_labels}
         if any(count < len(acts) for count in counts.values()):
@@ -59,16 +70,6 @@ def difference_in_means(harmful: ActivationSet, harmless: ActivationSet, hooks: 
     missing = [h for h in hook_list if h not in harmless.hook_names]
     if missing:
         raise FeatsteerError(f"harmless activations lack {', '.join(missing)}: capture both sets at the same hooks")
-    if harmful.model and harmless.model and harmful.model != harmless.model:
-        raise FeatsteerError(f"the harmful activations come from {harmful.model} and the harmless from {harmless.model}: capture both from one model")
-    if harmful.positions != harmless.positions:
-        raise FeatsteerError(f"the harmful activations were read at positions '{harmful.positions}' and the harmless at '{harmless.positions}': "
-                             "capture both with the same --positions")
-    if (harmful.chat, harmful.system) != (harmless.chat, harmless.system):
-        raise FeatsteerError(f"the harmful prompts were formatted {_formatting(harmful)} and the harmless {_formatting(harmless)}: "
-                             "capture both with the same --system and --raw, or the direction picks up the formatting")
-    if harmful.d_model != harmless.d_model:
-        raise FeatsteerError(f"the harmful activations are {harmful.d_model} wide and the harmless {harmless.d_model}: capture both from one model")
     labels = shared_positions(harmful, harmless)
     vectors, names, positions, norms, projections = [], [], [], [], {"harmful_projection": [], "harmless_projection": []}
     for hook in hook_list:

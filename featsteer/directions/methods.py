@@ -59,13 +59,17 @@ def paired_pca(harmful: ActivationSet, harmless: ActivationSet, seed: int = 0) -
 
 
 def _rescored(dim: DirectionSet, vectors: list[Tensor], harmful: ActivationSet, harmless: ActivationSet, method: str) -> DirectionSet:
-    """`vectors` (one per DIM entry) as a rank-1 set with DIM's provenance and `mean_diff_norm`, and the class means
-    projected on `vectors` themselves (what `steer --mode set` reads), not on the DIM directions."""
-    projections = {"harmful_projection": [], "harmless_projection": []}
+    """`vectors` (one per DIM entry) as a rank-1 set with DIM's provenance, and the class means projected on `vectors`
+    themselves (what `steer --mode set` reads), not on the DIM directions; `mean_diff_norm` is the mean difference's
+    component along each vector (what the selection's induce check adds, as for SVD and probe directions), not DIM's
+    full length."""
+    scores = {"mean_diff_norm": [], "harmful_projection": [], "harmless_projection": []}
     for vector, hook, pos in zip(vectors, dim.hook_names, dim.positions, strict=True):
-        projections["harmful_projection"].append(float(harmful.mean(hook, pos) @ vector.double()))
-        projections["harmless_projection"].append(float(harmless.mean(hook, pos) @ vector.double()))
-    return DirectionSet(torch.stack(vectors)[:, None, :], dim.hook_names, dim.positions, method, {**dim.scores, **projections},
+        harmful_mean, harmless_mean = harmful.mean(hook, pos), harmless.mean(hook, pos)
+        scores["harmful_projection"].append(float(harmful_mean @ vector.double()))
+        scores["harmless_projection"].append(float(harmless_mean @ vector.double()))
+        scores["mean_diff_norm"].append(float((harmful_mean - harmless_mean) @ vector.double()))
+    return DirectionSet(torch.stack(vectors)[:, None, :], dim.hook_names, dim.positions, method, {**dim.scores, **scores},
                         dict(dim.provenance))
 
 
