@@ -323,3 +323,18 @@ def test_expert_routing_that_reads_no_token_is_an_error():
     model = load_model("tiny:qwen2_moe")
     with pytest.raises(FeatsteerError, match="no token of the harmful prompts was read"):
         expert_routing(model, ["a b c"], ["d e f"], positions="all:1000")
+
+
+def test_post_instruction_routing_does_not_depend_on_the_batch():
+    """A prompt's routing is read at the template tokens every prompt has, whichever prompts share its batch (each
+    batch took its own fewest, so a prompt beside one whose last token merged into the template lost a token)."""
+    from tests.test_activations import _merging_tokenizer
+
+    adapter = load_model(tiny_model("mixtral")[0], tokenizer=_merging_tokenizer())
+    harmful, harmless = ["Say hi", "Say bye ", "Say it"], ["Sing", "Sing it"]
+    assert adapter.tokenize(harmful).n_post_instruction.tolist() == [16, 15, 16]
+    apart = expert_routing(adapter, harmful, harmless, positions="post_instruction", batch_size=1)
+    together = expert_routing(adapter, harmful, harmless, positions="post_instruction", batch_size=3)
+    assert apart.n_tokens == together.n_tokens == (3 * 15, 2 * 15)  # one tail for both sets: the same tokens compared
+    for side in range(2):
+        torch.testing.assert_close(apart.prompt_counts[side], together.prompt_counts[side])
