@@ -21,6 +21,7 @@ from featsteer.interventions import (
     AddDirection,
     AffineEdit,
     ConditionalSteer,
+    HeadAblate,
     ProjectionSet,
     ablate,
     steer,
@@ -570,3 +571,24 @@ def test_conditional_steering_decides_afresh_on_a_one_token_prompt(llama_adapter
         assert float(cast.similarity[0]) == pytest.approx(alone, abs=1e-6)
         llama_adapter.generate(["a"], chat=False, max_new_tokens=3)  # decided on the prompt, kept while decoding
         assert float(cast.similarity[0]) == pytest.approx(alone, abs=1e-6)
+
+
+def test_conditional_head_ablation_acts_row_by_row(llama_adapter):
+    """A gate around HeadAblate (hook_z is (batch, pos, heads, d_head)) switches the heads off for the sequences it fires
+    on only (the decision broadcast against the positions: an error, or another row's decision where batch = pos)."""
+    r = _direction(llama_adapter.d_model)
+    heads = HeadAblate({1: [0, 1]})
+    for batch in (llama_adapter.tokenize(PROMPTS[:2]), llama_adapter.tokenize(["a", "b"], chat=False)):
+        base = llama_adapter.run(batch)
+        with steer(llama_adapter, heads):
+            full = llama_adapter.run(batch)
+        probe = ConditionalSteer(r, "blocks.0.hook_resid_pre", 0.0, heads)
+        with steer(llama_adapter, probe):
+            llama_adapter.run(batch)
+        similarity = probe.similarity
+        assert float(similarity[0]) != pytest.approx(float(similarity[1]), abs=1e-6)
+        gate = ConditionalSteer(r, "blocks.0.hook_resid_pre", float(similarity.mean()), heads)
+        with steer(llama_adapter, gate):
+            gated = llama_adapter.run(batch)
+        for row, fired in enumerate(gate.active.tolist()):
+            torch.testing.assert_close(gated[row], (full if fired else base)[row])

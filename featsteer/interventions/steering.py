@@ -318,7 +318,7 @@ class ConditionalSteer(Intervention):
                 steered = fn(x, site)
                 if steered is None or self.active is None:
                     return steered
-                return steered.where(self.active[:, None, None], x)
+                return steered.where(self.active.view(-1, *[1] * (x.dim() - 1)), x)  # (batch, pos, d) or hook_z's 4-D
 
             return hook
 
