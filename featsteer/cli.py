@@ -1108,10 +1108,7 @@ def _direction_intervention(args: argparse.Namespace, model):
     norms = directions.scores.get("mean_diff_norm")
     vector = basis[0] * float(norms[index]) if norms else basis[0]
     added = "the mean difference" if norms else "the unit direction"
-    projections = directions.scores.get("harmful_projection")
-    if args.mode == "set" and args.value is None and not projections:
-        raise FeatsteerError(f"{args.directions} records no mean harmful projection (method {directions.method}): give --value V")
-    value = args.value if args.value is not None else (projections[index] if projections else 0.0)
+    value = _set_value(args, directions, index, hook) if args.mode == "set" else None
     tokens = args.positions or "all"
     on = "" if tokens == "all" else f" ({tokens} tokens only)"
     built = {
@@ -1128,6 +1125,23 @@ def _direction_intervention(args: argparse.Namespace, model):
     if args.gate:
         intervention, what = _gated(args, model, intervention, what, basis, hook)
     return intervention, what
+
+
+def _set_value(args: argparse.Namespace, directions, index: int, hook: str) -> float:
+    """`--mode set`'s projection: `--value`, else the direction's mean harmful projection at the hook it steers (recorded
+    where it was read, and per layer with a chosen direction); another layer's would be on another scale."""
+    if args.value is not None:
+        return args.value
+    projections = directions.scores.get("harmful_projection")
+    if hook == directions.hook_names[index] and projections:
+        return float(projections[index])
+    per_layer = directions.provenance.get("ace", {}).get("harmful", {})
+    if hook in per_layer:
+        return float(per_layer[hook])
+    if not projections:
+        raise FeatsteerError(f"{args.directions} records no mean harmful projection (method {directions.method}): give --value V")
+    raise FeatsteerError(f"{args.directions} records the mean harmful projection at {directions.hook_names[index]}, not at {hook}: "
+                         "give --value V, or steer where the direction was read")
 
 
 def _steered_entry(args: argparse.Namespace, directions) -> int:
@@ -1707,7 +1721,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--column", help=_COLUMN_HELP)
     st.add_argument("--hook", help="hook to steer at (default: where the direction was read); with --sae: which SAE")
     st.add_argument("--scale", type=float, help="multiple of the mean difference to add (direction add/conditional; default 1)")
-    st.add_argument("--value", type=float, help="projection value for --mode set (default: mean harmful projection); "
+    st.add_argument("--value", type=float, help="projection value for --mode set (default: the mean harmful projection at the steered hook); "
                     "the clamp value, scale factor or amount added for SAE features")
     st.add_argument("--multiple", type=float, help="SAE clamp/add amount as a multiple of each feature's largest activation on the prompts")
     st.add_argument("--positions", choices=["all", "prompt", "generated"], help="tokens that SAE feature edits, --mode add and --mode conditional change: all (default), prompt or generated")

@@ -1082,3 +1082,26 @@ def _subcommands(parser):
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             yield from action.choices.items()
+
+
+def test_steer_set_at_another_hook_takes_that_hooks_harmful_projection(capsys, tmp_path):
+    """`--mode set --hook H` sets the mean harmful projection at H (recorded per layer with a chosen direction), not the one
+    where the direction was read; without a record at H it asks for --value (it set the read layer's value anywhere)."""
+    from featsteer.directions import DirectionSet
+    from featsteer.testing import random_direction
+
+    r = random_direction(160, 3)
+    ace = {"harmless": {"blocks.1.hook_resid_pre": -1.5, "blocks.2.hook_resid_pre": -3.0},
+           "harmful": {"blocks.1.hook_resid_pre": 2.25, "blocks.2.hook_resid_pre": 7.75}}
+    scores = {"mean_diff_norm": [10.75], "harmful_projection": [7.75]}
+    DirectionSet(r[None, None], ("blocks.2.hook_resid_pre",), (-1,), "dim", scores, {"ace": ace}).save(tmp_path / "chosen")
+    DirectionSet(r[None, None], ("blocks.2.hook_resid_pre",), (-1,), "dim", scores, {}).save(tmp_path / "bare")
+    common = ["steer", "--model", "organism", "--mode", "set", "--prompt", "hi", "--max-new-tokens", "1"]
+    for folder, hook, expected in (("chosen", "blocks.2.hook_resid_pre", "7.75"), ("chosen", "blocks.1.hook_resid_pre", "2.25"),
+                                   ("bare", "blocks.2.hook_resid_pre", "7.75")):
+        code, out, err = _run(capsys, *common, "--directions", str(tmp_path / folder), "--hook", hook)
+        assert code == 0 and f"set the projection to {expected} at {hook}" in out, err
+    code, out, err = _run(capsys, *common, "--directions", str(tmp_path / "bare"), "--hook", "blocks.1.hook_resid_pre", "--value", "0.5")
+    assert code == 0 and "set the projection to 0.5 at blocks.1" in out, err
+    code, _, err = _run(capsys, *common, "--directions", str(tmp_path / "bare"), "--hook", "blocks.1.hook_resid_pre")
+    assert code == 2 and "not at blocks.1.hook_resid_pre: give --value V" in err and len(err.strip().splitlines()) == 1, err
