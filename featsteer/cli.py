@@ -1005,6 +1005,11 @@ def _check_steer_sources(args: argparse.Namespace) -> None:
     if args.experts is not None:
         if args.mode not in EXPERT_STEER_MODES:
             raise FeatsteerError(f"--experts takes --mode {'|'.join(EXPERT_STEER_MODES)}, not --mode {args.mode}")
+        ignored = [flag for flag, given in (("--positions", args.positions), ("--value", args.value), ("--multiple", args.multiple),
+                                            ("--hook", args.hook), ("--feature", args.feature)) if given is not None]
+        if ignored:
+            raise FeatsteerError(f"--experts switches experts at every token of the MoE layers it names and takes no {', '.join(ignored)}: "
+                                 f"drop {'it' if len(ignored) == 1 else 'them'}")
         args.expert_ids = _layer_ids(args.experts)
     elif args.experts_at != "routing":
         raise FeatsteerError("--experts-at applies to --experts")

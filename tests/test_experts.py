@@ -338,3 +338,12 @@ def test_post_instruction_routing_does_not_depend_on_the_batch():
     assert apart.n_tokens == together.n_tokens == (3 * 15, 2 * 15)  # one tail for both sets: the same tokens compared
     for side in range(2):
         torch.testing.assert_close(apart.prompt_counts[side], together.prompt_counts[side])
+
+
+@pytest.mark.parametrize("extra", [["--positions", "prompt"], ["--value", "2"], ["--multiple", "2"], ["--hook", "blocks.1.hook_resid_pre"],
+                                   ["--feature", "3"]])
+def test_steer_experts_rejects_options_it_would_ignore(capsys, extra):
+    """Expert switching acts at every token of the layers it names: a direction's or a feature's option is an error, not
+    silently dropped."""
+    code, _, err = _run(capsys, "steer", "--model", "tiny:qwen2_moe", "--experts", "1:0", "--mode", "deactivate", "--prompt", "hi", *extra)
+    assert code == 2 and f"takes no {extra[0]}: drop it" in err and len(err.strip().splitlines()) == 1, err
