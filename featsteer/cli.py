@@ -1037,6 +1037,9 @@ def _check_steer_sources(args: argparse.Namespace) -> None:
             raise FeatsteerError(f"--positions applies to --sae features and to --mode add|conditional, not to --mode {args.mode}")
         if args.mode == "angular" and args.angle is None:
             raise FeatsteerError("--mode angular needs --angle DEG (degrees from the refusal direction: 0 full refusal, 180 against it)")
+        if args.mode in ("ace", "angular") and args.hook is not None:
+            raise FeatsteerError(f"--mode {args.mode} acts at every layer (ACE at each hook whose class means the direction records, "
+                                 "angular at --angle-at), so it takes no --hook")
     if args.mode != "angular" and (args.angle is not None or args.angle_everywhere or args.angle_at != "layers"):
         raise FeatsteerError("--angle, --angle-everywhere and --angle-at apply to --mode angular")
     if args.mode != "ace" and args.alpha is not None:

@@ -811,6 +811,8 @@ def test_steer_a_saved_direction(capsys, tmp_path):
         (["--directions", "/x", "--mode", "angular", "--prompt", "hi"], "--mode angular needs --angle"),
         (["--directions", "/x", "--mode", "ablate", "--angle", "90", "--prompt", "hi"], "apply to --mode angular"),
         (["--directions", "/x", "--mode", "add", "--angle-at", "norms", "--prompt", "hi"], "apply to --mode angular"),
+        (["--directions", "/x", "--mode", "ace", "--hook", "blocks.1.hook_resid_pre", "--prompt", "hi"], "so it takes no --hook"),
+        (["--directions", "/x", "--mode", "angular", "--angle", "90", "--hook", "blocks.1.hook_resid_pre", "--prompt", "hi"], "takes no --hook"),
         (["--directions", "/x", "--mode", "set", "--alpha", "0.5", "--prompt", "hi"], "--alpha applies to --mode ace"),
         (["--directions", "/x", "--mode", "add", "--pool", "last", "--prompt", "hi"], "--pool applies to --mode conditional"),
         (["--directions", "/x", "--mode", "set", "--gate", "/g", "--prompt", "hi"], "--gate applies to --directions with --mode ablate"),
