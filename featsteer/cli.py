@@ -997,6 +997,10 @@ def _check_steer_options_apply(args: argparse.Namespace) -> None:
                                  + ("" if directions else " of --sae or --experts"))
     if directions and args.value is not None and args.mode != "set":
         raise FeatsteerError(f"--value applies to --mode set (or to --sae features), not to --directions with --mode {args.mode}")
+    for flag, number in (("--scale", args.scale), ("--value", args.value), ("--multiple", args.multiple), ("--threshold", args.threshold),
+                         ("--alpha", args.alpha), ("--angle", args.angle)):
+        if number is not None and not math.isfinite(number):  # a NaN threshold never fires; the others give NaN logits
+            raise FeatsteerError(f"{flag} must be a finite number, got {number}")
 
 
 def _check_steer_sources(args: argparse.Namespace) -> None:
@@ -1025,9 +1029,6 @@ def _check_steer_sources(args: argparse.Namespace) -> None:
             raise FeatsteerError("--mode scale multiplies by --value; --multiple sets clamp or add amounts")
         if args.mode == "ablate" and (args.value is not None or args.multiple is not None):
             raise FeatsteerError("--mode ablate sets the features to zero and takes no --value or --multiple (for another value use --mode clamp)")
-        for flag, number in (("--value", args.value), ("--multiple", args.multiple)):
-            if number is not None and not math.isfinite(number):
-                raise FeatsteerError(f"{flag} must be a finite number, got {number}")
     else:
         if args.mode not in DIRECTION_STEER_MODES:
             raise FeatsteerError(f"--mode {args.mode} edits SAE features (--sae): a direction takes --mode {'|'.join(DIRECTION_STEER_MODES)}")

@@ -818,6 +818,9 @@ def test_steer_a_saved_direction(capsys, tmp_path):
         (["--directions", "/x", "--mode", "set", "--gate", "/g", "--prompt", "hi"], "--gate applies to --directions with --mode ablate"),
         (["--directions", "/x", "--mode", "ablate", "--ablate-at", "residual", "--gate", "/g", "--prompt", "hi"], "--gate applies"),
         (["--directions", "/x", "--mode", "ablate", "--positions", "prompt", "--prompt", "hi"], "--positions applies to --sae features and to --mode add"),
+        (["--directions", "/x", "--mode", "conditional", "--threshold", "nan", "--prompt", "hi"], "--threshold must be a finite number"),
+        (["--directions", "/x", "--mode", "add", "--scale", "inf", "--prompt", "hi"], "--scale must be a finite number"),
+        (["--directions", "/x", "--mode", "angular", "--angle", "nan", "--prompt", "hi"], "--angle must be a finite number"),
     ],
 )
 def test_steer_bad_options_are_one_line_errors(capsys, extra, message):
