@@ -319,6 +319,17 @@ def test_steering_that_the_router_would_undo_is_an_error_and_json_layer_maps_wor
     assert count_hooks(model.model) == 0
 
 
+def test_expert_routing_intervals_resample_the_prompts_read():
+    """Prompts shorter than all:N add nothing to a rate: the intervals resample the prompts read (they were NaN when a
+    resample drew only unread prompts)."""
+    model = load_model("tiny:qwen2_moe")
+    long, short = "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 2, ["hi", "yo"]
+    partly = expert_routing(model, [long, *short], [long[:60], *short], positions="all:60")
+    assert partly.prompt_tokens[1].tolist() == [3.0, 0.0, 0.0]
+    low, high = partly.risk_difference_ci
+    assert bool(torch.isfinite(low).all() and torch.isfinite(high).all())
+
+
 def test_expert_routing_that_reads_no_token_is_an_error():
     model = load_model("tiny:qwen2_moe")
     with pytest.raises(FeatsteerError, match="no token of the harmful prompts was read"):

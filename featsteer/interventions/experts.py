@@ -113,10 +113,12 @@ class ExpertRouting:
     @functools.cached_property
     def risk_difference_ci(self) -> tuple[Tensor, Tensor]:
         """`(low, high)`, each `(len(layers), n_experts)`: the 95% percentile bootstrap interval of the risk difference,
-        resampling each set's prompts with replacement (tokens of one prompt are not independent draws)."""
+        resampling each set's prompts with replacement (tokens of one prompt are not independent draws). Prompts with no
+        token read (`all:N` past their end) are left out: they add nothing to a rate, and a resample of them alone has none."""
         generator = torch.Generator().manual_seed(0)
         rates = []
         for counts, tokens in zip(self.prompt_counts, self.prompt_tokens, strict=True):
+            counts, tokens = counts[tokens > 0], tokens[tokens > 0]
             n = tokens.shape[0]
             picks = torch.randint(n, (self.n_boot, n), generator=generator)
             weights = torch.zeros(self.n_boot, n, dtype=torch.float64).scatter_add_(1, picks, torch.ones(self.n_boot, n, dtype=torch.float64))
