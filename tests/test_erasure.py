@@ -98,6 +98,9 @@ def test_erase_hook_touches_only_its_prompt_positions(llama_adapter):
         llama_adapter.generation_step = None
     with pytest.raises(FeatsteerError, match="count from the end"):
         Erase({("blocks.1.hook_resid_pre", 0): eraser}).hooks_for(llama_adapter)
+    narrow = LeaceEraser(torch.zeros(10), torch.ones(10), torch.ones(10))  # fitted on another model: a raw size error in the pass
+    with pytest.raises(FeatsteerError, match="the LEACE eraser is 10 wide but blocks.1.hook_resid_pre"):
+        Erase({("blocks.1.hook_resid_pre", -1): narrow}).hooks_for(llama_adapter)
 
 
 def test_an_eraser_fitted_on_mean_last_erases_each_token_of_the_window(llama_adapter):

@@ -30,7 +30,7 @@ from featsteer.activations import ActivationSet
 from featsteer.activations.positions import Positions
 from featsteer.errors import FeatsteerError
 from featsteer.interventions.positions import PositionTracker
-from featsteer.interventions.steering import Intervention
+from featsteer.interventions.steering import Intervention, _check_width
 from featsteer.models import HookFn, ModelAdapter
 
 MIN_ROWS = 4
@@ -132,6 +132,7 @@ class Erase(Intervention):
         for (hook, position), eraser in self.erasers.items():
             if position >= 0:
                 raise FeatsteerError(f"Erase positions count from the end of the prompt (negative), got {position} at {hook}")
+            _check_width(model, [hook], eraser.mean, "the LEACE eraser")
             by_hook.setdefault(hook, {})[position] = eraser
         return [(hook, _erase_hook(model, at)) for hook, at in by_hook.items()]
 
