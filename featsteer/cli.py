@@ -1009,6 +1009,10 @@ def _check_steer_options_apply(args: argparse.Namespace) -> None:
                                  + ("" if directions else " of --sae or --experts"))
     if directions and args.value is not None and args.mode != "set":
         raise FeatsteerError(f"--value applies to --mode set (or to --sae features), not to --directions with --mode {args.mode}")
+    for flag, number in (("--scale", args.scale), ("--value", args.value), ("--multiple", args.multiple), ("--threshold", args.threshold),
+                         ("--alpha", args.alpha), ("--angle", args.angle)):
+        if number is not None and not math.isfinite(number):  # a NaN threshold never fires; the others give NaN logits
+            raise FeatsteerError(f"{flag} must be a finite number, got {number}")
 
 
 def _check_steer_sources(args: argparse.Namespace) -> None:
@@ -1017,6 +1021,11 @@ def _check_steer_sources(args: argparse.Namespace) -> None:
     if args.experts is not None:
         if args.mode not in EXPERT_STEER_MODES:
             raise FeatsteerError(f"--experts takes --mode {'|'.join(EXPERT_STEER_MODES)}, not --mode {args.mode}")
+        ignored = [flag for flag, given in (("--positions", args.positions), ("--value", args.value), ("--multiple", args.multiple),
+                                            ("--hook", args.hook), ("--feature", args.feature)) if given is not None]
+        if ignored:
+            raise FeatsteerError(f"--experts switches experts at every token of the MoE layers it names and takes no {', '.join(ignored)}: "
+                                 f"drop {'it' if len(ignored) == 1 else 'them'}")
         args.expert_ids = _layer_ids(args.experts)
     elif args.experts_at != "routing":
         raise FeatsteerError("--experts-at applies to --experts")
@@ -1032,9 +1041,6 @@ def _check_steer_sources(args: argparse.Namespace) -> None:
             raise FeatsteerError("--mode scale multiplies by --value; --multiple sets clamp or add amounts")
         if args.mode == "ablate" and (args.value is not None or args.multiple is not None):
             raise FeatsteerError("--mode ablate sets the features to zero and takes no --value or --multiple (for another value use --mode clamp)")
-        for flag, number in (("--value", args.value), ("--multiple", args.multiple)):
-            if number is not None and not math.isfinite(number):
-                raise FeatsteerError(f"{flag} must be a finite number, got {number}")
     else:
         if args.mode not in DIRECTION_STEER_MODES:
             raise FeatsteerError(f"--mode {args.mode} edits SAE features (--sae): a direction takes --mode {'|'.join(DIRECTION_STEER_MODES)}")
@@ -1044,6 +1050,9 @@ def _check_steer_sources(args: argparse.Namespace) -> None:
             raise FeatsteerError(f"--positions applies to --sae features and to --mode add|conditional, not to --mode {args.mode}")
         if args.mode == "angular" and args.angle is None:
             raise FeatsteerError("--mode angular needs --angle DEG (degrees from the refusal direction: 0 full refusal, 180 against it)")
+        if args.mode in ("ace", "angular") and args.hook is not None:
+            raise FeatsteerError(f"--mode {args.mode} acts at every layer (ACE at each hook whose class means the direction records, "
+                                 "angular at --angle-at), so it takes no --hook")
     if args.mode != "angular" and (args.angle is not None or args.angle_everywhere or args.angle_at != "layers"):
         raise FeatsteerError("--angle, --angle-everywhere and --angle-at apply to --mode angular")
     if args.mode != "ace" and args.alpha is not None:
@@ -1120,10 +1129,7 @@ def _direction_intervention(args: argparse.Namespace, model):
     norms = directions.scores.get("mean_diff_norm")
     vector = basis[0] * float(norms[index]) if norms else basis[0]
     added = "the mean difference" if norms else "the unit direction"
-    projections = directions.scores.get("harmful_projection")
-    if args.mode == "set" and args.value is None and not projections:
-        raise FeatsteerError(f"{args.directions} records no mean harmful projection (method {directions.method}): give --value V")
-    value = args.value if args.value is not None else (projections[index] if projections else 0.0)
+    value = _set_value(args, directions, index, hook) if args.mode == "set" else None
     tokens = args.positions or "all"
     on = "" if tokens == "all" else f" ({tokens} tokens only)"
     built = {
@@ -1140,6 +1146,23 @@ def _direction_intervention(args: argparse.Namespace, model):
     if args.gate:
         intervention, what = _gated(args, model, intervention, what, basis, hook)
     return intervention, what
+
+
+def _set_value(args: argparse.Namespace, directions, index: int, hook: str) -> float:
+    """`--mode set`'s projection: `--value`, else the direction's mean harmful projection at the hook it steers (recorded
+    where it was read, and per layer with a chosen direction); another layer's would be on another scale."""
+    if args.value is not None:
+        return args.value
+    projections = directions.scores.get("harmful_projection")
+    if hook == directions.hook_names[index] and projections:
+        return float(projections[index])
+    per_layer = directions.provenance.get("ace", {}).get("harmful", {})
+    if hook in per_layer:
+        return float(per_layer[hook])
+    if not projections:
+        raise FeatsteerError(f"{args.directions} records no mean harmful projection (method {directions.method}): give --value V")
+    raise FeatsteerError(f"{args.directions} records the mean harmful projection at {directions.hook_names[index]}, not at {hook}: "
+                         "give --value V, or steer where the direction was read")
 
 
 def _steered_entry(args: argparse.Namespace, directions) -> int:
@@ -1724,7 +1747,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--column", help=_COLUMN_HELP)
     st.add_argument("--hook", help="hook to steer at (default: where the direction was read); with --sae: which SAE")
     st.add_argument("--scale", type=float, help="multiple of the mean difference to add (direction add/conditional; default 1)")
-    st.add_argument("--value", type=float, help="projection value for --mode set (default: mean harmful projection); "
+    st.add_argument("--value", type=float, help="projection value for --mode set (default: the mean harmful projection at the steered hook); "
                     "the clamp value, scale factor or amount added for SAE features")
     st.add_argument("--multiple", type=float, help="SAE clamp/add amount as a multiple of each feature's largest activation on the prompts")
     st.add_argument("--positions", choices=["all", "prompt", "generated"], help="tokens that SAE feature edits, --mode add and --mode conditional change: all (default), prompt or generated")

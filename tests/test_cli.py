@@ -856,11 +856,16 @@ def test_steer_a_saved_direction(capsys, tmp_path):
         (["--directions", "/x", "--mode", "angular", "--prompt", "hi"], "--mode angular needs --angle"),
         (["--directions", "/x", "--mode", "ablate", "--angle", "90", "--prompt", "hi"], "apply to --mode angular"),
         (["--directions", "/x", "--mode", "add", "--angle-at", "norms", "--prompt", "hi"], "apply to --mode angular"),
+        (["--directions", "/x", "--mode", "ace", "--hook", "blocks.1.hook_resid_pre", "--prompt", "hi"], "so it takes no --hook"),
+        (["--directions", "/x", "--mode", "angular", "--angle", "90", "--hook", "blocks.1.hook_resid_pre", "--prompt", "hi"], "takes no --hook"),
         (["--directions", "/x", "--mode", "set", "--alpha", "0.5", "--prompt", "hi"], "--alpha applies to --mode ace"),
         (["--directions", "/x", "--mode", "add", "--pool", "last", "--prompt", "hi"], "--pool applies to --mode conditional"),
         (["--directions", "/x", "--mode", "set", "--gate", "/g", "--prompt", "hi"], "--gate applies to --directions with --mode ablate"),
         (["--directions", "/x", "--mode", "ablate", "--ablate-at", "residual", "--gate", "/g", "--prompt", "hi"], "--gate applies"),
         (["--directions", "/x", "--mode", "ablate", "--positions", "prompt", "--prompt", "hi"], "--positions applies to --sae features and to --mode add"),
+        (["--directions", "/x", "--mode", "conditional", "--threshold", "nan", "--prompt", "hi"], "--threshold must be a finite number"),
+        (["--directions", "/x", "--mode", "add", "--scale", "inf", "--prompt", "hi"], "--scale must be a finite number"),
+        (["--directions", "/x", "--mode", "angular", "--angle", "nan", "--prompt", "hi"], "--angle must be a finite number"),
     ],
 )
 def test_steer_bad_options_are_one_line_errors(capsys, extra, message):
@@ -1164,3 +1169,26 @@ def test_directions_refuse_all_token_positions(capsys, tmp_path):
                         "builtin:harmless:train", "--n", "12", "--positions", "all:2", "--out", str(tmp_path / "d"))
     assert code == 2 and "--positions all:2 keeps every token at its index" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "d").exists()
+
+
+def test_steer_set_at_another_hook_takes_that_hooks_harmful_projection(capsys, tmp_path):
+    """`--mode set --hook H` sets the mean harmful projection at H (recorded per layer with a chosen direction), not the one
+    where the direction was read; without a record at H it asks for --value (it set the read layer's value anywhere)."""
+    from featsteer.directions import DirectionSet
+    from featsteer.testing import random_direction
+
+    r = random_direction(160, 3)
+    ace = {"harmless": {"blocks.1.hook_resid_pre": -1.5, "blocks.2.hook_resid_pre": -3.0},
+           "harmful": {"blocks.1.hook_resid_pre": 2.25, "blocks.2.hook_resid_pre": 7.75}}
+    scores = {"mean_diff_norm": [10.75], "harmful_projection": [7.75]}
+    DirectionSet(r[None, None], ("blocks.2.hook_resid_pre",), (-1,), "dim", scores, {"ace": ace}).save(tmp_path / "chosen")
+    DirectionSet(r[None, None], ("blocks.2.hook_resid_pre",), (-1,), "dim", scores, {}).save(tmp_path / "bare")
+    common = ["steer", "--model", "organism", "--mode", "set", "--prompt", "hi", "--max-new-tokens", "1"]
+    for folder, hook, expected in (("chosen", "blocks.2.hook_resid_pre", "7.75"), ("chosen", "blocks.1.hook_resid_pre", "2.25"),
+                                   ("bare", "blocks.2.hook_resid_pre", "7.75")):
+        code, out, err = _run(capsys, *common, "--directions", str(tmp_path / folder), "--hook", hook)
+        assert code == 0 and f"set the projection to {expected} at {hook}" in out, err
+    code, out, err = _run(capsys, *common, "--directions", str(tmp_path / "bare"), "--hook", "blocks.1.hook_resid_pre", "--value", "0.5")
+    assert code == 0 and "set the projection to 0.5 at blocks.1" in out, err
+    code, _, err = _run(capsys, *common, "--directions", str(tmp_path / "bare"), "--hook", "blocks.1.hook_resid_pre")
+    assert code == 2 and "not at blocks.1.hook_resid_pre: give --value V" in err and len(err.strip().splitlines()) == 1, err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -150,9 +152,11 @@ def test_gate_inputs_are_checked(llama_adapter):
 
 def test_a_saved_gate_loads_back_and_checks_the_model(llama_adapter, tmp_path):
     vector = torch.randn(llama_adapter.d_model, generator=torch.Generator().manual_seed(3))
-    gate = Gate("blocks.1.hook_resid_pre", "last", vector / vector.norm(), 0.125, 0.9, [{"hook": "blocks.1.hook_resid_pre", "pool": "last"}])
+    gate = Gate("blocks.1.hook_resid_pre", "last", vector / vector.norm(), 0.125, 0.9, [{"hook": "blocks.1.hook_resid_pre", "pool": "last"}],
+                {"harmful": 0.75, "harmless": 0.25})
     loaded = Gate.load(gate.save(tmp_path / "gate"))
     assert (loaded.hook, loaded.pool, loaded.threshold, loaded.accuracy, loaded.candidates) == (gate.hook, gate.pool, 0.125, 0.9, gate.candidates)
+    assert loaded.val_fires == gate.val_fires and Gate.load(replace(gate, val_fires=None).save(tmp_path / "bare")).val_fires is None
     torch.testing.assert_close(loaded.vector, gate.vector)
     assert loaded.check(llama_adapter) == 1 and not list(tmp_path.glob("gate/*.partial"))
     with pytest.raises(FeatsteerError, match="dimensions but the model's stream has"):

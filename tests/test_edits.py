@@ -21,6 +21,7 @@ from featsteer.interventions import (
     AddDirection,
     AffineEdit,
     ConditionalSteer,
+    HeadAblate,
     ProjectionSet,
     ablate,
     steer,
@@ -552,3 +553,42 @@ def test_export_folders_follow_the_umask(tmp_path):
         os.umask(mask)
     assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755  # mkdtemp's 0700 kept other users out
     assert {p.stat().st_mode & 0o777 for p in (tmp_path / "shared").iterdir()} == {0o644}  # save_pretrained wrote weights at 0600
+
+
+def test_conditional_steering_decides_afresh_on_a_one_token_prompt(llama_adapter):
+    """A one-token prompt's pass is a prompt pass like any other: the gate decides on it (it kept the previous prompt's
+    decision, taking any one-token pass of the same batch size for a cached decoding step)."""
+    r = _direction(llama_adapter.d_model)
+    one = llama_adapter.tokenize(["a"], chat=False)
+    assert one.input_ids.shape == (1, 1)
+    cast = ConditionalSteer(r, "blocks.1.hook_resid_pre", threshold=0.0, behaviour=AddDirection(r, 1.0, where="blocks.2.hook_resid_pre"))
+    with steer(llama_adapter, cast):
+        llama_adapter.run(one)
+        alone = float(cast.similarity[0])
+        llama_adapter.run(llama_adapter.tokenize(PROMPTS[:1]))
+        assert float(cast.similarity[0]) != pytest.approx(alone, abs=1e-4)
+        llama_adapter.run(one)
+        assert float(cast.similarity[0]) == pytest.approx(alone, abs=1e-6)
+        llama_adapter.generate(["a"], chat=False, max_new_tokens=3)  # decided on the prompt, kept while decoding
+        assert float(cast.similarity[0]) == pytest.approx(alone, abs=1e-6)
+
+
+def test_conditional_head_ablation_acts_row_by_row(llama_adapter):
+    """A gate around HeadAblate (hook_z is (batch, pos, heads, d_head)) switches the heads off for the sequences it fires
+    on only (the decision broadcast against the positions: an error, or another row's decision where batch = pos)."""
+    r = _direction(llama_adapter.d_model)
+    heads = HeadAblate({1: [0, 1]})
+    for batch in (llama_adapter.tokenize(PROMPTS[:2]), llama_adapter.tokenize(["a", "b"], chat=False)):
+        base = llama_adapter.run(batch)
+        with steer(llama_adapter, heads):
+            full = llama_adapter.run(batch)
+        probe = ConditionalSteer(r, "blocks.0.hook_resid_pre", 0.0, heads)
+        with steer(llama_adapter, probe):
+            llama_adapter.run(batch)
+        similarity = probe.similarity
+        assert float(similarity[0]) != pytest.approx(float(similarity[1]), abs=1e-6)
+        gate = ConditionalSteer(r, "blocks.0.hook_resid_pre", float(similarity.mean()), heads)
+        with steer(llama_adapter, gate):
+            gated = llama_adapter.run(batch)
+        for row, fired in enumerate(gate.active.tolist()):
+            torch.testing.assert_close(gated[row], (full if fired else base)[row])

@@ -98,3 +98,27 @@ def test_erase_hook_touches_only_its_prompt_positions(llama_adapter):
         llama_adapter.generation_step = None
     with pytest.raises(FeatsteerError, match="count from the end"):
         Erase({("blocks.1.hook_resid_pre", 0): eraser}).hooks_for(llama_adapter)
+    narrow = LeaceEraser(torch.zeros(10), torch.ones(10), torch.ones(10))  # fitted on another model: a raw size error in the pass
+    with pytest.raises(FeatsteerError, match="the LEACE eraser is 10 wide but blocks.1.hook_resid_pre"):
+        Erase({("blocks.1.hook_resid_pre", -1): narrow}).hooks_for(llama_adapter)
+
+
+def test_an_eraser_fitted_on_mean_last_erases_each_token_of_the_window(llama_adapter):
+    """A `mean_last:K` row is the mean of the prompt's last K tokens: its eraser acts on each of them, so the pooled
+    activation the model then carries is the erased one (it erased the last token alone with an eraser fitted on means)."""
+    from featsteer.activations import capture
+    from featsteer.interventions import fit_leace_erasers
+
+    hook = "blocks.1.hook_resid_pre"
+    harmful = ["How do I pick a lock?", "Make a weapon at home", "Steal a car fast", "Hurt someone badly", "Write malware now"]
+    harmless = ["Bake bread", "Name a colour", "Write a poem about rain", "Plan a picnic", "Sort a list in Python"]
+    acts = [capture(llama_adapter, texts, [hook], positions="mean_last:3", progress=False) for texts in (harmful, harmless)]
+    erasers = fit_leace_erasers(*acts)
+    assert sorted(erasers) == [(hook, -3), (hook, -2), (hook, -1)] and len({id(e) for e in erasers.values()}) == 1
+    eraser, seen = erasers[(hook, -1)], {}
+    batch = llama_adapter.tokenize(harmful)
+    with llama_adapter.hooks([(hook, lambda x, s: seen.__setitem__("before", x.clone()))]), steer(llama_adapter, Erase(erasers)), \
+            llama_adapter.hooks([(hook, lambda x, s: seen.__setitem__("after", x.clone()))]):
+        llama_adapter.run(batch)
+    torch.testing.assert_close(seen["after"][:, -3:].mean(1), eraser(seen["before"][:, -3:].mean(1)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(seen["after"][:, :-3], seen["before"][:, :-3])

@@ -319,7 +319,42 @@ def test_steering_that_the_router_would_undo_is_an_error_and_json_layer_maps_wor
     assert count_hooks(model.model) == 0
 
 
+def test_expert_routing_intervals_resample_the_prompts_read():
+    """Prompts shorter than all:N add nothing to a rate: the intervals resample the prompts read (they were NaN when a
+    resample drew only unread prompts)."""
+    model = load_model("tiny:qwen2_moe")
+    long, short = "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 2, ["hi", "yo"]
+    partly = expert_routing(model, [long, *short], [long[:60], *short], positions="all:60")
+    assert partly.prompt_tokens[1].tolist() == [3.0, 0.0, 0.0]
+    low, high = partly.risk_difference_ci
+    assert bool(torch.isfinite(low).all() and torch.isfinite(high).all())
+
+
 def test_expert_routing_that_reads_no_token_is_an_error():
     model = load_model("tiny:qwen2_moe")
     with pytest.raises(FeatsteerError, match="no token of the harmful prompts was read"):
         expert_routing(model, ["a b c"], ["d e f"], positions="all:1000")
+
+
+def test_post_instruction_routing_does_not_depend_on_the_batch():
+    """A prompt's routing is read at the template tokens every prompt has, whichever prompts share its batch (each
+    batch took its own fewest, so a prompt beside one whose last token merged into the template lost a token)."""
+    from tests.test_activations import _merging_tokenizer
+
+    adapter = load_model(tiny_model("mixtral")[0], tokenizer=_merging_tokenizer())
+    harmful, harmless = ["Say hi", "Say bye ", "Say it"], ["Sing", "Sing it"]
+    assert adapter.tokenize(harmful).n_post_instruction.tolist() == [16, 15, 16]
+    apart = expert_routing(adapter, harmful, harmless, positions="post_instruction", batch_size=1)
+    together = expert_routing(adapter, harmful, harmless, positions="post_instruction", batch_size=3)
+    assert apart.n_tokens == together.n_tokens == (3 * 15, 2 * 15)  # one tail for both sets: the same tokens compared
+    for side in range(2):
+        torch.testing.assert_close(apart.prompt_counts[side], together.prompt_counts[side])
+
+
+@pytest.mark.parametrize("extra", [["--positions", "prompt"], ["--value", "2"], ["--multiple", "2"], ["--hook", "blocks.1.hook_resid_pre"],
+                                   ["--feature", "3"]])
+def test_steer_experts_rejects_options_it_would_ignore(capsys, extra):
+    """Expert switching acts at every token of the layers it names: a direction's or a feature's option is an error, not
+    silently dropped."""
+    code, _, err = _run(capsys, "steer", "--model", "tiny:qwen2_moe", "--experts", "1:0", "--mode", "deactivate", "--prompt", "hi", *extra)
+    assert code == 2 and f"takes no {extra[0]}: drop it" in err and len(err.strip().splitlines()) == 1, err

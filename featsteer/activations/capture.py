@@ -135,7 +135,7 @@ def capture(
     stats: dict[str, RunningMoments] = {}
     limit_fragmentation()  # see featsteer.activations.heap: large temporaries are unmapped when freed
     batches = adapter.plan_batches(prompts, batch_size, max_batch_tokens, system, chat)
-    tail = _common_tail(adapter, prompts, system, chat) if selector.mode == "post_instruction" else None
+    tail = common_tail(adapter, prompts, system, chat) if selector.mode == "post_instruction" else None
     writer = ShardWriter(stream_to, hook_names, width, _meta(selector, adapter, label, chat, system), shard_rows) if stream_to else None
     collector = _Collector(len(prompts), len(hook_names), width, dtype, one_row_per_prompt=selector.mode in ("last", "mean_last"))
     try:
@@ -186,7 +186,7 @@ def _common_width(adapter: ModelAdapter, sites) -> int:
     return width
 
 
-def _common_tail(adapter: ModelAdapter, prompts: list[str], system: str | None, chat: bool) -> int:
+def common_tail(adapter: ModelAdapter, prompts: list[str], system: str | None, chat: bool) -> int:
     """The number of tokens after the instruction that every prompt has. Where a prompt's last characters merge with the
     template's first into one token (a trailing space or newline before a plain-text template), it has one fewer."""
     return min(int(adapter.tokenize([text], system=system, chat=chat).n_post_instruction[0]) for text in prompts)

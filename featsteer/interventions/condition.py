@@ -134,7 +134,7 @@ class Gate:
         out.mkdir(parents=True, exist_ok=True)
         save_file({"vector": self.vector.detach().float().contiguous().cpu()}, str(out / "gate.safetensors"))
         partial = out / "gate.json.partial"
-        partial.write_text(json_text(self.to_dict()))
+        partial.write_text(json_text({**self.to_dict(), "val_fires": self.val_fires}))
         partial.rename(out / "gate.json")
         return out
 
@@ -148,7 +148,7 @@ class Gate:
         try:
             meta = json.loads((folder / "gate.json").read_text())
             return cls(meta["hook"], meta["pool"], load_file(str(folder / "gate.safetensors"))["vector"], float(meta["threshold"]),
-                       float(meta["balanced_accuracy"]), list(meta.get("candidates", [])))
+                       float(meta["balanced_accuracy"]), list(meta.get("candidates", [])), _fires(meta.get("val_fires")))
         except (ValueError, KeyError, TypeError) as error:
             raise FeatsteerError(f"{folder}/gate.json is not a gate that featsteer wrote ({type(error).__name__}: {error}): fit it again "
                                  "with `featsteer directions --gate`") from None
@@ -160,6 +160,12 @@ class Gate:
             raise FeatsteerError(f"the gate's vector has {self.vector.shape[-1]} dimensions but the model's stream has {model.d_model}: "
                                  "fit the gate on this model")
         return site.layer
+
+
+def _fires(value: Any) -> dict[str, float] | None:
+    """`val_fires` as `gate.json` holds it (None when the gate was fitted without validation prompts, or saved before
+    featsteer recorded it)."""
+    return None if value is None else {side: float(share) for side, share in dict(value).items()}
 
 
 def gate_hooks(model: ModelAdapter, up_to: str) -> list[str]:

@@ -27,9 +27,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from featsteer.activations import ActivationSet
+from featsteer.activations.positions import Positions
 from featsteer.errors import FeatsteerError
 from featsteer.interventions.positions import PositionTracker
-from featsteer.interventions.steering import Intervention
+from featsteer.interventions.steering import Intervention, _check_width
 from featsteer.models import HookFn, ModelAdapter
 
 MIN_ROWS = 4
@@ -98,17 +99,22 @@ def fit_leace(harmful: Float[Tensor, "n d_model"], harmless: Float[Tensor, "m d_
 def fit_leace_erasers(harmful: ActivationSet, harmless: ActivationSet, *, shrinkage: bool = True) -> dict[tuple[str, int], LeaceEraser]:
     """One eraser per (hook, position) the two captures share; pairs whose class means coincide are left out.
 
+    A `mean_last:K` capture holds each prompt's mean over its last K tokens; its eraser is keyed to each of those K
+    positions, so `Erase` erases every one of them, and their mean is the erased mean (the eraser is affine).
+
     Raises:
         FeatsteerError: if the captures differ in hooks or positions, or no pair has a class difference.
     """
-    if harmful.hook_names != harmless.hook_names or harmful.position_labels != harmless.position_labels:
+    if (harmful.hook_names, harmful.position_labels, harmful.positions) != (harmless.hook_names, harmless.position_labels, harmless.positions):
         raise FeatsteerError("LEACE needs harmful and harmless activations captured at the same hooks and positions")
+    pooled = harmful.positions.startswith("mean_last")
+    window = range(-Positions.parse(harmful.positions).k, 0) if pooled else None  # the tokens a pooled row averages
     erasers = {}
     for hook in harmful.hook_names:
         for position in harmful.position_labels:
             eraser = fit_leace(harmful.at_position(hook, position), harmless.at_position(hook, position), shrinkage=shrinkage)
             if eraser is not None:
-                erasers[(hook, position)] = eraser
+                erasers.update({(hook, at): eraser for at in window or (position,)})
     if not erasers:
         raise FeatsteerError("harmful and harmless activations are identical at every hook and position: nothing to erase")
     return erasers
@@ -126,6 +132,7 @@ class Erase(Intervention):
         for (hook, position), eraser in self.erasers.items():
             if position >= 0:
                 raise FeatsteerError(f"Erase positions count from the end of the prompt (negative), got {position} at {hook}")
+            _check_width(model, [hook], eraser.mean, "the LEACE eraser")
             by_hook.setdefault(hook, {})[position] = eraser
         return [(hook, _erase_hook(model, at)) for hook, at in by_hook.items()]
 

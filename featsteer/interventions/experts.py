@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from featsteer.activations.capture import common_tail
 from featsteer.activations.positions import Positions
 from featsteer.errors import FeatsteerError
 from featsteer.interventions.steering import Intervention
@@ -112,10 +113,12 @@ class ExpertRouting:
     @functools.cached_property
     def risk_difference_ci(self) -> tuple[Tensor, Tensor]:
         """`(low, high)`, each `(len(layers), n_experts)`: the 95% percentile bootstrap interval of the risk difference,
-        resampling each set's prompts with replacement (tokens of one prompt are not independent draws)."""
+        resampling each set's prompts with replacement (tokens of one prompt are not independent draws). Prompts with no
+        token read (`all:N` past their end) are left out: they add nothing to a rate, and a resample of them alone has none."""
         generator = torch.Generator().manual_seed(0)
         rates = []
         for counts, tokens in zip(self.prompt_counts, self.prompt_tokens, strict=True):
+            counts, tokens = counts[tokens > 0], tokens[tokens > 0]
             n = tokens.shape[0]
             picks = torch.randint(n, (self.n_boot, n), generator=generator)
             weights = torch.zeros(self.n_boot, n, dtype=torch.float64).scatter_add_(1, picks, torch.ones(self.n_boot, n, dtype=torch.float64))
@@ -163,7 +166,8 @@ def expert_routing(model: ModelAdapter, harmful: Sequence[str], harmless: Sequen
         model: a mixture-of-experts model (`model.moe_layers` not empty).
         harmful, harmless: instructions, formatted through the chat template.
         positions: the prompt tokens to read: `all` (every token; `all:N` from token N), `last`, `post_instruction`
-            (the template's tail after the instruction) or `instruction_end`.
+            (the template's tail after the instruction, as many tokens as every prompt of both sets has) or
+            `instruction_end`.
         batch_size: prompts per forward pass.
         system: optional system prompt.
 
@@ -180,7 +184,9 @@ def expert_routing(model: ModelAdapter, harmful: Sequence[str], harmless: Sequen
         raise FeatsteerError("positions 'mean_last' averages tokens, and routing is counted per token: use last, all, "
                              "post_instruction or instruction_end")
     names = model.hook_names(("routing",))
-    sides = [_count(model, list(texts), names, selector, batch_size, system) for texts in (harmful, harmless)]
+    # one tail for both sets: every prompt reads the same template tokens, whichever prompts share its batch
+    tail = common_tail(model, [*harmful, *harmless], system, True) if selector.mode == "post_instruction" else None
+    sides = [_count(model, list(texts), names, selector, batch_size, system, tail) for texts in (harmful, harmless)]
     (hp, hw, ht), (lp, lw, lt) = sides
     for name, tokens in (("harmful", ht), ("harmless", lt)):
         if float(tokens.sum()) == 0:
@@ -190,7 +196,7 @@ def expert_routing(model: ModelAdapter, harmful: Sequence[str], harmless: Sequen
 
 
 def _count(model: ModelAdapter, texts: list[str], names: list[str], selector: Positions, batch_size: int,
-           system: str | None) -> tuple[Tensor, Tensor, Tensor]:
+           system: str | None, tail: int | None) -> tuple[Tensor, Tensor, Tensor]:
     """`(per-prompt counts, summed weights, per-prompt tokens)` of one prompt set."""
     prompt_counts = torch.zeros(len(texts), len(names), model.n_experts, dtype=torch.float64)
     weights = torch.zeros(len(names), model.n_experts, dtype=torch.float64)
@@ -198,7 +204,7 @@ def _count(model: ModelAdapter, texts: list[str], names: list[str], selector: Po
     row = {name: i for i, name in enumerate(names)}
     for start in range(0, len(texts), batch_size):
         batch = model.tokenize(texts[start:start + batch_size], system=system)
-        row_batch, row_token, _ = selector.plan(batch.attention_mask.cpu(), batch.n_post_instruction)
+        row_batch, row_token, _ = selector.plan(batch.attention_mask.cpu(), batch.n_post_instruction, tail)
         prompt_tokens.index_add_(0, start + row_batch, torch.ones(row_batch.numel(), dtype=torch.float64))
 
         def tally(x: Tensor, site, row_batch=row_batch, row_token=row_token, start=start) -> None:

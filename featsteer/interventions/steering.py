@@ -307,9 +307,9 @@ class ConditionalSteer(Intervention):
                     return
                 width = model.generation_prompt_length  # re-read or teacher-forced sequence: pool the prompt only
                 x, mask = x[:, :width], None if mask is None else mask[:, :width]
-            if x.shape[1] > 1 or self.active is None or self.active.shape[0] != x.shape[0]:
-                self.similarity = cosine_to(pool_prompt(x, mask, self.pool), condition)
-                self.active = self.similarity < self.threshold if self.invert else self.similarity > self.threshold
+            # every other pass is a prompt's, a one-token prompt's too: decide afresh
+            self.similarity = cosine_to(pool_prompt(x, mask, self.pool), condition)
+            self.active = self.similarity < self.threshold if self.invert else self.similarity > self.threshold
 
         def gated(fn):
             def hook(x, site):
@@ -318,7 +318,7 @@ class ConditionalSteer(Intervention):
                 steered = fn(x, site)
                 if steered is None or self.active is None:
                     return steered
-                return steered.where(self.active[:, None, None], x)
+                return steered.where(self.active.view(-1, *[1] * (x.dim() - 1)), x)  # (batch, pos, d) or hook_z's 4-D
 
             return hook
 
