@@ -1126,9 +1126,10 @@ def _direction_intervention(args: argparse.Namespace, model):
     if args.mode != "ablate" and basis.shape[0] > 1:
         raise FeatsteerError(f"--mode {args.mode} steers along one direction, but {args.directions} holds a rank-{basis.shape[0]} subspace: "
                              "ablate it (--mode ablate), or use a rank-1 direction")
-    norms = directions.scores.get("mean_diff_norm")
-    vector = basis[0] * float(norms[index]) if norms else basis[0]
-    added = "the mean difference" if norms else "the unit direction"
+    if args.mode == "ablate" and args.hook and len(directions) == 1:
+        raise FeatsteerError(f"--mode ablate removes the direction at --ablate-at's hooks ({args.ablate_at}), not at one --hook: drop --hook "
+                             "(it picks a direction from a folder of several)")
+    vector, added = _addition_vector(directions, index, hook, basis[0])
     value = _set_value(args, directions, index, hook) if args.mode == "set" else None
     tokens = args.positions or "all"
     on = "" if tokens == "all" else f" ({tokens} tokens only)"
@@ -1146,6 +1147,24 @@ def _direction_intervention(args: argparse.Namespace, model):
     if args.gate:
         intervention, what = _gated(args, model, intervention, what, basis, hook)
     return intervention, what
+
+
+def _addition_vector(directions, index: int, hook: str, direction):
+    """What `--mode add|conditional` adds per unit of `--scale` at `hook`, and how the line names it: the mean difference
+    along the direction at that hook (where it was read, or at another layer from the per-layer class means a chosen
+    direction records); with no record at `hook`, the length measured where it was read, and the line says where; with
+    no length at all, the unit direction."""
+    norms = directions.scores.get("mean_diff_norm")
+    if not norms:
+        return direction, "the unit direction"
+    read_at = directions.hook_names[index]
+    if hook == read_at:
+        return direction * float(norms[index]), "the mean difference"
+    per_layer = directions.provenance.get("ace", {})
+    if hook in per_layer.get("harmful", {}) and hook in per_layer.get("harmless", {}):
+        length = float(per_layer["harmful"][hook]) - float(per_layer["harmless"][hook])
+        return direction * length, f"the mean difference along the direction there ({length:.3g})"
+    return direction * float(norms[index]), f"the mean difference measured at {read_at} ({float(norms[index]):.3g})"
 
 
 def _set_value(args: argparse.Namespace, directions, index: int, hook: str) -> float:

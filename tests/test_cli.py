@@ -1171,6 +1171,26 @@ def test_directions_refuse_all_token_positions(capsys, tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_steer_add_at_another_hook_adds_that_hooks_mean_difference_or_says_where_it_was_measured(capsys, tmp_path):
+    from featsteer.directions import DirectionSet
+    from featsteer.testing import random_direction
+
+    r = random_direction(160, 3)
+    ace = {"harmless": {"blocks.1.hook_resid_pre": -1.5, "blocks.2.hook_resid_pre": -3.0},
+           "harmful": {"blocks.1.hook_resid_pre": 2.25, "blocks.2.hook_resid_pre": 7.75}}
+    scores = {"mean_diff_norm": [10.75], "harmful_projection": [7.75]}
+    DirectionSet(r[None, None], ("blocks.2.hook_resid_pre",), (-1,), "dim", scores, {"ace": ace}).save(tmp_path / "chosen")
+    DirectionSet(r[None, None], ("blocks.2.hook_resid_pre",), (-1,), "dim", scores, {}).save(tmp_path / "bare")
+    common = ["steer", "--model", "organism", "--prompt", "hi", "--max-new-tokens", "1"]
+    for folder, hook, expected in (("chosen", "blocks.2.hook_resid_pre", "add 1 x the mean difference at blocks.2"),
+                                   ("chosen", "blocks.1.hook_resid_pre", "add 1 x the mean difference along the direction there (3.75)"),
+                                   ("bare", "blocks.1.hook_resid_pre", "add 1 x the mean difference measured at blocks.2.hook_resid_pre (10.8)")):
+        code, out, err = _run(capsys, *common, "--mode", "add", "--directions", str(tmp_path / folder), "--hook", hook)
+        assert code == 0 and expected in out, (out, err)
+    code, _, err = _run(capsys, *common, "--mode", "ablate", "--directions", str(tmp_path / "bare"), "--hook", "blocks.1.hook_resid_pre")
+    assert code == 2 and "not at one --hook: drop --hook" in err
+
+
 def test_steer_set_at_another_hook_takes_that_hooks_harmful_projection(capsys, tmp_path):
     """`--mode set --hook H` sets the mean harmful projection at H (recorded per layer with a chosen direction), not the one
     where the direction was read; without a record at H it asks for --value (it set the read layer's value anywhere)."""

@@ -13,7 +13,16 @@ from featsteer.datasets import builtin_prompts
 from featsteer.directions import DirectionSet, rotation_plane
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.behaviour import GenerationConfig
-from featsteer.interventions import NORMS, Ablate, AffineEdit, AngularSteer, rotate_in_plane, steer
+from featsteer.interventions import (
+    NORMS,
+    Ablate,
+    AddDirection,
+    AffineEdit,
+    AngularSteer,
+    ProjectionSet,
+    rotate_in_plane,
+    steer,
+)
 from featsteer.models import load_model
 from featsteer.pipeline import DirectionConfig, find_refusal_direction
 
@@ -212,3 +221,34 @@ def test_compare_angular_at_the_norms(prompts):
 def test_steering_method_config_rejects_bad_values(kwargs, message):
     with pytest.raises(FeatsteerError, match=message):
         SteeringMethodConfig(**kwargs)
+
+
+@pytest.mark.parametrize("build", [
+    lambda r, plane: Ablate(r, strength=float("nan")),
+    lambda r, plane: AddDirection(r, float("inf"), where="blocks.0.hook_resid_pre"),
+    lambda r, plane: ProjectionSet(r, float("nan"), where="blocks.0.hook_resid_pre"),
+    lambda r, plane: AffineEdit(r, {"blocks.0.hook_resid_pre": float("nan")}, {"blocks.0.hook_resid_pre": 1.0}),
+    lambda r, plane: AngularSteer(plane, degrees=float("nan")),
+])
+def test_a_non_finite_setting_is_refused_when_the_intervention_is_built(build):
+    # a NaN scale or value turns every steered activation into NaN, which run() and logits() would return without a word
+    r = torch.nn.functional.normalize(torch.randn(8), dim=0)
+    plane = torch.linalg.qr(torch.randn(8, 2)).Q.T
+    with pytest.raises(FeatsteerError, match="give a finite number"):
+        build(r, plane)
+
+
+def test_interventions_at_one_hook_act_in_the_order_given(llama_adapter):
+    # README: steer(model, A, B) with both at one hook: A acts first and B sees its output
+    hook = "blocks.1.hook_resid_pre"
+    r = torch.nn.functional.normalize(torch.randn(llama_adapter.d_model, generator=torch.Generator().manual_seed(0)), dim=0)
+    ablate, add = Ablate(r, where=hook), AddDirection(r, 3.0, where=hook)
+    prompts = ["hello there", "a longer prompt here"]
+    with steer(llama_adapter, ablate):
+        ablated = llama_adapter.logits(prompts)
+    with steer(llama_adapter, add, ablate):
+        added_then_ablated = llama_adapter.logits(prompts)
+    with steer(llama_adapter, ablate, add):
+        ablated_then_added = llama_adapter.logits(prompts)
+    assert torch.allclose(added_then_ablated, ablated, atol=1e-5)
+    assert not torch.allclose(ablated_then_added, ablated, atol=1e-3)

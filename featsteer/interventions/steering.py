@@ -9,6 +9,7 @@ exception. Directions may come from any source (DIM, probes, SAE decoder rows) a
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -63,6 +64,14 @@ def resolve_sites(model: ModelAdapter, where: str | Sequence[str]) -> list[str]:
     return names
 
 
+def _check_finite(owner: str, **values: float) -> None:
+    """Every named number finite, or one line naming it: a NaN scale or value makes every steered activation NaN, which
+    `run` and `logits` would return without a word."""
+    for name, value in values.items():
+        if not math.isfinite(float(value)):
+            raise FeatsteerError(f"{owner}'s {name} is {value}: give a finite number")
+
+
 class Intervention:
     """Base class: subclasses return `(hook_name, fn)` pairs for a model."""
 
@@ -86,6 +95,9 @@ class Ablate(Intervention):
     """`writes`, `residual`, or hook names."""
     strength: float = 1.0
     """1 removes the component (ablation); 2 reflects it, `x - 2 (x.r) r`, as `EditConfig.reflection` edits the weights."""
+
+    def __post_init__(self) -> None:
+        _check_finite("Ablate", strength=self.strength)
 
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
         names = resolve_sites(model, self.where)
@@ -124,6 +136,7 @@ class AddDirection(Intervention):
     """`all`, `prompt` or `generated` (`interventions.positions.TOKEN_POSITIONS`)."""
 
     def __post_init__(self) -> None:
+        _check_finite("AddDirection", scale=self.scale)
         if self.positions not in TOKEN_POSITIONS:
             raise FeatsteerError(f"unknown positions '{self.positions}' for AddDirection: use one of {', '.join(TOKEN_POSITIONS)}")
 
@@ -181,6 +194,9 @@ class ProjectionSet(Intervention):
     value: float
     where: str | Sequence[str] = ()
 
+    def __post_init__(self) -> None:
+        _check_finite("ProjectionSet", value=self.value)
+
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
         if not self.where:
             raise FeatsteerError("ProjectionSet needs where=<hook name(s)>")
@@ -209,6 +225,8 @@ class AffineEdit(Intervention):
     alpha: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_finite("AffineEdit", alpha=self.alpha, **{f"harmless projection at {h}": v for h, v in self.harmless.items()},
+                      **{f"harmful projection at {h}": v for h, v in self.harmful.items()})
         if set(self.harmless) != set(self.harmful) or not self.harmless:
             raise FeatsteerError("AffineEdit needs the harmless and harmful mean projections at the same, non-empty set of hooks")
 
@@ -244,6 +262,7 @@ class AngularSteer(Intervention):
     """Turn only activations whose projection on the direction is positive (those leaning towards the behaviour)."""
 
     def __post_init__(self) -> None:
+        _check_finite("AngularSteer", degrees=self.degrees)
         if self.plane.dim() != 2 or self.plane.shape[0] != 2:
             raise FeatsteerError(f"AngularSteer needs a (2, d_model) plane, got shape {tuple(self.plane.shape)}")
         gram = self.plane.double() @ self.plane.double().T
@@ -291,6 +310,7 @@ class ConditionalSteer(Intervention):
     """Per-sequence cosine with `condition` from the last prompt pass (`(batch,)`), what `active` thresholds."""
 
     def __post_init__(self) -> None:
+        _check_finite("ConditionalSteer", threshold=self.threshold)
         if self.pool not in POOLS:
             raise FeatsteerError(f"unknown pool '{self.pool}' for ConditionalSteer: use one of {', '.join(POOLS)}")
 
