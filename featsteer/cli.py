@@ -471,8 +471,11 @@ def _cmd_directions(args: argparse.Namespace) -> int:
     stability = result.selection.stability()
     (out / "selection.md").write_text(result.selection.table() + f"\n\nSelection stability: {stability.line()}.\n")
     harmful_val, harmless_val = result.val
+    scored = [s.head(min(args.n_select, len(s))) for s in result.val]  # what select_direction read: the first --n-select of each
     validation = {"val_harmful": harmful_val.source, "val_harmless": harmless_val.source, "n_harmful_val": len(harmful_val),
-                  "n_harmless_val": len(harmless_val), "val_harmful_sha256": harmful_val.sha256, "val_harmless_sha256": harmless_val.sha256}
+                  "n_harmless_val": len(harmless_val), "val_harmful_sha256": harmful_val.sha256, "val_harmless_sha256": harmless_val.sha256,
+                  "n_select": args.n_select, "n_harmful_scored": len(scored[0]), "n_harmless_scored": len(scored[1]),
+                  "scored_harmful_sha256": scored[0].sha256, "scored_harmless_sha256": scored[1].sha256}
     _write_json(str(out / "selection.json"), {**result.selection.to_dict(), "stability": stability.to_dict(), "timings": result.timings,
                                               **validation})
     geometry = None

@@ -567,12 +567,20 @@ def test_abliterate_search_warm_start_and_its_errors(capsys, tmp_path):
 
 
 def test_directions_select_on_explicit_validation_prompts(capsys, tmp_path):
+    from featsteer.datasets import load_prompts
+
     code, out, _ = _run(capsys, "directions", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless",
                         "builtin:harmless:train", "--n", "10", "--val-harmful", "organism-corpus:harmful:5", "--val-harmless",
                         "organism-corpus:harmless:6", "--n-select", "6", "--out", str(tmp_path / "d"))
     assert code == 0 and "chosen:" in out
     selection = json.loads((tmp_path / "d" / "selection.json").read_text())
     assert selection["n_harmful_val"] == 5 and selection["n_harmless_val"] == 6
+    code, _, _ = _run(capsys, "directions", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless",
+                      "builtin:harmless:train", "--n", "10", "--val-harmful", "organism-corpus:harmful:5", "--val-harmless",
+                      "organism-corpus:harmless:6", "--n-select", "3", "--out", str(tmp_path / "d3"))
+    three = json.loads((tmp_path / "d3" / "selection.json").read_text())  # records the prompts the selection read
+    assert (three["n_select"], three["n_harmful_scored"], three["n_harmless_scored"]) == (3, 3, 3)
+    assert three["scored_harmful_sha256"] == load_prompts("organism-corpus:harmful:5").head(3).sha256 != three["val_harmful_sha256"]
     stability = selection["stability"]  # the selection bootstrapped over its 5 + 6 validation prompts
     assert (stability["n_harmful"], stability["n_harmless"]) == (5, 6) and stability["chosen"] == [selection["chosen"]["hook"], selection["chosen"]["position"]]
     assert sum(share for *_, share in stability["shares"]) == pytest.approx(1.0) and "selection stability: chosen in" in out
