@@ -172,6 +172,25 @@ def test_judge_sets_lists_exactly_the_disagreements():
     assert out["anchors"]["accuracy"] == 1.0 and out["anchors"]["calibrated"] is False
 
 
+def test_judge_sets_warns_when_a_chat_judge_hardly_says_yes_or_no(caplog):
+    import dataclasses
+    import logging
+
+    from featsteer.evaluation.behaviour import SetResult
+    from featsteer.evaluation.refusal import refusal_rate
+
+    class _Mumbling(_FixedJudge):  # a chat judge that put 10% of its first-token probability on Yes/No
+        def judge(self, prompts, responses):
+            return dataclasses.replace(super().judge(prompts, responses), answer_mass=tuple(0.1 for _ in prompts))
+
+    refused = (True, False, True, False)
+    result = SetResult("harmful", tuple(PROMPTS), tuple(RESPONSES), refused, refusal_rate(refused))
+    with caplog.at_level(logging.WARNING, logger="featsteer.evaluation.judge"):
+        out = judge_sets(_Mumbling([True, True, False, False]), [result])
+    assert out["harmful"]["mean_answer_mass"] == pytest.approx(0.1)
+    assert "put on average 0.10 of its first-token probability on its Yes/No answers for the harmful set" in caplog.text
+
+
 def _tiny_classifier(directory: Path, labels: dict[int, str]) -> Path:
     from transformers import BertConfig, BertForSequenceClassification
 

@@ -388,6 +388,10 @@ def agreement(a: Sequence[bool], b: Sequence[bool]) -> Agreement:
     )
 
 
+LOW_ANSWER_MASS = 0.5
+"""Below this mean probability on "Yes"/"No", `judge_sets` warns that a chat judge's verdicts are guesses."""
+
+
 def judge_sets(judge: RefusalJudge, sets: Sequence) -> dict:
     """A judge's second opinion on evaluated prompt sets (`SetResult`s, e.g. a `RefusalReport`'s harmful and harmless),
     set against the marker verdicts they carry.
@@ -412,6 +416,10 @@ def judge_sets(judge: RefusalJudge, sets: Sequence) -> dict:
         }
         if verdicts.answer_mass is not None:
             entry["mean_answer_mass"] = sum(verdicts.answer_mass) / len(verdicts.answer_mass) if verdicts.answer_mass else None
+            if entry["mean_answer_mass"] is not None and entry["mean_answer_mass"] < LOW_ANSWER_MASS:
+                logger.warning("the %s judge put on average %.2f of its first-token probability on its Yes/No answers for the %s "
+                               "set: it was about to say something else, so its verdicts there are guesses; use a chat model "
+                               "that follows the judging instruction", judge.name, entry["mean_answer_mass"], result.name)
         out[result.name] = entry
         out["disagreements"] += [
             {"set": result.name, "index": i, "prompt": result.prompts[i], "response": result.responses[i],
