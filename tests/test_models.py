@@ -676,3 +676,13 @@ def test_a_sequence_longer_than_a_learned_position_table_is_a_one_line_error():
         model.logits(["x" * 300])
     with pytest.raises(FeatsteerError, match="longer than the 256 positions"):
         model.generate(["x" * 230], max_new_tokens=40)
+
+
+def test_a_sequence_past_the_trained_context_of_a_rotary_model_warns_once(llama_adapter, caplog):
+    import logging
+
+    llama_adapter.model.config.max_position_embeddings = 6
+    with caplog.at_level(logging.WARNING, logger="featsteer.models.hf"):
+        llama_adapter.logits(["a prompt long enough to pass six positions"])
+        llama_adapter.logits(["another prompt long enough to pass six positions"])
+    assert caplog.text.count("runs past the 6 positions the model was trained on") == 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -30,6 +31,8 @@ from featsteer.errors import FeatsteerError
 from featsteer.models.adapter import BiasWriter, HookFn, ModelAdapter, ResidualWriter, TokenBatch
 from featsteer.models.families import FamilySpec, family_for
 from featsteer.models.hookpoints import HookSite
+
+logger = logging.getLogger(__name__)
 
 _Hooks = list[tuple[HookSite, HookFn]]
 NORM_SITES = ("ln1_normalized", "ln2_normalized")
@@ -330,6 +333,16 @@ class HFModelAdapter(ModelAdapter):
         return handles
 
     # ---- forward ------------------------------------------------------------------------------------
+    def _check_trained_context(self, length: int) -> None:
+        """Warn once when a sequence runs past the context a rotary model was trained on (`max_position_embeddings`):
+        nothing stops the model there, but what it computes beyond is outside anything it learned."""
+        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        trained = getattr(config, "max_position_embeddings", None)
+        if isinstance(trained, int) and length > trained and not getattr(self, "_warned_context", False):
+            self._warned_context = True
+            logger.warning("%s: a sequence of %d tokens runs past the %d positions the model was trained on; its activations and "
+                           "outputs beyond them are unreliable (use shorter prompts or fewer new tokens)", self.name, length, trained)
+
     def _forward(self, batch: TokenBatch, cache: object | None, want_cache: bool, keep: int = 0) -> tuple[Tensor, object | None]:
         if cache is None and want_cache:
             from transformers import DynamicCache
@@ -340,6 +353,8 @@ class HFModelAdapter(ModelAdapter):
             if (length := int(batch.position_ids.max()) + 1) > positions:
                 raise FeatsteerError(f"a sequence of {length} tokens is longer than the {positions} positions of {self.name}: use shorter "
                                      "prompts (or fewer new tokens)")
+        elif batch.position_ids.numel():
+            self._check_trained_context(int(batch.position_ids.max()) + 1)
         cache_kwarg = _cache_keyword(type(self.model))
         remove = self._discard_attention_weights()
         try:
