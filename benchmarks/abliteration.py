@@ -161,6 +161,10 @@ def main() -> None:
     parser.add_argument("--val", choices=VAL_SOURCES, default="generated",
                         help="organism only: where the selection and search prompts come from (see VAL_SOURCES)")
     args = parser.parse_args()
+    if args.search_kl != "all" and not args.search:
+        parser.error(f"--search-kl {args.search_kl} needs --search N: the search is off by default")
+    if args.target != "organism" and args.val != "generated":
+        parser.error(f"--val {args.val} chooses the organism's selection prompts; --target {args.target} has its own")
     torch.set_num_threads(args.threads)
     timings, started = {}, time.perf_counter()
     spec = args.model or ("organism" if args.target == "organism" else str(qwen_gguf()))
