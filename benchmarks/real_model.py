@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true",
                         help="keep the stages of the existing results file that this run skips (same DIM choice only)")
     args = parser.parse_args()
+    if args.search_kl != "all" and not args.search:
+        parser.error(f"--search-kl {args.search_kl} needs --search N (N >= 1): with --search 0 no search runs")
     if args.render_only:
         render(json.loads((RESULTS / f"{args.results_name}.json").read_text()), args.results_name)
         return

@@ -103,7 +103,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results-name", default="real_model_sae_qwen")
     parser.add_argument("--render-only", action="store_true", help="re-render the markdown from the results JSON")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.search_kl != "all" and not args.search:
+        parser.error(f"--search-kl {args.search_kl} needs --search N: the search is off by default")
+    return args
 
 
 def sae_text(sets: dict, folder: Path) -> Path:

@@ -35,3 +35,25 @@ def test_abliteration_refuses_ignored_options(monkeypatch, capsys, argv, message
         abliteration.main()
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("real_model", ["--search", "0", "--search-kl", "answered"]),
+    ("real_model_sae", ["--search-kl", "answered"]),
+])
+def test_real_model_benchmarks_refuse_a_search_kl_without_a_search(monkeypatch, capsys, script, argv):
+    sys.path.insert(0, str(BENCHMARKS))  # they import their sibling abliteration.py
+    try:
+        module = load_script(script)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    def no_model(*args, **kwargs):
+        raise AssertionError("the options were not checked before the model was loaded")
+
+    monkeypatch.setattr(module, "load_model", no_model)
+    monkeypatch.setattr(module, "qwen_gguf", no_model)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2
+    assert "--search-kl answered needs --search N" in capsys.readouterr().err

@@ -62,3 +62,9 @@ def test_bad_input_is_one_clear_line():
         self_repair(model, torch.ones(5), HARMFUL, HARMLESS, at="blocks.0.hook_resid_pre")
     with pytest.raises(FeatsteerError, match="at least 2 prompts"):
         self_repair(model, r, HARMFUL[:1], HARMLESS, at="blocks.0.hook_resid_pre")
+
+
+def test_the_table_writes_float_noise_below_zero_as_zero():
+    from featsteer.directions.repair import _two_places
+
+    assert (_two_places(-0.003), _two_places(-0.006), _two_places(0.004)) == ("0.00", "-0.01", "0.00")

@@ -98,14 +98,20 @@ class SelfRepair:
                  "| hook | cosine own vs r | gap on r: unedited / at hook / every write | repaired | gap on own: unedited / at hook / every write | kept |",
                  "|---|---:|---|---:|---|---:|"]
         for row in self.rows:
-            on_r = " / ".join(f"{row.gap_on_r[c]:.2f}" for c in CONDITIONS)
-            own = " / ".join(f"{row.gap_on_own[c]:.2f}" for c in CONDITIONS)
+            on_r = " / ".join(_two_places(row.gap_on_r[c]) for c in CONDITIONS)
+            own = " / ".join(_two_places(row.gap_on_own[c]) for c in CONDITIONS)
             kept = "-" if math.isnan(row.kept) else f"{row.kept:.2f}"
             repaired = "-" if math.isnan(row.repaired) else f"{row.repaired:+.2f}"
             lines.append(f"| {row.hook} | {row.own_cosine:.3f} | {on_r} | {repaired} | {own} | {kept} |")
         scores = ", ".join(f"{c.replace('_', ' ')} {self.refusal[c]:+.2f}" for c in CONDITIONS)
         lines += ["", f"Refusal log-odds on the harmful prompts' first token: {scores}."]
         return "\n".join(lines)
+
+
+def _two_places(value: float) -> str:
+    """`value` to two decimals, a float-noise -0.003 as 0.00 rather than -0.00."""
+    text = f"{value:.2f}"
+    return "0.00" if text == "-0.00" else text
 
 
 def self_repair(model: ModelAdapter, direction: Tensor, harmful: Sequence[str], harmless: Sequence[str], *, at: str,
