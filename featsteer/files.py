@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 
@@ -85,10 +85,11 @@ def _check_writable_ancestor(target: Path, flag: str, shown: str | os.PathLike[s
         raise FeatsteerError(f"{flag} {shown}: {existing} is not writable; choose another path")
 
 
-def json_text(payload: object, indent: int | None = 1) -> str:
+def json_text(payload: object, indent: int | None = 1, default: Callable[[object], object] | None = None) -> str:
     """JSON text in which NaN and infinities become `null`: Python's `json` writes bare `NaN`, which is not JSON and
-    which other readers (JavaScript's `JSON.parse`, jq) reject."""
-    return json.dumps(_finite(payload), indent=indent, allow_nan=False)
+    which other readers (JavaScript's `JSON.parse`, jq) reject. `default` is `json.dumps`'s: what to write for an object
+    JSON has no type for (`str` writes its text)."""
+    return json.dumps(_finite(payload), indent=indent, allow_nan=False, default=default)
 
 
 def _finite(value: object) -> object:
