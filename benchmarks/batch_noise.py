@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import prompt_sets, qwen_gguf  # noqa: E402
 
+from featsteer.files import json_text  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 HOOK = "blocks.16.hook_resid_pre"
 # name: (dtype, threads, batch_size, max_batch_tokens); the first is the reference.
@@ -83,7 +85,7 @@ def worker(name: str, work: Path, n_eval: int) -> None:
     out["abliterated_harmful"] = {"responses": list(result.responses), "refused": list(result.refused)}
     out["seconds"] = round(time.perf_counter() - start, 1)
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {out['seconds']:.0f}s", flush=True)
-    (work / f"{name}.json").write_text(json.dumps(out, indent=1))
+    (work / f"{name}.json").write_text(json_text(out, indent=1))
 
 
 def compare_runs(runs: dict[str, dict]) -> dict:
@@ -136,7 +138,7 @@ def main() -> None:
                "reference": names[0], "settings": {n: {k: runs[n][k] for k in ("dtype", "threads", "batch_size", "max_batch_tokens", "seconds")}
                                                    for n in names},
                "table": compare_runs(runs)}
-    (RESULTS / "batch_noise_qwen.json").write_text(json.dumps(payload, indent=1))
+    (RESULTS / "batch_noise_qwen.json").write_text(json_text(payload, indent=1))
     (RESULTS / "batch_noise_qwen.md").write_text(render(payload))
     print(render(payload))
 

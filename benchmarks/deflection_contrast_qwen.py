@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from abliteration import prompt_sets, qwen_gguf  # noqa: E402
 
 from featsteer.evaluation.labels import response_hash as sha  # noqa: E402
+from featsteer.files import json_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs"
@@ -183,7 +184,7 @@ def run(candidates: list[str]) -> dict:
             }
             print(method, result["candidates"][method], flush=True)
     RESPONSES.parent.mkdir(exist_ok=True)
-    RESPONSES.write_text(json.dumps({"prompts": {"harmful": harmful, "harmless": []}, "responses": responses}, indent=1))
+    RESPONSES.write_text(json_text({"prompts": {"harmful": harmful, "harmless": []}, "responses": responses}, indent=1))
     result["seconds"] = round(time.time() - started, 1)
     return result
 
@@ -249,7 +250,7 @@ def main() -> None:
         result = json.loads(path.read_text())
     else:
         result = run(args.candidates.split(","))
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        path.write_text(json_text(result, indent=1) + "\n")
     (RESULTS / "deflection_contrast_qwen.md").write_text(render(result))
     print(render(result))
 

@@ -41,6 +41,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import prompt_sets, qwen_gguf  # noqa: E402
 
+from featsteer.files import json_text  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 LABELS = ROOT / "benchmarks" / "deflection_labels_qwen.json"
 JUDGE_LABELS = ROOT / "benchmarks" / "judge_labels_qwen.json"
@@ -216,8 +218,8 @@ def main() -> None:
                "seconds_total": time.perf_counter() - start}
         add_looping(out, responses)
         RESPONSES.parent.mkdir(exist_ok=True)
-        RESPONSES.write_text(json.dumps(responses, indent=1) + "\n")
-        path.write_text(json.dumps(out, indent=1) + "\n")
+        RESPONSES.write_text(json_text(responses, indent=1) + "\n")
+        path.write_text(json_text(out, indent=1) + "\n")
     out = json.loads(path.read_text())
     labels = load_labels()
     if args.show_unlabelled:

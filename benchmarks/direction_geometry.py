@@ -12,7 +12,6 @@ Writes `results/direction_geometry_<target>.{md,json,png}`. The prompts and the 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import load_target, prompt_sets  # noqa: E402
+
+from featsteer.files import json_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -65,7 +66,7 @@ def main() -> None:
         markdown = markdown[:cut] + "\n".join(lines[1:]) + "\n\n" + markdown[cut:]
     title, _, body = markdown.partition("\n")
     (RESULTS / f"{name}.md").write_text(f"{title}\n\n{header}{body.lstrip()}")
-    (RESULTS / f"{name}.json").write_text(json.dumps({"model": model.name, "seconds": round(seconds, 1), **geometry.to_dict(),
+    (RESULTS / f"{name}.json").write_text(json_text({"model": model.name, "seconds": round(seconds, 1), **geometry.to_dict(),
                                                       "read_side_generation": generated}, indent=1))
     geometry.plot(RESULTS / f"{name}.png")
     print((RESULTS / f"{name}.md").read_text())

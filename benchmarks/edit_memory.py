@@ -78,6 +78,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(*args.child, args.trials)))
         return
+    from featsteer.files import json_text
+
     if args.model is None:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from abliteration import qwen_gguf
@@ -92,7 +94,7 @@ def main() -> None:
     path = RESULTS / "edit_memory.json"
     kept = [row for row in (json.loads(path.read_text())["rows"] if path.is_file() else []) if row["label"] != args.label]
     rows = kept + rows
-    path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+    path.write_text(json_text({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
     lines = ["# Memory and time of a weight edit (`benchmarks/edit_memory.py`)", "",
              f"Measured {time.strftime('%Y-%m-%d')}, CPU, 2 threads, one child process per row. `added` is the peak resident "
              "memory the edit adds; `touched` the size of the weights it edits (one copy is kept for revert). `trial` is the median "

@@ -39,6 +39,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import load_target, prompt_sets  # noqa: E402
 
+from featsteer.files import json_text  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -66,7 +68,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = run(args)
     RESULTS.mkdir(exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+    path.with_suffix(".json").write_text(json_text(out, indent=1) + "\n")
     path.with_suffix(".md").write_text(render(out))
     print(render(out))
 

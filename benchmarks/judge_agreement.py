@@ -41,6 +41,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import prompt_sets, qwen_gguf  # noqa: E402
 
+from featsteer.files import json_text  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 LABELS = ROOT / "benchmarks" / "judge_labels_qwen.json"
 RESPONSES = ROOT / "runs" / "judge_qwen_responses.json"
@@ -255,9 +257,9 @@ def main() -> None:
         out["prompts_sha256"] = {s: sha(json.dumps(data["prompts"][s])) for s in SETS}
         out["response_sha"] = {s: [sha(r) for r in data["responses"][s]] for s in SETS}
         RESPONSES.parent.mkdir(exist_ok=True)
-        RESPONSES.write_text(json.dumps(data["responses"], indent=1) + "\n")
+        RESPONSES.write_text(json_text(data["responses"], indent=1) + "\n")
         out["seconds_total"] = time.perf_counter() - start
-        path.write_text(json.dumps(out, indent=1) + "\n")
+        path.write_text(json_text(out, indent=1) + "\n")
     out = json.loads(path.read_text())
     labels = json.loads(LABELS.read_text()) if LABELS.is_file() else {}
     if args.show_unlabelled:

@@ -23,7 +23,6 @@ behaviour:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -36,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import prompt_sets, qwen_gguf  # noqa: E402
+
+from featsteer.files import json_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 HOOK = "blocks.16.hook_resid_pre"
@@ -169,7 +170,7 @@ def main() -> None:
     out |= {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "machine": platform.processor() or platform.machine()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "moe_upcycle_qwen.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / "moe_upcycle_qwen.json").write_text(json_text(out, indent=1))
     (RESULTS / "moe_upcycle_qwen.md").write_text(render(out))
     print(render(out))
 

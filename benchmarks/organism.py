@@ -27,6 +27,7 @@ from featsteer.activations import capture  # noqa: E402
 from featsteer.datasets import PromptSet, builtin_prompts, load_prompts  # noqa: E402
 from featsteer.demo import layer_separability  # noqa: E402
 from featsteer.directions import difference_in_means, separability  # noqa: E402
+from featsteer.files import json_text  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
 
 TARGETS = {"builtin": (0.95, 0.05), "real": (0.70, 0.10)}
@@ -77,7 +78,7 @@ def main() -> None:
     if SHARED_DATA.is_dir():
         results["dim_real"] = real_dim(model)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "organism.json").write_text(json.dumps({k: v for k, v in results.items()}, indent=1) + "\n")
+    (RESULTS / "organism.json").write_text(json_text({k: v for k, v in results.items()}, indent=1) + "\n")
     (RESULTS / "organism.md").write_text(markdown(results))
     print(markdown(results))
 

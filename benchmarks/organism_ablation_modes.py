@@ -18,7 +18,6 @@ mean, and refusal can go up instead of down.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from abliteration import measure, measure_base, prompt_sets  # noqa: E402
 from featsteer.activations import capture  # noqa: E402
 from featsteer.evaluation import RefusalTokens  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig  # noqa: E402
+from featsteer.files import json_text  # noqa: E402
 from featsteer.interventions import Ablate, ProjectionSet, steer  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
 from featsteer.pipeline import DirectionConfig, find_refusal_direction  # noqa: E402
@@ -86,7 +86,7 @@ def main() -> None:
                "chosen": {"hook": chosen.hook, "position": chosen.position, "reason": chosen.reason},
                "rows": rows, "seconds": round(time.perf_counter() - started, 1)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "organism_ablation_modes.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (RESULTS / "organism_ablation_modes.json").write_text(json_text(payload, indent=1) + "\n")
     lines = ["# Zero- vs mean-ablation of the organism's DIM candidates", "",
              f"`benchmarks/organism_ablation_modes.py`, {time.strftime('%Y-%m-%d')}, {payload['seconds']:.0f}s. Built-in test prompts "
              f"(base: {base['refused_harmful']}/{base['n_harmful']} harmful refused); KL is the first-token KL on the harmless test prompts. "

@@ -15,7 +15,6 @@ A model is given as a folder or as LABEL=FOLDER (the label names it in the table
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from featsteer.evaluation import RefusalDetector  # noqa: E402
+from featsteer.files import json_text  # noqa: E402
 from featsteer.organism.train import builtin_split, generate_responses  # noqa: E402
 
 KINDS = (("harmful", True), ("harmless", False), ("alarming", False))
@@ -78,7 +78,7 @@ def main() -> None:
         args.out.write_text(text, encoding="utf-8")
         rates = {name: {k: sum(v[k]) / len(v[k]) for k, _ in KINDS} for name, v in flags.items()}
         payload = {"models": rates, "vote": {k: sum(v) / len(v) for k, v in vote.items()}, "wrong_histogram": histogram}
-        args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
+        args.out.with_suffix(".json").write_text(json_text(payload, indent=1), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import prompt_sets, qwen_gguf  # noqa: E402
 
+from featsteer.files import json_text  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 HOOK = "blocks.16.hook_resid_pre"
 
@@ -97,7 +99,7 @@ def worker(dtype: str, work: Path, full: bool, n_eval: int, n_train: int) -> Non
         out["abliterated_refused_harmful"] = sum(edited.refused)
         out["abliterated_kl"], out["abliterated_kl_answered"] = base.kls(logprobs)
     out["end"] = _memory()
-    (work / f"{dtype}.json").write_text(json.dumps(out, indent=1))
+    (work / f"{dtype}.json").write_text(json_text(out, indent=1))
 
 
 def main() -> None:
@@ -136,7 +138,7 @@ def main() -> None:
                                       for a, b in zip(run[key], reference[key], strict=True))
     payload = {"model": qwen_gguf().name, "date": time.strftime("%Y-%m-%d"), "threads": 2, "n_eval": args.n_eval, "n_train": args.n_train,
                "runs": runs}
-    (RESULTS / "precision_qwen.json").write_text(json.dumps(payload, indent=1))
+    (RESULTS / "precision_qwen.json").write_text(json_text(payload, indent=1))
     (RESULTS / "precision_qwen.md").write_text(render(payload))
     print(render(payload))
 

@@ -12,7 +12,6 @@ the Spearman correlation between the exact and the estimated per-block shares.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import prompt_sets, qwen_gguf  # noqa: E402
+
+from featsteer.files import json_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -63,7 +64,7 @@ def main() -> None:
            "spearman_per_block": rho, "top_exact": top(exact), "top_estimated": top(guess),
            "estimate_mode": estimated.to_dict(), "exact": full.to_dict()}
     name = f"reader_estimates_{args.target}"
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / f"{name}.json").write_text(json_text(out, indent=1))
     lines = [f"# Read-side ablation: exact per-block rows against one gradient pass ({args.target})", "",
              f"Measured by `benchmarks/reader_estimates.py --target {args.target}` on {out['date']} ({model.name}, {model.dtype}, "
              f"{args.threads} threads). DIM direction at `{hook}` (last token, 192 training prompts per class); readers on the next "

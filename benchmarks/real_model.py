@@ -41,6 +41,7 @@ from featsteer.evaluation import KLBase, RefusalTokens  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set  # noqa: E402
 from featsteer.evaluation.refusal import RefusalDetector  # noqa: E402
 from featsteer.features import score_features  # noqa: E402
+from featsteer.files import json_text  # noqa: E402
 from featsteer.interventions import AddDirection, ProjectionSet, steer  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
 from featsteer.pipeline import DirectionConfig, abliterate, find_refusal_direction  # noqa: E402
@@ -292,7 +293,7 @@ def write(model, sets, runs, extra, seconds, name: str) -> None:
                "transformers": transformers.__version__, "threads": torch.get_num_threads(),
                "sets": {k: {"n": len(v), "source": v.source, "sha256": v.sha256} for k, v in sets.items()},
                "runs": runs, "extra": extra, "timings_s": seconds}
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    (RESULTS / f"{name}.json").write_text(json_text(payload, indent=1, default=str) + "\n")
     render(payload, name)
 
 

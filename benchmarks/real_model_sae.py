@@ -57,6 +57,7 @@ from featsteer.evaluation import KLBase, RefusalTokens  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig  # noqa: E402
 from featsteer.evaluation.metrics import first_token_logprobs  # noqa: E402
 from featsteer.features import decoder_directions, score_features  # noqa: E402
+from featsteer.files import json_text  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
 from featsteer.sae import load_saes  # noqa: E402
 from sae_training.config import ArchitectureConfig, DataConfig, OptimConfig, TrainConfig  # noqa: E402
@@ -247,7 +248,7 @@ def write(model, sets, runs, extra, seconds, name: str) -> None:
                "sets": {k: {"n": len(v), "source": v.source, "sha256": v.sha256} for k, v in sets.items()},
                "runs": runs, "extra": extra, "timings_s": seconds}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    (RESULTS / f"{name}.json").write_text(json_text(payload, indent=1, default=str) + "\n")
     render(payload, name)
 
 

@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import prompt_sets, qwen_gguf  # noqa: E402
 
+from featsteer.files import json_text  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ["none", "dim_abliteration", "dim_per_layer_abliteration", "dim_ace_hook", "dim_angular_hook", "dim_angular_norms_hook", "leace_hook"]
 SAE_METHODS = ["sae_top1_abliteration", "sae_clamp_hook"]
@@ -89,7 +91,7 @@ def main() -> None:
            "seconds_total": round(time.perf_counter() - start, 1), "setup": run.setup, "results": [asdict(r) for r in run.results]}
     if args.exact_check:
         out["exact_check"] = exact_check(run, gen, sets["eval_harmless"], args.exact_n or (16 if qwen else None))
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1, default=str))
+    (RESULTS / f"{name}.json").write_text(json_text(out, indent=1, default=str))
     (RESULTS / f"{name}.md").write_text(render(out))
     (RESULTS / f"{name}.png").write_bytes(plot(out))
     print(render(out))

@@ -26,6 +26,7 @@ from featsteer.compare import SaeMethodConfig, compare, rank_sae_features  # noq
 from featsteer.datasets import builtin_prompts, load_prompts  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig  # noqa: E402
 from featsteer.features import feature_effects, features_needed  # noqa: E402
+from featsteer.files import json_text  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
 from featsteer.organism import ORGANISM_SAE_DIR  # noqa: E402
 from featsteer.sae import load_saes  # noqa: E402
@@ -61,7 +62,7 @@ def main() -> None:
                "feature_effects": effects.to_json(), "features_needed": needed.to_dict(),
                "seconds": round(time.perf_counter() - started, 1)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sae_organism.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    (RESULTS / "sae_organism.json").write_text(json_text(payload, indent=1, default=str) + "\n")
     text = markdown(payload, comparison, effects, needed)
     (RESULTS / "sae_organism.md").write_text(text)
     print(text)

@@ -31,6 +31,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import load_target, measure, measure_base, prompt_sets  # noqa: E402
 
+from featsteer.files import json_text  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 SIZES = (2, 4, 8, 16, 32, 64, 128)
 
@@ -94,7 +96,7 @@ def main() -> None:
            "estimate": estimate.to_dict(), "base": base_row, "rows": rows, "selection_seconds": round(selection_seconds, 1),
            "seconds_total": round(time.perf_counter() - started, 1)}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (RESULTS / f"{name}.json").write_text(json_text(out, indent=1) + "\n")
     (RESULTS / f"{name}.md").write_text(render(out))
     print(render(out))
 

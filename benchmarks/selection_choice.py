@@ -12,7 +12,6 @@ held-out prompts, greedy, 32 new tokens, first-token KL). Results: `benchmarks/r
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -26,6 +25,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import load_target, measure, measure_base, prompt_sets  # noqa: E402
+
+from featsteer.files import json_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -62,7 +63,7 @@ def main() -> None:
     out = {"target": args.target, "model": model.name, "date": time.strftime("%Y-%m-%d"), "command": shlex.join(sys.argv[1:]),
            "base_refused_harmful": base_row["refused_harmful"], "rows": rows, "seconds_total": round(time.perf_counter() - started, 1)}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"selection_choice_{args.target}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (RESULTS / f"selection_choice_{args.target}.json").write_text(json_text(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

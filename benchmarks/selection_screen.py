@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import prompt_sets, qwen_gguf  # noqa: E402
 
+from featsteer.files import json_text  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -112,7 +114,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     out["total_s"] = round(time.perf_counter() - start, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (RESULTS / f"{name}.json").write_text(json_text(out, indent=1) + "\n")
     (RESULTS / f"{name}.md").write_text(render(out))
     print(render(out))
 

@@ -12,7 +12,6 @@ the filters to the finalists' per-prompt scores and counts which candidate wins.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -26,6 +25,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import load_target, prompt_sets  # noqa: E402
+
+from featsteer.files import json_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -57,7 +58,7 @@ def main() -> None:
     out = {"target": args.target, "model": model.name, "date": time.strftime("%Y-%m-%d"), "command": shlex.join(sys.argv[1:]),
            "threads": args.threads, "screen": config.screen, "runs": runs, "seconds_total": round(time.perf_counter() - started, 1)}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"selection_stability_{args.target}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (RESULTS / f"selection_stability_{args.target}.json").write_text(json_text(out, indent=1) + "\n")
     (RESULTS / f"selection_stability_{args.target}.md").write_text(render(out))
     print(render(out))
 

@@ -37,6 +37,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import prompt_sets, qwen_gguf, real_pools  # noqa: E402
 
+from featsteer.files import json_text  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ["none", "dim_abliteration", "dim_ablation_hook", "dim_ace_hook", "dim_angular_hook", "dim_angular_norms_hook", "dim_actadd_induce",
            "dim_ace_induce"]
@@ -118,13 +120,13 @@ def main() -> None:
         rows.append(everywhere.results[0])
     if args.save_responses:
         Path(args.save_responses).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save_responses).write_text(json.dumps(main_run.responses_json(), indent=1) + "\n")
+        Path(args.save_responses).write_text(json_text(main_run.responses_json(), indent=1) + "\n")
     out = {
         "target": args.target, "title": args.title, "eval_set": _eval_description(args.eval_set, len(sets["eval_harmful"]), len(sets["eval_harmless"])), "command": shlex.join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"), "model": model.name, "dtype": dtype, "threads": args.threads, "seconds_total": round(time.perf_counter() - start, 1),
         "setup": main_run.setup,
         "results": [{**asdict(r), "variant": "every activation" if i >= len(main_run.results) else ""} for i, r in enumerate(rows)],
     }
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1, default=str))
+    (RESULTS / f"{name}.json").write_text(json_text(out, indent=1, default=str))
     (RESULTS / f"{name}.md").write_text(render(out))
     print(render(out))
 
