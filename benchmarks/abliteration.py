@@ -289,6 +289,12 @@ def search_record(found, n_trials: int, kl_prompts: str, warm_start) -> dict:
             "best_number": found.best["number"] if found.best else None}
 
 
+def fmt(value: float | None, spec: str = "") -> str:
+    """`format(value, spec)`, with `None` written as NaN is (`nan`): results JSON stores NaN and inf as `null`
+    (`featsteer.files.json_text`), and a table re-rendered from the file must read as the one rendered before saving."""
+    return format(float("nan") if value is None else value, spec)
+
+
 def pareto_table(search: dict | None) -> list[str]:
     """Markdown lines for the Pareto front `run_search` records (none when there is no front)."""
     if not search or not search.get("pareto"):

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import prompt_sets, qwen_gguf  # noqa: E402
+from abliteration import fmt, prompt_sets, qwen_gguf  # noqa: E402
 
 from featsteer.files import json_text  # noqa: E402
 
@@ -156,7 +156,7 @@ def render(payload: dict) -> str:
     ]
     for dtype, run in runs.items():
         s = run["seconds"]
-        lines.append(f"| {dtype} | {s['load']:.1f} | {run['after_speed']['rss_gib']:.2f} | {run['end']['peak_rss_gib']:.2f} | "
+        lines.append(f"| {dtype} | {s['load']:.1f} | {fmt(run['after_speed']['rss_gib'], '.2f')} | {fmt(run['end']['peak_rss_gib'], '.2f')} | "
                      f"{s['prefill_32']:.1f} | {s['generate_16x16']:.1f} |")
     lines += [
         "",
@@ -174,8 +174,8 @@ def render(payload: dict) -> str:
         busy = s["eval_harmful"] + s["eval_harmless"] + s["capture"] + s["abliterated_eval"]
         lines.append(
             f"| {dtype} | {sum(run['refused_harmful'])}/{n} | {sum(run['refused_harmless'])}/{n} | {run['flips_vs_float32']} "
-            f"| {run['kl_vs_float32']:.4f} | {run['direction_cosine_vs_float32']:.5f} | {run['abliterated_refused_harmful']}/{n} "
-            f"| {run['abliterated_kl']:.4f} ({run['abliterated_kl_answered']:.4f}) | {busy:.0f} |"
+            f"| {fmt(run['kl_vs_float32'], '.4f')} | {run['direction_cosine_vs_float32']:.5f} | {run['abliterated_refused_harmful']}/{n} "
+            f"| {fmt(run['abliterated_kl'], '.4f')} ({fmt(run['abliterated_kl_answered'], '.4f')}) | {busy:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

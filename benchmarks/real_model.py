@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import measure, measure_base, pareto_table, prompt_sets, qwen_gguf, run_search  # noqa: E402
+from abliteration import fmt, measure, measure_base, pareto_table, prompt_sets, qwen_gguf, run_search  # noqa: E402
 
 from featsteer.activations import capture  # noqa: E402
 from featsteer.directions import find_directions  # noqa: E402
@@ -313,7 +313,7 @@ def render(payload: dict, name: str) -> None:
         return f"{r[f'refused_{kind}']}/{r[f'n_{kind}']}" if f"refused_{kind}" in r else "not generated"
 
     for run, r in runs.items():
-        kl = "0" if run == "base model" else f"{r['kl_harmless']:.4f}"
+        kl = "0" if run == "base model" else fmt(r["kl_harmless"], ".4f")
         answered = "0" if run == "base model" else "-" if r.get("kl_harmless_answered") is None else f"{r['kl_harmless_answered']:.4f}"
         stage = seconds.get("base_eval", "") if run == "base model" else seconds.get(run, "")
         lines.append(f"| {run} | {rate(r, 'harmful')} | {rate(r, 'harmless')} | {kl} | {answered} | {stage} |")
@@ -327,7 +327,7 @@ def render(payload: dict, name: str) -> None:
         lines += ["", f"Selection finalists ({payload['extra']['settings']['n_select']} validation prompts per set; refusal log-odds "
                   f"of harmful prompts {table['base_refusal_harmful']:.2f} unablated):", "",
                   "| candidate | refusal score ablated | KL harmless | refusal score induced | verdict |", "|---|---|---|---|---|"]
-        lines += [f"| `{c['hook']}` pos {c['position']} | {c['refusal_ablated']:.2f} | {c['kl_harmless']:.3f} | {c['refusal_induced']:.2f} | {c['reason']} |"
+        lines += [f"| `{c['hook']}` pos {c['position']} | {fmt(c['refusal_ablated'], '.2f')} | {fmt(c['kl_harmless'], '.3f')} | {fmt(c['refusal_induced'], '.2f')} | {c['reason']} |"
                   for c in finalists]
     if "dim_search" in runs:
         info = runs["dim_search"]["search"]
@@ -338,8 +338,8 @@ def render(payload: dict, name: str) -> None:
             lines.append(f"\n{source} probe direction at the DIM layer: cosine with DIM {extra[f'{source}_cosine_with_dim']:.4f}.")
     if "sae" in extra:
         m = extra["sae"]["metrics"]
-        lines += ["", f"SAE at `{extra['sae']['hook']}` (topk, d_sae {m.get('d_sae')}): explained variance {m.get('explained_variance', float('nan')):.3f}, "
-                  f"L0 {m.get('l0', float('nan')):.1f}, dead {m.get('dead_fraction', float('nan')):.3f}, CE loss recovered {m.get('ce_loss_recovered', float('nan')):.3f}, "
+        lines += ["", f"SAE at `{extra['sae']['hook']}` (topk, d_sae {m.get('d_sae')}): explained variance {fmt(m.get('explained_variance'), '.3f')}, "
+                  f"L0 {fmt(m.get('l0'), '.1f')}, dead {fmt(m.get('dead_fraction'), '.3f')}, CE loss recovered {fmt(m.get('ce_loss_recovered'), '.3f')}, "
                   f"{m.get('train_tokens')} training tokens ({m.get('unique_tokens')} unique) at {m.get('tokens_per_second', 0):.0f} tokens/s "
                   f"(training; capture {m.get('capture_seconds', 0):.0f}s). Top feature's decoder row vs DIM: cosine {extra['sae']['top1_cosine_with_dim']:.3f}; "
                   f"norm of DIM inside the top-k span: {extra['sae']['dim_norm_in_topk_span']:.3f}."]

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import measure, pareto_table, prompt_sets, qwen_gguf, real_pools, run_fixed_search  # noqa: E402
+from abliteration import fmt, measure, pareto_table, prompt_sets, qwen_gguf, real_pools, run_fixed_search  # noqa: E402
 from real_model import Clock  # noqa: E402
 
 from featsteer.activations import capture  # noqa: E402
@@ -263,12 +263,12 @@ def render(payload: dict, name: str) -> None:
              f"## SAE at `{extra['hook']}`", "",
              "| d_sae | k | explained variance | L0 | dead | CE loss recovered | train tokens (unique) | training tok/s | capture | left out (massive activations) |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-             f"| {m['d_sae']} | {m['k']} | {m['explained_variance']:.3f} | {m['l0']:.1f} | {m['dead_fraction']:.3f} | "
-             f"{m['ce_loss_recovered']:.3f} | {m['train_tokens']:,} ({m['unique_tokens']:,}) | {m['tokens_per_second']:,.0f} | "
+             f"| {m['d_sae']} | {m['k']} | {fmt(m['explained_variance'], '.3f')} | {fmt(m['l0'], '.1f')} | {fmt(m['dead_fraction'], '.3f')} | "
+             f"{fmt(m['ce_loss_recovered'], '.3f')} | {m['train_tokens']:,} ({m['unique_tokens']:,}) | {m['tokens_per_second']:,.0f} | "
              f"{m['capture_seconds']:.0f} s ({m['unique_tokens'] / max(m['capture_seconds'], 1e-9):.0f} tok/s) | "
              f"{100 * m['excluded_fraction']:.2f}% (norm > {m['max_norm']:.0f}) |", "",
              f"Tokens from position {m['first_position']} on (the chat-template head before it is the same in every prompt). "
-             f"CE: clean {m['ce_clean']:.3f}, spliced {m['ce_spliced']:.3f}, zero-ablated {m['ce_zero_ablated']:.3f} (nats per response token). "
+             f"CE: clean {fmt(m['ce_clean'], '.3f')}, spliced {fmt(m['ce_spliced'], '.3f')}, zero-ablated {fmt(m['ce_zero_ablated'], '.3f')} (nats per response token). "
              f"Optimiser: {m['train_tokens'] // (m.get('batch_tokens') or 4096)} steps of {m.get('batch_tokens') or 4096} tokens, "
              f"lr {m.get('lr') or float('nan'):.2g}, {m['epochs']:.1f} passes over the captured tokens."
              + (" The capture was made by an earlier run and read back from the activation cache (this run's SAE stage "
@@ -276,7 +276,7 @@ def render(payload: dict, name: str) -> None:
              "## Projected out of every residual writer", "",
              "| method | harmful refused | KL harmless | time |", "|---|---:|---:|---:|"]
     for run, r in payload["runs"].items():
-        lines.append(f"| {run} | {r['refused_harmful']}/{r['n_harmful']} | {r['kl_harmless']:.4f} | {payload['timings_s'].get(run, 0):.0f} s |")
+        lines.append(f"| {run} | {r['refused_harmful']}/{r['n_harmful']} | {fmt(r['kl_harmless'], '.4f')} | {payload['timings_s'].get(run, 0):.0f} s |")
     for run, r in payload["runs"].items():
         if r.get("search"):
             info = r["search"]
@@ -287,15 +287,15 @@ def render(payload: dict, name: str) -> None:
         pick = extra["pick"]
         # results written before looping was counted have the refusal rate under "refusal_harmful"
         rows = "; ".join(f"k={k}: {'unanswered' if 'unanswered_harmful' in v else 'refusal'} "
-                         f"{v.get('unanswered_harmful', v.get('refusal_harmful')):.3f}, KL {v['kl_harmless']:.4f}" for k, v in pick["validation"].items())
+                         f"{fmt(v.get('unanswered_harmful', v.get('refusal_harmful')), '.3f')}, KL {fmt(v['kl_harmless'], '.4f')}" for k, v in pick["validation"].items())
         lines += ["", f"k picked on {pick['n_val'][0]} + {pick['n_val'][1]} validation prompts (neither training nor evaluation prompts) "
                   f"as `featsteer compare` picks it, the lowest KL within 0.05 of the lowest refusal: **k={pick['chosen']}** ({rows})."]
     lines += ["", f"Top feature's decoder row vs DIM: cosine {extra['top1_cosine_with_dim']:.3f}; norm of DIM inside the span of the "
               f"top {len(extra['top_features'])} rows: {extra['dim_norm_in_topk_span']:.3f}.", "",
               "| rank | feature | composite | AUROC | harmful mean | harmless mean |", "|---:|---:|---:|---:|---:|---:|"]
     for rank, row in enumerate(extra["top_features"], 1):
-        lines.append(f"| {rank} | {row.get('feature_id')} | {row.get('composite', float('nan')):.3f} | {row.get('auroc', float('nan')):.3f} | "
-                     f"{row.get('harmful_mean', float('nan')):.3f} | {row.get('harmless_mean', float('nan')):.3f} |")
+        lines.append(f"| {rank} | {row.get('feature_id')} | {fmt(row.get('composite'), '.3f')} | {fmt(row.get('auroc'), '.3f')} | "
+                     f"{fmt(row.get('harmful_mean'), '.3f')} | {fmt(row.get('harmless_mean'), '.3f')} |")
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in payload["timings_s"].items()), ""]
     (RESULTS / f"{name}.md").write_text("\n".join(lines))
 

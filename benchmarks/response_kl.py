@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import prompt_sets, qwen_gguf  # noqa: E402
+from abliteration import fmt, prompt_sets, qwen_gguf  # noqa: E402
 
 from featsteer.files import json_text  # noqa: E402
 
@@ -144,7 +144,7 @@ def render(out: dict) -> str:
              f"KL response: KL(base || method) at each of the first {rkl.get('max_tokens')} positions of the unedited model's greedy "
              f"harmless responses ({rkl.get('positions')} positions in all), teacher-forced into both models, averaged per prompt and then "
              f"over prompts; the base keeps its top {rkl.get('top_k')} tokens per position and lumps the rest (mean lumped mass "
-             f"{rkl.get('base_tail_mass', float('nan')):.2g}). Total {out['seconds_total']:.0f} s.", "",
+             f"{fmt(rkl.get('base_tail_mass'), '.2g')}). Total {out['seconds_total']:.0f} s.", "",
              "| method | setting | refused harmful | KL first token (all / answered) | KL response (all / answered) | rank: first token / response |",
              "|---|---|---|---|---|---|"]
     for r in results:
@@ -152,7 +152,7 @@ def render(out: dict) -> str:
         answered = "-" if r["kl_harmless_answered"] is None else f"{r['kl_harmless_answered']:.4f}"
         response_answered = "-" if r["kl_response_harmless_answered"] is None else f"{r['kl_response_harmless_answered']:.4f}"
         lines.append(f"| {r['method']} | {r['details'].get('setting', '-')} | {round(r['refusal_harmful'] * nh)}/{nh} | "
-                     f"{r['kl_harmless']:.4f} / {answered} | {r['kl_response_harmless']:.4f} / {response_answered} | {rank} |")
+                     f"{fmt(r['kl_harmless'], '.4f')} / {answered} | {fmt(r['kl_response_harmless'], '.4f')} / {response_answered} | {rank} |")
     heads = " | ".join(f"position {a}" if b == a + 1 else f"positions {a}-{b - 1}" for a, b in BUCKETS)
     lines += ["", "Mean KL by position of the response (over the prompts whose base response reaches it):", "",
               f"| method | {heads} |", "|---|" + "---|" * len(BUCKETS)]

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import prompt_sets, qwen_gguf  # noqa: E402
+from abliteration import fmt, prompt_sets, qwen_gguf  # noqa: E402
 
 from featsteer.files import json_text  # noqa: E402
 
@@ -135,9 +135,9 @@ def render(out: dict) -> str:
     for row in out["screened"]:
         lines.append(f"| `screen={row['screen']}` | {row['selection_s']} | {row['screen']} | {row['chosen'][0]} pos {row['chosen'][1]} "
                      f"(KL {row['chosen_kl']:.3f}) | {'yes' if row['same_choice'] else 'no'} | {row['finalists_kept']} | "
-                     f"{row['spearman_estimate_vs_exact']} | {row['worst_estimate_rank_of_a_finalist']} |")
+                     f"{fmt(row['spearman_estimate_vs_exact'])} | {row['worst_estimate_rank_of_a_finalist']} |")
     ratio = out["screened"][0]["mean_ratio_estimate_to_exact_change"] if out["screened"] else float("nan")
-    lines += ["", f"The first-order estimate of a finalist's score change is on average {ratio} of the exact change: it ranks, "
+    lines += ["", f"The first-order estimate of a finalist's score change is on average {fmt(ratio)} of the exact change: it ranks, "
               "it does not measure. Seconds include the base passes and the KL/induce checks of the 8 finalists, which "
               "the screen does not shorten.", ""]
     return "\n".join(lines)

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import prompt_sets, qwen_gguf, real_pools  # noqa: E402
+from abliteration import fmt, prompt_sets, qwen_gguf, real_pools  # noqa: E402
 
 from featsteer.files import json_text  # noqa: E402
 
@@ -218,7 +218,7 @@ def render(out: dict) -> str:
                    f"{round(r['looping_harmful'] * nh)}/{nh} / {round(r['looping_harmless'] * nl)}/{nl}")
         nll = "-" if r.get("base_nll_harmless") is None else f"{r['base_nll_harmless']:.3f}"
         lines.append(f"| {name} | {r['details'].get('setting', '-')} | {round(r['refusal_harmful'] * nh)}/{nh} | "
-                     f"{round(r['refusal_harmless'] * nl)}/{nl} | {r['kl_harmless']:.4f} | {answered} | {looping} | {nll} | {r['seconds']:.0f} |")
+                     f"{round(r['refusal_harmless'] * nl)}/{nl} | {fmt(r['kl_harmless'], '.4f')} | {answered} | {looping} | {nll} | {r['seconds']:.0f} |")
     lines += ["", "Looping: responses that end in repetition (`featsteer.evaluation.LoopDetector`). Base NLL: the unedited model's mean "
               "negative log-likelihood per token of the method's harmless responses (the `none` row is its own greedy answers)."]
     lines += paired_lines(out["results"])
@@ -228,7 +228,7 @@ def render(out: dict) -> str:
         picked = r["details"].get("validation") or r["details"].get("induce_val_refusal")
         if picked:
             name = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
-            lines.append(f"- {name}: {json.dumps(picked)}")
+            lines.append(f"- {name}: {json_text(picked, indent=None)}")
     lines += _optimization_lines(out["results"])
     lines += _gate_lines(out["results"])
     return "\n".join(lines) + "\n"
@@ -258,7 +258,7 @@ def _gate_lines(results: list[dict]) -> list[str]:
                      f"{held['harmless']['fired']}/{held['harmless']['n']} harmless" if held else "") + ".", "",
                   "| hook | pooling | threshold | balanced accuracy, training | validation |", "|---|---|---:|---:|---:|"]
         lines += [f"| {c['hook']} | {c['pool']} | {c['threshold']:.4f} | {c['train_balanced_accuracy']:.3f} | "
-                  f"{c.get('val_balanced_accuracy', float('nan')):.3f} |" for c in gate["candidates"]]
+                  f"{fmt(c.get('val_balanced_accuracy'), '.3f')} |" for c in gate["candidates"]]
     return lines
 
 
