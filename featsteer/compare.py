@@ -1787,6 +1787,7 @@ def _details_html(details: dict) -> str:
 
 
 def _html(comparison: Comparison, png: bytes) -> str:
+    judged = any(r.judge for r in comparison.results)
     rows = "".join(
         f"<tr><td>{html.escape(r.method)}</td><td>{html.escape(r.description)}{_details_html(r.details)}</td><td>{r.refusal_harmful:.3f} "
         f"<small>[{r.ci_harmful[0]:.2f}, {r.ci_harmful[1]:.2f}]</small></td><td>{r.refusal_harmless:.3f}</td>"
@@ -1794,7 +1795,7 @@ def _html(comparison: Comparison, png: bytes) -> str:
         f"<td>{_kl_cell(r.kl_response_harmless)} / {_kl_cell(r.kl_response_harmless_answered)}</td>"
         f"<td>{'-' if r.over_refusal is None else f'{r.over_refusal:.3f}'}</td>"
         f"<td>{r.refusal_score_harmful:.2f}</td><td>{_cell(r.looping_harmful)} / {_cell(r.looping_harmless)}</td>"
-        f"<td>{_cell(r.base_nll_harmless)}</td></tr>"
+        f"<td>{_cell(r.base_nll_harmless)}</td>" + (f"<td>{html.escape(_judge_cell(r.judge))}</td>" if judged else "") + "</tr>"
         for r in comparison.results
     )
     examples = "".join(
@@ -1804,6 +1805,9 @@ def _html(comparison: Comparison, png: bytes) -> str:
         for r in comparison.results
     )
     setup = html.escape(json.dumps(comparison.setup, indent=1))
+    judge_head = "<th>judge refusal harmful / harmless (same verdict as markers)</th>" if judged else ""
+    judge_note = (f" The judge column is {html.escape(str(comparison.setup.get('judge', {}).get('name', 'the judge')))}'s refusal rates on the "
+                  "same responses, with the number of responses per set on which it agrees with the markers." if judged else "")
     image = base64.b64encode(png).decode()
     paired = comparison.paired_table()
     warnings = comparison.coherence_warnings() + comparison.bound_exclusions()
@@ -1824,8 +1828,8 @@ def _html(comparison: Comparison, png: bytes) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}th{{background:#f3f3f3}}pre{{background:#f7f7f7;padding:8px;font-size:12px}}</style>
 </head><body><h1>featsteer: method comparison on {html.escape(str(comparison.setup.get('model')))}</h1>
-<p>Same held-out prompts, greedy decoding, same refusal detector for every method. KL is first-token KL(base || method) on harmless prompts; KL answered leaves out the harmless prompts the unedited model refuses (removing refusal rightly changes those). KL response is the same KL at every position of the unedited model's own harmless responses, fed back to both models (all / answered): a method that keeps the first token and changes what follows shows there. Looping is the share of responses that end in repetition (a broken model refuses nothing but says nothing); base NLL is the unedited model's mean per-token negative log-likelihood of the method's harmless responses (the <code>none</code> row is the floor).</p>
-<table><tr><th>method</th><th>what</th><th>refusal (harmful) [95% CI]</th><th>refusal (harmless)</th><th>KL harmless</th><th>KL answered</th><th>KL response (all / answered)</th><th>over-refusal</th><th>refusal score</th><th>looping (harmful / harmless)</th><th>base NLL (harmless)</th></tr>{rows}</table>
+<p>Same held-out prompts, greedy decoding, same refusal detector for every method. KL is first-token KL(base || method) on harmless prompts; KL answered leaves out the harmless prompts the unedited model refuses (removing refusal rightly changes those). KL response is the same KL at every position of the unedited model's own harmless responses, fed back to both models (all / answered): a method that keeps the first token and changes what follows shows there. Looping is the share of responses that end in repetition (a broken model refuses nothing but says nothing); base NLL is the unedited model's mean per-token negative log-likelihood of the method's harmless responses (the <code>none</code> row is the floor).{judge_note}</p>
+<table><tr><th>method</th><th>what</th><th>refusal (harmful) [95% CI]</th><th>refusal (harmless)</th><th>KL harmless</th><th>KL answered</th><th>KL response (all / answered)</th><th>over-refusal</th><th>refusal score</th><th>looping (harmful / harmless)</th><th>base NLL (harmless)</th>{judge_head}</tr>{rows}</table>
 {paired_html}{coherence_html}<h2>Directions</h2><ul>{directions}</ul>
 <h2>Refusal vs KL</h2><img alt="pareto plot" src="data:image/png;base64,{image}">
 <h2>Examples</h2>{examples}<h2>Set-up</h2><pre>{setup}</pre></body></html>"""

@@ -450,6 +450,7 @@ def test_picks_can_weigh_settings_by_the_kl_along_the_answers(prompts):
 
 
 def test_compare_asks_the_judge_about_each_methods_responses_with_the_method_undone(prompts):
+    from featsteer.compare import _html, _judge_cell
     from featsteer.evaluation.judge import JudgeVerdicts, agreement
 
     model = load_model("tiny:llama")
@@ -480,6 +481,9 @@ def test_compare_asks_the_judge_about_each_methods_responses_with_the_method_und
     assert comparison.results[1].paired is None and comparison.results[2].paired["judge_refused_harmful"]["only_a"] == 0
     assert "judge refusal harmful" in comparison.table() and "judge: refused harmful" in comparison.paired_table()
     assert comparison.setup["judge"] == {"name": "spy", "threshold": 0.5, "anchors": None}
+    page = _html(comparison, b"")  # the report shows the judge's rates as the printed table does, one cell per method
+    assert "<th>judge refusal harmful / harmless (same verdict as markers)</th>" in page and "spy's refusal rates" in page
+    assert all(f"<td>{_judge_cell(r.judge)}</td></tr>" in page for r in comparison.results)
 
 
 def test_methods_on_the_normalised_inputs_are_left_out_for_models_without_input_norms(prompts):
