@@ -1604,6 +1604,7 @@ def compare(
     if reuse is not None:
         _take_over(ctx, reuse)
     _warn_coarse_picks(ctx)
+    overlap = _eval_overlap(ctx, eval_harmful, eval_harmless)
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     # the unedited model's harmless first-token distribution (the KL base) and which of those prompts it refuses
     base_harmless = evaluate_set(model, eval_harmless, "harmless", gen, RefusalDetector(), keep_logprobs=True)
@@ -1620,7 +1621,7 @@ def compare(
         "validation": ({"harmful": val_harmful.source, "harmless": val_harmless.source, "n_harmful": len(val_harmful),
                         "n_harmless": len(val_harmless), "harmful_sha256": val_harmful.sha256, "harmless_sha256": val_harmless.sha256}
                        if val_harmful is not None else f"last {ctx.direction_config.val_fraction:g} of the training prompts"),
-        "eval_harmful_sha256": eval_harmful.sha256, "eval_harmless_sha256": eval_harmless.sha256,
+        "eval_harmful_sha256": eval_harmful.sha256, "eval_harmless_sha256": eval_harmless.sha256, "eval_overlap": overlap,
         "generation": asdict(gen), "directions": asdict(ctx.direction_config),
         "n_pick": [len(prompts) for prompts in ctx.validation()],
         "pick_kl": ctx.pick_kl,
@@ -1639,6 +1640,21 @@ def compare(
         setup["sae"] = _sae_setup(ctx)
     return Comparison(results, setup, ctx, responses={name: kept for name, (_, kept) in zip(names, measured, strict=True)},
                       eval_prompts={"harmful": list(eval_harmful), "harmless": list(eval_harmless)})
+
+
+def _eval_overlap(ctx: CompareContext, eval_harmful: PromptSet, eval_harmless: PromptSet) -> dict[str, int]:
+    """`{"harmful": n, "harmless": n}`: evaluation prompts that are also training or validation prompts (the directions
+    were fitted, or the settings picked, on them), with a warning when there are any: the table is then not held out."""
+    overlap = {}
+    for name, evaluated, trained, validated in (("harmful", eval_harmful, ctx.training()[0], ctx.validation_sets()[0]),
+                                                ("harmless", eval_harmless, ctx.training()[1], ctx.validation_sets()[1])):
+        seen = {*trained, *validated}
+        overlap[name] = sum(prompt in seen for prompt in evaluated)
+        if overlap[name]:
+            logger.warning("%d of the %d %s evaluation prompts (%s) are also training or validation prompts, so the table is not "
+                           "held out on them: give evaluation prompts the training and validation sets do not hold (e.g. the :test split)",
+                           overlap[name], len(evaluated), name, evaluated.source)
+    return overlap
 
 
 def _warn_coarse_picks(ctx: CompareContext) -> None:

@@ -518,6 +518,22 @@ def test_compare_warns_when_the_pick_tolerance_is_below_one_validation_prompt(pr
     assert "cannot let a setting" not in caplog.text
 
 
+def test_compare_warns_when_evaluation_prompts_are_training_or_validation_prompts(prompts, caplog):
+    model = load_model("tiny:llama")
+    harmful, harmless = prompts
+    held_out = builtin_prompts("harmful", "test").head(4), builtin_prompts("harmless", "test").head(4)
+    run = {"methods": ["none"], "direction_config": DirectionConfig(n_select=3), "generation": GenerationConfig(max_new_tokens=2)}
+    with caplog.at_level("WARNING", logger="featsteer.compare"):
+        clean = compare(model, harmful, harmless, eval_harmful=held_out[0], eval_harmless=held_out[1], **run)
+    assert clean.setup["eval_overlap"] == {"harmful": 0, "harmless": 0} and "not held out" not in caplog.text
+    # two training prompts and the last (validation) prompt of the harmful set among the evaluation prompts
+    mixed = harmful[:2] + harmful[-1:] + held_out[0][:1]
+    with caplog.at_level("WARNING", logger="featsteer.compare"):
+        contaminated = compare(model, harmful, harmless, eval_harmful=mixed, eval_harmless=held_out[1], **run)
+    assert contaminated.setup["eval_overlap"] == {"harmful": 3, "harmless": 0}
+    assert "3 of the 4 harmful evaluation prompts" in caplog.text and "not held out" in caplog.text
+
+
 def test_settings_tied_in_refusal_and_kl_are_told_apart_by_the_validation_refusal_score(prompts):
     """Behind a gate that fires on no validation harmless prompt every setting has KL 0; the tie goes to the setting
     whose validation harmful prompts are furthest from a refusal, each tied setting applied again to read it."""
