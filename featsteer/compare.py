@@ -759,10 +759,15 @@ loop shows only once its unit has come round twice: at 16 tokens the organism's 
 like 31 coherent refusals in 32 validation prompts, at 32 tokens 3 in 32 (the rest loop)."""
 
 
+ROUND_OFF = 1e-9
+"""Slack on the picks' "within the tolerance" comparisons: rates are counts over prompts, and a setting exactly one
+tolerance away must stay eligible although `0.7 + 0.1 < 0.8` in floating point."""
+
+
 def weakest_within(rates: Mapping[Any, float], tolerance: float) -> Any:
     """The first key (weakest setting, by the caller's order) whose rate is within `tolerance` of the highest."""
     best = max(rates.values())
-    return next(key for key, rate in rates.items() if rate >= best - tolerance)
+    return next(key for key, rate in rates.items() if rate >= best - tolerance - ROUND_OFF)
 
 
 def gentlest_within(rows: Mapping[Any, tuple[float, float]], tolerance: float) -> Any:
@@ -781,7 +786,7 @@ def gentlest_ties(rows: Mapping[Any, tuple[float, float]], tolerance: float) -> 
     lowest eligible KL exactly, the lowest refusal first (then the caller's order). Usually one; several when the
     settings cannot differ in KL on the validation prompts, as behind a gate that fires on none of them."""
     floor = min(refusal for refusal, _ in rows.values())
-    eligible = [key for key, (refusal, _) in rows.items() if refusal <= floor + tolerance]
+    eligible = [key for key, (refusal, _) in rows.items() if refusal <= floor + tolerance + ROUND_OFF]
     lowest = min(rows[key][1] for key in eligible)
     return sorted((key for key in eligible if rows[key][1] == lowest), key=lambda key: rows[key][0])
 
