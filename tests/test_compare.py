@@ -484,6 +484,9 @@ def test_compare_asks_the_judge_about_each_methods_responses_with_the_method_und
     page = _html(comparison, b"")  # the report shows the judge's rates as the printed table does, one cell per method
     assert "<th>judge refusal harmful / harmless (same verdict as markers)</th>" in page and "spy's refusal rates" in page
     assert all(f"<td>{_judge_cell(r.judge)}</td></tr>" in page for r in comparison.results)
+    # and says what every column of its table means
+    assert "<th>over-refusal (alarming)</th><th>refusal score (harmful)</th>" in page
+    assert "over-refusal is the same share on the harmless-but-alarming prompts" in page and "refusal score is the mean first-token" in page
 
 
 def test_methods_on_the_normalised_inputs_are_left_out_for_models_without_input_norms(prompts):
