@@ -1389,6 +1389,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return 0
     if not (args.harmful and args.harmless and args.out):
         raise FeatsteerError("compare needs --harmful, --harmless and --out (or --list)")
+    # an earlier run's responses.json (and its responses.labels.json) beside this run's results would read as one run
+    check_empty_folder(args.out)
     _check_compare_options_apply(args)
     if args.method != "dim" or args.rank is not None:  # recorded in results.json, but every method finds its own direction
         raise FeatsteerError("compare runs every direction method itself (svd2_abliteration is rank 2): drop --method/--rank "

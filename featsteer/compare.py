@@ -759,10 +759,15 @@ loop shows only once its unit has come round twice: at 16 tokens the organism's 
 like 31 coherent refusals in 32 validation prompts, at 32 tokens 3 in 32 (the rest loop)."""
 
 
+ROUND_OFF = 1e-9
+"""Slack on the picks' "within the tolerance" comparisons: rates are counts over prompts, and a setting exactly one
+tolerance away must stay eligible although `0.7 + 0.1 < 0.8` in floating point."""
+
+
 def weakest_within(rates: Mapping[Any, float], tolerance: float) -> Any:
     """The first key (weakest setting, by the caller's order) whose rate is within `tolerance` of the highest."""
     best = max(rates.values())
-    return next(key for key, rate in rates.items() if rate >= best - tolerance)
+    return next(key for key, rate in rates.items() if rate >= best - tolerance - ROUND_OFF)
 
 
 def gentlest_within(rows: Mapping[Any, tuple[float, float]], tolerance: float) -> Any:
@@ -781,7 +786,7 @@ def gentlest_ties(rows: Mapping[Any, tuple[float, float]], tolerance: float) -> 
     lowest eligible KL exactly, the lowest refusal first (then the caller's order). Usually one; several when the
     settings cannot differ in KL on the validation prompts, as behind a gate that fires on none of them."""
     floor = min(refusal for refusal, _ in rows.values())
-    eligible = [key for key, (refusal, _) in rows.items() if refusal <= floor + tolerance]
+    eligible = [key for key, (refusal, _) in rows.items() if refusal <= floor + tolerance + ROUND_OFF]
     lowest = min(rows[key][1] for key in eligible)
     return sorted((key for key in eligible if rows[key][1] == lowest), key=lambda key: rows[key][0])
 
@@ -1604,6 +1609,7 @@ def compare(
     if reuse is not None:
         _take_over(ctx, reuse)
     _warn_coarse_picks(ctx)
+    overlap = _eval_overlap(ctx, eval_harmful, eval_harmless)
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     # the unedited model's harmless first-token distribution (the KL base) and which of those prompts it refuses
     base_harmless = evaluate_set(model, eval_harmless, "harmless", gen, RefusalDetector(), keep_logprobs=True)
@@ -1620,7 +1626,7 @@ def compare(
         "validation": ({"harmful": val_harmful.source, "harmless": val_harmless.source, "n_harmful": len(val_harmful),
                         "n_harmless": len(val_harmless), "harmful_sha256": val_harmful.sha256, "harmless_sha256": val_harmless.sha256}
                        if val_harmful is not None else f"last {ctx.direction_config.val_fraction:g} of the training prompts"),
-        "eval_harmful_sha256": eval_harmful.sha256, "eval_harmless_sha256": eval_harmless.sha256,
+        "eval_harmful_sha256": eval_harmful.sha256, "eval_harmless_sha256": eval_harmless.sha256, "eval_overlap": overlap,
         "generation": asdict(gen), "directions": asdict(ctx.direction_config),
         "n_pick": [len(prompts) for prompts in ctx.validation()],
         "pick_kl": ctx.pick_kl,
@@ -1639,6 +1645,21 @@ def compare(
         setup["sae"] = _sae_setup(ctx)
     return Comparison(results, setup, ctx, responses={name: kept for name, (_, kept) in zip(names, measured, strict=True)},
                       eval_prompts={"harmful": list(eval_harmful), "harmless": list(eval_harmless)})
+
+
+def _eval_overlap(ctx: CompareContext, eval_harmful: PromptSet, eval_harmless: PromptSet) -> dict[str, int]:
+    """`{"harmful": n, "harmless": n}`: evaluation prompts that are also training or validation prompts (the directions
+    were fitted, or the settings picked, on them), with a warning when there are any: the table is then not held out."""
+    overlap = {}
+    for name, evaluated, trained, validated in (("harmful", eval_harmful, ctx.training()[0], ctx.validation_sets()[0]),
+                                                ("harmless", eval_harmless, ctx.training()[1], ctx.validation_sets()[1])):
+        seen = {*trained, *validated}
+        overlap[name] = sum(prompt in seen for prompt in evaluated)
+        if overlap[name]:
+            logger.warning("%d of the %d %s evaluation prompts (%s) are also training or validation prompts, so the table is not "
+                           "held out on them: give evaluation prompts the training and validation sets do not hold (e.g. the :test split)",
+                           overlap[name], len(evaluated), name, evaluated.source)
+    return overlap
 
 
 def _warn_coarse_picks(ctx: CompareContext) -> None:
@@ -1787,6 +1808,7 @@ def _details_html(details: dict) -> str:
 
 
 def _html(comparison: Comparison, png: bytes) -> str:
+    judged = any(r.judge for r in comparison.results)
     rows = "".join(
         f"<tr><td>{html.escape(r.method)}</td><td>{html.escape(r.description)}{_details_html(r.details)}</td><td>{r.refusal_harmful:.3f} "
         f"<small>[{r.ci_harmful[0]:.2f}, {r.ci_harmful[1]:.2f}]</small></td><td>{r.refusal_harmless:.3f}</td>"
@@ -1794,7 +1816,7 @@ def _html(comparison: Comparison, png: bytes) -> str:
         f"<td>{_kl_cell(r.kl_response_harmless)} / {_kl_cell(r.kl_response_harmless_answered)}</td>"
         f"<td>{'-' if r.over_refusal is None else f'{r.over_refusal:.3f}'}</td>"
         f"<td>{r.refusal_score_harmful:.2f}</td><td>{_cell(r.looping_harmful)} / {_cell(r.looping_harmless)}</td>"
-        f"<td>{_cell(r.base_nll_harmless)}</td></tr>"
+        f"<td>{_cell(r.base_nll_harmless)}</td>" + (f"<td>{html.escape(_judge_cell(r.judge))}</td>" if judged else "") + "</tr>"
         for r in comparison.results
     )
     examples = "".join(
@@ -1804,6 +1826,9 @@ def _html(comparison: Comparison, png: bytes) -> str:
         for r in comparison.results
     )
     setup = html.escape(json.dumps(comparison.setup, indent=1))
+    judge_head = "<th>judge refusal harmful / harmless (same verdict as markers)</th>" if judged else ""
+    judge_note = (f" The judge column is {html.escape(str(comparison.setup.get('judge', {}).get('name', 'the judge')))}'s refusal rates on the "
+                  "same responses, with the number of responses per set on which it agrees with the markers." if judged else "")
     image = base64.b64encode(png).decode()
     paired = comparison.paired_table()
     warnings = comparison.coherence_warnings() + comparison.bound_exclusions()
@@ -1824,8 +1849,8 @@ def _html(comparison: Comparison, png: bytes) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}th{{background:#f3f3f3}}pre{{background:#f7f7f7;padding:8px;font-size:12px}}</style>
 </head><body><h1>featsteer: method comparison on {html.escape(str(comparison.setup.get('model')))}</h1>
-<p>Same held-out prompts, greedy decoding, same refusal detector for every method. KL is first-token KL(base || method) on harmless prompts; KL answered leaves out the harmless prompts the unedited model refuses (removing refusal rightly changes those). KL response is the same KL at every position of the unedited model's own harmless responses, fed back to both models (all / answered): a method that keeps the first token and changes what follows shows there. Looping is the share of responses that end in repetition (a broken model refuses nothing but says nothing); base NLL is the unedited model's mean per-token negative log-likelihood of the method's harmless responses (the <code>none</code> row is the floor).</p>
-<table><tr><th>method</th><th>what</th><th>refusal (harmful) [95% CI]</th><th>refusal (harmless)</th><th>KL harmless</th><th>KL answered</th><th>KL response (all / answered)</th><th>over-refusal</th><th>refusal score</th><th>looping (harmful / harmless)</th><th>base NLL (harmless)</th></tr>{rows}</table>
+<p>Same held-out prompts, greedy decoding, same refusal detector for every method. Refusal is the share of responses the detector reads as refusals (on the harmful prompts with its 95% Wilson interval); over-refusal is the same share on the harmless-but-alarming prompts (- without them); refusal score is the mean first-token refusal log-odds on the harmful prompts (above 0 leans towards a refusal such as "I'm sorry", below towards an answer such as "Sure"). KL is first-token KL(base || method) on harmless prompts; KL answered leaves out the harmless prompts the unedited model refuses (removing refusal rightly changes those). KL response is the same KL at every position of the unedited model's own harmless responses, fed back to both models (all / answered): a method that keeps the first token and changes what follows shows there. Looping is the share of responses that end in repetition (a broken model refuses nothing but says nothing); base NLL is the unedited model's mean per-token negative log-likelihood of the method's harmless responses (the <code>none</code> row is the floor).{judge_note}</p>
+<table><tr><th>method</th><th>what</th><th>refusal (harmful) [95% CI]</th><th>refusal (harmless)</th><th>KL harmless</th><th>KL answered</th><th>KL response (all / answered)</th><th>over-refusal (alarming)</th><th>refusal score (harmful)</th><th>looping (harmful / harmless)</th><th>base NLL (harmless)</th>{judge_head}</tr>{rows}</table>
 {paired_html}{coherence_html}<h2>Directions</h2><ul>{directions}</ul>
 <h2>Refusal vs KL</h2><img alt="pareto plot" src="data:image/png;base64,{image}">
 <h2>Examples</h2>{examples}<h2>Set-up</h2><pre>{setup}</pre></body></html>"""

@@ -56,7 +56,7 @@ from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set
 from featsteer.evaluation.metrics import KLBase, RefusalTokens, first_token_logprobs, refusal_score
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.evaluation.response_kl import ResponseBase, response_base, response_kl
-from featsteer.files import json_text
+from featsteer.files import json_text, write_files
 from featsteer.models import ModelAdapter
 from featsteer.pipeline import DirectionResult
 
@@ -942,14 +942,9 @@ def pareto_png(search: SearchResult) -> bytes:
 
 
 def write_search(search: SearchResult, out: str | Path) -> Path:
-    """Write `pareto.json` and `pareto.png` into `out` (each appears only when complete)."""
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, payload in (("pareto.json", json_text(search.to_json()).encode()), ("pareto.png", pareto_png(search))):
-        partial = folder / f"{name}.partial"
-        partial.write_bytes(payload)
-        partial.rename(folder / name)
-    return folder
+    """Write `pareto.json` and `pareto.png` into `out`, each complete or not at all (`files.write_files`): an interrupted
+    write leaves the earlier pair, not a new front beside the old plot, nor a partial file."""
+    return write_files(out, {"pareto.json": json_text(search.to_json()), "pareto.png": pareto_png(search)})
 
 
 __all__ = [

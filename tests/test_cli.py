@@ -881,6 +881,18 @@ def test_steer_bad_options_are_one_line_errors(capsys, extra, message):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_compare_refuses_a_folder_with_an_earlier_run(capsys, tmp_path, monkeypatch):
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "responses.labels.json").write_text("{}")
+    from featsteer import cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("the model loaded before the folder was checked"))
+    code, _, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",
+                        "--methods", "none", "--out", str(tmp_path / "cmp"))
+    assert code == 2 and "is not empty" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in (tmp_path / "cmp").iterdir()] == ["responses.labels.json"]
+
+
 def test_compare_fixes_the_angle_and_alpha_from_the_command_line(capsys, tmp_path):
     code, out, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",
                           "--n", "16", "--n-select", "3", "--methods", "dim_ace_hook,dim_angular_hook", "--ace-alpha", "-0.1",

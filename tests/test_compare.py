@@ -450,6 +450,7 @@ def test_picks_can_weigh_settings_by_the_kl_along_the_answers(prompts):
 
 
 def test_compare_asks_the_judge_about_each_methods_responses_with_the_method_undone(prompts):
+    from featsteer.compare import _html, _judge_cell
     from featsteer.evaluation.judge import JudgeVerdicts, agreement
 
     model = load_model("tiny:llama")
@@ -480,6 +481,12 @@ def test_compare_asks_the_judge_about_each_methods_responses_with_the_method_und
     assert comparison.results[1].paired is None and comparison.results[2].paired["judge_refused_harmful"]["only_a"] == 0
     assert "judge refusal harmful" in comparison.table() and "judge: refused harmful" in comparison.paired_table()
     assert comparison.setup["judge"] == {"name": "spy", "threshold": 0.5, "anchors": None}
+    page = _html(comparison, b"")  # the report shows the judge's rates as the printed table does, one cell per method
+    assert "<th>judge refusal harmful / harmless (same verdict as markers)</th>" in page and "spy's refusal rates" in page
+    assert all(f"<td>{_judge_cell(r.judge)}</td></tr>" in page for r in comparison.results)
+    # and says what every column of its table means
+    assert "<th>over-refusal (alarming)</th><th>refusal score (harmful)</th>" in page
+    assert "over-refusal is the same share on the harmless-but-alarming prompts" in page and "refusal score is the mean first-token" in page
 
 
 def test_methods_on_the_normalised_inputs_are_left_out_for_models_without_input_norms(prompts):
@@ -512,6 +519,22 @@ def test_compare_warns_when_the_pick_tolerance_is_below_one_validation_prompt(pr
         compare(model, *prompts, methods=["none"], direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=2),
                 steering_config=SteeringMethodConfig(tolerance=0.34), sae_config=SaeMethodConfig(tolerance=0.34))
     assert "cannot let a setting" not in caplog.text
+
+
+def test_compare_warns_when_evaluation_prompts_are_training_or_validation_prompts(prompts, caplog):
+    model = load_model("tiny:llama")
+    harmful, harmless = prompts
+    held_out = builtin_prompts("harmful", "test").head(4), builtin_prompts("harmless", "test").head(4)
+    run = {"methods": ["none"], "direction_config": DirectionConfig(n_select=3), "generation": GenerationConfig(max_new_tokens=2)}
+    with caplog.at_level("WARNING", logger="featsteer.compare"):
+        clean = compare(model, harmful, harmless, eval_harmful=held_out[0], eval_harmless=held_out[1], **run)
+    assert clean.setup["eval_overlap"] == {"harmful": 0, "harmless": 0} and "not held out" not in caplog.text
+    # two training prompts and the last (validation) prompt of the harmful set among the evaluation prompts
+    mixed = harmful[:2] + harmful[-1:] + held_out[0][:1]
+    with caplog.at_level("WARNING", logger="featsteer.compare"):
+        contaminated = compare(model, harmful, harmless, eval_harmful=mixed, eval_harmless=held_out[1], **run)
+    assert contaminated.setup["eval_overlap"] == {"harmful": 3, "harmless": 0}
+    assert "3 of the 4 harmful evaluation prompts" in caplog.text and "not held out" in caplog.text
 
 
 def test_settings_tied_in_refusal_and_kl_are_told_apart_by_the_validation_refusal_score(prompts):

@@ -157,6 +157,10 @@ def test_pick_rules_trade_refusal_against_kl():
     assert gentlest_within({"only": (1.0, 9.0)}, 0.05) == "only"
     rates = {0.5: 0.40, 1.0: 0.81, 2.0: 0.85, 3.0: 0.84}
     assert weakest_within(rates, 0.05) == 1.0 and weakest_within(rates, 0.0) == 2.0 and weakest_within(rates, 0.5) == 0.5
+    # a tolerance of exactly one prompt admits a setting one prompt away, whatever the round-off (0.7 + 0.1 < 0.8 in floats)
+    assert gentlest_within({"7/10": (7 / 10, 0.5), "8/10": (8 / 10, 0.1)}, 1 / 10) == "8/10"
+    assert gentlest_within({"7/20": (7 / 20, 0.5), "8/20": (8 / 20, 0.1)}, 1 / 20) == "8/20"
+    assert weakest_within({"7/10": 7 / 10, "8/10": 8 / 10}, 1 / 10) == "7/10"
 
 
 def test_sae_settings_are_picked_on_validation_prompts_the_ranking_never_read(model, prompts, sae):

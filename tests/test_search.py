@@ -105,6 +105,26 @@ def test_search_writes_pareto_json_and_png(searched):
                        and (t["refusal_score"], t["kl"]) != (p["refusal_score"], p["kl"]) for t in data["trials"])
 
 
+def test_an_interrupted_write_leaves_the_earlier_front_and_plot_together(searched, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    found, out, _ = searched
+    for name in ("pareto.json", "pareto.png"):
+        (tmp_path / name).write_bytes((out / name).read_bytes())
+    earlier = {name: (tmp_path / name).read_bytes() for name in ("pareto.json", "pareto.png")}
+    write_bytes = Path.write_bytes
+
+    def stopped(path, data):  # Ctrl-C while the plot is written
+        if "png" in path.name:
+            raise KeyboardInterrupt
+        return write_bytes(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        search_module.write_search(dataclasses.replace(found, trials=found.trials[:3]), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == earlier
+
+
 def test_chosen_edit_config_and_direction_round_trip(setup, searched):
     model, result = setup
     found, out, _ = searched
