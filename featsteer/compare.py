@@ -948,8 +948,10 @@ def _validation_rows(ctx: CompareContext, settings: Mapping[Any, Callable[[], co
                                                                                          RefusalDetector())))
     nlls = {setting: responses_nll(ctx.model, result, gen) for setting, result in answers.items()}  # scored unedited
     broken = {s for s, nll in nlls.items() if nll is not None and nll > floor + ctx.max_nll_rise}
+    # a ruled-out setting enters the pick as unanswered 1.0; what it measured is kept beside, so no figure is lost
     ctx.note(validation_base_nll={"unedited": floor, **{name(s): nll for s, nll in nlls.items()}}, max_nll_rise=ctx.max_nll_rise,
-             incoherent=[name(s) for s in nlls if s in broken])
+             incoherent=[name(s) for s in nlls if s in broken],
+             incoherent_measured={name(s): {"unanswered_harmful": rows[s][0], "kl_harmless": rows[s][1]} for s in nlls if s in broken})
     return {s: (1.0 if s in broken else refusal, kl) for s, (refusal, kl) in rows.items()}
 
 

@@ -297,6 +297,8 @@ def test_compare_offers_expert_deactivation_on_moe_models_only(capsys, tmp_path)
     bounded = saved["results"][0]["details"]
     assert saved["setup"]["max_nll_rise"] == -100 and set(bounded["incoherent"]) == set(bounded["validation_base_nll"]) - {"unedited"}
     assert all(row["unanswered_harmful"] == 1.0 for row in bounded["validation"].values())  # every setting broke the text
+    assert set(bounded["incoherent_measured"]) == set(bounded["incoherent"])  # what each ruled-out setting measured is kept
+    assert all(0.0 <= row["unanswered_harmful"] <= 1.0 for row in bounded["incoherent_measured"].values())
     assert len(saved["bound_exclusions"]) == 1 and saved["bound_exclusions"][0].startswith("expert_deactivation: the coherence bound (-100 nats")
     code, _, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless",
                         "builtin:harmless:train", "--n", "8", "--methods", "expert_deactivation", "--out", str(tmp_path / "dense"))
