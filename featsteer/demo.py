@@ -7,6 +7,7 @@ under a run folder outside the package, with one `index.html` linking the report
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from featsteer.datasets.loaders import ORGANISM_CORPUS_PREFIX
 from featsteer.directions import Separability, difference_in_means, logit_lens, separability
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.behaviour import GenerationConfig, RefusalReport, evaluate_refusal
-from featsteer.files import check_empty_folder, json_text
+from featsteer.files import check_empty_folder, json_text, staging_folder
 from featsteer.models import ModelAdapter, load_model
 
 logger = logging.getLogger(__name__)
@@ -95,37 +96,54 @@ def run_demo(model_spec: str = "organism", run_dir: str | Path | None = None, n_
         n_eval: prompts per set for the behaviour check (built-in test split).
         max_new_tokens: generation cap for every generation.
         full: also run the comparison and the probe report (False: behaviour and DIM only).
+
+    The run is built in a hidden folder beside `run_dir` and renamed into place at the end, so an interrupted demo leaves
+    no half-filled run folder (the hidden one is removed).
     """
+    start = time.perf_counter()
+    out = Path(run_dir) if run_dir else default_run_dir()
+    check_empty_folder(out, "demo output folder", " (the default is a new runs/<timestamp>/)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = staging_folder(out.parent, f".{out.name}.partial-")
+    try:
+        result = _run_stages(model_spec, out, work, n_eval, max_new_tokens, full, start)
+        if out.exists():
+            out.rmdir()  # empty: check_empty_folder said so
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return result
+
+
+def _run_stages(model_spec, out: Path, work: Path, n_eval: int, max_new_tokens: int, full: bool, start: float) -> DemoResult:
+    """`run_demo`'s stages, writing into `work` (renamed to `out` once all are done)."""
     from featsteer.compare import compare, write_report
     from featsteer.feature_report import rank_features, write_feature_report
     from featsteer.probe_report import probe_report, write_probe_report
 
-    start = time.perf_counter()
     stages: dict[str, float] = {}
-    out = Path(run_dir) if run_dir else default_run_dir()
-    check_empty_folder(out, "demo output folder", " (the default is a new runs/<timestamp>/)")
-    out.mkdir(parents=True, exist_ok=True)
     model = load_model(model_spec)
     organism = model.name == "organism"  # the spec may be a loaded adapter (the CLI loads it with --dtype/--device)
     test = {label: builtin_prompts(label, "test") for label in ("harmful", "harmless", "alarming")}
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
     report = evaluate_refusal(model, test["harmful"].head(min(n_eval, len(test["harmful"]))),
                               test["harmless"].head(min(n_eval, len(test["harmless"]))), gen)
-    (out / "eval.json").write_text(json_text(report.to_json()))
+    (work / "eval.json").write_text(json_text(report.to_json()))
     stages["behaviour"] = time.perf_counter() - start
     rows, directions = layer_separability(model)
-    directions.save(out / "directions")
-    (out / "dim_layers.json").write_text(json_text([{**asdict(r), "separability": asdict(r.separability)} for r in rows]))
+    directions.save(work / "directions")
+    (work / "dim_layers.json").write_text(json_text([{**asdict(r), "separability": asdict(r.separability)} for r in rows]))
     best = max(rows, key=lambda row: (row.separability.accuracy, row.separability.auroc))
     lens = logit_lens(model, directions.direction(best.hook))
-    (out / "logit_lens.json").write_text(json_text({"hook": best.hook, **lens.to_dict()}))
+    (work / "logit_lens.json").write_text(json_text({"hook": best.hook, **lens.to_dict()}))
     stages["dim_layers"] = time.perf_counter() - start - sum(stages.values())
     comparison = probes = ranking = saes = None
     if full:
         saes = _organism_saes(model) if organism else None
         if saes:
             ranking = rank_features(model, saes, builtin_prompts("harmful", "train"), builtin_prompts("harmless", "train"), top_n=12)
-            write_feature_report(ranking, out / "features", title=f"SAE features behind refusal: {model.name}")
+            write_feature_report(ranking, work / "features", title=f"SAE features behind refusal: {model.name}")
             stages["sae_features"] = time.perf_counter() - start - sum(stages.values())
         train = {label: builtin_prompts(label, "train") + builtin_prompts(label, "val") for label in ("harmful", "harmless")}
         # the organism was trained on the built-in train and val prompts: its picks are made on fresh generated ones
@@ -133,14 +151,14 @@ def run_demo(model_spec: str = "organism", run_dir: str | Path | None = None, n_
                if organism else {})
         comparison = compare(model, train["harmful"], train["harmless"], eval_harmful=test["harmful"], eval_harmless=test["harmless"],
                              alarming=test["alarming"], generation=gen, saes=saes, **val)
-        write_report(comparison, out / "compare")
+        write_report(comparison, work / "compare")
         stages["compare"] = time.perf_counter() - start - sum(stages.values())
         probes = probe_report(model, (builtin_prompts("harmful", "train"), builtin_prompts("harmless", "train")),
                               (test["harmful"], test["harmless"]), saes=saes)
-        write_probe_report(probes, out / "probe", f"featsteer probe report: {model.name}")
+        write_probe_report(probes, work / "probe", f"featsteer probe report: {model.name}")
         stages["probes"] = time.perf_counter() - start - sum(stages.values())
     result = DemoResult(out, report, rows, time.perf_counter() - start, comparison, probes, stages, ranking, lens)
-    (out / "index.html").write_text(_index_html(result))
+    (work / "index.html").write_text(_index_html(result))
     return result
 
 

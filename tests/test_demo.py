@@ -38,3 +38,13 @@ def test_the_cli_demo_runs_the_organism_with_its_saes_and_fresh_validation_promp
     assert seen["saes"] and "blocks.3.hook_resid_pre" in seen["saes"]
     assert seen["val_harmful"].source.startswith("organism-corpus:harmful") and len(seen["val_harmless"]) == 96
     assert str(seen["dtype"]) == "torch.bfloat16"
+    assert list(tmp_path.iterdir()) == []  # stopped in the middle: no half-filled run folder, no hidden staging folder
+
+
+def test_a_quick_demo_appears_whole_in_its_run_folder(tmp_path):
+    from featsteer.demo import run_demo
+
+    result = run_demo("organism", tmp_path / "run", n_eval=4, max_new_tokens=2, full=False)
+    assert result.run_dir == tmp_path / "run" and (tmp_path / "run" / "index.html").is_file()
+    assert {p.name for p in tmp_path.iterdir()} == {"run"}
+    assert {"eval.json", "dim_layers.json", "logit_lens.json", "directions"} <= {p.name for p in (tmp_path / "run").iterdir()}
