@@ -581,7 +581,9 @@ def _run_trials(study: optuna.Study, screen: _Screen, config: SearchConfig, clas
         return
     if not study.trials:
         queued = [classic] if config.enqueue_classic else []
-        queued += [q for q in (warm_start_params(p, screen.bounds, config.space.scopes) for p in warm_start) if q is not None]
+        for point in (warm_start_params(p, screen.bounds, config.space.scopes) for p in warm_start):
+            if point is not None and point not in queued:  # optuna skips a repeat anyway: count only what will run
+                queued.append(point)
         for params in queued:
             study.enqueue_trial(params, skip_if_exists=True)
         if warm_start:

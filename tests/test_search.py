@@ -204,6 +204,11 @@ def test_warm_start_runs_earlier_pareto_points_first(setup, searched, tmp_path):
     assert [t["params"] for t in warm.trials[1 : 1 + len(replayed)]] == [p["params"] for p in replayed]
     assert [t["kl"] for t in warm.trials[1 : 1 + len(replayed)]] == pytest.approx([p["kl"] for p in replayed], abs=1e-9)
     assert all(t["params"] not in earlier for t in warm.trials[1 + len(replayed) :])
+    import optuna
+
+    search_abliteration(model, result, tmp_path / "dup", SearchConfig(n_trials=1, **FAST), warm_start=[classic, dict(classic)])
+    study = optuna.load_study(study_name=search_module.STUDY_NAME, storage=f"sqlite:///{(tmp_path / 'dup' / 'search.db').resolve()}")
+    assert study.user_attrs["warm_start"] == 0  # both points repeat the classic edit: optuna runs it once, none is a warm point
     # resuming ignores the warm start: the queued points are not run again
     again = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=len(earlier) + 4, **FAST), warm_start=earlier)
     assert [t["params"] for t in again.trials[: len(warm.trials)]] == [t["params"] for t in warm.trials]
