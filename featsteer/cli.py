@@ -546,6 +546,9 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
                                         ("--bias-decay", args.bias_decay, mode == "bias_addition", "--induce-bias")):
         if given is not None and not applies:  # it would be ignored (and --alpha, --shift recorded in featsteer.json as if applied)
             raise FeatsteerError(f"{flag} applies to {modes}: without it, drop {flag}")
+    for flag, given in (("--alpha", args.alpha), ("--shift", args.shift)):
+        if given is not None and not math.isfinite(given):  # checked before the model loads and a direction is chosen
+            raise FeatsteerError(f"{flag} {given}: give a finite number")
     args.alpha = 1.0 if args.alpha is None else args.alpha
     args.shift = 0.0 if args.shift is None else args.shift
     args.scale = 1.0 if args.scale is None else args.scale

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -196,6 +197,23 @@ def test_kernel_strengths():
     kernel = LayerKernel(peak=4, width=2, max_weight=1.0, min_weight=0.5)
     assert [kernel.strength(layer) for layer in range(8)] == [0, 0, 0.5, 0.75, 1.0, 0.75, 0.5, 0]
     assert LayerKernel.from_dict(kernel.to_dict()) == kernel
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: EditConfig(mode="amplify", alpha=float("nan")), "alpha=nan: give finite numbers"),
+    (lambda: EditConfig(embedding_strength=float("inf")), "embedding_strength=inf: give finite numbers"),
+    (lambda: EditConfig(mode="induce", shift=float("nan")), "shift=nan: give finite numbers"),
+    (lambda: EditConfig(attn_kernel=LayerKernel(peak=float("nan"), width=1.0)), "LayerKernel peak=nan: give finite numbers"),
+    (lambda: LayerKernel(peak=1, width=1, max_weight=float("inf")), "LayerKernel max_weight=inf"),
+    (lambda: LayerKernel(peak=1, width=-1), "width=-1 reaches no layer"),
+    (lambda: EditConfig(mode="amplify", shift=2.0), "shift=2.0 applies to mode='induce' only"),
+    (lambda: EditConfig(mode="norm_preserving", alpha=3.0), "alpha=3.0 applies to mode='amplify' or 'induce' only"),
+])
+def test_edit_settings_that_would_write_nan_or_be_ignored_are_errors(make, message):
+    """Before, a NaN alpha, strength or kernel value wrote NaN into every weight it reached, a negative kernel width edited
+    no layer, and shift or alpha outside the modes that read them were dropped: all without a word."""
+    with pytest.raises(FeatsteerError, match=re.escape(message)):
+        make()
 
 
 def test_kernel_edit_only_touches_layers_in_range():

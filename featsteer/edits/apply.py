@@ -8,6 +8,7 @@ Hugging Face model directory with a `featsteer.json` that records how it was mad
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -54,6 +55,15 @@ class EditConfig:
     def __post_init__(self) -> None:
         if self.mode not in EDIT_MODES:
             raise FeatsteerError(f"unknown edit mode '{self.mode}': use one of {', '.join(EDIT_MODES)}")
+        numbers = {"embedding_strength": self.embedding_strength, "alpha": self.alpha, "shift": self.shift}
+        bad = {name: value for name, value in numbers.items() if not math.isfinite(float(value))}
+        if bad:  # a NaN or inf strength writes NaN into every weight it reaches
+            raise FeatsteerError(f"EditConfig {', '.join(f'{k}={v}' for k, v in bad.items())}: give finite numbers")
+        if self.shift and self.mode != "induce":
+            raise FeatsteerError(f"shift={self.shift} applies to mode='induce' only: mode='{self.mode}' would ignore it")
+        if self.alpha != 1.0 and self.mode not in ("amplify", "induce"):
+            raise FeatsteerError(f"alpha={self.alpha} applies to mode='amplify' or 'induce' only: mode='{self.mode}' would ignore it "
+                                 "(the kernels set an abliteration's strength)")
 
     def strength(self, writer: ResidualWriter) -> float:
         """Strength for one writer."""
