@@ -1552,7 +1552,7 @@ def _cmd_experts(args: argparse.Namespace) -> int:
         print(f"\nrouted more often on {toward} prompts (risk difference = harmful rate - harmless rate; 95% bootstrap interval over prompts)")
         print("| rank | layer | expert | harmful rate | harmless rate | risk difference | 95% CI |")
         print("|---:|---:|---:|---:|---:|---:|---|")
-        leaning = [score for score in routing.ranked(toward) if (score.risk_difference > 0) == (toward == "harmful") and score.risk_difference != 0]
+        leaning = routing.leaning(toward)
         if not leaning:
             print(f"| - | - | - | - | - | none routed more often on {toward} prompts | - |")
         for rank, score in enumerate(leaning[:args.top], 1):

@@ -261,6 +261,13 @@ def test_experts_and_steer_experts_commands(capsys, tmp_path):
     assert "routing   3 MoE layers x 4 experts" in out and "| rank | layer | expert | harmful rate |" in out
     saved = json.loads((tmp_path / "e.json").read_text())
     assert saved["n_experts"] == 4 and len(saved["top_harmful"]) == 3 and len(saved["harmful_rate"]) == 3
+    code, out, err = _run(capsys, "experts", *common, "--top", "12", "--json", str(tmp_path / "all.json"))
+    saved = json.loads((tmp_path / "all.json").read_text())  # the JSON lists what the tables print: each side's leaning experts
+    assert code == 0 and saved["top_harmful"] and saved["top_harmless"], err
+    assert all(s["risk_difference"] > 0 for s in saved["top_harmful"]) and all(s["risk_difference"] < 0 for s in saved["top_harmless"])
+    for side in ("harmful", "harmless"):
+        table = out.split(f"routed more often on {side} prompts")[1].split("\n\n")[0]
+        assert table.count("\n| ") - 1 == len(saved[f"top_{side}"])  # rows after the header
     code, _, err = _run(capsys, "experts", *common[:1], "tiny:llama", *common[2:])
     assert code == 2 and "no mixture-of-experts layers" in err
     code, _, err = _run(capsys, "experts", *common, "--top", "0")

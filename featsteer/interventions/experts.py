@@ -141,22 +141,26 @@ class ExpertRouting:
         return [ExpertScore(self.layers[i // self.n_experts], i % self.n_experts, harmful[i], harmless[i], harmful[i] - harmless[i],
                             (low[i], high[i]), weights[0][i], weights[1][i]) for i in order]
 
+    def leaning(self, toward: str = "harmful") -> list[ExpertScore]:
+        """The experts routed more often on the `toward` prompts (a risk difference of that sign, not zero), most first."""
+        return [score for score in self.ranked(toward) if (score.risk_difference > 0) == (toward == "harmful") and score.risk_difference != 0]
+
     def top(self, n: int, toward: str = "harmful") -> dict[int, list[int]]:
         """`{layer: [expert, ...]}` of the `n` most `toward`-linked experts with a risk difference of that sign."""
         chosen: dict[int, list[int]] = {}
-        for score in self.ranked(toward)[:n]:
-            if (score.risk_difference > 0) == (toward == "harmful") and score.risk_difference != 0:
-                chosen.setdefault(score.layer, []).append(score.expert)
+        for score in self.leaning(toward)[:n]:
+            chosen.setdefault(score.layer, []).append(score.expert)
         return chosen
 
     def to_dict(self, top_n: int = 20) -> dict:
-        """JSON-ready summary: sizes, the full rate matrices and the `top_n` experts toward each side."""
+        """JSON-ready summary: sizes, the full rate matrices and the `top_n` experts toward each side (those leaning that way,
+        as `featsteer experts` prints them)."""
         return {
             "layers": list(self.layers), "n_experts": self.n_experts, "positions": self.positions,
             "n_tokens_harmful": self.n_tokens[0], "n_tokens_harmless": self.n_tokens[1],
             "harmful_rate": self.harmful_rate.tolist(), "harmless_rate": self.harmless_rate.tolist(),
-            "top_harmful": [vars(s) for s in self.ranked("harmful")[:top_n]],
-            "top_harmless": [vars(s) for s in self.ranked("harmless")[:top_n]],
+            "top_harmful": [vars(s) for s in self.leaning("harmful")[:top_n]],
+            "top_harmless": [vars(s) for s in self.leaning("harmless")[:top_n]],
         }
 
 
