@@ -182,6 +182,9 @@ class EditHandle:
         `transformers.AutoModelForCausalLM.from_pretrained(path)`.
         """
         hf_model = getattr(self.model, "model", None)
+        if getattr(self.model, "is_bridge", False):  # saving it raised safetensors' shared-tensors error, thousands of characters long
+            raise FeatsteerError("an edit of a TransformerBridge cannot be exported: the bridge has wrapped its Hugging Face model's modules, "
+                                 "so it does not save as a plain checkpoint; load the checkpoint with load_model(path) to edit and export it")
         if self.reverted or not hasattr(hf_model, "save_pretrained") or not hasattr(hf_model, "config"):
             raise FeatsteerError("only an applied (not reverted) edit of a Hugging Face model can be exported")
         live = _live_edits(self.model)
