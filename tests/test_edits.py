@@ -505,6 +505,42 @@ def test_quantized_experts_are_a_one_line_error():
         apply_edit(adapter, _direction(adapter.d_model))
 
 
+def test_quantised_dense_weights_are_a_one_line_error_and_leave_the_model_unedited():
+    """An FP8 (or bitsandbytes int8) weight was edited as if its stored values were the weight, cast back and kept without
+    a word, and a GPTQ/AWQ-style module with a packed `qweight` raised a raw AttributeError. Both are one line now, for
+    the abliteration and the token addition, and nothing is left edited."""
+    from featsteer.edits import add_at_tokens
+
+    model, tokenizer = tiny_model("llama")
+    adapter = load_model(model, tokenizer=tokenizer)
+    before = _snapshot(model)
+    down = model.model.layers[1].mlp.down_proj
+    plain = down.weight
+    down.weight = torch.nn.Parameter(plain.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    with pytest.raises(FeatsteerError, match="blocks.1.hook_mlp_out holds float8_e4m3fn weights .*load the model dequantized"):
+        apply_edit(adapter, _direction(adapter.d_model))
+    down.weight = plain
+
+    class Packed(torch.nn.Module):  # what GPTQ/AWQ checkpoints put where the projection was
+        qweight = torch.zeros(16, 64, dtype=torch.int32)
+
+        def forward(self, x):
+            return x[..., :64]
+
+    model.model.layers[2].self_attn.o_proj = Packed()
+    with pytest.raises(FeatsteerError, match="blocks.2.hook_attn_out: the Packed module holds no plain weight"):
+        apply_edit(adapter, _direction(adapter.d_model))
+    model.model.layers[2].self_attn.o_proj = torch.nn.Linear(64, 64, bias=False)
+    model.model.layers[2].self_attn.o_proj.weight = torch.nn.Parameter(before["model.layers.2.self_attn.o_proj.weight"].clone())
+    embed = model.model.embed_tokens
+    plain = embed.weight
+    embed.weight = torch.nn.Parameter(plain.detach().to(torch.int8), requires_grad=False)
+    with pytest.raises(FeatsteerError, match="hook_embed holds int8 weights"):
+        add_at_tokens(adapter, torch.ones(adapter.d_model), [5])
+    embed.weight = plain
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_stacked_edits_revert_newest_first_and_export_from_the_top(tmp_path):
     model, tokenizer = tiny_model("qwen2")
     adapter = load_model(model, tokenizer=tokenizer)

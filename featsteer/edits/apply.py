@@ -276,6 +276,7 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
             if strength == 0 and not (config.mode == "induce" and writer.kind == "embed"):
                 continue
             weight, bias = writer.read()
+            check_plain_weight(writer.name, weight)
             own = layer_bases.get(writer.layer, basis) if writer.layer is not None else basis
             # a writer that replaces its parameter's storage never modifies what read() returned: that is the original
             original = (weight, bias) if writer.replaces else (weight.clone(), None if bias is None else bias.clone())
@@ -287,6 +288,19 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
         raise
     handle.record["writers"] = list(handle.originals)
     return handle
+
+
+PLAIN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""Weight dtypes an edit can compute on and write back; anything else is a quantised format whose values mean nothing
+without its scales (FP8 blocks, bitsandbytes' packed int8/uint8)."""
+
+
+def check_plain_weight(name: str, weight: Tensor) -> None:
+    """Raise a one-line error when a writer's weight is not plain floating point (an FP8 or bitsandbytes checkpoint): an
+    edit of the stored values, cast back, would not remove the direction and says nothing."""
+    if weight.dtype not in PLAIN_DTYPES:
+        raise FeatsteerError(f"{name} holds {str(weight.dtype).removeprefix('torch.')} weights (a quantised checkpoint?): an edit needs "
+                             "plain float16/bfloat16/float32 weights; load the model dequantized to edit it")
 
 
 def _embedding_scale(model: ModelAdapter) -> float:
