@@ -222,6 +222,14 @@ def test_kernel_edit_only_touches_layers_in_range():
     config = EditConfig(attn_kernel=LayerKernel(1, 0.5), mlp_kernel=LayerKernel(2, 0.5), embedding_strength=0)
     with apply_edit(adapter, _direction(adapter.d_model), config) as handle:
         assert handle.record["writers"] == ["blocks.1.hook_attn_out", "blocks.2.hook_mlp_out"]
+    # kernels between layers reach none: the handle used to carry (and export) the unedited model as an edit
+    nowhere = EditConfig(attn_kernel=LayerKernel(1.5, 0.2), mlp_kernel=LayerKernel(7, 1), embedding_strength=0)
+    with pytest.raises(FeatsteerError, match="the edit changes no weight: .*layers 0-2"):
+        apply_edit(adapter, _direction(adapter.d_model), nowhere)
+    with pytest.raises(FeatsteerError, match="for the heads named"):
+        apply_edit(adapter, _direction(adapter.d_model), nowhere, heads={1: [0]})
+    with apply_edit(adapter, _direction(adapter.d_model), EditConfig(attn_kernel=LayerKernel(1, 0.2)), heads={1: [0]}) as handle:
+        assert handle.record["writers"] == ["blocks.1.hook_attn_out"]
 
 
 def test_amplify_strengthens_component():

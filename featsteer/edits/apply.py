@@ -283,6 +283,10 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
             new_weight, new_bias = edited_tensors(writer, own, config, strength, None if columns is None else columns[writer.layer])
             handle.originals[writer.name] = original
             writer.write(new_weight, new_bias)
+        if not handle.originals:  # a handle that exports the unedited model under an edit's record
+            raise FeatsteerError("the edit changes no weight: every writer's strength is 0 (kernels that reach none of layers "
+                                 f"0-{model.n_layers - 1}{', for the heads named' if columns is not None else ''}, and "
+                                 "embedding_strength 0); widen a kernel or raise a strength")
     except Exception:
         handle.revert()
         raise
