@@ -546,6 +546,9 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
                                         ("--bias-decay", args.bias_decay, mode == "bias_addition", "--induce-bias")):
         if given is not None and not applies:  # it would be ignored (and --alpha, --shift recorded in featsteer.json as if applied)
             raise FeatsteerError(f"{flag} applies to {modes}: without it, drop {flag}")
+    for flag, given in (("--alpha", args.alpha), ("--shift", args.shift)):
+        if given is not None and not math.isfinite(given):  # checked before the model loads and a direction is chosen
+            raise FeatsteerError(f"{flag} {given}: give a finite number")
     args.alpha = 1.0 if args.alpha is None else args.alpha
     args.shift = 0.0 if args.shift is None else args.shift
     args.scale = 1.0 if args.scale is None else args.scale
@@ -1551,7 +1554,7 @@ def _cmd_experts(args: argparse.Namespace) -> int:
         print(f"\nrouted more often on {toward} prompts (risk difference = harmful rate - harmless rate; 95% bootstrap interval over prompts)")
         print("| rank | layer | expert | harmful rate | harmless rate | risk difference | 95% CI |")
         print("|---:|---:|---:|---:|---:|---:|---|")
-        leaning = [score for score in routing.ranked(toward) if (score.risk_difference > 0) == (toward == "harmful") and score.risk_difference != 0]
+        leaning = routing.leaning(toward)
         if not leaning:
             print(f"| - | - | - | - | - | none routed more often on {toward} prompts | - |")
         for rank, score in enumerate(leaning[:args.top], 1):

@@ -1100,6 +1100,8 @@ def test_steer_and_abliterate_options_that_would_be_ignored_are_errors(capsys, t
     abl = ["abliterate", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--out", str(tmp_path / "a")]
     for extra, message in ((["--alpha", "3"], "--alpha applies to --reverse or --induce"), (["--reverse", "--shift", "2"], "--shift applies to --induce"),
                            (["--scale", "2"], "--scale applies to --induce-bias or --induce-template"),
+                           (["--reverse", "--alpha", "nan"], "--alpha nan: give a finite number"),
+                           (["--induce", "--shift", "inf"], "--shift inf: give a finite number"),
                            (["--rank", "3"], "--rank sets the size of an SVD subspace")):
         code, _, err = _run(capsys, *abl, *extra)
         assert code == 2 and message in err and not (tmp_path / "a").exists(), (extra, err)

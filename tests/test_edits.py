@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -198,12 +199,37 @@ def test_kernel_strengths():
     assert LayerKernel.from_dict(kernel.to_dict()) == kernel
 
 
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: EditConfig(mode="amplify", alpha=float("nan")), "alpha=nan: give finite numbers"),
+    (lambda: EditConfig(embedding_strength=float("inf")), "embedding_strength=inf: give finite numbers"),
+    (lambda: EditConfig(mode="induce", shift=float("nan")), "shift=nan: give finite numbers"),
+    (lambda: EditConfig(attn_kernel=LayerKernel(peak=float("nan"), width=1.0)), "LayerKernel peak=nan: give finite numbers"),
+    (lambda: LayerKernel(peak=1, width=1, max_weight=float("inf")), "LayerKernel max_weight=inf"),
+    (lambda: LayerKernel(peak=1, width=-1), "width=-1 reaches no layer"),
+    (lambda: EditConfig(mode="amplify", shift=2.0), "shift=2.0 applies to mode='induce' only"),
+    (lambda: EditConfig(mode="norm_preserving", alpha=3.0), "alpha=3.0 applies to mode='amplify' or 'induce' only"),
+])
+def test_edit_settings_that_would_write_nan_or_be_ignored_are_errors(make, message):
+    """Before, a NaN alpha, strength or kernel value wrote NaN into every weight it reached, a negative kernel width edited
+    no layer, and shift or alpha outside the modes that read them were dropped: all without a word."""
+    with pytest.raises(FeatsteerError, match=re.escape(message)):
+        make()
+
+
 def test_kernel_edit_only_touches_layers_in_range():
     model, tokenizer = tiny_model("llama")
     adapter = load_model(model, tokenizer=tokenizer)
     config = EditConfig(attn_kernel=LayerKernel(1, 0.5), mlp_kernel=LayerKernel(2, 0.5), embedding_strength=0)
     with apply_edit(adapter, _direction(adapter.d_model), config) as handle:
         assert handle.record["writers"] == ["blocks.1.hook_attn_out", "blocks.2.hook_mlp_out"]
+    # kernels between layers reach none: the handle used to carry (and export) the unedited model as an edit
+    nowhere = EditConfig(attn_kernel=LayerKernel(1.5, 0.2), mlp_kernel=LayerKernel(7, 1), embedding_strength=0)
+    with pytest.raises(FeatsteerError, match="the edit changes no weight: .*layers 0-2"):
+        apply_edit(adapter, _direction(adapter.d_model), nowhere)
+    with pytest.raises(FeatsteerError, match="for the heads named"):
+        apply_edit(adapter, _direction(adapter.d_model), nowhere, heads={1: [0]})
+    with apply_edit(adapter, _direction(adapter.d_model), EditConfig(attn_kernel=LayerKernel(1, 0.2)), heads={1: [0]}) as handle:
+        assert handle.record["writers"] == ["blocks.1.hook_attn_out"]
 
 
 def test_amplify_strengthens_component():
@@ -485,6 +511,42 @@ def test_quantized_experts_are_a_one_line_error():
     experts.down_proj_blocks = torch.nn.Parameter(torch.zeros(4, 64, 3, 16, dtype=torch.uint8), requires_grad=False)
     with pytest.raises(FeatsteerError, match="experts of layer 1 hold no plain .* down_proj weight .*dequantize"):
         apply_edit(adapter, _direction(adapter.d_model))
+
+
+def test_quantised_dense_weights_are_a_one_line_error_and_leave_the_model_unedited():
+    """An FP8 (or bitsandbytes int8) weight was edited as if its stored values were the weight, cast back and kept without
+    a word, and a GPTQ/AWQ-style module with a packed `qweight` raised a raw AttributeError. Both are one line now, for
+    the abliteration and the token addition, and nothing is left edited."""
+    from featsteer.edits import add_at_tokens
+
+    model, tokenizer = tiny_model("llama")
+    adapter = load_model(model, tokenizer=tokenizer)
+    before = _snapshot(model)
+    down = model.model.layers[1].mlp.down_proj
+    plain = down.weight
+    down.weight = torch.nn.Parameter(plain.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    with pytest.raises(FeatsteerError, match="blocks.1.hook_mlp_out holds float8_e4m3fn weights .*load the model dequantized"):
+        apply_edit(adapter, _direction(adapter.d_model))
+    down.weight = plain
+
+    class Packed(torch.nn.Module):  # what GPTQ/AWQ checkpoints put where the projection was
+        qweight = torch.zeros(16, 64, dtype=torch.int32)
+
+        def forward(self, x):
+            return x[..., :64]
+
+    model.model.layers[2].self_attn.o_proj = Packed()
+    with pytest.raises(FeatsteerError, match="blocks.2.hook_attn_out: the Packed module holds no plain weight"):
+        apply_edit(adapter, _direction(adapter.d_model))
+    model.model.layers[2].self_attn.o_proj = torch.nn.Linear(64, 64, bias=False)
+    model.model.layers[2].self_attn.o_proj.weight = torch.nn.Parameter(before["model.layers.2.self_attn.o_proj.weight"].clone())
+    embed = model.model.embed_tokens
+    plain = embed.weight
+    embed.weight = torch.nn.Parameter(plain.detach().to(torch.int8), requires_grad=False)
+    with pytest.raises(FeatsteerError, match="hook_embed holds int8 weights"):
+        add_at_tokens(adapter, torch.ones(adapter.d_model), [5])
+    embed.weight = plain
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_stacked_edits_revert_newest_first_and_export_from_the_top(tmp_path):

@@ -94,6 +94,28 @@ def test_router_logits_hook_makes_the_router_choose_again(family):
         assert bool(((weights != 0).sum(-1) == TOP_K_OF.get(family, TOP_K)).all()), side
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "dots1", "ernie4_5_moe"])
+def test_a_router_whose_correction_bias_overrides_the_logits_rule_is_an_error(family):
+    """These routers choose by their scores plus a per-expert correction bias (zero in the tiny configs, not in real
+    checkpoints): with expert 1's bias above the others' the router kept picking it for every token under
+    deactivation at the logits, without a word (and passed over an activated expert held back by its bias). The choice is checked at the routing and refused in one line."""
+    model, adapter = _adapter(family)
+    layer = adapter.moe_layers[0]
+    bias = next(b for name, b in [*model.named_buffers(), *model.named_parameters()]
+                if name.endswith("e_score_correction_bias") and f"layers.{layer}." in name)
+    with torch.no_grad():
+        bias.view(-1).copy_(torch.tensor([0.0, 0.3, -1.0, 0.0]))  # expert 1 favoured, expert 2 held back
+    before = count_hooks(model)
+    for side, expert, message in (("deactivate", 1, r"still picks deactivated expert\(s\) \[1\]"),
+                                  ("activate", 2, r"passes over activated expert\(s\) \[2\]")):
+        with pytest.raises(FeatsteerError, match=f"layer {layer}'s router {message}.*at='routing'"), \
+                steer(adapter, ExpertSteer(**{side: {layer: [expert]}}, at="router_logits")):
+            adapter.run(adapter.tokenize(PROMPTS))
+    assert count_hooks(model) == before
+    with steer(adapter, ExpertSteer(deactivate={layer: [1]})):  # at the routing weights the switch holds
+        adapter.run(adapter.tokenize(PROMPTS))
+
+
 def test_steermoe_at_the_logits_is_the_routers_softmax_over_the_changed_logits():
     """Mixtral: what the experts receive under SteerMoE deactivation is a softmax over the logits with the expert set below
     the token's lowest, top-2, renormalised, recomputed here from the captured logits."""
@@ -239,6 +261,13 @@ def test_experts_and_steer_experts_commands(capsys, tmp_path):
     assert "routing   3 MoE layers x 4 experts" in out and "| rank | layer | expert | harmful rate |" in out
     saved = json.loads((tmp_path / "e.json").read_text())
     assert saved["n_experts"] == 4 and len(saved["top_harmful"]) == 3 and len(saved["harmful_rate"]) == 3
+    code, out, err = _run(capsys, "experts", *common, "--top", "12", "--json", str(tmp_path / "all.json"))
+    saved = json.loads((tmp_path / "all.json").read_text())  # the JSON lists what the tables print: each side's leaning experts
+    assert code == 0 and saved["top_harmful"] and saved["top_harmless"], err
+    assert all(s["risk_difference"] > 0 for s in saved["top_harmful"]) and all(s["risk_difference"] < 0 for s in saved["top_harmless"])
+    for side in ("harmful", "harmless"):
+        table = out.split(f"routed more often on {side} prompts")[1].split("\n\n")[0]
+        assert table.count("\n| ") - 1 == len(saved[f"top_{side}"])  # rows after the header
     code, _, err = _run(capsys, "experts", *common[:1], "tiny:llama", *common[2:])
     assert code == 2 and "no mixture-of-experts layers" in err
     code, _, err = _run(capsys, "experts", *common, "--top", "0")

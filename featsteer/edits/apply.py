@@ -8,6 +8,7 @@ Hugging Face model directory with a `featsteer.json` that records how it was mad
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -54,6 +55,15 @@ class EditConfig:
     def __post_init__(self) -> None:
         if self.mode not in EDIT_MODES:
             raise FeatsteerError(f"unknown edit mode '{self.mode}': use one of {', '.join(EDIT_MODES)}")
+        numbers = {"embedding_strength": self.embedding_strength, "alpha": self.alpha, "shift": self.shift}
+        bad = {name: value for name, value in numbers.items() if not math.isfinite(float(value))}
+        if bad:  # a NaN or inf strength writes NaN into every weight it reaches
+            raise FeatsteerError(f"EditConfig {', '.join(f'{k}={v}' for k, v in bad.items())}: give finite numbers")
+        if self.shift and self.mode != "induce":
+            raise FeatsteerError(f"shift={self.shift} applies to mode='induce' only: mode='{self.mode}' would ignore it")
+        if self.alpha != 1.0 and self.mode not in ("amplify", "induce"):
+            raise FeatsteerError(f"alpha={self.alpha} applies to mode='amplify' or 'induce' only: mode='{self.mode}' would ignore it "
+                                 "(the kernels set an abliteration's strength)")
 
     def strength(self, writer: ResidualWriter) -> float:
         """Strength for one writer."""
@@ -172,6 +182,9 @@ class EditHandle:
         `transformers.AutoModelForCausalLM.from_pretrained(path)`.
         """
         hf_model = getattr(self.model, "model", None)
+        if getattr(self.model, "is_bridge", False):  # saving it raised safetensors' shared-tensors error, thousands of characters long
+            raise FeatsteerError("an edit of a TransformerBridge cannot be exported: the bridge has wrapped its Hugging Face model's modules, "
+                                 "so it does not save as a plain checkpoint; load the checkpoint with load_model(path) to edit and export it")
         if self.reverted or not hasattr(hf_model, "save_pretrained") or not hasattr(hf_model, "config"):
             raise FeatsteerError("only an applied (not reverted) edit of a Hugging Face model can be exported")
         live = _live_edits(self.model)
@@ -263,17 +276,35 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
             if strength == 0 and not (config.mode == "induce" and writer.kind == "embed"):
                 continue
             weight, bias = writer.read()
+            check_plain_weight(writer.name, weight)
             own = layer_bases.get(writer.layer, basis) if writer.layer is not None else basis
             # a writer that replaces its parameter's storage never modifies what read() returned: that is the original
             original = (weight, bias) if writer.replaces else (weight.clone(), None if bias is None else bias.clone())
             new_weight, new_bias = edited_tensors(writer, own, config, strength, None if columns is None else columns[writer.layer])
             handle.originals[writer.name] = original
             writer.write(new_weight, new_bias)
+        if not handle.originals:  # a handle that exports the unedited model under an edit's record
+            raise FeatsteerError("the edit changes no weight: every writer's strength is 0 (kernels that reach none of layers "
+                                 f"0-{model.n_layers - 1}{', for the heads named' if columns is not None else ''}, and "
+                                 "embedding_strength 0); widen a kernel or raise a strength")
     except Exception:
         handle.revert()
         raise
     handle.record["writers"] = list(handle.originals)
     return handle
+
+
+PLAIN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""Weight dtypes an edit can compute on and write back; anything else is a quantised format whose values mean nothing
+without its scales (FP8 blocks, bitsandbytes' packed int8/uint8)."""
+
+
+def check_plain_weight(name: str, weight: Tensor) -> None:
+    """Raise a one-line error when a writer's weight is not plain floating point (an FP8 or bitsandbytes checkpoint): an
+    edit of the stored values, cast back, would not remove the direction and says nothing."""
+    if weight.dtype not in PLAIN_DTYPES:
+        raise FeatsteerError(f"{name} holds {str(weight.dtype).removeprefix('torch.')} weights (a quantised checkpoint?): an edit needs "
+                             "plain float16/bfloat16/float32 weights; load the model dequantized to edit it")
 
 
 def _embedding_scale(model: ModelAdapter) -> float:

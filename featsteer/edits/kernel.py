@@ -7,7 +7,10 @@ layer where the direction was found and tapers it linearly to `min_weight` at `w
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+
+from featsteer.errors import FeatsteerError
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,13 @@ class LayerKernel:
     """Strength at the peak."""
     min_weight: float = 1.0
     """Strength at distance `width`."""
+
+    def __post_init__(self) -> None:
+        bad = {name: value for name, value in asdict(self).items() if not math.isfinite(float(value))}
+        if bad:  # a NaN strength writes NaN into every weight it reaches
+            raise FeatsteerError(f"LayerKernel {', '.join(f'{k}={v}' for k, v in bad.items())}: give finite numbers")
+        if self.width < 0:  # every layer would be further away than that: nothing edited, without a word
+            raise FeatsteerError(f"LayerKernel width={self.width} reaches no layer: give a width >= 0")
 
     def strength(self, layer: int) -> float:
         """Edit strength for one layer."""

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from featsteer.edits.apply import EditHandle
+from featsteer.edits.apply import EditHandle, check_plain_weight
 from featsteer.errors import FeatsteerError
 from featsteer.models import ModelAdapter
 from featsteer.models.adapter import TokenBatch
@@ -102,6 +102,7 @@ def add_at_tokens(model: ModelAdapter, vector: Tensor, tokens: Sequence[int], re
     if writer is None:
         raise FeatsteerError(f"{model.name} exposes no token embedding to edit: add the vector at runtime (featsteer steer --mode add)")
     weight, bias = writer.read()
+    check_plain_weight(writer.name, weight)
     if ids[0] < 0 or ids[-1] >= weight.shape[1]:
         raise FeatsteerError(f"token id {ids[0] if ids[0] < 0 else ids[-1]} is outside the vocabulary of {weight.shape[1]} tokens")
     original = weight.detach().clone()

@@ -14,7 +14,9 @@ below the token's lowest (the token's minimum minus 0.01) and an activated exper
 order, so each token keeps its number of experts, and the weights are the router's own (softmax over the changed
 logits, renormalised or scaled as the family does). SteerMoE shifts log-softmax values; a softmax is unchanged by a
 shift of all logits, so on softmax routers this is the same rule. On sigmoid routers (DeepSeek V3, GLM-4.5, dots.llm1)
-it is the same rule applied to the raw logits, and a group-limited router still chooses the groups first.
+it is the same rule applied to the raw logits, and a group-limited router still chooses the groups first. A router that
+adds a per-expert correction bias to its choice can override the rule; the choice is checked at `hook_routing` and a
+router that did not obey is an error.
 
 `ExpertSteer(at="routing")` (the default) works on the weights, after the router has chosen:
 - deactivating an expert gives it weight zero; with `renormalize` the token's other experts are scaled up so its total
@@ -139,22 +141,26 @@ class ExpertRouting:
         return [ExpertScore(self.layers[i // self.n_experts], i % self.n_experts, harmful[i], harmless[i], harmful[i] - harmless[i],
                             (low[i], high[i]), weights[0][i], weights[1][i]) for i in order]
 
+    def leaning(self, toward: str = "harmful") -> list[ExpertScore]:
+        """The experts routed more often on the `toward` prompts (a risk difference of that sign, not zero), most first."""
+        return [score for score in self.ranked(toward) if (score.risk_difference > 0) == (toward == "harmful") and score.risk_difference != 0]
+
     def top(self, n: int, toward: str = "harmful") -> dict[int, list[int]]:
         """`{layer: [expert, ...]}` of the `n` most `toward`-linked experts with a risk difference of that sign."""
         chosen: dict[int, list[int]] = {}
-        for score in self.ranked(toward)[:n]:
-            if (score.risk_difference > 0) == (toward == "harmful") and score.risk_difference != 0:
-                chosen.setdefault(score.layer, []).append(score.expert)
+        for score in self.leaning(toward)[:n]:
+            chosen.setdefault(score.layer, []).append(score.expert)
         return chosen
 
     def to_dict(self, top_n: int = 20) -> dict:
-        """JSON-ready summary: sizes, the full rate matrices and the `top_n` experts toward each side."""
+        """JSON-ready summary: sizes, the full rate matrices and the `top_n` experts toward each side (those leaning that way,
+        as `featsteer experts` prints them)."""
         return {
             "layers": list(self.layers), "n_experts": self.n_experts, "positions": self.positions,
             "n_tokens_harmful": self.n_tokens[0], "n_tokens_harmless": self.n_tokens[1],
             "harmful_rate": self.harmful_rate.tolist(), "harmless_rate": self.harmless_rate.tolist(),
-            "top_harmful": [vars(s) for s in self.ranked("harmful")[:top_n]],
-            "top_harmless": [vars(s) for s in self.ranked("harmless")[:top_n]],
+            "top_harmful": [vars(s) for s in self.leaning("harmful")[:top_n]],
+            "top_harmless": [vars(s) for s in self.leaning("harmless")[:top_n]],
         }
 
 
@@ -267,8 +273,12 @@ class ExpertSteer(Intervention):
                 raise FeatsteerError(f"{off} of {model.n_experts} experts deactivated at layer {layer}'s router logits, but it still picks {picked} "
                                      f"per token, so some would be used anyway: deactivate at most {model.n_experts - picked} there, or use at='routing'")
         make = _steer_logits if self.at == "router_logits" else functools.partial(_steer_routing, renormalize=self.renormalize)
-        return [(hook_name(layer, self.at), make(list(self.deactivate.get(layer, ())), list(self.activate.get(layer, ()))))
-                for layer in layers]
+        pairs = [(hook_name(layer, self.at), make(list(self.deactivate.get(layer, ())), list(self.activate.get(layer, ()))))
+                 for layer in layers]
+        if self.at == "router_logits":  # the router chooses by its own rule: check at its choice that it obeyed
+            pairs += [(hook_name(layer, "routing"), _obeyed(layer, list(self.deactivate.get(layer, ())), list(self.activate.get(layer, ()))))
+                      for layer in layers]
+        return pairs
 
 
 def _layer_map(value: Mapping, what: str) -> dict[int, list[int]]:
@@ -301,6 +311,23 @@ def _steer_logits(off: list[int], on: list[int]):
         if on:
             w[..., on] = (x.max(-1, keepdim=True).values + STEER_MARGIN).expand(*x.shape[:-1], len(on))
         return w
+
+    return hook
+
+
+def _obeyed(layer: int, off: list[int], on: list[int]):
+    """A `hook_routing` check behind the logits rule: a router that adds a per-expert correction bias to its choice
+    (DeepSeek V3, GLM-4.5, dots.llm1, ERNIE 4.5) can still pick an expert whose logit went below the token's lowest, or
+    pass over one raised above its highest; that is an error rather than a run that silently steered nothing."""
+
+    def hook(x: Tensor, site) -> None:
+        used = [e for e in off if bool((x[..., e] != 0).any())]
+        skipped = [e for e in on if bool((x[..., e] == 0).any())]
+        if used or skipped:
+            what = f"still picks deactivated expert(s) {used}" if used else f"passes over activated expert(s) {skipped}"
+            raise FeatsteerError(f"layer {layer}'s router {what} after the router-logits rule (a correction bias added to its "
+                                 "choice outweighs the logit change): switch experts at the routing weights instead (at='routing', "
+                                 "featsteer steer --experts-at routing)")
 
     return hook
 

@@ -833,6 +833,9 @@ def _embedding_writer(name: str, layer: int | None, kind: str, module: nn.Embedd
 
 def _projection_writer(name: str, layer: int, kind: str, module: nn.Module, conv1d: bool) -> ResidualWriter:
     def read() -> tuple[Tensor, Tensor | None]:
+        if not isinstance(getattr(module, "weight", None), Tensor):  # GPTQ/AWQ modules hold packed `qweight`s instead
+            raise FeatsteerError(f"{name}: the {type(module).__name__} module holds no plain weight (a quantised checkpoint?): load the "
+                                 "model unquantised or dequantized to edit its weights")
         weight = module.weight.detach()
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
         return (weight.T if conv1d else weight), bias
