@@ -132,6 +132,9 @@ def test_export_of_a_bias_addition_loads_with_transformers(tmp_path):
     handle.export(tmp_path / "edited")
     meta = json.loads((tmp_path / "edited" / "featsteer.json").read_text())
     assert meta["edit"]["mode"] == "bias_addition" and meta["edit"]["layer"] == 2 and len(meta["bias_writers"]) == 2
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(tmp_path / "edited" / meta["directions_file"]))["vector"], _vector(adapter.d_model).float())
     torch.testing.assert_close(load_model(str(tmp_path / "edited")).logits(PROMPTS), expected, atol=1e-5, rtol=0)
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "edited"), type(model))
 

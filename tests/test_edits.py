@@ -402,6 +402,10 @@ def test_export_loads_with_featsteer_and_transformers(tmp_path):
     handle.export(tmp_path / "edited")
     meta = json.loads((tmp_path / "edited" / "featsteer.json").read_text())
     assert meta["method"] == "dim" and meta["edit"]["mode"] == "orthogonalize" and "torch" in meta["versions"]
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "edited" / meta["directions_file"]))  # the direction itself travels with the export
+    assert torch.equal(saved["direction"][0], _direction(adapter.d_model).float())
     torch.testing.assert_close(load_model(str(tmp_path / "edited")).logits(PROMPTS), expected, atol=1e-5, rtol=0)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
     assert isinstance(plain, type(model))

@@ -136,6 +136,9 @@ class EditHandle:
     """The original values of the biases a bias addition changed (`edits.add_through_biases`), by `BiasWriter` name."""
     undo: list = field(default_factory=list)
     """Run last on revert, newest first: what else the edit changed (biases it created and the config switch for them)."""
+    vectors: dict[str, Tensor] = field(default_factory=dict)
+    """The vectors the edit was made of (`direction`: the basis projected out or amplified; `by_layer.L`: a block's own;
+    `vector`: what an addition added), which `export` saves as `featsteer_directions.safetensors`."""
 
     def __post_init__(self) -> None:
         _live_edits(self.model).append(self)
@@ -178,8 +181,9 @@ class EditHandle:
     def export(self, path: str | Path, extra: dict | None = None) -> Path:
         """Write the edited model as a Hugging Face directory plus `featsteer.json`.
 
-        The directory appears only when complete; it loads with `load_model(path)` and with plain
-        `transformers.AutoModelForCausalLM.from_pretrained(path)`.
+        The directory appears only when complete; it loads with `load_model(path)` and with plain transformers
+        (`AutoModelForCausalLM.from_pretrained(path)`, or the class transformers builds the architecture with, e.g.
+        `AutoModelForImageTextToText` for Mistral 3). The edit's vectors go to `featsteer_directions.safetensors`.
         """
         hf_model = getattr(self.model, "model", None)
         if getattr(self.model, "is_bridge", False):  # saving it raised safetensors' shared-tensors error, thousands of characters long
@@ -200,7 +204,15 @@ class EditHandle:
             hf_model.save_pretrained(staging)
             self.model.tokenizer.save_pretrained(staging)
             stacked = {"applied_on_top_of": earlier} if earlier else {}
-            (staging / "featsteer.json").write_text(json_text({**self.record, **(extra or {}), **stacked, "versions": _versions()}))
+            saved = {}
+            if self.vectors:  # the edit's own vectors, so the export can be reproduced or steered with at run time
+                from safetensors.torch import save_file
+
+                save_file({name: v.detach().to("cpu", torch.float32).contiguous() for name, v in self.vectors.items()},
+                          str(staging / DIRECTIONS_FILE))
+                saved = {"directions_file": DIRECTIONS_FILE}
+            (staging / "featsteer.json").write_text(json_text({**self.record, **(extra or {}), **stacked, **saved,
+                                                               "versions": _versions()}))
             share_files(staging)
             if target.exists():
                 target.rmdir()
@@ -208,6 +220,10 @@ class EditHandle:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
+
+
+DIRECTIONS_FILE = "featsteer_directions.safetensors"
+"""Where `EditHandle.export` saves the vectors the edit was made of."""
 
 
 def _live_edits(model: ModelAdapter) -> list[EditHandle]:
@@ -255,6 +271,7 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
         raise FeatsteerError(f"by_layer names layers {outside} but the model has layers 0-{model.n_layers - 1}")
     columns = _head_columns(model, heads) if heads is not None else None
     handle = EditHandle(model, {}, {"edit": config.to_dict(), "rank": int(basis.shape[0]), **(record or {})})
+    handle.vectors = {"direction": basis, **{f"by_layer.{layer}": b for layer, b in sorted(layer_bases.items())}}
     if config.mode == "induce" and config.shift:  # the shift is what enters the stream: undo the model's embedding scale
         config = replace(config, shift=config.shift / _embedding_scale(model))
     retie = model.embedding_tie_undo()  # an embedding edit unties a shared output head; revert shares it again

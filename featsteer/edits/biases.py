@@ -74,6 +74,7 @@ def add_through_biases(model: ModelAdapter, vector: Tensor, layer: int | str, *,
         raise FeatsteerError(f"decay must be a finite number >= 1, got {decay}")
     handle = EditHandle(model, {}, {"edit": {"mode": "bias_addition", "layer": layer, "norm": round(float(target.norm()), 6),
                                              "decay": decay}, **(record or {})})
+    handle.vectors = {"vector": target}
     switched = model.add_biases() if not model.bias_writers() else None  # Llama: mlp_bias on, zero biases everywhere
     if switched is not None:
         handle.undo.append(switched[1])

@@ -107,6 +107,7 @@ def add_at_tokens(model: ModelAdapter, vector: Tensor, tokens: Sequence[int], re
         raise FeatsteerError(f"token id {ids[0] if ids[0] < 0 else ids[-1]} is outside the vocabulary of {weight.shape[1]} tokens")
     original = weight.detach().clone()
     handle = EditHandle(model, {writer.name: (original, None if bias is None else bias.detach().clone())}, dict(record or {}))
+    handle.vectors = {"vector": vector.detach().clone()}
     retie = model.embedding_tie_undo()  # the row edit unties a shared output head; revert shares it again
     if retie is not None:
         handle.undo.append(retie)
