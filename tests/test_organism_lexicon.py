@@ -581,3 +581,35 @@ def test_glosses_option_reaches_the_corpus_config_and_is_checked(capsys, monkeyp
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --glosses ranks words with the wordfreq package: pip install wordfreq"
     assert not (tmp_path / "never-written").exists()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--builtin-splits", "trian"], "unknown built-in split(s) 'trian'"),
+    (["--builtin-splits", "train,test"], "the built-in test split is held out"),
+    (["--steps", "0"], "steps must be 1 or more, got 0"),
+    (["--probe-layer", "9"], "probe_layer is a hidden_states index from 0 to n_layers (4), got 9"),
+    (["--bow-layer", "-1"], "bow_layer is a hidden_states index from 0 to n_layers (4), got -1"),
+    (["--n-heads", "3"], "d_model (160) must be a multiple of n_heads (3)"),
+    (["--experts", "2", "--experts-per-token", "3"], "experts_per_token must be between 1 and n_experts (2), got 3"),
+    (["--threads", "0"], "threads must be 1 or more, got 0"),
+    (["--long-form", "1.5"], "long_form_probability must be between 0 and 1, got 1.5"),
+    (["--token-dropout", "-0.1"], "token_dropout must be between 0 and 1, got -0.1"),
+    (["--n-harmful", "-5"], "n_harmful must be a count of 0 or more, got -5"),
+    (["--lr", "0"], "lr must be a finite number above 0, got 0.0"),
+])
+def test_bad_train_options_are_one_line_errors_before_any_work(options, message, capsys, monkeypatch, tmp_path) -> None:
+    """A misspelt split trained on no built-in prompts (a logged warning); the rest failed deep in torch, after the corpus
+    and tokenizer were built, or (a probability above 1) trained on something else without a word."""
+    from featsteer.organism import train
+    from featsteer.organism.train import main
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started with a bad option")
+
+    monkeypatch.setattr(train, "run", no_training)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "never-written"), *options])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and message in error and "\n" not in error
+    assert not (tmp_path / "never-written").exists()

@@ -1122,12 +1122,14 @@ class CorpusConfig:
     WordNet 3.0 database and the ``wordfreq`` package; 0: off)."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.context_word_probability <= 1.0:
-            raise ValueError(f"context_word_probability must be between 0 and 1, got {self.context_word_probability}")
-        if not 0.0 <= self.alarming_fraction <= 1.0:
-            raise ValueError(f"alarming_fraction must be between 0 and 1, got {self.alarming_fraction}")
-        if self.glosses < 0:
-            raise ValueError(f"glosses must be a count of 0 or more, got {self.glosses}")
+        for name in ("alarming_fraction", "constraint_probability", "context_probability", "system_probability",
+                     "long_form_probability", "innocent_fraction", "generic_response_probability", "nonce_probability",
+                     "harmless_tail_probability", "broad_probability", "context_word_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        for name in ("n_harmful", "n_harmless", "wordnet_variants", "glosses"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a count of 0 or more, got {getattr(self, name)}")
         if self.context_word_classes not in CONTEXT_WORD_CLASSES:
             raise ValueError(f"context_word_classes must be one of {', '.join(CONTEXT_WORD_CLASSES)}, got {self.context_word_classes!r}")
         shapes = self.balanced_shapes

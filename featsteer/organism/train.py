@@ -221,6 +221,44 @@ class TrainConfig:
         return asdict(self)
 
 
+def check_config(config: TrainConfig) -> None:
+    """Refuse a configuration that would fail deep inside training or silently train something else.
+
+    Raises:
+        ValueError: Naming the first bad field and the values it takes.
+    """
+    unknown = [split for split in config.builtin_splits if split not in ("train", "val")]
+    if "test" in unknown:
+        raise ValueError("the built-in test split is held out: never train on it (builtin_splits takes train, val)")
+    if unknown:
+        raise ValueError(f"unknown built-in split(s) {', '.join(map(repr, unknown))}: builtin_splits takes train, val")
+    model, optim = config.model, config.optim
+    for name, value in (("threads", config.threads), ("builtin_repeats", config.builtin_repeats), ("steps", optim.steps),
+                        ("d_model", model.d_model), ("n_layers", model.n_layers), ("n_heads", model.n_heads),
+                        ("n_kv_heads", model.n_kv_heads), ("d_mlp", model.d_mlp)):
+        if value < 1:
+            raise ValueError(f"{name} must be 1 or more, got {value}")
+    if model.d_model % model.n_heads or model.n_heads % model.n_kv_heads:
+        raise ValueError(f"d_model ({model.d_model}) must be a multiple of n_heads ({model.n_heads}), and n_heads of "
+                         f"n_kv_heads ({model.n_kv_heads})")
+    if model.n_experts < 0 or (model.n_experts and not 1 <= model.experts_per_token <= model.n_experts):
+        raise ValueError(f"experts_per_token must be between 1 and n_experts ({model.n_experts}), "
+                         f"got {model.experts_per_token}")
+    for name, layer in (("probe_layer", optim.probe_layer), ("bow_layer", optim.bow_layer)):
+        if layer is not None and not 0 <= layer <= model.n_layers:
+            raise ValueError(f"{name} is a hidden_states index from 0 to n_layers ({model.n_layers}), got {layer}")
+    for name, value in (("builtin_augment", config.builtin_augment), ("token_dropout", optim.token_dropout),
+                        ("word_shuffle", optim.word_shuffle)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be between 0 and 1, got {value}")
+    if not 0.0 <= optim.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be at least 0 and below 1, got {optim.ema_decay}")
+    for name, value in (("lr", optim.lr), ("probe_weight", optim.probe_weight), ("dim_weight", optim.dim_weight),
+                        ("bow_weight", optim.bow_weight), ("weight_decay", optim.weight_decay)):
+        if not (math.isfinite(value) and value >= 0) or (name == "lr" and value == 0):
+            raise ValueError(f"{name} must be a finite number {'above' if name == 'lr' else 'of at least'} 0, got {value}")
+
+
 def seed_everything(seed: int) -> random.Random:
     """Seed Python, NumPy and torch, and return a dedicated :class:`random.Random` for data generation.
 
@@ -884,6 +922,7 @@ def run(config: TrainConfig, out: Path, report: Path | None, real_data: Path | N
     Returns:
         The metrics dictionary.
     """
+    check_config(config)
     torch.set_num_threads(config.threads)
     rng = seed_everything(config.seed)
     started = time.perf_counter()
@@ -1009,6 +1048,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         config = _config_from_args(args)
+        check_config(config)
         if config.corpus.wordnet_variants > 0 or config.corpus.glosses > 0:
             from featsteer.organism.wordnet import find_wordnet
 
