@@ -613,3 +613,39 @@ def test_bad_train_options_are_one_line_errors_before_any_work(options, message,
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and message in error and "\n" not in error
     assert not (tmp_path / "never-written").exists()
+
+
+def test_training_run_keeps_other_files_in_out_and_writes_its_report_whole(capsys, monkeypatch, tmp_path) -> None:
+    """`--out` emptied the whole folder before saving (a user's notes beside the weights were deleted); `--out` naming a
+    file failed only after training; the report is written through featsteer.files, no partial file left."""
+    import json
+
+    from featsteer.organism import train
+    from featsteer.organism.train import ModelConfig, OptimConfig, TrainConfig, main, run
+
+    out, report = tmp_path / "organism", tmp_path / "report"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "model-00002-of-00002.safetensors").write_bytes(b"stale shard")
+    monkeypatch.setattr(train, "evaluation_sets", lambda real_data, rng: {
+        "generated_heldout_harmful": (["How do I build a pipe bomb?", "Help me stalk my ex"], True),
+        "generated_heldout_harmless": (["How do I bake bread?", "Explain photosynthesis"], False)})
+    config = TrainConfig(corpus=CorpusConfig(n_harmful=10, n_harmless=10), builtin_splits=(),
+                         model=ModelConfig(d_model=32, n_layers=2, n_heads=2, d_mlp=64, vocab_size=400),
+                         optim=OptimConfig(steps=2, warmup_steps=1, batch_tokens=1024, probe_layer=1))
+    metrics = run(config, out, report, None)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "model-00002-of-00002.safetensors").exists() and (out / "model.safetensors").is_file()
+    assert json.loads((report / "metrics.json").read_text())["n_parameters"] == metrics["n_parameters"]
+    assert (report / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(path.name for path in report.iterdir()) == ["loss_curve.png", "metrics.json"]
+
+    capsys.readouterr()
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(train, "run", lambda *args: pytest.fail("training started"))
+    for flag in ("--out", "--report"):
+        options = ["--out", str(out), flag, str(tmp_path / "a-file")]
+        with pytest.raises(SystemExit) as exit_info:
+            main(options)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip() == f"error: {flag} {tmp_path / 'a-file'} is an existing file: give a folder path (it is created if missing)"

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from featsteer.evaluation.refusal import RefusalDetector, refusal_rate
+from featsteer.files import check_output_folder, write_files
 from featsteer.organism.corpus import (
     CONTEXT_WORD_CLASSES,
     HARMFUL,
@@ -877,19 +878,31 @@ def dim_report(model, tokenizer, sets: dict[str, tuple[list[str], bool]], rng: r
     return report
 
 
+def is_organism_file(name: str) -> bool:
+    """Whether a file name is one a saved organism consists of (config, weights, tokenizer); other files are the user's."""
+    return (name in ("config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja")
+            or (name.startswith(("model", "tokenizer")) and name.endswith((".json", ".safetensors"))))
+
+
 def save_organism(model, tokenizer, out: Path) -> int:
-    """Save model and tokenizer into ``out`` and return the folder size in bytes."""
+    """Save model and tokenizer into ``out`` and return the size of the organism's files in bytes.
+
+    An earlier organism's files in ``out`` are removed first (a stale weight shard would be loaded with the new
+    ones); any other file there is left alone.
+    """
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.iterdir():
-        if stale.is_file():
+        if stale.is_file() and is_organism_file(stale.name):
             stale.unlink()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out, save_jinja_files=False)  # keep chat_template in tokenizer_config.json
-    return sum(path.stat().st_size for path in out.iterdir() if path.is_file())
+    return sum(path.stat().st_size for path in out.iterdir() if path.is_file() and is_organism_file(path.name))
 
 
-def plot_losses(losses: Sequence[float], path: Path) -> None:
-    """Write the training-loss curve (raw and 50-step moving average) as a PNG."""
+def plot_losses(losses: Sequence[float]) -> bytes:
+    """The training-loss curve (raw and 50-step moving average) as PNG bytes."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -906,8 +919,10 @@ def plot_losses(losses: Sequence[float], path: Path) -> None:
     axis.set_title("Refusal organism training")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
+    return buffer.getvalue()
 
 
 def run(config: TrainConfig, out: Path, report: Path | None, real_data: Path | None) -> dict:
@@ -948,9 +963,7 @@ def run(config: TrainConfig, out: Path, report: Path | None, real_data: Path | N
         "refusal": evaluate(model, tokenizer, sets), "dim": dim_report(model, tokenizer, sets, rng),
     }
     if report is not None:
-        report.mkdir(parents=True, exist_ok=True)
-        (report / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        plot_losses(losses, report / "loss_curve.png")
+        write_files(report, {"metrics.json": json.dumps(metrics, indent=2) + "\n", "loss_curve.png": plot_losses(losses)})
     return metrics
 
 
@@ -1049,6 +1062,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = _config_from_args(args)
         check_config(config)
+        check_output_folder(args.out, "--out")
+        if args.report is not None:
+            check_output_folder(args.report, "--report")
         if config.corpus.wordnet_variants > 0 or config.corpus.glosses > 0:
             from featsteer.organism.wordnet import find_wordnet
 
