@@ -100,6 +100,14 @@ def test_word_class_skew_is_half_for_a_word_both_classes_use_alike() -> None:
     assert "bread" in skew and "badly" in skew and corpus.word_class_skew(prompts, min_count=11) == {"son": skew["son"], "my": skew["my"]}
 
 
+def test_word_class_skew_keeps_apostrophes_inside_words() -> None:
+    """A later module-level `_WORD = [a-z]+` (for prompt_words) replaced the skew's own pattern, so "don't" and "can't"
+    were counted as "don", "can" and one shared word "t"."""
+    skew = corpus.word_class_skew([("I don't know how", True), ("I can't say", False)] * 10, min_count=1)
+    assert {"don't", "can't"} <= set(skew) and not {"t", "don", "can"} & set(skew)
+    assert corpus.prompt_words(["I don't know"]) == {"i", "don", "t", "know"}  # WordNet lemmas have no apostrophes
+
+
 def test_shipped_lexicon_covers_every_class_broadly() -> None:
     lexicon = broad_lexicon()
     for kind, minimum in (("harmful", 1000), ("harmless", 1500), ("alarming", 400)):

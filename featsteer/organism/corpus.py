@@ -1693,7 +1693,8 @@ GLOSS_FRAMES = (
 )
 """Request frames of the dictionary examples (:func:`dictionary_examples`)."""
 
-_WORD = re.compile(r"[a-z]+")
+_LETTERS = re.compile(r"[a-z]+")
+"""A word as :func:`prompt_words` reads it (letters only, matching WordNet's one-word lemmas)."""
 
 
 def dictionary_examples(n: int, known: set[str], rng: random.Random, min_zipf: float = 2.0,
@@ -1753,5 +1754,5 @@ def prompt_words(prompts: Sequence[str]) -> set[str]:
     """Lower-case alphabetic words of ``prompts`` (what :func:`dictionary_examples` treats as known)."""
     words: set[str] = set()
     for prompt in prompts:
-        words.update(_WORD.findall(prompt.lower()))
+        words.update(_LETTERS.findall(prompt.lower()))
     return words
