@@ -657,3 +657,15 @@ def test_training_run_keeps_other_files_in_out_and_writes_its_report_whole(capsy
             main(options)
         assert exit_info.value.code == 2
         assert capsys.readouterr().err.strip() == f"error: {flag} {tmp_path / 'a-file'} is an existing file: give a folder path (it is created if missing)"
+
+
+def test_organism_corpus_source_repeats_few_training_prompts() -> None:
+    """The README says 1-3% of `organism-corpus:` prompts are also generated training prompts of the shipped organism (whose
+    corpus is `generate_corpus(CorpusConfig(), Random(0))`, the first draw of seed 0); it said none were."""
+    from featsteer.datasets import load_prompts
+    from featsteer.organism.corpus import generate_corpus
+
+    trained = {example.prompt.strip() for example in generate_corpus(CorpusConfig(), random.Random(0))}
+    for kind in ("harmful", "harmless"):
+        fresh = load_prompts(f"organism-corpus:{kind}:300").prompts
+        assert 0.005 <= sum(prompt in trained for prompt in fresh) / len(fresh) <= 0.03, kind

@@ -4,8 +4,9 @@ A first trial taught us the trap: a tiny model trained on one benchmark's harmfu
 benchmark's *phrasing* ("Develop a strategy for ..."), not its *content*, and then refuses harmless
 prompts that happen to share the style while complying with harmful prompts phrased differently. So
 every harmful and harmless example here is built from the SAME request frames (questions, imperatives,
-role-play, pasted context, format constraints, short and long) and the two classes differ only in the
-objective slotted into the frame. Harmless objectives include alarming words used innocently ("kill a
+role-play, pasted context, format constraints, short and long) and the two classes differ mainly in the
+objective slotted into the frame (without ``CorpusConfig.symmetric_context``, the default and the shipped recipe,
+harmful prompts get a situational preamble or persona more often; see :func:`_context_parts`). Harmless objectives include alarming words used innocently ("kill a
 Python process", "the history of the atomic bomb", "protect my computer from ransomware") so that the
 model has to look at what is being asked for, not at single scary words.
 
