@@ -65,10 +65,18 @@ def organism_val(source: str, n: int = 96) -> tuple[PromptSet, PromptSet] | None
     return load_prompts(data / "advbench_harmful.txt")[:n], PromptSet(tuple(harmless[:n]), "mtbench+ifbench (shuffled, seed 0)")
 
 
+def real_data() -> Path:
+    """`../shared/data`, or exit with one line saying it is missing (the real-model benchmarks need its prompt sets)."""
+    data = SHARED / "data"
+    if not data.is_dir():
+        sys.exit(f"missing {data}: the real-model benchmarks read AdvBench, MT-Bench and IFBench from it")
+    return data
+
+
 def real_pools() -> tuple[PromptSet, PromptSet]:
     """AdvBench, and MT-Bench+IFBench shuffled with seed 0: the real-model prompt pools, in the order the sets slice them
     (training [:256], evaluation [256:356], spare from 356 on)."""
-    data = SHARED / "data"
+    data = real_data()
     harmless = list(load_prompts(data / "mtbench_harmless.txt")) + list(load_prompts(data / "ifbench_harmless.txt"))
     random.Random(0).shuffle(harmless)
     return load_prompts(data / "advbench_harmful.txt"), PromptSet(tuple(harmless), "mtbench+ifbench (shuffled, seed 0)")

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import prompt_sets, qwen_gguf  # noqa: E402
+from abliteration import prompt_sets, qwen_gguf, real_data  # noqa: E402
 
 from featsteer.files import json_text  # noqa: E402
 
@@ -128,6 +128,7 @@ def main() -> None:
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         sys.exit(f"error: unknown setting(s) {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+    qwen_gguf(), real_data()  # one line now, not a worker's traceback later
     if not (args.work / "direction.pt").exists():
         subprocess.run([sys.executable, __file__, "--direction-only", "--work", str(args.work), "--n-train", str(args.n_train)], check=True)
     for name in names:

@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if not SHARED_DATA.is_dir():
+        sys.exit(f"missing {SHARED_DATA}: the trials score AdvBench, MT-Bench and IFBench from it")
     torch.set_num_threads(1)
     model = load_model(args.model)
     detector = RefusalDetector()

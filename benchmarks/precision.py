@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from abliteration import fmt, prompt_sets, qwen_gguf  # noqa: E402
+from abliteration import fmt, prompt_sets, qwen_gguf, real_data  # noqa: E402
 
 from featsteer.files import json_text  # noqa: E402
 
@@ -118,6 +118,7 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.work, args.worker_full, args.n_eval, args.n_train)
         return
+    qwen_gguf(), real_data()  # one line now, not a worker's traceback later
     dtypes = args.dtypes.split(",")
     full = set(args.full.split(",")) | {"float32"}
     for dtype in dtypes:

@@ -53,6 +53,8 @@ def main() -> None:
     from featsteer.interventions import Ablate, steer
     from featsteer.models import load_model
 
+    if not Path(args.responses).is_file():
+        raise SystemExit(f"missing {args.responses}: save a rotated run's responses first (steering_methods.py --save-responses)")
     saved = json.loads(Path(args.responses).read_text())
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

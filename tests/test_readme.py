@@ -44,3 +44,9 @@ def test_the_contents_list_every_command_and_benchmark_section():
     listed = set(re.findall(r"\]\(#([^)]+)\)", contents))
     sections = [github_anchor(h) for h in headings(text)[1:]]  # every heading under the title
     assert [a for a in sections if a not in listed] == [], "add these sections to the README's contents list"
+
+
+def test_the_layout_names_every_benchmark_script():
+    row = next(line for line in README.read_text().splitlines() if line.startswith("| `benchmarks/` |"))
+    scripts = sorted(path.name for path in (README.parent / "benchmarks").glob("*.py"))
+    assert [name for name in scripts if f"`{name}`" not in row] == [], "name these scripts in the README's layout table"

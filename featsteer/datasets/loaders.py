@@ -231,8 +231,8 @@ def organism_corpus(source: str) -> list[str]:
 
     The first N distinct harmful (or harmless, alarming-but-harmless included) prompts of a corpus of N + N examples
     drawn with SEED (default `ORGANISM_CORPUS_SEED`), topped up from further corpora of the same generator when the
-    generator repeated a prompt. Made from the same frames and lexicon as the organism's training corpus but not drawn
-    from it: validation prompts the organism has not memorised.
+    generator repeated a prompt. Made from the same frames and lexicon as the organism's training corpus with another
+    seed; 1-3% of them (mostly short questions the lexicon holds whole) are also training prompts of the organism.
 
     Raises:
         FeatsteerError: for a malformed source string, or when the generator keeps repeating itself.

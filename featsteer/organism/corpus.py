@@ -4,8 +4,9 @@ A first trial taught us the trap: a tiny model trained on one benchmark's harmfu
 benchmark's *phrasing* ("Develop a strategy for ..."), not its *content*, and then refuses harmless
 prompts that happen to share the style while complying with harmful prompts phrased differently. So
 every harmful and harmless example here is built from the SAME request frames (questions, imperatives,
-role-play, pasted context, format constraints, short and long) and the two classes differ only in the
-objective slotted into the frame. Harmless objectives include alarming words used innocently ("kill a
+role-play, pasted context, format constraints, short and long) and the two classes differ mainly in the
+objective slotted into the frame (without ``CorpusConfig.symmetric_context``, the default and the shipped recipe,
+harmful prompts get a situational preamble or persona more often; see :func:`_context_parts`). Harmless objectives include alarming words used innocently ("kill a
 Python process", "the history of the atomic bomb", "protect my computer from ransomware") so that the
 model has to look at what is being asked for, not at single scary words.
 
@@ -1122,12 +1123,14 @@ class CorpusConfig:
     WordNet 3.0 database and the ``wordfreq`` package; 0: off)."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.context_word_probability <= 1.0:
-            raise ValueError(f"context_word_probability must be between 0 and 1, got {self.context_word_probability}")
-        if not 0.0 <= self.alarming_fraction <= 1.0:
-            raise ValueError(f"alarming_fraction must be between 0 and 1, got {self.alarming_fraction}")
-        if self.glosses < 0:
-            raise ValueError(f"glosses must be a count of 0 or more, got {self.glosses}")
+        for name in ("alarming_fraction", "constraint_probability", "context_probability", "system_probability",
+                     "long_form_probability", "innocent_fraction", "generic_response_probability", "nonce_probability",
+                     "harmless_tail_probability", "broad_probability", "context_word_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        for name in ("n_harmful", "n_harmless", "wordnet_variants", "glosses"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a count of 0 or more, got {getattr(self, name)}")
         if self.context_word_classes not in CONTEXT_WORD_CLASSES:
             raise ValueError(f"context_word_classes must be one of {', '.join(CONTEXT_WORD_CLASSES)}, got {self.context_word_classes!r}")
         shapes = self.balanced_shapes
@@ -1691,7 +1694,8 @@ GLOSS_FRAMES = (
 )
 """Request frames of the dictionary examples (:func:`dictionary_examples`)."""
 
-_WORD = re.compile(r"[a-z]+")
+_LETTERS = re.compile(r"[a-z]+")
+"""A word as :func:`prompt_words` reads it (letters only, matching WordNet's one-word lemmas)."""
 
 
 def dictionary_examples(n: int, known: set[str], rng: random.Random, min_zipf: float = 2.0,
@@ -1751,5 +1755,5 @@ def prompt_words(prompts: Sequence[str]) -> set[str]:
     """Lower-case alphabetic words of ``prompts`` (what :func:`dictionary_examples` treats as known)."""
     words: set[str] = set()
     for prompt in prompts:
-        words.update(_WORD.findall(prompt.lower()))
+        words.update(_LETTERS.findall(prompt.lower()))
     return words
