@@ -216,7 +216,7 @@ def test_edit_settings_that_would_write_nan_or_be_ignored_are_errors(make, messa
         make()
 
 
-def test_kernel_edit_only_touches_layers_in_range():
+def test_kernel_edit_only_touches_layers_in_range(tmp_path):
     model, tokenizer = tiny_model("llama")
     adapter = load_model(model, tokenizer=tokenizer)
     config = EditConfig(attn_kernel=LayerKernel(1, 0.5), mlp_kernel=LayerKernel(2, 0.5), embedding_strength=0)
@@ -224,10 +224,15 @@ def test_kernel_edit_only_touches_layers_in_range():
         assert handle.record["writers"] == ["blocks.1.hook_attn_out", "blocks.2.hook_mlp_out"]
     # kernels between layers reach none: the handle used to carry (and export) the unedited model as an edit
     nowhere = EditConfig(attn_kernel=LayerKernel(1.5, 0.2), mlp_kernel=LayerKernel(7, 1), embedding_strength=0)
-    with pytest.raises(FeatsteerError, match="the edit changes no weight: .*layers 0-2"):
-        apply_edit(adapter, _direction(adapter.d_model), nowhere)
-    with pytest.raises(FeatsteerError, match="for the heads named"):
-        apply_edit(adapter, _direction(adapter.d_model), nowhere, heads={1: [0]})
+    before = adapter.logits(PROMPTS)
+    with apply_edit(adapter, _direction(adapter.d_model), nowhere) as handle:  # a sweep's zero point: allowed, changes nothing
+        assert handle.originals == {} and torch.equal(adapter.logits(PROMPTS), before)
+        with pytest.raises(FeatsteerError, match="the edit changes no weight: .*layers 0-2.*exporting it would write the unedited"):
+            handle.export(tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+    with apply_edit(adapter, _direction(adapter.d_model), nowhere, heads={1: [0]}) as handle, \
+            pytest.raises(FeatsteerError, match="for the heads named"):
+        handle.export(tmp_path / "nothing")
     with apply_edit(adapter, _direction(adapter.d_model), EditConfig(attn_kernel=LayerKernel(1, 0.2)), heads={1: [0]}) as handle:
         assert handle.record["writers"] == ["blocks.1.hook_attn_out"]
 

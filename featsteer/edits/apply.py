@@ -136,6 +136,9 @@ class EditHandle:
     """The original values of the biases a bias addition changed (`edits.add_through_biases`), by `BiasWriter` name."""
     undo: list = field(default_factory=list)
     """Run last on revert, newest first: what else the edit changed (biases it created and the config switch for them)."""
+    empty: str | None = None
+    """Why the edit changed no weight, when it changed none (every strength 0: a sweep's zero point); `export` refuses
+    such a handle, which would write the unedited model under an edit's record."""
     vectors: dict[str, Tensor] = field(default_factory=dict)
     """The vectors the edit was made of (`direction`: the basis projected out or amplified; `by_layer.L`: a block's own;
     `vector`: what an addition added), which `export` saves as `featsteer_directions.safetensors`."""
@@ -191,6 +194,9 @@ class EditHandle:
                                  "so it does not save as a plain checkpoint; load the checkpoint with load_model(path) to edit and export it")
         if self.reverted or not hasattr(hf_model, "save_pretrained") or not hasattr(hf_model, "config"):
             raise FeatsteerError("only an applied (not reverted) edit of a Hugging Face model can be exported")
+        if self.empty:
+            raise FeatsteerError(f"{self.empty}: exporting it would write the unedited model under an edit's record; widen a "
+                                 "kernel or raise a strength")
         live = _live_edits(self.model)
         if self in live and live[-1] is not self:
             raise FeatsteerError("an edit applied after this one is still in place, so the weights are not this edit's alone: "
@@ -300,10 +306,10 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
             new_weight, new_bias = edited_tensors(writer, own, config, strength, None if columns is None else columns[writer.layer])
             handle.originals[writer.name] = original
             writer.write(new_weight, new_bias)
-        if not handle.originals:  # a handle that exports the unedited model under an edit's record
-            raise FeatsteerError("the edit changes no weight: every writer's strength is 0 (kernels that reach none of layers "
-                                 f"0-{model.n_layers - 1}{', for the heads named' if columns is not None else ''}, and "
-                                 "embedding_strength 0); widen a kernel or raise a strength")
+        if not handle.originals:  # fine for a sweep's zero point; export refuses it (it would be the unedited model)
+            handle.empty = (f"the edit changes no weight: every writer's strength is 0 (kernels that reach none of layers "
+                            f"0-{model.n_layers - 1}{', for the heads named' if columns is not None else ''}, and "
+                            "embedding_strength 0)")
     except Exception:
         handle.revert()
         raise
