@@ -67,19 +67,25 @@ def test_capture_writes_a_readable_directory(capsys, tmp_path):
     assert code == 0 and ActivationReader(tmp_path / "heads").hook_names == ("blocks.2.attn.hook_z",)
 
 
-def test_capture_formats_prompts_with_a_system_prompt_and_caps_batch_tokens(capsys, tmp_path, monkeypatch):
-    from featsteer.activations import ActivationSet, capture
-    from featsteer.models import load_model
+def _batch_caps(monkeypatch) -> list:
+    """The max_batch_tokens of every batch plan the model makes from now on (appended as they are made)."""
     from featsteer.models.adapter import ModelAdapter
 
-    caps = []
-    plan = ModelAdapter.plan_batches
+    caps, plan = [], ModelAdapter.plan_batches
 
     def spy(self, instructions, batch_size, max_batch_tokens=None, *rest, **kwargs):
         caps.append(max_batch_tokens)
         return plan(self, instructions, batch_size, max_batch_tokens, *rest, **kwargs)
 
     monkeypatch.setattr(ModelAdapter, "plan_batches", spy)
+    return caps
+
+
+def test_capture_formats_prompts_with_a_system_prompt_and_caps_batch_tokens(capsys, tmp_path, monkeypatch):
+    from featsteer.activations import ActivationSet, capture
+    from featsteer.models import load_model
+
+    caps = _batch_caps(monkeypatch)
     base = ["capture", "--model", "tiny:llama", "--prompts", "builtin:harmful:test", "--n", "3", "--hooks", "resid_pre:1"]
     assert _run(capsys, *base, "--system", "Answer in French.", "--max-batch-tokens", "64", "--out", str(tmp_path / "s"))[0] == 0
     assert _run(capsys, *base, "--out", str(tmp_path / "plain"))[0] == 0
@@ -103,16 +109,7 @@ def test_eval_json_has_documented_keys(capsys, tmp_path):
 
 
 def test_eval_caps_batch_tokens_at_the_documented_default(capsys, monkeypatch):
-    from featsteer.models.adapter import ModelAdapter
-
-    caps = []
-    plan = ModelAdapter.plan_batches
-
-    def spy(self, instructions, batch_size, max_batch_tokens=None, *rest, **kwargs):
-        caps.append(max_batch_tokens)
-        return plan(self, instructions, batch_size, max_batch_tokens, *rest, **kwargs)
-
-    monkeypatch.setattr(ModelAdapter, "plan_batches", spy)
+    caps = _batch_caps(monkeypatch)
     base = ["eval", "--model", "tiny:llama", "--harmful", "builtin:harmful:test", "--harmless", "builtin:harmless:test",
             "--n", "2", "--max-new-tokens", "1", "--alarming", "builtin:alarming:test"]
     assert _run(capsys, *base)[0] == 0
@@ -1193,7 +1190,9 @@ def test_directions_refuse_all_token_positions(capsys, tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_steer_add_at_another_hook_adds_that_hooks_mean_difference_or_says_where_it_was_measured(capsys, tmp_path):
+def _saved_blocks2_direction(folder) -> None:
+    """A direction read at blocks.2 (mean difference 10.75, harmful projection 7.75) saved twice: `chosen` with the
+    per-layer class means a chosen direction records (blocks.1: -1.5 / 2.25), `bare` without them."""
     from featsteer.directions import DirectionSet
     from featsteer.testing import random_direction
 
@@ -1201,8 +1200,12 @@ def test_steer_add_at_another_hook_adds_that_hooks_mean_difference_or_says_where
     ace = {"harmless": {"blocks.1.hook_resid_pre": -1.5, "blocks.2.hook_resid_pre": -3.0},
            "harmful": {"blocks.1.hook_resid_pre": 2.25, "blocks.2.hook_resid_pre": 7.75}}
     scores = {"mean_diff_norm": [10.75], "harmful_projection": [7.75]}
-    DirectionSet(r[None, None], ("blocks.2.hook_resid_pre",), (-1,), "dim", scores, {"ace": ace}).save(tmp_path / "chosen")
-    DirectionSet(r[None, None], ("blocks.2.hook_resid_pre",), (-1,), "dim", scores, {}).save(tmp_path / "bare")
+    DirectionSet(r[None, None], ("blocks.2.hook_resid_pre",), (-1,), "dim", scores, {"ace": ace}).save(folder / "chosen")
+    DirectionSet(r[None, None], ("blocks.2.hook_resid_pre",), (-1,), "dim", scores, {}).save(folder / "bare")
+
+
+def test_steer_add_at_another_hook_adds_that_hooks_mean_difference_or_says_where_it_was_measured(capsys, tmp_path):
+    _saved_blocks2_direction(tmp_path)
     common = ["steer", "--model", "organism", "--prompt", "hi", "--max-new-tokens", "1"]
     for folder, hook, expected in (("chosen", "blocks.2.hook_resid_pre", "add 1 x the mean difference at blocks.2"),
                                    ("chosen", "blocks.1.hook_resid_pre", "add 1 x the mean difference along the direction there (3.75)"),
@@ -1216,15 +1219,7 @@ def test_steer_add_at_another_hook_adds_that_hooks_mean_difference_or_says_where
 def test_steer_set_at_another_hook_takes_that_hooks_harmful_projection(capsys, tmp_path):
     """`--mode set --hook H` sets the mean harmful projection at H (recorded per layer with a chosen direction), not the one
     where the direction was read; without a record at H it asks for --value (it set the read layer's value anywhere)."""
-    from featsteer.directions import DirectionSet
-    from featsteer.testing import random_direction
-
-    r = random_direction(160, 3)
-    ace = {"harmless": {"blocks.1.hook_resid_pre": -1.5, "blocks.2.hook_resid_pre": -3.0},
-           "harmful": {"blocks.1.hook_resid_pre": 2.25, "blocks.2.hook_resid_pre": 7.75}}
-    scores = {"mean_diff_norm": [10.75], "harmful_projection": [7.75]}
-    DirectionSet(r[None, None], ("blocks.2.hook_resid_pre",), (-1,), "dim", scores, {"ace": ace}).save(tmp_path / "chosen")
-    DirectionSet(r[None, None], ("blocks.2.hook_resid_pre",), (-1,), "dim", scores, {}).save(tmp_path / "bare")
+    _saved_blocks2_direction(tmp_path)
     common = ["steer", "--model", "organism", "--mode", "set", "--prompt", "hi", "--max-new-tokens", "1"]
     for folder, hook, expected in (("chosen", "blocks.2.hook_resid_pre", "7.75"), ("chosen", "blocks.1.hook_resid_pre", "2.25"),
                                    ("bare", "blocks.2.hook_resid_pre", "7.75")):
