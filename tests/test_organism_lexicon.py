@@ -659,6 +659,46 @@ def test_training_run_keeps_other_files_in_out_and_writes_its_report_whole(capsy
         assert capsys.readouterr().err.strip() == f"error: {flag} {tmp_path / 'a-file'} is an existing file: give a folder path (it is created if missing)"
 
 
+class _StubOrganism:
+    """Writes what `save_pretrained` writes, with `label` as each file's contents; `fail` raises instead."""
+
+    def __init__(self, label: str, names: tuple[str, ...], fail: bool = False) -> None:
+        self.label, self.names, self.fail = label, names, fail
+
+    def save_pretrained(self, folder, **options) -> None:
+        if self.fail:
+            raise KeyboardInterrupt
+        for name in self.names:
+            (folder / name).write_text(self.label)
+
+
+def test_interrupted_organism_save_leaves_out_as_it_was(tmp_path) -> None:
+    """`save_organism` deleted the earlier organism and wrote the new weights straight into `--out`, so a save stopped
+    before the tokenizer was written left a new model with no tokenizer (and an old config beside it)."""
+    from featsteer.organism.train import save_organism
+
+    weights, tokenizer_files = ("config.json", "model.safetensors"), ("tokenizer.json", "tokenizer_config.json")
+    out = tmp_path / "organism"
+    out.mkdir()
+    for name in (*weights, *tokenizer_files):
+        (out / name).write_text("old")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(KeyboardInterrupt):
+        save_organism(_StubOrganism("new", weights), _StubOrganism("new", tokenizer_files, fail=True), out)
+    assert {path.name: path.read_text() for path in out.iterdir()} == {
+        **dict.fromkeys((*weights, *tokenizer_files), "old"), "notes.txt": "mine"}
+    assert [path.name for path in tmp_path.iterdir()] == ["organism"]  # no staging folder left
+
+    size = save_organism(_StubOrganism("new", weights), _StubOrganism("new", tokenizer_files), out)
+    assert {path.name: path.read_text() for path in out.iterdir()} == {
+        **dict.fromkeys((*weights, *tokenizer_files), "new"), "notes.txt": "mine"}
+    assert size == 4 * len("new") and [path.name for path in tmp_path.iterdir()] == ["organism"]
+    fresh = tmp_path / "new" / "organism"  # a new folder is the staging folder renamed
+    save_organism(_StubOrganism("new", weights), _StubOrganism("new", tokenizer_files), fresh)
+    assert sorted(path.name for path in fresh.iterdir()) == sorted((*weights, *tokenizer_files))
+    assert [path.name for path in fresh.parent.iterdir()] == ["organism"]
+
+
 def test_organism_corpus_source_repeats_few_training_prompts() -> None:
     """The README says 1-3% of `organism-corpus:` prompts are also generated training prompts of the shipped organism (whose
     corpus is `generate_corpus(CorpusConfig(), Random(0))`, the first draw of seed 0); it said none were."""

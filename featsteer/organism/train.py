@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from featsteer.evaluation.refusal import RefusalDetector, refusal_rate
-from featsteer.files import check_output_folder, write_files
+from featsteer.files import check_output_folder, share_files, staging_folder, write_files
 from featsteer.organism.corpus import (
     CONTEXT_WORD_CLASSES,
     HARMFUL,
@@ -889,16 +890,32 @@ def is_organism_file(name: str) -> bool:
 def save_organism(model, tokenizer, out: Path) -> int:
     """Save model and tokenizer into ``out`` and return the size of the organism's files in bytes.
 
-    An earlier organism's files in ``out`` are removed first (a stale weight shard would be loaded with the new
-    ones); any other file there is left alone.
+    The files are built in a hidden folder beside ``out`` first, so an interrupted save never leaves a half-written
+    weight file there. A new or empty ``out`` is that folder renamed into place. Otherwise an earlier organism's files
+    in ``out`` are removed (a stale weight shard would be loaded with the new ones) and the new ones moved in, each
+    whole, ``config.json`` last: until it arrives ``out`` holds no loadable organism. Any other file there is left alone.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.iterdir():
-        if stale.is_file() and is_organism_file(stale.name):
-            stale.unlink()
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out, save_jinja_files=False)  # keep chat_template in tokenizer_config.json
-    return sum(path.stat().st_size for path in out.iterdir() if path.is_file() and is_organism_file(path.name))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_folder(out.parent, f".{out.name}.partial-")
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging, save_jinja_files=False)  # keep chat_template in tokenizer_config.json
+        share_files(staging)
+        size = sum(path.stat().st_size for path in staging.iterdir() if path.is_file() and is_organism_file(path.name))
+        if not out.exists() or not any(out.iterdir()):
+            if out.exists():
+                out.rmdir()
+            staging.rename(out)
+            return size
+        config_last = sorted(out.iterdir(), key=lambda path: path.name != "config.json")
+        for stale in config_last:  # the old config first, so no mix of old and new files is ever loadable
+            if stale.is_file() and is_organism_file(stale.name):
+                stale.unlink()
+        for fresh in sorted(staging.iterdir(), key=lambda path: path.name == "config.json"):
+            os.replace(fresh, out / fresh.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return size
 
 
 def plot_losses(losses: Sequence[float]) -> bytes:
