@@ -500,6 +500,10 @@ def test_train_cli_defaults_are_the_shipped_recipe() -> None:
     assert TrainConfig().corpus.match_lengths and TrainConfig().optim.weight_decay == 0.5
     off = _config_from_args(parse_args(["--out", "unused", "--no-match-lengths", "--weight-decay", "0.1"]))
     assert not off.corpus.match_lengths and off.optim.weight_decay == 0.1
+    assert _config_from_args(parse_args(["--out", "unused", "--probe-layer", "none"])).optim.probe_layer is None
+    assert _config_from_args(parse_args(["--out", "unused", "--probe-layer", "3"])).optim.probe_layer == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "unused", "--probe-layer", "two"])
 
 
 def _gloss_folder(root, synsets: dict[str, list[tuple[str, list[str], str]]]) -> None:
@@ -597,6 +601,7 @@ def test_glosses_option_reaches_the_corpus_config_and_is_checked(capsys, monkeyp
     (["--steps", "0"], "steps must be 1 or more, got 0"),
     (["--probe-layer", "9"], "probe_layer is a hidden_states index from 0 to n_layers (4), got 9"),
     (["--bow-layer", "-1"], "bow_layer is a hidden_states index from 0 to n_layers (4), got -1"),
+    (["--probe-layer", "none", "--dim-weight", "1"], "dim_weight 1.0 needs a probe_layer"),
     (["--n-heads", "3"], "d_model (160) must be a multiple of n_heads (3)"),
     (["--experts", "2", "--experts-per-token", "3"], "experts_per_token must be between 1 and n_experts (2), got 3"),
     (["--threads", "0"], "threads must be 1 or more, got 0"),

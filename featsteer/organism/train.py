@@ -249,6 +249,8 @@ def check_config(config: TrainConfig) -> None:
     for name, layer in (("probe_layer", optim.probe_layer), ("bow_layer", optim.bow_layer)):
         if layer is not None and not 0 <= layer <= model.n_layers:
             raise ValueError(f"{name} is a hidden_states index from 0 to n_layers ({model.n_layers}), got {layer}")
+    if optim.dim_weight > 0 and optim.probe_layer is None:
+        raise ValueError(f"dim_weight {optim.dim_weight} needs a probe_layer: the DIM-coding loss is read there")
     for name, value in (("builtin_augment", config.builtin_augment), ("token_dropout", optim.token_dropout),
                         ("word_shuffle", optim.word_shuffle)):
         if not 0.0 <= value <= 1.0:
@@ -1038,8 +1040,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="comma-separated built-in splits to train on (train, val; never test)")
     parser.add_argument("--builtin-augment", type=float, default=TrainConfig.builtin_augment,
                         help="probability that a repeat of a built-in prompt is rewritten (context, constraints, word drop)")
-    parser.add_argument("--probe-layer", type=int, default=OptimConfig.probe_layer,
-                        help="hidden_states index of the auxiliary harmful-vs-harmless readout (unset: no readout)")
+    parser.add_argument("--probe-layer", type=_layer_or_none, default=OptimConfig.probe_layer, metavar="{INDEX,none}",
+                        help="hidden_states index of the auxiliary harmful-vs-harmless readout and of the DIM-coding "
+                             f"loss (none: no readout; default {OptimConfig.probe_layer})")
     parser.add_argument("--probe-weight", type=float, default=OptimConfig.probe_weight,
                         help="weight of the auxiliary readout's loss")
     parser.add_argument("--probe-loss", choices=["bce", "absence"], default=OptimConfig.probe_loss,
@@ -1071,6 +1074,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experts-per-token", type=int, default=ModelConfig.experts_per_token)
     parser.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch threads")
     return parser.parse_args(argv)
+
+
+def _layer_or_none(text: str) -> int | None:
+    """``--probe-layer``'s value: a ``hidden_states`` index, or ``none`` for no readout."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a hidden_states index or 'none', got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
