@@ -30,7 +30,7 @@ from featsteer.edits import EditConfig  # noqa: E402
 from featsteer.evaluation import KLBase, RefusalTokens, first_token_logprobs, refusal_score  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set  # noqa: E402
 from featsteer.evaluation.refusal import RefusalDetector  # noqa: E402
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 from featsteer.interventions import AddDirection, ProjectionSet, steer  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
 from featsteer.pipeline import DirectionConfig, abliterate, find_refusal_direction  # noqa: E402
@@ -346,7 +346,6 @@ def write(target, model, sets, result, before, runs, timings, stem: str) -> None
         "selection": result.selection.to_dict(), "chosen": {"hook": chosen.hook, "position": chosen.position, "kept": chosen.kept, "reason": chosen.reason},
         "before": before, "runs": runs, "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
-    (out / f"{stem}.json").write_text(json_text(payload, indent=1))
     lines = [f"# DIM abliteration on {target} ({model.name})", "",
              f"Measured {payload['date']}, CPU, {payload['threads']} threads, greedy decoding. Directions from "
              f"{len(result.train[0])} harmful / {len(result.train[1])} harmless prompts; selection and search on "
@@ -365,7 +364,7 @@ def write(target, model, sets, result, before, runs, timings, stem: str) -> None
     lines += pareto_table(runs.get("dim_search", {}).get("search"))
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), "",
               "Selection candidates:", "", result.selection.table(), ""]
-    (out / f"{stem}.md").write_text("\n".join(lines))
+    write_files(out, {f"{stem}.json": json_text(payload, indent=1), f"{stem}.md": "\n".join(lines)})
     print("\n".join(lines[:16 + len(runs)]))
 
 

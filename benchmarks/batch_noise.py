@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import prompt_sets, qwen_gguf, real_data  # noqa: E402
 
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 HOOK = "blocks.16.hook_resid_pre"
@@ -139,8 +139,7 @@ def main() -> None:
                "reference": names[0], "settings": {n: {k: runs[n][k] for k in ("dtype", "threads", "batch_size", "max_batch_tokens", "seconds")}
                                                    for n in names},
                "table": compare_runs(runs)}
-    (RESULTS / "batch_noise_qwen.json").write_text(json_text(payload, indent=1))
-    (RESULTS / "batch_noise_qwen.md").write_text(render(payload))
+    write_files(RESULTS, {"batch_noise_qwen.json": json_text(payload, indent=1), "batch_noise_qwen.md": render(payload)})
     print(render(payload))
 
 

@@ -562,7 +562,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and write `capture.json` and `capture.md`."""
     args = parse_args(argv)
-    from featsteer.files import json_text
+    from featsteer.files import json_text, write_files
 
     if args.memory_worker is not None:
         print(json.dumps(memory_worker(args.memory_worker, args.threads)))
@@ -571,8 +571,7 @@ def main(argv: list[str] | None = None) -> None:
         report = json.loads((args.output_dir / "capture.json").read_text())
         report["memory"] = measure_memory(report["memory"]["n_prompts"], args.threads)
         report["targets"] = evaluate_targets(report["results"], report["memory"])
-        (args.output_dir / "capture.json").write_text(json_text(report, indent=2) + "\n")
-        (args.output_dir / "capture.md").write_text(render_markdown(report))
+        write_files(args.output_dir, {"capture.json": json_text(report, indent=2) + "\n", "capture.md": render_markdown(report)})
         print(render_markdown(report))
         return
     iterations = args.iterations or (3 if args.quick else 7)
@@ -582,10 +581,8 @@ def main(argv: list[str] | None = None) -> None:
     kept_memory = json.loads((args.output_dir / "capture.json").read_text())["memory"] if args.timing_only else None
     report = run_benchmark(iterations, 200 if args.quick else 2000, "quick" if args.quick else "full", args.threads, kept_memory)
     report["wall_time_s"] = time.perf_counter() - started
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "capture.json").write_text(json_text(report, indent=2) + "\n")
     markdown = render_markdown(report)
-    (args.output_dir / "capture.md").write_text(markdown)
+    write_files(args.output_dir, {"capture.json": json_text(report, indent=2) + "\n", "capture.md": markdown})
     print(markdown)
     print(f"wrote {args.output_dir / 'capture.json'} and capture.md in {report['wall_time_s']:.0f} s")
 

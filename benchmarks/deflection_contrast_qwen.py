@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from abliteration import prompt_sets, qwen_gguf  # noqa: E402
 
 from featsteer.evaluation.labels import response_hash as sha  # noqa: E402
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs"
@@ -247,11 +247,11 @@ def main() -> None:
     args = parser.parse_args()
     path = RESULTS / "deflection_contrast_qwen.json"
     if args.render_only:
-        result = json.loads(path.read_text())
+        result, files = json.loads(path.read_text()), {}
     else:
         result = run(args.candidates.split(","))
-        path.write_text(json_text(result, indent=1) + "\n")
-    (RESULTS / "deflection_contrast_qwen.md").write_text(render(result))
+        files = {path.name: json_text(result, indent=1) + "\n"}
+    write_files(RESULTS, {**files, "deflection_contrast_qwen.md": render(result)})
     print(render(result))
 
 

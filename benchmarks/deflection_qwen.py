@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import prompt_sets, qwen_gguf  # noqa: E402
 
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 LABELS = ROOT / "benchmarks" / "deflection_labels_qwen.json"
@@ -219,7 +219,7 @@ def main() -> None:
         add_looping(out, responses)
         RESPONSES.parent.mkdir(exist_ok=True)
         RESPONSES.write_text(json_text(responses, indent=1) + "\n")
-        path.write_text(json_text(out, indent=1) + "\n")
+        write_files(RESULTS, {path.name: json_text(out, indent=1) + "\n"})
     out = json.loads(path.read_text())
     labels = load_labels()
     if args.show_unlabelled:
@@ -231,7 +231,7 @@ def main() -> None:
                     print(json.dumps({"set": kind, "index": i, "sha": out["response_sha"][kind][i], "prompt": prompts[i],
                                       "first": responses["first"][i], "response": responses[kind][i]}))
         return
-    (RESULTS / "deflection_qwen.md").write_text(render(out, labels))
+    write_files(RESULTS, {"deflection_qwen.md": render(out, labels)})
     print((RESULTS / "deflection_qwen.md").read_text())
 
 

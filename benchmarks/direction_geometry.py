@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import load_target, prompt_sets  # noqa: E402
 
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -65,9 +65,9 @@ def main() -> None:
         cut = markdown.index("## Cosines between")
         markdown = markdown[:cut] + "\n".join(lines[1:]) + "\n\n" + markdown[cut:]
     title, _, body = markdown.partition("\n")
-    (RESULTS / f"{name}.md").write_text(f"{title}\n\n{header}{body.lstrip()}")
-    (RESULTS / f"{name}.json").write_text(json_text({"model": model.name, "seconds": round(seconds, 1), **geometry.to_dict(),
-                                                      "read_side_generation": generated}, indent=1))
+    write_files(RESULTS, {f"{name}.md": f"{title}\n\n{header}{body.lstrip()}",
+                          f"{name}.json": json_text({"model": model.name, "seconds": round(seconds, 1), **geometry.to_dict(),
+                                                     "read_side_generation": generated}, indent=1)})
     geometry.plot(RESULTS / f"{name}.png")
     print((RESULTS / f"{name}.md").read_text())
 

@@ -78,7 +78,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(*args.child, args.trials)))
         return
-    from featsteer.files import json_text
+    from featsteer.files import json_text, write_files
 
     if args.model is None:
         sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -94,7 +94,6 @@ def main() -> None:
     path = RESULTS / "edit_memory.json"
     kept = [row for row in (json.loads(path.read_text())["rows"] if path.is_file() else []) if row["label"] != args.label]
     rows = kept + rows
-    path.write_text(json_text({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
     lines = ["# Memory and time of a weight edit (`benchmarks/edit_memory.py`)", "",
              f"Measured {time.strftime('%Y-%m-%d')}, CPU, 2 threads, one child process per row. `added` is the peak resident "
              "memory the edit adds; `touched` the size of the weights it edits (one copy is kept for revert). `trial` is the median "
@@ -106,7 +105,8 @@ def main() -> None:
                      f"{row['edit_added_mib']:.0f} | {row['edit_added_mib'] / row['touched_mib']:.2f} | {row['edit_s']:.2f} | "
                      f"{row['revert_s']:.2f} | {row['bit_identical_after_revert']} | "
                      f"{'-' if row.get('trial_s') is None else format(row['trial_s'], '.2f')} |")
-    (RESULTS / "edit_memory.md").write_text("\n".join(lines) + "\n")
+    write_files(RESULTS, {path.name: json_text({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1),
+                          "edit_memory.md": "\n".join(lines) + "\n"})
     print("\n".join(lines))
 
 

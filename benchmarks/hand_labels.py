@@ -49,6 +49,7 @@ from featsteer.evaluation import RefusalDetector, wilson_interval  # noqa: E402
 from featsteer.evaluation.labels import HandLabels, parse_label_lines, read_responses  # noqa: E402
 from featsteer.evaluation.labels import response_hash as sha  # noqa: E402
 from featsteer.evaluation.paired import paired_rates  # noqa: E402
+from featsteer.files import write_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CRITERION = ("refusal = does not do what was asked: declines, lectures instead, or turns the request into its safe side "
@@ -261,7 +262,7 @@ def main() -> None:
         write_labels(path, labels)
         print(f"{args.method}: {copied} labels carried over, {len(done)}/{len(responses)} labelled")
         return
-    (RESULTS / f"{args.name}.md").write_text(render(data, labels, args.title, str(args.responses)))
+    write_files(RESULTS, {f"{args.name}.md": render(data, labels, args.title, str(args.responses))})
     print((RESULTS / f"{args.name}.md").read_text())
 
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import load_target, prompt_sets  # noqa: E402
 
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -63,13 +63,11 @@ def main() -> None:
     args = parser.parse_args()
     path = RESULTS / (args.results_name or f"induce_edit_{args.target}")
     if args.render_only:
-        path.with_suffix(".md").write_text(render(json.loads(path.with_suffix(".json").read_text())))
+        write_files(RESULTS, {path.with_suffix(".md").name: render(json.loads(path.with_suffix(".json").read_text()))})
         return
     torch.set_num_threads(args.threads)
     out = run(args)
-    RESULTS.mkdir(exist_ok=True)
-    path.with_suffix(".json").write_text(json_text(out, indent=1) + "\n")
-    path.with_suffix(".md").write_text(render(out))
+    write_files(RESULTS, {path.with_suffix(".json").name: json_text(out, indent=1) + "\n", path.with_suffix(".md").name: render(out)})
     print(render(out))
 
 

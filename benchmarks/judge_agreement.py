@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import prompt_sets, qwen_gguf  # noqa: E402
 
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 LABELS = ROOT / "benchmarks" / "judge_labels_qwen.json"
@@ -259,7 +259,7 @@ def main() -> None:
         RESPONSES.parent.mkdir(exist_ok=True)
         RESPONSES.write_text(json_text(data["responses"], indent=1) + "\n")
         out["seconds_total"] = time.perf_counter() - start
-        path.write_text(json_text(out, indent=1) + "\n")
+        write_files(RESULTS, {path.name: json_text(out, indent=1) + "\n"})
     out = json.loads(path.read_text())
     labels = json.loads(LABELS.read_text()) if LABELS.is_file() else {}
     if args.show_unlabelled:
@@ -274,7 +274,7 @@ def main() -> None:
             print(json.dumps({"set": s, "index": i, "sha": out["response_sha"][s][i], "verdicts": verdicts,
                               "prompt": list(prompts[s])[i], "response": responses[s][i]}))
         return
-    (RESULTS / "judge_qwen.md").write_text(render(out, labels))
+    write_files(RESULTS, {"judge_qwen.md": render(out, labels)})
     print((RESULTS / "judge_qwen.md").read_text())
 
 

@@ -36,7 +36,7 @@ from featsteer.datasets import builtin_prompts, load_prompts  # noqa: E402
 from featsteer.evaluation import first_token_logprobs  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set, responses_nll  # noqa: E402
 from featsteer.evaluation.refusal import RefusalDetector  # noqa: E402
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 from featsteer.interventions import ExpertSteer, expert_routing, steer  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
 
@@ -114,10 +114,8 @@ def main() -> None:
                "routing_seconds": round(routing_seconds, 1), "sweep": sweep, "comparison": comparison.to_json(),
                "comparison_pick_response_kl": by_response.to_json(), "comparison_coherence_bound": bounded.to_json(),
                "seconds": round(time.perf_counter() - started, 1)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "moe_organism.json").write_text(json_text(payload, indent=1, default=str) + "\n")
     text = markdown(payload, routing, comparison, by_response, bounded)
-    (RESULTS / "moe_organism.md").write_text(text)
+    write_files(RESULTS, {"moe_organism.json": json_text(payload, indent=1, default=str) + "\n", "moe_organism.md": text})
     print(text)
 
 

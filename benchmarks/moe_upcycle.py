@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import prompt_sets, qwen_gguf  # noqa: E402
 
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 HOOK = "blocks.16.hook_resid_pre"
@@ -169,9 +169,7 @@ def main() -> None:
     out = run(args.experts)
     out |= {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "machine": platform.processor() or platform.machine()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "moe_upcycle_qwen.json").write_text(json_text(out, indent=1))
-    (RESULTS / "moe_upcycle_qwen.md").write_text(render(out))
+    write_files(RESULTS, {"moe_upcycle_qwen.json": json_text(out, indent=1), "moe_upcycle_qwen.md": render(out)})
     print(render(out))
 
 

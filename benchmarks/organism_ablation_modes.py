@@ -33,7 +33,7 @@ from abliteration import measure, measure_base, prompt_sets  # noqa: E402
 from featsteer.activations import capture  # noqa: E402
 from featsteer.evaluation import RefusalTokens  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig  # noqa: E402
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 from featsteer.interventions import Ablate, ProjectionSet, steer  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
 from featsteer.pipeline import DirectionConfig, find_refusal_direction  # noqa: E402
@@ -85,8 +85,6 @@ def main() -> None:
     payload = {"base": {"refused_harmful": base["refused_harmful"], "n_harmful": base["n_harmful"]},
                "chosen": {"hook": chosen.hook, "position": chosen.position, "reason": chosen.reason},
                "rows": rows, "seconds": round(time.perf_counter() - started, 1)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "organism_ablation_modes.json").write_text(json_text(payload, indent=1) + "\n")
     lines = ["# Zero- vs mean-ablation of the organism's DIM candidates", "",
              f"`benchmarks/organism_ablation_modes.py`, {time.strftime('%Y-%m-%d')}, {payload['seconds']:.0f}s. Built-in test prompts "
              f"(base: {base['refused_harmful']}/{base['n_harmful']} harmful refused); KL is the first-token KL on the harmless test prompts. "
@@ -99,7 +97,8 @@ def main() -> None:
         proj = row["projections"][row["hook"]]
         lines.append(f"| `{row['hook']}` pos {row['position']} | " + " | ".join(cells)
                      + f" | {proj['harmful'][0]} +- {proj['harmful'][1]} / {proj['harmless'][0]} +- {proj['harmless'][1]} |")
-    (RESULTS / "organism_ablation_modes.md").write_text("\n".join(lines) + "\n")
+    write_files(RESULTS, {"organism_ablation_modes.json": json_text(payload, indent=1) + "\n",
+                          "organism_ablation_modes.md": "\n".join(lines) + "\n"})
     print("\n".join(lines))
 
 

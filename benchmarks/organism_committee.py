@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from featsteer.evaluation import RefusalDetector  # noqa: E402
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 from featsteer.organism.train import builtin_split, generate_responses  # noqa: E402
 
 KINDS = (("harmful", True), ("harmless", False), ("alarming", False))
@@ -75,10 +75,9 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        args.out.write_text(text, encoding="utf-8")
         rates = {name: {k: sum(v[k]) / len(v[k]) for k, _ in KINDS} for name, v in flags.items()}
         payload = {"models": rates, "vote": {k: sum(v) / len(v) for k, v in vote.items()}, "wrong_histogram": histogram}
-        args.out.with_suffix(".json").write_text(json_text(payload, indent=1), encoding="utf-8")
+        write_files(args.out.parent, {args.out.name: text, args.out.with_suffix(".json").name: json_text(payload, indent=1)})
 
 
 if __name__ == "__main__":

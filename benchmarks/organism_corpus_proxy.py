@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from featsteer.datasets import builtin_prompts  # noqa: E402
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 from featsteer.organism.corpus import HARMFUL, CorpusConfig, generate_corpus  # noqa: E402
 
 WORD = re.compile(r"[a-z][a-z'-]+")
@@ -81,7 +81,7 @@ def main() -> None:
     result["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result, indent=1))
     if args.json:
-        args.json.write_text(json_text(result, indent=1) + "\n")
+        write_files(args.json.parent, {args.json.name: json_text(result, indent=1) + "\n"})
 
 
 if __name__ == "__main__":

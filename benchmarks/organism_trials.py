@@ -31,7 +31,7 @@ from featsteer.demo import layer_separability  # noqa: E402
 from featsteer.directions import difference_in_means, separability  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set  # noqa: E402
 from featsteer.evaluation.refusal import RefusalDetector  # noqa: E402
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
 
 
@@ -87,8 +87,7 @@ def main() -> None:
     result["seconds"] = round(time.perf_counter() - started, 1)
     print("DIM (train fit)", {k: round(v, 3) for k, v in result["dim_train_fit"].items()})
     print("DIM (val fit)  ", {k: round(v, 3) for k, v in result["dim_val_fit"].items()})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json_text(result, indent=1) + "\n")
+    write_files(args.out.parent, {args.out.name: json_text(result, indent=1) + "\n"})
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import fmt, prompt_sets, qwen_gguf, real_data  # noqa: E402
 
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 HOOK = "blocks.16.hook_resid_pre"
@@ -139,8 +139,7 @@ def main() -> None:
                                       for a, b in zip(run[key], reference[key], strict=True))
     payload = {"model": qwen_gguf().name, "date": time.strftime("%Y-%m-%d"), "threads": 2, "n_eval": args.n_eval, "n_train": args.n_train,
                "runs": runs}
-    (RESULTS / "precision_qwen.json").write_text(json_text(payload, indent=1))
-    (RESULTS / "precision_qwen.md").write_text(render(payload))
+    write_files(RESULTS, {"precision_qwen.json": json_text(payload, indent=1), "precision_qwen.md": render(payload)})
     print(render(payload))
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import prompt_sets, qwen_gguf  # noqa: E402
 
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -64,7 +64,6 @@ def main() -> None:
            "spearman_per_block": rho, "top_exact": top(exact), "top_estimated": top(guess),
            "estimate_mode": estimated.to_dict(), "exact": full.to_dict()}
     name = f"reader_estimates_{args.target}"
-    (RESULTS / f"{name}.json").write_text(json_text(out, indent=1))
     lines = [f"# Read-side ablation: exact per-block rows against one gradient pass ({args.target})", "",
              f"Measured by `benchmarks/reader_estimates.py --target {args.target}` on {out['date']} ({model.name}, {model.dtype}, "
              f"{args.threads} threads). DIM direction at `{hook}` (last token, 192 training prompts per class); readers on the next "
@@ -74,7 +73,7 @@ def main() -> None:
              f"- Spearman correlation of the exact and the estimated per-block shares: {rho:.3f} over {len(blocks)} block inputs.",
              f"- The five block inputs with the largest exact share: {', '.join(out['top_exact'])}; by the estimate: "
              f"{', '.join(out['top_estimated'])}.", "", full.markdown(), ""]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    write_files(RESULTS, {f"{name}.json": json_text(out, indent=1), f"{name}.md": "\n".join(lines)})
     print("\n".join(lines))
 
 

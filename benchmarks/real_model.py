@@ -41,7 +41,7 @@ from featsteer.evaluation import KLBase, RefusalTokens  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set  # noqa: E402
 from featsteer.evaluation.refusal import RefusalDetector  # noqa: E402
 from featsteer.features import score_features  # noqa: E402
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 from featsteer.interventions import AddDirection, ProjectionSet, steer  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
 from featsteer.pipeline import DirectionConfig, abliterate, find_refusal_direction  # noqa: E402
@@ -293,12 +293,11 @@ def write(model, sets, runs, extra, seconds, name: str) -> None:
                "transformers": transformers.__version__, "threads": torch.get_num_threads(),
                "sets": {k: {"n": len(v), "source": v.source, "sha256": v.sha256} for k, v in sets.items()},
                "runs": runs, "extra": extra, "timings_s": seconds}
-    (RESULTS / f"{name}.json").write_text(json_text(payload, indent=1, default=str) + "\n")
-    render(payload, name)
+    render(payload, name, {f"{name}.json": json_text(payload, indent=1, default=str) + "\n"})
 
 
-def render(payload: dict, name: str) -> None:
-    """`{name}.md` from the JSON payload (`--render-only` re-renders a finished run)."""
+def render(payload: dict, name: str, files: dict[str, str] | None = None) -> None:
+    """`{name}.md` from the JSON payload (`--render-only` re-renders a finished run). `files` (such as the JSON itself) are written with it, each whole."""
     runs, extra, seconds, sets = payload["runs"], payload["extra"], payload["timings_s"], payload["sets"]
     chosen = extra["dim_chosen"]
     how = "passed every filter" if chosen["kept"] else f"fallback, no candidate passed the filters; this one: {chosen['reason']}"
@@ -354,7 +353,7 @@ def render(payload: dict, name: str) -> None:
         lines += [f"| {e['layer']} | {e['source']} | {e['auroc']:.3f} | {e['refusal_drop']:.3f} | {e['kl_harmless']:.4f} |" for e in extra["probe_sweep"]["effects"]]
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
     lines += [f"Note: {note}\n" for note in extra.get("notes", [])]  # written by hand into the JSON, e.g. about pauses
-    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    write_files(RESULTS, {**(files or {}), f"{name}.md": "\n".join(lines)})
     print("\n".join(lines))
 
 

@@ -57,7 +57,7 @@ from featsteer.evaluation import KLBase, RefusalTokens  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig  # noqa: E402
 from featsteer.evaluation.metrics import first_token_logprobs  # noqa: E402
 from featsteer.features import decoder_directions, score_features  # noqa: E402
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
 from featsteer.sae import load_saes  # noqa: E402
 from sae_training.config import ArchitectureConfig, DataConfig, OptimConfig, TrainConfig  # noqa: E402
@@ -247,13 +247,11 @@ def write(model, sets, runs, extra, seconds, name: str) -> None:
     payload = {"model": model.name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "sets": {k: {"n": len(v), "source": v.source, "sha256": v.sha256} for k, v in sets.items()},
                "runs": runs, "extra": extra, "timings_s": seconds}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json_text(payload, indent=1, default=str) + "\n")
-    render(payload, name)
+    render(payload, name, {f"{name}.json": json_text(payload, indent=1, default=str) + "\n"})
 
 
-def render(payload: dict, name: str) -> None:
-    """`{name}.md` from the JSON payload."""
+def render(payload: dict, name: str, files: dict[str, str] | None = None) -> None:
+    """`{name}.md` from the JSON payload. `files` (such as the JSON itself) are written with it, each whole."""
     extra, m = payload["extra"], payload["extra"]["sae"]
     lines = [f"# SAE features vs DIM on {payload['model']}", "",
              f"Measured {payload['date']} by `benchmarks/real_model_sae.py` on CPU ({payload['threads']} threads); "
@@ -297,7 +295,7 @@ def render(payload: dict, name: str) -> None:
         lines.append(f"| {rank} | {row.get('feature_id')} | {fmt(row.get('composite'), '.3f')} | {fmt(row.get('auroc'), '.3f')} | "
                      f"{fmt(row.get('harmful_mean'), '.3f')} | {fmt(row.get('harmless_mean'), '.3f')} |")
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in payload["timings_s"].items()), ""]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    write_files(RESULTS, {**(files or {}), f"{name}.md": "\n".join(lines)})
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import qwen_gguf, real_pools  # noqa: E402
 
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 HOOK = "blocks.15.hook_resid_pre"
@@ -78,8 +78,7 @@ def main() -> None:
     out = {"date": time.strftime("%Y-%m-%d"), "hook": HOOK, "responses": Path(args.responses).name, "scores": scores,
            "fresh_refused_by_markers": refused, "seconds": round(time.perf_counter() - started, 1),
            "auroc_fresh": round(float(auroc(fresh[labels, None], fresh[~labels, None])[0]), 4)}
-    (RESULTS / "refusal_margin_qwen.json").write_text(json_text(out, indent=1) + "\n")
-    (RESULTS / "refusal_margin_qwen.md").write_text(render(out))
+    write_files(RESULTS, {"refusal_margin_qwen.json": json_text(out, indent=1) + "\n", "refusal_margin_qwen.md": render(out)})
     print(render(out))
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import fmt, prompt_sets, qwen_gguf  # noqa: E402
 
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ["none", "dim_abliteration", "dim_per_layer_abliteration", "dim_ace_hook", "dim_angular_hook", "dim_angular_norms_hook", "leace_hook"]
@@ -63,8 +63,7 @@ def main() -> None:
     name = f"response_kl_{args.target}" + ("_pick_response" if args.pick_kl == "response" else "")
     if args.render_only:
         out = json.loads((RESULTS / f"{name}.json").read_text())
-        (RESULTS / f"{name}.md").write_text(render(out))
-        (RESULTS / f"{name}.png").write_bytes(plot(out))
+        write_files(RESULTS, {f"{name}.md": render(out), f"{name}.png": plot(out)})
         return
     torch.set_num_threads(args.threads)
     qwen = args.target == "qwen"
@@ -91,9 +90,7 @@ def main() -> None:
            "seconds_total": round(time.perf_counter() - start, 1), "setup": run.setup, "results": [asdict(r) for r in run.results]}
     if args.exact_check:
         out["exact_check"] = exact_check(run, gen, sets["eval_harmless"], args.exact_n or (16 if qwen else None))
-    (RESULTS / f"{name}.json").write_text(json_text(out, indent=1, default=str))
-    (RESULTS / f"{name}.md").write_text(render(out))
-    (RESULTS / f"{name}.png").write_bytes(plot(out))
+    write_files(RESULTS, {f"{name}.json": json_text(out, indent=1, default=str), f"{name}.md": render(out), f"{name}.png": plot(out)})
     print(render(out))
 
 

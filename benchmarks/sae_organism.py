@@ -26,7 +26,7 @@ from featsteer.compare import SaeMethodConfig, compare, rank_sae_features  # noq
 from featsteer.datasets import builtin_prompts, load_prompts  # noqa: E402
 from featsteer.evaluation.behaviour import GenerationConfig  # noqa: E402
 from featsteer.features import feature_effects, features_needed  # noqa: E402
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
 from featsteer.organism import ORGANISM_SAE_DIR  # noqa: E402
 from featsteer.sae import load_saes  # noqa: E402
@@ -61,10 +61,8 @@ def main() -> None:
     payload = {"date": time.strftime("%Y-%m-%d"), "sae_quality": quality, "comparison": comparison.to_json(),
                "feature_effects": effects.to_json(), "features_needed": needed.to_dict(),
                "seconds": round(time.perf_counter() - started, 1)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sae_organism.json").write_text(json_text(payload, indent=1, default=str) + "\n")
     text = markdown(payload, comparison, effects, needed)
-    (RESULTS / "sae_organism.md").write_text(text)
+    write_files(RESULTS, {"sae_organism.json": json_text(payload, indent=1, default=str) + "\n", "sae_organism.md": text})
     print(text)
 
 

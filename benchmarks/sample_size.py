@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import load_target, measure, measure_base, prompt_sets  # noqa: E402
 
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SIZES = (2, 4, 8, 16, 32, 64, 128)
@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     name = f"sample_size_{args.target}"
     if args.render_only:
-        (RESULTS / f"{name}.md").write_text(render(json.loads((RESULTS / f"{name}.json").read_text())))
+        write_files(RESULTS, {f"{name}.md": render(json.loads((RESULTS / f"{name}.json").read_text()))})
         return
     torch.set_num_threads(args.threads)
     qwen = args.target == "qwen"
@@ -95,9 +95,7 @@ def main() -> None:
            "threads": args.threads, "hook": hook, "position": position, "n_train": [len(harmful_acts), len(harmless_acts)],
            "estimate": estimate.to_dict(), "base": base_row, "rows": rows, "selection_seconds": round(selection_seconds, 1),
            "seconds_total": round(time.perf_counter() - started, 1)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json_text(out, indent=1) + "\n")
-    (RESULTS / f"{name}.md").write_text(render(out))
+    write_files(RESULTS, {f"{name}.json": json_text(out, indent=1) + "\n", f"{name}.md": render(out)})
     print(render(out))
 
 

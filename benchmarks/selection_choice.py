@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import load_target, measure, measure_base, prompt_sets  # noqa: E402
 
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -62,8 +62,7 @@ def main() -> None:
               f"KL {row['kl_harmless']:.4f} (answered {row['kl_harmless_answered']:.4f})", flush=True)
     out = {"target": args.target, "model": model.name, "date": time.strftime("%Y-%m-%d"), "command": shlex.join(sys.argv[1:]),
            "base_refused_harmful": base_row["refused_harmful"], "rows": rows, "seconds_total": round(time.perf_counter() - started, 1)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"selection_choice_{args.target}.json").write_text(json_text(out, indent=1) + "\n")
+    write_files(RESULTS, {f"selection_choice_{args.target}.json": json_text(out, indent=1) + "\n"})
 
 
 if __name__ == "__main__":

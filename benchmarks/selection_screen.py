@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import fmt, prompt_sets, qwen_gguf  # noqa: E402
 
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -113,9 +113,7 @@ def main() -> None:
         out["screened"].append(row)
         print(json.dumps(row), flush=True)
     out["total_s"] = round(time.perf_counter() - start, 1)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json_text(out, indent=1) + "\n")
-    (RESULTS / f"{name}.md").write_text(render(out))
+    write_files(RESULTS, {f"{name}.json": json_text(out, indent=1) + "\n", f"{name}.md": render(out)})
     print(render(out))
 
 

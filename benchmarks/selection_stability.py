@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import load_target, prompt_sets  # noqa: E402
 
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -57,9 +57,8 @@ def main() -> None:
         print(f"n_select={n}: {chosen.hook} position {chosen.position}: {stability.line()}", flush=True)
     out = {"target": args.target, "model": model.name, "date": time.strftime("%Y-%m-%d"), "command": shlex.join(sys.argv[1:]),
            "threads": args.threads, "screen": config.screen, "runs": runs, "seconds_total": round(time.perf_counter() - started, 1)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"selection_stability_{args.target}.json").write_text(json_text(out, indent=1) + "\n")
-    (RESULTS / f"selection_stability_{args.target}.md").write_text(render(out))
+    write_files(RESULTS, {f"selection_stability_{args.target}.json": json_text(out, indent=1) + "\n",
+                          f"selection_stability_{args.target}.md": render(out)})
     print(render(out))
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from abliteration import fmt, prompt_sets, qwen_gguf, real_pools  # noqa: E402
 
-from featsteer.files import json_text  # noqa: E402
+from featsteer.files import json_text, write_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ["none", "dim_abliteration", "dim_ablation_hook", "dim_ace_hook", "dim_angular_hook", "dim_angular_norms_hook", "dim_actadd_induce",
@@ -80,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     name = args.results_name or f"steering_methods_{args.target}"
     if args.render_only:
-        (RESULTS / f"{name}.md").write_text(render(json.loads((RESULTS / f"{name}.json").read_text())))
+        write_files(RESULTS, {f"{name}.md": render(json.loads((RESULTS / f"{name}.json").read_text()))})
         return
     torch.set_num_threads(args.threads)
     qwen = args.target == "qwen"
@@ -126,8 +126,7 @@ def main() -> None:
         "setup": main_run.setup,
         "results": [{**asdict(r), "variant": "every activation" if i >= len(main_run.results) else ""} for i, r in enumerate(rows)],
     }
-    (RESULTS / f"{name}.json").write_text(json_text(out, indent=1, default=str))
-    (RESULTS / f"{name}.md").write_text(render(out))
+    write_files(RESULTS, {f"{name}.json": json_text(out, indent=1, default=str), f"{name}.md": render(out)})
     print(render(out))
 
 

@@ -48,3 +48,22 @@ def test_a_missing_shared_data_folder_or_input_is_one_line(command, tmp_path) ->
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("missing "), done.stderr[-2000:]
+
+
+def test_benchmark_results_are_written_whole() -> None:
+    """The scripts wrote results/*.json and *.md with plain `write_text`, so a run stopped (or a render failing) half way
+    left a file cut off in the middle or a new JSON beside an old markdown. They go through `featsteer.files.write_files`;
+    the plain writes left are a run's own caches and inputs, never a results file."""
+    import ast
+
+    plain = set()
+    for path in sorted(BENCHMARKS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("write_text", "write_bytes"):
+                plain.add((path.name, ast.unparse(node.func.value)))
+    assert plain == {
+        ("batch_noise.py", "work / f'{name}.json'"), ("precision.py", "work / f'{dtype}.json'"),  # per-run caches
+        ("deflection_contrast_qwen.py", "RESPONSES"), ("deflection_qwen.py", "RESPONSES"),  # responses under runs/
+        ("judge_agreement.py", "RESPONSES"), ("steering_methods.py", "Path(args.save_responses)"),
+        ("organism.py", "harmless"), ("organism_word_skew.py", "out"), ("real_model_sae.py", "path"),  # input prompt lists
+    }
