@@ -220,11 +220,30 @@ def capture_tokens(
     return CapturedTokens(tuple(chunks), tuple(hooks), n_tokens, n_texts, exhausted, time.perf_counter() - began)
 
 
+def weights_fingerprint(model: ModelAdapter, samples: int = 64) -> str | None:
+    """A short hash of the model's weights: every parameter's name and shape and `samples` values spread over it. A
+    model's name alone is the path as typed (or a GGUF file's name), which a retrained or re-exported model at the same
+    path, or another `model.gguf`, shares; its activations must not be served from the old one's cache. None for a
+    model that exposes no parameters."""
+    module = getattr(model, "model", None)
+    if not hasattr(module, "named_parameters"):
+        return None
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            flat = parameter.detach().reshape(-1)
+            picked = flat[:: max(1, flat.numel() // samples)][:samples].to("cpu", torch.float32)
+            digest.update(f"{name}{tuple(parameter.shape)}".encode())
+            digest.update(picked.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def capture_key(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[str], *, tokens: int | None, chat: bool, start: int) -> str:
     """Short hash of everything a capture's content depends on; `tokens=None` leaves the token budget out (the
     key of the source, shared by captures of the same text at any budget)."""
     text_hash = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
-    payload = {"model": model.name, "texts": text_hash, "hooks": list(hooks), "chat": chat, "start": start}
+    payload = {"model": model.name, "weights": weights_fingerprint(model), "texts": text_hash, "hooks": list(hooks), "chat": chat,
+               "start": start}
     if model.dtype != torch.float32:  # float32 captures keep the keys they had before dtypes were selectable
         payload["dtype"] = str(model.dtype)
     if tokens is not None:

@@ -314,5 +314,10 @@ def test_dtype_and_device_options_reach_the_model_and_the_capture_key(capsys):
     keys = {dtype: capture_key(load_model("tiny:llama", dtype=dtype), texts, hooks, tokens=100, chat=True, start=0)
             for dtype in ("float32", "bfloat16")}
     assert keys["float32"] != keys["bfloat16"]  # a bfloat16 capture never stands in for a float32 one
+    retrained = load_model("tiny:llama")  # same name, other weights: a model retrained or re-exported at the same path
+    with torch.no_grad():
+        next(retrained.model.parameters()).add_(0.01)
+    assert capture_key(retrained, texts, hooks, tokens=100, chat=True, start=0) != keys["float32"]
+    assert capture_key(load_model("tiny:llama"), texts, hooks, tokens=100, chat=True, start=0) == keys["float32"]
     assert main([*ARGS, "--out", "x", "--dtype", "fp8"]) == 2
     assert capsys.readouterr().err.strip() == "featsteer-train-sae: error: unknown dtype 'fp8': use auto, float32, bfloat16 or float16"
