@@ -530,6 +530,29 @@ def test_tl_parallel_block_model_has_no_resid_mid(tmp_path):
     torch.testing.assert_close(post, pre + attn + mlp, atol=1e-5, rtol=0)
 
 
+def test_a_weight_edit_of_a_tl_mixture_of_experts_model_edits_every_expert(tmp_path):
+    """A HookedTransformer MoE layer has no W_out of its own: the edit raised AttributeError from torch. Each expert's
+    output projection is a writer now, so the edit equals the ablation hook (the router's weights add the experts)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from featsteer.edits import apply_edit
+    from featsteer.interventions import Ablate, steer
+    from featsteer.testing import random_direction
+
+    tokenizer = saved_tokenizer(byte_tokenizer(), tmp_path)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=32, d_vocab=len(tokenizer), n_ctx=64, act_fn="silu",
+                                  normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=16, gated_mlp=True,
+                                  num_experts=4, experts_per_token=2, default_prepend_bos=False, seed=0)
+    adapter = load_model(HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="left"))
+    assert [w.name for w in adapter.residual_writers() if w.layer == 0] == ["blocks.0.hook_attn_out", *(f"blocks.0.hook_mlp_out.expert{e}" for e in range(4))]
+    direction, before = random_direction(adapter.d_model), adapter.logits(PROMPTS)
+    with steer(adapter, Ablate(direction)):
+        hooked = adapter.logits(PROMPTS)
+    with apply_edit(adapter, direction):
+        torch.testing.assert_close(adapter.logits(PROMPTS), hooked, atol=1e-4, rtol=0)
+    torch.testing.assert_close(adapter.logits(PROMPTS), before, atol=0, rtol=0)
+
+
 def _assert_same_activations(native, lens):
     from featsteer.activations import capture
 

@@ -121,7 +121,11 @@ class TLModelAdapter(ModelAdapter):
             writers.append(_param_writer("hook_pos_embed", None, "pos_embed", self.model.pos_embed, "W_pos", None))
         for layer, block in enumerate(self.model.blocks):
             writers.append(_param_writer(f"blocks.{layer}.hook_attn_out", layer, "attn_out", block.attn, "W_O", "b_O"))
-            writers.append(_param_writer(f"blocks.{layer}.hook_mlp_out", layer, "mlp_out", block.mlp, "W_out", "b_out"))
+            experts = getattr(block.mlp, "experts", None)
+            if experts is None:
+                writers.append(_param_writer(f"blocks.{layer}.hook_mlp_out", layer, "mlp_out", block.mlp, "W_out", "b_out"))
+            else:  # a mixture-of-experts layer adds its experts' outputs with per-token weights: edit each one
+                writers.extend(_linear_writer(f"blocks.{layer}.hook_mlp_out.expert{e}", layer, expert.W_out) for e, expert in enumerate(experts))
         return writers
 
     def bias_writers(self) -> list[BiasWriter]:
@@ -183,3 +187,18 @@ def _param_writer(name: str, layer: int | None, kind: str, module, weight_attr: 
                 getattr(module, bias_attr).copy_(bias)
 
     return ResidualWriter(name=name, layer=layer, kind=kind, read=read, write=write)
+
+
+def _linear_writer(name: str, layer: int, linear: torch.nn.Linear) -> ResidualWriter:
+    """An `nn.Linear` writing into the stream (a TransformerLens MoE expert's `W_out`), already `(d_model, d_in)`."""
+
+    def read() -> tuple[Tensor, Tensor | None]:
+        return linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+
+    def write(weight: Tensor, bias: Tensor | None) -> None:
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None and linear.bias is not None:
+                linear.bias.copy_(bias)
+
+    return ResidualWriter(name=name, layer=layer, kind="mlp_out", read=read, write=write)
