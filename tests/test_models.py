@@ -514,6 +514,30 @@ def test_a_weight_edit_of_a_bridge_running_processed_weights_is_an_error(tmp_pat
                 assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export.partial-*"))
 
 
+def test_a_bridge_knows_its_family_particulars(tmp_path):
+    """A bridge's config says nothing of post-norms, and every bridge lists a hook_pos_embed: a Gemma 2 bridge claimed no
+    post-norms (head attribution ran where heads do not add up), and on a rotary Llama bridge hook_pos_embed never fired,
+    so steering there did nothing and capturing there raised a KeyError. The particulars come from the family now."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from featsteer.interventions import AddDirection, steer
+    from featsteer.testing import random_direction
+
+    for family, post_norms in (("llama", False), ("gemma2", True), ("gpt2", False)):
+        model, tokenizer = tiny_model(family)
+        folder = tmp_path / family
+        model.save_pretrained(folder)
+        tokenizer = saved_tokenizer(tokenizer, folder)
+        lens = load_model(TransformerBridge.boot_transformers(str(folder), tokenizer=tokenizer, hf_model=model))
+        native = load_model(model, tokenizer=tokenizer)
+        assert (lens.post_norms, lens.learned_positions) == (post_norms, native.learned_positions), family
+        assert lens.family == f"transformer_lens:{type(model).__name__}"
+        if not native.learned_positions:
+            with pytest.raises(FeatsteerError, match="hook_pos_embed does not exist"), steer(lens, AddDirection(random_direction(lens.d_model), 5.0,
+                                                                                                             where="hook_pos_embed")):
+                pass
+
+
 def test_tl_parallel_block_model_has_no_resid_mid(tmp_path):
     """A HookedTransformer with parallel attention and MLP (Pythia-style) lists no resid_mid and adds both writes at once."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig

@@ -30,6 +30,7 @@ class TLModelAdapter(ModelAdapter):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.name = name or getattr(model.cfg, "model_name", None) or type(model).__name__
         self.is_bridge = not hasattr(model, "blocks") or type(model).__name__ == "TransformerBridge"
+        self._family_adapter = self._known_family() if self.is_bridge else None
 
     @property
     def n_layers(self) -> int:
@@ -51,8 +52,20 @@ class TLModelAdapter(ModelAdapter):
     def n_heads(self) -> int:
         return int(self.model.cfg.n_heads)
 
+    def _known_family(self) -> ModelAdapter | None:
+        """A bridge's Hugging Face model behind its featsteer family adapter, which knows the family's particulars (post-norms,
+        learned positions) that the bridge's config does not say: a Gemma 2 bridge's config has no post-norm flag and every
+        bridge lists a `hook_pos_embed`, which never fires in a model without learned positions. None for a family featsteer
+        does not support."""
+        try:
+            return self._bridged()
+        except FeatsteerError:
+            return None
+
     @property
     def post_norms(self) -> bool:
+        if self._family_adapter is not None:
+            return self._family_adapter.post_norms
         return bool(getattr(self.model.cfg, "use_normalization_before_and_after", False))
 
     @property
@@ -61,11 +74,13 @@ class TLModelAdapter(ModelAdapter):
 
     @property
     def learned_positions(self) -> bool:
+        if self._family_adapter is not None:
+            return self._family_adapter.learned_positions
         return "hook_pos_embed" in self.model.hook_dict
 
     @property
     def family(self) -> str:
-        arch = getattr(self.model.cfg, "original_architecture", None) or "unknown"
+        arch = getattr(self.model.cfg, "original_architecture", None) or getattr(self.model.cfg, "architecture", None) or "unknown"
         return f"transformer_lens:{arch}"
 
     def _install_hooks(self, hooks: Sequence[tuple[HookSite, HookFn]]) -> Callable[[], None]:
