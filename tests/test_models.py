@@ -538,6 +538,26 @@ def test_a_bridge_knows_its_family_particulars(tmp_path):
                 pass
 
 
+def test_a_sequence_longer_than_n_ctx_of_a_tl_model_is_a_one_line_error(tmp_path):
+    """A HookedTransformer's causal mask, position table and rotary angles have n_ctx rows: one token more raised an
+    IndexError from inside the forward pass, for a learned position table (GPT-2) and for rotary angles alike."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from featsteer.models.adapter import TokenBatch
+
+    model, tokenizer = tiny_model("gpt2")
+    rotary_config = HookedTransformerConfig(n_layers=1, d_model=32, n_heads=2, d_head=16, d_mlp=64, d_vocab=len(tokenizer), n_ctx=40, act_fn="silu",
+                                            normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=16, default_prepend_bos=False)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    for hooked in (hooked_gpt2(model, tokenizer), HookedTransformer(rotary_config, tokenizer=tokenizer, default_padding_side="left")):
+        adapter, n_ctx = load_model(hooked), hooked.cfg.n_ctx
+        assert adapter.run(TokenBatch(torch.full((2, n_ctx), 70), torch.ones((2, n_ctx), dtype=torch.long))).shape[1] == n_ctx
+        with pytest.raises(FeatsteerError, match=f"a sequence of {n_ctx + 1} tokens is longer than the {n_ctx} positions"):
+            adapter.run(TokenBatch(torch.full((2, n_ctx + 1), 70), torch.ones((2, n_ctx + 1), dtype=torch.long)))
+        with pytest.raises(FeatsteerError, match="longer than the"):
+            adapter.generate(["word " * (n_ctx // 5 - 3)], max_new_tokens=n_ctx)
+
+
 def test_tl_parallel_block_model_has_no_resid_mid(tmp_path):
     """A HookedTransformer with parallel attention and MLP (Pythia-style) lists no resid_mid and adds both writes at once."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig

@@ -103,10 +103,21 @@ class TLModelAdapter(ModelAdapter):
         return remove
 
     def _forward(self, batch: TokenBatch, cache: object | None, want_cache: bool, keep: int = 0) -> tuple[Tensor, object | None]:
+        self._check_context(batch)
         kwargs = {"attention_mask": batch.attention_mask, "return_type": "logits"}
         if self.is_bridge:
             kwargs["position_ids"] = batch.position_ids
         return self.model(batch.input_ids, **kwargs), None
+
+    def _check_context(self, batch: TokenBatch) -> None:
+        """A HookedTransformer's causal mask, position table and rotary angles have `n_ctx` rows, and so has a bridge's learned
+        position table: a longer sequence failed with an IndexError from deep inside the forward pass."""
+        if self.is_bridge and not self.learned_positions:  # the Hugging Face model computes its rotary angles for any length
+            return
+        length = int(batch.position_ids.max()) + 1 if self.is_bridge else batch.input_ids.shape[1]
+        if length > (n_ctx := int(self.model.cfg.n_ctx)):
+            raise FeatsteerError(f"a sequence of {length} tokens is longer than the {n_ctx} positions (n_ctx) of {self.name}: use shorter "
+                                 "prompts (or fewer new tokens)")
 
     def _bridged(self):
         """The bridge's Hugging Face model behind an adapter, for its weights."""
