@@ -514,6 +514,50 @@ def test_a_weight_edit_of_a_bridge_running_processed_weights_is_an_error(tmp_pat
                 assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export.partial-*"))
 
 
+def test_a_bridge_knows_its_family_particulars(tmp_path):
+    """A bridge's config says nothing of post-norms, and every bridge lists a hook_pos_embed: a Gemma 2 bridge claimed no
+    post-norms (head attribution ran where heads do not add up), and on a rotary Llama bridge hook_pos_embed never fired,
+    so steering there did nothing and capturing there raised a KeyError. The particulars come from the family now."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from featsteer.interventions import AddDirection, steer
+    from featsteer.testing import random_direction
+
+    for family, post_norms in (("llama", False), ("gemma2", True), ("gpt2", False)):
+        model, tokenizer = tiny_model(family)
+        folder = tmp_path / family
+        model.save_pretrained(folder)
+        tokenizer = saved_tokenizer(tokenizer, folder)
+        lens = load_model(TransformerBridge.boot_transformers(str(folder), tokenizer=tokenizer, hf_model=model))
+        native = load_model(model, tokenizer=tokenizer)
+        assert (lens.post_norms, lens.learned_positions) == (post_norms, native.learned_positions), family
+        assert lens.family == f"transformer_lens:{type(model).__name__}"
+        if not native.learned_positions:
+            with pytest.raises(FeatsteerError, match="hook_pos_embed does not exist"), steer(lens, AddDirection(random_direction(lens.d_model), 5.0,
+                                                                                                             where="hook_pos_embed")):
+                pass
+
+
+def test_a_sequence_longer_than_n_ctx_of_a_tl_model_is_a_one_line_error(tmp_path):
+    """A HookedTransformer's causal mask, position table and rotary angles have n_ctx rows: one token more raised an
+    IndexError from inside the forward pass, for a learned position table (GPT-2) and for rotary angles alike."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from featsteer.models.adapter import TokenBatch
+
+    model, tokenizer = tiny_model("gpt2")
+    rotary_config = HookedTransformerConfig(n_layers=1, d_model=32, n_heads=2, d_head=16, d_mlp=64, d_vocab=len(tokenizer), n_ctx=40, act_fn="silu",
+                                            normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=16, default_prepend_bos=False)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    for hooked in (hooked_gpt2(model, tokenizer), HookedTransformer(rotary_config, tokenizer=tokenizer, default_padding_side="left")):
+        adapter, n_ctx = load_model(hooked), hooked.cfg.n_ctx
+        assert adapter.run(TokenBatch(torch.full((2, n_ctx), 70), torch.ones((2, n_ctx), dtype=torch.long))).shape[1] == n_ctx
+        with pytest.raises(FeatsteerError, match=f"a sequence of {n_ctx + 1} tokens is longer than the {n_ctx} positions"):
+            adapter.run(TokenBatch(torch.full((2, n_ctx + 1), 70), torch.ones((2, n_ctx + 1), dtype=torch.long)))
+        with pytest.raises(FeatsteerError, match="longer than the"):
+            adapter.generate(["word " * (n_ctx // 5 - 3)], max_new_tokens=n_ctx)
+
+
 def test_tl_parallel_block_model_has_no_resid_mid(tmp_path):
     """A HookedTransformer with parallel attention and MLP (Pythia-style) lists no resid_mid and adds both writes at once."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -528,6 +572,29 @@ def test_tl_parallel_block_model_has_no_resid_mid(tmp_path):
     seen, _ = _record(adapter, adapter.hook_names(("resid_pre", "attn_out", "mlp_out", "resid_post"), [0]))
     pre, attn, mlp, post = (seen[f"blocks.0.hook_{k}"] for k in ("resid_pre", "attn_out", "mlp_out", "resid_post"))
     torch.testing.assert_close(post, pre + attn + mlp, atol=1e-5, rtol=0)
+
+
+def test_a_weight_edit_of_a_tl_mixture_of_experts_model_edits_every_expert(tmp_path):
+    """A HookedTransformer MoE layer has no W_out of its own: the edit raised AttributeError from torch. Each expert's
+    output projection is a writer now, so the edit equals the ablation hook (the router's weights add the experts)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from featsteer.edits import apply_edit
+    from featsteer.interventions import Ablate, steer
+    from featsteer.testing import random_direction
+
+    tokenizer = saved_tokenizer(byte_tokenizer(), tmp_path)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=32, d_vocab=len(tokenizer), n_ctx=64, act_fn="silu",
+                                  normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=16, gated_mlp=True,
+                                  num_experts=4, experts_per_token=2, default_prepend_bos=False, seed=0)
+    adapter = load_model(HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="left"))
+    assert [w.name for w in adapter.residual_writers() if w.layer == 0] == ["blocks.0.hook_attn_out", *(f"blocks.0.hook_mlp_out.expert{e}" for e in range(4))]
+    direction, before = random_direction(adapter.d_model), adapter.logits(PROMPTS)
+    with steer(adapter, Ablate(direction)):
+        hooked = adapter.logits(PROMPTS)
+    with apply_edit(adapter, direction):
+        torch.testing.assert_close(adapter.logits(PROMPTS), hooked, atol=1e-4, rtol=0)
+    torch.testing.assert_close(adapter.logits(PROMPTS), before, atol=0, rtol=0)
 
 
 def _assert_same_activations(native, lens):

@@ -30,6 +30,7 @@ class TLModelAdapter(ModelAdapter):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.name = name or getattr(model.cfg, "model_name", None) or type(model).__name__
         self.is_bridge = not hasattr(model, "blocks") or type(model).__name__ == "TransformerBridge"
+        self._family_adapter = self._known_family() if self.is_bridge else None
 
     @property
     def n_layers(self) -> int:
@@ -51,8 +52,20 @@ class TLModelAdapter(ModelAdapter):
     def n_heads(self) -> int:
         return int(self.model.cfg.n_heads)
 
+    def _known_family(self) -> ModelAdapter | None:
+        """A bridge's Hugging Face model behind its featsteer family adapter, which knows the family's particulars (post-norms,
+        learned positions) that the bridge's config does not say: a Gemma 2 bridge's config has no post-norm flag and every
+        bridge lists a `hook_pos_embed`, which never fires in a model without learned positions. None for a family featsteer
+        does not support."""
+        try:
+            return self._bridged()
+        except FeatsteerError:
+            return None
+
     @property
     def post_norms(self) -> bool:
+        if self._family_adapter is not None:
+            return self._family_adapter.post_norms
         return bool(getattr(self.model.cfg, "use_normalization_before_and_after", False))
 
     @property
@@ -61,11 +74,13 @@ class TLModelAdapter(ModelAdapter):
 
     @property
     def learned_positions(self) -> bool:
+        if self._family_adapter is not None:
+            return self._family_adapter.learned_positions
         return "hook_pos_embed" in self.model.hook_dict
 
     @property
     def family(self) -> str:
-        arch = getattr(self.model.cfg, "original_architecture", None) or "unknown"
+        arch = getattr(self.model.cfg, "original_architecture", None) or getattr(self.model.cfg, "architecture", None) or "unknown"
         return f"transformer_lens:{arch}"
 
     def _install_hooks(self, hooks: Sequence[tuple[HookSite, HookFn]]) -> Callable[[], None]:
@@ -88,10 +103,21 @@ class TLModelAdapter(ModelAdapter):
         return remove
 
     def _forward(self, batch: TokenBatch, cache: object | None, want_cache: bool, keep: int = 0) -> tuple[Tensor, object | None]:
+        self._check_context(batch)
         kwargs = {"attention_mask": batch.attention_mask, "return_type": "logits"}
         if self.is_bridge:
             kwargs["position_ids"] = batch.position_ids
         return self.model(batch.input_ids, **kwargs), None
+
+    def _check_context(self, batch: TokenBatch) -> None:
+        """A HookedTransformer's causal mask, position table and rotary angles have `n_ctx` rows, and so has a bridge's learned
+        position table: a longer sequence failed with an IndexError from deep inside the forward pass."""
+        if self.is_bridge and not self.learned_positions:  # the Hugging Face model computes its rotary angles for any length
+            return
+        length = int(batch.position_ids.max()) + 1 if self.is_bridge else batch.input_ids.shape[1]
+        if length > (n_ctx := int(self.model.cfg.n_ctx)):
+            raise FeatsteerError(f"a sequence of {length} tokens is longer than the {n_ctx} positions (n_ctx) of {self.name}: use shorter "
+                                 "prompts (or fewer new tokens)")
 
     def _bridged(self):
         """The bridge's Hugging Face model behind an adapter, for its weights."""
@@ -121,7 +147,11 @@ class TLModelAdapter(ModelAdapter):
             writers.append(_param_writer("hook_pos_embed", None, "pos_embed", self.model.pos_embed, "W_pos", None))
         for layer, block in enumerate(self.model.blocks):
             writers.append(_param_writer(f"blocks.{layer}.hook_attn_out", layer, "attn_out", block.attn, "W_O", "b_O"))
-            writers.append(_param_writer(f"blocks.{layer}.hook_mlp_out", layer, "mlp_out", block.mlp, "W_out", "b_out"))
+            experts = getattr(block.mlp, "experts", None)
+            if experts is None:
+                writers.append(_param_writer(f"blocks.{layer}.hook_mlp_out", layer, "mlp_out", block.mlp, "W_out", "b_out"))
+            else:  # a mixture-of-experts layer adds its experts' outputs with per-token weights: edit each one
+                writers.extend(_linear_writer(f"blocks.{layer}.hook_mlp_out.expert{e}", layer, expert.W_out) for e, expert in enumerate(experts))
         return writers
 
     def bias_writers(self) -> list[BiasWriter]:
@@ -183,3 +213,18 @@ def _param_writer(name: str, layer: int | None, kind: str, module, weight_attr: 
                 getattr(module, bias_attr).copy_(bias)
 
     return ResidualWriter(name=name, layer=layer, kind=kind, read=read, write=write)
+
+
+def _linear_writer(name: str, layer: int, linear: torch.nn.Linear) -> ResidualWriter:
+    """An `nn.Linear` writing into the stream (a TransformerLens MoE expert's `W_out`), already `(d_model, d_in)`."""
+
+    def read() -> tuple[Tensor, Tensor | None]:
+        return linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+
+    def write(weight: Tensor, bias: Tensor | None) -> None:
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None and linear.bias is not None:
+                linear.bias.copy_(bias)
+
+    return ResidualWriter(name=name, layer=layer, kind="mlp_out", read=read, write=write)
