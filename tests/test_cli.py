@@ -1229,3 +1229,31 @@ def test_steer_set_at_another_hook_takes_that_hooks_harmful_projection(capsys, t
     assert code == 0 and "set the projection to 0.5 at blocks.1" in out, err
     code, _, err = _run(capsys, *common, "--directions", str(tmp_path / "bare"), "--hook", "blocks.1.hook_resid_pre")
     assert code == 2 and "not at blocks.1.hook_resid_pre: give --value V" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_directions_from_few_prompts_writes_no_sample_size_estimate(capsys, tmp_path):
+    """With fewer than 4 training prompts a class the geometry's sample-size estimate raised, after the direction had
+    been written: `directions --n 4` failed, leaving a half-written --out. Now the estimate is left out."""
+    code, out, err = _run(capsys, "directions", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
+                          "--n", "4", "--n-select", "2", "--out", str(tmp_path / "d"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "d" / "geometry.json").read_text())["sample_sizes"] is None and "sample size:" not in out
+
+
+def test_directions_failing_late_leaves_no_half_written_out(capsys, tmp_path, monkeypatch):
+    """A stage after the direction is found (here the geometry) failing used to leave candidates/, chosen/ and
+    selection.* in --out beside no geometry: now --out is built aside and appears only complete."""
+    from featsteer.errors import FeatsteerError
+    from featsteer.pipeline import DirectionResult
+
+    def fail(*args, **kwargs):
+        raise FeatsteerError("geometry failed")
+
+    monkeypatch.setattr(DirectionResult, "geometry", fail)
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        code, _, err = _run(capsys, "directions", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
+                            "--n", "12", "--n-select", "2", "--out", str(out))
+        assert code == 2 and err.strip().endswith("featsteer: error: geometry failed")
+        assert not (tmp_path / "new").exists() and not any((tmp_path / "empty").iterdir())
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no staging folder left either
