@@ -559,6 +559,9 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     args.shift = 0.0 if args.shift is None else args.shift
     args.scale = 1.0 if args.scale is None else args.scale
     args.bias_decay = BIAS_DECAY_DEFAULT if args.bias_decay is None else args.bias_decay
+    GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)  # bad values fail before anything slow runs
+    if args.search < 0:
+        raise FeatsteerError(f"--search must be a number of trials >= 1 (or 0 for none), got {args.search}")
     if args.reflect and (mode != "orthogonalize" or args.search):
         raise FeatsteerError("--reflect is its own edit (every write's component of the direction reversed): drop --reverse/--induce/"
                              "--norm-preserving/--search")

@@ -1257,3 +1257,25 @@ def test_directions_failing_late_leaves_no_half_written_out(capsys, tmp_path, mo
         assert code == 2 and err.strip().endswith("featsteer: error: geometry failed")
         assert not (tmp_path / "new").exists() and not any((tmp_path / "empty").iterdir())
         assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no staging folder left either
+
+
+def test_abliterate_checks_generation_and_search_numbers_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    """--max-new-tokens 0, --batch-size 0 or --search -1 used to fail only after the direction had been found."""
+    import featsteer.cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(featsteer.cli, "_load_model", no_model)
+    common = ("abliterate", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12", "--out", str(tmp_path / "m"))
+    for flag, value, message in (("--max-new-tokens", "0", "max_new_tokens must be at least 1, got 0"),
+                                 ("--batch-size", "-1", "batch_size must be at least 1, got -1"),
+                                 ("--search", "-1", "--search must be a number of trials >= 1 (or 0 for none), got -1")):
+        code, _, err = _run(capsys, *common, flag, value)
+        assert code == 2 and err == f"featsteer: error: {message}\n"
+        assert not (tmp_path / "m").exists()
+    from featsteer.errors import FeatsteerError
+    from featsteer.evaluation.behaviour import GenerationConfig
+
+    with pytest.raises(FeatsteerError, match="max_batch_tokens must be at least 1"):
+        GenerationConfig(max_batch_tokens=0)
