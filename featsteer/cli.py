@@ -326,7 +326,10 @@ def _add_label_lines(hand, run, labels, method: str, path: str) -> None:
     if not lines.is_file():
         raise FeatsteerError(f"--lines {lines}: no such file; write one label per line as 'INDEX r|a[?] REASON'")
     texts = run.texts(method, labels.set_name)
-    parsed = hand.parse_label_lines(lines.read_text())
+    try:
+        parsed = hand.parse_label_lines(lines.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise FeatsteerError(f"--lines {lines} is not UTF-8 text: write one label per line as 'INDEX r|a[?] REASON'") from None
     if past := [i for i in parsed if i >= len(texts)]:
         raise FeatsteerError(f"--lines {lines}: index {past[0]} is past the {len(texts)} {labels.set_name} responses of {method} "
                              "(they count from 0)")

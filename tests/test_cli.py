@@ -1279,3 +1279,15 @@ def test_abliterate_checks_generation_and_search_numbers_before_the_model_loads(
 
     with pytest.raises(FeatsteerError, match="max_batch_tokens must be at least 1"):
         GenerationConfig(max_batch_tokens=0)
+
+
+def test_label_lines_that_are_not_text_are_a_one_line_error(capsys, tmp_path):
+    """A binary --lines file raised UnicodeDecodeError with a traceback."""
+    run = tmp_path / "eval.json"
+    code, _, _ = _run(capsys, "eval", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--n", "2", "--max-new-tokens", "2",
+                      "--json", str(run))
+    assert code == 0
+    (tmp_path / "lines.txt").write_bytes(b"0 r \x86\xff\n")
+    code, _, err = _run(capsys, "label", str(run), "--lines", str(tmp_path / "lines.txt"), "--labels", str(tmp_path / "labels.json"))
+    assert code == 2 and err.startswith("featsteer: error: --lines") and "is not UTF-8 text" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "labels.json").exists()
