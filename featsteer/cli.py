@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from featsteer.errors import FeatsteerError, read_json_file
-from featsteer.files import check_empty_folder
+from featsteer.files import check_empty_folder, staged_output
 
 BIAS_DECAY_DEFAULT = 2.0
 """`--bias-decay`'s default (`edits.BIAS_DECAY`; kept here so the CLI parses without importing torch)."""
@@ -326,7 +326,10 @@ def _add_label_lines(hand, run, labels, method: str, path: str) -> None:
     if not lines.is_file():
         raise FeatsteerError(f"--lines {lines}: no such file; write one label per line as 'INDEX r|a[?] REASON'")
     texts = run.texts(method, labels.set_name)
-    parsed = hand.parse_label_lines(lines.read_text())
+    try:
+        parsed = hand.parse_label_lines(lines.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise FeatsteerError(f"--lines {lines} is not UTF-8 text: write one label per line as 'INDEX r|a[?] REASON'") from None
     if past := [i for i in parsed if i >= len(texts)]:
         raise FeatsteerError(f"--lines {lines}: index {past[0]} is past the {len(texts)} {labels.set_name} responses of {method} "
                              "(they count from 0)")
@@ -466,25 +469,32 @@ def _cmd_directions(args: argparse.Namespace) -> int:
     config = _direction_config(args)  # checks the values before the model loads
     model = _load_model(args)
     result = find_refusal_direction(model, harmful, harmless, config, val=val, keep_activations=True)
-    result.candidates.save(out / "candidates")
-    result.chosen.save(out / "chosen")
+    with staged_output(out) as work:  # a later stage failing (geometry, --gate, --optimize) leaves no half-written --out
+        _write_directions(args, model, result, config, optimize, out, work)
+    return 0
+
+
+def _write_directions(args: argparse.Namespace, model, result, config, optimize, out: Path, work: Path) -> None:
+    """`featsteer directions`' files, written into `work` (renamed to `out` when all are written), and its printout."""
+    result.candidates.save(work / "candidates")
+    result.chosen.save(work / "chosen")
     stability = result.selection.stability()
-    (out / "selection.md").write_text(result.selection.table() + f"\n\nSelection stability: {stability.line()}.\n")
+    (work / "selection.md").write_text(result.selection.table() + f"\n\nSelection stability: {stability.line()}.\n")
     harmful_val, harmless_val = result.val
     scored = [s.head(min(args.n_select, len(s))) for s in result.val]  # what select_direction read: the first --n-select of each
     validation = {"val_harmful": harmful_val.source, "val_harmless": harmless_val.source, "n_harmful_val": len(harmful_val),
                   "n_harmless_val": len(harmless_val), "val_harmful_sha256": harmful_val.sha256, "val_harmless_sha256": harmless_val.sha256,
                   "n_select": args.n_select, "n_harmful_scored": len(scored[0]), "n_harmless_scored": len(scored[1]),
                   "scored_harmful_sha256": scored[0].sha256, "scored_harmless_sha256": scored[1].sha256}
-    _write_json(str(out / "selection.json"), {**result.selection.to_dict(), "stability": stability.to_dict(), "timings": result.timings,
+    _write_json(str(work / "selection.json"), {**result.selection.to_dict(), "stability": stability.to_dict(), "timings": result.timings,
                                               **validation})
     geometry = None
     if result.candidates.rank == 1 and args.geometry != "off":
         geometry = result.geometry(model, reader_layers={"full": True, "estimate": "estimate", "quick": False}[args.geometry])
     if geometry is not None:
-        (out / "geometry.md").write_text(geometry.markdown())
-        _write_json(str(out / "geometry.json"), geometry.to_dict())
-        geometry.plot(out / "layer_cosines.png")
+        (work / "geometry.md").write_text(geometry.markdown())
+        _write_json(str(work / "geometry.json"), geometry.to_dict())
+        geometry.plot(work / "layer_cosines.png")
     print(result.selection.table())
     chosen = result.selection.chosen
     print(f"\nchosen: {chosen.hook} position {chosen.position} (refusal score {result.selection.base_refusal_harmful:.2f} -> "
@@ -503,7 +513,7 @@ def _cmd_directions(args: argparse.Namespace) -> int:
         from featsteer.interventions import fit_gate, gate_hooks
 
         gate = fit_gate(model, *result.train, gate_hooks(model, chosen.hook), val=result.val, batch_size=config.batch_size)
-        gate.save(out / "gate")
+        gate.save(work / "gate")
         print(f"gate: {gate.hook}, {_POOLED[gate.pool]}, cosine threshold {gate.threshold:.4f}; "
               f"balanced accuracy {gate.accuracy:.3f} on the {len(harmful_val)} + {len(harmless_val)} validation prompts (gate/; "
               "featsteer steer --gate)")
@@ -512,10 +522,9 @@ def _cmd_directions(args: argparse.Namespace) -> int:
         print(f"sample size: the DIM direction at {chosen_size.hook} position {chosen_size.position}, {chosen_size.line()} (geometry.md)")
     if optimize is not None:
         trained = _trained_directions(model, result, optimize)
-        trained.save(out / "optimized")
+        trained.save(work / "optimized")
         _print_optimization(trained.provenance["optimization"])
         print(f"wrote the trained direction to {out}/optimized (featsteer steer --directions, featsteer abliterate --directions)")
-    return 0
 
 
 def _trained_directions(model, result, optimize):
@@ -553,6 +562,9 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     args.shift = 0.0 if args.shift is None else args.shift
     args.scale = 1.0 if args.scale is None else args.scale
     args.bias_decay = BIAS_DECAY_DEFAULT if args.bias_decay is None else args.bias_decay
+    GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)  # bad values fail before anything slow runs
+    if args.search < 0:
+        raise FeatsteerError(f"--search must be a number of trials >= 1 (or 0 for none), got {args.search}")
     if args.reflect and (mode != "orthogonalize" or args.search):
         raise FeatsteerError("--reflect is its own edit (every write's component of the direction reversed): drop --reverse/--induce/"
                              "--norm-preserving/--search")

@@ -1703,7 +1703,10 @@ def _chosen_setup(model: ModelAdapter, result: DirectionResult) -> dict[str, Any
               "logit_lens": {"promoted": [t for t, _ in lens.promoted], "suppressed": [t for t, _ in lens.suppressed]}}
     if result.selection.per_prompt is not None and result.selection.per_prompt["kl"]:
         chosen["selection_stability"] = result.selection.stability().to_dict()
-    if result.candidates.method == "dim" and result.activations is not None:  # how much of the direction is sampling noise
+    from featsteer.directions.sample_size import MIN_PROMPTS
+
+    if result.candidates.method == "dim" and result.activations is not None and min(map(len, result.activations)) >= MIN_PROMPTS:
+        # how much of the direction is sampling noise (none estimated from fewer than MIN_PROMPTS prompts a class)
         chosen["sample_size"] = result.sample_sizes(draws=16, hooks=[chosen["hook"]])[0].to_dict()
     return chosen
 

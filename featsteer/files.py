@@ -8,10 +8,12 @@ written under a temporary name in the target folder and renamed over its final n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 
@@ -113,6 +115,27 @@ def staging_folder(parent: str | os.PathLike[str], prefix: str) -> Path:
     folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
     folder.chmod(0o777 & ~_umask())
     return folder
+
+
+@contextlib.contextmanager
+def staged_output(out: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build the output folder `out` (new or empty) in a `staging_folder` beside it, renamed to `out` when the block
+    ends: a command that fails or is stopped half way leaves no half-filled `out` (the staging folder is removed).
+
+    Yields:
+        The staging folder to write into.
+    """
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = staging_folder(out.parent, f".{out.name}.partial-")
+    try:
+        yield work
+        if out.exists():
+            out.rmdir()  # empty: the caller checked it with check_empty_folder
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def share_files(folder: str | os.PathLike[str]) -> None:

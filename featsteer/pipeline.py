@@ -180,6 +180,7 @@ class DirectionResult:
         block's attention and MLP input and from the unembedding's (`directions.readers.direction_readers`), each block's
         two readers on their own too unless `reader_layers` is False (then 6 conditions instead of `2 + 2 * n_layers`);
         `reader_layers="estimate"` gives those per-block rows as first-order estimates from one gradient pass instead.
+        The sample-size rows (`sample_sizes`) are None with fewer than 4 training prompts in a class.
 
         Raises:
             FeatsteerError: without kept activations or for a rank-k direction.
@@ -222,8 +223,11 @@ class DirectionResult:
 
             harmful, harmless = (list(prompts.head(min(reader_prompts, len(prompts)))) for prompts in self.val)
             readers = direction_readers(model, r, harmful, harmless, per_layer=reader_layers)
+        from featsteer.directions.sample_size import MIN_PROMPTS
+
+        enough = min(len(activations) for activations in self.activations) >= MIN_PROMPTS  # else no sample-size estimate
         return DirectionGeometry(hook, position, hooks, cosines, class_projections(*self.activations, r, position), chosen_lens,
-                                 lenses, heads, repair, readers, self.sample_sizes())
+                                 lenses, heads, repair, readers, self.sample_sizes() if enough else None)
 
     def sample_sizes(self, draws: int = 32, seed: int = 0, hooks: Sequence[str] | None = None) -> list:
         """How precisely every captured hook's DIM direction at the chosen position is estimated from the training

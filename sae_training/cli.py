@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -119,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from featsteer.files import check_output_folder
 
         check_output_folder(args.out)
+        if args.activation_cache:
+            check_output_folder(args.activation_cache, "--activation-cache")
+        if args.work_dir and not Path(args.work_dir).expanduser().is_dir():
+            raise FeatsteerError(f"--work-dir {args.work_dir} is not a folder: give an existing folder for the temporary activation store")
         if not args.verbose:
             from featsteer.models.loading import hide_weight_loading_bar
 
@@ -132,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("featsteer-train-sae: interrupted (finished layers are kept)", file=sys.stderr)
         return 130
+    except OSError as error:  # a path the system refused (no such folder, permission, disk full): one line, not a traceback
+        where = f": {error.filename}" if error.filename else ""
+        print(f"featsteer-train-sae: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
     _report(results)
     print(f"saved to {config.out}")
     return 0

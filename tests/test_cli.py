@@ -1229,3 +1229,65 @@ def test_steer_set_at_another_hook_takes_that_hooks_harmful_projection(capsys, t
     assert code == 0 and "set the projection to 0.5 at blocks.1" in out, err
     code, _, err = _run(capsys, *common, "--directions", str(tmp_path / "bare"), "--hook", "blocks.1.hook_resid_pre")
     assert code == 2 and "not at blocks.1.hook_resid_pre: give --value V" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_directions_from_few_prompts_writes_no_sample_size_estimate(capsys, tmp_path):
+    """With fewer than 4 training prompts a class the geometry's sample-size estimate raised, after the direction had
+    been written: `directions --n 4` failed, leaving a half-written --out. Now the estimate is left out."""
+    code, out, err = _run(capsys, "directions", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
+                          "--n", "4", "--n-select", "2", "--out", str(tmp_path / "d"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "d" / "geometry.json").read_text())["sample_sizes"] is None and "sample size:" not in out
+
+
+def test_directions_failing_late_leaves_no_half_written_out(capsys, tmp_path, monkeypatch):
+    """A stage after the direction is found (here the geometry) failing used to leave candidates/, chosen/ and
+    selection.* in --out beside no geometry: now --out is built aside and appears only complete."""
+    from featsteer.errors import FeatsteerError
+    from featsteer.pipeline import DirectionResult
+
+    def fail(*args, **kwargs):
+        raise FeatsteerError("geometry failed")
+
+    monkeypatch.setattr(DirectionResult, "geometry", fail)
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        code, _, err = _run(capsys, "directions", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
+                            "--n", "12", "--n-select", "2", "--out", str(out))
+        assert code == 2 and err.strip().endswith("featsteer: error: geometry failed")
+        assert not (tmp_path / "new").exists() and not any((tmp_path / "empty").iterdir())
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no staging folder left either
+
+
+def test_abliterate_checks_generation_and_search_numbers_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    """--max-new-tokens 0, --batch-size 0 or --search -1 used to fail only after the direction had been found."""
+    import featsteer.cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(featsteer.cli, "_load_model", no_model)
+    common = ("abliterate", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12", "--out", str(tmp_path / "m"))
+    for flag, value, message in (("--max-new-tokens", "0", "max_new_tokens must be at least 1, got 0"),
+                                 ("--batch-size", "-1", "batch_size must be at least 1, got -1"),
+                                 ("--search", "-1", "--search must be a number of trials >= 1 (or 0 for none), got -1")):
+        code, _, err = _run(capsys, *common, flag, value)
+        assert code == 2 and err == f"featsteer: error: {message}\n"
+        assert not (tmp_path / "m").exists()
+    from featsteer.errors import FeatsteerError
+    from featsteer.evaluation.behaviour import GenerationConfig
+
+    with pytest.raises(FeatsteerError, match="max_batch_tokens must be at least 1"):
+        GenerationConfig(max_batch_tokens=0)
+
+
+def test_label_lines_that_are_not_text_are_a_one_line_error(capsys, tmp_path):
+    """A binary --lines file raised UnicodeDecodeError with a traceback."""
+    run = tmp_path / "eval.json"
+    code, _, _ = _run(capsys, "eval", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--n", "2", "--max-new-tokens", "2",
+                      "--json", str(run))
+    assert code == 0
+    (tmp_path / "lines.txt").write_bytes(b"0 r \x86\xff\n")
+    code, _, err = _run(capsys, "label", str(run), "--lines", str(tmp_path / "lines.txt"), "--labels", str(tmp_path / "labels.json"))
+    assert code == 2 and err.startswith("featsteer: error: --lines") and "is not UTF-8 text" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "labels.json").exists()

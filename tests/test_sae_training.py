@@ -152,6 +152,8 @@ def test_training_on_the_attention_heads(tmp_path):
         ({"--text": "EMPTY"}, "empty"),
         ({"--k": "2.5"}, "topk keeps a whole number of features per token"),
         ({"--out": "FILE"}, "is an existing file: give a folder path"),
+        ({"--work-dir": "FILE"}, "--work-dir"),  # these two raised NotADirectoryError with a traceback
+        ({"--activation-cache": "FILE"}, "--activation-cache"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, change, message):

@@ -44,6 +44,11 @@ class GenerationConfig:
     prefilled. None: off."""
 
     def __post_init__(self) -> None:
+        for name, value in (("max_new_tokens", self.max_new_tokens), ("batch_size", self.batch_size)):
+            if value < 1:  # checked when the config is made, before a command's slow stages, not at the first generation
+                raise FeatsteerError(f"{name} must be at least 1, got {value}")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise FeatsteerError(f"max_batch_tokens must be at least 1 (or None for no cap), got {self.max_batch_tokens}")
         if self.prefill is not None and not self.prefill.strip():
             raise FeatsteerError("prefill is empty: give the text every harmful response should start with, or 'affirm'")
 
