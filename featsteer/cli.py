@@ -109,9 +109,11 @@ def _expand_hooks(spec: str, model) -> list[str]:
 
     if spec == "all":  # every layer's residual stream (the other kinds differ in width or meaning: name them)
         return model.hook_names(("resid_pre",))
-    kind, _, layers = spec.partition(":")
+    kind, colon, layers = spec.partition(":")
     if kind in LAYER_KINDS + HEAD_KINDS + ROUTING_KINDS:
         layer_ids = None
+        if colon and not layers.strip():  # 'resid_pre:' read as every layer: a list that was left out, not a request for all
+            raise FeatsteerError(f"--hooks {spec}: give layer numbers after '{kind}:', e.g. {kind}:0,2, or drop the colon for every layer")
         if layers:
             try:
                 layer_ids = list(dict.fromkeys(int(x) for x in layers.split(",")))

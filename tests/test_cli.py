@@ -1070,7 +1070,8 @@ def test_capture_hook_specs_that_name_nothing_are_errors(capsys, tmp_path):
     base = ["capture", "--model", "tiny:qwen2_moe", "--prompts", "builtin:harmful", "--n", "2", "--out", str(tmp_path / "c")]
     for hooks, message in (("resid_pre:x", "give layer numbers separated by commas"),
                            ("attn_z:1,hook_embed", "give layer numbers separated by commas"),
-                           ("routing:0", "has no routing hook at those layers")):
+                           ("routing:0", "has no routing hook at those layers"),
+                           ("resid_pre:", "give layer numbers after 'resid_pre:'")):
         code, _, err = _run(capsys, *base, "--hooks", hooks)
         assert code == 2 and message in err, (hooks, err)
     code, out, _ = _run(capsys, *base, "--hooks", "resid_post:1,1")
