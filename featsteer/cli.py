@@ -622,6 +622,8 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     config = _direction_config(args)  # checks the values before the model loads
     pick_prompts = _scale_pick_prompts(args, (val or (None, split(harmless, config.val_fraction)[1]))[1]) if mode in ADDITIONS and args.scale == "auto" else ()
     model = _load_model(args)
+    if isinstance(heads_spec, dict):
+        model.head_ids(heads_spec)  # heads the model does not have fail now, not after the direction search
     result = find_refusal_direction(model, harmful, harmless, config, val=val)
     chosen = result.selection.chosen
     print(f"direction: {args.method} at {chosen.hook} position {chosen.position} (KL on harmless {chosen.kl_harmless:.4f})")

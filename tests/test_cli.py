@@ -1292,3 +1292,15 @@ def test_label_lines_that_are_not_text_are_a_one_line_error(capsys, tmp_path):
     code, _, err = _run(capsys, "label", str(run), "--lines", str(tmp_path / "lines.txt"), "--labels", str(tmp_path / "labels.json"))
     assert code == 2 and err.startswith("featsteer: error: --lines") and "is not UTF-8 text" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "labels.json").exists()
+
+
+def test_abliterate_names_heads_the_model_lacks_before_the_direction_search(capsys, tmp_path, monkeypatch):
+    import featsteer.pipeline
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the heads were not checked before the direction search")
+
+    monkeypatch.setattr(featsteer.pipeline, "find_refusal_direction", no_search)
+    code, _, err = _run(capsys, "abliterate", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless",
+                        "builtin:harmless:train", "--n", "12", "--heads", "9:9", "--out", str(tmp_path / "x"))
+    assert code == 2 and "layer 9 has no attention heads" in err and not (tmp_path / "x").exists()
