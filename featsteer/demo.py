@@ -7,7 +7,6 @@ under a run folder outside the package, with one `index.html` linking the report
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from featsteer.datasets.loaders import ORGANISM_CORPUS_PREFIX
 from featsteer.directions import Separability, difference_in_means, logit_lens, separability
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.behaviour import GenerationConfig, RefusalReport, evaluate_refusal
-from featsteer.files import check_empty_folder, json_text, staging_folder
+from featsteer.files import check_empty_folder, json_text, staged_output
 from featsteer.models import ModelAdapter, load_model
 
 logger = logging.getLogger(__name__)
@@ -103,17 +102,8 @@ def run_demo(model_spec: str = "organism", run_dir: str | Path | None = None, n_
     start = time.perf_counter()
     out = Path(run_dir) if run_dir else default_run_dir()
     check_empty_folder(out, "demo output folder", " (the default is a new runs/<timestamp>/)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = staging_folder(out.parent, f".{out.name}.partial-")
-    try:
-        result = _run_stages(model_spec, out, work, n_eval, max_new_tokens, full, start)
-        if out.exists():
-            out.rmdir()  # empty: check_empty_folder said so
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return result
+    with staged_output(out) as work:
+        return _run_stages(model_spec, out, work, n_eval, max_new_tokens, full, start)
 
 
 def _run_stages(model_spec, out: Path, work: Path, n_eval: int, max_new_tokens: int, full: bool, start: float) -> DemoResult:

@@ -9,7 +9,6 @@ Hugging Face model directory with a `featsteer.json` that records how it was mad
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from featsteer.edits.weights import (
     orthogonalize_weight,
 )
 from featsteer.errors import FeatsteerError
-from featsteer.files import check_empty_folder, json_text, share_files, staging_folder
+from featsteer.files import check_empty_folder, json_text, share_files, staged_output
 from featsteer.interventions.operations import as_basis, orthonormal_basis
 from featsteer.models import ModelAdapter, ResidualWriter, TokenBatch
 
@@ -204,9 +203,7 @@ class EditHandle:
         earlier = [handle.record for handle in live if handle is not self]
         target = Path(path)
         check_empty_folder(target, "export folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = staging_folder(target.parent, f".{target.name}.partial-")
-        try:
+        with staged_output(target) as staging:
             hf_model.save_pretrained(staging)
             self.model.tokenizer.save_pretrained(staging)
             stacked = {"applied_on_top_of": earlier} if earlier else {}
@@ -220,11 +217,6 @@ class EditHandle:
             (staging / "featsteer.json").write_text(json_text({**self.record, **(extra or {}), **stacked, **saved,
                                                                "versions": _versions()}))
             share_files(staging)
-            if target.exists():
-                target.rmdir()
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return target
 
 

@@ -333,12 +333,19 @@ class HFModelAdapter(ModelAdapter):
         return handles
 
     # ---- forward ------------------------------------------------------------------------------------
+    @functools.cached_property
+    def _trained_context(self) -> int | None:
+        """The config's `max_position_embeddings` (the text model's for image-text checkpoints), read once: `_forward`
+        asks on every decoding step."""
+        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        trained = getattr(config, "max_position_embeddings", None)
+        return trained if isinstance(trained, int) else None
+
     def _check_trained_context(self, length: int) -> None:
         """Warn once when a sequence runs past the context a rotary model was trained on (`max_position_embeddings`):
         nothing stops the model there, but what it computes beyond is outside anything it learned."""
-        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
-        trained = getattr(config, "max_position_embeddings", None)
-        if isinstance(trained, int) and length > trained and not getattr(self, "_warned_context", False):
+        trained = self._trained_context
+        if trained is not None and length > trained and not getattr(self, "_warned_context", False):
             self._warned_context = True
             logger.warning("%s: a sequence of %d tokens runs past the %d positions the model was trained on; its activations and "
                            "outputs beyond them are unreliable (use shorter prompts or fewer new tokens)", self.name, length, trained)
