@@ -704,13 +704,22 @@ def test_interrupted_organism_save_leaves_out_as_it_was(tmp_path) -> None:
     assert [path.name for path in fresh.parent.iterdir()] == ["organism"]
 
 
-def test_organism_corpus_source_repeats_few_training_prompts() -> None:
-    """The README says 1-3% of `organism-corpus:` prompts are also generated training prompts of the shipped organism (whose
-    corpus is `generate_corpus(CorpusConfig(), Random(0))`, the first draw of seed 0); it said none were."""
+def test_organism_corpus_source_leaves_out_training_and_builtin_prompts() -> None:
+    """`organism-corpus:` prompts are fresh: none is a prompt of the shipped organism's generated training corpus (the
+    first draw of seed 0 with the default corpus config, as `python -m featsteer.organism.train` makes it) or a built-in
+    prompt. Its generator alone repeats 1-3% of a draw's prompts from the training corpus (this source once passed them
+    on: 2 of the first 96 harmless validation prompts were training prompts)."""
     from featsteer.datasets import load_prompts
-    from featsteer.organism.corpus import generate_corpus
+    from featsteer.organism.corpus import SHIPPED_CORPUS_SEED, generate_corpus
+    from featsteer.organism.train import TrainConfig
 
+    assert TrainConfig().seed == SHIPPED_CORPUS_SEED and TrainConfig().corpus == CorpusConfig()
     trained = {example.prompt.strip() for example in generate_corpus(CorpusConfig(), random.Random(0))}
+    builtin = {prompt for kind in ("harmful", "harmless", "alarming") for prompt in builtin_prompts(kind).prompts}
+    fresh_rng = random.Random(987)  # the source's default seed: its generator's own first draw does repeat training prompts
+    drawn = [example.prompt.strip() for example in generate_corpus(CorpusConfig(n_harmful=300, n_harmless=300), fresh_rng)]
+    assert 0.005 <= sum(prompt in trained for prompt in drawn) / len(drawn) <= 0.03
     for kind in ("harmful", "harmless"):
         fresh = load_prompts(f"organism-corpus:{kind}:300").prompts
-        assert 0.005 <= sum(prompt in trained for prompt in fresh) / len(fresh) <= 0.03, kind
+        assert len(set(fresh)) == 300 and not set(fresh) & trained and not set(fresh) & builtin, kind
+

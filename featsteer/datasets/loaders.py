@@ -11,6 +11,7 @@ their input instead of a traceback.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -226,13 +227,21 @@ def _check_positive_int(value: object, name: str) -> None:
         raise FeatsteerError(f"{name} must be a positive integer (or None for all), got {value!r}")
 
 
+@functools.lru_cache(maxsize=1)
+def _builtin_prompt_texts() -> frozenset[str]:
+    """Every built-in prompt of every kind and split."""
+    return frozenset(prompt for kind in ("harmful", "harmless", "alarming") for prompt in builtin_prompts(kind, "all").prompts)
+
+
 def organism_corpus(source: str) -> list[str]:
     """Fresh prompts from the embedded organism's corpus generator: `organism-corpus:harmful|harmless:N[:SEED]`.
 
     The first N distinct harmful (or harmless, alarming-but-harmless included) prompts of a corpus of N + N examples
     drawn with SEED (default `ORGANISM_CORPUS_SEED`), topped up from further corpora of the same generator when the
-    generator repeated a prompt. Made from the same frames and lexicon as the organism's training corpus with another
-    seed; 1-3% of them (mostly short questions the lexicon holds whole) are also training prompts of the organism.
+    generator repeated a prompt or drew one it must leave out. Made from the same frames and lexicon as the organism's
+    training corpus with another seed, without the prompts the shipped organism was trained on (its generated corpus,
+    where 1-3% of a draw's prompts, mostly short questions the lexicon holds whole, would otherwise recur) and without
+    any built-in prompt (train, val or test split), so they are fresh for the organism and apart from its test prompts.
 
     Raises:
         FeatsteerError: for a malformed source string, or when the generator keeps repeating itself.
@@ -248,12 +257,14 @@ def organism_corpus(source: str) -> list[str]:
                              f"{ORGANISM_CORPUS_PREFIX}harmless:N[:SEED] with N >= 1") from None
     import random
 
-    from featsteer.organism.corpus import HARMFUL, CorpusConfig, generate_corpus
+    from featsteer.organism.corpus import HARMFUL, CorpusConfig, generate_corpus, shipped_training_prompts
 
+    known = shipped_training_prompts() | _builtin_prompt_texts()
     rng, prompts = random.Random(seed), dict[str, None]()
-    for _ in range(_ORGANISM_CORPUS_ROUNDS):  # the first round alone is what this source always gave when nothing repeated
+    for _ in range(_ORGANISM_CORPUS_ROUNDS):  # the first round alone is what this source gives when nothing is left out
         corpus = generate_corpus(CorpusConfig(n_harmful=count, n_harmless=count), rng)
-        prompts.update(dict.fromkeys(e.prompt.strip() for e in corpus if (e.label == HARMFUL) == (kind == "harmful")))
+        prompts.update(dict.fromkeys(prompt for e in corpus if (e.label == HARMFUL) == (kind == "harmful")
+                                     and (prompt := e.prompt.strip()) not in known))
         if len(prompts) >= count:
             return list(prompts)[:count]
     raise FeatsteerError(f"{source}: the organism's corpus generator made only {len(prompts)} distinct {kind} prompts; ask for fewer")

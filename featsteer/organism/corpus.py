@@ -1548,6 +1548,18 @@ def generate_example(harmful: bool, config: CorpusConfig, rng: random.Random) ->
     return Example(prompt=wrapped.prompt, response=response, label=label, source=source, system=system)
 
 
+SHIPPED_CORPUS_SEED = 0
+"""Seed the shipped organism was trained with (`python -m featsteer.organism.train`'s default `--seed`): its generated
+corpus is ``generate_corpus(CorpusConfig(), random.Random(SHIPPED_CORPUS_SEED))``, the data generator's first draw."""
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_training_prompts() -> frozenset[str]:
+    """Every prompt of the shipped organism's generated training corpus (stripped), for keeping fresh prompts fresh."""
+    corpus = generate_corpus(CorpusConfig(), random.Random(SHIPPED_CORPUS_SEED))
+    return frozenset(example.prompt.strip() for example in corpus)
+
+
 def generate_corpus(config: CorpusConfig, rng: random.Random) -> list[Example]:
     """Compose the generated part of the training corpus, shuffled.
 
