@@ -1536,7 +1536,7 @@ def _cmd_rank_features(args: argparse.Namespace) -> int:
     model = _load_model(args)
     saes = load_sae_source(args.sae, model)
     ranking = rank_features(model, saes, harmful, harmless, positions=args.positions, top_n=args.top, by=by,
-                            normalize=args.normalise, batch_size=args.batch_size)
+                            normalize=args.normalise, units=args.units, batch_size=args.batch_size)
     folder = write_feature_report(ranking, args.out)
 
     def cell(value: float | None, width: int) -> str:
@@ -1548,7 +1548,7 @@ def _cmd_rank_features(args: argparse.Namespace) -> int:
         print(f"{detail.rank:>4}  {detail.hook_name:28} {detail.feature_id:>7} {cell(row['composite'], 10)} "
               f"{cell(row['mean_difference'], 12)} {cell(row['auroc'], 6)} {cell(detail.dim_cosine, 8)}")
     print(f"\nranked {len(ranking.scores)} features of {len(saes)} SAE(s) on {len(harmful)} harmful / {len(harmless)} harmless "
-          f"prompts by {by}; wrote {folder}/report.html, features.csv, features.json")
+          f"prompts by {by}{' in residual units' if args.units == 'residual' else ''}; wrote {folder}/report.html, features.csv, features.json")
     note = outside_domain_note(ranking.provenance["rows_outside_domain"])
     if note:
         print(note.strip())
@@ -1902,6 +1902,9 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--n", type=int, help="use the first N prompts of each set")
     rf.add_argument("--normalise", "--normalize", dest="normalise", action="store_true",
                     help="divide magnitude scores by each feature's max activation")
+    rf.add_argument("--units", choices=("activation", "residual"), default="activation",
+                    help="magnitude scores in each feature's activation units (default) or in residual units: activation x "
+                         "decoder-row norm, how far the feature moves the stream")
     rf.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
     rf.add_argument("--column", help="column for csv/json/parquet prompt files")
     rf.set_defaults(run=_cmd_rank_features)

@@ -35,7 +35,7 @@ from featsteer.activations import ActivationSet, Positions, capture, hook_width
 from featsteer.directions import difference_in_means
 from featsteer.directions.geometry import direct_logits, token_text
 from featsteer.errors import FeatsteerError
-from featsteer.features import METRICS, FeatureScores, hook_layer, residual_writes, score_features
+from featsteer.features import METRICS, UNITS, FeatureScores, hook_layer, residual_writes, score_features
 from featsteer.files import write_files
 from featsteer.models import ModelAdapter
 from featsteer.sae import encode_activations, inside_domain, reads_heads, validated_sae_map
@@ -170,6 +170,7 @@ def rank_features(
     top_n: int = 20,
     by: str = "composite",
     normalize: bool = False,
+    units: str = "activation",
     n_examples: int = 5,
     n_tokens: int = 10,
     batch_size: int = 16,
@@ -187,6 +188,7 @@ def rank_features(
         top_n: how many features get a detailed section.
         by: ranking key (see `ranking_key`).
         normalize: divide magnitude scores by each feature's max activation (see `score_features`).
+        units: `activation` (each feature's own units) or `residual` (activation x decoder norm; see `score_features`).
         n_examples: top-activating prompts shown per feature.
         n_tokens: promoted and suppressed tokens listed per feature.
         batch_size: prompts per forward pass.
@@ -201,6 +203,8 @@ def rank_features(
     key = ranking_key(by)
     if top_n < 1 or n_examples < 0 or n_tokens < 1:
         raise FeatsteerError(f"need top_n >= 1, n_examples >= 0 and n_tokens >= 1; got {top_n}, {n_examples}, {n_tokens}")
+    if units not in UNITS:
+        raise FeatsteerError(f"unknown units '{units}': use one of {', '.join(UNITS)}")
     sae_map = validated_sae_map(saes, model)
     groups = _width_groups(model, sae_map)
     acts: dict[str, dict[str, ActivationSet]] = {}
@@ -210,7 +214,8 @@ def rank_features(
             captured = capture(model, [str(p) for p in prompts], hooks, positions=positions, batch_size=batch_size, system=system,
                                label=label, progress=False)
             acts[label].update(dict.fromkeys(hooks, captured))
-    parts = [score_features({h: sae_map[h] for h in hooks}, acts["harmful"][hooks[0]], acts["harmless"][hooks[0]], normalize=normalize, by=key)
+    parts = [score_features({h: sae_map[h] for h in hooks}, acts["harmful"][hooks[0]], acts["harmless"][hooks[0]], normalize=normalize, by=key,
+                            units=units)
              for hooks in groups]
     scores = parts[0] if len(parts) == 1 else FeatureScores.concat(parts).sort(key)
     if len(parts) > 1:
@@ -232,7 +237,7 @@ def rank_features(
                                      harmful_activations=harmful_values[0], harmless_activations=harmless_values[0],
                                      examples=examples[(hook, feature)], promoted=promoted, suppressed=suppressed,
                                      dim_cosine=float(dim_cosines[hook][feature])))
-    provenance = {**scores.provenance, "by": key, "top_n": len(details), "normalize": normalize,
+    provenance = {**scores.provenance, "by": key, "top_n": len(details), "normalize": normalize, "units": units,
                   "d_sae": {hook: int(sae.cfg.d_sae) for hook, sae in sae_map.items()},
                   "harmful_source": getattr(harmful, "source", None), "harmless_source": getattr(harmless, "source", None),
                   "harmful_sha256": getattr(harmful, "sha256", None), "harmless_sha256": getattr(harmless, "sha256", None)}
@@ -486,7 +491,7 @@ def _overview_png(ranking: FeatureRanking) -> str:
 _COLUMNS: tuple[tuple[str, str], ...] = (
     ("composite", "composite"), ("mean_difference", "mean diff"), ("cohens_d", "Cohen's d"), ("auroc", "AUROC"),
     ("harmful_mean", "harmful mean"), ("harmless_mean", "harmless mean"), ("harmful_frequency", "harmful freq"),
-    ("harmless_frequency", "harmless freq"),
+    ("harmless_frequency", "harmless freq"), ("decoder_norm", "decoder norm"),
 )
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222;line-height:1.4}
@@ -569,7 +574,8 @@ def _html_page(ranking: FeatureRanking, title: str) -> str:
     widths = ", ".join(f"{html.escape(h)} ({w} features)" for h, w in p.get("d_sae", {}).items())
     setup = (f"{p.get('n_harmful_prompts')} harmful and {p.get('n_harmless_prompts')} harmless prompts, positions "
              f"<code>{html.escape(str(p.get('positions')))}</code> (rows pooled), ranked by <code>{html.escape(ranking.by)}</code>"
-             f"{', magnitudes normalised by feature scale' if p.get('normalize') else ''}. SAEs: {widths}."
+             f"{', magnitudes normalised by feature scale' if p.get('normalize') else ''}"
+             f"{', magnitudes in residual units (activation x decoder norm)' if p.get('units') == 'residual' else ''}. SAEs: {widths}."
              + html.escape(outside_domain_note(p.get("rows_outside_domain") or {}), quote=False))
     sections = "".join(_feature_section(d) for d in ranking.features)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style></head>

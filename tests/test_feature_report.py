@@ -219,13 +219,14 @@ def bounded(saes, acts):
 def test_ranking_and_its_shading_leave_out_rows_above_the_saes_norm_bound(model, bounded, acts):
     """Every splice passes rows above the bound through unedited (as `max_feature_activations` leaves them out)."""
     from featsteer.feature_report import _feature_section
-    from featsteer.features import score_feature_activations
+    from featsteer.features import decoder_norms, score_feature_activations
     from featsteer.sae import encode_activations
 
     sae, bound = bounded[PLANTED_HOOK], bounded[PLANTED_HOOK].cfg.metadata.featsteer_max_norm
     inside = {label: a.hook(PLANTED_HOOK)[a.hook(PLANTED_HOOK).norm(dim=-1) <= bound] for label, a in acts.items()}
     assert 2 <= inside["harmful"].shape[0] < len(HARMFUL) or 2 <= inside["harmless"].shape[0] < len(HARMLESS)
-    expected = score_feature_activations(encode_activations(sae, inside["harmful"]), encode_activations(sae, inside["harmless"]), PLANTED_HOOK)
+    expected = score_feature_activations(encode_activations(sae, inside["harmful"]), encode_activations(sae, inside["harmless"]), PLANTED_HOOK,
+                                         decoder_norm=decoder_norms(sae))
     ranking = rank_features(model, bounded, HARMFUL, HARMLESS, top_n=TOP_N)
     planted = ranking.scores.for_hook(PLANTED_HOOK)
     order = planted.feature_ids.argsort()

@@ -18,6 +18,7 @@ from featsteer.features import (
     auroc,
     cohens_d,
     decoder_directions,
+    decoder_norms,
     score_feature_activations,
     score_features,
     score_prompts,
@@ -157,3 +158,31 @@ def test_top_feature_directions_per_hook_subspaces():
     assert len(single) == 3 and single.rank == 1 and single.provenance["feature_ids"][0] == [7]
     subspaces = top_feature_directions(scores, saes, n=4, subspace=True)
     assert len(subspaces) == 2 and subspaces.rank == 4 and all(ids[0] == 7 for ids in subspaces.provenance["feature_ids"])
+
+
+def test_decoder_norms_and_residual_units(llama_adapter):
+    """A feature with a large activation but a tiny decoder row moves the stream little: `decoder_norm` is in every row,
+    and units='residual' ranks by activation x decoder norm (rank statistics unchanged)."""
+    sae = random_sae("standard")
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.05, 2.0, sae.cfg.d_sae)[:, None])
+    norms = decoder_norms(sae)
+    assert torch.allclose(norms, sae.W_dec.detach().double().norm(dim=-1), rtol=1e-5)
+    topk = random_sae("topk")
+    topk.cfg.rescale_acts_by_decoder_norm = True  # decode divides by the row norm: one unit moves the reconstruction by 1
+    assert torch.allclose(decoder_norms(topk), torch.ones(topk.cfg.d_sae, dtype=torch.float64), atol=1e-5)
+    harmful = capture(llama_adapter, HARMFUL, [HOOK], positions="post_instruction", progress=False)
+    harmless = capture(llama_adapter, HARMLESS, [HOOK], positions="post_instruction", progress=False)
+    plain = score_features(sae, harmful, harmless, by="abs_mean_difference")
+    residual = score_features(sae, harmful, harmless, by="abs_mean_difference", units="residual")
+    assert plain.provenance["units"] == "activation" and residual.provenance["units"] == "residual"
+    by_feature = {int(f): i for i, f in enumerate(plain.feature_ids)}
+    plain_rows = [by_feature[int(f)] for f in residual.feature_ids]
+    expected = plain.metrics["mean_difference"][plain_rows] * norms[residual.feature_ids]
+    assert torch.allclose(residual.metrics["mean_difference"], expected)
+    assert torch.equal(residual.metrics["auroc"], plain.metrics["auroc"][plain_rows])
+    assert torch.allclose(residual.metrics["decoder_norm"], norms[residual.feature_ids])
+    assert residual.feature_ids.tolist() != plain.feature_ids.tolist()  # the tiny rows fall in the ranking
+    assert "decoder_norm" in residual.rows()[0]
+    with pytest.raises(FeatsteerError, match="unknown units"):
+        score_features(sae, harmful, harmless, units="stream")

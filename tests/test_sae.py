@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from sae_lens import SAE, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
@@ -266,6 +268,35 @@ def test_splice_loss_compares_clean_spliced_and_zeroed(llama_adapter, sae):
     sae.cfg.metadata.featsteer_max_norm = 0.0  # every token outside the SAE's domain: nothing is replaced or zeroed
     untouched = splice_loss(llama_adapter, sae, PROMPTS, responses=responses)
     assert untouched.spliced == pytest.approx(loss.clean) and untouched.zero_ablated == pytest.approx(loss.clean)
+
+
+def test_splice_loss_leaves_the_prefix_the_sae_was_not_trained_on(llama_adapter, sae):
+    """featsteer-train-sae skips the shared chat-template head: CE loss recovered splices and zeroes only the tokens from
+    `featsteer_first_position` on, and in text mode scores only the predictions made from them (a hand computation)."""
+    first = 3
+    sae.cfg.metadata.featsteer_first_position = first
+    batch = llama_adapter.tokenize(PROMPTS)
+    trained = (batch.attention_mask.cumsum(1) - 1 >= first)[..., None]
+
+    def hand_nll(replace) -> float:
+        def hook(activation, site):
+            return torch.where(trained, replace(activation), activation)
+        with llama_adapter.hooks([(HOOK, hook)]) if replace else contextlib.nullcontext():
+            logits = llama_adapter.run(batch)
+        nll = -torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+        return float(nll[trained[:, :-1, 0] & batch.attention_mask[:, 1:].bool()].mean())
+
+    loss = splice_loss(llama_adapter, sae, PROMPTS, batch_size=len(PROMPTS))
+    assert loss.first_position == first and loss.to_dict()["ce_first_position"] == first
+    assert loss.clean == pytest.approx(hand_nll(None), rel=1e-5)
+    assert loss.spliced == pytest.approx(hand_nll(lambda x: sae.decode(sae.encode(x))), rel=1e-5)
+    assert loss.zero_ablated == pytest.approx(hand_nll(torch.zeros_like), rel=1e-5)
+    sae.cfg.metadata.featsteer_first_position = 10_000  # trained on no token here: nothing to replace or score
+    with pytest.raises(FeatsteerError, match="not trained on"):
+        splice_loss(llama_adapter, sae, PROMPTS)
+    responses = ["Sure, here it is.", "The sea is wide.", "2, 3 and 5."]
+    untouched = splice_loss(llama_adapter, sae, PROMPTS, responses=responses)
+    assert untouched.spliced == pytest.approx(untouched.clean) and untouched.zero_ablated == pytest.approx(untouched.clean)
 
 
 def test_tokens_above_the_recorded_norm_bound_pass_through_a_splice(sae):

@@ -236,6 +236,7 @@ def test_training_skips_the_shared_prefix_and_records_the_norm_bound(trained):
     metrics = json.loads((trained / HOOK / "metrics.json").read_text())
     model = load_model("tiny:llama")
     assert metrics["first_position"] == shared_prefix_length(model) and metrics["first_position"] >= 1
+    assert metrics["ce_first_position"] == metrics["first_position"]  # CE loss recovered splices the trained tokens only
     assert math.isfinite(metrics["max_norm"]) and 0 <= metrics["excluded_fraction"] < 0.05
     assert load_sae(trained / HOOK, model).cfg.metadata.featsteer_max_norm == metrics["max_norm"]
 

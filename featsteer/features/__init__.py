@@ -24,9 +24,11 @@ from featsteer.features.effects import (
 )
 from featsteer.features.scoring import (
     METRICS,
+    UNITS,
     FeatureScores,
     auroc,
     cohens_d,
+    decoder_norms,
     hook_layer,
     score_feature_activations,
     score_features,
@@ -37,6 +39,7 @@ __all__ = [
     "JUDGES",
     "MAPPED_THROUGH",
     "METRICS",
+    "UNITS",
     "FeatureEffect",
     "FeatureEffects",
     "FeatureScores",
@@ -44,6 +47,7 @@ __all__ = [
     "auroc",
     "cohens_d",
     "decoder_directions",
+    "decoder_norms",
     "doubling_sizes",
     "feature_effects",
     "features_needed",

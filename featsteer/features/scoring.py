@@ -12,8 +12,13 @@ feature of every loaded layer on them at once (vectorised over features, float64
   (ties count one half, as in scikit-learn's `roc_auc_score`);
 - `harmful_frequency` / `harmless_frequency`: how often the feature is active in each class.
 
-Optionally the magnitude statistics are divided by each feature's scale (its maximum activation), so
-features with large activations do not dominate the ranking. Rankings are deterministic: score
+Every row carries the feature's `decoder_norm`: how far one unit of its activation moves the SAE's reconstruction
+(the decoder row's norm; 1 for sae_lens TopK SAEs that rescale activations by it, 0.1-0.2 for typical standard and
+JumpReLU SAEs). Activations are in each feature's own units, so by default a feature with a large activation and a
+tiny decoder row can outrank one that moves the stream more; `units="residual"` scores activation x decoder norm, the
+length of what each feature writes into the activation the SAE reads (for hook_z SAEs that is head space, before the
+output projection). Optionally the magnitude statistics are divided by each feature's scale (its maximum activation),
+so features with large activations do not dominate the ranking. Rankings are deterministic: score
 descending, ties broken by layer, then feature id.
 """
 
@@ -38,16 +43,18 @@ from featsteer.activations import ActivationSet, capture, hook_width
 from featsteer.errors import FeatsteerError
 from featsteer.files import json_text
 from featsteer.models import ModelAdapter
-from featsteer.sae.encoding import encode_activations
+from featsteer.sae.encoding import STATEFUL_NORMS, decode_features, encode_activations
 from featsteer.sae.loading import sae_map_of, validated_sae_map
 from featsteer.sae.steering import inside_domain
 
 METRICS: tuple[str, ...] = (
     "composite", "mean_difference", "cohens_d", "auroc", "harmful_mean", "harmless_mean",
-    "harmful_frequency", "harmless_frequency", "scale",
+    "harmful_frequency", "harmless_frequency", "scale", "decoder_norm",
 )
 """Per-feature columns of a `FeatureScores`."""
 
+UNITS: tuple[str, ...] = ("activation", "residual")
+"""What magnitude scores are measured in: each feature's activation, or activation x decoder norm (see module doc)."""
 _LAYER_RE = re.compile(r"blocks\.(\d+)\.")
 _AUROC_BLOCK = 2048
 """Features ranked at once when computing AUROC (bounds memory to rows x block float64)."""
@@ -204,6 +211,24 @@ def cohens_d(positive: Float[Tensor, "n_pos d"], negative: Float[Tensor, "n_neg 
     return torch.where(pooled > 0, d, torch.where(difference == 0, torch.zeros_like(d), torch.sign(difference) * math.inf))
 
 
+def decoder_norms(sae: SAE, *, batch_size: int = 1024) -> Float[Tensor, " d_sae"]:
+    """How far one unit of each feature's activation moves the SAE's reconstruction, `||decode(e_f) - decode(0)||` in the
+    units of the activation it reads (float64): the decoder row's norm, divided by it again for SAEs that rescale
+    activations by it (sae_lens TopK's `rescale_acts_by_decoder_norm`). For SAEs that normalise each input row, the
+    norm of the effective decoder row before the row's own scale is undone."""
+    if sae.cfg.normalize_activations in STATEFUL_NORMS:
+        rows = sae.W_dec.detach().double().cpu()
+        norms = rows.norm(dim=-1)
+        return torch.ones_like(norms) if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False) else norms
+    d_sae = int(sae.cfg.d_sae)
+    origin = decode_features(sae, torch.zeros(1, d_sae, dtype=sae.dtype)).double()
+    out = torch.empty(d_sae, dtype=torch.float64)
+    for start in range(0, d_sae, batch_size):
+        units = torch.eye(d_sae, dtype=sae.dtype)[start : start + batch_size]
+        out[start : start + batch_size] = (decode_features(sae, units).double() - origin).norm(dim=-1)
+    return out
+
+
 def score_feature_activations(
     harmful: Float[Tensor, "n_harmful d_sae"],
     harmless: Float[Tensor, "n_harmless d_sae"],
@@ -212,6 +237,8 @@ def score_feature_activations(
     position: int | None = None,
     normalize: bool = False,
     scale: Float[Tensor, " d_sae"] | None = None,
+    decoder_norm: Float[Tensor, " d_sae"] | None = None,
+    units: str = "activation",
 ) -> FeatureScores:
     """Score every feature of one SAE from its activations on harmful and harmless rows.
 
@@ -221,16 +248,31 @@ def score_feature_activations(
         hook_name: the SAE's hook (stored with every row).
         position: position label the rows were taken at (provenance; None = pooled).
         normalize: divide magnitude statistics by each feature's scale.
-        scale: per-feature scale to use (default: max activation over both classes here).
+        scale: per-feature scale to use, in activation units (default: max activation over both classes here).
+        decoder_norm: each feature's `decoder_norms` (stored as a column; NaN when not given).
+        units: `activation` or `residual` (magnitudes times `decoder_norm`, which it then needs).
 
     Returns:
         Unsorted scores, one row per feature.
+
+    Raises:
+        FeatsteerError: unknown `units`, `residual` without `decoder_norm`, mismatched widths or fewer than 2 rows.
     """
+    if units not in UNITS:
+        raise FeatsteerError(f"unknown units '{units}': use one of {', '.join(UNITS)}")
+    if units == "residual" and decoder_norm is None:
+        raise FeatsteerError("units='residual' needs each feature's decoder_norm (featsteer.features.decoder_norms(sae))")
     if harmful.shape[-1] != harmless.shape[-1]:
         raise FeatsteerError(f"harmful rows have {harmful.shape[-1]} features but harmless rows have {harmless.shape[-1]}: encode both with the same SAE")
     if harmful.shape[0] < 2 or harmless.shape[0] < 2:
         raise FeatsteerError(f"scoring needs at least 2 rows per class, got {harmful.shape[0]} harmful and {harmless.shape[0]} harmless")
     pos, neg = harmful.double(), harmless.double()
+    norm = torch.full((harmful.shape[-1],), math.nan, dtype=torch.float64) if decoder_norm is None else decoder_norm.double().cpu()
+    if norm.shape != (harmful.shape[-1],):
+        raise FeatsteerError(f"decoder_norm has shape {tuple(norm.shape)} but the rows have {harmful.shape[-1]} features")
+    if units == "residual":  # every magnitude in units of the activation the SAE reads; rank statistics do not change
+        pos, neg = pos * norm, neg * norm
+        scale = None if scale is None else scale.double().cpu() * norm
     harmful_mean, harmless_mean = pos.mean(0), neg.mean(0)
     feature_scale = torch.maximum(pos.max(0).values, neg.max(0).values) if scale is None else scale.double().cpu()
     divisor = torch.where(feature_scale > 0, feature_scale, torch.ones_like(feature_scale)) if normalize else torch.ones_like(feature_scale)
@@ -246,6 +288,7 @@ def score_feature_activations(
         "harmful_frequency": (pos > 0).double().mean(0),
         "harmless_frequency": (neg > 0).double().mean(0),
         "scale": feature_scale,
+        "decoder_norm": norm,
     }
     d_sae = harmful.shape[-1]
     return FeatureScores(
@@ -253,7 +296,7 @@ def score_feature_activations(
         feature_ids=torch.arange(d_sae),
         metrics=metrics,
         positions=(position,) * d_sae,
-        provenance={"n_harmful": int(harmful.shape[0]), "n_harmless": int(harmless.shape[0]), "normalized": normalize},
+        provenance={"n_harmful": int(harmful.shape[0]), "n_harmless": int(harmless.shape[0]), "normalized": normalize, "units": units},
     )
 
 
@@ -289,6 +332,7 @@ def score_features(
     normalize: bool = False,
     scales: Mapping[str, Tensor] | None = None,
     by: str = "composite",
+    units: str = "activation",
 ) -> FeatureScores:
     """Score every feature of every SAE on captured harmful vs harmless activations, ranked.
 
@@ -303,6 +347,8 @@ def score_features(
         scales: `{hook_name: (d_sae,)}` feature scales (e.g. max activations on training data); default
             is the max activation over the scored rows.
         by: ranking key (see `FeatureScores.column`).
+        units: `activation` (each feature's own units) or `residual` (activation x `decoder_norms`: how far the
+            feature moves the activation the SAE reads).
 
     Returns:
         Scores of all features of all SAEs, ranked by `by`.
@@ -314,6 +360,7 @@ def score_features(
     position_list = [positions] if positions is None or isinstance(positions, int) else list(positions)
     parts, outside = [], {}
     for hook, sae in sae_map.items():
+        norm = decoder_norms(sae)
         for position in position_list:
             where = hook if position is None else f"{hook}@{position}"
             harmful_rows, harmless_rows, left_out = _domain_rows(sae, _rows_at(harmful, hook, position), _rows_at(harmless, hook, position), where)
@@ -321,7 +368,7 @@ def score_features(
                 outside[where] = left_out
             scale = None if scales is None else scales.get(hook)
             parts.append(score_feature_activations(encode_activations(sae, harmful_rows), encode_activations(sae, harmless_rows), hook,
-                                                   position=position, normalize=normalize, scale=scale))
+                                                   position=position, normalize=normalize, scale=scale, decoder_norm=norm, units=units))
     scores = FeatureScores.concat(parts)
     scores.provenance.update({"model": harmful.model, "positions": harmful.positions, "n_harmful_prompts": len(harmful),
                               "n_harmless_prompts": len(harmless), "hooks": list(sae_map), "rows_outside_domain": outside})
@@ -339,6 +386,7 @@ def score_prompts(
     normalize: bool = False,
     batch_size: int = 16,
     by: str = "composite",
+    units: str = "activation",
 ) -> FeatureScores:
     """Capture harmful and harmless prompts at every SAE's hook (one pass each) and score all features.
 
@@ -355,6 +403,7 @@ def score_prompts(
         normalize: divide magnitude statistics by each feature's scale.
         batch_size: prompts per forward pass.
         by: ranking key.
+        units: `activation` or `residual` (see `score_features`).
     """
     sae_map = validated_sae_map(saes, model)
     by_width: dict[int, list[str]] = {}
@@ -365,7 +414,7 @@ def score_prompts(
         harmful_acts = capture(model, list(harmful), hooks, positions=positions, batch_size=batch_size, label="harmful", progress=False)
         harmless_acts = capture(model, list(harmless), hooks, positions=positions, batch_size=batch_size, label="harmless", progress=False)
         parts.append(score_features({hook: sae_map[hook] for hook in hooks}, harmful_acts, harmless_acts, positions=score_positions,
-                                    normalize=normalize, by=by))
+                                    normalize=normalize, by=by, units=units))
     if len(parts) == 1:
         return parts[0]
     scores = FeatureScores.concat(parts)

@@ -18,10 +18,10 @@ from torch import Tensor
 
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import response_cross_entropy
-from featsteer.models import ModelAdapter
+from featsteer.models import HookFn, HookSite, ModelAdapter
 from featsteer.sae.heads import flat_rows
 from featsteer.sae.loading import validate_sae
-from featsteer.sae.steering import outside_domain, splice_sae
+from featsteer.sae.steering import outside_domain, splice_activation
 
 
 @dataclass
@@ -128,6 +128,8 @@ class SpliceLoss:
     """Predicted tokens scored."""
     scored: str = "text"
     """`responses` (teacher-forced response tokens after chat prompts) or `text` (every next token)."""
+    first_position: int = 0
+    """Tokens of each text before this index were left as they are (the shared prefix the SAE was not trained on)."""
 
     @property
     def recovered(self) -> float:
@@ -138,11 +140,14 @@ class SpliceLoss:
     def to_dict(self) -> dict[str, float | int | str]:
         """JSON-ready form."""
         return {"ce_clean": self.clean, "ce_spliced": self.spliced, "ce_zero_ablated": self.zero_ablated,
-                "ce_loss_recovered": self.recovered, "ce_tokens": self.n_tokens, "ce_scored": self.scored}
+                "ce_loss_recovered": self.recovered, "ce_tokens": self.n_tokens, "ce_scored": self.scored,
+                "ce_first_position": self.first_position}
 
 
-def next_token_loss(model: ModelAdapter, texts: Sequence[str], *, chat: bool = True, batch_size: int = 8) -> tuple[float, int]:
-    """Mean next-token NLL over every real token of `texts` (read under the caller's hooks).
+def next_token_loss(model: ModelAdapter, texts: Sequence[str], *, chat: bool = True, batch_size: int = 8,
+                    first_position: int = 0) -> tuple[float, int]:
+    """Mean next-token NLL over every real token of `texts` (read under the caller's hooks), predicted from the tokens
+    at index `first_position` of each text on.
 
     Returns:
         `(mean NLL in nats, number of predicted tokens)`.
@@ -154,14 +159,44 @@ def next_token_loss(model: ModelAdapter, texts: Sequence[str], *, chat: bool = T
             logits = model.run(batch)
             log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             nll = -log_probs.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-            keep = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).bool()
+            keep = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).bool() & (token_positions(batch.attention_mask)[:, :-1] >= first_position)
             total += float(nll[keep].double().sum())
             count += int(keep.sum())
     if count == 0:
-        raise FeatsteerError("no next-token predictions to score: the texts are one token long")
+        raise FeatsteerError(f"no next-token predictions to score: the texts are one token long, or no longer than {first_position} "
+                             "tokens (the prefix the SAE was not trained on)" if first_position else
+                             "no next-token predictions to score: the texts are one token long")
     if not math.isfinite(total):
         raise FeatsteerError("non-finite loss while scoring the SAE splice: check the model dtype and the SAE weights")
     return total / count, count
+
+
+def first_trained_position(sae: SAE) -> int:
+    """Index of the first token of each text the SAE was trained on: `featsteer-train-sae` leaves out the chat-template
+    head every prompt shares and records where training began as `featsteer_first_position` (0 when not recorded)."""
+    metadata = sae.cfg.metadata
+    first = metadata.get("featsteer_first_position") if metadata is not None else None
+    return int(first or 0)
+
+
+def token_positions(attention_mask: Tensor) -> Tensor:
+    """`(batch, pos)` index of each column's token within its own (left-padded) text; padding gets -1 or repeats."""
+    return attention_mask.long().cumsum(1) - 1
+
+
+def _untrained_tokens(model: ModelAdapter, sae: SAE, rows: Tensor, first_position: int) -> Tensor | None:
+    """`(batch, pos)` bool: the tokens the SAE was not trained on (before `first_position`, or above its norm bound);
+    None when there are none."""
+    outside = outside_domain(sae, rows)
+    if first_position > 0:
+        mask = model.pass_attention_mask
+        if mask is None:
+            positions = torch.arange(rows.shape[1], device=rows.device).expand(rows.shape[:2])
+        else:
+            positions = token_positions(mask)[:, -rows.shape[1]:].to(rows.device)
+        before = positions < first_position
+        outside = before if outside is None else outside | before
+    return outside
 
 
 def splice_loss(
@@ -173,9 +208,10 @@ def splice_loss(
     chat: bool = True,
     batch_size: int = 8,
 ) -> SpliceLoss:
-    """Cross-entropy loss recovered when `sae` replaces the activation at its hook (at every position inside its
-    domain: tokens above its recorded norm bound, see `outside_domain`, are left as they are by the splice and by
-    the zero-ablation baseline alike).
+    """Cross-entropy loss recovered when `sae` replaces the activation at its hook, at the tokens it was trained on:
+    tokens before its `first_trained_position` (the chat-template head `featsteer-train-sae` leaves out) and tokens above
+    its recorded norm bound (see `outside_domain`) are left as they are by the splice and by the zero-ablation baseline
+    alike, and without `responses` only the predictions made from the trained tokens are scored.
 
     Chat models are not trained to predict their prompts, so with `responses` the loss is the
     teacher-forced NLL of those responses after the chat-formatted `texts` (e.g. the clean model's own
@@ -189,22 +225,29 @@ def splice_loss(
         chat: apply the chat template (ignored with `responses`, which always use it).
         batch_size: texts per forward pass.
     """
+    first_position = first_trained_position(sae)
+
     def measure() -> tuple[float, int]:
         if responses is None:
-            return next_token_loss(model, texts, chat=chat, batch_size=batch_size)
+            return next_token_loss(model, texts, chat=chat, batch_size=batch_size, first_position=first_position)
         result = response_cross_entropy(model, texts, responses, batch_size=batch_size)
         return result.mean_nll, result.n_tokens
 
-    clean, n_tokens = measure()
-    with splice_sae(model, sae, error_term=False):
-        spliced, _ = measure()
-    def zero_ablate(activation: Tensor, site) -> Tensor:  # tokens outside the SAE's domain stay, as in the splice
-        outside = outside_domain(sae, activation.flatten(-2) if site.kind == "attn_z" else activation)
-        if outside is None:
-            return torch.zeros_like(activation)
-        return activation * outside.reshape(*outside.shape, *[1] * (activation.dim() - outside.dim())).to(activation.dtype)
+    def replace_trained_tokens(zero: bool) -> HookFn:
+        def hook(activation: Tensor, site: HookSite) -> Tensor:
+            rows = activation.flatten(-2) if site.kind == "attn_z" else activation
+            replaced = torch.zeros_like(activation) if zero else splice_activation(sae, activation, error_term=False)
+            untrained = _untrained_tokens(model, sae, rows, first_position)
+            if untrained is None:
+                return replaced
+            return torch.where(untrained.reshape(*untrained.shape, *[1] * (activation.dim() - 2)), activation, replaced)
+        return hook
 
-    with model.hooks([(validate_sae(sae, model), zero_ablate)]):
+    name = validate_sae(sae, model)
+    clean, n_tokens = measure()
+    with model.hooks([(name, replace_trained_tokens(zero=False))]):
+        spliced, _ = measure()
+    with model.hooks([(name, replace_trained_tokens(zero=True))]):
         zero, _ = measure()
     return SpliceLoss(clean=clean, spliced=spliced, zero_ablated=zero, n_tokens=n_tokens,
-                      scored="text" if responses is None else "responses")
+                      scored="text" if responses is None else "responses", first_position=first_position)
