@@ -35,6 +35,8 @@ def _load_model(args: argparse.Namespace, spec: str | None = None):
 def _cmd_info(args: argparse.Namespace) -> int:
     from featsteer.models import RESIDUAL_KINDS
 
+    if args.prompt is not None and not args.prompt.strip():  # an empty --prompt printed nothing, as if not given
+        raise FeatsteerError("--prompt is empty: give an instruction to see how the model formats it, or drop --prompt")
     model = _load_model(args)
     print(f"model     {model.name}")
     print(f"family    {model.family}")
@@ -1004,6 +1006,8 @@ EXPERT_STEER_MODES = ("deactivate", "activate")
 def _steer_prompts(args: argparse.Namespace) -> list[str]:
 
     prompts = list(args.prompt or [])
+    if any(not prompt.strip() for prompt in prompts):
+        raise FeatsteerError("--prompt is empty: give the instruction to steer on (or drop it and use --prompts SRC)")
     if args.prompts:
         prompts += list(_load_prompts(args, args.prompts, limit=args.n).prompts)
     if not prompts:

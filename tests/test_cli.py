@@ -27,6 +27,8 @@ def test_info(capsys):
     assert "hooks     hook_embed, hook_pos_embed, blocks" in out  # GPT-2's learned positions
     _, llama, _ = _run(capsys, "info", "--model", "tiny:llama")
     assert "hooks     hook_embed, blocks" in llama and "hook_pos_embed" not in llama
+    code, _, err = _run(capsys, "info", "--model", "tiny:gpt2", "--prompt", " ")
+    assert code == 2 and "--prompt is empty" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_info_lists_only_the_hooks_a_family_has_and_its_experts(capsys):
@@ -858,6 +860,8 @@ def test_steer_a_saved_direction(capsys, tmp_path):
         (["--directions", "/x", "--feature", "1", "--mode", "ablate", "--prompt", "hi"], "apply to --sae features"),
         (["--directions", "/x", "--mode", "clamp", "--prompt", "hi"], "edits SAE features"),
         (["--directions", "/x", "--mode", "ablate"], "steer has no prompts"),
+        (["--directions", "/x", "--mode", "ablate", "--prompt", ""], "--prompt is empty"),
+        (["--directions", "/x", "--mode", "ablate", "--prompt", "hi", "--prompt", "  "], "--prompt is empty"),
         (["--directions", "/x", "--mode", "angular", "--prompt", "hi"], "--mode angular needs --angle"),
         (["--directions", "/x", "--mode", "ablate", "--angle", "90", "--prompt", "hi"], "apply to --mode angular"),
         (["--directions", "/x", "--mode", "add", "--angle-at", "norms", "--prompt", "hi"], "apply to --mode angular"),
