@@ -115,7 +115,8 @@ def _expand_hooks(spec: str, model) -> list[str]:
     if kind in LAYER_KINDS + HEAD_KINDS + ROUTING_KINDS:
         layer_ids = None
         if colon and not layers.strip():  # 'resid_pre:' read as every layer: a list that was left out, not a request for all
-            raise FeatsteerError(f"--hooks {spec}: give layer numbers after '{kind}:', e.g. {kind}:0,2, or drop the colon for every layer")
+            raise FeatsteerError(f"--hooks {spec} names no layer after the colon: give layer numbers, e.g. {kind}:0,2, "
+                                 f"or write {kind} for every layer")
         if layers:
             try:
                 layer_ids = list(dict.fromkeys(int(x) for x in layers.split(",")))

@@ -1075,9 +1075,9 @@ def test_capture_hook_specs_that_name_nothing_are_errors(capsys, tmp_path):
     for hooks, message in (("resid_pre:x", "give layer numbers separated by commas"),
                            ("attn_z:1,hook_embed", "give layer numbers separated by commas"),
                            ("routing:0", "has no routing hook at those layers"),
-                           ("resid_pre:", "give layer numbers after 'resid_pre:'")):
+                           ("resid_pre:", "--hooks resid_pre: names no layer after the colon")):
         code, _, err = _run(capsys, *base, "--hooks", hooks)
-        assert code == 2 and message in err, (hooks, err)
+        assert code == 2 and message in err and "::" not in err, (hooks, err)
     code, out, _ = _run(capsys, *base, "--hooks", "resid_post:1,1")
     assert code == 0 and "x 1 hooks" in out  # the layer named twice is captured once, and the line says so
 
