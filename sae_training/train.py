@@ -244,7 +244,7 @@ def train_layer(run: TrainingRun, hook: str) -> dict[str, Any]:
     final = Path(config.out) / hook
     # built in a hidden sibling and renamed into place when metrics.json is written: an interrupted run never leaves a
     # loadable but unfinished <out>/<hook>/ (load_saes skips hidden folders)
-    folder = staging_folder(final.parent, f".{hook}.partial-")
+    folder = staging_folder(final)
     try:
         metrics = _save_and_evaluate(run, trained, trainer, trainer_config, folder, hook, seconds)
         if final.exists():  # an unfinished folder from an older, interrupted run

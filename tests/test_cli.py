@@ -1308,3 +1308,23 @@ def test_abliterate_names_heads_the_model_lacks_before_the_direction_search(caps
     code, _, err = _run(capsys, "abliterate", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless",
                         "builtin:harmless:train", "--n", "12", "--heads", "9:9", "--out", str(tmp_path / "x"))
     assert code == 2 and "layer 9 has no attention heads" in err and not (tmp_path / "x").exists()
+
+
+def test_staged_output_errors_name_the_out_folder_not_the_hidden_one(tmp_path, monkeypatch):
+    import tempfile
+
+    from featsteer.files import staged_output
+
+    out = tmp_path / "result"
+    with pytest.raises(FileNotFoundError) as caught, staged_output(out) as work:
+        (work / "missing" / "x.json").write_text("{}")  # a write the system refuses inside the staging folder
+    assert caught.value.filename == str(out / "missing" / "x.json")
+    assert not out.exists() and not any(tmp_path.iterdir())
+
+    def refuse(dir, prefix):  # noqa: A002 - mkdtemp's own keyword
+        raise PermissionError(13, "Permission denied", f"{dir}/{prefix}abc")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(PermissionError) as caught, staged_output(out):
+        pass
+    assert caught.value.filename == str(out) and caught.value.strerror == "Permission denied"
