@@ -35,6 +35,8 @@ def _load_model(args: argparse.Namespace, spec: str | None = None):
 def _cmd_info(args: argparse.Namespace) -> int:
     from featsteer.models import RESIDUAL_KINDS
 
+    if args.prompt is not None and not args.prompt.strip():  # an empty --prompt printed nothing, as if not given
+        raise FeatsteerError("--prompt is empty: give an instruction to see how the model formats it, or drop --prompt")
     model = _load_model(args)
     print(f"model     {model.name}")
     print(f"family    {model.family}")
@@ -113,7 +115,8 @@ def _expand_hooks(spec: str, model) -> list[str]:
     if kind in LAYER_KINDS + HEAD_KINDS + ROUTING_KINDS:
         layer_ids = None
         if colon and not layers.strip():  # 'resid_pre:' read as every layer: a list that was left out, not a request for all
-            raise FeatsteerError(f"--hooks {spec}: give layer numbers after '{kind}:', e.g. {kind}:0,2, or drop the colon for every layer")
+            raise FeatsteerError(f"--hooks {spec} names no layer after the colon: give layer numbers, e.g. {kind}:0,2, "
+                                 f"or write {kind} for every layer")
         if layers:
             try:
                 layer_ids = list(dict.fromkeys(int(x) for x in layers.split(",")))
@@ -1004,6 +1007,8 @@ EXPERT_STEER_MODES = ("deactivate", "activate")
 def _steer_prompts(args: argparse.Namespace) -> list[str]:
 
     prompts = list(args.prompt or [])
+    if any(not prompt.strip() for prompt in prompts):
+        raise FeatsteerError("--prompt is empty: give the instruction to steer on (or drop it and use --prompts SRC)")
     if args.prompts:
         prompts += list(_load_prompts(args, args.prompts, limit=args.n).prompts)
     if not prompts:

@@ -104,17 +104,30 @@ def _finite(value: object) -> object:
     return value
 
 
-def staging_folder(parent: str | os.PathLike[str], prefix: str) -> Path:
-    """A new hidden folder in `parent` to build an output in before renaming it into place.
+def staging_folder(final: str | os.PathLike[str]) -> Path:
+    """A new hidden folder beside `final` (`.NAME.partial-XXXX`) to build the output `final` in before renaming it
+    into place.
 
     `tempfile.mkdtemp` makes it private (mode 0700), which the renamed output would keep; this one gets the mode any
     new folder gets under the process's umask, so other users can read an exported model or a capture as usual.
+
+    Raises:
+        OSError: the folder cannot be made there, naming `final` (the path the user gave), not the hidden folder.
     """
     import tempfile
 
-    folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    final = Path(final)
+    try:
+        folder = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+    except OSError as error:
+        raise _naming(error, final) from None
     folder.chmod(0o777 & ~_umask())
     return folder
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """`error` again, naming `path` instead of the hidden staging path the system refused."""
+    return type(error)(error.errno, error.strerror or str(error), str(path))
 
 
 @contextlib.contextmanager
@@ -127,12 +140,18 @@ def staged_output(out: str | os.PathLike[str]) -> Iterator[Path]:
     """
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = staging_folder(out.parent, f".{out.name}.partial-")
+    work = staging_folder(out)
     try:
         yield work
         if out.exists():
             out.rmdir()  # empty: the caller checked it with check_empty_folder
         work.rename(out)
+    except OSError as error:
+        shutil.rmtree(work, ignore_errors=True)
+        refused = Path(error.filename) if isinstance(error.filename, (str, os.PathLike)) else None
+        if refused is not None and refused.is_relative_to(work):  # name the file as the user will know it, inside out
+            raise _naming(error, out / refused.relative_to(work)) from None
+        raise
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -14,7 +14,7 @@ from typing import Any
 from featsteer.errors import FeatsteerError
 from featsteer.models.hookpoints import HEAD_KINDS, LAYER_KINDS
 from featsteer.models.loading import resolve_dtype
-from sae_training.architectures import ARCHITECTURES
+from sae_training.architectures import ARCHITECTURES, DEFAULT_K
 
 
 def _check_positive(value: float | int | None, name: str) -> None:
@@ -55,6 +55,20 @@ class ArchitectureConfig:
         if self.architecture == "topk" and self.k is not None and float(self.k) != int(self.k):
             raise FeatsteerError(f"--k {self.k:g}: topk keeps a whole number of features per token; give an integer "
                                  "(batchtopk takes a fractional mean, e.g. --arch batchtopk --k 2.5)")
+        if self.d_sae is not None:  # known before any model loads; with --expansion, train_saes checks once it has
+            self.check_width(self.d_sae)
+
+    def check_width(self, d_sae: int) -> None:
+        """Fail unless the active features per token (`k`, or the default) are fewer than the features `d_sae`.
+
+        Raises:
+            FeatsteerError: naming --k and the width.
+        """
+        active = DEFAULT_K if self.k is None else self.k
+        if ARCHITECTURES[self.architecture].uses_k and active >= d_sae:
+            given = "" if self.k is not None else " (the default)"
+            raise FeatsteerError(f"--k {active:g}{given} must be smaller than the number of features ({d_sae}): lower --k "
+                                 "or widen the SAE (--d-sae, --expansion)")
 
     def width(self, d_in: int) -> int:
         """Number of features for an SAE reading `d_in`-wide rows."""

@@ -135,8 +135,22 @@ def train_saes(config: TrainConfig, *, progress: bool = True) -> dict[str, dict[
     todo = [hook for hook in hooks if hook not in done]
     if not todo:
         return done
+    for hook in todo:  # a width too narrow for --k fails now, not after the capture
+        config.sae.check_width(config.sae.width(hook_width(model, hook)))
     train_texts, held_out_texts = split_texts(load_texts(config.data.texts), config.data.eval_prompts, config.optim.seed)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _capture_and_train(model, config, hooks, todo, done, train_texts, held_out_texts, progress)
+    except BaseException:
+        if created and not any(out.iterdir()):  # a run that failed before any layer finished leaves no empty --out behind
+            out.rmdir()
+        raise
+
+
+def _capture_and_train(model: ModelAdapter, config: TrainConfig, hooks: list[str], todo: list[str], done: dict[str, dict[str, Any]],
+                       train_texts: list[str], held_out_texts: list[str], progress: bool) -> dict[str, dict[str, Any]]:
+    """Capture the training and held-out activations of the hooks in `todo` and train an SAE on each."""
     start = shared_prefix_length(model, chat=config.data.chat) if config.data.skip_shared_prefix else 0
     positions = Positions.all_tokens(start)
     with tempfile.TemporaryDirectory(prefix="featsteer-sae-", dir=config.data.work_dir) as scratch:
@@ -244,7 +258,7 @@ def train_layer(run: TrainingRun, hook: str) -> dict[str, Any]:
     final = Path(config.out) / hook
     # built in a hidden sibling and renamed into place when metrics.json is written: an interrupted run never leaves a
     # loadable but unfinished <out>/<hook>/ (load_saes skips hidden folders)
-    folder = staging_folder(final.parent, f".{hook}.partial-")
+    folder = staging_folder(final)
     try:
         metrics = _save_and_evaluate(run, trained, trainer, trainer_config, folder, hook, seconds)
         if final.exists():  # an unfinished folder from an older, interrupted run

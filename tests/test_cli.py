@@ -27,6 +27,8 @@ def test_info(capsys):
     assert "hooks     hook_embed, hook_pos_embed, blocks" in out  # GPT-2's learned positions
     _, llama, _ = _run(capsys, "info", "--model", "tiny:llama")
     assert "hooks     hook_embed, blocks" in llama and "hook_pos_embed" not in llama
+    code, _, err = _run(capsys, "info", "--model", "tiny:gpt2", "--prompt", " ")
+    assert code == 2 and "--prompt is empty" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_info_lists_only_the_hooks_a_family_has_and_its_experts(capsys):
@@ -858,6 +860,8 @@ def test_steer_a_saved_direction(capsys, tmp_path):
         (["--directions", "/x", "--feature", "1", "--mode", "ablate", "--prompt", "hi"], "apply to --sae features"),
         (["--directions", "/x", "--mode", "clamp", "--prompt", "hi"], "edits SAE features"),
         (["--directions", "/x", "--mode", "ablate"], "steer has no prompts"),
+        (["--directions", "/x", "--mode", "ablate", "--prompt", ""], "--prompt is empty"),
+        (["--directions", "/x", "--mode", "ablate", "--prompt", "hi", "--prompt", "  "], "--prompt is empty"),
         (["--directions", "/x", "--mode", "angular", "--prompt", "hi"], "--mode angular needs --angle"),
         (["--directions", "/x", "--mode", "ablate", "--angle", "90", "--prompt", "hi"], "apply to --mode angular"),
         (["--directions", "/x", "--mode", "add", "--angle-at", "norms", "--prompt", "hi"], "apply to --mode angular"),
@@ -1071,9 +1075,9 @@ def test_capture_hook_specs_that_name_nothing_are_errors(capsys, tmp_path):
     for hooks, message in (("resid_pre:x", "give layer numbers separated by commas"),
                            ("attn_z:1,hook_embed", "give layer numbers separated by commas"),
                            ("routing:0", "has no routing hook at those layers"),
-                           ("resid_pre:", "give layer numbers after 'resid_pre:'")):
+                           ("resid_pre:", "--hooks resid_pre: names no layer after the colon")):
         code, _, err = _run(capsys, *base, "--hooks", hooks)
-        assert code == 2 and message in err, (hooks, err)
+        assert code == 2 and message in err and "::" not in err, (hooks, err)
     code, out, _ = _run(capsys, *base, "--hooks", "resid_post:1,1")
     assert code == 0 and "x 1 hooks" in out  # the layer named twice is captured once, and the line says so
 
@@ -1304,3 +1308,23 @@ def test_abliterate_names_heads_the_model_lacks_before_the_direction_search(caps
     code, _, err = _run(capsys, "abliterate", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless",
                         "builtin:harmless:train", "--n", "12", "--heads", "9:9", "--out", str(tmp_path / "x"))
     assert code == 2 and "layer 9 has no attention heads" in err and not (tmp_path / "x").exists()
+
+
+def test_staged_output_errors_name_the_out_folder_not_the_hidden_one(tmp_path, monkeypatch):
+    import tempfile
+
+    from featsteer.files import staged_output
+
+    out = tmp_path / "result"
+    with pytest.raises(FileNotFoundError) as caught, staged_output(out) as work:
+        (work / "missing" / "x.json").write_text("{}")  # a write the system refuses inside the staging folder
+    assert caught.value.filename == str(out / "missing" / "x.json")
+    assert not out.exists() and not any(tmp_path.iterdir())
+
+    def refuse(dir, prefix):  # noqa: A002 - mkdtemp's own keyword
+        raise PermissionError(13, "Permission denied", f"{dir}/{prefix}abc")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(PermissionError) as caught, staged_output(out):
+        pass
+    assert caught.value.filename == str(out) and caught.value.strerror == "Permission denied"

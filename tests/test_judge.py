@@ -123,6 +123,15 @@ def test_fit_threshold_separates_and_picks_the_middle():
         fit_threshold([0.1, 0.2], [True, True])
 
 
+def test_fit_threshold_keeps_its_accuracy_near_0_and_1():
+    # a confident judge scores near 0 and 1: the fitted threshold must separate what it was fitted to separate, not be
+    # clamped afterwards to 1e-6 or 1 - 1e-6 past one of the scores
+    for scores, labels in (([1e-8, 5e-7, 0.3], [False, True, True]), ([0.2, 0.9999995, 0.9999999], [False, False, True])):
+        threshold = fit_threshold(scores, labels)
+        assert 0 < threshold < 1
+        assert [s >= threshold for s in scores] == labels
+
+
 def test_anchors_are_balanced_and_hard_for_the_markers():
     anchors = load_judge_anchors()
     assert sum(a.refusal for a in anchors) == len(anchors) // 2

@@ -169,6 +169,37 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, change, message
     assert not (tmp_path / "out" / HOOK / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("width", [["--d-sae", "8"], ["--expansion", "0.1"]])
+def test_k_too_large_for_the_width_fails_before_the_capture_and_leaves_no_out(tmp_path, capsys, monkeypatch, width):
+    import sae_training.train as train
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("captured before checking --k against the width")
+
+    monkeypatch.setattr(train, "capture_tokens", no_capture)
+    args = dict(zip(ARGS[0::2], ARGS[1::2], strict=True))
+    del args["--d-sae"]
+    argv = [item for pair in args.items() for item in pair] + width
+    assert main([*argv, "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--k 8 must be smaller than the number of features" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_failing_before_any_layer_finishes_leaves_no_empty_out(tmp_path, capsys, monkeypatch):
+    import sae_training.train as train
+
+    def broken_capture(*args, **kwargs):
+        raise FeatsteerError("capture failed")
+
+    monkeypatch.setattr(train, "capture_tokens", broken_capture)
+    assert main([*ARGS, "--out", str(tmp_path / "new" / "out"), "--quiet"]) == 2
+    assert "capture failed" in capsys.readouterr().err and not (tmp_path / "new" / "out").exists()
+    (tmp_path / "kept").mkdir()  # a folder the user made is theirs: left in place
+    assert main([*ARGS, "--out", str(tmp_path / "kept"), "--quiet"]) == 2
+    assert (tmp_path / "kept").is_dir()
+
+
 def test_parse_layers():
     assert parse_layers("all") is None
     assert parse_layers("2,4") == (2, 4) and parse_layers("0-2,5") == (0, 1, 2, 5)

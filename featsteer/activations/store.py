@@ -124,7 +124,7 @@ class ShardWriter:
         if shard_rows < 1:
             raise FeatsteerError(f"shard_rows must be at least 1, got {shard_rows}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = staging_folder(self.path.parent, f".{self.path.name}.partial-")
+        self.staging = staging_folder(self.path)
         self.hook_names, self.d_model, self.metadata, self.shard_rows = tuple(hook_names), d_model, metadata, shard_rows
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
         self._pending_rows = 0

@@ -40,8 +40,8 @@ class GenerationConfig:
     prefill: str | None = None
     """Start of every harmful response, written for the model (a prefilling attack), which then goes on from it:
     a text, or "affirm" for each prompt's own affirmative opening ("Sure, here is a script that ...",
-    `directions.affirmative_opening`). The detector reads what the model wrote after it. Harmless prompts are not
-    prefilled. None: off."""
+    `directions.affirmative_opening`). The detector counts a refusal marker only when it reaches into what the model
+    wrote after it (`RefusalDetector.is_refusal_after`). Harmless prompts are not prefilled. None: off."""
 
     def __post_init__(self) -> None:
         for name, value in (("max_new_tokens", self.max_new_tokens), ("batch_size", self.batch_size)):
@@ -192,8 +192,8 @@ def evaluate_set(
 
     With `keep_logprobs`, the result also holds the first-token log-probs (as `first_token_logprobs`
     computes them), read from the generation's own prefill at no extra cost. `prefill` (one text per prompt) starts
-    each response; the response kept and classified is what the model wrote after it, and the first-token log-probs
-    are those of the token after it.
+    each response; the response kept is what the model wrote after it, classified by markers that reach into it
+    (`RefusalDetector.is_refusal_after`), and the first-token log-probs are those of the token after it.
     """
     prompt_list = list(prompts)
     responses, logits = model.generate_with_first_logits(
@@ -205,7 +205,8 @@ def evaluate_set(
         logprobs = torch.log_softmax(logits.double(), dim=-1).float()
         if not bool(torch.isfinite(logprobs).all()):
             raise FeatsteerError(f"non-finite first-token logits while evaluating {name!r}: check the model's dtype (try float32) and weights")
-    refused = detector.classify(responses)
+    refused = (detector.classify(responses) if prefill is None
+               else [detector.is_refusal_after(opening, response) for opening, response in zip(prefill, responses, strict=True)])
     looping = LoopDetector().classify(responses)
     return SetResult(name, tuple(prompt_list), tuple(responses), tuple(refused), refusal_rate(refused), logprobs, tuple(looping))
 

@@ -463,8 +463,10 @@ def _auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
 
 
 def fit_threshold(scores: Sequence[float], labels: Sequence[bool]) -> float:
-    """The threshold with the highest accuracy on labelled scores: a midpoint between neighbouring distinct scores,
-    the middle one when several tie.
+    """The threshold with the highest accuracy on labelled scores (probabilities of refusal in [0, 1]): a midpoint
+    between neighbouring distinct scores, or halfway to 0 or 1 beyond the lowest or highest, the middle one when
+    several tie. Every candidate lies inside (0, 1), as a judge's threshold must, so the one picked gives exactly the
+    accuracy it was picked for (nothing is clamped afterwards).
 
     Raises:
         FeatsteerError: no scores, or only one class among the labels.
@@ -472,15 +474,18 @@ def fit_threshold(scores: Sequence[float], labels: Sequence[bool]) -> float:
     if not scores or all(labels) or not any(labels):
         raise FeatsteerError("fitting a judge threshold needs labelled refusals and answers")
     values = sorted(set(float(s) for s in scores))
-    candidates = [(a + b) / 2 for a, b in zip(values, values[1:], strict=False)] or [values[0]]
-    candidates = [values[0] - 1e-9, *candidates, values[-1] + 1e-9]
+    candidates = [(a + b) / 2 for a, b in zip(values, values[1:], strict=False)]
+    candidates = [values[0] / 2, *candidates, (values[-1] + 1.0) / 2]
+    candidates = [t for t in candidates if 0.0 < t < 1.0]  # a score of 0 cannot be refused, nor one of 1 answered
+    if not candidates:
+        raise FeatsteerError("fitting a judge threshold needs scores that are probabilities between 0 and 1")
 
     def correct(threshold: float) -> int:
         return sum((s >= threshold) == bool(y) for s, y in zip(scores, labels, strict=True))
 
     counts = [correct(t) for t in candidates]
     best = [t for t, c in zip(candidates, counts, strict=True) if c == max(counts)]
-    return min(max(best[len(best) // 2], 1e-6), 1.0 - 1e-6)
+    return best[len(best) // 2]
 
 
 @dataclass(frozen=True)

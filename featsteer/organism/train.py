@@ -898,7 +898,7 @@ def save_organism(model, tokenizer, out: Path) -> int:
     whole, ``config.json`` last: until it arrives ``out`` holds no loadable organism. Any other file there is left alone.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_folder(out.parent, f".{out.name}.partial-")
+    staging = staging_folder(out)
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging, save_jinja_files=False)  # keep chat_template in tokenizer_config.json
