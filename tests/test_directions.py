@@ -278,3 +278,19 @@ def test_a_hook_every_prompt_shares_gives_no_direction(planted, method):
     found = find_directions(*shared, method=method, rank=2)
     assert float(weighted_basis(found, found.index("blocks.0.hook_resid_pre")).norm()) == 0
     assert float(weighted_basis(found, found.index("blocks.1.hook_resid_pre")).norm()) > 0.5
+
+
+def test_late_layer_rule_counts_resid_post_as_the_next_blocks_input():
+    """`blocks.l.hook_resid_post` is `blocks.{l+1}.hook_resid_pre`: on the 4-layer organism only block inputs 0-2 count
+    (the last 20% skipped), so `resid_post` of block 2 is as late as `resid_pre` of block 3. It was scored, and chosen."""
+    from featsteer.datasets import builtin_prompts
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    model = load_model("organism")
+    model.show_progress = False
+    prompts = builtin_prompts("harmful", "train").head(12), builtin_prompts("harmless", "train").head(12)
+    found = find_refusal_direction(model, *prompts, DirectionConfig(kind="resid_post", n_select=4))
+    late = {c.hook for c in found.selection.candidates if c.reason == "late layer"}
+    assert late == {"blocks.2.hook_resid_post", "blocks.3.hook_resid_post"}
+    assert found.selection.chosen.hook not in late

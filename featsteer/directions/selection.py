@@ -29,7 +29,7 @@ from featsteer.directions.methods import weighted_basis
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_per_prompt, refusal_score
 from featsteer.interventions import Ablate, AddDirection, steer
-from featsteer.models import ModelAdapter
+from featsteer.models import HookSite, ModelAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ class SelectionConfig:
     kl_threshold: float = 0.1
     """Discard candidates whose ablation moves harmless first-token distributions more than this (nats)."""
     skip_last_fraction: float = 0.2
-    """Do not consider the last fraction of layers (directions there mostly encode the next token)."""
+    """Do not consider the last fraction of layers (directions there mostly encode the next token), counted by the block
+    input a hook sits at: `resid_post` of block l is block l+1's `resid_pre`."""
     require_induce: bool = True
     """Discard candidates whose addition to harmless prompts does not raise the refusal score above 0."""
     batch_size: int = 16
@@ -207,6 +208,14 @@ def _fallback(scored: list[CandidateScore]) -> CandidateScore:
     return min(scored, key=lambda c: c.refusal_ablated)
 
 
+def _stream_depth(site: HookSite, n_layers: int) -> int:
+    """The block whose input stream a hook reads or writes into, which the late-layer rule counts: a block's own index,
+    but the next one for `resid_post` (block l's output is block l+1's `resid_pre`) and past the last for the final norm."""
+    if site.kind == "ln_final_normalized":
+        return n_layers
+    return (site.layer or 0) + (site.kind == "resid_post")
+
+
 def select_direction(
     model: ModelAdapter,
     candidates: DirectionSet,
@@ -229,6 +238,7 @@ def select_direction(
     max_layer = int((1 - config.skip_last_fraction) * model.n_layers)
     nan = float("nan")
     layers = [model.hook_site(hook).layer or 0 for hook in candidates.hook_names]
+    depths = [_stream_depth(model.hook_site(hook), model.n_layers) for hook in candidates.hook_names]
     estimates: dict[int, float] = {}
 
     def row(i: int, *values, reason: str, kept: bool = False) -> CandidateScore:
@@ -238,8 +248,8 @@ def select_direction(
     scores: list[CandidateScore] = []
     eligible: list[int] = []
     for i in range(len(candidates)):
-        if layers[i] >= max_layer or float(weighted_basis(candidates, i).norm()) == 0:
-            scores.append(row(i, nan, nan, nan, reason="late layer" if layers[i] >= max_layer else "zero direction"))
+        if depths[i] >= max_layer or float(weighted_basis(candidates, i).norm()) == 0:
+            scores.append(row(i, nan, nan, nan, reason="late layer" if depths[i] >= max_layer else "zero direction"))
         else:
             eligible.append(i)
     if config.screen is not None and len(eligible) > config.screen:
