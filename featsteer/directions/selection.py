@@ -105,6 +105,9 @@ class SelectionStability:
     """Candidates that got every check (ablation, KL, induction): the ones a resample can choose between."""
     chosen: tuple[str, int] = ("", 0)
     """`(hook, position)` the selection chose."""
+    no_choice_share: float = 0.0
+    """The share of resamples in which no finalist passes the filters and, without the fallback
+    (`SelectionConfig.fallback=False`), `select_direction` would have chosen none and failed."""
 
     def to_dict(self) -> dict:
         return {**asdict(self), "shares": [list(row) for row in self.shares], "chosen": list(self.chosen)}
@@ -114,7 +117,8 @@ class SelectionStability:
         others = [f"{hook} position {position} {share:.0%}" for hook, position, share in self.shares if (hook, position) != self.chosen][:n]
         return (f"chosen in {self.chosen_share:.0%} of {self.n_resamples} bootstrap resamples of the {self.n_harmful} + "
                 f"{self.n_harmless} validation prompts, among {self.n_finalists} finalists"
-                + (f" (also chosen: {', '.join(others)})" if others else ""))
+                + (f" (also chosen: {', '.join(others)})" if others else "")
+                + (f"; in {self.no_choice_share:.0%} no finalist passes the filters (no fallback: no choice)" if self.no_choice_share else ""))
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,8 @@ class Selection:
     def stability(self, resamples: int = 1000, seed: int = 0) -> SelectionStability:
         """Bootstrap the selection over its validation prompts: draw the harmful and the harmless prompts again with
         replacement, re-apply the filters (KL threshold, induced refusal, the fallback) to the finalists' per-prompt
-        scores, and count which candidate wins. Only the finalists (the `top_k` that got every check) can win a
+        scores, and count which candidate wins (without the fallback, a resample where none passes is counted in
+        `no_choice_share`: `select_direction` would have failed on it). Only the finalists (the `top_k` that got every check) can win a
         resample, so a share is an upper bound when a candidate outside them could have come close.
 
         Raises:
@@ -150,14 +155,19 @@ class Selection:
         n_harmful, n_harmless = ablated.shape[1], kl.shape[1]
         generator = torch.Generator().manual_seed(seed)
         wins: Counter[int] = Counter()
+        no_choice = 0
         for _ in range(resamples):
             h = torch.randint(n_harmful, (n_harmful,), generator=generator)
             b = torch.randint(n_harmless, (n_harmless,), generator=generator)
-            wins[finalists[_winner(ablated[:, h].mean(1), kl[:, b].mean(1), induced[:, b].mean(1), self.config)]] += 1
+            winner = _winner(ablated[:, h].mean(1), kl[:, b].mean(1), induced[:, b].mean(1), self.config)
+            if winner is None:
+                no_choice += 1
+            else:
+                wins[finalists[winner]] += 1
         by_index = {c.index: c for c in self.candidates}
         shares = [(by_index[i].hook, by_index[i].position, count / resamples) for i, count in wins.most_common()]
         return SelectionStability(shares, wins[self.chosen.index] / resamples, resamples, n_harmful, n_harmless, len(finalists),
-                                  (self.chosen.hook, self.chosen.position))
+                                  (self.chosen.hook, self.chosen.position), no_choice / resamples)
 
     def table(self) -> str:
         """Markdown table of every candidate (with an estimate column when the selection was screened)."""
@@ -176,15 +186,17 @@ class Selection:
                 "base_refusal_harmful": self.base_refusal_harmful, "base_refusal_harmless": self.base_refusal_harmless}
 
 
-def _winner(ablated: Tensor, kl: Tensor, induced: Tensor, config: SelectionConfig) -> int:
+def _winner(ablated: Tensor, kl: Tensor, induced: Tensor, config: SelectionConfig) -> int | None:
     """The row `select_direction` chooses from the finalists' mean scores: the lowest ablated refusal among those that
     pass the KL and induce filters, else (with `fallback`) the lowest KL among those whose ablation brings refusal
-    below 0, else the lowest ablated refusal."""
+    below 0, else the lowest ablated refusal; None when none passes and there is no fallback (it would fail)."""
     kept = (kl <= config.kl_threshold) & ((induced > 0) | (not config.require_induce))
     if bool(kept.any()):
         return int(torch.where(kept, ablated, torch.inf).argmin())
+    if not config.fallback:
+        return None
     removing = ablated < 0
-    if config.fallback and bool(removing.any()):
+    if bool(removing.any()):
         return int(torch.where(removing, kl, torch.inf).argmin())
     return int(ablated.argmin())
 
