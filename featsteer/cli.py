@@ -26,10 +26,13 @@ BIAS_DECAY_DEFAULT = 2.0
 
 
 def _load_model(args: argparse.Namespace, spec: str | None = None):
-    """The model a command names (`--model`, or `spec`), with the command's `--dtype` and `--device`."""
+    """The model a command names (`--model`, or `spec`), with the command's `--dtype` and `--device`; its progress bars
+    (capture, generation, selection, the optimiser) show with `-v` only, as the log lines do."""
     from featsteer.models import load_model
 
-    return load_model(args.model if spec is None else spec, dtype=args.dtype, device=args.device)
+    model = load_model(args.model if spec is None else spec, dtype=args.dtype, device=args.device)
+    model.show_progress = bool(getattr(args, "verbose", False))
+    return model
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
