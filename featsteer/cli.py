@@ -820,11 +820,15 @@ def _print_search(args: argparse.Namespace, found, search_dir: Path) -> None:
 
         kl = f"KL {verified.get('kl', best['kl']):.4f}"
         if args.search_kl != "all":  # the KL the choice was bounded by, next to the all-prompt one
-            kl += f", {args.search_kl} KL {verified_kl(best, args.search_kl):.4f} (the bound's)"
+            over = {"answered": "answered KL (harmless prompts with no refusal marker in the unedited model's response)",
+                    "response": "response KL"}[args.search_kl]
+            kl += f", {over} {verified_kl(best, args.search_kl):.4f} (the bound's)"
         print(f"  chosen{how}: trial {best['number']}, validation refusal {verified['refusal_rate']:.3f}, {kl}; params {best.get('params')}")
     elif best:
+        over = {"all": "", "answered": " (harmless prompts answered by the first token, refusal log-odds <= 0)",
+                "response": " (along the unedited model's answers)"}[args.search_kl]
         print(f"  chosen{how}: trial {best['number']} (not verified by generation), proxy refusal {best['refusal_rate_proxy']:.3f}, "
-              f"proxy KL {best['kl']:.4f}; params {best.get('params')}")
+              f"proxy KL{over} {best['kl']:.4f}; params {best.get('params')}")
 
 
 def _fixed_search_edit(args: argparse.Namespace, model, basis, val, mode: str, warm_start: list[dict], provenance: dict, record: dict):

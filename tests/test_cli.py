@@ -548,9 +548,15 @@ def test_the_chosen_search_point_prints_the_kl_its_bound_read(capsys):
     best = {"number": 3, "kl": 0.047, "params": {}, "verified": {"refusal_rate": 0.0, "kl": 0.0473, "kl_answered": 0.0252}}
     found = types.SimpleNamespace(best=best, trials=[best], pareto=[best])
     _print_search(argparse.Namespace(search_trial=None, search_kl="answered"), found, __import__("pathlib").Path("s"))
-    assert "KL 0.0473, answered KL 0.0252 (the bound's)" in capsys.readouterr().out
+    # the bound's "answered" is the generated response's, not the proxy's first token: the line says which
+    assert "KL 0.0473, answered KL (harmless prompts with no refusal marker in the unedited model's response) 0.0252 (the bound's)" \
+        in capsys.readouterr().out
     _print_search(argparse.Namespace(search_trial=None, search_kl="all"), found, __import__("pathlib").Path("s"))
     assert "KL 0.0473; params" in capsys.readouterr().out
+    unverified = {"number": 3, "kl": 0.047, "refusal_rate_proxy": 0.1, "params": {}, "verified": None}
+    found = types.SimpleNamespace(best=unverified, trials=[unverified], pareto=[unverified])
+    _print_search(argparse.Namespace(search_trial=None, search_kl="answered"), found, __import__("pathlib").Path("s"))
+    assert "proxy KL (harmless prompts answered by the first token, refusal log-odds <= 0) 0.0470" in capsys.readouterr().out
 
 
 def test_abliterate_search_warm_start_and_its_errors(capsys, tmp_path):
