@@ -26,10 +26,13 @@ BIAS_DECAY_DEFAULT = 2.0
 
 
 def _load_model(args: argparse.Namespace, spec: str | None = None):
-    """The model a command names (`--model`, or `spec`), with the command's `--dtype` and `--device`."""
+    """The model a command names (`--model`, or `spec`), with the command's `--dtype` and `--device`; its progress bars
+    (capture, generation, selection, the optimiser) show with `-v` only, as the log lines do."""
     from featsteer.models import load_model
 
-    return load_model(args.model if spec is None else spec, dtype=args.dtype, device=args.device)
+    model = load_model(args.model if spec is None else spec, dtype=args.dtype, device=args.device)
+    model.show_progress = bool(getattr(args, "verbose", False))
+    return model
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -820,11 +823,15 @@ def _print_search(args: argparse.Namespace, found, search_dir: Path) -> None:
 
         kl = f"KL {verified.get('kl', best['kl']):.4f}"
         if args.search_kl != "all":  # the KL the choice was bounded by, next to the all-prompt one
-            kl += f", {args.search_kl} KL {verified_kl(best, args.search_kl):.4f} (the bound's)"
+            over = {"answered": "answered KL (harmless prompts with no refusal marker in the unedited model's response)",
+                    "response": "response KL"}[args.search_kl]
+            kl += f", {over} {verified_kl(best, args.search_kl):.4f} (the bound's)"
         print(f"  chosen{how}: trial {best['number']}, validation refusal {verified['refusal_rate']:.3f}, {kl}; params {best.get('params')}")
     elif best:
+        over = {"all": "", "answered": " (harmless prompts answered by the first token, refusal log-odds <= 0)",
+                "response": " (along the unedited model's answers)"}[args.search_kl]
         print(f"  chosen{how}: trial {best['number']} (not verified by generation), proxy refusal {best['refusal_rate_proxy']:.3f}, "
-              f"proxy KL {best['kl']:.4f}; params {best.get('params')}")
+              f"proxy KL{over} {best['kl']:.4f}; params {best.get('params')}")
 
 
 def _fixed_search_edit(args: argparse.Namespace, model, basis, val, mode: str, warm_start: list[dict], provenance: dict, record: dict):

@@ -105,8 +105,8 @@ class SaeMethodConfig:
     feature ranking does not read), the way Arditi-style selection picks the DIM direction and
     `dim_actadd_induce` picks its scale: the jailbreak methods take the lowest validation harmless KL among
     the settings whose validation harmful refusal is within `tolerance` of the lowest; `sae_topk_induce`
-    takes the weakest setting whose validation harmless refusal is within `tolerance` of the highest.
-    Fixing a value skips the search over it.
+    takes the weakest setting (the smallest norm of what its clamp writes) whose validation harmless refusal is
+    within `tolerance` of the highest. Fixing a value skips the search over it.
     """
 
     top_k: int | None = None
@@ -1161,18 +1161,30 @@ def _pick_jailbreak(ctx: CompareContext, settings: Sequence[tuple[int, float | N
     return chosen
 
 
+def _clamp_write_norm(ctx: CompareContext, k: int, multiple: float) -> float:
+    """How strong a clamp of the top `k` features to `multiple` times their harmful maximum is: the norm of what the
+    clamped features write at their hook (each decoder row times its clamp value, summed)."""
+    hook, sae, ids = _sae_features(ctx, k)
+    maxima = ctx.feature_ranking().harmful_max[hook]
+    values = torch.tensor([multiple * float(maxima[f]) for f in ids], dtype=torch.float64)
+    return float((values @ sae.W_dec.detach()[ids].double()).norm())
+
+
 def _pick_induce(ctx: CompareContext, settings: Sequence[tuple[int, float]]) -> tuple[int, float]:
-    """The weakest (k, multiple) whose validation harmless refusal is within tolerance of the best; noted."""
+    """The weakest (k, multiple), by the norm of what its clamp writes (`_clamp_write_norm`), whose validation harmless
+    refusal is within tolerance of the best; noted, weakest first. Sorted `(k, multiple)` is no order of strength:
+    (1, x2) came before (2, x0.5), which writes far less."""
     if len(settings) == 1:
         return settings[0]
     val_harmless = ctx.validation()[1]
     gen, detector = GenerationConfig(max_new_tokens=INDUCE_VALIDATION_NEW_TOKENS), RefusalDetector()
+    strength = {setting: _clamp_write_norm(ctx, *setting) for setting in settings}
     rates: dict[tuple[int, float], float] = {}
-    for k, multiple in sorted(settings):
+    for k, multiple in sorted(settings, key=lambda setting: (strength[setting], setting)):
         with _feature_clamp(ctx, multiple, k):
             rates[(k, multiple)] = evaluate_set(ctx.model, val_harmless, "sae-validation", gen, detector).coherent_refusal_rate.rate
     chosen = weakest_within(rates, ctx.sae_config.tolerance)
-    ctx.note(sae_validation={_setting_label(*key): {"refusal_harmless": rate} for key, rate in rates.items()})
+    ctx.note(sae_validation={_setting_label(*key): {"refusal_harmless": rate, "clamp_norm": strength[key]} for key, rate in rates.items()})
     return chosen
 
 

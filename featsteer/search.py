@@ -79,6 +79,24 @@ answers (first-token refusal score <= 0), so removing its refusal of a harmless 
 (`evaluation.response_kl`, `max_new_tokens` positions), over every prompt, so a refusal turned into an answer costs
 its first tokens, not only its first one."""
 
+PARETO_FIELDS: dict[str, str] = {
+    "refusal_score": "proxy: mean first-token refusal log-odds of the proxy harmful prompts",
+    "refusal_rate_proxy": "proxy: share of the proxy harmful prompts with first-token refusal log-odds > 0",
+    "kl": "proxy: the KL objective on the proxy harmless prompts, over those `config.kl_prompts` names: all of them, those "
+          "the unedited model answers BY ITS FIRST TOKEN (refusal log-odds <= 0; `answered`), or along its answers (`response`)",
+    "kl_all": "proxy: first-token KL over every proxy harmless prompt",
+    "kl_response": "proxy: KL along the unedited model's greedy answers to the proxy harmless prompts",
+    "verified.refusal_rate": "generated: share of the verification harmful prompts whose response has a refusal marker",
+    "verified.unanswered_rate": "generated: share of the verification harmful prompts refused (marker) or looping",
+    "verified.kl": "first-token KL over every verification harmless prompt",
+    "verified.kl_answered": "first-token KL over the verification harmless prompts the unedited model answers BY ITS "
+                            "GENERATED RESPONSE (no refusal marker): not the proxy's first-token `answered`",
+    "verified.kl_response": "KL along the unedited model's greedy answers to the verification harmless prompts",
+}
+"""What each figure of a `pareto.json` point means (written beside them as `fields`): the proxy's "answered" is judged
+by the first-token refusal log-odds, the verification's by the refusal markers of a generated response, so a proxy
+`kl` under `kl_prompts="answered"` and a `verified.kl_answered` are not one measure."""
+
 REFUSAL_OBJECTIVES = ("score", "rate")
 """`score`: mean refusal log-odds of harmful prompts; `rate`: share of harmful prompts with log-odds > 0."""
 
@@ -436,7 +454,8 @@ class SearchResult:
     def to_json(self) -> dict:
         """The `pareto.json` form."""
         return {"best": self.best, "pareto": self.pareto, "baseline": self.baseline, "setup": self.setup,
-                "config": self.config.to_dict(), "timings": self.timings, "n_trials": len(self.trials), "trials": self.trials}
+                "config": self.config.to_dict(), "timings": self.timings, "n_trials": len(self.trials), "trials": self.trials,
+                "fields": PARETO_FIELDS}
 
     @classmethod
     def from_json(cls, data: dict) -> SearchResult:

@@ -477,6 +477,16 @@ def test_abliterate_optimize_with_affirmative_targets(capsys, tmp_path):
     assert code == 2 and "ablation_targets must be one of ablated, affirm" in err and not (tmp_path / "bad").exists(), err
 
 
+def test_progress_bars_show_with_verbose_only(capsys, tmp_path):
+    """The selection's bars printed on every `directions` run, though the CLI logs its progress only with -v."""
+    common = ["directions", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
+              "--n", "12", "--n-select", "3", "--geometry", "off"]
+    code, _, quiet = _run(capsys, *common, "--out", str(tmp_path / "quiet"))
+    assert code == 0 and "select: " not in quiet and "%|" not in quiet, quiet
+    code, _, verbose = _run(capsys, "-v", *common, "--out", str(tmp_path / "verbose"))
+    assert code == 0 and "select: ablate" in verbose, verbose
+
+
 def test_directions_optimize_writes_the_trained_direction_for_steer_and_abliterate(capsys, tmp_path):
     from featsteer.datasets import builtin_prompts
     from featsteer.directions import DirectionSet
@@ -540,9 +550,15 @@ def test_the_chosen_search_point_prints_the_kl_its_bound_read(capsys):
     best = {"number": 3, "kl": 0.047, "params": {}, "verified": {"refusal_rate": 0.0, "kl": 0.0473, "kl_answered": 0.0252}}
     found = types.SimpleNamespace(best=best, trials=[best], pareto=[best])
     _print_search(argparse.Namespace(search_trial=None, search_kl="answered"), found, __import__("pathlib").Path("s"))
-    assert "KL 0.0473, answered KL 0.0252 (the bound's)" in capsys.readouterr().out
+    # the bound's "answered" is the generated response's, not the proxy's first token: the line says which
+    assert "KL 0.0473, answered KL (harmless prompts with no refusal marker in the unedited model's response) 0.0252 (the bound's)" \
+        in capsys.readouterr().out
     _print_search(argparse.Namespace(search_trial=None, search_kl="all"), found, __import__("pathlib").Path("s"))
     assert "KL 0.0473; params" in capsys.readouterr().out
+    unverified = {"number": 3, "kl": 0.047, "refusal_rate_proxy": 0.1, "params": {}, "verified": None}
+    found = types.SimpleNamespace(best=unverified, trials=[unverified], pareto=[unverified])
+    _print_search(argparse.Namespace(search_trial=None, search_kl="answered"), found, __import__("pathlib").Path("s"))
+    assert "proxy KL (harmless prompts answered by the first token, refusal log-odds <= 0) 0.0470" in capsys.readouterr().out
 
 
 def test_abliterate_search_warm_start_and_its_errors(capsys, tmp_path):

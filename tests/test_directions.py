@@ -146,6 +146,26 @@ def test_selection_stability_counts_the_winner_of_each_resample():
     assert 0.2 < shares[("blocks.6.hook_resid_pre", -1)] < 0.8 and 0.2 < shares[("blocks.5.hook_resid_pre", -1)] < 0.8
 
 
+def test_selection_stability_without_fallback_counts_resamples_with_no_choice():
+    """With `fallback=False` a resample where no finalist passes the filters has no winner (`select_direction` would
+    fail); it was given to the lowest ablated refusal, here candidate 6, whose KL never passes."""
+    from featsteer.directions.selection import SelectionConfig
+
+    g, n = torch.Generator().manual_seed(2), 40
+    edge_kl = 0.05 * torch.randn(n, generator=g)
+    edge_kl = edge_kl - edge_kl.mean() + 0.099  # just under the 0.1 threshold on these prompts, either way on a resample
+    induce = torch.full((n,), 1.0)
+    strict = _selection_of({5: torch.full((n,), -1.0), 6: torch.full((n,), -3.0)}, {5: edge_kl, 6: torch.full((n,), 0.5)},
+                           {5: induce, 6: induce}, SelectionConfig(fallback=False))
+    result = strict.stability(resamples=300)
+    assert strict.chosen.index == 5 and [hook for hook, *_ in result.shares] == ["blocks.5.hook_resid_pre"]
+    assert 0.2 < result.no_choice_share < 0.8 and result.chosen_share + result.no_choice_share == pytest.approx(1.0)
+    assert "no finalist passes the filters" in result.line()
+    # with the fallback, every resample has a winner
+    assert _selection_of({5: torch.full((n,), -1.0), 6: torch.full((n,), -3.0)}, {5: edge_kl, 6: torch.full((n,), 0.5)},
+                         {5: induce, 6: induce}).stability(resamples=300).no_choice_share == 0
+
+
 def test_selection_stability_needs_per_prompt_scores():
     from featsteer.directions.selection import Selection
 
@@ -278,3 +298,19 @@ def test_a_hook_every_prompt_shares_gives_no_direction(planted, method):
     found = find_directions(*shared, method=method, rank=2)
     assert float(weighted_basis(found, found.index("blocks.0.hook_resid_pre")).norm()) == 0
     assert float(weighted_basis(found, found.index("blocks.1.hook_resid_pre")).norm()) > 0.5
+
+
+def test_late_layer_rule_counts_resid_post_as_the_next_blocks_input():
+    """`blocks.l.hook_resid_post` is `blocks.{l+1}.hook_resid_pre`: on the 4-layer organism only block inputs 0-2 count
+    (the last 20% skipped), so `resid_post` of block 2 is as late as `resid_pre` of block 3. It was scored, and chosen."""
+    from featsteer.datasets import builtin_prompts
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    model = load_model("organism")
+    model.show_progress = False
+    prompts = builtin_prompts("harmful", "train").head(12), builtin_prompts("harmless", "train").head(12)
+    found = find_refusal_direction(model, *prompts, DirectionConfig(kind="resid_post", n_select=4))
+    late = {c.hook for c in found.selection.candidates if c.reason == "late layer"}
+    assert late == {"blocks.2.hook_resid_post", "blocks.3.hook_resid_post"}
+    assert found.selection.chosen.hook not in late

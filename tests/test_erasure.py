@@ -122,3 +122,20 @@ def test_an_eraser_fitted_on_mean_last_erases_each_token_of_the_window(llama_ada
         llama_adapter.run(batch)
     torch.testing.assert_close(seen["after"][:, -3:].mean(1), eraser(seen["before"][:, -3:].mean(1)), atol=1e-4, rtol=0)
     torch.testing.assert_close(seen["after"][:, :-3], seen["before"][:, :-3])
+
+
+def test_erasers_refuse_instruction_end_rows_at_different_offsets():
+    """A prompt ending in a space merges with the template's tail, so its instruction end sits one token later: one
+    eraser was fitted per offset on half the prompts, and `Erase` applied each at its offset to every prompt."""
+    from featsteer.activations import capture
+    from featsteer.interventions import fit_leace_erasers
+    from tests.test_activations import _merging_adapter
+
+    adapter, hooks = _merging_adapter(), ["blocks.1.hook_resid_pre"]
+    sets = [[f"{topic} {i}" + (" " if i % 2 == 0 else "") for i in range(12)] for topic in ("harmful request", "kind question")]
+    ends = [capture(adapter, prompts, hooks, positions="instruction_end", progress=False) for prompts in sets]
+    assert len(ends[0].position_labels) == 2
+    with pytest.raises(FeatsteerError, match="different positions for different prompts"):
+        fit_leace_erasers(*ends)
+    stripped = [capture(adapter, [p.rstrip() for p in prompts], hooks, positions="instruction_end", progress=False) for prompts in sets]
+    assert len(fit_leace_erasers(*stripped)) == 1

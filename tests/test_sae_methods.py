@@ -171,7 +171,7 @@ def test_sae_settings_are_picked_on_validation_prompts_the_ranking_never_read(mo
     ranked_on = set(split(harmful, 0.25)[0]) | set(split(harmless, 0.25)[0])
     assert val_harmful and val_harmless and not ranked_on & (set(val_harmful) | set(val_harmless))
     expected = {"sae_topk_abliteration": ["k=1", "k=4"], "sae_clamp_hook": ["k=1, x0", "k=1, x-1", "k=4, x0", "k=4, x-1"],
-                "sae_topk_induce": ["k=1, x0.5", "k=1, x2", "k=4, x0.5", "k=4, x2"]}
+                "sae_topk_induce": ["k=1, x0.5", "k=4, x0.5", "k=1, x2", "k=4, x2"]}  # weakest clamp first, not sorted (k, x)
     for name, labels in expected.items():
         context._notes = {}
         method_context(context, name)
@@ -182,6 +182,14 @@ def test_sae_settings_are_picked_on_validation_prompts_the_ranking_never_read(mo
         if name == "sae_topk_induce":
             rates = {label: row["refusal_harmless"] for label, row in validation.items()}
             assert notes["setting"] == weakest_within(rates, config.tolerance)
+            # "weakest" is the size of what the clamp writes: the clamped features' decoder rows times their values
+            ranking = context.feature_ranking()
+            for label, row in validation.items():
+                k, multiple = int(label.split(",")[0][2:]), float(label.split("x")[1])
+                written = sum(multiple * float(ranking.harmful_max[HOOK][f]) * sae.W_dec[f].detach().double() for f in ranking.best(k)[1])
+                assert row["clamp_norm"] == pytest.approx(float(written.norm()), rel=1e-9), label
+            norms = [row["clamp_norm"] for row in validation.values()]
+            assert norms == sorted(norms)
         else:
             rows = {label: (row["unanswered_harmful"], row["kl_harmless"]) for label, row in validation.items()}
             assert all(kl >= 0 for _, kl in rows.values()) and notes["setting"] == gentlest_within(rows, config.tolerance)

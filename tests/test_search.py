@@ -98,6 +98,9 @@ def test_search_writes_pareto_json_and_png(searched):
         assert set(point["params"]) >= {"direction_layer", "attn.peak", "mlp.width", "embedding_strength"}
         assert 0 <= point["verified"]["refusal_rate"] <= 1 and 0 <= point["verified"]["harmless_refusal_rate"] <= 1
     assert data["best"]["number"] in {p["number"] for p in verified}
+    # the proxy's "answered" (first token) and the verification's (generated response) are named apart
+    assert "FIRST TOKEN" in data["fields"]["kl"] and "GENERATED RESPONSE" in data["fields"]["verified.kl_answered"]
+    assert {key.removeprefix("verified.") for key in data["fields"]} >= {"kl", "kl_all", "refusal_score", "kl_answered", "refusal_rate"}
     assert data["baseline"]["verified"]["n_harmful"] == 3
     # nothing on the front is dominated by any trial
     for p in data["pareto"]:

@@ -29,7 +29,7 @@ from featsteer.directions.methods import weighted_basis
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_per_prompt, refusal_score
 from featsteer.interventions import Ablate, AddDirection, steer
-from featsteer.models import ModelAdapter
+from featsteer.models import HookSite, ModelAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ class SelectionConfig:
     kl_threshold: float = 0.1
     """Discard candidates whose ablation moves harmless first-token distributions more than this (nats)."""
     skip_last_fraction: float = 0.2
-    """Do not consider the last fraction of layers (directions there mostly encode the next token)."""
+    """Do not consider the last fraction of layers (directions there mostly encode the next token), counted by the block
+    input a hook sits at: `resid_post` of block l is block l+1's `resid_pre`."""
     require_induce: bool = True
     """Discard candidates whose addition to harmless prompts does not raise the refusal score above 0."""
     batch_size: int = 16
@@ -104,6 +105,9 @@ class SelectionStability:
     """Candidates that got every check (ablation, KL, induction): the ones a resample can choose between."""
     chosen: tuple[str, int] = ("", 0)
     """`(hook, position)` the selection chose."""
+    no_choice_share: float = 0.0
+    """The share of resamples in which no finalist passes the filters and, without the fallback
+    (`SelectionConfig.fallback=False`), `select_direction` would have chosen none and failed."""
 
     def to_dict(self) -> dict:
         return {**asdict(self), "shares": [list(row) for row in self.shares], "chosen": list(self.chosen)}
@@ -113,7 +117,8 @@ class SelectionStability:
         others = [f"{hook} position {position} {share:.0%}" for hook, position, share in self.shares if (hook, position) != self.chosen][:n]
         return (f"chosen in {self.chosen_share:.0%} of {self.n_resamples} bootstrap resamples of the {self.n_harmful} + "
                 f"{self.n_harmless} validation prompts, among {self.n_finalists} finalists"
-                + (f" (also chosen: {', '.join(others)})" if others else ""))
+                + (f" (also chosen: {', '.join(others)})" if others else "")
+                + (f"; in {self.no_choice_share:.0%} no finalist passes the filters (no fallback: no choice)" if self.no_choice_share else ""))
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,8 @@ class Selection:
     def stability(self, resamples: int = 1000, seed: int = 0) -> SelectionStability:
         """Bootstrap the selection over its validation prompts: draw the harmful and the harmless prompts again with
         replacement, re-apply the filters (KL threshold, induced refusal, the fallback) to the finalists' per-prompt
-        scores, and count which candidate wins. Only the finalists (the `top_k` that got every check) can win a
+        scores, and count which candidate wins (without the fallback, a resample where none passes is counted in
+        `no_choice_share`: `select_direction` would have failed on it). Only the finalists (the `top_k` that got every check) can win a
         resample, so a share is an upper bound when a candidate outside them could have come close.
 
         Raises:
@@ -149,14 +155,19 @@ class Selection:
         n_harmful, n_harmless = ablated.shape[1], kl.shape[1]
         generator = torch.Generator().manual_seed(seed)
         wins: Counter[int] = Counter()
+        no_choice = 0
         for _ in range(resamples):
             h = torch.randint(n_harmful, (n_harmful,), generator=generator)
             b = torch.randint(n_harmless, (n_harmless,), generator=generator)
-            wins[finalists[_winner(ablated[:, h].mean(1), kl[:, b].mean(1), induced[:, b].mean(1), self.config)]] += 1
+            winner = _winner(ablated[:, h].mean(1), kl[:, b].mean(1), induced[:, b].mean(1), self.config)
+            if winner is None:
+                no_choice += 1
+            else:
+                wins[finalists[winner]] += 1
         by_index = {c.index: c for c in self.candidates}
         shares = [(by_index[i].hook, by_index[i].position, count / resamples) for i, count in wins.most_common()]
         return SelectionStability(shares, wins[self.chosen.index] / resamples, resamples, n_harmful, n_harmless, len(finalists),
-                                  (self.chosen.hook, self.chosen.position))
+                                  (self.chosen.hook, self.chosen.position), no_choice / resamples)
 
     def table(self) -> str:
         """Markdown table of every candidate (with an estimate column when the selection was screened)."""
@@ -175,15 +186,17 @@ class Selection:
                 "base_refusal_harmful": self.base_refusal_harmful, "base_refusal_harmless": self.base_refusal_harmless}
 
 
-def _winner(ablated: Tensor, kl: Tensor, induced: Tensor, config: SelectionConfig) -> int:
+def _winner(ablated: Tensor, kl: Tensor, induced: Tensor, config: SelectionConfig) -> int | None:
     """The row `select_direction` chooses from the finalists' mean scores: the lowest ablated refusal among those that
     pass the KL and induce filters, else (with `fallback`) the lowest KL among those whose ablation brings refusal
-    below 0, else the lowest ablated refusal."""
+    below 0, else the lowest ablated refusal; None when none passes and there is no fallback (it would fail)."""
     kept = (kl <= config.kl_threshold) & ((induced > 0) | (not config.require_induce))
     if bool(kept.any()):
         return int(torch.where(kept, ablated, torch.inf).argmin())
+    if not config.fallback:
+        return None
     removing = ablated < 0
-    if config.fallback and bool(removing.any()):
+    if bool(removing.any()):
         return int(torch.where(removing, kl, torch.inf).argmin())
     return int(ablated.argmin())
 
@@ -205,6 +218,14 @@ def _fallback(scored: list[CandidateScore]) -> CandidateScore:
     if removing:
         return min(removing, key=lambda c: c.kl_harmless)
     return min(scored, key=lambda c: c.refusal_ablated)
+
+
+def _stream_depth(site: HookSite, n_layers: int) -> int:
+    """The block whose input stream a hook reads or writes into, which the late-layer rule counts: a block's own index,
+    but the next one for `resid_post` (block l's output is block l+1's `resid_pre`) and past the last for the final norm."""
+    if site.kind == "ln_final_normalized":
+        return n_layers
+    return (site.layer or 0) + (site.kind == "resid_post")
 
 
 def select_direction(
@@ -229,6 +250,7 @@ def select_direction(
     max_layer = int((1 - config.skip_last_fraction) * model.n_layers)
     nan = float("nan")
     layers = [model.hook_site(hook).layer or 0 for hook in candidates.hook_names]
+    depths = [_stream_depth(model.hook_site(hook), model.n_layers) for hook in candidates.hook_names]
     estimates: dict[int, float] = {}
 
     def row(i: int, *values, reason: str, kept: bool = False) -> CandidateScore:
@@ -238,8 +260,8 @@ def select_direction(
     scores: list[CandidateScore] = []
     eligible: list[int] = []
     for i in range(len(candidates)):
-        if layers[i] >= max_layer or float(weighted_basis(candidates, i).norm()) == 0:
-            scores.append(row(i, nan, nan, nan, reason="late layer" if layers[i] >= max_layer else "zero direction"))
+        if depths[i] >= max_layer or float(weighted_basis(candidates, i).norm()) == 0:
+            scores.append(row(i, nan, nan, nan, reason="late layer" if depths[i] >= max_layer else "zero direction"))
         else:
             eligible.append(i)
     if config.screen is not None and len(eligible) > config.screen:

@@ -103,8 +103,13 @@ def fit_leace_erasers(harmful: ActivationSet, harmless: ActivationSet, *, shrink
     positions, so `Erase` erases every one of them, and their mean is the erased mean (the eraser is affine).
 
     Raises:
-        FeatsteerError: if the captures differ in hooks or positions, or no pair has a class difference.
+        FeatsteerError: if the captures differ in hooks or positions, a position holds only some prompts (`instruction_end`
+            on prompts whose end merged with the template's tail: `Erase` would apply each eraser, fitted on some prompts,
+            at its one offset to every prompt), or no pair has a class difference.
     """
+    from featsteer.directions.dim import shared_positions  # featsteer.directions imports the interventions
+
+    shared_positions(harmful, harmless)
     if (harmful.hook_names, harmful.position_labels, harmful.positions) != (harmless.hook_names, harmless.position_labels, harmless.positions):
         raise FeatsteerError("LEACE needs harmful and harmless activations captured at the same hooks and positions")
     pooled = harmful.positions.startswith("mean_last")
