@@ -66,6 +66,9 @@ class SetResult:
     """`(prompt, vocab)` log-probs of the first response token, when asked for (`keep_logprobs=True`)."""
     looping: tuple[bool, ...] = ()
     """Per response: does it end in repetition (`featsteer.evaluation.quality.LoopDetector`)?"""
+    openings: tuple[str, ...] | None = None
+    """Under a prefilling attack (`GenerationConfig.prefill`), the forced start of each response; `responses` are what
+    the model wrote after it (`refusal.prefilled_reply` joins the two). None: not prefilled."""
 
     @property
     def looping_rate(self) -> RateEstimate:
@@ -208,7 +211,8 @@ def evaluate_set(
     refused = (detector.classify(responses) if prefill is None
                else [detector.is_refusal_after(opening, response) for opening, response in zip(prefill, responses, strict=True)])
     looping = LoopDetector().classify(responses)
-    return SetResult(name, tuple(prompt_list), tuple(responses), tuple(refused), refusal_rate(refused), logprobs, tuple(looping))
+    return SetResult(name, tuple(prompt_list), tuple(responses), tuple(refused), refusal_rate(refused), logprobs, tuple(looping),
+                     None if prefill is None else tuple(prefill))
 
 
 def evaluate_refusal(
