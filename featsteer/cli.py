@@ -1993,10 +1993,13 @@ def _check_judge_options(args: argparse.Namespace) -> None:
 
 
 def _check_system(args: argparse.Namespace) -> None:
-    """A blank --system would be a system turn of spaces (" ") or silently none (""): refused before a model loads."""
+    """A blank --system would be a system turn of spaces (" ") or silently none (""), and --system with --raw silently
+    nothing (the system prompt lives in the chat template): refused before a model loads."""
     system = getattr(args, "system", None)
     if system is not None and not system.strip():
         raise FeatsteerError("--system is empty: give the system prompt text, or leave --system out for none")
+    if system is not None and getattr(args, "raw", False):
+        raise FeatsteerError("--system goes into the chat template, which --raw leaves out: drop --system or --raw")
 
 
 _PROMPT_SOURCES = ("prompts", "harmful", "harmless", "alarming", "val_harmful", "val_harmless", "eval_harmful", "eval_harmless")
