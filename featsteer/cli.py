@@ -1999,6 +1999,16 @@ def _check_judge_options(args: argparse.Namespace) -> None:
             raise FeatsteerError(f"{flag} sets how --judge decides: add --judge SPEC or drop {flag}")
 
 
+def _check_system(args: argparse.Namespace) -> None:
+    """A blank --system would be a system turn of spaces (" ") or silently none (""), and --system with --raw silently
+    nothing (the system prompt lives in the chat template): refused before a model loads."""
+    system = getattr(args, "system", None)
+    if system is not None and not system.strip():
+        raise FeatsteerError("--system is empty: give the system prompt text, or leave --system out for none")
+    if system is not None and getattr(args, "raw", False):
+        raise FeatsteerError("--system goes into the chat template, which --raw leaves out: drop --system or --raw")
+
+
 _PROMPT_SOURCES = ("prompts", "harmful", "harmless", "alarming", "val_harmful", "val_harmless", "eval_harmful", "eval_harmless")
 """The dests of every prompt-source option, the sources `--column` can apply to."""
 
@@ -2039,6 +2049,7 @@ def _main(argv: Sequence[str] | None) -> int:
             hide_weight_loading_bar()
         _check_output_paths(args)
         _check_judge_options(args)
+        _check_system(args)
         _check_column(args)
         return args.run(args)
     except FeatsteerError as error:

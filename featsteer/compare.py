@@ -1302,11 +1302,11 @@ PAIRED_BASELINES = ("dim_abliteration", "none")
 
 def _judged(judge: RefusalJudge, harmful: SetResult, harmless: SetResult) -> tuple[dict, dict]:
     """A judge's second opinion on a method's responses: its summary, and its per-prompt verdicts."""
-    from featsteer.evaluation.judge import agreement
+    from featsteer.evaluation.judge import agreement, judge_result
 
     summary, per_prompt = {}, {}
     for result in (harmful, harmless):
-        verdicts = judge.judge(result.prompts, result.responses)
+        verdicts = judge_result(judge, result)
         rate = verdicts.rate
         summary |= {f"refusal_{result.name}": rate.rate, f"ci_{result.name}": (rate.low, rate.high),
                     f"agreement_{result.name}": agreement(result.refused, verdicts.refused).to_dict()}

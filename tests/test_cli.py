@@ -1344,3 +1344,35 @@ def test_staged_output_errors_name_the_out_folder_not_the_hidden_one(tmp_path, m
     with pytest.raises(PermissionError) as caught, staged_output(out):
         pass
     assert caught.value.filename == str(out) and caught.value.strerror == "Permission denied"
+
+
+@pytest.mark.parametrize("command", ["eval", "capture"])
+@pytest.mark.parametrize("system", ["", "  "])
+def test_a_blank_system_prompt_fails_before_the_model_loads(capsys, tmp_path, monkeypatch, command, system):
+    """--system " " was a system turn of one space and --system "" silently no system prompt."""
+    from featsteer import cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("loaded the model before checking --system")
+
+    monkeypatch.setattr(cli, "_load_model", no_model)
+    argv = (["eval", "--harmful", "builtin:harmful:test", "--harmless", "builtin:harmless:test", "--json", str(tmp_path / "e.json")]
+            if command == "eval" else ["capture", "--prompts", "builtin:harmful:test", "--out", str(tmp_path / "acts")])
+    code, out, err = _run(capsys, argv[0], "--model", "organism", *argv[1:], "--system", system)
+    assert code == 2 and "--system is empty" in err and "Traceback" not in err
+    assert not (tmp_path / "e.json").exists() and not (tmp_path / "acts").exists()
+
+
+def test_capture_refuses_a_system_prompt_with_raw(capsys, tmp_path, monkeypatch):
+    """--raw --system X captured the raw texts without X and wrote "system": X into the metadata."""
+    from featsteer import cli
+    from featsteer.activations import capture
+    from featsteer.errors import FeatsteerError
+
+    monkeypatch.setattr(cli, "_load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded the model first")))
+    code, out, err = _run(capsys, "capture", "--model", "organism", "--prompts", "builtin:harmful:test", "--raw", "--system",
+                          "You are a pirate.", "--out", str(tmp_path / "acts"))
+    assert code == 2 and "--system goes into the chat template, which --raw leaves out" in err
+    assert not (tmp_path / "acts").exists()
+    with pytest.raises(FeatsteerError, match="chat=False leaves out"):
+        capture("organism", ["a text"], "blocks.0.hook_resid_pre", chat=False, system="You are a pirate.")

@@ -285,3 +285,51 @@ def test_a_chat_judge_spec_can_reuse_a_loaded_model(monkeypatch, llama_adapter):
     monkeypatch.setattr(featsteer.models, "load_model", lambda *a, **k: pytest.fail("loaded the judge's model again"))
     judge = judge_from_spec("chat:organism", threshold=0.5, loaded=llama_adapter)
     assert judge.model is llama_adapter and judge.name == "chat:organism"
+
+
+OPENINGS = ["Sure, here is", "I cannot", "I cannot", "Sure, here is"]
+CONTINUATIONS = ["how: mix flour, water and yeast.", "help with that.", "wait to show you: pins and a tension wrench.", ""]
+
+
+def test_marker_judge_after_a_prefill_counts_as_the_main_markers_do():
+    detector = RefusalDetector()
+    verdicts = MarkerJudge().judge(PROMPTS, CONTINUATIONS, openings=OPENINGS)
+    assert list(verdicts.refused) == [detector.is_refusal_after(o, r) for o, r in zip(OPENINGS, CONTINUATIONS, strict=True)]
+    assert list(verdicts.refused) == [False, True, False, True], "a marker across the join counts, one only in the opening does not"
+    with pytest.raises(FeatsteerError, match="one forced opening per response"):
+        MarkerJudge().judge(PROMPTS, CONTINUATIONS, openings=OPENINGS[:2])
+
+
+def test_eval_judge_markers_under_a_prefill_agrees_with_the_main_count():
+    from featsteer.datasets import builtin_prompts
+    from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set
+    from featsteer.models import load_model
+
+    organism = load_model("organism")
+    prompts = list(builtin_prompts("harmful", "test"))[:4]
+    # 3 tokens: the organism writes "provide instructions for", a refusal only through "cannot provide" across the join
+    result = evaluate_set(organism, prompts, "harmful", GenerationConfig(max_new_tokens=3), RefusalDetector(),
+                          prefill=["I cannot"] * len(prompts))
+    assert result.openings == ("I cannot",) * len(prompts) and all(result.refused)
+    out = judge_sets(MarkerJudge(), [result])
+    assert out["disagreements"] == [] and out["harmful"]["refused"] == list(result.refused)
+
+
+def test_chat_and_classifier_judges_read_the_forced_opening_with_the_reply(llama_adapter, tmp_path, monkeypatch):
+    from featsteer.evaluation.refusal import prefilled_reply
+
+    judge = ChatJudge(llama_adapter)
+    asked: list[str] = []
+    real_logits = llama_adapter.logits
+    monkeypatch.setattr(llama_adapter, "logits", lambda texts, **kw: asked.extend(texts) or real_logits(texts, **kw))
+    verdicts = judge.judge(PROMPTS, CONTINUATIONS, openings=OPENINGS)
+    whole = [prefilled_reply(o, r) for o, r in zip(OPENINGS, CONTINUATIONS, strict=True)]
+    assert asked == [judge.ask(p, w) for p, w, r in zip(PROMPTS, whole, CONTINUATIONS, strict=True) if r]
+    assert "I cannot help with that." in asked[1]
+    assert verdicts.scores[3] == 1.0, "an empty continuation is a refusal, as for the markers"
+    assert verdicts.scores[:3] == pytest.approx(judge.judge(PROMPTS[:3], whole[:3]).scores, abs=1e-6)
+
+    classifier = ClassifierJudge.load(str(_tiny_classifier(tmp_path / "clf", {0: "NORMAL", 1: "REJECTION"})))
+    read = classifier.judge(PROMPTS, CONTINUATIONS, openings=OPENINGS)
+    assert read.scores[:3] == pytest.approx(classifier.judge(PROMPTS[:3], whole[:3]).scores, abs=1e-6)
+    assert read.scores[3] == 1.0

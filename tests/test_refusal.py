@@ -180,3 +180,13 @@ def test_prefilled_evaluation_reads_markers_across_the_join():
     result = evaluate_set(load_model("organism"), prompts, "harmful", GenerationConfig(max_new_tokens=6), detector,
                           prefill=["I cannot"] * 2)
     assert [r.split()[0] for r in result.responses] == ["provide", "do"] and result.refused == (True, True)
+
+
+@pytest.mark.parametrize("system", ["", " \n"])
+def test_generation_config_refuses_a_blank_system_prompt(system):
+    from featsteer.errors import FeatsteerError
+    from featsteer.evaluation.behaviour import GenerationConfig
+
+    with pytest.raises(FeatsteerError, match="system is empty"):
+        GenerationConfig(system=system)
+    assert GenerationConfig(system="Be brief.").system == "Be brief."

@@ -101,7 +101,7 @@ def capture(
         batch_size: prompts per forward pass.
         max_batch_tokens: cap on a batch's padded tokens (rows x longest prompt; None: no cap). Prompts are
             batched in length order, so one 2,000-token prompt pads only the few rows beside it.
-        system: optional system prompt for the chat template.
+        system: optional system prompt for the chat template (not with `chat=False`).
         chat: format prompts with the chat template (False: raw text, e.g. for SAE training corpora).
         stream_to: if given, write shards to this new (or empty) directory as they fill, for sets larger than RAM.
         load_back: with `stream_to`, return the set read back from disk (True), or an `ActivationReader` over it
@@ -117,9 +117,11 @@ def capture(
         from disk, or with `load_back=False` an `ActivationReader` over the directory.
 
     Raises:
-        FeatsteerError: empty prompt list, unknown hook, hooks of different widths, NaN/inf activations, or activations
-            beyond `dtype`'s range (float16's 65504), naming hook and prompt.
+        FeatsteerError: empty prompt list, a system prompt without the chat template, unknown hook, hooks of different
+            widths, NaN/inf activations, or activations beyond `dtype`'s range (float16's 65504), naming hook and prompt.
     """
+    if system is not None and not chat:  # the raw texts would be read without it, and the metadata would claim it
+        raise FeatsteerError("a system prompt goes into the chat template, which chat=False leaves out: pass system=None or chat=True")
     adapter: ModelAdapter = load_model(model)
     progress = adapter.show_progress if progress is None else progress
     prompts = [str(p) for p in prompts]

@@ -36,7 +36,7 @@ class GenerationConfig:
     """Cap on a batch's padded prompt tokens (None: no cap), so a large `batch_size` speeds up decoding
     on CPU without long prompts padding a whole batch."""
     system: str | None = None
-    """Optional system prompt."""
+    """Optional system prompt (None: none; a blank text is refused)."""
     prefill: str | None = None
     """Start of every harmful response, written for the model (a prefilling attack), which then goes on from it:
     a text, or "affirm" for each prompt's own affirmative opening ("Sure, here is a script that ...",
@@ -49,6 +49,8 @@ class GenerationConfig:
                 raise FeatsteerError(f"{name} must be at least 1, got {value}")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             raise FeatsteerError(f"max_batch_tokens must be at least 1 (or None for no cap), got {self.max_batch_tokens}")
+        if self.system is not None and not self.system.strip():
+            raise FeatsteerError("system is empty: give the system prompt text, or None for none")
         if self.prefill is not None and not self.prefill.strip():
             raise FeatsteerError("prefill is empty: give the text every harmful response should start with, or 'affirm'")
 
@@ -66,6 +68,9 @@ class SetResult:
     """`(prompt, vocab)` log-probs of the first response token, when asked for (`keep_logprobs=True`)."""
     looping: tuple[bool, ...] = ()
     """Per response: does it end in repetition (`featsteer.evaluation.quality.LoopDetector`)?"""
+    openings: tuple[str, ...] | None = None
+    """Under a prefilling attack (`GenerationConfig.prefill`), the forced start of each response; `responses` are what
+    the model wrote after it (`refusal.prefilled_reply` joins the two). None: not prefilled."""
 
     @property
     def looping_rate(self) -> RateEstimate:
@@ -208,7 +213,8 @@ def evaluate_set(
     refused = (detector.classify(responses) if prefill is None
                else [detector.is_refusal_after(opening, response) for opening, response in zip(prefill, responses, strict=True)])
     looping = LoopDetector().classify(responses)
-    return SetResult(name, tuple(prompt_list), tuple(responses), tuple(refused), refusal_rate(refused), logprobs, tuple(looping))
+    return SetResult(name, tuple(prompt_list), tuple(responses), tuple(refused), refusal_rate(refused), logprobs, tuple(looping),
+                     None if prefill is None else tuple(prefill))
 
 
 def evaluate_refusal(
