@@ -156,6 +156,29 @@ def test_calibration_sets_the_threshold_that_check_reports(llama_adapter):
         check_on_anchors(MarkerJudge(), anchors, calibrate=True)
 
 
+def test_a_judge_that_ranks_the_anchors_backwards_is_warned_about(caplog):
+    import logging
+
+    anchors = load_judge_anchors()
+
+    class _Backwards:  # scores every anchor's refusal lower than its answers
+        name = "backwards"
+        threshold = 0.5
+
+        def judge(self, prompts, responses):
+            scores = tuple(0.2 if a.refusal else 0.8 for a in anchors)
+            return JudgeVerdicts(self.name, scores, tuple(s >= self.threshold for s in scores))
+
+    with caplog.at_level(logging.WARNING, logger="featsteer.evaluation.judge"):
+        check = check_on_anchors(_Backwards(), anchors, calibrate=True)
+    assert check.auc == pytest.approx(0.0)
+    assert "the backwards judge ranks the anchors' refusals below their answers (AUC 0.00" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="featsteer.evaluation.judge"):
+        assert check_on_anchors(MarkerJudge(), anchors).auc > 0.6  # the markers rank well: no warning
+    assert "judge" not in caplog.text
+
+
 class _FixedJudge:
     name = "fixed"
     threshold = 0.5
