@@ -84,6 +84,16 @@ def test_cohens_d_matches_the_pooled_formula():
     assert constant.tolist() == [0.0, float("inf")]
 
 
+def test_cohens_d_with_one_row_in_a_class_pools_the_other_class_spread():
+    one, three = torch.tensor([[3.0, 1.0]]), torch.tensor([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+    assert cohens_d(one, three).tolist() == [2.0, 0.0]  # pooled sd sqrt((0 + 2) / 2) = 1; a constant column agrees
+    assert cohens_d(three, one).tolist() == [-2.0, 0.0]
+    with pytest.raises(FeatsteerError, match="3 rows in all"):
+        cohens_d(torch.ones(1, 2), torch.zeros(1, 2))
+    with pytest.raises(FeatsteerError, match="a row of each class"):
+        cohens_d(torch.ones(3, 2), torch.zeros(0, 2))
+
+
 def test_ranking_is_stable_across_layers_with_ties():
     harmful, harmless = planted(feature=2, d=4)
     parts = [score_feature_activations(harmful, harmless, hook) for hook in ("blocks.3.hook_resid_post", "blocks.1.hook_resid_post")]

@@ -200,12 +200,19 @@ def auroc(positive: Float[Tensor, "n_pos d"], negative: Float[Tensor, "n_neg d"]
 def cohens_d(positive: Float[Tensor, "n_pos d"], negative: Float[Tensor, "n_neg d"]) -> Float[Tensor, " d"]:
     """Mean difference over the pooled standard deviation, per column (float64).
 
-    Columns with zero pooled spread give 0 when the means agree and +-inf when they differ.
+    Columns with zero pooled spread give 0 when the means agree and +-inf when they differ. A class of one row adds
+    no spread (the other class's alone sets the pooled standard deviation).
+
+    Raises:
+        FeatsteerError: an empty class, or one row per class (no degrees of freedom for the spread).
     """
     pos, neg = positive.double(), negative.double()
     n_pos, n_neg = pos.shape[0], neg.shape[0]
+    if n_pos == 0 or n_neg == 0 or n_pos + n_neg < 3:
+        raise FeatsteerError(f"Cohen's d needs a row of each class and 3 rows in all: got {n_pos} harmful and {n_neg} harmless rows")
     difference = pos.mean(0) - neg.mean(0)
-    pooled_var = (pos.var(0, correction=1) * (n_pos - 1) + neg.var(0, correction=1) * (n_neg - 1)) / max(n_pos + n_neg - 2, 1)
+    squares = ((pos - pos.mean(0)) ** 2).sum(0) + ((neg - neg.mean(0)) ** 2).sum(0)
+    pooled_var = squares / (n_pos + n_neg - 2)
     pooled = pooled_var.clamp_min(0).sqrt()
     d = difference / pooled
     return torch.where(pooled > 0, d, torch.where(difference == 0, torch.zeros_like(d), torch.sign(difference) * math.inf))
