@@ -17,6 +17,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
 from sae_lens import SAE, Transcoder
 
 from featsteer.activations import hook_width
@@ -51,7 +52,7 @@ def validate_sae(sae: SAE, model: ModelAdapter, hook: str | None = None) -> str:
         The validated hook name.
 
     Raises:
-        FeatsteerError: if no hook is known, the hook does not exist on the model, the SAE's input width `d_in`
+        FeatsteerError: if no hook is known, a weight is NaN or infinite, the hook does not exist on the model, the SAE's input width `d_in`
             differs from the hook's width (`d_model`; `n_heads * d_head` at `blocks.{l}.attn.hook_z`), an SAE
             that reshapes attention heads (`reshape_activations="hook_z"`) is attached anywhere but at hook_z, it is
             a transcoder (it writes elsewhere than it reads), or its input scaling was never folded into its weights
@@ -70,6 +71,7 @@ def validate_sae(sae: SAE, model: ModelAdapter, hook: str | None = None) -> str:
             "sae_lens does not apply outside training, so it would read the raw activations: a training checkpoint? Use the "
             "SAE saved at the end of training, or fold the scaling in first (sae.fold_activation_norm_scaling_factor)"
         )
+    check_finite_weights(sae, name)
     site = model.hook_site(name)
     d_in = int(sae.cfg.d_in)
     if site.kind == "attn_z":
@@ -92,6 +94,21 @@ def validate_sae(sae: SAE, model: ModelAdapter, hook: str | None = None) -> str:
     if trained_on and trained_on != model.name:
         logger.info("SAE at %s was trained on '%s'; attaching it to '%s'", name, trained_on, model.name)
     return name
+
+
+def check_finite_weights(sae: SAE, where: str | None = None) -> None:
+    """Raise if any weight of `sae` is NaN or infinite (it would encode every row to NaN features without an error).
+
+    Raises:
+        FeatsteerError: naming the first non-finite parameter and how many of its entries are bad.
+    """
+    for name, weight in sae.named_parameters():
+        if weight.device.type == "meta":
+            continue
+        bad = int((~torch.isfinite(weight.detach())).sum())
+        if bad:
+            raise FeatsteerError(f"the SAE at {where or sae_hook_name(sae) or '(no hook)'} has {bad} NaN/inf entries in {name}: "
+                                 "its features would be NaN; retrain it, or load a checkpoint saved before training diverged")
 
 
 def load_sae(
@@ -118,12 +135,14 @@ def load_sae(
 
     Raises:
         FeatsteerError: unknown source, unreadable directory, release unavailable (offline or unknown
-            id), or an SAE that does not fit `model`.
+            id), NaN or infinite weights, or an SAE that does not fit `model`.
     """
     target = device or (str(model.device) if model is not None else "cpu")
     sae = source if isinstance(source, SAE) else _load_source(source, target)
     if model is not None:
         validate_sae(sae, model, hook)  # before the hook is written, so a bad hook leaves the SAE as it was
+    else:
+        check_finite_weights(sae, hook)
     if hook:
         sae.cfg.metadata.hook_name = hook
     if device is not None or model is not None:
