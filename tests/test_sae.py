@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -448,3 +449,17 @@ def test_an_sae_with_non_finite_weights_is_refused_not_loaded(tmp_path, llama_ad
                  lambda: load_saes(tmp_path, llama_adapter), lambda: validated_sae_map({HOOK: broken}, llama_adapter)):
         with pytest.raises(FeatsteerError, match=f"1 NaN/inf entries in {weight}"):
             call()
+
+
+def test_an_unusable_device_and_a_mismatched_state_dict_are_one_line_errors(tmp_path, llama_adapter, monkeypatch):
+    random_sae().save_model(tmp_path / HOOK)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FeatsteerError, match="'cuda' is not available on this machine"):
+        load_sae(tmp_path / HOOK, device="cuda")
+    with pytest.raises(FeatsteerError, match="unknown device 'gpu0'"):
+        load_sae(tmp_path / HOOK, llama_adapter, device="gpu0")
+    config = json.loads((tmp_path / HOOK / "cfg.json").read_text())
+    (tmp_path / HOOK / "cfg.json").write_text(json.dumps({**config, "d_sae": 16}))  # the weights are 128 wide
+    with pytest.raises(FeatsteerError, match="size mismatch for W_dec") as error:
+        load_sae(tmp_path / HOOK, llama_adapter)
+    assert "\n" not in str(error.value)

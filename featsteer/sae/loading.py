@@ -138,6 +138,7 @@ def load_sae(
             id), NaN or infinite weights, or an SAE that does not fit `model`.
     """
     target = device or (str(model.device) if model is not None else "cpu")
+    _check_device(target)
     sae = source if isinstance(source, SAE) else _load_source(source, target)
     if model is not None:
         validate_sae(sae, model, hook)  # before the hook is written, so a bad hook leaves the SAE as it was
@@ -148,6 +149,15 @@ def load_sae(
     if device is not None or model is not None:
         sae = sae.to(target)
     return sae.eval()
+
+
+def _check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise FeatsteerError(f"unknown device '{device}': pass cpu, cuda, cuda:N or mps") from None
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not torch.backends.mps.is_available()):
+        raise FeatsteerError(f"device '{device}' is not available on this machine: pass device='cpu'")
 
 
 def _load_source(source: str | os.PathLike[str], device: str) -> SAE:
@@ -173,7 +183,8 @@ def _load_directory(path: Path, device: str) -> SAE:
     try:
         return SAE.load_from_disk(path, device=device)
     except Exception as error:  # noqa: BLE001 - a cut-off weights file raises safetensors' own error type, a bad cfg.json others
-        raise FeatsteerError(f"could not load the SAE in {path} ({type(error).__name__}: {str(error)[:160]}); re-save it with sae_lens") from None
+        reason = " ".join(str(error).split())  # one line: torch's state_dict errors span several
+        raise FeatsteerError(f"could not load the SAE in {path} ({type(error).__name__}: {reason[:240]}); re-save it with sae_lens") from None
 
 
 def _load_release(release: str, sae_id: str, device: str) -> SAE:
