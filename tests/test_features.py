@@ -196,3 +196,10 @@ def test_decoder_norms_and_residual_units(llama_adapter):
     assert "decoder_norm" in residual.rows()[0]
     with pytest.raises(FeatsteerError, match="unknown units"):
         score_features(sae, harmful, harmless, units="stream")
+    scale = torch.full((sae.cfg.d_sae,), 4.0)
+    scaled = score_features(sae, harmful, harmless, normalize=True, scales={HOOK: scale})
+    assert torch.equal(scaled.metrics["scale"], scale.double())
+    with pytest.raises(FeatsteerError, match="scales given for blocks.0.hook_resid_post, which no SAE reads"):
+        score_features(sae, harmful, harmless, normalize=True, scales={"blocks.0.hook_resid_post": scale})  # was ignored
+    with pytest.raises(FeatsteerError, match=r"scale has shape \(128, 1\)"):
+        score_features(sae, harmful, harmless, normalize=True, scales={HOOK: scale[:, None]})  # broadcast to (d_sae, d_sae)

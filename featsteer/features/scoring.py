@@ -263,7 +263,8 @@ def score_feature_activations(
         Unsorted scores, one row per feature.
 
     Raises:
-        FeatsteerError: unknown `units`, `residual` without `decoder_norm`, mismatched widths or fewer than 2 rows.
+        FeatsteerError: unknown `units`, `residual` without `decoder_norm`, mismatched widths (also of `scale` or
+            `decoder_norm`) or fewer than 2 rows.
     """
     if units not in UNITS:
         raise FeatsteerError(f"unknown units '{units}': use one of {', '.join(UNITS)}")
@@ -275,8 +276,9 @@ def score_feature_activations(
         raise FeatsteerError(f"scoring needs at least 2 rows per class, got {harmful.shape[0]} harmful and {harmless.shape[0]} harmless")
     pos, neg = harmful.double(), harmless.double()
     norm = torch.full((harmful.shape[-1],), math.nan, dtype=torch.float64) if decoder_norm is None else decoder_norm.double().cpu()
-    if norm.shape != (harmful.shape[-1],):
-        raise FeatsteerError(f"decoder_norm has shape {tuple(norm.shape)} but the rows have {harmful.shape[-1]} features")
+    for name, values in (("decoder_norm", norm), ("scale", scale)):
+        if values is not None and values.shape != (harmful.shape[-1],):
+            raise FeatsteerError(f"{name} has shape {tuple(values.shape)} but the rows have {harmful.shape[-1]} features: pass one value per feature")
     if units == "residual":  # every magnitude in units of the activation the SAE reads; rank statistics do not change
         pos, neg = pos * norm, neg * norm
         scale = None if scale is None else scale.double().cpu() * norm
@@ -361,9 +363,13 @@ def score_features(
         Scores of all features of all SAEs, ranked by `by`.
 
     Raises:
-        FeatsteerError: when fewer than two rows of a class are within an SAE's norm bound.
+        FeatsteerError: when fewer than two rows of a class are within an SAE's norm bound, or `scales` names a hook
+            no SAE reads.
     """
     sae_map = sae_map_of(saes)
+    unknown = sorted(set(scales or {}) - set(sae_map))
+    if unknown:
+        raise FeatsteerError(f"scales given for {', '.join(unknown)}, which no SAE reads: key them by the SAEs' hooks ({', '.join(sae_map)})")
     position_list = [positions] if positions is None or isinstance(positions, int) else list(positions)
     parts, outside = [], {}
     for hook, sae in sae_map.items():
