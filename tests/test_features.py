@@ -94,6 +94,16 @@ def test_cohens_d_with_one_row_in_a_class_pools_the_other_class_spread():
         cohens_d(torch.ones(3, 2), torch.zeros(0, 2))
 
 
+def test_residual_units_leave_the_unit_free_scores_of_a_zero_decoder_row_alone():
+    harmful, harmless = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[0.0, 1.0], [0.0, 2.0]])
+    norm = torch.tensor([0.0, 0.5])
+    plain = score_feature_activations(harmful, harmless, HOOK, decoder_norm=norm)
+    residual = score_feature_activations(harmful, harmless, HOOK, decoder_norm=norm, units="residual")
+    for name in ("cohens_d", "auroc", "harmful_frequency", "harmless_frequency"):
+        torch.testing.assert_close(residual.metrics[name], plain.metrics[name], rtol=1e-12, atol=0)
+    assert residual.metrics["mean_difference"].tolist() == [0.0, 0.75]  # the magnitudes do move: 2 x 0 and 1.5 x 0.5
+
+
 def test_ranking_is_stable_across_layers_with_ties():
     harmful, harmless = planted(feature=2, d=4)
     parts = [score_feature_activations(harmful, harmless, hook) for hook in ("blocks.3.hook_resid_post", "blocks.1.hook_resid_post")]

@@ -279,6 +279,7 @@ def score_feature_activations(
     for name, values in (("decoder_norm", norm), ("scale", scale)):
         if values is not None and values.shape != (harmful.shape[-1],):
             raise FeatsteerError(f"{name} has shape {tuple(values.shape)} but the rows have {harmful.shape[-1]} features: pass one value per feature")
+    raw_pos, raw_neg = pos, neg  # Cohen's d, AUROC and frequencies are unit-free: read even for a zero decoder row
     if units == "residual":  # every magnitude in units of the activation the SAE reads; rank statistics do not change
         pos, neg = pos * norm, neg * norm
         scale = None if scale is None else scale.double().cpu() * norm
@@ -290,12 +291,12 @@ def score_feature_activations(
     metrics = {
         "composite": difference.abs() * consistency,
         "mean_difference": difference,
-        "cohens_d": cohens_d(pos, neg),
-        "auroc": auroc(pos, neg),
+        "cohens_d": cohens_d(raw_pos, raw_neg),
+        "auroc": auroc(raw_pos, raw_neg),
         "harmful_mean": harmful_mean / divisor,
         "harmless_mean": harmless_mean / divisor,
-        "harmful_frequency": (pos > 0).double().mean(0),
-        "harmless_frequency": (neg > 0).double().mean(0),
+        "harmful_frequency": (raw_pos > 0).double().mean(0),
+        "harmless_frequency": (raw_neg > 0).double().mean(0),
         "scale": feature_scale,
         "decoder_norm": norm,
     }
