@@ -270,8 +270,9 @@ def decoder_dim_cosines(sae: SAE, direction: Float[Tensor, " d_model"]) -> Float
 
 
 def feature_logits(model: ModelAdapter, sae: SAE, feature_ids: int | Sequence[int]) -> Float[Tensor, "n vocab"]:
-    """Direct logit effect of features' decoder rows (`directions.direct_logits`: `W_U (gain * W_dec[f])`, float32, cpu);
-    a hook_z SAE's head-space rows are first pushed through the attention output projection (`residual_writes`)."""
+    """Direct logit effect of one unit of each feature's activation (`directions.direct_logits` of its `residual_writes`:
+    `W_U (gain * W_dec[f])`, the row made unit for TopK SAEs that rescale by its norm; float32, cpu); a hook_z SAE's
+    head-space rows are first pushed through the attention output projection."""
     ids = [feature_ids] if isinstance(feature_ids, int) else [int(i) for i in feature_ids]
     bad = [i for i in ids if not 0 <= i < sae.cfg.d_sae]
     if bad:
@@ -581,7 +582,7 @@ def _html_page(ranking: FeatureRanking, title: str) -> str:
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style></head>
 <body><h1>{html.escape(title)}</h1><p>{setup}</p>
 <p class="muted">composite = |mean difference| x fraction of harmful rows above the harmless mean. Promoted/suppressed tokens:
-decoder row times the final norm's gain, read through the unembedding. DIM cos: cosine of the decoder row with the
+what one unit of activation writes (the decoder row) times the final norm's gain, read through the unembedding. DIM cos: cosine of the decoder row with the
 difference-in-means direction (harmful minus harmless) of the same hook. Every feature is in <code>features.csv</code>.</p>
 <img alt="overview of all features" src="data:image/png;base64,{_overview_png(ranking)}">
 <h2>Top {len(ranking.features)} features</h2>{_summary_table(ranking)}{sections}</body></html>"""

@@ -10,6 +10,8 @@ import re
 
 import pytest
 import torch
+from sae_lens import TopKSAE, TopKSAEConfig
+from sae_lens.saes.sae import SAEMetadata
 
 from featsteer.activations import capture
 from featsteer.datasets import builtin_prompts
@@ -17,6 +19,8 @@ from featsteer.directions.geometry import final_norm_gain
 from featsteer.errors import FeatsteerError
 from featsteer.feature_report import (
     REPORT_FILES,
+    feature_logits,
+    promoted_tokens,
     rank_features,
     ranking_key,
     write_feature_report,
@@ -129,6 +133,20 @@ def test_promoted_tokens_equal_the_direct_unembedding(ranking, model, saes):
         torch.testing.assert_close(torch.tensor([t.logit for t in detail.promoted]), top.values, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(torch.tensor([t.logit for t in detail.suppressed]), -bottom.values, atol=1e-5, rtol=1e-4)
         assert all(isinstance(t.token, str) and t.token for t in detail.promoted + detail.suppressed)
+
+
+def test_promoted_token_logits_are_per_unit_of_activation_for_rescaling_topk(model):
+    """A TopK SAE with `rescale_acts_by_decoder_norm` writes activation x row / |row|: its token logits must be those of
+    decoding one unit of the feature, not of the raw (here non-unit) decoder row."""
+    sae = TopKSAE(TopKSAEConfig(d_in=model.d_model, d_sae=16, k=4, rescale_acts_by_decoder_norm=True,
+                                metadata=SAEMetadata(hook_name=PLANTED_HOOK))).eval()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.2, 5.0, 16)[:, None])
+        writes = sae.decode(torch.eye(16)) - sae.decode(torch.zeros(1, 16))
+    expected = (writes * model.model.model.norm.weight.detach()) @ model.model.lm_head.weight.detach().T
+    torch.testing.assert_close(feature_logits(model, sae, list(range(16))), expected, atol=1e-5, rtol=1e-4)
+    promoted, _ = promoted_tokens(model, sae, 15, 3)
+    torch.testing.assert_close(torch.tensor([t.logit for t in promoted]), torch.topk(expected[15], 3).values, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma", "gpt2"])

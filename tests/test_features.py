@@ -84,6 +84,26 @@ def test_cohens_d_matches_the_pooled_formula():
     assert constant.tolist() == [0.0, float("inf")]
 
 
+def test_cohens_d_with_one_row_in_a_class_pools_the_other_class_spread():
+    one, three = torch.tensor([[3.0, 1.0]]), torch.tensor([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+    assert cohens_d(one, three).tolist() == [2.0, 0.0]  # pooled sd sqrt((0 + 2) / 2) = 1; a constant column agrees
+    assert cohens_d(three, one).tolist() == [-2.0, 0.0]
+    with pytest.raises(FeatsteerError, match="3 rows in all"):
+        cohens_d(torch.ones(1, 2), torch.zeros(1, 2))
+    with pytest.raises(FeatsteerError, match="a row of each class"):
+        cohens_d(torch.ones(3, 2), torch.zeros(0, 2))
+
+
+def test_residual_units_leave_the_unit_free_scores_of_a_zero_decoder_row_alone():
+    harmful, harmless = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[0.0, 1.0], [0.0, 2.0]])
+    norm = torch.tensor([0.0, 0.5])
+    plain = score_feature_activations(harmful, harmless, HOOK, decoder_norm=norm)
+    residual = score_feature_activations(harmful, harmless, HOOK, decoder_norm=norm, units="residual")
+    for name in ("cohens_d", "auroc", "harmful_frequency", "harmless_frequency"):
+        torch.testing.assert_close(residual.metrics[name], plain.metrics[name], rtol=1e-12, atol=0)
+    assert residual.metrics["mean_difference"].tolist() == [0.0, 0.75]  # the magnitudes do move: 2 x 0 and 1.5 x 0.5
+
+
 def test_ranking_is_stable_across_layers_with_ties():
     harmful, harmless = planted(feature=2, d=4)
     parts = [score_feature_activations(harmful, harmless, hook) for hook in ("blocks.3.hook_resid_post", "blocks.1.hook_resid_post")]
@@ -186,3 +206,10 @@ def test_decoder_norms_and_residual_units(llama_adapter):
     assert "decoder_norm" in residual.rows()[0]
     with pytest.raises(FeatsteerError, match="unknown units"):
         score_features(sae, harmful, harmless, units="stream")
+    scale = torch.full((sae.cfg.d_sae,), 4.0)
+    scaled = score_features(sae, harmful, harmless, normalize=True, scales={HOOK: scale})
+    assert torch.equal(scaled.metrics["scale"], scale.double())
+    with pytest.raises(FeatsteerError, match="scales given for blocks.0.hook_resid_post, which no SAE reads"):
+        score_features(sae, harmful, harmless, normalize=True, scales={"blocks.0.hook_resid_post": scale})  # was ignored
+    with pytest.raises(FeatsteerError, match=r"scale has shape \(128, 1\)"):
+        score_features(sae, harmful, harmless, normalize=True, scales={HOOK: scale[:, None]})  # broadcast to (d_sae, d_sae)

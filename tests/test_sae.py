@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from featsteer.sae import (
     splice_activation,
     splice_loss,
     splice_sae,
+    validated_sae_map,
 )
 from featsteer.sae.steering import _PositionTracker
 from tests.conftest import count_hooks
@@ -435,3 +437,29 @@ def test_two_saes_at_one_hook_in_a_folder_are_an_error_not_one_dropped(tmp_path,
     random_sae(d_sae=64).save_model(tmp_path / "sweep" / "width_64")
     with pytest.raises(FeatsteerError, match=f"width_128 and .*width_64 both hold an SAE at {HOOK}"):
         load_saes(tmp_path / "sweep", llama_adapter)
+
+
+@pytest.mark.parametrize(("weight", "value"), [("W_dec", float("nan")), ("W_enc", float("inf")), ("b_enc", float("-inf"))])
+def test_an_sae_with_non_finite_weights_is_refused_not_loaded(tmp_path, llama_adapter, weight, value):
+    broken = random_sae(seed=4)
+    with torch.no_grad():
+        getattr(broken, weight).view(-1)[5] = value
+    broken.save_model(tmp_path / HOOK)
+    for call in (lambda: load_sae(tmp_path / HOOK), lambda: load_sae(tmp_path / HOOK, llama_adapter),
+                 lambda: load_saes(tmp_path, llama_adapter), lambda: validated_sae_map({HOOK: broken}, llama_adapter)):
+        with pytest.raises(FeatsteerError, match=f"1 NaN/inf entries in {weight}"):
+            call()
+
+
+def test_an_unusable_device_and_a_mismatched_state_dict_are_one_line_errors(tmp_path, llama_adapter, monkeypatch):
+    random_sae().save_model(tmp_path / HOOK)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FeatsteerError, match="'cuda' is not available on this machine"):
+        load_sae(tmp_path / HOOK, device="cuda")
+    with pytest.raises(FeatsteerError, match="unknown device 'gpu0'"):
+        load_sae(tmp_path / HOOK, llama_adapter, device="gpu0")
+    config = json.loads((tmp_path / HOOK / "cfg.json").read_text())
+    (tmp_path / HOOK / "cfg.json").write_text(json.dumps({**config, "d_sae": 16}))  # the weights are 128 wide
+    with pytest.raises(FeatsteerError, match="size mismatch for W_dec") as error:
+        load_sae(tmp_path / HOOK, llama_adapter)
+    assert "\n" not in str(error.value)

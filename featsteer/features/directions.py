@@ -68,9 +68,10 @@ def _head_layer(sae: SAE, model: ModelAdapter | None, hook: str | None) -> int:
 
 
 def residual_writes(model: ModelAdapter, sae: SAE, feature_ids: int | Sequence[int], *, hook: str | None = None) -> Tensor:
-    """What each feature's decoder row writes into the residual stream, `(n, d_model)` float64 on the CPU.
+    """What one unit of each feature's activation writes into the residual stream, `(n, d_model)` float64 on the CPU.
 
-    The decoder rows themselves for an SAE on a `d_model`-wide hook; for an SAE on `blocks.{l}.attn.hook_z`, each
+    The decoder rows themselves for an SAE on a `d_model`-wide hook (made unit for sae_lens TopK SAEs that divide
+    activations by the row norm, `rescale_acts_by_decoder_norm`); for an SAE on `blocks.{l}.attn.hook_z`, each
     head-space row pushed through layer `l`'s attention output projection, `sum_h W_O[h] row[h]` (bias excluded).
 
     Args:
@@ -84,6 +85,9 @@ def residual_writes(model: ModelAdapter, sae: SAE, feature_ids: int | Sequence[i
             output passes through a norm before the stream (Gemma 2/3).
     """
     rows = _raw_decoder_rows(sae, _feature_ids(feature_ids))
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):  # decode writes activation * row / |row|
+        norms = rows.norm(dim=-1, keepdim=True)
+        rows = rows / torch.where(norms > 0, norms, torch.ones_like(norms))
     if not reads_heads(sae, hook):
         return rows
     return rows @ output_projection(model, _head_layer(sae, model, hook)).T

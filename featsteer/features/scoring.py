@@ -200,12 +200,19 @@ def auroc(positive: Float[Tensor, "n_pos d"], negative: Float[Tensor, "n_neg d"]
 def cohens_d(positive: Float[Tensor, "n_pos d"], negative: Float[Tensor, "n_neg d"]) -> Float[Tensor, " d"]:
     """Mean difference over the pooled standard deviation, per column (float64).
 
-    Columns with zero pooled spread give 0 when the means agree and +-inf when they differ.
+    Columns with zero pooled spread give 0 when the means agree and +-inf when they differ. A class of one row adds
+    no spread (the other class's alone sets the pooled standard deviation).
+
+    Raises:
+        FeatsteerError: an empty class, or one row per class (no degrees of freedom for the spread).
     """
     pos, neg = positive.double(), negative.double()
     n_pos, n_neg = pos.shape[0], neg.shape[0]
+    if n_pos == 0 or n_neg == 0 or n_pos + n_neg < 3:
+        raise FeatsteerError(f"Cohen's d needs a row of each class and 3 rows in all: got {n_pos} harmful and {n_neg} harmless rows")
     difference = pos.mean(0) - neg.mean(0)
-    pooled_var = (pos.var(0, correction=1) * (n_pos - 1) + neg.var(0, correction=1) * (n_neg - 1)) / max(n_pos + n_neg - 2, 1)
+    squares = ((pos - pos.mean(0)) ** 2).sum(0) + ((neg - neg.mean(0)) ** 2).sum(0)
+    pooled_var = squares / (n_pos + n_neg - 2)
     pooled = pooled_var.clamp_min(0).sqrt()
     d = difference / pooled
     return torch.where(pooled > 0, d, torch.where(difference == 0, torch.zeros_like(d), torch.sign(difference) * math.inf))
@@ -256,7 +263,8 @@ def score_feature_activations(
         Unsorted scores, one row per feature.
 
     Raises:
-        FeatsteerError: unknown `units`, `residual` without `decoder_norm`, mismatched widths or fewer than 2 rows.
+        FeatsteerError: unknown `units`, `residual` without `decoder_norm`, mismatched widths (also of `scale` or
+            `decoder_norm`) or fewer than 2 rows.
     """
     if units not in UNITS:
         raise FeatsteerError(f"unknown units '{units}': use one of {', '.join(UNITS)}")
@@ -268,8 +276,10 @@ def score_feature_activations(
         raise FeatsteerError(f"scoring needs at least 2 rows per class, got {harmful.shape[0]} harmful and {harmless.shape[0]} harmless")
     pos, neg = harmful.double(), harmless.double()
     norm = torch.full((harmful.shape[-1],), math.nan, dtype=torch.float64) if decoder_norm is None else decoder_norm.double().cpu()
-    if norm.shape != (harmful.shape[-1],):
-        raise FeatsteerError(f"decoder_norm has shape {tuple(norm.shape)} but the rows have {harmful.shape[-1]} features")
+    for name, values in (("decoder_norm", norm), ("scale", scale)):
+        if values is not None and values.shape != (harmful.shape[-1],):
+            raise FeatsteerError(f"{name} has shape {tuple(values.shape)} but the rows have {harmful.shape[-1]} features: pass one value per feature")
+    raw_pos, raw_neg = pos, neg  # Cohen's d, AUROC and frequencies are unit-free: read even for a zero decoder row
     if units == "residual":  # every magnitude in units of the activation the SAE reads; rank statistics do not change
         pos, neg = pos * norm, neg * norm
         scale = None if scale is None else scale.double().cpu() * norm
@@ -281,12 +291,12 @@ def score_feature_activations(
     metrics = {
         "composite": difference.abs() * consistency,
         "mean_difference": difference,
-        "cohens_d": cohens_d(pos, neg),
-        "auroc": auroc(pos, neg),
+        "cohens_d": cohens_d(raw_pos, raw_neg),
+        "auroc": auroc(raw_pos, raw_neg),
         "harmful_mean": harmful_mean / divisor,
         "harmless_mean": harmless_mean / divisor,
-        "harmful_frequency": (pos > 0).double().mean(0),
-        "harmless_frequency": (neg > 0).double().mean(0),
+        "harmful_frequency": (raw_pos > 0).double().mean(0),
+        "harmless_frequency": (raw_neg > 0).double().mean(0),
         "scale": feature_scale,
         "decoder_norm": norm,
     }
@@ -354,9 +364,13 @@ def score_features(
         Scores of all features of all SAEs, ranked by `by`.
 
     Raises:
-        FeatsteerError: when fewer than two rows of a class are within an SAE's norm bound.
+        FeatsteerError: when fewer than two rows of a class are within an SAE's norm bound, or `scales` names a hook
+            no SAE reads.
     """
     sae_map = sae_map_of(saes)
+    unknown = sorted(set(scales or {}) - set(sae_map))
+    if unknown:
+        raise FeatsteerError(f"scales given for {', '.join(unknown)}, which no SAE reads: key them by the SAEs' hooks ({', '.join(sae_map)})")
     position_list = [positions] if positions is None or isinstance(positions, int) else list(positions)
     parts, outside = [], {}
     for hook, sae in sae_map.items():

@@ -17,6 +17,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
 from sae_lens import SAE, Transcoder
 
 from featsteer.activations import hook_width
@@ -51,7 +52,7 @@ def validate_sae(sae: SAE, model: ModelAdapter, hook: str | None = None) -> str:
         The validated hook name.
 
     Raises:
-        FeatsteerError: if no hook is known, the hook does not exist on the model, the SAE's input width `d_in`
+        FeatsteerError: if no hook is known, a weight is NaN or infinite, the hook does not exist on the model, the SAE's input width `d_in`
             differs from the hook's width (`d_model`; `n_heads * d_head` at `blocks.{l}.attn.hook_z`), an SAE
             that reshapes attention heads (`reshape_activations="hook_z"`) is attached anywhere but at hook_z, it is
             a transcoder (it writes elsewhere than it reads), or its input scaling was never folded into its weights
@@ -70,6 +71,7 @@ def validate_sae(sae: SAE, model: ModelAdapter, hook: str | None = None) -> str:
             "sae_lens does not apply outside training, so it would read the raw activations: a training checkpoint? Use the "
             "SAE saved at the end of training, or fold the scaling in first (sae.fold_activation_norm_scaling_factor)"
         )
+    check_finite_weights(sae, name)
     site = model.hook_site(name)
     d_in = int(sae.cfg.d_in)
     if site.kind == "attn_z":
@@ -92,6 +94,21 @@ def validate_sae(sae: SAE, model: ModelAdapter, hook: str | None = None) -> str:
     if trained_on and trained_on != model.name:
         logger.info("SAE at %s was trained on '%s'; attaching it to '%s'", name, trained_on, model.name)
     return name
+
+
+def check_finite_weights(sae: SAE, where: str | None = None) -> None:
+    """Raise if any weight of `sae` is NaN or infinite (it would encode every row to NaN features without an error).
+
+    Raises:
+        FeatsteerError: naming the first non-finite parameter and how many of its entries are bad.
+    """
+    for name, weight in sae.named_parameters():
+        if weight.device.type == "meta":
+            continue
+        bad = int((~torch.isfinite(weight.detach())).sum())
+        if bad:
+            raise FeatsteerError(f"the SAE at {where or sae_hook_name(sae) or '(no hook)'} has {bad} NaN/inf entries in {name}: "
+                                 "its features would be NaN; retrain it, or load a checkpoint saved before training diverged")
 
 
 def load_sae(
@@ -118,17 +135,29 @@ def load_sae(
 
     Raises:
         FeatsteerError: unknown source, unreadable directory, release unavailable (offline or unknown
-            id), or an SAE that does not fit `model`.
+            id), NaN or infinite weights, or an SAE that does not fit `model`.
     """
     target = device or (str(model.device) if model is not None else "cpu")
+    _check_device(target)
     sae = source if isinstance(source, SAE) else _load_source(source, target)
     if model is not None:
         validate_sae(sae, model, hook)  # before the hook is written, so a bad hook leaves the SAE as it was
+    else:
+        check_finite_weights(sae, hook)
     if hook:
         sae.cfg.metadata.hook_name = hook
     if device is not None or model is not None:
         sae = sae.to(target)
     return sae.eval()
+
+
+def _check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise FeatsteerError(f"unknown device '{device}': pass cpu, cuda, cuda:N or mps") from None
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not torch.backends.mps.is_available()):
+        raise FeatsteerError(f"device '{device}' is not available on this machine: pass device='cpu'")
 
 
 def _load_source(source: str | os.PathLike[str], device: str) -> SAE:
@@ -154,7 +183,8 @@ def _load_directory(path: Path, device: str) -> SAE:
     try:
         return SAE.load_from_disk(path, device=device)
     except Exception as error:  # noqa: BLE001 - a cut-off weights file raises safetensors' own error type, a bad cfg.json others
-        raise FeatsteerError(f"could not load the SAE in {path} ({type(error).__name__}: {str(error)[:160]}); re-save it with sae_lens") from None
+        reason = " ".join(str(error).split())  # one line: torch's state_dict errors span several
+        raise FeatsteerError(f"could not load the SAE in {path} ({type(error).__name__}: {reason[:240]}); re-save it with sae_lens") from None
 
 
 def _load_release(release: str, sae_id: str, device: str) -> SAE:
