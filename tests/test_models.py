@@ -574,6 +574,35 @@ def test_tl_parallel_block_model_has_no_resid_mid(tmp_path):
     torch.testing.assert_close(post, pre + attn + mlp, atol=1e-5, rtol=0)
 
 
+def test_tl_layer_kinds_offer_only_the_norm_points_that_exist(tmp_path):
+    """layer_kinds offered ln1/ln2 on a HookedTransformer without norms and ln2 on a Phi-2 bridge (whose attention and MLP
+    read one norm), where capturing them failed; on an OLMo 2 bridge, whose ln1/ln2 are its post-norms, ln1 captured the
+    normalised attention output without a word. Each lists only what exists and means what the README says now."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    tokenizer = saved_tokenizer(byte_tokenizer(), tmp_path)
+    cfg = HookedTransformerConfig(n_layers=1, d_model=32, n_heads=2, d_head=16, d_mlp=64, d_vocab=len(tokenizer), n_ctx=64, act_fn="gelu",
+                                  normalization_type=None, positional_embedding_type="rotary", rotary_dim=16, default_prepend_bos=False)
+    plain = load_model(HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="left"))
+    assert not plain.input_norms and not set(NORMS) & set(plain.layer_kinds)
+    with pytest.raises(FeatsteerError, match="no norms before its attention and MLP"):
+        plain.hook_names(NORMS)
+    lenses = {}
+    for family, kinds in (("phi", ["ln1_normalized"]), ("olmo2", [])):
+        model, family_tokenizer = tiny_model(family)
+        model.save_pretrained(tmp_path / family)
+        family_tokenizer = saved_tokenizer(family_tokenizer, tmp_path / family)
+        lens = lenses[family] = load_model(TransformerBridge.boot_transformers(str(tmp_path / family), tokenizer=family_tokenizer, hf_model=model))
+        assert [kind for kind in lens.layer_kinds if kind in NORMS] == kinds, family
+        assert set(_record(lens, lens.hook_names(kinds, [0]) if kinds else [])[0]) == {f"blocks.0.{kind[:3]}.hook_normalized" for kind in kinds}
+        for missing in (kind for kind in NORMS if kind not in kinds):
+            with pytest.raises(FeatsteerError, match="does not exist"), lens.hooks([(f"blocks.0.{missing[:3]}.hook_normalized", lambda x, s: x)]):
+                pass
+    with pytest.raises(FeatsteerError, match="no ln2_normalized hook point .*one shared norm"):
+        lenses["phi"].hook_names(("ln2_normalized",))
+
+
 def test_a_weight_edit_of_a_tl_mixture_of_experts_model_edits_every_expert(tmp_path):
     """A HookedTransformer MoE layer has no W_out of its own: the edit raised AttributeError from torch. Each expert's
     output projection is a writer now, so the edit equals the ablation hook (the router's weights add the experts)."""

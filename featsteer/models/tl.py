@@ -14,7 +14,7 @@ from torch import Tensor
 
 from featsteer.errors import FeatsteerError
 from featsteer.models.adapter import BiasWriter, HookFn, ModelAdapter, ResidualWriter, TokenBatch
-from featsteer.models.hookpoints import HookSite
+from featsteer.models.hookpoints import NORM_KINDS, HookSite, hook_name
 
 
 class TLModelAdapter(ModelAdapter):
@@ -71,6 +71,28 @@ class TLModelAdapter(ModelAdapter):
     @property
     def parallel_block(self) -> bool:
         return bool(getattr(self.model.cfg, "parallel_attn_mlp", False))
+
+    @property
+    def input_norms(self) -> bool:
+        """From the family for a bridge: an OLMo 2 bridge names its post-norms `ln1`/`ln2`, so its `ln1.hook_normalized` is the
+        normalised attention output, not what the attention reads. A HookedTransformer built with `normalization_type=None`
+        has no norm hook points at all."""
+        if self._family_adapter is not None:
+            return self._family_adapter.input_norms
+        return hook_name(0, "ln1_normalized") in self.model.hook_dict
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """As for any model, less a norm point TransformerLens does not name: a Phi-2 or Cohere bridge's attention and MLP
+        read one norm, `ln1`, and the bridge has no `ln2`."""
+        return tuple(kind for kind in super().layer_kinds if kind not in NORM_KINDS or hook_name(0, kind) in self.model.hook_dict)
+
+    def hook_site(self, name: str) -> HookSite:
+        site = super().hook_site(name)
+        if site.kind in NORM_KINDS and site.kind not in self.layer_kinds:
+            raise FeatsteerError(f"{name} does not exist: this {self.family} model has no such norm before its "
+                                 f"{'attention' if site.kind == 'ln1_normalized' else 'MLP'}; its hook kinds are {', '.join(self.layer_kinds)}")
+        return site
 
     @property
     def learned_positions(self) -> bool:
