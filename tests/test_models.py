@@ -603,6 +603,31 @@ def test_tl_layer_kinds_offer_only_the_norm_points_that_exist(tmp_path):
         lenses["phi"].hook_names(("ln2_normalized",))
 
 
+def test_a_tl_shortformer_position_embedding_is_not_a_residual_write(tmp_path):
+    """With shortformer positions a HookedTransformer adds W_pos to each attention's queries and keys, not to the stream:
+    the weight edit and Ablate(writes) projected it anyway, which also changed what attention reads, so both differed
+    from ablating the stream itself. Now the stream ablation, the write ablation and the edit are one model."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from featsteer.edits import apply_edit
+    from featsteer.interventions import Ablate, steer
+    from featsteer.testing import random_direction
+
+    tokenizer = saved_tokenizer(byte_tokenizer(), tmp_path)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=128, d_vocab=len(tokenizer), n_ctx=64, act_fn="gelu",
+                                  normalization_type="LN", positional_embedding_type="shortformer", default_prepend_bos=False, seed=0)
+    adapter = load_model(HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="left"))
+    assert not adapter.learned_positions and "hook_pos_embed" not in [w.name for w in adapter.residual_writers()]
+    assert set(_record(adapter, ["hook_pos_embed"])[0]) == {"hook_pos_embed"}  # still a hook point, outside the stream
+    direction = random_direction(adapter.d_model)
+    with steer(adapter, Ablate(direction, where="residual")):
+        stream = adapter.logits(PROMPTS)
+    with steer(adapter, Ablate(direction)):
+        torch.testing.assert_close(adapter.logits(PROMPTS), stream, atol=1e-4, rtol=0)
+    with apply_edit(adapter, direction):
+        torch.testing.assert_close(adapter.logits(PROMPTS), stream, atol=1e-4, rtol=0)
+
+
 def test_a_weight_edit_of_a_tl_mixture_of_experts_model_edits_every_expert(tmp_path):
     """A HookedTransformer MoE layer has no W_out of its own: the edit raised AttributeError from torch. Each expert's
     output projection is a writer now, so the edit equals the ablation hook (the router's weights add the experts)."""

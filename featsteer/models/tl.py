@@ -14,7 +14,7 @@ from torch import Tensor
 
 from featsteer.errors import FeatsteerError
 from featsteer.models.adapter import BiasWriter, HookFn, ModelAdapter, ResidualWriter, TokenBatch
-from featsteer.models.hookpoints import NORM_KINDS, HookSite, hook_name
+from featsteer.models.hookpoints import NORM_KINDS, HookSite, hook_name, parse_hook_name
 
 
 class TLModelAdapter(ModelAdapter):
@@ -88,6 +88,8 @@ class TLModelAdapter(ModelAdapter):
         return tuple(kind for kind in super().layer_kinds if kind not in NORM_KINDS or hook_name(0, kind) in self.model.hook_dict)
 
     def hook_site(self, name: str) -> HookSite:
+        if name == "hook_pos_embed" and self._shortformer:  # it exists and fires, though outside the stream
+            return parse_hook_name(name, self.n_layers)
         site = super().hook_site(name)
         if site.kind in NORM_KINDS and site.kind not in self.layer_kinds:
             raise FeatsteerError(f"{name} does not exist: this {self.family} model has no such norm before its "
@@ -98,7 +100,13 @@ class TLModelAdapter(ModelAdapter):
     def learned_positions(self) -> bool:
         if self._family_adapter is not None:
             return self._family_adapter.learned_positions
-        return "hook_pos_embed" in self.model.hook_dict
+        return "hook_pos_embed" in self.model.hook_dict and not self._shortformer
+
+    @property
+    def _shortformer(self) -> bool:
+        """A HookedTransformer with shortformer positions adds its position embedding to each attention's queries and keys,
+        not to the stream: `hook_pos_embed` fires, but it is no residual write, so weight edits and `Ablate` leave it be."""
+        return not self.is_bridge and getattr(self.model.cfg, "positional_embedding_type", None) == "shortformer"
 
     @property
     def family(self) -> str:
@@ -165,7 +173,7 @@ class TLModelAdapter(ModelAdapter):
         if self.is_bridge:
             return self._refuse_processed(self._bridged().residual_writers())
         writers = [_param_writer("hook_embed", None, "embed", self.model.embed, "W_E", None)]
-        if hasattr(self.model, "pos_embed") and hasattr(self.model.pos_embed, "W_pos"):
+        if self.learned_positions and hasattr(self.model.pos_embed, "W_pos"):
             writers.append(_param_writer("hook_pos_embed", None, "pos_embed", self.model.pos_embed, "W_pos", None))
         for layer, block in enumerate(self.model.blocks):
             writers.append(_param_writer(f"blocks.{layer}.hook_attn_out", layer, "attn_out", block.attn, "W_O", "b_O"))
