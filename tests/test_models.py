@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import weakref
 from operator import attrgetter
 
@@ -665,6 +666,39 @@ def _assert_same_activations(native, lens):
     for name in heads:
         assert z_native[name].shape[-2:] == (native.n_heads, native.d_model // native.n_heads) and native.n_heads == lens.n_heads
         torch.testing.assert_close(z_native[name][real], z_lens[name][real], atol=1e-4, rtol=0)
+
+
+def test_a_gguf_file_is_converted_in_the_dtype_asked_for(tmp_path, monkeypatch):
+    """A GGUF file was converted and cached in float32 whatever the dtype, so a bfloat16 load held the whole model in
+    float32 first and cached twice the bytes. It is converted into the dtype asked for now; a float32 conversion, when
+    there is one, serves the other dtypes, with the same numbers as their own conversions."""
+    from featsteer.testing import tiny_gguf
+
+    monkeypatch.setenv("FEATSTEER_CACHE", str(tmp_path / "cache"))
+    tiny_gguf(tmp_path / "tiny.gguf")
+
+    def cached() -> dict[str, set[str]]:
+        """The tensor dtypes of each conversion, by its folder's dtype suffix ("" for float32's tiny-KEY)."""
+        return {folder.name.split("-", 2)[2] if folder.name.count("-") == 2 else "": _tensor_dtypes(folder)
+                for folder in (tmp_path / "cache" / "gguf").glob("tiny-*")}
+
+    half = load_model(str(tmp_path / "tiny.gguf"), dtype="bfloat16")
+    assert half.dtype == torch.bfloat16 and cached() == {"bfloat16": {"BF16"}}
+    half_logits = half.logits(PROMPTS)
+    assert load_model(str(tmp_path / "tiny.gguf"), dtype="auto").dtype == torch.float32
+    assert cached() == {"bfloat16": {"BF16"}, "": {"F32"}}
+    for folder in (tmp_path / "cache" / "gguf").glob("tiny-*-bfloat16"):
+        shutil.rmtree(folder)
+    again = load_model(str(tmp_path / "tiny.gguf"), dtype="bfloat16")
+    assert again.dtype == torch.bfloat16 and cached() == {"": {"F32"}}  # read from the float32 conversion, not converted again
+    torch.testing.assert_close(again.logits(PROMPTS), half_logits, atol=0, rtol=0)
+
+
+def _tensor_dtypes(folder) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+        return {weights.get_slice(name).get_dtype() for name in weights.keys()}  # noqa: SIM118 - safe_open is no dict
 
 
 def test_unsupported_architecture_lists_supported_ones():
