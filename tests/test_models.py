@@ -539,6 +539,33 @@ def test_a_bridge_knows_its_family_particulars(tmp_path):
                 pass
 
 
+def test_a_bridge_hook_point_that_never_runs_is_neither_offered_nor_hooked(tmp_path):
+    """A Granite bridge lists blocks.L.hook_attn_out and hook_mlp_out but never calls them (Granite scales the branch outputs
+    outside the bridged modules): steering there did nothing, Ablate(writes) silently skipped them, and capturing raised a
+    KeyError. They are not offered now, and hooking them is a one-line error."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from featsteer.activations import capture
+    from featsteer.interventions import Ablate, AddDirection, steer
+    from featsteer.testing import random_direction
+
+    model, tokenizer = tiny_model("granite")
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model)
+    lens = load_model(bridge)
+    lens.logits(PROMPTS)  # the bridge adds hooks of its own to the modules it wraps on its first pass
+    before = count_hooks(bridge)
+    assert "resid_mid" in lens.layer_kinds and not {"attn_out", "mlp_out"} & set(lens.layer_kinds)
+    direction = random_direction(lens.d_model)
+    with pytest.raises(FeatsteerError, match="blocks.0.hook_attn_out never runs on this TransformerBridge"):
+        capture(lens, PROMPTS, ["blocks.0.hook_attn_out"], progress=False)
+    for intervention in (AddDirection(direction, 5.0, where="blocks.1.hook_mlp_out"), Ablate(direction)):
+        with pytest.raises(FeatsteerError, match="never runs"), steer(lens, intervention):
+            pass
+    assert count_hooks(bridge) == before
+
+
 def test_a_sequence_longer_than_n_ctx_of_a_tl_model_is_a_one_line_error(tmp_path):
     """A HookedTransformer's causal mask, position table and rotary angles have n_ctx rows: one token more raised an
     IndexError from inside the forward pass, for a learned position table (GPT-2) and for rotary angles alike."""

@@ -31,6 +31,7 @@ class TLModelAdapter(ModelAdapter):
         self.name = name or getattr(model.cfg, "model_name", None) or type(model).__name__
         self.is_bridge = not hasattr(model, "blocks") or type(model).__name__ == "TransformerBridge"
         self._family_adapter = self._known_family() if self.is_bridge else None
+        self._silent: frozenset[str] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -83,14 +84,53 @@ class TLModelAdapter(ModelAdapter):
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:
-        """As for any model, less a norm point TransformerLens does not name: a Phi-2 or Cohere bridge's attention and MLP
-        read one norm, `ln1`, and the bridge has no `ln2`."""
-        return tuple(kind for kind in super().layer_kinds if kind not in NORM_KINDS or hook_name(0, kind) in self.model.hook_dict)
+        """As for any model, less a norm point TransformerLens does not name (a Phi-2 or Cohere bridge's attention and MLP
+        read one norm, `ln1`, and the bridge has no `ln2`) and a kind a bridge names but never calls (`_silent_kinds`)."""
+        silent = self._silent_kinds()
+        return tuple(kind for kind in super().layer_kinds
+                     if (kind not in NORM_KINDS or hook_name(0, kind) in self.model.hook_dict) and kind not in silent)
+
+    def _silent_hook_points(self) -> frozenset[str]:
+        """featsteer's hook points that a bridge names but its forward pass never calls, found once with a one-token pass: a
+        Granite bridge's `hook_attn_out` and `hook_mlp_out` (Granite scales the branch outputs outside the bridged modules),
+        where a steering hook did nothing and a capture failed with a KeyError. None on a HookedTransformer."""
+        if not self.is_bridge:
+            return frozenset()
+        if self._silent is None:
+            names = [name for name in self.model.hook_dict if _featsteer_site(name, self.n_layers) is not None]
+            fired: set[str] = set()
+            handles = [self.model.hook_dict[name].register_forward_hook(lambda module, args, output, name=name: fired.add(name)) for name in names]
+            token = next((t for t in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
+            try:
+                with torch.no_grad():
+                    ones = torch.ones((1, 1), dtype=torch.long, device=self.device)
+                    self._forward(TokenBatch(ones * token, ones), None, False)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            self._silent = frozenset(names) - fired
+        return self._silent
+
+    def _silent_kinds(self) -> set[str]:
+        """The per-layer kinds no layer of a bridge calls (see `_silent_hook_points`)."""
+        silent = self._silent_hook_points()
+        if not silent:
+            return set()
+        sites = {name: _featsteer_site(name, self.n_layers) for name in self.model.hook_dict}
+        layered = {name: site.kind for name, site in sites.items() if site is not None and site.layer is not None}
+        return set(layered.values()) - {kind for name, kind in layered.items() if name not in silent}
+
+    def hook_names(self, kinds: Sequence[str] = ("resid_pre",), layers: Sequence[int] | None = None) -> list[str]:
+        if silent := [kind for kind in kinds if kind in self._silent_kinds()]:
+            raise FeatsteerError(_never_called(f"hook kind {', '.join(silent)}", self.family))
+        return super().hook_names(kinds, layers)
 
     def hook_site(self, name: str) -> HookSite:
         if name == "hook_pos_embed" and self._shortformer:  # it exists and fires, though outside the stream
             return parse_hook_name(name, self.n_layers)
         site = super().hook_site(name)
+        if name in self._silent_hook_points():
+            raise FeatsteerError(_never_called(name, self.family))
         if site.kind in NORM_KINDS and site.kind not in self.layer_kinds:
             raise FeatsteerError(f"{name} does not exist: this {self.family} model has no such norm before its "
                                  f"{'attention' if site.kind == 'ln1_normalized' else 'MLP'}; its hook kinds are {', '.join(self.layer_kinds)}")
@@ -201,6 +241,19 @@ class TLModelAdapter(ModelAdapter):
         if self.is_bridge:
             return self._bridged().unembed()
         return self.model.W_U.T, self.model.ln_final
+
+
+def _featsteer_site(name: str, n_layers: int) -> HookSite | None:
+    """The featsteer hook site a TransformerLens hook name is, or None for TransformerLens' other hook points."""
+    try:
+        return parse_hook_name(name, n_layers)
+    except FeatsteerError:
+        return None
+
+
+def _never_called(what: str, family: str) -> str:
+    return (f"{what} never runs on this TransformerBridge ({family}): the bridge lists it as a hook point but its forward pass "
+            "does not call it, so a hook there would do nothing; load the Hugging Face model itself (load_model(path)) to hook it")
 
 
 def _tl_hook(site: HookSite, fn: HookFn, n_heads: int):
