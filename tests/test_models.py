@@ -558,12 +558,35 @@ def test_a_bridge_hook_point_that_never_runs_is_neither_offered_nor_hooked(tmp_p
     before = count_hooks(bridge)
     assert "resid_mid" in lens.layer_kinds and not {"attn_out", "mlp_out"} & set(lens.layer_kinds)
     direction = random_direction(lens.d_model)
-    with pytest.raises(FeatsteerError, match="blocks.0.hook_attn_out never runs on this TransformerBridge"):
+    with pytest.raises(FeatsteerError, match="blocks.0.hook_attn_out never runs on this TransformerLens model.*load the Hugging Face model"):
         capture(lens, PROMPTS, ["blocks.0.hook_attn_out"], progress=False)
     for intervention in (AddDirection(direction, 5.0, where="blocks.1.hook_mlp_out"), Ablate(direction)):
         with pytest.raises(FeatsteerError, match="never runs"), steer(lens, intervention):
             pass
     assert count_hooks(bridge) == before
+
+
+def test_an_attention_only_hooked_transformer_offers_no_mlp_points_and_edits(tmp_path):
+    """An attention-only HookedTransformer (attn_only=True) has no MLP: layer_kinds offered resid_mid (which it does not name),
+    ln2 and mlp_out (which never run), and every weight edit failed with an AttributeError from the missing block.mlp."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from featsteer.edits import apply_edit
+    from featsteer.interventions import Ablate, steer
+    from featsteer.testing import random_direction
+
+    tokenizer = saved_tokenizer(byte_tokenizer(), tmp_path)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=len(tokenizer), n_ctx=64, attn_only=True,
+                                  normalization_type="LN", positional_embedding_type="rotary", rotary_dim=16, default_prepend_bos=False, seed=0)
+    adapter = load_model(HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="left"))
+    assert adapter.layer_kinds == ("resid_pre", "ln1_normalized", "attn_out", "resid_post", "attn_z")
+    with pytest.raises(FeatsteerError, match="blocks.0.hook_mlp_out never runs on this TransformerLens model"):
+        adapter.hook_site("blocks.0.hook_mlp_out")
+    direction = random_direction(adapter.d_model)
+    with steer(adapter, Ablate(direction)):
+        hooked = adapter.logits(PROMPTS)
+    with apply_edit(adapter, direction):
+        torch.testing.assert_close(adapter.logits(PROMPTS), hooked, atol=1e-4, rtol=0)
 
 
 def test_a_sequence_longer_than_n_ctx_of_a_tl_model_is_a_one_line_error(tmp_path):

@@ -31,7 +31,7 @@ class TLModelAdapter(ModelAdapter):
         self.name = name or getattr(model.cfg, "model_name", None) or type(model).__name__
         self.is_bridge = not hasattr(model, "blocks") or type(model).__name__ == "TransformerBridge"
         self._family_adapter = self._known_family() if self.is_bridge else None
-        self._silent: frozenset[str] | None = None
+        self._probed: tuple[frozenset[str], frozenset[str]] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -84,22 +84,24 @@ class TLModelAdapter(ModelAdapter):
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:
-        """As for any model, less a norm point TransformerLens does not name (a Phi-2 or Cohere bridge's attention and MLP
-        read one norm, `ln1`, and the bridge has no `ln2`) and a kind a bridge names but never calls (`_silent_kinds`)."""
-        silent = self._silent_kinds()
-        return tuple(kind for kind in super().layer_kinds
-                     if (kind not in NORM_KINDS or hook_name(0, kind) in self.model.hook_dict) and kind not in silent)
+        """As for any model, less a kind none of whose hook points runs: one TransformerLens does not name (a Phi-2 or Cohere
+        bridge's attention and MLP read one norm, `ln1`, and it names no `ln2`; an attention-only HookedTransformer has no
+        `resid_mid`) or names but never calls (see `_silent_hook_points`)."""
+        running = self._probe()[1]
+        return tuple(kind for kind in super().layer_kinds if kind in running)
 
     def _silent_hook_points(self) -> frozenset[str]:
-        """featsteer's hook points that a bridge names but its forward pass never calls, found once with a one-token pass: a
-        Granite bridge's `hook_attn_out` and `hook_mlp_out` (Granite scales the branch outputs outside the bridged modules),
-        where a steering hook did nothing and a capture failed with a KeyError. None on a HookedTransformer."""
-        if not self.is_bridge:
-            return frozenset()
-        if self._silent is None:
-            names = [name for name in self.model.hook_dict if _featsteer_site(name, self.n_layers) is not None]
+        """featsteer's hook points the model lists but its forward pass never calls: a Granite bridge's `hook_attn_out` and
+        `hook_mlp_out` (Granite scales the branch outputs outside the bridged modules), an attention-only HookedTransformer's
+        `hook_mlp_out`. A steering hook there did nothing, and a capture failed with a KeyError."""
+        return self._probe()[0]
+
+    def _probe(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The silent hook points and the per-layer kinds with a hook point that runs, found once with a one-token pass."""
+        if self._probed is None:
+            sites = {name: site for name in self.model.hook_dict if (site := _featsteer_site(name, self.n_layers)) is not None}
             fired: set[str] = set()
-            handles = [self.model.hook_dict[name].register_forward_hook(lambda module, args, output, name=name: fired.add(name)) for name in names]
+            handles = [self.model.hook_dict[name].register_forward_hook(lambda module, args, output, name=name: fired.add(name)) for name in sites]
             token = next((t for t in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
             try:
                 with torch.no_grad():
@@ -108,29 +110,30 @@ class TLModelAdapter(ModelAdapter):
             finally:
                 for handle in handles:
                     handle.remove()
-            self._silent = frozenset(names) - fired
-        return self._silent
-
-    def _silent_kinds(self) -> set[str]:
-        """The per-layer kinds no layer of a bridge calls (see `_silent_hook_points`)."""
-        silent = self._silent_hook_points()
-        if not silent:
-            return set()
-        sites = {name: _featsteer_site(name, self.n_layers) for name in self.model.hook_dict}
-        layered = {name: site.kind for name, site in sites.items() if site is not None and site.layer is not None}
-        return set(layered.values()) - {kind for name, kind in layered.items() if name not in silent}
+            running = frozenset(sites[name].kind for name in fired if sites[name].layer is not None)
+            self._probed = (frozenset(sites) - fired, running)
+        return self._probed
 
     def hook_names(self, kinds: Sequence[str] = ("resid_pre",), layers: Sequence[int] | None = None) -> list[str]:
-        if silent := [kind for kind in kinds if kind in self._silent_kinds()]:
-            raise FeatsteerError(_never_called(f"hook kind {', '.join(silent)}", self.family))
+        """As for any model; on a bridge a kind it lists but never calls is an error rather than left out, since the model
+        computes it (leaving Granite's branch outputs out of `Ablate(writes)` would ablate part of what the edit removes).
+        An attention-only HookedTransformer's `mlp_out` is left out: there is no MLP."""
+        named = {site.kind for name in self._silent_hook_points() if (site := _featsteer_site(name, self.n_layers)).layer is not None}
+        if self.is_bridge and (silent := [kind for kind in kinds if kind in named - self._probe()[1]]):
+            raise FeatsteerError(self._never_called(f"hook kind {', '.join(silent)}"))
         return super().hook_names(kinds, layers)
+
+    def _never_called(self, what: str) -> str:
+        advice = "; load the Hugging Face model itself (load_model(path)) to hook it" if self.is_bridge else ""
+        return (f"{what} never runs on this TransformerLens model ({self.family}): it is listed as a hook point but the forward pass "
+                f"does not call it, so a hook there would do nothing{advice}")
 
     def hook_site(self, name: str) -> HookSite:
         if name == "hook_pos_embed" and self._shortformer:  # it exists and fires, though outside the stream
             return parse_hook_name(name, self.n_layers)
         site = super().hook_site(name)
         if name in self._silent_hook_points():
-            raise FeatsteerError(_never_called(name, self.family))
+            raise FeatsteerError(self._never_called(name))
         if site.kind in NORM_KINDS and site.kind not in self.layer_kinds:
             raise FeatsteerError(f"{name} does not exist: this {self.family} model has no such norm before its "
                                  f"{'attention' if site.kind == 'ln1_normalized' else 'MLP'}; its hook kinds are {', '.join(self.layer_kinds)}")
@@ -217,6 +220,8 @@ class TLModelAdapter(ModelAdapter):
             writers.append(_param_writer("hook_pos_embed", None, "pos_embed", self.model.pos_embed, "W_pos", None))
         for layer, block in enumerate(self.model.blocks):
             writers.append(_param_writer(f"blocks.{layer}.hook_attn_out", layer, "attn_out", block.attn, "W_O", "b_O"))
+            if getattr(block, "mlp", None) is None:  # an attention-only model
+                continue
             experts = getattr(block.mlp, "experts", None)
             if experts is None:
                 writers.append(_param_writer(f"blocks.{layer}.hook_mlp_out", layer, "mlp_out", block.mlp, "W_out", "b_out"))
@@ -231,7 +236,7 @@ class TLModelAdapter(ModelAdapter):
             return []
         writers = []
         for layer, block in enumerate(self.model.blocks):
-            for kind, module, attr in (("attn_out", block.attn, "b_O"), ("mlp_out", block.mlp, "b_out")):
+            for kind, module, attr in (("attn_out", block.attn, "b_O"), ("mlp_out", getattr(block, "mlp", None), "b_out")):
                 bias = getattr(module, attr, None)
                 if isinstance(bias, Tensor) and bias.dim() == 1:
                     writers.append(_bias_writer(f"blocks.{layer}.hook_{kind}", layer, bias))
@@ -249,11 +254,6 @@ def _featsteer_site(name: str, n_layers: int) -> HookSite | None:
         return parse_hook_name(name, n_layers)
     except FeatsteerError:
         return None
-
-
-def _never_called(what: str, family: str) -> str:
-    return (f"{what} never runs on this TransformerBridge ({family}): the bridge lists it as a hook point but its forward pass "
-            "does not call it, so a hook there would do nothing; load the Hugging Face model itself (load_model(path)) to hook it")
 
 
 def _tl_hook(site: HookSite, fn: HookFn, n_heads: int):
