@@ -632,6 +632,8 @@ def test_tl_layer_kinds_offer_only_the_norm_points_that_exist(tmp_path):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.model_bridge import TransformerBridge
 
+    from featsteer.directions.geometry import direct_logits
+
     tokenizer = saved_tokenizer(byte_tokenizer(), tmp_path)
     cfg = HookedTransformerConfig(n_layers=1, d_model=32, n_heads=2, d_head=16, d_mlp=64, d_vocab=len(tokenizer), n_ctx=64, act_fn="gelu",
                                   normalization_type=None, positional_embedding_type="rotary", rotary_dim=16, default_prepend_bos=False)
@@ -639,6 +641,8 @@ def test_tl_layer_kinds_offer_only_the_norm_points_that_exist(tmp_path):
     assert not plain.input_norms and not set(NORMS) & set(plain.layer_kinds)
     with pytest.raises(FeatsteerError, match="no norms before its attention and MLP"):
         plain.hook_names(NORMS)
+    vectors = torch.randn(2, plain.d_model, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(direct_logits(plain, vectors), vectors @ plain.model.W_U.detach(), atol=1e-5, rtol=0)  # no final norm
     lenses = {}
     for family, kinds in (("phi", ["ln1_normalized"]), ("olmo2", [])):
         model, family_tokenizer = tiny_model(family)

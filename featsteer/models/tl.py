@@ -245,7 +245,8 @@ class TLModelAdapter(ModelAdapter):
     def unembed(self) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         if self.is_bridge:
             return self._bridged().unembed()
-        return self.model.W_U.T, self.model.ln_final
+        norm = getattr(self.model, "ln_final", None)  # a HookedTransformer built with normalization_type=None has none
+        return self.model.W_U.T, torch.nn.Identity() if norm is None else norm
 
 
 def _featsteer_site(name: str, n_layers: int) -> HookSite | None:
