@@ -199,3 +199,52 @@ def hooked_gpt2(model, tokenizer):
     hooked = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="left")
     hooked.load_state_dict(convert_gpt2_weights(model, cfg), strict=False)
     return hooked.eval()
+
+
+GGUF_LAYER_TENSORS = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+"""A Llama decoder layer's weights by their llama.cpp names."""
+
+
+def tiny_gguf(path) -> None:
+    """Write the tiny Llama (`tiny_model("llama")`) and its byte tokenizer as a GGUF file at `path`, matrices in float16,
+    for tests of GGUF loading. Queries and keys are stored in Hugging Face's order, so the loaded model's attention differs
+    from the tiny Llama's (llama.cpp permutes them): the file is a model of its own, not a copy."""
+    import gguf
+    import numpy as np
+
+    model, tokenizer = tiny_model("llama")
+    config, weights = model.config, model.state_dict()
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    tokens = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if token in tokenizer.all_special_tokens else 1 for token in tokens])  # 3: control, 1: normal
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_pad_token_id(config.pad_token_id)
+    named = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+    named.update({f"blk.{layer}.{short}": f"model.layers.{layer}.{long}" for layer in range(config.num_hidden_layers)
+                  for long, short in GGUF_LAYER_TENSORS.items()})
+    for name, source in named.items():
+        tensor = weights[f"{source}.weight"].detach().float().numpy()
+        writer.add_tensor(f"{name}.weight", tensor.astype(np.float16 if tensor.ndim > 1 else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import weakref
 from operator import attrgetter
 
@@ -538,6 +539,56 @@ def test_a_bridge_knows_its_family_particulars(tmp_path):
                 pass
 
 
+def test_a_bridge_hook_point_that_never_runs_is_neither_offered_nor_hooked(tmp_path):
+    """A Granite bridge lists blocks.L.hook_attn_out and hook_mlp_out but never calls them (Granite scales the branch outputs
+    outside the bridged modules): steering there did nothing, Ablate(writes) silently skipped them, and capturing raised a
+    KeyError. They are not offered now, and hooking them is a one-line error."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from featsteer.activations import capture
+    from featsteer.interventions import Ablate, AddDirection, steer
+    from featsteer.testing import random_direction
+
+    model, tokenizer = tiny_model("granite")
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model)
+    lens = load_model(bridge)
+    lens.logits(PROMPTS)  # the bridge adds hooks of its own to the modules it wraps on its first pass
+    before = count_hooks(bridge)
+    assert "resid_mid" in lens.layer_kinds and not {"attn_out", "mlp_out"} & set(lens.layer_kinds)
+    direction = random_direction(lens.d_model)
+    with pytest.raises(FeatsteerError, match="blocks.0.hook_attn_out never runs on this TransformerLens model.*load the Hugging Face model"):
+        capture(lens, PROMPTS, ["blocks.0.hook_attn_out"], progress=False)
+    for intervention in (AddDirection(direction, 5.0, where="blocks.1.hook_mlp_out"), Ablate(direction)):
+        with pytest.raises(FeatsteerError, match="never runs"), steer(lens, intervention):
+            pass
+    assert count_hooks(bridge) == before
+
+
+def test_an_attention_only_hooked_transformer_offers_no_mlp_points_and_edits(tmp_path):
+    """An attention-only HookedTransformer (attn_only=True) has no MLP: layer_kinds offered resid_mid (which it does not name),
+    ln2 and mlp_out (which never run), and every weight edit failed with an AttributeError from the missing block.mlp."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from featsteer.edits import apply_edit
+    from featsteer.interventions import Ablate, steer
+    from featsteer.testing import random_direction
+
+    tokenizer = saved_tokenizer(byte_tokenizer(), tmp_path)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=len(tokenizer), n_ctx=64, attn_only=True,
+                                  normalization_type="LN", positional_embedding_type="rotary", rotary_dim=16, default_prepend_bos=False, seed=0)
+    adapter = load_model(HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="left"))
+    assert adapter.layer_kinds == ("resid_pre", "ln1_normalized", "attn_out", "resid_post", "attn_z")
+    with pytest.raises(FeatsteerError, match="blocks.0.hook_mlp_out never runs on this TransformerLens model"):
+        adapter.hook_site("blocks.0.hook_mlp_out")
+    direction = random_direction(adapter.d_model)
+    with steer(adapter, Ablate(direction)):
+        hooked = adapter.logits(PROMPTS)
+    with apply_edit(adapter, direction):
+        torch.testing.assert_close(adapter.logits(PROMPTS), hooked, atol=1e-4, rtol=0)
+
+
 def test_a_sequence_longer_than_n_ctx_of_a_tl_model_is_a_one_line_error(tmp_path):
     """A HookedTransformer's causal mask, position table and rotary angles have n_ctx rows: one token more raised an
     IndexError from inside the forward pass, for a learned position table (GPT-2) and for rotary angles alike."""
@@ -572,6 +623,64 @@ def test_tl_parallel_block_model_has_no_resid_mid(tmp_path):
     seen, _ = _record(adapter, adapter.hook_names(("resid_pre", "attn_out", "mlp_out", "resid_post"), [0]))
     pre, attn, mlp, post = (seen[f"blocks.0.hook_{k}"] for k in ("resid_pre", "attn_out", "mlp_out", "resid_post"))
     torch.testing.assert_close(post, pre + attn + mlp, atol=1e-5, rtol=0)
+
+
+def test_tl_layer_kinds_offer_only_the_norm_points_that_exist(tmp_path):
+    """layer_kinds offered ln1/ln2 on a HookedTransformer without norms and ln2 on a Phi-2 bridge (whose attention and MLP
+    read one norm), where capturing them failed; on an OLMo 2 bridge, whose ln1/ln2 are its post-norms, ln1 captured the
+    normalised attention output without a word. Each lists only what exists and means what the README says now."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from featsteer.directions.geometry import direct_logits
+
+    tokenizer = saved_tokenizer(byte_tokenizer(), tmp_path)
+    cfg = HookedTransformerConfig(n_layers=1, d_model=32, n_heads=2, d_head=16, d_mlp=64, d_vocab=len(tokenizer), n_ctx=64, act_fn="gelu",
+                                  normalization_type=None, positional_embedding_type="rotary", rotary_dim=16, default_prepend_bos=False)
+    plain = load_model(HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="left"))
+    assert not plain.input_norms and not set(NORMS) & set(plain.layer_kinds)
+    with pytest.raises(FeatsteerError, match="no norms before its attention and MLP"):
+        plain.hook_names(NORMS)
+    vectors = torch.randn(2, plain.d_model, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(direct_logits(plain, vectors), vectors @ plain.model.W_U.detach(), atol=1e-5, rtol=0)  # no final norm
+    lenses = {}
+    for family, kinds in (("phi", ["ln1_normalized"]), ("olmo2", [])):
+        model, family_tokenizer = tiny_model(family)
+        model.save_pretrained(tmp_path / family)
+        family_tokenizer = saved_tokenizer(family_tokenizer, tmp_path / family)
+        lens = lenses[family] = load_model(TransformerBridge.boot_transformers(str(tmp_path / family), tokenizer=family_tokenizer, hf_model=model))
+        assert [kind for kind in lens.layer_kinds if kind in NORMS] == kinds, family
+        assert set(_record(lens, lens.hook_names(kinds, [0]) if kinds else [])[0]) == {f"blocks.0.{kind[:3]}.hook_normalized" for kind in kinds}
+        for missing in (kind for kind in NORMS if kind not in kinds):
+            with pytest.raises(FeatsteerError, match="does not exist"), lens.hooks([(f"blocks.0.{missing[:3]}.hook_normalized", lambda x, s: x)]):
+                pass
+    with pytest.raises(FeatsteerError, match="no ln2_normalized hook point .*one shared norm"):
+        lenses["phi"].hook_names(("ln2_normalized",))
+
+
+def test_a_tl_shortformer_position_embedding_is_not_a_residual_write(tmp_path):
+    """With shortformer positions a HookedTransformer adds W_pos to each attention's queries and keys, not to the stream:
+    the weight edit and Ablate(writes) projected it anyway, which also changed what attention reads, so both differed
+    from ablating the stream itself. Now the stream ablation, the write ablation and the edit are one model."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from featsteer.edits import apply_edit
+    from featsteer.interventions import Ablate, steer
+    from featsteer.testing import random_direction
+
+    tokenizer = saved_tokenizer(byte_tokenizer(), tmp_path)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=128, d_vocab=len(tokenizer), n_ctx=64, act_fn="gelu",
+                                  normalization_type="LN", positional_embedding_type="shortformer", default_prepend_bos=False, seed=0)
+    adapter = load_model(HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="left"))
+    assert not adapter.learned_positions and "hook_pos_embed" not in [w.name for w in adapter.residual_writers()]
+    assert set(_record(adapter, ["hook_pos_embed"])[0]) == {"hook_pos_embed"}  # still a hook point, outside the stream
+    direction = random_direction(adapter.d_model)
+    with steer(adapter, Ablate(direction, where="residual")):
+        stream = adapter.logits(PROMPTS)
+    with steer(adapter, Ablate(direction)):
+        torch.testing.assert_close(adapter.logits(PROMPTS), stream, atol=1e-4, rtol=0)
+    with apply_edit(adapter, direction):
+        torch.testing.assert_close(adapter.logits(PROMPTS), stream, atol=1e-4, rtol=0)
 
 
 def test_a_weight_edit_of_a_tl_mixture_of_experts_model_edits_every_expert(tmp_path):
@@ -611,6 +720,39 @@ def _assert_same_activations(native, lens):
     for name in heads:
         assert z_native[name].shape[-2:] == (native.n_heads, native.d_model // native.n_heads) and native.n_heads == lens.n_heads
         torch.testing.assert_close(z_native[name][real], z_lens[name][real], atol=1e-4, rtol=0)
+
+
+def test_a_gguf_file_is_converted_in_the_dtype_asked_for(tmp_path, monkeypatch):
+    """A GGUF file was converted and cached in float32 whatever the dtype, so a bfloat16 load held the whole model in
+    float32 first and cached twice the bytes. It is converted into the dtype asked for now; a float32 conversion, when
+    there is one, serves the other dtypes, with the same numbers as their own conversions."""
+    from featsteer.testing import tiny_gguf
+
+    monkeypatch.setenv("FEATSTEER_CACHE", str(tmp_path / "cache"))
+    tiny_gguf(tmp_path / "tiny.gguf")
+
+    def cached() -> dict[str, set[str]]:
+        """The tensor dtypes of each conversion, by its folder's dtype suffix ("" for float32's tiny-KEY)."""
+        return {folder.name.split("-", 2)[2] if folder.name.count("-") == 2 else "": _tensor_dtypes(folder)
+                for folder in (tmp_path / "cache" / "gguf").glob("tiny-*")}
+
+    half = load_model(str(tmp_path / "tiny.gguf"), dtype="bfloat16")
+    assert half.dtype == torch.bfloat16 and cached() == {"bfloat16": {"BF16"}}
+    half_logits = half.logits(PROMPTS)
+    assert load_model(str(tmp_path / "tiny.gguf"), dtype="auto").dtype == torch.float32
+    assert cached() == {"bfloat16": {"BF16"}, "": {"F32"}}
+    for folder in (tmp_path / "cache" / "gguf").glob("tiny-*-bfloat16"):
+        shutil.rmtree(folder)
+    again = load_model(str(tmp_path / "tiny.gguf"), dtype="bfloat16")
+    assert again.dtype == torch.bfloat16 and cached() == {"": {"F32"}}  # read from the float32 conversion, not converted again
+    torch.testing.assert_close(again.logits(PROMPTS), half_logits, atol=0, rtol=0)
+
+
+def _tensor_dtypes(folder) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+        return {weights.get_slice(name).get_dtype() for name in weights.keys()}  # noqa: SIM118 - safe_open is no dict
 
 
 def test_unsupported_architecture_lists_supported_ones():

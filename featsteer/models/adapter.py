@@ -340,6 +340,9 @@ class ModelAdapter(ABC):
         known, have = LAYER_KINDS + HEAD_KINDS + ROUTING_KINDS, self.layer_kinds
         kept = [kind for kind in kinds if kind in have or kind not in known]
         if kinds and not kept:
+            if set(kinds) <= {"ln1_normalized", "ln2_normalized"} and self.input_norms:  # a TransformerLens Phi-2 bridge names no ln2
+                raise FeatsteerError(f"{self.family} has no {', '.join(kinds)} hook point (its attention and MLP read one shared norm): "
+                                     f"its hook kinds are {', '.join(self.layer_kinds)}")
             if set(kinds) <= {"ln1_normalized", "ln2_normalized"}:
                 raise FeatsteerError(f"{self.family} has no norms before its attention and MLP (they read the stream itself): there is "
                                      "no blocks.L.ln1/ln2.hook_normalized; use hook_resid_pre / hook_resid_mid")

@@ -122,7 +122,7 @@ def load_model(spec, *, tokenizer=None, dtype: torch.dtype | str = torch.float32
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FeatsteerError(f"GGUF file not found: {path}")
-        return _from_directory(_converted_gguf(path), dtype, device, name=path.name)
+        return _from_directory(_converted_gguf(path, dtype), dtype, device, name=path.name)
     if path.is_dir():
         return _from_directory(path, dtype, device, name=text)
     if path.exists() or text.startswith((".", "/", "~")):
@@ -263,18 +263,26 @@ def _from_hub(model_id: str, dtype: torch.dtype | str, device: torch.device) -> 
     return HFModelAdapter(model, AutoTokenizer.from_pretrained(model_id), name=model_id)
 
 
-def _converted_gguf(path: Path) -> Path:
-    """Convert a GGUF file to a safetensors model directory once; later loads read the cache."""
+def _converted_gguf(path: Path, dtype: torch.dtype | str = torch.float32) -> Path:
+    """Convert a GGUF file to a safetensors model directory once per dtype; later loads read the cache.
+
+    The tensors are dequantized straight into `dtype` (float32 for `auto`), so a bfloat16 or float16 load never holds the
+    model in float32, nor caches it so. A float32 conversion serves every dtype (loading casts it down, as a conversion
+    into that dtype would), so it is reused rather than converting again.
+    """
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = default_cache_dir() / "gguf" / f"{path.stem}-{key}"
-    if (target / "config.json").is_file():
-        return target
+    full = default_cache_dir() / "gguf" / f"{path.stem}-{key}"  # the float32 conversion
+    dtype = torch.float32 if dtype == "auto" else dtype
+    target = full if dtype == torch.float32 else full.with_name(f"{full.name}-{str(dtype).removeprefix('torch.')}")
+    for cached in (target, full):
+        if (cached / "config.json").is_file():
+            return cached
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s to safetensors under %s (first load only)", path.name, target)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as error:  # noqa: BLE001
         raise FeatsteerError(f"could not read GGUF file {path} ({type(error).__name__}: {str(error)[:160]})") from None

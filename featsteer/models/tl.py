@@ -14,7 +14,7 @@ from torch import Tensor
 
 from featsteer.errors import FeatsteerError
 from featsteer.models.adapter import BiasWriter, HookFn, ModelAdapter, ResidualWriter, TokenBatch
-from featsteer.models.hookpoints import HookSite
+from featsteer.models.hookpoints import NORM_KINDS, HookSite, hook_name, parse_hook_name
 
 
 class TLModelAdapter(ModelAdapter):
@@ -31,6 +31,7 @@ class TLModelAdapter(ModelAdapter):
         self.name = name or getattr(model.cfg, "model_name", None) or type(model).__name__
         self.is_bridge = not hasattr(model, "blocks") or type(model).__name__ == "TransformerBridge"
         self._family_adapter = self._known_family() if self.is_bridge else None
+        self._probed: tuple[frozenset[str], frozenset[str]] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -73,10 +74,82 @@ class TLModelAdapter(ModelAdapter):
         return bool(getattr(self.model.cfg, "parallel_attn_mlp", False))
 
     @property
+    def input_norms(self) -> bool:
+        """From the family for a bridge: an OLMo 2 bridge names its post-norms `ln1`/`ln2`, so its `ln1.hook_normalized` is the
+        normalised attention output, not what the attention reads. A HookedTransformer built with `normalization_type=None`
+        has no norm hook points at all."""
+        if self._family_adapter is not None:
+            return self._family_adapter.input_norms
+        return hook_name(0, "ln1_normalized") in self.model.hook_dict
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """As for any model, less a kind none of whose hook points runs: one TransformerLens does not name (a Phi-2 or Cohere
+        bridge's attention and MLP read one norm, `ln1`, and it names no `ln2`; an attention-only HookedTransformer has no
+        `resid_mid`) or names but never calls (see `_silent_hook_points`)."""
+        running = self._probe()[1]
+        return tuple(kind for kind in super().layer_kinds if kind in running)
+
+    def _silent_hook_points(self) -> frozenset[str]:
+        """featsteer's hook points the model lists but its forward pass never calls: a Granite bridge's `hook_attn_out` and
+        `hook_mlp_out` (Granite scales the branch outputs outside the bridged modules), an attention-only HookedTransformer's
+        `hook_mlp_out`. A steering hook there did nothing, and a capture failed with a KeyError."""
+        return self._probe()[0]
+
+    def _probe(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The silent hook points and the per-layer kinds with a hook point that runs, found once with a one-token pass."""
+        if self._probed is None:
+            sites = {name: site for name in self.model.hook_dict if (site := _featsteer_site(name, self.n_layers)) is not None}
+            fired: set[str] = set()
+            handles = [self.model.hook_dict[name].register_forward_hook(lambda module, args, output, name=name: fired.add(name)) for name in sites]
+            token = next((t for t in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
+            try:
+                with torch.no_grad():
+                    ones = torch.ones((1, 1), dtype=torch.long, device=self.device)
+                    self._forward(TokenBatch(ones * token, ones), None, False)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            running = frozenset(sites[name].kind for name in fired if sites[name].layer is not None)
+            self._probed = (frozenset(sites) - fired, running)
+        return self._probed
+
+    def hook_names(self, kinds: Sequence[str] = ("resid_pre",), layers: Sequence[int] | None = None) -> list[str]:
+        """As for any model; on a bridge a kind it lists but never calls is an error rather than left out, since the model
+        computes it (leaving Granite's branch outputs out of `Ablate(writes)` would ablate part of what the edit removes).
+        An attention-only HookedTransformer's `mlp_out` is left out: there is no MLP."""
+        named = {site.kind for name in self._silent_hook_points() if (site := _featsteer_site(name, self.n_layers)).layer is not None}
+        if self.is_bridge and (silent := [kind for kind in kinds if kind in named - self._probe()[1]]):
+            raise FeatsteerError(self._never_called(f"hook kind {', '.join(silent)}"))
+        return super().hook_names(kinds, layers)
+
+    def _never_called(self, what: str) -> str:
+        advice = "; load the Hugging Face model itself (load_model(path)) to hook it" if self.is_bridge else ""
+        return (f"{what} never runs on this TransformerLens model ({self.family}): it is listed as a hook point but the forward pass "
+                f"does not call it, so a hook there would do nothing{advice}")
+
+    def hook_site(self, name: str) -> HookSite:
+        if name == "hook_pos_embed" and self._shortformer:  # it exists and fires, though outside the stream
+            return parse_hook_name(name, self.n_layers)
+        site = super().hook_site(name)
+        if name in self._silent_hook_points():
+            raise FeatsteerError(self._never_called(name))
+        if site.kind in NORM_KINDS and site.kind not in self.layer_kinds:
+            raise FeatsteerError(f"{name} does not exist: this {self.family} model has no such norm before its "
+                                 f"{'attention' if site.kind == 'ln1_normalized' else 'MLP'}; its hook kinds are {', '.join(self.layer_kinds)}")
+        return site
+
+    @property
     def learned_positions(self) -> bool:
         if self._family_adapter is not None:
             return self._family_adapter.learned_positions
-        return "hook_pos_embed" in self.model.hook_dict
+        return "hook_pos_embed" in self.model.hook_dict and not self._shortformer
+
+    @property
+    def _shortformer(self) -> bool:
+        """A HookedTransformer with shortformer positions adds its position embedding to each attention's queries and keys,
+        not to the stream: `hook_pos_embed` fires, but it is no residual write, so weight edits and `Ablate` leave it be."""
+        return not self.is_bridge and getattr(self.model.cfg, "positional_embedding_type", None) == "shortformer"
 
     @property
     def family(self) -> str:
@@ -143,10 +216,12 @@ class TLModelAdapter(ModelAdapter):
         if self.is_bridge:
             return self._refuse_processed(self._bridged().residual_writers())
         writers = [_param_writer("hook_embed", None, "embed", self.model.embed, "W_E", None)]
-        if hasattr(self.model, "pos_embed") and hasattr(self.model.pos_embed, "W_pos"):
+        if self.learned_positions and hasattr(self.model.pos_embed, "W_pos"):
             writers.append(_param_writer("hook_pos_embed", None, "pos_embed", self.model.pos_embed, "W_pos", None))
         for layer, block in enumerate(self.model.blocks):
             writers.append(_param_writer(f"blocks.{layer}.hook_attn_out", layer, "attn_out", block.attn, "W_O", "b_O"))
+            if getattr(block, "mlp", None) is None:  # an attention-only model
+                continue
             experts = getattr(block.mlp, "experts", None)
             if experts is None:
                 writers.append(_param_writer(f"blocks.{layer}.hook_mlp_out", layer, "mlp_out", block.mlp, "W_out", "b_out"))
@@ -161,7 +236,7 @@ class TLModelAdapter(ModelAdapter):
             return []
         writers = []
         for layer, block in enumerate(self.model.blocks):
-            for kind, module, attr in (("attn_out", block.attn, "b_O"), ("mlp_out", block.mlp, "b_out")):
+            for kind, module, attr in (("attn_out", block.attn, "b_O"), ("mlp_out", getattr(block, "mlp", None), "b_out")):
                 bias = getattr(module, attr, None)
                 if isinstance(bias, Tensor) and bias.dim() == 1:
                     writers.append(_bias_writer(f"blocks.{layer}.hook_{kind}", layer, bias))
@@ -170,7 +245,16 @@ class TLModelAdapter(ModelAdapter):
     def unembed(self) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         if self.is_bridge:
             return self._bridged().unembed()
-        return self.model.W_U.T, self.model.ln_final
+        norm = getattr(self.model, "ln_final", None)  # a HookedTransformer built with normalization_type=None has none
+        return self.model.W_U.T, torch.nn.Identity() if norm is None else norm
+
+
+def _featsteer_site(name: str, n_layers: int) -> HookSite | None:
+    """The featsteer hook site a TransformerLens hook name is, or None for TransformerLens' other hook points."""
+    try:
+        return parse_hook_name(name, n_layers)
+    except FeatsteerError:
+        return None
 
 
 def _tl_hook(site: HookSite, fn: HookFn, n_heads: int):
