@@ -587,3 +587,36 @@ def test_a_classic_trial_stopped_by_ctrl_c_runs_again_with_its_own_params(setup,
     assert [t["params"] for t in resumed.trials].count(classic) == 1
     more = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=4, **FAST))
     assert len(more.trials) == 4 and [t["params"] for t in more.trials].count(classic) == 1  # run again once, not on every resume
+
+
+def test_per_layer_scope_and_layer_range_follow_the_stream_for_resid_post(setup, tmp_path):
+    """`blocks.l.hook_resid_post` is `blocks.{l+1}.hook_resid_pre`: a `resid_post` search removes, in block l, the candidate
+    of the stream block l writes into (the one a `resid_pre` search takes), and its direction layer stops one index
+    earlier. It took `resid_post` of block l + 1, one block too far, and ranged one layer too late."""
+    model, pre_result = setup
+    harmful, harmless = builtin_prompts("harmful").head(12), builtin_prompts("harmless").head(12)
+    post_result = find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=3, batch_size=8, kind="resid_post"))
+    position = pre_result.selection.chosen.position
+    config = SearchConfig(n_trials=2, position=position, space=SearchSpace(scopes=("per_layer",)), **FAST)
+    found = {kind: search_abliteration(model, result, tmp_path / kind, config)
+             for kind, result in (("resid_pre", pre_result), ("resid_post", post_result))}
+    pre_table = layer_directions(pre_result.candidates, position)
+    by_layer = found["resid_post"].directions(post_result)[1]
+    assert sorted(by_layer) == list(range(model.n_layers))
+    for layer in range(model.n_layers - 1):
+        assert torch.allclose(by_layer[layer], pre_table[layer + 1], atol=1e-5)
+    last = model.n_layers - 1  # its own output, which has no resid_pre candidate
+    assert torch.equal(by_layer[last], layer_directions(post_result.candidates, position, "resid_post")[last])
+    pre_top = found["resid_pre"].setup["bounds"]["direction_layer"][1]
+    assert found["resid_post"].setup["bounds"]["direction_layer"][1] == pytest.approx(pre_top - 1)
+
+
+def test_per_layer_scope_refuses_candidates_no_block_writes_into(setup, tmp_path):
+    model, _ = setup
+    harmful, harmless = builtin_prompts("harmful").head(12), builtin_prompts("harmless").head(12)
+    mid = find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=3, batch_size=8, kind="resid_mid"))
+    with pytest.raises(FeatsteerError, match="per_layer scope needs resid_pre or resid_post"):
+        search_abliteration(model, mid, tmp_path, SearchConfig(n_trials=2, **FAST))
+    assert not (tmp_path / "search.db").exists()
+    found = search_abliteration(model, mid, tmp_path, SearchConfig(n_trials=2, space=SearchSpace(scopes=("global",)), **FAST))
+    assert len(found.trials) == 2
