@@ -94,6 +94,13 @@ PARETO_FIELDS: dict[str, str] = {
     "kl_response": "proxy: KL along the unedited model's greedy answers to the proxy harmless prompts",
     "verified.refusal_rate": "generated: share of the verification harmful prompts whose response has a refusal marker",
     "verified.unanswered_rate": "generated: share of the verification harmful prompts refused (marker) or looping",
+    "verified.looping_rate": "generated: share of the verification harmful prompts whose response loops",
+    "verified.harmless_refusal_rate": "generated: share of the verification harmless prompts whose response has a refusal marker",
+    "verified.harmless_looping_rate": "generated: share of the verification harmless prompts whose response loops",
+    "verified.ci_harmful": "95% Wilson interval of verified.refusal_rate",
+    "verified.ci_harmless": "95% Wilson interval of verified.harmless_refusal_rate",
+    "verified.n_harmful": "verification harmful prompts generated",
+    "verified.n_harmless": "verification harmless prompts generated",
     "verified.kl": "first-token KL over every verification harmless prompt",
     "verified.kl_answered": "first-token KL over the verification harmless prompts the unedited model answers BY ITS "
                             "GENERATED RESPONSE (no refusal marker): not the proxy's first-token `answered`",
@@ -191,9 +198,10 @@ class SearchConfig:
     refusal_objective: str = "score"
     """Proxy refusal objective: `score` (mean refusal log-odds, continuous) or `rate` (share > 0)."""
     max_kl_for_choice: float = 0.05
-    """The recommended point is the verified one with the lowest refusal rate among those with KL at most this
-    (nats), measured on the verification prompts (see `verified_kl`); when none qualifies, the verified one with the
-    lowest KL. Which points are verified is decided by their proxy KL."""
+    """The recommended point is the verified one with the lowest share of verification harmful prompts unanswered
+    (refused or looping; ties to the lower harmless refusal) among those with KL at most this (nats), measured on the
+    verification prompts (see `verified_kl`); when none qualifies, the verified one with the lowest KL. Which points are
+    verified is decided by their proxy KL."""
     verify_top: int = 8
     """How many Pareto points to verify by generation."""
     max_new_tokens: int = 32

@@ -620,3 +620,15 @@ def test_per_layer_scope_refuses_candidates_no_block_writes_into(setup, tmp_path
     assert not (tmp_path / "search.db").exists()
     found = search_abliteration(model, mid, tmp_path, SearchConfig(n_trials=2, space=SearchSpace(scopes=("global",)), **FAST))
     assert len(found.trials) == 2
+
+
+def test_pareto_fields_describe_every_figure_of_a_point(searched):
+    """The README sends readers to `fields` for what each figure of `pareto.json` is: every figure a trial or its
+    verification records has an entry (the looping and harmless rates, intervals and counts had none)."""
+    found, out, _ = searched
+    data = json.loads((out / "pareto.json").read_text())
+    not_figures = {"number", "params", "edit", "seconds", "pareto", "verified"}
+    point = next(p for p in data["pareto"] if p["verified"])
+    names = {key for key in point if key not in not_figures}
+    names |= {f"verified.{key}" for key in point["verified"] if key not in {"examples", "harmless_refused", "seconds"}}
+    assert names - set(data["fields"]) == set()
