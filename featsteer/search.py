@@ -459,8 +459,8 @@ class SearchResult:
         """`(direction, by_layer)` of the recommended point, as `apply_edit` takes them.
 
         Raises:
-            FeatsteerError: with no recommended point, or without the candidates (`result`) a search over
-                candidate directions needs.
+            FeatsteerError: with no recommended point, without the candidates (`result`) a search over candidate
+                directions needs, or with candidates other than those it ran on (other prompts, method or dtype).
         """
         if self.best is None:
             raise FeatsteerError("the search has no verified trial to recommend: run more trials")
@@ -471,6 +471,10 @@ class SearchResult:
         if result is None:
             raise FeatsteerError("this search ran over candidate directions: pass the DirectionResult it ran on")
         table = layer_directions(result.candidates, self.setup["position"], self.setup["kind"])
+        expected = self.setup.get("directions_sha256")
+        if expected is not None and basis_sha256(table) != expected:
+            raise FeatsteerError("this search ran on other candidate directions than the result passed (their hash differs): pass the "
+                                 "DirectionResult of the same model, prompts and direction config")
         return trial_directions(table, self.best["params"], self.setup["n_layers"], self.setup["kind"])
 
     def apply(self, model: ModelAdapter, result: DirectionResult | None = None, record: dict | None = None) -> EditHandle:

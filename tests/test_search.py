@@ -632,3 +632,18 @@ def test_pareto_fields_describe_every_figure_of_a_point(searched):
     names = {key for key in point if key not in not_figures}
     names |= {f"verified.{key}" for key in point["verified"] if key not in {"examples", "harmless_refused", "seconds"}}
     assert names - set(data["fields"]) == set()
+
+
+def test_a_loaded_search_refuses_candidates_it_did_not_run_on(setup, searched):
+    """`apply(model, result)` rebuilds the searched directions from `result`: from other candidates (other prompts here)
+    it applied the searched kernels to directions the search never scored, without a word. The same inputs still work."""
+    model, result = setup
+    _, out, _ = searched
+    loaded = SearchResult.load(out)
+    again = find_refusal_direction(model, builtin_prompts("harmful").head(12), builtin_prompts("harmless").head(12),
+                                   DirectionConfig(n_select=3, batch_size=8))
+    assert torch.equal(loaded.direction(again), loaded.direction(result))
+    other = find_refusal_direction(model, builtin_prompts("harmful").head(10), builtin_prompts("harmless").head(10),
+                                   DirectionConfig(n_select=3, batch_size=8))
+    with pytest.raises(FeatsteerError, match="other candidate directions"):
+        loaded.apply(model, other)
