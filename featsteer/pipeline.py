@@ -466,9 +466,10 @@ def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | 
     by_layer = None
     if scope == "per_layer":
         # imported here because featsteer.search imports this module
-        from featsteer.search import layer_directions, per_layer_directions
+        from featsteer.search import check_per_layer_kind, layer_directions, per_layer_directions
 
-        kind = chosen.hook.rsplit("hook_", 1)[-1]
+        kind = model.hook_site(chosen.hook).kind
+        check_per_layer_kind(kind)
         by_layer = per_layer_directions(layer_directions(result.candidates, chosen.position, kind), model.n_layers, kind)
     elif scope != "global":
         raise FeatsteerError(f"unknown abliteration scope '{scope}': use global or per_layer")

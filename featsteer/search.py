@@ -301,6 +301,13 @@ def interpolate_direction(table: Float[Tensor, "layer d_model"], layer: float) -
     return unit(mixed).to(table.dtype)
 
 
+def check_per_layer_kind(kind: str) -> None:
+    """Raise unless the per-layer scope can map candidates of hook kind `kind` to blocks (`STREAM_OFFSETS`)."""
+    if kind not in STREAM_OFFSETS:
+        raise FeatsteerError(f"the per_layer scope needs resid_pre or resid_post candidates (the stream a block writes into), "
+                             f"not {kind}: use the global scope (SearchSpace(scopes=('global',)), scope='global')")
+
+
 def per_layer_directions(table: Float[Tensor, "layer d_model"], n_layers: int, kind: str = "resid_pre") -> dict[int, Tensor]:
     """`apply_edit`'s `by_layer` for the per-layer scope: block `l` removes the candidate of the stream it writes into,
     `resid_pre` `l + 1` or `resid_post` `l` (`STREAM_OFFSETS`; with `resid_pre` the last block the last candidate);
@@ -309,9 +316,7 @@ def per_layer_directions(table: Float[Tensor, "layer d_model"], n_layers: int, k
     Raises:
         FeatsteerError: for candidates of another hook kind, which no block writes into.
     """
-    if kind not in STREAM_OFFSETS:
-        raise FeatsteerError(f"the per_layer scope needs resid_pre or resid_post candidates (the stream a block writes into), "
-                             f"not {kind}: use the global scope (SearchSpace(scopes=('global',)), scope='global')")
+    check_per_layer_kind(kind)
     top = table.shape[0] - 1
     index = {layer: min(layer + STREAM_OFFSETS[kind], top) for layer in range(n_layers)}
     return {layer: table[i] for layer, i in index.items() if bool(table[i].any())}
@@ -814,12 +819,14 @@ def search_abliteration(
     """
     config = config or SearchConfig()
     chosen = result.selection.chosen
-    kind_match = _HOOK_RE.match(chosen.hook)
-    kind = kind_match.group(2) if kind_match else "resid_pre"
+    if _HOOK_RE.match(chosen.hook) is None:
+        raise FeatsteerError(f"the search interpolates candidates at blocks.L.hook_<kind> points, not at {chosen.hook}: find the "
+                             "direction with DirectionConfig(kind='resid_pre') (or resid_mid, resid_post, attn_out, mlp_out)")
+    kind = model.hook_site(chosen.hook).kind
+    if "per_layer" in config.space.scopes:  # checked here: optuna would fail every such trial
+        check_per_layer_kind(kind)
     position = chosen.position if config.position is None else config.position
     table = layer_directions(result.candidates, position, kind)
-    if "per_layer" in config.space.scopes and kind not in STREAM_OFFSETS:  # checked here: optuna would fail every such trial
-        per_layer_directions(table, model.n_layers, kind)
     bounds = config.space.bounds(model.n_layers, table.shape[0], first_usable_layer(table), kind)
     proxy = tuple(list(s)[: config.n_proxy_prompts] for s in result.val)
     eval_sets = (list(result.val[0] if eval_harmful is None else eval_harmful),
@@ -1027,6 +1034,7 @@ __all__ = [
     "search_fixed_abliteration",
     "fixed_basis",
     "basis_sha256",
+    "check_per_layer_kind",
     "warm_start_params",
     "write_search",
 ]

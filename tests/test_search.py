@@ -622,6 +622,20 @@ def test_per_layer_scope_refuses_candidates_no_block_writes_into(setup, tmp_path
     assert len(found.trials) == 2
 
 
+def test_search_names_the_kind_it_cannot_read(setup, tmp_path):
+    """Candidates at `blocks.L.ln1.hook_normalized` are no `blocks.L.hook_<kind>` point: the search said it found no
+    resid_pre candidates at the position and listed the positions, as if the position were wrong."""
+    from featsteer.pipeline import abliterate
+
+    model, _ = setup
+    harmful, harmless = builtin_prompts("harmful").head(12), builtin_prompts("harmless").head(12)
+    normalized = find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=3, batch_size=8, kind="ln1_normalized"))
+    with pytest.raises(FeatsteerError, match=r"not at blocks\.\d\.ln1\.hook_normalized.*kind='resid_pre'"):
+        search_abliteration(model, normalized, tmp_path, SearchConfig(n_trials=2, space=SearchSpace(scopes=("global",)), **FAST))
+    with pytest.raises(FeatsteerError, match="per_layer scope needs resid_pre or resid_post candidates .* not ln1_normalized"):
+        abliterate(model, normalized, scope="per_layer")
+
+
 def test_pareto_fields_describe_every_figure_of_a_point(searched):
     """The README sends readers to `fields` for what each figure of `pareto.json` is: every figure a trial or its
     verification records has an entry (the looping and harmless rates, intervals and counts had none)."""
