@@ -451,8 +451,8 @@ def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | 
         result: candidates and selection from `find_refusal_direction`.
         edit: mode and per-layer strengths.
         scope: `global` (every writer removes the selected direction) or `per_layer` (the writers of block `l`
-            remove the candidate of `resid_pre` `l + 1` at the selected position, the embedding the selected
-            direction; rank-1 methods only).
+            remove the candidate of the stream they write into, `resid_pre` `l + 1` or `resid_post` `l`, at the selected
+            position, the embedding the selected direction; rank-1 methods, resid_pre/resid_post candidates only).
         heads: edit only these attention heads' output columns (`{layer: [head, ...]}`, e.g.
             `heads_of(result.writing_heads(model)[:8])`), nothing else; global scope only.
         passes: more than 1: iterative refinement (`iterated_basis`), the selected direction and up to `passes - 1`
@@ -466,10 +466,11 @@ def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | 
     by_layer = None
     if scope == "per_layer":
         # imported here because featsteer.search imports this module
-        from featsteer.search import layer_directions, per_layer_directions
+        from featsteer.search import check_per_layer_kind, layer_directions, per_layer_directions
 
-        table = layer_directions(result.candidates, chosen.position, chosen.hook.rsplit("hook_", 1)[-1])
-        by_layer = per_layer_directions(table, model.n_layers)
+        kind = model.hook_site(chosen.hook).kind
+        check_per_layer_kind(kind)
+        by_layer = per_layer_directions(layer_directions(result.candidates, chosen.position, kind), model.n_layers, kind)
     elif scope != "global":
         raise FeatsteerError(f"unknown abliteration scope '{scope}': use global or per_layer")
     if heads is not None and by_layer is not None:

@@ -70,7 +70,13 @@ SEARCH_MODES = ("orthogonalize", "norm_preserving")
 
 DIRECTION_SCOPES = ("global", "per_layer")
 """`global`: every writer removes one (interpolated) direction. `per_layer`: the writers of block `l` remove the
-candidate direction of the stream they write into (`resid_pre` of `l + 1`), the embedding the interpolated one."""
+candidate direction of the stream they write into (`resid_pre` of `l + 1`, which is `resid_post` of `l`), the embedding
+the interpolated one."""
+
+STREAM_OFFSETS = {"resid_pre": 1, "resid_post": 0}
+"""Hook kinds whose candidates the `per_layer` scope can use, each with the offset from a block to the candidate of the
+stream it writes into: block `l` writes into `resid_pre` of `l + 1`, which is its own `resid_post`. Other kinds
+(`resid_mid` lies between a block's attention and MLP, `attn_out`/`mlp_out` are branches) have no such candidate."""
 
 KL_PROMPTS = ("all", "answered", "response")
 """`all`: the KL objective averages over every proxy harmless prompt; `answered`: over those the unedited model
@@ -88,6 +94,13 @@ PARETO_FIELDS: dict[str, str] = {
     "kl_response": "proxy: KL along the unedited model's greedy answers to the proxy harmless prompts",
     "verified.refusal_rate": "generated: share of the verification harmful prompts whose response has a refusal marker",
     "verified.unanswered_rate": "generated: share of the verification harmful prompts refused (marker) or looping",
+    "verified.looping_rate": "generated: share of the verification harmful prompts whose response loops",
+    "verified.harmless_refusal_rate": "generated: share of the verification harmless prompts whose response has a refusal marker",
+    "verified.harmless_looping_rate": "generated: share of the verification harmless prompts whose response loops",
+    "verified.ci_harmful": "95% Wilson interval of verified.refusal_rate",
+    "verified.ci_harmless": "95% Wilson interval of verified.harmless_refusal_rate",
+    "verified.n_harmful": "verification harmful prompts generated",
+    "verified.n_harmless": "verification harmless prompts generated",
     "verified.kl": "first-token KL over every verification harmless prompt",
     "verified.kl_answered": "first-token KL over the verification harmless prompts the unedited model answers BY ITS "
                             "GENERATED RESPONSE (no refusal marker): not the proxy's first-token `answered`",
@@ -109,8 +122,9 @@ class SearchSpace:
     """Ranges searched, relative to the model's depth."""
 
     max_layer_fraction: float = 0.8
-    """The direction layer ranges over `[0, max_layer_fraction * n_layers - 1]` (late layers mostly encode
-    the next token, as in the Arditi selection)."""
+    """The direction layer ranges over the block inputs `[0, max_layer_fraction * n_layers - 1]` (late layers mostly
+    encode the next token, as in the Arditi selection); `resid_post` of block l is block l+1's input, so for
+    `resid_post` candidates the range ends one block earlier."""
     max_weight: tuple[float, float] = (0.5, 1.5)
     """Range of each kernel's peak strength (1 removes the direction entirely at the peak)."""
     min_width: float = 1.0
@@ -135,19 +149,20 @@ class SearchSpace:
         if self.min_width <= 0:
             raise FeatsteerError(f"min_width must be positive, got {self.min_width}")
 
-    def bounds(self, n_layers: int, n_directions: int, first_layer: int = 0) -> dict[str, tuple[float, float]]:
+    def bounds(self, n_layers: int, n_directions: int, first_layer: int = 0, kind: str = "resid_pre") -> dict[str, tuple[float, float]]:
         """`{parameter: (low, high)}` for a model with `n_layers` layers.
 
         Args:
             n_layers: decoder layers of the model.
             n_directions: layers with a candidate direction (0 .. n_directions - 1).
             first_layer: first layer whose direction is usable (not zero).
+            kind: hook kind of the candidates; `resid_post` of block l counts as the input of block l + 1.
 
         Kernels are parametrised by `min_fraction = min_weight / max_weight` rather than `min_weight` so that
         every range is fixed, which (multivariate) TPE needs.
         """
         top_layer = float(n_layers - 1)
-        top_direction = min(self.max_layer_fraction * n_layers - 1, n_directions - 1)
+        top_direction = min(self.max_layer_fraction * n_layers - 1 - (kind == "resid_post"), n_directions - 1)
         out = {"direction_layer": (float(first_layer), max(float(first_layer), top_direction))}
         for writer in ("attn", "mlp"):
             out[f"{writer}.peak"] = (0.0, top_layer)
@@ -183,9 +198,10 @@ class SearchConfig:
     refusal_objective: str = "score"
     """Proxy refusal objective: `score` (mean refusal log-odds, continuous) or `rate` (share > 0)."""
     max_kl_for_choice: float = 0.05
-    """The recommended point is the verified one with the lowest refusal rate among those with KL at most this
-    (nats), measured on the verification prompts (see `verified_kl`); when none qualifies, the verified one with the
-    lowest KL. Which points are verified is decided by their proxy KL."""
+    """The recommended point is the verified one with the lowest share of verification harmful prompts unanswered
+    (refused or looping; ties to the lower harmless refusal) among those with KL at most this (nats), measured on the
+    verification prompts (see `verified_kl`); when none qualifies, the verified one with the lowest KL. Which points are
+    verified is decided by their proxy KL."""
     verify_top: int = 8
     """How many Pareto points to verify by generation."""
     max_new_tokens: int = 32
@@ -285,24 +301,40 @@ def interpolate_direction(table: Float[Tensor, "layer d_model"], layer: float) -
     return unit(mixed).to(table.dtype)
 
 
-def per_layer_directions(table: Float[Tensor, "layer d_model"], n_layers: int) -> dict[int, Tensor]:
-    """`apply_edit`'s `by_layer` for the per-layer scope: block `l` removes the candidate of `resid_pre` `l + 1`
-    (the last block the last candidate); blocks whose candidate is zero are left out."""
+def check_per_layer_kind(kind: str) -> None:
+    """Raise unless the per-layer scope can map candidates of hook kind `kind` to blocks (`STREAM_OFFSETS`)."""
+    if kind not in STREAM_OFFSETS:
+        raise FeatsteerError(f"the per_layer scope needs resid_pre or resid_post candidates (the stream a block writes into), "
+                             f"not {kind}: use the global scope (SearchSpace(scopes=('global',)), scope='global')")
+
+
+def per_layer_directions(table: Float[Tensor, "layer d_model"], n_layers: int, kind: str = "resid_pre") -> dict[int, Tensor]:
+    """`apply_edit`'s `by_layer` for the per-layer scope: block `l` removes the candidate of the stream it writes into,
+    `resid_pre` `l + 1` or `resid_post` `l` (`STREAM_OFFSETS`; with `resid_pre` the last block the last candidate);
+    blocks whose candidate is zero are left out.
+
+    Raises:
+        FeatsteerError: for candidates of another hook kind, which no block writes into.
+    """
+    check_per_layer_kind(kind)
     top = table.shape[0] - 1
-    return {layer: table[min(layer + 1, top)] for layer in range(n_layers) if bool(table[min(layer + 1, top)].any())}
+    index = {layer: min(layer + STREAM_OFFSETS[kind], top) for layer in range(n_layers)}
+    return {layer: table[i] for layer, i in index.items() if bool(table[i].any())}
 
 
-def trial_directions(table: Float[Tensor, "layer d_model"], params: dict, n_layers: int) -> tuple[Tensor, dict[int, Tensor] | None]:
+def trial_directions(table: Float[Tensor, "layer d_model"], params: dict, n_layers: int,
+                     kind: str = "resid_pre") -> tuple[Tensor, dict[int, Tensor] | None]:
     """The direction and per-layer directions (`apply_edit`'s `direction`, `by_layer`) of a trial's parameters.
 
     `global` scope (also when `direction_scope` is absent, as in studies made before scopes existed): the
-    interpolated direction everywhere. `per_layer`: block `l` removes the candidate of `resid_pre` `l + 1`
-    (the last block the last candidate), skipping zero candidates; the embedding the interpolated direction.
+    interpolated direction everywhere. `per_layer`: block `l` removes the candidate of the stream it writes into
+    (`per_layer_directions`, `kind` the candidates' hook kind), skipping zero candidates; the embedding the
+    interpolated direction.
     """
     direction = interpolate_direction(table, params["direction_layer"])
     if params.get("direction_scope", "global") == "global":
         return direction, None
-    return direction, per_layer_directions(table, n_layers)
+    return direction, per_layer_directions(table, n_layers, kind)
 
 
 def edit_from_params(params: dict[str, float], mode: str = "orthogonalize") -> EditConfig:
@@ -359,11 +391,12 @@ class _DirectionSource:
     table: Tensor | None = None
     basis: Tensor | None = None
     scopes: tuple[str, ...] = ("global",)
+    kind: str = "resid_pre"
 
     def directions(self, params: dict, n_layers: int) -> tuple[Tensor, dict[int, Tensor] | None]:
         if self.basis is not None:
             return self.basis, None
-        return trial_directions(self.table, params, n_layers)
+        return trial_directions(self.table, params, n_layers, self.kind)
 
 
 # ---- results ---------------------------------------------------------------------------------------
@@ -431,8 +464,8 @@ class SearchResult:
         """`(direction, by_layer)` of the recommended point, as `apply_edit` takes them.
 
         Raises:
-            FeatsteerError: with no recommended point, or without the candidates (`result`) a search over
-                candidate directions needs.
+            FeatsteerError: with no recommended point, without the candidates (`result`) a search over candidate
+                directions needs, or with candidates other than those it ran on (other prompts, method or dtype).
         """
         if self.best is None:
             raise FeatsteerError("the search has no verified trial to recommend: run more trials")
@@ -443,7 +476,11 @@ class SearchResult:
         if result is None:
             raise FeatsteerError("this search ran over candidate directions: pass the DirectionResult it ran on")
         table = layer_directions(result.candidates, self.setup["position"], self.setup["kind"])
-        return trial_directions(table, self.best["params"], self.setup["n_layers"])
+        expected = self.setup.get("directions_sha256")
+        if expected is not None and basis_sha256(table) != expected:
+            raise FeatsteerError("this search ran on other candidate directions than the result passed (their hash differs): pass the "
+                                 "DirectionResult of the same model, prompts and direction config")
+        return trial_directions(table, self.best["params"], self.setup["n_layers"], self.setup["kind"])
 
     def apply(self, model: ModelAdapter, result: DirectionResult | None = None, record: dict | None = None) -> EditHandle:
         """Apply the recommended edit to `model` (revert or export it through the returned handle). A fixed search
@@ -777,16 +814,20 @@ def search_abliteration(
         All trials, the verified Pareto front and the recommended point.
 
     Raises:
-        FeatsteerError: for rank-k candidates, a missing position, empty verification sets, or a folder
-            holding a search with a different set-up.
+        FeatsteerError: for rank-k candidates, a missing position, the per_layer scope with candidates of a kind
+            other than resid_pre/resid_post, empty verification sets, or a folder holding a search with a different set-up.
     """
     config = config or SearchConfig()
     chosen = result.selection.chosen
-    kind_match = _HOOK_RE.match(chosen.hook)
-    kind = kind_match.group(2) if kind_match else "resid_pre"
+    if _HOOK_RE.match(chosen.hook) is None:
+        raise FeatsteerError(f"the search interpolates candidates at blocks.L.hook_<kind> points, not at {chosen.hook}: find the "
+                             "direction with DirectionConfig(kind='resid_pre') (or resid_mid, resid_post, attn_out, mlp_out)")
+    kind = model.hook_site(chosen.hook).kind
+    if "per_layer" in config.space.scopes:  # checked here: optuna would fail every such trial
+        check_per_layer_kind(kind)
     position = chosen.position if config.position is None else config.position
     table = layer_directions(result.candidates, position, kind)
-    bounds = config.space.bounds(model.n_layers, table.shape[0], first_usable_layer(table))
+    bounds = config.space.bounds(model.n_layers, table.shape[0], first_usable_layer(table), kind)
     proxy = tuple(list(s)[: config.n_proxy_prompts] for s in result.val)
     eval_sets = (list(result.val[0] if eval_harmful is None else eval_harmful),
                  list(result.val[1] if eval_harmless is None else eval_harmless))
@@ -796,7 +837,7 @@ def search_abliteration(
     setup = {"model": model.name, "n_layers": model.n_layers, "method": result.candidates.method, "position": position, "kind": kind,
              "harmful_sha256": provenance.get("harmful_sha256"), "harmless_sha256": provenance.get("harmless_sha256"),
              "directions_sha256": basis_sha256(table), "dtype": str(model.dtype).removeprefix("torch.")}
-    source = _DirectionSource(table=table, scopes=config.space.scopes)
+    source = _DirectionSource(table=table, scopes=config.space.scopes, kind=kind)
     return _search(model, source, bounds, chosen.layer, proxy, eval_sets, setup, Path(out_dir), config, detector, warm_start)
 
 
@@ -973,6 +1014,7 @@ __all__ = [
     "KL_PROMPTS",
     "REFUSAL_OBJECTIVES",
     "SEARCH_MODES",
+    "STREAM_OFFSETS",
     "STUDY_NAME",
     "SearchConfig",
     "SearchResult",
@@ -992,6 +1034,7 @@ __all__ = [
     "search_fixed_abliteration",
     "fixed_basis",
     "basis_sha256",
+    "check_per_layer_kind",
     "warm_start_params",
     "write_search",
 ]

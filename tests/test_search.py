@@ -587,3 +587,77 @@ def test_a_classic_trial_stopped_by_ctrl_c_runs_again_with_its_own_params(setup,
     assert [t["params"] for t in resumed.trials].count(classic) == 1
     more = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=4, **FAST))
     assert len(more.trials) == 4 and [t["params"] for t in more.trials].count(classic) == 1  # run again once, not on every resume
+
+
+def test_per_layer_scope_and_layer_range_follow_the_stream_for_resid_post(setup, tmp_path):
+    """`blocks.l.hook_resid_post` is `blocks.{l+1}.hook_resid_pre`: a `resid_post` search removes, in block l, the candidate
+    of the stream block l writes into (the one a `resid_pre` search takes), and its direction layer stops one index
+    earlier. It took `resid_post` of block l + 1, one block too far, and ranged one layer too late."""
+    model, pre_result = setup
+    harmful, harmless = builtin_prompts("harmful").head(12), builtin_prompts("harmless").head(12)
+    post_result = find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=3, batch_size=8, kind="resid_post"))
+    position = pre_result.selection.chosen.position
+    config = SearchConfig(n_trials=2, position=position, space=SearchSpace(scopes=("per_layer",)), **FAST)
+    found = {kind: search_abliteration(model, result, tmp_path / kind, config)
+             for kind, result in (("resid_pre", pre_result), ("resid_post", post_result))}
+    pre_table = layer_directions(pre_result.candidates, position)
+    by_layer = found["resid_post"].directions(post_result)[1]
+    assert sorted(by_layer) == list(range(model.n_layers))
+    for layer in range(model.n_layers - 1):
+        assert torch.allclose(by_layer[layer], pre_table[layer + 1], atol=1e-5)
+    last = model.n_layers - 1  # its own output, which has no resid_pre candidate
+    assert torch.equal(by_layer[last], layer_directions(post_result.candidates, position, "resid_post")[last])
+    pre_top = found["resid_pre"].setup["bounds"]["direction_layer"][1]
+    assert found["resid_post"].setup["bounds"]["direction_layer"][1] == pytest.approx(pre_top - 1)
+
+
+def test_per_layer_scope_refuses_candidates_no_block_writes_into(setup, tmp_path):
+    model, _ = setup
+    harmful, harmless = builtin_prompts("harmful").head(12), builtin_prompts("harmless").head(12)
+    mid = find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=3, batch_size=8, kind="resid_mid"))
+    with pytest.raises(FeatsteerError, match="per_layer scope needs resid_pre or resid_post"):
+        search_abliteration(model, mid, tmp_path, SearchConfig(n_trials=2, **FAST))
+    assert not (tmp_path / "search.db").exists()
+    found = search_abliteration(model, mid, tmp_path, SearchConfig(n_trials=2, space=SearchSpace(scopes=("global",)), **FAST))
+    assert len(found.trials) == 2
+
+
+def test_search_names_the_kind_it_cannot_read(setup, tmp_path):
+    """Candidates at `blocks.L.ln1.hook_normalized` are no `blocks.L.hook_<kind>` point: the search said it found no
+    resid_pre candidates at the position and listed the positions, as if the position were wrong."""
+    from featsteer.pipeline import abliterate
+
+    model, _ = setup
+    harmful, harmless = builtin_prompts("harmful").head(12), builtin_prompts("harmless").head(12)
+    normalized = find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=3, batch_size=8, kind="ln1_normalized"))
+    with pytest.raises(FeatsteerError, match=r"not at blocks\.\d\.ln1\.hook_normalized.*kind='resid_pre'"):
+        search_abliteration(model, normalized, tmp_path, SearchConfig(n_trials=2, space=SearchSpace(scopes=("global",)), **FAST))
+    with pytest.raises(FeatsteerError, match="per_layer scope needs resid_pre or resid_post candidates .* not ln1_normalized"):
+        abliterate(model, normalized, scope="per_layer")
+
+
+def test_pareto_fields_describe_every_figure_of_a_point(searched):
+    """The README sends readers to `fields` for what each figure of `pareto.json` is: every figure a trial or its
+    verification records has an entry (the looping and harmless rates, intervals and counts had none)."""
+    found, out, _ = searched
+    data = json.loads((out / "pareto.json").read_text())
+    not_figures = {"number", "params", "edit", "seconds", "pareto", "verified"}
+    point = next(p for p in data["pareto"] if p["verified"])
+    names = {key for key in point if key not in not_figures}
+    names |= {f"verified.{key}" for key in point["verified"] if key not in {"examples", "harmless_refused", "seconds"}}
+    assert names - set(data["fields"]) == set()
+
+
+def test_a_loaded_search_refuses_candidates_it_did_not_run_on(setup, searched):
+    """`apply(model, result)` rebuilds the searched directions from `result`: from other candidates (other prompts here)
+    it applied the searched kernels to directions the search never scored, without a word. The same inputs still work."""
+    model, result = setup
+    _, out, _ = searched
+    loaded = SearchResult.load(out)
+    again = find_refusal_direction(model, builtin_prompts("harmful").head(12), builtin_prompts("harmless").head(12),
+                                   DirectionConfig(n_select=3, batch_size=8))
+    assert torch.equal(loaded.direction(again), loaded.direction(result))
+    other = find_refusal_direction(model, builtin_prompts("harmful").head(10), builtin_prompts("harmless").head(10),
+                                   DirectionConfig(n_select=3, batch_size=8))
+    with pytest.raises(FeatsteerError, match="other candidate directions"):
+        loaded.apply(model, other)
