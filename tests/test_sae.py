@@ -10,6 +10,7 @@ import torch
 from sae_lens import SAE, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
+import featsteer.sae
 from featsteer.activations import capture
 from featsteer.errors import FeatsteerError
 from featsteer.interventions import steer
@@ -446,9 +447,11 @@ def test_an_sae_with_non_finite_weights_is_refused_not_loaded(tmp_path, llama_ad
         getattr(broken, weight).view(-1)[5] = value
     broken.save_model(tmp_path / HOOK)
     for call in (lambda: load_sae(tmp_path / HOOK), lambda: load_sae(tmp_path / HOOK, llama_adapter),
-                 lambda: load_saes(tmp_path, llama_adapter), lambda: validated_sae_map({HOOK: broken}, llama_adapter)):
+                 lambda: load_saes(tmp_path, llama_adapter), lambda: validated_sae_map({HOOK: broken}, llama_adapter),
+                 lambda: featsteer.sae.check_finite_weights(broken)):
         with pytest.raises(FeatsteerError, match=f"1 NaN/inf entries in {weight}"):
             call()
+    assert "check_finite_weights" in featsteer.sae.__all__  # public: for SAEs built or edited in Python
 
 
 def test_an_unusable_device_and_a_mismatched_state_dict_are_one_line_errors(tmp_path, llama_adapter, monkeypatch):
