@@ -10,6 +10,7 @@ import torch
 from sae_lens import SAE, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
+import featsteer.sae
 from featsteer.activations import capture
 from featsteer.errors import FeatsteerError
 from featsteer.interventions import steer
@@ -179,6 +180,34 @@ def test_positions_select_where_edits_apply(llama_adapter, sae):
     assert isinstance(responses[0], str)
     with pytest.raises(FeatsteerError, match="unknown positions"):
         splice_sae(llama_adapter, sae, positions="middle").__enter__()
+
+
+def test_feature_steering_leaves_the_head_the_sae_was_not_trained_on(llama_adapter, sae):
+    """Tokens before `featsteer_first_position` (the shared chat-template head featsteer-train-sae leaves out) keep their
+    activation under an edit and under a replacement, counted within each left-padded prompt, as in the CE metric;
+    the tokens after it, and the decoding steps of a KV-cached generation, are edited."""
+    first = 3
+    sae.cfg.metadata.featsteer_first_position = first
+    batch = llama_adapter.tokenize(PROMPTS)
+    clean, seen, steps = {}, {}, []
+    with llama_adapter.hooks([(HOOK, _record(clean))]):
+        llama_adapter.run(batch)
+    with steer(llama_adapter, FeatureSteer(sae, [FeatureEdit.clamp(4, 50.0)])), llama_adapter.hooks([(HOOK, _record(seen))]):
+        llama_adapter.run(batch)
+    moved = (seen[HOOK] - clean[HOOK]).norm(dim=-1) > 1e-4
+    own_position = batch.attention_mask.cumsum(1) - 1
+    assert not moved[own_position < first].any() and moved[own_position >= first].all()
+    with splice_sae(llama_adapter, sae, error_term=False), llama_adapter.hooks([(HOOK, _record(seen))]):
+        llama_adapter.run(batch)
+    head = (own_position < first) & batch.attention_mask.bool()
+    torch.testing.assert_close(seen[HOOK][head], clean[HOOK][head])
+    before_edit = []
+    with llama_adapter.hooks([(HOOK, lambda x, site: before_edit.append(x.detach().clone()))]), \
+            splice_sae(llama_adapter, sae, FeatureEdit.clamp(4, 50.0)), llama_adapter.hooks([(HOOK, lambda x, site: steps.append(x.detach().clone()))]):
+        llama_adapter.generate(PROMPTS[:1], max_new_tokens=3)
+    assert len(steps) == len(before_edit) > 1 and all(step.shape[1] == 1 for step in steps[1:])  # KV-cached decoding steps
+    for before, after in zip(before_edit[1:], steps[1:], strict=True):
+        assert (after - before).norm() > 1e-3  # a decoding step's one token is placed after the head, and edited
 
 
 def test_splice_activation_replacement_is_the_reconstruction(sae):
@@ -446,9 +475,11 @@ def test_an_sae_with_non_finite_weights_is_refused_not_loaded(tmp_path, llama_ad
         getattr(broken, weight).view(-1)[5] = value
     broken.save_model(tmp_path / HOOK)
     for call in (lambda: load_sae(tmp_path / HOOK), lambda: load_sae(tmp_path / HOOK, llama_adapter),
-                 lambda: load_saes(tmp_path, llama_adapter), lambda: validated_sae_map({HOOK: broken}, llama_adapter)):
+                 lambda: load_saes(tmp_path, llama_adapter), lambda: validated_sae_map({HOOK: broken}, llama_adapter),
+                 lambda: featsteer.sae.check_finite_weights(broken)):
         with pytest.raises(FeatsteerError, match=f"1 NaN/inf entries in {weight}"):
             call()
+    assert "check_finite_weights" in featsteer.sae.__all__  # public: for SAEs built or edited in Python
 
 
 def test_an_unusable_device_and_a_mismatched_state_dict_are_one_line_errors(tmp_path, llama_adapter, monkeypatch):

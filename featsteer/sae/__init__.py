@@ -9,6 +9,7 @@ read the heads side by side (see `featsteer.sae.heads`). Train new ones with `fe
 from featsteer.sae.encoding import decode_features, encode_activations, reconstruct
 from featsteer.sae.heads import flat_rows, reads_heads, reshapes_heads
 from featsteer.sae.loading import (
+    check_finite_weights,
     load_sae,
     load_sae_source,
     load_saes,
@@ -44,6 +45,7 @@ __all__ = [
     "FeatureSteer",
     "ReconstructionStats",
     "SpliceLoss",
+    "check_finite_weights",
     "decode_features",
     "edit_features",
     "encode_activations",

@@ -21,7 +21,13 @@ from featsteer.evaluation.metrics import response_cross_entropy
 from featsteer.models import HookFn, HookSite, ModelAdapter
 from featsteer.sae.heads import flat_rows
 from featsteer.sae.loading import validate_sae
-from featsteer.sae.steering import outside_domain, splice_activation
+from featsteer.sae.steering import (
+    first_trained_position,
+    outside_domain,
+    splice_activation,
+    token_positions,
+    untrained_head,
+)
 
 
 @dataclass
@@ -171,30 +177,12 @@ def next_token_loss(model: ModelAdapter, texts: Sequence[str], *, chat: bool = T
     return total / count, count
 
 
-def first_trained_position(sae: SAE) -> int:
-    """Index of the first token of each text the SAE was trained on: `featsteer-train-sae` leaves out the chat-template
-    head every prompt shares and records where training began as `featsteer_first_position` (0 when not recorded)."""
-    metadata = sae.cfg.metadata
-    first = metadata.get("featsteer_first_position") if metadata is not None else None
-    return int(first or 0)
-
-
-def token_positions(attention_mask: Tensor) -> Tensor:
-    """`(batch, pos)` index of each column's token within its own (left-padded) text; padding gets -1 or repeats."""
-    return attention_mask.long().cumsum(1) - 1
-
-
 def _untrained_tokens(model: ModelAdapter, sae: SAE, rows: Tensor, first_position: int) -> Tensor | None:
     """`(batch, pos)` bool: the tokens the SAE was not trained on (before `first_position`, or above its norm bound);
     None when there are none."""
     outside = outside_domain(sae, rows)
-    if first_position > 0:
-        mask = model.pass_attention_mask
-        if mask is None:
-            positions = torch.arange(rows.shape[1], device=rows.device).expand(rows.shape[:2])
-        else:
-            positions = token_positions(mask)[:, -rows.shape[1]:].to(rows.device)
-        before = positions < first_position
+    before = untrained_head(model, sae, rows.shape[0], rows.shape[1], rows.device) if first_position > 0 else None
+    if before is not None:
         outside = before if outside is None else outside | before
     return outside
 

@@ -144,9 +144,11 @@ def edit_features(features: Float[Tensor, "... d_sae"], edits: Sequence[FeatureE
 
 def splice_activation(
     sae: SAE, x: Float[Tensor, "batch pos d_in"] | Float[Tensor, "batch pos n_heads d_head"], edits: Sequence[FeatureEdit] = (), *,
-    error_term: bool = True, mask: Tensor | None = None,
+    error_term: bool = True, mask: Tensor | None = None, untouched: Tensor | None = None,
 ) -> Float[Tensor, "batch pos d_in"] | Float[Tensor, "batch pos n_heads d_head"]:
     """The activation after splicing `sae` in: `x + mask * (decode(f') - decode(f))` (or the reconstruction).
+
+    Tokens outside the SAE's domain (`outside_domain`) and those marked `untouched` pass through unchanged.
 
     Args:
         sae: a sae_lens SAE reading `x`.
@@ -155,6 +157,8 @@ def splice_activation(
         edits: feature edits giving `f'` from `f = encode(x)`.
         error_term: keep the reconstruction error (True) or replace `x` by `decode(f)` (False).
         mask: `(batch, pos)` bool, where edits apply (default: everywhere).
+        untouched: `(batch, pos)` bool, tokens left exactly as they are, also by `error_term=False` (e.g. the
+            chat-template head the SAE was not trained on, see `untrained_head`).
 
     Returns:
         A tensor like `x` (same shape, dtype and device).
@@ -181,6 +185,9 @@ def splice_activation(
                 delta = delta * mask[..., None].to(delta.device, delta.dtype)
             spliced = spliced + delta.to(exact.dtype)
         outside = outside_domain(sae, exact)
+        if untouched is not None:
+            untouched = untouched.to(exact.device)
+            outside = untouched if outside is None else outside | untouched
         if outside is not None:
             spliced = torch.where(outside[..., None], exact, spliced)
     return spliced.reshape(x.shape).to(x.device, x.dtype)
@@ -207,13 +214,44 @@ def inside_domain(sae: SAE, x: Float[Tensor, "... d_in"]) -> Bool[Tensor, "..."]
     return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device) if outside is None else ~outside
 
 
+def first_trained_position(sae: SAE) -> int:
+    """Index of the first token of each text the SAE was trained on: `featsteer-train-sae` leaves out the chat-template
+    head every prompt shares and records where training began as `featsteer_first_position` (0 when not recorded)."""
+    metadata = sae.cfg.metadata
+    first = metadata.get("featsteer_first_position") if metadata is not None else None
+    return int(first or 0)
+
+
+def token_positions(attention_mask: Tensor) -> Tensor:
+    """`(batch, pos)` index of each column's token within its own (left-padded) text; padding gets -1 or repeats."""
+    return attention_mask.long().cumsum(1) - 1
+
+
+def untrained_head(model: ModelAdapter, sae: SAE, batch: int, length: int, device: torch.device) -> Bool[Tensor, "batch pos"] | None:
+    """`(batch, pos)` bool: the tokens of this pass before the SAE's `first_trained_position` (the shared chat-template
+    head it was not trained on), read from the model's attention mask of the pass (the last `length` columns, so a
+    KV-cached decoding step is placed after its prompt); None when the SAE records no such head."""
+    first_position = first_trained_position(sae)
+    if first_position <= 0:
+        return None
+    mask = model.pass_attention_mask
+    if mask is None:
+        positions = torch.arange(length, device=device).expand(batch, length)
+    else:
+        positions = token_positions(mask)[:, -length:].to(device)
+    return positions < first_position
+
+
 def sae_hook(sae: SAE, edits: Sequence[FeatureEdit] = (), *, error_term: bool = True, positions: str = "all",
              model: ModelAdapter | None = None) -> HookFn:
     """A featsteer hook function that splices `sae` in with `edits` (see `splice_activation`; at hook_z the heads are
     read side by side and put back in their `(n_heads, d_head)` shape).
 
     With `positions` other than `all`, pass the `model` the hook goes on: it says which pass is the prompt's (see
-    `featsteer.interventions.positions.PositionTracker`); without it the tracker infers that from shapes.
+    `featsteer.interventions.positions.PositionTracker`); without it the tracker infers that from shapes. With the
+    `model`, the chat-template head the SAE was not trained on (`untrained_head`) is left as it is, as are tokens above
+    its norm bound (`outside_domain`): its reconstruction there is not what the SAE learned, so edits would write noise;
+    without the `model` the head cannot be placed and every token within the norm bound is edited.
 
     Raises:
         FeatsteerError: for an unknown `positions` value or an edit naming a feature id outside `d_sae`.
@@ -230,7 +268,8 @@ def sae_hook(sae: SAE, edits: Sequence[FeatureEdit] = (), *, error_term: bool = 
         mask = tracker.selected(positions, activation.shape[0], activation.shape[1], activation.device)
         if error_term and (not edits or (mask is not None and not bool(mask.any()))):
             return None  # nothing to change: x + 0
-        return splice_activation(sae, activation, edits, error_term=error_term, mask=mask)
+        head = None if model is None else untrained_head(model, sae, activation.shape[0], activation.shape[1], activation.device)
+        return splice_activation(sae, activation, edits, error_term=error_term, mask=mask, untouched=head)
 
     return hook
 
