@@ -27,11 +27,12 @@ BIAS_DECAY_DEFAULT = 2.0
 
 def _load_model(args: argparse.Namespace, spec: str | None = None):
     """The model a command names (`--model`, or `spec`), with the command's `--dtype` and `--device`; its progress bars
-    (capture, generation, selection, the optimiser) show with `-v` only, as the log lines do."""
+    (capture, generation, selection, the optimiser) show on a terminal or with `-v`, and stay out of redirected output
+    (a log file, a pipe) without `-v`."""
     from featsteer.models import load_model
 
     model = load_model(args.model if spec is None else spec, dtype=args.dtype, device=args.device)
-    model.show_progress = bool(getattr(args, "verbose", False))
+    model.show_progress = bool(getattr(args, "verbose", False)) or sys.stderr.isatty()
     return model
 
 

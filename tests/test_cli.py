@@ -477,14 +477,18 @@ def test_abliterate_optimize_with_affirmative_targets(capsys, tmp_path):
     assert code == 2 and "ablation_targets must be one of ablated, affirm" in err and not (tmp_path / "bad").exists(), err
 
 
-def test_progress_bars_show_with_verbose_only(capsys, tmp_path):
-    """The selection's bars printed on every `directions` run, though the CLI logs its progress only with -v."""
+def test_progress_bars_show_on_a_terminal_or_with_verbose(capsys, tmp_path, monkeypatch):
+    """The selection's bars printed into redirected output (logs, pipes) on every `directions` run, though the CLI
+    logs its progress only with -v; on a terminal they still show, so a long run does not look stuck."""
     common = ["directions", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
               "--n", "12", "--n-select", "3", "--geometry", "off"]
     code, _, quiet = _run(capsys, *common, "--out", str(tmp_path / "quiet"))
     assert code == 0 and "select: " not in quiet and "%|" not in quiet, quiet
     code, _, verbose = _run(capsys, "-v", *common, "--out", str(tmp_path / "verbose"))
     assert code == 0 and "select: ablate" in verbose, verbose
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    code, _, terminal = _run(capsys, *common, "--out", str(tmp_path / "terminal"))
+    assert code == 0 and "select: ablate" in terminal, terminal
 
 
 def test_directions_optimize_writes_the_trained_direction_for_steer_and_abliterate(capsys, tmp_path):
