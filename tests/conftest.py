@@ -9,6 +9,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("PIP_NO_INDEX", "1")  # TransformerLens pip-installs torchvision when it boots an image-text bridge without it, which can swap the CPU torch for a CUDA build
 
 from featsteer.testing import FAMILY_NAMES, tiny_model  # noqa: E402
 
