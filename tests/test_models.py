@@ -566,6 +566,32 @@ def test_a_bridge_hook_point_that_never_runs_is_neither_offered_nor_hooked(tmp_p
     assert count_hooks(bridge) == before
 
 
+def test_a_granite_bridge_hook_embed_carries_the_embedding_multiplier(tmp_path):
+    """Granite multiplies the embedding by its embedding_multiplier after the embedding module, outside what a bridge wraps:
+    a bridge's hook_embed saw a third of what the Hugging Face adapter's hook_embed and blocks.0.hook_resid_pre see, so a
+    direction added there was scaled by the multiplier without a word. It carries the product now, on capture and steering."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from featsteer.activations import capture
+    from featsteer.interventions import AddDirection, steer
+    from featsteer.testing import random_direction
+
+    model, tokenizer = tiny_model("granite")
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    native = load_model(model, tokenizer=tokenizer)
+    lens = load_model(TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model))
+    hooks = ["hook_embed", "blocks.0.hook_resid_pre"]
+    seen, expected = (capture(adapter, PROMPTS, hooks, positions="all", progress=False).activations for adapter in (lens, native))
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(seen[:, 0], seen[:, 1], atol=1e-5, rtol=0)
+    steering = AddDirection(random_direction(lens.d_model), 4.0, where="hook_embed")
+    with steer(native, steering):
+        native_logits = native.logits(PROMPTS)
+    with steer(lens, steering):
+        torch.testing.assert_close(lens.logits(PROMPTS), native_logits, atol=1e-4, rtol=0)
+
+
 def test_an_attention_only_hooked_transformer_offers_no_mlp_points_and_edits(tmp_path):
     """An attention-only HookedTransformer (attn_only=True) has no MLP: layer_kinds offered resid_mid (which it does not name),
     ln2 and mlp_out (which never run), and every weight edit failed with an AttributeError from the missing block.mlp."""
