@@ -774,6 +774,19 @@ def test_a_gguf_file_is_converted_in_the_dtype_asked_for(tmp_path, monkeypatch):
     torch.testing.assert_close(again.logits(PROMPTS), half_logits, atol=0, rtol=0)
 
 
+def test_a_gguf_file_of_an_unsupported_architecture_fails_before_converting(tmp_path, monkeypatch):
+    """A GGUF file of an architecture featsteer does not support was converted and cached in full before its config was
+    checked: the error came after the whole conversion and left the useless conversion in the cache. Its metadata is
+    checked first now: one line, nothing cached."""
+    from featsteer.testing import tiny_gguf
+
+    monkeypatch.setenv("FEATSTEER_CACHE", str(tmp_path / "cache"))
+    tiny_gguf(tmp_path / "other.gguf", architecture="nemotron")
+    with pytest.raises(FeatsteerError, match="unsupported architecture 'nemotron'"):
+        load_model(str(tmp_path / "other.gguf"))
+    assert not list((tmp_path / "cache").rglob("*"))
+
+
 def _tensor_dtypes(folder) -> set[str]:
     from safetensors import safe_open
 
