@@ -787,6 +787,31 @@ def test_a_gguf_file_of_an_unsupported_architecture_fails_before_converting(tmp_
     assert not list((tmp_path / "cache").rglob("*"))
 
 
+def test_two_conversions_of_one_gguf_file_at_once_share_the_cache(tmp_path, monkeypatch):
+    """Two processes converting the same GGUF file at once: the second one's final rename found the first one's folder in
+    place and failed with a raw OSError (directory not empty). It uses the finished conversion now and leaves no partial
+    folder. The race is replayed in one process: another conversion runs to the end while this one reads the weights."""
+    from transformers import AutoModelForCausalLM
+
+    from featsteer.models.loading import _converted_gguf
+    from featsteer.testing import tiny_gguf
+
+    monkeypatch.setenv("FEATSTEER_CACHE", str(tmp_path / "cache"))
+    tiny_gguf(tmp_path / "tiny.gguf")
+    read_weights, others = AutoModelForCausalLM.from_pretrained.__func__, []
+
+    def racing(cls, *args, **kwargs):
+        if not others:
+            others.append(None)
+            others[0] = _converted_gguf(tmp_path / "tiny.gguf")  # the other process finishes first
+        return read_weights(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(racing))
+    assert _converted_gguf(tmp_path / "tiny.gguf") == others[0]
+    assert [folder.name for folder in (tmp_path / "cache" / "gguf").iterdir()] == [others[0].name]
+    assert load_model(str(tmp_path / "tiny.gguf")).logits(PROMPTS).isfinite().all()
+
+
 def _tensor_dtypes(folder) -> set[str]:
     from safetensors import safe_open
 

@@ -302,6 +302,12 @@ def _converted_gguf(path: Path, dtype: torch.dtype | str = torch.float32) -> Pat
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         staging.rename(target)
+    except OSError as error:
+        # another process converting the same file renamed its complete conversion into place first: use that one
+        if not (target / "config.json").is_file():
+            raise FeatsteerError(f"could not write the conversion of {path.name} to {target} ({type(error).__name__}: {error.strerror or error}); "
+                                 "check the space and permissions there, or set FEATSTEER_CACHE to another folder") from None
+        logger.info("another process converted %s meanwhile; using its conversion", path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
