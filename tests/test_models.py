@@ -606,7 +606,8 @@ def test_an_attention_only_hooked_transformer_offers_no_mlp_points_and_edits(tmp
                                   normalization_type="LN", positional_embedding_type="rotary", rotary_dim=16, default_prepend_bos=False, seed=0)
     adapter = load_model(HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="left"))
     assert adapter.layer_kinds == ("resid_pre", "ln1_normalized", "attn_out", "resid_post", "attn_z")
-    with pytest.raises(FeatsteerError, match="blocks.0.hook_mlp_out never runs on this TransformerLens model"):
+    assert adapter.family == "transformer_lens:HookedTransformer"  # it was transformer_lens:unknown in every error
+    with pytest.raises(FeatsteerError, match=r"hook_mlp_out never runs on this TransformerLens model \(transformer_lens:HookedTransformer\)"):
         adapter.hook_site("blocks.0.hook_mlp_out")
     direction = random_direction(adapter.d_model)
     with steer(adapter, Ablate(direction)):

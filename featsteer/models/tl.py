@@ -153,7 +153,10 @@ class TLModelAdapter(ModelAdapter):
 
     @property
     def family(self) -> str:
-        arch = getattr(self.model.cfg, "original_architecture", None) or getattr(self.model.cfg, "architecture", None) or "unknown"
+        """`transformer_lens:` and the Hugging Face architecture the model was converted from; for a HookedTransformer built
+        from a config, which records none, its class (`transformer_lens:HookedTransformer`)."""
+        cfg = self.model.cfg
+        arch = getattr(cfg, "original_architecture", None) or getattr(cfg, "architecture", None) or type(self.model).__name__
         return f"transformer_lens:{arch}"
 
     @property
