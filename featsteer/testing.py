@@ -209,16 +209,18 @@ GGUF_LAYER_TENSORS = {
 """A Llama decoder layer's weights by their llama.cpp names."""
 
 
-def tiny_gguf(path) -> None:
+def tiny_gguf(path, architecture: str = "llama") -> None:
     """Write the tiny Llama (`tiny_model("llama")`) and its byte tokenizer as a GGUF file at `path`, matrices in float16,
     for tests of GGUF loading. Queries and keys are stored in Hugging Face's order, so the loaded model's attention differs
-    from the tiny Llama's (llama.cpp permutes them): the file is a model of its own, not a copy."""
+    from the tiny Llama's (llama.cpp permutes them): the file is a model of its own, not a copy. `architecture` labels the
+    file as another llama.cpp architecture (its metadata keys follow the label), for tests of one featsteer does not
+    support."""
     import gguf
     import numpy as np
 
     model, tokenizer = tiny_model("llama")
     config, weights = model.config, model.state_dict()
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)

@@ -566,6 +566,32 @@ def test_a_bridge_hook_point_that_never_runs_is_neither_offered_nor_hooked(tmp_p
     assert count_hooks(bridge) == before
 
 
+def test_a_granite_bridge_hook_embed_carries_the_embedding_multiplier(tmp_path):
+    """Granite multiplies the embedding by its embedding_multiplier after the embedding module, outside what a bridge wraps:
+    a bridge's hook_embed saw a third of what the Hugging Face adapter's hook_embed and blocks.0.hook_resid_pre see, so a
+    direction added there was scaled by the multiplier without a word. It carries the product now, on capture and steering."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from featsteer.activations import capture
+    from featsteer.interventions import AddDirection, steer
+    from featsteer.testing import random_direction
+
+    model, tokenizer = tiny_model("granite")
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    native = load_model(model, tokenizer=tokenizer)
+    lens = load_model(TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model))
+    hooks = ["hook_embed", "blocks.0.hook_resid_pre"]
+    seen, expected = (capture(adapter, PROMPTS, hooks, positions="all", progress=False).activations for adapter in (lens, native))
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(seen[:, 0], seen[:, 1], atol=1e-5, rtol=0)
+    steering = AddDirection(random_direction(lens.d_model), 4.0, where="hook_embed")
+    with steer(native, steering):
+        native_logits = native.logits(PROMPTS)
+    with steer(lens, steering):
+        torch.testing.assert_close(lens.logits(PROMPTS), native_logits, atol=1e-4, rtol=0)
+
+
 def test_an_attention_only_hooked_transformer_offers_no_mlp_points_and_edits(tmp_path):
     """An attention-only HookedTransformer (attn_only=True) has no MLP: layer_kinds offered resid_mid (which it does not name),
     ln2 and mlp_out (which never run), and every weight edit failed with an AttributeError from the missing block.mlp."""
@@ -580,7 +606,8 @@ def test_an_attention_only_hooked_transformer_offers_no_mlp_points_and_edits(tmp
                                   normalization_type="LN", positional_embedding_type="rotary", rotary_dim=16, default_prepend_bos=False, seed=0)
     adapter = load_model(HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="left"))
     assert adapter.layer_kinds == ("resid_pre", "ln1_normalized", "attn_out", "resid_post", "attn_z")
-    with pytest.raises(FeatsteerError, match="blocks.0.hook_mlp_out never runs on this TransformerLens model"):
+    assert adapter.family == "transformer_lens:HookedTransformer"  # it was transformer_lens:unknown in every error
+    with pytest.raises(FeatsteerError, match=r"hook_mlp_out never runs on this TransformerLens model \(transformer_lens:HookedTransformer\)"):
         adapter.hook_site("blocks.0.hook_mlp_out")
     direction = random_direction(adapter.d_model)
     with steer(adapter, Ablate(direction)):
@@ -746,6 +773,44 @@ def test_a_gguf_file_is_converted_in_the_dtype_asked_for(tmp_path, monkeypatch):
     again = load_model(str(tmp_path / "tiny.gguf"), dtype="bfloat16")
     assert again.dtype == torch.bfloat16 and cached() == {"": {"F32"}}  # read from the float32 conversion, not converted again
     torch.testing.assert_close(again.logits(PROMPTS), half_logits, atol=0, rtol=0)
+
+
+def test_a_gguf_file_of_an_unsupported_architecture_fails_before_converting(tmp_path, monkeypatch):
+    """A GGUF file of an architecture featsteer does not support was converted and cached in full before its config was
+    checked: the error came after the whole conversion and left the useless conversion in the cache. Its metadata is
+    checked first now: one line, nothing cached."""
+    from featsteer.testing import tiny_gguf
+
+    monkeypatch.setenv("FEATSTEER_CACHE", str(tmp_path / "cache"))
+    tiny_gguf(tmp_path / "other.gguf", architecture="nemotron")
+    with pytest.raises(FeatsteerError, match="unsupported architecture 'nemotron'"):
+        load_model(str(tmp_path / "other.gguf"))
+    assert not list((tmp_path / "cache").rglob("*"))
+
+
+def test_two_conversions_of_one_gguf_file_at_once_share_the_cache(tmp_path, monkeypatch):
+    """Two processes converting the same GGUF file at once: the second one's final rename found the first one's folder in
+    place and failed with a raw OSError (directory not empty). It uses the finished conversion now and leaves no partial
+    folder. The race is replayed in one process: another conversion runs to the end while this one reads the weights."""
+    from transformers import AutoModelForCausalLM
+
+    from featsteer.models.loading import _converted_gguf
+    from featsteer.testing import tiny_gguf
+
+    monkeypatch.setenv("FEATSTEER_CACHE", str(tmp_path / "cache"))
+    tiny_gguf(tmp_path / "tiny.gguf")
+    read_weights, others = AutoModelForCausalLM.from_pretrained.__func__, []
+
+    def racing(cls, *args, **kwargs):
+        if not others:
+            others.append(None)
+            others[0] = _converted_gguf(tmp_path / "tiny.gguf")  # the other process finishes first
+        return read_weights(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(racing))
+    assert _converted_gguf(tmp_path / "tiny.gguf") == others[0]
+    assert [folder.name for folder in (tmp_path / "cache" / "gguf").iterdir()] == [others[0].name]
+    assert load_model(str(tmp_path / "tiny.gguf")).logits(PROMPTS).isfinite().all()
 
 
 def _tensor_dtypes(folder) -> set[str]:

@@ -278,8 +278,13 @@ def _converted_gguf(path: Path, dtype: torch.dtype | str = torch.float32) -> Pat
     for cached in (target, full):
         if (cached / "config.json").is_file():
             return cached
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    try:  # the metadata alone, so an architecture featsteer does not support fails before anything is converted or cached
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as error:  # noqa: BLE001
+        raise FeatsteerError(f"could not read GGUF file {path} ({type(error).__name__}: {str(error)[:160]})") from None
+    _check_architecture(config)
     logger.info("converting %s to safetensors under %s (first load only)", path.name, target)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
@@ -297,6 +302,12 @@ def _converted_gguf(path: Path, dtype: torch.dtype | str = torch.float32) -> Pat
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         staging.rename(target)
+    except OSError as error:
+        # another process converting the same file renamed its complete conversion into place first: use that one
+        if not (target / "config.json").is_file():
+            raise FeatsteerError(f"could not write the conversion of {path.name} to {target} ({type(error).__name__}: {error.strerror or error}); "
+                                 "check the space and permissions there, or set FEATSTEER_CACHE to another folder") from None
+        logger.info("another process converted %s meanwhile; using its conversion", path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -153,8 +153,18 @@ class TLModelAdapter(ModelAdapter):
 
     @property
     def family(self) -> str:
-        arch = getattr(self.model.cfg, "original_architecture", None) or getattr(self.model.cfg, "architecture", None) or "unknown"
+        """`transformer_lens:` and the Hugging Face architecture the model was converted from; for a HookedTransformer built
+        from a config, which records none, its class (`transformer_lens:HookedTransformer`)."""
+        cfg = self.model.cfg
+        arch = getattr(cfg, "original_architecture", None) or getattr(cfg, "architecture", None) or type(self.model).__name__
         return f"transformer_lens:{arch}"
+
+    @property
+    def _embed_scale(self) -> float:
+        """What the model multiplies the embedding by after a bridge's `hook_embed` (Granite's `embedding_multiplier`, applied by
+        the Hugging Face forward outside the bridged embedding): `hook_embed` carries the product, as on the Hugging Face
+        adapter and in `blocks.0.hook_resid_pre`. 1 for a HookedTransformer and for families that scale inside the module."""
+        return self._family_adapter._embed_scale if self._family_adapter is not None else 1.0
 
     def _install_hooks(self, hooks: Sequence[tuple[HookSite, HookFn]]) -> Callable[[], None]:
         handles = []
@@ -163,7 +173,7 @@ class TLModelAdapter(ModelAdapter):
                 point = self.model.hook_dict.get(site.name)
                 if point is None:
                     raise FeatsteerError(f"hook '{site.name}' does not exist on this TransformerLens model")
-                handles.append(point.register_forward_hook(_tl_hook(site, fn, self.n_heads)))
+                handles.append(point.register_forward_hook(_tl_hook(site, fn, self.n_heads, self._embed_scale)))
         except Exception:
             for handle in handles:
                 handle.remove()
@@ -257,7 +267,9 @@ def _featsteer_site(name: str, n_layers: int) -> HookSite | None:
         return None
 
 
-def _tl_hook(site: HookSite, fn: HookFn, n_heads: int):
+def _tl_hook(site: HookSite, fn: HookFn, n_heads: int, embed_scale: float = 1.0):
+    if site.kind == "embed" and embed_scale != 1.0:
+        return _scaled_hook(site, fn, embed_scale)
     if site.kind != "attn_z":
         return lambda module, args, output: fn(output, site)
 
@@ -269,6 +281,18 @@ def _tl_hook(site: HookSite, fn: HookFn, n_heads: int):
         return None if new is None else new.flatten(-2)
 
     return heads_hook
+
+
+def _scaled_hook(site: HookSite, fn: HookFn, scale: float):
+    """A hook handing `fn` the output times `scale` (what enters the stream after the module) and handing a replacement
+    back divided by it, so the model's own multiplication turns it into what `fn` returned."""
+
+    def hook(module, args, output):
+        seen = output * scale
+        new = fn(seen, site)
+        return None if new is None or new is seen else new / scale
+
+    return hook
 
 
 def _bias_writer(name: str, layer: int, bias: torch.nn.Parameter) -> BiasWriter:
