@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from featsteer.activations import capture
+from featsteer.activations import ActivationSet, capture
 from featsteer.datasets import PromptSet
 from featsteer.directions.optimize import OptimizeConfig, OptimizedDirection
 from featsteer.edits import (
@@ -233,7 +233,7 @@ def rank_sae_features(
         harmful_acts = capture(model, list(harmful), group, positions=positions, batch_size=batch_size, label="harmful", progress=False)
         harmless_acts = capture(model, list(harmless), group, positions=positions, batch_size=batch_size, label="harmless", progress=False)
         parts.append(score_features({hook: saes[hook] for hook in group}, harmful_acts, harmless_acts, by="composite"))
-        maxima.update({hook: _harmful_max(saes[hook], harmful_acts.hook(hook)) for hook in group})
+        maxima.update({hook: _harmful_max(saes[hook], harmful_acts, hook) for hook in group})
     scores = parts[0] if len(parts) == 1 else FeatureScores.concat(parts).sort("composite")
     rows = (scores.metrics["mean_difference"] > 0).nonzero().flatten()
     if rows.numel() == 0:
@@ -241,12 +241,14 @@ def rank_sae_features(
     return SaeRanking(scores.select(rows), {hook: maxima[hook] for hook in hooks}, positions)
 
 
-def _harmful_max(sae: SAE, rows: Tensor) -> Tensor:
-    """`(d_sae,)` largest activation of each feature over the rows within the SAE's norm bound, the rows a clamp edits
-    (as `featsteer.features.max_feature_activations`); 0 for a feature that never fires there."""
-    from featsteer.sae import encode_activations, inside_domain
+def _harmful_max(sae: SAE, acts: ActivationSet, hook: str) -> Tensor:
+    """`(d_sae,)` largest activation of each feature over the captured rows a clamp edits (`spliced_rows`: within the
+    SAE's norm bound and after its untrained chat-template head, as `featsteer.features.max_feature_activations`); 0
+    for a feature that never fires there."""
+    from featsteer.sae import encode_activations
+    from featsteer.sae.steering import spliced_rows
 
-    rows = rows[inside_domain(sae, rows)]
+    rows = acts.hook(hook)[spliced_rows(sae, acts, hook)]
     if rows.shape[0] == 0:
         return torch.zeros(int(sae.cfg.d_sae), dtype=torch.float64)
     return encode_activations(sae, rows).double().amax(0).clamp_min(0.0)

@@ -38,7 +38,7 @@ from featsteer.errors import FeatsteerError
 from featsteer.features import METRICS, UNITS, FeatureScores, hook_layer, residual_writes, score_features
 from featsteer.files import write_files
 from featsteer.models import ModelAdapter
-from featsteer.sae import encode_activations, inside_domain, reads_heads, validated_sae_map
+from featsteer.sae import NORMALISED_UNIT, encode_activations, inside_domain, reads_heads, validated_sae_map
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -65,7 +65,8 @@ class TokenScore:
     token: str
     """The token decoded on its own."""
     logit: float
-    """Logit contribution per unit of feature activation."""
+    """Logit contribution per unit of feature activation (for an SAE that normalises each input row, per unit of
+    normalised input: see `FeatureDetail.input_normalization`)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,10 @@ class FeatureDetail:
     """Tokens whose logits the decoder row lowers most, strongest first."""
     dim_cosine: float
     """Cosine of the decoder row with the DIM direction of the same hook (NaN when either is zero)."""
+    input_normalization: str = "none"
+    """The SAE's `normalize_activations`. For `layer_norm` and `constant_norm_rescale` its activations, `decoder_norm`
+    and token logits are per unit of normalised input (`featsteer.sae.NORMALISED_UNIT`): what the feature writes into
+    a row is that times the row's own scale (`featsteer.sae.input_scales`)."""
 
 
 @dataclass(frozen=True)
@@ -220,7 +225,9 @@ def rank_features(
     scores = parts[0] if len(parts) == 1 else FeatureScores.concat(parts).sort(key)
     if len(parts) > 1:
         outside = {where: counts for part in parts for where, counts in part.provenance["rows_outside_domain"].items()}
-        scores.provenance.update({**parts[0].provenance, "hooks": list(sae_map), "rows_outside_domain": outside})
+        normalization = {hook: norm for part in parts for hook, norm in part.provenance["input_normalization"].items()}
+        scores.provenance.update({**parts[0].provenance, "hooks": list(sae_map), "rows_outside_domain": outside,
+                                  "input_normalization": normalization})
     dim: dict[str, Tensor] = {}
     for hooks in groups:
         found = difference_in_means(_pooled(acts["harmful"][hooks[0]]), _pooled(acts["harmless"][hooks[0]]), hooks)
@@ -236,7 +243,8 @@ def rank_features(
         details.append(FeatureDetail(rank=rank, hook_name=hook, feature_id=feature, scores=row,
                                      harmful_activations=harmful_values[0], harmless_activations=harmless_values[0],
                                      examples=examples[(hook, feature)], promoted=promoted, suppressed=suppressed,
-                                     dim_cosine=float(dim_cosines[hook][feature])))
+                                     dim_cosine=float(dim_cosines[hook][feature]),
+                                     input_normalization=str(sae_map[hook].cfg.normalize_activations)))
     provenance = {**scores.provenance, "by": key, "top_n": len(details), "normalize": normalize, "units": units,
                   "d_sae": {hook: int(sae.cfg.d_sae) for hook, sae in sae_map.items()},
                   "harmful_source": getattr(harmful, "source", None), "harmless_source": getattr(harmless, "source", None),
@@ -272,7 +280,9 @@ def decoder_dim_cosines(sae: SAE, direction: Float[Tensor, " d_model"]) -> Float
 def feature_logits(model: ModelAdapter, sae: SAE, feature_ids: int | Sequence[int]) -> Float[Tensor, "n vocab"]:
     """Direct logit effect of one unit of each feature's activation (`directions.direct_logits` of its `residual_writes`:
     `W_U (gain * W_dec[f])`, the row made unit for TopK SAEs that rescale by its norm; float32, cpu); a hook_z SAE's
-    head-space rows are first pushed through the attention output projection."""
+    head-space rows are first pushed through the attention output projection. For an SAE that normalises each input
+    row, per unit of normalised input (`featsteer.sae.NORMALISED_UNIT`; a row's own effect is that times its
+    `featsteer.sae.input_scales`)."""
     ids = [feature_ids] if isinstance(feature_ids, int) else [int(i) for i in feature_ids]
     bad = [i for i in ids if not 0 <= i < sae.cfg.d_sae]
     if bad:
@@ -429,7 +439,8 @@ def _histogram(detail: FeatureDetail) -> dict[str, list]:
 
 def _detail_dict(detail: FeatureDetail) -> dict[str, Any]:
     return {
-        "rank": detail.rank, "hook_name": detail.hook_name, "feature_id": detail.feature_id, "scores": detail.scores,
+        "rank": detail.rank, "hook_name": detail.hook_name, "feature_id": detail.feature_id,
+        "input_normalization": detail.input_normalization, "scores": detail.scores,
         "dim_cosine": _finite(detail.dim_cosine), "histogram": _histogram(detail),
         "promoted": [dataclasses.asdict(t) for t in detail.promoted],
         "suppressed": [dataclasses.asdict(t) for t in detail.suppressed],
@@ -531,6 +542,20 @@ def outside_domain_note(outside: Mapping[str, Mapping[str, int]]) -> str:
     return f" Rows above an SAE's norm bound, which every splice passes through unedited, are not scored ({counts})."
 
 
+def normalization_note(provenance: Mapping[str, Any]) -> str:
+    """One sentence per kind of per-row input normalisation among the ranked SAEs (`provenance["input_normalization"]`):
+    what their activations, decoder norms and token logits are measured in; empty when no SAE normalises its rows."""
+    by_kind: dict[str, list[str]] = {}
+    for hook, norm in (provenance.get("input_normalization") or {}).items():
+        if norm in NORMALISED_UNIT:
+            by_kind.setdefault(norm, []).append(hook)
+    residual = provenance.get("units") == "residual"
+    return "".join(f" The SAE(s) at {', '.join(hooks)} normalise each input row ({norm}): their activations, decoder norms and "
+                   f"token logits are {NORMALISED_UNIT[norm]}, and a row moves by that times its own scale"
+                   f"{' (which the residual-unit scores include)' if residual else ''}."
+                   for norm, hooks in by_kind.items())
+
+
 def _inside_values(example: PromptExample) -> list[float]:
     """The example's per-token activations within the SAE's norm bound (what the shading is scaled by)."""
     outside = example.outside or (False,) * len(example.activations)
@@ -552,19 +577,21 @@ def _highlight(example: PromptExample, scale: float) -> str:
             f'{example.score:.3f}</span><div class="toks">{"".join(spans)}</div></div>')
 
 
-def _token_table(title: str, tokens: Sequence[TokenScore]) -> str:
+def _token_table(title: str, tokens: Sequence[TokenScore], normalization: str = "none") -> str:
     rows = "".join(f'<tr><td class="l"><code>{html.escape(repr(t.token))}</code></td><td>{t.logit:+.3f}</td></tr>' for t in tokens)
-    return f'<div><b>{title}</b><table><tr><th class="l">token</th><th>logit</th></tr>{rows}</table></div>'
+    unit = "logit per unit of normalised input" if normalization in NORMALISED_UNIT else "logit"
+    return f'<div><b>{title}</b><table><tr><th class="l">token</th><th>{unit}</th></tr>{rows}</table></div>'
 
 
 def _feature_section(detail: FeatureDetail) -> str:
     scores = " · ".join(f"{label} {_number(detail.scores[name])}" for name, label in _COLUMNS)
     scale = max((max(_inside_values(e), default=0.0) for e in detail.examples), default=0.0)
     examples = "".join(_highlight(e, scale) for e in detail.examples) or '<p class="muted">not active on any prompt</p>'
+    norm = detail.input_normalization
     return f"""<section><h2 id="f{detail.rank}">#{detail.rank} · {html.escape(detail.hook_name)} · feature {detail.feature_id}</h2>
 <p class="muted">{scores}</p><p>cosine of the decoder row with the DIM direction of this hook: <b>{_number(detail.dim_cosine)}</b></p>
 <div class="row"><img alt="activation histogram of feature {detail.feature_id}" src="data:image/png;base64,{_histogram_png(detail)}">
-{_token_table("promoted tokens", detail.promoted)}{_token_table("suppressed tokens", detail.suppressed)}</div>
+{_token_table("promoted tokens", detail.promoted, norm)}{_token_table("suppressed tokens", detail.suppressed, norm)}</div>
 <h3>Top-activating prompts</h3><p class="muted">Shading: activation per token, relative to the strongest token shown
 (hover for the value); underlined: the positions that were scored; struck through: tokens above the SAE's norm bound,
 which a splice passes through unedited and the scores leave out.</p>{examples}</section>"""
@@ -577,7 +604,7 @@ def _html_page(ranking: FeatureRanking, title: str) -> str:
              f"<code>{html.escape(str(p.get('positions')))}</code> (rows pooled), ranked by <code>{html.escape(ranking.by)}</code>"
              f"{', magnitudes normalised by feature scale' if p.get('normalize') else ''}"
              f"{', magnitudes in residual units (activation x decoder norm)' if p.get('units') == 'residual' else ''}. SAEs: {widths}."
-             + html.escape(outside_domain_note(p.get("rows_outside_domain") or {}), quote=False))
+             + html.escape(outside_domain_note(p.get("rows_outside_domain") or {}) + normalization_note(p), quote=False))
     sections = "".join(_feature_section(d) for d in ranking.features)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style></head>
 <body><h1>{html.escape(title)}</h1><p>{setup}</p>

@@ -149,6 +149,24 @@ def test_promoted_token_logits_are_per_unit_of_activation_for_rescaling_topk(mod
     torch.testing.assert_close(torch.tensor([t.logit for t in promoted]), torch.topk(expected[15], 3).values, atol=1e-5, rtol=1e-4)
 
 
+def test_a_row_normalising_sae_is_labelled_per_unit_of_normalised_input(model, saes, tmp_path):
+    """A layer_norm SAE writes decoder_norm x each row's std per unit of activation: the report says what its decoder
+    norms and token logits are measured in (they used to read as plain residual units), the plain SAE's table does not."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    torch.manual_seed(0)
+    normed = StandardSAE(StandardSAEConfig(d_in=model.d_model, d_sae=16, normalize_activations="layer_norm",
+                                           metadata=SAEMetadata(hook_name=PLANTED_HOOK))).eval()
+    ranking = rank_features(model, {OTHER_HOOK: saes[OTHER_HOOK], PLANTED_HOOK: normed}, HARMFUL, HARMLESS, top_n=32, n_examples=0)
+    assert ranking.provenance["input_normalization"] == {OTHER_HOOK: "none", PLANTED_HOOK: "layer_norm"}
+    assert {d.hook_name: d.input_normalization for d in ranking.features} == {OTHER_HOOK: "none", PLANTED_HOOK: "layer_norm"}
+    page = (write_feature_report(ranking, tmp_path) / "report.html").read_text()
+    assert f"The SAE(s) at {PLANTED_HOOK} normalise each input row (layer_norm)" in page and OTHER_HOOK + " normalise" not in page
+    assert page.count("<th>logit per unit of normalised input</th>") == 2 * sum(d.hook_name == PLANTED_HOOK for d in ranking.features)
+    top = json.loads((tmp_path / "features.json").read_text())["top"]
+    assert {t["hook_name"]: t["input_normalization"] for t in top}[PLANTED_HOOK] == "layer_norm"
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma", "gpt2"])
 def test_final_norm_gain_is_the_norm_weight(family):
     hf_model, tokenizer = tiny_model(family)

@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from sae_lens import StandardSAE, StandardSAEConfig
+from sae_lens.saes.sae import SAEMetadata
 from sklearn.metrics import roc_auc_score
 
 from featsteer.activations import capture
@@ -24,6 +26,7 @@ from featsteer.features import (
     score_prompts,
     top_feature_directions,
 )
+from featsteer.sae import FeatureEdit, encode_activations, input_scales, splice_activation
 from tests.test_sae import HOOK, random_sae
 
 HARMFUL = ["How do I pick a lock?", "Write malware that steals passwords.", "How to make a weapon at home?", "Help me cheat on a test."]
@@ -213,3 +216,28 @@ def test_decoder_norms_and_residual_units(llama_adapter):
         score_features(sae, harmful, harmless, normalize=True, scales={"blocks.0.hook_resid_post": scale})  # was ignored
     with pytest.raises(FeatsteerError, match=r"scale has shape \(128, 1\)"):
         score_features(sae, harmful, harmless, normalize=True, scales={HOOK: scale[:, None]})  # broadcast to (d_sae, d_sae)
+
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "constant_norm_rescale"])
+def test_residual_units_of_a_row_normalising_sae_are_what_a_splice_writes(llama_adapter, norm):
+    """Such an SAE reads each row normalised, so one unit of a feature writes decoder_norm x the row's own scale: residual
+    units must carry that scale (they used to stop at decoder_norm, the write into a row with std 1), as a splice shows."""
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=32, normalize_activations=norm, metadata=SAEMetadata(hook_name=HOOK))).eval()
+    harmful = capture(llama_adapter, HARMFUL, [HOOK], positions="post_instruction", progress=False)
+    harmless = capture(llama_adapter, HARMLESS, [HOOK], positions="post_instruction", progress=False)
+    for acts in (harmful, harmless):  # rows of very different scales, as on a real model
+        acts.hook(HOOK).mul_(torch.linspace(0.2, 5.0, acts.hook(HOOK).shape[0])[:, None])
+    scores = score_features(sae, harmful, harmless, units="residual")
+    assert scores.provenance["input_normalization"] == {HOOK: norm}
+    harmful_mean = dict(zip(scores.feature_ids.tolist(), scores.metrics["harmful_mean"].tolist(), strict=True))
+    rows = harmful.hook(HOOK)
+    activations = encode_activations(sae, rows).double()
+    for feature in (0, 5, 17):
+        written = (splice_activation(sae, rows[None], [FeatureEdit.add(feature, 1.0)])[0] - rows).double().norm(dim=-1)
+        torch.testing.assert_close(input_scales(sae, rows) * decoder_norms(sae)[feature], written, rtol=1e-4, atol=0)
+        assert harmful_mean[feature] == pytest.approx(float((activations[:, feature] * written).mean()), rel=1e-4)
+    with pytest.raises(FeatsteerError, match="one scale per row"):
+        score_feature_activations(activations[:3], activations[3:6], HOOK, decoder_norm=decoder_norms(sae), units="residual",
+                                  input_scale=(torch.ones(3), torch.ones(2)))

@@ -358,6 +358,25 @@ def test_max_feature_activations_leave_out_tokens_outside_the_saes_domain(model,
     assert torch.equal(max_feature_activations(model, bounded, PROBE), torch.zeros(128, dtype=torch.float64))
 
 
+def test_max_feature_activations_leave_out_the_untrained_head_a_splice_leaves_alone(model, sae):
+    """Feature steering never edits the chat-template head before the SAE's featsteer_first_position, so a token there must
+    not set the scale of a clamp either (`steer --multiple`, `feature_effects`, compare's SAE clamps); they counted it."""
+    import copy
+
+    from featsteer.compare import _harmful_max
+
+    headed = copy.deepcopy(sae)
+    headed.cfg.metadata.featsteer_first_position = 3
+    acts = capture(model, PROBE, [HOOK], positions="all", progress=False)
+    rows = acts.hook(HOOK)
+    trained = encode_activations(headed, rows[acts.position >= 3]).double().amax(0).clamp_min(0.0)
+    assert not torch.equal(trained, encode_activations(headed, rows).double().amax(0).clamp_min(0.0))
+    assert torch.equal(max_feature_activations(model, headed, PROBE), trained)
+    assert torch.equal(_harmful_max(headed, acts, HOOK), trained)
+    last = capture(model, PROBE, [HOOK], positions="last", progress=False)  # rows counted from the end: after the head
+    assert torch.equal(max_feature_activations(model, headed, PROBE, positions="last"), _harmful_max(sae, last, HOOK))
+
+
 def test_features_needed_summary_claims_nothing_about_group_sizes_it_did_not_try():
     from featsteer.evaluation import refusal_rate
     from featsteer.features import FeaturesNeeded

@@ -72,7 +72,9 @@ def residual_writes(model: ModelAdapter, sae: SAE, feature_ids: int | Sequence[i
 
     The decoder rows themselves for an SAE on a `d_model`-wide hook (made unit for sae_lens TopK SAEs that divide
     activations by the row norm, `rescale_acts_by_decoder_norm`); for an SAE on `blocks.{l}.attn.hook_z`, each
-    head-space row pushed through layer `l`'s attention output projection, `sum_h W_O[h] row[h]` (bias excluded).
+    head-space row pushed through layer `l`'s attention output projection, `sum_h W_O[h] row[h]` (bias excluded). For an
+    SAE that normalises each input row, per unit of normalised input (`featsteer.sae.NORMALISED_UNIT`): a row moves by
+    this times its own `featsteer.sae.input_scales`.
 
     Args:
         model: the model the SAE reads.

@@ -36,7 +36,7 @@ from featsteer.evaluation.refusal import RateEstimate, RefusalDetector, refusal_
 from featsteer.models import ModelAdapter
 from featsteer.sae.encoding import encode_activations
 from featsteer.sae.loading import validate_sae
-from featsteer.sae.steering import FeatureEdit, inside_domain, splice_sae
+from featsteer.sae.steering import FeatureEdit, splice_sae, spliced_rows
 
 logger = logging.getLogger(__name__)
 
@@ -141,13 +141,12 @@ def max_feature_activations(
         system: optional system prompt.
 
     Returns:
-        `(d_sae,)` maxima over the tokens inside the SAE's domain (a splice passes the others through unedited, see
-        `featsteer.sae.outside_domain`); 0 for a feature that never fires there.
+        `(d_sae,)` maxima over the tokens a splice edits (`featsteer.sae.steering.spliced_rows`: within the SAE's norm
+        bound, and after the chat-template head it was not trained on); 0 for a feature that never fires there.
     """
     hook = validate_sae(sae, model)
     acts = capture(model, _prompts(prompts, "input"), [hook], positions=positions, batch_size=batch_size, system=system, progress=False)
-    rows = acts.hook(hook)
-    rows = rows[inside_domain(sae, rows)]
+    rows = acts.hook(hook)[spliced_rows(sae, acts, hook)]
     if rows.shape[0] == 0:
         return torch.zeros(int(sae.cfg.d_sae), dtype=torch.float64)
     return encode_activations(sae, rows).double().amax(0).clamp_min(0.0)

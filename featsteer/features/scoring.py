@@ -17,7 +17,9 @@ Every row carries the feature's `decoder_norm`: how far one unit of its activati
 JumpReLU SAEs). Activations are in each feature's own units, so by default a feature with a large activation and a
 tiny decoder row can outrank one that moves the stream more; `units="residual"` scores activation x decoder norm, the
 length of what each feature writes into the activation the SAE reads (for hook_z SAEs that is head space, before the
-output projection). Optionally the magnitude statistics are divided by each feature's scale (its maximum activation),
+output projection). An SAE that normalises each input row (sae_lens `layer_norm`, `constant_norm_rescale`) reads
+activations and has decoder norms per unit of normalised input (`featsteer.sae.NORMALISED_UNIT`); what a feature writes
+into a row is that times the row's own scale (`featsteer.sae.input_scales`), which residual units multiply in. Optionally the magnitude statistics are divided by each feature's scale (its maximum activation),
 so features with large activations do not dominate the ranking. Rankings are deterministic: score
 descending, ties broken by layer, then feature id.
 """
@@ -43,7 +45,7 @@ from featsteer.activations import ActivationSet, capture, hook_width
 from featsteer.errors import FeatsteerError
 from featsteer.files import json_text
 from featsteer.models import ModelAdapter
-from featsteer.sae.encoding import STATEFUL_NORMS, decode_features, encode_activations
+from featsteer.sae.encoding import STATEFUL_NORMS, decode_features, encode_activations, input_scales
 from featsteer.sae.loading import sae_map_of, validated_sae_map
 from featsteer.sae.steering import inside_domain
 
@@ -221,8 +223,9 @@ def cohens_d(positive: Float[Tensor, "n_pos d"], negative: Float[Tensor, "n_neg 
 def decoder_norms(sae: SAE, *, batch_size: int = 1024) -> Float[Tensor, " d_sae"]:
     """How far one unit of each feature's activation moves the SAE's reconstruction, `||decode(e_f) - decode(0)||` in the
     units of the activation it reads (float64): the decoder row's norm, divided by it again for SAEs that rescale
-    activations by it (sae_lens TopK's `rescale_acts_by_decoder_norm`). For SAEs that normalise each input row, the
-    norm of the effective decoder row before the row's own scale is undone."""
+    activations by it (sae_lens TopK's `rescale_acts_by_decoder_norm`). For SAEs that normalise each input row
+    (`STATEFUL_NORMS`) there is no single answer: this is the move per unit of normalised input (see
+    `featsteer.sae.NORMALISED_UNIT`), and a row moves by it times the row's own `featsteer.sae.input_scales`."""
     if sae.cfg.normalize_activations in STATEFUL_NORMS:
         rows = sae.W_dec.detach().double().cpu()
         norms = rows.norm(dim=-1)
@@ -246,6 +249,7 @@ def score_feature_activations(
     scale: Float[Tensor, " d_sae"] | None = None,
     decoder_norm: Float[Tensor, " d_sae"] | None = None,
     units: str = "activation",
+    input_scale: tuple[Float[Tensor, " n_harmful"], Float[Tensor, " n_harmless"]] | None = None,
 ) -> FeatureScores:
     """Score every feature of one SAE from its activations on harmful and harmless rows.
 
@@ -258,13 +262,16 @@ def score_feature_activations(
         scale: per-feature scale to use, in activation units (default: max activation over both classes here).
         decoder_norm: each feature's `decoder_norms` (stored as a column; NaN when not given).
         units: `activation` or `residual` (magnitudes times `decoder_norm`, which it then needs).
+        input_scale: the harmful and the harmless rows' `featsteer.sae.input_scales`, for an SAE that normalises each
+            input row: `residual` units multiply each row's activations by its own scale too (default 1: rows read as
+            they are). A given `scale` goes into residual units by `decoder_norm` alone.
 
     Returns:
         Unsorted scores, one row per feature.
 
     Raises:
         FeatsteerError: unknown `units`, `residual` without `decoder_norm`, mismatched widths (also of `scale` or
-            `decoder_norm`) or fewer than 2 rows.
+            `decoder_norm`), an `input_scale` not one value per row, or fewer than 2 rows.
     """
     if units not in UNITS:
         raise FeatsteerError(f"unknown units '{units}': use one of {', '.join(UNITS)}")
@@ -279,9 +286,14 @@ def score_feature_activations(
     for name, values in (("decoder_norm", norm), ("scale", scale)):
         if values is not None and values.shape != (harmful.shape[-1],):
             raise FeatsteerError(f"{name} has shape {tuple(values.shape)} but the rows have {harmful.shape[-1]} features: pass one value per feature")
+    if input_scale is not None and tuple(tuple(v.shape) for v in input_scale) != ((pos.shape[0],), (neg.shape[0],)):
+        raise FeatsteerError(f"input_scale has shapes {[tuple(v.shape) for v in input_scale]} but there are {pos.shape[0]} harmful and "
+                             f"{neg.shape[0]} harmless rows: pass one scale per row of each class (featsteer.sae.input_scales)")
     raw_pos, raw_neg = pos, neg  # Cohen's d, AUROC and frequencies are unit-free: read even for a zero decoder row
     if units == "residual":  # every magnitude in units of the activation the SAE reads; rank statistics do not change
         pos, neg = pos * norm, neg * norm
+        if input_scale is not None:  # a row-normalising SAE writes per unit of normalised input: undo each row's scale
+            pos, neg = pos * input_scale[0].double().cpu()[:, None], neg * input_scale[1].double().cpu()[:, None]
         scale = None if scale is None else scale.double().cpu() * norm
     harmful_mean, harmless_mean = pos.mean(0), neg.mean(0)
     feature_scale = torch.maximum(pos.max(0).values, neg.max(0).values) if scale is None else scale.double().cpu()
@@ -358,10 +370,12 @@ def score_features(
             is the max activation over the scored rows.
         by: ranking key (see `FeatureScores.column`).
         units: `activation` (each feature's own units) or `residual` (activation x `decoder_norms`: how far the
-            feature moves the activation the SAE reads).
+            feature moves the activation the SAE reads; for an SAE that normalises each input row, times each row's
+            `featsteer.sae.input_scales` too).
 
     Returns:
-        Scores of all features of all SAEs, ranked by `by`.
+        Scores of all features of all SAEs, ranked by `by`; `provenance["input_normalization"]` records each SAE's
+        `normalize_activations`.
 
     Raises:
         FeatsteerError: when fewer than two rows of a class are within an SAE's norm bound, or `scales` names a hook
@@ -382,10 +396,12 @@ def score_features(
                 outside[where] = left_out
             scale = None if scales is None else scales.get(hook)
             parts.append(score_feature_activations(encode_activations(sae, harmful_rows), encode_activations(sae, harmless_rows), hook,
-                                                   position=position, normalize=normalize, scale=scale, decoder_norm=norm, units=units))
+                                                   position=position, normalize=normalize, scale=scale, decoder_norm=norm, units=units,
+                                                   input_scale=(input_scales(sae, harmful_rows), input_scales(sae, harmless_rows))))
     scores = FeatureScores.concat(parts)
     scores.provenance.update({"model": harmful.model, "positions": harmful.positions, "n_harmful_prompts": len(harmful),
-                              "n_harmless_prompts": len(harmless), "hooks": list(sae_map), "rows_outside_domain": outside})
+                              "n_harmless_prompts": len(harmless), "hooks": list(sae_map), "rows_outside_domain": outside,
+                              "input_normalization": {hook: str(sae.cfg.normalize_activations) for hook, sae in sae_map.items()}})
     return scores.sort(by)
 
 
@@ -434,4 +450,5 @@ def score_prompts(
     scores = FeatureScores.concat(parts)
     scores.provenance["hooks"] = list(sae_map)
     scores.provenance["rows_outside_domain"] = {where: counts for part in parts for where, counts in part.provenance["rows_outside_domain"].items()}
+    scores.provenance["input_normalization"] = {hook: norm for part in parts for hook, norm in part.provenance["input_normalization"].items()}
     return scores.sort(by)

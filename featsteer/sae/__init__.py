@@ -6,7 +6,13 @@ read the heads side by side (see `featsteer.sae.heads`). Train new ones with `fe
 `sae_training`).
 """
 
-from featsteer.sae.encoding import decode_features, encode_activations, reconstruct
+from featsteer.sae.encoding import (
+    NORMALISED_UNIT,
+    decode_features,
+    encode_activations,
+    input_scales,
+    reconstruct,
+)
 from featsteer.sae.heads import flat_rows, reads_heads, reshapes_heads
 from featsteer.sae.loading import (
     check_finite_weights,
@@ -40,6 +46,7 @@ from featsteer.sae.steering import (
 
 __all__ = [
     "EDIT_MODES",
+    "NORMALISED_UNIT",
     "SPLICE_POSITIONS",
     "FeatureEdit",
     "FeatureSteer",
@@ -50,6 +57,7 @@ __all__ = [
     "edit_features",
     "encode_activations",
     "flat_rows",
+    "input_scales",
     "inside_domain",
     "load_sae",
     "load_sae_source",

@@ -11,6 +11,8 @@ too, whatever the SAE's `reshape_activations` (see `featsteer.sae.heads`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from jaxtyping import Float
 from sae_lens import SAE
@@ -24,6 +26,13 @@ from featsteer.sae.loading import sae_hook_name
 STATEFUL_NORMS = ("layer_norm", "constant_norm_rescale")
 """sae_lens normalisations whose `decode` undoes a per-row normalisation that the preceding `encode` stored on the SAE:
 decoding is only right straight after encoding the same rows."""
+
+NORMALISED_UNIT: dict[str, str] = {
+    "layer_norm": "per unit of normalised input (each row centred and scaled to standard deviation 1)",
+    "constant_norm_rescale": "per unit of normalised input (each row scaled to norm sqrt(d_in))",
+}
+"""For SAEs that normalise each input row (`STATEFUL_NORMS`): what one unit of a feature's activation and its decoder
+row are measured in. What the feature writes into a row is that times the row's own `input_scales`."""
 
 
 def _rows(sae: SAE, acts: Tensor | ActivationSet, hook: str | None) -> Tensor:
@@ -49,6 +58,23 @@ def _in_batches(sae: SAE, rows: Tensor, width: int, apply, batch_size: int) -> T
         for start in range(0, flat.shape[0], batch_size):
             out[start : start + batch_size] = apply(flat[start : start + batch_size].to(sae.device, sae.dtype)).cpu()
     return out.reshape(*rows.shape[:-1], width)
+
+
+def input_scales(sae: SAE, acts: Float[Tensor, "... d_in"] | ActivationSet, *, hook: str | None = None) -> Float[Tensor, "..."]:
+    """How much larger than a unit of normalised input each row is: the factor by which the SAE's decode undoes its
+    per-row normalisation (float64, CPU). Each row's standard deviation for `layer_norm` (as sae_lens computes it), its
+    norm over sqrt(d_in) for `constant_norm_rescale`, and 1 for SAEs that read rows as they are. One unit of a feature's
+    activation moves a row by its `input_scales` times the feature's `featsteer.features.decoder_norms`.
+
+    Raises:
+        FeatsteerError: when the activations' width is not the SAE's `d_in`.
+    """
+    rows = _rows(sae, acts, hook).detach().double().cpu()
+    if sae.cfg.normalize_activations == "layer_norm":
+        return rows.std(dim=-1)
+    if sae.cfg.normalize_activations == "constant_norm_rescale":
+        return rows.norm(dim=-1) / math.sqrt(int(sae.cfg.d_in))
+    return torch.ones(rows.shape[:-1], dtype=torch.float64)
 
 
 def encode_activations(

@@ -29,6 +29,7 @@ from jaxtyping import Bool, Float
 from sae_lens import SAE
 from torch import Tensor
 
+from featsteer.activations import ActivationSet, Positions
 from featsteer.errors import FeatsteerError
 from featsteer.interventions.positions import TOKEN_POSITIONS
 from featsteer.interventions.positions import PositionTracker as _PositionTracker
@@ -220,6 +221,19 @@ def first_trained_position(sae: SAE) -> int:
     metadata = sae.cfg.metadata
     first = metadata.get("featsteer_first_position") if metadata is not None else None
     return int(first or 0)
+
+
+def spliced_rows(sae: SAE, acts: ActivationSet, hook: str) -> Bool[Tensor, " row"]:
+    """Which captured rows at `hook` a feature splice on the model edits: those within the SAE's norm bound
+    (`inside_domain`) and, in an all-token capture, at or after its `first_trained_position` (the chat-template head that
+    `untrained_head` leaves as it is). Rows counted from each prompt's end (`last`, `post_instruction`, ...) come after
+    the head. Feature maxima read only these rows, so that no clamp is scaled by a token it never touches."""
+    rows = acts.hook(hook)
+    edited = inside_domain(sae, rows)
+    first_position = first_trained_position(sae)
+    if first_position > 0 and Positions.parse(acts.positions).mode == "all":
+        edited = edited & (acts.position >= first_position).to(edited.device)
+    return edited
 
 
 def token_positions(attention_mask: Tensor) -> Tensor:
