@@ -488,7 +488,8 @@ def _write_directions(args: argparse.Namespace, model, result, config, optimize,
     result.candidates.save(work / "candidates")
     result.chosen.save(work / "chosen")
     stability = result.selection.stability()
-    (work / "selection.md").write_text(result.selection.table() + f"\n\nSelection stability: {stability.line()}.\n")
+    caveats = "".join(f"\nCaveat: {note}.\n" for note in result.selection.caveats())
+    (work / "selection.md").write_text(result.selection.table() + f"\n\nSelection stability: {stability.line()}.\n" + caveats)
     harmful_val, harmless_val = result.val
     scored = [s.head(min(args.n_select, len(s))) for s in result.val]  # what select_direction read: the first --n-select of each
     validation = {"val_harmful": harmful_val.source, "val_harmless": harmless_val.source, "n_harmful_val": len(harmful_val),
@@ -508,6 +509,8 @@ def _write_directions(args: argparse.Namespace, model, result, config, optimize,
     chosen = result.selection.chosen
     print(f"\nchosen: {chosen.hook} position {chosen.position} (refusal score {result.selection.base_refusal_harmful:.2f} -> "
           f"{chosen.refusal_ablated:.2f} when ablated, KL {chosen.kl_harmless:.4f}); wrote {out}/")
+    for note in result.selection.caveats():
+        print(f"caveat: {note}")
     print(f"selection stability: {stability.line()} (selection.md)")
     if geometry is not None:
         print(f"logit lens: {geometry.lens.line()}")
@@ -634,6 +637,8 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     result = find_refusal_direction(model, harmful, harmless, config, val=val)
     chosen = result.selection.chosen
     print(f"direction: {args.method} at {chosen.hook} position {chosen.position} (KL on harmless {chosen.kl_harmless:.4f})")
+    for note in result.selection.caveats():
+        print(f"caveat: {note}")
     edit = _edit_config(args, mode, model) if mode not in ADDITIONS else None
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     (held_harmful, held_harmless), checked_on = _check_prompts(args, result.val)

@@ -593,6 +593,10 @@ def test_directions_select_on_explicit_validation_prompts(capsys, tmp_path):
                         "organism-corpus:harmless:6", "--n-select", "6", "--out", str(tmp_path / "d"))
     assert code == 0 and "chosen:" in out
     selection = json.loads((tmp_path / "d" / "selection.json").read_text())
+    # the random tiny model does not refuse and no candidate passes the filters: both are said beside the choice
+    assert not selection["chosen"]["kept"] and selection["base_refusal_harmful"] < 0
+    assert "caveat: no candidate passed the filters" in out and "caveat: the validation harmful prompts' mean refusal log-odds" in out
+    assert "Caveat: no candidate passed the filters" in (tmp_path / "d" / "selection.md").read_text()
     assert selection["n_harmful_val"] == 5 and selection["n_harmless_val"] == 6
     code, _, _ = _run(capsys, "directions", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless",
                       "builtin:harmless:train", "--n", "10", "--val-harmful", "organism-corpus:harmful:5", "--val-harmless",

@@ -109,6 +109,19 @@ def test_selection_fallback_prefers_the_cheapest_candidate_that_removes_refusal(
     assert _fallback([weak, score(4, 0.2, 0.3)]).index == 4  # none removes refusal: the lowest refusal score
 
 
+def test_selection_caveats_name_a_fallback_pick_and_a_model_that_barely_refuses():
+    """A choice no filter let through, or made on harmful prompts the model already answers, is said so beside it."""
+    from featsteer.directions.selection import CandidateScore, Selection, SelectionConfig
+
+    fallback = CandidateScore(3, "blocks.3.hook_resid_pre", 3, -1, -4.58, 0.4221, -4.53, False, "kl too high")
+    kept = CandidateScore(2, "blocks.2.hook_resid_pre", 2, -1, -2.0, 0.05, 1.5, True, "kept")
+    barely = Selection([fallback], fallback, -3.56, -4.1, SelectionConfig()).caveats()
+    assert len(barely) == 2 and "fallback pick" in barely[0] and "kl too high" in barely[0] and "KL <= 0.1" in barely[0]
+    assert "-3.56 before any edit" in barely[1]
+    assert Selection([kept], kept, 4.8, -3.0, SelectionConfig()).caveats() == []
+    assert len(Selection([fallback], fallback, 4.8, -3.0).caveats()) == 1  # refusing model, fallback pick
+
+
 def _selection_of(ablated: dict, kl: dict, induced: dict, config=None):
     """A `Selection` of finalists with these per-prompt scores, its choice made as `select_direction` makes it."""
     from featsteer.directions.selection import CandidateScore, Selection, SelectionConfig, _winner

@@ -169,6 +169,23 @@ class Selection:
         return SelectionStability(shares, wins[self.chosen.index] / resamples, resamples, n_harmful, n_harmless, len(finalists),
                                   (self.chosen.hook, self.chosen.position), no_choice / resamples)
 
+    def caveats(self) -> list[str]:
+        """What a reader of the chosen line must know to trust it, one sentence each: that the choice is the fallback
+        pick (no candidate passed the filters), and that the validation harmful prompts were already answered more than
+        refused before any edit (mean refusal log-odds below 0), so there was little refusal for a direction to remove.
+        Empty for a selection that needs neither."""
+        notes = []
+        if not self.chosen.kept:
+            kl = f"KL <= {self.config.kl_threshold:g}" if self.config is not None else "the KL threshold"
+            notes.append(f"no candidate passed the filters ({kl}, adding it induces refusal): this is the fallback pick, which "
+                         f"fails '{self.chosen.reason}' (KL {self.chosen.kl_harmless:.4f}; adding it gives harmless prompts refusal "
+                         f"log-odds {self.chosen.refusal_induced:+.2f})")
+        if self.base_refusal_harmful < 0:
+            notes.append(f"the validation harmful prompts' mean refusal log-odds is {self.base_refusal_harmful:+.2f} before any edit: "
+                         "the model already answers most of them at the first token, so there is little refusal here for a "
+                         "direction to remove (featsteer eval counts how often it refuses)")
+        return notes
+
     def table(self) -> str:
         """Markdown table of every candidate (with an estimate column when the selection was screened)."""
         screened = any(c.refusal_estimate == c.refusal_estimate for c in self.candidates)
