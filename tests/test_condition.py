@@ -29,9 +29,13 @@ def test_best_threshold_maximises_balanced_accuracy_and_ties_fire():
     assert 0.5 < threshold < 1.0 and accuracy == 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pool", ["mean", "last"])
-def test_prompt_means_are_what_the_gate_thresholds(llama_adapter, pool):
-    """The rows `prompt_means` pools give the cosine the running gate computes, in a left-padded batch too."""
+def test_prompt_means_are_what_the_gate_thresholds(llama_adapter, pool, dtype):
+    """The rows `prompt_means` pools give the cosine the running gate computes, in a left-padded batch too, and in
+    bfloat16 (the running gate pooled and took the cosine in the model's dtype, 3e-3 off the float32 scores that fitted
+    and rated it, enough to flip a prompt near a threshold of 0.006 on the bfloat16 organism)."""
+    llama_adapter.model.to(dtype)
     hook = "blocks.1.hook_resid_pre"
     vector = torch.randn(llama_adapter.d_model, generator=torch.Generator().manual_seed(0))
     gate = Gate(hook, pool, vector / vector.norm(), 0.0, 1.0)

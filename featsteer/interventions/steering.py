@@ -328,7 +328,7 @@ class ConditionalSteer(Intervention):
                 width = model.generation_prompt_length  # re-read or teacher-forced sequence: pool the prompt only
                 x, mask = x[:, :width], None if mask is None else mask[:, :width]
             # every other pass is a prompt's, a one-token prompt's too: decide afresh
-            self.similarity = cosine_to(pool_prompt(x, mask, self.pool), condition)
+            self.similarity = cosine_to(pool_prompt(x, mask, self.pool), condition.float())  # float32, as the gate was fitted
             self.active = self.similarity < self.threshold if self.invert else self.similarity > self.threshold
 
         def gated(fn):
@@ -366,9 +366,10 @@ POOLS = ("mean", "last")
 
 
 def pool_prompt(x: Tensor, mask: Tensor | None, pool: str) -> Tensor:
-    """`(batch, pos, d)` prompt activations (left padded) to one `(batch, d)` row each: the mean over real tokens or
-    the last token's."""
-    return x[:, -1] if pool == "last" else mean_over_tokens(x, mask)
+    """`(batch, pos, d)` prompt activations (left padded) to one float32 `(batch, d)` row each: the mean over real tokens
+    or the last token's. Float32 whatever the model's dtype, so a bfloat16 model's gate scores (and `fit_gate`'s, which
+    pool the same way) are not rounded to bfloat16's 3 significant digits."""
+    return x[:, -1].float() if pool == "last" else mean_over_tokens(x.float(), mask)
 
 
 def mean_over_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
