@@ -358,6 +358,22 @@ def test_max_feature_activations_leave_out_tokens_outside_the_saes_domain(model,
     assert torch.equal(max_feature_activations(model, bounded, PROBE), torch.zeros(128, dtype=torch.float64))
 
 
+def test_max_feature_activations_leave_out_the_chat_template_head_the_sae_was_not_trained_on(model, sae):
+    """A splice leaves the tokens before `featsteer_first_position` as they are, so they must not set a clamp's scale
+    either (they did: on the organism's layer-1 SAE feature 117 read 0.484 there against 0.408 on the edited tokens, and
+    layer-0 feature 928, silent on every edited token, got a scale instead of the 'never fires' error)."""
+    import copy
+
+    headed = copy.deepcopy(sae)
+    headed.cfg.metadata.featsteer_first_position = 3
+    acts = capture(model, PROBE, [HOOK], positions="all", progress=False)
+    rows = acts.hook(HOOK)
+    edited = encode_activations(headed, rows[acts.position >= 3]).double().amax(0).clamp_min(0.0)
+    everywhere = encode_activations(headed, rows).double().amax(0).clamp_min(0.0)
+    assert not torch.equal(edited, everywhere)
+    assert torch.equal(max_feature_activations(model, headed, PROBE), edited)
+
+
 def test_features_needed_summary_claims_nothing_about_group_sizes_it_did_not_try():
     from featsteer.evaluation import refusal_rate
     from featsteer.features import FeaturesNeeded

@@ -36,7 +36,7 @@ from featsteer.evaluation.refusal import RateEstimate, RefusalDetector, refusal_
 from featsteer.models import ModelAdapter
 from featsteer.sae.encoding import encode_activations
 from featsteer.sae.loading import validate_sae
-from featsteer.sae.steering import FeatureEdit, inside_domain, splice_sae
+from featsteer.sae.steering import FeatureEdit, first_trained_position, inside_domain, splice_sae
 
 logger = logging.getLogger(__name__)
 
@@ -141,13 +141,17 @@ def max_feature_activations(
         system: optional system prompt.
 
     Returns:
-        `(d_sae,)` maxima over the tokens inside the SAE's domain (a splice passes the others through unedited, see
-        `featsteer.sae.outside_domain`); 0 for a feature that never fires there.
+        `(d_sae,)` maxima over the tokens a splice edits: inside the SAE's domain (`featsteer.sae.outside_domain`) and,
+        with `all`, after the chat-template head it was not trained on (`featsteer.sae.untrained_head`); 0 for a
+        feature that never fires there.
     """
     hook = validate_sae(sae, model)
     acts = capture(model, _prompts(prompts, "input"), [hook], positions=positions, batch_size=batch_size, system=system, progress=False)
     rows = acts.hook(hook)
-    rows = rows[inside_domain(sae, rows)]
+    edited = inside_domain(sae, rows)
+    if positions == "all":  # positions are token indices within each prompt: the head's are the first ones
+        edited &= acts.position >= first_trained_position(sae)
+    rows = rows[edited]
     if rows.shape[0] == 0:
         return torch.zeros(int(sae.cfg.d_sae), dtype=torch.float64)
     return encode_activations(sae, rows).double().amax(0).clamp_min(0.0)
