@@ -50,6 +50,14 @@ def test_prompt_means_are_what_the_gate_thresholds(llama_adapter, pool, dtype):
     torch.testing.assert_close(rows[hook], alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("condition", [torch.zeros(4), torch.tensor([1.0, float("nan"), 0.0, 0.0])])
+def test_a_gate_without_a_usable_condition_vector_is_an_error(condition):
+    """A zero vector's cosine is 0 for every prompt and a NaN one's NaN: the gate fired on all prompts (threshold below 0)
+    or on none, without a word."""
+    with pytest.raises(FeatsteerError, match="zero or holds NaN"):
+        ConditionalSteer(condition, "blocks.1.hook_resid_pre", -0.5, Ablate(torch.ones(4) / 2))
+
+
 def test_an_always_open_gate_at_the_first_layer_is_full_ablation(llama_adapter):
     """Clearing the stream at the gate's hook and every later write is ablation at every write when the gate is at
     layer 0 and fires on everything; a gate that never fires leaves the model alone."""

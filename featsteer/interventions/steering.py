@@ -311,6 +311,10 @@ class ConditionalSteer(Intervention):
 
     def __post_init__(self) -> None:
         _check_finite("ConditionalSteer", threshold=self.threshold)
+        condition = self.condition.detach().double()
+        if not bool(torch.isfinite(condition).all()) or not float(condition.norm()) > 0:
+            raise FeatsteerError("ConditionalSteer's condition vector is zero or holds NaN/inf: every prompt's cosine with it would be 0 "
+                                 "(or NaN), so the gate would fire on all prompts or on none; fit one with fit_gate")
         if self.pool not in POOLS:
             raise FeatsteerError(f"unknown pool '{self.pool}' for ConditionalSteer: use one of {', '.join(POOLS)}")
 
