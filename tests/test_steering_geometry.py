@@ -238,6 +238,13 @@ def test_a_non_finite_setting_is_refused_when_the_intervention_is_built(build):
         build(r, plane)
 
 
+def test_a_non_finite_added_vector_is_refused_when_the_intervention_is_built():
+    # Ablate, ProjectionSet, AffineEdit and AngularSteer check their vectors; AddDirection added a NaN one, and logits() came
+    # back NaN without a word
+    with pytest.raises(FeatsteerError, match="direction contains NaN/inf"):
+        AddDirection(torch.tensor([1.0, float("nan"), 0.0]), 1.0, where="blocks.0.hook_resid_pre")
+
+
 def test_interventions_at_one_hook_act_in_the_order_given(llama_adapter):
     # README: steer(model, A, B) with both at one hook: A acts first and B sees its output
     hook = "blocks.1.hook_resid_pre"

@@ -137,6 +137,8 @@ class AddDirection(Intervention):
 
     def __post_init__(self) -> None:
         _check_finite("AddDirection", scale=self.scale)
+        if not bool(torch.isfinite(self.direction.detach()).all()):
+            raise FeatsteerError("AddDirection's direction contains NaN/inf, which would make every steered activation NaN: recompute it")
         if self.positions not in TOKEN_POSITIONS:
             raise FeatsteerError(f"unknown positions '{self.positions}' for AddDirection: use one of {', '.join(TOKEN_POSITIONS)}")
 
