@@ -137,6 +137,9 @@ class AddDirection(Intervention):
 
     def __post_init__(self) -> None:
         _check_finite("AddDirection", scale=self.scale)
+        if self.direction.dim() != 1:
+            raise FeatsteerError(f"AddDirection adds one (d_model,) vector, got shape {tuple(self.direction.shape)}: pick one row of a basis "
+                                 "(a (k, d_model) one was added row by row to the first k tokens, or failed inside the forward pass)")
         if not bool(torch.isfinite(self.direction.detach()).all()):
             raise FeatsteerError("AddDirection's direction contains NaN/inf, which would make every steered activation NaN: recompute it")
         if self.positions not in TOKEN_POSITIONS:
@@ -313,6 +316,8 @@ class ConditionalSteer(Intervention):
 
     def __post_init__(self) -> None:
         _check_finite("ConditionalSteer", threshold=self.threshold)
+        if self.condition.dim() != 1:
+            raise FeatsteerError(f"ConditionalSteer compares prompts with one (d_model,) condition vector, got shape {tuple(self.condition.shape)}")
         condition = self.condition.detach().double()
         if not bool(torch.isfinite(condition).all()) or not float(condition.norm()) > 0:
             raise FeatsteerError("ConditionalSteer's condition vector is zero or holds NaN/inf: every prompt's cosine with it would be 0 "
