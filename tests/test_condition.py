@@ -29,9 +29,13 @@ def test_best_threshold_maximises_balanced_accuracy_and_ties_fire():
     assert 0.5 < threshold < 1.0 and accuracy == 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pool", ["mean", "last"])
-def test_prompt_means_are_what_the_gate_thresholds(llama_adapter, pool):
-    """The rows `prompt_means` pools give the cosine the running gate computes, in a left-padded batch too."""
+def test_prompt_means_are_what_the_gate_thresholds(llama_adapter, pool, dtype):
+    """The rows `prompt_means` pools give the cosine the running gate computes, in a left-padded batch too, and in
+    bfloat16 (the running gate pooled and took the cosine in the model's dtype, 3e-3 off the float32 scores that fitted
+    and rated it, enough to flip a prompt near a threshold of 0.006 on the bfloat16 organism)."""
+    llama_adapter.model.to(dtype)
     hook = "blocks.1.hook_resid_pre"
     vector = torch.randn(llama_adapter.d_model, generator=torch.Generator().manual_seed(0))
     gate = Gate(hook, pool, vector / vector.norm(), 0.0, 1.0)
@@ -44,6 +48,14 @@ def test_prompt_means_are_what_the_gate_thresholds(llama_adapter, pool):
     assert set(rows) == {hook, "blocks.0.hook_resid_pre"} and rows[hook].shape == (3, llama_adapter.d_model)
     alone = torch.cat([prompt_means(llama_adapter, [p], [hook], pool=pool)[hook] for p in PROMPTS])
     torch.testing.assert_close(rows[hook], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("condition", [torch.zeros(4), torch.tensor([1.0, float("nan"), 0.0, 0.0])])
+def test_a_gate_without_a_usable_condition_vector_is_an_error(condition):
+    """A zero vector's cosine is 0 for every prompt and a NaN one's NaN: the gate fired on all prompts (threshold below 0)
+    or on none, without a word."""
+    with pytest.raises(FeatsteerError, match="zero or holds NaN"):
+        ConditionalSteer(condition, "blocks.1.hook_resid_pre", -0.5, Ablate(torch.ones(4) / 2))
 
 
 def test_an_always_open_gate_at_the_first_layer_is_full_ablation(llama_adapter):

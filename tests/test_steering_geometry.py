@@ -19,6 +19,7 @@ from featsteer.interventions import (
     AddDirection,
     AffineEdit,
     AngularSteer,
+    ConditionalSteer,
     ProjectionSet,
     rotate_in_plane,
     steer,
@@ -236,6 +237,23 @@ def test_a_non_finite_setting_is_refused_when_the_intervention_is_built(build):
     plane = torch.linalg.qr(torch.randn(8, 2)).Q.T
     with pytest.raises(FeatsteerError, match="give a finite number"):
         build(r, plane)
+
+
+def test_a_non_finite_added_vector_is_refused_when_the_intervention_is_built():
+    # Ablate, ProjectionSet, AffineEdit and AngularSteer check their vectors; AddDirection added a NaN one, and logits() came
+    # back NaN without a word
+    with pytest.raises(FeatsteerError, match="direction contains NaN/inf"):
+        AddDirection(torch.tensor([1.0, float("nan"), 0.0]), 1.0, where="blocks.0.hook_resid_pre")
+
+
+def test_a_basis_is_refused_where_one_vector_is_added_or_compared(llama_adapter):
+    # a (2, d_model) basis was added row by row to a 2-token prompt's tokens without a word, and broke the forward pass
+    # of any longer one with a broadcasting error
+    basis = torch.linalg.qr(torch.randn(llama_adapter.d_model, 2, generator=torch.Generator().manual_seed(0))).Q.T
+    with pytest.raises(FeatsteerError, match=r"adds one \(d_model,\) vector, got shape \(2, 64\)"):
+        AddDirection(basis, 1.0, where="blocks.1.hook_resid_pre")
+    with pytest.raises(FeatsteerError, match=r"one \(d_model,\) condition vector, got shape \(2, 64\)"):
+        ConditionalSteer(basis, "blocks.1.hook_resid_pre", 0.0, AddDirection(basis[0], 1.0, where="blocks.1.hook_resid_pre"))
 
 
 def test_interventions_at_one_hook_act_in_the_order_given(llama_adapter):

@@ -137,6 +137,11 @@ class AddDirection(Intervention):
 
     def __post_init__(self) -> None:
         _check_finite("AddDirection", scale=self.scale)
+        if self.direction.dim() != 1:
+            raise FeatsteerError(f"AddDirection adds one (d_model,) vector, got shape {tuple(self.direction.shape)}: pick one row of a basis "
+                                 "(a (k, d_model) one was added row by row to the first k tokens, or failed inside the forward pass)")
+        if not bool(torch.isfinite(self.direction.detach()).all()):
+            raise FeatsteerError("AddDirection's direction contains NaN/inf, which would make every steered activation NaN: recompute it")
         if self.positions not in TOKEN_POSITIONS:
             raise FeatsteerError(f"unknown positions '{self.positions}' for AddDirection: use one of {', '.join(TOKEN_POSITIONS)}")
 
@@ -311,6 +316,12 @@ class ConditionalSteer(Intervention):
 
     def __post_init__(self) -> None:
         _check_finite("ConditionalSteer", threshold=self.threshold)
+        if self.condition.dim() != 1:
+            raise FeatsteerError(f"ConditionalSteer compares prompts with one (d_model,) condition vector, got shape {tuple(self.condition.shape)}")
+        condition = self.condition.detach().double()
+        if not bool(torch.isfinite(condition).all()) or not float(condition.norm()) > 0:
+            raise FeatsteerError("ConditionalSteer's condition vector is zero or holds NaN/inf: every prompt's cosine with it would be 0 "
+                                 "(or NaN), so the gate would fire on all prompts or on none; fit one with fit_gate")
         if self.pool not in POOLS:
             raise FeatsteerError(f"unknown pool '{self.pool}' for ConditionalSteer: use one of {', '.join(POOLS)}")
 
@@ -328,7 +339,7 @@ class ConditionalSteer(Intervention):
                 width = model.generation_prompt_length  # re-read or teacher-forced sequence: pool the prompt only
                 x, mask = x[:, :width], None if mask is None else mask[:, :width]
             # every other pass is a prompt's, a one-token prompt's too: decide afresh
-            self.similarity = cosine_to(pool_prompt(x, mask, self.pool), condition)
+            self.similarity = cosine_to(pool_prompt(x, mask, self.pool), condition.float())  # float32, as the gate was fitted
             self.active = self.similarity < self.threshold if self.invert else self.similarity > self.threshold
 
         def gated(fn):
@@ -366,9 +377,10 @@ POOLS = ("mean", "last")
 
 
 def pool_prompt(x: Tensor, mask: Tensor | None, pool: str) -> Tensor:
-    """`(batch, pos, d)` prompt activations (left padded) to one `(batch, d)` row each: the mean over real tokens or
-    the last token's."""
-    return x[:, -1] if pool == "last" else mean_over_tokens(x, mask)
+    """`(batch, pos, d)` prompt activations (left padded) to one float32 `(batch, d)` row each: the mean over real tokens
+    or the last token's. Float32 whatever the model's dtype, so a bfloat16 model's gate scores (and `fit_gate`'s, which
+    pool the same way) are not rounded to bfloat16's 3 significant digits."""
+    return x[:, -1].float() if pool == "last" else mean_over_tokens(x.float(), mask)
 
 
 def mean_over_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
