@@ -291,3 +291,13 @@ def test_a_position_label_inside_the_untrained_head_is_one_clear_error(organism_
                                          encode_activations(sae, acts["harmless"].at_position(hook, 2)), hook)
     torch.testing.assert_close(scores.metrics["auroc"][scores.feature_ids.argsort()], expected.metrics["auroc"])
     assert scores.provenance["rows_in_untrained_head"] == {}
+
+
+def test_sets_captured_at_different_positions_are_refused(organism_head_acts):
+    """All tokens of the harmful prompts against the last token of the harmless ones compare different tokens."""
+    model, hook, sae, acts = organism_head_acts
+    from featsteer.datasets import builtin_prompts
+
+    last = capture(model, list(builtin_prompts("harmless", "train")[:12]), [hook], positions="last", progress=False)
+    with pytest.raises(FeatsteerError, match="the harmful activations were captured at positions 'all' but the harmless ones at 'last'"):
+        score_features({hook: sae}, acts["harmful"], last)

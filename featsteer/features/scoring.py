@@ -408,12 +408,16 @@ def score_features(
 
     Raises:
         FeatsteerError: when fewer than two rows of a class are within an SAE's norm bound or after its untrained head,
-            a position label inside that head, or `scales` names a hook no SAE reads.
+            a position label inside that head, `scales` naming a hook no SAE reads, or the two sets captured with
+            different position selectors.
     """
     sae_map = sae_map_of(saes)
     unknown = sorted(set(scales or {}) - set(sae_map))
     if unknown:
         raise FeatsteerError(f"scales given for {', '.join(unknown)}, which no SAE reads: key them by the SAEs' hooks ({', '.join(sae_map)})")
+    if Positions.parse(harmful.positions) != Positions.parse(harmless.positions):
+        raise FeatsteerError(f"the harmful activations were captured at positions '{harmful.positions}' but the harmless ones at "
+                             f"'{harmless.positions}': capture both with the same selector, so that the same tokens are compared")
     position_list = [positions] if positions is None or isinstance(positions, int) else list(positions)
     parts, outside, head = [], {}, {}
     for hook, sae in sae_map.items():
