@@ -1543,7 +1543,13 @@ def _cmd_rank_features(args: argparse.Namespace) -> int:
     import math
 
     from featsteer.activations import Positions
-    from featsteer.feature_report import outside_domain_note, rank_features, ranking_key, write_feature_report
+    from featsteer.feature_report import (
+        outside_domain_note,
+        rank_features,
+        ranking_key,
+        untrained_head_note,
+        write_feature_report,
+    )
     from featsteer.sae import load_sae_source
 
     by = ranking_key(args.by)
@@ -1567,7 +1573,7 @@ def _cmd_rank_features(args: argparse.Namespace) -> int:
               f"{cell(row['mean_difference'], 12)} {cell(row['auroc'], 6)} {cell(detail.dim_cosine, 8)}")
     print(f"\nranked {len(ranking.scores)} features of {len(saes)} SAE(s) on {len(harmful)} harmful / {len(harmless)} harmless "
           f"prompts by {by}{' in residual units' if args.units == 'residual' else ''}; wrote {folder}/report.html, features.csv, features.json")
-    note = outside_domain_note(ranking.provenance["rows_outside_domain"])
+    note = outside_domain_note(ranking.provenance["rows_outside_domain"]) + untrained_head_note(ranking.provenance["rows_in_untrained_head"])
     if note:
         print(note.strip())
     return 0

@@ -39,6 +39,7 @@ from featsteer.features import METRICS, UNITS, FeatureScores, hook_layer, residu
 from featsteer.files import write_files
 from featsteer.models import ModelAdapter
 from featsteer.sae import NORMALISED_UNIT, encode_activations, inside_domain, reads_heads, validated_sae_map
+from featsteer.sae.steering import first_trained_position, spliced_rows
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -225,9 +226,10 @@ def rank_features(
     scores = parts[0] if len(parts) == 1 else FeatureScores.concat(parts).sort(key)
     if len(parts) > 1:
         outside = {where: counts for part in parts for where, counts in part.provenance["rows_outside_domain"].items()}
+        head = {where: counts for part in parts for where, counts in part.provenance["rows_in_untrained_head"].items()}
         normalization = {hook: norm for part in parts for hook, norm in part.provenance["input_normalization"].items()}
         scores.provenance.update({**parts[0].provenance, "hooks": list(sae_map), "rows_outside_domain": outside,
-                                  "input_normalization": normalization})
+                                  "rows_in_untrained_head": head, "input_normalization": normalization})
     dim: dict[str, Tensor] = {}
     for hooks in groups:
         found = difference_in_means(_pooled(acts["harmful"][hooks[0]]), _pooled(acts["harmless"][hooks[0]]), hooks)
@@ -306,15 +308,16 @@ def promoted_tokens(model: ModelAdapter, sae: SAE, feature_id: int, n: int = 10)
 
 
 def _top_activations(sae_map: Mapping[str, SAE], acts: Mapping[str, Mapping[str, ActivationSet]], top: FeatureScores) -> _TopValues:
-    """Activations of the top features on both prompt sets (one SAE encode per hook and set), at the rows within the
-    SAE's norm bound as the scores; a prompt with no such row has a maximum of -inf."""
+    """Activations of the top features on both prompt sets (one SAE encode per hook and set), at the rows the scores
+    read (`spliced_rows`: within the SAE's norm bound, past its untrained head); a prompt with no such row has a maximum
+    of -inf."""
     out: _TopValues = {}
     for hook in dict.fromkeys(top.hook_names):
         ids = [int(f) for h, f in zip(top.hook_names, top.feature_ids.tolist(), strict=True) if h == hook]
         per_label = []
         for label in ("harmful", "harmless"):
             captured = acts[label][hook]
-            inside = inside_domain(sae_map[hook], captured.hook(hook))  # the rows the scores read
+            inside = spliced_rows(sae_map[hook], captured, hook)  # the rows the scores read
             columns = encode_activations(sae_map[hook], captured.hook(hook)[inside]).float()[:, ids]
             index = captured.prompt_index[inside][:, None].expand_as(columns)
             prompt_max = torch.full((len(captured), len(ids)), -math.inf).scatter_reduce(0, index, columns, "amax")
@@ -362,7 +365,7 @@ def _examples(
             per_token = encoded[hook][tokens_index == i, feature]
             if per_token.shape[0] != len(token_text[i]):
                 raise FeatsteerError(f"token count mismatch for prompt {texts[i][:40]!r}: capture and tokenizer disagree")
-            scored = _scored_tokens(acts[label][hook], index, len(token_text[i]))
+            scored = _scored_tokens(acts[label][hook], index, len(token_text[i]), first_trained_position(sae_map[hook]))
             outside = tuple((~inside[hook][tokens_index == i]).tolist())
             examples.append(PromptExample(texts[i], label, score, token_text[i], tuple(per_token.tolist()), scored, outside))
         out[(hook, feature)] = tuple(examples)
@@ -375,11 +378,12 @@ def _token_strings(model: ModelAdapter, text: str, system: str | None) -> tuple[
     return tuple(token_text(model.tokenizer, token) for token in ids)
 
 
-def _scored_tokens(acts: ActivationSet, prompt: int, n_tokens: int) -> tuple[bool, ...]:
-    """Mark the tokens a prompt's scored rows were read at (labels are offsets from the end, or indices for `all`)."""
+def _scored_tokens(acts: ActivationSet, prompt: int, n_tokens: int, first_position: int = 0) -> tuple[bool, ...]:
+    """Mark the tokens a prompt's scored rows were read at (labels are offsets from the end, or indices for `all`:
+    from `all:N`'s N and the SAE's `first_trained_position` on)."""
     selector = Positions.parse(acts.positions)
     if selector.mode == "all":
-        return (True,) * n_tokens
+        return tuple(t >= max(selector.start, first_position) for t in range(n_tokens))
     if selector.mode == "mean_last":
         marked = set(range(max(n_tokens - selector.k, 0), n_tokens))
     else:
@@ -542,6 +546,15 @@ def outside_domain_note(outside: Mapping[str, Mapping[str, int]]) -> str:
     return f" Rows above an SAE's norm bound, which every splice passes through unedited, are not scored ({counts})."
 
 
+def untrained_head_note(head: Mapping[str, Mapping[str, int]]) -> str:
+    """One sentence naming the rows of the chat-template head each SAE was not trained on that scoring left out (an
+    all-token capture's tokens before its `featsteer_first_position`); empty when none were."""
+    if not head:
+        return ""
+    counts = "; ".join(f"{where}: {c['harmful']} harmful, {c['harmless']} harmless" for where, c in head.items())
+    return f" Rows of the chat-template head an SAE was not trained on, which every splice leaves unedited, are not scored ({counts})."
+
+
 def normalization_note(provenance: Mapping[str, Any]) -> str:
     """One sentence per kind of per-row input normalisation among the ranked SAEs (`provenance["input_normalization"]`):
     what their activations, decoder norms and token logits are measured in; empty when no SAE normalises its rows."""
@@ -604,7 +617,8 @@ def _html_page(ranking: FeatureRanking, title: str) -> str:
              f"<code>{html.escape(str(p.get('positions')))}</code> (rows pooled), ranked by <code>{html.escape(ranking.by)}</code>"
              f"{', magnitudes normalised by feature scale' if p.get('normalize') else ''}"
              f"{', magnitudes in residual units (activation x decoder norm)' if p.get('units') == 'residual' else ''}. SAEs: {widths}."
-             + html.escape(outside_domain_note(p.get("rows_outside_domain") or {}) + normalization_note(p), quote=False))
+             + html.escape(outside_domain_note(p.get("rows_outside_domain") or {}) + untrained_head_note(p.get("rows_in_untrained_head") or {})
+                           + normalization_note(p), quote=False))
     sections = "".join(_feature_section(d) for d in ranking.features)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style></head>
 <body><h1>{html.escape(title)}</h1><p>{setup}</p>

@@ -377,3 +377,32 @@ def test_cli_bad_input_is_one_line_exit_2(capsys, sae_dir, tmp_path, sae, extra,
     assert code == 2
     assert err.startswith("featsteer: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_all_token_ranking_leaves_out_the_head_the_sae_was_not_trained_on(capsys, model, saes, tmp_path):
+    """With `featsteer_first_position` 3, an all-token ranking scores, plots and underlines only tokens 3 on, and the
+    command, report and features.json say how many head rows it left out."""
+    import copy
+
+    from featsteer.sae import encode_activations
+
+    headed = copy.deepcopy(saes)
+    for sae in headed.values():
+        sae.cfg.metadata.featsteer_first_position = 3
+    all_tokens = {label: capture(model, list(prompts), [PLANTED_HOOK], positions="all", progress=False)
+                  for label, prompts in (("harmful", HARMFUL), ("harmless", HARMLESS))}
+    ranking = rank_features(model, headed, HARMFUL, HARMLESS, positions="all", top_n=2)
+    counts = {label: 3 * len(prompts) for label, prompts in (("harmful", HARMFUL), ("harmless", HARMLESS))}
+    assert ranking.provenance["rows_in_untrained_head"] == {OTHER_HOOK: counts, PLANTED_HOOK: counts}
+    detail = next(d for d in ranking.features if d.hook_name == PLANTED_HOOK)
+    trained = all_tokens["harmful"].hook(PLANTED_HOOK)[all_tokens["harmful"].position >= 3]
+    torch.testing.assert_close(detail.harmful_activations, encode_activations(headed[PLANTED_HOOK], trained)[:, detail.feature_id])
+    assert detail.examples and all(e.scored == (False,) * 3 + (True,) * (len(e.tokens) - 3) for e in detail.examples)
+    for hook, sae in headed.items():
+        sae.save_model(tmp_path / "saes" / hook)
+    code, out, _ = _run(capsys, "rank-features", "--model", "tiny:llama", "--sae", str(tmp_path / "saes"), "--harmful", "builtin:harmful:train",
+                        "--harmless", "builtin:harmless:train", "--n", "10", "--top", "2", "--positions", "all", "--out", str(tmp_path / "r"))
+    note = (f"Rows of the chat-template head an SAE was not trained on, which every splice leaves unedited, are not scored ({OTHER_HOOK}: "
+            f"30 harmful, 30 harmless; {PLANTED_HOOK}: 30 harmful, 30 harmless).")
+    assert code == 0 and out.rstrip().endswith(note) and note in (tmp_path / "r" / "report.html").read_text()
+    assert json.loads((tmp_path / "r" / "features.json").read_text())["provenance"]["rows_in_untrained_head"] == {OTHER_HOOK: counts, PLANTED_HOOK: counts}

@@ -241,3 +241,63 @@ def test_residual_units_of_a_row_normalising_sae_are_what_a_splice_writes(llama_
     with pytest.raises(FeatsteerError, match="one scale per row"):
         score_feature_activations(activations[:3], activations[3:6], HOOK, decoder_norm=decoder_norms(sae), units="residual",
                                   input_scale=(torch.ones(3), torch.ones(2)))
+
+
+@pytest.fixture(scope="module")
+def organism_head_acts():
+    """All-token activations of 12 + 12 built-in prompts at the organism's blocks.0.hook_resid_pre, and its SAE there
+    (trained from token 2 on: `featsteer_first_position` 2)."""
+    from featsteer.datasets import builtin_prompts
+    from featsteer.models import load_model
+    from featsteer.sae import load_sae_source
+
+    model = load_model("organism")
+    hook = "blocks.0.hook_resid_pre"
+    sae = load_sae_source("organism", model)[hook]
+    acts = {label: capture(model, list(builtin_prompts(label, "train")[:12]), [hook], positions="all", progress=False)
+            for label in ("harmful", "harmless")}
+    return model, hook, sae, acts
+
+
+def test_all_token_scores_leave_out_the_chat_template_head_the_sae_was_not_trained_on(organism_head_acts):
+    """The head rows are one repeated vector per prompt in both classes: scored, they dilute every statistic and give
+    head-only features (928 here) firing frequencies. Hand check against the rows from the first trained position on."""
+    from featsteer.sae.steering import first_trained_position
+
+    _, hook, sae, acts = organism_head_acts
+    first = first_trained_position(sae)
+    assert first == 2
+    trained = {label: encode_activations(sae, a.hook(hook)[a.position >= first]).double() for label, a in acts.items()}
+    scores = score_features({hook: sae}, acts["harmful"], acts["harmless"], positions=None)
+    order = scores.feature_ids.argsort()
+    for label in ("harmful", "harmless"):
+        expected = (trained[label] > 0).double().mean(0)
+        torch.testing.assert_close(scores.metrics[f"{label}_frequency"][order], expected)
+        torch.testing.assert_close(scores.metrics[f"{label}_mean"][order], trained[label].mean(0))
+    assert scores.metrics["harmful_frequency"][order][928] == 0.0
+    labels = np.r_[np.ones(len(trained["harmful"])), np.zeros(len(trained["harmless"]))]
+    column = torch.cat([trained["harmful"][:, 5], trained["harmless"][:, 5]]).numpy()
+    assert scores.metrics["auroc"][order][5].item() == pytest.approx(roc_auc_score(labels, column))
+    assert scores.provenance["rows_in_untrained_head"] == {hook: {"harmful": 24, "harmless": 24}}
+    assert scores.provenance["n_harmful"] == int((acts["harmful"].position >= first).sum())
+
+
+def test_a_position_label_inside_the_untrained_head_is_one_clear_error(organism_head_acts):
+    _, hook, sae, acts = organism_head_acts
+    with pytest.raises(FeatsteerError, match=r"blocks\.0\.hook_resid_pre@1: token 1 is in the chat-template head the SAE was not trained on"):
+        score_features({hook: sae}, acts["harmful"], acts["harmless"], positions=[2, 1])
+    scores = score_features({hook: sae}, acts["harmful"], acts["harmless"], positions=2)
+    expected = score_feature_activations(encode_activations(sae, acts["harmful"].at_position(hook, 2)),
+                                         encode_activations(sae, acts["harmless"].at_position(hook, 2)), hook)
+    torch.testing.assert_close(scores.metrics["auroc"][scores.feature_ids.argsort()], expected.metrics["auroc"])
+    assert scores.provenance["rows_in_untrained_head"] == {}
+
+
+def test_sets_captured_at_different_positions_are_refused(organism_head_acts):
+    """All tokens of the harmful prompts against the last token of the harmless ones compare different tokens."""
+    model, hook, sae, acts = organism_head_acts
+    from featsteer.datasets import builtin_prompts
+
+    last = capture(model, list(builtin_prompts("harmless", "train")[:12]), [hook], positions="last", progress=False)
+    with pytest.raises(FeatsteerError, match="the harmful activations were captured at positions 'all' but the harmless ones at 'last'"):
+        score_features({hook: sae}, acts["harmful"], last)

@@ -41,13 +41,13 @@ from sae_lens import SAE
 from scipy.stats import rankdata
 from torch import Tensor
 
-from featsteer.activations import ActivationSet, capture, hook_width
+from featsteer.activations import ActivationSet, Positions, capture, hook_width
 from featsteer.errors import FeatsteerError
 from featsteer.files import json_text
 from featsteer.models import ModelAdapter
 from featsteer.sae.encoding import STATEFUL_NORMS, decode_features, encode_activations, input_scales
 from featsteer.sae.loading import sae_map_of, validated_sae_map
-from featsteer.sae.steering import inside_domain
+from featsteer.sae.steering import first_trained_position, inside_domain
 
 METRICS: tuple[str, ...] = (
     "composite", "mean_difference", "cohens_d", "auroc", "harmful_mean", "harmless_mean",
@@ -328,6 +328,33 @@ def _rows_at(acts: ActivationSet, hook: str, position: int | None) -> Tensor:
     return acts.hook(hook) if position is None else acts.at_position(hook, position)
 
 
+def _trained_rows(sae: SAE, harmful: ActivationSet, harmless: ActivationSet, hook: str, position: int | None,
+                  where: str) -> tuple[Tensor, Tensor, dict[str, int]]:
+    """The harmful and harmless rows at `hook` (and `position`) the SAE was trained on, and how many of each were left
+    out: in an all-token capture, the rows before its `first_trained_position` (the chat-template head every prompt
+    shares, which a splice leaves unedited). Other selectors count from each prompt's end, after the head.
+
+    Raises:
+        FeatsteerError: for a `position` label inside the head, or when fewer than two rows of a class are left.
+    """
+    first_position = first_trained_position(sae)
+    if first_position <= 0 or Positions.parse(harmful.positions).mode != "all":
+        return _rows_at(harmful, hook, position), _rows_at(harmless, hook, position), {"harmful": 0, "harmless": 0}
+    if position is not None and 0 <= position < first_position:
+        raise FeatsteerError(f"{where}: token {position} is in the chat-template head the SAE was not trained on (featsteer_first_position "
+                             f"{first_position}; a splice leaves it unedited): score positions >= {first_position}")
+    if position is not None:
+        return harmful.at_position(hook, position), harmless.at_position(hook, position), {"harmful": 0, "harmless": 0}
+    trained = harmful.position >= first_position, harmless.position >= first_position
+    kept = harmful.hook(hook)[trained[0]], harmless.hook(hook)[trained[1]]
+    left_out = {"harmful": int((~trained[0]).sum()), "harmless": int((~trained[1]).sum())}
+    if any(left_out.values()) and min(rows.shape[0] for rows in kept) < 2:
+        raise FeatsteerError(f"{where}: only {kept[0].shape[0]} harmful and {kept[1].shape[0]} harmless rows come after the chat-template head "
+                             f"the SAE was not trained on (featsteer_first_position {first_position}; a splice leaves it unedited, so it is not "
+                             "scored): capture longer prompts or more of them")
+    return kept[0], kept[1], left_out
+
+
 def _domain_rows(sae: SAE, harmful: Tensor, harmless: Tensor, where: str) -> tuple[Tensor, Tensor, dict[str, int]]:
     """The harmful and harmless rows within the SAE's norm bound, and how many of each were left out.
 
@@ -364,7 +391,9 @@ def score_features(
         harmless: activations of harmless prompts at the same hooks and positions.
         positions: position label(s) to score separately (e.g. -1 for the last token), or None to pool
             every captured row. Rows above an SAE's recorded norm bound (`featsteer.sae.outside_domain`), which every
-            featsteer splice passes through unedited, are left out; `provenance["rows_outside_domain"]` counts them.
+            featsteer splice passes through unedited, are left out; `provenance["rows_outside_domain"]` counts them. So
+            are, in an all-token capture, the rows before the SAE's `first_trained_position` (the chat-template head it was
+            not trained on, which a splice leaves as it is); `provenance["rows_in_untrained_head"]` counts them.
         normalize: divide magnitude statistics by each feature's scale.
         scales: `{hook_name: (d_sae,)}` feature scales (e.g. max activations on training data); default
             is the max activation over the scored rows.
@@ -378,20 +407,27 @@ def score_features(
         `normalize_activations`.
 
     Raises:
-        FeatsteerError: when fewer than two rows of a class are within an SAE's norm bound, or `scales` names a hook
-            no SAE reads.
+        FeatsteerError: when fewer than two rows of a class are within an SAE's norm bound or after its untrained head,
+            a position label inside that head, `scales` naming a hook no SAE reads, or the two sets captured with
+            different position selectors.
     """
     sae_map = sae_map_of(saes)
     unknown = sorted(set(scales or {}) - set(sae_map))
     if unknown:
         raise FeatsteerError(f"scales given for {', '.join(unknown)}, which no SAE reads: key them by the SAEs' hooks ({', '.join(sae_map)})")
+    if Positions.parse(harmful.positions) != Positions.parse(harmless.positions):
+        raise FeatsteerError(f"the harmful activations were captured at positions '{harmful.positions}' but the harmless ones at "
+                             f"'{harmless.positions}': capture both with the same selector, so that the same tokens are compared")
     position_list = [positions] if positions is None or isinstance(positions, int) else list(positions)
-    parts, outside = [], {}
+    parts, outside, head = [], {}, {}
     for hook, sae in sae_map.items():
         norm = decoder_norms(sae)
         for position in position_list:
             where = hook if position is None else f"{hook}@{position}"
-            harmful_rows, harmless_rows, left_out = _domain_rows(sae, _rows_at(harmful, hook, position), _rows_at(harmless, hook, position), where)
+            harmful_rows, harmless_rows, in_head = _trained_rows(sae, harmful, harmless, hook, position, where)
+            if any(in_head.values()):
+                head[where] = in_head
+            harmful_rows, harmless_rows, left_out = _domain_rows(sae, harmful_rows, harmless_rows, where)
             if any(left_out.values()):
                 outside[where] = left_out
             scale = None if scales is None else scales.get(hook)
@@ -401,7 +437,7 @@ def score_features(
     scores = FeatureScores.concat(parts)
     scores.provenance.update({"model": harmful.model, "positions": harmful.positions, "n_harmful_prompts": len(harmful),
                               "n_harmless_prompts": len(harmless), "hooks": list(sae_map), "rows_outside_domain": outside,
-                              "input_normalization": {hook: str(sae.cfg.normalize_activations) for hook, sae in sae_map.items()}})
+                              "rows_in_untrained_head": head, "input_normalization": {hook: str(sae.cfg.normalize_activations) for hook, sae in sae_map.items()}})
     return scores.sort(by)
 
 
@@ -450,5 +486,6 @@ def score_prompts(
     scores = FeatureScores.concat(parts)
     scores.provenance["hooks"] = list(sae_map)
     scores.provenance["rows_outside_domain"] = {where: counts for part in parts for where, counts in part.provenance["rows_outside_domain"].items()}
+    scores.provenance["rows_in_untrained_head"] = {where: counts for part in parts for where, counts in part.provenance["rows_in_untrained_head"].items()}
     scores.provenance["input_normalization"] = {hook: norm for part in parts for hook, norm in part.provenance["input_normalization"].items()}
     return scores.sort(by)
