@@ -566,6 +566,36 @@ def test_a_bridge_hook_point_that_never_runs_is_neither_offered_nor_hooked(tmp_p
     assert count_hooks(bridge) == before
 
 
+def test_an_lfm2_bridge_convolution_layers_write_at_hook_attn_out(tmp_path):
+    """An LFM2 bridge names no blocks.L.hook_attn_out at its short-convolution layers: hook_names offered it, so Ablate(direction)
+    failed with "hook ... does not exist", capturing there failed, and attention_layers listed the convolutions. The
+    convolution's output stands in for it now, as on the Hugging Face adapter, whose weight edit edits the same projection."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from featsteer.activations import capture
+    from featsteer.interventions import Ablate, steer
+    from featsteer.testing import random_direction
+
+    model, tokenizer = tiny_model("lfm2")
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    native = load_model(model, tokenizer=tokenizer)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model)
+    lens = load_model(bridge)
+    assert lens.attention_layers == native.attention_layers == [0, 2]
+    hooks = lens.hook_names(("attn_out", "mlp_out"))
+    seen, expected = (capture(adapter, PROMPTS, hooks, positions="all", progress=False).activations for adapter in (lens, native))
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)
+    lens.logits(PROMPTS)  # the bridge adds hooks of its own to the modules it wraps on its first pass
+    before = count_hooks(bridge)
+    ablate = Ablate(random_direction(lens.d_model))
+    with steer(native, ablate):
+        native_logits = native.logits(PROMPTS)
+    with steer(lens, ablate):
+        torch.testing.assert_close(lens.logits(PROMPTS), native_logits, atol=1e-4, rtol=0)
+    assert count_hooks(bridge) == before
+
+
 def test_a_granite_bridge_hook_embed_carries_the_embedding_multiplier(tmp_path):
     """Granite multiplies the embedding by its embedding_multiplier after the embedding module, outside what a bridge wraps:
     a bridge's hook_embed saw a third of what the Hugging Face adapter's hook_embed and blocks.0.hook_resid_pre see, so a

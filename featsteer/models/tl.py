@@ -16,6 +16,10 @@ from featsteer.errors import FeatsteerError
 from featsteer.models.adapter import BiasWriter, HookFn, ModelAdapter, ResidualWriter, TokenBatch
 from featsteer.models.hookpoints import NORM_KINDS, HookSite, hook_name, parse_hook_name
 
+MIXER_OUTPUTS = ("conv.hook_out",)
+"""Where a bridge layer whose token mixer is not attention writes it into the stream, relative to `blocks.L.`: an LFM2
+bridge names no `blocks.L.hook_attn_out` at its short-convolution layers, whose output is `blocks.L.conv.hook_out`."""
+
 
 class TLModelAdapter(ModelAdapter):
     """`ModelAdapter` over a TransformerLens `HookedTransformer` or `TransformerBridge`."""
@@ -64,6 +68,12 @@ class TLModelAdapter(ModelAdapter):
             return None
 
     @property
+    def attention_layers(self) -> list[int]:
+        if self._family_adapter is not None:
+            return self._family_adapter.attention_layers
+        return super().attention_layers
+
+    @property
     def post_norms(self) -> bool:
         if self._family_adapter is not None:
             return self._family_adapter.post_norms
@@ -99,9 +109,10 @@ class TLModelAdapter(ModelAdapter):
     def _probe(self) -> tuple[frozenset[str], frozenset[str]]:
         """The silent hook points and the per-layer kinds with a hook point that runs, found once with a one-token pass."""
         if self._probed is None:
-            sites = {name: site for name in self.model.hook_dict if (site := _featsteer_site(name, self.n_layers)) is not None}
+            points = self._hook_points()
+            sites = {name: site for name in points if (site := _featsteer_site(name, self.n_layers)) is not None}
             fired: set[str] = set()
-            handles = [self.model.hook_dict[name].register_forward_hook(lambda module, args, output, name=name: fired.add(name)) for name in sites]
+            handles = [points[name].register_forward_hook(lambda module, args, output, name=name: fired.add(name)) for name in sites]
             token = next((t for t in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
             try:
                 with torch.no_grad():
@@ -113,6 +124,18 @@ class TLModelAdapter(ModelAdapter):
             running = frozenset(sites[name].kind for name in fired if sites[name].layer is not None)
             self._probed = (frozenset(sites) - fired, running)
         return self._probed
+
+    def _hook_points(self) -> dict:
+        """The model's hook points by name, with each non-attention mixer's output (`MIXER_OUTPUTS`) under the
+        `blocks.L.hook_attn_out` the layer lacks: an LFM2 bridge's convolution layers write there, and the Hugging Face
+        adapter's hook and weight edits for the same model treat them as the layer's attention output."""
+        points = dict(self.model.hook_dict)
+        for layer in range(self.n_layers):
+            name = hook_name(layer, "attn_out")
+            mixer = next((points[f"blocks.{layer}.{output}"] for output in MIXER_OUTPUTS if f"blocks.{layer}.{output}" in points), None)
+            if name not in points and mixer is not None:
+                points[name] = mixer
+        return points
 
     def hook_names(self, kinds: Sequence[str] = ("resid_pre",), layers: Sequence[int] | None = None) -> list[str]:
         """As for any model; on a bridge a kind it lists but never calls is an error rather than left out, since the model
@@ -167,10 +190,10 @@ class TLModelAdapter(ModelAdapter):
         return self._family_adapter._embed_scale if self._family_adapter is not None else 1.0
 
     def _install_hooks(self, hooks: Sequence[tuple[HookSite, HookFn]]) -> Callable[[], None]:
-        handles = []
+        handles, points = [], self._hook_points()
         try:
             for site, fn in hooks:
-                point = self.model.hook_dict.get(site.name)
+                point = points.get(site.name)
                 if point is None:
                     raise FeatsteerError(f"hook '{site.name}' does not exist on this TransformerLens model")
                 handles.append(point.register_forward_hook(_tl_hook(site, fn, self.n_heads, self._embed_scale)))
