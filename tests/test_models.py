@@ -596,6 +596,26 @@ def test_an_lfm2_bridge_convolution_layers_write_at_hook_attn_out(tmp_path):
     assert count_hooks(bridge) == before
 
 
+@pytest.mark.parametrize("family", ["qwen3_5_text", "qwen3_next"])
+def test_a_gated_deltanet_bridge_transformer_lens_cannot_run_fails_at_load_in_one_line(tmp_path, family):
+    """TransformerLens 3.9's gated DeltaNet bridge reads `causal_conv1d_fn`, which transformers' Qwen3.5 and Qwen3-Next modules
+    no longer have: load_model(bridge) succeeded and the first layer_kinds or forward raised a raw AttributeError from inside
+    TransformerLens. It is one FeatsteerError at load time now, naming the workaround (or the bridge runs, once fixed)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model, tokenizer = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model)
+    try:
+        lens = load_model(bridge)
+    except FeatsteerError as error:
+        assert "causal_conv1d_fn" in str(error) and "load_model(path)" in str(error) and "\n" not in str(error)
+        return
+    assert "resid_pre" in lens.layer_kinds
+    torch.testing.assert_close(lens.logits(PROMPTS), load_model(model, tokenizer=tokenizer).logits(PROMPTS), atol=1e-4, rtol=0)
+
+
 def test_a_granite_bridge_hook_embed_carries_the_embedding_multiplier(tmp_path):
     """Granite multiplies the embedding by its embedding_multiplier after the embedding module, outside what a bridge wraps:
     a bridge's hook_embed saw a third of what the Hugging Face adapter's hook_embed and blocks.0.hook_resid_pre see, so a
