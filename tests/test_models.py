@@ -596,6 +596,33 @@ def test_an_lfm2_bridge_convolution_layers_write_at_hook_attn_out(tmp_path):
     assert count_hooks(bridge) == before
 
 
+def test_a_gemma4_bridge_ablates_its_per_layer_input_writes(tmp_path):
+    """A Gemma 4 bridge names no blocks.L.hook_per_layer_out and the adapter claimed no per-layer inputs, so Ablate(writes) left
+    the per-layer-input writes alone while the Hugging Face adapter (and the weight edit) ablate them: logits 0.18 apart, no
+    error. The bridge's post_per_layer_input_norm output stands in for it now, and the family's particulars carry over."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from featsteer.activations import capture
+    from featsteer.interventions import Ablate, steer
+    from featsteer.testing import random_direction
+
+    model, tokenizer = tiny_model("gemma4_text")
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    native = load_model(model, tokenizer=tokenizer)
+    lens = load_model(TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model))
+    assert (lens.per_layer_inputs, lens.scaled_layers) == (native.per_layer_inputs, native.scaled_layers) == (True, True)
+    hooks = lens.hook_names(("per_layer_out", "resid_post"))
+    assert len(hooks) == 2 * lens.n_layers
+    seen, expected = (capture(adapter, PROMPTS, hooks, positions="all", progress=False).activations for adapter in (lens, native))
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)
+    ablate = Ablate(random_direction(lens.d_model))
+    with steer(native, ablate):
+        native_logits = native.logits(PROMPTS)
+    with steer(lens, ablate):
+        torch.testing.assert_close(lens.logits(PROMPTS), native_logits, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["qwen3_5_text", "qwen3_next"])
 def test_a_gated_deltanet_bridge_transformer_lens_cannot_run_fails_at_load_in_one_line(tmp_path, family):
     """TransformerLens 3.9's gated DeltaNet bridge reads `causal_conv1d_fn`, which transformers' Qwen3.5 and Qwen3-Next modules

@@ -16,9 +16,10 @@ from featsteer.errors import FeatsteerError
 from featsteer.models.adapter import BiasWriter, HookFn, ModelAdapter, ResidualWriter, TokenBatch
 from featsteer.models.hookpoints import NORM_KINDS, HookSite, hook_name, parse_hook_name
 
-MIXER_OUTPUTS = ("conv.hook_out",)
-"""Where a bridge layer whose token mixer is not attention writes it into the stream, relative to `blocks.L.`: an LFM2
-bridge names no `blocks.L.hook_attn_out` at its short-convolution layers, whose output is `blocks.L.conv.hook_out`."""
+BRIDGE_STAND_INS = {"attn_out": ("conv.hook_out",), "per_layer_out": ("post_per_layer_input_norm.hook_out",)}
+"""Bridge hook points (relative to `blocks.L.`) that carry a featsteer hook kind the bridge does not name: an LFM2 bridge
+names no `blocks.L.hook_attn_out` at its short-convolution layers, whose output is `blocks.L.conv.hook_out`; a Gemma 4
+bridge names no `hook_per_layer_out`, the normed per-layer-input write `blocks.L.post_per_layer_input_norm.hook_out`."""
 
 
 class TLModelAdapter(ModelAdapter):
@@ -74,6 +75,14 @@ class TLModelAdapter(ModelAdapter):
         if self._family_adapter is not None:
             return self._family_adapter.attention_layers
         return super().attention_layers
+
+    @property
+    def per_layer_inputs(self) -> bool:
+        return self._family_adapter.per_layer_inputs if self._family_adapter is not None else False
+
+    @property
+    def scaled_layers(self) -> bool:
+        return self._family_adapter.scaled_layers if self._family_adapter is not None else False
 
     @property
     def post_norms(self) -> bool:
@@ -134,15 +143,14 @@ class TLModelAdapter(ModelAdapter):
         return self._probed
 
     def _hook_points(self) -> dict:
-        """The model's hook points by name, with each non-attention mixer's output (`MIXER_OUTPUTS`) under the
-        `blocks.L.hook_attn_out` the layer lacks: an LFM2 bridge's convolution layers write there, and the Hugging Face
-        adapter's hook and weight edits for the same model treat them as the layer's attention output."""
+        """The model's hook points by name, with a stand-in (`BRIDGE_STAND_INS`) under each featsteer name a layer lacks:
+        the same writes the Hugging Face adapter hooks and edits for the same model, so `Ablate(writes)` reaches them all."""
         points = dict(self.model.hook_dict)
         for layer in range(self.n_layers):
-            name = hook_name(layer, "attn_out")
-            mixer = next((points[f"blocks.{layer}.{output}"] for output in MIXER_OUTPUTS if f"blocks.{layer}.{output}" in points), None)
-            if name not in points and mixer is not None:
-                points[name] = mixer
+            for kind, stand_ins in BRIDGE_STAND_INS.items():
+                found = [points[f"blocks.{layer}.{where}"] for where in stand_ins if f"blocks.{layer}.{where}" in points]
+                if hook_name(layer, kind) not in points and found:
+                    points[hook_name(layer, kind)] = found[0]
         return points
 
     def hook_names(self, kinds: Sequence[str] = ("resid_pre",), layers: Sequence[int] | None = None) -> list[str]:
