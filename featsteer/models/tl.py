@@ -37,8 +37,8 @@ class TLModelAdapter(ModelAdapter):
         self.is_bridge = not hasattr(model, "blocks") or type(model).__name__ == "TransformerBridge"
         self._family_adapter = self._known_family() if self.is_bridge else None
         self._probed: tuple[frozenset[str], frozenset[str]] | None = None
-        if self.is_bridge and any(type(module).__name__ == "GatedDeltaNetBridge" for module in model.modules()):
-            self._probe()  # fail at load time when TransformerLens cannot run these layers (see _probe)
+        if self.is_bridge:
+            self._probe()  # fail at load time, in one line, when TransformerLens cannot run the bridge (see _probe)
 
     @property
     def n_layers(self) -> int:
@@ -129,12 +129,15 @@ class TLModelAdapter(ModelAdapter):
                 with torch.no_grad():
                     ones = torch.ones((1, 1), dtype=torch.long, device=self.device)
                     self._forward(TokenBatch(ones * token, ones), None, False)
-            except AttributeError as error:  # TransformerLens 3.9's gated DeltaNet bridge reads a kernel attribute transformers dropped
-                if "causal_conv1d_fn" not in str(error):
+            except FeatsteerError:
+                raise
+            except Exception as error:  # TransformerLens 3.9 cannot run some bridges (a Qwen3.5 gated DeltaNet, a Granite 4 hybrid)
+                if not self.is_bridge:
                     raise
-                raise FeatsteerError(f"this TransformerBridge ({self.family}) cannot run its gated DeltaNet layers: TransformerLens reads "
-                                     f"causal_conv1d_fn, which this transformers version's module lacks ({error}); load the Hugging Face "
-                                     "model itself with load_model(path) instead") from None
+                detail = (str(error).splitlines() or [""])[0]
+                raise FeatsteerError(f"this TransformerBridge ({self.family}) fails a one-token forward pass inside TransformerLens "
+                                     f"({type(error).__name__}: {detail}): TransformerLens cannot run this model as bridged; load the "
+                                     "Hugging Face model itself with load_model(path) instead") from None
             finally:
                 for handle in handles:
                     handle.remove()
