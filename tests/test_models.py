@@ -583,6 +583,8 @@ def test_an_lfm2_bridge_convolution_layers_write_at_hook_attn_out(tmp_path):
     bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model)
     lens = load_model(bridge)
     assert lens.attention_layers == native.attention_layers == [0, 2]
+    with pytest.raises(FeatsteerError, match="blocks.1.attn.hook_z does not exist: layer 1 .* hook blocks.1.hook_attn_out"):
+        capture(lens, PROMPTS, ["blocks.1.attn.hook_z"], progress=False)
     hooks = lens.hook_names(("attn_out", "mlp_out"))
     seen, expected = (capture(adapter, PROMPTS, hooks, positions="all", progress=False).activations for adapter in (lens, native))
     torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)
