@@ -396,8 +396,10 @@ def _print_label_summary(hand, run, labels, methods: list[str], detector, baseli
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from featsteer.datasets import builtin_prompts
     from featsteer.demo import run_demo
 
+    _note_shortfall("--n", args.n, {f"the built-in {label} test split": len(builtin_prompts(label, "test")) for label in ("harmful", "harmless")})
     result = run_demo(_load_model(args), args.out, n_eval=args.n, max_new_tokens=args.max_new_tokens, full=not args.quick)
     print(f"== refusal behaviour of {result.report.model} (built-in test split)")
     print(result.report.table())

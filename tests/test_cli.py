@@ -1410,3 +1410,22 @@ def test_a_prompt_option_asking_for_more_than_there_are_says_so(capsys, tmp_path
     code, stdout, _ = _run(capsys, "eval", "--model", "tiny:llama", "--harmful", str(harmful), "--harmless", str(harmless), "--n", "5",
                            "--max-new-tokens", "2")
     assert code == 0 and f"note: --n 5, but {harmful} holds 3 prompts: using those" in stdout
+
+
+def test_demo_n_beyond_the_test_split_says_so(capsys, monkeypatch, tmp_path):
+    """demo --n 100 checked the 85 harmful and 84 harmless test prompts there are without a word."""
+    import featsteer.demo as demo_module
+
+    class Reached(Exception):
+        pass
+
+    def fake_run_demo(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(demo_module, "run_demo", fake_run_demo)
+    for n, noted in (("100", True), ("64", False)):
+        with pytest.raises(Reached):
+            main(["demo", "--out", str(tmp_path / "run"), "--n", n])
+        out = capsys.readouterr().out
+        assert ("note: --n 100, but the built-in harmful test split holds 85 and the built-in harmless test split holds 84 prompts"
+                in out) if noted else "note:" not in out
