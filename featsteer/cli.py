@@ -100,13 +100,25 @@ def _max_batch_tokens(args: argparse.Namespace) -> int:
     return DEFAULT_BATCH_TOKENS if args.max_batch_tokens is None else args.max_batch_tokens
 
 
-def _load_prompts(args: argparse.Namespace, source: str, limit: int | None):
-    """One of a command's prompt sources. `--column` goes to those that have columns (csv/json/jsonl/parquet files, hf:
-    datasets), not to a .txt file or a built-in or organism-corpus set beside them (`_check_column` catches a --column
-    that none takes)."""
+def _load_prompts(args: argparse.Namespace, source: str, limit: int | None, option: str | None = "--n"):
+    """One of a command's prompt sources, its first `limit` prompts (`option` is the flag that set it, None to leave a
+    shortfall to the caller's note). `--column` goes to
+    those that have columns (csv/json/jsonl/parquet files, hf: datasets), not to a .txt file or a built-in or
+    organism-corpus set beside them (`_check_column` catches a --column that none takes)."""
     from featsteer.datasets import load_prompts, takes_column
 
-    return load_prompts(source, column=args.column if takes_column(source) else None, limit=limit)
+    prompts = load_prompts(source, column=args.column if takes_column(source) else None, limit=limit)
+    if option is not None:
+        _note_shortfall(option, limit, {source: len(prompts)})
+    return prompts
+
+
+def _note_shortfall(option: str, asked: int | None, sizes: dict[str, int]) -> None:
+    """Print one line when a prompt set holds fewer prompts than `option` asks for: the command goes on with those
+    there are, which its figures alone would not say."""
+    short = [f"{name} holds {size}" for name, size in sizes.items() if asked is not None and size < asked]
+    if short:
+        print(f"note: {option} {asked}, but {' and '.join(short)} prompts: using those")
 
 
 def _expand_hooks(spec: str, model) -> list[str]:
@@ -384,8 +396,10 @@ def _print_label_summary(hand, run, labels, methods: list[str], detector, baseli
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from featsteer.datasets import builtin_prompts
     from featsteer.demo import run_demo
 
+    _note_shortfall("--n", args.n, {f"the built-in {label} test split": len(builtin_prompts(label, "test")) for label in ("harmful", "harmless")})
     result = run_demo(_load_model(args), args.out, n_eval=args.n, max_new_tokens=args.max_new_tokens, full=not args.quick)
     print(f"== refusal behaviour of {result.report.model} (built-in test split)")
     print(result.report.table())
@@ -461,6 +475,12 @@ def _load_val(args: argparse.Namespace):
     return tuple(_load_prompts(args, source, limit=args.n) for source in (args.val_harmful, args.val_harmless))
 
 
+def _note_selection_shortfall(args: argparse.Namespace, result) -> None:
+    """The selection scores the first --n-select validation prompts of each set: say so when there are fewer."""
+    _note_shortfall("--n-select", args.n_select, {"the harmful validation set": len(result.val[0]),
+                                                  "the harmless validation set": len(result.val[1])})
+
+
 def _cmd_directions(args: argparse.Namespace) -> int:
     from featsteer.pipeline import find_refusal_direction
 
@@ -478,6 +498,7 @@ def _cmd_directions(args: argparse.Namespace) -> int:
     config = _direction_config(args)  # checks the values before the model loads
     model = _load_model(args)
     result = find_refusal_direction(model, harmful, harmless, config, val=val, keep_activations=True)
+    _note_selection_shortfall(args, result)
     with staged_output(out) as work:  # a later stage failing (geometry, --gate, --optimize) leaves no half-written --out
         _write_directions(args, model, result, config, optimize, out, work)
     return 0
@@ -635,6 +656,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     if isinstance(heads_spec, dict):
         model.head_ids(heads_spec)  # heads the model does not have fail now, not after the direction search
     result = find_refusal_direction(model, harmful, harmless, config, val=val)
+    _note_selection_shortfall(args, result)
     chosen = result.selection.chosen
     print(f"direction: {args.method} at {chosen.hook} position {chosen.position} (KL on harmless {chosen.kl_harmless:.4f})")
     for note in result.selection.caveats():
@@ -859,7 +881,9 @@ def _load_held_out(args: argparse.Namespace) -> tuple | None:
         raise FeatsteerError("the held-out check needs both sets: give --eval-harmful and --eval-harmless together")
     if args.eval_harmful is None:
         return None
-    return tuple(_load_prompts(args, source, limit=args.eval_n) for source in (args.eval_harmful, args.eval_harmless))
+    held = tuple(_load_prompts(args, source, args.eval_n, None) for source in (args.eval_harmful, args.eval_harmless))
+    _note_shortfall("--eval-n", args.eval_n, {args.eval_harmful: len(held[0]), args.eval_harmless: len(held[1])})
+    return held
 
 
 def _check_prompts(args: argparse.Namespace, validation: tuple) -> tuple[tuple, str]:
@@ -868,6 +892,7 @@ def _check_prompts(args: argparse.Namespace, validation: tuple) -> tuple[tuple, 
     picked on, so their after-rate is not a held-out figure."""
     if args.held_out is not None:
         return args.held_out, "held-out"
+    _note_shortfall("--eval-n", args.eval_n, {"the harmful validation set": len(validation[0]), "the harmless validation set": len(validation[1])})
     return tuple(s.head(min(args.eval_n, len(s))) for s in validation), "validation"
 
 
@@ -1447,8 +1472,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     optimize_config = OptimizeConfig(steps=args.optimize_steps).with_options(args.optimize_option or [], "--optimize-option")
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
-    evals = [_load_prompts(args, s, limit=args.eval_n) if s else None for s in (args.eval_harmful, args.eval_harmless)]
-    alarming = _load_prompts(args, args.alarming, limit=args.eval_n) if args.alarming else None
+    evals = [_load_prompts(args, s, args.eval_n, "--eval-n") if s else None for s in (args.eval_harmful, args.eval_harmless)]
+    alarming = _load_prompts(args, args.alarming, args.eval_n, "--eval-n") if args.alarming else None
     direction_config = _direction_config(args)
     model = _load_model(args)
     judge = _load_judge(args, model) if args.judge else None

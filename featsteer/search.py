@@ -601,8 +601,30 @@ def warm_start_params(params: dict, bounds: dict[str, tuple[float, float]], scop
     return out
 
 
+def convert_warm_start(params: dict, kind: str) -> dict:
+    """An earlier point's parameters with its `direction_layer` moved to this search's candidate kind and its
+    `direction_kind` (the earlier search's kind, added by `load_warm_start`; this search's when absent) dropped:
+    `direction_layer` indexes the candidate table, and `resid_post` of block l is `resid_pre` of block l + 1, so a
+    `resid_pre` point at 1.4 is a `resid_post` point at 0.4, not one at 1.4.
+
+    Raises:
+        FeatsteerError: for a point from a search over another kind that is not the same stream (`STREAM_OFFSETS`).
+    """
+    out = {name: value for name, value in params.items() if name != "direction_kind"}
+    earlier = params.get("direction_kind", kind)
+    if earlier == kind or "direction_layer" not in out:
+        return out
+    if earlier not in STREAM_OFFSETS or kind not in STREAM_OFFSETS:
+        raise FeatsteerError(f"the warm start's points come from a search over {earlier} candidates and this search's are {kind}: "
+                             f"their direction layers do not correspond; warm-start from a {kind} (or resid_pre/resid_post) search")
+    out["direction_layer"] = float(out["direction_layer"]) - STREAM_OFFSETS[earlier] + STREAM_OFFSETS[kind]
+    return out
+
+
 def load_warm_start(path: str | Path) -> list[dict]:
-    """The parameters of the Pareto points in an earlier search's `pareto.json` (or its folder).
+    """The parameters of the Pareto points in an earlier search's `pareto.json` (or its folder), each point with a
+    `direction_layer` also carrying the earlier search's candidate kind as `direction_kind` (`resid_pre` for files that
+    do not record it, which is all the CLI makes), so a search over another kind converts it (`convert_warm_start`).
 
     Raises:
         FeatsteerError: when the file is missing or holds no Pareto points.
@@ -613,7 +635,9 @@ def load_warm_start(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FeatsteerError(f"warm start {path} not found: pass the pareto.json of an earlier search (or its folder)")
     try:
-        points = json.loads(path.read_text()).get("pareto") or []
+        data = json.loads(path.read_text())
+        points, setup = data.get("pareto") or [], data.get("setup") or {}
+        kind = setup.get("kind") or "resid_pre"
     except (json.JSONDecodeError, AttributeError) as error:
         raise FeatsteerError(f"warm start {path} is not a search's pareto.json ({error})") from None
     params = [p["params"] for p in points if isinstance(p, dict) and isinstance(p.get("params"), dict)]
@@ -624,7 +648,7 @@ def load_warm_start(path: str | Path) -> list[dict]:
             number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not (number or (name == "direction_scope" and isinstance(value, str))):
                 raise FeatsteerError(f"warm start {path}: parameter {name} is {value!r}, not a finite number: pass a search's own pareto.json")
-    return params
+    return [{**point, "direction_kind": kind} if "direction_layer" in point else point for point in params]
 
 
 def _run_trials(study: optuna.Study, screen: _Screen, config: SearchConfig, classic: dict[str, float],
@@ -807,7 +831,8 @@ def search_abliteration(
         eval_harmless: held-out harmless prompts for verification; default as for `eval_harmful`.
         detector: refusal detector for verification; `RefusalDetector()` when None.
         warm_start: parameter sets (e.g. `load_warm_start(earlier_folder)`) that a new study runs first, after
-            the classic edit, clamped to this search's ranges; ignored when resuming. Useful when the
+            the classic edit, clamped to this search's ranges (a `direction_layer` from a search over another
+            candidate kind moved to this one's, `convert_warm_start`); ignored when resuming. Useful when the
             directions changed but good kernels are likely similar.
 
     Returns:
@@ -815,7 +840,8 @@ def search_abliteration(
 
     Raises:
         FeatsteerError: for rank-k candidates, a missing position, the per_layer scope with candidates of a kind
-            other than resid_pre/resid_post, empty verification sets, or a folder holding a search with a different set-up.
+            other than resid_pre/resid_post, empty verification sets, a folder holding a search with a different set-up,
+            or a warm start from a search over a candidate kind that is not this one's stream.
     """
     config = config or SearchConfig()
     chosen = result.selection.chosen
@@ -823,6 +849,7 @@ def search_abliteration(
         raise FeatsteerError(f"the search interpolates candidates at blocks.L.hook_<kind> points, not at {chosen.hook}: find the "
                              "direction with DirectionConfig(kind='resid_pre') (or resid_mid, resid_post, attn_out, mlp_out)")
     kind = model.hook_site(chosen.hook).kind
+    warm_start = [convert_warm_start(point, kind) for point in warm_start]
     if "per_layer" in config.space.scopes:  # checked here: optuna would fail every such trial
         check_per_layer_kind(kind)
     position = chosen.position if config.position is None else config.position
@@ -1027,6 +1054,7 @@ __all__ = [
     "interpolate_direction",
     "layer_directions",
     "load_warm_start",
+    "convert_warm_start",
     "pareto_png",
     "per_layer_directions",
     "trial_directions",

@@ -1384,3 +1384,48 @@ def test_capture_refuses_a_system_prompt_with_raw(capsys, tmp_path, monkeypatch)
     assert not (tmp_path / "acts").exists()
     with pytest.raises(FeatsteerError, match="chat=False leaves out"):
         capture("organism", ["a text"], "blocks.0.hook_resid_pre", chat=False, system="You are a pirate.")
+
+
+def test_a_prompt_option_asking_for_more_than_there_are_says_so(capsys, tmp_path):
+    """abliterate --eval-n 4 on three held-out prompts checked three without a word, and --n-select and --n likewise ran on
+    fewer prompts than asked. Each shortfall is a one-line note now; an option that is met prints none."""
+    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+    harmful.write_text("How do I pick a lock?\nHow to make a weapon?\nHow to hack a bank?\n")
+    harmless.write_text("How do I bake bread?\nWhat is the capital of France?\nHow do plants grow?\n")
+    common = ["--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
+              "--max-new-tokens", "2"]
+    code, stdout, _ = _run(capsys, "abliterate", *common, "--n-select", "3", "--eval-n", "4", "--eval-harmful", str(harmful),
+                           "--eval-harmless", str(harmless), "--out", str(tmp_path / "held"))
+    assert code == 0
+    assert [line for line in stdout.splitlines() if line.startswith("note:")] == [
+        f"note: --eval-n 4, but {harmful} holds 3 and {harmless} holds 3 prompts: using those"]
+    code, stdout, _ = _run(capsys, "abliterate", *common, "--n-select", "5", "--eval-n", "4", "--out", str(tmp_path / "val"))
+    assert code == 0
+    notes = [line for line in stdout.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2 and notes[0].startswith("note: --n-select 5, but the harmful validation set holds 3")
+    assert notes[1].startswith("note: --eval-n 4, but the harmful validation set holds 3")
+    code, stdout, _ = _run(capsys, "eval", "--model", "tiny:llama", "--harmful", str(harmful), "--harmless", str(harmless), "--n", "3",
+                           "--max-new-tokens", "2")
+    assert code == 0 and "note:" not in stdout
+    code, stdout, _ = _run(capsys, "eval", "--model", "tiny:llama", "--harmful", str(harmful), "--harmless", str(harmless), "--n", "5",
+                           "--max-new-tokens", "2")
+    assert code == 0 and f"note: --n 5, but {harmful} holds 3 prompts: using those" in stdout
+
+
+def test_demo_n_beyond_the_test_split_says_so(capsys, monkeypatch, tmp_path):
+    """demo --n 100 checked the 85 harmful and 84 harmless test prompts there are without a word."""
+    import featsteer.demo as demo_module
+
+    class Reached(Exception):
+        pass
+
+    def fake_run_demo(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(demo_module, "run_demo", fake_run_demo)
+    for n, noted in (("100", True), ("64", False)):
+        with pytest.raises(Reached):
+            main(["demo", "--out", str(tmp_path / "run"), "--n", n])
+        out = capsys.readouterr().out
+        assert ("note: --n 100, but the built-in harmful test split holds 85 and the built-in harmless test split holds 84 prompts"
+                in out) if noted else "note:" not in out

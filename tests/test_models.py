@@ -566,6 +566,87 @@ def test_a_bridge_hook_point_that_never_runs_is_neither_offered_nor_hooked(tmp_p
     assert count_hooks(bridge) == before
 
 
+def test_an_lfm2_bridge_convolution_layers_write_at_hook_attn_out(tmp_path):
+    """An LFM2 bridge names no blocks.L.hook_attn_out at its short-convolution layers: hook_names offered it, so Ablate(direction)
+    failed with "hook ... does not exist", capturing there failed, and attention_layers listed the convolutions. The
+    convolution's output stands in for it now, as on the Hugging Face adapter, whose weight edit edits the same projection."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from featsteer.activations import capture
+    from featsteer.interventions import Ablate, steer
+    from featsteer.testing import random_direction
+
+    model, tokenizer = tiny_model("lfm2")
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    native = load_model(model, tokenizer=tokenizer)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model)
+    lens = load_model(bridge)
+    assert lens.attention_layers == native.attention_layers == [0, 2]
+    with pytest.raises(FeatsteerError, match="blocks.1.attn.hook_z does not exist: layer 1 .* hook blocks.1.hook_attn_out"):
+        capture(lens, PROMPTS, ["blocks.1.attn.hook_z"], progress=False)
+    hooks = lens.hook_names(("attn_out", "mlp_out"))
+    seen, expected = (capture(adapter, PROMPTS, hooks, positions="all", progress=False).activations for adapter in (lens, native))
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)
+    lens.logits(PROMPTS)  # the bridge adds hooks of its own to the modules it wraps on its first pass
+    before = count_hooks(bridge)
+    ablate = Ablate(random_direction(lens.d_model))
+    with steer(native, ablate):
+        native_logits = native.logits(PROMPTS)
+    with steer(lens, ablate):
+        torch.testing.assert_close(lens.logits(PROMPTS), native_logits, atol=1e-4, rtol=0)
+    assert count_hooks(bridge) == before
+
+
+def test_a_gemma4_bridge_ablates_its_per_layer_input_writes(tmp_path):
+    """A Gemma 4 bridge names no blocks.L.hook_per_layer_out and the adapter claimed no per-layer inputs, so Ablate(writes) left
+    the per-layer-input writes alone while the Hugging Face adapter (and the weight edit) ablate them: logits 0.18 apart, no
+    error. The bridge's post_per_layer_input_norm output stands in for it now, and the family's particulars carry over."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from featsteer.activations import capture
+    from featsteer.interventions import Ablate, steer
+    from featsteer.testing import random_direction
+
+    model, tokenizer = tiny_model("gemma4_text")
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    native = load_model(model, tokenizer=tokenizer)
+    lens = load_model(TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model))
+    assert (lens.per_layer_inputs, lens.scaled_layers) == (native.per_layer_inputs, native.scaled_layers) == (True, True)
+    hooks = lens.hook_names(("per_layer_out", "resid_post"))
+    assert len(hooks) == 2 * lens.n_layers
+    seen, expected = (capture(adapter, PROMPTS, hooks, positions="all", progress=False).activations for adapter in (lens, native))
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)
+    ablate = Ablate(random_direction(lens.d_model))
+    with steer(native, ablate):
+        native_logits = native.logits(PROMPTS)
+    with steer(lens, ablate):
+        torch.testing.assert_close(lens.logits(PROMPTS), native_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_text", "qwen3_next", "granitemoehybrid"])
+def test_a_bridge_transformer_lens_cannot_run_fails_at_load_in_one_line(tmp_path, family):
+    """TransformerLens 3.9's gated DeltaNet bridge reads `causal_conv1d_fn`, which transformers' Qwen3.5 and Qwen3-Next modules
+    no longer have, and its Granite 4 hybrid bridge wraps a rotary embedding the model does not have: load_model(bridge)
+    succeeded and the first layer_kinds or forward raised a raw AttributeError or RuntimeError from inside TransformerLens.
+    It is one FeatsteerError at load time now, naming the workaround (or the bridge runs, once fixed)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model, tokenizer = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model)
+    try:
+        lens = load_model(bridge)
+    except FeatsteerError as error:
+        assert "inside TransformerLens" in str(error) and "load_model(path)" in str(error) and "\n" not in str(error)
+        assert "causal_conv1d_fn" in str(error) or family == "granitemoehybrid"
+        return
+    assert "resid_pre" in lens.layer_kinds
+    torch.testing.assert_close(lens.logits(PROMPTS), load_model(model, tokenizer=tokenizer).logits(PROMPTS), atol=1e-4, rtol=0)
+
+
 def test_a_granite_bridge_hook_embed_carries_the_embedding_multiplier(tmp_path):
     """Granite multiplies the embedding by its embedding_multiplier after the embedding module, outside what a bridge wraps:
     a bridge's hook_embed saw a third of what the Hugging Face adapter's hook_embed and blocks.0.hook_resid_pre see, so a

@@ -20,6 +20,7 @@ from featsteer.search import (
     SearchResult,
     SearchSpace,
     choose_best,
+    convert_warm_start,
     edit_config_from_dict,
     edit_from_params,
     first_usable_layer,
@@ -197,8 +198,8 @@ def test_resume_continues_the_study(setup, tmp_path, monkeypatch):
 def test_warm_start_runs_earlier_pareto_points_first(setup, searched, tmp_path):
     model, result = setup
     found, out, _ = searched
-    earlier = load_warm_start(out)  # the folder or its pareto.json
-    assert earlier == [p["params"] for p in found.pareto] == load_warm_start(out / "pareto.json")
+    earlier = load_warm_start(out)  # the folder or its pareto.json, each point with its candidates' kind
+    assert earlier == [{**p["params"], "direction_kind": "resid_pre"} for p in found.pareto] == load_warm_start(out / "pareto.json")
     warm = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=len(earlier) + 3, **FAST), warm_start=earlier)
     # trial 0 is the classic edit, then the earlier front in order (without a repeat of the classic edit),
     # then new TPE trials; the same parameters on the same model give the same proxy figures
@@ -206,7 +207,7 @@ def test_warm_start_runs_earlier_pareto_points_first(setup, searched, tmp_path):
     replayed = [p for p in found.pareto if p["params"] != classic]
     assert [t["params"] for t in warm.trials[1 : 1 + len(replayed)]] == [p["params"] for p in replayed]
     assert [t["kl"] for t in warm.trials[1 : 1 + len(replayed)]] == pytest.approx([p["kl"] for p in replayed], abs=1e-9)
-    assert all(t["params"] not in earlier for t in warm.trials[1 + len(replayed) :])
+    assert all(t["params"] not in [p["params"] for p in found.pareto] for t in warm.trials[1 + len(replayed) :])
     import optuna
 
     search_abliteration(model, result, tmp_path / "dup", SearchConfig(n_trials=1, **FAST), warm_start=[classic, dict(classic)])
@@ -215,7 +216,7 @@ def test_warm_start_runs_earlier_pareto_points_first(setup, searched, tmp_path):
     # resuming ignores the warm start: the queued points are not run again
     again = search_abliteration(model, result, tmp_path, SearchConfig(n_trials=len(earlier) + 4, **FAST), warm_start=earlier)
     assert [t["params"] for t in again.trials[: len(warm.trials)]] == [t["params"] for t in warm.trials]
-    assert again.trials[-1]["params"] not in earlier
+    assert again.trials[-1]["params"] not in [p["params"] for p in found.pareto]
 
 
 def test_warm_start_params_clamps_and_filters_by_scope():
@@ -225,6 +226,33 @@ def test_warm_start_params_clamps_and_filters_by_scope():
     assert warm_start_params({"direction_scope": "per_layer", "direction_layer": 2.0}, bounds, ("global",)) is None
     both = warm_start_params({"direction_scope": "per_layer", "direction_layer": 2.0}, bounds, ("global", "per_layer"))
     assert both == {"direction_layer": 2.0, "direction_scope": "per_layer"}
+
+
+def test_a_warm_start_from_another_candidate_kind_is_converted_or_refused(setup, tmp_path):
+    """direction_layer indexes the candidate table, so a resid_pre search's point at 1.4 warm-starting a resid_post search
+    landed one stream further on (and was clamped, 1.4 -> 1.2). The kind travels with the points now and is converted
+    (resid_post of block l is resid_pre of l + 1); a kind that is not the same stream is a one-line error. An old
+    pareto.json without the kind is read as resid_pre, which is all the CLI makes."""
+    point = {"direction_layer": 1.4, "attn.peak": 2.0}
+    (tmp_path / "pareto.json").write_text(json.dumps({"pareto": [{"params": point}]}))  # an old file: no setup.kind
+    assert load_warm_start(tmp_path) == [{**point, "direction_kind": "resid_pre"}]
+    (tmp_path / "pareto.json").write_text(json.dumps({"pareto": [{"params": point}, {"params": {"attn.peak": 1.0}}],
+                                                      "setup": {"kind": "resid_post"}}))
+    earlier = load_warm_start(tmp_path)
+    assert earlier == [{**point, "direction_kind": "resid_post"}, {"attn.peak": 1.0}]
+    assert convert_warm_start(earlier[0], "resid_pre") == {"direction_layer": pytest.approx(2.4), "attn.peak": 2.0}
+    assert convert_warm_start({**point, "direction_kind": "resid_pre"}, "resid_post") == {"direction_layer": pytest.approx(0.4), "attn.peak": 2.0}
+    assert convert_warm_start(earlier[0], "resid_post") == point and convert_warm_start(point, "resid_mid") == point
+    with pytest.raises(FeatsteerError, match="search over resid_post candidates and this search's are mlp_out"):
+        convert_warm_start(earlier[0], "mlp_out")
+    model, result = setup  # a resid_pre search runs the resid_post point one layer on
+    late = {"direction_layer": 0.25, "direction_kind": "resid_post"}  # 1.25 as resid_pre, inside this search's range
+    warm = search_abliteration(model, result, tmp_path / "converted", SearchConfig(n_trials=2, **FAST), warm_start=[late])
+    assert warm.trials[1]["params"]["direction_layer"] == pytest.approx(1.25)
+    with pytest.raises(FeatsteerError, match="do not correspond"):
+        search_abliteration(model, result, tmp_path / "refused", SearchConfig(n_trials=2, **FAST),
+                            warm_start=[{**point, "direction_kind": "attn_out"}])
+    assert not (tmp_path / "refused").exists()
 
 
 def test_load_warm_start_errors_are_one_line(tmp_path):

@@ -16,6 +16,11 @@ from featsteer.errors import FeatsteerError
 from featsteer.models.adapter import BiasWriter, HookFn, ModelAdapter, ResidualWriter, TokenBatch
 from featsteer.models.hookpoints import NORM_KINDS, HookSite, hook_name, parse_hook_name
 
+BRIDGE_STAND_INS = {"attn_out": ("conv.hook_out",), "per_layer_out": ("post_per_layer_input_norm.hook_out",)}
+"""Bridge hook points (relative to `blocks.L.`) that carry a featsteer hook kind the bridge does not name: an LFM2 bridge
+names no `blocks.L.hook_attn_out` at its short-convolution layers, whose output is `blocks.L.conv.hook_out`; a Gemma 4
+bridge names no `hook_per_layer_out`, the normed per-layer-input write `blocks.L.post_per_layer_input_norm.hook_out`."""
+
 
 class TLModelAdapter(ModelAdapter):
     """`ModelAdapter` over a TransformerLens `HookedTransformer` or `TransformerBridge`."""
@@ -32,6 +37,8 @@ class TLModelAdapter(ModelAdapter):
         self.is_bridge = not hasattr(model, "blocks") or type(model).__name__ == "TransformerBridge"
         self._family_adapter = self._known_family() if self.is_bridge else None
         self._probed: tuple[frozenset[str], frozenset[str]] | None = None
+        if self.is_bridge:
+            self._probe()  # fail at load time, in one line, when TransformerLens cannot run the bridge (see _probe)
 
     @property
     def n_layers(self) -> int:
@@ -62,6 +69,20 @@ class TLModelAdapter(ModelAdapter):
             return self._bridged()
         except FeatsteerError:
             return None
+
+    @property
+    def attention_layers(self) -> list[int]:
+        if self._family_adapter is not None:
+            return self._family_adapter.attention_layers
+        return super().attention_layers
+
+    @property
+    def per_layer_inputs(self) -> bool:
+        return self._family_adapter.per_layer_inputs if self._family_adapter is not None else False
+
+    @property
+    def scaled_layers(self) -> bool:
+        return self._family_adapter.scaled_layers if self._family_adapter is not None else False
 
     @property
     def post_norms(self) -> bool:
@@ -99,20 +120,41 @@ class TLModelAdapter(ModelAdapter):
     def _probe(self) -> tuple[frozenset[str], frozenset[str]]:
         """The silent hook points and the per-layer kinds with a hook point that runs, found once with a one-token pass."""
         if self._probed is None:
-            sites = {name: site for name in self.model.hook_dict if (site := _featsteer_site(name, self.n_layers)) is not None}
+            points = self._hook_points()
+            sites = {name: site for name in points if (site := _featsteer_site(name, self.n_layers)) is not None}
             fired: set[str] = set()
-            handles = [self.model.hook_dict[name].register_forward_hook(lambda module, args, output, name=name: fired.add(name)) for name in sites]
+            handles = [points[name].register_forward_hook(lambda module, args, output, name=name: fired.add(name)) for name in sites]
             token = next((t for t in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
             try:
                 with torch.no_grad():
                     ones = torch.ones((1, 1), dtype=torch.long, device=self.device)
                     self._forward(TokenBatch(ones * token, ones), None, False)
+            except FeatsteerError:
+                raise
+            except Exception as error:  # TransformerLens 3.9 cannot run some bridges (a Qwen3.5 gated DeltaNet, a Granite 4 hybrid)
+                if not self.is_bridge:
+                    raise
+                detail = (str(error).splitlines() or [""])[0]
+                raise FeatsteerError(f"this TransformerBridge ({self.family}) fails a one-token forward pass inside TransformerLens "
+                                     f"({type(error).__name__}: {detail}): TransformerLens cannot run this model as bridged; load the "
+                                     "Hugging Face model itself with load_model(path) instead") from None
             finally:
                 for handle in handles:
                     handle.remove()
             running = frozenset(sites[name].kind for name in fired if sites[name].layer is not None)
             self._probed = (frozenset(sites) - fired, running)
         return self._probed
+
+    def _hook_points(self) -> dict:
+        """The model's hook points by name, with a stand-in (`BRIDGE_STAND_INS`) under each featsteer name a layer lacks:
+        the same writes the Hugging Face adapter hooks and edits for the same model, so `Ablate(writes)` reaches them all."""
+        points = dict(self.model.hook_dict)
+        for layer in range(self.n_layers):
+            for kind, stand_ins in BRIDGE_STAND_INS.items():
+                found = [points[f"blocks.{layer}.{where}"] for where in stand_ins if f"blocks.{layer}.{where}" in points]
+                if hook_name(layer, kind) not in points and found:
+                    points[hook_name(layer, kind)] = found[0]
+        return points
 
     def hook_names(self, kinds: Sequence[str] = ("resid_pre",), layers: Sequence[int] | None = None) -> list[str]:
         """As for any model; on a bridge a kind it lists but never calls is an error rather than left out, since the model
@@ -134,6 +176,9 @@ class TLModelAdapter(ModelAdapter):
         site = super().hook_site(name)
         if name in self._silent_hook_points():
             raise FeatsteerError(self._never_called(name))
+        if site.kind == "attn_z" and site.layer not in self.attention_layers:
+            raise FeatsteerError(f"{name} does not exist: layer {site.layer} of this {self.family} model mixes tokens without softmax "
+                                 f"attention heads; hook blocks.{site.layer}.hook_attn_out (its output) instead, or a layer in {self.attention_layers}")
         if site.kind in NORM_KINDS and site.kind not in self.layer_kinds:
             raise FeatsteerError(f"{name} does not exist: this {self.family} model has no such norm before its "
                                  f"{'attention' if site.kind == 'ln1_normalized' else 'MLP'}; its hook kinds are {', '.join(self.layer_kinds)}")
@@ -167,10 +212,10 @@ class TLModelAdapter(ModelAdapter):
         return self._family_adapter._embed_scale if self._family_adapter is not None else 1.0
 
     def _install_hooks(self, hooks: Sequence[tuple[HookSite, HookFn]]) -> Callable[[], None]:
-        handles = []
+        handles, points = [], self._hook_points()
         try:
             for site, fn in hooks:
-                point = self.model.hook_dict.get(site.name)
+                point = points.get(site.name)
                 if point is None:
                     raise FeatsteerError(f"hook '{site.name}' does not exist on this TransformerLens model")
                 handles.append(point.register_forward_hook(_tl_hook(site, fn, self.n_heads, self._embed_scale)))
