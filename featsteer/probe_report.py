@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from featsteer.activations import Positions, capture
 from featsteer.datasets import PromptSet
@@ -266,19 +267,20 @@ def _effects(model, directions, acts, hooks, test, n_effect, batch_size) -> list
     base_refusal = refusal_score(first_token_logprobs(model, harmful, batch_size=batch_size), tokens).mean()
     base_harmless = first_token_logprobs(model, harmless, batch_size=batch_size)
     effects = []
-    for hook in hooks:
+    pairs = [(hook, source) for hook in hooks for source in directions if _has(directions[source], hook)]
+    # two passes over the n_effect prompts per pair: most of a deep model's report, so it shows its progress (-v, a terminal)
+    for hook, source in tqdm(pairs, desc="probe: effects", disable=not model.show_progress, leave=False):
         layer = model.hook_site(hook).layer
-        for source in [source for source in directions if _has(directions[source], hook)]:
-            direction = directions[source].direction(hook)
-            score = separability(direction, acts[("train", "harmful")].at_position(hook), acts[("train", "harmless")].at_position(hook),
-                                 acts[("test", "harmful")].at_position(hook), acts[("test", "harmless")].at_position(hook))
-            if float(direction.norm()) == 0:
-                effects.append(SourceEffect(layer, source, score.auroc, 0.0, 0.0))
-                continue
-            with steer(model, Ablate(direction)):
-                ablated = refusal_score(first_token_logprobs(model, harmful, batch_size=batch_size), tokens).mean()
-                kl = kl_first_token(base_harmless, first_token_logprobs(model, harmless, batch_size=batch_size))
-            effects.append(SourceEffect(layer, source, score.auroc, float(base_refusal - ablated), kl))
+        direction = directions[source].direction(hook)
+        score = separability(direction, acts[("train", "harmful")].at_position(hook), acts[("train", "harmless")].at_position(hook),
+                             acts[("test", "harmful")].at_position(hook), acts[("test", "harmless")].at_position(hook))
+        if float(direction.norm()) == 0:
+            effects.append(SourceEffect(layer, source, score.auroc, 0.0, 0.0))
+            continue
+        with steer(model, Ablate(direction)):
+            ablated = refusal_score(first_token_logprobs(model, harmful, batch_size=batch_size), tokens).mean()
+            kl = kl_first_token(base_harmless, first_token_logprobs(model, harmless, batch_size=batch_size))
+        effects.append(SourceEffect(layer, source, score.auroc, float(base_refusal - ablated), kl))
     return effects
 
 

@@ -517,6 +517,13 @@ def test_progress_bars_show_on_a_terminal_or_with_verbose(capsys, tmp_path, monk
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     code, _, terminal = _run(capsys, *common, "--out", str(tmp_path / "terminal"))
     assert code == 0 and "select: ablate" in terminal, terminal
+    # probe's effects stage, two passes per layer and source and most of a deep model's report, shows its progress too
+    probe = ["probe", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--n", "12", "--n-effect", "2"]
+    code, _, terminal = _run(capsys, *probe, "--out", str(tmp_path / "probe-terminal"))
+    assert code == 0 and "probe: effects" in terminal, terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    code, _, quiet = _run(capsys, *probe, "--out", str(tmp_path / "probe-quiet"))
+    assert code == 0 and "probe: effects" not in quiet, quiet
 
 
 def test_directions_optimize_writes_the_trained_direction_for_steer_and_abliterate(capsys, tmp_path):
