@@ -121,6 +121,40 @@ def _note_shortfall(option: str, asked: int | None, sizes: dict[str, int]) -> No
         print(f"note: {option} {asked}, but {' and '.join(short)} prompts: using those")
 
 
+def _layer_list(spec: str) -> list[int]:
+    """`4,8,12` -> `[4, 8, 12]`, `4-7` -> `[4, 5, 6, 7]`, `0,4-6` -> `[0, 4, 5, 6]`, in the order given, repeats dropped.
+
+    Raises:
+        ValueError: for a part that is not a layer number or a FIRST-LAST range with FIRST <= LAST.
+    """
+    layer_ids: list[int] = []
+    for part in spec.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not dash:
+            layer_ids.append(int(first))
+            continue
+        start, stop = int(first), int(last)  # int("") fails: a range names both ends, and a layer is never negative
+        if start > stop:
+            raise ValueError(f"the range {part.strip()} runs backwards")
+        layer_ids.extend(range(start, stop + 1))
+    return list(dict.fromkeys(layer_ids))
+
+
+def _layers_option(spec: str | None) -> tuple[int, ...] | None:
+    """`--layers SPEC` of `probe` and `directions` as layer numbers (None: every layer).
+
+    Raises:
+        FeatsteerError: for a list that does not parse.
+    """
+    if spec is None:
+        return None
+    try:
+        return tuple(_layer_list(spec))
+    except ValueError:
+        raise FeatsteerError(f"--layers {spec}: give layer numbers and FIRST-LAST ranges separated by commas, e.g. --layers 4-12 "
+                             "or --layers 4,8,12") from None
+
+
 def _expand_hooks(spec: str, model) -> list[str]:
     """`all` / `resid_pre` / `resid_pre:2,4` / `attn_z:1` / explicit comma-separated hook names."""
     from featsteer.models import HEAD_KINDS, LAYER_KINDS, ROUTING_KINDS
@@ -135,10 +169,10 @@ def _expand_hooks(spec: str, model) -> list[str]:
                                  f"or write {kind} for every layer")
         if layers:
             try:
-                layer_ids = list(dict.fromkeys(int(x) for x in layers.split(",")))
+                layer_ids = _layer_list(layers)
             except ValueError:
                 raise FeatsteerError(f"--hooks {spec}: after '{kind}:' give layer numbers separated by commas, e.g. {kind}:0,2 "
-                                     "(a kind and explicit hook names cannot be mixed)") from None
+                                     f"or {kind}:4-12 (a kind and explicit hook names cannot be mixed)") from None
         names = model.hook_names((kind,), layer_ids)
         if not names:
             raise FeatsteerError(f"--hooks {spec}: {model.name} has no {kind} hook at {'those layers' if layer_ids else 'any layer'}"
@@ -454,9 +488,10 @@ def _direction_config(args: argparse.Namespace, method: str | None = None):
     chosen = method or args.method
     if args.rank is not None and chosen != "svd" and args.command != "compare":
         raise FeatsteerError(f"--rank sets the size of an SVD subspace (--method svd), not of --method {chosen}: drop it")
+    layer_ids = _layers_option(getattr(args, "layers", None))  # `featsteer directions --layers`; abliterate and compare read every layer
     return DirectionConfig(method=chosen, rank=2 if args.rank is None else args.rank, positions=args.positions, n_select=args.n_select,
                            kl_threshold=args.kl_threshold, batch_size=args.batch_size, filter_train=args.filter_train,
-                           screen=args.screen)
+                           screen=args.screen, layers=layer_ids)
 
 
 def _load_pair(args: argparse.Namespace):
@@ -516,7 +551,8 @@ def _write_directions(args: argparse.Namespace, model, result, config, optimize,
     validation = {"val_harmful": harmful_val.source, "val_harmless": harmless_val.source, "n_harmful_val": len(harmful_val),
                   "n_harmless_val": len(harmless_val), "val_harmful_sha256": harmful_val.sha256, "val_harmless_sha256": harmless_val.sha256,
                   "n_select": args.n_select, "n_harmful_scored": len(scored[0]), "n_harmless_scored": len(scored[1]),
-                  "scored_harmful_sha256": scored[0].sha256, "scored_harmless_sha256": scored[1].sha256}
+                  "scored_harmful_sha256": scored[0].sha256, "scored_harmless_sha256": scored[1].sha256,
+                  "layers": None if config.layers is None else sorted(set(config.layers))}
     _write_json(str(work / "selection.json"), {**result.selection.to_dict(), "stability": stability.to_dict(), "timings": result.timings,
                                               **validation})
     geometry = None
@@ -1539,6 +1575,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from featsteer.pipeline import split
     from featsteer.probe_report import probe_report, write_probe_report
 
+    layers = _layers_option(args.layers)  # a bad list fails before the model loads
     harmful, harmless = _load_pair(args)
     model = _load_model(args)
     (harmful_train, harmful_test), (harmless_train, harmless_test) = split(harmful, 0.3), split(harmless, 0.3)
@@ -1548,7 +1585,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
         saes = load_sae_source(args.sae, model)
     report = probe_report(model, (harmful_train, harmless_train), (harmful_test, harmless_test), positions=args.positions,
-                          n_effect=args.n_effect, batch_size=args.batch_size, saes=saes)
+                          n_effect=args.n_effect, batch_size=args.batch_size, saes=saes, layers=layers)
     folder = write_probe_report(report, args.out, f"featsteer probe report: {model.name}")
     print(f"{'hook':26} " + " ".join(f"{k + ' acc/sel':>22}" for k in report.sweep))
     for i, hook in enumerate(report.hooks):
@@ -1678,7 +1715,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap = sub.add_parser("capture", help="capture activations for a prompt set to a directory")
     add_model_args(cap)
     cap.add_argument("--prompts", required=True, help="file, builtin:harmful[:split], or hf:NAME")
-    cap.add_argument("--hooks", default="all", help="all | KIND[:L1,L2] | comma-separated hook names")
+    cap.add_argument("--hooks", default="all", help="all | KIND[:L1,L2] | KIND:FIRST-LAST | comma-separated hook names")
     cap.add_argument("--positions", default="last", help="last | mean_last:K | post_instruction | instruction_end | all")
     cap.add_argument("--out", required=True, help="a new or empty folder for the safetensors shards and metadata.json")
     cap.add_argument("--column", help=_COLUMN_HELP)
@@ -1746,6 +1783,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also train the chosen direction STEPS Adam steps (refusal direction optimisation, as abliterate --optimize) "
                       "and write it to OUT/optimized for `featsteer steer --directions` and `featsteer abliterate --directions`")
     dirs.add_argument("--optimize-option", action="append", metavar="KEY=VALUE", help=_OPTIMIZE_OPTION_HELP)
+    dirs.add_argument("--layers", metavar="LIST", help="read candidates at these layers only, e.g. 4-12 or 4,8,12 (default: every "
+                      "layer); the last 20%% of the model's layers are still skipped")
     dirs.add_argument("--geometry", choices=["full", "estimate", "quick", "off"], default="full",
                       help="how much of geometry.md to compute for a rank-1 direction: full (default), estimate (the read-side "
                       "ablation's per-block rows as first-order estimates from one gradient pass: 6 exact conditions instead of "
@@ -1933,6 +1972,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--positions", default="last", help="last (default) | mean_last:K | post_instruction | instruction_end")
     pr.add_argument("--n", type=int, help="use the first N prompts of each set")
     pr.add_argument("--n-effect", type=int, default=32, help="test prompts per set for steering effects")
+    pr.add_argument("--layers", metavar="LIST", help="sweep only these layers, e.g. 4-12 or 4,8,12 (default: every layer)")
     pr.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
     pr.add_argument("--column", help=_COLUMN_HELP)
     pr.add_argument("--sae", help="also compare each SAE's top feature: organism or a folder of <hook_name>/ SAEs (any residual "

@@ -57,6 +57,10 @@ class DirectionConfig:
     of the train sets. On Qwen2.5-Coder-0.5B it keeps 75 of 192 harmful prompts; the same search parameters then
     lower the harmful refusal log-odds by about 0.6 at equal KL, and the search reaches 3/100 held-out refusals at
     KL 0.046 instead of 14/100 at 0.055 (`benchmarks/results/real_model_qwen_filtered.md`)."""
+    layers: tuple[int, ...] | None = None
+    """Read candidates at these layers only (`featsteer directions --layers`; None: every layer). The selection's
+    late-layer rule (`SelectionConfig.skip_last_fraction`) counts the model's layers, not these, so a late layer named
+    here is still skipped."""
 
     def __post_init__(self) -> None:
         from featsteer.directions.selection import SelectionConfig
@@ -67,6 +71,8 @@ class DirectionConfig:
                                  "prompts: read directions at last, mean_last:K, post_instruction or instruction_end")
         if self.n_select < 1:
             raise FeatsteerError(f"--n-select must be at least 1 (validation prompts per set), got {self.n_select}")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise FeatsteerError(f"layers must name at least one layer, each >= 0 (None: every layer), got {self.layers}")
 
 
 @dataclass
@@ -291,14 +297,15 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
             if len(prompts) < 2:
                 raise FeatsteerError(f"the {name} prompt set has {len(prompts)} prompts: need at least 2")
     key = (model.name, config.kind, config.positions, config.filter_train, None if val is not None else config.val_fraction,
-           harmful.sha256, harmless.sha256)
+           harmful.sha256, harmless.sha256, config.layers)
+    training_layers(model, config)  # a layer list the model or the selection cannot use fails before any forward pass
     start = time.perf_counter()
     if reuse is not None:
         if reuse.activations is None:
             raise FeatsteerError("reuse= needs a result found with keep_activations=True (it holds no activations)")
         if reuse.capture_key != key:
-            raise FeatsteerError("reuse= was found on other prompts or settings (hook kind, positions, split or train filter); "
-                                 "only the method, rank and selection settings may differ")
+            raise FeatsteerError("reuse= was found on other prompts or settings (hook kind, positions, split, train filter or "
+                                 "layers); only the method, rank and selection settings may differ")
         (harmful_train, harmless_train), (harmful_acts, harmless_acts) = reuse.train, reuse.activations
         kept = reuse.candidates.provenance.get("train_filter", {})
         filtered = time.perf_counter()
@@ -310,7 +317,8 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
     candidates.provenance.update({"harmful": harmful.source, "harmful_sha256": harmful_train.sha256,
                                   "harmless": harmless.source, "harmless_sha256": harmless_train.sha256,
                                   "n_harmful_train": len(harmful_train), "n_harmless_train": len(harmless_train),
-                                  **({"train_filter": kept} if kept else {})})
+                                  **({"train_filter": kept} if kept else {}),
+                                  **({"layers": list(config.layers)} if config.layers is not None else {})})
     found = time.perf_counter()
     selection = select_direction(
         model, candidates, harmful_val.head(min(config.n_select, len(harmful_val))), harmless_val.head(min(config.n_select, len(harmless_val))),
@@ -321,6 +329,28 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
                "directions_s": found - captured, "selection_s": time.perf_counter() - found, **({"reused_capture": True} if reuse else {})}
     return DirectionResult(candidates, selection, (harmful_train, harmless_train), (harmful_val, harmless_val), timings,
                            (harmful_acts, harmless_acts) if keep_activations else None, key)
+
+
+def training_layers(model: ModelAdapter, config: DirectionConfig) -> list[int] | None:
+    """`config.layers` in order (None: every layer), checked against the model and the selection's late-layer rule.
+
+    Raises:
+        FeatsteerError: for a layer the model does not have, or layers that are all in the last
+            `SelectionConfig.skip_last_fraction` of the model's layers, which the selection skips.
+    """
+    from featsteer.directions.selection import SelectionConfig, _stream_depth
+
+    if config.layers is None:
+        return None
+    layers = sorted(set(config.layers))
+    if layers[-1] >= model.n_layers:
+        raise FeatsteerError(f"layers {layers} name layer {layers[-1]} but {model.name} has {model.n_layers} layers (0..{model.n_layers - 1})")
+    skip = SelectionConfig().skip_last_fraction
+    max_layer = int((1 - skip) * model.n_layers)
+    if all(_stream_depth(model.hook_site(hook), model.n_layers) >= max_layer for hook in model.hook_names((config.kind,), layers)):
+        raise FeatsteerError(f"layers {layers} are all in the last {skip:.0%} of {model.name}'s {model.n_layers} layers, which the "
+                             f"selection skips (directions there mostly encode the next token): include a layer below {max_layer}")
+    return layers
 
 
 def capture_training(model: ModelAdapter, harmful_train: PromptSet, harmless_train: PromptSet, config: DirectionConfig) -> tuple:
@@ -334,7 +364,7 @@ def capture_training(model: ModelAdapter, harmful_train: PromptSet, harmless_tra
     if config.filter_train:
         harmful_train, harmless_train, kept = filter_by_refusal(model, harmful_train, harmless_train, config.batch_size)
     filtered = time.perf_counter()
-    hooks = model.hook_names((config.kind,))
+    hooks = model.hook_names((config.kind,), training_layers(model, config))
     acts = tuple(capture(model, prompts, hooks, positions=config.positions, batch_size=config.batch_size, label=label)
                  for prompts, label in ((harmful_train, "harmful"), (harmless_train, "harmless")))
     return (harmful_train, harmless_train), acts, kept, filtered

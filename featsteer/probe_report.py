@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from featsteer.activations import Positions, capture
 from featsteer.datasets import PromptSet
@@ -80,6 +81,8 @@ class ProbeReport:
     hooks: list[str]
     sae_sources: dict[str, dict[str, str]] = field(default_factory=dict)
     """`{source: {swept hook: SAE hook}}`: which SAE's top feature each `sae...` source is at each swept hook."""
+    layers: list[int] | None = None
+    """The layers asked for (`probe_report(layers=...)`, `featsteer probe --layers`), in order; None for every layer."""
 
     def best(self, kind: str = "linear"):
         """Sweep row with the highest held-out accuracy for a probe kind (ties: AUROC, then the earliest layer)."""
@@ -90,7 +93,8 @@ class ProbeReport:
     def to_json(self) -> dict:
         """JSON-ready form."""
         return {"hooks": self.hooks, "sweep": {k: [asdict(r) for r in rows] for k, rows in self.sweep.items()},
-                "cosines": self.cosines, "effects": [asdict(e) for e in self.effects], "sae_sources": self.sae_sources}
+                "cosines": self.cosines, "effects": [asdict(e) for e in self.effects], "sae_sources": self.sae_sources,
+                "layers": self.layers}
 
 
 def probe_report(
@@ -149,6 +153,9 @@ def probe_report(
     if smallest < PROBE_FOLDS:
         raise FeatsteerError(f"the probes are fitted with {PROBE_FOLDS}-fold cross-validation and need at least {PROBE_FOLDS} training "
                              f"prompts per class; got {len(train[0])} harmful and {len(train[1])} harmless (give more prompts)")
+    if layers is not None and (not layers or min(layers) < 0 or max(layers) >= model.n_layers):
+        raise FeatsteerError(f"layers {list(layers)}: give at least one layer, each in 0..{model.n_layers - 1} ({model.name} has "
+                             f"{model.n_layers} layers)")
     hooks = model.hook_names((kind,), None if layers is None else sorted(set(layers)))
     acts = {(split, label): capture(model, prompts, hooks, positions=positions, batch_size=batch_size, label=label)
             for split, pair in (("train", train), ("test", test)) for label, prompts in zip(("harmful", "harmless"), pair, strict=True)}
@@ -182,7 +189,7 @@ def probe_report(
                 row[f"{a}~{b}"] = float(directions[a].direction(hook) @ directions[b].direction(hook))
         cosines.append(row)
     effects = _effects(model, directions, acts, hooks, test, n_effect, batch_size)
-    return ProbeReport(sweep, cosines, effects, hooks, sae_sources)
+    return ProbeReport(sweep, cosines, effects, hooks, sae_sources, None if layers is None else sorted(set(layers)))
 
 
 def _has(directions, hook: str) -> bool:
@@ -260,19 +267,20 @@ def _effects(model, directions, acts, hooks, test, n_effect, batch_size) -> list
     base_refusal = refusal_score(first_token_logprobs(model, harmful, batch_size=batch_size), tokens).mean()
     base_harmless = first_token_logprobs(model, harmless, batch_size=batch_size)
     effects = []
-    for hook in hooks:
+    pairs = [(hook, source) for hook in hooks for source in directions if _has(directions[source], hook)]
+    # two passes over the n_effect prompts per pair: most of a deep model's report, so it shows its progress (-v, a terminal)
+    for hook, source in tqdm(pairs, desc="probe: effects", disable=not model.show_progress, leave=False):
         layer = model.hook_site(hook).layer
-        for source in [source for source in directions if _has(directions[source], hook)]:
-            direction = directions[source].direction(hook)
-            score = separability(direction, acts[("train", "harmful")].at_position(hook), acts[("train", "harmless")].at_position(hook),
-                                 acts[("test", "harmful")].at_position(hook), acts[("test", "harmless")].at_position(hook))
-            if float(direction.norm()) == 0:
-                effects.append(SourceEffect(layer, source, score.auroc, 0.0, 0.0))
-                continue
-            with steer(model, Ablate(direction)):
-                ablated = refusal_score(first_token_logprobs(model, harmful, batch_size=batch_size), tokens).mean()
-                kl = kl_first_token(base_harmless, first_token_logprobs(model, harmless, batch_size=batch_size))
-            effects.append(SourceEffect(layer, source, score.auroc, float(base_refusal - ablated), kl))
+        direction = directions[source].direction(hook)
+        score = separability(direction, acts[("train", "harmful")].at_position(hook), acts[("train", "harmless")].at_position(hook),
+                             acts[("test", "harmful")].at_position(hook), acts[("test", "harmless")].at_position(hook))
+        if float(direction.norm()) == 0:
+            effects.append(SourceEffect(layer, source, score.auroc, 0.0, 0.0))
+            continue
+        with steer(model, Ablate(direction)):
+            ablated = refusal_score(first_token_logprobs(model, harmful, batch_size=batch_size), tokens).mean()
+            kl = kl_first_token(base_harmless, first_token_logprobs(model, harmless, batch_size=batch_size))
+        effects.append(SourceEffect(layer, source, score.auroc, float(base_refusal - ablated), kl))
     return effects
 
 

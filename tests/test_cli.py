@@ -307,6 +307,34 @@ def test_probe_command_writes_report(capsys, tmp_path):
     assert "data:image/png;base64," in (tmp_path / "p" / "report.html").read_text()
 
 
+def test_probe_and_directions_layers_sweep_a_subset_with_the_full_sweeps_numbers(capsys, tmp_path):
+    common = ("--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless")
+    code, _, _ = _run(capsys, "probe", *common, "--n", "30", "--n-effect", "4", "--out", str(tmp_path / "all"))
+    code_subset, _, _ = _run(capsys, "probe", *common, "--n", "30", "--n-effect", "4", "--layers", "2,1-1", "--out", str(tmp_path / "sub"))
+    full, subset = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("all", "sub"))
+    assert code == code_subset == 0 and full["layers"] is None and subset["layers"] == [1, 2]
+    assert subset["hooks"] == ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"]
+    assert subset["sweep"] == {kind: [r for r in rows if r["key"] in subset["hooks"]] for kind, rows in full["sweep"].items()}
+    assert subset["effects"] == [e for e in full["effects"] if e["layer"] in (1, 2)]
+    directions = ("directions", *common[:2], "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
+                  "--n-select", "3", "--geometry", "off")
+    code, _, _ = _run(capsys, *directions, "--layers", "1", "--out", str(tmp_path / "d"))
+    selection = json.loads((tmp_path / "d" / "selection.json").read_text())
+    assert code == 0 and selection["layers"] == [1] and {c["layer"] for c in selection["candidates"]} == {1}
+    assert json.loads((tmp_path / "d" / "candidates" / "directions.json").read_text())["provenance"]["layers"] == [1]
+    for layers, message in (("2", "all in the last 20% of"), ("1,3", "name layer 3 but tiny:llama has 3 layers"), ("2-1", "--layers 2-1: give layer numbers")):
+        code, _, err = _run(capsys, *directions, "--layers", layers, "--out", str(tmp_path / "bad"))
+        assert code == 2 and message in err and err.count("\n") == 1
+    code, _, err = _run(capsys, "probe", *common, "--layers", "0,7", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "each in 0..2" in err and err.count("\n") == 1
+    from featsteer.cli import _layer_list
+
+    assert _layer_list("4-6,12, 5") == [4, 5, 6, 12] and _layer_list("3") == [3]  # what capture --hooks resid_pre:4-6 reads too
+    for bad in ("4-", "-2", "6-4", "a", ""):
+        with pytest.raises(ValueError):
+            _layer_list(bad)
+
+
 def test_abliterate_per_layer_scope_exports_and_reloads(capsys, tmp_path):
     from featsteer.models import load_model
 
@@ -489,6 +517,13 @@ def test_progress_bars_show_on_a_terminal_or_with_verbose(capsys, tmp_path, monk
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     code, _, terminal = _run(capsys, *common, "--out", str(tmp_path / "terminal"))
     assert code == 0 and "select: ablate" in terminal, terminal
+    # probe's effects stage, two passes per layer and source and most of a deep model's report, shows its progress too
+    probe = ["probe", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--n", "12", "--n-effect", "2"]
+    code, _, terminal = _run(capsys, *probe, "--out", str(tmp_path / "probe-terminal"))
+    assert code == 0 and "probe: effects" in terminal, terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    code, _, quiet = _run(capsys, *probe, "--out", str(tmp_path / "probe-quiet"))
+    assert code == 0 and "probe: effects" not in quiet, quiet
 
 
 def test_directions_optimize_writes_the_trained_direction_for_steer_and_abliterate(capsys, tmp_path):

@@ -327,3 +327,26 @@ def test_late_layer_rule_counts_resid_post_as_the_next_blocks_input():
     late = {c.hook for c in found.selection.candidates if c.reason == "late layer"}
     assert late == {"blocks.2.hook_resid_post", "blocks.3.hook_resid_post"}
     assert found.selection.chosen.hook not in late
+
+
+def test_the_kl_induce_bar_counts_the_finalists_it_checks(capsys):
+    """The selection's KL/induce bar ran over every ablated candidate though only the top_k get the checks: on SmolLM2-135M
+    it read 8/138 with five minutes to go when the stage was done."""
+    import re
+
+    from featsteer.datasets import builtin_prompts
+    from featsteer.files import json_text
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    model = load_model("tiny:llama")
+    prompts = builtin_prompts("harmful", "train").head(12), builtin_prompts("harmless", "train").head(12)
+    quiet = find_refusal_direction(model, *prompts, DirectionConfig(n_select=3, top_k=1))
+    capsys.readouterr()
+    model.show_progress = True
+    shown = find_refusal_direction(model, *prompts, DirectionConfig(n_select=3, top_k=1))
+    ablated = sum(c.reason not in ("late layer", "zero direction") for c in shown.selection.candidates)
+    totals = {int(total) for total in re.findall(r"select: KL/induce: +\d+%\|[^|]*\| *\d+/(\d+)", capsys.readouterr().err)}
+    assert ablated > 1 and totals == {1}, (ablated, totals)
+    same = json_text(shown.selection.to_dict()) == json_text(quiet.selection.to_dict())  # NaN (unscored) written as null
+    assert same  # the same scores and choice with and without the bar
