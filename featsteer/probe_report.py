@@ -318,7 +318,8 @@ def write_probe_report(report: ProbeReport, out: str | Path, title: str = "feats
     from probes import sweep_table
 
     png = _plot(report)
-    tables = "\n\n".join(f"### {kind}\n\n{sweep_table(rows)}" for kind, rows in report.sweep.items())
+    swept = "every layer" if report.layers is None else "layers " + ", ".join(map(str, report.layers)) + " (asked for)"
+    tables = f"Swept: {swept}.\n\n" + "\n\n".join(f"### {kind}\n\n{sweep_table(rows)}" for kind, rows in report.sweep.items())
     effect_rows = "".join(
         f"<tr><td>{e.layer}</td><td>{e.source}</td><td>{e.auroc:.3f}</td><td>{e.refusal_drop:.3f}</td><td>{e.kl_harmless:.4f}</td></tr>"
         for e in report.effects

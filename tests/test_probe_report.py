@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -64,6 +65,9 @@ def test_saes_off_the_swept_kind_join_at_the_next_resid_pre(tmp_path, caplog):
     folder = write_probe_report(report, tmp_path / "p")
     page = (folder / "report.html").read_text()
     assert "blocks.0.attn.hook_z" in page and "sae@attn_z" in page
+    assert (folder / "sweep.md").read_text().startswith("Swept: every layer.\n\n### ")
+    some = dataclasses.replace(report, layers=[0, 2])  # sweep.md says which layers a --layers run asked for
+    assert (write_probe_report(some, tmp_path / "q") / "sweep.md").read_text().startswith("Swept: layers 0, 2 (asked for).")
 
 
 def test_saes_no_swept_layer_follows_are_a_clear_error():
