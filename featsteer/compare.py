@@ -222,7 +222,7 @@ def rank_sae_features(
         FeatsteerError: if no feature of any SAE is more active on harmful than on harmless prompts.
     """
     from featsteer.activations import hook_width
-    from featsteer.features import FeatureScores, score_features
+    from featsteer.features import merge_sae_scores, score_features
 
     hooks = list(saes)
     groups: dict[int, list[str]] = {}
@@ -234,7 +234,7 @@ def rank_sae_features(
         harmless_acts = capture(model, list(harmless), group, positions=positions, batch_size=batch_size, label="harmless", progress=False)
         parts.append(score_features({hook: saes[hook] for hook in group}, harmful_acts, harmless_acts, by="composite"))
         maxima.update({hook: _harmful_max(saes[hook], harmful_acts, hook) for hook in group})
-    scores = parts[0] if len(parts) == 1 else FeatureScores.concat(parts).sort("composite")
+    scores = parts[0] if len(parts) == 1 else merge_sae_scores(parts, hooks).sort("composite")
     rows = (scores.metrics["mean_difference"] > 0).nonzero().flatten()
     if rows.numel() == 0:
         raise FeatsteerError(f"no SAE feature at {', '.join(hooks)} is more active on harmful than on harmless prompts: check the SAEs and prompts")

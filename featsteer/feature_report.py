@@ -35,7 +35,15 @@ from featsteer.activations import ActivationSet, Positions, capture, hook_width
 from featsteer.directions import difference_in_means
 from featsteer.directions.geometry import direct_logits, token_text
 from featsteer.errors import FeatsteerError
-from featsteer.features import METRICS, UNITS, FeatureScores, hook_layer, residual_writes, score_features
+from featsteer.features import (
+    METRICS,
+    UNITS,
+    FeatureScores,
+    hook_layer,
+    merge_sae_scores,
+    residual_writes,
+    score_features,
+)
 from featsteer.files import write_files
 from featsteer.models import ModelAdapter
 from featsteer.sae import NORMALISED_UNIT, encode_activations, inside_domain, reads_heads, validated_sae_map
@@ -223,13 +231,7 @@ def rank_features(
     parts = [score_features({h: sae_map[h] for h in hooks}, acts["harmful"][hooks[0]], acts["harmless"][hooks[0]], normalize=normalize, by=key,
                             units=units)
              for hooks in groups]
-    scores = parts[0] if len(parts) == 1 else FeatureScores.concat(parts).sort(key)
-    if len(parts) > 1:
-        outside = {where: counts for part in parts for where, counts in part.provenance["rows_outside_domain"].items()}
-        head = {where: counts for part in parts for where, counts in part.provenance["rows_in_untrained_head"].items()}
-        normalization = {hook: norm for part in parts for hook, norm in part.provenance["input_normalization"].items()}
-        scores.provenance.update({**parts[0].provenance, "hooks": list(sae_map), "rows_outside_domain": outside,
-                                  "rows_in_untrained_head": head, "input_normalization": normalization})
+    scores = parts[0] if len(parts) == 1 else merge_sae_scores(parts, sae_map).sort(key)
     dim: dict[str, Tensor] = {}
     for hooks in groups:
         found = difference_in_means(_pooled(acts["harmful"][hooks[0]]), _pooled(acts["harmless"][hooks[0]]), hooks)

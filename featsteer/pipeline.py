@@ -338,7 +338,7 @@ def training_layers(model: ModelAdapter, config: DirectionConfig) -> list[int] |
         FeatsteerError: for a layer the model does not have, or layers that are all in the last
             `SelectionConfig.skip_last_fraction` of the model's layers, which the selection skips.
     """
-    from featsteer.directions.selection import SelectionConfig, _stream_depth
+    from featsteer.directions.selection import SelectionConfig, is_late_layer, late_layer_start
 
     if config.layers is None:
         return None
@@ -346,8 +346,8 @@ def training_layers(model: ModelAdapter, config: DirectionConfig) -> list[int] |
     if layers[-1] >= model.n_layers:
         raise FeatsteerError(f"layers {layers} name layer {layers[-1]} but {model.name} has {model.n_layers} layers (0..{model.n_layers - 1})")
     skip = SelectionConfig().skip_last_fraction
-    max_layer = int((1 - skip) * model.n_layers)
-    if all(_stream_depth(model.hook_site(hook), model.n_layers) >= max_layer for hook in model.hook_names((config.kind,), layers)):
+    max_layer = late_layer_start(model.n_layers, skip)
+    if all(is_late_layer(model, hook, skip) for hook in model.hook_names((config.kind,), layers)):
         raise FeatsteerError(f"layers {layers} are all in the last {skip:.0%} of {model.name}'s {model.n_layers} layers, which the "
                              f"selection skips (directions there mostly encode the next token): include a layer below {max_layer}")
     return layers

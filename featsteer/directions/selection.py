@@ -245,6 +245,17 @@ def _stream_depth(site: HookSite, n_layers: int) -> int:
     return (site.layer or 0) + (site.kind == "resid_post")
 
 
+def late_layer_start(n_layers: int, skip_last_fraction: float) -> int:
+    """The first stream depth the late-layer rule skips (`SelectionConfig.skip_last_fraction` of `n_layers`)."""
+    return int((1 - skip_last_fraction) * n_layers)
+
+
+def is_late_layer(model: ModelAdapter, hook: str, skip_last_fraction: float) -> bool:
+    """Whether the selection skips candidates at `hook`: its stream depth (`resid_post` of block l counts as block
+    l + 1) is in the last `skip_last_fraction` of the model's layers."""
+    return _stream_depth(model.hook_site(hook), model.n_layers) >= late_layer_start(model.n_layers, skip_last_fraction)
+
+
 def select_direction(
     model: ModelAdapter,
     candidates: DirectionSet,
@@ -264,10 +275,10 @@ def select_direction(
     harmful, harmless = list(harmful_val), list(harmless_val)
     base_harmful = refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size), tokens)
     base_harmless_logprobs = first_token_logprobs(model, harmless, batch_size=config.batch_size)
-    max_layer = int((1 - config.skip_last_fraction) * model.n_layers)
     nan = float("nan")
     layers = [model.hook_site(hook).layer or 0 for hook in candidates.hook_names]
-    depths = [_stream_depth(model.hook_site(hook), model.n_layers) for hook in candidates.hook_names]
+    max_layer = late_layer_start(model.n_layers, config.skip_last_fraction)
+    late = [is_late_layer(model, hook, config.skip_last_fraction) for hook in candidates.hook_names]
     estimates: dict[int, float] = {}
 
     def row(i: int, *values, reason: str, kept: bool = False) -> CandidateScore:
@@ -277,8 +288,8 @@ def select_direction(
     scores: list[CandidateScore] = []
     eligible: list[int] = []
     for i in range(len(candidates)):
-        if depths[i] >= max_layer or float(weighted_basis(candidates, i).norm()) == 0:
-            scores.append(row(i, nan, nan, nan, reason="late layer" if depths[i] >= max_layer else "zero direction"))
+        if late[i] or float(weighted_basis(candidates, i).norm()) == 0:
+            scores.append(row(i, nan, nan, nan, reason="late layer" if late[i] else "zero direction"))
         else:
             eligible.append(i)
     if config.screen is not None and len(eligible) > config.screen:

@@ -210,8 +210,7 @@ def evaluate_set(
         logprobs = torch.log_softmax(logits.double(), dim=-1).float()
         if not bool(torch.isfinite(logprobs).all()):
             raise FeatsteerError(f"non-finite first-token logits while evaluating {name!r}: check the model's dtype (try float32) and weights")
-    refused = (detector.classify(responses) if prefill is None
-               else [detector.is_refusal_after(opening, response) for opening, response in zip(prefill, responses, strict=True)])
+    refused = detector.classify_after(prefill, responses)
     looping = LoopDetector().classify(responses)
     return SetResult(name, tuple(prompt_list), tuple(responses), tuple(refused), refusal_rate(refused), logprobs, tuple(looping),
                      None if prefill is None else tuple(prefill))

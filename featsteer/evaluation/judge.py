@@ -138,8 +138,7 @@ class MarkerJudge:
         """The detector's verdicts (the prompts are only checked for length); after forced `openings`, a marker counts
         only when it reaches into the response (`RefusalDetector.is_refusal_after`)."""
         _, response_list, opening_list = _check_pairs(prompts, responses, openings)
-        flags = (self.detector.classify(response_list) if opening_list is None
-                 else [self.detector.is_refusal_after(o, r) for o, r in zip(opening_list, response_list, strict=True)])
+        flags = self.detector.classify_after(opening_list, response_list)
         return JudgeVerdicts(self.name, tuple(1.0 if f else 0.0 for f in flags), tuple(flags))
 
 

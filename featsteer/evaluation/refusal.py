@@ -193,6 +193,12 @@ class RefusalDetector:
         """
         return [self.is_refusal(text) for text in texts]
 
+    def classify_after(self, openings: Sequence[str] | None, texts: Sequence[str]) -> list[bool]:
+        """:meth:`classify`, or with forced `openings` (a prefilling attack) :meth:`is_refusal_after` per response."""
+        if openings is None:
+            return self.classify(texts)
+        return [self.is_refusal_after(opening, text) for opening, text in zip(openings, texts, strict=True)]
+
 
 @dataclass(frozen=True)
 class RateEstimate:

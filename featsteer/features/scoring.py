@@ -29,7 +29,7 @@ from __future__ import annotations
 import csv
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from featsteer.files import json_text
 from featsteer.models import ModelAdapter
 from featsteer.sae.encoding import STATEFUL_NORMS, decode_features, encode_activations, input_scales
 from featsteer.sae.loading import sae_map_of, validated_sae_map
-from featsteer.sae.steering import first_trained_position, inside_domain
+from featsteer.sae.steering import first_trained_position, inside_domain, past_untrained_head
 
 METRICS: tuple[str, ...] = (
     "composite", "mean_difference", "cohens_d", "auroc", "harmful_mean", "harmless_mean",
@@ -338,14 +338,14 @@ def _trained_rows(sae: SAE, harmful: ActivationSet, harmless: ActivationSet, hoo
         FeatsteerError: for a `position` label inside the head, or when fewer than two rows of a class are left.
     """
     first_position = first_trained_position(sae)
-    if first_position <= 0 or Positions.parse(harmful.positions).mode != "all":
+    trained = past_untrained_head(sae, harmful), past_untrained_head(sae, harmless)
+    if trained[0] is None or trained[1] is None:
         return _rows_at(harmful, hook, position), _rows_at(harmless, hook, position), {"harmful": 0, "harmless": 0}
     if position is not None and 0 <= position < first_position:
         raise FeatsteerError(f"{where}: token {position} is in the chat-template head the SAE was not trained on (featsteer_first_position "
                              f"{first_position}; a splice leaves it unedited): score positions >= {first_position}")
     if position is not None:
         return harmful.at_position(hook, position), harmless.at_position(hook, position), {"harmful": 0, "harmless": 0}
-    trained = harmful.position >= first_position, harmless.position >= first_position
     kept = harmful.hook(hook)[trained[0]], harmless.hook(hook)[trained[1]]
     left_out = {"harmful": int((~trained[0]).sum()), "harmless": int((~trained[1]).sum())}
     if any(left_out.values()) and min(rows.shape[0] for rows in kept) < 2:
@@ -481,11 +481,18 @@ def score_prompts(
         harmless_acts = capture(model, list(harmless), hooks, positions=positions, batch_size=batch_size, label="harmless", progress=False)
         parts.append(score_features({hook: sae_map[hook] for hook in hooks}, harmful_acts, harmless_acts, positions=score_positions,
                                     normalize=normalize, by=by, units=units))
-    if len(parts) == 1:
-        return parts[0]
+    return parts[0] if len(parts) == 1 else merge_sae_scores(parts, sae_map).sort(by)
+
+
+PER_SAE_PROVENANCE = ("rows_outside_domain", "rows_in_untrained_head", "input_normalization")
+"""`score_features` provenance entries keyed by SAE hook (or hook@position), merged by `merge_sae_scores`."""
+
+
+def merge_sae_scores(parts: Sequence[FeatureScores], hooks: Iterable[str]) -> FeatureScores:
+    """One unsorted table from `score_features` runs over groups of the same SAEs (one capture per activation width):
+    the first run's provenance, with every SAE's `hooks` and the per-SAE entries (`PER_SAE_PROVENANCE`) of all runs."""
     scores = FeatureScores.concat(parts)
-    scores.provenance["hooks"] = list(sae_map)
-    scores.provenance["rows_outside_domain"] = {where: counts for part in parts for where, counts in part.provenance["rows_outside_domain"].items()}
-    scores.provenance["rows_in_untrained_head"] = {where: counts for part in parts for where, counts in part.provenance["rows_in_untrained_head"].items()}
-    scores.provenance["input_normalization"] = {hook: norm for part in parts for hook, norm in part.provenance["input_normalization"].items()}
-    return scores.sort(by)
+    scores.provenance["hooks"] = list(hooks)
+    for key in PER_SAE_PROVENANCE:
+        scores.provenance[key] = {where: value for part in parts for where, value in part.provenance[key].items()}
+    return scores

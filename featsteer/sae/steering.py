@@ -228,12 +228,18 @@ def spliced_rows(sae: SAE, acts: ActivationSet, hook: str) -> Bool[Tensor, " row
     (`inside_domain`) and, in an all-token capture, at or after its `first_trained_position` (the chat-template head that
     `untrained_head` leaves as it is). Rows counted from each prompt's end (`last`, `post_instruction`, ...) come after
     the head. Feature maxima read only these rows, so that no clamp is scaled by a token it never touches."""
-    rows = acts.hook(hook)
-    edited = inside_domain(sae, rows)
+    edited = inside_domain(sae, acts.hook(hook))
+    trained = past_untrained_head(sae, acts)
+    return edited if trained is None else edited & trained.to(edited.device)
+
+
+def past_untrained_head(sae: SAE, acts: ActivationSet) -> Bool[Tensor, " row"] | None:
+    """Which rows of an all-token capture sit at or after the SAE's `first_trained_position`; None when no row can be
+    in its untrained head (the SAE records none, or the rows are counted from each prompt's end, after the head)."""
     first_position = first_trained_position(sae)
-    if first_position > 0 and Positions.parse(acts.positions).mode == "all":
-        edited = edited & (acts.position >= first_position).to(edited.device)
-    return edited
+    if first_position <= 0 or Positions.parse(acts.positions).mode != "all":
+        return None
+    return acts.position >= first_position
 
 
 def token_positions(attention_mask: Tensor) -> Tensor:
