@@ -32,7 +32,7 @@ from sae_lens import SAE
 from torch import Tensor
 
 from featsteer.activations import ActivationSet, Positions, capture, hook_width
-from featsteer.directions import difference_in_means
+from featsteer.directions.directions import unit
 from featsteer.directions.geometry import direct_logits, token_text
 from featsteer.errors import FeatsteerError
 from featsteer.features import (
@@ -135,8 +135,8 @@ class FeatureRanking:
     dim_cosines: dict[str, Tensor]
     """`{hook_name: (d_sae,)}` float64 cosine of each decoder row with the hook's DIM direction."""
     dim: dict[str, Tensor]
-    """`{hook_name: unit vector}`: the DIM direction of each hook (captured rows pooled), as wide as the hook's rows
-    (`n_heads * d_head` at `attn.hook_z`)."""
+    """`{hook_name: unit vector}`: the DIM direction of each hook over the rows its SAE's features are scored on (captured
+    rows pooled; see `scored_dim`), as wide as the hook's rows (`n_heads * d_head` at `attn.hook_z`)."""
     features: tuple[FeatureDetail, ...]
     """The top features, in ranking order."""
     by: str
@@ -198,7 +198,7 @@ def rank_features(
         harmful: harmful instructions (chat-formatted for capture); a `PromptSet` or strings.
         harmless: harmless instructions.
         positions: capture selector (`last`, `mean_last:K`, `post_instruction`, `instruction_end`, `all`); the captured
-            rows are pooled for scoring, histograms and the DIM direction.
+            rows are pooled for scoring, histograms and the DIM direction (all three read the rows `spliced_rows` keeps).
         top_n: how many features get a detailed section.
         by: ranking key (see `ranking_key`).
         normalize: divide magnitude scores by each feature's max activation (see `score_features`).
@@ -232,10 +232,7 @@ def rank_features(
                             units=units)
              for hooks in groups]
     scores = parts[0] if len(parts) == 1 else merge_sae_scores(parts, sae_map).sort(key)
-    dim: dict[str, Tensor] = {}
-    for hooks in groups:
-        found = difference_in_means(_pooled(acts["harmful"][hooks[0]]), _pooled(acts["harmless"][hooks[0]]), hooks)
-        dim.update({hook: found.direction(hook, -1) for hook in hooks})
+    dim = {hook: scored_dim(sae, acts["harmful"][hook], acts["harmless"][hook], hook) for hook, sae in sae_map.items()}
     dim_cosines = {hook: decoder_dim_cosines(sae, dim[hook]) for hook, sae in sae_map.items()}
     top = scores.top(min(top_n, len(scores)), key)
     values = _top_activations(sae_map, acts, top)
@@ -267,9 +264,27 @@ def _width_groups(model: ModelAdapter, sae_map: Mapping[str, SAE]) -> list[list[
 
 
 
-def _pooled(acts: ActivationSet) -> ActivationSet:
-    """The same rows with one position label (-1), so per-position statistics pool every captured row."""
-    return dataclasses.replace(acts, position=torch.full_like(acts.position, -1))
+def scored_dim(sae: SAE, harmful: ActivationSet, harmless: ActivationSet, hook: str) -> Float[Tensor, " d_in"]:
+    """The unit difference-in-means direction (harmful minus harmless, float64 means) of `hook` over the rows the SAE's
+    features are scored on (`spliced_rows`: within its norm bound and, in an all-token capture, past the chat-template
+    head it was not trained on), captured rows pooled; a zero vector when the two means coincide.
+
+    Raises:
+        FeatsteerError: when a class has no such row, or the means are not finite.
+    """
+    means = []
+    for label, acts in (("harmful", harmful), ("harmless", harmless)):
+        rows = acts.hook(hook)[spliced_rows(sae, acts, hook)]
+        if rows.shape[0] == 0:
+            raise FeatsteerError(f"{hook}: no {label} row is within the SAE's norm bound and past its untrained head, so it has no DIM "
+                                 "direction: capture other positions or more prompts")
+        means.append(rows.double().mean(0))
+    difference = means[0] - means[1]
+    if not bool(torch.isfinite(difference).all()):
+        raise FeatsteerError(f"the activations at {hook} hold NaN or inf values: recapture them")
+    if float(difference.norm()) <= 1e-12 * max(1.0, float(means[0].norm())):  # as difference_in_means: no direction
+        return torch.zeros_like(difference).float()
+    return unit(difference).float()
 
 
 def decoder_dim_cosines(sae: SAE, direction: Float[Tensor, " d_model"]) -> Float[Tensor, " d_sae"]:

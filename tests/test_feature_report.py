@@ -406,3 +406,31 @@ def test_all_token_ranking_leaves_out_the_head_the_sae_was_not_trained_on(capsys
             f"30 harmful, 30 harmless; {PLANTED_HOOK}: 30 harmful, 30 harmless).")
     assert code == 0 and out.rstrip().endswith(note) and note in (tmp_path / "r" / "report.html").read_text()
     assert json.loads((tmp_path / "r" / "features.json").read_text())["provenance"]["rows_in_untrained_head"] == {OTHER_HOOK: counts, PLANTED_HOOK: counts}
+
+
+def test_dim_direction_is_taken_over_the_rows_the_features_are_scored_on(model, saes, bounded, acts):
+    """The DIM direction the report compares decoder rows with leaves out what the scores leave out: the chat-template head
+    of an all-token capture (it used to average those rows in) and rows above the SAE's norm bound."""
+    import copy
+
+    headed = copy.deepcopy(saes)
+    for sae in headed.values():
+        sae.cfg.metadata.featsteer_first_position = 3
+    all_tokens = {label: capture(model, list(prompts), [PLANTED_HOOK], positions="all", progress=False)
+                  for label, prompts in (("harmful", HARMFUL), ("harmless", HARMLESS))}
+
+    def dim_of(keep) -> torch.Tensor:
+        difference = torch.sub(*(a.hook(PLANTED_HOOK)[keep(a)].double().mean(0) for a in (all_tokens["harmful"], all_tokens["harmless"])))
+        return (difference / difference.norm()).float()
+
+    ranking = rank_features(model, headed, HARMFUL, HARMLESS, positions="all", top_n=1, n_examples=0)
+    expected, pooled = dim_of(lambda a: a.position >= 3), dim_of(lambda a: a.position >= 0)
+    assert float(expected @ pooled) < 1 - 1e-4  # the head rows do move the direction
+    torch.testing.assert_close(ranking.dim[PLANTED_HOOK], expected, atol=1e-6, rtol=1e-6)
+    rows = headed[PLANTED_HOOK].W_dec.detach().double()
+    torch.testing.assert_close(ranking.dim_cosines[PLANTED_HOOK], rows @ expected.double() / rows.norm(dim=-1), atol=1e-5, rtol=1e-5)
+
+    bound = bounded[PLANTED_HOOK].cfg.metadata.featsteer_max_norm
+    inside = [a.hook(PLANTED_HOOK)[a.hook(PLANTED_HOOK).norm(dim=-1) <= bound].double().mean(0) for a in (acts["harmful"], acts["harmless"])]
+    ranking = rank_features(model, bounded, HARMFUL, HARMLESS, top_n=1, n_examples=0)
+    torch.testing.assert_close(ranking.dim[PLANTED_HOOK], ((inside[0] - inside[1]) / (inside[0] - inside[1]).norm()).float(), atol=1e-6, rtol=1e-6)
