@@ -96,6 +96,9 @@ class PromptExample:
     outside: tuple[bool, ...] = ()
     """Which tokens are above the SAE's norm bound (`featsteer.sae.outside_domain`): a splice passes them through
     unedited, so they are neither scored nor part of the report's shading scale."""
+    head: tuple[bool, ...] = ()
+    """Which tokens are in the chat-template head the SAE was not trained on (before its `featsteer_first_position`): a
+    splice leaves them as they are, so they are neither scored nor part of the report's shading scale."""
 
 
 @dataclass(frozen=True)
@@ -382,9 +385,11 @@ def _examples(
             per_token = encoded[hook][tokens_index == i, feature]
             if per_token.shape[0] != len(token_text[i]):
                 raise FeatsteerError(f"token count mismatch for prompt {texts[i][:40]!r}: capture and tokenizer disagree")
-            scored = _scored_tokens(acts[label][hook], index, len(token_text[i]), first_trained_position(sae_map[hook]))
+            first_position = first_trained_position(sae_map[hook])
+            scored = _scored_tokens(acts[label][hook], index, len(token_text[i]), first_position)
             outside = tuple((~inside[hook][tokens_index == i]).tolist())
-            examples.append(PromptExample(texts[i], label, score, token_text[i], tuple(per_token.tolist()), scored, outside))
+            head = tuple(t < first_position for t in range(len(token_text[i])))
+            examples.append(PromptExample(texts[i], label, score, token_text[i], tuple(per_token.tolist()), scored, outside, head))
         out[(hook, feature)] = tuple(examples)
     return out
 
@@ -533,7 +538,7 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}th.key{background:#ffe9c7}sectio
 .row{display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start}.muted{color:#777;font-size:13px}
 .toks{font-family:ui-monospace,monospace;font-size:13px;margin:.2em 0 .8em;line-height:1.9;overflow-wrap:anywhere}
 .toks span{white-space:pre-wrap;border-radius:2px;padding:1px 0}.toks span.scored{border-bottom:2px solid #333}
-.toks span.outside{color:#999;text-decoration:line-through}.lbl{font-size:11px;padding:1px 5px;border-radius:3px;color:#fff}
+.toks span.outside{color:#999;text-decoration:line-through}.toks span.head{color:#999}.lbl{font-size:11px;padding:1px 5px;border-radius:3px;color:#fff}
 .harmful{background:#c0392b}.harmless{background:#2471a3}code{background:#f5f5f5;padding:0 3px}"""
 
 
@@ -586,19 +591,28 @@ def normalization_note(provenance: Mapping[str, Any]) -> str:
                    for norm, hooks in by_kind.items())
 
 
-def _inside_values(example: PromptExample) -> list[float]:
-    """The example's per-token activations within the SAE's norm bound (what the shading is scaled by)."""
-    outside = example.outside or (False,) * len(example.activations)
-    return [value for value, out in zip(example.activations, outside, strict=True) if not out]
+def _unshaded(example: PromptExample) -> list[str | None]:
+    """Per token, why it is left out of the shading (`outside`: above the SAE's norm bound; `head`: in the chat-template
+    head it was not trained on; a splice edits neither), or None for a shaded token."""
+    count = len(example.activations)
+    outside, head = example.outside or (False,) * count, example.head or (False,) * count
+    return ["outside" if out else "head" if in_head else None for out, in_head in zip(outside, head, strict=True)]
+
+
+def _shaded_values(example: PromptExample) -> list[float]:
+    """The example's per-token activations a splice can edit (what the shading is scaled by)."""
+    return [value for value, why in zip(example.activations, _unshaded(example), strict=True) if why is None]
+
+
+_UNSHADED_TITLES = {"outside": "above the SAE's norm bound", "head": "in the chat-template head the SAE was not trained on"}
 
 
 def _highlight(example: PromptExample, scale: float) -> str:
     spans = []
-    outside = example.outside or (False,) * len(example.tokens)
-    for token, value, scored, out in zip(example.tokens, example.activations, example.scored, outside, strict=True):
+    for token, value, scored, why in zip(example.tokens, example.activations, example.scored, _unshaded(example), strict=True):
         shown = html.escape(token.replace("\n", "\u21b5"))
-        if out:  # no shading: a splice never edits this token
-            spans.append(f'<span class="outside" title="{value:.3f}, above the SAE\'s norm bound: not edited, not scored">{shown}</span>')
+        if why is not None:  # no shading: a splice never edits this token
+            spans.append(f'<span class="{why}" title="{value:.3f}, {_UNSHADED_TITLES[why]}: not edited, not scored">{shown}</span>')
             continue
         alpha = min(max(value / scale, 0.0), 1.0) if scale > 0 else 0.0
         marked = ' class="scored"' if scored else ""
@@ -615,7 +629,7 @@ def _token_table(title: str, tokens: Sequence[TokenScore], normalization: str = 
 
 def _feature_section(detail: FeatureDetail) -> str:
     scores = " · ".join(f"{label} {_number(detail.scores[name])}" for name, label in _COLUMNS)
-    scale = max((max(_inside_values(e), default=0.0) for e in detail.examples), default=0.0)
+    scale = max((max(_shaded_values(e), default=0.0) for e in detail.examples), default=0.0)
     examples = "".join(_highlight(e, scale) for e in detail.examples) or '<p class="muted">not active on any prompt</p>'
     norm = detail.input_normalization
     return f"""<section><h2 id="f{detail.rank}">#{detail.rank} · {html.escape(detail.hook_name)} · feature {detail.feature_id}</h2>
@@ -624,7 +638,8 @@ def _feature_section(detail: FeatureDetail) -> str:
 {_token_table("promoted tokens", detail.promoted, norm)}{_token_table("suppressed tokens", detail.suppressed, norm)}</div>
 <h3>Top-activating prompts</h3><p class="muted">Shading: activation per token, relative to the strongest token shown
 (hover for the value); underlined: the positions that were scored; struck through: tokens above the SAE's norm bound,
-which a splice passes through unedited and the scores leave out.</p>{examples}</section>"""
+which a splice passes through unedited and the scores leave out; grey: the chat-template head the SAE was not trained on,
+which a splice leaves as it is and the scores leave out.</p>{examples}</section>"""
 
 
 def _html_page(ranking: FeatureRanking, title: str) -> str:

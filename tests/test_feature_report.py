@@ -434,3 +434,28 @@ def test_dim_direction_is_taken_over_the_rows_the_features_are_scored_on(model, 
     inside = [a.hook(PLANTED_HOOK)[a.hook(PLANTED_HOOK).norm(dim=-1) <= bound].double().mean(0) for a in (acts["harmful"], acts["harmless"])]
     ranking = rank_features(model, bounded, HARMFUL, HARMLESS, top_n=1, n_examples=0)
     torch.testing.assert_close(ranking.dim[PLANTED_HOOK], ((inside[0] - inside[1]) / (inside[0] - inside[1]).norm()).float(), atol=1e-6, rtol=1e-6)
+
+
+def test_the_untrained_head_does_not_set_the_shading_scale(model, saes):
+    """Shown tokens before the SAE's `featsteer_first_position` are greyed out, not shaded, and the strongest token a splice
+    can edit sets each feature's scale (a head token used to: features 46 and 78 of this SAE fire harder there)."""
+    import copy
+
+    from featsteer.feature_report import _feature_section
+
+    headed = copy.deepcopy(saes)
+    for sae in headed.values():
+        sae.cfg.metadata.featsteer_first_position = 3
+    ranking = rank_features(model, headed, HARMFUL, HARMLESS, top_n=16)
+    louder_head = 0
+    for detail in (d for d in ranking.features if d.examples):
+        assert all(e.head == (True,) * 3 + (False,) * (len(e.tokens) - 3) for e in detail.examples)
+        scale = max(max(e.activations[3:]) for e in detail.examples)
+        louder_head += max(max(e.activations[:3]) for e in detail.examples) > scale
+        section = _feature_section(detail)
+        for example, shown in zip(detail.examples, re.findall(r'<div class="toks">(.*?)</div>', section), strict=True):
+            spans = re.findall(r"<span([^>]*)>", shown)
+            assert all(' class="head"' in span and "background" not in span for span in spans[:3])
+            alphas = [float(re.search(r"rgba\(255,140,0,([\d.]+)\)", span).group(1)) for span in spans[3:]]
+            assert alphas == [round(min(max(v / scale, 0.0), 1.0), 2) for v in example.activations[3:]]
+    assert louder_head >= 1
