@@ -148,18 +148,30 @@ class FeatureRanking:
     """Model, prompt sets, positions, SAEs, normalisation: whatever reproduces the ranking."""
 
     def rows(self) -> list[dict[str, Any]]:
-        """Every feature in ranking order: rank, score-table row and `dim_cosine` (non-finite -> None)."""
+        """Every feature in ranking order: rank, score-table row, `dim_cosine` (non-finite -> None), and what its magnitudes
+        are measured in: `units` (see `magnitude_units`) and its SAE's `input_normalization` (None when not recorded)."""
         out = []
         cosines = {hook: values.tolist() for hook, values in self.dim_cosines.items()}
+        units = magnitude_units(self.provenance.get("units", "activation"), bool(self.provenance.get("normalize")))
+        normalization = self.scores.provenance.get("input_normalization") or {}
         for rank, row in enumerate(self.scores.rows(), start=1):
             cosine = cosines[row["hook_name"]][row["feature_id"]]
-            out.append({"rank": rank, **row, "dim_cosine": cosine if math.isfinite(cosine) else None})
+            out.append({"rank": rank, **row, "dim_cosine": cosine if math.isfinite(cosine) else None, "units": units,
+                        "input_normalization": normalization.get(row["hook_name"])})
         return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: provenance, the top features' details (histograms as counts) and every row."""
         return {"by": self.by, "provenance": self.provenance, "top": [_detail_dict(d) for d in self.features],
                 "rows": self.rows()}
+
+
+def magnitude_units(units: str, normalize: bool) -> str:
+    """What a ranking's magnitude columns (`harmful_mean`, `harmless_mean`, `mean_difference`, `composite`, `scale`) are in:
+    `activation` (each feature's activation; for an SAE that normalises each input row, of the normalised row) or `residual`
+    (activation x decoder norm x the row's `featsteer.sae.input_scales`: units of the activation at the SAE's hook), with
+    `/scale` appended when they were divided by each feature's `scale` (which itself stays in the named units)."""
+    return f"{units}/scale" if normalize else units
 
 
 def ranking_key(by: str) -> str:
@@ -443,7 +455,7 @@ def write_feature_report(ranking: FeatureRanking, out_dir: str | Path, *, title:
 
 def _csv_text(rows: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
-    columns = ["rank", "hook_name", "layer", "position", "feature_id", *METRICS, "dim_cosine"]
+    columns = ["rank", "hook_name", "layer", "position", "feature_id", *METRICS, "dim_cosine", "units", "input_normalization"]
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)

@@ -459,3 +459,25 @@ def test_the_untrained_head_does_not_set_the_shading_scale(model, saes):
             alphas = [float(re.search(r"rgba\(255,140,0,([\d.]+)\)", span).group(1)) for span in spans[3:]]
             assert alphas == [round(min(max(v / scale, 0.0), 1.0), 2) for v in example.activations[3:]]
     assert louder_head >= 1
+
+
+def test_csv_and_json_rows_say_what_their_magnitudes_are_in(report_dir, model, saes, tmp_path):
+    """Every row of features.csv and features.json names its units (and `/scale` under normalize) and its SAE's input
+    normalisation, so rows of a layer_norm SAE (per unit of normalised input) are not read as the plain SAE's."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    with (report_dir / "features.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(r["units"], r["input_normalization"]) for r in rows} == {("activation", "none")}
+    torch.manual_seed(0)
+    normed = StandardSAE(StandardSAEConfig(d_in=model.d_model, d_sae=16, normalize_activations="layer_norm",
+                                           metadata=SAEMetadata(hook_name=PLANTED_HOOK))).eval()
+    ranking = rank_features(model, {OTHER_HOOK: saes[OTHER_HOOK], PLANTED_HOOK: normed}, HARMFUL, HARMLESS, top_n=1, n_examples=0,
+                            units="residual", normalize=True)
+    write_feature_report(ranking, tmp_path)
+    with (tmp_path / "features.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(r["hook_name"], r["units"], r["input_normalization"]) for r in rows} == {
+        (OTHER_HOOK, "residual/scale", "none"), (PLANTED_HOOK, "residual/scale", "layer_norm")}
+    payload = json.loads((tmp_path / "features.json").read_text())["rows"]
+    assert [(r["units"], r["input_normalization"]) for r in payload] == [(r["units"], r["input_normalization"]) for r in rows]
