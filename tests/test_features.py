@@ -101,7 +101,7 @@ def test_residual_units_leave_the_unit_free_scores_of_a_zero_decoder_row_alone()
     harmful, harmless = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[0.0, 1.0], [0.0, 2.0]])
     norm = torch.tensor([0.0, 0.5])
     plain = score_feature_activations(harmful, harmless, HOOK, decoder_norm=norm)
-    residual = score_feature_activations(harmful, harmless, HOOK, decoder_norm=norm, units="residual")
+    residual = score_feature_activations(harmful, harmless, HOOK, decoder_norm=norm, units="residual", input_scale=(torch.ones(2), torch.ones(2)))
     for name in ("cohens_d", "auroc", "harmful_frequency", "harmless_frequency"):
         torch.testing.assert_close(residual.metrics[name], plain.metrics[name], rtol=1e-12, atol=0)
     assert residual.metrics["mean_difference"].tolist() == [0.0, 0.75]  # the magnitudes do move: 2 x 0 and 1.5 x 0.5
@@ -241,6 +241,13 @@ def test_residual_units_of_a_row_normalising_sae_are_what_a_splice_writes(llama_
     with pytest.raises(FeatsteerError, match="one scale per row"):
         score_feature_activations(activations[:3], activations[3:6], HOOK, decoder_norm=decoder_norms(sae), units="residual",
                                   input_scale=(torch.ones(3), torch.ones(2)))
+    # the activations alone do not say the SAE normalised its rows: residual units without the rows' scales are an error
+    # (they used to come out per unit of normalised input, labelled residual)
+    with pytest.raises(FeatsteerError, match=r"units='residual' needs each row's input_scale: pass input_scale=\(input_scales\(sae"):
+        score_feature_activations(activations, encode_activations(sae, harmless.hook(HOOK)), HOOK, decoder_norm=decoder_norms(sae), units="residual")
+    direct = score_feature_activations(activations, encode_activations(sae, harmless.hook(HOOK)), HOOK, decoder_norm=decoder_norms(sae),
+                                       units="residual", input_scale=(input_scales(sae, rows), input_scales(sae, harmless.hook(HOOK))))
+    assert dict(zip(direct.feature_ids.tolist(), direct.metrics["harmful_mean"].tolist(), strict=True)) == pytest.approx(harmful_mean, rel=1e-12)
 
 
 @pytest.fixture(scope="module")

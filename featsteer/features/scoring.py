@@ -261,22 +261,28 @@ def score_feature_activations(
         normalize: divide magnitude statistics by each feature's scale.
         scale: per-feature scale to use, in activation units (default: max activation over both classes here).
         decoder_norm: each feature's `decoder_norms` (stored as a column; NaN when not given).
-        units: `activation` or `residual` (magnitudes times `decoder_norm`, which it then needs).
-        input_scale: the harmful and the harmless rows' `featsteer.sae.input_scales`, for an SAE that normalises each
-            input row: `residual` units multiply each row's activations by its own scale too (default 1: rows read as
-            they are). A given `scale` goes into residual units by `decoder_norm` alone.
+        units: `activation` or `residual` (magnitudes times `decoder_norm` and `input_scale`, which it then needs).
+        input_scale: the harmful and the harmless rows' `featsteer.sae.input_scales` (needed for `residual` units): an
+            SAE that normalises each input row writes per unit of normalised input, so residual units multiply each
+            row's activations by its own scale too (all ones for an SAE that reads rows as they are; the feature
+            activations alone cannot tell which kind of SAE they came from). A given `scale` goes into residual units
+            by `decoder_norm` alone.
 
     Returns:
         Unsorted scores, one row per feature.
 
     Raises:
-        FeatsteerError: unknown `units`, `residual` without `decoder_norm`, mismatched widths (also of `scale` or
+        FeatsteerError: unknown `units`, `residual` without `decoder_norm` or `input_scale`, mismatched widths (also of `scale` or
             `decoder_norm`), an `input_scale` not one value per row, or fewer than 2 rows.
     """
     if units not in UNITS:
         raise FeatsteerError(f"unknown units '{units}': use one of {', '.join(UNITS)}")
     if units == "residual" and decoder_norm is None:
         raise FeatsteerError("units='residual' needs each feature's decoder_norm (featsteer.features.decoder_norms(sae))")
+    if units == "residual" and input_scale is None:
+        raise FeatsteerError("units='residual' needs each row's input_scale: pass input_scale=(input_scales(sae, harmful_rows), "
+                             "input_scales(sae, harmless_rows)) (featsteer.sae.input_scales; all ones unless the SAE normalises "
+                             "each input row, which makes its activations per unit of normalised input)")
     if harmful.shape[-1] != harmless.shape[-1]:
         raise FeatsteerError(f"harmful rows have {harmful.shape[-1]} features but harmless rows have {harmless.shape[-1]}: encode both with the same SAE")
     if harmful.shape[0] < 2 or harmless.shape[0] < 2:
@@ -292,8 +298,8 @@ def score_feature_activations(
     raw_pos, raw_neg = pos, neg  # Cohen's d, AUROC and frequencies are unit-free: read even for a zero decoder row
     if units == "residual":  # every magnitude in units of the activation the SAE reads; rank statistics do not change
         pos, neg = pos * norm, neg * norm
-        if input_scale is not None:  # a row-normalising SAE writes per unit of normalised input: undo each row's scale
-            pos, neg = pos * input_scale[0].double().cpu()[:, None], neg * input_scale[1].double().cpu()[:, None]
+        # a row-normalising SAE writes per unit of normalised input: undo each row's scale (1 for other SAEs)
+        pos, neg = pos * input_scale[0].double().cpu()[:, None], neg * input_scale[1].double().cpu()[:, None]
         scale = None if scale is None else scale.double().cpu() * norm
     harmful_mean, harmless_mean = pos.mean(0), neg.mean(0)
     feature_scale = torch.maximum(pos.max(0).values, neg.max(0).values) if scale is None else scale.double().cpu()
