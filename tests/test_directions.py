@@ -98,6 +98,14 @@ def test_probe_directions_are_direction_sets(planted, method):
     assert all(a > 0.9 for a in found.scores["train_accuracy"])
 
 
+def test_too_few_prompts_for_the_linear_probes_folds_is_a_one_line_error(planted):
+    harmful, harmless, _ = planted
+    few = ActivationSet(harmful.activations[:2], harmful.hook_names, torch.arange(2), torch.full((2,), -1), harmful.prompts[:2])
+    with pytest.raises(FeatsteerError, match="at least 3 prompts per class; got 2 harmful and 200 harmless"):
+        find_directions(few, harmless, method="linear")
+    assert len(find_directions(few, harmless, method="whitened")) == 2  # the whitened probe has no folds
+
+
 def test_selection_fallback_prefers_the_cheapest_candidate_that_removes_refusal():
     from featsteer.directions.selection import CandidateScore, _fallback
 

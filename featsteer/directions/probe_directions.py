@@ -14,15 +14,18 @@ import torch
 from featsteer.activations import ActivationSet
 from featsteer.directions.dim import shared_positions
 from featsteer.directions.directions import DirectionSet
+from featsteer.errors import FeatsteerError
 
 PROBE_METHODS = ("linear", "whitened")
+LINEAR_FOLDS = 3
+"""Cross-validation folds of the linear probe's C search, so each class needs at least this many prompts."""
 
 
 def _factory(method: str) -> Callable[[], object]:
     from probes import LinearProbe, WhitenedProbe
 
     if method == "linear":
-        return lambda: LinearProbe(Cs=5, cv=3)
+        return lambda: LinearProbe(Cs=5, cv=LINEAR_FOLDS)
     return lambda: WhitenedProbe(method="dim")
 
 
@@ -35,6 +38,10 @@ def probe_directions(harmful: ActivationSet, harmless: ActivationSet, method: st
         method: `linear` (cross-validated logistic regression) or `whitened` (Ledoit-Wolf whitened DIM; the
             returned vector is the probe's filter, Sigma^-1 times the mean difference, normalised).
     """
+    if method == "linear" and min(len(harmful), len(harmless)) < LINEAR_FOLDS:
+        raise FeatsteerError(f"the linear probe chooses its regularisation by {LINEAR_FOLDS}-fold cross-validation and needs at least "
+                             f"{LINEAR_FOLDS} prompts per class; got {len(harmful)} harmful and {len(harmless)} harmless (give more "
+                             "prompts, or use --method whitened)")
     make = _factory(method)
     vectors, names, positions, accuracy, projection = [], [], [], [], []
     labels = shared_positions(harmful, harmless)
