@@ -461,8 +461,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(f"  {detail.hook_name:26} feature {detail.feature_id:5d}  composite {sc['composite']:.3f}  AUROC {sc['auroc']:.3f}  "
                   f"DIM cosine {detail.dim_cosine:+.3f}")
     if result.probes is not None:
+        from featsteer.probe_report import PROBE_FOLDS
+
         row = result.probes.best("linear")
-        print(f"\n== probes: best linear-probe layer {row.key} (accuracy {row.accuracy:.3f}, selectivity {row.selectivity:.3f})")
+        print(f"\n== probes: best linear-probe layer {row.key} (chosen by {PROBE_FOLDS}-fold CV on the training prompts, accuracy "
+              f"{row.cv_accuracy:.3f}; held-out accuracy {row.accuracy:.3f}, selectivity {row.selectivity:.3f}, controls' sd "
+              f"{row.control_std:.3f})")
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in (result.stage_seconds or {}).items())
     print(f"\noutputs in {result.run_dir}/ (open index.html); {result.seconds:.0f}s in all ({stages})")
     return 0
@@ -1573,7 +1577,7 @@ def _print_paired(comparison) -> None:
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     from featsteer.pipeline import split
-    from featsteer.probe_report import probe_report, write_probe_report
+    from featsteer.probe_report import PROBE_FOLDS, probe_report, write_probe_report
 
     layers = _layers_option(args.layers)  # a bad list fails before the model loads
     harmful, harmless = _load_pair(args)
@@ -1592,7 +1596,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         cells = " ".join(f"{rows[i].accuracy:>13.3f}/{rows[i].selectivity:<8.3f}" for rows in report.sweep.values())
         print(f"{hook:26} {cells}")
     best = report.best("linear")
-    print(f"\nbest linear-probe layer: {best.key} (accuracy {best.accuracy:.3f}, selectivity {best.selectivity:.3f})")
+    print(f"\nbest linear-probe layer: {best.key} (chosen by {PROBE_FOLDS}-fold CV on the training prompts, accuracy {best.cv_accuracy:.3f}; "
+          f"held-out accuracy {best.accuracy:.3f}, selectivity {best.selectivity:.3f}, controls' sd {best.control_std:.3f})")
     for source, pairs in report.sae_sources.items():
         print(f"{source}: " + ", ".join(f"{sae_hook} at {swept}" for swept, sae_hook in pairs.items()))
     for effect in (e for e in report.effects if e.source.startswith("sae")):

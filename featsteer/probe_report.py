@@ -40,7 +40,10 @@ if TYPE_CHECKING:
 
 PROBE_KINDS = ("diffmean", "linear", "whitened", "mahalanobis")
 PROBE_FOLDS = 3
-"""Cross-validation folds of the linear probe's C search (so each class needs at least this many training prompts)."""
+"""Cross-validation folds of the linear probe's C search and of the layer choice (on the training prompts)."""
+MIN_TRAIN_PER_CLASS = 5
+"""Training prompts per class the sweep needs: with 5, each of the layer choice's `PROBE_FOLDS` folds still trains on
+`PROBE_FOLDS` per class, what the linear probe's own C search needs."""
 SOURCES = ("dim", "linear", "whitened")
 """Direction sources always compared; `sae` (the top composite feature's decoder row) joins when SAEs are given."""
 _STREAM_POINT = {"resid_pre": 0.0, "ln1_normalized": 0.0, "attn_z": 0.5, "attn_out": 0.5, "resid_mid": 0.5, "ln2_normalized": 0.5,
@@ -85,7 +88,8 @@ class ProbeReport:
     """The layers asked for (`probe_report(layers=...)`, `featsteer probe --layers`), in order; None for every layer."""
 
     def best(self, kind: str = "linear"):
-        """Sweep row with the highest held-out accuracy for a probe kind (ties: AUROC, then the earliest layer)."""
+        """Sweep row of a probe kind with the highest cross-validated accuracy on the training prompts (ties: their
+        cross-validated AUROC, then the earliest layer); its held-out accuracy was not used to choose it."""
         from probes import best_row
 
         return best_row(self.sweep[kind])
@@ -150,9 +154,10 @@ def probe_report(
         raise FeatsteerError(f"the probe report ablates each layer's directions from the residual stream, so it sweeps a d_model-wide kind "
                              f"({', '.join(LAYER_KINDS)}); {kind} vectors are not residual-stream vectors")
     smallest = min(len(train[0]), len(train[1]))
-    if smallest < PROBE_FOLDS:
-        raise FeatsteerError(f"the probes are fitted with {PROBE_FOLDS}-fold cross-validation and need at least {PROBE_FOLDS} training "
-                             f"prompts per class; got {len(train[0])} harmful and {len(train[1])} harmless (give more prompts)")
+    if smallest < MIN_TRAIN_PER_CLASS:
+        raise FeatsteerError(f"the layer is chosen by {PROBE_FOLDS}-fold cross-validation of the probes, the linear one with its own "
+                             f"{PROBE_FOLDS}-fold C search inside, so they need at least {MIN_TRAIN_PER_CLASS} training prompts per class; "
+                             f"got {len(train[0])} harmful and {len(train[1])} harmless (give more prompts)")
     if layers is not None and (not layers or min(layers) < 0 or max(layers) >= model.n_layers):
         raise FeatsteerError(f"layers {list(layers)}: give at least one layer, each in 0..{model.n_layers - 1} ({model.name} has "
                              f"{model.n_layers} layers)")
@@ -174,7 +179,8 @@ def probe_report(
         raise FeatsteerError(f"no {kind} hook tells the two sets apart: their mean activations are identical at every layer "
                              "(the same prompts on both sides?)")
     splits = {hook: (*xy("train", hook), *xy("test", hook)) for hook in hooks}
-    sweep = {probe_kind: layer_sweep(splits, lambda k=probe_kind: _probe(k), n_shuffles=n_shuffles) for probe_kind in PROBE_KINDS}
+    sweep = {probe_kind: layer_sweep(splits, lambda k=probe_kind: _probe(k), n_shuffles=n_shuffles, cv=PROBE_FOLDS)
+             for probe_kind in PROBE_KINDS}
     directions = {source: find_directions(acts[("train", "harmful")], acts[("train", "harmless")], source) for source in SOURCES}
     sae_sources: dict[str, dict[str, str]] = {}
     if saes:

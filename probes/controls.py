@@ -43,6 +43,14 @@ class SelectivityResult:
     control_accuracies: tuple[float, ...] = ()
     """Control accuracy of every shuffle, in order."""
 
+    @property
+    def control_std(self) -> float:
+        """Standard deviation (ddof 1) of ``control_accuracies``: how far ``selectivity`` moves with the relabelling
+        alone. NaN with fewer than two shuffles."""
+        if len(self.control_accuracies) < 2:
+            return float("nan")
+        return float(np.std(self.control_accuracies, ddof=1))
+
 
 def selectivity(
     probe: Any,

@@ -4,6 +4,11 @@ Why this module exists: choosing the layer to read (or steer) the refusal direct
 decision of every experiment. A sweep fits a fresh probe per hook, scores it on held-out prompts with
 a shuffled-label control, and renders the result as a markdown table and a PNG so the choice is
 documented rather than eyeballed.
+
+The layer is chosen by cross-validation on the training prompts (``cv_accuracy``), never by the held-out
+scores: the best of many layers' test accuracies is the luckiest of many noisy estimates, so picking the
+layer with it and then reporting it overstates the accuracy of the layer picked. Chosen on the training
+folds, the chosen layer's held-out accuracy is an honest estimate.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from jaxtyping import Float, Int
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
 
 from probes.base import check_activations, check_labels
 from probes.controls import selectivity
@@ -26,6 +34,8 @@ __all__ = ["LayerSplit", "SweepRow", "best_row", "layer_sweep", "plot_sweep", "s
 logger = logging.getLogger(__name__)
 
 _METRICS = ("accuracy", "auroc", "control_accuracy", "selectivity")
+"""The held-out scores, plotted by :func:`plot_sweep`."""
+_RANKABLE = ("cv_accuracy", "cv_auroc", *_METRICS)
 
 
 class LayerSplit(NamedTuple):
@@ -49,8 +59,15 @@ class SweepRow:
     """Test AUROC."""
     control_accuracy: float
     """Mean test accuracy of the shuffled-label controls, each scored against shuffled test labels."""
+    control_std: float
+    """Standard deviation of the controls' accuracies over the shuffles (NaN with one shuffle): the spread of
+    ``selectivity`` that comes from the relabelling alone."""
     selectivity: float
     """``accuracy - control_accuracy``."""
+    cv_accuracy: float
+    """Mean accuracy over stratified cross-validation folds of the training prompts alone (what picks the layer)."""
+    cv_auroc: float
+    """Mean AUROC over the same folds (breaks ``cv_accuracy`` ties)."""
     n_train: int
     """Number of training prompts."""
     n_test: int
@@ -63,24 +80,28 @@ def layer_sweep(
     *,
     n_shuffles: int = 5,
     seed: int = 0,
+    cv: int = 3,
 ) -> list[SweepRow]:
     """Fit and score a fresh probe for every layer/hook, in the mapping's order.
 
-    Every layer uses the same ``seed``, so its shuffled-label controls use the same permutations and
-    the rows are comparable.
+    Every layer uses the same ``seed``, so its shuffled-label controls use the same permutations and its
+    cross-validation the same folds, and the rows are comparable.
 
     Args:
         splits: Layer/hook key -> ``(X_train, y_train, X_test, y_test)``.
         probe_factory: Zero-argument callable returning an unfitted probe, e.g. ``DiffMeanProbe`` or
             ``lambda: LinearProbe(Cs=5)``.
         n_shuffles: Shuffled-label controls per layer.
-        seed: Seed of the shuffles.
+        seed: Seed of the shuffles and of the cross-validation folds.
+        cv: Stratified folds of the training prompts for ``cv_accuracy``/``cv_auroc`` (at least 2); every class
+            needs at least this many training samples.
 
     Returns:
         One :class:`SweepRow` per key.
 
     Raises:
-        ValueError: If a split does not have four parts (and as raised by the probes).
+        ValueError: If a split does not have four parts, ``cv`` is below 2 or above the smaller class's
+            training samples (and as raised by the probes).
     """
     rows = []
     for key, split in splits.items():
@@ -92,8 +113,10 @@ def layer_sweep(
         # checked here so that a NaN names its layer and split, not just "X"
         X_train = check_activations(X_train, name=f"layer {key} training activations")
         X_test = check_activations(X_test, name=f"layer {key} test activations")
+        train_labels = check_labels(y_train, X_train.shape[0], name=f"layer {key} training labels")
+        cv_accuracy, cv_auroc = _training_cv(probe_factory, X_train, train_labels, cv, seed, key=str(key))
         result = selectivity(
-            probe_factory(), X_train, y_train, X_test, y_test, n_shuffles=n_shuffles, seed=seed
+            probe_factory(), X_train, train_labels, X_test, y_test, n_shuffles=n_shuffles, seed=seed
         )
         rows.append(
             SweepRow(
@@ -101,24 +124,58 @@ def layer_sweep(
                 accuracy=result.accuracy,
                 auroc=result.auroc,
                 control_accuracy=result.control_accuracy,
+                control_std=result.control_std,
                 selectivity=result.selectivity,
-                n_train=int(check_labels(y_train, require_both_classes=False).shape[0]),
+                cv_accuracy=cv_accuracy,
+                cv_auroc=cv_auroc,
+                n_train=int(train_labels.shape[0]),
                 n_test=int(check_labels(y_test, require_both_classes=False).shape[0]),
             )
         )
-        logger.info("layer %s: accuracy %.3f, selectivity %.3f", key, result.accuracy, result.selectivity)
+        logger.info("layer %s: cv accuracy %.3f, accuracy %.3f, selectivity %.3f", key, cv_accuracy, result.accuracy,
+                    result.selectivity)
     return rows
 
 
-def best_row(rows: Sequence[SweepRow], metric: str = "accuracy") -> SweepRow:
-    """The row with the highest ``metric``, ties broken by AUROC, then by order (the first one wins).
+def _training_cv(
+    probe_factory: Callable[[], Any],
+    X: Float[np.ndarray, "n_samples d_model"],
+    y: Int[np.ndarray, " n_samples"],
+    folds: int,
+    seed: int,
+    *,
+    key: str,
+) -> tuple[float, float]:
+    """Mean held-out-fold accuracy and AUROC of fresh probes over stratified folds of the training split only."""
+    smallest = int(np.bincount(y, minlength=2).min())
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or not 2 <= folds <= smallest:
+        raise ValueError(
+            f"cv={folds!r}: the layer choice needs an int number of folds from 2 to the smaller class's training "
+            f"samples ({smallest} at layer {key}); give more training samples or a smaller cv"
+        )
+    accuracies, aurocs = [], []
+    splitter = StratifiedKFold(n_splits=int(folds), shuffle=True, random_state=seed)
+    for train, held_out in splitter.split(X, y):
+        fitted = probe_factory().fit(X[train], y[train])
+        accuracies.append(float(fitted.score(X[held_out], y[held_out])))
+        aurocs.append(float(roc_auc_score(y[held_out], fitted.decision_function(X[held_out]))))
+    return float(np.mean(accuracies)), float(np.mean(aurocs))
 
-    Accuracy is the default: selectivity is accuracy minus a control that sits near chance, so ranking by it
-    only adds the control's sampling noise.
+
+def best_row(rows: Sequence[SweepRow], metric: str = "cv_accuracy") -> SweepRow:
+    """The row with the highest ``metric``, ties broken by the matching AUROC, then by order (the first one wins).
+
+    The default ranks layers by cross-validated accuracy on the *training* prompts, with ties broken by their
+    cross-validated AUROC, so the chosen row's held-out ``accuracy`` is an unbiased estimate for that layer.
+    Ranking by a held-out score (``"accuracy"``, ``"auroc"``, ...) picks the layer on the test prompts, and the
+    winner's held-out score is then the maximum of many noisy estimates, biased upwards; ties on a held-out score
+    are broken by held-out AUROC. Selectivity is a poor ranking key in any case: it is accuracy minus a control that
+    sits near chance, so ranking by it only adds the control's sampling noise.
 
     Args:
         rows: Output of :func:`layer_sweep`.
-        metric: One of ``"accuracy"``, ``"auroc"``, ``"control_accuracy"``, ``"selectivity"``.
+        metric: One of ``"cv_accuracy"``, ``"cv_auroc"``, ``"accuracy"``, ``"auroc"``, ``"control_accuracy"``,
+            ``"selectivity"``.
 
     Returns:
         The best row.
@@ -126,11 +183,12 @@ def best_row(rows: Sequence[SweepRow], metric: str = "accuracy") -> SweepRow:
     Raises:
         ValueError: On an unknown metric or no rows.
     """
-    if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+    if metric not in _RANKABLE:
+        raise ValueError(f"metric must be one of {_RANKABLE}, got {metric!r}")
     if not rows:
         raise ValueError("no rows to choose from")
-    return max(rows, key=lambda row: (getattr(row, metric), row.auroc))
+    tie_break = "cv_auroc" if metric.startswith("cv_") else "auroc"
+    return max(rows, key=lambda row: (getattr(row, metric), getattr(row, tie_break)))
 
 
 def sweep_table(rows: Sequence[SweepRow], *, digits: int = 3) -> str:

@@ -98,6 +98,31 @@ def test_probe_directions_are_direction_sets(planted, method):
     assert all(a > 0.9 for a in found.scores["train_accuracy"])
 
 
+@pytest.mark.parametrize(("method", "setting"), [("linear", "C_"), ("whitened", "shrinkage_")])
+def test_probe_directions_record_the_class_projections_and_the_fitted_probe(planted, method, setting, tmp_path):
+    # without the class means' projections `steer --mode set` refused a probe direction; without the chosen C or
+    # shrinkage nobody could say which probe a saved direction came from
+    harmful, harmless, _ = planted
+    found = find_directions(harmful, harmless, method=method)
+    for index, hook in enumerate(found.hook_names):
+        direction = found.direction(hook).double()
+        assert found.scores["harmful_projection"][index] == pytest.approx(float(harmful.mean(hook) @ direction))
+        assert found.scores["harmless_projection"][index] == pytest.approx(float(harmless.mean(hook) @ direction))
+        assert found.scores["harmful_projection"][index] > found.scores["harmless_projection"][index]  # + is harmful
+        assert found.scores[setting][index] > 0
+    assert found.provenance["probe"].startswith("LinearProbe(" if method == "linear" else "WhitenedProbe(")
+    found.save(tmp_path / "d")
+    assert DirectionSet.load(tmp_path / "d").scores == found.scores
+
+
+def test_too_few_prompts_for_the_linear_probes_folds_is_a_one_line_error(planted):
+    harmful, harmless, _ = planted
+    few = ActivationSet(harmful.activations[:2], harmful.hook_names, torch.arange(2), torch.full((2,), -1), harmful.prompts[:2])
+    with pytest.raises(FeatsteerError, match="at least 3 prompts per class; got 2 harmful and 200 harmless"):
+        find_directions(few, harmless, method="linear")
+    assert len(find_directions(few, harmless, method="whitened")) == 2  # the whitened probe has no folds
+
+
 def test_selection_fallback_prefers_the_cheapest_candidate_that_removes_refusal():
     from featsteer.directions.selection import CandidateScore, _fallback
 

@@ -85,8 +85,9 @@ def test_probe_report_inputs_it_cannot_use_are_one_line_errors(organism):
     # post_instruction used to be accepted and read at its last position only: the same numbers as --positions last
     with pytest.raises(FeatsteerError, match="only the last would be read"):
         probe_report(organism, (harmful, harmless), (harmful, harmless), positions="post_instruction")
-    with pytest.raises(FeatsteerError, match="need at least 3 training prompts per class; got 2 harmful"):
-        probe_report(organism, (harmful[:2], harmless), (harmful, harmless))
+    # 4 per class are too few now: the layer choice's 3 folds would leave the linear probe's own C search 2 per class
+    with pytest.raises(FeatsteerError, match="need at least 5 training prompts per class; got 4 harmful"):
+        probe_report(organism, (harmful[:4], harmless), (harmful, harmless))
     with pytest.raises(FeatsteerError, match="no resid_pre hook tells the two sets apart"):
         probe_report(organism, (harmful, harmful), (harmful, harmful))
     # a head-space direction is as wide as the stream here (5 heads x 32 = 160): it used to be ablated from the

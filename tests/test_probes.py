@@ -342,10 +342,59 @@ def test_every_control_is_scored_on_its_own_labels_so_it_sits_at_chance():
     assert np.std(result.control_accuracies) < 0.06
 
 
-def test_best_row_breaks_accuracy_ties_by_auroc():
-    rows = [SweepRow("a", 1.0, 0.97, 0.5, 0.5, 10, 10), SweepRow("b", 1.0, 0.99, 0.5, 0.5, 10, 10),
-            SweepRow("c", 0.9, 1.0, 0.5, 0.4, 10, 10)]
-    assert best_row(rows).key == "b" and best_row(rows, "auroc").key == "c"
+def _row(key: str, accuracy: float, auroc: float, cv_accuracy: float, cv_auroc: float) -> SweepRow:
+    return SweepRow(key, accuracy, auroc, control_accuracy=0.5, control_std=0.01, selectivity=accuracy - 0.5,
+                    cv_accuracy=cv_accuracy, cv_auroc=cv_auroc, n_train=10, n_test=10)
+
+
+def test_best_row_ranks_by_training_cross_validation_and_breaks_ties_by_its_auroc():
+    rows = [_row("a", 1.0, 0.97, 0.9, 0.95), _row("b", 1.0, 0.99, 0.9, 0.93), _row("c", 0.9, 1.0, 0.8, 1.0)]
+    assert best_row(rows).key == "a" and best_row(rows, "cv_auroc").key == "c"
+    # a held-out metric can still be asked for; its ties are broken by held-out AUROC
+    assert best_row(rows, "accuracy").key == "b" and best_row(rows, "auroc").key == "c"
+    with pytest.raises(ValueError, match="metric must be one of"):
+        best_row(rows, "n_train")
+
+
+def test_the_sweep_chooses_the_layer_on_training_folds_not_on_the_test_prompts():
+    # "steady" separates the classes by 4 sd on its training prompts and its test split has two unlucky rows per
+    # class; "lucky" barely separates them in training but its small test split happens to be perfectly separated.
+    # Chosen by held-out accuracy, "lucky" wins with 1.0, an accuracy no new prompts would reproduce
+    rng = np.random.default_rng(5)
+    y_train, y_test = np.repeat([0, 1], 60), np.repeat([0, 1], 20)
+    sign_test = np.where(y_test == 1, 1.0, -1.0)
+    steady_test_sign = sign_test.copy()
+    steady_test_sign[[0, 1, 20, 21]] *= -1
+    splits = {}
+    for key, train_separation, test_sign in (("steady", 4.0, steady_test_sign), ("lucky", 0.3, sign_test)):
+        X_train = rng.standard_normal((120, 4))
+        X_train[:, 0] += (y_train - 0.5) * train_separation
+        X_test = rng.standard_normal((40, 4)) * 0.1
+        X_test[:, 0] += 2.0 * test_sign
+        splits[key] = (X_train, y_train, X_test, y_test)
+    rows = layer_sweep(splits, DiffMeanProbe, n_shuffles=2, seed=0)
+    steady, lucky = rows
+    assert lucky.accuracy == 1.0 and steady.accuracy == 0.9
+    assert best_row(rows).key == "steady"
+    assert steady.cv_accuracy > 0.9 > 0.7 > lucky.cv_accuracy
+    # the choice reads the training prompts only: any test split gives the same cross-validated scores
+    changed = {key: (X, y, -X_test, y_test) for key, (X, y, X_test, y_test) in splits.items()}
+    assert [(r.cv_accuracy, r.cv_auroc) for r in layer_sweep(changed, DiffMeanProbe, n_shuffles=2, seed=0)] == [
+        (r.cv_accuracy, r.cv_auroc) for r in rows
+    ]
+    with pytest.raises(ValueError, match=r"cv=61: the layer choice needs .* from 2 to the smaller class's training samples \(60"):
+        layer_sweep(splits, DiffMeanProbe, cv=61)
+
+
+def test_the_sweep_reports_the_spread_of_the_controls():
+    X, y, _ = planted_data(11, n_samples=200, d_model=8, separation=4.0)
+    split = (X[::2], y[::2], X[1::2], y[1::2])
+    result = selectivity(DiffMeanProbe(), *split, n_shuffles=6, seed=3)
+    assert result.control_std == pytest.approx(np.std(result.control_accuracies, ddof=1)) and result.control_std > 0
+    (row,) = layer_sweep({"blocks.1": split}, DiffMeanProbe, n_shuffles=6, seed=3)
+    assert row.control_std == result.control_std and row.control_accuracy == result.control_accuracy
+    assert "| control_accuracy | control_std | selectivity |" in sweep_table([row])
+    assert np.isnan(selectivity(DiffMeanProbe(), *split, n_shuffles=1).control_std)  # no spread from one shuffle
 
 
 def test_selectivity_is_zero_on_noise_labels():
