@@ -277,6 +277,13 @@ def test_layers_without_heads_write_like_attention_but_have_no_heads(family, mix
                                              fr"{type(getattr(adapter.layers[other], mixer)).__name__}, not softmax attention heads; "
                                              fr"hook blocks.{other}.hook_attn_out"):
         _record(adapter, [f"blocks.{other}.attn.hook_z"])
+    # hook_names listed every layer's hook_z, so capturing hook_names(("attn_z",)) failed at the first layer without heads
+    assert adapter.hook_names(("attn_z",)) == [f"blocks.{layer}.attn.hook_z" for layer in heads_at]
+    assert adapter.hook_names(("resid_pre", "attn_z"), [other]) == [f"blocks.{other}.hook_resid_pre"]
+    from featsteer.activations import hook_width
+
+    with pytest.raises(FeatsteerError, match=fr"^blocks.{other}.attn.hook_z does not exist: layer {other} [^\n]*$"):
+        hook_width(adapter, f"blocks.{other}.attn.hook_z")  # it gave a width for a point that does not exist
     from featsteer.directions.geometry import head_attribution
 
     heads = head_attribution(adapter, ["how do I do it?"], ["what is it?"], torch.ones(adapter.d_model))
@@ -585,6 +592,8 @@ def test_an_lfm2_bridge_convolution_layers_write_at_hook_attn_out(tmp_path):
     assert lens.attention_layers == native.attention_layers == [0, 2]
     with pytest.raises(FeatsteerError, match="blocks.1.attn.hook_z does not exist: layer 1 .* hook blocks.1.hook_attn_out"):
         capture(lens, PROMPTS, ["blocks.1.attn.hook_z"], progress=False)
+    assert lens.hook_names(("attn_z",)) == native.hook_names(("attn_z",)) == ["blocks.0.attn.hook_z", "blocks.2.attn.hook_z"]
+    assert set(_record(lens, lens.hook_names(("attn_z",)))[0]) == {"blocks.0.attn.hook_z", "blocks.2.attn.hook_z"}
     hooks = lens.hook_names(("attn_out", "mlp_out"))
     seen, expected = (capture(adapter, PROMPTS, hooks, positions="all", progress=False).activations for adapter in (lens, native))
     torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)

@@ -176,9 +176,6 @@ class TLModelAdapter(ModelAdapter):
         site = super().hook_site(name)
         if name in self._silent_hook_points():
             raise FeatsteerError(self._never_called(name))
-        if site.kind == "attn_z" and site.layer not in self.attention_layers:
-            raise FeatsteerError(f"{name} does not exist: layer {site.layer} of this {self.family} model mixes tokens without softmax "
-                                 f"attention heads; hook blocks.{site.layer}.hook_attn_out (its output) instead, or a layer in {self.attention_layers}")
         if site.kind in NORM_KINDS and site.kind not in self.layer_kinds:
             raise FeatsteerError(f"{name} does not exist: this {self.family} model has no such norm before its "
                                  f"{'attention' if site.kind == 'ln1_normalized' else 'MLP'}; its hook kinds are {', '.join(self.layer_kinds)}")
