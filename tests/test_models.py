@@ -745,7 +745,8 @@ def test_tl_parallel_block_model_has_no_resid_mid(tmp_path):
 def test_tl_layer_kinds_offer_only_the_norm_points_that_exist(tmp_path):
     """layer_kinds offered ln1/ln2 on a HookedTransformer without norms and ln2 on a Phi-2 bridge (whose attention and MLP
     read one norm), where capturing them failed; on an OLMo 2 bridge, whose ln1/ln2 are its post-norms, ln1 captured the
-    normalised attention output without a word. Each lists only what exists and means what the README says now."""
+    normalised attention output without a word. Each lists only what exists and means what the README says now (a Phi-2
+    bridge's ln2 is its MLP's input, hooked on the Hugging Face norm: test_a_bridge_norm_points_are_the_hugging_face_ones)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -761,7 +762,7 @@ def test_tl_layer_kinds_offer_only_the_norm_points_that_exist(tmp_path):
     vectors = torch.randn(2, plain.d_model, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(direct_logits(plain, vectors), vectors @ plain.model.W_U.detach(), atol=1e-5, rtol=0)  # no final norm
     lenses = {}
-    for family, kinds in (("phi", ["ln1_normalized"]), ("olmo2", [])):
+    for family, kinds in (("phi", ["ln1_normalized", "ln2_normalized"]), ("olmo2", [])):
         model, family_tokenizer = tiny_model(family)
         model.save_pretrained(tmp_path / family)
         family_tokenizer = saved_tokenizer(family_tokenizer, tmp_path / family)
@@ -771,8 +772,61 @@ def test_tl_layer_kinds_offer_only_the_norm_points_that_exist(tmp_path):
         for missing in (kind for kind in NORMS if kind not in kinds):
             with pytest.raises(FeatsteerError, match="does not exist"), lens.hooks([(f"blocks.0.{missing[:3]}.hook_normalized", lambda x, s: x)]):
                 pass
-    with pytest.raises(FeatsteerError, match="no ln2_normalized hook point .*one shared norm"):
-        lenses["phi"].hook_names(("ln2_normalized",))
+
+
+@pytest.mark.parametrize("family", ["gemma4_text", "phi"])
+def test_a_bridge_norm_points_are_the_hugging_face_ones(tmp_path, family):
+    """A Gemma 4 bridge names no ln1/ln2.hook_normalized (only the norms' hook_out, after their weight), so it offered no
+    norm points at all; a Phi-2 bridge's ln1.hook_normalized is the one norm both branches read, so an edit there reached the
+    MLP too and it offered no ln2. Both hook the Hugging Face norms under the bridge now: the same values, and edits that
+    reach only their own branch, as on the Hugging Face adapter."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from featsteer.activations import capture
+    from featsteer.interventions import AddDirection, steer
+    from featsteer.testing import random_direction
+
+    model, tokenizer = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    native = load_model(model, tokenizer=tokenizer)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model)
+    lens = load_model(bridge)
+    assert [kind for kind in lens.layer_kinds if kind in NORMS] == list(NORMS)
+    hooks = lens.hook_names(NORMS)
+    assert hooks == native.hook_names(NORMS) and len(hooks) == 2 * lens.n_layers
+    seen, expected = (capture(adapter, PROMPTS, hooks, positions="all", progress=False).activations for adapter in (lens, native))
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)
+    lens.logits(PROMPTS)  # the bridge adds hooks of its own to the modules it wraps on its first pass
+    before = count_hooks(bridge)
+    for where in ("blocks.1.ln1.hook_normalized", "blocks.1.ln2.hook_normalized"):
+        steering = AddDirection(random_direction(lens.d_model), 3.0, where=where)
+        with steer(native, steering):
+            native_logits = native.logits(PROMPTS)
+        with steer(lens, steering):
+            torch.testing.assert_close(lens.logits(PROMPTS), native_logits, atol=1e-4, rtol=0)
+        assert count_hooks(bridge) == before
+    lens.run(lens.tokenize(PROMPTS), stop_at="blocks.0.ln2.hook_normalized")  # the early stop reaches through as well
+
+
+@pytest.mark.filterwarnings("ignore:Gemma4TextArchitectureAdapter does not support fold_ln")
+def test_a_processed_gemma4_bridge_names_its_missing_norm_points_in_one_line(tmp_path):
+    """A bridge running processed weights keeps its own hook points: a Gemma 4 one has no norm points to offer, and asking
+    for one says what it has and how to get them."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model, tokenizer = tiny_model("gemma4_text")
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model)
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    lens = load_model(bridge)
+    assert not set(NORMS) & set(lens.layer_kinds)
+    message = r"names no ln1_normalized hook point and runs processed weights .*: its hook kinds are resid_pre, attn_out, .*without compatibility mode"
+    with pytest.raises(FeatsteerError, match=message):
+        lens.hook_names(("ln1_normalized",))
+    with pytest.raises(FeatsteerError, match=r"^blocks.0.ln2.hook_normalized does not exist: this TransformerBridge [^\n]*load_model\(path\)"):
+        lens.hook_site("blocks.0.ln2.hook_normalized")
 
 
 def test_a_tl_shortformer_position_embedding_is_not_a_residual_write(tmp_path):
