@@ -957,6 +957,35 @@ def test_two_conversions_of_one_gguf_file_at_once_share_the_cache(tmp_path, monk
     assert load_model(str(tmp_path / "tiny.gguf")).logits(PROMPTS).isfinite().all()
 
 
+def test_a_conversion_removes_the_staging_folders_killed_conversions_left(tmp_path, monkeypatch):
+    """A conversion killed before its rename left its .partial-* folder (a whole model's weights) in the cache for ever. The
+    next conversion removes those whose process is gone, and those of unknown owner unchanged for a day; a folder whose
+    process runs, or that changed lately, may be a conversion at work and stays."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from featsteer.testing import tiny_gguf
+
+    monkeypatch.setenv("FEATSTEER_CACHE", str(tmp_path / "cache"))
+    tiny_gguf(tmp_path / "tiny.gguf")
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host, cache = socket.gethostname(), tmp_path / "cache" / "gguf"
+    folders = {"dead": f".partial-{ended.pid}@{host}-a1", "alive": f".partial-{os.getppid()}@{host}-b2", "own": f".partial-{os.getpid()}@{host}-c3",
+               "elsewhere": f".partial-{ended.pid}@other.invalid-d4", "old": ".partial-e5", "recent": ".partial-f6"}
+    for name in folders.values():
+        (cache / name).mkdir(parents=True)
+        (cache / name / "model.safetensors").write_bytes(b"half a model")
+    day_ago = time.time() - 25 * 3600
+    for path in (cache / folders["old"] / "model.safetensors", cache / folders["old"]):
+        os.utime(path, (day_ago, day_ago))
+    assert load_model(str(tmp_path / "tiny.gguf")).logits(PROMPTS).isfinite().all()
+    assert {path.name for path in cache.glob(".partial-*")} == {folders[kept] for kept in ("alive", "own", "elsewhere", "recent")}
+
+
 def _tensor_dtypes(folder) -> set[str]:
     from safetensors import safe_open
 
