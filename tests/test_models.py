@@ -522,6 +522,41 @@ def test_a_weight_edit_of_a_bridge_running_processed_weights_is_an_error(tmp_pat
                 assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export.partial-*"))
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_processed_bridge_shifts_raw_logits_by_a_constant_per_position_that_no_score_reads(tmp_path, family):
+    """enable_compatibility_mode() centres the unembedding: every logit of a position moves by the same constant (about 1e-2)
+    and a direction's direct logits by one constant per direction. featsteer reads logits only through log-softmax
+    (first-token log-probs, refusal scores, KL) or as differences at one position (logit gaps, token rankings), which the
+    constant cancels from, so those match the Hugging Face model's; the README says so."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM
+
+    from featsteer.directions import logit_lens
+    from featsteer.evaluation import RefusalTokens, first_token_logprobs, refusal_logit_gap, refusal_score
+    from featsteer.testing import random_direction
+
+    model, tokenizer = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    native = load_model(model, tokenizer=tokenizer)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=AutoModelForCausalLM.from_pretrained(tmp_path))
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    lens = load_model(bridge)
+    shift = lens.logits(PROMPTS) - native.logits(PROMPTS)
+    assert shift.abs().max() > 1e-3  # the raw logits differ ...
+    torch.testing.assert_close(shift, shift.mean(-1, keepdim=True).expand_as(shift), atol=1e-5, rtol=0)  # ... by one constant a position
+    tokens = RefusalTokens(refusal=[5, 6, 7], compliance=[8, 9])
+    expected, seen = first_token_logprobs(native, PROMPTS), first_token_logprobs(lens, PROMPTS)
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(refusal_score(seen, tokens), refusal_score(expected, tokens), atol=1e-5, rtol=0)
+    torch.testing.assert_close(refusal_logit_gap(lens.logits(PROMPTS), tokens), refusal_logit_gap(native.logits(PROMPTS), tokens), atol=1e-5, rtol=0)
+    direction = random_direction(lens.d_model)
+    ours, theirs = logit_lens(lens, direction, k=5), logit_lens(native, direction, k=5)
+    assert [t for t, _ in ours.promoted + ours.suppressed] == [t for t, _ in theirs.promoted + theirs.suppressed]
+    moved = torch.tensor([a - b for (_, a), (_, b) in zip(ours.promoted + ours.suppressed, theirs.promoted + theirs.suppressed, strict=True)])
+    torch.testing.assert_close(moved, moved.mean().expand_as(moved), atol=1e-5, rtol=0)  # values: one constant for the direction
+
+
 def test_a_bridge_knows_its_family_particulars(tmp_path):
     """A bridge's config says nothing of post-norms, and every bridge lists a hook_pos_embed: a Gemma 2 bridge claimed no
     post-norms (head attribution ran where heads do not add up), and on a rotary Llama bridge hook_pos_embed never fired,
