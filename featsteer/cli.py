@@ -176,7 +176,8 @@ def _expand_hooks(spec: str, model) -> list[str]:
         names = model.hook_names((kind,), layer_ids)
         if not names:
             raise FeatsteerError(f"--hooks {spec}: {model.name} has no {kind} hook at {'those layers' if layer_ids else 'any layer'}"
-                                 + (" (routing hooks exist only at mixture-of-experts layers)" if kind in ROUTING_KINDS else ""))
+                                 + (" (routing hooks exist only at mixture-of-experts layers)" if kind in ROUTING_KINDS else "")
+                                 + (f" (heads exist only at its attention layers, {model.attention_layers})" if kind in HEAD_KINDS else ""))
         return names
     return list(dict.fromkeys(h.strip() for h in spec.split(",") if h.strip()))
 

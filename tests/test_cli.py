@@ -1139,6 +1139,9 @@ def test_capture_hook_specs_that_name_nothing_are_errors(capsys, tmp_path):
         assert code == 2 and message in err and "::" not in err, (hooks, err)
     code, out, _ = _run(capsys, *base, "--hooks", "resid_post:1,1")
     assert code == 0 and "x 1 hooks" in out  # the layer named twice is captured once, and the line says so
+    lfm2 = ["capture", "--model", "tiny:lfm2", "--prompts", "builtin:harmful", "--n", "2", "--out", str(tmp_path / "l")]
+    code, _, err = _run(capsys, *lfm2, "--hooks", "attn_z:1")  # a convolution layer: it listed blocks.1.attn.hook_z
+    assert code == 2 and "has no attn_z hook at those layers (heads exist only at its attention layers, [0, 2])" in err, err
 
 
 def test_steer_and_abliterate_options_that_would_be_ignored_are_errors(capsys, tmp_path):

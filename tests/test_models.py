@@ -277,6 +277,13 @@ def test_layers_without_heads_write_like_attention_but_have_no_heads(family, mix
                                              fr"{type(getattr(adapter.layers[other], mixer)).__name__}, not softmax attention heads; "
                                              fr"hook blocks.{other}.hook_attn_out"):
         _record(adapter, [f"blocks.{other}.attn.hook_z"])
+    # hook_names listed every layer's hook_z, so capturing hook_names(("attn_z",)) failed at the first layer without heads
+    assert adapter.hook_names(("attn_z",)) == [f"blocks.{layer}.attn.hook_z" for layer in heads_at]
+    assert adapter.hook_names(("resid_pre", "attn_z"), [other]) == [f"blocks.{other}.hook_resid_pre"]
+    from featsteer.activations import hook_width
+
+    with pytest.raises(FeatsteerError, match=fr"^blocks.{other}.attn.hook_z does not exist: layer {other} [^\n]*$"):
+        hook_width(adapter, f"blocks.{other}.attn.hook_z")  # it gave a width for a point that does not exist
     from featsteer.directions.geometry import head_attribution
 
     heads = head_attribution(adapter, ["how do I do it?"], ["what is it?"], torch.ones(adapter.d_model))
@@ -515,6 +522,41 @@ def test_a_weight_edit_of_a_bridge_running_processed_weights_is_an_error(tmp_pat
                 assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export.partial-*"))
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_processed_bridge_shifts_raw_logits_by_a_constant_per_position_that_no_score_reads(tmp_path, family):
+    """enable_compatibility_mode() centres the unembedding: every logit of a position moves by the same constant (about 1e-2)
+    and a direction's direct logits by one constant per direction. featsteer reads logits only through log-softmax
+    (first-token log-probs, refusal scores, KL) or as differences at one position (logit gaps, token rankings), which the
+    constant cancels from, so those match the Hugging Face model's; the README says so."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM
+
+    from featsteer.directions import logit_lens
+    from featsteer.evaluation import RefusalTokens, first_token_logprobs, refusal_logit_gap, refusal_score
+    from featsteer.testing import random_direction
+
+    model, tokenizer = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    native = load_model(model, tokenizer=tokenizer)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=AutoModelForCausalLM.from_pretrained(tmp_path))
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    lens = load_model(bridge)
+    shift = lens.logits(PROMPTS) - native.logits(PROMPTS)
+    assert shift.abs().max() > 1e-3  # the raw logits differ ...
+    torch.testing.assert_close(shift, shift.mean(-1, keepdim=True).expand_as(shift), atol=1e-5, rtol=0)  # ... by one constant a position
+    tokens = RefusalTokens(refusal=[5, 6, 7], compliance=[8, 9])
+    expected, seen = first_token_logprobs(native, PROMPTS), first_token_logprobs(lens, PROMPTS)
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(refusal_score(seen, tokens), refusal_score(expected, tokens), atol=1e-5, rtol=0)
+    torch.testing.assert_close(refusal_logit_gap(lens.logits(PROMPTS), tokens), refusal_logit_gap(native.logits(PROMPTS), tokens), atol=1e-5, rtol=0)
+    direction = random_direction(lens.d_model)
+    ours, theirs = logit_lens(lens, direction, k=5), logit_lens(native, direction, k=5)
+    assert [t for t, _ in ours.promoted + ours.suppressed] == [t for t, _ in theirs.promoted + theirs.suppressed]
+    moved = torch.tensor([a - b for (_, a), (_, b) in zip(ours.promoted + ours.suppressed, theirs.promoted + theirs.suppressed, strict=True)])
+    torch.testing.assert_close(moved, moved.mean().expand_as(moved), atol=1e-5, rtol=0)  # values: one constant for the direction
+
+
 def test_a_bridge_knows_its_family_particulars(tmp_path):
     """A bridge's config says nothing of post-norms, and every bridge lists a hook_pos_embed: a Gemma 2 bridge claimed no
     post-norms (head attribution ran where heads do not add up), and on a rotary Llama bridge hook_pos_embed never fired,
@@ -585,6 +627,8 @@ def test_an_lfm2_bridge_convolution_layers_write_at_hook_attn_out(tmp_path):
     assert lens.attention_layers == native.attention_layers == [0, 2]
     with pytest.raises(FeatsteerError, match="blocks.1.attn.hook_z does not exist: layer 1 .* hook blocks.1.hook_attn_out"):
         capture(lens, PROMPTS, ["blocks.1.attn.hook_z"], progress=False)
+    assert lens.hook_names(("attn_z",)) == native.hook_names(("attn_z",)) == ["blocks.0.attn.hook_z", "blocks.2.attn.hook_z"]
+    assert set(_record(lens, lens.hook_names(("attn_z",)))[0]) == {"blocks.0.attn.hook_z", "blocks.2.attn.hook_z"}
     hooks = lens.hook_names(("attn_out", "mlp_out"))
     seen, expected = (capture(adapter, PROMPTS, hooks, positions="all", progress=False).activations for adapter in (lens, native))
     torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)
@@ -736,7 +780,8 @@ def test_tl_parallel_block_model_has_no_resid_mid(tmp_path):
 def test_tl_layer_kinds_offer_only_the_norm_points_that_exist(tmp_path):
     """layer_kinds offered ln1/ln2 on a HookedTransformer without norms and ln2 on a Phi-2 bridge (whose attention and MLP
     read one norm), where capturing them failed; on an OLMo 2 bridge, whose ln1/ln2 are its post-norms, ln1 captured the
-    normalised attention output without a word. Each lists only what exists and means what the README says now."""
+    normalised attention output without a word. Each lists only what exists and means what the README says now (a Phi-2
+    bridge's ln2 is its MLP's input, hooked on the Hugging Face norm: test_a_bridge_norm_points_are_the_hugging_face_ones)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -752,7 +797,7 @@ def test_tl_layer_kinds_offer_only_the_norm_points_that_exist(tmp_path):
     vectors = torch.randn(2, plain.d_model, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(direct_logits(plain, vectors), vectors @ plain.model.W_U.detach(), atol=1e-5, rtol=0)  # no final norm
     lenses = {}
-    for family, kinds in (("phi", ["ln1_normalized"]), ("olmo2", [])):
+    for family, kinds in (("phi", ["ln1_normalized", "ln2_normalized"]), ("olmo2", [])):
         model, family_tokenizer = tiny_model(family)
         model.save_pretrained(tmp_path / family)
         family_tokenizer = saved_tokenizer(family_tokenizer, tmp_path / family)
@@ -762,8 +807,61 @@ def test_tl_layer_kinds_offer_only_the_norm_points_that_exist(tmp_path):
         for missing in (kind for kind in NORMS if kind not in kinds):
             with pytest.raises(FeatsteerError, match="does not exist"), lens.hooks([(f"blocks.0.{missing[:3]}.hook_normalized", lambda x, s: x)]):
                 pass
-    with pytest.raises(FeatsteerError, match="no ln2_normalized hook point .*one shared norm"):
-        lenses["phi"].hook_names(("ln2_normalized",))
+
+
+@pytest.mark.parametrize("family", ["gemma4_text", "phi"])
+def test_a_bridge_norm_points_are_the_hugging_face_ones(tmp_path, family):
+    """A Gemma 4 bridge names no ln1/ln2.hook_normalized (only the norms' hook_out, after their weight), so it offered no
+    norm points at all; a Phi-2 bridge's ln1.hook_normalized is the one norm both branches read, so an edit there reached the
+    MLP too and it offered no ln2. Both hook the Hugging Face norms under the bridge now: the same values, and edits that
+    reach only their own branch, as on the Hugging Face adapter."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from featsteer.activations import capture
+    from featsteer.interventions import AddDirection, steer
+    from featsteer.testing import random_direction
+
+    model, tokenizer = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    native = load_model(model, tokenizer=tokenizer)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model)
+    lens = load_model(bridge)
+    assert [kind for kind in lens.layer_kinds if kind in NORMS] == list(NORMS)
+    hooks = lens.hook_names(NORMS)
+    assert hooks == native.hook_names(NORMS) and len(hooks) == 2 * lens.n_layers
+    seen, expected = (capture(adapter, PROMPTS, hooks, positions="all", progress=False).activations for adapter in (lens, native))
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)
+    lens.logits(PROMPTS)  # the bridge adds hooks of its own to the modules it wraps on its first pass
+    before = count_hooks(bridge)
+    for where in ("blocks.1.ln1.hook_normalized", "blocks.1.ln2.hook_normalized"):
+        steering = AddDirection(random_direction(lens.d_model), 3.0, where=where)
+        with steer(native, steering):
+            native_logits = native.logits(PROMPTS)
+        with steer(lens, steering):
+            torch.testing.assert_close(lens.logits(PROMPTS), native_logits, atol=1e-4, rtol=0)
+        assert count_hooks(bridge) == before
+    lens.run(lens.tokenize(PROMPTS), stop_at="blocks.0.ln2.hook_normalized")  # the early stop reaches through as well
+
+
+@pytest.mark.filterwarnings("ignore:Gemma4TextArchitectureAdapter does not support fold_ln")
+def test_a_processed_gemma4_bridge_names_its_missing_norm_points_in_one_line(tmp_path):
+    """A bridge running processed weights keeps its own hook points: a Gemma 4 one has no norm points to offer, and asking
+    for one says what it has and how to get them."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model, tokenizer = tiny_model("gemma4_text")
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model)
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    lens = load_model(bridge)
+    assert not set(NORMS) & set(lens.layer_kinds)
+    message = r"names no ln1_normalized hook point and runs processed weights .*: its hook kinds are resid_pre, attn_out, .*without compatibility mode"
+    with pytest.raises(FeatsteerError, match=message):
+        lens.hook_names(("ln1_normalized",))
+    with pytest.raises(FeatsteerError, match=r"^blocks.0.ln2.hook_normalized does not exist: this TransformerBridge [^\n]*load_model\(path\)"):
+        lens.hook_site("blocks.0.ln2.hook_normalized")
 
 
 def test_a_tl_shortformer_position_embedding_is_not_a_residual_write(tmp_path):
@@ -892,6 +990,35 @@ def test_two_conversions_of_one_gguf_file_at_once_share_the_cache(tmp_path, monk
     assert _converted_gguf(tmp_path / "tiny.gguf") == others[0]
     assert [folder.name for folder in (tmp_path / "cache" / "gguf").iterdir()] == [others[0].name]
     assert load_model(str(tmp_path / "tiny.gguf")).logits(PROMPTS).isfinite().all()
+
+
+def test_a_conversion_removes_the_staging_folders_killed_conversions_left(tmp_path, monkeypatch):
+    """A conversion killed before its rename left its .partial-* folder (a whole model's weights) in the cache for ever. The
+    next conversion removes those whose process is gone, and those of unknown owner unchanged for a day; a folder whose
+    process runs, or that changed lately, may be a conversion at work and stays."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from featsteer.testing import tiny_gguf
+
+    monkeypatch.setenv("FEATSTEER_CACHE", str(tmp_path / "cache"))
+    tiny_gguf(tmp_path / "tiny.gguf")
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host, cache = socket.gethostname(), tmp_path / "cache" / "gguf"
+    folders = {"dead": f".partial-{ended.pid}@{host}-a1", "alive": f".partial-{os.getppid()}@{host}-b2", "own": f".partial-{os.getpid()}@{host}-c3",
+               "elsewhere": f".partial-{ended.pid}@other.invalid-d4", "old": ".partial-e5", "recent": ".partial-f6"}
+    for name in folders.values():
+        (cache / name).mkdir(parents=True)
+        (cache / name / "model.safetensors").write_bytes(b"half a model")
+    day_ago = time.time() - 25 * 3600
+    for path in (cache / folders["old"] / "model.safetensors", cache / folders["old"]):
+        os.utime(path, (day_ago, day_ago))
+    assert load_model(str(tmp_path / "tiny.gguf")).logits(PROMPTS).isfinite().all()
+    assert {path.name for path in cache.glob(".partial-*")} == {folders[kept] for kept in ("alive", "own", "elsewhere", "recent")}
 
 
 def _tensor_dtypes(folder) -> set[str]:

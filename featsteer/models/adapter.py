@@ -312,7 +312,20 @@ class ModelAdapter(ABC):
         if site.kind == "pos_embed" and not self.learned_positions:
             raise FeatsteerError(f"{name} does not exist: this {self.family} model adds no learned position embedding to the stream "
                                  "(GPT-2 does); hook_embed is its token embedding, what enters the stream")
+        if site.kind in HEAD_KINDS and site.layer not in self.attention_layers:
+            raise FeatsteerError(self._no_heads_message(site))
         return site
+
+    def _no_heads_message(self, site: HookSite) -> str:
+        """The error for a per-head hook at a layer whose token mixer has no softmax attention heads (an LFM2 convolution)."""
+        mixer = self._token_mixer(site.layer)
+        how = f"with {mixer}, not" if mixer else "without"
+        return (f"{site.name} does not exist: layer {site.layer} of this {self.family} model mixes tokens {how} softmax attention heads; "
+                f"hook blocks.{site.layer}.hook_attn_out (its output) instead, or a layer in {self.attention_layers}")
+
+    def _token_mixer(self, layer: int) -> str | None:
+        """The class name of layer `layer`'s token mixer, for error messages; None when the backend does not know it."""
+        return None
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:
@@ -330,7 +343,8 @@ class ModelAdapter(ABC):
     def hook_names(self, kinds: Sequence[str] = ("resid_pre",), layers: Sequence[int] | None = None) -> list[str]:
         """List hook names for the given kinds and layers (all layers by default), leaving out kinds this model does not
         have (`layer_kinds`), so `("resid_pre", "resid_mid", "resid_post")` is every residual point of any model.
-        `router_logits` and `routing` are listed at the MoE layers only (`moe_layers`).
+        `router_logits` and `routing` are listed at the MoE layers only (`moe_layers`), `attn_z` at the layers with attention
+        heads only (`attention_layers`: not at LFM2's convolutions).
 
         Raises:
             FeatsteerError: when none of `kinds` exists on this model (the ln1/ln2 inputs of OLMo 2, `resid_mid` of a
@@ -354,8 +368,8 @@ class ModelAdapter(ABC):
                                      "through hook_attn_out and hook_mlp_out")
             raise FeatsteerError(f"{self.family} has no {', '.join(kinds)} hook points (attention and MLP run in parallel on the block's "
                                  "input): use hook_resid_pre or hook_resid_post")
-        moe = set(self.moe_layers)
-        return [hook_name(layer, kind) for layer in layer_ids for kind in kept if kind not in ROUTING_KINDS or layer in moe]
+        at = {kind: set(self.moe_layers) for kind in ROUTING_KINDS} | {kind: set(self.attention_layers) for kind in HEAD_KINDS}
+        return [hook_name(layer, kind) for layer in layer_ids for kind in kept if kind not in at or layer in at[kind]]
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[ModelAdapter]:

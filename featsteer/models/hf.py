@@ -197,6 +197,9 @@ class HFModelAdapter(ModelAdapter):
         first = self.spec.attn.split("|")[0]
         return "|" not in self.spec.attn or self._optional_module(first, layer) is not None
 
+    def _token_mixer(self, layer: int) -> str | None:
+        return type(self._module(self.spec.attn, layer)).__name__
+
     def _input_norm(self, kind: str, layer: int) -> nn.Module | None:
         """The norm whose output a branch reads (`kind`: `ln1_normalized` for the attention, `ln2_normalized` for the MLP),
         None when the branch reads the raw stream. In a parallel block without an MLP norm of its own (StableLM's parallel
@@ -249,11 +252,8 @@ class HFModelAdapter(ModelAdapter):
             handles.append(block.register_forward_pre_hook(_pre_hook(pre), with_kwargs=True))
         handles.extend(self._install_norms(layer, by_site))
         if z := by_site.get((layer, "attn_z")):
-            if not self._is_attention(layer):
-                mixer = type(self._module(self.spec.attn, layer)).__name__
-                raise FeatsteerError(f"{z[0][0].name} does not exist: layer {layer} of this {self.spec.name} model mixes tokens with "
-                                     f"{mixer}, not softmax attention heads; hook blocks.{layer}.hook_attn_out (its output) instead, or a "
-                                     f"layer in {self.attention_layers}")
+            if not self._is_attention(layer):  # hook_site refuses these names; hooks installed directly still get the message
+                raise FeatsteerError(self._no_heads_message(z[0][0]))
             handles.append(self._module(self.spec.attn_out_proj, layer).register_forward_pre_hook(_heads_hook(z, self.n_heads)))
         if attn or mid:
             handles.append(self._join_attention(layer, attn, mid))

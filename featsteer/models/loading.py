@@ -11,8 +11,11 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +26,11 @@ from featsteer.models.adapter import ModelAdapter
 from featsteer.models.families import family_for
 
 logger = logging.getLogger(__name__)
+
+STALE_PARTIAL_SECONDS = 24 * 3600
+"""How long a conversion's staging folder whose owner cannot be asked (written on another machine, or by a featsteer that
+did not record its process) may go unchanged before a later conversion removes it as left by a killed one."""
+_PARTIAL_RE = re.compile(r"^\.partial-(\d+)@(.+)-[^-]+$")
 
 
 def hide_weight_loading_bar() -> None:
@@ -297,7 +305,8 @@ def _converted_gguf(path: Path, dtype: torch.dtype | str = torch.float32) -> Pat
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    _remove_stale_partials(target.parent)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".partial-{os.getpid()}@{socket.gethostname()}-"))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -311,3 +320,39 @@ def _converted_gguf(path: Path, dtype: torch.dtype | str = torch.float32) -> Pat
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _remove_stale_partials(folder: Path) -> None:
+    """Remove the `.partial-*` staging folders that killed conversions left in `folder`: those whose process, recorded in
+    the name as `.partial-PID@HOST-...`, is gone from this machine, and any other one unchanged for `STALE_PARTIAL_SECONDS`.
+    A folder a live conversion is writing is kept: its process runs, or it changes."""
+    host = socket.gethostname()
+    for partial in folder.glob(".partial-*"):
+        match = _PARTIAL_RE.match(partial.name)
+        if match and match.group(2) == host and os.name != "nt":  # on Windows, os.kill(pid, 0) would end the process
+            stale = not _process_alive(int(match.group(1)))
+        else:
+            stale = time.time() - _last_change(partial) > STALE_PARTIAL_SECONDS
+        if stale:
+            logger.info("removing %s, left by a conversion that did not finish", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _last_change(folder: Path) -> float:
+    """The latest modification time of `folder` and the files in it; now when one vanished while it was read (a writer at
+    work, or the folder renamed into place)."""
+    try:
+        return max([folder.stat().st_mtime, *(entry.stat().st_mtime for entry in folder.rglob("*"))])
+    except OSError:
+        return time.time()

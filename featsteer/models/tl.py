@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -36,6 +37,7 @@ class TLModelAdapter(ModelAdapter):
         self.name = name or getattr(model.cfg, "model_name", None) or type(model).__name__
         self.is_bridge = not hasattr(model, "blocks") or type(model).__name__ == "TransformerBridge"
         self._family_adapter = self._known_family() if self.is_bridge else None
+        self._family_norms = self._norms_through_family()
         self._probed: tuple[frozenset[str], frozenset[str]] | None = None
         if self.is_bridge:
             self._probe()  # fail at load time, in one line, when TransformerLens cannot run the bridge (see _probe)
@@ -69,6 +71,24 @@ class TLModelAdapter(ModelAdapter):
             return self._bridged()
         except FeatsteerError:
             return None
+
+    def _norms_through_family(self) -> frozenset[str]:
+        """The `ln1`/`ln2.hook_normalized` points hooked through the bridge's family adapter, on the Hugging Face norms under
+        the bridge, so their values and edits are the Hugging Face adapter's: where the bridge names none (a Gemma 4 bridge
+        names its norms' `hook_out`, the output after the norm's weight, not `hook_normalized`), and where attention and
+        MLP read one norm (a Phi-2 or Cohere bridge's `ln1.hook_normalized` is that norm's output, so an edit there reached
+        the MLP too). None on a bridge running processed weights (`enable_compatibility_mode()`), whose norms no longer
+        scale by the weights the Hugging Face hooks pass a change on with."""
+        family = self._family_adapter
+        if family is None or not family.input_norms or getattr(self.model, "_weights_processed", False):
+            return frozenset()
+        names = set()
+        for layer in range(self.n_layers):
+            norms = {kind: family._input_norm(kind, layer) for kind in NORM_KINDS}
+            shared = norms["ln1_normalized"] is norms["ln2_normalized"]
+            names |= {hook_name(layer, kind) for kind, norm in norms.items()
+                      if norm is not None and (shared or hook_name(layer, kind) not in self.model.hook_dict)}
+        return frozenset(names)
 
     @property
     def attention_layers(self) -> list[int]:
@@ -123,7 +143,12 @@ class TLModelAdapter(ModelAdapter):
             points = self._hook_points()
             sites = {name: site for name in points if (site := _featsteer_site(name, self.n_layers)) is not None}
             fired: set[str] = set()
-            handles = [points[name].register_forward_hook(lambda module, args, output, name=name: fired.add(name)) for name in sites]
+            handles = [points[name].register_forward_hook(lambda module, args, output, name=name: fired.add(name)) for name in sites
+                       if name not in self._family_norms]
+            through_family = [(parse_hook_name(name, self.n_layers), lambda x, site: fired.add(site.name)) for name in self._family_norms]
+            sites |= {site.name: site for site, _ in through_family}
+            if through_family:
+                handles.append(SimpleNamespace(remove=self._family_adapter._install_hooks(through_family)))
             token = next((t for t in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
             try:
                 with torch.no_grad():
@@ -163,7 +188,16 @@ class TLModelAdapter(ModelAdapter):
         named = {site.kind for name in self._silent_hook_points() if (site := _featsteer_site(name, self.n_layers)).layer is not None}
         if self.is_bridge and (silent := [kind for kind in kinds if kind in named - self._probe()[1]]):
             raise FeatsteerError(self._never_called(f"hook kind {', '.join(silent)}"))
+        if self.is_bridge and self.input_norms and kinds and set(kinds) <= set(NORM_KINDS) and not set(kinds) & set(self.layer_kinds):
+            raise FeatsteerError(self._unnamed_norm(f"no {', '.join(kinds)} hook point"))
         return super().hook_names(kinds, layers)
+
+    def _unnamed_norm(self, what: str) -> str:
+        """The error for a norm point of a bridge whose family has input norms, which neither the bridge names nor featsteer
+        reaches through the Hugging Face norms (they run processed weights)."""
+        processed = " and runs processed weights (enable_compatibility_mode())" if getattr(self.model, "_weights_processed", False) else ""
+        return (f"this TransformerBridge ({self.family}) names {what}{processed}: its hook kinds are {', '.join(self.layer_kinds)}; boot it "
+                "without compatibility mode, or load the Hugging Face model itself (load_model(path)) to hook its norms")
 
     def _never_called(self, what: str) -> str:
         advice = "; load the Hugging Face model itself (load_model(path)) to hook it" if self.is_bridge else ""
@@ -176,9 +210,8 @@ class TLModelAdapter(ModelAdapter):
         site = super().hook_site(name)
         if name in self._silent_hook_points():
             raise FeatsteerError(self._never_called(name))
-        if site.kind == "attn_z" and site.layer not in self.attention_layers:
-            raise FeatsteerError(f"{name} does not exist: layer {site.layer} of this {self.family} model mixes tokens without softmax "
-                                 f"attention heads; hook blocks.{site.layer}.hook_attn_out (its output) instead, or a layer in {self.attention_layers}")
+        if site.kind in NORM_KINDS and site.kind not in self.layer_kinds and self.is_bridge and self.input_norms:
+            raise FeatsteerError(f"{name} does not exist: " + self._unnamed_norm("no such hook point"))
         if site.kind in NORM_KINDS and site.kind not in self.layer_kinds:
             raise FeatsteerError(f"{name} does not exist: this {self.family} model has no such norm before its "
                                  f"{'attention' if site.kind == 'ln1_normalized' else 'MLP'}; its hook kinds are {', '.join(self.layer_kinds)}")
@@ -213,8 +246,13 @@ class TLModelAdapter(ModelAdapter):
 
     def _install_hooks(self, hooks: Sequence[tuple[HookSite, HookFn]]) -> Callable[[], None]:
         handles, points = [], self._hook_points()
+        through_family = [(site, fn) for site, fn in hooks if site.name in self._family_norms]
+        if through_family:
+            handles.append(SimpleNamespace(remove=self._family_adapter._install_hooks(through_family)))
         try:
             for site, fn in hooks:
+                if site.name in self._family_norms:
+                    continue
                 point = points.get(site.name)
                 if point is None:
                     raise FeatsteerError(f"hook '{site.name}' does not exist on this TransformerLens model")
