@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from featsteer.activations import capture  # noqa: E402
 from featsteer.datasets import PromptSet, builtin_prompts, load_prompts  # noqa: E402
-from featsteer.demo import layer_separability  # noqa: E402
+from featsteer.demo import best_layer, layer_separability  # noqa: E402
 from featsteer.directions import difference_in_means, separability  # noqa: E402
 from featsteer.files import json_text, write_files  # noqa: E402
 from featsteer.models import load_model  # noqa: E402
@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{SHARED_DATA} not found: the AdvBench vs MT-Bench+IFBench rows are left out", file=sys.stderr)
     model = load_model("organism")
     rows, _ = layer_separability(model)
-    results["dim_builtin"] = {r.hook: {"accuracy": r.separability.accuracy, "auroc": r.separability.auroc} for r in rows}
+    results["dim_builtin"] = {r.hook: {"accuracy": r.separability.accuracy, "auroc": r.separability.auroc,
+                                       "cv_accuracy": r.cv_accuracy, "cv_auroc": r.cv_auroc} for r in rows}
+    results["dim_chosen"] = best_layer(rows).hook
     if SHARED_DATA.is_dir():
         results["dim_real"] = real_dim(model)
     write_files(RESULTS, {"organism.json": json_text(results, indent=1) + "\n", "organism.md": markdown(results)})
@@ -102,13 +104,18 @@ def markdown(results: dict) -> str:
     if "over_refusal_rate" in results["builtin"]:
         lines += ["", f"Over-refusal on the built-in harmless-but-alarming test split: {results['builtin']['over_refusal_rate']:.1%}."]
     lines += ["", "DIM direction (difference in means of last-token `resid_pre`, fitted on the built-in train split), held-out accuracy / AUROC:", "",
-              "| hook | built-in test | AdvBench vs MT-Bench+IFBench |", "|---|---|---|"]
+              "| hook | 3-fold CV on the train split | built-in test | AdvBench vs MT-Bench+IFBench |", "|---|---|---|---|"]
     for hook, row in results["dim_builtin"].items():
         real = results.get("dim_real", {}).get(hook)
         real_text = f"{real['accuracy']:.3f} / {real['auroc']:.3f}" if real else "-"
-        lines.append(f"| {hook} | {row['accuracy']:.3f} / {row['auroc']:.3f} | {real_text} |")
-    best = max(results["dim_builtin"].values(), key=lambda r: r["accuracy"])["accuracy"]
-    lines += ["", f"Best-layer DIM accuracy (built-in test): {best:.3f} (target >= 0.95: {'met' if best >= 0.95 else 'NOT met'}).", "",
+        cv_text = "- (one vector for both classes)" if row["cv_accuracy"] is None else f"{row['cv_accuracy']:.3f} / {row['cv_auroc']:.3f}"
+        lines.append(f"| {hook} | {cv_text} | {row['accuracy']:.3f} / {row['auroc']:.3f} | {real_text} |")
+    chosen = results["dim_chosen"]
+    best = results["dim_builtin"][chosen]["accuracy"]
+    highest = max(row["accuracy"] for row in results["dim_builtin"].values())
+    lines += ["", f"Best-layer DIM accuracy (built-in test) at the layer chosen by 3-fold CV on the train split ({chosen}): "
+              f"{best:.3f} (target >= 0.95: {'met' if best >= 0.95 else 'NOT met'}). The highest held-out accuracy of any layer is "
+              f"{highest:.3f}; choosing the layer by it would report the luckiest of {len(results['dim_builtin'])} test scores.", "",
               "Commands:", ""] + [f"    {results[k]['command']}" for k in ("builtin", "real") if k in results] + [""]
     return "\n".join(lines)
 

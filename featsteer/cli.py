@@ -439,12 +439,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"== refusal behaviour of {result.report.model} (built-in test split)")
     print(result.report.table())
     print("\n== difference-in-means direction per layer (resid_pre, last token; train -> held-out test)")
-    print(f"{'hook':28} {'|mean diff|':>11} {'accuracy':>9} {'AUROC':>7} {'gap (sd)':>9}")
+    print(f"{'hook':28} {'|mean diff|':>11} {'cv acc':>7} {'accuracy':>9} {'AUROC':>7} {'gap (sd)':>9}")
     for row in result.layers:
         s = row.separability
-        print(f"{row.hook:28} {row.mean_diff_norm:11.3f} {s.accuracy:9.3f} {s.auroc:7.3f} {s.gap:9.2f}")
+        cv = "-" if row.cv_accuracy is None else f"{row.cv_accuracy:.3f}"
+        print(f"{row.hook:28} {row.mean_diff_norm:11.3f} {cv:>7} {s.accuracy:9.3f} {s.auroc:7.3f} {s.gap:9.2f}")
     best = result.best
-    print(f"\nbest layer: {best.hook} (held-out accuracy {best.separability.accuracy:.3f})")
+    cv = "" if best.cv_accuracy is None else f", accuracy {best.cv_accuracy:.3f}"
+    print(f"\nbest layer: {best.hook} (chosen by 3-fold CV on the training prompts{cv}; held-out accuracy {best.separability.accuracy:.3f})")
     if result.lens is not None:
         print(f"logit lens of its direction: {result.lens.line()}")
     if result.comparison is not None:

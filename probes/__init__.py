@@ -27,7 +27,7 @@ from probes.controls import SelectivityResult, selectivity
 from probes.ensemble import LayerEnsemble, check_layer_stack
 from probes.linear import DiffMeanProbe, LinearProbe
 from probes.mahalanobis import MahalanobisProbe
-from probes.sweep import LayerSplit, SweepRow, best_row, layer_sweep, plot_sweep, sweep_table
+from probes.sweep import LayerSplit, SweepRow, best_row, layer_sweep, plot_sweep, sweep_table, training_cv
 from probes.whitened import WhitenedProbe
 
 __all__ = [
@@ -54,4 +54,5 @@ __all__ = [
     "seed_everything",
     "selectivity",
     "sweep_table",
+    "training_cv",
 ]

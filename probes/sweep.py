@@ -114,7 +114,7 @@ def layer_sweep(
         X_train = check_activations(X_train, name=f"layer {key} training activations")
         X_test = check_activations(X_test, name=f"layer {key} test activations")
         train_labels = check_labels(y_train, X_train.shape[0], name=f"layer {key} training labels")
-        cv_accuracy, cv_auroc = _training_cv(probe_factory, X_train, train_labels, cv, seed, key=str(key))
+        cv_accuracy, cv_auroc = training_cv(probe_factory, X_train, train_labels, cv, seed, key=str(key))
         result = selectivity(
             probe_factory(), X_train, train_labels, X_test, y_test, n_shuffles=n_shuffles, seed=seed
         )
@@ -137,16 +137,31 @@ def layer_sweep(
     return rows
 
 
-def _training_cv(
+def training_cv(
     probe_factory: Callable[[], Any],
     X: Float[np.ndarray, "n_samples d_model"],
     y: Int[np.ndarray, " n_samples"],
     folds: int,
     seed: int,
     *,
-    key: str,
+    key: str = "",
 ) -> tuple[float, float]:
-    """Mean held-out-fold accuracy and AUROC of fresh probes over stratified folds of the training split only."""
+    """Mean held-out-fold accuracy and AUROC of fresh probes over stratified folds of the training split only.
+
+    Args:
+        probe_factory: Builds an unfitted probe (called once per fold).
+        X: Training activations.
+        y: Labels, 1 = harmful, 0 = harmless.
+        folds: Number of stratified folds, 2 to the smaller class's size.
+        seed: Seed of the fold shuffle.
+        key: Names the layer in the error message.
+
+    Returns:
+        (mean accuracy, mean AUROC) over the held-out folds.
+
+    Raises:
+        ValueError: If ``folds`` is not an int from 2 to the smaller class's size.
+    """
     smallest = int(np.bincount(y, minlength=2).min())
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or not 2 <= folds <= smallest:
         raise ValueError(

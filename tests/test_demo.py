@@ -48,3 +48,28 @@ def test_a_quick_demo_appears_whole_in_its_run_folder(tmp_path):
     assert result.run_dir == tmp_path / "run" and (tmp_path / "run" / "index.html").is_file()
     assert {p.name for p in tmp_path.iterdir()} == {"run"}
     assert {"eval.json", "dim_layers.json", "logit_lens.json", "directions"} <= {p.name for p in (tmp_path / "run").iterdir()}
+
+
+def test_the_best_dim_layer_is_chosen_on_the_training_prompts_not_the_test_split():
+    """A layer whose held-out accuracy happens to be highest is not chosen over one that cross-validates better on the
+    training prompts: choosing by the test split would report its luckiest score. Ties go to cv AUROC, then the earliest
+    layer; a layer without a training direction (None) comes last."""
+    from featsteer.demo import LayerRow, best_layer
+    from featsteer.directions import Separability
+
+    def row(layer, held_out, cv, cv_auroc=1.0):
+        return LayerRow(f"blocks.{layer}.hook_resid_pre", layer, 1.0, Separability(held_out, held_out, 1.0), cv, cv_auroc)
+
+    lucky, steady = row(1, 0.97, 0.90), row(2, 0.93, 0.98)
+    assert best_layer([lucky, steady]).layer == 2
+    assert best_layer([row(0, 0.99, None, None), row(3, 0.9, 1.0, 0.99), row(1, 0.8, 1.0)]).layer == 1
+    assert best_layer([row(2, 0.9, 1.0), row(1, 0.8, 1.0)]).layer == 1
+
+
+def test_layer_separability_cross_validates_dim_on_the_organisms_training_prompts():
+    from featsteer.demo import layer_separability
+    from featsteer.models import load_model
+
+    rows, _ = layer_separability(load_model("organism"), n_train=24)
+    assert rows[0].cv_accuracy is None  # layer 0's last token is a template token: one vector for both classes
+    assert all(0.5 < r.cv_accuracy <= 1.0 and 0.5 < r.cv_auroc <= 1.0 for r in rows[1:])
