@@ -374,10 +374,11 @@ def test_abliterate_layers_with_a_search_and_compare_layers_record_them(capsys, 
     assert setup["chosen"]["dim"]["hook"].startswith("blocks.1.")
     for extra, message in ((("--layers", "1", "--method", "sae", "--sae", "organism"), "--method sae picks SAE features: drop --layers"),
                            (("--layers", "1", "--directions", str(tmp_path / "a")), "--directions DIR brings its direction: drop --layers"),
-                           (("--layers", "3"), "all in the last 20% of"), (("--layers", "0,9"), "name layer 9 but organism has 4 layers"),
+                           (("--layers", "3"), "all in the last 20% of"), (("--layers", "0"), "6 not in layers): only layers below 3"), (("--layers", "0,9"), "name layer 9 but organism has 4 layers"),
                            (("--layers", "1-"), "--layers 1-: give layer numbers")):
         code, _, err = _run(capsys, "abliterate", *common, *extra, "--out", str(tmp_path / "bad"))
         assert code == 2 and message in err and err.count("\n") == 1, err
+    assert "list other layers (--layers)" in _run(capsys, "abliterate", *common, "--layers", "0", "--out", str(tmp_path / "bad"))[2]
     code, _, err = _run(capsys, "compare", *common, "--layers", "x", "--out", str(tmp_path / "bad"))
     assert code == 2 and "--layers x: give layer numbers" in err
 

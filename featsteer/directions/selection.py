@@ -334,7 +334,8 @@ def select_direction(
         reasons = ", ".join(f"{count} {reason}" for reason, count in Counter(c.reason for c in scores).items())
         raise FeatsteerError(f"no candidate direction could be scored ({reasons}): only layers below {max_layer} of the model's "
                              f"{model.n_layers} count (the last {config.skip_last_fraction:.0%} are skipped), and a zero direction (both sets' means "
-                             "coincide, as at layer 0 on a template token) has nothing to ablate; use a model with more layers")
+                             "coincide, as at layer 0 on a template token) has nothing to ablate; "
+                             + ("list other layers (--layers)" if config.layers is not None else "use a model with more layers"))
     if not kept:
         raise FeatsteerError(
             f"no candidate direction passed the filters (KL <= {config.kl_threshold}, induces refusal, layer < {max_layer}); "
