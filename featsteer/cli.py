@@ -140,8 +140,14 @@ def _layer_list(spec: str) -> list[int]:
     return list(dict.fromkeys(layer_ids))
 
 
+_SELECT_LAYERS_HELP = ("choose the direction among candidates at these layers only, e.g. 4-12 or 4,8,12 (default: every layer; "
+                       "the last 20%% are skipped as always): only those are scored, the slow part. Every layer's candidate is "
+                       "still computed (one capture) for --scope per_layer, the search and compare's per-layer methods; "
+                       "a --search keeps its direction layer within the listed range")
+
+
 def _layers_option(spec: str | None) -> tuple[int, ...] | None:
-    """`--layers SPEC` of `probe` and `directions` as layer numbers (None: every layer).
+    """`--layers SPEC` of `probe`, `directions`, `abliterate` and `compare` as layer numbers (None: every layer).
 
     Raises:
         FeatsteerError: for a list that does not parse.
@@ -495,10 +501,11 @@ def _direction_config(args: argparse.Namespace, method: str | None = None):
     chosen = method or args.method
     if args.rank is not None and chosen != "svd" and args.command != "compare":
         raise FeatsteerError(f"--rank sets the size of an SVD subspace (--method svd), not of --method {chosen}: drop it")
-    layer_ids = _layers_option(getattr(args, "layers", None))  # `featsteer directions --layers`; abliterate and compare read every layer
+    layer_ids = _layers_option(getattr(args, "layers", None))
+    # directions --layers reads candidates there only; abliterate and compare compute every layer's and score the listed ones
     return DirectionConfig(method=chosen, rank=2 if args.rank is None else args.rank, positions=args.positions, n_select=args.n_select,
                            kl_threshold=args.kl_threshold, batch_size=args.batch_size, filter_train=args.filter_train,
-                           screen=args.screen, layers=layer_ids)
+                           screen=args.screen, layers=layer_ids, keep_every_layer=args.command in ("abliterate", "compare"))
 
 
 def _load_pair(args: argparse.Namespace):
@@ -683,6 +690,10 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
         raise FeatsteerError("--optimize-option sets how --optimize STEPS trains the direction: add --optimize")
     optimize = _optimize_config(args)  # a bad --optimize-option fails before the model loads
     args.held_out = _load_held_out(args)  # a missing or empty --eval-* file fails before the model loads
+    if args.layers is not None and (args.directions or args.method == "sae"):
+        raise FeatsteerError("--layers limits the layers a direction is chosen among; "
+                             + ("--directions DIR brings its direction" if args.directions else "--method sae picks SAE features")
+                             + ": drop --layers")
     if args.directions:
         return _abliterate_saved(args, mode, warm_start)
     if args.direction_hook is not None or args.direction_position is not None:
@@ -1801,6 +1812,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     abl = sub.add_parser("abliterate", help="edit the weights against the selected direction and export the model")
     add_direction_args(abl, extra_methods=("sae",))
+    abl.add_argument("--layers", metavar="LIST", help=_SELECT_LAYERS_HELP)
     abl.add_argument("--sae", metavar="SRC", help="SAEs for --method sae: organism | folder of <hook_name>/ SAE folders | one SAE folder")
     abl.add_argument("--sae-top-k", type=int, help="--method sae: decoder rows projected out (default: picked on the validation prompts "
                                                    "from 1, 2, 4, 8, 16, as featsteer compare picks it)")
@@ -1912,6 +1924,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp_ = sub.add_parser("compare", help="every method on the same prompts: results.json, report.html, Pareto plot")
     add_direction_args(cmp_)
+    cmp_.add_argument("--layers", metavar="LIST", help=_SELECT_LAYERS_HELP)
     for action in cmp_._actions:
         if action.dest in ("harmful", "harmless", "out"):
             action.required = False

@@ -61,6 +61,11 @@ class DirectionConfig:
     """Read candidates at these layers only (`featsteer directions --layers`; None: every layer). The selection's
     late-layer rule (`SelectionConfig.skip_last_fraction`) counts the model's layers, not these, so a late layer named
     here is still skipped."""
+    keep_every_layer: bool = False
+    """With `layers`: still capture and compute candidates at every layer, and let only the selection (the ablated pass
+    over the validation prompts per candidate, most of the time) keep to `layers` (`abliterate --layers`,
+    `compare --layers`). The per-layer scope, the search, LEACE and the angular plane read every layer's candidate, and
+    one capture pass reads them all. False (`directions --layers`): capture and compute at `layers` only."""
 
     def __post_init__(self) -> None:
         from featsteer.directions.selection import SelectionConfig
@@ -264,7 +269,7 @@ def split(prompts: PromptSet, val_fraction: float) -> tuple[PromptSet, PromptSet
 def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: PromptSet, config: DirectionConfig | None = None,
                            val: tuple[PromptSet, PromptSet] | None = None, *, keep_activations: bool = False,
                            reuse: DirectionResult | None = None) -> DirectionResult:
-    """Capture train activations at every layer, compute candidates, select one on validation prompts.
+    """Capture train activations at every layer (or `config.layers`), compute candidates, select one on validation prompts.
 
     Args:
         model: the model.
@@ -297,8 +302,8 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
             if len(prompts) < 2:
                 raise FeatsteerError(f"the {name} prompt set has {len(prompts)} prompts: need at least 2")
     key = (model.name, config.kind, config.positions, config.filter_train, None if val is not None else config.val_fraction,
-           harmful.sha256, harmless.sha256, config.layers)
-    training_layers(model, config)  # a layer list the model or the selection cannot use fails before any forward pass
+           harmful.sha256, harmless.sha256, config.layers, config.keep_every_layer)
+    listed = training_layers(model, config)  # a layer list the model or the selection cannot use fails before any forward pass
     start = time.perf_counter()
     if reuse is not None:
         if reuse.activations is None:
@@ -323,7 +328,7 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
     selection = select_direction(
         model, candidates, harmful_val.head(min(config.n_select, len(harmful_val))), harmless_val.head(min(config.n_select, len(harmless_val))),
         SelectionConfig(kl_threshold=config.kl_threshold, batch_size=config.batch_size, top_k=config.top_k,
-                        screen=config.screen),
+                        screen=config.screen, layers=None if listed is None else tuple(listed)),
     )
     timings = {**({"filter_s": filtered - start} if kept and reuse is None else {}), "capture_s": captured - filtered,
                "directions_s": found - captured, "selection_s": time.perf_counter() - found, **({"reused_capture": True} if reuse else {})}
@@ -364,7 +369,7 @@ def capture_training(model: ModelAdapter, harmful_train: PromptSet, harmless_tra
     if config.filter_train:
         harmful_train, harmless_train, kept = filter_by_refusal(model, harmful_train, harmless_train, config.batch_size)
     filtered = time.perf_counter()
-    hooks = model.hook_names((config.kind,), training_layers(model, config))
+    hooks = model.hook_names((config.kind,), None if config.keep_every_layer else training_layers(model, config))
     acts = tuple(capture(model, prompts, hooks, positions=config.positions, batch_size=config.batch_size, label=label)
                  for prompts, label in ((harmful_train, "harmful"), (harmless_train, "harmless")))
     return (harmful_train, harmless_train), acts, kept, filtered

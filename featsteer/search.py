@@ -854,7 +854,10 @@ def search_abliteration(
         check_per_layer_kind(kind)
     position = chosen.position if config.position is None else config.position
     table = layer_directions(result.candidates, position, kind)
+    listed = result.candidates.provenance.get("layers")  # the selection kept to these (abliterate --layers): so does the search
     bounds = config.space.bounds(model.n_layers, table.shape[0], first_usable_layer(table), kind)
+    if listed:
+        bounds["direction_layer"] = _listed_range(bounds["direction_layer"], listed)
     proxy = tuple(list(s)[: config.n_proxy_prompts] for s in result.val)
     eval_sets = (list(result.val[0] if eval_harmful is None else eval_harmful),
                  list(result.val[1] if eval_harmless is None else eval_harmless))
@@ -863,9 +866,24 @@ def search_abliteration(
     # trials were taken against other directions (another --positions, other prompts, bfloat16) must not be mixed in
     setup = {"model": model.name, "n_layers": model.n_layers, "method": result.candidates.method, "position": position, "kind": kind,
              "harmful_sha256": provenance.get("harmful_sha256"), "harmless_sha256": provenance.get("harmless_sha256"),
-             "directions_sha256": basis_sha256(table), "dtype": str(model.dtype).removeprefix("torch.")}
+             "directions_sha256": basis_sha256(table), "dtype": str(model.dtype).removeprefix("torch."),
+             **({"layers": sorted(set(listed))} if listed else {})}  # only when given, so earlier studies still resume
     source = _DirectionSource(table=table, scopes=config.space.scopes, kind=kind)
     return _search(model, source, bounds, chosen.layer, proxy, eval_sets, setup, Path(out_dir), config, detector, warm_start)
+
+
+def _listed_range(span: tuple[float, float], layers: Sequence[int]) -> tuple[float, float]:
+    """The direction layer's range `span` cut to run from the first to the last of `layers` (those the selection kept to).
+
+    Raises:
+        FeatsteerError: when no listed layer lies in `span` (all below the first non-zero direction at the searched
+            position, or above the search's top layer).
+    """
+    low, high = max(span[0], float(min(layers))), min(span[1], float(max(layers)))
+    if low > high:
+        raise FeatsteerError(f"the search's direction layer ranges over {span[0]:g}..{span[1]:g} and the layers {sorted(set(layers))} "
+                             "the direction was chosen among lie outside it: list layers in that range")
+    return low, high
 
 
 def search_fixed_abliteration(

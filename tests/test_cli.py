@@ -335,6 +335,54 @@ def test_probe_and_directions_layers_sweep_a_subset_with_the_full_sweeps_numbers
             _layer_list(bad)
 
 
+def test_abliterate_and_compare_layers_score_the_listed_layers_as_the_full_run_does():
+    """abliterate/compare --layers: every layer's candidate is still computed (the per-layer scope, the search and LEACE
+    read them), and only the listed layers' are scored, each exactly as in a run over every layer."""
+    from featsteer.datasets import load_prompts
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    model = load_model("organism")
+    harmful, harmless = (load_prompts(f"builtin:{name}:train", limit=24) for name in ("harmful", "harmless"))
+    full, listed = (find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=6, top_k=None, **extra))
+                    for extra in ({}, {"layers": (1,), "keep_every_layer": True}))
+    assert listed.candidates.hook_names == full.candidates.hook_names and torch.equal(listed.candidates.bases, full.candidates.bases)
+    assert listed.candidates.provenance["layers"] == [1] and "layers" not in full.candidates.provenance
+    scores = lambda c: repr((c.hook, c.position, c.refusal_ablated, c.kl_harmless, c.refusal_induced, c.kept, c.reason))  # noqa: E731
+    by_index = {c.index: c for c in full.selection.candidates}
+    assert all(scores(c) == scores(by_index[c.index]) if c.layer == 1 else c.reason == "not in layers" for c in listed.selection.candidates)
+    chosen = listed.selection.chosen
+    assert chosen.layer == 1 and scores(chosen) == scores(by_index[chosen.index])
+    assert full.selection.chosen.layer != 1  # the full run chooses elsewhere: the restriction mattered
+
+
+def test_abliterate_layers_with_a_search_and_compare_layers_record_them(capsys, tmp_path):
+    common = ("--model", "organism", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "24",
+              "--n-select", "6", "--max-new-tokens", "4")
+    code, out, err = _run(capsys, "abliterate", *common, "--eval-n", "3", "--layers", "1", "--search", "3", "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    record = json.loads((tmp_path / "a" / "featsteer.json").read_text())
+    assert record["direction_hook"].startswith("blocks.1.") and record["provenance"]["layers"] == [1]
+    search = json.loads((tmp_path / "a-search" / "pareto.json").read_text())
+    assert search["setup"]["layers"] == [1] and search["setup"]["bounds"]["direction_layer"] == [1.0, 1.0]
+    assert {t["params"]["direction_layer"] for t in search["trials"]} == {1.0}
+    code, _, err = _run(capsys, "compare", *common, "--methods", "dim_abliteration,dim_per_layer_abliteration,leace_hook",
+                        "--layers", "1", "--out", str(tmp_path / "c"))
+    assert code == 0, err
+    setup = json.loads((tmp_path / "c" / "results.json").read_text())["setup"]
+    assert setup["directions"]["layers"] == [1] and setup["directions"]["keep_every_layer"] is True
+    assert setup["chosen"]["dim"]["hook"].startswith("blocks.1.")
+    for extra, message in ((("--layers", "1", "--method", "sae", "--sae", "organism"), "--method sae picks SAE features: drop --layers"),
+                           (("--layers", "1", "--directions", str(tmp_path / "a")), "--directions DIR brings its direction: drop --layers"),
+                           (("--layers", "3"), "all in the last 20% of"), (("--layers", "0"), "6 not in layers): only layers below 3"), (("--layers", "0,9"), "name layer 9 but organism has 4 layers"),
+                           (("--layers", "1-"), "--layers 1-: give layer numbers")):
+        code, _, err = _run(capsys, "abliterate", *common, *extra, "--out", str(tmp_path / "bad"))
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    assert "list other layers (--layers)" in _run(capsys, "abliterate", *common, "--layers", "0", "--out", str(tmp_path / "bad"))[2]
+    code, _, err = _run(capsys, "compare", *common, "--layers", "x", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "--layers x: give layer numbers" in err
+
+
 def test_abliterate_per_layer_scope_exports_and_reloads(capsys, tmp_path):
     from featsteer.models import load_model
 

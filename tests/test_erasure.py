@@ -118,7 +118,7 @@ def test_an_eraser_fitted_on_mean_last_erases_each_token_of_the_window(llama_ada
     eraser, seen = erasers[(hook, -1)], {}
     batch = llama_adapter.tokenize(harmful)
     with llama_adapter.hooks([(hook, lambda x, s: seen.__setitem__("before", x.clone()))]), steer(llama_adapter, Erase(erasers)), \
-            llama_adapter.hooks([(hook, lambda x, s: seen.__setitem__("after", x.clone()))]):
+            llama_adapter.hooks([(hook, lambda x, s, seen=seen: seen.__setitem__("after", x.clone()))]):
         llama_adapter.run(batch)
     torch.testing.assert_close(seen["after"][:, -3:].mean(1), eraser(seen["before"][:, -3:].mean(1)), atol=1e-4, rtol=0)
     torch.testing.assert_close(seen["after"][:, :-3], seen["before"][:, :-3])
@@ -139,3 +139,38 @@ def test_erasers_refuse_instruction_end_rows_at_different_offsets():
         fit_leace_erasers(*ends)
     stripped = [capture(adapter, [p.rstrip() for p in prompts], hooks, positions="instruction_end", progress=False) for prompts in sets]
     assert len(fit_leace_erasers(*stripped)) == 1
+
+
+def test_erase_finds_each_prompts_own_template_positions():
+    """Erasers fitted on prompts without a trailing space, applied to one with it: its instruction's end merges with the
+    template's first token, so the template tail starts a token later. The instruction_end eraser acts at that prompt's
+    own instruction end (it acted at the fitted offset from the end, a token inside the instruction), and the
+    post_instruction eraser fitted at the first template token leaves the merged token (part instruction) alone."""
+    from featsteer.activations import capture
+    from featsteer.interventions import fit_leace_erasers
+    from tests.test_activations import _merging_adapter
+
+    adapter, hook = _merging_adapter(), "blocks.1.hook_resid_pre"
+    sets = [[f"{topic} {i}" for i in range(12)] for topic in ("harmful request", "kind question")]
+    prompts = ["harmful request 3 ", "kind question 5"]  # a trailing space, and none
+    tails = adapter.tokenize(prompts).n_post_instruction.tolist()
+    assert tails[0] == tails[1] - 1
+    width = adapter.tokenize(prompts).input_ids.shape[1]
+    for positions, expected in (("instruction_end", [{width - 1 - tails[0]}, {width - 1 - tails[1]}]),
+                                ("post_instruction", [set(range(width - tails[0], width)), set(range(width - tails[1], width))])):
+        erasers = fit_leace_erasers(*(capture(adapter, texts, [hook], positions=positions, progress=False) for texts in sets))
+        seen = {}
+        with adapter.hooks([(hook, lambda x, s, seen=seen: seen.__setitem__("before", x.clone()))]), steer(adapter, Erase(erasers)), \
+                adapter.hooks([(hook, lambda x, s, seen=seen: seen.__setitem__("after", x.clone()))]):
+            adapter.run(adapter.tokenize(prompts))
+        changed = [set((seen["after"][row] != seen["before"][row]).any(-1).nonzero().flatten().tolist()) for row in range(2)]
+        assert changed == expected, positions
+        assert {e.positions for e in erasers.values()} == {positions}
+        with steer(adapter, Erase(erasers)):  # generation and run_continued carry each prompt's count as well
+            assert len(adapter.generate(prompts, max_new_tokens=2)) == 2
+            adapter.run_continued(adapter.tokenize(prompts), [[5], [6, 7]])
+    with pytest.raises(FeatsteerError, match="tokens after its instruction"), steer(adapter, Erase(erasers)):
+        from featsteer.models import TokenBatch
+
+        batch = adapter.tokenize(prompts)
+        adapter.run(TokenBatch(batch.input_ids, batch.attention_mask))  # no post-instruction counts

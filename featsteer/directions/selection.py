@@ -58,6 +58,9 @@ class SelectionConfig:
     """When no candidate passes the filters, pick one of the scored candidates anyway (logged as a warning
     and marked in the table) instead of failing: the lowest KL among those whose ablation brings the mean
     refusal log-odds below 0 (harmful prompts predicted to comply), else the lowest refusal score."""
+    layers: tuple[int, ...] | None = None
+    """Score only the candidates at hooks of these layers (`abliterate --layers`, `compare --layers`); the others get a
+    row with reason `not in layers` and no score, as late layers do. None scores every layer."""
 
     def __post_init__(self) -> None:
         if self.screen is not None and self.screen < 1:
@@ -68,6 +71,8 @@ class SelectionConfig:
             raise FeatsteerError(f"skip_last_fraction must lie in [0, 1) (the share of last layers skipped), got {self.skip_last_fraction}")
         if self.top_k is not None and self.top_k < 1:
             raise FeatsteerError(f"top_k must be at least 1 (candidates given the KL and induce checks) or None for all, got {self.top_k}")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise FeatsteerError(f"layers must name at least one layer, each >= 0 (None: every layer), got {self.layers}")
 
 
 @dataclass(frozen=True)
@@ -279,6 +284,7 @@ def select_direction(
     layers = [model.hook_site(hook).layer or 0 for hook in candidates.hook_names]
     max_layer = late_layer_start(model.n_layers, config.skip_last_fraction)
     late = [is_late_layer(model, hook, config.skip_last_fraction) for hook in candidates.hook_names]
+    unlisted = [config.layers is not None and layer not in config.layers for layer in layers]
     estimates: dict[int, float] = {}
 
     def row(i: int, *values, reason: str, kept: bool = False) -> CandidateScore:
@@ -288,7 +294,9 @@ def select_direction(
     scores: list[CandidateScore] = []
     eligible: list[int] = []
     for i in range(len(candidates)):
-        if late[i] or float(weighted_basis(candidates, i).norm()) == 0:
+        if unlisted[i]:
+            scores.append(row(i, nan, nan, nan, reason="not in layers"))
+        elif late[i] or float(weighted_basis(candidates, i).norm()) == 0:
             scores.append(row(i, nan, nan, nan, reason="late layer" if late[i] else "zero direction"))
         else:
             eligible.append(i)
@@ -326,7 +334,8 @@ def select_direction(
         reasons = ", ".join(f"{count} {reason}" for reason, count in Counter(c.reason for c in scores).items())
         raise FeatsteerError(f"no candidate direction could be scored ({reasons}): only layers below {max_layer} of the model's "
                              f"{model.n_layers} count (the last {config.skip_last_fraction:.0%} are skipped), and a zero direction (both sets' means "
-                             "coincide, as at layer 0 on a template token) has nothing to ablate; use a model with more layers")
+                             "coincide, as at layer 0 on a template token) has nothing to ablate; "
+                             + ("list other layers (--layers)" if config.layers is not None else "use a model with more layers"))
     if not kept:
         raise FeatsteerError(
             f"no candidate direction passed the filters (KL <= {config.kl_threshold}, induces refusal, layer < {max_layer}); "

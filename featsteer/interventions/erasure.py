@@ -12,15 +12,20 @@ fitted activations, and among all affine erasers with that property it moves the
 ablation (`x - r r.x` with `r` the unit mean difference) also equalises the class means, but moves `x` along `r` by
 whatever `x` has there, class-related or not; LEACE moves it only by what predicts the class.
 
-`Erase` applies one eraser per (hook, position) to the prompt pass, at the positions it was fitted at (counted
-from the end of the prompt, as `capture` labels them), and leaves generated tokens alone: the eraser was fitted on
-the prompt's template tokens and its centring means nothing elsewhere.
+`Erase` applies one eraser per (hook, position) to the prompt pass, at the positions it was fitted at, and leaves
+generated tokens alone: the eraser was fitted on the prompt's template tokens and its centring means nothing elsewhere.
+Positions are found in each prompt the way `capture` found them in the fitted ones: `last` and `mean_last:K` count from
+the end of the prompt; a `post_instruction` eraser acts at its offset from the end only in prompts that have that many
+tokens after the instruction (a prompt whose last characters merge with the template's first token, such as one ending
+in a space before a plain-text template, has one fewer, and that token, part instruction, is left alone); an
+`instruction_end` eraser acts at each prompt's own instruction end, wherever its template tail puts it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from jaxtyping import Float
@@ -33,8 +38,13 @@ from featsteer.interventions.positions import PositionTracker
 from featsteer.interventions.steering import Intervention, _check_width
 from featsteer.models import HookFn, ModelAdapter
 
+logger = logging.getLogger(__name__)
+
 MIN_ROWS = 4
 """Fewest activation rows per class a fit accepts."""
+
+TEMPLATE_POSITIONS = ("post_instruction", "instruction_end")
+"""Position selectors whose rows `Erase` locates from each prompt's own count of tokens after its instruction."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,9 @@ class LeaceEraser:
     """Class-mean difference, harmful minus harmless: what the eraser writes."""
     reader: Float[Tensor, " d_model"]
     """Whitened probe direction with `reader . direction = 1`: what the eraser reads."""
+    positions: str | None = None
+    """The capture's position selector the fitted rows were read at (`fit_leace_erasers` sets it): how `Erase` finds
+    the eraser's token in each prompt (see the module docstring). None: counted from the end of the prompt."""
 
     def __call__(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         mean, direction, reader = (t.to(x.device, x.dtype) for t in (self.mean, self.direction, self.reader))
@@ -119,6 +132,7 @@ def fit_leace_erasers(harmful: ActivationSet, harmless: ActivationSet, *, shrink
         for position in harmful.position_labels:
             eraser = fit_leace(harmful.at_position(hook, position), harmless.at_position(hook, position), shrinkage=shrinkage)
             if eraser is not None:
+                eraser = replace(eraser, positions=harmful.positions)
                 erasers.update({(hook, at): eraser for at in window or (position,)})
     if not erasers:
         raise FeatsteerError("harmful and harmless activations are identical at every hook and position: nothing to erase")
@@ -130,7 +144,8 @@ class Erase(Intervention):
     """LEACE erasers applied on the prompt pass at their hooks and positions (see the module docstring)."""
 
     erasers: Mapping[tuple[str, int], LeaceEraser]
-    """`(hook_name, position) -> eraser`; positions count from the end of the prompt (-1: its last token)."""
+    """`(hook_name, position) -> eraser`; positions count from the end of the prompt (-1: its last token), as `capture`
+    labels them; an `instruction_end` eraser's position is the fitted prompts' and moves with each prompt's own."""
 
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, HookFn]]:
         by_hook: dict[str, dict[int, LeaceEraser]] = {}
@@ -142,18 +157,49 @@ class Erase(Intervention):
         return [(hook, _erase_hook(model, at)) for hook, at in by_hook.items()]
 
 
+def _template_tails(model: ModelAdapter, rows: int) -> Tensor:
+    """Each prompt's count of tokens after its instruction in the current pass, or a one-line error when the pass has none."""
+    tails = model.pass_post_instruction
+    if tails is None or tails.numel() != rows:
+        raise FeatsteerError("Erase finds post_instruction and instruction_end positions from each prompt's tokens after its "
+                             "instruction, which this pass does not carry: run prompts through the model's tokenize (run, "
+                             "logits, generate), not a hand-made TokenBatch")
+    return tails.long().cpu()
+
+
+def _erase_rows(eraser: LeaceEraser, position: int, prompt_length: int, tails: Tensor | None, rows: int) -> tuple[Tensor, Tensor]:
+    """`(row, column)` of each prompt's token that `eraser`, keyed at `position`, acts on in a pass whose prompt is
+    `prompt_length` wide (left-padded): see the module docstring."""
+    batch = torch.arange(rows)
+    if eraser.positions == "instruction_end":
+        return batch, prompt_length - 1 - tails
+    column = torch.full((rows,), prompt_length + position, dtype=torch.long)
+    if eraser.positions == "post_instruction":
+        has = tails >= -position
+        return batch[has], column[has]
+    return batch, column
+
+
 def _erase_hook(model: ModelAdapter, erasers: Mapping[int, LeaceEraser]) -> HookFn:
     tracker = PositionTracker(model=model)
+    per_prompt = any(e.positions in TEMPLATE_POSITIONS for e in erasers.values())
+    warned: set[int] = set()
 
     def hook(x: Tensor, site) -> Tensor | None:
         generated = tracker.generated_mask(x.shape[0], x.shape[1], x.device)
         if bool(generated[:, 0].all()):  # a decoding step of a cached backend: no prompt token here
             return None
+        tails = _template_tails(model, x.shape[0]) if per_prompt else None
         out = x.clone()
         for position, eraser in erasers.items():
-            index = tracker.prompt_length + position
-            if 0 <= index < x.shape[1]:
-                out[:, index] = eraser(x[:, index])
+            rows, columns = _erase_rows(eraser, position, tracker.prompt_length, tails, x.shape[0])
+            if len(rows) < x.shape[0] and position not in warned:
+                warned.add(position)
+                logger.info("LEACE eraser at post-instruction position %d left alone in %d of %d prompts, whose instruction's end "
+                            "merges with the template's first token (fewer tokens after it)", position, x.shape[0] - len(rows), x.shape[0])
+            inside = (columns >= 0) & (columns < x.shape[1])
+            rows, columns = rows[inside].to(x.device), columns[inside].to(x.device)
+            out[rows, columns] = eraser(x[rows, columns])
         return out
 
     return hook

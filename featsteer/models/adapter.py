@@ -132,6 +132,10 @@ class ModelAdapter(ABC):
     pass_attention_mask: Tensor | None = None
     """During a forward pass of `run` or `generate`: the `(batch, pos)` attention mask of the sequence so far (1 at
     real tokens, 0 at left padding); None outside one. Hooks that pool over positions read it to skip padding."""
+    pass_post_instruction: Tensor | None = None
+    """During a forward pass of `run`, `run_continued` or `generate`: each prompt's number of tokens after its instruction
+    (`TokenBatch.n_post_instruction`, empty for a batch not made by `tokenize`); None outside one. Hooks that act at the
+    chat template's tokens read it to find them in each prompt (`interventions.Erase`)."""
     _prepasses: tuple[Callable[[TokenBatch], None], ...] = ()
     _in_prepass: bool = False
 
@@ -409,14 +413,14 @@ class ModelAdapter(ABC):
         """Run the installed pre-passes on a prompt batch (not from inside one), leaving the pass state as it was."""
         if not self._prepasses or self._in_prepass:
             return
-        state = (self.generation_step, self.generation_prompt_length, self.pass_attention_mask)
+        state = (self.generation_step, self.generation_prompt_length, self.pass_attention_mask, self.pass_post_instruction)
         self._in_prepass, self.generation_step = True, None
         try:
             for fn in self._prepasses:
                 fn(batch)
         finally:
             self._in_prepass = False
-            self.generation_step, self.generation_prompt_length, self.pass_attention_mask = state
+            self.generation_step, self.generation_prompt_length, self.pass_attention_mask, self.pass_post_instruction = state
 
     def format_prompts(self, instructions: Sequence[str], system: str | None = None) -> list[FormattedPrompt]:
         """Render instructions through the chat template (see `featsteer.models.chat`)."""
@@ -487,7 +491,7 @@ class ModelAdapter(ABC):
         stop_site = self.hook_site(stop_at) if stop_at else None
         self._prepass(batch)
         remove = self._install_hooks([(stop_site, _raise_stop)]) if stop_site else (lambda: None)
-        self.pass_attention_mask = batch.attention_mask
+        self.pass_attention_mask, self.pass_post_instruction = batch.attention_mask, batch.n_post_instruction
         try:
             with torch.enable_grad() if grad else torch.inference_mode():
                 logits, _ = self._forward(batch, None, False, 1 if last_only else 0)
@@ -496,7 +500,7 @@ class ModelAdapter(ABC):
             return None
         finally:
             remove()
-            self.pass_attention_mask = None
+            self.pass_attention_mask = self.pass_post_instruction = None
 
     def run_continued(self, batch: TokenBatch, continuations: Sequence[Sequence[int]], *, grad: bool = False,
                       last_only: bool = False) -> Tensor:
@@ -533,12 +537,13 @@ class ModelAdapter(ABC):
                 mask[row, width : width + len(tokens)] = 1
         full = TokenBatch(input_ids, mask)
         self.generation_step, self.generation_prompt_length, self.pass_attention_mask = 1, width, mask
+        self.pass_post_instruction = batch.n_post_instruction
         try:
             with torch.enable_grad() if grad else torch.inference_mode():
                 logits, _ = self._forward(full, None, False, 1 if last_only else extra + 1)
             return logits[:, -1:] if last_only else logits[:, -(extra + 1):]
         finally:
-            self.generation_step = self.pass_attention_mask = None
+            self.generation_step = self.pass_attention_mask = self.pass_post_instruction = None
 
     def logits(
         self, instructions: Sequence[str], *, system: str | None = None, batch_size: int = 16,
@@ -654,7 +659,7 @@ class ModelAdapter(ABC):
         first_logits: Tensor | None = None
         step, cache = batch, None
         self._prepass(batch)
-        self.generation_prompt_length = batch.input_ids.shape[1]
+        self.generation_prompt_length, self.pass_post_instruction = batch.input_ids.shape[1], batch.n_post_instruction
         try:
             with torch.inference_mode():
                 for index in range(max_new_tokens):
@@ -677,7 +682,7 @@ class ModelAdapter(ABC):
                     # backends with a KV cache take only the new token; the others re-read the sequence
                     step = _CachedStep(fed, mask) if cache is not None else TokenBatch(input_ids, mask)
         finally:
-            self.generation_step = self.pass_attention_mask = None
+            self.generation_step = self.pass_attention_mask = self.pass_post_instruction = None
         stop_set = set(stop_ids.tolist())
         return [_cut_at_stop(row, stop_set) for row in torch.stack(generated, 1).tolist()], first_logits
 
