@@ -160,7 +160,7 @@ class EditHandle:
         later = live[live.index(self) + 1 :] if self in live else []
         if later:
             raise FeatsteerError(f"{len(later)} edit(s) applied after this one are still in place: revert them first (newest first)")
-        writers = {w.name: w for w in self.model.residual_writers()}
+        writers = {w.name: w for w in self.model.residual_writers()} if self.originals else {}  # (listing them can be what failed)
         for name, (weight, bias) in self.originals.items():
             writers[name].write(weight, bias)
         if self.bias_originals:
@@ -270,20 +270,22 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
     columns = _head_columns(model, heads) if heads is not None else None
     handle = EditHandle(model, {}, {"edit": config.to_dict(), "rank": int(basis.shape[0]), **(record or {})})
     handle.vectors = {"direction": basis, **{f"by_layer.{layer}": b for layer, b in sorted(layer_bases.items())}}
-    if config.mode == "induce" and config.shift:  # the shift is what enters the stream: undo the model's embedding scale
-        config = replace(config, shift=config.shift / _embedding_scale(model))
-    retie = model.embedding_tie_undo()  # an embedding edit unties a shared output head; revert shares it again
-    if retie is not None:
-        handle.undo.append(retie)
     if layer_bases:
         handle.record["per_layer_directions"] = sorted(layer_bases)
-    if columns is not None:
-        handle.record["heads"] = {str(layer): ids for layer, ids in model.head_ids(heads).items()}
     # One writer at a time: its original is kept for revert, its new tensors are computed and written, and nothing else
     # is held, so the edit needs memory for one copy of the touched weights (not two, as computing every new tensor
     # before the first write would): the new weights, the originals being the old storage the model no longer points
-    # at. A failure part-way reverts the writers already edited: no half-edited model.
+    # at. Whatever stops the edit once the handle is on the model's stack of edits, an error or Ctrl-C, reverts the
+    # writers already edited and takes the handle off the stack: no half-edited model, and no edit that never happened
+    # recorded under a later export's `applied_on_top_of`.
     try:
+        if config.mode == "induce" and config.shift:  # the shift is what enters the stream: undo the model's embedding scale
+            config = replace(config, shift=config.shift / _embedding_scale(model))
+        retie = model.embedding_tie_undo()  # an embedding edit unties a shared output head; revert shares it again
+        if retie is not None:
+            handle.undo.append(retie)
+        if columns is not None:
+            handle.record["heads"] = {str(layer): ids for layer, ids in model.head_ids(heads).items()}
         for writer in model.residual_writers():
             if columns is not None and (writer.kind != "attn_out" or writer.layer not in columns):
                 continue
@@ -302,7 +304,7 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
             handle.empty = (f"the edit changes no weight: every writer's strength is 0 (kernels that reach none of layers "
                             f"0-{model.n_layers - 1}{', for the heads named' if columns is not None else ''}, and "
                             "embedding_strength 0)")
-    except Exception:
+    except BaseException:
         handle.revert()
         raise
     handle.record["writers"] = list(handle.originals)
