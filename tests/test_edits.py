@@ -462,6 +462,22 @@ def test_export_loads_with_featsteer_and_transformers(tmp_path):
         handle.export(tmp_path / "edited")
 
 
+def test_export_ships_the_tokenizer_with_the_pad_token_and_padding_side_it_came_with(tmp_path):
+    """featsteer pads on the left and pads with EOS when a tokenizer has no pad token; the export used to save those
+    settings as the model's own (an EOS pad token makes a fine-tune's collator mask EOS out of the labels)."""
+    from transformers import AutoTokenizer
+
+    model, tokenizer = tiny_model("qwen2")
+    tokenizer.pad_token, tokenizer.padding_side = None, "right"
+    adapter = load_model(model, tokenizer=tokenizer)
+    with apply_edit(adapter, _direction(adapter.d_model)) as handle:
+        handle.export(tmp_path / "edited")
+    shipped = AutoTokenizer.from_pretrained(tmp_path / "edited")
+    assert shipped.pad_token is None and shipped.padding_side == "right"
+    assert shipped.chat_template == tokenizer.chat_template
+    assert adapter.tokenizer.pad_token == adapter.tokenizer.eos_token and adapter.tokenizer.padding_side == "left"  # the adapter's again
+
+
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe", "gemma3", "mistral3", "qwen3_5", "qwen3_next", "gemma4_text", "gemma4"])
 def test_export_of_moe_and_image_text_models_loads_back_edited(family, tmp_path):
     """Fused experts and an image-text model's text decoder are saved edited, and the directory loads back through

@@ -8,8 +8,9 @@ Hugging Face model directory with a `featsteer.json` that records how it was mad
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -205,7 +206,8 @@ class EditHandle:
         check_empty_folder(target, "export folder")
         with staged_output(target) as staging:
             hf_model.save_pretrained(staging)
-            self.model.tokenizer.save_pretrained(staging)
+            with _tokenizer_as_given(self.model):
+                self.model.tokenizer.save_pretrained(staging)
             stacked = {"applied_on_top_of": earlier} if earlier else {}
             saved = {}
             if self.vectors:  # the edit's own vectors, so the export can be reproduced or steered with at run time
@@ -222,6 +224,22 @@ class EditHandle:
 
 DIRECTIONS_FILE = "featsteer_directions.safetensors"
 """Where `EditHandle.export` saves the vectors the edit was made of."""
+
+
+@contextlib.contextmanager
+def _tokenizer_as_given(model: ModelAdapter) -> Iterator[None]:
+    """The model's tokenizer with the pad token and padding side it came with (`HFModelAdapter.tokenizer_as_given`),
+    put back to the adapter's (left padding, EOS as pad when there was none) when the block ends: an export ships the
+    tokenizer as it was given, not as featsteer reads batches with it."""
+    tokenizer, given = model.tokenizer, getattr(model, "tokenizer_as_given", None) or {}
+    current = {name: getattr(tokenizer, name) for name in given}
+    try:
+        for name, value in given.items():
+            setattr(tokenizer, name, value)
+        yield
+    finally:
+        for name, value in current.items():
+            setattr(tokenizer, name, value)
 
 
 def _live_edits(model: ModelAdapter) -> list[EditHandle]:
