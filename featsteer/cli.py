@@ -663,6 +663,9 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     heads_spec = _heads_spec(args.heads) if args.heads else None  # a malformed --heads fails before the model loads
     if args.passes < 1:
         raise FeatsteerError(f"--passes must be at least 1, got {args.passes}")
+    if args.passes > 1 and (mode not in ("orthogonalize", "norm_preserving") or args.reflect):
+        raise FeatsteerError("--passes takes each next direction with the earlier ones removed, which --reverse/--induce (they amplify them) "
+                             "and --reflect (it flips them) do not do: drop --passes, or the edit option")
     if args.passes > 1 and (args.search or args.heads or args.directions or args.method in ("sae", "svd") or args.scope != "global"):
         raise FeatsteerError("--passes refines a rank-1 direction fitted here into a global edit: it goes with --method "
                              "dim|projected|pca|linear|whitened, --scope global, and no --search, --heads or --directions")

@@ -425,8 +425,11 @@ def iterated_basis(model: ModelAdapter, result: DirectionResult, passes: int, ed
     model whose harm signal was one direction). The model is left unedited.
 
     Raises:
-        FeatsteerError: for a rank-k result or fewer than 1 pass.
+        FeatsteerError: for a rank-k result, fewer than 1 pass, or an `edit` that amplifies instead of removing.
     """
+    if edit is not None and edit.mode in ("amplify", "induce"):  # the next direction would be what is left once the earlier are amplified
+        raise FeatsteerError(f"iterative refinement takes each next direction with the earlier ones edited out, and mode "
+                             f"'{edit.mode}' amplifies them: refine with passes=1 here, or with an orthogonalize/norm_preserving edit")
     if result.candidates.rank != 1:
         raise FeatsteerError("iterative refinement starts from a rank-1 direction: use a dim, projected, pca or probe method")
     if passes < 1:

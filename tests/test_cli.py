@@ -449,7 +449,8 @@ def test_abliterate_passes_exports_the_refined_rank_k_edit(capsys, tmp_path):
         exported = load_model(str(tmp_path / "refined")).model(ids).logits
     assert torch.allclose(hooked, exported, atol=1e-4)
     for extra in (["--passes", "0"], ["--passes", "2", "--method", "svd"], ["--passes", "2", "--heads", "top:2"],
-                  ["--passes", "2", "--scope", "per_layer"], ["--passes", "2", "--search", "2"]):
+                  ["--passes", "2", "--scope", "per_layer"], ["--passes", "2", "--search", "2"], ["--passes", "2", "--reverse"],
+                  ["--passes", "2", "--induce"], ["--passes", "2", "--reflect"]):
         code, _, err = _run(capsys, "abliterate", *common, *extra, "--out", str(tmp_path / "bad"))
         assert code == 2 and "--passes" in err and not (tmp_path / "bad").exists(), (extra, err)
 

@@ -10,6 +10,7 @@ import torch
 from featsteer.compare import INDUCE_SCALES, available_methods, compare, pick_induce_scale, write_report
 from featsteer.datasets import builtin_prompts, load_prompts
 from featsteer.directions.optimize import OptimizeConfig
+from featsteer.edits import EditConfig
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation import RefusalDetector
 from featsteer.evaluation.behaviour import GenerationConfig
@@ -81,6 +82,10 @@ def test_iterated_basis_takes_the_mean_difference_left_after_each_edit(prompts):
     assert found.to_dict()["passes"] == 3 and iterated_basis(model, result, 1).basis.shape == (1, model.d_model)
     with pytest.raises(FeatsteerError, match="passes must be at least 1"):
         iterated_basis(model, result, 0)
+    for mode in ("amplify", "induce"):  # refined with the earlier directions amplified, not removed, as the README says
+        with pytest.raises(FeatsteerError, match=f"mode '{mode}' amplifies them"):
+            abliterate(model, result, EditConfig(mode=mode), passes=2)
+    assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
     rank2 = find_refusal_direction(model, *prompts, DirectionConfig(method="svd", rank=2, n_select=4))
     with pytest.raises(FeatsteerError, match="starts from a rank-1 direction"):
         iterated_basis(model, rank2, 2)
