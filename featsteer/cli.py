@@ -2106,15 +2106,26 @@ def _check_column(args: argparse.Namespace) -> None:
 
 
 def _check_output_paths(args: argparse.Namespace) -> None:
-    """Output paths that cannot be written fail here, before a model is loaded, not after the work is done."""
+    """Output paths that cannot be written, or that lie inside the featsteer package, fail here, before a model is
+    loaded, not after the work is done."""
     from featsteer.files import check_output_file, check_output_folder
 
     for dest, flag in (("out", "--out"), ("search_dir", "--search-dir")):
         if getattr(args, dest, None):
+            _check_outside_package(getattr(args, dest), flag)
             check_output_folder(getattr(args, dest), flag)
     for dest, flag in (("json", "--json"), ("labels", "--labels")):
         if getattr(args, dest, None):
+            _check_outside_package(getattr(args, dest), flag)
             check_output_file(getattr(args, dest), flag)
+
+
+def _check_outside_package(path: str, flag: str) -> None:
+    """An output inside the installed package would mix a run's files (an exported model's gigabytes) into featsteer's
+    own, where the next build or install would ship them."""
+    package = Path(__file__).resolve().parent
+    if Path(path).expanduser().resolve().is_relative_to(package):
+        raise FeatsteerError(f"{flag} {path} is inside the featsteer package ({package}): write outputs elsewhere, e.g. runs/")
 
 
 def _main(argv: Sequence[str] | None) -> int:
