@@ -460,6 +460,10 @@ def test_export_loads_with_featsteer_and_transformers(tmp_path):
     assert isinstance(plain, type(model))
     with pytest.raises(FeatsteerError, match="not empty"):
         handle.export(tmp_path / "edited")
+    (tmp_path / "notes.txt").write_text("mine")  # was a NotADirectoryError once the whole model had been written beside it
+    with pytest.raises(FeatsteerError, match="export folder .*notes.txt is an existing file: give a folder path"):
+        handle.export(tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["edited", "notes.txt"]
 
 
 def test_export_ships_the_tokenizer_with_the_pad_token_and_padding_side_it_came_with(tmp_path):
