@@ -677,6 +677,9 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     heads_spec = _heads_spec(args.heads) if args.heads else None  # a malformed --heads fails before the model loads
     if args.passes < 1:
         raise FeatsteerError(f"--passes must be at least 1, got {args.passes}")
+    if args.passes > 1 and (mode not in ("orthogonalize", "norm_preserving") or args.reflect):
+        raise FeatsteerError("--passes takes each next direction with the earlier ones removed, which --reverse/--induce (they amplify them) "
+                             "and --reflect (it flips them) do not do: drop --passes, or the edit option")
     if args.passes > 1 and (args.search or args.heads or args.directions or args.method in ("sae", "svd") or args.scope != "global"):
         raise FeatsteerError("--passes refines a rank-1 direction fitted here into a global edit: it goes with --method "
                              "dim|projected|pca|linear|whitened, --scope global, and no --search, --heads or --directions")
@@ -2124,15 +2127,26 @@ def _check_column(args: argparse.Namespace) -> None:
 
 
 def _check_output_paths(args: argparse.Namespace) -> None:
-    """Output paths that cannot be written fail here, before a model is loaded, not after the work is done."""
+    """Output paths that cannot be written, or that lie inside the featsteer package, fail here, before a model is
+    loaded, not after the work is done."""
     from featsteer.files import check_output_file, check_output_folder
 
     for dest, flag in (("out", "--out"), ("search_dir", "--search-dir")):
         if getattr(args, dest, None):
+            _check_outside_package(getattr(args, dest), flag)
             check_output_folder(getattr(args, dest), flag)
     for dest, flag in (("json", "--json"), ("labels", "--labels")):
         if getattr(args, dest, None):
+            _check_outside_package(getattr(args, dest), flag)
             check_output_file(getattr(args, dest), flag)
+
+
+def _check_outside_package(path: str, flag: str) -> None:
+    """An output inside the installed package would mix a run's files (an exported model's gigabytes) into featsteer's
+    own, where the next build or install would ship them."""
+    package = Path(__file__).resolve().parent
+    if Path(path).expanduser().resolve().is_relative_to(package):
+        raise FeatsteerError(f"{flag} {path} is inside the featsteer package ({package}): write outputs elsewhere, e.g. runs/")
 
 
 def _main(argv: Sequence[str] | None) -> int:

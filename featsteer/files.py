@@ -178,10 +178,12 @@ def check_empty_folder(path: str | os.PathLike[str], what: str = "output folder"
     run's output.
 
     Raises:
-        FeatsteerError: `{what} {path} is not empty: choose a new path{hint}`.
+        FeatsteerError: `{what} {path} is not empty: choose a new path{hint}`, or the path is an existing file.
     """
     from featsteer.errors import FeatsteerError
 
     folder = Path(path)
+    if folder.exists() and not folder.is_dir():  # found only once everything was written beside it, as an OSError
+        raise FeatsteerError(f"{what} {path} is an existing file: give a folder path (it is created if missing)")
     if folder.is_dir() and any(folder.iterdir()):
         raise FeatsteerError(f"{what} {path} is not empty: choose a new path{hint}")

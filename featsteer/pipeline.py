@@ -17,6 +17,7 @@ import torch
 from featsteer.activations import Positions, capture
 from featsteer.datasets import PromptSet
 from featsteer.directions import DirectionSet, find_directions, rotation_plane, weighted_basis
+from featsteer.directions.methods import METHODS
 from featsteer.directions.optimize import OptimizeConfig
 from featsteer.edits import EditConfig, EditHandle, apply_edit
 from featsteer.errors import FeatsteerError
@@ -76,6 +77,10 @@ class DirectionConfig:
                                  "prompts: read directions at last, mean_last:K, post_instruction or instruction_end")
         if self.n_select < 1:
             raise FeatsteerError(f"--n-select must be at least 1 (validation prompts per set), got {self.n_select}")
+        if self.method not in METHODS:  # found only after the training prompts were captured
+            raise FeatsteerError(f"unknown direction method '{self.method}': use one of {', '.join(METHODS)}")
+        if self.method == "svd" and self.rank < 1:
+            raise FeatsteerError(f"--rank must be at least 1 (the size of the SVD subspace), got {self.rank}")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise FeatsteerError(f"layers must name at least one layer, each >= 0 (None: every layer), got {self.layers}")
 
@@ -301,6 +306,9 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
                               ("harmless validation", harmless_val)):
             if len(prompts) < 2:
                 raise FeatsteerError(f"the {name} prompt set has {len(prompts)} prompts: need at least 2")
+    if config.method == "svd" and config.rank > min(len(harmful_train), model.d_model):  # before the capture, not after it
+        raise FeatsteerError(f"--rank {config.rank} is more than the SVD of {len(harmful_train)} harmful training prompts in "
+                             f"{model.d_model} dimensions can give ({min(len(harmful_train), model.d_model)}): lower --rank or add prompts")
     key = (model.name, config.kind, config.positions, config.filter_train, None if val is not None else config.val_fraction,
            harmful.sha256, harmless.sha256, config.layers, config.keep_every_layer)
     listed = training_layers(model, config)  # a layer list the model or the selection cannot use fails before any forward pass
@@ -430,8 +438,11 @@ def iterated_basis(model: ModelAdapter, result: DirectionResult, passes: int, ed
     model whose harm signal was one direction). The model is left unedited.
 
     Raises:
-        FeatsteerError: for a rank-k result or fewer than 1 pass.
+        FeatsteerError: for a rank-k result, fewer than 1 pass, or an `edit` that amplifies instead of removing.
     """
+    if edit is not None and edit.mode in ("amplify", "induce"):  # the next direction would be what is left once the earlier are amplified
+        raise FeatsteerError(f"iterative refinement takes each next direction with the earlier ones edited out, and mode "
+                             f"'{edit.mode}' amplifies them: refine with passes=1 here, or with an orthogonalize/norm_preserving edit")
     if result.candidates.rank != 1:
         raise FeatsteerError("iterative refinement starts from a rank-1 direction: use a dim, projected, pca or probe method")
     if passes < 1:

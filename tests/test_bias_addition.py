@@ -219,3 +219,20 @@ def test_a_failure_after_the_switch_removes_the_created_biases(monkeypatch):
     with pytest.raises(FeatsteerError, match="spread failed"):
         add_through_biases(adapter, _vector(adapter.d_model), 2)
     assert model.state_dict().keys() == before.keys() and not model.config.mlp_bias and adapter.bias_writers() == []
+
+
+def test_ctrl_c_after_the_switch_removes_the_created_biases_and_leaves_no_live_edit(monkeypatch):
+    """Ctrl-C is no `Exception`: before, it left the switched-on zero biases in the model and the handle on its stack."""
+    import featsteer.edits.biases as biases
+
+    model, adapter = _adapter("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(biases, "_spread", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        add_through_biases(adapter, _vector(adapter.d_model), 2)
+    assert model.state_dict().keys() == before.keys() and not model.config.mlp_bias and adapter.bias_writers() == []
+    assert adapter._featsteer_live_edits == []

@@ -497,7 +497,8 @@ def test_abliterate_passes_exports_the_refined_rank_k_edit(capsys, tmp_path):
         exported = load_model(str(tmp_path / "refined")).model(ids).logits
     assert torch.allclose(hooked, exported, atol=1e-4)
     for extra in (["--passes", "0"], ["--passes", "2", "--method", "svd"], ["--passes", "2", "--heads", "top:2"],
-                  ["--passes", "2", "--scope", "per_layer"], ["--passes", "2", "--search", "2"]):
+                  ["--passes", "2", "--scope", "per_layer"], ["--passes", "2", "--search", "2"], ["--passes", "2", "--reverse"],
+                  ["--passes", "2", "--induce"], ["--passes", "2", "--reflect"]):
         code, _, err = _run(capsys, "abliterate", *common, *extra, "--out", str(tmp_path / "bad"))
         assert code == 2 and "--passes" in err and not (tmp_path / "bad").exists(), (extra, err)
 
@@ -1515,3 +1516,23 @@ def test_demo_n_beyond_the_test_split_says_so(capsys, monkeypatch, tmp_path):
         out = capsys.readouterr().out
         assert ("note: --n 100, but the built-in harmful test split holds 85 and the built-in harmless test split holds 84 prompts"
                 in out) if noted else "note:" not in out
+
+
+def test_an_output_inside_the_package_is_a_one_line_error(capsys):
+    """An export or report written inside featsteer's own folder used to be written there (and shipped by the next build)."""
+    import shutil
+    from pathlib import Path
+
+    import featsteer
+
+    inside = Path(featsteer.__file__).resolve().parent / "organism" / "abliterated-test-output"
+    try:
+        code, _, err = _run(capsys, "abliterate", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless",
+                            "builtin:harmless:train", "--out", str(inside))
+        assert code == 2 and f"--out {inside} is inside the featsteer package" in err and not inside.exists(), err
+        code, _, err = _run(capsys, "eval", "--model", "tiny:llama", "--harmful", "builtin:harmful:test", "--harmless",
+                            "builtin:harmless:test", "--n", "2", "--json", str(inside.parent / "eval.json"))
+        assert code == 2 and "--json" in err and "is inside the featsteer package" in err and not (inside.parent / "eval.json").exists(), err
+    finally:  # what a failing run wrote there
+        shutil.rmtree(inside, ignore_errors=True)
+        (inside.parent / "eval.json").unlink(missing_ok=True)

@@ -10,6 +10,7 @@ import torch
 from featsteer.compare import INDUCE_SCALES, available_methods, compare, pick_induce_scale, write_report
 from featsteer.datasets import builtin_prompts, load_prompts
 from featsteer.directions.optimize import OptimizeConfig
+from featsteer.edits import EditConfig
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation import RefusalDetector
 from featsteer.evaluation.behaviour import GenerationConfig
@@ -57,6 +58,25 @@ def test_per_layer_abliteration_uses_each_layers_candidate(prompts):
         abliterate(model, result, scope="sideways")
 
 
+def test_a_rank_or_method_the_svd_cannot_use_fails_before_the_capture(prompts, monkeypatch):
+    """A rank of 0 or an unknown method failed only after the training prompts were captured, and a rank above the
+    training prompts' count after the capture too, with a message that counted the stream's dimensions as prompts."""
+    import featsteer.pipeline as pipeline
+
+    with pytest.raises(FeatsteerError, match="--rank must be at least 1"):
+        DirectionConfig(method="svd", rank=0)
+    with pytest.raises(FeatsteerError, match="unknown direction method 'melt'"):
+        DirectionConfig(method="melt")
+
+    def captured(*args, **kwargs):
+        raise AssertionError("captured the training prompts first")
+
+    monkeypatch.setattr(pipeline, "capture_training", captured)
+    model = load_model("tiny:llama")  # 12 of the 16 harmful prompts train (the last quarter validates), d_model 64
+    with pytest.raises(FeatsteerError, match=r"--rank 13 is more than the SVD of 12 harmful training prompts in 64 dimensions can give \(12\)"):
+        find_refusal_direction(model, *prompts, DirectionConfig(method="svd", rank=13))
+
+
 def test_iterated_basis_takes_the_mean_difference_left_after_each_edit(prompts):
     from featsteer.activations import capture
     from featsteer.edits import apply_edit
@@ -81,6 +101,10 @@ def test_iterated_basis_takes_the_mean_difference_left_after_each_edit(prompts):
     assert found.to_dict()["passes"] == 3 and iterated_basis(model, result, 1).basis.shape == (1, model.d_model)
     with pytest.raises(FeatsteerError, match="passes must be at least 1"):
         iterated_basis(model, result, 0)
+    for mode in ("amplify", "induce"):  # refined with the earlier directions amplified, not removed, as the README says
+        with pytest.raises(FeatsteerError, match=f"mode '{mode}' amplifies them"):
+            abliterate(model, result, EditConfig(mode=mode), passes=2)
+    assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
     rank2 = find_refusal_direction(model, *prompts, DirectionConfig(method="svd", rank=2, n_select=4))
     with pytest.raises(FeatsteerError, match="starts from a rank-1 direction"):
         iterated_basis(model, rank2, 2)

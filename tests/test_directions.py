@@ -57,6 +57,13 @@ def test_svd_basis_orthonormal_with_ridge_weights(planted):
     torch.testing.assert_close(scaled.norm(dim=-1) ** 2, torch.tensor(weights, dtype=torch.float32), atol=1e-5, rtol=0)
 
 
+def test_svd_rank_above_the_stream_width_names_the_width(planted):
+    """The limit is the smaller of the prompts' count and the stream's width; the message called either 'prompts'."""
+    harmful, harmless, _ = planted
+    with pytest.raises(FeatsteerError, match=r"rank 40 is more than the SVD of 200 harmful prompts in 32 dimensions can give \(32\)"):
+        find_directions(harmful, harmless, method="svd", rank=40)
+
+
 def test_projected_dim_is_orthogonal_to_harmless_mean(planted):
     harmful, harmless, _ = planted
     found = find_directions(harmful, harmless, method="projected")

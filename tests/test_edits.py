@@ -397,6 +397,50 @@ def test_a_failure_part_way_through_an_edit_restores_the_writers_already_edited(
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_ctrl_c_part_way_through_an_edit_restores_the_writers_and_leaves_no_live_edit(monkeypatch):
+    """Ctrl-C is no `Exception`: before, it skipped the restore and left the first writers edited, with the handle of an
+    edit the caller never got still on the model's stack of edits."""
+    import featsteer.edits.apply as apply_module
+
+    model, tokenizer = tiny_model("qwen2")
+    adapter = load_model(model, tokenizer=tokenizer)
+    before = _snapshot(model)
+    real, calls = apply_module.edited_tensors, []
+
+    def interrupted(writer, *args):
+        calls.append(writer.name)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(writer, *args)
+
+    monkeypatch.setattr(apply_module, "edited_tensors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        apply_edit(adapter, _direction(adapter.d_model))
+    assert len(calls) == 4
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert adapter._featsteer_live_edits == []
+
+
+def test_an_edit_that_fails_before_its_first_writer_is_not_recorded_under_a_later_export(tmp_path):
+    """An induce edit of a model whose experts are quantised fails while measuring the embedding scale, before any writer
+    is edited: its handle used to stay on the model's stack, and the next export's featsteer.json said it was applied
+    on top of that induce edit."""
+    model, tokenizer = tiny_model("gpt_oss")
+    adapter = load_model(model, tokenizer=tokenizer)
+    experts = model.model.layers[1].mlp.experts
+    plain = experts.down_proj
+    del experts.down_proj
+    experts.down_proj_blocks = torch.nn.Parameter(torch.zeros(4, 64, 3, 16, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(FeatsteerError, match="hold no plain"):
+        apply_edit(adapter, _direction(adapter.d_model), EditConfig(mode="induce", shift=1.0))
+    del experts.down_proj_blocks
+    experts.down_proj = plain
+    with apply_edit(adapter, _direction(adapter.d_model), record={"tag": "only"}) as handle:
+        handle.export(tmp_path / "edited")
+    meta = json.loads((tmp_path / "edited" / "featsteer.json").read_text())
+    assert meta["tag"] == "only" and "applied_on_top_of" not in meta
+
+
 def test_export_loads_with_featsteer_and_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -416,6 +460,26 @@ def test_export_loads_with_featsteer_and_transformers(tmp_path):
     assert isinstance(plain, type(model))
     with pytest.raises(FeatsteerError, match="not empty"):
         handle.export(tmp_path / "edited")
+    (tmp_path / "notes.txt").write_text("mine")  # was a NotADirectoryError once the whole model had been written beside it
+    with pytest.raises(FeatsteerError, match="export folder .*notes.txt is an existing file: give a folder path"):
+        handle.export(tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["edited", "notes.txt"]
+
+
+def test_export_ships_the_tokenizer_with_the_pad_token_and_padding_side_it_came_with(tmp_path):
+    """featsteer pads on the left and pads with EOS when a tokenizer has no pad token; the export used to save those
+    settings as the model's own (an EOS pad token makes a fine-tune's collator mask EOS out of the labels)."""
+    from transformers import AutoTokenizer
+
+    model, tokenizer = tiny_model("qwen2")
+    tokenizer.pad_token, tokenizer.padding_side = None, "right"
+    adapter = load_model(model, tokenizer=tokenizer)
+    with apply_edit(adapter, _direction(adapter.d_model)) as handle:
+        handle.export(tmp_path / "edited")
+    shipped = AutoTokenizer.from_pretrained(tmp_path / "edited")
+    assert shipped.pad_token is None and shipped.padding_side == "right"
+    assert shipped.chat_template == tokenizer.chat_template
+    assert adapter.tokenizer.pad_token == adapter.tokenizer.eos_token and adapter.tokenizer.padding_side == "left"  # the adapter's again
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe", "gemma3", "mistral3", "qwen3_5", "qwen3_next", "gemma4_text", "gemma4"])

@@ -88,8 +88,9 @@ def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2,
     for hook, pos in _pairs(harmful, harmless):
         centred = harmful.at_position(hook, pos).double() - harmless.mean(hook, pos)
         _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
-        if rank > vh.shape[0]:
-            raise FeatsteerError(f"rank {rank} exceeds the {vh.shape[0]} available harmful prompts")
+        if rank > vh.shape[0]:  # at most one direction per prompt, and per dimension of the stream
+            raise FeatsteerError(f"rank {rank} is more than the SVD of {centred.shape[0]} harmful prompts in {centred.shape[1]} "
+                                 f"dimensions can give ({vh.shape[0]}): lower the rank or add prompts")
         basis = vh[:rank]
         along = float(basis[0] @ (harmful.mean(hook, pos) - harmless.mean(hook, pos)))
         basis[0] = basis[0] * (-1.0 if along < 0 else 1.0)

@@ -8,8 +8,9 @@ Hugging Face model directory with a `featsteer.json` that records how it was mad
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -160,7 +161,7 @@ class EditHandle:
         later = live[live.index(self) + 1 :] if self in live else []
         if later:
             raise FeatsteerError(f"{len(later)} edit(s) applied after this one are still in place: revert them first (newest first)")
-        writers = {w.name: w for w in self.model.residual_writers()}
+        writers = {w.name: w for w in self.model.residual_writers()} if self.originals else {}  # (listing them can be what failed)
         for name, (weight, bias) in self.originals.items():
             writers[name].write(weight, bias)
         if self.bias_originals:
@@ -205,7 +206,8 @@ class EditHandle:
         check_empty_folder(target, "export folder")
         with staged_output(target) as staging:
             hf_model.save_pretrained(staging)
-            self.model.tokenizer.save_pretrained(staging)
+            with _tokenizer_as_given(self.model):
+                self.model.tokenizer.save_pretrained(staging)
             stacked = {"applied_on_top_of": earlier} if earlier else {}
             saved = {}
             if self.vectors:  # the edit's own vectors, so the export can be reproduced or steered with at run time
@@ -222,6 +224,22 @@ class EditHandle:
 
 DIRECTIONS_FILE = "featsteer_directions.safetensors"
 """Where `EditHandle.export` saves the vectors the edit was made of."""
+
+
+@contextlib.contextmanager
+def _tokenizer_as_given(model: ModelAdapter) -> Iterator[None]:
+    """The model's tokenizer with the pad token and padding side it came with (`HFModelAdapter.tokenizer_as_given`),
+    put back to the adapter's (left padding, EOS as pad when there was none) when the block ends: an export ships the
+    tokenizer as it was given, not as featsteer reads batches with it."""
+    tokenizer, given = model.tokenizer, getattr(model, "tokenizer_as_given", None) or {}
+    current = {name: getattr(tokenizer, name) for name in given}
+    try:
+        for name, value in given.items():
+            setattr(tokenizer, name, value)
+        yield
+    finally:
+        for name, value in current.items():
+            setattr(tokenizer, name, value)
 
 
 def _live_edits(model: ModelAdapter) -> list[EditHandle]:
@@ -270,20 +288,22 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
     columns = _head_columns(model, heads) if heads is not None else None
     handle = EditHandle(model, {}, {"edit": config.to_dict(), "rank": int(basis.shape[0]), **(record or {})})
     handle.vectors = {"direction": basis, **{f"by_layer.{layer}": b for layer, b in sorted(layer_bases.items())}}
-    if config.mode == "induce" and config.shift:  # the shift is what enters the stream: undo the model's embedding scale
-        config = replace(config, shift=config.shift / _embedding_scale(model))
-    retie = model.embedding_tie_undo()  # an embedding edit unties a shared output head; revert shares it again
-    if retie is not None:
-        handle.undo.append(retie)
     if layer_bases:
         handle.record["per_layer_directions"] = sorted(layer_bases)
-    if columns is not None:
-        handle.record["heads"] = {str(layer): ids for layer, ids in model.head_ids(heads).items()}
     # One writer at a time: its original is kept for revert, its new tensors are computed and written, and nothing else
     # is held, so the edit needs memory for one copy of the touched weights (not two, as computing every new tensor
     # before the first write would): the new weights, the originals being the old storage the model no longer points
-    # at. A failure part-way reverts the writers already edited: no half-edited model.
+    # at. Whatever stops the edit once the handle is on the model's stack of edits, an error or Ctrl-C, reverts the
+    # writers already edited and takes the handle off the stack: no half-edited model, and no edit that never happened
+    # recorded under a later export's `applied_on_top_of`.
     try:
+        if config.mode == "induce" and config.shift:  # the shift is what enters the stream: undo the model's embedding scale
+            config = replace(config, shift=config.shift / _embedding_scale(model))
+        retie = model.embedding_tie_undo()  # an embedding edit unties a shared output head; revert shares it again
+        if retie is not None:
+            handle.undo.append(retie)
+        if columns is not None:
+            handle.record["heads"] = {str(layer): ids for layer, ids in model.head_ids(heads).items()}
         for writer in model.residual_writers():
             if columns is not None and (writer.kind != "attn_out" or writer.layer not in columns):
                 continue
@@ -302,7 +322,7 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
             handle.empty = (f"the edit changes no weight: every writer's strength is 0 (kernels that reach none of layers "
                             f"0-{model.n_layers - 1}{', for the heads named' if columns is not None else ''}, and "
                             "embedding_strength 0)")
-    except Exception:
+    except BaseException:
         handle.revert()
         raise
     handle.record["writers"] = list(handle.originals)

@@ -75,11 +75,11 @@ def add_through_biases(model: ModelAdapter, vector: Tensor, layer: int | str, *,
     handle = EditHandle(model, {}, {"edit": {"mode": "bias_addition", "layer": layer, "norm": round(float(target.norm()), 6),
                                              "decay": decay}, **(record or {})})
     handle.vectors = {"vector": target}
-    switched = model.add_biases() if not model.bias_writers() else None  # Llama: mlp_bias on, zero biases everywhere
-    if switched is not None:
-        handle.undo.append(switched[1])
-        handle.record["edit"]["switched_on"] = switched[0]
-    try:  # whatever fails from here leaves the model as it was: biases restored, created ones removed
+    try:  # whatever stops it from here, an error or Ctrl-C, leaves the model as it was: biases restored, created ones removed
+        switched = model.add_biases() if not model.bias_writers() else None  # Llama: mlp_bias on, zero biases everywhere
+        if switched is not None:
+            handle.undo.append(switched[1])
+            handle.record["edit"]["switched_on"] = switched[0]
         every = model.bias_writers()
         writers = [w for w in every if w.layer < layer]
         if not (writers if exact else every):
@@ -96,7 +96,7 @@ def add_through_biases(model: ModelAdapter, vector: Tensor, layer: int | str, *,
             old = by_name[name].read()
             handle.bias_originals[name] = old.clone()
             by_name[name].write((old.double() + delta.to(old.device)).to(old.dtype))
-    except Exception:
+    except BaseException:
         handle.revert()
         raise
     handle.record["bias_writers"] = {name: round(float(delta.norm()), 6) for name, delta in deltas.items()}

@@ -72,6 +72,9 @@ class HFModelAdapter(ModelAdapter):
         self._weighted_inputs = {layer for layer in range(len(self._layers))
                                  if self._experts(layer) is not None and not _routable(self._experts(layer)) and self._find_router(layer)}
         self._moe_layers = [layer for layer in range(len(self._layers)) if _routable(self._experts(layer)) or layer in self._weighted_inputs]
+        # the pad token and padding side as given, before those set here for batched generation: an export saves the
+        # tokenizer with these (an EOS pad token it never had would hide EOS from a later fine-tune's labels)
+        self.tokenizer_as_given = {"pad_token": tokenizer.pad_token, "padding_side": tokenizer.padding_side}
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
