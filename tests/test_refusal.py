@@ -187,6 +187,6 @@ def test_generation_config_refuses_a_blank_system_prompt(system):
     from featsteer.errors import FeatsteerError
     from featsteer.evaluation.behaviour import GenerationConfig
 
-    with pytest.raises(FeatsteerError, match="system is empty"):
+    with pytest.raises(FeatsteerError, match="system prompt is empty"):
         GenerationConfig(system=system)
     assert GenerationConfig(system="Be brief.").system == "Be brief."

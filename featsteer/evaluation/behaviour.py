@@ -22,6 +22,7 @@ from featsteer.evaluation.quality import LoopDetector, coherent_refusals, unansw
 from featsteer.evaluation.refusal import RateEstimate, RefusalDetector, refusal_rate
 from featsteer.models import ModelAdapter
 from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
+from featsteer.models.chat import check_system
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,7 @@ class GenerationConfig:
                 raise FeatsteerError(f"{name} must be at least 1, got {value}")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             raise FeatsteerError(f"max_batch_tokens must be at least 1 (or None for no cap), got {self.max_batch_tokens}")
-        if self.system is not None and not self.system.strip():
-            raise FeatsteerError("system is empty: give the system prompt text, or None for none")
+        check_system(self.system)
         if self.prefill is not None and not self.prefill.strip():
             raise FeatsteerError("prefill is empty: give the text every harmful response should start with, or 'affirm'")
 
