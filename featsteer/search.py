@@ -714,7 +714,10 @@ def _verify_key(harmful: Sequence[str], harmless: Sequence[str], config: SearchC
             "prefix_only": detector.prefix_only, "prefix_chars": detector.prefix_chars,
             "version": 3,  # 2: verifications also measure the KL on the verification prompts; 3: and looping
             # and the KL along the answers, only where the search reads it (earlier caches stay valid otherwise)
-            **({"kl_prompts": "response"} if config.kl_prompts == "response" else {})}
+            **({"kl_prompts": "response"} if config.kl_prompts == "response" else {}),
+            # a detector that lets off apologies for something counts differently; the key of one that does not, the
+            # detector of earlier caches, stays as it was
+            **({"excuse_apologies": True} if detector.excuse_apologies else {})}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
