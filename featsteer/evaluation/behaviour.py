@@ -6,8 +6,6 @@ same greedy decoding, the same detector.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -15,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from featsteer.datasets import PromptSet
+from featsteer.datasets import PromptSet, prompts_sha256
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import response_cross_entropy
 from featsteer.evaluation.quality import LoopDetector, coherent_refusals, unanswered
@@ -146,10 +144,6 @@ class RefusalReport:
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
-def prompts_sha256(prompts: Sequence[str]) -> str:
-    """A digest of an ordered prompt list, to check that two evaluations read the same prompts in the same order."""
-    return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
-
 
 def paired_with_earlier(report: RefusalReport, earlier: Mapping) -> dict:
     """McNemar's exact test of this evaluation's verdicts against an earlier one's (`featsteer eval --json` output) on
@@ -236,8 +230,8 @@ def evaluate_refusal(
                                   prefill_texts(config.prefill, list(harmful)))
     harmless_result = evaluate_set(model, harmless, "harmless", config, detector, keep_logprobs)
     sources = {
-        "harmful": {"source": harmful.source, "sha256": harmful.sha256},
-        "harmless": {"source": harmless.source, "sha256": harmless.sha256},
+        "harmful": {"source": harmful.source, "sha256": harmful.sha256, "prompts_sha256": harmful.prompts_sha256},
+        "harmless": {"source": harmless.source, "sha256": harmless.sha256, "prompts_sha256": harmless.prompts_sha256},
     }
     return RefusalReport(model.name, harmful_result, harmless_result, time.perf_counter() - start, config, sources)
 
