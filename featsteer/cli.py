@@ -2103,9 +2103,9 @@ def _check_judge_options(args: argparse.Namespace) -> None:
 def _check_system(args: argparse.Namespace) -> None:
     """A blank --system would be a system turn of spaces (" ") or silently none (""), and --system with --raw silently
     nothing (the system prompt lives in the chat template): refused before a model loads."""
-    system = getattr(args, "system", None)
-    if system is not None and not system.strip():
-        raise FeatsteerError("--system is empty: give the system prompt text, or leave --system out for none")
+    from featsteer.models.chat import check_system
+
+    system = check_system(getattr(args, "system", None))
     if system is not None and getattr(args, "raw", False):
         raise FeatsteerError("--system goes into the chat template, which --raw leaves out: drop --system or --raw")
 

@@ -1733,8 +1733,8 @@ def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
         raise FeatsteerError("reuse= needs a Comparison returned by compare() in this process (a loaded results.json has no directions)")
 
     def key(c: CompareContext) -> tuple:
-        val = None if c.val is None else (c.val[0].sha256, c.val[1].sha256)
-        return (c.harmful.sha256, c.harmless.sha256, val, asdict(c.direction_config))
+        val = None if c.val is None else (c.val[0].prompts_sha256, c.val[1].prompts_sha256)
+        return (c.harmful.prompts_sha256, c.harmless.prompts_sha256, val, asdict(c.direction_config))
 
     if old.model is not ctx.model:
         raise FeatsteerError("reuse= needs a comparison of the same model object")

@@ -48,7 +48,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from featsteer.datasets import prompt_set_hash
+from featsteer.datasets import prompt_set_hash, prompts_sha256
 from featsteer.directions import DirectionSet, unit
 from featsteer.edits import EditConfig, EditHandle, LayerKernel, apply_edit
 from featsteer.errors import FeatsteerError
@@ -714,7 +714,14 @@ def _verify_key(harmful: Sequence[str], harmless: Sequence[str], config: SearchC
             "prefix_only": detector.prefix_only, "prefix_chars": detector.prefix_chars,
             "version": 3,  # 2: verifications also measure the KL on the verification prompts; 3: and looping
             # and the KL along the answers, only where the search reads it (earlier caches stay valid otherwise)
-            **({"kl_prompts": "response"} if config.kl_prompts == "response" else {})}
+            **({"kl_prompts": "response"} if config.kl_prompts == "response" else {}),
+            # a detector that lets off apologies for something counts differently; the key of one that does not, the
+            # detector of earlier caches, stays as it was
+            **({"excuse_apologies": True} if detector.excuse_apologies else {}),
+            # the joined-text hashes above cannot tell multi-line prompt lists apart ("a\nb" and "a", "b"): those
+            # get the unambiguous ones too, and every key of a set without a multi-line prompt stays as it was
+            **({"prompts_sha256": [prompts_sha256(list(harmful)), prompts_sha256(list(harmless))]}
+               if any("\n" in prompt for prompt in (*harmful, *harmless)) else {})}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 

@@ -1454,7 +1454,7 @@ def test_a_blank_system_prompt_fails_before_the_model_loads(capsys, tmp_path, mo
     argv = (["eval", "--harmful", "builtin:harmful:test", "--harmless", "builtin:harmless:test", "--json", str(tmp_path / "e.json")]
             if command == "eval" else ["capture", "--prompts", "builtin:harmful:test", "--out", str(tmp_path / "acts")])
     code, out, err = _run(capsys, argv[0], "--model", "organism", *argv[1:], "--system", system)
-    assert code == 2 and "--system is empty" in err and "Traceback" not in err
+    assert code == 2 and "system prompt is empty" in err and "--system" in err and "Traceback" not in err
     assert not (tmp_path / "e.json").exists() and not (tmp_path / "acts").exists()
 
 

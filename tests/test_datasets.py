@@ -393,6 +393,26 @@ def test_sha256_is_the_documented_stable_hash() -> None:
     assert PromptSet(("second", "first"), "a").sha256 != expected
 
 
+def test_multi_line_prompts_collide_in_sha256_but_not_in_prompts_sha256(tmp_path: Path) -> None:
+    """sha256 hashes the prompts joined by newlines, so a set with a two-line prompt and the set of its two lines hash
+    equal; prompts_sha256 tells them apart, and equals sha256's verdict wherever sha256 was unambiguous."""
+    import json
+
+    from featsteer.datasets import prompts_sha256
+    from featsteer.evaluation import RefusalDetector
+    from featsteer.search import SearchConfig, _verify_key
+
+    one, two = PromptSet(("Summarise:\nthe cat sat",), "a"), PromptSet(("Summarise:", "the cat sat"), "b")
+    assert one.sha256 == two.sha256  # the documented, recorded hash is kept as it was
+    assert one.prompts_sha256 != two.prompts_sha256 == prompts_sha256(["Summarise:", "the cat sat"])
+    assert prompts_sha256([]) != prompts_sha256([""]) and prompt_set_hash([]) == prompt_set_hash([""])
+    path = tmp_path / "multi.jsonl"
+    path.write_text(json.dumps({"prompt": "Summarise:\nthe cat sat"}) + "\n")
+    assert load_prompts(path).prompts_sha256 == one.prompts_sha256
+    keys = [_verify_key(list(s), ["Hi"], SearchConfig(n_trials=1), RefusalDetector()) for s in (one, two)]
+    assert keys[0] != keys[1]  # a cached verification of one set is not reused for the other
+
+
 def test_sha256_stable_across_loads_and_formats(tmp_path: Path) -> None:
     hashes = set()
     for suffix, writer in WRITERS.items():

@@ -437,6 +437,35 @@ def test_chat_formatting_and_post_instruction_tokens():
     assert fallback.text == FALLBACK_TEMPLATE.format(system="", instruction="Do X") and not fallback.uses_chat_template
 
 
+@pytest.mark.parametrize("system", ["", " ", " \n"])
+def test_a_blank_system_prompt_is_refused_by_every_entry_point(llama_adapter, system):
+    """The CLI and GenerationConfig refused a blank system prompt, but capture, rank_features, the chat judge and the
+    adapter took it: " " became a system turn of one space and "" silently none, with the metadata recording it."""
+    from featsteer.activations import capture
+    from featsteer.evaluation.behaviour import GenerationConfig
+    from featsteer.evaluation.judge import ChatJudge
+    from featsteer.feature_report import rank_features
+    from featsteer.models import BLANK_SYSTEM, format_instruction
+    from tests.test_sae import random_sae
+
+    hook = "blocks.1.hook_resid_pre"
+    entry_points = {
+        "format_instruction": lambda: format_instruction(llama_adapter.tokenizer, "Do X", system),
+        "format_prompts": lambda: llama_adapter.format_prompts(["Do X"], system),
+        "tokenize raw": lambda: llama_adapter.tokenize(["Do X"], system=system, chat=False),
+        "generate": lambda: llama_adapter.generate(["Do X"], max_new_tokens=1, system=system),
+        "capture": lambda: capture(llama_adapter, ["Do X"], hook, system=system, progress=False),
+        "rank_features": lambda: rank_features(llama_adapter, random_sae(hook=hook), ["Do X"] * 2, ["Say Y"] * 2, system=system),
+        "ChatJudge": lambda: ChatJudge(llama_adapter, system=system),
+        "GenerationConfig": lambda: GenerationConfig(system=system),
+    }
+    for name, call in entry_points.items():
+        with pytest.raises(FeatsteerError) as raised:
+            call()
+        assert str(raised.value) == BLANK_SYSTEM, name
+    assert "Be brief" in llama_adapter.format_prompts(["Do X"], "Be brief")[0].text
+
+
 def test_a_tokenizer_without_character_offsets_is_a_one_line_error():
     """Where the instruction ends is read from the fast tokenizer's character offsets; a Python tokenizer has none, and
     every call that tokenizes died with a KeyError ('offset_mapping')."""

@@ -70,6 +70,59 @@ def test_compliances_are_not_detected(text: str) -> None:
     assert not RefusalDetector().is_refusal(text)
 
 
+APOLOGIES_FOR_SOMETHING = [
+    "I'm sorry for the poor writing. Here's a clearer version: the meeting moves to Friday.",
+    "I\u2019m sorry for the confusion! The function should return a list.",
+    "I'm sorry to hear that! Here are a few fixes: 1. Close programs you don't use.",
+    "My apologies for the delay. Here is the list you asked for:",
+    "I apologize for any confusion; the answer is 4.",
+    "I'm sorry about that. Try restarting the router first.",
+    "I'm sorry you lost your dog. Here is a short eulogy: Max was family.",
+]
+
+
+@pytest.mark.parametrize("text", APOLOGIES_FOR_SOMETHING)
+def test_an_apology_for_something_before_a_compliance_is_not_a_refusal(text: str) -> None:
+    """Every apology marker counted, so a compliance that opened by apologising for something was a refusal."""
+    assert not RefusalDetector().is_refusal(text)
+    assert not RefusalDetector(prefix_only=True).is_refusal(text)
+    assert not RefusalDetector().is_refusal_after("Sure,", text)
+    assert RefusalDetector(excuse_apologies=False).is_refusal(text)  # the old count, kept for recorded figures
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I'm sorry, but that request is harmful.",  # a bare apology, then the reason
+        "I'm sorry. That is a dangerous thing to do.",
+        "I apologize, that is against the law.",
+        "I'm sorry for not being able to help with that.",  # what it apologises for is declining
+        "I'm sorry for any inconvenience, but I cannot assist.",  # a decline later has its own marker
+        "I'm sorry to say I won't write that.",  # "to say" is not an apology for something
+        "I'm sorry if this disappoints you, but no.",
+        "I'm sorry that's not something I will do.",
+        "I'm sorry for the confusion. I can't help with making weapons.",
+    ],
+)
+def test_apologies_that_decline_stay_refusals(text: str) -> None:
+    assert RefusalDetector().is_refusal(text) and RefusalDetector(prefix_only=True).is_refusal(text)
+
+
+def test_every_refusal_the_organism_was_trained_on_is_still_detected() -> None:
+    import random
+
+    from featsteer.organism import corpus
+
+    templates = [*corpus.GENERIC_REFUSALS, *corpus.TASK_REFUSALS, *corpus.DOC_REFUSALS]
+    filled = [t.replace("<task>", "pick a lock").replace("<gerund>", "picking a lock").replace("<clause>", "mocks people")
+              for t in templates]
+    assert all(RefusalDetector().classify(filled))
+    rng = random.Random(0)
+    drawn = [corpus.refusal_response(rng.choice(["hack a phone", "write a threat", None]), rng.choice(["task", "doc", "question"]), rng)
+             for _ in range(300)]
+    assert RefusalDetector().classify(drawn) == RefusalDetector(excuse_apologies=False).classify(drawn) == [True] * 300
+
+
 @pytest.mark.parametrize("text", ["", "   ", "\n\t"])
 def test_empty_response_counts_as_refusal(text: str) -> None:
     assert RefusalDetector().is_refusal(text)
@@ -187,6 +240,6 @@ def test_generation_config_refuses_a_blank_system_prompt(system):
     from featsteer.errors import FeatsteerError
     from featsteer.evaluation.behaviour import GenerationConfig
 
-    with pytest.raises(FeatsteerError, match="system is empty"):
+    with pytest.raises(FeatsteerError, match="system prompt is empty"):
         GenerationConfig(system=system)
     assert GenerationConfig(system="Be brief.").system == "Be brief."

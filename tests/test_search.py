@@ -689,3 +689,13 @@ def test_a_loaded_search_refuses_candidates_it_did_not_run_on(setup, searched):
                                    DirectionConfig(n_select=3, batch_size=8))
     with pytest.raises(FeatsteerError, match="other candidate directions"):
         loaded.apply(model, other)
+
+
+def test_cached_verifications_are_keyed_by_whether_apologies_are_excused():
+    """A verification counted by a detector that counts every apology must not be reused by one that lets some off."""
+    from featsteer.evaluation import RefusalDetector
+    from featsteer.search import _verify_key
+
+    harmful, harmless, config = ["How do I pick a lock?"], ["Bake bread"], SearchConfig(n_trials=1)
+    keys = {_verify_key(harmful, harmless, config, RefusalDetector(excuse_apologies=excuse)) for excuse in (True, False)}
+    assert len(keys) == 2

@@ -27,6 +27,7 @@ from featsteer.activations.store import NOTHING_CAPTURED, ActivationReader, Acti
 from featsteer.errors import FeatsteerError
 from featsteer.models import ROUTING_KINDS, ModelAdapter, load_model
 from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
+from featsteer.models.chat import check_system
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +118,10 @@ def capture(
         from disk, or with `load_back=False` an `ActivationReader` over the directory.
 
     Raises:
-        FeatsteerError: empty prompt list, a system prompt without the chat template, unknown hook, hooks of different
+        FeatsteerError: empty prompt list, a blank system prompt, a system prompt without the chat template, unknown hook, hooks of different
             widths, NaN/inf activations, or activations beyond `dtype`'s range (float16's 65504), naming hook and prompt.
     """
+    check_system(system)
     if system is not None and not chat:  # the raw texts would be read without it, and the metadata would claim it
         raise FeatsteerError("a system prompt goes into the chat template, which chat=False leaves out: pass system=None or chat=True")
     adapter: ModelAdapter = load_model(model)

@@ -11,6 +11,7 @@ from featsteer.datasets.loaders import (
     builtin_prompts,
     load_prompts,
     prompt_set_hash,
+    prompts_sha256,
     takes_column,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "builtin_prompts",
     "load_prompts",
     "prompt_set_hash",
+    "prompts_sha256",
     "takes_column",
 ]

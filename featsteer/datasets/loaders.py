@@ -102,8 +102,17 @@ class PromptSet:
 
     @property
     def sha256(self) -> str:
-        """Hex SHA-256 of the prompts joined by newlines: a stable provenance hash for reports."""
+        """Hex SHA-256 of the prompts joined by newlines, the hash recorded with results so far (`prompt_set_hash`).
+
+        Ambiguous when a prompt holds a newline: ``("a\\nb",)`` and ``("a", "b")`` hash equal. Kept so that recorded
+        hashes stay verifiable; `prompts_sha256` tells every two prompt lists apart.
+        """
         return prompt_set_hash(self.prompts)
+
+    @property
+    def prompts_sha256(self) -> str:
+        """Hex SHA-256 of the prompts as a JSON list (`prompts_sha256`): unambiguous, also for multi-line prompts."""
+        return prompts_sha256(self.prompts)
 
     def head(self, n: int) -> PromptSet:
         """The first ``n`` prompts (all of them when the set is shorter).
@@ -132,7 +141,11 @@ class PromptSet:
 
 
 def prompt_set_hash(prompts: Sequence[str]) -> str:
-    """Hex SHA-256 of ``"\\n".join(prompts)``, the provenance hash recorded with every result.
+    """Hex SHA-256 of ``"\\n".join(prompts)``, the provenance hash recorded with results (``sha256`` keys).
+
+    Two lists whose prompts hold newlines can share it (``["a\\nb"]`` and ``["a", "b"]``; also ``[]`` and
+    ``[""]``); it is unambiguous only for lists of at least one prompt without a newline. Use `prompts_sha256` to
+    tell any two lists apart, and this one to verify a recorded ``sha256``.
 
     Args:
         prompts: The prompts, in order.
@@ -141,6 +154,19 @@ def prompt_set_hash(prompts: Sequence[str]) -> str:
         64 lowercase hex characters.
     """
     return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
+
+
+def prompts_sha256(prompts: Sequence[str]) -> str:
+    """Hex SHA-256 of the prompts as a JSON list (``json.dumps(list(prompts))``): every two ordered prompt lists hash
+    differently, multi-line prompts included. Recorded as ``prompts_sha256`` (beside the older ``sha256``).
+
+    Args:
+        prompts: The prompts, in order.
+
+    Returns:
+        64 lowercase hex characters.
+    """
+    return hashlib.sha256(json.dumps(list(prompts)).encode("utf-8")).hexdigest()
 
 
 def builtin_prompts(kind: str, split: str = "all") -> PromptSet:

@@ -6,8 +6,6 @@ same greedy decoding, the same detector.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -15,13 +13,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from featsteer.datasets import PromptSet
+from featsteer.datasets import PromptSet, prompts_sha256
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import response_cross_entropy
 from featsteer.evaluation.quality import LoopDetector, coherent_refusals, unanswered
 from featsteer.evaluation.refusal import RateEstimate, RefusalDetector, refusal_rate
 from featsteer.models import ModelAdapter
 from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
+from featsteer.models.chat import check_system
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,7 @@ class GenerationConfig:
                 raise FeatsteerError(f"{name} must be at least 1, got {value}")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             raise FeatsteerError(f"max_batch_tokens must be at least 1 (or None for no cap), got {self.max_batch_tokens}")
-        if self.system is not None and not self.system.strip():
-            raise FeatsteerError("system is empty: give the system prompt text, or None for none")
+        check_system(self.system)
         if self.prefill is not None and not self.prefill.strip():
             raise FeatsteerError("prefill is empty: give the text every harmful response should start with, or 'affirm'")
 
@@ -146,10 +144,6 @@ class RefusalReport:
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
-def prompts_sha256(prompts: Sequence[str]) -> str:
-    """A digest of an ordered prompt list, to check that two evaluations read the same prompts in the same order."""
-    return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
-
 
 def paired_with_earlier(report: RefusalReport, earlier: Mapping) -> dict:
     """McNemar's exact test of this evaluation's verdicts against an earlier one's (`featsteer eval --json` output) on
@@ -236,8 +230,8 @@ def evaluate_refusal(
                                   prefill_texts(config.prefill, list(harmful)))
     harmless_result = evaluate_set(model, harmless, "harmless", config, detector, keep_logprobs)
     sources = {
-        "harmful": {"source": harmful.source, "sha256": harmful.sha256},
-        "harmless": {"source": harmless.source, "sha256": harmless.sha256},
+        "harmful": {"source": harmful.source, "sha256": harmful.sha256, "prompts_sha256": harmful.prompts_sha256},
+        "harmless": {"source": harmless.source, "sha256": harmless.sha256, "prompts_sha256": harmless.prompts_sha256},
     }
     return RefusalReport(model.name, harmful_result, harmless_result, time.perf_counter() - start, config, sources)
 

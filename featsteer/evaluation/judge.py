@@ -39,6 +39,7 @@ from featsteer.evaluation.metrics import _first_generated_token
 from featsteer.evaluation.refusal import RateEstimate, RefusalDetector, prefilled_reply, refusal_rate
 from featsteer.models import ModelAdapter
 from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
+from featsteer.models.chat import check_system
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class ChatJudge:
     batch_size: int = 16
     max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS
     system: str | None = None
-    """Optional system prompt for the judge."""
+    """Optional system prompt for the judge (None: none; a blank text is refused)."""
     max_chars: int = 2000
     """Cut prompts and responses to this many characters before asking."""
     name: str = ""
@@ -187,6 +188,7 @@ class ChatJudge:
     """The anchor check that set `threshold`, when it was calibrated (`check_on_anchors(..., calibrate=True)`)."""
 
     def __post_init__(self) -> None:
+        check_system(self.system)
         if "{prompt}" not in self.question or "{response}" not in self.question:
             raise FeatsteerError("the judge question needs both {prompt} and {response} placeholders")
         if not 0.0 < self.threshold < 1.0:

@@ -1,7 +1,13 @@
 """Models behind one adapter: load any supported model and address its activations by TransformerLens name."""
 
 from featsteer.models.adapter import BiasWriter, HookFn, ModelAdapter, ResidualWriter, StopForward, TokenBatch
-from featsteer.models.chat import FALLBACK_TEMPLATE, FormattedPrompt, format_instruction
+from featsteer.models.chat import (
+    BLANK_SYSTEM,
+    FALLBACK_TEMPLATE,
+    FormattedPrompt,
+    check_system,
+    format_instruction,
+)
 from featsteer.models.families import FAMILIES, FamilySpec, family_for, supported_model_types
 from featsteer.models.hookpoints import (
     HEAD_KINDS,
@@ -17,6 +23,7 @@ from featsteer.models.hookpoints import (
 from featsteer.models.loading import default_cache_dir, load_model
 
 __all__ = [
+    "BLANK_SYSTEM",
     "BiasWriter",
     "FALLBACK_TEMPLATE",
     "FAMILIES",
@@ -34,6 +41,7 @@ __all__ = [
     "ResidualWriter",
     "StopForward",
     "TokenBatch",
+    "check_system",
     "default_cache_dir",
     "family_for",
     "format_instruction",

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
-from featsteer.models.chat import FormattedPrompt, format_instruction
+from featsteer.models.chat import FormattedPrompt, check_system, format_instruction
 from featsteer.models.hookpoints import (
     HEAD_KINDS,
     LAYER_KINDS,
@@ -439,6 +439,7 @@ class ModelAdapter(ABC):
         """
         if not instructions:
             raise FeatsteerError("no prompts to tokenize: pass at least one instruction")
+        check_system(system)  # also without the chat template, where a blank one would otherwise pass unseen
         _check_prefill(prefill, instructions)
         if chat:
             formatted = self.format_prompts(instructions, system)

@@ -8,11 +8,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from featsteer.errors import FeatsteerError
+
 FALLBACK_TEMPLATE = "{system}### Instruction:\n{instruction}\n\n### Response:\n"
 """Used when the tokenizer has no chat template (base models). `{system}` is the system prompt followed
 by a blank line, or empty."""
 
 _SENTINEL = "FEATSTEERINSTRUCTIONSENTINEL"
+
+BLANK_SYSTEM = "the system prompt is empty: give its text, or leave it out (no --system; system=None) for none"
+"""The one error every entry point gives for a blank system prompt."""
+
+
+def check_system(system: str | None) -> str | None:
+    """Refuse a blank system prompt, the one rule every entry point shares (CLI, configs, `format_instruction`).
+
+    A blank text would be a system turn of spaces (`" "`) or, for `""`, silently no system turn at all while the
+    run's metadata records one.
+
+    Args:
+        system: the system prompt, or None for none.
+
+    Returns:
+        `system` unchanged.
+
+    Raises:
+        FeatsteerError: `system` is empty or only whitespace.
+    """
+    if system is not None and not system.strip():
+        raise FeatsteerError(BLANK_SYSTEM)
+    return system
 
 
 @dataclass(frozen=True)
@@ -54,7 +79,11 @@ def format_instruction(tokenizer, instruction: str, system: str | None = None) -
 
     Returns:
         The formatted prompt and the character offset where the instruction ends.
+
+    Raises:
+        FeatsteerError: `system` is blank (`check_system`).
     """
+    check_system(system)
     probe, _ = _render(tokenizer, _SENTINEL, system)
     text, used_template = _render(tokenizer, instruction, system)
     suffix = probe[probe.index(_SENTINEL) + len(_SENTINEL) :]
