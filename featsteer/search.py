@@ -131,14 +131,18 @@ class SearchSpace:
     """Smallest kernel width in layers; the largest is `n_layers`. Kernel peaks range over `[0, n_layers - 1]`."""
     embedding_strength: tuple[float, float] = (0.0, 1.0)
     """Range of the embedding edit's strength (0 leaves the embeddings untouched)."""
-    scopes: tuple[str, ...] = DIRECTION_SCOPES
-    """Direction scopes tried (see `DIRECTION_SCOPES`); with two, `direction_scope` is a searched parameter."""
+    scopes: tuple[str, ...] | None = None
+    """Direction scopes tried (see `DIRECTION_SCOPES`); with two, `direction_scope` is a searched parameter. None: both
+    for `resid_pre`/`resid_post` candidates, `global` alone for the other kinds, which no block writes into as a whole
+    (`scopes_for`); naming `per_layer` for those is an error."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_weight", tuple(float(v) for v in self.max_weight))
         object.__setattr__(self, "embedding_strength", tuple(float(v) for v in self.embedding_strength))
-        object.__setattr__(self, "scopes", tuple(self.scopes))
-        if not self.scopes or any(scope not in DIRECTION_SCOPES for scope in self.scopes) or len(set(self.scopes)) < len(self.scopes):
+        if self.scopes is not None:
+            object.__setattr__(self, "scopes", tuple(self.scopes))
+        if self.scopes is not None and (not self.scopes or any(scope not in DIRECTION_SCOPES for scope in self.scopes)
+                                        or len(set(self.scopes)) < len(self.scopes)):
             raise FeatsteerError(f"search scopes must be distinct values of {', '.join(DIRECTION_SCOPES)}, got {list(self.scopes)}")
         for name in ("max_weight", "embedding_strength"):
             low, high = getattr(self, name)
@@ -148,6 +152,25 @@ class SearchSpace:
             raise FeatsteerError(f"max_layer_fraction must be in (0, 1], got {self.max_layer_fraction}")
         if self.min_width <= 0:
             raise FeatsteerError(f"min_width must be positive, got {self.min_width}")
+
+    def scopes_for(self, kind: str) -> tuple[str, ...]:
+        """The scopes a search over candidates of hook kind `kind` tries: `scopes` when set, else every scope the kind
+        allows. `per_layer` needs the stream a whole block writes into (`STREAM_OFFSETS`): at `resid_mid` a block's
+        attention writes into its own `resid_mid` but its MLP into `resid_post`, which no `resid_mid` candidate reads,
+        and `attn_out`/`mlp_out` are branches; so those kinds default to `global` alone (logged).
+
+        Raises:
+            FeatsteerError: when `scopes` names `per_layer` for a kind it cannot map (`check_per_layer_kind`).
+        """
+        if self.scopes is not None:
+            if "per_layer" in self.scopes:
+                check_per_layer_kind(kind)
+            return self.scopes
+        if kind in STREAM_OFFSETS:
+            return DIRECTION_SCOPES
+        logger.info("search: %s candidates have no per-layer scope (no block writes into that stream as a whole): "
+                    "searching the global scope only", kind)
+        return ("global",)
 
     def bounds(self, n_layers: int, n_directions: int, first_layer: int = 0, kind: str = "resid_pre") -> dict[str, tuple[float, float]]:
         """`{parameter: (low, high)}` for a model with `n_layers` layers.
@@ -661,7 +684,7 @@ def _run_trials(study: optuna.Study, screen: _Screen, config: SearchConfig, clas
         return
     if not study.trials:
         queued = [classic] if config.enqueue_classic else []
-        for point in (warm_start_params(p, screen.bounds, config.space.scopes) for p in warm_start):
+        for point in (warm_start_params(p, screen.bounds, screen.source.scopes) for p in warm_start):
             if point is not None and point not in queued:  # optuna skips a repeat anyway: count only what will run
                 queued.append(point)
         for params in queued:
@@ -839,8 +862,8 @@ def search_abliteration(
         All trials, the verified Pareto front and the recommended point.
 
     Raises:
-        FeatsteerError: for rank-k candidates, a missing position, the per_layer scope with candidates of a kind
-            other than resid_pre/resid_post, empty verification sets, a folder holding a search with a different set-up,
+        FeatsteerError: for rank-k candidates, a missing position, the per_layer scope named in `config.space.scopes`
+            with candidates of a kind other than resid_pre/resid_post (unset, those search the global scope only), empty verification sets, a folder holding a search with a different set-up,
             or a warm start from a search over a candidate kind that is not this one's stream.
     """
     config = config or SearchConfig()
@@ -850,8 +873,7 @@ def search_abliteration(
                              "direction with DirectionConfig(kind='resid_pre') (or resid_mid, resid_post, attn_out, mlp_out)")
     kind = model.hook_site(chosen.hook).kind
     warm_start = [convert_warm_start(point, kind) for point in warm_start]
-    if "per_layer" in config.space.scopes:  # checked here: optuna would fail every such trial
-        check_per_layer_kind(kind)
+    scopes = config.space.scopes_for(kind)  # checked here: optuna would fail every per-layer trial of a kind it cannot map
     position = chosen.position if config.position is None else config.position
     table = layer_directions(result.candidates, position, kind)
     bounds = config.space.bounds(model.n_layers, table.shape[0], first_usable_layer(table), kind)
@@ -864,7 +886,7 @@ def search_abliteration(
     setup = {"model": model.name, "n_layers": model.n_layers, "method": result.candidates.method, "position": position, "kind": kind,
              "harmful_sha256": provenance.get("harmful_sha256"), "harmless_sha256": provenance.get("harmless_sha256"),
              "directions_sha256": basis_sha256(table), "dtype": str(model.dtype).removeprefix("torch.")}
-    source = _DirectionSource(table=table, scopes=config.space.scopes, kind=kind)
+    source = _DirectionSource(table=table, scopes=scopes, kind=kind)
     return _search(model, source, bounds, chosen.layer, proxy, eval_sets, setup, Path(out_dir), config, detector, warm_start)
 
 

@@ -228,6 +228,25 @@ def test_warm_start_params_clamps_and_filters_by_scope():
     assert both == {"direction_layer": 2.0, "direction_scope": "per_layer"}
 
 
+def test_a_fixed_search_skips_per_layer_warm_start_points(setup, tmp_path):
+    """A fixed search removes one basis everywhere: an earlier per-layer point's kernels were tuned for other directions
+    per block, so it is skipped as documented. It was queued (and run as a global point), because the warm start was
+    filtered by the configured scopes, not by the scopes the fixed search runs."""
+    import optuna
+
+    model, result = setup
+    kernels = {f"{writer}.{part}": value for writer in ("attn", "mlp")
+               for part, value in (("peak", 1.0), ("width", 2.0), ("max_weight", 0.9), ("min_fraction", 0.5))}
+    points = [{**kernels, "direction_scope": "per_layer", "embedding_strength": 0.3},
+              {**kernels, "direction_scope": "global", "embedding_strength": 0.6}]
+    row = torch.randn(model.d_model, generator=torch.Generator().manual_seed(5))
+    found = search_fixed_abliteration(model, row, result.val, tmp_path, SearchConfig(n_trials=3, **FAST), warm_start=points)
+    study = optuna.load_study(study_name=search_module.STUDY_NAME, storage=f"sqlite:///{(tmp_path / 'search.db').resolve()}")
+    assert study.user_attrs["warm_start"] == 1
+    assert found.trials[1]["params"]["embedding_strength"] == pytest.approx(0.6)
+    assert all(t["params"]["embedding_strength"] != pytest.approx(0.3) for t in found.trials)
+
+
 def test_a_warm_start_from_another_candidate_kind_is_converted_or_refused(setup, tmp_path):
     """direction_layer indexes the candidate table, so a resid_pre search's point at 1.4 warm-starting a resid_post search
     landed one stream further on (and was clamped, 1.4 -> 1.2). The kind travels with the points now and is converted
@@ -639,15 +658,24 @@ def test_per_layer_scope_and_layer_range_follow_the_stream_for_resid_post(setup,
     assert found["resid_post"].setup["bounds"]["direction_layer"][1] == pytest.approx(pre_top - 1)
 
 
-def test_per_layer_scope_refuses_candidates_no_block_writes_into(setup, tmp_path):
+def test_per_layer_scope_refuses_candidates_no_block_writes_into(setup, tmp_path, caplog):
+    """At `resid_mid` a block's attention writes into its own `resid_mid` but its MLP into `resid_post`, so no one
+    candidate per block exists: a default search there runs the global scope alone (it raised, asking for
+    `SearchSpace(scopes=("global",))`); only an explicit per-layer scope is an error."""
     model, _ = setup
     harmful, harmless = builtin_prompts("harmful").head(12), builtin_prompts("harmless").head(12)
     mid = find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=3, batch_size=8, kind="resid_mid"))
-    with pytest.raises(FeatsteerError, match="per_layer scope needs resid_pre or resid_post"):
-        search_abliteration(model, mid, tmp_path, SearchConfig(n_trials=2, **FAST))
+    for scopes in (("per_layer",), ("global", "per_layer")):
+        with pytest.raises(FeatsteerError, match="per_layer scope needs resid_pre or resid_post"):
+            search_abliteration(model, mid, tmp_path, SearchConfig(n_trials=2, space=SearchSpace(scopes=scopes), **FAST))
     assert not (tmp_path / "search.db").exists()
-    found = search_abliteration(model, mid, tmp_path, SearchConfig(n_trials=2, space=SearchSpace(scopes=("global",)), **FAST))
-    assert len(found.trials) == 2
+    with caplog.at_level("INFO", logger="featsteer.search"):
+        found = search_abliteration(model, mid, tmp_path, SearchConfig(n_trials=2, **FAST))
+    assert len(found.trials) == 2 and found.setup["scopes"] == ["global"]
+    assert {t["params"]["direction_scope"] for t in found.trials} == {"global"}
+    assert "resid_mid candidates have no per-layer scope" in caplog.text
+    assert SearchSpace().scopes_for("resid_pre") == SearchSpace().scopes_for("resid_post") == ("global", "per_layer")
+    assert SearchSpace.from_dict(SearchSpace().to_dict()) == SearchSpace()
 
 
 def test_search_names_the_kind_it_cannot_read(setup, tmp_path):
