@@ -444,6 +444,11 @@ class SearchResult:
     basis: Tensor | None = None
     """The removed basis of a fixed-direction search (`search_fixed_abliteration`; kept as `basis.safetensors` in its
     folder); None for a search over candidate directions."""
+    classic: dict | None = None
+    """The classic edit the study started with (`SearchConfig.enqueue_classic`): `number` (its trial), `params`,
+    `clamped` (`{parameter: [classic value, value used]}` for each value the search's ranges moved, e.g. a selected layer
+    above `SearchSpace.max_layer_fraction`: then that trial is not the classic edit) and a `note` saying which; None
+    without it, or in a `pareto.json` written before it was recorded."""
 
     @property
     def fixed(self) -> bool:
@@ -515,13 +520,13 @@ class SearchResult:
         """The `pareto.json` form."""
         return {"best": self.best, "pareto": self.pareto, "baseline": self.baseline, "setup": self.setup,
                 "config": self.config.to_dict(), "timings": self.timings, "n_trials": len(self.trials), "trials": self.trials,
-                "fields": PARETO_FIELDS}
+                "classic": self.classic, "fields": PARETO_FIELDS}
 
     @classmethod
     def from_json(cls, data: dict) -> SearchResult:
         """Inverse of `to_json`."""
         return cls(data["trials"], data["pareto"], data["best"], data["baseline"], data["setup"],
-                   SearchConfig.from_dict(data["config"]), data.get("timings", {}))
+                   SearchConfig.from_dict(data["config"]), data.get("timings", {}), classic=data.get("classic"))
 
     @classmethod
     def load(cls, path: str | Path) -> SearchResult:
@@ -584,16 +589,33 @@ def _trial_record(trial: optuna.trial.FrozenTrial, mode: str, pareto_numbers: se
             "seconds": attrs["seconds"], "pareto": trial.number in pareto_numbers}
 
 
-def _classic_params(bounds: dict[str, tuple[float, float]], layer: int, n_layers: int, scopes: tuple[str, ...]) -> dict:
-    """Classic abliteration in the search's parameters: one direction, strength 1 at every layer and on the embedding."""
+def _classic_params(bounds: dict[str, tuple[float, float]], layer: int, n_layers: int,
+                    scopes: tuple[str, ...]) -> tuple[dict, dict[str, list[float]]]:
+    """Classic abliteration in the search's parameters (one direction, the selected layer's, strength 1 at every layer
+    and on the embedding), clamped to the search's ranges; and `{parameter: [classic value, value used]}` for every
+    value the clamping moved (e.g. a selected layer above `SearchSpace.max_layer_fraction`), empty when none moved."""
     wanted = {"direction_layer": float(layer), "embedding_strength": 1.0}
     for writer in ("attn", "mlp"):
         wanted |= {f"{writer}.peak": (n_layers - 1) / 2, f"{writer}.width": float(n_layers),
                    f"{writer}.max_weight": 1.0, f"{writer}.min_fraction": 1.0}
     classic: dict = {name: min(max(value, bounds[name][0]), bounds[name][1]) for name, value in wanted.items() if name in bounds}
+    clamped = {name: [wanted[name], classic[name]] for name in classic if classic[name] != wanted[name]}
     if len(scopes) > 1:
         classic["direction_scope"] = "global" if "global" in scopes else scopes[0]
-    return classic
+    return classic, clamped
+
+
+def _classic_record(study: optuna.Study, classic: dict, clamped: dict[str, list[float]]) -> dict:
+    """What `pareto.json` says about the classic edit the search started with: its trial number (None until it ran),
+    its parameters, and which of them the search's ranges moved away from classic abliteration, with a note."""
+    number = next((t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                   if t.params == classic), None)
+    note = "the classic edit: the selected direction removed at strength 1 from every writer and the embedding"
+    if clamped:
+        moved = ", ".join(f"{name} {was:g} -> {used:g}" for name, (was, used) in clamped.items())
+        note = (f"NOT the classic edit: the search's ranges moved {moved}"
+                + (" (the selected layer lies above SearchSpace.max_layer_fraction)" if "direction_layer" in clamped else ""))
+    return {"number": number, "params": classic, "clamped": clamped, "note": note}
 
 
 # ---- the search ------------------------------------------------------------------------------------
@@ -1001,7 +1023,11 @@ def _search(model: ModelAdapter, source: _DirectionSource, bounds: dict[str, tup
         along = response_base(model, proxy[1], answers, max_tokens=config.max_new_tokens, batch_size=config.batch_size)
     screen = _Screen(model, source, bounds, config, proxy[0], proxy[1], proxy_base, tokens, along)
     start = time.perf_counter()
-    _run_trials(study, screen, config, _classic_params(bounds, classic_layer, model.n_layers, source.scopes), warm_start)
+    classic, clamped = _classic_params(bounds, classic_layer, model.n_layers, source.scopes)
+    if config.enqueue_classic and clamped:
+        logger.warning("search: trial 0 is not the classic edit at the selected layer %d: %s", classic_layer,
+                       _classic_record(study, classic, clamped)["note"])
+    _run_trials(study, screen, config, classic, warm_start)
     screened = time.perf_counter()
     pareto_numbers = {t.number for t in study.best_trials}
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -1012,7 +1038,8 @@ def _search(model: ModelAdapter, source: _DirectionSource, bounds: dict[str, tup
     timings = {"screen_s": screened - start, "verify_s": time.perf_counter() - screened,
                "mean_trial_s": sum(t["seconds"] for t in trials) / max(len(trials), 1)}
     search = SearchResult(trials, pareto, choose_best(pareto, config.max_kl_for_choice, config.kl_prompts), baseline,
-                          study.user_attrs["setup"], config, timings)
+                          study.user_attrs["setup"], config, timings,
+                          classic=_classic_record(study, classic, clamped) if config.enqueue_classic else None)
     write_search(search, out)
     logger.info("search: %d trials (%.2fs each), %d on the Pareto front, best: %s", len(trials), timings["mean_trial_s"],
                 len(pareto), "none" if search.best is None else f"trial {search.best['number']}")

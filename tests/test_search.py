@@ -84,6 +84,25 @@ def test_search_runs_all_trials_and_leaves_model_unmodified(setup, searched):
     assert found.trials[0]["params"]["direction_layer"] == min(max(result.selection.chosen.layer, low), high)
     assert all(low <= t["params"]["direction_layer"] <= high for t in found.trials)
     assert all(t["seconds"] > 0 and t["kl"] >= 0 for t in found.trials)
+    assert found.classic["number"] == 0 and found.classic["clamped"] == {} and found.classic["params"] == found.trials[0]["params"]
+
+
+def test_a_classic_trial_outside_the_layer_range_is_announced_and_recorded(setup, tmp_path, caplog):
+    """When `max_layer_fraction` excludes the selected layer, trial 0 runs at the top of the range instead: not the
+    classic edit at the selected direction. That was silent; now it is a warning and `pareto.json` says so."""
+    model, result = setup
+    chosen = result.selection.chosen
+    late = next(c for c in result.selection.candidates if c.hook == "blocks.2.hook_resid_pre" and c.position == chosen.position)
+    moved = dataclasses.replace(result, selection=dataclasses.replace(result.selection, chosen=late))
+    with caplog.at_level("WARNING", logger="featsteer.search"):
+        found = search_abliteration(model, moved, tmp_path, SearchConfig(n_trials=2, **FAST))
+    top = found.setup["bounds"]["direction_layer"][1]
+    assert top < 2 and found.trials[0]["params"]["direction_layer"] == top
+    assert "trial 0 is not the classic edit at the selected layer 2" in caplog.text
+    written = json.loads((tmp_path / "pareto.json").read_text())["classic"]
+    assert written["number"] == 0 and written["clamped"] == {"direction_layer": [2.0, top]}
+    assert written["note"].startswith("NOT the classic edit") and "max_layer_fraction" in written["note"]
+    assert SearchResult.load(tmp_path).classic == written
 
 
 def test_search_writes_pareto_json_and_png(searched):
