@@ -321,7 +321,8 @@ def render(payload: dict, name: str, files: dict[str, str] | None = None) -> Non
               "the KL, no decoding). KL answered: the mean over the harmless prompts the base model answers (the ones it "
               "refuses change, rightly, when refusal is removed); \"-\": measured before this column existed."]
     table = extra.get("dim_selection", {}).get("table", {})
-    finalists = [c for c in table.get("candidates", []) if c["reason"] in ("kept", "kl too high", "no induced refusal")]
+    # a finalist is kept or fails the KL filter, the induce filter or both ("kl too high, no induced refusal")
+    finalists = [c for c in table.get("candidates", []) if set(c["reason"].split(", ")) <= {"kept", "kl too high", "no induced refusal"}]
     if finalists:
         lines += ["", f"Selection finalists ({payload['extra']['settings']['n_select']} validation prompts per set; refusal log-odds "
                   f"of harmful prompts {table['base_refusal_harmful']:.2f} unablated):", "",

@@ -588,7 +588,7 @@ def _write_directions(args: argparse.Namespace, model, result, config, optimize,
     if geometry is not None and geometry.repair is not None:
         repair, last = geometry.repair, geometry.repair.rows[-1]
         print(f"ablated at {repair.at} only: refusal log-odds {repair.refusal['unedited']:+.2f} -> {repair.refusal['at_hook']:+.2f} "
-              f"(every write {repair.refusal['every_write']:+.2f}); repaired after the last layer {last.repaired:+.2f} (the share of the "
+              f"(every write {repair.refusal['every_write']:+.2f}); repaired after the last layer {last.repaired_text()} (the share of the "
               "removed gap written back; below 0, less is written once it is gone; geometry.md)")
     if geometry is not None and geometry.readers is not None:
         print(geometry.readers.summary() + " (geometry.md)")

@@ -131,14 +131,18 @@ class SearchSpace:
     """Smallest kernel width in layers; the largest is `n_layers`. Kernel peaks range over `[0, n_layers - 1]`."""
     embedding_strength: tuple[float, float] = (0.0, 1.0)
     """Range of the embedding edit's strength (0 leaves the embeddings untouched)."""
-    scopes: tuple[str, ...] = DIRECTION_SCOPES
-    """Direction scopes tried (see `DIRECTION_SCOPES`); with two, `direction_scope` is a searched parameter."""
+    scopes: tuple[str, ...] | None = None
+    """Direction scopes tried (see `DIRECTION_SCOPES`); with two, `direction_scope` is a searched parameter. None: both
+    for `resid_pre`/`resid_post` candidates, `global` alone for the other kinds, which no block writes into as a whole
+    (`scopes_for`); naming `per_layer` for those is an error."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_weight", tuple(float(v) for v in self.max_weight))
         object.__setattr__(self, "embedding_strength", tuple(float(v) for v in self.embedding_strength))
-        object.__setattr__(self, "scopes", tuple(self.scopes))
-        if not self.scopes or any(scope not in DIRECTION_SCOPES for scope in self.scopes) or len(set(self.scopes)) < len(self.scopes):
+        if self.scopes is not None:
+            object.__setattr__(self, "scopes", tuple(self.scopes))
+        if self.scopes is not None and (not self.scopes or any(scope not in DIRECTION_SCOPES for scope in self.scopes)
+                                        or len(set(self.scopes)) < len(self.scopes)):
             raise FeatsteerError(f"search scopes must be distinct values of {', '.join(DIRECTION_SCOPES)}, got {list(self.scopes)}")
         for name in ("max_weight", "embedding_strength"):
             low, high = getattr(self, name)
@@ -148,6 +152,25 @@ class SearchSpace:
             raise FeatsteerError(f"max_layer_fraction must be in (0, 1], got {self.max_layer_fraction}")
         if self.min_width <= 0:
             raise FeatsteerError(f"min_width must be positive, got {self.min_width}")
+
+    def scopes_for(self, kind: str) -> tuple[str, ...]:
+        """The scopes a search over candidates of hook kind `kind` tries: `scopes` when set, else every scope the kind
+        allows. `per_layer` needs the stream a whole block writes into (`STREAM_OFFSETS`): at `resid_mid` a block's
+        attention writes into its own `resid_mid` but its MLP into `resid_post`, which no `resid_mid` candidate reads,
+        and `attn_out`/`mlp_out` are branches; so those kinds default to `global` alone (logged).
+
+        Raises:
+            FeatsteerError: when `scopes` names `per_layer` for a kind it cannot map (`check_per_layer_kind`).
+        """
+        if self.scopes is not None:
+            if "per_layer" in self.scopes:
+                check_per_layer_kind(kind)
+            return self.scopes
+        if kind in STREAM_OFFSETS:
+            return DIRECTION_SCOPES
+        logger.info("search: %s candidates have no per-layer scope (no block writes into that stream as a whole): "
+                    "searching the global scope only", kind)
+        return ("global",)
 
     def bounds(self, n_layers: int, n_directions: int, first_layer: int = 0, kind: str = "resid_pre") -> dict[str, tuple[float, float]]:
         """`{parameter: (low, high)}` for a model with `n_layers` layers.
@@ -421,6 +444,11 @@ class SearchResult:
     basis: Tensor | None = None
     """The removed basis of a fixed-direction search (`search_fixed_abliteration`; kept as `basis.safetensors` in its
     folder); None for a search over candidate directions."""
+    classic: dict | None = None
+    """The classic edit the study started with (`SearchConfig.enqueue_classic`): `number` (its trial), `params`,
+    `clamped` (`{parameter: [classic value, value used]}` for each value the search's ranges moved, e.g. a selected layer
+    above `SearchSpace.max_layer_fraction`: then that trial is not the classic edit) and a `note` saying which; None
+    without it, or in a `pareto.json` written before it was recorded."""
 
     @property
     def fixed(self) -> bool:
@@ -492,13 +520,13 @@ class SearchResult:
         """The `pareto.json` form."""
         return {"best": self.best, "pareto": self.pareto, "baseline": self.baseline, "setup": self.setup,
                 "config": self.config.to_dict(), "timings": self.timings, "n_trials": len(self.trials), "trials": self.trials,
-                "fields": PARETO_FIELDS}
+                "classic": self.classic, "fields": PARETO_FIELDS}
 
     @classmethod
     def from_json(cls, data: dict) -> SearchResult:
         """Inverse of `to_json`."""
         return cls(data["trials"], data["pareto"], data["best"], data["baseline"], data["setup"],
-                   SearchConfig.from_dict(data["config"]), data.get("timings", {}))
+                   SearchConfig.from_dict(data["config"]), data.get("timings", {}), classic=data.get("classic"))
 
     @classmethod
     def load(cls, path: str | Path) -> SearchResult:
@@ -561,16 +589,33 @@ def _trial_record(trial: optuna.trial.FrozenTrial, mode: str, pareto_numbers: se
             "seconds": attrs["seconds"], "pareto": trial.number in pareto_numbers}
 
 
-def _classic_params(bounds: dict[str, tuple[float, float]], layer: int, n_layers: int, scopes: tuple[str, ...]) -> dict:
-    """Classic abliteration in the search's parameters: one direction, strength 1 at every layer and on the embedding."""
+def _classic_params(bounds: dict[str, tuple[float, float]], layer: int, n_layers: int,
+                    scopes: tuple[str, ...]) -> tuple[dict, dict[str, list[float]]]:
+    """Classic abliteration in the search's parameters (one direction, the selected layer's, strength 1 at every layer
+    and on the embedding), clamped to the search's ranges; and `{parameter: [classic value, value used]}` for every
+    value the clamping moved (e.g. a selected layer above `SearchSpace.max_layer_fraction`), empty when none moved."""
     wanted = {"direction_layer": float(layer), "embedding_strength": 1.0}
     for writer in ("attn", "mlp"):
         wanted |= {f"{writer}.peak": (n_layers - 1) / 2, f"{writer}.width": float(n_layers),
                    f"{writer}.max_weight": 1.0, f"{writer}.min_fraction": 1.0}
     classic: dict = {name: min(max(value, bounds[name][0]), bounds[name][1]) for name, value in wanted.items() if name in bounds}
+    clamped = {name: [wanted[name], classic[name]] for name in classic if classic[name] != wanted[name]}
     if len(scopes) > 1:
         classic["direction_scope"] = "global" if "global" in scopes else scopes[0]
-    return classic
+    return classic, clamped
+
+
+def _classic_record(study: optuna.Study, classic: dict, clamped: dict[str, list[float]]) -> dict:
+    """What `pareto.json` says about the classic edit the search started with: its trial number (None until it ran),
+    its parameters, and which of them the search's ranges moved away from classic abliteration, with a note."""
+    number = next((t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                   if t.params == classic), None)
+    note = "the classic edit: the selected direction removed at strength 1 from every writer and the embedding"
+    if clamped:
+        moved = ", ".join(f"{name} {was:g} -> {used:g}" for name, (was, used) in clamped.items())
+        note = (f"NOT the classic edit: the search's ranges moved {moved}"
+                + (" (the selected layer lies above SearchSpace.max_layer_fraction)" if "direction_layer" in clamped else ""))
+    return {"number": number, "params": classic, "clamped": clamped, "note": note}
 
 
 # ---- the search ------------------------------------------------------------------------------------
@@ -661,7 +706,7 @@ def _run_trials(study: optuna.Study, screen: _Screen, config: SearchConfig, clas
         return
     if not study.trials:
         queued = [classic] if config.enqueue_classic else []
-        for point in (warm_start_params(p, screen.bounds, config.space.scopes) for p in warm_start):
+        for point in (warm_start_params(p, screen.bounds, screen.source.scopes) for p in warm_start):
             if point is not None and point not in queued:  # optuna skips a repeat anyway: count only what will run
                 queued.append(point)
         for params in queued:
@@ -846,8 +891,8 @@ def search_abliteration(
         All trials, the verified Pareto front and the recommended point.
 
     Raises:
-        FeatsteerError: for rank-k candidates, a missing position, the per_layer scope with candidates of a kind
-            other than resid_pre/resid_post, empty verification sets, a folder holding a search with a different set-up,
+        FeatsteerError: for rank-k candidates, a missing position, the per_layer scope named in `config.space.scopes`
+            with candidates of a kind other than resid_pre/resid_post (unset, those search the global scope only), empty verification sets, a folder holding a search with a different set-up,
             or a warm start from a search over a candidate kind that is not this one's stream.
     """
     config = config or SearchConfig()
@@ -857,8 +902,7 @@ def search_abliteration(
                              "direction with DirectionConfig(kind='resid_pre') (or resid_mid, resid_post, attn_out, mlp_out)")
     kind = model.hook_site(chosen.hook).kind
     warm_start = [convert_warm_start(point, kind) for point in warm_start]
-    if "per_layer" in config.space.scopes:  # checked here: optuna would fail every such trial
-        check_per_layer_kind(kind)
+    scopes = config.space.scopes_for(kind)  # checked here: optuna would fail every per-layer trial of a kind it cannot map
     position = chosen.position if config.position is None else config.position
     table = layer_directions(result.candidates, position, kind)
     listed = result.candidates.provenance.get("layers")  # the selection kept to these (abliterate --layers): so does the search
@@ -875,7 +919,7 @@ def search_abliteration(
              "harmful_sha256": provenance.get("harmful_sha256"), "harmless_sha256": provenance.get("harmless_sha256"),
              "directions_sha256": basis_sha256(table), "dtype": str(model.dtype).removeprefix("torch."),
              **({"layers": sorted(set(listed))} if listed else {})}  # only when given, so earlier studies still resume
-    source = _DirectionSource(table=table, scopes=config.space.scopes, kind=kind)
+    source = _DirectionSource(table=table, scopes=scopes, kind=kind)
     return _search(model, source, bounds, chosen.layer, proxy, eval_sets, setup, Path(out_dir), config, detector, warm_start)
 
 
@@ -1004,7 +1048,11 @@ def _search(model: ModelAdapter, source: _DirectionSource, bounds: dict[str, tup
         along = response_base(model, proxy[1], answers, max_tokens=config.max_new_tokens, batch_size=config.batch_size)
     screen = _Screen(model, source, bounds, config, proxy[0], proxy[1], proxy_base, tokens, along)
     start = time.perf_counter()
-    _run_trials(study, screen, config, _classic_params(bounds, classic_layer, model.n_layers, source.scopes), warm_start)
+    classic, clamped = _classic_params(bounds, classic_layer, model.n_layers, source.scopes)
+    if config.enqueue_classic and clamped:
+        logger.warning("search: trial 0 is not the classic edit at the selected layer %d: %s", classic_layer,
+                       _classic_record(study, classic, clamped)["note"])
+    _run_trials(study, screen, config, classic, warm_start)
     screened = time.perf_counter()
     pareto_numbers = {t.number for t in study.best_trials}
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -1015,7 +1063,8 @@ def _search(model: ModelAdapter, source: _DirectionSource, bounds: dict[str, tup
     timings = {"screen_s": screened - start, "verify_s": time.perf_counter() - screened,
                "mean_trial_s": sum(t["seconds"] for t in trials) / max(len(trials), 1)}
     search = SearchResult(trials, pareto, choose_best(pareto, config.max_kl_for_choice, config.kl_prompts), baseline,
-                          study.user_attrs["setup"], config, timings)
+                          study.user_attrs["setup"], config, timings,
+                          classic=_classic_record(study, classic, clamped) if config.enqueue_classic else None)
     write_search(search, out)
     logger.info("search: %d trials (%.2fs each), %d on the Pareto front, best: %s", len(trials), timings["mean_trial_s"],
                 len(pareto), "none" if search.best is None else f"trial {search.best['number']}")

@@ -356,9 +356,32 @@ def test_late_layer_rule_counts_resid_post_as_the_next_blocks_input():
     model.show_progress = False
     prompts = builtin_prompts("harmful", "train").head(12), builtin_prompts("harmless", "train").head(12)
     found = find_refusal_direction(model, *prompts, DirectionConfig(kind="resid_post", n_select=4))
-    late = {c.hook for c in found.selection.candidates if c.reason == "late layer"}
+    late = {c.hook for c in found.selection.candidates if "late layer" in c.failed}
     assert late == {"blocks.2.hook_resid_post", "blocks.3.hook_resid_post"}
     assert found.selection.chosen.hook not in late
+
+
+def test_the_candidate_table_names_every_filter_a_candidate_fails():
+    """With no KL allowed, every finalist fails the KL filter, and those whose addition induces no refusal fail that one
+    too: the table said only the first ('kl too high')."""
+    from featsteer.datasets import builtin_prompts
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    model = load_model("tiny:llama")
+    model.show_progress = False
+    prompts = builtin_prompts("harmful", "train").head(12), builtin_prompts("harmless", "train").head(12)
+    selection = find_refusal_direction(model, *prompts, DirectionConfig(n_select=3, kl_threshold=0.0)).selection
+    finalists = [c for c in selection.candidates if c.kl_harmless == c.kl_harmless]
+    both = [c for c in finalists if c.refusal_induced <= 0]
+    assert both and all(c.reason == "kl too high, no induced refusal" for c in both)
+    assert all(c.reason == "kl too high" for c in finalists if c not in both)
+    rows = {" ".join(line.split(" | ")[:2]).lstrip("| "): line for line in selection.table().splitlines()[2:]}
+    assert all(rows[f"{c.hook} {c.position}"].endswith("| kl too high, no induced refusal |") for c in both if c is not selection.chosen)
+    assert f"**chosen (fallback: {selection.chosen.reason})**" in selection.table()
+    assert all(c.failed == ("kl too high", "no induced refusal") for c in both)
+    unscored = [c for c in selection.candidates if c.kl_harmless != c.kl_harmless and c.reason not in ("screened out", "not in top-k")]
+    assert unscored and all(c.failed and set(c.failed) <= {"late layer", "zero direction"} for c in unscored)
 
 
 def test_the_kl_induce_bar_counts_the_finalists_it_checks(capsys):
@@ -377,7 +400,7 @@ def test_the_kl_induce_bar_counts_the_finalists_it_checks(capsys):
     capsys.readouterr()
     model.show_progress = True
     shown = find_refusal_direction(model, *prompts, DirectionConfig(n_select=3, top_k=1))
-    ablated = sum(c.reason not in ("late layer", "zero direction") for c in shown.selection.candidates)
+    ablated = sum(not {"late layer", "zero direction"} & set(c.failed) for c in shown.selection.candidates)
     totals = {int(total) for total in re.findall(r"select: KL/induce: +\d+%\|[^|]*\| *\d+/(\d+)", capsys.readouterr().err)}
     assert ablated > 1 and totals == {1}, (ablated, totals)
     same = json_text(shown.selection.to_dict()) == json_text(quiet.selection.to_dict())  # NaN (unscored) written as null

@@ -84,6 +84,25 @@ def test_search_runs_all_trials_and_leaves_model_unmodified(setup, searched):
     assert found.trials[0]["params"]["direction_layer"] == min(max(result.selection.chosen.layer, low), high)
     assert all(low <= t["params"]["direction_layer"] <= high for t in found.trials)
     assert all(t["seconds"] > 0 and t["kl"] >= 0 for t in found.trials)
+    assert found.classic["number"] == 0 and found.classic["clamped"] == {} and found.classic["params"] == found.trials[0]["params"]
+
+
+def test_a_classic_trial_outside_the_layer_range_is_announced_and_recorded(setup, tmp_path, caplog):
+    """When `max_layer_fraction` excludes the selected layer, trial 0 runs at the top of the range instead: not the
+    classic edit at the selected direction. That was silent; now it is a warning and `pareto.json` says so."""
+    model, result = setup
+    chosen = result.selection.chosen
+    late = next(c for c in result.selection.candidates if c.hook == "blocks.2.hook_resid_pre" and c.position == chosen.position)
+    moved = dataclasses.replace(result, selection=dataclasses.replace(result.selection, chosen=late))
+    with caplog.at_level("WARNING", logger="featsteer.search"):
+        found = search_abliteration(model, moved, tmp_path, SearchConfig(n_trials=2, **FAST))
+    top = found.setup["bounds"]["direction_layer"][1]
+    assert top < 2 and found.trials[0]["params"]["direction_layer"] == top
+    assert "trial 0 is not the classic edit at the selected layer 2" in caplog.text
+    written = json.loads((tmp_path / "pareto.json").read_text())["classic"]
+    assert written["number"] == 0 and written["clamped"] == {"direction_layer": [2.0, top]}
+    assert written["note"].startswith("NOT the classic edit") and "max_layer_fraction" in written["note"]
+    assert SearchResult.load(tmp_path).classic == written
 
 
 def test_search_writes_pareto_json_and_png(searched):
@@ -226,6 +245,25 @@ def test_warm_start_params_clamps_and_filters_by_scope():
     assert warm_start_params({"direction_scope": "per_layer", "direction_layer": 2.0}, bounds, ("global",)) is None
     both = warm_start_params({"direction_scope": "per_layer", "direction_layer": 2.0}, bounds, ("global", "per_layer"))
     assert both == {"direction_layer": 2.0, "direction_scope": "per_layer"}
+
+
+def test_a_fixed_search_skips_per_layer_warm_start_points(setup, tmp_path):
+    """A fixed search removes one basis everywhere: an earlier per-layer point's kernels were tuned for other directions
+    per block, so it is skipped as documented. It was queued (and run as a global point), because the warm start was
+    filtered by the configured scopes, not by the scopes the fixed search runs."""
+    import optuna
+
+    model, result = setup
+    kernels = {f"{writer}.{part}": value for writer in ("attn", "mlp")
+               for part, value in (("peak", 1.0), ("width", 2.0), ("max_weight", 0.9), ("min_fraction", 0.5))}
+    points = [{**kernels, "direction_scope": "per_layer", "embedding_strength": 0.3},
+              {**kernels, "direction_scope": "global", "embedding_strength": 0.6}]
+    row = torch.randn(model.d_model, generator=torch.Generator().manual_seed(5))
+    found = search_fixed_abliteration(model, row, result.val, tmp_path, SearchConfig(n_trials=3, **FAST), warm_start=points)
+    study = optuna.load_study(study_name=search_module.STUDY_NAME, storage=f"sqlite:///{(tmp_path / 'search.db').resolve()}")
+    assert study.user_attrs["warm_start"] == 1
+    assert found.trials[1]["params"]["embedding_strength"] == pytest.approx(0.6)
+    assert all(t["params"]["embedding_strength"] != pytest.approx(0.3) for t in found.trials)
 
 
 def test_a_warm_start_from_another_candidate_kind_is_converted_or_refused(setup, tmp_path):
@@ -639,15 +677,24 @@ def test_per_layer_scope_and_layer_range_follow_the_stream_for_resid_post(setup,
     assert found["resid_post"].setup["bounds"]["direction_layer"][1] == pytest.approx(pre_top - 1)
 
 
-def test_per_layer_scope_refuses_candidates_no_block_writes_into(setup, tmp_path):
+def test_per_layer_scope_refuses_candidates_no_block_writes_into(setup, tmp_path, caplog):
+    """At `resid_mid` a block's attention writes into its own `resid_mid` but its MLP into `resid_post`, so no one
+    candidate per block exists: a default search there runs the global scope alone (it raised, asking for
+    `SearchSpace(scopes=("global",))`); only an explicit per-layer scope is an error."""
     model, _ = setup
     harmful, harmless = builtin_prompts("harmful").head(12), builtin_prompts("harmless").head(12)
     mid = find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=3, batch_size=8, kind="resid_mid"))
-    with pytest.raises(FeatsteerError, match="per_layer scope needs resid_pre or resid_post"):
-        search_abliteration(model, mid, tmp_path, SearchConfig(n_trials=2, **FAST))
+    for scopes in (("per_layer",), ("global", "per_layer")):
+        with pytest.raises(FeatsteerError, match="per_layer scope needs resid_pre or resid_post"):
+            search_abliteration(model, mid, tmp_path, SearchConfig(n_trials=2, space=SearchSpace(scopes=scopes), **FAST))
     assert not (tmp_path / "search.db").exists()
-    found = search_abliteration(model, mid, tmp_path, SearchConfig(n_trials=2, space=SearchSpace(scopes=("global",)), **FAST))
-    assert len(found.trials) == 2
+    with caplog.at_level("INFO", logger="featsteer.search"):
+        found = search_abliteration(model, mid, tmp_path, SearchConfig(n_trials=2, **FAST))
+    assert len(found.trials) == 2 and found.setup["scopes"] == ["global"]
+    assert {t["params"]["direction_scope"] for t in found.trials} == {"global"}
+    assert "resid_mid candidates have no per-layer scope" in caplog.text
+    assert SearchSpace().scopes_for("resid_pre") == SearchSpace().scopes_for("resid_post") == ("global", "per_layer")
+    assert SearchSpace.from_dict(SearchSpace().to_dict()) == SearchSpace()
 
 
 def test_search_names_the_kind_it_cannot_read(setup, tmp_path):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -30,8 +28,9 @@ def test_every_write_keeps_the_direction_out_and_the_unedited_score_is_the_model
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     assert result.refusal["unedited"] == pytest.approx(float(refusal_score(first_token_logprobs(model, HARMFUL), tokens).mean()), abs=1e-5)
     # at layer 0 every prompt's last token is the same template token: nothing to remove, so no repair share
-    assert result.rows[0].removed == pytest.approx(0.0, abs=1e-6) and math.isnan(result.rows[0].repaired)
-    assert "| blocks.1.hook_resid_pre |" in result.markdown() and "| - |" in result.markdown()
+    assert result.rows[0].removed == pytest.approx(0.0, abs=1e-6) and result.rows[0].repaired is None
+    assert "| blocks.1.hook_resid_pre |" in result.markdown() and "| n/a |" in result.markdown()
+    assert result.rows[0].repaired_text() == "n/a (the ablation removed no gap at its hook)"
 
 
 def test_layers_that_write_nothing_repair_nothing():
@@ -68,3 +67,25 @@ def test_the_table_writes_float_noise_below_zero_as_zero():
     from featsteer.directions.repair import _two_places
 
     assert (_two_places(-0.003), _two_places(-0.006), _two_places(0.004)) == ("0.00", "-0.01", "0.00")
+
+
+def test_a_share_of_a_tiny_removed_gap_is_not_reported():
+    """Removing a gap of 0.05 where the later unedited gap is 12 made `repaired` (4.0 - 11.95) / 0.05 = -159: the share
+    of a small number reads the large gaps' noise many times over. It is None (n/a, with the reason) below a tenth."""
+    import json
+
+    from featsteer.directions.repair import MIN_REMOVED_SHARE, RepairRow, SelfRepair
+
+    gaps_own = {"unedited": 20.0, "at_hook": 18.0, "every_write": 5.0}
+    tiny = RepairRow("blocks.5.hook_resid_pre", 0.5, {"unedited": 12.0, "at_hook": 4.0, "every_write": 0.0}, gaps_own, 0.05)
+    assert tiny.repaired is None and "0.05 is under 10% of the unedited gap 12.00" in tiny.repaired_note
+    assert tiny.repaired_text().startswith("n/a (the removed gap 0.05")
+    enough = RepairRow("blocks.5.hook_resid_pre", 0.5, {"unedited": 12.0, "at_hook": 4.0, "every_write": 0.0}, gaps_own,
+                       MIN_REMOVED_SHARE * 12.0)
+    assert enough.repaired == pytest.approx((4.0 - (12.0 - 1.2)) / 1.2) and enough.repaired_note is None
+    assert enough.repaired_text() == f"{enough.repaired:+.2f}"
+    repair = SelfRepair("blocks.4.hook_resid_pre", (tiny, enough), {"unedited": 1.0, "at_hook": 0.5, "every_write": -1.0}, 8, 8)
+    table = repair.markdown()
+    assert "| n/a |" in table and f"| {enough.repaired:+.2f} |" in table and "under 10% of the unedited gap" in table
+    rows = json.loads(json.dumps(repair.to_dict(), allow_nan=False))["rows"]
+    assert rows[0]["repaired"] is None and rows[0]["repaired_note"] == tiny.repaired_note and rows[1]["repaired_note"] is None

@@ -253,7 +253,7 @@ class DirectionGeometry:
             lines += ["", "## Does the model write it back?", "",
                       "`repaired`: what the layers after the hook write on the direction beyond what they wrote unedited, as a "
                       "share of the gap the ablation removed (0: nothing written back; negative: they write less once it is "
-                      "gone). `kept`: each later layer's own DIM gap left by the one-hook ablation, as a share of its unedited "
+                      "gone; n/a where that gap is under a tenth of the unedited one at the hook read). `kept`: each later layer's own DIM gap left by the one-hook ablation, as a share of its unedited "
                       "gap.", "", self.repair.markdown()]
         if self.readers is not None:
             lines += ["", "## Which components read it?", "",

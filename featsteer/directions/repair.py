@@ -10,7 +10,9 @@ prompts still are:
   written by the layers in between. Unedited, those layers add `gap_later - removed` to the `removed` gap that
   was at the hook; if they wrote the same with the direction gone, the gap later would be `gap_later - removed`.
   `repaired` is what they write beyond that, as a share of `removed`: 1 puts the whole removed gap back, 0 is no
-  repair, and a negative share means they write less of it once it is gone (they had been amplifying it);
+  repair, and a negative share means they write less of it once it is gone (they had been amplifying it). It is None
+  ("n/a") when `removed` is under `MIN_REMOVED_SHARE` of the unedited gap at the later hook: the share then divides a
+  difference of two large gaps by a small one and reads their noise many times over;
 - on that layer's own difference-in-means direction (`gap_on_own`), which is where the later layers read refusal.
 
 Both gaps are also given unedited and with the direction ablated at every residual write, and the harmful prompts'
@@ -42,6 +44,10 @@ if TYPE_CHECKING:
 CONDITIONS = ("unedited", "at_hook", "every_write")
 """The three runs: no edit, the direction ablated at one hook, the direction ablated at every residual write."""
 
+MIN_REMOVED_SHARE = 0.1
+"""`RepairRow.repaired` is reported only where the removed gap is at least this share of the unedited gap at the later
+hook: below it the ratio amplifies that gap's noise more than tenfold."""
+
 
 @dataclass(frozen=True)
 class RepairRow:
@@ -58,13 +64,28 @@ class RepairRow:
     """The unedited gap on the ablated direction at the ablation hook: what the one-hook ablation took away."""
 
     @property
-    def repaired(self) -> float:
-        """What the layers in between write back on `r` beyond their unedited writing, as a share of `removed`
-        (NaN when nothing was removed)."""
-        if abs(self.removed) <= 1e-9:
-            return math.nan
+    def repaired(self) -> float | None:
+        """What the layers in between write back on `r` beyond their unedited writing, as a share of `removed`; None
+        when that share is not meaningful (`repaired_note` says why): nothing removed, or a removed gap under
+        `MIN_REMOVED_SHARE` of the unedited gap here."""
+        if self.repaired_note is not None:
+            return None
         without_repair = self.gap_on_r["unedited"] - self.removed
         return (self.gap_on_r["at_hook"] - without_repair) / self.removed
+
+    @property
+    def repaired_note(self) -> str | None:
+        """Why `repaired` is None, or None when it is a number."""
+        if abs(self.removed) <= 1e-9:
+            return "the ablation removed no gap at its hook"
+        if abs(self.removed) < MIN_REMOVED_SHARE * abs(self.gap_on_r["unedited"]):
+            return (f"the removed gap {self.removed:.2f} is under {MIN_REMOVED_SHARE:.0%} of the unedited gap "
+                    f"{self.gap_on_r['unedited']:.2f} here")
+        return None
+
+    def repaired_text(self) -> str:
+        """`repaired` to two places with its sign, or `n/a (<why>)`."""
+        return f"n/a ({self.repaired_note})" if self.repaired is None else f"{self.repaired:+.2f}"
 
     @property
     def kept(self) -> float:
@@ -88,7 +109,8 @@ class SelfRepair:
     def to_dict(self) -> dict:
         """JSON-ready form (each row with its `kept` share)."""
         return {"at": self.at, "refusal": self.refusal, "n_harmful": self.n_harmful, "n_harmless": self.n_harmless,
-                "rows": [{**asdict(row), "kept": row.kept, "repaired": row.repaired} for row in self.rows]}
+                "rows": [{**asdict(row), "kept": row.kept, "repaired": row.repaired, "repaired_note": row.repaired_note}
+                         for row in self.rows]}
 
     def markdown(self) -> str:
         """A table per later hook, then the refusal scores."""
@@ -101,8 +123,11 @@ class SelfRepair:
             on_r = " / ".join(_two_places(row.gap_on_r[c]) for c in CONDITIONS)
             own = " / ".join(_two_places(row.gap_on_own[c]) for c in CONDITIONS)
             kept = "-" if math.isnan(row.kept) else f"{row.kept:.2f}"
-            repaired = "-" if math.isnan(row.repaired) else f"{row.repaired:+.2f}"
+            repaired = "n/a" if row.repaired is None else f"{row.repaired:+.2f}"
             lines.append(f"| {row.hook} | {row.own_cosine:.3f} | {on_r} | {repaired} | {own} | {kept} |")
+        if any(row.repaired is None for row in self.rows):
+            lines += ["", f"`repaired` is n/a where the removed gap is under {MIN_REMOVED_SHARE:.0%} of the unedited gap on r at "
+                      "that hook (or zero): the share would divide their noise by a small number."]
         scores = ", ".join(f"{c.replace('_', ' ')} {self.refusal[c]:+.2f}" for c in CONDITIONS)
         lines += ["", f"Refusal log-odds on the harmful prompts' first token: {scores}."]
         return "\n".join(lines)

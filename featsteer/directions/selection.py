@@ -33,6 +33,12 @@ from featsteer.models import HookSite, ModelAdapter
 
 logger = logging.getLogger(__name__)
 
+FILTERS = ("late layer", "zero direction", "kl too high", "no induced refusal")
+"""The selection's filters, as a candidate's `reason` names them: the first two keep a candidate from being scored, the
+last two from being kept once scored (`SelectionConfig.kl_threshold`, `require_induce`)."""
+FILTER_SEPARATOR = ", "
+"""What joins the filters a candidate fails in its `reason`."""
+
 
 @dataclass(frozen=True)
 class SelectionConfig:
@@ -91,8 +97,16 @@ class CandidateScore:
     """Mean refusal log-odds of harmless prompts with the mean difference added at this layer."""
     kept: bool
     reason: str
+    """`kept`, `screened out`, `not in top-k`, or every filter the candidate fails (`FILTERS`), joined by `FILTER_SEPARATOR`
+    (e.g. `kl too high, no induced refusal`)."""
     refusal_estimate: float = float("nan")
     """First-order estimate of `refusal_ablated` (with `SelectionConfig.screen`; NaN otherwise)."""
+
+    @property
+    def failed(self) -> tuple[str, ...]:
+        """Every filter the candidate fails, in `FILTERS` order (empty for a kept, screened-out or not-top-k one)."""
+        named = set(self.reason.split(FILTER_SEPARATOR))
+        return tuple(name for name in FILTERS if name in named)
 
 
 @dataclass(frozen=True)
@@ -294,10 +308,11 @@ def select_direction(
     scores: list[CandidateScore] = []
     eligible: list[int] = []
     for i in range(len(candidates)):
+        failed = [name for name, fails in zip(FILTERS[:2], (late[i], float(weighted_basis(candidates, i).norm()) == 0), strict=True) if fails]
         if unlisted[i]:
             scores.append(row(i, nan, nan, nan, reason="not in layers"))
-        elif late[i] or float(weighted_basis(candidates, i).norm()) == 0:
-            scores.append(row(i, nan, nan, nan, reason="late layer" if late[i] else "zero direction"))
+        elif failed:
+            scores.append(row(i, nan, nan, nan, reason=FILTER_SEPARATOR.join(failed)))
         else:
             eligible.append(i)
     if config.screen is not None and len(eligible) > config.screen:
@@ -321,17 +336,17 @@ def select_direction(
         kl_each, induced_each = _kl_and_induce(model, candidates, i, harmless, base_harmless_logprobs, tokens, config.batch_size)
         per_prompt["kl"][i], per_prompt["induced"][i] = kl_each.cpu(), induced_each.cpu()
         kl, induced = float(kl_each.mean()), float(induced_each.mean())
-        reason = "kl too high" if kl > config.kl_threshold else ("no induced refusal" if config.require_induce and induced <= 0 else "")
-        scores.append(row(i, ablated[i], kl, induced, reason=reason or "kept", kept=not reason))
+        failed = [name for name, fails in zip(FILTERS[2:], (kl > config.kl_threshold, config.require_induce and induced <= 0), strict=True) if fails]
+        scores.append(row(i, ablated[i], kl, induced, reason=FILTER_SEPARATOR.join(failed) or "kept", kept=not failed))
     scores.sort(key=lambda c: c.index)
     kept = [c for c in scores if c.kept]
-    scored = [c for c in scores if c.reason in ("kl too high", "no induced refusal")]
+    scored = [c for c in scores if c.index in per_prompt["kl"] and not c.kept]  # the finalists the KL or induce filter dropped
     if not kept and config.fallback and scored:
         best = _fallback(scored)
         logger.warning("no candidate passed the filters; falling back to %s position %d (%s)", best.hook, best.position, best.reason)
         kept = [best]
     if not kept and not scored:
-        reasons = ", ".join(f"{count} {reason}" for reason, count in Counter(c.reason for c in scores).items())
+        reasons = ", ".join(f"{count} {reason}" for reason, count in Counter(name for c in scores for name in c.failed or (c.reason,)).items())
         raise FeatsteerError(f"no candidate direction could be scored ({reasons}): only layers below {max_layer} of the model's "
                              f"{model.n_layers} count (the last {config.skip_last_fraction:.0%} are skipped), and a zero direction (both sets' means "
                              "coincide, as at layer 0 on a template token) has nothing to ablate; "
