@@ -174,7 +174,7 @@ def _masked_add(model: ModelAdapter, vector: Tensor, scale: float, positions: st
         keep = tracker.selected(positions, x.shape[0], x.shape[1], x.device)
         if not bool(keep.any()):
             return None
-        return x + scale * keep[..., None].to(x.dtype) * vector.to(x.dtype)
+        return add(x, keep[..., None].to(vector.dtype) * vector, scale)
 
     return hook
 
