@@ -146,6 +146,31 @@ def test_a_lookahead_gate_decides_on_the_prompt_in_every_kind_of_pass(llama_adap
         pass
 
 
+@pytest.mark.parametrize("outer_lookahead", [False, True])
+def test_a_lookahead_gate_inside_another_gate_decides_in_its_own_pre_pass(llama_adapter, outer_lookahead):
+    """A lookahead gate as another gate's behaviour: `steer` ran only the outer gate's pre-pass, so the inner one never
+    decided and steered every prompt (or kept the last batch's decision). Its pre-pass runs now; and a gate's hooks
+    installed without their pre-pass are an error, not every row steered."""
+    from featsteer.interventions import AddDirection
+
+    r = torch.randn(llama_adapter.d_model, generator=torch.Generator().manual_seed(3))
+    r = r / r.norm()
+    add = AddDirection(r, 30.0, where="blocks.0.hook_resid_pre")
+    base = llama_adapter.logits(PROMPTS)
+    with steer(llama_adapter, add):
+        full = llama_adapter.logits(PROMPTS)
+    for inner_threshold, expected in ((2.0, base), (-2.0, full)):  # the inner gate never fires, then always
+        inner = ConditionalSteer(r, "blocks.1.hook_resid_pre", inner_threshold, add, lookahead=True)
+        outer = ConditionalSteer(r, "blocks.0.hook_resid_pre", -2.0, inner, lookahead=outer_lookahead)  # always fires
+        with steer(llama_adapter, outer):
+            torch.testing.assert_close(llama_adapter.logits(PROMPTS), expected, atol=1e-5, rtol=0)
+            assert llama_adapter.generate(PROMPTS, max_new_tokens=3) is not None
+        assert inner.active.tolist() == [inner_threshold < 0] * len(PROMPTS)
+    unrun = ConditionalSteer(r, "blocks.1.hook_resid_pre", 2.0, add, lookahead=True)
+    with pytest.raises(FeatsteerError, match="has no decision for this batch"), llama_adapter.hooks(unrun.hooks_for(llama_adapter)):
+        llama_adapter.logits(PROMPTS)
+
+
 def test_gate_inputs_are_checked(llama_adapter):
     hooks = ["blocks.1.hook_resid_pre"]
     with pytest.raises(FeatsteerError, match="at least 2 harmful and 2 harmless training prompts"):

@@ -148,3 +148,31 @@ def test_cli_abliterates_a_bfloat16_model_and_exports_it_in_bfloat16(capsys, tmp
     detector = RefusalDetector()
     assert sum(map(detector.is_refusal, plain.generate(harmful, max_new_tokens=8))) >= 6
     assert sum(map(detector.is_refusal, reloaded.generate(harmful, max_new_tokens=8))) <= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_interventions_compute_in_float32_and_keep_the_stream_dtype(dtype):
+    """Ablation, addition, projection-set, rotation and LEACE on a half-precision stream give the float32 result rounded
+    once to the stream's dtype (computed in bfloat16, with the direction and the projection rounded, ablation left 2.6 times
+    as much of the direction behind on the bfloat16 organism)."""
+    from featsteer.interventions import LeaceEraser
+    from featsteer.interventions.operations import ablate, add, project_set, rotate_in_plane
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 64, generator=generator) * 4
+    x[..., 7] = 300.0  # a massive activation, as real residual streams have
+    r = torch.randn(64, generator=generator, dtype=torch.float64)
+    r[7] = 2.0
+    r = r / r.norm()
+    second = torch.randn(64, generator=generator, dtype=torch.float64)
+    second = second - (second @ r) * r
+    plane = torch.stack([r, second / second.norm()])
+    eraser = LeaceEraser(x.mean((0, 1)), 3 * r.float(), r.float() / 3)
+    operations = {"ablate": lambda t: ablate(t, r), "reflect": lambda t: ablate(t, r, 2.0), "add": lambda t: add(t, r, -6.5),
+                  "set": lambda t: project_set(t, r, 11.3), "rotate": lambda t: rotate_in_plane(t, plane, 135.0, True),
+                  "erase": eraser}
+    stream = x.to(dtype)
+    for name, operation in operations.items():
+        out = operation(stream)
+        assert out.dtype == dtype, name
+        torch.testing.assert_close(out, operation(stream.float()).to(dtype), atol=0, rtol=0, msg=name)

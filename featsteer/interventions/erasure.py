@@ -34,6 +34,7 @@ from torch import Tensor
 from featsteer.activations import ActivationSet
 from featsteer.activations.positions import Positions
 from featsteer.errors import FeatsteerError
+from featsteer.interventions.operations import working_precision
 from featsteer.interventions.positions import PositionTracker
 from featsteer.interventions.steering import Intervention, _check_width
 from featsteer.models import HookFn, ModelAdapter
@@ -62,8 +63,9 @@ class LeaceEraser:
     the eraser's token in each prompt (see the module docstring). None: counted from the end of the prompt."""
 
     def __call__(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        mean, direction, reader = (t.to(x.device, x.dtype) for t in (self.mean, self.direction, self.reader))
-        return x - ((x - mean) @ reader)[..., None] * direction
+        work = x.to(working_precision(x))  # float32 at least, as every operation: the stream keeps its dtype
+        mean, direction, reader = (t.to(x.device, work.dtype) for t in (self.mean, self.direction, self.reader))
+        return (work - ((work - mean) @ reader)[..., None] * direction).to(x.dtype)
 
     def to_dict(self) -> dict[str, float]:
         """Summary for reports: the size of the mean difference and of the reader."""

@@ -3,6 +3,11 @@
 Kept apart from *where* they attach (see `featsteer.interventions.steering`), so the same operation
 runs as a hook at any TransformerLens hook point and is unit-testable without a model.
 All take `x: (batch, pos, d_model)` and a direction `(d_model,)` or orthonormal basis `(k, d_model)`.
+
+They compute in float32 at least and return `x`'s dtype, so a half-precision stream is rounded once, at the end. Computed
+in bfloat16 (the direction and the projection rounded too), ablation at every write of the bfloat16 organism left
+2.6 times as much of the direction behind (0.0245 against 0.0094 at the last layer), and the hook was further from the
+equivalent weight edit, which is computed in float64 (Qwen2.5-0.5B: 0.28 against 0.19 in the logits).
 """
 
 from __future__ import annotations
@@ -50,22 +55,31 @@ def orthonormal_basis(direction: Tensor, what: str = "the direction", atol: floa
     return basis
 
 
+def working_precision(x: Tensor) -> torch.dtype:
+    """The dtype the operations compute in for activations `x`: float32, or `x`'s own when it is wider (float64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def ablate(x: Tensor, basis: Tensor, strength: float = 1.0) -> Tensor:
     """Remove the component of `x` in the span of `basis` (directional ablation): `x - s B^T B x`, so `strength` 1
     removes it, 2 reflects it (the component's sign flipped) and values in between damp it."""
-    b = as_basis(basis).to(x.dtype)
-    return x - (x @ b.T) @ b if strength == 1.0 else x - strength * ((x @ b.T) @ b)
+    work = x.to(working_precision(x))
+    b = as_basis(basis).to(work.dtype)
+    out = work - (work @ b.T) @ b if strength == 1.0 else work - strength * ((work @ b.T) @ b)
+    return out.to(x.dtype)
 
 
 def add(x: Tensor, direction: Tensor, scale: float) -> Tensor:
     """Activation addition: `x + scale * direction`."""
-    return x + scale * direction.to(x.dtype)
+    work = x.to(working_precision(x))
+    return (work + scale * direction.to(work.dtype)).to(x.dtype)
 
 
 def project_set(x: Tensor, direction: Tensor, value: float) -> Tensor:
     """Set the projection of `x` on the unit `direction` to `value` (e.g. the mean harmful projection)."""
-    d = direction.to(x.dtype)
-    return x + (value - x @ d)[..., None] * d
+    work = x.to(working_precision(x))
+    d = direction.to(work.dtype)
+    return (work + (value - work @ d)[..., None] * d).to(x.dtype)
 
 
 def rotate_in_plane(x: Tensor, plane: Tensor, degrees: float, only_positive: bool = False) -> Tensor:
@@ -83,11 +97,12 @@ def rotate_in_plane(x: Tensor, plane: Tensor, degrees: float, only_positive: boo
         only_positive: leave rows whose projection on `b1` is <= 0 as they are (the adaptive variant: only
             activations that lean towards the behaviour are turned).
     """
-    p = plane.to(x.dtype)
-    coords = x @ p.T
+    work = x.to(working_precision(x))
+    p = plane.to(work.dtype)
+    coords = work @ p.T
     angle = math.radians(degrees)
-    target = torch.tensor([math.cos(angle), math.sin(angle)], dtype=x.dtype, device=x.device) @ p
-    turned = x - coords @ p + coords.norm(dim=-1, keepdim=True) * target
+    target = torch.tensor([math.cos(angle), math.sin(angle)], dtype=work.dtype, device=x.device) @ p
+    turned = (work - coords @ p + coords.norm(dim=-1, keepdim=True) * target).to(x.dtype)
     return turned.where(coords[..., :1] > 0, x) if only_positive else turned
 
 

@@ -174,7 +174,7 @@ def _masked_add(model: ModelAdapter, vector: Tensor, scale: float, positions: st
         keep = tracker.selected(positions, x.shape[0], x.shape[1], x.device)
         if not bool(keep.any()):
             return None
-        return x + scale * keep[..., None].to(x.dtype) * vector.to(x.dtype)
+        return add(x, keep[..., None].to(vector.dtype) * vector, scale)
 
     return hook
 
@@ -296,7 +296,7 @@ class ConditionalSteer(Intervention):
     `condition_hook` without this steering (`ModelAdapter.prepasses`; other interventions installed with it still
     act), so `behaviour` may act at any hook, also before the condition's: a sequence the gate fires on is then
     steered exactly as `behaviour` alone steers it, and the others not at all. It costs a forward pass of the prompt
-    up to the condition hook.
+    up to the condition hook. A lookahead gate may be another gate's `behaviour`: its pre-pass runs after the outer one's.
     """
 
     condition: Tensor
@@ -344,11 +344,12 @@ class ConditionalSteer(Intervention):
 
         def gated(fn):
             def hook(x, site):
-                if self.lookahead and model.in_prepass:  # a pre-pass reads the model without this steering
+                steered = fn(x, site)  # called in a pre-pass too: a gate in `behaviour` decides there
+                if steered is None or (self.lookahead and model.in_prepass):  # a pre-pass reads the model without this steering
                     return None
-                steered = fn(x, site)
-                if steered is None or self.active is None:
-                    return steered
+                if self.active is None or self.active.shape[0] != x.shape[0]:
+                    raise FeatsteerError(f"ConditionalSteer at {site.name} has no decision for this batch (its condition hook did not run "
+                                         "before it, or its pre-pass did not): install it with featsteer.interventions.steer")
                 return steered.where(self.active.view(-1, *[1] * (x.dim() - 1)), x)  # (batch, pos, d) or hook_z's 4-D
 
             return hook
@@ -361,13 +362,16 @@ class ConditionalSteer(Intervention):
         return [(self.condition_hook, decide), *inner]
 
     def prepass_for(self, model: ModelAdapter) -> Callable[[TokenBatch], None] | None:
+        inner = self.behaviour.prepass_for(model)  # a lookahead gate as the behaviour decides in its own pre-pass
         if not self.lookahead:
-            return None
+            return inner
 
         def prepass(batch: TokenBatch) -> None:
             model.run(batch, stop_at=self.condition_hook)
             # taken under inference mode: copies, so a pass that records gradients can use them
             self.active, self.similarity = self.active.clone(), self.similarity.clone()
+            if inner is not None:
+                inner(batch)
 
         return prepass
 
