@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -161,6 +162,13 @@ def test_bad_inputs(llama_adapter):
         with pytest.raises(FeatsteerError, match="the text '' tokenizes to no tokens"):
             capture(llama_adapter, texts, "blocks.1.hook_resid_pre", chat=False, progress=False)
     assert len(capture(llama_adapter, [""], "blocks.1.hook_resid_pre", progress=False)) == 1  # the chat template has tokens
+
+
+def test_a_prompt_that_is_not_text_is_an_error(llama_adapter):
+    """A missing cell of a table (None, or NaN from pandas) was captured as the text 'None' or 'nan', silently."""
+    for bad, shown in ((None, "None (NoneType)"), (float("nan"), "nan (float)"), (b"hi", "b'hi' (bytes)")):
+        with pytest.raises(FeatsteerError, match=f"prompt #1 is {re.escape(shown)}, not text"):
+            capture(llama_adapter, ["hello", bad, "there"], "blocks.1.hook_resid_pre", progress=False)
 
 
 def test_save_load_round_trip_is_bit_identical(llama_adapter, tmp_path):

@@ -117,16 +117,14 @@ def capture(
         from disk, or with `load_back=False` an `ActivationReader` over the directory.
 
     Raises:
-        FeatsteerError: empty prompt list, a system prompt without the chat template, unknown hook, hooks of different
+        FeatsteerError: empty prompt list or a prompt that is not a string, a system prompt without the chat template, unknown hook, hooks of different
             widths, NaN/inf activations, or activations beyond `dtype`'s range (float16's 65504), naming hook and prompt.
     """
     if system is not None and not chat:  # the raw texts would be read without it, and the metadata would claim it
         raise FeatsteerError("a system prompt goes into the chat template, which chat=False leaves out: pass system=None or chat=True")
     adapter: ModelAdapter = load_model(model)
     progress = adapter.show_progress if progress is None else progress
-    prompts = [str(p) for p in prompts]
-    if not prompts:
-        raise FeatsteerError("no prompts to capture: the prompt list is empty")
+    prompts = _checked_prompts(prompts)
     hook_list = [hooks] if isinstance(hooks, str) else list(hooks)
     if not hook_list:
         raise FeatsteerError("no hook points given: pass e.g. blocks.0.hook_resid_pre")
@@ -175,6 +173,19 @@ def capture(
         system=system,
         stats=stats,
     )
+
+
+def _checked_prompts(prompts: Sequence[str]) -> list[str]:
+    """The prompts as a list of strings; an error for an empty list or a value that is not text (a missing cell read from a
+    table as None or NaN was captured as the text 'None' or 'nan', with nothing to say so)."""
+    texts = list(prompts)
+    if not texts:
+        raise FeatsteerError("no prompts to capture: the prompt list is empty")
+    bad = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+    if bad is not None:
+        raise FeatsteerError(f"prompt #{bad} is {texts[bad]!r} ({type(texts[bad]).__name__}), not text: drop or fill missing "
+                             "entries (featsteer.datasets.load_prompts does) and pass strings")
+    return texts
 
 
 def _common_width(adapter: ModelAdapter, sites) -> int:
