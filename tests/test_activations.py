@@ -164,6 +164,14 @@ def test_bad_inputs(llama_adapter):
     assert len(capture(llama_adapter, [""], "blocks.1.hook_resid_pre", progress=False)) == 1  # the chat template has tokens
 
 
+def test_a_stored_dtype_that_cannot_hold_activations_is_an_error(llama_adapter, tmp_path):
+    """An integer or bool dtype stored every activation truncated (zeros, or True) without an error."""
+    for dtype in (torch.int8, torch.int64, torch.bool, "float16"):
+        with pytest.raises(FeatsteerError, match=f"dtype={re.escape(repr(dtype))} cannot hold activations"):
+            capture(llama_adapter, ["hello"], "blocks.1.hook_resid_pre", dtype=dtype, stream_to=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_prompt_that_is_not_text_is_an_error(llama_adapter):
     """A missing cell of a table (None, or NaN from pandas) was captured as the text 'None' or 'nan', silently."""
     for bad, shown in ((None, "None (NoneType)"), (float("nan"), "nan (float)"), (b"hi", "b'hi' (bytes)")):

@@ -117,11 +117,12 @@ def capture(
         from disk, or with `load_back=False` an `ActivationReader` over the directory.
 
     Raises:
-        FeatsteerError: empty prompt list or a prompt that is not a string, a system prompt without the chat template, unknown hook, hooks of different
+        FeatsteerError: empty prompt list or a prompt that is not a string, a `dtype` that is not a floating torch dtype, a system prompt without the chat template, unknown hook, hooks of different
             widths, NaN/inf activations, or activations beyond `dtype`'s range (float16's 65504), naming hook and prompt.
     """
     if system is not None and not chat:  # the raw texts would be read without it, and the metadata would claim it
         raise FeatsteerError("a system prompt goes into the chat template, which chat=False leaves out: pass system=None or chat=True")
+    _check_dtype(dtype)
     adapter: ModelAdapter = load_model(model)
     progress = adapter.show_progress if progress is None else progress
     prompts = _checked_prompts(prompts)
@@ -186,6 +187,14 @@ def _checked_prompts(prompts: Sequence[str]) -> list[str]:
         raise FeatsteerError(f"prompt #{bad} is {texts[bad]!r} ({type(texts[bad]).__name__}), not text: drop or fill missing "
                              "entries (featsteer.datasets.load_prompts does) and pass strings")
     return texts
+
+
+def _check_dtype(dtype: object) -> None:
+    """The stored dtype is a floating torch dtype: an integer or bool dtype truncated every activation (to 0 or True) without
+    an error, and a string failed deep inside torch."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise FeatsteerError(f"dtype={dtype!r} cannot hold activations: pass a floating torch dtype such as torch.float32, "
+                             "torch.bfloat16 or torch.float16")
 
 
 def _common_width(adapter: ModelAdapter, sites) -> int:
