@@ -172,6 +172,16 @@ def test_a_stored_dtype_that_cannot_hold_activations_is_an_error(llama_adapter, 
     assert not (tmp_path / "out").exists()
 
 
+def test_per_prompt_needs_the_same_positions_for_every_prompt(llama_adapter):
+    """For a set whose prompts hold different position labels, per_prompt failed inside torch.stack."""
+    hook = "blocks.1.hook_resid_pre"
+    full = capture(llama_adapter, ["hi", "a longer prompt"], hook, positions="all", progress=False)
+    with pytest.raises(FeatsteerError, match="per_prompt needs the same positions for every prompt, but position .* is held by 1 of 2"):
+        full.per_prompt(hook)
+    tail = capture(llama_adapter, ["hi", "a longer prompt"], hook, positions="post_instruction", progress=False)
+    assert tail.per_prompt(hook).shape == (2, len(tail.position_labels), llama_adapter.d_model)
+
+
 def test_a_prompt_that_is_not_text_is_an_error(llama_adapter):
     """A missing cell of a table (None, or NaN from pandas) was captured as the text 'None' or 'nan', silently."""
     for bad, shown in ((None, "None (NoneType)"), (float("nan"), "nan (float)"), (b"hi", "b'hi' (bytes)")):

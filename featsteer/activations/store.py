@@ -84,9 +84,21 @@ class ActivationSet:
         return self.activations[rows[order], self._slot(hook), :]
 
     def per_prompt(self, hook: str) -> Tensor:
-        """`(prompt, n_positions, d_model)` for selectors that keep the same positions for every prompt."""
-        labels = sorted(set(self.position.tolist()))
-        return torch.stack([self.at_position(hook, p) for p in labels], 1)
+        """`(prompt, n_positions, d_model)` for selectors that keep the same positions for every prompt.
+
+        Raises:
+            FeatsteerError: when some prompts lack a position label others have (`all`, or `instruction_end` on prompts
+                whose tails tokenize differently).
+        """
+        labels, counts = self.position.unique(return_counts=True)
+        n_prompts = int(self.prompt_index.unique().numel())
+        if bool((counts != n_prompts).any()):
+            short = int(labels[(counts != n_prompts).nonzero()[0, 0]])
+            held = int(counts[labels == short][0])
+            raise FeatsteerError(f"per_prompt needs the same positions for every prompt, but position {short} is held by {held} of "
+                                 f"{n_prompts} prompts (this set was captured with positions={self.positions}): read it with "
+                                 "at_position(hook, position) or hook(hook)")
+        return torch.stack([self.at_position(hook, int(p)) for p in labels], 1)
 
     def mean(self, hook: str, position: int | None = -1) -> Tensor:
         """float64 mean vector at one hook (and position label; None = over all rows)."""
