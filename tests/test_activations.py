@@ -101,6 +101,28 @@ def test_a_set_records_how_its_prompts_were_formatted(llama_adapter, tmp_path):
     assert json.loads((tmp_path / "raw" / "metadata.json").read_text())["chat"] is False
 
 
+def test_a_set_records_its_provenance(llama_adapter, tmp_path):
+    """Beyond the model's name and how the prompts were formatted, a set records what else its rows depend on: the prompts'
+    hash and source, the prompt layout the chat template gave them, the model's dtype and the stored one."""
+    from featsteer.datasets import builtin_prompts
+
+    hook = "blocks.1.hook_resid_pre"
+    prompts = builtin_prompts("harmful", "test").head(5)
+    acts = capture(llama_adapter, prompts, hook, system="Be brief.", dtype=torch.bfloat16, progress=False)
+    streamed = capture(llama_adapter, list(prompts), hook, chat=False, progress=False, stream_to=tmp_path / "raw")
+    acts.save(tmp_path / "saved")
+    recorded = acts.provenance
+    assert recorded["prompts_sha256"] == prompts.sha256 and recorded["prompt_source"] == prompts.source
+    assert recorded["template"] == "<|system|>Be brief.<|end|><|user|>{instruction}<|end|><|assistant|>"
+    assert recorded["fallback_template"] is False
+    assert (recorded["model_family"], recorded["model_dtype"], recorded["stored_dtype"]) == ("llama", "float32", "bfloat16")
+    assert set(recorded["versions"]) == {"featsteer", "torch", "transformers"}
+    assert ActivationSet.load(tmp_path / "saved").provenance == recorded
+    on_disk = json.loads((tmp_path / "raw" / "metadata.json").read_text())["provenance"]
+    assert on_disk == streamed.provenance and on_disk["prompts_sha256"] == prompts.sha256
+    assert (on_disk["template"], on_disk["fallback_template"], on_disk["prompt_source"]) == (None, None, None)
+
+
 def test_covariance_survives_save_load_and_streaming(llama_adapter, tmp_path):
     hook = "blocks.2.hook_resid_post"
     acts = capture(llama_adapter, PROMPTS, hook, positions="post_instruction", covariance=True, progress=False)

@@ -24,6 +24,7 @@ from featsteer.activations.heap import limit_fragmentation, trim
 from featsteer.activations.positions import Positions
 from featsteer.activations.stats import RunningMoments
 from featsteer.activations.store import NOTHING_CAPTURED, ActivationReader, ActivationSet, ShardWriter
+from featsteer.datasets.loaders import prompt_set_hash
 from featsteer.errors import FeatsteerError
 from featsteer.models import ROUTING_KINDS, ModelAdapter, load_model
 from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
@@ -125,7 +126,7 @@ def capture(
     _check_dtype(dtype)
     adapter: ModelAdapter = load_model(model)
     progress = adapter.show_progress if progress is None else progress
-    prompts = _checked_prompts(prompts)
+    source, prompts = getattr(prompts, "source", None), _checked_prompts(prompts)
     hook_list = [hooks] if isinstance(hooks, str) else list(hooks)
     if not hook_list:
         raise FeatsteerError("no hook points given: pass e.g. blocks.0.hook_resid_pre")
@@ -137,7 +138,9 @@ def capture(
     limit_fragmentation()  # see featsteer.activations.heap: large temporaries are unmapped when freed
     batches = adapter.plan_batches(prompts, batch_size, max_batch_tokens, system, chat)
     tail = common_tail(adapter, prompts, system, chat) if selector.mode == "post_instruction" else None
-    writer = ShardWriter(stream_to, hook_names, width, _meta(selector, adapter, label, chat, system), shard_rows) if stream_to else None
+    provenance = _provenance(adapter, prompts, source, system, chat, dtype)
+    meta = {**_meta(selector, adapter, label, chat, system), "provenance": provenance}
+    writer = ShardWriter(stream_to, hook_names, width, meta, shard_rows) if stream_to else None
     collector = _Collector(len(prompts), len(hook_names), width, dtype, one_row_per_prompt=selector.mode in ("last", "mean_last"))
     try:
         for batch_ids in tqdm(batches, desc="capture", unit="batch", disable=not progress or len(batches) < 4, leave=False):
@@ -173,6 +176,7 @@ def capture(
         chat=chat,
         system=system,
         stats=stats,
+        provenance=provenance,
     )
 
 
@@ -296,3 +300,27 @@ class _Collector:
 
 def _meta(selector: Positions, adapter: ModelAdapter, label: str | None, chat: bool, system: str | None) -> dict:
     return {"positions": str(selector), "model": adapter.name, "label": label, "chat": chat, "system": system}
+
+
+def _provenance(adapter: ModelAdapter, prompts: list[str], source: str | None, system: str | None, chat: bool,
+                dtype: torch.dtype) -> dict:
+    """What the rows depend on beyond the model's name and the selector: the prompts' hash and source, the model's family
+    and dtype, the tokenizer, the prompt layout (the chat template rendered around `{instruction}`, with the system
+    prompt), the stored dtype and the library versions (see `ActivationSet.provenance`)."""
+    import transformers
+
+    import featsteer
+
+    tokenizer = adapter.tokenizer
+    layout = adapter.format_prompts(["{instruction}"], system)[0] if chat else None
+    return {
+        "prompts_sha256": prompt_set_hash(prompts),
+        "prompt_source": source,
+        "model_family": adapter.family,
+        "model_dtype": str(adapter.dtype).removeprefix("torch."),
+        "tokenizer": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
+        "template": None if layout is None else layout.text,
+        "fallback_template": None if layout is None else not layout.uses_chat_template,
+        "stored_dtype": str(dtype).removeprefix("torch."),
+        "versions": {"featsteer": featsteer.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }

@@ -56,6 +56,12 @@ class ActivationSet:
     """The system prompt the chat template was given, if any."""
     stats: dict[str, RunningMoments] = field(default_factory=dict, compare=False, repr=False)
     """float64 running moments per hook (and per position for multi-row selectors)."""
+    provenance: dict = field(default_factory=dict, compare=False, repr=False)
+    """What else the rows depend on, as `capture` records it: `prompts_sha256` (`featsteer.datasets.prompt_set_hash` of
+    `prompts`), `prompt_source` (a `PromptSet`'s source, else None), `model_family`, `model_dtype`, `tokenizer`, `template`
+    (the prompt layout: the chat template with its system prompt rendered around the text `{instruction}`; None for raw
+    text), `fallback_template` (True when the tokenizer had no chat template and featsteer's plain-text one was used),
+    `stored_dtype` and `versions` (featsteer, torch, transformers). Empty for a set built by hand."""
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -117,7 +123,8 @@ class ActivationSet:
         return writer.close(self.prompts, self.stats)
 
     def _metadata(self) -> dict:
-        return {"positions": self.positions, "model": self.model, "label": self.label, "chat": self.chat, "system": self.system}
+        return {"positions": self.positions, "model": self.model, "label": self.label, "chat": self.chat, "system": self.system,
+                "provenance": self.provenance}
 
     @classmethod
     def load(cls, path: str | Path) -> ActivationSet:
@@ -267,4 +274,5 @@ class ActivationReader:
             chat=self.metadata.get("chat", True),
             system=self.metadata.get("system"),
             stats=stats,
+            provenance=self.metadata.get("provenance", {}),
         )
