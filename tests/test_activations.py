@@ -56,6 +56,22 @@ def test_position_selectors(llama_adapter):
             capture(llama_adapter, prompts, hook, positions=Positions.mean_last(k), progress=False)
 
 
+def test_mean_last_of_a_bfloat16_model_is_not_rounded_to_bfloat16():
+    """The window's mean was taken in the model's dtype: a bfloat16 model's mean_last rows, stored in float32, were off
+    from the mean of the very activations `all` stores by bfloat16's rounding (about 1e-4 at these values)."""
+    from featsteer.models import load_model
+    from featsteer.testing import tiny_model
+
+    model, tokenizer = tiny_model("llama")
+    adapter = load_model(model.to(torch.bfloat16), tokenizer=tokenizer)
+    hook, prompts = "blocks.2.hook_resid_post", ["hello there how are you", "tell me a story"]
+    every = capture(adapter, prompts, hook, positions="all", progress=False)
+    window = capture(adapter, prompts, hook, positions="mean_last:8", progress=False)
+    for i in range(len(prompts)):
+        expected = every.hook(hook)[every.prompt_index == i][-8:].double().mean(0)
+        torch.testing.assert_close(window.hook(hook)[i].double(), expected, atol=1e-6, rtol=0)
+
+
 def test_instruction_end_is_the_instructions_last_token(llama_adapter):
     hook = "blocks.1.hook_resid_pre"
     prompts = PROMPTS[:6]
