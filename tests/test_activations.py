@@ -72,6 +72,32 @@ def test_mean_last_of_a_bfloat16_model_is_not_rounded_to_bfloat16():
         torch.testing.assert_close(window.hook(hook)[i].double(), expected, atol=1e-6, rtol=0)
 
 
+def test_an_end_of_sequence_token_the_tokenizer_appends_is_no_part_of_a_prompt():
+    """A tokenizer that appends EOS when it adds special tokens (Llama's with add_eos_token=True) ended every prompt of the
+    plain-text template, and every raw text, with EOS: `last` read the EOS token and post_instruction lost the template's
+    first token for it. Prompts keep the BOS and stop where the model goes on."""
+    from tokenizers import processors
+
+    from featsteer.models import load_model
+    from featsteer.testing import byte_tokenizer, tiny_model
+
+    model = tiny_model("llama")[0]
+    adapters = []
+    for single in ("<s> $A", "<s> $A </s>"):
+        tokenizer = byte_tokenizer(chat=False)
+        tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", 1), ("</s>", 2)])
+        adapters.append(load_model(model, tokenizer=tokenizer))
+    for chat, last in ((True, "\n"), (False, "o")):
+        batch = adapters[1].tokenize(["Hello"], chat=chat)
+        assert batch.input_ids[0, 0] == 1 and adapters[1].tokenizer.decode(batch.input_ids[0, -1:]) == last
+        assert batch.n_post_instruction.tolist() == adapters[0].tokenize(["Hello"], chat=chat).n_post_instruction.tolist()
+    hooks = adapters[0].hook_names(("resid_pre",))
+    for positions, chat in (("last", True), ("post_instruction", True), ("last", False), ("all", False)):
+        with_bos, with_eos = (capture(adapter, PROMPTS[:4], hooks, positions=positions, chat=chat, progress=False) for adapter in adapters)
+        assert with_eos.position.tolist() == with_bos.position.tolist()
+        assert torch.equal(with_eos.activations, with_bos.activations), (positions, chat)
+
+
 def test_instruction_end_is_the_instructions_last_token(llama_adapter):
     hook = "blocks.1.hook_resid_pre"
     prompts = PROMPTS[:6]
