@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -55,6 +56,48 @@ def test_position_selectors(llama_adapter):
             capture(llama_adapter, prompts, hook, positions=Positions.mean_last(k), progress=False)
 
 
+def test_mean_last_of_a_bfloat16_model_is_not_rounded_to_bfloat16():
+    """The window's mean was taken in the model's dtype: a bfloat16 model's mean_last rows, stored in float32, were off
+    from the mean of the very activations `all` stores by bfloat16's rounding (about 1e-4 at these values)."""
+    from featsteer.models import load_model
+    from featsteer.testing import tiny_model
+
+    model, tokenizer = tiny_model("llama")
+    adapter = load_model(model.to(torch.bfloat16), tokenizer=tokenizer)
+    hook, prompts = "blocks.2.hook_resid_post", ["hello there how are you", "tell me a story"]
+    every = capture(adapter, prompts, hook, positions="all", progress=False)
+    window = capture(adapter, prompts, hook, positions="mean_last:8", progress=False)
+    for i in range(len(prompts)):
+        expected = every.hook(hook)[every.prompt_index == i][-8:].double().mean(0)
+        torch.testing.assert_close(window.hook(hook)[i].double(), expected, atol=1e-6, rtol=0)
+
+
+def test_an_end_of_sequence_token_the_tokenizer_appends_is_no_part_of_a_prompt():
+    """A tokenizer that appends EOS when it adds special tokens (Llama's with add_eos_token=True) ended every prompt of the
+    plain-text template, and every raw text, with EOS: `last` read the EOS token and post_instruction lost the template's
+    first token for it. Prompts keep the BOS and stop where the model goes on."""
+    from tokenizers import processors
+
+    from featsteer.models import load_model
+    from featsteer.testing import byte_tokenizer, tiny_model
+
+    model = tiny_model("llama")[0]
+    adapters = []
+    for single in ("<s> $A", "<s> $A </s>"):
+        tokenizer = byte_tokenizer(chat=False)
+        tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", 1), ("</s>", 2)])
+        adapters.append(load_model(model, tokenizer=tokenizer))
+    for chat, last in ((True, "\n"), (False, "o")):
+        batch = adapters[1].tokenize(["Hello"], chat=chat)
+        assert batch.input_ids[0, 0] == 1 and adapters[1].tokenizer.decode(batch.input_ids[0, -1:]) == last
+        assert batch.n_post_instruction.tolist() == adapters[0].tokenize(["Hello"], chat=chat).n_post_instruction.tolist()
+    hooks = adapters[0].hook_names(("resid_pre",))
+    for positions, chat in (("last", True), ("post_instruction", True), ("last", False), ("all", False)):
+        with_bos, with_eos = (capture(adapter, PROMPTS[:4], hooks, positions=positions, chat=chat, progress=False) for adapter in adapters)
+        assert with_eos.position.tolist() == with_bos.position.tolist()
+        assert torch.equal(with_eos.activations, with_bos.activations), (positions, chat)
+
+
 def test_instruction_end_is_the_instructions_last_token(llama_adapter):
     hook = "blocks.1.hook_resid_pre"
     prompts = PROMPTS[:6]
@@ -98,6 +141,28 @@ def test_a_set_records_how_its_prompts_were_formatted(llama_adapter, tmp_path):
     assert (ActivationSet.load(tmp_path / "saved").chat, ActivationSet.load(tmp_path / "saved").system) == (True, "Be brief.")
     assert (streamed.chat, streamed.system) == (False, None)
     assert json.loads((tmp_path / "raw" / "metadata.json").read_text())["chat"] is False
+
+
+def test_a_set_records_its_provenance(llama_adapter, tmp_path):
+    """Beyond the model's name and how the prompts were formatted, a set records what else its rows depend on: the prompts'
+    hash and source, the prompt layout the chat template gave them, the model's dtype and the stored one."""
+    from featsteer.datasets import builtin_prompts
+
+    hook = "blocks.1.hook_resid_pre"
+    prompts = builtin_prompts("harmful", "test").head(5)
+    acts = capture(llama_adapter, prompts, hook, system="Be brief.", dtype=torch.bfloat16, progress=False)
+    streamed = capture(llama_adapter, list(prompts), hook, chat=False, progress=False, stream_to=tmp_path / "raw")
+    acts.save(tmp_path / "saved")
+    recorded = acts.provenance
+    assert recorded["prompts_sha256"] == prompts.sha256 and recorded["prompt_source"] == prompts.source
+    assert recorded["template"] == "<|system|>Be brief.<|end|><|user|>{instruction}<|end|><|assistant|>"
+    assert recorded["fallback_template"] is False
+    assert (recorded["model_family"], recorded["model_dtype"], recorded["stored_dtype"]) == ("llama", "float32", "bfloat16")
+    assert set(recorded["versions"]) == {"featsteer", "torch", "transformers"}
+    assert ActivationSet.load(tmp_path / "saved").provenance == recorded
+    on_disk = json.loads((tmp_path / "raw" / "metadata.json").read_text())["provenance"]
+    assert on_disk == streamed.provenance and on_disk["prompts_sha256"] == prompts.sha256
+    assert (on_disk["template"], on_disk["fallback_template"], on_disk["prompt_source"]) == (None, None, None)
 
 
 def test_covariance_survives_save_load_and_streaming(llama_adapter, tmp_path):
@@ -161,6 +226,31 @@ def test_bad_inputs(llama_adapter):
         with pytest.raises(FeatsteerError, match="the text '' tokenizes to no tokens"):
             capture(llama_adapter, texts, "blocks.1.hook_resid_pre", chat=False, progress=False)
     assert len(capture(llama_adapter, [""], "blocks.1.hook_resid_pre", progress=False)) == 1  # the chat template has tokens
+
+
+def test_a_stored_dtype_that_cannot_hold_activations_is_an_error(llama_adapter, tmp_path):
+    """An integer or bool dtype stored every activation truncated (zeros, or True) without an error."""
+    for dtype in (torch.int8, torch.int64, torch.bool, "float16"):
+        with pytest.raises(FeatsteerError, match=f"dtype={re.escape(repr(dtype))} cannot hold activations"):
+            capture(llama_adapter, ["hello"], "blocks.1.hook_resid_pre", dtype=dtype, stream_to=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_per_prompt_needs_the_same_positions_for_every_prompt(llama_adapter):
+    """For a set whose prompts hold different position labels, per_prompt failed inside torch.stack."""
+    hook = "blocks.1.hook_resid_pre"
+    full = capture(llama_adapter, ["hi", "a longer prompt"], hook, positions="all", progress=False)
+    with pytest.raises(FeatsteerError, match="per_prompt needs the same positions for every prompt, but position .* is held by 1 of 2"):
+        full.per_prompt(hook)
+    tail = capture(llama_adapter, ["hi", "a longer prompt"], hook, positions="post_instruction", progress=False)
+    assert tail.per_prompt(hook).shape == (2, len(tail.position_labels), llama_adapter.d_model)
+
+
+def test_a_prompt_that_is_not_text_is_an_error(llama_adapter):
+    """A missing cell of a table (None, or NaN from pandas) was captured as the text 'None' or 'nan', silently."""
+    for bad, shown in ((None, "None (NoneType)"), (float("nan"), "nan (float)"), (b"hi", "b'hi' (bytes)")):
+        with pytest.raises(FeatsteerError, match=f"prompt #1 is {re.escape(shown)}, not text"):
+            capture(llama_adapter, ["hello", bad, "there"], "blocks.1.hook_resid_pre", progress=False)
 
 
 def test_save_load_round_trip_is_bit_identical(llama_adapter, tmp_path):

@@ -24,6 +24,7 @@ from featsteer.activations.heap import limit_fragmentation, trim
 from featsteer.activations.positions import Positions
 from featsteer.activations.stats import RunningMoments
 from featsteer.activations.store import NOTHING_CAPTURED, ActivationReader, ActivationSet, ShardWriter
+from featsteer.datasets.loaders import prompt_set_hash
 from featsteer.errors import FeatsteerError
 from featsteer.models import ROUTING_KINDS, ModelAdapter, load_model
 from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
@@ -118,17 +119,17 @@ def capture(
         from disk, or with `load_back=False` an `ActivationReader` over the directory.
 
     Raises:
-        FeatsteerError: empty prompt list, a blank system prompt, a system prompt without the chat template, unknown hook, hooks of different
+        FeatsteerError: empty prompt list or a prompt that is not a string, a `dtype` that is not a floating torch dtype, a blank
+            system prompt, a system prompt without the chat template, unknown hook, hooks of different
             widths, NaN/inf activations, or activations beyond `dtype`'s range (float16's 65504), naming hook and prompt.
     """
     check_system(system)
     if system is not None and not chat:  # the raw texts would be read without it, and the metadata would claim it
         raise FeatsteerError("a system prompt goes into the chat template, which chat=False leaves out: pass system=None or chat=True")
+    _check_dtype(dtype)
     adapter: ModelAdapter = load_model(model)
     progress = adapter.show_progress if progress is None else progress
-    prompts = [str(p) for p in prompts]
-    if not prompts:
-        raise FeatsteerError("no prompts to capture: the prompt list is empty")
+    source, prompts = getattr(prompts, "source", None), _checked_prompts(prompts)
     hook_list = [hooks] if isinstance(hooks, str) else list(hooks)
     if not hook_list:
         raise FeatsteerError("no hook points given: pass e.g. blocks.0.hook_resid_pre")
@@ -140,7 +141,9 @@ def capture(
     limit_fragmentation()  # see featsteer.activations.heap: large temporaries are unmapped when freed
     batches = adapter.plan_batches(prompts, batch_size, max_batch_tokens, system, chat)
     tail = common_tail(adapter, prompts, system, chat) if selector.mode == "post_instruction" else None
-    writer = ShardWriter(stream_to, hook_names, width, _meta(selector, adapter, label, chat, system), shard_rows) if stream_to else None
+    provenance = _provenance(adapter, prompts, source, system, chat, dtype)
+    meta = {**_meta(selector, adapter, label, chat, system), "provenance": provenance}
+    writer = ShardWriter(stream_to, hook_names, width, meta, shard_rows) if stream_to else None
     collector = _Collector(len(prompts), len(hook_names), width, dtype, one_row_per_prompt=selector.mode in ("last", "mean_last"))
     try:
         for batch_ids in tqdm(batches, desc="capture", unit="batch", disable=not progress or len(batches) < 4, leave=False):
@@ -176,7 +179,29 @@ def capture(
         chat=chat,
         system=system,
         stats=stats,
+        provenance=provenance,
     )
+
+
+def _checked_prompts(prompts: Sequence[str]) -> list[str]:
+    """The prompts as a list of strings; an error for an empty list or a value that is not text (a missing cell read from a
+    table as None or NaN was captured as the text 'None' or 'nan', with nothing to say so)."""
+    texts = list(prompts)
+    if not texts:
+        raise FeatsteerError("no prompts to capture: the prompt list is empty")
+    bad = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+    if bad is not None:
+        raise FeatsteerError(f"prompt #{bad} is {texts[bad]!r} ({type(texts[bad]).__name__}), not text: drop or fill missing "
+                             "entries (featsteer.datasets.load_prompts does) and pass strings")
+    return texts
+
+
+def _check_dtype(dtype: object) -> None:
+    """The stored dtype is a floating torch dtype: an integer or bool dtype truncated every activation (to 0 or True) without
+    an error, and a string failed deep inside torch."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise FeatsteerError(f"dtype={dtype!r} cannot hold activations: pass a floating torch dtype such as torch.float32, "
+                             "torch.bfloat16 or torch.float16")
 
 
 def _common_width(adapter: ModelAdapter, sites) -> int:
@@ -278,3 +303,27 @@ class _Collector:
 
 def _meta(selector: Positions, adapter: ModelAdapter, label: str | None, chat: bool, system: str | None) -> dict:
     return {"positions": str(selector), "model": adapter.name, "label": label, "chat": chat, "system": system}
+
+
+def _provenance(adapter: ModelAdapter, prompts: list[str], source: str | None, system: str | None, chat: bool,
+                dtype: torch.dtype) -> dict:
+    """What the rows depend on beyond the model's name and the selector: the prompts' hash and source, the model's family
+    and dtype, the tokenizer, the prompt layout (the chat template rendered around `{instruction}`, with the system
+    prompt), the stored dtype and the library versions (see `ActivationSet.provenance`)."""
+    import transformers
+
+    import featsteer
+
+    tokenizer = adapter.tokenizer
+    layout = adapter.format_prompts(["{instruction}"], system)[0] if chat else None
+    return {
+        "prompts_sha256": prompt_set_hash(prompts),
+        "prompt_source": source,
+        "model_family": adapter.family,
+        "model_dtype": str(adapter.dtype).removeprefix("torch."),
+        "tokenizer": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
+        "template": None if layout is None else layout.text,
+        "fallback_template": None if layout is None else not layout.uses_chat_template,
+        "stored_dtype": str(dtype).removeprefix("torch."),
+        "versions": {"featsteer": featsteer.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }

@@ -134,5 +134,7 @@ class Positions:
     def select(self, activation: Tensor, row_batch: Tensor, row_token: Tensor) -> Tensor:
         """Pick the planned rows out of a `(batch, pos, d_model)` activation, giving `(rows, d_model)`."""
         if self.mode == "mean_last":  # `plan` checked that every prompt has `k` tokens
-            return activation[:, -self.k :, :].mean(1)
+            # in float32 at least: a bfloat16 model's mean came out rounded to bfloat16, though stored in float32
+            window = activation[:, -self.k :, :]
+            return window.to(torch.promote_types(window.dtype, torch.float32)).mean(1)
         return activation[row_batch.to(activation.device), row_token.to(activation.device)]

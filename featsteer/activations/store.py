@@ -56,6 +56,12 @@ class ActivationSet:
     """The system prompt the chat template was given, if any."""
     stats: dict[str, RunningMoments] = field(default_factory=dict, compare=False, repr=False)
     """float64 running moments per hook (and per position for multi-row selectors)."""
+    provenance: dict = field(default_factory=dict, compare=False, repr=False)
+    """What else the rows depend on, as `capture` records it: `prompts_sha256` (`featsteer.datasets.prompt_set_hash` of
+    `prompts`), `prompt_source` (a `PromptSet`'s source, else None), `model_family`, `model_dtype`, `tokenizer`, `template`
+    (the prompt layout: the chat template with its system prompt rendered around the text `{instruction}`; None for raw
+    text), `fallback_template` (True when the tokenizer had no chat template and featsteer's plain-text one was used),
+    `stored_dtype` and `versions` (featsteer, torch, transformers). Empty for a set built by hand."""
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -84,9 +90,21 @@ class ActivationSet:
         return self.activations[rows[order], self._slot(hook), :]
 
     def per_prompt(self, hook: str) -> Tensor:
-        """`(prompt, n_positions, d_model)` for selectors that keep the same positions for every prompt."""
-        labels = sorted(set(self.position.tolist()))
-        return torch.stack([self.at_position(hook, p) for p in labels], 1)
+        """`(prompt, n_positions, d_model)` for selectors that keep the same positions for every prompt.
+
+        Raises:
+            FeatsteerError: when some prompts lack a position label others have (`all`, or `instruction_end` on prompts
+                whose tails tokenize differently).
+        """
+        labels, counts = self.position.unique(return_counts=True)
+        n_prompts = int(self.prompt_index.unique().numel())
+        if bool((counts != n_prompts).any()):
+            short = int(labels[(counts != n_prompts).nonzero()[0, 0]])
+            held = int(counts[labels == short][0])
+            raise FeatsteerError(f"per_prompt needs the same positions for every prompt, but position {short} is held by {held} of "
+                                 f"{n_prompts} prompts (this set was captured with positions={self.positions}): read it with "
+                                 "at_position(hook, position) or hook(hook)")
+        return torch.stack([self.at_position(hook, int(p)) for p in labels], 1)
 
     def mean(self, hook: str, position: int | None = -1) -> Tensor:
         """float64 mean vector at one hook (and position label; None = over all rows)."""
@@ -105,7 +123,8 @@ class ActivationSet:
         return writer.close(self.prompts, self.stats)
 
     def _metadata(self) -> dict:
-        return {"positions": self.positions, "model": self.model, "label": self.label, "chat": self.chat, "system": self.system}
+        return {"positions": self.positions, "model": self.model, "label": self.label, "chat": self.chat, "system": self.system,
+                "provenance": self.provenance}
 
     @classmethod
     def load(cls, path: str | Path) -> ActivationSet:
@@ -255,4 +274,5 @@ class ActivationReader:
             chat=self.metadata.get("chat", True),
             system=self.metadata.get("system"),
             stats=stats,
+            provenance=self.metadata.get("provenance", {}),
         )

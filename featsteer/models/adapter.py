@@ -430,6 +430,9 @@ class ModelAdapter(ABC):
                  prefill: Sequence[str] | None = None) -> TokenBatch:
         """Format (optionally) and tokenize a batch of instructions with left padding.
 
+        Without the chat template's own special tokens (raw text, the plain-text fallback template) the tokenizer adds its
+        special tokens, except any it appends after the text (an EOS): each row ends where the model goes on.
+
         Args:
             instructions: raw user instructions (or raw text when `chat=False`).
             system: optional system prompt.
@@ -451,8 +454,11 @@ class ModelAdapter(ABC):
         if prefill is not None:
             texts = [text + start for text, start in zip(texts, prefill, strict=True)]
         rows, n_post = [], []
+        appended = self._appended_special_tokens() if add_special else 0
         for text, end in zip(texts, ends, strict=True):
             encoding = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+            if appended:  # a prompt ends where the model goes on: an end-of-sequence token after it is no part of it
+                encoding = {key: encoding[key][:-appended] for key in ("input_ids", "offset_mapping") if key in encoding}
             if not encoding["input_ids"]:  # a row of padding alone: its "last token" would be a pad token's activation
                 raise FeatsteerError(f"the text {text!r} tokenizes to no tokens (without the chat template, on a tokenizer that "
                                      "adds no BOS token): leave out empty texts, or apply the chat template")
@@ -462,6 +468,14 @@ class ModelAdapter(ABC):
                                      "to find where each instruction ends: load the model's fast tokenizer (its tokenizer.json)")
             n_post.append(sum(1 for start, _ in encoding["offset_mapping"] if start >= end))
         return self._pad_left(rows, n_post)
+
+    def _appended_special_tokens(self) -> int:
+        """How many special tokens the tokenizer puts after a text when it adds them (an EOS for Llama tokenizers with
+        `add_eos_token=True`), found by encoding one probe text with and without them; 0 for most tokenizers."""
+        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        marked = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        lead = next((i for i in range(len(marked) - len(plain) + 1) if marked[i : i + len(plain)] == plain), None)
+        return 0 if lead is None else len(marked) - lead - len(plain)
 
     def _pad_left(self, rows: list[list[int]], n_post: list[int]) -> TokenBatch:
         pad_id = self.tokenizer.pad_token_id
