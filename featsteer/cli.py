@@ -1594,9 +1594,17 @@ def _print_paired(comparison) -> None:
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     from featsteer.pipeline import split
-    from featsteer.probe_report import PROBE_FOLDS, probe_report, write_probe_report
+    from featsteer.probe_report import (
+        DEFAULT_CONTROL,
+        PROBE_FOLDS,
+        control_key,
+        probe_report,
+        write_probe_report,
+    )
 
-    layers = _layers_option(args.layers)  # a bad list fails before the model loads
+    layers = _layers_option(args.layers)  # a bad list or control fails before the model loads
+    control = args.control or DEFAULT_CONTROL
+    control_key(control)
     harmful, harmless = _load_pair(args)
     model = _load_model(args)
     (harmful_train, harmful_test), (harmless_train, harmless_test) = split(harmful, 0.3), split(harmless, 0.3)
@@ -1606,8 +1614,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
         saes = load_sae_source(args.sae, model)
     report = probe_report(model, (harmful_train, harmless_train), (harmful_test, harmless_test), positions=args.positions,
-                          n_effect=args.n_effect, batch_size=args.batch_size, saes=saes, layers=layers)
+                          n_effect=args.n_effect, batch_size=args.batch_size, saes=saes, layers=layers,
+                          control=control)
     folder = write_probe_report(report, args.out, f"featsteer probe report: {model.name}")
+    print(f"control task: {report.control_text()}")
     print(f"{'hook':26} " + " ".join(f"{k + ' acc/sel':>22}" for k in report.sweep))
     for i, hook in enumerate(report.hooks):
         cells = " ".join(f"{rows[i].accuracy:>13.3f}/{rows[i].selectivity:<8.3f}" for rows in report.sweep.values())
@@ -1997,6 +2007,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--n", type=int, help="use the first N prompts of each set")
     pr.add_argument("--n-effect", type=int, default=32, help="test prompts per set for steering effects")
     pr.add_argument("--layers", metavar="LIST", help="sweep only these layers, e.g. 4-12 or 4,8,12 (default: every layer)")
+    pr.add_argument("--control", metavar="SPEC",
+                    help="control task of selectivity: first-words:N or length:W (labels a random function of the instruction's "
+                    "first N words / word count in buckets of W, which a probe reading phrasing can learn) or permutation (the "
+                    "permutation null); default first-words:1")
     pr.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
     pr.add_argument("--column", help=_COLUMN_HELP)
     pr.add_argument("--sae", help="also compare each SAE's top feature: organism or a folder of <hook_name>/ SAEs (any residual "

@@ -1,8 +1,9 @@
 """Where refusal is readable vs where it is used: probe sweeps next to steering effects.
 
 For every layer, probes (difference in means, logistic regression, whitened, Mahalanobis) are trained on
-harmful vs harmless activations and scored on held-out prompts with a shuffled-label control
-(selectivity). The same layer's directions (DIM, linear probe, whitened probe) are then ablated from every
+harmful vs harmless activations and scored on held-out prompts next to a control task (selectivity): by default
+labels that are a random function of each prompt's first word, which a probe reading phrasing rather than
+content can learn (`CONTROLS`). The same layer's directions (DIM, linear probe, whitened probe) are then ablated from every
 residual write and their steering effect is measured from first-token logits (drop of the refusal score on
 harmful prompts, KL on harmless prompts). Disagreements - a layer that classifies well but does not steer,
 or the reverse - are what the report is for.
@@ -15,7 +16,8 @@ import dataclasses
 import html
 import io
 import logging
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +55,64 @@ what its attention norm reads), after its attention writes (`resid_mid`, and wha
 writes (`resid_post`, which is the next block's `resid_pre`)."""
 
 
+CONTROLS = ("first-words:N", "length:W", "permutation")
+"""Control-task specs of `probe_report(control=...)` / `featsteer probe --control`: labels that are a seeded random function
+of the instruction's first N words (lower-cased, punctuation at their ends dropped) or of its word count in buckets of W,
+or the permutation null (labels permuted within each split, which no probe can learn)."""
+DEFAULT_CONTROL = "first-words:1"
+_WORD_EDGES = re.compile(r"^\W+|\W+$")
+
+
+def first_words(prompt: str, n: int) -> str:
+    """The first `n` words of a prompt, lower-cased, without punctuation at their ends: `"How do I..."` -> `"how do"`."""
+    return " ".join(_WORD_EDGES.sub("", word) for word in prompt.lower().split()[:n])
+
+
+def control_key(control: str | Callable[[str], Hashable]) -> tuple[str, Callable[[str], Hashable] | None]:
+    """The name of a control task and its surface-key function (None for `permutation`), without any prompts.
+
+    Args:
+        control: a spec of `CONTROLS` (`first-words:2`, `length:5`, `permutation`) or a function from an instruction to
+            its surface key (named `surface:<function name>`).
+
+    Raises:
+        FeatsteerError: on a spec that is not one of `CONTROLS`.
+    """
+    if callable(control):
+        return f"surface:{getattr(control, '__name__', type(control).__name__)}", control
+    if control == "permutation":
+        return "permutation", None
+    kind, _, width = str(control).partition(":")
+    if kind not in ("first-words", "length") or not width.isdigit() or int(width) < 1:
+        raise FeatsteerError(f"control {control!r}: give first-words:N (the instruction's first N words, e.g. first-words:1), "
+                             "length:W (its word count in buckets of W words, e.g. length:5) or permutation")
+    size = int(width)
+    if kind == "first-words":
+        return f"surface:{control}", lambda prompt: first_words(prompt, size)
+    return f"surface:{control}", lambda prompt: len(prompt.split()) // size
+
+
+def surface_control(control: str | Callable[[str], Hashable], train: tuple[PromptSet, PromptSet],
+                    test: tuple[PromptSet, PromptSet]):
+    """The control task `control` names (see `control_key`), keyed on the `(harmful, harmless)` prompts in the sweep's row order.
+
+    Returns:
+        A `probes.SurfaceControl`, or a `probes.PermutationControl` for `permutation`.
+
+    Raises:
+        FeatsteerError: on a spec that is not one of `CONTROLS`, or keys too coarse for two control classes.
+    """
+    from probes import PermutationControl, SurfaceControl
+
+    name, key = control_key(control)
+    if key is None:
+        return PermutationControl()
+    try:
+        return SurfaceControl([key(p) for pair in train for p in pair], [key(p) for pair in test for p in pair], name=name)
+    except ValueError as error:
+        raise FeatsteerError(str(error)) from None
+
+
 def _probe(kind: str):
     from probes import DiffMeanProbe, LinearProbe, MahalanobisProbe, WhitenedProbe
 
@@ -86,6 +146,18 @@ class ProbeReport:
     """`{source: {swept hook: SAE hook}}`: which SAE's top feature each `sae...` source is at each swept hook."""
     layers: list[int] | None = None
     """The layers asked for (`probe_report(layers=...)`, `featsteer probe --layers`), in order; None for every layer."""
+    control: str = "permutation"
+    """The control task behind `control_accuracy` and `selectivity`: `surface:<key>` or `permutation`."""
+    control_keys: dict | None = None
+    """For a surface control: `{"n_keys": distinct keys, "seen_share": share of test prompts whose key is among the
+    training prompts'}` (a probe that reads the key perfectly reaches about `seen_share + (1 - seen_share) / 2`)."""
+
+    def control_text(self) -> str:
+        """One line naming the control task, e.g. `surface:first-words:1 (75 keys, 96% of test prompts' keys seen in training)`."""
+        if self.control_keys is None:
+            return f"{self.control} (labels permuted within each split: the permutation null)"
+        return (f"{self.control} (labels a random function of the key; {self.control_keys['n_keys']} keys, "
+                f"{self.control_keys['seen_share']:.0%} of test prompts' keys seen in training)")
 
     def best(self, kind: str = "linear"):
         """Sweep row of a probe kind with the highest cross-validated accuracy on the training prompts (ties: their
@@ -98,7 +170,7 @@ class ProbeReport:
         """JSON-ready form."""
         return {"hooks": self.hooks, "sweep": {k: [asdict(r) for r in rows] for k, rows in self.sweep.items()},
                 "cosines": self.cosines, "effects": [asdict(e) for e in self.effects], "sae_sources": self.sae_sources,
-                "layers": self.layers}
+                "layers": self.layers, "control": self.control, "control_keys": self.control_keys}
 
 
 def probe_report(
@@ -113,6 +185,7 @@ def probe_report(
     batch_size: int = 16,
     saes: Mapping[str, SAE] | None = None,
     layers: Sequence[int] | None = None,
+    control: str | Callable[[str], Hashable] = DEFAULT_CONTROL,
 ) -> ProbeReport:
     """Run the probe sweep and the predict-control comparison (see module docstring).
 
@@ -124,7 +197,7 @@ def probe_report(
         kind: hook kind swept at every layer: a `d_model`-wide one (`resid_pre`, `resid_mid`, `resid_post`, `attn_out`,
             `mlp_out`, ...), since each layer's directions are ablated from the residual stream's writes.
         n_effect: held-out prompts per class for the steering effect.
-        n_shuffles: shuffled-label controls per probe and layer.
+        n_shuffles: control relabellings per probe and layer.
         batch_size: prompts per forward pass.
         saes: `{hook_name: SAE}`; each SAE's top composite feature (scored on the training prompts, its direction
             oriented towards harmful) is compared at the first swept hook whose stream holds it: source `sae` when
@@ -135,6 +208,10 @@ def probe_report(
             a warning.
         layers: sweep only these layers (default: every layer; a large model's effects cost a forward pass
             per prompt, layer and source).
+        control: the control task of selectivity (see `CONTROLS`): `first-words:N` (default N=1) or `length:W` give labels
+            that are a seeded random function of that surface key, the same for training and test prompts, so a probe
+            that reads phrasing scores on them; a function of the instruction is such a key too; `permutation` is the
+            permutation null.
     """
     from probes import layer_sweep
 
@@ -149,7 +226,7 @@ def probe_report(
     if n_effect < 1:
         raise FeatsteerError(f"--n-effect (n_effect) must be at least 1 held-out prompt per class, got {n_effect}")
     if n_shuffles < 1:
-        raise FeatsteerError(f"n_shuffles must be at least 1 shuffled-label control per probe and layer, got {n_shuffles}")
+        raise FeatsteerError(f"n_shuffles must be at least 1 control relabelling per probe and layer, got {n_shuffles}")
     if kind not in LAYER_KINDS:
         raise FeatsteerError(f"the probe report ablates each layer's directions from the residual stream, so it sweeps a d_model-wide kind "
                              f"({', '.join(LAYER_KINDS)}); {kind} vectors are not residual-stream vectors")
@@ -161,6 +238,7 @@ def probe_report(
     if layers is not None and (not layers or min(layers) < 0 or max(layers) >= model.n_layers):
         raise FeatsteerError(f"layers {list(layers)}: give at least one layer, each in 0..{model.n_layers - 1} ({model.name} has "
                              f"{model.n_layers} layers)")
+    control_task = surface_control(control, train, test)  # a bad spec fails before the capture
     hooks = model.hook_names((kind,), None if layers is None else sorted(set(layers)))
     acts = {(split, label): capture(model, prompts, hooks, positions=positions, batch_size=batch_size, label=label)
             for split, pair in (("train", train), ("test", test)) for label, prompts in zip(("harmful", "harmless"), pair, strict=True)}
@@ -179,8 +257,8 @@ def probe_report(
         raise FeatsteerError(f"no {kind} hook tells the two sets apart: their mean activations are identical at every layer "
                              "(the same prompts on both sides?)")
     splits = {hook: (*xy("train", hook), *xy("test", hook)) for hook in hooks}
-    sweep = {probe_kind: layer_sweep(splits, lambda k=probe_kind: _probe(k), n_shuffles=n_shuffles, cv=PROBE_FOLDS)
-             for probe_kind in PROBE_KINDS}
+    sweep = {probe_kind: layer_sweep(splits, lambda k=probe_kind: _probe(k), n_shuffles=n_shuffles, cv=PROBE_FOLDS,
+                                     control=control_task) for probe_kind in PROBE_KINDS}
     directions = {source: find_directions(acts[("train", "harmful")], acts[("train", "harmless")], source) for source in SOURCES}
     sae_sources: dict[str, dict[str, str]] = {}
     if saes:
@@ -195,7 +273,10 @@ def probe_report(
                 row[f"{a}~{b}"] = float(directions[a].direction(hook) @ directions[b].direction(hook))
         cosines.append(row)
     effects = _effects(model, directions, acts, hooks, test, n_effect, batch_size)
-    return ProbeReport(sweep, cosines, effects, hooks, sae_sources, None if layers is None else sorted(set(layers)))
+    keys = getattr(control_task, "n_keys", None)
+    control_keys = None if keys is None else {"n_keys": keys, "seen_share": control_task.seen_share}
+    return ProbeReport(sweep, cosines, effects, hooks, sae_sources, None if layers is None else sorted(set(layers)),
+                       control_task.name, control_keys)
 
 
 def _has(directions, hook: str) -> bool:
@@ -325,7 +406,7 @@ def write_probe_report(report: ProbeReport, out: str | Path, title: str = "feats
 
     png = _plot(report)
     swept = "every layer" if report.layers is None else "layers " + ", ".join(map(str, report.layers)) + " (asked for)"
-    tables = f"Swept: {swept}.\n\n" + "\n\n".join(f"### {kind}\n\n{sweep_table(rows)}" for kind, rows in report.sweep.items())
+    tables = f"Swept: {swept}.\nControl task: {report.control_text()}.\n\n" + "\n\n".join(f"### {kind}\n\n{sweep_table(rows)}" for kind, rows in report.sweep.items())
     effect_rows = "".join(
         f"<tr><td>{e.layer}</td><td>{e.source}</td><td>{e.auroc:.3f}</td><td>{e.refusal_drop:.3f}</td><td>{e.kl_harmless:.4f}</td></tr>"
         for e in report.effects

@@ -23,7 +23,7 @@ from probes.base import (
     check_activations,
     check_labels,
 )
-from probes.controls import SelectivityResult, selectivity
+from probes.controls import ControlTask, PermutationControl, SelectivityResult, SurfaceControl, selectivity
 from probes.ensemble import LayerEnsemble, check_layer_stack
 from probes.linear import DiffMeanProbe, LinearProbe
 from probes.mahalanobis import MahalanobisProbe
@@ -35,13 +35,16 @@ __all__ = [
     "HARMLESS",
     "Activations",
     "BaseProbe",
+    "ControlTask",
     "DiffMeanProbe",
     "Labels",
     "LayerEnsemble",
     "LayerSplit",
     "LinearProbe",
     "MahalanobisProbe",
+    "PermutationControl",
     "SelectivityResult",
+    "SurfaceControl",
     "SweepRow",
     "WhitenedProbe",
     "as_generator",

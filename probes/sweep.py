@@ -2,7 +2,7 @@
 
 Why this module exists: choosing the layer to read (or steer) the refusal direction from is the first
 decision of every experiment. A sweep fits a fresh probe per hook, scores it on held-out prompts with
-a shuffled-label control, and renders the result as a markdown table and a PNG so the choice is
+a control task, and renders the result as a markdown table and a PNG so the choice is
 documented rather than eyeballed.
 
 The layer is chosen by cross-validation on the training prompts (``cv_accuracy``), never by the held-out
@@ -27,7 +27,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
 from probes.base import check_activations, check_labels
-from probes.controls import selectivity
+from probes.controls import ControlTask, selectivity
 
 __all__ = ["LayerSplit", "SweepRow", "best_row", "layer_sweep", "plot_sweep", "sweep_table"]
 
@@ -58,9 +58,9 @@ class SweepRow:
     auroc: float
     """Test AUROC."""
     control_accuracy: float
-    """Mean test accuracy of the shuffled-label controls, each scored against shuffled test labels."""
+    """Mean test accuracy of the control task's probes, each scored against the control's test labels."""
     control_std: float
-    """Standard deviation of the controls' accuracies over the shuffles (NaN with one shuffle): the spread of
+    """Standard deviation of the controls' accuracies over the relabellings (NaN with one): the spread of
     ``selectivity`` that comes from the relabelling alone."""
     selectivity: float
     """``accuracy - control_accuracy``."""
@@ -81,18 +81,19 @@ def layer_sweep(
     n_shuffles: int = 5,
     seed: int = 0,
     cv: int = 3,
+    control: ControlTask | None = None,
 ) -> list[SweepRow]:
     """Fit and score a fresh probe for every layer/hook, in the mapping's order.
 
-    Every layer uses the same ``seed``, so its shuffled-label controls use the same permutations and its
+    Every layer uses the same ``seed`` and ``control``, so its control task draws the same labels and its
     cross-validation the same folds, and the rows are comparable.
 
     Args:
         splits: Layer/hook key -> ``(X_train, y_train, X_test, y_test)``.
         probe_factory: Zero-argument callable returning an unfitted probe, e.g. ``DiffMeanProbe`` or
             ``lambda: LinearProbe(Cs=5)``.
-        n_shuffles: Shuffled-label controls per layer.
-        seed: Seed of the shuffles and of the cross-validation folds.
+        n_shuffles: Control relabellings per layer.
+        seed: Seed of the control relabellings and of the cross-validation folds.
         cv: Stratified folds of the training prompts for ``cv_accuracy``/``cv_auroc`` (at least 2); every class
             needs at least this many training samples.
 
@@ -116,7 +117,7 @@ def layer_sweep(
         train_labels = check_labels(y_train, X_train.shape[0], name=f"layer {key} training labels")
         cv_accuracy, cv_auroc = training_cv(probe_factory, X_train, train_labels, cv, seed, key=str(key))
         result = selectivity(
-            probe_factory(), X_train, train_labels, X_test, y_test, n_shuffles=n_shuffles, seed=seed
+            probe_factory(), X_train, train_labels, X_test, y_test, n_shuffles=n_shuffles, seed=seed, control=control
         )
         rows.append(
             SweepRow(

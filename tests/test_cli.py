@@ -301,7 +301,9 @@ def test_probe_command_writes_report(capsys, tmp_path):
     code, out, _ = _run(capsys, "probe", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",
                         "--n", "30", "--n-effect", "4", "--out", str(tmp_path / "p"))
     assert code == 0 and "best linear-probe layer" in out
+    assert "control task: surface:first-words:1 (labels a random function of the key;" in out
     saved = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert saved["control"] == "surface:first-words:1" and saved["control_keys"]["n_keys"] > 1
     assert set(saved["sweep"]) == {"diffmean", "linear", "whitened", "mahalanobis"}
     assert {e["source"] for e in saved["effects"]} == {"dim", "linear", "whitened"}
     assert "data:image/png;base64," in (tmp_path / "p" / "report.html").read_text()
@@ -327,6 +329,8 @@ def test_probe_and_directions_layers_sweep_a_subset_with_the_full_sweeps_numbers
         assert code == 2 and message in err and err.count("\n") == 1
     code, _, err = _run(capsys, "probe", *common, "--layers", "0,7", "--out", str(tmp_path / "bad"))
     assert code == 2 and "each in 0..2" in err and err.count("\n") == 1
+    code, _, err = _run(capsys, "probe", *common, "--control", "first-word", "--model", "missing-model", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "control 'first-word': give first-words:N" in err and err.count("\n") == 1  # before the model loads
     from featsteer.cli import _layer_list
 
     assert _layer_list("4-6,12, 5") == [4, 5, 6, 12] and _layer_list("3") == [3]  # what capture --hooks resid_pre:4-6 reads too

@@ -65,7 +65,7 @@ def test_saes_off_the_swept_kind_join_at_the_next_resid_pre(tmp_path, caplog):
     folder = write_probe_report(report, tmp_path / "p")
     page = (folder / "report.html").read_text()
     assert "blocks.0.attn.hook_z" in page and "sae@attn_z" in page
-    assert (folder / "sweep.md").read_text().startswith("Swept: every layer.\n\n### ")
+    assert (folder / "sweep.md").read_text().startswith("Swept: every layer.\nControl task: surface:first-words:1 (")
     some = dataclasses.replace(report, layers=[0, 2])  # sweep.md says which layers a --layers run asked for
     assert (write_probe_report(some, tmp_path / "q") / "sweep.md").read_text().startswith("Swept: layers 0, 2 (asked for).")
 
@@ -118,3 +118,55 @@ def test_an_sae_at_a_hook_left_out_for_constant_activations_is_named_as_such(org
     assert "blocks.0.hook_resid_pre read a hook where every prompt has the same activation" in caplog.text
     assert "no swept hook follows" not in caplog.text
     assert "blocks.0.hook_resid_pre" not in report.hooks
+
+
+def test_first_words_are_lower_cased_without_edge_punctuation():
+    from featsteer.probe_report import first_words
+
+    assert first_words("How do I pick a lock?", 2) == "how do"
+    assert first_words("What's the fastest way?", 1) == "what's"
+    assert first_words("Hi, there... friend", 2) == "hi there" and first_words("Explain", 3) == "explain"
+
+
+def test_the_report_uses_and_names_a_surface_control_by_default(organism, tmp_path):
+    import json
+
+    from featsteer.probe_report import _probe, first_words, surface_control
+    from probes import SurfaceControl, layer_sweep
+
+    train, test = _pairs(16)
+    report = probe_report(organism, train, test, n_effect=1, n_shuffles=2, layers=[2])
+    assert report.control == "surface:first-words:1"
+    keys = {first_words(p, 1) for pair in (*train, *test) for p in pair}
+    assert report.control_keys["n_keys"] == len(keys) and 0 < report.control_keys["seen_share"] <= 1
+    # the sweep's control is the first-word SurfaceControl on the harmful-then-harmless rows of each split
+    control = surface_control("first-words:1", train, test)
+    assert isinstance(control, SurfaceControl) and control.train_keys == tuple(first_words(p, 1) for pair in train for p in pair)
+    # the same rows, swept with the same control, give the report's numbers
+    from featsteer.activations import capture
+
+    hook = "blocks.2.hook_resid_pre"
+    rows = [torch.cat([capture(organism, a, [hook]).at_position(hook), capture(organism, b, [hook]).at_position(hook)]).double().numpy()
+            for a, b in (train, test)]
+    labels = [[1] * len(a) + [0] * len(b) for a, b in (train, test)]
+    (expected,) = layer_sweep({hook: (rows[0], labels[0], rows[1], labels[1])}, lambda: _probe("diffmean"), n_shuffles=2, cv=3,
+                              control=control)
+    assert report.sweep["diffmean"][0] == expected
+    permutation = probe_report(organism, train, test, n_effect=1, n_shuffles=2, layers=[2], control="permutation")
+    assert permutation.control == "permutation" and permutation.control_keys is None
+    assert permutation.sweep["diffmean"][0].accuracy == expected.accuracy
+    assert permutation.sweep["diffmean"][0].control_accuracy != expected.control_accuracy
+    write_probe_report(report, tmp_path / "p")
+    assert "\nControl task: surface:first-words:1 (labels a random function of the key" in (tmp_path / "p" / "sweep.md").read_text()
+    assert json.loads((tmp_path / "p" / "results.json").read_text())["control"] == "surface:first-words:1"
+    by_length = probe_report(organism, train, test, n_effect=1, n_shuffles=1, layers=[2], control=lambda prompt: len(prompt) > 60)
+    assert by_length.control == "surface:<lambda>"
+
+
+def test_a_bad_control_is_a_one_line_error(organism):
+    train, test = _pairs(8)
+    for spec in ("first-word:1", "first-words:0", "length", "shuffle"):
+        with pytest.raises(FeatsteerError, match=f"control '{spec}': give first-words:N .* or permutation"):
+            probe_report(organism, train, test, n_effect=1, n_shuffles=1, control=spec)
+    with pytest.raises(FeatsteerError, match="gives all 16 training prompts the same key .* choose a finer key"):
+        probe_report(organism, train, test, n_effect=1, n_shuffles=1, control=lambda prompt: "same")
