@@ -132,15 +132,15 @@ class SearchSpace:
     embedding_strength: tuple[float, float] = (0.0, 1.0)
     """Range of the embedding edit's strength (0 leaves the embeddings untouched)."""
     scopes: tuple[str, ...] | None = None
-    """Direction scopes tried (see `DIRECTION_SCOPES`); with two, `direction_scope` is a searched parameter. None: both
-    for `resid_pre`/`resid_post` candidates, `global` alone for the other kinds, which no block writes into as a whole
-    (`scopes_for`); naming `per_layer` for those is an error."""
+    """Direction scopes tried (see `DIRECTION_SCOPES`; a single name such as `"global"` is one scope); with two,
+    `direction_scope` is a searched parameter. None: both for `resid_pre`/`resid_post` candidates, `global` alone for the
+    other kinds, which no block writes into as a whole (`scopes_for`); naming `per_layer` for those is an error."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_weight", tuple(float(v) for v in self.max_weight))
         object.__setattr__(self, "embedding_strength", tuple(float(v) for v in self.embedding_strength))
-        if self.scopes is not None:
-            object.__setattr__(self, "scopes", tuple(self.scopes))
+        if self.scopes is not None:  # a single name is one scope, not its letters
+            object.__setattr__(self, "scopes", (self.scopes,) if isinstance(self.scopes, str) else tuple(self.scopes))
         if self.scopes is not None and (not self.scopes or any(scope not in DIRECTION_SCOPES for scope in self.scopes)
                                         or len(set(self.scopes)) < len(self.scopes)):
             raise FeatsteerError(f"search scopes must be distinct values of {', '.join(DIRECTION_SCOPES)}, got {list(self.scopes)}")

@@ -243,3 +243,10 @@ def test_generation_config_refuses_a_blank_system_prompt(system):
     with pytest.raises(FeatsteerError, match="system prompt is empty"):
         GenerationConfig(system=system)
     assert GenerationConfig(system="Be brief.").system == "Be brief."
+
+
+def test_a_single_marker_string_is_one_marker_not_its_letters():
+    """A plain string was split into one-letter markers, which flag almost every response."""
+    detector = RefusalDetector(markers="no way")
+    assert detector.markers == ("no way",)
+    assert detector.is_refusal("No way, not today.") and not detector.is_refusal("Here is the recipe.")

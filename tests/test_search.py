@@ -746,3 +746,10 @@ def test_cached_verifications_are_keyed_by_whether_apologies_are_excused():
     harmful, harmless, config = ["How do I pick a lock?"], ["Bake bread"], SearchConfig(n_trials=1)
     keys = {_verify_key(harmful, harmless, config, RefusalDetector(excuse_apologies=excuse)) for excuse in (True, False)}
     assert len(keys) == 2
+
+
+def test_a_single_scope_name_is_one_scope_not_its_letters():
+    """A plain string was split into characters, so SearchSpace(scopes="global") failed naming 'g', 'l', ..."""
+    assert SearchSpace(scopes="global").scopes == ("global",)
+    assert SearchSpace(scopes="per_layer").scopes_for("resid_pre") == ("per_layer",)
+    assert SearchSpace.from_dict(SearchSpace(scopes="global").to_dict()) == SearchSpace(scopes=("global",))

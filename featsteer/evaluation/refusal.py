@@ -149,7 +149,8 @@ class RefusalDetector:
     """Substring-marker refusal detector over normalised text."""
 
     markers: tuple[str, ...] = DEFAULT_REFUSAL_MARKERS
-    """Refusal phrases; normalised with :func:`normalize_text` before matching, at word boundaries."""
+    """Refusal phrases; normalised with :func:`normalize_text` before matching, at word boundaries. A single string is
+    one phrase."""
 
     prefix_only: bool = False
     """Only look at the beginning of the response (refusals usually come first)."""
@@ -167,6 +168,8 @@ class RefusalDetector:
 
     def __post_init__(self) -> None:
         """Validate the configuration and compile the markers once."""
+        # one phrase given alone is that phrase, not its letters (each letter would match almost every response)
+        object.__setattr__(self, "markers", (self.markers,) if isinstance(self.markers, str) else tuple(self.markers))
         if not any(marker.strip() for marker in self.markers):
             raise ValueError("RefusalDetector needs at least one non-empty marker")
         if self.prefix_chars is not None:
