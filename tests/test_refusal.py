@@ -250,3 +250,18 @@ def test_a_single_marker_string_is_one_marker_not_its_letters():
     detector = RefusalDetector(markers="no way")
     assert detector.markers == ("no way",)
     assert detector.is_refusal("No way, not today.") and not detector.is_refusal("Here is the recipe.")
+
+
+def test_a_continuation_that_starts_with_punctuation_joins_its_opening_without_a_space():
+    """The join put a space before the comma ("I'm sorry , but no"), so the marker "sorry, but" never ran across it."""
+    from featsteer.evaluation.refusal import prefilled_reply
+
+    detector = RefusalDetector(markers=("sorry, but",))
+    assert detector.is_refusal_after("I'm sorry", ", but no")
+    assert RefusalDetector().is_refusal_after("I", "'m sorry, but I won't.")  # "I" + "'m" decodes as "I'm"
+    assert prefilled_reply("I'm sorry", ", but no") == "I'm sorry, but no"
+    assert prefilled_reply("I", "'m not sure") == "I'm not sure"
+    assert prefilled_reply("I cannot", "provide that") == "I cannot provide that"  # a word gets its space back
+    assert prefilled_reply("He said", "'hello' to me") == "He said 'hello' to me"  # a quote is not a contraction
+    assert prefilled_reply("Sure, here is ", "a plan") == "Sure, here is a plan"
+    assert prefilled_reply("Sure:\n", "1. Mix") == "Sure:\n1. Mix"

@@ -137,11 +137,23 @@ def _marker_pattern(markers: Sequence[str]) -> re.Pattern[str]:
     return re.compile(rf"(?<![a-z0-9])(?:{alternatives})(?![a-z0-9])")
 
 
+_ATTACHED_START = re.compile(r"[,.;:!?%)\]}]|['\u2019](?:s|t|m|d|re|ve|ll)(?![a-z0-9])", re.IGNORECASE)
+"""How a continuation starts when its first token carries no leading space: punctuation that closes the word before
+it, or a contraction ("'m", "'t", "'s", ...), as BPE tokenizers split "I'm" and "can't"."""
+
+
 def prefilled_reply(opening: str, text: str) -> str:
-    """The whole reply under a prefilling attack: the forced `opening` and what the model wrote after it, joined with a
-    space (a decoded continuation loses the space it starts with: "I cannot" + "provide ..."). A blank opening gives
-    `text` unchanged."""
-    return f"{opening.rstrip()} {text.lstrip()}" if opening.strip() else text
+    """The whole reply under a prefilling attack: the forced `opening` and what the model wrote after it, joined as the
+    tokenizer would decode them together. The stored continuation is stripped, so the space its first token began with
+    is gone: a word gets it back ("I cannot" + "provide ..."), a continuation that starts with closing punctuation or a
+    contraction does not ("I'm sorry" + ", but no" is "I'm sorry, but no"; "I" + "'m sorry" is "I'm sorry"). An opening
+    that ends in whitespace keeps it. A blank opening gives `text` unchanged."""
+    if not opening.strip():
+        return text
+    rest = text.lstrip()
+    if opening[-1].isspace():
+        return opening + rest
+    return f"{opening}{'' if _ATTACHED_START.match(rest) else ' '}{rest}"
 
 
 @dataclass(frozen=True)
