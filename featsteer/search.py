@@ -761,8 +761,8 @@ def _verify_key(harmful: Sequence[str], harmless: Sequence[str], config: SearchC
             # and the KL along the answers, only where the search reads it (earlier caches stay valid otherwise)
             **({"kl_prompts": "response"} if config.kl_prompts == "response" else {}),
             # a detector that lets off apologies for something counts differently; the key of one that does not, the
-            # detector of earlier caches, stays as it was
-            **({"excuse_apologies": True} if detector.excuse_apologies else {}),
+            # detector of earlier caches, stays as it was (2: an apology contrasted with a duty, "but I must ...", counts)
+            **({"excuse_apologies": 2} if detector.excuse_apologies else {}),
             # the joined-text hashes above cannot tell multi-line prompt lists apart ("a\nb" and "a", "b"): those
             # get the unambiguous ones too, and every key of a set without a multi-line prompt stays as it was
             **({"prompts_sha256": [prompts_sha256(list(harmful)), prompts_sha256(list(harmless))]}
