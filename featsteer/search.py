@@ -283,10 +283,26 @@ def layer_directions(candidates: DirectionSet, position: int, kind: str = "resid
         match = _HOOK_RE.match(hook)
         if match is not None and match.group(2) == kind and pos == position:
             by_layer[int(match.group(1))] = candidates.bases[i, 0]
-    if not by_layer or sorted(by_layer) != list(range(len(by_layer))):
+    if not by_layer:
         raise FeatsteerError(f"no candidate {kind} directions for consecutive layers from 0 at position {position} "
                              f"(positions available: {sorted(set(candidates.positions))})")
+    if sorted(by_layer) != list(range(len(by_layer))):
+        raise FeatsteerError(f"the candidate {kind} directions cover only layers {_layer_spans(sorted(by_layer))}, but the per-layer "
+                             "scope and the search read every layer's from 0 (directions found with `featsteer directions --layers`?): "
+                             "find them again without --layers (abliterate --layers still keeps the choice to the listed layers), "
+                             "or use the global scope")
     return torch.stack([by_layer[layer] for layer in range(len(by_layer))])
+
+
+def _layer_spans(layers: Sequence[int]) -> str:
+    """Sorted layer numbers as `--layers` writes them: `4-6`, `2,4-6,9`."""
+    spans: list[list[int]] = []
+    for layer in layers:
+        if spans and layer == spans[-1][1] + 1:
+            spans[-1][1] = layer
+        else:
+            spans.append([layer, layer])
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in spans)
 
 
 def first_usable_layer(table: Float[Tensor, "layer d_model"]) -> int:
@@ -337,10 +353,15 @@ def per_layer_directions(table: Float[Tensor, "layer d_model"], n_layers: int, k
     blocks whose candidate is zero are left out.
 
     Raises:
-        FeatsteerError: for candidates of another hook kind, which no block writes into.
+        FeatsteerError: for candidates of another hook kind, which no block writes into, or a table with fewer layers than
+            the model.
     """
     check_per_layer_kind(kind)
     top = table.shape[0] - 1
+    if table.shape[0] < n_layers:  # the blocks above would silently take the last candidate's direction
+        raise FeatsteerError(f"the per-layer scope needs a candidate direction at every layer 0-{n_layers - 1}, but they cover only "
+                             f"{_layer_spans(range(table.shape[0]))} (directions found with `featsteer directions --layers`?): find "
+                             "them again without --layers, or use the global scope")
     index = {layer: min(layer + STREAM_OFFSETS[kind], top) for layer in range(n_layers)}
     return {layer: table[i] for layer, i in index.items() if bool(table[i].any())}
 
