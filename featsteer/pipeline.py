@@ -532,6 +532,9 @@ def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | 
 
         if by_layer is not None or heads is not None or passes != 1:
             raise FeatsteerError("optimize= trains the direction of a global edit of every writer: drop scope='per_layer', heads= and passes=")
+        if edit is not None and edit.mode in ("amplify", "induce"):
+            raise FeatsteerError(f"optimize= trains a direction to be removed, and mode '{edit.mode}' amplifies it: drop optimize=, or "
+                                 "use an orthogonalize/norm_preserving edit")
         trained = optimize_direction(model, result, optimize)
         basis, record["optimization"] = trained.direction[None], trained.to_dict()
     return apply_edit(model, basis, edit or EditConfig(), record=record, by_layer=by_layer, heads=heads)
