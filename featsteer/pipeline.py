@@ -375,7 +375,11 @@ def capture_training(model: ModelAdapter, harmful_train: PromptSet, harmless_tra
     """
     kept: dict = {}
     if config.filter_train:
+        total = len(harmful_train)
         harmful_train, harmless_train, kept = filter_by_refusal(model, harmful_train, harmless_train, config.batch_size)
+        if config.method == "svd" and config.rank > min(len(harmful_train), model.d_model):  # checked again before the capture
+            raise FeatsteerError(f"--rank {config.rank} is more than the SVD of the {len(harmful_train)} harmful training prompts the "
+                                 f"train filter kept (of {total}) can give: lower --rank, add prompts or drop --filter-train")
     filtered = time.perf_counter()
     hooks = model.hook_names((config.kind,), None if config.keep_every_layer else training_layers(model, config))
     acts = tuple(capture(model, prompts, hooks, positions=config.positions, batch_size=config.batch_size, label=label)
