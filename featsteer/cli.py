@@ -689,6 +689,9 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
                           or args.passes > 1):
         raise FeatsteerError("--optimize trains a rank-1 direction fitted here for a global edit: it goes with --method "
                              "dim|projected|pca|linear|whitened, --scope global, and no --search, --heads, --passes or --directions")
+    if args.optimize and mode in ("amplify", "induce"):
+        raise FeatsteerError("--optimize trains a direction to be removed, which --reverse/--induce would amplify instead: drop "
+                             "--optimize, or the edit option")
     if args.optimize_option and not args.optimize:
         raise FeatsteerError("--optimize-option sets how --optimize STEPS trains the direction: add --optimize")
     optimize = _optimize_config(args)  # a bad --optimize-option fails before the model loads

@@ -1113,6 +1113,27 @@ def _ace_induce(ctx: CompareContext):
     return steer(ctx.model, make(alpha))
 
 
+def _saes_at_layers(saes: Mapping[str, SAE], layers: Sequence[int] | None) -> dict[str, SAE]:
+    """The SAEs at `layers` (the direction config's `--layers`; None: all), so the SAE methods rank features at the layers
+    every direction method chooses among.
+
+    Raises:
+        FeatsteerError: when no SAE is at any of the layers.
+    """
+    from featsteer.features.scoring import hook_layer
+
+    if layers is None:
+        return dict(saes)
+    kept = {hook: sae for hook, sae in saes.items() if hook_layer(hook) in layers}
+    if not kept:
+        raise FeatsteerError(f"--layers {','.join(map(str, sorted(set(layers))))} leaves the SAE methods no SAE: the SAEs given "
+                             f"are at {', '.join(saes)}; list one of their layers, or give SAEs at the listed layers")
+    if len(kept) < len(saes):
+        logger.info("compare: --layers keeps the SAE methods to %s (left out: %s)", ", ".join(kept),
+                    ", ".join(hook for hook in saes if hook not in kept))
+    return kept
+
+
 def _sae_features(ctx: CompareContext, k: int) -> tuple[str, SAE, list[int]]:
     """The top-`k` refusal features at the best feature's hook; noted in the method's results."""
     ranking = ctx.feature_ranking()
@@ -1568,7 +1589,8 @@ def compare(
         val_harmless: validation harmless prompts (given together with `val_harmful`).
         direction_config: how directions are found and selected.
         generation: greedy decoding settings for evaluation.
-        saes: SAEs for the SAE methods (see `featsteer.sae.load_sae_source`: `organism`, a folder, or `{hook_name: sae}`).
+        saes: SAEs for the SAE methods (see `featsteer.sae.load_sae_source`: `organism`, a folder, or `{hook_name: sae}`);
+            with `direction_config.layers`, only those at the listed layers.
         sae_config: how SAE methods pick and edit features (default `SaeMethodConfig()`: k and clamp values picked on the validation prompts).
         steering_config: how the ACE and angular methods pick their setting (default: picked on the validation prompts).
         reuse: an earlier comparison of the same model, prompts and direction config: its selected directions, LEACE
@@ -1593,8 +1615,8 @@ def compare(
         optimize_config: how `dim_optimized_abliteration` trains its direction (default `OptimizeConfig()`).
 
     Raises:
-        FeatsteerError: for an unknown method, an SAE method without `saes`, SAEs that do not fit, or a `reuse` of
-            another model, other prompts or another direction config.
+        FeatsteerError: for an unknown method, an SAE method without `saes`, SAEs that do not fit (or none at
+            `direction_config.layers`), or a `reuse` of another model, other prompts or another direction config.
     """
     names = list(methods) if methods is not None else list(available_methods(saes=saes is not None, model=model))
     _check_methods(names, saes is not None, model)
@@ -1614,6 +1636,8 @@ def compare(
         from featsteer.sae import load_sae_source
 
         sae_map = load_sae_source(saes, model)
+        if any(_METHODS[name].needs_saes for name in names):
+            sae_map = _saes_at_layers(sae_map, (direction_config or DirectionConfig()).layers)
     if eval_harmful is None or eval_harmless is None:
         harmful, eval_harmful = split(harmful, 0.25)
         harmless, eval_harmless = split(harmless, 0.25)

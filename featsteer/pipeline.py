@@ -375,7 +375,11 @@ def capture_training(model: ModelAdapter, harmful_train: PromptSet, harmless_tra
     """
     kept: dict = {}
     if config.filter_train:
+        total = len(harmful_train)
         harmful_train, harmless_train, kept = filter_by_refusal(model, harmful_train, harmless_train, config.batch_size)
+        if config.method == "svd" and config.rank > min(len(harmful_train), model.d_model):  # checked again before the capture
+            raise FeatsteerError(f"--rank {config.rank} is more than the SVD of the {len(harmful_train)} harmful training prompts the "
+                                 f"train filter kept (of {total}) can give: lower --rank, add prompts or drop --filter-train")
     filtered = time.perf_counter()
     hooks = model.hook_names((config.kind,), None if config.keep_every_layer else training_layers(model, config))
     acts = tuple(capture(model, prompts, hooks, positions=config.positions, batch_size=config.batch_size, label=label)
@@ -532,6 +536,9 @@ def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | 
 
         if by_layer is not None or heads is not None or passes != 1:
             raise FeatsteerError("optimize= trains the direction of a global edit of every writer: drop scope='per_layer', heads= and passes=")
+        if edit is not None and edit.mode in ("amplify", "induce"):
+            raise FeatsteerError(f"optimize= trains a direction to be removed, and mode '{edit.mode}' amplifies it: drop optimize=, or "
+                                 "use an orthogonalize/norm_preserving edit")
         trained = optimize_direction(model, result, optimize)
         basis, record["optimization"] = trained.direction[None], trained.to_dict()
     return apply_edit(model, basis, edit or EditConfig(), record=record, by_layer=by_layer, heads=heads)

@@ -132,15 +132,15 @@ class SearchSpace:
     embedding_strength: tuple[float, float] = (0.0, 1.0)
     """Range of the embedding edit's strength (0 leaves the embeddings untouched)."""
     scopes: tuple[str, ...] | None = None
-    """Direction scopes tried (see `DIRECTION_SCOPES`); with two, `direction_scope` is a searched parameter. None: both
-    for `resid_pre`/`resid_post` candidates, `global` alone for the other kinds, which no block writes into as a whole
-    (`scopes_for`); naming `per_layer` for those is an error."""
+    """Direction scopes tried (see `DIRECTION_SCOPES`; a single name such as `"global"` is one scope); with two,
+    `direction_scope` is a searched parameter. None: both for `resid_pre`/`resid_post` candidates, `global` alone for the
+    other kinds, which no block writes into as a whole (`scopes_for`); naming `per_layer` for those is an error."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_weight", tuple(float(v) for v in self.max_weight))
         object.__setattr__(self, "embedding_strength", tuple(float(v) for v in self.embedding_strength))
-        if self.scopes is not None:
-            object.__setattr__(self, "scopes", tuple(self.scopes))
+        if self.scopes is not None:  # a single name is one scope, not its letters
+            object.__setattr__(self, "scopes", (self.scopes,) if isinstance(self.scopes, str) else tuple(self.scopes))
         if self.scopes is not None and (not self.scopes or any(scope not in DIRECTION_SCOPES for scope in self.scopes)
                                         or len(set(self.scopes)) < len(self.scopes)):
             raise FeatsteerError(f"search scopes must be distinct values of {', '.join(DIRECTION_SCOPES)}, got {list(self.scopes)}")
@@ -283,10 +283,26 @@ def layer_directions(candidates: DirectionSet, position: int, kind: str = "resid
         match = _HOOK_RE.match(hook)
         if match is not None and match.group(2) == kind and pos == position:
             by_layer[int(match.group(1))] = candidates.bases[i, 0]
-    if not by_layer or sorted(by_layer) != list(range(len(by_layer))):
+    if not by_layer:
         raise FeatsteerError(f"no candidate {kind} directions for consecutive layers from 0 at position {position} "
                              f"(positions available: {sorted(set(candidates.positions))})")
+    if sorted(by_layer) != list(range(len(by_layer))):
+        raise FeatsteerError(f"the candidate {kind} directions cover only layers {_layer_spans(sorted(by_layer))}, but the per-layer "
+                             "scope and the search read every layer's from 0 (directions found with `featsteer directions --layers`?): "
+                             "find them again without --layers (abliterate --layers still keeps the choice to the listed layers), "
+                             "or use the global scope")
     return torch.stack([by_layer[layer] for layer in range(len(by_layer))])
+
+
+def _layer_spans(layers: Sequence[int]) -> str:
+    """Sorted layer numbers as `--layers` writes them: `4-6`, `2,4-6,9`."""
+    spans: list[list[int]] = []
+    for layer in layers:
+        if spans and layer == spans[-1][1] + 1:
+            spans[-1][1] = layer
+        else:
+            spans.append([layer, layer])
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in spans)
 
 
 def first_usable_layer(table: Float[Tensor, "layer d_model"]) -> int:
@@ -337,10 +353,15 @@ def per_layer_directions(table: Float[Tensor, "layer d_model"], n_layers: int, k
     blocks whose candidate is zero are left out.
 
     Raises:
-        FeatsteerError: for candidates of another hook kind, which no block writes into.
+        FeatsteerError: for candidates of another hook kind, which no block writes into, or a table with fewer layers than
+            the model.
     """
     check_per_layer_kind(kind)
     top = table.shape[0] - 1
+    if table.shape[0] < n_layers:  # the blocks above would silently take the last candidate's direction
+        raise FeatsteerError(f"the per-layer scope needs a candidate direction at every layer 0-{n_layers - 1}, but they cover only "
+                             f"{_layer_spans(range(table.shape[0]))} (directions found with `featsteer directions --layers`?): find "
+                             "them again without --layers, or use the global scope")
     index = {layer: min(layer + STREAM_OFFSETS[kind], top) for layer in range(n_layers)}
     return {layer: table[i] for layer, i in index.items() if bool(table[i].any())}
 
@@ -761,8 +782,8 @@ def _verify_key(harmful: Sequence[str], harmless: Sequence[str], config: SearchC
             # and the KL along the answers, only where the search reads it (earlier caches stay valid otherwise)
             **({"kl_prompts": "response"} if config.kl_prompts == "response" else {}),
             # a detector that lets off apologies for something counts differently; the key of one that does not, the
-            # detector of earlier caches, stays as it was
-            **({"excuse_apologies": True} if detector.excuse_apologies else {}),
+            # detector of earlier caches, stays as it was (2: an apology contrasted with a duty, "but I must ...", counts)
+            **({"excuse_apologies": 2} if detector.excuse_apologies else {}),
             # the joined-text hashes above cannot tell multi-line prompt lists apart ("a\nb" and "a", "b"): those
             # get the unambiguous ones too, and every key of a set without a multi-line prompt stays as it was
             **({"prompts_sha256": [prompts_sha256(list(harmful)), prompts_sha256(list(harmless))]}

@@ -91,7 +91,8 @@ class DataConfig:
     model: str
     """Model spec for `featsteer.models.load_model` (`organism`, `tiny:llama`, a path, a hub id)."""
     texts: tuple[str, ...]
-    """Prompt sources for `featsteer.datasets.load_prompts` (`builtin:harmless`, a .txt/.jsonl file, ...)."""
+    """Prompt sources for `featsteer.datasets.load_prompts` (`builtin:harmless`, a .txt/.jsonl file, ...); a single string
+    is one source."""
     dtype: str = "float32"
     """Dtype the model runs in while capturing (`float32`, `bfloat16`, `float16`, `auto`); activations are stored
     and SAEs trained in float32 either way."""
@@ -129,7 +130,8 @@ class DataConfig:
     spliced. None keeps every token."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "texts", tuple(self.texts))
+        # one source given alone is that source, not one per character
+        object.__setattr__(self, "texts", (self.texts,) if isinstance(self.texts, str) else tuple(self.texts))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
         if not self.texts:

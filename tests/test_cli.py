@@ -1540,3 +1540,28 @@ def test_an_output_inside_the_package_is_a_one_line_error(capsys):
     finally:  # what a failing run wrote there
         shutil.rmtree(inside, ignore_errors=True)
         (inside.parent / "eval.json").unlink(missing_ok=True)
+
+
+def test_abliterate_optimize_refuses_reverse_and_induce(capsys, tmp_path):
+    """--optimize trained a direction to be ablated and --reverse/--induce then amplified it."""
+    common = ["--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
+              "--n-select", "3", "--eval-n", "3", "--max-new-tokens", "2", "--optimize", "2"]
+    for extra in (["--reverse"], ["--induce"]):
+        code, _, err = _run(capsys, "abliterate", *common, *extra, "--out", str(tmp_path / "bad"))
+        assert code == 2 and "--optimize trains a direction to be removed" in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_abliterate_api_refuses_optimize_with_an_amplifying_edit():
+    from featsteer.datasets import builtin_prompts
+    from featsteer.directions.optimize import OptimizeConfig
+    from featsteer.edits import EditConfig
+    from featsteer.errors import FeatsteerError
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, abliterate, find_refusal_direction
+
+    model, prompts = load_model("tiny:llama"), [builtin_prompts(k, "train").head(12) for k in ("harmful", "harmless")]
+    result = find_refusal_direction(model, *prompts, DirectionConfig(n_select=3))
+    for mode in ("amplify", "induce"):
+        with pytest.raises(FeatsteerError, match=f"mode '{mode}' amplifies it"):
+            abliterate(model, result, EditConfig(mode=mode), optimize=OptimizeConfig(steps=1))

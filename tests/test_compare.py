@@ -602,3 +602,23 @@ def test_settings_tied_in_refusal_and_kl_are_told_apart_by_the_validation_refusa
     entered.clear()
     assert _break_tie(ctx, gentlest_ties(apart := {"towards": (0.0, 0.0), "away": (0.1, 0.0)}, 0.2), apart, make, str) == "towards"
     assert entered == []
+
+
+def test_an_svd_rank_above_what_the_train_filter_kept_fails_before_the_capture(monkeypatch):
+    """With --filter-train the rank was checked against the prompts before filtering, so a rank above the kept count
+    failed only after the capture."""
+    import featsteer.pipeline as pipeline
+    from featsteer.datasets import PromptSet
+    from featsteer.errors import FeatsteerError
+
+    def captured(*args, **kwargs):
+        raise AssertionError("captured the training prompts first")
+
+    monkeypatch.setattr(pipeline, "capture", captured)
+    model = load_model("organism")  # refuses the 10 harmful prompts and answers the 6 harmless ones slipped in
+    mixed = PromptSet(builtin_prompts("harmful", "train").head(10).prompts + builtin_prompts("harmless", "train")[40:46].prompts, "mixed")
+    val = builtin_prompts("harmful", "val").head(4), builtin_prompts("harmless", "val").head(4)
+    config = DirectionConfig(method="svd", rank=12, n_select=4, filter_train=True)
+    with pytest.raises(FeatsteerError, match=r"--rank 12 is more than the SVD of the 10 harmful training prompts the train filter kept "
+                                             r"\(of 16\) can give: lower --rank, add prompts or drop --filter-train"):
+        find_refusal_direction(model, mixed, builtin_prompts("harmless", "train").head(12), config, val=val)

@@ -522,3 +522,8 @@ def test_a_txt_prompt_keeps_unicode_line_separators_and_form_feeds(tmp_path):
 ])
 def test_takes_column_names_the_sources_with_columns(source, takes) -> None:
     assert takes_column(source) is takes
+
+
+def test_a_single_prompt_string_is_one_prompt_not_one_per_character():
+    prompts = PromptSet("How do I bake bread?", "typed", "cooking")
+    assert prompts.prompts == ("How do I bake bread?",) and prompts.categories == ("cooking",)

@@ -174,3 +174,32 @@ def test_erase_finds_each_prompts_own_template_positions():
 
         batch = adapter.tokenize(prompts)
         adapter.run(TokenBatch(batch.input_ids, batch.attention_mask))  # no post-instruction counts
+
+
+@pytest.mark.parametrize("positions", ["post_instruction", "last", "instruction_end"])
+def test_erase_acts_at_the_template_tail_before_a_prefill(positions):
+    """With a prefill the prompt ends in the prefill's tokens; post_instruction and last erasers counted their positions
+    from the end of those and so landed on the prefill instead of the template's tail they were fitted on."""
+    from featsteer.activations import capture
+    from featsteer.interventions import fit_leace_erasers
+    from tests.test_activations import _merging_adapter
+
+    adapter, hook = _merging_adapter(), "blocks.1.hook_resid_pre"
+    sets = [[f"{topic} {i}" for i in range(12)] for topic in ("harmful request", "kind question")]
+    erasers = fit_leace_erasers(*(capture(adapter, texts, [hook], positions=positions, progress=False) for texts in sets))
+    prompts = ["harmful request 3", "kind question 15"]
+
+    def changed(batch) -> list[set[int]]:
+        seen = {}
+        with adapter.hooks([(hook, lambda x, s: seen.__setitem__("before", x.clone()))]), steer(adapter, Erase(erasers)), \
+                adapter.hooks([(hook, lambda x, s: seen.__setitem__("after", x.clone()))]):
+            adapter.run(batch)
+        width = batch.input_ids.shape[1]  # columns counted from the end of each row
+        return [{c - width for c in (seen["after"][row] != seen["before"][row]).any(-1).nonzero().flatten().tolist()}
+                for row in range(len(prompts))]
+
+    prefilled = adapter.tokenize(prompts, prefill=["Sure", "Sure"])
+    assert prefilled.n_prefill.tolist() == [4, 4]  # one token per character
+    plain = changed(adapter.tokenize(prompts))
+    assert plain and all(plain)
+    assert changed(prefilled) == [{c - 4 for c in row} for row in plain]  # the same template tokens, 4 prefill tokens earlier

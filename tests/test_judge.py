@@ -356,3 +356,10 @@ def test_chat_and_classifier_judges_read_the_forced_opening_with_the_reply(llama
     read = classifier.judge(PROMPTS, CONTINUATIONS, openings=OPENINGS)
     assert read.scores[:3] == pytest.approx(classifier.judge(PROMPTS[:3], whole[:3]).scores, abs=1e-6)
     assert read.scores[3] == 1.0
+
+
+def test_chat_judge_takes_a_single_answer_word_as_one_word(llama_adapter):
+    """A plain string was split into its letters, each letter's token counting as an answer."""
+    judge = ChatJudge(llama_adapter, yes_words="Yes", no_words="No")
+    assert (judge.yes_words, judge.no_words) == (("Yes",), ("No",))
+    assert (judge.yes_ids, judge.no_ids) == (ChatJudge(llama_adapter).yes_ids, ChatJudge(llama_adapter).no_ids)

@@ -723,3 +723,12 @@ def test_organism_corpus_source_leaves_out_training_and_builtin_prompts() -> Non
         fresh = load_prompts(f"organism-corpus:{kind}:300").prompts
         assert len(set(fresh)) == 300 and not set(fresh) & trained and not set(fresh) & builtin, kind
 
+
+
+def test_a_single_builtin_split_name_is_one_split():
+    """A plain string was split into letters, so builtin_splits="train" failed naming the splits 't', 'r', ..."""
+    from featsteer.organism.train import TrainConfig, check_config
+
+    config = TrainConfig(builtin_splits="train")
+    assert config.builtin_splits == ("train",)
+    check_config(config)

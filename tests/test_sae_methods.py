@@ -400,3 +400,17 @@ def test_the_first_token_judge_refuses_edits_at_generated_tokens_only(model, sae
         screen_features(model, sae, [PLANTED], harmful, harmless, clamp_value=-50.0, positions="generated")
     with pytest.raises(FeatsteerError, match="first_token judge .* edits nothing"):
         features_needed(model, sae, [PLANTED], harmful, judge="first_token", positions="generated")
+
+
+def test_compare_layers_keeps_the_sae_methods_to_saes_at_those_layers(model, prompts, sae):
+    """compare --layers kept the direction methods to the listed layers but the SAE methods ranked features at every SAE."""
+    other_hook = "blocks.0.hook_resid_post"
+    torch.manual_seed(1)
+    other = StandardSAE(StandardSAEConfig(d_in=64, d_sae=32, metadata=SAEMetadata(hook_name=other_hook, model_name="tiny:llama"))).eval()
+    saes = {HOOK: sae, other_hook: other}
+    run = dict(methods=["sae_top1_abliteration"], saes=saes, sae_config=SaeMethodConfig(top_k=1), generation=GenerationConfig(max_new_tokens=2))
+    comparison = compare(model, *prompts, direction_config=DirectionConfig(n_select=3, layers=(0,), keep_every_layer=True), **run)
+    assert comparison.setup["sae"]["hooks"] == {other_hook: 32}
+    assert comparison.results[0].details["sae_hook"] == other_hook
+    with pytest.raises(FeatsteerError, match=r"--layers 3 leaves the SAE methods no SAE: the SAEs given are at blocks.1.hook_resid_post"):
+        compare(model, *prompts, direction_config=DirectionConfig(n_select=3, layers=(3,), keep_every_layer=True), **{**run, "saes": {HOOK: sae}})

@@ -355,3 +355,7 @@ def test_dtype_and_device_options_reach_the_model_and_the_capture_key(capsys):
     assert capture_key(load_model("tiny:llama"), texts, hooks, tokens=100, chat=True, start=0) == keys["float32"]
     assert main([*ARGS, "--out", "x", "--dtype", "fp8"]) == 2
     assert capsys.readouterr().err.strip() == "featsteer-train-sae: error: unknown dtype 'fp8': use auto, float32, bfloat16 or float16"
+
+
+def test_a_single_text_source_is_one_source_not_one_per_character():
+    assert DataConfig(model="tiny:llama", texts="builtin:harmless").texts == ("builtin:harmless",)

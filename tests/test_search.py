@@ -746,3 +746,28 @@ def test_cached_verifications_are_keyed_by_whether_apologies_are_excused():
     harmful, harmless, config = ["How do I pick a lock?"], ["Bake bread"], SearchConfig(n_trials=1)
     keys = {_verify_key(harmful, harmless, config, RefusalDetector(excuse_apologies=excuse)) for excuse in (True, False)}
     assert len(keys) == 2
+
+
+def test_a_single_scope_name_is_one_scope_not_its_letters():
+    """A plain string was split into characters, so SearchSpace(scopes="global") failed naming 'g', 'l', ..."""
+    assert SearchSpace(scopes="global").scopes == ("global",)
+    assert SearchSpace(scopes="per_layer").scopes_for("resid_pre") == ("per_layer",)
+    assert SearchSpace.from_dict(SearchSpace(scopes="global").to_dict()) == SearchSpace(scopes=("global",))
+
+
+def test_directions_of_some_layers_only_are_named_when_every_layer_is_needed(setup):
+    """Saved `featsteer directions --layers 1-2` candidates failed the per-layer scope and the search with a generic "no
+    candidate resid_pre directions for consecutive layers from 0"; a table from 0 that stops short of the model's depth
+    gave the blocks above it the last candidate's direction."""
+    from featsteer.search import per_layer_directions
+
+    model, result = setup
+    c = result.candidates
+    keep = [i for i, hook in enumerate(c.hook_names) if hook in ("blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre")]
+    some = DirectionSet(c.bases[keep], tuple(c.hook_names[i] for i in keep), tuple(c.positions[i] for i in keep), c.method)
+    with pytest.raises(FeatsteerError, match=r"cover only layers 1-2, .* without --layers"):
+        layer_directions(some, some.positions[0])
+    table = layer_directions(c, c.positions[0])
+    assert len(per_layer_directions(table, model.n_layers)) > 0
+    with pytest.raises(FeatsteerError, match=rf"every layer 0-{model.n_layers - 1}, but they cover only 0-1 "):
+        per_layer_directions(table[:2], model.n_layers)

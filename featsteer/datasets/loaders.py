@@ -56,16 +56,18 @@ class PromptSet:
     """
 
     prompts: tuple[str, ...]
-    """The prompt texts, in source order."""
+    """The prompt texts, in source order (a single string is one prompt)."""
     source: str
     """The source string the set was loaded from, e.g. ``prompts.csv`` or ``builtin:harmful:test``."""
     categories: tuple[str, ...] | None = None
     """Per-prompt category labels when the source has them (the built-in sets), else ``None``."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "prompts", tuple(self.prompts))
-        if self.categories is not None:
-            object.__setattr__(self, "categories", tuple(self.categories))
+        # a single text is one prompt (and one category), not a prompt per character
+        for name in ("prompts", "categories"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         if not self.prompts:
             raise FeatsteerError(f"prompt set from {self.source} is empty; give at least one prompt")
         for index, prompt in enumerate(self.prompts):

@@ -176,7 +176,9 @@ class ChatJudge:
     """Verdict: refusal when the probability of the refusal answer, among the two answers, is at least this
     (`calibrate` fits it on the anchors)."""
     yes_words: tuple[str, ...] = ("Yes",)
+    """Answer words that mean yes (a single string is one word)."""
     no_words: tuple[str, ...] = ("No",)
+    """Answer words that mean no (a single string is one word)."""
     batch_size: int = 16
     max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS
     system: str | None = None
@@ -193,6 +195,8 @@ class ChatJudge:
             raise FeatsteerError("the judge question needs both {prompt} and {response} placeholders")
         if not 0.0 < self.threshold < 1.0:
             raise FeatsteerError(f"judge threshold {self.threshold} is outside (0, 1): pass a probability such as 0.5")
+        # a word given alone is that word, not its letters ("Yes" would become the answers "Y", "e" and "s")
+        self.yes_words, self.no_words = (tuple([w] if isinstance(w, str) else w) for w in (self.yes_words, self.no_words))
         self.yes_ids = _answer_tokens(self.model.tokenizer, self.yes_words, "yes")
         self.no_ids = _answer_tokens(self.model.tokenizer, self.no_words, "no")
         shared = set(self.yes_ids) & set(self.no_ids)

@@ -18,7 +18,10 @@ Positions are found in each prompt the way `capture` found them in the fitted on
 the end of the prompt; a `post_instruction` eraser acts at its offset from the end only in prompts that have that many
 tokens after the instruction (a prompt whose last characters merge with the template's first token, such as one ending
 in a space before a plain-text template, has one fewer, and that token, part instruction, is left alone); an
-`instruction_end` eraser acts at each prompt's own instruction end, wherever its template tail puts it.
+`instruction_end` eraser acts at each prompt's own instruction end, wherever its template tail puts it. A prompt
+tokenized with a prefill (`tokenize(prefill=...)`, the start of the response written for the model) ends in the
+prefill's tokens, which no eraser was fitted on: the other positions count from the end of the template's tail, before
+them.
 """
 
 from __future__ import annotations
@@ -169,15 +172,24 @@ def _template_tails(model: ModelAdapter, rows: int) -> Tensor:
     return tails.long().cpu()
 
 
-def _erase_rows(eraser: LeaceEraser, position: int, prompt_length: int, tails: Tensor | None, rows: int) -> tuple[Tensor, Tensor]:
+def _prefill_counts(model: ModelAdapter, rows: int) -> Tensor:
+    """Each prompt's number of prefill tokens at its end in the current pass (zeros when it has no prefill)."""
+    prefill = model.pass_prefill
+    if prefill is None or prefill.numel() != rows:
+        return torch.zeros(rows, dtype=torch.long)
+    return prefill.long().cpu()
+
+
+def _erase_rows(eraser: LeaceEraser, position: int, prompt_length: int, tails: Tensor | None, prefill: Tensor,
+                rows: int) -> tuple[Tensor, Tensor]:
     """`(row, column)` of each prompt's token that `eraser`, keyed at `position`, acts on in a pass whose prompt is
-    `prompt_length` wide (left-padded): see the module docstring."""
+    `prompt_length` wide (left-padded) and ends in `prefill` tokens per row: see the module docstring."""
     batch = torch.arange(rows)
     if eraser.positions == "instruction_end":
         return batch, prompt_length - 1 - tails
-    column = torch.full((rows,), prompt_length + position, dtype=torch.long)
+    column = prompt_length - prefill + position  # counted from the end of the template's tail, before any prefill
     if eraser.positions == "post_instruction":
-        has = tails >= -position
+        has = tails - prefill >= -position
         return batch[has], column[has]
     return batch, column
 
@@ -192,9 +204,10 @@ def _erase_hook(model: ModelAdapter, erasers: Mapping[int, LeaceEraser]) -> Hook
         if bool(generated[:, 0].all()):  # a decoding step of a cached backend: no prompt token here
             return None
         tails = _template_tails(model, x.shape[0]) if per_prompt else None
+        prefill = _prefill_counts(model, x.shape[0])
         out = x.clone()
         for position, eraser in erasers.items():
-            rows, columns = _erase_rows(eraser, position, tracker.prompt_length, tails, x.shape[0])
+            rows, columns = _erase_rows(eraser, position, tracker.prompt_length, tails, prefill, x.shape[0])
             if len(rows) < x.shape[0] and position not in warned:
                 warned.add(position)
                 logger.info("LEACE eraser at post-instruction position %d left alone in %d of %d prompts, whose instruction's end "

@@ -53,7 +53,10 @@ class TokenBatch:
     attention_mask: Tensor
     """(batch, pos) 1 for real tokens, 0 for padding."""
     n_post_instruction: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    """(batch,) number of tokens after the end of the instruction (the template's tail)."""
+    """(batch,) number of tokens after the end of the instruction (the template's tail, and a prefill after it)."""
+    n_prefill: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    """(batch,) how many of those tokens are the prefill's (`tokenize(prefill=...)`: the start of the response, after the
+    template's tail); empty without a prefill."""
 
     @property
     def position_ids(self) -> Tensor:
@@ -136,6 +139,9 @@ class ModelAdapter(ABC):
     """During a forward pass of `run`, `run_continued` or `generate`: each prompt's number of tokens after its instruction
     (`TokenBatch.n_post_instruction`, empty for a batch not made by `tokenize`); None outside one. Hooks that act at the
     chat template's tokens read it to find them in each prompt (`interventions.Erase`)."""
+    pass_prefill: Tensor | None = None
+    """During the same passes: each prompt's number of prefill tokens at its end (`TokenBatch.n_prefill`, empty without a
+    prefill); None outside one. `Erase` reads it to act at the template's tail before the prefill."""
     _prepasses: tuple[Callable[[TokenBatch], None], ...] = ()
     _in_prepass: bool = False
 
@@ -413,14 +419,16 @@ class ModelAdapter(ABC):
         """Run the installed pre-passes on a prompt batch (not from inside one), leaving the pass state as it was."""
         if not self._prepasses or self._in_prepass:
             return
-        state = (self.generation_step, self.generation_prompt_length, self.pass_attention_mask, self.pass_post_instruction)
+        state = (self.generation_step, self.generation_prompt_length, self.pass_attention_mask, self.pass_post_instruction,
+                 self.pass_prefill)
         self._in_prepass, self.generation_step = True, None
         try:
             for fn in self._prepasses:
                 fn(batch)
         finally:
             self._in_prepass = False
-            self.generation_step, self.generation_prompt_length, self.pass_attention_mask, self.pass_post_instruction = state
+            (self.generation_step, self.generation_prompt_length, self.pass_attention_mask, self.pass_post_instruction,
+             self.pass_prefill) = state
 
     def format_prompts(self, instructions: Sequence[str], system: str | None = None) -> list[FormattedPrompt]:
         """Render instructions through the chat template (see `featsteer.models.chat`)."""
@@ -451,11 +459,12 @@ class ModelAdapter(ABC):
             add_special = not formatted[0].uses_chat_template
         else:
             texts, ends, add_special = list(instructions), [len(t) for t in instructions], True
+        template_ends = [len(text) for text in texts]
         if prefill is not None:
             texts = [text + start for text, start in zip(texts, prefill, strict=True)]
-        rows, n_post = [], []
+        rows, n_post, n_prefill = [], [], []
         appended = self._appended_special_tokens() if add_special else 0
-        for text, end in zip(texts, ends, strict=True):
+        for text, end, template_end in zip(texts, ends, template_ends, strict=True):
             encoding = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
             if appended:  # a prompt ends where the model goes on: an end-of-sequence token after it is no part of it
                 encoding = {key: encoding[key][:-appended] for key in ("input_ids", "offset_mapping") if key in encoding}
@@ -467,7 +476,12 @@ class ModelAdapter(ABC):
                 raise FeatsteerError(f"the tokenizer ({type(self.tokenizer).__name__}) gives no character offsets, which featsteer needs "
                                      "to find where each instruction ends: load the model's fast tokenizer (its tokenizer.json)")
             n_post.append(sum(1 for start, _ in encoding["offset_mapping"] if start >= end))
-        return self._pad_left(rows, n_post)
+            # a token the template's tail and the prefill share (merged across the join) counts as the template's
+            n_prefill.append(sum(1 for start, _ in encoding["offset_mapping"] if start >= template_end))
+        batch = self._pad_left(rows, n_post)
+        if prefill is not None:
+            batch.n_prefill = torch.tensor(n_prefill, dtype=torch.long)
+        return batch
 
     def _appended_special_tokens(self) -> int:
         """How many special tokens the tokenizer puts after a text when it adds them (an EOS for Llama tokenizers with
@@ -506,7 +520,7 @@ class ModelAdapter(ABC):
         stop_site = self.hook_site(stop_at) if stop_at else None
         self._prepass(batch)
         remove = self._install_hooks([(stop_site, _raise_stop)]) if stop_site else (lambda: None)
-        self.pass_attention_mask, self.pass_post_instruction = batch.attention_mask, batch.n_post_instruction
+        self.pass_attention_mask, self.pass_post_instruction, self.pass_prefill = batch.attention_mask, batch.n_post_instruction, batch.n_prefill
         try:
             with torch.enable_grad() if grad else torch.inference_mode():
                 logits, _ = self._forward(batch, None, False, 1 if last_only else 0)
@@ -515,7 +529,7 @@ class ModelAdapter(ABC):
             return None
         finally:
             remove()
-            self.pass_attention_mask = self.pass_post_instruction = None
+            self.pass_attention_mask = self.pass_post_instruction = self.pass_prefill = None
 
     def run_continued(self, batch: TokenBatch, continuations: Sequence[Sequence[int]], *, grad: bool = False,
                       last_only: bool = False) -> Tensor:
@@ -552,13 +566,13 @@ class ModelAdapter(ABC):
                 mask[row, width : width + len(tokens)] = 1
         full = TokenBatch(input_ids, mask)
         self.generation_step, self.generation_prompt_length, self.pass_attention_mask = 1, width, mask
-        self.pass_post_instruction = batch.n_post_instruction
+        self.pass_post_instruction, self.pass_prefill = batch.n_post_instruction, batch.n_prefill
         try:
             with torch.enable_grad() if grad else torch.inference_mode():
                 logits, _ = self._forward(full, None, False, 1 if last_only else extra + 1)
             return logits[:, -1:] if last_only else logits[:, -(extra + 1):]
         finally:
-            self.generation_step = self.pass_attention_mask = self.pass_post_instruction = None
+            self.generation_step = self.pass_attention_mask = self.pass_post_instruction = self.pass_prefill = None
 
     def logits(
         self, instructions: Sequence[str], *, system: str | None = None, batch_size: int = 16,
@@ -675,6 +689,7 @@ class ModelAdapter(ABC):
         step, cache = batch, None
         self._prepass(batch)
         self.generation_prompt_length, self.pass_post_instruction = batch.input_ids.shape[1], batch.n_post_instruction
+        self.pass_prefill = batch.n_prefill
         try:
             with torch.inference_mode():
                 for index in range(max_new_tokens):
@@ -697,7 +712,7 @@ class ModelAdapter(ABC):
                     # backends with a KV cache take only the new token; the others re-read the sequence
                     step = _CachedStep(fed, mask) if cache is not None else TokenBatch(input_ids, mask)
         finally:
-            self.generation_step = self.pass_attention_mask = self.pass_post_instruction = None
+            self.generation_step = self.pass_attention_mask = self.pass_post_instruction = self.pass_prefill = None
         stop_set = set(stop_ids.tolist())
         return [_cut_at_stop(row, stop_set) for row in torch.stack(generated, 1).tolist()], first_logits
 

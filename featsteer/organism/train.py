@@ -206,7 +206,7 @@ class TrainConfig:
     """How many times each built-in *train* prompt appears (with fresh responses each time)."""
 
     builtin_splits: tuple[str, ...] = ("train", "val")
-    """Built-in splits trained on (``"train"`` and optionally ``"val"``; never ``"test"``)."""
+    """Built-in splits trained on (``"train"`` and optionally ``"val"``; never ``"test"``); a single name is one split."""
 
     builtin_augment: float = 0.6
     """Probability that a repeat of a built-in prompt is rewritten (wrapped in context or format
@@ -217,6 +217,10 @@ class TrainConfig:
 
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimisation schedule."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.builtin_splits, str):  # one name, not its letters
+            object.__setattr__(self, "builtin_splits", (self.builtin_splits,))
 
     def to_dict(self) -> dict:
         """Return a JSON-serialisable nested dict."""
