@@ -370,7 +370,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
         prefills = run.prefills.get(args.set)
         if args.show:
             for item in items:
-                print(json.dumps({"index": item.index, **({} if args.blind else {"markers": detector.is_refusal(item.response)}),
+                print(json.dumps({"index": item.index, **({} if args.blind else {"markers": item.markers}),
                                   "prompt": run.prompts[args.set][item.index], **({"prefill": prefills[item.index]} if prefills else {}),
                                   "response": item.response}))
             return 0
