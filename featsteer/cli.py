@@ -271,11 +271,17 @@ def _read_earlier_eval(path: str, prompts: dict) -> dict:
     from featsteer.evaluation.behaviour import prompts_sha256
 
     earlier = read_json_file(path, f"--paired-with {path}", "pass the --json output of an earlier featsteer eval")
-    if not isinstance(earlier, dict) or "per_prompt" not in earlier:
+    per_prompt = earlier.get("per_prompt") if isinstance(earlier, dict) else None
+    if not isinstance(per_prompt, dict):
         raise FeatsteerError(f"--paired-with {path} has no per-prompt verdicts: write it with featsteer eval --json (this version)")
     for name, prompt_set in prompts.items():
-        if earlier["per_prompt"].get(name, {}).get("prompts_sha256") != prompts_sha256(list(prompt_set)):
+        verdicts = per_prompt.get(name)
+        if not isinstance(verdicts, dict) or verdicts.get("prompts_sha256") != prompts_sha256(list(prompt_set)):
             raise FeatsteerError(f"--paired-with {path} read other {name} prompts (or another order or --n): pair evaluations of the same prompts")
+        # checked here, before any generation, rather than found missing when the pairs are counted
+        if not all(isinstance(verdicts.get(key), list) and len(verdicts[key]) == len(prompt_set) for key in ("refused", "looping")):
+            raise FeatsteerError(f"--paired-with {path} has no refused and looping verdict for each of its {name} prompts: write it "
+                                 "with featsteer eval --json (this version)")
     return earlier
 
 

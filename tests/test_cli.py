@@ -172,6 +172,14 @@ def test_eval_paired_with_an_earlier_eval_on_the_same_prompts(capsys, tmp_path):
     assert code == 2 and "no per-prompt verdicts" in err
     code, _, err = _run(capsys, *common, "--paired-with", str(tmp_path / "missing.json"))
     assert code == 2 and "no such file" in err
+    before = json.loads((tmp_path / "before.json").read_text())
+    for damage, message in (({"per_prompt": []}, "no per-prompt verdicts"),  # was an AttributeError traceback
+                            ({"per_prompt": {**before["per_prompt"], "harmful": [1]}}, "read other harmful prompts"),
+                            ({"per_prompt": {**before["per_prompt"], "harmless": {**before["per_prompt"]["harmless"], "looping": None}}},
+                             "no refused and looping verdict for each of its harmless prompts")):  # was a KeyError after generating
+        (tmp_path / "bad.json").write_text(json.dumps({**before, **damage}))
+        code, _, err = _run(capsys, *common, "--paired-with", str(tmp_path / "bad.json"))
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_eval_against_a_reference_reads_its_responses(capsys, tmp_path):
