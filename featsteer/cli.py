@@ -197,7 +197,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     harmless = _load_prompts(args, args.harmless, limit=args.n)
     args.alarming_prompts = _load_prompts(args, args.alarming, limit=args.n) if args.alarming else None  # a bad path fails here, not after generating
     model = _load_model(args)
-    reference = _load_reference(args, model) if args.reference else None  # a bad --reference fails before any generation
+    reference = _load_reference(args, model, harmless) if args.reference else None  # a bad --reference fails before any generation
     judge = _load_judge(args, model) if args.judge else None  # so does a bad --judge
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               max_batch_tokens=_max_batch_tokens(args), system=args.system, prefill=args.prefill)
@@ -271,23 +271,42 @@ def _read_earlier_eval(path: str, prompts: dict) -> dict:
     from featsteer.evaluation.behaviour import prompts_sha256
 
     earlier = read_json_file(path, f"--paired-with {path}", "pass the --json output of an earlier featsteer eval")
-    if not isinstance(earlier, dict) or "per_prompt" not in earlier:
+    per_prompt = earlier.get("per_prompt") if isinstance(earlier, dict) else None
+    if not isinstance(per_prompt, dict):
         raise FeatsteerError(f"--paired-with {path} has no per-prompt verdicts: write it with featsteer eval --json (this version)")
     for name, prompt_set in prompts.items():
-        if earlier["per_prompt"].get(name, {}).get("prompts_sha256") != prompts_sha256(list(prompt_set)):
+        verdicts = per_prompt.get(name)
+        if not isinstance(verdicts, dict) or verdicts.get("prompts_sha256") != prompts_sha256(list(prompt_set)):
             raise FeatsteerError(f"--paired-with {path} read other {name} prompts (or another order or --n): pair evaluations of the same prompts")
+        # checked here, before any generation, rather than found missing when the pairs are counted
+        if not all(isinstance(verdicts.get(key), list) and len(verdicts[key]) == len(prompt_set) for key in ("refused", "looping")):
+            raise FeatsteerError(f"--paired-with {path} has no refused and looping verdict for each of its {name} prompts: write it "
+                                 "with featsteer eval --json (this version)")
     return earlier
 
 
-def _load_reference(args: argparse.Namespace, model):
-    """The --reference model, checked to share `model`'s vocabulary (KL compares distributions over it)."""
+def _load_reference(args: argparse.Namespace, model, harmless: Sequence[str]):
+    """The --reference model, checked to share `model`'s vocabulary (KL compares distributions over it) and to format
+    the `harmless` prompts into the same tokens (KL compares the next token after the same context)."""
     reference = _load_model(args, args.reference)
     if reference.tokenizer.get_vocab() != model.tokenizer.get_vocab():
         raise FeatsteerError("--reference has a different tokenizer: KL needs the same vocabulary")
     ours, theirs = model.unembed()[0].shape[0], reference.unembed()[0].shape[0]
     if ours != theirs:  # the same tokenizer over output layers padded to different sizes
         raise FeatsteerError(f"--reference scores {theirs} output tokens and the model {ours}: KL needs the same output vocabulary")
+    differs = next((i for i, (a, b) in enumerate(zip(_prompt_tokens(model, harmless, args.system),
+                                                      _prompt_tokens(reference, harmless, args.system), strict=True)) if a != b), None)
+    if differs is not None:  # a base model's fallback template against an instruct model's, or another default system turn
+        raise FeatsteerError(f"--reference formats harmless prompt {differs} into other tokens than the model does (another chat "
+                             "template or default system prompt): KL compares the next token after the same prompt, so give a "
+                             "reference with the model's chat template")
     return reference
+
+
+def _prompt_tokens(model, prompts: Sequence[str], system: str | None) -> list[list[int]]:
+    """Each prompt's token ids as `model` formats it for generation (chat template, system prompt), without padding."""
+    batch = model.tokenize(list(prompts), system=system)
+    return [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
 
 
 def _logit_metrics(model, report, args: argparse.Namespace, reference=None) -> dict:
@@ -370,7 +389,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
         prefills = run.prefills.get(args.set)
         if args.show:
             for item in items:
-                print(json.dumps({"index": item.index, **({} if args.blind else {"markers": detector.is_refusal(item.response)}),
+                print(json.dumps({"index": item.index, **({} if args.blind else {"markers": item.markers}),
                                   "prompt": run.prompts[args.set][item.index], **({"prefill": prefills[item.index]} if prefills else {}),
                                   "response": item.response}))
             return 0

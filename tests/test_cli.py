@@ -172,6 +172,14 @@ def test_eval_paired_with_an_earlier_eval_on_the_same_prompts(capsys, tmp_path):
     assert code == 2 and "no per-prompt verdicts" in err
     code, _, err = _run(capsys, *common, "--paired-with", str(tmp_path / "missing.json"))
     assert code == 2 and "no such file" in err
+    before = json.loads((tmp_path / "before.json").read_text())
+    for damage, message in (({"per_prompt": []}, "no per-prompt verdicts"),  # was an AttributeError traceback
+                            ({"per_prompt": {**before["per_prompt"], "harmful": [1]}}, "read other harmful prompts"),
+                            ({"per_prompt": {**before["per_prompt"], "harmless": {**before["per_prompt"]["harmless"], "looping": None}}},
+                             "no refused and looping verdict for each of its harmless prompts")):  # was a KeyError after generating
+        (tmp_path / "bad.json").write_text(json.dumps({**before, **damage}))
+        code, _, err = _run(capsys, *common, "--paired-with", str(tmp_path / "bad.json"))
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_eval_against_a_reference_reads_its_responses(capsys, tmp_path):
@@ -182,6 +190,25 @@ def test_eval_against_a_reference_reads_its_responses(capsys, tmp_path):
     assert result["reference_nll_harmless"] > 0 and "reference_nll_harmless" in out
     assert result["kl_response_harmless"] == pytest.approx(0.0, abs=1e-6) and "kl_response_harmless" in out
     assert len(result["kl_response_by_position"]) >= 1
+
+
+def test_eval_refuses_a_reference_that_formats_the_prompts_differently(capsys, tmp_path):
+    # the same weights and vocabulary, but the reference has no chat template (a base model's fallback template): its
+    # first-token distribution follows other prompt tokens, and a KL between the two measures the templates, not an edit
+    from featsteer.testing import tiny_model
+
+    model, tokenizer = tiny_model("llama")
+    for name, template in (("chat", tokenizer.chat_template), ("plain", None)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(tmp_path / name)
+    common = ["eval", "--model", str(tmp_path / "chat"), "--harmful", "builtin:harmful:test", "--harmless", "builtin:harmless:test",
+              "--n", "3", "--max-new-tokens", "2"]
+    code, _, err = _run(capsys, *common, "--reference", str(tmp_path / "plain"))
+    assert code == 2 and "formats harmless prompt 0 into other tokens" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, *common, "--reference", str(tmp_path / "chat"), "--json", str(tmp_path / "e.json"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "e.json").read_text())["kl_harmless"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_eval_with_a_judge(capsys, tmp_path):

@@ -239,6 +239,21 @@ def test_label_shows_what_a_prefilled_response_was_forced_to_start_with(capsys, 
     assert "prefill" not in out and json.loads(out.splitlines()[0])["response"] == "Mix flour and water."
 
 
+def test_markers_read_a_prefilled_response_as_eval_counts_it(capsys, monkeypatch, tmp_path):
+    # eval counts "I cannot" + "help with that." as a refusal (the marker "cannot help" runs across the join) and
+    # "I cannot" + "wait to show you" as none; the label header, --show and the summary must count as eval did
+    run = _eval_json(tmp_path / "e.json", harmful=["help with that.", "wait to show you: step 1", "Sure.", "Here it is."])
+    data = json.loads(run.read_text())
+    run.write_text(json.dumps({**data, "generation": {"prefill": "I cannot"}}))
+    code, out, _ = _run(capsys, monkeypatch, str(run), "--show")
+    assert code == 0 and [json.loads(line)["markers"] for line in out.splitlines()] == [True, False, False, False]
+    code, out, _ = _run(capsys, monkeypatch, str(run), stdin="r\na\nq\n")
+    assert code == 0 and "#0, markers: refusal" in out and "#1, markers: answers" in out
+    (summary,) = summarize(read_responses(run), HandLabels.load(tmp_path / "e.labels.json"))
+    assert (summary.labelled, summary.refused, summary.markers_refused, summary.markers_only, summary.hand_only) == (2, 1, 1, 0, 0)
+    assert read_responses(run).marker_verdicts("eval") == [True, False, False, False]
+
+
 def test_label_reads_a_compare_folder_as_its_printout_says(capsys, monkeypatch, tmp_path):
     code = main(["compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless", "--n", "8",
                  "--n-select", "3", "--methods", "none,dim_abliteration", "--max-new-tokens", "2", "--out", str(tmp_path / "cmp")])

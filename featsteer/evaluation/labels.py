@@ -138,6 +138,12 @@ class Responses:
             raise FeatsteerError(f"unknown prompt set {set_name!r}: use harmful or harmless")
         return self.responses[method].get(set_name, [])
 
+    def marker_verdicts(self, method: str, set_name: str = "harmful", detector: RefusalDetector | None = None) -> list[bool]:
+        """The markers' verdict on each of one method's responses to one set, as `featsteer eval` counts them: after a
+        forced opening (`prefills`) a marker counts only when it reaches into what the model wrote
+        (`RefusalDetector.is_refusal_after`), so "help with that." after "I cannot" is a refusal there and here."""
+        return (detector or RefusalDetector()).classify_after(self.prefills.get(set_name), self.texts(method, set_name))
+
 
 def read_responses(path: str | Path) -> Responses:
     """Read the responses of `featsteer eval --json` (method `eval`) or of `featsteer compare` (`responses.json`, or
@@ -282,7 +288,8 @@ def summarize(responses: Responses, labels: HandLabels, methods: Iterable[str] |
     for method in methods if methods is not None else [m for m in labels.data["labels"] if m in responses.responses]:
         texts, asked = responses.texts(method, labels.set_name), responses.asked(labels.set_name)
         current = labels.current(method, texts, asked)
-        markers = {i: detector.is_refusal(texts[i]) for i in current}
+        verdicts = responses.marker_verdicts(method, labels.set_name, detector)
+        markers = {i: verdicts[i] for i in current}
         out.append(LabelSummary(
             method=method, n=len(texts), labelled=len(current), refused=sum(v.refusal for v in current.values()),
             ambiguous_refused=sum(v.refusal and v.ambiguous for v in current.values()),
@@ -349,6 +356,8 @@ class Question:
     response: str
     methods: tuple[str, ...]
     header: str
+    markers: bool = False
+    """The markers' verdict on the response (`Responses.marker_verdicts`: after its forced opening, under a prefill)."""
 
 
 def questions(run: Responses, labels: HandLabels, methods: list[str], *, blind: bool = False, seed: int = 0,
@@ -356,16 +365,18 @@ def questions(run: Responses, labels: HandLabels, methods: list[str], *, blind: 
     """The unlabelled (or stale) responses of `methods`, in prompt order with the markers' verdict shown; or `blind`:
     those of every method in one seeded shuffle, a text that several methods wrote for the same prompt asked once, and
     neither the method nor the markers' verdict shown, so the labeller cannot favour a method."""
-    detector = detector or RefusalDetector()
     pending: dict[tuple[int, str], list[str]] = {}
+    refused: dict[tuple[int, str], bool] = {}
     for method in methods:
         texts = run.texts(method, labels.set_name)
         done = labels.current(method, texts, run.asked(labels.set_name))
+        verdicts = run.marker_verdicts(method, labels.set_name, detector)
         for i, text in enumerate(texts):
             if i not in done:
                 pending.setdefault((i, text), []).append(method)
-    items = [Question(i, text, tuple(owners), "" if blind else f"#{i}, markers: {'refusal' if detector.is_refusal(text) else 'answers'}")
-             for (i, text), owners in pending.items()]
+                refused[i, text] = verdicts[i]  # the same text after the same opening: the same verdict for every method
+    items = [Question(i, text, tuple(owners), "" if blind else f"#{i}, markers: {'refusal' if refused[i, text] else 'answers'}",
+                      refused[i, text]) for (i, text), owners in pending.items()]
     if blind:
         random.Random(seed).shuffle(items)
     return items
