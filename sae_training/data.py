@@ -238,12 +238,28 @@ def weights_fingerprint(model: ModelAdapter, samples: int = 64) -> str | None:
     return digest.hexdigest()[:16]
 
 
+def tokenization_fingerprint(model: ModelAdapter, texts: Sequence[str], *, chat: bool, samples: int = 64) -> str:
+    """A short hash of how `model` turns `texts` into token ids: the chat template rendered around a placeholder (with
+    its default system prompt) and the ids of the first `samples` texts as the capture tokenizes them. The weights do
+    not pin these down: a model folder whose chat template, system prompt or tokenizer files were edited keeps its
+    weights, and its activations must not be served from a capture made with the old ones."""
+    digest = hashlib.sha256()
+    if chat:
+        digest.update(model.format_prompts(["{instruction}"])[0].text.encode())
+    if texts:
+        batch = model.tokenize(list(texts[:samples]), chat=chat)
+        for ids, mask in zip(batch.input_ids.cpu(), batch.attention_mask.cpu(), strict=True):
+            digest.update(ids[mask.bool()].numpy().tobytes() + b"|")
+    return digest.hexdigest()[:16]
+
+
 def capture_key(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[str], *, tokens: int | None, chat: bool, start: int) -> str:
-    """Short hash of everything a capture's content depends on; `tokens=None` leaves the token budget out (the
-    key of the source, shared by captures of the same text at any budget)."""
+    """Short hash of everything a capture's content depends on (model name, weights, tokenization and chat template,
+    texts, hooks, first position, dtype); `tokens=None` leaves the token budget out (the key of the source, shared by
+    captures of the same text at any budget)."""
     text_hash = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
-    payload = {"model": model.name, "weights": weights_fingerprint(model), "texts": text_hash, "hooks": list(hooks), "chat": chat,
-               "start": start}
+    payload = {"model": model.name, "weights": weights_fingerprint(model), "tokenization": tokenization_fingerprint(model, texts, chat=chat),
+               "texts": text_hash, "hooks": list(hooks), "chat": chat, "start": start}
     if model.dtype != torch.float32:  # float32 captures keep the keys they had before dtypes were selectable
         payload["dtype"] = str(model.dtype)
     if tokens is not None:

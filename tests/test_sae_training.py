@@ -322,6 +322,20 @@ def test_activation_cache_serves_a_larger_budget_from_a_capture_that_ran_out_of_
     assert again == first
 
 
+def test_activation_cache_is_not_reused_after_the_chat_template_changes(tmp_path, monkeypatch):
+    """Same weights, same texts, same first position, but an edited chat template: the tokens differ, so must the capture."""
+    model = load_model("tiny:llama")
+    texts = [f"Sentence number {i} is here." for i in range(12)]
+    start = shared_prefix_length(model)
+    first = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=10_000, start=start, progress=False)
+    model.tokenizer.chat_template = model.tokenizer.chat_template.replace("<|end|>", " Answer briefly.<|end|>")
+    assert shared_prefix_length(model) == start and "Answer briefly" in model.format_prompts(["hi"])[0].text
+    calls = []
+    monkeypatch.setattr("sae_training.data.capture_tokens", lambda *args, **kwargs: calls.append(args) or capture_tokens(*args, **kwargs))
+    again = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=10_000, start=start, progress=False)
+    assert len(calls) == 1 and again.chunks[0].parent != first.chunks[0].parent  # not served from the old template's capture
+
+
 @pytest.mark.parametrize("threshold", [-1.0, 1.0])
 def test_training_warns_when_too_many_features_are_dead(tmp_path, monkeypatch, caplog, threshold):
     text = tmp_path / "text.txt"
