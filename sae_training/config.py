@@ -114,7 +114,9 @@ class DataConfig:
     capture_batch: int = 16
     """Prompts per forward pass while capturing."""
     chunk_megabytes: int = 256
-    """Activations captured per chunk on disk; bounds memory whatever `tokens` is."""
+    """One hook's activations per chunk on disk (chunks are shuffled as units, so they hold the same texts whichever
+    layers are captured together; the shards written and read are at most this size for all hooks); bounds memory
+    whatever `tokens` is."""
     work_dir: str | None = None
     """Parent folder for the temporary activation store (None: the system temp folder)."""
     activation_cache: str | None = None

@@ -197,19 +197,22 @@ def capture_tokens(
     """Capture every token of `texts` from index `start` on at `hooks` until `tokens` rows are stored or the
     texts run out.
 
-    Chunks are sized so that one chunk of all hooks takes about `chunk_bytes` (estimated from the tokens
-    per text seen so far), which bounds memory for any token budget. `start` skips a prefix shared by every
-    text (see `shared_prefix_length`).
+    Chunks are sized so that one hook's rows of a chunk take about `chunk_bytes` (estimated from the tokens per text
+    seen so far), and written in shards of at most `chunk_bytes` of all hooks, which bounds memory for any token budget.
+    Sizing by one hook, not all of them, keeps the chunks (which `ActivationBatches` shuffles) the same whichever
+    layers are captured together, so a layer trained on its own (a re-run after an interruption) sees its rows in
+    the order it would have in the full run. `start` skips a prefix shared by every text (see `shared_prefix_length`).
     """
-    bytes_per_token = sum(hook_width(model, hook) for hook in hooks) * 4
+    bytes_per_token = max(hook_width(model, hook) for hook in hooks) * 4
+    shard_rows = max(1, chunk_bytes // (sum(hook_width(model, hook) for hook in hooks) * 4))
     chunks, n_tokens, n_texts, began = [], 0, 0, time.perf_counter()
     chunk_size = _FIRST_CHUNK_PROMPTS
     with tqdm(total=tokens, desc="capture", unit="tok", disable=not progress, leave=False) as bar:
         while n_tokens < tokens and n_texts < len(texts):
             batch_texts = list(texts[n_texts : n_texts + chunk_size])
             folder = directory / f"chunk-{len(chunks):05d}"
-            rows = capture(model, batch_texts, list(hooks), positions=Positions.all_tokens(start), batch_size=batch_size,
-                           chat=chat, stream_to=folder, progress=False).activations.shape[0]
+            rows = len(capture(model, batch_texts, list(hooks), positions=Positions.all_tokens(start), batch_size=batch_size,
+                               chat=chat, stream_to=folder, shard_rows=shard_rows, load_back=False, progress=False))
             chunks.append(folder)
             n_tokens, n_texts = n_tokens + rows, n_texts + len(batch_texts)
             bar.update(min(rows, tokens - bar.n))
