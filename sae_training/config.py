@@ -115,12 +115,14 @@ class DataConfig:
     capture_batch: int = 16
     """Prompts per forward pass while capturing."""
     chunk_megabytes: int = 256
-    """Activations captured per chunk on disk; bounds memory whatever `tokens` is."""
+    """One hook's activations per chunk on disk (chunks are shuffled as units, so they hold the same texts whichever
+    layers are captured together; the shards written and read are at most this size for all hooks); bounds memory
+    whatever `tokens` is."""
     work_dir: str | None = None
     """Parent folder for the temporary activation store (None: the system temp folder)."""
     activation_cache: str | None = None
     """Keep the captured training activations in a subfolder of this folder and reuse them on a later run
-    with the same model, text, layers and token budget (None: a temporary folder, deleted at the end)."""
+    with the same model (weights, tokenizer, chat template), text, layers and token budget (None: a temporary folder, deleted at the end)."""
     skip_shared_prefix: bool = True
     """Leave out the tokens every formatted text starts with (chat-template head, BOS): their activations
     are one repeated vector, and a first token is usually an attention sink."""

@@ -197,19 +197,22 @@ def capture_tokens(
     """Capture every token of `texts` from index `start` on at `hooks` until `tokens` rows are stored or the
     texts run out.
 
-    Chunks are sized so that one chunk of all hooks takes about `chunk_bytes` (estimated from the tokens
-    per text seen so far), which bounds memory for any token budget. `start` skips a prefix shared by every
-    text (see `shared_prefix_length`).
+    Chunks are sized so that one hook's rows of a chunk take about `chunk_bytes` (estimated from the tokens per text
+    seen so far), and written in shards of at most `chunk_bytes` of all hooks, which bounds memory for any token budget.
+    Sizing by one hook, not all of them, keeps the chunks (which `ActivationBatches` shuffles) the same whichever
+    layers are captured together, so a layer trained on its own (a re-run after an interruption) sees its rows in
+    the order it would have in the full run. `start` skips a prefix shared by every text (see `shared_prefix_length`).
     """
-    bytes_per_token = sum(hook_width(model, hook) for hook in hooks) * 4
+    bytes_per_token = max(hook_width(model, hook) for hook in hooks) * 4
+    shard_rows = max(1, chunk_bytes // (sum(hook_width(model, hook) for hook in hooks) * 4))
     chunks, n_tokens, n_texts, began = [], 0, 0, time.perf_counter()
     chunk_size = _FIRST_CHUNK_PROMPTS
     with tqdm(total=tokens, desc="capture", unit="tok", disable=not progress, leave=False) as bar:
         while n_tokens < tokens and n_texts < len(texts):
             batch_texts = list(texts[n_texts : n_texts + chunk_size])
             folder = directory / f"chunk-{len(chunks):05d}"
-            rows = capture(model, batch_texts, list(hooks), positions=Positions.all_tokens(start), batch_size=batch_size,
-                           chat=chat, stream_to=folder, progress=False).activations.shape[0]
+            rows = len(capture(model, batch_texts, list(hooks), positions=Positions.all_tokens(start), batch_size=batch_size,
+                               chat=chat, stream_to=folder, shard_rows=shard_rows, load_back=False, progress=False))
             chunks.append(folder)
             n_tokens, n_texts = n_tokens + rows, n_texts + len(batch_texts)
             bar.update(min(rows, tokens - bar.n))
@@ -238,12 +241,28 @@ def weights_fingerprint(model: ModelAdapter, samples: int = 64) -> str | None:
     return digest.hexdigest()[:16]
 
 
+def tokenization_fingerprint(model: ModelAdapter, texts: Sequence[str], *, chat: bool, samples: int = 64) -> str:
+    """A short hash of how `model` turns `texts` into token ids: the chat template rendered around a placeholder (with
+    its default system prompt) and the ids of the first `samples` texts as the capture tokenizes them. The weights do
+    not pin these down: a model folder whose chat template, system prompt or tokenizer files were edited keeps its
+    weights, and its activations must not be served from a capture made with the old ones."""
+    digest = hashlib.sha256()
+    if chat:
+        digest.update(model.format_prompts(["{instruction}"])[0].text.encode())
+    if texts:
+        batch = model.tokenize(list(texts[:samples]), chat=chat)
+        for ids, mask in zip(batch.input_ids.cpu(), batch.attention_mask.cpu(), strict=True):
+            digest.update(ids[mask.bool()].numpy().tobytes() + b"|")
+    return digest.hexdigest()[:16]
+
+
 def capture_key(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[str], *, tokens: int | None, chat: bool, start: int) -> str:
-    """Short hash of everything a capture's content depends on; `tokens=None` leaves the token budget out (the
-    key of the source, shared by captures of the same text at any budget)."""
+    """Short hash of everything a capture's content depends on (model name, weights, tokenization and chat template,
+    texts, hooks, first position, dtype); `tokens=None` leaves the token budget out (the key of the source, shared by
+    captures of the same text at any budget)."""
     text_hash = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
-    payload = {"model": model.name, "weights": weights_fingerprint(model), "texts": text_hash, "hooks": list(hooks), "chat": chat,
-               "start": start}
+    payload = {"model": model.name, "weights": weights_fingerprint(model), "tokenization": tokenization_fingerprint(model, texts, chat=chat),
+               "texts": text_hash, "hooks": list(hooks), "chat": chat, "start": start}
     if model.dtype != torch.float32:  # float32 captures keep the keys they had before dtypes were selectable
         payload["dtype"] = str(model.dtype)
     if tokens is not None:

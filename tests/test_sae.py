@@ -21,6 +21,7 @@ from featsteer.sae import (
     edit_features,
     encode_activations,
     load_sae,
+    load_sae_source,
     load_saes,
     outside_domain,
     reconstruct,
@@ -393,6 +394,17 @@ def test_broken_and_unfinished_sae_folders_are_named(tmp_path, llama_adapter):
     (tmp_path / "only" / f".{HOOK}.partial-x").rename(tmp_path / "only" / HOOK)
     with pytest.raises(FeatsteerError, match="weights .* but no cfg.json"):
         load_saes(tmp_path / "only", llama_adapter)
+
+
+def test_a_release_downloaded_in_its_original_format_is_pointed_to_its_release_id(tmp_path, llama_adapter):
+    """A Gemma Scope folder holds `params.npz`, a Llama Scope one `hyperparams.json`; sae_lens converts them only by release."""
+    import numpy as np
+
+    np.savez(tmp_path / "params.npz", W_enc=np.zeros((64, 128), dtype=np.float32))
+    for load in (lambda: load_sae(tmp_path, llama_adapter), lambda: load_sae_source(str(tmp_path), llama_adapter)):
+        with pytest.raises(FeatsteerError, match=r"params.npz: a release in its original format.*pass release:sae_id") as error:
+            load()
+        assert "\n" not in str(error.value) and "train with featsteer-train-sae" not in str(error.value)
 
 
 def test_a_lower_precision_sae_leaves_what_it_does_not_edit_exact():

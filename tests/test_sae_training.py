@@ -245,6 +245,24 @@ def test_activation_batches_are_seeded_shuffled_and_endless(tmp_path):
     assert not torch.equal(run[0], other[0]) and all(batch.shape == (32, 64) for batch in run)
 
 
+def test_a_layer_gets_the_same_training_stream_whichever_layers_are_captured_with_it(tmp_path):
+    """A re-run that trains only the layers an interrupted run did not finish must feed each the rows, in the order,
+    the full run would have: the chunks (shuffled as units) may not depend on how many hooks share the capture."""
+    from featsteer.activations import ActivationReader
+
+    model = load_model("tiny:llama")
+    texts = load_texts(["builtin:harmless"])
+    chunk_bytes = 256 << 10  # small enough that the chunk size is set by memory, as on a real model
+    both = capture_tokens(model, texts, ["blocks.0.hook_resid_post", HOOK], tmp_path / "both", tokens=8000, start=1,
+                          chunk_bytes=chunk_bytes, progress=False)
+    alone = capture_tokens(model, texts, [HOOK], tmp_path / "alone", tokens=8000, start=1, chunk_bytes=chunk_bytes, progress=False)
+    assert len(both.chunks) == len(alone.chunks) > 2
+    streams = [ActivationBatches(captured.chunks, HOOK, 64, seed=3) for captured in (both, alone)]
+    assert all(torch.equal(next(streams[0]), next(streams[1])) for _ in range(3 * both.n_tokens // 64))
+    for chunk in both.chunks:  # memory stays bounded: no shard of all hooks is larger than chunk_bytes
+        assert all(shard["rows"] * 2 * 64 * 4 <= chunk_bytes for shard in ActivationReader(chunk).metadata["shards"])
+
+
 def test_organism_corpus_text_source():
     texts = load_texts(["organism-corpus:12:5"])
     assert 0 < len(texts) <= 12 and all(text.strip() for text in texts)
@@ -320,6 +338,20 @@ def test_activation_cache_serves_a_larger_budget_from_a_capture_that_ran_out_of_
         patch.setattr("sae_training.data.capture_tokens", no_capture)
         again = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=60_000, progress=False)
     assert again == first
+
+
+def test_activation_cache_is_not_reused_after_the_chat_template_changes(tmp_path, monkeypatch):
+    """Same weights, same texts, same first position, but an edited chat template: the tokens differ, so must the capture."""
+    model = load_model("tiny:llama")
+    texts = [f"Sentence number {i} is here." for i in range(12)]
+    start = shared_prefix_length(model)
+    first = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=10_000, start=start, progress=False)
+    model.tokenizer.chat_template = model.tokenizer.chat_template.replace("<|end|>", " Answer briefly.<|end|>")
+    assert shared_prefix_length(model) == start and "Answer briefly" in model.format_prompts(["hi"])[0].text
+    calls = []
+    monkeypatch.setattr("sae_training.data.capture_tokens", lambda *args, **kwargs: calls.append(args) or capture_tokens(*args, **kwargs))
+    again = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=10_000, start=start, progress=False)
+    assert len(calls) == 1 and again.chunks[0].parent != first.chunks[0].parent  # not served from the old template's capture
 
 
 @pytest.mark.parametrize("threshold", [-1.0, 1.0])

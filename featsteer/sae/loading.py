@@ -176,9 +176,25 @@ def _load_source(source: str | os.PathLike[str], device: str) -> SAE:
     )
 
 
+_RAW_RELEASE_FILES = ("params.npz", "hyperparams.json")
+"""Files of SAEs published outside sae_lens' format (Gemma Scope's `params.npz`, Llama Scope's `hyperparams.json`), which
+sae_lens converts only when it loads them by release id."""
+
+
+def _raw_release_hint(path: Path) -> str:
+    """A hint for a folder downloaded from a published release in its original format, else ''."""
+    found = [name for name in _RAW_RELEASE_FILES if (path / name).is_file()]
+    if not found:
+        return ""
+    return (f" ({found[0]}: a release in its original format, e.g. Gemma Scope or Llama Scope, which sae_lens converts only "
+            "when it loads it by release: pass release:sae_id, e.g. gemma-scope-2b-pt-res-canonical:layer_20/width_16k/canonical, "
+            "read from the hub cache when offline)")
+
+
 def _load_directory(path: Path, device: str) -> SAE:
     if not (path / SAE_CONFIG_FILE).is_file():
-        hint = " (it holds SAE folders: use load_saes)" if any((p / SAE_CONFIG_FILE).is_file() for p in path.iterdir() if p.is_dir()) else ""
+        nested = any((p / SAE_CONFIG_FILE).is_file() for p in path.iterdir() if p.is_dir())
+        hint = " (it holds SAE folders: use load_saes)" if nested else _raw_release_hint(path)
         raise FeatsteerError(f"{path} is not an sae_lens SAE directory: {SAE_CONFIG_FILE} is missing{hint}")
     try:
         return SAE.load_from_disk(path, device=device)
@@ -230,6 +246,8 @@ def load_saes(directory: str | os.PathLike[str], model: ModelAdapter | None = No
         if (root / SAE_WEIGHTS_FILE).is_file() or any((p / SAE_WEIGHTS_FILE).is_file() for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             raise FeatsteerError(f"{root} holds SAE weights ({SAE_WEIGHTS_FILE}) but no {SAE_CONFIG_FILE} beside them: "
                                  "the SAE was saved incompletely; re-save it with sae_lens or retrain it")
+        if hint := _raw_release_hint(root):
+            raise FeatsteerError(f"{root} holds no sae_lens SAE ({SAE_CONFIG_FILE}){hint}")
         raise FeatsteerError(f"{root} holds no SAE folders (<hook_name>/{SAE_CONFIG_FILE}): train with featsteer-train-sae --out {root}")
     saes, homes = {}, {}
     for folder in folders:
