@@ -345,15 +345,27 @@ class ConditionalSteer(Intervention):
             self.similarity = cosine_to(pool_prompt(x, mask, self.pool), condition.float())  # float32, as the gate was fitted
             self.active = self.similarity < self.threshold if self.invert else self.similarity > self.threshold
 
+        def decision(x, site) -> Tensor:
+            if self.active is None or self.active.shape[0] != x.shape[0]:
+                raise FeatsteerError(f"ConditionalSteer at {site.name} has no decision for this batch (its condition hook did not run "
+                                     "before it, or its pre-pass did not): install it with featsteer.interventions.steer")
+            return self.active
+
         def gated(fn):
+            if getattr(fn, "checks_steered_rows", False):  # a check of what the steering did: it reads the steered rows only
+                def check(x, site):
+                    if not (self.lookahead and model.in_prepass):  # a pre-pass steers nothing
+                        active = decision(x, site)
+                        if bool(active.any()):
+                            fn(x[active.to(x.device)], site)
+
+                return check
+
             def hook(x, site):
                 steered = fn(x, site)  # called in a pre-pass too: a gate in `behaviour` decides there
                 if steered is None or (self.lookahead and model.in_prepass):  # a pre-pass reads the model without this steering
                     return None
-                if self.active is None or self.active.shape[0] != x.shape[0]:
-                    raise FeatsteerError(f"ConditionalSteer at {site.name} has no decision for this batch (its condition hook did not run "
-                                         "before it, or its pre-pass did not): install it with featsteer.interventions.steer")
-                return steered.where(self.active.view(-1, *[1] * (x.dim() - 1)), x)  # (batch, pos, d) or hook_z's 4-D
+                return steered.where(decision(x, site).view(-1, *[1] * (x.dim() - 1)), x)  # (batch, pos, d) or hook_z's 4-D
 
             return hook
 
