@@ -304,6 +304,9 @@ def test_experts_and_steer_experts_commands(capsys, tmp_path):
     code, out, err = _run(capsys, "steer", "--model", "tiny:qwen3_moe", "--experts", "2:3;1:1,2", "--mode", "deactivate", "--prompt", "hi",
                           "--max-new-tokens", "2")
     assert code == 0 and "steer: deactivate experts layer 2: [3]; layer 1: [1, 2] (routing weights)" in out, err
+    # the plain and steered answers start in one column (a label wider than 8, `deactivate:` or `conditional:`, pushed its row right)
+    rows = [line for line in out.splitlines() if line.startswith(("  plain:", "  deactivate:"))]
+    assert len(rows) == 2 and len({len(line) - len(line.split(":", 1)[1].lstrip(" ")) for line in rows}) == 1, rows
     code, out, err = _run(capsys, "steer", "--model", "tiny:qwen3_moe", "--experts", "1:1", "--mode", "activate", "--experts-at",
                           "router_logits", "--prompt", "hi", "--max-new-tokens", "2")
     assert code == 0 and "steer: activate experts layer 1: [1] (router logits, SteerMoE)" in out, err
