@@ -253,6 +253,22 @@ def test_a_prompt_that_is_not_text_is_an_error(llama_adapter):
             capture(llama_adapter, ["hello", bad, "there"], "blocks.1.hook_resid_pre", progress=False)
 
 
+def test_an_activation_folder_of_another_format_version_is_refused(llama_adapter, tmp_path):
+    """The reader ignored `format_version`: a folder written in a later layout would have been read as this one."""
+    import shutil
+
+    capture(llama_adapter, PROMPTS, "blocks.1.hook_resid_pre", stream_to=tmp_path / "s", progress=False)
+    assert len(ActivationReader(tmp_path / "s")) == len(PROMPTS)
+    for version in (2, "1", None):
+        shutil.copytree(tmp_path / "s", tmp_path / f"v{version}")
+        meta_file = tmp_path / f"v{version}" / "metadata.json"
+        meta = json.loads(meta_file.read_text())
+        meta_file.write_text(json.dumps({**meta, "format_version": version} if version is not None else
+                                        {k: v for k, v in meta.items() if k != "format_version"}))
+        with pytest.raises(FeatsteerError, match=rf"says format_version {re.escape(repr(version))}, but this featsteer reads activation format 1"):
+            ActivationReader(tmp_path / f"v{version}")
+
+
 def test_save_load_round_trip_is_bit_identical(llama_adapter, tmp_path):
     acts = capture(llama_adapter, PROMPTS, llama_adapter.hook_names(), label="harmful", progress=False)
     acts.save(tmp_path / "acts")
