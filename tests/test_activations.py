@@ -165,6 +165,21 @@ def test_a_set_records_its_provenance(llama_adapter, tmp_path):
     assert (on_disk["template"], on_disk["fallback_template"], on_disk["prompt_source"]) == (None, None, None)
 
 
+def test_capture_provenance_fingerprints_the_weights(llama_adapter):
+    """Capture named the model only by name (the path as typed), which an edited or retrained model at the same path
+    shares: the provenance now holds a fingerprint of the weights, which an edit changes and its revert restores."""
+    from featsteer.edits import apply_edit
+    from featsteer.models import weights_fingerprint
+    from featsteer.testing import random_direction
+
+    hook = "blocks.1.hook_resid_pre"
+    plain = capture(llama_adapter, PROMPTS, hook, progress=False).provenance["weights_fingerprint"]
+    assert plain == weights_fingerprint(llama_adapter) and len(plain) == 16
+    with apply_edit(llama_adapter, random_direction(llama_adapter.d_model)):
+        edited = capture(llama_adapter, PROMPTS, hook, progress=False).provenance["weights_fingerprint"]
+    assert edited != plain and capture(llama_adapter, PROMPTS, hook, progress=False).provenance["weights_fingerprint"] == plain
+
+
 def test_covariance_survives_save_load_and_streaming(llama_adapter, tmp_path):
     hook = "blocks.2.hook_resid_post"
     acts = capture(llama_adapter, PROMPTS, hook, positions="post_instruction", covariance=True, progress=False)
