@@ -1470,9 +1470,10 @@ def _cmd_steer(args: argparse.Namespace) -> int:
     refused = [[detector.is_refusal(text) for text in texts] for texts in (plain, steered)]
     looping = [loops.classify(texts) for texts in (plain, steered)]
     print(f"steer: {what}")
+    width = max(8, len(args.mode) + 1)  # one label column for both rows: `conditional:` and `deactivate:` are wider than 8
     for i, prompt in enumerate(prompts):
         marks = [_marks(refused[k][i], looping[k][i]) for k in (0, 1)]
-        print(f"prompt:  {prompt}\n  plain:   {plain[i]}{marks[0]}\n  {args.mode + ':':8} {steered[i]}{marks[1]}")
+        print(f"prompt:  {prompt}\n  {'plain:':{width}} {plain[i]}{marks[0]}\n  {args.mode + ':':{width}} {steered[i]}{marks[1]}")
     summary = f"refused: plain {sum(refused[0])}/{len(prompts)}, {args.mode} {sum(refused[1])}/{len(prompts)}"
     if any(looping[0]) or any(looping[1]):
         summary += f"; looping: plain {sum(looping[0])}/{len(prompts)}, {args.mode} {sum(looping[1])}/{len(prompts)}"

@@ -602,7 +602,7 @@ def method_context(ctx: CompareContext, name: str) -> contextlib.AbstractContext
 @contextlib.contextmanager
 def _edit(ctx: CompareContext, method: str, config: EditConfig, rank: int = 2) -> Iterator[None]:
     result = ctx.directions(method, rank)
-    with apply_edit(ctx.model, result.chosen_basis, config):
+    with apply_edit(ctx.model, result.chosen_basis, config, weighted=True):  # ridge-weighted for svd
         yield
 
 

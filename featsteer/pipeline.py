@@ -525,12 +525,12 @@ def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | 
         raise FeatsteerError(f"unknown abliteration scope '{scope}': use global or per_layer")
     if heads is not None and by_layer is not None:
         raise FeatsteerError("heads= edits single heads against the chosen direction: it takes scope='global'")
-    basis = result.chosen_basis
+    basis, weighted = result.chosen_basis, True  # the SVD method's ridge-weighted basis; the refined and trained ones are unit
     if passes != 1:
         if by_layer is not None or heads is not None:
             raise FeatsteerError("passes= refines the direction of a global edit of every writer: drop scope='per_layer' and heads=")
         found = iterated_basis(model, result, passes, edit)
-        basis, record["iteration"] = found.basis, found.to_dict()
+        basis, record["iteration"], weighted = found.basis, found.to_dict(), False
     if optimize is not None:
         from featsteer.directions.optimize import optimize_direction
 
@@ -540,5 +540,5 @@ def abliterate(model: ModelAdapter, result: DirectionResult, edit: EditConfig | 
             raise FeatsteerError(f"optimize= trains a direction to be removed, and mode '{edit.mode}' amplifies it: drop optimize=, or "
                                  "use an orthogonalize/norm_preserving edit")
         trained = optimize_direction(model, result, optimize)
-        basis, record["optimization"] = trained.direction[None], trained.to_dict()
-    return apply_edit(model, basis, edit or EditConfig(), record=record, by_layer=by_layer, heads=heads)
+        basis, record["optimization"], weighted = trained.direction[None], trained.to_dict(), False
+    return apply_edit(model, basis, edit or EditConfig(), record=record, by_layer=by_layer, heads=heads, weighted=weighted)

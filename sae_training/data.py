@@ -29,7 +29,7 @@ from featsteer.activations import ActivationReader, Positions, capture, hook_wid
 from featsteer.datasets import load_prompts
 from featsteer.datasets.loaders import ORGANISM_CORPUS_PREFIX
 from featsteer.errors import FeatsteerError
-from featsteer.models import ModelAdapter
+from featsteer.models import ModelAdapter, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -221,24 +221,6 @@ def capture_tokens(
             chunk_size = min(by_memory, math.ceil(1.05 * (tokens - n_tokens) / tokens_per_text) + 1)
     exhausted = n_tokens < tokens
     return CapturedTokens(tuple(chunks), tuple(hooks), n_tokens, n_texts, exhausted, time.perf_counter() - began)
-
-
-def weights_fingerprint(model: ModelAdapter, samples: int = 64) -> str | None:
-    """A short hash of the model's weights: every parameter's name and shape and `samples` values spread over it. A
-    model's name alone is the path as typed (or a GGUF file's name), which a retrained or re-exported model at the same
-    path, or another `model.gguf`, shares; its activations must not be served from the old one's cache. None for a
-    model that exposes no parameters."""
-    module = getattr(model, "model", None)
-    if not hasattr(module, "named_parameters"):
-        return None
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            flat = parameter.detach().reshape(-1)
-            picked = flat[:: max(1, flat.numel() // samples)][:samples].to("cpu", torch.float32)
-            digest.update(f"{name}{tuple(parameter.shape)}".encode())
-            digest.update(picked.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def tokenization_fingerprint(model: ModelAdapter, texts: Sequence[str], *, chat: bool, samples: int = 64) -> str:

@@ -165,6 +165,21 @@ def test_a_set_records_its_provenance(llama_adapter, tmp_path):
     assert (on_disk["template"], on_disk["fallback_template"], on_disk["prompt_source"]) == (None, None, None)
 
 
+def test_capture_provenance_fingerprints_the_weights(llama_adapter):
+    """Capture named the model only by name (the path as typed), which an edited or retrained model at the same path
+    shares: the provenance now holds a fingerprint of the weights, which an edit changes and its revert restores."""
+    from featsteer.edits import apply_edit
+    from featsteer.models import weights_fingerprint
+    from featsteer.testing import random_direction
+
+    hook = "blocks.1.hook_resid_pre"
+    plain = capture(llama_adapter, PROMPTS, hook, progress=False).provenance["weights_fingerprint"]
+    assert plain == weights_fingerprint(llama_adapter) and len(plain) == 16
+    with apply_edit(llama_adapter, random_direction(llama_adapter.d_model)):
+        edited = capture(llama_adapter, PROMPTS, hook, progress=False).provenance["weights_fingerprint"]
+    assert edited != plain and capture(llama_adapter, PROMPTS, hook, progress=False).provenance["weights_fingerprint"] == plain
+
+
 def test_covariance_survives_save_load_and_streaming(llama_adapter, tmp_path):
     hook = "blocks.2.hook_resid_post"
     acts = capture(llama_adapter, PROMPTS, hook, positions="post_instruction", covariance=True, progress=False)
@@ -251,6 +266,22 @@ def test_a_prompt_that_is_not_text_is_an_error(llama_adapter):
     for bad, shown in ((None, "None (NoneType)"), (float("nan"), "nan (float)"), (b"hi", "b'hi' (bytes)")):
         with pytest.raises(FeatsteerError, match=f"prompt #1 is {re.escape(shown)}, not text"):
             capture(llama_adapter, ["hello", bad, "there"], "blocks.1.hook_resid_pre", progress=False)
+
+
+def test_an_activation_folder_of_another_format_version_is_refused(llama_adapter, tmp_path):
+    """The reader ignored `format_version`: a folder written in a later layout would have been read as this one."""
+    import shutil
+
+    capture(llama_adapter, PROMPTS, "blocks.1.hook_resid_pre", stream_to=tmp_path / "s", progress=False)
+    assert len(ActivationReader(tmp_path / "s")) == len(PROMPTS)
+    for version in (2, "1", None):
+        shutil.copytree(tmp_path / "s", tmp_path / f"v{version}")
+        meta_file = tmp_path / f"v{version}" / "metadata.json"
+        meta = json.loads(meta_file.read_text())
+        meta_file.write_text(json.dumps({**meta, "format_version": version} if version is not None else
+                                        {k: v for k, v in meta.items() if k != "format_version"}))
+        with pytest.raises(FeatsteerError, match=rf"says format_version {re.escape(repr(version))}, but this featsteer reads activation format 1"):
+            ActivationReader(tmp_path / f"v{version}")
 
 
 def test_save_load_round_trip_is_bit_identical(llama_adapter, tmp_path):

@@ -333,6 +333,28 @@ def test_selection_with_nothing_to_score_says_why():
 
 
 @pytest.mark.parametrize("method", ["dim", "projected", "pca", "svd", "linear", "whitened"])
+def test_directions_keep_their_captures_provenance_through_save_and_load(planted, method, tmp_path):
+    """A DirectionSet named the model only: the prompt hashes, template and dtypes the capture records were lost. Each
+    method keeps both sets' capture provenance under `capture`; a set saved before, without it, still loads."""
+    import dataclasses
+    import json
+
+    harmful, harmless, _ = planted
+    recorded = {side: {"prompts_sha256": f"{side}-hash", "template": "<u>{instruction}</u>", "stored_dtype": "float32"}
+                for side in ("harmful", "harmless")}
+    harmful, harmless = (dataclasses.replace(s, provenance=recorded[s.label]) for s in (harmful, harmless))
+    found = find_directions(harmful, harmless, method=method, rank=2)
+    assert found.provenance["capture"] == recorded and found.provenance["model"] == harmful.model
+    loaded = DirectionSet.load(found.save(tmp_path / "new"))
+    assert loaded.provenance == found.provenance
+    meta = json.loads((tmp_path / "new" / "directions.json").read_text())
+    meta["provenance"] = {k: v for k, v in meta["provenance"].items() if k != "capture"}
+    (tmp_path / "new" / "directions.json").write_text(json.dumps(meta))
+    older = DirectionSet.load(tmp_path / "new")
+    assert "capture" not in older.provenance and torch.equal(older.bases, found.bases)
+
+
+@pytest.mark.parametrize("method", ["dim", "projected", "pca", "svd", "linear", "whitened"])
 def test_a_hook_every_prompt_shares_gives_no_direction(planted, method):
     """Layer 0 at a template token: every prompt's activation is the same, so there is no direction to find; the
     selection skips it as a zero direction. Paired PCA returned an arbitrary unit axis there (the first PC of zeros)."""

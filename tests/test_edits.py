@@ -671,8 +671,34 @@ def test_directions_that_would_not_be_removed_are_errors():
     with pytest.raises(FeatsteerError, match="is 7 wide but blocks.0.hook_resid_pre of .* carries 64"), steer(adapter, AddDirection(torch.ones(7), 1.0, where="blocks.0.hook_resid_pre")):
         pass
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and count_hooks(model) == 0
-    with apply_edit(adapter, 0.5 * r):  # orthogonal rows shorter than 1 are a damped projector (the SVD ridge basis)
+    with apply_edit(adapter, 0.5 * r, weighted=True):  # opted in: orthogonal rows shorter than 1 are a damped projector (the SVD ridge basis)
         pass
+
+
+def test_a_short_vector_is_refused_unless_weighted_and_hook_and_edit_agree_on_it():
+    """A raw vector of norm 0.5 removed a quarter of its component (`x - B^T B x`) instead of all of it: by default it is
+    refused, by hook and edit alike; with `weighted=True` (the ridge-weighted SVD basis) both damp it the same way."""
+    model, tokenizer = tiny_model("llama")
+    adapter = load_model(model, tokenizer=tokenizer)
+    r = _direction(adapter.d_model)
+    two = torch.stack([r, _direction(adapter.d_model, 9)])
+    two[1] -= (two[1] @ r) * r
+    two[1] /= two[1].norm()
+    before = _snapshot(model)
+    for short in (0.5 * r, torch.stack([two[0], 0.5 * two[1]])):
+        with pytest.raises(FeatsteerError, match=r"less than 1: normalise it .*weighted=True"):
+            apply_edit(adapter, short)
+        with pytest.raises(FeatsteerError, match="less than 1"), steer(adapter, Ablate(short)):
+            pass
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and count_hooks(model) == 0
+    with steer(adapter, Ablate(0.999 * r)):  # within the tolerance: taken as it is
+        pass
+    with steer(adapter, Ablate(0.5 * r, weighted=True)):
+        hooked = adapter.logits(PROMPTS)
+    with apply_edit(adapter, 0.5 * r, weighted=True):
+        edited = adapter.logits(PROMPTS)
+    assert not torch.allclose(hooked, adapter.logits(PROMPTS), atol=1e-3)
+    torch.testing.assert_close(hooked, edited, atol=2e-4, rtol=0)
 
 
 def test_export_folders_follow_the_umask(tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from featsteer.cli import main
 from featsteer.errors import FeatsteerError
-from featsteer.interventions import ExpertSteer, expert_routing, steer
+from featsteer.interventions import ConditionalSteer, ExpertSteer, expert_routing, steer
 from featsteer.models import load_model
 from featsteer.testing import tiny_model
 from tests.conftest import count_hooks
@@ -142,6 +142,33 @@ def test_steermoe_at_the_logits_is_the_routers_softmax_over_the_changed_logits()
         ExpertSteer(deactivate={layer: [1]}, at="router_logits", renormalize=False)
     with pytest.raises(FeatsteerError, match="blocks.0.mlp.hook_router_logits does not exist"):
         load_model("tiny:qwen2_moe").hook_site("blocks.0.mlp.hook_router_logits")
+
+
+def test_a_gated_logits_rule_checks_only_the_rows_the_gate_steered():
+    """The router-obeyed check of `ExpertSteer(at="router_logits")` ran on every row under a gate, so a prompt the gate
+    left alone (its router free to pick the deactivated experts) failed every gated run; in a lookahead pre-pass, which
+    steers nothing, it failed too. Now the steered rows route around the experts and the others route as unsteered."""
+    _, adapter = _adapter("mixtral")
+    layer = 2
+    name = adapter.hook_names(("routing",), layers=[layer])[0]
+    condition = torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(3))
+    probe = ConditionalSteer(condition, "blocks.0.hook_resid_pre", 2.0, ExpertSteer(deactivate={layer: [0, 1]}))
+    with steer(adapter, probe):
+        adapter.run(adapter.tokenize(PROMPTS))
+    scores = probe.similarity.sort().values
+    threshold = float(scores[:2].mean())  # the gate fires on the two prompts of highest cosine
+    free, _ = _routing(adapter)
+    rule = ExpertSteer(deactivate={layer: [0, 1]}, at="router_logits")
+    for hook, lookahead in (("blocks.0.hook_resid_pre", False), ("blocks.2.hook_resid_post", True)):
+        gate = ConditionalSteer(condition, hook, threshold, rule, lookahead=lookahead)
+        with steer(adapter, gate):
+            seen, _ = _routing(adapter)
+        on = gate.active
+        assert on.tolist().count(True) == 2, on
+        assert float(seen[name][on][..., [0, 1]].abs().max()) == 0.0
+        assert torch.equal(seen[name][~on], free[name][~on]) and bool(free[name][~on][..., [0, 1]].any())
+    with steer(adapter, ConditionalSteer(condition, "blocks.0.hook_resid_pre", -2.0, rule)):  # every row steered: checked as before
+        adapter.run(adapter.tokenize(PROMPTS))
 
 
 def test_a_router_whose_logits_featsteer_cannot_see_is_a_one_line_error_and_leaves_nothing_behind():
@@ -277,6 +304,9 @@ def test_experts_and_steer_experts_commands(capsys, tmp_path):
     code, out, err = _run(capsys, "steer", "--model", "tiny:qwen3_moe", "--experts", "2:3;1:1,2", "--mode", "deactivate", "--prompt", "hi",
                           "--max-new-tokens", "2")
     assert code == 0 and "steer: deactivate experts layer 2: [3]; layer 1: [1, 2] (routing weights)" in out, err
+    # the plain and steered answers start in one column (a label wider than 8, `deactivate:` or `conditional:`, pushed its row right)
+    rows = [line for line in out.splitlines() if line.startswith(("  plain:", "  deactivate:"))]
+    assert len(rows) == 2 and len({len(line) - len(line.split(":", 1)[1].lstrip(" ")) for line in rows}) == 1, rows
     code, out, err = _run(capsys, "steer", "--model", "tiny:qwen3_moe", "--experts", "1:1", "--mode", "activate", "--experts-at",
                           "router_logits", "--prompt", "hi", "--max-new-tokens", "2")
     assert code == 0 and "steer: activate experts layer 1: [1] (router logits, SteerMoE)" in out, err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import weakref
 from operator import attrgetter
@@ -511,13 +512,36 @@ def test_tl_bridge_llama_matches_native(tmp_path):
     model, tokenizer = tiny_model("llama")
     model.save_pretrained(tmp_path)
     tokenizer = saved_tokenizer(tokenizer, tmp_path)
-    bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=copy.deepcopy(model))  # keeps `model` as it is
     native, lens = load_model(model, tokenizer=tokenizer), load_model(bridge)
     _assert_same_activations(native, lens)
     before = count_hooks(bridge)
     with lens.hooks([("blocks.1.hook_resid_pre", lambda x, s: x * 0)]):
         lens.run(lens.tokenize(PROMPTS))
     assert count_hooks(bridge) == before
+
+
+def test_a_model_a_bridge_was_booted_on_is_refused_and_a_copy_keeps_it_intact(tmp_path):
+    """Booting a TransformerBridge on a Hugging Face model replaces the model's modules with the bridge's: the model then
+    computed the same logits but generated other tokens with its key-value cache, and featsteer loaded and generated
+    with it without a word. Booted on a copy, the original generates as before, with and without the cache; booted on the
+    original, loading it and generating with an adapter loaded before are one-line errors."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model, tokenizer = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    tokenizer = saved_tokenizer(tokenizer, tmp_path)
+    native = load_model(model, tokenizer=tokenizer)
+    expected = native.generate(PROMPTS, max_new_tokens=6)
+    TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=copy.deepcopy(model))
+    ids = tokenizer(PROMPTS[:1], return_tensors="pt")
+    with_cache, without = (model.generate(**ids, max_new_tokens=6, do_sample=False, use_cache=cached) for cached in (True, False))
+    assert torch.equal(with_cache, without) and native.generate(PROMPTS, max_new_tokens=6) == expected
+    TransformerBridge.boot_transformers(str(tmp_path), tokenizer=tokenizer, hf_model=model)
+    with pytest.raises(FeatsteerError, match=r"TransformerBridge was booted on this Hugging Face model.*copy.deepcopy"):
+        native.generate(PROMPTS, max_new_tokens=6)
+    with pytest.raises(FeatsteerError, match="TransformerBridge was booted on this Hugging Face model"):
+        load_model(model, tokenizer=tokenizer)
 
 
 def test_a_weight_edit_of_a_bridge_running_processed_weights_is_an_error(tmp_path):
@@ -600,7 +624,7 @@ def test_a_bridge_knows_its_family_particulars(tmp_path):
         folder = tmp_path / family
         model.save_pretrained(folder)
         tokenizer = saved_tokenizer(tokenizer, folder)
-        lens = load_model(TransformerBridge.boot_transformers(str(folder), tokenizer=tokenizer, hf_model=model))
+        lens = load_model(TransformerBridge.boot_transformers(str(folder), tokenizer=tokenizer, hf_model=copy.deepcopy(model)))
         native = load_model(model, tokenizer=tokenizer)
         assert (lens.post_norms, lens.learned_positions) == (post_norms, native.learned_positions), family
         assert lens.family == f"transformer_lens:{type(model).__name__}"

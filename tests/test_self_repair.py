@@ -33,6 +33,17 @@ def test_every_write_keeps_the_direction_out_and_the_unedited_score_is_the_model
     assert result.rows[0].repaired_text() == "n/a (the ablation removed no gap at its hook)"
 
 
+def test_a_direction_of_any_length_is_ablated_as_its_unit_vector():
+    """The docstring says the direction is made unit, but the ablation took it as given: 0.5 r removed only a quarter of
+    r's component (`x - (x.b) b`). Now 0.5 r and r give the same result."""
+    model = load_model("tiny:llama")
+    r = random_direction(model.d_model)
+    unit, half = (self_repair(model, d, HARMFUL, HARMLESS, at="blocks.0.hook_resid_pre").to_dict() for d in (r, 0.5 * r))
+    assert half["refusal"] == pytest.approx(unit["refusal"], abs=1e-5)
+    for a, b in zip(half["rows"], unit["rows"], strict=True):
+        assert a["gap_on_r"] == pytest.approx(b["gap_on_r"], abs=1e-4) and abs(a["gap_on_r"]["every_write"]) < 1e-4
+
+
 def test_layers_that_write_nothing_repair_nothing():
     """With every later attention and MLP output projection zeroed, the stream after the ablation hook is the stream at
     it: the removed gap stays removed (repaired 0), as with the direction ablated at every write."""

@@ -220,6 +220,10 @@ class ActivationReader:
         if not meta_file.is_file():
             raise FeatsteerError(f"{self.path} is not a complete activation directory (no {METADATA_FILE})")
         self.metadata = json.loads(meta_file.read_text())
+        version = self.metadata.get("format_version")
+        if version != FORMAT_VERSION:  # written by every featsteer since the first; another layout would be misread
+            raise FeatsteerError(f"{meta_file} says format_version {version!r}, but this featsteer reads activation format {FORMAT_VERSION}: "
+                                 "read it with the featsteer version that wrote it, or capture the activations again")
         self.hook_names: tuple[str, ...] = tuple(self.metadata["hook_names"])
         self.d_model: int = int(self.metadata["d_model"])
 

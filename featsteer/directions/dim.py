@@ -53,6 +53,13 @@ def shared_positions(harmful: ActivationSet, harmless: ActivationSet) -> list[in
     return labels
 
 
+def capture_provenance(harmful: ActivationSet, harmless: ActivationSet) -> dict[str, dict]:
+    """The two sets' capture provenance (`ActivationSet.provenance`: prompt hashes and source, template, dtypes,
+    versions), which a direction method keeps under `capture` in its `DirectionSet.provenance`, so a saved direction says
+    what it was read from. Empty dicts for sets built by hand; older saved directions have no `capture` at all."""
+    return {"harmful": dict(harmful.provenance), "harmless": dict(harmless.provenance)}
+
+
 def difference_in_means(harmful: ActivationSet, harmless: ActivationSet, hooks: list[str] | None = None) -> DirectionSet:
     """Unit DIM direction for every captured hook and position.
 
@@ -96,7 +103,7 @@ def difference_in_means(harmful: ActivationSet, harmless: ActivationSet, hooks: 
         method="dim",
         scores={"mean_diff_norm": norms, **projections},
         provenance={"model": harmful.model, "positions": harmful.positions,
-                    "n_harmful": len(harmful), "n_harmless": len(harmless)},
+                    "n_harmful": len(harmful), "n_harmless": len(harmless), "capture": capture_provenance(harmful, harmless)},
     )
 
 

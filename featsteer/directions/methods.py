@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from featsteer.activations import ActivationSet
-from featsteer.directions.dim import difference_in_means, shared_positions
+from featsteer.directions.dim import capture_provenance, difference_in_means, shared_positions
 from featsteer.directions.directions import DirectionSet, unit
 from featsteer.errors import FeatsteerError
 
@@ -104,7 +104,7 @@ def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2,
         names.append(hook)
         positions.append(pos)
     return DirectionSet(torch.stack(bases), tuple(names), tuple(positions), "svd", {"ridge_weights": weights, "mean_diff_norm": lengths},
-                        {"model": harmful.model, "rank": rank, "ridge": ridge})
+                        {"model": harmful.model, "rank": rank, "ridge": ridge, "capture": capture_provenance(harmful, harmless)})
 
 
 def find_directions(harmful: ActivationSet, harmless: ActivationSet, method: str = "dim", rank: int = 2) -> DirectionSet:

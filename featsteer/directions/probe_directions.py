@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from featsteer.activations import ActivationSet
-from featsteer.directions.dim import shared_positions
+from featsteer.directions.dim import capture_provenance, shared_positions
 from featsteer.directions.directions import DirectionSet
 from featsteer.errors import FeatsteerError
 
@@ -82,5 +82,5 @@ def probe_directions(harmful: ActivationSet, harmless: ActivationSet, method: st
         bases=torch.stack(vectors)[:, None, :], hook_names=tuple(names), positions=tuple(positions), method=f"probe:{method}",
         scores={"train_accuracy": accuracy, "mean_diff_norm": projection, **fitted},
         provenance={"model": harmful.model, "positions": harmful.positions, "n_harmful": len(harmful), "n_harmless": len(harmless),
-                    "probe": repr(make())},
+                    "probe": repr(make()), "capture": capture_provenance(harmful, harmless)},
     )

@@ -173,8 +173,10 @@ def self_repair(model: ModelAdapter, direction: Tensor, harmful: Sequence[str], 
     if site.kind == "resid_post" and site.layer == model.n_layers - 1:
         raise FeatsteerError(f"{at} is after the last layer: nothing follows it to repair anything")
     r = unit(direction.detach().double().cpu())
+    # ablate the unit vector (a shorter one removed only part of the component); a unit input as given, bit for bit
+    ablated = direction.float() if abs(float(direction.detach().double().norm()) - 1.0) <= 1e-6 else r.float()
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
-    conditions = {"unedited": None, "at_hook": Ablate(direction.float(), where=[at]), "every_write": Ablate(direction.float())}
+    conditions = {"unedited": None, "at_hook": Ablate(ablated, where=[at]), "every_write": Ablate(ablated)}
     acts, refusal = {}, {}
     for name, intervention in conditions.items():
         with steer(model, intervention) if intervention is not None else contextlib.nullcontext():

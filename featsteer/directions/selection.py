@@ -239,7 +239,7 @@ def _winner(ablated: Tensor, kl: Tensor, induced: Tensor, config: SelectionConfi
 
 def _kl_and_induce(model, candidates: DirectionSet, i: int, harmless, base_harmless_logprobs, tokens, batch_size: int) -> tuple[Tensor, Tensor]:
     """Per harmless prompt: the first-token KL under ablation, and the refusal log-odds with the mean difference added."""
-    with steer(model, Ablate(weighted_basis(candidates, i))):
+    with steer(model, Ablate(weighted_basis(candidates, i), weighted=True)):
         kl = kl_per_prompt(base_harmless_logprobs, first_token_logprobs(model, harmless, batch_size=batch_size))
     norm = candidates.scores.get("mean_diff_norm", [1.0] * len(candidates))[i]
     with steer(model, AddDirection(candidates.bases[i, 0] * norm, 1.0, where=candidates.hook_names[i])):
@@ -325,7 +325,7 @@ def select_direction(
     ablated: dict[int, float] = {}
     per_prompt: dict[str, dict[int, Tensor]] = {"ablated": {}, "kl": {}, "induced": {}}
     for i in tqdm(eligible, desc="select: ablate", disable=not progress, leave=False):
-        with steer(model, Ablate(weighted_basis(candidates, i))):
+        with steer(model, Ablate(weighted_basis(candidates, i), weighted=True)):
             per_prompt["ablated"][i] = refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size), tokens).cpu()
         ablated[i] = float(per_prompt["ablated"][i].mean())
     ranked = sorted(ablated, key=ablated.get)

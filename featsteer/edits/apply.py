@@ -251,15 +251,16 @@ def _live_edits(model: ModelAdapter) -> list[EditHandle]:
     return live
 
 
-def _checked_basis(direction: Tensor, model: ModelAdapter, what: str = "direction") -> Tensor:
+def _checked_basis(direction: Tensor, model: ModelAdapter, what: str = "direction", weighted: bool = False) -> Tensor:
     basis = as_basis(direction).detach().to("cpu", torch.float64)
     if basis.shape[-1] != model.d_model:
         raise FeatsteerError(f"{what} has width {basis.shape[-1]} but the model's d_model is {model.d_model}")
-    return orthonormal_basis(basis, f"the {what}")
+    return orthonormal_basis(basis, f"the {what}", weighted=weighted)
 
 
 def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None = None, record: dict | None = None,
-               by_layer: Mapping[int, Tensor] | None = None, heads: Mapping[int, Sequence[int]] | None = None) -> EditHandle:
+               by_layer: Mapping[int, Tensor] | None = None, heads: Mapping[int, Sequence[int]] | None = None,
+               weighted: bool = False) -> EditHandle:
     """Edit every residual writer of `model` against `direction` (a unit vector or orthonormal basis).
 
     Args:
@@ -275,13 +276,16 @@ def apply_edit(model: ModelAdapter, direction: Tensor, config: EditConfig | None
             projection (each head's `d_head` inputs), and nothing else: no other head, MLP, embedding or bias. The
             edited model is the unedited one with the direction removed from those heads' writes alone (a test checks
             it against the heads' `hook_z` values). Strengths still come from `config.attn_kernel`.
+        weighted: accept orthogonal rows shorter than 1 (in `direction` and `by_layer`) as a damped projector, the SVD
+            method's ridge-weighted basis (`directions.weighted_basis`); otherwise every row must be unit (within 1e-2),
+            so a raw vector is refused rather than partly removed.
 
     Returns:
         A handle that reverts the edit exactly.
     """
     config = config or EditConfig()
-    basis = _checked_basis(direction, model)
-    layer_bases = {int(layer): _checked_basis(d, model, f"by_layer[{layer}]") for layer, d in (by_layer or {}).items()}
+    basis = _checked_basis(direction, model, weighted=weighted)
+    layer_bases = {int(layer): _checked_basis(d, model, f"by_layer[{layer}]", weighted) for layer, d in (by_layer or {}).items()}
     outside = sorted(layer for layer in layer_bases if not 0 <= layer < model.n_layers)
     if outside:
         raise FeatsteerError(f"by_layer names layers {outside} but the model has layers 0-{model.n_layers - 1}")

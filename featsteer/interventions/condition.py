@@ -110,18 +110,19 @@ class Gate:
         of the prompt up to its hook, so `behaviour` may also act before it (`ConditionalSteer.lookahead`)."""
         return ConditionalSteer(self.vector, self.hook, self.threshold, behaviour, pool=self.pool, lookahead=lookahead)
 
-    def ablate(self, model: ModelAdapter, basis: Tensor, *, lookahead: bool = True) -> ConditionalSteer:
+    def ablate(self, model: ModelAdapter, basis: Tensor, *, lookahead: bool = True, weighted: bool = False) -> ConditionalSteer:
         """Ablation of `basis` gated by this gate, for the prompts it fires on.
 
         With `lookahead` (the default) the gate decides in a pre-pass of each prompt up to its hook, and a prompt it fires
         on is ablated at every residual write from the embedding on: exactly the ungated ablation (which is abliteration
         as a hook), while the others run unedited. Without it the gate decides as the pass goes, so only what follows
         its decision can change: the stream at its hook (everything written before it) and every later write; layers
-        before the gate keep reading the direction. A gate at layer 0 makes the two the same."""
+        before the gate keep reading the direction. A gate at layer 0 makes the two the same. `weighted` is `Ablate`'s
+        (for the SVD method's ridge-weighted basis)."""
         layer = self.check(model)
         if lookahead:
-            return self.steer(Ablate(basis), lookahead=True)
-        return self.steer(Ablate(basis, where=[self.hook, *model.hook_names(WRITE_KINDS, range(layer, model.n_layers))]))
+            return self.steer(Ablate(basis, weighted=weighted), lookahead=True)
+        return self.steer(Ablate(basis, where=[self.hook, *model.hook_names(WRITE_KINDS, range(layer, model.n_layers))], weighted=weighted))
 
     def to_dict(self) -> dict[str, Any]:
         """What a report records: where, how, the threshold and every candidate's accuracy (not the vector)."""

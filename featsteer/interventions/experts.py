@@ -318,7 +318,8 @@ def _steer_logits(off: list[int], on: list[int]):
 def _obeyed(layer: int, off: list[int], on: list[int]):
     """A `hook_routing` check behind the logits rule: a router that adds a per-expert correction bias to its choice
     (DeepSeek V3, GLM-4.5, dots.llm1, ERNIE 4.5) can still pick an expert whose logit went below the token's lowest, or
-    pass over one raised above its highest; that is an error rather than a run that silently steered nothing."""
+    pass over one raised above its highest; that is an error rather than a run that silently steered nothing. It reads only
+    the sequences the logits rule steered: a gate (`ConditionalSteer`) passes it those rows (`checks_steered_rows`)."""
 
     def hook(x: Tensor, site) -> None:
         used = [e for e in off if bool((x[..., e] != 0).any())]
@@ -329,6 +330,7 @@ def _obeyed(layer: int, off: list[int], on: list[int]):
                                  "choice outweighs the logit change): switch experts at the routing weights instead (at='routing', "
                                  "featsteer steer --experts-at routing)")
 
+    hook.checks_steered_rows = True
     return hook
 
 

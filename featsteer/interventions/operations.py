@@ -25,16 +25,23 @@ def as_basis(direction: Tensor) -> Tensor:
     return direction[None, :] if direction.dim() == 1 else direction
 
 
-def orthonormal_basis(direction: Tensor, what: str = "the direction", atol: float = 1e-2) -> Tensor:
+def orthonormal_basis(direction: Tensor, what: str = "the direction", atol: float = 1e-2, weighted: bool = False) -> Tensor:
     """`direction` as a `(k, d_model)` basis, checked to be a unit vector or orthonormal rows (within `atol`).
 
     Ablation and abliteration compute `x - B^T B x`, which removes the span only for orthonormal `B`: a vector of norm 2
-    flips and triples its component instead, and a zero vector removes nothing. Orthogonal rows shorter than 1 are
-    allowed: `B^T B` is then a damped projector (the SVD method's ridge-weighted basis, `directions.weighted_basis`).
+    flips and triples its component instead, one of norm 0.5 removes only a quarter of it (a raw mean difference), and
+    a zero vector removes nothing. With `weighted` orthogonal rows shorter than 1 are allowed: `B^T B` is then a damped
+    projector (the SVD method's ridge-weighted basis, `directions.weighted_basis`).
+
+    Args:
+        direction: `(d_model,)` or `(k, d_model)`.
+        what: how an error names it.
+        atol: how far a row's norm (or two rows' dot product) may be from 1 (from 0).
+        weighted: accept orthogonal rows shorter than 1 as given, for a ridge-weighted basis.
 
     Raises:
-        FeatsteerError: NaN/inf, a zero vector, rows longer than 1 or rows that are not orthogonal (naming the norm of
-            a single vector).
+        FeatsteerError: NaN/inf, a zero vector, rows longer than 1, rows shorter than 1 (unless `weighted`) or rows that
+            are not orthogonal (naming the norm of a single vector).
     """
     basis = as_basis(direction)
     rows = basis.detach().double().cpu()
@@ -45,10 +52,13 @@ def orthonormal_basis(direction: Tensor, what: str = "the direction", atol: floa
     crossing = float((gram - torch.diag(gram.diagonal())).abs().max()) if rows.shape[0] > 1 else 0.0
     if rows.shape[0] == 1 and float(norms[0]) == 0:
         raise FeatsteerError(f"{what} is a zero vector: it removes nothing (a layer where the two sets' means coincide?); choose another")
+    single = "norm" if rows.shape[0] == 1 else "a row of norm"
     if float(norms.max()) > 1 + atol:
-        longest = float(norms.max())
-        raise FeatsteerError(f"{what} has {'norm' if rows.shape[0] == 1 else 'a row of norm'} {longest:.4g}, more than 1: normalise it "
+        raise FeatsteerError(f"{what} has {single} {float(norms.max()):.4g}, more than 1: normalise it "
                              "(r / r.norm()); a longer vector's component is flipped and amplified, not removed")
+    if not weighted and float(norms.min()) < 1 - atol:
+        raise FeatsteerError(f"{what} has {single} {float(norms.min()):.4g}, less than 1: normalise it (r / r.norm()); a shorter "
+                             "vector's component is only partly removed (pass weighted=True for a ridge-weighted basis)")
     if crossing > atol:
         raise FeatsteerError(f"{what} has rows that are not orthonormal (their Gram matrix is off the diagonal by {crossing:.3g}): "
                              "orthonormalise them, e.g. torch.linalg.qr(basis.T).Q.T")

@@ -95,6 +95,9 @@ class Ablate(Intervention):
     """`writes`, `residual`, or hook names."""
     strength: float = 1.0
     """1 removes the component (ablation); 2 reflects it, `x - 2 (x.r) r`, as `EditConfig.reflection` edits the weights."""
+    weighted: bool = False
+    """Accept orthogonal rows shorter than 1 as a damped projector (the SVD method's `directions.weighted_basis`);
+    otherwise rows must be unit within 1e-2, so a raw vector is refused rather than partly removed."""
 
     def __post_init__(self) -> None:
         _check_finite("Ablate", strength=self.strength)
@@ -102,7 +105,7 @@ class Ablate(Intervention):
     def hooks_for(self, model: ModelAdapter) -> list[tuple[str, object]]:
         names = resolve_sites(model, self.where)
         _check_width(model, names, self.direction)
-        basis = orthonormal_basis(self.direction, "the ablated direction").to(model.device)
+        basis = orthonormal_basis(self.direction, "the ablated direction", weighted=self.weighted).to(model.device)
         return [(name, lambda x, site, b=basis: ablate(x, b, self.strength)) for name in names]
 
 
@@ -182,7 +185,7 @@ def _masked_add(model: ModelAdapter, vector: Tensor, scale: float, positions: st
 def _unit_direction(direction: Tensor, what: str, atol: float = 1e-2) -> Tensor:
     """`direction` as one `(d_model,)` unit vector, checked: setting the projection on a vector shorter than 1 sets
     neither its projection nor the unit direction's (0.5 r set to 3 leaves `x.r` at `0.75 x.r + 1.5`)."""
-    basis = orthonormal_basis(direction, what, atol)
+    basis = orthonormal_basis(direction, what, atol, weighted=True)  # a short vector gets the message below
     if basis.shape[0] != 1:
         raise FeatsteerError(f"{what} must be one (d_model,) vector, got {basis.shape[0]} rows")
     norm = float(basis[0].detach().double().norm())
@@ -342,15 +345,27 @@ class ConditionalSteer(Intervention):
             self.similarity = cosine_to(pool_prompt(x, mask, self.pool), condition.float())  # float32, as the gate was fitted
             self.active = self.similarity < self.threshold if self.invert else self.similarity > self.threshold
 
+        def decision(x, site) -> Tensor:
+            if self.active is None or self.active.shape[0] != x.shape[0]:
+                raise FeatsteerError(f"ConditionalSteer at {site.name} has no decision for this batch (its condition hook did not run "
+                                     "before it, or its pre-pass did not): install it with featsteer.interventions.steer")
+            return self.active
+
         def gated(fn):
+            if getattr(fn, "checks_steered_rows", False):  # a check of what the steering did: it reads the steered rows only
+                def check(x, site):
+                    if not (self.lookahead and model.in_prepass):  # a pre-pass steers nothing
+                        active = decision(x, site)
+                        if bool(active.any()):
+                            fn(x[active.to(x.device)], site)
+
+                return check
+
             def hook(x, site):
                 steered = fn(x, site)  # called in a pre-pass too: a gate in `behaviour` decides there
                 if steered is None or (self.lookahead and model.in_prepass):  # a pre-pass reads the model without this steering
                     return None
-                if self.active is None or self.active.shape[0] != x.shape[0]:
-                    raise FeatsteerError(f"ConditionalSteer at {site.name} has no decision for this batch (its condition hook did not run "
-                                         "before it, or its pre-pass did not): install it with featsteer.interventions.steer")
-                return steered.where(self.active.view(-1, *[1] * (x.dim() - 1)), x)  # (batch, pos, d) or hook_z's 4-D
+                return steered.where(decision(x, site).view(-1, *[1] * (x.dim() - 1)), x)  # (batch, pos, d) or hook_z's 4-D
 
             return hook
 

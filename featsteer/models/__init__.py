@@ -9,6 +9,7 @@ from featsteer.models.chat import (
     format_instruction,
 )
 from featsteer.models.families import FAMILIES, FamilySpec, family_for, supported_model_types
+from featsteer.models.fingerprint import weights_fingerprint
 from featsteer.models.hookpoints import (
     HEAD_KINDS,
     LAYER_KINDS,
@@ -49,4 +50,5 @@ __all__ = [
     "load_model",
     "parse_hook_name",
     "supported_model_types",
+    "weights_fingerprint",
 ]

@@ -38,6 +38,21 @@ _Hooks = list[tuple[HookSite, HookFn]]
 NORM_SITES = ("ln1_normalized", "ln2_normalized")
 
 
+def check_not_bridged(model: nn.Module) -> None:
+    """Refuse a Hugging Face model a TransformerLens `TransformerBridge` was booted on (`boot_transformers(path,
+    hf_model=model)`): the bridge puts its own components in place of the model's modules, after which the model still
+    computes the same logits without a key-value cache but generates other tokens with one (a tiny Llama's greedy
+    continuations change). featsteer never boots a bridge; the user keeps the original intact by booting on a copy.
+
+    Raises:
+        FeatsteerError: when any module of `model` is a bridge component (it wraps an `_original_component`).
+    """
+    if any(hasattr(module, "_original_component") for module in model.modules()):
+        raise FeatsteerError("a TransformerBridge was booted on this Hugging Face model and replaced its modules, which breaks its key-value "
+                             "cache (generation changes): load the bridge instead (load_model(bridge)), or boot it on a copy "
+                             "(boot_transformers(path, hf_model=copy.deepcopy(model))) and load the original")
+
+
 def _apply(fns: _Hooks, activation: Tensor) -> Tensor:
     for site, fn in fns:
         replaced = fn(activation, site)
@@ -356,6 +371,8 @@ class HFModelAdapter(ModelAdapter):
     def _forward(self, batch: TokenBatch, cache: object | None, want_cache: bool, keep: int = 0) -> tuple[Tensor, object | None]:
         if cache is None and want_cache:
             from transformers import DynamicCache
+
+            check_not_bridged(self.model)  # once per generated batch: a bridge booted on the model since it was loaded
 
             cache = DynamicCache(config=self.model.config)
         if self.spec.pos_embed and batch.position_ids.numel():  # a learned position table has a last row; rotary ones do not

@@ -145,8 +145,9 @@ def _from_object(model, tokenizer) -> ModelAdapter:
 
         return TLModelAdapter(model)
     if hasattr(model, "config") and hasattr(model.config, "model_type"):
-        from featsteer.models.hf import HFModelAdapter
+        from featsteer.models.hf import HFModelAdapter, check_not_bridged
 
+        check_not_bridged(model)  # here, not in HFModelAdapter: the TL adapter reads a bridge's weights through one of those
         if tokenizer is None:
             tokenizer = _tokenizer_for(getattr(model, "name_or_path", ""))
         return HFModelAdapter(model, tokenizer)
