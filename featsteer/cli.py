@@ -335,7 +335,7 @@ def _logit_metrics(model, report, args: argparse.Namespace, reference=None) -> d
         config = report.config
         own = evaluate_set(reference, harmless, "harmless", config, RefusalDetector(), keep_logprobs=True)
         metrics["kl_harmless"] = kl_first_token(own.first_logprobs, harmless_logprobs)
-        along = response_base(reference, list(harmless), list(own.responses), max_tokens=config.max_new_tokens,
+        along = response_base(reference, list(harmless), list(own.response_tokens), max_tokens=config.max_new_tokens,
                               batch_size=args.batch_size, system=args.system)
         response = response_kl(model, along, batch_size=args.batch_size)
         metrics["kl_response_harmless"] = response.mean

@@ -461,7 +461,8 @@ class CompareContext:
         harmless = self.validation()[1]
         if self.pick_kl == "response":
             if self._val_response_base is None:
-                answers = self.model.generate(harmless, max_new_tokens=PICK_RESPONSE_TOKENS, batch_size=self.direction_config.batch_size)
+                answers = self.model.generate_with_tokens(harmless, max_new_tokens=PICK_RESPONSE_TOKENS, keep_logits=False,
+                                                          batch_size=self.direction_config.batch_size).token_ids
                 self._val_response_base = response_base(self.model, harmless, answers, max_tokens=PICK_RESPONSE_TOKENS,
                                                         batch_size=self.direction_config.batch_size)
             return self._val_response_base
@@ -1655,7 +1656,7 @@ def compare(
     base_harmless = evaluate_set(model, eval_harmless, "harmless", gen, RefusalDetector(), keep_logprobs=True)
     base = KLBase(base_harmless.first_logprobs, base_harmless.refused)
     # and its next-token distributions along its own harmless responses (the response KL's base)
-    along = response_base(model, list(base_harmless.prompts), list(base_harmless.responses), max_tokens=gen.max_new_tokens,
+    along = response_base(model, list(base_harmless.prompts), list(base_harmless.response_tokens), max_tokens=gen.max_new_tokens,
                           batch_size=gen.batch_size, system=gen.system)
     eval_sets = {"harmful": eval_harmful, "harmless": eval_harmless, "alarming": alarming}
     measured = [_measure(ctx, name, eval_sets, base, tokens, gen, along, judge) for name in names]

@@ -353,6 +353,47 @@ def test_response_cross_entropy_batch_equals_single(llama_adapter) -> None:
     assert hooked.mean_nll != pytest.approx(batched.mean_nll, rel=1e-4)
 
 
+def _manual_ids_nll(model, prompt: str, response_ids: list[int]) -> float:
+    """Summed NLL of given response token ids after the chat-formatted prompt, from one unpadded forward pass."""
+    prompt_ids = model.tokenize([prompt]).input_ids[0].tolist()
+    full = torch.tensor([prompt_ids + list(response_ids)])
+    log_probs = torch.log_softmax(model.run(TokenBatch(full, torch.ones_like(full)))[0].double(), dim=-1)
+    return -sum(float(log_probs[len(prompt_ids) - 1 + j, token]) for j, token in enumerate(response_ids))
+
+
+def test_response_cross_entropy_scores_token_ids_as_given(llama_adapter) -> None:
+    model = llama_adapter
+    generated, _ = model._greedy(model.tokenize(PROMPTS), 6)
+    result = response_cross_entropy(model, PROMPTS, generated, batch_size=3)
+    for i, (prompt, row) in enumerate(zip(PROMPTS, generated, strict=True)):
+        assert float(result.per_prompt[i]) == pytest.approx(_manual_ids_nll(model, prompt, row) / len(row), abs=1e-5)
+    assert result.n_tokens == sum(len(row) for row in generated)
+    with pytest.raises(FeatsteerError, match="response 1 must be a text or a sequence of non-negative token ids"):
+        response_cross_entropy(model, PROMPTS[:2], [generated[0], [3, -1]])
+    with pytest.raises(FeatsteerError, match="response 0 must be a text or"):
+        response_cross_entropy(model, PROMPTS[:1], [[1.5]])
+
+
+def test_responses_nll_reads_the_generated_tokens(llama_adapter) -> None:
+    # the tiny model writes byte tokens whose decoded, stripped text tokenizes into other tokens (a half of a UTF-8
+    # character comes back as three replacement-character tokens): its NLL is of the tokens it generated
+    import dataclasses
+
+    from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set, responses_nll
+
+    model = llama_adapter
+    generated, _ = model._greedy(model.tokenize(PROMPTS), 6)
+    assert any(model.tokenizer(model.tokenizer.decode(row, skip_special_tokens=True).strip(), add_special_tokens=False)["input_ids"]
+               != row for row in generated)
+    result = evaluate_set(model, PROMPTS, "harmless", GenerationConfig(max_new_tokens=6), RefusalDetector())
+    expected = sum(_manual_ids_nll(model, p, row) for p, row in zip(PROMPTS, generated, strict=True)) / sum(map(len, generated))
+    assert responses_nll(model, result) == pytest.approx(expected, abs=1e-5)
+    # a response that ended its turn: the end-of-turn token is not scored (the NLL is of the response's own tokens)
+    ended = dataclasses.replace(result, response_tokens=(result.response_tokens[0] + (model.tokenizer.eos_token_id,),
+                                                         *result.response_tokens[1:]))
+    assert responses_nll(model, ended) == pytest.approx(expected, abs=1e-5)
+
+
 # ---- over-refusal and errors -----------------------------------------------------------------------
 def test_over_refusal_rate_matches_generation(llama_adapter) -> None:
     detector = RefusalDetector(markers=("(0",))
