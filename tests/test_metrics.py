@@ -394,6 +394,53 @@ def test_responses_nll_reads_the_generated_tokens(llama_adapter) -> None:
     assert responses_nll(model, ended) == pytest.approx(expected, abs=1e-5)
 
 
+def test_response_cross_entropy_takes_the_log_softmax_in_float64() -> None:
+    # large logits (an unembedding scaled up) put float32's rounding of the log-softmax at 1e-7 of the NLL
+    from featsteer.models import load_model
+    from featsteer.testing import tiny_model
+
+    hf_model, tokenizer = tiny_model("llama")
+    with torch.no_grad():
+        hf_model.lm_head.weight.mul_(1000.0)
+    model = load_model(hf_model, tokenizer=tokenizer)
+    row = [11, 19, 160, 23, 36, 160, 23, 36]
+    result = response_cross_entropy(model, PROMPTS[:1], [row])
+    assert float(result.per_prompt[0]) == pytest.approx(_manual_ids_nll(model, PROMPTS[0], row) / len(row), rel=1e-9)
+
+
+def test_evaluate_set_keeps_a_masked_first_token_as_first_token_logprobs_does(llama_adapter, monkeypatch) -> None:
+    # an -inf logit (a token masked out) is a probability of 0 in both; NaN is an error in both
+    from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set
+
+    model = llama_adapter
+    generate, logits = model.generate_with_tokens, model.logits
+
+    def with_logit(value: float):
+        def masked_generate(*args, **kwargs):
+            generation = generate(*args, **kwargs)
+            generation.first_logits[:, 5] = value
+            return generation
+
+        def masked_logits(*args, **kwargs):
+            out = logits(*args, **kwargs)
+            out[:, 5] = value
+            return out
+
+        monkeypatch.setattr(model, "generate_with_tokens", masked_generate)
+        monkeypatch.setattr(model, "logits", masked_logits)
+
+    with_logit(float("-inf"))
+    result = evaluate_set(model, PROMPTS, "harmless", GenerationConfig(max_new_tokens=2), RefusalDetector(), keep_logprobs=True)
+    direct = first_token_logprobs(model, PROMPTS)
+    assert bool((result.first_logprobs[:, 5] == float("-inf")).all())
+    torch.testing.assert_close(result.first_logprobs, direct, atol=1e-5, rtol=0)
+    with_logit(float("nan"))
+    with pytest.raises(FeatsteerError, match="NaN or \\+inf first-token logits while evaluating 'harmless'"):
+        evaluate_set(model, PROMPTS, "harmless", GenerationConfig(max_new_tokens=2), RefusalDetector(), keep_logprobs=True)
+    with pytest.raises(FeatsteerError, match="NaN or \\+inf logits"):
+        first_token_logprobs(model, PROMPTS)
+
+
 # ---- over-refusal and errors -----------------------------------------------------------------------
 def test_over_refusal_rate_matches_generation(llama_adapter) -> None:
     detector = RefusalDetector(markers=("(0",))

@@ -207,8 +207,10 @@ def evaluate_set(
     logprobs = None
     if keep_logprobs:
         logprobs = torch.log_softmax(generation.first_logits.double(), dim=-1).float()
-        if not bool(torch.isfinite(logprobs).all()):
-            raise FeatsteerError(f"non-finite first-token logits while evaluating {name!r}: check the model's dtype (try float32) and weights")
+        # as first_token_logprobs: NaN or +inf logits (NaN after the softmax) are an error, an -inf one (a token masked
+        # out) is a probability of 0
+        if bool(torch.isnan(logprobs).any()):
+            raise FeatsteerError(f"NaN or +inf first-token logits while evaluating {name!r}: check the model's dtype (try float32) and weights")
     refused = detector.classify_after(prefill, responses)
     looping = LoopDetector().classify(responses)
     return SetResult(name, tuple(prompt_list), tuple(responses), tuple(refused), refusal_rate(refused), logprobs, tuple(looping),

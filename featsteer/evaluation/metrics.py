@@ -584,9 +584,9 @@ def _response_nll_sums(
     for row, targets in enumerate(responses):
         predicting = logits[row, : len(targets)]
         _check_logits(predicting[None], "response_cross_entropy", first_prompt + row)
-        log_probs = torch.log_softmax(predicting.float(), dim=-1)
+        log_probs = torch.log_softmax(predicting.double(), dim=-1)
         index = torch.tensor(targets, dtype=torch.long, device=log_probs.device)
-        sums[row] = -log_probs.gather(-1, index[:, None]).double().sum().cpu()
+        sums[row] = -log_probs.gather(-1, index[:, None]).sum().cpu()
     return sums
 
 
