@@ -60,6 +60,7 @@ __all__ = [
     "refusal_logit_gap",
     "refusal_score",
     "response_cross_entropy",
+    "response_token_ids",
     "target_token_probability",
 ]
 
