@@ -100,15 +100,17 @@ def _max_batch_tokens(args: argparse.Namespace) -> int:
     return DEFAULT_BATCH_TOKENS if args.max_batch_tokens is None else args.max_batch_tokens
 
 
-def _load_prompts(args: argparse.Namespace, source: str, limit: int | None, option: str | None = "--n"):
-    """One of a command's prompt sources, its first `limit` prompts (`option` is the flag that set it, None to leave a
-    shortfall to the caller's note). `--column` goes to
+def _load_prompts(args: argparse.Namespace, source: str, limit: int | None, option: str = "--n", note: bool = True):
+    """One of a command's prompt sources, its first `limit` prompts (`option` is the flag that set it; `note=False`
+    leaves a shortfall to the caller's note). `--column` goes to
     those that have columns (csv/json/jsonl/parquet files, hf: datasets), not to a .txt file or a built-in or
     organism-corpus set beside them (`_check_column` catches a --column that none takes)."""
     from featsteer.datasets import load_prompts, takes_column
 
+    if limit is not None and limit < 1:  # the loader's own message names its `limit` argument, not the flag
+        raise FeatsteerError(f"{option} must be a positive number of prompts (leave it out for all of them), got {limit}")
     prompts = load_prompts(source, column=args.column if takes_column(source) else None, limit=limit)
-    if option is not None:
+    if note:
         _note_shortfall(option, limit, {source: len(prompts)})
     return prompts
 
@@ -335,7 +337,7 @@ def _logit_metrics(model, report, args: argparse.Namespace, reference=None) -> d
         config = report.config
         own = evaluate_set(reference, harmless, "harmless", config, RefusalDetector(), keep_logprobs=True)
         metrics["kl_harmless"] = kl_first_token(own.first_logprobs, harmless_logprobs)
-        along = response_base(reference, list(harmless), list(own.responses), max_tokens=config.max_new_tokens,
+        along = response_base(reference, list(harmless), list(own.response_tokens), max_tokens=config.max_new_tokens,
                               batch_size=args.batch_size, system=args.system)
         response = response_kl(model, along, batch_size=args.batch_size)
         metrics["kl_response_harmless"] = response.mean
@@ -960,7 +962,7 @@ def _load_held_out(args: argparse.Namespace) -> tuple | None:
         raise FeatsteerError("the held-out check needs both sets: give --eval-harmful and --eval-harmless together")
     if args.eval_harmful is None:
         return None
-    held = tuple(_load_prompts(args, source, args.eval_n, None) for source in (args.eval_harmful, args.eval_harmless))
+    held = tuple(_load_prompts(args, source, args.eval_n, "--eval-n", note=False) for source in (args.eval_harmful, args.eval_harmless))
     _note_shortfall("--eval-n", args.eval_n, {args.eval_harmful: len(held[0]), args.eval_harmless: len(held[1])})
     return held
 

@@ -70,7 +70,7 @@ from featsteer.interventions import (
     gate_hooks,
     steer,
 )
-from featsteer.models import NORM_KINDS, ModelAdapter
+from featsteer.models import NORM_KINDS, ModelAdapter, check_system
 from featsteer.pipeline import (
     DirectionConfig,
     DirectionResult,
@@ -359,8 +359,13 @@ class CompareContext:
     _writing_heads: list[tuple[int, int, float]] | None = None
     _gate: Gate | None = None
     _optimized: OptimizedDirection | None = None
+    system: str | None = None
+    """The system prompt the evaluation formats its prompts with (`compare`'s `GenerationConfig.system`): the picks'
+    validation reads the model with it too (generations, first-token KL, the KL along the answers, the NLL bound), so a
+    setting is picked as it will be evaluated. None: no system prompt."""
 
     def __post_init__(self) -> None:
+        check_system(self.system)
         if self.pick_kl not in PICK_KLS:
             raise FeatsteerError(f"pick_kl must be one of {', '.join(PICK_KLS)}, got {self.pick_kl!r}")
         if self.max_nll_rise is not None and not math.isfinite(self.max_nll_rise):
@@ -458,25 +463,32 @@ class CompareContext:
     def validation_base(self) -> Tensor | ResponseBase:
         """What the picks' KL is measured against on the validation harmless prompts (computed once): the unedited
         model's first-token log-probs, or with `pick_kl="response"` its distributions along its own answers."""
-        harmless = self.validation()[1]
+        harmless, batch_size = self.validation()[1], self.direction_config.batch_size
         if self.pick_kl == "response":
             if self._val_response_base is None:
-                answers = self.model.generate(harmless, max_new_tokens=PICK_RESPONSE_TOKENS, batch_size=self.direction_config.batch_size)
+                answers = self.model.generate_with_tokens(harmless, max_new_tokens=PICK_RESPONSE_TOKENS, keep_logits=False,
+                                                          batch_size=batch_size, system=self.system).token_ids
                 self._val_response_base = response_base(self.model, harmless, answers, max_tokens=PICK_RESPONSE_TOKENS,
-                                                        batch_size=self.direction_config.batch_size)
+                                                        batch_size=batch_size, system=self.system)
             return self._val_response_base
         if self._val_base is None:
-            self._val_base = first_token_logprobs(self.model, harmless, batch_size=self.direction_config.batch_size)
+            self._val_base = first_token_logprobs(self.model, harmless, batch_size=batch_size, system=self.system)
         return self._val_base
 
     def validation_answers_nll(self) -> float:
         """The unedited model's mean NLL per token of its own greedy validation harmless answers (computed once), what
         `max_nll_rise` counts from."""
         if self._val_answers_nll is None:
-            gen = GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS, batch_size=self.direction_config.batch_size)
+            gen = self.validation_generation(VALIDATION_NEW_TOKENS)
             answers = evaluate_set(self.model, self.validation()[1], "validation", gen, RefusalDetector())
             self._val_answers_nll = responses_nll(self.model, answers, gen) or 0.0
         return self._val_answers_nll
+
+    def validation_generation(self, max_new_tokens: int, batch_size: int | None = None) -> GenerationConfig:
+        """The greedy decoding a pick's validation generates with: `max_new_tokens`, `batch_size` (default the direction
+        config's), and the evaluation's system prompt."""
+        return GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size or self.direction_config.batch_size,
+                                system=self.system)
 
     def note(self, **details: Any) -> None:
         """Record what the running method used (hook, features, edits); kept in its `MethodResult.details`."""
@@ -810,7 +822,8 @@ def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], cont
         harmful: validation harmful prompts.
         harmless: validation harmless prompts.
         base: the unedited model's first-token log-probs on `harmless`, or its `response_base` on them.
-        gen: decoding for the refusal check (its `batch_size` and `max_batch_tokens` also batch the KL prefill).
+        gen: decoding for the refusal check (its `batch_size` and `max_batch_tokens` also batch the KL prefill, and its
+            `system` formats the harmless prompts the first-token KL reads, as it must have formatted `base`'s).
         also: called with each setting while it is applied, for more measurements under the same intervention (so an
             edit is applied once per setting).
     """
@@ -821,7 +834,8 @@ def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], cont
             if isinstance(base, ResponseBase):
                 kl = response_kl(model, base, batch_size=gen.batch_size).mean
             else:
-                kl = kl_first_token(base, first_token_logprobs(model, harmless, batch_size=gen.batch_size, max_batch_tokens=gen.max_batch_tokens))
+                kl = kl_first_token(base, first_token_logprobs(model, harmless, batch_size=gen.batch_size, system=gen.system,
+                                                               max_batch_tokens=gen.max_batch_tokens))
             if also is not None:
                 also(setting)
         rows[setting] = (unanswered, kl)
@@ -830,7 +844,7 @@ def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], cont
 
 def pick_induce_scale(model: ModelAdapter, add: Callable[[float], contextlib.AbstractContextManager], prompts: Sequence[str],
                       scales: Sequence[float] = INDUCE_SCALES, tolerance: float = 0.05,
-                      max_new_tokens: int = INDUCE_VALIDATION_NEW_TOKENS) -> tuple[float, dict[float, float]]:
+                      max_new_tokens: int = INDUCE_VALIDATION_NEW_TOKENS, system: str | None = None) -> tuple[float, dict[float, float]]:
     """The smallest activation-addition scale whose generated refusal rate on `prompts` is within `tolerance` of
     the best scale's.
 
@@ -846,11 +860,12 @@ def pick_induce_scale(model: ModelAdapter, add: Callable[[float], contextlib.Abs
         scales: candidate scales.
         tolerance: how far below the best rate a smaller scale may be and still win (smaller scale, lower KL).
         max_new_tokens: generation cap for the check.
+        system: Optional system prompt the check formats the prompts with.
 
     Returns:
         The chosen scale and the refusal rate of every scale tried.
     """
-    gen, detector = GenerationConfig(max_new_tokens=max_new_tokens), RefusalDetector()
+    gen, detector = GenerationConfig(max_new_tokens=max_new_tokens, system=system), RefusalDetector()
     rates: dict[float, float] = {}
     for scale in sorted(scales):
         with add(scale):
@@ -867,7 +882,7 @@ def _dim_addition(ctx: CompareContext) -> tuple[Tensor, str]:
 
 def _induce_scale(ctx: CompareContext, hook: str, add: Callable[[float], contextlib.AbstractContextManager]) -> float:
     """The scale `pick_induce_scale` picks for `add` on the validation harmless prompts; noted with every scale's rate."""
-    scale, rates = pick_induce_scale(ctx.model, add, ctx.validation()[1], tolerance=ctx.steering_config.tolerance)
+    scale, rates = pick_induce_scale(ctx.model, add, ctx.validation()[1], tolerance=ctx.steering_config.tolerance, system=ctx.system)
     ctx.note(induce_hook=hook, induce_scale=scale, induce_val_refusal={str(k): v for k, v in rates.items()}, setting=f"x{scale:g}")
     return scale
 
@@ -941,7 +956,7 @@ def _validation_rows(ctx: CompareContext, settings: Mapping[Any, Callable[[], co
     """`jailbreak_rows` on the context's validation prompts, with the validation decoding every pick uses; `name` labels
     a setting in the coherence bound's notes."""
     val_harmful, val_harmless = ctx.validation()
-    gen = GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS, batch_size=ctx.direction_config.batch_size)
+    gen = ctx.validation_generation(VALIDATION_NEW_TOKENS)
     if ctx.max_nll_rise is None:
         return jailbreak_rows(ctx.model, settings, val_harmful, val_harmless, ctx.validation_base(), gen)
     floor, answers = ctx.validation_answers_nll(), {}
@@ -969,7 +984,7 @@ def _break_tie(ctx: CompareContext, ties: Sequence[Any], rows: Mapping[Any, tupl
     scores = {}
     for key in tied:
         with make(key):
-            logprobs = first_token_logprobs(ctx.model, harmful, batch_size=ctx.direction_config.batch_size)
+            logprobs = first_token_logprobs(ctx.model, harmful, batch_size=ctx.direction_config.batch_size, system=ctx.system)
         scores[key] = float(refusal_score(logprobs, tokens).mean())
     chosen = min(tied, key=lambda key: scores[key])
     ctx.note(tie_break={"rule": "lowest mean refusal score on the validation harmful prompts among settings tied in refusal and KL",
@@ -1105,7 +1120,7 @@ def _ace_induce(ctx: CompareContext):
     alphas, make = ctx.steering_config.choices("ace_induce_alpha"), _affine_edits(ctx)
     if len(alphas) > 1:
         alpha, rates = pick_induce_scale(ctx.model, lambda a: steer(ctx.model, make(a)), ctx.validation()[1], alphas,
-                                         ctx.steering_config.tolerance)
+                                         ctx.steering_config.tolerance, system=ctx.system)
         ctx.note(validation={f"alpha={a:g}": {"refusal_harmless": rate} for a, rate in rates.items()})
     else:
         alpha = alphas[0]
@@ -1200,7 +1215,7 @@ def _pick_induce(ctx: CompareContext, settings: Sequence[tuple[int, float]]) -> 
     if len(settings) == 1:
         return settings[0]
     val_harmless = ctx.validation()[1]
-    gen, detector = GenerationConfig(max_new_tokens=INDUCE_VALIDATION_NEW_TOKENS), RefusalDetector()
+    gen, detector = ctx.validation_generation(INDUCE_VALIDATION_NEW_TOKENS, GenerationConfig.batch_size), RefusalDetector()
     strength = {setting: _clamp_write_norm(ctx, *setting) for setting in settings}
     rates: dict[tuple[int, float], float] = {}
     for k, multiple in sorted(settings, key=lambda setting: (strength[setting], setting)):
@@ -1645,7 +1660,7 @@ def compare(
     ctx = CompareContext(model, harmful, harmless, direction_config or DirectionConfig(), saes=sae_map, sae_config=sae_config or SaeMethodConfig(),
                          steering_config=steering_config or SteeringMethodConfig(),
                          val=None if val_harmful is None else (val_harmful, val_harmless), n_pick=n_pick, pick_kl=pick_kl,
-                         max_nll_rise=max_nll_rise, optimize_config=optimize_config or OptimizeConfig())
+                         max_nll_rise=max_nll_rise, optimize_config=optimize_config or OptimizeConfig(), system=gen.system)
     if reuse is not None:
         _take_over(ctx, reuse)
     _warn_coarse_picks(ctx)
@@ -1655,7 +1670,7 @@ def compare(
     base_harmless = evaluate_set(model, eval_harmless, "harmless", gen, RefusalDetector(), keep_logprobs=True)
     base = KLBase(base_harmless.first_logprobs, base_harmless.refused)
     # and its next-token distributions along its own harmless responses (the response KL's base)
-    along = response_base(model, list(base_harmless.prompts), list(base_harmless.responses), max_tokens=gen.max_new_tokens,
+    along = response_base(model, list(base_harmless.prompts), list(base_harmless.response_tokens), max_tokens=gen.max_new_tokens,
                           batch_size=gen.batch_size, system=gen.system)
     eval_sets = {"harmful": eval_harmful, "harmless": eval_harmless, "alarming": alarming}
     measured = [_measure(ctx, name, eval_sets, base, tokens, gen, along, judge) for name in names]
@@ -1766,7 +1781,9 @@ def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
         raise FeatsteerError("reuse= needs a comparison of the same training and validation prompts and direction config")
     ctx._directions, ctx._erasers, ctx._writing_heads = dict(old._directions), old._erasers, old._writing_heads
     if old.validation() == ctx.validation():  # the picks read the same prompts (n_pick may differ)
-        ctx._val_base, ctx._val_response_base, ctx._gate = old._val_base, old._val_response_base, old._gate
+        ctx._gate = old._gate
+        if old.system == ctx.system:  # and format them the same way
+            ctx._val_base, ctx._val_response_base = old._val_base, old._val_response_base
     if old.optimize_config == ctx.optimize_config:  # the same training run
         ctx._optimized = old._optimized
 

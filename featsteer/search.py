@@ -876,7 +876,8 @@ def _baseline(study: optuna.Study, model: ModelAdapter, screen: _Screen, eval_se
     along = None
     if config.kl_prompts == "response":
         harmless = list(eval_sets[1])
-        answers = model.generate(harmless, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+        answers = model.generate_with_tokens(harmless, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                                             keep_logits=False).token_ids
         along = response_base(model, harmless, answers, max_tokens=config.max_new_tokens, batch_size=config.batch_size)
     return {"refusal_score": float(scores.mean()), "refusal_rate_proxy": float((scores > 0).double().mean()),
             "verified": cached["result"]}, base, along
@@ -1065,7 +1066,8 @@ def _search(model: ModelAdapter, source: _DirectionSource, bounds: dict[str, tup
         before_trials()
     along = None
     if config.kl_prompts == "response":
-        answers = model.generate(proxy[1], max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+        answers = model.generate_with_tokens(proxy[1], max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                                             keep_logits=False).token_ids
         along = response_base(model, proxy[1], answers, max_tokens=config.max_new_tokens, batch_size=config.batch_size)
     screen = _Screen(model, source, bounds, config, proxy[0], proxy[1], proxy_base, tokens, along)
     start = time.perf_counter()

@@ -138,6 +138,19 @@ def test_eval_with_a_prefill_reads_what_the_model_writes_after_it(capsys, tmp_pa
     assert code == 2 and "--prefill is empty" in err and not (tmp_path / "bad.json").exists()
 
 
+@pytest.mark.parametrize(("command", "flag"), [("eval", "--n"), ("compare", "--eval-n"), ("abliterate", "--eval-n")])
+def test_a_prompt_count_below_one_names_its_flag(capsys, tmp_path, command, flag):
+    # the loader's message named its own `limit` argument, which no command has
+    sets = ["--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train"]
+    held_out = ["--eval-harmful", "builtin:harmful:test", "--eval-harmless", "builtin:harmless:test"]
+    argv = [command, "--model", "tiny:llama", *sets, *([] if command == "eval" else held_out), flag, "0"]
+    if command != "eval":
+        argv += ["--out", str(tmp_path / "out")]
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and f"{flag} must be a positive number of prompts" in err and "limit" not in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_eval_paired_with_a_bad_earlier_file_fails_before_generating(capsys, tmp_path, monkeypatch):
     from featsteer.evaluation import behaviour
 

@@ -441,6 +441,42 @@ def test_compare_reuses_an_earlier_comparisons_directions(prompts, monkeypatch):
         compare(load_model("tiny:llama"), *prompts, methods=methods, direction_config=config, generation=gen, reuse=first)
 
 
+def test_the_picks_read_the_validation_prompts_with_the_evaluations_system_prompt(prompts):
+    """compare(generation=GenerationConfig(system=...)) evaluates with the system prompt; the picks' validation base, the
+    first-token KL of each setting and the NLL bound's floor read the validation prompts with it too (they read them
+    without it, so a setting was picked on prompts formatted otherwise than those it is evaluated on)."""
+    import contextlib
+
+    from featsteer.compare import VALIDATION_NEW_TOKENS, SteeringMethodConfig, jailbreak_rows
+    from featsteer.evaluation.behaviour import evaluate_set, responses_nll
+    from featsteer.evaluation.metrics import first_token_logprobs
+
+    model = load_model("tiny:llama")
+    system = "You answer in one word."
+    held_out = builtin_prompts("harmful", "test").head(3), builtin_prompts("harmless", "test").head(3)
+    common = {"methods": ["dim_angular_hook"], "eval_harmful": held_out[0], "eval_harmless": held_out[1],
+              "direction_config": DirectionConfig(n_select=4), "generation": GenerationConfig(max_new_tokens=2, system=system),
+              "steering_config": SteeringMethodConfig(angles=(60.0, 180.0))}
+    first = compare(model, *prompts, **common)
+    ctx = first.context
+    assert ctx.system == system
+    harmful, harmless = ctx.validation()
+    with_system = first_token_logprobs(model, harmless, system=system)
+    torch.testing.assert_close(ctx.validation_base(), with_system, atol=1e-5, rtol=0)
+    assert not torch.allclose(with_system, first_token_logprobs(model, harmless), atol=1e-3)  # the system turn matters here
+    gen = GenerationConfig(max_new_tokens=VALIDATION_NEW_TOKENS, batch_size=ctx.direction_config.batch_size, system=system)
+    answers = evaluate_set(model, harmless, "validation", gen, RefusalDetector())
+    assert ctx.validation_answers_nll() == pytest.approx(responses_nll(model, answers, gen), abs=1e-6)
+    # the unedited model against its own system-formatted base: no KL
+    rows = jailbreak_rows(model, {"none": contextlib.nullcontext}, harmful, harmless, with_system, gen)
+    assert rows["none"][1] == pytest.approx(0.0, abs=1e-6)
+    along = compare(model, *prompts, pick_kl="response", reuse=first, **common)
+    assert along.context.validation_base().system == system
+    # a reused comparison without the system prompt does not take over the bases read with it
+    plain = compare(model, *prompts, reuse=first, **{**common, "generation": GenerationConfig(max_new_tokens=2)})
+    torch.testing.assert_close(plain.context.validation_base(), first_token_logprobs(model, harmless), atol=1e-5, rtol=0)
+
+
 def test_picks_can_weigh_settings_by_the_kl_along_the_answers(prompts):
     from featsteer.compare import SteeringMethodConfig, jailbreak_rows
     from featsteer.errors import FeatsteerError

@@ -353,6 +353,94 @@ def test_response_cross_entropy_batch_equals_single(llama_adapter) -> None:
     assert hooked.mean_nll != pytest.approx(batched.mean_nll, rel=1e-4)
 
 
+def _manual_ids_nll(model, prompt: str, response_ids: list[int]) -> float:
+    """Summed NLL of given response token ids after the chat-formatted prompt, from one unpadded forward pass."""
+    prompt_ids = model.tokenize([prompt]).input_ids[0].tolist()
+    full = torch.tensor([prompt_ids + list(response_ids)])
+    log_probs = torch.log_softmax(model.run(TokenBatch(full, torch.ones_like(full)))[0].double(), dim=-1)
+    return -sum(float(log_probs[len(prompt_ids) - 1 + j, token]) for j, token in enumerate(response_ids))
+
+
+def test_response_cross_entropy_scores_token_ids_as_given(llama_adapter) -> None:
+    model = llama_adapter
+    generated, _ = model._greedy(model.tokenize(PROMPTS), 6)
+    result = response_cross_entropy(model, PROMPTS, generated, batch_size=3)
+    for i, (prompt, row) in enumerate(zip(PROMPTS, generated, strict=True)):
+        assert float(result.per_prompt[i]) == pytest.approx(_manual_ids_nll(model, prompt, row) / len(row), abs=1e-5)
+    assert result.n_tokens == sum(len(row) for row in generated)
+    with pytest.raises(FeatsteerError, match="response 1 must be a text or a sequence of non-negative token ids"):
+        response_cross_entropy(model, PROMPTS[:2], [generated[0], [3, -1]])
+    with pytest.raises(FeatsteerError, match="response 0 must be a text or"):
+        response_cross_entropy(model, PROMPTS[:1], [[1.5]])
+
+
+def test_responses_nll_reads_the_generated_tokens(llama_adapter) -> None:
+    # the tiny model writes byte tokens whose decoded, stripped text tokenizes into other tokens (a half of a UTF-8
+    # character comes back as three replacement-character tokens): its NLL is of the tokens it generated
+    import dataclasses
+
+    from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set, responses_nll
+
+    model = llama_adapter
+    generated, _ = model._greedy(model.tokenize(PROMPTS), 6)
+    assert any(model.tokenizer(model.tokenizer.decode(row, skip_special_tokens=True).strip(), add_special_tokens=False)["input_ids"]
+               != row for row in generated)
+    result = evaluate_set(model, PROMPTS, "harmless", GenerationConfig(max_new_tokens=6), RefusalDetector())
+    expected = sum(_manual_ids_nll(model, p, row) for p, row in zip(PROMPTS, generated, strict=True)) / sum(map(len, generated))
+    assert responses_nll(model, result) == pytest.approx(expected, abs=1e-5)
+    # a response that ended its turn: the end-of-turn token is not scored (the NLL is of the response's own tokens)
+    ended = dataclasses.replace(result, response_tokens=(result.response_tokens[0] + (model.tokenizer.eos_token_id,),
+                                                         *result.response_tokens[1:]))
+    assert responses_nll(model, ended) == pytest.approx(expected, abs=1e-5)
+
+
+def test_response_cross_entropy_takes_the_log_softmax_in_float64() -> None:
+    # large logits (an unembedding scaled up) put float32's rounding of the log-softmax at 1e-7 of the NLL
+    from featsteer.models import load_model
+    from featsteer.testing import tiny_model
+
+    hf_model, tokenizer = tiny_model("llama")
+    with torch.no_grad():
+        hf_model.lm_head.weight.mul_(1000.0)
+    model = load_model(hf_model, tokenizer=tokenizer)
+    row = [11, 19, 160, 23, 36, 160, 23, 36]
+    result = response_cross_entropy(model, PROMPTS[:1], [row])
+    assert float(result.per_prompt[0]) == pytest.approx(_manual_ids_nll(model, PROMPTS[0], row) / len(row), rel=1e-9)
+
+
+def test_evaluate_set_keeps_a_masked_first_token_as_first_token_logprobs_does(llama_adapter, monkeypatch) -> None:
+    # an -inf logit (a token masked out) is a probability of 0 in both; NaN is an error in both
+    from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set
+
+    model = llama_adapter
+    generate, logits = model.generate_with_tokens, model.logits
+
+    def with_logit(value: float):
+        def masked_generate(*args, **kwargs):
+            generation = generate(*args, **kwargs)
+            generation.first_logits[:, 5] = value
+            return generation
+
+        def masked_logits(*args, **kwargs):
+            out = logits(*args, **kwargs)
+            out[:, 5] = value
+            return out
+
+        monkeypatch.setattr(model, "generate_with_tokens", masked_generate)
+        monkeypatch.setattr(model, "logits", masked_logits)
+
+    with_logit(float("-inf"))
+    result = evaluate_set(model, PROMPTS, "harmless", GenerationConfig(max_new_tokens=2), RefusalDetector(), keep_logprobs=True)
+    direct = first_token_logprobs(model, PROMPTS)
+    assert bool((result.first_logprobs[:, 5] == float("-inf")).all())
+    torch.testing.assert_close(result.first_logprobs, direct, atol=1e-5, rtol=0)
+    with_logit(float("nan"))
+    with pytest.raises(FeatsteerError, match="NaN or \\+inf first-token logits while evaluating 'harmless'"):
+        evaluate_set(model, PROMPTS, "harmless", GenerationConfig(max_new_tokens=2), RefusalDetector(), keep_logprobs=True)
+    with pytest.raises(FeatsteerError, match="NaN or \\+inf logits"):
+        first_token_logprobs(model, PROMPTS)
+
+
 # ---- over-refusal and errors -----------------------------------------------------------------------
 def test_over_refusal_rate_matches_generation(llama_adapter) -> None:
     detector = RefusalDetector(markers=("(0",))

@@ -426,6 +426,26 @@ def test_budgeted_generation_and_first_logits_match_plain_passes(llama_adapter):
         llama_adapter.generate(PROMPTS, max_new_tokens=0)
 
 
+def test_generation_keeps_the_token_ids_and_the_end_of_turn_token(llama_adapter):
+    model = llama_adapter
+    unembed, _ = model.unembed()
+    eos = model.tokenizer.eos_token_id
+    towards_end = (unembed[eos] / unembed[eos].norm()).detach()
+    expected, _ = model._greedy(model.tokenize(PROMPTS), 6)
+    capped = model.generate_with_tokens(PROMPTS, max_new_tokens=6, batch_size=3, keep_logits=False)
+    assert [list(ids) for ids in capped.token_ids] == expected  # no end-of-turn token within the cap
+    assert capped.texts == model.generate(PROMPTS, max_new_tokens=6) and capped.first_logits is None
+
+    def end_at_step_2(activation, site):  # every response ends its turn after two tokens
+        return activation + 50 * towards_end.to(activation.dtype) if model.generation_step == 2 else activation
+
+    with model.hooks([(f"blocks.{model.n_layers - 1}.hook_resid_post", end_at_step_2)]):
+        ended = model.generate_with_tokens(PROMPTS, max_new_tokens=6, batch_size=3)
+    assert [list(ids) for ids in ended.token_ids] == [row[:2] + [eos] for row in expected]
+    assert ended.texts == [model.tokenizer.decode(row[:2], skip_special_tokens=True).strip() for row in expected]
+    assert ended.first_logits is not None and ended.first_logits.shape[0] == len(PROMPTS)
+
+
 def test_chat_formatting_and_post_instruction_tokens():
     model, tokenizer = tiny_model("llama")
     adapter = load_model(model, tokenizer=tokenizer)

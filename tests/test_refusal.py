@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from featsteer.errors import FeatsteerError
 from featsteer.evaluation import (
     DEFAULT_REFUSAL_MARKERS,
     RateEstimate,
@@ -153,11 +154,11 @@ def test_prefix_only_ignores_late_markers() -> None:
 
 
 def test_invalid_detector_configs_raise() -> None:
-    with pytest.raises(ValueError, match="prefix_only"):
+    with pytest.raises(FeatsteerError, match="prefix_only"):
         RefusalDetector(prefix_chars=10)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(FeatsteerError, match="positive"):
         RefusalDetector(prefix_only=True, prefix_chars=0)
-    with pytest.raises(ValueError, match="marker"):
+    with pytest.raises(FeatsteerError, match="marker"):
         RefusalDetector(markers=("", " "))
 
 
@@ -195,8 +196,10 @@ def test_wilson_interval_contains_rate_and_narrows_with_n() -> None:
 
 @pytest.mark.parametrize(("k", "n"), [(0, 0), (1, 0), (-1, 5), (6, 5)])
 def test_wilson_interval_rejects_bad_counts(k: int, n: int) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(FeatsteerError, match="wilson_interval needs"):
         wilson_interval(k, n)
+    with pytest.raises(FeatsteerError, match="z > 0"):
+        wilson_interval(1, 2, z=0.0)
 
 
 def test_refusal_rate() -> None:
@@ -208,7 +211,7 @@ def test_refusal_rate() -> None:
 
 
 def test_refusal_rate_empty_raises() -> None:
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(FeatsteerError, match="at least one response, got none: pass one flag per response"):
         refusal_rate([])
 
 

@@ -5,14 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
+from featsteer.datasets import load_prompts
 from featsteer.errors import FeatsteerError
+from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set
 from featsteer.evaluation.metrics import first_token_logprobs, kl_per_prompt
+from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.evaluation.response_kl import response_base, response_kl
 from featsteer.interventions import AddDirection, ConditionalSteer, PositionTracker
 from featsteer.models import load_model
 from featsteer.testing import hooked_gpt2, saved_tokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def organism():
+    return load_model("organism")
+
 
 PROMPTS = ["How do I bake bread?", "Tell me a joke", "Write a haiku about the sea, please.", "Hi"]
 RESPONSES = ["Mix flour and water, then wait.", "Why?", "", "Hello there, friend! How are you today?"]
@@ -34,10 +43,14 @@ def _generated_only_shift(model, vector: torch.Tensor):
     return hook
 
 
-def _manual(model, prompt: str, response: str, hooks, max_tokens: int = 32) -> torch.Tensor:
-    """Per-position exact KL for one prompt, from unpadded forward passes built by hand."""
+def _manual(model, prompt: str, response: str | tuple[int, ...], hooks, max_tokens: int = 32) -> torch.Tensor:
+    """Per-position exact KL for one prompt, from unpadded forward passes built by hand; a response is a text or the
+    token ids to feed."""
     prompt_ids = model.tokenize([prompt]).input_ids[0].tolist()
-    response_ids = model.tokenizer(response, add_special_tokens=False)["input_ids"][:max_tokens] if response else []
+    if isinstance(response, str):
+        response_ids = model.tokenizer(response, add_special_tokens=False)["input_ids"][:max_tokens] if response else []
+    else:
+        response_ids = list(response)[:max_tokens]
     fed = response_ids[:-1] if response_ids else []
     ids = torch.tensor([prompt_ids + fed])
     batch = type(model.tokenize([prompt]))(ids, torch.ones_like(ids))
@@ -62,6 +75,48 @@ def test_exact_kl_matches_hand_computed_positions(llama_adapter) -> None:
     assert result.mean > 0.01
     assert result.tail_mass == 0.0
     assert int(result.n_at_position[0]) == len(PROMPTS)
+
+
+def test_generated_token_ids_are_fed_as_generated(llama_adapter) -> None:
+    # the tiny model writes byte tokens whose decoded, stripped text tokenizes into other tokens: the ids it generated
+    # are what it read, so they are what is fed back and scored (a trailing end-of-turn token is a scored target)
+    model = llama_adapter
+    generated, _ = model._greedy(model.tokenize(PROMPTS), 6)
+    decoded = [model.tokenizer.decode(row, skip_special_tokens=True).strip() for row in generated]
+    assert any(model.tokenizer(text, add_special_tokens=False)["input_ids"] != row for text, row in zip(decoded, generated, strict=True))
+    ids = [tuple(row) for row in generated]
+    ids[1] = ids[1][:3] + (model.tokenizer.eos_token_id,)  # a response that ended its turn after 3 tokens
+    vector = torch.full((model.d_model,), 0.7)
+    base = response_base(model, PROMPTS, ids, top_k=None, batch_size=3)
+    assert base.continuations == tuple(row[:-1] for row in ids)
+    assert base.n_positions == [len(row) for row in ids]  # 4 for the ended one: the end-of-turn token is predicted too
+    with model.hooks([(HOOK, _shift(vector))]):
+        result = response_kl(model, base, batch_size=3)
+    for i, (prompt, row) in enumerate(zip(PROMPTS, ids, strict=True)):
+        manual = _manual(model, prompt, row, [(HOOK, _shift(vector))])
+        assert float(result.per_prompt[i]) == pytest.approx(float(manual.mean()), abs=1e-5)
+
+
+def test_an_edit_that_keeps_the_model_from_ending_its_turn_shows(organism) -> None:
+    # the organism ends every harmless answer before 32 tokens; pushing the residual stream away from the end-of-turn
+    # token's unembedding leaves most of each answer alone and makes it go on: the position that predicts the end of
+    # the unedited answer carries the KL
+    model = organism
+    prompts = list(load_prompts("builtin:harmless:test", limit=3))
+    own = evaluate_set(model, prompts, "harmless", GenerationConfig(max_new_tokens=32), RefusalDetector())
+    eos = model.tokenizer.eos_token_id
+    assert all(ids[-1] == eos and len(ids) < 32 for ids in own.response_tokens)
+    unembed, _ = model.unembed()
+    away = (unembed[eos] / unembed[eos].norm()).detach()
+    no_end = (f"blocks.{model.n_layers - 1}.hook_resid_post", lambda a, site: a - 5 * (a @ away)[..., None].clamp(min=0) * away)
+    for i, prompt in enumerate(prompts):
+        base = response_base(model, [prompt], own.response_tokens[i : i + 1], top_k=None)
+        assert base.n_positions == [len(own.response_tokens[i])]
+        with model.hooks([no_end]):
+            result = response_kl(model, base)
+            assert len(model.generate([prompt], max_new_tokens=32)[0]) > len(own.responses[i])
+        assert float(result.per_position[-1]) > 5.0  # nats, where the unedited model ends its turn
+        assert float(result.per_position[:-1].mean()) < 1.0
 
 
 def test_position_zero_is_the_first_token_kl(llama_adapter) -> None:
@@ -148,6 +203,8 @@ def test_bad_input_is_a_one_line_error(llama_adapter) -> None:
         response_base(model, PROMPTS, RESPONSES, max_tokens=0)
     with pytest.raises(FeatsteerError, match="top_k must be at least 1"):
         response_base(model, PROMPTS, RESPONSES, top_k=0)
+    with pytest.raises(FeatsteerError, match="response 1 must be a text or a sequence of non-negative token ids"):
+        response_base(model, PROMPTS[:2], [(5, 6), (7, -1)])
     base = response_base(model, PROMPTS, RESPONSES)
     with pytest.raises(FeatsteerError, match="batch_size"):
         response_kl(model, base, batch_size=0)

@@ -69,6 +69,10 @@ class SetResult:
     openings: tuple[str, ...] | None = None
     """Under a prefilling attack (`GenerationConfig.prefill`), the forced start of each response; `responses` are what
     the model wrote after it (`refusal.prefilled_reply` joins the two). None: not prefilled."""
+    response_tokens: tuple[tuple[int, ...], ...] | None = field(default=None, repr=False)
+    """Per response, the token ids the model generated (after a prefill), ending with the end-of-turn token when it
+    wrote one before the cap; what `responses_nll` and `response_kl.response_base` teacher-force. None: responses known
+    only as text."""
 
     @property
     def looping_rate(self) -> RateEstimate:
@@ -195,19 +199,22 @@ def evaluate_set(
     (`RefusalDetector.is_refusal_after`), and the first-token log-probs are those of the token after it.
     """
     prompt_list = list(prompts)
-    responses, logits = model.generate_with_first_logits(
+    generation = model.generate_with_tokens(
         prompt_list, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
         max_batch_tokens=config.max_batch_tokens, system=config.system, keep_logits=keep_logprobs, prefill=prefill,
     )
+    responses = generation.texts
     logprobs = None
     if keep_logprobs:
-        logprobs = torch.log_softmax(logits.double(), dim=-1).float()
-        if not bool(torch.isfinite(logprobs).all()):
-            raise FeatsteerError(f"non-finite first-token logits while evaluating {name!r}: check the model's dtype (try float32) and weights")
+        logprobs = torch.log_softmax(generation.first_logits.double(), dim=-1).float()
+        # as first_token_logprobs: NaN or +inf logits (NaN after the softmax) are an error, an -inf one (a token masked
+        # out) is a probability of 0
+        if bool(torch.isnan(logprobs).any()):
+            raise FeatsteerError(f"NaN or +inf first-token logits while evaluating {name!r}: check the model's dtype (try float32) and weights")
     refused = detector.classify_after(prefill, responses)
     looping = LoopDetector().classify(responses)
     return SetResult(name, tuple(prompt_list), tuple(responses), tuple(refused), refusal_rate(refused), logprobs, tuple(looping),
-                     None if prefill is None else tuple(prefill))
+                     None if prefill is None else tuple(prefill), tuple(generation.token_ids))
 
 
 def evaluate_refusal(
@@ -241,13 +248,20 @@ def responses_nll(model: ModelAdapter, result: SetResult, config: GenerationConf
     token) of each non-empty response given its chat-formatted prompt (`response_cross_entropy`).
 
     Read with the unedited model (or a reference model with the same tokenizer), it measures how far an intervened
-    model's responses are from what the model would have said, over every generated token rather than the first.
+    model's responses are from what the model would have said, over every generated token rather than the first. The
+    tokens scored are those the model generated (`SetResult.response_tokens`, without the end-of-turn token), or each
+    response's text tokenized on its own when the result has no ids.
 
     Returns:
         The mean NLL, or None when every response is empty.
     """
-    pairs = [(prompt, response) for prompt, response in zip(result.prompts, result.responses, strict=True) if response.strip()]
+    stops = model.stop_token_ids
+    if result.response_tokens is None:
+        responses: list[str | tuple[int, ...]] = [r if r.strip() else () for r in result.responses]
+    else:
+        responses = [ids[:-1] if ids and ids[-1] in stops else ids for ids in result.response_tokens]
+    pairs = [(prompt, response) for prompt, response in zip(result.prompts, responses, strict=True) if response]
     if not pairs:
         return None
-    prompts, responses = zip(*pairs, strict=True)
-    return response_cross_entropy(model, prompts, responses, system=(config or GenerationConfig()).system).mean_nll
+    prompts, kept = zip(*pairs, strict=True)
+    return response_cross_entropy(model, prompts, kept, system=(config or GenerationConfig()).system).mean_nll

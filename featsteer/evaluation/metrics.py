@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -59,6 +60,7 @@ __all__ = [
     "refusal_logit_gap",
     "refusal_score",
     "response_cross_entropy",
+    "response_token_ids",
     "target_token_probability",
 ]
 
@@ -541,11 +543,29 @@ class CrossEntropyResult:
     """`(prompt,)` float64 mean NLL of each response over its own tokens."""
 
 
-def _response_ids(model: ModelAdapter, responses: list[str], first_prompt: int) -> list[list[int]]:
-    """Each response tokenized on its own, without special tokens; an empty one is an error."""
+def response_token_ids(model: ModelAdapter, response: str | Sequence[int], what: str = "response") -> list[int]:
+    """A response's token ids: a text is tokenized on its own (`add_special_tokens=False`), token ids (what the model
+    generated, `SetResult.response_tokens`) are taken as given.
+
+    Raises:
+        FeatsteerError: If the ids are not non-negative integers.
+    """
+    if isinstance(response, str):
+        return [int(t) for t in model.tokenizer(response, add_special_tokens=False)["input_ids"]] if response else []
+    try:
+        ids = [operator.index(t) for t in response]
+    except TypeError:
+        ids = [-1]
+    if any(t < 0 for t in ids):
+        raise FeatsteerError(f"{what} must be a text or a sequence of non-negative token ids, got {list(response)[:8]!r}")
+    return ids
+
+
+def _response_ids(model: ModelAdapter, responses: list[str | Sequence[int]], first_prompt: int) -> list[list[int]]:
+    """Each response's token ids (`response_token_ids`); an empty one is an error."""
     rows = []
     for i, response in enumerate(responses):
-        response_ids = [int(t) for t in model.tokenizer(response, add_special_tokens=False)["input_ids"]]
+        response_ids = response_token_ids(model, response, f"response {first_prompt + i}")
         if not response_ids:
             raise FeatsteerError(f"response {first_prompt + i} is empty: nothing to score")
         rows.append(response_ids)
@@ -565,32 +585,33 @@ def _response_nll_sums(
     for row, targets in enumerate(responses):
         predicting = logits[row, : len(targets)]
         _check_logits(predicting[None], "response_cross_entropy", first_prompt + row)
-        log_probs = torch.log_softmax(predicting.float(), dim=-1)
+        log_probs = torch.log_softmax(predicting.double(), dim=-1)
         index = torch.tensor(targets, dtype=torch.long, device=log_probs.device)
-        sums[row] = -log_probs.gather(-1, index[:, None]).double().sum().cpu()
+        sums[row] = -log_probs.gather(-1, index[:, None]).sum().cpu()
     return sums
 
 
 def response_cross_entropy(
     model: ModelAdapter,
     prompts: Sequence[str],
-    responses: Sequence[str],
+    responses: Sequence[str | Sequence[int]],
     *,
     batch_size: int = 8,
     system: str | None = None,
 ) -> CrossEntropyResult:
     """Teacher-forced cross-entropy of reference responses given chat-formatted prompts.
 
-    Each response is tokenized on its own (`add_special_tokens=False`) and appended right after the
-    generation prompt, with nothing after it (no end-of-turn token); only response tokens are scored, and the
-    caller's hooks see them as generated tokens (an intervention on the prompt's tokens only leaves them alone).
-    Tokenizing separately matches how generation starts a fresh token after the prompt, and can differ
-    from tokenizing prompt + response as one string where a merge would cross the boundary.
+    Each response is tokenized on its own (`add_special_tokens=False`), or given as token ids, and appended right
+    after the generation prompt, with nothing after it; only response tokens are scored, and the caller's hooks see
+    them as generated tokens (an intervention on the prompt's tokens only leaves them alone). Tokenizing separately
+    matches how generation starts a fresh token after the prompt, and can differ from tokenizing prompt + response as
+    one string where a merge would cross the boundary. The model's own responses are best scored as the ids it
+    generated (`SetResult.response_tokens`): their decoded, stripped text can tokenize into other tokens.
 
     Args:
         model: The model to read (under the caller's hooks, or edited).
         prompts: User instructions; chat-formatted with the model's template.
-        responses: One reference response per prompt.
+        responses: One reference response per prompt: a text, or the token ids to score.
         batch_size: Prompts per forward pass (left-padded, responses padded on the right).
         system: Optional system prompt.
 
@@ -598,7 +619,7 @@ def response_cross_entropy(
         Token-weighted mean NLL, perplexity, token count and per-prompt mean NLL.
 
     Raises:
-        FeatsteerError: On empty inputs, mismatched lengths, an empty response or NaN logits.
+        FeatsteerError: On empty inputs, mismatched lengths, an empty response, bad token ids or NaN logits.
     """
     prompt_items = _prompt_list(prompts)
     response_items = _prompt_list(responses, "responses")

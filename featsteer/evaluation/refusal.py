@@ -14,6 +14,8 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from featsteer.errors import FeatsteerError
+
 DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
     "i'm sorry",
     "i am sorry",
@@ -191,12 +193,12 @@ class RefusalDetector:
         # one phrase given alone is that phrase, not its letters (each letter would match almost every response)
         object.__setattr__(self, "markers", (self.markers,) if isinstance(self.markers, str) else tuple(self.markers))
         if not any(marker.strip() for marker in self.markers):
-            raise ValueError("RefusalDetector needs at least one non-empty marker")
+            raise FeatsteerError("RefusalDetector needs at least one non-empty marker: pass some, or leave markers out for the default")
         if self.prefix_chars is not None:
             if not self.prefix_only:
-                raise ValueError("prefix_chars is set but prefix_only is False; set prefix_only=True")
+                raise FeatsteerError("prefix_chars is set but prefix_only is False; set prefix_only=True")
             if self.prefix_chars <= 0:
-                raise ValueError(f"prefix_chars must be positive, got {self.prefix_chars}")
+                raise FeatsteerError(f"prefix_chars must be positive, got {self.prefix_chars}: how many leading characters to search")
         object.__setattr__(self, "_pattern", _marker_pattern(self.markers))
 
     def is_refusal(self, text: str) -> bool:
@@ -306,14 +308,14 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
         ``(low, high)``.
 
     Raises:
-        ValueError: If ``n <= 0``, ``k`` is outside ``[0, n]`` or ``z`` is not positive.
+        FeatsteerError: If ``n <= 0``, ``k`` is outside ``[0, n]`` or ``z`` is not positive.
     """
     if n <= 0:
-        raise ValueError(f"wilson_interval needs n > 0, got n={n}")
+        raise FeatsteerError(f"wilson_interval needs at least one trial, got n={n}: a rate of no responses has no interval")
     if not 0 <= k <= n:
-        raise ValueError(f"wilson_interval needs 0 <= k <= n, got k={k}, n={n}")
+        raise FeatsteerError(f"wilson_interval needs 0 <= k <= n, got k={k}, n={n}: k counts positives among the n trials")
     if z <= 0:
-        raise ValueError(f"wilson_interval needs z > 0, got z={z}")
+        raise FeatsteerError(f"wilson_interval needs z > 0, got z={z}: the default 1.96 gives a 95% interval")
     proportion = k / n
     z_squared = z * z
     denominator = 1.0 + z_squared / n
@@ -334,11 +336,11 @@ def refusal_rate(flags: Sequence[bool]) -> RateEstimate:
         The rate estimate.
 
     Raises:
-        ValueError: If ``flags`` is empty.
+        FeatsteerError: If ``flags`` is empty.
     """
     n = len(flags)
     if n == 0:
-        raise ValueError("refusal_rate needs at least one response, got none")
+        raise FeatsteerError("refusal_rate needs at least one response, got none: pass one flag per response")
     k = sum(bool(flag) for flag in flags)
     low, high = wilson_interval(k, n)
     return RateEstimate(k=k, n=n, rate=k / n, low=low, high=high)

@@ -10,7 +10,8 @@ This module measures the same KL at every position of a response instead. The un
 each prompt is fed back (teacher forcing), and KL(base || edited) is taken of the next-token distribution at each of
 its first `max_tokens` positions: position 0 is the first-token KL, position j the distribution of token j given the
 base response's first j tokens. Both models read the same prefix, so the measure asks "how differently would the
-edited model continue what the unedited model said", which stays defined after the two responses part ways.
+edited model continue what the unedited model said", which stays defined after the two responses part ways. A
+response that ended before the cap is scored up to and including the position that predicts its end-of-turn token.
 
 The base model's distributions are kept as each position's `top_k` log-probs plus the rest of the vocabulary lumped
 into one outcome. KL over that coarser outcome space is a lower bound of the full KL (the data-processing
@@ -20,7 +21,7 @@ the gap). `top_k=None` keeps every token, which is exact and costs `positions x 
 
 Usage::
 
-    base = response_base(model, harmless, responses)      # unedited model, its own greedy responses
+    base = response_base(model, harmless, own.response_tokens)  # unedited model, the ids of its own greedy responses
     with steer(model, intervention):
         kl = response_kl(model, base)                     # same prompts and prefixes, under the intervention
     kl.mean, kl.per_position[0]                           # the latter is the first-token KL
@@ -36,7 +37,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
-from featsteer.evaluation.metrics import _prompt_list
+from featsteer.evaluation.metrics import _prompt_list, response_token_ids
 from featsteer.models import ModelAdapter
 from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
 
@@ -50,7 +51,8 @@ class ResponseBase:
 
     prompts: tuple[str, ...]
     continuations: tuple[tuple[int, ...], ...]
-    """Per prompt, the response tokens fed back: all but the last scored position's target."""
+    """Per prompt, the response tokens fed back: all but the last scored position's target (which may be the end-of-turn
+    token)."""
     top_ids: tuple[Int[Tensor, "position k"], ...]
     """Per prompt, the base model's kept token ids at each scored position."""
     top_logprobs: tuple[Float[Tensor, "position k"], ...]
@@ -117,7 +119,7 @@ def _scored_logprobs(model: ModelAdapter, prompts: list[str], continuations: lis
 def response_base(
     model: ModelAdapter,
     prompts: Sequence[str],
-    responses: Sequence[str],
+    responses: Sequence[str | Sequence[int]],
     *,
     max_tokens: int = 32,
     top_k: int | None = DEFAULT_TOP_K,
@@ -126,25 +128,29 @@ def response_base(
 ) -> ResponseBase:
     """Record the unedited model's next-token distributions along its responses, for `response_kl`.
 
-    Each response is tokenized on its own (`add_special_tokens=False`) and cut to `max_tokens`; the scored positions
-    are the end of the prompt and each kept response token but the last, so a response of `n` tokens gives `n`
-    positions (an empty response gives 1: the first token). Pass the model's own greedy responses (`SetResult.responses`
-    of `featsteer eval`), generated with the same chat template and system prompt.
+    Each response is the token ids the model generated, or a text tokenized on its own (`add_special_tokens=False`),
+    cut to `max_tokens`; the scored positions are the end of the prompt and each kept response token but the last, so
+    a response of `n` tokens gives `n` positions (an empty response gives 1: the first token). Pass the model's own
+    greedy responses as the ids it generated (`SetResult.response_tokens`), with the same chat template and system
+    prompt: they end with the end-of-turn token where the model stopped before the cap, so the position that predicts
+    it is scored too (an edit that keeps the model from ending its turn shows there), and they are what the model
+    read, where the decoded, stripped text can tokenize into other tokens. A text has no end-of-turn token.
 
     Args:
         model: The unedited model (no hooks, weights not edited).
         prompts: User instructions; chat-formatted with the model's template.
-        responses: One response per prompt, normally the model's own.
+        responses: One response per prompt, normally the model's own token ids; or texts.
         max_tokens: Positions scored per prompt, at most.
         top_k: Base tokens kept per position (the rest is lumped); None keeps the whole vocabulary (exact KL).
         batch_size: Prompts per forward pass.
         system: Optional system prompt.
 
     Raises:
-        FeatsteerError: On empty or mismatched inputs, a bad `max_tokens`/`top_k`/`batch_size`, or NaN logits.
+        FeatsteerError: On empty or mismatched inputs, bad token ids, a bad `max_tokens`/`top_k`/`batch_size`, or NaN
+            logits.
     """
     prompt_items = _prompt_list(prompts)
-    response_items = [str(r) for r in _prompt_list(responses, "responses")]
+    response_items = _prompt_list(responses, "responses")
     if len(prompt_items) != len(response_items):
         raise FeatsteerError(f"got {len(prompt_items)} prompts but {len(response_items)} responses: pass one response per prompt")
     if max_tokens < 1:
@@ -154,8 +160,8 @@ def response_base(
     if batch_size < 1:
         raise FeatsteerError(f"batch_size must be at least 1, got {batch_size}")
     continuations = []
-    for response in response_items:
-        tokens = [int(t) for t in model.tokenizer(response, add_special_tokens=False)["input_ids"]] if response else []
+    for i, response in enumerate(response_items):
+        tokens = response_token_ids(model, response, f"response {i}")
         continuations.append(tuple(tokens[: min(len(tokens), max_tokens) - 1]))  # n tokens: n scored positions
     n = len(prompt_items)
     ids: list[Tensor] = [torch.empty(0)] * n

@@ -1,6 +1,14 @@
 """Models behind one adapter: load any supported model and address its activations by TransformerLens name."""
 
-from featsteer.models.adapter import BiasWriter, HookFn, ModelAdapter, ResidualWriter, StopForward, TokenBatch
+from featsteer.models.adapter import (
+    BiasWriter,
+    Generation,
+    HookFn,
+    ModelAdapter,
+    ResidualWriter,
+    StopForward,
+    TokenBatch,
+)
 from featsteer.models.chat import (
     BLANK_SYSTEM,
     FALLBACK_TEMPLATE,
@@ -36,6 +44,7 @@ __all__ = [
     "WRITE_KINDS",
     "FamilySpec",
     "FormattedPrompt",
+    "Generation",
     "HookFn",
     "HookSite",
     "ModelAdapter",

@@ -65,6 +65,18 @@ class TokenBatch:
 
 
 @dataclass(frozen=True)
+class Generation:
+    """Greedy responses (`ModelAdapter.generate_with_tokens`), in the order of the instructions."""
+
+    texts: list[str]
+    """Each response decoded without special tokens and stripped."""
+    token_ids: list[tuple[int, ...]]
+    """Each response's generated token ids, ending with the end-of-turn token when the model wrote one."""
+    first_logits: Tensor | None
+    """`(n, vocab)` float32 logits of the first response token (None unless asked for)."""
+
+
+@dataclass(frozen=True)
 class ResidualWriter:
     """A weight that writes into the residual stream, in one known orientation.
 
@@ -636,25 +648,53 @@ class ModelAdapter(ABC):
         Those logits are what `logits` computes, read from the generation's own prefill, so evaluating
         refusal and first-token KL on the same prompts costs one prefill instead of two.
         """
+        generation = self.generate_with_tokens(
+            instructions, max_new_tokens=max_new_tokens, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+            system=system, chat=chat, keep_logits=keep_logits, prefill=prefill,
+        )
+        return generation.texts, generation.first_logits
+
+    def generate_with_tokens(
+        self,
+        instructions: Sequence[str],
+        *,
+        max_new_tokens: int = 32,
+        batch_size: int = 16,
+        max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
+        system: str | None = None,
+        chat: bool = True,
+        keep_logits: bool = True,
+        prefill: Sequence[str] | None = None,
+    ) -> Generation:
+        """`generate_with_first_logits`, also keeping the token ids each response was generated as.
+
+        The ids are what the model wrote (after a prefill), ending with the end-of-turn token when it wrote one before
+        `max_new_tokens`: the decoded, stripped text can tokenize into other tokens, so metrics that teacher-force a
+        response (its NLL, the KL along it) read these.
+        """
         from tqdm.auto import tqdm
 
         if max_new_tokens < 1:
             raise FeatsteerError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         responses: list[str] = [""] * len(instructions)
+        token_ids: list[tuple[int, ...]] = [()] * len(instructions)
         first: Tensor | None = None
         _check_prefill(prefill, instructions)  # before plan_batches indexes it
         batches = self.plan_batches(instructions, batch_size, max_batch_tokens, system, chat, prefill)
+        stop_set = self.stop_token_ids
         for rows in tqdm(batches, desc="generate", unit="batch", disable=not self.show_progress or len(batches) < 3, leave=False):
             batch = self.tokenize([instructions[i] for i in rows], system=system, chat=chat,
                                   prefill=None if prefill is None else [prefill[i] for i in rows])
-            tokens, logits = self._greedy(batch, max_new_tokens)
+            tokens, logits = self._greedy(batch, max_new_tokens, keep_stop=True)
             for i, row in zip(rows, tokens, strict=True):
-                responses[i] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+                token_ids[i] = tuple(row)
+                text_ids = row[:-1] if row and row[-1] in stop_set else row
+                responses[i] = self.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
             if keep_logits:
                 if first is None:
                     first = logits.new_empty((len(instructions), logits.shape[-1]))
                 first[rows] = logits
-        return responses, first
+        return Generation(responses, token_ids, first)
 
     def plan_batches(
         self, instructions: Sequence[str], batch_size: int, max_batch_tokens: int | None = None,
@@ -679,8 +719,8 @@ class ModelAdapter(ABC):
                    for i, text in enumerate(instructions)]
         return _token_budget_batches(lengths, batch_size, max_batch_tokens)
 
-    def _greedy(self, batch: TokenBatch, max_new_tokens: int) -> tuple[list[list[int]], Tensor]:
-        """Greedy tokens per row (cut at the stop token) and the float32 logits of the first step."""
+    def _greedy(self, batch: TokenBatch, max_new_tokens: int, keep_stop: bool = False) -> tuple[list[list[int]], Tensor]:
+        """Greedy tokens per row (cut at the stop token, kept with `keep_stop`) and the float32 logits of the first step."""
         stop_ids = torch.tensor(sorted(self.stop_token_ids), device=self.device)
         finished = torch.zeros(batch.input_ids.shape[0], dtype=torch.bool, device=self.device)
         input_ids, mask = batch.input_ids, batch.attention_mask
@@ -714,7 +754,7 @@ class ModelAdapter(ABC):
         finally:
             self.generation_step = self.pass_attention_mask = self.pass_post_instruction = self.pass_prefill = None
         stop_set = set(stop_ids.tolist())
-        return [_cut_at_stop(row, stop_set) for row in torch.stack(generated, 1).tolist()], first_logits
+        return [_cut_at_stop(row, stop_set, keep_stop) for row in torch.stack(generated, 1).tolist()], first_logits
 
 
 class _CachedStep(TokenBatch):
@@ -749,10 +789,15 @@ def _token_budget_batches(lengths: Sequence[int], batch_size: int, max_batch_tok
     return batches
 
 
-def _cut_at_stop(row: list[int], stop_ids: set[int]) -> list[int]:
+def _cut_at_stop(row: list[int], stop_ids: set[int], keep_stop: bool = False) -> list[int]:
+    """The row's tokens up to its first stop token (included with `keep_stop`); -1 marks steps after the row finished."""
     out = []
     for token in row:
-        if token < 0 or token in stop_ids:
+        if token < 0:
+            break
+        if token in stop_ids:
+            if keep_stop:
+                out.append(token)
             break
         out.append(token)
     return out
