@@ -79,6 +79,9 @@ stream it writes into: block `l` writes into `resid_pre` of `l + 1`, which is it
 (`resid_mid` lies between a block's attention and MLP, `attn_out`/`mlp_out` are branches) have no such candidate."""
 
 KL_PROMPTS = ("all", "answered", "response")
+RESPONSE_SCORING = "generated-ids+eot"
+"""How the KL along the answers scores them, recorded in a response-KL study's set-up and verification-cache key: the
+token ids the unedited model generated, its end-of-turn token included (before 2026-12-07: the re-tokenized text)."""
 """`all`: the KL objective averages over every proxy harmless prompt; `answered`: over those the unedited model
 answers (first-token refusal score <= 0), so removing its refusal of a harmless prompt is not counted as damage;
 `response`: the KL along the unedited model's own greedy answers to the proxy harmless prompts
@@ -780,7 +783,7 @@ def _verify_key(harmful: Sequence[str], harmless: Sequence[str], config: SearchC
             "prefix_only": detector.prefix_only, "prefix_chars": detector.prefix_chars,
             "version": 3,  # 2: verifications also measure the KL on the verification prompts; 3: and looping
             # and the KL along the answers, only where the search reads it (earlier caches stay valid otherwise)
-            **({"kl_prompts": "response"} if config.kl_prompts == "response" else {}),
+            **({"kl_prompts": "response", "response_scoring": RESPONSE_SCORING} if config.kl_prompts == "response" else {}),
             # a detector that lets off apologies for something counts differently; the key of one that does not, the
             # detector of earlier caches, stays as it was (2: an apology contrasted with a duty, "but I must ...", counts)
             **({"excuse_apologies": 2} if detector.excuse_apologies else {}),
@@ -1060,7 +1063,10 @@ def _search(model: ModelAdapter, source: _DirectionSource, bounds: dict[str, tup
              # recorded only when not the default, so studies from before the option still resume; the KL along the
              # answers reads answers of max_new_tokens tokens, so their length is part of its objective
              **({"kl_prompts": config.kl_prompts} if config.kl_prompts != "all" else {}),
-             **({"response_tokens": config.max_new_tokens} if config.kl_prompts == "response" else {})}
+             **({"response_tokens": config.max_new_tokens} if config.kl_prompts == "response" else {}),
+             # the KL along the answers scores the generated token ids and the end-of-turn token since 2026-12-07; trials
+             # of a study from before scored re-tokenized text and must not be mixed with these
+             **({"response_scoring": RESPONSE_SCORING} if config.kl_prompts == "response" else {})}
     study = _open_study(out, setup)
     if before_trials is not None:
         before_trials()

@@ -485,6 +485,14 @@ def test_kl_along_the_answers_is_the_search_objective_when_asked(tmp_path):
     # answers of another length are another objective: a resume with them is refused, not mixed in
     with pytest.raises(FeatsteerError, match="response_tokens"):
         search_abliteration(model, result, tmp_path, dataclasses.replace(config, n_trials=4, max_new_tokens=5))
+    # a study from before the KL along the answers scored the generated ids (its set-up has no response_scoring) scored
+    # re-tokenized text: resuming it is refused too
+    import optuna
+
+    study = optuna.load_study(study_name=search_module.STUDY_NAME, storage=f"sqlite:///{(tmp_path / 'search.db').resolve()}")
+    study.set_user_attr("setup", {k: v for k, v in study.user_attrs["setup"].items() if k != "response_scoring"})
+    with pytest.raises(FeatsteerError, match="response_scoring"):
+        search_abliteration(model, result, tmp_path, dataclasses.replace(config, n_trials=4))
 
 
 @pytest.fixture(scope="module")
