@@ -1588,7 +1588,7 @@ def compare(
             too optimistic for selection.
         val_harmless: validation harmless prompts (given together with `val_harmful`).
         direction_config: how directions are found and selected.
-        generation: greedy decoding settings for evaluation.
+        generation: greedy decoding settings for evaluation (without `prefill`: a prefilling attack is `featsteer eval`'s).
         saes: SAEs for the SAE methods (see `featsteer.sae.load_sae_source`: `organism`, a folder, or `{hook_name: sae}`);
             with `direction_config.layers`, only those at the listed layers.
         sae_config: how SAE methods pick and edit features (default `SaeMethodConfig()`: k and clamp values picked on the validation prompts).
@@ -1616,7 +1616,8 @@ def compare(
 
     Raises:
         FeatsteerError: for an unknown method, an SAE method without `saes`, SAEs that do not fit (or none at
-            `direction_config.layers`), or a `reuse` of another model, other prompts or another direction config.
+            `direction_config.layers`), a `generation` with a prefill, or a `reuse` of another model, other prompts or
+            another direction config.
     """
     names = list(methods) if methods is not None else list(available_methods(saes=saes is not None, model=model))
     _check_methods(names, saes is not None, model)
@@ -1628,6 +1629,9 @@ def compare(
         raise FeatsteerError("evaluation prompts need both sets: give eval_harmful and eval_harmless (CLI: --eval-harmful and --eval-harmless)")
     if n_pick is not None and n_pick < 2:
         raise FeatsteerError(f"n_pick must be at least 2 validation prompts per set, got {n_pick}")
+    if generation is not None and generation.prefill is not None:  # it would be recorded in setup.generation, yet unused
+        raise FeatsteerError(f"compare does not prefill responses (generation.prefill={generation.prefill!r}): its picks and metrics "
+                             "read the model's own first token; run featsteer eval --prefill on each method's model instead")
     for name, prompts in (("harmful", val_harmful), ("harmless", val_harmless)):
         if prompts is not None and len(prompts) < 2:
             raise FeatsteerError(f"the {name} validation set has {len(prompts)} prompts: need at least 2")

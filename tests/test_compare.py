@@ -622,3 +622,11 @@ def test_an_svd_rank_above_what_the_train_filter_kept_fails_before_the_capture(m
     with pytest.raises(FeatsteerError, match=r"--rank 12 is more than the SVD of the 10 harmful training prompts the train filter kept "
                                              r"\(of 16\) can give: lower --rank, add prompts or drop --filter-train"):
         find_refusal_direction(model, mixed, builtin_prompts("harmless", "train").head(12), config, val=val)
+
+
+def test_compare_refuses_a_prefill_it_would_not_apply(prompts):
+    """generation.prefill was recorded in results.json's setup.generation, but no method's harmful prompts were prefilled."""
+    model = load_model("tiny:llama")
+    with pytest.raises(FeatsteerError, match=r"compare does not prefill responses \(generation.prefill='Sure, here is'\)"):
+        compare(model, *prompts, methods=["none"], direction_config=DirectionConfig(n_select=3),
+                generation=GenerationConfig(max_new_tokens=2, prefill="Sure, here is"))
