@@ -359,6 +359,8 @@ class CompareContext:
     _writing_heads: list[tuple[int, int, float]] | None = None
     _gate: Gate | None = None
     _optimized: OptimizedDirection | None = None
+    _used_directions: set[str] = field(default_factory=set)
+    """The `_directions` keys this context's methods read (a `reuse` brings an earlier run's others along)."""
 
     def __post_init__(self) -> None:
         if self.pick_kl not in PICK_KLS:
@@ -369,6 +371,7 @@ class CompareContext:
     def directions(self, method: str, rank: int = 2) -> DirectionResult:
         """Find (once) and select the direction for a direction method on the training prompts."""
         key = f"{method}:{rank}" if method == "svd" else method
+        self._used_directions.add(key)
         if key not in self._directions:
             config = DirectionConfig(**{**asdict(self.direction_config), "method": method, "rank": rank})
             self._directions[key] = find_refusal_direction(self.model, self.harmful, self.harmless, config, val=self.val,
@@ -400,26 +403,29 @@ class CompareContext:
     def writing_heads(self) -> list[tuple[int, int, float]]:
         """Rank (once) the heads that write the chosen DIM direction more on harmful training prompts
         (`DirectionResult.writing_heads`), which both head methods read."""
+        dim = self.directions("dim")  # read whether or not the ranking is an earlier run's
         if self._writing_heads is None:
-            self._writing_heads = self.directions("dim").writing_heads(self.model, batch_size=self.direction_config.batch_size)
+            self._writing_heads = dim.writing_heads(self.model, batch_size=self.direction_config.batch_size)
         return self._writing_heads
 
     def gate(self) -> Gate:
         """Fit (once) the CAST gate of `dim_conditional_ablation_hook`: on the training prompts, at each layer's input up to
         the chosen DIM direction's layer, pooled over the prompt or at its last token; the hook and pooling that separate
         the validation prompts best (`interventions.fit_gate`)."""
+        dim = self.directions("dim")
         if self._gate is None:
-            hooks = gate_hooks(self.model, self.directions("dim").selection.chosen.hook)
+            hooks = gate_hooks(self.model, dim.selection.chosen.hook)
             self._gate = fit_gate(self.model, *self.training(), hooks, val=self.validation(), batch_size=self.direction_config.batch_size)
         return self._gate
 
     def optimized(self) -> OptimizedDirection:
         """Train (once) the direction of `dim_optimized_abliteration` from the chosen DIM direction with
         `optimize_config`; the conditional method that gates it reads the same training run."""
+        dim = self.directions("dim")
         if self._optimized is None:
             from featsteer.directions.optimize import optimize_direction
 
-            self._optimized = optimize_direction(self.model, self.directions("dim"), self.optimize_config)
+            self._optimized = optimize_direction(self.model, dim, self.optimize_config)
         return self._optimized
 
     def leace_erasers(self) -> dict:
@@ -1675,7 +1681,7 @@ def compare(
         "n_pick": [len(prompts) for prompts in ctx.validation()],
         "pick_kl": ctx.pick_kl,
         "max_nll_rise": ctx.max_nll_rise,
-        "chosen": {k: _chosen_setup(model, v) for k, v in ctx._directions.items()},
+        "chosen": {k: _chosen_setup(model, v) for k, v in ctx._directions.items() if k in ctx._used_directions},
         "steering": ctx.steering_config.to_dict(),
         **({"optimize": ctx.optimize_config.to_dict()} if set(names) & set(OPTIMIZED_METHODS) else {}),
         "response_kl": {"max_tokens": along.max_tokens, "top_k": along.top_k, "positions": sum(along.n_positions),

@@ -433,6 +433,12 @@ def test_compare_reuses_an_earlier_comparisons_directions(prompts, monkeypatch):
     assert again.setup["chosen"] == first.setup["chosen"]
     assert [r.kl_harmless for r in again.results[:2]] == pytest.approx([r.kl_harmless for r in first.results[:2]], abs=1e-9)
     assert again.results[2].details["angle"] == 90.0 and not again.results[2].details["adaptive"]
+    # setup.chosen names the directions this run's methods used, not every one the earlier run selected
+    monkeypatch.undo()  # pca selects its own direction
+    pca = compare(model, *prompts, methods=["pca_abliteration"], direction_config=config, generation=gen, reuse=first)
+    assert set(first.setup["chosen"]) == {"dim"} and set(pca.setup["chosen"]) == {"pca"}
+    unedited = compare(model, *prompts, methods=["none", "leace_hook"], direction_config=config, generation=gen, reuse=pca)
+    assert unedited.setup["chosen"] == {}
     with pytest.raises(FeatsteerError, match="same training and validation prompts"):
         compare(model, prompts[0], prompts[1].head(15), methods=methods, direction_config=config, generation=gen, reuse=first)
     with pytest.raises(FeatsteerError, match="same training and validation prompts"):
