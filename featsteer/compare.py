@@ -1677,6 +1677,8 @@ def compare(
                         "n_harmless": len(val_harmless), "harmful_sha256": val_harmful.sha256, "harmless_sha256": val_harmless.sha256}
                        if val_harmful is not None else f"last {ctx.direction_config.val_fraction:g} of the training prompts"),
         "eval_harmful_sha256": eval_harmful.sha256, "eval_harmless_sha256": eval_harmless.sha256, "eval_overlap": overlap,
+        "prompts": _prompt_provenance({"train_harmful": harmful, "train_harmless": harmless, "eval_harmful": eval_harmful,
+                                       "eval_harmless": eval_harmless, "alarming": alarming}),
         "generation": asdict(gen), "directions": asdict(ctx.direction_config),
         "n_pick": [len(prompts) for prompts in ctx.validation()],
         "pick_kl": ctx.pick_kl,
@@ -1695,6 +1697,14 @@ def compare(
         setup["sae"] = _sae_setup(ctx)
     return Comparison(results, setup, ctx, responses={name: kept for name, (_, kept) in zip(names, measured, strict=True)},
                       eval_prompts={"harmful": list(eval_harmful), "harmless": list(eval_harmless)})
+
+
+def _prompt_provenance(sets: Mapping[str, PromptSet | None]) -> dict[str, dict[str, Any] | None]:
+    """`{role: {"source", "n", "sha256", "prompts_sha256"}}` of every prompt set a comparison read (None: not given), so
+    results.json says which prompts each column was measured on (the over-refusal column's too)."""
+    return {role: None if prompts is None else {"source": prompts.source, "n": len(prompts), "sha256": prompts.sha256,
+                                                 "prompts_sha256": prompts.prompts_sha256}
+            for role, prompts in sets.items()}
 
 
 def _eval_overlap(ctx: CompareContext, eval_harmful: PromptSet, eval_harmless: PromptSet) -> dict[str, int]:

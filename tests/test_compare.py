@@ -636,3 +636,20 @@ def test_compare_refuses_a_prefill_it_would_not_apply(prompts):
     with pytest.raises(FeatsteerError, match=r"compare does not prefill responses \(generation.prefill='Sure, here is'\)"):
         compare(model, *prompts, methods=["none"], direction_config=DirectionConfig(n_select=3),
                 generation=GenerationConfig(max_new_tokens=2, prefill="Sure, here is"))
+
+
+def test_compare_records_every_prompt_set_it_read(prompts):
+    """results.json named the evaluation sets by hash only and the alarming set not at all: the over-refusal column had no
+    record of which prompts, or how many, it was measured on."""
+    model = load_model("tiny:llama")
+    alarming = builtin_prompts("alarming", "test").head(3)
+    comparison = compare(model, *prompts, methods=["none"], alarming=alarming, direction_config=DirectionConfig(n_select=3),
+                         generation=GenerationConfig(max_new_tokens=2))
+    recorded = comparison.setup["prompts"]
+    assert recorded["alarming"] == {"source": "builtin:alarming:test", "n": 3, "sha256": alarming.sha256,
+                                    "prompts_sha256": alarming.prompts_sha256}
+    assert [recorded[role]["n"] for role in ("train_harmful", "train_harmless", "eval_harmful", "eval_harmless")] == [12, 12, 4, 4]
+    assert recorded["eval_harmful"]["sha256"] == comparison.setup["eval_harmful_sha256"]
+    assert recorded["train_harmless"]["source"] == "builtin:harmless:train"
+    without = compare(model, *prompts, methods=["none"], direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=2))
+    assert without.setup["prompts"]["alarming"] is None
