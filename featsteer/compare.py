@@ -70,7 +70,7 @@ from featsteer.interventions import (
     gate_hooks,
     steer,
 )
-from featsteer.models import NORM_KINDS, ModelAdapter
+from featsteer.models import NORM_KINDS, ModelAdapter, weights_fingerprint
 from featsteer.pipeline import (
     DirectionConfig,
     DirectionResult,
@@ -360,6 +360,8 @@ class CompareContext:
     _gate: Gate | None = None
     _optimized: OptimizedDirection | None = None
     _used_directions: set[str] = field(default_factory=set)
+    _weights: str | None = None
+    """The model's `weights_fingerprint` when the comparison began, which a `reuse` must match."""
     """The `_directions` keys this context's methods read (a `reuse` brings an earlier run's others along)."""
 
     def __post_init__(self) -> None:
@@ -1599,7 +1601,7 @@ def compare(
             with `direction_config.layers`, only those at the listed layers.
         sae_config: how SAE methods pick and edit features (default `SaeMethodConfig()`: k and clamp values picked on the validation prompts).
         steering_config: how the ACE and angular methods pick their setting (default: picked on the validation prompts).
-        reuse: an earlier comparison of the same model, prompts and direction config: its selected directions, LEACE
+        reuse: an earlier comparison of the same model (its weights unchanged since), prompts and direction config: its selected directions, LEACE
             erasers and validation base are used instead of being computed again (on Qwen2.5-Coder-0.5B the DIM
             capture and selection are most of a comparison's first method), e.g. to run a method again with other
             `steering_config` or `sae_config` settings.
@@ -1622,8 +1624,8 @@ def compare(
 
     Raises:
         FeatsteerError: for an unknown method, an SAE method without `saes`, SAEs that do not fit (or none at
-            `direction_config.layers`), a `generation` with a prefill, or a `reuse` of another model, other prompts or
-            another direction config.
+            `direction_config.layers`), a `generation` with a prefill, or a `reuse` of another model (or of this one
+            with other weights), other prompts or another direction config.
     """
     names = list(methods) if methods is not None else list(available_methods(saes=saes is not None, model=model))
     _check_methods(names, saes is not None, model)
@@ -1656,6 +1658,7 @@ def compare(
                          steering_config=steering_config or SteeringMethodConfig(),
                          val=None if val_harmful is None else (val_harmful, val_harmless), n_pick=n_pick, pick_kl=pick_kl,
                          max_nll_rise=max_nll_rise, optimize_config=optimize_config or OptimizeConfig())
+    ctx._weights = weights_fingerprint(model)
     if reuse is not None:
         _take_over(ctx, reuse)
     _warn_coarse_picks(ctx)
@@ -1671,7 +1674,7 @@ def compare(
     measured = [_measure(ctx, name, eval_sets, base, tokens, gen, along, judge) for name in names]
     results = _paired([result for result, _ in measured], baseline)
     setup = {
-        "model": model.name, "n_train_harmful": len(harmful), "n_train_harmless": len(harmless),
+        "model": model.name, "weights_fingerprint": ctx._weights, "n_train_harmful": len(harmful), "n_train_harmless": len(harmless),
         "n_eval_harmful": len(eval_harmful), "n_eval_harmless": len(eval_harmless),
         "validation": ({"harmful": val_harmful.source, "harmless": val_harmless.source, "n_harmful": len(val_harmful),
                         "n_harmless": len(val_harmless), "harmful_sha256": val_harmful.sha256, "harmless_sha256": val_harmless.sha256}
@@ -1782,6 +1785,9 @@ def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
 
     if old.model is not ctx.model:
         raise FeatsteerError("reuse= needs a comparison of the same model object")
+    if old._weights != ctx._weights:  # e.g. compare run inside an abliterate() block, reusing the unedited model's directions
+        raise FeatsteerError("reuse= needs the model's weights as they were in the earlier comparison, and they have changed since "
+                             "(an edit applied or not undone): run without reuse=, or undo the edit first")
     if key(old) != key(ctx):
         raise FeatsteerError("reuse= needs a comparison of the same training and validation prompts and direction config")
     ctx._directions, ctx._erasers, ctx._writing_heads = dict(old._directions), old._erasers, old._writing_heads

@@ -445,6 +445,12 @@ def test_compare_reuses_an_earlier_comparisons_directions(prompts, monkeypatch):
         compare(model, *prompts, methods=methods, direction_config=DirectionConfig(n_select=4), generation=gen, reuse=first)
     with pytest.raises(FeatsteerError, match="same model"):
         compare(load_model("tiny:llama"), *prompts, methods=methods, direction_config=config, generation=gen, reuse=first)
+    # the same model object with other weights (here compare run inside an abliteration) must not take the unedited
+    # model's directions and validation base
+    with abliterate(model, first.context.directions("dim")), pytest.raises(FeatsteerError, match="weights as they were"):
+        compare(model, *prompts, methods=["none"], direction_config=config, generation=gen, reuse=first)
+    assert compare(model, *prompts, methods=["none"], direction_config=config, generation=gen, reuse=first).setup["weights_fingerprint"] \
+        == first.setup["weights_fingerprint"]  # undone: reusable again
 
 
 def test_picks_can_weigh_settings_by_the_kl_along_the_answers(prompts):
