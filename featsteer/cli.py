@@ -1569,7 +1569,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         max_nll_rise=DEFAULT_MAX_NLL_RISE if args.pick_max_nll_rise is None else None if args.pick_max_nll_rise == "off" else args.pick_max_nll_rise,
         optimize_config=optimize_config,
     )
-    folder = write_report(comparison, args.out)
+    folder = Path(args.out).expanduser()
+    with staged_output(folder) as work:  # the folder appears with every file or not at all: none left half-written
+        write_report(comparison, work)
     print(comparison.table())
     _print_paired(comparison)
     _print_coherence(comparison)

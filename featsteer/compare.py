@@ -70,7 +70,7 @@ from featsteer.interventions import (
     gate_hooks,
     steer,
 )
-from featsteer.models import NORM_KINDS, ModelAdapter, check_system
+from featsteer.models import NORM_KINDS, ModelAdapter, check_system, weights_fingerprint
 from featsteer.pipeline import (
     DirectionConfig,
     DirectionResult,
@@ -363,6 +363,10 @@ class CompareContext:
     """The system prompt the evaluation formats its prompts with (`compare`'s `GenerationConfig.system`): the picks'
     validation reads the model with it too (generations, first-token KL, the KL along the answers, the NLL bound), so a
     setting is picked as it will be evaluated. None: no system prompt."""
+    _used_directions: set[str] = field(default_factory=set)
+    """The `_directions` keys this context's methods read (a `reuse` brings an earlier run's others along)."""
+    _weights: str | None = None
+    """The model's `weights_fingerprint` when the comparison began, which a `reuse` must match."""
 
     def __post_init__(self) -> None:
         check_system(self.system)
@@ -374,6 +378,7 @@ class CompareContext:
     def directions(self, method: str, rank: int = 2) -> DirectionResult:
         """Find (once) and select the direction for a direction method on the training prompts."""
         key = f"{method}:{rank}" if method == "svd" else method
+        self._used_directions.add(key)
         if key not in self._directions:
             config = DirectionConfig(**{**asdict(self.direction_config), "method": method, "rank": rank})
             self._directions[key] = find_refusal_direction(self.model, self.harmful, self.harmless, config, val=self.val,
@@ -405,26 +410,29 @@ class CompareContext:
     def writing_heads(self) -> list[tuple[int, int, float]]:
         """Rank (once) the heads that write the chosen DIM direction more on harmful training prompts
         (`DirectionResult.writing_heads`), which both head methods read."""
+        dim = self.directions("dim")  # read whether or not the ranking is an earlier run's
         if self._writing_heads is None:
-            self._writing_heads = self.directions("dim").writing_heads(self.model, batch_size=self.direction_config.batch_size)
+            self._writing_heads = dim.writing_heads(self.model, batch_size=self.direction_config.batch_size)
         return self._writing_heads
 
     def gate(self) -> Gate:
         """Fit (once) the CAST gate of `dim_conditional_ablation_hook`: on the training prompts, at each layer's input up to
         the chosen DIM direction's layer, pooled over the prompt or at its last token; the hook and pooling that separate
         the validation prompts best (`interventions.fit_gate`)."""
+        dim = self.directions("dim")
         if self._gate is None:
-            hooks = gate_hooks(self.model, self.directions("dim").selection.chosen.hook)
+            hooks = gate_hooks(self.model, dim.selection.chosen.hook)
             self._gate = fit_gate(self.model, *self.training(), hooks, val=self.validation(), batch_size=self.direction_config.batch_size)
         return self._gate
 
     def optimized(self) -> OptimizedDirection:
         """Train (once) the direction of `dim_optimized_abliteration` from the chosen DIM direction with
         `optimize_config`; the conditional method that gates it reads the same training run."""
+        dim = self.directions("dim")
         if self._optimized is None:
             from featsteer.directions.optimize import optimize_direction
 
-            self._optimized = optimize_direction(self.model, self.directions("dim"), self.optimize_config)
+            self._optimized = optimize_direction(self.model, dim, self.optimize_config)
         return self._optimized
 
     def leace_erasers(self) -> dict:
@@ -1603,12 +1611,12 @@ def compare(
             too optimistic for selection.
         val_harmless: validation harmless prompts (given together with `val_harmful`).
         direction_config: how directions are found and selected.
-        generation: greedy decoding settings for evaluation.
+        generation: greedy decoding settings for evaluation (without `prefill`: a prefilling attack is `featsteer eval`'s).
         saes: SAEs for the SAE methods (see `featsteer.sae.load_sae_source`: `organism`, a folder, or `{hook_name: sae}`);
             with `direction_config.layers`, only those at the listed layers.
         sae_config: how SAE methods pick and edit features (default `SaeMethodConfig()`: k and clamp values picked on the validation prompts).
         steering_config: how the ACE and angular methods pick their setting (default: picked on the validation prompts).
-        reuse: an earlier comparison of the same model, prompts and direction config: its selected directions, LEACE
+        reuse: an earlier comparison of the same model (its weights unchanged since), prompts and direction config: its selected directions, LEACE
             erasers and validation base are used instead of being computed again (on Qwen2.5-Coder-0.5B the DIM
             capture and selection are most of a comparison's first method), e.g. to run a method again with other
             `steering_config` or `sae_config` settings.
@@ -1631,7 +1639,8 @@ def compare(
 
     Raises:
         FeatsteerError: for an unknown method, an SAE method without `saes`, SAEs that do not fit (or none at
-            `direction_config.layers`), or a `reuse` of another model, other prompts or another direction config.
+            `direction_config.layers`), a `generation` with a prefill, or a `reuse` of another model (or of this one
+            with other weights), other prompts or another direction config.
     """
     names = list(methods) if methods is not None else list(available_methods(saes=saes is not None, model=model))
     _check_methods(names, saes is not None, model)
@@ -1643,6 +1652,9 @@ def compare(
         raise FeatsteerError("evaluation prompts need both sets: give eval_harmful and eval_harmless (CLI: --eval-harmful and --eval-harmless)")
     if n_pick is not None and n_pick < 2:
         raise FeatsteerError(f"n_pick must be at least 2 validation prompts per set, got {n_pick}")
+    if generation is not None and generation.prefill is not None:  # it would be recorded in setup.generation, yet unused
+        raise FeatsteerError(f"compare does not prefill responses (generation.prefill={generation.prefill!r}): its picks and metrics "
+                             "read the model's own first token; run featsteer eval --prefill on each method's model instead")
     for name, prompts in (("harmful", val_harmful), ("harmless", val_harmless)):
         if prompts is not None and len(prompts) < 2:
             raise FeatsteerError(f"the {name} validation set has {len(prompts)} prompts: need at least 2")
@@ -1661,6 +1673,7 @@ def compare(
                          steering_config=steering_config or SteeringMethodConfig(),
                          val=None if val_harmful is None else (val_harmful, val_harmless), n_pick=n_pick, pick_kl=pick_kl,
                          max_nll_rise=max_nll_rise, optimize_config=optimize_config or OptimizeConfig(), system=gen.system)
+    ctx._weights = weights_fingerprint(model)
     if reuse is not None:
         _take_over(ctx, reuse)
     _warn_coarse_picks(ctx)
@@ -1676,17 +1689,19 @@ def compare(
     measured = [_measure(ctx, name, eval_sets, base, tokens, gen, along, judge) for name in names]
     results = _paired([result for result, _ in measured], baseline)
     setup = {
-        "model": model.name, "n_train_harmful": len(harmful), "n_train_harmless": len(harmless),
+        "model": model.name, "weights_fingerprint": ctx._weights, "n_train_harmful": len(harmful), "n_train_harmless": len(harmless),
         "n_eval_harmful": len(eval_harmful), "n_eval_harmless": len(eval_harmless),
         "validation": ({"harmful": val_harmful.source, "harmless": val_harmless.source, "n_harmful": len(val_harmful),
                         "n_harmless": len(val_harmless), "harmful_sha256": val_harmful.sha256, "harmless_sha256": val_harmless.sha256}
                        if val_harmful is not None else f"last {ctx.direction_config.val_fraction:g} of the training prompts"),
         "eval_harmful_sha256": eval_harmful.sha256, "eval_harmless_sha256": eval_harmless.sha256, "eval_overlap": overlap,
+        "prompts": _prompt_provenance({"train_harmful": harmful, "train_harmless": harmless, "eval_harmful": eval_harmful,
+                                       "eval_harmless": eval_harmless, "alarming": alarming}),
         "generation": asdict(gen), "directions": asdict(ctx.direction_config),
         "n_pick": [len(prompts) for prompts in ctx.validation()],
         "pick_kl": ctx.pick_kl,
         "max_nll_rise": ctx.max_nll_rise,
-        "chosen": {k: _chosen_setup(model, v) for k, v in ctx._directions.items()},
+        "chosen": {k: _chosen_setup(model, v) for k, v in ctx._directions.items() if k in ctx._used_directions},
         "steering": ctx.steering_config.to_dict(),
         **({"optimize": ctx.optimize_config.to_dict()} if set(names) & set(OPTIMIZED_METHODS) else {}),
         "response_kl": {"max_tokens": along.max_tokens, "top_k": along.top_k, "positions": sum(along.n_positions),
@@ -1700,6 +1715,14 @@ def compare(
         setup["sae"] = _sae_setup(ctx)
     return Comparison(results, setup, ctx, responses={name: kept for name, (_, kept) in zip(names, measured, strict=True)},
                       eval_prompts={"harmful": list(eval_harmful), "harmless": list(eval_harmless)})
+
+
+def _prompt_provenance(sets: Mapping[str, PromptSet | None]) -> dict[str, dict[str, Any] | None]:
+    """`{role: {"source", "n", "sha256", "prompts_sha256"}}` of every prompt set a comparison read (None: not given), so
+    results.json says which prompts each column was measured on (the over-refusal column's too)."""
+    return {role: None if prompts is None else {"source": prompts.source, "n": len(prompts), "sha256": prompts.sha256,
+                                                 "prompts_sha256": prompts.prompts_sha256}
+            for role, prompts in sets.items()}
 
 
 def _eval_overlap(ctx: CompareContext, eval_harmful: PromptSet, eval_harmless: PromptSet) -> dict[str, int]:
@@ -1777,6 +1800,9 @@ def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
 
     if old.model is not ctx.model:
         raise FeatsteerError("reuse= needs a comparison of the same model object")
+    if old._weights != ctx._weights:  # e.g. compare run inside an abliterate() block, reusing the unedited model's directions
+        raise FeatsteerError("reuse= needs the model's weights as they were in the earlier comparison, and they have changed since "
+                             "(an edit applied or not undone): run without reuse=, or undo the edit first")
     if key(old) != key(ctx):
         raise FeatsteerError("reuse= needs a comparison of the same training and validation prompts and direction config")
     ctx._directions, ctx._erasers, ctx._writing_heads = dict(old._directions), old._erasers, old._writing_heads

@@ -1046,6 +1046,27 @@ def test_compare_refuses_a_folder_with_an_earlier_run(capsys, tmp_path, monkeypa
     assert [p.name for p in (tmp_path / "cmp").iterdir()] == ["responses.labels.json"]
 
 
+def test_compare_interrupted_while_writing_leaves_no_output_folder(capsys, tmp_path, monkeypatch):
+    """The files were renamed into --out one by one: stopped between two, the folder held pareto.png and results.json
+    without report.html or responses.json, a run that looked finished."""
+    import os
+
+    import featsteer.files as files
+
+    rename = os.replace
+
+    def interrupted(source, target):
+        if os.path.basename(target) == "report.html":
+            raise KeyboardInterrupt
+        rename(source, target)
+
+    monkeypatch.setattr(files.os, "replace", interrupted)
+    code, _, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",
+                        "--n", "12", "--n-select", "3", "--methods", "none", "--max-new-tokens", "2", "--out", str(tmp_path / "cmp"))
+    assert code == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its staging copy
+
+
 def test_compare_fixes_the_angle_and_alpha_from_the_command_line(capsys, tmp_path):
     code, out, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",
                           "--n", "16", "--n-select", "3", "--methods", "dim_ace_hook,dim_angular_hook", "--ace-alpha", "-0.1",

@@ -433,12 +433,24 @@ def test_compare_reuses_an_earlier_comparisons_directions(prompts, monkeypatch):
     assert again.setup["chosen"] == first.setup["chosen"]
     assert [r.kl_harmless for r in again.results[:2]] == pytest.approx([r.kl_harmless for r in first.results[:2]], abs=1e-9)
     assert again.results[2].details["angle"] == 90.0 and not again.results[2].details["adaptive"]
+    # setup.chosen names the directions this run's methods used, not every one the earlier run selected
+    monkeypatch.undo()  # pca selects its own direction
+    pca = compare(model, *prompts, methods=["pca_abliteration"], direction_config=config, generation=gen, reuse=first)
+    assert set(first.setup["chosen"]) == {"dim"} and set(pca.setup["chosen"]) == {"pca"}
+    unedited = compare(model, *prompts, methods=["none", "leace_hook"], direction_config=config, generation=gen, reuse=pca)
+    assert unedited.setup["chosen"] == {}
     with pytest.raises(FeatsteerError, match="same training and validation prompts"):
         compare(model, prompts[0], prompts[1].head(15), methods=methods, direction_config=config, generation=gen, reuse=first)
     with pytest.raises(FeatsteerError, match="same training and validation prompts"):
         compare(model, *prompts, methods=methods, direction_config=DirectionConfig(n_select=4), generation=gen, reuse=first)
     with pytest.raises(FeatsteerError, match="same model"):
         compare(load_model("tiny:llama"), *prompts, methods=methods, direction_config=config, generation=gen, reuse=first)
+    # the same model object with other weights (here compare run inside an abliteration) must not take the unedited
+    # model's directions and validation base
+    with abliterate(model, first.context.directions("dim")), pytest.raises(FeatsteerError, match="weights as they were"):
+        compare(model, *prompts, methods=["none"], direction_config=config, generation=gen, reuse=first)
+    assert compare(model, *prompts, methods=["none"], direction_config=config, generation=gen, reuse=first).setup["weights_fingerprint"] \
+        == first.setup["weights_fingerprint"]  # undone: reusable again
 
 
 def test_the_picks_read_the_validation_prompts_with_the_evaluations_system_prompt(prompts):
@@ -658,3 +670,28 @@ def test_an_svd_rank_above_what_the_train_filter_kept_fails_before_the_capture(m
     with pytest.raises(FeatsteerError, match=r"--rank 12 is more than the SVD of the 10 harmful training prompts the train filter kept "
                                              r"\(of 16\) can give: lower --rank, add prompts or drop --filter-train"):
         find_refusal_direction(model, mixed, builtin_prompts("harmless", "train").head(12), config, val=val)
+
+
+def test_compare_refuses_a_prefill_it_would_not_apply(prompts):
+    """generation.prefill was recorded in results.json's setup.generation, but no method's harmful prompts were prefilled."""
+    model = load_model("tiny:llama")
+    with pytest.raises(FeatsteerError, match=r"compare does not prefill responses \(generation.prefill='Sure, here is'\)"):
+        compare(model, *prompts, methods=["none"], direction_config=DirectionConfig(n_select=3),
+                generation=GenerationConfig(max_new_tokens=2, prefill="Sure, here is"))
+
+
+def test_compare_records_every_prompt_set_it_read(prompts):
+    """results.json named the evaluation sets by hash only and the alarming set not at all: the over-refusal column had no
+    record of which prompts, or how many, it was measured on."""
+    model = load_model("tiny:llama")
+    alarming = builtin_prompts("alarming", "test").head(3)
+    comparison = compare(model, *prompts, methods=["none"], alarming=alarming, direction_config=DirectionConfig(n_select=3),
+                         generation=GenerationConfig(max_new_tokens=2))
+    recorded = comparison.setup["prompts"]
+    assert recorded["alarming"] == {"source": "builtin:alarming:test", "n": 3, "sha256": alarming.sha256,
+                                    "prompts_sha256": alarming.prompts_sha256}
+    assert [recorded[role]["n"] for role in ("train_harmful", "train_harmless", "eval_harmful", "eval_harmless")] == [12, 12, 4, 4]
+    assert recorded["eval_harmful"]["sha256"] == comparison.setup["eval_harmful_sha256"]
+    assert recorded["train_harmless"]["source"] == "builtin:harmless:train"
+    without = compare(model, *prompts, methods=["none"], direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=2))
+    assert without.setup["prompts"]["alarming"] is None
