@@ -1011,6 +1011,23 @@ def _rate_line(name: str, before, after) -> str:
     return line
 
 
+def _sae_validation_lines(details: dict) -> list[str]:
+    """`abliterate --method sae`'s validation row per k, as measured. A k the coherence bound ruled out enters the pick
+    as unanswered 1.0 (`compare._validation_rows`); its line gives what it measured and says why it cannot win, rather
+    than print that 1.0 as if every validation harmful prompt had gone unanswered."""
+    ruled_out, nlls = details.get("incoherent") or [], details.get("validation_base_nll") or {}
+    measured = details.get("incoherent_measured") or {}
+    lines = []
+    for setting, row in details.get("sae_validation", {}).items():
+        row = measured.get(setting, row)
+        line = f"  {setting:>6}: validation unanswered {row['unanswered_harmful']:.3f}, KL {row['kl_harmless']:.4f}"
+        if setting in ruled_out:
+            line += (f"; ruled out: its validation harmless answers cost {nlls[setting]:.2f} nats per token, above the coherence "
+                     f"bound ({nlls['unedited']:.2f} for the model's own + {details['max_nll_rise']:g})")
+        lines.append(line)
+    return lines
+
+
 def _abliterate_sae(args: argparse.Namespace, mode: str, warm_start: list[dict]) -> int:
     """`abliterate --method sae`: project the top SAE features' decoder rows (k as `featsteer compare` picks it)
     out of every residual writer, or with `--search N` out of each writer at the searched strengths; check it on the
@@ -1035,8 +1052,8 @@ def _abliterate_sae(args: argparse.Namespace, mode: str, warm_start: list[dict])
     details = ctx.details()
     picked = " (picked on validation)" if "sae_validation" in details else ""
     print(f"direction: SAE decoder rows of features {details['sae_features']} at {details['sae_hook']}{picked}")
-    for setting, row in details.get("sae_validation", {}).items():
-        print(f"  {setting:>6}: validation unanswered {row['unanswered_harmful']:.3f}, KL {row['kl_harmless']:.4f}")
+    for line in _sae_validation_lines(details):
+        print(line)
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     (held_harmful, held_harmless), checked_on = _check_prompts(args, ctx.validation_sets())
     before = evaluate_refusal(model, held_harmful, held_harmless, generation)

@@ -811,6 +811,29 @@ def test_abliterate_sae_projects_the_picked_decoder_rows_out_and_exports(capsys,
     assert code == 2 and "--method sae needs SAEs" in err
 
 
+def test_abliterate_sae_prints_what_a_k_ruled_out_by_the_coherence_bound_measured(capsys, tmp_path, monkeypatch):
+    """A k the coherence bound rules out enters the pick as unanswered 1.0; the printed row gave that 1.0 as if every
+    validation harmful prompt had gone unanswered (the README's k=16 read 1.000 where it measured 0.125)."""
+    import re
+
+    from featsteer.compare import CompareContext
+
+    # an unedited floor far below any answers' NLL: the bound rules out every k
+    monkeypatch.setattr(CompareContext, "validation_answers_nll", lambda self: -100.0)
+    out = tmp_path / "bounded"
+    code, stdout, err = _run(capsys, "abliterate", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless",
+                             "builtin:harmless:train", "--n", "48", "--val-harmful", "organism-corpus:harmful:12", "--val-harmless",
+                             "organism-corpus:harmless:12", "--n-select", "12", "--eval-n", "6", "--max-new-tokens", "8",
+                             "--method", "sae", "--sae", "organism", "--out", str(out))
+    assert code == 0, err
+    record = json.loads((out / "featsteer.json").read_text())
+    measured = record["incoherent_measured"]
+    assert sorted(measured) == sorted(record["sae_validation"]) and {r["unanswered_harmful"] for r in record["sae_validation"].values()} == {1.0}
+    assert min(r["unanswered_harmful"] for r in measured.values()) < 1.0  # what they measured is not what the pick counted
+    printed = dict(re.findall(r"^\s+(k=\d+): validation unanswered ([0-9.]+), .*; ruled out: .* above the coherence bound", stdout, re.M))
+    assert printed == {k: f"{r['unanswered_harmful']:.3f}" for k, r in measured.items()}, stdout
+
+
 def test_abliterate_sae_search_tunes_the_strengths_of_the_picked_rows_and_exports(capsys, tmp_path):
     import torch
 
