@@ -1584,6 +1584,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if "sae_hook" in result.details:
             picked = f" (picked {result.details['setting']} on validation)" if "sae_validation" in result.details else ""
             print(f"  {result.method}: {result.details['sae_hook']} features {result.details['sae_features']}{picked}")
+    for failed in comparison.failed:  # the other methods' figures stand: the run succeeds, and says what it lacks
+        print(f"\nfailed: {failed.method}: {failed.error}")
     print(f"\nwrote {folder}/results.json, report.html, pareto.png, responses.json")
     print(f"read the responses by hand: featsteer label {folder} --method METHOD")
     return 0

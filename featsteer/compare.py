@@ -1342,6 +1342,20 @@ class MethodResult:
     difference; None for the baseline itself."""
 
 
+@dataclass(frozen=True)
+class FailedMethod:
+    """A method that raised its own one-line `FeatsteerError` before it was measured (e.g. no attention head writes the
+    DIM direction more on harmful prompts): recorded with the error in place of metrics, and the comparison goes on."""
+
+    method: str
+    description: str
+    error: str
+    """The error's message: why the method cannot apply to this model or these prompts."""
+    seconds: float
+    details: dict = field(default_factory=dict)
+    """What the method had noted before it failed."""
+
+
 PAIRED_BASELINES = ("dim_abliteration", "none")
 """The first of these a comparison runs is the baseline every other method is paired against."""
 
@@ -1361,15 +1375,21 @@ def _judged(judge: RefusalJudge, harmful: SetResult, harmless: SetResult) -> tup
 
 
 def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, tokens, gen: GenerationConfig,
-             along_base: ResponseBase | None = None, judge: RefusalJudge | None = None) -> tuple[MethodResult, dict[str, list[str]]]:
-    """One method's metrics on the evaluation sets, and its responses (`{"harmful": [...], "harmless": [...]}`)."""
+             along_base: ResponseBase | None = None,
+             judge: RefusalJudge | None = None) -> tuple[MethodResult | FailedMethod, dict[str, list[str]] | None]:
+    """One method's metrics on the evaluation sets, and its responses (`{"harmful": [...], "harmless": [...]}`); or, when
+    the method raises a `FeatsteerError` while it finds its direction or picks its setting, its `FailedMethod` and None.
+    Any other error, and a `FeatsteerError` of the evaluation itself, stops the comparison."""
     description = _METHODS[name].description
     detector = RefusalDetector()
     start = time.perf_counter()
     ctx._notes = {}
-    manager = method_context(ctx, name)  # may find directions first: not counted in the intervention's own time
-    start_eval = time.perf_counter()
-    with manager:
+    with contextlib.ExitStack() as applied:
+        try:  # finding directions and picking a setting may show that the method cannot apply here
+            applied.enter_context(method_context(ctx, name))
+        except FeatsteerError as error:
+            return _failed(ctx, name, error, start), None
+        start_eval = time.perf_counter()
         # first-token log-probs come from each generation's own prefill, as the base's do
         harmful = evaluate_set(ctx.model, eval_sets["harmful"], "harmful", gen, detector, keep_logprobs=True)
         harmless = evaluate_set(ctx.model, eval_sets["harmless"], "harmless", gen, detector, keep_logprobs=True)
@@ -1400,6 +1420,20 @@ def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, toke
         judge=judged,
     )
     return result, {"harmful": list(harmful.responses), "harmless": list(harmless.responses)}
+
+
+def _failed(ctx: CompareContext, name: str, error: FeatsteerError, start: float) -> FailedMethod:
+    """The row of a method whose own error says it cannot apply, once the model is checked to be as it was.
+
+    Raises:
+        FeatsteerError: when the failed method left the model's weights changed (the later methods would read them).
+    """
+    if weights_fingerprint(ctx.model) != ctx._weights:
+        raise FeatsteerError(f"{name} failed ({error}) and left the model's weights changed, so no later method could be "
+                             "measured on the unedited model: leave it out with --methods") from error
+    logger.warning("%s failed, the comparison goes on without it: %s", name, error)
+    return FailedMethod(method=name, description=_METHODS[name].description, error=str(error),
+                        seconds=time.perf_counter() - start, details=dict(ctx._notes))
 
 
 def _paired(results: list[MethodResult], baseline_name: str | None = None) -> list[MethodResult]:
@@ -1449,6 +1483,9 @@ class Comparison:
     `write_report` puts them in `responses.json` next to it."""
     eval_prompts: dict[str, list[str]] = field(default_factory=dict, repr=False)
     """`{"harmful": [...], "harmless": [...]}`: the evaluation prompts the responses answer."""
+    failed: list[FailedMethod] = field(default_factory=list)
+    """The methods that could not apply (their own `FeatsteerError` while finding a direction or picking a setting), in
+    the order they ran: not in `results`, but in the tables, the report and `results.json`'s `failed`."""
 
     def responses_json(self) -> dict:
         """The evaluation prompts and every method's responses, JSON-ready (`write_report`'s `responses.json`)."""
@@ -1469,6 +1506,7 @@ class Comparison:
                          f"| {_kl_cell(r.kl_response_harmless)} / {_kl_cell(r.kl_response_harmless_answered)} | {over} "
                          f"| {r.refusal_score_harmful:.2f} | {_cell(r.looping_harmful)} / {_cell(r.looping_harmless)} | {_cell(r.base_nll_harmless)} |"
                          + (f" {_judge_cell(r.judge)} |" if judged else ""))
+        lines += [f"| {f.method} | failed: {_one_cell(f.error)} |" + " - |" * (8 + judged) for f in self.failed]
         return "\n".join(lines)
 
     def paired_table(self) -> str | None:
@@ -1524,8 +1562,8 @@ class Comparison:
 
     def to_json(self) -> dict:
         """JSON-ready form."""
-        return {"setup": self.setup, "results": [asdict(r) for r in self.results], "coherence_warnings": self.coherence_warnings(),
-                "bound_exclusions": self.bound_exclusions()}
+        return {"setup": self.setup, "results": [asdict(r) for r in self.results], "failed": [asdict(f) for f in self.failed],
+                "coherence_warnings": self.coherence_warnings(), "bound_exclusions": self.bound_exclusions()}
 
 
 def markdown_table_html(table: str) -> str:
@@ -1555,6 +1593,11 @@ def _paired_rate_cell(row: dict) -> str:
 def _paired_mean_cell(row: dict | None) -> str:
     """"+0.0123 [+0.0040, +0.0210]": mean paired difference and its bootstrap interval, or "-"."""
     return "-" if row is None else f"{row['difference']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}]"
+
+
+def _one_cell(text: str) -> str:
+    """`text` made safe for one markdown table cell (no pipe, no line break)."""
+    return " ".join(text.replace("|", "/").split())
 
 
 def _kl_cell(value: float | None) -> str:
@@ -1686,8 +1729,12 @@ def compare(
     along = response_base(model, list(base_harmless.prompts), list(base_harmless.response_tokens), max_tokens=gen.max_new_tokens,
                           batch_size=gen.batch_size, system=gen.system)
     eval_sets = {"harmful": eval_harmful, "harmless": eval_harmless, "alarming": alarming}
-    measured = [_measure(ctx, name, eval_sets, base, tokens, gen, along, judge) for name in names]
-    results = _paired([result for result, _ in measured], baseline)
+    measured = {name: _measure(ctx, name, eval_sets, base, tokens, gen, along, judge) for name in names}
+    failed = [result for result, _ in measured.values() if isinstance(result, FailedMethod)]
+    if len(failed) == len(names):
+        raise FeatsteerError("every method failed, so there is nothing to compare: "
+                             + "; ".join(f"{f.method}: {f.error}" for f in failed))
+    results = _paired([result for result, _ in measured.values() if isinstance(result, MethodResult)], baseline)
     setup = {
         "model": model.name, "weights_fingerprint": ctx._weights, "n_train_harmful": len(harmful), "n_train_harmless": len(harmless),
         "n_eval_harmful": len(eval_harmful), "n_eval_harmless": len(eval_harmless),
@@ -1713,8 +1760,8 @@ def compare(
                           "anchors": None if checked is None else checked.to_dict()}
     if sae_map is not None:
         setup["sae"] = _sae_setup(ctx)
-    return Comparison(results, setup, ctx, responses={name: kept for name, (_, kept) in zip(names, measured, strict=True)},
-                      eval_prompts={"harmful": list(eval_harmful), "harmless": list(eval_harmless)})
+    return Comparison(results, setup, ctx, responses={name: kept for name, (_, kept) in measured.items() if kept is not None},
+                      eval_prompts={"harmful": list(eval_harmful), "harmless": list(eval_harmless)}, failed=failed)
 
 
 def _prompt_provenance(sets: Mapping[str, PromptSet | None]) -> dict[str, dict[str, Any] | None]:
@@ -1850,6 +1897,9 @@ def pareto_png(comparison: Comparison) -> bytes:
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    if comparison.failed:  # no figures to plot: named under the panels so their absence is not read as a result
+        fig.subplots_adjust(bottom=0.2)
+        fig.text(0.01, 0.01, "not plotted, failed: " + ", ".join(f.method for f in comparison.failed), fontsize=8, color="firebrick")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
@@ -1904,6 +1954,9 @@ def _html(comparison: Comparison, png: bytes) -> str:
         f"<td>{r.refusal_score_harmful:.2f}</td><td>{_cell(r.looping_harmful)} / {_cell(r.looping_harmless)}</td>"
         f"<td>{_cell(r.base_nll_harmless)}</td>" + (f"<td>{html.escape(_judge_cell(r.judge))}</td>" if judged else "") + "</tr>"
         for r in comparison.results
+    ) + "".join(
+        f"<tr><td>{html.escape(f.method)}</td><td>{html.escape(f.description)}</td><td colspan=\"{9 + judged}\"><b>failed</b>: "
+        f"{html.escape(f.error)}</td></tr>" for f in comparison.failed
     )
     examples = "".join(
         f"<h3>{html.escape(r.method)}</h3><ul>"

@@ -695,3 +695,31 @@ def test_compare_records_every_prompt_set_it_read(prompts):
     assert recorded["train_harmless"]["source"] == "builtin:harmless:train"
     without = compare(model, *prompts, methods=["none"], direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=2))
     assert without.setup["prompts"]["alarming"] is None
+
+
+def test_a_method_that_cannot_apply_becomes_a_failed_row_and_the_rest_are_measured(prompts, tmp_path, monkeypatch):
+    """A method's own FeatsteerError (here: no head writes the DIM direction more on harmful prompts) aborted the whole
+    comparison, and nothing was written; other errors still stop it."""
+    from featsteer.compare import CompareContext
+
+    model = load_model("tiny:llama")
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    monkeypatch.setattr(CompareContext, "writing_heads", lambda self: [])
+    kwargs = dict(direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=3))
+    comparison = compare(model, *prompts, methods=["none", "head_ablation_hook", "dim_abliteration"], **kwargs)
+    assert [r.method for r in comparison.results] == ["none", "dim_abliteration"]
+    assert [f.method for f in comparison.failed] == ["head_ablation_hook"] and "no attention head writes" in comparison.failed[0].error
+    assert comparison.results[0].paired["baseline"] == "dim_abliteration" and set(comparison.responses) == {"none", "dim_abliteration"}
+    assert "| head_ablation_hook | failed: no attention head writes" in comparison.table()
+    assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
+    folder = write_report(comparison, tmp_path / "cmp")
+    saved = json.loads((folder / "results.json").read_text())
+    assert [r["method"] for r in saved["results"]] == ["none", "dim_abliteration"]
+    assert saved["failed"][0]["method"] == "head_ablation_hook" and "no attention head writes" in saved["failed"][0]["error"]
+    assert "<b>failed</b>: no attention head writes" in (folder / "report.html").read_text()
+    with pytest.raises(FeatsteerError, match="every method failed, so there is nothing to compare: head_ablation_hook: no attention head"):
+        compare(model, *prompts, methods=["head_ablation_hook"], **kwargs)
+    for error in (RuntimeError("a bug"), KeyboardInterrupt()):  # not a method that cannot apply: the run stops
+        monkeypatch.setattr(CompareContext, "writing_heads", lambda self, error=error: (_ for _ in ()).throw(error))
+        with pytest.raises(type(error)):
+            compare(model, *prompts, methods=["none", "head_ablation_hook"], **kwargs)
