@@ -1872,38 +1872,93 @@ def _sae_setup(ctx: CompareContext, n_top: int = 10) -> dict[str, Any]:
     return setup
 
 
+INDUCE_SUFFIX = "_induce"
+"""Methods named `*_induce` aim at refusal of the harmless prompts; every other method at no refusal of the harmful ones."""
+
+PARETO_GOALS = (("jailbreak", "refusal_harmful", "refusal rate, held-out harmful prompts"),
+                ("induce", "refusal_harmless", "refusal rate, held-out harmless prompts"))
+"""`(goal, MethodResult field read, y label)` of the Pareto plot's rows of panels: each method is read by its own goal."""
+_PARETO_TITLES = {"jailbreak": "jailbreak methods: lower refusal is better", "induce": "*_induce methods: higher refusal is better"}
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    """One method's point in one panel of the Pareto plot."""
+
+    label: str
+    """The method, with its picked setting when it has one (`dim_ace_hook (alpha=0)`)."""
+    kl: float
+    refusal: float
+    frontier: bool = False
+    """On the jailbreak frontier: no other point of the panel has both lower (or equal) KL and lower (or equal) refusal."""
+
+
+def pareto_points(comparison: Comparison, kl: str = "kl_harmless") -> dict[str, list[ParetoPoint]]:
+    """`{goal: points}` of the Pareto plot for one KL (`kl_harmless` or `kl_response_harmless`): `jailbreak` holds every
+    method but the `*_induce` ones by refusal on the harmful prompts, with its frontier marked; `induce` the `*_induce`
+    methods by refusal on the harmless prompts (their goal), with `none` as the unedited reference in both. A method
+    without that KL is left out; `induce` is empty when no induce method ran."""
+    points: dict[str, list[ParetoPoint]] = {"jailbreak": [], "induce": []}
+    ran_induce = any(r.method.endswith(INDUCE_SUFFIX) for r in comparison.results)
+    for r in comparison.results:
+        value = getattr(r, kl)
+        if value is None:
+            continue
+        label = f"{r.method} ({r.details['setting']})" if "setting" in r.details else r.method
+        goals = ["induce"] if r.method.endswith(INDUCE_SUFFIX) else ["jailbreak"] + (["induce"] if r.method == "none" and ran_induce else [])
+        for goal in goals:
+            field_name = next(name for key, name, _ in PARETO_GOALS if key == goal)
+            points[goal].append(ParetoPoint(label, value, getattr(r, field_name)))
+    jailbreaks = points["jailbreak"]
+    points["jailbreak"] = [dataclasses.replace(p, frontier=not any(o is not p and o.kl <= p.kl and o.refusal <= p.refusal
+                                                                   and (o.kl, o.refusal) != (p.kl, p.refusal) for o in jailbreaks))
+                           for p in jailbreaks]
+    return points
+
+
 def pareto_png(comparison: Comparison) -> bytes:
-    """Refusal rate on harmful prompts vs KL on harmless prompts, one point per method: by the first token, and (when
-    measured) along the unedited model's own answers beside it."""
+    """Refusal vs KL on harmless prompts, one point per method labelled with its picked setting: the jailbreak methods by
+    refusal on the harmful prompts with their frontier drawn, the `*_induce` methods in a row below by refusal on the
+    harmless prompts (`pareto_points`); by the first-token KL, and (when measured) along the unedited answers beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("kl_harmless", "KL(base || method), first token, harmless prompts (nats)")]
+    kls = [("kl_harmless", "KL(base || method), first token, harmless prompts (nats)")]
     if any(r.kl_response_harmless is not None for r in comparison.results):
-        panels.append(("kl_response_harmless", "KL(base || method) along the unedited answers (nats)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels, strict=True):
-        for r in comparison.results:
-            kl = getattr(r, key)
-            if kl is None:
-                continue
-            ax.scatter(kl, r.refusal_harmful, s=40)
-            ax.annotate(r.method, (kl, r.refusal_harmful), fontsize=8, xytext=(4, 3), textcoords="offset points")
-        ax.set_xscale("symlog", linthresh=1e-3)
-        ax.set_xlabel(label)
-        ax.set_ylabel("refusal rate on held-out harmful prompts")
-        ax.set_ylim(-0.05, 1.05)
-        ax.grid(alpha=0.3)
+        kls.append(("kl_response_harmless", "KL(base || method) along the unedited answers (nats)"))
+    by_kl = {key: pareto_points(comparison, key) for key, _ in kls}
+    goals = [goal for goal in PARETO_GOALS if any(by_kl[key][goal[0]] for key, _ in kls)]
+    fig, axes = plt.subplots(len(goals), len(kls), figsize=(6.5 * len(kls), 4.5 * len(goals)), squeeze=False)
+    for row, (goal, _, y_label) in enumerate(goals):
+        for ax, (key, x_label) in zip(axes[row], kls, strict=True):
+            _pareto_panel(ax, by_kl[key][goal], x_label, y_label)
+            ax.set_title(_PARETO_TITLES[goal], fontsize=10)
     fig.tight_layout()
     if comparison.failed:  # no figures to plot: named under the panels so their absence is not read as a result
-        fig.subplots_adjust(bottom=0.2)
+        fig.subplots_adjust(bottom=0.2 / len(goals))
         fig.text(0.01, 0.01, "not plotted, failed: " + ", ".join(f.method for f in comparison.failed), fontsize=8, color="firebrick")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _pareto_panel(ax: Any, points: Sequence[ParetoPoint], x_label: str, y_label: str) -> None:
+    """One panel: the points with their labels, and the frontier (when marked) as a dashed line through its points."""
+    for point in points:
+        ax.scatter(point.kl, point.refusal, s=40, edgecolors="black" if point.frontier else "none")
+        ax.annotate(point.label, (point.kl, point.refusal), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    frontier = sorted((p.kl, p.refusal) for p in points if p.frontier)
+    if len(frontier) > 1:
+        ax.step(*zip(*frontier, strict=True), where="post", linestyle="--", color="grey", linewidth=1, label="jailbreak frontier")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
 
 
 def write_report(comparison: Comparison, out: str | Path) -> Path:

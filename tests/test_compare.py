@@ -723,3 +723,28 @@ def test_a_method_that_cannot_apply_becomes_a_failed_row_and_the_rest_are_measur
         monkeypatch.setattr(CompareContext, "writing_heads", lambda self, error=error: (_ for _ in ()).throw(error))
         with pytest.raises(type(error)):
             compare(model, *prompts, methods=["none", "head_ablation_hook"], **kwargs)
+
+
+def _row(method: str, refusal_harmful: float, refusal_harmless: float, kl: float, **details):
+    from featsteer.compare import MethodResult
+
+    return MethodResult(method=method, description="", refusal_harmful=refusal_harmful, refusal_harmless=refusal_harmless,
+                        ci_harmful=(0.0, 1.0), ci_harmless=(0.0, 1.0), kl_harmless=kl, kl_harmless_answered=None,
+                        refusal_score_harmful=0.0, refusal_score_harmless=0.0, over_refusal=None, seconds=0.0, examples=[],
+                        details=details)
+
+
+def test_the_pareto_plot_reads_each_method_by_its_own_goal():
+    """The induce methods were plotted by refusal on the harmful prompts, where a method that makes the model refuse the
+    harmless ones shows up as a bad jailbreak; points were unlabelled by their setting and no frontier was drawn."""
+    from featsteer.compare import Comparison, ParetoPoint, pareto_png, pareto_points
+
+    rows = [_row("none", 0.9, 0.05, 0.0), _row("dim_abliteration", 0.0, 0.0, 0.14), _row("dim_ace_hook", 0.1, 0.0, 0.02, setting="alpha=0"),
+            _row("dim_ablation_hook", 0.2, 0.0, 0.3), _row("dim_actadd_induce", 0.95, 0.8, 0.5, setting="x1")]
+    points = pareto_points(Comparison(rows, {}))
+    assert points["jailbreak"] == [ParetoPoint("none", 0.0, 0.9, True), ParetoPoint("dim_abliteration", 0.14, 0.0, True),
+                                   ParetoPoint("dim_ace_hook (alpha=0)", 0.02, 0.1, True), ParetoPoint("dim_ablation_hook", 0.3, 0.2, False)]
+    assert points["induce"] == [ParetoPoint("none", 0.0, 0.05), ParetoPoint("dim_actadd_induce (x1)", 0.5, 0.8)]
+    assert pareto_points(Comparison(rows[:2], {}))["induce"] == []  # no induce method: no induce panel, not even for none
+    for kept in (rows, rows[:2], rows[-1:]):  # both rows of panels, the jailbreak row alone, the induce row alone
+        assert pareto_png(Comparison(kept, {}))[:4] == b"\x89PNG"
