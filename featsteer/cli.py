@@ -843,7 +843,7 @@ def _addition(args: argparse.Namespace, mode: str, model, direction, length: flo
     if scale == "auto":
         from featsteer.compare import pick_induce_scale
 
-        scale, rates = pick_induce_scale(model, add, pick_prompts)
+        scale, rates = pick_induce_scale(model, add, pick_prompts, batch_size=args.batch_size)
         picked = {"prompts": len(pick_prompts), "coherent_refusal": {f"{k:g}": v for k, v in rates.items()}}
         print(f"scale picked on {len(pick_prompts)} validation harmless prompts the check does not read (coherent refusal): "
               + ", ".join(f"{k:g}x {v:.2f}" for k, v in rates.items()) + f" -> {scale:g}")

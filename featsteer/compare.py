@@ -852,7 +852,8 @@ def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], cont
 
 def pick_induce_scale(model: ModelAdapter, add: Callable[[float], contextlib.AbstractContextManager], prompts: Sequence[str],
                       scales: Sequence[float] = INDUCE_SCALES, tolerance: float = 0.05,
-                      max_new_tokens: int = INDUCE_VALIDATION_NEW_TOKENS, system: str | None = None) -> tuple[float, dict[float, float]]:
+                      max_new_tokens: int = INDUCE_VALIDATION_NEW_TOKENS, system: str | None = None,
+                      batch_size: int = GenerationConfig.batch_size) -> tuple[float, dict[float, float]]:
     """The smallest activation-addition scale whose generated refusal rate on `prompts` is within `tolerance` of
     the best scale's.
 
@@ -869,11 +870,13 @@ def pick_induce_scale(model: ModelAdapter, add: Callable[[float], contextlib.Abs
         tolerance: how far below the best rate a smaller scale may be and still win (smaller scale, lower KL).
         max_new_tokens: generation cap for the check.
         system: Optional system prompt the check formats the prompts with.
+        batch_size: prompts per generation batch (in bfloat16 a batch's padding can change a greedy response, so the
+            picks generate with the run's batch size, `--batch-size`).
 
     Returns:
         The chosen scale and the refusal rate of every scale tried.
     """
-    gen, detector = GenerationConfig(max_new_tokens=max_new_tokens, system=system), RefusalDetector()
+    gen, detector = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, system=system), RefusalDetector()
     rates: dict[float, float] = {}
     for scale in sorted(scales):
         with add(scale):
@@ -890,7 +893,8 @@ def _dim_addition(ctx: CompareContext) -> tuple[Tensor, str]:
 
 def _induce_scale(ctx: CompareContext, hook: str, add: Callable[[float], contextlib.AbstractContextManager]) -> float:
     """The scale `pick_induce_scale` picks for `add` on the validation harmless prompts; noted with every scale's rate."""
-    scale, rates = pick_induce_scale(ctx.model, add, ctx.validation()[1], tolerance=ctx.steering_config.tolerance, system=ctx.system)
+    scale, rates = pick_induce_scale(ctx.model, add, ctx.validation()[1], tolerance=ctx.steering_config.tolerance, system=ctx.system,
+                                     batch_size=ctx.direction_config.batch_size)
     ctx.note(induce_hook=hook, induce_scale=scale, induce_val_refusal={str(k): v for k, v in rates.items()}, setting=f"x{scale:g}")
     return scale
 
@@ -1128,7 +1132,7 @@ def _ace_induce(ctx: CompareContext):
     alphas, make = ctx.steering_config.choices("ace_induce_alpha"), _affine_edits(ctx)
     if len(alphas) > 1:
         alpha, rates = pick_induce_scale(ctx.model, lambda a: steer(ctx.model, make(a)), ctx.validation()[1], alphas,
-                                         ctx.steering_config.tolerance, system=ctx.system)
+                                         ctx.steering_config.tolerance, system=ctx.system, batch_size=ctx.direction_config.batch_size)
         ctx.note(validation={f"alpha={a:g}": {"refusal_harmless": rate} for a, rate in rates.items()})
     else:
         alpha = alphas[0]
@@ -1223,7 +1227,7 @@ def _pick_induce(ctx: CompareContext, settings: Sequence[tuple[int, float]]) -> 
     if len(settings) == 1:
         return settings[0]
     val_harmless = ctx.validation()[1]
-    gen, detector = ctx.validation_generation(INDUCE_VALIDATION_NEW_TOKENS, GenerationConfig.batch_size), RefusalDetector()
+    gen, detector = ctx.validation_generation(INDUCE_VALIDATION_NEW_TOKENS), RefusalDetector()
     strength = {setting: _clamp_write_norm(ctx, *setting) for setting in settings}
     rates: dict[tuple[int, float], float] = {}
     for k, multiple in sorted(settings, key=lambda setting: (strength[setting], setting)):
