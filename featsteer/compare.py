@@ -76,6 +76,7 @@ from featsteer.pipeline import (
     DirectionResult,
     abliterate,
     capture_training,
+    filter_by_refusal,
     find_refusal_direction,
     heads_of,
     split,
@@ -367,6 +368,8 @@ class CompareContext:
     """The `_directions` keys this context's methods read (a `reuse` brings an earlier run's others along)."""
     _weights: str | None = None
     """The model's `weights_fingerprint` when the comparison began, which a `reuse` must match."""
+    _filtered: tuple[PromptSet, PromptSet] | None = None
+    """The training prompts the train filter kept (`training`), once found."""
 
     def __post_init__(self) -> None:
         check_system(self.system)
@@ -442,12 +445,27 @@ class CompareContext:
             from featsteer.interventions import fit_leace_erasers
 
             captured = self._captured()  # a direction method's capture when one ran; else the same capture, without a selection
-            acts = captured.activations if captured else capture_training(self.model, *self.training(), self.direction_config)[1]
+            acts = captured.activations if captured else capture_training(self.model, *self._split_training(), self.direction_config)[1]
             self._erasers = fit_leace_erasers(*acts)
         return self._erasers
 
     def training(self) -> tuple[PromptSet, PromptSet]:
-        """The harmful and harmless prompts directions are fitted and features ranked on."""
+        """The harmful and harmless prompts every method learns from: the directions are fitted, the SAE features ranked,
+        the CAST gate fitted, expert routing counted and the template tokens found on them. With
+        `direction_config.filter_train` they are the prompts the train filter keeps (read from a direction method's result,
+        or filtered once here), so no method reads a prompt the directions left out."""
+        harmful, harmless = self._split_training()
+        if not self.direction_config.filter_train:
+            return harmful, harmless
+        if self._filtered is None:
+            captured = self._captured()
+            kept = captured.train if captured else filter_by_refusal(self.model, harmful, harmless, self.direction_config.batch_size)[:2]
+            self._filtered = (kept[0], kept[1])
+        return self._filtered
+
+    def _split_training(self) -> tuple[PromptSet, PromptSet]:
+        """The training prompts before the train filter: the whole sets with explicit validation prompts, else all but the
+        held-out last `direction_config.val_fraction`."""
         if self.val is not None:
             return self.harmful, self.harmless
         fraction = self.direction_config.val_fraction
@@ -1780,8 +1798,9 @@ def _eval_overlap(ctx: CompareContext, eval_harmful: PromptSet, eval_harmless: P
     """`{"harmful": n, "harmless": n}`: evaluation prompts that are also training or validation prompts (the directions
     were fitted, or the settings picked, on them), with a warning when there are any: the table is then not held out."""
     overlap = {}
-    for name, evaluated, trained, validated in (("harmful", eval_harmful, ctx.training()[0], ctx.validation_sets()[0]),
-                                                ("harmless", eval_harmless, ctx.training()[1], ctx.validation_sets()[1])):
+    training = ctx._split_training()  # the train filter read them all, whichever it kept
+    for name, evaluated, trained, validated in (("harmful", eval_harmful, training[0], ctx.validation_sets()[0]),
+                                                ("harmless", eval_harmless, training[1], ctx.validation_sets()[1])):
         seen = {*trained, *validated}
         overlap[name] = sum(prompt in seen for prompt in evaluated)
         if overlap[name]:
@@ -1856,7 +1875,7 @@ def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
                              "(an edit applied or not undone): run without reuse=, or undo the edit first")
     if key(old) != key(ctx):
         raise FeatsteerError("reuse= needs a comparison of the same training and validation prompts and direction config")
-    ctx._directions, ctx._erasers, ctx._writing_heads = dict(old._directions), old._erasers, old._writing_heads
+    ctx._directions, ctx._erasers, ctx._writing_heads, ctx._filtered = dict(old._directions), old._erasers, old._writing_heads, old._filtered
     if old.validation() == ctx.validation():  # the picks read the same prompts (n_pick may differ)
         ctx._gate = old._gate
         if old.system == ctx.system:  # and format them the same way

@@ -748,3 +748,41 @@ def test_the_pareto_plot_reads_each_method_by_its_own_goal():
     assert pareto_points(Comparison(rows[:2], {}))["induce"] == []  # no induce method: no induce panel, not even for none
     for kept in (rows, rows[:2], rows[-1:]):  # both rows of panels, the jailbreak row alone, the induce row alone
         assert pareto_png(Comparison(kept, {}))[:4] == b"\x89PNG"
+
+
+def test_with_the_train_filter_every_method_reads_the_prompts_it_kept(monkeypatch):
+    """With filter_train, the directions were fitted on the prompts the filter kept, but the SAE ranking, the CAST gate,
+    expert routing and the template tokens read `ctx.training()`, the unfiltered prompts."""
+    import featsteer.compare as cmp
+    from featsteer.datasets import PromptSet
+
+    model = load_model("organism")  # it refuses these harmful prompts and answers the harmless ones slipped in among them
+    harmful, harmless = builtin_prompts("harmful", "train").head(10), builtin_prompts("harmless", "train").head(12)
+    mixed = PromptSet(harmful.prompts + builtin_prompts("harmless", "train")[40:46].prompts, "mixed")
+    val = builtin_prompts("harmful", "val").head(4), builtin_prompts("harmless", "val").head(4)
+    read = {}
+
+    class Enough(Exception):
+        pass
+
+    def recording(name, where):  # the prompts the function is given (harmful ones, or the template's harmless ones), then stop
+        def record(*args, **kwargs):
+            read[name] = list(args[where])
+            raise Enough
+        return record
+
+    monkeypatch.setattr(cmp, "rank_sae_features", recording("sae", 2))
+    monkeypatch.setattr(cmp, "fit_gate", recording("gate", 1))
+    monkeypatch.setattr(cmp, "template_tokens", recording("template", 1))
+    ctx = cmp.CompareContext(model, mixed, harmless, DirectionConfig(n_select=4, filter_train=True), val=val, saes={"blocks.1.hook_resid_pre": None})
+    assert list(ctx.training()[0]) == list(harmful)  # filtered before any direction was found
+    kept = ctx.directions("dim").train
+    assert [list(p) for p in ctx.training()] == [list(p) for p in kept]
+    for name, run in (("sae", ctx.feature_ranking), ("gate", ctx.gate), ("template", lambda: cmp.method_context(ctx, "dim_template_induce"))):
+        with pytest.raises(Enough):
+            run()
+        assert read[name] == (list(kept[1]) if name == "template" else list(kept[0])), name
+    fresh = cmp.CompareContext(model, mixed, harmless, DirectionConfig(n_select=4, filter_train=True), val=val)
+    fresh.directions("dim")  # found first: the context reads the direction result's kept prompts, without filtering again
+    monkeypatch.setattr(cmp, "filter_by_refusal", lambda *args: pytest.fail("filtered again"))
+    assert [list(p) for p in fresh.training()] == [list(p) for p in kept]
