@@ -843,7 +843,7 @@ def _addition(args: argparse.Namespace, mode: str, model, direction, length: flo
     if scale == "auto":
         from featsteer.compare import pick_induce_scale
 
-        scale, rates = pick_induce_scale(model, add, pick_prompts)
+        scale, rates = pick_induce_scale(model, add, pick_prompts, batch_size=args.batch_size)
         picked = {"prompts": len(pick_prompts), "coherent_refusal": {f"{k:g}": v for k, v in rates.items()}}
         print(f"scale picked on {len(pick_prompts)} validation harmless prompts the check does not read (coherent refusal): "
               + ", ".join(f"{k:g}x {v:.2f}" for k, v in rates.items()) + f" -> {scale:g}")
@@ -1601,6 +1601,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if "sae_hook" in result.details:
             picked = f" (picked {result.details['setting']} on validation)" if "sae_validation" in result.details else ""
             print(f"  {result.method}: {result.details['sae_hook']} features {result.details['sae_features']}{picked}")
+    for failed in comparison.failed:  # the other methods' figures stand: the run succeeds, and says what it lacks
+        print(f"\nfailed: {failed.method}: {failed.error}")
     print(f"\nwrote {folder}/results.json, report.html, pareto.png, responses.json")
     print(f"read the responses by hand: featsteer label {folder} --method METHOD")
     return 0

@@ -76,6 +76,7 @@ from featsteer.pipeline import (
     DirectionResult,
     abliterate,
     capture_training,
+    filter_by_refusal,
     find_refusal_direction,
     heads_of,
     split,
@@ -367,6 +368,8 @@ class CompareContext:
     """The `_directions` keys this context's methods read (a `reuse` brings an earlier run's others along)."""
     _weights: str | None = None
     """The model's `weights_fingerprint` when the comparison began, which a `reuse` must match."""
+    _filtered: tuple[PromptSet, PromptSet] | None = None
+    """The training prompts the train filter kept (`training`), once found."""
 
     def __post_init__(self) -> None:
         check_system(self.system)
@@ -442,12 +445,27 @@ class CompareContext:
             from featsteer.interventions import fit_leace_erasers
 
             captured = self._captured()  # a direction method's capture when one ran; else the same capture, without a selection
-            acts = captured.activations if captured else capture_training(self.model, *self.training(), self.direction_config)[1]
+            acts = captured.activations if captured else capture_training(self.model, *self._split_training(), self.direction_config)[1]
             self._erasers = fit_leace_erasers(*acts)
         return self._erasers
 
     def training(self) -> tuple[PromptSet, PromptSet]:
-        """The harmful and harmless prompts directions are fitted and features ranked on."""
+        """The harmful and harmless prompts every method learns from: the directions are fitted, the SAE features ranked,
+        the CAST gate fitted, expert routing counted and the template tokens found on them. With
+        `direction_config.filter_train` they are the prompts the train filter keeps (read from a direction method's result,
+        or filtered once here), so no method reads a prompt the directions left out."""
+        harmful, harmless = self._split_training()
+        if not self.direction_config.filter_train:
+            return harmful, harmless
+        if self._filtered is None:
+            captured = self._captured()
+            kept = captured.train if captured else filter_by_refusal(self.model, harmful, harmless, self.direction_config.batch_size)[:2]
+            self._filtered = (kept[0], kept[1])
+        return self._filtered
+
+    def _split_training(self) -> tuple[PromptSet, PromptSet]:
+        """The training prompts before the train filter: the whole sets with explicit validation prompts, else all but the
+        held-out last `direction_config.val_fraction`."""
         if self.val is not None:
             return self.harmful, self.harmless
         fraction = self.direction_config.val_fraction
@@ -852,7 +870,8 @@ def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], cont
 
 def pick_induce_scale(model: ModelAdapter, add: Callable[[float], contextlib.AbstractContextManager], prompts: Sequence[str],
                       scales: Sequence[float] = INDUCE_SCALES, tolerance: float = 0.05,
-                      max_new_tokens: int = INDUCE_VALIDATION_NEW_TOKENS, system: str | None = None) -> tuple[float, dict[float, float]]:
+                      max_new_tokens: int = INDUCE_VALIDATION_NEW_TOKENS, system: str | None = None,
+                      batch_size: int = GenerationConfig.batch_size) -> tuple[float, dict[float, float]]:
     """The smallest activation-addition scale whose generated refusal rate on `prompts` is within `tolerance` of
     the best scale's.
 
@@ -869,11 +888,13 @@ def pick_induce_scale(model: ModelAdapter, add: Callable[[float], contextlib.Abs
         tolerance: how far below the best rate a smaller scale may be and still win (smaller scale, lower KL).
         max_new_tokens: generation cap for the check.
         system: Optional system prompt the check formats the prompts with.
+        batch_size: prompts per generation batch (in bfloat16 a batch's padding can change a greedy response, so the
+            picks generate with the run's batch size, `--batch-size`).
 
     Returns:
         The chosen scale and the refusal rate of every scale tried.
     """
-    gen, detector = GenerationConfig(max_new_tokens=max_new_tokens, system=system), RefusalDetector()
+    gen, detector = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, system=system), RefusalDetector()
     rates: dict[float, float] = {}
     for scale in sorted(scales):
         with add(scale):
@@ -890,7 +911,8 @@ def _dim_addition(ctx: CompareContext) -> tuple[Tensor, str]:
 
 def _induce_scale(ctx: CompareContext, hook: str, add: Callable[[float], contextlib.AbstractContextManager]) -> float:
     """The scale `pick_induce_scale` picks for `add` on the validation harmless prompts; noted with every scale's rate."""
-    scale, rates = pick_induce_scale(ctx.model, add, ctx.validation()[1], tolerance=ctx.steering_config.tolerance, system=ctx.system)
+    scale, rates = pick_induce_scale(ctx.model, add, ctx.validation()[1], tolerance=ctx.steering_config.tolerance, system=ctx.system,
+                                     batch_size=ctx.direction_config.batch_size)
     ctx.note(induce_hook=hook, induce_scale=scale, induce_val_refusal={str(k): v for k, v in rates.items()}, setting=f"x{scale:g}")
     return scale
 
@@ -1128,7 +1150,7 @@ def _ace_induce(ctx: CompareContext):
     alphas, make = ctx.steering_config.choices("ace_induce_alpha"), _affine_edits(ctx)
     if len(alphas) > 1:
         alpha, rates = pick_induce_scale(ctx.model, lambda a: steer(ctx.model, make(a)), ctx.validation()[1], alphas,
-                                         ctx.steering_config.tolerance, system=ctx.system)
+                                         ctx.steering_config.tolerance, system=ctx.system, batch_size=ctx.direction_config.batch_size)
         ctx.note(validation={f"alpha={a:g}": {"refusal_harmless": rate} for a, rate in rates.items()})
     else:
         alpha = alphas[0]
@@ -1223,7 +1245,7 @@ def _pick_induce(ctx: CompareContext, settings: Sequence[tuple[int, float]]) -> 
     if len(settings) == 1:
         return settings[0]
     val_harmless = ctx.validation()[1]
-    gen, detector = ctx.validation_generation(INDUCE_VALIDATION_NEW_TOKENS, GenerationConfig.batch_size), RefusalDetector()
+    gen, detector = ctx.validation_generation(INDUCE_VALIDATION_NEW_TOKENS), RefusalDetector()
     strength = {setting: _clamp_write_norm(ctx, *setting) for setting in settings}
     rates: dict[tuple[int, float], float] = {}
     for k, multiple in sorted(settings, key=lambda setting: (strength[setting], setting)):
@@ -1342,6 +1364,20 @@ class MethodResult:
     difference; None for the baseline itself."""
 
 
+@dataclass(frozen=True)
+class FailedMethod:
+    """A method that raised its own one-line `FeatsteerError` before it was measured (e.g. no attention head writes the
+    DIM direction more on harmful prompts): recorded with the error in place of metrics, and the comparison goes on."""
+
+    method: str
+    description: str
+    error: str
+    """The error's message: why the method cannot apply to this model or these prompts."""
+    seconds: float
+    details: dict = field(default_factory=dict)
+    """What the method had noted before it failed."""
+
+
 PAIRED_BASELINES = ("dim_abliteration", "none")
 """The first of these a comparison runs is the baseline every other method is paired against."""
 
@@ -1361,15 +1397,21 @@ def _judged(judge: RefusalJudge, harmful: SetResult, harmless: SetResult) -> tup
 
 
 def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, tokens, gen: GenerationConfig,
-             along_base: ResponseBase | None = None, judge: RefusalJudge | None = None) -> tuple[MethodResult, dict[str, list[str]]]:
-    """One method's metrics on the evaluation sets, and its responses (`{"harmful": [...], "harmless": [...]}`)."""
+             along_base: ResponseBase | None = None,
+             judge: RefusalJudge | None = None) -> tuple[MethodResult | FailedMethod, dict[str, list[str]] | None]:
+    """One method's metrics on the evaluation sets, and its responses (`{"harmful": [...], "harmless": [...]}`); or, when
+    the method raises a `FeatsteerError` while it finds its direction or picks its setting, its `FailedMethod` and None.
+    Any other error, and a `FeatsteerError` of the evaluation itself, stops the comparison."""
     description = _METHODS[name].description
     detector = RefusalDetector()
     start = time.perf_counter()
     ctx._notes = {}
-    manager = method_context(ctx, name)  # may find directions first: not counted in the intervention's own time
-    start_eval = time.perf_counter()
-    with manager:
+    with contextlib.ExitStack() as applied:
+        try:  # finding directions and picking a setting may show that the method cannot apply here
+            applied.enter_context(method_context(ctx, name))
+        except FeatsteerError as error:
+            return _failed(ctx, name, error, start), None
+        start_eval = time.perf_counter()
         # first-token log-probs come from each generation's own prefill, as the base's do
         harmful = evaluate_set(ctx.model, eval_sets["harmful"], "harmful", gen, detector, keep_logprobs=True)
         harmless = evaluate_set(ctx.model, eval_sets["harmless"], "harmless", gen, detector, keep_logprobs=True)
@@ -1400,6 +1442,20 @@ def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, toke
         judge=judged,
     )
     return result, {"harmful": list(harmful.responses), "harmless": list(harmless.responses)}
+
+
+def _failed(ctx: CompareContext, name: str, error: FeatsteerError, start: float) -> FailedMethod:
+    """The row of a method whose own error says it cannot apply, once the model is checked to be as it was.
+
+    Raises:
+        FeatsteerError: when the failed method left the model's weights changed (the later methods would read them).
+    """
+    if weights_fingerprint(ctx.model) != ctx._weights:
+        raise FeatsteerError(f"{name} failed ({error}) and left the model's weights changed, so no later method could be "
+                             "measured on the unedited model: leave it out with --methods") from error
+    logger.warning("%s failed, the comparison goes on without it: %s", name, error)
+    return FailedMethod(method=name, description=_METHODS[name].description, error=str(error),
+                        seconds=time.perf_counter() - start, details=dict(ctx._notes))
 
 
 def _paired(results: list[MethodResult], baseline_name: str | None = None) -> list[MethodResult]:
@@ -1449,6 +1505,9 @@ class Comparison:
     `write_report` puts them in `responses.json` next to it."""
     eval_prompts: dict[str, list[str]] = field(default_factory=dict, repr=False)
     """`{"harmful": [...], "harmless": [...]}`: the evaluation prompts the responses answer."""
+    failed: list[FailedMethod] = field(default_factory=list)
+    """The methods that could not apply (their own `FeatsteerError` while finding a direction or picking a setting), in
+    the order they ran: not in `results`, but in the tables, the report and `results.json`'s `failed`."""
 
     def responses_json(self) -> dict:
         """The evaluation prompts and every method's responses, JSON-ready (`write_report`'s `responses.json`)."""
@@ -1469,6 +1528,7 @@ class Comparison:
                          f"| {_kl_cell(r.kl_response_harmless)} / {_kl_cell(r.kl_response_harmless_answered)} | {over} "
                          f"| {r.refusal_score_harmful:.2f} | {_cell(r.looping_harmful)} / {_cell(r.looping_harmless)} | {_cell(r.base_nll_harmless)} |"
                          + (f" {_judge_cell(r.judge)} |" if judged else ""))
+        lines += [f"| {f.method} | failed: {_one_cell(f.error)} |" + " - |" * (8 + judged) for f in self.failed]
         return "\n".join(lines)
 
     def paired_table(self) -> str | None:
@@ -1524,8 +1584,8 @@ class Comparison:
 
     def to_json(self) -> dict:
         """JSON-ready form."""
-        return {"setup": self.setup, "results": [asdict(r) for r in self.results], "coherence_warnings": self.coherence_warnings(),
-                "bound_exclusions": self.bound_exclusions()}
+        return {"setup": self.setup, "results": [asdict(r) for r in self.results], "failed": [asdict(f) for f in self.failed],
+                "coherence_warnings": self.coherence_warnings(), "bound_exclusions": self.bound_exclusions()}
 
 
 def markdown_table_html(table: str) -> str:
@@ -1555,6 +1615,11 @@ def _paired_rate_cell(row: dict) -> str:
 def _paired_mean_cell(row: dict | None) -> str:
     """"+0.0123 [+0.0040, +0.0210]": mean paired difference and its bootstrap interval, or "-"."""
     return "-" if row is None else f"{row['difference']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}]"
+
+
+def _one_cell(text: str) -> str:
+    """`text` made safe for one markdown table cell (no pipe, no line break)."""
+    return " ".join(text.replace("|", "/").split())
 
 
 def _kl_cell(value: float | None) -> str:
@@ -1686,8 +1751,12 @@ def compare(
     along = response_base(model, list(base_harmless.prompts), list(base_harmless.response_tokens), max_tokens=gen.max_new_tokens,
                           batch_size=gen.batch_size, system=gen.system)
     eval_sets = {"harmful": eval_harmful, "harmless": eval_harmless, "alarming": alarming}
-    measured = [_measure(ctx, name, eval_sets, base, tokens, gen, along, judge) for name in names]
-    results = _paired([result for result, _ in measured], baseline)
+    measured = {name: _measure(ctx, name, eval_sets, base, tokens, gen, along, judge) for name in names}
+    failed = [result for result, _ in measured.values() if isinstance(result, FailedMethod)]
+    if len(failed) == len(names):
+        raise FeatsteerError("every method failed, so there is nothing to compare: "
+                             + "; ".join(f"{f.method}: {f.error}" for f in failed))
+    results = _paired([result for result, _ in measured.values() if isinstance(result, MethodResult)], baseline)
     setup = {
         "model": model.name, "weights_fingerprint": ctx._weights, "n_train_harmful": len(harmful), "n_train_harmless": len(harmless),
         "n_eval_harmful": len(eval_harmful), "n_eval_harmless": len(eval_harmless),
@@ -1713,8 +1782,8 @@ def compare(
                           "anchors": None if checked is None else checked.to_dict()}
     if sae_map is not None:
         setup["sae"] = _sae_setup(ctx)
-    return Comparison(results, setup, ctx, responses={name: kept for name, (_, kept) in zip(names, measured, strict=True)},
-                      eval_prompts={"harmful": list(eval_harmful), "harmless": list(eval_harmless)})
+    return Comparison(results, setup, ctx, responses={name: kept for name, (_, kept) in measured.items() if kept is not None},
+                      eval_prompts={"harmful": list(eval_harmful), "harmless": list(eval_harmless)}, failed=failed)
 
 
 def _prompt_provenance(sets: Mapping[str, PromptSet | None]) -> dict[str, dict[str, Any] | None]:
@@ -1729,8 +1798,9 @@ def _eval_overlap(ctx: CompareContext, eval_harmful: PromptSet, eval_harmless: P
     """`{"harmful": n, "harmless": n}`: evaluation prompts that are also training or validation prompts (the directions
     were fitted, or the settings picked, on them), with a warning when there are any: the table is then not held out."""
     overlap = {}
-    for name, evaluated, trained, validated in (("harmful", eval_harmful, ctx.training()[0], ctx.validation_sets()[0]),
-                                                ("harmless", eval_harmless, ctx.training()[1], ctx.validation_sets()[1])):
+    training = ctx._split_training()  # the train filter read them all, whichever it kept
+    for name, evaluated, trained, validated in (("harmful", eval_harmful, training[0], ctx.validation_sets()[0]),
+                                                ("harmless", eval_harmless, training[1], ctx.validation_sets()[1])):
         seen = {*trained, *validated}
         overlap[name] = sum(prompt in seen for prompt in evaluated)
         if overlap[name]:
@@ -1805,7 +1875,7 @@ def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
                              "(an edit applied or not undone): run without reuse=, or undo the edit first")
     if key(old) != key(ctx):
         raise FeatsteerError("reuse= needs a comparison of the same training and validation prompts and direction config")
-    ctx._directions, ctx._erasers, ctx._writing_heads = dict(old._directions), old._erasers, old._writing_heads
+    ctx._directions, ctx._erasers, ctx._writing_heads, ctx._filtered = dict(old._directions), old._erasers, old._writing_heads, old._filtered
     if old.validation() == ctx.validation():  # the picks read the same prompts (n_pick may differ)
         ctx._gate = old._gate
         if old.system == ctx.system:  # and format them the same way
@@ -1825,35 +1895,93 @@ def _sae_setup(ctx: CompareContext, n_top: int = 10) -> dict[str, Any]:
     return setup
 
 
+INDUCE_SUFFIX = "_induce"
+"""Methods named `*_induce` aim at refusal of the harmless prompts; every other method at no refusal of the harmful ones."""
+
+PARETO_GOALS = (("jailbreak", "refusal_harmful", "refusal rate, held-out harmful prompts"),
+                ("induce", "refusal_harmless", "refusal rate, held-out harmless prompts"))
+"""`(goal, MethodResult field read, y label)` of the Pareto plot's rows of panels: each method is read by its own goal."""
+_PARETO_TITLES = {"jailbreak": "jailbreak methods: lower refusal is better", "induce": "*_induce methods: higher refusal is better"}
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    """One method's point in one panel of the Pareto plot."""
+
+    label: str
+    """The method, with its picked setting when it has one (`dim_ace_hook (alpha=0)`)."""
+    kl: float
+    refusal: float
+    frontier: bool = False
+    """On the jailbreak frontier: no other point of the panel has both lower (or equal) KL and lower (or equal) refusal."""
+
+
+def pareto_points(comparison: Comparison, kl: str = "kl_harmless") -> dict[str, list[ParetoPoint]]:
+    """`{goal: points}` of the Pareto plot for one KL (`kl_harmless` or `kl_response_harmless`): `jailbreak` holds every
+    method but the `*_induce` ones by refusal on the harmful prompts, with its frontier marked; `induce` the `*_induce`
+    methods by refusal on the harmless prompts (their goal), with `none` as the unedited reference in both. A method
+    without that KL is left out; `induce` is empty when no induce method ran."""
+    points: dict[str, list[ParetoPoint]] = {"jailbreak": [], "induce": []}
+    ran_induce = any(r.method.endswith(INDUCE_SUFFIX) for r in comparison.results)
+    for r in comparison.results:
+        value = getattr(r, kl)
+        if value is None:
+            continue
+        label = f"{r.method} ({r.details['setting']})" if "setting" in r.details else r.method
+        goals = ["induce"] if r.method.endswith(INDUCE_SUFFIX) else ["jailbreak"] + (["induce"] if r.method == "none" and ran_induce else [])
+        for goal in goals:
+            field_name = next(name for key, name, _ in PARETO_GOALS if key == goal)
+            points[goal].append(ParetoPoint(label, value, getattr(r, field_name)))
+    jailbreaks = points["jailbreak"]
+    points["jailbreak"] = [dataclasses.replace(p, frontier=not any(o is not p and o.kl <= p.kl and o.refusal <= p.refusal
+                                                                   and (o.kl, o.refusal) != (p.kl, p.refusal) for o in jailbreaks))
+                           for p in jailbreaks]
+    return points
+
+
 def pareto_png(comparison: Comparison) -> bytes:
-    """Refusal rate on harmful prompts vs KL on harmless prompts, one point per method: by the first token, and (when
-    measured) along the unedited model's own answers beside it."""
+    """Refusal vs KL on harmless prompts, one point per method labelled with its picked setting: the jailbreak methods by
+    refusal on the harmful prompts with their frontier drawn, the `*_induce` methods in a row below by refusal on the
+    harmless prompts (`pareto_points`); by the first-token KL, and (when measured) along the unedited answers beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("kl_harmless", "KL(base || method), first token, harmless prompts (nats)")]
+    kls = [("kl_harmless", "KL(base || method), first token, harmless prompts (nats)")]
     if any(r.kl_response_harmless is not None for r in comparison.results):
-        panels.append(("kl_response_harmless", "KL(base || method) along the unedited answers (nats)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels, strict=True):
-        for r in comparison.results:
-            kl = getattr(r, key)
-            if kl is None:
-                continue
-            ax.scatter(kl, r.refusal_harmful, s=40)
-            ax.annotate(r.method, (kl, r.refusal_harmful), fontsize=8, xytext=(4, 3), textcoords="offset points")
-        ax.set_xscale("symlog", linthresh=1e-3)
-        ax.set_xlabel(label)
-        ax.set_ylabel("refusal rate on held-out harmful prompts")
-        ax.set_ylim(-0.05, 1.05)
-        ax.grid(alpha=0.3)
+        kls.append(("kl_response_harmless", "KL(base || method) along the unedited answers (nats)"))
+    by_kl = {key: pareto_points(comparison, key) for key, _ in kls}
+    goals = [goal for goal in PARETO_GOALS if any(by_kl[key][goal[0]] for key, _ in kls)]
+    fig, axes = plt.subplots(len(goals), len(kls), figsize=(6.5 * len(kls), 4.5 * len(goals)), squeeze=False)
+    for row, (goal, _, y_label) in enumerate(goals):
+        for ax, (key, x_label) in zip(axes[row], kls, strict=True):
+            _pareto_panel(ax, by_kl[key][goal], x_label, y_label)
+            ax.set_title(_PARETO_TITLES[goal], fontsize=10)
     fig.tight_layout()
+    if comparison.failed:  # no figures to plot: named under the panels so their absence is not read as a result
+        fig.subplots_adjust(bottom=0.2 / len(goals))
+        fig.text(0.01, 0.01, "not plotted, failed: " + ", ".join(f.method for f in comparison.failed), fontsize=8, color="firebrick")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _pareto_panel(ax: Any, points: Sequence[ParetoPoint], x_label: str, y_label: str) -> None:
+    """One panel: the points with their labels, and the frontier (when marked) as a dashed line through its points."""
+    for point in points:
+        ax.scatter(point.kl, point.refusal, s=40, edgecolors="black" if point.frontier else "none")
+        ax.annotate(point.label, (point.kl, point.refusal), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    frontier = sorted((p.kl, p.refusal) for p in points if p.frontier)
+    if len(frontier) > 1:
+        ax.step(*zip(*frontier, strict=True), where="post", linestyle="--", color="grey", linewidth=1, label="jailbreak frontier")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
 
 
 def write_report(comparison: Comparison, out: str | Path) -> Path:
@@ -1904,6 +2032,9 @@ def _html(comparison: Comparison, png: bytes) -> str:
         f"<td>{r.refusal_score_harmful:.2f}</td><td>{_cell(r.looping_harmful)} / {_cell(r.looping_harmless)}</td>"
         f"<td>{_cell(r.base_nll_harmless)}</td>" + (f"<td>{html.escape(_judge_cell(r.judge))}</td>" if judged else "") + "</tr>"
         for r in comparison.results
+    ) + "".join(
+        f"<tr><td>{html.escape(f.method)}</td><td>{html.escape(f.description)}</td><td colspan=\"{9 + judged}\"><b>failed</b>: "
+        f"{html.escape(f.error)}</td></tr>" for f in comparison.failed
     )
     examples = "".join(
         f"<h3>{html.escape(r.method)}</h3><ul>"

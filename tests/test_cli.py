@@ -1649,3 +1649,16 @@ def test_abliterate_api_refuses_optimize_with_an_amplifying_edit():
     for mode in ("amplify", "induce"):
         with pytest.raises(FeatsteerError, match=f"mode '{mode}' amplifies it"):
             abliterate(model, result, EditConfig(mode=mode), optimize=OptimizeConfig(steps=1))
+
+
+def test_compare_prints_a_method_that_cannot_apply_as_failed_and_exits_0(capsys, tmp_path, monkeypatch):
+    """One method's own error aborted the run with exit 2 and no folder, though the other methods' figures were valid."""
+    from featsteer.compare import CompareContext
+
+    monkeypatch.setattr(CompareContext, "writing_heads", lambda self: [])
+    code, out, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful", "--harmless", "builtin:harmless",
+                          "--n", "12", "--n-select", "3", "--methods", "none,head_ablation_hook", "--max-new-tokens", "2",
+                          "--out", str(tmp_path / "cmp"))
+    assert code == 0, err
+    assert "\nfailed: head_ablation_hook: no attention head writes the DIM direction" in out and "| head_ablation_hook | failed: " in out
+    assert json.loads((tmp_path / "cmp" / "results.json").read_text())["failed"][0]["method"] == "head_ablation_hook"

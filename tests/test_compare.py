@@ -695,3 +695,94 @@ def test_compare_records_every_prompt_set_it_read(prompts):
     assert recorded["train_harmless"]["source"] == "builtin:harmless:train"
     without = compare(model, *prompts, methods=["none"], direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=2))
     assert without.setup["prompts"]["alarming"] is None
+
+
+def test_a_method_that_cannot_apply_becomes_a_failed_row_and_the_rest_are_measured(prompts, tmp_path, monkeypatch):
+    """A method's own FeatsteerError (here: no head writes the DIM direction more on harmful prompts) aborted the whole
+    comparison, and nothing was written; other errors still stop it."""
+    from featsteer.compare import CompareContext
+
+    model = load_model("tiny:llama")
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    monkeypatch.setattr(CompareContext, "writing_heads", lambda self: [])
+    kwargs = dict(direction_config=DirectionConfig(n_select=3), generation=GenerationConfig(max_new_tokens=3))
+    comparison = compare(model, *prompts, methods=["none", "head_ablation_hook", "dim_abliteration"], **kwargs)
+    assert [r.method for r in comparison.results] == ["none", "dim_abliteration"]
+    assert [f.method for f in comparison.failed] == ["head_ablation_hook"] and "no attention head writes" in comparison.failed[0].error
+    assert comparison.results[0].paired["baseline"] == "dim_abliteration" and set(comparison.responses) == {"none", "dim_abliteration"}
+    assert "| head_ablation_hook | failed: no attention head writes" in comparison.table()
+    assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
+    folder = write_report(comparison, tmp_path / "cmp")
+    saved = json.loads((folder / "results.json").read_text())
+    assert [r["method"] for r in saved["results"]] == ["none", "dim_abliteration"]
+    assert saved["failed"][0]["method"] == "head_ablation_hook" and "no attention head writes" in saved["failed"][0]["error"]
+    assert "<b>failed</b>: no attention head writes" in (folder / "report.html").read_text()
+    with pytest.raises(FeatsteerError, match="every method failed, so there is nothing to compare: head_ablation_hook: no attention head"):
+        compare(model, *prompts, methods=["head_ablation_hook"], **kwargs)
+    for error in (RuntimeError("a bug"), KeyboardInterrupt()):  # not a method that cannot apply: the run stops
+        monkeypatch.setattr(CompareContext, "writing_heads", lambda self, error=error: (_ for _ in ()).throw(error))
+        with pytest.raises(type(error)):
+            compare(model, *prompts, methods=["none", "head_ablation_hook"], **kwargs)
+
+
+def _row(method: str, refusal_harmful: float, refusal_harmless: float, kl: float, **details):
+    from featsteer.compare import MethodResult
+
+    return MethodResult(method=method, description="", refusal_harmful=refusal_harmful, refusal_harmless=refusal_harmless,
+                        ci_harmful=(0.0, 1.0), ci_harmless=(0.0, 1.0), kl_harmless=kl, kl_harmless_answered=None,
+                        refusal_score_harmful=0.0, refusal_score_harmless=0.0, over_refusal=None, seconds=0.0, examples=[],
+                        details=details)
+
+
+def test_the_pareto_plot_reads_each_method_by_its_own_goal():
+    """The induce methods were plotted by refusal on the harmful prompts, where a method that makes the model refuse the
+    harmless ones shows up as a bad jailbreak; points were unlabelled by their setting and no frontier was drawn."""
+    from featsteer.compare import Comparison, ParetoPoint, pareto_png, pareto_points
+
+    rows = [_row("none", 0.9, 0.05, 0.0), _row("dim_abliteration", 0.0, 0.0, 0.14), _row("dim_ace_hook", 0.1, 0.0, 0.02, setting="alpha=0"),
+            _row("dim_ablation_hook", 0.2, 0.0, 0.3), _row("dim_actadd_induce", 0.95, 0.8, 0.5, setting="x1")]
+    points = pareto_points(Comparison(rows, {}))
+    assert points["jailbreak"] == [ParetoPoint("none", 0.0, 0.9, True), ParetoPoint("dim_abliteration", 0.14, 0.0, True),
+                                   ParetoPoint("dim_ace_hook (alpha=0)", 0.02, 0.1, True), ParetoPoint("dim_ablation_hook", 0.3, 0.2, False)]
+    assert points["induce"] == [ParetoPoint("none", 0.0, 0.05), ParetoPoint("dim_actadd_induce (x1)", 0.5, 0.8)]
+    assert pareto_points(Comparison(rows[:2], {}))["induce"] == []  # no induce method: no induce panel, not even for none
+    for kept in (rows, rows[:2], rows[-1:]):  # both rows of panels, the jailbreak row alone, the induce row alone
+        assert pareto_png(Comparison(kept, {}))[:4] == b"\x89PNG"
+
+
+def test_with_the_train_filter_every_method_reads_the_prompts_it_kept(monkeypatch):
+    """With filter_train, the directions were fitted on the prompts the filter kept, but the SAE ranking, the CAST gate,
+    expert routing and the template tokens read `ctx.training()`, the unfiltered prompts."""
+    import featsteer.compare as cmp
+    from featsteer.datasets import PromptSet
+
+    model = load_model("organism")  # it refuses these harmful prompts and answers the harmless ones slipped in among them
+    harmful, harmless = builtin_prompts("harmful", "train").head(10), builtin_prompts("harmless", "train").head(12)
+    mixed = PromptSet(harmful.prompts + builtin_prompts("harmless", "train")[40:46].prompts, "mixed")
+    val = builtin_prompts("harmful", "val").head(4), builtin_prompts("harmless", "val").head(4)
+    read = {}
+
+    class Enough(Exception):
+        pass
+
+    def recording(name, where):  # the prompts the function is given (harmful ones, or the template's harmless ones), then stop
+        def record(*args, **kwargs):
+            read[name] = list(args[where])
+            raise Enough
+        return record
+
+    monkeypatch.setattr(cmp, "rank_sae_features", recording("sae", 2))
+    monkeypatch.setattr(cmp, "fit_gate", recording("gate", 1))
+    monkeypatch.setattr(cmp, "template_tokens", recording("template", 1))
+    ctx = cmp.CompareContext(model, mixed, harmless, DirectionConfig(n_select=4, filter_train=True), val=val, saes={"blocks.1.hook_resid_pre": None})
+    assert list(ctx.training()[0]) == list(harmful)  # filtered before any direction was found
+    kept = ctx.directions("dim").train
+    assert [list(p) for p in ctx.training()] == [list(p) for p in kept]
+    for name, run in (("sae", ctx.feature_ranking), ("gate", ctx.gate), ("template", lambda: cmp.method_context(ctx, "dim_template_induce"))):
+        with pytest.raises(Enough):
+            run()
+        assert read[name] == (list(kept[1]) if name == "template" else list(kept[0])), name
+    fresh = cmp.CompareContext(model, mixed, harmless, DirectionConfig(n_select=4, filter_train=True), val=val)
+    fresh.directions("dim")  # found first: the context reads the direction result's kept prompts, without filtering again
+    monkeypatch.setattr(cmp, "filter_by_refusal", lambda *args: pytest.fail("filtered again"))
+    assert [list(p) for p in fresh.training()] == [list(p) for p in kept]

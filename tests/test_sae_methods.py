@@ -414,3 +414,26 @@ def test_compare_layers_keeps_the_sae_methods_to_saes_at_those_layers(model, pro
     assert comparison.results[0].details["sae_hook"] == other_hook
     with pytest.raises(FeatsteerError, match=r"--layers 3 leaves the SAE methods no SAE: the SAEs given are at blocks.1.hook_resid_post"):
         compare(model, *prompts, direction_config=DirectionConfig(n_select=3, layers=(3,), keep_every_layer=True), **{**run, "saes": {HOOK: sae}})
+
+
+def test_every_induce_pick_generates_with_the_runs_batch_size(model, prompts, sae, monkeypatch):
+    """`pick_induce_scale` and the SAE induce pick generated with the default 16 prompts a batch whatever the run's
+    --batch-size, which in bfloat16 can change a greedy response and so a pick."""
+    import featsteer.compare as cmp
+
+    seen = []
+    evaluate = cmp.evaluate_set
+
+    def recording(model, prompts, name, gen, *args, **kwargs):
+        seen.append((name, gen.batch_size))
+        return evaluate(model, prompts, name, gen, *args, **kwargs)
+
+    monkeypatch.setattr(cmp, "evaluate_set", recording)
+    harmful, harmless = (split(p, 0.25)[0] for p in prompts)
+    config = SaeMethodConfig(top_ks=(1, 2), induce_multiples=(0.5, 1.0))
+    context = CompareContext(model, harmful, harmless, DirectionConfig(n_select=3, batch_size=5), saes={HOOK: sae}, sae_config=config,
+                             steering_config=cmp.SteeringMethodConfig(ace_induce_alphas=(0.5, 1.0)))
+    for name in ("dim_actadd_induce", "dim_ace_induce", "sae_topk_induce"):
+        method_context(context, name)
+    picks = [(name, size) for name, size in seen if name in ("induce-scale", "sae-validation")]
+    assert {name for name, _ in picks} == {"induce-scale", "sae-validation"} and {size for _, size in picks} == {5}
