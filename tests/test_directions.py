@@ -427,3 +427,15 @@ def test_the_kl_induce_bar_counts_the_finalists_it_checks(capsys):
     assert ablated > 1 and totals == {1}, (ablated, totals)
     same = json_text(shown.selection.to_dict()) == json_text(quiet.selection.to_dict())  # NaN (unscored) written as null
     assert same  # the same scores and choice with and without the bar
+
+
+def test_a_single_hook_name_and_position_make_one_direction():
+    """`hook_names="blocks.0.hook_resid_pre"` is one name, not 23 letters (which failed with a count naming none of
+    them), and a bare position is one position."""
+    from featsteer.directions import DirectionSet
+
+    basis = torch.zeros(1, 1, 8)
+    basis[0, 0, 3] = 1.0
+    single = DirectionSet(basis, hook_names="blocks.0.hook_resid_pre", positions=-1, method="dim")
+    assert single.hook_names == ("blocks.0.hook_resid_pre",) and single.positions == (-1,) and len(single) == 1
+    assert torch.equal(single.direction("blocks.0.hook_resid_pre"), basis[0, 0])

@@ -40,6 +40,12 @@ class DirectionSet:
     """Model name, prompt-set hashes and sizes, library versions: whatever reproduces the set."""
 
     def __post_init__(self) -> None:
+        # one hook name (or position) for a single basis, not its letters: `hook_names="blocks.0.hook_resid_pre"` was
+        # read as 23 names and failed with a count that named none of them
+        if isinstance(self.hook_names, str):
+            object.__setattr__(self, "hook_names", (self.hook_names,))
+        if isinstance(self.positions, int):
+            object.__setattr__(self, "positions", (self.positions,))
         if self.bases.dim() != 3 or not (self.bases.shape[0] == len(self.hook_names) == len(self.positions)):
             raise FeatsteerError(f"a DirectionSet needs (n, k, d_model) bases with one hook name and position per basis; got bases of shape "
                                  f"{tuple(self.bases.shape)}, {len(self.hook_names)} hook names and {len(self.positions)} positions")
