@@ -72,15 +72,15 @@ def best_layer(rows: list[LayerRow]) -> LayerRow:
                                        row.cv_auroc if row.cv_auroc is not None else -1.0, -row.layer))
 
 
-def _training_cv_scores(harmful, harmless, hook: str, folds: int = 3, seed: int = 0) -> tuple[float | None, float | None]:
-    """DIM's mean accuracy and AUROC over stratified folds of one layer's training vectors (None: too few, or no difference)."""
+def _training_cv_scores(harmful, harmless, hook: str, direction, folds: int = 3, seed: int = 0) -> tuple[float | None, float | None]:
+    """DIM's mean accuracy and AUROC over stratified folds of one layer's training vectors (None: too few, or no
+    direction: `difference_in_means` stores a zero one where both classes have one mean)."""
     import numpy as np
 
     from probes import DiffMeanProbe, training_cv
 
     smallest = min(len(harmful), len(harmless))
-    difference = harmful.double().mean(0) - harmless.double().mean(0)
-    if smallest < 2 or float(difference.norm()) <= 1e-12 * float(harmful.double().mean(0).norm()):
+    if smallest < 2 or float(direction.norm()) == 0:
         return None, None  # too few prompts, or one vector for both classes (a template token's embedding at layer 0)
     X = np.concatenate([harmful.double().numpy(), harmless.double().numpy()])
     y = np.concatenate([np.ones(len(harmful), dtype=int), np.zeros(len(harmless), dtype=int)])
@@ -109,7 +109,8 @@ def layer_separability(model: ModelAdapter, n_train: int | None = None, position
             sets[("train", "harmful")].hook(hook), sets[("train", "harmless")].hook(hook),
             sets[("test", "harmful")].hook(hook), sets[("test", "harmless")].hook(hook),
         )
-        cv_accuracy, cv_auroc = _training_cv_scores(sets[("train", "harmful")].hook(hook), sets[("train", "harmless")].hook(hook), hook)
+        cv_accuracy, cv_auroc = _training_cv_scores(sets[("train", "harmful")].hook(hook), sets[("train", "harmless")].hook(hook), hook,
+                                                    directions.direction(hook))
         rows.append(LayerRow(hook, i, directions.scores["mean_diff_norm"][i], score, cv_accuracy, cv_auroc))
     return rows, directions
 

@@ -497,11 +497,17 @@ class ModelAdapter(ABC):
 
     def _appended_special_tokens(self) -> int:
         """How many special tokens the tokenizer puts after a text when it adds them (an EOS for Llama tokenizers with
-        `add_eos_token=True`), found by encoding one probe text with and without them; 0 for most tokenizers."""
+        `add_eos_token=True`), found by encoding one probe text with and without them; 0 for most tokenizers. Worked out
+        once per tokenizer (every tokenized batch asks), again if the adapter's tokenizer is replaced."""
+        known = getattr(self, "_appended_for", None)
+        if known is not None and known[0] is self.tokenizer:
+            return known[1]
         plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
         marked = self.tokenizer("a", add_special_tokens=True)["input_ids"]
         lead = next((i for i in range(len(marked) - len(plain) + 1) if marked[i : i + len(plain)] == plain), None)
-        return 0 if lead is None else len(marked) - lead - len(plain)
+        count = 0 if lead is None else len(marked) - lead - len(plain)
+        self._appended_for = (self.tokenizer, count)
+        return count
 
     def _pad_left(self, rows: list[list[int]], n_post: list[int]) -> TokenBatch:
         pad_id = self.tokenizer.pad_token_id
