@@ -183,6 +183,30 @@ def test_top_feature_directions_per_hook_subspaces():
     assert len(subspaces) == 2 and subspaces.rank == 4 and all(ids[0] == 7 for ids in subspaces.provenance["feature_ids"])
 
 
+def test_decoder_norms_of_a_bfloat16_sae_are_its_rows_and_need_no_identity_matrix(monkeypatch):
+    """A bfloat16 SAE with a large `b_dec` and small decoder rows: `decode(e_f) - decode(0)` rounded `b_dec + row` to
+    bfloat16 first (norms off by up to 25%); and the unit rows were cut from a `d_sae x d_sae` identity (17 GB for a
+    65k-feature SAE), built again for every chunk."""
+    sae = random_sae("standard", d_sae=2048)
+    with torch.no_grad():
+        sae.b_dec.normal_(0.0, 4.0)
+        sae.W_dec.mul_(0.05 / sae.W_dec.norm(dim=-1, keepdim=True))
+    sae = sae.to(torch.bfloat16)
+    eye = torch.eye
+
+    def small_eye(n, *args, **kwargs):
+        assert n < sae.cfg.d_sae, f"decoder_norms built a {n} x {n} identity"
+        return eye(n, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "eye", small_eye)
+    torch.testing.assert_close(decoder_norms(sae), sae.W_dec.detach().double().norm(dim=-1), rtol=1e-6, atol=0)
+    topk = random_sae("topk").to(torch.bfloat16)
+    topk.cfg.rescale_acts_by_decoder_norm = True
+    torch.testing.assert_close(decoder_norms(topk), torch.ones(topk.cfg.d_sae, dtype=torch.float64), rtol=0, atol=1e-2)
+    with torch.inference_mode():  # as inside a featsteer forward pass
+        torch.testing.assert_close(decoder_norms(sae), sae.W_dec.detach().double().norm(dim=-1), rtol=1e-6, atol=0)
+
+
 def test_decoder_norms_and_residual_units(llama_adapter):
     """A feature with a large activation but a tiny decoder row moves the stream little: `decoder_norm` is in every row,
     and units='residual' ranks by activation x decoder norm (rank statistics unchanged)."""

@@ -45,7 +45,8 @@ from featsteer.activations import ActivationSet, Positions, capture, hook_width
 from featsteer.errors import FeatsteerError
 from featsteer.files import json_text
 from featsteer.models import ModelAdapter
-from featsteer.sae.encoding import STATEFUL_NORMS, decode_features, encode_activations, input_scales
+from featsteer.sae.encoding import STATEFUL_NORMS, encode_activations, input_scales
+from featsteer.sae.heads import flat_rows
 from featsteer.sae.loading import sae_map_of, validated_sae_map
 from featsteer.sae.steering import first_trained_position, inside_domain, past_untrained_head
 
@@ -220,22 +221,56 @@ def cohens_d(positive: Float[Tensor, "n_pos d"], negative: Float[Tensor, "n_neg 
     return torch.where(pooled > 0, d, torch.where(difference == 0, torch.zeros_like(d), torch.sign(difference) * math.inf))
 
 
-def decoder_norms(sae: SAE, *, batch_size: int = 1024) -> Float[Tensor, " d_sae"]:
+def decoder_norms(sae: SAE, *, budget: int = 1 << 24) -> Float[Tensor, " d_sae"]:
     """How far one unit of each feature's activation moves the SAE's reconstruction, `||decode(e_f) - decode(0)||` in the
     units of the activation it reads (float64): the decoder row's norm, divided by it again for SAEs that rescale
     activations by it (sae_lens TopK's `rescale_acts_by_decoder_norm`). For SAEs that normalise each input row
     (`STATEFUL_NORMS`) there is no single answer: this is the move per unit of normalised input (see
-    `featsteer.sae.NORMALISED_UNIT`), and a row moves by it times the row's own `featsteer.sae.input_scales`."""
+    `featsteer.sae.NORMALISED_UNIT`), and a row moves by it times the row's own `featsteer.sae.input_scales`.
+
+    `decode` is affine in the features, so the move is the norm of a row of its linear part, read off by
+    vector-Jacobian products of `decode` at zero, `d_in` output directions at a time: no `d_sae x d_sae` identity is
+    built (a 65k-feature SAE would need 17 GB for it), and `b_dec` never enters, so a bfloat16 SAE's norms are its
+    decoder rows' and not their difference with `b_dec` rounded to bfloat16.
+
+    Args:
+        sae: a sae_lens SAE.
+        budget: most entries of `(outputs, d_sae)` gradients held at once.
+    """
     if sae.cfg.normalize_activations in STATEFUL_NORMS:
         rows = sae.W_dec.detach().double().cpu()
         norms = rows.norm(dim=-1)
         return torch.ones_like(norms) if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False) else norms
+    if any(weight.is_inference() for weight in sae.parameters()):  # built under inference_mode: no autograd through it
+        return _decoded_norms(sae, budget)
+    d_sae, d_in = int(sae.cfg.d_sae), int(sae.cfg.d_in)
+    step = max(1, min(d_in, budget // d_sae))
+    with torch.inference_mode(False), torch.enable_grad(), flat_rows(sae):
+        squares = torch.zeros(d_sae, dtype=torch.float64)
+        origin = torch.zeros(1, d_sae, dtype=sae.dtype, device=sae.device, requires_grad=True)
+        written = sae.decode(origin).reshape(d_in)
+        for start in range(0, d_in, step):
+            count = min(step, d_in - start)
+            outputs = torch.zeros(count, d_in, dtype=written.dtype, device=written.device)
+            outputs[torch.arange(count), torch.arange(start, start + count)] = 1.0
+            (rows,) = torch.autograd.grad(written, origin, grad_outputs=outputs, is_grads_batched=True, retain_graph=True)
+            squares += rows.reshape(count, d_sae).double().pow(2).sum(0).cpu()
+    return squares.sqrt()
+
+
+def _decoded_norms(sae: SAE, budget: int) -> Float[Tensor, " d_sae"]:
+    """`||decode(e_f) - decode(0)||` by decoding unit rows a chunk at a time (each chunk built alone, never the whole
+    identity), for SAEs autograd cannot run through; `b_dec` rounds into it at the SAE's precision."""
     d_sae = int(sae.cfg.d_sae)
-    origin = decode_features(sae, torch.zeros(1, d_sae, dtype=sae.dtype)).double()
+    step = max(1, min(d_sae, budget // d_sae))
     out = torch.empty(d_sae, dtype=torch.float64)
-    for start in range(0, d_sae, batch_size):
-        units = torch.eye(d_sae, dtype=sae.dtype)[start : start + batch_size]
-        out[start : start + batch_size] = (decode_features(sae, units).double() - origin).norm(dim=-1)
+    with torch.no_grad(), flat_rows(sae):
+        origin = sae.decode(torch.zeros(1, d_sae, dtype=sae.dtype, device=sae.device)).double()
+        for start in range(0, d_sae, step):
+            count = min(step, d_sae - start)
+            units = torch.zeros(count, d_sae, dtype=sae.dtype, device=sae.device)
+            units[torch.arange(count), torch.arange(start, start + count)] = 1.0
+            out[start : start + count] = (sae.decode(units).double() - origin).norm(dim=-1).cpu()
     return out
 
 
