@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -332,3 +334,26 @@ def test_sets_captured_at_different_positions_are_refused(organism_head_acts):
     last = capture(model, list(builtin_prompts("harmless", "train")[:12]), [hook], positions="last", progress=False)
     with pytest.raises(FeatsteerError, match="the harmful activations were captured at positions 'all' but the harmless ones at 'last'"):
         score_features({hook: sae}, acts["harmful"], last)
+
+
+def test_nan_activations_are_one_clear_error_not_nan_scores(llama_adapter):
+    """A NaN in a hand-built activation set (or in encoded features) was encoded into NaN features whose every score was
+    NaN, and the ranking sorted them last without a word."""
+    sae = random_sae("standard")
+    harmful = capture(llama_adapter, HARMFUL, [HOOK], positions="post_instruction", progress=False)
+    harmless = capture(llama_adapter, HARMLESS, [HOOK], positions="post_instruction", progress=False)
+    poisoned = dataclasses.replace(harmful, activations=harmful.activations.clone())
+    poisoned.activations[5, 0, 3] = float("nan")
+    prompt = int(poisoned.prompt_index[5])
+    with pytest.raises(FeatsteerError, match=rf"at {HOOK} hold 1 NaN or inf values, the first at row 5 \(prompt {prompt}: '{re.escape(HARMFUL[prompt][:20])}") as error:
+        score_features(sae, poisoned, harmless)
+    assert "\n" not in str(error.value)
+    rows = harmless.hook(HOOK).clone()
+    rows[2, 0] = float("inf")
+    with pytest.raises(FeatsteerError, match="NaN or inf"):
+        encode_activations(sae, rows)
+    features = encode_activations(sae, harmless.hook(HOOK))
+    broken = features.clone()
+    broken[1, 4] = float("nan")
+    with pytest.raises(FeatsteerError, match="harmful feature activations hold NaN or inf values \\(first at row 1\\)"):
+        score_feature_activations(broken, features, HOOK)

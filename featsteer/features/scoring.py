@@ -45,7 +45,7 @@ from featsteer.activations import ActivationSet, Positions, capture, hook_width
 from featsteer.errors import FeatsteerError
 from featsteer.files import json_text
 from featsteer.models import ModelAdapter
-from featsteer.sae.encoding import STATEFUL_NORMS, encode_activations, input_scales
+from featsteer.sae.encoding import STATEFUL_NORMS, check_finite, encode_activations, input_scales
 from featsteer.sae.heads import flat_rows
 from featsteer.sae.loading import sae_map_of, validated_sae_map
 from featsteer.sae.steering import first_trained_position, inside_domain, past_untrained_head
@@ -308,7 +308,7 @@ def score_feature_activations(
 
     Raises:
         FeatsteerError: unknown `units`, `residual` without `decoder_norm` or `input_scale`, mismatched widths (also of `scale` or
-            `decoder_norm`), an `input_scale` not one value per row, or fewer than 2 rows.
+            `decoder_norm`), an `input_scale` not one value per row, fewer than 2 rows, or a NaN or infinite activation.
     """
     if units not in UNITS:
         raise FeatsteerError(f"unknown units '{units}': use one of {', '.join(UNITS)}")
@@ -322,6 +322,10 @@ def score_feature_activations(
         raise FeatsteerError(f"harmful rows have {harmful.shape[-1]} features but harmless rows have {harmless.shape[-1]}: encode both with the same SAE")
     if harmful.shape[0] < 2 or harmless.shape[0] < 2:
         raise FeatsteerError(f"scoring needs at least 2 rows per class, got {harmful.shape[0]} harmful and {harmless.shape[0]} harmless")
+    for label, values in (("harmful", harmful), ("harmless", harmless)):
+        if not bool(torch.isfinite(values).all()):
+            row = int((~torch.isfinite(values)).any(-1).nonzero()[0, 0])
+            raise FeatsteerError(f"the {label} feature activations hold NaN or inf values (first at row {row}): encode finite activations")
     pos, neg = harmful.double(), harmless.double()
     norm = torch.full((harmful.shape[-1],), math.nan, dtype=torch.float64) if decoder_norm is None else decoder_norm.double().cpu()
     for name, values in (("decoder_norm", norm), ("scale", scale)):
@@ -449,7 +453,7 @@ def score_features(
 
     Raises:
         FeatsteerError: when fewer than two rows of a class are within an SAE's norm bound or after its untrained head,
-            a position label inside that head, `scales` naming a hook no SAE reads, or the two sets captured with
+            a NaN or infinite activation, a position label inside that head, `scales` naming a hook no SAE reads, or the two sets captured with
             different position selectors.
     """
     sae_map = sae_map_of(saes)
@@ -462,6 +466,8 @@ def score_features(
     position_list = [positions] if positions is None or isinstance(positions, int) else list(positions)
     parts, outside, head = [], {}, {}
     for hook, sae in sae_map.items():
+        check_finite(harmful, hook)
+        check_finite(harmless, hook)
         norm = decoder_norms(sae)
         for position in position_list:
             where = hook if position is None else f"{hook}@{position}"

@@ -8,6 +8,7 @@ read the heads side by side (see `featsteer.sae.heads`). Train new ones with `fe
 
 from featsteer.sae.encoding import (
     NORMALISED_UNIT,
+    check_finite,
     decode_features,
     encode_activations,
     input_scales,
@@ -52,6 +53,7 @@ __all__ = [
     "FeatureSteer",
     "ReconstructionStats",
     "SpliceLoss",
+    "check_finite",
     "check_finite_weights",
     "decode_features",
     "edit_features",

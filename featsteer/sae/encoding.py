@@ -40,13 +40,36 @@ def _rows(sae: SAE, acts: Tensor | ActivationSet, hook: str | None) -> Tensor:
         name = hook or sae_hook_name(sae)
         if name is None:
             raise FeatsteerError("this SAE records no hook_name: pass hook=<hook name> to pick the captured activations")
+        check_finite(acts, name)
         acts = acts.hook(name)
+    check_finite(acts)
     d_in = int(sae.cfg.d_in)
     if acts.shape[-1] != d_in and acts.dim() >= 3 and acts.shape[-2] * acts.shape[-1] == d_in and reads_heads(sae):
         acts = acts.flatten(-2)  # (..., n_heads, d_head) as hook_z hands them: heads side by side
     if acts.shape[-1] != d_in:
         raise FeatsteerError(f"activations have width {acts.shape[-1]} but the SAE reads d_in={d_in}: capture at the SAE's hook on its model")
     return acts
+
+
+def check_finite(acts: Tensor | ActivationSet, hook: str | None = None) -> None:
+    """Raise on a NaN or infinite activation (at `hook` of an `ActivationSet`): `encode` would turn it into NaN features,
+    and every score of those into a NaN that rankings sort last without a word.
+
+    Raises:
+        FeatsteerError: naming how many values are bad and the first (its row and prompt, for an `ActivationSet`).
+    """
+    rows = acts.hook(hook) if isinstance(acts, ActivationSet) and hook is not None else acts
+    rows = rows.activations if isinstance(rows, ActivationSet) else rows
+    if not rows.is_floating_point() or bool(torch.isfinite(rows).all()):
+        return
+    bad = ~torch.isfinite(rows)
+    first = bad.nonzero()[0].tolist()
+    where = f"index {tuple(first)}"
+    if isinstance(acts, ActivationSet):
+        prompt = int(acts.prompt_index[first[0]])
+        where = f"row {first[0]} (prompt {prompt}: {acts.prompts[prompt][:40]!r})"
+    raise FeatsteerError(f"the activations{f' at {hook}' if hook else ''} hold {int(bad.sum())} NaN or inf values, the first at {where}: "
+                         "recapture them (in float32: --dtype float32) or leave those prompts out")
 
 
 def _in_batches(sae: SAE, rows: Tensor, width: int, apply, batch_size: int) -> Tensor:
@@ -67,7 +90,7 @@ def input_scales(sae: SAE, acts: Float[Tensor, "... d_in"] | ActivationSet, *, h
     activation moves a row by its `input_scales` times the feature's `featsteer.features.decoder_norms`.
 
     Raises:
-        FeatsteerError: when the activations' width is not the SAE's `d_in`.
+        FeatsteerError: when the activations' width is not the SAE's `d_in`, or they hold a NaN or infinite value.
     """
     rows = _rows(sae, acts, hook).detach().double().cpu()
     if sae.cfg.normalize_activations == "layer_norm":
@@ -93,7 +116,7 @@ def encode_activations(
         `(..., d_sae)` feature activations on the CPU, in the SAE's dtype.
 
     Raises:
-        FeatsteerError: when the activations' width is not the SAE's `d_in`.
+        FeatsteerError: when the activations' width is not the SAE's `d_in`, or they hold a NaN or infinite value.
     """
     return _in_batches(sae, _rows(sae, acts, hook), sae.cfg.d_sae, lambda chunk: sae.encode(chunk).to_dense(), batch_size)
 
