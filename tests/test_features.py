@@ -357,3 +357,16 @@ def test_nan_activations_are_one_clear_error_not_nan_scores(llama_adapter):
     broken[1, 4] = float("nan")
     with pytest.raises(FeatsteerError, match="harmful feature activations hold NaN or inf values \\(first at row 1\\)"):
         score_feature_activations(broken, features, HOOK)
+
+
+def test_sets_from_two_models_or_two_formattings_are_not_scored_against_each_other(llama_adapter):
+    """difference_in_means refused harmful and harmless sets from different models or prompt formattings; score_features
+    compared them and ranked the features that tell the two models (or system prompts) apart."""
+    sae = random_sae("standard")
+    harmful = capture(llama_adapter, HARMFUL, [HOOK], progress=False)
+    harmless = capture(llama_adapter, HARMLESS, [HOOK], progress=False)
+    with pytest.raises(FeatsteerError, match="the harmful activations come from other-model and the harmless from"):
+        score_features(sae, dataclasses.replace(harmful, model="other-model"), harmless)
+    with pytest.raises(FeatsteerError, match="system='Be terse.' and the harmless with chat=True, system=None"):
+        score_features(sae, dataclasses.replace(harmful, system="Be terse."), harmless)
+    assert len(score_features(sae, harmful, harmless)) == sae.cfg.d_sae

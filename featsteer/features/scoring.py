@@ -453,8 +453,8 @@ def score_features(
 
     Raises:
         FeatsteerError: when fewer than two rows of a class are within an SAE's norm bound or after its untrained head,
-            a NaN or infinite activation, a position label inside that head, `scales` naming a hook no SAE reads, or the two sets captured with
-            different position selectors.
+            a NaN or infinite activation, a position label inside that head, `scales` naming a hook no SAE reads, or the two sets captured
+            from different models, with different position selectors or with different prompt formatting (chat, system prompt).
     """
     sae_map = sae_map_of(saes)
     unknown = sorted(set(scales or {}) - set(sae_map))
@@ -463,6 +463,11 @@ def score_features(
     if Positions.parse(harmful.positions) != Positions.parse(harmless.positions):
         raise FeatsteerError(f"the harmful activations were captured at positions '{harmful.positions}' but the harmless ones at "
                              f"'{harmless.positions}': capture both with the same selector, so that the same tokens are compared")
+    if harmful.model and harmless.model and harmful.model != harmless.model:
+        raise FeatsteerError(f"the harmful activations come from {harmful.model} and the harmless from {harmless.model}: capture both from one model")
+    if (harmful.chat, harmful.system) != (harmless.chat, harmless.system):
+        raise FeatsteerError(f"the harmful prompts were formatted with chat={harmful.chat}, system={harmful.system!r} and the harmless with "
+                             f"chat={harmless.chat}, system={harmless.system!r}: capture both alike, or the scores pick up the formatting")
     position_list = [positions] if positions is None or isinstance(positions, int) else list(positions)
     parts, outside, head = [], {}, {}
     for hook, sae in sae_map.items():
