@@ -506,3 +506,20 @@ def test_an_unusable_device_and_a_mismatched_state_dict_are_one_line_errors(tmp_
     with pytest.raises(FeatsteerError, match="size mismatch for W_dec") as error:
         load_sae(tmp_path / HOOK, llama_adapter)
     assert "\n" not in str(error.value)
+
+
+def test_an_sae_at_a_routing_hook_is_checked_against_n_experts():
+    """The routing hooks are `n_experts` wide: an SAE there was checked against `d_model`, so a `d_model`-wide SAE passed
+    validation (and failed later, in the splice) while one as wide as the routing was refused."""
+    from featsteer.models import load_model
+    from featsteer.testing import tiny_model
+
+    model, tokenizer = tiny_model("qwen3_moe")
+    adapter = load_model(model, tokenizer=tokenizer)
+    hook = "blocks.0.mlp.hook_router_logits"
+    with pytest.raises(FeatsteerError, match=f"width mismatch at {hook}: the SAE reads d_in={adapter.d_model} but .* n_experts={adapter.n_experts} wide"):
+        load_sae(random_sae("standard", d_in=adapter.d_model, hook=hook), adapter)
+    sae = load_sae(random_sae("standard", d_in=adapter.n_experts, d_sae=16, hook=hook), adapter)
+    clean = adapter.logits(PROMPTS)
+    with splice_sae(adapter, sae, FeatureEdit.scale([0, 1], 1.0)):
+        torch.testing.assert_close(adapter.logits(PROMPTS), clean, atol=1e-5, rtol=0)

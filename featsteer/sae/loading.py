@@ -22,7 +22,7 @@ from sae_lens import SAE, Transcoder
 
 from featsteer.activations import hook_width
 from featsteer.errors import FeatsteerError
-from featsteer.models import ModelAdapter
+from featsteer.models import ROUTING_KINDS, ModelAdapter
 from featsteer.sae.heads import reshapes_heads
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ def validate_sae(sae: SAE, model: ModelAdapter, hook: str | None = None) -> str:
 
     Raises:
         FeatsteerError: if no hook is known, a weight is NaN or infinite, the hook does not exist on the model, the SAE's input width `d_in`
-            differs from the hook's width (`d_model`; `n_heads * d_head` at `blocks.{l}.attn.hook_z`), an SAE
+            differs from the hook's width (`d_model`; `n_heads * d_head` at `blocks.{l}.attn.hook_z`; `n_experts` at the routing
+            hooks), an SAE
             that reshapes attention heads (`reshape_activations="hook_z"`) is attached anywhere but at hook_z, it is
             a transcoder (it writes elsewhere than it reads), or its input scaling was never folded into its weights
             (a sae_lens training checkpoint).
@@ -85,7 +86,10 @@ def validate_sae(sae: SAE, model: ModelAdapter, hook: str | None = None) -> str:
     elif reshapes_heads(sae):
         raise FeatsteerError(f"the SAE reads attention heads side by side (reshape_activations='hook_z') but would attach at {name}: "
                              f"attach it at blocks.{site.layer if site.layer is not None else 'L'}.attn.hook_z")
-    elif d_in != int(model.d_model):
+    elif site.kind in ROUTING_KINDS and d_in != hook_width(model, name):
+        raise FeatsteerError(f"SAE width mismatch at {name}: the SAE reads d_in={d_in} but {model.name}'s routing there is "
+                             f"n_experts={model.n_experts} wide; use an SAE trained on this hook")
+    elif site.kind not in ROUTING_KINDS and d_in != int(model.d_model):
         raise FeatsteerError(
             f"SAE width mismatch at {name}: the SAE reads d_in={d_in} but {model.name} has "
             f"d_model={model.d_model}; use an SAE trained on this model (featsteer-train-sae)"
