@@ -418,6 +418,26 @@ def test_a_lower_precision_sae_leaves_what_it_does_not_edit_exact():
     assert splice_activation(low, x, error_term=False).dtype == torch.float32
 
 
+@pytest.mark.parametrize("kind", ["standard", "topk"])
+def test_a_lower_precision_sae_moves_the_stream_by_the_edit_and_not_by_b_dec_rounding(kind):
+    """A bfloat16 SAE with a large b_dec: a clamp moves the row by (new - old) * decoder row, to bfloat16 accuracy of the
+    change itself, not of b_dec + change (which came out up to 30% off)."""
+    low = random_sae(kind)
+    with torch.no_grad():
+        low.b_dec.fill_(4.0)
+        low.W_dec.mul_(0.1 / low.W_dec.norm(dim=-1, keepdim=True))
+    low = low.to(torch.bfloat16)
+    x = torch.randn(4, 6, 64)
+    feature = int(low.encode(x.to(torch.bfloat16)).float().sum((0, 1)).argmax())
+    edits = [FeatureEdit.clamp([feature], 3.0)]
+    with torch.inference_mode():  # as generation runs hooks
+        change = splice_activation(low, x, edits) - x
+    features = low.encode(x.to(torch.bfloat16)).double()
+    expected = (3.0 - features[..., feature:feature + 1]) * low.W_dec[feature].double()
+    error = (change.double() - expected).norm(dim=-1) / expected.norm(dim=-1)
+    assert error.max() < 0.02, f"largest relative error of the change {error.max():.3f}"
+
+
 @pytest.mark.parametrize("norm", ["layer_norm", "constant_norm_rescale"])
 def test_reconstruct_decodes_each_batch_of_a_row_normalising_sae(norm):
     """Such an SAE's decode undoes the normalisation its last encode stored: batches must not share it."""
