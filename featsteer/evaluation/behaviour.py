@@ -250,7 +250,9 @@ def responses_nll(model: ModelAdapter, result: SetResult, config: GenerationConf
     Read with the unedited model (or a reference model with the same tokenizer), it measures how far an intervened
     model's responses are from what the model would have said, over every generated token rather than the first. The
     tokens scored are those the model generated (`SetResult.response_tokens`, without the end-of-turn token), or each
-    response's text tokenized on its own when the result has no ids.
+    response's text tokenized on its own when the result has no ids. On a prefilled set (`SetResult.openings`) each
+    response is scored after its prompt and its forced opening, the context the model wrote it in; the opening itself
+    is not scored.
 
     Returns:
         The mean NLL, or None when every response is empty.
@@ -260,8 +262,11 @@ def responses_nll(model: ModelAdapter, result: SetResult, config: GenerationConf
         responses: list[str | tuple[int, ...]] = [r if r.strip() else () for r in result.responses]
     else:
         responses = [ids[:-1] if ids and ids[-1] in stops else ids for ids in result.response_tokens]
-    pairs = [(prompt, response) for prompt, response in zip(result.prompts, responses, strict=True) if response]
-    if not pairs:
+    openings: Sequence[str | None] = result.openings if result.openings is not None else [None] * len(responses)
+    rows = [(prompt, opening, response)
+            for prompt, opening, response in zip(result.prompts, openings, responses, strict=True) if response]
+    if not rows:
         return None
-    prompts, kept = zip(*pairs, strict=True)
-    return response_cross_entropy(model, prompts, kept, system=(config or GenerationConfig()).system).mean_nll
+    prompts, kept_openings, kept = zip(*rows, strict=True)
+    prefill = None if result.openings is None else [str(opening) for opening in kept_openings]
+    return response_cross_entropy(model, prompts, kept, system=(config or GenerationConfig()).system, prefill=prefill).mean_nll
