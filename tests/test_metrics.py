@@ -389,10 +389,19 @@ def test_responses_nll_reads_the_generated_tokens(llama_adapter) -> None:
     result = evaluate_set(model, PROMPTS, "harmless", GenerationConfig(max_new_tokens=6), RefusalDetector())
     expected = sum(_manual_ids_nll(model, p, row) for p, row in zip(PROMPTS, generated, strict=True)) / sum(map(len, generated))
     assert responses_nll(model, result) == pytest.approx(expected, abs=1e-5)
-    # a response that ended its turn: the end-of-turn token is not scored (the NLL is of the response's own tokens)
-    ended = dataclasses.replace(result, response_tokens=(result.response_tokens[0] + (model.tokenizer.eos_token_id,),
-                                                         *result.response_tokens[1:]))
+    # a response that ended its turn before the cap: its end-of-turn token is scored too, as the response KL scores the
+    # position that predicts it (the responses above hit the cap and have none)
+    eos = model.tokenizer.eos_token_id
+    assert not any(row[-1] in model.stop_token_ids for row in generated)
+    ended = dataclasses.replace(result, response_tokens=(result.response_tokens[0] + (eos,), *result.response_tokens[1:]))
+    rows = [generated[0] + [eos], *generated[1:]]
+    expected = sum(_manual_ids_nll(model, p, row) for p, row in zip(PROMPTS, rows, strict=True)) / sum(map(len, rows))
     assert responses_nll(model, ended) == pytest.approx(expected, abs=1e-5)
+    # an empty response that ended its turn at once is its end-of-turn token: scored, not left out
+    silent = dataclasses.replace(result, response_tokens=((eos,), *result.response_tokens[1:]))
+    rows = [[eos], *generated[1:]]
+    expected = sum(_manual_ids_nll(model, p, row) for p, row in zip(PROMPTS, rows, strict=True)) / sum(map(len, rows))
+    assert responses_nll(model, silent) == pytest.approx(expected, abs=1e-5)
 
 
 def test_responses_nll_of_a_prefilled_set_reads_the_prefill_as_context(llama_adapter) -> None:
