@@ -353,9 +353,10 @@ def test_response_cross_entropy_batch_equals_single(llama_adapter) -> None:
     assert hooked.mean_nll != pytest.approx(batched.mean_nll, rel=1e-4)
 
 
-def _manual_ids_nll(model, prompt: str, response_ids: list[int]) -> float:
-    """Summed NLL of given response token ids after the chat-formatted prompt, from one unpadded forward pass."""
-    prompt_ids = model.tokenize([prompt]).input_ids[0].tolist()
+def _manual_ids_nll(model, prompt: str, response_ids: list[int], prefill: str | None = None) -> float:
+    """Summed NLL of given response token ids after the chat-formatted prompt (and the prefill after it), from one
+    unpadded forward pass."""
+    prompt_ids = model.tokenize([prompt], prefill=None if prefill is None else [prefill]).input_ids[0].tolist()
     full = torch.tensor([prompt_ids + list(response_ids)])
     log_probs = torch.log_softmax(model.run(TokenBatch(full, torch.ones_like(full)))[0].double(), dim=-1)
     return -sum(float(log_probs[len(prompt_ids) - 1 + j, token]) for j, token in enumerate(response_ids))
@@ -388,10 +389,38 @@ def test_responses_nll_reads_the_generated_tokens(llama_adapter) -> None:
     result = evaluate_set(model, PROMPTS, "harmless", GenerationConfig(max_new_tokens=6), RefusalDetector())
     expected = sum(_manual_ids_nll(model, p, row) for p, row in zip(PROMPTS, generated, strict=True)) / sum(map(len, generated))
     assert responses_nll(model, result) == pytest.approx(expected, abs=1e-5)
-    # a response that ended its turn: the end-of-turn token is not scored (the NLL is of the response's own tokens)
-    ended = dataclasses.replace(result, response_tokens=(result.response_tokens[0] + (model.tokenizer.eos_token_id,),
-                                                         *result.response_tokens[1:]))
+    # a response that ended its turn before the cap: its end-of-turn token is scored too, as the response KL scores the
+    # position that predicts it (the responses above hit the cap and have none)
+    eos = model.tokenizer.eos_token_id
+    assert not any(row[-1] in model.stop_token_ids for row in generated)
+    ended = dataclasses.replace(result, response_tokens=(result.response_tokens[0] + (eos,), *result.response_tokens[1:]))
+    rows = [generated[0] + [eos], *generated[1:]]
+    expected = sum(_manual_ids_nll(model, p, row) for p, row in zip(PROMPTS, rows, strict=True)) / sum(map(len, rows))
     assert responses_nll(model, ended) == pytest.approx(expected, abs=1e-5)
+    # an empty response that ended its turn at once is its end-of-turn token: scored, not left out
+    silent = dataclasses.replace(result, response_tokens=((eos,), *result.response_tokens[1:]))
+    rows = [[eos], *generated[1:]]
+    expected = sum(_manual_ids_nll(model, p, row) for p, row in zip(PROMPTS, rows, strict=True)) / sum(map(len, rows))
+    assert responses_nll(model, silent) == pytest.approx(expected, abs=1e-5)
+
+
+def test_responses_nll_of_a_prefilled_set_reads_the_prefill_as_context(llama_adapter) -> None:
+    # under a prefilling attack the model wrote its response after the forced opening: the NLL is of the response given
+    # prompt + opening, the context it was generated in (not given the prompt alone), and the opening is not scored
+    from featsteer.evaluation.behaviour import GenerationConfig, evaluate_set, prefill_texts, responses_nll
+
+    model = llama_adapter
+    gen = GenerationConfig(max_new_tokens=6, prefill="Sure, here is")
+    result = evaluate_set(model, PROMPTS, "harmful", gen, RefusalDetector(), prefill=prefill_texts(gen.prefill, PROMPTS))
+    assert result.openings == ("Sure, here is",) * len(PROMPTS)
+    assert not any(ids[-1] in model.stop_token_ids for ids in result.response_tokens)  # every response is scored whole
+    rows = list(zip(PROMPTS, result.response_tokens, strict=True))
+    expected = sum(_manual_ids_nll(model, p, ids, "Sure, here is") for p, ids in rows) / sum(len(ids) for _, ids in rows)
+    without = sum(_manual_ids_nll(model, p, ids) for p, ids in rows) / sum(len(ids) for _, ids in rows)
+    assert abs(expected - without) > 1e-3  # the opening changes what the model expects (0.02 nats here)
+    assert responses_nll(model, result, gen) == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(FeatsteerError, match="pass one prefill per prompt"):
+        response_cross_entropy(model, PROMPTS, list(result.response_tokens), prefill=["Sure"])
 
 
 def test_response_cross_entropy_takes_the_log_softmax_in_float64() -> None:

@@ -137,6 +137,50 @@ def test_a_token_budget_splits_batches_without_changing_the_training(organism, d
         OptimizeConfig(max_batch_tokens=0)
 
 
+def test_targets_are_the_generated_token_ids_with_their_end_of_turn(organism, dim):
+    """Every generated target is the token ids the model generated (`generate_with_tokens`), not its answer's text
+    tokenized again, and an answer that ended its turn within `target_tokens` keeps its end-of-turn token, so the
+    losses also read the position where the model ends its turn."""
+    from featsteer.evaluation.refusal import RefusalDetector
+
+    config = OptimizeConfig(**{**SMALL, "target_tokens": 32})
+    harmful, harmless = list(dim.train[0])[: config.n_prompts], list(dim.train[1])[: config.n_prompts]
+    start = dim.chosen_basis[0].float()
+    targets = optimize_module._make_targets(organism, start, dim.selection.chosen.hook, 1.0, harmful, harmless, config)
+    own = organism.generate_with_tokens(harmless, max_new_tokens=32, batch_size=config.batch_size, keep_logits=False)
+    assert targets["retain"].prompts == tuple(harmless) and targets["retain"].tokens == tuple(own.token_ids)
+    stops = organism.stop_token_ids
+    assert sum(tokens[-1] in stops for tokens in targets["retain"].tokens) >= len(harmless) // 2
+    with steer(organism, Ablate(start)):
+        ablated = organism.generate_with_tokens(harmful, max_new_tokens=32, batch_size=config.batch_size, keep_logits=False)
+    detector = RefusalDetector()
+    answered = [i for i, text in enumerate(ablated.texts) if not detector.is_refusal(text)]
+    assert answered and targets["ablation"].tokens == tuple(ablated.token_ids[i] for i in answered)
+    assert any(tokens[-1] in stops for tokens in targets["ablation"].tokens)
+    # at the cap an answer has no end-of-turn token: the targets are the ids it was cut at
+    short = optimize_module._make_targets(organism, start, dim.selection.chosen.hook, 1.0, harmful, harmless, OptimizeConfig(**SMALL))
+    assert all(len(tokens) <= SMALL["target_tokens"] for tokens in short["retain"].tokens)
+    assert short["retain"].tokens == tuple(organism.generate_with_tokens(harmless, max_new_tokens=SMALL["target_tokens"],
+                                                                          batch_size=8, keep_logits=False).token_ids)
+
+
+def test_an_answer_that_only_ends_its_turn_is_a_retain_target_only(organism, dim, monkeypatch):
+    """An answer of nothing but the end-of-turn token: the retain loss keeps it (its one position is the one that
+    predicts ending the turn at once); the cross-entropy losses do not (the detector reads it as a refusal only because
+    nothing was said)."""
+    from featsteer.models.adapter import Generation
+
+    eos = organism.tokenizer.eos_token_id
+    monkeypatch.setattr(organism, "generate_with_tokens",
+                        lambda prompts, **k: Generation([""] * len(prompts), [(eos,)] * len(prompts), None))
+    config = OptimizeConfig(**SMALL)
+    harmful, harmless = list(dim.train[0])[: config.n_prompts], list(dim.train[1])[: config.n_prompts]
+    targets = optimize_module._make_targets(organism, dim.chosen_basis[0].float(), dim.selection.chosen.hook, 1.0, harmful,
+                                            harmless, config)
+    assert targets["retain"].prompts == tuple(harmless) and set(targets["retain"].tokens) == {(eos,)}
+    assert targets["ablation"].prompts == () and targets["addition"].prompts == ()
+
+
 def test_retain_first_weight_counts_the_first_position_that_many_times(organism, dim):
     """The retain loss is a weighted mean of per-position KLs: at weight w the prompt's last position (the first generated
     token's distribution) counts w times, so with the per-position KLs read by hand the loss is (w KL_0 + rest) / (w - 1 + n)."""
@@ -230,10 +274,10 @@ def test_affirmative_targets_are_every_harmful_prompts_opening_and_training_make
     harmful = list(dim.train[0])[: config.n_prompts]
     harmless = list(dim.train[1])[: config.n_prompts]
     calls = []
-    generate = organism.generate
-    monkeypatch.setattr(organism, "generate", lambda prompts, **k: calls.append(list(prompts)) or generate(prompts, **k))
+    generate = organism.generate_with_tokens
+    monkeypatch.setattr(organism, "generate_with_tokens", lambda prompts, **k: calls.append(list(prompts)) or generate(prompts, **k))
     targets = optimize_module._make_targets(organism, dim.chosen_basis[0].float(), dim.selection.chosen.hook, 1.0, harmful, harmless, config)
-    assert harmful not in calls  # the harmful prompts are not decoded
+    assert harmful not in calls and calls  # the harmful prompts are not decoded (the harmless ones are)
     assert targets["ablation"].prompts == tuple(harmful)
     for prompt, tokens in zip(harmful, targets["ablation"].tokens, strict=True):
         wanted = organism.tokenizer(affirmative_opening(prompt), add_special_tokens=False)["input_ids"][: config.target_tokens]

@@ -3,11 +3,13 @@
 The difference in means is the best single direction for telling the classes apart on average, not the direction
 whose removal does the least harm: on Qwen2.5-Coder-0.5B ablating it leaves 7/100 refused at first-token KL 0.14 on
 harmless prompts. Wollschläger et al. 2025 ("The Geometry of Refusal in Large Language Models") train the direction
-itself for what abliteration needs, starting from DIM. Three losses, each on the model's own text (teacher forcing):
+itself for what abliteration needs, starting from DIM. Three losses, each on the model's own answers, fed back as the
+token ids it generated (teacher forcing), its end-of-turn token included where it ended its turn within the
+`target_tokens` it was given, so the direction is trained on ending the turn as well as on what is said:
 
 - **ablation**: with the direction removed from every residual write (what `Ablate()` and the weight edit do), the
   model should say what the DIM-ablated model said to the harmful training prompts, where that was not a refusal
-  (cross-entropy of those answers' first `target_tokens` tokens);
+  (cross-entropy of those answers' tokens);
 - **addition**: with the direction added at the DIM hook, scaled to the DIM mean difference's length, the model
   should say what the DIM-added model said to the harmless training prompts, where that was a refusal (so the
   direction keeps meaning refusal and does not drift to anything whose removal breaks the refusal tokens);
@@ -25,7 +27,8 @@ A fourth loss is ours and off by default (`refusal_weight`):
 The ablation loss's targets can also be made by rule instead of generated (`ablation_targets="affirm"`): an opening
 that restates each harmful request as the thing handed over ("Sure, here is a script that ...",
 `directions.affirmative_opening`). The DIM-ablated answers include ones that turn the request into its safe side, and
-training on them teaches that too.
+training on them teaches that too. These openings are the one target known only as text: each is tokenized on its own
+and cut to `target_tokens`, and, being the start of an answer, has no end-of-turn token.
 
 The direction is `p / |p|` for a free parameter `p` started at the DIM direction, trained with Adam on mini-batches.
 Snapshots at chosen steps (step 0 is DIM itself) let a caller pick on validation prompts how far to go
@@ -61,7 +64,7 @@ from featsteer.evaluation.metrics import RefusalTokens, refusal_log_odds
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.interventions.steering import Ablate, AddDirection, steer
 from featsteer.models import ModelAdapter
-from featsteer.models.adapter import _token_budget_batches
+from featsteer.models.adapter import Generation, _token_budget_batches
 
 if TYPE_CHECKING:
     from featsteer.pipeline import DirectionResult
@@ -89,7 +92,8 @@ class OptimizeConfig:
     n_prompts: int = 128
     """Training prompts per class read (the first ones of each training set)."""
     target_tokens: int = 16
-    """Answer tokens each loss reads: the targets' length and the retain loss's positions."""
+    """Answer tokens each loss reads: the generation cap of the targets (an answer that ends its turn before it has its
+    end-of-turn token as its last target) and so the retain loss's positions."""
     ablation_weight: float = 1.0
     """Weight of the ablation loss (cross-entropy of the DIM-ablated model's non-refusing harmful answers, or of the
     harmful prompts' affirmative openings; `ablation_targets`)."""
@@ -235,6 +239,8 @@ class OptimizedDirection:
 class _Targets:
     prompts: tuple[str, ...]
     tokens: tuple[tuple[int, ...], ...]
+    """Per prompt, the answer's token ids as generated (ending with the end-of-turn token where the answer ended before
+    `target_tokens`), or an affirmative opening's tokens."""
     prompt_lengths: tuple[int, ...]
     """Chat-formatted prompt tokens per row, counted once when the targets are made (for the token budget)."""
 
@@ -389,30 +395,43 @@ def _make_targets(model: ModelAdapter, start: Tensor, hook: str, scale: float, h
                   config: OptimizeConfig) -> dict[str, _Targets]:
     """Greedy answers of the DIM-ablated model (harmful prompts, kept when not refusals; or every harmful prompt's
     affirmative opening), the DIM-added model (harmless prompts, kept when refusals) and the unedited model (harmless
-    prompts, all kept)."""
+    prompts, all kept), each as the token ids it generated (`ModelAdapter.generate_with_tokens`): at most
+    `target_tokens`, ending with the end-of-turn token where the answer ended within them. The detector reads the
+    answers' text."""
     detector = RefusalDetector()
-    tokens = config.target_tokens
     targets: dict[str, _Targets] = {}
     if config.ablation_targets == "affirm":
-        openings = [affirmative_opening(p) for p in harmful]
-        targets["ablation"] = _kept(model, harmful, openings, [True] * len(harmful), tokens)
+        openings = [_text_tokens(model, affirmative_opening(p), config.target_tokens) for p in harmful]
+        targets["ablation"] = _kept(model, harmful, openings, [True] * len(harmful))
     else:
         with steer(model, Ablate(start)):
-            answers = model.generate(harmful, max_new_tokens=tokens, batch_size=config.batch_size)
-        targets["ablation"] = _kept(model, harmful, answers, [not detector.is_refusal(a) for a in answers], tokens)
+            answers = _generated(model, harmful, config)
+        targets["ablation"] = _kept(model, harmful, answers.token_ids, [_said(a) and not detector.is_refusal(a) for a in answers.texts])
     with steer(model, AddDirection(start, scale, where=hook)):
-        answers = model.generate(harmless, max_new_tokens=tokens, batch_size=config.batch_size)
-    targets["addition"] = _kept(model, harmless, answers, [detector.is_refusal(a) for a in answers], tokens)
-    answers = model.generate(harmless, max_new_tokens=tokens, batch_size=config.batch_size)
-    targets["retain"] = _kept(model, harmless, answers, [True] * len(harmless), tokens)
+        answers = _generated(model, harmless, config)
+    targets["addition"] = _kept(model, harmless, answers.token_ids, [_said(a) and detector.is_refusal(a) for a in answers.texts])
+    answers = _generated(model, harmless, config)
+    targets["retain"] = _kept(model, harmless, answers.token_ids, [True] * len(harmless))
     read = harmful if config.refusal_weight > 0 else []  # no target tokens: the loss reads the first response token
     targets["refusal"] = _Targets(tuple(read), tuple(() for _ in read), _prompt_lengths(model, read))
     return targets
 
 
-def _kept(model: ModelAdapter, prompts: Sequence[str], answers: Sequence[str], keep: Sequence[bool], max_tokens: int) -> _Targets:
-    rows = [(p, _answer_tokens(model, a, max_tokens)) for p, a, k in zip(prompts, answers, keep, strict=True) if k]
-    rows = [(p, t) for p, t in rows if t]  # an empty answer teaches nothing
+def _generated(model: ModelAdapter, prompts: list[str], config: OptimizeConfig) -> Generation:
+    """The model's greedy answers to `prompts`, at most `target_tokens` each, as texts and the token ids generated."""
+    return model.generate_with_tokens(prompts, max_new_tokens=config.target_tokens, batch_size=config.batch_size, keep_logits=False)
+
+
+def _said(answer: str) -> bool:
+    """Does the answer say anything? One that only ends its turn is no target of the cross-entropy losses (the detector
+    reads an empty answer as a refusal); the retain loss keeps it, where the position that predicts the end of the turn
+    is its one position."""
+    return bool(answer.strip())
+
+
+def _kept(model: ModelAdapter, prompts: Sequence[str], answers: Sequence[Sequence[int]], keep: Sequence[bool]) -> _Targets:
+    rows = [(p, tuple(int(t) for t in a)) for p, a, k in zip(prompts, answers, keep, strict=True) if k]
+    rows = [(p, t) for p, t in rows if t]  # an answer of no token teaches nothing
     return _Targets(tuple(p for p, _ in rows), tuple(t for _, t in rows), _prompt_lengths(model, [p for p, _ in rows]))
 
 
@@ -421,10 +440,12 @@ def _prompt_lengths(model: ModelAdapter, prompts: Sequence[str]) -> tuple[int, .
     return tuple(len(model.tokenize([p]).input_ids[0]) for p in prompts)
 
 
-def _answer_tokens(model: ModelAdapter, answer: str, max_tokens: int) -> tuple[int, ...]:
-    if not answer:
+def _text_tokens(model: ModelAdapter, text: str, max_tokens: int) -> tuple[int, ...]:
+    """A target known only as text (an affirmative opening), tokenized on its own and cut to `max_tokens`: it has no
+    end-of-turn token. Generated answers are taken as the ids generated instead (`_generated`)."""
+    if not text:
         return ()
-    return tuple(int(t) for t in model.tokenizer(answer, add_special_tokens=False)["input_ids"][:max_tokens])
+    return tuple(int(t) for t in model.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens])
 
 
 def _teacher_forced(model: ModelAdapter, targets: _Targets, picked: list[int]) -> Tensor:

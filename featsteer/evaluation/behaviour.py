@@ -249,19 +249,25 @@ def responses_nll(model: ModelAdapter, result: SetResult, config: GenerationConf
 
     Read with the unedited model (or a reference model with the same tokenizer), it measures how far an intervened
     model's responses are from what the model would have said, over every generated token rather than the first. The
-    tokens scored are those the model generated (`SetResult.response_tokens`, without the end-of-turn token), or each
-    response's text tokenized on its own when the result has no ids.
+    tokens scored are those the model generated (`SetResult.response_tokens`), with the end-of-turn token where the
+    model wrote one before the cap, as `response_kl` scores the position that predicts it: a model that no longer ends
+    its turn where the reference would pays for it (a response cut at the cap has no end-of-turn token to score). When
+    the result has no ids, each response's text is tokenized on its own and has no end-of-turn token. On a prefilled
+    set (`SetResult.openings`) each response is scored after its prompt and its forced opening, the context the model
+    wrote it in; the opening itself is not scored.
 
     Returns:
-        The mean NLL, or None when every response is empty.
+        The mean NLL, or None when there is no token to score (every response an empty text).
     """
-    stops = model.stop_token_ids
     if result.response_tokens is None:
         responses: list[str | tuple[int, ...]] = [r if r.strip() else () for r in result.responses]
     else:
-        responses = [ids[:-1] if ids and ids[-1] in stops else ids for ids in result.response_tokens]
-    pairs = [(prompt, response) for prompt, response in zip(result.prompts, responses, strict=True) if response]
-    if not pairs:
+        responses = list(result.response_tokens)  # an empty answer that ended its turn is its end-of-turn token
+    openings: Sequence[str | None] = result.openings if result.openings is not None else [None] * len(responses)
+    rows = [(prompt, opening, response)
+            for prompt, opening, response in zip(result.prompts, openings, responses, strict=True) if response]
+    if not rows:
         return None
-    prompts, kept = zip(*pairs, strict=True)
-    return response_cross_entropy(model, prompts, kept, system=(config or GenerationConfig()).system).mean_nll
+    prompts, kept_openings, kept = zip(*rows, strict=True)
+    prefill = None if result.openings is None else [str(opening) for opening in kept_openings]
+    return response_cross_entropy(model, prompts, kept, system=(config or GenerationConfig()).system, prefill=prefill).mean_nll

@@ -573,14 +573,16 @@ def _response_ids(model: ModelAdapter, responses: list[str | Sequence[int]], fir
 
 
 def _response_nll_sums(
-    model: ModelAdapter, prompts: list[str], responses: list[list[int]], system: str | None, first_prompt: int
+    model: ModelAdapter, prompts: list[str], responses: list[list[int]], system: str | None, first_prompt: int,
+    prefill: list[str] | None = None,
 ) -> Float[Tensor, " batch"]:
-    """Summed NLL of each response's tokens given its chat-formatted prompt and the tokens before them (float64).
+    """Summed NLL of each response's tokens given its chat-formatted prompt (and `prefill`, the forced start of the
+    response, after it) and the tokens before them (float64).
 
     The responses are fed as continuations of the prompt pass (`ModelAdapter.run_continued`), so the caller's hooks
     see them as generated tokens, as they would while decoding them.
     """
-    logits = model.run_continued(model.tokenize(prompts, system=system), responses)
+    logits = model.run_continued(model.tokenize(prompts, system=system, prefill=prefill), responses)
     sums = torch.zeros(len(responses), dtype=torch.float64)
     for row, targets in enumerate(responses):
         predicting = logits[row, : len(targets)]
@@ -598,15 +600,17 @@ def response_cross_entropy(
     *,
     batch_size: int = 8,
     system: str | None = None,
+    prefill: Sequence[str] | None = None,
 ) -> CrossEntropyResult:
     """Teacher-forced cross-entropy of reference responses given chat-formatted prompts.
 
     Each response is tokenized on its own (`add_special_tokens=False`), or given as token ids, and appended right
-    after the generation prompt, with nothing after it; only response tokens are scored, and the caller's hooks see
-    them as generated tokens (an intervention on the prompt's tokens only leaves them alone). Tokenizing separately
-    matches how generation starts a fresh token after the prompt, and can differ from tokenizing prompt + response as
-    one string where a merge would cross the boundary. The model's own responses are best scored as the ids it
-    generated (`SetResult.response_tokens`): their decoded, stripped text can tokenize into other tokens.
+    after the generation prompt (after the prefill, when given), with nothing after it; only response tokens are
+    scored, and the caller's hooks see them as generated tokens (an intervention on the prompt's tokens only leaves
+    them alone). Tokenizing separately matches how generation starts a fresh token after the prompt, and can differ
+    from tokenizing prompt + response as one string where a merge would cross the boundary. The model's own responses
+    are best scored as the ids it generated (`SetResult.response_tokens`): their decoded, stripped text can tokenize
+    into other tokens, and the ids end with the end-of-turn token where the model wrote one, which is then scored too.
 
     Args:
         model: The model to read (under the caller's hooks, or edited).
@@ -614,6 +618,9 @@ def response_cross_entropy(
         responses: One reference response per prompt: a text, or the token ids to score.
         batch_size: Prompts per forward pass (left-padded, responses padded on the right).
         system: Optional system prompt.
+        prefill: Optional forced start of each response (a prefilling attack, `GenerationConfig.prefill`), one text per
+            prompt, put after the formatted prompt as generation put it: the responses are then what the model wrote
+            after it, scored in the context it wrote them in.
 
     Returns:
         Token-weighted mean NLL, perplexity, token count and per-prompt mean NLL.
@@ -625,11 +632,14 @@ def response_cross_entropy(
     response_items = _prompt_list(responses, "responses")
     if len(prompt_items) != len(response_items):
         raise FeatsteerError(f"got {len(prompt_items)} prompts but {len(response_items)} responses; pass one response per prompt")
+    if prefill is not None and len(prefill) != len(prompt_items):
+        raise FeatsteerError(f"got {len(prompt_items)} prompts but {len(prefill)} prefill texts; pass one prefill per prompt (or none)")
     sums, counts = [], []
     with torch.inference_mode():
         for start, stop in _chunks(len(prompt_items), batch_size):
             response_ids = _response_ids(model, response_items[start:stop], start)
-            sums.append(_response_nll_sums(model, prompt_items[start:stop], response_ids, system, start))
+            sums.append(_response_nll_sums(model, prompt_items[start:stop], response_ids, system, start,
+                                           None if prefill is None else list(prefill[start:stop])))
             counts.extend(len(ids) for ids in response_ids)
     nll_sums = torch.cat(sums)
     n_tokens = torch.tensor(counts, dtype=torch.float64)
