@@ -106,7 +106,7 @@ def exact_check(run, gen, eval_harmless, n_prompts: int | None) -> dict:
     prompts = eval_harmless if n_prompts is None else eval_harmless.head(n_prompts)
     base_set = evaluate_set(ctx.model, prompts, "harmless", gen, RefusalDetector())
     ks = (64, 256, 1024, None)
-    bases = {k: response_base(ctx.model, list(base_set.prompts), list(base_set.responses), max_tokens=gen.max_new_tokens, top_k=k)
+    bases = {k: response_base(ctx.model, list(base_set.prompts), list(base_set.response_tokens), max_tokens=gen.max_new_tokens, top_k=k)
              for k in ks}
     with method_context(ctx, "dim_abliteration"):
         kls = {k: response_kl(ctx.model, base) for k, base in bases.items()}
