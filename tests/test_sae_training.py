@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 
 import pytest
 import torch
@@ -354,6 +355,25 @@ def test_activation_cache_is_not_reused_after_the_chat_template_changes(tmp_path
     assert len(calls) == 1 and again.chunks[0].parent != first.chunks[0].parent  # not served from the old template's capture
 
 
+def test_activation_cache_finds_each_hook_in_whichever_capture_holds_it(tmp_path, monkeypatch):
+    from sae_training.data import cached_captures
+
+    model = load_model("tiny:llama")
+    texts = [f"Sentence number {i} is here." for i in range(12)]
+    first, second, third = (f"blocks.{layer}.hook_resid_post" for layer in range(3))
+    both = cached_captures(model, texts, [first, second], tmp_path / "cache", tokens=10_000, progress=False)
+    assert both[first] is both[second]
+    with monkeypatch.context() as patch:
+        patch.setattr("sae_training.data.capture_tokens", no_capture)
+        alone = cached_captures(model, texts, [second], tmp_path / "cache", tokens=10_000, progress=False)
+    assert alone[second] == both[second]
+    hooks_captured = []
+    monkeypatch.setattr("sae_training.data.capture_tokens",
+                        lambda model, texts, hooks, *args, **kwargs: hooks_captured.append(list(hooks)) or capture_tokens(model, texts, hooks, *args, **kwargs))
+    more = cached_captures(model, texts, [first, third], tmp_path / "cache", tokens=10_000, progress=False)
+    assert hooks_captured == [[third]] and more[first] == both[first] and more[third].hook_names == (third,)
+
+
 @pytest.mark.parametrize("threshold", [-1.0, 1.0])
 def test_training_warns_when_too_many_features_are_dead(tmp_path, monkeypatch, caplog, threshold):
     text = tmp_path / "text.txt"
@@ -391,3 +411,19 @@ def test_dtype_and_device_options_reach_the_model_and_the_capture_key(capsys):
 
 def test_a_single_text_source_is_one_source_not_one_per_character():
     assert DataConfig(model="tiny:llama", texts="builtin:harmless").texts == ("builtin:harmless",)
+
+
+def test_a_resumed_multi_layer_run_trains_the_rest_from_the_activation_cache(tmp_path, monkeypatch):
+    """A run of layers 0 and 1 stopped after layer 0: the re-run trains layer 1 alone from the capture the first run
+    made (the cache is keyed per hook, not by the layers still to train) and gets the weights the full run gave it."""
+    args = ["--model", "tiny:llama", "--layers", "0,1", "--d-sae", "64", "--k", "4", "--tokens", "3000", "--text", "builtin:harmless",
+            "--batch-tokens", "256", "--eval-prompts", "8", "--quiet", "--activation-cache", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    layer = tmp_path / "out" / HOOK
+    weights = (layer / "sae_weights.safetensors").read_bytes()
+    shutil.rmtree(layer)  # as if the run had been stopped before layer 1 finished
+    monkeypatch.setattr("sae_training.data.capture_tokens", no_capture)
+    monkeypatch.setattr("sae_training.train.capture_tokens", no_capture)
+    assert main(args) == 0
+    assert (layer / "sae_weights.safetensors").read_bytes() == weights
