@@ -10,6 +10,7 @@ a mixing buffer, and cycling over the captured chunks when training asks for mor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,7 +31,13 @@ from featsteer.activations import ActivationReader, Positions, capture, hook_wid
 from featsteer.datasets import load_prompts
 from featsteer.datasets.loaders import ORGANISM_CORPUS_PREFIX
 from featsteer.errors import FeatsteerError
+from featsteer.files import staging_folder
 from featsteer.models import ModelAdapter, weights_fingerprint
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -340,21 +347,51 @@ def cached_capture(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[st
     also serves every larger budget (the same rows would be captured), so a longer training run on the same text
     does not capture again. Its manifest records each hook's own key, for `cached_captures`.
 
-    A folder without its manifest is an interrupted capture: it is removed and captured again.
+    Runs may share `cache`: a capture is built in a hidden staging folder beside `cache/<key>/` and renamed to it with
+    its manifest inside, so a reader never sees a half-written one, and a lock file per key (`cache/.<key>.lock`) makes
+    a second run asking for the same capture wait for the first and reuse it instead of capturing it again.
     """
-    folder = Path(cache) / capture_key(model, texts, hooks, tokens=tokens, chat=chat, start=start)
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    key = capture_key(model, texts, hooks, tokens=tokens, chat=chat, start=start)
     source = capture_key(model, texts, hooks, tokens=None, chat=chat, start=start)
-    if not (folder / CAPTURE_MANIFEST).is_file() and (earlier := _exhausted_capture(Path(cache), source, tokens)) is not None:
-        folder = earlier
-    if (folder / CAPTURE_MANIFEST).is_file():
-        logger.info("reusing the activations captured in %s", folder)
-        return CapturedTokens.load(folder)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    captured = capture_tokens(model, texts, hooks, folder, tokens=tokens, chat=chat, start=start, **capture_options)
-    captured.save(folder, source=source, keys=hook_keys(model, texts, hooks, tokens=tokens, chat=chat, start=start))
-    return captured
+    folder = cache / key
+    with _exclusive_lock(cache / f".{key}.lock"):
+        if not (folder / CAPTURE_MANIFEST).is_file() and (earlier := _exhausted_capture(cache, source, tokens)) is not None:
+            folder = earlier
+        if (folder / CAPTURE_MANIFEST).is_file():
+            logger.info("reusing the activations captured in %s", folder)
+            return CapturedTokens.load(folder)
+        for leftover in [folder, *cache.glob(f".{key}.partial-*")]:  # interrupted captures: no one else writes them, we hold the lock
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = staging_folder(folder)
+        try:
+            captured = capture_tokens(model, texts, hooks, staging, tokens=tokens, chat=chat, start=start, **capture_options)
+            captured.save(staging, source=source, keys=hook_keys(model, texts, hooks, tokens=tokens, chat=chat, start=start))
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return CapturedTokens.load(folder)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` (created if missing) for the block, saying so when another process holds it.
+    The system releases it when its holder dies. Without `fcntl` (Windows) nothing is locked: runs that share a cache
+    may then capture the same activations twice, but still never read or remove each other's unfinished captures."""
+    if fcntl is None:
+        yield
+        return
+    with open(path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("another run is capturing the same activations into %s: waiting for it to finish, to reuse them", path.parent)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class ActivationBatches(Iterator[Tensor]):

@@ -316,9 +316,12 @@ def test_activation_cache_captures_once_and_a_broken_capture_is_redone(tmp_path,
         patch.setattr("sae_training.data.capture_tokens", no_capture)
         again = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=10_000, progress=False)
     assert again == first
+    staged = first.chunks[0].parent.parent / f".{first.chunks[0].parent.name}.partial-killed"
+    shutil.copytree(first.chunks[0].parent, staged)  # a killed run's staging folder: never served, removed by the next capture
     (first.chunks[0].parent / "captured.json").unlink()  # as if the first run had died mid-capture
     redone = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=10_000, progress=False)
-    assert redone.n_tokens == first.n_tokens and (first.chunks[0].parent / "captured.json").is_file()
+    assert redone.n_tokens == first.n_tokens and (first.chunks[0].parent / "captured.json").is_file() and not staged.exists()
+    assert redone.chunks == first.chunks
     other = cached_capture(model, texts[:6], [HOOK], tmp_path / "cache", tokens=10_000, progress=False)
     assert other.chunks[0].parent != first.chunks[0].parent and other.n_tokens < first.n_tokens
 
@@ -427,3 +430,52 @@ def test_a_resumed_multi_layer_run_trains_the_rest_from_the_activation_cache(tmp
     monkeypatch.setattr("sae_training.train.capture_tokens", no_capture)
     assert main(args) == 0
     assert (layer / "sae_weights.safetensors").read_bytes() == weights
+
+
+def test_two_runs_sharing_an_activation_cache_capture_once_and_leave_each_other_alone(tmp_path, monkeypatch):
+    """Run B asks for the capture run A is in the middle of (between two chunks): B waits for A and reuses A's capture.
+    It used to delete A's unfinished folder and capture into it, and A then failed writing its next chunk there."""
+    import threading
+
+    import sae_training.data as data
+
+    texts = load_texts(["builtin:harmless"])
+    options = {"tokens": 8000, "start": 1, "chunk_bytes": 256 << 10, "progress": False}
+    settled, outcome, threads, chunks_captured = threading.Event(), {}, [], []
+
+    def run_b() -> None:
+        try:
+            outcome["b"] = cached_capture(load_model("tiny:llama"), texts, [HOOK], tmp_path / "cache", **options)
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            outcome["b"] = error
+        finally:
+            settled.set()
+
+    class WaitingMessage(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting" in record.getMessage():
+                settled.set()
+
+    real_capture = data.capture
+
+    def capture_then_start_b(*args, **kwargs):
+        rows = real_capture(*args, **kwargs)
+        chunks_captured.append(kwargs["stream_to"])
+        if not threads:  # after A's first chunk: B starts and runs until it waits for A (or ends)
+            threads.append(threading.Thread(target=run_b))
+            threads[0].start()
+            assert settled.wait(timeout=600)
+        return rows
+
+    monkeypatch.setattr(data, "capture", capture_then_start_b)
+    handler = WaitingMessage()
+    logging.getLogger("sae_training.data").addHandler(handler)
+    try:
+        first = cached_capture(load_model("tiny:llama"), texts, [HOOK], tmp_path / "cache", **options)
+    finally:
+        logging.getLogger("sae_training.data").removeHandler(handler)
+        for thread in threads:
+            thread.join()
+    assert len(first.chunks) > 1 and outcome["b"] == first
+    assert len(chunks_captured) == len(first.chunks)  # B captured nothing
+    assert all(chunk.is_dir() for chunk in first.chunks)
