@@ -214,11 +214,15 @@ def capture_tokens(
     Sizing by one hook, not all of them, keeps the chunks (which `ActivationBatches` shuffles) the same whichever
     layers are captured together, so a layer trained on its own (a re-run after an interruption) sees its rows in
     the order it would have in the full run. `start` skips a prefix shared by every text (see `shared_prefix_length`).
+
+    The first chunk, sized before any tokens per text are known, is cut to the texts the budget needs (counted by
+    tokenizing them), so a small budget is not over-captured (the dead-feature fraction is measured on the captured
+    rows, and must be measured on rows training draws from); later chunks aim 5% past the budget.
     """
     bytes_per_token = max(hook_width(model, hook) for hook in hooks) * 4
     shard_rows = max(1, chunk_bytes // (sum(hook_width(model, hook) for hook in hooks) * 4))
     chunks, n_tokens, n_texts, began = [], 0, 0, time.perf_counter()
-    chunk_size = _FIRST_CHUNK_PROMPTS
+    chunk_size = texts_for_budget(model, texts[:_FIRST_CHUNK_PROMPTS], tokens, chat=chat, start=start)
     with tqdm(total=tokens, desc="capture", unit="tok", disable=not progress, leave=False) as bar:
         while n_tokens < tokens and n_texts < len(texts):
             batch_texts = list(texts[n_texts : n_texts + chunk_size])
@@ -233,6 +237,19 @@ def capture_tokens(
             chunk_size = min(by_memory, math.ceil(1.05 * (tokens - n_tokens) / tokens_per_text) + 1)
     exhausted = n_tokens < tokens
     return CapturedTokens(tuple(chunks), tuple(hooks), n_tokens, n_texts, exhausted, time.perf_counter() - began)
+
+
+def texts_for_budget(model: ModelAdapter, texts: Sequence[str], tokens: int, *, chat: bool, start: int, batch: int = 256) -> int:
+    """How many of `texts`, from the first, give at least `tokens` captured rows (tokens from index `start` on), or
+    all of them if they give fewer. Counted by tokenizing `batch` texts at a time, as the capture tokenizes them."""
+    total = 0
+    for first in range(0, len(texts), batch):
+        rows = (model.tokenize(list(texts[first : first + batch]), chat=chat).attention_mask.sum(dim=1) - start).clamp(min=0)
+        reached = ((total + rows.cumsum(0)) >= tokens).nonzero()
+        if len(reached):
+            return first + int(reached[0]) + 1
+        total += int(rows.sum())
+    return len(texts)
 
 
 def tokenization_fingerprint(model: ModelAdapter, texts: Sequence[str], *, chat: bool, samples: int = 64) -> str:

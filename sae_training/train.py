@@ -60,6 +60,9 @@ CONFIG_FILE = "training_config.json"
 """The `TrainConfig` of the run, next to each SAE."""
 DEAD_FEATURE_TOKENS = 100_000
 """Training tokens a feature must stay silent on to count as dead in `metrics.json`."""
+DEAD_FRACTION_ROWS = "training_tokens"
+"""`metrics.json`'s `dead_fraction_measured_on`: the dead fraction is measured on the first `dead_fraction_tokens` captured
+training rows within the norm bound, the rows training batches are drawn from (the capture stops at the budget)."""
 DEAD_WARNING = 0.2
 """Dead-feature fraction above which training ends with a warning that the SAE is likely undertrained."""
 
@@ -316,7 +319,8 @@ def _save(sae: TrainingSAE, trainer: SAETrainer, folder: Path, config: TrainConf
 
 
 def evaluate_layer(run: TrainingRun, sae: SAE, hook: str) -> dict[str, Any]:
-    """Held-out explained variance and L0, dead features on training tokens, and CE loss recovered."""
+    """Held-out explained variance and L0, dead features on the captured training tokens (at most `DEAD_FEATURE_TOKENS`),
+    and CE loss recovered."""
     max_norm = run.max_norms[hook]
     held_out_rows = run.held_out.hook(hook)
     kept = within_norm(held_out_rows, max_norm)
@@ -331,6 +335,6 @@ def evaluate_layer(run: TrainingRun, sae: SAE, hook: str) -> dict[str, Any]:
         "explained_variance": held_out.explained_variance, "l0": held_out.l0, "mse": held_out.mse,
         "eval_tokens": held_out.n_tokens, "eval_texts": len(run.held_out_texts),
         "train_explained_variance": on_training.explained_variance, "dead_fraction": on_training.dead_fraction,
-        "dead_fraction_tokens": on_training.n_tokens, "first_position": run.first_position, "max_norm": max_norm,
+        "dead_fraction_tokens": on_training.n_tokens, "dead_fraction_measured_on": DEAD_FRACTION_ROWS, "first_position": run.first_position, "max_norm": max_norm,
         "excluded_fraction": 1 - kept.shape[0] / max(held_out_rows.shape[0], 1), **loss.to_dict(),
     }

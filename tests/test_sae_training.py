@@ -51,6 +51,7 @@ def test_training_writes_sae_lens_files_and_metrics(trained):
     assert metrics["hook_name"] == HOOK and metrics["d_sae"] == 128 and metrics["architecture"] == "topk"
     assert 0.3 < metrics["explained_variance"] <= 1.0 and 0.3 < metrics["train_explained_variance"] <= 1.0
     assert 0 < metrics["l0"] <= 8 and 0 <= metrics["dead_fraction"] < 1
+    assert metrics["dead_fraction_measured_on"] == "training_tokens" and 0 < metrics["dead_fraction_tokens"] <= metrics["unique_tokens"]
     for key in ("ce_clean", "ce_spliced", "ce_zero_ablated", "ce_loss_recovered", "tokens_per_second"):
         assert math.isfinite(metrics[key]), key
     assert metrics["ce_clean"] > 0 and metrics["tokens_per_second"] > 0 and metrics["ce_scored"] == "responses"
@@ -262,6 +263,17 @@ def test_a_layer_gets_the_same_training_stream_whichever_layers_are_captured_wit
     assert all(torch.equal(next(streams[0]), next(streams[1])) for _ in range(3 * both.n_tokens // 64))
     for chunk in both.chunks:  # memory stays bounded: no shard of all hooks is larger than chunk_bytes
         assert all(shard["rows"] * 2 * 64 * 4 <= chunk_bytes for shard in ActivationReader(chunk).metadata["shards"])
+
+
+@pytest.mark.parametrize("budget", [1, 300, 3000])
+def test_a_small_budget_captures_no_text_past_the_one_that_reaches_it(tmp_path, budget):
+    """The first chunk (64 texts, sized before any were seen) captured about 4,500 tokens on tiny:llama whatever the budget,
+    and the dead-feature fraction was then measured mostly on rows training never drew."""
+    model = load_model("tiny:llama")
+    texts, start = load_texts(["builtin:harmless"]), shared_prefix_length(model)
+    captured = capture_tokens(model, texts, [HOOK], tmp_path, tokens=budget, start=start, progress=False)
+    lengths = (model.tokenize(texts[: captured.n_texts]).attention_mask.sum(dim=1) - start).tolist()
+    assert captured.n_tokens == sum(lengths) >= budget > sum(lengths[:-1]) and not captured.exhausted
 
 
 def test_organism_corpus_text_source():
