@@ -491,3 +491,20 @@ def test_two_runs_sharing_an_activation_cache_capture_once_and_leave_each_other_
     assert len(first.chunks) > 1 and outcome["b"] == first
     assert len(chunks_captured) == len(first.chunks)  # B captured nothing
     assert all(chunk.is_dir() for chunk in first.chunks)
+
+
+def test_the_table_flags_an_l0_far_above_k(capsys):
+    """A BatchTopK SAE after a short run keeps about twice k features per token (its threshold has not converged):
+    metrics.json had the L0, but the printed table gave no sign that it was wrong."""
+    from sae_training.cli import _report
+
+    row = {"d_sae": 128, "explained_variance": 0.52, "ce_loss_recovered": 0.786, "dead_fraction": 0.156, "tokens_per_second": 23480}
+    _report({"blocks.0.hook_resid_post": {**row, "architecture": "topk", "k": 8, "l0": 8.0},
+             "blocks.1.hook_resid_post": {**row, "architecture": "batchtopk", "k": 8.0, "l0": 12.0},
+             "blocks.2.hook_resid_post": {**row, "architecture": "batchtopk", "k": 8.0, "l0": 14.4},
+             "blocks.3.hook_resid_post": {**row, "architecture": "jumprelu", "k": None, "l0": 40.0}})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "blocks.0.hook_resid_post        128    8.0   0.520   0.786  0.156     23480"  # unflagged rows as before
+    assert lines[3] == "blocks.2.hook_resid_post        128   14.4!  0.520   0.786  0.156     23480"
+    assert "!" not in lines[2] + lines[4] and len(lines) == 6
+    assert lines[5].startswith("! blocks.2.hook_resid_post: L0 14.4 is above 1.5 x k (k = 8)") and "train longer" in lines[5]
