@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="leave out tokens whose norm exceeds this multiple of the median (attention sinks; default: 10)")
     parser.add_argument("--keep-outliers", action="store_true", help="train on every token, massive activations included")
     parser.add_argument("--activation-cache", help="keep the captured activations here and reuse them on a re-run with the same "
-                        "model, text, layers and --tokens (e.g. to sweep SAE settings); default: a temporary folder")
+                        "model, text and --tokens, layer by layer (to sweep SAE settings, or resume an interrupted run); default: a temporary folder")
     parser.add_argument("--work-dir", help="parent folder for the temporary activation store (default: system temp)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -100,11 +100,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+L0_OVER_K = 1.5
+"""An SAE with a `k` whose held-out L0 is above this multiple of it is flagged in the table (a BatchTopK SAE's inference
+threshold, an average learnt during training, is still too low after a short run; `metrics.json` has the L0 either way)."""
+
+
 def _report(results: dict[str, dict]) -> None:
+    """Print one line of metrics per layer; an L0 far above `k` is marked `!` and explained below the table."""
     print(f"{'hook':<28} {'d_sae':>6} {'L0':>6} {'EV':>7} {'CE rec':>7} {'dead':>6} {'tok/s':>9}")
+    notes = []
     for hook, m in results.items():
-        print(f"{hook:<28} {m['d_sae']:>6} {m['l0']:>6.1f} {m['explained_variance']:>7.3f} {m['ce_loss_recovered']:>7.3f} "
-              f"{m['dead_fraction']:>6.3f} {m['tokens_per_second']:>9.0f}")
+        k = m.get("k")
+        unconverged = k is not None and m["l0"] > L0_OVER_K * k
+        if unconverged:
+            notes.append(f"! {hook}: L0 {m['l0']:.1f} is above {L0_OVER_K:g} x k (k = {k:g}): the {m.get('architecture', 'SAE')} SAE's "
+                         "threshold has not converged; train longer (raise --tokens or lower --batch-tokens) before using it")
+        print(f"{hook:<28} {m['d_sae']:>6} {m['l0']:>6.1f}{'!' if unconverged else ' '}{m['explained_variance']:>7.3f} "
+              f"{m['ce_loss_recovered']:>7.3f} {m['dead_fraction']:>6.3f} {m['tokens_per_second']:>9.0f}")
+    for note in notes:
+        print(note)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ a mixing buffer, and cycling over the captured chunks when training asks for mor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,9 +18,10 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,7 +31,13 @@ from featsteer.activations import ActivationReader, Positions, capture, hook_wid
 from featsteer.datasets import load_prompts
 from featsteer.datasets.loaders import ORGANISM_CORPUS_PREFIX
 from featsteer.errors import FeatsteerError
+from featsteer.files import staging_folder
 from featsteer.models import ModelAdapter, weights_fingerprint
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -162,13 +170,17 @@ class CapturedTokens:
     seconds: float
     """Wall time of the capture."""
 
-    def save(self, folder: Path, *, source: str | None = None) -> None:
+    def save(self, folder: Path, *, source: str | None = None, keys: Mapping[str, tuple[str, str]] | None = None) -> None:
         """Write the manifest (chunk names relative to `folder`) atomically; call after the last chunk. `source`
-        (`capture_key` without the budget) lets a larger budget find this capture when it ran out of text."""
-        record = {"chunks": [str(Path(chunk).relative_to(folder)) for chunk in self.chunks], "hook_names": list(self.hook_names),
-                  "n_tokens": self.n_tokens, "n_texts": self.n_texts, "exhausted": self.exhausted, "seconds": self.seconds}
+        (`capture_key` without the budget) lets a larger budget find this capture when it ran out of text; `keys`
+        (`hook_keys`) lets a later run find any one hook's rows here, whichever hooks it captures with it."""
+        record: dict[str, Any] = {"chunks": [str(Path(chunk).relative_to(folder)) for chunk in self.chunks], "hook_names": list(self.hook_names),
+                                  "n_tokens": self.n_tokens, "n_texts": self.n_texts, "exhausted": self.exhausted, "seconds": self.seconds}
         if source is not None:
             record["source"] = source
+        if keys is not None:
+            record["hook_keys"] = {hook: key for hook, (key, _) in keys.items()}
+            record["hook_sources"] = {hook: hook_source for hook, (_, hook_source) in keys.items()}
         partial = folder / (CAPTURE_MANIFEST + ".partial")
         partial.write_text(json.dumps(record, indent=1))
         partial.replace(folder / CAPTURE_MANIFEST)
@@ -202,11 +214,15 @@ def capture_tokens(
     Sizing by one hook, not all of them, keeps the chunks (which `ActivationBatches` shuffles) the same whichever
     layers are captured together, so a layer trained on its own (a re-run after an interruption) sees its rows in
     the order it would have in the full run. `start` skips a prefix shared by every text (see `shared_prefix_length`).
+
+    The first chunk, sized before any tokens per text are known, is cut to the texts the budget needs (counted by
+    tokenizing them), so a small budget is not over-captured (the dead-feature fraction is measured on the captured
+    rows, and must be measured on rows training draws from); later chunks aim 5% past the budget.
     """
     bytes_per_token = max(hook_width(model, hook) for hook in hooks) * 4
     shard_rows = max(1, chunk_bytes // (sum(hook_width(model, hook) for hook in hooks) * 4))
     chunks, n_tokens, n_texts, began = [], 0, 0, time.perf_counter()
-    chunk_size = _FIRST_CHUNK_PROMPTS
+    chunk_size = texts_for_budget(model, texts[:_FIRST_CHUNK_PROMPTS], tokens, chat=chat, start=start)
     with tqdm(total=tokens, desc="capture", unit="tok", disable=not progress, leave=False) as bar:
         while n_tokens < tokens and n_texts < len(texts):
             batch_texts = list(texts[n_texts : n_texts + chunk_size])
@@ -221,6 +237,19 @@ def capture_tokens(
             chunk_size = min(by_memory, math.ceil(1.05 * (tokens - n_tokens) / tokens_per_text) + 1)
     exhausted = n_tokens < tokens
     return CapturedTokens(tuple(chunks), tuple(hooks), n_tokens, n_texts, exhausted, time.perf_counter() - began)
+
+
+def texts_for_budget(model: ModelAdapter, texts: Sequence[str], tokens: int, *, chat: bool, start: int, batch: int = 256) -> int:
+    """How many of `texts`, from the first, give at least `tokens` captured rows (tokens from index `start` on), or
+    all of them if they give fewer. Counted by tokenizing `batch` texts at a time, as the capture tokenizes them."""
+    total = 0
+    for first in range(0, len(texts), batch):
+        rows = (model.tokenize(list(texts[first : first + batch]), chat=chat).attention_mask.sum(dim=1) - start).clamp(min=0)
+        reached = ((total + rows.cumsum(0)) >= tokens).nonzero()
+        if len(reached):
+            return first + int(reached[0]) + 1
+        total += int(rows.sum())
+    return len(texts)
 
 
 def tokenization_fingerprint(model: ModelAdapter, texts: Sequence[str], *, chat: bool, samples: int = 64) -> str:
@@ -238,31 +267,94 @@ def tokenization_fingerprint(model: ModelAdapter, texts: Sequence[str], *, chat:
     return digest.hexdigest()[:16]
 
 
+def _key_payload(model: ModelAdapter, texts: Sequence[str], *, chat: bool, start: int) -> dict[str, Any]:
+    """What a capture's rows depend on besides its hooks and budget: model name, weights, tokenization and chat template,
+    texts, chat formatting, first position, dtype."""
+    text_hash = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+    payload = {"model": model.name, "weights": weights_fingerprint(model), "tokenization": tokenization_fingerprint(model, texts, chat=chat),
+               "texts": text_hash, "chat": chat, "start": start}
+    if model.dtype != torch.float32:  # float32 captures keep the keys they had before dtypes were selectable
+        payload["dtype"] = str(model.dtype)
+    return payload
+
+
+def _hashed(payload: dict[str, Any], hooks: Sequence[str], tokens: int | None) -> str:
+    budget = {} if tokens is None else {"tokens": tokens}
+    return hashlib.sha256(json.dumps({**payload, "hooks": list(hooks), **budget}, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def capture_key(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[str], *, tokens: int | None, chat: bool, start: int) -> str:
     """Short hash of everything a capture's content depends on (model name, weights, tokenization and chat template,
     texts, hooks, first position, dtype); `tokens=None` leaves the token budget out (the key of the source, shared by
     captures of the same text at any budget)."""
-    text_hash = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
-    payload = {"model": model.name, "weights": weights_fingerprint(model), "tokenization": tokenization_fingerprint(model, texts, chat=chat),
-               "texts": text_hash, "hooks": list(hooks), "chat": chat, "start": start}
-    if model.dtype != torch.float32:  # float32 captures keep the keys they had before dtypes were selectable
-        payload["dtype"] = str(model.dtype)
-    if tokens is not None:
-        payload["tokens"] = tokens
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return _hashed(_key_payload(model, texts, chat=chat, start=start), hooks, tokens)
+
+
+def hook_keys(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[str], *, tokens: int, chat: bool, start: int) -> dict[str, tuple[str, str]]:
+    """`{hook: (key, source)}`: `capture_key` of each hook alone, with and without the budget. A hook's rows depend on
+    these and not on the hooks captured beside it (see `capture_tokens`), so they find its rows in any capture."""
+    payload = _key_payload(model, texts, chat=chat, start=start)
+    return {hook: (_hashed(payload, [hook], tokens), _hashed(payload, [hook], None)) for hook in hooks}
+
+
+def _finished_captures(cache: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """`(folder, manifest record)` of every finished capture in `cache`, in name order; hidden folders are skipped."""
+    for manifest in sorted(Path(cache).glob(f"*/{CAPTURE_MANIFEST}")):
+        if manifest.parent.name.startswith("."):
+            continue
+        try:
+            yield manifest.parent, json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
 
 
 def _exhausted_capture(cache: Path, source: str, tokens: int) -> Path | None:
     """A finished capture in `cache` of the same source that ran out of text at or below `tokens` rows: any budget
     from its row count up captures exactly the same rows, so it can stand in for this one."""
-    for manifest in sorted(Path(cache).glob(f"*/{CAPTURE_MANIFEST}")):
-        try:
-            record = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            continue
-        if record.get("source") == source and record.get("exhausted") and record.get("n_tokens", tokens + 1) <= tokens:
-            return manifest.parent
+    for folder, record in _finished_captures(cache):
+        if record.get("source") == source and _stands_in(record, tokens):
+            return folder
     return None
+
+
+def _stands_in(record: dict[str, Any], tokens: int) -> bool:
+    """The capture ran out of text at or below `tokens` rows (so a budget of `tokens` would capture the same rows)."""
+    return bool(record.get("exhausted")) and record.get("n_tokens", tokens + 1) <= tokens
+
+
+def _hook_capture(cache: Path, hook: str, key: str, source: str, tokens: int) -> Path | None:
+    """A finished capture in `cache` holding `hook`'s rows for this key (or, failing that, for its source run out of
+    text at or below `tokens`), whichever hooks were captured with it. A manifest written before captures recorded
+    per-hook keys is found when `hook` was its only hook (its folder is then named by the hook's key)."""
+    stand_in = None
+    for folder, record in _finished_captures(cache):
+        hooks = record.get("hook_names", [])
+        if hook not in hooks:
+            continue
+        alone = len(hooks) == 1
+        keys = record.get("hook_keys") or ({hook: folder.name} if alone else {})
+        sources = record.get("hook_sources") or ({hook: record.get("source")} if alone else {})
+        if keys.get(hook) == key:
+            return folder
+        if stand_in is None and sources.get(hook) == source and _stands_in(record, tokens):
+            stand_in = folder
+    return stand_in
+
+
+def cached_captures(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[str], cache: Path, *, tokens: int, chat: bool = True,
+                    start: int = 0, **capture_options) -> dict[str, CapturedTokens]:
+    """`{hook: capture holding its rows}`: each hook's rows are looked up in `cache` on their own, and the hooks found
+    nowhere are captured together by `cached_capture`. So a resumed run, which trains only the layers left, reuses the
+    capture the interrupted run made of every layer, and a run of more layers captures only the new ones."""
+    cache = Path(cache)
+    keys = hook_keys(model, texts, hooks, tokens=tokens, chat=chat, start=start)
+    found = {hook: folder for hook in hooks if (folder := _hook_capture(cache, hook, *keys[hook], tokens)) is not None}
+    loaded = {folder: CapturedTokens.load(folder) for folder in sorted(set(found.values()))}
+    for folder in loaded:
+        logger.info("reusing the activations captured in %s for %s", folder, ", ".join(hook for hook in hooks if found.get(hook) == folder))
+    missing = [hook for hook in hooks if hook not in found]
+    fresh = cached_capture(model, texts, missing, cache, tokens=tokens, chat=chat, start=start, **capture_options) if missing else None
+    return {hook: loaded[found[hook]] if hook in found else fresh for hook in hooks}
 
 
 def cached_capture(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[str], cache: Path, *, tokens: int, chat: bool = True,
@@ -270,23 +362,53 @@ def cached_capture(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[st
     """`capture_tokens` kept in `cache/<key>/` and reused by any later run with the same model, texts, hooks,
     token budget and first position, so a sweep over SAE settings captures once. A capture that ran out of text
     also serves every larger budget (the same rows would be captured), so a longer training run on the same text
-    does not capture again.
+    does not capture again. Its manifest records each hook's own key, for `cached_captures`.
 
-    A folder without its manifest is an interrupted capture: it is removed and captured again.
+    Runs may share `cache`: a capture is built in a hidden staging folder beside `cache/<key>/` and renamed to it with
+    its manifest inside, so a reader never sees a half-written one, and a lock file per key (`cache/.<key>.lock`) makes
+    a second run asking for the same capture wait for the first and reuse it instead of capturing it again.
     """
-    folder = Path(cache) / capture_key(model, texts, hooks, tokens=tokens, chat=chat, start=start)
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    key = capture_key(model, texts, hooks, tokens=tokens, chat=chat, start=start)
     source = capture_key(model, texts, hooks, tokens=None, chat=chat, start=start)
-    if not (folder / CAPTURE_MANIFEST).is_file() and (earlier := _exhausted_capture(Path(cache), source, tokens)) is not None:
-        folder = earlier
-    if (folder / CAPTURE_MANIFEST).is_file():
-        logger.info("reusing the activations captured in %s", folder)
-        return CapturedTokens.load(folder)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    captured = capture_tokens(model, texts, hooks, folder, tokens=tokens, chat=chat, start=start, **capture_options)
-    captured.save(folder, source=source)
-    return captured
+    folder = cache / key
+    with _exclusive_lock(cache / f".{key}.lock"):
+        if not (folder / CAPTURE_MANIFEST).is_file() and (earlier := _exhausted_capture(cache, source, tokens)) is not None:
+            folder = earlier
+        if (folder / CAPTURE_MANIFEST).is_file():
+            logger.info("reusing the activations captured in %s", folder)
+            return CapturedTokens.load(folder)
+        for leftover in [folder, *cache.glob(f".{key}.partial-*")]:  # interrupted captures: no one else writes them, we hold the lock
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = staging_folder(folder)
+        try:
+            captured = capture_tokens(model, texts, hooks, staging, tokens=tokens, chat=chat, start=start, **capture_options)
+            captured.save(staging, source=source, keys=hook_keys(model, texts, hooks, tokens=tokens, chat=chat, start=start))
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return CapturedTokens.load(folder)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` (created if missing) for the block, saying so when another process holds it.
+    The system releases it when its holder dies. Without `fcntl` (Windows) nothing is locked: runs that share a cache
+    may then capture the same activations twice, but still never read or remove each other's unfinished captures."""
+    if fcntl is None:
+        yield
+        return
+    with open(path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("another run is capturing the same activations into %s: waiting for it to finish, to reuse them", path.parent)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class ActivationBatches(Iterator[Tensor]):

@@ -42,7 +42,7 @@ from sae_training.config import TrainConfig
 from sae_training.data import (
     ActivationBatches,
     CapturedTokens,
-    cached_capture,
+    cached_captures,
     capture_tokens,
     iter_rows,
     load_texts,
@@ -60,6 +60,9 @@ CONFIG_FILE = "training_config.json"
 """The `TrainConfig` of the run, next to each SAE."""
 DEAD_FEATURE_TOKENS = 100_000
 """Training tokens a feature must stay silent on to count as dead in `metrics.json`."""
+DEAD_FRACTION_ROWS = "training_tokens"
+"""`metrics.json`'s `dead_fraction_measured_on`: the dead fraction is measured on the first `dead_fraction_tokens` captured
+training rows within the norm bound, the rows training batches are drawn from (the capture stops at the budget)."""
 DEAD_WARNING = 0.2
 """Dead-feature fraction above which training ends with a warning that the SAE is likely undertrained."""
 
@@ -92,8 +95,9 @@ class TrainingRun:
     """The model being read."""
     config: TrainConfig
     """The run's configuration."""
-    captured: CapturedTokens
-    """Training activations on disk."""
+    captures: dict[str, CapturedTokens]
+    """Per hook: the training activations on disk that hold its rows (one capture for every hook, unless some were
+    found in the activation cache)."""
     held_out: ActivationSet
     """All-token activations of the held-out texts, for explained variance and L0."""
     held_out_texts: list[str]
@@ -157,14 +161,14 @@ def _capture_and_train(model: ModelAdapter, config: TrainConfig, hooks: list[str
         options = {"tokens": config.data.tokens, "chat": config.data.chat, "batch_size": config.data.capture_batch,
                    "chunk_bytes": config.data.chunk_megabytes << 20, "start": start, "progress": progress}
         if config.data.activation_cache:
-            captured = cached_capture(model, train_texts, todo, Path(config.data.activation_cache).expanduser(), **options)
+            captures = cached_captures(model, train_texts, todo, Path(config.data.activation_cache).expanduser(), **options)
         else:
-            captured = capture_tokens(model, train_texts, todo, Path(scratch), **options)
-        train_tokens = _training_tokens(config, captured)
+            captures = dict.fromkeys(todo, capture_tokens(model, train_texts, todo, Path(scratch), **options))
+        train_tokens = _training_tokens(config, captures[todo[0]])  # every capture holds the same texts' rows
         held_out = capture(model, held_out_texts, todo, positions=positions, chat=config.data.chat, batch_size=config.data.capture_batch, progress=False)
         responses = _reference_responses(model, held_out_texts) if config.data.chat else None
-        max_norms = {hook: norm_limit(captured.chunks, hook, config.data.max_norm_ratio) for hook in todo}
-        run = TrainingRun(model, config, captured, held_out, held_out_texts, responses, train_tokens, progress, start, max_norms)
+        max_norms = {hook: norm_limit(captures[hook].chunks, hook, config.data.max_norm_ratio) for hook in todo}
+        run = TrainingRun(model, config, captures, held_out, held_out_texts, responses, train_tokens, progress, start, max_norms)
         for hook in todo:
             done[hook] = train_layer(run, hook)
     return {hook: done[hook] for hook in hooks}
@@ -247,7 +251,7 @@ def train_layer(run: TrainingRun, hook: str) -> dict[str, Any]:
     d_in = hook_width(run.model, hook)
     trainer_config = _trainer_config(config, run.train_tokens, config.sae.width(d_in), str(run.model.device))
     sae = _build_sae(run, hook, trainer_config.total_training_steps)
-    batches = ActivationBatches(run.captured.chunks, hook, trainer_config.train_batch_size_samples, seed=config.optim.seed,
+    batches = ActivationBatches(run.captures[hook].chunks, hook, trainer_config.train_batch_size_samples, seed=config.optim.seed,
                                 d_model=d_in, max_norm=run.max_norms[hook])
     logger.info("training %s SAE (d_sae=%d) at %s on %d tokens", config.sae.architecture, sae.cfg.d_sae, hook, trainer_config.total_training_samples)
     trainer = SAETrainer(cfg=trainer_config, sae=sae, data_provider=batches)
@@ -276,15 +280,15 @@ def train_layer(run: TrainingRun, hook: str) -> dict[str, Any]:
 def _save_and_evaluate(run: TrainingRun, trained: TrainingSAE, trainer: SAETrainer, trainer_config: Any, folder: Path, hook: str,
                        seconds: float) -> dict[str, Any]:
     """Save the SAE into `folder`, score it held out, and write `metrics.json` there (last)."""
-    config = run.config
+    config, captured = run.config, run.captures[hook]
     _save(trained, trainer, folder, config)
     inference_sae = load_sae(folder, run.model)
     metrics = evaluate_layer(run, inference_sae, hook)
     metrics.update({
         "architecture": config.sae.architecture, "k": getattr(trained.cfg, "k", None), "train_tokens": trainer.n_training_samples,
-        "unique_tokens": run.captured.n_tokens, "text_exhausted": run.captured.exhausted,
-        "epochs": trainer.n_training_samples / max(run.captured.n_tokens, 1), "train_seconds": seconds,
-        "tokens_per_second": trainer.n_training_samples / max(seconds, 1e-9), "capture_seconds": run.captured.seconds,
+        "unique_tokens": captured.n_tokens, "text_exhausted": captured.exhausted,
+        "epochs": trainer.n_training_samples / max(captured.n_tokens, 1), "train_seconds": seconds,
+        "tokens_per_second": trainer.n_training_samples / max(seconds, 1e-9), "capture_seconds": captured.seconds,
         "seed": config.optim.seed, "lr": trainer_config.lr, "batch_tokens": trainer_config.train_batch_size_samples,
     })
     (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
@@ -315,12 +319,13 @@ def _save(sae: TrainingSAE, trainer: SAETrainer, folder: Path, config: TrainConf
 
 
 def evaluate_layer(run: TrainingRun, sae: SAE, hook: str) -> dict[str, Any]:
-    """Held-out explained variance and L0, dead features on training tokens, and CE loss recovered."""
+    """Held-out explained variance and L0, dead features on the captured training tokens (at most `DEAD_FEATURE_TOKENS`),
+    and CE loss recovered."""
     max_norm = run.max_norms[hook]
     held_out_rows = run.held_out.hook(hook)
     kept = within_norm(held_out_rows, max_norm)
     held_out = reconstruction_stats(sae, kept.split(4096))
-    on_training = reconstruction_stats(sae, iter_rows(run.captured.chunks, hook, max_norm=max_norm), max_tokens=DEAD_FEATURE_TOKENS)
+    on_training = reconstruction_stats(sae, iter_rows(run.captures[hook].chunks, hook, max_norm=max_norm), max_tokens=DEAD_FEATURE_TOKENS)
     if run.responses is None:
         loss = splice_loss(run.model, sae, run.held_out_texts, chat=run.config.data.chat)
     else:
@@ -330,6 +335,6 @@ def evaluate_layer(run: TrainingRun, sae: SAE, hook: str) -> dict[str, Any]:
         "explained_variance": held_out.explained_variance, "l0": held_out.l0, "mse": held_out.mse,
         "eval_tokens": held_out.n_tokens, "eval_texts": len(run.held_out_texts),
         "train_explained_variance": on_training.explained_variance, "dead_fraction": on_training.dead_fraction,
-        "dead_fraction_tokens": on_training.n_tokens, "first_position": run.first_position, "max_norm": max_norm,
+        "dead_fraction_tokens": on_training.n_tokens, "dead_fraction_measured_on": DEAD_FRACTION_ROWS, "first_position": run.first_position, "max_norm": max_norm,
         "excluded_fraction": 1 - kept.shape[0] / max(held_out_rows.shape[0], 1), **loss.to_dict(),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 
 import pytest
 import torch
@@ -50,6 +51,7 @@ def test_training_writes_sae_lens_files_and_metrics(trained):
     assert metrics["hook_name"] == HOOK and metrics["d_sae"] == 128 and metrics["architecture"] == "topk"
     assert 0.3 < metrics["explained_variance"] <= 1.0 and 0.3 < metrics["train_explained_variance"] <= 1.0
     assert 0 < metrics["l0"] <= 8 and 0 <= metrics["dead_fraction"] < 1
+    assert metrics["dead_fraction_measured_on"] == "training_tokens" and 0 < metrics["dead_fraction_tokens"] <= metrics["unique_tokens"]
     for key in ("ce_clean", "ce_spliced", "ce_zero_ablated", "ce_loss_recovered", "tokens_per_second"):
         assert math.isfinite(metrics[key]), key
     assert metrics["ce_clean"] > 0 and metrics["tokens_per_second"] > 0 and metrics["ce_scored"] == "responses"
@@ -263,6 +265,17 @@ def test_a_layer_gets_the_same_training_stream_whichever_layers_are_captured_wit
         assert all(shard["rows"] * 2 * 64 * 4 <= chunk_bytes for shard in ActivationReader(chunk).metadata["shards"])
 
 
+@pytest.mark.parametrize("budget", [1, 300, 3000])
+def test_a_small_budget_captures_no_text_past_the_one_that_reaches_it(tmp_path, budget):
+    """The first chunk (64 texts, sized before any were seen) captured about 4,500 tokens on tiny:llama whatever the budget,
+    and the dead-feature fraction was then measured mostly on rows training never drew."""
+    model = load_model("tiny:llama")
+    texts, start = load_texts(["builtin:harmless"]), shared_prefix_length(model)
+    captured = capture_tokens(model, texts, [HOOK], tmp_path, tokens=budget, start=start, progress=False)
+    lengths = (model.tokenize(texts[: captured.n_texts]).attention_mask.sum(dim=1) - start).tolist()
+    assert captured.n_tokens == sum(lengths) >= budget > sum(lengths[:-1]) and not captured.exhausted
+
+
 def test_organism_corpus_text_source():
     texts = load_texts(["organism-corpus:12:5"])
     assert 0 < len(texts) <= 12 and all(text.strip() for text in texts)
@@ -315,9 +328,12 @@ def test_activation_cache_captures_once_and_a_broken_capture_is_redone(tmp_path,
         patch.setattr("sae_training.data.capture_tokens", no_capture)
         again = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=10_000, progress=False)
     assert again == first
+    staged = first.chunks[0].parent.parent / f".{first.chunks[0].parent.name}.partial-killed"
+    shutil.copytree(first.chunks[0].parent, staged)  # a killed run's staging folder: never served, removed by the next capture
     (first.chunks[0].parent / "captured.json").unlink()  # as if the first run had died mid-capture
     redone = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=10_000, progress=False)
-    assert redone.n_tokens == first.n_tokens and (first.chunks[0].parent / "captured.json").is_file()
+    assert redone.n_tokens == first.n_tokens and (first.chunks[0].parent / "captured.json").is_file() and not staged.exists()
+    assert redone.chunks == first.chunks
     other = cached_capture(model, texts[:6], [HOOK], tmp_path / "cache", tokens=10_000, progress=False)
     assert other.chunks[0].parent != first.chunks[0].parent and other.n_tokens < first.n_tokens
 
@@ -352,6 +368,25 @@ def test_activation_cache_is_not_reused_after_the_chat_template_changes(tmp_path
     monkeypatch.setattr("sae_training.data.capture_tokens", lambda *args, **kwargs: calls.append(args) or capture_tokens(*args, **kwargs))
     again = cached_capture(model, texts, [HOOK], tmp_path / "cache", tokens=10_000, start=start, progress=False)
     assert len(calls) == 1 and again.chunks[0].parent != first.chunks[0].parent  # not served from the old template's capture
+
+
+def test_activation_cache_finds_each_hook_in_whichever_capture_holds_it(tmp_path, monkeypatch):
+    from sae_training.data import cached_captures
+
+    model = load_model("tiny:llama")
+    texts = [f"Sentence number {i} is here." for i in range(12)]
+    first, second, third = (f"blocks.{layer}.hook_resid_post" for layer in range(3))
+    both = cached_captures(model, texts, [first, second], tmp_path / "cache", tokens=10_000, progress=False)
+    assert both[first] is both[second]
+    with monkeypatch.context() as patch:
+        patch.setattr("sae_training.data.capture_tokens", no_capture)
+        alone = cached_captures(model, texts, [second], tmp_path / "cache", tokens=10_000, progress=False)
+    assert alone[second] == both[second]
+    hooks_captured = []
+    monkeypatch.setattr("sae_training.data.capture_tokens",
+                        lambda model, texts, hooks, *args, **kwargs: hooks_captured.append(list(hooks)) or capture_tokens(model, texts, hooks, *args, **kwargs))
+    more = cached_captures(model, texts, [first, third], tmp_path / "cache", tokens=10_000, progress=False)
+    assert hooks_captured == [[third]] and more[first] == both[first] and more[third].hook_names == (third,)
 
 
 @pytest.mark.parametrize("threshold", [-1.0, 1.0])
@@ -391,3 +426,85 @@ def test_dtype_and_device_options_reach_the_model_and_the_capture_key(capsys):
 
 def test_a_single_text_source_is_one_source_not_one_per_character():
     assert DataConfig(model="tiny:llama", texts="builtin:harmless").texts == ("builtin:harmless",)
+
+
+def test_a_resumed_multi_layer_run_trains_the_rest_from_the_activation_cache(tmp_path, monkeypatch):
+    """A run of layers 0 and 1 stopped after layer 0: the re-run trains layer 1 alone from the capture the first run
+    made (the cache is keyed per hook, not by the layers still to train) and gets the weights the full run gave it."""
+    args = ["--model", "tiny:llama", "--layers", "0,1", "--d-sae", "64", "--k", "4", "--tokens", "3000", "--text", "builtin:harmless",
+            "--batch-tokens", "256", "--eval-prompts", "8", "--quiet", "--activation-cache", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    layer = tmp_path / "out" / HOOK
+    weights = (layer / "sae_weights.safetensors").read_bytes()
+    shutil.rmtree(layer)  # as if the run had been stopped before layer 1 finished
+    monkeypatch.setattr("sae_training.data.capture_tokens", no_capture)
+    monkeypatch.setattr("sae_training.train.capture_tokens", no_capture)
+    assert main(args) == 0
+    assert (layer / "sae_weights.safetensors").read_bytes() == weights
+
+
+def test_two_runs_sharing_an_activation_cache_capture_once_and_leave_each_other_alone(tmp_path, monkeypatch):
+    """Run B asks for the capture run A is in the middle of (between two chunks): B waits for A and reuses A's capture.
+    It used to delete A's unfinished folder and capture into it, and A then failed writing its next chunk there."""
+    import threading
+
+    import sae_training.data as data
+
+    texts = load_texts(["builtin:harmless"])
+    options = {"tokens": 8000, "start": 1, "chunk_bytes": 256 << 10, "progress": False}
+    settled, outcome, threads, chunks_captured = threading.Event(), {}, [], []
+
+    def run_b() -> None:
+        try:
+            outcome["b"] = cached_capture(load_model("tiny:llama"), texts, [HOOK], tmp_path / "cache", **options)
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            outcome["b"] = error
+        finally:
+            settled.set()
+
+    class WaitingMessage(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting" in record.getMessage():
+                settled.set()
+
+    real_capture = data.capture
+
+    def capture_then_start_b(*args, **kwargs):
+        rows = real_capture(*args, **kwargs)
+        chunks_captured.append(kwargs["stream_to"])
+        if not threads:  # after A's first chunk: B starts and runs until it waits for A (or ends)
+            threads.append(threading.Thread(target=run_b))
+            threads[0].start()
+            assert settled.wait(timeout=600)
+        return rows
+
+    monkeypatch.setattr(data, "capture", capture_then_start_b)
+    handler = WaitingMessage()
+    logging.getLogger("sae_training.data").addHandler(handler)
+    try:
+        first = cached_capture(load_model("tiny:llama"), texts, [HOOK], tmp_path / "cache", **options)
+    finally:
+        logging.getLogger("sae_training.data").removeHandler(handler)
+        for thread in threads:
+            thread.join()
+    assert len(first.chunks) > 1 and outcome["b"] == first
+    assert len(chunks_captured) == len(first.chunks)  # B captured nothing
+    assert all(chunk.is_dir() for chunk in first.chunks)
+
+
+def test_the_table_flags_an_l0_far_above_k(capsys):
+    """A BatchTopK SAE after a short run keeps about twice k features per token (its threshold has not converged):
+    metrics.json had the L0, but the printed table gave no sign that it was wrong."""
+    from sae_training.cli import _report
+
+    row = {"d_sae": 128, "explained_variance": 0.52, "ce_loss_recovered": 0.786, "dead_fraction": 0.156, "tokens_per_second": 23480}
+    _report({"blocks.0.hook_resid_post": {**row, "architecture": "topk", "k": 8, "l0": 8.0},
+             "blocks.1.hook_resid_post": {**row, "architecture": "batchtopk", "k": 8.0, "l0": 12.0},
+             "blocks.2.hook_resid_post": {**row, "architecture": "batchtopk", "k": 8.0, "l0": 14.4},
+             "blocks.3.hook_resid_post": {**row, "architecture": "jumprelu", "k": None, "l0": 40.0}})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "blocks.0.hook_resid_post        128    8.0   0.520   0.786  0.156     23480"  # unflagged rows as before
+    assert lines[3] == "blocks.2.hook_resid_post        128   14.4!  0.520   0.786  0.156     23480"
+    assert "!" not in lines[2] + lines[4] and len(lines) == 6
+    assert lines[5].startswith("! blocks.2.hook_resid_post: L0 14.4 is above 1.5 x k (k = 8)") and "train longer" in lines[5]
