@@ -43,10 +43,10 @@ def _generated_only_shift(model, vector: torch.Tensor):
     return hook
 
 
-def _manual(model, prompt: str, response: str | tuple[int, ...], hooks, max_tokens: int = 32) -> torch.Tensor:
+def _manual(model, prompt: str, response: str | tuple[int, ...], hooks, max_tokens: int = 32, prefill: str | None = None) -> torch.Tensor:
     """Per-position exact KL for one prompt, from unpadded forward passes built by hand; a response is a text or the
-    token ids to feed."""
-    prompt_ids = model.tokenize([prompt]).input_ids[0].tolist()
+    token ids to feed (after the forced opening `prefill`, when given)."""
+    prompt_ids = model.tokenize([prompt], prefill=None if prefill is None else [prefill]).input_ids[0].tolist()
     if isinstance(response, str):
         response_ids = model.tokenizer(response, add_special_tokens=False)["input_ids"][:max_tokens] if response else []
     else:
@@ -95,6 +95,23 @@ def test_generated_token_ids_are_fed_as_generated(llama_adapter) -> None:
     for i, (prompt, row) in enumerate(zip(PROMPTS, ids, strict=True)):
         manual = _manual(model, prompt, row, [(HOOK, _shift(vector))])
         assert float(result.per_prompt[i]) == pytest.approx(float(manual.mean()), abs=1e-5)
+
+
+def test_a_prefilled_sets_responses_are_read_after_their_forced_opening(llama_adapter) -> None:
+    model = llama_adapter
+    openings = ["Sure, here", "Sure, here", "No", "Sure, here"]
+    vector = torch.full((model.d_model,), 0.7)
+    base = response_base(model, PROMPTS, RESPONSES, top_k=None, batch_size=3, prefill=openings)
+    assert base.prefill == tuple(openings)
+    with model.hooks([(HOOK, _shift(vector))]):
+        result = response_kl(model, base, batch_size=3)
+    for i, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES, strict=True)):
+        manual = _manual(model, prompt, response, [(HOOK, _shift(vector))], prefill=openings[i])
+        without = _manual(model, prompt, response, [(HOOK, _shift(vector))])
+        assert float(result.per_prompt[i]) == pytest.approx(float(manual.mean()), abs=1e-5)
+        assert float(manual.mean()) != pytest.approx(float(without.mean()), abs=1e-5)
+    with pytest.raises(FeatsteerError, match="4 prompts but 1 prefill texts"):
+        response_base(model, PROMPTS, RESPONSES, prefill=openings[:1])
 
 
 def test_an_edit_that_keeps_the_model_from_ending_its_turn_shows(organism) -> None:

@@ -62,6 +62,8 @@ class ResponseBase:
     system: str | None = None
     max_tokens: int = 32
     top_k: int | None = DEFAULT_TOP_K
+    prefill: tuple[str, ...] | None = None
+    """Per prompt, the forced opening the responses were generated after (a prefilled set), read as context."""
 
     @property
     def n_positions(self) -> list[int]:
@@ -101,12 +103,13 @@ class ResponseKL:
 
 
 def _scored_logprobs(model: ModelAdapter, prompts: list[str], continuations: list[tuple[int, ...]], system: str | None,
-                     batch_size: int) -> Iterator[tuple[int, Tensor]]:
+                     batch_size: int, prefill: Sequence[str] | None = None) -> Iterator[tuple[int, Tensor]]:
     """Per prompt, its index and `(len(continuation) + 1, vocab)` float64 log-probs predicting the first response token
-    and each continuation token's successor (the columns from the prompt's last token on). Prompts run in length-sorted
-    batches (`ModelAdapter.plan_batches`), so a long prompt pads only its neighbours."""
-    for indices in model.plan_batches(prompts, batch_size, DEFAULT_BATCH_TOKENS, system):
-        batch = model.tokenize([prompts[i] for i in indices], system=system)
+    and each continuation token's successor (the columns from the prompt's last token, or its prefill's, on). Prompts
+    run in length-sorted batches (`ModelAdapter.plan_batches`), so a long prompt pads only its neighbours."""
+    for indices in model.plan_batches(prompts, batch_size, DEFAULT_BATCH_TOKENS, system, prefill=prefill):
+        batch = model.tokenize([prompts[i] for i in indices], system=system,
+                               prefill=None if prefill is None else [prefill[i] for i in indices])
         logits = model.run_continued(batch, [continuations[i] for i in indices])
         for row, i in enumerate(indices):
             rows = logits[row, : len(continuations[i]) + 1].double()
@@ -125,6 +128,7 @@ def response_base(
     top_k: int | None = DEFAULT_TOP_K,
     batch_size: int = 8,
     system: str | None = None,
+    prefill: Sequence[str] | None = None,
 ) -> ResponseBase:
     """Record the unedited model's next-token distributions along its responses, for `response_kl`.
 
@@ -144,6 +148,9 @@ def response_base(
         top_k: Base tokens kept per position (the rest is lumped); None keeps the whole vocabulary (exact KL).
         batch_size: Prompts per forward pass.
         system: Optional system prompt.
+        prefill: For a prefilled set (`GenerationConfig.prefill`), each response's forced opening, one per prompt
+            (`SetResult.openings`): the responses are read after prompt + opening, where they were generated; the
+            opening itself is not scored.
 
     Raises:
         FeatsteerError: On empty or mismatched inputs, bad token ids, a bad `max_tokens`/`top_k`/`batch_size`, or NaN
@@ -153,6 +160,9 @@ def response_base(
     response_items = _prompt_list(responses, "responses")
     if len(prompt_items) != len(response_items):
         raise FeatsteerError(f"got {len(prompt_items)} prompts but {len(response_items)} responses: pass one response per prompt")
+    openings = None if prefill is None else tuple(str(text) for text in prefill)
+    if openings is not None and len(openings) != len(prompt_items):
+        raise FeatsteerError(f"got {len(prompt_items)} prompts but {len(openings)} prefill texts; pass one prefill per prompt (or none)")
     if max_tokens < 1:
         raise FeatsteerError(f"max_tokens must be at least 1 (the first response token), got {max_tokens}")
     if top_k is not None and top_k < 1:
@@ -167,12 +177,13 @@ def response_base(
     ids: list[Tensor] = [torch.empty(0)] * n
     logprobs: list[Tensor] = [torch.empty(0)] * n
     tails: list[Tensor] = [torch.empty(0)] * n
-    for i, lp in _scored_logprobs(model, prompt_items, continuations, system, batch_size):
+    for i, lp in _scored_logprobs(model, prompt_items, continuations, system, batch_size, openings):
         k = lp.shape[-1] if top_k is None else min(top_k, lp.shape[-1])
         top, index = lp.topk(k, dim=-1)
         ids[i], logprobs[i] = index, top
         tails[i] = torch.logsumexp(lp.scatter(-1, index, float("-inf")), dim=-1)
-    return ResponseBase(tuple(prompt_items), tuple(continuations), tuple(ids), tuple(logprobs), tuple(tails), system, max_tokens, top_k)
+    return ResponseBase(tuple(prompt_items), tuple(continuations), tuple(ids), tuple(logprobs), tuple(tails), system, max_tokens,
+                        top_k, openings)
 
 
 def response_kl(model: ModelAdapter, base: ResponseBase, *, batch_size: int = 8) -> ResponseKL:
@@ -196,7 +207,7 @@ def response_kl(model: ModelAdapter, base: ResponseBase, *, batch_size: int = 8)
     if batch_size < 1:
         raise FeatsteerError(f"batch_size must be at least 1, got {batch_size}")
     rows: list[Tensor] = [torch.empty(0)] * len(base.prompts)
-    for i, lq in _scored_logprobs(model, list(base.prompts), list(base.continuations), base.system, batch_size):
+    for i, lq in _scored_logprobs(model, list(base.prompts), list(base.continuations), base.system, batch_size, base.prefill):
         if lq.shape[-1] <= int(base.top_ids[i].max()):
             raise FeatsteerError(f"the edited model's vocabulary ({lq.shape[-1]}) is smaller than the base's: "
                                  "compare a model with an edit of itself")
