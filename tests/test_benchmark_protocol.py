@@ -43,3 +43,36 @@ def test_moe_organism_reports_dim_at_the_layer_cv_on_the_train_split_chooses(mon
     assert "chosen by 3-fold CV on the train split (blocks.2.hook_resid_pre): 0.899" in text
     assert "| blocks.3.hook_resid_pre | 0.995 / 1.000 | 0.917 / 0.900 |" in text
     assert "highest held-out accuracy of any layer is 0.917" in text
+
+
+def test_induce_edit_picks_its_scales_at_the_batch_size_it_evaluates_at(monkeypatch):
+    """induce_edit.py picked the `--induce-bias`/`--induce-template` scales generating 16 prompts a batch (the default of
+    `pick_induce_scale`) and evaluated every row at 64 on Qwen; in bfloat16 the batch changes greedy responses. Both now
+    generate with `--batch-size` (64 on Qwen, 16 on the organism when not given)."""
+    import argparse
+    import contextlib
+
+    import featsteer.compare as compare_module
+    from featsteer.datasets import PromptSet
+
+    induce_edit = load_script("induce_edit")
+    seen = []
+
+    def pick(model, add, prompts, **kwargs):
+        seen.append(kwargs.get("batch_size"))
+        return 1.0, {1.0: 0.5}
+
+    monkeypatch.setattr(compare_module, "pick_induce_scale", pick)
+    monkeypatch.setattr(induce_edit, "_harmless_row", lambda model, harmless, gen, base: {"row": {"batch_size": gen.batch_size, "refused": 0, "looping": 0,
+                                                                                                  "clean_refusals": 0, "kl": 0.0}})
+    for target, given, expected in (("qwen", None, 64), ("organism", None, 16), ("qwen", 8, 8)):
+        args = argparse.Namespace(target=target, batch_size=given, n_pick=4)
+        gen = induce_edit.generation_config(args)
+        assert gen.batch_size == expected
+        result = argparse.Namespace(val=(None, PromptSet(("a", "b", "c", "d", "e"), "val")))
+        out = induce_edit._picked_rows(args, None, result, lambda scale, variant: contextlib.nullcontext(), [1.0], [0.0], "--induce-bias", "weight edit",
+                                       ["h"], gen, None)
+        assert seen[-1] == expected and {row["batch_size"] for row in out["rows"]} == {expected}
+    old = {"target": "qwen"}
+    assert "old protocol" in induce_edit.batch_text(old)
+    assert "old protocol" not in induce_edit.batch_text({**old, "batch_size": 64})
