@@ -19,7 +19,9 @@ in a loop (`LoopDetector`), the refusals that do not loop, and the first-token K
 Prompts as `abliteration.py`'s: Qwen directions from the first 256 AdvBench vs MT-Bench+IFBench prompts (16
 validation prompts per class, screened selection, bfloat16), 100 held-out harmless prompts; the organism's from the
 built-in train+val splits with fresh generated validation prompts, the 84 built-in harmless test prompts. Greedy, 32
-new tokens. Results: `benchmarks/results/induce_edit_<target>.{json,md}`.
+new tokens, `--batch-size` prompts a generation batch (default 64 on Qwen, 16 on the organism) for the rows and the
+validation picks alike: in bfloat16 a batch's padding can change a greedy response, so a pick generated at another batch
+size than the rows it picked would be read under other arithmetic. Results: `benchmarks/results/induce_edit_<target>.{json,md}`.
 """
 
 from __future__ import annotations
@@ -56,11 +58,15 @@ def main() -> None:
     parser.add_argument("--template-scales", default="0.25,0.5,1,2",
                         help="comma list of `abliterate --induce-template` scales (x the DIM mean difference, at the template's own token)")
     parser.add_argument("--n-pick", type=int, default=64, help="validation harmless prompts the picked --induce-bias/--induce-template scales read")
+    parser.add_argument("--batch-size", type=int,
+                        help="prompts per generation batch, for the rows and the validation picks alike (default: 64 on qwen, 16 on the organism)")
     parser.add_argument("--bias-decays", default="2",
                         help="comma list of --bias-decay values for the --induce-bias rows (the pick uses the first)")
     parser.add_argument("--results-name", help="results file stem (default: induce_edit_<target>)")
     parser.add_argument("--render-only", action="store_true", help="re-write the markdown from the results JSON")
     args = parser.parse_args()
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     path = RESULTS / (args.results_name or f"induce_edit_{args.target}")
     if args.render_only:
         write_files(RESULTS, {path.with_suffix(".md").name: render(json.loads(path.with_suffix(".json").read_text()))})
@@ -73,15 +79,13 @@ def main() -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from featsteer.edits import EditConfig, apply_edit
-    from featsteer.evaluation.behaviour import GenerationConfig
     from featsteer.interventions import AddDirection, steer
     from featsteer.pipeline import find_refusal_direction
 
     started = time.perf_counter()
+    gen = generation_config(args)
     sets = prompt_sets(args.target)
     model, config, val = load_target(args.target)
-    qwen = args.target == "qwen"
-    gen = GenerationConfig(max_new_tokens=32, batch_size=64, max_batch_tokens=8192) if qwen else GenerationConfig(max_new_tokens=32)
     result = find_refusal_direction(model, sets["train_harmful"], sets["train_harmless"], config, val=val, keep_activations=True)
     chosen = result.selection.chosen
     direction = result.chosen_basis[0].float()
@@ -110,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
         rows.append({"run": f"activation addition {scale:g}x at {chosen.hook}", "kind": "runtime", "scale": scale, **row})
         print(rows[-1]["run"], {k: rows[-1][k] for k in ("refused", "looping", "clean_refusals", "kl")}, flush=True)
     return {"target": args.target, "model": model.name, "date": time.strftime("%Y-%m-%d"), "command": shlex.join(sys.argv[1:]),
-            "threads": args.threads, "direction": {"hook": chosen.hook, "position": chosen.position},
+            "threads": args.threads, "batch_size": gen.batch_size, "direction": {"hook": chosen.hook, "position": chosen.position},
             "mean_difference_norm": mean_difference, "median_embedding_norm": embed_norm, "n_harmless": len(harmless),
             "harmless_source": harmless.source, "bias_addition": bias, "template_addition": template, "rows": rows, "seconds_total": round(time.perf_counter() - started, 1)}
 
@@ -165,7 +169,7 @@ def _picked_rows(args, model, result, add, scales, variants, flag, kind, harmles
 
     started = time.perf_counter()
     val_harmless = result.val[1].head(min(args.n_pick, len(result.val[1])))
-    picked, rates = pick_induce_scale(model, add, val_harmless)
+    picked, rates = pick_induce_scale(model, add, val_harmless, batch_size=gen.batch_size)
     out = {"picked_scale": picked, "val_coherent_refusal": {str(k): v for k, v in rates.items()},
            "n_pick": len(val_harmless), "pick_seconds": round(time.perf_counter() - started, 1), "rows": []}
     print(f"{flag} scale picked on {len(val_harmless)} validation prompts: {picked:g} ({rates})", flush=True)
@@ -179,6 +183,15 @@ def _picked_rows(args, model, result, add, scales, variants, flag, kind, harmles
                                 "picked": scale == picked and variant == variants[0], **row})
             print(out["rows"][-1]["run"], {k: row[k] for k in ("refused", "looping", "clean_refusals", "kl")}, flush=True)
     return out
+
+
+def generation_config(args: argparse.Namespace):
+    """Greedy, 32 new tokens, `--batch-size` prompts a batch (64 on Qwen, 16 on the organism when not given): the one
+    `GenerationConfig` both the rows and the validation picks generate with."""
+    from featsteer.evaluation.behaviour import GenerationConfig
+
+    batch_size = args.batch_size if args.batch_size is not None else (64 if args.target == "qwen" else GenerationConfig.batch_size)
+    return GenerationConfig(max_new_tokens=32, batch_size=batch_size)
 
 
 def _harmless_row(model, harmless, gen, base_logprobs) -> dict:
@@ -208,13 +221,25 @@ def _floats(spec: str) -> list[float]:
     return [float(x) for x in spec.split(",") if x.strip()]
 
 
+def batch_text(out: dict) -> str:
+    """The generation batch size of the rows and the picks; a run from before `--batch-size` (no `batch_size` in its JSON)
+    generated the rows 64 prompts a batch on Qwen (16 on the organism) and the picks always 16."""
+    if "batch_size" in out:
+        return f"{out['batch_size']} prompts a generation batch for the rows and the validation picks alike"
+    if out["target"] != "qwen":
+        return "16 prompts a generation batch for the rows and the validation picks alike"
+    return ("**old protocol**: the rows generated 64 prompts a batch but the validation picks of `--induce-bias`/`--induce-template` "
+            "16, and in bfloat16 the batch changes greedy responses, so a picked scale was read under other arithmetic than its "
+            "rows; these figures stand until a re-run, where `--batch-size` sets both")
+
+
 def render(out: dict) -> str:
     lines = [f"# Permanent induce edits against activation addition ({out['target']}, {out['model']})", "",
              f"Measured by `python benchmarks/induce_edit.py {out['command']}` on {out['date']} ({out['threads']} threads, "
              f"{out['seconds_total']:.0f} s). Direction: DIM at `{out['direction']['hook']}` position {out['direction']['position']} "
              f"(mean difference length {out['mean_difference_norm']:.2f}; median token-embedding norm "
              f"{out['median_embedding_norm']:.3g}). {out['n_harmless']} held-out harmless prompts ({out['harmless_source']}), greedy, "
-             "32 new tokens. Refused: the `featsteer eval` detector; looping: `LoopDetector`; clean: refused and not looping; "
+             f"32 new tokens, {batch_text(out)}. Refused: the `featsteer eval` detector; looping: `LoopDetector`; clean: refused and not looping; "
              "empty: responses with no text (the model ends its turn at once; the detector counts them as refusals, and so as clean "
              "ones); KL: first-token KL(unedited || edited).", "",
              "| run | kind | refused | looping | clean refusals | empty | KL | a response |", "|---|---|---:|---:|---:|---:|---:|---|"]

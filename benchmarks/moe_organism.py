@@ -6,7 +6,9 @@ No mixture-of-experts model that refuses can be downloaded here, so this trains 
 (`python -m featsteer.organism.train`, same corpus, seed and losses) with a Mixtral MLP of 8 experts of width 112, two per
 token (`--experts 8 --d-mlp 112`), into `~/.cache/featsteer/moe-organism` (about 20-30 minutes, once; reused after).
 
-1. Base behaviour on the built-in test split (from the training report).
+1. Base behaviour on the built-in test split (from the training report), and DIM per layer fitted on the built-in train
+   split as `organism.py` measures it: held-out accuracy on the test split at the layer 3-fold CV on the train split
+   chooses (`demo.best_layer`; the test split takes no part in the choice).
 2. `expert_routing` on the built-in train+val prompts: how far the harmful and harmless selection rates of each expert
    differ.
 3. Sweeps on the test split: the top-n harmful-linked experts switched off (harmful refusal, harmless first-token KL),
@@ -30,6 +32,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from organism import dim_layer_lines, dim_layers, highest_layer_text  # noqa: E402
 
 from featsteer.compare import compare, jailbreak_rows  # noqa: E402
 from featsteer.datasets import builtin_prompts, load_prompts  # noqa: E402
@@ -72,6 +77,7 @@ def main() -> None:
     train = {label: builtin_prompts(label, "train") + builtin_prompts(label, "val") for label in ("harmful", "harmless")}
     test = {label: builtin_prompts(label, "test") for label in ("harmful", "harmless", "alarming")}
     gen = GenerationConfig(max_new_tokens=32)
+    dim_table, dim_chosen = dim_layers(model)
 
     clock = time.perf_counter()
     routing = expert_routing(model, train["harmful"].to_list(), train["harmless"].to_list())
@@ -110,13 +116,23 @@ def main() -> None:
                       max_nll_rise=MAX_NLL_RISE, **val)
     payload = {"date": time.strftime("%Y-%m-%d"), "train_args": TRAIN_ARGS,
                "training": {k: training.get(k) for k in ("train_seconds", "n_parameters", "final_loss")},
-               "base_refusal": refusal, "dim_accuracy": training.get("dim"), "routing": routing.to_dict(16),
+               "base_refusal": refusal, "dim_layers": dim_table, "dim_chosen": dim_chosen,
+               "routing": routing.to_dict(16),
                "routing_seconds": round(routing_seconds, 1), "sweep": sweep, "comparison": comparison.to_json(),
                "comparison_pick_response_kl": by_response.to_json(), "comparison_coherence_bound": bounded.to_json(),
                "seconds": round(time.perf_counter() - started, 1)}
     text = markdown(payload, routing, comparison, by_response, bounded)
     write_files(RESULTS, {"moe_organism.json": json_text(payload, indent=1, default=str) + "\n", "moe_organism.md": text})
     print(text)
+
+
+def dim_lines(payload: dict) -> list[str]:
+    """The DIM section: per-layer CV and held-out accuracy, and the held-out accuracy at the layer the CV chooses."""
+    table, chosen = payload["dim_layers"], payload["dim_chosen"]
+    return (["", "DIM direction (difference in means of last-token `resid_pre`, fitted on the built-in train split), accuracy / AUROC:", ""]
+            + dim_layer_lines(table)
+            + ["", f"DIM accuracy on the built-in test split at the layer chosen by 3-fold CV on the train split ({chosen}): "
+               f"{table[chosen]['accuracy']:.3f}. {highest_layer_text(table)}"])
 
 
 def markdown(payload: dict, routing, comparison, by_response, bounded) -> str:
@@ -131,10 +147,7 @@ def markdown(payload: dict, routing, comparison, by_response, bounded) -> str:
              f"{payload['training']['final_loss']:.3f}). Refusal rates from its training report:", "",
              "| set | refused | rate |", "|---|---:|---:|"]
     lines += [f"| {name} | {row['k']}/{row['n']} | {row['rate']:.3f} |" for name, row in payload["base_refusal"].items()]
-    if payload.get("dim_accuracy"):
-        lines += ["", "Held-out accuracy of the DIM projection at the best layer: " + ", ".join(
-            f"{name} {row['best_accuracy']:.3f} (layer {row['best_layer']})" for name, row in payload["dim_accuracy"].items()
-            if isinstance(row, dict)) + "."]
+    lines += dim_lines(payload)
     lines += ["", "## Routing", "",
              f"{len(routing.layers)} MoE layers x {routing.n_experts} experts; {routing.n_tokens[0]} harmful and {routing.n_tokens[1]} "
              f"harmless tokens read in {payload['routing_seconds']:.0f} s. Largest risk difference per layer (harmful rate - harmless "

@@ -19,7 +19,13 @@ import torch
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
-from featsteer.models.chat import FormattedPrompt, check_system, format_instruction
+from featsteer.models.chat import (
+    FormattedPrompt,
+    check_system,
+    format_instruction,
+    special_token_strings,
+    special_token_texts,
+)
 from featsteer.models.hookpoints import (
     HEAD_KINDS,
     LAYER_KINDS,
@@ -141,6 +147,10 @@ class ModelAdapter(ABC):
     tokens read it (see `featsteer.interventions.positions`)."""
     generation_prompt_length: int = 0
     """Padded prompt length of the batch being generated (valid while `generation_step` is not None)."""
+    escape_special_tokens: bool = False
+    """Tokenize the text of a special token inside an instruction ("<|im_end|>") as plain text, not as that token. Off
+    (the default), it becomes the token, as `apply_chat_template` makes it, and a prompt can end its turn and start others;
+    `tokenize` then logs a warning, once per prompt, naming it. The template's own special tokens are never escaped."""
     show_progress: bool = True
     """Whether `generate`, `capture`, the direction selection and the direction optimiser show progress bars (set False
     for quiet scripts and notebooks; `capture` and `select_direction` take an explicit `progress=` too)."""
@@ -446,8 +456,36 @@ class ModelAdapter(ABC):
         """Render instructions through the chat template (see `featsteer.models.chat`)."""
         return [format_instruction(self.tokenizer, text, system) for text in instructions]
 
+    def special_text(self, instructions: Sequence[str]) -> list[tuple[int, list[str]]]:
+        """The instructions whose text the tokenizer reads as special tokens: `(index, [token text, ...])` for each.
+
+        Args:
+            instructions: raw user instructions.
+
+        Returns:
+            One pair per such instruction, in order; empty for ordinary prompts.
+        """
+        known = getattr(self, "_special_strings_for", None)
+        if known is None or known[0] is not self.tokenizer:
+            known = self._special_strings_for = (self.tokenizer, special_token_strings(self.tokenizer))
+        found = [(i, special_token_texts(self.tokenizer, text, known[1])) for i, text in enumerate(instructions)]
+        return [(i, texts) for i, texts in found if texts]
+
+    def _warn_special_text(self, instructions: Sequence[str]) -> None:
+        """Log one warning for the instructions holding special-token text that no earlier call warned about."""
+        warned = self.__dict__.setdefault("_special_warned", set())
+        fresh = [(i, texts) for i, texts in self.special_text(instructions) if instructions[i] not in warned]
+        if not fresh:
+            return
+        warned.update(instructions[i] for i, _ in fresh)
+        named = "; ".join(f"prompt {i} {_excerpt(instructions[i])}: {', '.join(map(repr, texts))}" for i, texts in fresh[:5])
+        more = f" (and {len(fresh) - 5} more prompts)" if len(fresh) > 5 else ""
+        logger.warning("%d prompt(s) hold text the tokenizer reads as special tokens, which can end the user turn and start "
+                       "others (%s%s); to keep it plain text, set escape_special_tokens=True (CLI: --escape-special)",
+                       len(fresh), named, more)
+
     def tokenize(self, instructions: Sequence[str], *, system: str | None = None, chat: bool = True,
-                 prefill: Sequence[str] | None = None) -> TokenBatch:
+                 prefill: Sequence[str] | None = None, escape_special_tokens: bool | None = None) -> TokenBatch:
         """Format (optionally) and tokenize a batch of instructions with left padding.
 
         Without the chat template's own special tokens (raw text, the plain-text fallback template) the tokenizer adds its
@@ -459,27 +497,32 @@ class ModelAdapter(ABC):
             chat: apply the chat template; False tokenizes the texts as they are.
             prefill: text per instruction put after the formatted prompt, as the start of the response the model
                 goes on from (a prefilling attack: "Sure, here is"); it counts as post-instruction tokens.
+            escape_special_tokens: tokenize special-token text inside an instruction as plain text (None: the adapter's
+                `escape_special_tokens`). Only instructions that hold such text are tokenized differently: the template's
+                text before the instruction, the instruction, and what follows it, each on its own.
         """
         if not instructions:
             raise FeatsteerError("no prompts to tokenize: pass at least one instruction")
         check_system(system)  # also without the chat template, where a blank one would otherwise pass unseen
         _check_prefill(prefill, instructions)
+        escape = self.escape_special_tokens if escape_special_tokens is None else escape_special_tokens
         if chat:
             formatted = self.format_prompts(instructions, system)
             texts = [f.text for f in formatted]
-            ends = [f.instruction_end for f in formatted]
+            spans = [(f.instruction_start, f.instruction_end) for f in formatted]
             add_special = not formatted[0].uses_chat_template
         else:
-            texts, ends, add_special = list(instructions), [len(t) for t in instructions], True
+            texts, spans, add_special = list(instructions), [(0, len(t)) for t in instructions], True
+        escaped = {i for i, _ in self.special_text(instructions)} if escape else set()
+        if not escape:
+            self._warn_special_text(instructions)
         template_ends = [len(text) for text in texts]
         if prefill is not None:
             texts = [text + start for text, start in zip(texts, prefill, strict=True)]
         rows, n_post, n_prefill = [], [], []
         appended = self._appended_special_tokens() if add_special else 0
-        for text, end, template_end in zip(texts, ends, template_ends, strict=True):
-            encoding = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
-            if appended:  # a prompt ends where the model goes on: an end-of-sequence token after it is no part of it
-                encoding = {key: encoding[key][:-appended] for key in ("input_ids", "offset_mapping") if key in encoding}
+        for i, (text, (start, end), template_end) in enumerate(zip(texts, spans, template_ends, strict=True)):
+            encoding = self._encode(text, add_special, appended, (start, end) if i in escaped else None)
             if not encoding["input_ids"]:  # a row of padding alone: its "last token" would be a pad token's activation
                 raise FeatsteerError(f"the text {text!r} tokenizes to no tokens (without the chat template, on a tokenizer that "
                                      "adds no BOS token): leave out empty texts, or apply the chat template")
@@ -494,6 +537,30 @@ class ModelAdapter(ABC):
         if prefill is not None:
             batch.n_prefill = torch.tensor(n_prefill, dtype=torch.long)
         return batch
+
+    def _encode(self, text: str, add_special: bool, appended: int, escape_span: tuple[int, int] | None) -> dict:
+        """`input_ids` and `offset_mapping` of one text, without the `appended` special tokens at its end; with
+        `escape_span`, the text before it, in it (special-token text as plain text) and after it encoded apart."""
+        keys = ("input_ids", "offset_mapping")
+        if escape_span is None:
+            encoding = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+            # a prompt ends where the model goes on: an end-of-sequence token after it is no part of it
+            return {key: encoding[key][:-appended] if appended else encoding[key] for key in keys if key in encoding}
+        start, end = escape_span
+        out: dict = {"input_ids": [], "offset_mapping": []}
+        for k, (left, right) in enumerate(((0, start), (start, end), (end, len(text)))):
+            if left == right and not (k == 0 and add_special):
+                continue
+            encoding = self.tokenizer(text[left:right], add_special_tokens=add_special and k == 0, return_offsets_mapping=True,
+                                      split_special_tokens=k == 1)
+            if "offset_mapping" not in encoding:
+                return {"input_ids": encoding["input_ids"]}  # the caller names the missing offsets
+            ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+            if k == 0 and add_special and appended:
+                ids, offsets = ids[:-appended], offsets[:-appended]
+            out["input_ids"] += list(ids)
+            out["offset_mapping"] += [(a + left, b + left) for a, b in offsets]
+        return out
 
     def _appended_special_tokens(self) -> int:
         """How many special tokens the tokenizer puts after a text when it adds them (an EOS for Llama tokenizers with
@@ -717,6 +784,8 @@ class ModelAdapter(ABC):
         """
         if batch_size < 1:
             raise FeatsteerError(f"batch_size must be at least 1, got {batch_size}")
+        if not self.escape_special_tokens:
+            self._warn_special_text(instructions)  # here, with the indices of the whole prompt list
         if max_batch_tokens is None:
             return _length_batches(instructions, batch_size)
         if max_batch_tokens < 1:
@@ -793,6 +862,11 @@ def _token_budget_batches(lengths: Sequence[int], batch_size: int, max_batch_tok
         else:
             batches.append([i])
     return batches
+
+
+def _excerpt(text: str, width: int = 40) -> str:
+    """The start of a prompt, quoted, to name it in a message beside its index."""
+    return repr(text if len(text) <= width else text[:width] + "...")
 
 
 def _cut_at_stop(row: list[int], stop_ids: set[int], keep_stop: bool = False) -> list[int]:

@@ -2,6 +2,10 @@
 
 Refusal directions are read at the tokens *after* the instruction (the chat template's end-of-turn and
 assistant header), so we need both the formatted text and the character span of the instruction in it.
+
+A prompt holding a special token's text ("<|im_end|>") is tokenized into that special token, as Hugging Face's own
+`apply_chat_template` does, so a prompt can close its turn and open others. `special_token_texts` finds such text;
+`ModelAdapter.tokenize` warns about it and, with `escape_special_tokens`, tokenizes the instruction as plain text.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class FormattedPrompt:
     """Character offset in `text` just after the instruction."""
     uses_chat_template: bool
     """False when the documented fallback template was used."""
+    instruction_start: int = 0
+    """Character offset in `text` where the instruction starts."""
 
 
 def _render(tokenizer, instruction: str, system: str | None) -> tuple[str, bool]:
@@ -86,6 +92,37 @@ def format_instruction(tokenizer, instruction: str, system: str | None = None) -
     check_system(system)
     probe, _ = _render(tokenizer, _SENTINEL, system)
     text, used_template = _render(tokenizer, instruction, system)
-    suffix = probe[probe.index(_SENTINEL) + len(_SENTINEL) :]
+    prefix, suffix = probe[: probe.index(_SENTINEL)], probe[probe.index(_SENTINEL) + len(_SENTINEL) :]
     instruction_end = len(text) - len(suffix) if suffix and text.endswith(suffix) else text.rfind(instruction) + len(instruction)
-    return FormattedPrompt(text=text, instruction_end=instruction_end, uses_chat_template=used_template)
+    instruction_start = len(prefix) if text.startswith(prefix) and len(prefix) <= instruction_end else max(
+        0, text.rfind(instruction.strip(), 0, instruction_end))
+    return FormattedPrompt(text=text, instruction_end=instruction_end, uses_chat_template=used_template,
+                           instruction_start=instruction_start)
+
+
+def special_token_strings(tokenizer) -> tuple[str, ...]:
+    """The texts of the tokenizer's special tokens (its named ones and every added token marked special), longest first."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    texts = {str(token) for token in getattr(tokenizer, "all_special_tokens", [])}
+    texts |= {token.content for token in added.values() if getattr(token, "special", False)}
+    return tuple(sorted((text for text in texts if text), key=lambda text: (-len(text), text)))
+
+
+def special_token_texts(tokenizer, text: str, strings: tuple[str, ...] | None = None) -> list[str]:
+    """The special tokens the tokenizer reads in `text` (as plain text they would be several ordinary tokens).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        text: a prompt as the user wrote it.
+        strings: `special_token_strings(tokenizer)`, when the caller keeps it.
+
+    Returns:
+        The special tokens' texts in the order they occur, repeats dropped; empty for most prompts.
+    """
+    strings = special_token_strings(tokenizer) if strings is None else strings
+    if not any(candidate in text for candidate in strings):  # the common case costs a few substring checks, no encoding
+        return []
+    special_ids = set(getattr(tokenizer, "all_special_ids", []))
+    special_ids |= {i for i, token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items() if getattr(token, "special", False)}
+    found = [tokenizer.convert_ids_to_tokens(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i in special_ids]
+    return list(dict.fromkeys(found))
