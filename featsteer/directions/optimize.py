@@ -237,6 +237,8 @@ class _Targets:
     tokens: tuple[tuple[int, ...], ...]
     prompt_lengths: tuple[int, ...]
     """Chat-formatted prompt tokens per row, counted once when the targets are made (for the token budget)."""
+    system: str | None = None
+    """The system prompt the prompts are formatted with: the direction result's (`DirectionResult.system`)."""
 
 
 def optimize_direction(model: ModelAdapter, result: DirectionResult, config: OptimizeConfig | None = None) -> OptimizedDirection:
@@ -245,7 +247,8 @@ def optimize_direction(model: ModelAdapter, result: DirectionResult, config: Opt
     Args:
         model: The unedited model (no hooks, weights not edited); it is left so, also after an error.
         result: `find_refusal_direction`'s result; its chosen direction (rank 1) is the start, its chosen hook the
-            place the addition loss adds it, its training prompts the prompts every loss reads.
+            place the addition loss adds it, its training prompts the prompts every loss reads, formatted with its
+            system prompt (`DirectionResult.system`).
         config: Steps, loss weights and so on.
 
     Returns:
@@ -266,7 +269,7 @@ def optimize_direction(model: ModelAdapter, result: DirectionResult, config: Opt
     scale = result.mean_difference_length(model)
     harmful = list(result.train[0])[: config.n_prompts]
     harmless = list(result.train[1])[: config.n_prompts]
-    targets = _make_targets(model, start, hook, scale, harmful, harmless, config)
+    targets = _make_targets(model, start, hook, scale, harmful, harmless, config, result.system)
     counts = {name: len(t.prompts) for name, t in targets.items() if name != "refusal" or t.prompts}
     counts |= {"harmful_read": len(harmful), "harmless_read": len(harmless)}
     logger.info("direction optimisation: %d ablation targets of %d harmful prompts, %d addition targets and %d retain answers of "
@@ -386,39 +389,40 @@ class _BatchOrder:
 
 
 def _make_targets(model: ModelAdapter, start: Tensor, hook: str, scale: float, harmful: list[str], harmless: list[str],
-                  config: OptimizeConfig) -> dict[str, _Targets]:
+                  config: OptimizeConfig, system: str | None = None) -> dict[str, _Targets]:
     """Greedy answers of the DIM-ablated model (harmful prompts, kept when not refusals; or every harmful prompt's
     affirmative opening), the DIM-added model (harmless prompts, kept when refusals) and the unedited model (harmless
-    prompts, all kept)."""
+    prompts, all kept), every prompt formatted with `system`."""
     detector = RefusalDetector()
     tokens = config.target_tokens
     targets: dict[str, _Targets] = {}
     if config.ablation_targets == "affirm":
         openings = [affirmative_opening(p) for p in harmful]
-        targets["ablation"] = _kept(model, harmful, openings, [True] * len(harmful), tokens)
+        targets["ablation"] = _kept(model, harmful, openings, [True] * len(harmful), tokens, system)
     else:
         with steer(model, Ablate(start)):
-            answers = model.generate(harmful, max_new_tokens=tokens, batch_size=config.batch_size)
-        targets["ablation"] = _kept(model, harmful, answers, [not detector.is_refusal(a) for a in answers], tokens)
+            answers = model.generate(harmful, max_new_tokens=tokens, batch_size=config.batch_size, system=system)
+        targets["ablation"] = _kept(model, harmful, answers, [not detector.is_refusal(a) for a in answers], tokens, system)
     with steer(model, AddDirection(start, scale, where=hook)):
-        answers = model.generate(harmless, max_new_tokens=tokens, batch_size=config.batch_size)
-    targets["addition"] = _kept(model, harmless, answers, [detector.is_refusal(a) for a in answers], tokens)
-    answers = model.generate(harmless, max_new_tokens=tokens, batch_size=config.batch_size)
-    targets["retain"] = _kept(model, harmless, answers, [True] * len(harmless), tokens)
+        answers = model.generate(harmless, max_new_tokens=tokens, batch_size=config.batch_size, system=system)
+    targets["addition"] = _kept(model, harmless, answers, [detector.is_refusal(a) for a in answers], tokens, system)
+    answers = model.generate(harmless, max_new_tokens=tokens, batch_size=config.batch_size, system=system)
+    targets["retain"] = _kept(model, harmless, answers, [True] * len(harmless), tokens, system)
     read = harmful if config.refusal_weight > 0 else []  # no target tokens: the loss reads the first response token
-    targets["refusal"] = _Targets(tuple(read), tuple(() for _ in read), _prompt_lengths(model, read))
+    targets["refusal"] = _Targets(tuple(read), tuple(() for _ in read), _prompt_lengths(model, read, system), system)
     return targets
 
 
-def _kept(model: ModelAdapter, prompts: Sequence[str], answers: Sequence[str], keep: Sequence[bool], max_tokens: int) -> _Targets:
+def _kept(model: ModelAdapter, prompts: Sequence[str], answers: Sequence[str], keep: Sequence[bool], max_tokens: int,
+          system: str | None = None) -> _Targets:
     rows = [(p, _answer_tokens(model, a, max_tokens)) for p, a, k in zip(prompts, answers, keep, strict=True) if k]
     rows = [(p, t) for p, t in rows if t]  # an empty answer teaches nothing
-    return _Targets(tuple(p for p, _ in rows), tuple(t for _, t in rows), _prompt_lengths(model, [p for p, _ in rows]))
+    return _Targets(tuple(p for p, _ in rows), tuple(t for _, t in rows), _prompt_lengths(model, [p for p, _ in rows], system), system)
 
 
-def _prompt_lengths(model: ModelAdapter, prompts: Sequence[str]) -> tuple[int, ...]:
+def _prompt_lengths(model: ModelAdapter, prompts: Sequence[str], system: str | None = None) -> tuple[int, ...]:
     """Chat-formatted token count of each prompt (counted once, for the token budget)."""
-    return tuple(len(model.tokenize([p]).input_ids[0]) for p in prompts)
+    return tuple(len(model.tokenize([p], system=system).input_ids[0]) for p in prompts)
 
 
 def _answer_tokens(model: ModelAdapter, answer: str, max_tokens: int) -> tuple[int, ...]:
@@ -431,7 +435,7 @@ def _teacher_forced(model: ModelAdapter, targets: _Targets, picked: list[int]) -
     """Logits (with autograd) of the picked prompts followed by their target tokens, from each prompt's last token on:
     column `j` of row `r` predicts target token `j` of `picked[r]`."""
     prompts = [targets.prompts[i] for i in picked]
-    return model.run_continued(model.tokenize(prompts), [targets.tokens[i] for i in picked], grad=True)
+    return model.run_continued(model.tokenize(prompts, system=targets.system), [targets.tokens[i] for i in picked], grad=True)
 
 
 def _cross_entropy(logits: Tensor, targets: _Targets, picked: list[int]) -> Tensor:
@@ -461,7 +465,7 @@ def _retain_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, pick
     of those counted `first_weight` times."""
     prompts = [targets.prompts[i] for i in picked]
     continuations = [targets.tokens[i][:-1] for i in picked]
-    batch = model.tokenize(prompts)
+    batch = model.tokenize(prompts, system=targets.system)
     # the unedited pass is repeated whenever a prompt is drawn again: keeping every retain prompt's full-vocabulary
     # distributions instead would hold about 1.2 GB for Qwen's 151k-token vocabulary (128 prompts x 16 positions)
     base = model.run_continued(batch, continuations).double()
@@ -482,7 +486,7 @@ def _refusal_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, pic
     """Mean `-log(1 - P(refusal))` of the ablated model's first response token over the picked harmful prompts:
     `softplus` of the refusal log-odds (`evaluation.metrics.refusal_log_odds`), about `P` where a refusal is unlikely."""
     with steer(model, Ablate(direction)):
-        logits = model.run(model.tokenize([targets.prompts[i] for i in picked]), last_only=True, grad=True)[:, -1, :]
+        logits = model.run(model.tokenize([targets.prompts[i] for i in picked], system=targets.system), last_only=True, grad=True)[:, -1, :]
     return torch.nn.functional.softplus(refusal_log_odds(logits.double(), tokens)).mean()
 
 
