@@ -204,6 +204,7 @@ def rank_sae_features(
     *,
     positions: str = "last",
     batch_size: int = 16,
+    system: str | None = None,
 ) -> SaeRanking:
     """Capture once at every SAE's hook (once per row width: hook_z next to stream SAEs on Gemma 2), score all features,
     keep those more active on harmful prompts.
@@ -215,6 +216,7 @@ def rank_sae_features(
         harmless: harmless training instructions.
         positions: capture selector; the captured rows are pooled for scoring.
         batch_size: prompts per forward pass.
+        system: the system prompt the prompts are formatted with (None: none).
 
     Returns:
         The ranking (composite score, ties by layer then feature id) and each feature's harmful maximum.
@@ -231,8 +233,9 @@ def rank_sae_features(
         groups.setdefault(hook_width(model, hook), []).append(hook)
     parts, maxima = [], {}
     for group in groups.values():
-        harmful_acts = capture(model, list(harmful), group, positions=positions, batch_size=batch_size, label="harmful", progress=False)
-        harmless_acts = capture(model, list(harmless), group, positions=positions, batch_size=batch_size, label="harmless", progress=False)
+        harmful_acts, harmless_acts = (capture(model, list(prompts), group, positions=positions, batch_size=batch_size, label=label,
+                                               progress=False, system=system)
+                                       for prompts, label in ((harmful, "harmful"), (harmless, "harmless")))
         parts.append(score_features({hook: saes[hook] for hook in group}, harmful_acts, harmless_acts, by="composite"))
         maxima.update({hook: _harmful_max(saes[hook], harmful_acts, hook) for hook in group})
     scores = parts[0] if len(parts) == 1 else merge_sae_scores(parts, hooks).sort("composite")
@@ -363,7 +366,9 @@ class CompareContext:
     system: str | None = None
     """The system prompt the evaluation formats its prompts with (`compare`'s `GenerationConfig.system`): the picks'
     validation reads the model with it too (generations, first-token KL, the KL along the answers, the NLL bound), so a
-    setting is picked as it will be evaluated. None: no system prompt."""
+    setting is picked as it will be evaluated, and so does everything learnt from the training prompts (the directions:
+    `direction_config.system` must be the same; the SAE ranking, the CAST gate, expert routing, template tokens). None:
+    no system prompt."""
     _used_directions: set[str] = field(default_factory=set)
     """The `_directions` keys this context's methods read (a `reuse` brings an earlier run's others along)."""
     _weights: str | None = None
@@ -373,6 +378,9 @@ class CompareContext:
 
     def __post_init__(self) -> None:
         check_system(self.system)
+        if self.direction_config.system != self.system:
+            raise FeatsteerError(f"the directions would be found with the system prompt {self.direction_config.system!r} and the methods "
+                                 f"evaluated with {self.system!r}: give DirectionConfig(system=...) the evaluation's system prompt")
         if self.pick_kl not in PICK_KLS:
             raise FeatsteerError(f"pick_kl must be one of {', '.join(PICK_KLS)}, got {self.pick_kl!r}")
         if self.max_nll_rise is not None and not math.isfinite(self.max_nll_rise):
@@ -407,7 +415,8 @@ class CompareContext:
             config = self.direction_config
             harmful_train, harmless_train = self.training()
             positions = self.sae_config.positions or config.positions
-            self._ranking = rank_sae_features(self.model, self.saes, harmful_train, harmless_train, positions=positions, batch_size=config.batch_size)
+            self._ranking = rank_sae_features(self.model, self.saes, harmful_train, harmless_train, positions=positions,
+                                              batch_size=config.batch_size, system=self.system)
         return self._ranking
 
     def writing_heads(self) -> list[tuple[int, int, float]]:
@@ -425,7 +434,8 @@ class CompareContext:
         dim = self.directions("dim")
         if self._gate is None:
             hooks = gate_hooks(self.model, dim.selection.chosen.hook)
-            self._gate = fit_gate(self.model, *self.training(), hooks, val=self.validation(), batch_size=self.direction_config.batch_size)
+            self._gate = fit_gate(self.model, *self.training(), hooks, val=self.validation(), batch_size=self.direction_config.batch_size,
+                                  system=self.system)
         return self._gate
 
     def optimized(self) -> OptimizedDirection:
@@ -459,7 +469,8 @@ class CompareContext:
             return harmful, harmless
         if self._filtered is None:
             captured = self._captured()
-            kept = captured.train if captured else filter_by_refusal(self.model, harmful, harmless, self.direction_config.batch_size)[:2]
+            kept = captured.train if captured else filter_by_refusal(self.model, harmful, harmless, self.direction_config.batch_size,
+                                                                     self.system)[:2]
             self._filtered = (kept[0], kept[1])
         return self._filtered
 
@@ -947,7 +958,7 @@ def _bias_induce(ctx: CompareContext):
                  "prompts, e.g. <|assistant|>), scale picked on validation prompts (induces refusal)", needs_template=True)
 def _template_induce(ctx: CompareContext):
     vector, hook = _dim_addition(ctx)
-    tokens = template_tokens(ctx.model, [*ctx.training()[1]])
+    tokens = template_tokens(ctx.model, [*ctx.training()[1]], system=ctx.system)
 
     def add(scale: float) -> EditHandle:
         return add_at_tokens(ctx.model, scale * vector, tokens)
@@ -1098,7 +1109,7 @@ def _expert_deactivation_logits(ctx: CompareContext):
 def _deactivate_experts(ctx: CompareContext, at: str):
     """The harmful-linked experts switched off at `at` (`ExpertSteer`), how many picked on the validation prompts."""
     harmful, harmless = ctx.training()
-    routing = expert_routing(ctx.model, list(harmful), list(harmless), batch_size=ctx.direction_config.batch_size)
+    routing = expert_routing(ctx.model, list(harmful), list(harmless), batch_size=ctx.direction_config.batch_size, system=ctx.system)
     linked = [score for score in routing.ranked("harmful") if score.risk_difference > 0]
     if not linked:
         raise FeatsteerError("no expert is routed more often on the harmful training prompts than on the harmless ones")
@@ -1677,6 +1688,8 @@ def compare(
         val_harmless: validation harmless prompts (given together with `val_harmful`).
         direction_config: how directions are found and selected.
         generation: greedy decoding settings for evaluation (without `prefill`: a prefilling attack is `featsteer eval`'s).
+            Its `system` (or `direction_config.system`; they may not differ) formats every prompt of the run: the
+            directions' training and selection, the SAE ranking, every pick's validation and the evaluation.
         saes: SAEs for the SAE methods (see `featsteer.sae.load_sae_source`: `organism`, a folder, or `{hook_name: sae}`);
             with `direction_config.layers`, only those at the listed layers.
         sae_config: how SAE methods pick and edit features (default `SaeMethodConfig()`: k and clamp values picked on the validation prompts).
@@ -1704,7 +1717,7 @@ def compare(
 
     Raises:
         FeatsteerError: for an unknown method, an SAE method without `saes`, SAEs that do not fit (or none at
-            `direction_config.layers`), a `generation` with a prefill, or a `reuse` of another model (or of this one
+            `direction_config.layers`), a `generation` with a prefill or a system prompt other than `direction_config`'s, or a `reuse` of another model (or of this one
             with other weights), other prompts or another direction config.
     """
     names = list(methods) if methods is not None else list(available_methods(saes=saes is not None, model=model))
@@ -1733,8 +1746,8 @@ def compare(
     if eval_harmful is None or eval_harmless is None:
         harmful, eval_harmful = split(harmful, 0.25)
         harmless, eval_harmless = split(harmless, 0.25)
-    gen = generation or GenerationConfig()
-    ctx = CompareContext(model, harmful, harmless, direction_config or DirectionConfig(), saes=sae_map, sae_config=sae_config or SaeMethodConfig(),
+    gen, direction_config = _one_system(generation or GenerationConfig(), direction_config or DirectionConfig())
+    ctx = CompareContext(model, harmful, harmless, direction_config, saes=sae_map, sae_config=sae_config or SaeMethodConfig(),
                          steering_config=steering_config or SteeringMethodConfig(),
                          val=None if val_harmful is None else (val_harmful, val_harmless), n_pick=n_pick, pick_kl=pick_kl,
                          max_nll_rise=max_nll_rise, optimize_config=optimize_config or OptimizeConfig(), system=gen.system)
@@ -1855,6 +1868,19 @@ def _chosen_setup(model: ModelAdapter, result: DirectionResult) -> dict[str, Any
         # how much of the direction is sampling noise (none estimated from fewer than MIN_PROMPTS prompts a class)
         chosen["sample_size"] = result.sample_sizes(draws=16, hooks=[chosen["hook"]])[0].to_dict()
     return chosen
+
+
+def _one_system(gen: GenerationConfig, config: DirectionConfig) -> tuple[GenerationConfig, DirectionConfig]:
+    """The evaluation's and the directions' configs with one system prompt: the one either sets (both may set the same).
+
+    Raises:
+        FeatsteerError: when they set different ones.
+    """
+    if gen.system is not None and config.system is not None and gen.system != config.system:
+        raise FeatsteerError(f"generation.system ({gen.system!r}) and direction_config.system ({config.system!r}) differ: a comparison "
+                             "finds its directions, picks its settings and evaluates with one system prompt; set one of them")
+    system = gen.system if gen.system is not None else config.system
+    return dataclasses.replace(gen, system=system), dataclasses.replace(config, system=system)
 
 
 def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
