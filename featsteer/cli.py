@@ -1016,14 +1016,12 @@ def _rate_line(name: str, before, after) -> str:
 
 
 def _sae_validation_lines(details: dict) -> list[str]:
-    """`abliterate --method sae`'s validation row per k, as measured. A k the coherence bound ruled out enters the pick
-    as unanswered 1.0 (`compare._validation_rows`); its line gives what it measured and says why it cannot win, rather
-    than print that 1.0 as if every validation harmful prompt had gone unanswered."""
+    """`abliterate --method sae`'s validation row per k, as measured and recorded (`compare._validation_table`). A k the
+    coherence bound ruled out entered the pick as unanswered 1.0 (`compare._validation_rows`); its line gives what it
+    measured and says why it cannot win."""
     ruled_out, nlls = details.get("incoherent") or [], details.get("validation_base_nll") or {}
-    measured = details.get("incoherent_measured") or {}
     lines = []
     for setting, row in details.get("sae_validation", {}).items():
-        row = measured.get(setting, row)
         line = f"  {setting:>6}: validation unanswered {row['unanswered_harmful']:.3f}, KL {row['kl_harmless']:.4f}"
         if setting in ruled_out:
             line += (f"; ruled out: its validation harmless answers cost {nlls[setting]:.2f} nats per token, above the coherence "

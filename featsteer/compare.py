@@ -1013,6 +1013,26 @@ def _validation_rows(ctx: CompareContext, settings: Mapping[Any, Callable[[], co
     return {s: (1.0 if s in broken else refusal, kl) for s, (refusal, kl) in rows.items()}
 
 
+RULED_OUT = "coherence bound"
+"""What a noted validation row's `ruled_out` names: the pick's coherence bound (`CompareContext.max_nll_rise`)."""
+
+
+def _validation_table(ctx: CompareContext, rows: Mapping[Any, tuple[float, float]], name: Callable[[Any], str]) -> dict[str, dict[str, Any]]:
+    """Each setting's noted validation row, `{name(setting): {"unanswered_harmful": ..., <the pick's KL>: ...}}`, as measured.
+    A setting the coherence bound ruled out enters the pick as unanswered 1.0 (`_validation_rows`); its row keeps what it
+    measured and says why it could not win (`"ruled_out": RULED_OUT`), rather than record that 1.0 as if every validation
+    harmful prompt had gone unanswered."""
+    measured = ctx.details().get("incoherent_measured") or {}
+    table: dict[str, dict[str, Any]] = {}
+    for setting, (unanswered, kl) in rows.items():
+        label = name(setting)
+        if label in measured:
+            table[label] = {"unanswered_harmful": measured[label]["unanswered_harmful"], _pick_kl_key(ctx): kl, "ruled_out": RULED_OUT}
+        else:
+            table[label] = {"unanswered_harmful": unanswered, _pick_kl_key(ctx): kl}
+    return table
+
+
 def _break_tie(ctx: CompareContext, ties: Sequence[Any], rows: Mapping[Any, tuple[float, float]],
                make: Callable[[Any], contextlib.AbstractContextManager], name: Callable[[Any], str]) -> Any:
     """The first of `ties` (`gentlest_ties`), or when several share its validation refusal rate too, the one whose
@@ -1043,7 +1063,7 @@ def _pick_gentlest(ctx: CompareContext, label: str, values: Sequence[float], mak
     if len(values) > 1:
         rows = _validation_rows(ctx, {v: (lambda v=v: make(v)) for v in values}, name=lambda v: f"{label}={v:g}")
         chosen = _break_tie(ctx, gentlest_ties(rows, ctx.steering_config.tolerance), rows, make, lambda v: f"{label}={v:g}")
-        ctx.note(validation={f"{label}={v:g}": {"unanswered_harmful": r, _pick_kl_key(ctx): kl} for v, (r, kl) in rows.items()})
+        ctx.note(validation=_validation_table(ctx, rows, lambda v: f"{label}={v:g}"))
     else:
         chosen = values[0]
     ctx.note(setting=f"{label}={chosen:g}")
@@ -1236,7 +1256,7 @@ def _pick_jailbreak(ctx: CompareContext, settings: Sequence[tuple[int, float | N
         return settings[0]
     rows = _validation_rows(ctx, {setting: (lambda setting=setting: make(*setting)) for setting in settings}, name=lambda s: _setting_label(*s))
     chosen = _break_tie(ctx, gentlest_ties(rows, ctx.sae_config.tolerance), rows, lambda s: make(*s), lambda s: _setting_label(*s))
-    ctx.note(sae_validation={_setting_label(*key): {"unanswered_harmful": r, _pick_kl_key(ctx): kl} for key, (r, kl) in rows.items()})
+    ctx.note(sae_validation=_validation_table(ctx, rows, lambda s: _setting_label(*s)))
     return chosen
 
 
@@ -2023,8 +2043,10 @@ def write_report(comparison: Comparison, out: str | Path) -> Path:
 
 def _picked_html(details: dict, rows: Mapping[str, Mapping[str, float]]) -> str:
     """"picked <setting> on validation prompts (<every setting's figures>)", escaped."""
-    text = "; ".join(f"{label}: " + ", ".join(f"{key.replace('_', ' ').replace('kl ', 'KL ')} {value:.3f}" for key, value in row.items())
-                     for label, row in rows.items())
+    def cell(key: str, value: Any) -> str:
+        return f"ruled out by the {value}" if key == "ruled_out" else f"{key.replace('_', ' ').replace('kl ', 'KL ')} {value:.3f}"
+
+    text = "; ".join(f"{label}: " + ", ".join(cell(key, value) for key, value in row.items()) for label, row in rows.items())
     return f"picked {html.escape(details['setting'])} on validation prompts ({html.escape(text)})"
 
 

@@ -813,7 +813,8 @@ def test_abliterate_sae_projects_the_picked_decoder_rows_out_and_exports(capsys,
 
 def test_abliterate_sae_prints_what_a_k_ruled_out_by_the_coherence_bound_measured(capsys, tmp_path, monkeypatch):
     """A k the coherence bound rules out enters the pick as unanswered 1.0; the printed row gave that 1.0 as if every
-    validation harmful prompt had gone unanswered (the README's k=16 read 1.000 where it measured 0.125)."""
+    validation harmful prompt had gone unanswered (the README's k=16 read 1.000 where it measured 0.125), and
+    featsteer.json's sae_validation still records it so: it now records what the k measured, marked ruled out."""
     import re
 
     from featsteer.compare import CompareContext
@@ -828,8 +829,8 @@ def test_abliterate_sae_prints_what_a_k_ruled_out_by_the_coherence_bound_measure
     assert code == 0, err
     record = json.loads((out / "featsteer.json").read_text())
     measured = record["incoherent_measured"]
-    assert sorted(measured) == sorted(record["sae_validation"]) and {r["unanswered_harmful"] for r in record["sae_validation"].values()} == {1.0}
-    assert min(r["unanswered_harmful"] for r in measured.values()) < 1.0  # what they measured is not what the pick counted
+    assert sorted(measured) == sorted(record["sae_validation"]) and min(r["unanswered_harmful"] for r in measured.values()) < 1.0
+    assert record["sae_validation"] == {k: {**r, "ruled_out": "coherence bound"} for k, r in measured.items()}  # as measured, marked
     printed = dict(re.findall(r"^\s+(k=\d+): validation unanswered ([0-9.]+), .*; ruled out: .* above the coherence bound", stdout, re.M))
     assert printed == {k: f"{r['unanswered_harmful']:.3f}" for k, r in measured.items()}, stdout
 
