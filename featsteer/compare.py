@@ -2014,11 +2014,39 @@ def pareto_png(comparison: Comparison) -> bytes:
     return buffer.getvalue()
 
 
+LABEL_OFFSET = (4.0, 3.0)
+"""Where a Pareto point's label starts, in points from the point (right and up)."""
+LABEL_STEP = 9.0
+"""How far (points) a label moves down below a close one's: one line of the labels' 7-point text and a gap."""
+
+
+def label_offsets(anchors: Sequence[tuple[float, float]], near: float = 0.04) -> list[tuple[float, float]]:
+    """Text offsets (points) of the Pareto plot's labels that keep close points' labels apart.
+
+    Each label starts at `LABEL_OFFSET` from its point; labels are placed top to bottom, and one whose point lies within
+    `near` of an earlier placed one's (on both axes, in axes fractions) goes one `LABEL_STEP` below the lowest of those
+    labels, so the labels of close (or equal) points stack as a list instead of printing over each other.
+
+    Args:
+        anchors: each point's position as a fraction of the axes, `(x, y)` in [0, 1].
+        near: how close two points are, on each axis, for their labels to be stacked.
+
+    Returns:
+        `(dx, dy)` per anchor, in the order given.
+    """
+    offsets: dict[int, tuple[float, float]] = {}
+    for i in sorted(range(len(anchors)), key=lambda i: (-anchors[i][1], anchors[i][0], i)):
+        x, y = anchors[i]
+        below = [offsets[j][1] for j in offsets if abs(anchors[j][0] - x) <= near and abs(anchors[j][1] - y) <= near]
+        offsets[i] = (LABEL_OFFSET[0], min(below) - LABEL_STEP if below else LABEL_OFFSET[1])
+    return [offsets[i] for i in range(len(anchors))]
+
+
 def _pareto_panel(ax: Any, points: Sequence[ParetoPoint], x_label: str, y_label: str) -> None:
-    """One panel: the points with their labels, and the frontier (when marked) as a dashed line through its points."""
+    """One panel: the points with their labels (those of close points stacked, `label_offsets`), and the frontier (when
+    marked) as a dashed line through its points."""
     for point in points:
         ax.scatter(point.kl, point.refusal, s=40, edgecolors="black" if point.frontier else "none")
-        ax.annotate(point.label, (point.kl, point.refusal), fontsize=7, xytext=(4, 3), textcoords="offset points")
     frontier = sorted((p.kl, p.refusal) for p in points if p.frontier)
     if len(frontier) > 1:
         ax.step(*zip(*frontier, strict=True), where="post", linestyle="--", color="grey", linewidth=1, label="jailbreak frontier")
@@ -2028,6 +2056,13 @@ def _pareto_panel(ax: Any, points: Sequence[ParetoPoint], x_label: str, y_label:
     ax.set_ylabel(y_label)
     ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
+    ax.get_xlim()  # the limits are final once the points and scale are in: where each point sits in the axes
+    to_axes = ax.transAxes.inverted()
+    anchors = [tuple(to_axes.transform(ax.transData.transform((p.kl, p.refusal)))) for p in points]
+    for point, offset in zip(points, label_offsets(anchors), strict=True):
+        moved = offset != LABEL_OFFSET  # a stacked label gets a thin line back to its point
+        ax.annotate(point.label, (point.kl, point.refusal), fontsize=7, xytext=offset, textcoords="offset points",
+                    arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.5} if moved else None)
 
 
 def write_report(comparison: Comparison, out: str | Path) -> Path:

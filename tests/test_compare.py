@@ -815,3 +815,26 @@ def test_with_the_train_filter_every_method_reads_the_prompts_it_kept(monkeypatc
     monkeypatch.setattr(cmp, "filter_by_refusal", lambda *args: pytest.fail("filtered again"))
     assert [list(p) for p in fresh.training()] == [list(p) for p in kept]
 
+
+def test_pareto_labels_of_close_points_do_not_print_over_each_other():
+    """Every label sat 4 points right and 3 up from its point, so methods with (nearly) the same KL and refusal - often
+    several at refusal 0 - printed their labels over each other; close points' labels now stack as a list."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from featsteer.compare import LABEL_OFFSET, LABEL_STEP, ParetoPoint, _pareto_panel, label_offsets
+
+    assert label_offsets([(0.5, 0.5), (0.9, 0.1), (0.5, 0.5), (0.51, 0.49)]) == [
+        LABEL_OFFSET, LABEL_OFFSET, (LABEL_OFFSET[0], LABEL_OFFSET[1] - LABEL_STEP), (LABEL_OFFSET[0], LABEL_OFFSET[1] - 2 * LABEL_STEP)]
+    points = [ParetoPoint("dim_abliteration", 0.02, 0.0), ParetoPoint("dim_norm_preserving", 0.021, 0.0),
+              ParetoPoint("dim_ablation_hook", 0.02, 0.0), ParetoPoint("none", 0.0, 0.9)]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    _pareto_panel(ax, points, "KL", "refusal")
+    fig.canvas.draw()
+    boxes = [Text.get_window_extent(text) for text in ax.texts]  # the text alone, not the line back to its point
+    plt.close(fig)
+    assert len(boxes) == 4
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
