@@ -87,7 +87,8 @@ def markdown(payload: dict, comparison, effects, needed) -> str:
               "highest induced refusal. Validation refusal from greedy generations of 16 new tokens.", "",
               "| method | hook | features | picked | validation (setting: refusal, KL) |", "|---|---|---|---|---|"]
     for method, d in details.items():
-        rows = "; ".join(f"{label}: " + ", ".join(f"{v:.3f}" for v in row.values()) for label, row in d.get("sae_validation", {}).items())
+        rows = "; ".join(f"{label}: " + ", ".join(f"{v:.3f}" if not isinstance(v, str) else f"ruled out by the {v}" for v in row.values())
+                         for label, row in d.get("sae_validation", {}).items())
         lines.append(f"| {method} | {d['sae_hook']} | {d['sae_features']} | {d.get('setting', '-')} | {rows or 'fixed'} |")
     lines.append("")
     lines += ["## Single features (top 8 by composite score at the best hook)", "", effects.table(), "", effects.summary(), "",

@@ -42,6 +42,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     if args.prompt is not None and not args.prompt.strip():  # an empty --prompt printed nothing, as if not given
         raise FeatsteerError("--prompt is empty: give an instruction to see how the model formats it, or drop --prompt")
+    if args.system is not None and args.prompt is None:
+        raise FeatsteerError("--system shows --prompt with a system prompt: add --prompt TEXT or drop --system")
     model = _load_model(args)
     print(f"model     {model.name}")
     print(f"family    {model.family}")
@@ -77,7 +79,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for i, note in enumerate(notes):
         print(f"{'notes' if i == 0 else '':<10}{note}")
     if args.prompt:
-        print(f"prompt    {model.format_prompts([args.prompt])[0].text!r}")
+        print(f"prompt    {model.format_prompts([args.prompt], args.system)[0].text!r}")
     return 0
 
 
@@ -527,7 +529,8 @@ def _direction_config(args: argparse.Namespace, method: str | None = None):
     # directions --layers reads candidates there only; abliterate and compare compute every layer's and score the listed ones
     return DirectionConfig(method=chosen, rank=2 if args.rank is None else args.rank, positions=args.positions, n_select=args.n_select,
                            kl_threshold=args.kl_threshold, batch_size=args.batch_size, filter_train=args.filter_train,
-                           screen=args.screen, layers=layer_ids, keep_every_layer=args.command in ("abliterate", "compare"))
+                           screen=args.screen, layers=layer_ids, keep_every_layer=args.command in ("abliterate", "compare"),
+                           system=args.system)
 
 
 def _load_pair(args: argparse.Namespace):
@@ -588,7 +591,7 @@ def _write_directions(args: argparse.Namespace, model, result, config, optimize,
                   "n_harmless_val": len(harmless_val), "val_harmful_sha256": harmful_val.sha256, "val_harmless_sha256": harmless_val.sha256,
                   "n_select": args.n_select, "n_harmful_scored": len(scored[0]), "n_harmless_scored": len(scored[1]),
                   "scored_harmful_sha256": scored[0].sha256, "scored_harmless_sha256": scored[1].sha256,
-                  "layers": None if config.layers is None else sorted(set(config.layers))}
+                  "layers": None if config.layers is None else sorted(set(config.layers)), "system": config.system}
     _write_json(str(work / "selection.json"), {**result.selection.to_dict(), "stability": stability.to_dict(), "timings": result.timings,
                                               **validation})
     geometry = None
@@ -617,7 +620,8 @@ def _write_directions(args: argparse.Namespace, model, result, config, optimize,
     if args.gate:
         from featsteer.interventions import fit_gate, gate_hooks
 
-        gate = fit_gate(model, *result.train, gate_hooks(model, chosen.hook), val=result.val, batch_size=config.batch_size)
+        gate = fit_gate(model, *result.train, gate_hooks(model, chosen.hook), val=result.val, batch_size=config.batch_size,
+                        system=config.system)
         gate.save(work / "gate")
         print(f"gate: {gate.hook}, {_POOLED[gate.pool]}, cosine threshold {gate.threshold:.4f}; "
               f"balanced accuracy {gate.accuracy:.3f} on the {len(harmful_val)} + {len(harmless_val)} validation prompts (gate/; "
@@ -744,7 +748,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     for note in result.selection.caveats():
         print(f"caveat: {note}")
     edit = _edit_config(args, mode, model) if mode not in ADDITIONS else None
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system)
     (held_harmful, held_harmless), checked_on = _check_prompts(args, result.val)
     before = evaluate_refusal(model, held_harmful, held_harmless, config)
     extra = {}
@@ -832,7 +836,7 @@ def _addition(args: argparse.Namespace, mode: str, model, direction, length: flo
     from featsteer.edits import add_at_tokens, add_through_biases, template_tokens
 
     unit = direction.double().flatten() / direction.double().norm() * length
-    tokens = template_tokens(model, list(prompts)) if mode == "token_addition" else []
+    tokens = template_tokens(model, list(prompts), system=args.system) if mode == "token_addition" else []
 
     def add(scale: float, extra: dict | None = None):
         full = {**record, "scale": scale, "length": length, **(extra or {})}
@@ -844,7 +848,7 @@ def _addition(args: argparse.Namespace, mode: str, model, direction, length: flo
     if scale == "auto":
         from featsteer.compare import pick_induce_scale
 
-        scale, rates = pick_induce_scale(model, add, pick_prompts, batch_size=args.batch_size)
+        scale, rates = pick_induce_scale(model, add, pick_prompts, batch_size=args.batch_size, system=args.system)
         picked = {"prompts": len(pick_prompts), "coherent_refusal": {f"{k:g}": v for k, v in rates.items()}}
         print(f"scale picked on {len(pick_prompts)} validation harmless prompts the check does not read (coherent refusal): "
               + ", ".join(f"{k:g}x {v:.2f}" for k, v in rates.items()) + f" -> {scale:g}")
@@ -907,7 +911,7 @@ def _edit_config(args: argparse.Namespace, mode: str, model):
 def _search_config(args: argparse.Namespace, mode: str):
     from featsteer.search import SearchConfig
 
-    return SearchConfig(n_trials=args.search, mode=mode, max_new_tokens=args.max_new_tokens, kl_prompts=args.search_kl)
+    return SearchConfig(n_trials=args.search, mode=mode, max_new_tokens=args.max_new_tokens, kl_prompts=args.search_kl, system=args.system)
 
 
 def _chosen_trial(args: argparse.Namespace, found):
@@ -995,7 +999,7 @@ def _check_and_export(model, handle, held: tuple, before, config, mode: str, out
     print(f"refusal on {prompts} prompts{note}, before -> after ({mode}):")
     print(_rate_line("harmful", before.harmful, after.harmful))
     print(_rate_line("harmless", before.harmless, after.harmless))
-    checked = {"prompts": prompts, "sha256": {"harmful": held[0].sha256, "harmless": held[1].sha256}}
+    checked = {"prompts": prompts, "sha256": {"harmful": held[0].sha256, "harmless": held[1].sha256}, "system": config.system}
     handle.export(out, extra={"evaluation": {**checked, "before": before.to_json(0), "after": after.to_json(2)}, **extra})
     print(f"wrote {out} (loads with `featsteer eval --model {out}` or transformers)")
     return 0
@@ -1013,14 +1017,12 @@ def _rate_line(name: str, before, after) -> str:
 
 
 def _sae_validation_lines(details: dict) -> list[str]:
-    """`abliterate --method sae`'s validation row per k, as measured. A k the coherence bound ruled out enters the pick
-    as unanswered 1.0 (`compare._validation_rows`); its line gives what it measured and says why it cannot win, rather
-    than print that 1.0 as if every validation harmful prompt had gone unanswered."""
+    """`abliterate --method sae`'s validation row per k, as measured and recorded (`compare._validation_table`). A k the
+    coherence bound ruled out entered the pick as unanswered 1.0 (`compare._validation_rows`); its line gives what it
+    measured and says why it cannot win."""
     ruled_out, nlls = details.get("incoherent") or [], details.get("validation_base_nll") or {}
-    measured = details.get("incoherent_measured") or {}
     lines = []
     for setting, row in details.get("sae_validation", {}).items():
-        row = measured.get(setting, row)
         line = f"  {setting:>6}: validation unanswered {row['unanswered_harmful']:.3f}, KL {row['kl_harmless']:.4f}"
         if setting in ruled_out:
             line += (f"; ruled out: its validation harmless answers cost {nlls[setting]:.2f} nats per token, above the coherence "
@@ -1048,14 +1050,15 @@ def _abliterate_sae(args: argparse.Namespace, mode: str, warm_start: list[dict])
     val = _load_val(args)
     model = _load_model(args)
     config = _direction_config(args, method="dim")  # how prompts are split, read and batched; no direction is fitted
-    ctx = CompareContext(model, harmful, harmless, config, saes=load_sae_source(args.sae, model), sae_config=sae_config, val=val)
+    ctx = CompareContext(model, harmful, harmless, config, saes=load_sae_source(args.sae, model), sae_config=sae_config, val=val,
+                         system=args.system)
     basis = sae_topk_basis(ctx)
     details = ctx.details()
     picked = " (picked on validation)" if "sae_validation" in details else ""
     print(f"direction: SAE decoder rows of features {details['sae_features']} at {details['sae_hook']}{picked}")
     for line in _sae_validation_lines(details):
         print(line)
-    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system)
     (held_harmful, held_harmless), checked_on = _check_prompts(args, ctx.validation_sets())
     before = evaluate_refusal(model, held_harmful, held_harmless, generation)
     record = {"method": "sae", "sae_source": args.sae, **details, "prompt_sha256": {"harmful": harmful.sha256, "harmless": harmless.sha256}}
@@ -1119,7 +1122,11 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
     basis = fixed_basis(direction, model.d_model)  # a width that does not fit the model is reported before anything runs
     print(f"direction: {record['direction_method']} from {args.directions} at {record['direction_hook']} position "
           f"{record['direction_position']} (rank {basis.shape[0]})")
-    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    found_with = record["direction_provenance"].get("system")
+    if found_with != args.system:  # a legitimate experiment, but not one to run unawares: featsteer.json records both
+        print(f"note: the direction was found with {'the system prompt ' + repr(found_with) if found_with else 'no system prompt'}; "
+              f"this run formats its prompts with {'the system prompt ' + repr(args.system) if args.system else 'none'}")
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system)
     held, checked_on = _check_prompts(args, val)
     before = evaluate_refusal(model, *held, generation)
     if mode in ADDITIONS:
@@ -1444,7 +1451,7 @@ def _feature_intervention(args: argparse.Namespace, model, prompts: list[str]):
     outside = [f for f in features if not 0 <= f < sae.cfg.d_sae]
     if outside:
         raise FeatsteerError(f"feature id {outside[0]} is out of range: the SAE at {hook} has d_sae={sae.cfg.d_sae} (ids 0..{sae.cfg.d_sae - 1})")
-    maxima = max_feature_activations(model, sae, prompts)[features]
+    maxima = max_feature_activations(model, sae, prompts, system=args.system)[features]
     for feature, peak in zip(features, maxima.tolist(), strict=True):
         print(f"feature {feature} at {hook}: largest activation on the prompts {peak:.3f}")
     silent = [f for f, peak in zip(features, maxima.tolist(), strict=True) if peak == 0]
@@ -1484,9 +1491,9 @@ def _cmd_steer(args: argparse.Namespace) -> int:
     else:
         intervention, what = _direction_intervention(args, model)
     detector, loops = RefusalDetector(), LoopDetector()
-    plain = model.generate(prompts, max_new_tokens=args.max_new_tokens)
+    plain = model.generate(prompts, max_new_tokens=args.max_new_tokens, system=args.system)
     with steer(model, intervention):
-        steered = model.generate(prompts, max_new_tokens=args.max_new_tokens)
+        steered = model.generate(prompts, max_new_tokens=args.max_new_tokens, system=args.system)
     refused = [[detector.is_refusal(text) for text in texts] for texts in (plain, steered)]
     looping = [loops.classify(texts) for texts in (plain, steered)]
     print(f"steer: {what}")
@@ -1500,7 +1507,7 @@ def _cmd_steer(args: argparse.Namespace) -> int:
     print(summary)
     if args.json:
         _write_json(args.json, {
-            "model": args.model, "mode": args.mode, "intervention": what, "source": args.directions or args.sae,
+            "model": args.model, "mode": args.mode, "intervention": what, "source": args.directions or args.sae, "system": args.system,
             "refused_plain": sum(refused[0]), "refused_steered": sum(refused[1]), "n": len(prompts),
             "looping_plain": sum(looping[0]), "looping_steered": sum(looping[1]),
             "rows": [{"prompt": p, "plain": a, "steered": b, "plain_refused": ra, "steered_refused": rb, "plain_looping": la,
@@ -1581,7 +1588,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         model, harmful, harmless, methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None,
         eval_harmful=evals[0], eval_harmless=evals[1], alarming=alarming, direction_config=direction_config,
         val_harmful=val[0] if val else None, val_harmless=val[1] if val else None,
-        generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
+        generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system),
         saes=load_sae_source(args.sae, model) if args.sae else None, sae_config=sae_config, steering_config=steering_config,
         baseline=args.baseline, n_pick=args.n_pick, pick_kl=args.pick_kl, judge=judge,
         max_nll_rise=DEFAULT_MAX_NLL_RISE if args.pick_max_nll_rise is None else None if args.pick_max_nll_rise == "off" else args.pick_max_nll_rise,
@@ -1662,7 +1669,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         saes = load_sae_source(args.sae, model)
     report = probe_report(model, (harmful_train, harmless_train), (harmful_test, harmless_test), positions=args.positions,
                           n_effect=args.n_effect, batch_size=args.batch_size, saes=saes, layers=layers,
-                          control=control)
+                          control=control, system=args.system)
     folder = write_probe_report(report, args.out, f"featsteer probe report: {model.name}")
     print(f"control task: {report.control_text()}")
     print(f"{'hook':26} " + " ".join(f"{k + ' acc/sel':>22}" for k in report.sweep))
@@ -1701,7 +1708,7 @@ def _cmd_rank_features(args: argparse.Namespace) -> int:
     model = _load_model(args)
     saes = load_sae_source(args.sae, model)
     ranking = rank_features(model, saes, harmful, harmless, positions=args.positions, top_n=args.top, by=by,
-                            normalize=args.normalise, units=args.units, batch_size=args.batch_size)
+                            normalize=args.normalise, units=args.units, batch_size=args.batch_size, system=args.system)
     folder = write_feature_report(ranking, args.out)
 
     def cell(value: float | None, width: int) -> str:
@@ -1727,7 +1734,8 @@ def _cmd_experts(args: argparse.Namespace) -> int:
         raise FeatsteerError(f"--top {args.top} lists no experts: give at least 1")
     harmful, harmless = _load_pair(args)
     model = _load_model(args)
-    routing = expert_routing(model, list(harmful), list(harmless), positions=args.positions, batch_size=args.batch_size)
+    routing = expert_routing(model, list(harmful), list(harmless), positions=args.positions, batch_size=args.batch_size,
+                             system=args.system)
     print(f"model     {model.name}")
     print(f"routing   {len(routing.layers)} MoE layers x {routing.n_experts} experts; read {routing.n_tokens[0]} harmful and "
           f"{routing.n_tokens[1]} harmless tokens ({routing.positions}) of {len(harmful)} / {len(harmless)} prompts")
@@ -1742,7 +1750,7 @@ def _cmd_experts(args: argparse.Namespace) -> int:
             print(f"| {rank} | {score.layer} | {score.expert} | {score.harmful_rate:.3f} | {score.harmless_rate:.3f} | {score.risk_difference:+.3f} | "
                   f"[{score.ci[0]:+.3f}, {score.ci[1]:+.3f}] |")
     if args.json:
-        _write_json(args.json, {"model": model.name, **routing.to_dict(args.top)})
+        _write_json(args.json, {"model": model.name, "system": args.system, **routing.to_dict(args.top)})
         print(f"\nwrote {args.json}")
     return 0
 
@@ -1759,6 +1767,8 @@ _OPTIMIZE_OPTION_HELP = ("how the direction optimisation trains, as an OptimizeC
 
 
 _COLUMN_HELP = "column for csv/json/jsonl/parquet prompt files"
+_SYSTEM_HELP = ("system prompt of every prompt the run formats (training, selection, picks, checks), as `featsteer eval --system` "
+                "formats them; recorded with the outputs")
 _BATCH_HELP = "prompts per forward pass (default 16)"
 _BATCH_TOKENS_HELP = "cap on a batch's padded prompt tokens, rows x longest prompt (default 8192)"
 _MAX_NEW_HELP = "cap on generated tokens per response (default 32)"
@@ -1792,6 +1802,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a model: family, layers, hook points, chat format")
     add_model_args(info)
     info.add_argument("--prompt", help="show how this instruction is formatted")
+    info.add_argument("--system", help="the system prompt --prompt is shown with")
     info.set_defaults(run=_cmd_info)
 
     cap = sub.add_parser("capture", help="capture activations for a prompt set to a directory")
@@ -1855,6 +1866,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the train prompts the model treats as labelled (harmful refused, harmless answered; Arditi et al.)")
         p.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
         p.add_argument("--column", help=_COLUMN_HELP)
+        p.add_argument("--system", help=_SYSTEM_HELP)
         p.add_argument("--out", required=True, help="output folder (new or empty)")
 
     dirs = sub.add_parser("directions", help="find candidate refusal directions and select one (Arditi et al.)")
@@ -1958,6 +1970,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--prompt", action="append", help="repeat for several prompts")
     st.add_argument("--prompts", metavar="SRC", help="a prompt source (file, builtin:..., organism-corpus:...), after any --prompt")
     st.add_argument("--n", type=int, help="first N prompts of --prompts")
+    st.add_argument("--system", help="system prompt of every prompt, steered and plain (as `featsteer eval --system`)")
     st.add_argument("--column", help=_COLUMN_HELP)
     st.add_argument("--hook", help="hook to steer at (default: where the direction was read); with --sae: which SAE")
     st.add_argument("--scale", type=float, help="multiple of the mean difference to add (direction add/conditional; default 1)")
@@ -2045,6 +2058,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--top", type=int, default=10, help="experts listed toward each side")
     ex.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
     ex.add_argument("--column", help=_COLUMN_HELP)
+    ex.add_argument("--system", help="system prompt of every prompt (as `featsteer eval --system`)")
     ex.add_argument("--json", help="write the rates of every expert and the top lists here")
     ex.set_defaults(run=_cmd_experts)
 
@@ -2063,6 +2077,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "permutation null); default first-words:1")
     pr.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
     pr.add_argument("--column", help=_COLUMN_HELP)
+    pr.add_argument("--system", help="system prompt of every prompt, in the captures and the steering effects (as `featsteer eval --system`)")
     pr.add_argument("--sae", help="also compare each SAE's top feature: organism or a folder of <hook_name>/ SAEs (any residual "
                     "hook or attn.hook_z; each joins at the first resid_pre after it)")
     pr.set_defaults(run=_cmd_probe)
@@ -2084,6 +2099,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "decoder-row norm, how far the feature moves the stream")
     rf.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
     rf.add_argument("--column", help="column for csv/json/parquet prompt files")
+    rf.add_argument("--system", help="system prompt of every prompt (as `featsteer eval --system`)")
     rf.set_defaults(run=_cmd_rank_features)
 
     lab = sub.add_parser("label", help="read a run's responses and label refusals by hand: hand counts beside the markers'")

@@ -204,6 +204,7 @@ def rank_sae_features(
     *,
     positions: str = "last",
     batch_size: int = 16,
+    system: str | None = None,
 ) -> SaeRanking:
     """Capture once at every SAE's hook (once per row width: hook_z next to stream SAEs on Gemma 2), score all features,
     keep those more active on harmful prompts.
@@ -215,6 +216,7 @@ def rank_sae_features(
         harmless: harmless training instructions.
         positions: capture selector; the captured rows are pooled for scoring.
         batch_size: prompts per forward pass.
+        system: the system prompt the prompts are formatted with (None: none).
 
     Returns:
         The ranking (composite score, ties by layer then feature id) and each feature's harmful maximum.
@@ -231,8 +233,9 @@ def rank_sae_features(
         groups.setdefault(hook_width(model, hook), []).append(hook)
     parts, maxima = [], {}
     for group in groups.values():
-        harmful_acts = capture(model, list(harmful), group, positions=positions, batch_size=batch_size, label="harmful", progress=False)
-        harmless_acts = capture(model, list(harmless), group, positions=positions, batch_size=batch_size, label="harmless", progress=False)
+        harmful_acts, harmless_acts = (capture(model, list(prompts), group, positions=positions, batch_size=batch_size, label=label,
+                                               progress=False, system=system)
+                                       for prompts, label in ((harmful, "harmful"), (harmless, "harmless")))
         parts.append(score_features({hook: saes[hook] for hook in group}, harmful_acts, harmless_acts, by="composite"))
         maxima.update({hook: _harmful_max(saes[hook], harmful_acts, hook) for hook in group})
     scores = parts[0] if len(parts) == 1 else merge_sae_scores(parts, hooks).sort("composite")
@@ -363,7 +366,9 @@ class CompareContext:
     system: str | None = None
     """The system prompt the evaluation formats its prompts with (`compare`'s `GenerationConfig.system`): the picks'
     validation reads the model with it too (generations, first-token KL, the KL along the answers, the NLL bound), so a
-    setting is picked as it will be evaluated. None: no system prompt."""
+    setting is picked as it will be evaluated, and so does everything learnt from the training prompts (the directions:
+    `direction_config.system` must be the same; the SAE ranking, the CAST gate, expert routing, template tokens). None:
+    no system prompt."""
     _used_directions: set[str] = field(default_factory=set)
     """The `_directions` keys this context's methods read (a `reuse` brings an earlier run's others along)."""
     _weights: str | None = None
@@ -373,6 +378,9 @@ class CompareContext:
 
     def __post_init__(self) -> None:
         check_system(self.system)
+        if self.direction_config.system != self.system:
+            raise FeatsteerError(f"the directions would be found with the system prompt {self.direction_config.system!r} and the methods "
+                                 f"evaluated with {self.system!r}: give DirectionConfig(system=...) the evaluation's system prompt")
         if self.pick_kl not in PICK_KLS:
             raise FeatsteerError(f"pick_kl must be one of {', '.join(PICK_KLS)}, got {self.pick_kl!r}")
         if self.max_nll_rise is not None and not math.isfinite(self.max_nll_rise):
@@ -407,7 +415,8 @@ class CompareContext:
             config = self.direction_config
             harmful_train, harmless_train = self.training()
             positions = self.sae_config.positions or config.positions
-            self._ranking = rank_sae_features(self.model, self.saes, harmful_train, harmless_train, positions=positions, batch_size=config.batch_size)
+            self._ranking = rank_sae_features(self.model, self.saes, harmful_train, harmless_train, positions=positions,
+                                              batch_size=config.batch_size, system=self.system)
         return self._ranking
 
     def writing_heads(self) -> list[tuple[int, int, float]]:
@@ -425,7 +434,8 @@ class CompareContext:
         dim = self.directions("dim")
         if self._gate is None:
             hooks = gate_hooks(self.model, dim.selection.chosen.hook)
-            self._gate = fit_gate(self.model, *self.training(), hooks, val=self.validation(), batch_size=self.direction_config.batch_size)
+            self._gate = fit_gate(self.model, *self.training(), hooks, val=self.validation(), batch_size=self.direction_config.batch_size,
+                                  system=self.system)
         return self._gate
 
     def optimized(self) -> OptimizedDirection:
@@ -459,7 +469,8 @@ class CompareContext:
             return harmful, harmless
         if self._filtered is None:
             captured = self._captured()
-            kept = captured.train if captured else filter_by_refusal(self.model, harmful, harmless, self.direction_config.batch_size)[:2]
+            kept = captured.train if captured else filter_by_refusal(self.model, harmful, harmless, self.direction_config.batch_size,
+                                                                     self.system)[:2]
             self._filtered = (kept[0], kept[1])
         return self._filtered
 
@@ -947,7 +958,7 @@ def _bias_induce(ctx: CompareContext):
                  "prompts, e.g. <|assistant|>), scale picked on validation prompts (induces refusal)", needs_template=True)
 def _template_induce(ctx: CompareContext):
     vector, hook = _dim_addition(ctx)
-    tokens = template_tokens(ctx.model, [*ctx.training()[1]])
+    tokens = template_tokens(ctx.model, [*ctx.training()[1]], system=ctx.system)
 
     def add(scale: float) -> EditHandle:
         return add_at_tokens(ctx.model, scale * vector, tokens)
@@ -1002,6 +1013,26 @@ def _validation_rows(ctx: CompareContext, settings: Mapping[Any, Callable[[], co
     return {s: (1.0 if s in broken else refusal, kl) for s, (refusal, kl) in rows.items()}
 
 
+RULED_OUT = "coherence bound"
+"""What a noted validation row's `ruled_out` names: the pick's coherence bound (`CompareContext.max_nll_rise`)."""
+
+
+def _validation_table(ctx: CompareContext, rows: Mapping[Any, tuple[float, float]], name: Callable[[Any], str]) -> dict[str, dict[str, Any]]:
+    """Each setting's noted validation row, `{name(setting): {"unanswered_harmful": ..., <the pick's KL>: ...}}`, as measured.
+    A setting the coherence bound ruled out enters the pick as unanswered 1.0 (`_validation_rows`); its row keeps what it
+    measured and says why it could not win (`"ruled_out": RULED_OUT`), rather than record that 1.0 as if every validation
+    harmful prompt had gone unanswered."""
+    measured = ctx.details().get("incoherent_measured") or {}
+    table: dict[str, dict[str, Any]] = {}
+    for setting, (unanswered, kl) in rows.items():
+        label = name(setting)
+        if label in measured:
+            table[label] = {"unanswered_harmful": measured[label]["unanswered_harmful"], _pick_kl_key(ctx): kl, "ruled_out": RULED_OUT}
+        else:
+            table[label] = {"unanswered_harmful": unanswered, _pick_kl_key(ctx): kl}
+    return table
+
+
 def _break_tie(ctx: CompareContext, ties: Sequence[Any], rows: Mapping[Any, tuple[float, float]],
                make: Callable[[Any], contextlib.AbstractContextManager], name: Callable[[Any], str]) -> Any:
     """The first of `ties` (`gentlest_ties`), or when several share its validation refusal rate too, the one whose
@@ -1032,7 +1063,7 @@ def _pick_gentlest(ctx: CompareContext, label: str, values: Sequence[float], mak
     if len(values) > 1:
         rows = _validation_rows(ctx, {v: (lambda v=v: make(v)) for v in values}, name=lambda v: f"{label}={v:g}")
         chosen = _break_tie(ctx, gentlest_ties(rows, ctx.steering_config.tolerance), rows, make, lambda v: f"{label}={v:g}")
-        ctx.note(validation={f"{label}={v:g}": {"unanswered_harmful": r, _pick_kl_key(ctx): kl} for v, (r, kl) in rows.items()})
+        ctx.note(validation=_validation_table(ctx, rows, lambda v: f"{label}={v:g}"))
     else:
         chosen = values[0]
     ctx.note(setting=f"{label}={chosen:g}")
@@ -1098,7 +1129,7 @@ def _expert_deactivation_logits(ctx: CompareContext):
 def _deactivate_experts(ctx: CompareContext, at: str):
     """The harmful-linked experts switched off at `at` (`ExpertSteer`), how many picked on the validation prompts."""
     harmful, harmless = ctx.training()
-    routing = expert_routing(ctx.model, list(harmful), list(harmless), batch_size=ctx.direction_config.batch_size)
+    routing = expert_routing(ctx.model, list(harmful), list(harmless), batch_size=ctx.direction_config.batch_size, system=ctx.system)
     linked = [score for score in routing.ranked("harmful") if score.risk_difference > 0]
     if not linked:
         raise FeatsteerError("no expert is routed more often on the harmful training prompts than on the harmless ones")
@@ -1225,7 +1256,7 @@ def _pick_jailbreak(ctx: CompareContext, settings: Sequence[tuple[int, float | N
         return settings[0]
     rows = _validation_rows(ctx, {setting: (lambda setting=setting: make(*setting)) for setting in settings}, name=lambda s: _setting_label(*s))
     chosen = _break_tie(ctx, gentlest_ties(rows, ctx.sae_config.tolerance), rows, lambda s: make(*s), lambda s: _setting_label(*s))
-    ctx.note(sae_validation={_setting_label(*key): {"unanswered_harmful": r, _pick_kl_key(ctx): kl} for key, (r, kl) in rows.items()})
+    ctx.note(sae_validation=_validation_table(ctx, rows, lambda s: _setting_label(*s)))
     return chosen
 
 
@@ -1677,6 +1708,8 @@ def compare(
         val_harmless: validation harmless prompts (given together with `val_harmful`).
         direction_config: how directions are found and selected.
         generation: greedy decoding settings for evaluation (without `prefill`: a prefilling attack is `featsteer eval`'s).
+            Its `system` (or `direction_config.system`; they may not differ) formats every prompt of the run: the
+            directions' training and selection, the SAE ranking, every pick's validation and the evaluation.
         saes: SAEs for the SAE methods (see `featsteer.sae.load_sae_source`: `organism`, a folder, or `{hook_name: sae}`);
             with `direction_config.layers`, only those at the listed layers.
         sae_config: how SAE methods pick and edit features (default `SaeMethodConfig()`: k and clamp values picked on the validation prompts).
@@ -1704,7 +1737,7 @@ def compare(
 
     Raises:
         FeatsteerError: for an unknown method, an SAE method without `saes`, SAEs that do not fit (or none at
-            `direction_config.layers`), a `generation` with a prefill, or a `reuse` of another model (or of this one
+            `direction_config.layers`), a `generation` with a prefill or a system prompt other than `direction_config`'s, or a `reuse` of another model (or of this one
             with other weights), other prompts or another direction config.
     """
     names = list(methods) if methods is not None else list(available_methods(saes=saes is not None, model=model))
@@ -1733,8 +1766,8 @@ def compare(
     if eval_harmful is None or eval_harmless is None:
         harmful, eval_harmful = split(harmful, 0.25)
         harmless, eval_harmless = split(harmless, 0.25)
-    gen = generation or GenerationConfig()
-    ctx = CompareContext(model, harmful, harmless, direction_config or DirectionConfig(), saes=sae_map, sae_config=sae_config or SaeMethodConfig(),
+    gen, direction_config = _one_system(generation or GenerationConfig(), direction_config or DirectionConfig())
+    ctx = CompareContext(model, harmful, harmless, direction_config, saes=sae_map, sae_config=sae_config or SaeMethodConfig(),
                          steering_config=steering_config or SteeringMethodConfig(),
                          val=None if val_harmful is None else (val_harmful, val_harmless), n_pick=n_pick, pick_kl=pick_kl,
                          max_nll_rise=max_nll_rise, optimize_config=optimize_config or OptimizeConfig(), system=gen.system)
@@ -1857,6 +1890,19 @@ def _chosen_setup(model: ModelAdapter, result: DirectionResult) -> dict[str, Any
     return chosen
 
 
+def _one_system(gen: GenerationConfig, config: DirectionConfig) -> tuple[GenerationConfig, DirectionConfig]:
+    """The evaluation's and the directions' configs with one system prompt: the one either sets (both may set the same).
+
+    Raises:
+        FeatsteerError: when they set different ones.
+    """
+    if gen.system is not None and config.system is not None and gen.system != config.system:
+        raise FeatsteerError(f"generation.system ({gen.system!r}) and direction_config.system ({config.system!r}) differ: a comparison "
+                             "finds its directions, picks its settings and evaluates with one system prompt; set one of them")
+    system = gen.system if gen.system is not None else config.system
+    return dataclasses.replace(gen, system=system), dataclasses.replace(config, system=system)
+
+
 def _take_over(ctx: CompareContext, earlier: Comparison) -> None:
     """Give `ctx` the directions, head ranking, LEACE erasers, validation base, gate and trained direction of an earlier
     comparison with the same inputs."""
@@ -1968,11 +2014,39 @@ def pareto_png(comparison: Comparison) -> bytes:
     return buffer.getvalue()
 
 
+LABEL_OFFSET = (4.0, 3.0)
+"""Where a Pareto point's label starts, in points from the point (right and up)."""
+LABEL_STEP = 9.0
+"""How far (points) a label moves down below a close one's: one line of the labels' 7-point text and a gap."""
+
+
+def label_offsets(anchors: Sequence[tuple[float, float]], near: float = 0.04) -> list[tuple[float, float]]:
+    """Text offsets (points) of the Pareto plot's labels that keep close points' labels apart.
+
+    Each label starts at `LABEL_OFFSET` from its point; labels are placed top to bottom, and one whose point lies within
+    `near` of an earlier placed one's (on both axes, in axes fractions) goes one `LABEL_STEP` below the lowest of those
+    labels, so the labels of close (or equal) points stack as a list instead of printing over each other.
+
+    Args:
+        anchors: each point's position as a fraction of the axes, `(x, y)` in [0, 1].
+        near: how close two points are, on each axis, for their labels to be stacked.
+
+    Returns:
+        `(dx, dy)` per anchor, in the order given.
+    """
+    offsets: dict[int, tuple[float, float]] = {}
+    for i in sorted(range(len(anchors)), key=lambda i: (-anchors[i][1], anchors[i][0], i)):
+        x, y = anchors[i]
+        below = [offsets[j][1] for j in offsets if abs(anchors[j][0] - x) <= near and abs(anchors[j][1] - y) <= near]
+        offsets[i] = (LABEL_OFFSET[0], min(below) - LABEL_STEP if below else LABEL_OFFSET[1])
+    return [offsets[i] for i in range(len(anchors))]
+
+
 def _pareto_panel(ax: Any, points: Sequence[ParetoPoint], x_label: str, y_label: str) -> None:
-    """One panel: the points with their labels, and the frontier (when marked) as a dashed line through its points."""
+    """One panel: the points with their labels (those of close points stacked, `label_offsets`), and the frontier (when
+    marked) as a dashed line through its points."""
     for point in points:
         ax.scatter(point.kl, point.refusal, s=40, edgecolors="black" if point.frontier else "none")
-        ax.annotate(point.label, (point.kl, point.refusal), fontsize=7, xytext=(4, 3), textcoords="offset points")
     frontier = sorted((p.kl, p.refusal) for p in points if p.frontier)
     if len(frontier) > 1:
         ax.step(*zip(*frontier, strict=True), where="post", linestyle="--", color="grey", linewidth=1, label="jailbreak frontier")
@@ -1982,6 +2056,13 @@ def _pareto_panel(ax: Any, points: Sequence[ParetoPoint], x_label: str, y_label:
     ax.set_ylabel(y_label)
     ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
+    ax.get_xlim()  # the limits are final once the points and scale are in: where each point sits in the axes
+    to_axes = ax.transAxes.inverted()
+    anchors = [tuple(to_axes.transform(ax.transData.transform((p.kl, p.refusal)))) for p in points]
+    for point, offset in zip(points, label_offsets(anchors), strict=True):
+        moved = offset != LABEL_OFFSET  # a stacked label gets a thin line back to its point
+        ax.annotate(point.label, (point.kl, point.refusal), fontsize=7, xytext=offset, textcoords="offset points",
+                    arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.5} if moved else None)
 
 
 def write_report(comparison: Comparison, out: str | Path) -> Path:
@@ -1997,8 +2078,10 @@ def write_report(comparison: Comparison, out: str | Path) -> Path:
 
 def _picked_html(details: dict, rows: Mapping[str, Mapping[str, float]]) -> str:
     """"picked <setting> on validation prompts (<every setting's figures>)", escaped."""
-    text = "; ".join(f"{label}: " + ", ".join(f"{key.replace('_', ' ').replace('kl ', 'KL ')} {value:.3f}" for key, value in row.items())
-                     for label, row in rows.items())
+    def cell(key: str, value: Any) -> str:
+        return f"ruled out by the {value}" if key == "ruled_out" else f"{key.replace('_', ' ').replace('kl ', 'KL ')} {value:.3f}"
+
+    text = "; ".join(f"{label}: " + ", ".join(cell(key, value) for key, value in row.items()) for label, row in rows.items())
     return f"picked {html.escape(details['setting'])} on validation prompts ({html.escape(text)})"
 
 

@@ -264,7 +264,8 @@ def rank_features(
     provenance = {**scores.provenance, "by": key, "top_n": len(details), "normalize": normalize, "units": units,
                   "d_sae": {hook: int(sae.cfg.d_sae) for hook, sae in sae_map.items()},
                   "harmful_source": getattr(harmful, "source", None), "harmless_source": getattr(harmless, "source", None),
-                  "harmful_sha256": getattr(harmful, "sha256", None), "harmless_sha256": getattr(harmless, "sha256", None)}
+                  "harmful_sha256": getattr(harmful, "sha256", None), "harmless_sha256": getattr(harmless, "sha256", None),
+                  "system": system}
     return FeatureRanking(scores=scores, dim_cosines=dim_cosines, dim=dim, features=tuple(details), by=key, provenance=provenance)
 
 

@@ -21,7 +21,7 @@ from featsteer.directions.methods import METHODS
 from featsteer.directions.optimize import OptimizeConfig
 from featsteer.edits import EditConfig, EditHandle, apply_edit
 from featsteer.errors import FeatsteerError
-from featsteer.models import ModelAdapter
+from featsteer.models import ModelAdapter, check_system
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,16 @@ class DirectionConfig:
     over the validation prompts per candidate, most of the time) keep to `layers` (`abliterate --layers`,
     `compare --layers`). The per-layer scope, the search, LEACE and the angular plane read every layer's candidate, and
     one capture pass reads them all. False (`directions --layers`): capture and compute at `layers` only."""
+    system: str | None = None
+    """The system prompt every prompt is formatted with: by the train filter, the capture, the selection's passes and what
+    later reads the result (`DirectionResult.system`: head ranking, geometry, the trained direction, a search), as an
+    evaluation with `GenerationConfig(system=...)` formats them (`featsteer directions --system`). None: no system prompt;
+    a blank text is refused."""
 
     def __post_init__(self) -> None:
         from featsteer.directions.selection import SelectionConfig
 
+        check_system(self.system)
         SelectionConfig(kl_threshold=self.kl_threshold, top_k=self.top_k, screen=self.screen)  # checked before anything slow runs
         if Positions.parse(self.positions).mode == "all":
             raise FeatsteerError(f"--positions {self.positions} keeps every token at its index from the start, which differs between "
@@ -101,6 +107,12 @@ class DirectionResult:
     a LEACE fit can use instead of capturing them again."""
     capture_key: tuple | None = None
     """What `activations` depend on (hook kind, positions, train filter, split and the input prompts' hashes)."""
+
+    @property
+    def system(self) -> str | None:
+        """The system prompt the candidates were found and selected with (`DirectionConfig.system`, kept in their
+        provenance), which every later pass over this result's prompts formats them with too."""
+        return self.candidates.provenance.get("system")
 
     @property
     def chosen_basis(self):
@@ -161,7 +173,7 @@ class DirectionResult:
             harmful, harmless = self.activations
             return harmful.mean(hook, position) - harmless.mean(hook, position)
         selector = self.capture_key[2] if self.capture_key is not None else DirectionConfig().positions  # (model, kind, positions, ...)
-        means = [capture(model, prompts, [hook], positions=selector, batch_size=batch_size, label=label).mean(hook, position)
+        means = [capture(model, prompts, [hook], positions=selector, batch_size=batch_size, label=label, system=self.system).mean(hook, position)
                  for prompts, label in zip(self.train, ("harmful", "harmless"), strict=True)]
         return means[0] - means[1]
 
@@ -180,7 +192,7 @@ class DirectionResult:
         index = self.selection.chosen.index
         r, position = self.candidates.bases[index, 0], self.candidates.positions[index]
         harmful, harmless = (list(prompts.head(min(n_prompts, len(prompts)))) for prompts in self.train)
-        heads = head_attribution(model, harmful, harmless, r, position, batch_size=batch_size)
+        heads = head_attribution(model, harmful, harmless, r, position, batch_size=batch_size, system=self.system)
         return [(layer, head, a - b) for layer, head, a, b in heads.top(model.n_layers * model.n_heads) if a - b > 0]
 
     def geometry(self, model: ModelAdapter, k: int = 10, head_prompts: int | None = 128, repair_prompts: int | None = 64,
@@ -224,7 +236,7 @@ class DirectionResult:
         heads = None
         if head_prompts and not model.post_norms:
             harmful, harmless = (list(prompts.head(min(head_prompts, len(prompts)))) for prompts in self.train)
-            heads = head_attribution(model, harmful, harmless, r, position)
+            heads = head_attribution(model, harmful, harmless, r, position, system=self.system)
         repair = None
         hook = self.candidates.hook_names[index]
         if repair_prompts and model.hook_site(hook).kind in ("resid_pre", "resid_mid") and self.val is not None:
@@ -232,13 +244,13 @@ class DirectionResult:
 
             harmful, harmless = (list(prompts.head(min(repair_prompts, len(prompts)))) for prompts in self.val)
             if min(len(harmful), len(harmless)) >= 2:
-                repair = self_repair(model, r, harmful, harmless, at=hook)
+                repair = self_repair(model, r, harmful, harmless, at=hook, system=self.system)
         readers = None
         if reader_prompts and self.val is not None:
             from featsteer.directions.readers import direction_readers
 
             harmful, harmless = (list(prompts.head(min(reader_prompts, len(prompts)))) for prompts in self.val)
-            readers = direction_readers(model, r, harmful, harmless, per_layer=reader_layers)
+            readers = direction_readers(model, r, harmful, harmless, per_layer=reader_layers, system=self.system)
         from featsteer.directions.sample_size import MIN_PROMPTS
 
         enough = min(len(activations) for activations in self.activations) >= MIN_PROMPTS  # else no sample-size estimate
@@ -310,15 +322,15 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
         raise FeatsteerError(f"--rank {config.rank} is more than the SVD of {len(harmful_train)} harmful training prompts in "
                              f"{model.d_model} dimensions can give ({min(len(harmful_train), model.d_model)}): lower --rank or add prompts")
     key = (model.name, config.kind, config.positions, config.filter_train, None if val is not None else config.val_fraction,
-           harmful.sha256, harmless.sha256, config.layers, config.keep_every_layer)
+           harmful.sha256, harmless.sha256, config.layers, config.keep_every_layer, config.system)
     listed = training_layers(model, config)  # a layer list the model or the selection cannot use fails before any forward pass
     start = time.perf_counter()
     if reuse is not None:
         if reuse.activations is None:
             raise FeatsteerError("reuse= needs a result found with keep_activations=True (it holds no activations)")
         if reuse.capture_key != key:
-            raise FeatsteerError("reuse= was found on other prompts or settings (hook kind, positions, split, train filter or "
-                                 "layers); only the method, rank and selection settings may differ")
+            raise FeatsteerError("reuse= was found on other prompts or settings (hook kind, positions, split, train filter, "
+                                 "layers or system prompt); only the method, rank and selection settings may differ")
         (harmful_train, harmless_train), (harmful_acts, harmless_acts) = reuse.train, reuse.activations
         kept = reuse.candidates.provenance.get("train_filter", {})
         filtered = time.perf_counter()
@@ -330,13 +342,14 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
     candidates.provenance.update({"harmful": harmful.source, "harmful_sha256": harmful_train.sha256,
                                   "harmless": harmless.source, "harmless_sha256": harmless_train.sha256,
                                   "n_harmful_train": len(harmful_train), "n_harmless_train": len(harmless_train),
+                                  **({"system": config.system} if config.system is not None else {}),  # absent: none
                                   **({"train_filter": kept} if kept else {}),
                                   **({"layers": list(config.layers)} if config.layers is not None else {})})
     found = time.perf_counter()
     selection = select_direction(
         model, candidates, harmful_val.head(min(config.n_select, len(harmful_val))), harmless_val.head(min(config.n_select, len(harmless_val))),
         SelectionConfig(kl_threshold=config.kl_threshold, batch_size=config.batch_size, top_k=config.top_k,
-                        screen=config.screen, layers=None if listed is None else tuple(listed)),
+                        screen=config.screen, layers=None if listed is None else tuple(listed), system=config.system),
     )
     timings = {**({"filter_s": filtered - start} if kept and reuse is None else {}), "capture_s": captured - filtered,
                "directions_s": found - captured, "selection_s": time.perf_counter() - found, **({"reused_capture": True} if reuse else {})}
@@ -376,20 +389,21 @@ def capture_training(model: ModelAdapter, harmful_train: PromptSet, harmless_tra
     kept: dict = {}
     if config.filter_train:
         total = len(harmful_train)
-        harmful_train, harmless_train, kept = filter_by_refusal(model, harmful_train, harmless_train, config.batch_size)
+        harmful_train, harmless_train, kept = filter_by_refusal(model, harmful_train, harmless_train, config.batch_size, config.system)
         if config.method == "svd" and config.rank > min(len(harmful_train), model.d_model):  # checked again before the capture
             raise FeatsteerError(f"--rank {config.rank} is more than the SVD of the {len(harmful_train)} harmful training prompts the "
                                  f"train filter kept (of {total}) can give: lower --rank, add prompts or drop --filter-train")
     filtered = time.perf_counter()
     hooks = model.hook_names((config.kind,), None if config.keep_every_layer else training_layers(model, config))
-    acts = tuple(capture(model, prompts, hooks, positions=config.positions, batch_size=config.batch_size, label=label)
+    acts = tuple(capture(model, prompts, hooks, positions=config.positions, batch_size=config.batch_size, label=label, system=config.system)
                  for prompts, label in ((harmful_train, "harmful"), (harmless_train, "harmless")))
     return (harmful_train, harmless_train), acts, kept, filtered
 
 
 def filter_by_refusal(model: ModelAdapter, harmful: PromptSet, harmless: PromptSet,
-                      batch_size: int = 16) -> tuple[PromptSet, PromptSet, dict]:
-    """The harmful prompts the model refuses and the harmless ones it does not, by the first-token refusal score.
+                      batch_size: int = 16, system: str | None = None) -> tuple[PromptSet, PromptSet, dict]:
+    """The harmful prompts the model refuses and the harmless ones it does not, by the first-token refusal score, the
+    prompts formatted with `system` (None: no system prompt).
 
     Returns:
         `(harmful_kept, harmless_kept, counts)`; `counts` records kept and total per set for provenance.
@@ -403,7 +417,7 @@ def filter_by_refusal(model: ModelAdapter, harmful: PromptSet, harmless: PromptS
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     out, counts = [], {}
     for name, prompts, refused in (("harmful", harmful, True), ("harmless", harmless, False)):
-        scores = refusal_score(first_token_logprobs(model, prompts.to_list(), batch_size=batch_size), tokens)
+        scores = refusal_score(first_token_logprobs(model, prompts.to_list(), batch_size=batch_size, system=system), tokens)
         keep = (scores > 0) if refused else (scores <= 0)
         index = [i for i, k in enumerate(keep.tolist()) if k]
         if len(index) < 2:

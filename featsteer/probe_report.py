@@ -151,6 +151,8 @@ class ProbeReport:
     control_keys: dict | None = None
     """For a surface control: `{"n_keys": distinct keys, "seen_share": share of test prompts whose key is among the
     training prompts'}` (a probe that reads the key perfectly reaches about `seen_share + (1 - seen_share) / 2`)."""
+    system: str | None = None
+    """The system prompt every prompt was formatted with (None: none)."""
 
     def control_text(self) -> str:
         """One line naming the control task, e.g. `surface:first-words:1 (75 keys, 96% of test prompts' keys seen in training)`."""
@@ -170,7 +172,7 @@ class ProbeReport:
         """JSON-ready form."""
         return {"hooks": self.hooks, "sweep": {k: [asdict(r) for r in rows] for k, rows in self.sweep.items()},
                 "cosines": self.cosines, "effects": [asdict(e) for e in self.effects], "sae_sources": self.sae_sources,
-                "layers": self.layers, "control": self.control, "control_keys": self.control_keys}
+                "layers": self.layers, "control": self.control, "control_keys": self.control_keys, "system": self.system}
 
 
 def probe_report(
@@ -186,6 +188,7 @@ def probe_report(
     saes: Mapping[str, SAE] | None = None,
     layers: Sequence[int] | None = None,
     control: str | Callable[[str], Hashable] = DEFAULT_CONTROL,
+    system: str | None = None,
 ) -> ProbeReport:
     """Run the probe sweep and the predict-control comparison (see module docstring).
 
@@ -212,6 +215,7 @@ def probe_report(
             that are a seeded random function of that surface key, the same for training and test prompts, so a probe
             that reads phrasing scores on them; a function of the instruction is such a key too; `permutation` is the
             permutation null.
+        system: the system prompt every prompt is formatted with, in the captures and the steering effects (None: none).
     """
     from probes import layer_sweep
 
@@ -240,7 +244,7 @@ def probe_report(
                              f"{model.n_layers} layers)")
     control_task = surface_control(control, train, test)  # a bad spec fails before the capture
     hooks = model.hook_names((kind,), None if layers is None else sorted(set(layers)))
-    acts = {(split, label): capture(model, prompts, hooks, positions=positions, batch_size=batch_size, label=label)
+    acts = {(split, label): capture(model, prompts, hooks, positions=positions, batch_size=batch_size, label=label, system=system)
             for split, pair in (("train", train), ("test", test)) for label, prompts in zip(("harmful", "harmless"), pair, strict=True)}
     if mode == "instruction_end":
         # one row per prompt, labelled by its own tail length (which may differ between prompts): read them all as one position
@@ -262,7 +266,7 @@ def probe_report(
     directions = {source: find_directions(acts[("train", "harmful")], acts[("train", "harmless")], source) for source in SOURCES}
     sae_sources: dict[str, dict[str, str]] = {}
     if saes:
-        found, sae_sources = _sae_directions(model, saes, hooks, acts, train, positions, batch_size, constant)
+        found, sae_sources = _sae_directions(model, saes, hooks, acts, train, positions, batch_size, constant, system)
         directions.update(found)
     cosines = []
     for hook in hooks:
@@ -272,11 +276,11 @@ def probe_report(
             for b in sources[i + 1 :]:
                 row[f"{a}~{b}"] = float(directions[a].direction(hook) @ directions[b].direction(hook))
         cosines.append(row)
-    effects = _effects(model, directions, acts, hooks, test, n_effect, batch_size)
+    effects = _effects(model, directions, acts, hooks, test, n_effect, batch_size, system)
     keys = getattr(control_task, "n_keys", None)
     control_keys = None if keys is None else {"n_keys": keys, "seen_share": control_task.seen_share}
     return ProbeReport(sweep, cosines, effects, hooks, sae_sources, None if layers is None else sorted(set(layers)),
-                       control_task.name, control_keys)
+                       control_task.name, control_keys, system)
 
 
 def _has(directions, hook: str) -> bool:
@@ -298,7 +302,7 @@ def _carrier(model: ModelAdapter, sae_hook: str, swept: Sequence[str]) -> str | 
 
 
 def _sae_directions(model: ModelAdapter, saes: Mapping[str, SAE], swept: Sequence[str], acts, train, positions: str, batch_size: int,
-                    constant: Sequence[str] = ()):
+                    constant: Sequence[str] = (), system: str | None = None):
     """Each SAE's top composite feature as a direction at its carrier hook, grouped into sources. `constant` are the
     hooks left out of the sweep because every prompt has the same activation there (named apart in the warning).
 
@@ -327,7 +331,8 @@ def _sae_directions(model: ModelAdapter, saes: Mapping[str, SAE], swept: Sequenc
     if inside:
         parts.append(score_features(inside, acts[("train", "harmful")], acts[("train", "harmless")]))
     if outside:
-        parts.append(score_prompts(model, outside, list(train[0]), list(train[1]), positions=positions, batch_size=batch_size))
+        parts.append(score_prompts(model, outside, list(train[0]), list(train[1]), positions=positions, batch_size=batch_size,
+                                   system=system))
     scores = parts[0] if len(parts) == 1 else FeatureScores.concat(parts)
     best = top_feature_directions(scores, placed, 1, subspace=True, model=model)
     sae_hooks = best.provenance.get("sae_hooks") or list(best.hook_names)
@@ -348,11 +353,11 @@ def _sae_directions(model: ModelAdapter, saes: Mapping[str, SAE], swept: Sequenc
     return out, sources
 
 
-def _effects(model, directions, acts, hooks, test, n_effect, batch_size) -> list[SourceEffect]:
+def _effects(model, directions, acts, hooks, test, n_effect, batch_size, system=None) -> list[SourceEffect]:
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     harmful, harmless = list(test[0])[:n_effect], list(test[1])[:n_effect]
-    base_refusal = refusal_score(first_token_logprobs(model, harmful, batch_size=batch_size), tokens).mean()
-    base_harmless = first_token_logprobs(model, harmless, batch_size=batch_size)
+    base_refusal = refusal_score(first_token_logprobs(model, harmful, batch_size=batch_size, system=system), tokens).mean()
+    base_harmless = first_token_logprobs(model, harmless, batch_size=batch_size, system=system)
     effects = []
     pairs = [(hook, source) for hook in hooks for source in directions if _has(directions[source], hook)]
     # two passes over the n_effect prompts per pair: most of a deep model's report, so it shows its progress (-v, a terminal)
@@ -365,8 +370,8 @@ def _effects(model, directions, acts, hooks, test, n_effect, batch_size) -> list
             effects.append(SourceEffect(layer, source, score.auroc, 0.0, 0.0))
             continue
         with steer(model, Ablate(direction)):
-            ablated = refusal_score(first_token_logprobs(model, harmful, batch_size=batch_size), tokens).mean()
-            kl = kl_first_token(base_harmless, first_token_logprobs(model, harmless, batch_size=batch_size))
+            ablated = refusal_score(first_token_logprobs(model, harmful, batch_size=batch_size, system=system), tokens).mean()
+            kl = kl_first_token(base_harmless, first_token_logprobs(model, harmless, batch_size=batch_size, system=system))
         effects.append(SourceEffect(layer, source, score.auroc, float(base_refusal - ablated), kl))
     return effects
 

@@ -57,7 +57,7 @@ from featsteer.evaluation.metrics import KLBase, RefusalTokens, first_token_logp
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.evaluation.response_kl import ResponseBase, response_base, response_kl
 from featsteer.files import json_text, write_files
-from featsteer.models import ModelAdapter
+from featsteer.models import ModelAdapter, check_system
 from featsteer.pipeline import DirectionResult
 
 logger = logging.getLogger(__name__)
@@ -247,8 +247,12 @@ class SearchConfig:
     so the front always contains the baseline edit."""
     space: SearchSpace = field(default_factory=SearchSpace)
     """Ranges searched."""
+    system: str | None = None
+    """The system prompt every proxy and verification prompt is formatted with (None: none; a blank text is refused).
+    `search_abliteration` takes the direction result's (`DirectionResult.system`) when this is None, and refuses another."""
 
     def __post_init__(self) -> None:
+        check_system(self.system)
         if self.mode not in SEARCH_MODES:
             raise FeatsteerError(f"search mode '{self.mode}' is not an abliteration mode: use one of {', '.join(SEARCH_MODES)}")
         if self.kl_prompts not in KL_PROMPTS:
@@ -588,8 +592,8 @@ class _Screen:
         start = time.perf_counter()
         direction, by_layer = self.source.directions(params, self.model.n_layers)
         with apply_edit(self.model, direction, edit_from_params(params, self.config.mode), by_layer=by_layer):
-            harmful = first_token_logprobs(self.model, self.harmful, batch_size=self.config.batch_size)
-            harmless = first_token_logprobs(self.model, self.harmless, batch_size=self.config.batch_size)
+            harmful = first_token_logprobs(self.model, self.harmful, batch_size=self.config.batch_size, system=self.config.system)
+            harmless = first_token_logprobs(self.model, self.harmless, batch_size=self.config.batch_size, system=self.config.system)
             kl_response = None if self.along is None else response_kl(self.model, self.along, batch_size=self.config.batch_size).mean
         scores = refusal_score(harmful, self.tokens)
         kl_all, kl_answered = self.base.kls(harmless)
@@ -780,6 +784,7 @@ def _verify_key(harmful: Sequence[str], harmless: Sequence[str], config: SearchC
     """Hash of everything a verification depends on, so cached verifications are reused only when valid."""
     spec = {"harmful": prompt_set_hash(list(harmful)), "harmless": prompt_set_hash(list(harmless)),
             "max_new_tokens": config.max_new_tokens, "markers": list(detector.markers),
+            **({"system": config.system} if config.system is not None else {}),  # keys without one stay as they were
             "prefix_only": detector.prefix_only, "prefix_chars": detector.prefix_chars,
             "version": 3,  # 2: verifications also measure the KL on the verification prompts; 3: and looping
             # and the KL along the answers, only where the search reads it (earlier caches stay valid otherwise)
@@ -799,7 +804,7 @@ def _generate(model: ModelAdapter, eval_sets: tuple[Sequence[str], Sequence[str]
     """Greedy refusal rates of the model as it currently is on the harmful and harmless evaluation sets, with
     `base` the first-token KL on the harmless set (all prompts and the ones the unedited model answers), and with
     `along` the KL along the unedited model's answers to it (`kl_response`)."""
-    generation = GenerationConfig(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+    generation = GenerationConfig(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, system=config.system)
     start = time.perf_counter()
     harmful = evaluate_set(model, eval_sets[0], "harmful", generation, detector)
     harmless = evaluate_set(model, eval_sets[1], "harmless", generation, detector, keep_logprobs=True)
@@ -869,19 +874,20 @@ def _baseline(study: optuna.Study, model: ModelAdapter, screen: _Screen, eval_se
               detector: RefusalDetector) -> tuple[dict, KLBase, ResponseBase | None]:
     """Proxy and verified refusal of the unedited model (the generation is cached in the study), the KL base of the
     verifications, and with `kl_prompts="response"` the response-KL base on the verification harmless prompts."""
-    scores = refusal_score(first_token_logprobs(model, screen.harmful, batch_size=config.batch_size), screen.tokens)
+    scores = refusal_score(first_token_logprobs(model, screen.harmful, batch_size=config.batch_size, system=config.system), screen.tokens)
     key = _verify_key(*eval_sets, config, detector)
     cached = study.user_attrs.get("verified:baseline")
     if cached is None or cached.get("key") != key:
         cached = {"key": key, "result": _generate(model, eval_sets, config, detector)}
         study.set_user_attr("verified:baseline", cached)
-    base = KLBase(first_token_logprobs(model, list(eval_sets[1]), batch_size=config.batch_size), tuple(cached["result"]["harmless_refused"]))
+    base = KLBase(first_token_logprobs(model, list(eval_sets[1]), batch_size=config.batch_size, system=config.system), tuple(cached["result"]["harmless_refused"]))
     along = None
     if config.kl_prompts == "response":
         harmless = list(eval_sets[1])
         answers = model.generate_with_tokens(harmless, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                                             keep_logits=False).token_ids
-        along = response_base(model, harmless, answers, max_tokens=config.max_new_tokens, batch_size=config.batch_size)
+                                             keep_logits=False, system=config.system).token_ids
+        along = response_base(model, harmless, answers, max_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                              system=config.system)
     return {"refusal_score": float(scores.mean()), "refusal_rate_proxy": float((scores > 0).double().mean()),
             "verified": cached["result"]}, base, along
 
@@ -921,6 +927,11 @@ def search_abliteration(
             or a warm start from a search over a candidate kind that is not this one's stream.
     """
     config = config or SearchConfig()
+    if config.system is None:
+        config = replace(config, system=result.system)
+    elif config.system != result.system:
+        raise FeatsteerError(f"the search's system prompt ({config.system!r}) is not the one the direction was found with "
+                             f"({result.system!r}): search with the direction's (leave SearchConfig.system unset)")
     chosen = result.selection.chosen
     if _HOOK_RE.match(chosen.hook) is None:
         raise FeatsteerError(f"the search interpolates candidates at blocks.L.hook_<kind> points, not at {chosen.hook}: find the "
@@ -1053,7 +1064,7 @@ def _search(model: ModelAdapter, source: _DirectionSource, bounds: dict[str, tup
     if not eval_sets[0] or not eval_sets[1]:
         raise FeatsteerError("the verification prompt sets are empty: pass at least one harmful and one harmless prompt")
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
-    base_harmless = first_token_logprobs(model, proxy[1], batch_size=config.batch_size)
+    base_harmless = first_token_logprobs(model, proxy[1], batch_size=config.batch_size, system=config.system)
     proxy_base = KLBase(base_harmless, tuple(bool(r) for r in (refusal_score(base_harmless, tokens) > 0).tolist()))
     if config.kl_prompts == "answered" and all(proxy_base.refused):
         raise FeatsteerError(f"the model refuses all {len(base_harmless)} proxy harmless prompts: no answered prompts for kl_prompts='answered'")
@@ -1063,6 +1074,7 @@ def _search(model: ModelAdapter, source: _DirectionSource, bounds: dict[str, tup
              # recorded only when not the default, so studies from before the option still resume; the KL along the
              # answers reads answers of max_new_tokens tokens, so their length is part of its objective
              **({"kl_prompts": config.kl_prompts} if config.kl_prompts != "all" else {}),
+             **({"system": config.system} if config.system is not None else {}),
              **({"response_tokens": config.max_new_tokens} if config.kl_prompts == "response" else {}),
              # the KL along the answers scores the generated token ids and the end-of-turn token since 2026-12-07; trials
              # of a study from before scored re-tokenized text and must not be mixed with these
@@ -1073,8 +1085,9 @@ def _search(model: ModelAdapter, source: _DirectionSource, bounds: dict[str, tup
     along = None
     if config.kl_prompts == "response":
         answers = model.generate_with_tokens(proxy[1], max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                                             keep_logits=False).token_ids
-        along = response_base(model, proxy[1], answers, max_tokens=config.max_new_tokens, batch_size=config.batch_size)
+                                             keep_logits=False, system=config.system).token_ids
+        along = response_base(model, proxy[1], answers, max_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                              system=config.system)
     screen = _Screen(model, source, bounds, config, proxy[0], proxy[1], proxy_base, tokens, along)
     start = time.perf_counter()
     classic, clamped = _classic_params(bounds, classic_layer, model.n_layers, source.scopes)

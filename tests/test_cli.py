@@ -813,7 +813,8 @@ def test_abliterate_sae_projects_the_picked_decoder_rows_out_and_exports(capsys,
 
 def test_abliterate_sae_prints_what_a_k_ruled_out_by_the_coherence_bound_measured(capsys, tmp_path, monkeypatch):
     """A k the coherence bound rules out enters the pick as unanswered 1.0; the printed row gave that 1.0 as if every
-    validation harmful prompt had gone unanswered (the README's k=16 read 1.000 where it measured 0.125)."""
+    validation harmful prompt had gone unanswered (the README's k=16 read 1.000 where it measured 0.125), and
+    featsteer.json's sae_validation still records it so: it now records what the k measured, marked ruled out."""
     import re
 
     from featsteer.compare import CompareContext
@@ -828,8 +829,8 @@ def test_abliterate_sae_prints_what_a_k_ruled_out_by_the_coherence_bound_measure
     assert code == 0, err
     record = json.loads((out / "featsteer.json").read_text())
     measured = record["incoherent_measured"]
-    assert sorted(measured) == sorted(record["sae_validation"]) and {r["unanswered_harmful"] for r in record["sae_validation"].values()} == {1.0}
-    assert min(r["unanswered_harmful"] for r in measured.values()) < 1.0  # what they measured is not what the pick counted
+    assert sorted(measured) == sorted(record["sae_validation"]) and min(r["unanswered_harmful"] for r in measured.values()) < 1.0
+    assert record["sae_validation"] == {k: {**r, "ruled_out": "coherence bound"} for k, r in measured.items()}  # as measured, marked
     printed = dict(re.findall(r"^\s+(k=\d+): validation unanswered ([0-9.]+), .*; ruled out: .* above the coherence bound", stdout, re.M))
     assert printed == {k: f"{r['unanswered_harmful']:.3f}" for k, r in measured.items()}, stdout
 
@@ -1529,21 +1530,75 @@ def test_staged_output_errors_name_the_out_folder_not_the_hidden_one(tmp_path, m
     assert caught.value.filename == str(out) and caught.value.strerror == "Permission denied"
 
 
-@pytest.mark.parametrize("command", ["eval", "capture"])
+_PAIR = ["--harmful", "builtin:harmful:test", "--harmless", "builtin:harmless:test"]
+_SYSTEM_COMMANDS = {
+    "eval": [*_PAIR, "--json", "OUT"], "capture": ["--prompts", "builtin:harmful:test", "--out", "OUT"],
+    "directions": [*_PAIR, "--out", "OUT"], "abliterate": [*_PAIR, "--out", "OUT"], "compare": [*_PAIR, "--out", "OUT"],
+    "probe": [*_PAIR, "--out", "OUT"], "rank-features": ["--sae", "organism", *_PAIR, "--out", "OUT"],
+    "experts": [*_PAIR, "--json", "OUT"], "steer": ["--directions", "DIRS", "--mode", "ablate", "--prompt", "hi"], "info": ["--prompt", "hi"],
+}
+"""Every subcommand that formats chat prompts, with the arguments it needs (OUT: an output path under tmp_path)."""
+
+
+@pytest.mark.parametrize("command", list(_SYSTEM_COMMANDS))
 @pytest.mark.parametrize("system", ["", "  "])
 def test_a_blank_system_prompt_fails_before_the_model_loads(capsys, tmp_path, monkeypatch, command, system):
-    """--system " " was a system turn of one space and --system "" silently no system prompt."""
+    """--system " " was a system turn of one space and --system "" silently no system prompt; and directions, abliterate,
+    compare, probe, rank-features, experts, steer and info took no --system at all."""
     from featsteer import cli
 
     def no_model(*args, **kwargs):
         raise AssertionError("loaded the model before checking --system")
 
     monkeypatch.setattr(cli, "_load_model", no_model)
-    argv = (["eval", "--harmful", "builtin:harmful:test", "--harmless", "builtin:harmless:test", "--json", str(tmp_path / "e.json")]
-            if command == "eval" else ["capture", "--prompts", "builtin:harmful:test", "--out", str(tmp_path / "acts")])
-    code, out, err = _run(capsys, argv[0], "--model", "organism", *argv[1:], "--system", system)
+    argv = [str(tmp_path / "out") if arg == "OUT" else arg for arg in _SYSTEM_COMMANDS[command]]
+    code, out, err = _run(capsys, command, "--model", "organism", *argv, "--system", system)
     assert code == 2 and "system prompt is empty" in err and "--system" in err and "Traceback" not in err
-    assert not (tmp_path / "e.json").exists() and not (tmp_path / "acts").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_directions_and_abliterate_find_and_check_with_the_system_prompt(capsys, tmp_path):
+    """`featsteer directions --system S` captured, filtered and selected on prompts without S (it had no --system): its
+    chosen direction is now the one found with S, and S is recorded in the direction's provenance, selection.json and an
+    abliterate export's featsteer.json, which checks refusal with S too."""
+    from featsteer.datasets import builtin_prompts
+    from featsteer.directions import DirectionSet
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    system = "You answer in one word."
+    common = ["--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
+              "--n-select", "3", "--system", system]
+    out = tmp_path / "dirs"
+    code, stdout, err = _run(capsys, "directions", *common, "--geometry", "quick", "--gate", "--out", str(out))
+    assert code == 0, err
+    chosen = DirectionSet.load(out / "chosen")
+    assert chosen.provenance["system"] == system and json.loads((out / "selection.json").read_text())["system"] == system
+    model = load_model("tiny:llama")
+    pair = [builtin_prompts(k, "train").head(12) for k in ("harmful", "harmless")]
+    found = find_refusal_direction(model, *pair, DirectionConfig(n_select=3, system=system))
+    plain = find_refusal_direction(model, *pair, DirectionConfig(n_select=3))
+    torch.testing.assert_close(DirectionSet.load(out / "candidates").bases, found.candidates.bases, atol=1e-6, rtol=0)
+    assert not torch.allclose(found.candidates.bases, plain.candidates.bases, atol=1e-3)
+    export = tmp_path / "edited"
+    code, stdout, err = _run(capsys, "abliterate", *common, "--eval-n", "2", "--max-new-tokens", "2", "--out", str(export))
+    assert code == 0, err
+    record = json.loads((export / "featsteer.json").read_text())
+    assert record["evaluation"]["system"] == system and record["evaluation"]["before"]["generation"]["system"] == system
+    assert record["provenance"]["system"] == system
+    # a saved direction found with S, edited against without it: said, and featsteer.json tells the two apart
+    code, stdout, err = _run(capsys, "abliterate", *common[:-2], "--directions", str(out / "chosen"), "--eval-n", "2",
+                             "--max-new-tokens", "2", "--out", str(tmp_path / "saved"))
+    assert code == 0 and f"the direction was found with the system prompt {system!r}; this run formats its prompts with none" in stdout, err
+    saved = json.loads((tmp_path / "saved" / "featsteer.json").read_text())
+    assert saved["direction_provenance"]["system"] == system and saved["evaluation"]["system"] is None
+
+
+def test_info_shows_the_prompt_with_the_system_prompt(capsys):
+    code, out, err = _run(capsys, "info", "--model", "tiny:llama", "--prompt", "hi", "--system", "You are a pirate.")
+    assert code == 0 and "You are a pirate." in out, err
+    code, out, err = _run(capsys, "info", "--model", "tiny:llama", "--system", "You are a pirate.")
+    assert code == 2 and "add --prompt TEXT or drop --system" in err
 
 
 def test_capture_refuses_a_system_prompt_with_raw(capsys, tmp_path, monkeypatch):

@@ -484,9 +484,37 @@ def test_the_picks_read_the_validation_prompts_with_the_evaluations_system_promp
     assert rows["none"][1] == pytest.approx(0.0, abs=1e-6)
     along = compare(model, *prompts, pick_kl="response", reuse=first, **common)
     assert along.context.validation_base().system == system
-    # a reused comparison without the system prompt does not take over the bases read with it
-    plain = compare(model, *prompts, reuse=first, **{**common, "generation": GenerationConfig(max_new_tokens=2)})
-    torch.testing.assert_close(plain.context.validation_base(), first_token_logprobs(model, harmless), atol=1e-5, rtol=0)
+    # a comparison without the system prompt cannot take over the directions (or bases) found with it
+    with pytest.raises(FeatsteerError, match="same training and validation prompts and direction config"):
+        compare(model, *prompts, reuse=first, **{**common, "generation": GenerationConfig(max_new_tokens=2)})
+
+
+def test_compare_finds_its_directions_with_the_evaluations_system_prompt(prompts):
+    """compare(generation=GenerationConfig(system=S)) found its directions on prompts without S while it picked and
+    evaluated with S: its DIM direction is now the one `find_refusal_direction` (and `featsteer directions --system S`)
+    finds with S, recorded in its provenance and setup; a direction config with another system prompt is refused."""
+    model = load_model("tiny:llama")
+    system = "You answer in one word."
+    held_out = builtin_prompts("harmful", "test").head(3), builtin_prompts("harmless", "test").head(3)
+    comparison = compare(model, *prompts, methods=["dim_ablation_hook"], eval_harmful=held_out[0], eval_harmless=held_out[1],
+                         direction_config=DirectionConfig(n_select=4), generation=GenerationConfig(max_new_tokens=2, system=system))
+    found = comparison.context.directions("dim")
+    alone = find_refusal_direction(model, *prompts, DirectionConfig(n_select=4, system=system))
+    plain = find_refusal_direction(model, *prompts, DirectionConfig(n_select=4))
+    torch.testing.assert_close(found.candidates.bases, alone.candidates.bases, atol=1e-6, rtol=0)
+    assert found.selection.chosen.index == alone.selection.chosen.index
+    assert not torch.allclose(found.candidates.bases, plain.candidates.bases, atol=1e-3)  # the system turn moves the directions
+    assert found.system == system and found.candidates.provenance["system"] == system and "system" not in plain.candidates.provenance
+    from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, refusal_score
+
+    scored = list(alone.val[0].head(4))  # the selection's scoring passes read the validation prompts with the system prompt too
+    with_system = refusal_score(first_token_logprobs(model, scored, system=system), RefusalTokens.for_tokenizer(model.tokenizer))
+    assert alone.selection.base_refusal_harmful == pytest.approx(float(with_system.mean()), abs=1e-5)
+    assert alone.selection.base_refusal_harmful != pytest.approx(plain.selection.base_refusal_harmful, abs=1e-4)
+    assert comparison.setup["directions"]["system"] == system == comparison.setup["generation"]["system"]
+    with pytest.raises(FeatsteerError, match="differ: a comparison finds its directions"):
+        compare(model, *prompts, methods=["none"], direction_config=DirectionConfig(system="Be brief."),
+                generation=GenerationConfig(system=system))
 
 
 def test_picks_can_weigh_settings_by_the_kl_along_the_answers(prompts):
@@ -786,3 +814,27 @@ def test_with_the_train_filter_every_method_reads_the_prompts_it_kept(monkeypatc
     fresh.directions("dim")  # found first: the context reads the direction result's kept prompts, without filtering again
     monkeypatch.setattr(cmp, "filter_by_refusal", lambda *args: pytest.fail("filtered again"))
     assert [list(p) for p in fresh.training()] == [list(p) for p in kept]
+
+
+def test_pareto_labels_of_close_points_do_not_print_over_each_other():
+    """Every label sat 4 points right and 3 up from its point, so methods with (nearly) the same KL and refusal - often
+    several at refusal 0 - printed their labels over each other; close points' labels now stack as a list."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from featsteer.compare import LABEL_OFFSET, LABEL_STEP, ParetoPoint, _pareto_panel, label_offsets
+
+    assert label_offsets([(0.5, 0.5), (0.9, 0.1), (0.5, 0.5), (0.51, 0.49)]) == [
+        LABEL_OFFSET, LABEL_OFFSET, (LABEL_OFFSET[0], LABEL_OFFSET[1] - LABEL_STEP), (LABEL_OFFSET[0], LABEL_OFFSET[1] - 2 * LABEL_STEP)]
+    points = [ParetoPoint("dim_abliteration", 0.02, 0.0), ParetoPoint("dim_norm_preserving", 0.021, 0.0),
+              ParetoPoint("dim_ablation_hook", 0.02, 0.0), ParetoPoint("none", 0.0, 0.9)]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    _pareto_panel(ax, points, "KL", "refusal")
+    fig.canvas.draw()
+    boxes = [Text.get_window_extent(text) for text in ax.texts]  # the text alone, not the line back to its point
+    plt.close(fig)
+    assert len(boxes) == 4
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

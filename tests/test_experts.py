@@ -355,8 +355,11 @@ def test_compare_offers_expert_deactivation_on_moe_models_only(capsys, tmp_path)
     saved = json.loads((tmp_path / "bounded" / "results.json").read_text())
     bounded = saved["results"][0]["details"]
     assert saved["setup"]["max_nll_rise"] == -100 and set(bounded["incoherent"]) == set(bounded["validation_base_nll"]) - {"unedited"}
-    assert all(row["unanswered_harmful"] == 1.0 for row in bounded["validation"].values())  # every setting broke the text
+    assert all(row["ruled_out"] == "coherence bound" for row in bounded["validation"].values())  # every setting broke the text
     assert set(bounded["incoherent_measured"]) == set(bounded["incoherent"])  # what each ruled-out setting measured is kept
+    # and the validation rows record it too, not the unanswered 1.0 each entered the pick with
+    assert {k: r["unanswered_harmful"] for k, r in bounded["validation"].items()} == {
+        k: r["unanswered_harmful"] for k, r in bounded["incoherent_measured"].items()}
     assert all(0.0 <= row["unanswered_harmful"] <= 1.0 for row in bounded["incoherent_measured"].values())
     assert len(saved["bound_exclusions"]) == 1 and saved["bound_exclusions"][0].startswith("expert_deactivation: the coherence bound (-100 nats")
     code, _, err = _run(capsys, "compare", "--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless",

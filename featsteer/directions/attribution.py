@@ -61,6 +61,7 @@ def ablation_attribution(
     where: str | Sequence[str] = WRITES,
     batch_size: int = 16,
     max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
+    system: str | None = None,
 ) -> AblationAttribution:
     """One forward and backward pass over `prompts` (chat-formatted) for first-order ablation estimates.
 
@@ -71,6 +72,7 @@ def ablation_attribution(
         where: Sites the ablation would edit: `writes` (default, as `Ablate`), `residual`, or hook names.
         batch_size: Prompts per pass; the autograd graph of one batch is held in memory.
         max_batch_tokens: Cap on a batch's padded tokens.
+        system: System prompt the prompts are formatted with (None: none).
 
     Raises:
         FeatsteerError: No prompts, or NaN gradients.
@@ -81,7 +83,7 @@ def ablation_attribution(
     sites = tuple(resolve_sites(model, where))
     d = model.d_model
     matrix = torch.zeros(d, d, dtype=torch.float64)
-    for _, x, g in _site_gradients(model, items, tokens or RefusalTokens.for_tokenizer(model.tokenizer), sites, batch_size, max_batch_tokens):
+    for _, x, g in _site_gradients(model, items, tokens or RefusalTokens.for_tokenizer(model.tokenizer), sites, batch_size, max_batch_tokens, system):
         matrix += g.reshape(-1, d).double().T.cpu() @ x.reshape(-1, d).double().cpu()
     return AblationAttribution(matrix, len(items), sites)
 
@@ -95,6 +97,7 @@ def site_attribution(
     *,
     batch_size: int = 16,
     max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
+    system: str | None = None,
 ) -> dict[str, float]:
     """First-order change of the mean refusal log-odds when `direction` is ablated at each site *on its own*, for every
     site from one forward and backward pass: `-sum over positions of (g . b)(x . b)` per basis row `b`, per site.
@@ -110,6 +113,7 @@ def site_attribution(
         tokens: Refusal tokens (default: the tokenizer's).
         batch_size: Prompts per pass.
         max_batch_tokens: Cap on a batch's padded tokens.
+        system: System prompt the prompts are formatted with (None: none).
 
     Raises:
         FeatsteerError: No prompts, a direction of the wrong width, or NaN gradients.
@@ -122,18 +126,18 @@ def site_attribution(
         raise FeatsteerError(f"direction has width {basis.shape[-1]} but the model's d_model is {model.d_model}")
     totals = dict.fromkeys(sites, 0.0)
     tokens = tokens or RefusalTokens.for_tokenizer(model.tokenizer)
-    for name, x, g in _site_gradients(model, items, tokens, tuple(sites), batch_size, max_batch_tokens):
+    for name, x, g in _site_gradients(model, items, tokens, tuple(sites), batch_size, max_batch_tokens, system):
         gb, xb = g.reshape(-1, model.d_model).double().cpu() @ basis.T, x.reshape(-1, model.d_model).double().cpu() @ basis.T
         totals[name] -= float((gb * xb).sum())
     return totals
 
 
 def _site_gradients(model: ModelAdapter, items: list[str], tokens: RefusalTokens, sites: tuple[str, ...], batch_size: int,
-                    max_batch_tokens: int | None):
+                    max_batch_tokens: int | None, system: str | None = None):
     """Per batch and site: `(site name, activation, gradient of the summed refusal log-odds / len(items))`, both with
     padding positions zeroed."""
-    for rows in model.plan_batches(items, batch_size, max_batch_tokens, None, True):
-        batch = model.tokenize([items[i] for i in rows])
+    for rows in model.plan_batches(items, batch_size, max_batch_tokens, system, True):
+        batch = model.tokenize([items[i] for i in rows], system=system)
         seen: list[tuple[str, Tensor, Tensor]] = []
 
         def record(x: Tensor, site, seen: list[tuple[str, Tensor, Tensor]] = seen) -> Tensor:

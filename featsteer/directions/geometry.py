@@ -342,9 +342,10 @@ class HeadAttribution:
 
 
 def head_attribution(model: ModelAdapter, harmful: Sequence[str], harmless: Sequence[str], direction: Tensor,
-                     position: int = -1, batch_size: int = 16) -> HeadAttribution:
+                     position: int = -1, batch_size: int = 16, system: str | None = None) -> HeadAttribution:
     """Each attention head's write along `direction` at `position` (counted from the end of the chat-formatted
-    prompt), averaged over each class: which heads write the refusal direction, and on which prompts.
+    prompt, with `system` as its system prompt), averaged over each class: which heads write the refusal direction, and
+    on which prompts.
 
     A head's write is its `blocks.{l}.attn.hook_z` slice times its columns of the output projection, so its projection
     on `r` is `z_h . (W_O^T r)_h`; the heads' projections plus the projection's bias add up to `hook_attn_out . r`.
@@ -379,7 +380,7 @@ def head_attribution(model: ModelAdapter, harmful: Sequence[str], harmless: Sequ
 
         hooks = [(f"blocks.{layer}.attn.hook_z", record) for layer in model.attention_layers]
         for start in range(0, len(prompts), batch_size):
-            batch = model.tokenize(prompts[start : start + batch_size])
+            batch = model.tokenize(prompts[start : start + batch_size], system=system)
             with model.hooks(hooks):
                 model.run(batch, last_only=True)
             for layer, z in seen.items():

@@ -243,6 +243,8 @@ class _Targets:
     `target_tokens`), or an affirmative opening's tokens."""
     prompt_lengths: tuple[int, ...]
     """Chat-formatted prompt tokens per row, counted once when the targets are made (for the token budget)."""
+    system: str | None = None
+    """The system prompt the prompts are formatted with: the direction result's (`DirectionResult.system`)."""
 
 
 def optimize_direction(model: ModelAdapter, result: DirectionResult, config: OptimizeConfig | None = None) -> OptimizedDirection:
@@ -251,7 +253,8 @@ def optimize_direction(model: ModelAdapter, result: DirectionResult, config: Opt
     Args:
         model: The unedited model (no hooks, weights not edited); it is left so, also after an error.
         result: `find_refusal_direction`'s result; its chosen direction (rank 1) is the start, its chosen hook the
-            place the addition loss adds it, its training prompts the prompts every loss reads.
+            place the addition loss adds it, its training prompts the prompts every loss reads, formatted with its
+            system prompt (`DirectionResult.system`).
         config: Steps, loss weights and so on.
 
     Returns:
@@ -272,7 +275,7 @@ def optimize_direction(model: ModelAdapter, result: DirectionResult, config: Opt
     scale = result.mean_difference_length(model)
     harmful = list(result.train[0])[: config.n_prompts]
     harmless = list(result.train[1])[: config.n_prompts]
-    targets = _make_targets(model, start, hook, scale, harmful, harmless, config)
+    targets = _make_targets(model, start, hook, scale, harmful, harmless, config, result.system)
     counts = {name: len(t.prompts) for name, t in targets.items() if name != "refusal" or t.prompts}
     counts |= {"harmful_read": len(harmful), "harmless_read": len(harmless)}
     logger.info("direction optimisation: %d ablation targets of %d harmful prompts, %d addition targets and %d retain answers of "
@@ -392,34 +395,35 @@ class _BatchOrder:
 
 
 def _make_targets(model: ModelAdapter, start: Tensor, hook: str, scale: float, harmful: list[str], harmless: list[str],
-                  config: OptimizeConfig) -> dict[str, _Targets]:
+                  config: OptimizeConfig, system: str | None = None) -> dict[str, _Targets]:
     """Greedy answers of the DIM-ablated model (harmful prompts, kept when not refusals; or every harmful prompt's
     affirmative opening), the DIM-added model (harmless prompts, kept when refusals) and the unedited model (harmless
     prompts, all kept), each as the token ids it generated (`ModelAdapter.generate_with_tokens`): at most
-    `target_tokens`, ending with the end-of-turn token where the answer ended within them. The detector reads the
-    answers' text."""
+    `target_tokens`, ending with the end-of-turn token where the answer ended within them, every prompt formatted with
+    `system`. The detector reads the answers' text."""
     detector = RefusalDetector()
     targets: dict[str, _Targets] = {}
     if config.ablation_targets == "affirm":
         openings = [_text_tokens(model, affirmative_opening(p), config.target_tokens) for p in harmful]
-        targets["ablation"] = _kept(model, harmful, openings, [True] * len(harmful))
+        targets["ablation"] = _kept(model, harmful, openings, [True] * len(harmful), system)
     else:
         with steer(model, Ablate(start)):
-            answers = _generated(model, harmful, config)
-        targets["ablation"] = _kept(model, harmful, answers.token_ids, [_said(a) and not detector.is_refusal(a) for a in answers.texts])
+            answers = _generated(model, harmful, config, system)
+        targets["ablation"] = _kept(model, harmful, answers.token_ids, [_said(a) and not detector.is_refusal(a) for a in answers.texts], system)
     with steer(model, AddDirection(start, scale, where=hook)):
-        answers = _generated(model, harmless, config)
-    targets["addition"] = _kept(model, harmless, answers.token_ids, [_said(a) and detector.is_refusal(a) for a in answers.texts])
-    answers = _generated(model, harmless, config)
-    targets["retain"] = _kept(model, harmless, answers.token_ids, [True] * len(harmless))
+        answers = _generated(model, harmless, config, system)
+    targets["addition"] = _kept(model, harmless, answers.token_ids, [_said(a) and detector.is_refusal(a) for a in answers.texts], system)
+    answers = _generated(model, harmless, config, system)
+    targets["retain"] = _kept(model, harmless, answers.token_ids, [True] * len(harmless), system)
     read = harmful if config.refusal_weight > 0 else []  # no target tokens: the loss reads the first response token
-    targets["refusal"] = _Targets(tuple(read), tuple(() for _ in read), _prompt_lengths(model, read))
+    targets["refusal"] = _Targets(tuple(read), tuple(() for _ in read), _prompt_lengths(model, read, system), system)
     return targets
 
 
-def _generated(model: ModelAdapter, prompts: list[str], config: OptimizeConfig) -> Generation:
+def _generated(model: ModelAdapter, prompts: list[str], config: OptimizeConfig, system: str | None = None) -> Generation:
     """The model's greedy answers to `prompts`, at most `target_tokens` each, as texts and the token ids generated."""
-    return model.generate_with_tokens(prompts, max_new_tokens=config.target_tokens, batch_size=config.batch_size, keep_logits=False)
+    return model.generate_with_tokens(prompts, max_new_tokens=config.target_tokens, batch_size=config.batch_size, keep_logits=False,
+                                      system=system)
 
 
 def _said(answer: str) -> bool:
@@ -429,15 +433,16 @@ def _said(answer: str) -> bool:
     return bool(answer.strip())
 
 
-def _kept(model: ModelAdapter, prompts: Sequence[str], answers: Sequence[Sequence[int]], keep: Sequence[bool]) -> _Targets:
+def _kept(model: ModelAdapter, prompts: Sequence[str], answers: Sequence[Sequence[int]], keep: Sequence[bool],
+          system: str | None = None) -> _Targets:
     rows = [(p, tuple(int(t) for t in a)) for p, a, k in zip(prompts, answers, keep, strict=True) if k]
     rows = [(p, t) for p, t in rows if t]  # an answer of no token teaches nothing
-    return _Targets(tuple(p for p, _ in rows), tuple(t for _, t in rows), _prompt_lengths(model, [p for p, _ in rows]))
+    return _Targets(tuple(p for p, _ in rows), tuple(t for _, t in rows), _prompt_lengths(model, [p for p, _ in rows], system), system)
 
 
-def _prompt_lengths(model: ModelAdapter, prompts: Sequence[str]) -> tuple[int, ...]:
+def _prompt_lengths(model: ModelAdapter, prompts: Sequence[str], system: str | None = None) -> tuple[int, ...]:
     """Chat-formatted token count of each prompt (counted once, for the token budget)."""
-    return tuple(len(model.tokenize([p]).input_ids[0]) for p in prompts)
+    return tuple(len(model.tokenize([p], system=system).input_ids[0]) for p in prompts)
 
 
 def _text_tokens(model: ModelAdapter, text: str, max_tokens: int) -> tuple[int, ...]:
@@ -452,7 +457,7 @@ def _teacher_forced(model: ModelAdapter, targets: _Targets, picked: list[int]) -
     """Logits (with autograd) of the picked prompts followed by their target tokens, from each prompt's last token on:
     column `j` of row `r` predicts target token `j` of `picked[r]`."""
     prompts = [targets.prompts[i] for i in picked]
-    return model.run_continued(model.tokenize(prompts), [targets.tokens[i] for i in picked], grad=True)
+    return model.run_continued(model.tokenize(prompts, system=targets.system), [targets.tokens[i] for i in picked], grad=True)
 
 
 def _cross_entropy(logits: Tensor, targets: _Targets, picked: list[int]) -> Tensor:
@@ -482,7 +487,7 @@ def _retain_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, pick
     of those counted `first_weight` times."""
     prompts = [targets.prompts[i] for i in picked]
     continuations = [targets.tokens[i][:-1] for i in picked]
-    batch = model.tokenize(prompts)
+    batch = model.tokenize(prompts, system=targets.system)
     # the unedited pass is repeated whenever a prompt is drawn again: keeping every retain prompt's full-vocabulary
     # distributions instead would hold about 1.2 GB for Qwen's 151k-token vocabulary (128 prompts x 16 positions)
     base = model.run_continued(batch, continuations).double()
@@ -503,7 +508,7 @@ def _refusal_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, pic
     """Mean `-log(1 - P(refusal))` of the ablated model's first response token over the picked harmful prompts:
     `softplus` of the refusal log-odds (`evaluation.metrics.refusal_log_odds`), about `P` where a refusal is unlikely."""
     with steer(model, Ablate(direction)):
-        logits = model.run(model.tokenize([targets.prompts[i] for i in picked]), last_only=True, grad=True)[:, -1, :]
+        logits = model.run(model.tokenize([targets.prompts[i] for i in picked], system=targets.system), last_only=True, grad=True)[:, -1, :]
     return torch.nn.functional.softplus(refusal_log_odds(logits.double(), tokens)).mean()
 
 

@@ -144,7 +144,8 @@ def reader_groups(model: ModelAdapter, per_layer: bool = True) -> dict[str, list
 
 
 def direction_readers(model: ModelAdapter, direction: Tensor, harmful: Sequence[str], harmless: Sequence[str], *,
-                      per_layer: bool | str = True, estimate: bool = False, batch_size: int = 16) -> DirectionReaders:
+                      per_layer: bool | str = True, estimate: bool = False, batch_size: int = 16,
+                      system: str | None = None) -> DirectionReaders:
     """Remove `direction` from what each group of readers sees and score refusal and KL (module docstring).
 
     Forward passes: `2 + 2 * n_layers` conditions with `per_layer` (6 without), each one pass over the harmful and one
@@ -162,6 +163,7 @@ def direction_readers(model: ModelAdapter, direction: Tensor, harmful: Sequence[
         per_layer: also each block's attention and MLP input on its own (`"estimate"`: estimated only, implies `estimate`).
         estimate: add the first-order estimates.
         batch_size: prompts per forward pass.
+        system: the system prompt the prompts are formatted with (None: none).
 
     Raises:
         FeatsteerError: a direction of the wrong width, zero or with dependent rows, or an empty prompt set.
@@ -187,8 +189,8 @@ def direction_readers(model: ModelAdapter, direction: Tensor, harmful: Sequence[
     r = torch.linalg.qr(rows64.T).Q.T.float()  # orthonormal rows spanning the same subspace (a unit vector for one direction)
 
     def read() -> tuple[float, Tensor]:
-        score = float(refusal_score(first_token_logprobs(model, harmful, batch_size=batch_size), tokens).mean())
-        return score, first_token_logprobs(model, harmless, batch_size=batch_size)
+        score = float(refusal_score(first_token_logprobs(model, harmful, batch_size=batch_size, system=system), tokens).mean())
+        return score, first_token_logprobs(model, harmless, batch_size=batch_size, system=system)
 
     if per_layer not in (True, False, "estimate"):
         raise FeatsteerError(f"per_layer must be True, False or 'estimate', got {per_layer!r}")
@@ -198,7 +200,7 @@ def direction_readers(model: ModelAdapter, direction: Tensor, harmful: Sequence[
     if estimate:
         from featsteer.directions.attribution import site_attribution
 
-        estimates = site_attribution(model, harmful, r, groups["every reader"], tokens, batch_size=batch_size)
+        estimates = site_attribution(model, harmful, r, groups["every reader"], tokens, batch_size=batch_size, system=system)
     unedited, base = read()
     rows = []
     for label, hooks in groups.items():

@@ -140,7 +140,7 @@ def _two_places(value: float) -> str:
 
 
 def self_repair(model: ModelAdapter, direction: Tensor, harmful: Sequence[str], harmless: Sequence[str], *, at: str,
-                batch_size: int = 16) -> SelfRepair:
+                batch_size: int = 16, system: str | None = None) -> SelfRepair:
     """Ablate `direction` at the hook `at` alone and measure what the later layers write back (module docstring).
 
     Args:
@@ -151,6 +151,7 @@ def self_repair(model: ModelAdapter, direction: Tensor, harmful: Sequence[str], 
         at: a residual-stream hook, e.g. the chosen direction's `blocks.L.hook_resid_pre`; the gaps are read at every
             later layer's `resid_pre` and after the last layer (`resid_post`).
         batch_size: prompts per forward pass.
+        system: the system prompt the prompts are formatted with (None: none).
 
     Raises:
         FeatsteerError: a direction of the wrong width, a hook that is not on the residual stream or has no later
@@ -180,9 +181,10 @@ def self_repair(model: ModelAdapter, direction: Tensor, harmful: Sequence[str], 
     acts, refusal = {}, {}
     for name, intervention in conditions.items():
         with steer(model, intervention) if intervention is not None else contextlib.nullcontext():
-            acts[name] = [capture(model, list(prompts), [at, *hooks], positions="last", batch_size=batch_size, label=label, progress=False)
+            acts[name] = [capture(model, list(prompts), [at, *hooks], positions="last", batch_size=batch_size, label=label, progress=False,
+                                  system=system)
                           for label, prompts in (("harmful", harmful), ("harmless", harmless))]
-            refusal[name] = float(refusal_score(first_token_logprobs(model, list(harmful), batch_size=batch_size), tokens).mean())
+            refusal[name] = float(refusal_score(first_token_logprobs(model, list(harmful), batch_size=batch_size, system=system), tokens).mean())
     own = difference_in_means(*acts["unedited"], hooks)
     removed = float(acts["unedited"][0].at_position(at, -1).double().mean(0) @ r - acts["unedited"][1].at_position(at, -1).double().mean(0) @ r)
     rows = []

@@ -29,7 +29,7 @@ from featsteer.directions.methods import weighted_basis
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_per_prompt, refusal_score
 from featsteer.interventions import Ablate, AddDirection, steer
-from featsteer.models import HookSite, ModelAdapter
+from featsteer.models import HookSite, ModelAdapter, check_system
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,12 @@ class SelectionConfig:
     layers: tuple[int, ...] | None = None
     """Score only the candidates at hooks of these layers (`abliterate --layers`, `compare --layers`); the others get a
     row with reason `not in layers` and no score, as late layers do. None scores every layer."""
+    system: str | None = None
+    """The system prompt the validation prompts are formatted with in every scoring pass (None: none; a blank text is
+    refused), the one the candidates were found with (`DirectionConfig.system`)."""
 
     def __post_init__(self) -> None:
+        check_system(self.system)
         if self.screen is not None and self.screen < 1:
             raise FeatsteerError(f"--screen must be at least 1 (candidates ablated exactly), got {self.screen}")
         if not self.kl_threshold >= 0:  # also NaN, which no KL is below: every candidate would fail and the fallback pick
@@ -237,13 +241,14 @@ def _winner(ablated: Tensor, kl: Tensor, induced: Tensor, config: SelectionConfi
     return int(ablated.argmin())
 
 
-def _kl_and_induce(model, candidates: DirectionSet, i: int, harmless, base_harmless_logprobs, tokens, batch_size: int) -> tuple[Tensor, Tensor]:
+def _kl_and_induce(model, candidates: DirectionSet, i: int, harmless, base_harmless_logprobs, tokens, batch_size: int,
+                   system: str | None = None) -> tuple[Tensor, Tensor]:
     """Per harmless prompt: the first-token KL under ablation, and the refusal log-odds with the mean difference added."""
     with steer(model, Ablate(weighted_basis(candidates, i), weighted=True)):
-        kl = kl_per_prompt(base_harmless_logprobs, first_token_logprobs(model, harmless, batch_size=batch_size))
+        kl = kl_per_prompt(base_harmless_logprobs, first_token_logprobs(model, harmless, batch_size=batch_size, system=system))
     norm = candidates.scores.get("mean_diff_norm", [1.0] * len(candidates))[i]
     with steer(model, AddDirection(candidates.bases[i, 0] * norm, 1.0, where=candidates.hook_names[i])):
-        induced = refusal_score(first_token_logprobs(model, harmless, batch_size=batch_size), tokens)
+        induced = refusal_score(first_token_logprobs(model, harmless, batch_size=batch_size, system=system), tokens)
     return kl, induced
 
 
@@ -292,8 +297,8 @@ def select_direction(
     progress = model.show_progress if progress is None else progress
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     harmful, harmless = list(harmful_val), list(harmless_val)
-    base_harmful = refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size), tokens)
-    base_harmless_logprobs = first_token_logprobs(model, harmless, batch_size=config.batch_size)
+    base_harmful = refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size, system=config.system), tokens)
+    base_harmless_logprobs = first_token_logprobs(model, harmless, batch_size=config.batch_size, system=config.system)
     nan = float("nan")
     layers = [model.hook_site(hook).layer or 0 for hook in candidates.hook_names]
     max_layer = late_layer_start(model.n_layers, config.skip_last_fraction)
@@ -316,7 +321,7 @@ def select_direction(
         else:
             eligible.append(i)
     if config.screen is not None and len(eligible) > config.screen:
-        attribution = ablation_attribution(model, harmful, tokens, batch_size=config.batch_size)
+        attribution = ablation_attribution(model, harmful, tokens, batch_size=config.batch_size, system=config.system)
         base_mean = float(base_harmful.mean())
         estimates.update({i: base_mean + attribution.estimate(weighted_basis(candidates, i)) for i in eligible})
         screened_in = set(sorted(eligible, key=estimates.get)[: config.screen])
@@ -326,14 +331,16 @@ def select_direction(
     per_prompt: dict[str, dict[int, Tensor]] = {"ablated": {}, "kl": {}, "induced": {}}
     for i in tqdm(eligible, desc="select: ablate", disable=not progress, leave=False):
         with steer(model, Ablate(weighted_basis(candidates, i), weighted=True)):
-            per_prompt["ablated"][i] = refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size), tokens).cpu()
+            per_prompt["ablated"][i] = refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size,
+                                                                          system=config.system), tokens).cpu()
         ablated[i] = float(per_prompt["ablated"][i].mean())
     ranked = sorted(ablated, key=ablated.get)
     finalists = set(ranked if config.top_k is None else ranked[: config.top_k])
     scores += [row(i, ablated[i], nan, nan, reason="not in top-k") for i in ranked if i not in finalists]
     # the bar counts the finalists alone, the only candidates checked here: over every candidate its ETA was minutes too long
     for i in tqdm([i for i in ranked if i in finalists], desc="select: KL/induce", disable=not progress, leave=False):
-        kl_each, induced_each = _kl_and_induce(model, candidates, i, harmless, base_harmless_logprobs, tokens, config.batch_size)
+        kl_each, induced_each = _kl_and_induce(model, candidates, i, harmless, base_harmless_logprobs, tokens, config.batch_size,
+                                               config.system)
         per_prompt["kl"][i], per_prompt["induced"][i] = kl_each.cpu(), induced_each.cpu()
         kl, induced = float(kl_each.mean()), float(induced_each.mean())
         failed = [name for name, fails in zip(FILTERS[2:], (kl > config.kl_threshold, config.require_induce and induced <= 0), strict=True) if fails]

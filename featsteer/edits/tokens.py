@@ -39,10 +39,10 @@ STREAM_TOLERANCE = 0.02
 """Largest relative miss allowed between the stream change at an edited token and the vector (bfloat16 rows round)."""
 
 
-def template_tokens(model: ModelAdapter, prompts: Sequence[str], n: int = 1) -> list[int]:
+def template_tokens(model: ModelAdapter, prompts: Sequence[str], n: int = 1, system: str | None = None) -> list[int]:
     """The chat template's own tokens: those of the tail it appends after the instruction that occur nowhere else in
     `prompts` once formatted (not in the instruction, the system turn or the template's head) and do not end a
-    response; the last `n` of them, the latest first.
+    response; the last `n` of them, the latest first. `system` is the system prompt the prompts are formatted with.
 
     A token that also occurs elsewhere in the prompt (Qwen's `<|im_start|>` opens every turn; a newline) would carry an
     edit of its row there as well, and a stop token is generated; neither is taken.
@@ -58,7 +58,7 @@ def template_tokens(model: ModelAdapter, prompts: Sequence[str], n: int = 1) -> 
     if not model.format_prompts(prompts[:1])[0].uses_chat_template:
         raise FeatsteerError(f"{model.name} has no chat template, so no token marks the end of a prompt: add the vector at runtime "
                              "(featsteer steer --mode add) or give the tokens yourself")
-    batch = model.tokenize(prompts)
+    batch = model.tokenize(prompts, system=system)
     tails, elsewhere = [], set()
     for ids, mask, n_post in zip(batch.input_ids.tolist(), batch.attention_mask.tolist(), batch.n_post_instruction.tolist(), strict=True):
         real = [t for t, m in zip(ids, mask, strict=True) if m]

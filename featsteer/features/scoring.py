@@ -505,6 +505,7 @@ def score_prompts(
     batch_size: int = 16,
     by: str = "composite",
     units: str = "activation",
+    system: str | None = None,
 ) -> FeatureScores:
     """Capture harmful and harmless prompts at every SAE's hook (one pass each) and score all features.
 
@@ -522,6 +523,7 @@ def score_prompts(
         batch_size: prompts per forward pass.
         by: ranking key.
         units: `activation` or `residual` (see `score_features`).
+        system: the system prompt the prompts are formatted with (None: none).
     """
     sae_map = validated_sae_map(saes, model)
     by_width: dict[int, list[str]] = {}
@@ -529,8 +531,9 @@ def score_prompts(
         by_width.setdefault(hook_width(model, hook), []).append(hook)
     parts = []
     for hooks in by_width.values():
-        harmful_acts = capture(model, list(harmful), hooks, positions=positions, batch_size=batch_size, label="harmful", progress=False)
-        harmless_acts = capture(model, list(harmless), hooks, positions=positions, batch_size=batch_size, label="harmless", progress=False)
+        harmful_acts, harmless_acts = (capture(model, list(prompts), hooks, positions=positions, batch_size=batch_size, label=label,
+                                               progress=False, system=system)
+                                       for prompts, label in ((harmful, "harmful"), (harmless, "harmless")))
         parts.append(score_features({hook: sae_map[hook] for hook in hooks}, harmful_acts, harmless_acts, positions=score_positions,
                                     normalize=normalize, by=by, units=units))
     return parts[0] if len(parts) == 1 else merge_sae_scores(parts, sae_map).sort(by)
