@@ -374,3 +374,27 @@ def test_the_gated_trained_direction_shares_the_training_run_and_the_gate(organi
     torch.testing.assert_close(steered[~fires], base[~fires], atol=1e-6, rtol=0)
     assert (steered[fires] - base[fires]).abs().amax() > 1e-3
     assert count_hooks(organism.model) == 0
+
+
+def test_targets_are_generated_and_read_under_the_directions_system_prompt(organism, dim, monkeypatch):
+    """Every target answer is generated, and every target prompt read, with the system prompt the direction was found
+    under, so the losses score what the model says in the run's deployment context."""
+    system = "You are a terse assistant."
+    seen: list = []
+    original = organism.generate_with_tokens
+
+    def record(prompts, **kwargs):
+        seen.append(kwargs.get("system"))
+        return original(prompts, **kwargs)
+
+    monkeypatch.setattr(organism, "generate_with_tokens", record)
+    config = OptimizeConfig(**SMALL)
+    harmful, harmless = list(dim.train[0])[: config.n_prompts], list(dim.train[1])[: config.n_prompts]
+    targets = optimize_module._make_targets(organism, dim.chosen_basis[0].float(), dim.selection.chosen.hook, 1.0, harmful,
+                                            harmless, config, system)
+    assert seen == [system] * 3
+    assert all(t.system == system for t in targets.values())
+    retain = targets["retain"]
+    assert retain.prompt_lengths == tuple(len(organism.tokenize([p], system=system).input_ids[0]) for p in retain.prompts)
+    assert retain.tokens == tuple(original(harmless, max_new_tokens=SMALL["target_tokens"], batch_size=config.batch_size,
+                                           keep_logits=False, system=system).token_ids)
