@@ -318,6 +318,7 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
                               ("harmless validation", harmless_val)):
             if len(prompts) < 2:
                 raise FeatsteerError(f"the {name} prompt set has {len(prompts)} prompts: need at least 2")
+    _check_labels_apart((harmful_train, harmful_val), (harmless_train, harmless_val), val_given=val is not None)
     if config.method == "svd" and config.rank > min(len(harmful_train), model.d_model):  # before the capture, not after it
         raise FeatsteerError(f"--rank {config.rank} is more than the SVD of {len(harmful_train)} harmful training prompts in "
                              f"{model.d_model} dimensions can give ({min(len(harmful_train), model.d_model)}): lower --rank or add prompts")
@@ -355,6 +356,35 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
                "directions_s": found - captured, "selection_s": time.perf_counter() - found, **({"reused_capture": True} if reuse else {})}
     return DirectionResult(candidates, selection, (harmful_train, harmless_train), (harmful_val, harmless_val), timings,
                            (harmful_acts, harmless_acts) if keep_activations else None, key)
+
+
+def _check_labels_apart(harmful: tuple[PromptSet, PromptSet], harmless: tuple[PromptSet, PromptSet], *, val_given: bool) -> None:
+    """Refuse a prompt that is both harmful and harmless (the same file passed twice, or sets that share rows): DIM and
+    the other contrasts read it on both sides, so the direction shrinks toward zero and the selection scores it both
+    ways. Warn when explicit validation prompts are also training prompts: the selection is then not held out on them.
+
+    Args:
+        harmful: the harmful `(train, validation)` prompts.
+        harmless: the harmless `(train, validation)` prompts.
+        val_given: whether the validation prompts were given (a split of one set never shares a prompt with its rest).
+
+    Raises:
+        FeatsteerError: naming how many prompts both sets hold and one of them.
+    """
+    harmless_prompts = {*harmless[0], *harmless[1]}
+    shared = [prompt for prompt in dict.fromkeys([*harmful[0], *harmful[1]]) if prompt in harmless_prompts]
+    if shared:
+        raise FeatsteerError(f"{len(shared)} prompt{'s are' if len(shared) > 1 else ' is'} in both the harmful and the harmless "
+                             f"prompts (e.g. {shared[0][:60]!r}): a prompt is one or the other; remove it from one set")
+    if not val_given:
+        return
+    for name, (train, validation) in (("harmful", harmful), ("harmless", harmless)):
+        train_prompts = set(train)
+        reused = sum(prompt in train_prompts for prompt in validation)
+        if reused:
+            logger.warning("%d of the %d %s validation prompts (%s) are also training prompts (%s), so the selection is not held "
+                           "out on them: give validation prompts the training set does not hold (e.g. builtin:KIND:val beside "
+                           "builtin:KIND:train)", reused, len(validation), name, validation.source, train.source)
 
 
 def training_layers(model: ModelAdapter, config: DirectionConfig) -> list[int] | None:

@@ -117,6 +117,33 @@ def test_csv_reads_a_long_context_prompt_and_keeps_the_csv_limit(tmp_path: Path)
     assert csv.field_size_limit() == limit  # the process-wide limit is put back
 
 
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("prompt\nHow do I bake bread, quickly?\nsecond\n", "the row ending at line 2 of {path} has 2 fields but the header has 1"),
+        ("prompt,category\nfirst,x\nBake bread, quickly,y\n", "the row ending at line 3 of {path} has 3 fields but the header has 2"),
+        ("category,prompt\nx,first\ny\n", "the row ending at line 3 of {path} has no 'prompt' field"),
+        ('prompt\nfirst\n"an unclosed quote\nthird\nfourth\n', "(unexpected end of data in the row from line 3)"),
+        ('prompt,category\nfirst,x\n"quoted" tail,y\n', "in the row from line 3"),
+        ("prompt,prompt\nfirst,second\n", "names column 'prompt' 2 times"),
+        ("Prompt,prompt\nfirst,second\n", "columns 'Prompt' and 'prompt' in {path} both match"),
+    ],
+    ids=["unquoted-comma", "unquoted-comma-mid", "short-row", "unclosed-quote", "stray-quote", "same-column-twice", "case-twins"],
+)
+def test_a_malformed_csv_row_is_an_error_not_a_wrong_prompt(tmp_path: Path, content: str, expected: str) -> None:
+    # these rows were read as cut, merged or silently dropped prompts: "How do I bake bread" alone, or one prompt
+    # holding every row after an unclosed quote
+    path = tmp_path / "p.csv"
+    path.write_text(content, encoding="utf-8")
+    assert expected.format(path=path) in _error_message(lambda: load_prompts(path))
+
+
+def test_a_quoted_csv_field_keeps_its_commas_quotes_and_line_breaks(tmp_path: Path) -> None:
+    path = tmp_path / "p.csv"
+    path.write_text('\ufeffprompt,category\n"Bake bread, quickly",x\n"Say ""hi""\nthen stop",y\nplain,\n', encoding="utf-8")
+    assert load_prompts(path).prompts == ("Bake bread, quickly", 'Say "hi"\nthen stop', "plain")
+
+
 def test_json_list_of_strings(tmp_path: Path) -> None:
     path = tmp_path / "p.json"
     path.write_text(json.dumps(PROMPTS))

@@ -332,6 +332,38 @@ def test_selection_with_nothing_to_score_says_why():
         find_refusal_direction(model, *prompts, DirectionConfig(n_select=4))
 
 
+def test_a_prompt_in_both_the_harmful_and_the_harmless_set_is_refused_before_any_capture():
+    """The same file passed as --harmful and --harmless (or sets sharing rows) fitted directions on prompts read on
+    both sides: the identical case failed later with 'use a model with more layers', a partial overlap not at all."""
+    from featsteer.datasets import PromptSet, builtin_prompts
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    model = load_model("organism")
+    harmful, harmless = builtin_prompts("harmful", "train").head(8), builtin_prompts("harmless", "train").head(8)
+    mixed = PromptSet((*harmless[:6], harmful[0]), "mixed.txt")
+    with pytest.raises(FeatsteerError, match=r"^8 prompts are in both the harmful and the harmless prompts"):
+        find_refusal_direction(model, harmful, harmful, DirectionConfig(n_select=2))
+    with pytest.raises(FeatsteerError, match=r"^1 prompt is in both .* \(e\.g\. '"):
+        find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=2), val=(harmful[6:], mixed))
+
+
+def test_validation_prompts_that_are_training_prompts_are_named(caplog):
+    from featsteer.datasets import builtin_prompts
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    model = load_model("organism")
+    model.show_progress = False
+    harmful, harmless = builtin_prompts("harmful", "train").head(6), builtin_prompts("harmless", "train").head(6)
+    val = harmful[:3], builtin_prompts("harmless", "val").head(3)
+    with caplog.at_level("WARNING", logger="featsteer.pipeline"):
+        find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=3, layers=(1,)), val=val)
+    warned = [record.getMessage() for record in caplog.records if record.name == "featsteer.pipeline"]
+    assert len(warned) == 1 and warned[0].startswith("3 of the 3 harmful validation prompts (builtin:harmful:train) are also "
+                                                     "training prompts"), warned
+
+
 @pytest.mark.parametrize("method", ["dim", "projected", "pca", "svd", "linear", "whitened"])
 def test_directions_keep_their_captures_provenance_through_save_and_load(planted, method, tmp_path):
     """A DirectionSet named the model only: the prompt hashes, template and dtypes the capture records were lost. Each

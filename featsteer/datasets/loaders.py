@@ -375,13 +375,52 @@ def _read_csv(path: Path, source: str, column: str | None) -> list[object]:
     previous_limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
+            # strict: a stray or unclosed quote is an error, not a prompt that swallows the rows after it
+            reader = csv.DictReader(handle, restkey=_CSV_EXTRA_FIELDS, strict=True)
             if not reader.fieldnames:
                 raise FeatsteerError(f"no prompts in {source}: the file is empty; add a header row and prompts")
-            chosen = _pick_column(list(reader.fieldnames), column, source)
-            return [row.get(chosen) for row in reader]
+            header = list(reader.fieldnames)
+            chosen = _pick_column(header, column, source)
+            if header.count(chosen) > 1:  # DictReader keeps the last of same-named columns, silently
+                raise FeatsteerError(f"the header of {source} names column {chosen!r} {header.count(chosen)} times; "
+                                     "rename all but one")
+            return _csv_values(reader, chosen, source)
     finally:
         csv.field_size_limit(previous_limit)
+
+
+def _csv_values(reader: csv.DictReader, chosen: str, source: str) -> list[object]:
+    """The `chosen` cell of every row, or a one-line error naming the line where a malformed row starts."""
+    values: list[object] = []
+    rows = iter(reader)
+    while True:
+        first_line = reader.line_num + 1  # (a blank line before the row counts as its start)
+        try:
+            row = next(rows)
+        except StopIteration:
+            return values
+        except csv.Error as exc:
+            raise FeatsteerError(f"{source} is not a readable CSV file ({exc} in the row from line {first_line}); "
+                                 "quote a field holding a quote, comma or line break whole, with inner quotes doubled") from exc
+        values.append(_csv_cell(row, chosen, list(reader.fieldnames or ()), reader.line_num, source))
+
+
+_CSV_EXTRA_FIELDS = "\0featsteer: fields past the header"
+"""The `csv.DictReader` key of a row's fields beyond the header's (no real column is named so)."""
+
+
+def _csv_cell(row: dict[str, object], chosen: str, header: list[str], line: int, source: str) -> object:
+    """A CSV row's prompt cell, or a one-line error for a row whose field count breaks the header's: a row with more
+    fields is a prompt cut at an unquoted comma, one without the prompt's field is the tail of a split row."""
+    extra = row.get(_CSV_EXTRA_FIELDS)
+    if extra is not None:
+        raise FeatsteerError(f"the row ending at line {line} of {source} has {len(header) + len(extra)} fields but the header has "
+                             f"{len(header)}: a comma inside a prompt cut it; quote that field whole (\"a, b\")")
+    value = row.get(chosen)
+    if value is None:
+        raise FeatsteerError(f"the row ending at line {line} of {source} has no {chosen!r} field (fewer fields than the "
+                             "header): a line break inside a prompt split it; quote that field whole, or fill the row")
+    return value
 
 
 def _read_json(path: Path, source: str, column: str | None) -> list[object]:
@@ -476,10 +515,13 @@ def _pick_column(available: Sequence[str], column: str | None, source: str) -> s
         if column in available:
             return column
         raise FeatsteerError(f"column {column!r} not found in {source}; available columns: {listed}")
-    by_lower = {name.lower(): name for name in reversed(available)}
     for candidate in DEFAULT_COLUMNS:
-        if candidate in by_lower:
-            return by_lower[candidate]
+        matches = list(dict.fromkeys(name for name in available if name.lower() == candidate))
+        if len(matches) > 1:  # 'Prompt' and 'prompt': which one holds the prompts is the user's call, not ours
+            raise FeatsteerError(f"columns {' and '.join(map(repr, matches))} in {source} both match the default "
+                                 f"{candidate!r}; pass column=NAME to pick one")
+        if matches:
+            return matches[0]
     raise FeatsteerError(
         f"no prompt column in {source}: none of {', '.join(DEFAULT_COLUMNS)} found "
         f"(available columns: {listed}); pass column=NAME"
