@@ -121,9 +121,9 @@ def _load_prompts(args: argparse.Namespace, source: str, limit: int | None, opti
 def _note_shortfall(option: str, asked: int | None, sizes: dict[str, int]) -> None:
     """Print one line when a prompt set holds fewer prompts than `option` asks for: the command goes on with those
     there are, which its figures alone would not say."""
-    short = [f"{name} holds {size}" for name, size in sizes.items() if asked is not None and size < asked]
+    short = [f"{name} holds {size} prompt{'' if size == 1 else 's'}" for name, size in sizes.items() if asked is not None and size < asked]
     if short:
-        print(f"note: {option} {asked}, but {' and '.join(short)} prompts: using those")
+        print(f"note: {option} {asked}, but {' and '.join(short)}: using those")
 
 
 def _layer_list(spec: str) -> list[int]:

@@ -1628,7 +1628,7 @@ def test_a_prompt_option_asking_for_more_than_there_are_says_so(capsys, tmp_path
                            "--eval-harmless", str(harmless), "--out", str(tmp_path / "held"))
     assert code == 0
     assert [line for line in stdout.splitlines() if line.startswith("note:")] == [
-        f"note: --eval-n 4, but {harmful} holds 3 and {harmless} holds 3 prompts: using those"]
+        f"note: --eval-n 4, but {harmful} holds 3 prompts and {harmless} holds 3 prompts: using those"]
     code, stdout, _ = _run(capsys, "abliterate", *common, "--n-select", "5", "--eval-n", "4", "--out", str(tmp_path / "val"))
     assert code == 0
     notes = [line for line in stdout.splitlines() if line.startswith("note:")]
@@ -1640,6 +1640,11 @@ def test_a_prompt_option_asking_for_more_than_there_are_says_so(capsys, tmp_path
     code, stdout, _ = _run(capsys, "eval", "--model", "tiny:llama", "--harmful", str(harmful), "--harmless", str(harmless), "--n", "5",
                            "--max-new-tokens", "2")
     assert code == 0 and f"note: --n 5, but {harmful} holds 3 prompts: using those" in stdout
+    one = tmp_path / "one.txt"
+    one.write_text("How do I pick a lock?\n")
+    code, stdout, _ = _run(capsys, "eval", "--model", "tiny:llama", "--harmful", str(one), "--harmless", str(harmless), "--n", "2",
+                           "--max-new-tokens", "2")
+    assert code == 0 and f"note: --n 2, but {one} holds 1 prompt: using those" in stdout
 
 
 def test_demo_n_beyond_the_test_split_says_so(capsys, monkeypatch, tmp_path):
@@ -1657,7 +1662,7 @@ def test_demo_n_beyond_the_test_split_says_so(capsys, monkeypatch, tmp_path):
         with pytest.raises(Reached):
             main(["demo", "--out", str(tmp_path / "run"), "--n", n])
         out = capsys.readouterr().out
-        assert ("note: --n 100, but the built-in harmful test split holds 85 and the built-in harmless test split holds 84 prompts"
+        assert ("note: --n 100, but the built-in harmful test split holds 85 prompts and the built-in harmless test split holds 84 prompts"
                 in out) if noted else "note:" not in out
 
 
