@@ -89,7 +89,11 @@ class LinearProbe(BaseProbe):
         class_weight: ``"balanced"`` to weight classes inversely to their frequency, or ``None``.
         standardize: Whether to z-score features before fitting (scale-free regularisation).
         scoring: Scikit-learn scorer name used to choose ``C``.
-        max_iter: Maximum lbfgs iterations per fit.
+        max_iter: Maximum lbfgs iterations per fit. At the default grid's largest ``C`` (1e4, nearly
+            unregularised) on correlated features and classes that do not separate (the shuffled and surface
+            control labels), lbfgs needs 1000-2200 iterations to reach its tolerance, so the default leaves
+            room; every fit it reaches in fewer iterations is unchanged by the cap. A fit that still stops at
+            the cap warns with scikit-learn's ``ConvergenceWarning``.
 
     Attributes:
         direction_: Unit vector (d_model,), ``coef_[0] / ||coef_[0]||``, in raw activation space.
@@ -110,7 +114,7 @@ class LinearProbe(BaseProbe):
         class_weight: str | None = "balanced",
         standardize: bool = True,
         scoring: str = "neg_log_loss",
-        max_iter: int = 1000,
+        max_iter: int = 10_000,
     ) -> None:
         self.Cs = Cs
         self.cv = cv

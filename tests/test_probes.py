@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -307,6 +308,20 @@ def test_linear_probe_fold_loop_matches_grid_search_exactly(options, grid_option
     expected = fitted.decision_function(X if scale == "passthrough" else scale.transform(X))
     np.testing.assert_allclose(probe.decision_function(X), expected, rtol=0, atol=1e-10)
 
+
+def test_linear_probe_converges_at_the_largest_c_on_ill_conditioned_unseparable_data():
+    """Correlated features and labels unrelated to them (as the control tasks give) at C = 1e4: lbfgs needed more than
+    the old max_iter=1000 and warned ConvergenceWarning on every fold (41 times in the organism's probe sweep)."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((40, 40)))[0]
+    X = (rng.standard_normal((150, 40)) * np.logspace(0, -4, 40)) @ basis.T  # feature scales 1 .. 1e-4, mixed
+    y = rng.permutation(np.arange(150) % 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        probe = LinearProbe(Cs=5, cv=3).fit(X, y)
+    assert probe.Cs_[-1] == 1e4 and np.isfinite(probe.cv_scores_).all()
 
 def test_linear_probe_fold_with_one_class_is_a_clear_error():
     from sklearn.model_selection import KFold
