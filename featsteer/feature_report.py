@@ -32,6 +32,7 @@ from sae_lens import SAE
 from torch import Tensor
 
 from featsteer.activations import ActivationSet, Positions, capture, hook_width
+from featsteer.directions.dim import means_coincide
 from featsteer.directions.directions import unit
 from featsteer.directions.geometry import direct_logits, token_text
 from featsteer.errors import FeatsteerError
@@ -298,7 +299,7 @@ def scored_dim(sae: SAE, harmful: ActivationSet, harmless: ActivationSet, hook: 
     difference = means[0] - means[1]
     if not bool(torch.isfinite(difference).all()):
         raise FeatsteerError(f"the activations at {hook} hold NaN or inf values: recapture them")
-    if float(difference.norm()) <= 1e-12 * max(1.0, float(means[0].norm())):  # as difference_in_means: no direction
+    if means_coincide(means[0], means[1]):  # as difference_in_means: no direction
         return torch.zeros_like(difference).float()
     return unit(difference).float()
 

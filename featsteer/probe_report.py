@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from featsteer.activations import Positions, capture
 from featsteer.datasets import PromptSet
 from featsteer.directions import find_directions, separability
+from featsteer.directions.dim import means_coincide
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
 from featsteer.files import json_text, write_files
@@ -255,7 +256,7 @@ def probe_report(
         return torch.cat([a, b]).double().numpy(), [1] * len(a) + [0] * len(b)
 
     # a hook where every prompt has the same activation (layer 0 at a shared template token) carries nothing
-    carrying = [h for h in hooks if float((acts[("train", "harmful")].mean(h) - acts[("train", "harmless")].mean(h)).norm()) > 1e-9]
+    carrying = [h for h in hooks if not means_coincide(acts[("train", "harmful")].mean(h), acts[("train", "harmless")].mean(h))]
     constant, hooks = [h for h in hooks if h not in carrying], carrying
     if not hooks:
         raise FeatsteerError(f"no {kind} hook tells the two sets apart: their mean activations are identical at every layer "

@@ -399,6 +399,34 @@ def test_a_hook_every_prompt_shares_gives_no_direction(planted, method):
     assert float(weighted_basis(found, found.index("blocks.1.hook_resid_pre")).norm()) > 0.5
 
 
+
+@pytest.mark.parametrize("method", ["dim", "projected", "pca", "linear", "whitened"])  # svd reads the harmful spread, not the means
+def test_the_same_large_activations_in_another_order_give_no_direction_for_every_method(method):
+    """The same prompts on both sides of a layer with a large norm: the float64 means differ only by the order of the
+    sums (~1e-11 here). DIM called that identical (relative 1e-12), the probe directions did not (absolute 1e-12): the
+    whitened probe returned a unit vector of rounding noise and the linear probe failed on an all-zero weight vector."""
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.randn(200, D, generator=generator, dtype=torch.float64) * 1e4 + 1e4
+    other = torch.randn(200, D, generator=generator, dtype=torch.float64)
+    order = torch.randperm(200, generator=generator)
+    sets = [ActivationSet(torch.stack([first, second], 1), ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"),
+                          torch.arange(200), torch.full((200,), -1), tuple(f"p{i}" for i in range(200)))
+            for first, second in ((rows, other + 3.0), (rows[order], other))]
+    difference = sets[0].mean("blocks.0.hook_resid_pre") - sets[1].mean("blocks.0.hook_resid_pre")
+    assert 1e-12 < float(difference.norm()) < 1e-12 * float(sets[0].mean("blocks.0.hook_resid_pre").norm())
+    found = find_directions(*sets, method=method)
+    assert float(weighted_basis(found, found.index("blocks.0.hook_resid_pre")).norm()) == 0
+    assert float(weighted_basis(found, found.index("blocks.1.hook_resid_pre")).norm()) > 0.5
+
+
+def test_means_coincide_is_relative_to_the_harmful_means_norm_and_absolute_below_one():
+    from featsteer.directions.dim import means_coincide
+
+    large, small = torch.full((4,), 5e4, dtype=torch.float64), torch.full((4,), 1e-3, dtype=torch.float64)
+    assert means_coincide(large, large + 1e-11) and not means_coincide(large, large + 1e-7)
+    assert means_coincide(small, small + 1e-13) and not means_coincide(small, small + 1e-11)
+    assert means_coincide(large.float(), large.float())
+
 def test_late_layer_rule_counts_resid_post_as_the_next_blocks_input():
     """`blocks.l.hook_resid_post` is `blocks.{l+1}.hook_resid_pre`: on the 4-layer organism only block inputs 0-2 count
     (the last 20% skipped), so `resid_post` of block 2 is as late as `resid_pre` of block 3. It was scored, and chosen."""

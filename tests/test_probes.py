@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -271,6 +272,63 @@ def test_linear_probe_cross_validation_scales_each_fold_on_its_own_training_rows
     np.testing.assert_allclose(probe.cv_scores_, search.cv_results_["mean_test_score"], rtol=1e-6)
     np.testing.assert_allclose(probe.decision_function(X), search.decision_function(X), atol=1e-8)
 
+
+
+@pytest.mark.parametrize(
+    ("options", "grid_options"),
+    [
+        ({"Cs": 4, "cv": 3}, {}),
+        ({"Cs": [0.3, 0.03, 3.0], "cv": "shuffled", "standardize": False, "class_weight": None}, {"class_weight": None}),
+        ({"Cs": [0.001, 0.01, 0.1, 1.0, 10.0], "cv": 4, "scoring": "accuracy"}, {"scoring": "accuracy"}),  # ties: first C wins
+    ],
+    ids=["default", "raw-shuffled", "accuracy-ties"],
+)
+def test_linear_probe_fold_loop_matches_grid_search_exactly(options, grid_options):
+    """The hand-written C search gives GridSearchCV's fold scores, chosen C and refit bit for bit (it replaced it for speed)."""
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y, _ = planted_data(15, n_samples=48, d_model=10, separation=1.5)
+    X = X * np.linspace(0.5, 5.0, 10) + 1.0
+    if options["cv"] == "shuffled":
+        options = {**options, "cv": StratifiedKFold(3, shuffle=True, random_state=4)}
+    probe = LinearProbe(**options).fit(X, y)
+    model = LogisticRegression(class_weight=grid_options.get("class_weight", "balanced"), max_iter=probe.max_iter)
+    pipeline = Pipeline([("scale", StandardScaler() if probe.standardize else "passthrough"), ("model", model)])
+    search = GridSearchCV(pipeline, {"model__C": list(probe.Cs_)}, scoring=grid_options.get("scoring", "neg_log_loss"),
+                          cv=options["cv"]).fit(X, y)
+    np.testing.assert_array_equal(probe.cv_scores_, search.cv_results_["mean_test_score"])
+    chosen = probe.C_
+    assert chosen == search.best_params_["model__C"]
+    if "scoring" in grid_options:
+        assert (probe.cv_scores_ == probe.cv_scores_.max()).sum() > 1  # a real tie, broken as GridSearchCV breaks it
+    fitted = search.best_estimator_["model"]
+    scale = search.best_estimator_["scale"]
+    expected = fitted.decision_function(X if scale == "passthrough" else scale.transform(X))
+    np.testing.assert_allclose(probe.decision_function(X), expected, rtol=0, atol=1e-10)
+
+
+def test_linear_probe_converges_at_the_largest_c_on_ill_conditioned_unseparable_data():
+    """Correlated features and labels unrelated to them (as the control tasks give) at C = 1e4: lbfgs needed more than
+    the old max_iter=1000 and warned ConvergenceWarning on every fold (41 times in the organism's probe sweep)."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((40, 40)))[0]
+    X = (rng.standard_normal((150, 40)) * np.logspace(0, -4, 40)) @ basis.T  # feature scales 1 .. 1e-4, mixed
+    y = rng.permutation(np.arange(150) % 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        probe = LinearProbe(Cs=5, cv=3).fit(X, y)
+    assert probe.Cs_[-1] == 1e4 and np.isfinite(probe.cv_scores_).all()
+
+def test_linear_probe_fold_with_one_class_is_a_clear_error():
+    from sklearn.model_selection import KFold
+
+    X, y, _ = planted_data(16, n_samples=40, d_model=4)  # sorted labels: unshuffled 2-fold KFold trains on one class
+    with pytest.raises(ValueError, match=r"fold trains on class 1 only: give a stratified splitter"):
+        LinearProbe(Cs=[1.0], cv=KFold(2)).fit(X, y)
 
 # --- Mahalanobis against scikit-learn's covariance estimators ----------------------------------------------
 

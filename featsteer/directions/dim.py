@@ -9,11 +9,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from featsteer.activations import ActivationSet
 from featsteer.directions.directions import DirectionSet, unit
 from featsteer.errors import FeatsteerError
+
+IDENTICAL_MEANS_RTOL = 1e-12
+"""Class means closer than this fraction of the harmful mean's norm (of 1 when that norm is below 1) count as identical."""
+
+
+def means_coincide(harmful_mean: Float[Tensor, " d_model"], harmless_mean: Float[Tensor, " d_model"]) -> bool:
+    """Whether two class means are the same up to rounding, so their difference has no direction to find.
+
+    The one test every direction source applies (DIM, the probe directions, the probe report's layer filter, the
+    feature report's DIM): the float64 difference's norm at most `IDENTICAL_MEANS_RTOL` times the harmful mean's norm
+    (at least 1). It is relative because the float64 means of the same vectors summed in another order differ by
+    rounding in proportion to their size: the same prompts on both sides of a layer with a norm of 50,000 differ by
+    about 1e-11, where the probe directions' old absolute 1e-12 saw a direction that DIM did not (the whitened probe
+    returned a unit vector of rounding noise, the linear probe failed on an all-zero weight vector).
+
+    Args:
+        harmful_mean: mean harmful activation (any float dtype; compared in float64).
+        harmless_mean: mean harmless activation at the same hook and position.
+
+    Returns:
+        True when the means coincide.
+    """
+    harmful_mean, harmless_mean = harmful_mean.double(), harmless_mean.double()
+    return float((harmful_mean - harmless_mean).norm()) <= IDENTICAL_MEANS_RTOL * max(1.0, float(harmful_mean.norm()))
 
 
 def shared_positions(harmful: ActivationSet, harmless: ActivationSet) -> list[int]:
@@ -89,7 +114,7 @@ def difference_in_means(harmful: ActivationSet, harmless: ActivationSet, hooks: 
                                      "recapture them (capture checks every row), or drop the rows that overflowed")
             # identical means (e.g. layer 0 at a template token every prompt shares) give no direction:
             # keep a zero vector so it scores as chance instead of failing the whole set
-            zero = float(difference.norm()) <= 1e-12 * max(1.0, float(harmful_mean.norm()))
+            zero = means_coincide(harmful_mean, harmless_mean)
             vectors.append(torch.zeros_like(difference).float() if zero else unit(difference).float())
             names.append(hook)
             positions.append(position)
