@@ -439,3 +439,27 @@ def test_a_single_hook_name_and_position_make_one_direction():
     single = DirectionSet(basis, hook_names="blocks.0.hook_resid_pre", positions=-1, method="dim")
     assert single.hook_names == ("blocks.0.hook_resid_pre",) and single.positions == (-1,) and len(single) == 1
     assert torch.equal(single.direction("blocks.0.hook_resid_pre"), basis[0, 0])
+
+
+def test_the_induce_check_needs_the_candidates_mean_difference_length():
+    """Candidates without `mean_diff_norm` (built by hand, from SAE rows) had the induce check add the unit direction:
+    far too short to induce refusal, so every finalist failed it and the selection fell back, with only a warning.
+    Now that is an error; with `require_induce=False` the induce column is NaN rather than a unit addition's score."""
+    from featsteer.datasets import builtin_prompts
+    from featsteer.directions.selection import SelectionConfig, select_direction
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    model = load_model("organism")
+    model.show_progress = False
+    prompts = builtin_prompts("harmful", "train").head(24), builtin_prompts("harmless", "train").head(24)
+    found = find_refusal_direction(model, *prompts, DirectionConfig(n_select=4))
+    c = found.candidates
+    bare = DirectionSet(c.bases, c.hook_names, c.positions, c.method, {}, c.provenance)
+    val = found.val[0].head(4), found.val[1].head(4)
+    with pytest.raises(FeatsteerError, match="carry no mean_diff_norm score"):
+        select_direction(model, bare, *val)
+    unchecked = select_direction(model, bare, *val, SelectionConfig(require_induce=False))
+    finalists = [s for s in unchecked.candidates if s.kl_harmless == s.kl_harmless]
+    assert finalists and all(s.refusal_induced != s.refusal_induced for s in finalists)
+    assert unchecked.chosen.kept and unchecked.chosen.index == found.selection.chosen.index
