@@ -126,11 +126,19 @@ def find_directions(harmful: ActivationSet, harmless: ActivationSet, method: str
 
 def weighted_basis(directions: DirectionSet, index: int) -> Tensor:
     """Basis rows scaled by sqrt(ridge weight) so `B^T B` is the ridge projector (plain basis otherwise)."""
-    basis = directions.bases[index]
     weights = directions.scores.get("ridge_weights")
+    return ridge_weighted(directions.bases[index], None if weights is None else weights[index])
+
+
+def ridge_weighted(basis: Tensor, weights: list[float] | None) -> Tensor:
+    """`(k, d_model)` orthonormal rows scaled by the square roots of their ridge weights (each clamped to [0, 1]), so that
+    `B^T B` is the damped projector `sum_i w_i b_i b_i^T` that the selection scored for an SVD subspace; `basis` as it is
+    for None. Ablate it with `weighted=True`."""
     if weights is None:
         return basis
-    return basis * torch.tensor(weights[index], dtype=basis.dtype).clamp(0, 1).sqrt()[:, None]
+    if len(weights) != basis.shape[0]:
+        raise FeatsteerError(f"{len(weights)} ridge weights for a rank-{basis.shape[0]} basis: give one weight per row")
+    return basis * torch.tensor(weights, dtype=basis.dtype).clamp(0, 1).sqrt()[:, None]
 
 
 def rotation_plane(directions: DirectionSet, index: int) -> Tensor:
