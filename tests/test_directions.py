@@ -463,3 +463,22 @@ def test_the_induce_check_needs_the_candidates_mean_difference_length():
     finalists = [s for s in unchecked.candidates if s.kl_harmless == s.kl_harmless]
     assert finalists and all(s.refusal_induced != s.refusal_induced for s in finalists)
     assert unchecked.chosen.kept and unchecked.chosen.index == found.selection.chosen.index
+
+
+def test_a_pca_direction_does_not_depend_on_the_other_hooks_computed():
+    """Each hook drew its own random pairing from one generator, so a layer's PCA direction changed with the layers
+    computed before it (cosine 0.62 here): `directions --layers` and `abliterate --layers` gave one layer two directions."""
+    from featsteer.directions import paired_pca
+
+    g = torch.Generator().manual_seed(0)
+    n, hooks = 30, tuple(f"blocks.{layer}.hook_resid_pre" for layer in range(3))
+    harmful, harmless = torch.randn(n, 3, 16, generator=g), torch.randn(n, 3, 16, generator=g)
+    harmful[:, :, 0] += 1.0
+
+    def acts(x: torch.Tensor, kept: list[int]) -> ActivationSet:
+        return ActivationSet(x[:, kept], tuple(hooks[i] for i in kept), torch.arange(n), torch.full((n,), -1), tuple(f"p{i}" for i in range(n)))
+
+    every = paired_pca(acts(harmful, [0, 1, 2]), acts(harmless, [0, 1, 2]))
+    for layer in range(3):
+        alone = paired_pca(acts(harmful, [layer]), acts(harmless, [layer]))
+        assert torch.equal(alone.direction(hooks[layer]), every.direction(hooks[layer]))

@@ -41,17 +41,21 @@ def projected_dim(harmful: ActivationSet, harmless: ActivationSet) -> DirectionS
 
 
 def paired_pca(harmful: ActivationSet, harmless: ActivationSet, seed: int = 0) -> DirectionSet:
-    """First PC of paired differences (random pairing, fixed seed), signed like DIM."""
+    """First PC of paired differences, signed like DIM. The prompts are paired at random (fixed seed) once, and the same
+    pairs serve every hook and position, so a layer's direction does not depend on which other layers were computed
+    (`directions --layers` and `abliterate --layers` gave one layer two directions when each hook drew its own pairs)."""
     dim = difference_in_means(harmful, harmless)
     generator = torch.Generator().manual_seed(seed)
+    n = min(len(harmful), len(harmless))  # every prompt sits at every shared position (`shared_positions`)
+    pick_harmful = torch.randperm(len(harmful), generator=generator)[:n]
+    pick_harmless = torch.randperm(len(harmless), generator=generator)[:n]
     vectors = []
     for hook, pos in zip(dim.hook_names, dim.positions, strict=True):
         if float(dim.direction(hook, pos).norm()) == 0:  # identical class means (a shared template token at layer 0): the
             vectors.append(torch.zeros(dim.bases.shape[-1]))  # differences are 0 and their "first PC" an arbitrary axis
             continue
         a, b = harmful.at_position(hook, pos).double(), harmless.at_position(hook, pos).double()
-        n = min(len(a), len(b))
-        diffs = a[torch.randperm(len(a), generator=generator)[:n]] - b[torch.randperm(len(b), generator=generator)[:n]]
+        diffs = a[pick_harmful] - b[pick_harmless]
         pc = torch.linalg.svd(diffs, full_matrices=False).Vh[0]  # uncentred: the shared shift is the signal
         pc = pc if pc @ dim.direction(hook, pos).double() >= 0 else -pc
         vectors.append(pc.float())
