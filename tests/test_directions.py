@@ -482,3 +482,12 @@ def test_a_pca_direction_does_not_depend_on_the_other_hooks_computed():
     for layer in range(3):
         alone = paired_pca(acts(harmful, [layer]), acts(harmless, [layer]))
         assert torch.equal(alone.direction(hooks[layer]), every.direction(hooks[layer]))
+
+
+def test_the_late_layer_rule_skips_the_share_of_layers_it_names():
+    """`int((1 - 0.3) * 90)` is 62 in floating point: 28 of 90 layers were skipped for 30%, one more than named."""
+    from featsteer.directions.selection import late_layer_start
+
+    assert late_layer_start(90, 0.3) == 63 and late_layer_start(50, 0.34) == 33 and late_layer_start(100, 0.55) == 45
+    assert late_layer_start(24, 0.2) == 19 and late_layer_start(30, 0.2) == 24 and late_layer_start(4, 0.2) == 3  # unchanged
+    assert late_layer_start(10, 0.0) == 10

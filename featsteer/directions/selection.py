@@ -16,6 +16,7 @@ their estimate.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -269,8 +270,10 @@ def _stream_depth(site: HookSite, n_layers: int) -> int:
 
 
 def late_layer_start(n_layers: int, skip_last_fraction: float) -> int:
-    """The first stream depth the late-layer rule skips (`SelectionConfig.skip_last_fraction` of `n_layers`)."""
-    return int((1 - skip_last_fraction) * n_layers)
+    """The first stream depth the late-layer rule skips (`SelectionConfig.skip_last_fraction` of `n_layers`): the floor of
+    `(1 - fraction) * n_layers`, taken after rounding away the float error, so 30% of 90 layers skips 27, not 28
+    (`(1 - 0.3) * 90` is 62.99999999999999 in floating point)."""
+    return math.floor(round((1 - skip_last_fraction) * n_layers, 9))
 
 
 def is_late_layer(model: ModelAdapter, hook: str, skip_last_fraction: float) -> bool:
