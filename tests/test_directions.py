@@ -491,3 +491,20 @@ def test_the_late_layer_rule_skips_the_share_of_layers_it_names():
     assert late_layer_start(90, 0.3) == 63 and late_layer_start(50, 0.34) == 33 and late_layer_start(100, 0.55) == 45
     assert late_layer_start(24, 0.2) == 19 and late_layer_start(30, 0.2) == 24 and late_layer_start(4, 0.2) == 3  # unchanged
     assert late_layer_start(10, 0.0) == 10
+
+
+def test_svd_ridge_must_be_a_lambda_and_the_subspace_records_its_positions(planted):
+    """A negative ridge gave weights above 1 (clamped to a plain projector) or all 0 (a 'zero direction' the selection
+    skipped), NaN gave 0, all without an error; ridge 0 is the plain projector. The SVD set's provenance lacked the
+    position selector and class sizes every other method records."""
+    from featsteer.directions import svd_subspace
+
+    harmful, harmless, _ = planted
+    for ridge in (-0.05, -100.0, float("nan"), float("inf")):
+        with pytest.raises(FeatsteerError, match="ridge must be a finite lambda >= 0"):
+            svd_subspace(harmful, harmless, rank=2, ridge=ridge)
+    plain = svd_subspace(harmful, harmless, rank=2, ridge=0.0)
+    assert plain.scores["ridge_weights"] == [[1.0, 1.0]] * len(plain)
+    projector = weighted_basis(plain, 0).double()
+    torch.testing.assert_close(projector.T @ projector @ projector.T @ projector, projector.T @ projector)  # idempotent
+    assert {"positions": "last", "n_harmful": 200, "n_harmless": 200}.items() <= plain.provenance.items()

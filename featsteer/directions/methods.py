@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -83,11 +85,17 @@ def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2,
 
     Args:
         rank: subspace size k.
-        ridge: lambda for the weights `s^2/(s^2+lambda)`; None uses the mean squared singular value of the
-            remaining (rank+1..) components, so strong directions keep weight ~1 and noise-level ones ~0.5.
+        ridge: lambda >= 0 for the weights `s^2/(s^2+lambda)` (0: every weight 1, the plain projector); None uses the
+            mean squared singular value of the remaining (rank+1..) components, so strong directions keep weight ~1 and
+            noise-level ones ~0.5.
+
+    Raises:
+        FeatsteerError: for a rank below 1 or above what the prompts and width allow, or a negative or non-finite ridge.
     """
     if rank < 1:
         raise FeatsteerError(f"rank must be >= 1, got {rank}")
+    if ridge is not None and not (math.isfinite(ridge) and ridge >= 0):  # a negative one gave weights above 1 or all 0
+        raise FeatsteerError(f"ridge must be a finite lambda >= 0 (0: the plain projector; None: set from the weaker components), got {ridge}")
     bases, names, positions, weights, lengths = [], [], [], [], []
     for hook, pos in _pairs(harmful, harmless):
         centred = harmful.at_position(hook, pos).double() - harmless.mean(hook, pos)
@@ -108,7 +116,8 @@ def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2,
         names.append(hook)
         positions.append(pos)
     return DirectionSet(torch.stack(bases), tuple(names), tuple(positions), "svd", {"ridge_weights": weights, "mean_diff_norm": lengths},
-                        {"model": harmful.model, "rank": rank, "ridge": ridge, "capture": capture_provenance(harmful, harmless)})
+                        {"model": harmful.model, "positions": harmful.positions, "n_harmful": len(harmful), "n_harmless": len(harmless),
+                         "rank": rank, "ridge": ridge, "capture": capture_provenance(harmful, harmless)})
 
 
 def find_directions(harmful: ActivationSet, harmless: ActivationSet, method: str = "dim", rank: int = 2) -> DirectionSet:
