@@ -1094,12 +1094,15 @@ def _saved_direction(args: argparse.Namespace):
         record["direction_length"] = float(directions.scores["mean_diff_norm"][index])
     else:
         record["direction_length"] = None
+    if "ridge_weights" in directions.scores:  # an SVD subspace: the plain edit damps each row as the selection scored it
+        record["ridge_weights"] = [float(w) for w in directions.scores["ridge_weights"][index]]
     return directions.bases[index], record
 
 
 def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict]) -> int:
     """`abliterate --directions DIR`: edit against a saved direction (nothing is fitted), or with `--search N` search the
     kernels and strengths of removing it; check on the validation prompts and export."""
+    from featsteer.directions.methods import ridge_weighted
     from featsteer.edits import apply_edit
     from featsteer.evaluation.behaviour import GenerationConfig, evaluate_refusal
     from featsteer.pipeline import DirectionConfig, split
@@ -1136,7 +1139,9 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
         provenance = {k: record[k] for k in ("method", "directions", "direction_method", "direction_hook", "direction_position")}
         handle, extra = _fixed_search_edit(args, model, basis, val, mode, warm_start, provenance, record)
     else:
-        handle, extra = apply_edit(model, basis, _edit_config(args, mode, model), record=record), {}
+        weights = record.get("ridge_weights")  # the SVD method's damped projector, as `featsteer abliterate --method svd` applies it
+        handle, extra = apply_edit(model, ridge_weighted(basis, weights), _edit_config(args, mode, model), record=record,
+                                   weighted=weights is not None), {}
     return _check_and_export(model, handle, held, before, generation, "reflect" if args.reflect else mode, args.out, checked_on, extra)
 
 
@@ -1281,7 +1286,7 @@ def _ablation_sites(model, where: str) -> str | list[str]:
 
 
 def _direction_intervention(args: argparse.Namespace, model):
-    from featsteer.directions import DirectionSet
+    from featsteer.directions import DirectionSet, weighted_basis
     from featsteer.interventions import Ablate, AddDirection, ConditionalSteer, ProjectionSet
 
     directions = DirectionSet.load(args.directions)
@@ -1301,12 +1306,15 @@ def _direction_intervention(args: argparse.Namespace, model):
         raise FeatsteerError(f"--mode ablate removes the direction at --ablate-at's hooks ({args.ablate_at}), not at one --hook: drop --hook "
                              "(it picks a direction from a folder of several)")
     vector, added = _addition_vector(directions, index, hook, basis[0])
+    # an SVD subspace is ablated as the selection scored it: each row damped by its ridge weight
+    weighted, projector = "ridge_weights" in directions.scores, weighted_basis(directions, index)
+    damped = ", ridge-weighted" if weighted else ""
     value = _set_value(args, directions, index, hook) if args.mode == "set" else None
     tokens = args.positions or "all"
     on = "" if tokens == "all" else f" ({tokens} tokens only)"
     built = {
-        "ablate": lambda: (Ablate(basis, where=_ablation_sites(model, args.ablate_at)),
-                           f"ablate the direction from {ABLATE_AT[args.ablate_at]} (rank {basis.shape[0]})"),
+        "ablate": lambda: (Ablate(projector, where=_ablation_sites(model, args.ablate_at), weighted=weighted),
+                           f"ablate the direction from {ABLATE_AT[args.ablate_at]} (rank {basis.shape[0]}{damped})"),
         "add": lambda: (AddDirection(vector, args.scale, where=hook, positions=tokens), f"add {args.scale:g} x {added} at {hook}{on}"),
         "set": lambda: (ProjectionSet(basis[0], value, where=hook), f"set the projection to {value:.3g} at {hook}"),
         "conditional": lambda: (ConditionalSteer(basis[0], hook, args.threshold, AddDirection(vector, args.scale, where=hook, positions=tokens),
@@ -1316,7 +1324,7 @@ def _direction_intervention(args: argparse.Namespace, model):
     }
     intervention, what = built[args.mode]()
     if args.gate:
-        intervention, what = _gated(args, model, intervention, what, basis, hook)
+        intervention, what = _gated(args, model, intervention, what, projector, hook, weighted)
     return intervention, what
 
 
@@ -1379,7 +1387,7 @@ def _too_many(args: argparse.Namespace, directions, entries: list[int]) -> Feats
                           "pass the chosen/ folder of `featsteer directions`, or name one with --hook")
 
 
-def _gated(args: argparse.Namespace, model, intervention, what: str, basis, hook: str):
+def _gated(args: argparse.Namespace, model, intervention, what: str, basis, hook: str, weighted: bool = False):
     """`--gate DIR`: the ablation or addition applied only to the prompts the saved gate fires on. The gate decides the
     ablation (and an addition at a hook before its own) in a pre-pass of the prompt, so a prompt it fires on is steered
     exactly as without the gate."""
@@ -1388,7 +1396,7 @@ def _gated(args: argparse.Namespace, model, intervention, what: str, basis, hook
     gate = Gate.load(args.gate)
     where = f"only where the gate at {gate.hook} ({_POOLED[gate.pool]}) fires"
     if args.mode == "ablate":
-        return (gate.ablate(model, basis), f"ablate the direction from every residual write (rank {basis.shape[0]}), {where} "
+        return (gate.ablate(model, basis, weighted=weighted), f"ablate the direction from every residual write (rank {basis.shape[0]}), {where} "
                 "(decided in a pre-pass of the prompt)")
     gate.check(model)
     early = model.hook_site(hook).order < model.hook_site(gate.hook).order  # the gate reads a later layer: decide first

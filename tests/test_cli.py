@@ -1722,3 +1722,31 @@ def test_compare_prints_a_method_that_cannot_apply_as_failed_and_exits_0(capsys,
     assert code == 0, err
     assert "\nfailed: head_ablation_hook: no attention head writes the DIM direction" in out and "| head_ablation_hook | failed: " in out
     assert json.loads((tmp_path / "cmp" / "results.json").read_text())["failed"][0]["method"] == "head_ablation_hook"
+
+
+def test_a_saved_svd_subspace_is_removed_with_the_ridge_weights_the_selection_scored(capsys, tmp_path):
+    """`featsteer directions --method svd` scores (and `abliterate --method svd` applies) each row damped by its ridge
+    weight; `abliterate --directions DIRS/chosen` and `steer --directions DIRS/chosen --mode ablate` removed the plain
+    subspace instead, a stronger edit with another KL than the one the selection reported."""
+    from featsteer.directions import DirectionSet
+    from featsteer.models import load_model
+
+    code, _, err = _run(capsys, "directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless",
+                        "builtin:harmless:train", "--n", "32", "--n-select", "4", "--method", "svd", "--geometry", "off",
+                        "--out", str(tmp_path / "dirs"))
+    assert code == 0, err
+    chosen = DirectionSet.load(tmp_path / "dirs" / "chosen")
+    weights = torch.tensor(chosen.scores["ridge_weights"][0], dtype=torch.float64)
+    assert chosen.rank == 2 and float(weights.min()) < 0.99  # a row the ridge damps
+    code, out, err = _run(capsys, "abliterate", "--model", "organism", "--harmful", "builtin:harmful:val", "--harmless", "builtin:harmless:val",
+                          "--n", "16", "--eval-n", "2", "--max-new-tokens", "2", "--directions", str(tmp_path / "dirs" / "chosen"),
+                          "--out", str(tmp_path / "plain"))
+    assert code == 0, err
+    basis = chosen.bases[0].double()
+    embed = lambda m: m.model.get_input_embeddings().weight.detach().double()  # noqa: E731
+    before, after = embed(load_model("organism")) @ basis.T, embed(load_model(str(tmp_path / "plain"))) @ basis.T
+    torch.testing.assert_close(after, before * (1 - weights), atol=1e-4, rtol=1e-3)  # each row kept 1 - w of its component
+    assert json.loads((tmp_path / "plain" / "featsteer.json").read_text())["ridge_weights"] == pytest.approx(weights.tolist())
+    code, out, err = _run(capsys, "steer", "--model", "organism", "--directions", str(tmp_path / "dirs" / "chosen"), "--mode", "ablate",
+                          "--max-new-tokens", "2", "--prompt", "hi")
+    assert code == 0 and "(rank 2, ridge-weighted)" in out, err

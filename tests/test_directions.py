@@ -499,3 +499,72 @@ def test_a_single_hook_name_and_position_make_one_direction():
     single = DirectionSet(basis, hook_names="blocks.0.hook_resid_pre", positions=-1, method="dim")
     assert single.hook_names == ("blocks.0.hook_resid_pre",) and single.positions == (-1,) and len(single) == 1
     assert torch.equal(single.direction("blocks.0.hook_resid_pre"), basis[0, 0])
+
+
+def test_the_induce_check_needs_the_candidates_mean_difference_length():
+    """Candidates without `mean_diff_norm` (built by hand, from SAE rows) had the induce check add the unit direction:
+    far too short to induce refusal, so every finalist failed it and the selection fell back, with only a warning.
+    Now that is an error; with `require_induce=False` the induce column is NaN rather than a unit addition's score."""
+    from featsteer.datasets import builtin_prompts
+    from featsteer.directions.selection import SelectionConfig, select_direction
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    model = load_model("organism")
+    model.show_progress = False
+    prompts = builtin_prompts("harmful", "train").head(24), builtin_prompts("harmless", "train").head(24)
+    found = find_refusal_direction(model, *prompts, DirectionConfig(n_select=4))
+    c = found.candidates
+    bare = DirectionSet(c.bases, c.hook_names, c.positions, c.method, {}, c.provenance)
+    val = found.val[0].head(4), found.val[1].head(4)
+    with pytest.raises(FeatsteerError, match="carry no mean_diff_norm score"):
+        select_direction(model, bare, *val)
+    unchecked = select_direction(model, bare, *val, SelectionConfig(require_induce=False))
+    finalists = [s for s in unchecked.candidates if s.kl_harmless == s.kl_harmless]
+    assert finalists and all(s.refusal_induced != s.refusal_induced for s in finalists)
+    assert unchecked.chosen.kept and unchecked.chosen.index == found.selection.chosen.index
+
+
+def test_a_pca_direction_does_not_depend_on_the_other_hooks_computed():
+    """Each hook drew its own random pairing from one generator, so a layer's PCA direction changed with the layers
+    computed before it (cosine 0.62 here): `directions --layers` and `abliterate --layers` gave one layer two directions."""
+    from featsteer.directions import paired_pca
+
+    g = torch.Generator().manual_seed(0)
+    n, hooks = 30, tuple(f"blocks.{layer}.hook_resid_pre" for layer in range(3))
+    harmful, harmless = torch.randn(n, 3, 16, generator=g), torch.randn(n, 3, 16, generator=g)
+    harmful[:, :, 0] += 1.0
+
+    def acts(x: torch.Tensor, kept: list[int]) -> ActivationSet:
+        return ActivationSet(x[:, kept], tuple(hooks[i] for i in kept), torch.arange(n), torch.full((n,), -1), tuple(f"p{i}" for i in range(n)))
+
+    every = paired_pca(acts(harmful, [0, 1, 2]), acts(harmless, [0, 1, 2]))
+    for layer in range(3):
+        alone = paired_pca(acts(harmful, [layer]), acts(harmless, [layer]))
+        assert torch.equal(alone.direction(hooks[layer]), every.direction(hooks[layer]))
+
+
+def test_the_late_layer_rule_skips_the_share_of_layers_it_names():
+    """`int((1 - 0.3) * 90)` is 62 in floating point: 28 of 90 layers were skipped for 30%, one more than named."""
+    from featsteer.directions.selection import late_layer_start
+
+    assert late_layer_start(90, 0.3) == 63 and late_layer_start(50, 0.34) == 33 and late_layer_start(100, 0.55) == 45
+    assert late_layer_start(24, 0.2) == 19 and late_layer_start(30, 0.2) == 24 and late_layer_start(4, 0.2) == 3  # unchanged
+    assert late_layer_start(10, 0.0) == 10
+
+
+def test_svd_ridge_must_be_a_lambda_and_the_subspace_records_its_positions(planted):
+    """A negative ridge gave weights above 1 (clamped to a plain projector) or all 0 (a 'zero direction' the selection
+    skipped), NaN gave 0, all without an error; ridge 0 is the plain projector. The SVD set's provenance lacked the
+    position selector and class sizes every other method records."""
+    from featsteer.directions import svd_subspace
+
+    harmful, harmless, _ = planted
+    for ridge in (-0.05, -100.0, float("nan"), float("inf")):
+        with pytest.raises(FeatsteerError, match="ridge must be a finite lambda >= 0"):
+            svd_subspace(harmful, harmless, rank=2, ridge=ridge)
+    plain = svd_subspace(harmful, harmless, rank=2, ridge=0.0)
+    assert plain.scores["ridge_weights"] == [[1.0, 1.0]] * len(plain)
+    projector = weighted_basis(plain, 0).double()
+    torch.testing.assert_close(projector.T @ projector @ projector.T @ projector, projector.T @ projector)  # idempotent
+    assert {"positions": "last", "n_harmful": 200, "n_harmless": 200}.items() <= plain.provenance.items()

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -41,17 +43,21 @@ def projected_dim(harmful: ActivationSet, harmless: ActivationSet) -> DirectionS
 
 
 def paired_pca(harmful: ActivationSet, harmless: ActivationSet, seed: int = 0) -> DirectionSet:
-    """First PC of paired differences (random pairing, fixed seed), signed like DIM."""
+    """First PC of paired differences, signed like DIM. The prompts are paired at random (fixed seed) once, and the same
+    pairs serve every hook and position, so a layer's direction does not depend on which other layers were computed
+    (`directions --layers` and `abliterate --layers` gave one layer two directions when each hook drew its own pairs)."""
     dim = difference_in_means(harmful, harmless)
     generator = torch.Generator().manual_seed(seed)
+    n = min(len(harmful), len(harmless))  # every prompt sits at every shared position (`shared_positions`)
+    pick_harmful = torch.randperm(len(harmful), generator=generator)[:n]
+    pick_harmless = torch.randperm(len(harmless), generator=generator)[:n]
     vectors = []
     for hook, pos in zip(dim.hook_names, dim.positions, strict=True):
         if float(dim.direction(hook, pos).norm()) == 0:  # identical class means (a shared template token at layer 0): the
             vectors.append(torch.zeros(dim.bases.shape[-1]))  # differences are 0 and their "first PC" an arbitrary axis
             continue
         a, b = harmful.at_position(hook, pos).double(), harmless.at_position(hook, pos).double()
-        n = min(len(a), len(b))
-        diffs = a[torch.randperm(len(a), generator=generator)[:n]] - b[torch.randperm(len(b), generator=generator)[:n]]
+        diffs = a[pick_harmful] - b[pick_harmless]
         pc = torch.linalg.svd(diffs, full_matrices=False).Vh[0]  # uncentred: the shared shift is the signal
         pc = pc if pc @ dim.direction(hook, pos).double() >= 0 else -pc
         vectors.append(pc.float())
@@ -79,11 +85,17 @@ def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2,
 
     Args:
         rank: subspace size k.
-        ridge: lambda for the weights `s^2/(s^2+lambda)`; None uses the mean squared singular value of the
-            remaining (rank+1..) components, so strong directions keep weight ~1 and noise-level ones ~0.5.
+        ridge: lambda >= 0 for the weights `s^2/(s^2+lambda)` (0: every weight 1, the plain projector); None uses the
+            mean squared singular value of the remaining (rank+1..) components, so strong directions keep weight ~1 and
+            noise-level ones ~0.5.
+
+    Raises:
+        FeatsteerError: for a rank below 1 or above what the prompts and width allow, or a negative or non-finite ridge.
     """
     if rank < 1:
         raise FeatsteerError(f"rank must be >= 1, got {rank}")
+    if ridge is not None and not (math.isfinite(ridge) and ridge >= 0):  # a negative one gave weights above 1 or all 0
+        raise FeatsteerError(f"ridge must be a finite lambda >= 0 (0: the plain projector; None: set from the weaker components), got {ridge}")
     bases, names, positions, weights, lengths = [], [], [], [], []
     for hook, pos in _pairs(harmful, harmless):
         centred = harmful.at_position(hook, pos).double() - harmless.mean(hook, pos)
@@ -104,7 +116,8 @@ def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2,
         names.append(hook)
         positions.append(pos)
     return DirectionSet(torch.stack(bases), tuple(names), tuple(positions), "svd", {"ridge_weights": weights, "mean_diff_norm": lengths},
-                        {"model": harmful.model, "rank": rank, "ridge": ridge, "capture": capture_provenance(harmful, harmless)})
+                        {"model": harmful.model, "positions": harmful.positions, "n_harmful": len(harmful), "n_harmless": len(harmless),
+                         "rank": rank, "ridge": ridge, "capture": capture_provenance(harmful, harmless)})
 
 
 def find_directions(harmful: ActivationSet, harmless: ActivationSet, method: str = "dim", rank: int = 2) -> DirectionSet:
@@ -126,11 +139,19 @@ def find_directions(harmful: ActivationSet, harmless: ActivationSet, method: str
 
 def weighted_basis(directions: DirectionSet, index: int) -> Tensor:
     """Basis rows scaled by sqrt(ridge weight) so `B^T B` is the ridge projector (plain basis otherwise)."""
-    basis = directions.bases[index]
     weights = directions.scores.get("ridge_weights")
+    return ridge_weighted(directions.bases[index], None if weights is None else weights[index])
+
+
+def ridge_weighted(basis: Tensor, weights: list[float] | None) -> Tensor:
+    """`(k, d_model)` orthonormal rows scaled by the square roots of their ridge weights (each clamped to [0, 1]), so that
+    `B^T B` is the damped projector `sum_i w_i b_i b_i^T` that the selection scored for an SVD subspace; `basis` as it is
+    for None. Ablate it with `weighted=True`."""
     if weights is None:
         return basis
-    return basis * torch.tensor(weights[index], dtype=basis.dtype).clamp(0, 1).sqrt()[:, None]
+    if len(weights) != basis.shape[0]:
+        raise FeatsteerError(f"{len(weights)} ridge weights for a rank-{basis.shape[0]} basis: give one weight per row")
+    return basis * torch.tensor(weights, dtype=basis.dtype).clamp(0, 1).sqrt()[:, None]
 
 
 def rotation_plane(directions: DirectionSet, index: int) -> Tensor:

@@ -16,6 +16,7 @@ their estimate.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -50,7 +51,8 @@ class SelectionConfig:
     """Do not consider the last fraction of layers (directions there mostly encode the next token), counted by the block
     input a hook sits at: `resid_post` of block l is block l+1's `resid_pre`."""
     require_induce: bool = True
-    """Discard candidates whose addition to harmless prompts does not raise the refusal score above 0."""
+    """Discard candidates whose addition to harmless prompts does not raise the refusal score above 0. The addition is the
+    candidate's unit direction times its `mean_diff_norm` score, which the candidates must then carry."""
     batch_size: int = 16
     """Prompts per forward pass."""
     top_k: int | None = 8
@@ -246,7 +248,10 @@ def _kl_and_induce(model, candidates: DirectionSet, i: int, harmless, base_harml
     """Per harmless prompt: the first-token KL under ablation, and the refusal log-odds with the mean difference added."""
     with steer(model, Ablate(weighted_basis(candidates, i), weighted=True)):
         kl = kl_per_prompt(base_harmless_logprobs, first_token_logprobs(model, harmless, batch_size=batch_size, system=system))
-    norm = candidates.scores.get("mean_diff_norm", [1.0] * len(candidates))[i]
+    lengths = candidates.scores.get("mean_diff_norm")
+    if lengths is None:  # only with require_induce=False (select_direction checks): no length to add, so no induce score
+        return kl, torch.full((len(harmless),), float("nan"), dtype=torch.float64)
+    norm = lengths[i]
     with steer(model, AddDirection(candidates.bases[i, 0] * norm, 1.0, where=candidates.hook_names[i])):
         induced = refusal_score(first_token_logprobs(model, harmless, batch_size=batch_size, system=system), tokens)
     return kl, induced
@@ -270,8 +275,10 @@ def _stream_depth(site: HookSite, n_layers: int) -> int:
 
 
 def late_layer_start(n_layers: int, skip_last_fraction: float) -> int:
-    """The first stream depth the late-layer rule skips (`SelectionConfig.skip_last_fraction` of `n_layers`)."""
-    return int((1 - skip_last_fraction) * n_layers)
+    """The first stream depth the late-layer rule skips (`SelectionConfig.skip_last_fraction` of `n_layers`): the floor of
+    `(1 - fraction) * n_layers`, taken after rounding away the float error, so 30% of 90 layers skips 27, not 28
+    (`(1 - 0.3) * 90` is 62.99999999999999 in floating point)."""
+    return math.floor(round((1 - skip_last_fraction) * n_layers, 9))
 
 
 def is_late_layer(model: ModelAdapter, hook: str, skip_last_fraction: float) -> bool:
@@ -291,9 +298,16 @@ def select_direction(
     """Score every candidate and pick one (see module docstring).
 
     Raises:
-        FeatsteerError: when no candidate survives the filters (the message says which filter to relax).
+        FeatsteerError: when no candidate survives the filters (the message says which filter to relax), or with
+            `require_induce` for candidates without a `mean_diff_norm` score (the length the induce check adds).
     """
     config = config or SelectionConfig()
+    if config.require_induce and "mean_diff_norm" not in candidates.scores:
+        # the check used to add the unit direction instead: far too short to induce anything, so every finalist failed
+        # it and the selection fell back, with only a logged warning
+        raise FeatsteerError(f"the induce check adds each candidate's mean difference, and these {candidates.method} candidates carry no "
+                             "mean_diff_norm score (its length along each direction): compute them with find_directions (every "
+                             "method records it), add the score, or pass SelectionConfig(require_induce=False)")
     progress = model.show_progress if progress is None else progress
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     harmful, harmless = list(harmful_val), list(harmless_val)
