@@ -16,7 +16,10 @@ quarter held out for validation, 16 validation prompts per set; evaluation on 10
 bfloat16 (2.3x faster on this CPU with the same selection, `precision_qwen.md`) with the selection screened
 (`--screen 16`, same choice as the plain selection on this model, `selection_screen_qwen_bfloat16.md`).
 Organism: `abliteration.py --target organism`'s sets (train on the built-in train+val splits, fresh generated
-validation prompts the organism never saw, evaluation on the built-in test split).
+validation prompts the organism never saw, evaluation on the built-in test split). `--batch-size` prompts a batch
+(default 64 on Qwen, 16 on the organism) for the evaluation and for the direction search and the validation picks
+(`compare` generates the picks at `DirectionConfig.batch_size`) alike: in bfloat16 a batch's padding can change a greedy
+response, so a pick generated at another batch size than the rows it chose would be read under other arithmetic.
 """
 
 from __future__ import annotations
@@ -47,9 +50,7 @@ METHODS = ["none", "dim_abliteration", "dim_ablation_hook", "dim_ace_hook", "dim
 def main() -> None:
     from featsteer.compare import SteeringMethodConfig, compare
     from featsteer.datasets import load_prompts
-    from featsteer.evaluation.behaviour import GenerationConfig
     from featsteer.models import load_model
-    from featsteer.pipeline import DirectionConfig
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--target", choices=["qwen", "organism"], default="qwen")
@@ -57,6 +58,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--screen", type=int, default=None, help="--screen of the selection (default: 16 for Qwen, off for the organism)")
+    parser.add_argument("--batch-size", type=int, help="prompts per batch, for the evaluation, the direction search and the validation "
+                        "picks alike (default: 64 on qwen, 16 on the organism)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list of compare methods for the first call")
     parser.add_argument("--angles", help="comma list of angles the angular methods pick from (default: compare's 60,75,90,120,150,180)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="the picks' tolerance (compare --pick-tolerance)")
@@ -78,6 +81,8 @@ def main() -> None:
                         "of every method here (JSON; keep it outside the repository, e.g. under runs/)")
     parser.add_argument("--title", default="ACE and angular steering vs DIM abliteration", help="the markdown's heading")
     args = parser.parse_args()
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     name = args.results_name or f"steering_methods_{args.target}"
     if args.render_only:
         write_files(RESULTS, {f"{name}.md": render(json.loads((RESULTS / f"{name}.json").read_text()))})
@@ -92,14 +97,8 @@ def main() -> None:
         sets |= spare_sets() if args.eval_set == "spare" else rotated_sets()
     start = time.perf_counter()
     model = load_model(str(qwen_gguf()) if qwen else "organism", dtype=dtype)
-    if qwen:
-        config = DirectionConfig(n_select=16, screen=args.screen or 16)
-        gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=64, max_batch_tokens=8192)
-        val = {}
-    else:
-        config = DirectionConfig(n_select=32, screen=args.screen)
-        gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
-        val = {"val_harmful": load_prompts("organism-corpus:harmful:96"), "val_harmless": load_prompts("organism-corpus:harmless:96")}
+    config, gen = run_configs(args)
+    val = {} if qwen else {"val_harmful": load_prompts("organism-corpus:harmful:96"), "val_harmless": load_prompts("organism-corpus:harmless:96")}
     common = {"eval_harmful": sets["eval_harmful"], "eval_harmless": sets["eval_harmless"], "direction_config": config, "generation": gen,
               "n_pick": args.n_pick, "max_nll_rise": None if args.max_nll_rise == "off" else float(args.max_nll_rise), **val}
     angles = {"angles": tuple(float(a) for a in args.angles.split(","))} if args.angles else {}
@@ -122,12 +121,40 @@ def main() -> None:
         Path(args.save_responses).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save_responses).write_text(json_text(main_run.responses_json(), indent=1) + "\n")
     out = {
-        "target": args.target, "title": args.title, "eval_set": _eval_description(args.eval_set, len(sets["eval_harmful"]), len(sets["eval_harmless"])), "command": shlex.join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"), "model": model.name, "dtype": dtype, "threads": args.threads, "seconds_total": round(time.perf_counter() - start, 1),
+        "target": args.target, "title": args.title, "eval_set": _eval_description(args.eval_set, len(sets["eval_harmful"]), len(sets["eval_harmless"])), "command": shlex.join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"), "model": model.name, "dtype": dtype, "threads": args.threads, "batch_size": gen.batch_size, "seconds_total": round(time.perf_counter() - start, 1),
         "setup": main_run.setup,
         "results": [{**asdict(r), "variant": "every activation" if i >= len(main_run.results) else ""} for i, r in enumerate(rows)],
     }
     write_files(RESULTS, {f"{name}.json": json_text(out, indent=1, default=str), f"{name}.md": render(out)})
     print(render(out))
+
+
+def run_configs(args: argparse.Namespace):
+    """The `DirectionConfig` and `GenerationConfig` of a run, both at `--batch-size` (64 on Qwen, 16 on the organism when
+    not given): `compare` generates the validation picks at the direction config's batch size and the evaluation at the
+    generation config's, so one number keeps a pick and the rows it chose under the same arithmetic."""
+    from featsteer.evaluation.behaviour import GenerationConfig
+    from featsteer.pipeline import DirectionConfig
+
+    qwen = args.target == "qwen"
+    batch_size = args.batch_size if args.batch_size is not None else (64 if qwen else GenerationConfig.batch_size)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=batch_size)
+    if qwen:
+        return DirectionConfig(n_select=16, screen=args.screen or 16, batch_size=batch_size), gen
+    return DirectionConfig(n_select=32, screen=args.screen, batch_size=batch_size), gen
+
+
+def batch_text(out: dict) -> str:
+    """The batch size sentence of the markdown. A run from before `--batch-size` (no `batch_size` in its JSON) generated
+    the validation picks at the direction config's 16 and, on Qwen, the evaluation at 64: marked as the old protocol."""
+    if "batch_size" in out:
+        return f" {out['batch_size']} prompts a batch for the evaluation, the direction search and the validation picks alike."
+    picks, rows = out["setup"]["directions"]["batch_size"], out["setup"]["generation"]["batch_size"]
+    if picks == rows:
+        return ""
+    return (f" **Old protocol**: the validation picks generated {picks} prompts a batch and the evaluation {rows}, and in "
+            f"{out['dtype']} the batch changes greedy responses, so a pick was read under other arithmetic than the rows it "
+            "chose; these figures stand until a re-run, where `--batch-size` sets both.")
 
 
 def spare_sets() -> dict:
@@ -205,7 +232,7 @@ def render(out: dict) -> str:
              f"{out.get('eval_set') or _eval_description('held-out', setup['n_eval_harmful'], setup['n_eval_harmless'])}, greedy decoding, "
              f"{setup['generation']['max_new_tokens']} new tokens, the `featsteer eval` detector. DIM direction: {chosen['hook']} position "
              f"{chosen['position']}. Every setting was picked on validation prompts ({validation}), "
-             f"{_bound_phrase(setup.get('max_nll_rise'))}. Total {out['seconds_total']:.0f} s.", "",
+             f"{_bound_phrase(setup.get('max_nll_rise'))}.{batch_text(out)} Total {out['seconds_total']:.0f} s.", "",
              "| method | setting | refused harmful | refused harmless | KL harmless (all) | KL answered | looping harmful / harmless "
              "| base NLL harmless | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]

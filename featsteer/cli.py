@@ -28,7 +28,7 @@ BIAS_DECAY_DEFAULT = 2.0
 def _load_model(args: argparse.Namespace, spec: str | None = None):
     """The model a command names (`--model`, or `spec`), with the command's `--dtype` and `--device`; its progress bars
     (capture, generation, selection, the optimiser) show on a terminal or with `-v`, and stay out of redirected output
-    (a log file, a pipe) without `-v`; `--escape-special` tokenizes special-token text in prompts as plain text."""
+    (a log file, a pipe) without `-v`; `--escape-special` tokenizes special-token text in prompts (system prompt, prefill) as plain text."""
     from featsteer.models import load_model
 
     model = load_model(args.model if spec is None else spec, dtype=args.dtype, device=args.device)
@@ -1804,8 +1804,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "directions and edits are computed in float32/float64 either way")
         p.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N | mps")
         p.add_argument("--escape-special", action="store_true",
-                       help="tokenize special-token text inside a prompt ('<|im_end|>') as plain text, not as the token that "
-                            "would end the prompt's turn (without it such prompts get a warning)")
+                       help="tokenize special-token text inside a prompt, the system prompt or a prefill ('<|im_end|>') as "
+                            "plain text, not as the token that would end the turn (without it such texts get a warning)")
 
     info = sub.add_parser("info", help="describe a model: family, layers, hook points, chat format")
     add_model_args(info)

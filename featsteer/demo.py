@@ -68,11 +68,16 @@ def best_layer(rows: list[LayerRow]) -> LayerRow:
     so its accuracy at the chosen layer is an unbiased estimate; picking the layer by held-out accuracy would report
     the luckiest of several noisy test scores.
     """
-    return max(rows, key=lambda row: (row.cv_accuracy if row.cv_accuracy is not None else -1.0,
-                                       row.cv_auroc if row.cv_auroc is not None else -1.0, -row.layer))
+    return max(rows, key=lambda row: cv_rank(row.cv_accuracy, row.cv_auroc, row.layer))
 
 
-def _training_cv_scores(harmful, harmless, hook: str, direction, folds: int = 3, seed: int = 0) -> tuple[float | None, float | None]:
+def cv_rank(cv_accuracy: float | None, cv_auroc: float | None, layer: int) -> tuple[float, float, int]:
+    """What `best_layer` ranks a layer by (the highest wins): its CV accuracy, then its CV AUROC (None below any score),
+    then the earliest layer. `featsteer.organism.train.dim_report` chooses its layer by it too."""
+    return (cv_accuracy if cv_accuracy is not None else -1.0, cv_auroc if cv_auroc is not None else -1.0, -layer)
+
+
+def training_cv_scores(harmful, harmless, hook: str, direction, folds: int = 3, seed: int = 0) -> tuple[float | None, float | None]:
     """DIM's mean accuracy and AUROC over stratified folds of one layer's training vectors (None: too few, or no
     direction: `difference_in_means` stores a zero one where both classes have one mean)."""
     import numpy as np
@@ -109,7 +114,7 @@ def layer_separability(model: ModelAdapter, n_train: int | None = None, position
             sets[("train", "harmful")].hook(hook), sets[("train", "harmless")].hook(hook),
             sets[("test", "harmful")].hook(hook), sets[("test", "harmless")].hook(hook),
         )
-        cv_accuracy, cv_auroc = _training_cv_scores(sets[("train", "harmful")].hook(hook), sets[("train", "harmless")].hook(hook), hook,
+        cv_accuracy, cv_auroc = training_cv_scores(sets[("train", "harmful")].hook(hook), sets[("train", "harmless")].hook(hook), hook,
                                                     directions.direction(hook))
         rows.append(LayerRow(hook, i, directions.scores["mean_diff_norm"][i], score, cv_accuracy, cv_auroc))
     return rows, directions

@@ -76,3 +76,38 @@ def test_induce_edit_picks_its_scales_at_the_batch_size_it_evaluates_at(monkeypa
     old = {"target": "qwen"}
     assert "old protocol" in induce_edit.batch_text(old)
     assert "old protocol" not in induce_edit.batch_text({**old, "batch_size": 64})
+
+
+def test_steering_methods_picks_at_the_batch_size_it_evaluates_at(monkeypatch):
+    """steering_methods.py evaluated Qwen at 64 prompts a batch while `compare` generated the validation picks at the
+    direction config's batch size, the default 16; in bfloat16 the batch changes greedy responses. `--batch-size` (64 on
+    Qwen, 16 on the organism when not given) now sets both, the results JSON records it, and the markdown of a run from
+    before says it is the old protocol."""
+    import argparse
+    import json
+
+    import featsteer.compare as compare_module
+    import featsteer.models as models_module
+
+    steering = load_script("steering_methods")
+    seen, written = [], {}
+
+    def fake_compare(model, harmful, harmless, **kwargs):
+        seen.append((kwargs["direction_config"].batch_size, kwargs["generation"].batch_size))
+        return argparse.Namespace(results=[], setup={}, context=None)
+
+    monkeypatch.setattr(compare_module, "compare", fake_compare)
+    monkeypatch.setattr(models_module, "load_model", lambda name, dtype: argparse.Namespace(name=name))
+    monkeypatch.setattr(steering, "qwen_gguf", lambda: "qwen.gguf")
+    monkeypatch.setattr(steering, "prompt_sets", lambda target: {k: ["p"] for k in ("train_harmful", "train_harmless", "eval_harmful",
+                                                                                     "eval_harmless")})
+    monkeypatch.setattr(steering, "write_files", lambda folder, files: written.update(files))
+    monkeypatch.setattr(steering, "render", lambda out: "")
+    for argv, expected in ((["--no-everywhere"], 64), (["--no-everywhere", "--batch-size", "8"], 8)):
+        monkeypatch.setattr(sys, "argv", ["steering_methods.py", "--methods", "none", *argv])
+        steering.main()
+        assert seen[-1] == (expected, expected)
+        assert json.loads(written["steering_methods_qwen.json"])["batch_size"] == expected
+    old = {"dtype": "bfloat16", "setup": {"directions": {"batch_size": 16}, "generation": {"batch_size": 64}}}
+    assert "Old protocol" in steering.batch_text(old)
+    assert "Old protocol" not in steering.batch_text({**old, "batch_size": 64})

@@ -143,3 +143,37 @@ def test_difference_in_means_separates_held_out_prompts(organism_model) -> None:
     assert len(accuracies) == model.config.num_hidden_layers + 1
     assert accuracies[0] <= 0.6  # the embedding of the last template token carries nothing
     assert max(accuracies) >= 0.85  # regression floor; measured 0.917 on the full test split (target 0.95 not met)
+
+
+def test_dim_report_chooses_its_layer_by_cv_on_the_fit_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training report's `best_layer` was the argmax of the very test accuracies it reported, the luckiest of one
+    score per layer. It now chooses the layer by DIM's 3-fold CV on the fit prompts, as the demo does: layer 1 separates
+    the fit prompts cleanly, layer 2 only in part, yet layer 2 reads the test prompts better. The report gives the test
+    accuracy at layer 1 and names layer 2's as the highest."""
+    import random
+
+    import featsteer.organism.train as train
+
+    generator = torch.Generator().manual_seed(0)
+
+    def activations(n: int, sign: float, spread: tuple[float, float, float]) -> torch.Tensor:
+        """(3 layers, n, 4): layer 0 the same vector for every prompt, layers 1-2 offset by `sign` along axis 0."""
+        noise = torch.randn(3, n, 4, generator=generator, dtype=torch.float64)
+        out = noise * torch.tensor(spread, dtype=torch.float64)[:, None, None]
+        out[1:, :, 0] += sign
+        out[0] = 1.0
+        return out
+
+    fit = {"fit_harmful": activations(30, 1.0, (0.0, 0.1, 2.0)), "fit_harmless": activations(30, -1.0, (0.0, 0.1, 2.0))}
+    test = {"test_harmful": activations(20, 1.0, (0.0, 1.5, 0.1)), "test_harmless": activations(20, -1.0, (0.0, 1.5, 0.1))}
+    by_name = {**fit, **test}
+    monkeypatch.setattr(train, "builtin_split", lambda kind, split: [f"fit_{kind}"] if split == "val" else None)
+    monkeypatch.setattr(train, "last_token_residuals", lambda model, tokenizer, prompts: by_name[prompts[0]])
+    sets = {"generated_heldout_harmful": (["test_harmful"], True), "generated_heldout_harmless": (["test_harmless"], False)}
+    report = train.dim_report(None, None, sets, random.Random(0))
+    accuracies = dim_accuracy(fit["fit_harmful"], fit["fit_harmless"], test["test_harmful"], test["test_harmless"])
+    assert accuracies[2] > accuracies[1]
+    assert report["chosen_layer"] == 1 and report["cv_per_layer"][0] is None and report["cv_per_layer"][1] > report["cv_per_layer"][2]
+    generated = report["generated"]
+    assert generated["accuracy_at_chosen_layer"] == accuracies[1] and "best_layer" not in generated
+    assert generated["highest_accuracy_layer"] == 2 and generated["highest_accuracy"] == accuracies[2]

@@ -202,6 +202,7 @@ def evaluate_set(
     generation = model.generate_with_tokens(
         prompt_list, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
         max_batch_tokens=config.max_batch_tokens, system=config.system, keep_logits=keep_logprobs, prefill=prefill,
+        label=name,
     )
     responses = generation.texts
     logprobs = None

@@ -148,9 +148,10 @@ class ModelAdapter(ABC):
     generation_prompt_length: int = 0
     """Padded prompt length of the batch being generated (valid while `generation_step` is not None)."""
     escape_special_tokens: bool = False
-    """Tokenize the text of a special token inside an instruction ("<|im_end|>") as plain text, not as that token. Off
-    (the default), it becomes the token, as `apply_chat_template` makes it, and a prompt can end its turn and start others;
-    `tokenize` then logs a warning, once per prompt, naming it. The template's own special tokens are never escaped."""
+    """Tokenize the text of a special token inside an instruction, the system prompt or a prefill ("<|im_end|>") as plain
+    text, not as that token. Off (the default), it becomes the token, as `apply_chat_template` makes it, and a prompt can
+    end its turn and start others; `tokenize` then logs a warning, once per text, naming it. The template's own special
+    tokens are never escaped."""
     show_progress: bool = True
     """Whether `generate`, `capture`, the direction selection and the direction optimiser show progress bars (set False
     for quiet scripts and notebooks; `capture` and `select_direction` take an explicit `progress=` too)."""
@@ -465,23 +466,38 @@ class ModelAdapter(ABC):
         Returns:
             One pair per such instruction, in order; empty for ordinary prompts.
         """
+        found = [(i, self._special_in(text)) for i, text in enumerate(instructions)]
+        return [(i, texts) for i, texts in found if texts]
+
+    def _special_in(self, text: str) -> list[str]:
+        """`special_token_texts` of one text, with the tokenizer's special-token strings worked out once per tokenizer."""
         known = getattr(self, "_special_strings_for", None)
         if known is None or known[0] is not self.tokenizer:
             known = self._special_strings_for = (self.tokenizer, special_token_strings(self.tokenizer))
-        found = [(i, special_token_texts(self.tokenizer, text, known[1])) for i, text in enumerate(instructions)]
-        return [(i, texts) for i, texts in found if texts]
+        return special_token_texts(self.tokenizer, text, known[1])
 
-    def _warn_special_text(self, instructions: Sequence[str]) -> None:
-        """Log one warning for the instructions holding special-token text that no earlier call warned about."""
+    def _warn_special_text(self, instructions: Sequence[str], system: str | None = None, prefill: Sequence[str] | None = None,
+                           label: str | None = None) -> None:
+        """Log one warning for the texts holding special-token text (instructions, the system prompt, prefills) that no
+        earlier call warned about; `label` names the prompt set the indices count in ("harmful prompt 2")."""
         warned = self.__dict__.setdefault("_special_warned", set())
-        fresh = [(i, texts) for i, texts in self.special_text(instructions) if instructions[i] not in warned]
+        where = f"{label} prompt" if label else "prompt"
+        found: dict[object, tuple[str, list[str]]] = {}  # what a text is remembered by: (how it is named, its special tokens)
+        if system is not None and (texts := self._special_in(system)):
+            found[("system", system)] = (f"the system prompt {_excerpt(system)}", texts)
+        for i, texts in self.special_text(instructions):
+            found.setdefault(instructions[i], (f"{where} {i} {_excerpt(instructions[i])}", texts))
+        for i, start in enumerate(prefill or ()):
+            if ("prefill", start) not in found and (texts := self._special_in(start)):
+                found[("prefill", start)] = (f"the prefill {_excerpt(start)} of {where} {i}", texts)
+        fresh = [(name, texts) for key, (name, texts) in found.items() if key not in warned]
         if not fresh:
             return
-        warned.update(instructions[i] for i, _ in fresh)
-        named = "; ".join(f"prompt {i} {_excerpt(instructions[i])}: {', '.join(map(repr, texts))}" for i, texts in fresh[:5])
-        more = f" (and {len(fresh) - 5} more prompts)" if len(fresh) > 5 else ""
-        logger.warning("%d prompt(s) hold text the tokenizer reads as special tokens, which can end the user turn and start "
-                       "others (%s%s); to keep it plain text, set escape_special_tokens=True (CLI: --escape-special)",
+        warned.update(found)
+        named = "; ".join(f"{name}: {', '.join(map(repr, texts))}" for name, texts in fresh[:5])
+        more = f" (and {len(fresh) - 5} more)" if len(fresh) > 5 else ""
+        logger.warning("%d text(s) hold what the tokenizer reads as special tokens, which can end a turn and start others "
+                       "(%s%s); to keep it plain text, set escape_special_tokens=True (CLI: --escape-special)",
                        len(fresh), named, more)
 
     def tokenize(self, instructions: Sequence[str], *, system: str | None = None, chat: bool = True,
@@ -497,9 +513,9 @@ class ModelAdapter(ABC):
             chat: apply the chat template; False tokenizes the texts as they are.
             prefill: text per instruction put after the formatted prompt, as the start of the response the model
                 goes on from (a prefilling attack: "Sure, here is"); it counts as post-instruction tokens.
-            escape_special_tokens: tokenize special-token text inside an instruction as plain text (None: the adapter's
-                `escape_special_tokens`). Only instructions that hold such text are tokenized differently: the template's
-                text before the instruction, the instruction, and what follows it, each on its own.
+            escape_special_tokens: tokenize special-token text inside an instruction, the system prompt or a prefill as
+                plain text (None: the adapter's `escape_special_tokens`). Only rows where such text is found are tokenized
+                differently: each text that holds it, and the template's text around it, on their own.
         """
         if not instructions:
             raise FeatsteerError("no prompts to tokenize: pass at least one instruction")
@@ -513,16 +529,16 @@ class ModelAdapter(ABC):
             add_special = not formatted[0].uses_chat_template
         else:
             texts, spans, add_special = list(instructions), [(0, len(t)) for t in instructions], True
-        escaped = {i for i, _ in self.special_text(instructions)} if escape else set()
         if not escape:
-            self._warn_special_text(instructions)
+            self._warn_special_text(instructions, system if chat else None, prefill)
+        plain = self._plain_spans(instructions, texts, spans, system if chat else None, prefill) if escape else [[]] * len(texts)
         template_ends = [len(text) for text in texts]
         if prefill is not None:
             texts = [text + start for text, start in zip(texts, prefill, strict=True)]
         rows, n_post, n_prefill = [], [], []
         appended = self._appended_special_tokens() if add_special else 0
-        for i, (text, (start, end), template_end) in enumerate(zip(texts, spans, template_ends, strict=True)):
-            encoding = self._encode(text, add_special, appended, (start, end) if i in escaped else None)
+        for text, (_, end), template_end, plain_spans in zip(texts, spans, template_ends, plain, strict=True):
+            encoding = self._encode(text, add_special, appended, plain_spans)
             if not encoding["input_ids"]:  # a row of padding alone: its "last token" would be a pad token's activation
                 raise FeatsteerError(f"the text {text!r} tokenizes to no tokens (without the chat template, on a tokenizer that "
                                      "adds no BOS token): leave out empty texts, or apply the chat template")
@@ -538,21 +554,47 @@ class ModelAdapter(ABC):
             batch.n_prefill = torch.tensor(n_prefill, dtype=torch.long)
         return batch
 
-    def _encode(self, text: str, add_special: bool, appended: int, escape_span: tuple[int, int] | None) -> dict:
+    def _plain_spans(self, instructions: Sequence[str], texts: Sequence[str], spans: Sequence[tuple[int, int]], system: str | None,
+                     prefill: Sequence[str] | None) -> list[list[tuple[int, int]]]:
+        """Per row, in order, the character spans to tokenize as plain text: the system prompt, the instruction and the
+        prefill (which starts where the formatted text ends), each where it holds special-token text.
+
+        Raises:
+            FeatsteerError: the system prompt holds special-token text and the chat template does not keep its text.
+        """
+        system_held = system is not None and bool(self._special_in(system))
+        out = []
+        for i, (text, (start, end)) in enumerate(zip(texts, spans, strict=True)):
+            row = []
+            if system_held:
+                row.append(_system_span(text, system, start))
+            if self._special_in(instructions[i]):
+                row.append((start, end))
+            if prefill is not None and self._special_in(prefill[i]):
+                row.append((len(text), len(text) + len(prefill[i])))
+            out.append(row)
+        return out
+
+    def _encode(self, text: str, add_special: bool, appended: int, plain_spans: Sequence[tuple[int, int]]) -> dict:
         """`input_ids` and `offset_mapping` of one text, without the `appended` special tokens at its end; with
-        `escape_span`, the text before it, in it (special-token text as plain text) and after it encoded apart."""
+        `plain_spans` (in order, apart), each span (special-token text as plain text) and the text between them encoded
+        apart."""
         keys = ("input_ids", "offset_mapping")
-        if escape_span is None:
+        if not plain_spans:
             encoding = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
             # a prompt ends where the model goes on: an end-of-sequence token after it is no part of it
             return {key: encoding[key][:-appended] if appended else encoding[key] for key in keys if key in encoding}
-        start, end = escape_span
+        pieces, position = [], 0
+        for left, right in plain_spans:
+            pieces += [(position, left, False), (left, right, True)]
+            position = right
+        pieces.append((position, len(text), False))
         out: dict = {"input_ids": [], "offset_mapping": []}
-        for k, (left, right) in enumerate(((0, start), (start, end), (end, len(text)))):
+        for k, (left, right, plain) in enumerate(pieces):
             if left == right and not (k == 0 and add_special):
                 continue
             encoding = self.tokenizer(text[left:right], add_special_tokens=add_special and k == 0, return_offsets_mapping=True,
-                                      split_special_tokens=k == 1)
+                                      split_special_tokens=plain)
             if "offset_mapping" not in encoding:
                 return {"input_ids": encoding["input_ids"]}  # the caller names the missing offsets
             ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
@@ -738,12 +780,14 @@ class ModelAdapter(ABC):
         chat: bool = True,
         keep_logits: bool = True,
         prefill: Sequence[str] | None = None,
+        label: str | None = None,
     ) -> Generation:
         """`generate_with_first_logits`, also keeping the token ids each response was generated as.
 
         The ids are what the model wrote (after a prefill), ending with the end-of-turn token when it wrote one before
         `max_new_tokens`: the decoded, stripped text can tokenize into other tokens, so metrics that teacher-force a
-        response (its NLL, the KL along it) read these.
+        response (its NLL, the KL along it) read these. `label` names the prompt set in a warning about special-token
+        text ("harmful prompt 2").
         """
         from tqdm.auto import tqdm
 
@@ -753,7 +797,7 @@ class ModelAdapter(ABC):
         token_ids: list[tuple[int, ...]] = [()] * len(instructions)
         first: Tensor | None = None
         _check_prefill(prefill, instructions)  # before plan_batches indexes it
-        batches = self.plan_batches(instructions, batch_size, max_batch_tokens, system, chat, prefill)
+        batches = self.plan_batches(instructions, batch_size, max_batch_tokens, system, chat, prefill, label)
         stop_set = self.stop_token_ids
         for rows in tqdm(batches, desc="generate", unit="batch", disable=not self.show_progress or len(batches) < 3, leave=False):
             batch = self.tokenize([instructions[i] for i in rows], system=system, chat=chat,
@@ -771,13 +815,15 @@ class ModelAdapter(ABC):
 
     def plan_batches(
         self, instructions: Sequence[str], batch_size: int, max_batch_tokens: int | None = None,
-        system: str | None = None, chat: bool = True, prefill: Sequence[str] | None = None,
+        system: str | None = None, chat: bool = True, prefill: Sequence[str] | None = None, label: str | None = None,
     ) -> list[list[int]]:
         """Group prompt indices into forward batches, shortest prompts first.
 
         Every batch has at most `batch_size` rows; with `max_batch_tokens` it also holds at most that many
         padded tokens (a prompt longer than the budget gets a batch of its own). `capture`, `logits` and
         `generate` batch this way, so a few very long prompts do not pad a whole batch to their length.
+        Special-token text in the prompts, the system prompt or the prefills is warned about here, with the index in
+        `instructions` and `label` (the prompt set's name) when given.
 
         Returns:
             Lists of indices into `instructions`, in the order the batches are run.
@@ -785,7 +831,7 @@ class ModelAdapter(ABC):
         if batch_size < 1:
             raise FeatsteerError(f"batch_size must be at least 1, got {batch_size}")
         if not self.escape_special_tokens:
-            self._warn_special_text(instructions)  # here, with the indices of the whole prompt list
+            self._warn_special_text(instructions, system if chat else None, prefill, label)  # indices of the whole list
         if max_batch_tokens is None:
             return _length_batches(instructions, batch_size)
         if max_batch_tokens < 1:
@@ -862,6 +908,21 @@ def _token_budget_batches(lengths: Sequence[int], batch_size: int, max_batch_tok
         else:
             batches.append([i])
     return batches
+
+
+def _system_span(text: str, system: str, before: int) -> tuple[int, int]:
+    """Where the system prompt's text sits in a formatted prompt, before character `before` (the instruction's start).
+
+    Raises:
+        FeatsteerError: the chat template changed the text, so its special-token text cannot be escaped.
+    """
+    for candidate in (system, system.strip()):
+        at = text.rfind(candidate, 0, before)
+        if at >= 0:
+            return at, at + len(candidate)
+    raise FeatsteerError(f"the chat template does not keep the system prompt {_excerpt(system)} as written, so its special-token "
+                         "text cannot be tokenized as plain text: remove that text from the system prompt, or run without "
+                         "escape_special_tokens (--escape-special)")
 
 
 def _excerpt(text: str, width: int = 40) -> str:

@@ -5,7 +5,8 @@ assistant header), so we need both the formatted text and the character span of 
 
 A prompt holding a special token's text ("<|im_end|>") is tokenized into that special token, as Hugging Face's own
 `apply_chat_template` does, so a prompt can close its turn and open others. `special_token_texts` finds such text;
-`ModelAdapter.tokenize` warns about it and, with `escape_special_tokens`, tokenizes the instruction as plain text.
+`ModelAdapter.tokenize` warns about it and, with `escape_special_tokens`, tokenizes it as plain text, in the
+instruction, the system prompt and the prefill alike.
 """
 
 from __future__ import annotations

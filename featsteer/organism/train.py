@@ -865,7 +865,13 @@ def evaluate(model, tokenizer, sets: dict[str, tuple[list[str], bool]]) -> dict[
 
 
 def dim_report(model, tokenizer, sets: dict[str, tuple[list[str], bool]], rng: random.Random) -> dict:
-    """Difference-in-means separability: fit on generated/builtin-val prompts, test on held-out sets."""
+    """Difference-in-means separability: fit on generated/builtin-val prompts, test on held-out sets.
+
+    The layer is chosen on the fit prompts alone, by DIM's 3-fold CV there (`chosen_layer`, ranked as `demo.best_layer`
+    ranks the demo's layers), so each set's `accuracy_at_chosen_layer` is an unbiased estimate; `highest_accuracy_layer`
+    and `highest_accuracy` are the luckiest of the per-layer test scores, kept for reference. Reports written before
+    this choice hold `best_layer`/`best_accuracy`, which were that highest test score.
+    """
     fit_harmful = builtin_split("harmful", "val") or sets["generated_heldout_harmful"][0]
     fit_harmless = builtin_split("harmless", "val") or sets["generated_heldout_harmless"][0]
     pairs = {"generated": ("generated_heldout_harmful", "generated_heldout_harmless")}
@@ -875,16 +881,36 @@ def dim_report(model, tokenizer, sets: dict[str, tuple[list[str], bool]], rng: r
         pairs["advbench_vs_mtbench_ifbench"] = ("advbench", "mtbench_ifbench")
     acts_harmful = last_token_residuals(model, tokenizer, fit_harmful)
     acts_harmless = last_token_residuals(model, tokenizer, fit_harmless)
-    report: dict = {"fit_sets": "builtin val" if builtin_split("harmful", "val") else "generated held-out"}
+    chosen, cv_scores = cv_layer_choice(acts_harmful, acts_harmless)
+    report: dict = {"fit_sets": "builtin val" if builtin_split("harmful", "val") else "generated held-out", "chosen_layer": chosen,
+                    "cv_per_layer": [None if accuracy is None else round(accuracy, 4) for accuracy, _ in cv_scores]}
     for name, (harmful_set, harmless_set) in pairs.items():
         test_harmful = last_token_residuals(model, tokenizer, sets[harmful_set][0])
         test_harmless = last_token_residuals(model, tokenizer, sets[harmless_set][0])
         accuracies = dim_accuracy(acts_harmful, acts_harmless, test_harmful, test_harmless)
-        best = int(np.argmax(accuracies))
-        report[name] = {"per_layer": [round(a, 4) for a in accuracies], "best_layer": best,
-                        "best_accuracy": accuracies[best]}
-        logger.info("DIM %s: best layer %d accuracy %.3f", name, best, accuracies[best])
+        highest = int(np.argmax(accuracies))
+        report[name] = {"per_layer": [round(a, 4) for a in accuracies], "accuracy_at_chosen_layer": accuracies[chosen],
+                        "highest_accuracy_layer": highest, "highest_accuracy": accuracies[highest]}
+        logger.info("DIM %s: accuracy %.3f at layer %d (chosen by CV on the fit prompts; highest %.3f at layer %d)", name,
+                    accuracies[chosen], chosen, accuracies[highest], highest)
     return report
+
+
+def cv_layer_choice(fit_harmful: torch.Tensor, fit_harmless: torch.Tensor) -> tuple[int, list[tuple[float | None, float | None]]]:
+    """The layer DIM separates the fit prompts best at under 3-fold CV, ranked as `demo.best_layer` ranks layers.
+
+    Args:
+        fit_harmful: ``(layers, prompts, d_model)`` fit activations of the harmful prompts.
+        fit_harmless: the same for the harmless prompts.
+
+    Returns:
+        The chosen layer index and each layer's (CV accuracy, CV AUROC), None where CV cannot run.
+    """
+    from featsteer.demo import cv_rank, training_cv_scores
+
+    scores = [training_cv_scores(fit_harmful[layer], fit_harmless[layer], f"layer {layer}",
+                                 fit_harmful[layer].mean(0) - fit_harmless[layer].mean(0)) for layer in range(fit_harmful.shape[0])]
+    return max(range(len(scores)), key=lambda layer: cv_rank(*scores[layer], layer)), scores
 
 
 def is_organism_file(name: str) -> bool:
