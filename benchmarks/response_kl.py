@@ -72,7 +72,9 @@ def main() -> None:
     start = time.perf_counter()
     model = load_model(str(qwen_gguf()) if qwen else "organism", dtype=dtype)
     if qwen:
-        config = DirectionConfig(n_select=16, screen=16)
+        # the picks (generated at the direction config's batch size) and the rows at one batch size: in bfloat16 a
+        # batch's padding can change a greedy answer
+        config = DirectionConfig(n_select=16, screen=16, batch_size=64)
         gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=64, max_batch_tokens=8192)
         extra = {}
     else:
@@ -87,6 +89,7 @@ def main() -> None:
                   eval_harmless=sets["eval_harmless"], direction_config=config, generation=gen, steering_config=SteeringMethodConfig(),
                   pick_kl=args.pick_kl, **extra)
     out = {"target": args.target, "date": time.strftime("%Y-%m-%d"), "model": model.name, "dtype": dtype, "threads": args.threads,
+           "response_scoring": RESPONSE_SCORING,
            "seconds_total": round(time.perf_counter() - start, 1), "setup": run.setup, "results": [asdict(r) for r in run.results]}
     if args.exact_check:
         out["exact_check"] = exact_check(run, gen, sets["eval_harmless"], args.exact_n or (16 if qwen else None))
@@ -124,6 +127,25 @@ def _rank(values: list[float]) -> list[int]:
     return ranks
 
 
+RESPONSE_SCORING = "generated token ids, end-of-turn position scored"
+"""What the KL along the responses reads; results without it re-tokenized the decoded text and never scored the end of the
+turn (the protocol before 2026-12-07)."""
+
+
+def _protocol_notes(out: dict) -> str:
+    """Sentences saying how a recorded run differs from what the script does now (empty for a current run)."""
+    setup, notes = out["setup"], []
+    if out.get("response_scoring") != RESPONSE_SCORING:
+        notes.append("Old protocol: the KL along the responses (and the exact check) read the unedited model's answers "
+                     "re-tokenized from their decoded text, without the end-of-turn position; the script now reads the token "
+                     "ids it generated and scores the end of the turn.")
+    picks, rows = setup["directions"].get("batch_size"), setup["generation"].get("batch_size")
+    if picks is not None and rows is not None and picks != rows:
+        notes.append(f"Old protocol: the validation picks were generated {picks} prompts a batch and the rows {rows}; in "
+                     "bfloat16 a batch's padding can change a greedy answer. The script now uses one batch size.")
+    return "".join(" " + note for note in notes)
+
+
 def render(out: dict) -> str:
     setup = out["setup"]
     nh, nl = setup["n_eval_harmful"], setup["n_eval_harmless"]
@@ -141,7 +163,7 @@ def render(out: dict) -> str:
              f"KL response: KL(base || method) at each of the first {rkl.get('max_tokens')} positions of the unedited model's greedy "
              f"harmless responses ({rkl.get('positions')} positions in all), teacher-forced into both models, averaged per prompt and then "
              f"over prompts; the base keeps its top {rkl.get('top_k')} tokens per position and lumps the rest (mean lumped mass "
-             f"{fmt(rkl.get('base_tail_mass'), '.2g')}). Total {out['seconds_total']:.0f} s.", "",
+             f"{fmt(rkl.get('base_tail_mass'), '.2g')}). Total {out['seconds_total']:.0f} s." + _protocol_notes(out), "",
              "| method | setting | refused harmful | KL first token (all / answered) | KL response (all / answered) | rank: first token / response |",
              "|---|---|---|---|---|---|"]
     for r in results:
