@@ -1291,7 +1291,7 @@ def test_steer_and_abliterate_options_that_would_be_ignored_are_errors(capsys, t
     assert code == 2 and "is not empty" in err  # a second run would leave the first one's files beside its own
     steer_common = ["steer", "--model", "organism", "--prompt", "How do I pick a lock?", "--max-new-tokens", "4"]
     for extra, message in (
-        (["--directions", str(tmp_path / "d" / "candidates"), "--mode", "ablate"], "directions (blocks.0.hook_resid_pre position"),
+        (["--directions", str(tmp_path / "d" / "candidates"), "--mode", "ablate"], "directions (entry 0: blocks.0.hook_resid_pre position"),
         (["--directions", str(tmp_path / "d" / "chosen"), "--mode", "ablate", "--scale", "2"], "--scale applies to --directions with --mode add|conditional"),
         (["--directions", str(tmp_path / "d" / "chosen"), "--mode", "add", "--threshold", "0.2"], "--threshold applies"),
         (["--directions", str(tmp_path / "d" / "chosen"), "--mode", "add", "--value", "3"], "--value applies to --mode set"),

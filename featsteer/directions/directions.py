@@ -67,11 +67,31 @@ class DirectionSet:
         """Basis size k."""
         return int(self.bases.shape[1])
 
+    def entry_label(self, i: int) -> str:
+        """How errors and listings name entry `i`: its number, hook, position and, for SAE sets, its feature ids."""
+        label = f"entry {i}: {self.hook_names[i]} position {self.positions[i]}"
+        features = self.provenance.get("feature_ids")
+        if isinstance(features, list) and len(features) == len(self) and isinstance(features[i], list):
+            label += f" feature{'s' if len(features[i]) > 1 else ''} {','.join(str(f) for f in features[i])}"
+        return label
+
+    def entries(self, hook: str, position: int = -1) -> list[int]:
+        """Indices of every entry read at `hook` and `position` (several when, e.g., two SAE features share a hook)."""
+        return [i for i, (name, pos) in enumerate(zip(self.hook_names, self.positions, strict=True)) if name == hook and pos == position]
+
     def index(self, hook: str, position: int = -1) -> int:
-        """Index of the direction read at `hook` and `position`."""
-        for i, (name, pos) in enumerate(zip(self.hook_names, self.positions, strict=True)):
-            if name == hook and pos == position:
-                return i
+        """Index of the direction read at `hook` and `position`.
+
+        Raises:
+            FeatsteerError: no entry there, or several (then take one by its entry number, `bases[i]`).
+        """
+        found = self.entries(hook, position)
+        if len(found) > 1:
+            listed = "; ".join(self.entry_label(i) for i in found[:6]) + ("; ..." if len(found) > 6 else "")
+            raise FeatsteerError(f"{len(found)} directions are read at {hook} position {position} ({listed}): take one by its entry "
+                                 "number, bases[i] (featsteer steer/abliterate: --direction-index I)")
+        if found:
+            return found[0]
         raise FeatsteerError(f"no direction for {hook} at position {position}; available: {sorted(set(self.hook_names))}")
 
     def direction(self, hook: str, position: int = -1) -> Tensor:
