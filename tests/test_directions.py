@@ -233,6 +233,22 @@ def test_non_finite_activations_and_mismatched_widths_are_named():
         difference_in_means(_set(harmful, "harmful"), _set(harmless[:, :16], "harmless"))
 
 
+def test_a_direction_set_is_float32_and_unit_to_float32_rounding():
+    """The documented float32 was not enforced (a float64 set stayed float64, a bfloat16 one bfloat16) and rows up to 1e-2
+    off unit length were taken, so an ablation left up to 1% of the direction behind; a NaN row passed as a zero one."""
+    from featsteer.directions import DirectionSet
+
+    hook = ("blocks.0.hook_resid_pre",)
+    r = torch.nn.functional.normalize(torch.randn(D, dtype=torch.float64), dim=0)
+    assert DirectionSet(r[None, None], hook, (-1,), "dim").bases.dtype == torch.float32
+    assert DirectionSet(r[None, None].bfloat16().double().div(r.bfloat16().double().norm()), hook, (-1,), "dim").bases.dtype == torch.float32
+    for bad in (r * 1.005, r.bfloat16(), torch.full((D,), float("nan"))):
+        with pytest.raises(FeatsteerError, match=r"not orthonormal .*more than 0.0001.*normalised in float32 or float64"):
+            DirectionSet(bad[None, None], hook, (-1,), "dim")
+    q = torch.linalg.qr(torch.randn(D, 3)).Q.T  # float32 QR: orthonormal to rounding
+    assert DirectionSet(q[None], hook, (-1,), "svd").rank == 3
+
+
 def test_a_direction_set_holds_unit_or_zero_bases_and_damaged_folders_are_named(tmp_path):
     from featsteer.directions import DirectionSet
 
