@@ -1016,14 +1016,19 @@ def _rate_line(name: str, before, after) -> str:
     return line
 
 
+_PICK_KL_LABELS = {"kl_harmless": "first-token KL", "kl_response_harmless": "response KL"}
+"""The validation KL a pick weighed (`compare._pick_kl_key`: `pick_kl="first"` or `"response"`) and how a line names it."""
+
+
 def _sae_validation_lines(details: dict) -> list[str]:
-    """`abliterate --method sae`'s validation row per k, as measured and recorded (`compare._validation_table`). A k the
-    coherence bound ruled out entered the pick as unanswered 1.0 (`compare._validation_rows`); its line gives what it
-    measured and says why it cannot win."""
+    """`abliterate --method sae`'s validation row per k, as measured and recorded (`compare._validation_table`), with the
+    KL the pick weighed, named. A k the coherence bound ruled out entered the pick as unanswered 1.0
+    (`compare._validation_rows`); its line gives what it measured and says why it cannot win."""
     ruled_out, nlls = details.get("incoherent") or [], details.get("validation_base_nll") or {}
     lines = []
     for setting, row in details.get("sae_validation", {}).items():
-        line = f"  {setting:>6}: validation unanswered {row['unanswered_harmful']:.3f}, KL {row['kl_harmless']:.4f}"
+        kl = "".join(f", {label} {row[key]:.4f}" for key, label in _PICK_KL_LABELS.items() if key in row)
+        line = f"  {setting:>6}: validation unanswered {row['unanswered_harmful']:.3f}{kl}"
         if setting in ruled_out:
             line += (f"; ruled out: its validation harmless answers cost {nlls[setting]:.2f} nats per token, above the coherence "
                      f"bound ({nlls['unedited']:.2f} for the model's own + {details['max_nll_rise']:g})")
