@@ -459,6 +459,30 @@ def test_late_layer_rule_counts_resid_post_as_the_next_blocks_input():
     assert found.selection.chosen.hook not in late
 
 
+def test_late_layer_rule_counts_a_write_into_a_blocks_output_as_the_next_blocks_input():
+    """`mlp_out` of block l writes into `resid_post` of block l, which is block l+1's input, as does `attn_out` in a
+    parallel block (no `resid_mid`): they were counted as block l, so with `DirectionConfig(kind="mlp_out")` the organism's
+    block-2 MLP write was scored (and could win) although `resid_post` of block 2, the same stream, is skipped. `attn_out` of a sequential block
+    writes into `resid_mid`, read by its own MLP, and stays block l."""
+    from featsteer.datasets import builtin_prompts
+    from featsteer.directions.selection import is_late_layer
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    model = load_model("organism")  # 4 layers: depths 3 and up are the last 20%
+    model.show_progress = False
+    late = {kind: [is_late_layer(model, f"blocks.{layer}.hook_{kind}", 0.2) for layer in range(4)]
+            for kind in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")}
+    assert late["mlp_out"] == late["resid_post"] == [False, False, True, True]
+    assert late["attn_out"] == late["resid_mid"] == late["resid_pre"] == [False, False, False, True]
+    parallel = load_model("tiny:cohere")  # 3 layers, attention and MLP side by side: depths 2 and up are late
+    assert [is_late_layer(parallel, f"blocks.{layer}.hook_attn_out", 0.2) for layer in range(3)] == [False, True, True]
+    prompts = builtin_prompts("harmful", "train").head(12), builtin_prompts("harmless", "train").head(12)
+    found = find_refusal_direction(model, *prompts, DirectionConfig(kind="mlp_out", n_select=4))
+    assert {c.hook for c in found.selection.candidates if "late layer" in c.failed} == {"blocks.2.hook_mlp_out", "blocks.3.hook_mlp_out"}
+    assert found.selection.chosen.hook not in {"blocks.2.hook_mlp_out", "blocks.3.hook_mlp_out"}
+
+
 def test_the_candidate_table_names_every_filter_a_candidate_fails():
     """With no KL allowed, every finalist fails the KL filter, and those whose addition induces no refusal fail that one
     too: the table said only the first ('kl too high')."""
