@@ -728,8 +728,8 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
                              + ": drop --layers")
     if args.directions:
         return _abliterate_saved(args, mode, warm_start)
-    if args.direction_hook is not None or args.direction_position is not None:
-        raise FeatsteerError("--direction-hook and --direction-position pick a direction from --directions DIR: add it")
+    if args.direction_hook is not None or args.direction_position is not None or args.direction_index is not None:
+        raise FeatsteerError("--direction-hook, --direction-position and --direction-index pick a direction from --directions DIR: add it")
     if args.method == "sae":
         return _abliterate_sae(args, mode, warm_start)
     if args.sae or args.sae_top_k is not None:
@@ -1016,14 +1016,19 @@ def _rate_line(name: str, before, after) -> str:
     return line
 
 
+_PICK_KL_LABELS = {"kl_harmless": "first-token KL", "kl_response_harmless": "response KL"}
+"""The validation KL a pick weighed (`compare._pick_kl_key`: `pick_kl="first"` or `"response"`) and how a line names it."""
+
+
 def _sae_validation_lines(details: dict) -> list[str]:
-    """`abliterate --method sae`'s validation row per k, as measured and recorded (`compare._validation_table`). A k the
-    coherence bound ruled out entered the pick as unanswered 1.0 (`compare._validation_rows`); its line gives what it
-    measured and says why it cannot win."""
+    """`abliterate --method sae`'s validation row per k, as measured and recorded (`compare._validation_table`), with the
+    KL the pick weighed, named. A k the coherence bound ruled out entered the pick as unanswered 1.0
+    (`compare._validation_rows`); its line gives what it measured and says why it cannot win."""
     ruled_out, nlls = details.get("incoherent") or [], details.get("validation_base_nll") or {}
     lines = []
     for setting, row in details.get("sae_validation", {}).items():
-        line = f"  {setting:>6}: validation unanswered {row['unanswered_harmful']:.3f}, KL {row['kl_harmless']:.4f}"
+        kl = "".join(f", {label} {row[key]:.4f}" for key, label in _PICK_KL_LABELS.items() if key in row)
+        line = f"  {setting:>6}: validation unanswered {row['unanswered_harmful']:.3f}{kl}"
         if setting in ruled_out:
             line += (f"; ruled out: its validation harmless answers cost {nlls[setting]:.2f} nats per token, above the coherence "
                      f"bound ({nlls['unedited']:.2f} for the model's own + {details['max_nll_rise']:g})")
@@ -1077,18 +1082,26 @@ def _saved_direction(args: argparse.Namespace):
     if not Path(args.directions).is_dir():
         raise FeatsteerError(f"--directions {args.directions} is not a folder: pass a DirectionSet folder such as DIRS/chosen from `featsteer directions`")
     directions = DirectionSet.load(args.directions)
+    _check_direction_index(args, directions)
     matches = [i for i, (hook, pos) in enumerate(zip(directions.hook_names, directions.positions, strict=True))
-               if (args.direction_hook is None or hook == args.direction_hook) and (args.direction_position is None or pos == args.direction_position)]
+               if (args.direction_hook is None or hook == args.direction_hook) and (args.direction_position is None or pos == args.direction_position)
+               and args.direction_index in (None, i)]
     if not matches:
         raise FeatsteerError(f"{args.directions} has no direction at {args.direction_hook or 'any hook'} position "
-                             f"{'any' if args.direction_position is None else args.direction_position}: "
+                             f"{'any' if args.direction_position is None else args.direction_position}"
+                             f"{'' if args.direction_index is None else f' with entry number {args.direction_index}'}: "
                              f"it has hooks {sorted(set(directions.hook_names))} at positions {sorted(set(directions.positions))}")
+    if len(matches) > 1 and len({(directions.hook_names[i], directions.positions[i]) for i in matches}) == 1:  # two SAE features at one hook
+        raise FeatsteerError(f"{args.directions} holds {len(matches)} directions at {directions.hook_names[matches[0]]} position "
+                             f"{directions.positions[matches[0]]} ({_entries_listed(directions, matches)}): choose one by entry number "
+                             "with --direction-index I")
     if len(matches) > 1:
         raise FeatsteerError(f"{args.directions} holds {len(matches)} matching directions: choose one with --direction-hook "
-                             f"(of {sorted(set(directions.hook_names))}) and --direction-position (of {sorted(set(directions.positions))})")
+                             f"(of {sorted(set(directions.hook_names))}) and --direction-position (of {sorted(set(directions.positions))}), "
+                             "or by entry number with --direction-index I")
     index = matches[0]
     record = {"method": "saved", "directions": str(args.directions), "direction_method": directions.method,
-              "direction_hook": directions.hook_names[index], "direction_position": directions.positions[index],
+              "direction_hook": directions.hook_names[index], "direction_position": directions.positions[index], "direction_index": index,
               "direction_provenance": dict(directions.provenance)}
     if "mean_diff_norm" in directions.scores:
         record["direction_length"] = float(directions.scores["mean_diff_norm"][index])
@@ -1124,7 +1137,7 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
     model = _load_model(args)
     basis = fixed_basis(direction, model.d_model)  # a width that does not fit the model is reported before anything runs
     print(f"direction: {record['direction_method']} from {args.directions} at {record['direction_hook']} position "
-          f"{record['direction_position']} (rank {basis.shape[0]})")
+          f"{record['direction_position']}, entry {record['direction_index']} (rank {basis.shape[0]})")
     found_with = record["direction_provenance"].get("system")
     if found_with != args.system:  # a legitimate experiment, but not one to run unawares: featsteer.json records both
         print(f"note: the direction was found with {'the system prompt ' + repr(found_with) if found_with else 'no system prompt'}; "
@@ -1136,7 +1149,8 @@ def _abliterate_saved(args: argparse.Namespace, mode: str, warm_start: list[dict
         handle, extra = _addition(args, mode, model, basis[0], record["direction_length"], record["direction_hook"], record, pick_prompts,
                                   _template_prompts(args, val)), {}
     elif args.search:
-        provenance = {k: record[k] for k in ("method", "directions", "direction_method", "direction_hook", "direction_position")}
+        provenance = {k: record[k] for k in ("method", "directions", "direction_method", "direction_hook", "direction_position",
+                                                  "direction_index")}
         handle, extra = _fixed_search_edit(args, model, basis, val, mode, warm_start, provenance, record)
     else:
         weights = record.get("ridge_weights")  # the SVD method's damped projector, as `featsteer abliterate --method svd` applies it
@@ -1194,6 +1208,8 @@ def _check_steer_options_apply(args: argparse.Namespace) -> None:
 def _check_steer_sources(args: argparse.Namespace) -> None:
     if sum(source is not None for source in (args.directions, args.sae, args.experts)) != 1:
         raise FeatsteerError("steer needs one source: --directions DIR, --sae SRC with --feature ID, or --experts LAYER:E[,E][;LAYER:E]")
+    if args.direction_index is not None and args.directions is None:
+        raise FeatsteerError("--direction-index picks an entry of --directions DIR: drop it, or add --directions")
     if args.experts is not None:
         if args.mode not in EXPERT_STEER_MODES:
             raise FeatsteerError(f"--experts takes --mode {'|'.join(EXPERT_STEER_MODES)}, not --mode {args.mode}")
@@ -1226,9 +1242,9 @@ def _check_steer_sources(args: argparse.Namespace) -> None:
             raise FeatsteerError(f"--positions applies to --sae features and to --mode add|conditional, not to --mode {args.mode}")
         if args.mode == "angular" and args.angle is None:
             raise FeatsteerError("--mode angular needs --angle DEG (degrees from the refusal direction: 0 full refusal, 180 against it)")
-        if args.mode in ("ace", "angular") and args.hook is not None:
+        if args.mode in ("ace", "angular") and (args.hook is not None or args.direction_index is not None):
             raise FeatsteerError(f"--mode {args.mode} acts at every layer (ACE at each hook whose class means the direction records, "
-                                 "angular at --angle-at), so it takes no --hook")
+                                 f"angular at --angle-at), so it takes no {'--hook' if args.hook is not None else '--direction-index'}")
     if args.mode != "angular" and (args.angle is not None or args.angle_everywhere or args.angle_at != "layers"):
         raise FeatsteerError("--angle, --angle-everywhere and --angle-at apply to --mode angular")
     if args.mode != "ace" and args.alpha is not None:
@@ -1364,16 +1380,20 @@ def _set_value(args: argparse.Namespace, directions, index: int, hook: str) -> f
 
 
 def _steered_entry(args: argparse.Namespace, directions) -> int:
-    """Which of a saved set's directions `steer` uses: its only one, or the one at `--hook` (the last position's when the
-    hook has several); with several and no `--hook`, an error that lists them (a candidates/ folder holds every layer's)."""
+    """Which of a saved set's directions `steer` uses: entry `--direction-index`, its only one, or the one at `--hook` (the
+    last position's when the hook has several); with several and no `--hook`, or several at the hook's last position (two
+    SAE features at one hook), an error that lists them (a candidates/ folder holds every layer's)."""
+    if args.direction_index is not None:
+        _check_direction_index(args, directions)
+        return args.direction_index
     at_hook = [i for i, name in enumerate(directions.hook_names) if name == args.hook]
     if len(at_hook) == 1:
         return at_hook[0]
     if at_hook:
         last = [i for i in at_hook if directions.positions[i] == -1]
-        if last:
+        if len(last) == 1:
             return last[0]
-        raise _too_many(args, directions, at_hook)
+        raise _too_many(args, directions, last or at_hook)
     if len(directions) == 1:
         return 0  # one direction, steered where it was read or, with --hook, at another hook
     if args.hook:
@@ -1382,9 +1402,20 @@ def _steered_entry(args: argparse.Namespace, directions) -> int:
 
 
 def _too_many(args: argparse.Namespace, directions, entries: list[int]) -> FeatsteerError:
-    listed = ", ".join(f"{directions.hook_names[i]} position {directions.positions[i]}" for i in entries[:6])
-    return FeatsteerError(f"{args.directions} holds {len(entries)} directions ({listed}{', ...' if len(entries) > 6 else ''}): "
-                          "pass the chosen/ folder of `featsteer directions`, or name one with --hook")
+    return FeatsteerError(f"{args.directions} holds {len(entries)} directions{' at ' + args.hook if args.hook else ''} "
+                          f"({_entries_listed(directions, entries)}): pass the chosen/ folder of `featsteer directions`, name one with "
+                          "--hook, or pick one by entry number with --direction-index I")
+
+
+def _entries_listed(directions, entries: list[int]) -> str:
+    """The first six of a saved set's `entries`, each with its entry number, hook, position and any SAE feature ids."""
+    return "; ".join(directions.entry_label(i) for i in entries[:6]) + ("; ..." if len(entries) > 6 else "")
+
+
+def _check_direction_index(args: argparse.Namespace, directions) -> None:
+    if args.direction_index is not None and not 0 <= args.direction_index < len(directions):
+        raise FeatsteerError(f"--direction-index {args.direction_index} is out of range: {args.directions} holds {len(directions)} "
+                             f"direction{'s' if len(directions) > 1 else ''} (entries 0..{len(directions) - 1})")
 
 
 def _gated(args: argparse.Namespace, model, intervention, what: str, basis, hook: str, weighted: bool = False):
@@ -1903,6 +1934,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "or one saved from Python) instead of fitting a direction")
     abl.add_argument("--direction-hook", metavar="HOOK", help="with --directions: which hook's direction, when the set holds several")
     abl.add_argument("--direction-position", type=int, metavar="P", help="with --directions: which position's direction")
+    abl.add_argument("--direction-index", type=int, metavar="I", help="with --directions: entry I of the set (0-based, as errors list "
+                     "them), for entries that share a hook and position, such as two SAE features")
     abl.add_argument("--reverse", action="store_true", help="reverse abliteration: amplify the direction (W + a r r^T W, a = --alpha); "
                      "it scales what the writes already carry along it, so it induces little refusal where harmless prompts carry "
                      "almost none (benchmarks/results/induce_edit_*.md); --induce-bias adds the direction instead")
@@ -1981,6 +2014,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--system", help="system prompt of every prompt, steered and plain (as `featsteer eval --system`)")
     st.add_argument("--column", help=_COLUMN_HELP)
     st.add_argument("--hook", help="hook to steer at (default: where the direction was read); with --sae: which SAE")
+    st.add_argument("--direction-index", type=int, metavar="I", help="with --directions: steer entry I of the set (0-based, as errors "
+                    "list them), for entries that share a hook and position, such as two SAE features")
     st.add_argument("--scale", type=float, help="multiple of the mean difference to add (direction add/conditional; default 1)")
     st.add_argument("--value", type=float, help="projection value for --mode set (default: the mean harmful projection at the steered hook); "
                     "the clamp value, scale factor or amount added for SAE features")

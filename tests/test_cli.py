@@ -835,6 +835,20 @@ def test_abliterate_sae_prints_what_a_k_ruled_out_by_the_coherence_bound_measure
     assert printed == {k: f"{r['unanswered_harmful']:.3f}" for k, r in measured.items()}, stdout
 
 
+def test_sae_validation_lines_print_the_kl_the_pick_weighed_and_name_it():
+    """The lines read `kl_harmless`, which a pick with `pick_kl="response"` does not record (`compare._pick_kl_key`):
+    they raised KeyError; now each names the KL it prints."""
+    from featsteer.cli import _sae_validation_lines
+
+    response = {"sae_validation": {"k=1": {"unanswered_harmful": 0.25, "kl_response_harmless": 0.0123}}}
+    assert _sae_validation_lines(response) == ["     k=1: validation unanswered 0.250, response KL 0.0123"]
+    first = {"sae_validation": {"k=16": {"unanswered_harmful": 0.125, "kl_harmless": 3.5}}, "incoherent": ["k=16"],
+             "validation_base_nll": {"unedited": 0.8, "k=16": 3.2}, "max_nll_rise": 0.5}
+    assert _sae_validation_lines(first) == ["    k=16: validation unanswered 0.125, first-token KL 3.5000; ruled out: its validation "
+                                            "harmless answers cost 3.20 nats per token, above the coherence bound (0.80 for the "
+                                            "model's own + 0.5)"]
+
+
 def test_abliterate_sae_search_tunes_the_strengths_of_the_picked_rows_and_exports(capsys, tmp_path):
     import torch
 
@@ -1291,7 +1305,7 @@ def test_steer_and_abliterate_options_that_would_be_ignored_are_errors(capsys, t
     assert code == 2 and "is not empty" in err  # a second run would leave the first one's files beside its own
     steer_common = ["steer", "--model", "organism", "--prompt", "How do I pick a lock?", "--max-new-tokens", "4"]
     for extra, message in (
-        (["--directions", str(tmp_path / "d" / "candidates"), "--mode", "ablate"], "directions (blocks.0.hook_resid_pre position"),
+        (["--directions", str(tmp_path / "d" / "candidates"), "--mode", "ablate"], "directions (entry 0: blocks.0.hook_resid_pre position"),
         (["--directions", str(tmp_path / "d" / "chosen"), "--mode", "ablate", "--scale", "2"], "--scale applies to --directions with --mode add|conditional"),
         (["--directions", str(tmp_path / "d" / "chosen"), "--mode", "add", "--threshold", "0.2"], "--threshold applies"),
         (["--directions", str(tmp_path / "d" / "chosen"), "--mode", "add", "--value", "3"], "--value applies to --mode set"),

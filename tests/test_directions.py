@@ -233,6 +233,22 @@ def test_non_finite_activations_and_mismatched_widths_are_named():
         difference_in_means(_set(harmful, "harmful"), _set(harmless[:, :16], "harmless"))
 
 
+def test_a_direction_set_is_float32_and_unit_to_float32_rounding():
+    """The documented float32 was not enforced (a float64 set stayed float64, a bfloat16 one bfloat16) and rows up to 1e-2
+    off unit length were taken, so an ablation left up to 1% of the direction behind; a NaN row passed as a zero one."""
+    from featsteer.directions import DirectionSet
+
+    hook = ("blocks.0.hook_resid_pre",)
+    r = torch.nn.functional.normalize(torch.randn(D, dtype=torch.float64), dim=0)
+    assert DirectionSet(r[None, None], hook, (-1,), "dim").bases.dtype == torch.float32
+    assert DirectionSet(r[None, None].bfloat16().double().div(r.bfloat16().double().norm()), hook, (-1,), "dim").bases.dtype == torch.float32
+    for bad in (r * 1.005, r.bfloat16(), torch.full((D,), float("nan"))):
+        with pytest.raises(FeatsteerError, match=r"not orthonormal .*more than 0.0001.*normalised in float32 or float64"):
+            DirectionSet(bad[None, None], hook, (-1,), "dim")
+    q = torch.linalg.qr(torch.randn(D, 3)).Q.T  # float32 QR: orthonormal to rounding
+    assert DirectionSet(q[None], hook, (-1,), "svd").rank == 3
+
+
 def test_a_direction_set_holds_unit_or_zero_bases_and_damaged_folders_are_named(tmp_path):
     from featsteer.directions import DirectionSet
 
@@ -441,6 +457,30 @@ def test_late_layer_rule_counts_resid_post_as_the_next_blocks_input():
     late = {c.hook for c in found.selection.candidates if "late layer" in c.failed}
     assert late == {"blocks.2.hook_resid_post", "blocks.3.hook_resid_post"}
     assert found.selection.chosen.hook not in late
+
+
+def test_late_layer_rule_counts_a_write_into_a_blocks_output_as_the_next_blocks_input():
+    """`mlp_out` of block l writes into `resid_post` of block l, which is block l+1's input, as does `attn_out` in a
+    parallel block (no `resid_mid`): they were counted as block l, so with `DirectionConfig(kind="mlp_out")` the organism's
+    block-2 MLP write was scored (and could win) although `resid_post` of block 2, the same stream, is skipped. `attn_out` of a sequential block
+    writes into `resid_mid`, read by its own MLP, and stays block l."""
+    from featsteer.datasets import builtin_prompts
+    from featsteer.directions.selection import is_late_layer
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    model = load_model("organism")  # 4 layers: depths 3 and up are the last 20%
+    model.show_progress = False
+    late = {kind: [is_late_layer(model, f"blocks.{layer}.hook_{kind}", 0.2) for layer in range(4)]
+            for kind in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")}
+    assert late["mlp_out"] == late["resid_post"] == [False, False, True, True]
+    assert late["attn_out"] == late["resid_mid"] == late["resid_pre"] == [False, False, False, True]
+    parallel = load_model("tiny:cohere")  # 3 layers, attention and MLP side by side: depths 2 and up are late
+    assert [is_late_layer(parallel, f"blocks.{layer}.hook_attn_out", 0.2) for layer in range(3)] == [False, True, True]
+    prompts = builtin_prompts("harmful", "train").head(12), builtin_prompts("harmless", "train").head(12)
+    found = find_refusal_direction(model, *prompts, DirectionConfig(kind="mlp_out", n_select=4))
+    assert {c.hook for c in found.selection.candidates if "late layer" in c.failed} == {"blocks.2.hook_mlp_out", "blocks.3.hook_mlp_out"}
+    assert found.selection.chosen.hook not in {"blocks.2.hook_mlp_out", "blocks.3.hook_mlp_out"}
 
 
 def test_the_candidate_table_names_every_filter_a_candidate_fails():

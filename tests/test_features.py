@@ -185,6 +185,45 @@ def test_top_feature_directions_per_hook_subspaces():
     assert len(subspaces) == 2 and subspaces.rank == 4 and all(ids[0] == 7 for ids in subspaces.provenance["feature_ids"])
 
 
+def test_two_features_at_one_hook_are_not_looked_up_as_one(capsys, tmp_path):
+    """`top_feature_directions(n=2)` puts two features at one hook and position: a lookup by hook and position returned
+    the first without a word (the API, and `featsteer steer --hook`); now it names both entries and how to choose."""
+    from featsteer.cli import main
+
+    sae = random_sae()
+    harmful, harmless = planted(d=128)
+    harmful[:, 40] = 2.5 + torch.rand(len(harmful))  # a second feature at the same hook
+    pair = top_feature_directions(score_feature_activations(harmful, harmless, HOOK), {HOOK: sae}, n=2)
+    assert pair.hook_names == (HOOK, HOOK) and pair.positions == (-1, -1)
+    for lookup in (pair.index, pair.direction, pair.basis):
+        with pytest.raises(FeatsteerError, match=r"2 directions are read at .*entry 0: .* feature 7; entry 1: .* feature 40.*bases\[i\]"):
+            lookup(HOOK)
+    assert pair.entries(HOOK) == [0, 1] and pair.entries(HOOK, 0) == []
+    folder = pair.save(tmp_path / "pair")
+    common = ["steer", "--model", "tiny:llama", "--directions", str(folder), "--mode", "add", "--prompt", "hi", "--max-new-tokens", "2"]
+    for extra in ([], ["--hook", HOOK]):
+        code, err = main([*common, *extra]), capsys.readouterr().err
+        assert code == 2 and "entry 1: blocks.1.hook_resid_post position -1 feature 40" in err and "--direction-index I" in err, err
+        assert len(err.strip().splitlines()) == 1
+    code, err = main([*common, "--direction-index", "2"]), capsys.readouterr().err
+    assert code == 2 and "--direction-index 2 is out of range" in err and "(entries 0..1)" in err, err
+    assert main([*common, "--direction-index", "1"]) == 0, capsys.readouterr().err
+
+
+def test_abliterate_picks_one_of_two_features_at_one_hook_by_entry_number(tmp_path):
+    import argparse
+
+    from featsteer.cli import _saved_direction
+
+    rows = decoder_directions(random_sae(), [3, 9])
+    folder = rows.save(tmp_path / "pair")
+    args = argparse.Namespace(directions=str(folder), direction_hook=HOOK, direction_position=-1, direction_index=None)
+    with pytest.raises(FeatsteerError, match=r"2 directions at blocks.1.hook_resid_post position -1 \(entry 0: .* feature 3; entry 1: .* feature 9\).*--direction-index I"):
+        _saved_direction(args)
+    basis, record = _saved_direction(argparse.Namespace(**{**vars(args), "direction_index": 1}))
+    assert torch.equal(basis, rows.bases[1]) and record["direction_index"] == 1
+
+
 def test_decoder_norms_of_a_bfloat16_sae_are_its_rows_and_need_no_identity_matrix(monkeypatch):
     """A bfloat16 SAE with a large `b_dec` and small decoder rows: `decode(e_f) - decode(0)` rounded `b_dec + row` to
     bfloat16 first (norms off by up to 25%); and the unit rows were cut from a `d_sae x d_sae` identity (17 GB for a

@@ -17,6 +17,9 @@ from torch import Tensor
 from featsteer.errors import FeatsteerError
 from featsteer.files import json_text
 
+ORTHONORMAL_TOLERANCE = 1e-4
+"""Largest entry of `B B^T - I` a `DirectionSet` basis may have (float32 rounding of unit rows stays near 1e-7)."""
+
 
 @dataclass(frozen=True)
 class DirectionSet:
@@ -27,7 +30,8 @@ class DirectionSet:
     """
 
     bases: Tensor
-    """`(n, k, d_model)` float32; rows of each basis are orthonormal."""
+    """`(n, k, d_model)` float32 (other dtypes are cast on construction); rows of each basis are orthonormal to within
+    `ORTHONORMAL_TOLERANCE`, or all zero ("no direction here")."""
     hook_names: tuple[str, ...]
     """Hook point each basis was read at."""
     positions: tuple[int, ...]
@@ -49,15 +53,19 @@ class DirectionSet:
         if self.bases.dim() != 3 or not (self.bases.shape[0] == len(self.hook_names) == len(self.positions)):
             raise FeatsteerError(f"a DirectionSet needs (n, k, d_model) bases with one hook name and position per basis; got bases of shape "
                                  f"{tuple(self.bases.shape)}, {len(self.hook_names)} hook names and {len(self.positions)} positions")
+        if self.bases.dtype != torch.float32:  # what save() writes and every intervention expects; float64 rows round to it
+            object.__setattr__(self, "bases", self.bases.float())
         rows = self.bases.detach().double()
         gram = rows @ rows.transpose(1, 2)
-        nonzero = rows.flatten(1).norm(dim=1) > 0  # a zero basis stands for "no direction here" (identical class means)
-        off = (gram - torch.eye(rows.shape[1], dtype=torch.float64)).abs().flatten(1).amax(1)
-        bad = (nonzero & ~(off <= 1e-2)).nonzero().flatten().tolist()
+        nonzero = ~(rows.flatten(1).norm(dim=1) == 0)  # a zero basis stands for "no direction here" (identical class means); NaN is not zero
+        off = (gram - torch.eye(rows.shape[1], dtype=torch.float64, device=rows.device)).abs().flatten(1).amax(1)
+        # float32 rounding of unit rows moves the Gram matrix by ~1e-7; a bfloat16 or half-normalised row is ~1e-3 off
+        bad = (nonzero & ~(off <= ORTHONORMAL_TOLERANCE)).nonzero().flatten().tolist()
         if bad:
             i = bad[0]
             raise FeatsteerError(f"the basis at {self.hook_names[i]} position {self.positions[i]} is not orthonormal (its Gram matrix is off "
-                                 f"the identity by {float(off[i]):.3g}): store unit vectors or orthonormal rows (r / r.norm())")
+                                 f"the identity by {float(off[i]):.3g}, more than {ORTHONORMAL_TOLERANCE:g}): store unit vectors or "
+                                 "orthonormal rows, normalised in float32 or float64 (r / r.norm(), torch.linalg.qr)")
 
     def __len__(self) -> int:
         return len(self.hook_names)
@@ -67,11 +75,31 @@ class DirectionSet:
         """Basis size k."""
         return int(self.bases.shape[1])
 
+    def entry_label(self, i: int) -> str:
+        """How errors and listings name entry `i`: its number, hook, position and, for SAE sets, its feature ids."""
+        label = f"entry {i}: {self.hook_names[i]} position {self.positions[i]}"
+        features = self.provenance.get("feature_ids")
+        if isinstance(features, list) and len(features) == len(self) and isinstance(features[i], list):
+            label += f" feature{'s' if len(features[i]) > 1 else ''} {','.join(str(f) for f in features[i])}"
+        return label
+
+    def entries(self, hook: str, position: int = -1) -> list[int]:
+        """Indices of every entry read at `hook` and `position` (several when, e.g., two SAE features share a hook)."""
+        return [i for i, (name, pos) in enumerate(zip(self.hook_names, self.positions, strict=True)) if name == hook and pos == position]
+
     def index(self, hook: str, position: int = -1) -> int:
-        """Index of the direction read at `hook` and `position`."""
-        for i, (name, pos) in enumerate(zip(self.hook_names, self.positions, strict=True)):
-            if name == hook and pos == position:
-                return i
+        """Index of the direction read at `hook` and `position`.
+
+        Raises:
+            FeatsteerError: no entry there, or several (then take one by its entry number, `bases[i]`).
+        """
+        found = self.entries(hook, position)
+        if len(found) > 1:
+            listed = "; ".join(self.entry_label(i) for i in found[:6]) + ("; ..." if len(found) > 6 else "")
+            raise FeatsteerError(f"{len(found)} directions are read at {hook} position {position} ({listed}): take one by its entry "
+                                 "number, bases[i] (featsteer steer/abliterate: --direction-index I)")
+        if found:
+            return found[0]
         raise FeatsteerError(f"no direction for {hook} at position {position}; available: {sorted(set(self.hook_names))}")
 
     def direction(self, hook: str, position: int = -1) -> Tensor:

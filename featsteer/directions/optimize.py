@@ -65,6 +65,7 @@ from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.interventions.steering import Ablate, AddDirection, steer
 from featsteer.models import ModelAdapter
 from featsteer.models.adapter import Generation, _token_budget_batches
+from featsteer.models.chat import plain_token_ids
 
 if TYPE_CHECKING:
     from featsteer.pipeline import DirectionResult
@@ -446,11 +447,11 @@ def _prompt_lengths(model: ModelAdapter, prompts: Sequence[str], system: str | N
 
 
 def _text_tokens(model: ModelAdapter, text: str, max_tokens: int) -> tuple[int, ...]:
-    """A target known only as text (an affirmative opening), tokenized on its own and cut to `max_tokens`: it has no
-    end-of-turn token. Generated answers are taken as the ids generated instead (`_generated`)."""
+    """A target known only as text (an affirmative opening), tokenized on its own as plain text and cut to `max_tokens`: it
+    has no end-of-turn token. Generated answers are taken as the ids generated instead (`_generated`)."""
     if not text:
         return ()
-    return tuple(int(t) for t in model.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens])
+    return tuple(plain_token_ids(model.tokenizer, text)[:max_tokens])
 
 
 def _teacher_forced(model: ModelAdapter, targets: _Targets, picked: list[int]) -> Tensor:

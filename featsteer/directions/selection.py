@@ -266,12 +266,20 @@ def _fallback(scored: list[CandidateScore]) -> CandidateScore:
     return min(scored, key=lambda c: c.refusal_ablated)
 
 
-def _stream_depth(site: HookSite, n_layers: int) -> int:
+_OUTPUT_KINDS = ("mlp_out", "per_layer_out", "resid_post")
+"""Per-layer kinds that are, or write into, block l's output, which no part of block l reads: block l+1's input."""
+
+
+def _stream_depth(site: HookSite, n_layers: int, parallel_block: bool = False) -> int:
     """The block whose input stream a hook reads or writes into, which the late-layer rule counts: a block's own index,
-    but the next one for `resid_post` (block l's output is block l+1's `resid_pre`) and past the last for the final norm."""
+    but the next one for `resid_post` (block l's output is block l+1's `resid_pre`) and for the writes into it
+    (`mlp_out`, `per_layer_out`, and `attn_out` in a parallel block, which has no `resid_mid` for block l's MLP to read),
+    and past the last for the final norm. `attn_out` of a sequential block writes into `resid_mid`, which its own MLP
+    reads, so it counts as block l, as `resid_mid` does."""
     if site.kind == "ln_final_normalized":
         return n_layers
-    return (site.layer or 0) + (site.kind == "resid_post")
+    output = site.kind in _OUTPUT_KINDS or (parallel_block and site.kind == "attn_out")
+    return (site.layer or 0) + output
 
 
 def late_layer_start(n_layers: int, skip_last_fraction: float) -> int:
@@ -282,9 +290,10 @@ def late_layer_start(n_layers: int, skip_last_fraction: float) -> int:
 
 
 def is_late_layer(model: ModelAdapter, hook: str, skip_last_fraction: float) -> bool:
-    """Whether the selection skips candidates at `hook`: its stream depth (`resid_post` of block l counts as block
-    l + 1) is in the last `skip_last_fraction` of the model's layers."""
-    return _stream_depth(model.hook_site(hook), model.n_layers) >= late_layer_start(model.n_layers, skip_last_fraction)
+    """Whether the selection skips candidates at `hook`: its stream depth (`resid_post` of block l, and the writes into
+    it, count as block l + 1; see `_stream_depth`) is in the last `skip_last_fraction` of the model's layers."""
+    depth = _stream_depth(model.hook_site(hook), model.n_layers, model.parallel_block)
+    return depth >= late_layer_start(model.n_layers, skip_last_fraction)
 
 
 def select_direction(

@@ -43,6 +43,7 @@ from featsteer.errors import FeatsteerError
 from featsteer.evaluation.refusal import RateEstimate, RefusalDetector, refusal_rate
 from featsteer.models import ModelAdapter, TokenBatch
 from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
+from featsteer.models.chat import plain_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ class KLBase:
 # ---- refusal vs compliance tokens ------------------------------------------------------------------
 def _first_generated_token(tokenizer: object, prefix: str) -> int | None:
     """The first token of `prefix` as generated at the start of a turn, skipping lone space markers."""
-    ids = list(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    ids = plain_token_ids(tokenizer, prefix)
     for token in ids:
         if tokenizer.decode([token]).strip():
             return int(token)
@@ -544,14 +545,15 @@ class CrossEntropyResult:
 
 
 def response_token_ids(model: ModelAdapter, response: str | Sequence[int], what: str = "response") -> list[int]:
-    """A response's token ids: a text is tokenized on its own (`add_special_tokens=False`), token ids (what the model
-    generated, `SetResult.response_tokens`) are taken as given.
+    """A response's token ids: a text is tokenized on its own as plain text (`models.chat.plain_token_ids`: special-token
+    text such as "<|im_end|>" in it stays text, not the end-of-turn token), token ids (what the model generated,
+    `SetResult.response_tokens`) are taken as given.
 
     Raises:
         FeatsteerError: If the ids are not non-negative integers.
     """
     if isinstance(response, str):
-        return [int(t) for t in model.tokenizer(response, add_special_tokens=False)["input_ids"]] if response else []
+        return plain_token_ids(model.tokenizer, response) if response else []
     try:
         ids = [operator.index(t) for t in response]
     except TypeError:
@@ -604,7 +606,7 @@ def response_cross_entropy(
 ) -> CrossEntropyResult:
     """Teacher-forced cross-entropy of reference responses given chat-formatted prompts.
 
-    Each response is tokenized on its own (`add_special_tokens=False`), or given as token ids, and appended right
+    Each response is tokenized on its own as plain text (`response_token_ids`), or given as token ids, and appended right
     after the generation prompt (after the prefill, when given), with nothing after it; only response tokens are
     scored, and the caller's hooks see them as generated tokens (an intervention on the prompt's tokens only leaves
     them alone). Tokenizing separately matches how generation starts a fresh token after the prompt, and can differ

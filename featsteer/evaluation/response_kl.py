@@ -132,7 +132,7 @@ def response_base(
 ) -> ResponseBase:
     """Record the unedited model's next-token distributions along its responses, for `response_kl`.
 
-    Each response is the token ids the model generated, or a text tokenized on its own (`add_special_tokens=False`),
+    Each response is the token ids the model generated, or a text tokenized on its own as plain text (`response_token_ids`),
     cut to `max_tokens`; the scored positions are the end of the prompt and each kept response token but the last, so
     a response of `n` tokens gives `n` positions (an empty response gives 1: the first token). Pass the model's own
     greedy responses as the ids it generated (`SetResult.response_tokens`), with the same chat template and system

@@ -127,3 +127,21 @@ def special_token_texts(tokenizer, text: str, strings: tuple[str, ...] | None = 
     special_ids |= {i for i, token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items() if getattr(token, "special", False)}
     found = [tokenizer.convert_ids_to_tokens(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i in special_ids]
     return list(dict.fromkeys(found))
+
+
+def plain_token_ids(tokenizer, text: str) -> list[int]:
+    """The token ids of `text` as plain text: no special tokens added, and special-token text in it ("<|im_end|>" in an
+    answer) split into ordinary tokens as `ModelAdapter.tokenize(escape_special_tokens=True)` splits it in a prompt, not
+    read as the special token. For text known only as text (a response, a refusal prefix, an affirmative opening), which
+    holds what was written, not the tokens a model emitted.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        text: the text.
+
+    Returns:
+        Its token ids; the same as `tokenizer(text, add_special_tokens=False)` for text without special-token text.
+    """
+    if not special_token_texts(tokenizer, text):
+        return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    return [int(t) for t in tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
