@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import html
 import io
-import json
 import logging
 import math
 import os
@@ -2128,7 +2127,7 @@ def _html(comparison: Comparison, png: bytes) -> str:
         + "</ul>"
         for r in comparison.results
     )
-    setup = html.escape(json.dumps(comparison.setup, indent=1))
+    setup = html.escape(json_text(comparison.setup))  # as results.json holds it: an undefined figure is null, not NaN
     judge_head = "<th>judge refusal harmful / harmless (same verdict as markers)</th>" if judged else ""
     judge_note = (f" The judge column is {html.escape(str(comparison.setup.get('judge', {}).get('name', 'the judge')))}'s refusal rates on the "
                   "same responses, with the number of responses per set on which it agrees with the markers." if judged else "")

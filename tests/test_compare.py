@@ -854,3 +854,16 @@ def test_the_reports_validation_figures_show_the_kl_difference_that_decided_the_
     assert "angle=75: unanswered harmful 0.000, KL harmless 0.0009; angle=180: unanswered harmful 0.000, KL harmless 0.0006" in line
     assert "angle=60: unanswered harmful 0.500, KL response harmless 0.0123, ruled out by the coherence bound" in line
     assert line.startswith("<br><small>picked angle=180 on validation prompts (")
+
+
+def test_the_reports_set_up_is_the_json_results_json_holds():
+    """The report's Set-up block printed the set-up with json.dumps, so an undefined figure (the chosen direction's
+    `refusal_estimate` on the organism) read NaN there and null in results.json: the block is neither JSON nor the file."""
+    import math
+
+    from featsteer.compare import Comparison, _html
+
+    page = _html(Comparison(results=[], setup={"model": "organism", "chosen": {"dim": {"refusal_estimate": math.nan}}}), b"")
+    block = page.split("<h2>Set-up</h2><pre>")[1].split("</pre>")[0]
+    assert "NaN" not in block
+    assert json.loads(block.replace("&quot;", '"'))["chosen"]["dim"]["refusal_estimate"] is None
