@@ -1753,11 +1753,16 @@ def _cmd_rank_features(args: argparse.Namespace) -> int:
     def cell(value: float | None, width: int) -> str:
         return f"{value:{width}.3f}" if value is not None and math.isfinite(value) else f"{'n/a':>{width}}"
 
-    print(f"{'rank':>4}  {'hook':28} {'feature':>7} {'composite':>10} {'differential':>12} {'AUROC':>6} {'DIM cos':>8}")
+    # the ranking's own column joins the table when it is not one of its usual three, so the order can be read off it
+    metric = by.removeprefix("abs_")
+    key_width = 0 if metric in ("composite", "mean_difference", "auroc") else max(len(metric), 8)
+    key_head = f" {metric:>{key_width}}" if key_width else ""
+    print(f"{'rank':>4}  {'hook':28} {'feature':>7} {'composite':>10} {'differential':>12} {'AUROC':>6}{key_head} {'DIM cos':>8}")
     for detail in ranking.features:
         row = detail.scores
+        key_cell = f" {cell(row[metric], key_width)}" if key_width else ""
         print(f"{detail.rank:>4}  {detail.hook_name:28} {detail.feature_id:>7} {cell(row['composite'], 10)} "
-              f"{cell(row['mean_difference'], 12)} {cell(row['auroc'], 6)} {cell(detail.dim_cosine, 8)}")
+              f"{cell(row['mean_difference'], 12)} {cell(row['auroc'], 6)}{key_cell} {cell(detail.dim_cosine, 8)}")
     print(f"\nranked {len(ranking.scores)} features of {len(saes)} SAE(s) on {len(harmful)} harmful / {len(harmless)} harmless "
           f"prompts by {by}{' in residual units' if args.units == 'residual' else ''}; wrote {folder}/report.html, features.csv, features.json")
     note = outside_domain_note(ranking.provenance["rows_outside_domain"]) + untrained_head_note(ranking.provenance["rows_in_untrained_head"])

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import html
 import io
-import json
 import logging
 import math
 import os
@@ -2077,9 +2076,12 @@ def write_report(comparison: Comparison, out: str | Path) -> Path:
 
 
 def _picked_html(details: dict, rows: Mapping[str, Mapping[str, float]]) -> str:
-    """"picked <setting> on validation prompts (<every setting's figures>)", escaped."""
+    """"picked <setting> on validation prompts (<every setting's figures>)", escaped. A KL has four decimals, as in the
+    tables: the pick goes to the lowest, and at three the settings' KLs often read alike (0.0006 and 0.0009 as 0.001)."""
     def cell(key: str, value: Any) -> str:
-        return f"ruled out by the {value}" if key == "ruled_out" else f"{key.replace('_', ' ').replace('kl ', 'KL ')} {value:.3f}"
+        if key == "ruled_out":
+            return f"ruled out by the {value}"
+        return f"{key.replace('_', ' ').replace('kl ', 'KL ')} {value:.{4 if key.startswith('kl_') else 3}f}"
 
     text = "; ".join(f"{label}: " + ", ".join(cell(key, value) for key, value in row.items()) for label, row in rows.items())
     return f"picked {html.escape(details['setting'])} on validation prompts ({html.escape(text)})"
@@ -2125,7 +2127,7 @@ def _html(comparison: Comparison, png: bytes) -> str:
         + "</ul>"
         for r in comparison.results
     )
-    setup = html.escape(json.dumps(comparison.setup, indent=1))
+    setup = html.escape(json_text(comparison.setup))  # as results.json holds it: an undefined figure is null, not NaN
     judge_head = "<th>judge refusal harmful / harmless (same verdict as markers)</th>" if judged else ""
     judge_note = (f" The judge column is {html.escape(str(comparison.setup.get('judge', {}).get('name', 'the judge')))}'s refusal rates on the "
                   "same responses, with the number of responses per set on which it agrees with the markers." if judged else "")

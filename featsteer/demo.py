@@ -202,6 +202,23 @@ def _organism_saes(model: ModelAdapter) -> dict | None:
         return None
 
 
+def _layer_table_html(rows: list[LayerRow], best: LayerRow) -> str:
+    """The index page's DIM table: per layer the training-prompt CV scores `best_layer` chooses by, next to the held-out
+    scores it reports, and the chosen layer with the rule that chose it (held-out accuracy takes no part in it)."""
+    import html
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    body = "".join(
+        f"<tr><td>{html.escape(r.hook)}{' (chosen)' if r is best else ''}</td><td>{cell(r.cv_accuracy)}</td><td>{cell(r.cv_auroc)}</td>"
+        f"<td>{r.separability.accuracy:.3f}</td><td>{r.separability.auroc:.3f}</td></tr>" for r in rows)
+    return ("<h2>DIM direction per layer (3-fold CV on the training prompts; held-out test split)</h2><table><tr><th>hook</th>"
+            "<th>CV accuracy</th><th>CV AUROC</th><th>held-out accuracy</th><th>held-out AUROC</th></tr>" + body + "</table>"
+            f"<p>Best layer: {html.escape(best.hook)}, the highest CV accuracy on the training prompts (ties: CV AUROC, then the "
+            f"earliest layer); its held-out accuracy, {best.separability.accuracy:.3f}, took no part in the choice.</p>")
+
+
 def _index_html(result: DemoResult) -> str:
     import html
 
@@ -216,11 +233,9 @@ def _index_html(result: DemoResult) -> str:
     if result.probes is not None:
         links += '<li><a href="probe/report.html">probe sweep and predict-control report</a></li>'
     table = result.comparison.table() if result.comparison is not None else ""
-    layer_rows = "".join(f"<tr><td>{r.hook}</td><td>{r.separability.accuracy:.3f}</td><td>{r.separability.auroc:.3f}</td></tr>" for r in result.layers)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>featsteer demo</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:3px 8px}}table{{border-collapse:collapse}}</style></head>
 <body><h1>featsteer demo: {html.escape(result.report.model)}</h1><ul>{links}<li><a href="eval.json">eval.json</a>, <a href="dim_layers.json">dim_layers.json</a>, <a href="logit_lens.json">logit_lens.json</a></li></ul>
 <h2>Refusal behaviour (built-in test split)</h2><pre>{html.escape(result.report.table())}</pre>
-<h2>DIM direction per layer (held-out accuracy, AUROC)</h2><table><tr><th>hook</th><th>accuracy</th><th>AUROC</th></tr>{layer_rows}</table>
-<p>Best layer: {best.hook}</p><h2>Methods (same held-out prompts; KL = first-token KL on harmless prompts)</h2>{markdown_table_html(table)}
+{_layer_table_html(result.layers, best)}<h2>Methods (same held-out prompts; KL = first-token KL on harmless prompts)</h2>{markdown_table_html(table)}
 <p>Run time {result.seconds:.0f}s.</p></body></html>"""

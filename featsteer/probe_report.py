@@ -428,7 +428,7 @@ def write_probe_report(report: ProbeReport, out: str | Path, title: str = "feats
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 7px;font-size:13px}}</style></head>
 <body><h1>{html.escape(title)}</h1><img alt="sweep" src="data:image/png;base64,{base64.b64encode(png).decode()}">
 <h2>Predict vs control: classification AUROC next to steering effect (ablation at every residual write)</h2>
-<table><tr><th>layer</th><th>source</th><th>held-out AUROC</th><th>refusal-score drop</th><th>KL harmless</th></tr>{effect_rows}</table>
+<table><tr><th>layer</th><th>source</th><th>held-out AUROC</th><th>refusal-score drop</th><th>first-token KL (harmless)</th></tr>{effect_rows}</table>
 {sae_note}<h2>Cosine between direction sources per layer</h2><table><tr>{cos_head}</tr>{cos_rows}</table>
 <h2>Probe sweeps</h2><pre>{html.escape(tables)}</pre></body></html>"""
     return write_files(out, {"sweep.png": png, "results.json": json_text(report.to_json()), "sweep.md": tables + "\n",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,6 +106,12 @@ L0_OVER_K = 1.5
 threshold, an average learnt during training, is still too low after a short run; `metrics.json` has the L0 either way)."""
 
 
+def _figure(value: float | None) -> str:
+    """A 7-wide table cell with three decimals, or `n/a` for a figure that is undefined (NaN in memory, null in a
+    skipped layer's `metrics.json`)."""
+    return f"{value:>7.3f}" if value is not None and math.isfinite(value) else f"{'n/a':>7}"
+
+
 def _report(results: dict[str, dict]) -> None:
     """Print one line of metrics per layer; an L0 far above `k` is marked `!` and explained below the table."""
     print(f"{'hook':<28} {'d_sae':>6} {'L0':>6} {'EV':>7} {'CE rec':>7} {'dead':>6} {'tok/s':>9}")
@@ -115,8 +122,8 @@ def _report(results: dict[str, dict]) -> None:
         if unconverged:
             notes.append(f"! {hook}: L0 {m['l0']:.1f} is above {L0_OVER_K:g} x k (k = {k:g}): the {m.get('architecture', 'SAE')} SAE's "
                          "threshold has not converged; train longer (raise --tokens or lower --batch-tokens) before using it")
-        print(f"{hook:<28} {m['d_sae']:>6} {m['l0']:>6.1f}{'!' if unconverged else ' '}{m['explained_variance']:>7.3f} "
-              f"{m['ce_loss_recovered']:>7.3f} {m['dead_fraction']:>6.3f} {m['tokens_per_second']:>9.0f}")
+        print(f"{hook:<28} {m['d_sae']:>6} {m['l0']:>6.1f}{'!' if unconverged else ' '}{_figure(m['explained_variance'])} "
+              f"{_figure(m['ce_loss_recovered'])} {m['dead_fraction']:>6.3f} {m['tokens_per_second']:>9.0f}")
     for note in notes:
         print(note)
 

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from featsteer.activations import ActivationSet, Positions, capture, hook_width
 from featsteer.errors import FeatsteerError
-from featsteer.files import staging_folder
+from featsteer.files import json_text, staging_folder
 from featsteer.models import ModelAdapter, load_model
 from featsteer.sae import load_sae, reconstruction_stats, splice_loss
 from sae_training.architectures import build_training_sae
@@ -291,7 +291,9 @@ def _save_and_evaluate(run: TrainingRun, trained: TrainingSAE, trainer: SAETrain
         "tokens_per_second": trainer.n_training_samples / max(seconds, 1e-9), "capture_seconds": captured.seconds,
         "seed": config.optim.seed, "lr": trainer_config.lr, "batch_tokens": trainer_config.train_batch_size_samples,
     })
-    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+    # json_text: an undefined figure (explained variance of rows without variance, CE recovered when zeroing the hook costs
+    # nothing) is null, not the bare NaN json.dumps writes, which is not JSON (jq and JavaScript's JSON.parse refuse it)
+    (folder / METRICS_FILE).write_text(json_text(metrics))
     return metrics
 
 

@@ -838,3 +838,32 @@ def test_pareto_labels_of_close_points_do_not_print_over_each_other():
     plt.close(fig)
     assert len(boxes) == 4
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_the_reports_validation_figures_show_the_kl_difference_that_decided_the_pick():
+    """The report's "picked ... on validation prompts" line printed every KL at three decimals, so two settings level in
+    refusal read alike (0.0006 and 0.0009 as 0.001) and the reader could not see why one was picked; the table's KLs
+    have four."""
+    from featsteer.compare import _details_html
+
+    details = {"setting": "angle=180", "validation": {
+        "angle=75": {"unanswered_harmful": 0.0, "kl_harmless": 0.00089},
+        "angle=180": {"unanswered_harmful": 0.0, "kl_harmless": 0.00061},
+        "angle=60": {"unanswered_harmful": 0.5, "kl_response_harmless": 0.01234, "ruled_out": "coherence bound"}}}
+    line = _details_html(details)
+    assert "angle=75: unanswered harmful 0.000, KL harmless 0.0009; angle=180: unanswered harmful 0.000, KL harmless 0.0006" in line
+    assert "angle=60: unanswered harmful 0.500, KL response harmless 0.0123, ruled out by the coherence bound" in line
+    assert line.startswith("<br><small>picked angle=180 on validation prompts (")
+
+
+def test_the_reports_set_up_is_the_json_results_json_holds():
+    """The report's Set-up block printed the set-up with json.dumps, so an undefined figure (the chosen direction's
+    `refusal_estimate` on the organism) read NaN there and null in results.json: the block is neither JSON nor the file."""
+    import math
+
+    from featsteer.compare import Comparison, _html
+
+    page = _html(Comparison(results=[], setup={"model": "organism", "chosen": {"dim": {"refusal_estimate": math.nan}}}), b"")
+    block = page.split("<h2>Set-up</h2><pre>")[1].split("</pre>")[0]
+    assert "NaN" not in block
+    assert json.loads(block.replace("&quot;", '"'))["chosen"]["dim"]["refusal_estimate"] is None

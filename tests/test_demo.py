@@ -73,3 +73,28 @@ def test_layer_separability_cross_validates_dim_on_the_organisms_training_prompt
     rows, _ = layer_separability(load_model("organism"), n_train=24)
     assert rows[0].cv_accuracy is None  # layer 0's last token is a template token: one vector for both classes
     assert all(0.5 < r.cv_accuracy <= 1.0 and 0.5 < r.cv_auroc <= 1.0 for r in rows[1:])
+
+
+def test_the_index_page_shows_the_scores_that_chose_the_best_layer():
+    """index.html marked a "Best layer" under a table of held-out scores only, so the layer it named could be the one
+    with the lowest held-out accuracy (the demo's blocks.2, 0.899 against blocks.3's 0.917) with nothing on the page
+    saying why: it was chosen by CV on the training prompts. The page shows those CV scores and names the rule."""
+    import re
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from featsteer.demo import DemoResult, LayerRow, _index_html
+    from featsteer.directions import Separability
+
+    def row(layer, held_out, cv, cv_auroc):
+        return LayerRow(f"blocks.{layer}.hook_resid_pre", layer, 1.0, Separability(held_out, held_out, 1.0), cv, cv_auroc)
+
+    rows = [row(0, 0.497, None, None), row(1, 0.905, 0.996, 0.99996), row(2, 0.899, 1.0, 1.0), row(3, 0.917, 1.0, 1.0)]
+    report = SimpleNamespace(model="organism", table=lambda: "set n refused")
+    page = _index_html(DemoResult(Path("run"), report, rows, 1.0))
+    head = re.search(r"<tr><th>hook</th>(.*?)</tr>", page).group(1)
+    assert head == "<th>CV accuracy</th><th>CV AUROC</th><th>held-out accuracy</th><th>held-out AUROC</th>"
+    assert "<tr><td>blocks.2.hook_resid_pre (chosen)</td><td>1.000</td><td>1.000</td><td>0.899</td><td>0.899</td></tr>" in page
+    assert "<tr><td>blocks.0.hook_resid_pre</td><td>-</td><td>-</td><td>0.497</td>" in page
+    assert page.count("(chosen)") == 1
+    assert "Best layer: blocks.2.hook_resid_pre, the highest CV accuracy on the training prompts" in page

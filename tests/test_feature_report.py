@@ -481,3 +481,20 @@ def test_csv_and_json_rows_say_what_their_magnitudes_are_in(report_dir, model, s
         (OTHER_HOOK, "residual/scale", "none"), (PLANTED_HOOK, "residual/scale", "layer_norm")}
     payload = json.loads((tmp_path / "features.json").read_text())["rows"]
     assert [(r["units"], r["input_normalization"]) for r in payload] == [(r["units"], r["input_normalization"]) for r in rows]
+
+
+@pytest.mark.parametrize("by", ["cohens_d", "abs_harmful_frequency"])
+def test_cli_rank_features_prints_the_column_it_ranks_by(capsys, sae_dir, tmp_path, by):
+    """Ranked by a score the table did not print (`--by cohens_d`), the printed rows looked unordered: composite,
+    differential and AUROC were shown, the key was not. The key joins the table as a column then."""
+    code, out, _ = _run(capsys, "rank-features", "--model", "tiny:llama", "--sae", str(sae_dir), "--harmful", "builtin:harmful:train",
+                        "--harmless", "builtin:harmless:train", "--n", "10", "--top", "3", "--by", by, "--out", str(tmp_path / "r"))
+    assert code == 0
+    metric = by.removeprefix("abs_")
+    lines = out.splitlines()
+    assert lines[0].split() == ["rank", "hook", "feature", "composite", "differential", "AUROC", metric, "DIM", "cos"]
+    rows = json.loads((tmp_path / "r" / "features.json").read_text())["rows"][:3]
+    printed = [float(line.split()[6]) for line in lines[1:4]]
+    assert printed == [pytest.approx(row[metric], abs=5e-4) for row in rows]
+    ranked = [abs(v) for v in printed] if by.startswith("abs_") else printed
+    assert ranked == sorted(ranked, reverse=True)

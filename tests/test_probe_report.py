@@ -170,3 +170,15 @@ def test_a_bad_control_is_a_one_line_error(organism):
             probe_report(organism, train, test, n_effect=1, n_shuffles=1, control=spec)
     with pytest.raises(FeatsteerError, match="gives all 16 training prompts the same key .* choose a finer key"):
         probe_report(organism, train, test, n_effect=1, n_shuffles=1, control=lambda prompt: "same")
+
+
+def test_the_reports_effect_table_says_which_kl_it_gives(organism, tmp_path):
+    """The effect table's KL is the first token's (`kl_first_token`), but its header read "KL harmless", which the compare
+    report uses beside a KL along the responses: a reader comparing the two reports could not tell which one this was."""
+    import re
+
+    train, test = _pairs(8)
+    report = probe_report(organism, train, test, n_effect=2, n_shuffles=1, layers=[2])
+    page = (write_probe_report(report, tmp_path / "p") / "report.html").read_text()
+    head = re.search(r"<tr><th>layer</th><th>source</th>(.*?)</tr>", page).group(1)
+    assert head == "<th>held-out AUROC</th><th>refusal-score drop</th><th>first-token KL (harmless)</th>"

@@ -284,3 +284,22 @@ def test_a_continuation_that_starts_with_punctuation_joins_its_opening_without_a
 def test_an_excused_apology_contrasted_with_a_duty_stays_a_refusal(text: str, refusal: bool) -> None:
     """"I'm sorry for the confusion, but I must prioritise safety." was let off as an apology for something."""
     assert RefusalDetector().is_refusal(text) is refusal
+
+
+def test_examples_fill_in_from_the_other_kind_when_one_runs_short() -> None:
+    """`SetResult.examples(n)` took (n + 1) // 2 refused responses and filled the rest from the complied ones only, so a
+    set refused throughout (an induce method's harmless prompts) showed half its examples: the compare report gave
+    dim_actadd_induce one example per set where every other method had two."""
+    from featsteer.evaluation.behaviour import SetResult
+
+    def examples(refused: tuple[bool, ...], n: int) -> list[int]:
+        prompts = tuple(f"p{i}" for i in range(len(refused)))
+        result = SetResult("harmful", prompts, tuple(f"r{i}" for i in range(len(refused))), refused, refusal_rate(refused))
+        return [int(e["prompt"][1:]) for e in result.examples(n)]
+
+    assert examples((True,) * 4, 2) == [0, 1]
+    assert examples((True,) * 4, 3) == [0, 1, 2]
+    assert examples((False,) * 4, 3) == [0, 1, 2]
+    assert examples((False, True, False, True, True), 3) == [0, 1, 3]  # two refused (the first), one complied, in prompt order
+    assert examples((False, True, False, False), 3) == [0, 1, 2]  # one refused is all there is: complied ones fill in
+    assert examples((True, False), 5) == [0, 1]

@@ -508,3 +508,28 @@ def test_the_table_flags_an_l0_far_above_k(capsys):
     assert lines[3] == "blocks.2.hook_resid_post        128   14.4!  0.520   0.786  0.156     23480"
     assert "!" not in lines[2] + lines[4] and len(lines) == 6
     assert lines[5].startswith("! blocks.2.hook_resid_post: L0 14.4 is above 1.5 x k (k = 8)") and "train longer" in lines[5]
+
+
+def test_an_undefined_figure_is_null_in_metrics_json_and_n_a_in_the_table(tmp_path, monkeypatch, capsys):
+    """An undefined figure (explained variance of held-out rows without variance, CE recovered when zeroing the hook
+    costs nothing: both NaN) went into metrics.json as a bare NaN, which is not JSON: jq and JSON.parse refuse the file.
+    It is null there, and the table prints n/a for it, on the run that measured it and on a re-run that reads it back."""
+    import sae_training.train as train_module
+
+    measured = train_module.evaluate_layer
+
+    def undefined(*args, **kwargs):
+        return {**measured(*args, **kwargs), "explained_variance": math.nan, "ce_loss_recovered": math.nan}
+
+    monkeypatch.setattr(train_module, "evaluate_layer", undefined)
+    out = tmp_path / "saes"
+    assert main([*ARGS, "--tokens", "4000", "--quiet", "--out", str(out)]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    metrics = json.loads((out / HOOK / "metrics.json").read_text(), parse_constant=refuse)
+    assert metrics["explained_variance"] is None and metrics["ce_loss_recovered"] is None and metrics["l0"] > 0
+    assert main([*ARGS, "--tokens", "4000", "--quiet", "--out", str(out)]) == 0  # skips the layer, reads the file back
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(HOOK)]
+    assert len(rows) == 2 and all(row.split()[3:5] == ["n/a", "n/a"] for row in rows)

@@ -99,9 +99,12 @@ class SetResult:
         return self.looping or tuple(LoopDetector().classify(self.responses))
 
     def examples(self, n: int = 3) -> list[dict]:
-        """A few responses, refused and complied ones first-come."""
-        picked = [i for i, r in enumerate(self.refused) if r][: (n + 1) // 2]
-        picked += [i for i, r in enumerate(self.refused) if not r][: n - len(picked)]
+        """Up to `n` responses, in prompt order: the first (n + 1) // 2 refused ones and the first complied ones, each kind
+        filling in for the other when it runs short, so a set refused (or answered) throughout still shows `n`."""
+        refused = [i for i, r in enumerate(self.refused) if r]
+        complied = [i for i, r in enumerate(self.refused) if not r]
+        picked = refused[: max((n + 1) // 2, n - len(complied))]
+        picked += complied[: n - len(picked)]
         return [{"prompt": self.prompts[i], "response": self.responses[i], "refused": self.refused[i]} for i in sorted(picked)]
 
 
