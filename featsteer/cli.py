@@ -569,17 +569,32 @@ def _cmd_directions(args: argparse.Namespace) -> int:
     check_empty_folder(args.out)  # a second run would leave the first one's gate/, geometry and plots beside its own
     harmful, harmless = _load_pair(args)
     val = _load_val(args)
+    held_out = _geometry_prompts(args)
     config = _direction_config(args)  # checks the values before the model loads
     model = _load_model(args)
     result = find_refusal_direction(model, harmful, harmless, config, val=val, keep_activations=True)
     _note_selection_shortfall(args, result)
     with staged_output(out) as work:  # a later stage failing (geometry, --gate, --optimize) leaves no half-written --out
-        _write_directions(args, model, result, config, optimize, out, work)
+        _write_directions(args, model, result, config, optimize, out, work, held_out)
     return 0
 
 
-def _write_directions(args: argparse.Namespace, model, result, config, optimize, out: Path, work: Path) -> None:
-    """`featsteer directions`' files, written into `work` (renamed to `out` when all are written), and its printout."""
+def _geometry_prompts(args: argparse.Namespace) -> tuple | None:
+    """`(harmful, harmless)` from directions' --eval-harmful/--eval-harmless, which geometry.md's self-repair and
+    read-side ablation read instead of the validation prompts; None when neither is given."""
+    if (args.eval_harmful is None) != (args.eval_harmless is None):
+        raise FeatsteerError("held-out geometry prompts need both sets: give --eval-harmful and --eval-harmless together")
+    if args.eval_harmful is None:
+        return None
+    if args.geometry == "off":
+        raise FeatsteerError("--eval-harmful/--eval-harmless are what geometry.md reads, and --geometry off writes none: drop one")
+    return tuple(_load_prompts(args, source, None) for source in (args.eval_harmful, args.eval_harmless))
+
+
+def _write_directions(args: argparse.Namespace, model, result, config, optimize, out: Path, work: Path,
+                      held_out: tuple | None = None) -> None:
+    """`featsteer directions`' files, written into `work` (renamed to `out` when all are written), and its printout;
+    geometry.md's self-repair and read-side ablation read `held_out` (harmful, harmless) when given."""
     result.candidates.save(work / "candidates")
     result.chosen.save(work / "chosen")
     stability = result.selection.stability()
@@ -596,7 +611,8 @@ def _write_directions(args: argparse.Namespace, model, result, config, optimize,
                                               **validation})
     geometry = None
     if result.candidates.rank == 1 and args.geometry != "off":
-        geometry = result.geometry(model, reader_layers={"full": True, "estimate": "estimate", "quick": False}[args.geometry])
+        geometry = result.geometry(model, reader_layers={"full": True, "estimate": "estimate", "quick": False}[args.geometry],
+                                   held_out=held_out)
     if geometry is not None:
         (work / "geometry.md").write_text(geometry.markdown())
         _write_json(str(work / "geometry.json"), geometry.to_dict())
@@ -610,6 +626,9 @@ def _write_directions(args: argparse.Namespace, model, result, config, optimize,
     print(f"selection stability: {stability.line()} (selection.md)")
     if geometry is not None:
         print(f"logit lens: {geometry.lens.line()}")
+    if geometry is not None and geometry.read_on is not None:
+        hint = "" if geometry.read_on["prompts"] == "held-out" else "; --eval-harmful/--eval-harmless read held-out ones"
+        print(f"self-repair and read-side ablation read {geometry.read_on_text()}{hint}:")
     if geometry is not None and geometry.repair is not None:
         repair, last = geometry.repair, geometry.repair.rows[-1]
         print(f"ablated at {repair.at} only: refusal log-odds {repair.refusal['unedited']:+.2f} -> {repair.refusal['at_hook']:+.2f} "
@@ -1927,6 +1946,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how much of geometry.md to compute for a rank-1 direction: full (default), estimate (the read-side "
                       "ablation's per-block rows as first-order estimates from one gradient pass: 6 exact conditions instead of "
                       "2 + 2 x layers), quick (no per-block rows), off (none)")
+    dirs.add_argument("--eval-harmful", metavar="SRC", help="held-out harmful prompts that geometry.md's self-repair and read-side "
+                      "ablation read (first 64, with --eval-harmless; default: the validation prompts the direction was selected on, "
+                      "whose refusal log-odds the pick biases upward)")
+    dirs.add_argument("--eval-harmless", metavar="SRC", help="held-out harmless prompts for geometry.md (with --eval-harmful)")
     dirs.set_defaults(run=_cmd_directions)
 
     abl = sub.add_parser("abliterate", help="edit the weights against the selected direction and export the model")

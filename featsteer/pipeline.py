@@ -196,7 +196,8 @@ class DirectionResult:
         return [(layer, head, a - b) for layer, head, a, b in heads.top(model.n_layers * model.n_heads) if a - b > 0]
 
     def geometry(self, model: ModelAdapter, k: int = 10, head_prompts: int | None = 128, repair_prompts: int | None = 64,
-                 reader_prompts: int | None = 64, reader_layers: bool | str = True):
+                 reader_prompts: int | None = 64, reader_layers: bool | str = True,
+                 held_out: tuple[PromptSet, PromptSet] | None = None):
         """The chosen direction's `directions.DirectionGeometry`: the cosines between every layer's candidate at the
         chosen position, each captured hook's class means on the direction, its logit lens (top `k` tokens), and
         the top three tokens of every layer's own direction. With `head_prompts` (the first N training prompts of
@@ -209,6 +210,10 @@ class DirectionResult:
         two readers on their own too unless `reader_layers` is False (then 6 conditions instead of `2 + 2 * n_layers`);
         `reader_layers="estimate"` gives those per-block rows as first-order estimates from one gradient pass instead.
         The sample-size rows (`sample_sizes`) are None with fewer than 4 training prompts in a class.
+        With `held_out` (`(harmful, harmless)` prompts), the self-repair and the read-side ablation read its first N
+        prompts instead of the validation prompts: the direction was selected on those, so its refusal log-odds there
+        are biased by the pick (on the organism +4.06 unedited there against +3.23 on held-out prompts).
+        `read_on` on the result says which prompts they were.
 
         Raises:
             FeatsteerError: without kept activations or for a rank-k direction.
@@ -237,25 +242,38 @@ class DirectionResult:
         if head_prompts and not model.post_norms:
             harmful, harmless = (list(prompts.head(min(head_prompts, len(prompts)))) for prompts in self.train)
             heads = head_attribution(model, harmful, harmless, r, position, system=self.system)
-        repair = None
         hook = self.candidates.hook_names[index]
-        if repair_prompts and model.hook_site(hook).kind in ("resid_pre", "resid_mid") and self.val is not None:
-            from featsteer.directions.repair import self_repair
-
-            harmful, harmless = (list(prompts.head(min(repair_prompts, len(prompts)))) for prompts in self.val)
-            if min(len(harmful), len(harmless)) >= 2:
-                repair = self_repair(model, r, harmful, harmless, at=hook, system=self.system)
-        readers = None
-        if reader_prompts and self.val is not None:
-            from featsteer.directions.readers import direction_readers
-
-            harmful, harmless = (list(prompts.head(min(reader_prompts, len(prompts)))) for prompts in self.val)
-            readers = direction_readers(model, r, harmful, harmless, per_layer=reader_layers, system=self.system)
+        prompts = held_out if held_out is not None else self.val
+        repair, readers = self._read_side(model, r, hook, prompts, repair_prompts, reader_prompts, reader_layers)
+        read_on = None
+        if prompts is not None and (repair is not None or readers is not None):
+            read_on = {"prompts": "validation" if held_out is None else "held-out", "harmful": prompts[0].source,
+                       "harmless": prompts[1].source, "harmful_sha256": prompts[0].sha256, "harmless_sha256": prompts[1].sha256}
         from featsteer.directions.sample_size import MIN_PROMPTS
 
         enough = min(len(activations) for activations in self.activations) >= MIN_PROMPTS  # else no sample-size estimate
         return DirectionGeometry(hook, position, hooks, cosines, class_projections(*self.activations, r, position), chosen_lens,
-                                 lenses, heads, repair, readers, self.sample_sizes() if enough else None)
+                                 lenses, heads, repair, readers, self.sample_sizes() if enough else None, read_on)
+
+    def _read_side(self, model: ModelAdapter, r: torch.Tensor, hook: str, prompts: tuple[PromptSet, PromptSet] | None,
+                   repair_prompts: int | None, reader_prompts: int | None, reader_layers: bool | str) -> tuple:
+        """`geometry`'s `(self_repair, direction_readers)` of `r` at `hook` on the first N of `prompts` (each None when
+        skipped: no prompts, N None, or a hook self-repair does not apply to)."""
+        if prompts is None:
+            return None, None
+        repair = readers = None
+        if repair_prompts and model.hook_site(hook).kind in ("resid_pre", "resid_mid"):
+            from featsteer.directions.repair import self_repair
+
+            harmful, harmless = (list(p.head(min(repair_prompts, len(p)))) for p in prompts)
+            if min(len(harmful), len(harmless)) >= 2:
+                repair = self_repair(model, r, harmful, harmless, at=hook, system=self.system)
+        if reader_prompts:
+            from featsteer.directions.readers import direction_readers
+
+            harmful, harmless = (list(p.head(min(reader_prompts, len(p)))) for p in prompts)
+            readers = direction_readers(model, r, harmful, harmless, per_layer=reader_layers, system=self.system)
+        return repair, readers
 
     def sample_sizes(self, draws: int = 32, seed: int = 0, hooks: Sequence[str] | None = None) -> list:
         """How precisely every captured hook's DIM direction at the chosen position is estimated from the training

@@ -129,6 +129,44 @@ def test_direction_result_geometry_and_the_directions_command(tmp_path):
     assert (tmp_path / "off" / "selection.json").is_file() and not (tmp_path / "off" / "geometry.md").exists()
 
 
+def test_self_repair_and_readers_read_held_out_prompts_when_given(capsys, tmp_path):
+    """geometry.md's self-repair and read-side ablation read the validation prompts the direction was selected on, whose
+    refusal log-odds carry the pick's bias (organism +4.06 there, +3.23 held out): `held_out=` / `directions
+    --eval-harmful/--eval-harmless` read other prompts instead, and the output says which prompts they were."""
+    from featsteer.cli import main
+    from featsteer.directions.readers import direction_readers
+    from featsteer.directions.repair import self_repair
+
+    model = load_model("organism")
+    harmful, harmless = builtin_prompts("harmful", "train").head(24), builtin_prompts("harmless", "train").head(24)
+    result = find_refusal_direction(model, harmful, harmless, DirectionConfig(n_select=4), keep_activations=True)
+    held = builtin_prompts("harmful", "test").head(5), builtin_prompts("harmless", "test").head(5)
+    geometry = result.geometry(model, head_prompts=None, reader_layers=False, held_out=held)
+    r = result.candidates.bases[result.selection.chosen.index, 0]
+    expected = self_repair(model, r, list(held[0]), list(held[1]), at=geometry.hook)
+    assert (geometry.repair.n_harmful, geometry.repair.n_harmless) == (5, 5)
+    assert geometry.repair.refusal["unedited"] == pytest.approx(expected.refusal["unedited"], abs=1e-6)
+    readers = direction_readers(model, r, list(held[0]), list(held[1]), per_layer=False)
+    assert geometry.readers.unedited == pytest.approx(readers.unedited, abs=1e-6)
+    assert geometry.read_on["prompts"] == "held-out" and geometry.read_on["harmful"] == "builtin:harmful:test"
+    assert "Read on held-out prompts (builtin:harmful:test, builtin:harmless:test)." in geometry.markdown()
+    default = result.geometry(model, head_prompts=None, reader_layers=False)
+    assert default.read_on["prompts"] == "validation" and "selected on" in default.markdown()
+    assert default.repair.refusal["unedited"] != pytest.approx(geometry.repair.refusal["unedited"], abs=1e-3)
+    common = ["directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
+              "--n", "24", "--n-select", "4", "--geometry", "quick"]
+    capsys.readouterr()
+    assert main([*common, "--eval-harmful", "builtin:harmful:test", "--eval-harmless", "builtin:harmless:test", "--out", str(tmp_path / "h")]) == 0
+    out = capsys.readouterr().out
+    assert "self-repair and read-side ablation read on held-out prompts (builtin:harmful:test, builtin:harmless:test):" in out
+    saved = json.loads((tmp_path / "h" / "geometry.json").read_text())
+    assert saved["read_on"]["prompts"] == "held-out" and saved["self_repair"]["n_harmful"] == min(64, len(builtin_prompts("harmful", "test")))
+    assert main([*common, "--out", str(tmp_path / "v")]) == 0
+    assert "read on the validation prompts the direction was selected on" in capsys.readouterr().out
+    assert main([*common, "--eval-harmful", "builtin:harmful:test", "--out", str(tmp_path / "one")]) == 2
+    assert "give --eval-harmful and --eval-harmless together" in capsys.readouterr().err and not (tmp_path / "one").exists()
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "phi3", "tl-gpt2"])
 def test_head_writes_add_up_to_the_attention_output(family, tmp_path):
     """The heads' projections on a direction, plus the output projection's bias, are the attention output's projection."""

@@ -219,6 +219,19 @@ class DirectionGeometry:
     sample_sizes: list[SampleSize] | None = None
     """How precisely each hook's DIM direction at the chosen position is estimated from the training prompts
     (`directions.sample_size`)."""
+    read_on: dict | None = None
+    """Which prompts `repair` and `readers` were read on: `prompts` is `validation` (those the direction was selected
+    on, so its refusal log-odds there are biased by the pick) or `held-out`, with each set's `harmful`/`harmless`
+    source and sha256."""
+
+    def read_on_text(self) -> str:
+        """Where the self-repair and read-side ablation figures come from, in words ('' when neither was read)."""
+        if self.read_on is None:
+            return ""
+        sources = f"{self.read_on['harmful']}, {self.read_on['harmless']}"
+        if self.read_on["prompts"] == "held-out":
+            return f"on held-out prompts ({sources})"
+        return f"on the validation prompts the direction was selected on ({sources}), which the pick biases"
 
     def to_dict(self) -> dict:
         lenses = {hook: None if lens is None else lens.to_dict() for hook, lens in (self.layer_lenses or {}).items()}
@@ -227,7 +240,8 @@ class DirectionGeometry:
                 "layer_logit_lens": lenses, "heads": None if self.heads is None else self.heads.to_dict(),
                 "self_repair": None if self.repair is None else self.repair.to_dict(),
                 "readers": None if self.readers is None else self.readers.to_dict(),
-                "sample_sizes": None if self.sample_sizes is None else [row.to_dict() for row in self.sample_sizes]}
+                "sample_sizes": None if self.sample_sizes is None else [row.to_dict() for row in self.sample_sizes],
+                "read_on": self.read_on}
 
     def markdown(self) -> str:
         """The three views as markdown tables."""
@@ -254,12 +268,13 @@ class DirectionGeometry:
                       "`repaired`: what the layers after the hook write on the direction beyond what they wrote unedited, as a "
                       "share of the gap the ablation removed (0: nothing written back; negative: they write less once it is "
                       "gone; n/a where that gap is under a tenth of the unedited one at the hook read). `kept`: each later layer's own DIM gap left by the one-hook ablation, as a share of its unedited "
-                      "gap.", "", self.repair.markdown()]
+                      "gap." + self._read_on_sentence(), "", self.repair.markdown()]
         if self.readers is not None:
             lines += ["", "## Which components read it?", "",
                       "`share`: the drop in refusal log-odds when the direction is removed from what these readers see, as a share "
                       "of the drop when it is removed from every residual write. `blocks` is every attention and MLP input; "
-                      "`unembedding` is the final norm's output, the direct path to the logits.", "", self.readers.markdown()]
+                      "`unembedding` is the final norm's output, the direct path to the logits." + self._read_on_sentence(), "",
+                      self.readers.markdown()]
         if self.sample_sizes:
             chosen_row = next((row for row in self.sample_sizes if row.hook == self.hook), None)
             lines += ["", "## Enough prompts?", "",
@@ -277,6 +292,11 @@ class DirectionGeometry:
         for hook, row in zip(self.hooks, self.cosines.tolist(), strict=True):
             lines.append(f"| {_layer(hook)} | " + " | ".join(f"{v:+.2f}" for v in row) + " |")
         return "\n".join(lines) + "\n"
+
+    def _read_on_sentence(self) -> str:
+        """' Read on ... .' for the markdown sections, or '' without `read_on`."""
+        text = self.read_on_text()
+        return f" Read {text}." if text else ""
 
     def plot(self, path) -> None:
         """The cosine matrix as a heatmap PNG."""
