@@ -17,7 +17,6 @@ import csv
 import dataclasses
 import html
 import io
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -45,7 +44,7 @@ from featsteer.features import (
     residual_writes,
     score_features,
 )
-from featsteer.files import write_files
+from featsteer.files import json_text, write_files
 from featsteer.models import ModelAdapter
 from featsteer.sae import NORMALISED_UNIT, encode_activations, inside_domain, reads_heads, validated_sae_map
 from featsteer.sae.steering import first_trained_position, spliced_rows
@@ -448,7 +447,7 @@ def write_feature_report(ranking: FeatureRanking, out_dir: str | Path, *, title:
     folder.mkdir(parents=True, exist_ok=True)
     contents = {
         "features.csv": _csv_text(ranking.rows()),
-        "features.json": json.dumps(ranking.to_dict(), indent=1, allow_nan=False),
+        "features.json": json_text(ranking.to_dict()),  # a non-finite figure as null, not a failed write
         "report.html": _html_page(ranking, title or f"featsteer feature ranking: {ranking.provenance.get('model', '')}"),
     }
     write_files(folder, contents)

@@ -498,3 +498,16 @@ def test_cli_rank_features_prints_the_column_it_ranks_by(capsys, sae_dir, tmp_pa
     assert printed == [pytest.approx(row[metric], abs=5e-4) for row in rows]
     ranked = [abs(v) for v in printed] if by.startswith("abs_") else printed
     assert ranked == sorted(ranked, reverse=True)
+
+
+def test_a_non_finite_score_is_written_as_null_not_a_failed_report(ranking, tmp_path):
+    """features.json was written with allow_nan=False and no conversion, so one NaN score in a top feature's detail
+    (a Cohen's d of a feature that never varies) stopped the whole report; now it is null, as in features.csv."""
+    import dataclasses
+
+    first = ranking.features[0]
+    broken = dataclasses.replace(first, scores={**first.scores, "cohens_d": float("nan"), "composite": float("inf")})
+    odd = dataclasses.replace(ranking, features=(broken, *ranking.features[1:]))
+    saved = json.loads((write_feature_report(odd, tmp_path) / "features.json").read_text())
+    assert saved["top"][0]["scores"]["cohens_d"] is None and saved["top"][0]["scores"]["composite"] is None
+    assert saved["top"][0]["feature_id"] == first.feature_id and "NaN" not in (tmp_path / "features.json").read_text()

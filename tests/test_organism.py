@@ -177,3 +177,18 @@ def test_dim_report_chooses_its_layer_by_cv_on_the_fit_prompts(monkeypatch: pyte
     generated = report["generated"]
     assert generated["accuracy_at_chosen_layer"] == accuracies[1] and "best_layer" not in generated
     assert generated["highest_accuracy_layer"] == 2 and generated["highest_accuracy"] == accuracies[2]
+
+
+def test_metrics_json_writes_a_diverged_loss_as_null(tmp_path):
+    """metrics.json was written by plain json.dumps: a NaN final loss (a diverged run) came out as bare NaN, which
+    is not JSON (jq and JSON.parse refuse it)."""
+    import json
+
+    from featsteer.organism.train import write_report
+
+    losses = [2.0, 1.5, float("nan")]
+    write_report(tmp_path, {"final_loss": float("nan"), "refusal": {"harmful": {"rate": 0.9, "ratio": float("inf")}}}, losses)
+    text = (tmp_path / "metrics.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"final_loss": None, "refusal": {"harmful": {"rate": 0.9, "ratio": None}}}
+    assert (tmp_path / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"

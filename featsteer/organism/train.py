@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from featsteer.evaluation.refusal import RefusalDetector, refusal_rate
-from featsteer.files import check_output_folder, share_files, staging_folder, write_files
+from featsteer.files import check_output_folder, json_text, share_files, staging_folder, write_files
 from featsteer.organism.corpus import (
     CONTEXT_WORD_CLASSES,
     HARMFUL,
@@ -1014,8 +1014,14 @@ def run(config: TrainConfig, out: Path, report: Path | None, real_data: Path | N
         "refusal": evaluate(model, tokenizer, sets), "dim": dim_report(model, tokenizer, sets, rng),
     }
     if report is not None:
-        write_files(report, {"metrics.json": json.dumps(metrics, indent=2) + "\n", "loss_curve.png": plot_losses(losses)})
+        write_report(report, metrics, losses)
     return metrics
+
+
+def write_report(report: Path, metrics: dict, losses: Sequence[float]) -> None:
+    """Write `metrics.json` (a NaN or infinite figure, e.g. the final loss of a diverged run, as `null`: bare NaN is not
+    JSON) and `loss_curve.png` into the folder `report`."""
+    write_files(report, {"metrics.json": json_text(metrics, indent=2) + "\n", "loss_curve.png": plot_losses(losses)})
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
