@@ -1780,13 +1780,15 @@ def _cmd_rank_features(args: argparse.Namespace) -> int:
     for detail in ranking.features:
         row = detail.scores
         key_cell = f" {cell(row[metric], key_width)}" if key_width else ""
-        print(f"{detail.rank:>4}  {detail.hook_name:28} {detail.feature_id:>7} {cell(row['composite'], 10)} "
+        print(f"{ranking.rank_label(detail.rank):>4}  {detail.hook_name:28} {detail.feature_id:>7} {cell(row['composite'], 10)} "
               f"{cell(row['mean_difference'], 12)} {cell(row['auroc'], 6)}{key_cell} {cell(detail.dim_cosine, 8)}")
     print(f"\nranked {len(ranking.scores)} features of {len(saes)} SAE(s) on {len(harmful)} harmful / {len(harmless)} harmless "
           f"prompts by {by}{' in residual units' if args.units == 'residual' else ''}; wrote {folder}/report.html, features.csv, features.json")
     note = outside_domain_note(ranking.provenance["rows_outside_domain"]) + untrained_head_note(ranking.provenance["rows_in_untrained_head"])
     if note:
         print(note.strip())
+    if ranking.tie_note():
+        print(f"{ranking.tie_note()} (=N marks a tied rank)")
     return 0
 
 

@@ -161,9 +161,33 @@ class FeatureRanking:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form: provenance, the top features' details (histograms as counts) and every row."""
+        """JSON-ready form: provenance, the top features' details (histograms as counts), every row, and the tied ranks
+        among the top features (`ties`: `[first rank, last rank, score]` each)."""
         return {"by": self.by, "provenance": self.provenance, "top": [_detail_dict(d) for d in self.features],
-                "rows": self.rows()}
+                "rows": self.rows(), "ties": [list(group) for group in self.ties()]}
+
+    def ties(self) -> list[tuple[int, int, float]]:
+        """`(first rank, last rank, score)` of each run of two or more ranks with the same `by` score that reaches the
+        top features: their order among themselves is only the tie-break (layer, then feature id), not a finding."""
+        values = self.scores.column(self.by).tolist()
+        groups, start = [], 0
+        for end in range(1, len(values) + 1):
+            if end == len(values) or values[end] != values[start]:  # NaN equals nothing: never a tie here
+                if end - start > 1 and start < len(self.features):
+                    groups.append((start + 1, end, values[start]))
+                start = end
+        return groups
+
+    def rank_label(self, rank: int) -> str:
+        """`rank` as printed: `=3` when it shares its score with another rank (see `ties`), else `3`."""
+        return f"={rank}" if any(first <= rank <= last for first, last, _ in self.ties()) else str(rank)
+
+    def tie_note(self) -> str:
+        """One sentence naming the tied ranks among the top features, or '' when none tie."""
+        if not self.ties():
+            return ""
+        groups = "; ".join(f"ranks {first}-{last} tied at {score:.6g}" for first, last, score in self.ties())
+        return f"Ties by {self.by} ({groups}) are ordered by layer, then feature id."
 
 
 def magnitude_units(units: str, normalize: bool) -> str:
@@ -567,10 +591,11 @@ def _summary_table(ranking: FeatureRanking) -> str:
     rows = []
     for d in ranking.features:
         cells = "".join(f"<td>{_number(d.scores[name])}</td>" for name, _ in _COLUMNS)
-        rows.append(f'<tr><td>{d.rank}</td><td class="l"><a href="#f{d.rank}">{html.escape(d.hook_name)}</a></td>'
+        rows.append(f'<tr><td>{ranking.rank_label(d.rank)}</td><td class="l"><a href="#f{d.rank}">{html.escape(d.hook_name)}</a></td>'
                     f"<td>{d.feature_id}</td>{cells}<td>{_number(d.dim_cosine)}</td></tr>")
+    ties = ranking.tie_note()
     return (f'<table><tr><th>rank</th><th class="l">hook</th><th>feature</th>{head}<th>DIM cos</th></tr>'
-            + "".join(rows) + "</table>")
+            + "".join(rows) + "</table>" + (f'<p class="muted">{html.escape(ties)}</p>' if ties else ""))
 
 
 def outside_domain_note(outside: Mapping[str, Mapping[str, int]]) -> str:

@@ -511,3 +511,23 @@ def test_a_non_finite_score_is_written_as_null_not_a_failed_report(ranking, tmp_
     saved = json.loads((write_feature_report(odd, tmp_path) / "features.json").read_text())
     assert saved["top"][0]["scores"]["cohens_d"] is None and saved["top"][0]["scores"]["composite"] is None
     assert saved["top"][0]["feature_id"] == first.feature_id and "NaN" not in (tmp_path / "features.json").read_text()
+
+
+def test_tied_ranks_are_marked_in_the_table_the_report_and_the_json(capsys, sae_dir, tmp_path):
+    """`rank-features --by auroc` printed ranks 1-5 for five features at AUROC 1.000 as if the order among them meant
+    something; it is only the tie-break (layer, then feature id). Tied ranks print as `=N`, with a note naming them."""
+    code, out, err = _run(capsys, "rank-features", "--model", "tiny:llama", "--sae", str(sae_dir), "--harmful", "builtin:harmful:train",
+                          "--harmless", "builtin:harmless:train", "--n", "10", "--top", "6", "--by", "harmful_frequency",
+                          "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    saved = json.loads((tmp_path / "r" / "features.json").read_text())
+    scores = [row["harmful_frequency"] for row in saved["rows"]]
+    runs = [(i + 1, j) for i in range(6) for j in range(i + 2, len(scores) + 1)
+            if scores[i:j] == [scores[i]] * (j - i) and (i == 0 or scores[i - 1] != scores[i]) and (j == len(scores) or scores[j] != scores[i])]
+    assert runs and [tuple(group[:2]) for group in saved["ties"]] == runs  # premise: the top 6 hold a tie
+    first, last, value = saved["ties"][0]
+    printed = [line.split()[0] for line in out.splitlines()[1:7]]
+    assert printed == [f"={rank}" if any(a <= rank <= b for a, b in runs) else str(rank) for rank in range(1, 7)]
+    note = f"ranks {first}-{last} tied at {value:.6g}"
+    assert note in out and "ordered by layer, then feature id" in out
+    assert note in (tmp_path / "r" / "report.html").read_text()
