@@ -1042,10 +1042,14 @@ _PICK_KL_LABELS = {"kl_harmless": "first-token KL", "kl_response_harmless": "res
 def _sae_validation_lines(details: dict) -> list[str]:
     """`abliterate --method sae`'s validation row per k, as measured and recorded (`compare._validation_table`), with the
     KL the pick weighed, named. A k the coherence bound ruled out entered the pick as unanswered 1.0
-    (`compare._validation_rows`); its line gives what it measured and says why it cannot win."""
+    (`compare._validation_rows`); its line gives what it measured and says why it cannot win. An induce clamp's row
+    (`compare._pick_induce`: `refusal_harmless`, `clamp_norm`) gives its validation harmless refusal and clamp strength."""
     ruled_out, nlls = details.get("incoherent") or [], details.get("validation_base_nll") or {}
     lines = []
     for setting, row in details.get("sae_validation", {}).items():
+        if "unanswered_harmful" not in row:  # an induce clamp, picked on how much harmless refusal it brings
+            lines.append(f"  {setting:>6}: validation harmless refused {row['refusal_harmless']:.3f}, clamp write norm {row['clamp_norm']:.2f}")
+            continue
         kl = "".join(f", {label} {row[key]:.4f}" for key, label in _PICK_KL_LABELS.items() if key in row)
         line = f"  {setting:>6}: validation unanswered {row['unanswered_harmful']:.3f}{kl}"
         if setting in ruled_out:

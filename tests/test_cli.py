@@ -849,6 +849,17 @@ def test_sae_validation_lines_print_the_kl_the_pick_weighed_and_name_it():
                                             "model's own + 0.5)"]
 
 
+def test_sae_validation_lines_print_an_induce_clamps_rows():
+    """An induce clamp's validation rows (`compare._pick_induce`) hold `refusal_harmless` and `clamp_norm`, no
+    `unanswered_harmful`: the lines raised KeyError on them; now they print what was measured."""
+    from featsteer.cli import _sae_validation_lines
+
+    induce = {"sae_validation": {"k=1, x2": {"refusal_harmless": 0.5, "clamp_norm": 12.345},
+                                 "k=2, x0.5": {"refusal_harmless": 0.0625, "clamp_norm": 3.0}}}
+    assert _sae_validation_lines(induce) == ["  k=1, x2: validation harmless refused 0.500, clamp write norm 12.35",
+                                             "  k=2, x0.5: validation harmless refused 0.062, clamp write norm 3.00"]
+
+
 def test_abliterate_sae_search_tunes_the_strengths_of_the_picked_rows_and_exports(capsys, tmp_path):
     import torch
 
