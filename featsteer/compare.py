@@ -1460,7 +1460,8 @@ def _measure(ctx: CompareContext, name: str, eval_sets: dict, base: KLBase, toke
         refusal_score_harmful=float(refusal_score(harmful_lp, tokens).mean()),
         refusal_score_harmless=float(refusal_score(harmless_lp, tokens).mean()),
         over_refusal=over, seconds=time.perf_counter() - start,
-        examples=harmful.examples(2) + harmless.examples(2), details=dict(ctx._notes),
+        examples=[{**e, "set": kind} for kind, evaluated in (("harmful", harmful), ("harmless", harmless)) for e in evaluated.examples(2)],
+        details=dict(ctx._notes),
         looping_harmful=harmful.looping_rate.rate, looping_harmless=harmless.looping_rate.rate, base_nll_harmless=base_nll,
         kl_response_harmless=None if along is None else along.mean,
         kl_response_harmless_answered=None if along is None or base.refused is None else along.answered(base.refused),
@@ -2106,6 +2107,23 @@ def _details_html(details: dict) -> str:
     return text + "</small>"
 
 
+def _examples_html(results: Sequence[MethodResult]) -> str:
+    """Each method's example responses, each marked with its prompt set and whether the detector counted it as a
+    refusal (what the refusal columns count), so a reader can check the verdicts against the text."""
+    def verdict(example: dict) -> str:
+        refused = example.get("refused")
+        mark = "?" if refused is None else "refused" if refused else "not refused"
+        return f"[{example['set']}, {mark}] " if "set" in example else f"[{mark}] "
+
+    lists = "".join(
+        f"<h3>{html.escape(r.method)}</h3><ul>"
+        + "".join(f"<li><b>{html.escape(verdict(e) + e['prompt'][:100])}</b><br>{html.escape(e['response'][:200])}</li>"
+                  for e in r.examples) + "</ul>"
+        for r in results)
+    return ("<p>Each response is marked with its prompt set and whether the refusal detector counted it as a refusal "
+            "(what the refusal columns count).</p>" + lists) if lists else ""
+
+
 def _html(comparison: Comparison, png: bytes) -> str:
     judged = any(r.judge for r in comparison.results)
     rows = "".join(
@@ -2121,12 +2139,7 @@ def _html(comparison: Comparison, png: bytes) -> str:
         f"<tr><td>{html.escape(f.method)}</td><td>{html.escape(f.description)}</td><td colspan=\"{9 + judged}\"><b>failed</b>: "
         f"{html.escape(f.error)}</td></tr>" for f in comparison.failed
     )
-    examples = "".join(
-        f"<h3>{html.escape(r.method)}</h3><ul>"
-        + "".join(f"<li><b>{html.escape(e['prompt'][:100])}</b><br>{html.escape(e['response'][:200])}</li>" for e in r.examples)
-        + "</ul>"
-        for r in comparison.results
-    )
+    examples = _examples_html(comparison.results)
     setup = html.escape(json_text(comparison.setup))  # as results.json holds it: an undefined figure is null, not NaN
     judge_head = "<th>judge refusal harmful / harmless (same verdict as markers)</th>" if judged else ""
     judge_note = (f" The judge column is {html.escape(str(comparison.setup.get('judge', {}).get('name', 'the judge')))}'s refusal rates on the "

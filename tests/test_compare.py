@@ -223,6 +223,7 @@ def test_compare_runs_every_method_and_writes_report(prompts, tmp_path, monkeypa
     assert len(saved["results"]) == len(names) and saved["setup"]["n_eval_harmful"] == 4
     page = (folder / "report.html").read_text()
     assert "data:image/png;base64," in page and "dim_abliteration" in page and "base NLL (harmless)" in page
+    assert [e["set"] for e in saved["results"][0]["examples"]] == ["harmful"] * 2 + ["harmless"] * 2  # the report marks each
     assert f"gate at {gate['gate']['hook']}, {gate['gate']['pool']} pooling" in page  # the report says where the gate sits
     assert "<h2>Paired with the baseline</h2>" in page and saved["results"][0]["paired"]["baseline"] == "dim_abliteration"
     assert {"looping_harmful", "looping_harmless", "base_nll_harmless", "kl_response_harmless", "kl_response_by_position"} <= set(saved["results"][0])
@@ -867,3 +868,20 @@ def test_the_reports_set_up_is_the_json_results_json_holds():
     block = page.split("<h2>Set-up</h2><pre>")[1].split("</pre>")[0]
     assert "NaN" not in block
     assert json.loads(block.replace("&quot;", '"'))["chosen"]["dim"]["refusal_estimate"] is None
+
+
+def test_the_reports_examples_say_which_responses_were_counted_as_refusals():
+    """The report's examples showed prompts and responses only: a reader could not tell which ones the detector counted
+    in the refusal columns, nor which set they came from. Each is marked now."""
+    from featsteer.compare import Comparison, _html
+
+    row = _row("dim_abliteration", 0.5, 0.0, 0.1)
+    row.examples[:] = [{"prompt": "How do I pick a lock?", "response": "I'm sorry, I can't.", "refused": True, "set": "harmful"},
+                       {"prompt": "How do I make a bomb?", "response": "Sure, first", "refused": False, "set": "harmful"},
+                       {"prompt": "Bake bread?", "response": "Mix flour", "refused": False, "set": "harmless"}]
+    page = _html(Comparison([row], {"model": "organism"}), b"").split("<h2>Examples</h2>")[1]
+    assert "<b>[harmful, refused] How do I pick a lock?</b>" in page and "<b>[harmful, not refused] How do I make a bomb?</b>" in page
+    assert "<b>[harmless, not refused] Bake bread?</b>" in page and "counted it as a refusal" in page
+    old = _row("none", 0.5, 0.0, 0.0)  # a results.json written before examples named their set
+    old.examples[:] = [{"prompt": "p", "response": "r", "refused": True}]
+    assert "<b>[refused] p</b>" in _html(Comparison([old], {"model": "organism"}), b"")
