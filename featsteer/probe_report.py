@@ -340,7 +340,10 @@ def _sae_directions(model: ModelAdapter, saes: Mapping[str, SAE], swept: Sequenc
     harmful, harmless = acts[("train", "harmful")], acts[("train", "harmless")]
     grouped: dict[str, list[tuple[str, Tensor]]] = {}
     sources: dict[str, dict[str, str]] = {}
-    for i, sae_hook in enumerate(sae_hooks):
+    # in layer order, not the ranking's (which put the best feature's SAE first): the notes and the printed line read down the layers
+    # (an SAE read at the swept hook itself before those that join it there)
+    for i in sorted(range(len(sae_hooks)), key=lambda i: (swept.index(carriers[sae_hooks[i]]), carriers[sae_hooks[i]] != sae_hooks[i], sae_hooks[i])):
+        sae_hook = sae_hooks[i]
         carrier = carriers[sae_hook]
         basis = best.bases[i, 0]
         sign = torch.sign((harmful.mean(carrier) - harmless.mean(carrier)).float() @ basis)

@@ -182,3 +182,17 @@ def test_the_reports_effect_table_says_which_kl_it_gives(organism, tmp_path):
     page = (write_probe_report(report, tmp_path / "p") / "report.html").read_text()
     head = re.search(r"<tr><th>layer</th><th>source</th>(.*?)</tr>", page).group(1)
     assert head == "<th>held-out AUROC</th><th>refusal-score drop</th><th>first-token KL (harmless)</th>"
+
+
+def test_the_sae_sources_are_listed_in_layer_order(organism, tmp_path):
+    """The report's `sae:` notes and the printed `sae:` line followed the feature ranking, which put the best
+    feature's SAE first: on the organism they read layers 3, 2, 1. They read down the layers now."""
+    from featsteer.sae import load_sae_source
+
+    train, test = _pairs()
+    report = probe_report(organism, train, test, n_effect=2, n_shuffles=1, saes=load_sae_source("organism", organism))
+    swept = list(report.sae_sources["sae"])
+    assert swept == ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre", "blocks.3.hook_resid_pre"]
+    page = (write_probe_report(report, tmp_path / "p") / "report.html").read_text()
+    notes = [page.index(f"the top composite feature of the SAE at {hook}") for hook in swept]
+    assert notes == sorted(notes)
