@@ -574,6 +574,10 @@ def _cmd_directions(args: argparse.Namespace) -> int:
     model = _load_model(args)
     result = find_refusal_direction(model, harmful, harmless, config, val=val, keep_activations=True)
     _note_selection_shortfall(args, result)
+    if held_out is not None:
+        from featsteer.pipeline import warn_reused_held_out
+
+        warn_reused_held_out(held_out, [result.train, result.val], "geometry.md's self-repair and read-side ablation")
     with staged_output(out) as work:  # a later stage failing (geometry, --gate, --optimize) leaves no half-written --out
         _write_directions(args, model, result, config, optimize, out, work, held_out)
     return 0
@@ -768,7 +772,7 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
         print(f"caveat: {note}")
     edit = _edit_config(args, mode, model) if mode not in ADDITIONS else None
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system)
-    (held_harmful, held_harmless), checked_on = _check_prompts(args, result.val)
+    (held_harmful, held_harmless), checked_on = _check_prompts(args, result.val, result.train)
     before = evaluate_refusal(model, held_harmful, held_harmless, config)
     extra = {}
     if mode in ADDITIONS:
@@ -991,11 +995,15 @@ def _load_held_out(args: argparse.Namespace) -> tuple | None:
     return held
 
 
-def _check_prompts(args: argparse.Namespace, validation: tuple) -> tuple[tuple, str]:
+def _check_prompts(args: argparse.Namespace, validation: tuple, training: tuple | None = None) -> tuple[tuple, str]:
     """The `(harmful, harmless)` prompts abliterate's before/after check reads, and what they are: the --eval-* sets
     (`held-out`), or else the first --eval-n validation prompts (`validation`), which the selection and a --search
-    picked on, so their after-rate is not a held-out figure."""
+    picked on, so their after-rate is not a held-out figure. Held-out prompts that are also `training` or validation
+    prompts are named in a warning."""
     if args.held_out is not None:
+        from featsteer.pipeline import warn_reused_held_out
+
+        warn_reused_held_out(args.held_out, [pair for pair in (training, validation) if pair is not None], "the before/after check")
         return args.held_out, "held-out"
     _note_shortfall("--eval-n", args.eval_n, {"the harmful validation set": len(validation[0]), "the harmless validation set": len(validation[1])})
     return tuple(s.head(min(args.eval_n, len(s))) for s in validation), "validation"
@@ -1087,7 +1095,7 @@ def _abliterate_sae(args: argparse.Namespace, mode: str, warm_start: list[dict])
     for line in _sae_validation_lines(details):
         print(line)
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system)
-    (held_harmful, held_harmless), checked_on = _check_prompts(args, ctx.validation_sets())
+    (held_harmful, held_harmless), checked_on = _check_prompts(args, ctx.validation_sets(), ctx.training())
     before = evaluate_refusal(model, held_harmful, held_harmless, generation)
     record = {"method": "sae", "sae_source": args.sae, **details, "prompt_sha256": {"harmful": harmful.sha256, "harmless": harmless.sha256}}
     if args.search:

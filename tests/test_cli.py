@@ -480,7 +480,7 @@ def test_abliterate_reflect_exports_the_reflected_model(capsys, tmp_path):
         assert code == 2 and "--reflect is its own edit" in err and not (tmp_path / "bad").exists()
 
 
-def test_abliterate_checks_on_held_out_sets_when_given_and_says_when_it_reads_validation_prompts(capsys, tmp_path):
+def test_abliterate_checks_on_held_out_sets_when_given_and_says_when_it_reads_validation_prompts(capsys, tmp_path, caplog):
     from featsteer.datasets import load_prompts
 
     common = ["--model", "tiny:llama", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
@@ -496,6 +496,14 @@ def test_abliterate_checks_on_held_out_sets_when_given_and_says_when_it_reads_va
     evaluation = json.loads((tmp_path / "held" / "featsteer.json").read_text())["evaluation"]
     assert evaluation["prompts"] == "held-out" and evaluation["before"]["n_harmful"] == 3
     assert evaluation["sha256"]["harmful"] == load_prompts("builtin:harmful:test", limit=3).sha256
+    reused = ["--eval-harmful", "builtin:harmful:train", "--eval-harmless", "builtin:harmless:train"]
+    with caplog.at_level("WARNING", logger="featsteer.pipeline"):
+        assert not [r for r in caplog.records if "held-out prompts" in r.getMessage()]  # the test split shares none
+        code, _, err = _run(capsys, "abliterate", *common, *reused, "--out", str(tmp_path / "reused"))
+    assert code == 0, err
+    warned = [r.getMessage() for r in caplog.records if "held-out prompts" in r.getMessage()]
+    assert len(warned) == 2 and warned[0].startswith("3 of the 3 harmful held-out prompts (builtin:harmful:train) are also "
+                                                     "training or validation prompts, so the before/after check")
     code, _, err = _run(capsys, "abliterate", *common, held[0], held[1], "--out", str(tmp_path / "bad"))
     assert code == 2 and "give --eval-harmful and --eval-harmless together" in err and not (tmp_path / "bad").exists()
 
