@@ -44,6 +44,10 @@ logger = logging.getLogger(__name__)
 _FIRST_CHUNK_PROMPTS = 64
 CAPTURE_MANIFEST = "captured.json"
 """Written last into a kept capture folder: its presence marks a finished capture."""
+CAPTURE_FORMAT = 2
+"""How `capture_tokens` cuts its chunks, recorded in a kept capture's manifest as `format`. Format 1 (manifests without the
+field) cut a first chunk of 64 texts whatever the budget, so a small budget's capture held rows past the budget; format 2 stops
+the first chunk at the text that reaches the budget. A format 1 capture is reused only where both cut the same chunks."""
 _MIXING_BUFFER_BYTES = 64 << 20
 
 
@@ -174,8 +178,9 @@ class CapturedTokens:
         """Write the manifest (chunk names relative to `folder`) atomically; call after the last chunk. `source`
         (`capture_key` without the budget) lets a larger budget find this capture when it ran out of text; `keys`
         (`hook_keys`) lets a later run find any one hook's rows here, whichever hooks it captures with it."""
-        record: dict[str, Any] = {"chunks": [str(Path(chunk).relative_to(folder)) for chunk in self.chunks], "hook_names": list(self.hook_names),
-                                  "n_tokens": self.n_tokens, "n_texts": self.n_texts, "exhausted": self.exhausted, "seconds": self.seconds}
+        record: dict[str, Any] = {"format": CAPTURE_FORMAT, "chunks": [str(Path(chunk).relative_to(folder)) for chunk in self.chunks],
+                                  "hook_names": list(self.hook_names), "n_tokens": self.n_tokens, "n_texts": self.n_texts,
+                                  "exhausted": self.exhausted, "seconds": self.seconds}
         if source is not None:
             record["source"] = source
         if keys is not None:
@@ -297,15 +302,31 @@ def hook_keys(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[str], *
     return {hook: (_hashed(payload, [hook], tokens), _hashed(payload, [hook], None)) for hook in hooks}
 
 
+def _manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest record of a finished capture in `folder`, or None when there is none (or it cannot be read)."""
+    try:
+        return json.loads((folder / CAPTURE_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _finished_captures(cache: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     """`(folder, manifest record)` of every finished capture in `cache`, in name order; hidden folders are skipped."""
     for manifest in sorted(Path(cache).glob(f"*/{CAPTURE_MANIFEST}")):
-        if manifest.parent.name.startswith("."):
-            continue
-        try:
-            yield manifest.parent, json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            continue
+        if not manifest.parent.name.startswith(".") and (record := _manifest(manifest.parent)) is not None:
+            yield manifest.parent, record
+
+
+def _current_format(record: dict[str, Any], first_chunk_texts: int) -> bool:
+    """Whether a capture's manifest `record` describes the chunks `capture_tokens` cuts now (see `CAPTURE_FORMAT`).
+
+    A format 1 capture does when its first chunk did not reach the budget (it ran out of text, or more chunks followed),
+    or when its one chunk holds `first_chunk_texts` texts, the texts that reach the budget now. Otherwise it holds rows
+    past the budget, which the dead-feature fraction would be measured on.
+    """
+    if record.get("format", 1) >= CAPTURE_FORMAT:
+        return True
+    return bool(record.get("exhausted")) or len(record.get("chunks", [])) > 1 or record.get("n_texts") == first_chunk_texts
 
 
 def _exhausted_capture(cache: Path, source: str, tokens: int) -> Path | None:
@@ -322,10 +343,12 @@ def _stands_in(record: dict[str, Any], tokens: int) -> bool:
     return bool(record.get("exhausted")) and record.get("n_tokens", tokens + 1) <= tokens
 
 
-def _hook_capture(cache: Path, hook: str, key: str, source: str, tokens: int) -> Path | None:
+def _hook_capture(cache: Path, hook: str, key: str, source: str, tokens: int, first_chunk_texts: int,
+                  passed_over: dict[Path, dict[str, Any]]) -> Path | None:
     """A finished capture in `cache` holding `hook`'s rows for this key (or, failing that, for its source run out of
     text at or below `tokens`), whichever hooks were captured with it. A manifest written before captures recorded
-    per-hook keys is found when `hook` was its only hook (its folder is then named by the hook's key)."""
+    per-hook keys is found when `hook` was its only hook (its folder is then named by the hook's key); one of an older
+    format is added to `passed_over` unless it holds the chunks a capture makes now (`_current_format`)."""
     stand_in = None
     for folder, record in _finished_captures(cache):
         hooks = record.get("hook_names", [])
@@ -335,7 +358,10 @@ def _hook_capture(cache: Path, hook: str, key: str, source: str, tokens: int) ->
         keys = record.get("hook_keys") or ({hook: folder.name} if alone else {})
         sources = record.get("hook_sources") or ({hook: record.get("source")} if alone else {})
         if keys.get(hook) == key:
-            return folder
+            if _current_format(record, first_chunk_texts):
+                return folder
+            passed_over[folder] = record
+            continue
         if stand_in is None and sources.get(hook) == source and _stands_in(record, tokens):
             stand_in = folder
     return stand_in
@@ -348,7 +374,14 @@ def cached_captures(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[s
     capture the interrupted run made of every layer, and a run of more layers captures only the new ones."""
     cache = Path(cache)
     keys = hook_keys(model, texts, hooks, tokens=tokens, chat=chat, start=start)
-    found = {hook: folder for hook in hooks if (folder := _hook_capture(cache, hook, *keys[hook], tokens)) is not None}
+    first_chunk_texts = texts_for_budget(model, texts[:_FIRST_CHUNK_PROMPTS], tokens, chat=chat, start=start)
+    passed_over: dict[Path, dict[str, Any]] = {}
+    found = {hook: folder for hook in hooks
+             if (folder := _hook_capture(cache, hook, *keys[hook], tokens, first_chunk_texts, passed_over)) is not None}
+    for folder, record in passed_over.items():
+        logger.warning("not reusing %s: it was captured before captures stopped at the token budget (%s texts in its first chunk, "
+                       "where %d reach the budget), so it holds rows training never draws; capturing again", folder,
+                       record.get("n_texts"), first_chunk_texts)
     loaded = {folder: CapturedTokens.load(folder) for folder in sorted(set(found.values()))}
     for folder in loaded:
         logger.info("reusing the activations captured in %s for %s", folder, ", ".join(hook for hook in hooks if found.get(hook) == folder))
@@ -374,9 +407,13 @@ def cached_capture(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[st
     source = capture_key(model, texts, hooks, tokens=None, chat=chat, start=start)
     folder = cache / key
     with _exclusive_lock(cache / f".{key}.lock"):
-        if not (folder / CAPTURE_MANIFEST).is_file() and (earlier := _exhausted_capture(cache, source, tokens)) is not None:
-            folder = earlier
-        if (folder / CAPTURE_MANIFEST).is_file():
+        record = _manifest(folder)
+        if record is not None and not _current_format(record, texts_for_budget(model, texts[:_FIRST_CHUNK_PROMPTS], tokens, chat=chat, start=start)):
+            logger.info("removing %s, captured before captures stopped at the token budget, to capture it again", folder)
+            record = None  # removed below with the leftovers
+        if record is None and (earlier := _exhausted_capture(cache, source, tokens)) is not None:
+            folder, record = earlier, _manifest(earlier)
+        if record is not None:
             logger.info("reusing the activations captured in %s", folder)
             return CapturedTokens.load(folder)
         for leftover in [folder, *cache.glob(f".{key}.partial-*")]:  # interrupted captures: no one else writes them, we hold the lock

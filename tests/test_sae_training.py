@@ -533,3 +533,52 @@ def test_an_undefined_figure_is_null_in_metrics_json_and_n_a_in_the_table(tmp_pa
     assert main([*ARGS, "--tokens", "4000", "--quiet", "--out", str(out)]) == 0  # skips the layer, reads the file back
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(HOOK)]
     assert len(rows) == 2 and all(row.split()[3:5] == ["n/a", "n/a"] for row in rows)
+
+
+def _as_before_the_budget_cut(monkeypatch, cache, texts, hooks, tokens):
+    """A capture as the code before capture format 2 made it: a first chunk of 64 texts whatever the budget, and no
+    `format` in its manifest."""
+    from sae_training.data import cached_captures
+
+    with monkeypatch.context() as patch:
+        patch.setattr("sae_training.data.texts_for_budget", lambda model, texts, tokens, **kwargs: len(texts))
+        captured = cached_captures(load_model("tiny:llama"), texts, hooks, cache, tokens=tokens, progress=False)[hooks[0]]
+    manifest = captured.chunks[0].parent / "captured.json"
+    record = json.loads(manifest.read_text())
+    record.pop("format", None)
+    manifest.write_text(json.dumps(record))
+    return captured
+
+
+@pytest.mark.parametrize("hooks", [[HOOK], ["blocks.0.hook_resid_post", HOOK]])
+def test_an_over_captured_capture_of_the_older_format_is_captured_again(tmp_path, monkeypatch, caplog, hooks):
+    """A small budget's capture made before the first chunk stopped at the budget holds rows training never draws (the
+    dead fraction was measured on them); it had the same key, and was served as if it were new."""
+    from sae_training.data import cached_captures
+
+    model, texts = load_model("tiny:llama"), load_texts(["builtin:harmless"])
+    old = _as_before_the_budget_cut(monkeypatch, tmp_path / "cache", texts, hooks, 300)
+    assert old.n_texts == 64 and old.n_tokens > 1000
+    caplog.set_level(logging.WARNING, logger="sae_training.data")
+    new = cached_captures(model, texts, [HOOK], tmp_path / "cache", tokens=300, progress=False)[HOOK]
+    lengths = model.tokenize(texts[: new.n_texts]).attention_mask.sum(dim=1).tolist()
+    assert new.n_tokens == sum(lengths) >= 300 > sum(lengths[:-1])
+    assert any("not reusing" in r.getMessage() and "capturing again" in r.getMessage() for r in caplog.records)
+    assert json.loads((new.chunks[0].parent / "captured.json").read_text())["format"] == 2
+    with monkeypatch.context() as patch:  # the new capture is reused as any capture is
+        patch.setattr("sae_training.data.capture_tokens", no_capture)
+        assert cached_captures(model, texts, [HOOK], tmp_path / "cache", tokens=300, progress=False)[HOOK] == new
+
+
+@pytest.mark.parametrize("tokens", [8000, 100_000])
+def test_a_capture_of_the_older_format_cut_as_now_is_still_reused(tmp_path, monkeypatch, tokens):
+    """Where the first 64 texts do not reach the budget (more chunks follow, or the text runs out) the older format cut
+    the chunks the current one does: such captures stay valid and are not thrown away."""
+    from sae_training.data import cached_captures
+
+    texts = load_texts(["builtin:harmless"])
+    old = _as_before_the_budget_cut(monkeypatch, tmp_path / "cache", texts, [HOOK], tokens)
+    assert len(old.chunks) > 1 or old.exhausted
+    monkeypatch.setattr("sae_training.data.capture_tokens", no_capture)
+    assert cached_captures(load_model("tiny:llama"), texts, [HOOK], tmp_path / "cache", tokens=tokens, progress=False)[HOOK] == old
+    assert cached_capture(load_model("tiny:llama"), texts, [HOOK], tmp_path / "cache", tokens=tokens, progress=False) == old
