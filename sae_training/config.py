@@ -117,7 +117,8 @@ class DataConfig:
     chunk_megabytes: int = 256
     """One hook's activations per chunk on disk (chunks are shuffled as units, so they hold the same texts whichever
     layers are captured together; the shards written and read are at most this size for all hooks); bounds memory
-    whatever `tokens` is."""
+    whatever `tokens` is. Not part of the activation-cache key: a reused capture keeps its own chunks, hence its own
+    training order (`metrics.json` records its `capture_chunk_megabytes`)."""
     work_dir: str | None = None
     """Parent folder for the temporary activation store (None: the system temp folder)."""
     activation_cache: str | None = None

@@ -173,6 +173,13 @@ class CapturedTokens:
     """True when every text was captured before reaching the token budget."""
     seconds: float
     """Wall time of the capture."""
+    chunk_bytes: int | None = None
+    """The `chunk_bytes` the chunks were sized by (None: a cached capture made before it was recorded). The chunks are
+    shuffled as units, so a capture reused from the cache gives the training order its own chunking gives, whatever
+    `DataConfig.chunk_megabytes` the reusing run asks for."""
+    budget: int | None = None
+    """The token budget the capture was made for (None: not recorded); a capture that ran out of text also serves
+    larger budgets."""
 
     def save(self, folder: Path, *, source: str | None = None, keys: Mapping[str, tuple[str, str]] | None = None) -> None:
         """Write the manifest (chunk names relative to `folder`) atomically; call after the last chunk. `source`
@@ -180,7 +187,8 @@ class CapturedTokens:
         (`hook_keys`) lets a later run find any one hook's rows here, whichever hooks it captures with it."""
         record: dict[str, Any] = {"format": CAPTURE_FORMAT, "chunks": [str(Path(chunk).relative_to(folder)) for chunk in self.chunks],
                                   "hook_names": list(self.hook_names), "n_tokens": self.n_tokens, "n_texts": self.n_texts,
-                                  "exhausted": self.exhausted, "seconds": self.seconds}
+                                  "exhausted": self.exhausted, "seconds": self.seconds, "chunk_bytes": self.chunk_bytes,
+                                  "budget": self.budget}
         if source is not None:
             record["source"] = source
         if keys is not None:
@@ -195,7 +203,7 @@ class CapturedTokens:
         """Read a capture saved by `save`."""
         record = json.loads((folder / CAPTURE_MANIFEST).read_text())
         return cls(tuple(folder / name for name in record["chunks"]), tuple(record["hook_names"]), record["n_tokens"],
-                   record["n_texts"], record["exhausted"], record["seconds"])
+                   record["n_texts"], record["exhausted"], record["seconds"], record.get("chunk_bytes"), record.get("budget"))
 
 
 def capture_tokens(
@@ -241,7 +249,7 @@ def capture_tokens(
             by_memory = max(batch_size, int(chunk_bytes / (tokens_per_text * bytes_per_token)))
             chunk_size = min(by_memory, math.ceil(1.05 * (tokens - n_tokens) / tokens_per_text) + 1)
     exhausted = n_tokens < tokens
-    return CapturedTokens(tuple(chunks), tuple(hooks), n_tokens, n_texts, exhausted, time.perf_counter() - began)
+    return CapturedTokens(tuple(chunks), tuple(hooks), n_tokens, n_texts, exhausted, time.perf_counter() - began, chunk_bytes, tokens)
 
 
 def texts_for_budget(model: ModelAdapter, texts: Sequence[str], tokens: int, *, chat: bool, start: int, batch: int = 256) -> int:

@@ -582,3 +582,21 @@ def test_a_capture_of_the_older_format_cut_as_now_is_still_reused(tmp_path, monk
     monkeypatch.setattr("sae_training.data.capture_tokens", no_capture)
     assert cached_captures(load_model("tiny:llama"), texts, [HOOK], tmp_path / "cache", tokens=tokens, progress=False)[HOOK] == old
     assert cached_capture(load_model("tiny:llama"), texts, [HOOK], tmp_path / "cache", tokens=tokens, progress=False) == old
+
+
+def test_metrics_record_the_chunking_of_a_capture_reused_with_another_chunk_size(tmp_path):
+    """`chunk_megabytes` sets the chunks training shuffles, and is not in the cache key: a run reusing a capture made
+    with another chunk size trains in the capture's order, so metrics.json must say which chunking that was."""
+    from sae_training.train import train_saes
+
+    def run(out: str, megabytes: int) -> dict:
+        data = DataConfig(model="tiny:llama", texts=("builtin:harmless",), layers=(1,), tokens=3000, eval_prompts=8,
+                          chunk_megabytes=megabytes, activation_cache=str(tmp_path / "cache"))
+        config = TrainConfig(data=data, sae=ArchitectureConfig(d_sae=64, k=4), optim=OptimConfig(batch_tokens=256), out=str(tmp_path / out))
+        return train_saes(config, progress=False)[HOOK]
+
+    first, reused = run("first", 1), run("reused", 2)
+    assert first["capture_chunk_megabytes"] == reused["capture_chunk_megabytes"] == 1
+    assert reused["capture_token_budget"] == 3000 and reused["capture_chunks"] == first["capture_chunks"] >= 1
+    saved = json.loads((tmp_path / "reused" / HOOK / "training_config.json").read_text())
+    assert saved["data"]["chunk_megabytes"] == 2  # what the run asked for; metrics.json says what it trained on
