@@ -15,8 +15,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +51,12 @@ CAPTURE_FORMAT = 2
 field) cut a first chunk of 64 texts whatever the budget, so a small budget's capture held rows past the budget; format 2 stops
 the first chunk at the text that reaches the budget. A format 1 capture is reused only where both cut the same chunks."""
 _MIXING_BUFFER_BYTES = 64 << 20
+STALE_LOCK_SECONDS = 600.0
+"""Without `fcntl`: a lock file left unrefreshed this long belongs to a run that died, and is taken over."""
+LOCK_REFRESH_SECONDS = 30.0
+"""Without `fcntl`: how often the holder of a lock file touches it, to show it is alive."""
+LOCK_POLL_SECONDS = 1.0
+"""Without `fcntl`: how often a run waiting for a lock file looks again."""
 
 
 def organism_corpus_prompts(source: str) -> list[str]:
@@ -439,10 +447,11 @@ def cached_capture(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[st
 @contextlib.contextmanager
 def _exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive `flock` on `path` (created if missing) for the block, saying so when another process holds it.
-    The system releases it when its holder dies. Without `fcntl` (Windows) nothing is locked: runs that share a cache
-    may then capture the same activations twice, but still never read or remove each other's unfinished captures."""
+    The system releases it when its holder dies. Without `fcntl` (Windows) the lock is a file created exclusively beside
+    it (`_lock_file`)."""
     if fcntl is None:
-        yield
+        with _lock_file(path.with_name(path.name + ".held")):
+            yield
         return
     with open(path, "a+b") as handle:
         try:
@@ -454,6 +463,65 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _lock_file(path: Path) -> Iterator[None]:
+    """Hold `path`, created with `O_EXCL`, for the block (removed after it), waiting while another run holds it.
+
+    Nothing releases such a lock when its holder dies, so the holder touches it every `LOCK_REFRESH_SECONDS` from a
+    thread, and a lock untouched for `STALE_LOCK_SECONDS` is taken over (with a warning): by one waiter only, the one
+    that creates `path.break` and still finds the lock stale after that.
+    """
+    warned, breaker = False, path.with_name(path.name + ".break")
+    while not _try_create(path):
+        if _stale(path) and _try_create(breaker):
+            try:
+                if _stale(path):
+                    logger.warning("taking over the lock %s: untouched for over %.0f s, its run has died", path, STALE_LOCK_SECONDS)
+                    path.unlink(missing_ok=True)
+            finally:
+                breaker.unlink(missing_ok=True)
+            continue
+        if _stale(breaker):  # a run died between creating it and removing it
+            breaker.unlink(missing_ok=True)
+        if not warned:
+            logger.warning("another run is capturing the same activations into %s: waiting for it to finish, to reuse them", path.parent)
+            warned = True
+        time.sleep(LOCK_POLL_SECONDS)
+    done = threading.Event()
+    refresher = threading.Thread(target=_keep_touching, args=(path, done), daemon=True)
+    refresher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        refresher.join()
+        path.unlink(missing_ok=True)
+
+
+def _try_create(path: Path) -> bool:
+    """Create `path` if no file is there (atomically); False if one is."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _stale(path: Path) -> bool:
+    """`path` exists and was last touched more than `STALE_LOCK_SECONDS` ago."""
+    try:
+        return time.time() - path.stat().st_mtime > STALE_LOCK_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def _keep_touching(path: Path, done: threading.Event) -> None:
+    """Touch `path` every `LOCK_REFRESH_SECONDS` until `done` is set."""
+    while not done.wait(LOCK_REFRESH_SECONDS):
+        with contextlib.suppress(OSError):
+            os.utime(path)
 
 
 class ActivationBatches(Iterator[Tensor]):

@@ -444,12 +444,18 @@ def test_a_resumed_multi_layer_run_trains_the_rest_from_the_activation_cache(tmp
     assert (layer / "sae_weights.safetensors").read_bytes() == weights
 
 
-def test_two_runs_sharing_an_activation_cache_capture_once_and_leave_each_other_alone(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flock", [True, False])
+def test_two_runs_sharing_an_activation_cache_capture_once_and_leave_each_other_alone(tmp_path, monkeypatch, flock):
     """Run B asks for the capture run A is in the middle of (between two chunks): B waits for A and reuses A's capture.
-    It used to delete A's unfinished folder and capture into it, and A then failed writing its next chunk there."""
+    It used to delete A's unfinished folder and capture into it, and A then failed writing its next chunk there. Without
+    fcntl (Windows) there was no lock at all, and so the same; an O_EXCL lock file stands in for flock there."""
     import threading
 
     import sae_training.data as data
+
+    if not flock:
+        monkeypatch.setattr(data, "fcntl", None)
+        monkeypatch.setattr(data, "LOCK_POLL_SECONDS", 0.01)
 
     texts = load_texts(["builtin:harmless"])
     options = {"tokens": 8000, "start": 1, "chunk_bytes": 256 << 10, "progress": False}
@@ -600,3 +606,32 @@ def test_metrics_record_the_chunking_of_a_capture_reused_with_another_chunk_size
     assert reused["capture_token_budget"] == 3000 and reused["capture_chunks"] == first["capture_chunks"] >= 1
     saved = json.loads((tmp_path / "reused" / HOOK / "training_config.json").read_text())
     assert saved["data"]["chunk_megabytes"] == 2  # what the run asked for; metrics.json says what it trained on
+
+
+def test_without_fcntl_a_dead_runs_lock_file_is_taken_over_and_a_live_one_is_kept_fresh(tmp_path, monkeypatch, caplog):
+    """The O_EXCL lock file that stands in for flock on Windows is not released when its run dies: one left untouched
+    for STALE_LOCK_SECONDS is taken over, and the holder touches its own so that it never looks dead."""
+    import os
+    import time
+
+    import sae_training.data as data
+
+    monkeypatch.setattr(data, "fcntl", None)
+    lock = tmp_path / ".key.lock"
+    held = tmp_path / ".key.lock.held"
+    held.touch()
+    os.utime(held, (0, 0))  # left by a run that died long ago
+    caplog.set_level(logging.WARNING, logger="sae_training.data")
+    with data._exclusive_lock(lock):
+        assert held.is_file() and held.stat().st_mtime > 0
+    assert not held.exists() and any("taking over the lock" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.setattr(data, "LOCK_REFRESH_SECONDS", 0.01)
+    with data._exclusive_lock(lock):
+        os.utime(held, (0, 0))  # as if untouched for long: the holder's thread touches it again
+        for _ in range(10_000):
+            if held.stat().st_mtime > 0:
+                break
+            time.sleep(0.01)
+        assert not data._stale(held)
+    assert not held.exists()
