@@ -414,8 +414,9 @@ def cached_capture(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[st
     does not capture again. Its manifest records each hook's own key, for `cached_captures`.
 
     Runs may share `cache`: a capture is built in a hidden staging folder beside `cache/<key>/` and renamed to it with
-    its manifest inside, so a reader never sees a half-written one, and a lock file per key (`cache/.<key>.lock`) makes
-    a second run asking for the same capture wait for the first and reuse it instead of capturing it again.
+    its manifest inside, so a reader never sees a half-written one, and a lock file per key (`cache/.<key>.lock`, or
+    `cache/.<key>.lock.held` without fcntl) makes a second run asking for the same capture wait for the first and reuse it
+    instead of capturing it again. A capture of an older format that holds rows past the budget is captured again.
     """
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)

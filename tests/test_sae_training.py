@@ -19,6 +19,7 @@ from sae_training.config import ArchitectureConfig, DataConfig, OptimConfig, Tra
 from sae_training.data import (
     ActivationBatches,
     cached_capture,
+    capture_key,
     capture_tokens,
     load_texts,
     norm_limit,
@@ -635,3 +636,17 @@ def test_without_fcntl_a_dead_runs_lock_file_is_taken_over_and_a_live_one_is_kep
             time.sleep(0.01)
         assert not data._stale(held)
     assert not held.exists()
+
+
+def test_the_help_names_what_a_cached_capture_is_keyed_on():
+    """--help said a capture is reused with the same model, text and --tokens, leaving out the options that are in the key
+    too (--dtype, --raw, --keep-shared-prefix: the first position) and the larger budgets a capture that ran out serves."""
+    from sae_training.cli import build_parser
+
+    action = next(action for action in build_parser()._actions if "--activation-cache" in action.option_strings)
+    for named in ("--dtype", "--raw", "--keep-shared-prefix", "--tokens", "larger --tokens once the text ran out"):
+        assert named in action.help
+    model, texts = load_model("tiny:llama"), ["a b c", "d e"]
+    base = {"tokens": 100, "chat": True, "start": 0}
+    key = capture_key(model, texts, [HOOK], **base)
+    assert all(capture_key(model, texts, [HOOK], **{**base, **change}) != key for change in ({"chat": False}, {"start": 1}, {"tokens": 101}))
