@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-norm-ratio", type=float, default=10.0,
                         help="leave out tokens whose norm exceeds this multiple of the median (attention sinks; default: 10)")
     parser.add_argument("--keep-outliers", action="store_true", help="train on every token, massive activations included")
-    parser.add_argument("--activation-cache", help="keep the captured activations here and reuse them on a re-run with the same "
-                        "model, text and --tokens, layer by layer (to sweep SAE settings, or resume an interrupted run); default: a temporary folder")
+    parser.add_argument("--activation-cache", help="keep the captured activations here and reuse them, layer by layer, on a re-run "
+                        "with the same model, --dtype, text, --raw, --keep-shared-prefix and --tokens (or a larger --tokens once the text "
+                        "ran out), to sweep SAE settings or resume an interrupted run; runs may share it; default: a temporary folder")
     parser.add_argument("--work-dir", help="parent folder for the temporary activation store (default: system temp)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -117,13 +117,15 @@ class DataConfig:
     chunk_megabytes: int = 256
     """One hook's activations per chunk on disk (chunks are shuffled as units, so they hold the same texts whichever
     layers are captured together; the shards written and read are at most this size for all hooks); bounds memory
-    whatever `tokens` is."""
+    whatever `tokens` is. Not part of the activation-cache key: a reused capture keeps its own chunks, hence its own
+    training order (`metrics.json` records its `capture_chunk_megabytes`)."""
     work_dir: str | None = None
     """Parent folder for the temporary activation store (None: the system temp folder)."""
     activation_cache: str | None = None
     """Keep the captured training activations in a subfolder of this folder and reuse them on a later run
-    with the same model (weights, tokenizer, chat template), text and token budget, layer by layer: any earlier capture of a
-    layer serves it, whichever layers were captured with it (None: a temporary folder, deleted at the end)."""
+    with the same model (weights, tokenizer, chat template), dtype, text, chat formatting, shared-prefix skipping and token
+    budget (or a larger budget once the text ran out), layer by layer: any earlier capture of a layer serves it, whichever
+    layers were captured with it (None: a temporary folder, deleted at the end). Runs may share it."""
     skip_shared_prefix: bool = True
     """Leave out the tokens every formatted text starts with (chat-template head, BOS): their activations
     are one repeated vector, and a first token is usually an attention sink."""

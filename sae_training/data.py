@@ -15,8 +15,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,7 +46,17 @@ logger = logging.getLogger(__name__)
 _FIRST_CHUNK_PROMPTS = 64
 CAPTURE_MANIFEST = "captured.json"
 """Written last into a kept capture folder: its presence marks a finished capture."""
+CAPTURE_FORMAT = 2
+"""How `capture_tokens` cuts its chunks, recorded in a kept capture's manifest as `format`. Format 1 (manifests without the
+field) cut a first chunk of 64 texts whatever the budget, so a small budget's capture held rows past the budget; format 2 stops
+the first chunk at the text that reaches the budget. A format 1 capture is reused only where both cut the same chunks."""
 _MIXING_BUFFER_BYTES = 64 << 20
+STALE_LOCK_SECONDS = 600.0
+"""Without `fcntl`: a lock file left unrefreshed this long belongs to a run that died, and is taken over."""
+LOCK_REFRESH_SECONDS = 30.0
+"""Without `fcntl`: how often the holder of a lock file touches it, to show it is alive."""
+LOCK_POLL_SECONDS = 1.0
+"""Without `fcntl`: how often a run waiting for a lock file looks again."""
 
 
 def organism_corpus_prompts(source: str) -> list[str]:
@@ -169,13 +181,22 @@ class CapturedTokens:
     """True when every text was captured before reaching the token budget."""
     seconds: float
     """Wall time of the capture."""
+    chunk_bytes: int | None = None
+    """The `chunk_bytes` the chunks were sized by (None: a cached capture made before it was recorded). The chunks are
+    shuffled as units, so a capture reused from the cache gives the training order its own chunking gives, whatever
+    `DataConfig.chunk_megabytes` the reusing run asks for."""
+    budget: int | None = None
+    """The token budget the capture was made for (None: not recorded); a capture that ran out of text also serves
+    larger budgets."""
 
     def save(self, folder: Path, *, source: str | None = None, keys: Mapping[str, tuple[str, str]] | None = None) -> None:
         """Write the manifest (chunk names relative to `folder`) atomically; call after the last chunk. `source`
         (`capture_key` without the budget) lets a larger budget find this capture when it ran out of text; `keys`
         (`hook_keys`) lets a later run find any one hook's rows here, whichever hooks it captures with it."""
-        record: dict[str, Any] = {"chunks": [str(Path(chunk).relative_to(folder)) for chunk in self.chunks], "hook_names": list(self.hook_names),
-                                  "n_tokens": self.n_tokens, "n_texts": self.n_texts, "exhausted": self.exhausted, "seconds": self.seconds}
+        record: dict[str, Any] = {"format": CAPTURE_FORMAT, "chunks": [str(Path(chunk).relative_to(folder)) for chunk in self.chunks],
+                                  "hook_names": list(self.hook_names), "n_tokens": self.n_tokens, "n_texts": self.n_texts,
+                                  "exhausted": self.exhausted, "seconds": self.seconds, "chunk_bytes": self.chunk_bytes,
+                                  "budget": self.budget}
         if source is not None:
             record["source"] = source
         if keys is not None:
@@ -190,7 +211,7 @@ class CapturedTokens:
         """Read a capture saved by `save`."""
         record = json.loads((folder / CAPTURE_MANIFEST).read_text())
         return cls(tuple(folder / name for name in record["chunks"]), tuple(record["hook_names"]), record["n_tokens"],
-                   record["n_texts"], record["exhausted"], record["seconds"])
+                   record["n_texts"], record["exhausted"], record["seconds"], record.get("chunk_bytes"), record.get("budget"))
 
 
 def capture_tokens(
@@ -236,7 +257,7 @@ def capture_tokens(
             by_memory = max(batch_size, int(chunk_bytes / (tokens_per_text * bytes_per_token)))
             chunk_size = min(by_memory, math.ceil(1.05 * (tokens - n_tokens) / tokens_per_text) + 1)
     exhausted = n_tokens < tokens
-    return CapturedTokens(tuple(chunks), tuple(hooks), n_tokens, n_texts, exhausted, time.perf_counter() - began)
+    return CapturedTokens(tuple(chunks), tuple(hooks), n_tokens, n_texts, exhausted, time.perf_counter() - began, chunk_bytes, tokens)
 
 
 def texts_for_budget(model: ModelAdapter, texts: Sequence[str], tokens: int, *, chat: bool, start: int, batch: int = 256) -> int:
@@ -297,15 +318,31 @@ def hook_keys(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[str], *
     return {hook: (_hashed(payload, [hook], tokens), _hashed(payload, [hook], None)) for hook in hooks}
 
 
+def _manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest record of a finished capture in `folder`, or None when there is none (or it cannot be read)."""
+    try:
+        return json.loads((folder / CAPTURE_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _finished_captures(cache: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     """`(folder, manifest record)` of every finished capture in `cache`, in name order; hidden folders are skipped."""
     for manifest in sorted(Path(cache).glob(f"*/{CAPTURE_MANIFEST}")):
-        if manifest.parent.name.startswith("."):
-            continue
-        try:
-            yield manifest.parent, json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            continue
+        if not manifest.parent.name.startswith(".") and (record := _manifest(manifest.parent)) is not None:
+            yield manifest.parent, record
+
+
+def _current_format(record: dict[str, Any], first_chunk_texts: int) -> bool:
+    """Whether a capture's manifest `record` describes the chunks `capture_tokens` cuts now (see `CAPTURE_FORMAT`).
+
+    A format 1 capture does when its first chunk did not reach the budget (it ran out of text, or more chunks followed),
+    or when its one chunk holds `first_chunk_texts` texts, the texts that reach the budget now. Otherwise it holds rows
+    past the budget, which the dead-feature fraction would be measured on.
+    """
+    if record.get("format", 1) >= CAPTURE_FORMAT:
+        return True
+    return bool(record.get("exhausted")) or len(record.get("chunks", [])) > 1 or record.get("n_texts") == first_chunk_texts
 
 
 def _exhausted_capture(cache: Path, source: str, tokens: int) -> Path | None:
@@ -322,10 +359,12 @@ def _stands_in(record: dict[str, Any], tokens: int) -> bool:
     return bool(record.get("exhausted")) and record.get("n_tokens", tokens + 1) <= tokens
 
 
-def _hook_capture(cache: Path, hook: str, key: str, source: str, tokens: int) -> Path | None:
+def _hook_capture(cache: Path, hook: str, key: str, source: str, tokens: int, first_chunk_texts: int,
+                  passed_over: dict[Path, dict[str, Any]]) -> Path | None:
     """A finished capture in `cache` holding `hook`'s rows for this key (or, failing that, for its source run out of
     text at or below `tokens`), whichever hooks were captured with it. A manifest written before captures recorded
-    per-hook keys is found when `hook` was its only hook (its folder is then named by the hook's key)."""
+    per-hook keys is found when `hook` was its only hook (its folder is then named by the hook's key); one of an older
+    format is added to `passed_over` unless it holds the chunks a capture makes now (`_current_format`)."""
     stand_in = None
     for folder, record in _finished_captures(cache):
         hooks = record.get("hook_names", [])
@@ -335,7 +374,10 @@ def _hook_capture(cache: Path, hook: str, key: str, source: str, tokens: int) ->
         keys = record.get("hook_keys") or ({hook: folder.name} if alone else {})
         sources = record.get("hook_sources") or ({hook: record.get("source")} if alone else {})
         if keys.get(hook) == key:
-            return folder
+            if _current_format(record, first_chunk_texts):
+                return folder
+            passed_over[folder] = record
+            continue
         if stand_in is None and sources.get(hook) == source and _stands_in(record, tokens):
             stand_in = folder
     return stand_in
@@ -348,7 +390,14 @@ def cached_captures(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[s
     capture the interrupted run made of every layer, and a run of more layers captures only the new ones."""
     cache = Path(cache)
     keys = hook_keys(model, texts, hooks, tokens=tokens, chat=chat, start=start)
-    found = {hook: folder for hook in hooks if (folder := _hook_capture(cache, hook, *keys[hook], tokens)) is not None}
+    first_chunk_texts = texts_for_budget(model, texts[:_FIRST_CHUNK_PROMPTS], tokens, chat=chat, start=start)
+    passed_over: dict[Path, dict[str, Any]] = {}
+    found = {hook: folder for hook in hooks
+             if (folder := _hook_capture(cache, hook, *keys[hook], tokens, first_chunk_texts, passed_over)) is not None}
+    for folder, record in passed_over.items():
+        logger.warning("not reusing %s: it was captured before captures stopped at the token budget (%s texts in its first chunk, "
+                       "where %d reach the budget), so it holds rows training never draws; capturing again", folder,
+                       record.get("n_texts"), first_chunk_texts)
     loaded = {folder: CapturedTokens.load(folder) for folder in sorted(set(found.values()))}
     for folder in loaded:
         logger.info("reusing the activations captured in %s for %s", folder, ", ".join(hook for hook in hooks if found.get(hook) == folder))
@@ -365,8 +414,9 @@ def cached_capture(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[st
     does not capture again. Its manifest records each hook's own key, for `cached_captures`.
 
     Runs may share `cache`: a capture is built in a hidden staging folder beside `cache/<key>/` and renamed to it with
-    its manifest inside, so a reader never sees a half-written one, and a lock file per key (`cache/.<key>.lock`) makes
-    a second run asking for the same capture wait for the first and reuse it instead of capturing it again.
+    its manifest inside, so a reader never sees a half-written one, and a lock file per key (`cache/.<key>.lock`, or
+    `cache/.<key>.lock.held` without fcntl) makes a second run asking for the same capture wait for the first and reuse it
+    instead of capturing it again. A capture of an older format that holds rows past the budget is captured again.
     """
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -374,9 +424,13 @@ def cached_capture(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[st
     source = capture_key(model, texts, hooks, tokens=None, chat=chat, start=start)
     folder = cache / key
     with _exclusive_lock(cache / f".{key}.lock"):
-        if not (folder / CAPTURE_MANIFEST).is_file() and (earlier := _exhausted_capture(cache, source, tokens)) is not None:
-            folder = earlier
-        if (folder / CAPTURE_MANIFEST).is_file():
+        record = _manifest(folder)
+        if record is not None and not _current_format(record, texts_for_budget(model, texts[:_FIRST_CHUNK_PROMPTS], tokens, chat=chat, start=start)):
+            logger.info("removing %s, captured before captures stopped at the token budget, to capture it again", folder)
+            record = None  # removed below with the leftovers
+        if record is None and (earlier := _exhausted_capture(cache, source, tokens)) is not None:
+            folder, record = earlier, _manifest(earlier)
+        if record is not None:
             logger.info("reusing the activations captured in %s", folder)
             return CapturedTokens.load(folder)
         for leftover in [folder, *cache.glob(f".{key}.partial-*")]:  # interrupted captures: no one else writes them, we hold the lock
@@ -394,10 +448,11 @@ def cached_capture(model: ModelAdapter, texts: Sequence[str], hooks: Sequence[st
 @contextlib.contextmanager
 def _exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive `flock` on `path` (created if missing) for the block, saying so when another process holds it.
-    The system releases it when its holder dies. Without `fcntl` (Windows) nothing is locked: runs that share a cache
-    may then capture the same activations twice, but still never read or remove each other's unfinished captures."""
+    The system releases it when its holder dies. Without `fcntl` (Windows) the lock is a file created exclusively beside
+    it (`_lock_file`)."""
     if fcntl is None:
-        yield
+        with _lock_file(path.with_name(path.name + ".held")):
+            yield
         return
     with open(path, "a+b") as handle:
         try:
@@ -409,6 +464,65 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _lock_file(path: Path) -> Iterator[None]:
+    """Hold `path`, created with `O_EXCL`, for the block (removed after it), waiting while another run holds it.
+
+    Nothing releases such a lock when its holder dies, so the holder touches it every `LOCK_REFRESH_SECONDS` from a
+    thread, and a lock untouched for `STALE_LOCK_SECONDS` is taken over (with a warning): by one waiter only, the one
+    that creates `path.break` and still finds the lock stale after that.
+    """
+    warned, breaker = False, path.with_name(path.name + ".break")
+    while not _try_create(path):
+        if _stale(path) and _try_create(breaker):
+            try:
+                if _stale(path):
+                    logger.warning("taking over the lock %s: untouched for over %.0f s, its run has died", path, STALE_LOCK_SECONDS)
+                    path.unlink(missing_ok=True)
+            finally:
+                breaker.unlink(missing_ok=True)
+            continue
+        if _stale(breaker):  # a run died between creating it and removing it
+            breaker.unlink(missing_ok=True)
+        if not warned:
+            logger.warning("another run is capturing the same activations into %s: waiting for it to finish, to reuse them", path.parent)
+            warned = True
+        time.sleep(LOCK_POLL_SECONDS)
+    done = threading.Event()
+    refresher = threading.Thread(target=_keep_touching, args=(path, done), daemon=True)
+    refresher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        refresher.join()
+        path.unlink(missing_ok=True)
+
+
+def _try_create(path: Path) -> bool:
+    """Create `path` if no file is there (atomically); False if one is."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _stale(path: Path) -> bool:
+    """`path` exists and was last touched more than `STALE_LOCK_SECONDS` ago."""
+    try:
+        return time.time() - path.stat().st_mtime > STALE_LOCK_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def _keep_touching(path: Path, done: threading.Event) -> None:
+    """Touch `path` every `LOCK_REFRESH_SECONDS` until `done` is set."""
+    while not done.wait(LOCK_REFRESH_SECONDS):
+        with contextlib.suppress(OSError):
+            os.utime(path)
 
 
 class ActivationBatches(Iterator[Tensor]):

@@ -289,12 +289,22 @@ def _save_and_evaluate(run: TrainingRun, trained: TrainingSAE, trainer: SAETrain
         "unique_tokens": captured.n_tokens, "text_exhausted": captured.exhausted,
         "epochs": trainer.n_training_samples / max(captured.n_tokens, 1), "train_seconds": seconds,
         "tokens_per_second": trainer.n_training_samples / max(seconds, 1e-9), "capture_seconds": captured.seconds,
+        **capture_chunking(captured),
         "seed": config.optim.seed, "lr": trainer_config.lr, "batch_tokens": trainer_config.train_batch_size_samples,
     })
     # json_text: an undefined figure (explained variance of rows without variance, CE recovered when zeroing the hook costs
     # nothing) is null, not the bare NaN json.dumps writes, which is not JSON (jq and JavaScript's JSON.parse refuse it)
     (folder / METRICS_FILE).write_text(json_text(metrics))
     return metrics
+
+
+def capture_chunking(captured: CapturedTokens) -> dict[str, Any]:
+    """What set the training order besides the seed: the chunks of the capture trained on (shuffled as units), which a
+    capture reused from the activation cache cut with its own chunk size and budget, not the reusing run's. None for a
+    cached capture made before they were recorded."""
+    chunk_bytes = captured.chunk_bytes
+    megabytes = None if chunk_bytes is None else (chunk_bytes >> 20 if chunk_bytes % (1 << 20) == 0 else chunk_bytes / (1 << 20))
+    return {"capture_chunk_megabytes": megabytes, "capture_chunks": len(captured.chunks), "capture_token_budget": captured.budget}
 
 
 @contextlib.contextmanager

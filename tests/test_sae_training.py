@@ -19,6 +19,7 @@ from sae_training.config import ArchitectureConfig, DataConfig, OptimConfig, Tra
 from sae_training.data import (
     ActivationBatches,
     cached_capture,
+    capture_key,
     capture_tokens,
     load_texts,
     norm_limit,
@@ -444,12 +445,18 @@ def test_a_resumed_multi_layer_run_trains_the_rest_from_the_activation_cache(tmp
     assert (layer / "sae_weights.safetensors").read_bytes() == weights
 
 
-def test_two_runs_sharing_an_activation_cache_capture_once_and_leave_each_other_alone(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flock", [True, False])
+def test_two_runs_sharing_an_activation_cache_capture_once_and_leave_each_other_alone(tmp_path, monkeypatch, flock):
     """Run B asks for the capture run A is in the middle of (between two chunks): B waits for A and reuses A's capture.
-    It used to delete A's unfinished folder and capture into it, and A then failed writing its next chunk there."""
+    It used to delete A's unfinished folder and capture into it, and A then failed writing its next chunk there. Without
+    fcntl (Windows) there was no lock at all, and so the same; an O_EXCL lock file stands in for flock there."""
     import threading
 
     import sae_training.data as data
+
+    if not flock:
+        monkeypatch.setattr(data, "fcntl", None)
+        monkeypatch.setattr(data, "LOCK_POLL_SECONDS", 0.01)
 
     texts = load_texts(["builtin:harmless"])
     options = {"tokens": 8000, "start": 1, "chunk_bytes": 256 << 10, "progress": False}
@@ -533,3 +540,113 @@ def test_an_undefined_figure_is_null_in_metrics_json_and_n_a_in_the_table(tmp_pa
     assert main([*ARGS, "--tokens", "4000", "--quiet", "--out", str(out)]) == 0  # skips the layer, reads the file back
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(HOOK)]
     assert len(rows) == 2 and all(row.split()[3:5] == ["n/a", "n/a"] for row in rows)
+
+
+def _as_before_the_budget_cut(monkeypatch, cache, texts, hooks, tokens):
+    """A capture as the code before capture format 2 made it: a first chunk of 64 texts whatever the budget, and no
+    `format` in its manifest."""
+    from sae_training.data import cached_captures
+
+    with monkeypatch.context() as patch:
+        patch.setattr("sae_training.data.texts_for_budget", lambda model, texts, tokens, **kwargs: len(texts))
+        captured = cached_captures(load_model("tiny:llama"), texts, hooks, cache, tokens=tokens, progress=False)[hooks[0]]
+    manifest = captured.chunks[0].parent / "captured.json"
+    record = json.loads(manifest.read_text())
+    record.pop("format", None)
+    manifest.write_text(json.dumps(record))
+    return captured
+
+
+@pytest.mark.parametrize("hooks", [[HOOK], ["blocks.0.hook_resid_post", HOOK]])
+def test_an_over_captured_capture_of_the_older_format_is_captured_again(tmp_path, monkeypatch, caplog, hooks):
+    """A small budget's capture made before the first chunk stopped at the budget holds rows training never draws (the
+    dead fraction was measured on them); it had the same key, and was served as if it were new."""
+    from sae_training.data import cached_captures
+
+    model, texts = load_model("tiny:llama"), load_texts(["builtin:harmless"])
+    old = _as_before_the_budget_cut(monkeypatch, tmp_path / "cache", texts, hooks, 300)
+    assert old.n_texts == 64 and old.n_tokens > 1000
+    caplog.set_level(logging.WARNING, logger="sae_training.data")
+    new = cached_captures(model, texts, [HOOK], tmp_path / "cache", tokens=300, progress=False)[HOOK]
+    lengths = model.tokenize(texts[: new.n_texts]).attention_mask.sum(dim=1).tolist()
+    assert new.n_tokens == sum(lengths) >= 300 > sum(lengths[:-1])
+    assert any("not reusing" in r.getMessage() and "capturing again" in r.getMessage() for r in caplog.records)
+    assert json.loads((new.chunks[0].parent / "captured.json").read_text())["format"] == 2
+    with monkeypatch.context() as patch:  # the new capture is reused as any capture is
+        patch.setattr("sae_training.data.capture_tokens", no_capture)
+        assert cached_captures(model, texts, [HOOK], tmp_path / "cache", tokens=300, progress=False)[HOOK] == new
+
+
+@pytest.mark.parametrize("tokens", [8000, 100_000])
+def test_a_capture_of_the_older_format_cut_as_now_is_still_reused(tmp_path, monkeypatch, tokens):
+    """Where the first 64 texts do not reach the budget (more chunks follow, or the text runs out) the older format cut
+    the chunks the current one does: such captures stay valid and are not thrown away."""
+    from sae_training.data import cached_captures
+
+    texts = load_texts(["builtin:harmless"])
+    old = _as_before_the_budget_cut(monkeypatch, tmp_path / "cache", texts, [HOOK], tokens)
+    assert len(old.chunks) > 1 or old.exhausted
+    monkeypatch.setattr("sae_training.data.capture_tokens", no_capture)
+    assert cached_captures(load_model("tiny:llama"), texts, [HOOK], tmp_path / "cache", tokens=tokens, progress=False)[HOOK] == old
+    assert cached_capture(load_model("tiny:llama"), texts, [HOOK], tmp_path / "cache", tokens=tokens, progress=False) == old
+
+
+def test_metrics_record_the_chunking_of_a_capture_reused_with_another_chunk_size(tmp_path):
+    """`chunk_megabytes` sets the chunks training shuffles, and is not in the cache key: a run reusing a capture made
+    with another chunk size trains in the capture's order, so metrics.json must say which chunking that was."""
+    from sae_training.train import train_saes
+
+    def run(out: str, megabytes: int) -> dict:
+        data = DataConfig(model="tiny:llama", texts=("builtin:harmless",), layers=(1,), tokens=3000, eval_prompts=8,
+                          chunk_megabytes=megabytes, activation_cache=str(tmp_path / "cache"))
+        config = TrainConfig(data=data, sae=ArchitectureConfig(d_sae=64, k=4), optim=OptimConfig(batch_tokens=256), out=str(tmp_path / out))
+        return train_saes(config, progress=False)[HOOK]
+
+    first, reused = run("first", 1), run("reused", 2)
+    assert first["capture_chunk_megabytes"] == reused["capture_chunk_megabytes"] == 1
+    assert reused["capture_token_budget"] == 3000 and reused["capture_chunks"] == first["capture_chunks"] >= 1
+    saved = json.loads((tmp_path / "reused" / HOOK / "training_config.json").read_text())
+    assert saved["data"]["chunk_megabytes"] == 2  # what the run asked for; metrics.json says what it trained on
+
+
+def test_without_fcntl_a_dead_runs_lock_file_is_taken_over_and_a_live_one_is_kept_fresh(tmp_path, monkeypatch, caplog):
+    """The O_EXCL lock file that stands in for flock on Windows is not released when its run dies: one left untouched
+    for STALE_LOCK_SECONDS is taken over, and the holder touches its own so that it never looks dead."""
+    import os
+    import time
+
+    import sae_training.data as data
+
+    monkeypatch.setattr(data, "fcntl", None)
+    lock = tmp_path / ".key.lock"
+    held = tmp_path / ".key.lock.held"
+    held.touch()
+    os.utime(held, (0, 0))  # left by a run that died long ago
+    caplog.set_level(logging.WARNING, logger="sae_training.data")
+    with data._exclusive_lock(lock):
+        assert held.is_file() and held.stat().st_mtime > 0
+    assert not held.exists() and any("taking over the lock" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.setattr(data, "LOCK_REFRESH_SECONDS", 0.01)
+    with data._exclusive_lock(lock):
+        os.utime(held, (0, 0))  # as if untouched for long: the holder's thread touches it again
+        for _ in range(10_000):
+            if held.stat().st_mtime > 0:
+                break
+            time.sleep(0.01)
+        assert not data._stale(held)
+    assert not held.exists()
+
+
+def test_the_help_names_what_a_cached_capture_is_keyed_on():
+    """--help said a capture is reused with the same model, text and --tokens, leaving out the options that are in the key
+    too (--dtype, --raw, --keep-shared-prefix: the first position) and the larger budgets a capture that ran out serves."""
+    from sae_training.cli import build_parser
+
+    action = next(action for action in build_parser()._actions if "--activation-cache" in action.option_strings)
+    for named in ("--dtype", "--raw", "--keep-shared-prefix", "--tokens", "larger --tokens once the text ran out"):
+        assert named in action.help
+    model, texts = load_model("tiny:llama"), ["a b c", "d e"]
+    base = {"tokens": 100, "chat": True, "start": 0}
+    key = capture_key(model, texts, [HOOK], **base)
+    assert all(capture_key(model, texts, [HOOK], **{**base, **change}) != key for change in ({"chat": False}, {"start": 1}, {"tokens": 101}))
