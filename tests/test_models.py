@@ -446,6 +446,28 @@ def test_generation_keeps_the_token_ids_and_the_end_of_turn_token(llama_adapter)
     assert ended.first_logits is not None and ended.first_logits.shape[0] == len(PROMPTS)
 
 
+def test_generation_stops_at_every_end_of_sequence_id_the_generation_config_lists():
+    """Chat models end a turn with tokens other than their tokenizer's EOS that only `generation_config.eos_token_id` names
+    (Llama 3's `<|end_of_text|>` and `<|eom_id|>`, GLM-4's `<|user|>`): generation went on past them, and the decoded text,
+    which skips special tokens, held whatever the model wrote after its turn ended."""
+    model, tokenizer = tiny_model("llama")
+    user = tokenizer.convert_tokens_to_ids("<|user|>")
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, user]  # as GLM-4's generation_config.json lists them
+    adapter = load_model(model, tokenizer=tokenizer)
+    assert user in adapter.stop_token_ids and tokenizer.eos_token_id in adapter.stop_token_ids
+    unembed, _ = adapter.unembed()
+    towards_user = (unembed[user] / unembed[user].norm()).detach()
+    expected, _ = adapter._greedy(adapter.tokenize(PROMPTS), 6)
+
+    def user_turn_at_step_2(activation, site):
+        return activation + 50 * towards_user.to(activation.dtype) if adapter.generation_step == 2 else activation
+
+    with adapter.hooks([(f"blocks.{adapter.n_layers - 1}.hook_resid_post", user_turn_at_step_2)]):
+        ended = adapter.generate_with_tokens(PROMPTS, max_new_tokens=6, batch_size=3)
+    assert [list(ids) for ids in ended.token_ids] == [row[:2] + [user] for row in expected]
+    assert ended.texts == [tokenizer.decode(row[:2], skip_special_tokens=True).strip() for row in expected]
+
+
 def test_chat_formatting_and_post_instruction_tokens():
     model, tokenizer = tiny_model("llama")
     adapter = load_model(model, tokenizer=tokenizer)

@@ -41,6 +41,11 @@ DEFAULT_BATCH_TOKENS = 8192
 """Default cap on a batch's padded prompt tokens (rows x longest prompt) for capture, logits and generation:
 short prompts still fill `batch_size` rows, a long one shares its batch with few others."""
 
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|eot|>", "<|eom|>", "<end_of_turn>", "<|end|>",
+                      "<|endoftext|>")
+"""Tokens that end a response wherever a vocabulary has them (ChatML, Llama 3 and 4, Gemma, Phi-3), also when neither the
+tokenizer's EOS nor the model's generation settings name them (a TransformerLens model has no generation settings)."""
+
 HookFn = Callable[[Tensor, HookSite], "Tensor | None"]
 """A hook function: gets the activation `(batch, pos, d_model)` and its site; returns a replacement or
 None to leave it unchanged (the TransformerLens convention)."""
@@ -322,16 +327,20 @@ class ModelAdapter(ABC):
     # ---- shared behaviour --------------------------------------------------------------------------
     @property
     def stop_token_ids(self) -> set[int]:
-        """Token ids that end a generated response."""
-        ids: set[int] = set()
+        """Token ids that end a generated response: the tokenizer's EOS, every id the model's generation settings list as
+        one (`generation_config.eos_token_id`: Llama 3's `<|end_of_text|>` and `<|eom_id|>` beside its `<|eot_id|>` EOS,
+        GLM-4's `<|user|>`), and the known end-of-turn tokens (`END_OF_TURN_TOKENS`) the vocabulary has."""
+        ids = set(self._declared_stop_ids())
         eos = getattr(self.tokenizer, "eos_token_id", None)
         if eos is not None:
             ids.add(int(eos))
-        for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>"):
-            token_id = self.tokenizer.convert_tokens_to_ids(token) if token in self.tokenizer.get_vocab() else None
-            if token_id is not None:
-                ids.add(int(token_id))
+        vocab = self.tokenizer.get_vocab()
+        ids.update(int(vocab[token]) for token in END_OF_TURN_TOKENS if token in vocab)
         return ids
+
+    def _declared_stop_ids(self) -> set[int]:
+        """The end-of-sequence ids the model's own generation settings declare; none by default (backends without them)."""
+        return set()
 
     def hook_site(self, name: str) -> HookSite:
         """Validate a hook name for this model."""
@@ -964,3 +973,12 @@ def _check_prefill(prefill: Sequence[str] | None, instructions: Sequence[str]) -
     """A prefill, when given, has one text per instruction."""
     if prefill is not None and len(prefill) != len(instructions):
         raise FeatsteerError(f"prefill has {len(prefill)} texts for {len(instructions)} instructions: give one per instruction")
+
+
+def generation_stop_ids(model: object) -> set[int]:
+    """The ids a Hugging Face model's `generation_config.eos_token_id` lists (an int, a list of them, or None), which
+    `model.generate` stops at: many chat models end a turn with a token other than their tokenizer's EOS."""
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if declared is None:
+        return set()
+    return {int(token) for token in ([declared] if isinstance(declared, int) else declared)}

@@ -28,7 +28,14 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from featsteer.errors import FeatsteerError
-from featsteer.models.adapter import BiasWriter, HookFn, ModelAdapter, ResidualWriter, TokenBatch
+from featsteer.models.adapter import (
+    BiasWriter,
+    HookFn,
+    ModelAdapter,
+    ResidualWriter,
+    TokenBatch,
+    generation_stop_ids,
+)
 from featsteer.models.families import FamilySpec, family_for
 from featsteer.models.hookpoints import HookSite
 
@@ -120,6 +127,9 @@ class HFModelAdapter(ModelAdapter):
     @property
     def family(self) -> str:
         return self.spec.name
+
+    def _declared_stop_ids(self) -> set[int]:
+        return generation_stop_ids(self.model)
 
     @property
     def n_heads(self) -> int:

@@ -14,7 +14,14 @@ import torch
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
-from featsteer.models.adapter import BiasWriter, HookFn, ModelAdapter, ResidualWriter, TokenBatch
+from featsteer.models.adapter import (
+    BiasWriter,
+    HookFn,
+    ModelAdapter,
+    ResidualWriter,
+    TokenBatch,
+    generation_stop_ids,
+)
 from featsteer.models.hookpoints import NORM_KINDS, HookSite, hook_name, parse_hook_name
 
 BRIDGE_STAND_INS = {"attn_out": ("conv.hook_out",), "per_layer_out": ("post_per_layer_input_norm.hook_out",)}
@@ -228,6 +235,10 @@ class TLModelAdapter(ModelAdapter):
         """A HookedTransformer with shortformer positions adds its position embedding to each attention's queries and keys,
         not to the stream: `hook_pos_embed` fires, but it is no residual write, so weight edits and `Ablate` leave it be."""
         return not self.is_bridge and getattr(self.model.cfg, "positional_embedding_type", None) == "shortformer"
+
+    def _declared_stop_ids(self) -> set[int]:
+        """A bridge's Hugging Face model's generation settings (a HookedTransformer has none)."""
+        return generation_stop_ids(getattr(self.model, "original_model", None)) if self.is_bridge else set()
 
     @property
     def family(self) -> str:
