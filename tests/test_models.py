@@ -468,6 +468,26 @@ def test_generation_stops_at_every_end_of_sequence_id_the_generation_config_list
     assert ended.texts == [tokenizer.decode(row[:2], skip_special_tokens=True).strip() for row in expected]
 
 
+def test_generation_goes_on_past_the_end_of_a_harmony_message():
+    """GPT-OSS's harmony format closes its analysis message with `<|end|>` and its turn with `<|return|>`: a vocabulary that
+    has `<|return|>` does not stop at `<|end|>`, which kept the reasoning as the response and dropped the answer."""
+    model, tokenizer = tiny_model("llama")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|return|>"]}, replace_extra_special_tokens=False)
+    adapter = load_model(model, tokenizer=tokenizer)
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end not in adapter.stop_token_ids and tokenizer.eos_token_id in adapter.stop_token_ids
+    assert end in load_model("tiny:llama").stop_token_ids  # without <|return|>, <|end|> ends the turn (Phi-3)
+    unembed, _ = adapter.unembed()
+    towards_end = (unembed[end] / unembed[end].norm()).detach()
+
+    def end_message_at_step_2(activation, site):
+        return activation + 50 * towards_end.to(activation.dtype) if adapter.generation_step == 2 else activation
+
+    with adapter.hooks([(f"blocks.{adapter.n_layers - 1}.hook_resid_post", end_message_at_step_2)]):
+        generated = adapter.generate_with_tokens(PROMPTS, max_new_tokens=6, keep_logits=False)
+    assert all(ids[2] == end and len(ids) > 3 for ids in generated.token_ids)
+
+
 def test_chat_formatting_and_post_instruction_tokens():
     model, tokenizer = tiny_model("llama")
     adapter = load_model(model, tokenizer=tokenizer)

@@ -46,6 +46,11 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>
 """Tokens that end a response wherever a vocabulary has them (ChatML, Llama 3 and 4, Gemma, Phi-3), also when neither the
 tokenizer's EOS nor the model's generation settings name them (a TransformerLens model has no generation settings)."""
 
+MESSAGE_ENDS = {"<|end|>": "<|return|>"}
+"""An end-of-turn token that ends only one message of a turn where the vocabulary also has the token it maps to: GPT-OSS's
+harmony format closes its analysis message with `<|end|>`, then writes the answer in a final message that `<|return|>`
+ends, so stopping at `<|end|>` there kept the reasoning as the response and dropped the answer."""
+
 HookFn = Callable[[Tensor, HookSite], "Tensor | None"]
 """A hook function: gets the activation `(batch, pos, d_model)` and its site; returns a replacement or
 None to leave it unchanged (the TransformerLens convention)."""
@@ -329,13 +334,14 @@ class ModelAdapter(ABC):
     def stop_token_ids(self) -> set[int]:
         """Token ids that end a generated response: the tokenizer's EOS, every id the model's generation settings list as
         one (`generation_config.eos_token_id`: Llama 3's `<|end_of_text|>` and `<|eom_id|>` beside its `<|eot_id|>` EOS,
-        GLM-4's `<|user|>`), and the known end-of-turn tokens (`END_OF_TURN_TOKENS`) the vocabulary has."""
+        GLM-4's `<|user|>`), and the known end-of-turn tokens (`END_OF_TURN_TOKENS`) the vocabulary has, but for one that ends
+        only a message there (`MESSAGE_ENDS`: GPT-OSS's `<|end|>`)."""
         ids = set(self._declared_stop_ids())
         eos = getattr(self.tokenizer, "eos_token_id", None)
         if eos is not None:
             ids.add(int(eos))
         vocab = self.tokenizer.get_vocab()
-        ids.update(int(vocab[token]) for token in END_OF_TURN_TOKENS if token in vocab)
+        ids.update(int(vocab[token]) for token in END_OF_TURN_TOKENS if token in vocab and MESSAGE_ENDS.get(token) not in vocab)
         return ids
 
     def _declared_stop_ids(self) -> set[int]:
