@@ -488,6 +488,15 @@ def test_generation_goes_on_past_the_end_of_a_harmony_message():
     assert all(ids[2] == end and len(ids) > 3 for ids in generated.token_ids)
 
 
+def test_a_system_prompt_without_the_chat_template_is_a_one_line_error(llama_adapter):
+    """With `chat=False` the texts are tokenized as they are, so `system=` went nowhere: generation and logits ran without
+    the system prompt the caller asked for."""
+    for run in (lambda: llama_adapter.generate(PROMPTS[:2], max_new_tokens=2, chat=False, system="Be brief."),
+                lambda: llama_adapter.tokenize(PROMPTS[:2], chat=False, system="Be brief.")):
+        with pytest.raises(FeatsteerError, match="a system prompt goes into the chat template, which chat=False leaves out"):
+            run()
+
+
 def test_chat_formatting_and_post_instruction_tokens():
     model, tokenizer = tiny_model("llama")
     adapter = load_model(model, tokenizer=tokenizer)

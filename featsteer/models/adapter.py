@@ -524,7 +524,7 @@ class ModelAdapter(ABC):
 
         Args:
             instructions: raw user instructions (or raw text when `chat=False`).
-            system: optional system prompt.
+            system: optional system prompt (not with `chat=False`).
             chat: apply the chat template; False tokenizes the texts as they are.
             prefill: text per instruction put after the formatted prompt, as the start of the response the model
                 goes on from (a prefilling attack: "Sure, here is"); it counts as post-instruction tokens.
@@ -535,6 +535,8 @@ class ModelAdapter(ABC):
         if not instructions:
             raise FeatsteerError("no prompts to tokenize: pass at least one instruction")
         check_system(system)  # also without the chat template, where a blank one would otherwise pass unseen
+        if system is not None and not chat:  # the texts are tokenized as they are: the system prompt went nowhere
+            raise FeatsteerError("a system prompt goes into the chat template, which chat=False leaves out: pass system=None or chat=True")
         _check_prefill(prefill, instructions)
         escape = self.escape_special_tokens if escape_special_tokens is None else escape_special_tokens
         if chat:
