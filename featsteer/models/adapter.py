@@ -834,7 +834,7 @@ class ModelAdapter(ABC):
         self, instructions: Sequence[str], batch_size: int, max_batch_tokens: int | None = None,
         system: str | None = None, chat: bool = True, prefill: Sequence[str] | None = None, label: str | None = None,
     ) -> list[list[int]]:
-        """Group prompt indices into forward batches, shortest prompts first.
+        """Group prompt indices into forward batches, longest prompts first.
 
         Every batch has at most `batch_size` rows; with `max_batch_tokens` it also holds at most that many
         padded tokens (a prompt longer than the budget gets a batch of its own). `capture`, `logits` and
