@@ -327,8 +327,9 @@ class ModelAdapter(ABC):
         eos = getattr(self.tokenizer, "eos_token_id", None)
         if eos is not None:
             ids.add(int(eos))
+        vocab = self.tokenizer.get_vocab()  # built anew by every call: once, not once per candidate token
         for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>"):
-            token_id = self.tokenizer.convert_tokens_to_ids(token) if token in self.tokenizer.get_vocab() else None
+            token_id = self.tokenizer.convert_tokens_to_ids(token) if token in vocab else None
             if token_id is not None:
                 ids.add(int(token_id))
         return ids
