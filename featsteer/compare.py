@@ -843,7 +843,7 @@ def gentlest_ties(rows: Mapping[Any, tuple[float, float]], tolerance: float) -> 
 
 def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], contextlib.AbstractContextManager]],
                    harmful: Sequence[str], harmless: Sequence[str], base: Tensor | ResponseBase,
-                   gen: GenerationConfig, also: Callable[[Any], None] | None = None) -> dict[Any, tuple[float, float]]:
+                   gen: GenerationConfig, answers: dict[Any, SetResult] | None = None) -> dict[Any, tuple[float, float]]:
     """`setting -> (share of harmful prompts left unanswered, KL(base || edited) on harmless)`, each setting's
     intervention entered in turn: the rows `gentlest_within` picks from. The KL is the first token's, or with a
     `ResponseBase` the KL along the unedited model's answers (`evaluation.response_kl`; its prompts are the harmless
@@ -860,8 +860,9 @@ def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], cont
         base: the unedited model's first-token log-probs on `harmless`, or its `response_base` on them.
         gen: decoding for the refusal check (its `batch_size` and `max_batch_tokens` also batch the KL prefill, and its
             `system` formats the harmless prompts the first-token KL reads, as it must have formatted `base`'s).
-        also: called with each setting while it is applied, for more measurements under the same intervention (so an
-            edit is applied once per setting).
+        answers: a dict to fill with each setting's greedy answers to `harmless` (`gen`), generated while it is applied
+            (so an edit is applied once per setting); the first-token KL is then read from that generation's own prefill,
+            the logits `first_token_logprobs` computes in the same batches, rather than from a second forward pass.
     """
     detector, rows = RefusalDetector(), {}
     for setting, make in settings.items():
@@ -869,11 +870,14 @@ def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], cont
             unanswered = evaluate_set(model, harmful, "validation", gen, detector).unanswered_rate.rate
             if isinstance(base, ResponseBase):
                 kl = response_kl(model, base, batch_size=gen.batch_size).mean
+                if answers is not None:
+                    answers[setting] = evaluate_set(model, harmless, "validation", gen, detector)
+            elif answers is not None:  # the generation's prefill gives the first-token log-probs: no pass of their own
+                answers[setting] = evaluate_set(model, harmless, "validation", gen, detector, keep_logprobs=True)
+                kl = kl_first_token(base, answers[setting].first_logprobs)
             else:
                 kl = kl_first_token(base, first_token_logprobs(model, harmless, batch_size=gen.batch_size, system=gen.system,
                                                                max_batch_tokens=gen.max_batch_tokens))
-            if also is not None:
-                also(setting)
         rows[setting] = (unanswered, kl)
     return rows
 
@@ -1000,9 +1004,7 @@ def _validation_rows(ctx: CompareContext, settings: Mapping[Any, Callable[[], co
     if ctx.max_nll_rise is None:
         return jailbreak_rows(ctx.model, settings, val_harmful, val_harmless, ctx.validation_base(), gen)
     floor, answers = ctx.validation_answers_nll(), {}
-    rows = jailbreak_rows(ctx.model, settings, val_harmful, val_harmless, ctx.validation_base(), gen,
-                          also=lambda setting: answers.__setitem__(setting, evaluate_set(ctx.model, val_harmless, "validation", gen,
-                                                                                         RefusalDetector())))
+    rows = jailbreak_rows(ctx.model, settings, val_harmful, val_harmless, ctx.validation_base(), gen, answers=answers)
     nlls = {setting: responses_nll(ctx.model, result, gen) for setting, result in answers.items()}  # scored unedited
     broken = {s for s, nll in nlls.items() if nll is not None and nll > floor + ctx.max_nll_rise}
     # a ruled-out setting enters the pick as unanswered 1.0; what it measured is kept beside, so no figure is lost

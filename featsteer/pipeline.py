@@ -369,6 +369,7 @@ def find_refusal_direction(model: ModelAdapter, harmful: PromptSet, harmless: Pr
         model, candidates, harmful_val.head(min(config.n_select, len(harmful_val))), harmless_val.head(min(config.n_select, len(harmless_val))),
         SelectionConfig(kl_threshold=config.kl_threshold, batch_size=config.batch_size, top_k=config.top_k,
                         screen=config.screen, layers=None if listed is None else tuple(listed), system=config.system),
+        base=None if reuse is None else getattr(reuse.selection, "base", None),  # the unedited figures, when on the same prompts
     )
     timings = {**({"filter_s": filtered - start} if kept and reuse is None else {}), "capture_s": captured - filtered,
                "directions_s": found - captured, "selection_s": time.perf_counter() - found, **({"reused_capture": True} if reuse else {})}

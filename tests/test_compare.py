@@ -885,3 +885,31 @@ def test_the_reports_examples_say_which_responses_were_counted_as_refusals():
     old = _row("none", 0.5, 0.0, 0.0)  # a results.json written before examples named their set
     old.examples[:] = [{"prompt": "p", "response": "r", "refused": True}]
     assert "<b>[refused] p</b>" in _html(Comparison([old], {"model": "organism"}), b"")
+
+
+def test_jailbreak_rows_read_the_first_token_kl_from_the_harmless_answers_prefill(prompts, monkeypatch):
+    """With `answers`, each setting's harmless prompts are generated once under it and the first-token KL is read from
+    that generation's prefill: the same rows as the separate first-token pass gave, bit for bit, without that pass."""
+    import contextlib
+
+    import featsteer.compare as compare_module
+    from featsteer.compare import jailbreak_rows
+    from featsteer.evaluation.behaviour import evaluate_set
+    from featsteer.evaluation.metrics import first_token_logprobs
+    from featsteer.interventions import AddDirection, steer
+
+    model = load_model("tiny:llama")
+    harmful, harmless = (list(p)[:5] for p in prompts)
+    gen = GenerationConfig(max_new_tokens=3, batch_size=2)
+    base = first_token_logprobs(model, harmless, batch_size=gen.batch_size)
+    shift = AddDirection(torch.ones(model.d_model), scale=2.0, where="blocks.1.hook_resid_pre")
+    settings = {"none": contextlib.nullcontext, "shift": lambda: steer(model, shift)}
+    separate = jailbreak_rows(model, settings, harmful, harmless, base, gen)
+    passes = []
+    monkeypatch.setattr(compare_module, "first_token_logprobs", lambda *a, **k: passes.append(a) or first_token_logprobs(*a, **k))
+    answers: dict = {}
+    shared = jailbreak_rows(model, settings, harmful, harmless, base, gen, answers=answers)
+    assert shared == separate and not passes  # identical rows, no first-token pass of their own
+    assert shared["shift"][1] > 0
+    with steer(model, shift):
+        assert answers["shift"].responses == evaluate_set(model, harmless, "validation", gen, RefusalDetector()).responses

@@ -608,3 +608,32 @@ def test_svd_ridge_must_be_a_lambda_and_the_subspace_records_its_positions(plant
     projector = weighted_basis(plain, 0).double()
     torch.testing.assert_close(projector.T @ projector @ projector.T @ projector, projector.T @ projector)  # idempotent
     assert {"positions": "last", "n_harmful": 200, "n_harmless": 200}.items() <= plain.provenance.items()
+
+
+def test_a_reused_result_lends_the_next_selection_its_unedited_base(monkeypatch):
+    """`find_refusal_direction(reuse=...)` (compare's second and later direction methods) scored the unedited model on the
+    same validation prompts again: two first-token passes per method. The base is now taken over when the prompts,
+    batch size and system prompt match (the selection is the same, bit for bit), and computed again when they do not."""
+    import featsteer.directions.selection as selection_module
+    from featsteer.datasets import builtin_prompts
+    from featsteer.models import load_model
+    from featsteer.pipeline import DirectionConfig, find_refusal_direction
+
+    model = load_model("organism")
+    model.show_progress = False
+    prompts = builtin_prompts("harmful", "train").head(24), builtin_prompts("harmless", "train").head(24)
+    config = DirectionConfig(n_select=6)
+    dim = find_refusal_direction(model, *prompts, config, keep_activations=True)
+    fresh = find_refusal_direction(model, *prompts, DirectionConfig(n_select=6, method="pca"))
+    passes = []
+    original = selection_module.first_token_logprobs
+    monkeypatch.setattr(selection_module, "first_token_logprobs", lambda *a, **k: passes.append(1) or original(*a, **k))
+    reused = find_refusal_direction(model, *prompts, DirectionConfig(n_select=6, method="pca"), reuse=dim)
+    with_base = len(passes)
+    assert repr(reused.selection.to_dict()) == repr(fresh.selection.to_dict())  # every score bit for bit (repr: NaN reads equal)
+    assert reused.selection.base is dim.selection.base
+    torch.testing.assert_close(reused.selection.base.harmless_logprobs, fresh.selection.base.harmless_logprobs, rtol=0, atol=0)
+    passes.clear()
+    other = find_refusal_direction(model, *prompts, DirectionConfig(n_select=5, method="pca"), reuse=dim)  # other prompts: recomputed
+    assert len(passes) == with_base + 2
+    assert other.selection.base.key[1] == tuple(dim.val[0].head(5)) and other.selection.base is not dim.selection.base

@@ -1296,3 +1296,15 @@ def test_a_sequence_past_the_trained_context_of_a_rotary_model_warns_once(llama_
         llama_adapter.logits(["a prompt long enough to pass six positions"])
         llama_adapter.logits(["another prompt long enough to pass six positions"])
     assert caplog.text.count("runs past the 6 positions the model was trained on") == 1
+
+
+def test_stop_token_ids_read_the_vocabulary_once(monkeypatch):
+    """`stop_token_ids` runs once per generation batch; the tokenizer builds its whole vocabulary dict anew on every
+    `get_vocab`, which it called once per candidate end-of-turn token."""
+    adapter = load_model("organism")
+    expected = adapter.stop_token_ids
+    calls = []
+    original = type(adapter.tokenizer).get_vocab
+    monkeypatch.setattr(type(adapter.tokenizer), "get_vocab", lambda self: calls.append(1) or original(self))
+    assert adapter.stop_token_ids == expected and expected
+    assert len(calls) == 1

@@ -147,6 +147,19 @@ class SelectionStability:
 
 
 @dataclass(frozen=True)
+class SelectionBase:
+    """The unedited model's first-token figures on a selection's validation prompts, which every candidate is scored
+    against; another selection over the same prompts, batching and system prompt reads them instead of two passes."""
+
+    key: tuple
+    """`(model name, harmful prompts, harmless prompts, batch size, system prompt)` they were computed for."""
+    harmful_scores: Tensor
+    """Refusal log-odds per harmful validation prompt."""
+    harmless_logprobs: Tensor
+    """First-token log-probs `(prompt, vocab)` per harmless validation prompt."""
+
+
+@dataclass(frozen=True)
 class Selection:
     """All candidate scores and the chosen one."""
 
@@ -158,6 +171,8 @@ class Selection:
     per_prompt: dict[str, dict[int, Tensor]] | None = field(default=None, repr=False, compare=False)
     """The finalists' per-prompt scores: `ablated` (harmful prompts' refusal log-odds under ablation), `kl` and
     `induced` (harmless prompts'), by candidate index; what `stability` resamples."""
+    base: SelectionBase | None = field(default=None, repr=False, compare=False)
+    """The unedited model's figures the candidates were scored against (`select_direction(base=...)` reads them)."""
 
     def stability(self, resamples: int = 1000, seed: int = 0) -> SelectionStability:
         """Bootstrap the selection over its validation prompts: draw the harmful and the harmless prompts again with
@@ -303,8 +318,13 @@ def select_direction(
     harmless_val,
     config: SelectionConfig | None = None,
     progress: bool | None = None,
+    base: SelectionBase | None = None,
 ) -> Selection:
     """Score every candidate and pick one (see module docstring).
+
+    `base` is an earlier selection's `Selection.base` of the same, unedited model: when it was computed on the same
+    validation prompts, batch size and system prompt, its figures are used instead of computing them again (`compare`'s
+    several direction methods share them); otherwise it is ignored.
 
     Raises:
         FeatsteerError: when no candidate survives the filters (the message says which filter to relax), or with
@@ -320,8 +340,11 @@ def select_direction(
     progress = model.show_progress if progress is None else progress
     tokens = RefusalTokens.for_tokenizer(model.tokenizer)
     harmful, harmless = list(harmful_val), list(harmless_val)
-    base_harmful = refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size, system=config.system), tokens)
-    base_harmless_logprobs = first_token_logprobs(model, harmless, batch_size=config.batch_size, system=config.system)
+    key = (model.name, tuple(harmful), tuple(harmless), config.batch_size, config.system)
+    if base is None or base.key != key:
+        base = SelectionBase(key, refusal_score(first_token_logprobs(model, harmful, batch_size=config.batch_size, system=config.system), tokens),
+                             first_token_logprobs(model, harmless, batch_size=config.batch_size, system=config.system))
+    base_harmful, base_harmless_logprobs = base.harmful_scores, base.harmless_logprobs
     nan = float("nan")
     layers = [model.hook_site(hook).layer or 0 for hook in candidates.hook_names]
     max_layer = late_layer_start(model.n_layers, config.skip_last_fraction)
@@ -389,4 +412,4 @@ def select_direction(
     chosen = min(kept, key=lambda c: c.refusal_ablated)
     per_prompt["ablated"] = {i: v for i, v in per_prompt["ablated"].items() if i in per_prompt["kl"]}  # finalists only
     return Selection(scores, chosen, float(base_harmful.mean()), float(refusal_score(base_harmless_logprobs, tokens).mean()),
-                     config, per_prompt)
+                     config, per_prompt, base)
