@@ -79,6 +79,7 @@ from featsteer.pipeline import (
     find_refusal_direction,
     heads_of,
     split,
+    warn_reused_held_out,
 )
 
 if TYPE_CHECKING:  # sae_lens takes seconds to import: SAE code is imported only when SAEs are used
@@ -1832,17 +1833,9 @@ def _prompt_provenance(sets: Mapping[str, PromptSet | None]) -> dict[str, dict[s
 def _eval_overlap(ctx: CompareContext, eval_harmful: PromptSet, eval_harmless: PromptSet) -> dict[str, int]:
     """`{"harmful": n, "harmless": n}`: evaluation prompts that are also training or validation prompts (the directions
     were fitted, or the settings picked, on them), with a warning when there are any: the table is then not held out."""
-    overlap = {}
-    training = ctx._split_training()  # the train filter read them all, whichever it kept
-    for name, evaluated, trained, validated in (("harmful", eval_harmful, training[0], ctx.validation_sets()[0]),
-                                                ("harmless", eval_harmless, training[1], ctx.validation_sets()[1])):
-        seen = {*trained, *validated}
-        overlap[name] = sum(prompt in seen for prompt in evaluated)
-        if overlap[name]:
-            logger.warning("%d of the %d %s evaluation prompts (%s) are also training or validation prompts, so the table is not "
-                           "held out on them: give evaluation prompts the training and validation sets do not hold (e.g. the :test split)",
-                           overlap[name], len(evaluated), name, evaluated.source)
-    return overlap
+    # the train filter read every training prompt, whichever it kept
+    return warn_reused_held_out((eval_harmful, eval_harmless), [ctx._split_training(), ctx.validation_sets()], "the table",
+                                called="evaluation")
 
 
 def _warn_coarse_picks(ctx: CompareContext) -> None:

@@ -406,13 +406,15 @@ def _check_labels_apart(harmful: tuple[PromptSet, PromptSet], harmless: tuple[Pr
                            "builtin:KIND:train)", reused, len(validation), name, validation.source, train.source)
 
 
-def warn_reused_held_out(held: tuple[PromptSet, PromptSet], seen: Sequence[tuple[PromptSet, PromptSet]], reading: str) -> dict[str, int]:
+def warn_reused_held_out(held: tuple[PromptSet, PromptSet], seen: Sequence[tuple[PromptSet, PromptSet]], reading: str,
+                         called: str = "held-out") -> dict[str, int]:
     """Warn when prompts given as held out are also prompts the direction was found or selected on.
 
     Args:
         held: the held-out `(harmful, harmless)` prompts.
         seen: `(harmful, harmless)` pairs the direction was fitted or selected on (training, validation).
         reading: what reads the held-out prompts, for the warning ("the before/after check").
+        called: what the warning calls them ("evaluation" in `compare`).
 
     Returns:
         `{"harmful": n, "harmless": n}`, the held-out prompts also found in `seen`.
@@ -422,9 +424,9 @@ def warn_reused_held_out(held: tuple[PromptSet, PromptSet], seen: Sequence[tuple
         used = {prompt for pair in seen for prompt in pair[i]}
         counts[kind] = sum(prompt in used for prompt in held[i])
         if counts[kind]:
-            logger.warning("%d of the %d %s held-out prompts (%s) are also training or validation prompts, so %s is not held "
+            logger.warning("%d of the %d %s %s prompts (%s) are also training or validation prompts, so %s is not held "
                            "out on them: give prompts the direction was not found or selected on (e.g. builtin:KIND:test)",
-                           counts[kind], len(held[i]), kind, held[i].source, reading)
+                           counts[kind], len(held[i]), kind, called, held[i].source, reading)
     return counts
 
 
