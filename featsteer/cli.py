@@ -23,6 +23,9 @@ from featsteer.files import check_empty_folder, staged_output
 
 BIAS_DECAY_DEFAULT = 2.0
 """`--bias-decay`'s default (`edits.BIAS_DECAY`; kept here so the CLI parses without importing torch)."""
+GEOMETRY_EVAL_N = 64
+"""`directions --eval-n`'s default: `DirectionResult.geometry`'s `repair_prompts` and `reader_prompts` (kept here so the CLI
+parses without importing torch)."""
 
 
 def _load_model(args: argparse.Namespace, spec: str | None = None):
@@ -584,15 +587,24 @@ def _cmd_directions(args: argparse.Namespace) -> int:
 
 
 def _geometry_prompts(args: argparse.Namespace) -> tuple | None:
-    """`(harmful, harmless)` from directions' --eval-harmful/--eval-harmless, which geometry.md's self-repair and
-    read-side ablation read instead of the validation prompts; None when neither is given."""
+    """`(harmful, harmless)` from directions' --eval-harmful/--eval-harmless (the first --eval-n of each), which
+    geometry.md's self-repair and read-side ablation read instead of the validation prompts; None when neither is
+    given. Sets `args.eval_n` to its default (64) when it is not given."""
+    if args.eval_n is not None and args.geometry == "off":
+        raise FeatsteerError("--eval-n sets how many prompts geometry.md's self-repair and read-side ablation read, and --geometry off "
+                             "writes no geometry.md: drop one")
+    if args.eval_n is not None and args.eval_n < 1:
+        raise FeatsteerError(f"--eval-n must be a positive number of prompts, got {args.eval_n}")
+    args.eval_n = GEOMETRY_EVAL_N if args.eval_n is None else args.eval_n
     if (args.eval_harmful is None) != (args.eval_harmless is None):
         raise FeatsteerError("held-out geometry prompts need both sets: give --eval-harmful and --eval-harmless together")
     if args.eval_harmful is None:
         return None
     if args.geometry == "off":
         raise FeatsteerError("--eval-harmful/--eval-harmless are what geometry.md reads, and --geometry off writes none: drop one")
-    return tuple(_load_prompts(args, source, None) for source in (args.eval_harmful, args.eval_harmless))
+    held = tuple(_load_prompts(args, source, args.eval_n, "--eval-n", note=False) for source in (args.eval_harmful, args.eval_harmless))
+    _note_shortfall("--eval-n", args.eval_n, {args.eval_harmful: len(held[0]), args.eval_harmless: len(held[1])})
+    return held
 
 
 def _write_directions(args: argparse.Namespace, model, result, config, optimize, out: Path, work: Path,
@@ -616,7 +628,7 @@ def _write_directions(args: argparse.Namespace, model, result, config, optimize,
     geometry = None
     if result.candidates.rank == 1 and args.geometry != "off":
         geometry = result.geometry(model, reader_layers={"full": True, "estimate": "estimate", "quick": False}[args.geometry],
-                                   held_out=held_out)
+                                   held_out=held_out, repair_prompts=args.eval_n, reader_prompts=args.eval_n)
     if geometry is not None:
         (work / "geometry.md").write_text(geometry.markdown())
         _write_json(str(work / "geometry.json"), geometry.to_dict())
@@ -1961,9 +1973,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "ablation's per-block rows as first-order estimates from one gradient pass: 6 exact conditions instead of "
                       "2 + 2 x layers), quick (no per-block rows), off (none)")
     dirs.add_argument("--eval-harmful", metavar="SRC", help="held-out harmful prompts that geometry.md's self-repair and read-side "
-                      "ablation read (first 64, with --eval-harmless; default: the validation prompts the direction was selected on, "
-                      "whose refusal log-odds the pick biases upward)")
+                      "ablation read (the first --eval-n, with --eval-harmless; default: the validation prompts the direction was "
+                      "selected on, whose refusal log-odds the pick biases upward)")
     dirs.add_argument("--eval-harmless", metavar="SRC", help="held-out harmless prompts for geometry.md (with --eval-harmful)")
+    dirs.add_argument("--eval-n", type=int, metavar="N", help="prompts per class that geometry.md's self-repair and read-side ablation "
+                      f"read: the first N of --eval-harmful/--eval-harmless, or of the validation sets without them (default {GEOMETRY_EVAL_N})")
     dirs.set_defaults(run=_cmd_directions)
 
     abl = sub.add_parser("abliterate", help="edit the weights against the selected direction and export the model")

@@ -167,6 +167,37 @@ def test_self_repair_and_readers_read_held_out_prompts_when_given(capsys, tmp_pa
     assert "give --eval-harmful and --eval-harmless together" in capsys.readouterr().err and not (tmp_path / "one").exists()
 
 
+def test_directions_eval_n_cuts_what_geometry_reads(capsys, tmp_path):
+    """`directions --eval-n N`: geometry.md's self-repair and read-side ablation read the first N prompts of each
+    held-out set (before, every held-out prompt was loaded and 64 read whatever N), or of the validation sets without
+    them; with --geometry off nothing reads it, which is an error before the model loads."""
+    import inspect
+
+    from featsteer.cli import GEOMETRY_EVAL_N, main
+    from featsteer.pipeline import DirectionResult
+
+    defaults = inspect.signature(DirectionResult.geometry).parameters
+    assert defaults["repair_prompts"].default == defaults["reader_prompts"].default == GEOMETRY_EVAL_N
+    common = ["directions", "--model", "organism", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train",
+              "--n", "24", "--n-select", "4", "--geometry", "quick", "--eval-n", "3"]
+    held = ["--eval-harmful", "builtin:harmful:test", "--eval-harmless", "builtin:harmless:test"]
+    assert main([*common, *held, "--out", str(tmp_path / "h")]) == 0
+    saved = json.loads((tmp_path / "h" / "geometry.json").read_text())
+    counts = {(part, saved[part]["n_harmful"], saved[part]["n_harmless"]) for part in ("self_repair", "readers")}
+    assert counts == {("self_repair", 3, 3), ("readers", 3, 3)}
+    first = builtin_prompts("harmful", "test").head(3)
+    assert saved["read_on"]["prompts"] == "held-out" and saved["read_on"]["harmful_sha256"] == first.sha256
+    assert main([*common, "--out", str(tmp_path / "v")]) == 0
+    saved = json.loads((tmp_path / "v" / "geometry.json").read_text())
+    assert saved["read_on"]["prompts"] == "validation" and (saved["readers"]["n_harmful"], saved["readers"]["n_harmless"]) == (3, 3)
+    capsys.readouterr()
+    off = [arg if arg != "quick" else "off" for arg in common]
+    assert main([*off, "--out", str(tmp_path / "off")]) == 2
+    assert "--geometry off writes no geometry.md" in capsys.readouterr().err and not (tmp_path / "off").exists()
+    assert main([*common[:-1], "0", "--out", str(tmp_path / "zero")]) == 2
+    assert "--eval-n must be a positive number" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "phi3", "tl-gpt2"])
 def test_head_writes_add_up_to_the_attention_output(family, tmp_path):
     """The heads' projections on a direction, plus the output projection's bias, are the attention output's projection."""
