@@ -287,6 +287,37 @@ def test_non_text_values_are_rejected(tmp_path: Path) -> None:
     assert "not text" in message
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("p.json", '[{"prompt": "a"}, {"prompt": null}, {"prompt": "b"}, {"prompt": null}]',
+         "item 1 in {path} has 'prompt': null (and 1 more item); give it text or drop the item"),
+        ("p.jsonl", '{"prompt": "a"}\n\n{"prompt": null}\n{"prompt": "b"}\n',
+         "record 1 in {path} has 'prompt': null; give it text or drop the record"),
+        ("p.json", '["a", null, "b"]', "item 1 in {path} is null; expected a string or an object"),
+        ("p.jsonl", '"a"\n[1]\n', "record 1 in {path} is a JSON array; expected a string or an object"),
+    ],
+)
+def test_a_null_json_prompt_is_an_error_not_a_dropped_row(tmp_path: Path, name: str, content: str, expected: str) -> None:
+    """A JSON null where a prompt belongs is as strict as a missing key or a CSV row without the field: before, a null
+    value was dropped with only an info log line, and the set came out smaller without a word."""
+    path = tmp_path / name
+    path.write_text(content)
+    assert _error_message(lambda: load_prompts(path)) == expected.format(path=path)
+
+
+def test_null_parquet_prompts_are_dropped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A parquet (or hf:) column holds nulls for missing values, and an hf: dataset cannot be edited: its null prompts
+    are dropped, with a warning naming the source, the count and the first row (before: an info line at most)."""
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a", None, "b", None, None]}), path)
+    with caplog.at_level("WARNING", logger="featsteer.datasets.loaders"):
+        assert load_prompts(path).prompts == ("a", "b")
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warnings == [f"dropped 3 null prompts from {path} (the first at row 1, counting from 0): those rows have no text in "
+                        "the prompt column"]
+
+
 def test_record_missing_the_column(tmp_path: Path) -> None:
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a"}\n{"text": "b"}\n')

@@ -310,8 +310,10 @@ def _finish(
     prompts: list[str] = []
     kept_categories: list[str] = []
     seen: set[str] = set()
+    nulls: list[int] = []
     for index, value in enumerate(values):
-        if value is None:
+        if value is None:  # a parquet or hf: dataset's missing value (a JSON file's null is an error in _values_from_records)
+            nulls.append(index)
             continue
         if not isinstance(value, str):
             raise FeatsteerError(
@@ -327,6 +329,9 @@ def _finish(
             kept_categories.append(categories[index])
         if limit is not None and len(prompts) == limit:
             break
+    if nulls:
+        logger.warning("dropped %d null prompt%s from %s (the first at row %d, counting from 0): those rows have no text in the "
+                       "prompt column", len(nulls), "" if len(nulls) == 1 else "s", source, nulls[0])
     if not prompts:
         raise FeatsteerError(
             f"no prompts in {source}: the file is empty or every entry is blank; "
@@ -475,12 +480,31 @@ def _values_from_records(
                 raise FeatsteerError(
                     f"{where} {index} in {source} has no {chosen!r} key; add it or drop the {where}"
                 )
+            if record[chosen] is None:  # as strict as a missing key (or a CSV row without the field): never dropped unseen
+                raise FeatsteerError(
+                    f"{where} {index} in {source} has {chosen!r}: null{_more_nulls(records, index, chosen, where)}; "
+                    f"give it text or drop the {where}"
+                )
             values.append(record[chosen])
         else:
             raise FeatsteerError(
-                f"{where} {index} in {source} is a JSON {type(record).__name__}; expected a string or an object"
+                f"{where} {index} in {source} is {_json_kind(record)}; expected a string or an object"
             )
     return values
+
+
+def _more_nulls(records: list[object], first: int, chosen: str | None, where: str) -> str:
+    """`" (and N more <where>s)"`: the records after `first` whose `chosen` value is null, or "" when there are none."""
+    more = sum(isinstance(record, dict) and chosen in record and record[chosen] is None for record in records[first + 1:])
+    return f" (and {more} more {where}{'' if more == 1 else 's'})" if more else ""
+
+
+def _json_kind(value: object) -> str:
+    """What JSON calls `value`'s type: `null`, `a JSON number`, `a JSON array`, `a JSON boolean`."""
+    if value is None:
+        return "null"
+    kind = {bool: "boolean", int: "number", float: "number", list: "array"}.get(type(value), type(value).__name__)
+    return f"a JSON {kind}"
 
 
 def _read_parquet(path: Path, source: str, column: str | None) -> list[object]:
