@@ -104,9 +104,11 @@ def _finite(value: object) -> object:
     return value
 
 
-def staging_folder(final: str | os.PathLike[str]) -> Path:
+def staging_folder(final: str | os.PathLike[str], inside: bool = False) -> Path:
     """A new hidden folder beside `final` (`.NAME.partial-XXXX`) to build the output `final` in before renaming it
-    into place.
+    into place; with `inside`, one in the existing folder `final` itself (`.partial-XXXX`), whose entries
+    `place_output` moves up into `final` (the folder stays: the current folder, a symlink to a folder, a mount point
+    or a folder whose parent cannot be written could not be swapped for the staging folder).
 
     `tempfile.mkdtemp` makes it private (mode 0700), which the renamed output would keep; this one gets the mode any
     new folder gets under the process's umask, so other users can read an exported model or a capture as usual.
@@ -117,12 +119,45 @@ def staging_folder(final: str | os.PathLike[str]) -> Path:
     import tempfile
 
     final = Path(final)
+    where, prefix = (final, ".partial-") if inside else (final.parent, f".{final.name}.partial-")
     try:
-        folder = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+        folder = Path(tempfile.mkdtemp(dir=where, prefix=prefix))
     except OSError as error:
         raise _naming(error, final) from None
     folder.chmod(0o777 & ~_umask())
     return folder
+
+
+def output_staging(out: str | os.PathLike[str]) -> Path:
+    """The staging folder for the output folder `out` (new or empty): inside `out` when it is an existing folder,
+    else beside it (its parent folders created)."""
+    out = Path(out)
+    if out.is_dir():
+        return staging_folder(out, inside=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return staging_folder(out)
+
+
+def place_output(work: Path, out: Path, last: tuple[str, ...] = ()) -> None:
+    """Make the staged folder `work` (from `output_staging`) the output folder `out`: renamed to `out` when it was made
+    beside it; made inside the existing folder `out`, its entries moved up into `out` (each whole; those named in
+    `last` after the others, so a reader that looks for one of them finds the rest there) and `work` removed.
+
+    Raises:
+        OSError: `out` holds anything besides `work` (files written there during the run), naming `out`.
+    """
+    import errno
+
+    if not (out.is_dir() and work.parent.samefile(out)):
+        if out.exists():
+            out.rmdir()  # empty (the caller checked it), made during the run
+        work.rename(out)
+        return
+    if any(entry.name != work.name for entry in out.iterdir()):  # a rename would replace such a file silently
+        raise OSError(errno.ENOTEMPTY, "files appeared in the output folder during the run", str(out))
+    for entry in sorted(work.iterdir(), key=lambda entry: entry.name in last):
+        entry.rename(out / entry.name)
+    work.rmdir()
 
 
 def _naming(error: OSError, path: Path) -> OSError:
@@ -133,19 +168,17 @@ def _naming(error: OSError, path: Path) -> OSError:
 @contextlib.contextmanager
 def staged_output(out: str | os.PathLike[str]) -> Iterator[Path]:
     """Build the output folder `out` (new or empty) in a `staging_folder` beside it, renamed to `out` when the block
-    ends: a command that fails or is stopped half way leaves no half-filled `out` (the staging folder is removed).
+    ends (or, when `out` is an existing empty folder, in one inside it, whose files are moved up into it): a command
+    that fails or is stopped half way leaves no half-filled `out` (the staging folder is removed).
 
     Yields:
         The staging folder to write into.
     """
     out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = staging_folder(out)
+    work = output_staging(out)
     try:
         yield work
-        if out.exists():
-            out.rmdir()  # empty: the caller checked it with check_empty_folder
-        work.rename(out)
+        place_output(work, out)
     except OSError as error:
         shutil.rmtree(work, ignore_errors=True)
         refused = Path(error.filename) if isinstance(error.filename, (str, os.PathLike)) else None

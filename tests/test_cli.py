@@ -1497,6 +1497,60 @@ def test_directions_failing_late_leaves_no_half_written_out(capsys, tmp_path, mo
         assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no staging folder left either
 
 
+def test_an_existing_empty_out_folder_is_written_into_where_it_is(capsys, tmp_path, monkeypatch):
+    """An empty --out given as `.` (a fresh folder the user cd'd into) or as a symlink to an empty folder was refused
+    (capture: `. is a folder that is not empty`, its own staging folder built inside it) or failed with a raw OSError
+    once everything was computed (`Invalid argument: '.'`, `Not a directory`), leaving a hidden staging folder behind:
+    the staging folder went beside --out and replaced it, which `.`, a symlink or a mount point cannot be. The folder
+    now stays (same inode) and the files are moved into it; a non-empty one is still refused with the same error."""
+    from featsteer.activations import ActivationSet
+    from featsteer.datasets import builtin_prompts
+
+    capture = ["capture", "--model", "organism", "--prompts", "builtin:harmful:test", "--n", "2", "--hooks", "blocks.1.hook_resid_pre"]
+    real, here = tmp_path / "real", tmp_path / "here"
+    real.mkdir(mode=0o700)  # as mktemp -d makes one: its mode is the user's and stays
+    here.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    monkeypatch.chdir(here)
+    for out, folder in ((".", here), (str(tmp_path / "link"), real)):
+        inode = folder.stat().st_ino
+        code, stdout, err = _run(capsys, *capture, "--out", out)
+        assert (code, err) == (0, "") and stdout.startswith("captured 2 rows")
+        assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "shard-00000.safetensors", "stats.safetensors"]
+        assert folder.stat().st_ino == inode and ActivationSet.load(out).prompts == builtin_prompts("harmful", "test").head(2).prompts
+        code, _, err = _run(capsys, *capture, "--out", out)  # a second run into the now full folder
+        assert code == 2 and f"activation directory {out} already exists: choose another path" in err
+    assert real.stat().st_mode & 0o777 == 0o700 and (tmp_path / "link").is_symlink()
+    directions = ["directions", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
+                  "--n-select", "2", "--geometry", "off"]
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    monkeypatch.chdir(fresh)
+    code, stdout, err = _run(capsys, *directions, "--out", ".")
+    assert code == 0 and "wrote ./" in stdout and {"chosen", "selection.json"} <= {p.name for p in fresh.iterdir()}
+    assert not [p.name for p in fresh.iterdir() if p.name.startswith(".")]  # no staging folder left
+    code, _, err = _run(capsys, *directions, "--out", ".")
+    assert code == 2 and "output folder . is not empty: choose a new path" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "here", "link", "real"]
+
+
+def test_staged_output_into_an_existing_empty_folder_leaves_it_empty_on_failure(tmp_path):
+    """Built inside an existing empty folder, a failed run removes its staging folder and leaves the folder as it was;
+    files that appeared there during the run are never replaced (the run fails instead)."""
+    from featsteer.files import staged_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(RuntimeError), staged_output(out) as work:
+        (work / "results.json").write_text("{}")
+        raise RuntimeError("stopped")
+    assert not any(out.iterdir())
+    with pytest.raises(OSError, match="files appeared in the output folder during the run"), staged_output(out) as work:
+        (work / "results.json").write_text("new")
+        (out / "results.json").write_text("someone else's")
+    assert [p.name for p in out.iterdir()] == ["results.json"] and (out / "results.json").read_text() == "someone else's"
+
+
 def test_abliterate_checks_generation_and_search_numbers_before_the_model_loads(capsys, tmp_path, monkeypatch):
     """--max-new-tokens 0, --batch-size 0 or --search -1 used to fail only after the direction had been found."""
     import featsteer.cli

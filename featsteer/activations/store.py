@@ -21,7 +21,7 @@ from torch import Tensor
 
 from featsteer.activations.stats import RunningMoments
 from featsteer.errors import FeatsteerError
-from featsteer.files import staging_folder
+from featsteer.files import output_staging, place_output
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -142,8 +142,7 @@ class ShardWriter:
         _check_free(self.path)
         if shard_rows < 1:
             raise FeatsteerError(f"shard_rows must be at least 1, got {shard_rows}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = staging_folder(self.path)
+        self.staging = output_staging(self.path)
         self.hook_names, self.d_model, self.metadata, self.shard_rows = tuple(hook_names), d_model, metadata, shard_rows
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
         self._pending_rows = 0
@@ -173,10 +172,16 @@ class ShardWriter:
             self._pending, self._pending_rows = [(acts[start:], index[start:], pos[start:])], acts.shape[0] - start
 
     def close(self, prompts: Sequence[str], stats: dict[str, RunningMoments] | None = None) -> Path:
-        """Flush, write metadata last, and move the directory into place."""
+        """Flush, write metadata last, and move the directory into place (the staging folder is removed on an error)."""
+        try:
+            return self._close(prompts, stats)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _close(self, prompts: Sequence[str], stats: dict[str, RunningMoments] | None) -> Path:
         self._flush(final=True)
         if not self.shards:
-            self.abort()
             raise FeatsteerError(NOTHING_CAPTURED)
         if stats:  # key/mean, and key/scatter when the capture tracked covariance
             tensors = {f"{key}/{part}": value for key, moments in stats.items() for part, value in moments.state().items()}
@@ -192,10 +197,8 @@ class ShardWriter:
             "stats_counts": {key: m.count for key, m in (stats or {}).items()},
         }
         (self.staging / METADATA_FILE).write_text(json.dumps(meta, indent=1))
-        _check_free(self.path)  # it may have been filled while the rows were captured
-        if self.path.exists():
-            self.path.rmdir()  # an empty folder the caller made for the output
-        self.staging.rename(self.path)
+        _check_free(self.path, self.staging)  # it may have been filled while the rows were captured
+        place_output(self.staging, self.path, last=(METADATA_FILE,))  # an existing empty folder stays; metadata.json arrives last
         return self.path
 
     def abort(self) -> None:
@@ -203,11 +206,12 @@ class ShardWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def _check_free(path: Path) -> None:
-    """An activation directory is written into a new or empty folder only: never over a file or someone's files."""
+def _check_free(path: Path, staging: Path | None = None) -> None:
+    """An activation directory is written into a new or empty folder only: never over a file or someone's files
+    (`staging`, the writer's own staging folder inside `path`, does not count)."""
     if path.exists() and not path.is_dir():
         raise FeatsteerError(f"{path} is an existing file: give a new folder path for the activations")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and any(staging is None or entry.name != staging.name for entry in path.iterdir()):
         raise FeatsteerError(f"{path} is a folder that is not empty: give a new or empty folder for the activations")
 
 

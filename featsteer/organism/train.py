@@ -922,13 +922,17 @@ def is_organism_file(name: str) -> bool:
 def save_organism(model, tokenizer, out: Path) -> int:
     """Save model and tokenizer into ``out`` and return the size of the organism's files in bytes.
 
-    The files are built in a hidden folder beside ``out`` first, so an interrupted save never leaves a half-written
-    weight file there. A new or empty ``out`` is that folder renamed into place. Otherwise an earlier organism's files
-    in ``out`` are removed (a stale weight shard would be loaded with the new ones) and the new ones moved in, each
-    whole, ``config.json`` last: until it arrives ``out`` holds no loadable organism. Any other file there is left alone.
+    The files are built in a hidden folder beside ``out`` first (inside it when ``out`` is an existing folder, which
+    stays: the current folder, a symlink or a mount point cannot be swapped for another), so an interrupted save never
+    leaves a half-written weight file there. A new ``out`` is that folder renamed into place. Otherwise an earlier
+    organism's files in ``out`` are removed (a stale weight shard would be loaded with the new ones) and the new ones
+    moved in, each whole, ``config.json`` last: until it arrives ``out`` holds no loadable organism. Any other file
+    there is left alone.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_folder(out)
+    inside = out.is_dir()
+    if not inside:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_folder(out, inside=inside)
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging, save_jinja_files=False)  # keep chat_template in tokenizer_config.json
