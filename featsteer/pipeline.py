@@ -247,8 +247,11 @@ class DirectionResult:
         repair, readers = self._read_side(model, r, hook, prompts, repair_prompts, reader_prompts, reader_layers)
         read_on = None
         if prompts is not None and (repair is not None or readers is not None):
+            n = max(count for count, figure in ((repair_prompts, repair), (reader_prompts, readers)) if figure is not None)
+            read = [p.head(min(n, len(p))) for p in prompts]  # the prompts actually read, so the hashes name them
             read_on = {"prompts": "validation" if held_out is None else "held-out", "harmful": prompts[0].source,
-                       "harmless": prompts[1].source, "harmful_sha256": prompts[0].sha256, "harmless_sha256": prompts[1].sha256}
+                       "harmless": prompts[1].source, "n_harmful": len(read[0]), "n_harmless": len(read[1]),
+                       "harmful_sha256": read[0].sha256, "harmless_sha256": read[1].sha256}
         from featsteer.directions.sample_size import MIN_PROMPTS
 
         enough = min(len(activations) for activations in self.activations) >= MIN_PROMPTS  # else no sample-size estimate

@@ -190,6 +190,12 @@ def test_directions_eval_n_cuts_what_geometry_reads(capsys, tmp_path):
     assert main([*common, "--out", str(tmp_path / "v")]) == 0
     saved = json.loads((tmp_path / "v" / "geometry.json").read_text())
     assert saved["read_on"]["prompts"] == "validation" and (saved["readers"]["n_harmful"], saved["readers"]["n_harmless"]) == (3, 3)
+    # the hashes name the prompts read, the first 3 validation prompts, not the whole validation set
+    assert (saved["read_on"]["n_harmful"], saved["read_on"]["n_harmless"]) == (3, 3)
+    from featsteer.pipeline import DirectionConfig, split
+
+    val = split(builtin_prompts("harmful", "train").head(24), DirectionConfig.val_fraction)[1]
+    assert len(val) > 3 and saved["read_on"]["harmful_sha256"] == val.head(3).sha256 != val.sha256
     capsys.readouterr()
     off = [arg if arg != "quick" else "off" for arg in common]
     assert main([*off, "--out", str(tmp_path / "off")]) == 2
