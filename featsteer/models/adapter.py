@@ -932,7 +932,6 @@ class ModelAdapter(ABC):
         stop_set = set(stop_ids.tolist())
         return [_cut_at_stop(row, stop_set, keep_stop) for row in torch.stack(generated, 1).tolist()], first_logits
 
-
     def _closed_final_message(self, generated: list[Tensor], next_token: Tensor, control: Mapping[int, str]) -> Tensor:
         """`(batch,)` True for the rows whose `<|end|>` just closed a final-channel message of a harmony turn: the answer is
         complete, though a model may go on with another message instead of `<|return|>`."""
