@@ -37,6 +37,24 @@ def byte_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+HARMONY_TEMPLATE = (
+    "{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+)
+"""GPT-OSS's turn layout without its system-message boilerplate: the response starts after `<|start|>assistant`."""
+HARMONY_SPECIALS = ["<|start|>", "<|channel|>", "<|message|>", "<|constrain|>", "<|return|>", "<|call|>"]
+"""Harmony's control tokens beside `<|end|>` (already in `SPECIALS`)."""
+
+
+def harmony_tokenizer() -> PreTrainedTokenizerFast:
+    """`byte_tokenizer()` with GPT-OSS's harmony control tokens and a harmony chat template, for tests of reasoning
+    models that write an analysis message before their final answer (no hub access)."""
+    tokenizer = byte_tokenizer(chat=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": HARMONY_SPECIALS}, replace_extra_special_tokens=False)
+    tokenizer.chat_template = HARMONY_TEMPLATE
+    return tokenizer
+
+
 def _configs(vocab: int) -> dict:
     """Config builders by `model_type`; each is called only for the model asked for."""
     ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -144,13 +162,13 @@ def random_direction(d_model: int, seed: int = 0) -> torch.Tensor:
     return vector / vector.norm()
 
 
-def tiny_model(family: str, seed: int = 0, **overrides):
-    """A random-initialised causal LM of `family` with `byte_tokenizer()`; returns `(model, tokenizer)`. `overrides` set
-    config attributes before the model is built (`tiny_model("granitemoehybrid", num_local_experts=0)`: a dense
-    Granite 4)."""
+def tiny_model(family: str, seed: int = 0, harmony: bool = False, **overrides):
+    """A random-initialised causal LM of `family` with `byte_tokenizer()` (`harmony_tokenizer()` with `harmony`); returns
+    `(model, tokenizer)`. `overrides` set config attributes before the model is built
+    (`tiny_model("granitemoehybrid", num_local_experts=0)`: a dense Granite 4)."""
     from featsteer.models.loading import model_class
 
-    tokenizer = byte_tokenizer()
+    tokenizer = harmony_tokenizer() if harmony else byte_tokenizer()
     config = _configs(len(tokenizer))[family]()
     for key, value in overrides.items():
         setattr(config, key, value)

@@ -73,6 +73,9 @@ class SetResult:
     """Per response, the token ids the model generated (after a prefill), ending with the end-of-turn token when it
     wrote one before the cap; what `responses_nll` and `response_kl.response_base` teacher-force. None: responses known
     only as text."""
+    reasoning_only: tuple[bool, ...] = ()
+    """Per response of a harmony model (GPT-OSS): True when no final-channel answer came within `max_new_tokens`, so the
+    response (and its verdict) is the model's reasoning (`Generation.reasoning_only`); empty or all False otherwise."""
 
     @property
     def looping_rate(self) -> RateEstimate:
@@ -136,6 +139,8 @@ class RefusalReport:
             "per_prompt": {result.name: {"prompts_sha256": prompts_sha256(result.prompts), "refused": list(result.refused),
                                          "looping": list(result._looping()), "prompts": list(result.prompts),
                                          "responses": list(result.responses)} for result in (self.harmful, self.harmless)},
+            **{f"reasoning_only_{result.name}": sum(result.reasoning_only)
+               for result in (self.harmful, self.harmless) if any(result.reasoning_only)},
             "generation": asdict(self.config),
             "sources": self.sources,
             "seconds": round(self.seconds, 2),
@@ -148,7 +153,11 @@ class RefusalReport:
             r = result.rate
             rows.append((result.name, str(r.n), str(r.k), f"{r.rate:.3f}", f"[{r.low:.3f}, {r.high:.3f}]", str(result.looping_rate.k)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        lines += [f"{result.name}: {sum(result.reasoning_only)} of {result.rate.n} responses reached no final answer within "
+                  f"max_new_tokens={self.config.max_new_tokens} and were judged on their reasoning: raise --max-new-tokens"
+                  for result in (self.harmful, self.harmless) if any(result.reasoning_only)]
+        return "\n".join(lines)
 
 
 
@@ -218,7 +227,7 @@ def evaluate_set(
     refused = detector.classify_after(prefill, responses)
     looping = LoopDetector().classify(responses)
     return SetResult(name, tuple(prompt_list), tuple(responses), tuple(refused), refusal_rate(refused), logprobs, tuple(looping),
-                     None if prefill is None else tuple(prefill), tuple(generation.token_ids))
+                     None if prefill is None else tuple(prefill), tuple(generation.token_ids), generation.reasoning_only)
 
 
 def evaluate_refusal(

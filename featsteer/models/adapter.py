@@ -26,6 +26,14 @@ from featsteer.models.chat import (
     special_token_strings,
     special_token_texts,
 )
+from featsteer.models.harmony import (
+    CONTROL_TOKENS,
+    END,
+    TURN_ENDS,
+    harmony_text,
+    is_harmony_vocab,
+    parse_harmony,
+)
 from featsteer.models.hookpoints import (
     HEAD_KINDS,
     LAYER_KINDS,
@@ -90,6 +98,10 @@ class Generation:
     """Each response's generated token ids, ending with the end-of-turn token when the model wrote one."""
     first_logits: Tensor | None
     """`(n, vocab)` float32 logits of the first response token (None unless asked for)."""
+    reasoning_only: tuple[bool, ...] = ()
+    """Per response, for a harmony model (GPT-OSS): True when no final-channel message came within `max_new_tokens`, so
+    the text is its reasoning with the control tokens removed (`featsteer.models.harmony.parse_harmony`); all False for
+    other models."""
 
 
 @dataclass(frozen=True)
@@ -335,14 +347,24 @@ class ModelAdapter(ABC):
         """Token ids that end a generated response: the tokenizer's EOS, every id the model's generation settings list as
         one (`generation_config.eos_token_id`: Llama 3's `<|end_of_text|>` and `<|eom_id|>` beside its `<|eot_id|>` EOS,
         GLM-4's `<|user|>`), and the known end-of-turn tokens (`END_OF_TURN_TOKENS`) the vocabulary has, but for one that ends
-        only a message there (`MESSAGE_ENDS`: GPT-OSS's `<|end|>`)."""
+        only a message there (`MESSAGE_ENDS`: GPT-OSS's `<|end|>`); a harmony vocabulary's `<|return|>` and `<|call|>` end it."""
         ids = set(self._declared_stop_ids())
         eos = getattr(self.tokenizer, "eos_token_id", None)
         if eos is not None:
             ids.add(int(eos))
         vocab = self.tokenizer.get_vocab()
         ids.update(int(vocab[token]) for token in END_OF_TURN_TOKENS if token in vocab and MESSAGE_ENDS.get(token) not in vocab)
+        if is_harmony_vocab(vocab):  # a harmony turn ends at <|return|> (answered) or <|call|> (a tool call)
+            ids.update(int(vocab[token]) for token in TURN_ENDS if token in vocab)
         return ids
+
+    def harmony_control_ids(self) -> dict[int, str] | None:
+        """For a tokenizer of the harmony format (GPT-OSS): its control tokens by id, which `generate_with_tokens` keeps
+        when decoding to find the final channel's message; None for every other tokenizer."""
+        vocab = self.tokenizer.get_vocab()
+        if not is_harmony_vocab(vocab):
+            return None
+        return {int(vocab[token]): token for token in CONTROL_TOKENS if token in vocab}
 
     def _declared_stop_ids(self) -> set[int]:
         """The end-of-sequence ids the model's own generation settings declare; none by default (backends without them)."""
@@ -805,6 +827,10 @@ class ModelAdapter(ABC):
         `max_new_tokens`: the decoded, stripped text can tokenize into other tokens, so metrics that teacher-force a
         response (its NLL, the KL along it) read these. `label` names the prompt set in a warning about special-token
         text ("harmful prompt 2").
+
+        For a harmony tokenizer (GPT-OSS, `harmony_control_ids`) the ids hold the whole turn, reasoning included, and the
+        text is only its final channel's message; a response with no final message within `max_new_tokens` keeps its
+        reasoning as the text, is flagged in `Generation.reasoning_only` and counted in a logged warning.
         """
         from tqdm.auto import tqdm
 
@@ -815,20 +841,29 @@ class ModelAdapter(ABC):
         first: Tensor | None = None
         _check_prefill(prefill, instructions)  # before plan_batches indexes it
         batches = self.plan_batches(instructions, batch_size, max_batch_tokens, system, chat, prefill, label)
-        stop_set = self.stop_token_ids
+        stop_set, control = self.stop_token_ids, self.harmony_control_ids()
+        reasoning_only = [False] * len(instructions)
         for rows in tqdm(batches, desc="generate", unit="batch", disable=not self.show_progress or len(batches) < 3, leave=False):
             batch = self.tokenize([instructions[i] for i in rows], system=system, chat=chat,
                                   prefill=None if prefill is None else [prefill[i] for i in rows])
             tokens, logits = self._greedy(batch, max_new_tokens, keep_stop=True)
             for i, row in zip(rows, tokens, strict=True):
                 token_ids[i] = tuple(row)
-                text_ids = row[:-1] if row and row[-1] in stop_set else row
-                responses[i] = self.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
+                if control is None:
+                    text_ids = row[:-1] if row and row[-1] in stop_set else row
+                    responses[i] = self.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
+                else:
+                    reply = parse_harmony(harmony_text(self.tokenizer, row, control))
+                    responses[i], reasoning_only[i] = reply.answer, reply.reasoning_only
             if keep_logits:
                 if first is None:
                     first = logits.new_empty((len(instructions), logits.shape[-1]))
                 first[rows] = logits
-        return Generation(responses, token_ids, first)
+        if any(reasoning_only):
+            logger.warning("%d of %d %sresponses reached no final answer within max_new_tokens=%d, so their text is the model's "
+                           "reasoning (its analysis channel): raise max_new_tokens", sum(reasoning_only), len(instructions),
+                           f"{label} " if label else "", max_new_tokens)
+        return Generation(responses, token_ids, first, tuple(reasoning_only))
 
     def plan_batches(
         self, instructions: Sequence[str], batch_size: int, max_batch_tokens: int | None = None,
@@ -860,6 +895,7 @@ class ModelAdapter(ABC):
     def _greedy(self, batch: TokenBatch, max_new_tokens: int, keep_stop: bool = False) -> tuple[list[list[int]], Tensor]:
         """Greedy tokens per row (cut at the stop token, kept with `keep_stop`) and the float32 logits of the first step."""
         stop_ids = torch.tensor(sorted(self.stop_token_ids), device=self.device)
+        control = self.harmony_control_ids()
         finished = torch.zeros(batch.input_ids.shape[0], dtype=torch.bool, device=self.device)
         input_ids, mask = batch.input_ids, batch.attention_mask
         generated: list[Tensor] = []
@@ -882,6 +918,8 @@ class ModelAdapter(ABC):
                     next_token = chosen.masked_fill(finished, -1)
                     generated.append(next_token)
                     finished |= torch.isin(next_token, stop_ids)
+                    if control is not None:
+                        finished |= self._closed_final_message(generated, next_token, control)
                     if bool(finished.all()):
                         break
                     fed = next_token.clamp(min=0)[:, None]
@@ -893,6 +931,18 @@ class ModelAdapter(ABC):
             self.generation_step = self.pass_attention_mask = self.pass_post_instruction = self.pass_prefill = None
         stop_set = set(stop_ids.tolist())
         return [_cut_at_stop(row, stop_set, keep_stop) for row in torch.stack(generated, 1).tolist()], first_logits
+
+    def _closed_final_message(self, generated: list[Tensor], next_token: Tensor, control: Mapping[int, str]) -> Tensor:
+        """`(batch,)` True for the rows whose `<|end|>` just closed a final-channel message of a harmony turn: the answer is
+        complete, though a model may go on with another message instead of `<|return|>`."""
+        end = next(token for token, text in control.items() if text == END)
+        closed = torch.zeros_like(next_token, dtype=torch.bool)
+        rows = (next_token == end).nonzero()[:, 0].tolist()
+        if rows:
+            written = torch.stack(generated, 1)[rows].tolist()
+            for row, ids in zip(rows, written, strict=True):
+                closed[row] = parse_harmony(harmony_text(self.tokenizer, ids, control)).final_closed
+        return closed
 
 
 class _CachedStep(TokenBatch):
