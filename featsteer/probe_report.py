@@ -34,7 +34,7 @@ from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
 from featsteer.files import json_text, write_files
 from featsteer.interventions import Ablate, steer
-from featsteer.models import LAYER_KINDS, ModelAdapter
+from featsteer.models import LAYER_KINDS, NORM_KINDS, ModelAdapter, stream_point
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +49,6 @@ MIN_TRAIN_PER_CLASS = 5
 `PROBE_FOLDS` per class, what the linear probe's own C search needs."""
 SOURCES = ("dim", "linear", "whitened")
 """Direction sources always compared; `sae` (the top composite feature's decoder row) joins when SAEs are given."""
-_STREAM_POINT = {"resid_pre": 0.0, "ln1_normalized": 0.0, "attn_z": 0.5, "attn_out": 0.5, "resid_mid": 0.5, "ln2_normalized": 0.5,
-                 "mlp_out": 1.0, "resid_post": 1.0}
-"""Where in a layer's residual stream a hook's vectors live, as layer + offset: a block's input (`resid_pre`, and
-what its attention norm reads), after its attention writes (`resid_mid`, and what the MLP norm reads), after its MLP
-writes (`resid_post`, which is the next block's `resid_pre`)."""
 
 
 CONTROLS = ("first-words:N", "length:W", "permutation")
@@ -293,12 +288,14 @@ def _carrier(model: ModelAdapter, sae_hook: str, swept: Sequence[str]) -> str | 
     if sae_hook in swept:
         return sae_hook
     site = model.hook_site(sae_hook)
-    if site.layer is None or site.kind not in _STREAM_POINT:
+    if site.layer is None:
         return None
-    point = site.layer + _STREAM_POINT[site.kind]
-    after = [(model.hook_site(h).layer + _STREAM_POINT[model.hook_site(h).kind], h) for h in swept
-             if model.hook_site(h).kind in _STREAM_POINT and model.hook_site(h).kind not in ("ln1_normalized", "ln2_normalized")]
-    after = sorted((p, h) for p, h in after if point <= p < point + 1)
+    # the depth the selection's late-layer rule reads too: a parallel block's attention writes into the block's output,
+    # and its MLP norm reads the block's input
+    start = stream_point(site, model.n_layers, model.parallel_block)
+    after = [(stream_point(model.hook_site(h), model.n_layers, model.parallel_block), h) for h in swept
+             if model.hook_site(h).kind not in NORM_KINDS]
+    after = sorted((p, h) for p, h in after if start <= p < start + 1)
     return after[0][1] if after else None
 
 

@@ -416,11 +416,13 @@ def test_a_hook_every_prompt_shares_gives_no_direction(planted, method):
 
 
 
-@pytest.mark.parametrize("method", ["dim", "projected", "pca", "linear", "whitened"])  # svd reads the harmful spread, not the means
+@pytest.mark.parametrize("method", ["dim", "projected", "pca", "svd", "linear", "whitened"])
 def test_the_same_large_activations_in_another_order_give_no_direction_for_every_method(method):
     """The same prompts on both sides of a layer with a large norm: the float64 means differ only by the order of the
     sums (~1e-11 here). DIM called that identical (relative 1e-12), the probe directions did not (absolute 1e-12): the
-    whitened probe returned a unit vector of rounding noise and the linear probe failed on an all-zero weight vector."""
+    whitened probe returned a unit vector of rounding noise and the linear probe failed on an all-zero weight vector.
+    SVD applied no test at all and returned the harmful prompts' own spread about the harmless mean, with full weight,
+    which the selection scored as a candidate; an intervention given it now fails as it does with DIM's zero vector."""
     generator = torch.Generator().manual_seed(5)
     rows = torch.randn(200, D, generator=generator, dtype=torch.float64) * 1e4 + 1e4
     other = torch.randn(200, D, generator=generator, dtype=torch.float64)
@@ -433,6 +435,11 @@ def test_the_same_large_activations_in_another_order_give_no_direction_for_every
     found = find_directions(*sets, method=method)
     assert float(weighted_basis(found, found.index("blocks.0.hook_resid_pre")).norm()) == 0
     assert float(weighted_basis(found, found.index("blocks.1.hook_resid_pre")).norm()) > 0.5
+    from featsteer.interventions.operations import orthonormal_basis
+
+    for weighted in (False, True):  # Ablate, AddDirection and the weight edits check their basis with it
+        with pytest.raises(FeatsteerError, match=r"^the direction is a zero vector: it removes nothing \(a layer where the two sets' means coincide\?\)"):
+            orthonormal_basis(weighted_basis(found, found.index("blocks.0.hook_resid_pre")), weighted=weighted)
 
 
 def test_means_coincide_is_relative_to_the_harmful_means_norm_and_absolute_below_one():

@@ -71,6 +71,41 @@ def test_fit_errors_and_the_nothing_to_erase_case():
         fit_leace(broken, harmless)
 
 
+@pytest.mark.parametrize(("scale", "shift", "found"), [(1e4, 0.0, False), (1e4, 1e-5, True), (1e-6, 1e-13, False)])
+def test_leace_erases_exactly_where_dim_finds_a_direction(scale, shift, found):
+    """LEACE kept its own test for identical class means (difference at most 1e-8 of the rows' mean norm), not
+    `means_coincide`, which DIM, SVD and the probes share: rows of norm ~1e5 whose classes differ by a real 1e-5 shift got
+    no eraser though DIM found the direction, and rows of norm ~1e-6 that differ by 1e-13 (below the shared absolute
+    floor, rounding to DIM) got an eraser of it. The same rows in another order coincide under both."""
+    from featsteer.activations import ActivationSet
+    from featsteer.directions import difference_in_means
+    from featsteer.interventions import fit_leace_erasers
+
+    generator = torch.Generator().manual_seed(7)
+    rows = (torch.randn(64, 8, generator=generator, dtype=torch.float64) + 1.0) * scale
+    other = rows[torch.randperm(64, generator=generator)] + shift * torch.eye(8, dtype=torch.float64)[0]
+    sets = [ActivationSet(torch.stack([r, torch.randn(64, 8, generator=generator, dtype=torch.float64) + 3.0 * i], 1),
+                          ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"), torch.arange(64), torch.full((64,), -1),
+                          tuple(f"p{j}" for j in range(64)), label=label)
+            for i, (r, label) in enumerate(((other, "harmful"), (rows, "harmless")))]
+    dim = difference_in_means(*sets)
+    assert (float(dim.direction("blocks.0.hook_resid_pre").norm()) > 0) is found
+    assert (fit_leace(sets[0].hook("blocks.0.hook_resid_pre"), sets[1].hook("blocks.0.hook_resid_pre")) is not None) is found
+    assert (("blocks.0.hook_resid_pre", -1) in fit_leace_erasers(*sets)) is found
+
+
+def test_identical_means_everywhere_are_one_error():
+    harmful, _ = _classes(n=40)
+    from featsteer.activations import ActivationSet
+    from featsteer.interventions import fit_leace_erasers
+
+    same = ActivationSet(harmful[:, None, :], ("blocks.0.hook_resid_pre",), torch.arange(40), torch.full((40,), -1),
+                         tuple(f"p{i}" for i in range(40)))
+    with pytest.raises(FeatsteerError, match=r"^the harmful and harmless means coincide at every hook and position, so there is "
+                                             r"nothing to erase: give harmful and harmless prompts that differ"):
+        fit_leace_erasers(same, same)
+
+
 def test_erase_hook_touches_only_its_prompt_positions(llama_adapter):
     d = llama_adapter.d_model
     generator = torch.Generator().manual_seed(1)

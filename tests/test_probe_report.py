@@ -70,6 +70,30 @@ def test_saes_off_the_swept_kind_join_at_the_next_resid_pre(tmp_path, caplog):
     assert (write_probe_report(some, tmp_path / "q") / "sweep.md").read_text().startswith("Swept: layers 0, 2 (asked for).")
 
 
+def test_an_sae_in_a_parallel_block_joins_the_sweep_where_the_stream_holds_it():
+    """A parallel block (no `resid_mid`) writes both branches into its output and feeds both from its input. The probe
+    report placed its `attn_out` and MLP norm halfway through the block as in a sequential one, while the selection's
+    late-layer rule counted that `attn_out` at the block's output: an SAE on block 1's MLP input joined a `resid_post`
+    sweep at block 1's output (after the block's own writes) instead of block 0's, which is block 1's input, and one on
+    block 1's output joined an `attn_out` sweep at block 2's write. Both now read `models.stream_point`."""
+    from featsteer.models import load_model
+    from featsteer.probe_report import _carrier
+
+    model = load_model("tiny:cohere")  # 3 parallel layers, 64 wide
+    model.show_progress = False
+    saes = {"blocks.1.ln2.hook_normalized": heads_sae(64, reshape="none", hook="blocks.1.ln2.hook_normalized", seed=1)}
+    train, test = _pairs(8)
+    report = probe_report(model, train, test, kind="resid_post", n_effect=2, n_shuffles=1, saes=saes)
+    assert report.sae_sources == {"sae@ln2_normalized": {"blocks.0.hook_resid_post": "blocks.1.ln2.hook_normalized"}}
+    assert _carrier(model, "blocks.1.hook_resid_post", model.hook_names(("attn_out",))) == "blocks.1.hook_attn_out"
+    assert _carrier(model, "blocks.1.attn.hook_z", model.hook_names(("resid_pre",))) == "blocks.2.hook_resid_pre"
+    from featsteer.models import stream_point
+
+    sequential = load_model("organism")
+    assert [stream_point(sequential.hook_site(f"blocks.1.hook_{kind}"), 4) for kind in ("resid_pre", "attn_out", "mlp_out")] == [1, 1.5, 2]
+    assert [stream_point(model.hook_site(h), 3, True) for h in ("blocks.1.ln2.hook_normalized", "blocks.1.hook_attn_out")] == [1, 2]
+
+
 def test_saes_no_swept_layer_follows_are_a_clear_error():
     model = narrow_heads_model()
     saes = {"blocks.2.hook_resid_post": heads_sae(64, reshape="none", hook="blocks.2.hook_resid_post", seed=4)}

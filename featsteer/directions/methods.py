@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from featsteer.activations import ActivationSet
-from featsteer.directions.dim import capture_provenance, difference_in_means, shared_positions
+from featsteer.directions.dim import capture_provenance, difference_in_means, means_coincide, shared_positions
 from featsteer.directions.directions import DirectionSet, unit
 from featsteer.errors import FeatsteerError
 
@@ -81,7 +81,8 @@ def _rescored(dim: DirectionSet, vectors: list[Tensor], harmful: ActivationSet, 
 
 def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2, ridge: float | None = None) -> DirectionSet:
     """Top-`rank` right singular vectors of (harmful - harmless mean), with ridge weights in the scores, and in
-    `mean_diff_norm` the mean difference's component along the first row (signed to make it positive).
+    `mean_diff_norm` the mean difference's component along the first row (signed to make it positive). Where the class
+    means coincide (`dim.means_coincide`, the test DIM and the probes apply) the basis is zero with weight 0, as DIM's.
 
     Args:
         rank: subspace size k.
@@ -98,26 +99,39 @@ def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2,
         raise FeatsteerError(f"ridge must be a finite lambda >= 0 (0: the plain projector; None: set from the weaker components), got {ridge}")
     bases, names, positions, weights, lengths = [], [], [], [], []
     for hook, pos in _pairs(harmful, harmless):
-        centred = harmful.at_position(hook, pos).double() - harmless.mean(hook, pos)
-        _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
-        if rank > vh.shape[0]:  # at most one direction per prompt, and per dimension of the stream
-            raise FeatsteerError(f"rank {rank} is more than the SVD of {centred.shape[0]} harmful prompts in {centred.shape[1]} "
-                                 f"dimensions can give ({vh.shape[0]}): lower the rank or add prompts")
-        basis = vh[:rank]
-        along = float(basis[0] @ (harmful.mean(hook, pos) - harmless.mean(hook, pos)))
-        basis[0] = basis[0] * (-1.0 if along < 0 else 1.0)
-        lengths.append(abs(along))  # what the selection's induce check adds along the first row, as for probe directions
-        power = singular**2
-        lam = ridge if ridge is not None else float(power[rank:].mean()) if len(power) > rank else 0.0
-        denominator = power[:rank] + lam
-        ratio = torch.where(denominator > 0, power[:rank] / denominator.clamp_min(1e-300), torch.zeros_like(denominator))
-        weights.append(ratio.tolist())  # an all-zero difference (e.g. a shared template token) gets weight 0
-        bases.append(basis.float())
+        basis, weight, length = _svd_basis(harmful.at_position(hook, pos).double(), harmful.mean(hook, pos).double(),
+                                           harmless.mean(hook, pos).double(), rank, ridge)
+        bases.append(basis)
+        weights.append(weight)
+        lengths.append(length)  # what the selection's induce check adds along the first row, as for probe directions
         names.append(hook)
         positions.append(pos)
     return DirectionSet(torch.stack(bases), tuple(names), tuple(positions), "svd", {"ridge_weights": weights, "mean_diff_norm": lengths},
                         {"model": harmful.model, "positions": harmful.positions, "n_harmful": len(harmful), "n_harmless": len(harmless),
                          "rank": rank, "ridge": ridge, "capture": capture_provenance(harmful, harmless)})
+
+
+def _svd_basis(harmful_rows: Tensor, harmful_mean: Tensor, harmless_mean: Tensor, rank: int,
+               ridge: float | None) -> tuple[Tensor, list[float], float]:
+    """One hook and position of `svd_subspace`: the float32 `(rank, d_model)` basis (first row signed along the mean
+    difference), its ridge weights and the mean difference's length along the first row. Where the class means coincide
+    (`means_coincide`, as for DIM and the probes) a zero basis with weight 0: the harmful prompts' own spread about the
+    harmless mean is all that is left there, and it says nothing about the classes."""
+    centred = harmful_rows - harmless_mean
+    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+    if rank > vh.shape[0]:  # at most one direction per prompt, and per dimension of the stream
+        raise FeatsteerError(f"rank {rank} is more than the SVD of {centred.shape[0]} harmful prompts in {centred.shape[1]} "
+                             f"dimensions can give ({vh.shape[0]}): lower the rank or add prompts")
+    if means_coincide(harmful_mean, harmless_mean):
+        return torch.zeros(rank, centred.shape[1]), [0.0] * rank, 0.0
+    basis = vh[:rank]
+    along = float(basis[0] @ (harmful_mean - harmless_mean))
+    basis[0] = basis[0] * (-1.0 if along < 0 else 1.0)
+    power = singular**2
+    lam = ridge if ridge is not None else float(power[rank:].mean()) if len(power) > rank else 0.0
+    denominator = power[:rank] + lam
+    ratio = torch.where(denominator > 0, power[:rank] / denominator.clamp_min(1e-300), torch.zeros_like(denominator))
+    return basis.float(), ratio.tolist(), abs(along)
 
 
 def find_directions(harmful: ActivationSet, harmless: ActivationSet, method: str = "dim", rank: int = 2) -> DirectionSet:

@@ -30,7 +30,7 @@ from featsteer.directions.methods import weighted_basis
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_per_prompt, refusal_score
 from featsteer.interventions import Ablate, AddDirection, steer
-from featsteer.models import HookSite, ModelAdapter, check_system
+from featsteer.models import ModelAdapter, check_system, stream_point
 
 logger = logging.getLogger(__name__)
 
@@ -281,34 +281,20 @@ def _fallback(scored: list[CandidateScore]) -> CandidateScore:
     return min(scored, key=lambda c: c.refusal_ablated)
 
 
-_OUTPUT_KINDS = ("mlp_out", "per_layer_out", "resid_post")
-"""Per-layer kinds that are, or write into, block l's output, which no part of block l reads: block l+1's input."""
-
-
-def _stream_depth(site: HookSite, n_layers: int, parallel_block: bool = False) -> int:
-    """The block whose input stream a hook reads or writes into, which the late-layer rule counts: a block's own index,
-    but the next one for `resid_post` (block l's output is block l+1's `resid_pre`) and for the writes into it
-    (`mlp_out`, `per_layer_out`, and `attn_out` in a parallel block, which has no `resid_mid` for block l's MLP to read),
-    and past the last for the final norm. `attn_out` of a sequential block writes into `resid_mid`, which its own MLP
-    reads, so it counts as block l, as `resid_mid` does."""
-    if site.kind == "ln_final_normalized":
-        return n_layers
-    output = site.kind in _OUTPUT_KINDS or (parallel_block and site.kind == "attn_out")
-    return (site.layer or 0) + output
-
-
 def late_layer_start(n_layers: int, skip_last_fraction: float) -> int:
-    """The first stream depth the late-layer rule skips (`SelectionConfig.skip_last_fraction` of `n_layers`): the floor of
+    """The first stream point (block input) the late-layer rule skips (`SelectionConfig.skip_last_fraction` of `n_layers`): the floor of
     `(1 - fraction) * n_layers`, taken after rounding away the float error, so 30% of 90 layers skips 27, not 28
     (`(1 - 0.3) * 90` is 62.99999999999999 in floating point)."""
     return math.floor(round((1 - skip_last_fraction) * n_layers, 9))
 
 
 def is_late_layer(model: ModelAdapter, hook: str, skip_last_fraction: float) -> bool:
-    """Whether the selection skips candidates at `hook`: its stream depth (`resid_post` of block l, and the writes into
-    it, count as block l + 1; see `_stream_depth`) is in the last `skip_last_fraction` of the model's layers."""
-    depth = _stream_depth(model.hook_site(hook), model.n_layers, model.parallel_block)
-    return depth >= late_layer_start(model.n_layers, skip_last_fraction)
+    """Whether the selection skips candidates at `hook`: its stream point (`models.stream_point`) is in the last
+    `skip_last_fraction` of the model's layers. A point inside block l (`attn_out`, `resid_mid` of a sequential block, at
+    l + 0.5) is skipped with block l, one at its output (`resid_post`, `mlp_out`, `per_layer_out`, and `attn_out` of a
+    parallel block, at l + 1) with block l + 1, whose input it is."""
+    point = stream_point(model.hook_site(hook), model.n_layers, model.parallel_block)
+    return point >= late_layer_start(model.n_layers, skip_last_fraction)
 
 
 def select_direction(

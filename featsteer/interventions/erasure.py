@@ -85,8 +85,8 @@ def fit_leace(harmful: Float[Tensor, "n d_model"], harmless: Float[Tensor, "m d_
             width); False uses the sample covariance (plus a tiny ridge).
 
     Returns:
-        The eraser (float32), or None when the class means coincide (nothing to erase, e.g. a position every prompt
-        shares at the embedding).
+        The eraser (float32), or None when the class means coincide (`directions.dim.means_coincide`: nothing to erase,
+        e.g. a position every prompt shares at the embedding).
 
     Raises:
         FeatsteerError: for mismatched widths, too few rows, or NaN/inf activations.
@@ -98,9 +98,11 @@ def fit_leace(harmful: Float[Tensor, "n d_model"], harmless: Float[Tensor, "m d_
     a, b = harmful.double().cpu(), harmless.double().cpu()
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise FeatsteerError("LEACE got NaN or inf activations: check the model and the capture")
+    from featsteer.directions.dim import means_coincide  # featsteer.directions imports the interventions
+
     x = torch.cat([a, b])
     mean, delta = x.mean(0), a.mean(0) - b.mean(0)
-    if float(delta.norm()) <= 1e-8 * max(float(x.norm(dim=1).mean()), 1e-30):
+    if means_coincide(a.mean(0), b.mean(0)):  # the test DIM, SVD and the probes apply, so LEACE erases where they find a direction
         return None
     if shrinkage:
         from sklearn.covariance import LedoitWolf
@@ -140,7 +142,8 @@ def fit_leace_erasers(harmful: ActivationSet, harmless: ActivationSet, *, shrink
                 eraser = replace(eraser, positions=harmful.positions)
                 erasers.update({(hook, at): eraser for at in window or (position,)})
     if not erasers:
-        raise FeatsteerError("harmful and harmless activations are identical at every hook and position: nothing to erase")
+        raise FeatsteerError("the harmful and harmless means coincide at every hook and position, so there is nothing to erase: "
+                             "give harmful and harmless prompts that differ (the same prompts on both sides?)")
     return erasers
 
 

@@ -40,7 +40,7 @@ def orthonormal_basis(direction: Tensor, what: str = "the direction", atol: floa
         weighted: accept orthogonal rows shorter than 1 as given, for a ridge-weighted basis.
 
     Raises:
-        FeatsteerError: NaN/inf, a zero vector, rows longer than 1, rows shorter than 1 (unless `weighted`) or rows that
+        FeatsteerError: NaN/inf, a zero vector (or all-zero rows), rows longer than 1, rows shorter than 1 (unless `weighted`) or rows that
             are not orthogonal (naming the norm of a single vector).
     """
     basis = as_basis(direction)
@@ -50,7 +50,7 @@ def orthonormal_basis(direction: Tensor, what: str = "the direction", atol: floa
     gram = rows @ rows.T
     norms = gram.diagonal().sqrt()
     crossing = float((gram - torch.diag(gram.diagonal())).abs().max()) if rows.shape[0] > 1 else 0.0
-    if rows.shape[0] == 1 and float(norms[0]) == 0:
+    if float(norms.max()) == 0:  # DIM's, the probes' and SVD's "no direction here" (`means_coincide`), one vector or k rows
         raise FeatsteerError(f"{what} is a zero vector: it removes nothing (a layer where the two sets' means coincide?); choose another")
     single = "norm" if rows.shape[0] == 1 else "a row of norm"
     if float(norms.max()) > 1 + atol:

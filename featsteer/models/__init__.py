@@ -28,6 +28,7 @@ from featsteer.models.hookpoints import (
     HookSite,
     hook_name,
     parse_hook_name,
+    stream_point,
 )
 from featsteer.models.loading import default_cache_dir, load_model
 
@@ -58,6 +59,7 @@ __all__ = [
     "hook_name",
     "load_model",
     "parse_hook_name",
+    "stream_point",
     "supported_model_types",
     "weights_fingerprint",
 ]

@@ -74,6 +74,40 @@ class HookSite:
         return (self.layer, _FIRING.index(self.kind))
 
 
+_STREAM_OFFSET = {"resid_pre": 0.0, "ln1_normalized": 0.0, "attn_z": 0.5, "attn_out": 0.5, "resid_mid": 0.5, "ln2_normalized": 0.5,
+                  "router_logits": 0.5, "routing": 0.5, "mlp_out": 1.0, "per_layer_out": 1.0, "resid_post": 1.0}
+"""Where in block l's span of the stream each per-layer kind sits, as an offset from l (see `stream_point`)."""
+_PARALLEL_OFFSET = {"attn_z": 1.0, "attn_out": 1.0, "ln2_normalized": 0.0, "router_logits": 0.0, "routing": 0.0}
+"""The offsets a parallel block changes: both branches read its input and both write into its output."""
+
+
+def stream_point(site: HookSite, n_layers: int, parallel_block: bool = False) -> float:
+    """Where in the residual stream a hook's vectors are read from or its write lands, as block index plus an offset.
+
+    The one measure of depth every consumer shares (the selection's late-layer rule, the probe report's SAE carriers), so
+    they cannot disagree. Block l spans `[l, l + 1]`: its input `resid_pre` (and what its attention norm reads) is at
+    `l`; its attention's write `attn_out` (and `attn_z`, the heads it is made of) lands in `resid_mid`, which its MLP
+    norm reads, at `l + 0.5`; its MLP's write `mlp_out` (and `per_layer_out`) lands in its output `resid_post`, at
+    `l + 1`, which is `resid_pre` of block l + 1. In a parallel block (`ModelAdapter.parallel_block`) both branches read
+    the input (`l`) and both write into the output (`l + 1`). The embeddings sit at 0 and the final norm at `n_layers`.
+
+    Args:
+        site: the parsed hook point (`ModelAdapter.hook_site`).
+        n_layers: the model's decoder layers.
+        parallel_block: whether attention and MLP run side by side on the block's input.
+
+    Returns:
+        The point, e.g. 2.5 for `blocks.2.hook_attn_out` of a sequential block: `floor` gives the block whose input
+        stream holds it (2), `ceil` the first block input after it (3).
+    """
+    if site.kind == "ln_final_normalized":
+        return float(n_layers)
+    if site.layer is None:
+        return 0.0
+    offsets = _STREAM_OFFSET | (_PARALLEL_OFFSET if parallel_block else {})
+    return site.layer + offsets[site.kind]
+
+
 def hook_name(layer: int, kind: str = "resid_pre") -> str:
     """Build the TransformerLens name for a per-layer hook point."""
     if kind not in _SUFFIX:
