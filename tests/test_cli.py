@@ -73,13 +73,13 @@ def _batch_caps(monkeypatch) -> list:
     """The max_batch_tokens of every batch plan the model makes from now on (appended as they are made)."""
     from featsteer.models.adapter import ModelAdapter
 
-    caps, plan = [], ModelAdapter.plan_batches
+    caps, plan = [], ModelAdapter._plan  # plan_batches and token_batches both plan here
 
     def spy(self, instructions, batch_size, max_batch_tokens=None, *rest, **kwargs):
         caps.append(max_batch_tokens)
         return plan(self, instructions, batch_size, max_batch_tokens, *rest, **kwargs)
 
-    monkeypatch.setattr(ModelAdapter, "plan_batches", spy)
+    monkeypatch.setattr(ModelAdapter, "_plan", spy)
     return caps
 
 

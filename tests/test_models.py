@@ -1242,6 +1242,49 @@ def test_plan_batches_rejects_a_token_budget_below_one() -> None:
         model.plan_batches(["a", "b"], batch_size=2, max_batch_tokens=0)
 
 
+def test_a_token_budget_plan_tokenizes_each_prompt_once(llama_adapter, monkeypatch):
+    """A plan with `max_batch_tokens` tokenizes every prompt to learn its length; `generate`, `logits` and `capture` then
+    tokenized each batch again (twice the tokenizer calls). The batches are padded from the plan's ids now, and equal what
+    `tokenize` gives for the same prompts, also with a prefill, without the chat template and with special-token text
+    escaped."""
+    from featsteer.activations import capture
+
+    model = llama_adapter
+    prompts = [*PROMPTS, "four", "a fifth, longer prompt than most of the others"]
+    prefill = [f"Sure {i}" for i in range(len(prompts))]
+    tokenizer_class, tokenizer_call, calls = type(model.tokenizer), type(model.tokenizer).__call__, []
+
+    def counting(self, *args, **kwargs):
+        if self is model.tokenizer:
+            calls.append(args[0] if args else kwargs.get("text"))
+        return tokenizer_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer_class, "__call__", counting)
+    model.tokenize(prompts[:1], chat=False)  # the once-per-tokenizer probe (special tokens appended after a text)
+    runs = {
+        "generate": lambda: model.generate(prompts, max_new_tokens=2, batch_size=2, max_batch_tokens=60),
+        "logits": lambda: model.logits(prompts, batch_size=2, max_batch_tokens=60),
+        "capture": lambda: capture(model, prompts, "blocks.0.hook_resid_pre", batch_size=2, max_batch_tokens=60, progress=False),
+    }
+    for name, run in runs.items():
+        calls.clear()
+        run()
+        assert len(calls) == len(prompts), name
+    prompts.append("say <|user|> twice")  # special-token text, tokenized apart when escaped
+    prefill.append("Sure <|user|>")
+    for escape in (False, True):
+        model.escape_special_tokens = escape
+        for kwargs in ({}, {"prefill": prefill}, {"chat": False}):
+            batches = list(model.token_batches(prompts, 2, 60, **kwargs))
+            assert len(batches) > 2 and sorted(i for rows, _ in batches for i in rows) == list(range(len(prompts)))
+            for rows, batch in batches:
+                chosen = {key: [value[i] for i in rows] for key, value in kwargs.items() if key == "prefill"}
+                expected = model.tokenize([prompts[i] for i in rows], chat=kwargs.get("chat", True), **chosen)
+                for field in ("input_ids", "attention_mask", "n_post_instruction", "n_prefill"):
+                    assert torch.equal(getattr(batch, field), getattr(expected, field)), (escape, kwargs, field)
+    model.escape_special_tokens = False
+
+
 def _attention_weights_alive_in_mlp(adapter, forward) -> list[bool]:
     """Whether the first attention layer's attention probabilities are still alive when its MLP starts, per forward."""
     refs, alive, layer = [], [], adapter.attention_layers[0]  # Qwen3.5's layer 0 is a gated DeltaNet, which has none

@@ -27,7 +27,7 @@ from featsteer.activations.store import NOTHING_CAPTURED, ActivationReader, Acti
 from featsteer.datasets.loaders import prompt_set_hash
 from featsteer.errors import FeatsteerError
 from featsteer.models import ROUTING_KINDS, ModelAdapter, load_model, weights_fingerprint
-from featsteer.models.adapter import DEFAULT_BATCH_TOKENS
+from featsteer.models.adapter import DEFAULT_BATCH_TOKENS, TokenBatch
 from featsteer.models.chat import check_system
 
 logger = logging.getLogger(__name__)
@@ -139,15 +139,15 @@ def capture(
     hook_names = tuple(site.name for site in sites)
     stats: dict[str, RunningMoments] = {}
     limit_fragmentation()  # see featsteer.activations.heap: large temporaries are unmapped when freed
-    batches = adapter.plan_batches(prompts, batch_size, max_batch_tokens, system, chat)
+    batches = adapter.token_batches(prompts, batch_size, max_batch_tokens, system, chat)
     tail = common_tail(adapter, prompts, system, chat) if selector.mode == "post_instruction" else None
     provenance = _provenance(adapter, prompts, source, system, chat, dtype)
     meta = {**_meta(selector, adapter, label, chat, system), "provenance": provenance}
     writer = ShardWriter(stream_to, hook_names, width, meta, shard_rows) if stream_to else None
     collector = _Collector(len(prompts), len(hook_names), width, dtype, one_row_per_prompt=selector.mode in ("last", "mean_last"))
     try:
-        for batch_ids in tqdm(batches, desc="capture", unit="batch", disable=not progress or len(batches) < 4, leave=False):
-            acts, row_prompt, row_pos = _capture_batch(adapter, [prompts[i] for i in batch_ids], sites, selector, system, chat, tail)
+        for batch_ids, batch in tqdm(batches, desc="capture", unit="batch", disable=not progress or len(batches) < 4, leave=False):
+            acts, row_prompt, row_pos = _capture_batch(adapter, batch, sites, selector, tail)
             row_prompt = torch.tensor(batch_ids, dtype=torch.long)[row_prompt]
             _check_finite(acts, hook_names, row_prompt, prompts)
             _update_stats(stats, acts, hook_names, row_pos, selector, covariance)
@@ -221,9 +221,8 @@ def common_tail(adapter: ModelAdapter, prompts: list[str], system: str | None, c
     return min(int(adapter.tokenize([text], system=system, chat=chat).n_post_instruction[0]) for text in prompts)
 
 
-def _capture_batch(adapter: ModelAdapter, texts: list[str], sites, selector: Positions, system, chat,
+def _capture_batch(adapter: ModelAdapter, batch: TokenBatch, sites, selector: Positions,
                    tail: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    batch = adapter.tokenize(texts, system=system, chat=chat)
     row_batch, row_token, row_pos = selector.plan(batch.attention_mask.cpu(), batch.n_post_instruction, tail)
     kept: dict[str, Tensor] = {}
 

@@ -136,8 +136,7 @@ def _site_gradients(model: ModelAdapter, items: list[str], tokens: RefusalTokens
                     max_batch_tokens: int | None, system: str | None = None):
     """Per batch and site: `(site name, activation, gradient of the summed refusal log-odds / len(items))`, both with
     padding positions zeroed."""
-    for rows in model.plan_batches(items, batch_size, max_batch_tokens, system, True):
-        batch = model.tokenize([items[i] for i in rows], system=system)
+    for _rows, batch in model.token_batches(items, batch_size, max_batch_tokens, system, True):
         seen: list[tuple[str, Tensor, Tensor]] = []
 
         def record(x: Tensor, site, seen: list[tuple[str, Tensor, Tensor]] = seen) -> Tensor:

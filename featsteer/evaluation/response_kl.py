@@ -106,10 +106,8 @@ def _scored_logprobs(model: ModelAdapter, prompts: list[str], continuations: lis
                      batch_size: int, prefill: Sequence[str] | None = None) -> Iterator[tuple[int, Tensor]]:
     """Per prompt, its index and `(len(continuation) + 1, vocab)` float64 log-probs predicting the first response token
     and each continuation token's successor (the columns from the prompt's last token, or its prefill's, on). Prompts
-    run in length-sorted batches (`ModelAdapter.plan_batches`), so a long prompt pads only its neighbours."""
-    for indices in model.plan_batches(prompts, batch_size, DEFAULT_BATCH_TOKENS, system, prefill=prefill):
-        batch = model.tokenize([prompts[i] for i in indices], system=system,
-                               prefill=None if prefill is None else [prefill[i] for i in indices])
+    run in length-sorted batches (`ModelAdapter.token_batches`), so a long prompt pads only its neighbours."""
+    for indices, batch in model.token_batches(prompts, batch_size, DEFAULT_BATCH_TOKENS, system, prefill=prefill):
         logits = model.run_continued(batch, [continuations[i] for i in indices])
         for row, i in enumerate(indices):
             rows = logits[row, : len(continuations[i]) + 1].double()

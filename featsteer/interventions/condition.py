@@ -69,8 +69,7 @@ def _pooled(model: ModelAdapter, prompts: Sequence[str], hooks: Sequence[str], p
                 kept[site.name] = pooled.new_empty((len(prompts), pooled.shape[-1]))
             kept[site.name][rows] = pooled
 
-    for rows in model.plan_batches(prompts, batch_size, None, system, True):
-        batch = model.tokenize([prompts[i] for i in rows], system=system)
+    for rows, batch in model.token_batches(prompts, batch_size, None, system, True):
         with model.hooks([(name, lambda x, site, rows=rows: keep(x, site, rows)) for name in hooks]):
             model.run(batch, stop_at=last)
     for name, rows in ((name, rows) for kept in out.values() for name, rows in kept.items()):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -102,6 +102,18 @@ class Generation:
     """Per response, for a harmony model (GPT-OSS): True when no final-channel message came within `max_new_tokens`, so
     the text is its reasoning with the control tokens removed (`featsteer.models.harmony.parse_harmony`); all False for
     other models."""
+
+
+@dataclass(frozen=True)
+class _EncodedPrompts:
+    """Prompts tokenized one by one, before padding (`ModelAdapter._encode_prompts`)."""
+
+    input_ids: list[list[int]]
+    """Each prompt's token ids."""
+    n_post_instruction: list[int]
+    """Each prompt's tokens after the end of its instruction (see `TokenBatch.n_post_instruction`)."""
+    n_prefill: list[int] | None
+    """Each prompt's prefill tokens; None without a prefill."""
 
 
 @dataclass(frozen=True)
@@ -554,6 +566,14 @@ class ModelAdapter(ABC):
                 plain text (None: the adapter's `escape_special_tokens`). Only rows where such text is found are tokenized
                 differently: each text that holds it, and the template's text around it, on their own.
         """
+        encoded = self._encode_prompts(instructions, system, chat, prefill, escape_special_tokens)
+        return self._padded(encoded, range(len(instructions)))
+
+    def _encode_prompts(self, instructions: Sequence[str], system: str | None, chat: bool, prefill: Sequence[str] | None,
+                        escape_special_tokens: bool | None = None, warn: bool = True) -> _EncodedPrompts:
+        """`tokenize` without the padding: each prompt's ids on their own, so a batch plan that needs their lengths and the
+        batches it plans come from one encoding (`_padded`). `warn=False` leaves out the special-text warning (the plan
+        gave it, naming the prompt set)."""
         if not instructions:
             raise FeatsteerError("no prompts to tokenize: pass at least one instruction")
         check_system(system)  # also without the chat template, where a blank one would otherwise pass unseen
@@ -568,7 +588,7 @@ class ModelAdapter(ABC):
             add_special = not formatted[0].uses_chat_template
         else:
             texts, spans, add_special = list(instructions), [(0, len(t)) for t in instructions], True
-        if not escape:
+        if warn and not escape:
             self._warn_special_text(instructions, system if chat else None, prefill)
         plain = self._plain_spans(instructions, texts, spans, system if chat else None, prefill) if escape else [[]] * len(texts)
         template_ends = [len(text) for text in texts]
@@ -588,9 +608,14 @@ class ModelAdapter(ABC):
             n_post.append(sum(1 for start, _ in encoding["offset_mapping"] if start >= end))
             # a token the template's tail and the prefill share (merged across the join) counts as the template's
             n_prefill.append(sum(1 for start, _ in encoding["offset_mapping"] if start >= template_end))
-        batch = self._pad_left(rows, n_post)
-        if prefill is not None:
-            batch.n_prefill = torch.tensor(n_prefill, dtype=torch.long)
+        return _EncodedPrompts(rows, n_post, None if prefill is None else n_prefill)
+
+    def _padded(self, encoded: _EncodedPrompts, indices: Iterable[int]) -> TokenBatch:
+        """The left-padded batch of the encoded prompts at `indices`, in that order."""
+        indices = list(indices)
+        batch = self._pad_left([encoded.input_ids[i] for i in indices], [encoded.n_post_instruction[i] for i in indices])
+        if encoded.n_prefill is not None:
+            batch.n_prefill = torch.tensor([encoded.n_prefill[i] for i in indices], dtype=torch.long)
         return batch
 
     def _plain_spans(self, instructions: Sequence[str], texts: Sequence[str], spans: Sequence[tuple[int, int]], system: str | None,
@@ -750,8 +775,7 @@ class ModelAdapter(ABC):
         come back in input order. `max_batch_tokens` caps a batch's padded tokens (see `generate`).
         """
         out: Tensor | None = None
-        for rows in self.plan_batches(instructions, batch_size, max_batch_tokens, system, True):
-            batch = self.tokenize([instructions[i] for i in rows], system=system)
+        for rows, batch in self.token_batches(instructions, batch_size, max_batch_tokens, system, True):
             logits = self.run(batch, last_only=True)[:, -1, :].float()
             if out is None:
                 out = logits.new_empty((len(instructions), logits.shape[-1]))
@@ -839,13 +863,11 @@ class ModelAdapter(ABC):
         responses: list[str] = [""] * len(instructions)
         token_ids: list[tuple[int, ...]] = [()] * len(instructions)
         first: Tensor | None = None
-        _check_prefill(prefill, instructions)  # before plan_batches indexes it
-        batches = self.plan_batches(instructions, batch_size, max_batch_tokens, system, chat, prefill, label)
+        _check_prefill(prefill, instructions)  # before token_batches indexes it
+        batches = self.token_batches(instructions, batch_size, max_batch_tokens, system, chat, prefill, label)
         stop_set, control = self.stop_token_ids, self.harmony_control_ids()
         reasoning_only = [False] * len(instructions)
-        for rows in tqdm(batches, desc="generate", unit="batch", disable=not self.show_progress or len(batches) < 3, leave=False):
-            batch = self.tokenize([instructions[i] for i in rows], system=system, chat=chat,
-                                  prefill=None if prefill is None else [prefill[i] for i in rows])
+        for rows, batch in tqdm(batches, desc="generate", unit="batch", disable=not self.show_progress or len(batches) < 3, leave=False):
             tokens, logits = self._greedy(batch, max_new_tokens, keep_stop=True)
             for i, row in zip(rows, tokens, strict=True):
                 token_ids[i] = tuple(row)
@@ -873,24 +895,44 @@ class ModelAdapter(ABC):
 
         Every batch has at most `batch_size` rows; with `max_batch_tokens` it also holds at most that many
         padded tokens (a prompt longer than the budget gets a batch of its own). `capture`, `logits` and
-        `generate` batch this way, so a few very long prompts do not pad a whole batch to their length.
-        Special-token text in the prompts, the system prompt or the prefills is warned about here, with the index in
-        `instructions` and `label` (the prompt set's name) when given.
+        `generate` batch this way (through `token_batches`), so a few very long prompts do not pad a whole batch to their
+        length. Special-token text in the prompts, the system prompt or the prefills is warned about here, with the index
+        in `instructions` and `label` (the prompt set's name) when given.
 
         Returns:
             Lists of indices into `instructions`, in the order the batches are run.
         """
+        return self._plan(instructions, batch_size, max_batch_tokens, system, chat, prefill, label)[0]
+
+    def token_batches(
+        self, instructions: Sequence[str], batch_size: int, max_batch_tokens: int | None = None,
+        system: str | None = None, chat: bool = True, prefill: Sequence[str] | None = None, label: str | None = None,
+    ) -> TokenBatches:
+        """`plan_batches` with each batch tokenized as `tokenize` would: iterating gives `(indices, batch)` in the order the
+        batches run, `len()` counts them.
+
+        A plan with `max_batch_tokens` tokenizes every prompt to learn its length; its batches are padded from those ids
+        rather than tokenized again. Without a budget each batch is tokenized when the iteration reaches it.
+        """
+        plan, encoded = self._plan(instructions, batch_size, max_batch_tokens, system, chat, prefill, label)
+        return TokenBatches(self, instructions, plan, encoded, system, chat, prefill)
+
+    def _plan(
+        self, instructions: Sequence[str], batch_size: int, max_batch_tokens: int | None, system: str | None, chat: bool,
+        prefill: Sequence[str] | None, label: str | None,
+    ) -> tuple[list[list[int]], _EncodedPrompts | None]:
+        """`plan_batches`, also returning the prompts' encoding when the plan needed their token lengths (None otherwise)."""
         if batch_size < 1:
             raise FeatsteerError(f"batch_size must be at least 1, got {batch_size}")
         if not self.escape_special_tokens:
             self._warn_special_text(instructions, system if chat else None, prefill, label)  # indices of the whole list
         if max_batch_tokens is None:
-            return _length_batches(instructions, batch_size)
+            return _length_batches(instructions, batch_size), None
         if max_batch_tokens < 1:
             raise FeatsteerError(f"max_batch_tokens must be at least 1 (or None for no cap), got {max_batch_tokens}")
-        lengths = [len(self.tokenize([text], system=system, chat=chat, prefill=None if prefill is None else [prefill[i]]).input_ids[0])
-                   for i, text in enumerate(instructions)]
-        return _token_budget_batches(lengths, batch_size, max_batch_tokens)
+        encoded = self._encode_prompts(instructions, system, chat, prefill, warn=False)
+        lengths = [len(ids) for ids in encoded.input_ids]
+        return _token_budget_batches(lengths, batch_size, max_batch_tokens), encoded
 
     def _greedy(self, batch: TokenBatch, max_new_tokens: int, keep_stop: bool = False) -> tuple[list[list[int]], Tensor]:
         """Greedy tokens per row (cut at the stop token, kept with `keep_stop`) and the float32 logits of the first step."""
@@ -943,6 +985,30 @@ class ModelAdapter(ABC):
             for row, ids in zip(rows, written, strict=True):
                 closed[row] = parse_harmony(harmony_text(self.tokenizer, ids, control)).final_closed
         return closed
+
+
+class TokenBatches:
+    """The batches of a plan (`ModelAdapter.token_batches`): `len()` of them, and iterating gives `(indices, batch)`, each
+    batch padded from the plan's encoding or, when the plan needed none, tokenized as it is reached."""
+
+    def __init__(self, model: ModelAdapter, instructions: Sequence[str], plan: list[list[int]], encoded: _EncodedPrompts | None,
+                 system: str | None, chat: bool, prefill: Sequence[str] | None):
+        self.plan = plan
+        """Lists of indices into the instructions, in the order the batches are run (`ModelAdapter.plan_batches`)."""
+        self._model, self._instructions, self._encoded = model, instructions, encoded
+        self._system, self._chat, self._prefill = system, chat, prefill
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self) -> Iterator[tuple[list[int], TokenBatch]]:
+        for rows in self.plan:
+            if self._encoded is not None:
+                yield rows, self._model._padded(self._encoded, rows)
+            else:
+                prefill = None if self._prefill is None else [self._prefill[i] for i in rows]
+                yield rows, self._model.tokenize([self._instructions[i] for i in rows], system=self._system, chat=self._chat,
+                                                 prefill=prefill)
 
 
 class _CachedStep(TokenBatch):
