@@ -402,6 +402,40 @@ def test_generation_is_batch_invariant(llama_adapter):
     ]
 
 
+def test_a_row_that_ends_its_turn_leaves_the_other_rows_logits_bit_identical(monkeypatch):
+    """A finished row reads on (its outputs dropped) with attention mask 1. Feeding it as masked-out padding instead was
+    tried: in a batch without padding, the first row to finish moves SDPA to its masked kernel, which rounds the other
+    rows' logits differently (up to 5e-6 on the organism), so a row's results would depend on when its neighbours stop."""
+    from featsteer.models.adapter import TokenBatch
+
+    model = load_model("organism")
+    ids = torch.randint(3, 8000, (4, 12), generator=torch.Generator().manual_seed(0))
+    batch, eos = TokenBatch(ids, torch.ones_like(ids)), model.tokenizer.eos_token_id  # rows of one length: no padding
+    forward = model._forward
+
+    def generate(stop_first_row: bool) -> tuple[list[list[int]], list[torch.Tensor]]:
+        seen = []
+
+        def recorded(step, cache, want_cache, keep=0):
+            logits, cache = forward(step, cache, want_cache, keep)
+            seen.append(logits[:, -1].clone())
+            if stop_first_row and model.generation_step == 1:  # row 0 ends its turn at the second token
+                logits = logits.clone()
+                logits[0, -1, eos] = 1e4
+            return logits, cache
+
+        monkeypatch.setattr(model, "_forward", recorded)
+        return model._greedy(batch, 8, keep_stop=True)[0], seen
+
+    (free, free_logits), (stopped, stopped_logits) = generate(False), generate(True)
+    assert len(stopped[0]) == 2 and stopped[0][-1] == eos and len(free[0]) > 2
+    assert stopped[1:] == free[1:] and max(len(row) for row in free[1:]) > 2
+    for step, (a, b) in enumerate(zip(free_logits, stopped_logits, strict=False)):
+        for row in range(1, 4):
+            if len(free[row]) > step:
+                assert torch.equal(a[row], b[row]), (step, row)
+
+
 def test_token_budget_batches_cap_rows_and_padded_tokens():
     from featsteer.models.adapter import _token_budget_batches
 

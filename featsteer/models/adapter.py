@@ -964,6 +964,9 @@ class ModelAdapter(ABC):
                         finished |= self._closed_final_message(generated, next_token, control)
                     if bool(finished.all()):
                         break
+                    # a finished row reads on, unmasked, and its outputs are dropped: masking it out would round the other
+                    # rows differently (SDPA's masked kernel once an unpadded batch has a finished row; an MoE model
+                    # groups the tokens its experts see otherwise), so each row's results would depend on its neighbours
                     fed = next_token.clamp(min=0)[:, None]
                     input_ids = torch.cat([input_ids, fed], 1)
                     mask = torch.cat([mask, torch.ones_like(fed)], 1)
