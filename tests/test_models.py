@@ -436,6 +436,30 @@ def test_a_row_that_ends_its_turn_leaves_the_other_rows_logits_bit_identical(mon
                 assert torch.equal(a[row], b[row]), (step, row)
 
 
+def test_a_finished_row_running_past_a_learned_position_table_leaves_the_batch_going(monkeypatch):
+    """A finished row reads on, so the row with the longest prompt kept counting positions after it ended its turn, and on
+    a learned position table (GPT-2's) the batch failed with "longer than the positions" although every row still
+    generating fitted: whether a prompt could be answered depended on which prompts were batched with it."""
+    model, tokenizer = tiny_model("gpt2")  # 256 positions
+    adapter = load_model(model, tokenizer=tokenizer)
+    long_text, short_text = "x" * 240, "hello"
+    forward = adapter._forward
+
+    def long_row_ends_at_step_1(step, cache, want_cache, keep=0):  # the long prompt's row (batches run longest first)
+        logits, cache = forward(step, cache, want_cache, keep)
+        if adapter.generation_step == 1 and logits.shape[0] == 2:
+            logits = logits.clone()
+            logits[0, -1, tokenizer.eos_token_id] = 1e4
+        return logits, cache
+
+    monkeypatch.setattr(adapter, "_forward", long_row_ends_at_step_1)
+    alone = adapter.generate_with_tokens([short_text], max_new_tokens=30, chat=False, keep_logits=False).token_ids[0]
+    both = adapter.generate_with_tokens([long_text, short_text], max_new_tokens=30, chat=False, batch_size=2, keep_logits=False)
+    assert both.token_ids[1] == alone and len(alone) == 30 and both.token_ids[0][-1] == tokenizer.eos_token_id
+    with pytest.raises(FeatsteerError, match="a sequence of 257 tokens is longer than the 256 positions"):
+        adapter.generate([long_text], max_new_tokens=30, chat=False)  # a row still generating past the table is an error
+
+
 def test_token_budget_batches_cap_rows_and_padded_tokens():
     from featsteer.models.adapter import _token_budget_batches
 

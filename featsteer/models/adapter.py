@@ -971,7 +971,7 @@ class ModelAdapter(ABC):
                     input_ids = torch.cat([input_ids, fed], 1)
                     mask = torch.cat([mask, torch.ones_like(fed)], 1)
                     # backends with a KV cache take only the new token; the others re-read the sequence
-                    step = _CachedStep(fed, mask) if cache is not None else TokenBatch(input_ids, mask)
+                    step = _CachedStep(fed, mask, finished.clone()) if cache is not None else TokenBatch(input_ids, mask)
         finally:
             self.generation_step = self.pass_attention_mask = self.pass_post_instruction = self.pass_prefill = None
         stop_set = set(stop_ids.tolist())
@@ -1015,10 +1015,12 @@ class TokenBatches:
 
 
 class _CachedStep(TokenBatch):
-    """One new token per row, with the attention mask of the whole sequence so far."""
+    """One new token per row, with the attention mask of the whole sequence so far, and which rows have finished (they
+    read on, but their outputs are dropped)."""
 
-    def __init__(self, input_ids: Tensor, attention_mask: Tensor):
+    def __init__(self, input_ids: Tensor, attention_mask: Tensor, finished: Tensor | None = None):
         super().__init__(input_ids, attention_mask)
+        self.finished = finished
 
     @property
     def position_ids(self) -> Tensor:

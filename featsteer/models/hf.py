@@ -385,20 +385,25 @@ class HFModelAdapter(ModelAdapter):
             check_not_bridged(self.model)  # once per generated batch: a bridge booted on the model since it was loaded
 
             cache = DynamicCache(config=self.model.config)
-        if self.spec.pos_embed and batch.position_ids.numel():  # a learned position table has a last row; rotary ones do not
+        position_ids = batch.position_ids
+        finished = getattr(batch, "finished", None)  # a decoding step's finished rows read on, but their outputs are dropped
+        live = position_ids if finished is None else position_ids[~finished.to(position_ids.device)]
+        if self.spec.pos_embed and live.numel():  # a learned position table has a last row; rotary ones do not
             positions = self._module(self.spec.pos_embed).num_embeddings
-            if (length := int(batch.position_ids.max()) + 1) > positions:
+            if (length := int(live.max()) + 1) > positions:
                 raise FeatsteerError(f"a sequence of {length} tokens is longer than the {positions} positions of {self.name}: use shorter "
                                      "prompts (or fewer new tokens)")
-        elif batch.position_ids.numel():
-            self._check_trained_context(int(batch.position_ids.max()) + 1)
+            # a finished row with the longest prompt may run past the table; it changes nothing where none does
+            position_ids = position_ids.clamp(max=positions - 1)
+        elif live.numel():
+            self._check_trained_context(int(live.max()) + 1)
         cache_kwarg = _cache_keyword(type(self.model))
         remove = self._discard_attention_weights()
         try:
             output = self.model(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
+                position_ids=position_ids,
                 use_cache=want_cache,
                 logits_to_keep=self._logits_to_keep(batch, keep) if keep else 0,
                 **{cache_kwarg: cache},
