@@ -1302,10 +1302,12 @@ def test_plan_batches_rejects_a_token_budget_below_one() -> None:
 
 def test_a_token_budget_plan_tokenizes_each_prompt_once(llama_adapter, monkeypatch):
     """A plan with `max_batch_tokens` tokenizes every prompt to learn its length; `generate`, `logits` and `capture` then
-    tokenized each batch again (twice the tokenizer calls). The batches are padded from the plan's ids now, and equal what
+    tokenized each batch again (twice the tokenizer calls; `capture` at post_instruction positions a third time for the
+    common tail). The batches are padded from the plan's ids now, and equal what
     `tokenize` gives for the same prompts, also with a prefill, without the chat template and with special-token text
     escaped."""
     from featsteer.activations import capture
+    from featsteer.activations.capture import common_tail
 
     model = llama_adapter
     prompts = [*PROMPTS, "four", "a fifth, longer prompt than most of the others"]
@@ -1323,11 +1325,14 @@ def test_a_token_budget_plan_tokenizes_each_prompt_once(llama_adapter, monkeypat
         "generate": lambda: model.generate(prompts, max_new_tokens=2, batch_size=2, max_batch_tokens=60),
         "logits": lambda: model.logits(prompts, batch_size=2, max_batch_tokens=60),
         "capture": lambda: capture(model, prompts, "blocks.0.hook_resid_pre", batch_size=2, max_batch_tokens=60, progress=False),
+        "capture post_instruction": lambda: capture(model, prompts, "blocks.0.hook_resid_pre", positions="post_instruction",
+                                                    batch_size=2, max_batch_tokens=60, progress=False),  # its common tail too
     }
     for name, run in runs.items():
         calls.clear()
         run()
         assert len(calls) == len(prompts), name
+    assert min(model.token_batches(prompts, 2, 60).n_post_instruction) == common_tail(model, prompts, None, True)
     prompts.append("say <|user|> twice")  # special-token text, tokenized apart when escaped
     prefill.append("Sure <|user|>")
     for escape in (False, True):

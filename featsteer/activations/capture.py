@@ -140,7 +140,7 @@ def capture(
     stats: dict[str, RunningMoments] = {}
     limit_fragmentation()  # see featsteer.activations.heap: large temporaries are unmapped when freed
     batches = adapter.token_batches(prompts, batch_size, max_batch_tokens, system, chat)
-    tail = common_tail(adapter, prompts, system, chat) if selector.mode == "post_instruction" else None
+    tail = common_tail(adapter, prompts, system, chat, batches.n_post_instruction) if selector.mode == "post_instruction" else None
     provenance = _provenance(adapter, prompts, source, system, chat, dtype)
     meta = {**_meta(selector, adapter, label, chat, system), "provenance": provenance}
     writer = ShardWriter(stream_to, hook_names, width, meta, shard_rows) if stream_to else None
@@ -215,9 +215,14 @@ def _common_width(adapter: ModelAdapter, sites) -> int:
     return width
 
 
-def common_tail(adapter: ModelAdapter, prompts: list[str], system: str | None, chat: bool) -> int:
+def common_tail(adapter: ModelAdapter, prompts: list[str], system: str | None, chat: bool,
+                known: Sequence[int] | None = None) -> int:
     """The number of tokens after the instruction that every prompt has. Where a prompt's last characters merge with the
-    template's first into one token (a trailing space or newline before a plain-text template), it has one fewer."""
+    template's first into one token (a trailing space or newline before a plain-text template), it has one fewer.
+    `known`: each prompt's count already tokenized (`TokenBatches.n_post_instruction`), so the prompts are not tokenized
+    again."""
+    if known is not None:
+        return min(known)
     return min(int(adapter.tokenize([text], system=system, chat=chat).n_post_instruction[0]) for text in prompts)
 
 

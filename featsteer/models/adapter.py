@@ -1004,6 +1004,12 @@ class TokenBatches:
     def __len__(self) -> int:
         return len(self.plan)
 
+    @property
+    def n_post_instruction(self) -> list[int] | None:
+        """Each instruction's tokens after its instruction (`TokenBatch.n_post_instruction`), in input order, when the plan
+        tokenized them for their lengths; None when it did not."""
+        return None if self._encoded is None else list(self._encoded.n_post_instruction)
+
     def __iter__(self) -> Iterator[tuple[list[int], TokenBatch]]:
         for rows in self.plan:
             if self._encoded is not None:
