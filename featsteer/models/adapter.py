@@ -13,7 +13,7 @@ import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -27,8 +27,11 @@ from featsteer.models.chat import (
     special_token_texts,
 )
 from featsteer.models.harmony import (
+    ANSWER_OPENING,
     CONTROL_TOKENS,
     END,
+    HARMONY_OPENINGS,
+    MIN_REASONING_TOKENS,
     TURN_ENDS,
     harmony_text,
     is_harmony_vocab,
@@ -174,6 +177,11 @@ class ModelAdapter(ABC):
     text, not as that token. Off (the default), it becomes the token, as `apply_chat_template` makes it, and a prompt can
     end its turn and start others; `tokenize` then logs a warning, once per text, naming it. The template's own special
     tokens are never escaped."""
+    harmony_opening: str = "final"
+    """For a harmony model (GPT-OSS): "final" ends the prompts that first-token measures and capture read with
+    `<|channel|>final<|message|>` (`answer_opening`), where a direct answer's first token comes next, while generation
+    starts at the template's `<|start|>assistant` and reasons first; "none" reads every prompt at `<|start|>assistant`,
+    where the model always writes `<|channel|>` next (the raw behaviour). No effect on other models."""
     show_progress: bool = True
     """Whether `generate`, `capture`, the direction selection and the direction optimiser show progress bars (set False
     for quiet scripts and notebooks; `capture` and `select_direction` take an explicit `progress=` too)."""
@@ -366,6 +374,27 @@ class ModelAdapter(ABC):
             return None
         return {int(vocab[token]): token for token in CONTROL_TOKENS if token in vocab}
 
+    @property
+    def is_harmony(self) -> bool:
+        """True for a tokenizer of the harmony format (GPT-OSS), worked out once per tokenizer (every tokenized batch asks)."""
+        known = getattr(self, "_harmony_for", None)
+        if known is None or known[0] is not self.tokenizer:
+            known = self._harmony_for = (self.tokenizer, is_harmony_vocab(self.tokenizer.get_vocab()))
+        return known[1]
+
+    def answer_opening(self) -> str:
+        """The text appended to a chat-formatted prompt so that it ends where the answer starts: `<|channel|>final<|message|>`
+        for a harmony model with `harmony_opening` "final", empty otherwise (every other model's generation prompt already
+        ends there).
+
+        Raises:
+            FeatsteerError: `harmony_opening` is not "final" or "none".
+        """
+        if self.harmony_opening not in HARMONY_OPENINGS:
+            raise FeatsteerError(f"harmony_opening must be 'final' or 'none', got {self.harmony_opening!r} "
+                                 "(CLI: --harmony-opening final|none)")
+        return ANSWER_OPENING if self.harmony_opening == "final" and self.is_harmony else ""
+
     def _declared_stop_ids(self) -> set[int]:
         """The end-of-sequence ids the model's own generation settings declare; none by default (backends without them)."""
         return set()
@@ -490,9 +519,34 @@ class ModelAdapter(ABC):
             (self.generation_step, self.generation_prompt_length, self.pass_attention_mask, self.pass_post_instruction,
              self.pass_prefill) = state
 
-    def format_prompts(self, instructions: Sequence[str], system: str | None = None) -> list[FormattedPrompt]:
-        """Render instructions through the chat template (see `featsteer.models.chat`)."""
-        return [format_instruction(self.tokenizer, text, system) for text in instructions]
+    def format_prompts(self, instructions: Sequence[str], system: str | None = None, *,
+                       for_generation: bool | Sequence[bool] = False) -> list[FormattedPrompt]:
+        """Render instructions through the chat template (see `featsteer.models.chat`), each ending where the answer's
+        first token comes next: the one place the prompts every first-token measure and capture read are made.
+
+        For a harmony model (GPT-OSS) that is after `answer_opening()` (`<|channel|>final<|message|>`), appended to the
+        template's generation prompt; every other model's prompt is the template's text unchanged.
+
+        Args:
+            instructions: raw user instructions.
+            system: optional system prompt.
+            for_generation: True (or one flag per instruction) for the prompt generation starts from, the template's own
+                generation prompt (a harmony model then reasons before it answers); what generated token ids are read
+                after.
+
+        Returns:
+            One formatted prompt per instruction.
+        """
+        formatted = [format_instruction(self.tokenizer, text, system) for text in instructions]
+        opening = self.answer_opening()
+        if not opening:
+            return formatted
+        flags = [for_generation] * len(formatted) if isinstance(for_generation, bool) else list(for_generation)
+        if len(flags) != len(formatted):
+            raise FeatsteerError(f"got {len(flags)} for_generation flags for {len(formatted)} prompts: give one per prompt")
+        # a template whose generation prompt already holds the opening (a "no reasoning" variant) gets it once
+        return [prompt if generation or not prompt.uses_chat_template or prompt.text.endswith(opening)
+                else replace(prompt, text=prompt.text + opening) for prompt, generation in zip(formatted, flags, strict=True)]
 
     def special_text(self, instructions: Sequence[str]) -> list[tuple[int, list[str]]]:
         """The instructions whose text the tokenizer reads as special tokens: `(index, [token text, ...])` for each.
@@ -538,7 +592,8 @@ class ModelAdapter(ABC):
                        len(fresh), named, more)
 
     def tokenize(self, instructions: Sequence[str], *, system: str | None = None, chat: bool = True,
-                 prefill: Sequence[str] | None = None, escape_special_tokens: bool | None = None) -> TokenBatch:
+                 prefill: Sequence[str] | None = None, escape_special_tokens: bool | None = None,
+                 for_generation: bool | Sequence[bool] = False) -> TokenBatch:
         """Format (optionally) and tokenize a batch of instructions with left padding.
 
         Without the chat template's own special tokens (raw text, the plain-text fallback template) the tokenizer adds its
@@ -553,6 +608,8 @@ class ModelAdapter(ABC):
             escape_special_tokens: tokenize special-token text inside an instruction, the system prompt or a prefill as
                 plain text (None: the adapter's `escape_special_tokens`). Only rows where such text is found are tokenized
                 differently: each text that holds it, and the template's text around it, on their own.
+            for_generation: True (or one flag per instruction) for the prompt generation starts from (`format_prompts`);
+                with a prefill a harmony prompt always ends at `answer_opening()`, since the prefill is the answer's start.
         """
         if not instructions:
             raise FeatsteerError("no prompts to tokenize: pass at least one instruction")
@@ -562,7 +619,7 @@ class ModelAdapter(ABC):
         _check_prefill(prefill, instructions)
         escape = self.escape_special_tokens if escape_special_tokens is None else escape_special_tokens
         if chat:
-            formatted = self.format_prompts(instructions, system)
+            formatted = self.format_prompts(instructions, system, for_generation=False if prefill is not None else for_generation)
             texts = [f.text for f in formatted]
             spans = [(f.instruction_start, f.instruction_end) for f in formatted]
             add_special = not formatted[0].uses_chat_template
@@ -744,7 +801,8 @@ class ModelAdapter(ABC):
         self, instructions: Sequence[str], *, system: str | None = None, batch_size: int = 16,
         max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
     ) -> Tensor:
-        """Next-token logits `(n, vocab)` at the end of each chat-formatted instruction (float32).
+        """Next-token logits `(n, vocab)` at the end of each chat-formatted instruction (float32): the answer's first token
+        (for a harmony model after `answer_opening()`, see `format_prompts`).
 
         Instructions are batched in length order (so a long prompt pads only its neighbours), and the rows
         come back in input order. `max_batch_tokens` caps a batch's padded tokens (see `generate`).
@@ -828,9 +886,11 @@ class ModelAdapter(ABC):
         response (its NLL, the KL along it) read these. `label` names the prompt set in a warning about special-token
         text ("harmful prompt 2").
 
-        For a harmony tokenizer (GPT-OSS, `harmony_control_ids`) the ids hold the whole turn, reasoning included, and the
-        text is only its final channel's message; a response with no final message within `max_new_tokens` keeps its
-        reasoning as the text, is flagged in `Generation.reasoning_only` and counted in a logged warning.
+        For a harmony tokenizer (GPT-OSS, `harmony_control_ids`) generation starts at the template's `<|start|>assistant`
+        (`format_prompts(for_generation=True)`; after `answer_opening()` with a prefill), the ids hold the whole turn,
+        reasoning included, and the text is only its final channel's message; a response with no final message within
+        `max_new_tokens` keeps its reasoning as the text, is flagged in `Generation.reasoning_only` and counted in a logged
+        warning. The first-token logits are then read at the answer's start (`logits`), one more prompt pass per batch.
         """
         from tqdm.auto import tqdm
 
@@ -840,13 +900,19 @@ class ModelAdapter(ABC):
         token_ids: list[tuple[int, ...]] = [()] * len(instructions)
         first: Tensor | None = None
         _check_prefill(prefill, instructions)  # before plan_batches indexes it
-        batches = self.plan_batches(instructions, batch_size, max_batch_tokens, system, chat, prefill, label)
+        batches = self.plan_batches(instructions, batch_size, max_batch_tokens, system, chat, prefill, label, for_generation=True)
         stop_set, control = self.stop_token_ids, self.harmony_control_ids()
+        if control is not None and prefill is None:
+            self._warn_short_reasoning_budget(max_new_tokens)
+        score_apart = keep_logits and chat and prefill is None and bool(self.answer_opening())
         reasoning_only = [False] * len(instructions)
         for rows in tqdm(batches, desc="generate", unit="batch", disable=not self.show_progress or len(batches) < 3, leave=False):
             batch = self.tokenize([instructions[i] for i in rows], system=system, chat=chat,
-                                  prefill=None if prefill is None else [prefill[i] for i in rows])
+                                  prefill=None if prefill is None else [prefill[i] for i in rows], for_generation=True)
             tokens, logits = self._greedy(batch, max_new_tokens, keep_stop=True)
+            if score_apart:  # the generation prompt stops before the answer opening: read the answer's first token there
+                scored = self.tokenize([instructions[i] for i in rows], system=system)
+                logits = self.run(scored, last_only=True)[:, -1, :].float().cpu()
             for i, row in zip(rows, tokens, strict=True):
                 token_ids[i] = tuple(row)
                 if control is None:
@@ -865,9 +931,19 @@ class ModelAdapter(ABC):
                            f"{label} " if label else "", max_new_tokens)
         return Generation(responses, token_ids, first, tuple(reasoning_only))
 
+    def _warn_short_reasoning_budget(self, max_new_tokens: int) -> None:
+        """Warn once per adapter that a harmony model given fewer than `MIN_REASONING_TOKENS` new tokens mostly stops
+        inside its reasoning, before its final answer."""
+        if max_new_tokens >= MIN_REASONING_TOKENS or self.__dict__.get("_short_budget_warned"):
+            return
+        self._short_budget_warned = True
+        logger.warning("max_new_tokens=%d is short for a harmony model (GPT-OSS), which reasons before it answers: most "
+                       "responses will have no final answer; use --max-new-tokens %d or more", max_new_tokens, MIN_REASONING_TOKENS)
+
     def plan_batches(
         self, instructions: Sequence[str], batch_size: int, max_batch_tokens: int | None = None,
         system: str | None = None, chat: bool = True, prefill: Sequence[str] | None = None, label: str | None = None,
+        for_generation: bool | Sequence[bool] = False,
     ) -> list[list[int]]:
         """Group prompt indices into forward batches, longest prompts first.
 
@@ -875,7 +951,8 @@ class ModelAdapter(ABC):
         padded tokens (a prompt longer than the budget gets a batch of its own). `capture`, `logits` and
         `generate` batch this way, so a few very long prompts do not pad a whole batch to their length.
         Special-token text in the prompts, the system prompt or the prefills is warned about here, with the index in
-        `instructions` and `label` (the prompt set's name) when given.
+        `instructions` and `label` (the prompt set's name) when given. `for_generation` (one flag, or one per instruction)
+        picks the prompts measured as `tokenize` does.
 
         Returns:
             Lists of indices into `instructions`, in the order the batches are run.
@@ -888,7 +965,9 @@ class ModelAdapter(ABC):
             return _length_batches(instructions, batch_size)
         if max_batch_tokens < 1:
             raise FeatsteerError(f"max_batch_tokens must be at least 1 (or None for no cap), got {max_batch_tokens}")
-        lengths = [len(self.tokenize([text], system=system, chat=chat, prefill=None if prefill is None else [prefill[i]]).input_ids[0])
+        flags = [for_generation] * len(instructions) if isinstance(for_generation, bool) else list(for_generation)
+        lengths = [len(self.tokenize([text], system=system, chat=chat, prefill=None if prefill is None else [prefill[i]],
+                                     for_generation=flags[i]).input_ids[0])
                    for i, text in enumerate(instructions)]
         return _token_budget_batches(lengths, batch_size, max_batch_tokens)
 
