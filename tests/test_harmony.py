@@ -186,6 +186,30 @@ def test_first_token_measures_read_the_logits_after_the_answer_opening(harmony_a
     assert not torch.allclose(result.first_logprobs[0], at_header, atol=1e-3)
 
 
+def test_teacher_forced_responses_follow_the_prompt_they_were_written_after(harmony_adapter):
+    from featsteer.evaluation.metrics import response_cross_entropy
+    from featsteer.evaluation.response_kl import response_base
+
+    adapter, tokenizer = harmony_adapter, harmony_adapter.tokenizer
+    header = OPENED.removesuffix("<|channel|>final<|message|>")
+    turn = _script(tokenizer, "<|channel|>final<|message|>Ok")  # generated ids: a whole turn, after <|start|>assistant
+
+    def nll_by_hand(prompt: str, response: list[int]) -> float:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            logits = adapter.model(input_ids=torch.tensor([ids + response])).logits[0, len(ids) - 1 : -1].double()
+        return float(-torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None]).mean())
+
+    assert response_cross_entropy(adapter, ["bake bread"], [turn]).mean_nll == pytest.approx(nll_by_hand(header, turn), abs=1e-6)
+    answer = _script(tokenizer, "Ok")  # a text is an answer: read after the opening
+    assert response_cross_entropy(adapter, ["bake bread"], ["Ok"]).mean_nll == pytest.approx(nll_by_hand(OPENED, answer), abs=1e-6)
+    base = response_base(adapter, ["bake bread", "bake bread"], [turn, "Ok"], top_k=None)
+    assert base.generated == (True, False)
+    for row, prompt in enumerate((header, OPENED)):
+        expected = torch.log_softmax(_last_logits(adapter, prompt).double(), -1).sort(descending=True).values
+        assert torch.allclose(base.top_logprobs[row][0], expected, atol=1e-5)
+
+
 def test_harmony_opening_none_restores_the_generation_prompt_everywhere():
     from featsteer.errors import FeatsteerError
     from featsteer.models.chat import format_instruction
