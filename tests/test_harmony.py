@@ -276,3 +276,18 @@ def test_cli_harmony_opening_switches_the_scored_prompt(tmp_path, capsys):
     assert main(["info", "--model", str(tmp_path), "--prompt", "bake bread", "--harmony-opening", "none"]) == 0
     out = capsys.readouterr().out
     assert f"prompt    {header!r}" in out and "generate" not in out
+
+
+def test_what_acts_while_generating_is_fitted_on_the_prompt_generation_starts_from(harmony_adapter):
+    from featsteer.edits.tokens import template_tokens
+    from featsteer.interventions import prompt_means
+
+    adapter, tokenizer = harmony_adapter, harmony_adapter.tokenizer
+    header = OPENED.removesuffix("<|channel|>final<|message|>")
+    ids = tokenizer(header, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        hidden = adapter.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0, -1].float()
+    pooled = prompt_means(adapter, ["bake bread"], ["blocks.0.hook_resid_post"], pool="last")["blocks.0.hook_resid_post"]
+    assert torch.allclose(pooled[0], hidden, atol=1e-5)  # the conditional-steering gate pools this prompt while generating
+    own = template_tokens(adapter, ["bake bread", "hi"], n=10)  # <|channel|> is written again in every generated message
+    assert own and tokenizer.convert_tokens_to_ids("<|channel|>") not in own
