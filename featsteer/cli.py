@@ -31,10 +31,12 @@ parses without importing torch)."""
 def _load_model(args: argparse.Namespace, spec: str | None = None):
     """The model a command names (`--model`, or `spec`), with the command's `--dtype` and `--device`; its progress bars
     (capture, generation, selection, the optimiser) show on a terminal or with `-v`, and stay out of redirected output
-    (a log file, a pipe) without `-v`; `--escape-special` tokenizes special-token text in prompts (system prompt, prefill) as plain text."""
+    (a log file, a pipe) without `-v`; `--escape-special` tokenizes special-token text in prompts (system prompt, prefill) as plain text;
+    `--harmony-opening` picks the prompt a harmony model's first-token measures read."""
     from featsteer.models import load_model
 
-    model = load_model(args.model if spec is None else spec, dtype=args.dtype, device=args.device)
+    model = load_model(args.model if spec is None else spec, dtype=args.dtype, device=args.device,
+                       harmony_opening=getattr(args, "harmony_opening", "final"))
     model.show_progress = bool(getattr(args, "verbose", False)) or sys.stderr.isatty()
     model.escape_special_tokens = bool(getattr(args, "escape_special", False))
     return model
@@ -83,6 +85,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"{'notes' if i == 0 else '':<10}{note}")
     if args.prompt:
         print(f"prompt    {model.format_prompts([args.prompt], args.system)[0].text!r}")
+        if model.answer_opening():
+            print(f"generate  {model.format_prompts([args.prompt], args.system, for_generation=True)[0].text!r}")
     return 0
 
 
@@ -1887,6 +1891,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--escape-special", action="store_true",
                        help="tokenize special-token text inside a prompt, the system prompt or a prefill ('<|im_end|>') as "
                             "plain text, not as the token that would end the turn (without it such texts get a warning)")
+        p.add_argument("--harmony-opening", choices=("final", "none"), default="final",
+                       help="harmony models (GPT-OSS) only: 'final' (default) ends the prompts that first-token measures and "
+                            "capture read with <|channel|>final<|message|>, where the answer starts; 'none' reads them at "
+                            "<|start|>assistant, where the model always writes <|channel|> next (generation starts there either way)")
 
     info = sub.add_parser("info", help="describe a model: family, layers, hook points, chat format")
     add_model_args(info)

@@ -144,3 +144,150 @@ def test_non_harmony_generation_is_unchanged():
                 for ids in generated.token_ids]
     assert generated.texts == expected and generated.reasoning_only == (False, False)
     assert torch.equal(torch.tensor(sorted(stop)), torch.tensor(sorted(load_model("tiny:llama").stop_token_ids)))
+
+
+# ---- the prompt first-token measures read: at the answer's start, after <|channel|>final<|message|> ----------------
+OPENED = "<|start|>user<|message|>bake bread<|end|><|start|>assistant<|channel|>final<|message|>"
+
+
+def _last_logits(adapter, text: str) -> torch.Tensor:
+    """The model's next-token logits after `text`, computed without featsteer's formatting."""
+    ids = torch.tensor([adapter.tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode():
+        return adapter.model(input_ids=ids).logits[0, -1].float()
+
+
+def test_scored_prompts_end_at_the_answer_opening_and_generation_at_the_assistant_header(harmony_adapter):
+    adapter, tokenizer = harmony_adapter, harmony_adapter.tokenizer
+    assert adapter.format_prompts(["bake bread"])[0].text == OPENED
+    assert adapter.format_prompts(["bake bread"], for_generation=True)[0].text == OPENED.removesuffix("<|channel|>final<|message|>")
+    batch = adapter.tokenize(["bake bread", "hi"])
+    assert int(batch.input_ids[0, -1]) == tokenizer.convert_tokens_to_ids("<|message|>")  # DIM's position -1
+    assert batch.input_ids[0].tolist() == tokenizer(OPENED, add_special_tokens=False)["input_ids"]
+    prefilled = adapter.tokenize(["bake bread"], prefill=["Sure"], for_generation=True)  # a prefill is the answer's start
+    assert prefilled.input_ids[0].tolist() == tokenizer(OPENED + "Sure", add_special_tokens=False)["input_ids"]
+
+
+def test_first_token_measures_read_the_logits_after_the_answer_opening(harmony_adapter):
+    from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, refusal_score
+
+    adapter = harmony_adapter
+    by_hand = _last_logits(adapter, OPENED)
+    assert torch.allclose(adapter.logits(["bake bread"])[0], by_hand, atol=1e-5)
+    expected = torch.log_softmax(by_hand.double(), -1).float()
+    assert torch.allclose(first_token_logprobs(adapter, ["bake bread"])[0], expected, atol=1e-5)
+    tokens = RefusalTokens.for_tokenizer(adapter.tokenizer)
+    assert torch.allclose(refusal_score(first_token_logprobs(adapter, ["bake bread"]), tokens),
+                          refusal_score(expected[None], tokens), atol=1e-5)
+    # the first-token log-probs eval keeps (first-token KL) are read there too, not where generation starts
+    result = evaluate_set(adapter, ["bake bread"], "harmless", GenerationConfig(max_new_tokens=2), RefusalDetector(), keep_logprobs=True)
+    assert torch.allclose(result.first_logprobs[0], expected, atol=1e-5)
+    at_header = torch.log_softmax(_last_logits(adapter, OPENED.removesuffix("<|channel|>final<|message|>")).double(), -1).float()
+    assert not torch.allclose(result.first_logprobs[0], at_header, atol=1e-3)
+
+
+def test_teacher_forced_responses_follow_the_prompt_they_were_written_after(harmony_adapter):
+    from featsteer.evaluation.metrics import response_cross_entropy
+    from featsteer.evaluation.response_kl import response_base
+
+    adapter, tokenizer = harmony_adapter, harmony_adapter.tokenizer
+    header = OPENED.removesuffix("<|channel|>final<|message|>")
+    turn = _script(tokenizer, "<|channel|>final<|message|>Ok")  # generated ids: a whole turn, after <|start|>assistant
+
+    def nll_by_hand(prompt: str, response: list[int]) -> float:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            logits = adapter.model(input_ids=torch.tensor([ids + response])).logits[0, len(ids) - 1 : -1].double()
+        return float(-torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None]).mean())
+
+    assert response_cross_entropy(adapter, ["bake bread"], [turn]).mean_nll == pytest.approx(nll_by_hand(header, turn), abs=1e-6)
+    answer = _script(tokenizer, "Ok")  # a text is an answer: read after the opening
+    assert response_cross_entropy(adapter, ["bake bread"], ["Ok"]).mean_nll == pytest.approx(nll_by_hand(OPENED, answer), abs=1e-6)
+    base = response_base(adapter, ["bake bread", "bake bread"], [turn, "Ok"], top_k=None)
+    assert base.generated == (True, False)
+    for row, prompt in enumerate((header, OPENED)):
+        expected = torch.log_softmax(_last_logits(adapter, prompt).double(), -1).sort(descending=True).values
+        assert torch.allclose(base.top_logprobs[row][0], expected, atol=1e-5)
+
+
+def test_harmony_opening_none_restores_the_generation_prompt_everywhere():
+    from featsteer.errors import FeatsteerError
+    from featsteer.models.chat import format_instruction
+
+    model, tokenizer = tiny_model("gpt_oss", harmony=True)
+    raw = load_model(model, tokenizer=tokenizer, harmony_opening="none")
+    header = format_instruction(tokenizer, "bake bread").text
+    assert raw.format_prompts(["bake bread"])[0].text == header == OPENED.removesuffix("<|channel|>final<|message|>")
+    assert raw.tokenize(["bake bread"]).input_ids[0].tolist() == tokenizer(header, add_special_tokens=False)["input_ids"]
+    assert torch.allclose(raw.logits(["bake bread"])[0], _last_logits(raw, header), atol=1e-5)
+    with pytest.raises(FeatsteerError, match="harmony_opening must be 'final' or 'none', got 'analysis'"):
+        load_model(model, tokenizer=tokenizer, harmony_opening="analysis")
+
+
+@pytest.mark.parametrize("spec", ["tiny:llama", "tiny:gpt2", "organism"])
+def test_non_harmony_prompts_are_the_templates_text_unchanged(spec):
+    from featsteer.models.chat import format_instruction
+
+    adapter = load_model(spec)
+    assert adapter.answer_opening() == "" and not adapter.is_harmony
+    for system in (None, "Be brief."):
+        expected = format_instruction(adapter.tokenizer, "bake bread", system)
+        assert adapter.format_prompts(["bake bread"], system)[0] == expected
+        assert adapter.format_prompts(["bake bread"], system, for_generation=True)[0] == expected
+        assert torch.equal(adapter.tokenize(["bake bread"], system=system).input_ids,
+                           adapter.tokenize(["bake bread"], system=system, for_generation=True).input_ids)
+
+
+def test_a_short_budget_on_a_harmony_model_is_warned_about_once(harmony_adapter, caplog):
+    model, tokenizer = tiny_model("gpt_oss", harmony=True)
+    adapter = load_model(model, tokenizer=tokenizer)
+    with caplog.at_level("WARNING", logger="featsteer.models.adapter"):
+        adapter.generate(["hi"], max_new_tokens=3)
+        adapter.generate(["hi"], max_new_tokens=4)
+    lines = [r.getMessage() for r in caplog.records if "is short for a harmony model" in r.getMessage()]
+    assert lines == ["max_new_tokens=3 is short for a harmony model (GPT-OSS), which reasons before it answers: most responses "
+                     "will have no final answer; use --max-new-tokens 256 or more"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="featsteer.models.adapter"):
+        load_model("tiny:llama").generate(["hi"], max_new_tokens=3)
+        load_model(model, tokenizer=tokenizer).generate(["hi"], max_new_tokens=3, prefill=["Sure"])  # answers directly
+    assert "is short for a harmony model" not in caplog.text
+
+
+def test_loading_a_harmony_model_says_which_prompt_is_read(caplog):
+    model, tokenizer = tiny_model("gpt_oss", harmony=True)
+    with caplog.at_level("INFO", logger="featsteer.models.loading"):
+        load_model(model, tokenizer=tokenizer)
+        load_model("tiny:llama")
+    lines = [r.getMessage() for r in caplog.records if "harmony" in r.getMessage()]
+    assert len(lines) == 1 and "read prompts ending in <|start|>assistant<|channel|>final<|message|>" in lines[0]
+
+
+def test_cli_harmony_opening_switches_the_scored_prompt(tmp_path, capsys):
+    from featsteer.cli import main
+
+    model, tokenizer = tiny_model("gpt_oss", harmony=True)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert main(["info", "--model", str(tmp_path), "--prompt", "bake bread"]) == 0
+    out = capsys.readouterr().out
+    header = OPENED.removesuffix("<|channel|>final<|message|>")
+    assert f"prompt    {OPENED!r}" in out and f"generate  {header!r}" in out
+    assert main(["info", "--model", str(tmp_path), "--prompt", "bake bread", "--harmony-opening", "none"]) == 0
+    out = capsys.readouterr().out
+    assert f"prompt    {header!r}" in out and "generate" not in out
+
+
+def test_what_acts_while_generating_is_fitted_on_the_prompt_generation_starts_from(harmony_adapter):
+    from featsteer.edits.tokens import template_tokens
+    from featsteer.interventions import prompt_means
+
+    adapter, tokenizer = harmony_adapter, harmony_adapter.tokenizer
+    header = OPENED.removesuffix("<|channel|>final<|message|>")
+    ids = tokenizer(header, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        hidden = adapter.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0, -1].float()
+    pooled = prompt_means(adapter, ["bake bread"], ["blocks.0.hook_resid_post"], pool="last")["blocks.0.hook_resid_post"]
+    assert torch.allclose(pooled[0], hidden, atol=1e-5)  # the conditional-steering gate pools this prompt while generating
+    own = template_tokens(adapter, ["bake bread", "hi"], n=10)  # <|channel|> is written again in every generated message
+    assert own and tokenizer.convert_tokens_to_ids("<|channel|>") not in own

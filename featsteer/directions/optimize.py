@@ -246,6 +246,10 @@ class _Targets:
     """Chat-formatted prompt tokens per row, counted once when the targets are made (for the token budget)."""
     system: str | None = None
     """The system prompt the prompts are formatted with: the direction result's (`DirectionResult.system`)."""
+    generated: bool = True
+    """The tokens are what generation wrote, read after the prompt it started from; False for an affirmative opening's
+    tokens or none (the refusal loss's first token), read where the answer starts (`ModelAdapter.format_prompts`; the two
+    differ only for a harmony model, GPT-OSS)."""
 
 
 def optimize_direction(model: ModelAdapter, result: DirectionResult, config: OptimizeConfig | None = None) -> OptimizedDirection:
@@ -406,7 +410,7 @@ def _make_targets(model: ModelAdapter, start: Tensor, hook: str, scale: float, h
     targets: dict[str, _Targets] = {}
     if config.ablation_targets == "affirm":
         openings = [_text_tokens(model, affirmative_opening(p), config.target_tokens) for p in harmful]
-        targets["ablation"] = _kept(model, harmful, openings, [True] * len(harmful), system)
+        targets["ablation"] = _kept(model, harmful, openings, [True] * len(harmful), system, generated=False)
     else:
         with steer(model, Ablate(start)):
             answers = _generated(model, harmful, config, system)
@@ -417,7 +421,7 @@ def _make_targets(model: ModelAdapter, start: Tensor, hook: str, scale: float, h
     answers = _generated(model, harmless, config, system)
     targets["retain"] = _kept(model, harmless, answers.token_ids, [True] * len(harmless), system)
     read = harmful if config.refusal_weight > 0 else []  # no target tokens: the loss reads the first response token
-    targets["refusal"] = _Targets(tuple(read), tuple(() for _ in read), _prompt_lengths(model, read, system), system)
+    targets["refusal"] = _Targets(tuple(read), tuple(() for _ in read), _prompt_lengths(model, read, system, False), system, False)
     return targets
 
 
@@ -435,15 +439,17 @@ def _said(answer: str) -> bool:
 
 
 def _kept(model: ModelAdapter, prompts: Sequence[str], answers: Sequence[Sequence[int]], keep: Sequence[bool],
-          system: str | None = None) -> _Targets:
+          system: str | None = None, generated: bool = True) -> _Targets:
     rows = [(p, tuple(int(t) for t in a)) for p, a, k in zip(prompts, answers, keep, strict=True) if k]
     rows = [(p, t) for p, t in rows if t]  # an answer of no token teaches nothing
-    return _Targets(tuple(p for p, _ in rows), tuple(t for _, t in rows), _prompt_lengths(model, [p for p, _ in rows], system), system)
+    lengths = _prompt_lengths(model, [p for p, _ in rows], system, generated)
+    return _Targets(tuple(p for p, _ in rows), tuple(t for _, t in rows), lengths, system, generated)
 
 
-def _prompt_lengths(model: ModelAdapter, prompts: Sequence[str], system: str | None = None) -> tuple[int, ...]:
-    """Chat-formatted token count of each prompt (counted once, for the token budget)."""
-    return tuple(len(model.tokenize([p], system=system).input_ids[0]) for p in prompts)
+def _prompt_lengths(model: ModelAdapter, prompts: Sequence[str], system: str | None = None,
+                    generated: bool = True) -> tuple[int, ...]:
+    """Chat-formatted token count of each prompt as its targets read it (counted once, for the token budget)."""
+    return tuple(len(model.tokenize([p], system=system, for_generation=generated).input_ids[0]) for p in prompts)
 
 
 def _text_tokens(model: ModelAdapter, text: str, max_tokens: int) -> tuple[int, ...]:
@@ -458,7 +464,8 @@ def _teacher_forced(model: ModelAdapter, targets: _Targets, picked: list[int]) -
     """Logits (with autograd) of the picked prompts followed by their target tokens, from each prompt's last token on:
     column `j` of row `r` predicts target token `j` of `picked[r]`."""
     prompts = [targets.prompts[i] for i in picked]
-    return model.run_continued(model.tokenize(prompts, system=targets.system), [targets.tokens[i] for i in picked], grad=True)
+    batch = model.tokenize(prompts, system=targets.system, for_generation=targets.generated)
+    return model.run_continued(batch, [targets.tokens[i] for i in picked], grad=True)
 
 
 def _cross_entropy(logits: Tensor, targets: _Targets, picked: list[int]) -> Tensor:
@@ -488,7 +495,7 @@ def _retain_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, pick
     of those counted `first_weight` times."""
     prompts = [targets.prompts[i] for i in picked]
     continuations = [targets.tokens[i][:-1] for i in picked]
-    batch = model.tokenize(prompts, system=targets.system)
+    batch = model.tokenize(prompts, system=targets.system, for_generation=targets.generated)
     # the unedited pass is repeated whenever a prompt is drawn again: keeping every retain prompt's full-vocabulary
     # distributions instead would hold about 1.2 GB for Qwen's 151k-token vocabulary (128 prompts x 16 positions)
     base = model.run_continued(batch, continuations).double()

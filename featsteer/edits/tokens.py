@@ -58,7 +58,9 @@ def template_tokens(model: ModelAdapter, prompts: Sequence[str], n: int = 1, sys
     if not model.format_prompts(prompts[:1])[0].uses_chat_template:
         raise FeatsteerError(f"{model.name} has no chat template, so no token marks the end of a prompt: add the vector at runtime "
                              "(featsteer steer --mode add) or give the tokens yourself")
-    batch = model.tokenize(prompts, system=system)
+    # the prompt generation starts from: a harmony model's answer opening (<|channel|>final<|message|>) is written again
+    # in every message it generates, so its tokens are no template's own
+    batch = model.tokenize(prompts, system=system, for_generation=True)
     tails, elsewhere = [], set()
     for ids, mask, n_post in zip(batch.input_ids.tolist(), batch.attention_mask.tolist(), batch.n_post_instruction.tolist(), strict=True):
         real = [t for t, m in zip(ids, mask, strict=True) if m]

@@ -576,15 +576,17 @@ def _response_ids(model: ModelAdapter, responses: list[str | Sequence[int]], fir
 
 def _response_nll_sums(
     model: ModelAdapter, prompts: list[str], responses: list[list[int]], system: str | None, first_prompt: int,
-    prefill: list[str] | None = None,
+    prefill: list[str] | None = None, generated: list[bool] | None = None,
 ) -> Float[Tensor, " batch"]:
     """Summed NLL of each response's tokens given its chat-formatted prompt (and `prefill`, the forced start of the
     response, after it) and the tokens before them (float64).
 
     The responses are fed as continuations of the prompt pass (`ModelAdapter.run_continued`), so the caller's hooks
-    see them as generated tokens, as they would while decoding them.
+    see them as generated tokens, as they would while decoding them. `generated` flags the responses given as the token
+    ids generation wrote, read after the prompt generation started from (`ModelAdapter.format_prompts(for_generation=)`).
     """
-    logits = model.run_continued(model.tokenize(prompts, system=system, prefill=prefill), responses)
+    batch = model.tokenize(prompts, system=system, prefill=prefill, for_generation=generated or False)
+    logits = model.run_continued(batch, responses)
     sums = torch.zeros(len(responses), dtype=torch.float64)
     for row, targets in enumerate(responses):
         predicting = logits[row, : len(targets)]
@@ -607,9 +609,11 @@ def response_cross_entropy(
     """Teacher-forced cross-entropy of reference responses given chat-formatted prompts.
 
     Each response is tokenized on its own as plain text (`response_token_ids`), or given as token ids, and appended right
-    after the generation prompt (after the prefill, when given), with nothing after it; only response tokens are
-    scored, and the caller's hooks see them as generated tokens (an intervention on the prompt's tokens only leaves
-    them alone). Tokenizing separately matches how generation starts a fresh token after the prompt, and can differ
+    after the prompt (after the prefill, when given), with nothing after it: token ids are what generation wrote, read
+    after the prompt it started from; a text is an answer, read where the answer starts (for a harmony model after
+    `ModelAdapter.answer_opening()`, while generation starts at `<|start|>assistant` and reasons first). Only response
+    tokens are scored, and the caller's hooks see them as generated tokens (an intervention on the prompt's tokens only
+    leaves them alone). Tokenizing separately matches how generation starts a fresh token after the prompt, and can differ
     from tokenizing prompt + response as one string where a merge would cross the boundary. The model's own responses
     are best scored as the ids it generated (`SetResult.response_tokens`): their decoded, stripped text can tokenize
     into other tokens, and the ids end with the end-of-turn token where the model wrote one, which is then scored too.
@@ -641,7 +645,8 @@ def response_cross_entropy(
         for start, stop in _chunks(len(prompt_items), batch_size):
             response_ids = _response_ids(model, response_items[start:stop], start)
             sums.append(_response_nll_sums(model, prompt_items[start:stop], response_ids, system, start,
-                                           None if prefill is None else list(prefill[start:stop])))
+                                           None if prefill is None else list(prefill[start:stop]),
+                                           [not isinstance(r, str) for r in response_items[start:stop]]))
             counts.extend(len(ids) for ids in response_ids)
     nll_sums = torch.cat(sums)
     n_tokens = torch.tensor(counts, dtype=torch.float64)

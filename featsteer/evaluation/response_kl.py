@@ -64,6 +64,10 @@ class ResponseBase:
     top_k: int | None = DEFAULT_TOP_K
     prefill: tuple[str, ...] | None = None
     """Per prompt, the forced opening the responses were generated after (a prefilled set), read as context."""
+    generated: tuple[bool, ...] | None = None
+    """Per prompt, True when the response was given as the token ids generation wrote, read after the prompt generation
+    started from (`ModelAdapter.format_prompts(for_generation=True)`); False for a text, an answer read where the answer
+    starts. They differ only for a harmony model (GPT-OSS); None reads every response as generated ids."""
 
     @property
     def n_positions(self) -> list[int]:
@@ -103,11 +107,14 @@ class ResponseKL:
 
 
 def _scored_logprobs(model: ModelAdapter, prompts: list[str], continuations: list[tuple[int, ...]], system: str | None,
-                     batch_size: int, prefill: Sequence[str] | None = None) -> Iterator[tuple[int, Tensor]]:
+                     batch_size: int, prefill: Sequence[str] | None = None,
+                     generated: Sequence[bool] | None = None) -> Iterator[tuple[int, Tensor]]:
     """Per prompt, its index and `(len(continuation) + 1, vocab)` float64 log-probs predicting the first response token
     and each continuation token's successor (the columns from the prompt's last token, or its prefill's, on). Prompts
-    run in length-sorted batches (`ModelAdapter.token_batches`), so a long prompt pads only its neighbours."""
-    for indices, batch in model.token_batches(prompts, batch_size, DEFAULT_BATCH_TOKENS, system, prefill=prefill):
+    run in length-sorted batches (`ModelAdapter.token_batches`), so a long prompt pads only its neighbours. `generated`
+    (`ResponseBase.generated`) picks each prompt's text."""
+    flags = [True] * len(prompts) if generated is None else list(generated)
+    for indices, batch in model.token_batches(prompts, batch_size, DEFAULT_BATCH_TOKENS, system, prefill=prefill, for_generation=flags):
         logits = model.run_continued(batch, [continuations[i] for i in indices])
         for row, i in enumerate(indices):
             rows = logits[row, : len(continuations[i]) + 1].double()
@@ -175,13 +182,14 @@ def response_base(
     ids: list[Tensor] = [torch.empty(0)] * n
     logprobs: list[Tensor] = [torch.empty(0)] * n
     tails: list[Tensor] = [torch.empty(0)] * n
-    for i, lp in _scored_logprobs(model, prompt_items, continuations, system, batch_size, openings):
+    generated = tuple(not isinstance(response, str) for response in response_items)
+    for i, lp in _scored_logprobs(model, prompt_items, continuations, system, batch_size, openings, generated):
         k = lp.shape[-1] if top_k is None else min(top_k, lp.shape[-1])
         top, index = lp.topk(k, dim=-1)
         ids[i], logprobs[i] = index, top
         tails[i] = torch.logsumexp(lp.scatter(-1, index, float("-inf")), dim=-1)
     return ResponseBase(tuple(prompt_items), tuple(continuations), tuple(ids), tuple(logprobs), tuple(tails), system, max_tokens,
-                        top_k, openings)
+                        top_k, openings, generated)
 
 
 def response_kl(model: ModelAdapter, base: ResponseBase, *, batch_size: int = 8) -> ResponseKL:
@@ -205,7 +213,8 @@ def response_kl(model: ModelAdapter, base: ResponseBase, *, batch_size: int = 8)
     if batch_size < 1:
         raise FeatsteerError(f"batch_size must be at least 1, got {batch_size}")
     rows: list[Tensor] = [torch.empty(0)] * len(base.prompts)
-    for i, lq in _scored_logprobs(model, list(base.prompts), list(base.continuations), base.system, batch_size, base.prefill):
+    for i, lq in _scored_logprobs(model, list(base.prompts), list(base.continuations), base.system, batch_size, base.prefill,
+                                  base.generated):
         if lq.shape[-1] <= int(base.top_ids[i].max()):
             raise FeatsteerError(f"the edited model's vocabulary ({lq.shape[-1]}) is smaller than the base's: "
                                  "compare a model with an edit of itself")

@@ -40,8 +40,9 @@ def prompt_means(model: ModelAdapter, prompts: Sequence[str], hooks: Sequence[st
     """Each chat-formatted prompt's activation pooled over its real tokens (`mean`) or taken at its last token (`last`),
     at each hook: `{hook: (n, d) float32}`.
 
-    The pooling is the one `ConditionalSteer` applies on the prompt pass, so scores computed from these rows are the
-    scores the gate computes while generating.
+    The pooling is the one `ConditionalSteer` applies on the prompt pass, on the prompt generation starts from
+    (`ModelAdapter.format_prompts(for_generation=True)`), so scores computed from these rows are the scores the gate
+    computes while generating.
 
     Raises:
         FeatsteerError: if there are no prompts or hooks, the pooling is unknown, or an activation is not finite.
@@ -69,7 +70,8 @@ def _pooled(model: ModelAdapter, prompts: Sequence[str], hooks: Sequence[str], p
                 kept[site.name] = pooled.new_empty((len(prompts), pooled.shape[-1]))
             kept[site.name][rows] = pooled
 
-    for rows, batch in model.token_batches(prompts, batch_size, None, system, True):
+    # the gate pools the prompt generation starts from (for a harmony model, before the answer opening)
+    for rows, batch in model.token_batches(prompts, batch_size, None, system, True, for_generation=True):
         with model.hooks([(name, lambda x, site, rows=rows: keep(x, site, rows)) for name in hooks]):
             model.run(batch, stop_at=last)
     for name, rows in ((name, rows) for kept in out.values() for name, rows in kept.items()):

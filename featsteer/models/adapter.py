@@ -13,7 +13,7 @@ import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -27,8 +27,11 @@ from featsteer.models.chat import (
     special_token_texts,
 )
 from featsteer.models.harmony import (
+    ANSWER_OPENING,
     CONTROL_TOKENS,
     END,
+    HARMONY_OPENINGS,
+    MIN_REASONING_TOKENS,
     TURN_ENDS,
     harmony_text,
     is_harmony_vocab,
@@ -186,6 +189,11 @@ class ModelAdapter(ABC):
     text, not as that token. Off (the default), it becomes the token, as `apply_chat_template` makes it, and a prompt can
     end its turn and start others; `tokenize` then logs a warning, once per text, naming it. The template's own special
     tokens are never escaped."""
+    harmony_opening: str = "final"
+    """For a harmony model (GPT-OSS): "final" ends the prompts that first-token measures and capture read with
+    `<|channel|>final<|message|>` (`answer_opening`), where a direct answer's first token comes next, while generation
+    starts at the template's `<|start|>assistant` and reasons first; "none" reads every prompt at `<|start|>assistant`,
+    where the model always writes `<|channel|>` next (the raw behaviour). No effect on other models."""
     show_progress: bool = True
     """Whether `generate`, `capture`, the direction selection and the direction optimiser show progress bars (set False
     for quiet scripts and notebooks; `capture` and `select_direction` take an explicit `progress=` too)."""
@@ -378,6 +386,27 @@ class ModelAdapter(ABC):
             return None
         return {int(vocab[token]): token for token in CONTROL_TOKENS if token in vocab}
 
+    @property
+    def is_harmony(self) -> bool:
+        """True for a tokenizer of the harmony format (GPT-OSS), worked out once per tokenizer (every tokenized batch asks)."""
+        known = getattr(self, "_harmony_for", None)
+        if known is None or known[0] is not self.tokenizer:
+            known = self._harmony_for = (self.tokenizer, is_harmony_vocab(self.tokenizer.get_vocab()))
+        return known[1]
+
+    def answer_opening(self) -> str:
+        """The text appended to a chat-formatted prompt so that it ends where the answer starts: `<|channel|>final<|message|>`
+        for a harmony model with `harmony_opening` "final", empty otherwise (every other model's generation prompt already
+        ends there).
+
+        Raises:
+            FeatsteerError: `harmony_opening` is not "final" or "none".
+        """
+        if self.harmony_opening not in HARMONY_OPENINGS:
+            raise FeatsteerError(f"harmony_opening must be 'final' or 'none', got {self.harmony_opening!r} "
+                                 "(CLI: --harmony-opening final|none)")
+        return ANSWER_OPENING if self.harmony_opening == "final" and self.is_harmony else ""
+
     def _declared_stop_ids(self) -> set[int]:
         """The end-of-sequence ids the model's own generation settings declare; none by default (backends without them)."""
         return set()
@@ -502,9 +531,34 @@ class ModelAdapter(ABC):
             (self.generation_step, self.generation_prompt_length, self.pass_attention_mask, self.pass_post_instruction,
              self.pass_prefill) = state
 
-    def format_prompts(self, instructions: Sequence[str], system: str | None = None) -> list[FormattedPrompt]:
-        """Render instructions through the chat template (see `featsteer.models.chat`)."""
-        return [format_instruction(self.tokenizer, text, system) for text in instructions]
+    def format_prompts(self, instructions: Sequence[str], system: str | None = None, *,
+                       for_generation: bool | Sequence[bool] = False) -> list[FormattedPrompt]:
+        """Render instructions through the chat template (see `featsteer.models.chat`), each ending where the answer's
+        first token comes next: the one place the prompts every first-token measure and capture read are made.
+
+        For a harmony model (GPT-OSS) that is after `answer_opening()` (`<|channel|>final<|message|>`), appended to the
+        template's generation prompt; every other model's prompt is the template's text unchanged.
+
+        Args:
+            instructions: raw user instructions.
+            system: optional system prompt.
+            for_generation: True (or one flag per instruction) for the prompt generation starts from, the template's own
+                generation prompt (a harmony model then reasons before it answers); what generated token ids are read
+                after.
+
+        Returns:
+            One formatted prompt per instruction.
+        """
+        formatted = [format_instruction(self.tokenizer, text, system) for text in instructions]
+        opening = self.answer_opening()
+        if not opening:
+            return formatted
+        flags = [for_generation] * len(formatted) if isinstance(for_generation, bool) else list(for_generation)
+        if len(flags) != len(formatted):
+            raise FeatsteerError(f"got {len(flags)} for_generation flags for {len(formatted)} prompts: give one per prompt")
+        # a template whose generation prompt already holds the opening (a "no reasoning" variant) gets it once
+        return [prompt if generation or not prompt.uses_chat_template or prompt.text.endswith(opening)
+                else replace(prompt, text=prompt.text + opening) for prompt, generation in zip(formatted, flags, strict=True)]
 
     def special_text(self, instructions: Sequence[str]) -> list[tuple[int, list[str]]]:
         """The instructions whose text the tokenizer reads as special tokens: `(index, [token text, ...])` for each.
@@ -550,7 +604,8 @@ class ModelAdapter(ABC):
                        len(fresh), named, more)
 
     def tokenize(self, instructions: Sequence[str], *, system: str | None = None, chat: bool = True,
-                 prefill: Sequence[str] | None = None, escape_special_tokens: bool | None = None) -> TokenBatch:
+                 prefill: Sequence[str] | None = None, escape_special_tokens: bool | None = None,
+                 for_generation: bool | Sequence[bool] = False) -> TokenBatch:
         """Format (optionally) and tokenize a batch of instructions with left padding.
 
         Without the chat template's own special tokens (raw text, the plain-text fallback template) the tokenizer adds its
@@ -565,12 +620,15 @@ class ModelAdapter(ABC):
             escape_special_tokens: tokenize special-token text inside an instruction, the system prompt or a prefill as
                 plain text (None: the adapter's `escape_special_tokens`). Only rows where such text is found are tokenized
                 differently: each text that holds it, and the template's text around it, on their own.
+            for_generation: True (or one flag per instruction) for the prompt generation starts from (`format_prompts`);
+                with a prefill a harmony prompt always ends at `answer_opening()`, since the prefill is the answer's start.
         """
-        encoded = self._encode_prompts(instructions, system, chat, prefill, escape_special_tokens)
+        encoded = self._encode_prompts(instructions, system, chat, prefill, escape_special_tokens, for_generation=for_generation)
         return self._padded(encoded, range(len(instructions)))
 
     def _encode_prompts(self, instructions: Sequence[str], system: str | None, chat: bool, prefill: Sequence[str] | None,
-                        escape_special_tokens: bool | None = None, warn: bool = True) -> _EncodedPrompts:
+                        escape_special_tokens: bool | None = None, warn: bool = True,
+                        for_generation: bool | Sequence[bool] = False) -> _EncodedPrompts:
         """`tokenize` without the padding: each prompt's ids on their own, so a batch plan that needs their lengths and the
         batches it plans come from one encoding (`_padded`). `warn=False` leaves out the special-text warning (the plan
         gave it, naming the prompt set)."""
@@ -582,7 +640,7 @@ class ModelAdapter(ABC):
         _check_prefill(prefill, instructions)
         escape = self.escape_special_tokens if escape_special_tokens is None else escape_special_tokens
         if chat:
-            formatted = self.format_prompts(instructions, system)
+            formatted = self.format_prompts(instructions, system, for_generation=False if prefill is not None else for_generation)
             texts = [f.text for f in formatted]
             spans = [(f.instruction_start, f.instruction_end) for f in formatted]
             add_special = not formatted[0].uses_chat_template
@@ -769,7 +827,8 @@ class ModelAdapter(ABC):
         self, instructions: Sequence[str], *, system: str | None = None, batch_size: int = 16,
         max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
     ) -> Tensor:
-        """Next-token logits `(n, vocab)` at the end of each chat-formatted instruction (float32).
+        """Next-token logits `(n, vocab)` at the end of each chat-formatted instruction (float32): the answer's first token
+        (for a harmony model after `answer_opening()`, see `format_prompts`).
 
         Instructions are batched in length order (so a long prompt pads only its neighbours), and the rows
         come back in input order. `max_batch_tokens` caps a batch's padded tokens (see `generate`).
@@ -852,9 +911,11 @@ class ModelAdapter(ABC):
         response (its NLL, the KL along it) read these. `label` names the prompt set in a warning about special-token
         text ("harmful prompt 2").
 
-        For a harmony tokenizer (GPT-OSS, `harmony_control_ids`) the ids hold the whole turn, reasoning included, and the
-        text is only its final channel's message; a response with no final message within `max_new_tokens` keeps its
-        reasoning as the text, is flagged in `Generation.reasoning_only` and counted in a logged warning.
+        For a harmony tokenizer (GPT-OSS, `harmony_control_ids`) generation starts at the template's `<|start|>assistant`
+        (`format_prompts(for_generation=True)`; after `answer_opening()` with a prefill), the ids hold the whole turn,
+        reasoning included, and the text is only its final channel's message; a response with no final message within
+        `max_new_tokens` keeps its reasoning as the text, is flagged in `Generation.reasoning_only` and counted in a logged
+        warning. The first-token logits are then read at the answer's start (`logits`), one more prompt pass per batch.
         """
         from tqdm.auto import tqdm
 
@@ -864,11 +925,17 @@ class ModelAdapter(ABC):
         token_ids: list[tuple[int, ...]] = [()] * len(instructions)
         first: Tensor | None = None
         _check_prefill(prefill, instructions)  # before token_batches indexes it
-        batches = self.token_batches(instructions, batch_size, max_batch_tokens, system, chat, prefill, label)
+        batches = self.token_batches(instructions, batch_size, max_batch_tokens, system, chat, prefill, label, for_generation=True)
         stop_set, control = self.stop_token_ids, self.harmony_control_ids()
+        if control is not None and prefill is None:
+            self._warn_short_reasoning_budget(max_new_tokens)
+        score_apart = keep_logits and chat and prefill is None and bool(self.answer_opening())
         reasoning_only = [False] * len(instructions)
         for rows, batch in tqdm(batches, desc="generate", unit="batch", disable=not self.show_progress or len(batches) < 3, leave=False):
             tokens, logits = self._greedy(batch, max_new_tokens, keep_stop=True)
+            if score_apart:  # the generation prompt stops before the answer opening: read the answer's first token there
+                scored = self.tokenize([instructions[i] for i in rows], system=system)
+                logits = self.run(scored, last_only=True)[:, -1, :].float().cpu()
             for i, row in zip(rows, tokens, strict=True):
                 token_ids[i] = tuple(row)
                 if control is None:
@@ -887,9 +954,19 @@ class ModelAdapter(ABC):
                            f"{label} " if label else "", max_new_tokens)
         return Generation(responses, token_ids, first, tuple(reasoning_only))
 
+    def _warn_short_reasoning_budget(self, max_new_tokens: int) -> None:
+        """Warn once per adapter that a harmony model given fewer than `MIN_REASONING_TOKENS` new tokens mostly stops
+        inside its reasoning, before its final answer."""
+        if max_new_tokens >= MIN_REASONING_TOKENS or self.__dict__.get("_short_budget_warned"):
+            return
+        self._short_budget_warned = True
+        logger.warning("max_new_tokens=%d is short for a harmony model (GPT-OSS), which reasons before it answers: most "
+                       "responses will have no final answer; use --max-new-tokens %d or more", max_new_tokens, MIN_REASONING_TOKENS)
+
     def plan_batches(
         self, instructions: Sequence[str], batch_size: int, max_batch_tokens: int | None = None,
         system: str | None = None, chat: bool = True, prefill: Sequence[str] | None = None, label: str | None = None,
+        for_generation: bool | Sequence[bool] = False,
     ) -> list[list[int]]:
         """Group prompt indices into forward batches, longest prompts first.
 
@@ -897,16 +974,18 @@ class ModelAdapter(ABC):
         padded tokens (a prompt longer than the budget gets a batch of its own). `capture`, `logits` and
         `generate` batch this way (through `token_batches`), so a few very long prompts do not pad a whole batch to their
         length. Special-token text in the prompts, the system prompt or the prefills is warned about here, with the index
-        in `instructions` and `label` (the prompt set's name) when given.
+        in `instructions` and `label` (the prompt set's name) when given. `for_generation` (one flag, or one per
+        instruction) picks the prompts measured as `tokenize` does.
 
         Returns:
             Lists of indices into `instructions`, in the order the batches are run.
         """
-        return self._plan(instructions, batch_size, max_batch_tokens, system, chat, prefill, label)[0]
+        return self._plan(instructions, batch_size, max_batch_tokens, system, chat, prefill, label, for_generation)[0]
 
     def token_batches(
         self, instructions: Sequence[str], batch_size: int, max_batch_tokens: int | None = None,
         system: str | None = None, chat: bool = True, prefill: Sequence[str] | None = None, label: str | None = None,
+        for_generation: bool | Sequence[bool] = False,
     ) -> TokenBatches:
         """`plan_batches` with each batch tokenized as `tokenize` would: iterating gives `(indices, batch)` in the order the
         batches run, `len()` counts them.
@@ -914,12 +993,12 @@ class ModelAdapter(ABC):
         A plan with `max_batch_tokens` tokenizes every prompt to learn its length; its batches are padded from those ids
         rather than tokenized again. Without a budget each batch is tokenized when the iteration reaches it.
         """
-        plan, encoded = self._plan(instructions, batch_size, max_batch_tokens, system, chat, prefill, label)
-        return TokenBatches(self, instructions, plan, encoded, system, chat, prefill)
+        plan, encoded = self._plan(instructions, batch_size, max_batch_tokens, system, chat, prefill, label, for_generation)
+        return TokenBatches(self, instructions, plan, encoded, system, chat, prefill, for_generation)
 
     def _plan(
         self, instructions: Sequence[str], batch_size: int, max_batch_tokens: int | None, system: str | None, chat: bool,
-        prefill: Sequence[str] | None, label: str | None,
+        prefill: Sequence[str] | None, label: str | None, for_generation: bool | Sequence[bool] = False,
     ) -> tuple[list[list[int]], _EncodedPrompts | None]:
         """`plan_batches`, also returning the prompts' encoding when the plan needed their token lengths (None otherwise)."""
         if batch_size < 1:
@@ -930,7 +1009,7 @@ class ModelAdapter(ABC):
             return _length_batches(instructions, batch_size), None
         if max_batch_tokens < 1:
             raise FeatsteerError(f"max_batch_tokens must be at least 1 (or None for no cap), got {max_batch_tokens}")
-        encoded = self._encode_prompts(instructions, system, chat, prefill, warn=False)
+        encoded = self._encode_prompts(instructions, system, chat, prefill, warn=False, for_generation=for_generation)
         lengths = [len(ids) for ids in encoded.input_ids]
         return _token_budget_batches(lengths, batch_size, max_batch_tokens), encoded
 
@@ -995,11 +1074,12 @@ class TokenBatches:
     batch padded from the plan's encoding or, when the plan needed none, tokenized as it is reached."""
 
     def __init__(self, model: ModelAdapter, instructions: Sequence[str], plan: list[list[int]], encoded: _EncodedPrompts | None,
-                 system: str | None, chat: bool, prefill: Sequence[str] | None):
+                 system: str | None, chat: bool, prefill: Sequence[str] | None, for_generation: bool | Sequence[bool] = False):
         self.plan = plan
         """Lists of indices into the instructions, in the order the batches are run (`ModelAdapter.plan_batches`)."""
         self._model, self._instructions, self._encoded = model, instructions, encoded
         self._system, self._chat, self._prefill = system, chat, prefill
+        self._for_generation = for_generation
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -1016,8 +1096,9 @@ class TokenBatches:
                 yield rows, self._model._padded(self._encoded, rows)
             else:
                 prefill = None if self._prefill is None else [self._prefill[i] for i in rows]
+                flags = self._for_generation if isinstance(self._for_generation, bool) else [self._for_generation[i] for i in rows]
                 yield rows, self._model.tokenize([self._instructions[i] for i in rows], system=self._system, chat=self._chat,
-                                                 prefill=prefill)
+                                                 prefill=prefill, for_generation=flags)
 
 
 class _CachedStep(TokenBatch):

@@ -27,6 +27,15 @@ MESSAGE_CLOSERS = (END, *TURN_ENDS)
 """Tokens that close the message being written."""
 FINAL_CHANNEL = "final"
 """The channel of the message meant for the user."""
+ANSWER_OPENING = CHANNEL + FINAL_CHANNEL + MESSAGE
+"""What a harmony model writes after the generation prompt's `<|start|>assistant` when it answers directly: the header of
+a final-channel message. First-token measures read the prompt with it appended, where the answer's first token comes
+next (`ModelAdapter.answer_opening`)."""
+HARMONY_OPENINGS = ("final", "none")
+"""Values of `ModelAdapter.harmony_opening` (CLI `--harmony-opening`): append `ANSWER_OPENING` to the prompts first-token
+measures read, or leave every prompt at the generation prompt."""
+MIN_REASONING_TOKENS = 256
+"""Below this many new tokens a harmony model mostly runs out while still reasoning, before its final message."""
 
 _SPLIT = re.compile("(" + "|".join(re.escape(token) for token in CONTROL_TOKENS) + ")")
 

@@ -98,7 +98,8 @@ def resolve_device(device) -> torch.device:
     return resolved
 
 
-def load_model(spec, *, tokenizer=None, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> ModelAdapter:
+def load_model(spec, *, tokenizer=None, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+               harmony_opening: str = "final") -> ModelAdapter:
     """Load a model behind featsteer's adapter.
 
     Args:
@@ -109,13 +110,39 @@ def load_model(spec, *, tokenizer=None, dtype: torch.dtype | str = torch.float32
             models featsteer builds or loads; a model object keeps its own. Directions, statistics and edits are
             computed in float32/float64 whatever the model's dtype.
         device: torch device (`cpu`, `cuda`, `cuda:N`, `mps`) for models featsteer builds or loads.
+        harmony_opening: for a harmony model (GPT-OSS), "final" (default) ends the prompts first-token measures and capture
+            read with `<|channel|>final<|message|>`, "none" leaves them at `<|start|>assistant`
+            (`ModelAdapter.harmony_opening`); no effect on other models. An adapter passed in is returned as it is.
 
     Raises:
         FeatsteerError: unknown spec, missing file, unsupported architecture, hub unreachable, unknown dtype,
-            or a device this machine does not have.
+            a device this machine does not have, or a `harmony_opening` other than "final" or "none".
     """
     if isinstance(spec, ModelAdapter):
         return spec
+    adapter = _load(spec, tokenizer, dtype, device)
+    adapter.harmony_opening = harmony_opening
+    adapter.answer_opening()  # a bad value is an error here, not at the first prompt
+    log_harmony_prompts(adapter)
+    return adapter
+
+
+def log_harmony_prompts(adapter: ModelAdapter) -> None:
+    """Log one info line for a harmony model (GPT-OSS) saying which prompt first-token measures and generation read."""
+    if not adapter.is_harmony:
+        return
+    if adapter.answer_opening():
+        logger.info("%s uses the harmony chat format (GPT-OSS): first-token measures and capture read prompts ending in "
+                    "<|start|>assistant%s, where a direct answer starts; generation starts at <|start|>assistant and reasons "
+                    "first (harmony_opening='none', CLI --harmony-opening none, reads <|start|>assistant everywhere)", adapter.name, adapter.answer_opening())
+    else:
+        logger.info("%s uses the harmony chat format (GPT-OSS) with harmony_opening='none': every prompt ends at "
+                    "<|start|>assistant, where the model writes <|channel|> next, so first-token measures do not read the answer",
+                    adapter.name)
+
+
+def _load(spec, tokenizer, dtype: torch.dtype | str, device: str | torch.device) -> ModelAdapter:
+    """`load_model` for everything but an adapter: the backend adapter for `spec`."""
     if not isinstance(spec, (str, os.PathLike)):
         return _from_object(spec, tokenizer)
     dtype, device = resolve_dtype(dtype), resolve_device(device)
