@@ -291,3 +291,15 @@ def test_what_acts_while_generating_is_fitted_on_the_prompt_generation_starts_fr
     assert torch.allclose(pooled[0], hidden, atol=1e-5)  # the conditional-steering gate pools this prompt while generating
     own = template_tokens(adapter, ["bake bread", "hi"], n=10)  # <|channel|> is written again in every generated message
     assert own and tokenizer.convert_tokens_to_ids("<|channel|>") not in own
+
+
+@pytest.mark.parametrize("budget", [None, 100_000])
+def test_planned_batches_hold_the_prompt_each_use_asks_for(harmony_adapter, budget):
+    """`token_batches` pads a budgeted plan from the ids it measured (tokenize once); those ids, and the batches tokenized
+    as they are reached without a budget, follow `for_generation` as `tokenize` does, per prompt when given a list."""
+    prompts = ["hi", "a longer prompt here"]
+    for flags in (True, False, [True, False]):
+        for rows, batch in harmony_adapter.token_batches(prompts, 2, budget, None, True, for_generation=flags):
+            each = [flags] * len(prompts) if isinstance(flags, bool) else flags
+            expected = harmony_adapter.tokenize([prompts[i] for i in rows], for_generation=[each[i] for i in rows])
+            assert torch.equal(batch.input_ids, expected.input_ids) and torch.equal(batch.attention_mask, expected.attention_mask)
