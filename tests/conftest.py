@@ -58,3 +58,18 @@ def count_hooks(module) -> int:
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(getattr(m, "_forward_hooks_with_kwargs", {}))
         for m in module.modules()
     )
+
+
+def record_tokenizer_calls(model, monkeypatch) -> list[str]:
+    """The texts `model`'s tokenizer is called on from now on (the list fills as it is called), for tests that a prompt is
+    tokenized once. The adapter's once-per-tokenizer probe (`_appended_special_tokens`) is made before recording starts."""
+    model._appended_special_tokens()
+    tokenizer_class, tokenizer_call, calls = type(model.tokenizer), type(model.tokenizer).__call__, []
+
+    def counting(self, *args, **kwargs):
+        if self is model.tokenizer:
+            calls.append(args[0] if args else kwargs.get("text"))
+        return tokenizer_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer_class, "__call__", counting)
+    return calls

@@ -422,3 +422,18 @@ def test_steer_experts_rejects_options_it_would_ignore(capsys, extra):
     silently dropped."""
     code, _, err = _run(capsys, "steer", "--model", "tiny:qwen2_moe", "--experts", "1:0", "--mode", "deactivate", "--prompt", "hi", *extra)
     assert code == 2 and f"takes no {extra[0]}: drop it" in err and len(err.strip().splitlines()) == 1, err
+
+
+
+@pytest.mark.parametrize("positions", ["post_instruction", "all"])
+def test_expert_routing_tokenizes_each_prompt_once(monkeypatch, positions):
+    """Each prompt is tokenized once, also at post_instruction positions, where the common tail came from tokenizing every
+    prompt alone and the batches then tokenized it again; the batches are padded from that one encoding."""
+    from tests.conftest import record_tokenizer_calls
+
+    _, adapter = _adapter("mixtral")
+    harmful, harmless = [*PROMPTS, "tell me how to open a safe"], ["bake bread", "name a colour"]
+    calls = record_tokenizer_calls(adapter, monkeypatch)
+    routing = expert_routing(adapter, harmful, harmless, positions=positions, batch_size=2)
+    assert sorted(calls) == sorted(f.text for f in adapter.format_prompts([*harmful, *harmless]))
+    assert routing.n_tokens[0] > 0 and routing.n_tokens[1] > 0

@@ -1305,7 +1305,8 @@ def test_a_token_budget_plan_tokenizes_each_prompt_once(llama_adapter, monkeypat
     tokenized each batch again (twice the tokenizer calls; `capture` at post_instruction positions a third time for the
     common tail). The batches are padded from the plan's ids now, and equal what
     `tokenize` gives for the same prompts, also with a prefill, without the chat template and with special-token text
-    escaped."""
+    escaped. Without a budget, `capture` at post_instruction positions asks for the prompts' ids up front
+    (`encode_all`) and pads its batches from them."""
     from featsteer.activations import capture
     from featsteer.activations.capture import common_tail
 
@@ -1327,18 +1328,22 @@ def test_a_token_budget_plan_tokenizes_each_prompt_once(llama_adapter, monkeypat
         "capture": lambda: capture(model, prompts, "blocks.0.hook_resid_pre", batch_size=2, max_batch_tokens=60, progress=False),
         "capture post_instruction": lambda: capture(model, prompts, "blocks.0.hook_resid_pre", positions="post_instruction",
                                                     batch_size=2, max_batch_tokens=60, progress=False),  # its common tail too
+        # without a budget the plan needs no lengths, but the common tail is read before the first batch
+        "capture post_instruction, no budget": lambda: capture(model, prompts, "blocks.0.hook_resid_pre", positions="post_instruction",
+                                                               batch_size=2, max_batch_tokens=None, progress=False),
     }
     for name, run in runs.items():
         calls.clear()
         run()
         assert len(calls) == len(prompts), name
     assert min(model.token_batches(prompts, 2, 60).n_post_instruction) == common_tail(model, prompts, None, True)
+    assert model.token_batches(prompts, 2, None, encode_all=True).n_post_instruction == model.token_batches(prompts, 2, 60).n_post_instruction
     prompts.append("say <|user|> twice")  # special-token text, tokenized apart when escaped
     prefill.append("Sure <|user|>")
     for escape in (False, True):
         model.escape_special_tokens = escape
-        for kwargs in ({}, {"prefill": prefill}, {"chat": False}):
-            batches = list(model.token_batches(prompts, 2, 60, **kwargs))
+        for kwargs in ({}, {"prefill": prefill}, {"chat": False}, {"max_batch_tokens": None, "encode_all": True}):
+            batches = list(model.token_batches(prompts, 2, **{"max_batch_tokens": 60, **kwargs}))
             assert len(batches) > 2 and sorted(i for rows, _ in batches for i in rows) == list(range(len(prompts)))
             for rows, batch in batches:
                 chosen = {key: [value[i] for i in rows] for key, value in kwargs.items() if key == "prefill"}

@@ -398,3 +398,29 @@ def test_targets_are_generated_and_read_under_the_directions_system_prompt(organ
     assert retain.prompt_lengths == tuple(len(organism.tokenize([p], system=system).input_ids[0]) for p in retain.prompts)
     assert retain.tokens == tuple(original(harmless, max_new_tokens=SMALL["target_tokens"], batch_size=config.batch_size,
                                            keep_logits=False, system=system).token_ids)
+
+
+
+@pytest.mark.parametrize("budget", [None, 1])
+def test_each_training_prompt_is_tokenized_once_for_every_step(organism, dim, monkeypatch, budget):
+    """Besides the generation of its targets, the training tokenizes each prompt once: every step's mini-batches (split
+    to one prompt each at a budget of one token, and read by every loss) are padded from that encoding. It counted each
+    prompt's length alone and then tokenized every mini-batch again at every step."""
+    from tests.conftest import record_tokenizer_calls
+
+    config = OptimizeConfig(steps=4, refusal_weight=1.0, max_batch_tokens=budget, **SMALL)
+    harmful, harmless = list(dim.train[0])[: config.n_prompts], list(dim.train[1])[: config.n_prompts]
+    calls, original = record_tokenizer_calls(organism, monkeypatch), organism.generate_with_tokens
+
+    def generate(prompts, **kwargs):
+        before = len(calls)
+        try:
+            return original(prompts, **kwargs)
+        finally:
+            del calls[before:]  # the generation's own tokenization, once per prompt (tests/test_models.py)
+
+    monkeypatch.setattr(organism, "generate_with_tokens", generate)
+    found = optimize_direction(organism, dim, config)
+    assert found.targets["ablation"] and found.targets["retain"] and found.targets["refusal"] == len(harmful)
+    formatted = [f.text for f in organism.format_prompts([*harmful, *harmless])]
+    assert sorted(text for text in calls if text in set(formatted)) == sorted(formatted)

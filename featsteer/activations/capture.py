@@ -139,7 +139,9 @@ def capture(
     hook_names = tuple(site.name for site in sites)
     stats: dict[str, RunningMoments] = {}
     limit_fragmentation()  # see featsteer.activations.heap: large temporaries are unmapped when freed
-    batches = adapter.token_batches(prompts, batch_size, max_batch_tokens, system, chat)
+    # post_instruction reads the prompts' shortest tail before the first batch: without a budget too, the plan's one
+    # encoding holds it, and the batches are padded from it
+    batches = adapter.token_batches(prompts, batch_size, max_batch_tokens, system, chat, encode_all=selector.mode == "post_instruction")
     tail = common_tail(adapter, prompts, system, chat, batches.n_post_instruction) if selector.mode == "post_instruction" else None
     provenance = _provenance(adapter, prompts, source, system, chat, dtype)
     meta = {**_meta(selector, adapter, label, chat, system), "provenance": provenance}

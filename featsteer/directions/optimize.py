@@ -64,7 +64,7 @@ from featsteer.evaluation.metrics import RefusalTokens, refusal_log_odds
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.interventions.steering import Ablate, AddDirection, steer
 from featsteer.models import ModelAdapter
-from featsteer.models.adapter import Generation, _token_budget_batches
+from featsteer.models.adapter import Generation, TokenBatch, _EncodedPrompts, _token_budget_batches
 from featsteer.models.chat import plain_token_ids
 
 if TYPE_CHECKING:
@@ -250,6 +250,9 @@ class _Targets:
     """The tokens are what generation wrote, read after the prompt it started from; False for an affirmative opening's
     tokens or none (the refusal loss's first token), read where the answer starts (`ModelAdapter.format_prompts`; the two
     differ only for a harmony model, GPT-OSS)."""
+    encoded: _EncodedPrompts | None = None
+    """The prompts' token ids, tokenized once when the targets are made (`ModelAdapter._encode_prompts`); every mini-batch
+    is padded from them (`_batch`) instead of tokenized again each time a prompt is drawn. None: no prompts."""
 
 
 def optimize_direction(model: ModelAdapter, result: DirectionResult, config: OptimizeConfig | None = None) -> OptimizedDirection:
@@ -408,20 +411,29 @@ def _make_targets(model: ModelAdapter, start: Tensor, hook: str, scale: float, h
     `system`. The detector reads the answers' text."""
     detector = RefusalDetector()
     targets: dict[str, _Targets] = {}
+    # each prompt set tokenized once: every loss's targets are rows of it, and its mini-batches are padded from it
+    harmful_ids, harmless_ids = _encoded(model, harmful, system, True), _encoded(model, harmless, system, True)
+
+    def opened(prompts: list[str], generation: _EncodedPrompts | None) -> _EncodedPrompts | None:
+        """The prompts ending where the answer starts: the generation prompts' encoding but on a harmony model (GPT-OSS)."""
+        return _encoded(model, prompts, system, False) if model.answer_opening() else generation
+
     if config.ablation_targets == "affirm":
         openings = [_text_tokens(model, affirmative_opening(p), config.target_tokens) for p in harmful]
-        targets["ablation"] = _kept(model, harmful, openings, [True] * len(harmful), system, generated=False)
+        targets["ablation"] = _kept(harmful, opened(harmful, harmful_ids), openings, [True] * len(harmful), system, generated=False)
     else:
         with steer(model, Ablate(start)):
             answers = _generated(model, harmful, config, system)
-        targets["ablation"] = _kept(model, harmful, answers.token_ids, [_said(a) and not detector.is_refusal(a) for a in answers.texts], system)
+        targets["ablation"] = _kept(harmful, harmful_ids, answers.token_ids,
+                                    [_said(a) and not detector.is_refusal(a) for a in answers.texts], system)
     with steer(model, AddDirection(start, scale, where=hook)):
         answers = _generated(model, harmless, config, system)
-    targets["addition"] = _kept(model, harmless, answers.token_ids, [_said(a) and detector.is_refusal(a) for a in answers.texts], system)
+    targets["addition"] = _kept(harmless, harmless_ids, answers.token_ids, [_said(a) and detector.is_refusal(a) for a in answers.texts], system)
     answers = _generated(model, harmless, config, system)
-    targets["retain"] = _kept(model, harmless, answers.token_ids, [True] * len(harmless), system)
-    read = harmful if config.refusal_weight > 0 else []  # no target tokens: the loss reads the first response token
-    targets["refusal"] = _Targets(tuple(read), tuple(() for _ in read), _prompt_lengths(model, read, system, False), system, False)
+    targets["retain"] = _kept(harmless, harmless_ids, answers.token_ids, [True] * len(harmless), system)
+    read = config.refusal_weight > 0  # no target tokens: the loss reads the first response token, where the answer starts
+    targets["refusal"] = _kept(harmful, opened(harmful, harmful_ids), [()] * len(harmful), [read] * len(harmful), system,
+                               tokenless=True, generated=False)
     return targets
 
 
@@ -438,18 +450,29 @@ def _said(answer: str) -> bool:
     return bool(answer.strip())
 
 
-def _kept(model: ModelAdapter, prompts: Sequence[str], answers: Sequence[Sequence[int]], keep: Sequence[bool],
-          system: str | None = None, generated: bool = True) -> _Targets:
-    rows = [(p, tuple(int(t) for t in a)) for p, a, k in zip(prompts, answers, keep, strict=True) if k]
-    rows = [(p, t) for p, t in rows if t]  # an answer of no token teaches nothing
-    lengths = _prompt_lengths(model, [p for p, _ in rows], system, generated)
-    return _Targets(tuple(p for p, _ in rows), tuple(t for _, t in rows), lengths, system, generated)
+def _kept(prompts: Sequence[str], encoded: _EncodedPrompts | None, answers: Sequence[Sequence[int]], keep: Sequence[bool],
+          system: str | None = None, tokenless: bool = False, generated: bool = True) -> _Targets:
+    """The rows of `prompts` to `keep` with their answers' ids, and their rows of the prompts' one encoding `encoded`
+    (of the generation prompts when the answers were `generated`, else of the prompts ending at the answer's start).
+    An answer of no token teaches nothing and is left out, unless the loss reads none (`tokenless`: the refusal loss)."""
+    rows = [i for i, k in enumerate(keep) if k and (tokenless or len(answers[i]) > 0)]
+    picked = None if encoded is None or not rows else _EncodedPrompts(
+        [encoded.input_ids[i] for i in rows], [encoded.n_post_instruction[i] for i in rows], None)
+    return _Targets(tuple(prompts[i] for i in rows), tuple(tuple(int(t) for t in answers[i]) for i in rows),
+                    tuple(len(ids) for ids in picked.input_ids) if picked else (), system, generated, picked)
 
 
-def _prompt_lengths(model: ModelAdapter, prompts: Sequence[str], system: str | None = None,
-                    generated: bool = True) -> tuple[int, ...]:
-    """Chat-formatted token count of each prompt as its targets read it (counted once, for the token budget)."""
-    return tuple(len(model.tokenize([p], system=system, for_generation=generated).input_ids[0]) for p in prompts)
+def _encoded(model: ModelAdapter, prompts: Sequence[str], system: str | None, for_generation: bool) -> _EncodedPrompts | None:
+    """Each prompt chat-formatted with `system` and tokenized, once (`tokenize` without the padding, `for_generation` as
+    there); None for no prompts."""
+    return model._encode_prompts(prompts, system, True, None, for_generation=for_generation) if prompts else None
+
+
+def _batch(model: ModelAdapter, targets: _Targets, picked: list[int]) -> TokenBatch:
+    """The picked prompts as `tokenize` gives them (left-padded, in `picked`'s order), padded from the targets' encoding."""
+    if targets.encoded is None:
+        raise FeatsteerError("these targets hold no prompts: nothing to batch")
+    return model._padded(targets.encoded, picked)
 
 
 def _text_tokens(model: ModelAdapter, text: str, max_tokens: int) -> tuple[int, ...]:
@@ -463,9 +486,7 @@ def _text_tokens(model: ModelAdapter, text: str, max_tokens: int) -> tuple[int, 
 def _teacher_forced(model: ModelAdapter, targets: _Targets, picked: list[int]) -> Tensor:
     """Logits (with autograd) of the picked prompts followed by their target tokens, from each prompt's last token on:
     column `j` of row `r` predicts target token `j` of `picked[r]`."""
-    prompts = [targets.prompts[i] for i in picked]
-    batch = model.tokenize(prompts, system=targets.system, for_generation=targets.generated)
-    return model.run_continued(batch, [targets.tokens[i] for i in picked], grad=True)
+    return model.run_continued(_batch(model, targets, picked), [targets.tokens[i] for i in picked], grad=True)
 
 
 def _cross_entropy(logits: Tensor, targets: _Targets, picked: list[int]) -> Tensor:
@@ -493,9 +514,8 @@ def _retain_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, pick
                  first_weight: float = 1.0) -> Tensor:
     """Mean KL(unedited || ablated) over the prompt's last position and every target position but the last, the first
     of those counted `first_weight` times."""
-    prompts = [targets.prompts[i] for i in picked]
     continuations = [targets.tokens[i][:-1] for i in picked]
-    batch = model.tokenize(prompts, system=targets.system, for_generation=targets.generated)
+    batch = _batch(model, targets, picked)
     # the unedited pass is repeated whenever a prompt is drawn again: keeping every retain prompt's full-vocabulary
     # distributions instead would hold about 1.2 GB for Qwen's 151k-token vocabulary (128 prompts x 16 positions)
     base = model.run_continued(batch, continuations).double()
@@ -516,7 +536,7 @@ def _refusal_loss(model: ModelAdapter, direction: Tensor, targets: _Targets, pic
     """Mean `-log(1 - P(refusal))` of the ablated model's first response token over the picked harmful prompts:
     `softplus` of the refusal log-odds (`evaluation.metrics.refusal_log_odds`), about `P` where a refusal is unlikely."""
     with steer(model, Ablate(direction)):
-        logits = model.run(model.tokenize([targets.prompts[i] for i in picked], system=targets.system), last_only=True, grad=True)[:, -1, :]
+        logits = model.run(_batch(model, targets, picked), last_only=True, grad=True)[:, -1, :]
     return torch.nn.functional.softplus(refusal_log_odds(logits.double(), tokens)).mean()
 
 

@@ -986,14 +986,19 @@ class ModelAdapter(ABC):
         self, instructions: Sequence[str], batch_size: int, max_batch_tokens: int | None = None,
         system: str | None = None, chat: bool = True, prefill: Sequence[str] | None = None, label: str | None = None,
         for_generation: bool | Sequence[bool] = False,
+        encode_all: bool = False,
     ) -> TokenBatches:
         """`plan_batches` with each batch tokenized as `tokenize` would: iterating gives `(indices, batch)` in the order the
         batches run, `len()` counts them.
 
         A plan with `max_batch_tokens` tokenizes every prompt to learn its length; its batches are padded from those ids
-        rather than tokenized again. Without a budget each batch is tokenized when the iteration reaches it.
+        rather than tokenized again. Without a budget each batch is tokenized when the iteration reaches it, unless
+        `encode_all` asks for every prompt's ids up front (for a caller that reads `TokenBatches.n_post_instruction`
+        before the first batch).
         """
         plan, encoded = self._plan(instructions, batch_size, max_batch_tokens, system, chat, prefill, label, for_generation)
+        if encoded is None and encode_all:  # the plan warned
+            encoded = self._encode_prompts(instructions, system, chat, prefill, warn=False, for_generation=for_generation)
         return TokenBatches(self, instructions, plan, encoded, system, chat, prefill, for_generation)
 
     def _plan(
