@@ -341,6 +341,54 @@ def test_heap_trim_returns_freed_memory_to_the_os():
     del blocks
 
 
+def _is_own_mapping(nbytes: int) -> bool:
+    """Whether glibc serves a `nbytes` malloc with an mmap of its own (mallinfo2's count of mmapped blocks)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype, libc.malloc.restype = MallInfo2, ctypes.c_void_p
+    libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(nbytes)
+    try:
+        return libc.mallinfo2().hblks > before
+    finally:
+        libc.free(block)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallinfo2 and mallopt are glibc calls")
+def test_capture_leaves_glibc_free_to_reuse_heap_pages_afterwards(llama_adapter, monkeypatch):
+    monkeypatch.delenv("FEATSTEER_MALLOC_TUNING", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    capture(llama_adapter, PROMPTS[:4], "blocks.1.hook_resid_pre", batch_size=2, progress=False)
+    # a 24 MiB block comes from the heap, whose pages are reused, not from a fresh mapping the kernel faults in and
+    # zeroes page by page (kept pinned at 128 KiB, every later forward pass and generation paid that as system time)
+    assert not _is_own_mapping(24 << 20)
+
+
+def test_the_mmap_threshold_is_pinned_inside_the_outermost_block_only(monkeypatch):
+    from featsteer.activations import heap
+
+    calls = []
+    monkeypatch.setattr(heap, "_libc_function", lambda name, argtypes: lambda *args: calls.append(args) or 1)
+    monkeypatch.delenv("FEATSTEER_MALLOC_TUNING", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with heap.fragmentation_limited() as pinned, heap.fragmentation_limited() as nested:
+        assert pinned and nested and calls == [(heap.M_MMAP_THRESHOLD, 128 * 1024)]  # a capture inside one keeps the pin
+    assert calls[1:] == [(heap.M_MMAP_THRESHOLD, 32 << 20), (heap.M_TRIM_THRESHOLD, 64 << 20)]  # glibc's own ceiling
+    for variable, value in (("FEATSTEER_MALLOC_TUNING", "0"), ("MALLOC_MMAP_THRESHOLD_", "65536")):
+        calls.clear()
+        with monkeypatch.context() as patch:
+            patch.setenv(variable, value)
+            with heap.fragmentation_limited() as pinned:
+                assert not pinned
+        assert calls == []  # the user's choice: the allocator is left alone
+
+
 def test_all_tokens_from_an_index_skip_each_prompts_first_tokens(llama_adapter, tmp_path):
     hook = "blocks.1.hook_resid_pre"
     full = capture(llama_adapter, PROMPTS[:4], hook, positions="all", progress=False)

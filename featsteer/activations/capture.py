@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from featsteer.activations.heap import limit_fragmentation, trim
+from featsteer.activations.heap import fragmentation_limited, trim
 from featsteer.activations.positions import Positions
 from featsteer.activations.stats import RunningMoments
 from featsteer.activations.store import NOTHING_CAPTURED, ActivationReader, ActivationSet, ShardWriter
@@ -138,7 +138,6 @@ def capture(
     selector = positions if isinstance(positions, Positions) else Positions.parse(positions)
     hook_names = tuple(site.name for site in sites)
     stats: dict[str, RunningMoments] = {}
-    limit_fragmentation()  # see featsteer.activations.heap: large temporaries are unmapped when freed
     # post_instruction reads the prompts' shortest tail before the first batch: without a budget too, the plan's one
     # encoding holds it, and the batches are padded from it
     batches = adapter.token_batches(prompts, batch_size, max_batch_tokens, system, chat, encode_all=selector.mode == "post_instruction")
@@ -147,23 +146,24 @@ def capture(
     meta = {**_meta(selector, adapter, label, chat, system), "provenance": provenance}
     writer = ShardWriter(stream_to, hook_names, width, meta, shard_rows) if stream_to else None
     collector = _Collector(len(prompts), len(hook_names), width, dtype, one_row_per_prompt=selector.mode in ("last", "mean_last"))
-    try:
-        for batch_ids, batch in tqdm(batches, desc="capture", unit="batch", disable=not progress or len(batches) < 4, leave=False):
-            acts, row_prompt, row_pos = _capture_batch(adapter, batch, sites, selector, tail)
-            row_prompt = torch.tensor(batch_ids, dtype=torch.long)[row_prompt]
-            _check_finite(acts, hook_names, row_prompt, prompts)
-            _update_stats(stats, acts, hook_names, row_pos, selector, covariance)
-            acts = _stored(acts, dtype, hook_names, row_prompt, prompts)
+    with fragmentation_limited():  # see featsteer.activations.heap: large temporaries are unmapped when freed
+        try:
+            for batch_ids, batch in tqdm(batches, desc="capture", unit="batch", disable=not progress or len(batches) < 4, leave=False):
+                acts, row_prompt, row_pos = _capture_batch(adapter, batch, sites, selector, tail)
+                row_prompt = torch.tensor(batch_ids, dtype=torch.long)[row_prompt]
+                _check_finite(acts, hook_names, row_prompt, prompts)
+                _update_stats(stats, acts, hook_names, row_pos, selector, covariance)
+                acts = _stored(acts, dtype, hook_names, row_prompt, prompts)
+                if writer:
+                    writer.add(acts, row_prompt, row_pos)
+                else:
+                    collector.add(acts, row_prompt, row_pos)
+                del acts
+                trim()  # the batch's freed forward-pass memory goes back to the OS, not into the next peak
+        except BaseException:
             if writer:
-                writer.add(acts, row_prompt, row_pos)
-            else:
-                collector.add(acts, row_prompt, row_pos)
-            del acts
-            trim()  # the batch's freed forward-pass memory goes back to the OS, not into the next peak
-    except BaseException:
-        if writer:
-            writer.abort()
-        raise
+                writer.abort()
+            raise
     if writer:
         writer.close(prompts, stats)
         reader = ActivationReader(stream_to)

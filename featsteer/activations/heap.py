@@ -6,12 +6,18 @@ process hold far more than that:
 - *Dynamic mmap threshold.* A freed block that had been mmapped raises the threshold to its size, so
   from then on tensors of several MB come from the heap instead of mmap. Interleaved with live tensors
   they fragment it: a warm 11-layer GPT-2-small forward of 16 x 64 tokens peaks near 160 MB instead of
-  about 70 MB. `limit_fragmentation` pins the threshold at 128 KiB (glibc's documented starting value,
-  the same as setting `MALLOC_MMAP_THRESHOLD_=131072`), so large tensors are mmapped and unmapped when
-  freed. It applies to the whole process, once; set `FEATSTEER_MALLOC_TUNING=0` to leave the allocator
-  alone.
+  about 70 MB. `fragmentation_limited` pins the threshold at 128 KiB (glibc's documented starting value,
+  the same as setting `MALLOC_MMAP_THRESHOLD_=131072`) while a capture runs, so large tensors are mmapped
+  and unmapped when freed; set `FEATSTEER_MALLOC_TUNING=0` to leave the allocator alone.
 - *Retention.* Freed heap pages stay in the arenas. `trim` (`malloc_trim(0)`) hands them back between
   batches; it costs well under a millisecond, far below one batch's forward pass.
+
+The pin has a price: every mmapped tensor is a fresh mapping whose pages the kernel faults in and zeroes on
+first touch, for GPT-2 small about 40% of the capture's CPU time again as system time. Kept for the whole
+process, as it once was, it charged that to every later forward pass and generation too (a quarter of
+`make demo`'s CPU time was system time), where no memory bound asks for it. So it is released when the
+capture returns: the threshold goes to glibc's ceiling (32 MiB, where its dynamic threshold ends up after a
+forward pass frees large tensors) and the trim threshold to twice that, as glibc's dynamic rule sets them.
 
 Measured in `benchmarks/capture_throughput.py` (memory section). Elsewhere (macOS, musl, Windows)
 both functions do nothing.
@@ -19,14 +25,21 @@ both functions do nothing.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
 import sys
+from collections.abc import Iterator
 
-M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
+M_TRIM_THRESHOLD = -1  # mallopt parameter numbers in glibc's malloc.h
+M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 128 * 1024
+RELEASED_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
+"""glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: the most its dynamic threshold grows to."""
+RELEASED_TRIM_THRESHOLD_BYTES = 2 * RELEASED_MMAP_THRESHOLD_BYTES
+"""What glibc's dynamic rule sets the trim threshold to beside that mmap threshold."""
 
 
 @functools.cache
@@ -47,16 +60,41 @@ def _malloc_trim():
     return _libc_function("malloc_trim", (ctypes.c_size_t,))
 
 
-@functools.cache
-def limit_fragmentation() -> bool:
-    """Pin glibc's mmap threshold at 128 KiB for this process (once); True if it was set.
-
-    Skipped when `FEATSTEER_MALLOC_TUNING=0` or the user already chose `MALLOC_MMAP_THRESHOLD_`.
-    """
+def _tunable_mallopt():
+    """glibc's `mallopt`, or None when it is missing or the user asked to leave the allocator alone
+    (`FEATSTEER_MALLOC_TUNING=0`, or their own `MALLOC_MMAP_THRESHOLD_`)."""
     if os.environ.get("FEATSTEER_MALLOC_TUNING", "1") == "0" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    function = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int))
-    return bool(function is not None and function(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+        return None
+    return _libc_function("mallopt", (ctypes.c_int, ctypes.c_int))
+
+
+class _PinDepth:
+    """How many `fragmentation_limited` blocks are open (a capture inside a capture keeps the pin)."""
+
+    open_blocks = 0
+
+
+@contextlib.contextmanager
+def fragmentation_limited() -> Iterator[bool]:
+    """Pin glibc's mmap threshold at 128 KiB inside the block; yield True if it was pinned.
+
+    On leaving the outermost block the pin is released (mmap threshold 32 MiB, trim threshold 64 MiB), so that
+    forward passes outside a capture reuse heap pages instead of faulting in fresh ones for every tensor.
+    Does nothing when `FEATSTEER_MALLOC_TUNING=0` or the user already chose `MALLOC_MMAP_THRESHOLD_`.
+    """
+    mallopt = _tunable_mallopt()
+    if mallopt is None:
+        yield False
+        return
+    pinned = _PinDepth.open_blocks > 0 or bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    _PinDepth.open_blocks += 1
+    try:
+        yield pinned
+    finally:
+        _PinDepth.open_blocks -= 1
+        if _PinDepth.open_blocks == 0:
+            mallopt(M_MMAP_THRESHOLD, RELEASED_MMAP_THRESHOLD_BYTES)
+            mallopt(M_TRIM_THRESHOLD, RELEASED_TRIM_THRESHOLD_BYTES)
 
 
 def trim() -> bool:
