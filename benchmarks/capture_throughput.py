@@ -314,6 +314,15 @@ def _peak_additional(run: Callable[[], object]) -> int:
     return _status_bytes("VmHWM") - baseline
 
 
+def _pinned_forward(adapter, tokens, stop_at: str) -> None:
+    """The bare early-stopped forward under the allocator setting capture runs its forwards with (outside a capture
+    glibc's mmap threshold is not pinned: `featsteer.activations.heap`)."""
+    from featsteer.activations.heap import fragmentation_limited
+
+    with fragmentation_limited():
+        adapter.run(tokens, stop_at=stop_at)
+
+
 def memory_worker(n_prompts: int, threads: int = N_THREADS) -> dict:
     """Peak additional RSS of capturing last-token `resid_pre` at every layer for `n_prompts` prompts.
 
@@ -346,7 +355,7 @@ def memory_worker(n_prompts: int, threads: int = N_THREADS) -> dict:
             warm_capture.append(
                 _peak_additional(lambda: capture(adapter, first_batch, hooks, chat=False, progress=False))
             )
-            warm_forward.append(_peak_additional(lambda: adapter.run(tokens, stop_at=hooks[-1])))
+            warm_forward.append(_peak_additional(lambda: _pinned_forward(adapter, tokens, hooks[-1])))
     result_bytes = n_prompts * N_LAYERS * D_MODEL * 4
     assert result.activations.numel() * result.activations.element_size() == result_bytes
     additional = peak - baseline
