@@ -12,7 +12,8 @@ import torch
 
 from featsteer.errors import FeatsteerError
 from featsteer.models import FALLBACK_TEMPLATE, load_model, supported_model_types
-from featsteer.testing import byte_tokenizer, hooked_gpt2, saved_tokenizer, tiny_model
+from featsteer.models.harmony import CONTROL_TOKENS
+from featsteer.testing import HARMONY_SPECIALS, byte_tokenizer, hooked_gpt2, saved_tokenizer, tiny_model
 from tests.conftest import count_hooks
 
 PROMPTS = ["hello there", "a much longer instruction that needs padding", "third"]
@@ -1409,13 +1410,54 @@ def test_a_sequence_past_the_trained_context_of_a_rotary_model_warns_once(llama_
     assert caplog.text.count("runs past the 6 positions the model was trained on") == 1
 
 
-def test_stop_token_ids_read_the_vocabulary_once(monkeypatch):
-    """`stop_token_ids` runs once per generation batch; the tokenizer builds its whole vocabulary dict anew on every
-    `get_vocab`, which it called once per candidate end-of-turn token."""
+def _count_get_vocab(monkeypatch, tokenizer) -> list[int]:
+    """Spy on the tokenizer class's `get_vocab`: one entry per call."""
+    calls: list[int] = []
+    original = type(tokenizer).get_vocab
+    monkeypatch.setattr(type(tokenizer), "get_vocab", lambda self: calls.append(1) or original(self))
+    return calls
+
+
+def test_generation_reads_the_vocabulary_once_per_tokenizer(monkeypatch):
+    """`generate_with_tokens` and every `_greedy` batch asked `stop_token_ids` and `harmony_control_ids`, each of which built
+    the whole vocabulary dict anew (about 80 ms for Qwen's 151k tokens, 4 times per call): now once per tokenizer."""
     adapter = load_model("organism")
-    expected = adapter.stop_token_ids
-    calls = []
-    original = type(adapter.tokenizer).get_vocab
-    monkeypatch.setattr(type(adapter.tokenizer), "get_vocab", lambda self: calls.append(1) or original(self))
-    assert adapter.stop_token_ids == expected and expected
-    assert len(calls) == 1
+    adapter.show_progress = False
+    calls = _count_get_vocab(monkeypatch, adapter.tokenizer)
+    first = adapter.generate_with_tokens(["hello there", "bake bread"], max_new_tokens=3, batch_size=1)
+    second = adapter.generate_with_tokens(["hello there", "bake bread"], max_new_tokens=3, batch_size=1)
+    assert len(calls) <= 1 and first.token_ids == second.token_ids  # 0 when load_model already asked (is_harmony)
+    assert adapter.stop_token_ids and adapter.harmony_control_ids() is None and not adapter.is_harmony and len(calls) <= 1
+
+
+def test_vocabulary_caches_follow_added_tokens_a_new_tokenizer_and_the_generation_config():
+    """The cached vocabulary reads are keyed on the tokenizer and its size: tokens added after the first read (a harmony
+    vocabulary completed) and a replaced tokenizer are read again; the EOS ids of the generation settings are read on
+    every call."""
+    model, tokenizer = tiny_model("llama")
+    adapter = load_model(model, tokenizer=tokenizer)
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end in adapter.stop_token_ids and adapter.harmony_control_ids() is None and not adapter.is_harmony
+    assert adapter.special_text(["say <|call|>"]) == []
+    tokenizer.add_special_tokens({"additional_special_tokens": HARMONY_SPECIALS}, replace_extra_special_tokens=False)
+    assert end not in adapter.stop_token_ids and tokenizer.convert_tokens_to_ids("<|return|>") in adapter.stop_token_ids
+    assert adapter.is_harmony and set(adapter.harmony_control_ids().values()) == set(CONTROL_TOKENS)
+    assert adapter.special_text(["say <|call|>"]) == [(0, ["<|call|>"])]
+    user = tokenizer.convert_tokens_to_ids("<|user|>")
+    assert user not in adapter.stop_token_ids
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, user]
+    assert user in adapter.stop_token_ids
+    adapter.tokenizer = byte_tokenizer()
+    assert end in adapter.stop_token_ids and adapter.harmony_control_ids() is None and not adapter.is_harmony
+
+
+def test_special_text_follows_an_existing_token_made_special():
+    """Making a token the vocabulary already has special adds no token (the size stays), yet the tokenizer then reads its
+    text as that token: the kept special-token strings follow it."""
+    adapter = load_model("organism")
+    tokenizer, word = adapter.tokenizer, "thistle"
+    size = len(tokenizer)
+    assert word in tokenizer.get_vocab()
+    assert adapter.special_text([f"a {word} b"]) == []
+    tokenizer.add_special_tokens({"additional_special_tokens": [word]}, replace_extra_special_tokens=False)
+    assert len(tokenizer) == size and adapter.special_text([f"a {word} b"]) == [(0, [word])]

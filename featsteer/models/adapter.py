@@ -14,6 +14,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -61,6 +62,8 @@ MESSAGE_ENDS = {"<|end|>": "<|return|>"}
 """An end-of-turn token that ends only one message of a turn where the vocabulary also has the token it maps to: GPT-OSS's
 harmony format closes its analysis message with `<|end|>`, then writes the answer in a final message that `<|return|>`
 ends, so stopping at `<|end|>` there kept the reasoning as the response and dropped the answer."""
+
+_Cached = TypeVar("_Cached")
 
 HookFn = Callable[[Tensor, HookSite], "Tensor | None"]
 """A hook function: gets the activation `(batch, pos, d_model)` and its site; returns a replacement or
@@ -117,6 +120,28 @@ class _EncodedPrompts:
     """Each prompt's tokens after the end of its instruction (see `TokenBatch.n_post_instruction`)."""
     n_prefill: list[int] | None
     """Each prompt's prefill tokens; None without a prefill."""
+
+
+@dataclass(frozen=True)
+class _VocabTokens:
+    """What generation reads from a tokenizer's vocabulary (`ModelAdapter._vocab_tokens`)."""
+
+    harmony: bool
+    """True for a harmony vocabulary (GPT-OSS, `is_harmony_vocab`)."""
+    end_of_turn: frozenset[int]
+    """The ids of the end-of-turn tokens the vocabulary has (see `ModelAdapter.stop_token_ids`)."""
+    control: tuple[tuple[int, str], ...] | None
+    """A harmony vocabulary's control tokens as `(id, token)` pairs; None for every other vocabulary."""
+
+    @classmethod
+    def read(cls, vocab: Mapping[str, int]) -> _VocabTokens:
+        """Pick the tokens out of a `get_vocab()` dict."""
+        harmony = is_harmony_vocab(vocab)
+        ends = {int(vocab[token]) for token in END_OF_TURN_TOKENS if token in vocab and MESSAGE_ENDS.get(token) not in vocab}
+        if harmony:  # a harmony turn ends at <|return|> (answered) or <|call|> (a tool call)
+            ends.update(int(vocab[token]) for token in TURN_ENDS if token in vocab)
+        control = tuple((int(vocab[token]), token) for token in CONTROL_TOKENS if token in vocab) if harmony else None
+        return cls(harmony, frozenset(ends), control)
 
 
 @dataclass(frozen=True)
@@ -367,32 +392,47 @@ class ModelAdapter(ABC):
         """Token ids that end a generated response: the tokenizer's EOS, every id the model's generation settings list as
         one (`generation_config.eos_token_id`: Llama 3's `<|end_of_text|>` and `<|eom_id|>` beside its `<|eot_id|>` EOS,
         GLM-4's `<|user|>`), and the known end-of-turn tokens (`END_OF_TURN_TOKENS`) the vocabulary has, but for one that ends
-        only a message there (`MESSAGE_ENDS`: GPT-OSS's `<|end|>`); a harmony vocabulary's `<|return|>` and `<|call|>` end it."""
+        only a message there (`MESSAGE_ENDS`: GPT-OSS's `<|end|>`); a harmony vocabulary's `<|return|>` and `<|call|>` end it.
+        The EOS and the generation settings are read on every call, the vocabulary's tokens once per tokenizer state
+        (`_vocab_tokens`)."""
         ids = set(self._declared_stop_ids())
         eos = getattr(self.tokenizer, "eos_token_id", None)
         if eos is not None:
             ids.add(int(eos))
-        vocab = self.tokenizer.get_vocab()
-        ids.update(int(vocab[token]) for token in END_OF_TURN_TOKENS if token in vocab and MESSAGE_ENDS.get(token) not in vocab)
-        if is_harmony_vocab(vocab):  # a harmony turn ends at <|return|> (answered) or <|call|> (a tool call)
-            ids.update(int(vocab[token]) for token in TURN_ENDS if token in vocab)
-        return ids
+        return ids | self._vocab_tokens().end_of_turn
 
     def harmony_control_ids(self) -> dict[int, str] | None:
         """For a tokenizer of the harmony format (GPT-OSS): its control tokens by id, which `generate_with_tokens` keeps
         when decoding to find the final channel's message; None for every other tokenizer."""
-        vocab = self.tokenizer.get_vocab()
-        if not is_harmony_vocab(vocab):
-            return None
-        return {int(vocab[token]): token for token in CONTROL_TOKENS if token in vocab}
+        control = self._vocab_tokens().control
+        return None if control is None else dict(control)
 
     @property
     def is_harmony(self) -> bool:
-        """True for a tokenizer of the harmony format (GPT-OSS), worked out once per tokenizer (every tokenized batch asks)."""
-        known = getattr(self, "_harmony_for", None)
-        if known is None or known[0] is not self.tokenizer:
-            known = self._harmony_for = (self.tokenizer, is_harmony_vocab(self.tokenizer.get_vocab()))
-        return known[1]
+        """True for a tokenizer of the harmony format (GPT-OSS), worked out once per tokenizer state (every tokenized batch
+        asks)."""
+        return self._vocab_tokens().harmony
+
+    def _tokenizer_state(self) -> tuple[object, int, int]:
+        """What the caches of tokenizer-derived values are keyed on: the tokenizer object, its size (tokens added grow it)
+        and its count of added tokens (an existing token made special grows that alone). Cheap: no vocabulary is built."""
+        added = getattr(self.tokenizer, "added_tokens_decoder", None) or {}
+        return self.tokenizer, len(self.tokenizer), len(added)
+
+    def _cached_for_tokenizer(self, name: str, compute: Callable[[], _Cached]) -> _Cached:
+        """`compute()`, kept under `name` until the tokenizer is replaced or tokens are added to it (`_tokenizer_state`)."""
+        state = self._tokenizer_state()
+        known = self.__dict__.get(name)
+        if known is not None and known[0][0] is state[0] and known[0][1:] == state[1:]:
+            return known[1]
+        value = compute()
+        self.__dict__[name] = (state, value)
+        return value
+
+    def _vocab_tokens(self) -> _VocabTokens:
+        """The vocabulary's end-of-turn and harmony tokens, read with one `get_vocab()` (which builds the whole vocabulary
+        dict, about 80 ms for Qwen's 151k tokens) per tokenizer state: generation asks at every batch."""
+        return self._cached_for_tokenizer("_vocab_tokens_for", lambda: _VocabTokens.read(self.tokenizer.get_vocab()))
 
     def answer_opening(self) -> str:
         """The text appended to a chat-formatted prompt so that it ends where the answer starts: `<|channel|>final<|message|>`
@@ -569,15 +609,17 @@ class ModelAdapter(ABC):
         Returns:
             One pair per such instruction, in order; empty for ordinary prompts.
         """
-        found = [(i, self._special_in(text)) for i, text in enumerate(instructions)]
+        strings = self._special_strings()
+        found = [(i, special_token_texts(self.tokenizer, text, strings)) for i, text in enumerate(instructions)]
         return [(i, texts) for i, texts in found if texts]
 
+    def _special_strings(self) -> tuple[str, ...]:
+        """The tokenizer's special-token strings (`special_token_strings`), worked out once per tokenizer state."""
+        return self._cached_for_tokenizer("_special_strings_for", lambda: special_token_strings(self.tokenizer))
+
     def _special_in(self, text: str) -> list[str]:
-        """`special_token_texts` of one text, with the tokenizer's special-token strings worked out once per tokenizer."""
-        known = getattr(self, "_special_strings_for", None)
-        if known is None or known[0] is not self.tokenizer:
-            known = self._special_strings_for = (self.tokenizer, special_token_strings(self.tokenizer))
-        return special_token_texts(self.tokenizer, text, known[1])
+        """`special_token_texts` of one text, with the tokenizer's special-token strings kept (`_special_strings`)."""
+        return special_token_texts(self.tokenizer, text, self._special_strings())
 
     def _warn_special_text(self, instructions: Sequence[str], system: str | None = None, prefill: Sequence[str] | None = None,
                            label: str | None = None) -> None:
