@@ -406,22 +406,20 @@ def _examples(
         return {key: () for key in chosen}
     texts = [next(iter(acts[label].values())).prompts[index] for label, index in needed]
     hooks = sorted({hook for hook, _ in chosen}, key=lambda h: model.hook_site(h).order)
-    encoded, inside, tokens_index = {}, {}, None
+    encoded, inside, tokens_index, token_ids = {}, {}, None, None
     for group in _width_groups(model, {hook: sae_map[hook] for hook in hooks}):
         tokens_acts = capture(model, texts, group, positions="all", batch_size=batch_size, system=system, progress=False)
         encoded.update({hook: encode_activations(sae_map[hook], tokens_acts.hook(hook)).float() for hook in group})
         inside.update({hook: inside_domain(sae_map[hook], tokens_acts.hook(hook)) for hook in group})
-        tokens_index = tokens_acts.prompt_index
+        tokens_index, token_ids = tokens_acts.prompt_index, tokens_acts.token_id
     slot = {pair: i for i, pair in enumerate(needed)}
-    token_text = [_token_strings(model, text, system) for text in texts]
+    token_text = [_token_strings(model, token_ids[tokens_index == i]) for i in range(len(texts))]
     out = {}
     for (hook, feature), picks in chosen.items():
         examples = []
         for score, label, index in picks:
             i = slot[(label, index)]
-            per_token = encoded[hook][tokens_index == i, feature]
-            if per_token.shape[0] != len(token_text[i]):
-                raise FeatsteerError(f"token count mismatch for prompt {texts[i][:40]!r}: capture and tokenizer disagree")
+            per_token = encoded[hook][tokens_index == i, feature]  # the rows token_text[i] was read from
             first_position = first_trained_position(sae_map[hook])
             scored = _scored_tokens(acts[label][hook], index, len(token_text[i]), first_position)
             outside = tuple((~inside[hook][tokens_index == i]).tolist())
@@ -431,10 +429,10 @@ def _examples(
     return out
 
 
-def _token_strings(model: ModelAdapter, text: str, system: str | None) -> tuple[str, ...]:
-    batch = model.tokenize([text], system=system)
-    ids = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
-    return tuple(token_text(model.tokenizer, token) for token in ids)
+def _token_strings(model: ModelAdapter, ids: Tensor) -> tuple[str, ...]:
+    """Each token of a prompt as text, from the ids the all-token capture read (in position order): the prompts are not
+    tokenized a second time."""
+    return tuple(token_text(model.tokenizer, token) for token in ids.tolist())
 
 
 def _scored_tokens(acts: ActivationSet, prompt: int, n_tokens: int, first_position: int = 0) -> tuple[bool, ...]:

@@ -34,6 +34,21 @@ def test_last_token_capture_matches_single_prompt_runs(llama_adapter):
     torch.testing.assert_close(acts.hook("blocks.2.hook_resid_pre")[0], seen["x"][0])
 
 
+def test_capture_keeps_the_token_id_of_every_row(llama_adapter, tmp_path):
+    """Each row's token id comes from the tokenization the capture ran on (the feature report's example tokens read it
+    instead of tokenizing again); a set read back from disk does not know it."""
+    hook = "blocks.1.hook_resid_pre"
+    batch = llama_adapter.tokenize(PROMPTS[:6])
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+    full = capture(llama_adapter, PROMPTS[:6], hook, positions="all", batch_size=4, progress=False)
+    assert [full.token_id[full.prompt_index == i].tolist() for i in range(6)] == rows
+    last = capture(llama_adapter, PROMPTS[:6], hook, batch_size=4, progress=False)
+    assert last.token_id.tolist() == [row[-1] for row in rows]
+    tail = capture(llama_adapter, PROMPTS[:6], hook, positions="post_instruction", batch_size=4, progress=False)
+    assert tail.token_id.tolist() == [rows[int(i)][int(p)] for i, p in zip(tail.prompt_index, tail.position, strict=True)]
+    assert ActivationSet.load(full.save(tmp_path / "saved")).token_id is None
+
+
 def test_position_selectors(llama_adapter):
     hook = "blocks.1.hook_resid_pre"
     full = capture(llama_adapter, PROMPTS[:5], hook, positions="all", progress=False)

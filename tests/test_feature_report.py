@@ -15,7 +15,7 @@ from sae_lens.saes.sae import SAEMetadata
 
 from featsteer.activations import capture
 from featsteer.datasets import builtin_prompts
-from featsteer.directions.geometry import final_norm_gain
+from featsteer.directions.geometry import final_norm_gain, token_text
 from featsteer.errors import FeatsteerError
 from featsteer.feature_report import (
     REPORT_FILES,
@@ -531,3 +531,32 @@ def test_tied_ranks_are_marked_in_the_table_the_report_and_the_json(capsys, sae_
     note = f"ranks {first}-{last} tied at {value:.6g}"
     assert note in out and "ordered by layer, then feature id" in out
     assert note in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_example_tokens_come_from_the_capture_without_tokenizing_the_prompts_again(model, saes, monkeypatch):
+    """The examples' token strings were read from a second tokenization of every example prompt after the all-token
+    capture had tokenized them: now each capture's one tokenization is the only one (encodes = prompts captured)."""
+    import featsteer.feature_report as feature_report
+
+    captured: list[int] = []
+    encoded: list[str] = []
+    original_capture, original_call = feature_report.capture, type(model.tokenizer).__call__
+
+    def counting_capture(model_, prompts, *args, **kwargs):
+        captured.append(len(prompts))
+        return original_capture(model_, prompts, *args, **kwargs)
+
+    def counting_call(self, text, *args, **kwargs):
+        encoded.extend([text] if isinstance(text, str) else text)
+        return original_call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(feature_report, "capture", counting_capture)
+    monkeypatch.setattr(type(model.tokenizer), "__call__", counting_call)
+    ranking = rank_features(model, saes, HARMFUL, HARMLESS, top_n=TOP_N)
+    shown = {e.prompt: e.tokens for d in ranking.features for e in d.examples}
+    assert shown and len(captured) == 3  # harmful, harmless, then the examples' all-token capture
+    assert len(encoded) == sum(captured)
+    for prompt, tokens in shown.items():
+        batch = model.tokenize([prompt])
+        ids = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
+        assert tokens == tuple(token_text(model.tokenizer, token) for token in ids)

@@ -149,7 +149,7 @@ def capture(
     with fragmentation_limited():  # see featsteer.activations.heap: large temporaries are unmapped when freed
         try:
             for batch_ids, batch in tqdm(batches, desc="capture", unit="batch", disable=not progress or len(batches) < 4, leave=False):
-                acts, row_prompt, row_pos = _capture_batch(adapter, batch, sites, selector, tail)
+                acts, row_prompt, row_pos, row_token_id = _capture_batch(adapter, batch, sites, selector, tail)
                 row_prompt = torch.tensor(batch_ids, dtype=torch.long)[row_prompt]
                 _check_finite(acts, hook_names, row_prompt, prompts)
                 _update_stats(stats, acts, hook_names, row_pos, selector, covariance)
@@ -157,7 +157,7 @@ def capture(
                 if writer:
                     writer.add(acts, row_prompt, row_pos)
                 else:
-                    collector.add(acts, row_prompt, row_pos)
+                    collector.add(acts, row_prompt, row_pos, row_token_id)
                 del acts
                 trim()  # the batch's freed forward-pass memory goes back to the OS, not into the next peak
         except BaseException:
@@ -168,7 +168,7 @@ def capture(
         writer.close(prompts, stats)
         reader = ActivationReader(stream_to)
         return reader.load() if load_back else reader
-    acts, row_prompt, row_pos = collector.finish()
+    acts, row_prompt, row_pos, row_token_id = collector.finish()
     return ActivationSet(
         activations=acts,
         hook_names=hook_names,
@@ -182,6 +182,7 @@ def capture(
         system=system,
         stats=stats,
         provenance=provenance,
+        token_id=row_token_id,
     )
 
 
@@ -229,8 +230,10 @@ def common_tail(adapter: ModelAdapter, prompts: list[str], system: str | None, c
 
 
 def _capture_batch(adapter: ModelAdapter, batch: TokenBatch, sites, selector: Positions,
-                   tail: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   tail: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One batch's kept rows: `(activations (row, hook, width), row's batch index, position label, token id)`."""
     row_batch, row_token, row_pos = selector.plan(batch.attention_mask.cpu(), batch.n_post_instruction, tail)
+    row_token_id = batch.input_ids.cpu()[row_batch, row_token]
     kept: dict[str, Tensor] = {}
 
     def keep(activation: Tensor, site) -> None:
@@ -239,7 +242,7 @@ def _capture_batch(adapter: ModelAdapter, batch: TokenBatch, sites, selector: Po
 
     with adapter.hooks([(site.name, keep) for site in sites]):
         adapter.run(batch, stop_at=sites[-1].name)
-    return torch.stack([kept[site.name] for site in sites], 1), row_batch, row_pos
+    return torch.stack([kept[site.name] for site in sites], 1), row_batch, row_pos, row_token_id
 
 
 def _check_finite(acts: Tensor, hook_names: tuple[str, ...], row_prompt: Tensor, prompts: list[str]) -> None:
@@ -287,24 +290,26 @@ class _Collector:
     def __init__(self, n_prompts: int, n_hooks: int, d_model: int, dtype: torch.dtype, one_row_per_prompt: bool):
         self.fixed = torch.empty(n_prompts, n_hooks, d_model, dtype=dtype) if one_row_per_prompt else None
         self.position = torch.full((n_prompts,), -1, dtype=torch.long)
-        self.chunks: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.token_id = torch.zeros(n_prompts, dtype=torch.long)
+        self.chunks: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
 
-    def add(self, acts: Tensor, row_prompt: Tensor, row_pos: Tensor) -> None:
+    def add(self, acts: Tensor, row_prompt: Tensor, row_pos: Tensor, token_id: Tensor) -> None:
         if self.fixed is not None:
             self.fixed[row_prompt] = acts
+            self.token_id[row_prompt] = token_id
         else:
-            self.chunks.append((acts, row_prompt, row_pos))
+            self.chunks.append((acts, row_prompt, row_pos, token_id))
 
-    def finish(self) -> tuple[Tensor, Tensor, Tensor]:
+    def finish(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if self.fixed is not None:
-            return self.fixed, torch.arange(self.fixed.shape[0]), self.position
-        acts, row_prompt, row_pos = (torch.cat(parts) for parts in zip(*self.chunks, strict=True))
+            return self.fixed, torch.arange(self.fixed.shape[0]), self.position, self.token_id
+        acts, row_prompt, row_pos, token_id = (torch.cat(parts) for parts in zip(*self.chunks, strict=True))
         self.chunks.clear()
         if row_pos.numel() == 0:  # as a streamed capture says it (ShardWriter.close)
             raise FeatsteerError(NOTHING_CAPTURED)
         span = int(row_pos.abs().max()) + 1
         order = torch.argsort(row_prompt * (2 * span + 1) + row_pos + span)
-        return acts[order], row_prompt[order], row_pos[order]
+        return acts[order], row_prompt[order], row_pos[order], token_id[order]
 
 
 def _meta(selector: Positions, adapter: ModelAdapter, label: str | None, chat: bool, system: str | None) -> dict:

@@ -62,6 +62,9 @@ class ActivationSet:
     (the prompt layout: the chat template with its system prompt rendered around the text `{instruction}`; None for raw
     text), `fallback_template` (True when the tokenizer had no chat template and featsteer's plain-text one was used),
     `stored_dtype` and `versions` (featsteer, torch, transformers). Empty for a set built by hand."""
+    token_id: Tensor | None = field(default=None, compare=False, repr=False)
+    """`(row,)` the id of the token each row was read at (for `mean_last`, the window's last token), from the one
+    tokenization `capture` ran on; None where not known (a set read from disk or built by hand): it is not saved."""
 
     def __len__(self) -> int:
         return len(self.prompts)
