@@ -303,3 +303,35 @@ def test_planned_batches_hold_the_prompt_each_use_asks_for(harmony_adapter, budg
             each = [flags] * len(prompts) if isinstance(flags, bool) else flags
             expected = harmony_adapter.tokenize([prompts[i] for i in rows], for_generation=[each[i] for i in rows])
             assert torch.equal(batch.input_ids, expected.input_ids) and torch.equal(batch.attention_mask, expected.attention_mask)
+
+
+# ---- generation with a short budget of its own answers directly: the optimiser's targets, compare's picks ----------
+def _reasoning_or_answer(adapter, reasoning: list[int], answer: list[int]):
+    """A hook that makes greedy generation write `answer` when it starts after the answer opening (a prefill, as
+    `direct_answer_prefill` gives) and `reasoning` when it starts at the generation prompt `<|start|>assistant`."""
+    unembed, _ = adapter.unembed()
+    weight = adapter.model.model.norm.weight.detach()
+
+    def force(activation, site):
+        step = adapter.generation_step
+        opened = adapter.pass_prefill is not None and adapter.pass_prefill.numel() > 0
+        script = answer if opened else reasoning
+        activation = activation.clone()
+        activation[:, -1] = 100 * unembed[script[min(step or 0, len(script) - 1)]].detach() / weight
+        return activation
+
+    return [(f"blocks.{adapter.n_layers - 1}.hook_resid_post", force)]
+
+
+def test_a_direct_answer_is_the_final_message_and_stops_at_its_end(harmony_adapter, caplog, monkeypatch):
+    monkeypatch.delitem(harmony_adapter.__dict__, "_short_budget_warned", raising=False)  # warned once per adapter
+    adapter, tokenizer = harmony_adapter, harmony_adapter.tokenizer
+    answer = _script(tokenizer, "Ok<|end|>")  # the <|end|> closes the final message the answer opening began
+    with adapter.hooks(_forcing(adapter, answer + _script(tokenizer, "<|start|>assistant<|channel|>analysis<|message|>More"))), \
+            caplog.at_level("WARNING", logger="featsteer.models.adapter"):
+        generated = adapter.generate_with_tokens(["hi"], max_new_tokens=len(answer) + 12, keep_logits=False, prefill=[""])
+    assert generated.token_ids == [tuple(answer)] and generated.texts == ["Ok"] and generated.reasoning_only == (False,)
+    assert "is short for a harmony model" not in caplog.text  # a budget of its own, answered directly
+    assert adapter.direct_answer_prefill(2) == ["", ""]
+    assert load_model("tiny:llama").direct_answer_prefill(2) is None  # other models generate as before
+
