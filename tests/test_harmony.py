@@ -335,3 +335,28 @@ def test_a_direct_answer_is_the_final_message_and_stops_at_its_end(harmony_adapt
     assert adapter.direct_answer_prefill(2) == ["", ""]
     assert load_model("tiny:llama").direct_answer_prefill(2) is None  # other models generate as before
 
+
+def test_optimiser_targets_are_answers_generated_after_the_answer_opening(harmony_adapter, caplog, monkeypatch):
+    monkeypatch.delitem(harmony_adapter.__dict__, "_short_budget_warned", raising=False)  # warned once per adapter
+    from featsteer.directions import optimize as optimize_module
+    from featsteer.directions.optimize import OptimizeConfig
+
+    adapter, tokenizer = harmony_adapter, harmony_adapter.tokenizer
+    reasoning = _script(tokenizer, "<|channel|>analysis<|message|>I'm sorry, this is disallowed.")
+    answer = _script(tokenizer, "Sure, here.<|return|>")
+    config = OptimizeConfig(n_prompts=2, batch_size=2, target_tokens=12, refusal_weight=1.0)
+    start = torch.nn.functional.normalize(torch.ones(adapter.d_model), dim=0)
+    prompts = ["bake bread", "hi"]
+    with adapter.hooks(_reasoning_or_answer(adapter, reasoning, answer)), caplog.at_level("WARNING", logger="featsteer.models.adapter"):
+        targets = optimize_module._make_targets(adapter, start, "blocks.0.hook_resid_pre", 1.0, prompts, prompts, config)
+    assert "is short for a harmony model" not in caplog.text
+    # the detector judged the answer, not "I'm sorry" in the reasoning: both harmful answers are ablation targets
+    assert targets["ablation"].prompts == tuple(prompts) and targets["ablation"].tokens == (tuple(answer),) * 2
+    assert targets["retain"].tokens == (tuple(answer),) * 2 and targets["addition"].prompts == ()
+    for name in ("ablation", "retain", "refusal"):  # every loss reads its prompts where the answer starts
+        assert not targets[name].generated
+    opened = tokenizer(OPENED, add_special_tokens=False)["input_ids"]
+    assert targets["retain"].prompt_lengths[0] == len(opened)
+    batch = adapter.tokenize(["bake bread"], for_generation=targets["retain"].generated)
+    assert batch.input_ids[0].tolist() == opened
+
