@@ -360,3 +360,31 @@ def test_optimiser_targets_are_answers_generated_after_the_answer_opening(harmon
     batch = adapter.tokenize(["bake bread"], for_generation=targets["retain"].generated)
     assert batch.input_ids[0].tolist() == opened
 
+
+def test_compare_picks_judge_direct_answers_on_a_harmony_model(harmony_adapter, caplog, monkeypatch):
+    monkeypatch.delitem(harmony_adapter.__dict__, "_short_budget_warned", raising=False)  # warned once per adapter
+    import contextlib
+
+    from featsteer.compare import VALIDATION_NEW_TOKENS, CompareContext, jailbreak_rows, pick_induce_scale
+    from featsteer.datasets.loaders import PromptSet
+    from featsteer.pipeline import DirectionConfig
+
+    adapter, tokenizer = harmony_adapter, harmony_adapter.tokenizer
+    reasoning = _script(tokenizer, "<|channel|>analysis<|message|>Sure, the user wants bread.")
+    answer = _script(tokenizer, "I'm sorry, but I can't help with that.<|return|>")
+    prompts = PromptSet(("bake bread", "hi"), "test")
+    ctx = CompareContext(adapter, prompts, prompts, DirectionConfig(n_select=2, batch_size=2), val=(prompts, prompts), pick_kl="response")
+    with adapter.hooks(_reasoning_or_answer(adapter, reasoning, answer)), caplog.at_level("WARNING", logger="featsteer.models.adapter"):
+        _, rates = pick_induce_scale(adapter, lambda scale: contextlib.nullcontext(), list(prompts), scales=(1.0,))
+        base = ctx.validation_base()
+        answers: dict = {}
+        rows = jailbreak_rows(adapter, {"none": contextlib.nullcontext}, list(prompts), list(prompts), base,
+                              ctx.validation_generation(VALIDATION_NEW_TOKENS), answers=answers)
+        nll = ctx.validation_answers_nll()
+    assert rates == {1.0: 1.0}  # judged on the answer "I'm sorry, but I can't"; from <|start|>assistant, on reasoning: 0
+    assert rows["none"][0] == 1.0 and answers["none"].openings == ("", "") and answers["none"].reasoning_only == (False, False)
+    # the response-KL base holds the answers, read after the answer opening where they were written: the KL is 0
+    assert base.prefill == ("", "") and all(answer[: len(c)] == list(c) for c in base.continuations)
+    assert rows["none"][1] == pytest.approx(0.0, abs=1e-9) and nll > 0
+    assert "is short for a harmony model" not in caplog.text
+
