@@ -388,3 +388,29 @@ def test_compare_picks_judge_direct_answers_on_a_harmony_model(harmony_adapter, 
     assert rows["none"][1] == pytest.approx(0.0, abs=1e-9) and nll > 0
     assert "is short for a harmony model" not in caplog.text
 
+
+def test_the_short_budget_warning_names_an_option_of_the_command_that_warns(tmp_path, capsys, caplog):
+    """`directions --optimize` generates the optimiser's targets at `target_tokens` (16), which no --max-new-tokens sets
+    (the command has none): they answer directly and nothing is warned. A command whose generation budget is its
+    --max-new-tokens warns naming it."""
+    import argparse
+
+    from featsteer.cli import build_parser, main
+
+    model, tokenizer = tiny_model("gpt_oss", harmony=True)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    sets = ["--model", str(tmp_path / "m"), "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "8"]
+    with caplog.at_level("WARNING", logger="featsteer.models.adapter"):
+        code = main(["directions", *sets, "--n-select", "2", "--geometry", "off", "--optimize", "1", "--optimize-option", "n_prompts=2",
+                     "--optimize-option", "refusal_weight=1", "--out", str(tmp_path / "d")])
+    assert code == 0, capsys.readouterr().err
+    assert "is short for a harmony model" not in caplog.text
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert not any(a.option_strings == ["--max-new-tokens"] for a in commands["directions"]._actions)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="featsteer.models.adapter"):
+        assert main(["eval", *sets[:2], "--harmful", "builtin:harmful:test", "--harmless", "builtin:harmless:test", "--n", "2",
+                     "--max-new-tokens", "3"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "is short for a harmony model" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].endswith("use --max-new-tokens 256 or more")
