@@ -503,10 +503,11 @@ class CompareContext:
         harmless, batch_size = self.validation()[1], self.direction_config.batch_size
         if self.pick_kl == "response":
             if self._val_response_base is None:
+                direct = self.model.direct_answer_prefill(len(harmless))  # a harmony model answers without reasoning
                 answers = self.model.generate_with_tokens(harmless, max_new_tokens=PICK_RESPONSE_TOKENS, keep_logits=False,
-                                                          batch_size=batch_size, system=self.system).token_ids
+                                                          batch_size=batch_size, system=self.system, prefill=direct).token_ids
                 self._val_response_base = response_base(self.model, harmless, answers, max_tokens=PICK_RESPONSE_TOKENS,
-                                                        batch_size=batch_size, system=self.system)
+                                                        batch_size=batch_size, system=self.system, prefill=direct)
             return self._val_response_base
         if self._val_base is None:
             self._val_base = first_token_logprobs(self.model, harmless, batch_size=batch_size, system=self.system)
@@ -517,7 +518,9 @@ class CompareContext:
         `max_nll_rise` counts from."""
         if self._val_answers_nll is None:
             gen = self.validation_generation(VALIDATION_NEW_TOKENS)
-            answers = evaluate_set(self.model, self.validation()[1], "validation", gen, RefusalDetector())
+            harmless = self.validation()[1]
+            answers = evaluate_set(self.model, harmless, "validation", gen, RefusalDetector(),
+                                   prefill=self.model.direct_answer_prefill(len(harmless)))
             self._val_answers_nll = responses_nll(self.model, answers, gen) or 0.0
         return self._val_answers_nll
 
@@ -797,7 +800,9 @@ INDUCE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 VALIDATION_NEW_TOKENS = 16
 """Generation cap for the validation checks that pick a jailbreak method's setting (enough for a refusal opening,
-and for the short-unit loops "IIII..." of a broken model)."""
+and for the short-unit loops "IIII..." of a broken model). Every pick's generation (this cap, `PICK_RESPONSE_TOKENS`,
+`INDUCE_VALIDATION_NEW_TOKENS`) answers directly on a harmony model (`ModelAdapter.direct_answer_prefill`): these caps
+would end inside GPT-OSS's reasoning, and no option sets them."""
 PICK_KLS = ("first", "response")
 """What the jailbreak picks' KL reads: the first token, or the unedited model's whole validation answers."""
 PICK_RESPONSE_TOKENS = 32
@@ -851,7 +856,8 @@ def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], cont
     ones then).
 
     Unanswered means refused or lost in a loop (`SetResult.unanswered_rate`): a setting that breaks the model into
-    "IIIII..." refuses nothing, and must not win a pick for that.
+    "IIIII..." refuses nothing, and must not win a pick for that. A harmony model (GPT-OSS) answers directly, after the
+    answer opening (`ModelAdapter.direct_answer_prefill`): the picks' short budgets would end inside its reasoning.
 
     Args:
         model: the model.
@@ -866,15 +872,17 @@ def jailbreak_rows(model: ModelAdapter, settings: Mapping[Any, Callable[[], cont
             the logits `first_token_logprobs` computes in the same batches, rather than from a second forward pass.
     """
     detector, rows = RefusalDetector(), {}
+    direct_harmful, direct_harmless = model.direct_answer_prefill(len(harmful)), model.direct_answer_prefill(len(harmless))
     for setting, make in settings.items():
         with make():
-            unanswered = evaluate_set(model, harmful, "validation", gen, detector).unanswered_rate.rate
+            unanswered = evaluate_set(model, harmful, "validation", gen, detector, prefill=direct_harmful).unanswered_rate.rate
             if isinstance(base, ResponseBase):
                 kl = response_kl(model, base, batch_size=gen.batch_size).mean
                 if answers is not None:
-                    answers[setting] = evaluate_set(model, harmless, "validation", gen, detector)
+                    answers[setting] = evaluate_set(model, harmless, "validation", gen, detector, prefill=direct_harmless)
             elif answers is not None:  # the generation's prefill gives the first-token log-probs: no pass of their own
-                answers[setting] = evaluate_set(model, harmless, "validation", gen, detector, keep_logprobs=True)
+                answers[setting] = evaluate_set(model, harmless, "validation", gen, detector, keep_logprobs=True,
+                                                prefill=direct_harmless)
                 kl = kl_first_token(base, answers[setting].first_logprobs)
             else:
                 kl = kl_first_token(base, first_token_logprobs(model, harmless, batch_size=gen.batch_size, system=gen.system,
@@ -893,7 +901,7 @@ def pick_induce_scale(model: ModelAdapter, add: Callable[[float], contextlib.Abs
     Refusal is read from generations, not first-token logits: past some scale the organism's first token is
     still "I" but the response degenerates into "I'mI'mI'm...", which the logit proxy would score as refusal.
     Only refusals that do not loop count (`SetResult.coherent_refusal_rate`): "I'm sorryI'm sorryI'm sorry..."
-    is a broken model.
+    is a broken model. A harmony model (GPT-OSS) answers directly, after the answer opening (`ModelAdapter.direct_answer_prefill`).
 
     Args:
         model: the model.
@@ -913,7 +921,8 @@ def pick_induce_scale(model: ModelAdapter, add: Callable[[float], contextlib.Abs
     rates: dict[float, float] = {}
     for scale in sorted(scales):
         with add(scale):
-            rates[scale] = evaluate_set(model, prompts, "induce-scale", gen, detector).coherent_refusal_rate.rate
+            rates[scale] = evaluate_set(model, prompts, "induce-scale", gen, detector,
+                                        prefill=model.direct_answer_prefill(len(prompts))).coherent_refusal_rate.rate
     return weakest_within(rates, tolerance), rates
 
 
@@ -1283,7 +1292,8 @@ def _pick_induce(ctx: CompareContext, settings: Sequence[tuple[int, float]]) -> 
     rates: dict[tuple[int, float], float] = {}
     for k, multiple in sorted(settings, key=lambda setting: (strength[setting], setting)):
         with _feature_clamp(ctx, multiple, k):
-            rates[(k, multiple)] = evaluate_set(ctx.model, val_harmless, "sae-validation", gen, detector).coherent_refusal_rate.rate
+            rates[(k, multiple)] = evaluate_set(ctx.model, val_harmless, "sae-validation", gen, detector,
+                                                prefill=ctx.model.direct_answer_prefill(len(val_harmless))).coherent_refusal_rate.rate
     chosen = weakest_within(rates, ctx.sae_config.tolerance)
     ctx.note(sae_validation={_setting_label(*key): {"refusal_harmless": rate, "clamp_norm": strength[key]} for key, rate in rates.items()})
     return chosen

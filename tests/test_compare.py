@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -386,8 +387,9 @@ def test_induce_scale_is_the_smallest_within_tolerance_of_the_best(monkeypatch):
         yield
         current.clear()
 
-    def fake_eval(model, prompts, name, gen, detector):
+    def fake_eval(model, prompts, name, gen, detector, prefill=None):
         assert gen.max_new_tokens == 32 and current  # generated under the addition, long enough for a sentence to loop
+        assert prefill is None  # a direct answer's empty prefills are a harmony model's only
         scale = current["scale"]
         refusal, answer, loop = "I'm sorry, but I can't help with that.", "Sure! Here is a plan.", "I'm sorry, but I can't help with" * 3
         if scale == 1.0:
@@ -400,9 +402,10 @@ def test_induce_scale_is_the_smallest_within_tolerance_of_the_best(monkeypatch):
         return SetResult(name, ("p",) * 20, tuple(responses), tuple(refused), refusal_rate(refused))
 
     monkeypatch.setattr(cmp, "evaluate_set", fake_eval)
-    scale, seen = pick_induce_scale(None, add, ["p"], scales=list(coherent))
+    model = SimpleNamespace(direct_answer_prefill=lambda n: None)  # not a harmony model
+    scale, seen = pick_induce_scale(model, add, ["p"], scales=list(coherent))
     assert scale == 0.5 and seen == {k: v / 20 for k, v in coherent.items()}
-    assert pick_induce_scale(None, add, ["p"], scales=list(coherent), tolerance=0.0)[0] == 0.75
+    assert pick_induce_scale(model, add, ["p"], scales=list(coherent), tolerance=0.0)[0] == 0.75
     with add(1.0):  # the looping scale: the detector alone calls all twenty refusals
         assert fake_eval(None, [], "x", cmp.GenerationConfig(max_new_tokens=32), None).rate.rate == 1.0
 

@@ -303,3 +303,114 @@ def test_planned_batches_hold_the_prompt_each_use_asks_for(harmony_adapter, budg
             each = [flags] * len(prompts) if isinstance(flags, bool) else flags
             expected = harmony_adapter.tokenize([prompts[i] for i in rows], for_generation=[each[i] for i in rows])
             assert torch.equal(batch.input_ids, expected.input_ids) and torch.equal(batch.attention_mask, expected.attention_mask)
+
+
+# ---- generation with a short budget of its own answers directly: the optimiser's targets, compare's picks ----------
+def _reasoning_or_answer(adapter, reasoning: list[int], answer: list[int]):
+    """A hook that makes greedy generation write `answer` when it starts after the answer opening (a prefill, as
+    `direct_answer_prefill` gives) and `reasoning` when it starts at the generation prompt `<|start|>assistant`."""
+    unembed, _ = adapter.unembed()
+    weight = adapter.model.model.norm.weight.detach()
+
+    def force(activation, site):
+        step = adapter.generation_step
+        opened = adapter.pass_prefill is not None and adapter.pass_prefill.numel() > 0
+        script = answer if opened else reasoning
+        activation = activation.clone()
+        activation[:, -1] = 100 * unembed[script[min(step or 0, len(script) - 1)]].detach() / weight
+        return activation
+
+    return [(f"blocks.{adapter.n_layers - 1}.hook_resid_post", force)]
+
+
+def test_a_direct_answer_is_the_final_message_and_stops_at_its_end(harmony_adapter, caplog, monkeypatch):
+    monkeypatch.delitem(harmony_adapter.__dict__, "_short_budget_warned", raising=False)  # warned once per adapter
+    adapter, tokenizer = harmony_adapter, harmony_adapter.tokenizer
+    answer = _script(tokenizer, "Ok<|end|>")  # the <|end|> closes the final message the answer opening began
+    with adapter.hooks(_forcing(adapter, answer + _script(tokenizer, "<|start|>assistant<|channel|>analysis<|message|>More"))), \
+            caplog.at_level("WARNING", logger="featsteer.models.adapter"):
+        generated = adapter.generate_with_tokens(["hi"], max_new_tokens=len(answer) + 12, keep_logits=False, prefill=[""])
+    assert generated.token_ids == [tuple(answer)] and generated.texts == ["Ok"] and generated.reasoning_only == (False,)
+    assert "is short for a harmony model" not in caplog.text  # a budget of its own, answered directly
+    assert adapter.direct_answer_prefill(2) == ["", ""]
+    assert load_model("tiny:llama").direct_answer_prefill(2) is None  # other models generate as before
+
+
+def test_optimiser_targets_are_answers_generated_after_the_answer_opening(harmony_adapter, caplog, monkeypatch):
+    monkeypatch.delitem(harmony_adapter.__dict__, "_short_budget_warned", raising=False)  # warned once per adapter
+    from featsteer.directions import optimize as optimize_module
+    from featsteer.directions.optimize import OptimizeConfig
+
+    adapter, tokenizer = harmony_adapter, harmony_adapter.tokenizer
+    reasoning = _script(tokenizer, "<|channel|>analysis<|message|>I'm sorry, this is disallowed.")
+    answer = _script(tokenizer, "Sure, here.<|return|>")
+    config = OptimizeConfig(n_prompts=2, batch_size=2, target_tokens=12, refusal_weight=1.0)
+    start = torch.nn.functional.normalize(torch.ones(adapter.d_model), dim=0)
+    prompts = ["bake bread", "hi"]
+    with adapter.hooks(_reasoning_or_answer(adapter, reasoning, answer)), caplog.at_level("WARNING", logger="featsteer.models.adapter"):
+        targets = optimize_module._make_targets(adapter, start, "blocks.0.hook_resid_pre", 1.0, prompts, prompts, config)
+    assert "is short for a harmony model" not in caplog.text
+    # the detector judged the answer, not "I'm sorry" in the reasoning: both harmful answers are ablation targets
+    assert targets["ablation"].prompts == tuple(prompts) and targets["ablation"].tokens == (tuple(answer),) * 2
+    assert targets["retain"].tokens == (tuple(answer),) * 2 and targets["addition"].prompts == ()
+    for name in ("ablation", "retain", "refusal"):  # every loss reads its prompts where the answer starts
+        assert not targets[name].generated
+    opened = tokenizer(OPENED, add_special_tokens=False)["input_ids"]
+    assert targets["retain"].prompt_lengths[0] == len(opened)
+    batch = adapter.tokenize(["bake bread"], for_generation=targets["retain"].generated)
+    assert batch.input_ids[0].tolist() == opened
+
+
+def test_compare_picks_judge_direct_answers_on_a_harmony_model(harmony_adapter, caplog, monkeypatch):
+    monkeypatch.delitem(harmony_adapter.__dict__, "_short_budget_warned", raising=False)  # warned once per adapter
+    import contextlib
+
+    from featsteer.compare import VALIDATION_NEW_TOKENS, CompareContext, jailbreak_rows, pick_induce_scale
+    from featsteer.datasets.loaders import PromptSet
+    from featsteer.pipeline import DirectionConfig
+
+    adapter, tokenizer = harmony_adapter, harmony_adapter.tokenizer
+    reasoning = _script(tokenizer, "<|channel|>analysis<|message|>Sure, the user wants bread.")
+    answer = _script(tokenizer, "I'm sorry, but I can't help with that.<|return|>")
+    prompts = PromptSet(("bake bread", "hi"), "test")
+    ctx = CompareContext(adapter, prompts, prompts, DirectionConfig(n_select=2, batch_size=2), val=(prompts, prompts), pick_kl="response")
+    with adapter.hooks(_reasoning_or_answer(adapter, reasoning, answer)), caplog.at_level("WARNING", logger="featsteer.models.adapter"):
+        _, rates = pick_induce_scale(adapter, lambda scale: contextlib.nullcontext(), list(prompts), scales=(1.0,))
+        base = ctx.validation_base()
+        answers: dict = {}
+        rows = jailbreak_rows(adapter, {"none": contextlib.nullcontext}, list(prompts), list(prompts), base,
+                              ctx.validation_generation(VALIDATION_NEW_TOKENS), answers=answers)
+        nll = ctx.validation_answers_nll()
+    assert rates == {1.0: 1.0}  # judged on the answer "I'm sorry, but I can't"; from <|start|>assistant, on reasoning: 0
+    assert rows["none"][0] == 1.0 and answers["none"].openings == ("", "") and answers["none"].reasoning_only == (False, False)
+    # the response-KL base holds the answers, read after the answer opening where they were written: the KL is 0
+    assert base.prefill == ("", "") and all(answer[: len(c)] == list(c) for c in base.continuations)
+    assert rows["none"][1] == pytest.approx(0.0, abs=1e-9) and nll > 0
+    assert "is short for a harmony model" not in caplog.text
+
+
+def test_the_short_budget_warning_names_an_option_of_the_command_that_warns(tmp_path, capsys, caplog):
+    """`directions --optimize` generates the optimiser's targets at `target_tokens` (16), which no --max-new-tokens sets
+    (the command has none): they answer directly and nothing is warned. A command whose generation budget is its
+    --max-new-tokens warns naming it."""
+    import argparse
+
+    from featsteer.cli import build_parser, main
+
+    model, tokenizer = tiny_model("gpt_oss", harmony=True)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    sets = ["--model", str(tmp_path / "m"), "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "8"]
+    with caplog.at_level("WARNING", logger="featsteer.models.adapter"):
+        code = main(["directions", *sets, "--n-select", "2", "--geometry", "off", "--optimize", "1", "--optimize-option", "n_prompts=2",
+                     "--optimize-option", "refusal_weight=1", "--out", str(tmp_path / "d")])
+    assert code == 0, capsys.readouterr().err
+    assert "is short for a harmony model" not in caplog.text
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert not any(a.option_strings == ["--max-new-tokens"] for a in commands["directions"]._actions)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="featsteer.models.adapter"):
+        assert main(["eval", *sets[:2], "--harmful", "builtin:harmful:test", "--harmless", "builtin:harmless:test", "--n", "2",
+                     "--max-new-tokens", "3"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "is short for a harmony model" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].endswith("use --max-new-tokens 256 or more")

@@ -149,6 +149,7 @@ def test_targets_are_the_generated_token_ids_with_their_end_of_turn(organism, di
     targets = optimize_module._make_targets(organism, start, dim.selection.chosen.hook, 1.0, harmful, harmless, config)
     own = organism.generate_with_tokens(harmless, max_new_tokens=32, batch_size=config.batch_size, keep_logits=False)
     assert targets["retain"].prompts == tuple(harmless) and targets["retain"].tokens == tuple(own.token_ids)
+    assert targets["retain"].generated and targets["ablation"].generated  # read after the prompt generation started from
     stops = organism.stop_token_ids
     assert sum(tokens[-1] in stops for tokens in targets["retain"].tokens) >= len(harmless) // 2
     with steer(organism, Ablate(start)):

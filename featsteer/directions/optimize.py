@@ -247,9 +247,10 @@ class _Targets:
     system: str | None = None
     """The system prompt the prompts are formatted with: the direction result's (`DirectionResult.system`)."""
     generated: bool = True
-    """The tokens are what generation wrote, read after the prompt it started from; False for an affirmative opening's
-    tokens or none (the refusal loss's first token), read where the answer starts (`ModelAdapter.format_prompts`; the two
-    differ only for a harmony model, GPT-OSS)."""
+    """The tokens are read after the prompt generation starts from (`ModelAdapter.format_prompts(for_generation=True)`),
+    where they were generated; False: read where the answer starts (`ModelAdapter.format_prompts`), for an affirmative
+    opening's tokens, none (the refusal loss's first token), or a harmony model's answers, which are generated there
+    (`_generated`). The two prompts differ only for a harmony model (GPT-OSS)."""
     encoded: _EncodedPrompts | None = None
     """The prompts' token ids, tokenized once when the targets are made (`ModelAdapter._encode_prompts`); every mini-batch
     is padded from them (`_batch`) instead of tokenized again each time a prompt is drawn. None: no prompts."""
@@ -408,39 +409,42 @@ def _make_targets(model: ModelAdapter, start: Tensor, hook: str, scale: float, h
     affirmative opening), the DIM-added model (harmless prompts, kept when refusals) and the unedited model (harmless
     prompts, all kept), each as the token ids it generated (`ModelAdapter.generate_with_tokens`): at most
     `target_tokens`, ending with the end-of-turn token where the answer ended within them, every prompt formatted with
-    `system`. The detector reads the answers' text."""
+    `system`. The detector reads the answers' text. On a harmony model (GPT-OSS) each answer is generated directly after
+    the answer opening (`_generated`) and read there."""
     detector = RefusalDetector()
     targets: dict[str, _Targets] = {}
-    # each prompt set tokenized once: every loss's targets are rows of it, and its mini-batches are padded from it
-    harmful_ids, harmless_ids = _encoded(model, harmful, system, True), _encoded(model, harmless, system, True)
-
-    def opened(prompts: list[str], generation: _EncodedPrompts | None) -> _EncodedPrompts | None:
-        """The prompts ending where the answer starts: the generation prompts' encoding but on a harmony model (GPT-OSS)."""
-        return _encoded(model, prompts, system, False) if model.answer_opening() else generation
-
+    generated = model.direct_answer_prefill(1) is None  # a harmony model's answers are generated after the answer opening
+    # each prompt set tokenized once: every loss's targets are rows of it, and its mini-batches are padded from it. Only a
+    # harmony model's two prompts differ, and its answers are generated where the answer starts, as the openings and the
+    # refusal loss read them: one encoding serves every loss
+    harmful_ids, harmless_ids = _encoded(model, harmful, system, generated), _encoded(model, harmless, system, generated)
     if config.ablation_targets == "affirm":
         openings = [_text_tokens(model, affirmative_opening(p), config.target_tokens) for p in harmful]
-        targets["ablation"] = _kept(harmful, opened(harmful, harmful_ids), openings, [True] * len(harmful), system, generated=False)
+        targets["ablation"] = _kept(harmful, harmful_ids, openings, [True] * len(harmful), system, generated=False)
     else:
         with steer(model, Ablate(start)):
             answers = _generated(model, harmful, config, system)
         targets["ablation"] = _kept(harmful, harmful_ids, answers.token_ids,
-                                    [_said(a) and not detector.is_refusal(a) for a in answers.texts], system)
+                                    [_said(a) and not detector.is_refusal(a) for a in answers.texts], system, generated=generated)
     with steer(model, AddDirection(start, scale, where=hook)):
         answers = _generated(model, harmless, config, system)
-    targets["addition"] = _kept(harmless, harmless_ids, answers.token_ids, [_said(a) and detector.is_refusal(a) for a in answers.texts], system)
+    targets["addition"] = _kept(harmless, harmless_ids, answers.token_ids, [_said(a) and detector.is_refusal(a) for a in answers.texts],
+                                system, generated=generated)
     answers = _generated(model, harmless, config, system)
-    targets["retain"] = _kept(harmless, harmless_ids, answers.token_ids, [True] * len(harmless), system)
+    targets["retain"] = _kept(harmless, harmless_ids, answers.token_ids, [True] * len(harmless), system, generated=generated)
     read = config.refusal_weight > 0  # no target tokens: the loss reads the first response token, where the answer starts
-    targets["refusal"] = _kept(harmful, opened(harmful, harmful_ids), [()] * len(harmful), [read] * len(harmful), system,
+    targets["refusal"] = _kept(harmful, harmful_ids, [()] * len(harmful), [read] * len(harmful), system,
                                tokenless=True, generated=False)
     return targets
 
 
 def _generated(model: ModelAdapter, prompts: list[str], config: OptimizeConfig, system: str | None = None) -> Generation:
-    """The model's greedy answers to `prompts`, at most `target_tokens` each, as texts and the token ids generated."""
+    """The model's greedy answers to `prompts`, at most `target_tokens` each, as texts and the token ids generated. On a
+    harmony model (GPT-OSS) generation starts after the answer opening (`ModelAdapter.direct_answer_prefill`): from the
+    generation prompt the first `target_tokens` would be the start of its reasoning, so the losses would teach the
+    reasoning and the detector would judge it."""
     return model.generate_with_tokens(prompts, max_new_tokens=config.target_tokens, batch_size=config.batch_size, keep_logits=False,
-                                      system=system)
+                                      system=system, prefill=model.direct_answer_prefill(len(prompts)))
 
 
 def _said(answer: str) -> bool:

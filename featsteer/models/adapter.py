@@ -447,6 +447,21 @@ class ModelAdapter(ABC):
                                  "(CLI: --harmony-opening final|none)")
         return ANSWER_OPENING if self.harmony_opening == "final" and self.is_harmony else ""
 
+    def direct_answer_prefill(self, n: int) -> list[str] | None:
+        """Prefills that make generation answer directly, for a pick or a target with a short budget of its own: on a
+        harmony model (GPT-OSS) `n` empty texts, so generation starts where a prefill goes, after `answer_opening()`, and
+        the tokens it writes are the answer, not reasoning that a short budget cuts before the answer (with
+        `harmony_opening` "none" that place is the generation prompt itself, the raw behaviour); a budget so given is not
+        warned about (`generate_with_tokens`). None for every other model: its generation is unchanged.
+
+        Args:
+            n: How many prompts will be generated for.
+
+        Returns:
+            The prefills to pass as `prefill=` to generation and to the measures that read its tokens, or None.
+        """
+        return [""] * n if self.is_harmony else None
+
     def _declared_stop_ids(self) -> set[int]:
         """The end-of-sequence ids the model's own generation settings declare; none by default (backends without them)."""
         return set()
@@ -958,6 +973,8 @@ class ModelAdapter(ABC):
         reasoning included, and the text is only its final channel's message; a response with no final message within
         `max_new_tokens` keeps its reasoning as the text, is flagged in `Generation.reasoning_only` and counted in a logged
         warning. The first-token logits are then read at the answer's start (`logits`), one more prompt pass per batch.
+        After a prefill (an empty one answers directly, `direct_answer_prefill`) the ids continue the final message the
+        answer opening began: its `<|end|>` ends the row, and a budget below `MIN_REASONING_TOKENS` is not warned about.
         """
         from tqdm.auto import tqdm
 
@@ -972,9 +989,11 @@ class ModelAdapter(ABC):
         if control is not None and prefill is None:
             self._warn_short_reasoning_budget(max_new_tokens)
         score_apart = keep_logits and chat and prefill is None and bool(self.answer_opening())
+        # a prefill goes after the answer opening: what is written after it is the final message's text
+        opened = self.answer_opening() if chat and prefill is not None else ""
         reasoning_only = [False] * len(instructions)
         for rows, batch in tqdm(batches, desc="generate", unit="batch", disable=not self.show_progress or len(batches) < 3, leave=False):
-            tokens, logits = self._greedy(batch, max_new_tokens, keep_stop=True)
+            tokens, logits = self._greedy(batch, max_new_tokens, keep_stop=True, opened=opened)
             if score_apart:  # the generation prompt stops before the answer opening: read the answer's first token there
                 scored = self.tokenize([instructions[i] for i in rows], system=system)
                 logits = self.run(scored, last_only=True)[:, -1, :].float().cpu()
@@ -984,7 +1003,7 @@ class ModelAdapter(ABC):
                     text_ids = row[:-1] if row and row[-1] in stop_set else row
                     responses[i] = self.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
                 else:
-                    reply = parse_harmony(harmony_text(self.tokenizer, row, control))
+                    reply = parse_harmony(opened + harmony_text(self.tokenizer, row, control))
                     responses[i], reasoning_only[i] = reply.answer, reply.reasoning_only
             if keep_logits:
                 if first is None:
@@ -998,7 +1017,9 @@ class ModelAdapter(ABC):
 
     def _warn_short_reasoning_budget(self, max_new_tokens: int) -> None:
         """Warn once per adapter that a harmony model given fewer than `MIN_REASONING_TOKENS` new tokens mostly stops
-        inside its reasoning, before its final answer."""
+        inside its reasoning, before its final answer. Only generation at a budget the caller chose gets here (the CLI
+        commands that generate so all take `--max-new-tokens`): the picks and targets with budgets of their own answer
+        directly (`direct_answer_prefill`)."""
         if max_new_tokens >= MIN_REASONING_TOKENS or self.__dict__.get("_short_budget_warned"):
             return
         self._short_budget_warned = True
@@ -1060,8 +1081,11 @@ class ModelAdapter(ABC):
         lengths = [len(ids) for ids in encoded.input_ids]
         return _token_budget_batches(lengths, batch_size, max_batch_tokens), encoded
 
-    def _greedy(self, batch: TokenBatch, max_new_tokens: int, keep_stop: bool = False) -> tuple[list[list[int]], Tensor]:
-        """Greedy tokens per row (cut at the stop token, kept with `keep_stop`) and the float32 logits of the first step."""
+    def _greedy(self, batch: TokenBatch, max_new_tokens: int, keep_stop: bool = False,
+                opened: str = "") -> tuple[list[list[int]], Tensor]:
+        """Greedy tokens per row (cut at the stop token, kept with `keep_stop`) and the float32 logits of the first step.
+        `opened`: the harmony header the prompts end with (`answer_opening()` before a prefill), so that an `<|end|>`
+        closing the message it opens ends the row."""
         stop_ids = torch.tensor(sorted(self.stop_token_ids), device=self.device)
         control = self.harmony_control_ids()
         finished = torch.zeros(batch.input_ids.shape[0], dtype=torch.bool, device=self.device)
@@ -1087,7 +1111,7 @@ class ModelAdapter(ABC):
                     generated.append(next_token)
                     finished |= torch.isin(next_token, stop_ids)
                     if control is not None:
-                        finished |= self._closed_final_message(generated, next_token, control)
+                        finished |= self._closed_final_message(generated, next_token, control, opened)
                     if bool(finished.all()):
                         break
                     # a finished row reads on, unmasked, and its outputs are dropped: masking it out would round the other
@@ -1103,16 +1127,18 @@ class ModelAdapter(ABC):
         stop_set = set(stop_ids.tolist())
         return [_cut_at_stop(row, stop_set, keep_stop) for row in torch.stack(generated, 1).tolist()], first_logits
 
-    def _closed_final_message(self, generated: list[Tensor], next_token: Tensor, control: Mapping[int, str]) -> Tensor:
+    def _closed_final_message(self, generated: list[Tensor], next_token: Tensor, control: Mapping[int, str],
+                              opened: str = "") -> Tensor:
         """`(batch,)` True for the rows whose `<|end|>` just closed a final-channel message of a harmony turn: the answer is
-        complete, though a model may go on with another message instead of `<|return|>`."""
+        complete, though a model may go on with another message instead of `<|return|>`. `opened`: the header the prompt
+        ended with, whose message the first generated tokens continue."""
         end = next(token for token, text in control.items() if text == END)
         closed = torch.zeros_like(next_token, dtype=torch.bool)
         rows = (next_token == end).nonzero()[:, 0].tolist()
         if rows:
             written = torch.stack(generated, 1)[rows].tolist()
             for row, ids in zip(rows, written, strict=True):
-                closed[row] = parse_harmony(harmony_text(self.tokenizer, ids, control)).final_closed
+                closed[row] = parse_harmony(opened + harmony_text(self.tokenizer, ids, control)).final_closed
         return closed
 
 
