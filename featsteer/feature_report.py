@@ -31,7 +31,7 @@ from sae_lens import SAE
 from torch import Tensor
 
 from featsteer.activations import ActivationSet, Positions, capture, hook_width
-from featsteer.directions.dim import means_coincide
+from featsteer.directions.dim import mean_row_norm, means_coincide
 from featsteer.directions.directions import unit
 from featsteer.directions.geometry import direct_logits, token_text
 from featsteer.errors import FeatsteerError
@@ -312,17 +312,18 @@ def scored_dim(sae: SAE, harmful: ActivationSet, harmless: ActivationSet, hook: 
     Raises:
         FeatsteerError: when a class has no such row, or the means are not finite.
     """
-    means = []
+    means, sizes = [], []
     for label, acts in (("harmful", harmful), ("harmless", harmless)):
         rows = acts.hook(hook)[spliced_rows(sae, acts, hook)]
         if rows.shape[0] == 0:
             raise FeatsteerError(f"{hook}: no {label} row is within the SAE's norm bound and past its untrained head, so it has no DIM "
                                  "direction: capture other positions or more prompts")
         means.append(rows.double().mean(0))
+        sizes.append(mean_row_norm(rows))
     difference = means[0] - means[1]
     if not bool(torch.isfinite(difference).all()):
         raise FeatsteerError(f"the activations at {hook} hold NaN or inf values: recapture them")
-    if means_coincide(means[0], means[1]):  # as difference_in_means: no direction
+    if means_coincide(means[0], means[1], max(sizes)):  # as difference_in_means: no direction
         return torch.zeros_like(difference).float()
     return unit(difference).float()
 

@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from featsteer.activations import Positions, capture
+from featsteer.activations import ActivationSet, Positions, capture
 from featsteer.datasets import PromptSet
 from featsteer.directions import find_directions, separability
-from featsteer.directions.dim import means_coincide
+from featsteer.directions.dim import mean_row_norm, means_coincide
 from featsteer.errors import FeatsteerError
 from featsteer.evaluation.metrics import RefusalTokens, first_token_logprobs, kl_first_token, refusal_score
 from featsteer.files import json_text, write_files
@@ -251,7 +251,7 @@ def probe_report(
         return torch.cat([a, b]).double().numpy(), [1] * len(a) + [0] * len(b)
 
     # a hook where every prompt has the same activation (layer 0 at a shared template token) carries nothing
-    carrying = [h for h in hooks if not means_coincide(acts[("train", "harmful")].mean(h), acts[("train", "harmless")].mean(h))]
+    carrying = [h for h in hooks if not _means_coincide_at(acts[("train", "harmful")], acts[("train", "harmless")], h)]
     constant, hooks = [h for h in hooks if h not in carrying], carrying
     if not hooks:
         raise FeatsteerError(f"no {kind} hook tells the two sets apart: their mean activations are identical at every layer "
@@ -277,6 +277,12 @@ def probe_report(
     control_keys = None if keys is None else {"n_keys": keys, "seen_share": control_task.seen_share}
     return ProbeReport(sweep, cosines, effects, hooks, sae_sources, None if layers is None else sorted(set(layers)),
                        control_task.name, control_keys, system)
+
+
+def _means_coincide_at(harmful: ActivationSet, harmless: ActivationSet, hook: str) -> bool:
+    """`means_coincide` of the two sets' last-position rows at `hook` (what the probes are fitted on), at the rows' size."""
+    harmful_rows, harmless_rows = harmful.at_position(hook).double(), harmless.at_position(hook).double()
+    return means_coincide(harmful_rows.mean(0), harmless_rows.mean(0), mean_row_norm(harmful_rows, harmless_rows))
 
 
 def _has(directions, hook: str) -> bool:

@@ -449,6 +449,52 @@ def test_means_coincide_is_relative_to_the_harmful_means_norm_and_absolute_below
     assert means_coincide(large, large + 1e-11) and not means_coincide(large, large + 1e-7)
     assert means_coincide(small, small + 1e-13) and not means_coincide(small, small + 1e-11)
     assert means_coincide(large.float(), large.float())
+    near_zero = torch.full((4,), 1e-6, dtype=torch.float64)  # the means of rows of norm ~1e4 centred across the prompts
+    assert not means_coincide(near_zero, near_zero + 1e-9) and means_coincide(near_zero, near_zero + 1e-9, row_norm=2e4)
+    assert not means_coincide(near_zero, near_zero + 1e-7, row_norm=2e4)
+
+
+def _centred_sets(seed: int, shift: float = 0.0) -> tuple[ActivationSet, ActivationSet]:
+    """400 rows of norm ~8e4 centred across the prompts (class means ~0) as the harmful set, the same rows in another
+    order (plus `shift` along the first axis) as the harmless one, at one hook."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randn(400, 64, dtype=torch.float64, generator=generator) * 1e4
+    rows -= rows.mean(0)
+    other = rows[torch.randperm(400, generator=generator)] + shift * torch.eye(64, dtype=torch.float64)[0]
+    return tuple(ActivationSet(r[:, None, :], ("blocks.0.hook_resid_pre",), torch.arange(400), torch.full((400,), -1),
+                               tuple(f"p{i}" for i in range(400)), label=label)
+                 for r, label in ((rows, "harmful"), (other, "harmless")))
+
+
+def test_centred_rows_in_another_order_give_no_direction_from_any_source():
+    """`means_coincide` scaled its rounding tolerance by the harmful mean's norm alone: rows of norm ~8e4 centred across
+    the prompts have means near zero, so the same rows in another order (means ~1e-12 apart, rounding alone) counted as a
+    difference in about half the seeds: DIM, SVD and the probes returned a unit vector of rounding noise and LEACE an
+    eraser of it. The tolerance now follows the rows' mean norm in every caller; a real 1e-3 shift is still found."""
+    from featsteer.directions.methods import svd_subspace
+    from featsteer.directions.probe_directions import probe_directions
+    from featsteer.feature_report import scored_dim
+    from featsteer.interventions import fit_leace
+    from featsteer.probe_report import _means_coincide_at
+    from tests.test_sae import random_sae
+
+    hook = "blocks.0.hook_resid_pre"
+    sae = random_sae("standard", hook=hook)
+    rounded = 0
+    for seed in range(20):
+        harmful, harmless = _centred_sets(seed)
+        difference = float((harmful.mean(hook) - harmless.mean(hook)).norm())
+        rounded += difference > 1e-12 * max(1.0, float(harmful.mean(hook).norm()))  # what the old test called a difference
+        assert float(difference_in_means(harmful, harmless).direction(hook).norm()) == 0, seed
+        assert float(svd_subspace(harmful, harmless).bases.norm()) == 0, seed
+        assert float(probe_directions(harmful, harmless, "whitened").bases.norm()) == 0, seed
+        assert fit_leace(harmful.hook(hook), harmless.hook(hook)) is None, seed
+        assert _means_coincide_at(harmful, harmless, hook), seed
+        assert float(scored_dim(sae, harmful, harmless, hook).norm()) == 0, seed
+    assert rounded > 0  # the reproduction still reaches the case
+    harmful, harmless = _centred_sets(0, shift=1e-3)
+    assert float(difference_in_means(harmful, harmless).direction(hook).norm()) == pytest.approx(1.0)
+    assert fit_leace(harmful.hook(hook), harmless.hook(hook)) is not None and not _means_coincide_at(harmful, harmless, hook)
 
 def test_late_layer_rule_counts_resid_post_as_the_next_blocks_input():
     """`blocks.l.hook_resid_post` is `blocks.{l+1}.hook_resid_pre`: on the 4-layer organism only block inputs 0-2 count

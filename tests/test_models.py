@@ -1461,3 +1461,21 @@ def test_special_text_follows_an_existing_token_made_special():
     assert adapter.special_text([f"a {word} b"]) == []
     tokenizer.add_special_tokens({"additional_special_tokens": [word]}, replace_extra_special_tokens=False)
     assert len(tokenizer) == size and adapter.special_text([f"a {word} b"]) == [(0, [word])]
+
+
+def test_the_appended_special_token_count_follows_a_llama_tokenizers_add_eos_token_set_after_first_use():
+    """The count of special tokens a tokenizer appends (cut from every prompt: an EOS is no part of it) was cached on the
+    tokenizer object alone; a Llama tokenizer whose `add_eos_token` is set after the first tokenized batch rebuilds its
+    post-processor and appends EOS from then on, and every later prompt ended with that EOS."""
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581": 3, **{c: 4 + i for i, c in enumerate("Hdelo")}}
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=[], add_bos_token=True, add_eos_token=False)
+    adapter = load_model(tiny_model("llama")[0], tokenizer=tokenizer)
+    before = adapter.tokenize(["Hello"], chat=False).input_ids[0].tolist()
+    assert before[0] == 1 and before[-1] != 2 and adapter._appended_special_tokens() == 0
+    tokenizer.add_eos_token = True
+    assert tokenizer("Hello")["input_ids"][-1] == 2  # the flag reached the post-processor (transformers rebuilds it)
+    assert adapter.tokenize(["Hello"], chat=False).input_ids[0].tolist() == before and adapter._appended_special_tokens() == 1
+    tokenizer.add_eos_token = False
+    assert adapter.tokenize(["Hello"], chat=False).input_ids[0].tolist() == before and adapter._appended_special_tokens() == 0

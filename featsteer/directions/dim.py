@@ -17,28 +17,47 @@ from featsteer.directions.directions import DirectionSet, unit
 from featsteer.errors import FeatsteerError
 
 IDENTICAL_MEANS_RTOL = 1e-12
-"""Class means closer than this fraction of the harmful mean's norm (of 1 when that norm is below 1) count as identical."""
+"""Class means closer than this fraction of the rows' size (`means_coincide`: the larger of the harmful mean's norm, the rows'
+mean norm when known, and 1) count as identical."""
 
 
-def means_coincide(harmful_mean: Float[Tensor, " d_model"], harmless_mean: Float[Tensor, " d_model"]) -> bool:
+def means_coincide(harmful_mean: Float[Tensor, " d_model"], harmless_mean: Float[Tensor, " d_model"], row_norm: float | None = None) -> bool:
     """Whether two class means are the same up to rounding, so their difference has no direction to find.
 
-    The one test every direction source applies (DIM, the probe directions, the probe report's layer filter, the
-    feature report's DIM): the float64 difference's norm at most `IDENTICAL_MEANS_RTOL` times the harmful mean's norm
-    (at least 1). It is relative because the float64 means of the same vectors summed in another order differ by
-    rounding in proportion to their size: the same prompts on both sides of a layer with a norm of 50,000 differ by
-    about 1e-11, where the probe directions' old absolute 1e-12 saw a direction that DIM did not (the whitened probe
-    returned a unit vector of rounding noise, the linear probe failed on an all-zero weight vector).
+    The one test every direction source applies (DIM, SVD, the probe directions, LEACE, the probe report's layer filter,
+    the feature report's DIM): the float64 difference's norm at most `IDENTICAL_MEANS_RTOL` times the largest of the
+    harmful mean's norm, `row_norm` and 1. It is relative because the float64 means of the same vectors summed in another
+    order differ by rounding in proportion to the size of the vectors summed: the same prompts on both sides of a layer
+    with a norm of 50,000 differ by about 1e-11, where the probe directions' old absolute 1e-12 saw a direction that DIM
+    did not (the whitened probe returned a unit vector of rounding noise, the linear probe failed on an all-zero weight
+    vector). The rows' size, not the mean's, is what the rounding follows: rows of norm 1e5 centred across the prompts
+    have means near zero that differ by about 1e-12 in another order, so a caller holding the rows passes `row_norm`
+    (`mean_row_norm` of both classes' rows).
 
     Args:
         harmful_mean: mean harmful activation (any float dtype; compared in float64).
         harmless_mean: mean harmless activation at the same hook and position.
+        row_norm: the size of the rows the means were taken over (`mean_row_norm`); None when only the means are known.
 
     Returns:
         True when the means coincide.
     """
     harmful_mean, harmless_mean = harmful_mean.double(), harmless_mean.double()
-    return float((harmful_mean - harmless_mean).norm()) <= IDENTICAL_MEANS_RTOL * max(1.0, float(harmful_mean.norm()))
+    scale = max(1.0, float(harmful_mean.norm()), 0.0 if row_norm is None else float(row_norm))
+    return float((harmful_mean - harmless_mean).norm()) <= IDENTICAL_MEANS_RTOL * scale
+
+
+def mean_row_norm(*row_sets: Float[Tensor, "n d_model"]) -> float:
+    """The largest of the sets' mean row norms (float64; empty sets left out, 0.0 when all are): the `row_norm` to give
+    `means_coincide` for the means of these rows, whose rounding grows with it.
+
+    Args:
+        row_sets: the rows of each class, `(n, d_model)` each (any float dtype).
+
+    Returns:
+        The largest mean row norm.
+    """
+    return max((float(rows.double().norm(dim=-1).mean()) for rows in row_sets if rows.shape[0] > 0), default=0.0)
 
 
 def shared_positions(harmful: ActivationSet, harmless: ActivationSet) -> list[int]:
@@ -106,7 +125,8 @@ def difference_in_means(harmful: ActivationSet, harmless: ActivationSet, hooks: 
     vectors, names, positions, norms, projections = [], [], [], [], {"harmful_projection": [], "harmless_projection": []}
     for hook in hook_list:
         for position in labels:
-            harmful_mean, harmless_mean = harmful.mean(hook, position), harmless.mean(hook, position)  # each read once
+            harmful_rows, harmless_rows = harmful.at_position(hook, position).double(), harmless.at_position(hook, position).double()
+            harmful_mean, harmless_mean = harmful_rows.mean(0), harmless_rows.mean(0)  # as ActivationSet.mean, each read once
             difference = harmful_mean - harmless_mean
             if not bool(torch.isfinite(difference).all()):
                 side = "harmful" if not bool(torch.isfinite(harmful_mean).all()) else "harmless"
@@ -114,7 +134,7 @@ def difference_in_means(harmful: ActivationSet, harmless: ActivationSet, hooks: 
                                      "recapture them (capture checks every row), or drop the rows that overflowed")
             # identical means (e.g. layer 0 at a template token every prompt shares) give no direction:
             # keep a zero vector so it scores as chance instead of failing the whole set
-            zero = means_coincide(harmful_mean, harmless_mean)
+            zero = means_coincide(harmful_mean, harmless_mean, mean_row_norm(harmful_rows, harmless_rows))
             vectors.append(torch.zeros_like(difference).float() if zero else unit(difference).float())
             names.append(hook)
             positions.append(position)

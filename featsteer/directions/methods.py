@@ -16,7 +16,13 @@ import torch
 from torch import Tensor
 
 from featsteer.activations import ActivationSet
-from featsteer.directions.dim import capture_provenance, difference_in_means, means_coincide, shared_positions
+from featsteer.directions.dim import (
+    capture_provenance,
+    difference_in_means,
+    mean_row_norm,
+    means_coincide,
+    shared_positions,
+)
 from featsteer.directions.directions import DirectionSet, unit
 from featsteer.errors import FeatsteerError
 
@@ -99,8 +105,8 @@ def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2,
         raise FeatsteerError(f"ridge must be a finite lambda >= 0 (0: the plain projector; None: set from the weaker components), got {ridge}")
     bases, names, positions, weights, lengths = [], [], [], [], []
     for hook, pos in _pairs(harmful, harmless):
-        basis, weight, length = _svd_basis(harmful.at_position(hook, pos).double(), harmful.mean(hook, pos).double(),
-                                           harmless.mean(hook, pos).double(), rank, ridge)
+        harmful_rows, harmless_rows = harmful.at_position(hook, pos).double(), harmless.at_position(hook, pos).double()
+        basis, weight, length = _svd_basis(harmful_rows, harmless_rows.mean(0), rank, ridge, mean_row_norm(harmful_rows, harmless_rows))
         bases.append(basis)
         weights.append(weight)
         lengths.append(length)  # what the selection's induce check adds along the first row, as for probe directions
@@ -111,18 +117,19 @@ def svd_subspace(harmful: ActivationSet, harmless: ActivationSet, rank: int = 2,
                          "rank": rank, "ridge": ridge, "capture": capture_provenance(harmful, harmless)})
 
 
-def _svd_basis(harmful_rows: Tensor, harmful_mean: Tensor, harmless_mean: Tensor, rank: int,
-               ridge: float | None) -> tuple[Tensor, list[float], float]:
+def _svd_basis(harmful_rows: Tensor, harmless_mean: Tensor, rank: int, ridge: float | None,
+               row_norm: float) -> tuple[Tensor, list[float], float]:
     """One hook and position of `svd_subspace`: the float32 `(rank, d_model)` basis (first row signed along the mean
     difference), its ridge weights and the mean difference's length along the first row. Where the class means coincide
-    (`means_coincide`, as for DIM and the probes) a zero basis with weight 0: the harmful prompts' own spread about the
-    harmless mean is all that is left there, and it says nothing about the classes."""
+    (`means_coincide` at the rows' size `row_norm`, as for DIM and the probes) a zero basis with weight 0: the harmful
+    prompts' own spread about the harmless mean is all that is left there, and it says nothing about the classes."""
+    harmful_mean = harmful_rows.mean(0)
     centred = harmful_rows - harmless_mean
     _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
     if rank > vh.shape[0]:  # at most one direction per prompt, and per dimension of the stream
         raise FeatsteerError(f"rank {rank} is more than the SVD of {centred.shape[0]} harmful prompts in {centred.shape[1]} "
                              f"dimensions can give ({vh.shape[0]}): lower the rank or add prompts")
-    if means_coincide(harmful_mean, harmless_mean):
+    if means_coincide(harmful_mean, harmless_mean, row_norm):
         return torch.zeros(rank, centred.shape[1]), [0.0] * rank, 0.0
     basis = vh[:rank]
     along = float(basis[0] @ (harmful_mean - harmless_mean))

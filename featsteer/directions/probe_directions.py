@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from featsteer.activations import ActivationSet
-from featsteer.directions.dim import capture_provenance, means_coincide, shared_positions
+from featsteer.directions.dim import capture_provenance, mean_row_norm, means_coincide, shared_positions
 from featsteer.directions.directions import DirectionSet
 from featsteer.errors import FeatsteerError
 
@@ -62,7 +62,7 @@ def probe_directions(harmful: ActivationSet, harmless: ActivationSet, method: st
             a, b = harmful.at_position(hook, position).double(), harmless.at_position(hook, position).double()
             x = torch.cat([a, b]).numpy()
             y = [1] * len(a) + [0] * len(b)
-            if means_coincide(a.mean(0), b.mean(0)):  # as difference_in_means: no direction to find, a zero vector
+            if means_coincide(a.mean(0), b.mean(0), mean_row_norm(a, b)):  # as difference_in_means: no direction, a zero vector
                 vectors.append(torch.zeros(a.shape[1]))
                 accuracy.append(0.5)
                 projection.append(0.0)

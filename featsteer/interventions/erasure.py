@@ -98,11 +98,12 @@ def fit_leace(harmful: Float[Tensor, "n d_model"], harmless: Float[Tensor, "m d_
     a, b = harmful.double().cpu(), harmless.double().cpu()
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise FeatsteerError("LEACE got NaN or inf activations: check the model and the capture")
-    from featsteer.directions.dim import means_coincide  # featsteer.directions imports the interventions
+    # imported here: featsteer.directions imports the interventions
+    from featsteer.directions.dim import mean_row_norm, means_coincide
 
     x = torch.cat([a, b])
     mean, delta = x.mean(0), a.mean(0) - b.mean(0)
-    if means_coincide(a.mean(0), b.mean(0)):  # the test DIM, SVD and the probes apply, so LEACE erases where they find a direction
+    if means_coincide(a.mean(0), b.mean(0), mean_row_norm(a, b)):  # the test DIM, SVD and the probes apply, so LEACE erases where they find a direction
         return None
     if shrinkage:
         from sklearn.covariance import LedoitWolf

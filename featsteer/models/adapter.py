@@ -419,9 +419,10 @@ class ModelAdapter(ABC):
         added = getattr(self.tokenizer, "added_tokens_decoder", None) or {}
         return self.tokenizer, len(self.tokenizer), len(added)
 
-    def _cached_for_tokenizer(self, name: str, compute: Callable[[], _Cached]) -> _Cached:
-        """`compute()`, kept under `name` until the tokenizer is replaced or tokens are added to it (`_tokenizer_state`)."""
-        state = self._tokenizer_state()
+    def _cached_for_tokenizer(self, name: str, compute: Callable[[], _Cached], extra: tuple = ()) -> _Cached:
+        """`compute()`, kept under `name` until the tokenizer is replaced or tokens are added to it (`_tokenizer_state`), or
+        until `extra` (whatever else the value depends on, compared with `==`) changes."""
+        state = (*self._tokenizer_state(), *extra)
         known = self.__dict__.get(name)
         if known is not None and known[0][0] is state[0] and known[0][1:] == state[1:]:
             return known[1]
@@ -786,16 +787,27 @@ class ModelAdapter(ABC):
     def _appended_special_tokens(self) -> int:
         """How many special tokens the tokenizer puts after a text when it adds them (an EOS for Llama tokenizers with
         `add_eos_token=True`), found by encoding one probe text with and without them; 0 for most tokenizers. Worked out
-        once per tokenizer (every tokenized batch asks), again if the adapter's tokenizer is replaced."""
-        known = getattr(self, "_appended_for", None)
-        if known is not None and known[0] is self.tokenizer:
-            return known[1]
+        once per tokenizer state and special-token rule (`_special_token_rule`: every tokenized batch asks), so setting a
+        Llama tokenizer's `add_eos_token` after a first call is seen."""
+        return self._cached_for_tokenizer("_appended_for", self._count_appended_special_tokens, self._special_token_rule())
+
+    def _special_token_rule(self) -> tuple:
+        """What decides where the tokenizer puts its special tokens: the fast tokenizer's post-processor, serialized (a
+        Llama tokenizer rebuilds it when `add_bos_token`/`add_eos_token` is set; the object read back is new every time,
+        so its content is compared), and the `add_bos_token`/`add_eos_token` flags a Python tokenizer reads when encoding.
+        Cheap: about a microsecond."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        processor = getattr(backend, "post_processor", None)
+        serialized = None if processor is None else processor.__getstate__()
+        return serialized, getattr(self.tokenizer, "add_bos_token", None), getattr(self.tokenizer, "add_eos_token", None)
+
+    def _count_appended_special_tokens(self) -> int:
+        """The probe behind `_appended_special_tokens`: the tokens after the text "a" that encoding it with special tokens
+        adds."""
         plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
         marked = self.tokenizer("a", add_special_tokens=True)["input_ids"]
         lead = next((i for i in range(len(marked) - len(plain) + 1) if marked[i : i + len(plain)] == plain), None)
-        count = 0 if lead is None else len(marked) - lead - len(plain)
-        self._appended_for = (self.tokenizer, count)
-        return count
+        return 0 if lead is None else len(marked) - lead - len(plain)
 
     def _pad_left(self, rows: list[list[int]], n_post: list[int]) -> TokenBatch:
         pad_id = self.tokenizer.pad_token_id
