@@ -9,12 +9,22 @@ written under a temporary name in the target folder and renamed over its final n
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import logging
 import math
 import os
+import shlex
 import shutil
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+STAGING_MARKER = ".featsteer-staging.json"
+"""The file an output staging folder (`output_staging`) holds until its files are placed: the writing process's id, host
+and start time, by which a later run knows a folder a killed run left (SIGKILL, power loss) as featsteer's own and gone."""
 
 
 def write_files(folder: str | Path, contents: Mapping[str, str | bytes]) -> Path:
@@ -130,33 +140,48 @@ def staging_folder(final: str | os.PathLike[str], inside: bool = False) -> Path:
 
 def output_staging(out: str | os.PathLike[str]) -> Path:
     """The staging folder for the output folder `out` (new or empty): inside `out` when it is an existing folder,
-    else beside it (its parent folders created)."""
+    else beside it (its parent folders created; staging folders that killed runs left beside `out` are removed first).
+    It holds a `STAGING_MARKER` naming this process until `place_output` places its files."""
     out = Path(out)
     if out.is_dir():
-        return staging_folder(out, inside=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return staging_folder(out)
+        work = staging_folder(out, inside=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+            remove_if_stale_staging(leftover)
+        work = staging_folder(out)
+    record = {"writer": "featsteer", "pid": os.getpid(), "host": socket.gethostname(), "started": _process_start(os.getpid())}
+    try:
+        (work / STAGING_MARKER).write_text(json.dumps(record), encoding="utf-8")
+    except OSError as error:
+        shutil.rmtree(work, ignore_errors=True)
+        raise _naming(error, out) from None
+    return work
 
 
 def place_output(work: Path, out: Path, last: tuple[str, ...] = ()) -> None:
     """Make the staged folder `work` (from `output_staging`) the output folder `out`: renamed to `out` when it was made
     beside it; made inside the existing folder `out`, its entries moved up into `out` (each whole; those named in
-    `last` after the others, so a reader that looks for one of them finds the rest there) and `work` removed.
+    `last` after the others, so a reader that looks for one of them finds the rest there) and `work` removed. Its
+    `STAGING_MARKER` is not placed: removed before the rename, or after the last entry is moved up.
 
     Raises:
         OSError: `out` holds anything besides `work` (files written there during the run), naming `out`.
     """
     import errno
 
+    marker = work / STAGING_MARKER
     if not (out.is_dir() and work.parent.samefile(out)):
         if out.exists():
             out.rmdir()  # empty (the caller checked it), made during the run
+        marker.unlink(missing_ok=True)
         work.rename(out)
         return
     if any(entry.name != work.name for entry in out.iterdir()):  # a rename would replace such a file silently
         raise OSError(errno.ENOTEMPTY, "files appeared in the output folder during the run", str(out))
-    for entry in sorted(work.iterdir(), key=lambda entry: entry.name in last):
+    for entry in sorted((entry for entry in work.iterdir() if entry.name != STAGING_MARKER), key=lambda entry: entry.name in last):
         entry.rename(out / entry.name)
+    marker.unlink(missing_ok=True)
     work.rmdir()
 
 
@@ -208,15 +233,126 @@ def _umask() -> int:
 
 def check_empty_folder(path: str | os.PathLike[str], what: str = "output folder", hint: str = "") -> None:
     """A run writes into a new or empty folder only: an earlier run's files left beside the new ones would read as one
-    run's output.
+    run's output. Staging folders that killed runs left there, when they are all it holds, are removed first
+    (`clear_stale_staging`).
 
     Raises:
-        FeatsteerError: `{what} {path} is not empty: choose a new path{hint}`, or the path is an existing file.
+        FeatsteerError: `{what} {path} is not empty: choose a new path{hint}` (when it holds only hidden entries, which
+            plain `ls` does not list, what each is and the command that removes them), or the path is an existing file.
     """
     from featsteer.errors import FeatsteerError
 
     folder = Path(path)
     if folder.exists() and not folder.is_dir():  # found only once everything was written beside it, as an OSError
         raise FeatsteerError(f"{what} {path} is an existing file: give a folder path (it is created if missing)")
-    if folder.is_dir() and any(folder.iterdir()):
-        raise FeatsteerError(f"{what} {path} is not empty: choose a new path{hint}")
+    if folder.is_dir():
+        clear_stale_staging(folder)
+        if any(folder.iterdir()):
+            raise FeatsteerError(f"{what} {path} is not empty: {hidden_entries_note(folder) or 'choose a new path'}{hint}")
+
+
+def staging_owner(folder: Path) -> dict | None:
+    """The writer an output staging folder's `STAGING_MARKER` records (`pid`, `host`, `started`), or None when `folder`
+    is not one: not a real folder named `.partial-*` or `.NAME.partial-*`, or without a marker featsteer wrote."""
+    if not (folder.name.startswith(".") and ".partial-" in folder.name) or folder.is_symlink() or not folder.is_dir():
+        return None
+    marker = folder / STAGING_MARKER
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() and not marker.is_symlink() else None
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(record, dict) and record.get("writer") == "featsteer" and isinstance(record.get("host"), str)
+            and type(record.get("pid")) is int):
+        return None
+    return record
+
+
+def staging_is_stale(owner: Mapping[str, object]) -> bool:
+    """Whether the run that wrote a staging folder (`staging_owner`) is provably gone: it ran on this machine and its
+    process no longer runs (or its process id now belongs to a process started at another time). A run on another
+    machine cannot be asked, and counts as alive."""
+    if owner["host"] != socket.gethostname() or os.name == "nt":  # on Windows, os.kill(pid, 0) would end the process
+        return False
+    pid = int(owner["pid"])  # type: ignore[call-overload]
+    if not process_alive(pid):
+        return True
+    started = owner.get("started")
+    return started is not None and _process_start(pid) not in (None, started)
+
+
+def remove_if_stale_staging(folder: Path) -> bool:
+    """Remove `folder` when it is an output staging folder whose run is provably gone (`staging_is_stale`), its marker
+    last, so a removal stopped half way leaves a folder still known as a stopped run's. Returns whether it was removed."""
+    owner = staging_owner(folder)
+    if owner is None or not staging_is_stale(owner):
+        return False
+    logger.warning("removing %s, which a featsteer run (process %s on this machine) was writing when it was stopped", folder, owner["pid"])
+    for entry in folder.iterdir():
+        if entry.name == STAGING_MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (folder / STAGING_MARKER).unlink()
+        folder.rmdir()
+    return not folder.exists()
+
+
+def clear_stale_staging(folder: Path) -> None:
+    """When everything in the existing folder `folder` is output staging folders, remove those whose run is provably gone
+    (`remove_if_stale_staging`): what a run killed while it wrote into `folder` left there. Anything else - a file, a
+    folder without featsteer's marker, a staging folder of a run that may still write - keeps every entry in place."""
+    entries = list(folder.iterdir())
+    if entries and all(staging_owner(entry) is not None for entry in entries):
+        for entry in entries:
+            remove_if_stale_staging(entry)
+
+
+def hidden_entries_note(folder: Path, shown: str | os.PathLike[str] | None = None) -> str | None:
+    """When the non-empty `folder` (given as `shown`) holds only hidden entries, which plain `ls` does not list: what each
+    one is and the command that removes them; None when it holds a visible one."""
+    entries = sorted(folder.iterdir())
+    if not entries or not all(entry.name.startswith(".") for entry in entries):
+        return None
+    base = Path(folder if shown is None else shown)
+    described = ", ".join(_describe_hidden(entry) for entry in entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+    command = "rm -r " + " ".join(shlex.quote(str(base / entry.name)) for entry in entries)
+    return (f"it holds only hidden entries, which plain `ls` does not list: {described}; if no run is writing there, "
+            f"remove {'it' if len(entries) == 1 else 'them'} with `{command}`, or choose a new path")
+
+
+def _describe_hidden(entry: Path) -> str:
+    owner = staging_owner(entry)
+    if owner is None:
+        if ".partial-" in entry.name and entry.is_dir():
+            return f"{entry.name} (a staging folder that records no writer: one an older featsteer left when it was stopped?)"
+        return f"{entry.name} (a hidden {'folder' if entry.is_dir() else 'file'})"
+    pid, host = owner["pid"], owner["host"]
+    if host != socket.gethostname():
+        return f"{entry.name} (the staging folder of a featsteer run on {host}, process {pid}, which cannot be checked from here)"
+    if staging_is_stale(owner):
+        return f"{entry.name} (the staging folder of a featsteer run, process {pid}, that was stopped before it finished)"
+    return f"{entry.name} (the staging folder of a featsteer run still running as process {pid})"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _process_start(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks after boot (Linux `/proc/PID/stat`), or None where that cannot be
+    read: with the process id, it tells the process that wrote a staging folder from a later one given the same id."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -1837,3 +1838,101 @@ def test_a_saved_svd_subspace_is_removed_with_the_ridge_weights_the_selection_sc
     code, out, err = _run(capsys, "steer", "--model", "organism", "--directions", str(tmp_path / "dirs" / "chosen"), "--mode", "ablate",
                           "--max-new-tokens", "2", "--prompt", "hi")
     assert code == 0 and "(rank 2, ridge-weighted)" in out, err
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from featsteer.files import output_staging
+work = output_staging(sys.argv[1])
+(work / "shard-00000.safetensors").write_bytes(b"half a shard")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _killed_run(out):
+    """Leave what a run killed (SIGKILL) while it built `out` leaves: its staging folder, inside `out` when that is an
+    existing folder, else beside it, with a file half written; its process is gone."""
+    import os
+
+    import featsteer
+
+    env = {**os.environ, "PYTHONPATH": str(Path(featsteer.__file__).parents[1])}
+    ended = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(out)], env=env, capture_output=True, check=False)
+    assert ended.returncode == -9, ended.stderr.decode()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(capsys, tmp_path):
+    """A run killed while it built --out in a hidden staging folder left it there: inside an existing empty --out the next
+    run refused the folder as "not empty" though plain `ls` showed nothing; beside a new --out the folder stayed for ever.
+    The staging folder records its writer (process id, host, start time): the next capture or directions run removes it
+    when that process is gone, and writes its output."""
+    capture = ["capture", "--model", "organism", "--prompts", "builtin:harmful:test", "--n", "2", "--hooks", "blocks.1.hook_resid_pre"]
+    directions = ["directions", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train", "--n", "12",
+                  "--n-select", "2", "--geometry", "off"]
+    for command, made in ((capture, "metadata.json"), (directions, "selection.json")):
+        inside, beside = tmp_path / command[0] / "inside", tmp_path / command[0] / "beside"
+        inside.mkdir(parents=True)
+        for out in (inside, beside):
+            _killed_run(out)
+        assert [p.name[:9] for p in inside.iterdir()] == [".partial-"]
+        assert [p.name[:15] for p in beside.parent.iterdir() if p.name.startswith(".")] == [".beside.partial"]
+        for out in (inside, beside):
+            code, _, err = _run(capsys, *command, "--out", str(out))
+            assert code == 0, err
+            assert (out / made).is_file() and not [p.name for p in out.iterdir() if p.name.startswith(".")]
+        assert sorted(p.name for p in beside.parent.iterdir()) == ["beside", "inside"]  # no staging folder left beside
+
+
+def test_a_staging_folder_not_provably_stale_is_kept_and_named(capsys, tmp_path):
+    """Only a staging folder featsteer marked, whose process is gone from this machine, is removed. One whose process runs,
+    one written on another machine, one without featsteer's marker, and any folder holding something besides staging
+    folders stay untouched; the error names each hidden entry and the command that removes them."""
+    import os
+    import shlex
+    import socket
+
+    from featsteer.files import STAGING_MARKER
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    here = socket.gethostname()
+    cases = {"running": {".partial-a1": (os.getpid(), here)}, "elsewhere": {".partial-b2": (ended.pid, "other.invalid")},
+             "unmarked": {".partial-c3": None}, "beside a file": {".partial-d4": (ended.pid, here), ".DS_Store": "file"}}
+    messages = {"running": "the staging folder of a featsteer run still running as process",
+                "elsewhere": "run on other.invalid, process", "unmarked": "a staging folder that records no writer",
+                "beside a file": ".DS_Store (a hidden file)"}
+    capture = ["capture", "--model", "organism", "--prompts", "builtin:harmful:test", "--n", "2", "--hooks", "blocks.1.hook_resid_pre"]
+    for case, entries in cases.items():
+        out = tmp_path / case
+        out.mkdir()
+        for name, owner in entries.items():
+            if owner == "file":
+                (out / name).write_text("x")
+                continue
+            (out / name).mkdir()
+            (out / name / "model.safetensors").write_bytes(b"half")
+            if owner is not None:
+                (out / name / STAGING_MARKER).write_text(json.dumps({"writer": "featsteer", "pid": owner[0], "host": owner[1], "started": None}))
+        before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+        for command in (capture, ["directions", "--harmful", "builtin:harmful:train", "--harmless", "builtin:harmless:train"]):
+            code, _, err = _run(capsys, *command, "--out", str(out))
+            assert code == 2 and len(err.strip().splitlines()) == 1 and "not empty: it holds only hidden entries" in err, err
+            assert messages[case] in err and f"rm -r {' '.join(shlex.quote(str(out / name)) for name in sorted(entries))}" in err
+            assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="no /proc to read a process's start time from")
+def test_a_staging_folder_whose_process_id_was_reused_is_stale():
+    """A process id given to a later process after the writer died does not keep the writer's staging folder alive: the
+    marker's start time differs from the running process's."""
+    import os
+    import socket
+
+    from featsteer.files import _process_start, staging_is_stale
+
+    host, me, started = socket.gethostname(), os.getpid(), _process_start(os.getpid())
+    assert not staging_is_stale({"pid": me, "host": host, "started": started})
+    assert staging_is_stale({"pid": me, "host": host, "started": started - 1})
+    assert not staging_is_stale({"pid": me, "host": host, "started": None})  # an unknown start: the process id alone
+    assert not staging_is_stale({"pid": me, "host": "other.invalid", "started": started - 1})  # cannot be asked there

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from featsteer.activations.stats import RunningMoments
 from featsteer.errors import FeatsteerError
-from featsteer.files import output_staging, place_output
+from featsteer.files import clear_stale_staging, hidden_entries_note, output_staging, place_output
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -211,11 +211,15 @@ class ShardWriter:
 
 def _check_free(path: Path, staging: Path | None = None) -> None:
     """An activation directory is written into a new or empty folder only: never over a file or someone's files
-    (`staging`, the writer's own staging folder inside `path`, does not count)."""
+    (`staging`, the writer's own staging folder inside `path`, does not count). Before the writer makes its staging
+    folder, staging folders that killed runs left in `path`, when they are all it holds, are removed."""
     if path.exists() and not path.is_dir():
         raise FeatsteerError(f"{path} is an existing file: give a new folder path for the activations")
+    if path.is_dir() and staging is None:
+        clear_stale_staging(path)
     if path.is_dir() and any(staging is None or entry.name != staging.name for entry in path.iterdir()):
-        raise FeatsteerError(f"{path} is a folder that is not empty: give a new or empty folder for the activations")
+        note = hidden_entries_note(path) if staging is None else None
+        raise FeatsteerError(f"{path} is a folder that is not empty: {note or 'give a new or empty folder for the activations'}")
 
 
 class ActivationReader:

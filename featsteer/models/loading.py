@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from featsteer.errors import FeatsteerError
+from featsteer.files import process_alive
 from featsteer.models.adapter import ModelAdapter
 from featsteer.models.families import family_for
 
@@ -358,23 +359,12 @@ def _remove_stale_partials(folder: Path) -> None:
     for partial in folder.glob(".partial-*"):
         match = _PARTIAL_RE.match(partial.name)
         if match and match.group(2) == host and os.name != "nt":  # on Windows, os.kill(pid, 0) would end the process
-            stale = not _process_alive(int(match.group(1)))
+            stale = not process_alive(int(match.group(1)))
         else:
             stale = time.time() - _last_change(partial) > STALE_PARTIAL_SECONDS
         if stale:
             logger.info("removing %s, left by a conversion that did not finish", partial)
             shutil.rmtree(partial, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether process `pid` runs on this machine (one of another user counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _last_change(folder: Path) -> float:
