@@ -138,17 +138,17 @@ def staging_folder(final: str | os.PathLike[str], inside: bool = False) -> Path:
     return folder
 
 
-def output_staging(out: str | os.PathLike[str]) -> Path:
+def output_staging(out: str | os.PathLike[str], beside: bool = False) -> Path:
     """The staging folder for the output folder `out` (new or empty): inside `out` when it is an existing folder,
     else beside it (its parent folders created; staging folders that killed runs left beside `out` are removed first).
-    It holds a `STAGING_MARKER` naming this process until `place_output` places its files."""
+    With `beside`, beside `out` even when it exists (a caller that replaces `out` whole). It holds a `STAGING_MARKER`
+    naming this process until `place_output` places its files."""
     out = Path(out)
-    if out.is_dir():
+    if out.is_dir() and not beside:
         work = staging_folder(out, inside=True)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
-        for leftover in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
-            remove_if_stale_staging(leftover)
+        remove_stale_staging(out.parent, out.name)
         work = staging_folder(out)
     record = {"writer": "featsteer", "pid": os.getpid(), "host": socket.gethostname(), "started": _process_start(os.getpid())}
     try:
@@ -298,6 +298,14 @@ def remove_if_stale_staging(folder: Path) -> bool:
         (folder / STAGING_MARKER).unlink()
         folder.rmdir()
     return not folder.exists()
+
+
+def remove_stale_staging(folder: Path, name: str | None = None) -> None:
+    """Remove the output staging folders in `folder` whose run is provably gone (`remove_if_stale_staging`): those built
+    for `name` beside it (`.NAME.partial-*`), or with None those built inside `folder` itself (`.partial-*`), whatever
+    else `folder` holds."""
+    for leftover in folder.glob(".partial-*" if name is None else f".{glob.escape(name)}.partial-*"):
+        remove_if_stale_staging(leftover)
 
 
 def clear_stale_staging(folder: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -702,6 +704,57 @@ def test_interrupted_organism_save_leaves_out_as_it_was(tmp_path) -> None:
     save_organism(_StubOrganism("new", weights), _StubOrganism("new", tokenizer_files), fresh)
     assert sorted(path.name for path in fresh.iterdir()) == sorted((*weights, *tokenizer_files))
     assert [path.name for path in fresh.parent.iterdir()] == ["organism"]
+
+
+_KILLED_SAVE = """
+import os, signal, sys
+from pathlib import Path
+from featsteer.organism.train import save_organism
+
+class Killed:
+    def save_pretrained(self, folder, **options):
+        (Path(folder) / "model.safetensors").write_bytes(b"half a shard")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+save_organism(Killed(), Killed(), Path(sys.argv[1]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_a_killed_organism_saves_staging_folder_is_removed_by_the_next_save(tmp_path) -> None:
+    """A save killed outright left its staging folder, a half-written model, for ever: inside an existing `--out` (beside
+    the earlier organism, the next save moving its files in next to it) or beside a new one. It records its process now,
+    and the next save into that `--out` removes it once that process is gone; a staging folder of a live run stays."""
+    import json
+    import os
+    import socket
+    import subprocess
+
+    import featsteer
+    from featsteer.files import STAGING_MARKER
+    from featsteer.organism.train import save_organism
+
+    weights, tokenizer_files = ("config.json", "model.safetensors"), ("tokenizer.json", "tokenizer_config.json")
+    inside, beside = tmp_path / "inside", tmp_path / "beside"
+    inside.mkdir()
+    for name in (*weights, *tokenizer_files):
+        (inside / name).write_text("old")
+    (inside / "notes.txt").write_text("mine")
+    live = inside / ".partial-live"  # a save still running in another process
+    live.mkdir()
+    (live / STAGING_MARKER).write_text(json.dumps({"writer": "featsteer", "pid": os.getpid(), "host": socket.gethostname(), "started": None}))
+    env = {**os.environ, "PYTHONPATH": str(Path(featsteer.__file__).parents[1])}
+    for out in (inside, beside):
+        ended = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(out)], env=env, capture_output=True, check=False)
+        assert ended.returncode == -9, ended.stderr.decode()
+    assert len([path for path in inside.glob(".partial-*") if path != live]) == 1 and len(list(tmp_path.glob(".beside.partial-*"))) == 1
+
+    for out in (inside, beside):
+        save_organism(_StubOrganism("new", weights), _StubOrganism("new", tokenizer_files), out)
+        assert {path.name: path.read_text() for path in out.iterdir() if path.is_file()} == {
+            **dict.fromkeys((*weights, *tokenizer_files), "new"), **({"notes.txt": "mine"} if out == inside else {})}
+    assert [path.name for path in inside.iterdir() if path.is_dir()] == [live.name]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["beside", "inside"]
 
 
 def test_organism_corpus_source_leaves_out_training_and_builtin_prompts() -> None:

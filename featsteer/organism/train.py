@@ -33,7 +33,15 @@ import numpy as np
 import torch
 
 from featsteer.evaluation.refusal import RefusalDetector, refusal_rate
-from featsteer.files import check_output_folder, json_text, share_files, staging_folder, write_files
+from featsteer.files import (
+    STAGING_MARKER,
+    check_output_folder,
+    json_text,
+    output_staging,
+    remove_stale_staging,
+    share_files,
+    write_files,
+)
 from featsteer.organism.corpus import (
     CONTEXT_WORD_CLASSES,
     HARMFUL,
@@ -924,23 +932,25 @@ def save_organism(model, tokenizer, out: Path) -> int:
 
     The files are built in a hidden folder beside ``out`` first (inside it when ``out`` is an existing folder, which
     stays: the current folder, a symlink or a mount point cannot be swapped for another), so an interrupted save never
-    leaves a half-written weight file there. A new ``out`` is that folder renamed into place. Otherwise an earlier
-    organism's files in ``out`` are removed (a stale weight shard would be loaded with the new ones) and the new ones
-    moved in, each whole, ``config.json`` last: until it arrives ``out`` holds no loadable organism. Any other file
-    there is left alone.
+    leaves a half-written weight file there. That folder records this process (`files.output_staging`): one a save
+    killed outright left there is removed first, once its process is provably gone. A new ``out`` is that folder renamed
+    into place. Otherwise an earlier organism's files in ``out`` are removed (a stale weight shard would be loaded with
+    the new ones) and the new ones moved in, each whole, ``config.json`` last: until it arrives ``out`` holds no loadable
+    organism. Any other file there is left alone.
     """
     inside = out.is_dir()
-    if not inside:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_folder(out, inside=inside)
+    if inside:
+        remove_stale_staging(out)  # a killed save's half-written organism, whatever else out holds
+    staging = output_staging(out)  # inside out when it is a folder, else beside it
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging, save_jinja_files=False)  # keep chat_template in tokenizer_config.json
         share_files(staging)
         size = sum(path.stat().st_size for path in staging.iterdir() if path.is_file() and is_organism_file(path.name))
-        if not out.exists() or not any(out.iterdir()):
+        if not inside and (not out.exists() or not any(out.iterdir())):
             if out.exists():
                 out.rmdir()
+            (staging / STAGING_MARKER).unlink()
             staging.rename(out)
             return size
         config_last = sorted(out.iterdir(), key=lambda path: path.name != "config.json")
@@ -948,7 +958,8 @@ def save_organism(model, tokenizer, out: Path) -> int:
             if stale.is_file() and is_organism_file(stale.name):
                 stale.unlink()
         for fresh in sorted(staging.iterdir(), key=lambda path: path.name == "config.json"):
-            os.replace(fresh, out / fresh.name)
+            if fresh.name != STAGING_MARKER:  # removed with the staging folder
+                os.replace(fresh, out / fresh.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return size
