@@ -5,7 +5,8 @@ layer still to do in one pass (streamed to a temporary folder), then per layer b
 SAE, fit it with sae_lens' `SAETrainer` (offline, no wandb), save it in sae_lens format to a hidden
 `<out>/.<hook_name>.partial-*` folder, reload it with `featsteer.sae.load_sae`, write `metrics.json` last, and rename
 the folder to `<out>/<hook_name>/`. So `<out>/<hook_name>/` exists only finished, and a layer that has it is never
-retrained.
+retrained. The hidden folder records its writer (`featsteer.files.output_staging`): a later run removes one that a run
+killed outright left, once that process is provably gone.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from safetensors.torch import save_file
 
 from featsteer.activations import ActivationSet, Positions, capture, hook_width
 from featsteer.errors import FeatsteerError
-from featsteer.files import json_text, staging_folder
+from featsteer.files import STAGING_MARKER, json_text, output_staging, remove_stale_staging
 from featsteer.models import ModelAdapter, load_model
 from featsteer.sae import load_sae, reconstruction_stats, splice_loss
 from sae_training.architectures import build_training_sae
@@ -132,6 +133,9 @@ def train_saes(config: TrainConfig, *, progress: bool = True) -> dict[str, dict[
     model.show_progress = progress
     hooks = resolve_hooks(model, config)
     out = Path(config.out)
+    if out.is_dir():  # the disk a run killed outright held with a half-saved SAE, finished layers' too
+        for hook in hooks:
+            remove_stale_staging(out, hook)
     done = {hook: json.loads((out / hook / METRICS_FILE).read_text()) for hook in hooks if (out / hook / METRICS_FILE).is_file()}
     for hook in done:
         logger.info("%s is already trained (%s exists): skipping", hook, out / hook / METRICS_FILE)
@@ -261,12 +265,14 @@ def train_layer(run: TrainingRun, hook: str) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     final = Path(config.out) / hook
     # built in a hidden sibling and renamed into place when metrics.json is written: an interrupted run never leaves a
-    # loadable but unfinished <out>/<hook>/ (load_saes skips hidden folders)
-    folder = staging_folder(final)
+    # loadable but unfinished <out>/<hook>/ (load_saes skips hidden folders); the sibling records this process, so the next
+    # run removes one a run killed outright left, once that process is provably gone
+    folder = output_staging(final, beside=True)
     try:
         metrics = _save_and_evaluate(run, trained, trainer, trainer_config, folder, hook, seconds)
         if final.exists():  # an unfinished folder from an older, interrupted run
             shutil.rmtree(final)
+        (folder / STAGING_MARKER).unlink()
         folder.rename(final)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

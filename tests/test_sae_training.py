@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +50,7 @@ def test_training_writes_sae_lens_files_and_metrics(trained):
     folder = trained / HOOK
     for name in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors", "training_config.json", "metrics.json"):
         assert (folder / name).is_file(), name
+    assert not list(folder.glob(".*")) and not list(trained.glob(".*"))  # no staging marker or folder left
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["hook_name"] == HOOK and metrics["d_sae"] == 128 and metrics["architecture"] == "topk"
     assert 0.3 < metrics["explained_variance"] <= 1.0 and 0.3 < metrics["train_explained_variance"] <= 1.0
@@ -84,6 +87,48 @@ def test_rerun_skips_the_finished_layer(trained, monkeypatch, capsys):
     assert HOOK in capsys.readouterr().out
     assert (trained / HOOK / "sae_weights.safetensors").read_bytes() == before
     assert (trained / HOOK / "metrics.json").stat().st_mtime_ns == stamp
+
+
+_KILLED_SAVE = """
+import os, signal, sys
+from pathlib import Path
+from featsteer.files import output_staging
+work = output_staging(Path(sys.argv[1]), beside=True)  # as train_layer stages <out>/<hook>/
+(work / "sae_weights.safetensors").write_bytes(b"half an SAE")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(trained, monkeypatch):
+    """A run killed outright while it saved a layer's SAE left `<out>/.<hook>.partial-*`, a whole SAE, for ever (load_saes
+    skips hidden folders, so it only held the disk). It records its process now, and the next run removes it once that
+    process is gone, even when the layer is finished and skipped; one of a live run and one without the marker stay."""
+    import os
+    import socket
+    import subprocess
+
+    import featsteer
+    from featsteer.files import STAGING_MARKER
+
+    env = {**os.environ, "PYTHONPATH": str(Path(featsteer.__file__).parents[1])}
+    ended = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(trained / HOOK)], env=env, capture_output=True, check=False)
+    assert ended.returncode == -9, ended.stderr.decode()
+    [killed] = trained.glob(f".{HOOK}.partial-*")
+    kept = {"live": {"writer": "featsteer", "pid": os.getpid(), "host": socket.gethostname(), "started": None}, "unmarked": None}
+    for name, owner in kept.items():
+        (trained / f".{HOOK}.partial-{name}").mkdir()
+        if owner is not None:
+            (trained / f".{HOOK}.partial-{name}" / STAGING_MARKER).write_text(json.dumps(owner))
+    try:
+        monkeypatch.setattr("sae_training.train.capture_tokens", no_capture)
+        assert main([*ARGS, "--quiet", "--out", str(trained)]) == 0
+        assert sorted(path.name for path in trained.glob(f".{HOOK}.partial-*")) == [f".{HOOK}.partial-{name}" for name in sorted(kept)]
+        assert not killed.exists()
+    finally:
+        for name in kept:
+            shutil.rmtree(trained / f".{HOOK}.partial-{name}", ignore_errors=True)
+        shutil.rmtree(killed, ignore_errors=True)
 
 
 def test_training_is_seeded_and_stops_when_the_text_is_exhausted(tmp_path):
