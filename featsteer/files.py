@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -30,17 +31,21 @@ and start time, by which a later run knows a folder a killed run left (SIGKILL, 
 def write_files(folder: str | Path, contents: Mapping[str, str | bytes]) -> Path:
     """Write `{file name: text or bytes}` into `folder` (created if missing), each file complete or not at all.
 
-    After an interruption each file is its complete previous version, or absent; no temporary file is left behind.
+    After an interruption each file is its complete previous version, or absent; no temporary file is left behind. A
+    process killed outright (SIGKILL, power loss) leaves its temporary `.NAME.PID-START@HOST.partial` files: the next
+    write of the same NAME removes those whose process is provably gone (`remove_stale_partial_files`).
 
     Returns:
         The folder.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    writer = _partial_file_writer()
     staged: list[tuple[Path, Path]] = []
     try:
         for name, data in contents.items():
-            temporary = folder / f".{name}.{os.getpid()}.partial"
+            remove_stale_partial_files(folder, name)
+            temporary = folder / f".{name}.{writer}.partial"
             staged.append((temporary, folder / name))
             if isinstance(data, bytes):
                 temporary.write_bytes(data)
@@ -53,6 +58,33 @@ def write_files(folder: str | Path, contents: Mapping[str, str | bytes]) -> Path
         for temporary, _ in staged:
             temporary.unlink(missing_ok=True)
     return folder
+
+
+_PARTIAL_FILE_WRITER = re.compile(r"(?P<pid>\d+)(?:-(?P<started>\d+))?@(?P<host>[^/@]+)")
+"""What `write_files` puts between `.NAME.` and `.partial` in a temporary file's name: its process id, the process's
+start time when known (`_process_start`), and the host."""
+
+
+def _partial_file_writer() -> str:
+    """This process as `write_files` names it in its temporary files (`_PARTIAL_FILE_WRITER`)."""
+    started = _process_start(os.getpid())
+    return f"{os.getpid()}{'' if started is None else f'-{started}'}@{socket.gethostname()}"
+
+
+def remove_stale_partial_files(folder: Path, name: str) -> None:
+    """Remove the temporary files of `name` that `write_files` runs killed outright left in `folder`: the regular files
+    `.NAME.PID[-START]@HOST.partial` whose process is provably gone (`staging_is_stale`). A file named otherwise - one
+    of an older featsteer, `.NAME.PID.partial`, which records no host - stays."""
+    prefix = f".{name}."
+    for path in folder.glob(f"{glob.escape(prefix)}*.partial"):
+        match = _PARTIAL_FILE_WRITER.fullmatch(path.name[len(prefix):-len(".partial")])
+        if match is None or path.is_symlink() or not path.is_file():
+            continue
+        owner = {"pid": int(match["pid"]), "host": match["host"], "started": None if match["started"] is None else int(match["started"])}
+        if staging_is_stale(owner):
+            logger.warning("removing %s, which a featsteer run (process %s on this machine) was writing when it was stopped", path, owner["pid"])
+            with contextlib.suppress(OSError):  # one left for the next write rather than this write failed
+                path.unlink()
 
 
 def check_output_folder(path: str | os.PathLike[str], flag: str = "--out") -> None:

@@ -1922,6 +1922,47 @@ def test_a_staging_folder_not_provably_stale_is_kept_and_named(capsys, tmp_path)
             assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
 
 
+_KILLED_FILE_WRITER = """
+import os, signal, sys
+from featsteer.files import write_files
+
+class KilledHalfWay(dict):
+    def items(self):
+        yield "results.json", "{\\"half\\": "
+        os.kill(os.getpid(), signal.SIGKILL)
+
+write_files(sys.argv[1], KilledHalfWay())
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_a_killed_write_files_temporary_file_is_removed_by_the_next_write_of_that_name(tmp_path):
+    """`write_files` (probe, rank-features, search, compare reports) killed outright left `.NAME.PID.partial` for ever: the
+    name recorded no host, so no later run could tell it was gone. The name records process, start time and host now,
+    and the next write of NAME removes it once that process is gone; a live process's, another host's, an older
+    featsteer's (no host) and another name's stay."""
+    import os
+    import socket
+
+    import featsteer
+    from featsteer.files import write_files
+
+    env = {**os.environ, "PYTHONPATH": str(Path(featsteer.__file__).parents[1])}
+    ended = subprocess.Popen([sys.executable, "-c", _KILLED_FILE_WRITER, str(tmp_path)], env=env, stderr=subprocess.PIPE)
+    _, err = ended.communicate()
+    assert ended.returncode == -9, err.decode()
+    [killed] = tmp_path.glob(".results.json.*.partial")
+    assert killed.read_text() == '{"half": '
+    here = socket.gethostname()
+    kept = [f".results.json.{os.getpid()}@{here}.partial", f".results.json.{ended.pid}@other.invalid.partial",
+            f".results.json.{ended.pid}.partial", f".report.html.{ended.pid}@{here}.partial"]
+    for name in kept:
+        (tmp_path / name).write_text("x")
+    write_files(tmp_path, {"results.json": "{}"})
+    assert not killed.exists() and (tmp_path / "results.json").read_text() == "{}"
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([*kept, "results.json"])
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="no /proc to read a process's start time from")
 def test_a_staging_folder_whose_process_id_was_reused_is_stale():
     """A process id given to a later process after the writer died does not keep the writer's staging folder alive: the
