@@ -9,7 +9,9 @@ written under a temporary name in the target folder and renamed over its final n
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -24,16 +26,17 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 STAGING_MARKER = ".featsteer-staging.json"
-"""The file an output staging folder (`output_staging`) holds until its files are placed: the writing process's id, host
-and start time, by which a later run knows a folder a killed run left (SIGKILL, power loss) as featsteer's own and gone."""
+"""The file an output staging folder (`output_staging`) holds until its files are placed: the writing process's id, host,
+start time and kernel (`_kernel_id`), by which a later run knows a folder a killed run left (SIGKILL, power loss) as
+featsteer's own and gone."""
 
 
 def write_files(folder: str | Path, contents: Mapping[str, str | bytes]) -> Path:
     """Write `{file name: text or bytes}` into `folder` (created if missing), each file complete or not at all.
 
     After an interruption each file is its complete previous version, or absent; no temporary file is left behind. A
-    process killed outright (SIGKILL, power loss) leaves its temporary `.NAME.PID-START@HOST.partial` files: the next
-    write of the same NAME removes those whose process is provably gone (`remove_stale_partial_files`).
+    process killed outright (SIGKILL, power loss) leaves its temporary `.NAME.PID-START-kKERNEL@HOST.partial` files: the
+    next write of the same NAME removes those whose process is provably gone (`remove_stale_partial_files`).
 
     Returns:
         The folder.
@@ -60,15 +63,15 @@ def write_files(folder: str | Path, contents: Mapping[str, str | bytes]) -> Path
     return folder
 
 
-_PARTIAL_FILE_WRITER = re.compile(r"(?P<pid>\d+)(?:-(?P<started>\d+))?@(?P<host>[^/@]+)")
+_PARTIAL_FILE_WRITER = re.compile(r"(?P<pid>\d+)(?:-(?P<started>\d+))?(?:-k(?P<kernel>[0-9a-f]+))?@(?P<host>[^/@]+)")
 """What `write_files` puts between `.NAME.` and `.partial` in a temporary file's name: its process id, the process's
-start time when known (`_process_start`), and the host."""
+start time and kernel when known (`_process_start`, `_kernel_id`), and the host."""
 
 
 def _partial_file_writer() -> str:
     """This process as `write_files` names it in its temporary files (`_PARTIAL_FILE_WRITER`)."""
-    started = _process_start(os.getpid())
-    return f"{os.getpid()}{'' if started is None else f'-{started}'}@{socket.gethostname()}"
+    started, kernel = _process_start(os.getpid()), _kernel_id()
+    return f"{os.getpid()}{'' if started is None else f'-{started}'}{'' if kernel is None else f'-k{kernel}'}@{socket.gethostname()}"
 
 
 def remove_stale_partial_files(folder: Path, name: str) -> None:
@@ -80,7 +83,8 @@ def remove_stale_partial_files(folder: Path, name: str) -> None:
         match = _PARTIAL_FILE_WRITER.fullmatch(path.name[len(prefix):-len(".partial")])
         if match is None or path.is_symlink() or not path.is_file():
             continue
-        owner = {"pid": int(match["pid"]), "host": match["host"], "started": None if match["started"] is None else int(match["started"])}
+        owner = {"pid": int(match["pid"]), "host": match["host"], "started": None if match["started"] is None else int(match["started"]),
+                 "kernel": match["kernel"]}
         if staging_is_stale(owner):
             logger.warning("removing %s, which a featsteer run (process %s on this machine) was writing when it was stopped", path, owner["pid"])
             with contextlib.suppress(OSError):  # one left for the next write rather than this write failed
@@ -182,7 +186,8 @@ def output_staging(out: str | os.PathLike[str], beside: bool = False) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(out.parent, out.name)
         work = staging_folder(out)
-    record = {"writer": "featsteer", "pid": os.getpid(), "host": socket.gethostname(), "started": _process_start(os.getpid())}
+    record = {"writer": "featsteer", "pid": os.getpid(), "host": socket.gethostname(), "started": _process_start(os.getpid()),
+              "kernel": _kernel_id()}
     try:
         (work / STAGING_MARKER).write_text(json.dumps(record), encoding="utf-8")
     except OSError as error:
@@ -302,8 +307,13 @@ def staging_owner(folder: Path) -> dict | None:
 def staging_is_stale(owner: Mapping[str, object]) -> bool:
     """Whether the run that wrote a staging folder (`staging_owner`) is provably gone: it ran on this machine and its
     process no longer runs (or its process id now belongs to a process started at another time). A run on another
-    machine cannot be asked, and counts as alive."""
+    machine cannot be asked, and counts as alive; so does one under another kernel or process-id namespace than this
+    process's (`kernel`, `_kernel_id`): another machine of the same host name (two VMs named "ubuntu" sharing a folder), or a
+    container sharing the host name (`docker run --network host`), whose process ids mean other processes here. A
+    record without `kernel` (an older featsteer's) is judged by host name and process alone."""
     if owner["host"] != socket.gethostname() or os.name == "nt":  # on Windows, os.kill(pid, 0) would end the process
+        return False
+    if owner.get("kernel") is not None and owner["kernel"] != _kernel_id():
         return False
     pid = int(owner["pid"])  # type: ignore[call-overload]
     if not process_alive(pid):
@@ -372,6 +382,9 @@ def _describe_hidden(entry: Path) -> str:
     pid, host = owner["pid"], owner["host"]
     if host != socket.gethostname():
         return f"{entry.name} (the staging folder of a featsteer run on {host}, process {pid}, which cannot be checked from here)"
+    if owner.get("kernel") is not None and owner["kernel"] != _kernel_id():
+        return (f"{entry.name} (the staging folder of a featsteer run in another container or machine named {host}, process {pid}, "
+                "which cannot be checked from here)")
     if staging_is_stale(owner):
         return f"{entry.name} (the staging folder of a featsteer run, process {pid}, that was stopped before it finished)"
     return f"{entry.name} (the staging folder of a featsteer run still running as process {pid})"
@@ -386,6 +399,22 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@functools.cache
+def _kernel_id() -> str | None:
+    """This process's kernel boot and process-id namespace as 12 hex digits (a hash of Linux's
+    `/proc/sys/kernel/random/boot_id` and `/proc/self/ns/pid`), or None where neither can be read (macOS, Windows): only
+    a process that shares both can ask whether a recorded process id still runs."""
+    parts = []
+    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(), lambda: os.readlink("/proc/self/ns/pid")):
+        try:
+            parts.append(read())
+        except OSError:
+            parts.append("")
+    if not any(parts):
+        return None
+    return hashlib.blake2s("|".join(parts).encode(), digest_size=6).hexdigest()
 
 
 def _process_start(pid: int) -> int | None:

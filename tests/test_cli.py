@@ -1963,6 +1963,45 @@ def test_a_killed_write_files_temporary_file_is_removed_by_the_next_write_of_tha
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted([*kept, "results.json"])
 
 
+@pytest.mark.skipif(not Path("/proc/self/ns/pid").exists(), reason="no /proc to read the kernel and process-id namespace from")
+def test_leftovers_of_a_dead_process_id_under_another_kernel_of_the_same_host_name_stay(tmp_path):
+    """A host name does not make a process id ours to ask: another machine of the same name (two VMs called "ubuntu"
+    sharing a folder) or a container sharing the host name (`docker run --network host`) has process ids that mean
+    other processes here, so its live run's staging folder and temporary files looked stale and were removed. They
+    record the kernel and process-id namespace (`_kernel_id`) now: only this kernel's, of a dead process, are removed."""
+    import json
+    import socket
+
+    from featsteer.files import (
+        STAGING_MARKER,
+        _kernel_id,
+        hidden_entries_note,
+        remove_stale_staging,
+        write_files,
+    )
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    here, ours, theirs = socket.gethostname(), _kernel_id(), "0" * 12
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    for name, kernel in ((".partial-a1", theirs), (".partial-b2", ours)):
+        (staging / name).mkdir()
+        (staging / name / "model.safetensors").write_bytes(b"half")
+        (staging / name / STAGING_MARKER).write_text(json.dumps({"writer": "featsteer", "pid": ended.pid, "host": here,
+                                                                  "started": None, "kernel": kernel}))
+    assert "in another container or machine named" in hidden_entries_note(staging)
+    remove_stale_staging(staging)
+    assert sorted(p.name for p in staging.iterdir()) == [".partial-a1"]
+    files = tmp_path / "files"
+    files.mkdir()
+    leftovers = {kernel: files / f".results.json.{ended.pid}-7-k{kernel}@{here}.partial" for kernel in (ours, theirs)}
+    for path in leftovers.values():
+        path.write_text("x")
+    write_files(files, {"results.json": "{}"})
+    assert sorted(p.name for p in files.iterdir()) == sorted(["results.json", leftovers[theirs].name])
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="no /proc to read a process's start time from")
 def test_a_staging_folder_whose_process_id_was_reused_is_stale():
     """A process id given to a later process after the writer died does not keep the writer's staging folder alive: the
