@@ -390,18 +390,57 @@ def test_the_mmap_threshold_is_pinned_inside_the_outermost_block_only(monkeypatc
 
     calls = []
     monkeypatch.setattr(heap, "_libc_function", lambda name, argtypes: lambda *args: calls.append(args) or 1)
-    monkeypatch.delenv("FEATSTEER_MALLOC_TUNING", raising=False)
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    for variable in ("FEATSTEER_MALLOC_TUNING", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(variable, raising=False)
     with heap.fragmentation_limited() as pinned, heap.fragmentation_limited() as nested:
         assert pinned and nested and calls == [(heap.M_MMAP_THRESHOLD, 128 * 1024)]  # a capture inside one keeps the pin
     assert calls[1:] == [(heap.M_MMAP_THRESHOLD, 32 << 20), (heap.M_TRIM_THRESHOLD, 64 << 20)]  # glibc's own ceiling
-    for variable, value in (("FEATSTEER_MALLOC_TUNING", "0"), ("MALLOC_MMAP_THRESHOLD_", "65536")):
+    # the user's own mmap or trim threshold (either turns glibc's dynamic thresholds off): releasing the pin to glibc's
+    # dynamic ceiling would override it, as it overrode MALLOC_TRIM_THRESHOLD_ and GLIBC_TUNABLES
+    for variable, value in (("FEATSTEER_MALLOC_TUNING", "0"), ("MALLOC_MMAP_THRESHOLD_", "65536"), ("MALLOC_TRIM_THRESHOLD_", "0"),
+                            ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0"), ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")):
         calls.clear()
         with monkeypatch.context() as patch:
             patch.setenv(variable, value)
             with heap.fragmentation_limited() as pinned:
                 assert not pinned
         assert calls == []  # the user's choice: the allocator is left alone
+
+
+def test_a_capture_starting_while_another_thread_releases_the_pin_runs_pinned(monkeypatch):
+    """Two threads capturing at once share the allocator: one that entered while the other was releasing the pin counted
+    itself in, pinned, and then had the pin released under it by the other's late `mallopt` calls."""
+    import threading
+
+    from featsteer.activations import heap
+
+    state = {"threshold": None}
+    entered, inside, leave = threading.Event(), threading.Event(), threading.Event()
+
+    def second_capture() -> None:
+        with heap.fragmentation_limited():
+            inside.set()
+            leave.wait()
+
+    def mallopt(parameter: int, value: int) -> int:
+        if parameter == heap.M_MMAP_THRESHOLD:
+            if value == heap.RELEASED_MMAP_THRESHOLD_BYTES and not entered.is_set():  # the first capture is leaving
+                entered.set()
+                threading.Thread(target=second_capture, daemon=True).start()
+                inside.wait(0.5)  # the second capture enters before this call takes effect, unless the pin's lock stops it
+            state["threshold"] = value
+        return 1
+
+    monkeypatch.setattr(heap, "_libc_function", lambda name, argtypes: mallopt)
+    for variable in ("FEATSTEER_MALLOC_TUNING", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(variable, raising=False)
+    with heap.fragmentation_limited():
+        pass
+    assert inside.wait(30)
+    try:
+        assert state["threshold"] == heap.MMAP_THRESHOLD_BYTES  # still pinned while the second capture runs
+    finally:
+        leave.set()
 
 
 def test_all_tokens_from_an_index_skip_each_prompts_first_tokens(llama_adapter, tmp_path):
