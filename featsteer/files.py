@@ -20,6 +20,7 @@ import re
 import shlex
 import shutil
 import socket
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def write_files(folder: str | Path, contents: Mapping[str, str | bytes]) -> Path
     """Write `{file name: text or bytes}` into `folder` (created if missing), each file complete or not at all.
 
     After an interruption each file is its complete previous version, or absent; no temporary file is left behind. A
-    process killed outright (SIGKILL, power loss) leaves its temporary `.NAME.PID-START-kKERNEL@HOST.partial` files: the
+    process killed outright (SIGKILL, power loss) leaves its temporary `.NAME.PID-START-kKERNEL-tTHREAD@HOST.partial` files: the
     next write of the same NAME removes those whose process is provably gone (`remove_stale_partial_files`).
 
     Returns:
@@ -63,15 +64,17 @@ def write_files(folder: str | Path, contents: Mapping[str, str | bytes]) -> Path
     return folder
 
 
-_PARTIAL_FILE_WRITER = re.compile(r"(?P<pid>\d+)(?:-(?P<started>\d+))?(?:-k(?P<kernel>[0-9a-f]+))?@(?P<host>[^/@]+)")
+_PARTIAL_FILE_WRITER = re.compile(r"(?P<pid>\d+)(?:-(?P<started>\d+))?(?:-k(?P<kernel>[0-9a-f]+))?(?:-t(?P<thread>\d+))?@(?P<host>[^/@]+)")
 """What `write_files` puts between `.NAME.` and `.partial` in a temporary file's name: its process id, the process's
-start time and kernel when known (`_process_start`, `_kernel_id`), and the host."""
+start time and kernel when known (`_process_start`, `_kernel_id`), the writing thread (so two threads of one process
+writing the same NAME do not share a temporary file) and the host."""
 
 
 def _partial_file_writer() -> str:
     """This process as `write_files` names it in its temporary files (`_PARTIAL_FILE_WRITER`)."""
     started, kernel = _process_start(os.getpid()), _kernel_id()
-    return f"{os.getpid()}{'' if started is None else f'-{started}'}{'' if kernel is None else f'-k{kernel}'}@{socket.gethostname()}"
+    return (f"{os.getpid()}{'' if started is None else f'-{started}'}{'' if kernel is None else f'-k{kernel}'}"
+            f"-t{threading.get_native_id()}@{socket.gethostname()}")
 
 
 def remove_stale_partial_files(folder: Path, name: str) -> None:

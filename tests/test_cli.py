@@ -2016,3 +2016,31 @@ def test_a_staging_folder_whose_process_id_was_reused_is_stale():
     assert staging_is_stale({"pid": me, "host": host, "started": started - 1})
     assert not staging_is_stale({"pid": me, "host": host, "started": None})  # an unknown start: the process id alone
     assert not staging_is_stale({"pid": me, "host": "other.invalid", "started": started - 1})  # cannot be asked there
+
+
+def test_threads_of_one_process_writing_the_same_file_do_not_share_a_temporary_file(tmp_path):
+    """Each `write_files` call names its temporary file after its thread as well as its process: two threads writing
+    the same NAME each rename their own complete file into place (with one name per process, one thread's rename took
+    the other's temporary file away: FileNotFoundError, or the other's content under its name)."""
+    import threading
+
+    from featsteer.files import write_files
+
+    errors: list[BaseException] = []
+
+    def writer(mark: str) -> None:
+        try:
+            for _ in range(100):
+                write_files(tmp_path, {"r.json": mark * 200_000})
+        except BaseException as error:  # noqa: BLE001 - collected for the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(mark,)) for mark in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    text = (tmp_path / "r.json").read_text()
+    assert text in ("a" * 200_000, "b" * 200_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
