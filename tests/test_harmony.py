@@ -414,3 +414,16 @@ def test_the_short_budget_warning_names_an_option_of_the_command_that_warns(tmp_
                      "--max-new-tokens", "3"]) == 0
     warned = [r.getMessage() for r in caplog.records if "is short for a harmony model" in r.getMessage()]
     assert len(warned) == 1 and warned[0].endswith("use --max-new-tokens 256 or more")
+
+
+@pytest.mark.parametrize("spec", ["tiny:llama", "harmony"])
+def test_a_wrong_number_of_for_generation_flags_is_an_error_on_every_model(spec, harmony_adapter):
+    """One flag per prompt or one for all: a list of another length is a one-line error on every model, not only on a
+    harmony one where the flags change the text (elsewhere the mistake stayed hidden until such a model was loaded)."""
+    from featsteer.errors import FeatsteerError
+
+    model = harmony_adapter if spec == "harmony" else load_model(spec)
+    with pytest.raises(FeatsteerError, match="got 1 for_generation flags for 2 prompts"):
+        model.format_prompts(["a", "b"], for_generation=[True])
+    with pytest.raises(FeatsteerError, match="got 3 for_generation flags for 2 prompts"):
+        model.tokenize(["a", "b"], for_generation=[True, False, True])

@@ -605,13 +605,13 @@ class ModelAdapter(ABC):
         Returns:
             One formatted prompt per instruction.
         """
+        flags = [for_generation] * len(instructions) if isinstance(for_generation, bool) else list(for_generation)
+        if len(flags) != len(instructions):  # checked on every model, so a caller's mistake shows before a harmony model
+            raise FeatsteerError(f"got {len(flags)} for_generation flags for {len(instructions)} prompts: give one per prompt")
         formatted = [format_instruction(self.tokenizer, text, system) for text in instructions]
         opening = self.answer_opening()
         if not opening:
             return formatted
-        flags = [for_generation] * len(formatted) if isinstance(for_generation, bool) else list(for_generation)
-        if len(flags) != len(formatted):
-            raise FeatsteerError(f"got {len(flags)} for_generation flags for {len(formatted)} prompts: give one per prompt")
         # a template whose generation prompt already holds the opening (a "no reasoning" variant) gets it once
         return [prompt if generation or not prompt.uses_chat_template or prompt.text.endswith(opening)
                 else replace(prompt, text=prompt.text + opening) for prompt, generation in zip(formatted, flags, strict=True)]
