@@ -1310,19 +1310,12 @@ def test_a_token_budget_plan_tokenizes_each_prompt_once(llama_adapter, monkeypat
     (`encode_all`) and pads its batches from them."""
     from featsteer.activations import capture
     from featsteer.activations.capture import common_tail
+    from tests.conftest import record_tokenizer_calls
 
     model = llama_adapter
     prompts = [*PROMPTS, "four", "a fifth, longer prompt than most of the others"]
     prefill = [f"Sure {i}" for i in range(len(prompts))]
-    tokenizer_class, tokenizer_call, calls = type(model.tokenizer), type(model.tokenizer).__call__, []
-
-    def counting(self, *args, **kwargs):
-        if self is model.tokenizer:
-            calls.append(args[0] if args else kwargs.get("text"))
-        return tokenizer_call(self, *args, **kwargs)
-
-    monkeypatch.setattr(tokenizer_class, "__call__", counting)
-    model.tokenize(prompts[:1], chat=False)  # the once-per-tokenizer probe (special tokens appended after a text)
+    calls = record_tokenizer_calls(model, monkeypatch)
     runs = {
         "generate": lambda: model.generate(prompts, max_new_tokens=2, batch_size=2, max_batch_tokens=60),
         "logits": lambda: model.logits(prompts, batch_size=2, max_batch_tokens=60),
