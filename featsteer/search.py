@@ -1034,14 +1034,11 @@ def search_fixed_abliteration(
 
 def _write_basis(folder: Path, basis: Tensor) -> None:
     """Keep a fixed search's basis beside its study (written once, atomically)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    file = folder / "basis.safetensors"
-    if file.is_file():
+    if (folder / "basis.safetensors").is_file():
         return
-    partial = folder / "basis.safetensors.partial"
-    save_file({"basis": basis.contiguous()}, str(partial))
-    partial.rename(file)
+    write_files(folder, {"basis.safetensors": save({"basis": basis.contiguous()})})
 
 
 def _read_basis(folder: Path, expected_sha256: str | None) -> Tensor:

@@ -33,7 +33,7 @@ from featsteer.activations import ActivationReader, Positions, capture, hook_wid
 from featsteer.datasets import load_prompts
 from featsteer.datasets.loaders import ORGANISM_CORPUS_PREFIX
 from featsteer.errors import FeatsteerError
-from featsteer.files import staging_folder
+from featsteer.files import staging_folder, write_files
 from featsteer.models import ModelAdapter, weights_fingerprint
 
 try:
@@ -202,9 +202,7 @@ class CapturedTokens:
         if keys is not None:
             record["hook_keys"] = {hook: key for hook, (key, _) in keys.items()}
             record["hook_sources"] = {hook: hook_source for hook, (_, hook_source) in keys.items()}
-        partial = folder / (CAPTURE_MANIFEST + ".partial")
-        partial.write_text(json.dumps(record, indent=1))
-        partial.replace(folder / CAPTURE_MANIFEST)
+        write_files(folder, {CAPTURE_MANIFEST: json.dumps(record, indent=1)})
 
     @classmethod
     def load(cls, folder: Path) -> CapturedTokens:

@@ -205,6 +205,18 @@ def test_a_saved_gate_loads_back_and_checks_the_model(llama_adapter, tmp_path):
         Gate.load(tmp_path / "gate")
 
 
+def test_a_failed_gate_save_leaves_the_previous_gate_whole(llama_adapter, tmp_path):
+    """The vector and the JSON are rendered before either is written: a gate whose JSON cannot be written leaves the saved
+    gate as it was (the old save replaced the vector first, so the folder held the new vector under the old threshold)."""
+    vector = torch.randn(llama_adapter.d_model, generator=torch.Generator().manual_seed(5))
+    gate = Gate("blocks.1.hook_resid_pre", "last", vector / vector.norm(), 0.125, 0.9)
+    gate.save(tmp_path / "gate")
+    with pytest.raises(TypeError):
+        replace(gate, vector=-gate.vector, candidates=[{"hook": object()}]).save(tmp_path / "gate")
+    torch.testing.assert_close(Gate.load(tmp_path / "gate").vector, gate.vector)
+    assert sorted(p.name for p in (tmp_path / "gate").iterdir()) == ["gate.json", "gate.safetensors"]
+
+
 def test_a_lookahead_gate_on_a_hooked_transformer(tmp_path):
     """The pre-pass runs through TransformerLens hooks too: an open gate is the full ablation (logits and greedy text),
     a shut one the model as it is, and no hook is left behind."""

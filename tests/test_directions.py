@@ -380,6 +380,22 @@ def test_validation_prompts_that_are_training_prompts_are_named(caplog):
                                                      "training prompts"), warned
 
 
+def test_a_failed_save_leaves_the_folders_previous_directions_whole(planted, tmp_path):
+    """Both files are rendered before either is written: a provenance JSON cannot hold is a one-line error, and the folder
+    keeps the set saved before it (the old save wrote the new bases first, then failed on the JSON, leaving them beside
+    the old set's hook names and scores)."""
+    harmful, harmless, _ = planted
+    first = find_directions(harmful, harmless, method="dim")
+    first.save(tmp_path / "d")
+    flipped = DirectionSet(bases=-first.bases, hook_names=first.hook_names, positions=first.positions, method="dim",
+                           provenance={"captures": tmp_path})
+    with pytest.raises(FeatsteerError, match="value JSON cannot store.*str\\(\\) a path"):
+        flipped.save(tmp_path / "d")
+    loaded = DirectionSet.load(tmp_path / "d")
+    assert torch.equal(loaded.bases, first.bases) and loaded.scores == first.scores
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["directions.json", "directions.safetensors"]
+
+
 @pytest.mark.parametrize("method", ["dim", "projected", "pca", "svd", "linear", "whitened"])
 def test_directions_keep_their_captures_provenance_through_save_and_load(planted, method, tmp_path):
     """A DirectionSet named the model only: the prompt hashes, template and dtypes the capture records were lost. Each

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
-from featsteer.files import json_text
+from featsteer.files import json_text, write_files
 
 ORTHONORMAL_TOLERANCE = 1e-4
 """Largest entry of `B B^T - I` a `DirectionSet` basis may have (float32 rounding of unit rows stays near 1e-7)."""
@@ -113,16 +114,20 @@ class DirectionSet:
         return self.bases[self.index(hook, position)]
 
     def save(self, path: str | Path) -> Path:
-        """Write `directions.safetensors` + `directions.json` to a directory."""
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({"bases": self.bases.contiguous()}, str(out / "directions.safetensors"))
+        """Write `directions.safetensors` + `directions.json` to a directory (created if missing).
+
+        Both files are rendered before either is written, and each replaces its old version whole (`write_files`), the
+        JSON last: a save that fails (a provenance JSON cannot hold, a full disk) leaves the folder's previous set as it
+        was, not new bases beside the old set's hook names."""
         meta = {"hook_names": list(self.hook_names), "positions": list(self.positions), "method": self.method,
                 "scores": self.scores, "provenance": self.provenance}
-        tmp = out / "directions.json.partial"
-        tmp.write_text(json_text(meta))
-        tmp.rename(out / "directions.json")
-        return out
+        try:
+            text = json_text(meta)
+        except (TypeError, ValueError) as error:  # a Path, a tensor or a set in the provenance
+            raise FeatsteerError(f"cannot save these directions: their scores or provenance hold a value JSON cannot store ({error}): "
+                                 "keep them to numbers, strings, lists and dicts (str() a path, .tolist() a tensor)") from None
+        return write_files(path, {"directions.safetensors": safetensors_bytes({"bases": self.bases.detach().contiguous().cpu()}),
+                                  "directions.json": text})
 
     @classmethod
     def load(cls, path: str | Path) -> DirectionSet:

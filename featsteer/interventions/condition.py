@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from featsteer.errors import FeatsteerError
-from featsteer.files import json_text
+from featsteer.files import json_text, write_files
 from featsteer.interventions.operations import cosine_to
 from featsteer.interventions.steering import POOLS, Ablate, ConditionalSteer, Intervention, pool_prompt
 from featsteer.models import WRITE_KINDS, ModelAdapter
@@ -132,13 +133,9 @@ class Gate:
 
     def save(self, path: str | Path) -> Path:
         """Write `gate.safetensors` (the vector) and `gate.json` (the rest) to a folder; the JSON is written last, whole."""
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({"vector": self.vector.detach().float().contiguous().cpu()}, str(out / "gate.safetensors"))
-        partial = out / "gate.json.partial"
-        partial.write_text(json_text({**self.to_dict(), "val_fires": self.val_fires}))
-        partial.rename(out / "gate.json")
-        return out
+        # both rendered before either is written (a failed save leaves the previous gate whole), the JSON replaced last
+        return write_files(path, {"gate.safetensors": safetensors_bytes({"vector": self.vector.detach().float().contiguous().cpu()}),
+                                  "gate.json": json_text({**self.to_dict(), "val_fires": self.val_fires})})
 
     @classmethod
     def load(cls, path: str | Path) -> Gate:
