@@ -146,6 +146,23 @@ def test_csv_and_json_exports(tmp_path):
     assert data["provenance"]["n_harmful"] == 200
 
 
+def test_a_failed_export_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
+    """The CSV is rendered before the file is touched: a failure half way through the rows leaves the earlier export as
+    it was, and no temporary file (the old export opened the file first and left its header alone in it)."""
+    harmful, harmless = planted(feature=4, d=6)
+    scores = score_feature_activations(harmful, harmless, HOOK, position=-1).sort()
+    before = scores.to_csv(tmp_path / "s.csv").read_bytes()
+    assert before.count(b"\r\n") == 7  # the csv module's line ends, as before
+
+    def fail(self, rows):
+        raise RuntimeError("stopped half way")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", fail)
+    with pytest.raises(RuntimeError, match="half way"):
+        scores.to_csv(tmp_path / "s.csv")
+    assert (tmp_path / "s.csv").read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["s.csv"]
+
+
 def test_score_features_on_captured_activations(llama_adapter):
     saes = {HOOK: random_sae(), "blocks.0.hook_resid_post": random_sae(hook="blocks.0.hook_resid_post", seed=3)}
     harmful = capture(llama_adapter, HARMFUL, list(saes), positions="post_instruction", progress=False)

@@ -27,6 +27,7 @@ descending, ties broken by layer, then feature id.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,7 +44,7 @@ from torch import Tensor
 
 from featsteer.activations import ActivationSet, Positions, capture, hook_width
 from featsteer.errors import FeatsteerError
-from featsteer.files import json_text
+from featsteer.files import json_text, write_files
 from featsteer.models import ModelAdapter
 from featsteer.sae.encoding import STATEFUL_NORMS, check_finite, encode_activations, input_scales
 from featsteer.sae.heads import flat_rows
@@ -152,21 +153,20 @@ class FeatureScores:
         return out
 
     def to_csv(self, path: str | Path) -> Path:
-        """Write the rows as CSV (empty cells for missing values)."""
+        """Write the rows as CSV (empty cells for missing values), complete or not at all (`write_files`): the text is
+        rendered first, so a failure leaves any earlier file at `path` as it was."""
         out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        rows = self.rows()
-        with out.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["hook_name", "layer", "position", "feature_id", *self.metrics])
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=["hook_name", "layer", "position", "feature_id", *self.metrics])
+        writer.writeheader()
+        writer.writerows(self.rows())
+        write_files(out.parent, {out.name: text.getvalue()})
         return out
 
     def to_json(self, path: str | Path) -> Path:
-        """Write `{"provenance": ..., "rows": [...]}` as JSON (non-finite values as null)."""
+        """Write `{"provenance": ..., "rows": [...]}` as JSON (non-finite values as null), complete or not at all."""
         out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json_text({"provenance": self.provenance, "rows": self.rows()}))
+        write_files(out.parent, {out.name: json_text({"provenance": self.provenance, "rows": self.rows()})})
         return out
 
     @classmethod
