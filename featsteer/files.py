@@ -353,6 +353,15 @@ def remove_stale_staging(folder: Path, name: str | None = None) -> None:
         remove_if_stale_staging(leftover)
 
 
+def remove_stale_named_staging(folder: Path) -> None:
+    """Remove every output staging folder built beside an output in `folder` (`.NAME.partial-*`, whatever NAME) whose run
+    is provably gone (`remove_if_stale_staging`): for an output folder featsteer fills with named outputs (one SAE per
+    hook), where a killed run's leftover for an output no later run asks for would otherwise stay for ever. Folders
+    without featsteer's marker, or of a run that may still write, stay."""
+    for leftover in folder.glob(".*.partial-*"):
+        remove_if_stale_staging(leftover)
+
+
 def clear_stale_staging(folder: Path) -> None:
     """When everything in the existing folder `folder` is output staging folders, remove those whose run is provably gone
     (`remove_if_stale_staging`): what a run killed while it wrote into `folder` left there. Anything else - a file, a

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from featsteer.activations import ActivationSet, Positions, capture, hook_width
 from featsteer.errors import FeatsteerError
-from featsteer.files import STAGING_MARKER, json_text, output_staging, remove_stale_staging
+from featsteer.files import STAGING_MARKER, json_text, output_staging, remove_stale_named_staging
 from featsteer.models import ModelAdapter, load_model
 from featsteer.sae import load_sae, reconstruction_stats, splice_loss
 from sae_training.architectures import build_training_sae
@@ -133,9 +133,8 @@ def train_saes(config: TrainConfig, *, progress: bool = True) -> dict[str, dict[
     model.show_progress = progress
     hooks = resolve_hooks(model, config)
     out = Path(config.out)
-    if out.is_dir():  # the disk a run killed outright held with a half-saved SAE, finished layers' too
-        for hook in hooks:
-            remove_stale_staging(out, hook)
+    if out.is_dir():  # the disk a run killed outright held with a half-saved SAE, of any hook, requested now or not
+        remove_stale_named_staging(out)
     done = {hook: json.loads((out / hook / METRICS_FILE).read_text()) for hook in hooks if (out / hook / METRICS_FILE).is_file()}
     for hook in done:
         logger.info("%s is already trained (%s exists): skipping", hook, out / hook / METRICS_FILE)

@@ -115,6 +115,11 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(trained, monkey
     ended = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(trained / HOOK)], env=env, capture_output=True, check=False)
     assert ended.returncode == -9, ended.stderr.decode()
     [killed] = trained.glob(f".{HOOK}.partial-*")
+    # and one of a hook this run does not ask for: it was left for ever, as only the requested hooks' were looked at
+    other = "blocks.3.hook_resid_pre"
+    ended = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(trained / other)], env=env, capture_output=True, check=False)
+    assert ended.returncode == -9, ended.stderr.decode()
+    [killed_other] = trained.glob(f".{other}.partial-*")
     kept = {"live": {"writer": "featsteer", "pid": os.getpid(), "host": socket.gethostname(), "started": None}, "unmarked": None}
     for name, owner in kept.items():
         (trained / f".{HOOK}.partial-{name}").mkdir()
@@ -124,11 +129,12 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(trained, monkey
         monkeypatch.setattr("sae_training.train.capture_tokens", no_capture)
         assert main([*ARGS, "--quiet", "--out", str(trained)]) == 0
         assert sorted(path.name for path in trained.glob(f".{HOOK}.partial-*")) == [f".{HOOK}.partial-{name}" for name in sorted(kept)]
-        assert not killed.exists()
+        assert not killed.exists() and not killed_other.exists()
     finally:
         for name in kept:
             shutil.rmtree(trained / f".{HOOK}.partial-{name}", ignore_errors=True)
         shutil.rmtree(killed, ignore_errors=True)
+        shutil.rmtree(killed_other, ignore_errors=True)
 
 
 def test_training_is_seeded_and_stops_when_the_text_is_exhausted(tmp_path):
