@@ -380,6 +380,22 @@ def test_validation_prompts_that_are_training_prompts_are_named(caplog):
                                                      "training prompts"), warned
 
 
+def test_a_directions_output_folder_loads_its_chosen_direction(planted, tmp_path):
+    """`featsteer directions --out d` writes d/chosen and d/candidates; `--directions d` failed with "run featsteer
+    directions first", after the user had. The folder now reads as its pick, and a folder whose subfolders hold other
+    sets names them."""
+    harmful, harmless, _ = planted
+    chosen = find_directions(harmful, harmless, method="dim")
+    chosen.save(tmp_path / "d" / "chosen")
+    find_directions(harmful, harmless, method="pca").save(tmp_path / "d" / "candidates")
+    assert torch.equal(DirectionSet.load(tmp_path / "d").bases, chosen.bases) and DirectionSet.load(tmp_path / "d").method == "dim"
+    chosen.save(tmp_path / "other" / "optimized")
+    with pytest.raises(FeatsteerError, match="its subfolder optimized holds directions: pass one, e.g. .*other/optimized"):
+        DirectionSet.load(tmp_path / "other")
+    with pytest.raises(FeatsteerError, match="run `featsteer directions` first"):
+        DirectionSet.load(tmp_path / "empty")
+
+
 def test_a_failed_save_leaves_the_folders_previous_directions_whole(planted, tmp_path):
     """Both files are rendered before either is written: a provenance JSON cannot hold is a one-line error, and the folder
     keeps the set saved before it (the old save wrote the new bases first, then failed on the JSON, leaving them beside

@@ -7,6 +7,7 @@ intervention consumes it, so a new source plugs into every intervention without 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from torch import Tensor
 
 from featsteer.errors import FeatsteerError
 from featsteer.files import json_text, write_files
+
+logger = logging.getLogger(__name__)
 
 ORTHONORMAL_TOLERANCE = 1e-4
 """Largest entry of `B B^T - I` a `DirectionSet` basis may have (float32 rounding of unit rows stays near 1e-7)."""
@@ -131,10 +134,17 @@ class DirectionSet:
 
     @classmethod
     def load(cls, path: str | Path) -> DirectionSet:
-        """Read a directory written by `save`."""
+        """Read a directory written by `save`, or the chosen direction of a `featsteer directions --out` folder (its
+        `chosen/` subfolder; `candidates/` holds every candidate)."""
         folder = Path(path)
         if not (folder / "directions.json").is_file():
-            raise FeatsteerError(f"{folder} holds no directions (directions.json missing): run `featsteer directions` first")
+            if (folder / "chosen" / "directions.json").is_file():  # featsteer directions' output folder: its pick
+                logger.info("%s is a featsteer directions output: reading its chosen direction, %s", folder, folder / "chosen")
+                return cls.load(folder / "chosen")
+            inside = sorted(entry.parent.name for entry in folder.glob("*/directions.json"))
+            hint = (f"its subfolder{'s' if len(inside) > 1 else ''} {', '.join(inside)} hold{'' if len(inside) > 1 else 's'} "
+                    f"directions: pass one, e.g. {folder / inside[0]}") if inside else "run `featsteer directions` first"
+            raise FeatsteerError(f"{folder} holds no directions (directions.json missing): {hint}")
         try:
             meta = json.loads((folder / "directions.json").read_text())
             bases = load_file(str(folder / "directions.safetensors"))["bases"]
