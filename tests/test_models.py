@@ -462,10 +462,10 @@ def test_a_finished_row_running_past_a_learned_position_table_leaves_the_batch_g
 
 
 def test_token_budget_batches_cap_rows_and_padded_tokens():
-    from featsteer.models.adapter import _token_budget_batches
+    from featsteer.models.adapter import token_budget_batches
 
     lengths = [10, 300, 40, 41, 5, 39, 1000]
-    batches = _token_budget_batches(lengths, batch_size=3, max_batch_tokens=120)
+    batches = token_budget_batches(lengths, batch_size=3, max_batch_tokens=120)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert batches[0] == [6] and batches[1] == [1]  # longer than the budget: a batch of its own
     for rows in batches:

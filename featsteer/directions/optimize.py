@@ -64,7 +64,7 @@ from featsteer.evaluation.metrics import RefusalTokens, refusal_log_odds
 from featsteer.evaluation.refusal import RefusalDetector
 from featsteer.interventions.steering import Ablate, AddDirection, steer
 from featsteer.models import ModelAdapter
-from featsteer.models.adapter import Generation, TokenBatch, _EncodedPrompts, _token_budget_batches
+from featsteer.models.adapter import EncodedPrompts, Generation, TokenBatch, token_budget_batches
 from featsteer.models.chat import plain_token_ids
 
 if TYPE_CHECKING:
@@ -251,8 +251,8 @@ class _Targets:
     where they were generated; False: read where the answer starts (`ModelAdapter.format_prompts`), for an affirmative
     opening's tokens, none (the refusal loss's first token), or a harmony model's answers, which are generated there
     (`_generated`). The two prompts differ only for a harmony model (GPT-OSS)."""
-    encoded: _EncodedPrompts | None = None
-    """The prompts' token ids, tokenized once when the targets are made (`ModelAdapter._encode_prompts`); every mini-batch
+    encoded: EncodedPrompts | None = None
+    """The prompts' token ids, tokenized once when the targets are made (`ModelAdapter.encode_prompts`); every mini-batch
     is padded from them (`_batch`) instead of tokenized again each time a prompt is drawn. None: no prompts."""
 
 
@@ -367,7 +367,7 @@ def _within_budget(targets: _Targets, picked: list[int], max_tokens: int | None)
     lengths = [targets.prompt_lengths[i] + len(targets.tokens[i]) for i in picked]
     if len(picked) * max(lengths) <= max_tokens:
         return [picked]
-    return [[picked[j] for j in group] for group in _token_budget_batches(lengths, len(picked), max_tokens)]
+    return [[picked[j] for j in group] for group in token_budget_batches(lengths, len(picked), max_tokens)]
 
 
 @contextlib.contextmanager
@@ -454,29 +454,29 @@ def _said(answer: str) -> bool:
     return bool(answer.strip())
 
 
-def _kept(prompts: Sequence[str], encoded: _EncodedPrompts | None, answers: Sequence[Sequence[int]], keep: Sequence[bool],
+def _kept(prompts: Sequence[str], encoded: EncodedPrompts | None, answers: Sequence[Sequence[int]], keep: Sequence[bool],
           system: str | None = None, tokenless: bool = False, generated: bool = True) -> _Targets:
     """The rows of `prompts` to `keep` with their answers' ids, and their rows of the prompts' one encoding `encoded`
     (of the generation prompts when the answers were `generated`, else of the prompts ending at the answer's start).
     An answer of no token teaches nothing and is left out, unless the loss reads none (`tokenless`: the refusal loss)."""
     rows = [i for i, k in enumerate(keep) if k and (tokenless or len(answers[i]) > 0)]
-    picked = None if encoded is None or not rows else _EncodedPrompts(
+    picked = None if encoded is None or not rows else EncodedPrompts(
         [encoded.input_ids[i] for i in rows], [encoded.n_post_instruction[i] for i in rows], None)
     return _Targets(tuple(prompts[i] for i in rows), tuple(tuple(int(t) for t in answers[i]) for i in rows),
                     tuple(len(ids) for ids in picked.input_ids) if picked else (), system, generated, picked)
 
 
-def _encoded(model: ModelAdapter, prompts: Sequence[str], system: str | None, for_generation: bool) -> _EncodedPrompts | None:
+def _encoded(model: ModelAdapter, prompts: Sequence[str], system: str | None, for_generation: bool) -> EncodedPrompts | None:
     """Each prompt chat-formatted with `system` and tokenized, once (`tokenize` without the padding, `for_generation` as
     there); None for no prompts."""
-    return model._encode_prompts(prompts, system, True, None, for_generation=for_generation) if prompts else None
+    return model.encode_prompts(prompts, system, True, None, for_generation=for_generation) if prompts else None
 
 
 def _batch(model: ModelAdapter, targets: _Targets, picked: list[int]) -> TokenBatch:
     """The picked prompts as `tokenize` gives them (left-padded, in `picked`'s order), padded from the targets' encoding."""
     if targets.encoded is None:
         raise FeatsteerError("these targets hold no prompts: nothing to batch")
-    return model._padded(targets.encoded, picked)
+    return model.pad_encoded(targets.encoded, picked)
 
 
 def _text_tokens(model: ModelAdapter, text: str, max_tokens: int) -> tuple[int, ...]:

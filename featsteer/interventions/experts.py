@@ -42,7 +42,7 @@ from featsteer.activations.positions import Positions
 from featsteer.errors import FeatsteerError
 from featsteer.interventions.steering import Intervention
 from featsteer.models import ModelAdapter, hook_name
-from featsteer.models.adapter import _EncodedPrompts
+from featsteer.models.adapter import EncodedPrompts
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ def expert_routing(model: ModelAdapter, harmful: Sequence[str], harmless: Sequen
                              "post_instruction or instruction_end")
     names = model.hook_names(("routing",))
     # each set tokenized once: its batches are padded from these ids, and the tail is read off them
-    encoded = [model._encode_prompts(list(texts), system, True, None) for texts in (harmful, harmless)]
+    encoded = [model.encode_prompts(list(texts), system, True, None) for texts in (harmful, harmless)]
     # one tail for both sets: every prompt reads the same template tokens, whichever prompts share its batch
     tail = (common_tail(model, [*harmful, *harmless], system, True, [n for e in encoded for n in e.n_post_instruction])
             if selector.mode == "post_instruction" else None)
@@ -205,17 +205,17 @@ def expert_routing(model: ModelAdapter, harmful: Sequence[str], harmless: Sequen
     return ExpertRouting(tuple(model.moe_layers), (hp, lp), (ht, lt), hw, lw, str(selector))
 
 
-def _count(model: ModelAdapter, encoded: _EncodedPrompts, names: list[str], selector: Positions, batch_size: int,
+def _count(model: ModelAdapter, encoded: EncodedPrompts, names: list[str], selector: Positions, batch_size: int,
            tail: int | None) -> tuple[Tensor, Tensor, Tensor]:
     """`(per-prompt counts, summed weights, per-prompt tokens)` of one prompt set, in input-order batches padded from its
-    one encoding (`ModelAdapter._encode_prompts`)."""
+    one encoding (`ModelAdapter.encode_prompts`)."""
     n_prompts = len(encoded.input_ids)
     prompt_counts = torch.zeros(n_prompts, len(names), model.n_experts, dtype=torch.float64)
     weights = torch.zeros(len(names), model.n_experts, dtype=torch.float64)
     prompt_tokens = torch.zeros(n_prompts, dtype=torch.float64)
     row = {name: i for i, name in enumerate(names)}
     for start in range(0, n_prompts, batch_size):
-        batch = model._padded(encoded, range(start, min(start + batch_size, n_prompts)))
+        batch = model.pad_encoded(encoded, range(start, min(start + batch_size, n_prompts)))
         row_batch, row_token, _ = selector.plan(batch.attention_mask.cpu(), batch.n_post_instruction, tail)
         prompt_tokens.index_add_(0, start + row_batch, torch.ones(row_batch.numel(), dtype=torch.float64))
 

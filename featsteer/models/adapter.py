@@ -111,8 +111,8 @@ class Generation:
 
 
 @dataclass(frozen=True)
-class _EncodedPrompts:
-    """Prompts tokenized one by one, before padding (`ModelAdapter._encode_prompts`)."""
+class EncodedPrompts:
+    """Prompts tokenized one by one, before padding (`ModelAdapter.encode_prompts`)."""
 
     input_ids: list[list[int]]
     """Each prompt's token ids."""
@@ -681,15 +681,16 @@ class ModelAdapter(ABC):
             for_generation: True (or one flag per instruction) for the prompt generation starts from (`format_prompts`);
                 with a prefill a harmony prompt always ends at `answer_opening()`, since the prefill is the answer's start.
         """
-        encoded = self._encode_prompts(instructions, system, chat, prefill, escape_special_tokens, for_generation=for_generation)
-        return self._padded(encoded, range(len(instructions)))
+        encoded = self.encode_prompts(instructions, system, chat, prefill, escape_special_tokens, for_generation=for_generation)
+        return self.pad_encoded(encoded, range(len(instructions)))
 
-    def _encode_prompts(self, instructions: Sequence[str], system: str | None, chat: bool, prefill: Sequence[str] | None,
-                        escape_special_tokens: bool | None = None, warn: bool = True,
-                        for_generation: bool | Sequence[bool] = False) -> _EncodedPrompts:
+    def encode_prompts(self, instructions: Sequence[str], system: str | None, chat: bool, prefill: Sequence[str] | None,
+                       escape_special_tokens: bool | None = None, warn: bool = True,
+                       for_generation: bool | Sequence[bool] = False) -> EncodedPrompts:
         """`tokenize` without the padding: each prompt's ids on their own, so a batch plan that needs their lengths and the
-        batches it plans come from one encoding (`_padded`). `warn=False` leaves out the special-text warning (the plan
-        gave it, naming the prompt set)."""
+        batches it plans come from one encoding (`pad_encoded`), and code that batches the same prompts many times (the
+        direction optimiser's mini-batches, expert routing counts) tokenizes them once. The arguments are `tokenize`'s;
+        `warn=False` leaves out the special-text warning (the plan gave it, naming the prompt set)."""
         if not instructions:
             raise FeatsteerError("no prompts to tokenize: pass at least one instruction")
         check_system(system)  # also without the chat template, where a blank one would otherwise pass unseen
@@ -724,10 +725,11 @@ class ModelAdapter(ABC):
             n_post.append(sum(1 for start, _ in encoding["offset_mapping"] if start >= end))
             # a token the template's tail and the prefill share (merged across the join) counts as the template's
             n_prefill.append(sum(1 for start, _ in encoding["offset_mapping"] if start >= template_end))
-        return _EncodedPrompts(rows, n_post, None if prefill is None else n_prefill)
+        return EncodedPrompts(rows, n_post, None if prefill is None else n_prefill)
 
-    def _padded(self, encoded: _EncodedPrompts, indices: Iterable[int]) -> TokenBatch:
-        """The left-padded batch of the encoded prompts at `indices`, in that order."""
+    def pad_encoded(self, encoded: EncodedPrompts, indices: Iterable[int]) -> TokenBatch:
+        """The left-padded batch of the prompts at `indices` of `encoded` (`encode_prompts`), in that order: the rows
+        `tokenize` gives for those prompts."""
         indices = list(indices)
         batch = self._pad_left([encoded.input_ids[i] for i in indices], [encoded.n_post_instruction[i] for i in indices])
         if encoded.n_prefill is not None:
@@ -1073,13 +1075,13 @@ class ModelAdapter(ABC):
         """
         plan, encoded = self._plan(instructions, batch_size, max_batch_tokens, system, chat, prefill, label, for_generation)
         if encoded is None and encode_all:  # the plan warned
-            encoded = self._encode_prompts(instructions, system, chat, prefill, warn=False, for_generation=for_generation)
+            encoded = self.encode_prompts(instructions, system, chat, prefill, warn=False, for_generation=for_generation)
         return TokenBatches(self, instructions, plan, encoded, system, chat, prefill, for_generation)
 
     def _plan(
         self, instructions: Sequence[str], batch_size: int, max_batch_tokens: int | None, system: str | None, chat: bool,
         prefill: Sequence[str] | None, label: str | None, for_generation: bool | Sequence[bool] = False,
-    ) -> tuple[list[list[int]], _EncodedPrompts | None]:
+    ) -> tuple[list[list[int]], EncodedPrompts | None]:
         """`plan_batches`, also returning the prompts' encoding when the plan needed their token lengths (None otherwise)."""
         if batch_size < 1:
             raise FeatsteerError(f"batch_size must be at least 1, got {batch_size}")
@@ -1089,9 +1091,9 @@ class ModelAdapter(ABC):
             return _length_batches(instructions, batch_size), None
         if max_batch_tokens < 1:
             raise FeatsteerError(f"max_batch_tokens must be at least 1 (or None for no cap), got {max_batch_tokens}")
-        encoded = self._encode_prompts(instructions, system, chat, prefill, warn=False, for_generation=for_generation)
+        encoded = self.encode_prompts(instructions, system, chat, prefill, warn=False, for_generation=for_generation)
         lengths = [len(ids) for ids in encoded.input_ids]
-        return _token_budget_batches(lengths, batch_size, max_batch_tokens), encoded
+        return token_budget_batches(lengths, batch_size, max_batch_tokens), encoded
 
     def _greedy(self, batch: TokenBatch, max_new_tokens: int, keep_stop: bool = False,
                 opened: str = "") -> tuple[list[list[int]], Tensor]:
@@ -1158,7 +1160,7 @@ class TokenBatches:
     """The batches of a plan (`ModelAdapter.token_batches`): `len()` of them, and iterating gives `(indices, batch)`, each
     batch padded from the plan's encoding or, when the plan needed none, tokenized as it is reached."""
 
-    def __init__(self, model: ModelAdapter, instructions: Sequence[str], plan: list[list[int]], encoded: _EncodedPrompts | None,
+    def __init__(self, model: ModelAdapter, instructions: Sequence[str], plan: list[list[int]], encoded: EncodedPrompts | None,
                  system: str | None, chat: bool, prefill: Sequence[str] | None, for_generation: bool | Sequence[bool] = False):
         self.plan = plan
         """Lists of indices into the instructions, in the order the batches are run (`ModelAdapter.plan_batches`)."""
@@ -1178,7 +1180,7 @@ class TokenBatches:
     def __iter__(self) -> Iterator[tuple[list[int], TokenBatch]]:
         for rows in self.plan:
             if self._encoded is not None:
-                yield rows, self._model._padded(self._encoded, rows)
+                yield rows, self._model.pad_encoded(self._encoded, rows)
             else:
                 prefill = None if self._prefill is None else [self._prefill[i] for i in rows]
                 flags = self._for_generation if isinstance(self._for_generation, bool) else [self._for_generation[i] for i in rows]
@@ -1205,7 +1207,7 @@ def _length_batches(instructions: Sequence[str], batch_size: int) -> list[list[i
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def _token_budget_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+def token_budget_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
     """Length-ordered batches (longest first) of at most `batch_size` rows and `max_batch_tokens` padded
     tokens (rows x longest row); a prompt longer than the budget gets a batch of its own."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
