@@ -246,7 +246,7 @@ def test_a_short_budget_on_a_harmony_model_is_warned_about_once(harmony_adapter,
         adapter.generate(["hi"], max_new_tokens=4)
     lines = [r.getMessage() for r in caplog.records if "is short for a harmony model" in r.getMessage()]
     assert lines == ["max_new_tokens=3 is short for a harmony model (GPT-OSS), which reasons before it answers: most responses "
-                     "will have no final answer; use --max-new-tokens 256 or more"]
+                     "will have no final answer; use --max-new-tokens 256 or more (max_new_tokens= in Python)"]
     caplog.clear()
     with caplog.at_level("WARNING", logger="featsteer.models.adapter"):
         load_model("tiny:llama").generate(["hi"], max_new_tokens=3)
@@ -413,7 +413,7 @@ def test_the_short_budget_warning_names_an_option_of_the_command_that_warns(tmp_
         assert main(["eval", *sets[:2], "--harmful", "builtin:harmful:test", "--harmless", "builtin:harmless:test", "--n", "2",
                      "--max-new-tokens", "3"]) == 0
     warned = [r.getMessage() for r in caplog.records if "is short for a harmony model" in r.getMessage()]
-    assert len(warned) == 1 and warned[0].endswith("use --max-new-tokens 256 or more")
+    assert len(warned) == 1 and warned[0].endswith("use --max-new-tokens 256 or more (max_new_tokens= in Python)")
 
 
 @pytest.mark.parametrize("spec", ["tiny:llama", "harmony"])

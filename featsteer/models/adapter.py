@@ -1038,7 +1038,7 @@ class ModelAdapter(ABC):
             return
         self._short_budget_warned = True
         logger.warning("max_new_tokens=%d is short for a harmony model (GPT-OSS), which reasons before it answers: most "
-                       "responses will have no final answer; use --max-new-tokens %d or more", max_new_tokens, MIN_REASONING_TOKENS)
+                       "responses will have no final answer; use --max-new-tokens %d or more (max_new_tokens= in Python)", max_new_tokens, MIN_REASONING_TOKENS)
 
     def plan_batches(
         self, instructions: Sequence[str], batch_size: int, max_batch_tokens: int | None = None,
