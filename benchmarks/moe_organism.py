@@ -88,18 +88,27 @@ def main() -> None:
     sweep = [{"experts": 0, "at": None, "deactivated": {}, "unanswered_harmful": None, "kl_harmless": 0.0,
               "base_nll_harmless": responses_nll(model, plain), "looping_harmless": plain.looping_rate.rate,
               "activated_refusal_harmless": plain.rate.rate}]
+    per_token, n_experts = model.experts_per_token, model.n_experts
     for at in SITES:
         for n in COUNTS:
             chosen = routing.top(n)
+            if at == "router_logits" and per_token and any(len(experts) > n_experts - per_token for experts in chosen.values()):
+                # the router would still pick some of them (ExpertSteer refuses it, as compare's SteerMoE pick skips it)
+                sweep.append({"experts": n, "at": at, "deactivated": {str(k): v for k, v in chosen.items()}, "skipped":
+                              f"more than {n_experts - per_token} of a layer's {n_experts} experts, so its router would still pick some"})
+                continue
+            # switched on, at most the router's own count per layer: the most harmful-linked first (`top` lists them so)
+            activated = {layer: experts[:per_token] if per_token else experts for layer, experts in chosen.items()}
             (unanswered, kl), = jailbreak_rows(model, {n: lambda chosen=chosen, at=at: steer(model, ExpertSteer(deactivate=chosen, at=at))},
                                                test["harmful"].to_list(), test["harmless"].to_list(), base, gen).values()
             with steer(model, ExpertSteer(deactivate=chosen, at=at)):
                 answered = evaluate_set(model, test["harmless"].to_list(), "harmless", gen, detector)
-            with steer(model, ExpertSteer(activate=chosen, at=at)):
+            with steer(model, ExpertSteer(activate=activated, at=at)):
                 induced = evaluate_set(model, test["harmless"].to_list(), "harmless", gen, detector).rate.rate
             sweep.append({"experts": n, "at": at, "deactivated": {str(k): v for k, v in chosen.items()}, "unanswered_harmful": unanswered,
                           "kl_harmless": kl, "base_nll_harmless": responses_nll(model, answered),
                           "looping_harmless": answered.looping_rate.rate, "activated_refusal_harmless": induced,
+                          "activated": {str(k): v for k, v in activated.items()},
                           "example_harmless": answered.responses[:3]})
     val = {"val_harmful": load_prompts("organism-corpus:harmful:96"), "val_harmless": load_prompts("organism-corpus:harmless:96")}
     comparison = compare(model, train["harmful"], train["harmless"], methods=METHODS, eval_harmful=test["harmful"],
@@ -162,17 +171,22 @@ def markdown(payload: dict, routing, comparison, by_response, bounded) -> str:
               "loop. Switched on: the share of harmless prompts refused. Row 0 is the unedited model. Site `routing`: the "
               "weights after the router's choice (a switched-off expert's share goes to the token's other expert); "
               "`router_logits`: SteerMoE's rule, the expert's logit set below the token's lowest so the router picks the next "
-              "expert in its place (and, switched on, just above the highest).", "",
+              "expert in its place (and, switched on, just above the highest). Switched on, a layer gets at most as many of the "
+              "top n as its router sends each token to (the most harmful-linked first); at the router logits a count that would "
+              "switch off more experts than a layer can spare is skipped, since its router would still pick some of them.", "",
               "| site | experts | off: harmful unanswered | off: KL harmless (first token) | off: base NLL harmless | off: looping harmless | on: harmless refused |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for row in payload["sweep"]:
+        if "skipped" in row:
+            lines.append(f"| {row['at']} | {row['experts']} | skipped: {row['skipped']} | | | | |")
+            continue
         unanswered = "-" if row["unanswered_harmful"] is None else f"{row['unanswered_harmful']:.3f}"
         nll = "-" if row["base_nll_harmless"] is None else f"{row['base_nll_harmless']:.3f}"
         lines.append(f"| {row['at'] or '-'} | {row['experts']} | {unanswered} | {row['kl_harmless']:.4f} | {nll} | "
                      f"{row['looping_harmless']:.3f} | {row['activated_refusal_harmless']:.3f} |")
     lines += ["", "Harmless responses with the experts switched off (first three test prompts):", ""]
     lines += [f"- {row['at']}, {row['experts']} experts: " + " / ".join(repr(text) for text in row["example_harmless"])
-              for row in payload["sweep"][1:]]
+              for row in payload["sweep"][1:] if "skipped" not in row]
     lines += ["", "## Every method on the same prompts (picks by the validation first-token KL, the default)", "", comparison.table(), "",
               "## The same picks by the KL along the unedited model's validation answers (`pick_kl='response'`)", "", by_response.table(), "",
               f"## The same picks with a coherence bound (`max_nll_rise={MAX_NLL_RISE}`)", "",
